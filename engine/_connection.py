@@ -1,0 +1,239 @@
+"""One NATS connection and the boundary where nats-py errors become natflow errors.
+
+Everything natflow sends to JetStream on a hot path goes through :meth:`Connection.publish`
+and :meth:`Connection.request`: raw requests parsed with msgspec (nats-py's own helpers decode
+with ``json`` and build dataclasses, which costs more than the round trip on this path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+import msgspec
+import nats
+import nats.errors
+import nats.js
+import nats.js.errors
+from nats.aio.client import Client as NATS
+
+from ._errors import InvalidInput, NatflowError, PermissionDenied, ServerUnavailable
+
+log = logging.getLogger("natflow.connection")
+
+DEFAULT_URL: Final = "nats://127.0.0.1:4222"
+START_HINT: Final = "start one with `natflow dev` (or `natflow server`), or set NATFLOW_URL"
+
+# JetStream error codes natflow branches on (nats-server's errors.json).
+ERR_WRONG_LAST_SEQUENCE: Final = 10071
+ERR_MAX_MSGS_PER_SUBJECT: Final = 10077
+ERR_STREAM_NOT_FOUND: Final = 10059
+ERR_CONSUMER_NOT_FOUND: Final = 10014
+ERR_STREAM_NAME_IN_USE: Final = 10058
+
+
+def default_url() -> str:
+    return os.environ.get("NATFLOW_URL", DEFAULT_URL)
+
+
+class JetStreamError(NatflowError):
+    """JetStream answered a request with an error."""
+
+    def __init__(self, subject: str, code: int, err_code: int, description: str) -> None:
+        super().__init__(f"JetStream refused {subject!r}: {description} (error {err_code})")
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+
+
+class PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _ApiReply(msgspec.Struct):
+    error: _ApiError | None = None
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+
+
+_reply_decoder = msgspec.json.Decoder(_ApiReply)
+
+
+class Connection:
+    """A connected NATS client plus what natflow needs to know about it."""
+
+    def __init__(self, nc: NATS, *, owned: bool) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.jsm = nc.jsm()
+        self._owned = owned
+        self._denied: list[str] = []
+        self.streams_ready = False
+        self.streams_lock = asyncio.Lock()
+
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload) or 1024 * 1024
+
+    @property
+    def url(self) -> str:
+        uri = self.nc.connected_url
+        return uri.geturl() if uri is not None else "<not connected>"
+
+    def note_error(self, error: Exception) -> None:
+        """Called from nats-py's error_cb: remembers permission violations by subject."""
+        text = str(error)
+        if "permissions violation" in text.lower():
+            self._denied.append(text)
+            del self._denied[:-20]
+
+    def denied(self, subject: str) -> str | None:
+        for text in reversed(self._denied):
+            if subject in text:
+                return text
+        return None
+
+    def check_size(self, what: str, size: int) -> None:
+        limit = self.max_payload - 4096  # headroom for the event envelope and headers
+        if size > limit:
+            raise InvalidInput(
+                f"{what} is {size} bytes, over the server's max payload of {self.max_payload} "
+                f"bytes (less 4 KiB for the envelope); store large data elsewhere and pass "
+                f"a reference"
+            )
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 5.0,
+    ) -> nats.aio.msg.Msg:
+        """A request with nats-py's errors turned into natflow's."""
+        try:
+            return await self.nc.request(
+                subject, payload, timeout=timeout, headers=dict(headers) if headers else None
+            )
+        except nats.errors.NoRespondersError as exc:
+            raise NoResponders(subject) from exc
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
+            raise self._timeout_error(subject, timeout) from exc
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+            raise ServerUnavailable(f"lost the NATS connection while requesting {subject!r}") from exc
+
+    def _timeout_error(self, subject: str, timeout: float) -> NatflowError:
+        denial = self.denied(subject)
+        if denial is not None:
+            return PermissionDenied(
+                f"the NATS server denied this connection the subject {subject!r} ({denial}); "
+                f"grant it in the server's permissions"
+            )
+        return RequestTimeout(f"no answer to {subject!r} within {timeout:g} s")
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        timeout: float = 5.0,
+    ) -> PubAck:
+        """Publish into a stream and wait for its acknowledgement."""
+        try:
+            msg = await self.request(subject, payload, headers=headers, timeout=timeout)
+        except NoResponders as exc:
+            raise NoStream(f"no JetStream stream takes {subject!r}") from exc
+        reply = _reply_decoder.decode(msg.data)
+        if reply.error is not None:
+            err = reply.error
+            raise JetStreamError(subject, err.code, err.err_code, err.description)
+        return PubAck(stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate)
+
+    async def close(self) -> None:
+        if self._owned and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # closing anyway; a failed drain only loses buffered acks
+                log.debug("drain failed, closing", exc_info=True)
+                await self.nc.close()
+
+
+class NoResponders(NatflowError):
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"nothing answers on {subject!r}")
+        self.subject = subject
+
+
+class NoStream(NatflowError):
+    pass
+
+
+class RequestTimeout(NatflowError, TimeoutError):
+    pass
+
+
+async def connect(
+    url: str | list[str] | None = None,
+    *,
+    connect_timeout: float = 5.0,
+    name: str = "natflow",
+    **options: Any,
+) -> Connection:
+    """Connect to NATS, failing with :class:`ServerUnavailable` within ``connect_timeout``."""
+    servers = url if url is not None else default_url()
+    holder: dict[str, Connection] = {}
+
+    async def error_cb(error: Exception) -> None:
+        conn = holder.get("conn")
+        if conn is not None:
+            conn.note_error(error)
+        log.warning("NATS: %s", error)
+
+    async def disconnected_cb() -> None:
+        log.warning("NATS connection lost; reconnecting")
+
+    async def reconnected_cb() -> None:
+        log.info("NATS connection re-established")
+
+    options.setdefault("max_reconnect_attempts", -1)
+    options.setdefault("reconnect_time_wait", 0.5)
+    options.setdefault("error_cb", error_cb)
+    options.setdefault("disconnected_cb", disconnected_cb)
+    options.setdefault("reconnected_cb", reconnected_cb)
+    shown = servers if isinstance(servers, str) else ", ".join(servers)
+    try:
+        nc = await asyncio.wait_for(
+            nats.connect(
+                servers=servers,
+                connect_timeout=max(1, round(connect_timeout)),
+                allow_reconnect=True,
+                name=name,
+                **options,
+            ),
+            timeout=connect_timeout + 1,
+        )
+    except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
+        raise ServerUnavailable(f"no NATS server answered at {shown}; {START_HINT}") from exc
+    except nats.errors.Error as exc:
+        raise ServerUnavailable(f"could not connect to NATS at {shown}: {exc}") from exc
+    conn = Connection(nc, owned=True)
+    holder["conn"] = conn
+    return conn
+
+
+def wrap(nc: NATS) -> Connection:
+    """Use a connection the caller opened (and will close)."""
+    return Connection(nc, owned=False)

@@ -1,0 +1,128 @@
+"""The natflow error hierarchy.
+
+Every error natflow raises to a user derives from :class:`NatflowError`::
+
+    NatflowError
+    ├── InvalidInput            bad argument or payload; nothing was written
+    ├── RunNotFound             no run has that id
+    ├── ServerUnavailable       no NATS server answered (names the command that starts one)
+    ├── PermissionDenied        the server refused a subject to this connection
+    ├── NonDeterminismError     replay asked for a different step than history recorded
+    ├── RunFailed               the run ended with an error (type, message, traceback)
+    ├── RunCancelled            the run was cancelled or terminated
+    ├── StepError               a step raised; catchable inside the workflow
+    └── SignalTimeout           wait_for_signal's timeout passed first
+
+Errors that carry a recorded failure expose it as ``error`` (an :class:`ErrorInfo`).
+
+Private control flow (suspend, evict) derives from ``BaseException`` and lives in the SDK,
+so a workflow's ``except Exception`` can never swallow it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A recorded error: what was raised, its message and its traceback text."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+class NatflowError(Exception):
+    """Root of every error natflow raises."""
+
+
+class InvalidInput(NatflowError, ValueError):
+    """An argument or payload was rejected before anything was written."""
+
+
+class RunNotFound(NatflowError, LookupError):
+    """No run exists with the given id."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run with id {run_id!r}; check the id with `natflow runs list`")
+        self.run_id = run_id
+
+
+class ServerUnavailable(NatflowError, ConnectionError):
+    """No NATS server answered."""
+
+
+class PermissionDenied(NatflowError, PermissionError):
+    """The NATS server denied this connection a subject."""
+
+
+class NonDeterminismError(NatflowError):
+    """The workflow's code asked for a different step than the run's history recorded."""
+
+    def __init__(
+        self, run_id: str, position: int, expected: str | None, recorded: str | None
+    ) -> None:
+        wanted = f"step {expected!r}" if expected is not None else "nothing more"
+        had = f"step {recorded!r}" if recorded is not None else "nothing"
+        super().__init__(
+            f"run {run_id!r}: at position {position} the workflow code asks for {wanted} "
+            f"but history recorded {had}; the run is held as 'blocked' until code compatible "
+            f"with its history is deployed (guard new steps with ctx.patched())"
+        )
+        self.run_id = run_id
+        self.position = position
+        self.expected = expected
+        self.recorded = recorded
+
+
+class _RecordedError(NatflowError):
+    """An error that carries an :class:`ErrorInfo` recorded in history."""
+
+    def __init__(self, message: str, error: ErrorInfo) -> None:
+        super().__init__(message)
+        self.error = error
+
+    @property
+    def type(self) -> str:
+        return self.error.type
+
+    @property
+    def traceback(self) -> str:
+        return self.error.traceback
+
+
+class RunFailed(_RecordedError):
+    """The run ended with an error."""
+
+    def __init__(self, run_id: str, error: ErrorInfo) -> None:
+        super().__init__(f"run {run_id!r} failed: {error}", error)
+        self.run_id = run_id
+
+
+class RunCancelled(NatflowError):
+    """The run was cancelled or terminated."""
+
+    def __init__(self, run_id: str, reason: str | None = None) -> None:
+        suffix = f": {reason}" if reason else ""
+        super().__init__(f"run {run_id!r} was cancelled{suffix}")
+        self.run_id = run_id
+        self.reason = reason
+
+
+class StepError(_RecordedError):
+    """A step raised; the recorded error is raised in the workflow as this."""
+
+    def __init__(self, step: str, error: ErrorInfo) -> None:
+        super().__init__(f"step {step!r} failed: {error}", error)
+        self.step = step
+
+
+class SignalTimeout(NatflowError, TimeoutError):
+    """``wait_for_signal`` timed out before a signal of that name arrived."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no signal {name!r} arrived before the timeout")
+        self.signal = name

@@ -1,0 +1,141 @@
+"""The history event schema: every change of a run's state, as tagged JSON.
+
+Each history message holds one event, a JSON object such as::
+
+    {"type":"step_completed","v":1,"id":"order-1:3","at":"2026-11-21T20:00:00.1Z",
+     "seq":1,"name":"charge","occurrence":1,"attempt":1,"started_at":"...","result":{...}}
+
+``type`` names the event and is also the last token of its subject
+(``natflow.history.<run_id>.<type>``), so a consumer can filter by kind on the server.
+``v`` is the schema version, ``id`` is ``<run_id>:<n>`` where ``n`` is the event's position in
+the run (1-based); it doubles as the ``Nats-Msg-Id`` so a retried append deduplicates.
+
+Rules for changing this schema without breaking stored histories:
+
+* a new field gets a default, so old events still decode;
+* a tag is never renamed or reused; a removed event type keeps its class;
+* a change an old reader cannot ignore bumps ``SCHEMA_VERSION``; readers accept every older one.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final
+
+import msgspec
+
+from ._errors import ErrorInfo
+
+SCHEMA_VERSION: Final = 1
+NULL: Final = msgspec.Raw(b"null")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    v: int = SCHEMA_VERSION
+    id: str = ""
+    at: datetime
+
+
+class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
+    """A run was created; ``input`` is the workflow's input as JSON."""
+
+    workflow: str
+    queue: str
+    input: msgspec.Raw = NULL
+    parent: str | None = None
+
+
+class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):
+    """A worker took the run; later appends by any earlier holder are fenced off."""
+
+    worker: str
+    delivery: int = 1
+
+
+class StepStarted(_Event, tag="step_started", kw_only=True, frozen=True):
+    """A step has been running for a while (written only for slow steps, for visibility)."""
+
+    seq: int
+    name: str
+    occurrence: int
+    attempt: int = 1
+
+
+class StepCompleted(_Event, tag="step_completed", kw_only=True, frozen=True):
+    """A step returned; ``result`` is what every replay returns in its place."""
+
+    seq: int
+    name: str
+    occurrence: int
+    attempt: int = 1
+    started_at: datetime
+    result: msgspec.Raw = NULL
+
+
+class StepFailed(_Event, tag="step_failed", kw_only=True, frozen=True):
+    """A step raised; replays raise the recorded error as ``StepError``."""
+
+    seq: int
+    name: str
+    occurrence: int
+    attempt: int = 1
+    started_at: datetime
+    error: ErrorInfo
+
+
+class PatchMarked(_Event, tag="patch_marked", kw_only=True, frozen=True):
+    """``ctx.patched(change_id)`` returned True for this run."""
+
+    change_id: str
+
+
+class RunBlocked(_Event, tag="run_blocked", kw_only=True, frozen=True):
+    """Replay diverged from history; the run waits for compatible code."""
+
+    position: int
+    error: ErrorInfo
+
+
+class RunCompleted(_Event, tag="run_completed", kw_only=True, frozen=True):
+    result: msgspec.Raw = NULL
+
+
+class RunFailed(_Event, tag="run_failed", kw_only=True, frozen=True):
+    error: ErrorInfo
+
+
+Event = (
+    RunStarted
+    | RunClaimed
+    | StepStarted
+    | StepCompleted
+    | StepFailed
+    | PatchMarked
+    | RunBlocked
+    | RunCompleted
+    | RunFailed
+)
+
+TERMINAL_EVENTS: Final = (RunCompleted, RunFailed)
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Event)
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    return _decoder.decode(data)
+
+
+def event_type(event: Event) -> str:
+    """The event's tag, which is also the last token of its history subject."""
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag

@@ -1,0 +1,55 @@
+"""Validation of the names that natflow puts into NATS subjects."""
+
+from __future__ import annotations
+
+import re
+
+from ._errors import InvalidInput
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_MAX_WORKFLOW_NAME = 256
+
+
+def check_token(kind: str, value: object) -> str:
+    """Return ``value`` if it is a valid subject token, else raise :class:`InvalidInput`.
+
+    Run ids, queue names and signal names appear as one token of a NATS subject, so they are
+    limited to ``[A-Za-z0-9_-]{1,128}``: a dot, space or wildcard would change the subject.
+    """
+    if not isinstance(value, str) or _TOKEN.fullmatch(value) is None:
+        raise InvalidInput(
+            f"invalid {kind} {value!r}: use 1 to 128 characters from A-Z, a-z, 0-9, '_' and '-' "
+            f"(no dots, spaces or wildcards)"
+        )
+    return value
+
+
+def check_run_id(run_id: object) -> str:
+    return check_token("run_id", run_id)
+
+
+def check_queue(queue: object) -> str:
+    return check_token("queue name", queue)
+
+
+def check_workflow_name(name: object) -> str:
+    """Workflow names travel in payloads only, but must be non-empty printable text."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > _MAX_WORKFLOW_NAME
+        or not name.isprintable()
+    ):
+        raise InvalidInput(
+            f"invalid workflow name {name!r}: use 1 to {_MAX_WORKFLOW_NAME} printable characters"
+        )
+    return name
+
+
+def check_step_name(name: object) -> str:
+    if not isinstance(name, str) or not name or len(name) > _MAX_WORKFLOW_NAME:
+        raise InvalidInput(
+            f"invalid step name {name!r}: use a non-empty string of at most "
+            f"{_MAX_WORKFLOW_NAME} characters"
+        )
+    return name

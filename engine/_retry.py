@@ -1,0 +1,62 @@
+"""Retry policies for steps."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from ._durations import to_seconds
+from ._errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a failing step is retried.
+
+    Example::
+
+        RetryPolicy(max_attempts=5, initial_interval=0.5, non_retryable=(ValueError,))
+
+    Attempt ``n`` (n >= 2) starts ``initial_interval * backoff_coefficient ** (n - 2)``
+    seconds after the previous one failed, capped at ``max_interval``, then spread by
+    ``±jitter`` (a fraction). Errors whose type, or type name, is in ``non_retryable`` are
+    recorded at once.
+    """
+
+    max_attempts: int = 1
+    initial_interval: float | timedelta = 1.0
+    backoff_coefficient: float = 2.0
+    max_interval: float | timedelta = 100.0
+    jitter: float = 0.2
+    non_retryable: tuple[type[BaseException] | str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise InvalidInput(f"max_attempts must be an int >= 1, not {self.max_attempts!r}")
+        to_seconds("initial_interval", self.initial_interval)
+        to_seconds("max_interval", self.max_interval)
+        if not self.backoff_coefficient >= 1.0:
+            raise InvalidInput(
+                f"backoff_coefficient must be >= 1, not {self.backoff_coefficient!r}"
+            )
+        if not 0.0 <= self.jitter <= 1.0:
+            raise InvalidInput(f"jitter must be between 0 and 1, not {self.jitter!r}")
+
+    def retryable(self, error: BaseException) -> bool:
+        names = {t if isinstance(t, str) else t.__name__ for t in self.non_retryable}
+        classes = tuple(t for t in self.non_retryable if not isinstance(t, str))
+        if classes and isinstance(error, classes):
+            return False
+        return not any(cls.__name__ in names for cls in type(error).__mro__)
+
+    def delay(self, failed_attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after attempt ``failed_attempt`` failed."""
+        base = to_seconds("initial_interval", self.initial_interval)
+        cap = to_seconds("max_interval", self.max_interval)
+        delay = min(cap, base * self.backoff_coefficient ** (failed_attempt - 1))
+        spread = (rng or random).uniform(-self.jitter, self.jitter)
+        return max(0.0, delay * (1.0 + spread))
+
+
+NO_RETRY = RetryPolicy()

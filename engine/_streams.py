@@ -1,0 +1,120 @@
+"""Subjects, stream layouts, and their idempotent creation on first use.
+
+Layout (all names are public and documented in the README):
+
+* ``NATFLOW_HISTORY``: one subject family per run, ``natflow.history.<run_id>.<event type>``;
+  file storage, direct get on, append-only (nothing ever rewrites a run's history).
+* ``NATFLOW_TASKS``: work queue ``natflow.task.<queue>.<run_id>``, at most one pending task per
+  run (``discard_new_per_subject``), one durable pull consumer per queue.
+* ``NATFLOW_RUNS``: the run index, ``natflow.runs.<run_id>``, the latest summary of each run;
+  a projection the engine rebuilds from history.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Final
+
+import nats.js.errors
+from nats.js import api
+
+from ._connection import ERR_STREAM_NAME_IN_USE, Connection
+
+log = logging.getLogger("natflow.streams")
+
+HISTORY_STREAM: Final = "NATFLOW_HISTORY"
+TASK_STREAM: Final = "NATFLOW_TASKS"
+RUNS_STREAM: Final = "NATFLOW_RUNS"
+
+HISTORY_PREFIX: Final = "natflow.history"
+TASK_PREFIX: Final = "natflow.task"
+RUNS_PREFIX: Final = "natflow.runs"
+
+
+def history_subject(run_id: str, event_type: str) -> str:
+    return f"{HISTORY_PREFIX}.{run_id}.{event_type}"
+
+
+def history_filter(run_id: str) -> str:
+    return f"{HISTORY_PREFIX}.{run_id}.>"
+
+
+def task_subject(queue: str, run_id: str) -> str:
+    return f"{TASK_PREFIX}.{queue}.{run_id}"
+
+
+def queue_consumer(queue: str) -> str:
+    return f"natflow-queue-{queue}"
+
+
+def runs_subject(run_id: str) -> str:
+    return f"{RUNS_PREFIX}.{run_id}"
+
+
+def replicas() -> int:
+    """Stream replicas: 1 on a single server, 3 on a cluster (``NATFLOW_REPLICAS``)."""
+    return int(os.environ.get("NATFLOW_REPLICAS", "1"))
+
+
+def stream_configs() -> list[api.StreamConfig]:
+    r = replicas()
+    return [
+        api.StreamConfig(
+            name=HISTORY_STREAM,
+            description="natflow: every run's append-only event history",
+            subjects=[f"{HISTORY_PREFIX}.>"],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            allow_direct=True,
+            duplicate_window=120.0,
+            num_replicas=r,
+        ),
+        api.StreamConfig(
+            name=TASK_STREAM,
+            description="natflow: runnable runs, one pending task per run",
+            subjects=[f"{TASK_PREFIX}.>"],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            max_msgs_per_subject=1,
+            discard=api.DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+            num_replicas=r,
+        ),
+        api.StreamConfig(
+            name=RUNS_STREAM,
+            description="natflow: run index (latest summary per run), rebuilt from history",
+            subjects=[f"{RUNS_PREFIX}.>"],
+            storage=api.StorageType.FILE,
+            max_msgs_per_subject=1,
+            allow_direct=True,
+            num_replicas=r,
+        ),
+    ]
+
+
+async def ensure_streams(conn: Connection) -> None:
+    """Create natflow's streams if missing. Cheap after the first call on a connection."""
+    if conn.streams_ready:
+        return
+    async with conn.streams_lock:
+        if conn.streams_ready:
+            return
+        for config in stream_configs():
+            await _ensure_stream(conn, config)
+        conn.streams_ready = True
+
+
+async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> None:
+    assert config.name is not None
+    try:
+        await conn.jsm.stream_info(config.name)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        await conn.jsm.add_stream(config)
+        log.info("created stream %s", config.name)
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != ERR_STREAM_NAME_IN_USE:  # another process created it first
+            raise
