@@ -82,6 +82,7 @@ class Connection:
         self._denied: list[str] = []
         self.streams_ready = False
         self.streams_lock = asyncio.Lock()
+        self.closing = False
 
     @property
     def max_payload(self) -> int:
@@ -163,6 +164,7 @@ class Connection:
         return PubAck(stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate)
 
     async def close(self) -> None:
+        self.closing = True
         if self._owned and not self.nc.is_closed:
             try:
                 await self.nc.drain()
@@ -198,12 +200,16 @@ async def connect(
 
     async def error_cb(error: Exception) -> None:
         conn = holder.get("conn")
-        if conn is not None:
-            conn.note_error(error)
+        if conn is None:  # still connecting: the caller gets the error itself
+            log.debug("NATS: %s", error)
+            return
+        conn.note_error(error)
         log.warning("NATS: %s", error)
 
     async def disconnected_cb() -> None:
-        log.warning("NATS connection lost; reconnecting")
+        conn = holder.get("conn")
+        if conn is not None and not conn.closing:
+            log.warning("NATS connection lost; reconnecting")
 
     async def reconnected_cb() -> None:
         log.info("NATS connection re-established")

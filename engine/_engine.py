@@ -1,0 +1,116 @@
+"""The engine services: stateless processes that keep what is derived from history current.
+
+The dispatcher reads every run-level event (``natflow.history.*.run_*``) through one durable
+pull consumer shared by all engine replicas, and
+
+* folds it into the run index (``natflow.runs.<run_id>``) behind ``client.list``;
+* for a ``run_started`` whose run has done nothing since, makes sure a task exists, so a
+  client that died between creating a run and enqueueing its task loses no start.
+
+The engine keeps nothing but a cache; kill it, restart it or run several: the consumer's
+position and the index live in JetStream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import anyio
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import api
+
+from ._connection import Connection
+from ._events import RunStarted, decode_event
+from ._history import HistoryStore
+from ._index import RunIndex
+from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
+from ._tasks import Task, enqueue
+
+log = logging.getLogger("natflow.engine")
+
+DISPATCHER: Final = "natflow-engine-dispatcher"
+RUN_EVENTS: Final = ("run_started", "run_claimed", "run_blocked", "run_completed", "run_failed")
+
+
+def dispatcher_config() -> api.ConsumerConfig:
+    return api.ConsumerConfig(
+        name=DISPATCHER,
+        durable_name=DISPATCHER,
+        description="natflow engine: run index and start dispatch",
+        filter_subjects=[f"{HISTORY_PREFIX}.*.{kind}" for kind in RUN_EVENTS],
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=-1,
+        max_ack_pending=20_000,
+    )
+
+
+class Engine:
+    """Runs the engine services on one connection until cancelled."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._history = HistoryStore(conn)
+        self._index = RunIndex(conn)
+        self.ready = anyio.Event()
+
+    async def run(self) -> None:
+        await ensure_streams(self._conn)
+        await self._conn.jsm.add_consumer(HISTORY_STREAM, config=dispatcher_config())
+        sub = await self._conn.js.pull_subscribe_bind(durable=DISPATCHER, stream=HISTORY_STREAM)
+        log.info("engine dispatcher running")
+        self.ready.set()
+        failures = 0
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(batch=256, timeout=5)
+                    failures = 0
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                    failures += 1
+                    delay = min(5.0, 0.1 * 2**failures)
+                    log.warning("engine fetch failed (%s); retrying in %.1f s", exc, delay)
+                    await anyio.sleep(delay)
+                    continue
+                for msg in msgs:
+                    await self._dispatch(msg)
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection is going away; the server drops the pull
+                log.debug("unsubscribe failed", exc_info=True)
+
+    async def _dispatch(self, msg: Msg) -> None:
+        run_id = msg.subject.split(".")[2]
+        try:
+            event = decode_event(msg.data)
+        except Exception as exc:
+            # Nothing natflow writes fails to decode; a foreign message is reported, not fatal.
+            log.error("undecodable history message on %s: %s", msg.subject, exc)
+            await msg.ack()
+            return
+        try:
+            hseq = msg.metadata.sequence.stream
+            await self._index.apply(run_id, event, hseq)
+            if isinstance(event, RunStarted):
+                await self._ensure_task(run_id, event)
+        except Exception as exc:
+            log.warning("run %s: engine could not process %s (%s); will retry",
+                        run_id, msg.subject, exc)
+            await msg.nak(delay=1.0)
+            return
+        await msg.ack()
+
+    async def _ensure_task(self, run_id: str, start: RunStarted) -> None:
+        last = await self._history.last(run_id)
+        if last is None or not isinstance(last[0], RunStarted):
+            return  # a worker has the run already
+        if await enqueue(self._conn, start.queue, Task(run_id=run_id, workflow=start.workflow,
+                                                      reason="dispatch")):
+            log.info("run %s: enqueued a start its client had not", run_id)

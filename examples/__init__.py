@@ -1,0 +1,1 @@
+"""Runnable natflow examples; `make demo` serves and runs them all."""
