@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import os
 import traceback
+from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 
 from ._errors import ErrorInfo, InvalidInput
@@ -35,11 +40,29 @@ def decode_value(what: str, data: bytes, type_: Any = Any) -> Any:
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
-    """What history records of a raised error."""
+    """What history records of a raised error: its type, message and the user's frames.
+
+    Frames inside natflow, anyio and asyncio are left out: they say nothing about the
+    user's code. A ``StepError`` that fails a run carries the step's own traceback too.
+    """
     cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else cls.__name__
-    return ErrorInfo(
-        type=name,
-        message=str(exc),
-        traceback="".join(traceback.format_exception(exc)),
-    )
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _internal(f.filename)]
+    text = "Traceback (most recent call last):\n" if frames else ""
+    text += "".join(traceback.format_list(frames))
+    text += "".join(traceback.format_exception_only(exc))
+    cause = getattr(exc, "error", None)
+    if isinstance(cause, ErrorInfo) and cause.traceback:
+        text += f"\nThe step's error:\n{cause.traceback}"
+    return ErrorInfo(type=cls.__qualname__, message=str(exc), traceback=text)
+
+
+_INTERNAL = tuple(
+    str(Path(p).resolve()) + os.sep
+    for p in (Path(__file__).parent, Path(__file__).parent.parent / "sdk",
+              Path(anyio.__file__).parent, Path(asyncio.__file__).parent,
+              Path(concurrent.futures.__file__).parent.parent)
+)
+
+
+def _internal(filename: str) -> bool:
+    return filename.startswith(_INTERNAL) or filename.endswith("threading.py")

@@ -1,0 +1,42 @@
+"""Fixtures: a real nats-server per test (free port, temporary store), clients, workers."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from engine._server import EmbeddedServer
+from sdk import Client
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"  # nats-py needs asyncio
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(store_dir=tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def client(nats_server: EmbeddedServer) -> AsyncIterator[Client]:
+    c = await Client.connect(nats_server.url)
+    try:
+        yield c
+    finally:
+        await c.close()

@@ -1,0 +1,75 @@
+"""Shared test helpers: waiting on conditions, worker subprocesses, step counters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator, TypeVar
+
+import anyio
+
+from sdk import Client, Worker, Workflow
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[T]], *, timeout: float = 10.0, what: str = "condition"
+) -> T:
+    """Poll ``check`` until it returns something truthy, failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await anyio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running_worker(client: Client, workflows: list[Workflow], **kwargs: object) -> AsyncIterator[Worker]:
+    worker = Worker(client, workflows, **kwargs)  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            yield worker
+        finally:
+            await worker.shutdown(grace=0)
+            tg.cancel_scope.cancel()
+
+
+def spawn_worker(url: str, target: str, *args: str, env: dict[str, str] | None = None,
+                 log: Path | None = None) -> subprocess.Popen[bytes]:
+    """`natflow worker TARGET` as a real process (its own session, for clean signals)."""
+    full_env = {**os.environ, "NATFLOW_URL": url, "PYTHONPATH": str(ROOT), **(env or {})}
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine", "worker", target, *args],
+        cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def count_lines(path: Path) -> Counter[str]:
+    """Lines appended by step bodies: one line per execution, counted outside the worker."""
+    if not path.exists():
+        return Counter()
+    return Counter(path.read_text().splitlines())

@@ -1,0 +1,335 @@
+"""The durable core, in one process against a real nats-server."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+import nats
+import pytest
+
+from engine import InvalidInput
+from engine._engine import Engine
+from engine._server import EmbeddedServer
+from sdk import (
+    Client,
+    RunFailed,
+    RunNotFound,
+    StepError,
+    WorkflowContext,
+    workflow,
+)
+from tests.helpers import running_worker, wait_for
+
+calls: list[str] = []
+
+
+def record(name: str, value: int) -> int:
+    calls.append(name)
+    return value
+
+
+@workflow
+async def three_steps(ctx: WorkflowContext, input: dict[str, int]) -> dict[str, int]:
+    a = await ctx.step("one", record, "one", input["x"])
+    b = await ctx.step("two", record, "two", a + 1)
+    c = await ctx.step("three", record, "three", b + 1)
+    return {"sum": a + b + c}
+
+
+async def test_three_step_history_is_plain_json(client: Client, nats_server: EmbeddedServer) -> None:
+    async with running_worker(client, [three_steps]):
+        handle = await client.start(three_steps, {"x": 1}, run_id="three-1")
+        assert await handle.result(timeout=10) == {"sum": 6}
+
+    # Read with a plain nats-py client: no natflow code.
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    sub = await js.subscribe("natflow.history.three-1.>", ordered_consumer=True)
+    events = []
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=0.5)
+        except nats.errors.TimeoutError:
+            break
+        events.append(json.loads(msg.data))
+    await nc.close()
+    kinds = [e["type"] for e in events]
+    assert kinds == [
+        "run_started", "run_claimed", "step_completed", "step_completed", "step_completed",
+        "run_completed",
+    ]
+    assert [e["name"] for e in events if e["type"] == "step_completed"] == ["one", "two", "three"]
+    assert all(e["v"] == 1 and e["id"] == f"three-1:{i}" for i, e in enumerate(events, 1))
+    assert events[-1]["result"] == {"sum": 6}
+
+
+@workflow
+async def fan_out(ctx: WorkflowContext, n: int) -> list[int]:
+    async def branch(i: int) -> int:
+        first = await ctx.step("first", fast_or_slow, i)
+        return await ctx.step("second", fast_or_slow, first + 100)
+
+    results = await ctx.parallel(*(branch(i) for i in range(n)))
+    rnd = ctx.random().randint(0, 10**6)
+    return [*results, rnd]
+
+
+async def fast_or_slow(i: int) -> int:
+    await anyio.sleep(0.001 * ((i * 7) % 5))  # completion order differs from call order
+    return i
+
+
+async def test_parallel_branches_replay_to_the_same_results(client: Client) -> None:
+    async with running_worker(client, [fan_out]):
+        live = await client.start(fan_out, 6, run_id="fan-1")
+        result = await live.result(timeout=10)
+    assert result[:6] == [100, 101, 102, 103, 104, 105]
+    # A fresh execution of the same history (as after a crash) must agree step by step.
+    from sdk._execution import RunExecution, StepRuntime
+
+    history = await client._runs.history.read("fan-1")
+    events = history.events
+    # Drop the final event: the replay then has to re-derive the result from recorded steps.
+    history.events = events[:-1]
+    execution = RunExecution(
+        workflow=fan_out, history=history, store=client._runs.history,
+        conn=client.connection, identity="replayer", runtime=StepRuntime(),
+    )
+    execution._begin()
+    assert execution.block is None
+    assert execution._root is not None and execution._root.done()
+    assert execution._root.result() == result
+
+
+def explode() -> None:
+    raise KeyError("missing")
+
+
+@workflow
+async def handles_error(ctx: WorkflowContext) -> str:
+    try:
+        await ctx.step("explode", explode)
+    except StepError as error:
+        return f"{error.error.type}: {error.error.message}"
+    return "no error"
+
+
+@workflow
+async def fails(ctx: WorkflowContext) -> None:
+    await ctx.step("explode", explode)
+
+
+async def test_step_errors_are_recorded_and_catchable(client: Client) -> None:
+    async with running_worker(client, [handles_error, fails]):
+        assert await (await client.start(handles_error)).result(timeout=10) == "KeyError: 'missing'"
+        handle = await client.start(fails, run_id="fails-1")
+        with pytest.raises(RunFailed) as caught:
+            await handle.result(timeout=10)
+    assert caught.value.error.type == "StepError"
+    assert "KeyError" in caught.value.error.message
+    assert "raise KeyError" in caught.value.error.traceback
+    steps = await client.steps("fails-1")
+    assert steps[0].status == "failed" and steps[0].error is not None
+    assert steps[0].error.type == "KeyError" and "explode" in steps[0].error.traceback
+    assert (await client.describe("fails-1")).status == "failed"
+
+
+async def test_same_run_id_started_twice_at_once_makes_one_run(client: Client) -> None:
+    calls.clear()
+    other = await Client.connect(client.connection.url)
+    try:
+        async with anyio.create_task_group() as tg:
+            handles = []
+
+            async def start(c: Client) -> None:
+                handles.append(await c.start(three_steps, {"x": 1}, run_id="dup-1"))
+
+            tg.start_soon(start, client)
+            tg.start_soon(start, other)
+        assert {h.run_id for h in handles} == {"dup-1"}
+        async with running_worker(client, [three_steps]):
+            assert await client.handle("dup-1").result(timeout=10) == {"sum": 6}
+    finally:
+        await other.close()
+    history = await client.history("dup-1")
+    assert sum(type(e).__name__ == "RunStarted" for e in history) == 1
+    assert calls == ["one", "two", "three"]
+
+
+class OrderIn(msgspec.Struct):
+    order_id: str
+    total: float
+
+
+@dataclass
+class Payment:
+    amount: int
+    currency: str
+
+
+@workflow
+async def echo(ctx: WorkflowContext, input: object) -> object:
+    return input
+
+
+@workflow
+async def typed(ctx: WorkflowContext, input: OrderIn) -> dict[str, object]:
+    return {"id": input.order_id, "total": input.total}
+
+
+@workflow
+async def typed_dc(ctx: WorkflowContext, input: Payment) -> str:
+    return f"{input.amount} {input.currency}"
+
+
+async def test_bad_input_is_rejected_and_nothing_is_written(client: Client) -> None:
+    for bad in ["a.b", "a b", "a*", "a>", "", "x" * 129]:
+        with pytest.raises(InvalidInput, match="run_id"):
+            await client.start(three_steps, {"x": 1}, run_id=bad)
+    with pytest.raises(InvalidInput, match=r"\$\.total"):
+        await client.start(typed, {"order_id": "o1", "total": "lots"}, run_id="typed-1")
+    with pytest.raises(InvalidInput, match="amount"):
+        await client.start(typed_dc, {"currency": "EUR"}, run_id="typed-2")
+    with pytest.raises(InvalidInput, match="max payload"):
+        await client.start(echo, {"x": "y" * 2_000_000}, run_id="big-1")
+    with pytest.raises(InvalidInput, match="cannot be encoded"):
+        await client.start(echo, {"x": object()}, run_id="weird-1")
+    for run_id in ["typed-1", "typed-2", "big-1", "weird-1"]:
+        with pytest.raises(RunNotFound):
+            await client.describe(run_id)
+
+
+async def test_typed_input_reaches_the_workflow(client: Client) -> None:
+    async with running_worker(client, [typed, typed_dc]):
+        h = await client.start(typed, OrderIn(order_id="o9", total=9.5))
+        assert await h.result(timeout=10) == {"id": "o9", "total": 9.5}
+        h = await client.start(typed_dc, Payment(amount=3, currency="EUR"))
+        assert await h.result(timeout=10) == "3 EUR"
+
+
+class Unencodable:
+    pass
+
+
+def make_unencodable() -> Unencodable:
+    return Unencodable()
+
+
+def make_huge() -> str:
+    return "z" * 2_000_000
+
+
+@workflow
+async def bad_results(ctx: WorkflowContext) -> list[str]:
+    out = []
+    for name, fn in (("weird", make_unencodable), ("huge", make_huge)):
+        try:
+            await ctx.step(name, fn)
+        except StepError as error:
+            out.append(error.error.message)
+    return out
+
+
+async def test_bad_step_results_fail_the_step_with_a_clear_error(client: Client) -> None:
+    async with running_worker(client, [bad_results]):
+        messages = await (await client.start(bad_results)).result(timeout=10)
+    assert "step 'weird'" in messages[0] and "Unencodable" in messages[0]
+    assert "step 'huge'" in messages[1] and "max payload" in messages[1]
+
+
+async def test_unknown_run_and_describe(client: Client) -> None:
+    with pytest.raises(RunNotFound, match="nope"):
+        await client.describe("nope")
+    with pytest.raises(RunNotFound):
+        await client.steps("nope")
+
+
+@workflow
+async def nobody_serves_me(ctx: WorkflowContext) -> str:
+    return await ctx.step("hi", record, "hi", 1) and "served"
+
+
+@workflow
+async def other(ctx: WorkflowContext) -> int:
+    return 1
+
+
+async def test_a_run_nobody_serves_stays_pending_until_a_worker_knows_it(client: Client) -> None:
+    handle = await client.start(nobody_serves_me, run_id="lonely-1")
+    async with running_worker(client, [other]):
+
+        async def handed_back_twice() -> bool:
+            info = await client.connection.jsm.consumer_info("NATFLOW_TASKS", "natflow-queue-default")
+            return info.delivered.consumer_seq >= 2
+
+        await wait_for(handed_back_twice, what="the task to come back to the worker")
+        assert (await handle.status()).status == "pending"
+    async with running_worker(client, [nobody_serves_me]):
+        assert await handle.result(timeout=10) == "served"
+
+
+async def test_engine_lists_runs_and_recovers_a_lost_enqueue(client: Client) -> None:
+    from engine._events import RunStarted, utcnow
+    from engine._streams import ensure_streams
+
+    await ensure_streams(client.connection)
+    # A client that died between creating the run and enqueueing its task:
+    await client._runs.history.append(
+        "orphan-1",
+        RunStarted(id="orphan-1:1", at=utcnow(), workflow="three_steps", queue="default",
+                   input=msgspec.Raw(b'{"x": 2}')),
+        0,
+    )
+    engine = Engine(client.connection)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        async with running_worker(client, [three_steps]):
+            assert await client.handle("orphan-1").result(timeout=10) == {"sum": 9}
+            h = await client.start(three_steps, {"x": 1}, run_id="listed-1")
+            await h.result(timeout=10)
+
+            async def both_listed() -> bool:
+                runs = await client.list(workflow="three_steps", status="completed")
+                return {"orphan-1", "listed-1"} <= {r.run_id for r in runs}
+
+            await wait_for(both_listed, what="runs in the index")
+        tg.cancel_scope.cancel()
+    runs = await client.list(limit=1)
+    assert [r.run_id for r in runs] == ["listed-1"]
+
+
+async def test_watch_streams_events_live(client: Client) -> None:
+    async with running_worker(client, [three_steps]):
+        h = await client.start(three_steps, {"x": 1}, run_id="watched-1")
+        seen = []
+        with anyio.fail_after(10):
+            async for event in client.watch(h.run_id):
+                seen.append(type(event).__name__)
+                if event.__struct_config__.tag == "run_completed":
+                    break
+    assert seen[0] == "RunStarted" and seen[-1] == "RunCompleted"
+
+
+async def test_determinism_helpers_repeat_on_replay(client: Client) -> None:
+    @workflow(name="helpers")
+    async def helpers(ctx: WorkflowContext) -> list[str]:
+        first = [str(ctx.uuid4()), str(ctx.random().random()), ctx.now().isoformat()]
+        await ctx.step("s", record, "s", 1)
+        return [*first, str(ctx.uuid4()), ctx.now().isoformat(), str(ctx.patched("p1"))]
+
+    async with running_worker(client, [helpers]):
+        result = await (await client.start(helpers, run_id="helpers-1")).result(timeout=10)
+    assert result[-1] == "True"
+    from sdk._execution import RunExecution, StepRuntime
+
+    history = await client._runs.history.read("helpers-1")
+    history.events = history.events[:-1]
+    execution = RunExecution(
+        workflow=helpers, history=history, store=client._runs.history,
+        conn=client.connection, identity="replayer", runtime=StepRuntime(),
+    )
+    execution._begin()
+    assert execution._root is not None and execution._root.result() == result
