@@ -15,7 +15,7 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from ._streams import ensure_streams
 
 log = logging.getLogger("natflow.cli")
 
-Handler = Callable[[argparse.Namespace], Awaitable[int]]
+Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
 def connect_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,7 +113,8 @@ async def cmd_runs(args: argparse.Namespace) -> int:
             else:
                 print(f"{'RUN ID':34} {'WORKFLOW':18} {'STATUS':10} CREATED")
                 for r in found:
-                    print(f"{r.run_id:34} {r.workflow:18} {r.status:10} {r.created_at:%Y-%m-%d %H:%M:%S}")
+                    created = f"{r.created_at:%Y-%m-%d %H:%M:%S}"
+                    print(f"{r.run_id:34} {r.workflow:18} {r.status:10} {created}")
             return 0
         events = await runs.events(args.run_id)
         if args.runs_command == "history":
@@ -146,7 +147,8 @@ def _show_run(info: Any, steps: list[Any]) -> None:
         print(f"error     {info.error.type}: {info.error.message}")
     for s in steps:
         outcome = (
-            msgspec.json.encode(s.result).decode() if s.status == "completed"
+            msgspec.json.encode(s.result).decode()
+            if s.status == "completed"
             else (f"{s.error.type}: {s.error.message}" if s.error else "")
         )
         print(f"  step {s.name}#{s.occurrence:<3} {s.status:9} attempts={s.attempts} {outcome}")
@@ -227,10 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="natflow", description="Durable workflows on NATS JetStream."
     )
-    parser.add_argument("--url", default=None,
-                        help=f"NATS server URL (env NATFLOW_URL, default {default_url()})")
-    parser.add_argument("--creds", default=os.environ.get("NATFLOW_CREDS"),
-                        help="NATS credentials file")
+    parser.add_argument(
+        "--url", default=None, help=f"NATS server URL (env NATFLOW_URL, default {default_url()})"
+    )
+    parser.add_argument(
+        "--creds", default=os.environ.get("NATFLOW_CREDS"), help="NATS credentials file"
+    )
     parser.add_argument("--user", default=os.environ.get("NATFLOW_USER"))
     parser.add_argument("--password", default=os.environ.get("NATFLOW_PASSWORD"))
     parser.add_argument("--token", default=os.environ.get("NATFLOW_TOKEN"))

@@ -58,9 +58,13 @@ def error_info(exc: BaseException) -> ErrorInfo:
 
 _INTERNAL = tuple(
     str(Path(p).resolve()) + os.sep
-    for p in (Path(__file__).parent, Path(__file__).parent.parent / "sdk",
-              Path(anyio.__file__).parent, Path(asyncio.__file__).parent,
-              Path(concurrent.futures.__file__).parent.parent)
+    for p in (
+        Path(__file__).parent,
+        Path(__file__).parent.parent / "sdk",
+        Path(anyio.__file__).parent,
+        Path(asyncio.__file__).parent,
+        Path(concurrent.futures.__file__).parent.parent,
+    )
 )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import msgspec
@@ -19,6 +19,7 @@ import nats.errors
 import nats.js
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from ._errors import InvalidInput, NatflowError, PermissionDenied, ServerUnavailable
 
@@ -83,6 +84,7 @@ class Connection:
         self.streams_ready = False
         self.streams_lock = asyncio.Lock()
         self.closing = False
+        self.on_reconnect: list[Callable[[], None]] = []
 
     @property
     def max_payload(self) -> int:
@@ -122,7 +124,7 @@ class Connection:
         *,
         headers: Mapping[str, str] | None = None,
         timeout: float = 5.0,
-    ) -> nats.aio.msg.Msg:
+    ) -> Msg:
         """A request with nats-py's errors turned into natflow's."""
         try:
             return await self.nc.request(
@@ -133,7 +135,9 @@ class Connection:
         except (TimeoutError, nats.errors.TimeoutError) as exc:
             raise self._timeout_error(subject, timeout) from exc
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
-            raise ServerUnavailable(f"lost the NATS connection while requesting {subject!r}") from exc
+            raise ServerUnavailable(
+                f"lost the NATS connection while requesting {subject!r}"
+            ) from exc
 
     def _timeout_error(self, subject: str, timeout: float) -> NatflowError:
         denial = self.denied(subject)
@@ -213,6 +217,9 @@ async def connect(
 
     async def reconnected_cb() -> None:
         log.info("NATS connection re-established")
+        conn = holder.get("conn")
+        for hook in conn.on_reconnect if conn is not None else []:
+            hook()
 
     options.setdefault("max_reconnect_attempts", -1)
     options.setdefault("reconnect_time_wait", 0.5)

@@ -26,6 +26,7 @@ from ._connection import Connection
 from ._events import RunStarted, decode_event
 from ._history import HistoryStore
 from ._index import RunIndex
+from ._reaper import Reaper
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
 from ._tasks import Task, enqueue
 
@@ -56,10 +57,16 @@ class Engine:
         self._conn = conn
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
+        self.reaper = Reaper(conn)
         self.ready = anyio.Event()
 
     async def run(self) -> None:
         await ensure_streams(self._conn)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.reaper.run)
+            await self._dispatch_forever()
+
+    async def _dispatch_forever(self) -> None:
         await self._conn.jsm.add_consumer(HISTORY_STREAM, config=dispatcher_config())
         sub = await self._conn.js.pull_subscribe_bind(durable=DISPATCHER, stream=HISTORY_STREAM)
         log.info("engine dispatcher running")
@@ -101,8 +108,9 @@ class Engine:
             if isinstance(event, RunStarted):
                 await self._ensure_task(run_id, event)
         except Exception as exc:
-            log.warning("run %s: engine could not process %s (%s); will retry",
-                        run_id, msg.subject, exc)
+            log.warning(
+                "run %s: engine could not process %s (%s); will retry", run_id, msg.subject, exc
+            )
             await msg.nak(delay=1.0)
             return
         await msg.ack()
@@ -111,6 +119,7 @@ class Engine:
         last = await self._history.last(run_id)
         if last is None or not isinstance(last[0], RunStarted):
             return  # a worker has the run already
-        if await enqueue(self._conn, start.queue, Task(run_id=run_id, workflow=start.workflow,
-                                                      reason="dispatch")):
+        if await enqueue(
+            self._conn, start.queue, Task(run_id=run_id, workflow=start.workflow, reason="dispatch")
+        ):
             log.info("run %s: enqueued a start its client had not", run_id)

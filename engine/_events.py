@@ -131,7 +131,8 @@ def encode_event(event: Event) -> bytes:
 
 
 def decode_event(data: bytes) -> Event:
-    return _decoder.decode(data)
+    event: Event = _decoder.decode(data)
+    return event
 
 
 def event_type(event: Event) -> str:

@@ -15,6 +15,7 @@ from typing import Final
 
 import msgspec
 import nats.errors
+from nats.aio.msg import Msg
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError, RequestTimeout
 from ._errors import NatflowError, ServerUnavailable
@@ -147,8 +148,12 @@ class HistoryStore:
         read = _BatchRead()
         self._reads[token] = read
         body = msgspec.json.encode(
-            {"seq": start, "next_by_subj": history_filter(run_id), "batch": _READ_BATCH,
-             "no_hdr": True}
+            {
+                "seq": start,
+                "next_by_subj": history_filter(run_id),
+                "batch": _READ_BATCH,
+                "no_hdr": True,
+            }
         )
         try:
             await self._conn.nc.publish(
@@ -175,7 +180,7 @@ class HistoryStore:
                     self._inbox_prefix = prefix
         return self._inbox_prefix
 
-    async def _on_reply(self, msg: nats.aio.msg.Msg) -> None:
+    async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[-1]
         read = self._reads.get(token)
         if read is None or read.done.done():

@@ -55,8 +55,12 @@ class RunIndex:
                 if not isinstance(event, RunStarted):
                     return  # the start is still ahead of us in the stream or was lost
                 info = RunInfo(
-                    run_id=run_id, workflow=event.workflow, queue=event.queue,
-                    status="pending", created_at=event.at, updated_at=event.at,
+                    run_id=run_id,
+                    workflow=event.workflow,
+                    queue=event.queue,
+                    status="pending",
+                    created_at=event.at,
+                    updated_at=event.at,
                     parent=event.parent,
                 )
             else:
@@ -131,8 +135,9 @@ class RunIndex:
         entries: list[IndexEntry] = []
         sub = await self._conn.nc.subscribe(self._conn.nc.new_inbox())
         try:
-            await self._conn.nc.publish(f"$JS.API.DIRECT.GET.{RUNS_STREAM}", body,
-                                        reply=sub.subject)
+            await self._conn.nc.publish(
+                f"$JS.API.DIRECT.GET.{RUNS_STREAM}", body, reply=sub.subject
+            )
             while True:
                 msg = await sub.next_msg(timeout=5)
                 headers = msg.headers or {}

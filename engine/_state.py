@@ -133,9 +133,7 @@ def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
         info.updated_at = event.at
         apply_event(info, event, running)
     if info.status == "running":
-        info.current = (
-            f"running step {running[max(running)]!r}" if running else "running"
-        )
+        info.current = f"running step {running[max(running)]!r}" if running else "running"
     return info
 
 

@@ -20,6 +20,7 @@ import nats.js.errors
 from nats.js import api
 
 from ._connection import ERR_STREAM_NAME_IN_USE, Connection
+from ._kv import kv_stream_config
 
 log = logging.getLogger("natflow.streams")
 
@@ -81,6 +82,8 @@ def stream_configs() -> list[api.StreamConfig]:
             discard_new_per_subject=True,
             num_replicas=r,
         ),
+        kv_stream_config("natflow_leases", "natflow: run leases (holder, expiry)", r),
+        kv_stream_config("natflow_workers", "natflow: live workers", r),
         api.StreamConfig(
             name=RUNS_STREAM,
             description="natflow: run index (latest summary per run), rebuilt from history",

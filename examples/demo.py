@@ -8,6 +8,7 @@ are printed; then everything started here is stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -29,8 +30,9 @@ NATFLOW = str(Path(sys.executable).parent / "natflow")
 
 def spawn(*args: str) -> subprocess.Popen[bytes]:
     log = open(ROOT / ".natflow" / f"demo-{args[0]}.log", "wb")  # noqa: SIM115
-    return subprocess.Popen([NATFLOW, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [NATFLOW, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 async def connect_when_ready(deadline: float) -> Client:
@@ -53,16 +55,17 @@ async def run_examples() -> int:
     async with client:
         for example in EXAMPLES:
             for handle in await example.demo(client):
-                try:
+                with contextlib.suppress(RunFailed):
                     await handle.result(timeout=30)
-                except RunFailed:
-                    pass
                 info = await handle.status()
                 print(f"\n== {info.workflow} run {info.run_id}: {info.status}")
                 print(f"   result: {show(info.result)}")
                 for step in await client.steps(handle.run_id):
-                    outcome = show(step.result) if step.error is None else (
-                        f"{step.error.type}: {step.error.message}")
+                    outcome = (
+                        show(step.result)
+                        if step.error is None
+                        else (f"{step.error.type}: {step.error.message}")
+                    )
                     print(f"   step {step.name:<8} {step.status:<9} {outcome}")
                 failures += info.status != "completed"
     return failures
@@ -83,7 +86,9 @@ def main() -> int:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    print(f"\n{'all example runs completed' if not failures else f'{failures} runs did not complete'}")
+    print(
+        f"\n{'all example runs completed' if not failures else f'{failures} runs did not complete'}"
+    )
     return 1 if failures else 0
 
 

@@ -80,10 +80,10 @@ async def order(ctx: WorkflowContext, input: OrderInput) -> Receipt:
 
 async def demo(client: Client) -> list[RunHandle]:
     """Start this example's runs (used by `make demo` and the example tests)."""
-    good = OrderInput(order_id="A-1", user_id=7, total=42.0, email="ada@example.com",
-                      coupon="WELCOME10")
-    bad = OrderInput(order_id="A-2", user_id=7, total=10.0, email="ada@example.com",
-                     coupon="BOGUS")
+    good = OrderInput(
+        order_id="A-1", user_id=7, total=42.0, email="ada@example.com", coupon="WELCOME10"
+    )
+    bad = OrderInput(order_id="A-2", user_id=7, total=10.0, email="ada@example.com", coupon="BOGUS")
     return [
         await client.start(order, good, run_id="demo-order-a1"),
         await client.start(order, bad, run_id="demo-order-a2"),

@@ -26,15 +26,19 @@ log = logging.getLogger("natflow.worker")
 
 def register(sub: Any) -> None:
     p = sub.add_parser("worker", help="serve the workflows of a Python module")
-    p.add_argument("target", metavar="MODULE[:ATTR]",
-                   help="module (or .py file); ATTR: a workflow, a list of them, or a "
-                        "callable returning a Worker")
+    p.add_argument(
+        "target",
+        metavar="MODULE[:ATTR]",
+        help="module (or .py file); ATTR: a workflow, a list of them, or a "
+        "callable returning a Worker",
+    )
     p.add_argument("--queue", default=None, help="serve this queue (default: the workflows')")
     p.add_argument("--max-concurrent-runs", type=int, default=100)
     p.add_argument("--max-concurrent-steps", type=int, default=None)
     p.add_argument("--identity", default=None)
-    p.add_argument("--grace", type=float, default=30.0,
-                   help="seconds to finish held runs on SIGTERM")
+    p.add_argument(
+        "--grace", type=float, default=30.0, help="seconds to finish held runs on SIGTERM"
+    )
     p.set_defaults(handler=run_worker_command)
 
 
@@ -91,17 +95,21 @@ async def run_worker_command(args: argparse.Namespace) -> int:
                 raise InvalidInput(f"{args.target} returned {worker!r}, not a Worker")
         else:
             worker = Worker(
-                client, workflows, queue=args.queue,
+                client,
+                workflows,
+                queue=args.queue,
                 max_concurrent_runs=args.max_concurrent_runs,
-                max_concurrent_steps=args.max_concurrent_steps, identity=args.identity,
+                max_concurrent_steps=args.max_concurrent_steps,
+                identity=args.identity,
             )
         async with anyio.create_task_group() as tg:
 
             async def on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:
-                        log.info("%s: draining (grace %.0f s)",
-                                 signal.Signals(signum).name, args.grace)
+                        log.info(
+                            "%s: draining (grace %.0f s)", signal.Signals(signum).name, args.grace
+                        )
                         await worker.shutdown(grace=args.grace)
                         return
 

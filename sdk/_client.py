@@ -25,7 +25,8 @@ from engine import (
 )
 from engine._codec import decode_value, encode_value
 from engine._connection import Connection
-from engine._events import Event, RunCompleted, RunFailed as RunFailedEvent, decode_event
+from engine._events import Event, RunCompleted, decode_event
+from engine._events import RunFailed as RunFailedEvent
 from engine._index import RunIndex
 from engine._names import check_run_id
 from engine._runs import Runs
@@ -127,7 +128,10 @@ class Client:
 
     @classmethod
     async def connect(
-        cls, url: str | list[str] | None = None, *, connect_timeout: float = 5.0,
+        cls,
+        url: str | list[str] | None = None,
+        *,
+        connect_timeout: float = 5.0,
         **nats_options: Any,
     ) -> Client:
         """Connect to NATS (``NATFLOW_URL`` or ``nats://127.0.0.1:4222`` by default).

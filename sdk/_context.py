@@ -8,7 +8,7 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from engine import RetryPolicy
 
@@ -76,24 +76,44 @@ class WorkflowContext:
         """A logger that drops records while replaying."""
         return self._logger
 
+    @overload
     async def step(
         self,
         name: str,
-        fn: Callable[..., T] | Callable[..., Awaitable[T]],
+        fn: Callable[..., Awaitable[T]],
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
         **kwargs: Any,
-    ) -> T:
+    ) -> T: ...
+
+    @overload
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., T],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run ``fn(*args, **kwargs)`` on this worker and record its result durably.
 
         On replay the recorded result comes back without calling ``fn``; a recorded error is
         raised as :class:`StepError`. Sync functions run in a worker thread. ``timeout``
         bounds one attempt; ``retry`` overrides the workflow's default policy.
         """
-        future = self._execution.issue_step(name, fn, args, kwargs, retry, timeout)
-        result: T = await future
-        return result
+        return await self._execution.issue_step(name, fn, args, kwargs, retry, timeout)
 
     async def parallel(self, *awaitables: Awaitable[Any]) -> list[Any]:
         """Run steps (or any workflow awaitables) concurrently; results in argument order."""

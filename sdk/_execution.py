@@ -69,6 +69,7 @@ class Outcome(enum.Enum):
     FAILED = "failed"
     BLOCKED = "blocked"
     LOST = "lost"  # another worker holds the run now; this one steps back
+    HANDED_BACK = "handed_back"  # the worker is draining; running steps were recorded
 
 
 class Evicted(BaseException):
@@ -110,9 +111,7 @@ class StepRuntime:
     """What a worker lends its runs: the step concurrency limit."""
 
     limiter: anyio.CapacityLimiter | None = None
-    thread_limiter: anyio.CapacityLimiter = field(
-        default_factory=lambda: anyio.CapacityLimiter(64)
-    )
+    thread_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(64))
 
 
 def _seed(run_id: str) -> int:
@@ -177,8 +176,9 @@ class RunExecution:
         self._next_seq = 1
         self._inflight = 0
         self._evicted = False
+        self._draining = False
         self.block: NonDeterminismError | None = None
-        self._loop = WorkflowLoop()
+        self._loop = WorkflowLoop()  # type: ignore[abstract]
         self._ctx = WorkflowContext(self)
         self._root: asyncio.Task[Any] | None = None
         self._send: MemoryObjectSendStream[_Finished | _StillRunning] | None = None
@@ -241,6 +241,10 @@ class RunExecution:
 
     # -- the driver ------------------------------------------------------------------------
 
+    def drain(self) -> None:
+        """Start no new step; once running ones are recorded, hand the run back."""
+        self._draining = True
+
     async def execute(self) -> Outcome:
         """Replay, claim the run, continue live until it completes, fails or is lost."""
         try:
@@ -250,9 +254,7 @@ class RunExecution:
                 return Outcome.BLOCKED
             if not await self._claim():
                 return Outcome.LOST
-            send, receive = anyio.create_memory_object_stream[_Finished | _StillRunning](
-                math.inf
-            )
+            send, receive = anyio.create_memory_object_stream[_Finished | _StillRunning](math.inf)
             self._send = send
             async with anyio.create_task_group() as tg:
                 outcome = await self._guarded_live(tg, receive)
@@ -314,8 +316,9 @@ class RunExecution:
             command.future.set_exception(StepError(command.name, event.error))
             return
         try:
-            value = decode_value(f"result of step {command.name!r}", event.result,
-                                 command.result_type)
+            value = decode_value(
+                f"result of step {command.name!r}", event.result, command.result_type
+            )
         except InvalidInput:
             value = msgspec.json.decode(event.result)
         command.future.set_result(value)
@@ -337,7 +340,9 @@ class RunExecution:
         try:
             await self._append(
                 RunClaimed(
-                    id=self._next_id(), at=utcnow(), worker=self._identity,
+                    id=self._next_id(),
+                    at=utcnow(),
+                    worker=self._identity,
                     delivery=self._delivery,
                 )
             )
@@ -355,8 +360,9 @@ class RunExecution:
         log.error("%s", self.block)
         try:
             await self._append(
-                RunBlocked(id=self._next_id(), at=utcnow(), position=self.block.position,
-                           error=info)
+                RunBlocked(
+                    id=self._next_id(), at=utcnow(), position=self.block.position, error=info
+                )
             )
         except _Fenced:
             log.info("run %s changed while being blocked; it will be retried", self.run_id)
@@ -370,6 +376,8 @@ class RunExecution:
         self._launch(tg)
         while not self._root.done():
             await self._flush_markers()
+            if self._draining and self._inflight == 0:
+                return Outcome.HANDED_BACK
             if self._inflight == 0:
                 return await self._fail(
                     ErrorInfo(
@@ -380,11 +388,16 @@ class RunExecution:
                 )
             item = await receive.receive()
             if isinstance(item, _StillRunning):
-                await self._append(StepStarted(
-                    id=self._next_id(), at=utcnow(), seq=item.command.seq,
-                    name=item.command.name, occurrence=item.command.occurrence,
-                    attempt=item.attempt,
-                ))
+                await self._append(
+                    StepStarted(
+                        id=self._next_id(),
+                        at=utcnow(),
+                        seq=item.command.seq,
+                        name=item.command.name,
+                        occurrence=item.command.occurrence,
+                        attempt=item.attempt,
+                    )
+                )
                 continue
             event = self._outcome_event(item)
             await self._append(event)
@@ -400,14 +413,24 @@ class RunExecution:
         cmd = item.command
         if item.error is not None:
             return StepFailed(
-                id=self._next_id(), at=utcnow(), seq=cmd.seq, name=cmd.name,
-                occurrence=cmd.occurrence, attempt=item.attempt, started_at=item.started_at,
+                id=self._next_id(),
+                at=utcnow(),
+                seq=cmd.seq,
+                name=cmd.name,
+                occurrence=cmd.occurrence,
+                attempt=item.attempt,
+                started_at=item.started_at,
                 error=item.error,
             )
         assert item.result is not None
         return StepCompleted(
-            id=self._next_id(), at=utcnow(), seq=cmd.seq, name=cmd.name,
-            occurrence=cmd.occurrence, attempt=item.attempt, started_at=item.started_at,
+            id=self._next_id(),
+            at=utcnow(),
+            seq=cmd.seq,
+            name=cmd.name,
+            occurrence=cmd.occurrence,
+            attempt=item.attempt,
+            started_at=item.started_at,
             result=msgspec.Raw(item.result),
         )
 
@@ -418,6 +441,8 @@ class RunExecution:
             self._patches.add(change_id)
 
     def _launch(self, tg: anyio.abc.TaskGroup) -> None:
+        if self._draining:
+            return  # the next holder replays and issues these again
         launch, self._to_launch = self._to_launch, []
         for command in launch:
             self._inflight += 1
@@ -458,13 +483,19 @@ class RunExecution:
                     delay = command.retry.delay(attempt)
                     log.warning(
                         "run %s: step %r attempt %d failed (%s: %s); retrying in %.2f s",
-                        self.run_id, command.name, attempt, type(exc).__name__, exc, delay,
+                        self.run_id,
+                        command.name,
+                        attempt,
+                        type(exc).__name__,
+                        exc,
+                        delay,
                     )
                     notice.cancel()
                     await anyio.sleep(delay)
                     continue
-                self._send.send_nowait(_Finished(command, attempt, started_at,
-                                                 error=error_info(exc)))
+                self._send.send_nowait(
+                    _Finished(command, attempt, started_at, error=error_info(exc))
+                )
                 return
             finally:
                 notice.cancel()
@@ -472,8 +503,9 @@ class RunExecution:
                 data = encode_value(f"result of step {command.name!r}", value)
                 self._conn.check_size(f"result of step {command.name!r}", len(data))
             except InvalidInput as exc:
-                self._send.send_nowait(_Finished(command, attempt, started_at,
-                                                 error=error_info(exc)))
+                self._send.send_nowait(
+                    _Finished(command, attempt, started_at, error=error_info(exc))
+                )
                 return
             self._send.send_nowait(_Finished(command, attempt, started_at, result=data))
             return

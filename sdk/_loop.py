@@ -51,7 +51,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
 
     # -- what asyncio.Task, Future and gather call -----------------------------------------
 
-    def call_soon(
+    def call_soon(  # type: ignore[override]
         self,
         callback: Callable[..., object],
         *args: Any,
@@ -61,7 +61,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         self._ready.append(handle)
         return handle
 
-    def call_soon_threadsafe(
+    def call_soon_threadsafe(  # type: ignore[override]
         self,
         callback: Callable[..., object],
         *args: Any,
@@ -81,15 +81,25 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     ) -> asyncio.Task[T]:
         return asyncio.Task(coro, loop=self, name=name, context=context)
 
-    def call_later(self, delay: float, callback: Callable[..., object], *args: Any,
-                   context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+    def call_later(  # type: ignore[override]
+        self,
+        delay: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
         raise NotDurable(
             "asyncio.sleep and asyncio timeouts are not durable inside a workflow; "
             "use ctx.sleep(...) or a step's timeout="
         )
 
-    def call_at(self, when: float, callback: Callable[..., object], *args: Any,
-                context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+    def call_at(  # type: ignore[override]
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
         return self.call_later(0, callback, *args, context=context)
 
     def time(self) -> float:

@@ -1,8 +1,10 @@
 """``Worker``: pulls tasks for its queues and drives the runs they name.
 
-A worker only dials out: it pulls from the queue's durable consumer, reads and appends
-history, and heartbeats the task messages it holds (``+WPI``) so the consumer's ack
-deadline does not hand its runs to another worker while it is alive.
+A worker only dials out. It pulls from each queue's durable consumer, reads and appends
+history, and for every run it holds keeps two clocks running on one heartbeat: the task's
+ack deadline (``+WPI``) and the run's lease in KV (a revision-checked renewal). It answers
+pings on ``natflow.worker.<identity>.ping`` so the engine notices its death at once, and it
+announces itself in the worker registry.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -22,7 +26,11 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from engine import InvalidInput, NatflowError
+from engine._events import utcnow
 from engine._history import HistoryStore
+from engine._leases import Lease, Leases
+from engine._names import check_queue
+from engine._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
 from engine._state import fold_run
 from engine._streams import TASK_STREAM, ensure_streams, queue_consumer
 from engine._tasks import DEFAULT_ACK_WAIT, decode_task, ensure_consumer
@@ -37,6 +45,22 @@ _FETCH_WAIT = 5.0
 _MAX_FETCH = 256
 _UNKNOWN_WORKFLOW_DELAY = 1.0
 _BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
+MIN_LEASE_TTL = 1.0
+
+
+@dataclass(eq=False)
+class _Held:
+    """A run this worker holds: its task message, lease and the scope that runs it."""
+
+    msg: Msg
+    run_id: str
+    queue: str
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    execution: RunExecution | None = None
+    lease: Lease | None = None
+    revision: int = 0
+    renewed_at: float = field(default_factory=time.monotonic)
+    lost: bool = False
 
 
 class Worker:
@@ -50,7 +74,9 @@ class Worker:
 
     ``queue=None`` serves every queue the given workflows declare. ``max_concurrent_runs``
     bounds the runs held at once; ``max_concurrent_steps`` (default: unbounded) the step
-    bodies running at once.
+    bodies running at once. ``lease_ttl`` (seconds, at least 1) is how long a run stays
+    with a worker that stopped heartbeating (paused, partitioned) before another takes it;
+    a worker whose process died loses its runs within about a second when the engine runs.
     """
 
     def __init__(
@@ -62,52 +88,62 @@ class Worker:
         max_concurrent_steps: int | None = None,
         identity: str | None = None,
         *,
-        ack_wait: float = DEFAULT_ACK_WAIT,
+        lease_ttl: float = DEFAULT_ACK_WAIT,
     ) -> None:
         self._client = client
-        self._workflows: dict[str, Workflow] = {}
-        for wf in workflows:
-            if not isinstance(wf, Workflow):
-                raise InvalidInput(f"{wf!r} is not a workflow; decorate it with @workflow")
-            if wf.name in self._workflows and self._workflows[wf.name] is not wf:
-                raise InvalidInput(f"two workflows are named {wf.name!r}; names must be unique")
-            self._workflows[wf.name] = wf
-        if not self._workflows:
-            raise InvalidInput("a worker needs at least one workflow")
+        self._workflows = self._index(workflows)
         if max_concurrent_runs < 1:
             raise InvalidInput("max_concurrent_runs must be at least 1")
         if max_concurrent_steps is not None and max_concurrent_steps < 1:
             raise InvalidInput("max_concurrent_steps must be at least 1 (or None)")
+        if not lease_ttl >= MIN_LEASE_TTL:
+            raise InvalidInput(f"lease_ttl must be at least {MIN_LEASE_TTL} s, not {lease_ttl}")
         self.queues = self._pick_queues(queue)
-        self.identity = identity or (
-            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.identity = safe_identity(
+            identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self._max_runs = max_concurrent_runs
-        self._ack_wait = ack_wait
+        self.lease_ttl = float(lease_ttl)
+        self._conn = client.connection
         self._runtime = StepRuntime(
             limiter=anyio.CapacityLimiter(max_concurrent_steps) if max_concurrent_steps else None
         )
-        self._store = HistoryStore(client.connection)
-        self._held: dict[str, Msg] = {}
+        self._store = HistoryStore(self._conn)
+        self._leases = Leases(self._conn)
+        self._held: dict[str, _Held] = {}
         self._slots = anyio.Semaphore(max_concurrent_runs)
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
-        self._scope: anyio.CancelScope | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._drained = anyio.Event()
+        self._started_at = utcnow()
         self._runs_scope = anyio.CancelScope()
+        self._outer: anyio.abc.TaskGroup | None = None
+
+    @staticmethod
+    def _index(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
+        found: dict[str, Workflow] = {}
+        for wf in workflows:
+            if not isinstance(wf, Workflow):
+                raise InvalidInput(f"{wf!r} is not a workflow; decorate it with @workflow")
+            if wf.name in found and found[wf.name] is not wf:
+                raise InvalidInput(f"two workflows are named {wf.name!r}; names must be unique")
+            found[wf.name] = wf
+        if not found:
+            raise InvalidInput("a worker needs at least one workflow")
+        return found
 
     def _pick_queues(self, queue: str | None) -> list[str]:
         if queue is None:
             return sorted({wf.queue for wf in self._workflows.values()})
-        from engine._names import check_queue
-
         check_queue(queue)
         for wf in self._workflows.values():
             if wf.queue != queue:
                 log.warning(
                     "workflow %r declares queue %r but this worker serves %r: its runs reach "
                     "this worker only when started with queue=%r",
-                    wf.name, wf.queue, queue, queue,
+                    wf.name,
+                    wf.queue,
+                    queue,
+                    queue,
                 )
         return [queue]
 
@@ -115,54 +151,84 @@ class Worker:
     def workflows(self) -> dict[str, Workflow]:
         return dict(self._workflows)
 
+    @property
+    def held_runs(self) -> list[str]:
+        """Ids of the runs this worker holds now."""
+        return list(self._held)
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve until cancelled or :meth:`shutdown` is called."""
-        conn = self._client.connection
-        await ensure_streams(conn)
-        subs = []
-        for queue in self.queues:
-            await ensure_consumer(conn, queue, self._ack_wait)
-            subs.append(
-                await conn.js.pull_subscribe_bind(
-                    durable=queue_consumer(queue), stream=TASK_STREAM
-                )
-            )
+        await ensure_streams(self._conn)
+        subs = [await self._subscribe(queue) for queue in self.queues]
+        ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
+        await self._announce()
         log.info(
-            "worker %s serving queues %s with workflows %s",
-            self.identity, ", ".join(self.queues), ", ".join(sorted(self._workflows)),
+            "worker %s serving queues %s with workflows %s (lease %g s)",
+            self.identity,
+            ", ".join(self.queues),
+            ", ".join(sorted(self._workflows)),
+            self.lease_ttl,
         )
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
                 tg.start_soon(self._heartbeat)
                 with self._runs_scope:
-                    async with anyio.create_task_group() as runs:
-                        async with anyio.create_task_group() as pullers:
-                            for sub in subs:
-                                pullers.start_soon(self._pull, sub, runs)
-                            await self._stopping.wait()
-                            pullers.cancel_scope.cancel()
+                    async with (
+                        anyio.create_task_group() as runs,
+                        anyio.create_task_group() as pullers,
+                    ):
+                        for sub in subs:
+                            pullers.start_soon(self._pull, sub, runs)
+                        await self._stopping.wait()
+                        pullers.cancel_scope.cancel()
                 tg.cancel_scope.cancel()
         finally:
-            for sub in subs:
-                try:
-                    await sub.unsubscribe()
-                except Exception:  # connection already gone; the server drops the pull anyway
-                    log.debug("unsubscribe failed", exc_info=True)
-            self._stopped.set()
+            with anyio.CancelScope(shield=True):
+                await self._close(subs, ping)
+
+    async def _subscribe(self, queue: str) -> Any:
+        await ensure_consumer(self._conn, queue, self.lease_ttl)
+        info = await self._conn.jsm.consumer_info(TASK_STREAM, queue_consumer(queue))
+        ack_wait = info.config.ack_wait or self.lease_ttl
+        if ack_wait < self.lease_ttl:  # another worker of the queue asked for less: honour it
+            log.info("queue %s uses a %g s ack deadline; heartbeating to match", queue, ack_wait)
+            self.lease_ttl = float(ack_wait)
+        return await self._conn.js.pull_subscribe_bind(
+            durable=queue_consumer(queue), stream=TASK_STREAM
+        )
+
+    async def _close(self, subs: list[Any], ping: Any) -> None:
+        for sub in [*subs, ping]:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection already gone; the server drops them anyway
+                log.debug("unsubscribe failed", exc_info=True)
+        try:
+            await withdraw(self._conn, self.identity)
+        except (NatflowError, nats.errors.Error) as exc:
+            log.debug("could not withdraw from the registry: %s", exc)
+        self._stopped.set()
 
     async def shutdown(self, grace: float = 30.0) -> None:
-        """Stop taking work; give held runs ``grace`` seconds, then hand the rest back."""
+        """Stop taking work and hand back what this worker holds.
+
+        Running steps get ``grace`` seconds to finish and be recorded; then every held run is
+        handed back (its task NAKed, its lease dropped) so another worker resumes it at once.
+        """
         self._stopping.set()
+        for held in list(self._held.values()):
+            if held.execution is not None:
+                held.execution.drain()
         with anyio.move_on_after(grace):
             while self._held:
-                await anyio.sleep(0.05)
+                self._drained = anyio.Event()
+                await self._drained.wait()
+        remaining = list(self._held.values())
         self._runs_scope.cancel()
-        for msg in list(self._held.values()):
-            await self._quietly(msg.nak())
-        self._held.clear()
+        for held in remaining:
+            await self._hand_back(held)
         await self._stopped.wait()
 
     async def __aenter__(self) -> Worker:
@@ -177,6 +243,7 @@ class Worker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        assert self._outer is not None
         await self.shutdown(grace=0 if exc is not None else 30.0)
         return await self._outer.__aexit__(exc_type, exc, tb)
 
@@ -202,11 +269,14 @@ class Worker:
                 await anyio.sleep(delay)
                 continue
             for msg in msgs:
+                if self._stopping.is_set():
+                    await self._quietly(msg.nak())
+                    continue
                 await self._slots.acquire()
                 runs.start_soon(self._handle, msg)
 
     async def _handle(self, msg: Msg) -> None:
-        run_id = "?"
+        held: _Held | None = None
         try:
             try:
                 task = decode_task(msg.data)
@@ -214,17 +284,30 @@ class Worker:
                 log.error("dropping malformed task on %s: %s", msg.subject, exc)
                 await self._quietly(msg.term())
                 return
-            run_id = task.run_id
-            self._held[run_id] = msg
-            await self._process(run_id, msg)
+            queue = msg.subject.split(".")[2]
+            held = _Held(msg=msg, run_id=task.run_id, queue=queue)
+            previous = self._held.get(task.run_id)
+            if previous is not None:  # redelivered to us while we still hold it: keep one
+                previous.scope.cancel()
+            self._held[task.run_id] = held
+            with held.scope:
+                await self._process(held)
+            if held.scope.cancelled_caught and held.lost:
+                log.info("run %s: lease taken by another worker; stepping back", held.run_id)
         except Exception as exc:
-            log.error("run %s: giving it back after an error: %s", run_id, exc, exc_info=True)
-            await self._quietly(msg.nak(delay=1.0))
+            run_id = held.run_id if held else "?"
+            log.error("run %s: handing it back after an error: %s", run_id, exc, exc_info=True)
+            if held is not None:
+                await self._hand_back(held)
         finally:
-            self._held.pop(run_id, None)
+            if held is not None and self._held.get(held.run_id) is held:
+                del self._held[held.run_id]
+            if not self._held:
+                self._drained.set()
             self._slots.release()
 
-    async def _process(self, run_id: str, msg: Msg) -> None:
+    async def _process(self, held: _Held) -> None:
+        msg, run_id = held.msg, held.run_id
         history = await self._store.read(run_id)
         info = fold_run(run_id, history.events)
         if info is None:
@@ -239,34 +322,101 @@ class Worker:
             log.debug("run %s: workflow %r is not served here", run_id, info.workflow)
             await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
             return
+        held.lease, held.revision = await self._leases.acquire(
+            run_id, self.identity, held.queue, msg.reply, self.lease_ttl
+        )
+        held.renewed_at = time.monotonic()
         delivered = msg.metadata.num_delivered or 1
-        execution = RunExecution(
+        held.execution = RunExecution(
             workflow=workflow,
             history=history,
             store=self._store,
-            conn=self._client.connection,
+            conn=self._conn,
             identity=self.identity,
             runtime=self._runtime,
             delivery=delivered,
         )
-        outcome = await execution.execute()
+        if self._stopping.is_set():
+            held.execution.drain()
+        outcome = await held.execution.execute()
         if outcome in (Outcome.COMPLETED, Outcome.FAILED):
             await self._quietly(msg.ack())
+            await self._release(held)
         elif outcome is Outcome.BLOCKED:
-            delay = _BLOCKED_DELAYS[min(delivered, len(_BLOCKED_DELAYS)) - 1]
-            await self._quietly(msg.nak(delay=delay))
-        # LOST: the task message now belongs to the worker that took the run; leave it alone.
+            await self._quietly(msg.nak(delay=_BLOCKED_DELAYS[min(delivered, 5) - 1]))
+            await self._release(held)
+        elif outcome is Outcome.HANDED_BACK:
+            await self._hand_back(held)
+        # LOST: the task and lease now belong to the worker that took the run.
+
+    async def _hand_back(self, held: _Held) -> None:
+        await self._quietly(held.msg.nak())
+        await self._release(held)
+        log.info("run %s: handed back", held.run_id)
+
+    async def _release(self, held: _Held) -> None:
+        if held.lease is not None and not held.lost:
+            await self._quietly(self._leases.release(held.run_id, held.revision))
+            held.lease = None
+
+    # -- heartbeats, pings, registry -------------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        interval = max(0.2, self._ack_wait / 3)
         while True:
-            await anyio.sleep(interval)
-            for msg in list(self._held.values()):
-                await self._quietly(msg.in_progress())
+            await anyio.sleep(max(0.2, self.lease_ttl / 3))
+            async with anyio.create_task_group() as tg:
+                for held in list(self._held.values()):
+                    tg.start_soon(self._renew, held)
+            await self._announce()
+
+    async def _renew(self, held: _Held) -> None:
+        await self._quietly(held.msg.in_progress())
+        if held.lease is None:
+            return
+        try:
+            renewed = await self._leases.renew(held.lease, held.revision)
+        except (NatflowError, nats.errors.Error) as exc:
+            if time.monotonic() - held.renewed_at > self.lease_ttl:
+                log.warning(
+                    "run %s: lease not renewed for %.0f s (%s); stepping back",
+                    held.run_id,
+                    self.lease_ttl,
+                    exc,
+                )
+                held.lost = True
+                held.scope.cancel()
+            return
+        if renewed is None:
+            held.lost = True
+            held.scope.cancel()
+            return
+        held.lease, held.revision = renewed
+        held.renewed_at = time.monotonic()
+
+    async def _on_ping(self, msg: Msg) -> None:
+        if msg.reply:
+            await self._quietly(msg.respond(self.identity.encode()))
+
+    async def _announce(self) -> None:
+        info = WorkerInfo(
+            identity=self.identity,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=self.queues,
+            workflows=sorted(self._workflows),
+            started_at=self._started_at,
+            heartbeat_at=utcnow(),
+            lease_ttl=self.lease_ttl,
+            held=len(self._held),
+            draining=self._stopping.is_set(),
+        )
+        try:
+            await announce(self._conn, info)
+        except (NatflowError, nats.errors.Error) as exc:
+            log.debug("registry heartbeat failed: %s", exc)
 
     async def _quietly(self, op: Any) -> None:
         try:
             await op
         except (nats.errors.Error, NatflowError, OSError) as exc:
             log.debug("acknowledgement failed: %s", exc)
-

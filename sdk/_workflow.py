@@ -79,9 +79,7 @@ def workflow(
     return decorate
 
 
-def _define(
-    fn: WorkflowFn, *, name: str | None, queue: str, retry: RetryPolicy | None
-) -> Workflow:
+def _define(fn: WorkflowFn, *, name: str | None, queue: str, retry: RetryPolicy | None) -> Workflow:
     if isinstance(fn, Workflow):
         raise InvalidInput(f"{fn.name!r} is already a workflow; apply @workflow once")
     if not inspect.iscoroutinefunction(fn):

@@ -8,10 +8,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, TypeVar
+from typing import TypeVar
 
 import anyio
 
@@ -36,7 +36,9 @@ async def wait_for(
 
 
 @asynccontextmanager
-async def running_worker(client: Client, workflows: list[Workflow], **kwargs: object) -> AsyncIterator[Worker]:
+async def running_worker(
+    client: Client, workflows: list[Workflow], **kwargs: object
+) -> AsyncIterator[Worker]:
     worker = Worker(client, workflows, **kwargs)  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
@@ -47,14 +49,19 @@ async def running_worker(client: Client, workflows: list[Workflow], **kwargs: ob
             tg.cancel_scope.cancel()
 
 
-def spawn_worker(url: str, target: str, *args: str, env: dict[str, str] | None = None,
-                 log: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    url: str, target: str, *args: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
     """`natflow worker TARGET` as a real process (its own session, for clean signals)."""
     full_env = {**os.environ, "NATFLOW_URL": url, "PYTHONPATH": str(ROOT), **(env or {})}
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "engine", "worker", target, *args],
-        cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT,
+        env=full_env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 

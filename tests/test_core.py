@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import anyio
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 
 from engine import InvalidInput
@@ -39,7 +40,9 @@ async def three_steps(ctx: WorkflowContext, input: dict[str, int]) -> dict[str, 
     return {"sum": a + b + c}
 
 
-async def test_three_step_history_is_plain_json(client: Client, nats_server: EmbeddedServer) -> None:
+async def test_three_step_history_is_plain_json(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
     async with running_worker(client, [three_steps]):
         handle = await client.start(three_steps, {"x": 1}, run_id="three-1")
         assert await handle.result(timeout=10) == {"sum": 6}
@@ -58,7 +61,11 @@ async def test_three_step_history_is_plain_json(client: Client, nats_server: Emb
     await nc.close()
     kinds = [e["type"] for e in events]
     assert kinds == [
-        "run_started", "run_claimed", "step_completed", "step_completed", "step_completed",
+        "run_started",
+        "run_claimed",
+        "step_completed",
+        "step_completed",
+        "step_completed",
         "run_completed",
     ]
     assert [e["name"] for e in events if e["type"] == "step_completed"] == ["one", "two", "three"]
@@ -95,8 +102,12 @@ async def test_parallel_branches_replay_to_the_same_results(client: Client) -> N
     # Drop the final event: the replay then has to re-derive the result from recorded steps.
     history.events = events[:-1]
     execution = RunExecution(
-        workflow=fan_out, history=history, store=client._runs.history,
-        conn=client.connection, identity="replayer", runtime=StepRuntime(),
+        workflow=fan_out,
+        history=history,
+        store=client._runs.history,
+        conn=client.connection,
+        identity="replayer",
+        runtime=StepRuntime(),
     )
     execution._begin()
     assert execution.block is None
@@ -262,8 +273,13 @@ async def test_a_run_nobody_serves_stays_pending_until_a_worker_knows_it(client:
     async with running_worker(client, [other]):
 
         async def handed_back_twice() -> bool:
-            info = await client.connection.jsm.consumer_info("NATFLOW_TASKS", "natflow-queue-default")
-            return info.delivered.consumer_seq >= 2
+            try:
+                info = await client.connection.jsm.consumer_info(
+                    "NATFLOW_TASKS", "natflow-queue-default"
+                )
+            except nats.js.errors.NotFoundError:
+                return False  # the worker has not created its consumer yet
+            return bool(info.delivered.consumer_seq >= 2)
 
         await wait_for(handed_back_twice, what="the task to come back to the worker")
         assert (await handle.status()).status == "pending"
@@ -279,8 +295,13 @@ async def test_engine_lists_runs_and_recovers_a_lost_enqueue(client: Client) -> 
     # A client that died between creating the run and enqueueing its task:
     await client._runs.history.append(
         "orphan-1",
-        RunStarted(id="orphan-1:1", at=utcnow(), workflow="three_steps", queue="default",
-                   input=msgspec.Raw(b'{"x": 2}')),
+        RunStarted(
+            id="orphan-1:1",
+            at=utcnow(),
+            workflow="three_steps",
+            queue="default",
+            input=msgspec.Raw(b'{"x": 2}'),
+        ),
         0,
     )
     engine = Engine(client.connection)
@@ -328,8 +349,12 @@ async def test_determinism_helpers_repeat_on_replay(client: Client) -> None:
     history = await client._runs.history.read("helpers-1")
     history.events = history.events[:-1]
     execution = RunExecution(
-        workflow=helpers, history=history, store=client._runs.history,
-        conn=client.connection, identity="replayer", runtime=StepRuntime(),
+        workflow=helpers,
+        history=history,
+        store=client._runs.history,
+        conn=client.connection,
+        identity="replayer",
+        runtime=StepRuntime(),
     )
     execution._begin()
     assert execution._root is not None and execution._root.result() == result

@@ -1,0 +1,117 @@
+"""The few KV operations natflow needs, as raw JetStream requests.
+
+Buckets are ordinary JetStream KV buckets (``nats kv ls`` shows them). natflow writes them with
+raw publishes because it needs what nats-py's KV helpers lack: a per-entry TTL on every put,
+revision-checked puts and deletes, and fire-and-forget deletes off the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Final
+
+from nats.js import api
+
+from ._connection import Connection
+from ._errors import NatflowError
+
+KV_OPERATION: Final = "KV-Operation"
+
+
+def kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    return f"$KV.{bucket}.{key}"
+
+
+def kv_stream_config(bucket: str, description: str, replicas: int) -> api.StreamConfig:
+    """The stream behind a bucket, as nats-py and nats.go create it, plus per-entry TTLs."""
+    return api.StreamConfig(
+        name=kv_stream(bucket),
+        description=description,
+        subjects=[f"$KV.{bucket}.>"],
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=120.0,
+        max_msgs_per_subject=1,
+        max_consumers=-1,
+        max_msgs=-1,
+        num_replicas=replicas,
+        storage=api.StorageType.FILE,
+    )
+
+
+def _ttl_header(ttl: float) -> str:
+    return f"{max(1, round(ttl))}s"  # the server takes whole seconds, at least 1
+
+
+async def kv_put(
+    conn: Connection,
+    bucket: str,
+    key: str,
+    value: bytes,
+    *,
+    revision: int | None = None,
+    ttl: float | None = None,
+) -> int:
+    """Store ``value``; with ``revision``, only if the entry is still at that revision (0: new).
+
+    Returns the new revision. A revision mismatch raises JetStreamError 10071.
+    """
+    headers: dict[str, str] = {}
+    if revision is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(revision)
+    if ttl is not None:
+        headers["Nats-TTL"] = _ttl_header(ttl)
+    ack = await conn.publish(kv_subject(bucket, key), value, headers or None)
+    return ack.seq
+
+
+async def kv_get(conn: Connection, bucket: str, key: str) -> tuple[bytes, int] | None:
+    """The entry's value and revision, or None if it is missing or deleted."""
+    msg = await conn.request(
+        f"$JS.API.DIRECT.GET.{kv_stream(bucket)}.{kv_subject(bucket, key)}", b""
+    )
+    headers = msg.headers or {}
+    if headers.get("Status") == "404" or headers.get(KV_OPERATION) in ("DEL", "PURGE"):
+        return None
+    if "Status" in headers:
+        raise NatflowError(f"reading {bucket}/{key} failed: {headers}")
+    return msg.data, int(headers["Nats-Sequence"])
+
+
+async def kv_delete_nowait(
+    conn: Connection, bucket: str, key: str, *, revision: int | None = None
+) -> None:
+    """Delete an entry without waiting for the acknowledgement (off the hot path)."""
+    headers = {KV_OPERATION: "DEL"}
+    if revision is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(revision)
+    await conn.nc.publish(kv_subject(bucket, key), b"", headers=headers)
+
+
+async def kv_delete(conn: Connection, bucket: str, key: str) -> None:
+    await conn.publish(kv_subject(bucket, key), b"", {KV_OPERATION: "DEL"})
+
+
+async def kv_watch(conn: Connection, bucket: str) -> AsyncIterator[tuple[str, bytes | None, int]]:
+    """Every entry's latest value, then every change: ``(key, value or None, revision)``."""
+    prefix = f"$KV.{bucket}."
+    sub = await conn.js.subscribe(
+        f"{prefix}>",
+        stream=kv_stream(bucket),
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+    )
+    try:
+        async for msg in sub.messages:
+            key = msg.subject[len(prefix) :]
+            deleted = (msg.headers or {}).get(KV_OPERATION) in ("DEL", "PURGE")
+            yield key, None if deleted else msg.data, msg.metadata.sequence.stream
+    finally:
+        await sub.unsubscribe()

@@ -1,0 +1,82 @@
+"""The worker registry in KV: live workers with identity, host, queues and last heartbeat.
+
+Each worker puts ``natflow_workers/<identity>`` on start and on every heartbeat, with a TTL of
+three heartbeats, so a worker that vanished without the engine noticing drops out by itself.
+Each worker also answers requests on ``natflow.worker.<identity>.ping``: the moment its
+connection closes, such a request gets "no responders", which is how the engine tells a dead
+worker from a slow one within a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import msgspec
+
+from ._connection import Connection
+from ._kv import kv_delete, kv_put, kv_stream
+
+WORKERS_BUCKET = "natflow_workers"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def safe_identity(identity: str) -> str:
+    """Identities name a subject token: anything outside ``[A-Za-z0-9_-]`` becomes '-'."""
+    return _UNSAFE.sub("-", identity)[:128] or "worker"
+
+
+def ping_subject(identity: str) -> str:
+    return f"natflow.worker.{identity}.ping"
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    v: int = 1
+    identity: str
+    host: str
+    pid: int
+    queues: list[str]
+    workflows: list[str]
+    started_at: datetime
+    heartbeat_at: datetime
+    lease_ttl: float
+    held: int = 0
+    draining: bool = False
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(WorkerInfo)
+
+
+async def announce(conn: Connection, info: WorkerInfo) -> None:
+    await kv_put(conn, WORKERS_BUCKET, info.identity, _encoder.encode(info), ttl=3 * info.lease_ttl)
+
+
+async def withdraw(conn: Connection, identity: str) -> None:
+    await kv_delete(conn, WORKERS_BUCKET, identity)
+
+
+def decode_worker(data: bytes) -> WorkerInfo:
+    return _decoder.decode(data)
+
+
+async def list_workers(conn: Connection) -> list[WorkerInfo]:
+    """Every registered worker (live or within three heartbeats of its last one)."""
+    found: list[WorkerInfo] = []
+    sub = await conn.nc.subscribe(conn.nc.new_inbox())
+    try:
+        body = msgspec.json.encode({"multi_last": [f"$KV.{WORKERS_BUCKET}.>"], "batch": 1024})
+        await conn.nc.publish(
+            f"$JS.API.DIRECT.GET.{kv_stream(WORKERS_BUCKET)}", body, reply=sub.subject
+        )
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            headers = msg.headers or {}
+            if "Status" in headers:
+                break
+            if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+                continue
+            found.append(decode_worker(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return sorted(found, key=lambda w: w.identity)
