@@ -221,7 +221,7 @@ async def connect(
         for hook in conn.on_reconnect if conn is not None else []:
             hook()
 
-    options.setdefault("max_reconnect_attempts", -1)
+    reconnect_attempts = options.pop("max_reconnect_attempts", -1)
     options.setdefault("reconnect_time_wait", 0.5)
     options.setdefault("error_cb", error_cb)
     options.setdefault("disconnected_cb", disconnected_cb)
@@ -233,15 +233,19 @@ async def connect(
                 servers=servers,
                 connect_timeout=max(1, round(connect_timeout)),
                 allow_reconnect=True,
+                # The first connection tries each server twice and fails fast; once
+                # connected, the client reconnects as the caller asked (forever by default).
+                max_reconnect_attempts=1,
                 name=name,
                 **options,
             ),
-            timeout=connect_timeout + 1,
+            timeout=connect_timeout,
         )
     except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
         raise ServerUnavailable(f"no NATS server answered at {shown}; {START_HINT}") from exc
     except nats.errors.Error as exc:
         raise ServerUnavailable(f"could not connect to NATS at {shown}: {exc}") from exc
+    nc.options["max_reconnect_attempts"] = reconnect_attempts
     conn = Connection(nc, owned=True)
     holder["conn"] = conn
     return conn

@@ -1,15 +1,18 @@
 """The history store: conditional appends and whole-history reads.
 
 This module is the one write path to history. Every append carries the run's expected last
-sequence (``Nats-Expected-Last-Subject-Sequence`` over ``natflow.history.<run_id>.>``) and the
-event id as ``Nats-Msg-Id``. The expected sequence is also the fencing token: a writer that
-read an older history, such as a worker that lost its run, cannot append.
+sequence (``Nats-Expected-Last-Subject-Sequence`` over ``natflow.history.<run_id>.>``) and a
+``Nats-Msg-Id`` unique to this append (the event id plus a nonce), so a retry deduplicates and
+a writer can tell its own landed append from another writer's event at the same position.
+The expected sequence is also the fencing token: a writer that read an older history, such as
+a worker that lost its run, cannot append.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -85,10 +88,11 @@ class HistoryStore:
         """
         data = encode_event(event)
         subject = history_subject(run_id, event_type(event))
+        msg_id = f"{event.id}:{uuid.uuid4().hex[:16]}"
         headers = {
             "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
             "Nats-Expected-Last-Subject-Sequence-Subject": history_filter(run_id),
-            "Nats-Msg-Id": event.id,
+            "Nats-Msg-Id": msg_id,
         }
         for attempt in range(1, _APPEND_ATTEMPTS + 1):
             try:
@@ -97,7 +101,7 @@ class HistoryStore:
             except JetStreamError as exc:
                 if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                     raise
-                landed = await self._landed(run_id, event.id)
+                landed = await self._landed(run_id, msg_id)
                 if landed:
                     return landed
                 raise AppendConflict(run_id, expected_seq) from None
@@ -108,17 +112,28 @@ class HistoryStore:
                 await asyncio.sleep(0.2 * attempt)
         raise AssertionError("unreachable")
 
-    async def _landed(self, run_id: str, event_id: str) -> int:
-        """The sequence of the run's last event if it carries ``event_id``, else 0."""
-        last = await self.last(run_id)
-        if last is not None and last[0].id == event_id:
-            return last[1]
-        return 0
+    async def _landed(self, run_id: str, msg_id: str) -> int:
+        """The sequence of the run's last event if this writer's append put it there, else 0.
+
+        Comparing the event id would not do: another writer appending at the same position
+        uses the same id. The message id carries this append's own nonce.
+        """
+        msg = await self._last_msg(run_id)
+        if msg is None:
+            return 0
+        headers = msg.headers or {}
+        return int(headers["Nats-Sequence"]) if headers.get("Nats-Msg-Id") == msg_id else 0
 
     # -- reads -----------------------------------------------------------------------------
 
     async def last(self, run_id: str) -> tuple[Event, int] | None:
         """The run's last event and its sequence, or None if the run does not exist."""
+        msg = await self._last_msg(run_id)
+        if msg is None:
+            return None
+        return decode_event(msg.data), int((msg.headers or {})["Nats-Sequence"])
+
+    async def _last_msg(self, run_id: str) -> Msg | None:
         subject = f"$JS.API.DIRECT.GET.{HISTORY_STREAM}.{history_filter(run_id)}"
         msg = await self._conn.request(subject, b"")
         headers = msg.headers or {}
@@ -126,7 +141,7 @@ class HistoryStore:
             return None
         if "Status" in headers:
             raise NatflowError(f"reading run {run_id!r} failed: {headers}")
-        return decode_event(msg.data), int(headers["Nats-Sequence"])
+        return msg
 
     async def read(self, run_id: str) -> History:
         """The whole history of a run in as few requests as its size allows (one, usually)."""

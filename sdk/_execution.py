@@ -164,10 +164,13 @@ class RunExecution:
         self._recorded: dict[int, StepCompleted | StepFailed] = {}
         self._replay: deque[StepCompleted | StepFailed] = deque()
         self._patches = {e.change_id for e in history.events if isinstance(e, PatchMarked)}
+        self._started: dict[int, str] = {}  # steps history saw start, by position
         for event in history.events:
             if isinstance(event, StepCompleted | StepFailed):
                 self._recorded[event.seq] = event
                 self._replay.append(event)
+            elif isinstance(event, StepStarted):
+                self._started[event.seq] = event.name
         self._patch_memo: dict[str, bool] = {}
         self._new_markers: list[str] = []
         self._commands: dict[int, StepCommand] = {}
@@ -219,10 +222,11 @@ class RunExecution:
         )
         self._commands[seq] = command
         recorded = self._recorded.get(seq)
-        if recorded is None:
+        started = recorded.name if recorded is not None else self._started.get(seq)
+        if started is not None and started != name:
+            self._diverged(seq, expected=name, recorded=started)
+        elif recorded is None:
             self._to_launch.append(command)
-        elif recorded.name != name:
-            self._diverged(seq, expected=name, recorded=recorded.name)
         return command.future
 
     def patched(self, change_id: str) -> bool:

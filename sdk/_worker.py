@@ -9,6 +9,7 @@ announces itself in the worker registry.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -33,7 +34,7 @@ from engine._names import check_queue
 from engine._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
 from engine._state import fold_run
 from engine._streams import TASK_STREAM, ensure_streams, queue_consumer
-from engine._tasks import DEFAULT_ACK_WAIT, decode_task, ensure_consumer
+from engine._tasks import DEFAULT_ACK_WAIT, TaskPuller, decode_task, ensure_consumer
 
 from ._client import Client
 from ._execution import Outcome, RunExecution, StepRuntime
@@ -41,8 +42,6 @@ from ._workflow import Workflow
 
 log = logging.getLogger("natflow.worker")
 
-_FETCH_WAIT = 5.0
-_MAX_FETCH = 256
 _UNKNOWN_WORKFLOW_DELAY = 1.0
 _BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
 MIN_LEASE_TTL = 1.0
@@ -114,6 +113,8 @@ class Worker:
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._drained = anyio.Event()
+        self._not_pulling = anyio.Event()
+        self._pullers: list[TaskPuller] = []
         self._started_at = utcnow()
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
@@ -161,7 +162,7 @@ class Worker:
     async def run(self) -> None:
         """Serve until cancelled or :meth:`shutdown` is called."""
         await ensure_streams(self._conn)
-        subs = [await self._subscribe(queue) for queue in self.queues]
+        pullers = [await self._subscribe(queue) for queue in self.queues]
         ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
         await self._announce()
         log.info(
@@ -175,36 +176,37 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat)
                 with self._runs_scope:
-                    async with (
-                        anyio.create_task_group() as runs,
-                        anyio.create_task_group() as pullers,
-                    ):
-                        for sub in subs:
-                            pullers.start_soon(self._pull, sub, runs)
-                        await self._stopping.wait()
-                        pullers.cancel_scope.cancel()
+                    async with anyio.create_task_group() as runs:
+                        async with anyio.create_task_group() as pulling:
+                            for puller in pullers:
+                                pulling.start_soon(self._take, puller, runs)
+                                pulling.start_soon(self._ask, puller)
+                            await self._stopping.wait()
+                            pulling.cancel_scope.cancel()
+                        for puller in pullers:
+                            await puller.stop()
+                        self._not_pulling.set()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await self._close(subs, ping)
+                await self._close(pullers, ping)
 
-    async def _subscribe(self, queue: str) -> Any:
+    async def _subscribe(self, queue: str) -> TaskPuller:
         await ensure_consumer(self._conn, queue, self.lease_ttl)
         info = await self._conn.jsm.consumer_info(TASK_STREAM, queue_consumer(queue))
         ack_wait = info.config.ack_wait or self.lease_ttl
         if ack_wait < self.lease_ttl:  # another worker of the queue asked for less: honour it
             log.info("queue %s uses a %g s ack deadline; heartbeating to match", queue, ack_wait)
             self.lease_ttl = float(ack_wait)
-        return await self._conn.js.pull_subscribe_bind(
-            durable=queue_consumer(queue), stream=TASK_STREAM
-        )
+        puller = TaskPuller(self._conn, queue)
+        await puller.start()
+        self._pullers.append(puller)
+        return puller
 
-    async def _close(self, subs: list[Any], ping: Any) -> None:
-        for sub in [*subs, ping]:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # connection already gone; the server drops them anyway
-                log.debug("unsubscribe failed", exc_info=True)
+    async def _close(self, pullers: list[TaskPuller], ping: Any) -> None:
+        for puller in pullers:
+            await self._quietly(puller.stop())
+        await self._quietly(ping.unsubscribe())
         try:
             await withdraw(self._conn, self.identity)
         except (NatflowError, nats.errors.Error) as exc:
@@ -218,6 +220,8 @@ class Worker:
         handed back (its task NAKed, its lease dropped) so another worker resumes it at once.
         """
         self._stopping.set()
+        with anyio.move_on_after(5):
+            await self._not_pulling.wait()
         for held in list(self._held.values()):
             if held.execution is not None:
                 held.execution.drain()
@@ -249,31 +253,28 @@ class Worker:
 
     # -- pulling ---------------------------------------------------------------------------
 
-    async def _pull(self, sub: Any, runs: anyio.abc.TaskGroup) -> None:
-        failures = 0
-        while not self._stopping.is_set():
-            free = self._slots.value
-            if free == 0:
-                await self._slots.acquire()
-                self._slots.release()
+    async def _ask(self, puller: TaskPuller) -> None:
+        """Keep as many tasks asked for as there are free run slots."""
+        while True:
+            if puller.refused:
+                puller.refused = False
+                await anyio.sleep(1.0)
+                with contextlib.suppress(NatflowError, nats.errors.Error, nats.js.errors.Error):
+                    await ensure_consumer(self._conn, puller.queue, self.lease_ttl)
+            if puller.stale():
+                puller.pending = 0
+            changed = puller.changed
+            await self._quietly(puller.request(self._slots.value - puller.pending))
+            with anyio.move_on_after(1.0):
+                await changed.wait()
+
+    async def _take(self, puller: TaskPuller, runs: anyio.abc.TaskGroup) -> None:
+        async for msg in puller.tasks:
+            if self._stopping.is_set():
+                await self._quietly(msg.nak())
                 continue
-            try:
-                msgs = await sub.fetch(batch=min(free, _MAX_FETCH), timeout=_FETCH_WAIT)
-                failures = 0
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                failures += 1
-                delay = min(5.0, 0.1 * 2**failures)
-                log.warning("fetching tasks failed (%s); retrying in %.1f s", exc, delay)
-                await anyio.sleep(delay)
-                continue
-            for msg in msgs:
-                if self._stopping.is_set():
-                    await self._quietly(msg.nak())
-                    continue
-                await self._slots.acquire()
-                runs.start_soon(self._handle, msg)
+            await self._slots.acquire()
+            runs.start_soon(self._handle, msg)
 
     async def _handle(self, msg: Msg) -> None:
         held: _Held | None = None
@@ -284,11 +285,15 @@ class Worker:
                 log.error("dropping malformed task on %s: %s", msg.subject, exc)
                 await self._quietly(msg.term())
                 return
-            queue = msg.subject.split(".")[2]
-            held = _Held(msg=msg, run_id=task.run_id, queue=queue)
             previous = self._held.get(task.run_id)
-            if previous is not None:  # redelivered to us while we still hold it: keep one
-                previous.scope.cancel()
+            if previous is not None:
+                # Redelivered to this worker while it still holds the run (it missed its
+                # heartbeats): keep the running execution, which history fences if another
+                # worker took the run meanwhile, and follow the newer delivery.
+                log.debug("run %s: task redelivered while held", task.run_id)
+                previous.msg = msg
+                return
+            held = _Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
             self._held[task.run_id] = held
             with held.scope:
                 await self._process(held)
@@ -305,6 +310,8 @@ class Worker:
             if not self._held:
                 self._drained.set()
             self._slots.release()
+            for puller in self._pullers:
+                puller.wake()
 
     async def _process(self, held: _Held) -> None:
         msg, run_id = held.msg, held.run_id

@@ -1,0 +1,178 @@
+"""The `natflow` command line as a user runs it: real processes against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from engine._engine import Engine
+from engine._server import EmbeddedServer
+from engine._streams import ensure_streams
+from examples.workflows import WORKFLOWS
+from sdk import Client, NatflowError
+from tests.helpers import ROOT, running_worker, wait_for
+from tests.test_worker_startup import free_port
+
+_SCRIPT = Path(sys.executable).parent / "natflow"
+NATFLOW = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "engine"]
+
+
+async def natflow(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "NATFLOW_URL": url, "PYTHONPATH": str(ROOT)}
+    with anyio.fail_after(30):
+        return await anyio.run_process([*NATFLOW, *args], env=env, cwd=ROOT, check=False)
+
+
+def out(proc: subprocess.CompletedProcess[bytes]) -> str:
+    return proc.stdout.decode()
+
+
+def err_lines(proc: subprocess.CompletedProcess[bytes]) -> list[str]:
+    return proc.stderr.decode().splitlines()
+
+
+def assert_one_clear_error(proc: subprocess.CompletedProcess[bytes], *needles: str) -> str:
+    """Non-zero exit, exactly one line on stderr, no traceback; returns that line."""
+    lines = err_lines(proc)
+    assert proc.returncode != 0, (proc.returncode, out(proc), lines)
+    assert len(lines) == 1, lines
+    assert "Traceback" not in proc.stderr.decode()
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+async def test_start_wait_and_inspect_a_run(client: Client, nats_server: EmbeddedServer) -> None:
+    url = nats_server.url
+    engine = Engine(client.connection)
+    async with anyio.create_task_group() as tg, running_worker(client, WORKFLOWS):
+        tg.start_soon(engine.run)
+        started = await natflow(
+            url, "start", "greet", "--input", '{"name": "Ada"}', "--run-id", "cli-1", "--wait"
+        )
+        assert started.returncode == 0, started.stderr.decode()
+        first, _, rest = out(started).partition("\n")
+        assert first == "started: cli-1"
+        shown = json.loads(rest)
+        assert shown["run_id"] == "cli-1" and shown["status"] == "completed"
+        assert shown["result"] == {"greeting": "Hello, Ada!"}
+
+        # The run id is an idempotency key: a second start shows the same run.
+        again = await natflow(
+            url, "start", "greet", "--input", '{"name": "Bob"}', "--run-id", "cli-1", "--wait"
+        )
+        assert again.returncode == 0
+        first, _, rest = out(again).partition("\n")
+        assert first == "exists: cli-1"
+        assert json.loads(rest)["result"] == {"greeting": "Hello, Ada!"}
+
+        # Without --wait: prints the id at once (a generated one when none is given).
+        quick = await natflow(url, "start", "greet", "--input", '{"name": "Cy"}')
+        assert quick.returncode == 0
+        generated = out(quick).strip().removeprefix("started: ")
+        assert generated and generated != out(quick).strip()
+        assert await client.handle(generated).result(timeout=10) == {"greeting": "Hello, Cy!"}
+
+        async def indexed() -> bool:
+            runs = await client.list(status="completed")
+            return {"cli-1", generated} <= {r.run_id for r in runs}
+
+        await wait_for(indexed, what="both runs in the engine's index")
+
+        listed = await natflow(url, "runs", "list")
+        assert listed.returncode == 0, listed.stderr.decode()
+        rows = {line.split()[0]: line.split() for line in out(listed).splitlines()[1:]}
+        assert rows["cli-1"][1:3] == ["greet", "completed"]
+        assert generated in rows
+
+        listed_json = await natflow(url, "runs", "list", "--json", "--workflow", "greet")
+        assert listed_json.returncode == 0
+        assert {r["run_id"] for r in json.loads(out(listed_json))} == {"cli-1", generated}
+
+        show = await natflow(url, "runs", "show", "cli-1")
+        assert show.returncode == 0, show.stderr.decode()
+        text = out(show)
+        assert "run       cli-1" in text
+        assert "status    completed" in text
+        assert 'result    {"greeting":"Hello, Ada!"}' in text
+        assert "step hello#1" in text and '"Hello, Ada!"' in text
+
+        show_json = await natflow(url, "runs", "show", "cli-1", "--json")
+        assert show_json.returncode == 0
+        detail = json.loads(out(show_json))
+        assert detail["run"]["status"] == "completed"
+        assert [(s["name"], s["status"]) for s in detail["steps"]] == [("hello", "completed")]
+
+        history = await natflow(url, "runs", "history", "cli-1")
+        assert history.returncode == 0, history.stderr.decode()
+        events = [json.loads(line) for line in out(history).splitlines()]
+        assert [e["type"] for e in events] == [
+            "run_started",
+            "run_claimed",
+            "step_completed",
+            "run_completed",
+        ]
+        assert events[-1]["result"] == {"greeting": "Hello, Ada!"}
+        tg.cancel_scope.cancel()
+
+
+async def test_bad_run_ids_and_input_give_one_clear_error(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    url = nats_server.url
+    await ensure_streams(client.connection)  # so no "created stream" line joins the error
+
+    for args in (
+        ("runs", "show", "bad.id"),
+        ("runs", "history", "a b"),
+        ("runs", "show", "x" * 129),
+        ("start", "greet", "--run-id", "no*wildcards"),
+    ):
+        proc = await natflow(url, *args)
+        assert_one_clear_error(proc, "invalid run_id")
+
+    proc = await natflow(url, "runs", "show", "no-such-run")
+    assert_one_clear_error(proc, "natflow runs:", "'no-such-run'")
+
+    proc = await natflow(url, "start", "greet", "--input", "{not json")
+    assert_one_clear_error(proc, "natflow start:", "--input is not valid JSON")
+
+
+async def test_every_command_without_a_server_says_how_to_start_one() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    commands = [
+        ("start", "greet", "--input", '{"name": "Ada"}'),
+        ("runs", "list"),
+        ("runs", "show", "some-run"),
+        ("runs", "history", "some-run"),
+        ("init",),
+    ]
+    results: dict[tuple[str, ...], subprocess.CompletedProcess[bytes]] = {}
+
+    async def run(args: tuple[str, ...]) -> None:
+        results[args] = await natflow(url, *args)
+
+    async with anyio.create_task_group() as tg:
+        for args in commands:
+            tg.start_soon(run, args)
+    for args in commands:
+        line = assert_one_clear_error(results[args], "natflow dev", url)
+        assert line.startswith(f"natflow {args[0]}: "), line
+        assert out(results[args]) == ""
+
+
+async def test_client_connect_fails_within_connect_timeout() -> None:
+    """API.md: "Connect fails with NatflowError within connect_timeout when no server answers"."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    began = time.monotonic()
+    with pytest.raises(NatflowError, match="natflow dev"):
+        await Client.connect(url, connect_timeout=1.0)
+    elapsed = time.monotonic() - began
+    assert elapsed <= 1.25, f"connect_timeout=1.0 but failing took {elapsed:.2f} s"

@@ -1,0 +1,116 @@
+"""Every example in examples/ runs to completion against a real server and worker."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from types import ModuleType
+
+import pytest
+
+import examples
+from examples.order import Receipt
+from examples.workflows import WORKFLOWS
+from sdk import Client, RunHandle, Workflow
+from tests.helpers import running_worker
+
+
+def example_modules() -> list[ModuleType]:
+    """The modules of examples/ that start runs (they define ``demo(client)``)."""
+    found = []
+    for info in pkgutil.iter_modules(examples.__path__):
+        module = importlib.import_module(f"examples.{info.name}")
+        if callable(getattr(module, "demo", None)):
+            found.append(module)
+    return found
+
+
+EXAMPLES = example_modules()
+
+
+def test_every_example_is_served_and_run_by_the_demo() -> None:
+    from examples import demo
+
+    assert {m.__name__ for m in EXAMPLES} >= {"examples.greeting", "examples.order"}
+    assert set(demo.EXAMPLES) == set(EXAMPLES)
+    defined = {v for m in EXAMPLES for v in vars(m).values() if isinstance(v, Workflow)}
+    assert defined == set(WORKFLOWS)
+
+
+async def run_demo(client: Client, module: ModuleType) -> list[RunHandle]:
+    handles: list[RunHandle] = await module.demo(client)
+    assert handles, f"{module.__name__}.demo started no runs"
+    for handle in handles:
+        await handle.result(timeout=20)
+    return handles
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("module", EXAMPLES, ids=[m.__name__ for m in EXAMPLES])
+async def test_example_runs_complete(client: Client, module: ModuleType) -> None:
+    async with running_worker(client, WORKFLOWS):
+        handles = await run_demo(client, module)
+    for handle in handles:
+        info = await client.describe(handle.run_id)
+        assert info.status == "completed", (handle.run_id, info.error)
+
+
+async def test_greeting(client: Client) -> None:
+    from examples import greeting
+
+    async with running_worker(client, WORKFLOWS):
+        (handle,) = await greeting.demo(client)
+        assert await handle.result(timeout=20) == {"greeting": "Hello, Ada!"}
+    steps = await client.steps(handle.run_id)
+    assert [(s.name, s.status, s.result) for s in steps] == [("hello", "completed", "Hello, Ada!")]
+
+
+async def test_order_with_good_and_bad_coupon(client: Client) -> None:
+    from examples import order
+
+    async with running_worker(client, WORKFLOWS):
+        good, bad = await order.demo(client)
+        assert await good.result(timeout=20) == Receipt(
+            order_id="A-1", charge_id="ch-A-1", items=3, discount=0.1, notified=True
+        )
+        assert await bad.result(timeout=20) == Receipt(
+            order_id="A-2", charge_id="ch-A-2", items=3, discount=0.0, notified=True
+        )
+
+    good_steps = {s.name: s for s in await client.steps(good.run_id)}
+    assert all(s.status == "completed" for s in good_steps.values())
+    assert good_steps["coupon"].result == 0.1
+    assert good_steps["charge"].result["amount"] == pytest.approx(37.8)
+
+    bad_steps = await client.steps(bad.run_id)
+    assert [s.name for s in bad_steps] == [
+        "reserve",
+        "user",
+        "orders",
+        "coupon",
+        "charge",
+        "notify",
+    ]
+    by_name = {s.name: s for s in bad_steps}
+    coupon = by_name["coupon"]
+    assert coupon.status == "failed" and coupon.error is not None
+    assert coupon.error.type == "ValueError" and "BOGUS" in coupon.error.message
+    assert all(s.status == "completed" for s in bad_steps if s.name != "coupon")
+    assert by_name["charge"].result["amount"] == 10.0
+    info = await client.describe(bad.run_id)
+    assert info.status == "completed" and info.result["discount"] == 0.0
+
+
+async def test_demo_script_reports_every_run_completed(
+    client: Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make demo`'s reporting loop (examples/demo.py run_examples) against this server."""
+    from examples import demo
+
+    monkeypatch.setenv("NATFLOW_URL", client.connection.url)
+    async with running_worker(client, WORKFLOWS):
+        failures = await demo.run_examples()
+    out = capsys.readouterr().out
+    assert failures == 0, out
+    for run_id in ("demo-greet-ada", "demo-order-a1", "demo-order-a2"):
+        assert f"run {run_id}: completed" in out

@@ -1,0 +1,63 @@
+"""A worker started before its server: it retries with backoff, then serves when it comes up."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+from pathlib import Path
+
+from engine._server import EmbeddedServer
+from sdk import Client
+from tests.helpers import count_lines, spawn_worker, stop, wait_for
+from tests.workflows_proc import COUNTS_ENV, GATE_ENV
+
+RETRY = re.compile(r"retrying in ([0-9.]+) s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_worker_waits_for_a_late_server_then_serves(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    log = tmp_path / "worker.log"
+    counts = tmp_path / "counts.txt"
+    env = {COUNTS_ENV: str(counts), GATE_ENV: str(tmp_path)}
+    worker = spawn_worker(url, "tests.workflows_proc:make_worker", env=env, log=log)
+    server = EmbeddedServer(port=port, store_dir=tmp_path / "nats")
+    try:
+
+        async def three_retries() -> list[str]:
+            lines = log.read_text().splitlines() if log.exists() else []
+            retries = [line for line in lines if RETRY.search(line)]
+            return retries if len(retries) >= 3 else []
+
+        retries = await wait_for(three_retries, timeout=25, what="three 'retrying in' lines")
+        assert worker.poll() is None, log.read_text()
+        text = log.read_text()
+        assert "Traceback" not in text, text
+        # One line per attempt, naming the server and how to start one, with growing delays.
+        assert all("natflow dev" in line and url in line for line in retries), retries
+        delays = [float(m.group(1)) for line in retries if (m := RETRY.search(line))]
+        assert delays == sorted(delays) and delays[-1] > delays[0], delays
+
+        server.start()
+        client = await Client.connect(server.url)
+        try:
+            handle = await client.start("single_step", 21, run_id="late-1")
+            assert await handle.result(timeout=20) == 42
+            info = await client.describe("late-1")
+            assert info.status == "completed"
+        finally:
+            await client.close()
+        assert count_lines(counts) == {"late-1:only": 1}
+        stop(worker, signal.SIGTERM)
+        assert worker.returncode == 0, log.read_text()
+    finally:
+        stop(worker)
+        server.stop()
