@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
-from typing import Any, Final
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, TypeVar
 
 import msgspec
 import nats
@@ -189,6 +190,28 @@ class NoStream(NatflowError):
 
 class RequestTimeout(NatflowError, TimeoutError):
     pass
+
+
+# Failures that a server restart, a leader election or a reconnect cause, and that a retry of
+# the same request cures.
+TRANSIENT: Final = (RequestTimeout, NoResponders, NoStream, ServerUnavailable)
+
+T = TypeVar("T")
+
+
+async def retrying(what: str, op: Callable[[], Awaitable[T]], *, budget: float = 30.0) -> T:
+    """Run ``op``, retrying transient failures with backoff for up to ``budget`` seconds."""
+    deadline = time.monotonic() + budget
+    delay = 0.1
+    while True:
+        try:
+            return await op()
+        except TRANSIENT as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 async def connect(

@@ -20,14 +20,20 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
-from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError, RequestTimeout
+from ._connection import (
+    ERR_WRONG_LAST_SEQUENCE,
+    Connection,
+    JetStreamError,
+    NoResponders,
+    RequestTimeout,
+    retrying,
+)
 from ._errors import NatflowError, ServerUnavailable
 from ._events import Event, decode_event, encode_event, event_type
 from ._streams import HISTORY_STREAM, history_filter, history_subject
 
 log = logging.getLogger("natflow.history")
 
-_APPEND_ATTEMPTS: Final = 4
 _READ_BATCH: Final = 4096
 
 
@@ -75,6 +81,7 @@ class HistoryStore:
         self._reads: dict[str, _BatchRead] = {}
         self._counter = 0
         self._sub_lock = asyncio.Lock()
+        self.retry_budget = 30.0  # seconds to ride out a restart or an election
 
     # -- appends ---------------------------------------------------------------------------
 
@@ -94,23 +101,21 @@ class HistoryStore:
             "Nats-Expected-Last-Subject-Sequence-Subject": history_filter(run_id),
             "Nats-Msg-Id": msg_id,
         }
-        for attempt in range(1, _APPEND_ATTEMPTS + 1):
+
+        async def attempt() -> int:
             try:
                 ack = await self._conn.publish(subject, data, headers)
                 return ack.seq
             except JetStreamError as exc:
                 if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                     raise
-                landed = await self._landed(run_id, msg_id)
-                if landed:
-                    return landed
-                raise AppendConflict(run_id, expected_seq) from None
-            except (RequestTimeout, ServerUnavailable) as exc:
-                if attempt == _APPEND_ATTEMPTS:
-                    raise
-                log.warning("append to run %s unacknowledged (%s); retrying", run_id, exc)
-                await asyncio.sleep(0.2 * attempt)
-        raise AssertionError("unreachable")
+            # The run moved on, or an earlier attempt of this append landed unacknowledged.
+            landed = await self._landed(run_id, msg_id)
+            if landed:
+                return landed
+            raise AppendConflict(run_id, expected_seq)
+
+        return await retrying(f"append to run {run_id}", attempt, budget=self.retry_budget)
 
     async def _landed(self, run_id: str, msg_id: str) -> int:
         """The sequence of the run's last event if this writer's append put it there, else 0.
@@ -145,6 +150,11 @@ class HistoryStore:
 
     async def read(self, run_id: str) -> History:
         """The whole history of a run in as few requests as its size allows (one, usually)."""
+        return await retrying(
+            f"reading run {run_id}", lambda: self._read(run_id), budget=self.retry_budget
+        )
+
+    async def _read(self, run_id: str) -> History:
         history = History(run_id)
         start = 1
         while True:
@@ -174,7 +184,7 @@ class HistoryStore:
             await self._conn.nc.publish(
                 f"$JS.API.DIRECT.GET.{HISTORY_STREAM}", body, reply=f"{prefix}.{token}"
             )
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(5):
                 await read.done
         except TimeoutError:
             raise RequestTimeout(f"reading the history of run {run_id!r} timed out") from None
@@ -183,6 +193,8 @@ class HistoryStore:
         finally:
             self._reads.pop(token, None)
         if read.error is not None:
+            if read.error.startswith("503"):
+                raise NoResponders(f"$JS.API.DIRECT.GET.{HISTORY_STREAM}")
             raise NatflowError(f"reading the history of run {run_id!r} failed: {read.error}")
         return read
 

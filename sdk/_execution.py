@@ -260,9 +260,14 @@ class RunExecution:
                 return Outcome.LOST
             send, receive = anyio.create_memory_object_stream[_Finished | _StillRunning](math.inf)
             self._send = send
-            async with anyio.create_task_group() as tg:
-                outcome = await self._guarded_live(tg, receive)
-                tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    outcome = await self._guarded_live(tg, receive)
+                    tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                if len(group.exceptions) == 1:  # the worker handles the error, not the group
+                    raise group.exceptions[0] from None
+                raise
             return outcome
         finally:
             self._dispose()

@@ -27,6 +27,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from engine import InvalidInput, NatflowError
+from engine._connection import TRANSIENT
 from engine._events import utcnow
 from engine._history import HistoryStore
 from engine._leases import Lease, Leases
@@ -299,6 +300,11 @@ class Worker:
                 await self._process(held)
             if held.scope.cancelled_caught and held.lost:
                 log.info("run %s: lease taken by another worker; stepping back", held.run_id)
+        except TRANSIENT as exc:
+            run_id = held.run_id if held else "?"
+            log.warning("run %s: handing it back: %s", run_id, exc)
+            if held is not None:
+                await self._hand_back(held)
         except Exception as exc:
             run_id = held.run_id if held else "?"
             log.error("run %s: handing it back after an error: %s", run_id, exc, exc_info=True)

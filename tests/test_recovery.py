@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import statistics
@@ -68,10 +69,8 @@ class Workers:
     def stop_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
                 stop(proc, signal.SIGTERM)
 
 
