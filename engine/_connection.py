@@ -86,6 +86,7 @@ class Connection:
         self.streams_lock = asyncio.Lock()
         self.closing = False
         self.on_reconnect: list[Callable[[], None]] = []
+        self.extras: dict[str, object] = {}  # per-connection helpers (the batch reader)
 
     @property
     def max_payload(self) -> int:

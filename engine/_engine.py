@@ -1,11 +1,15 @@
 """The engine services: stateless processes that keep what is derived from history current.
 
-The dispatcher reads every run-level event (``natflow.history.*.run_*``) through one durable
-pull consumer shared by all engine replicas, and
+The dispatcher reads every run-level event (``natflow.history.*.run_*``, and the timer
+events) through one durable pull consumer shared by all engine replicas, and
 
 * folds it into the run index (``natflow.runs.<run_id>``) behind ``client.list``;
 * for a ``run_started`` whose run has done nothing since, makes sure a task exists, so a
-  client that died between creating a run and enqueueing its task loses no start.
+  client that died between creating a run and enqueueing its task loses no start;
+* mirrors timers into the ``natflow_timers`` bucket (see ``_timers``).
+
+Beside it run the reaper (``_reaper``), the timer service (``_timers``) and the signal
+intake (``_signals``).
 
 The engine keeps nothing but a cache; kill it, restart it or run several: the consumer's
 position and the index live in JetStream.
@@ -22,18 +26,38 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
+from . import _timers as timers
 from ._connection import Connection
-from ._events import RunStarted, decode_event
+from ._events import (
+    TERMINAL_EVENTS,
+    Event,
+    RunClaimed,
+    RunStarted,
+    SignalWaited,
+    TimerFired,
+    TimerScheduled,
+    decode_event,
+)
 from ._history import HistoryStore
 from ._index import RunIndex
 from ._reaper import Reaper
+from ._signals import SignalIntake
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
 from ._tasks import Task, enqueue
 
 log = logging.getLogger("natflow.engine")
 
 DISPATCHER: Final = "natflow-engine-dispatcher"
-RUN_EVENTS: Final = ("run_started", "run_claimed", "run_blocked", "run_completed", "run_failed")
+RUN_EVENTS: Final = (
+    "run_started",
+    "run_claimed",
+    "run_blocked",
+    "run_completed",
+    "run_failed",
+    "timer_scheduled",
+    "signal_waited",
+    "timer_fired",
+)
 
 
 def dispatcher_config() -> api.ConsumerConfig:
@@ -58,12 +82,16 @@ class Engine:
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
         self.reaper = Reaper(conn)
+        self.timers = timers.TimerService(conn)
+        self.signals = SignalIntake(conn)
         self.ready = anyio.Event()
 
     async def run(self) -> None:
         await ensure_streams(self._conn)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.reaper.run)
+            tg.start_soon(self.timers.run)
+            tg.start_soon(self.signals.run)
             await self._dispatch_forever()
 
     async def _dispatch_forever(self) -> None:
@@ -105,8 +133,7 @@ class Engine:
         try:
             hseq = msg.metadata.sequence.stream
             await self._index.apply(run_id, event, hseq)
-            if isinstance(event, RunStarted):
-                await self._ensure_task(run_id, event)
+            await self._keep_timers(run_id, event)
         except Exception as exc:
             log.warning(
                 "run %s: engine could not process %s (%s); will retry", run_id, msg.subject, exc
@@ -114,6 +141,35 @@ class Engine:
             await msg.nak(delay=1.0)
             return
         await msg.ack()
+
+    async def _keep_timers(self, run_id: str, event: Event) -> None:
+        """Mirror history's timers into KV, and make sure every start gets its task."""
+        if isinstance(event, RunStarted):
+            if event.not_before is not None:
+                await timers.schedule(
+                    self._conn,
+                    timers.Timer(run_id=run_id, seq=0, name="start", due_at=event.not_before),
+                )
+            else:
+                await self._ensure_task(run_id, event)
+        elif isinstance(event, TimerScheduled):
+            await timers.schedule(
+                self._conn,
+                timers.Timer(run_id=run_id, seq=event.seq, name=event.name, due_at=event.due_at),
+            )
+        elif isinstance(event, SignalWaited) and event.timeout_at is not None:
+            await timers.schedule(
+                self._conn,
+                timers.Timer(
+                    run_id=run_id, seq=event.seq, name=event.name, due_at=event.timeout_at
+                ),
+            )
+        elif isinstance(event, TimerFired):
+            await timers.cancel(self._conn, run_id, event.seq)
+        elif isinstance(event, RunClaimed):
+            await timers.cancel(self._conn, run_id, 0)  # a delayed start has started
+        elif isinstance(event, TERMINAL_EVENTS):
+            await timers.cancel_run(self._conn, run_id)
 
     async def _ensure_task(self, run_id: str, start: RunStarted) -> None:
         last = await self._history.last(run_id)

@@ -60,17 +60,20 @@ class PermissionDenied(NatflowError, PermissionError):
 
 
 class NonDeterminismError(NatflowError):
-    """The workflow's code asked for a different step than the run's history recorded."""
+    """The workflow's code asked for a different step than the run's history recorded.
+
+    ``expected`` and ``recorded`` describe the command, such as ``"step 'charge'"`` or
+    ``"sleep 'follow-up'"``; None means nothing.
+    """
 
     def __init__(
         self, run_id: str, position: int, expected: str | None, recorded: str | None
     ) -> None:
-        wanted = f"step {expected!r}" if expected is not None else "nothing more"
-        had = f"step {recorded!r}" if recorded is not None else "nothing"
         super().__init__(
-            f"run {run_id!r}: at position {position} the workflow code asks for {wanted} "
-            f"but history recorded {had}; the run is held as 'blocked' until code compatible "
-            f"with its history is deployed (guard new steps with ctx.patched())"
+            f"run {run_id!r}: at position {position} the workflow code asks for "
+            f"{expected or 'nothing more'} but history recorded {recorded or 'nothing'}; "
+            f"the run is held as 'blocked' until code compatible with its history is deployed "
+            f"(guard new steps with ctx.patched())"
         )
         self.run_id = run_id
         self.position = position

@@ -47,6 +47,7 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     queue: str
     input: msgspec.Raw = NULL
     parent: str | None = None
+    not_before: datetime | None = None  # start_delay: no worker takes the run before this
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):
@@ -87,6 +88,46 @@ class StepFailed(_Event, tag="step_failed", kw_only=True, frozen=True):
     error: ErrorInfo
 
 
+class TimerScheduled(_Event, tag="timer_scheduled", kw_only=True, frozen=True):
+    """``ctx.sleep``: the run sleeps until ``due_at``; no worker holds it meanwhile."""
+
+    seq: int
+    name: str
+    due_at: datetime
+
+
+class SignalWaited(_Event, tag="signal_waited", kw_only=True, frozen=True):
+    """``ctx.wait_for_signal`` found no signal of that name and waits (until ``timeout_at``)."""
+
+    seq: int
+    name: str
+    timeout_at: datetime | None = None
+
+
+class TimerFired(_Event, tag="timer_fired", kw_only=True, frozen=True):
+    """The timer of command ``seq`` (a sleep, or a signal wait's timeout) came due."""
+
+    seq: int
+    name: str
+
+
+class SignalReceived(_Event, tag="signal_received", kw_only=True, frozen=True):
+    """A signal moved from ``NATFLOW_SIGNALS`` (stream sequence ``signal_seq``) into history."""
+
+    signal_seq: int
+    name: str
+    payload: msgspec.Raw = NULL
+    signal_id: str | None = None
+
+
+class SignalRejected(_Event, tag="signal_rejected", kw_only=True, frozen=True):
+    """A signal addressed to this run that could not be delivered, and why."""
+
+    signal_seq: int
+    name: str
+    reason: str
+
+
 class PatchMarked(_Event, tag="patch_marked", kw_only=True, frozen=True):
     """``ctx.patched(change_id)`` returned True for this run."""
 
@@ -114,6 +155,11 @@ Event = (
     | StepStarted
     | StepCompleted
     | StepFailed
+    | TimerScheduled
+    | SignalWaited
+    | TimerFired
+    | SignalReceived
+    | SignalRejected
     | PatchMarked
     | RunBlocked
     | RunCompleted

@@ -10,31 +10,24 @@ a worker that lost its run, cannot append.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Final
 
-import msgspec
-import nats.errors
 from nats.aio.msg import Msg
 
 from ._connection import (
     ERR_WRONG_LAST_SEQUENCE,
     Connection,
     JetStreamError,
-    NoResponders,
-    RequestTimeout,
     retrying,
 )
-from ._errors import NatflowError, ServerUnavailable
+from ._errors import NatflowError
 from ._events import Event, decode_event, encode_event, event_type
+from ._reader import reader
 from ._streams import HISTORY_STREAM, history_filter, history_subject
 
 log = logging.getLogger("natflow.history")
-
-_READ_BATCH: Final = 4096
 
 
 class AppendConflict(NatflowError):
@@ -61,26 +54,12 @@ class History:
         return f"{self.run_id}:{len(self.events) + 1}"
 
 
-class _BatchRead:
-    __slots__ = ("data", "done", "error", "last_seq", "pending")
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.done = asyncio.get_running_loop().create_future()
-        self.last_seq = 0
-        self.pending = 0
-        self.error: str | None = None
-
-
 class HistoryStore:
     """Appends to and reads run histories in ``NATFLOW_HISTORY``."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._inbox_prefix: str | None = None
-        self._reads: dict[str, _BatchRead] = {}
-        self._counter = 0
-        self._sub_lock = asyncio.Lock()
+        self._reader = reader(conn)
         self.retry_budget = 30.0  # seconds to ride out a restart or an election
 
     # -- appends ---------------------------------------------------------------------------
@@ -155,71 +134,5 @@ class HistoryStore:
         )
 
     async def _read(self, run_id: str) -> History:
-        history = History(run_id)
-        start = 1
-        while True:
-            read = await self._batch(run_id, start)
-            history.events.extend(decode_event(d) for d in read.data)
-            if read.last_seq:
-                history.last_seq = read.last_seq
-            if read.pending <= 0 or not read.data:
-                return history
-            start = read.last_seq + 1
-
-    async def _batch(self, run_id: str, start: int) -> _BatchRead:
-        prefix = await self._inbox()
-        self._counter += 1
-        token = str(self._counter)
-        read = _BatchRead()
-        self._reads[token] = read
-        body = msgspec.json.encode(
-            {
-                "seq": start,
-                "next_by_subj": history_filter(run_id),
-                "batch": _READ_BATCH,
-                "no_hdr": True,
-            }
-        )
-        try:
-            await self._conn.nc.publish(
-                f"$JS.API.DIRECT.GET.{HISTORY_STREAM}", body, reply=f"{prefix}.{token}"
-            )
-            async with asyncio.timeout(5):
-                await read.done
-        except TimeoutError:
-            raise RequestTimeout(f"reading the history of run {run_id!r} timed out") from None
-        except nats.errors.ConnectionClosedError as exc:
-            raise ServerUnavailable("NATS connection closed while reading history") from exc
-        finally:
-            self._reads.pop(token, None)
-        if read.error is not None:
-            if read.error.startswith("503"):
-                raise NoResponders(f"$JS.API.DIRECT.GET.{HISTORY_STREAM}")
-            raise NatflowError(f"reading the history of run {run_id!r} failed: {read.error}")
-        return read
-
-    async def _inbox(self) -> str:
-        if self._inbox_prefix is None:
-            async with self._sub_lock:
-                if self._inbox_prefix is None:
-                    prefix = self._conn.nc.new_inbox()
-                    await self._conn.nc.subscribe(f"{prefix}.*", cb=self._on_reply)
-                    self._inbox_prefix = prefix
-        return self._inbox_prefix
-
-    async def _on_reply(self, msg: Msg) -> None:
-        token = msg.subject.rsplit(".", 1)[-1]
-        read = self._reads.get(token)
-        if read is None or read.done.done():
-            return
-        headers = msg.headers
-        status = headers.get("Status") if headers else None
-        if status is None:
-            read.data.append(msg.data)
-            return
-        if status == "204":  # end of batch
-            read.last_seq = int(headers.get("Nats-Last-Sequence", "0")) if headers else 0
-            read.pending = int(headers.get("Nats-Num-Pending", "0")) if headers else 0
-        elif status != "404":  # 404: the run has no (more) events
-            read.error = f"{status} {headers.get('Description', '') if headers else ''}"
-        read.done.set_result(None)
+        page = await self._reader.read_all(HISTORY_STREAM, history_filter(run_id))
+        return History(run_id, [decode_event(m.data) for m in page.messages], page.last_seq)

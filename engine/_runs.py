@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -40,6 +41,7 @@ class Runs:
         run_id: str | None = None,
         *,
         parent: str | None = None,
+        not_before: datetime | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
@@ -59,15 +61,18 @@ class Runs:
             queue=queue,
             input=msgspec.Raw(input_json),
             parent=parent,
+            not_before=not_before,
         )
         try:
             await self.history.append(run_id, event, 0)
         except AppendConflict:
             info = await self.describe(run_id)
-            if info.status == "pending":  # the first starter may have died before enqueueing
+            if info.status == "pending" and not_before is None:
+                # the first starter may have died before enqueueing
                 await enqueue(self.conn, info.queue, Task(run_id=run_id, workflow=info.workflow))
             return run_id, False
-        await enqueue(self.conn, queue, Task(run_id=run_id, workflow=workflow, reason="start"))
+        if not_before is None:  # a delayed start is woken by the engine's timer
+            await enqueue(self.conn, queue, Task(run_id=run_id, workflow=workflow, reason="start"))
         return run_id, True
 
     async def events(self, run_id: str) -> list[Event]:

@@ -10,15 +10,18 @@ import msgspec
 from ._errors import ErrorInfo
 from ._events import (
     Event,
-    PatchMarked,
     RunBlocked,
     RunClaimed,
     RunCompleted,
     RunFailed,
     RunStarted,
+    SignalReceived,
+    SignalWaited,
     StepCompleted,
     StepFailed,
     StepStarted,
+    TimerFired,
+    TimerScheduled,
 )
 
 RunStatus = Literal[
@@ -119,6 +122,23 @@ def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
     if not events or not isinstance(events[0], RunStarted):
         return None
     start = events[0]
+    info = new_info(run_id, start)
+    running: dict[int, str] = {}
+    for event in events[1:]:
+        apply_event(info, event, running)
+    if info.is_closed or info.status == "blocked":
+        return info
+    waits = pending_waits(events)
+    if running:
+        info.status, info.current = "running", f"running step {running[max(running)]!r}"
+    elif waits:
+        info.status, info.current = waits[0]
+    elif info.status == "running":
+        info.current = "running"
+    return info
+
+
+def new_info(run_id: str, start: RunStarted) -> RunInfo:
     info = RunInfo(
         run_id=run_id,
         workflow=start.workflow,
@@ -128,32 +148,58 @@ def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
         updated_at=start.at,
         parent=start.parent,
     )
-    running: dict[int, str] = {}
-    for event in events[1:]:
-        info.updated_at = event.at
-        apply_event(info, event, running)
-    if info.status == "running":
-        info.current = f"running step {running[max(running)]!r}" if running else "running"
+    if start.not_before is not None:
+        info.current = f"starts at {start.not_before.isoformat()}"
     return info
 
 
+def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str]]:
+    """Sleeps and signal waits not yet resolved, earliest command first.
+
+    Mirrors the workflow's own matching: a signal goes to the oldest waiter of its name, and
+    a timer that fired after its wait was satisfied changes nothing.
+    """
+    pending: dict[int, tuple[RunStatus, str]] = {}
+    waiting: dict[str, list[int]] = {}
+    for event in events:
+        if isinstance(event, TimerScheduled):
+            pending[event.seq] = ("sleeping", f"sleeping until {event.due_at.isoformat()}")
+        elif isinstance(event, SignalWaited):
+            timeout = f" (timeout at {event.timeout_at.isoformat()})" if event.timeout_at else ""
+            pending[event.seq] = ("waiting", f"waiting for signal {event.name!r}{timeout}")
+            waiting.setdefault(event.name, []).append(event.seq)
+        elif isinstance(event, TimerFired):
+            pending.pop(event.seq, None)
+            for seqs in waiting.values():
+                if event.seq in seqs:
+                    seqs.remove(event.seq)
+        elif isinstance(event, SignalReceived) and waiting.get(event.name):
+            pending.pop(waiting[event.name].pop(0), None)
+    return [pending[seq] for seq in sorted(pending)]
+
+
 def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = None) -> None:
-    """Fold one event into ``info``; ``running`` tracks steps in flight, if wanted."""
+    """Fold one event into ``info``; ``running`` tracks steps in flight, if wanted.
+
+    Applied to run-level events alone (as the run index does), sleeping and waiting are
+    approximate: the exact answer needs the whole history (:func:`fold_run`).
+    """
     if running is None:
         running = {}
+    info.updated_at = event.at
     if isinstance(event, RunClaimed):
         info.worker = event.worker
-        info.status = "running"
-        info.current = None
-        info.error = None
+        info.status, info.current, info.error = "running", None, None
     elif isinstance(event, StepStarted):
         running[event.seq] = event.name
         info.status = "running"
     elif isinstance(event, StepCompleted | StepFailed):
         running.pop(event.seq, None)
         info.status = "running"
-    elif isinstance(event, PatchMarked):
-        pass
+    elif isinstance(event, TimerScheduled):
+        info.status, info.current = "sleeping", f"sleeping until {event.due_at.isoformat()}"
+    elif isinstance(event, SignalWaited):
+        info.status, info.current = "waiting", f"waiting for signal {event.name!r}"
     elif isinstance(event, RunBlocked):
         info.status = "blocked"
         info.error = event.error

@@ -8,6 +8,11 @@ Layout (all names are public and documented in the README):
   run (``discard_new_per_subject``), one durable pull consumer per queue.
 * ``NATFLOW_RUNS``: the run index, ``natflow.runs.<run_id>``, the latest summary of each run;
   a projection the engine rebuilds from history.
+* ``NATFLOW_SIGNALS``: signals as any NATS client publishes them,
+  ``natflow.signal.<run_id>.<name>``; durable from the acknowledgement on.
+* ``NATFLOW_DEADLETTER``: ``natflow.deadletter.<kind>.<run_id>``, what could not be
+  delivered, with the reason.
+* KV buckets ``natflow_leases``, ``natflow_workers``, ``natflow_timers``.
 """
 
 from __future__ import annotations
@@ -27,10 +32,15 @@ log = logging.getLogger("natflow.streams")
 HISTORY_STREAM: Final = "NATFLOW_HISTORY"
 TASK_STREAM: Final = "NATFLOW_TASKS"
 RUNS_STREAM: Final = "NATFLOW_RUNS"
+SIGNAL_STREAM: Final = "NATFLOW_SIGNALS"
+DEADLETTER_STREAM: Final = "NATFLOW_DEADLETTER"
 
 HISTORY_PREFIX: Final = "natflow.history"
 TASK_PREFIX: Final = "natflow.task"
 RUNS_PREFIX: Final = "natflow.runs"
+SIGNAL_PREFIX: Final = "natflow.signal"
+DEADLETTER_PREFIX: Final = "natflow.deadletter"
+RETENTION_DAYS: Final = 30
 
 
 def history_subject(run_id: str, event_type: str) -> str:
@@ -51,6 +61,14 @@ def queue_consumer(queue: str) -> str:
 
 def runs_subject(run_id: str) -> str:
     return f"{RUNS_PREFIX}.{run_id}"
+
+
+def signal_subject(run_id: str, name: str) -> str:
+    return f"{SIGNAL_PREFIX}.{run_id}.{name}"
+
+
+def signal_filter(run_id: str) -> str:
+    return f"{SIGNAL_PREFIX}.{run_id}.>"
 
 
 def replicas() -> int:
@@ -84,6 +102,26 @@ def stream_configs() -> list[api.StreamConfig]:
         ),
         kv_stream_config("natflow_leases", "natflow: run leases (holder, expiry)", r),
         kv_stream_config("natflow_workers", "natflow: live workers", r),
+        kv_stream_config("natflow_timers", "natflow: pending timers (sleeps, timeouts)", r),
+        api.StreamConfig(
+            name=SIGNAL_STREAM,
+            description="natflow: signals from any NATS client, before they reach history",
+            subjects=[f"{SIGNAL_PREFIX}.>"],
+            storage=api.StorageType.FILE,
+            allow_direct=True,
+            duplicate_window=120.0,
+            max_age=RETENTION_DAYS * 86400.0,
+            num_replicas=r,
+        ),
+        api.StreamConfig(
+            name=DEADLETTER_STREAM,
+            description="natflow: undeliverable signals and the reason",
+            subjects=[f"{DEADLETTER_PREFIX}.>"],
+            storage=api.StorageType.FILE,
+            allow_direct=True,
+            max_age=RETENTION_DAYS * 86400.0,
+            num_replicas=r,
+        ),
         api.StreamConfig(
             name=RUNS_STREAM,
             description="natflow: run index (latest summary per run), rebuilt from history",

@@ -25,13 +25,14 @@ from engine import (
 )
 from engine._codec import decode_value, encode_value
 from engine._connection import Connection
-from engine._events import Event, RunCompleted, decode_event
+from engine._events import Event, RunCompleted, decode_event, utcnow
 from engine._events import RunFailed as RunFailedEvent
 from engine._index import RunIndex
-from engine._names import check_run_id
+from engine._names import check_run_id, check_token
 from engine._runs import Runs
+from engine._signals import send as send_signal
 from engine._state import CLOSED_STATUSES
-from engine._streams import HISTORY_STREAM, history_filter
+from engine._streams import HISTORY_STREAM, ensure_streams, history_filter
 
 from ._workflow import Workflow
 
@@ -173,11 +174,7 @@ class Client:
         handle and makes no second run. Input that does not fit the workflow's annotation
         raises :class:`InvalidInput` naming the field, and nothing is written.
         """
-        if start_delay is not None and to_seconds("start_delay", start_delay) > 0:
-            raise NatflowError(
-                "start_delay needs the engine's durable timers, which this version lacks; "
-                "start the run later instead"
-            )
+        delay = 0.0 if start_delay is None else to_seconds("start_delay", start_delay)
         definition = workflow if isinstance(workflow, Workflow) else None
         if definition is not None:
             name, default_queue = definition.name, definition.queue
@@ -190,8 +187,36 @@ class Client:
         data = encode_value("workflow input", input)
         if definition is not None and definition.takes_input:
             decode_value(f"input of workflow {name!r}", data, definition.input_type)
-        started_id, _ = await self._runs.start(name, queue or default_queue, data, run_id)
+        started_id, _ = await self._runs.start(
+            name,
+            queue or default_queue,
+            data,
+            run_id,
+            not_before=utcnow() + timedelta(seconds=delay) if delay > 0 else None,
+        )
         return RunHandle(self, started_id, definition)
+
+    async def signal(
+        self, run_id: str, name: str, payload: Any = None, *, signal_id: str | None = None
+    ) -> None:
+        """Send signal ``name`` to a run; durable once this returns.
+
+        ``signal_id`` deduplicates: the same id twice is delivered once. An unknown run is
+        :class:`RunNotFound`; a finished one is :class:`NatflowError`.
+        """
+        check_run_id(run_id)
+        check_token("signal name", name)
+        if signal_id is not None:
+            check_token("signal_id", signal_id)
+        data = encode_value(f"payload of signal {name!r}", payload)
+        self._conn.check_size(f"payload of signal {name!r}", len(data))
+        info = await self.describe(run_id)
+        if info.is_closed:
+            raise NatflowError(
+                f"run {run_id!r} has already {info.status}; a signal can no longer reach it"
+            )
+        await ensure_streams(self._conn)
+        await send_signal(self._conn, run_id, name, data, signal_id)
 
     def handle(self, run_id: str, workflow: Workflow | None = None) -> RunHandle:
         """A handle on an existing run (not checked until used)."""

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from engine import RetryPolicy
+from engine import InvalidInput, RetryPolicy, to_seconds
+from engine._events import utcnow
 
 if TYPE_CHECKING:
     from ._execution import RunExecution
@@ -114,6 +115,37 @@ class WorkflowContext:
         bounds one attempt; ``retry`` overrides the workflow's default policy.
         """
         return await self._execution.issue_step(name, fn, args, kwargs, retry, timeout)
+
+    async def sleep(self, name: str, duration: float | timedelta) -> None:
+        """Durable sleep: survives restarts of workers, engine and server; holds no worker.
+
+        Example::
+
+            await ctx.sleep("follow-up", timedelta(hours=24))
+        """
+        seconds = to_seconds(f"duration of sleep {name!r}", duration)
+        await self._execution.issue_sleep(name, utcnow() + timedelta(seconds=seconds))
+
+    async def sleep_until(self, name: str, when: datetime) -> None:
+        """Durable sleep until an aware datetime (a time in the past returns at once)."""
+        if not isinstance(when, datetime) or when.tzinfo is None:
+            raise InvalidInput(
+                f"sleep_until {name!r} needs an aware datetime (with a timezone), not {when!r}"
+            )
+        await self._execution.issue_sleep(name, when)
+
+    async def wait_for_signal(self, name: str, timeout: float | timedelta | None = None) -> Any:
+        """The payload of the next signal called ``name``, including one sent earlier.
+
+        Several signals of a name are delivered one per wait, in order of arrival. Raises
+        :class:`SignalTimeout` when ``timeout`` passes first.
+
+        Example::
+
+            approval = await ctx.wait_for_signal("approved", timeout=timedelta(hours=48))
+        """
+        seconds = None if timeout is None else to_seconds(f"timeout of signal {name!r}", timeout)
+        return await self._execution.issue_wait(name, seconds)
 
     async def parallel(self, *awaitables: Awaitable[Any]) -> list[Any]:
         """Run steps (or any workflow awaitables) concurrently; results in argument order."""

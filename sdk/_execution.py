@@ -1,23 +1,25 @@
 """One run driven by one worker: replay its history, then continue live.
 
 The workflow's coroutines run on a :class:`WorkflowLoop`; this driver runs on the worker's
-asyncio loop. It delivers recorded step outcomes in history order (replay), then runs new
-steps for real. Every live outcome is appended to history first and delivered to the
-workflow second, so history order is delivery order and every replay decides races alike.
+asyncio loop. It delivers recorded outcomes (steps, timers, signals) in history order
+(replay), then runs new commands for real. Every live outcome is appended to history first
+and delivered to the workflow second, so history order is delivery order and every replay
+decides races (a signal against its timeout, parallel branches) alike.
+
+When the workflow can only wait (for a timer further off than :data:`HOLD_TIMERS_UNDER`, or
+for a signal), the driver returns ``SUSPENDED`` and the worker lets the run go: a sleeping
+run holds no worker and no memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import hashlib
-import inspect
 import logging
 import math
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,6 +33,7 @@ from engine import (
     InvalidInput,
     NonDeterminismError,
     RetryPolicy,
+    SignalTimeout,
     StepError,
     to_seconds,
 )
@@ -44,30 +47,53 @@ from engine._events import (
     RunCompleted,
     RunFailed,
     RunStarted,
+    SignalReceived,
+    SignalRejected,
+    SignalWaited,
     StepCompleted,
     StepFailed,
     StepStarted,
+    TimerFired,
+    TimerScheduled,
     utcnow,
 )
-from engine._history import History, HistoryStore
-from engine._names import check_step_name
+from engine._history import AppendConflict, History, HistoryStore
+from engine._names import check_step_name, check_token
 from engine._retry import NO_RETRY
+from engine._signals import BadSignal, last_signal_seq, parse, pending_signals, sequence
 
+from ._commands import (
+    Command,
+    Finished,
+    Item,
+    SignalsArrived,
+    SleepCommand,
+    StepCommand,
+    StillRunning,
+    TimerDue,
+    WaitCommand,
+    recorded_command,
+)
 from ._context import WorkflowContext
 from ._loop import WorkflowLoop
+from ._steps import StepRuntime, return_type, run_step
 from ._workflow import Workflow
+
+__all__ = ["Evicted", "Outcome", "RunExecution", "StepRuntime"]
 
 log = logging.getLogger("natflow.worker")
 
-# A step still running after this long gets a step_started event, so `natflow runs show`
-# can say what a run is doing; fast steps cost one append (their completion) and no more.
-STARTED_NOTICE_AFTER = 0.5
+# A timer due sooner than this is waited for while holding the run; a later one lets it go.
+HOLD_TIMERS_UNDER = 1.0
+
+Delivered = StepCompleted | StepFailed | TimerFired | SignalReceived
 
 
 class Outcome(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     BLOCKED = "blocked"
+    SUSPENDED = "suspended"  # waits for a timer or a signal; the worker lets it go
     LOST = "lost"  # another worker holds the run now; this one steps back
     HANDED_BACK = "handed_back"  # the worker is draining; running steps were recorded
 
@@ -77,58 +103,12 @@ class Evicted(BaseException):
     with ``except Exception``."""
 
 
-@dataclass(eq=False)
-class StepCommand:
-    seq: int
-    name: str
-    occurrence: int
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    retry: RetryPolicy
-    timeout: float | None
-    result_type: Any
-    future: asyncio.Future[Any]
-
-
-@dataclass
-class _Finished:
-    command: StepCommand
-    attempt: int
-    started_at: datetime
-    result: bytes | None = None
-    error: ErrorInfo | None = None
-
-
-@dataclass
-class _StillRunning:
-    command: StepCommand
-    attempt: int
-
-
-@dataclass
-class StepRuntime:
-    """What a worker lends its runs: the step concurrency limit."""
-
-    limiter: anyio.CapacityLimiter | None = None
-    thread_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(64))
+class _Fenced(Exception):
+    """An append met a newer history: this worker no longer holds the run."""
 
 
 def _seed(run_id: str) -> int:
     return int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:8], "big")
-
-
-def _return_type(fn: Callable[..., Any]) -> Any:
-    try:
-        hints = inspect.get_annotations(fn, eval_str=True)
-    except Exception:  # unresolvable annotations: results stay plain JSON
-        return Any
-    hint = hints.get("return", Any)
-    if isinstance(hint, type) and (
-        issubclass(hint, msgspec.Struct) or hasattr(hint, "__dataclass_fields__")
-    ):
-        return hint
-    return Any
 
 
 class RunExecution:
@@ -152,6 +132,7 @@ class RunExecution:
         self.seed = _seed(history.run_id)
         self.now: datetime = start.at
         self.replaying = True
+        self.block: NonDeterminismError | None = None
         self._start = start
         self._store = store
         self._conn = conn
@@ -161,32 +142,71 @@ class RunExecution:
         self._count = len(history.events)
         self._last_seq = history.last_seq
         self._last_event = history.events[-1]
-        self._recorded: dict[int, StepCompleted | StepFailed] = {}
-        self._replay: deque[StepCompleted | StepFailed] = deque()
-        self._patches = {e.change_id for e in history.events if isinstance(e, PatchMarked)}
-        self._started: dict[int, str] = {}  # steps history saw start, by position
-        for event in history.events:
-            if isinstance(event, StepCompleted | StepFailed):
-                self._recorded[event.seq] = event
-                self._replay.append(event)
-            elif isinstance(event, StepStarted):
-                self._started[event.seq] = event.name
+        self._load(history.events)
         self._patch_memo: dict[str, bool] = {}
-        self._new_markers: list[str] = []
-        self._commands: dict[int, StepCommand] = {}
+        self._to_record: list[Event] = []  # appended before anything else happens live
+        self._commands: dict[int, Command] = {}
         self._to_launch: list[StepCommand] = []
         self._occurrences: Counter[str] = Counter()
         self._next_seq = 1
         self._inflight = 0
+        self._timers: dict[int, datetime] = {}  # pending sleeps and wait timeouts by seq
+        self._armed: dict[int, asyncio.TimerHandle] = {}
+        self._inbox: defaultdict[str, deque[msgspec.Raw]] = defaultdict(deque)
+        self._waiting: defaultdict[str, deque[WaitCommand]] = defaultdict(deque)
         self._evicted = False
         self._draining = False
-        self.block: NonDeterminismError | None = None
         self._loop = WorkflowLoop()  # type: ignore[abstract]
         self._ctx = WorkflowContext(self)
         self._root: asyncio.Task[Any] | None = None
-        self._send: MemoryObjectSendStream[_Finished | _StillRunning] | None = None
+        self._send: MemoryObjectSendStream[Item] | None = None
+
+    def _load(self, events: list[Event]) -> None:
+        self._records: dict[int, str] = {}  # seq -> what history says the command was
+        self._recorded_events: dict[int, Event] = {}
+        self._replay: deque[Delivered] = deque()
+        self._patches: set[str] = set()
+        self.signal_cursor = 0
+        self._signal_ids: set[str] = set()
+        for event in events:
+            recorded = recorded_command(event)
+            if recorded is not None:
+                self._records[recorded[0]] = recorded[1]
+                self._recorded_events.setdefault(recorded[0], event)
+            if isinstance(event, StepCompleted | StepFailed | TimerFired | SignalReceived):
+                self._replay.append(event)
+            if isinstance(event, PatchMarked):
+                self._patches.add(event.change_id)
+            if isinstance(event, SignalReceived | SignalRejected):
+                self.signal_cursor = max(self.signal_cursor, event.signal_seq)
+            if isinstance(event, SignalReceived) and event.signal_id:
+                self._signal_ids.add(event.signal_id)
+
+    @property
+    def waits_for_signals(self) -> bool:
+        return any(self._waiting.values())
+
+    @property
+    def next_due(self) -> datetime | None:
+        """When the earliest pending timer comes due (None if there is none)."""
+        return min(self._timers.values(), default=None)
 
     # -- called by workflow code (on the workflow loop) ------------------------------------
+
+    def _new_seq(self) -> int:
+        if self._evicted:
+            raise Evicted()
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _match(self, command: Command) -> bool:
+        """Check the command against history; True if history already recorded it."""
+        self._commands[command.seq] = command
+        recorded = self._records.get(command.seq)
+        if recorded is not None and recorded != command.describe():
+            self._diverged(command.seq, expected=command.describe(), recorded=recorded)
+        return recorded is not None
 
     def issue_step(
         self,
@@ -197,37 +217,74 @@ class RunExecution:
         retry: RetryPolicy | None,
         timeout: float | timedelta | None,
     ) -> asyncio.Future[Any]:
-        if self._evicted:
-            raise Evicted()
         check_step_name(name)
         if not callable(fn):
             raise InvalidInput(f"step {name!r}: {fn!r} is not callable")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise InvalidInput(f"step {name!r}: retry must be a RetryPolicy")
         seconds = None if timeout is None else to_seconds(f"timeout of step {name!r}", timeout)
-        seq = self._next_seq
-        self._next_seq += 1
+        seq = self._new_seq()
         self._occurrences[name] += 1
         command = StepCommand(
             seq=seq,
             name=name,
+            future=self._loop.create_future(),
             occurrence=self._occurrences[name],
             fn=fn,
             args=args,
             kwargs=kwargs,
             retry=retry or self.workflow.retry or NO_RETRY,
             timeout=seconds,
-            result_type=_return_type(fn),
-            future=self._loop.create_future(),
+            result_type=return_type(fn),
         )
-        self._commands[seq] = command
-        recorded = self._recorded.get(seq)
-        started = recorded.name if recorded is not None else self._started.get(seq)
-        if started is not None and started != name:
-            self._diverged(seq, expected=name, recorded=started)
-        elif recorded is None:
+        self._match(command)
+        recorded = self._recorded_events.get(seq)
+        if not isinstance(recorded, StepCompleted | StepFailed):
             self._to_launch.append(command)
         return command.future
+
+    def issue_sleep(self, name: str, due_at: datetime) -> asyncio.Future[Any]:
+        check_step_name(name)
+        seq = self._new_seq()
+        command = SleepCommand(seq=seq, name=name, future=self._loop.create_future(), due_at=due_at)
+        if self._match(command):
+            recorded = self._recorded_events[seq]
+            if isinstance(recorded, TimerScheduled):
+                command.due_at = recorded.due_at
+        else:
+            self._to_record.append(
+                TimerScheduled(id="", at=utcnow(), seq=seq, name=name, due_at=due_at)
+            )
+        self._timers[seq] = command.due_at
+        return command.future
+
+    def issue_wait(self, name: str, timeout: float | None) -> asyncio.Future[Any]:
+        check_token("signal name", name)
+        seq = self._new_seq()
+        future: asyncio.Future[Any] = self._loop.create_future()
+        command = WaitCommand(seq=seq, name=name, future=future, timeout_at=None)
+        if self._inbox[name]:  # a signal that arrived before the wait: no record needed
+            self._commands[seq] = command
+            if seq in self._records:
+                self._diverged(
+                    seq, expected=f"signal {name!r} already received", recorded=self._records[seq]
+                )
+            future.set_result(self._signal_value(self._inbox[name].popleft()))
+            return future
+        if self._match(command):
+            recorded = self._recorded_events[seq]
+            if isinstance(recorded, SignalWaited):
+                command.timeout_at = recorded.timeout_at
+        else:
+            if timeout is not None:
+                command.timeout_at = utcnow() + timedelta(seconds=timeout)
+            self._to_record.append(
+                SignalWaited(id="", at=utcnow(), seq=seq, name=name, timeout_at=command.timeout_at)
+            )
+        if command.timeout_at is not None:
+            self._timers[seq] = command.timeout_at
+        self._waiting[name].append(command)
+        return future
 
     def patched(self, change_id: str) -> bool:
         if self._evicted:
@@ -239,7 +296,8 @@ class RunExecution:
                 value = False
             else:
                 value = True
-                self._new_markers.append(change_id)
+                self._to_record.append(PatchMarked(id="", at=utcnow(), change_id=change_id))
+                self._patches.add(change_id)
             self._patch_memo[change_id] = value
         return self._patch_memo[change_id]
 
@@ -248,17 +306,27 @@ class RunExecution:
     def drain(self) -> None:
         """Start no new step; once running ones are recorded, hand the run back."""
         self._draining = True
+        self._notify(SignalsArrived())  # wake the driver if it only waits
+
+    def signals_arrived(self) -> None:
+        self._notify(SignalsArrived())
+
+    def _notify(self, item: Item) -> None:
+        if self._send is not None:
+            self._send.send_nowait(item)
 
     async def execute(self) -> Outcome:
-        """Replay, claim the run, continue live until it completes, fails or is lost."""
+        """Replay, claim the run, continue live until it ends, waits, or is lost."""
         try:
             self._begin()
             if self.block is not None:
                 await self._record_block()
                 return Outcome.BLOCKED
+            if not await self._has_work():
+                return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
             if not await self._claim():
                 return Outcome.LOST
-            send, receive = anyio.create_memory_object_stream[_Finished | _StillRunning](math.inf)
+            send, receive = anyio.create_memory_object_stream[Item](math.inf)
             self._send = send
             try:
                 async with anyio.create_task_group() as tg:
@@ -272,33 +340,18 @@ class RunExecution:
         finally:
             self._dispose()
 
-    async def _guarded_live(
-        self,
-        tg: anyio.abc.TaskGroup,
-        receive: MemoryObjectReceiveStream[_Finished | _StillRunning],
-    ) -> Outcome:
-        try:
-            return await self._live(tg, receive)
-        except _Fenced:
-            log.info("run %s: another worker took it over; stepping back", self.run_id)
-            return Outcome.LOST
-
     def _begin(self) -> None:
         self._root = self._loop.create_task(self._main(), name=f"workflow {self.run_id}")
         self._tick()
         while self._replay and self.block is None:
             event = self._replay.popleft()
-            command = self._commands.get(event.seq)
-            if command is None:
-                self._diverged(event.seq, expected=None, recorded=event.name)
-                break
             self.replaying = bool(self._replay)
-            self.now = event.at
-            self._resolve(command, event)
-            self._tick()
-            if self._root.done() and self._replay:
-                nxt = self._replay[0]
-                self._diverged(nxt.seq, expected=None, recorded=nxt.name)
+            self._deliver(event)
+            if self._root.done() and self._replay and self.block is None:
+                nxt = recorded_command(self._replay[0])
+                self._diverged(
+                    nxt[0] if nxt else 0, expected=None, recorded=nxt[1] if nxt else "more events"
+                )
         self.replaying = False
 
     async def _main(self) -> Any:
@@ -314,11 +367,46 @@ class RunExecution:
     def _tick(self) -> None:
         self._loop.run_until_idle()
 
+    async def _has_work(self) -> bool:
+        """Whether taking the run now would change anything (else no claim is written)."""
+        assert self._root is not None
+        if self._root.done() or self._to_launch or self._to_record:
+            return True
+        due = self.next_due
+        if due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER:
+            return True
+        if any(self._waiting.values()):
+            return await last_signal_seq(self._conn, self.run_id) > self.signal_cursor
+        return False
+
     def _diverged(self, position: int, *, expected: str | None, recorded: str | None) -> None:
         if self.block is None:
             self.block = NonDeterminismError(self.run_id, position, expected, recorded)
 
-    def _resolve(self, command: StepCommand, event: StepCompleted | StepFailed) -> None:
+    # -- delivering outcomes to the workflow ------------------------------------------------
+
+    def _deliver(self, event: Delivered) -> None:
+        """Hand one outcome to the workflow and let it run until it waits again."""
+        self.now = event.at
+        if isinstance(event, SignalReceived):
+            self._deliver_signal(event)
+        else:
+            command = self._commands.get(event.seq)
+            if command is None:
+                self._diverged(
+                    event.seq,
+                    expected=None,
+                    recorded=self._records.get(event.seq, f"event {event.seq}"),
+                )
+                return
+            if isinstance(event, TimerFired):
+                self._deliver_timer(command)
+            else:
+                assert isinstance(command, StepCommand)
+                self._resolve_step(command, event)
+        self._tick()
+
+    def _resolve_step(self, command: StepCommand, event: StepCompleted | StepFailed) -> None:
         if command.future.done():
             return
         if isinstance(event, StepFailed):
@@ -332,15 +420,44 @@ class RunExecution:
             value = msgspec.json.decode(event.result)
         command.future.set_result(value)
 
-    async def _append(self, event: Event) -> None:
-        from engine._history import AppendConflict
+    def _deliver_timer(self, command: Command) -> None:
+        self._timers.pop(command.seq, None)
+        if command.future.done():
+            return
+        if isinstance(command, WaitCommand):
+            self._waiting[command.name].remove(command)
+            command.future.set_exception(SignalTimeout(command.name))
+        else:
+            command.future.set_result(None)
 
+    def _deliver_signal(self, event: SignalReceived) -> None:
+        waiting = self._waiting[event.name]
+        if not waiting:
+            self._inbox[event.name].append(event.payload)
+            return
+        command = waiting.popleft()
+        self._timers.pop(command.seq, None)
+        command.future.set_result(self._signal_value(event.payload))
+
+    @staticmethod
+    def _signal_value(payload: msgspec.Raw) -> Any:
+        return msgspec.json.decode(payload)
+
+    # -- appending -------------------------------------------------------------------------
+
+    async def _append(self, event: Event) -> Event:
+        event = (
+            msgspec.structs.replace(event, id=f"{self.run_id}:{self._count + 1}")
+            if not event.id
+            else event
+        )
         try:
             self._last_seq = await self._store.append(self.run_id, event, self._last_seq)
         except AppendConflict as exc:
             raise _Fenced() from exc
         self._count += 1
         self._last_event = event
+        return event
 
     def _next_id(self) -> str:
         return f"{self.run_id}:{self._count + 1}"
@@ -376,49 +493,142 @@ class RunExecution:
         except _Fenced:
             log.info("run %s changed while being blocked; it will be retried", self.run_id)
 
+    async def _flush_records(self) -> None:
+        while self._to_record:
+            await self._append(self._to_record.pop(0))
+
+    # -- live ------------------------------------------------------------------------------
+
+    async def _guarded_live(
+        self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]
+    ) -> Outcome:
+        try:
+            return await self._live(tg, receive)
+        except _Fenced:
+            log.info("run %s: another worker took it over; stepping back", self.run_id)
+            return Outcome.LOST
+
     async def _live(
-        self,
-        tg: anyio.abc.TaskGroup,
-        receive: MemoryObjectReceiveStream[_Finished | _StillRunning],
+        self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]
     ) -> Outcome:
         assert self._root is not None
-        self._launch(tg)
         while not self._root.done():
-            await self._flush_markers()
-            if self._draining and self._inflight == 0:
-                return Outcome.HANDED_BACK
-            if self._inflight == 0:
-                return await self._fail(
-                    ErrorInfo(
-                        type="NatflowError",
-                        message="the workflow awaits something natflow cannot deliver (only "
-                        "ctx calls may be awaited inside a workflow)",
-                    )
-                )
-            item = await receive.receive()
-            if isinstance(item, _StillRunning):
-                await self._append(
-                    StepStarted(
-                        id=self._next_id(),
-                        at=utcnow(),
-                        seq=item.command.seq,
-                        name=item.command.name,
-                        occurrence=item.command.occurrence,
-                        attempt=item.attempt,
-                    )
-                )
-                continue
-            event = self._outcome_event(item)
-            await self._append(event)
-            self._inflight -= 1
-            self.now = event.at
-            self._resolve(item.command, event)
-            self._tick()
+            await self._flush_records()
             self._launch(tg)
-        await self._flush_markers()
+            self._arm_timers()
+            if self._inflight == 0:
+                if self._draining:
+                    return Outcome.HANDED_BACK
+                if not self._timers and not any(self._waiting.values()):
+                    return await self._fail(
+                        ErrorInfo(
+                            type="NatflowError",
+                            message="the workflow awaits something natflow cannot deliver (only "
+                            "ctx calls may be awaited inside a workflow)",
+                        )
+                    )
+                due = self.next_due
+                if due is None or (due - utcnow()).total_seconds() > HOLD_TIMERS_UNDER:
+                    if not await self._move_signals():
+                        return Outcome.SUSPENDED
+                    continue
+            await self._handle(await receive.receive())
+        await self._flush_records()
         return await self._finish()
 
-    def _outcome_event(self, item: _Finished) -> StepCompleted | StepFailed:
+    async def _handle(self, item: Item) -> None:
+        if isinstance(item, Finished):
+            event = await self._append(self._outcome_event(item))
+            self._inflight -= 1
+            assert isinstance(event, StepCompleted | StepFailed)
+            self._deliver(event)
+        elif isinstance(item, StillRunning):
+            await self._append(
+                StepStarted(
+                    id=self._next_id(),
+                    at=utcnow(),
+                    seq=item.command.seq,
+                    name=item.command.name,
+                    occurrence=item.command.occurrence,
+                    attempt=item.attempt,
+                )
+            )
+        elif isinstance(item, TimerDue):
+            await self._fire(item.seq)
+        else:
+            await self._move_signals()
+
+    async def _fire(self, seq: int) -> None:
+        self._armed.pop(seq, None)
+        due = self._timers.get(seq)
+        command = self._commands.get(seq)
+        if due is None or command is None:
+            return
+        early = (due - utcnow()).total_seconds()
+        if early > 0:  # never before its due time
+            self._arm(seq, due)
+            return
+        if isinstance(command, WaitCommand):
+            await self._move_signals()  # a signal that arrived in time beats its timeout
+            if command.future.done():
+                return
+        fired = await self._append(
+            TimerFired(id=self._next_id(), at=utcnow(), seq=seq, name=command.name)
+        )
+        assert isinstance(fired, TimerFired)
+        self._deliver(fired)
+
+    def _arm_timers(self) -> None:
+        for seq, due in self._timers.items():
+            if seq not in self._armed:
+                self._arm(seq, due)
+
+    def _arm(self, seq: int, due: datetime) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (due - utcnow()).total_seconds())
+        self._armed[seq] = loop.call_later(delay, self._notify, TimerDue(seq))
+
+    async def _move_signals(self) -> bool:
+        """Move the run's new signals into history, in order; True if any arrived."""
+        moved = False
+        for msg in await pending_signals(self._conn, self.run_id, self.signal_cursor):
+            seq = sequence(msg)
+            try:
+                signal = parse(msg, seq)
+            except BadSignal as bad:
+                await self._append(
+                    SignalRejected(
+                        id=self._next_id(),
+                        at=utcnow(),
+                        signal_seq=seq,
+                        name=bad.name,
+                        reason=bad.reason,
+                    )
+                )
+                self.signal_cursor = seq
+                continue
+            self.signal_cursor = seq
+            if signal.signal_id and signal.signal_id in self._signal_ids:
+                continue  # a duplicate older than the stream's dedupe window
+            event = await self._append(
+                SignalReceived(
+                    id=self._next_id(),
+                    at=utcnow(),
+                    signal_seq=seq,
+                    name=signal.name,
+                    payload=msgspec.Raw(signal.payload),
+                    signal_id=signal.signal_id,
+                )
+            )
+            assert isinstance(event, SignalReceived)
+            if signal.signal_id:
+                self._signal_ids.add(signal.signal_id)
+            self._deliver(event)
+            await self._flush_records()  # what the signal made the workflow do comes next
+            moved = True
+        return moved
+
+    def _outcome_event(self, item: Finished) -> StepCompleted | StepFailed:
         cmd = item.command
         if item.error is not None:
             return StepFailed(
@@ -443,19 +653,22 @@ class RunExecution:
             result=msgspec.Raw(item.result),
         )
 
-    async def _flush_markers(self) -> None:
-        while self._new_markers:
-            change_id = self._new_markers.pop(0)
-            await self._append(PatchMarked(id=self._next_id(), at=utcnow(), change_id=change_id))
-            self._patches.add(change_id)
-
     def _launch(self, tg: anyio.abc.TaskGroup) -> None:
         if self._draining:
             return  # the next holder replays and issues these again
+        assert self._send is not None
         launch, self._to_launch = self._to_launch, []
         for command in launch:
             self._inflight += 1
-            tg.start_soon(self._run_step, command, name=f"step {command.name}")
+            tg.start_soon(
+                run_step,
+                command,
+                self._send,
+                self._conn,
+                self._runtime,
+                self.run_id,
+                name=f"step {command.name}",
+            )
 
     async def _finish(self) -> Outcome:
         assert self._root is not None
@@ -474,82 +687,14 @@ class RunExecution:
         await self._append(RunFailed(id=self._next_id(), at=utcnow(), error=error))
         return Outcome.FAILED
 
-    # -- steps (on the worker's loop) ------------------------------------------------------
-
-    async def _run_step(self, command: StepCommand) -> None:
-        assert self._send is not None
-        attempt = 0
-        while True:
-            attempt += 1
-            started_at = utcnow()
-            notice = asyncio.get_running_loop().call_later(
-                STARTED_NOTICE_AFTER, self._send.send_nowait, _StillRunning(command, attempt)
-            )
-            try:
-                value = await self._invoke(command)
-            except Exception as exc:
-                if attempt < command.retry.max_attempts and command.retry.retryable(exc):
-                    delay = command.retry.delay(attempt)
-                    log.warning(
-                        "run %s: step %r attempt %d failed (%s: %s); retrying in %.2f s",
-                        self.run_id,
-                        command.name,
-                        attempt,
-                        type(exc).__name__,
-                        exc,
-                        delay,
-                    )
-                    notice.cancel()
-                    await anyio.sleep(delay)
-                    continue
-                self._send.send_nowait(
-                    _Finished(command, attempt, started_at, error=error_info(exc))
-                )
-                return
-            finally:
-                notice.cancel()
-            try:
-                data = encode_value(f"result of step {command.name!r}", value)
-                self._conn.check_size(f"result of step {command.name!r}", len(data))
-            except InvalidInput as exc:
-                self._send.send_nowait(
-                    _Finished(command, attempt, started_at, error=error_info(exc))
-                )
-                return
-            self._send.send_nowait(_Finished(command, attempt, started_at, result=data))
-            return
-
-    async def _invoke(self, command: StepCommand) -> Any:
-        limiter = self._runtime.limiter
-        if limiter is not None:
-            async with limiter:
-                return await self._call(command)
-        return await self._call(command)
-
-    async def _call(self, command: StepCommand) -> Any:
-        fn = command.fn
-        if command.timeout is None:
-            return await self._call_once(fn, command)
-        with anyio.fail_after(command.timeout):
-            return await self._call_once(fn, command)
-
-    async def _call_once(self, fn: Callable[..., Any], command: StepCommand) -> Any:
-        if inspect.iscoroutinefunction(fn):
-            return await fn(*command.args, **command.kwargs)
-        result = await anyio.to_thread.run_sync(
-            functools.partial(fn, *command.args, **command.kwargs),
-            abandon_on_cancel=command.timeout is not None,
-            limiter=self._runtime.thread_limiter,
-        )
-        if inspect.isawaitable(result):
-            return await result
-        return result
-
     # -- teardown --------------------------------------------------------------------------
 
     def _dispose(self) -> None:
         """Close the workflow's coroutines; any ctx call they make now raises Evicted."""
         self._evicted = True
+        for handle in self._armed.values():
+            handle.cancel()
+        self._armed.clear()
         for task in asyncio.all_tasks(self._loop):
             task.cancel()
         try:
@@ -557,7 +702,3 @@ class RunExecution:
         except BaseException:  # user finally-blocks during teardown: nothing left to protect
             log.debug("run %s: error while closing workflow code", self.run_id, exc_info=True)
         self._loop.close()
-
-
-class _Fenced(Exception):
-    """An append met a newer history: this worker no longer holds the run."""

@@ -28,17 +28,27 @@ from nats.aio.msg import Msg
 
 from engine import InvalidInput, NatflowError
 from engine._connection import TRANSIENT
-from engine._events import utcnow
+from engine._events import RunStarted, utcnow
 from engine._history import HistoryStore
 from engine._leases import Lease, Leases
 from engine._names import check_queue
 from engine._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
+from engine._signals import last_signal_seq
 from engine._state import fold_run
 from engine._streams import TASK_STREAM, ensure_streams, queue_consumer
-from engine._tasks import DEFAULT_ACK_WAIT, TaskPuller, decode_task, ensure_consumer
+from engine._tasks import (
+    DEFAULT_ACK_WAIT,
+    Task,
+    TaskPuller,
+    decode_task,
+    enqueue,
+    ensure_consumer,
+)
+from engine._wake import wake_subject
 
 from ._client import Client
-from ._execution import Outcome, RunExecution, StepRuntime
+from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
+from ._steps import StepRuntime
 from ._workflow import Workflow
 
 log = logging.getLogger("natflow.worker")
@@ -165,6 +175,7 @@ class Worker:
         await ensure_streams(self._conn)
         pullers = [await self._subscribe(queue) for queue in self.queues]
         ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
+        nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
         await self._announce()
         log.info(
             "worker %s serving queues %s with workflows %s (lease %g s)",
@@ -191,6 +202,7 @@ class Worker:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close(pullers, ping)
+                await self._quietly(nudges.unsubscribe())
 
     async def _subscribe(self, queue: str) -> TaskPuller:
         await ensure_consumer(self._conn, queue, self.lease_ttl)
@@ -335,6 +347,14 @@ class Worker:
             log.debug("run %s: workflow %r is not served here", run_id, info.workflow)
             await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
             return
+        start = history.events[0]
+        assert isinstance(start, RunStarted)
+        if info.status == "pending" and start.not_before is not None:
+            early = (start.not_before - utcnow()).total_seconds()
+            if early > HOLD_TIMERS_UNDER:
+                await self._quietly(msg.ack())  # the engine's start timer wakes it on time
+                return
+            await anyio.sleep(max(0.0, early))
         held.lease, held.revision = await self._leases.acquire(
             run_id, self.identity, held.queue, msg.reply, self.lease_ttl
         )
@@ -360,7 +380,26 @@ class Worker:
             await self._release(held)
         elif outcome is Outcome.HANDED_BACK:
             await self._hand_back(held)
+        elif outcome is Outcome.SUSPENDED:
+            await self._suspend(held, held.execution)
         # LOST: the task and lease now belong to the worker that took the run.
+
+    async def _suspend(self, held: _Held, execution: RunExecution) -> None:
+        """Let a waiting run go, then close the lost-wake-up race (NATS.md §8): a timer or
+        signal whose wake-up met this in-flight task was refused, so look again after the
+        acknowledgement and enqueue the run if one did."""
+        try:
+            await held.msg.ack_sync(timeout=5)
+        except (nats.errors.Error, OSError) as exc:
+            log.debug("run %s: ack failed (%s); the task comes back by itself", held.run_id, exc)
+            return
+        await self._release(held)
+        due = execution.next_due
+        woken = due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER
+        if not woken and execution.waits_for_signals:
+            woken = await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor
+        if woken:
+            await enqueue(self._conn, held.queue, Task(run_id=held.run_id, reason="recheck"))
 
     async def _hand_back(self, held: _Held) -> None:
         await self._quietly(held.msg.nak())
@@ -405,6 +444,11 @@ class Worker:
             return
         held.lease, held.revision = renewed
         held.renewed_at = time.monotonic()
+
+    async def _on_wake(self, msg: Msg) -> None:
+        held = self._held.get(msg.data.decode(errors="replace"))
+        if held is not None and held.execution is not None:
+            held.execution.signals_arrived()
 
     async def _on_ping(self, msg: Msg) -> None:
         if msg.reply:

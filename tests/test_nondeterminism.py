@@ -66,7 +66,7 @@ def check_block_error(info_error: object, run_id: str) -> None:
     error_type = getattr(info_error, "type", None)
     message = getattr(info_error, "message", "")
     assert error_type == "NonDeterminismError"
-    expected = str(NonDeterminismError(run_id, 2, "c", "b"))
+    expected = str(NonDeterminismError(run_id, 2, "step 'c'", "step 'b'"))
     assert message == expected
     for part in (repr(run_id), "position 2", "step 'c'", "step 'b'"):
         assert part in message

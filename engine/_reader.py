@@ -1,0 +1,146 @@
+"""Batch direct gets: many stream messages in one request (NATS.md §7).
+
+One wildcard reply subscription per connection serves every read; each read gets its own
+reply token. The server streams the messages, then a ``204 EOB`` status carrying
+``Nats-Num-Pending`` and ``Nats-Last-Sequence``; a read continues past the batch limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Final
+
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+
+from ._connection import Connection, NoResponders, RequestTimeout
+from ._errors import NatflowError, ServerUnavailable
+
+BATCH: Final = 4096
+_TIMEOUT: Final = 5.0
+
+
+@dataclass(slots=True)
+class Page:
+    messages: list[Msg] = field(default_factory=list)
+    last_seq: int = 0  # the stream sequence of the last message returned (0: none)
+    pending: int = 0  # how many more match after it
+
+
+class _Read:
+    __slots__ = ("done", "error", "page")
+
+    def __init__(self) -> None:
+        self.page = Page()
+        self.done = asyncio.get_running_loop().create_future()
+        self.error: str | None = None
+
+
+class BatchReader:
+    """Reads runs of messages from a stream with batch direct gets."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._prefix: str | None = None
+        self._reads: dict[str, _Read] = {}
+        self._counter = 0
+        self._lock = asyncio.Lock()
+
+    async def read_all(
+        self,
+        stream: str,
+        subject: str | None = None,
+        *,
+        start: int = 1,
+        headers: bool = False,
+        limit: int | None = None,
+    ) -> Page:
+        """Every message from ``start`` on (matching ``subject``), in stream order."""
+        total = Page()
+        while True:
+            want = BATCH if limit is None else min(BATCH, limit - len(total.messages))
+            page = await self.read(stream, subject, start=start, batch=want, headers=headers)
+            total.messages.extend(page.messages)
+            total.last_seq = page.last_seq or total.last_seq
+            total.pending = page.pending
+            done = limit is not None and len(total.messages) >= limit
+            if page.pending <= 0 or not page.messages or done:
+                return total
+            start = page.last_seq + 1
+
+    async def read(
+        self,
+        stream: str,
+        subject: str | None = None,
+        *,
+        start: int = 1,
+        batch: int = BATCH,
+        headers: bool = False,
+    ) -> Page:
+        """One batch of up to ``batch`` messages from ``start`` on."""
+        prefix = await self._inbox()
+        self._counter += 1
+        token = str(self._counter)
+        read = _Read()
+        self._reads[token] = read
+        request: dict[str, object] = {"seq": max(1, start), "batch": batch}
+        if subject is not None:
+            request["next_by_subj"] = subject
+        if not headers:
+            request["no_hdr"] = True
+        try:
+            await self._conn.nc.publish(
+                f"$JS.API.DIRECT.GET.{stream}",
+                msgspec.json.encode(request),
+                reply=f"{prefix}.{token}",
+            )
+            async with asyncio.timeout(_TIMEOUT):
+                await read.done
+        except TimeoutError:
+            raise RequestTimeout(f"reading {stream} timed out") from None
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+            raise ServerUnavailable(f"lost the NATS connection while reading {stream}") from exc
+        finally:
+            self._reads.pop(token, None)
+        if read.error is not None:
+            if read.error.startswith("503"):
+                raise NoResponders(f"$JS.API.DIRECT.GET.{stream}")
+            raise NatflowError(f"reading {stream} failed: {read.error}")
+        return read.page
+
+    async def _inbox(self) -> str:
+        if self._prefix is None:
+            async with self._lock:
+                if self._prefix is None:
+                    prefix = self._conn.nc.new_inbox()
+                    await self._conn.nc.subscribe(f"{prefix}.*", cb=self._on_reply)
+                    self._prefix = prefix
+        return self._prefix
+
+    async def _on_reply(self, msg: Msg) -> None:
+        read = self._reads.get(msg.subject.rsplit(".", 1)[-1])
+        if read is None or read.done.done():
+            return
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is None:
+            read.page.messages.append(msg)
+            return
+        if status == "204":  # end of batch
+            read.page.last_seq = int(headers.get("Nats-Last-Sequence", "0"))
+            read.page.pending = int(headers.get("Nats-Num-Pending", "0"))
+        elif status != "404":  # 404: nothing (more) matches
+            read.error = f"{status} {headers.get('Description', '')}"
+        read.done.set_result(None)
+
+
+def reader(conn: Connection) -> BatchReader:
+    """The connection's shared reader."""
+    existing = conn.extras.get("reader")
+    if isinstance(existing, BatchReader):
+        return existing
+    made = BatchReader(conn)
+    conn.extras["reader"] = made
+    return made
