@@ -22,9 +22,11 @@ from typing import Any
 import anyio
 import msgspec
 
+from ._cli_ops import register as register_ops
 from ._connection import Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError, ServerUnavailable
+from ._leases import Leases
 from ._runs import Runs
 from ._server import EmbeddedServer
 from ._state import fold_steps
@@ -123,10 +125,14 @@ async def cmd_runs(args: argparse.Namespace) -> int:
             return 0
         info = await runs.describe(args.run_id)
         steps = fold_steps(events)
+        lease = await Leases(conn).get(args.run_id)
+        holder = lease[0] if lease is not None else None
         if args.json:
-            _print_json({"run": info, "steps": steps})
+            _print_json({"run": info, "steps": steps, "lease": holder})
             return 0
         _show_run(info, steps)
+        if holder is not None:
+            print(f"held by   {holder.worker} (lease until {holder.expires_at.isoformat()})")
         return 0
     finally:
         await conn.close()
@@ -137,7 +143,7 @@ def _show_run(info: Any, steps: list[Any]) -> None:
     print(f"workflow  {info.workflow} (queue {info.queue})")
     print(f"status    {info.status}" + (f" - {info.current}" if info.current else ""))
     if info.worker:
-        print(f"worker    {info.worker}")
+        print(f"last held {info.worker}")
     print(f"created   {info.created_at.isoformat()}")
     if info.closed_at:
         print(f"closed    {info.closed_at.isoformat()}")
@@ -281,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run_id")
     p.set_defaults(handler=cmd_runs)
 
+    register_ops(sub, open_connection)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):
         entry.load()(sub)
     return parser
