@@ -27,6 +27,8 @@ from ._connection import Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError, ServerUnavailable
 from ._leases import Leases
+from ._logs import configure_logging
+from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
 from ._runs import Runs
 from ._server import EmbeddedServer
 from ._state import fold_steps
@@ -172,6 +174,7 @@ async def cmd_init(args: argparse.Namespace) -> int:
 
 async def cmd_engine(args: argparse.Namespace) -> int:
     conn = await open_connection(args, "natflow-engine")
+    serve_metrics(args.metrics_port, args.metrics_host)
     try:
         await _until_signalled(Engine(conn).run)
         return 0
@@ -219,6 +222,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     print(f"natflow dev: nats-server at {server.url}, engine running; Ctrl-C stops both")
     try:
         conn = await connect(server.url, name="natflow-engine")
+        serve_metrics(args.metrics_port, args.metrics_host)
         try:
             await _until_signalled(Engine(conn).run)
         finally:
@@ -229,6 +233,22 @@ async def cmd_dev(args: argparse.Namespace) -> int:
 
 
 # -- the parser --------------------------------------------------------------------------
+
+
+def add_metrics_options(p: argparse.ArgumentParser, default_port: int, env: str) -> None:
+    """``--metrics-port``/``--metrics-host``: where the process serves Prometheus metrics."""
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get(env, default_port)),
+        help=f"serve Prometheus metrics on this port (env {env}, default {default_port}; "
+        "0 turns them off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=os.environ.get("NATFLOW_METRICS_HOST", "0.0.0.0"),
+        help="address the metrics endpoint listens on (env NATFLOW_METRICS_HOST)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,11 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", default=os.environ.get("NATFLOW_TLS_CERT"))
     parser.add_argument("--tls-key", default=os.environ.get("NATFLOW_TLS_KEY"))
     parser.add_argument("--log-level", default=os.environ.get("NATFLOW_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=os.environ.get("NATFLOW_LOG_JSON", "") not in ("", "0"),
+        help="log one JSON object per line (env NATFLOW_LOG_JSON=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     default_conf = os.environ.get("NATFLOW_CONFIG", "nats.conf")
     p = sub.add_parser("dev", help="embedded nats-server (nats.conf) plus the engine services")
     p.add_argument("--config", default=default_conf)
+    add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT")
     p.set_defaults(handler=cmd_dev)
 
     p = sub.add_parser("server", help="embedded nats-server with nats.conf")
@@ -260,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_server)
 
     p = sub.add_parser("engine", help="the engine services (dispatcher, run index)")
+    add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT")
     p.set_defaults(handler=cmd_engine)
 
     p = sub.add_parser("init", help="create natflow's streams (optional: done on first use)")
@@ -296,10 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, json_lines=args.log_json)
     if args.url is None:
         args.url = default_url()
     handler: Handler = args.handler

@@ -35,6 +35,7 @@ ERR_MAX_MSGS_PER_SUBJECT: Final = 10077
 ERR_STREAM_NOT_FOUND: Final = 10059
 ERR_CONSUMER_NOT_FOUND: Final = 10014
 ERR_STREAM_NAME_IN_USE: Final = 10058
+ERR_JS_UNAVAILABLE: Final = 10008
 
 
 def default_url() -> str:
@@ -76,10 +77,14 @@ _reply_decoder = msgspec.json.Decoder(_ApiReply)
 class Connection:
     """A connected NATS client plus what natflow needs to know about it."""
 
-    def __init__(self, nc: NATS, *, owned: bool) -> None:
+    def __init__(self, nc: NATS, *, owned: bool, domain: str | None = None) -> None:
         self.nc = nc
-        self.js = nc.jetstream()
-        self.jsm = nc.jsm()
+        self.domain = domain or None
+        # The JetStream API prefix: "$JS.API", or "$JS.<domain>.API" to reach JetStream in
+        # another domain, as a worker on an edge leaf node does to reach the hub.
+        self.api = f"$JS.{self.domain}.API" if self.domain else "$JS.API"
+        self.js = nc.jetstream(domain=self.domain)
+        self.jsm = nc.jsm(prefix=self.api)
         self._owned = owned
         self._denied: list[str] = []
         self.streams_ready = False
@@ -87,6 +92,13 @@ class Connection:
         self.closing = False
         self.on_reconnect: list[Callable[[], None]] = []
         self.extras: dict[str, object] = {}  # per-connection helpers (the batch reader)
+
+    def kv_write_subject(self, bucket: str, key: str) -> str:
+        """Where a KV write goes: across a domain, through the API prefix (as nats.go does),
+        because a leaf node link denies ``$KV.>`` between domains."""
+        if self.domain:
+            return f"{self.api}.$KV.{bucket}.{key}"
+        return f"$KV.{bucket}.{key}"
 
     @property
     def max_payload(self) -> int:
@@ -169,6 +181,29 @@ class Connection:
             raise JetStreamError(subject, err.code, err.err_code, err.description)
         return PubAck(stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate)
 
+    async def admin(
+        self, what: str, call: Callable[[], Awaitable[T]], *, budget: float = 30.0
+    ) -> T:
+        """A JetStream management call (stream, consumer), its transient failures retried.
+
+        Right after a server start or a leader change, JetStream answers "no responders" or
+        "temporarily unavailable" for a few seconds; that is a reason to wait, not to fail.
+        """
+
+        async def once() -> T:
+            try:
+                return await call()
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
+                raise NoResponders(what) from e
+            except (TimeoutError, nats.errors.TimeoutError) as exc:
+                raise self._timeout_error(what, 5.0) from exc
+            except nats.js.errors.APIError as exc:
+                if exc.code in (500, 503) or exc.err_code == ERR_JS_UNAVAILABLE:
+                    raise NoResponders(what) from exc
+                raise
+
+        return await retrying(what, once, budget=budget)
+
     async def close(self) -> None:
         self.closing = True
         if self._owned and not self.nc.is_closed:
@@ -220,10 +255,17 @@ async def connect(
     *,
     connect_timeout: float = 5.0,
     name: str = "natflow",
+    domain: str | None = None,
     **options: Any,
 ) -> Connection:
-    """Connect to NATS, failing with :class:`ServerUnavailable` within ``connect_timeout``."""
-    servers = url if url is not None else default_url()
+    """Connect to NATS, failing with :class:`ServerUnavailable` within ``connect_timeout``.
+
+    ``domain`` (default: ``NATFLOW_DOMAIN``) names the JetStream domain that holds natflow's
+    streams, for a process connected to a leaf node whose JetStream, if any, is another.
+    """
+    servers: str | list[str] = url if url is not None else default_url()
+    if isinstance(servers, str) and "," in servers:  # NATFLOW_URL may list a cluster's nodes
+        servers = [u.strip() for u in servers.split(",") if u.strip()]
     holder: dict[str, Connection] = {}
 
     async def error_cb(error: Exception) -> None:
@@ -270,11 +312,11 @@ async def connect(
     except nats.errors.Error as exc:
         raise ServerUnavailable(f"could not connect to NATS at {shown}: {exc}") from exc
     nc.options["max_reconnect_attempts"] = reconnect_attempts
-    conn = Connection(nc, owned=True)
+    conn = Connection(nc, owned=True, domain=domain or os.environ.get("NATFLOW_DOMAIN"))
     holder["conn"] = conn
     return conn
 
 
-def wrap(nc: NATS) -> Connection:
+def wrap(nc: NATS, domain: str | None = None) -> Connection:
     """Use a connection the caller opened (and will close)."""
-    return Connection(nc, owned=False)
+    return Connection(nc, owned=False, domain=domain or os.environ.get("NATFLOW_DOMAIN"))

@@ -8,8 +8,9 @@ events) through one durable pull consumer shared by all engine replicas, and
   client that died between creating a run and enqueueing its task loses no start;
 * mirrors timers into the ``natflow_timers`` bucket (see ``_timers``).
 
-Beside it run the reaper (``_reaper``), the timer service (``_timers``) and the signal
-intake (``_signals``).
+Beside it run the reaper (``_reaper``), the timer service (``_timers``), the signal
+intake (``_signals``) and the metrics poller (``_metrics``); the dispatcher also counts each
+run-level event it folds (runs started and closed, run duration, blocked runs).
 
 The engine keeps nothing but a cache; kill it, restart it or run several: the consumer's
 position and the index live in JetStream.
@@ -40,6 +41,7 @@ from ._events import (
 )
 from ._history import HistoryStore
 from ._index import RunIndex
+from ._metrics import EngineMetrics, observe_run
 from ._reaper import Reaper
 from ._signals import SignalIntake
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
@@ -77,13 +79,16 @@ def dispatcher_config() -> api.ConsumerConfig:
 class Engine:
     """Runs the engine services on one connection until cancelled."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, *, metrics_interval: float = 5.0) -> None:
         self._conn = conn
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
         self.reaper = Reaper(conn)
         self.timers = timers.TimerService(conn)
         self.signals = SignalIntake(conn)
+        self.metrics = EngineMetrics(
+            conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
+        )
         self.ready = anyio.Event()
 
     async def run(self) -> None:
@@ -92,10 +97,15 @@ class Engine:
             tg.start_soon(self.reaper.run)
             tg.start_soon(self.timers.run)
             tg.start_soon(self.signals.run)
+            tg.start_soon(self.metrics.run)
             await self._dispatch_forever()
 
     async def _dispatch_forever(self) -> None:
-        await self._conn.jsm.add_consumer(HISTORY_STREAM, config=dispatcher_config())
+        config = dispatcher_config()
+        await self._conn.admin(
+            "the engine's consumer",
+            lambda: self._conn.jsm.add_consumer(HISTORY_STREAM, config=config),
+        )
         sub = await self._conn.js.pull_subscribe_bind(durable=DISPATCHER, stream=HISTORY_STREAM)
         log.info("engine dispatcher running")
         self.ready.set()
@@ -132,7 +142,9 @@ class Engine:
             return
         try:
             hseq = msg.metadata.sequence.stream
-            await self._index.apply(run_id, event, hseq)
+            info = await self._index.apply(run_id, event, hseq)
+            if info is not None:
+                observe_run(event, info)
             await self._keep_timers(run_id, event)
         except Exception as exc:
             log.warning(

@@ -118,7 +118,7 @@ class HistoryStore:
         return decode_event(msg.data), int((msg.headers or {})["Nats-Sequence"])
 
     async def _last_msg(self, run_id: str) -> Msg | None:
-        subject = f"$JS.API.DIRECT.GET.{HISTORY_STREAM}.{history_filter(run_id)}"
+        subject = f"{self._conn.api}.DIRECT.GET.{HISTORY_STREAM}.{history_filter(run_id)}"
         msg = await self._conn.request(subject, b"")
         headers = msg.headers or {}
         if headers.get("Status") == "404":

@@ -44,16 +44,20 @@ class RunIndex:
         self._conn = conn
         self._cache: OrderedDict[str, tuple[IndexEntry, int]] = OrderedDict()
 
-    async def apply(self, run_id: str, event: Event, hseq: int) -> None:
-        """Fold one run-level event (stream sequence ``hseq``) into the run's summary."""
+    async def apply(self, run_id: str, event: Event, hseq: int) -> RunInfo | None:
+        """Fold one run-level event (stream sequence ``hseq``) into the run's summary.
+
+        Returns the new summary, or None if the index had the event already (a redelivery,
+        another replica) or cannot place it yet: so each event is counted once.
+        """
         for _ in range(5):
             current = await self._current(run_id)
             entry, seq = current if current is not None else (None, 0)
             if entry is not None and entry.hseq >= hseq:
-                return
+                return None
             if entry is None:
                 if not isinstance(event, RunStarted):
-                    return  # the start is still ahead of us in the stream or was lost
+                    return None  # the start is still ahead of us in the stream or was lost
                 info = RunInfo(
                     run_id=run_id,
                     workflow=event.workflow,
@@ -79,8 +83,9 @@ class RunIndex:
                 self._cache.pop(run_id, None)  # another replica wrote; read and decide again
                 continue
             self._remember(run_id, new, ack.seq)
-            return
+            return info
         log.warning("run %s: index kept changing under this engine; skipped", run_id)
+        return None
 
     def _remember(self, run_id: str, entry: IndexEntry, seq: int) -> None:
         self._cache[run_id] = (entry, seq)
@@ -93,7 +98,7 @@ class RunIndex:
         if cached is not None:
             return cached
         msg = await self._conn.request(
-            f"$JS.API.DIRECT.GET.{RUNS_STREAM}.{runs_subject(run_id)}", b""
+            f"{self._conn.api}.DIRECT.GET.{RUNS_STREAM}.{runs_subject(run_id)}", b""
         )
         headers = msg.headers or {}
         if "Status" in headers:
@@ -136,7 +141,7 @@ class RunIndex:
         sub = await self._conn.nc.subscribe(self._conn.nc.new_inbox())
         try:
             await self._conn.nc.publish(
-                f"$JS.API.DIRECT.GET.{RUNS_STREAM}", body, reply=sub.subject
+                f"{self._conn.api}.DIRECT.GET.{RUNS_STREAM}", body, reply=sub.subject
             )
             while True:
                 msg = await sub.next_msg(timeout=5)

@@ -68,14 +68,14 @@ async def kv_put(
         headers["Nats-Expected-Last-Subject-Sequence"] = str(revision)
     if ttl is not None:
         headers["Nats-TTL"] = _ttl_header(ttl)
-    ack = await conn.publish(kv_subject(bucket, key), value, headers or None)
+    ack = await conn.publish(conn.kv_write_subject(bucket, key), value, headers or None)
     return ack.seq
 
 
 async def kv_get(conn: Connection, bucket: str, key: str) -> tuple[bytes, int] | None:
     """The entry's value and revision, or None if it is missing or deleted."""
     msg = await conn.request(
-        f"$JS.API.DIRECT.GET.{kv_stream(bucket)}.{kv_subject(bucket, key)}", b""
+        f"{conn.api}.DIRECT.GET.{kv_stream(bucket)}.{kv_subject(bucket, key)}", b""
     )
     headers = msg.headers or {}
     if headers.get("Status") == "404" or headers.get(KV_OPERATION) in ("DEL", "PURGE"):
@@ -92,11 +92,11 @@ async def kv_delete_nowait(
     headers = {KV_OPERATION: "DEL"}
     if revision is not None:
         headers["Nats-Expected-Last-Subject-Sequence"] = str(revision)
-    await conn.nc.publish(kv_subject(bucket, key), b"", headers=headers)
+    await conn.nc.publish(conn.kv_write_subject(bucket, key), b"", headers=headers)
 
 
 async def kv_delete(conn: Connection, bucket: str, key: str) -> None:
-    await conn.publish(kv_subject(bucket, key), b"", {KV_OPERATION: "DEL"})
+    await conn.publish(conn.kv_write_subject(bucket, key), b"", {KV_OPERATION: "DEL"})
 
 
 async def kv_watch(conn: Connection, bucket: str) -> AsyncIterator[tuple[str, bytes | None, int]]:

@@ -92,7 +92,7 @@ class BatchReader:
             request["no_hdr"] = True
         try:
             await self._conn.nc.publish(
-                f"$JS.API.DIRECT.GET.{stream}",
+                f"{self._conn.api}.DIRECT.GET.{stream}",
                 msgspec.json.encode(request),
                 reply=f"{prefix}.{token}",
             )
@@ -106,7 +106,7 @@ class BatchReader:
             self._reads.pop(token, None)
         if read.error is not None:
             if read.error.startswith("503"):
-                raise NoResponders(f"$JS.API.DIRECT.GET.{stream}")
+                raise NoResponders(f"{self._conn.api}.DIRECT.GET.{stream}")
             raise NatflowError(f"reading {stream} failed: {read.error}")
         return read.page
 

@@ -22,6 +22,8 @@ from ._connection import Connection, NoResponders, RequestTimeout
 from ._errors import NatflowError
 from ._kv import kv_delete_nowait, kv_watch
 from ._leases import LEASES_BUCKET, Lease, decode_lease
+from ._logs import fields
+from ._metrics import TAKEOVERS
 from ._registry import WORKERS_BUCKET, decode_worker, ping_subject
 
 log = logging.getLogger("natflow.reaper")
@@ -99,6 +101,13 @@ class Reaper:
             await self._conn.nc.publish(lease.ack_subject, b"-NAK")
             await kv_delete_nowait(self._conn, LEASES_BUCKET, lease.run_id, revision=revision)
             self.leases.pop(lease.run_id, None)
+            TAKEOVERS.labels(lease.queue, "reaped").inc()
+            log.info(
+                "run %s: handed back from worker %s, which is gone",
+                lease.run_id,
+                identity,
+                extra=fields(lease.run_id, queue=lease.queue, worker=identity),
+            )
         if identity in self.workers:
             await kv_delete_nowait(self._conn, WORKERS_BUCKET, identity)
             self.workers.discard(identity)
@@ -107,4 +116,5 @@ class Reaper:
             "worker %s is gone (its connection closed); handed %d runs to other workers",
             identity,
             len(held),
+            extra=fields(worker=identity),
         )

@@ -67,7 +67,7 @@ async def list_workers(conn: Connection) -> list[WorkerInfo]:
     try:
         body = msgspec.json.encode({"multi_last": [f"$KV.{WORKERS_BUCKET}.>"], "batch": 1024})
         await conn.nc.publish(
-            f"$JS.API.DIRECT.GET.{kv_stream(WORKERS_BUCKET)}", body, reply=sub.subject
+            f"{conn.api}.DIRECT.GET.{kv_stream(WORKERS_BUCKET)}", body, reply=sub.subject
         )
         while True:
             msg = await sub.next_msg(timeout=5)

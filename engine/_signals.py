@@ -27,6 +27,8 @@ from nats.js import api
 from ._connection import Connection, PubAck
 from ._events import TERMINAL_EVENTS, utcnow
 from ._history import HistoryStore
+from ._logs import fields
+from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
 from ._names import _TOKEN
 from ._reader import reader
 from ._streams import (
@@ -68,9 +70,7 @@ def parse(msg: Msg, seq: int) -> Signal:
     tokens = subject.split(".")
     name = tokens[3] if len(tokens) > 3 else ""
     if len(tokens) != 4:
-        raise BadSignal(
-            seq, subject, name, "subject must be natflow.signal.<run_id>.<signal_name>"
-        )
+        raise BadSignal(seq, subject, name, "subject must be natflow.signal.<run_id>.<signal_name>")
     run_id = tokens[2]
     for kind, value in (("run id", run_id), ("signal name", name)):
         if _TOKEN.fullmatch(value) is None:
@@ -100,7 +100,7 @@ def sequence(msg: Msg) -> int:
 
 async def last_signal_seq(conn: Connection, run_id: str) -> int:
     """The stream sequence of the run's newest signal (0 if none)."""
-    msg = await conn.request(f"$JS.API.DIRECT.GET.{SIGNAL_STREAM}.{signal_filter(run_id)}", b"")
+    msg = await conn.request(f"{conn.api}.DIRECT.GET.{SIGNAL_STREAM}.{signal_filter(run_id)}", b"")
     headers = msg.headers or {}
     return 0 if "Status" in headers else int(headers["Nats-Sequence"])
 
@@ -141,7 +141,11 @@ async def dead_letter(conn: Connection, letter: DeadLetter) -> None:
         {"Nats-Msg-Id": f"signal-{letter.signal_seq}"},
     )
     log.warning(
-        "signal %s (#%d) dead-lettered: %s", letter.subject, letter.signal_seq, letter.reason
+        "signal %s (#%d) dead-lettered: %s",
+        letter.subject,
+        letter.signal_seq,
+        letter.reason,
+        extra=fields(letter.run_id or None, signal=letter.name),
     )
 
 
@@ -180,7 +184,11 @@ class SignalIntake:
         self.rejected = 0
 
     async def run(self) -> None:
-        await self._conn.jsm.add_consumer(SIGNAL_STREAM, config=intake_config())
+        config = intake_config()
+        await self._conn.admin(
+            "the signal intake's consumer",
+            lambda: self._conn.jsm.add_consumer(SIGNAL_STREAM, config=config),
+        )
         sub = await self._conn.js.pull_subscribe_bind(durable=INTAKE, stream=SIGNAL_STREAM)
         while True:
             try:
@@ -210,6 +218,7 @@ class SignalIntake:
                 )
             await wake(self._conn, start, signal.run_id, f"signal {signal.name}")
             self.received += 1
+            SIGNALS_RECEIVED.labels(start.workflow).inc()
         except BadSignal as bad:
             self.rejected += 1
             run_id = msg.subject.split(".")[2] if msg.subject.count(".") >= 2 else ""
@@ -225,6 +234,7 @@ class SignalIntake:
                     payload=msg.data[:_MAX_SHOWN_PAYLOAD].decode(errors="replace"),
                 ),
             )
+            SIGNALS_REJECTED.labels("engine").inc()
         except Exception as exc:  # the server or the run could not be read: try again soon
             log.warning("signal #%d: could not process (%s); retrying", seq, exc)
             await msg.nak(delay=1.0)

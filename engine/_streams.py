@@ -147,15 +147,16 @@ async def ensure_streams(conn: Connection) -> None:
 
 
 async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> None:
-    assert config.name is not None
+    name = config.name
+    assert name is not None
     try:
-        await conn.jsm.stream_info(config.name)
+        await conn.admin(f"stream {name}", lambda: conn.jsm.stream_info(name))
         return
     except nats.js.errors.NotFoundError:
         pass
     try:
-        await conn.jsm.add_stream(config)
-        log.info("created stream %s", config.name)
+        await conn.admin(f"creating stream {name}", lambda: conn.jsm.add_stream(config))
+        log.info("created stream %s", name)
     except nats.js.errors.BadRequestError as exc:
         if exc.err_code != ERR_STREAM_NAME_IN_USE:  # another process created it first
             raise

@@ -71,7 +71,10 @@ def consumer_config(queue: str, ack_wait: float = DEFAULT_ACK_WAIT) -> api.Consu
 
 async def ensure_consumer(conn: Connection, queue: str, ack_wait: float = DEFAULT_ACK_WAIT) -> None:
     """Create the queue's durable consumer if missing (shared by every worker of the queue)."""
-    await conn.jsm.add_consumer(TASK_STREAM, config=consumer_config(queue, ack_wait))
+    config = consumer_config(queue, ack_wait)
+    await conn.admin(
+        f"consumer for queue {queue}", lambda: conn.jsm.add_consumer(TASK_STREAM, config=config)
+    )
 
 
 class TaskPuller:
@@ -88,7 +91,7 @@ class TaskPuller:
         self._conn = conn
         self.queue = queue
         self._expires = expires
-        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{TASK_STREAM}.{queue_consumer(queue)}"
+        self._subject = f"{conn.api}.CONSUMER.MSG.NEXT.{TASK_STREAM}.{queue_consumer(queue)}"
         self._inbox = conn.nc.new_inbox()
         self._send, self.tasks = anyio.create_memory_object_stream[Msg](math.inf)
         self._sub: Any = None

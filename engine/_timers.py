@@ -28,6 +28,8 @@ import msgspec
 from ._connection import Connection
 from ._errors import NatflowError
 from ._kv import kv_delete_nowait, kv_put, kv_watch
+from ._logs import fields
+from ._metrics import TIMER_LATENESS, TIMERS_FIRED
 from ._reader import reader
 from ._wake import run_start, wake
 
@@ -35,6 +37,7 @@ log = logging.getLogger("natflow.timers")
 
 TIMERS_BUCKET: Final = "natflow_timers"
 RETRY_AFTER: Final = 30.0  # re-wake a timer nobody acknowledged (by firing it) this late
+LATE_NOTICE: Final = 1.0  # a timer woken later than this past its due time is logged
 
 
 class Timer(msgspec.Struct, kw_only=True):
@@ -118,8 +121,18 @@ class TimerService:
             return  # deleted, or rescheduled under the same key
         heapq.heappush(self._heap, (fire_at + RETRY_AFTER, key, due))
         if fire_at == due:
-            self.lateness.append(time.time() - due)
+            late = time.time() - due
+            self.lateness.append(late)
             del self.lateness[:-1000]
+            TIMER_LATENESS.observe(late)
+            if late > LATE_NOTICE:
+                log.warning(
+                    "timer %s of run %s woken %.1f s late",
+                    timer.name,
+                    timer.run_id,
+                    late,
+                    extra=fields(timer.run_id, timer=timer.name),
+                )
         tg.start_soon(self._fire, timer)
 
     async def _fire(self, timer: Timer) -> None:
@@ -130,6 +143,7 @@ class TimerService:
                 return
             await wake(self._conn, start, timer.run_id, f"timer {timer.name}")
             self.fired += 1
+            TIMERS_FIRED.inc()
         except NatflowError as exc:
             log.warning(
                 "timer %s of run %s: wake-up failed (%s); retrying later",

@@ -26,7 +26,7 @@ def wake_subject(identity: str) -> str:
 async def run_start(conn: Connection, run_id: str) -> RunStarted | None:
     """The run's ``run_started`` event (one direct get), or None if there is no such run."""
     subject = history_subject(run_id, "run_started")
-    msg = await conn.request(f"$JS.API.DIRECT.GET.{HISTORY_STREAM}.{subject}", b"")
+    msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}.{subject}", b"")
     if "Status" in (msg.headers or {}):
         return None
     event = decode_event(msg.data)

@@ -58,6 +58,8 @@ from engine._events import (
     utcnow,
 )
 from engine._history import AppendConflict, History, HistoryStore
+from engine._logs import fields
+from engine._metrics import FENCED, SIGNALS_DELIVERED, SIGNALS_REJECTED, STEPS, TAKEOVERS
 from engine._names import check_step_name, check_token
 from engine._retry import NO_RETRY
 from engine._signals import BadSignal, last_signal_seq, parse, pending_signals, sequence
@@ -168,11 +170,14 @@ class RunExecution:
         self._patches: set[str] = set()
         self.signal_cursor = 0
         self._signal_ids: set[str] = set()
+        self._last_holder: str | None = None  # the worker of the latest claim
         for event in events:
+            if isinstance(event, RunClaimed):
+                self._last_holder = event.worker
             recorded = recorded_command(event)
             if recorded is not None:
                 self._records[recorded[0]] = recorded[1]
-                self._recorded_events.setdefault(recorded[0], event)
+                self._recorded_events[recorded[0]] = event  # a completion outranks a start
             if isinstance(event, StepCompleted | StepFailed | TimerFired | SignalReceived):
                 self._replay.append(event)
             if isinstance(event, PatchMarked):
@@ -236,6 +241,7 @@ class RunExecution:
             retry=retry or self.workflow.retry or NO_RETRY,
             timeout=seconds,
             result_type=return_type(fn),
+            workflow=self.workflow.name,
         )
         self._match(command)
         recorded = self._recorded_events.get(seq)
@@ -462,6 +468,9 @@ class RunExecution:
     def _next_id(self) -> str:
         return f"{self.run_id}:{self._count + 1}"
 
+    def _fields(self, step: str | None = None) -> dict[str, Any]:
+        return fields(self.run_id, self.workflow.name, step)
+
     async def _claim(self) -> bool:
         try:
             await self._append(
@@ -473,8 +482,22 @@ class RunExecution:
                 )
             )
         except _Fenced:
-            log.info("run %s: claimed by another worker first; stepping back", self.run_id)
+            FENCED.labels(self.workflow.name, "claim").inc()
+            log.info(
+                "run %s: claimed by another worker first; stepping back",
+                self.run_id,
+                extra=self._fields(),
+            )
             return False
+        if self._delivery > 1 and self._last_holder not in (None, self._identity):
+            TAKEOVERS.labels(self._start.queue, "redelivered").inc()
+            log.info(
+                "run %s: taken over from worker %s (delivery %d)",
+                self.run_id,
+                self._last_holder,
+                self._delivery,
+                extra=self._fields(),
+            )
         return True
 
     async def _record_block(self) -> None:
@@ -483,7 +506,7 @@ class RunExecution:
         last = self._last_event
         if isinstance(last, RunBlocked) and last.error.message == info.message:
             return
-        log.error("%s", self.block)
+        log.error("%s", self.block, extra=self._fields())
         try:
             await self._append(
                 RunBlocked(
@@ -505,7 +528,12 @@ class RunExecution:
         try:
             return await self._live(tg, receive)
         except _Fenced:
-            log.info("run %s: another worker took it over; stepping back", self.run_id)
+            FENCED.labels(self.workflow.name, "append").inc()
+            log.info(
+                "run %s: another worker took it over; stepping back",
+                self.run_id,
+                extra=self._fields(),
+            )
             return Outcome.LOST
 
     async def _live(
@@ -541,6 +569,7 @@ class RunExecution:
             event = await self._append(self._outcome_event(item))
             self._inflight -= 1
             assert isinstance(event, StepCompleted | StepFailed)
+            self._count_step(event)
             self._deliver(event)
         elif isinstance(item, StillRunning):
             await self._append(
@@ -605,6 +634,7 @@ class RunExecution:
                         reason=bad.reason,
                     )
                 )
+                SIGNALS_REJECTED.labels("worker").inc()
                 self.signal_cursor = seq
                 continue
             self.signal_cursor = seq
@@ -621,12 +651,28 @@ class RunExecution:
                 )
             )
             assert isinstance(event, SignalReceived)
+            SIGNALS_DELIVERED.labels(self.workflow.name).inc()
             if signal.signal_id:
                 self._signal_ids.add(signal.signal_id)
             self._deliver(event)
             await self._flush_records()  # what the signal made the workflow do comes next
             moved = True
         return moved
+
+    def _count_step(self, event: StepCompleted | StepFailed) -> None:
+        if isinstance(event, StepCompleted):
+            STEPS.labels(self.workflow.name, event.name, "completed").inc()
+            return
+        STEPS.labels(self.workflow.name, event.name, "failed").inc()
+        log.warning(
+            "run %s: step %r failed (attempt %d): %s: %s",
+            self.run_id,
+            event.name,
+            event.attempt,
+            event.error.type,
+            event.error.message,
+            extra=self._fields(event.name),
+        )
 
     def _outcome_event(self, item: Finished) -> StepCompleted | StepFailed:
         cmd = item.command

@@ -31,6 +31,8 @@ from engine._connection import TRANSIENT
 from engine._events import RunStarted, utcnow
 from engine._history import HistoryStore
 from engine._leases import Lease, Leases
+from engine._logs import fields
+from engine._metrics import EXECUTIONS, FENCED, RUNS_HELD, TASK_LAG, serve_metrics
 from engine._names import check_queue
 from engine._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
 from engine._signals import last_signal_seq
@@ -72,6 +74,12 @@ class _Held:
     renewed_at: float = field(default_factory=time.monotonic)
     lost: bool = False
 
+    @property
+    def execution_fields(self) -> dict[str, Any]:
+        """Log fields: the run id, and its workflow once known."""
+        workflow = self.execution.workflow.name if self.execution is not None else None
+        return fields(self.run_id, workflow)
+
 
 class Worker:
     """Runs workflows from one or more task queues.
@@ -87,6 +95,8 @@ class Worker:
     bodies running at once. ``lease_ttl`` (seconds, at least 1) is how long a run stays
     with a worker that stopped heartbeating (paused, partitioned) before another takes it;
     a worker whose process died loses its runs within about a second when the engine runs.
+    ``metrics_port`` serves Prometheus metrics on that port (off by default; ``natflow
+    worker`` serves them on ``--metrics-port``).
     """
 
     def __init__(
@@ -99,6 +109,7 @@ class Worker:
         identity: str | None = None,
         *,
         lease_ttl: float = DEFAULT_ACK_WAIT,
+        metrics_port: int | None = None,
     ) -> None:
         self._client = client
         self._workflows = self._index(workflows)
@@ -113,6 +124,7 @@ class Worker:
             identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
         self.lease_ttl = float(lease_ttl)
+        self._metrics_port = metrics_port
         self._conn = client.connection
         self._runtime = StepRuntime(
             limiter=anyio.CapacityLimiter(max_concurrent_steps) if max_concurrent_steps else None
@@ -173,6 +185,8 @@ class Worker:
     async def run(self) -> None:
         """Serve until cancelled or :meth:`shutdown` is called."""
         await ensure_streams(self._conn)
+        if self._metrics_port:
+            serve_metrics(self._metrics_port)
         pullers = [await self._subscribe(queue) for queue in self.queues]
         ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
@@ -206,7 +220,10 @@ class Worker:
 
     async def _subscribe(self, queue: str) -> TaskPuller:
         await ensure_consumer(self._conn, queue, self.lease_ttl)
-        info = await self._conn.jsm.consumer_info(TASK_STREAM, queue_consumer(queue))
+        info = await self._conn.admin(
+            f"consumer for queue {queue}",
+            lambda: self._conn.jsm.consumer_info(TASK_STREAM, queue_consumer(queue)),
+        )
         ack_wait = info.config.ack_wait or self.lease_ttl
         if ack_wait < self.lease_ttl:  # another worker of the queue asked for less: honour it
             log.info("queue %s uses a %g s ack deadline; heartbeating to match", queue, ack_wait)
@@ -261,8 +278,11 @@ class Worker:
         tb: TracebackType | None,
     ) -> bool | None:
         assert self._outer is not None
-        await self.shutdown(grace=0 if exc is not None else 30.0)
-        return await self._outer.__aexit__(exc_type, exc, tb)
+        try:
+            await self.shutdown(grace=0 if exc is not None else 30.0)
+        finally:
+            result = await self._outer.__aexit__(exc_type, exc, tb)
+        return result
 
     # -- pulling ---------------------------------------------------------------------------
 
@@ -308,10 +328,16 @@ class Worker:
                 return
             held = _Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
             self._held[task.run_id] = held
+            RUNS_HELD.inc()
+            self._observe_lag(held)
             with held.scope:
                 await self._process(held)
             if held.scope.cancelled_caught and held.lost:
-                log.info("run %s: lease taken by another worker; stepping back", held.run_id)
+                log.info(
+                    "run %s: lease taken by another worker; stepping back",
+                    held.run_id,
+                    extra=held.execution_fields,
+                )
         except TRANSIENT as exc:
             run_id = held.run_id if held else "?"
             log.warning("run %s: handing it back: %s", run_id, exc)
@@ -325,6 +351,7 @@ class Worker:
         finally:
             if held is not None and self._held.get(held.run_id) is held:
                 del self._held[held.run_id]
+                RUNS_HELD.dec()
             if not self._held:
                 self._drained.set()
             self._slots.release()
@@ -372,7 +399,11 @@ class Worker:
         if self._stopping.is_set():
             held.execution.drain()
         outcome = await held.execution.execute()
+        EXECUTIONS.labels(workflow.name, outcome.value).inc()
         if outcome in (Outcome.COMPLETED, Outcome.FAILED):
+            log.info(
+                "run %s (%s) %s", run_id, workflow.name, outcome.value, extra=held.execution_fields
+            )
             await self._quietly(msg.ack())
             await self._release(held)
         elif outcome is Outcome.BLOCKED:
@@ -404,7 +435,15 @@ class Worker:
     async def _hand_back(self, held: _Held) -> None:
         await self._quietly(held.msg.nak())
         await self._release(held)
-        log.info("run %s: handed back", held.run_id)
+        log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
+
+    @staticmethod
+    def _observe_lag(held: _Held) -> None:
+        """Schedule-to-start: from the task's enqueueing to now (first deliveries only)."""
+        meta = held.msg.metadata
+        if meta.num_delivered == 1:
+            lag = (utcnow() - meta.timestamp).total_seconds()
+            TASK_LAG.labels(held.queue).observe(max(0.0, lag))
 
     async def _release(self, held: _Held) -> None:
         if held.lease is not None and not held.lost:
@@ -439,6 +478,7 @@ class Worker:
                 held.scope.cancel()
             return
         if renewed is None:
+            FENCED.labels(held.execution_fields.get("workflow", ""), "lease").inc()
             held.lost = True
             held.scope.cancel()
             return
