@@ -8,9 +8,10 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
+import anyio
 import msgspec
-import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from engine import (
     InvalidInput,
@@ -32,7 +33,7 @@ from engine._names import check_run_id, check_token
 from engine._runs import Runs
 from engine._signals import send as send_signal
 from engine._state import CLOSED_STATUSES
-from engine._streams import HISTORY_STREAM, ensure_streams, history_filter
+from engine._streams import HISTORY_STREAM, ensure_streams, history_filter, history_subject
 
 from ._workflow import Workflow
 
@@ -63,31 +64,31 @@ class RunHandle:
         """
         seconds = None if timeout is None else to_seconds("timeout", timeout)
         nc = self._client.connection.nc
-        sub = await nc.subscribe(history_filter(self.run_id))
+        ended: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+
+        async def on_end(msg: Msg) -> None:
+            if not ended.done():
+                ended.set_result(decode_event(msg.data))
+
+        # Only the final events: a busy run's step events never reach this client.
+        subs = [
+            await nc.subscribe(history_subject(self.run_id, kind), cb=on_end)
+            for kind in _TERMINAL_TYPES
+        ]
         try:
-            info = await self._client.describe(self.run_id)
-            if info.status in CLOSED_STATUSES:
-                return self._outcome(info)
-            loop = asyncio.get_running_loop()
-            deadline = None if seconds is None else loop.time() + seconds
-            while True:
-                wait = 30.0
-                if deadline is not None:
-                    wait = deadline - loop.time()
-                    if wait <= 0:
-                        raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s")
-                try:
-                    msg = await sub.next_msg(timeout=min(wait, 30.0))
-                except nats.errors.TimeoutError:
-                    # A safety net for a reconnect that lost the event: re-read, rarely.
+            with anyio.fail_after(seconds):
+                while True:
                     info = await self._client.describe(self.run_id)
                     if info.status in CLOSED_STATUSES:
                         return self._outcome(info)
-                    continue
-                if msg.subject.rsplit(".", 1)[-1] in _TERMINAL_TYPES:
-                    return self._event_outcome(decode_event(msg.data))
+                    # Re-read now and then, a safety net for an event lost in a reconnect.
+                    with anyio.move_on_after(30.0):
+                        return self._event_outcome(await asyncio.shield(ended))
+        except TimeoutError:
+            raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
         finally:
-            await sub.unsubscribe()
+            for sub in subs:
+                await sub.unsubscribe()
 
     def _outcome(self, info: RunInfo) -> Any:
         if info.status == "completed":
