@@ -83,38 +83,27 @@ def fold_steps(events: list[Event]) -> list[StepInfo]:
     """Every step occurrence in the order the workflow asked for them."""
     steps: dict[int, StepInfo] = {}
     for event in events:
-        if isinstance(event, StepStarted):
-            steps[event.seq] = StepInfo(
-                name=event.name,
-                occurrence=event.occurrence,
-                status="running",
-                attempts=event.attempt,
-                started_at=event.at,
-                seq=event.seq,
-            )
-        elif isinstance(event, StepCompleted):
-            steps[event.seq] = StepInfo(
-                name=event.name,
-                occurrence=event.occurrence,
-                status="completed",
-                attempts=event.attempt,
-                started_at=event.started_at,
-                finished_at=event.at,
-                result=_value(event.result),
-                seq=event.seq,
-            )
-        elif isinstance(event, StepFailed):
-            steps[event.seq] = StepInfo(
-                name=event.name,
-                occurrence=event.occurrence,
-                status="failed",
-                attempts=event.attempt,
-                started_at=event.started_at,
-                finished_at=event.at,
-                error=event.error,
-                seq=event.seq,
-            )
+        if isinstance(event, StepStarted | StepCompleted | StepFailed):
+            steps[event.seq] = _step_info(event)
     return [steps[seq] for seq in sorted(steps)]
+
+
+def _step_info(event: StepStarted | StepCompleted | StepFailed) -> StepInfo:
+    info = StepInfo(
+        name=event.name,
+        occurrence=event.occurrence,
+        status="running",
+        attempts=event.attempt,
+        started_at=event.at,
+        seq=event.seq,
+    )
+    if isinstance(event, StepCompleted):
+        info.status, info.result = "completed", _value(event.result)
+    elif isinstance(event, StepFailed):
+        info.status, info.error = "failed", event.error
+    if not isinstance(event, StepStarted):
+        info.started_at, info.finished_at = event.started_at, event.at
+    return info
 
 
 def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:

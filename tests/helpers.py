@@ -16,6 +16,7 @@ from typing import TypeVar
 import anyio
 
 from sdk import Client, Worker, Workflow
+from sdk._execution import RunExecution
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -80,3 +81,22 @@ def count_lines(path: Path) -> Counter[str]:
     if not path.exists():
         return Counter()
     return Counter(path.read_text().splitlines())
+
+
+async def replay_recorded(client: Client, workflow: Workflow, run_id: str) -> RunExecution:
+    """Replay a finished run's history without its final event, as a new worker would after a
+    crash: the workflow must re-derive its result from the recorded outcomes alone."""
+    from sdk._execution import RunExecution, StepRuntime
+
+    history = await client._runs.history.read(run_id)
+    history.events = history.events[:-1]
+    execution = RunExecution(
+        workflow=workflow,
+        history=history,
+        store=client._runs.history,
+        conn=client.connection,
+        identity="replayer",
+        runtime=StepRuntime(),
+    )
+    execution._begin()
+    return execution

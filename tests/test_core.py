@@ -22,7 +22,7 @@ from sdk import (
     WorkflowContext,
     workflow,
 )
-from tests.helpers import running_worker, wait_for
+from tests.helpers import replay_recorded, running_worker, wait_for
 
 calls: list[str] = []
 
@@ -95,21 +95,7 @@ async def test_parallel_branches_replay_to_the_same_results(client: Client) -> N
         result = await live.result(timeout=10)
     assert result[:6] == [100, 101, 102, 103, 104, 105]
     # A fresh execution of the same history (as after a crash) must agree step by step.
-    from sdk._execution import RunExecution, StepRuntime
-
-    history = await client._runs.history.read("fan-1")
-    events = history.events
-    # Drop the final event: the replay then has to re-derive the result from recorded steps.
-    history.events = events[:-1]
-    execution = RunExecution(
-        workflow=fan_out,
-        history=history,
-        store=client._runs.history,
-        conn=client.connection,
-        identity="replayer",
-        runtime=StepRuntime(),
-    )
-    execution._begin()
+    execution = await replay_recorded(client, fan_out, "fan-1")
     assert execution.block is None
     assert execution._root is not None and execution._root.done()
     assert execution._root.result() == result
@@ -344,17 +330,5 @@ async def test_determinism_helpers_repeat_on_replay(client: Client) -> None:
     async with running_worker(client, [helpers]):
         result = await (await client.start(helpers, run_id="helpers-1")).result(timeout=10)
     assert result[-1] == "True"
-    from sdk._execution import RunExecution, StepRuntime
-
-    history = await client._runs.history.read("helpers-1")
-    history.events = history.events[:-1]
-    execution = RunExecution(
-        workflow=helpers,
-        history=history,
-        store=client._runs.history,
-        conn=client.connection,
-        identity="replayer",
-        runtime=StepRuntime(),
-    )
-    execution._begin()
+    execution = await replay_recorded(client, helpers, "helpers-1")
     assert execution._root is not None and execution._root.result() == result
