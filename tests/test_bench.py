@@ -1,0 +1,111 @@
+"""`natflow bench --quick --json` runs end to end and reports every figure (no thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def natflow_command() -> list[str]:
+    script = Path(sys.executable).parent / "natflow"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "engine"]
+
+
+def assert_stats(value: Any, *, count: int | None = None) -> None:
+    assert set(value) == {"count", "p50", "p99", "max", "mean"}
+    assert value["count"] >= 1 if count is None else value["count"] == count
+    assert 0 < value["p50"] <= value["p99"] <= value["max"]
+
+
+def assert_number(value: Any) -> None:
+    assert isinstance(value, int | float) and math.isfinite(value) and value > 0, value
+
+
+def test_quick_bench_reports_every_figure_as_json() -> None:
+    done = subprocess.run(
+        [*natflow_command(), "bench", "--quick", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert "[5/5] replay" in done.stderr  # the progress lines went to stderr, not stdout
+
+    assert report["version"] == 1 and report["quick"] is True
+    assert report["environment"]["embedded"] is True
+    assert report["environment"]["server_version"] != "?"
+
+    raw = report["raw"]
+    assert_stats(raw["publish_rtt_ms"])
+    assert_stats(raw["idle_publish_rtt_ms"])
+    for key in ("publish_sync_msgs_per_s", "pipelined_msgs", "pipelined_msgs_per_s"):
+        assert_number(raw[key])
+
+    seq = report["sequential"]
+    assert_stats(seq["step_ms"], count=seq["steps"])
+    for key in ("p50_over_raw_rtt", "run_ms", "worker_peak_rss_mib"):
+        assert_number(seq[key])
+    assert seq["cpu"]["client"] >= 0 and seq["cpu"]["workers"] is not None
+
+    tp = report["throughput"]
+    assert tp["completed"] == tp["runs"] and tp["failed"] == 0 and tp["workers"] == 1
+    assert_stats(tp["start_to_result_ms"], count=tp["runs"])
+    for key in ("runs_per_s", "steps_per_s", "history_appends_per_s", "start_rate_per_s"):
+        assert_number(tp[key])
+    assert len(tp["worker_peak_rss_mib"]) == 1
+    assert_number(tp["worker_peak_rss_mib"][0])
+
+    idle = report["start_latency"]
+    assert_stats(idle["start_to_first_step_ms"], count=idle["samples"])
+    assert_stats(idle["start_to_result_ms"], count=idle["samples"])
+    assert_number(idle["worker_peak_rss_mib"])
+
+    assert [r["events"] for r in report["replay"]] == [100, 1000]
+    for replay in report["replay"]:
+        for key in ("read_ms", "rebuild_ms", "total_ms", "cold_ms", "peak_rss_mib"):
+            assert_number(replay[key])
+        assert_stats(replay["append_ms"], count=replay["events"] - 2)
+
+    assert set(report["pending"]) == {"timers", "kill_to_restart"}
+    names = [t["name"] for t in report["targets"]]
+    assert names == [
+        "sequential step p50",
+        "sequential step p99",
+        "throughput, runs/s of 3 steps",
+        "idle start to first step p50",
+        "replay of 10,000 events",
+    ]
+    by_name = {t["name"]: t for t in report["targets"]}
+    assert by_name["replay of 10,000 events"]["met"] is None  # --quick replays 1,000 at most
+    assert all(isinstance(t["met"], bool) for t in report["targets"][:4])
+
+
+def test_bench_table_is_the_default_output() -> None:
+    done = subprocess.run(
+        [*natflow_command(), "bench", "--quick", "--steps", "5", "--runs", "5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("natflow bench: nats-server")
+    for label in (
+        "raw: sync publish round trip",
+        "sequential: step p50 (5 steps)",
+        "throughput: 5 runs x 3 steps, 1 worker",
+        "idle: start to first step",
+        "replay: 1,000 events",
+        "memory: worker peak RSS, throughput",
+    ):
+        assert any(line.startswith(label) for line in lines), label
+    assert lines[-1].startswith(("targets missed:", "all targets met"))
