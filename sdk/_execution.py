@@ -741,7 +741,7 @@ class RunExecution:
         for handle in self._armed.values():
             handle.cancel()
         self._armed.clear()
-        for task in asyncio.all_tasks(self._loop):
+        for task in list(self._loop.tasks):
             task.cancel()
         try:
             self._loop.run_until_idle()

@@ -34,6 +34,8 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         self._ready: deque[asyncio.Handle] = deque()
         self._closed = False
         self.errors: list[BaseException] = []
+        # This loop's own tasks: asyncio.all_tasks() would walk every task of the process.
+        self.tasks: set[asyncio.Task[Any]] = set()
 
     # -- the driver's side -----------------------------------------------------------------
 
@@ -79,7 +81,10 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         name: str | None = None,
         context: contextvars.Context | None = None,
     ) -> asyncio.Task[T]:
-        return asyncio.Task(coro, loop=self, name=name, context=context)
+        task = asyncio.Task(coro, loop=self, name=name, context=context)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def call_later(  # type: ignore[override]
         self,

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from engine import InvalidInput
 from engine._codec import encode_value, error_info
 from engine._connection import Connection
 from engine._events import utcnow
+from engine._logs import fields
+from engine._metrics import STEP_RETRIES, step_attempt
 
 from ._commands import Finished, Item, StepCommand, StillRunning
 
@@ -38,6 +41,18 @@ class StepRuntime:
 
 def return_type(fn: Callable[..., Any]) -> Any:
     """The annotated return type if it is a Struct or dataclass (results decode into it)."""
+    try:
+        return _return_type_cached(fn)
+    except TypeError:  # an unhashable callable: look it up each time
+        return _return_type(fn)
+
+
+@functools.lru_cache(maxsize=4096)
+def _return_type_cached(fn: Callable[..., Any]) -> Any:
+    return _return_type(fn)
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
     try:
         hints = inspect.get_annotations(fn, eval_str=True)
     except Exception:  # unresolvable annotations: results stay plain JSON
@@ -79,8 +94,11 @@ async def run_step(
                     type(exc).__name__,
                     exc,
                     delay,
+                    extra=fields(run_id, command.workflow, command.name, attempt=attempt),
                 )
+                STEP_RETRIES.labels(command.workflow, command.name).inc()
                 await anyio.sleep(delay)
+                command.issued_at = time.monotonic()
                 continue
             send.send_nowait(Finished(command, attempt, started_at, error=error_info(exc)))
             return
@@ -104,10 +122,11 @@ async def _invoke(command: StepCommand, runtime: StepRuntime) -> Any:
 
 
 async def _call(command: StepCommand, runtime: StepRuntime) -> Any:
-    if command.timeout is None:
-        return await _call_once(command, runtime)
-    with anyio.fail_after(command.timeout):
-        return await _call_once(command, runtime)
+    with step_attempt(command.workflow, command.name, command.issued_at):
+        if command.timeout is None:
+            return await _call_once(command, runtime)
+        with anyio.fail_after(command.timeout):
+            return await _call_once(command, runtime)
 
 
 async def _call_once(command: StepCommand, runtime: StepRuntime) -> Any:
