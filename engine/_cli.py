@@ -32,7 +32,7 @@ from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
 from ._runs import Runs
 from ._server import EmbeddedServer
 from ._state import fold_steps
-from ._streams import ensure_streams
+from ._streams import ensure_streams, history_subject
 
 log = logging.getLogger("natflow.cli")
 
@@ -86,7 +86,7 @@ async def cmd_start(args: argparse.Namespace) -> int:
 
 
 async def _wait_and_show(conn: Connection, runs: Runs, run_id: str) -> int:
-    sub = await conn.nc.subscribe(f"natflow.history.{run_id}.>")
+    sub = await conn.nc.subscribe(history_subject(run_id))
     try:
         while True:
             info = await runs.describe(run_id)
@@ -176,7 +176,7 @@ async def cmd_engine(args: argparse.Namespace) -> int:
     conn = await open_connection(args, "natflow-engine")
     serve_metrics(args.metrics_port, args.metrics_host)
     try:
-        await _until_signalled(Engine(conn).run)
+        await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
         return 0
     finally:
         await conn.close()
@@ -224,7 +224,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         conn = await connect(server.url, name="natflow-engine")
         serve_metrics(args.metrics_port, args.metrics_host)
         try:
-            await _until_signalled(Engine(conn).run)
+            await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
         finally:
             await conn.close()
     finally:
@@ -235,7 +235,9 @@ async def cmd_dev(args: argparse.Namespace) -> int:
 # -- the parser --------------------------------------------------------------------------
 
 
-def add_metrics_options(p: argparse.ArgumentParser, default_port: int, env: str) -> None:
+def add_metrics_options(
+    p: argparse.ArgumentParser, default_port: int, env: str, *, engine: bool = False
+) -> None:
     """``--metrics-port``/``--metrics-host``: where the process serves Prometheus metrics."""
     p.add_argument(
         "--metrics-port",
@@ -249,6 +251,14 @@ def add_metrics_options(p: argparse.ArgumentParser, default_port: int, env: str)
         default=os.environ.get("NATFLOW_METRICS_HOST", "0.0.0.0"),
         help="address the metrics endpoint listens on (env NATFLOW_METRICS_HOST)",
     )
+    if engine:
+        p.add_argument(
+            "--metrics-interval",
+            type=float,
+            default=float(os.environ.get("NATFLOW_METRICS_INTERVAL", "5")),
+            help="seconds between reads of queue, worker and run counts from JetStream "
+            "(env NATFLOW_METRICS_INTERVAL)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     default_conf = os.environ.get("NATFLOW_CONFIG", "nats.conf")
     p = sub.add_parser("dev", help="embedded nats-server (nats.conf) plus the engine services")
     p.add_argument("--config", default=default_conf)
-    add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT")
+    add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
     p.set_defaults(handler=cmd_dev)
 
     p = sub.add_parser("server", help="embedded nats-server with nats.conf")
@@ -287,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_server)
 
     p = sub.add_parser("engine", help="the engine services (dispatcher, run index)")
-    add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT")
+    add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
     p.set_defaults(handler=cmd_engine)
 
     p = sub.add_parser("init", help="create natflow's streams (optional: done on first use)")

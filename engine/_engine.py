@@ -22,8 +22,6 @@ import logging
 from typing import Final
 
 import anyio
-import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -38,10 +36,12 @@ from ._events import (
     TimerFired,
     TimerScheduled,
     decode_event,
+    event_kind,
 )
 from ._history import HistoryStore
 from ._index import RunIndex
 from ._metrics import EngineMetrics, observe_run
+from ._puller import Puller
 from ._reaper import Reaper
 from ._signals import SignalIntake
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
@@ -62,12 +62,15 @@ RUN_EVENTS: Final = (
 )
 
 
+_DISPATCH_WINDOW: Final = 256  # events asked for at a time
+
+
 def dispatcher_config() -> api.ConsumerConfig:
     return api.ConsumerConfig(
         name=DISPATCHER,
         durable_name=DISPATCHER,
         description="natflow engine: run index and start dispatch",
-        filter_subjects=[f"{HISTORY_PREFIX}.*.{kind}" for kind in RUN_EVENTS],
+        filter_subject=f"{HISTORY_PREFIX}.>",
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=30.0,
@@ -106,33 +109,29 @@ class Engine:
             "the engine's consumer",
             lambda: self._conn.jsm.add_consumer(HISTORY_STREAM, config=config),
         )
-        sub = await self._conn.js.pull_subscribe_bind(durable=DISPATCHER, stream=HISTORY_STREAM)
+        puller = Puller(self._conn, HISTORY_STREAM, DISPATCHER)
+        await puller.start()
         log.info("engine dispatcher running")
         self.ready.set()
-        failures = 0
         try:
-            while True:
-                try:
-                    msgs = await sub.fetch(batch=256, timeout=5)
-                    failures = 0
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
-                except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                    failures += 1
-                    delay = min(5.0, 0.1 * 2**failures)
-                    log.warning("engine fetch failed (%s); retrying in %.1f s", exc, delay)
-                    await anyio.sleep(delay)
-                    continue
-                for msg in msgs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(puller.keep_asking, lambda: _DISPATCH_WINDOW)
+                async for msg in puller.messages:
                     await self._dispatch(msg)
         finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection is going away; the server drops the pull
-                log.debug("unsubscribe failed", exc_info=True)
+            # Shielded: a cancelled engine that kept this subscription would keep receiving
+            # (and never acknowledging) the events its outstanding pull asked for.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await puller.stop()
+                except Exception:  # the connection is going away; the server drops the pull
+                    log.debug("unsubscribe failed", exc_info=True)
 
     async def _dispatch(self, msg: Msg) -> None:
         run_id = msg.subject.split(".")[2]
+        if event_kind(msg.data) not in RUN_EVENTS:
+            await msg.ack()  # step and signal events change nothing the engine keeps
+            return
         try:
             event = decode_event(msg.data)
         except Exception as exc:

@@ -5,8 +5,7 @@ Each history message holds one event, a JSON object such as::
     {"type":"step_completed","v":1,"id":"order-1:3","at":"2026-11-21T20:00:00.1Z",
      "seq":1,"name":"charge","occurrence":1,"attempt":1,"started_at":"...","result":{...}}
 
-``type`` names the event and is also the last token of its subject
-(``natflow.history.<run_id>.<type>``), so a consumer can filter by kind on the server.
+``type`` names the event. All of a run's events share one subject, ``natflow.history.<run_id>``.
 ``v`` is the schema version, ``id`` is ``<run_id>:<n>`` where ``n`` is the event's position in
 the run (1-based); it doubles as the ``Nats-Msg-Id`` so a retried append deduplicates.
 
@@ -179,6 +178,21 @@ def encode_event(event: Event) -> bytes:
 def decode_event(data: bytes) -> Event:
     event: Event = _decoder.decode(data)
     return event
+
+
+class _Kind(msgspec.Struct):
+    type: str = ""
+
+
+_kind_decoder = msgspec.json.Decoder(_Kind)
+
+
+def event_kind(data: bytes) -> str:
+    """The ``type`` of an encoded event, without decoding the rest ("" if unreadable)."""
+    try:
+        return _kind_decoder.decode(data).type
+    except msgspec.DecodeError:
+        return ""
 
 
 def event_type(event: Event) -> str:

@@ -1,7 +1,7 @@
 """The history store: conditional appends and whole-history reads.
 
 This module is the one write path to history. Every append carries the run's expected last
-sequence (``Nats-Expected-Last-Subject-Sequence`` over ``natflow.history.<run_id>.>``) and a
+sequence (``Nats-Expected-Last-Subject-Sequence`` on ``natflow.history.<run_id>``) and a
 ``Nats-Msg-Id`` unique to this append (the event id plus a nonce), so a retry deduplicates and
 a writer can tell its own landed append from another writer's event at the same position.
 The expected sequence is also the fencing token: a writer that read an older history, such as
@@ -23,9 +23,9 @@ from ._connection import (
     retrying,
 )
 from ._errors import NatflowError
-from ._events import Event, decode_event, encode_event, event_type
+from ._events import Event, decode_event, encode_event
 from ._reader import reader
-from ._streams import HISTORY_STREAM, history_filter, history_subject
+from ._streams import HISTORY_STREAM, history_subject
 
 log = logging.getLogger("natflow.history")
 
@@ -73,11 +73,10 @@ class HistoryStore:
         by id to tell "it landed" from "someone else wrote".
         """
         data = encode_event(event)
-        subject = history_subject(run_id, event_type(event))
+        subject = history_subject(run_id)
         msg_id = f"{event.id}:{uuid.uuid4().hex[:16]}"
         headers = {
             "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
-            "Nats-Expected-Last-Subject-Sequence-Subject": history_filter(run_id),
             "Nats-Msg-Id": msg_id,
         }
 
@@ -118,7 +117,7 @@ class HistoryStore:
         return decode_event(msg.data), int((msg.headers or {})["Nats-Sequence"])
 
     async def _last_msg(self, run_id: str) -> Msg | None:
-        subject = f"{self._conn.api}.DIRECT.GET.{HISTORY_STREAM}.{history_filter(run_id)}"
+        subject = f"{self._conn.api}.DIRECT.GET.{HISTORY_STREAM}.{history_subject(run_id)}"
         msg = await self._conn.request(subject, b"")
         headers = msg.headers or {}
         if headers.get("Status") == "404":
@@ -134,5 +133,5 @@ class HistoryStore:
         )
 
     async def _read(self, run_id: str) -> History:
-        page = await self._reader.read_all(HISTORY_STREAM, history_filter(run_id))
+        page = await self._reader.read_all(HISTORY_STREAM, history_subject(run_id))
         return History(run_id, [decode_event(m.data) for m in page.messages], page.last_seq)

@@ -222,13 +222,25 @@ _known_workflows: set[str] = set()
 
 
 def _know(workflow: str) -> None:
-    """Give a workflow's closed and blocked counters a zero sample, so ratios have data."""
+    """Give a workflow's engine counters a zero sample, so rates and ratios have data."""
     if workflow in _known_workflows:
         return
     _known_workflows.add(workflow)
     for status in ("completed", "failed", "cancelled"):
         RUNS_CLOSED.labels(workflow, status)
     NONDETERMINISM.labels(workflow)
+    SIGNALS_RECEIVED.labels(workflow)
+
+
+def prepare_worker(workflows: Iterable[str], queues: Iterable[str]) -> None:
+    """Give a worker's counters a zero sample before their first event."""
+    SIGNALS_REJECTED.labels("worker")
+    for queue in queues:
+        TAKEOVERS.labels(queue, "redelivered")
+    for workflow in workflows:
+        SIGNALS_DELIVERED.labels(workflow)
+        for write in ("claim", "append", "lease"):
+            FENCED.labels(workflow, write)
 
 
 def observe_run(event: Event, info: RunInfo) -> None:
@@ -340,6 +352,7 @@ class EngineMetrics:
         self._runs_every = max(1, runs_every)
         self._timers_pending = timers_pending
         self.polls = 0
+        SIGNALS_REJECTED.labels("engine")
 
     async def run(self) -> None:
         while True:
@@ -364,7 +377,8 @@ class EngineMetrics:
         found: list[_ConsumerState] = []
         while True:
             body = msgspec.json.encode({"offset": len(found)})
-            msg = await self._conn.request(f"$JS.API.CONSUMER.LIST.{TASK_STREAM}", body)
+            subject = f"{self._conn.api}.CONSUMER.LIST.{TASK_STREAM}"
+            msg = await self._conn.request(subject, body)
             page = _list_decoder.decode(msg.data)
             if page.error is not None:
                 raise NatflowError(f"cannot list task consumers: {page.error.description}")
@@ -381,6 +395,7 @@ class EngineMetrics:
             if not c.name.startswith(QUEUE_CONSUMER_PREFIX):
                 continue
             key = (c.name[len(QUEUE_CONSUMER_PREFIX) :],)
+            TAKEOVERS.labels(key[0], "reaped")
             pending[key] = float(c.num_pending)
             acks[key] = float(c.num_ack_pending)
             redelivered[key] = float(c.num_redelivered)

@@ -2,8 +2,10 @@
 
 Layout (all names are public and documented in the README):
 
-* ``NATFLOW_HISTORY``: one subject family per run, ``natflow.history.<run_id>.<event type>``;
-  file storage, direct get on, append-only (nothing ever rewrites a run's history).
+* ``NATFLOW_HISTORY``: one subject per run, ``natflow.history.<run_id>``; file storage,
+  direct get on, append-only (nothing ever rewrites a run's history). A literal subject per
+  run lets the server find a run's events through its subject index, however large the
+  stream grows (a wildcard per run would make it scan).
 * ``NATFLOW_TASKS``: work queue ``natflow.task.<queue>.<run_id>``, at most one pending task per
   run (``discard_new_per_subject``), one durable pull consumer per queue.
 * ``NATFLOW_RUNS``: the run index, ``natflow.runs.<run_id>``, the latest summary of each run;
@@ -43,12 +45,8 @@ DEADLETTER_PREFIX: Final = "natflow.deadletter"
 RETENTION_DAYS: Final = 30
 
 
-def history_subject(run_id: str, event_type: str) -> str:
-    return f"{HISTORY_PREFIX}.{run_id}.{event_type}"
-
-
-def history_filter(run_id: str) -> str:
-    return f"{HISTORY_PREFIX}.{run_id}.>"
+def history_subject(run_id: str) -> str:
+    return f"{HISTORY_PREFIX}.{run_id}"
 
 
 def task_subject(queue: str, run_id: str) -> str:

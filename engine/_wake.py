@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
+
 from ._connection import Connection
 from ._events import RunStarted, decode_event
 from ._leases import Leases
@@ -24,9 +26,9 @@ def wake_subject(identity: str) -> str:
 
 
 async def run_start(conn: Connection, run_id: str) -> RunStarted | None:
-    """The run's ``run_started`` event (one direct get), or None if there is no such run."""
-    subject = history_subject(run_id, "run_started")
-    msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}.{subject}", b"")
+    """The run's ``run_started`` event, its first (one direct get), or None if there is none."""
+    body = msgspec.json.encode({"seq": 1, "next_by_subj": history_subject(run_id)})
+    msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}", body)
     if "Status" in (msg.headers or {}):
         return None
     event = decode_event(msg.data)

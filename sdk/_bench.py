@@ -49,6 +49,7 @@ from engine._events import (
     RunStarted,
     StepCompleted,
     decode_event,
+    event_kind,
     utcnow,
 )
 from engine._history import HistoryStore
@@ -59,7 +60,7 @@ from engine._streams import (
     RUNS_STREAM,
     TASK_PREFIX,
     TASK_STREAM,
-    history_filter,
+    history_subject,
     queue_consumer,
     replicas,
     runs_subject,
@@ -454,7 +455,7 @@ class Bench:
 
         async def on_end(msg: Any) -> None:
             run_id = msg.subject.split(".")[2]
-            if run_id not in wanted:
+            if run_id not in wanted or event_kind(msg.data) not in ("run_completed", "run_failed"):
                 return
             event = decode_event(msg.data)
             if isinstance(event, RunCompleted):
@@ -465,10 +466,7 @@ class Bench:
                 finished.set()
 
         nc = self.client.connection.nc
-        subs = [
-            await nc.subscribe(f"{HISTORY_PREFIX}.*.{kind}", cb=on_end)
-            for kind in ("run_completed", "run_failed")
-        ]
+        subs = [await nc.subscribe(f"{HISTORY_PREFIX}.*", cb=on_end)]
         await nc.flush()
 
         async def start(run_id: str) -> None:
@@ -619,7 +617,7 @@ class Bench:
             await jsm.delete_consumer(TASK_STREAM, queue_consumer(BENCH_QUEUE))
         for run_id in self.run_ids:
             with _quietly():
-                await jsm.purge_stream(HISTORY_STREAM, subject=history_filter(run_id))
+                await jsm.purge_stream(HISTORY_STREAM, subject=history_subject(run_id))
                 await jsm.purge_stream(RUNS_STREAM, subject=runs_subject(run_id))
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import anyio
 
 from engine import InvalidInput, ServerUnavailable
-from engine._cli import connect_options
+from engine._cli import add_metrics_options, connect_options
+from engine._metrics import DEFAULT_WORKER_PORT, serve_metrics
 
 from ._client import Client
 from ._worker import Worker
@@ -39,6 +40,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--grace", type=float, default=30.0, help="seconds to finish held runs on SIGTERM"
     )
+    add_metrics_options(p, DEFAULT_WORKER_PORT, "NATFLOW_WORKER_METRICS_PORT")
     p.set_defaults(handler=run_worker_command)
 
 
@@ -86,6 +88,7 @@ async def _connect_with_retry(args: argparse.Namespace) -> Client:
 
 async def run_worker_command(args: argparse.Namespace) -> int:
     workflows, factory = load_target(args.target)
+    serve_metrics(args.metrics_port, args.metrics_host)
     client = await _connect_with_retry(args)
     try:
         if factory is not None:

@@ -26,14 +26,14 @@ from engine import (
 )
 from engine._codec import decode_value, encode_value
 from engine._connection import Connection
-from engine._events import Event, RunCompleted, decode_event, utcnow
+from engine._events import Event, RunCompleted, decode_event, event_kind, utcnow
 from engine._events import RunFailed as RunFailedEvent
 from engine._index import RunIndex
 from engine._names import check_run_id, check_token
 from engine._runs import Runs
 from engine._signals import send as send_signal
 from engine._state import CLOSED_STATUSES
-from engine._streams import HISTORY_STREAM, ensure_streams, history_filter, history_subject
+from engine._streams import HISTORY_STREAM, ensure_streams, history_subject
 
 from ._workflow import Workflow
 
@@ -66,15 +66,11 @@ class RunHandle:
         nc = self._client.connection.nc
         ended: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
 
-        async def on_end(msg: Msg) -> None:
-            if not ended.done():
+        async def on_event(msg: Msg) -> None:
+            if not ended.done() and event_kind(msg.data) in _TERMINAL_TYPES:
                 ended.set_result(decode_event(msg.data))
 
-        # Only the final events: a busy run's step events never reach this client.
-        subs = [
-            await nc.subscribe(history_subject(self.run_id, kind), cb=on_end)
-            for kind in _TERMINAL_TYPES
-        ]
+        subs = [await nc.subscribe(history_subject(self.run_id), cb=on_event)]
         try:
             with anyio.fail_after(seconds):
                 while True:
@@ -247,7 +243,7 @@ class Client:
         """The run's events as they are appended, from the first one on."""
         check_run_id(run_id)
         sub = await self._conn.js.subscribe(
-            history_filter(run_id), stream=HISTORY_STREAM, ordered_consumer=True
+            history_subject(run_id), stream=HISTORY_STREAM, ordered_consumer=True
         )
         try:
             async for msg in sub.messages:

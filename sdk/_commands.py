@@ -8,8 +8,9 @@ name; a mismatch is a divergence (:class:`~engine.NonDeterminismError`).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +46,8 @@ class StepCommand(Command):
     retry: RetryPolicy
     timeout: float | None
     result_type: Any
+    workflow: str = ""  # for metrics and logs
+    issued_at: float = field(default_factory=time.monotonic)  # or when its retry came due
 
     kind = "step"
 

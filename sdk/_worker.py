@@ -9,7 +9,6 @@ announces itself in the worker registry.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -32,7 +31,14 @@ from engine._events import RunStarted, utcnow
 from engine._history import HistoryStore
 from engine._leases import Lease, Leases
 from engine._logs import fields
-from engine._metrics import EXECUTIONS, FENCED, RUNS_HELD, TASK_LAG, serve_metrics
+from engine._metrics import (
+    EXECUTIONS,
+    FENCED,
+    RUNS_HELD,
+    TASK_LAG,
+    prepare_worker,
+    serve_metrics,
+)
 from engine._names import check_queue
 from engine._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
 from engine._signals import last_signal_seq
@@ -185,6 +191,7 @@ class Worker:
     async def run(self) -> None:
         """Serve until cancelled or :meth:`shutdown` is called."""
         await ensure_streams(self._conn)
+        prepare_worker(self._workflows, self.queues)
         if self._metrics_port:
             serve_metrics(self._metrics_port)
         pullers = [await self._subscribe(queue) for queue in self.queues]
@@ -288,18 +295,10 @@ class Worker:
 
     async def _ask(self, puller: TaskPuller) -> None:
         """Keep as many tasks asked for as there are free run slots."""
-        while True:
-            if puller.refused:
-                puller.refused = False
-                await anyio.sleep(1.0)
-                with contextlib.suppress(NatflowError, nats.errors.Error, nats.js.errors.Error):
-                    await ensure_consumer(self._conn, puller.queue, self.lease_ttl)
-            if puller.stale():
-                puller.pending = 0
-            changed = puller.changed
-            await self._quietly(puller.request(self._slots.value - puller.pending))
-            with anyio.move_on_after(1.0):
-                await changed.wait()
+        await puller.keep_asking(
+            lambda: self._slots.value,
+            on_refused=lambda: ensure_consumer(self._conn, puller.queue, self.lease_ttl),
+        )
 
     async def _take(self, puller: TaskPuller, runs: anyio.abc.TaskGroup) -> None:
         async for msg in puller.tasks:

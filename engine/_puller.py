@@ -1,0 +1,124 @@
+"""Pulling from a durable consumer with raw ``CONSUMER.MSG.NEXT`` requests.
+
+Each pull request asks for as many messages as the caller can take and lingers until they
+arrive or it expires; every message is handed over the moment it arrives. (nats-py's
+``fetch(n)`` instead waits for all ``n`` or for its timeout, which would hold a lone message
+for seconds on an idle consumer.) Requests the server forgot (a restart, an expiry it
+reported) are re-issued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+from nats.aio.msg import Msg
+
+from ._connection import Connection
+from ._errors import NatflowError
+
+log = logging.getLogger("natflow.pull")
+
+_encoder = msgspec.json.Encoder()
+
+
+class Puller:
+    def __init__(
+        self, conn: Connection, stream: str, consumer: str, *, expires: float = 5.0
+    ) -> None:
+        self._conn = conn
+        self.consumer = consumer
+        self._expires = expires
+        self._subject = f"{conn.api}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = conn.nc.new_inbox()
+        self._send, self.messages = anyio.create_memory_object_stream[Msg](math.inf)
+        self._sub: Any = None
+        self.pending = 0  # messages asked for and not yet delivered
+        self._requested_at = 0.0
+        self.refused = False  # the server turned a request down: back off, re-check consumer
+        self.changed = anyio.Event()
+        conn.on_reconnect.append(self._forget_requests)
+
+    async def start(self) -> None:
+        self._sub = await self._conn.nc.subscribe(self._inbox, cb=self._on_msg)
+
+    async def stop(self) -> None:
+        """Withdraw interest: the server drops this puller's requests, delivering nothing
+        more to it (a message delivered to a dead inbox would wait out its ack deadline)."""
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        self._send.close()
+
+    async def request(self, count: int) -> None:
+        if count <= 0 or self._sub is None:
+            return
+        body = _encoder.encode({"batch": count, "expires": int(self._expires * 1e9)})
+        await self._conn.nc.publish(self._subject, body, reply=self._inbox)
+        self.pending += count
+        self._requested_at = time.monotonic()
+
+    async def keep_asking(
+        self, capacity: Callable[[], int], on_refused: Callable[[], Any] | None = None
+    ) -> None:
+        """Forever keep ``capacity()`` messages asked for (less those still pending)."""
+        while True:
+            if self.refused:
+                self.refused = False
+                await anyio.sleep(1.0)
+                if on_refused is not None:
+                    with contextlib.suppress(NatflowError, Exception):
+                        await on_refused()
+            if self.stale():
+                self.pending = 0
+            changed = self.changed
+            try:
+                await self.request(capacity() - self.pending)
+            except Exception as exc:  # disconnected: the reconnect hook resets, retry soon
+                log.debug("pull request on %s failed: %s", self.consumer, exc)
+            with anyio.move_on_after(1.0):
+                await changed.wait()
+
+    def stale(self) -> bool:
+        """True when outstanding requests should have expired long ago (none reported)."""
+        return self.pending > 0 and time.monotonic() - self._requested_at > self._expires + 2
+
+    def _forget_requests(self) -> None:
+        self.pending = 0
+        self._notify()
+
+    def wake(self) -> None:
+        """Something changed (capacity freed): re-check how many messages to ask for."""
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if status is None:
+            self.pending = max(0, self.pending - 1)
+            self._send.send_nowait(msg)
+        elif status == "100":
+            return  # idle heartbeat
+        else:  # 408 expired / 409 refused / 404 none: the request's undelivered rest is void
+            left = int(headers.get("Nats-Pending-Messages", "0")) if headers else 0
+            if status != "408" and not left:
+                log.warning(
+                    "pull request on %s refused: %s %s",
+                    self.consumer,
+                    status,
+                    headers.get("Description", "") if headers else "",
+                )
+                left = self.pending
+                self.refused = True
+            self.pending = max(0, self.pending - left)
+        self._notify()
