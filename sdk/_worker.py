@@ -381,10 +381,6 @@ class Worker:
                 await self._quietly(msg.ack())  # the engine's start timer wakes it on time
                 return
             await anyio.sleep(max(0.0, early))
-        held.lease, held.revision = await self._leases.acquire(
-            run_id, self.identity, held.queue, msg.reply, self.lease_ttl
-        )
-        held.renewed_at = time.monotonic()
         delivered = msg.metadata.num_delivered or 1
         held.execution = RunExecution(
             workflow=workflow,
@@ -397,7 +393,11 @@ class Worker:
         )
         if self._stopping.is_set():
             held.execution.drain()
-        outcome = await held.execution.execute()
+        async with anyio.create_task_group() as tg:
+            # The lease makes ownership visible and lets the engine hand the run back if this
+            # process dies; the claim append is the fence. Neither waits for the other.
+            tg.start_soon(self._take_lease, held)
+            outcome = await held.execution.execute()
         EXECUTIONS.labels(workflow.name, outcome.value).inc()
         if outcome in (Outcome.COMPLETED, Outcome.FAILED):
             log.info(
@@ -430,6 +430,16 @@ class Worker:
             woken = await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor
         if woken:
             await enqueue(self._conn, held.queue, Task(run_id=held.run_id, reason="recheck"))
+
+    async def _take_lease(self, held: _Held) -> None:
+        try:
+            held.lease, held.revision = await self._leases.acquire(
+                held.run_id, self.identity, held.queue, held.msg.reply, self.lease_ttl
+            )
+        except NatflowError as exc:  # advisory: the claim append still fences other holders
+            log.warning("run %s: could not write its lease (%s)", held.run_id, exc)
+            return
+        held.renewed_at = time.monotonic()
 
     async def _hand_back(self, held: _Held) -> None:
         await self._quietly(held.msg.nak())
