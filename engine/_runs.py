@@ -10,7 +10,7 @@ import msgspec
 
 from ._connection import Connection
 from ._errors import RunNotFound
-from ._events import Event, RunStarted, utcnow
+from ._events import Event, RunStarted, encode_event, utcnow
 from ._history import AppendConflict, HistoryStore
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
@@ -18,6 +18,8 @@ from ._streams import ensure_streams
 from ._tasks import Task, enqueue
 
 log = logging.getLogger("natflow.runs")
+
+_INLINE_START = 16 * 1024  # a larger start event is read from history instead
 
 
 def new_run_id() -> str:
@@ -64,7 +66,7 @@ class Runs:
             not_before=not_before,
         )
         try:
-            await self.history.append(run_id, event, 0)
+            seq = await self.history.append(run_id, event, 0)
         except AppendConflict:
             info = await self.describe(run_id)
             if info.status == "pending" and not_before is None:
@@ -72,7 +74,16 @@ class Runs:
                 await enqueue(self.conn, info.queue, Task(run_id=run_id, workflow=info.workflow))
             return run_id, False
         if not_before is None:  # a delayed start is woken by the engine's timer
-            await enqueue(self.conn, queue, Task(run_id=run_id, workflow=workflow, reason="start"))
+            encoded = encode_event(event)
+            inline = len(encoded) <= _INLINE_START
+            task = Task(
+                run_id=run_id,
+                workflow=workflow,
+                reason="start",
+                start_seq=seq if inline else 0,
+                start=msgspec.Raw(encoded if inline else b"null"),
+            )
+            await enqueue(self.conn, queue, task)
         return run_id, True
 
     async def events(self, run_id: str) -> list[Event]:

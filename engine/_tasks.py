@@ -30,6 +30,11 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     run_id: str
     workflow: str = ""
     reason: str = ""
+    # A new run's task carries its first event and that event's stream sequence, so the
+    # worker can claim it without reading history first; if the run has moved on since,
+    # the claim's conditional append fails and the worker reads history after all.
+    start_seq: int = 0  # 0: not inline
+    start: msgspec.Raw = msgspec.Raw(b"null")
 
 
 _task_encoder = msgspec.json.Encoder()

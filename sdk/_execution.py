@@ -97,6 +97,7 @@ class Outcome(enum.Enum):
     BLOCKED = "blocked"
     SUSPENDED = "suspended"  # waits for a timer or a signal; the worker lets it go
     LOST = "lost"  # another worker holds the run now; this one steps back
+    STALE = "stale"  # a claim without reading history met a newer one: read it and retry
     HANDED_BACK = "handed_back"  # the worker is draining; running steps were recorded
 
 
@@ -126,6 +127,7 @@ class RunExecution:
         identity: str,
         runtime: StepRuntime,
         delivery: int = 1,
+        optimistic: bool = False,
     ) -> None:
         start = history.events[0]
         assert isinstance(start, RunStarted)
@@ -141,6 +143,7 @@ class RunExecution:
         self._identity = identity
         self._runtime = runtime
         self._delivery = delivery
+        self._optimistic = optimistic  # history was not read: a claim conflict is no verdict
         self._count = len(history.events)
         self._last_seq = history.last_seq
         self._last_event = history.events[-1]
@@ -331,7 +334,7 @@ class RunExecution:
             if not await self._has_work():
                 return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
             if not await self._claim():
-                return Outcome.LOST
+                return Outcome.STALE if self._optimistic else Outcome.LOST
             send, receive = anyio.create_memory_object_stream[Item](math.inf)
             self._send = send
             try:
@@ -482,6 +485,8 @@ class RunExecution:
                 )
             )
         except _Fenced:
+            if self._optimistic:
+                return False
             FENCED.labels(self.workflow.name, "claim").inc()
             log.info(
                 "run %s: claimed by another worker first; stepping back",

@@ -27,8 +27,8 @@ from nats.aio.msg import Msg
 
 from engine import InvalidInput, NatflowError
 from engine._connection import TRANSIENT
-from engine._events import RunStarted, utcnow
-from engine._history import HistoryStore
+from engine._events import RunStarted, decode_event, utcnow
+from engine._history import History, HistoryStore
 from engine._leases import Lease, Leases
 from engine._logs import fields
 from engine._metrics import (
@@ -330,7 +330,7 @@ class Worker:
             RUNS_HELD.inc()
             self._observe_lag(held)
             with held.scope:
-                await self._process(held)
+                await self._process(held, task)
             if held.scope.cancelled_caught and held.lost:
                 log.info(
                     "run %s: lease taken by another worker; stepping back",
@@ -357,9 +357,13 @@ class Worker:
             for puller in self._pullers:
                 puller.wake()
 
-    async def _process(self, held: _Held) -> None:
+    async def _process(self, held: _Held, task: Task) -> None:
         msg, run_id = held.msg, held.run_id
-        history = await self._store.read(run_id)
+        fresh = task.start_seq > 0 and msg.metadata.num_delivered == 1
+        if fresh:  # a new run's first delivery: its whole history is in the task
+            history = History(run_id, [decode_event(task.start)], task.start_seq)
+        else:
+            history = await self._store.read(run_id)
         info = fold_run(run_id, history.events)
         if info is None:
             log.warning("task for unknown run %s; dropping it", run_id)
@@ -390,6 +394,7 @@ class Worker:
             identity=self.identity,
             runtime=self._runtime,
             delivery=delivered,
+            optimistic=fresh,
         )
         if self._stopping.is_set():
             held.execution.drain()
@@ -408,6 +413,8 @@ class Worker:
         elif outcome is Outcome.BLOCKED:
             await self._quietly(msg.nak(delay=_BLOCKED_DELAYS[min(delivered, 5) - 1]))
             await self._release(held)
+        elif outcome is Outcome.STALE:  # the run moved on since the task was written
+            await self._process(held, Task(run_id=run_id, workflow=task.workflow))
         elif outcome is Outcome.HANDED_BACK:
             await self._hand_back(held)
         elif outcome is Outcome.SUSPENDED:
