@@ -70,25 +70,31 @@ from ._bench_procs import CpuWindow, Progress, WorkerProcesses
 from ._bench_report import (
     BenchReport,
     Environment,
+    KillRestart,
     Raw,
     Replay,
     Sequential,
     StartLatency,
     Throughput,
+    Timers,
     evaluate,
     render,
     stats,
 )
-from ._bench_workflows import BENCH_QUEUE, STEP_NAME, ReplayTimes, bench_steps
+from ._bench_waits import (
+    engine_process,
+    engine_ready,
+    kill_to_restart,
+    pulls_waiting,
+    timer_lateness,
+)
+from ._bench_workflows import BENCH_QUEUE, MARKS_ENV, STEP_NAME, ReplayTimes, bench_steps
 from ._client import Client
 
 log = logging.getLogger("natflow.bench")
 
-PHASES = 5
-PENDING = {
-    "timers": "wake-up lateness p50/p99 of K timers (ctx.sleep)",
-    "kill_to_restart": "SIGKILL a worker mid-step, time until the step restarts elsewhere",
-}
+PHASES = 7
+PENDING: dict[str, str] = {}
 REPLAY_QUEUE = "natflow-bench-replay"  # served by no worker: replay histories stay untouched
 _PAYLOAD = b"x" * 300
 _THREE = 3
@@ -108,6 +114,9 @@ class Sizes:
     replay_events: tuple[int, ...] = (1000, 10_000)
     replay_repeat: int = 5
     concurrency: int = 100
+    timers: int = 200
+    timer_sleep: float = 1.5  # over the 1 s a worker would wait for itself: the engine wakes it
+    kill_rounds: int = 5
 
 
 QUICK = Sizes(
@@ -118,6 +127,8 @@ QUICK = Sizes(
     idle_samples=5,
     replay_events=(100, 1000),
     replay_repeat=3,
+    timers=20,
+    kill_rounds=1,
 )
 
 
@@ -200,16 +211,22 @@ class Bench:
         self.server = server
         self.quick = bool(args.quick)
         self._options = connect_options(args)
+        self._dir = Path(tempfile.mkdtemp(prefix="natflow-bench-"))
         self._env = self._child_env(args)
         self.nonce = uuid.uuid4().hex[:8]
         self.progress = Progress(PHASES)
         self.run_ids: list[str] = []
-        self._dir = Path(tempfile.mkdtemp(prefix="natflow-bench-"))
         self._load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         self._client: Client | None = None
 
     def _child_env(self, args: argparse.Namespace) -> dict[str, str]:
-        env = {**os.environ, "NATFLOW_URL": self.url, "NATFLOW_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "NATFLOW_URL": self.url,
+            "NATFLOW_LOG_LEVEL": "WARNING",
+            "NATFLOW_WORKER_METRICS_PORT": "0",
+            MARKS_ENV: str(self._dir / "marks"),
+        }
         for name in ("creds", "user", "password", "token", "tls_ca", "tls_cert", "tls_key"):
             value = getattr(args, name, None)
             if value:
@@ -236,7 +253,7 @@ class Bench:
             throughput = await self.throughput()
             idle = await self.start_latency()
             replay = await self.replay()
-            # Timer lateness and kill-to-restart phases go here (see PENDING).
+            timers, kill = await self.waits()
             ok = True
         finally:
             if self.server is None:
@@ -255,6 +272,8 @@ class Bench:
             throughput=throughput,
             start_latency=idle,
             replay=replay,
+            timers=timers,
+            kill_to_restart=kill,
             pending=dict(PENDING),
             targets=[],
         )
@@ -608,6 +627,37 @@ class Bench:
         return msgspec.json.decode(out, type=ReplayTimes)
 
     # -- cleanup on a server the bench does not own ----------------------------------------
+
+    # -- 6 and 7. with the engine: timers, kill to restart ---------------------------------
+
+    async def waits(self) -> tuple[Timers, KillRestart]:
+        with engine_process(self._env, self._dir / "engine.log"):
+            await engine_ready(self.client)
+            self.progress.begin(f"timers: {self.sizes.timers} sleeps of {self.sizes.timer_sleep} s")
+            async with self.workers("timers", 1):
+                ids = [self.run_id(f"timer-{i}") for i in range(self.sizes.timers)]
+                timers = await timer_lateness(self.client, ids, self.sizes.timer_sleep)
+            t = timers.lateness_ms
+            self.progress.end(f"lateness p50 {t.p50:.1f} ms, p99 {t.p99:.1f} ms")
+            self.progress.begin(f"kill to restart, {self.sizes.kill_rounds} rounds")
+            kills = [self.run_id(f"kill-{i}") for i in range(self.sizes.kill_rounds)]
+            kill = await kill_to_restart(
+                self.client,
+                self._one_worker,
+                self._dir / "marks",
+                kills,
+                lambda n: pulls_waiting(self.client, n),
+            )
+            self.progress.end(f"median {kill.restart_ms.p50:.0f} ms")
+        return timers, kill
+
+    def _one_worker(self) -> WorkerProcesses:
+        n = len(list(self._dir.glob("worker-kill-*.log")))
+        procs = WorkerProcesses(
+            1, self._env, [self._dir / f"worker-kill-{n}.log"], self.sizes.concurrency
+        )
+        procs.start()
+        return procs
 
     async def _remove_bench_runs(self) -> None:
         jsm = self.client.connection.jsm

@@ -42,7 +42,30 @@ async def bench_steps(ctx: WorkflowContext, n: int) -> int:
     return n
 
 
-WORKFLOWS = [bench_steps]
+@workflow(name="natflow-bench-sleep", queue=BENCH_QUEUE)
+async def bench_sleep(ctx: WorkflowContext, seconds: float) -> None:
+    """One durable sleep: the engine's timer wakes the run (nothing holds it meanwhile)."""
+    await ctx.sleep("t", seconds)
+
+
+MARKS_ENV = "NATFLOW_BENCH_MARKS"
+
+
+def marked_step(seconds: float) -> int:
+    """A step that notes which process started it and when (a line in ``$MARKS_ENV``)."""
+    with open(os.environ[MARKS_ENV], "a") as out:
+        out.write(f"{os.getpid()} {time.time():.6f}\n")
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@workflow(name="natflow-bench-kill", queue=BENCH_QUEUE)
+async def bench_kill(ctx: WorkflowContext, seconds: float) -> int:
+    """One long step, for killing its worker in the middle of it."""
+    return await ctx.step("slow", marked_step, seconds)
+
+
+WORKFLOWS = [bench_steps, bench_sleep, bench_kill]
 
 
 class ReplayTimes(msgspec.Struct, kw_only=True):

@@ -33,11 +33,11 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=150,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert "[5/5] replay" in done.stderr  # the progress lines went to stderr, not stdout
+    assert "[5/7] replay" in done.stderr  # the progress lines went to stderr, not stdout
 
     assert report["version"] == 1 and report["quick"] is True
     assert report["environment"]["embedded"] is True
@@ -74,7 +74,13 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
             assert_number(replay[key])
         assert_stats(replay["append_ms"], count=replay["events"] - 2)
 
-    assert set(report["pending"]) == {"timers", "kill_to_restart"}
+    timers = report["timers"]
+    assert timers["fired_once"] is True and timers["early"] == 0
+    assert_stats(timers["lateness_ms"], count=timers["count"])
+    kill = report["kill_to_restart"]
+    assert_stats(kill["restart_ms"], count=kill["rounds"])
+
+    assert report["pending"] == {}
     names = [t["name"] for t in report["targets"]]
     assert names == [
         "sequential step p50",
@@ -82,6 +88,8 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
         "throughput, runs/s of 3 steps",
         "idle start to first step p50",
         "replay of 10,000 events",
+        "timer wake-up lateness p99",
+        "kill to restart elsewhere, median",
     ]
     by_name = {t["name"]: t for t in report["targets"]}
     assert by_name["replay of 10,000 events"]["met"] is None  # --quick replays 1,000 at most
@@ -94,7 +102,7 @@ def test_bench_table_is_the_default_output() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=150,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
