@@ -15,7 +15,7 @@ from ._errors import InvalidInput, NatflowError
 from ._names import check_run_id, check_token
 from ._registry import list_workers
 from ._runs import Runs
-from ._signals import dead_letters, send
+from ._signals import CANCEL, TERMINATE, dead_letters, send
 from ._streams import ensure_streams
 
 Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
@@ -39,6 +39,18 @@ def register(sub: Any, opener: Opener) -> None:
     p.add_argument("payload", nargs="?", default=None, help="JSON (default: null)")
     p.add_argument("--signal-id", default=None, help="deduplicates: the same id is sent once")
     p.set_defaults(handler=signal)
+
+    async def cancel(args: argparse.Namespace) -> int:
+        return await _with(opener, args, _cancel)
+
+    for name, help_ in (
+        ("cancel", "cancel a run (its cleanup runs)"),
+        ("terminate", "stop a run at once"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("run_id")
+        p.add_argument("--reason", default=None)
+        p.set_defaults(handler=cancel, control=name)
 
     p = sub.add_parser("workers", help="list live workers")
     p.add_argument("--json", action="store_true")
@@ -82,6 +94,18 @@ async def _signal(conn: Connection, args: argparse.Namespace) -> int:
         f"signal {args.name!r} to {args.run_id}: stored as #{ack.seq}"
         + (" (duplicate)" if ack.duplicate else "")
     )
+    return 0
+
+
+async def _cancel(conn: Connection, args: argparse.Namespace) -> int:
+    check_run_id(args.run_id)
+    info = await Runs(conn).describe(args.run_id)
+    if info.is_closed:
+        print(f"run {args.run_id} has already {info.status}; nothing to do")
+        return 0
+    kind = CANCEL if args.control == "cancel" else TERMINATE
+    await send(conn, args.run_id, kind, msgspec.json.encode(args.reason), None)
+    print(f"{args.control} requested for run {args.run_id}")
     return 0
 
 

@@ -59,6 +59,8 @@ RUN_EVENTS: Final = (
     "timer_scheduled",
     "signal_waited",
     "timer_fired",
+    "run_cancelled",
+    "run_terminated",
 )
 
 

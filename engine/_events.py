@@ -140,6 +140,26 @@ class RunBlocked(_Event, tag="run_blocked", kw_only=True, frozen=True):
     error: ErrorInfo
 
 
+class CancelRequested(_Event, tag="cancel_requested", kw_only=True, frozen=True):
+    """``client.cancel`` (or ``terminate``) reached the run, moved in like a signal."""
+
+    signal_seq: int
+    reason: str | None = None
+    terminate: bool = False
+
+
+class RunCancelled(_Event, tag="run_cancelled", kw_only=True, frozen=True):
+    """The workflow ended by its cancellation (its cleanup, if any, has run)."""
+
+    reason: str | None = None
+
+
+class RunTerminated(_Event, tag="run_terminated", kw_only=True, frozen=True):
+    """The run was stopped at once; no workflow code ran after the request."""
+
+    reason: str | None = None
+
+
 class RunCompleted(_Event, tag="run_completed", kw_only=True, frozen=True):
     result: msgspec.Raw = NULL
 
@@ -161,11 +181,14 @@ Event = (
     | SignalRejected
     | PatchMarked
     | RunBlocked
+    | CancelRequested
+    | RunCancelled
+    | RunTerminated
     | RunCompleted
     | RunFailed
 )
 
-TERMINAL_EVENTS: Final = (RunCompleted, RunFailed)
+TERMINAL_EVENTS: Final = (RunCompleted, RunFailed, RunCancelled, RunTerminated)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Event)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
+import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -44,6 +45,10 @@ from ._wake import run_start, wake
 log = logging.getLogger("natflow.signals")
 
 INTAKE: Final = "natflow-engine-signals"
+# Reserved names: `$` is outside the characters a user's signal name may use.
+CANCEL: Final = "$cancel"
+TERMINATE: Final = "$terminate"
+CONTROL: Final = (CANCEL, TERMINATE)
 _MAX_SHOWN_PAYLOAD: Final = 2048
 
 
@@ -73,6 +78,8 @@ def parse(msg: Msg, seq: int) -> Signal:
         raise BadSignal(seq, subject, name, "subject must be natflow.signal.<run_id>.<signal_name>")
     run_id = tokens[2]
     for kind, value in (("run id", run_id), ("signal name", name)):
+        if value in CONTROL and kind == "signal name":
+            continue
         if _TOKEN.fullmatch(value) is None:
             raise BadSignal(
                 seq, subject, name, f"invalid {kind} {value!r}: use A-Z, a-z, 0-9, '_' and '-'"
@@ -190,16 +197,25 @@ class SignalIntake:
             lambda: self._conn.jsm.add_consumer(SIGNAL_STREAM, config=config),
         )
         sub = await self._conn.js.pull_subscribe_bind(durable=INTAKE, stream=SIGNAL_STREAM)
-        while True:
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(batch=1, timeout=5)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                    log.warning("signal intake fetch failed (%s)", exc)
+                    continue
+                for msg in msgs:
+                    await self._take(msg)
+        finally:
+            # Shielded: a pull subscription left open holds up the connection's drain (nats-py
+            # leaves messages it fetched marked unfinished) for its whole 30 s timeout.
             try:
-                msgs = await sub.fetch(batch=1, timeout=5)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                log.warning("signal intake fetch failed (%s)", exc)
-                continue
-            for msg in msgs:
-                await self._take(msg)
+                with anyio.CancelScope(shield=True):
+                    await sub.unsubscribe()
+            except Exception:  # the connection is going away; the server drops the pull
+                log.debug("unsubscribe failed", exc_info=True)
 
     async def _take(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream

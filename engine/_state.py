@@ -9,12 +9,15 @@ import msgspec
 
 from ._errors import ErrorInfo
 from ._events import (
+    CancelRequested,
     Event,
     RunBlocked,
+    RunCancelled,
     RunClaimed,
     RunCompleted,
     RunFailed,
     RunStarted,
+    RunTerminated,
     SignalReceived,
     SignalWaited,
     StepCompleted,
@@ -196,6 +199,13 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     elif isinstance(event, RunCompleted):
         info.status = "completed"
         info.result = _value(event.result)
+        info.closed_at = event.at
+        info.current = None
+    elif isinstance(event, CancelRequested):
+        info.current = "terminating" if event.terminate else "cancelling"
+    elif isinstance(event, RunCancelled | RunTerminated):
+        info.status = "cancelled" if isinstance(event, RunCancelled) else "terminated"
+        info.error = ErrorInfo(type="RunCancelled", message=event.reason or info.status)
         info.closed_at = event.at
         info.current = None
     elif isinstance(event, RunFailed):

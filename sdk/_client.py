@@ -26,18 +26,20 @@ from engine import (
 )
 from engine._codec import decode_value, encode_value
 from engine._connection import Connection
-from engine._events import Event, RunCompleted, decode_event, event_kind, utcnow
+from engine._events import Event, RunCompleted, RunTerminated, decode_event, event_kind, utcnow
+from engine._events import RunCancelled as RunCancelledEvent
 from engine._events import RunFailed as RunFailedEvent
 from engine._index import RunIndex
 from engine._names import check_run_id, check_token
 from engine._runs import Runs
+from engine._signals import CANCEL, TERMINATE
 from engine._signals import send as send_signal
 from engine._state import CLOSED_STATUSES
 from engine._streams import HISTORY_STREAM, ensure_streams, history_subject
 
 from ._workflow import Workflow
 
-_TERMINAL_TYPES = ("run_completed", "run_failed")
+_TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
 
 
 class RunHandle:
@@ -99,6 +101,8 @@ class RunHandle:
             return self._typed(event.result)
         if isinstance(event, RunFailedEvent):
             raise RunFailed(self.run_id, event.error)
+        if isinstance(event, RunCancelledEvent | RunTerminated):
+            raise RunCancelled(self.run_id, event.reason)
         raise NatflowError(f"unexpected final event {event!r}")
 
     def _typed(self, data: bytes) -> Any:
@@ -192,6 +196,24 @@ class Client:
             not_before=utcnow() + timedelta(seconds=delay) if delay > 0 else None,
         )
         return RunHandle(self, started_id, definition)
+
+    async def cancel(self, run_id: str, reason: str | None = None) -> None:
+        """Cancel a run: ``asyncio.CancelledError`` is raised in the workflow at its next
+        await, so its ``finally`` blocks and cleanup steps run; then it ends as cancelled.
+        Cancelling a finished run does nothing; an unknown run is :class:`RunNotFound`."""
+        await self._control(run_id, CANCEL, reason)
+
+    async def terminate(self, run_id: str, reason: str) -> None:
+        """Stop a run at once: no more workflow code runs; it ends as terminated."""
+        await self._control(run_id, TERMINATE, reason)
+
+    async def _control(self, run_id: str, kind: str, reason: str | None) -> None:
+        check_run_id(run_id)
+        info = await self.describe(run_id)
+        if info.is_closed:
+            return
+        await ensure_streams(self._conn)
+        await send_signal(self._conn, run_id, kind, encode_value("reason", reason), None)
 
     async def signal(
         self, run_id: str, name: str, payload: Any = None, *, signal_id: str | None = None

@@ -40,13 +40,16 @@ from engine import (
 from engine._codec import decode_value, encode_value, error_info
 from engine._connection import Connection
 from engine._events import (
+    CancelRequested,
     Event,
     PatchMarked,
     RunBlocked,
+    RunCancelled,
     RunClaimed,
     RunCompleted,
     RunFailed,
     RunStarted,
+    RunTerminated,
     SignalReceived,
     SignalRejected,
     SignalWaited,
@@ -62,7 +65,15 @@ from engine._logs import fields
 from engine._metrics import FENCED, SIGNALS_DELIVERED, SIGNALS_REJECTED, STEPS, TAKEOVERS
 from engine._names import check_step_name, check_token
 from engine._retry import NO_RETRY
-from engine._signals import BadSignal, last_signal_seq, parse, pending_signals, sequence
+from engine._signals import (
+    CONTROL,
+    TERMINATE,
+    BadSignal,
+    last_signal_seq,
+    parse,
+    pending_signals,
+    sequence,
+)
 
 from ._commands import (
     Command,
@@ -88,7 +99,7 @@ log = logging.getLogger("natflow.worker")
 # A timer due sooner than this is waited for while holding the run; a later one lets it go.
 HOLD_TIMERS_UNDER = 1.0
 
-Delivered = StepCompleted | StepFailed | TimerFired | SignalReceived
+Delivered = StepCompleted | StepFailed | TimerFired | SignalReceived | CancelRequested
 
 
 class Outcome(enum.Enum):
@@ -99,6 +110,7 @@ class Outcome(enum.Enum):
     LOST = "lost"  # another worker holds the run now; this one steps back
     STALE = "stale"  # a claim without reading history met a newer one: read it and retry
     HANDED_BACK = "handed_back"  # the worker is draining; running steps were recorded
+    CANCELLED = "cancelled"  # cancelled (after its cleanup) or terminated
 
 
 class Evicted(BaseException):
@@ -161,6 +173,8 @@ class RunExecution:
         self._waiting: defaultdict[str, deque[WaitCommand]] = defaultdict(deque)
         self._evicted = False
         self._draining = False
+        self.cancelled: str | None = None  # a cancellation reached the workflow
+        self.terminated: str | None = None  # stop now, run nothing more
         self._loop = WorkflowLoop()  # type: ignore[abstract]
         self._ctx = WorkflowContext(self)
         self._root: asyncio.Task[Any] | None = None
@@ -181,11 +195,11 @@ class RunExecution:
             if recorded is not None:
                 self._records[recorded[0]] = recorded[1]
                 self._recorded_events[recorded[0]] = event  # a completion outranks a start
-            if isinstance(event, StepCompleted | StepFailed | TimerFired | SignalReceived):
+            if isinstance(event, Delivered):
                 self._replay.append(event)
             if isinstance(event, PatchMarked):
                 self._patches.add(event.change_id)
-            if isinstance(event, SignalReceived | SignalRejected):
+            if isinstance(event, SignalReceived | SignalRejected | CancelRequested):
                 self.signal_cursor = max(self.signal_cursor, event.signal_seq)
             if isinstance(event, SignalReceived) and event.signal_id:
                 self._signal_ids.add(event.signal_id)
@@ -384,9 +398,8 @@ class RunExecution:
         due = self.next_due
         if due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER:
             return True
-        if any(self._waiting.values()):
-            return await last_signal_seq(self._conn, self.run_id) > self.signal_cursor
-        return False
+        # A signal for a wait, or a cancellation for any waiting run.
+        return await last_signal_seq(self._conn, self.run_id) > self.signal_cursor
 
     def _diverged(self, position: int, *, expected: str | None, recorded: str | None) -> None:
         if self.block is None:
@@ -399,6 +412,8 @@ class RunExecution:
         self.now = event.at
         if isinstance(event, SignalReceived):
             self._deliver_signal(event)
+        elif isinstance(event, CancelRequested):
+            self._deliver_cancel(event)
         else:
             command = self._commands.get(event.seq)
             if command is None:
@@ -439,8 +454,20 @@ class RunExecution:
         else:
             command.future.set_result(None)
 
+    def _deliver_cancel(self, event: CancelRequested) -> None:
+        assert self._root is not None
+        if event.terminate:
+            self.terminated = event.reason or "terminated"
+            return
+        # CancelledError at the workflow's current await: its finally blocks (and any
+        # cleanup steps in them) run, and replay cancels at the same point of history.
+        self.cancelled = event.reason or "cancelled"
+        self._root.cancel()
+
     def _deliver_signal(self, event: SignalReceived) -> None:
         waiting = self._waiting[event.name]
+        while waiting and waiting[0].future.done():  # a wait abandoned by a cancellation
+            waiting.popleft()
         if not waiting:
             self._inbox[event.name].append(event.payload)
             return
@@ -546,8 +573,11 @@ class RunExecution:
     ) -> Outcome:
         assert self._root is not None
         while not self._root.done():
+            if self.terminated is not None:
+                return await self._end(RunTerminated, self.terminated)
             await self._flush_records()
             self._launch(tg)
+            self._drop_abandoned_timers()
             self._arm_timers()
             if self._inflight == 0:
                 if self._draining:
@@ -643,6 +673,21 @@ class RunExecution:
                 self.signal_cursor = seq
                 continue
             self.signal_cursor = seq
+            if signal.name in CONTROL:
+                cancel = await self._append(
+                    CancelRequested(
+                        id=self._next_id(),
+                        at=utcnow(),
+                        signal_seq=seq,
+                        reason=self._reason(signal.payload),
+                        terminate=signal.name == TERMINATE,
+                    )
+                )
+                assert isinstance(cancel, CancelRequested)
+                self._deliver(cancel)
+                await self._flush_records()
+                moved = True
+                continue
             if signal.signal_id and signal.signal_id in self._signal_ids:
                 continue  # a duplicate older than the stream's dedupe window
             event = await self._append(
@@ -721,9 +766,27 @@ class RunExecution:
                 name=f"step {command.name}",
             )
 
+    @staticmethod
+    def _reason(payload: bytes) -> str | None:
+        value = msgspec.json.decode(payload)
+        return value if isinstance(value, str) else None
+
+    def _drop_abandoned_timers(self) -> None:
+        """Timers of sleeps and waits a cancellation abandoned keep nobody waiting."""
+        for seq in [s for s in self._timers if self._commands[s].future.done()]:
+            del self._timers[seq]
+
+    async def _end(self, kind: type[RunCancelled] | type[RunTerminated], reason: str) -> Outcome:
+        await self._append(kind(id=self._next_id(), at=utcnow(), reason=reason))
+        return Outcome.CANCELLED
+
     async def _finish(self) -> Outcome:
         assert self._root is not None
-        exc = self._root.exception() if not self._root.cancelled() else None
+        if self.terminated is not None:
+            return await self._end(RunTerminated, self.terminated)
+        if self._root.cancelled():
+            return await self._end(RunCancelled, self.cancelled or "cancelled")
+        exc = self._root.exception()
         if exc is not None:
             return await self._fail(error_info(exc))
         try:

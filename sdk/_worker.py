@@ -404,7 +404,7 @@ class Worker:
             tg.start_soon(self._take_lease, held)
             outcome = await held.execution.execute()
         EXECUTIONS.labels(workflow.name, outcome.value).inc()
-        if outcome in (Outcome.COMPLETED, Outcome.FAILED):
+        if outcome in (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED):
             log.info(
                 "run %s (%s) %s", run_id, workflow.name, outcome.value, extra=held.execution_fields
             )

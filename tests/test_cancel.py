@@ -1,0 +1,113 @@
+"""Cancelling and terminating runs: cleanup runs on cancel, nothing more on terminate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from engine._engine import Engine
+from sdk import Client, RunCancelled, RunNotFound, WorkflowContext, workflow
+from tests.helpers import replay_recorded, running_worker, wait_for
+
+cleanups: list[str] = []
+
+
+def cleanup(run_id: str) -> str:
+    cleanups.append(run_id)
+    return "cleaned"
+
+
+async def long_step(seconds: float) -> str:
+    await anyio.sleep(seconds)
+    return "done"
+
+
+@workflow(name="cancellable")
+async def cancellable(ctx: WorkflowContext, seconds: float) -> str:
+    try:
+        await ctx.sleep("wait", seconds)
+        return "woke"
+    except asyncio.CancelledError:
+        await ctx.step("cleanup", cleanup, ctx.run_id)
+        raise
+
+
+@workflow(name="busy")
+async def busy(ctx: WorkflowContext, seconds: float) -> str:
+    try:
+        return await ctx.step("long", long_step, seconds)
+    finally:
+        await ctx.step("cleanup", cleanup, ctx.run_id)
+
+
+@pytest.fixture
+async def engine(client: Client) -> AsyncIterator[Engine]:
+    service = Engine(client.connection)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service.run)
+        await service.ready.wait()
+        yield service
+        tg.cancel_scope.cancel()
+
+
+async def test_cancel_a_sleeping_run_runs_its_cleanup(client: Client, engine: Engine) -> None:
+    cleanups.clear()
+    async with running_worker(client, [cancellable]):
+        handle = await client.start(cancellable, 3600, run_id="cancel-1")
+
+        async def sleeping() -> bool:
+            return (await handle.status()).status == "sleeping"
+
+        await wait_for(sleeping, what="the run to sleep")
+        await client.cancel("cancel-1", reason="customer left")
+        with pytest.raises(RunCancelled, match="customer left"):
+            await handle.result(timeout=10)
+    info = await client.describe("cancel-1")
+    assert info.status == "cancelled" and info.closed_at is not None
+    assert cleanups == ["cancel-1"]
+    kinds = [e.__struct_config__.tag for e in await client.history("cancel-1")]
+    assert kinds[-3:] == ["cancel_requested", "step_completed", "run_cancelled"]
+    # A replay cancels at the same point of history and asks for the same cleanup step.
+    execution = await replay_recorded(client, cancellable, "cancel-1")
+    assert execution.block is None and execution.cancelled == "customer left"
+    await client.cancel("cancel-1")  # a finished run: nothing happens
+
+
+async def test_terminate_stops_a_busy_run_at_once(client: Client, engine: Engine) -> None:
+    cleanups.clear()
+    async with running_worker(client, [busy]):
+        handle = await client.start(busy, 30, run_id="term-busy")
+
+        async def running() -> bool:
+            return (await handle.status()).status == "running"
+
+        await wait_for(running, what="the run to start its step")
+        with anyio.fail_after(10):
+            await client.terminate("term-busy", reason="runaway")
+            with pytest.raises(RunCancelled, match="runaway"):
+                await handle.result()
+    assert (await client.describe("term-busy")).status == "terminated"
+    assert cleanups == []  # terminate runs no more workflow code
+
+
+async def test_cancel_a_busy_run_lets_its_finally_run(client: Client, engine: Engine) -> None:
+    cleanups.clear()
+    async with running_worker(client, [busy]):
+        handle = await client.start(busy, 30, run_id="cancel-busy")
+
+        async def running() -> bool:
+            return (await handle.status()).status == "running"
+
+        await wait_for(running, what="the run to start its step")
+        await client.cancel("cancel-busy")
+        with pytest.raises(RunCancelled):
+            await handle.result(timeout=10)
+    assert cleanups == ["cancel-busy"]
+
+
+async def test_cancel_an_unknown_run(client: Client) -> None:
+    with pytest.raises(RunNotFound):
+        await client.cancel("no-such-run")
