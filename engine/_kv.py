@@ -107,6 +107,9 @@ async def kv_watch(conn: Connection, bucket: str) -> AsyncIterator[tuple[str, by
         stream=kv_stream(bucket),
         ordered_consumer=True,
         deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        # The ordered consumer notices a server restart by missed heartbeats (two of them)
+        # and then recreates itself from the last sequence it saw: keep that under a second.
+        idle_heartbeat=0.4,
     )
     try:
         async for msg in sub.messages:

@@ -35,8 +35,10 @@ from ._reader import reader
 from ._streams import (
     DEADLETTER_PREFIX,
     DEADLETTER_STREAM,
+    HISTORY_STREAM,
     SIGNAL_PREFIX,
     SIGNAL_STREAM,
+    history_subject,
     signal_filter,
     signal_subject,
 )
@@ -103,6 +105,20 @@ async def pending_signals(conn: Connection, run_id: str, after: int) -> list[Msg
 
 def sequence(msg: Msg) -> int:
     return int((msg.headers or {})["Nats-Sequence"])
+
+
+def stored_at(msg: Msg) -> datetime:
+    """When the server stored a message read by a direct get (its ``Nats-Time-Stamp``)."""
+    stamp = (msg.headers or {})["Nats-Time-Stamp"]
+    head, _, fraction = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00")
+
+
+async def run_created_at(conn: Connection, run_id: str) -> datetime | None:
+    """When the server stored the run's first event (None if there is no such run)."""
+    body = msgspec.json.encode({"seq": 1, "next_by_subj": history_subject(run_id)})
+    msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}", body)
+    return None if "Status" in (msg.headers or {}) else stored_at(msg)
 
 
 async def last_signal_seq(conn: Connection, run_id: str) -> int:

@@ -97,7 +97,10 @@ class TimerService:
                 self.timers.pop(key, None)
                 continue
             timer = _decoder.decode(value)
+            known = self.timers.get(key)
             self.timers[key] = timer
+            if known is not None and known.due_at == timer.due_at:
+                continue  # written again (by the worker and the dispatcher): one wake-up
             due = timer.due_at.timestamp()
             heapq.heappush(self._heap, (due, key, due))
             self._changed.set()

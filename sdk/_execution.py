@@ -72,7 +72,9 @@ from engine._signals import (
     last_signal_seq,
     parse,
     pending_signals,
+    run_created_at,
     sequence,
+    stored_at,
 )
 
 from ._commands import (
@@ -173,6 +175,8 @@ class RunExecution:
         self._waiting: defaultdict[str, deque[WaitCommand]] = defaultdict(deque)
         self._evicted = False
         self._draining = False
+        self._new_timers: list[int] = []  # recorded by this execution: not in KV yet
+        self._created_at: datetime | None = None  # when the server stored run_started
         self.cancelled: str | None = None  # a cancellation reached the workflow
         self.terminated: str | None = None  # stop now, run nothing more
         self._loop = WorkflowLoop()  # type: ignore[abstract]
@@ -207,6 +211,15 @@ class RunExecution:
     @property
     def waits_for_signals(self) -> bool:
         return any(self._waiting.values())
+
+    def timers_to_index(self) -> list[tuple[int, str, datetime]]:
+        """Pending timers this execution recorded, for the worker to put in KV itself as it
+        lets the run go (the engine's dispatcher does too, but later, when it is busy)."""
+        return [
+            (seq, self._commands[seq].name, self._timers[seq])
+            for seq in self._new_timers
+            if seq in self._timers
+        ]
 
     @property
     def next_due(self) -> datetime | None:
@@ -278,6 +291,7 @@ class RunExecution:
             self._to_record.append(
                 TimerScheduled(id="", at=utcnow(), seq=seq, name=name, due_at=due_at)
             )
+            self._new_timers.append(seq)
         self._timers[seq] = command.due_at
         return command.future
 
@@ -306,6 +320,8 @@ class RunExecution:
             )
         if command.timeout_at is not None:
             self._timers[seq] = command.timeout_at
+            if seq not in self._records:
+                self._new_timers.append(seq)
         self._waiting[name].append(command)
         return future
 
@@ -659,6 +675,7 @@ class RunExecution:
             seq = sequence(msg)
             try:
                 signal = parse(msg, seq)
+                await self._check_not_before_run(msg, seq, signal.name)
             except BadSignal as bad:
                 await self._append(
                     SignalRejected(
@@ -765,6 +782,14 @@ class RunExecution:
                 self.run_id,
                 name=f"step {command.name}",
             )
+
+    async def _check_not_before_run(self, msg: Any, seq: int, name: str) -> None:
+        """A signal stored before the run existed was dead-lettered ("no run has this id")
+        and must not reach a run created under that id later. Both times are the server's."""
+        if self._created_at is None:
+            self._created_at = await run_created_at(self._conn, self.run_id)
+        if self._created_at is not None and stored_at(msg) < self._created_at:
+            raise BadSignal(seq, msg.subject, name, "sent before the run existed")
 
     @staticmethod
     def _reason(payload: bytes) -> str | None:

@@ -9,6 +9,7 @@ announces itself in the worker registry.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -52,6 +53,7 @@ from engine._tasks import (
     enqueue,
     ensure_consumer,
 )
+from engine._timers import Timer, schedule
 from engine._wake import wake_subject
 
 from ._client import Client
@@ -64,6 +66,14 @@ log = logging.getLogger("natflow.worker")
 _UNKNOWN_WORKFLOW_DELAY = 1.0
 _BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
 MIN_LEASE_TTL = 1.0
+
+
+def _same_task(a: Msg, b: Msg) -> bool:
+    """Two deliveries of one task message (same stream sequence), not two tasks."""
+    try:
+        return bool(a.metadata.sequence.stream == b.metadata.sequence.stream)
+    except Exception:  # not a JetStream delivery: treat as different
+        return False
 
 
 @dataclass(eq=False)
@@ -79,6 +89,7 @@ class _Held:
     revision: int = 0
     renewed_at: float = field(default_factory=time.monotonic)
     lost: bool = False
+    finished: anyio.Event = field(default_factory=anyio.Event)
 
     @property
     def execution_fields(self) -> dict[str, Any]:
@@ -318,13 +329,18 @@ class Worker:
                 await self._quietly(msg.term())
                 return
             previous = self._held.get(task.run_id)
-            if previous is not None:
+            if previous is not None and _same_task(previous.msg, msg):
                 # Redelivered to this worker while it still holds the run (it missed its
                 # heartbeats): keep the running execution, which history fences if another
                 # worker took the run meanwhile, and follow the newer delivery.
                 log.debug("run %s: task redelivered while held", task.run_id)
                 previous.msg = msg
                 return
+            if previous is not None:
+                # A new task (a wake-up) for a run whose handling is ending here: take it
+                # once that is done, as the next holder would.
+                with anyio.move_on_after(self.lease_ttl):
+                    await previous.finished.wait()
             held = _Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
             self._held[task.run_id] = held
             RUNS_HELD.inc()
@@ -351,6 +367,8 @@ class Worker:
             if held is not None and self._held.get(held.run_id) is held:
                 del self._held[held.run_id]
                 RUNS_HELD.dec()
+            if held is not None:
+                held.finished.set()
             if not self._held:
                 self._drained.set()
             self._slots.release()
@@ -425,6 +443,7 @@ class Worker:
         """Let a waiting run go, then close the lost-wake-up race (NATS.md §8): a timer or
         signal whose wake-up met this in-flight task was refused, so look again after the
         acknowledgement and enqueue the run if one did."""
+        await self._index_timers(held, execution)
         try:
             await held.msg.ack_sync(timeout=5)
         except (nats.errors.Error, OSError) as exc:
@@ -447,6 +466,20 @@ class Worker:
             log.warning("run %s: could not write its lease (%s)", held.run_id, exc)
             return
         held.renewed_at = time.monotonic()
+
+    async def _index_timers(self, held: _Held, execution: RunExecution) -> None:
+        pending = execution.timers_to_index()
+        if not pending:
+            return
+        try:
+            await asyncio.gather(
+                *(
+                    schedule(self._conn, Timer(run_id=held.run_id, seq=seq, name=name, due_at=due))
+                    for seq, name, due in pending
+                )
+            )
+        except NatflowError as exc:  # the engine's dispatcher writes them too, a little later
+            log.debug("run %s: timers not indexed here (%s)", held.run_id, exc)
 
     async def _hand_back(self, held: _Held) -> None:
         await self._quietly(held.msg.nak())
