@@ -96,7 +96,9 @@ async def test_cluster_runs_survive_a_node_kill(
             async with Worker(client, [edge_flow]):
                 handles = [await client.start(edge_flow, i, run_id=f"c-{i}") for i in range(5)]
                 leader = info.cluster.leader if info.cluster else None
-                victim = next(s for s, n in zip(cluster, ("n1", "n2", "n3")) if n == leader)
+                victim = next(
+                    s for s, n in zip(cluster, ("n1", "n2", "n3"), strict=True) if n == leader
+                )
                 victim.kill()
                 for h in handles:
 
