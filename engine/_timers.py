@@ -36,6 +36,10 @@ from ._wake import run_start, wake
 log = logging.getLogger("natflow.timers")
 
 TIMERS_BUCKET: Final = "natflow_timers"
+# Runs are woken this much before their timer is due: the worker takes the run, replays it
+# and fires the timer itself at the due time (never before), so a burst of timers coming due
+# together is not late by the time it takes to take them all.
+WAKE_AHEAD: Final = 0.3
 RETRY_AFTER: Final = 30.0  # re-wake a timer nobody acknowledged (by firing it) this late
 LATE_NOTICE: Final = 1.0  # a timer woken later than this past its due time is logged
 
@@ -70,8 +74,10 @@ async def cancel_run(conn: Connection, run_id: str) -> None:
         f"KV_{TIMERS_BUCKET}", f"$KV.{TIMERS_BUCKET}.{run_id}.>", headers=True
     )
     for msg in page.messages:
-        if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
-            await kv_delete_nowait(conn, TIMERS_BUCKET, msg.subject.split(".", 2)[2])
+        headers = msg.headers or {}
+        if headers.get("KV-Operation") not in ("DEL", "PURGE"):
+            subject = headers.get("Nats-Subject", msg.subject)  # a direct get's reply says it
+            await kv_delete_nowait(conn, TIMERS_BUCKET, subject.split(".", 2)[2])
 
 
 class TimerService:
@@ -102,7 +108,7 @@ class TimerService:
             if known is not None and known.due_at == timer.due_at:
                 continue  # written again (by the worker and the dispatcher): one wake-up
             due = timer.due_at.timestamp()
-            heapq.heappush(self._heap, (due, key, due))
+            heapq.heappush(self._heap, (due - WAKE_AHEAD, key, due))
             self._changed.set()
 
     async def _next(self, tg: anyio.abc.TaskGroup) -> None:
@@ -122,9 +128,9 @@ class TimerService:
         timer = self.timers.get(key)
         if timer is None or timer.due_at.timestamp() != due:
             return  # deleted, or rescheduled under the same key
-        heapq.heappush(self._heap, (fire_at + RETRY_AFTER, key, due))
-        if fire_at == due:
-            late = time.time() - due
+        heapq.heappush(self._heap, (max(fire_at, due) + RETRY_AFTER, key, due))
+        if fire_at == due - WAKE_AHEAD:
+            late = max(0.0, time.time() - fire_at)
             self.lateness.append(late)
             del self.lateness[:-1000]
             TIMER_LATENESS.observe(late)
