@@ -67,7 +67,7 @@ _RUN_LONG = (86400.0, 604800.0)
 RUNS_STARTED = Counter("natflow_runs_started", "Runs started, by workflow.", ["workflow"])
 RUNS_CLOSED = Counter(
     "natflow_runs_closed",
-    "Runs that ended, by workflow and final status (completed, failed, cancelled).",
+    "Runs that ended, by workflow and final status (completed, failed, cancelled, terminated).",
     ["workflow", "status"],
 )
 RUN_DURATION = Histogram(
@@ -226,7 +226,7 @@ def _know(workflow: str) -> None:
     if workflow in _known_workflows:
         return
     _known_workflows.add(workflow)
-    for status in ("completed", "failed", "cancelled"):
+    for status in sorted(CLOSED_STATUSES):
         RUNS_CLOSED.labels(workflow, status)
     NONDETERMINISM.labels(workflow)
     SIGNALS_RECEIVED.labels(workflow)

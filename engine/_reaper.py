@@ -20,6 +20,7 @@ import nats.errors
 
 from ._connection import Connection, NoResponders, RequestTimeout
 from ._errors import NatflowError
+from ._events import utcnow
 from ._kv import kv_delete_nowait, kv_watch
 from ._leases import LEASES_BUCKET, Lease, decode_lease
 from ._logs import fields
@@ -101,6 +102,8 @@ class Reaper:
             await self._conn.nc.publish(lease.ack_subject, b"-NAK")
             await kv_delete_nowait(self._conn, LEASES_BUCKET, lease.run_id, revision=revision)
             self.leases.pop(lease.run_id, None)
+            if lease.expires_at < utcnow():
+                continue  # a lease left behind (its expiry is not seen here): no run moved
             TAKEOVERS.labels(lease.queue, "reaped").inc()
             log.info(
                 "run %s: handed back from worker %s, which is gone",
