@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import signal
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from engine._engine import Engine
 from engine._server import EmbeddedServer
 from sdk import Client
+from tests.helpers import running_engine, stop
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -31,6 +35,22 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def engine(nats_server: EmbeddedServer) -> AsyncIterator[Engine]:
+    """The engine services, in this process, on their own connection."""
+    async with running_engine(nats_server.url) as service:
+        yield service
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; any still running at the end are killed."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        stop(proc, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
@@ -100,3 +100,22 @@ async def replay_recorded(client: Client, workflow: Workflow, run_id: str) -> Ru
     )
     execution._begin()
     return execution
+
+
+@asynccontextmanager
+async def running_engine(url: str) -> AsyncIterator[Any]:
+    """The engine services in-process, on their own connection (closed, not drained, once
+    the engine is stopped: a drain could wait on a pull subscription the cancelled engine
+    left behind, for nats-py's whole 30 s drain timeout)."""
+    from engine._engine import Engine
+
+    own = await Client.connect(url)
+    service = Engine(own.connection)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(service.run)
+            await service.ready.wait()
+            yield service
+            tg.cancel_scope.cancel()
+    finally:
+        await own.connection.nc.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -41,16 +40,6 @@ async def busy(ctx: WorkflowContext, seconds: float) -> str:
         return await ctx.step("long", long_step, seconds)
     finally:
         await ctx.step("cleanup", cleanup, ctx.run_id)
-
-
-@pytest.fixture
-async def engine(client: Client) -> AsyncIterator[Engine]:
-    service = Engine(client.connection)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(service.run)
-        await service.ready.wait()
-        yield service
-        tg.cancel_scope.cancel()
 
 
 async def test_cancel_a_sleeping_run_runs_its_cleanup(client: Client, engine: Engine) -> None:

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -94,16 +94,6 @@ def make_workers(
     yield make
     for workers in made:
         workers.stop_all()
-
-
-@pytest.fixture
-async def engine(client: Client) -> AsyncIterator[Engine]:
-    service = Engine(client.connection)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(service.run)
-        await service.ready.wait()
-        yield service
-        tg.cancel_scope.cancel()
 
 
 async def registered(client: Client, count: int) -> None:

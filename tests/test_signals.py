@@ -8,11 +8,10 @@ then they are real processes (``natflow engine``, ``natflow worker``).
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -35,7 +34,7 @@ from engine._server import EmbeddedServer
 from engine._signals import DeadLetter, dead_letters
 from engine._streams import SIGNAL_STREAM
 from sdk import Client, NatflowError, RunNotFound
-from tests.helpers import ROOT, replay_recorded, running_worker, spawn_worker, stop, wait_for
+from tests.helpers import ROOT, replay_recorded, running_worker, spawn_worker, wait_for
 from tests.workflows_waits import (
     TARGET,
     WORKFLOWS,
@@ -44,27 +43,12 @@ from tests.workflows_waits import (
     of,
     race,
     registered,
-    running_engine,
     step_then_wait,
     tag,
     timed_wait,
     wait_n,
     wait_once,
 )
-
-
-@pytest.fixture
-async def engine(nats_server: EmbeddedServer) -> AsyncIterator[Engine]:
-    async with running_engine(nats_server.url) as service:
-        yield service
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        stop(proc, signal.SIGKILL)
 
 
 @pytest.fixture

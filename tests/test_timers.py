@@ -7,18 +7,15 @@ restarts one, then they are real processes (``natflow engine``, ``natflow worker
 
 from __future__ import annotations
 
-import signal
 import statistics
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
-import pytest
 
 from engine._engine import Engine
 from engine._events import (
@@ -35,7 +32,7 @@ from engine._server import EmbeddedServer
 from engine._timers import TIMERS_BUCKET, Timer, timer_key
 from sdk import Client, WorkflowContext, workflow
 from sdk._execution import HOLD_TIMERS_UNDER
-from tests.helpers import running_worker, spawn_worker, stop, wait_for
+from tests.helpers import running_engine, running_worker, spawn_worker, wait_for
 from tests.workflows_waits import (
     TARGET,
     WORKFLOWS,
@@ -45,25 +42,10 @@ from tests.workflows_waits import (
     of,
     registered,
     rss_kb,
-    running_engine,
     tag,
     wait_once,
     wall_clock,
 )
-
-
-@pytest.fixture
-async def engine(nats_server: EmbeddedServer) -> AsyncIterator[Engine]:
-    async with running_engine(nats_server.url) as service:
-        yield service
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        stop(proc, signal.SIGKILL)
 
 
 async def sleeping(client: Client, run_id: str) -> TimerScheduled:

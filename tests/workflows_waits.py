@@ -14,8 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,25 +128,6 @@ def make_worker(client: Client) -> Worker:
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = "tests.workflows_waits:make_worker"
-
-
-@asynccontextmanager
-async def running_engine(url: str) -> AsyncIterator[Any]:
-    """The engine services in-process, on their own connection (closed, not drained, once
-    the engine is stopped: a drain could wait on a pull subscription the cancelled engine
-    left behind, for nats-py's whole 30 s drain timeout)."""
-    from engine._engine import Engine
-
-    own = await Client.connect(url)
-    service = Engine(own.connection)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(service.run)
-            await service.ready.wait()
-            yield service
-            tg.cancel_scope.cancel()
-    finally:
-        await own.connection.nc.close()
 
 
 def spawn_engine(url: str, log: Path) -> subprocess.Popen[bytes]:
