@@ -41,7 +41,7 @@ from ._events import (
 from ._history import HistoryStore
 from ._index import RunIndex
 from ._metrics import EngineMetrics, observe_run
-from ._puller import Puller
+from ._puller import Puller, engine_consumer
 from ._reaper import Reaper
 from ._signals import SignalIntake
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
@@ -68,16 +68,8 @@ _DISPATCH_WINDOW: Final = 256  # events asked for at a time
 
 
 def dispatcher_config() -> api.ConsumerConfig:
-    return api.ConsumerConfig(
-        name=DISPATCHER,
-        durable_name=DISPATCHER,
-        description="natflow engine: run index and start dispatch",
-        filter_subject=f"{HISTORY_PREFIX}.>",
-        deliver_policy=api.DeliverPolicy.ALL,
-        ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=30.0,
-        max_deliver=-1,
-        max_ack_pending=20_000,
+    return engine_consumer(
+        DISPATCHER, "natflow engine: run index, timers, start dispatch", f"{HISTORY_PREFIX}.>"
     )
 
 

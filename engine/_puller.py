@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import msgspec
 from nats.aio.msg import Msg
+from nats.js import api
 
 from ._connection import Connection
 from ._errors import NatflowError
@@ -26,6 +27,25 @@ from ._errors import NatflowError
 log = logging.getLogger("natflow.pull")
 
 _encoder = msgspec.json.Encoder()
+
+
+def engine_consumer(name: str, description: str, subjects: str) -> api.ConsumerConfig:
+    """A durable consumer an engine service reads everything through, from the start.
+
+    Shared by every engine replica; a message a replica took and did not acknowledge (it
+    died) comes back after 30 s.
+    """
+    return api.ConsumerConfig(
+        name=name,
+        durable_name=name,
+        description=description,
+        filter_subject=subjects,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=-1,
+        max_ack_pending=20_000,
+    )
 
 
 class Puller:

@@ -31,6 +31,7 @@ from ._history import HistoryStore
 from ._logs import fields
 from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
 from ._names import _TOKEN
+from ._puller import engine_consumer
 from ._reader import reader
 from ._streams import (
     DEADLETTER_PREFIX,
@@ -184,16 +185,10 @@ async def dead_letters(conn: Connection, limit: int = 100) -> list[DeadLetter]:
 
 
 def intake_config() -> api.ConsumerConfig:
-    return api.ConsumerConfig(
-        name=INTAKE,
-        durable_name=INTAKE,
-        description="natflow engine: check signals, wake their runs, dead-letter bad ones",
-        filter_subject=f"{SIGNAL_PREFIX}.>",
-        deliver_policy=api.DeliverPolicy.ALL,
-        ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=30.0,
-        max_deliver=-1,
-        max_ack_pending=10_000,
+    return engine_consumer(
+        INTAKE,
+        "natflow engine: check signals, wake their runs, dead-letter bad ones",
+        f"{SIGNAL_PREFIX}.>",
     )
 
 
