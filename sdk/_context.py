@@ -14,7 +14,7 @@ from engine import InvalidInput, RetryPolicy, to_seconds
 from engine._events import utcnow
 
 if TYPE_CHECKING:
-    from ._execution import RunExecution
+    from ._replay import WorkflowState
 
 T = TypeVar("T")
 
@@ -22,7 +22,7 @@ T = TypeVar("T")
 class _ReplayAwareLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Drops records while the workflow replays, so no line is logged twice."""
 
-    def __init__(self, execution: RunExecution) -> None:
+    def __init__(self, execution: WorkflowState) -> None:
         super().__init__(
             logging.getLogger(f"natflow.workflow.{execution.workflow.name}"),
             {"run_id": execution.run_id, "workflow": execution.workflow.name},
@@ -54,7 +54,7 @@ class WorkflowContext:
             return Receipt(order_id=payment["id"])
     """
 
-    def __init__(self, execution: RunExecution) -> None:
+    def __init__(self, execution: WorkflowState) -> None:
         self._execution = execution
         self._random = random.Random(execution.seed)
         self._logger = _ReplayAwareLogger(execution)
