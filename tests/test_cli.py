@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from engine import PermissionDenied
 from engine._engine import Engine
 from engine._server import EmbeddedServer
 from engine._streams import ensure_streams
@@ -176,3 +177,34 @@ async def test_client_connect_fails_within_connect_timeout() -> None:
         await Client.connect(url, connect_timeout=1.0)
     elapsed = time.monotonic() - began
     assert elapsed <= 1.25, f"connect_timeout=1.0 but failing took {elapsed:.2f} s"
+
+
+async def test_a_denied_subject_is_a_clear_error_not_a_timeout(tmp_path: Path) -> None:
+    conf = tmp_path / "auth.conf"
+    conf.write_text(
+        f"""
+listen: 127.0.0.1:-1
+jetstream {{ store_dir: "{tmp_path / "js"}" }}
+accounts {{
+  APP {{
+    jetstream: enabled
+    users: [
+      {{ user: app, password: app, permissions: {{
+          publish: {{ allow: ["$JS.API.>", "_INBOX.>", "natflow.task.>"] }}
+          subscribe: {{ allow: ["_INBOX.>"] }} }} }}
+    ]
+  }}
+}}
+"""
+    )
+    server = EmbeddedServer(conf, store_dir=tmp_path / "logs")
+    server.start()
+    try:
+        client = await Client.connect(server.url, user="app", password="app")
+        try:
+            with pytest.raises(PermissionDenied, match=r"natflow\.history\.denied-1"):
+                await client.start("anything", {"x": 1}, run_id="denied-1")
+        finally:
+            await client.close()
+    finally:
+        server.stop()
