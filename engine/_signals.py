@@ -14,6 +14,7 @@ run's only writer, and deduplicated by ``signal_id`` beyond the stream's 2-minut
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -25,7 +26,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from ._connection import Connection, PubAck
+from ._connection import Connection, PubAck, retrying
 from ._events import TERMINAL_EVENTS, utcnow
 from ._history import HistoryStore
 from ._logs import fields
@@ -132,8 +133,15 @@ async def last_signal_seq(conn: Connection, run_id: str) -> int:
 async def send(
     conn: Connection, run_id: str, name: str, payload: bytes, signal_id: str | None
 ) -> PubAck:
-    headers = {"Nats-Msg-Id": signal_id} if signal_id else None
-    return await conn.publish(signal_subject(run_id, name), payload, headers)
+    """Publish a signal, retrying through a reconnect or a leader election. Every attempt
+    carries the same message id (the caller's ``signal_id``, or one made here), so a retry
+    of a signal that landed unacknowledged is stored once."""
+    headers = {"Nats-Msg-Id": signal_id or f"natflow-{uuid.uuid4().hex}"}
+    subject = signal_subject(run_id, name)
+    return await retrying(
+        f"sending signal {name!r} to run {run_id}",
+        lambda: conn.publish(subject, payload, headers),
+    )
 
 
 # -- dead letters ------------------------------------------------------------------------
@@ -215,7 +223,8 @@ class SignalIntake:
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                    log.warning("signal intake fetch failed (%s)", exc)
+                    log.warning("signal intake fetch failed (%s); retrying in 1 s", exc)
+                    await anyio.sleep(1.0)
                     continue
                 for msg in msgs:
                     await self._take(msg)

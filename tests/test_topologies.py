@@ -85,7 +85,7 @@ async def test_cluster_runs_survive_a_node_kill(
             return False
         return info is not None
 
-    await wait_for(quorum, timeout=30, what="the JetStream meta leader")
+    await wait_for(quorum, timeout=60, what="the JetStream meta leader")
     try:
         engine = Engine(client.connection)
         async with anyio.create_task_group() as tg:
