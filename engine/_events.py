@@ -216,10 +216,3 @@ def event_kind(data: bytes) -> str:
         return _kind_decoder.decode(data).type
     except msgspec.DecodeError:
         return ""
-
-
-def event_type(event: Event) -> str:
-    """The event's tag, which is also the last token of its history subject."""
-    tag = type(event).__struct_config__.tag
-    assert isinstance(tag, str)
-    return tag

@@ -49,10 +49,6 @@ class History:
     events: list[Event] = field(default_factory=list)
     last_seq: int = 0
 
-    @property
-    def next_id(self) -> str:
-        return f"{self.run_id}:{len(self.events) + 1}"
-
 
 class HistoryStore:
     """Appends to and reads run histories in ``NATFLOW_HISTORY``."""

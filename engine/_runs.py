@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime
-from typing import Any
 
 import msgspec
 
@@ -23,8 +23,6 @@ _INLINE_START = 16 * 1024  # a larger start event is read from history instead
 
 
 def new_run_id() -> str:
-    import uuid
-
     return uuid.uuid4().hex
 
 
@@ -102,7 +100,3 @@ class Runs:
 
     async def steps(self, run_id: str) -> list[StepInfo]:
         return fold_steps(await self.events(run_id))
-
-
-def to_jsonable(value: Any) -> Any:
-    return msgspec.to_builtins(value)

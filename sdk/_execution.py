@@ -421,28 +421,19 @@ class RunExecution(WorkflowState):
 
     def _outcome_event(self, item: Finished) -> StepCompleted | StepFailed:
         cmd = item.command
+        common: dict[str, Any] = {
+            "id": self._next_id(),
+            "at": utcnow(),
+            "seq": cmd.seq,
+            "name": cmd.name,
+            "occurrence": cmd.occurrence,
+            "attempt": item.attempt,
+            "started_at": item.started_at,
+        }
         if item.error is not None:
-            return StepFailed(
-                id=self._next_id(),
-                at=utcnow(),
-                seq=cmd.seq,
-                name=cmd.name,
-                occurrence=cmd.occurrence,
-                attempt=item.attempt,
-                started_at=item.started_at,
-                error=item.error,
-            )
+            return StepFailed(**common, error=item.error)
         assert item.result is not None
-        return StepCompleted(
-            id=self._next_id(),
-            at=utcnow(),
-            seq=cmd.seq,
-            name=cmd.name,
-            occurrence=cmd.occurrence,
-            attempt=item.attempt,
-            started_at=item.started_at,
-            result=msgspec.Raw(item.result),
-        )
+        return StepCompleted(**common, result=msgspec.Raw(item.result))
 
     def _launch(self, tg: anyio.abc.TaskGroup) -> None:
         if self._draining:
