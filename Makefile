@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check engine sdk tests examples
 
 typecheck: $(STAMP)
-	$(BIN)/mypy engine sdk
+	$(BIN)/mypy -p natflow -p natflow_engine
 
 unit: $(STAMP)
 	$(BIN)/pytest -q

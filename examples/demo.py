@@ -21,8 +21,9 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from natflow import Client, NatflowError, RunFailed  # noqa: E402
+
 from examples import greeting, order  # noqa: E402
-from sdk import Client, NatflowError, RunFailed  # noqa: E402
 
 EXAMPLES = [greeting, order]
 NATFLOW = str(Path(sys.executable).parent / "natflow")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdk import Client, RunHandle, WorkflowContext, workflow
+from natflow import Client, RunHandle, WorkflowContext, workflow
 
 
 def say_hello(name: str) -> str:

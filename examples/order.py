@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-
-from sdk import Client, RunHandle, StepError, WorkflowContext, workflow
+from natflow import Client, RunHandle, StepError, WorkflowContext, workflow
 
 
 class OrderInput(msgspec.Struct):

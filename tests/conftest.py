@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from natflow import Client
+from natflow_engine._engine import Engine
+from natflow_engine._server import EmbeddedServer
 
-from engine._engine import Engine
-from engine._server import EmbeddedServer
-from sdk import Client
 from tests.helpers import running_engine, stop
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-
-from sdk import Client, Worker, Workflow
-from sdk._execution import RunExecution
+from natflow import Client, Worker, Workflow
+from natflow._execution import RunExecution
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -57,7 +56,7 @@ def spawn_worker(
     full_env = {**os.environ, "NATFLOW_URL": url, "PYTHONPATH": str(ROOT), **(env or {})}
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
-        [sys.executable, "-m", "engine", "worker", target, *args],
+        [sys.executable, "-m", "natflow_engine", "worker", target, *args],
         cwd=ROOT,
         env=full_env,
         stdout=out,
@@ -86,7 +85,7 @@ def count_lines(path: Path) -> Counter[str]:
 async def replay_recorded(client: Client, workflow: Workflow, run_id: str) -> RunExecution:
     """Replay a finished run's history without its final event, as a new worker would after a
     crash: the workflow must re-derive its result from the recorded outcomes alone."""
-    from sdk._execution import RunExecution, StepRuntime
+    from natflow._execution import RunExecution, StepRuntime
 
     history = await client._runs.history.read(run_id)
     history.events = history.events[:-1]
@@ -107,7 +106,7 @@ async def running_engine(url: str) -> AsyncIterator[Any]:
     """The engine services in-process, on their own connection (closed, not drained, once
     the engine is stopped: a drain could wait on a pull subscription the cancelled engine
     left behind, for nats-py's whole 30 s drain timeout)."""
-    from engine._engine import Engine
+    from natflow_engine._engine import Engine
 
     own = await Client.connect(url)
     service = Engine(own.connection)

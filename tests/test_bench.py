@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def natflow_command() -> list[str]:
     script = Path(sys.executable).parent / "natflow"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "engine"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "natflow_engine"]
 
 
 def assert_stats(value: Any, *, count: int | None = None) -> None:

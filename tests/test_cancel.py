@@ -6,9 +6,9 @@ import asyncio
 
 import anyio
 import pytest
+from natflow import Client, RunCancelled, RunNotFound, WorkflowContext, workflow
+from natflow_engine._engine import Engine
 
-from engine._engine import Engine
-from sdk import Client, RunCancelled, RunNotFound, WorkflowContext, workflow
 from tests.helpers import replay_recorded, running_worker, wait_for
 
 cleanups: list[str] = []

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import anyio
 import pytest
+from natflow import Client, NatflowError
+from natflow_engine import PermissionDenied
+from natflow_engine._engine import Engine
+from natflow_engine._server import EmbeddedServer
+from natflow_engine._streams import ensure_streams
 
-from engine import PermissionDenied
-from engine._engine import Engine
-from engine._server import EmbeddedServer
-from engine._streams import ensure_streams
 from examples.workflows import WORKFLOWS
-from sdk import Client, NatflowError
 from tests.helpers import ROOT, running_worker, wait_for
 from tests.test_worker_startup import free_port
 
 _SCRIPT = Path(sys.executable).parent / "natflow"
-NATFLOW = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "engine"]
+NATFLOW = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "natflow_engine"]
 
 
 async def natflow(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:

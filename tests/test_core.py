@@ -10,11 +10,7 @@ import msgspec
 import nats
 import nats.js.errors
 import pytest
-
-from engine import InvalidInput
-from engine._engine import Engine
-from engine._server import EmbeddedServer
-from sdk import (
+from natflow import (
     Client,
     RunFailed,
     RunNotFound,
@@ -22,6 +18,10 @@ from sdk import (
     WorkflowContext,
     workflow,
 )
+from natflow_engine import InvalidInput
+from natflow_engine._engine import Engine
+from natflow_engine._server import EmbeddedServer
+
 from tests.helpers import replay_recorded, running_worker, wait_for
 
 calls: list[str] = []
@@ -274,8 +274,8 @@ async def test_a_run_nobody_serves_stays_pending_until_a_worker_knows_it(client:
 
 
 async def test_engine_lists_runs_and_recovers_a_lost_enqueue(client: Client) -> None:
-    from engine._events import RunStarted, utcnow
-    from engine._streams import ensure_streams
+    from natflow_engine._streams import ensure_streams
+    from natflow_engine.events import RunStarted, utcnow
 
     await ensure_streams(client.connection)
     # A client that died between creating the run and enqueueing its task:

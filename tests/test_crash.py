@@ -6,9 +6,10 @@ import signal
 from collections import Counter
 from pathlib import Path
 
-from engine._events import RunClaimed, StepCompleted
-from engine._server import EmbeddedServer
-from sdk import Client
+from natflow import Client
+from natflow_engine._server import EmbeddedServer
+from natflow_engine.events import RunClaimed, StepCompleted
+
 from tests.helpers import count_lines, spawn_worker, stop, wait_for
 from tests.workflows_proc import COUNTS_ENV, GATE_ENV
 

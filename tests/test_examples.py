@@ -7,11 +7,11 @@ import pkgutil
 from types import ModuleType
 
 import pytest
+from natflow import Client, RunHandle, Workflow
 
 import examples
 from examples.order import Receipt
 from examples.workflows import WORKFLOWS
-from sdk import Client, RunHandle, Workflow
 from tests.helpers import running_worker
 
 

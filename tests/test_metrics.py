@@ -31,15 +31,15 @@ from typing import Any
 
 import anyio
 import pytest
+from natflow import Client
+from natflow_engine import RunFailed
+from natflow_engine._logs import JsonFormatter, fields
+from natflow_engine._registry import list_workers
+from natflow_engine._server import EmbeddedServer
+from natflow_engine._signals import send
+from natflow_engine.events import TimerScheduled
 from prometheus_client import REGISTRY
 
-from engine import RunFailed
-from engine._events import TimerScheduled
-from engine._logs import JsonFormatter, fields
-from engine._registry import list_workers
-from engine._server import EmbeddedServer
-from engine._signals import send
-from sdk import Client
 from tests.helpers import ROOT, spawn_worker, stop, wait_for
 from tests.test_worker_startup import free_port
 from tests.workflows_metrics import FLIP_ENV, GATE_ENV
@@ -193,7 +193,7 @@ def spawn_engine(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     args = ["--metrics-port", str(port), "--metrics-host", "127.0.0.1", "--metrics-interval", "0.5"]
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "engine", "--log-json", "engine", *args],
+            [sys.executable, "-m", "natflow_engine", "--log-json", "engine", *args],
             cwd=ROOT,
             env=env,
             stdout=out,

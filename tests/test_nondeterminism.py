@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 import anyio
+from natflow import Client, NonDeterminismError, Workflow, WorkflowContext, workflow
+from natflow_engine.events import RunBlocked, RunClaimed, StepCompleted
 
-from engine._events import RunBlocked, RunClaimed, StepCompleted
-from sdk import Client, NonDeterminismError, Workflow, WorkflowContext, workflow
 from tests.helpers import running_worker, wait_for
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from natflow import Workflow
+from natflow._replay import WorkflowState
+from natflow_engine._history import History
+from natflow_engine.events import RunCompleted, decode_event
 
-from engine._events import RunCompleted, decode_event
-from engine._history import History
 from examples.greeting import greet
 from examples.order import order
-from sdk import Workflow
-from sdk._replay import WorkflowState
 from tests.workflows_recorded import recorded_mix
 
 HISTORIES = Path(__file__).parent / "histories"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import anyio
 import pytest
+from natflow import Client
+from natflow_engine._engine import Engine
+from natflow_engine._registry import list_workers
+from natflow_engine._server import EmbeddedServer
 
-from engine._engine import Engine
-from engine._registry import list_workers
-from engine._server import EmbeddedServer
-from sdk import Client
 from tests.helpers import spawn_worker, stop, wait_for
 
 TARGET = "tests.workflows_recovery:make_worker"

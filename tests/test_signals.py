@@ -20,9 +20,12 @@ from typing import Any
 import anyio
 import nats
 import pytest
-
-from engine._engine import Engine
-from engine._events import (
+from natflow import Client, NatflowError, RunNotFound
+from natflow_engine._engine import Engine
+from natflow_engine._server import EmbeddedServer
+from natflow_engine._signals import DeadLetter, dead_letters
+from natflow_engine._streams import SIGNAL_STREAM
+from natflow_engine.events import (
     RunCompleted,
     SignalReceived,
     SignalRejected,
@@ -30,10 +33,7 @@ from engine._events import (
     StepCompleted,
     TimerFired,
 )
-from engine._server import EmbeddedServer
-from engine._signals import DeadLetter, dead_letters
-from engine._streams import SIGNAL_STREAM
-from sdk import Client, NatflowError, RunNotFound
+
 from tests.helpers import ROOT, replay_recorded, running_worker, spawn_worker, wait_for
 from tests.workflows_waits import (
     TARGET,
@@ -354,7 +354,7 @@ async def test_bad_signals_are_dead_lettered_and_the_run_completes_normally(
 
     # natflow lists them.
     done = await anyio.run_process(
-        [sys.executable, "-m", "engine", "--url", nats_server.url, "signals", "dead"],
+        [sys.executable, "-m", "natflow_engine", "--url", nats_server.url, "signals", "dead"],
         cwd=ROOT,
         check=False,
     )

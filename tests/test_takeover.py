@@ -7,12 +7,12 @@ from collections import Counter
 
 import anyio
 import pytest
+from natflow import Client, WorkflowContext, workflow
+from natflow._execution import Outcome, RunExecution, StepRuntime
+from natflow_engine._runs import Runs
+from natflow_engine._tasks import Task, enqueue
+from natflow_engine.events import RunClaimed, RunCompleted, StepCompleted, StepStarted
 
-from engine._events import RunClaimed, RunCompleted, StepCompleted, StepStarted
-from engine._runs import Runs
-from engine._tasks import Task, enqueue
-from sdk import Client, WorkflowContext, workflow
-from sdk._execution import Outcome, RunExecution, StepRuntime
 from tests.helpers import running_worker, wait_for
 
 RUN = "contested-1"

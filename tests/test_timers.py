@@ -16,9 +16,13 @@ from typing import Any
 
 import anyio
 import msgspec
-
-from engine._engine import Engine
-from engine._events import (
+from natflow import Client, WorkflowContext, workflow
+from natflow._execution import HOLD_TIMERS_UNDER
+from natflow_engine._engine import Engine
+from natflow_engine._kv import kv_get
+from natflow_engine._server import EmbeddedServer
+from natflow_engine._timers import TIMERS_BUCKET, Timer, timer_key
+from natflow_engine.events import (
     Event,
     RunClaimed,
     RunCompleted,
@@ -27,11 +31,7 @@ from engine._events import (
     TimerFired,
     TimerScheduled,
 )
-from engine._kv import kv_get
-from engine._server import EmbeddedServer
-from engine._timers import TIMERS_BUCKET, Timer, timer_key
-from sdk import Client, WorkflowContext, workflow
-from sdk._execution import HOLD_TIMERS_UNDER
+
 from tests.helpers import running_engine, running_worker, spawn_worker, wait_for
 from tests.workflows_waits import (
     TARGET,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import anyio
 import pytest
+from natflow import Client, Worker, WorkflowContext, workflow
+from natflow_engine._engine import Engine
+from natflow_engine._server import EmbeddedServer
 
-from engine._engine import Engine
-from engine._server import EmbeddedServer
-from sdk import Client, Worker, WorkflowContext, workflow
 from tests.helpers import wait_for
 
 OPS = Path(__file__).resolve().parent.parent / "ops"

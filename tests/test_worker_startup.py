@@ -7,8 +7,9 @@ import signal
 import socket
 from pathlib import Path
 
-from engine._server import EmbeddedServer
-from sdk import Client
+from natflow import Client
+from natflow_engine._server import EmbeddedServer
+
 from tests.helpers import count_lines, spawn_worker, stop, wait_for
 from tests.workflows_proc import COUNTS_ENV, GATE_ENV
 

@@ -14,8 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import anyio
-
-from sdk import Client, RetryPolicy, Worker, WorkflowContext, workflow
+from natflow import Client, RetryPolicy, Worker, WorkflowContext, workflow
 
 GATE_ENV = "NATFLOW_TEST_GATE"
 FLIP_ENV = "NATFLOW_TEST_FLIP"

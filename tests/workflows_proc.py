@@ -12,8 +12,7 @@ import os
 from pathlib import Path
 
 import anyio
-
-from sdk import Client, Worker, WorkflowContext, workflow
+from natflow import Client, Worker, WorkflowContext, workflow
 
 COUNTS_ENV = "NATFLOW_TEST_COUNTS"
 GATE_ENV = "NATFLOW_TEST_GATE"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdk import SignalTimeout, WorkflowContext, workflow
+from natflow import SignalTimeout, WorkflowContext, workflow
 
 
 def double(x: int) -> int:

@@ -11,8 +11,7 @@ import os
 import time
 
 import anyio
-
-from sdk import Client, Worker, WorkflowContext, workflow
+from natflow import Client, Worker, WorkflowContext, workflow
 
 LOG_ENV = "NATFLOW_TEST_LOG"
 LEASE_ENV = "NATFLOW_TEST_LEASE"

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from natflow import Client, SignalTimeout, Worker, WorkflowContext, workflow
 from nats.aio.msg import Msg
-
-from sdk import Client, SignalTimeout, Worker, WorkflowContext, workflow
 
 MAX_RUNS_ENV = "NATFLOW_TEST_MAX_RUNS"
 
@@ -135,7 +134,7 @@ def spawn_engine(url: str, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "NATFLOW_URL": url, "PYTHONPATH": str(ROOT)}
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "engine", "engine"],
+            [sys.executable, "-m", "natflow_engine", "engine"],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -165,7 +164,8 @@ async def engine_process(
 
 
 async def registered(client: Client, count: int) -> None:
-    from engine._registry import list_workers
+    from natflow_engine._registry import list_workers
+
     from tests.helpers import wait_for
 
     async def enough() -> bool:

@@ -1,7 +1,0 @@
-"""`python -m engine` is the `natflow` command line."""
-
-import sys
-
-from ._cli import main
-
-sys.exit(main())

@@ -1,0 +1,81 @@
+"""User values (inputs, results) to and from JSON, with errors that name the problem."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib.util
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from ._errors import ErrorInfo, InvalidInput
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_value(what: str, value: Any) -> bytes:
+    """JSON for ``value`` (JSON types, msgspec Structs, dataclasses, datetimes, ...)."""
+    try:
+        return _encoder.encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInput(
+            f"{what} of type {type(value).__name__} cannot be encoded as JSON ({exc}); "
+            f"use JSON values, msgspec Structs or dataclasses"
+        ) from exc
+
+
+def decode_value(what: str, data: bytes, type_: Any = Any) -> Any:
+    """Decode JSON ``data`` into ``type_``; a mismatch names the offending field."""
+    try:
+        return msgspec.json.decode(data, type=type_)
+    except msgspec.ValidationError as exc:
+        name = getattr(type_, "__name__", str(type_))
+        raise InvalidInput(f"{what} does not fit {name}: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from exc
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """What history records of a raised error: its type, message and the user's frames.
+
+    Frames inside natflow, anyio and asyncio are left out: they say nothing about the
+    user's code. A ``StepError`` that fails a run carries the step's own traceback too.
+    """
+    cls = type(exc)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _internal(f.filename)]
+    text = "Traceback (most recent call last):\n" if frames else ""
+    text += "".join(traceback.format_list(frames))
+    text += "".join(traceback.format_exception_only(exc))
+    cause = getattr(exc, "error", None)
+    if isinstance(cause, ErrorInfo) and cause.traceback:
+        text += f"\nThe step's error:\n{cause.traceback}"
+    return ErrorInfo(type=cls.__qualname__, message=str(exc), traceback=text)
+
+
+def _sdk_folder() -> Path:
+    # The SDK's frames are natflow's own, not the user's; find its folder without importing it
+    # (the engine never imports the SDK).
+    spec = importlib.util.find_spec("natflow")
+    origin = spec.origin if spec is not None and spec.origin else __file__
+    return Path(origin).parent
+
+
+_INTERNAL = tuple(
+    str(Path(p).resolve()) + os.sep
+    for p in (
+        Path(__file__).parent,
+        _sdk_folder(),
+        Path(anyio.__file__).parent,
+        Path(asyncio.__file__).parent,
+        Path(concurrent.futures.__file__).parent.parent,
+    )
+)
+
+
+def _internal(filename: str) -> bool:
+    return filename.startswith(_INTERNAL) or filename.endswith("threading.py")

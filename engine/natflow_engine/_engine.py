@@ -1,0 +1,186 @@
+"""The engine services: stateless processes that keep what is derived from history current.
+
+The dispatcher reads every run-level event (``natflow.history.*.run_*``, and the timer
+events) through one durable pull consumer shared by all engine replicas, and
+
+* folds it into the run index (``natflow.runs.<run_id>``) behind ``client.list``;
+* for a ``run_started`` whose run has done nothing since, makes sure a task exists, so a
+  client that died between creating a run and enqueueing its task loses no start;
+* mirrors timers into the ``natflow_timers`` bucket (see ``_timers``).
+
+Beside it run the reaper (``_reaper``), the timer service (``_timers``), the signal
+intake (``_signals``) and the metrics poller (``_metrics``); the dispatcher also counts each
+run-level event it folds (runs started and closed, run duration, blocked runs).
+
+The engine keeps nothing but a cache; kill it, restart it or run several: the consumer's
+position and the index live in JetStream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import anyio
+from nats.aio.msg import Msg
+from nats.js import api
+
+from . import _timers as timers
+from ._connection import Connection
+from ._history import HistoryStore
+from ._index import RunIndex
+from ._metrics import EngineMetrics, observe_run
+from ._puller import Puller, engine_consumer
+from ._reaper import Reaper
+from ._signals import SignalIntake
+from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
+from ._tasks import Task, enqueue
+from .events import (
+    TERMINAL_EVENTS,
+    Event,
+    RunClaimed,
+    RunStarted,
+    SignalWaited,
+    TimerFired,
+    TimerScheduled,
+    decode_event,
+    event_kind,
+)
+
+log = logging.getLogger("natflow.engine")
+
+DISPATCHER: Final = "natflow-engine-dispatcher"
+RUN_EVENTS: Final = (
+    "run_started",
+    "run_claimed",
+    "run_blocked",
+    "run_completed",
+    "run_failed",
+    "timer_scheduled",
+    "signal_waited",
+    "timer_fired",
+    "run_cancelled",
+    "run_terminated",
+)
+
+
+_DISPATCH_WINDOW: Final = 256  # events asked for at a time
+
+
+def dispatcher_config() -> api.ConsumerConfig:
+    return engine_consumer(
+        DISPATCHER, "natflow engine: run index, timers, start dispatch", f"{HISTORY_PREFIX}.>"
+    )
+
+
+class Engine:
+    """Runs the engine services on one connection until cancelled."""
+
+    def __init__(self, conn: Connection, *, metrics_interval: float = 5.0) -> None:
+        self._conn = conn
+        self._history = HistoryStore(conn)
+        self._index = RunIndex(conn)
+        self.reaper = Reaper(conn)
+        self.timers = timers.TimerService(conn)
+        self.signals = SignalIntake(conn)
+        self.metrics = EngineMetrics(
+            conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
+        )
+        self.ready = anyio.Event()
+
+    async def run(self) -> None:
+        await ensure_streams(self._conn)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.reaper.run)
+            tg.start_soon(self.timers.run)
+            tg.start_soon(self.signals.run)
+            tg.start_soon(self.metrics.run)
+            await self._dispatch_forever()
+
+    async def _dispatch_forever(self) -> None:
+        config = dispatcher_config()
+        await self._conn.admin(
+            "the engine's consumer",
+            lambda: self._conn.jsm.add_consumer(HISTORY_STREAM, config=config),
+        )
+        puller = Puller(self._conn, HISTORY_STREAM, DISPATCHER)
+        await puller.start()
+        log.info("engine dispatcher running")
+        self.ready.set()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(puller.keep_asking, lambda: _DISPATCH_WINDOW)
+                async for msg in puller.messages:
+                    await self._dispatch(msg)
+        finally:
+            # Shielded: a cancelled engine that kept this subscription would keep receiving
+            # (and never acknowledging) the events its outstanding pull asked for.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await puller.stop()
+                except Exception:  # the connection is going away; the server drops the pull
+                    log.debug("unsubscribe failed", exc_info=True)
+
+    async def _dispatch(self, msg: Msg) -> None:
+        run_id = msg.subject.split(".")[2]
+        if event_kind(msg.data) not in RUN_EVENTS:
+            await msg.ack()  # step and signal events change nothing the engine keeps
+            return
+        try:
+            event = decode_event(msg.data)
+        except Exception as exc:
+            # Nothing natflow writes fails to decode; a foreign message is reported, not fatal.
+            log.error("undecodable history message on %s: %s", msg.subject, exc)
+            await msg.ack()
+            return
+        try:
+            hseq = msg.metadata.sequence.stream
+            info = await self._index.apply(run_id, event, hseq)
+            if info is not None:
+                observe_run(event, info)
+            await self._keep_timers(run_id, event)
+        except Exception as exc:
+            log.warning(
+                "run %s: engine could not process %s (%s); will retry", run_id, msg.subject, exc
+            )
+            await msg.nak(delay=1.0)
+            return
+        await msg.ack()
+
+    async def _keep_timers(self, run_id: str, event: Event) -> None:
+        """Mirror history's timers into KV, and make sure every start gets its task."""
+        if isinstance(event, RunStarted):
+            if event.not_before is not None:
+                await timers.schedule(
+                    self._conn,
+                    timers.Timer(run_id=run_id, seq=0, name="start", due_at=event.not_before),
+                )
+            else:
+                await self._ensure_task(run_id, event)
+        elif isinstance(event, TimerScheduled):
+            await timers.schedule(
+                self._conn,
+                timers.Timer(run_id=run_id, seq=event.seq, name=event.name, due_at=event.due_at),
+            )
+        elif isinstance(event, SignalWaited) and event.timeout_at is not None:
+            await timers.schedule(
+                self._conn,
+                timers.Timer(
+                    run_id=run_id, seq=event.seq, name=event.name, due_at=event.timeout_at
+                ),
+            )
+        elif isinstance(event, TimerFired):
+            await timers.cancel(self._conn, run_id, event.seq)
+        elif isinstance(event, RunClaimed):
+            await timers.cancel(self._conn, run_id, 0)  # a delayed start has started
+        elif isinstance(event, TERMINAL_EVENTS):
+            await timers.cancel_run(self._conn, run_id)
+
+    async def _ensure_task(self, run_id: str, start: RunStarted) -> None:
+        last = await self._history.last(run_id)
+        if last is None or not isinstance(last[0], RunStarted):
+            return  # a worker has the run already
+        if await enqueue(
+            self._conn, start.queue, Task(run_id=run_id, workflow=start.workflow, reason="dispatch")
+        ):
+            log.info("run %s: enqueued a start its client had not", run_id)

@@ -1,0 +1,133 @@
+"""The history store: conditional appends and whole-history reads.
+
+This module is the one write path to history. Every append carries the run's expected last
+sequence (``Nats-Expected-Last-Subject-Sequence`` on ``natflow.history.<run_id>``) and a
+``Nats-Msg-Id`` unique to this append (the event id plus a nonce), so a retry deduplicates and
+a writer can tell its own landed append from another writer's event at the same position.
+The expected sequence is also the fencing token: a writer that read an older history, such as
+a worker that lost its run, cannot append.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+
+from ._connection import (
+    ERR_WRONG_LAST_SEQUENCE,
+    Connection,
+    JetStreamError,
+    retrying,
+)
+from ._errors import NatflowError
+from ._reader import reader
+from ._streams import HISTORY_STREAM, history_subject
+from .events import Event, decode_event, encode_event
+
+log = logging.getLogger("natflow.history")
+
+
+class AppendConflict(NatflowError):
+    """Someone else appended to the run since the writer read it (or the run already exists)."""
+
+    def __init__(self, run_id: str, expected: int) -> None:
+        super().__init__(
+            f"run {run_id!r} changed since it was read (expected last sequence {expected})"
+        )
+        self.run_id = run_id
+        self.expected = expected
+
+
+@dataclass(slots=True)
+class History:
+    """A run's events, oldest first, and the stream sequence of the last one (0 if none)."""
+
+    run_id: str
+    events: list[Event] = field(default_factory=list)
+    last_seq: int = 0
+
+
+class HistoryStore:
+    """Appends to and reads run histories in ``NATFLOW_HISTORY``."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._reader = reader(conn)
+        self.retry_budget = 30.0  # seconds to ride out a restart or an election
+
+    # -- appends ---------------------------------------------------------------------------
+
+    async def append(self, run_id: str, event: Event, expected_seq: int) -> int:
+        """Append ``event`` if the run's last sequence is still ``expected_seq``.
+
+        Returns the new event's stream sequence. Raises :class:`AppendConflict` when the run
+        moved on. An append whose acknowledgement was lost is retried with the same message id;
+        the retry then meets "wrong last sequence", so the run's last event is read and compared
+        by id to tell "it landed" from "someone else wrote".
+        """
+        data = encode_event(event)
+        subject = history_subject(run_id)
+        msg_id = f"{event.id}:{uuid.uuid4().hex[:16]}"
+        headers = {
+            "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
+            "Nats-Msg-Id": msg_id,
+        }
+
+        async def attempt() -> int:
+            try:
+                ack = await self._conn.publish(subject, data, headers)
+                return ack.seq
+            except JetStreamError as exc:
+                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                    raise
+            # The run moved on, or an earlier attempt of this append landed unacknowledged.
+            landed = await self._landed(run_id, msg_id)
+            if landed:
+                return landed
+            raise AppendConflict(run_id, expected_seq)
+
+        return await retrying(f"append to run {run_id}", attempt, budget=self.retry_budget)
+
+    async def _landed(self, run_id: str, msg_id: str) -> int:
+        """The sequence of the run's last event if this writer's append put it there, else 0.
+
+        Comparing the event id would not do: another writer appending at the same position
+        uses the same id. The message id carries this append's own nonce.
+        """
+        msg = await self._last_msg(run_id)
+        if msg is None:
+            return 0
+        headers = msg.headers or {}
+        return int(headers["Nats-Sequence"]) if headers.get("Nats-Msg-Id") == msg_id else 0
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def last(self, run_id: str) -> tuple[Event, int] | None:
+        """The run's last event and its sequence, or None if the run does not exist."""
+        msg = await self._last_msg(run_id)
+        if msg is None:
+            return None
+        return decode_event(msg.data), int((msg.headers or {})["Nats-Sequence"])
+
+    async def _last_msg(self, run_id: str) -> Msg | None:
+        subject = f"{self._conn.api}.DIRECT.GET.{HISTORY_STREAM}.{history_subject(run_id)}"
+        msg = await self._conn.request(subject, b"")
+        headers = msg.headers or {}
+        if headers.get("Status") == "404":
+            return None
+        if "Status" in headers:
+            raise NatflowError(f"reading run {run_id!r} failed: {headers}")
+        return msg
+
+    async def read(self, run_id: str) -> History:
+        """The whole history of a run in as few requests as its size allows (one, usually)."""
+        return await retrying(
+            f"reading run {run_id}", lambda: self._read(run_id), budget=self.retry_budget
+        )
+
+    async def _read(self, run_id: str) -> History:
+        page = await self._reader.read_all(HISTORY_STREAM, history_subject(run_id))
+        return History(run_id, [decode_event(m.data) for m in page.messages], page.last_seq)

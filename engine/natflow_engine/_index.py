@@ -1,0 +1,154 @@
+"""The run index behind ``list``: the latest summary of each run, a projection of history.
+
+The engine folds every run-level event (``natflow.history.*.run_*``) into a summary and
+stores it on ``natflow.runs.<run_id>`` (one message per run). Each summary remembers the
+history sequence it reflects, and writes are conditional on the summary's own sequence, so
+several engine replicas can index at once without going backwards. Delete the stream and
+the engine rebuilds it from history.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Final
+
+import msgspec
+
+from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
+from ._state import RunInfo, apply_event
+from ._streams import RUNS_STREAM, runs_subject
+from .events import Event, RunStarted
+
+log = logging.getLogger("natflow.index")
+
+_CACHE_SIZE: Final = 10_000
+_PAGE: Final = 1000
+_SCAN_LIMIT: Final = 200_000
+
+
+class IndexEntry(msgspec.Struct, kw_only=True):
+    v: int = 1
+    hseq: int
+    info: RunInfo
+
+
+_entry_encoder = msgspec.json.Encoder()
+_entry_decoder = msgspec.json.Decoder(IndexEntry)
+
+
+class RunIndex:
+    """Reads and (in the engine) writes the run index."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._cache: OrderedDict[str, tuple[IndexEntry, int]] = OrderedDict()
+
+    async def apply(self, run_id: str, event: Event, hseq: int) -> RunInfo | None:
+        """Fold one run-level event (stream sequence ``hseq``) into the run's summary.
+
+        Returns the new summary, or None if the index had the event already (a redelivery,
+        another replica) or cannot place it yet: so each event is counted once.
+        """
+        for _ in range(5):
+            current = await self._current(run_id)
+            entry, seq = current if current is not None else (None, 0)
+            if entry is not None and entry.hseq >= hseq:
+                return None
+            if entry is None:
+                if not isinstance(event, RunStarted):
+                    return None  # the start is still ahead of us in the stream or was lost
+                info = RunInfo(
+                    run_id=run_id,
+                    workflow=event.workflow,
+                    queue=event.queue,
+                    status="pending",
+                    created_at=event.at,
+                    updated_at=event.at,
+                    parent=event.parent,
+                )
+            else:
+                info = entry.info
+                apply_event(info, event)
+            new = IndexEntry(hseq=hseq, info=info)
+            try:
+                ack = await self._conn.publish(
+                    runs_subject(run_id),
+                    _entry_encoder.encode(new),
+                    {"Nats-Expected-Last-Subject-Sequence": str(seq)},
+                )
+            except JetStreamError as exc:
+                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                    raise
+                self._cache.pop(run_id, None)  # another replica wrote; read and decide again
+                continue
+            self._remember(run_id, new, ack.seq)
+            return info
+        log.warning("run %s: index kept changing under this engine; skipped", run_id)
+        return None
+
+    def _remember(self, run_id: str, entry: IndexEntry, seq: int) -> None:
+        self._cache[run_id] = (entry, seq)
+        self._cache.move_to_end(run_id)
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    async def _current(self, run_id: str) -> tuple[IndexEntry, int] | None:
+        cached = self._cache.get(run_id)
+        if cached is not None:
+            return cached
+        msg = await self._conn.request(
+            f"{self._conn.api}.DIRECT.GET.{RUNS_STREAM}.{runs_subject(run_id)}", b""
+        )
+        headers = msg.headers or {}
+        if "Status" in headers:
+            return None
+        found = (_entry_decoder.decode(msg.data), int(headers["Nats-Sequence"]))
+        self._remember(run_id, *found)
+        return found
+
+    async def scan(
+        self, *, workflow: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunInfo]:
+        """Runs matching the filters, newest first."""
+        try:
+            info = await self._conn.jsm.stream_info(RUNS_STREAM)
+        except Exception as exc:  # no stream yet means no runs yet
+            log.debug("run index unavailable: %s", exc)
+            return []
+        first, last = info.state.first_seq, info.state.last_seq
+        found: list[RunInfo] = []
+        start = max(first, last - _PAGE + 1)
+        scanned = 0
+        while last >= first and scanned < _SCAN_LIMIT:
+            entries = await self._page(start, last - start + 1)
+            scanned += last - start + 1
+            for entry in entries:
+                run = entry.info
+                if (workflow is None or run.workflow == workflow) and (
+                    status is None or run.status == status
+                ):
+                    found.append(run)
+            last = start - 1
+            start = max(first, last - _PAGE + 1)
+        found.sort(key=lambda r: r.created_at, reverse=True)
+        return found[:limit]
+
+    async def _page(self, start: int, count: int) -> list[IndexEntry]:
+        end = start + count - 1
+        body = msgspec.json.encode({"seq": start, "batch": count})
+        entries: list[IndexEntry] = []
+        sub = await self._conn.nc.subscribe(self._conn.nc.new_inbox())
+        try:
+            await self._conn.nc.publish(
+                f"{self._conn.api}.DIRECT.GET.{RUNS_STREAM}", body, reply=sub.subject
+            )
+            while True:
+                msg = await sub.next_msg(timeout=5)
+                headers = msg.headers or {}
+                if "Status" in headers:
+                    return entries
+                if int(headers.get("Nats-Sequence", "0")) <= end:
+                    entries.append(_entry_decoder.decode(msg.data))
+        finally:
+            await sub.unsubscribe()

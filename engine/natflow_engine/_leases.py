@@ -1,0 +1,91 @@
+"""Run leases in KV: who holds a run, until when, and how to hand its task back.
+
+A worker writes ``natflow_leases/<run_id>`` when it takes a run's task and renews it with a
+revision-checked put on every heartbeat (never per step). The lease's TTL equals the task
+consumer's ack deadline, so the lease and the task expire together. A renewal that meets a
+newer revision means another worker took the run: the holder drops it. The history's
+conditional append remains the fencing token; the lease makes ownership visible and lets the
+engine hand a dead worker's tasks back at once (it NAKs the task's ``ack_subject``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import msgspec
+
+from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
+from ._kv import kv_delete_nowait, kv_get, kv_put
+from .events import utcnow
+
+LEASES_BUCKET = "natflow_leases"
+
+
+class Lease(msgspec.Struct, kw_only=True):
+    v: int = 1
+    run_id: str
+    worker: str
+    queue: str
+    ack_subject: str
+    ttl: float
+    acquired_at: datetime
+    expires_at: datetime
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Lease)
+
+
+def decode_lease(data: bytes) -> Lease:
+    return _decoder.decode(data)
+
+
+class Leases:
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def acquire(
+        self, run_id: str, worker: str, queue: str, ack_subject: str, ttl: float
+    ) -> tuple[Lease, int]:
+        """Take the run's lease. The caller was handed the run's task by the consumer, which
+        is the authority on who may take a run, so this overwrites any earlier lease."""
+        now = utcnow()
+        lease = Lease(
+            run_id=run_id,
+            worker=worker,
+            queue=queue,
+            ack_subject=ack_subject,
+            ttl=ttl,
+            acquired_at=now,
+            expires_at=now + timedelta(seconds=ttl),
+        )
+        revision = await kv_put(
+            self._conn, LEASES_BUCKET, run_id, _encoder.encode(lease), ttl=ttl + 1
+        )
+        return lease, revision
+
+    async def renew(self, lease: Lease, revision: int) -> tuple[Lease, int] | None:
+        """Extend the lease; None if another worker has taken it since ``revision``."""
+        lease.expires_at = utcnow() + timedelta(seconds=lease.ttl)
+        try:
+            new = await kv_put(
+                self._conn,
+                LEASES_BUCKET,
+                lease.run_id,
+                _encoder.encode(lease),
+                revision=revision,
+                ttl=lease.ttl + 1,
+            )
+        except JetStreamError as exc:
+            if exc.err_code == ERR_WRONG_LAST_SEQUENCE:
+                return None
+            raise
+        return lease, new
+
+    async def release(self, run_id: str, revision: int) -> None:
+        """Drop the lease if it is still ours (fire and forget)."""
+        await kv_delete_nowait(self._conn, LEASES_BUCKET, run_id, revision=revision)
+
+    async def get(self, run_id: str) -> tuple[Lease, int] | None:
+        found = await kv_get(self._conn, LEASES_BUCKET, run_id)
+        return None if found is None else (decode_lease(found[0]), found[1])

@@ -1,0 +1,423 @@
+"""Prometheus metrics: everything natflow exports, and the ``/metrics`` endpoint.
+
+Every metric is defined here, once, in prometheus-client's default registry, so a process that
+runs the engine and a worker (or a user's own metrics) has one set and one endpoint; the SDK
+imports its metrics from here because ``engine`` never imports ``sdk``. Label sets stay
+bounded: workflow, step name, queue, status or outcome; never a run id, and never a worker's
+identity (Prometheus's ``instance`` label tells the processes apart).
+
+Who exports what:
+
+* **engine, from history** (the dispatcher reads each run-level event once across all engine
+  replicas, so ``sum`` over instances counts each run once): runs started and closed, run
+  duration, non-determinism errors (blocked runs).
+* **engine services**: reaper hand-backs (lease takeovers), timer lateness and firings,
+  signals received and dead-lettered.
+* **engine poller** (:class:`EngineMetrics`, every few seconds): per queue the consumer
+  ``natflow-queue-<queue>`` counts from JetStream (backlog, in flight, redelivered, waiting
+  pulls), live workers per queue from the worker registry, runs by status from the run index.
+  Every engine replica exports the same numbers: aggregate them with ``max``.
+* **workers**: steps recorded by outcome, step duration per attempt, schedule-to-start lag of
+  tasks and of steps, retries, redelivered takeovers, fenced writes (a worker stepping back),
+  signals delivered into history or rejected there, runs held, executions by outcome.
+
+Serve them with :func:`serve_metrics` (``natflow worker``/``engine``/``dev`` do, on
+``--metrics-port``; a :class:`~natflow.Worker` used as a library does when given
+``metrics_port``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Final, get_args
+from wsgiref.simple_server import WSGIServer
+
+import anyio
+import msgspec
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from ._connection import Connection
+from ._errors import NatflowError
+from ._index import RunIndex
+from ._registry import list_workers
+from ._state import CLOSED_STATUSES, RunInfo, RunStatus
+from ._streams import TASK_STREAM
+from .events import Event, RunBlocked, RunStarted
+
+log = logging.getLogger("natflow.metrics")
+
+DEFAULT_WORKER_PORT: Final = 9464
+DEFAULT_ENGINE_PORT: Final = 9465
+QUEUE_CONSUMER_PREFIX: Final = "natflow-queue-"
+RUN_STATUSES: Final[tuple[str, ...]] = get_args(RunStatus)
+
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STEP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+_RUN = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+_RUN_LONG = (86400.0, 604800.0)
+
+# -- engine: from history -------------------------------------------------------------------
+
+RUNS_STARTED = Counter("natflow_runs_started", "Runs started, by workflow.", ["workflow"])
+RUNS_CLOSED = Counter(
+    "natflow_runs_closed",
+    "Runs that ended, by workflow and final status (completed, failed, cancelled, terminated).",
+    ["workflow", "status"],
+)
+RUN_DURATION = Histogram(
+    "natflow_run_duration_seconds",
+    "Time from a run's start to its end, by workflow and final status.",
+    ["workflow", "status"],
+    buckets=_RUN + _RUN_LONG,
+)
+NONDETERMINISM = Counter(
+    "natflow_nondeterminism_errors",
+    "Replays that diverged from history (the run is held as blocked), by workflow.",
+    ["workflow"],
+)
+
+# -- engine services ------------------------------------------------------------------------
+
+TAKEOVERS = Counter(
+    "natflow_lease_takeovers",
+    "Runs moved to another worker: kind=reaped (the engine handed a dead worker's run back), "
+    "kind=redelivered (a worker claimed a run whose task came back from another worker).",
+    ["queue", "kind"],
+)
+TIMER_LATENESS = Histogram(
+    "natflow_timer_lateness_seconds",
+    "How long after its due time the engine woke a timer's run.",
+    buckets=(*_FAST, 300.0, 3600.0),
+)
+TIMERS_FIRED = Counter("natflow_timers_fired", "Timers whose run the engine woke.")
+SIGNALS_RECEIVED = Counter(
+    "natflow_signals_received",
+    "Signals the engine's intake accepted for a live run, by workflow.",
+    ["workflow"],
+)
+SIGNALS_REJECTED = Counter(
+    "natflow_signals_rejected",
+    "Signals not delivered: by=engine (dead-lettered by the intake), by=worker (recorded as "
+    "signal_rejected in the run's history).",
+    ["by"],
+)
+
+# -- workers --------------------------------------------------------------------------------
+
+STEPS = Counter(
+    "natflow_steps",
+    "Step outcomes recorded in history, by workflow, step and outcome (completed, failed).",
+    ["workflow", "step", "outcome"],
+)
+STEP_DURATION = Histogram(
+    "natflow_step_duration_seconds",
+    "Duration of one attempt of a step body, by workflow, step and outcome.",
+    ["workflow", "step", "outcome"],
+    buckets=_STEP,
+)
+STEP_LAG = Histogram(
+    "natflow_step_schedule_to_start_seconds",
+    "From a step being issued (or its retry coming due) to its body starting.",
+    ["workflow", "step"],
+    buckets=_FAST,
+)
+STEP_RETRIES = Counter(
+    "natflow_step_retries", "Step attempts that failed and were retried.", ["workflow", "step"]
+)
+TASK_LAG = Histogram(
+    "natflow_task_schedule_to_start_seconds",
+    "From a task being enqueued to a worker taking it (first deliveries), by queue.",
+    ["queue"],
+    buckets=(*_FAST, 300.0),
+)
+FENCED = Counter(
+    "natflow_fenced_writes",
+    "Conditional writes refused because another worker holds the run (the worker steps back): "
+    "write=claim, append or lease.",
+    ["workflow", "write"],
+)
+SIGNALS_DELIVERED = Counter(
+    "natflow_signals_delivered",
+    "Signals a worker moved into a run's history, by workflow.",
+    ["workflow"],
+)
+EXECUTIONS = Counter(
+    "natflow_run_executions",
+    "Times a worker drove a run, by workflow and how it ended (completed, failed, blocked, "
+    "suspended, lost, handed_back).",
+    ["workflow", "outcome"],
+)
+RUNS_HELD = Gauge("natflow_worker_runs_held", "Runs the workers of this process hold now.")
+
+# -- engine poller: snapshots from JetStream --------------------------------------------------
+
+
+class Snapshot:
+    """A gauge family replaced as a whole, so a scrape never sees half an update."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str]) -> None:
+        self.name, self._doc, self._labels = name, documentation, labelnames
+        self.values: Mapping[tuple[str, ...], float] = {}
+
+    def set_all(self, values: Mapping[tuple[str, ...], float]) -> None:
+        self.values = dict(values)
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.name, self._doc, labels=self._labels)
+        for labels, value in self.values.items():
+            family.add_metric(list(labels), value)
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(self.name, self._doc, labels=self._labels)
+
+
+def _snapshot(name: str, documentation: str, labelnames: list[str]) -> Snapshot:
+    gauge = Snapshot(name, documentation, labelnames)
+    REGISTRY.register(gauge)
+    return gauge
+
+
+QUEUE_PENDING = _snapshot(
+    "natflow_queue_tasks_pending",
+    "Tasks waiting for a worker (the queue consumer's num_pending): the backlog.",
+    ["queue"],
+)
+QUEUE_ACK_PENDING = _snapshot(
+    "natflow_queue_tasks_ack_pending",
+    "Tasks delivered to a worker and not yet acknowledged (num_ack_pending): runs in flight.",
+    ["queue"],
+)
+QUEUE_REDELIVERED = _snapshot(
+    "natflow_queue_tasks_redelivered",
+    "Tasks in flight that were delivered more than once (num_redelivered).",
+    ["queue"],
+)
+QUEUE_WAITING = _snapshot(
+    "natflow_queue_pull_requests_waiting",
+    "Workers' pull requests waiting for tasks (num_waiting): idle capacity.",
+    ["queue"],
+)
+WORKERS_LIVE = _snapshot(
+    "natflow_workers_live",
+    "Registered workers serving the queue and not draining (from natflow_workers).",
+    ["queue"],
+)
+RUNS_BY_STATUS = _snapshot(
+    "natflow_runs", "Runs in the run index, by workflow and status.", ["workflow", "status"]
+)
+TIMERS_PENDING = _snapshot(
+    "natflow_timers_pending", "Timers the engine is waiting on (sleeps, timeouts, delays).", []
+)
+
+# -- recording helpers ------------------------------------------------------------------------
+
+_known_workflows: set[str] = set()
+
+
+def _know(workflow: str) -> None:
+    """Give a workflow's engine counters a zero sample, so rates and ratios have data."""
+    if workflow in _known_workflows:
+        return
+    _known_workflows.add(workflow)
+    for status in sorted(CLOSED_STATUSES):
+        RUNS_CLOSED.labels(workflow, status)
+    NONDETERMINISM.labels(workflow)
+    SIGNALS_RECEIVED.labels(workflow)
+
+
+def prepare_worker(workflows: Iterable[str], queues: Iterable[str]) -> None:
+    """Give a worker's counters a zero sample before their first event."""
+    SIGNALS_REJECTED.labels("worker")
+    for queue in queues:
+        TAKEOVERS.labels(queue, "redelivered")
+    for workflow in workflows:
+        SIGNALS_DELIVERED.labels(workflow)
+        for write in ("claim", "append", "lease"):
+            FENCED.labels(workflow, write)
+
+
+def observe_run(event: Event, info: RunInfo) -> None:
+    """Count a run-level event the engine's index just folded into ``info``."""
+    _know(info.workflow)
+    if isinstance(event, RunStarted):
+        RUNS_STARTED.labels(info.workflow).inc()
+    elif isinstance(event, RunBlocked):
+        NONDETERMINISM.labels(info.workflow).inc()
+    elif info.status in CLOSED_STATUSES:
+        RUNS_CLOSED.labels(info.workflow, info.status).inc()
+        closed = info.closed_at or event.at
+        RUN_DURATION.labels(info.workflow, info.status).observe(
+            max(0.0, (closed - info.created_at).total_seconds())
+        )
+
+
+@contextlib.contextmanager
+def step_attempt(workflow: str, step: str, issued_at: float) -> Iterator[None]:
+    """Observe a step attempt's schedule-to-start lag now and its duration when it ends."""
+    began = time.monotonic()
+    STEP_LAG.labels(workflow, step).observe(max(0.0, began - issued_at))
+    try:
+        yield
+    except Exception:
+        STEP_DURATION.labels(workflow, step, "failed").observe(time.monotonic() - began)
+        raise
+    STEP_DURATION.labels(workflow, step, "completed").observe(time.monotonic() - began)
+
+
+# -- the endpoint -------------------------------------------------------------------------------
+
+_servers: dict[int, WSGIServer] = {}
+_servers_lock = threading.Lock()
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> int | None:
+    """Serve ``/metrics`` on ``host:port`` from a daemon thread; ``port`` 0 serves nothing.
+
+    Returns the port, or None when not serving. Serving a port this process already serves
+    is a no-op. A port another process holds is logged and skipped: metrics are worth a
+    warning, never a worker that refuses to start.
+    """
+    if port <= 0:
+        return None
+    with _servers_lock:
+        if port in _servers:
+            return port
+        try:
+            server, _ = start_http_server(port, addr=host)
+        except OSError as exc:
+            log.warning("metrics not served: cannot listen on %s:%d (%s)", host, port, exc)
+            return None
+        _servers[port] = server
+    log.info("metrics at http://%s:%d/metrics", host or "0.0.0.0", port)
+    return port
+
+
+def stop_metrics(port: int) -> None:
+    """Stop serving ``port`` (tests; a CLI process serves until it exits)."""
+    with _servers_lock:
+        server = _servers.pop(port, None)
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
+# -- the engine's poller ------------------------------------------------------------------------
+
+
+class _ConsumerState(msgspec.Struct):
+    name: str = ""
+    num_pending: int = 0
+    num_ack_pending: int = 0
+    num_redelivered: int = 0
+    num_waiting: int = 0
+
+
+class _ApiError(msgspec.Struct):
+    description: str = ""
+
+
+class _ConsumerList(msgspec.Struct):
+    total: int = 0
+    consumers: list[_ConsumerState] = []
+    error: _ApiError | None = None
+
+
+_list_decoder = msgspec.json.Decoder(_ConsumerList)
+
+
+class EngineMetrics:
+    """Polls JetStream for the gauges history cannot give: queues, workers, runs by status.
+
+    Every ``interval`` seconds it reads the task consumers and the worker registry; every
+    ``runs_every``-th time it also counts the run index (one read of every run's summary).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        interval: float = 5.0,
+        runs_every: int = 6,
+        timers_pending: Callable[[], int] | None = None,
+    ) -> None:
+        self._conn = conn
+        self.interval = interval
+        self._runs_every = max(1, runs_every)
+        self._timers_pending = timers_pending
+        self.polls = 0
+        SIGNALS_REJECTED.labels("engine")
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except (NatflowError, OSError, TimeoutError, msgspec.DecodeError) as exc:
+                log.warning("metrics poll failed (%s); next try in %g s", exc, self.interval)
+            except Exception as exc:  # nats-py's own errors: never let metrics stop the engine
+                log.warning("metrics poll failed (%r); next try in %g s", exc, self.interval)
+            await anyio.sleep(self.interval)
+
+    async def poll(self) -> None:
+        queues = await self._queues()
+        await self._workers(queues)
+        if self._timers_pending is not None:
+            TIMERS_PENDING.set_all({(): float(self._timers_pending())})
+        if self.polls % self._runs_every == 0:
+            await self._runs()
+        self.polls += 1
+
+    async def _consumers(self) -> list[_ConsumerState]:
+        found: list[_ConsumerState] = []
+        while True:
+            body = msgspec.json.encode({"offset": len(found)})
+            subject = f"{self._conn.api}.CONSUMER.LIST.{TASK_STREAM}"
+            msg = await self._conn.request(subject, body)
+            page = _list_decoder.decode(msg.data)
+            if page.error is not None:
+                raise NatflowError(f"cannot list task consumers: {page.error.description}")
+            found.extend(page.consumers)
+            if not page.consumers or len(found) >= page.total:
+                return found
+
+    async def _queues(self) -> set[str]:
+        pending: dict[tuple[str, ...], float] = {}
+        acks: dict[tuple[str, ...], float] = {}
+        redelivered: dict[tuple[str, ...], float] = {}
+        waiting: dict[tuple[str, ...], float] = {}
+        for c in await self._consumers():
+            if not c.name.startswith(QUEUE_CONSUMER_PREFIX):
+                continue
+            key = (c.name[len(QUEUE_CONSUMER_PREFIX) :],)
+            TAKEOVERS.labels(key[0], "reaped")
+            pending[key] = float(c.num_pending)
+            acks[key] = float(c.num_ack_pending)
+            redelivered[key] = float(c.num_redelivered)
+            waiting[key] = float(c.num_waiting)
+        QUEUE_PENDING.set_all(pending)
+        QUEUE_ACK_PENDING.set_all(acks)
+        QUEUE_REDELIVERED.set_all(redelivered)
+        QUEUE_WAITING.set_all(waiting)
+        return {queue for (queue,) in pending}
+
+    async def _workers(self, queues: set[str]) -> None:
+        live: Tally[str] = Tally({queue: 0 for queue in queues})
+        for worker in await list_workers(self._conn):
+            for queue in worker.queues:
+                live[queue] += 0 if worker.draining else 1
+        WORKERS_LIVE.set_all({(queue,): float(n) for queue, n in live.items()})
+
+    async def _runs(self) -> None:
+        counts: Tally[tuple[str, str]] = Tally()
+        for run in await RunIndex(self._conn).scan(limit=1 << 30):
+            counts[run.workflow, run.status] += 1
+        workflows = {workflow for workflow, _ in counts} | _known_workflows
+        RUNS_BY_STATUS.set_all(
+            {(wf, status): float(counts[wf, status]) for wf in workflows for status in RUN_STATUSES}
+        )

@@ -1,0 +1,123 @@
+"""The reaper: hands a dead worker's runs to other workers within a second.
+
+It watches the lease and worker buckets and pings every worker that holds a lease or is
+registered (``natflow.worker.<identity>.ping``). "No responders" twice in a row means the
+worker's connection is gone (killed, crashed, cut off), so the reaper NAKs the task of every
+run that worker leased: the queue's consumer redelivers it at once and another worker
+resumes the run. A worker that answers slowly or not at all (paused, overloaded) is left
+alone; its lease and ack deadline expire on their own, and the history's conditional append
+fences it if it comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Final
+
+import anyio
+import nats.errors
+
+from ._connection import Connection, NoResponders, RequestTimeout
+from ._errors import NatflowError
+from ._kv import kv_delete_nowait, kv_watch
+from ._leases import LEASES_BUCKET, Lease, decode_lease
+from ._logs import fields
+from ._metrics import TAKEOVERS
+from ._registry import WORKERS_BUCKET, decode_worker, ping_subject
+from .events import utcnow
+
+log = logging.getLogger("natflow.reaper")
+
+PROBE_INTERVAL: Final = 0.25
+STRIKES: Final = 2  # consecutive "no responders" before a worker counts as gone
+
+
+class Reaper:
+    def __init__(self, conn: Connection, probe_interval: float = PROBE_INTERVAL) -> None:
+        self._conn = conn
+        self._interval = probe_interval
+        self.leases: dict[str, tuple[Lease, int]] = {}
+        self.workers: set[str] = set()
+        self._strikes: dict[str, int] = {}
+        self._quiet_until = 0.0
+        self._probing: set[str] = set()
+        self.reaped = 0
+
+    def pause_probes(self, seconds: float) -> None:
+        """After this process reconnects, workers may still be reconnecting: hold fire."""
+        self._quiet_until = time.monotonic() + seconds
+
+    async def run(self) -> None:
+        self._conn.on_reconnect.append(lambda: self.pause_probes(2.0))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_leases)
+            tg.start_soon(self._watch_workers)
+            while True:
+                await anyio.sleep(self._interval)
+                if time.monotonic() < self._quiet_until or not self._conn.nc.is_connected:
+                    continue
+                owners = self.workers | {lease.worker for lease, _ in self.leases.values()}
+                for owner in owners - self._probing:
+                    self._probing.add(owner)
+                    tg.start_soon(self._probe, owner)
+
+    async def _watch_leases(self) -> None:
+        async for run_id, value, revision in kv_watch(self._conn, LEASES_BUCKET):
+            if value is None:
+                self.leases.pop(run_id, None)
+            else:
+                self.leases[run_id] = (decode_lease(value), revision)
+
+    async def _watch_workers(self) -> None:
+        async for identity, value, _ in kv_watch(self._conn, WORKERS_BUCKET):
+            if value is None:
+                self.workers.discard(identity)
+            else:
+                self.workers.add(decode_worker(value).identity)
+
+    async def _probe(self, identity: str) -> None:
+        try:
+            await self._ping(identity)
+        finally:
+            self._probing.discard(identity)
+
+    async def _ping(self, identity: str) -> None:
+        try:
+            await self._conn.request(ping_subject(identity), b"", timeout=1.0)
+        except NoResponders:
+            strikes = self._strikes.get(identity, 0) + 1
+            self._strikes[identity] = strikes
+            if strikes >= STRIKES:
+                await self._reap(identity)
+            return
+        except (RequestTimeout, NatflowError, nats.errors.Error):
+            pass  # slow or unreachable from here: not proof of death
+        self._strikes.pop(identity, None)
+
+    async def _reap(self, identity: str) -> None:
+        self._strikes.pop(identity, None)
+        held = [(lease, rev) for lease, rev in self.leases.values() if lease.worker == identity]
+        for lease, revision in held:
+            await self._conn.nc.publish(lease.ack_subject, b"-NAK")
+            await kv_delete_nowait(self._conn, LEASES_BUCKET, lease.run_id, revision=revision)
+            self.leases.pop(lease.run_id, None)
+            if lease.expires_at < utcnow():
+                continue  # a lease left behind (its expiry is not seen here): no run moved
+            TAKEOVERS.labels(lease.queue, "reaped").inc()
+            log.info(
+                "run %s: handed back from worker %s, which is gone",
+                lease.run_id,
+                identity,
+                extra=fields(lease.run_id, queue=lease.queue, worker=identity),
+            )
+        if identity in self.workers:
+            await kv_delete_nowait(self._conn, WORKERS_BUCKET, identity)
+            self.workers.discard(identity)
+        self.reaped += len(held)
+        log.warning(
+            "worker %s is gone (its connection closed); handed %d runs to other workers",
+            identity,
+            len(held),
+            extra=fields(worker=identity),
+        )

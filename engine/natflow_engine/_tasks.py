@@ -1,0 +1,88 @@
+"""The task queue: "this run has something to do", one pending task per run.
+
+A task is a message on ``natflow.task.<queue>.<run_id>`` in the ``NATFLOW_TASKS`` work-queue
+stream. The stream keeps at most one message per subject, so a wake-up that finds a task
+pending or in flight is refused (error 10077) and costs nothing: the holder re-checks the
+run's history after it acknowledges, which closes the lost-wake-up race (NATS.md §8).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import msgspec
+from nats.js import api
+
+from ._connection import ERR_MAX_MSGS_PER_SUBJECT, Connection, JetStreamError
+from ._puller import Puller
+from ._streams import TASK_PREFIX, TASK_STREAM, queue_consumer, task_subject
+
+log = logging.getLogger("natflow.tasks")
+
+DEFAULT_ACK_WAIT: Final = 15.0
+
+
+class Task(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of a task message. Only ``run_id`` matters; history holds the truth."""
+
+    v: int = 1
+    run_id: str
+    workflow: str = ""
+    reason: str = ""
+    # A new run's task carries its first event and that event's stream sequence, so the
+    # worker can claim it without reading history first; if the run has moved on since,
+    # the claim's conditional append fails and the worker reads history after all.
+    start_seq: int = 0  # 0: not inline
+    start: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_task_encoder = msgspec.json.Encoder()
+_task_decoder = msgspec.json.Decoder(Task)
+
+
+def decode_task(data: bytes) -> Task:
+    return _task_decoder.decode(data)
+
+
+async def enqueue(conn: Connection, queue: str, task: Task) -> bool:
+    """Make the run runnable. False if a task for it is already pending or in flight."""
+    try:
+        await conn.publish(task_subject(queue, task.run_id), _task_encoder.encode(task))
+        return True
+    except JetStreamError as exc:
+        if exc.err_code == ERR_MAX_MSGS_PER_SUBJECT:
+            return False
+        raise
+
+
+def consumer_config(queue: str, ack_wait: float = DEFAULT_ACK_WAIT) -> api.ConsumerConfig:
+    name = queue_consumer(queue)
+    return api.ConsumerConfig(
+        name=name,
+        durable_name=name,
+        description=f"natflow workers of queue {queue!r}",
+        filter_subject=f"{TASK_PREFIX}.{queue}.*",
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=-1,
+        max_ack_pending=-1,
+        max_waiting=4096,
+    )
+
+
+async def ensure_consumer(conn: Connection, queue: str, ack_wait: float = DEFAULT_ACK_WAIT) -> None:
+    """Create the queue's durable consumer if missing (shared by every worker of the queue)."""
+    config = consumer_config(queue, ack_wait)
+    await conn.admin(
+        f"consumer for queue {queue}", lambda: conn.jsm.add_consumer(TASK_STREAM, config=config)
+    )
+
+
+class TaskPuller(Puller):
+    """A queue's tasks as they arrive (see :class:`~natflow_engine._puller.Puller`)."""
+
+    def __init__(self, conn: Connection, queue: str, expires: float = 5.0) -> None:
+        super().__init__(conn, TASK_STREAM, queue_consumer(queue), expires=expires)
+        self.queue = queue
+        self.tasks = self.messages

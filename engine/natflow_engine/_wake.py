@@ -1,0 +1,44 @@
+"""Waking a run: enqueue its task, or nudge the worker that holds it.
+
+A wake-up (a timer came due, a signal arrived) that finds the run's task pending costs nothing:
+the pending task will run. One that finds the task in flight cannot be enqueued (NATS.md §8),
+so the holder named by the run's lease is told on ``natflow.worker.<identity>.wake``; and a
+holder that releases the run re-checks for due timers and new signals after it acknowledges.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+
+from ._connection import Connection
+from ._leases import Leases
+from ._streams import HISTORY_STREAM, history_subject
+from ._tasks import Task, enqueue
+from .events import RunStarted, decode_event
+
+log = logging.getLogger("natflow.wake")
+
+
+def wake_subject(identity: str) -> str:
+    return f"natflow.worker.{identity}.wake"
+
+
+async def run_start(conn: Connection, run_id: str) -> RunStarted | None:
+    """The run's ``run_started`` event, its first (one direct get), or None if there is none."""
+    body = msgspec.json.encode({"seq": 1, "next_by_subj": history_subject(run_id)})
+    msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}", body)
+    if "Status" in (msg.headers or {}):
+        return None
+    event = decode_event(msg.data)
+    return event if isinstance(event, RunStarted) else None
+
+
+async def wake(conn: Connection, start: RunStarted, run_id: str, reason: str) -> None:
+    task = Task(run_id=run_id, workflow=start.workflow, reason=reason)
+    if await enqueue(conn, start.queue, task):
+        return
+    found = await Leases(conn).get(run_id)
+    if found is not None:
+        await conn.nc.publish(wake_subject(found[0].worker), run_id.encode())

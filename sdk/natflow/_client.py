@@ -1,0 +1,285 @@
+"""``Client``: start runs and read them. Needs no workflow code, only a NATS connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+import anyio
+import msgspec
+from natflow_engine import (
+    CANCEL,
+    CLOSED_STATUSES,
+    HISTORY_STREAM,
+    TERMINATE,
+    Connection,
+    InvalidInput,
+    NatflowError,
+    RunCancelled,
+    RunFailed,
+    RunIndex,
+    RunInfo,
+    Runs,
+    StepInfo,
+    check_run_id,
+    check_token,
+    connect,
+    decode_value,
+    encode_value,
+    ensure_streams,
+    history_subject,
+    to_seconds,
+    wrap,
+)
+from natflow_engine import send as send_signal
+from natflow_engine.events import (
+    Event,
+    RunCompleted,
+    RunTerminated,
+    decode_event,
+    event_kind,
+    utcnow,
+)
+from natflow_engine.events import RunCancelled as RunCancelledEvent
+from natflow_engine.events import RunFailed as RunFailedEvent
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from ._workflow import Workflow
+
+_TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
+
+
+class RunHandle:
+    """A handle on one run: its status and its result."""
+
+    def __init__(self, client: Client, run_id: str, workflow: Workflow | None = None) -> None:
+        self._client = client
+        self.run_id = run_id
+        self._workflow = workflow
+
+    def __repr__(self) -> str:
+        return f"RunHandle(run_id={self.run_id!r})"
+
+    async def status(self) -> RunInfo:
+        """The run's current :class:`RunInfo`."""
+        return await self._client.describe(self.run_id)
+
+    async def result(self, timeout: float | timedelta | None = None) -> Any:
+        """Wait for the run to end and return its result.
+
+        Raises :class:`RunFailed` (with the error's type, message and traceback),
+        :class:`RunCancelled`, or ``TimeoutError`` when ``timeout`` passes first. Waits on
+        the run's history subject, so it costs nothing while the run is busy.
+        """
+        seconds = None if timeout is None else to_seconds("timeout", timeout)
+        nc = self._client.connection.nc
+        ended: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+
+        async def on_event(msg: Msg) -> None:
+            if not ended.done() and event_kind(msg.data) in _TERMINAL_TYPES:
+                ended.set_result(decode_event(msg.data))
+
+        subs = [await nc.subscribe(history_subject(self.run_id), cb=on_event)]
+        try:
+            with anyio.fail_after(seconds):
+                while True:
+                    info = await self._client.describe(self.run_id)
+                    if info.status in CLOSED_STATUSES:
+                        return self._outcome(info)
+                    # Re-read now and then, a safety net for an event lost in a reconnect.
+                    with anyio.move_on_after(30.0):
+                        return self._event_outcome(await asyncio.shield(ended))
+        except TimeoutError:
+            raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
+
+    def _outcome(self, info: RunInfo) -> Any:
+        if info.status == "completed":
+            return self._typed(msgspec.json.encode(info.result))
+        if info.status == "failed":
+            assert info.error is not None
+            raise RunFailed(self.run_id, info.error)
+        raise RunCancelled(self.run_id, info.error.message if info.error else None)
+
+    def _event_outcome(self, event: Event) -> Any:
+        if isinstance(event, RunCompleted):
+            return self._typed(event.result)
+        if isinstance(event, RunFailedEvent):
+            raise RunFailed(self.run_id, event.error)
+        if isinstance(event, RunCancelledEvent | RunTerminated):
+            raise RunCancelled(self.run_id, event.reason)
+        raise NatflowError(f"unexpected final event {event!r}")
+
+    def _typed(self, data: bytes) -> Any:
+        result_type = self._workflow.result_type if self._workflow is not None else Any
+        try:
+            return decode_value(f"result of run {self.run_id!r}", data, result_type)
+        except InvalidInput:
+            return msgspec.json.decode(data)
+
+
+class Client:
+    """Starts, reads and watches runs.
+
+    Example::
+
+        async with await Client.connect("nats://127.0.0.1:4222") as client:
+            handle = await client.start(greet, {"name": "Ada"}, run_id="greet-ada")
+            print(await handle.result(timeout=30))
+    """
+
+    def __init__(self, nc: NATS | Connection) -> None:
+        self._conn = nc if isinstance(nc, Connection) else wrap(nc)
+        self._runs = Runs(self._conn)
+        self._index = RunIndex(self._conn)
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | list[str] | None = None,
+        *,
+        connect_timeout: float = 5.0,
+        **nats_options: Any,
+    ) -> Client:
+        """Connect to NATS (``NATFLOW_URL`` or ``nats://127.0.0.1:4222`` by default).
+
+        Fails with :class:`NatflowError` within ``connect_timeout`` when no server answers.
+        """
+        return cls(await connect(url, connect_timeout=connect_timeout, **nats_options))
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(
+        self,
+        workflow: Workflow | str,
+        input: Any = None,
+        *,
+        run_id: str | None = None,
+        queue: str | None = None,
+        start_delay: float | timedelta | None = None,
+    ) -> RunHandle:
+        """Start a run and return its handle.
+
+        ``run_id`` is an idempotency key: starting an id that exists returns that run's
+        handle and makes no second run. Input that does not fit the workflow's annotation
+        raises :class:`InvalidInput` naming the field, and nothing is written.
+        """
+        delay = 0.0 if start_delay is None else to_seconds("start_delay", start_delay)
+        definition = workflow if isinstance(workflow, Workflow) else None
+        if definition is not None:
+            name, default_queue = definition.name, definition.queue
+        elif isinstance(workflow, str):
+            name, default_queue = workflow, "default"
+        else:
+            raise InvalidInput(f"start takes a @workflow or its name, not {workflow!r}")
+        if run_id is not None:
+            check_run_id(run_id)
+        data = encode_value("workflow input", input)
+        if definition is not None and definition.takes_input:
+            decode_value(f"input of workflow {name!r}", data, definition.input_type)
+        started_id, _ = await self._runs.start(
+            name,
+            queue or default_queue,
+            data,
+            run_id,
+            not_before=utcnow() + timedelta(seconds=delay) if delay > 0 else None,
+        )
+        return RunHandle(self, started_id, definition)
+
+    async def cancel(self, run_id: str, reason: str | None = None) -> None:
+        """Cancel a run: ``asyncio.CancelledError`` is raised in the workflow at its next
+        await, so its ``finally`` blocks and cleanup steps run; then it ends as cancelled.
+        Cancelling a finished run does nothing; an unknown run is :class:`RunNotFound`."""
+        await self._control(run_id, CANCEL, reason)
+
+    async def terminate(self, run_id: str, reason: str) -> None:
+        """Stop a run at once: no more workflow code runs; it ends as terminated."""
+        await self._control(run_id, TERMINATE, reason)
+
+    async def _control(self, run_id: str, kind: str, reason: str | None) -> None:
+        check_run_id(run_id)
+        info = await self.describe(run_id)
+        if info.is_closed:
+            return
+        await ensure_streams(self._conn)
+        await send_signal(self._conn, run_id, kind, encode_value("reason", reason), None)
+
+    async def signal(
+        self, run_id: str, name: str, payload: Any = None, *, signal_id: str | None = None
+    ) -> None:
+        """Send signal ``name`` to a run; durable once this returns.
+
+        ``signal_id`` deduplicates: the same id twice is delivered once. An unknown run is
+        :class:`RunNotFound`; a finished one is :class:`NatflowError`.
+        """
+        check_run_id(run_id)
+        check_token("signal name", name)
+        if signal_id is not None:
+            check_token("signal_id", signal_id)
+        data = encode_value(f"payload of signal {name!r}", payload)
+        self._conn.check_size(f"payload of signal {name!r}", len(data))
+        info = await self.describe(run_id)
+        if info.is_closed:
+            raise NatflowError(
+                f"run {run_id!r} has already {info.status}; a signal can no longer reach it"
+            )
+        await ensure_streams(self._conn)
+        await send_signal(self._conn, run_id, name, data, signal_id)
+
+    def handle(self, run_id: str, workflow: Workflow | None = None) -> RunHandle:
+        """A handle on an existing run (not checked until used)."""
+        return RunHandle(self, check_run_id(run_id), workflow)
+
+    async def describe(self, run_id: str) -> RunInfo:
+        """The run's :class:`RunInfo`; :class:`RunNotFound` if there is none."""
+        return await self._runs.describe(run_id)
+
+    async def steps(self, run_id: str) -> list[StepInfo]:
+        """Every step occurrence of the run, in the order the workflow asked for them."""
+        return await self._runs.steps(run_id)
+
+    async def history(self, run_id: str) -> list[Event]:
+        """The run's events, oldest first."""
+        return await self._runs.events(run_id)
+
+    async def list(
+        self, workflow: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunInfo]:
+        """Runs from the engine's index, newest first (needs a running engine)."""
+        if limit < 1:
+            raise InvalidInput("limit must be at least 1")
+        return await self._index.scan(workflow=workflow, status=status, limit=limit)
+
+    async def watch(self, run_id: str) -> AsyncIterator[Event]:
+        """The run's events as they are appended, from the first one on."""
+        check_run_id(run_id)
+        sub = await self._conn.js.subscribe(
+            history_subject(run_id), stream=HISTORY_STREAM, ordered_consumer=True
+        )
+        try:
+            async for msg in sub.messages:
+                yield decode_event(msg.data)
+        finally:
+            await sub.unsubscribe()

@@ -1,0 +1,174 @@
+"""``WorkflowContext``: everything a workflow may do that must survive a replay."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from natflow_engine import InvalidInput, RetryPolicy, to_seconds
+from natflow_engine.events import utcnow
+
+if TYPE_CHECKING:
+    from ._replay import WorkflowState
+
+T = TypeVar("T")
+
+
+class _ReplayAwareLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Drops records while the workflow replays, so no line is logged twice."""
+
+    def __init__(self, execution: WorkflowState) -> None:
+        super().__init__(
+            logging.getLogger(f"natflow.workflow.{execution.workflow.name}"),
+            {"run_id": execution.run_id, "workflow": execution.workflow.name},
+        )
+        self._execution = execution
+
+    def isEnabledFor(self, level: int) -> bool:
+        return not self._execution.replaying and super().isEnabledFor(level)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        extra = dict(self.extra or {})
+        extra.update(kwargs.get("extra") or {})
+        kwargs["extra"] = extra
+        return f"[{self._execution.run_id}] {msg}", kwargs
+
+
+class WorkflowContext:
+    """The workflow's handle on durable execution. Passed as the first argument.
+
+    Example::
+
+        @workflow
+        async def order(ctx: WorkflowContext, input: OrderInput) -> Receipt:
+            payment = await ctx.step("charge", charge_card, input.total)
+            user, orders = await ctx.parallel(
+                ctx.step("user", fetch_user, input.user_id),
+                ctx.step("orders", fetch_orders, input.user_id),
+            )
+            return Receipt(order_id=payment["id"])
+    """
+
+    def __init__(self, execution: WorkflowState) -> None:
+        self._execution = execution
+        self._random = random.Random(execution.seed)
+        self._logger = _ReplayAwareLogger(execution)
+
+    @property
+    def run_id(self) -> str:
+        return self._execution.run_id
+
+    @property
+    def workflow_name(self) -> str:
+        return self._execution.workflow.name
+
+    @property
+    def is_replaying(self) -> bool:
+        """True while the code re-runs what history already recorded."""
+        return self._execution.replaying
+
+    @property
+    def logger(self) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+        """A logger that drops records while replaying."""
+        return self._logger
+
+    @overload
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+
+    @overload
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., T],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` on this worker and record its result durably.
+
+        On replay the recorded result comes back without calling ``fn``; a recorded error is
+        raised as :class:`StepError`. Sync functions run in a worker thread. ``timeout``
+        bounds one attempt; ``retry`` overrides the workflow's default policy.
+        """
+        return await self._execution.issue_step(name, fn, args, kwargs, retry, timeout)
+
+    async def sleep(self, name: str, duration: float | timedelta) -> None:
+        """Durable sleep: survives restarts of workers, engine and server; holds no worker.
+
+        Example::
+
+            await ctx.sleep("follow-up", timedelta(hours=24))
+        """
+        seconds = to_seconds(f"duration of sleep {name!r}", duration)
+        await self._execution.issue_sleep(name, utcnow() + timedelta(seconds=seconds))
+
+    async def sleep_until(self, name: str, when: datetime) -> None:
+        """Durable sleep until an aware datetime (a time in the past returns at once)."""
+        if not isinstance(when, datetime) or when.tzinfo is None:
+            raise InvalidInput(
+                f"sleep_until {name!r} needs an aware datetime (with a timezone), not {when!r}"
+            )
+        await self._execution.issue_sleep(name, when)
+
+    async def wait_for_signal(self, name: str, timeout: float | timedelta | None = None) -> Any:
+        """The payload of the next signal called ``name``, including one sent earlier.
+
+        Several signals of a name are delivered one per wait, in order of arrival. Raises
+        :class:`SignalTimeout` when ``timeout`` passes first.
+
+        Example::
+
+            approval = await ctx.wait_for_signal("approved", timeout=timedelta(hours=48))
+        """
+        seconds = None if timeout is None else to_seconds(f"timeout of signal {name!r}", timeout)
+        return await self._execution.issue_wait(name, seconds)
+
+    async def parallel(self, *awaitables: Awaitable[Any]) -> list[Any]:
+        """Run steps (or any workflow awaitables) concurrently; results in argument order."""
+        return list(await asyncio.gather(*awaitables))
+
+    def now(self) -> datetime:
+        """Deterministic time: when the latest event this run has seen was recorded (UTC)."""
+        return self._execution.now
+
+    def random(self) -> random.Random:
+        """A ``random.Random`` seeded per run: the same numbers on every replay."""
+        return self._random
+
+    def uuid4(self) -> uuid.UUID:
+        """A random UUID that is the same on every replay."""
+        return uuid.UUID(int=self._random.getrandbits(128), version=4)
+
+    def patched(self, change_id: str) -> bool:
+        """Versioning: True for runs that reach this point with the change deployed.
+
+        Example::
+
+            if ctx.patched("send-sms"):
+                await ctx.step("sms", send_sms, user)
+        """
+        return self._execution.patched(change_id)

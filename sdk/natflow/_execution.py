@@ -1,0 +1,496 @@
+"""One run driven by one worker: replay its history, then continue live.
+
+The workflow's coroutines run on a :class:`WorkflowLoop`; this driver runs on the worker's
+asyncio loop. It delivers recorded outcomes (steps, timers, signals) in history order
+(replay), then runs new commands for real. Every live outcome is appended to history first
+and delivered to the workflow second, so history order is delivery order and every replay
+decides races (a signal against its timeout, parallel branches) alike.
+
+When the workflow can only wait (for a timer further off than :data:`HOLD_TIMERS_UNDER`, or
+for a signal), the driver returns ``SUSPENDED`` and the worker lets the run go: a sleeping
+run holds no worker and no memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+from datetime import datetime
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from natflow_engine import (
+    CONTROL,
+    FENCED,
+    SIGNALS_DELIVERED,
+    SIGNALS_REJECTED,
+    STEPS,
+    TAKEOVERS,
+    TERMINATE,
+    AppendConflict,
+    BadSignal,
+    Connection,
+    ErrorInfo,
+    History,
+    HistoryStore,
+    InvalidInput,
+    encode_value,
+    error_info,
+    fields,
+    last_signal_seq,
+    parse,
+    pending_signals,
+    run_created_at,
+    sequence,
+    stored_at,
+)
+from natflow_engine.events import (
+    CancelRequested,
+    Event,
+    RunBlocked,
+    RunCancelled,
+    RunClaimed,
+    RunCompleted,
+    RunFailed,
+    RunTerminated,
+    SignalReceived,
+    SignalRejected,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+    TimerFired,
+    utcnow,
+)
+
+from ._commands import (
+    Finished,
+    Item,
+    SignalsArrived,
+    StillRunning,
+    TimerDue,
+    WaitCommand,
+)
+from ._replay import Evicted, WorkflowState
+from ._steps import StepRuntime, run_step
+from ._workflow import Workflow
+
+__all__ = ["Evicted", "Outcome", "RunExecution", "StepRuntime"]
+
+log = logging.getLogger("natflow.worker")
+
+# A timer due sooner than this is waited for while holding the run; a later one lets it go.
+HOLD_TIMERS_UNDER = 1.0
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+    SUSPENDED = "suspended"  # waits for a timer or a signal; the worker lets it go
+    LOST = "lost"  # another worker holds the run now; this one steps back
+    STALE = "stale"  # a claim without reading history met a newer one: read it and retry
+    HANDED_BACK = "handed_back"  # the worker is draining; running steps were recorded
+    CANCELLED = "cancelled"  # cancelled (after its cleanup) or terminated
+
+
+class _Fenced(Exception):
+    """An append met a newer history: this worker no longer holds the run."""
+
+
+class RunExecution(WorkflowState):
+    """Replays and continues one run; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        workflow: Workflow,
+        history: History,
+        store: HistoryStore,
+        conn: Connection,
+        identity: str,
+        runtime: StepRuntime,
+        delivery: int = 1,
+        optimistic: bool = False,
+    ) -> None:
+        super().__init__(workflow, history)
+        self._store = store
+        self._conn = conn
+        self._identity = identity
+        self._runtime = runtime
+        self._delivery = delivery
+        self._optimistic = optimistic  # history was not read: a claim conflict is no verdict
+        self._count = len(history.events)
+        self._last_seq = history.last_seq
+        self._last_event = history.events[-1]
+        self._inflight = 0
+        self._armed: dict[int, asyncio.TimerHandle] = {}
+        self._draining = False
+        self._created_at: datetime | None = None  # when the server stored run_started
+        self._send: MemoryObjectSendStream[Item] | None = None
+
+    def drain(self) -> None:
+        """Start no new step; once running ones are recorded, hand the run back."""
+        self._draining = True
+        self._notify(SignalsArrived())  # wake the driver if it only waits
+
+    def signals_arrived(self) -> None:
+        self._notify(SignalsArrived())
+
+    def _notify(self, item: Item) -> None:
+        if self._send is not None:
+            self._send.send_nowait(item)
+
+    async def execute(self) -> Outcome:
+        """Replay, claim the run, continue live until it ends, waits, or is lost."""
+        try:
+            self._begin()
+            if self.block is not None:
+                await self._record_block()
+                return Outcome.BLOCKED
+            if not await self._has_work():
+                return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
+            if not await self._claim():
+                return Outcome.STALE if self._optimistic else Outcome.LOST
+            send, receive = anyio.create_memory_object_stream[Item](math.inf)
+            self._send = send
+            try:
+                async with anyio.create_task_group() as tg:
+                    outcome = await self._guarded_live(tg, receive)
+                    tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                if len(group.exceptions) == 1:  # the worker handles the error, not the group
+                    raise group.exceptions[0] from None
+                raise
+            return outcome
+        finally:
+            self._dispose()
+
+    async def _has_work(self) -> bool:
+        """Whether taking the run now would change anything (else no claim is written)."""
+        assert self._root is not None
+        if self._root.done() or self._to_launch or self._to_record:
+            return True
+        due = self.next_due
+        if due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER:
+            return True
+        # A signal for a wait, or a cancellation for any waiting run.
+        return await last_signal_seq(self._conn, self.run_id) > self.signal_cursor
+
+    async def _append(self, event: Event) -> Event:
+        event = (
+            msgspec.structs.replace(event, id=f"{self.run_id}:{self._count + 1}")
+            if not event.id
+            else event
+        )
+        try:
+            self._last_seq = await self._store.append(self.run_id, event, self._last_seq)
+        except AppendConflict as exc:
+            raise _Fenced() from exc
+        self._count += 1
+        self._last_event = event
+        return event
+
+    def _next_id(self) -> str:
+        return f"{self.run_id}:{self._count + 1}"
+
+    def _fields(self, step: str | None = None) -> dict[str, Any]:
+        return fields(self.run_id, self.workflow.name, step)
+
+    async def _claim(self) -> bool:
+        try:
+            await self._append(
+                RunClaimed(
+                    id=self._next_id(),
+                    at=utcnow(),
+                    worker=self._identity,
+                    delivery=self._delivery,
+                )
+            )
+        except _Fenced:
+            if self._optimistic:
+                return False
+            FENCED.labels(self.workflow.name, "claim").inc()
+            log.info(
+                "run %s: claimed by another worker first; stepping back",
+                self.run_id,
+                extra=self._fields(),
+            )
+            return False
+        if self._delivery > 1 and self._last_holder not in (None, self._identity):
+            TAKEOVERS.labels(self._start.queue, "redelivered").inc()
+            log.info(
+                "run %s: taken over from worker %s (delivery %d)",
+                self.run_id,
+                self._last_holder,
+                self._delivery,
+                extra=self._fields(),
+            )
+        return True
+
+    async def _record_block(self) -> None:
+        assert self.block is not None
+        info = ErrorInfo(type="NonDeterminismError", message=str(self.block))
+        last = self._last_event
+        if isinstance(last, RunBlocked) and last.error.message == info.message:
+            return
+        log.error("%s", self.block, extra=self._fields())
+        try:
+            await self._append(
+                RunBlocked(
+                    id=self._next_id(), at=utcnow(), position=self.block.position, error=info
+                )
+            )
+        except _Fenced:
+            log.info("run %s changed while being blocked; it will be retried", self.run_id)
+
+    async def _flush_records(self) -> None:
+        while self._to_record:
+            await self._append(self._to_record.pop(0))
+
+    async def _guarded_live(
+        self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]
+    ) -> Outcome:
+        try:
+            return await self._live(tg, receive)
+        except _Fenced:
+            FENCED.labels(self.workflow.name, "append").inc()
+            log.info(
+                "run %s: another worker took it over; stepping back",
+                self.run_id,
+                extra=self._fields(),
+            )
+            return Outcome.LOST
+
+    async def _live(
+        self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]
+    ) -> Outcome:
+        assert self._root is not None
+        while not self._root.done():
+            if self.terminated is not None:
+                return await self._end(RunTerminated, self.terminated)
+            await self._flush_records()
+            self._launch(tg)
+            self._drop_abandoned_timers()
+            self._arm_timers()
+            if self._inflight == 0:
+                if self._draining:
+                    return Outcome.HANDED_BACK
+                if not self._timers and not any(self._waiting.values()):
+                    return await self._fail(
+                        ErrorInfo(
+                            type="NatflowError",
+                            message="the workflow awaits something natflow cannot deliver (only "
+                            "ctx calls may be awaited inside a workflow)",
+                        )
+                    )
+                due = self.next_due
+                if due is None or (due - utcnow()).total_seconds() > HOLD_TIMERS_UNDER:
+                    if not await self._move_signals():
+                        return Outcome.SUSPENDED
+                    continue
+            await self._handle(await receive.receive())
+        await self._flush_records()
+        return await self._finish()
+
+    async def _handle(self, item: Item) -> None:
+        if isinstance(item, Finished):
+            event = await self._append(self._outcome_event(item))
+            self._inflight -= 1
+            assert isinstance(event, StepCompleted | StepFailed)
+            self._count_step(event)
+            self._deliver(event)
+        elif isinstance(item, StillRunning):
+            await self._append(
+                StepStarted(
+                    id=self._next_id(),
+                    at=utcnow(),
+                    seq=item.command.seq,
+                    name=item.command.name,
+                    occurrence=item.command.occurrence,
+                    attempt=item.attempt,
+                )
+            )
+        elif isinstance(item, TimerDue):
+            await self._fire(item.seq)
+        else:
+            await self._move_signals()
+
+    async def _fire(self, seq: int) -> None:
+        self._armed.pop(seq, None)
+        due = self._timers.get(seq)
+        command = self._commands.get(seq)
+        if due is None or command is None:
+            return
+        early = (due - utcnow()).total_seconds()
+        if early > 0:  # never before its due time
+            self._arm(seq, due)
+            return
+        if isinstance(command, WaitCommand):
+            await self._move_signals()  # a signal that arrived in time beats its timeout
+            if command.future.done():
+                return
+        fired = await self._append(
+            TimerFired(id=self._next_id(), at=utcnow(), seq=seq, name=command.name)
+        )
+        assert isinstance(fired, TimerFired)
+        self._deliver(fired)
+
+    def _arm_timers(self) -> None:
+        for seq, due in self._timers.items():
+            if seq not in self._armed:
+                self._arm(seq, due)
+
+    def _arm(self, seq: int, due: datetime) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (due - utcnow()).total_seconds())
+        self._armed[seq] = loop.call_later(delay, self._notify, TimerDue(seq))
+
+    async def _move_signals(self) -> bool:
+        """Move the run's new signals into history, in order; True if any arrived."""
+        moved = False
+        for msg in await pending_signals(self._conn, self.run_id, self.signal_cursor):
+            seq = sequence(msg)
+            try:
+                signal = parse(msg, seq)
+                await self._check_not_before_run(msg, seq, signal.name)
+            except BadSignal as bad:
+                await self._append(
+                    SignalRejected(
+                        id=self._next_id(),
+                        at=utcnow(),
+                        signal_seq=seq,
+                        name=bad.name,
+                        reason=bad.reason,
+                    )
+                )
+                SIGNALS_REJECTED.labels("worker").inc()
+                self.signal_cursor = seq
+                continue
+            self.signal_cursor = seq
+            if signal.name in CONTROL:
+                cancel = await self._append(
+                    CancelRequested(
+                        id=self._next_id(),
+                        at=utcnow(),
+                        signal_seq=seq,
+                        reason=self._reason(signal.payload),
+                        terminate=signal.name == TERMINATE,
+                    )
+                )
+                assert isinstance(cancel, CancelRequested)
+                self._deliver(cancel)
+                await self._flush_records()
+                moved = True
+                continue
+            if signal.signal_id and signal.signal_id in self._signal_ids:
+                continue  # a duplicate older than the stream's dedupe window
+            event = await self._append(
+                SignalReceived(
+                    id=self._next_id(),
+                    at=utcnow(),
+                    signal_seq=seq,
+                    name=signal.name,
+                    payload=msgspec.Raw(signal.payload),
+                    signal_id=signal.signal_id,
+                )
+            )
+            assert isinstance(event, SignalReceived)
+            SIGNALS_DELIVERED.labels(self.workflow.name).inc()
+            if signal.signal_id:
+                self._signal_ids.add(signal.signal_id)
+            self._deliver(event)
+            await self._flush_records()  # what the signal made the workflow do comes next
+            moved = True
+        return moved
+
+    def _count_step(self, event: StepCompleted | StepFailed) -> None:
+        if isinstance(event, StepCompleted):
+            STEPS.labels(self.workflow.name, event.name, "completed").inc()
+            return
+        STEPS.labels(self.workflow.name, event.name, "failed").inc()
+        log.warning(
+            "run %s: step %r failed (attempt %d): %s: %s",
+            self.run_id,
+            event.name,
+            event.attempt,
+            event.error.type,
+            event.error.message,
+            extra=self._fields(event.name),
+        )
+
+    def _outcome_event(self, item: Finished) -> StepCompleted | StepFailed:
+        cmd = item.command
+        common: dict[str, Any] = {
+            "id": self._next_id(),
+            "at": utcnow(),
+            "seq": cmd.seq,
+            "name": cmd.name,
+            "occurrence": cmd.occurrence,
+            "attempt": item.attempt,
+            "started_at": item.started_at,
+        }
+        if item.error is not None:
+            return StepFailed(**common, error=item.error)
+        assert item.result is not None
+        return StepCompleted(**common, result=msgspec.Raw(item.result))
+
+    def _launch(self, tg: anyio.abc.TaskGroup) -> None:
+        if self._draining:
+            return  # the next holder replays and issues these again
+        assert self._send is not None
+        launch, self._to_launch = self._to_launch, []
+        for command in launch:
+            self._inflight += 1
+            tg.start_soon(
+                run_step,
+                command,
+                self._send,
+                self._conn,
+                self._runtime,
+                self.run_id,
+                name=f"step {command.name}",
+            )
+
+    async def _check_not_before_run(self, msg: Any, seq: int, name: str) -> None:
+        """A signal stored before the run existed was dead-lettered ("no run has this id")
+        and must not reach a run created under that id later. Both times are the server's."""
+        if self._created_at is None:
+            self._created_at = await run_created_at(self._conn, self.run_id)
+        if self._created_at is not None and stored_at(msg) < self._created_at:
+            raise BadSignal(seq, msg.subject, name, "sent before the run existed")
+
+    async def _end(self, kind: type[RunCancelled] | type[RunTerminated], reason: str) -> Outcome:
+        await self._append(kind(id=self._next_id(), at=utcnow(), reason=reason))
+        return Outcome.CANCELLED
+
+    async def _finish(self) -> Outcome:
+        assert self._root is not None
+        if self.terminated is not None:
+            return await self._end(RunTerminated, self.terminated)
+        if self._root.cancelled():
+            return await self._end(RunCancelled, self.cancelled or "cancelled")
+        exc = self._root.exception()
+        if exc is not None:
+            return await self._fail(error_info(exc))
+        try:
+            data = encode_value(f"result of workflow {self.workflow.name!r}", self._root.result())
+            self._conn.check_size(f"result of run {self.run_id!r}", len(data))
+        except InvalidInput as error:
+            return await self._fail(error_info(error))
+        await self._append(RunCompleted(id=self._next_id(), at=utcnow(), result=msgspec.Raw(data)))
+        return Outcome.COMPLETED
+
+    async def _fail(self, error: ErrorInfo) -> Outcome:
+        await self._append(RunFailed(id=self._next_id(), at=utcnow(), error=error))
+        return Outcome.FAILED
+
+    def _dispose(self) -> None:
+        for handle in self._armed.values():
+            handle.cancel()
+        self._armed.clear()
+        self._close_workflow()

@@ -1,0 +1,136 @@
+"""A deterministic event loop for workflow code.
+
+Workflow coroutines run on this loop, not on the worker's asyncio loop. It has no clock, no
+I/O and no threads: it only runs ready callbacks, in FIFO order, until none is left. The
+worker ticks it after each event it delivers (a step's recorded outcome, in history order),
+so live execution and every replay interleave parallel branches identically: the order of
+events in history decides every race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from natflow_engine import NatflowError
+
+log = logging.getLogger("natflow.workflow")
+
+T = TypeVar("T")
+
+
+class NotDurable(NatflowError):
+    """Workflow code used a clock-based asyncio feature, which replay cannot reproduce."""
+
+
+class WorkflowLoop(asyncio.AbstractEventLoop):
+    """Runs workflow coroutines deterministically; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._ready: deque[asyncio.Handle] = deque()
+        self._closed = False
+        self.errors: list[BaseException] = []
+        # This loop's own tasks: asyncio.all_tasks() would walk every task of the process.
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    # -- the driver's side -----------------------------------------------------------------
+
+    def run_until_idle(self) -> None:
+        """Run ready callbacks until every workflow task waits on something undelivered."""
+        outer = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            while self._ready:
+                handle = self._ready.popleft()
+                if not handle._cancelled:
+                    handle._run()
+        finally:
+            asyncio.events._set_running_loop(outer)
+
+    # -- what asyncio.Task, Future and gather call -----------------------------------------
+
+    def call_soon(  # type: ignore[override]
+        self,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        handle = asyncio.Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
+    def call_soon_threadsafe(  # type: ignore[override]
+        self,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        raise NotDurable("threads cannot wake workflow code; run blocking work in ctx.step")
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.Future(loop=self)
+
+    def create_task(  # type: ignore[override]
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        name: str | None = None,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[T]:
+        task = asyncio.Task(coro, loop=self, name=name, context=context)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def call_later(  # type: ignore[override]
+        self,
+        delay: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        raise NotDurable(
+            "asyncio.sleep and asyncio timeouts are not durable inside a workflow; "
+            "use ctx.sleep(...) or a step's timeout="
+        )
+
+    def call_at(  # type: ignore[override]
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        return self.call_later(0, callback, *args, context=context)
+
+    def time(self) -> float:
+        return 0.0
+
+    def get_debug(self) -> bool:
+        return False
+
+    def is_running(self) -> bool:
+        return True
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.clear()
+
+    def default_exception_handler(self, context: dict[str, Any]) -> None:
+        self.call_exception_handler(context)
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, BaseException):
+            self.errors.append(exc)
+        log.debug("workflow loop: %s", context.get("message"), exc_info=exc)
+
+    def get_exception_handler(self) -> None:
+        return None

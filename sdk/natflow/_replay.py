@@ -1,0 +1,384 @@
+"""A run's workflow code and what its history says: commands, replay, delivery.
+
+:class:`WorkflowState` owns the workflow's deterministic loop and the bookkeeping that every
+replay must reproduce: each ``ctx`` call becomes a command at the next position, matched
+against what history recorded (a mismatch is a divergence), and recorded outcomes are
+delivered one at a time in history order. It does no I/O; :class:`~natflow._execution.RunExecution`
+adds the live half (appends, steps, timers, signals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+from natflow_engine import (
+    NO_RETRY,
+    History,
+    InvalidInput,
+    NonDeterminismError,
+    RetryPolicy,
+    SignalTimeout,
+    StepError,
+    check_step_name,
+    check_token,
+    decode_value,
+    to_seconds,
+)
+from natflow_engine.events import (
+    CancelRequested,
+    Event,
+    PatchMarked,
+    RunClaimed,
+    RunStarted,
+    SignalReceived,
+    SignalRejected,
+    SignalWaited,
+    StepCompleted,
+    StepFailed,
+    TimerFired,
+    TimerScheduled,
+    utcnow,
+)
+
+from ._commands import (
+    Command,
+    SleepCommand,
+    StepCommand,
+    WaitCommand,
+    recorded_command,
+)
+from ._context import WorkflowContext
+from ._loop import WorkflowLoop
+from ._steps import return_type
+from ._workflow import Workflow
+
+log = logging.getLogger("natflow.worker")
+
+
+Delivered = StepCompleted | StepFailed | TimerFired | SignalReceived | CancelRequested
+
+
+class Evicted(BaseException):
+    """Private control flow: the run was dropped from this worker. User code cannot catch it
+    with ``except Exception``."""
+
+
+def _seed(run_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:8], "big")
+
+
+class WorkflowState:
+    """One run's workflow code, replayed from and kept in step with its history."""
+
+    def __init__(self, workflow: Workflow, history: History) -> None:
+        start = history.events[0]
+        assert isinstance(start, RunStarted)
+        self.workflow = workflow
+        self.run_id = history.run_id
+        self.seed = _seed(history.run_id)
+        self.now: datetime = start.at
+        self.replaying = True
+        self.block: NonDeterminismError | None = None
+        self._start = start
+        self._load(history.events)
+        self._patch_memo: dict[str, bool] = {}
+        self._to_record: list[Event] = []  # appended before anything else happens live
+        self._commands: dict[int, Command] = {}
+        self._to_launch: list[StepCommand] = []
+        self._occurrences: Counter[str] = Counter()
+        self._next_seq = 1
+        self._timers: dict[int, datetime] = {}  # pending sleeps and wait timeouts by seq
+        self._inbox: defaultdict[str, deque[msgspec.Raw]] = defaultdict(deque)
+        self._waiting: defaultdict[str, deque[WaitCommand]] = defaultdict(deque)
+        self._evicted = False
+        self._new_timers: list[int] = []  # recorded by this execution: not in KV yet
+        self.cancelled: str | None = None  # a cancellation reached the workflow
+        self.terminated: str | None = None  # stop now, run nothing more
+        self._loop = WorkflowLoop()  # type: ignore[abstract]
+        self._ctx = WorkflowContext(self)
+        self._root: asyncio.Task[Any] | None = None
+
+    def _load(self, events: list[Event]) -> None:
+        self._records: dict[int, str] = {}  # seq -> what history says the command was
+        self._recorded_events: dict[int, Event] = {}
+        self._replay: deque[Delivered] = deque()
+        self._patches: set[str] = set()
+        self.signal_cursor = 0
+        self._signal_ids: set[str] = set()
+        self._last_holder: str | None = None  # the worker of the latest claim
+        for event in events:
+            if isinstance(event, RunClaimed):
+                self._last_holder = event.worker
+            recorded = recorded_command(event)
+            if recorded is not None:
+                self._records[recorded[0]] = recorded[1]
+                self._recorded_events[recorded[0]] = event  # a completion outranks a start
+            if isinstance(event, Delivered):
+                self._replay.append(event)
+            if isinstance(event, PatchMarked):
+                self._patches.add(event.change_id)
+            if isinstance(event, SignalReceived | SignalRejected | CancelRequested):
+                self.signal_cursor = max(self.signal_cursor, event.signal_seq)
+            if isinstance(event, SignalReceived) and event.signal_id:
+                self._signal_ids.add(event.signal_id)
+
+    @property
+    def waits_for_signals(self) -> bool:
+        return any(self._waiting.values())
+
+    def timers_to_index(self) -> list[tuple[int, str, datetime]]:
+        """Pending timers this execution recorded, for the worker to put in KV itself as it
+        lets the run go (the engine's dispatcher does too, but later, when it is busy)."""
+        return [
+            (seq, self._commands[seq].name, self._timers[seq])
+            for seq in self._new_timers
+            if seq in self._timers
+        ]
+
+    @property
+    def next_due(self) -> datetime | None:
+        """When the earliest pending timer comes due (None if there is none)."""
+        return min(self._timers.values(), default=None)
+
+    def _new_seq(self) -> int:
+        if self._evicted:
+            raise Evicted()
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _match(self, command: Command) -> bool:
+        """Check the command against history; True if history already recorded it."""
+        self._commands[command.seq] = command
+        recorded = self._records.get(command.seq)
+        if recorded is not None and recorded != command.describe():
+            self._diverged(command.seq, expected=command.describe(), recorded=recorded)
+        return recorded is not None
+
+    def issue_step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        retry: RetryPolicy | None,
+        timeout: float | timedelta | None,
+    ) -> asyncio.Future[Any]:
+        check_step_name(name)
+        if not callable(fn):
+            raise InvalidInput(f"step {name!r}: {fn!r} is not callable")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise InvalidInput(f"step {name!r}: retry must be a RetryPolicy")
+        seconds = None if timeout is None else to_seconds(f"timeout of step {name!r}", timeout)
+        seq = self._new_seq()
+        self._occurrences[name] += 1
+        command = StepCommand(
+            seq=seq,
+            name=name,
+            future=self._loop.create_future(),
+            occurrence=self._occurrences[name],
+            fn=fn,
+            args=args,
+            kwargs=kwargs,
+            retry=retry or self.workflow.retry or NO_RETRY,
+            timeout=seconds,
+            result_type=return_type(fn),
+            workflow=self.workflow.name,
+        )
+        self._match(command)
+        recorded = self._recorded_events.get(seq)
+        if not isinstance(recorded, StepCompleted | StepFailed):
+            self._to_launch.append(command)
+        return command.future
+
+    def issue_sleep(self, name: str, due_at: datetime) -> asyncio.Future[Any]:
+        check_step_name(name)
+        seq = self._new_seq()
+        command = SleepCommand(seq=seq, name=name, future=self._loop.create_future(), due_at=due_at)
+        if self._match(command):
+            recorded = self._recorded_events[seq]
+            if isinstance(recorded, TimerScheduled):
+                command.due_at = recorded.due_at
+        else:
+            self._to_record.append(
+                TimerScheduled(id="", at=utcnow(), seq=seq, name=name, due_at=due_at)
+            )
+            self._new_timers.append(seq)
+        self._timers[seq] = command.due_at
+        return command.future
+
+    def issue_wait(self, name: str, timeout: float | None) -> asyncio.Future[Any]:
+        check_token("signal name", name)
+        seq = self._new_seq()
+        future: asyncio.Future[Any] = self._loop.create_future()
+        command = WaitCommand(seq=seq, name=name, future=future, timeout_at=None)
+        if self._inbox[name]:  # a signal that arrived before the wait: no record needed
+            self._commands[seq] = command
+            if seq in self._records:
+                self._diverged(
+                    seq, expected=f"signal {name!r} already received", recorded=self._records[seq]
+                )
+            future.set_result(self._signal_value(self._inbox[name].popleft()))
+            return future
+        if self._match(command):
+            recorded = self._recorded_events[seq]
+            if isinstance(recorded, SignalWaited):
+                command.timeout_at = recorded.timeout_at
+        else:
+            if timeout is not None:
+                command.timeout_at = utcnow() + timedelta(seconds=timeout)
+            self._to_record.append(
+                SignalWaited(id="", at=utcnow(), seq=seq, name=name, timeout_at=command.timeout_at)
+            )
+        if command.timeout_at is not None:
+            self._timers[seq] = command.timeout_at
+            if seq not in self._records:
+                self._new_timers.append(seq)
+        self._waiting[name].append(command)
+        return future
+
+    def patched(self, change_id: str) -> bool:
+        if self._evicted:
+            raise Evicted()
+        if change_id not in self._patch_memo:
+            if change_id in self._patches:
+                value = True
+            elif self.replaying:
+                value = False
+            else:
+                value = True
+                self._to_record.append(PatchMarked(id="", at=utcnow(), change_id=change_id))
+                self._patches.add(change_id)
+            self._patch_memo[change_id] = value
+        return self._patch_memo[change_id]
+
+    def _begin(self) -> None:
+        self._root = self._loop.create_task(self._main(), name=f"workflow {self.run_id}")
+        self._tick()
+        while self._replay and self.block is None:
+            event = self._replay.popleft()
+            self.replaying = bool(self._replay)
+            self._deliver(event)
+            if self._root.done() and self._replay and self.block is None:
+                nxt = recorded_command(self._replay[0])
+                self._diverged(
+                    nxt[0] if nxt else 0, expected=None, recorded=nxt[1] if nxt else "more events"
+                )
+        self.replaying = False
+
+    async def _main(self) -> Any:
+        value: Any = None
+        if self.workflow.takes_input:
+            value = decode_value(
+                f"input of workflow {self.workflow.name!r}",
+                self._start.input,
+                self.workflow.input_type,
+            )
+        return await self.workflow(self._ctx, value)
+
+    def _tick(self) -> None:
+        self._loop.run_until_idle()
+
+    def _diverged(self, position: int, *, expected: str | None, recorded: str | None) -> None:
+        if self.block is None:
+            self.block = NonDeterminismError(self.run_id, position, expected, recorded)
+
+    def _deliver(self, event: Delivered) -> None:
+        """Hand one outcome to the workflow and let it run until it waits again."""
+        self.now = event.at
+        if isinstance(event, SignalReceived):
+            self._deliver_signal(event)
+        elif isinstance(event, CancelRequested):
+            self._deliver_cancel(event)
+        else:
+            command = self._commands.get(event.seq)
+            if command is None:
+                self._diverged(
+                    event.seq,
+                    expected=None,
+                    recorded=self._records.get(event.seq, f"event {event.seq}"),
+                )
+                return
+            if isinstance(event, TimerFired):
+                self._deliver_timer(command)
+            else:
+                assert isinstance(command, StepCommand)
+                self._resolve_step(command, event)
+        self._tick()
+
+    def _resolve_step(self, command: StepCommand, event: StepCompleted | StepFailed) -> None:
+        if command.future.done():
+            return
+        if isinstance(event, StepFailed):
+            command.future.set_exception(StepError(command.name, event.error))
+            return
+        try:
+            value = decode_value(
+                f"result of step {command.name!r}", event.result, command.result_type
+            )
+        except InvalidInput:
+            value = msgspec.json.decode(event.result)
+        command.future.set_result(value)
+
+    def _deliver_timer(self, command: Command) -> None:
+        self._timers.pop(command.seq, None)
+        if command.future.done():
+            return
+        if isinstance(command, WaitCommand):
+            self._waiting[command.name].remove(command)
+            command.future.set_exception(SignalTimeout(command.name))
+        else:
+            command.future.set_result(None)
+
+    def _deliver_cancel(self, event: CancelRequested) -> None:
+        assert self._root is not None
+        if event.terminate:
+            self.terminated = event.reason or "terminated"
+            return
+        # CancelledError at the workflow's current await: its finally blocks (and any
+        # cleanup steps in them) run, and replay cancels at the same point of history.
+        self.cancelled = event.reason or "cancelled"
+        self._root.cancel()
+
+    def _deliver_signal(self, event: SignalReceived) -> None:
+        waiting = self._waiting[event.name]
+        while waiting and waiting[0].future.done():  # a wait abandoned by a cancellation
+            waiting.popleft()
+        if not waiting:
+            self._inbox[event.name].append(event.payload)
+            return
+        command = waiting.popleft()
+        self._timers.pop(command.seq, None)
+        command.future.set_result(self._signal_value(event.payload))
+
+    @staticmethod
+    def _signal_value(payload: msgspec.Raw) -> Any:
+        return msgspec.json.decode(payload)
+
+    @staticmethod
+    def _reason(payload: bytes) -> str | None:
+        value = msgspec.json.decode(payload)
+        return value if isinstance(value, str) else None
+
+    def _drop_abandoned_timers(self) -> None:
+        """Timers of sleeps and waits a cancellation abandoned keep nobody waiting."""
+        for seq in [s for s in self._timers if self._commands[s].future.done()]:
+            del self._timers[seq]
+
+    def _close_workflow(self) -> None:
+        """Close the workflow's coroutines; any ctx call they make now raises Evicted."""
+        self._evicted = True
+        for task in list(self._loop.tasks):
+            task.cancel()
+        try:
+            self._loop.run_until_idle()
+        except BaseException:  # user finally-blocks during teardown: nothing left to protect
+            log.debug("run %s: error while closing workflow code", self.run_id, exc_info=True)
+        self._loop.close()

@@ -1,0 +1,146 @@
+"""Running step bodies on the worker: threads for sync functions, retries, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectSendStream
+from natflow_engine import (
+    STEP_RETRIES,
+    Connection,
+    InvalidInput,
+    encode_value,
+    error_info,
+    fields,
+    step_attempt,
+)
+from natflow_engine.events import utcnow
+
+from ._commands import Finished, Item, StepCommand, StillRunning
+
+log = logging.getLogger("natflow.worker")
+
+# A step still running after this long gets a step_started event, so `natflow runs show`
+# can say what a run is doing; fast steps cost one append (their completion) and no more.
+STARTED_NOTICE_AFTER = 0.5
+
+
+@dataclass
+class StepRuntime:
+    """What a worker lends its runs: the step concurrency limits."""
+
+    limiter: anyio.CapacityLimiter | None = None
+    thread_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(64))
+
+
+def return_type(fn: Callable[..., Any]) -> Any:
+    """The annotated return type if it is a Struct or dataclass (results decode into it)."""
+    try:
+        return _return_type_cached(fn)
+    except TypeError:  # an unhashable callable: look it up each time
+        return _return_type(fn)
+
+
+@functools.lru_cache(maxsize=4096)
+def _return_type_cached(fn: Callable[..., Any]) -> Any:
+    return _return_type(fn)
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
+    try:
+        hints = inspect.get_annotations(fn, eval_str=True)
+    except Exception:  # unresolvable annotations: results stay plain JSON
+        return Any
+    hint = hints.get("return", Any)
+    if isinstance(hint, type) and (
+        issubclass(hint, msgspec.Struct) or hasattr(hint, "__dataclass_fields__")
+    ):
+        return hint
+    return Any
+
+
+async def run_step(
+    command: StepCommand,
+    send: MemoryObjectSendStream[Item],
+    conn: Connection,
+    runtime: StepRuntime,
+    run_id: str,
+) -> None:
+    """Run one step to its final attempt and send the outcome to the driver."""
+    attempt = 0
+    while True:
+        attempt += 1
+        started_at = utcnow()
+        notice = asyncio.get_running_loop().call_later(
+            STARTED_NOTICE_AFTER, send.send_nowait, StillRunning(command, attempt)
+        )
+        try:
+            value = await _invoke(command, runtime)
+        except Exception as exc:
+            notice.cancel()
+            if attempt < command.retry.max_attempts and command.retry.retryable(exc):
+                delay = command.retry.delay(attempt)
+                log.warning(
+                    "run %s: step %r attempt %d failed (%s: %s); retrying in %.2f s",
+                    run_id,
+                    command.name,
+                    attempt,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    extra=fields(run_id, command.workflow, command.name, attempt=attempt),
+                )
+                STEP_RETRIES.labels(command.workflow, command.name).inc()
+                await anyio.sleep(delay)
+                command.issued_at = time.monotonic()
+                continue
+            send.send_nowait(Finished(command, attempt, started_at, error=error_info(exc)))
+            return
+        finally:
+            notice.cancel()
+        try:
+            data = encode_value(f"result of step {command.name!r}", value)
+            conn.check_size(f"result of step {command.name!r}", len(data))
+        except InvalidInput as exc:
+            send.send_nowait(Finished(command, attempt, started_at, error=error_info(exc)))
+            return
+        send.send_nowait(Finished(command, attempt, started_at, result=data))
+        return
+
+
+async def _invoke(command: StepCommand, runtime: StepRuntime) -> Any:
+    if runtime.limiter is not None:
+        async with runtime.limiter:
+            return await _call(command, runtime)
+    return await _call(command, runtime)
+
+
+async def _call(command: StepCommand, runtime: StepRuntime) -> Any:
+    with step_attempt(command.workflow, command.name, command.issued_at):
+        if command.timeout is None:
+            return await _call_once(command, runtime)
+        with anyio.fail_after(command.timeout):
+            return await _call_once(command, runtime)
+
+
+async def _call_once(command: StepCommand, runtime: StepRuntime) -> Any:
+    fn = command.fn
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*command.args, **command.kwargs)
+    result = await anyio.to_thread.run_sync(
+        functools.partial(fn, *command.args, **command.kwargs),
+        abandon_on_cancel=command.timeout is not None,
+        limiter=runtime.thread_limiter,
+    )
+    if inspect.isawaitable(result):
+        return await result
+    return result

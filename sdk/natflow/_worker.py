@@ -1,0 +1,575 @@
+"""``Worker``: pulls tasks for its queues and drives the runs they name.
+
+A worker only dials out. It pulls from each queue's durable consumer, reads and appends
+history, and for every run it holds keeps two clocks running on one heartbeat: the task's
+ack deadline (``+WPI``) and the run's lease in KV (a revision-checked renewal). It answers
+pings on ``natflow.worker.<identity>.ping`` so the engine notices its death at once, and it
+announces itself in the worker registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import nats.errors
+import nats.js.errors
+from natflow_engine import (
+    DEFAULT_ACK_WAIT,
+    EXECUTIONS,
+    FENCED,
+    RUNS_HELD,
+    TASK_LAG,
+    TASK_STREAM,
+    TRANSIENT,
+    History,
+    HistoryStore,
+    InvalidInput,
+    Lease,
+    Leases,
+    NatflowError,
+    Task,
+    TaskPuller,
+    Timer,
+    WorkerInfo,
+    announce,
+    check_queue,
+    decode_task,
+    enqueue,
+    ensure_consumer,
+    ensure_streams,
+    fields,
+    fold_run,
+    last_signal_seq,
+    ping_subject,
+    prepare_worker,
+    queue_consumer,
+    safe_identity,
+    schedule,
+    serve_metrics,
+    wake_subject,
+    withdraw,
+)
+from natflow_engine.events import RunStarted, decode_event, utcnow
+from nats.aio.msg import Msg
+
+from ._client import Client
+from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
+from ._steps import StepRuntime
+from ._workflow import Workflow
+
+log = logging.getLogger("natflow.worker")
+
+_UNKNOWN_WORKFLOW_DELAY = 1.0
+_BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
+MIN_LEASE_TTL = 1.0
+
+
+def _same_task(a: Msg, b: Msg) -> bool:
+    """Two deliveries of one task message (same stream sequence), not two tasks."""
+    try:
+        return bool(a.metadata.sequence.stream == b.metadata.sequence.stream)
+    except Exception:  # not a JetStream delivery: treat as different
+        return False
+
+
+@dataclass(eq=False)
+class _Held:
+    """A run this worker holds: its task message, lease and the scope that runs it."""
+
+    msg: Msg
+    run_id: str
+    queue: str
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    execution: RunExecution | None = None
+    lease: Lease | None = None
+    revision: int = 0
+    renewed_at: float = field(default_factory=time.monotonic)
+    lost: bool = False
+    finished: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def execution_fields(self) -> dict[str, Any]:
+        """Log fields: the run id, and its workflow once known."""
+        workflow = self.execution.workflow.name if self.execution is not None else None
+        return fields(self.run_id, workflow)
+
+
+class Worker:
+    """Runs workflows from one or more task queues.
+
+    Example::
+
+        async with await Client.connect() as client:
+            worker = Worker(client, workflows=[greet, order])
+            await worker.run()          # until cancelled or worker.shutdown()
+
+    ``queue=None`` serves every queue the given workflows declare. ``max_concurrent_runs``
+    bounds the runs held at once; ``max_concurrent_steps`` (default: unbounded) the step
+    bodies running at once. ``lease_ttl`` (seconds, at least 1) is how long a run stays
+    with a worker that stopped heartbeating (paused, partitioned) before another takes it;
+    a worker whose process died loses its runs within about a second when the engine runs.
+    ``metrics_port`` serves Prometheus metrics on that port (off by default; ``natflow
+    worker`` serves them on ``--metrics-port``).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        workflows: Iterable[Workflow],
+        queue: str | None = None,
+        max_concurrent_runs: int = 100,
+        max_concurrent_steps: int | None = None,
+        identity: str | None = None,
+        *,
+        lease_ttl: float = DEFAULT_ACK_WAIT,
+        metrics_port: int | None = None,
+    ) -> None:
+        self._client = client
+        self._workflows = self._index(workflows)
+        if max_concurrent_runs < 1:
+            raise InvalidInput("max_concurrent_runs must be at least 1")
+        if max_concurrent_steps is not None and max_concurrent_steps < 1:
+            raise InvalidInput("max_concurrent_steps must be at least 1 (or None)")
+        if not lease_ttl >= MIN_LEASE_TTL:
+            raise InvalidInput(f"lease_ttl must be at least {MIN_LEASE_TTL} s, not {lease_ttl}")
+        self.queues = self._pick_queues(queue)
+        self.identity = safe_identity(
+            identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.lease_ttl = float(lease_ttl)
+        self._metrics_port = metrics_port
+        self._conn = client.connection
+        self._runtime = StepRuntime(
+            limiter=anyio.CapacityLimiter(max_concurrent_steps) if max_concurrent_steps else None
+        )
+        self._store = HistoryStore(self._conn)
+        self._leases = Leases(self._conn)
+        self._held: dict[str, _Held] = {}
+        self._slots = anyio.Semaphore(max_concurrent_runs)
+        self._stopping = anyio.Event()
+        self._stopped = anyio.Event()
+        self._drained = anyio.Event()
+        self._not_pulling = anyio.Event()
+        self._pullers: list[TaskPuller] = []
+        self._started_at = utcnow()
+        self._runs_scope = anyio.CancelScope()
+        self._outer: anyio.abc.TaskGroup | None = None
+
+    @staticmethod
+    def _index(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
+        found: dict[str, Workflow] = {}
+        for wf in workflows:
+            if not isinstance(wf, Workflow):
+                raise InvalidInput(f"{wf!r} is not a workflow; decorate it with @workflow")
+            if wf.name in found and found[wf.name] is not wf:
+                raise InvalidInput(f"two workflows are named {wf.name!r}; names must be unique")
+            found[wf.name] = wf
+        if not found:
+            raise InvalidInput("a worker needs at least one workflow")
+        return found
+
+    def _pick_queues(self, queue: str | None) -> list[str]:
+        if queue is None:
+            return sorted({wf.queue for wf in self._workflows.values()})
+        check_queue(queue)
+        for wf in self._workflows.values():
+            if wf.queue != queue:
+                log.warning(
+                    "workflow %r declares queue %r but this worker serves %r: its runs reach "
+                    "this worker only when started with queue=%r",
+                    wf.name,
+                    wf.queue,
+                    queue,
+                    queue,
+                )
+        return [queue]
+
+    @property
+    def workflows(self) -> dict[str, Workflow]:
+        return dict(self._workflows)
+
+    @property
+    def held_runs(self) -> list[str]:
+        """Ids of the runs this worker holds now."""
+        return list(self._held)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until cancelled or :meth:`shutdown` is called."""
+        await ensure_streams(self._conn)
+        prepare_worker(self._workflows, self.queues)
+        if self._metrics_port:
+            serve_metrics(self._metrics_port)
+        pullers = [await self._subscribe(queue) for queue in self.queues]
+        ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
+        nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
+        await self._announce()
+        log.info(
+            "worker %s serving queues %s with workflows %s (lease %g s)",
+            self.identity,
+            ", ".join(self.queues),
+            ", ".join(sorted(self._workflows)),
+            self.lease_ttl,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat)
+                with self._runs_scope:
+                    async with anyio.create_task_group() as runs:
+                        async with anyio.create_task_group() as pulling:
+                            for puller in pullers:
+                                pulling.start_soon(self._take, puller, runs)
+                                pulling.start_soon(self._ask, puller)
+                            await self._stopping.wait()
+                            pulling.cancel_scope.cancel()
+                        for puller in pullers:
+                            await puller.stop()
+                        self._not_pulling.set()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close(pullers, ping)
+                await self._quietly(nudges.unsubscribe())
+
+    async def _subscribe(self, queue: str) -> TaskPuller:
+        await ensure_consumer(self._conn, queue, self.lease_ttl)
+        info = await self._conn.admin(
+            f"consumer for queue {queue}",
+            lambda: self._conn.jsm.consumer_info(TASK_STREAM, queue_consumer(queue)),
+        )
+        ack_wait = info.config.ack_wait or self.lease_ttl
+        if ack_wait < self.lease_ttl:  # another worker of the queue asked for less: honour it
+            log.info("queue %s uses a %g s ack deadline; heartbeating to match", queue, ack_wait)
+            self.lease_ttl = float(ack_wait)
+        puller = TaskPuller(self._conn, queue)
+        await puller.start()
+        self._pullers.append(puller)
+        return puller
+
+    async def _close(self, pullers: list[TaskPuller], ping: Any) -> None:
+        for puller in pullers:
+            await self._quietly(puller.stop())
+        await self._quietly(ping.unsubscribe())
+        try:
+            await withdraw(self._conn, self.identity)
+        except (NatflowError, nats.errors.Error) as exc:
+            log.debug("could not withdraw from the registry: %s", exc)
+        self._stopped.set()
+
+    async def shutdown(self, grace: float = 30.0) -> None:
+        """Stop taking work and hand back what this worker holds.
+
+        Running steps get ``grace`` seconds to finish and be recorded; then every held run is
+        handed back (its task NAKed, its lease dropped) so another worker resumes it at once.
+        """
+        self._stopping.set()
+        with anyio.move_on_after(5):
+            await self._not_pulling.wait()
+        for held in list(self._held.values()):
+            if held.execution is not None:
+                held.execution.drain()
+        with anyio.move_on_after(grace):
+            while self._held:
+                self._drained = anyio.Event()
+                await self._drained.wait()
+        remaining = list(self._held.values())
+        self._runs_scope.cancel()
+        for held in remaining:
+            await self._hand_back(held)
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Worker:
+        self._outer = anyio.create_task_group()
+        await self._outer.__aenter__()
+        self._outer.start_soon(self.run)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._outer is not None
+        try:
+            await self.shutdown(grace=0 if exc is not None else 30.0)
+        finally:
+            result = await self._outer.__aexit__(exc_type, exc, tb)
+        return result
+
+    # -- pulling ---------------------------------------------------------------------------
+
+    async def _ask(self, puller: TaskPuller) -> None:
+        """Keep as many tasks asked for as there are free run slots."""
+        await puller.keep_asking(
+            lambda: self._slots.value,
+            on_refused=lambda: ensure_consumer(self._conn, puller.queue, self.lease_ttl),
+        )
+
+    async def _take(self, puller: TaskPuller, runs: anyio.abc.TaskGroup) -> None:
+        async for msg in puller.tasks:
+            if self._stopping.is_set():
+                await self._quietly(msg.nak())
+                continue
+            await self._slots.acquire()
+            runs.start_soon(self._handle, msg)
+
+    async def _handle(self, msg: Msg) -> None:
+        held: _Held | None = None
+        try:
+            try:
+                task = decode_task(msg.data)
+            except Exception as exc:
+                log.error("dropping malformed task on %s: %s", msg.subject, exc)
+                await self._quietly(msg.term())
+                return
+            previous = self._held.get(task.run_id)
+            if previous is not None and _same_task(previous.msg, msg):
+                # Redelivered to this worker while it still holds the run (it missed its
+                # heartbeats): keep the running execution, which history fences if another
+                # worker took the run meanwhile, and follow the newer delivery.
+                log.debug("run %s: task redelivered while held", task.run_id)
+                previous.msg = msg
+                return
+            if previous is not None:
+                # A new task (a wake-up) for a run whose handling is ending here: take it
+                # once that is done, as the next holder would.
+                with anyio.move_on_after(self.lease_ttl):
+                    await previous.finished.wait()
+            held = _Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
+            self._held[task.run_id] = held
+            RUNS_HELD.inc()
+            self._observe_lag(held)
+            with held.scope:
+                await self._process(held, task)
+            if held.scope.cancelled_caught and held.lost:
+                log.info(
+                    "run %s: lease taken by another worker; stepping back",
+                    held.run_id,
+                    extra=held.execution_fields,
+                )
+        except TRANSIENT as exc:
+            run_id = held.run_id if held else "?"
+            log.warning("run %s: handing it back: %s", run_id, exc)
+            if held is not None:
+                await self._hand_back(held)
+        except Exception as exc:
+            run_id = held.run_id if held else "?"
+            log.error("run %s: handing it back after an error: %s", run_id, exc, exc_info=True)
+            if held is not None:
+                await self._hand_back(held)
+        finally:
+            if held is not None and self._held.get(held.run_id) is held:
+                del self._held[held.run_id]
+                RUNS_HELD.dec()
+            if held is not None:
+                held.finished.set()
+            if not self._held:
+                self._drained.set()
+            self._slots.release()
+            for puller in self._pullers:
+                puller.wake()
+
+    async def _process(self, held: _Held, task: Task) -> None:
+        msg, run_id = held.msg, held.run_id
+        fresh = task.start_seq > 0 and msg.metadata.num_delivered == 1
+        if fresh:  # a new run's first delivery: its whole history is in the task
+            history = History(run_id, [decode_event(task.start)], task.start_seq)
+        else:
+            history = await self._store.read(run_id)
+        info = fold_run(run_id, history.events)
+        if info is None:
+            log.warning("task for unknown run %s; dropping it", run_id)
+            await self._quietly(msg.term())
+            return
+        if info.is_closed:
+            await self._quietly(msg.ack())
+            return
+        workflow = self._workflows.get(info.workflow)
+        if workflow is None:
+            log.debug("run %s: workflow %r is not served here", run_id, info.workflow)
+            await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
+            return
+        start = history.events[0]
+        assert isinstance(start, RunStarted)
+        if info.status == "pending" and start.not_before is not None:
+            early = (start.not_before - utcnow()).total_seconds()
+            if early > HOLD_TIMERS_UNDER:
+                await self._quietly(msg.ack())  # the engine's start timer wakes it on time
+                return
+            await anyio.sleep(max(0.0, early))
+        delivered = msg.metadata.num_delivered or 1
+        held.execution = RunExecution(
+            workflow=workflow,
+            history=history,
+            store=self._store,
+            conn=self._conn,
+            identity=self.identity,
+            runtime=self._runtime,
+            delivery=delivered,
+            optimistic=fresh,
+        )
+        if self._stopping.is_set():
+            held.execution.drain()
+        async with anyio.create_task_group() as tg:
+            # The lease makes ownership visible and lets the engine hand the run back if this
+            # process dies; the claim append is the fence. Neither waits for the other.
+            tg.start_soon(self._take_lease, held)
+            outcome = await held.execution.execute()
+        EXECUTIONS.labels(workflow.name, outcome.value).inc()
+        if outcome in (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED):
+            log.info(
+                "run %s (%s) %s", run_id, workflow.name, outcome.value, extra=held.execution_fields
+            )
+            await self._quietly(msg.ack())
+            await self._release(held)
+        elif outcome is Outcome.BLOCKED:
+            await self._quietly(msg.nak(delay=_BLOCKED_DELAYS[min(delivered, 5) - 1]))
+            await self._release(held)
+        elif outcome is Outcome.STALE:  # the run moved on since the task was written
+            await self._process(held, Task(run_id=run_id, workflow=task.workflow))
+        elif outcome is Outcome.HANDED_BACK:
+            await self._hand_back(held)
+        elif outcome is Outcome.SUSPENDED:
+            await self._suspend(held, held.execution)
+        # LOST: the task and lease now belong to the worker that took the run.
+
+    async def _suspend(self, held: _Held, execution: RunExecution) -> None:
+        """Let a waiting run go, then close the lost-wake-up race (NATS.md §8): a timer or
+        signal whose wake-up met this in-flight task was refused, so look again after the
+        acknowledgement and enqueue the run if one did."""
+        await self._index_timers(held, execution)
+        try:
+            await held.msg.ack_sync(timeout=5)
+        except (nats.errors.Error, OSError) as exc:
+            log.debug("run %s: ack failed (%s); the task comes back by itself", held.run_id, exc)
+            return
+        await self._release(held)
+        due = execution.next_due
+        woken = due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER
+        if not woken and execution.waits_for_signals:
+            woken = await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor
+        if woken:
+            await enqueue(self._conn, held.queue, Task(run_id=held.run_id, reason="recheck"))
+
+    async def _take_lease(self, held: _Held) -> None:
+        try:
+            held.lease, held.revision = await self._leases.acquire(
+                held.run_id, self.identity, held.queue, held.msg.reply, self.lease_ttl
+            )
+        except NatflowError as exc:  # advisory: the claim append still fences other holders
+            log.warning("run %s: could not write its lease (%s)", held.run_id, exc)
+            return
+        held.renewed_at = time.monotonic()
+
+    async def _index_timers(self, held: _Held, execution: RunExecution) -> None:
+        pending = execution.timers_to_index()
+        if not pending:
+            return
+        try:
+            await asyncio.gather(
+                *(
+                    schedule(self._conn, Timer(run_id=held.run_id, seq=seq, name=name, due_at=due))
+                    for seq, name, due in pending
+                )
+            )
+        except NatflowError as exc:  # the engine's dispatcher writes them too, a little later
+            log.debug("run %s: timers not indexed here (%s)", held.run_id, exc)
+
+    async def _hand_back(self, held: _Held) -> None:
+        await self._quietly(held.msg.nak())
+        await self._release(held)
+        log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
+
+    @staticmethod
+    def _observe_lag(held: _Held) -> None:
+        """Schedule-to-start: from the task's enqueueing to now (first deliveries only)."""
+        meta = held.msg.metadata
+        if meta.num_delivered == 1:
+            lag = (utcnow() - meta.timestamp).total_seconds()
+            TASK_LAG.labels(held.queue).observe(max(0.0, lag))
+
+    async def _release(self, held: _Held) -> None:
+        if held.lease is not None and not held.lost:
+            await self._quietly(self._leases.release(held.run_id, held.revision))
+            held.lease = None
+
+    # -- heartbeats, pings, registry -------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(max(0.2, self.lease_ttl / 3))
+            async with anyio.create_task_group() as tg:
+                for held in list(self._held.values()):
+                    tg.start_soon(self._renew, held)
+            await self._announce()
+
+    async def _renew(self, held: _Held) -> None:
+        await self._quietly(held.msg.in_progress())
+        if held.lease is None:
+            return
+        try:
+            renewed = await self._leases.renew(held.lease, held.revision)
+        except (NatflowError, nats.errors.Error) as exc:
+            if time.monotonic() - held.renewed_at > self.lease_ttl:
+                log.warning(
+                    "run %s: lease not renewed for %.0f s (%s); stepping back",
+                    held.run_id,
+                    self.lease_ttl,
+                    exc,
+                )
+                held.lost = True
+                held.scope.cancel()
+            return
+        if renewed is None:
+            FENCED.labels(held.execution_fields.get("workflow", ""), "lease").inc()
+            held.lost = True
+            held.scope.cancel()
+            return
+        held.lease, held.revision = renewed
+        held.renewed_at = time.monotonic()
+
+    async def _on_wake(self, msg: Msg) -> None:
+        held = self._held.get(msg.data.decode(errors="replace"))
+        if held is not None and held.execution is not None:
+            held.execution.signals_arrived()
+
+    async def _on_ping(self, msg: Msg) -> None:
+        if msg.reply:
+            await self._quietly(msg.respond(self.identity.encode()))
+
+    async def _announce(self) -> None:
+        info = WorkerInfo(
+            identity=self.identity,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=self.queues,
+            workflows=sorted(self._workflows),
+            started_at=self._started_at,
+            heartbeat_at=utcnow(),
+            lease_ttl=self.lease_ttl,
+            held=len(self._held),
+            draining=self._stopping.is_set(),
+        )
+        try:
+            await announce(self._conn, info)
+        except (NatflowError, nats.errors.Error) as exc:
+            log.debug("registry heartbeat failed: %s", exc)
+
+    async def _quietly(self, op: Any) -> None:
+        try:
+            await op
+        except (nats.errors.Error, NatflowError, OSError) as exc:
+            log.debug("acknowledgement failed: %s", exc)

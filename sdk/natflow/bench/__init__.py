@@ -1,0 +1,1 @@
+"""`natflow bench`: the benchmark, loaded only by that command (never by applications)."""

@@ -1,0 +1,59 @@
+"""The events of a run's history, as :meth:`Client.history` and :meth:`Client.watch` yield them.
+
+Each is a frozen ``msgspec.Struct`` tagged on the wire by its ``type`` field (``run_started``,
+``step_completed``, ...); :data:`Event` is their union. ``RunFailed`` and ``RunCancelled`` here
+are the *events* of those names; the exceptions :class:`natflow.RunFailed` and
+:class:`natflow.RunCancelled` are what :meth:`RunHandle.result` raises.
+
+Example::
+
+    from natflow import events
+
+    for event in await client.history("order-123"):
+        if isinstance(event, events.StepCompleted):
+            print(event.name, event.result)
+"""
+
+from natflow_engine.events import (
+    SCHEMA_VERSION,
+    CancelRequested,
+    Event,
+    PatchMarked,
+    RunBlocked,
+    RunCancelled,
+    RunClaimed,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    RunTerminated,
+    SignalReceived,
+    SignalRejected,
+    SignalWaited,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+    TimerFired,
+    TimerScheduled,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CancelRequested",
+    "Event",
+    "PatchMarked",
+    "RunBlocked",
+    "RunCancelled",
+    "RunClaimed",
+    "RunCompleted",
+    "RunFailed",
+    "RunStarted",
+    "RunTerminated",
+    "SignalReceived",
+    "SignalRejected",
+    "SignalWaited",
+    "StepCompleted",
+    "StepFailed",
+    "StepStarted",
+    "TimerFired",
+    "TimerScheduled",
+]
