@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
+from typing import Any
+
 import msgspec
 
 from ._connection import Connection
@@ -42,6 +44,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     lease_ttl: float
     held: int = 0
     draining: bool = False
+    # JSON Schema of each served workflow's input (msgspec-generated), so any tool can validate
+    # a start before writing it.
+    input_schemas: dict[str, Any] = {}
 
 
 _encoder = msgspec.json.Encoder()
