@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-
 from typing import Any
 
 import msgspec
