@@ -1,5 +1,7 @@
 # natflow: `make demo` and `make test` work on a fresh machine with Python 3.11+ and make.
 PYTHON ?= python3
+# Test processes (pytest-xdist): the suite is mostly waiting on servers and subprocesses.
+JOBS   ?= 2
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -37,7 +39,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy -p natflow -p natflow_engine
 
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(JOBS)
 
 test: lint typecheck system-deps unit
 
