@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -38,6 +38,7 @@ RunStatus = Literal[
     "cancelled",
     "terminated",
 ]
+RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
 CLOSED_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "terminated"})
 
 StepStatus = Literal["running", "completed", "failed", "retrying", "cancelled"]

@@ -49,19 +49,34 @@ def register(sub: Any) -> None:
 
 
 def load_target(target: str) -> tuple[list[Workflow], Any]:
-    """The workflows named by ``MODULE[:ATTR]``, or a Worker factory."""
+    """The workflows named by ``MODULE[:ATTR]``, or a Worker factory.
+
+    ``MODULE`` is a module name, imported with the current folder on the import path, or a
+    ``path/to/file.py``, loaded with its folder on the import path (so its own imports work).
+    """
     module_name, _, attr = target.partition(":")
     if module_name.endswith(".py") or "/" in module_name:
         path = Path(module_name).resolve()
+        if not path.is_file():
+            raise InvalidInput(f"no file {module_name} (from {Path.cwd()})")
+        sys.path.insert(0, str(path.parent))
         spec = importlib.util.spec_from_file_location(path.stem, path)
         if spec is None or spec.loader is None:
-            raise InvalidInput(f"cannot load {module_name}")
+            raise InvalidInput(f"cannot load {module_name}: not a Python file")
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module
         spec.loader.exec_module(module)
     else:
         sys.path.insert(0, str(Path.cwd()))
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+                raise  # the module exists; something it imports does not: its traceback helps
+            raise InvalidInput(
+                f"no module named {module_name!r} (from {Path.cwd()}); run from the folder "
+                "that holds it, or pass a path/to/file.py"
+            ) from None
     if not attr:
         found = [v for v in vars(module).values() if isinstance(v, Workflow)]
         if not found:

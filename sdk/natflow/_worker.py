@@ -10,6 +10,7 @@ announces itself in the worker registry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 import nats.errors
 import nats.js.errors
 from natflow_engine import (
@@ -198,6 +200,20 @@ class Worker:
     @property
     def workflows(self) -> dict[str, Workflow]:
         return dict(self._workflows)
+
+    @functools.cached_property
+    def _input_schemas(self) -> dict[str, Any]:
+        """Each served workflow's input as JSON Schema, announced so tools validate a start
+        before writing it. A type msgspec cannot describe is left out (not checked)."""
+        schemas: dict[str, Any] = {}
+        for name, wf in self._workflows.items():
+            if not wf.takes_input:  # it ignores its input: any is fine
+                continue
+            try:
+                schemas[name] = msgspec.json.schema(wf.input_type)
+            except (TypeError, ValueError) as exc:
+                log.info("workflow %r: no input schema announced (%s)", name, exc)
+        return schemas
 
     @property
     def held_runs(self) -> list[str]:
@@ -562,6 +578,7 @@ class Worker:
             lease_ttl=self.lease_ttl,
             held=len(self._held),
             draining=self._stopping.is_set(),
+            input_schemas=self._input_schemas,
         )
         try:
             await announce(self._conn, info)
