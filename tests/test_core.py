@@ -12,6 +12,7 @@ import nats.js.errors
 import pytest
 from natflow import (
     Client,
+    NatflowError,
     RunFailed,
     RunNotFound,
     StepError,
@@ -332,3 +333,23 @@ async def test_determinism_helpers_repeat_on_replay(client: Client) -> None:
     assert result[-1] == "True"
     execution = await replay_recorded(client, helpers, "helpers-1")
     assert execution._root is not None and execution._root.result() == result
+
+
+async def test_starting_an_existing_run_id_as_another_workflow_names_both(client: Client) -> None:
+    """Issue 9: this used to return the other workflow's run without a word."""
+    first = await client.start(three_steps, {"x": 1}, run_id="taken-id")
+    with pytest.raises(NatflowError, match=r"'three_steps'.*'other'"):
+        await client.start(other, run_id="taken-id")
+    again = await client.start(three_steps, {"x": 5}, run_id="taken-id")  # same workflow: fine
+    assert again.run_id == first.run_id
+    history = await client.history("taken-id")
+    assert [type(e).__name__ for e in history] == ["RunStarted"]
+
+
+async def test_list_rejects_an_unknown_status_and_a_limit_below_one(client: Client) -> None:
+    """Issue 9: ``status="bogus"`` used to return [] as if no run matched."""
+    with pytest.raises(InvalidInput, match=r"bogus.*pending"):
+        await client.list(status="bogus")
+    with pytest.raises(InvalidInput, match="at least 1"):
+        await client.list(limit=0)
+    assert await client.list(status="terminated") == []

@@ -37,7 +37,13 @@ def register(sub: Any, opener: Opener) -> None:
     p.add_argument("run_id")
     p.add_argument("name")
     p.add_argument("payload", nargs="?", default=None, help="JSON (default: null)")
-    p.add_argument("--signal-id", default=None, help="deduplicates: the same id is sent once")
+    p.add_argument(
+        "--signal-id",
+        metavar="ID",
+        default=None,
+        help="deduplicates: the same id for the same run and signal name is delivered once "
+        "(default: none, every send is a new signal)",
+    )
     p.set_defaults(handler=signal)
 
     async def cancel(args: argparse.Namespace) -> int:
@@ -88,12 +94,17 @@ async def _signal(conn: Connection, args: argparse.Namespace) -> int:
         raise InvalidInput(f"the payload is not valid JSON: {exc}") from exc
     info = await Runs(conn).describe(args.run_id)
     if info.is_closed:
-        raise NatflowError(f"run {args.run_id!r} has already {info.status}")
+        raise NatflowError(
+            f"run {args.run_id!r} already ended ({info.status}); a signal can no longer reach it"
+        )
     ack = await send(conn, args.run_id, args.name, payload, args.signal_id)
-    print(
-        f"signal {args.name!r} to {args.run_id}: stored as #{ack.seq}"
-        + (" (duplicate)" if ack.duplicate else "")
-    )
+    if ack.duplicate:
+        print(
+            f"signal {args.name!r} to {args.run_id}: already stored as #{ack.seq} "
+            "(same --signal-id; delivered once)"
+        )
+    else:
+        print(f"signal {args.name!r} to {args.run_id}: stored as #{ack.seq}")
     return 0
 
 
@@ -101,7 +112,7 @@ async def _cancel(conn: Connection, args: argparse.Namespace) -> int:
     check_run_id(args.run_id)
     info = await Runs(conn).describe(args.run_id)
     if info.is_closed:
-        print(f"run {args.run_id} has already {info.status}; nothing to do")
+        print(f"run {args.run_id} already ended ({info.status}); nothing to do")
         return 0
     kind = CANCEL if args.control == "cancel" else TERMINATE
     await send(conn, args.run_id, kind, msgspec.json.encode(args.reason), None)

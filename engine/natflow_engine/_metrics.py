@@ -277,8 +277,11 @@ _servers: dict[int, WSGIServer] = {}
 _servers_lock = threading.Lock()
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> int | None:
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:
     """Serve ``/metrics`` on ``host:port`` from a daemon thread; ``port`` 0 serves nothing.
+
+    Loopback by default, as natflow's nats.conf binds: pass ``0.0.0.0`` (``--metrics-host``)
+    for a Prometheus on another machine.
 
     Returns the port, or None when not serving. Serving a port this process already serves
     is a no-op. A port another process holds is logged and skipped: metrics are worth a

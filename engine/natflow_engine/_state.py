@@ -89,6 +89,11 @@ def fold_steps(events: list[Event]) -> list[StepInfo]:
     for event in events:
         if isinstance(event, StepStarted | StepCompleted | StepFailed):
             steps[event.seq] = _step_info(event)
+        elif isinstance(event, RunCompleted | RunFailed | RunCancelled | RunTerminated):
+            # The run ended with these steps in flight: they will never finish.
+            for step in steps.values():
+                if step.status == "running":
+                    step.status, step.finished_at = "cancelled", event.at
     return [steps[seq] for seq in sorted(steps)]
 
 
@@ -206,7 +211,8 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
         info.current = "terminating" if event.terminate else "cancelling"
     elif isinstance(event, RunCancelled | RunTerminated):
         info.status = "cancelled" if isinstance(event, RunCancelled) else "terminated"
-        info.error = ErrorInfo(type="RunCancelled", message=event.reason or info.status)
+        kind = "RunCancelled" if isinstance(event, RunCancelled) else "RunTerminated"
+        info.error = ErrorInfo(type=kind, message=event.reason or info.status)
         info.closed_at = event.at
         info.current = None
     elif isinstance(event, RunFailed):
