@@ -138,6 +138,11 @@ def _server_for(args: argparse.Namespace) -> tuple[EmbeddedServer, str]:
     if store is None and config == PACKAGED_CONFIG:
         store = os.environ.get("NATFLOW_STORE_DIR", ".natflow")
     if store is not None:
+        if config != PACKAGED_CONFIG and "store_dir" in config.read_text():
+            raise NatflowError(
+                f"--store-dir cannot override the store_dir that {config} sets (nats-server "
+                "refuses both); change it there, or leave out --store-dir"
+            )
         extra += ["-sd", str(Path(store).resolve())]
     cwd = Path.cwd() if config == PACKAGED_CONFIG else config.parent
     server = EmbeddedServer(config, cwd=cwd, store_dir=store, extra_args=tuple(extra))
