@@ -130,14 +130,14 @@ async def _with(
 
 
 async def cmd_start(conn: Connection, args: argparse.Namespace) -> int:
-    data = read_json_argument("--input", args.input)
-    serving = _serving(await list_workers(conn), args.workflow, args.queue)
+    data: bytes = args.data  # read (and checked) before connecting
+    workers = await list_workers(conn)
+    serving = _serving(workers, args.workflow, args.queue)
     if serving:
         check_input(args.workflow, data, serving)
     else:
-        print(
-            f"natflow start: warning: {nobody_serves(args.workflow, args.queue)}", file=sys.stderr
-        )
+        warning = nobody_serves(args.workflow, args.queue, workers)
+        print(f"natflow start: warning: {warning}", file=sys.stderr)
     runs = Runs(conn)
     run_id, created = await runs.start(args.workflow, args.queue, data, args.run_id)
     if not args.json:

@@ -30,19 +30,51 @@ log = logging.getLogger("natflow.worker")
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("worker", help="serve the workflows of a Python module")
+    p = sub.add_parser(
+        "worker",
+        help="serve the workflows of a Python module or file",
+        description="Serve the workflows of a Python module (imported from the current "
+        "folder) or a path/to/file.py (its folder goes on the import path). Without :ATTR, "
+        "every @workflow the module defines is served.",
+    )
     p.add_argument(
         "target",
         metavar="MODULE[:ATTR]",
         help="module (or .py file); ATTR: a workflow, a list of them, or a "
         "callable returning a Worker",
     )
-    p.add_argument("--queue", default=None, help="serve this queue (default: the workflows')")
-    p.add_argument("--max-concurrent-runs", type=int, default=100)
-    p.add_argument("--max-concurrent-steps", type=int, default=None)
-    p.add_argument("--identity", default=None)
     p.add_argument(
-        "--grace", type=float, default=30.0, help="seconds to finish held runs on SIGTERM"
+        "--queue",
+        metavar="QUEUE",
+        default=None,
+        help="serve this queue (default: each workflow's own, as @workflow(queue=...) says)",
+    )
+    p.add_argument(
+        "--max-concurrent-runs",
+        metavar="N",
+        type=int,
+        default=100,
+        help="runs held at once; more wait in the queue",
+    )
+    p.add_argument(
+        "--max-concurrent-steps",
+        metavar="N",
+        type=int,
+        default=None,
+        help="steps running at once across those runs (default: no limit)",
+    )
+    p.add_argument(
+        "--identity",
+        metavar="NAME",
+        default=None,
+        help="this worker's name in `natflow workers` (default: host-pid-random)",
+    )
+    p.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=float,
+        default=30.0,
+        help="on SIGTERM or Ctrl-C, seconds to let held runs reach a stopping point",
     )
     add_metrics_options(p, DEFAULT_WORKER_PORT, "NATFLOW_WORKER_METRICS_PORT")
     p.set_defaults(handler=run_worker_command)
