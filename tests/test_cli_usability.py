@@ -68,6 +68,8 @@ async def test_usage_mistakes_are_one_line_naming_the_problem() -> None:
         (("worker", "no_such_module_here"), ("no module named 'no_such_module_here'",)),
         (("worker", "missing/app.py"), ("no file missing/app.py",)),
         (("start", "greet", "--input", "@/no/such/file.json"), ("cannot read /no/such/file.json",)),
+        (("--creds", "/no/such.creds", "runs", "list"), ("--creds /no/such.creds: no such file",)),
+        (("--tls-ca", "/no/ca.pem", "workers"), ("--tls-ca /no/ca.pem: no such file",)),
     ):
         proc = await natflow(url, *args)
         assert_one_clear_error(proc, *needles)

@@ -89,7 +89,8 @@ def test_the_wheel_alone_runs_dev_worker_start_and_runs_from_an_empty_folder(
     env.pop("NATFLOW_URL", None)
     python, natflow = str(installed / "python"), str(installed / "natflow")
 
-    run([python, "-c", "import natflow, natflow.events, natflow_engine"], empty, env)
+    # nkeys too: nats-py needs it for a credentials file (--creds).
+    run([python, "-c", "import natflow, natflow.events, natflow_engine, nkeys"], empty, env)
     for name in ("sdk", "engine"):
         done = subprocess.run([python, "-c", f"import {name}"], cwd=empty, env=env, check=False)
         assert done.returncode != 0, f"`import {name}` works: the wheel installs a top-level {name}"

@@ -40,6 +40,14 @@ Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 def connect_options(args: argparse.Namespace) -> dict[str, Any]:
     """nats-py connect options from the CLI's credential and TLS flags."""
     options: dict[str, Any] = {}
+    for option, path in (
+        ("--creds", args.creds),
+        ("--tls-ca", args.tls_ca),
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+    ):
+        if path and not Path(path).is_file():
+            raise NatflowError(f"{option} {path}: no such file")
     if args.creds:
         options["user_credentials"] = args.creds
     if args.user:

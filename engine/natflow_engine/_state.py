@@ -8,6 +8,7 @@ from typing import Any, Literal, get_args
 import msgspec
 
 from ._errors import ErrorInfo
+from ._human import when
 from .events import (
     CancelRequested,
     Event,
@@ -147,7 +148,7 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
         parent=start.parent,
     )
     if start.not_before is not None:
-        info.current = f"starts at {start.not_before.isoformat()}"
+        info.current = f"starts at {when(start.not_before)}"
     return info
 
 
@@ -161,9 +162,9 @@ def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str]]:
     waiting: dict[str, list[int]] = {}
     for event in events:
         if isinstance(event, TimerScheduled):
-            pending[event.seq] = ("sleeping", f"sleeping until {event.due_at.isoformat()}")
+            pending[event.seq] = ("sleeping", f"sleeping until {when(event.due_at)}")
         elif isinstance(event, SignalWaited):
-            timeout = f" (timeout at {event.timeout_at.isoformat()})" if event.timeout_at else ""
+            timeout = f" (timeout at {when(event.timeout_at)})" if event.timeout_at else ""
             pending[event.seq] = ("waiting", f"waiting for signal {event.name!r}{timeout}")
             waiting.setdefault(event.name, []).append(event.seq)
         elif isinstance(event, TimerFired):
@@ -195,7 +196,7 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
         running.pop(event.seq, None)
         info.status = "running"
     elif isinstance(event, TimerScheduled):
-        info.status, info.current = "sleeping", f"sleeping until {event.due_at.isoformat()}"
+        info.status, info.current = "sleeping", f"sleeping until {when(event.due_at)}"
     elif isinstance(event, SignalWaited):
         info.status, info.current = "waiting", f"waiting for signal {event.name!r}"
     elif isinstance(event, RunBlocked):
