@@ -107,14 +107,13 @@ async def test_order_with_good_and_bad_coupon(client: Client) -> None:
 
 
 async def test_demo_script_reports_every_run_completed(
-    client: Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`make demo`'s reporting loop (examples/demo.py run_examples) against this server."""
     from examples import demo
 
-    monkeypatch.setenv("NATFLOW_URL", client.connection.url)
     async with running_worker(client, WORKFLOWS):
-        failures = await demo.run_examples()
+        failures = await demo.run_examples(client.connection.url)
     out = capsys.readouterr().out
     assert failures == 0, out
     for run_id in ("demo-greet-ada", "demo-order-a1", "demo-order-a2"):

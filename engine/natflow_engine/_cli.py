@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import anyio
-import msgspec
 
 from ._cli_ops import register as register_ops
 from ._cli_runs import interrupted_wait
@@ -65,10 +64,6 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
 
 async def open_connection(args: argparse.Namespace, name: str) -> Connection:
     return await connect(args.url, name=name, **connect_options(args))
-
-
-def _print_json(value: Any) -> None:
-    print(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
 
 
 # -- commands ----------------------------------------------------------------------------
