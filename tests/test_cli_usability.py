@@ -152,6 +152,8 @@ async def test_start_warns_when_nobody_serves_and_checks_input_against_the_worke
         assert_one_clear_error(refused, "'order'", "$.user_id", "'seven'", "integer")
         missing = await natflow(url, "start", "order", "--input", '{"order_id": "A-9"}')
         assert_one_clear_error(missing, "'user_id' is a required property")
+        no_input = await natflow(url, "start", "order")
+        assert_one_clear_error(no_input, "workflow 'order' takes an input: pass --input JSON")
         wrong_queue = await natflow(url, "start", "greet", "--queue", "elsewhere", "--run-id", "q1")
         assert "serve it on queue default (pass --queue)" in wrong_queue.stderr.decode()
     assert "bad-order" not in {r.run_id for r in await client.list(limit=100)}

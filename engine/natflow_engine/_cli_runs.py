@@ -185,6 +185,8 @@ def check_input(workflow: str, data: bytes, serving: list[WorkerInfo]) -> None:
     errors = list(jsonschema.Draft202012Validator(schema).iter_errors(msgspec.json.decode(data)))
     if not errors:
         return
+    if data == b"null":
+        raise InvalidInput(f"workflow {workflow!r} takes an input: pass --input JSON")
     error = jsonschema.exceptions.best_match(errors)
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
     raise InvalidInput(

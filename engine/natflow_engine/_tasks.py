@@ -30,7 +30,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
 
     v: int = 1
     run_id: str
-    workflow: str  # decides the subject, so the consumer, that the task reaches
+    workflow: str = ""  # decides the subject, so the consumer, that the task reaches
     reason: str = ""
     # A new run's task carries its first event and that event's stream sequence, so the
     # worker can claim it without reading history first; if the run has moved on since,
@@ -50,6 +50,8 @@ def decode_task(data: bytes) -> Task:
 async def enqueue(conn: Connection, queue: str, task: Task) -> bool:
     """Make the run runnable. False if a task for it is already pending or in flight."""
     try:
+        if not task.workflow:
+            raise ValueError(f"task for run {task.run_id!r} names no workflow")
         subject = task_subject(queue, task.workflow, task.run_id)
         await conn.publish(subject, _task_encoder.encode(task))
         return True
