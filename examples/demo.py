@@ -1,8 +1,10 @@
-"""`make demo`: start nats-server (nats.conf) with the engine, a worker, run every example.
+"""`make demo`: start a fresh nats-server with the engine, a worker, run every example.
 
-Everything runs as real processes: `natflow dev` (embedded server plus engine) and
-`natflow worker examples.workflows:WORKFLOWS`. Each example run's status, result and steps
-are printed; then everything started here is stopped.
+Everything runs as real processes: `natflow dev` (embedded server plus engine, on free ports
+with a new, temporary store, so a server already running elsewhere is never used and no
+earlier demo's runs are shown) and `natflow worker examples.workflows:WORKFLOWS`. Each example
+run's status, result and steps are printed; then everything started here is stopped and the
+store removed.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,17 +34,40 @@ EXAMPLES = [greeting, order]
 NATFLOW = str(Path(sys.executable).parent / "natflow")
 
 
-def spawn(*args: str) -> subprocess.Popen[bytes]:
-    log = open(ROOT / ".natflow" / f"demo-{args[0]}.log", "wb")  # noqa: SIM115
+LOGS = ROOT / ".natflow"
+
+
+def spawn(*args: str, url: str | None = None) -> subprocess.Popen[bytes]:
+    log = open(LOGS / f"demo-{args[0]}.log", "wb")  # noqa: SIM115
+    env = {**os.environ, "NATFLOW_URL": url} if url else None
     return subprocess.Popen(
-        [NATFLOW, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        [NATFLOW, *args],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
     )
 
 
-async def connect_when_ready(deadline: float) -> Client:
+def server_url(dev: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
+    """The URL `natflow dev` prints once its server is up."""
+    deadline = time.monotonic() + timeout
+    log = LOGS / "demo-dev.log"
+    while time.monotonic() < deadline:
+        found = re.search(r"nats-server at (nats://\S+)", log.read_text())
+        if found:
+            return found.group(1)
+        if dev.poll() is not None:
+            raise SystemExit(f"natflow dev exited:\n{log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    raise SystemExit(f"natflow dev did not start within {timeout:g} s; see {log}")
+
+
+async def connect_when_ready(url: str, deadline: float) -> Client:
     while True:
         try:
-            return await Client.connect(connect_timeout=1.0)
+            return await Client.connect(url, connect_timeout=1.0)
         except NatflowError:
             if time.monotonic() > deadline:
                 raise
@@ -50,8 +78,8 @@ def show(value: object) -> str:
     return msgspec.json.encode(value).decode()
 
 
-async def run_examples() -> int:
-    client = await connect_when_ready(time.monotonic() + 20)
+async def run_examples(url: str) -> int:
+    client = await connect_when_ready(url, time.monotonic() + 20)
     failures = 0
     async with client:
         for example in EXAMPLES:
@@ -73,20 +101,27 @@ async def run_examples() -> int:
 
 
 def main() -> int:
-    (ROOT / ".natflow").mkdir(exist_ok=True)
-    os.environ.setdefault("NATFLOW_URL", "nats://127.0.0.1:4222")
-    dev = spawn("dev")
-    worker = spawn("worker", "examples.workflows:WORKFLOWS")
+    LOGS.mkdir(exist_ok=True)
+    store = tempfile.mkdtemp(prefix="natflow-demo-")
+    dev = spawn(
+        "dev", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--store-dir", store
+    )
+    worker = None
     try:
-        failures = asyncio.run(run_examples())
+        url = server_url(dev)
+        print(f"make demo: a fresh natflow dev at {url} (store {store}, removed at the end)")
+        worker = spawn("worker", "examples.workflows:WORKFLOWS", "--metrics-port", "0", url=url)
+        failures = asyncio.run(run_examples(url))
     finally:
-        for proc in (worker, dev):
+        procs = [p for p in (worker, dev) if p is not None]
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
-        for proc in (worker, dev):
+        for proc in procs:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(store, ignore_errors=True)
     print(
         f"\n{'all example runs completed' if not failures else f'{failures} runs did not complete'}"
     )

@@ -71,15 +71,21 @@ async def test_terminate_stops_a_busy_run_at_once(client: Client, engine: Engine
         handle = await client.start(busy, 30, run_id="term-busy")
 
         async def running() -> bool:
-            return (await handle.status()).status == "running"
+            steps = await client.steps(handle.run_id)
+            return [(s.name, s.status) for s in steps] == [("long", "running")]
 
-        await wait_for(running, what="the run to start its step")
+        await wait_for(running, what="the run to show its step running")
         with anyio.fail_after(10):
             await client.terminate("term-busy", reason="runaway")
             with pytest.raises(RunCancelled, match="runaway"):
                 await handle.result()
-    assert (await client.describe("term-busy")).status == "terminated"
+    info = await client.describe("term-busy")
+    assert info.status == "terminated"
+    assert info.error is not None and info.error.type == "RunTerminated", info.error
     assert cleanups == []  # terminate runs no more workflow code
+    # The step the run was in is over: cancelled with the run, not shown running forever.
+    [step] = await client.steps("term-busy")
+    assert (step.name, step.status) == ("long", "cancelled") and step.finished_at is not None
 
 
 async def test_cancel_a_busy_run_lets_its_finally_run(client: Client, engine: Engine) -> None:
@@ -88,13 +94,16 @@ async def test_cancel_a_busy_run_lets_its_finally_run(client: Client, engine: En
         handle = await client.start(busy, 30, run_id="cancel-busy")
 
         async def running() -> bool:
-            return (await handle.status()).status == "running"
+            steps = await client.steps(handle.run_id)
+            return [(s.name, s.status) for s in steps] == [("long", "running")]
 
-        await wait_for(running, what="the run to start its step")
+        await wait_for(running, what="the run to show its step running")
         await client.cancel("cancel-busy")
         with pytest.raises(RunCancelled):
             await handle.result(timeout=10)
     assert cleanups == ["cancel-busy"]
+    steps = {s.name: s.status for s in await client.steps("cancel-busy")}
+    assert steps == {"long": "cancelled", "cleanup": "completed"}
 
 
 async def test_cancel_an_unknown_run(client: Client) -> None:

@@ -61,18 +61,33 @@ async def test_start_wait_and_inspect_a_run(client: Client, nats_server: Embedde
         assert started.returncode == 0, started.stderr.decode()
         first, _, rest = out(started).partition("\n")
         assert first == "started: cli-1"
-        shown = json.loads(rest)
-        assert shown["run_id"] == "cli-1" and shown["status"] == "completed"
-        assert shown["result"] == {"greeting": "Hello, Ada!"}
+        assert "status    completed" in rest
+        assert 'result    {"greeting":"Hello, Ada!"}' in rest
 
-        # The run id is an idempotency key: a second start shows the same run.
+        # The run id is an idempotency key: a second start shows the same run, and says the
+        # input given now was not used.
         again = await natflow(
             url, "start", "greet", "--input", '{"name": "Bob"}', "--run-id", "cli-1", "--wait"
         )
         assert again.returncode == 0
-        first, _, rest = out(again).partition("\n")
-        assert first == "exists: cli-1"
-        assert json.loads(rest)["result"] == {"greeting": "Hello, Ada!"}
+        lines = out(again).splitlines()
+        assert lines[0] == "exists: cli-1 (started before; nothing new started)"
+        assert "the --input given now was not used" in lines[1]
+        waited = await natflow(
+            url,
+            "start",
+            "greet",
+            "--input",
+            '{"name": "Ada"}',
+            "--run-id",
+            "cli-1",
+            "--wait",
+            "--json",
+        )
+        assert waited.returncode == 0
+        shown = json.loads(out(waited))["run"]
+        assert shown["run_id"] == "cli-1" and shown["status"] == "completed"
+        assert shown["result"] == {"greeting": "Hello, Ada!"}
 
         # Without --wait: prints the id at once (a generated one when none is given).
         quick = await natflow(url, "start", "greet", "--input", '{"name": "Cy"}')
@@ -103,7 +118,9 @@ async def test_start_wait_and_inspect_a_run(client: Client, nats_server: Embedde
         assert "run       cli-1" in text
         assert "status    completed" in text
         assert 'result    {"greeting":"Hello, Ada!"}' in text
-        assert "step hello#1" in text and '"Hello, Ada!"' in text
+        assert "created   20" in text and " UTC" in text
+        step = next(line for line in text.splitlines() if line.startswith("hello "))
+        assert step.split()[:4] == ["hello", "1", "completed", "1"] and '"Hello, Ada!"' in step
 
         show_json = await natflow(url, "runs", "show", "cli-1", "--json")
         assert show_json.returncode == 0
@@ -113,7 +130,10 @@ async def test_start_wait_and_inspect_a_run(client: Client, nats_server: Embedde
 
         history = await natflow(url, "runs", "history", "cli-1")
         assert history.returncode == 0, history.stderr.decode()
-        events = [json.loads(line) for line in out(history).splitlines()]
+        kinds = [line.split()[4] for line in out(history).splitlines()[1:]]
+        assert kinds == ["run_started", "run_claimed", "step_completed", "run_completed"]
+        history = await natflow(url, "runs", "history", "cli-1", "--json")
+        events = json.loads(out(history))
         assert [e["type"] for e in events] == [
             "run_started",
             "run_claimed",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import anyio
@@ -12,6 +13,7 @@ import nats.js.errors
 import pytest
 from natflow import (
     Client,
+    NatflowError,
     RunFailed,
     RunNotFound,
     StepError,
@@ -257,20 +259,48 @@ async def other(ctx: WorkflowContext) -> int:
 async def test_a_run_nobody_serves_stays_pending_until_a_worker_knows_it(client: Client) -> None:
     handle = await client.start(nobody_serves_me, run_id="lonely-1")
     async with running_worker(client, [other]):
-
-        async def handed_back_twice() -> bool:
-            try:
-                info = await client.connection.jsm.consumer_info(
-                    "NATFLOW_TASKS", "natflow-queue-default"
-                )
-            except nats.js.errors.NotFoundError:
-                return False  # the worker has not created its consumer yet
-            return bool(info.delivered.consumer_seq >= 2)
-
-        await wait_for(handed_back_twice, what="the task to come back to the worker")
+        # Its task waits on its own subject; the worker of `other` is never handed it.
+        await wait_for(
+            lambda: consumer_exists(client, "natflow-queue-default~other"),
+            what="the other worker's consumer",
+        )
+        info = await client.connection.jsm.stream_info("NATFLOW_TASKS", subjects_filter=">")
+        assert info.state.subjects == {"natflow.task.default.nobody_serves_me.lonely-1": 1}
         assert (await handle.status()).status == "pending"
     async with running_worker(client, [nobody_serves_me]):
         assert await handle.result(timeout=10) == "served"
+
+
+async def consumer_exists(client: Client, name: str) -> bool:
+    try:
+        await client.connection.jsm.consumer_info("NATFLOW_TASKS", name)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
+@workflow
+async def instant(ctx: WorkflowContext) -> str:
+    return "done"
+
+
+async def test_workers_of_one_queue_serving_different_workflows_get_only_their_tasks(
+    client: Client,
+) -> None:
+    """Issue 9: on one consumer per queue a task bounced between two such workers, 1 s per
+    bounce. Now each workflow has its own consumer: every task is delivered exactly once."""
+    async with running_worker(client, [other]), running_worker(client, [instant]):
+        began = time.monotonic()
+        handles = [await client.start(instant, run_id=f"instant-{n}") for n in range(20)]
+        for handle in handles:
+            assert await handle.result(timeout=10) == "done"
+        took = time.monotonic() - began
+        delivered = 0
+        for consumer in await client.connection.jsm.consumers_info("NATFLOW_TASKS"):
+            delivered += consumer.delivered.consumer_seq
+            assert consumer.num_redelivered == 0, consumer
+        assert delivered == 20, delivered
+        assert took < 8, f"20 instant runs took {took:.1f} s"
 
 
 async def test_engine_lists_runs_and_recovers_a_lost_enqueue(client: Client) -> None:
@@ -332,3 +362,23 @@ async def test_determinism_helpers_repeat_on_replay(client: Client) -> None:
     assert result[-1] == "True"
     execution = await replay_recorded(client, helpers, "helpers-1")
     assert execution._root is not None and execution._root.result() == result
+
+
+async def test_starting_an_existing_run_id_as_another_workflow_names_both(client: Client) -> None:
+    """Issue 9: this used to return the other workflow's run without a word."""
+    first = await client.start(three_steps, {"x": 1}, run_id="taken-id")
+    with pytest.raises(NatflowError, match=r"'three_steps'.*'other'"):
+        await client.start(other, run_id="taken-id")
+    again = await client.start(three_steps, {"x": 5}, run_id="taken-id")  # same workflow: fine
+    assert again.run_id == first.run_id
+    history = await client.history("taken-id")
+    assert [type(e).__name__ for e in history] == ["RunStarted"]
+
+
+async def test_list_rejects_an_unknown_status_and_a_limit_below_one(client: Client) -> None:
+    """Issue 9: ``status="bogus"`` used to return [] as if no run matched."""
+    with pytest.raises(InvalidInput, match=r"bogus.*pending"):
+        await client.list(status="bogus")
+    with pytest.raises(InvalidInput, match="at least 1"):
+        await client.list(limit=0)
+    assert await client.list(status="terminated") == []

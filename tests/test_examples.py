@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import re
+import sys
 from types import ModuleType
 
+import anyio
 import pytest
-from natflow import Client, RunHandle, Workflow
+from natflow import Client, RunHandle, RunNotFound, Workflow
+from natflow_engine import EmbeddedServer
 
 import examples
 from examples.order import Receipt
 from examples.workflows import WORKFLOWS
-from tests.helpers import running_worker
+from tests.helpers import ROOT, running_worker
 
 
 def example_modules() -> list[ModuleType]:
@@ -102,15 +107,36 @@ async def test_order_with_good_and_bad_coupon(client: Client) -> None:
 
 
 async def test_demo_script_reports_every_run_completed(
-    client: Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`make demo`'s reporting loop (examples/demo.py run_examples) against this server."""
     from examples import demo
 
-    monkeypatch.setenv("NATFLOW_URL", client.connection.url)
     async with running_worker(client, WORKFLOWS):
-        failures = await demo.run_examples()
+        failures = await demo.run_examples(client.connection.url)
     out = capsys.readouterr().out
     assert failures == 0, out
     for run_id in ("demo-greet-ada", "demo-order-a1", "demo-order-a2"):
         assert f"run {run_id}: completed" in out
+
+
+@pytest.mark.slow
+async def test_make_demo_uses_a_fresh_server_of_its_own_and_says_so(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    """Issue 9: the demo used whatever server answered on NATFLOW_URL (without a word) and,
+    with fixed run ids in a store that persists, showed an earlier demo's runs."""
+    env = {**os.environ, "NATFLOW_URL": nats_server.url}
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [sys.executable, str(ROOT / "examples" / "demo.py")], env=env, check=False
+        )
+    text = done.stdout.decode()
+    assert done.returncode == 0, text + done.stderr.decode()[-2000:]
+    found = re.search(r"a fresh natflow dev at (nats://\S+) \(store (\S+),", text)
+    assert found, text
+    assert found.group(1) != nats_server.url
+    assert not await anyio.Path(found.group(2)).exists()  # removed at the end
+    assert "all example runs completed" in text
+    with pytest.raises(RunNotFound):  # nothing was written to the server that was running
+        await client.describe("demo-greet-ada")

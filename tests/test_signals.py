@@ -160,7 +160,41 @@ async def test_same_signal_id_twice_is_delivered_once(client: Client, engine: En
         await client.signal("dedupe-1", "x", "second", signal_id="approval-7")
         assert await handle.result(timeout=10) == ["first", "no more"]
     received = of(await client.history("dedupe-1"), SignalReceived)
-    assert [(r.signal_id, bytes(r.payload)) for r in received] == [("approval-7", b'"first"')]
+    assert [(r.signal_id, bytes(r.payload)) for r in received] == [
+        ("dedupe-1:x:approval-7", b'"first"')
+    ]
+
+
+async def test_one_signal_id_sent_to_two_runs_reaches_both(client: Client, engine: Engine) -> None:
+    """Issue 9: the stream deduplicates Nats-Msg-Id across every subject, so an unscoped id
+    made run B's signal a "duplicate" of run A's and B waited forever."""
+    async with running_worker(client, WORKFLOWS) as worker:
+        a = await client.start(wait_n, 1, run_id="scoped-a")
+        b = await client.start(wait_n, 1, run_id="scoped-b")
+        await waiting_alone(client, worker, "scoped-a")
+        await waiting_alone(client, worker, "scoped-b")
+        await client.signal("scoped-a", "x", "to a", signal_id="approve")
+        await client.signal("scoped-b", "x", "to b", signal_id="approve")
+        assert await a.result(timeout=10) == ["to a", "no more"]
+        assert await b.result(timeout=10) == ["to b", "no more"]
+
+
+async def test_a_signal_id_taken_by_another_runs_signal_is_an_error(
+    client: Client, engine: Engine, plain: Any
+) -> None:
+    """A raw publisher that used the scoped form of run A's id on run B's subject: sending
+    that id to A is refused, never reported as delivered."""
+    async with running_worker(client, WORKFLOWS) as worker:
+        await client.start(wait_n, 1, run_id="taken-a")
+        b = await client.start(wait_n, 1, run_id="taken-b")
+        await waiting_alone(client, worker, "taken-a")
+        await plain.publish(
+            "natflow.signal.taken-b.x", b'"raw"', headers={"Nats-Msg-Id": "taken-a:x:approve"}
+        )
+        with pytest.raises(NatflowError, match=r"natflow\.signal\.taken-b\.x"):
+            await client.signal("taken-a", "x", "mine", signal_id="approve")
+        assert await b.result(timeout=10) == ["raw", "no more"]
+        await client.terminate("taken-a", "done")
 
 
 async def test_same_nats_msg_id_twice_via_plain_nats_is_stored_and_delivered_once(
@@ -346,7 +380,7 @@ async def test_bad_signals_are_dead_lettered_and_the_run_completes_normally(
     length = len(events)
     late = await plain.publish("natflow.signal.target-1.x", b'"too late"')
     letter = await dead_letter(client, late)
-    assert letter.reason == "the run has already completed", letter
+    assert letter.reason == "the run already ended (completed)", letter
     with pytest.raises(NatflowError) as refused:
         await client.signal("target-1", "x", "too late")
     assert not isinstance(refused.value, RunNotFound)

@@ -19,6 +19,7 @@ import msgspec
 from natflow import Client, WorkflowContext, workflow
 from natflow._execution import HOLD_TIMERS_UNDER
 from natflow_engine._engine import Engine
+from natflow_engine._human import when
 from natflow_engine._kv import kv_get
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._timers import TIMERS_BUCKET, Timer, timer_key
@@ -365,7 +366,7 @@ async def test_start_delay_holds_the_start_then_runs(client: Client, engine: Eng
         assert info.status == "pending", info
         start = (await client.history("delayed-1"))[0]
         assert isinstance(start, RunStarted) and start.not_before is not None
-        assert info.current == f"starts at {start.not_before.isoformat()}"
+        assert info.current == f"starts at {when(start.not_before)}"
         assert start.not_before.timestamp() >= asked + 1.0
 
         async def still_pending() -> bool:
@@ -392,11 +393,11 @@ async def test_run_view_shows_what_a_waiting_run_waits_for(client: Client, engin
 
         info = await wait_for(lambda: view("view-sleep", "sleeping"), what="sleeping")
         due = of(await client.history("view-sleep"), TimerScheduled)[0].due_at
-        assert info.current == f"sleeping until {due.isoformat()}"
+        assert info.current == f"sleeping until {when(due)}"
         info = await wait_for(lambda: view("view-wait", "waiting"), what="waiting")
         timeout_at = of(await client.history("view-wait"), SignalWaited)[0].timeout_at
         assert timeout_at is not None
-        assert info.current == f"waiting for signal 'x' (timeout at {timeout_at.isoformat()})"
+        assert info.current == f"waiting for signal 'x' (timeout at {when(timeout_at)})"
         await client.signal("view-wait", "x", "go")
         assert await waiting.result(timeout=10) == "go"
         await napping.result(timeout=10)

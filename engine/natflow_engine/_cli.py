@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
-import json
 import logging
 import os
 import signal
@@ -17,22 +16,20 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NoReturn
 
 import anyio
-import msgspec
 
 from ._cli_ops import register as register_ops
-from ._connection import Connection, connect, default_url
+from ._cli_runs import interrupted_wait
+from ._cli_runs import register as register_runs
+from ._connection import DEFAULT_URL, Connection, connect, default_url
 from ._engine import Engine
-from ._errors import NatflowError, ServerUnavailable
-from ._leases import Leases
+from ._errors import NatflowError
 from ._logs import configure_logging
 from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
-from ._runs import Runs
-from ._server import EmbeddedServer
-from ._state import fold_steps
-from ._streams import ensure_streams, history_subject
+from ._server import EmbeddedServer, PortInUse
+from ._streams import ensure_streams
 
 log = logging.getLogger("natflow.cli")
 
@@ -42,6 +39,14 @@ Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 def connect_options(args: argparse.Namespace) -> dict[str, Any]:
     """nats-py connect options from the CLI's credential and TLS flags."""
     options: dict[str, Any] = {}
+    for option, path in (
+        ("--creds", args.creds),
+        ("--tls-ca", args.tls_ca),
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+    ):
+        if path and not Path(path).is_file():
+            raise NatflowError(f"{option} {path}: no such file")
     if args.creds:
         options["user_credentials"] = args.creds
     if args.user:
@@ -61,105 +66,7 @@ async def open_connection(args: argparse.Namespace, name: str) -> Connection:
     return await connect(args.url, name=name, **connect_options(args))
 
 
-def _print_json(value: Any) -> None:
-    print(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
-
-
 # -- commands ----------------------------------------------------------------------------
-
-
-async def cmd_start(args: argparse.Namespace) -> int:
-    try:
-        data = msgspec.json.encode(json.loads(args.input)) if args.input else b"null"
-    except json.JSONDecodeError as exc:
-        raise NatflowError(f"--input is not valid JSON: {exc}") from exc
-    conn = await open_connection(args, "natflow-cli")
-    try:
-        runs = Runs(conn)
-        run_id, created = await runs.start(args.workflow, args.queue, data, args.run_id)
-        print(f"{'started' if created else 'exists'}: {run_id}")
-        if args.wait:
-            return await _wait_and_show(conn, runs, run_id)
-        return 0
-    finally:
-        await conn.close()
-
-
-async def _wait_and_show(conn: Connection, runs: Runs, run_id: str) -> int:
-    sub = await conn.nc.subscribe(history_subject(run_id))
-    try:
-        while True:
-            info = await runs.describe(run_id)
-            if info.is_closed:
-                _print_json(info)
-                return 0 if info.status == "completed" else 1
-            try:
-                await sub.next_msg(timeout=30)
-            except Exception:  # timeout: re-read in case an event slipped by a reconnect
-                continue
-    finally:
-        await sub.unsubscribe()
-
-
-async def cmd_runs(args: argparse.Namespace) -> int:
-    from ._index import RunIndex
-
-    conn = await open_connection(args, "natflow-cli")
-    try:
-        runs = Runs(conn)
-        if args.runs_command == "list":
-            await ensure_streams(conn)
-            found = await RunIndex(conn).scan(
-                workflow=args.workflow, status=args.status, limit=args.limit
-            )
-            if args.json:
-                _print_json(found)
-            else:
-                print(f"{'RUN ID':34} {'WORKFLOW':18} {'STATUS':10} CREATED")
-                for r in found:
-                    created = f"{r.created_at:%Y-%m-%d %H:%M:%S}"
-                    print(f"{r.run_id:34} {r.workflow:18} {r.status:10} {created}")
-            return 0
-        events = await runs.events(args.run_id)
-        if args.runs_command == "history":
-            for event in events:
-                print(msgspec.json.encode(event).decode())
-            return 0
-        info = await runs.describe(args.run_id)
-        steps = fold_steps(events)
-        lease = await Leases(conn).get(args.run_id)
-        holder = lease[0] if lease is not None else None
-        if args.json:
-            _print_json({"run": info, "steps": steps, "lease": holder})
-            return 0
-        _show_run(info, steps)
-        if holder is not None:
-            print(f"held by   {holder.worker} (lease until {holder.expires_at.isoformat()})")
-        return 0
-    finally:
-        await conn.close()
-
-
-def _show_run(info: Any, steps: list[Any]) -> None:
-    print(f"run       {info.run_id}")
-    print(f"workflow  {info.workflow} (queue {info.queue})")
-    print(f"status    {info.status}" + (f" - {info.current}" if info.current else ""))
-    if info.worker:
-        print(f"last held {info.worker}")
-    print(f"created   {info.created_at.isoformat()}")
-    if info.closed_at:
-        print(f"closed    {info.closed_at.isoformat()}")
-    if info.status == "completed":
-        print(f"result    {msgspec.json.encode(info.result).decode()}")
-    if info.error:
-        print(f"error     {info.error.type}: {info.error.message}")
-    for s in steps:
-        outcome = (
-            msgspec.json.encode(s.result).decode()
-            if s.status == "completed"
-            else (f"{s.error.type}: {s.error.message}" if s.error else "")
-        )
-        print(f"  step {s.name}#{s.occurrence:<3} {s.status:9} attempts={s.attempts} {outcome}")
 
 
 async def cmd_init(args: argparse.Namespace) -> int:
@@ -198,17 +105,78 @@ async def _until_signalled(main: Callable[[], Awaitable[None]]) -> None:
         tg.cancel_scope.cancel()
 
 
-def _server_for(args: argparse.Namespace) -> EmbeddedServer:
-    config = Path(args.config)
-    if not config.exists():
-        raise NatflowError(f"no server configuration at {config}; pass --config PATH")
-    return EmbeddedServer(config, cwd=config.parent)
+PACKAGED_CONFIG: Final = Path(__file__).with_name("nats.conf")
+
+
+def server_config(given: str | None) -> tuple[Path, str]:
+    """The nats-server configuration and where it came from.
+
+    Precedence: ``--config``, then ``NATFLOW_CONFIG``, then ``./nats.conf``, then the
+    configuration shipped inside natflow (so ``natflow dev`` runs anywhere).
+    """
+    for path, source in (
+        (given, "--config"),
+        (os.environ.get("NATFLOW_CONFIG") or None, "NATFLOW_CONFIG"),
+    ):
+        if path is not None:
+            if not Path(path).is_file():
+                raise NatflowError(
+                    f"no server configuration at {path} (from {source}); pass the path of a "
+                    "nats-server configuration file, or leave it out to use natflow's default"
+                )
+            return Path(path).resolve(), source
+    if Path("nats.conf").is_file():
+        return Path("nats.conf").resolve(), "./nats.conf"
+    return PACKAGED_CONFIG, "natflow's default"
+
+
+def _server_for(args: argparse.Namespace) -> tuple[EmbeddedServer, str]:
+    config, source = server_config(args.config)
+    extra: list[str] = []
+    if args.port is not None:
+        extra += ["-p", str(args.port or -1)]  # 0: any free port (nats-server says -1)
+    if args.http_port is not None:
+        extra += ["-m", str(args.http_port or -1)]
+    store = args.store_dir
+    if store is None and config == PACKAGED_CONFIG:
+        store = os.environ.get("NATFLOW_STORE_DIR", ".natflow")
+    if store is not None:
+        if config != PACKAGED_CONFIG and "store_dir" in config.read_text():
+            raise NatflowError(
+                f"--store-dir cannot override the store_dir that {config} sets (nats-server "
+                "refuses both); change it there, or leave out --store-dir"
+            )
+        extra += ["-sd", str(Path(store).resolve())]
+    cwd = Path.cwd() if config == PACKAGED_CONFIG else config.parent
+    server = EmbeddedServer(config, cwd=cwd, store_dir=store, extra_args=tuple(extra))
+    return server, source
+
+
+def _start_server(args: argparse.Namespace) -> EmbeddedServer:
+    """Start nats-server and say where it listens, which configuration it read, and where
+    it stores data."""
+    server, source = _server_for(args)
+    try:
+        server.start()
+    except PortInUse as exc:
+        option = "--http-port" if exc.monitor else "--port"
+        raise NatflowError(
+            f"port {exc.port} is in use ({exc.address}): is another natflow dev or "
+            f"nats-server running? Stop it, or pick another port with {option} N "
+            "(0: any free port)"
+        ) from None
+    print(f"natflow {args.command}: nats-server at {server.url}", flush=True)
+    print(f"  configuration  {server.config} ({source})")
+    print(f"  data           {server.jetstream_dir or 'not reported'} (JetStream store)")
+    if server.http_port:
+        print(f"  monitoring     http://127.0.0.1:{server.http_port}")
+    print(f"  log            {server.log_path}", flush=True)
+    return server
 
 
 async def cmd_server(args: argparse.Namespace) -> int:
-    server = _server_for(args)
-    server.start()
-    print(f"nats-server running at {server.url} (config {server.config}); Ctrl-C stops it")
+    server = _start_server(args)
+    print("Ctrl-C stops it", flush=True)
     try:
         await _until_signalled(lambda: anyio.sleep_forever())
     finally:
@@ -217,12 +185,11 @@ async def cmd_server(args: argparse.Namespace) -> int:
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:
-    server = _server_for(args)
-    server.start()
-    print(f"natflow dev: nats-server at {server.url}, engine running; Ctrl-C stops both")
+    server = _start_server(args)
     try:
         conn = await connect(server.url, name="natflow-engine")
         serve_metrics(args.metrics_port, args.metrics_host)
+        print("  engine running; Ctrl-C stops both", flush=True)
         try:
             await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
         finally:
@@ -234,6 +201,51 @@ async def cmd_dev(args: argparse.Namespace) -> int:
 
 # -- the parser --------------------------------------------------------------------------
 
+_SECRETS: Final = frozenset({"password", "token"})
+_LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds each option's default to its help, unless the help says it already, there is
+    none, or it is a secret (taken from the environment, never shown)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or "default" in text
+            or action.dest in _SECRETS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line, naming the problem and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def log_level(value: str) -> str:
+    """argparse type: a logging level name, any case."""
+    if value.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown level {value!r}; use one of {', '.join(n.lower() for n in _LOG_LEVELS)}"
+        )
+    return value.upper()
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("natflow")
+    except importlib.metadata.PackageNotFoundError:  # run from sources, not installed
+        return "unknown"
+
 
 def add_metrics_options(
     p: argparse.ArgumentParser, default_port: int, env: str, *, engine: bool = False
@@ -241,19 +253,22 @@ def add_metrics_options(
     """``--metrics-port``/``--metrics-host``: where the process serves Prometheus metrics."""
     p.add_argument(
         "--metrics-port",
+        metavar="PORT",
         type=int,
         default=int(os.environ.get(env, default_port)),
-        help=f"serve Prometheus metrics on this port (env {env}, default {default_port}; "
-        "0 turns them off)",
+        help=f"serve Prometheus metrics on this port, 0 for none (env {env})",
     )
     p.add_argument(
         "--metrics-host",
-        default=os.environ.get("NATFLOW_METRICS_HOST", "0.0.0.0"),
-        help="address the metrics endpoint listens on (env NATFLOW_METRICS_HOST)",
+        metavar="ADDRESS",
+        default=os.environ.get("NATFLOW_METRICS_HOST", "127.0.0.1"),
+        help="address the metrics endpoint listens on; 0.0.0.0 for every interface "
+        "(env NATFLOW_METRICS_HOST)",
     )
     if engine:
         p.add_argument(
             "--metrics-interval",
+            metavar="SECONDS",
             type=float,
             default=float(os.environ.get("NATFLOW_METRICS_INTERVAL", "5")),
             help="seconds between reads of queue, worker and run counts from JetStream "
@@ -261,23 +276,101 @@ def add_metrics_options(
         )
 
 
+def _add_server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="nats-server configuration file (env NATFLOW_CONFIG; default: ./nats.conf if "
+        "present, else the one shipped with natflow)",
+    )
+    p.add_argument(
+        "--store-dir",
+        metavar="DIR",
+        default=None,
+        help="where JetStream keeps its data, in DIR/jetstream (env NATFLOW_STORE_DIR; "
+        "default: ./.natflow with natflow's configuration, else the configuration's store_dir)",
+    )
+    p.add_argument(
+        "--port",
+        metavar="PORT",
+        type=int,
+        default=None,
+        help="client port, 0 for any free one (default: the configuration's, 4222)",
+    )
+    p.add_argument(
+        "--http-port",
+        metavar="PORT",
+        type=int,
+        default=None,
+        help="HTTP monitoring port, 0 for any free one (default: the configuration's, 8222)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="natflow", description="Durable workflows on NATS JetStream."
+    parser = Parser(
+        prog="natflow",
+        description="Durable workflows on NATS JetStream.",
+        epilog="Every command takes --help. Start here: `natflow dev`, then "
+        "`natflow worker app.py` and `natflow start WORKFLOW --wait`.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"natflow {version()}")
+    parser.add_argument(
+        "--url",
+        metavar="URL",
+        default=None,
+        help=f"NATS server URL(s), comma-separated (env NATFLOW_URL, default {DEFAULT_URL})",
     )
     parser.add_argument(
-        "--url", default=None, help=f"NATS server URL (env NATFLOW_URL, default {default_url()})"
+        "--creds",
+        metavar="FILE",
+        default=os.environ.get("NATFLOW_CREDS"),
+        help="NATS credentials file (env NATFLOW_CREDS)",
     )
     parser.add_argument(
-        "--creds", default=os.environ.get("NATFLOW_CREDS"), help="NATS credentials file"
+        "--user",
+        metavar="NAME",
+        default=os.environ.get("NATFLOW_USER"),
+        help="NATS user (env NATFLOW_USER)",
     )
-    parser.add_argument("--user", default=os.environ.get("NATFLOW_USER"))
-    parser.add_argument("--password", default=os.environ.get("NATFLOW_PASSWORD"))
-    parser.add_argument("--token", default=os.environ.get("NATFLOW_TOKEN"))
-    parser.add_argument("--tls-ca", default=os.environ.get("NATFLOW_TLS_CA"))
-    parser.add_argument("--tls-cert", default=os.environ.get("NATFLOW_TLS_CERT"))
-    parser.add_argument("--tls-key", default=os.environ.get("NATFLOW_TLS_KEY"))
-    parser.add_argument("--log-level", default=os.environ.get("NATFLOW_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--password",
+        metavar="SECRET",
+        default=os.environ.get("NATFLOW_PASSWORD"),
+        help="NATS password; prefer the env NATFLOW_PASSWORD (never shown)",
+    )
+    parser.add_argument(
+        "--token",
+        metavar="SECRET",
+        default=os.environ.get("NATFLOW_TOKEN"),
+        help="NATS token; prefer the env NATFLOW_TOKEN (never shown)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=os.environ.get("NATFLOW_TLS_CA"),
+        help="CA certificate to verify the server with (env NATFLOW_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=os.environ.get("NATFLOW_TLS_CERT"),
+        help="client certificate (env NATFLOW_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=os.environ.get("NATFLOW_TLS_KEY"),
+        help="client certificate's key (env NATFLOW_TLS_KEY)",
+    )
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        type=log_level,
+        default=os.environ.get("NATFLOW_LOG_LEVEL", "INFO"),
+        help="debug, info, warning or error (env NATFLOW_LOG_LEVEL)",
+    )
     parser.add_argument(
         "--log-json",
         action="store_true",
@@ -286,49 +379,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    default_conf = os.environ.get("NATFLOW_CONFIG", "nats.conf")
-    p = sub.add_parser("dev", help="embedded nats-server (nats.conf) plus the engine services")
-    p.add_argument("--config", default=default_conf)
+    p = sub.add_parser(
+        "dev",
+        help="a development server: nats-server plus the engine, in one process",
+        description="Start nats-server (the binary natflow installs) and the engine services. "
+        "The configuration is --config, else NATFLOW_CONFIG, else ./nats.conf, else the one "
+        "shipped with natflow; with that one, data lives in ./.natflow/jetstream.",
+    )
+    _add_server_options(p)
     add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
     p.set_defaults(handler=cmd_dev)
 
-    p = sub.add_parser("server", help="embedded nats-server with nats.conf")
-    p.add_argument("--config", default=default_conf)
+    p = sub.add_parser(
+        "server",
+        help="nats-server alone, with natflow's configuration (run `natflow engine` beside it)",
+    )
+    _add_server_options(p)
     p.set_defaults(handler=cmd_server)
 
-    p = sub.add_parser("engine", help="the engine services (dispatcher, run index)")
+    p = sub.add_parser("engine", help="the engine services (dispatcher, run index, timers)")
     add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
     p.set_defaults(handler=cmd_engine)
 
     p = sub.add_parser("init", help="create natflow's streams (optional: done on first use)")
     p.set_defaults(handler=cmd_init)
 
-    p = sub.add_parser("start", help="start a run")
-    p.add_argument("workflow")
-    p.add_argument("--input", default=None, help="the input as JSON")
-    p.add_argument("--run-id", default=None)
-    p.add_argument("--queue", default="default")
-    p.add_argument("--wait", action="store_true", help="wait for the result and show the run")
-    p.set_defaults(handler=cmd_start)
-
-    p = sub.add_parser("runs", help="list and inspect runs")
-    runs = p.add_subparsers(dest="runs_command", required=True, metavar="list|show|history")
-    q = runs.add_parser("list")
-    q.add_argument("--workflow", default=None)
-    q.add_argument("--status", default=None)
-    q.add_argument("--limit", type=int, default=50)
-    q.add_argument("--json", action="store_true")
-    q = runs.add_parser("show")
-    q.add_argument("run_id")
-    q.add_argument("--json", action="store_true")
-    q = runs.add_parser("history")
-    q.add_argument("run_id")
-    p.set_defaults(handler=cmd_runs)
-
+    register_runs(sub, open_connection)
     register_ops(sub, open_connection)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):
         entry.load()(sub)
+    _finish(parser)
     return parser
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command gets the help formatter, and its one-line help as description."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, child in action.choices.items():
+                if child.description is None:
+                    child.description = helps.get(name)
+                _finish(child)
+
+
+def _quiet_stdout() -> None:
+    """After a reader such as `head` closed the pipe: send the rest of stdout nowhere, so
+    the interpreter's final flush does not fail either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,14 +439,19 @@ def main(argv: list[str] | None = None) -> int:
         args.url = default_url()
     handler: Handler = args.handler
     try:
-        return asyncio.run(handler(args))
-    except ServerUnavailable as exc:
-        print(f"natflow {args.command}: {exc}", file=sys.stderr)
-        return 1
+        code = asyncio.run(handler(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except NatflowError as exc:
         print(f"natflow {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        waiting = getattr(args, "waiting_for", None)
+        if waiting is not None:
+            print(f"\nnatflow {args.command}: {interrupted_wait(waiting)}", file=sys.stderr)
         return 130
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
+from ._cli_format import print_json, read_json_argument, table
+from ._cli_runs import positive_int
 from ._connection import Connection
-from ._errors import InvalidInput, NatflowError
+from ._errors import NatflowError
+from ._human import ago, when
 from ._names import check_run_id, check_token
 from ._registry import list_workers
 from ._runs import Runs
@@ -34,10 +36,22 @@ def register(sub: Any, opener: Opener) -> None:
         return await _with(opener, args, _dead)
 
     p = sub.add_parser("signal", help="send a signal to a run")
-    p.add_argument("run_id")
-    p.add_argument("name")
-    p.add_argument("payload", nargs="?", default=None, help="JSON (default: null)")
-    p.add_argument("--signal-id", default=None, help="deduplicates: the same id is sent once")
+    p.add_argument("run_id", metavar="RUN_ID", help="the run's id")
+    p.add_argument("name", metavar="NAME", help="the signal's name, as the workflow waits for it")
+    p.add_argument(
+        "payload",
+        metavar="PAYLOAD",
+        nargs="?",
+        default=None,
+        help="JSON, @file.json to read a file, or - to read stdin (default: null)",
+    )
+    p.add_argument(
+        "--signal-id",
+        metavar="ID",
+        default=None,
+        help="deduplicates: the same id for the same run and signal name is delivered once "
+        "(default: none, every send is a new signal)",
+    )
     p.set_defaults(handler=signal)
 
     async def cancel(args: argparse.Namespace) -> int:
@@ -48,19 +62,21 @@ def register(sub: Any, opener: Opener) -> None:
         ("terminate", "stop a run at once"),
     ):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("run_id")
-        p.add_argument("--reason", default=None)
+        p.add_argument("run_id", metavar="RUN_ID", help="the run's id")
+        p.add_argument(
+            "--reason", metavar="TEXT", default=None, help="why, recorded in the run's history"
+        )
         p.set_defaults(handler=cancel, control=name)
 
-    p = sub.add_parser("workers", help="list live workers")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("workers", help="list live workers: queues, runs held, workflows")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=workers)
 
     p = sub.add_parser("signals", help="signals that could not be delivered")
     q = p.add_subparsers(dest="signals_command", required=True, metavar="dead")
     d = q.add_parser("dead", help="list dead-lettered signals, newest first")
-    d.add_argument("--limit", type=int, default=50)
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--limit", metavar="N", type=positive_int, default=50, help="show at most N")
+    d.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=dead)
 
 
@@ -82,18 +98,20 @@ async def _signal(conn: Connection, args: argparse.Namespace) -> int:
     check_token("signal name", args.name)
     if args.signal_id is not None:
         check_token("signal id", args.signal_id)
-    try:
-        payload = msgspec.json.encode(json.loads(args.payload)) if args.payload else b"null"
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"the payload is not valid JSON: {exc}") from exc
+    payload = read_json_argument("the payload", args.payload)
     info = await Runs(conn).describe(args.run_id)
     if info.is_closed:
-        raise NatflowError(f"run {args.run_id!r} has already {info.status}")
+        raise NatflowError(
+            f"run {args.run_id!r} already ended ({info.status}); a signal can no longer reach it"
+        )
     ack = await send(conn, args.run_id, args.name, payload, args.signal_id)
-    print(
-        f"signal {args.name!r} to {args.run_id}: stored as #{ack.seq}"
-        + (" (duplicate)" if ack.duplicate else "")
-    )
+    if ack.duplicate:
+        print(
+            f"signal {args.name!r} to {args.run_id}: already stored as #{ack.seq} "
+            "(same --signal-id; delivered once)"
+        )
+    else:
+        print(f"signal {args.name!r} to {args.run_id}: stored as #{ack.seq}")
     return 0
 
 
@@ -101,7 +119,7 @@ async def _cancel(conn: Connection, args: argparse.Namespace) -> int:
     check_run_id(args.run_id)
     info = await Runs(conn).describe(args.run_id)
     if info.is_closed:
-        print(f"run {args.run_id} has already {info.status}; nothing to do")
+        print(f"run {args.run_id} already ended ({info.status}); nothing to do")
         return 0
     kind = CANCEL if args.control == "cancel" else TERMINATE
     await send(conn, args.run_id, kind, msgspec.json.encode(args.reason), None)
@@ -109,34 +127,42 @@ async def _cancel(conn: Connection, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ago(when: datetime) -> str:
-    return f"{(datetime.now(UTC) - when).total_seconds():.1f}s ago"
-
-
 async def _workers(conn: Connection, args: argparse.Namespace) -> int:
     found = await list_workers(conn)
     if args.json:
-        print(msgspec.json.format(msgspec.json.encode(found), indent=2).decode())
+        print_json(found)
         return 0
-    print(f"{'WORKER':40} {'QUEUES':16} {'RUNS':>4} {'HEARTBEAT':>12}  WORKFLOWS")
-    for w in found:
-        state = " (draining)" if w.draining else ""
-        print(
-            f"{w.identity:40} {','.join(w.queues):16} {w.held:>4} "
-            f"{_ago(w.heartbeat_at):>12}  {', '.join(w.workflows)}{state}"
-        )
     if not found:
         print("no live workers")
+        return 0
+    now = datetime.now(UTC)
+    table(
+        ("WORKER", "QUEUES", "RUNS", "HEARTBEAT", "WORKFLOWS"),
+        [
+            (
+                w.identity,
+                ",".join(w.queues),
+                str(w.held),
+                ago(w.heartbeat_at, now),
+                ", ".join(w.workflows) + (" (draining)" if w.draining else ""),
+            )
+            for w in found
+        ],
+        right=0b01100,
+    )
     return 0
 
 
 async def _dead(conn: Connection, args: argparse.Namespace) -> int:
     letters = await dead_letters(conn, args.limit)
     if args.json:
-        print(msgspec.json.format(msgspec.json.encode(letters), indent=2).decode())
+        print_json(letters)
         return 0
-    for d in letters:
-        print(f"{d.at:%Y-%m-%d %H:%M:%S} #{d.signal_seq:<6} {d.subject}: {d.reason}")
     if not letters:
         print("no dead-lettered signals")
+        return 0
+    table(
+        ("AT", "SIGNAL", "SUBJECT", "REASON"),
+        [(when(d.at), f"#{d.signal_seq}", d.subject, d.reason) for d in letters],
+    )
     return 0

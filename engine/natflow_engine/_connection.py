@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
@@ -36,6 +37,9 @@ ERR_STREAM_NOT_FOUND: Final = 10059
 ERR_CONSUMER_NOT_FOUND: Final = 10014
 ERR_STREAM_NAME_IN_USE: Final = 10058
 ERR_JS_UNAVAILABLE: Final = 10008
+
+
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@,\s]*:)[^@/,\s]*@")
 
 
 def default_url() -> str:
@@ -250,6 +254,11 @@ async def retrying(what: str, op: Callable[[], Awaitable[T]], *, budget: float =
             delay = min(delay * 2, 2.0)
 
 
+def redact(urls: str) -> str:
+    """``urls`` with any password in them replaced by ``***``, fit to print."""
+    return _PASSWORD_IN_URL.sub(r"\1***@", urls)
+
+
 async def connect(
     url: str | list[str] | None = None,
     *,
@@ -267,11 +276,14 @@ async def connect(
     if isinstance(servers, str) and "," in servers:  # NATFLOW_URL may list a cluster's nodes
         servers = [u.strip() for u in servers.split(",") if u.strip()]
     holder: dict[str, Connection] = {}
+    refused: list[str] = []  # why the server turned the first connection down, if it did
 
     async def error_cb(error: Exception) -> None:
         conn = holder.get("conn")
         if conn is None:  # still connecting: the caller gets the error itself
             log.debug("NATS: %s", error)
+            if "authorization violation" in str(error).lower():
+                refused.append(str(error))
             return
         conn.note_error(error)
         log.warning("NATS: %s", error)
@@ -292,7 +304,7 @@ async def connect(
     options.setdefault("error_cb", error_cb)
     options.setdefault("disconnected_cb", disconnected_cb)
     options.setdefault("reconnected_cb", reconnected_cb)
-    shown = servers if isinstance(servers, str) else ", ".join(servers)
+    shown = redact(servers if isinstance(servers, str) else ", ".join(servers))
     try:
         nc = await asyncio.wait_for(
             nats.connect(
@@ -308,6 +320,12 @@ async def connect(
             timeout=connect_timeout,
         )
     except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
+        if refused:
+            raise PermissionDenied(
+                f"the NATS server at {shown} refused the credentials (authorization "
+                "violation); check --user and --password, --token or --creds (env "
+                "NATFLOW_USER, NATFLOW_PASSWORD, NATFLOW_TOKEN, NATFLOW_CREDS)"
+            ) from None
         raise ServerUnavailable(f"no NATS server answered at {shown}; {START_HINT}") from exc
     except nats.errors.Error as exc:
         raise ServerUnavailable(f"could not connect to NATS at {shown}: {exc}") from exc

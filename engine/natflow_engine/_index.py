@@ -16,7 +16,8 @@ from typing import Final
 import msgspec
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
-from ._state import RunInfo, apply_event
+from ._errors import InvalidInput
+from ._state import RUN_STATUSES, RunInfo, apply_event
 from ._streams import RUNS_STREAM, runs_subject
 from .events import Event, RunStarted
 
@@ -110,12 +111,24 @@ class RunIndex:
     async def scan(
         self, *, workflow: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[RunInfo]:
-        """Runs matching the filters, newest first."""
+        """Runs matching the filters, newest first; an unknown status is :class:`InvalidInput`."""
+        return (await self.page(workflow=workflow, status=status, limit=limit))[0]
+
+    async def page(
+        self, *, workflow: str | None = None, status: str | None = None, limit: int = 100
+    ) -> tuple[list[RunInfo], int]:
+        """The newest ``limit`` runs matching the filters, and how many match in all."""
+        if status is not None and status not in RUN_STATUSES:
+            raise InvalidInput(
+                f"unknown run status {status!r}; use one of {', '.join(RUN_STATUSES)}"
+            )
+        if limit < 1:
+            raise InvalidInput(f"limit must be at least 1, not {limit}")
         try:
             info = await self._conn.jsm.stream_info(RUNS_STREAM)
         except Exception as exc:  # no stream yet means no runs yet
             log.debug("run index unavailable: %s", exc)
-            return []
+            return [], 0
         first, last = info.state.first_seq, info.state.last_seq
         found: list[RunInfo] = []
         start = max(first, last - _PAGE + 1)
@@ -132,7 +145,7 @@ class RunIndex:
             last = start - 1
             start = max(first, last - _PAGE + 1)
         found.sort(key=lambda r: r.created_at, reverse=True)
-        return found[:limit]
+        return found[:limit], len(found)
 
     async def _page(self, start: int, count: int) -> list[IndexEntry]:
         end = start + count - 1

@@ -277,8 +277,11 @@ _servers: dict[int, WSGIServer] = {}
 _servers_lock = threading.Lock()
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> int | None:
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:
     """Serve ``/metrics`` on ``host:port`` from a daemon thread; ``port`` 0 serves nothing.
+
+    Loopback by default, as natflow's nats.conf binds: pass ``0.0.0.0`` (``--metrics-host``)
+    for a Prometheus on another machine.
 
     Returns the port, or None when not serving. Serving a port this process already serves
     is a no-op. A port another process holds is logged and skipped: metrics are worth a
@@ -394,12 +397,13 @@ class EngineMetrics:
         for c in await self._consumers():
             if not c.name.startswith(QUEUE_CONSUMER_PREFIX):
                 continue
-            key = (c.name[len(QUEUE_CONSUMER_PREFIX) :],)
+            # natflow-queue-<queue>~<workflow>: one consumer per workflow, summed per queue
+            key = (c.name[len(QUEUE_CONSUMER_PREFIX) :].partition("~")[0],)
             TAKEOVERS.labels(key[0], "reaped")
-            pending[key] = float(c.num_pending)
-            acks[key] = float(c.num_ack_pending)
-            redelivered[key] = float(c.num_redelivered)
-            waiting[key] = float(c.num_waiting)
+            pending[key] = pending.get(key, 0.0) + c.num_pending
+            acks[key] = acks.get(key, 0.0) + c.num_ack_pending
+            redelivered[key] = redelivered.get(key, 0.0) + c.num_redelivered
+            waiting[key] = waiting.get(key, 0.0) + c.num_waiting
         QUEUE_PENDING.set_all(pending)
         QUEUE_ACK_PENDING.set_all(acks)
         QUEUE_REDELIVERED.set_all(redelivered)

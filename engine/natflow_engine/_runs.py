@@ -9,7 +9,7 @@ from datetime import datetime
 import msgspec
 
 from ._connection import Connection
-from ._errors import RunNotFound
+from ._errors import NatflowError, RunNotFound
 from ._history import AppendConflict, HistoryStore
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
@@ -45,6 +45,8 @@ class Runs:
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
+        An existing run of another workflow is :class:`NatflowError` naming both.
+
         The run is created by a conditional append that expects the run to have no history,
         so two starts of one id make one run. Then its task is enqueued; if this process dies
         in between, the engine's dispatcher enqueues it (a start is never lost).
@@ -67,6 +69,11 @@ class Runs:
             seq = await self.history.append(run_id, event, 0)
         except AppendConflict:
             info = await self.describe(run_id)
+            if info.workflow != workflow:
+                raise NatflowError(
+                    f"run {run_id!r} exists as a run of workflow {info.workflow!r}; it cannot "
+                    f"be started as {workflow!r}: use another run id"
+                ) from None
             if info.status == "pending" and not_before is None:
                 # the first starter may have died before enqueueing
                 await enqueue(self.conn, info.queue, Task(run_id=run_id, workflow=info.workflow))

@@ -25,6 +25,27 @@ log = logging.getLogger("natflow.server")
 _READY = "Server is ready"
 _LISTEN = re.compile(r"Listening for client connections on [^\s]*?:(\d+)")
 _HTTP = re.compile(r"Starting http monitor on [^\s]*?:(\d+)")
+_STORE = re.compile(r'Store Directory: +"([^"]*)"')
+_IN_USE = re.compile(r"listen tcp ([^:\s]+:\d+): bind: address already in use")
+_MONITOR_FAILED = "can't listen to the monitor port"
+
+
+class PortInUse(NatflowError):
+    """nats-server could not listen: another process holds the address.
+
+    ``address`` is ``host:port``; ``monitor`` tells the HTTP monitor's port from the
+    client port.
+    """
+
+    def __init__(self, address: str, *, monitor: bool) -> None:
+        what = "HTTP monitoring" if monitor else "client"
+        super().__init__(
+            f"nats-server cannot listen on {address} for {what} connections: "
+            "another process holds that port"
+        )
+        self.address = address
+        self.port = int(address.rpartition(":")[2])
+        self.monitor = monitor
 
 
 def nats_server_binary() -> str:
@@ -65,6 +86,8 @@ class EmbeddedServer:
         self._extra = extra_args
         self._cwd = Path(cwd) if cwd is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
+        # Where JetStream keeps its files, as the server reported it at start.
+        self.jetstream_dir: Path | None = None
         self.log_path = self.store_dir / "nats-server.log"
 
     @property
@@ -114,8 +137,14 @@ class EmbeddedServer:
                 http = _HTTP.search(text)
                 if http:
                     self.http_port = int(http.group(1))
+                store = _STORE.search(text)
+                if store:
+                    self.jetstream_dir = Path(store.group(1))
                 return
             if self.proc.poll() is not None:
+                in_use = _IN_USE.search(text)
+                if in_use:
+                    raise PortInUse(in_use.group(1), monitor=_MONITOR_FAILED in text)
                 raise NatflowError(
                     f"nats-server exited with code {self.proc.returncode}:\n{text[-2000:]}"
                 )

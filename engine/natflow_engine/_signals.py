@@ -1,7 +1,8 @@
 """Signals: from any NATS client, through ``NATFLOW_SIGNALS``, into the run's history.
 
 Anyone publishes ``natflow.signal.<run_id>.<name>`` with a JSON body (empty means ``null``)
-and an optional ``Nats-Msg-Id``; the stream acknowledges it, and from then on it is durable.
+and an optional ``Nats-Msg-Id`` (deduplicated stream-wide, so natflow scopes its own as
+``<run_id>:<name>:<signal_id>``); the stream acknowledges it, and from then on it is durable.
 The engine's intake reads every signal once: a good one wakes its run; a bad one (unknown or
 finished run, malformed subject, body that is not JSON) goes to ``NATFLOW_DEADLETTER`` with
 the reason, where ``natflow signals dead`` lists it.
@@ -27,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from ._connection import Connection, PubAck, retrying
+from ._errors import NatflowError
 from ._history import HistoryStore
 from ._logs import fields
 from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
@@ -130,18 +132,45 @@ async def last_signal_seq(conn: Connection, run_id: str) -> int:
     return 0 if "Status" in headers else int(headers["Nats-Sequence"])
 
 
+def scoped_signal_id(run_id: str, name: str, signal_id: str) -> str:
+    """The ``Nats-Msg-Id`` of a signal with a caller's id: ``<run_id>:<name>:<signal_id>``.
+
+    The stream deduplicates message ids across all its subjects, so an id alone would make a
+    signal to one run a "duplicate" of another run's; scoped, the same id means the same
+    signal only for the same run and name.
+    """
+    return f"{run_id}:{name}:{signal_id}"
+
+
 async def send(
     conn: Connection, run_id: str, name: str, payload: bytes, signal_id: str | None
 ) -> PubAck:
     """Publish a signal, retrying through a reconnect or a leader election. Every attempt
-    carries the same message id (the caller's ``signal_id``, or one made here), so a retry
-    of a signal that landed unacknowledged is stored once."""
-    headers = {"Nats-Msg-Id": signal_id or f"natflow-{uuid.uuid4().hex}"}
-    subject = signal_subject(run_id, name)
-    return await retrying(
-        f"sending signal {name!r} to run {run_id}",
-        lambda: conn.publish(subject, payload, headers),
+    carries the same message id (the caller's ``signal_id`` scoped to the run and name, or
+    one made here), so a retry of a signal that landed unacknowledged is stored once.
+
+    A duplicate is only a success when the stored signal went to the same run and name
+    (the same call repeated); otherwise :class:`NatflowError` names the other subject."""
+    msg_id = (
+        scoped_signal_id(run_id, name, signal_id)
+        if signal_id is not None
+        else f"natflow-{uuid.uuid4().hex}"
     )
+    subject = signal_subject(run_id, name)
+    ack = await retrying(
+        f"sending signal {name!r} to run {run_id}",
+        lambda: conn.publish(subject, payload, {"Nats-Msg-Id": msg_id}),
+    )
+    if ack.duplicate:
+        body = msgspec.json.encode({"seq": ack.seq})
+        stored = await conn.request(f"{conn.api}.DIRECT.GET.{SIGNAL_STREAM}", body)
+        other = (stored.headers or {}).get("Nats-Subject", subject)
+        if other != subject:
+            raise NatflowError(
+                f"signal id {msg_id!r} was already used by signal #{ack.seq} on {other}; "
+                f"this signal to run {run_id!r} was not stored: use another id"
+            )
+    return ack
 
 
 # -- dead letters ------------------------------------------------------------------------
@@ -250,7 +279,7 @@ class SignalIntake:
                     seq,
                     msg.subject,
                     signal.name,
-                    f"the run has already {str(last[0].__struct_config__.tag)[4:]}",
+                    f"the run already ended ({str(last[0].__struct_config__.tag)[4:]})",
                 )
             await wake(self._conn, start, signal.run_id, f"signal {signal.name}")
             self.received += 1

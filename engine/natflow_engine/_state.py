@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
 from ._errors import ErrorInfo
+from ._human import when
 from .events import (
     CancelRequested,
     Event,
@@ -38,6 +39,7 @@ RunStatus = Literal[
     "cancelled",
     "terminated",
 ]
+RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
 CLOSED_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "terminated"})
 
 StepStatus = Literal["running", "completed", "failed", "retrying", "cancelled"]
@@ -88,6 +90,11 @@ def fold_steps(events: list[Event]) -> list[StepInfo]:
     for event in events:
         if isinstance(event, StepStarted | StepCompleted | StepFailed):
             steps[event.seq] = _step_info(event)
+        elif isinstance(event, RunCompleted | RunFailed | RunCancelled | RunTerminated):
+            # The run ended with these steps in flight: they will never finish.
+            for step in steps.values():
+                if step.status == "running":
+                    step.status, step.finished_at = "cancelled", event.at
     return [steps[seq] for seq in sorted(steps)]
 
 
@@ -141,7 +148,7 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
         parent=start.parent,
     )
     if start.not_before is not None:
-        info.current = f"starts at {start.not_before.isoformat()}"
+        info.current = f"starts at {when(start.not_before)}"
     return info
 
 
@@ -155,9 +162,9 @@ def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str]]:
     waiting: dict[str, list[int]] = {}
     for event in events:
         if isinstance(event, TimerScheduled):
-            pending[event.seq] = ("sleeping", f"sleeping until {event.due_at.isoformat()}")
+            pending[event.seq] = ("sleeping", f"sleeping until {when(event.due_at)}")
         elif isinstance(event, SignalWaited):
-            timeout = f" (timeout at {event.timeout_at.isoformat()})" if event.timeout_at else ""
+            timeout = f" (timeout at {when(event.timeout_at)})" if event.timeout_at else ""
             pending[event.seq] = ("waiting", f"waiting for signal {event.name!r}{timeout}")
             waiting.setdefault(event.name, []).append(event.seq)
         elif isinstance(event, TimerFired):
@@ -189,7 +196,7 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
         running.pop(event.seq, None)
         info.status = "running"
     elif isinstance(event, TimerScheduled):
-        info.status, info.current = "sleeping", f"sleeping until {event.due_at.isoformat()}"
+        info.status, info.current = "sleeping", f"sleeping until {when(event.due_at)}"
     elif isinstance(event, SignalWaited):
         info.status, info.current = "waiting", f"waiting for signal {event.name!r}"
     elif isinstance(event, RunBlocked):
@@ -205,7 +212,8 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
         info.current = "terminating" if event.terminate else "cancelling"
     elif isinstance(event, RunCancelled | RunTerminated):
         info.status = "cancelled" if isinstance(event, RunCancelled) else "terminated"
-        info.error = ErrorInfo(type="RunCancelled", message=event.reason or info.status)
+        kind = "RunCancelled" if isinstance(event, RunCancelled) else "RunTerminated"
+        info.error = ErrorInfo(type=kind, message=event.reason or info.status)
         info.closed_at = event.at
         info.current = None
     elif isinstance(event, RunFailed):

@@ -6,8 +6,9 @@ Layout (all names are public and documented in the README):
   direct get on, append-only (nothing ever rewrites a run's history). A literal subject per
   run lets the server find a run's events through its subject index, however large the
   stream grows (a wildcard per run would make it scan).
-* ``NATFLOW_TASKS``: work queue ``natflow.task.<queue>.<run_id>``, at most one pending task per
-  run (``discard_new_per_subject``), one durable pull consumer per queue.
+* ``NATFLOW_TASKS``: work queue ``natflow.task.<queue>.<workflow>.<run_id>``, at most one
+  pending task per run (``discard_new_per_subject``), one durable pull consumer per queue and
+  workflow (``natflow-queue-<queue>~<workflow>``), so a worker only receives tasks it serves.
 * ``NATFLOW_RUNS``: the run index, ``natflow.runs.<run_id>``, the latest summary of each run;
   a projection the engine rebuilds from history.
 * ``NATFLOW_SIGNALS``: signals as any NATS client publishes them,
@@ -19,8 +20,10 @@ Layout (all names are public and documented in the README):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from typing import Final
 
 import nats.js.errors
@@ -43,18 +46,29 @@ RUNS_PREFIX: Final = "natflow.runs"
 SIGNAL_PREFIX: Final = "natflow.signal"
 DEADLETTER_PREFIX: Final = "natflow.deadletter"
 RETENTION_DAYS: Final = 30
+_PLAIN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def history_subject(run_id: str) -> str:
     return f"{HISTORY_PREFIX}.{run_id}"
 
 
-def task_subject(queue: str, run_id: str) -> str:
-    return f"{TASK_PREFIX}.{queue}.{run_id}"
+def workflow_token(workflow: str) -> str:
+    """The workflow's name as one subject token: itself when it is a short plain token, else
+    ``~`` and a hash of it (a plain token never holds ``~``, so the two never meet)."""
+    if _PLAIN.fullmatch(workflow):
+        return workflow
+    return "~" + hashlib.sha256(workflow.encode()).hexdigest()[:40]
 
 
-def queue_consumer(queue: str) -> str:
-    return f"natflow-queue-{queue}"
+def task_subject(queue: str, workflow: str, run_id: str) -> str:
+    return f"{TASK_PREFIX}.{queue}.{workflow_token(workflow)}.{run_id}"
+
+
+def queue_consumer(queue: str, workflow: str) -> str:
+    """The durable consumer of one workflow's tasks on one queue, shared by every worker that
+    serves that workflow there: a task only ever reaches a worker that can run it."""
+    return f"natflow-queue-{queue}~{workflow_token(workflow)}"
 
 
 def runs_subject(run_id: str) -> str:

@@ -1,7 +1,9 @@
 """The task queue: "this run has something to do", one pending task per run.
 
-A task is a message on ``natflow.task.<queue>.<run_id>`` in the ``NATFLOW_TASKS`` work-queue
-stream. The stream keeps at most one message per subject, so a wake-up that finds a task
+A task is a message on ``natflow.task.<queue>.<workflow>.<run_id>`` in the ``NATFLOW_TASKS``
+work-queue stream, read through one consumer per queue and workflow (so a worker is handed
+only runs it can run, with no bouncing between workers of one queue that serve different
+workflows). The stream keeps at most one message per subject, so a wake-up that finds a task
 pending or in flight is refused (error 10077) and costs nothing: the holder re-checks the
 run's history after it acknowledges, which closes the lost-wake-up race (NATS.md §8).
 """
@@ -16,7 +18,7 @@ from nats.js import api
 
 from ._connection import ERR_MAX_MSGS_PER_SUBJECT, Connection, JetStreamError
 from ._puller import Puller
-from ._streams import TASK_PREFIX, TASK_STREAM, queue_consumer, task_subject
+from ._streams import TASK_PREFIX, TASK_STREAM, queue_consumer, task_subject, workflow_token
 
 log = logging.getLogger("natflow.tasks")
 
@@ -28,7 +30,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
 
     v: int = 1
     run_id: str
-    workflow: str = ""
+    workflow: str = ""  # decides the subject, so the consumer, that the task reaches
     reason: str = ""
     # A new run's task carries its first event and that event's stream sequence, so the
     # worker can claim it without reading history first; if the run has moved on since,
@@ -48,7 +50,10 @@ def decode_task(data: bytes) -> Task:
 async def enqueue(conn: Connection, queue: str, task: Task) -> bool:
     """Make the run runnable. False if a task for it is already pending or in flight."""
     try:
-        await conn.publish(task_subject(queue, task.run_id), _task_encoder.encode(task))
+        if not task.workflow:
+            raise ValueError(f"task for run {task.run_id!r} names no workflow")
+        subject = task_subject(queue, task.workflow, task.run_id)
+        await conn.publish(subject, _task_encoder.encode(task))
         return True
     except JetStreamError as exc:
         if exc.err_code == ERR_MAX_MSGS_PER_SUBJECT:
@@ -56,13 +61,15 @@ async def enqueue(conn: Connection, queue: str, task: Task) -> bool:
         raise
 
 
-def consumer_config(queue: str, ack_wait: float = DEFAULT_ACK_WAIT) -> api.ConsumerConfig:
-    name = queue_consumer(queue)
+def consumer_config(
+    queue: str, workflow: str, ack_wait: float = DEFAULT_ACK_WAIT
+) -> api.ConsumerConfig:
+    name = queue_consumer(queue, workflow)
     return api.ConsumerConfig(
         name=name,
         durable_name=name,
-        description=f"natflow workers of queue {queue!r}",
-        filter_subject=f"{TASK_PREFIX}.{queue}.*",
+        description=f"natflow workers of queue {queue!r} serving workflow {workflow!r}",
+        filter_subject=f"{TASK_PREFIX}.{queue}.{workflow_token(workflow)}.*",
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=ack_wait,
         max_deliver=-1,
@@ -71,18 +78,24 @@ def consumer_config(queue: str, ack_wait: float = DEFAULT_ACK_WAIT) -> api.Consu
     )
 
 
-async def ensure_consumer(conn: Connection, queue: str, ack_wait: float = DEFAULT_ACK_WAIT) -> None:
-    """Create the queue's durable consumer if missing (shared by every worker of the queue)."""
-    config = consumer_config(queue, ack_wait)
+async def ensure_consumer(
+    conn: Connection, queue: str, workflow: str, ack_wait: float = DEFAULT_ACK_WAIT
+) -> None:
+    """Create the durable consumer of the workflow's tasks on the queue if missing (shared by
+    every worker that serves the workflow on that queue)."""
+    config = consumer_config(queue, workflow, ack_wait)
     await conn.admin(
-        f"consumer for queue {queue}", lambda: conn.jsm.add_consumer(TASK_STREAM, config=config)
+        f"consumer for workflow {workflow!r} on queue {queue}",
+        lambda: conn.jsm.add_consumer(TASK_STREAM, config=config),
     )
 
 
 class TaskPuller(Puller):
-    """A queue's tasks as they arrive (see :class:`~natflow_engine._puller.Puller`)."""
+    """One workflow's tasks on a queue as they arrive (see
+    :class:`~natflow_engine._puller.Puller`)."""
 
-    def __init__(self, conn: Connection, queue: str, expires: float = 5.0) -> None:
-        super().__init__(conn, TASK_STREAM, queue_consumer(queue), expires=expires)
+    def __init__(self, conn: Connection, queue: str, workflow: str, expires: float = 5.0) -> None:
+        super().__init__(conn, TASK_STREAM, queue_consumer(queue, workflow), expires=expires)
         self.queue = queue
+        self.workflow = workflow
         self.tasks = self.messages

@@ -30,38 +30,85 @@ log = logging.getLogger("natflow.worker")
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("worker", help="serve the workflows of a Python module")
+    p = sub.add_parser(
+        "worker",
+        help="serve the workflows of a Python module or file",
+        description="Serve the workflows of a Python module (imported from the current "
+        "folder) or a path/to/file.py (its folder goes on the import path). Without :ATTR, "
+        "every @workflow the module defines is served.",
+    )
     p.add_argument(
         "target",
         metavar="MODULE[:ATTR]",
         help="module (or .py file); ATTR: a workflow, a list of them, or a "
         "callable returning a Worker",
     )
-    p.add_argument("--queue", default=None, help="serve this queue (default: the workflows')")
-    p.add_argument("--max-concurrent-runs", type=int, default=100)
-    p.add_argument("--max-concurrent-steps", type=int, default=None)
-    p.add_argument("--identity", default=None)
     p.add_argument(
-        "--grace", type=float, default=30.0, help="seconds to finish held runs on SIGTERM"
+        "--queue",
+        metavar="QUEUE",
+        default=None,
+        help="serve this queue (default: each workflow's own, as @workflow(queue=...) says)",
+    )
+    p.add_argument(
+        "--max-concurrent-runs",
+        metavar="N",
+        type=int,
+        default=100,
+        help="runs held at once; more wait in the queue",
+    )
+    p.add_argument(
+        "--max-concurrent-steps",
+        metavar="N",
+        type=int,
+        default=None,
+        help="steps running at once across those runs (default: no limit)",
+    )
+    p.add_argument(
+        "--identity",
+        metavar="NAME",
+        default=None,
+        help="this worker's name in `natflow workers` (default: host-pid-random)",
+    )
+    p.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=float,
+        default=30.0,
+        help="on SIGTERM or Ctrl-C, seconds to let held runs reach a stopping point",
     )
     add_metrics_options(p, DEFAULT_WORKER_PORT, "NATFLOW_WORKER_METRICS_PORT")
     p.set_defaults(handler=run_worker_command)
 
 
 def load_target(target: str) -> tuple[list[Workflow], Any]:
-    """The workflows named by ``MODULE[:ATTR]``, or a Worker factory."""
+    """The workflows named by ``MODULE[:ATTR]``, or a Worker factory.
+
+    ``MODULE`` is a module name, imported with the current folder on the import path, or a
+    ``path/to/file.py``, loaded with its folder on the import path (so its own imports work).
+    """
     module_name, _, attr = target.partition(":")
     if module_name.endswith(".py") or "/" in module_name:
         path = Path(module_name).resolve()
+        if not path.is_file():
+            raise InvalidInput(f"no file {module_name} (from {Path.cwd()})")
+        sys.path.insert(0, str(path.parent))
         spec = importlib.util.spec_from_file_location(path.stem, path)
         if spec is None or spec.loader is None:
-            raise InvalidInput(f"cannot load {module_name}")
+            raise InvalidInput(f"cannot load {module_name}: not a Python file")
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module
         spec.loader.exec_module(module)
     else:
         sys.path.insert(0, str(Path.cwd()))
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+                raise  # the module exists; something it imports does not: its traceback helps
+            raise InvalidInput(
+                f"no module named {module_name!r} (from {Path.cwd()}); run from the folder "
+                "that holds it, or pass a path/to/file.py"
+            ) from None
     if not attr:
         found = [v for v in vars(module).values() if isinstance(v, Workflow)]
         if not found:

@@ -231,7 +231,8 @@ class Client:
     ) -> None:
         """Send signal ``name`` to a run; durable once this returns.
 
-        ``signal_id`` deduplicates: the same id twice is delivered once. An unknown run is
+        ``signal_id`` deduplicates per run and signal name: the same id sent twice to this
+        run and name is delivered once (to another run it is another signal). An unknown run is
         :class:`RunNotFound`; a finished one is :class:`NatflowError`.
         """
         check_run_id(run_id)
@@ -243,7 +244,7 @@ class Client:
         info = await self.describe(run_id)
         if info.is_closed:
             raise NatflowError(
-                f"run {run_id!r} has already {info.status}; a signal can no longer reach it"
+                f"run {run_id!r} already ended ({info.status}); a signal can no longer reach it"
             )
         await ensure_streams(self._conn)
         await send_signal(self._conn, run_id, name, data, signal_id)

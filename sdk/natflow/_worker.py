@@ -10,6 +10,7 @@ announces itself in the worker registry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 import nats.errors
 import nats.js.errors
 from natflow_engine import (
@@ -144,6 +146,10 @@ class Worker:
         if not lease_ttl >= MIN_LEASE_TTL:
             raise InvalidInput(f"lease_ttl must be at least {MIN_LEASE_TTL} s, not {lease_ttl}")
         self.queues = self._pick_queues(queue)
+        # What this worker pulls: each workflow's tasks on the queue it serves that workflow.
+        self._served = sorted(
+            (queue if queue is not None else wf.queue, wf.name) for wf in self._workflows.values()
+        )
         self.identity = safe_identity(
             identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
@@ -199,6 +205,20 @@ class Worker:
     def workflows(self) -> dict[str, Workflow]:
         return dict(self._workflows)
 
+    @functools.cached_property
+    def _input_schemas(self) -> dict[str, Any]:
+        """Each served workflow's input as JSON Schema, announced so tools validate a start
+        before writing it. A type msgspec cannot describe is left out (not checked)."""
+        schemas: dict[str, Any] = {}
+        for name, wf in self._workflows.items():
+            if not wf.takes_input:  # it ignores its input: any is fine
+                continue
+            try:
+                schemas[name] = msgspec.json.schema(wf.input_type)
+            except (TypeError, ValueError) as exc:
+                log.info("workflow %r: no input schema announced (%s)", name, exc)
+        return schemas
+
     @property
     def held_runs(self) -> list[str]:
         """Ids of the runs this worker holds now."""
@@ -212,7 +232,7 @@ class Worker:
         prepare_worker(self._workflows, self.queues)
         if self._metrics_port:
             serve_metrics(self._metrics_port)
-        pullers = [await self._subscribe(queue) for queue in self.queues]
+        pullers = [await self._subscribe(queue, name) for queue, name in self._served]
         ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
         await self._announce()
@@ -243,17 +263,17 @@ class Worker:
                 await self._close(pullers, ping)
                 await self._quietly(nudges.unsubscribe())
 
-    async def _subscribe(self, queue: str) -> TaskPuller:
-        await ensure_consumer(self._conn, queue, self.lease_ttl)
+    async def _subscribe(self, queue: str, workflow: str) -> TaskPuller:
+        await ensure_consumer(self._conn, queue, workflow, self.lease_ttl)
         info = await self._conn.admin(
-            f"consumer for queue {queue}",
-            lambda: self._conn.jsm.consumer_info(TASK_STREAM, queue_consumer(queue)),
+            f"consumer for workflow {workflow!r} on queue {queue}",
+            lambda: self._conn.jsm.consumer_info(TASK_STREAM, queue_consumer(queue, workflow)),
         )
         ack_wait = info.config.ack_wait or self.lease_ttl
         if ack_wait < self.lease_ttl:  # another worker of the queue asked for less: honour it
             log.info("queue %s uses a %g s ack deadline; heartbeating to match", queue, ack_wait)
             self.lease_ttl = float(ack_wait)
-        puller = TaskPuller(self._conn, queue)
+        puller = TaskPuller(self._conn, queue, workflow)
         await puller.start()
         self._pullers.append(puller)
         return puller
@@ -315,7 +335,9 @@ class Worker:
         """Keep as many tasks asked for as there are free run slots."""
         await puller.keep_asking(
             lambda: self._slots.value,
-            on_refused=lambda: ensure_consumer(self._conn, puller.queue, self.lease_ttl),
+            on_refused=lambda: ensure_consumer(
+                self._conn, puller.queue, puller.workflow, self.lease_ttl
+            ),
         )
 
     async def _take(self, puller: TaskPuller, runs: anyio.abc.TaskGroup) -> None:
@@ -462,7 +484,8 @@ class Worker:
         if not woken and execution.waits_for_signals:
             woken = await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor
         if woken:
-            await enqueue(self._conn, held.queue, Task(run_id=held.run_id, reason="recheck"))
+            task = Task(run_id=held.run_id, workflow=execution.workflow.name, reason="recheck")
+            await enqueue(self._conn, held.queue, task)
 
     async def _take_lease(self, held: _Held) -> None:
         try:
@@ -562,6 +585,7 @@ class Worker:
             lease_ttl=self.lease_ttl,
             held=len(self._held),
             draining=self._stopping.is_set(),
+            input_schemas=self._input_schemas,
         )
         try:
             await announce(self._conn, info)

@@ -313,7 +313,8 @@ class Bench:
         while True:
             procs.check_alive()
             with contextlib.suppress(Exception):  # no consumer yet: no worker is up
-                info = await jsm.consumer_info(TASK_STREAM, queue_consumer(BENCH_QUEUE))
+                consumer = queue_consumer(BENCH_QUEUE, bench_steps.name)
+                info = await jsm.consumer_info(TASK_STREAM, consumer)
                 if info.num_waiting >= procs.count:
                     break
             if time.monotonic() > deadline:
@@ -665,7 +666,10 @@ class Bench:
         with _quietly():
             for queue in (BENCH_QUEUE, REPLAY_QUEUE):
                 await jsm.purge_stream(TASK_STREAM, subject=f"{TASK_PREFIX}.{queue}.>")
-            await jsm.delete_consumer(TASK_STREAM, queue_consumer(BENCH_QUEUE))
+        with _quietly():
+            for consumer in await jsm.consumers_info(TASK_STREAM):
+                if consumer.name.startswith(queue_consumer(BENCH_QUEUE, "x")[:-1]):
+                    await jsm.delete_consumer(TASK_STREAM, consumer.name)
         for run_id in self.run_ids:
             with _quietly():
                 await jsm.purge_stream(HISTORY_STREAM, subject=history_subject(run_id))

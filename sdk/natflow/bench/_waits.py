@@ -126,7 +126,8 @@ async def _wait_marks(path: Path, count: int, timeout: float = 30.0) -> list[tup
 
 async def pulls_waiting(client: Client, count: int, timeout: float = 30.0) -> None:
     """Until ``count`` workers have a pull waiting on the bench queue."""
-    await _until(client, TASK_STREAM, queue_consumer(BENCH_QUEUE), count, timeout, "workers")
+    consumer = queue_consumer(BENCH_QUEUE, bench_sleep.name)
+    await _until(client, TASK_STREAM, consumer, count, timeout, "workers")
 
 
 async def engine_ready(client: Client, timeout: float = 30.0) -> None:

@@ -1,0 +1,358 @@
+"""CLI commands about runs: ``natflow start`` and ``natflow runs list|show|history|wait``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from ._cli_format import print_json, read_json_argument, table
+from ._connection import Connection
+from ._errors import InvalidInput
+from ._human import duration, when
+from ._index import RunIndex
+from ._leases import Leases
+from ._names import check_queue, check_run_id, check_workflow_name
+from ._registry import WorkerInfo, list_workers
+from ._runs import Runs
+from ._state import RUN_STATUSES, RunInfo, StepInfo, fold_steps
+from ._streams import ensure_streams, history_subject
+from .events import Event, RunStarted
+
+Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
+START_WORKER_HINT = "start one with `natflow worker MODULE`; `natflow workers` lists what is served"
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return number
+
+
+def run_status(value: str) -> str:
+    """argparse type: one of the run statuses."""
+    if value not in RUN_STATUSES:
+        raise argparse.ArgumentTypeError(
+            f"unknown status {value!r}; use one of {', '.join(RUN_STATUSES)}"
+        )
+    return value
+
+
+def register(sub: Any, opener: Opener) -> None:
+    """Add ``start`` and ``runs`` to the ``natflow`` parser."""
+
+    async def start(args: argparse.Namespace) -> int:
+        # Bad arguments are reported before connecting (and stdin is read once, up front).
+        args.data = read_json_argument("--input", args.input)
+        if args.run_id is not None:
+            check_run_id(args.run_id)
+        check_workflow_name(args.workflow)
+        check_queue(args.queue)
+        return await _with(opener, args, cmd_start)
+
+    async def runs(args: argparse.Namespace) -> int:
+        return await _with(opener, args, cmd_runs)
+
+    p = sub.add_parser(
+        "start",
+        help="start a run of a workflow",
+        description="Start a run of WORKFLOW. The run id is an idempotency key: starting an id "
+        "that exists makes no second run.",
+    )
+    p.add_argument("workflow", metavar="WORKFLOW", help="the workflow's name")
+    p.add_argument(
+        "--input",
+        metavar="JSON",
+        default=None,
+        help="the run's input: JSON, @file.json to read a file, or - to read stdin (default: null)",
+    )
+    p.add_argument("--run-id", metavar="ID", default=None, help="the run's id (default: a new one)")
+    p.add_argument("--queue", metavar="QUEUE", default="default", help="the task queue")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the run to end and show it (on a terminal, with what it is doing)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=start)
+
+    p = sub.add_parser("runs", help="list and inspect runs", description="List and inspect runs.")
+    q = p.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
+    r = q.add_parser(
+        "list",
+        help="runs, newest first (from the engine's index: needs a running engine)",
+    )
+    r.add_argument("--workflow", metavar="NAME", default=None, help="only this workflow's runs")
+    r.add_argument(
+        "--status",
+        metavar="STATUS",
+        type=run_status,
+        default=None,
+        help=f"only runs in this status: {', '.join(RUN_STATUSES)}",
+    )
+    r.add_argument("--limit", metavar="N", type=positive_int, default=50, help="show at most N")
+    r.add_argument("--json", action="store_true", help="print JSON")
+    for name, help_ in (
+        ("show", "one run: status, result or error, steps, holder"),
+        ("history", "one run's events, oldest first"),
+        ("wait", "wait for a run to end, then show it"),
+    ):
+        r = q.add_parser(name, help=help_)
+        r.add_argument("run_id", metavar="RUN_ID", help="the run's id")
+        r.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=runs)
+
+
+async def _with(
+    opener: Opener,
+    args: argparse.Namespace,
+    command: Callable[[Connection, argparse.Namespace], Awaitable[int]],
+) -> int:
+    conn = await opener(args, "natflow-cli")
+    try:
+        await ensure_streams(conn)
+        return await command(conn, args)
+    finally:
+        await conn.close()
+
+
+# -- start -------------------------------------------------------------------------------
+
+
+async def cmd_start(conn: Connection, args: argparse.Namespace) -> int:
+    data: bytes = args.data  # read (and checked) before connecting
+    workers = await list_workers(conn)
+    serving = _serving(workers, args.workflow, args.queue)
+    if serving:
+        check_input(args.workflow, data, serving)
+    else:
+        warning = nobody_serves(args.workflow, args.queue, workers)
+        print(f"natflow start: warning: {warning}", file=sys.stderr)
+    runs = Runs(conn)
+    run_id, created = await runs.start(args.workflow, args.queue, data, args.run_id)
+    if not args.json:
+        if created:
+            print(f"started: {run_id}")
+        else:
+            print(f"exists: {run_id} (started before; nothing new started)")
+            if args.input is not None and await _recorded_input(runs, run_id) != _same(data):
+                print("  it keeps its recorded input; the --input given now was not used")
+    if args.wait:
+        args.waiting_for = run_id
+        return await _wait_and_show(conn, runs, run_id, args.json)
+    if args.json:
+        print_json({"run_id": run_id, "created": created})
+    return 0
+
+
+def _serving(workers: list[WorkerInfo], workflow: str, queue: str) -> list[WorkerInfo]:
+    return [w for w in workers if workflow in w.workflows and queue in w.queues and not w.draining]
+
+
+def nobody_serves(workflow: str, queue: str, workers: list[WorkerInfo] | None = None) -> str:
+    """The sentence for a run no live worker will take, with the queues that do serve it."""
+    elsewhere = sorted(
+        {q for w in workers or [] if workflow in w.workflows for q in w.queues} - {queue}
+    )
+    hint = (
+        f"live workers serve it on queue {', '.join(elsewhere)} (pass --queue)"
+        if elsewhere
+        else START_WORKER_HINT
+    )
+    return (
+        f"no live worker serves workflow {workflow!r} on queue {queue!r}; the run waits "
+        f"until one does ({hint})"
+    )
+
+
+def check_input(workflow: str, data: bytes, serving: list[WorkerInfo]) -> None:
+    """Validate a start's input against the JSON Schema its workers announced."""
+    schema = next((w.input_schemas[workflow] for w in serving if workflow in w.input_schemas), None)
+    if schema is None:
+        return
+    import jsonschema  # only `natflow start` needs it
+
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(msgspec.json.decode(data)))
+    if not errors:
+        return
+    if data == b"null":
+        raise InvalidInput(f"workflow {workflow!r} takes an input: pass --input JSON")
+    error = jsonschema.exceptions.best_match(errors)
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    raise InvalidInput(
+        f"--input does not fit workflow {workflow!r}: "
+        f"{'at $' + where + ': ' if where else ''}{error.message}"
+    )
+
+
+def _same(data: bytes) -> Any:
+    return msgspec.json.decode(data)
+
+
+async def _recorded_input(runs: Runs, run_id: str) -> Any:
+    first = (await runs.events(run_id))[0]
+    return _same(first.input) if isinstance(first, RunStarted) else None
+
+
+async def _wait_and_show(conn: Connection, runs: Runs, run_id: str, as_json: bool) -> int:
+    """Wait for the run to close; on a terminal, say what it is doing whenever that changes."""
+    progress = sys.stderr.isatty() and not as_json
+    began, shown = time.monotonic(), ""
+    sub = await conn.nc.subscribe(history_subject(run_id))
+    try:
+        while True:
+            info = await runs.describe(run_id)
+            if info.is_closed:
+                await _show(conn, runs, info, as_json)
+                return 0 if info.status == "completed" else 1
+            if progress:
+                doing = info.current or info.status
+                if info.status == "pending":
+                    workers = await list_workers(conn)
+                    if not _serving(workers, info.workflow, info.queue):
+                        doing = "pending: " + nobody_serves(info.workflow, info.queue, workers)
+                if doing != shown:
+                    elapsed = duration(time.monotonic() - began)
+                    print(f"  {elapsed:>8}  {doing}", file=sys.stderr, flush=True)
+                    shown = doing
+            try:
+                await sub.next_msg(timeout=5 if progress else 30)
+            except Exception:  # timeout: re-read in case an event slipped by a reconnect
+                continue
+    finally:
+        await sub.unsubscribe()
+
+
+def interrupted_wait(run_id: str) -> str:
+    """What Ctrl-C during ``--wait`` prints: the run is not stopped."""
+    return (
+        f"stopped waiting; run {run_id} goes on. Follow it with `natflow runs wait {run_id}`, "
+        f"see it with `natflow runs show {run_id}`, stop it with `natflow cancel {run_id}`"
+    )
+
+
+# -- runs --------------------------------------------------------------------------------
+
+
+async def cmd_runs(conn: Connection, args: argparse.Namespace) -> int:
+    runs = Runs(conn)
+    if args.runs_command == "list":
+        return await _list(conn, args)
+    if args.runs_command == "wait":
+        args.waiting_for = args.run_id
+        return await _wait_and_show(conn, runs, args.run_id, args.json)
+    if args.runs_command == "history":
+        events = await runs.events(args.run_id)
+        if args.json:
+            print_json(events)
+        else:
+            _show_history(events)
+        return 0
+    await _show(conn, runs, await runs.describe(args.run_id), args.json)
+    return 0
+
+
+async def _list(conn: Connection, args: argparse.Namespace) -> int:
+    found, total = await RunIndex(conn).page(
+        workflow=args.workflow, status=args.status, limit=args.limit
+    )
+    if args.json:
+        print_json(found)
+    elif found:
+        now = datetime.now(UTC)
+        table(
+            ("RUN ID", "WORKFLOW", "STATUS", "CREATED", "DURATION"),
+            [
+                (
+                    r.run_id,
+                    r.workflow,
+                    r.status,
+                    when(r.created_at),
+                    duration(((r.closed_at or now) - r.created_at).total_seconds()),
+                )
+                for r in found
+            ],
+            right=0b10000,
+        )
+    else:
+        print("no runs" + ("" if args.workflow is None and args.status is None else " match"))
+    if total > len(found):
+        print(f"{len(found)} of {total}; --limit N shows more", file=sys.stderr)
+    return 0
+
+
+def _took(start: datetime | None, end: datetime | None) -> str:
+    return duration((end - start).total_seconds()) if start and end else "-"
+
+
+async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> None:
+    steps = fold_steps(await runs.events(info.run_id))
+    lease = await Leases(conn).get(info.run_id)
+    holder = lease[0] if lease is not None else None
+    unserved = None
+    if info.status == "pending":
+        workers = await list_workers(conn)
+        if not _serving(workers, info.workflow, info.queue):
+            unserved = nobody_serves(info.workflow, info.queue, workers)
+    if as_json:
+        print_json({"run": info, "steps": steps, "lease": holder, "unserved": unserved})
+        return
+    print(f"run       {info.run_id}")
+    print(f"workflow  {info.workflow} (queue {info.queue})")
+    print(f"status    {info.status}" + (f": {info.current}" if info.current else ""))
+    if unserved:
+        print(f"waiting   {unserved}")
+    if info.worker:
+        print(f"worker    {info.worker} (last to hold it)")
+    print(f"created   {when(info.created_at)}")
+    if info.closed_at:
+        print(f"closed    {when(info.closed_at)} (took {_took(info.created_at, info.closed_at)})")
+    if info.status == "completed":
+        print(f"result    {msgspec.json.encode(info.result).decode()}")
+    elif info.status in ("cancelled", "terminated"):
+        print(f"reason    {info.error.message if info.error else '-'}")
+    elif info.error:
+        print(f"error     {info.error.type}: {info.error.message}")
+    if holder is not None:
+        print(f"held by   {holder.worker} (lease until {when(holder.expires_at)})")
+    if steps:
+        print()
+        _show_steps(steps)
+
+
+def _show_steps(steps: list[StepInfo]) -> None:
+    rows = []
+    for s in steps:
+        if s.status == "completed":
+            outcome = msgspec.json.encode(s.result).decode()
+        else:
+            outcome = f"{s.error.type}: {s.error.message}" if s.error else ""
+        if len(outcome) > 80:
+            outcome = outcome[:77] + "..."
+        took = _took(s.started_at, s.finished_at)
+        rows.append((s.name, str(s.occurrence), s.status, str(s.attempts), took, outcome))
+    table(("STEP", "#", "STATUS", "ATTEMPTS", "TOOK", "RESULT / ERROR"), rows, right=0b011010)
+
+
+def _show_history(events: list[Event]) -> None:
+    rows = []
+    for n, event in enumerate(events, 1):
+        fields: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(event))
+        kind = fields.pop("type", type(event).__name__)
+        for key in ("v", "id", "at"):
+            fields.pop(key, None)
+        detail = " ".join(
+            f"{k}={msgspec.json.encode(v).decode()}" for k, v in fields.items() if v is not None
+        )
+        rows.append((str(n), when(event.at), kind, detail[:120]))
+    table(("#", "TIME", "EVENT", "DETAIL"), rows, right=0b1)
