@@ -66,6 +66,7 @@ class RunIndex:
                     created_at=event.at,
                     updated_at=event.at,
                     parent=event.parent,
+                    trigger=event.trigger,
                 )
             else:
                 info = entry.info

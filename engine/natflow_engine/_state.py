@@ -25,6 +25,7 @@ from .events import (
     StepStarted,
     TimerFired,
     TimerScheduled,
+    Trigger,
 )
 
 RunStatus = Literal[
@@ -72,6 +73,7 @@ class RunInfo(msgspec.Struct, kw_only=True):
     error: ErrorInfo | None = None
     worker: str | None = None
     parent: str | None = None
+    trigger: Trigger | None = None  # the schedule fire or event that started the run
 
     @property
     def is_closed(self) -> bool:
@@ -139,6 +141,7 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
         created_at=start.at,
         updated_at=start.at,
         parent=start.parent,
+        trigger=start.trigger,
     )
     if start.not_before is not None:
         info.current = f"starts at {start.not_before.isoformat()}"
