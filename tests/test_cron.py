@@ -154,6 +154,12 @@ def test_buffer_one_keeps_one_fire_and_starts_it_when_the_run_closes() -> None:
     s = plan(msgspec.structs.replace(s, pending=[]), at(3.5), {fire_run_id("s", at(1))}).schedule
     assert s.buffered == []
     assert [f.run_id for f in s.pending] == [fire_run_id("s", at(2))]
+    # the waiting fire goes first even when the run closed just as a new fire came due
+    s = plan(schedule("buffer_one"), at(1), set()).schedule
+    s = plan(msgspec.structs.replace(s, pending=[]), at(2), set()).schedule
+    s = plan(msgspec.structs.replace(s, pending=[]), at(3), {fire_run_id("s", at(1))}).schedule
+    assert [f.run_id for f in s.pending] == [fire_run_id("s", at(2))]
+    assert s.buffered == [at(3)]
 
 
 def test_buffer_all_cancel_other_and_allow_all() -> None:

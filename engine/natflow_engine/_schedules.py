@@ -207,6 +207,7 @@ def plan(schedule: Schedule, now: datetime, closed: set[str]) -> Plan:
         return result
     window = timedelta(seconds=s.spec.catchup_window)
     _count_long_missed(s, now - window, result)
+    _start_buffered(s, now, result)  # a fire that waited goes before newer ones
     for fire in s.spec.fire_times().after(s.cursor):
         if due_at(s, fire) > now:
             break
@@ -218,11 +219,15 @@ def plan(schedule: Schedule, now: datetime, closed: set[str]) -> Plan:
             _fire(s, fire, now, result)
         s.cursor = fire
         result.changed = True
+    _start_buffered(s, now, result)
+    del s.missed[:-KEEP_RECENT]
+    return result
+
+
+def _start_buffered(s: Schedule, now: datetime, result: Plan) -> None:
     if s.buffered and not s.open_runs:
         _start(s, s.buffered.pop(0), now, "started")
         result.changed = True
-    del s.missed[:-KEEP_RECENT]
-    return result
 
 
 def _count_long_missed(s: Schedule, horizon: datetime, result: Plan) -> None:
