@@ -1,0 +1,133 @@
+"""Event triggers (issue 14): a plain nats-py publisher on ``natflow.event.<name>`` starts one
+run per declared workflow; the same ``Nats-Msg-Id`` again starts nothing; a body that is not
+JSON, or does not fit a workflow's input, is dead-lettered with the reason and starts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import nats
+import pytest
+from natflow import Client, InvalidInput, RunInfo, RunNotFound
+from natflow_engine._server import EmbeddedServer
+from natflow_engine._signals import dead_letters
+from natflow_engine._triggers import declarations, event_run_id, recent_events
+
+from tests.helpers import running_worker, wait_for
+from tests.workflows_triggers import WORKFLOWS
+
+
+@pytest.fixture
+async def plain(nats_server: EmbeddedServer) -> AsyncIterator[Any]:
+    """A plain nats-py JetStream context: no natflow code on the publishing side."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+async def result_of(client: Client, run_id: str) -> Any:
+    """The result of a run the engine starts by itself (waits for it to exist first)."""
+
+    async def exists() -> bool:
+        try:
+            await client.describe(run_id)
+        except RunNotFound:
+            return False
+        return True
+
+    await wait_for(exists, what=f"run {run_id}")
+    return await client.handle(run_id).result(timeout=10)
+
+
+async def both_declared(client: Client) -> list[Any]:
+    found = await declarations(client.connection, "order.created")
+    return found if len(found) == 2 else []
+
+
+async def event_runs(client: Client, seq: int) -> list[RunInfo]:
+    return [
+        r
+        for r in await client.list(limit=1000)
+        if r.trigger is not None and r.trigger.kind == "event" and r.trigger.event_seq == seq
+    ]
+
+
+async def test_a_plain_publisher_starts_one_run_per_declared_workflow(
+    client: Client, engine: object, plain: Any
+) -> None:
+    async with running_worker(client, WORKFLOWS):
+        declared = await wait_for(lambda: both_declared(client), what="declarations")
+        assert sorted(d.workflow for d in declared) == ["audit", "fulfil"]
+        body = json.dumps({"order_id": "A-1", "total": 12.5}).encode()
+        ack = await plain.publish(
+            "natflow.event.order.created", body, headers={"Nats-Msg-Id": "order-A-1"}
+        )
+        assert ack.stream == "NATFLOW_EVENTS" and not ack.duplicate
+        fulfil = client.handle(event_run_id("order-A-1", ack.seq, "fulfil"))
+        audit = client.handle(event_run_id("order-A-1", ack.seq, "audit"))
+        assert await result_of(client, fulfil.run_id) == "fulfilled A-1"
+        assert await result_of(client, audit.run_id) == {"order_id": "A-1", "total": 12.5}
+        info = await fulfil.status()
+        assert info.trigger is not None and info.trigger.event == "order.created"
+        assert info.trigger.event_seq == ack.seq
+
+        # The same message again, with the same Nats-Msg-Id: the stream keeps one copy.
+        again = await plain.publish(
+            "natflow.event.order.created", body, headers={"Nats-Msg-Id": "order-A-1"}
+        )
+        assert again.duplicate and again.seq == ack.seq
+        # From the client, an event only audit declared; then the next event after both, so
+        # the intake has read past the duplicate when we count.
+        seq = await client.emit("order.cancelled", {"order_id": "A-1"}, event_id="cancel-A-1")
+        await result_of(client, event_run_id("cancel-A-1", seq, "audit"))
+        runs = await wait_for(lambda: _at_least(client, ack.seq, 2), what="both runs indexed")
+        assert sorted(r.workflow for r in runs) == ["audit", "fulfil"]
+        assert [r.workflow for r in await event_runs(client, seq)] == ["audit"]
+
+        records = await recent_events(client.connection, limit=10)
+        assert [r.name for r in records] == ["order.cancelled", "order.created"]
+        assert records[1].runs == {"audit": audit.run_id, "fulfil": fulfil.run_id}
+
+
+async def _at_least(client: Client, seq: int, n: int) -> list[RunInfo]:
+    runs = await event_runs(client, seq)
+    return runs if len(runs) >= n else []
+
+
+async def test_a_malformed_body_is_dead_lettered_and_starts_nothing(
+    client: Client, engine: object, plain: Any
+) -> None:
+    async with running_worker(client, WORKFLOWS):
+        await wait_for(lambda: both_declared(client), what="declarations")
+        not_json = await plain.publish("natflow.event.order.created", b"{not json")
+        wrong = await plain.publish(
+            "natflow.event.order.created", json.dumps({"order_id": 7}).encode()
+        )
+
+        async def letters() -> list[Any]:
+            found = [d for d in await dead_letters(client.connection) if d.kind == "event"]
+            return found if len(found) >= 2 else []
+
+        found = await wait_for(letters, what="two dead letters")
+        by_seq = {d.signal_seq: d for d in found}
+        assert "body is not JSON" in by_seq[not_json.seq].reason
+        reason = by_seq[wrong.seq].reason
+        assert "workflow 'fulfil'" in reason and "total" in reason
+        # audit takes any JSON object, so the second event started audit and not fulfil
+        assert await result_of(client, event_run_id(None, wrong.seq, "audit")) == {"order_id": 7}
+        await anyio.sleep(0.3)
+        assert [r.workflow for r in await event_runs(client, wrong.seq)] == ["audit"]
+        assert await event_runs(client, not_json.seq) == []
+
+
+async def test_emit_checks_the_event_name(client: Client) -> None:
+    with pytest.raises(InvalidInput, match="invalid event name"):
+        await client.emit("order..created", {})
+    with pytest.raises(InvalidInput, match="invalid event name"):
+        await client.emit("order.*", {})
