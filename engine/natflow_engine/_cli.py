@@ -23,6 +23,8 @@ import anyio
 import msgspec
 
 from ._cli_ops import register as register_ops
+from ._cli_schedules import describe_trigger
+from ._cli_schedules import register as register_triggers
 from ._connection import Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError, ServerUnavailable
@@ -147,6 +149,8 @@ def _show_run(info: Any, steps: list[Any]) -> None:
     if info.worker:
         print(f"last held {info.worker}")
     print(f"created   {info.created_at.isoformat()}")
+    if info.trigger:
+        print(f"started by {describe_trigger(info.trigger)}")
     if info.closed_at:
         print(f"closed    {info.closed_at.isoformat()}")
     if info.status == "completed":
@@ -326,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_runs)
 
     register_ops(sub, open_connection)
+    register_triggers(sub, open_connection)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):
         entry.load()(sub)
     return parser
