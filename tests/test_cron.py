@@ -172,6 +172,7 @@ def test_buffer_all_cancel_other_and_allow_all() -> None:
     assert second.schedule.open_runs == [fire_run_id("s", at(2))]
     every = plan(schedule("allow_all"), at(3), set()).schedule
     assert len(every.pending) == 3
+    assert every.open_runs == []  # allow_all never checks them: no list that grows forever
 
 
 def test_a_paused_schedule_decides_nothing() -> None:

@@ -13,6 +13,7 @@ import anyio
 import nats
 import pytest
 from natflow import Client, InvalidInput, RunInfo, RunNotFound
+from natflow_engine import ensure_streams
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import dead_letters
 from natflow_engine._triggers import declarations, event_run_id, recent_events
@@ -131,3 +132,8 @@ async def test_emit_checks_the_event_name(client: Client) -> None:
         await client.emit("order..created", {})
     with pytest.raises(InvalidInput, match="invalid event name"):
         await client.emit("order.*", {})
+
+
+async def test_no_events_yet_lists_nothing(client: Client) -> None:
+    await ensure_streams(client.connection)
+    assert await recent_events(client.connection) == []

@@ -223,6 +223,8 @@ class Schedules:
         def change(s: Schedule) -> Schedule:
             recent = [*s.recent, *fires][-KEEP_RECENT:]
             runs = [f.run_id for f in fires if f.run_id is not None]
+            if s.spec.overlap == "allow_all":
+                runs = []
             return msgspec.structs.replace(s, recent=recent, open_runs=[*s.open_runs, *runs])
 
         try:

@@ -263,7 +263,8 @@ def _fire(s: Schedule, fire: datetime, now: datetime, result: Plan) -> None:
 
 def _start(s: Schedule, fire: datetime, now: datetime, action: Action) -> None:
     run_id = fire_run_id(s.schedule_id, fire)
-    s.open_runs.append(run_id)
+    if s.spec.overlap != "allow_all":  # allow_all never asks, so keeps no list to grow
+        s.open_runs.append(run_id)
     s.pending.append(ScheduleFire(fire_time=fire, action=action, at=now, run_id=run_id))
     _record(s, fire, action, now, run_id)
 

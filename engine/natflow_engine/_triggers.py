@@ -156,6 +156,8 @@ async def emit(conn: Connection, name: str, payload: bytes, event_id: str | None
 async def recent_events(conn: Connection, limit: int = 20) -> list[EventRecord]:
     """The newest events, newest first, each with the run it started per declared workflow."""
     info = await conn.jsm.stream_info(EVENTS_STREAM)
+    if info.state.messages == 0:
+        return []
     start = max(info.state.first_seq, info.state.last_seq - limit + 1)
     page = await reader(conn).read_all(EVENTS_STREAM, start=start, limit=limit, headers=True)
     wanted: dict[str, list[TriggerDeclaration]] = {}
