@@ -177,3 +177,13 @@ def test_buffer_all_cancel_other_and_allow_all() -> None:
 
 def test_a_paused_schedule_decides_nothing() -> None:
     assert not plan(schedule(paused=True), at(10), set()).changed
+
+
+def test_a_long_outage_is_counted_as_missed_without_keeping_every_fire() -> None:
+    three_days = 3 * 86400
+    decided = plan(schedule("allow_all", window=60), at(three_days + 0.5), set()).schedule
+    assert decided.missed_count == three_days - 60
+    assert len(decided.missed) == 50 and decided.missed[-1] == at(three_days - 60)
+    assert len(decided.recent) == 50
+    assert decided.pending[0].fire_time == at(three_days - 59)
+    assert len(decided.pending) == 60 and decided.cursor == at(three_days)

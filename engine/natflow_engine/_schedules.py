@@ -15,6 +15,7 @@ second replica or after a crash finds the run already there and makes nothing ne
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
@@ -37,7 +38,7 @@ OVERLAP_POLICIES: Final = (
 )
 MAX_SCHEDULE_ID: Final = 100  # leaves room for the fire time in the run id
 KEEP_RECENT: Final = 50
-MISSED_SCAN_LIMIT: Final = 100_000  # fire times counted one by one after a long outage
+MISSED_SCAN_LIMIT: Final = 200_000  # missed fire times counted in one pass
 
 Action = Literal["started", "skipped", "buffered", "missed", "triggered", "backfilled"]
 
@@ -206,12 +207,12 @@ def plan(schedule: Schedule, now: datetime, closed: set[str]) -> Plan:
     if s.paused:
         return result
     window = timedelta(seconds=s.spec.catchup_window)
-    _count_long_missed(s, now - window, result)
+    _skip_missed(s, now - window, now, result)
     _start_buffered(s, now, result)  # a fire that waited goes before newer ones
     for fire in s.spec.fire_times().after(s.cursor):
         if due_at(s, fire) > now:
             break
-        if now - fire > window:
+        if now - fire > window:  # came due past the window while this pass ran
             _record(s, fire, "missed", now)
             s.missed.append(fire)
             s.missed_count += 1
@@ -230,20 +231,25 @@ def _start_buffered(s: Schedule, now: datetime, result: Plan) -> None:
         result.changed = True
 
 
-def _count_long_missed(s: Schedule, horizon: datetime, result: Plan) -> None:
-    """After a long outage, count the fires older than the window without keeping each."""
-    if s.cursor >= horizon - timedelta(days=1):
-        return
+def _skip_missed(s: Schedule, horizon: datetime, now: datetime, result: Plan) -> None:
+    """Fires older than the catch-up window: counted, the newest ``KEEP_RECENT`` kept.
+
+    One pass counts at most ``MISSED_SCAN_LIMIT`` of them (the next pass goes on), so an
+    outage of weeks on a schedule firing every second costs no more than a few passes.
+    """
+    kept: deque[datetime] = deque(maxlen=KEEP_RECENT)
     counted = 0
     for fire in s.spec.fire_times().after(s.cursor):
-        if fire > horizon - timedelta(days=1) or counted == MISSED_SCAN_LIMIT:
+        if fire >= horizon or counted == MISSED_SCAN_LIMIT:
             break
+        kept.append(fire)
         counted += 1
         s.cursor = fire
-    if counted:
-        s.missed_count += counted
-        s.missed.append(s.cursor)
-        result.changed = True
+    s.missed_count += counted
+    for fire in kept:
+        s.missed.append(fire)
+        _record(s, fire, "missed", now)
+    result.changed = result.changed or counted > 0
 
 
 def _fire(s: Schedule, fire: datetime, now: datetime, result: Plan) -> None:
