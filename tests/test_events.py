@@ -17,6 +17,7 @@ from natflow_engine import ensure_streams
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import dead_letters
 from natflow_engine._triggers import declarations, event_run_id, recent_events
+from prometheus_client import REGISTRY
 
 from tests.helpers import running_worker, wait_for
 from tests.workflows_triggers import WORKFLOWS
@@ -125,6 +126,7 @@ async def test_a_malformed_body_is_dead_lettered_and_starts_nothing(
         await anyio.sleep(0.3)
         assert [r.workflow for r in await event_runs(client, wrong.seq)] == ["audit"]
         assert await event_runs(client, not_json.seq) == []
+        assert (REGISTRY.get_sample_value("natflow_events_rejected_total") or 0) >= 2
 
 
 async def test_emit_checks_the_event_name(client: Client) -> None:

@@ -22,6 +22,7 @@ import pytest
 from natflow import Client, NatflowError, RunInfo
 from natflow_engine._cron import fire_token
 from natflow_engine._server import EmbeddedServer
+from prometheus_client import REGISTRY
 
 from tests.helpers import running_worker, stop, wait_for
 from tests.workflows_triggers import WORKFLOWS, nightly, slow_tick, tick
@@ -36,6 +37,11 @@ async def schedule_runs(client: Client, schedule_id: str) -> list[RunInfo]:
         if r.trigger is not None and r.trigger.schedule == schedule_id
     ]
     return sorted(runs, key=lambda r: r.trigger.fire_time if r.trigger else r.created_at)
+
+
+def _sample(name: str, **labels: str) -> float:
+    """A metric of this process's registry (the engine runs in-process here)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def fire_of(run: RunInfo) -> datetime:
@@ -54,6 +60,7 @@ def percentile(values: list[float], p: float) -> float:
 async def test_a_schedule_fires_on_time_and_its_runs_show_it(
     client: Client, engine: object
 ) -> None:
+    started_before = _sample("natflow_schedule_fires_total", action="started")
     async with running_worker(client, WORKFLOWS):
         info = await client.schedules.create("ticker", tick, every=1)
         assert info.workflow == "tick" and info.spec.every == 1 and not info.paused
@@ -70,6 +77,8 @@ async def test_a_schedule_fires_on_time_and_its_runs_show_it(
             assert run.run_id == f"ticker-{fire_token(fire_of(run))}"
             assert run.trigger is not None and run.trigger.kind == "schedule"
             assert run.created_at >= fire_of(run), "a fire started early"
+        assert _sample("natflow_schedule_fires_total", action="started") >= started_before + 3
+        assert _sample("natflow_schedule_lateness_seconds_count") >= 3
         described = await client.schedules.describe("ticker")
         started = [f for f in described.recent_runs if f.action == "started"]
         assert {f.run_id for f in started} >= {r.run_id for r in runs}

@@ -30,6 +30,7 @@ from ._connection import Connection
 from ._errors import NatflowError
 from ._history import HistoryStore
 from ._kv import kv_watch
+from ._metrics import SCHEDULE_FIRES, SCHEDULE_LATENESS
 from ._runs import Runs
 from ._schedules import (
     Schedule,
@@ -134,7 +135,8 @@ class Scheduler:
             schedule, revision = found
             self.schedules[schedule_id] = schedule
             closed = {r for r in schedule.open_runs if await self._closed(r)}
-            decided = plan(schedule, utcnow(), closed)
+            now = utcnow()
+            decided = plan(schedule, now, closed)
             if not decided.changed:
                 return schedule
             try:
@@ -142,6 +144,9 @@ class Scheduler:
             except ScheduleConflict:
                 continue  # another replica (or the user) wrote first: decide again
             self.schedules[schedule_id] = decided.schedule
+            for fire in decided.schedule.recent:
+                if fire.at == now:  # decided in this pass
+                    SCHEDULE_FIRES.labels(fire.action).inc()
             await self._cancel(decided.schedule, decided.cancel)
             return decided.schedule
         raise NatflowError(f"schedule {schedule_id!r} kept changing during a pass")
@@ -194,6 +199,7 @@ class Scheduler:
             self.started += 1
             late = (utcnow() - due_at(schedule, fire.fire_time)).total_seconds()
             self.lateness.append(late)
+            SCHEDULE_LATENESS.observe(max(0.0, late))
             del self.lateness[:-1000]
             log.info(
                 "schedule %s: started run %s for %s (%.3f s after the fire time)",

@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 from ._connection import Connection, retrying
 from ._errors import InvalidInput, NatflowError
 from ._kv import kv_put, kv_stream
+from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
 from ._reader import reader
 from ._runs import Runs
@@ -294,10 +295,12 @@ class EventIntake:
         )
         if created:
             self.started += 1
+            EVENT_RUNS.inc()
             log.info("event %s #%d started run %s of %s", name, seq, run_id, decl.workflow)
 
     async def _dead(self, msg: Msg, seq: int, name: str, run_id: str, reason: str) -> None:
         self.rejected += 1
+        EVENTS_REJECTED.inc()
         letter = DeadLetter(
             kind="event",
             subject=msg.subject,
