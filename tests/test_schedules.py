@@ -270,3 +270,25 @@ async def test_overlap_skip_and_buffer_one_with_a_workflow_slower_than_the_inter
     late_starts = [r for r in buffered_runs if (r.created_at - fire_of(r)).total_seconds() > 1]
     assert late_starts, "no buffered fire was started after its time"
     assert len(buffered_runs) >= len(skipped_runs)
+
+
+@pytest.mark.slow
+async def test_overlap_cancel_other_cancels_the_open_run_for_the_new_fire(
+    client: Client, engine: object
+) -> None:
+    async with running_worker(client, WORKFLOWS):
+        await client.schedules.create("replacer", slow_tick, every=1, overlap="cancel_other")
+        await wait_for(lambda: _runs_at_least(client, "replacer", 3), timeout=15, what="3 fires")
+        await client.schedules.pause("replacer")
+
+        async def all_closed() -> list[RunInfo]:
+            runs = await schedule_runs(client, "replacer")
+            return runs if all(r.is_closed for r in runs) else []
+
+        runs = await wait_for(all_closed, timeout=15, what="the runs to close")
+    *replaced, last = runs
+    assert len(replaced) >= 2
+    for run in replaced:
+        assert run.status == "cancelled", run
+        assert run.error is not None and "schedule replacer" in run.error.message
+    assert last.status == "completed"
