@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -16,7 +17,14 @@ from natflow import Client, InvalidInput, RunInfo, RunNotFound
 from natflow_engine import ensure_streams
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import dead_letters
-from natflow_engine._triggers import declarations, event_run_id, recent_events
+from natflow_engine._triggers import (
+    BadEvent,
+    TriggerDeclaration,
+    check_body,
+    declarations,
+    event_run_id,
+    recent_events,
+)
 from prometheus_client import REGISTRY
 
 from tests.helpers import running_worker, wait_for
@@ -139,3 +147,15 @@ async def test_emit_checks_the_event_name(client: Client) -> None:
 async def test_no_events_yet_lists_nothing(client: Client) -> None:
     await ensure_streams(client.connection)
     assert await recent_events(client.connection) == []
+
+
+def test_a_declared_schema_that_is_not_json_schema_rejects_the_body_not_the_intake() -> None:
+    decl = TriggerDeclaration(
+        event="e",
+        workflow="w",
+        queue="q",
+        input_schema={"type": 5},
+        declared_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    with pytest.raises(BadEvent, match="not valid JSON Schema"):
+        check_body(decl, {"a": 1})

@@ -21,6 +21,7 @@ JSON, or does not fit a workflow's input schema, goes to ``NATFLOW_DEADLETTER`` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -205,12 +206,26 @@ class BadEvent(Exception):
     """An event, or its body for one workflow, that starts no run; says why."""
 
 
+@functools.lru_cache(maxsize=256)
+def _validator(schema_json: bytes) -> jsonschema.Draft202012Validator:
+    """A checked validator per distinct schema (checking a schema costs more than using it)."""
+    schema = msgspec.json.decode(schema_json)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
 def check_body(decl: TriggerDeclaration, body: Any) -> None:
     """:class:`BadEvent` if ``body`` does not fit the workflow's declared input schema."""
     if decl.input_schema is None or not decl.takes_input:
         return
-    validator = jsonschema.Draft202012Validator(decl.input_schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
+    try:
+        validator = _validator(msgspec.json.encode(decl.input_schema))
+        error = jsonschema.exceptions.best_match(validator.iter_errors(body))
+    except jsonschema.exceptions.SchemaError as exc:  # a declaration natflow did not write
+        raise BadEvent(
+            f"workflow {decl.workflow!r} declared an input schema that is not valid JSON "
+            f"Schema ({exc.message}); restart its worker to declare it again"
+        ) from None
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "the body"
         raise BadEvent(
@@ -269,6 +284,10 @@ class EventIntake:
             log.warning("event #%d: could not process (%s); retrying", seq, exc)
             await msg.nak(delay=1.0)
             return
+        except Exception:  # a bug must not stop the intake: say so, try again later
+            log.exception("event #%d: could not process; retrying in 10 s", seq)
+            await msg.nak(delay=10.0)
+            return
         await msg.ack()
 
     async def _start(
@@ -286,13 +305,17 @@ class EventIntake:
         except BadEvent as bad:
             await self._dead(msg, seq, name, run_id, str(bad))
             return
-        _, created = await self._runs.start(
-            decl.workflow,
-            decl.queue,
-            msg.data or b"null",
-            run_id,
-            trigger=Trigger(kind="event", event=name, event_seq=seq),
-        )
+        try:
+            _, created = await self._runs.start(
+                decl.workflow,
+                decl.queue,
+                msg.data or b"null",
+                run_id,
+                trigger=Trigger(kind="event", event=name, event_seq=seq),
+            )
+        except InvalidInput as exc:  # retrying would not help
+            await self._dead(msg, seq, name, run_id, f"workflow {decl.workflow!r}: {exc}")
+            return
         if created:
             self.started += 1
             EVENT_RUNS.inc()
