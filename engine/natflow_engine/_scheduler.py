@@ -6,11 +6,12 @@ the decision back with a revision check, then starts the decided runs. Two repli
 on one fire both derive the same run id (``<schedule>-<fire time>``); the history's
 conditional create lets one run exist, and only one decision is stored (the other replica's
 write is refused, it reads again and finds the fire dealt with). A replica that dies between
-storing a decision and starting its run leaves it in ``pending``, which the next pass of any
-replica starts. A KV-lease leader would do the same work on one process but add its lease's
-expiry to the lateness of every fire after a leader dies; with no leader a dead replica
-costs nothing, and the cost of leaderless (one read and one refused write per extra replica
-per fire) is small next to a run's start.
+storing a decision and starting its run leaves it in ``pending``, which any replica starts
+once it has waited ``PENDING_GRACE`` (the deciding replica starts it at once). A KV-lease
+leader would do the same work on one process but add its lease's expiry to the lateness of
+every fire after a leader dies; with no leader a dead replica costs little (its undone
+starts wait the grace), and the cost of leaderless (one read and one refused write per extra
+replica per fire) is small next to a run's start.
 
 Fires are never early: a replica acts on a fire only once its clock has passed the fire time
 plus the fire's jitter. Fires that came due while no engine ran are dealt with, oldest first,
@@ -51,6 +52,7 @@ log = logging.getLogger("natflow.schedules")
 
 POLL_OPEN_RUNS: Final = 0.5  # how often a schedule with a buffered fire checks its runs
 RETRY_AFTER: Final = 1.0  # after a pass that failed (server away)
+PENDING_GRACE: Final = 2.0  # a decided start not made by then is made by any replica
 _ATTEMPTS: Final = 10
 
 
@@ -87,8 +89,8 @@ class Scheduler:
         retry = self._retry_at.get(schedule.schedule_id)
         if retry is not None:
             return retry
-        if schedule.pending:
-            return time.time()
+        if schedule.pending:  # the replica that decided starts them; others step in late
+            return min(f.at for f in schedule.pending).timestamp() + PENDING_GRACE
         due = next_due(schedule)
         at = None if due is None else due.timestamp()
         if schedule.buffered:
@@ -115,8 +117,8 @@ class Scheduler:
     async def _pass(self, schedule_id: str) -> None:
         self._retry_at.pop(schedule_id, None)
         try:
-            schedule = await self._decide(schedule_id)
-            if schedule is not None and schedule.pending:
+            schedule, decided = await self._decide(schedule_id)
+            if schedule is not None and schedule.pending and (decided or _stale(schedule)):
                 await self._start_pending(schedule)
         except (NatflowError, OSError, msgspec.DecodeError) as exc:
             log.warning("schedule %s: pass failed (%s); retrying", schedule_id, exc)
@@ -125,20 +127,21 @@ class Scheduler:
             log.exception("schedule %s: pass failed; retrying", schedule_id)
             self._retry_at[schedule_id] = time.time() + RETRY_AFTER
 
-    async def _decide(self, schedule_id: str) -> Schedule | None:
-        """Store the decision for every fire due now; returns the schedule as stored."""
+    async def _decide(self, schedule_id: str) -> tuple[Schedule | None, bool]:
+        """Store the decision for every fire due now; returns the schedule as stored, and
+        whether this pass decided anything."""
         for _ in range(_ATTEMPTS):
             found = await get_schedule(self._conn, schedule_id)
             if found is None:
                 self.schedules.pop(schedule_id, None)
-                return None
+                return None, False
             schedule, revision = found
             self.schedules[schedule_id] = schedule
             closed = {r for r in schedule.open_runs if await self._closed(r)}
             now = utcnow()
             decided = plan(schedule, now, closed)
             if not decided.changed:
-                return schedule
+                return schedule, False
             try:
                 await put_schedule(self._conn, decided.schedule, revision)
             except ScheduleConflict:
@@ -148,7 +151,7 @@ class Scheduler:
                 if fire.at == now:  # decided in this pass
                     SCHEDULE_FIRES.labels(fire.action).inc()
             await self._cancel(decided.schedule, decided.cancel)
-            return decided.schedule
+            return decided.schedule, True
         raise NatflowError(f"schedule {schedule_id!r} kept changing during a pass")
 
     async def _closed(self, run_id: str) -> bool:
@@ -208,3 +211,9 @@ class Scheduler:
                 fire.fire_time.isoformat(),
                 late,
             )
+
+
+def _stale(schedule: Schedule) -> bool:
+    """True when a decided start has waited past the grace (its replica died, or failed)."""
+    oldest = min(f.at for f in schedule.pending)
+    return (utcnow() - oldest).total_seconds() >= PENDING_GRACE
