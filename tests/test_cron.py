@@ -187,3 +187,13 @@ def test_a_long_outage_is_counted_as_missed_without_keeping_every_fire() -> None
     assert len(decided.recent) == 50
     assert decided.pending[0].fire_time == at(three_days - 59)
     assert len(decided.pending) == 60 and decided.cursor == at(three_days)
+
+
+def test_cancel_other_catching_up_starts_the_newest_fire_and_cancels_nothing_unstarted() -> None:
+    decided = plan(schedule("cancel_other"), at(3), set())
+    assert decided.cancel == []
+    assert [f.run_id for f in decided.schedule.pending] == [fire_run_id("s", at(3))]
+    assert [f.action for f in decided.schedule.recent] == ["skipped", "skipped", "started"]
+    # a run started in an earlier pass is cancelled
+    later = plan(msgspec.structs.replace(decided.schedule, pending=[]), at(4), set())
+    assert later.cancel == [fire_run_id("s", at(3))]

@@ -39,6 +39,7 @@ OVERLAP_POLICIES: Final = (
 MAX_SCHEDULE_ID: Final = 100  # leaves room for the fire time in the run id
 KEEP_RECENT: Final = 50
 MISSED_SCAN_LIMIT: Final = 200_000  # missed fire times counted in one pass
+MAX_BUFFERED: Final = 1000  # buffer_all: further fires are skipped
 
 Action = Literal["started", "skipped", "buffered", "missed", "triggered", "backfilled"]
 
@@ -257,14 +258,31 @@ def _fire(s: Schedule, fire: datetime, now: datetime, result: Plan) -> None:
     if not s.open_runs or policy == "allow_all":
         _start(s, fire, now, "started")
     elif policy in ("cancel_other", "terminate_other"):
-        result.cancel.extend(s.open_runs)
+        for run_id in s.open_runs:
+            if not _unstart(s, run_id, now):
+                result.cancel.append(run_id)
         s.open_runs = []
         _start(s, fire, now, "started")
+    elif len(s.buffered) >= MAX_BUFFERED:
+        _record(s, fire, "skipped", now)
     elif policy == "buffer_all" or (policy == "buffer_one" and not s.buffered):
         s.buffered.append(fire)
         _record(s, fire, "buffered", now)
     else:  # skip, or buffer_one with one already waiting
         _record(s, fire, "skipped", now)
+
+
+def _unstart(s: Schedule, run_id: str, now: datetime) -> bool:
+    """Take back a start decided in this same pass (several fires caught up at once): that
+    run was never started, so there is nothing to cancel; its fire counts as skipped."""
+    if not any(p.run_id == run_id and p.at == now for p in s.pending):
+        return False
+    s.pending = [p for p in s.pending if p.run_id != run_id]
+    s.recent = [
+        msgspec.structs.replace(r, action="skipped", run_id=None) if r.run_id == run_id else r
+        for r in s.recent
+    ]
+    return True
 
 
 def _start(s: Schedule, fire: datetime, now: datetime, action: Action) -> None:
