@@ -197,3 +197,18 @@ def test_cancel_other_catching_up_starts_the_newest_fire_and_cancels_nothing_uns
     # a run started in an earlier pass is cancelled
     later = plan(msgspec.structs.replace(decided.schedule, pending=[]), at(4), set())
     assert later.cancel == [fire_run_id("s", at(3))]
+
+
+def test_a_berlin_cron_fires_on_the_spring_change_at_the_right_instant_of_a_given_clock() -> None:
+    nightly = Schedule(
+        schedule_id="n",
+        workflow="wf",
+        spec=ScheduleSpec(cron="30 2 * * *", timezone="Europe/Berlin"),
+        created_at=utc(2026, 3, 28, 12),
+        updated_at=utc(2026, 3, 28, 12),
+        cursor=utc(2026, 3, 28, 12),
+    )
+    # 02:30 does not exist on 29 March 2026 in Berlin: the fire is 03:00 CEST = 01:00 UTC.
+    assert not plan(nightly, utc(2026, 3, 29, 0, 59, 59), set()).changed
+    fired = plan(nightly, utc(2026, 3, 29, 1, 0, 0), set()).schedule
+    assert [f.run_id for f in fired.pending] == ["n-20260329T010000Z"]
