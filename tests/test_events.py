@@ -25,6 +25,7 @@ from natflow_engine._triggers import (
     event_run_id,
     recent_events,
 )
+from natflow_engine.events import RunStarted
 from prometheus_client import REGISTRY
 
 from tests.helpers import running_worker, wait_for
@@ -79,8 +80,8 @@ async def test_a_plain_publisher_starts_one_run_per_declared_workflow(
             "natflow.event.order.created", body, headers={"Nats-Msg-Id": "order-A-1"}
         )
         assert ack.stream == "NATFLOW_EVENTS" and not ack.duplicate
-        fulfil = client.handle(event_run_id("order-A-1", ack.seq, "fulfil"))
-        audit = client.handle(event_run_id("order-A-1", ack.seq, "audit"))
+        fulfil = client.handle(event_run_id("order.created", "order-A-1", ack.seq, "fulfil"))
+        audit = client.handle(event_run_id("order.created", "order-A-1", ack.seq, "audit"))
         assert await result_of(client, fulfil.run_id) == "fulfilled A-1"
         assert await result_of(client, audit.run_id) == {"order_id": "A-1", "total": 12.5}
         info = await fulfil.status()
@@ -95,14 +96,39 @@ async def test_a_plain_publisher_starts_one_run_per_declared_workflow(
         # From the client, an event only audit declared; then the next event after both, so
         # the intake has read past the duplicate when we count.
         seq = await client.emit("order.cancelled", {"order_id": "A-1"}, event_id="cancel-A-1")
-        await result_of(client, event_run_id("cancel-A-1", seq, "audit"))
+        await result_of(client, event_run_id("order.cancelled", "cancel-A-1", seq, "audit"))
         runs = await wait_for(lambda: _at_least(client, ack.seq, 2), what="both runs indexed")
         assert sorted(r.workflow for r in runs) == ["audit", "fulfil"]
         assert [r.workflow for r in await event_runs(client, seq)] == ["audit"]
 
+        # After the stream's duplicate window (shortened here to 1 s), the same Nats-Msg-Id is
+        # stored again as a new message: its runs are the ones that exist, nothing new starts.
+        config = (await client.connection.jsm.stream_info("NATFLOW_EVENTS")).config
+        config.duplicate_window = 1.0
+        await client.connection.jsm.update_stream(config)
+        await anyio.sleep(1.5)
+        late = await plain.publish(
+            "natflow.event.order.created", body, headers={"Nats-Msg-Id": "order-A-1"}
+        )
+        assert not late.duplicate and late.seq > seq
+        marker = await client.emit("order.cancelled", {"order_id": "A-1"}, event_id="marker")
+        await result_of(client, event_run_id("order.cancelled", "marker", marker, "audit"))
+        for handle in (fulfil, audit):  # the runs the id derives to are the first event's
+            run = await handle.status()
+            assert run.trigger is not None and run.trigger.event_seq == ack.seq
+            history = await client.history(handle.run_id)
+            assert sum(isinstance(e, RunStarted) for e in history) == 1
+        assert await event_runs(client, late.seq) == []
+
         records = await recent_events(client.connection, limit=10)
-        assert [r.name for r in records] == ["order.cancelled", "order.created"]
-        assert records[1].runs == {"audit": audit.run_id, "fulfil": fulfil.run_id}
+        assert [r.name for r in records] == [
+            "order.cancelled",
+            "order.created",
+            "order.cancelled",
+            "order.created",
+        ]
+        both = {"audit": audit.run_id, "fulfil": fulfil.run_id}
+        assert records[1].runs == records[3].runs == both  # the republished one: same runs
 
 
 async def _at_least(client: Client, seq: int, n: int) -> list[RunInfo]:
@@ -130,7 +156,9 @@ async def test_a_malformed_body_is_dead_lettered_and_starts_nothing(
         reason = by_seq[wrong.seq].reason
         assert "workflow 'fulfil'" in reason and "total" in reason
         # audit takes any JSON object, so the second event started audit and not fulfil
-        assert await result_of(client, event_run_id(None, wrong.seq, "audit")) == {"order_id": 7}
+        assert await result_of(client, event_run_id("order.created", None, wrong.seq, "audit")) == {
+            "order_id": 7
+        }
         await anyio.sleep(0.3)
         assert [r.workflow for r in await event_runs(client, wrong.seq)] == ["audit"]
         assert await event_runs(client, not_json.seq) == []

@@ -12,7 +12,7 @@ runs still starts its runs (they wait in the queue).
 
 The engine's intake reads each event once (a durable consumer shared by all replicas) and,
 for each declaration of its name, starts the run ``ev-<key>-<workflow hash>``, where ``key``
-hashes the event's ``Nats-Msg-Id`` (or, without one, its stream sequence): the same message
+hashes the event's name and ``Nats-Msg-Id`` (or, without one, its stream sequence): the same message
 delivered twice, or republished with the same ``Nats-Msg-Id`` even after the stream's
 two-minute duplicate window, finds its run there and starts nothing new. A body that is not
 JSON, or does not fit a workflow's input schema, goes to ``NATFLOW_DEADLETTER`` (kind
@@ -98,9 +98,9 @@ def _short_hash(text: str, size: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:size]
 
 
-def event_run_id(event_id: str | None, seq: int, workflow: str) -> str:
+def event_run_id(name: str, event_id: str | None, seq: int, workflow: str) -> str:
     """The run an event starts for ``workflow`` (see the module docstring)."""
-    key = f"id:{event_id}" if event_id else f"seq:{seq}"
+    key = f"id:{name}:{event_id}" if event_id else f"seq:{seq}"
     return f"ev-{_short_hash(key, 20)}-{_short_hash(workflow, 8)}"
 
 
@@ -175,7 +175,7 @@ async def recent_events(conn: Connection, limit: int = 20) -> list[EventRecord]:
         event_id = headers.get("Nats-Msg-Id")
         started: dict[str, str | None] = {}
         for decl in wanted.get(name, []):
-            run_id = event_run_id(event_id, seq, decl.workflow)
+            run_id = event_run_id(name, event_id, seq, decl.workflow)
             exists = await runs.history.last(run_id) is not None
             started[decl.workflow] = run_id if exists else None
         records.append(
@@ -299,7 +299,7 @@ class EventIntake:
         decl: TriggerDeclaration,
         body: Any,
     ) -> None:
-        run_id = event_run_id(event_id, seq, decl.workflow)
+        run_id = event_run_id(name, event_id, seq, decl.workflow)
         try:
             check_body(decl, body)
         except BadEvent as bad:
