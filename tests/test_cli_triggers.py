@@ -72,6 +72,14 @@ async def test_event_commands_and_runs_show(
         await wait_for(lambda: _closed(client, run_id), what="the run to finish")
         shown = out(await natflow(url, "runs", "show", run_id))
         assert "started by event order.created (#1 in NATFLOW_EVENTS)" in shown
+    undeclared = await natflow(url, "events", "undeclare", "order.created", "audit")
+    assert out(undeclared) == "undeclared: audit on order.created\n"
+    triggers = out(await natflow(url, "events", "triggers"))
+    assert "fulfil" in triggers and "audit" in triggers  # audit is still on order.cancelled
+    assert "order.created            audit" not in triggers
+    assert_one_clear_error(
+        await natflow(url, "events", "undeclare", "order.created", "audit"), "does not start"
+    )
 
 
 async def _closed(client: Client, run_id: str) -> bool:

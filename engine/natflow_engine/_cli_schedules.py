@@ -16,7 +16,7 @@ from ._errors import InvalidInput
 from ._schedule_ops import Schedules
 from ._schedules import OVERLAP_POLICIES, ScheduleInfo, ScheduleSpec
 from ._streams import ensure_streams
-from ._triggers import declarations, emit, recent_events
+from ._triggers import declarations, emit, recent_events, undeclare
 from .events import Trigger
 
 Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
@@ -89,7 +89,9 @@ def register(sub: Any, opener: Opener) -> None:
     c.set_defaults(handler=bound(_backfill))
 
     p = sub.add_parser("events", help="events that start workflows (natflow.event.<name>)")
-    q = p.add_subparsers(dest="events_command", required=True, metavar="list|triggers|emit")
+    q = p.add_subparsers(
+        dest="events_command", required=True, metavar="list|triggers|undeclare|emit"
+    )
     c = q.add_parser("list", help="recent events and the runs they started, newest first")
     c.add_argument("--limit", type=int, default=20)
     c.add_argument("--json", action="store_true")
@@ -97,6 +99,10 @@ def register(sub: Any, opener: Opener) -> None:
     c = q.add_parser("triggers", help="which workflows start on which event")
     c.add_argument("--json", action="store_true")
     c.set_defaults(handler=bound(_triggers))
+    c = q.add_parser("undeclare", help="stop starting WORKFLOW on EVENT (a worker declares again)")
+    c.add_argument("event")
+    c.add_argument("workflow")
+    c.set_defaults(handler=bound(_undeclare))
     c = q.add_parser("emit", help="publish an event")
     c.add_argument("name")
     c.add_argument("payload", nargs="?", default=None, help="JSON (default: null)")
@@ -248,4 +254,14 @@ async def _triggers(conn: Connection, args: argparse.Namespace) -> int:
 async def _emit(conn: Connection, args: argparse.Namespace) -> int:
     seq = await emit(conn, args.name, _json_arg("payload", args.payload), args.event_id)
     print(f"stored: #{seq}")
+    return 0
+
+
+async def _undeclare(conn: Connection, args: argparse.Namespace) -> int:
+    if not await undeclare(conn, args.event, args.workflow):
+        raise InvalidInput(
+            f"workflow {args.workflow!r} does not start on event {args.event!r}; "
+            f"`natflow events triggers` lists what does"
+        )
+    print(f"undeclared: {args.workflow} on {args.event}")
     return 0

@@ -36,7 +36,7 @@ from nats.aio.msg import Msg
 
 from ._connection import Connection, retrying
 from ._errors import InvalidInput, NatflowError
-from ._kv import kv_put, kv_stream
+from ._kv import kv_delete, kv_put, kv_stream
 from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
 from ._reader import reader
@@ -107,11 +107,24 @@ def event_run_id(name: str, event_id: str | None, seq: int, workflow: str) -> st
 # -- declarations ----------------------------------------------------------------------------
 
 
+def _declaration_key(event: str, workflow: str) -> str:
+    return f"{event}.{_short_hash(workflow, 16)}"
+
+
 async def declare(conn: Connection, declaration: TriggerDeclaration) -> None:
     """Store (or refresh) one workflow's wish to start on an event."""
     check_event_name(declaration.event)
-    key = f"{declaration.event}.{_short_hash(declaration.workflow, 16)}"
+    key = _declaration_key(declaration.event, declaration.workflow)
     await kv_put(conn, TRIGGERS_BUCKET, key, _decl_encoder.encode(declaration))
+
+
+async def undeclare(conn: Connection, event: str, workflow: str) -> bool:
+    """Forget that ``workflow`` starts on ``event``; False if it did not."""
+    check_event_name(event)
+    if workflow not in {d.workflow for d in await declarations(conn, event)}:
+        return False
+    await kv_delete(conn, TRIGGERS_BUCKET, _declaration_key(event, workflow))
+    return True
 
 
 async def declarations(conn: Connection, event: str | None = None) -> list[TriggerDeclaration]:
