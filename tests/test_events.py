@@ -170,6 +170,8 @@ async def test_emit_checks_the_event_name(client: Client) -> None:
         await client.emit("order..created", {})
     with pytest.raises(InvalidInput, match="invalid event name"):
         await client.emit("order.*", {})
+    with pytest.raises(InvalidInput, match="event_id must be"):
+        await client.emit("order.created", {}, event_id="")
 
 
 async def test_no_events_yet_lists_nothing(client: Client) -> None:

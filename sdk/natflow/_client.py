@@ -261,8 +261,12 @@ class Client:
         twice starts nothing new. Returns the event's sequence in ``NATFLOW_EVENTS``.
         """
         check_event_name(name)
-        if event_id is not None:
-            check_token("event_id", event_id)
+        if event_id is not None and (
+            not isinstance(event_id, str)
+            or not event_id.isprintable()
+            or not 0 < len(event_id) <= 256
+        ):
+            raise InvalidInput(f"event_id must be 1 to 256 printable characters, not {event_id!r}")
         data = encode_value(f"payload of event {name!r}", payload)
         self._conn.check_size(f"payload of event {name!r}", len(data))
         await ensure_streams(self._conn)
