@@ -79,7 +79,15 @@ from ._streams import (
 )
 from ._tasks import DEFAULT_ACK_WAIT, Task, TaskPuller, decode_task, enqueue, ensure_consumer
 from ._timers import Timer, schedule
-from ._triggers import TriggerDeclaration, check_event_name, declare, emit
+from ._triggers import (
+    EventRecord,
+    TriggerDeclaration,
+    check_event_name,
+    declarations,
+    declare,
+    emit,
+    recent_events,
+)
 from ._wake import wake_subject
 
 __all__ = [
@@ -112,6 +120,7 @@ __all__ = [
     "Connection",
     "EmbeddedServer",
     "ErrorInfo",
+    "EventRecord",
     "History",
     "HistoryStore",
     "InvalidInput",
@@ -151,6 +160,7 @@ __all__ = [
     "check_workflow_name",
     "connect",
     "connect_options",
+    "declarations",
     "declare",
     "decode_task",
     "decode_value",
@@ -171,6 +181,7 @@ __all__ = [
     "ping_subject",
     "prepare_worker",
     "queue_consumer",
+    "recent_events",
     "replicas",
     "run_created_at",
     "runs_subject",
