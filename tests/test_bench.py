@@ -33,11 +33,11 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert "[5/7] replay" in done.stderr  # the progress lines went to stderr, not stdout
+    assert "[5/8] replay" in done.stderr  # the progress lines went to stderr, not stdout
 
     assert report["version"] == 1 and report["quick"] is True
     assert report["environment"]["embedded"] is True
@@ -77,6 +77,10 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
     timers = report["timers"]
     assert timers["fired_once"] is True and timers["early"] == 0
     assert_stats(timers["lateness_ms"], count=timers["count"])
+    fires = report["schedules"]
+    assert fires["exactly_once"] is True and fires["early"] == 0
+    assert fires["fires"] >= 3 and fires["runs"] == fires["fires"]
+    assert_stats(fires["lateness_ms"], count=fires["runs"])
     kill = report["kill_to_restart"]
     assert_stats(kill["restart_ms"], count=kill["rounds"])
 
@@ -102,7 +106,7 @@ def test_bench_table_is_the_default_output() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()

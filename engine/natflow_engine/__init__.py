@@ -48,6 +48,8 @@ from ._names import check_queue, check_run_id, check_step_name, check_token, che
 from ._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
 from ._retry import NO_RETRY, RetryPolicy
 from ._runs import Runs
+from ._schedule_ops import Schedules
+from ._schedules import OVERLAP_POLICIES, ScheduleFire, ScheduleInfo, ScheduleSpec, check_spec
 from ._server import EmbeddedServer
 from ._signals import (
     CANCEL,
@@ -77,6 +79,15 @@ from ._streams import (
 )
 from ._tasks import DEFAULT_ACK_WAIT, Task, TaskPuller, decode_task, enqueue, ensure_consumer
 from ._timers import Timer, schedule
+from ._triggers import (
+    EventRecord,
+    TriggerDeclaration,
+    check_event_name,
+    declarations,
+    declare,
+    emit,
+    recent_events,
+)
 from ._wake import wake_subject
 
 __all__ = [
@@ -91,6 +102,7 @@ __all__ = [
     "HISTORY_PREFIX",
     "HISTORY_STREAM",
     "NO_RETRY",
+    "OVERLAP_POLICIES",
     "RUNS_HELD",
     "RUNS_STREAM",
     "SIGNALS_DELIVERED",
@@ -108,6 +120,7 @@ __all__ = [
     "Connection",
     "EmbeddedServer",
     "ErrorInfo",
+    "EventRecord",
     "History",
     "HistoryStore",
     "InvalidInput",
@@ -123,6 +136,10 @@ __all__ = [
     "RunInfo",
     "RunNotFound",
     "Runs",
+    "ScheduleFire",
+    "ScheduleInfo",
+    "ScheduleSpec",
+    "Schedules",
     "ServerUnavailable",
     "SignalTimeout",
     "StepError",
@@ -130,19 +147,25 @@ __all__ = [
     "Task",
     "TaskPuller",
     "Timer",
+    "TriggerDeclaration",
     "WorkerInfo",
     "add_metrics_options",
     "announce",
+    "check_event_name",
     "check_queue",
     "check_run_id",
+    "check_spec",
     "check_step_name",
     "check_token",
     "check_workflow_name",
     "connect",
     "connect_options",
+    "declarations",
+    "declare",
     "decode_task",
     "decode_value",
     "default_url",
+    "emit",
     "encode_value",
     "enqueue",
     "ensure_consumer",
@@ -158,6 +181,7 @@ __all__ = [
     "ping_subject",
     "prepare_worker",
     "queue_consumer",
+    "recent_events",
     "replicas",
     "run_created_at",
     "runs_subject",

@@ -23,6 +23,7 @@ import anyio
 from ._cli_ops import register as register_ops
 from ._cli_runs import interrupted_wait
 from ._cli_runs import register as register_runs
+from ._cli_schedules import register as register_triggers
 from ._connection import DEFAULT_URL, Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError
@@ -406,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_runs(sub, open_connection)
     register_ops(sub, open_connection)
+    register_triggers(sub, open_connection)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):
         entry.load()(sub)
     _finish(parser)

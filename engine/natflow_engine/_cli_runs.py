@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from ._cli_format import print_json, read_json_argument, table
+from ._cli_schedules import describe_trigger
 from ._connection import Connection
 from ._errors import InvalidInput
 from ._human import duration, when
@@ -315,6 +316,8 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     if info.worker:
         print(f"worker    {info.worker} (last to hold it)")
     print(f"created   {when(info.created_at)}")
+    if info.trigger:
+        print(f"started by {describe_trigger(info.trigger)}")
     if info.closed_at:
         print(f"closed    {when(info.closed_at)} (took {_took(info.created_at, info.closed_at)})")
     if info.status == "completed":

@@ -9,7 +9,8 @@ events) through one durable pull consumer shared by all engine replicas, and
 * mirrors timers into the ``natflow_timers`` bucket (see ``_timers``).
 
 Beside it run the reaper (``_reaper``), the timer service (``_timers``), the signal
-intake (``_signals``) and the metrics poller (``_metrics``); the dispatcher also counts each
+intake (``_signals``), the schedule service (``_scheduler``), the event intake
+(``_triggers``) and the metrics poller (``_metrics``); the dispatcher also counts each
 run-level event it folds (runs started and closed, run duration, blocked runs).
 
 The engine keeps nothing but a cache; kill it, restart it or run several: the consumer's
@@ -32,9 +33,11 @@ from ._index import RunIndex
 from ._metrics import EngineMetrics, observe_run
 from ._puller import Puller, engine_consumer
 from ._reaper import Reaper
+from ._scheduler import Scheduler
 from ._signals import SignalIntake
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
 from ._tasks import Task, enqueue
+from ._triggers import EventIntake
 from .events import (
     TERMINAL_EVENTS,
     Event,
@@ -83,6 +86,8 @@ class Engine:
         self.reaper = Reaper(conn)
         self.timers = timers.TimerService(conn)
         self.signals = SignalIntake(conn)
+        self.scheduler = Scheduler(conn)
+        self.events = EventIntake(conn)
         self.metrics = EngineMetrics(
             conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
         )
@@ -94,6 +99,8 @@ class Engine:
             tg.start_soon(self.reaper.run)
             tg.start_soon(self.timers.run)
             tg.start_soon(self.signals.run)
+            tg.start_soon(self.scheduler.run)
+            tg.start_soon(self.events.run)
             tg.start_soon(self.metrics.run)
             await self._dispatch_forever()
 

@@ -67,6 +67,7 @@ class RunIndex:
                     created_at=event.at,
                     updated_at=event.at,
                     parent=event.parent,
+                    trigger=event.trigger,
                 )
             else:
                 info = entry.info

@@ -12,7 +12,8 @@ Who exports what:
   replicas, so ``sum`` over instances counts each run once): runs started and closed, run
   duration, non-determinism errors (blocked runs).
 * **engine services**: reaper hand-backs (lease takeovers), timer lateness and firings,
-  signals received and dead-lettered.
+  signals received and dead-lettered, schedule fires and their lateness, runs started by
+  events and events dead-lettered.
 * **engine poller** (:class:`EngineMetrics`, every few seconds): per queue the consumer
   ``natflow-queue-<queue>`` counts from JetStream (backlog, in flight, redelivered, waiting
   pulls), live workers per queue from the worker registry, runs by status from the run index.
@@ -96,6 +97,23 @@ TIMER_LATENESS = Histogram(
     buckets=(*_FAST, 300.0, 3600.0),
 )
 TIMERS_FIRED = Counter("natflow_timers_fired", "Timers whose run the engine woke.")
+SCHEDULE_LATENESS = Histogram(
+    "natflow_schedule_lateness_seconds",
+    "From a schedule's fire time (plus its jitter) to the start of the fire's run.",
+    buckets=(*_FAST, 300.0, 3600.0),
+)
+SCHEDULE_FIRES = Counter(
+    "natflow_schedule_fires",
+    "Schedule fires by what became of them: started, skipped, buffered, missed.",
+    ["action"],
+)
+for _action in ("started", "skipped", "buffered", "missed"):
+    SCHEDULE_FIRES.labels(_action)  # every series exists (at 0) before its first fire
+EVENT_RUNS = Counter("natflow_event_runs_started", "Runs the event intake started.")
+EVENTS_REJECTED = Counter(
+    "natflow_events_rejected",
+    "Events (or an event for one workflow) dead-lettered: body not JSON or not the input.",
+)
 SIGNALS_RECEIVED = Counter(
     "natflow_signals_received",
     "Signals the engine's intake accepted for a live run, by workflow.",

@@ -15,7 +15,7 @@ from ._names import check_queue, check_run_id, check_workflow_name
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
 from ._streams import ensure_streams
 from ._tasks import Task, enqueue
-from .events import Event, RunStarted, encode_event, utcnow
+from .events import Event, RunStarted, Trigger, encode_event, utcnow
 
 log = logging.getLogger("natflow.runs")
 
@@ -42,6 +42,7 @@ class Runs:
         *,
         parent: str | None = None,
         not_before: datetime | None = None,
+        trigger: Trigger | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
@@ -64,6 +65,7 @@ class Runs:
             input=msgspec.Raw(input_json),
             parent=parent,
             not_before=not_before,
+            trigger=trigger,
         )
         try:
             seq = await self.history.append(run_id, event, 0)

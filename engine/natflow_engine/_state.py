@@ -26,6 +26,7 @@ from .events import (
     StepStarted,
     TimerFired,
     TimerScheduled,
+    Trigger,
 )
 
 RunStatus = Literal[
@@ -74,6 +75,7 @@ class RunInfo(msgspec.Struct, kw_only=True):
     error: ErrorInfo | None = None
     worker: str | None = None
     parent: str | None = None
+    trigger: Trigger | None = None  # the schedule fire or event that started the run
 
     @property
     def is_closed(self) -> bool:
@@ -146,6 +148,7 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
         created_at=start.at,
         updated_at=start.at,
         parent=start.parent,
+        trigger=start.trigger,
     )
     if start.not_before is not None:
         info.current = f"starts at {when(start.not_before)}"

@@ -15,7 +15,10 @@ Layout (all names are public and documented in the README):
   ``natflow.signal.<run_id>.<name>``; durable from the acknowledgement on.
 * ``NATFLOW_DEADLETTER``: ``natflow.deadletter.<kind>.<run_id>``, what could not be
   delivered, with the reason.
-* KV buckets ``natflow_leases``, ``natflow_workers``, ``natflow_timers``.
+* ``NATFLOW_EVENTS``: events from any NATS client, ``natflow.event.<name>``, that start the
+  workflows declared for them (see ``_triggers``).
+* KV buckets ``natflow_leases``, ``natflow_workers``, ``natflow_timers``, ``natflow_schedules``
+  (schedules and their state), ``natflow_triggers`` (which workflows start on which event).
 """
 
 from __future__ import annotations
@@ -39,12 +42,16 @@ TASK_STREAM: Final = "NATFLOW_TASKS"
 RUNS_STREAM: Final = "NATFLOW_RUNS"
 SIGNAL_STREAM: Final = "NATFLOW_SIGNALS"
 DEADLETTER_STREAM: Final = "NATFLOW_DEADLETTER"
+EVENTS_STREAM: Final = "NATFLOW_EVENTS"
 
 HISTORY_PREFIX: Final = "natflow.history"
 TASK_PREFIX: Final = "natflow.task"
 RUNS_PREFIX: Final = "natflow.runs"
 SIGNAL_PREFIX: Final = "natflow.signal"
 DEADLETTER_PREFIX: Final = "natflow.deadletter"
+EVENT_PREFIX: Final = "natflow.event"
+SCHEDULES_BUCKET: Final = "natflow_schedules"
+TRIGGERS_BUCKET: Final = "natflow_triggers"
 RETENTION_DAYS: Final = 30
 _PLAIN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -131,6 +138,18 @@ def stream_configs() -> list[api.StreamConfig]:
             subjects=[f"{DEADLETTER_PREFIX}.>"],
             storage=api.StorageType.FILE,
             allow_direct=True,
+            max_age=RETENTION_DAYS * 86400.0,
+            num_replicas=r,
+        ),
+        kv_stream_config(SCHEDULES_BUCKET, "natflow: schedules and their state", r),
+        kv_stream_config(TRIGGERS_BUCKET, "natflow: which workflows start on which event", r),
+        api.StreamConfig(
+            name=EVENTS_STREAM,
+            description="natflow: events from any NATS client, starting declared workflows",
+            subjects=[f"{EVENT_PREFIX}.>"],
+            storage=api.StorageType.FILE,
+            allow_direct=True,
+            duplicate_window=120.0,
             max_age=RETENTION_DAYS * 86400.0,
             num_replicas=r,
         ),

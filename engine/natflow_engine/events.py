@@ -39,6 +39,20 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     at: datetime
 
 
+class Trigger(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What started a run that no client started: a schedule's fire, or an event.
+
+    ``kind`` is ``"schedule"`` (with ``schedule`` and the nominal ``fire_time``) or
+    ``"event"`` (with the event's ``event`` name and its ``event_seq`` in ``NATFLOW_EVENTS``).
+    """
+
+    kind: str
+    schedule: str | None = None
+    fire_time: datetime | None = None
+    event: str | None = None
+    event_seq: int | None = None
+
+
 class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     """A run was created; ``input`` is the workflow's input as JSON."""
 
@@ -47,6 +61,7 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     input: msgspec.Raw = NULL
     parent: str | None = None
     not_before: datetime | None = None  # start_delay: no worker takes the run before this
+    trigger: Trigger | None = None  # set when a schedule or an event started the run
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):

@@ -26,6 +26,9 @@ from natflow_engine import (
     RunFailed,
     RunInfo,
     RunNotFound,
+    ScheduleFire,
+    ScheduleInfo,
+    ScheduleSpec,
     ServerUnavailable,
     SignalTimeout,
     StepError,
@@ -35,6 +38,7 @@ from natflow_engine import (
 from . import events
 from ._client import Client, RunHandle
 from ._context import WorkflowContext
+from ._schedules import ScheduleClient
 from ._worker import Worker
 from ._workflow import Workflow, workflow
 
@@ -51,6 +55,10 @@ __all__ = [
     "RunHandle",
     "RunInfo",
     "RunNotFound",
+    "ScheduleClient",
+    "ScheduleFire",
+    "ScheduleInfo",
+    "ScheduleSpec",
     "ServerUnavailable",
     "SignalTimeout",
     "StepError",

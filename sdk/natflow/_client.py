@@ -24,10 +24,12 @@ from natflow_engine import (
     RunInfo,
     Runs,
     StepInfo,
+    check_event_name,
     check_run_id,
     check_token,
     connect,
     decode_value,
+    emit,
     encode_value,
     ensure_streams,
     history_subject,
@@ -48,6 +50,7 @@ from natflow_engine.events import RunFailed as RunFailedEvent
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from ._schedules import ScheduleClient
 from ._workflow import Workflow
 
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
@@ -138,6 +141,8 @@ class Client:
         self._conn = nc if isinstance(nc, Connection) else wrap(nc)
         self._runs = Runs(self._conn)
         self._index = RunIndex(self._conn)
+        self.schedules = ScheduleClient(self)
+        """Create, change and read schedules (see :class:`ScheduleClient`)."""
 
     @classmethod
     async def connect(
@@ -248,6 +253,25 @@ class Client:
             )
         await ensure_streams(self._conn)
         await send_signal(self._conn, run_id, name, data, signal_id)
+
+    async def emit(self, name: str, payload: Any = None, *, event_id: str | None = None) -> int:
+        """Publish event ``name`` (``natflow.event.<name>``); durable once this returns.
+
+        Each workflow declared with ``@workflow(on_event=name)`` starts one run with
+        ``payload`` as its input. ``event_id`` (the ``Nats-Msg-Id``) deduplicates: the same id
+        twice starts nothing new. Returns the event's sequence in ``NATFLOW_EVENTS``.
+        """
+        check_event_name(name)
+        if event_id is not None and (
+            not isinstance(event_id, str)
+            or not event_id.isprintable()
+            or not 0 < len(event_id) <= 256
+        ):
+            raise InvalidInput(f"event_id must be 1 to 256 printable characters, not {event_id!r}")
+        data = encode_value(f"payload of event {name!r}", payload)
+        self._conn.check_size(f"payload of event {name!r}", len(data))
+        await ensure_streams(self._conn)
+        return await emit(self._conn, name, data, event_id)
 
     def handle(self, run_id: str, workflow: Workflow | None = None) -> RunHandle:
         """A handle on an existing run (not checked until used)."""

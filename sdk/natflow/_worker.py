@@ -68,6 +68,7 @@ from nats.aio.msg import Msg
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._steps import StepRuntime
+from ._triggers import declare_triggers
 from ._workflow import Workflow
 
 log = logging.getLogger("natflow.worker")
@@ -236,6 +237,7 @@ class Worker:
         ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
         await self._announce()
+        await declare_triggers(self._conn, self._workflows.values(), self.identity)
         log.info(
             "worker %s serving queues %s with workflows %s (lease %g s)",
             self.identity,

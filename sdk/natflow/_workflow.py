@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, overload
 
-from natflow_engine import InvalidInput, RetryPolicy, check_queue, check_workflow_name
+from natflow_engine import (
+    InvalidInput,
+    RetryPolicy,
+    ScheduleSpec,
+    check_event_name,
+    check_queue,
+    check_spec,
+    check_workflow_name,
+    safe_identity,
+    to_seconds,
+)
 
 if TYPE_CHECKING:
     from ._context import WorkflowContext
@@ -29,6 +41,13 @@ class Workflow:
     input_type: Any
     result_type: Any
     takes_input: bool
+    schedule: ScheduleSpec | None = None  # from cron=/every=: the worker keeps it in place
+    on_event: tuple[str, ...] = ()  # events that start a run of this workflow
+
+    @property
+    def schedule_id(self) -> str:
+        """The id of the schedule ``cron=``/``every=`` declares: the name, made a token."""
+        return safe_identity(self.name)[:100]
 
     async def __call__(self, ctx: WorkflowContext, input: Any = None) -> Any:
         if self.takes_input:
@@ -42,7 +61,14 @@ def workflow(fn: WorkflowFn, /) -> Workflow: ...
 
 @overload
 def workflow(
-    *, name: str | None = None, queue: str = DEFAULT_QUEUE, retry: RetryPolicy | None = None
+    *,
+    name: str | None = None,
+    queue: str = DEFAULT_QUEUE,
+    retry: RetryPolicy | None = None,
+    cron: str | None = None,
+    every: float | timedelta | None = None,
+    timezone: str = "UTC",
+    on_event: str | tuple[str, ...] | list[str] = (),
 ) -> Callable[[WorkflowFn], Workflow]: ...
 
 
@@ -53,6 +79,10 @@ def workflow(
     name: str | None = None,
     queue: str = DEFAULT_QUEUE,
     retry: RetryPolicy | None = None,
+    cron: str | None = None,
+    every: float | timedelta | None = None,
+    timezone: str = "UTC",
+    on_event: str | tuple[str, ...] | list[str] = (),
 ) -> Workflow | Callable[[WorkflowFn], Workflow]:
     """Declare a workflow.
 
@@ -66,12 +96,26 @@ def workflow(
         @workflow(name="order", queue="payments", retry=RetryPolicy(max_attempts=5))
         async def order(ctx: WorkflowContext, input: OrderInput) -> Receipt: ...
 
+        @workflow(cron="0 2 * * *", timezone="Europe/Berlin")
+        async def nightly(ctx: WorkflowContext) -> None: ...
+
+        @workflow(on_event="order.created")
+        async def fulfil(ctx: WorkflowContext, order: Order) -> None: ...
+
     The input is decoded into the second parameter's annotation (a msgspec Struct, a
     dataclass, or JSON types); ``retry`` is the default retry policy of the workflow's steps.
+    ``cron`` (or ``every``, in seconds) declares a schedule, id = the workflow's name, that
+    every worker serving the workflow creates or updates when it starts. ``on_event`` names
+    events (``natflow.event.<name>``) that each start one run, the event's body as input.
     """
 
     def decorate(f: WorkflowFn) -> Workflow:
-        return _define(f, name=name, queue=queue, retry=retry)
+        wf = _define(f, name=name, queue=queue, retry=retry)
+        return dataclasses.replace(
+            wf,
+            schedule=_schedule(cron, every, timezone, queue),
+            on_event=_events(on_event),
+        )
 
     if fn is not None:
         return decorate(fn)
@@ -117,3 +161,23 @@ def _define(fn: WorkflowFn, *, name: str | None, queue: str, retry: RetryPolicy 
         result_type=hints.get("return", Any),
         takes_input=len(params) == 2,
     )
+
+
+def _schedule(
+    cron: str | None, every: float | timedelta | None, timezone: str, queue: str
+) -> ScheduleSpec | None:
+    if cron is None and every is None:
+        return None
+    return check_spec(
+        ScheduleSpec(
+            cron=cron,
+            every=None if every is None else to_seconds("every", every),
+            timezone=timezone,
+            queue=queue,
+        )
+    )
+
+
+def _events(on_event: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    names = (on_event,) if isinstance(on_event, str) else tuple(on_event)
+    return tuple(check_event_name(name) for name in names)

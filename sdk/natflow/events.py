@@ -34,6 +34,7 @@ from natflow_engine.events import (
     StepStarted,
     TimerFired,
     TimerScheduled,
+    Trigger,
 )
 
 __all__ = [
@@ -56,4 +57,5 @@ __all__ = [
     "StepStarted",
     "TimerFired",
     "TimerScheduled",
+    "Trigger",
 ]

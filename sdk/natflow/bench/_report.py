@@ -138,6 +138,18 @@ class Timers(msgspec.Struct, kw_only=True):
     early: int
 
 
+class ScheduleFires(msgspec.Struct, kw_only=True):
+    """A schedule firing every second for ``seconds``, served by one engine process.
+    Lateness is each fire's ``run_started`` minus its fire time, both from history."""
+
+    seconds: float
+    fires: int
+    runs: int
+    lateness_ms: Stats
+    exactly_once: bool
+    early: int
+
+
 class KillRestart(msgspec.Struct, kw_only=True):
     """SIGKILL the worker 0.3 s into a 2 s step while another worker runs: the time from the
     kill until the step starts again on the other worker."""
@@ -177,6 +189,7 @@ class BenchReport(msgspec.Struct, kw_only=True):
     replay: list[Replay]
     timers: Timers | None = None
     kill_to_restart: KillRestart | None = None
+    schedules: ScheduleFires | None = None
     pending: dict[str, str]
     targets: list[Target]
 
@@ -422,6 +435,19 @@ def _wait_rows(report: BenchReport) -> list[Row]:
         )
         fired = "exactly once each" if t.fired_once else "NOT exactly once"
         rows.append(("timers: fired", fired, f"{t.early} early", "", ""))
+    if report.schedules is not None:
+        s = report.schedules
+        rows.append(
+            (
+                f"schedule every 1 s for {s.seconds:g} s: lateness p50 / p99",
+                _pair(s.lateness_ms),
+                f"max {_ms(s.lateness_ms.max)}",
+                "",
+                "",
+            )
+        )
+        once = "exactly once each" if s.exactly_once else "NOT exactly once"
+        rows.append(("schedule: fires", f"{s.runs} runs / {s.fires} fires", once, "", ""))
     if report.kill_to_restart is not None:
         k = report.kill_to_restart
         rows.append(

@@ -10,6 +10,9 @@ The phases, each one line of progress on stderr:
 4. **idle start latency**: one-step runs, one at a time, on an otherwise idle system.
 5. **replay**: a fresh process reads and rebuilds runs of 1,000 and 10,000 events.
 
+Then, with a real engine process: timer lateness, kill-to-restart, and a schedule firing every
+second (``--quick``: for 5 s instead of 30 s; lateness and an exactly-once count).
+
 Timer lateness and kill-to-restart (SIGKILL a worker mid-step, time until the step restarts
 elsewhere) are listed under ``pending``; their phases go after phase 5 in :meth:`Bench.run`.
 
@@ -75,6 +78,7 @@ from ._report import (
     KillRestart,
     Raw,
     Replay,
+    ScheduleFires,
     Sequential,
     StartLatency,
     Throughput,
@@ -83,6 +87,7 @@ from ._report import (
     render,
     stats,
 )
+from ._schedules import schedule_lateness
 from ._waits import (
     engine_process,
     engine_ready,
@@ -94,7 +99,7 @@ from ._workflows import BENCH_QUEUE, MARKS_ENV, STEP_NAME, ReplayTimes, bench_st
 
 log = logging.getLogger("natflow.bench")
 
-PHASES = 7
+PHASES = 8
 PENDING: dict[str, str] = {}
 REPLAY_QUEUE = "natflow-bench-replay"  # served by no worker: replay histories stay untouched
 _PAYLOAD = b"x" * 300
@@ -118,6 +123,7 @@ class Sizes:
     timers: int = 200
     timer_sleep: float = 1.5  # over the 1 s a worker would wait for itself: the engine wakes it
     kill_rounds: int = 5
+    schedule_seconds: float = 30.0
 
 
 QUICK = Sizes(
@@ -130,6 +136,7 @@ QUICK = Sizes(
     replay_repeat=3,
     timers=20,
     kill_rounds=1,
+    schedule_seconds=5.0,
 )
 
 
@@ -254,7 +261,7 @@ class Bench:
             throughput = await self.throughput()
             idle = await self.start_latency()
             replay = await self.replay()
-            timers, kill = await self.waits()
+            timers, kill, fires = await self.waits()
             ok = True
         finally:
             if self.server is None:
@@ -275,6 +282,7 @@ class Bench:
             replay=replay,
             timers=timers,
             kill_to_restart=kill,
+            schedules=fires,
             pending=dict(PENDING),
             targets=[],
         )
@@ -632,7 +640,7 @@ class Bench:
 
     # -- 6 and 7. with the engine: timers, kill to restart ---------------------------------
 
-    async def waits(self) -> tuple[Timers, KillRestart]:
+    async def waits(self) -> tuple[Timers, KillRestart, ScheduleFires]:
         with engine_process(self._env, self._dir / "engine.log"):
             await engine_ready(self.client)
             self.progress.begin(f"timers: {self.sizes.timers} sleeps of {self.sizes.timer_sleep} s")
@@ -651,7 +659,16 @@ class Bench:
                 lambda n: pulls_waiting(self.client, n),
             )
             self.progress.end(f"median {kill.restart_ms.p50:.0f} ms")
-        return timers, kill
+            seconds = self.sizes.schedule_seconds
+            self.progress.begin(f"schedule: every 1 s for {seconds:g} s")
+            async with self.workers("schedule", 1):
+                fires, run_ids = await schedule_lateness(
+                    self.client, f"nb-{self.nonce}-every", seconds
+                )
+            self.run_ids.extend(run_ids)
+            f = fires.lateness_ms
+            self.progress.end(f"lateness p50 {f.p50:.1f} ms, p99 {f.p99:.1f} ms")
+        return timers, kill, fires
 
     def _one_worker(self) -> WorkerProcesses:
         n = len(list(self._dir.glob("worker-kill-*.log")))

@@ -1,0 +1,267 @@
+"""CLI commands for triggers: ``natflow schedules ...`` and ``natflow events ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from ._connection import Connection
+from ._durations import to_seconds
+from ._errors import InvalidInput
+from ._schedule_ops import Schedules
+from ._schedules import OVERLAP_POLICIES, ScheduleInfo, ScheduleSpec
+from ._streams import ensure_streams
+from ._triggers import declarations, emit, recent_events, undeclare
+from .events import Trigger
+
+Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
+Command = Callable[[Connection, argparse.Namespace], Awaitable[int]]
+
+
+def describe_trigger(trigger: Trigger) -> str:
+    """One line saying what started a run (``runs show``)."""
+    if trigger.kind == "schedule":
+        fire = trigger.fire_time.isoformat() if trigger.fire_time else "?"
+        return f"schedule {trigger.schedule} (fire time {fire})"
+    return f"event {trigger.event} (#{trigger.event_seq} in NATFLOW_EVENTS)"
+
+
+def register(sub: Any, opener: Opener) -> None:
+    """Add ``schedules`` and ``events`` to the ``natflow`` parser."""
+
+    def bound(command: Command) -> Callable[[argparse.Namespace], Awaitable[int]]:
+        async def handler(args: argparse.Namespace) -> int:
+            conn = await opener(args, "natflow-cli")
+            try:
+                await ensure_streams(conn)
+                return await command(conn, args)
+            finally:
+                await conn.close()
+
+        return handler
+
+    p = sub.add_parser("schedules", help="create, change, fire and inspect schedules")
+    q = p.add_subparsers(
+        dest="schedules_command",
+        required=True,
+        metavar="create|list|describe|pause|resume|trigger|backfill|delete",
+    )
+    c = q.add_parser("create", help="create a schedule")
+    c.add_argument("schedule_id")
+    c.add_argument("workflow")
+    when = c.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help="five cron fields (or @daily ...), read in --timezone")
+    when.add_argument("--every", type=float, help="interval in whole seconds")
+    c.add_argument("--input", default=None, help="the input of each run, as JSON")
+    c.add_argument("--timezone", default="UTC", help="IANA time zone of --cron (default UTC)")
+    c.add_argument("--queue", default="default")
+    c.add_argument("--overlap", default="skip", choices=OVERLAP_POLICIES)
+    c.add_argument("--catchup-window", type=float, default=86400.0, help="seconds (default 1 day)")
+    c.add_argument("--jitter", type=float, default=0.0, help="seconds (default 0)")
+    c.add_argument("--paused", action="store_true")
+    c.add_argument("--note", default=None)
+    c.set_defaults(handler=bound(_create))
+    for name, help_, command in (
+        ("list", "list schedules", _list),
+        ("describe", "show a schedule: next fire times, recent runs, missed fires", _describe),
+        ("pause", "stop firing until resumed", _pause),
+        ("resume", "fire again (fires while paused are not caught up)", _resume),
+        ("trigger", "fire now", _trigger),
+        ("delete", "remove a schedule (its runs go on)", _delete),
+    ):
+        c = q.add_parser(name, help=help_)
+        if name != "list":
+            c.add_argument("schedule_id")
+        if name in ("list", "describe"):
+            c.add_argument("--json", action="store_true")
+        if name in ("pause", "resume"):
+            c.add_argument("--note", default=None)
+        c.set_defaults(handler=bound(command))
+    c = q.add_parser("backfill", help="start every fire time in [START, END] now")
+    c.add_argument("schedule_id")
+    c.add_argument("start", help="ISO time with zone, e.g. 2026-11-01T00:00:00+00:00")
+    c.add_argument("end")
+    c.set_defaults(handler=bound(_backfill))
+
+    p = sub.add_parser("events", help="events that start workflows (natflow.event.<name>)")
+    q = p.add_subparsers(
+        dest="events_command", required=True, metavar="list|triggers|undeclare|emit"
+    )
+    c = q.add_parser("list", help="recent events and the runs they started, newest first")
+    c.add_argument("--limit", type=int, default=20)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(handler=bound(_events))
+    c = q.add_parser("triggers", help="which workflows start on which event")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(handler=bound(_triggers))
+    c = q.add_parser("undeclare", help="stop starting WORKFLOW on EVENT (a worker declares again)")
+    c.add_argument("event")
+    c.add_argument("workflow")
+    c.set_defaults(handler=bound(_undeclare))
+    c = q.add_parser("emit", help="publish an event")
+    c.add_argument("name")
+    c.add_argument("payload", nargs="?", default=None, help="JSON (default: null)")
+    c.add_argument("--event-id", default=None, help="deduplicates: the same id starts once")
+    c.set_defaults(handler=bound(_emit))
+
+
+def _json_arg(what: str, text: str | None) -> bytes:
+    if text is None:
+        return b"null"
+    try:
+        return msgspec.json.encode(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from exc
+
+
+def _print_json(value: Any) -> None:
+    print(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
+
+
+def _time(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(
+            f"{text!r} is not an ISO time such as 2026-11-01T00:00:00+00:00"
+        ) from None
+    if moment.tzinfo is None:
+        raise InvalidInput(f"{text!r} has no time zone; add one, e.g. +00:00")
+    return moment
+
+
+async def _create(conn: Connection, args: argparse.Namespace) -> int:
+    spec = ScheduleSpec(
+        cron=args.cron,
+        every=None if args.every is None else to_seconds("--every", args.every),
+        timezone=args.timezone,
+        queue=args.queue,
+        overlap=args.overlap,
+        catchup_window=to_seconds("--catchup-window", args.catchup_window),
+        jitter=to_seconds("--jitter", args.jitter),
+    )
+    ops = Schedules(conn)
+    data = _json_arg("--input", args.input)
+    created = await ops.create(
+        args.schedule_id, args.workflow, data, spec, paused=args.paused, note=args.note
+    )
+    if not created:
+        raise InvalidInput(f"schedule {args.schedule_id!r} exists; delete it first")
+    _show(await ops.describe(args.schedule_id))
+    return 0
+
+
+async def _list(conn: Connection, args: argparse.Namespace) -> int:
+    found = await Schedules(conn).list()
+    if args.json:
+        _print_json(found)
+        return 0
+    print(f"{'SCHEDULE':24} {'WORKFLOW':18} {'WHEN':22} {'STATE':7} NEXT FIRE")
+    for s in found:
+        state = "paused" if s.paused else "active"
+        next_fire = s.next_fire_times[0].isoformat() if s.next_fire_times else "-"
+        print(f"{s.schedule_id:24} {s.workflow:18} {_when(s):22} {state:7} {next_fire}")
+    return 0
+
+
+def _when(s: ScheduleInfo) -> str:
+    if s.spec.cron is not None:
+        return f"{s.spec.cron} {s.spec.timezone}" if s.spec.timezone != "UTC" else s.spec.cron
+    return f"every {s.spec.every:g} s"
+
+
+def _show(s: ScheduleInfo) -> None:
+    print(f"schedule  {s.schedule_id}" + (" (paused)" if s.paused else ""))
+    print(f"workflow  {s.workflow} (queue {s.spec.queue})")
+    print(f"when      {_when(s)}; overlap {s.spec.overlap}; catch-up {s.spec.catchup_window:g} s")
+    if s.note:
+        print(f"note      {s.note}")
+    for t in s.next_fire_times:
+        print(f"  next    {t.isoformat()}")
+    for f in s.recent_runs[:10]:
+        print(f"  fire    {f.fire_time.isoformat()} {f.action:10} {f.run_id or ''}")
+    if s.missed_count:
+        print(f"missed    {s.missed_count} fire(s), newest {s.missed[0].isoformat()}")
+
+
+async def _describe(conn: Connection, args: argparse.Namespace) -> int:
+    info = await Schedules(conn).describe(args.schedule_id)
+    if args.json:
+        _print_json(info)
+    else:
+        _show(info)
+    return 0
+
+
+async def _pause(conn: Connection, args: argparse.Namespace) -> int:
+    await Schedules(conn).pause(args.schedule_id, args.note)
+    print(f"paused: {args.schedule_id}")
+    return 0
+
+
+async def _resume(conn: Connection, args: argparse.Namespace) -> int:
+    await Schedules(conn).resume(args.schedule_id, args.note)
+    print(f"resumed: {args.schedule_id}")
+    return 0
+
+
+async def _trigger(conn: Connection, args: argparse.Namespace) -> int:
+    print(f"started: {await Schedules(conn).trigger(args.schedule_id)}")
+    return 0
+
+
+async def _backfill(conn: Connection, args: argparse.Namespace) -> int:
+    run_ids = await Schedules(conn).backfill(args.schedule_id, _time(args.start), _time(args.end))
+    for run_id in run_ids:
+        print(f"started: {run_id}")
+    return 0
+
+
+async def _delete(conn: Connection, args: argparse.Namespace) -> int:
+    await Schedules(conn).delete(args.schedule_id)
+    print(f"deleted: {args.schedule_id}")
+    return 0
+
+
+async def _events(conn: Connection, args: argparse.Namespace) -> int:
+    records = await recent_events(conn, limit=args.limit)
+    if args.json:
+        _print_json(records)
+        return 0
+    print(f"{'SEQ':>6} {'EVENT':24} {'STORED':19} RUNS")
+    for r in records:
+        runs = ", ".join(f"{wf}: {run_id or 'none'}" for wf, run_id in r.runs.items()) or "-"
+        print(f"{r.seq:>6} {r.name:24} {r.at:%Y-%m-%d %H:%M:%S} {runs}")
+    return 0
+
+
+async def _triggers(conn: Connection, args: argparse.Namespace) -> int:
+    found = await declarations(conn)
+    if args.json:
+        _print_json(found)
+        return 0
+    print(f"{'EVENT':24} {'WORKFLOW':24} {'QUEUE':12} DECLARED BY")
+    for d in found:
+        print(f"{d.event:24} {d.workflow:24} {d.queue:12} {d.declared_by}")
+    return 0
+
+
+async def _emit(conn: Connection, args: argparse.Namespace) -> int:
+    seq = await emit(conn, args.name, _json_arg("payload", args.payload), args.event_id)
+    print(f"stored: #{seq}")
+    return 0
+
+
+async def _undeclare(conn: Connection, args: argparse.Namespace) -> int:
+    if not await undeclare(conn, args.event, args.workflow):
+        raise InvalidInput(
+            f"workflow {args.workflow!r} does not start on event {args.event!r}; "
+            f"`natflow events triggers` lists what does"
+        )
+    print(f"undeclared: {args.workflow} on {args.event}")
+    return 0

@@ -1,0 +1,355 @@
+"""Event triggers: a JSON message on ``natflow.event.<name>`` starts the workflows that asked.
+
+Any NATS client publishes to ``natflow.event.<name>`` (``name``: tokens of ``[A-Za-z0-9_-]``
+joined by dots, e.g. ``order.created``) and gets a JetStream acknowledgement from
+``NATFLOW_EVENTS``; from then on the event is durable, with or without an engine running.
+
+Which workflows want which event is declared in the KV bucket ``natflow_triggers``: a worker
+writes ``<event name>.<workflow hash>`` for each workflow it serves with
+``@workflow(on_event=...)`` when it starts, holding the workflow, its queue and the JSON
+Schema of its input. Declarations outlive the worker, so an event published while no worker
+runs still starts its runs (they wait in the queue).
+
+The engine's intake reads each event once (a durable consumer shared by all replicas) and,
+for each declaration of its name, starts the run ``ev-<key>-<workflow hash>``, where ``key``
+hashes the event's name and ``Nats-Msg-Id`` (or, without one, its stream sequence): the same message
+delivered twice, or republished with the same ``Nats-Msg-Id`` even after the stream's
+two-minute duplicate window, finds its run there and starts nothing new. A body that is not
+JSON, or does not fit a workflow's input schema, goes to ``NATFLOW_DEADLETTER`` (kind
+``event``) with the reason, and starts no run of that workflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import re
+import uuid
+from datetime import datetime
+from typing import Any, Final
+
+import anyio
+import jsonschema
+import msgspec
+from nats.aio.msg import Msg
+
+from ._connection import Connection, retrying
+from ._errors import InvalidInput, NatflowError
+from ._kv import kv_delete, kv_put, kv_stream
+from ._metrics import EVENT_RUNS, EVENTS_REJECTED
+from ._puller import Puller, engine_consumer
+from ._reader import reader
+from ._runs import Runs
+from ._signals import DeadLetter
+from ._streams import DEADLETTER_PREFIX, EVENT_PREFIX, EVENTS_STREAM, TRIGGERS_BUCKET
+from .events import Trigger, utcnow
+
+log = logging.getLogger("natflow.triggers")
+
+INTAKE: Final = "natflow-engine-events"
+_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_MAX_NAME: Final = 200
+_MAX_SHOWN: Final = 2048
+
+
+class TriggerDeclaration(msgspec.Struct, kw_only=True):
+    """A workflow's wish to start on an event, as a worker wrote it."""
+
+    v: int = 1
+    event: str
+    workflow: str
+    queue: str
+    takes_input: bool = True
+    input_schema: Any = None  # JSON Schema of the input; None accepts any JSON
+    declared_by: str = ""
+    declared_at: datetime
+
+
+class EventRecord(msgspec.Struct, kw_only=True):
+    """One stored event and the runs it started (``natflow events list``)."""
+
+    seq: int
+    name: str
+    at: datetime
+    event_id: str | None
+    payload: str
+    runs: dict[str, str | None]  # workflow -> run id (None: no run, e.g. dead-lettered)
+
+
+_decl_encoder = msgspec.json.Encoder()
+_decl_decoder = msgspec.json.Decoder(TriggerDeclaration)
+
+
+def check_event_name(name: object) -> str:
+    if not isinstance(name, str) or len(name) > _MAX_NAME or _NAME.fullmatch(name) is None:
+        raise InvalidInput(
+            f"invalid event name {name!r}: use tokens of A-Z, a-z, 0-9, '_' and '-' joined "
+            f"by dots, e.g. 'order.created'"
+        )
+    return name
+
+
+def event_subject(name: str) -> str:
+    return f"{EVENT_PREFIX}.{name}"
+
+
+def _short_hash(text: str, size: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:size]
+
+
+def event_run_id(name: str, event_id: str | None, seq: int, workflow: str) -> str:
+    """The run an event starts for ``workflow`` (see the module docstring)."""
+    key = f"id:{name}:{event_id}" if event_id else f"seq:{seq}"
+    return f"ev-{_short_hash(key, 20)}-{_short_hash(workflow, 8)}"
+
+
+# -- declarations ----------------------------------------------------------------------------
+
+
+def _declaration_key(event: str, workflow: str) -> str:
+    return f"{event}.{_short_hash(workflow, 16)}"
+
+
+async def declare(conn: Connection, declaration: TriggerDeclaration) -> None:
+    """Store (or refresh) one workflow's wish to start on an event."""
+    check_event_name(declaration.event)
+    key = _declaration_key(declaration.event, declaration.workflow)
+    await kv_put(conn, TRIGGERS_BUCKET, key, _decl_encoder.encode(declaration))
+
+
+async def undeclare(conn: Connection, event: str, workflow: str) -> bool:
+    """Forget that ``workflow`` starts on ``event``; False if it did not."""
+    check_event_name(event)
+    if workflow not in {d.workflow for d in await declarations(conn, event)}:
+        return False
+    await kv_delete(conn, TRIGGERS_BUCKET, _declaration_key(event, workflow))
+    return True
+
+
+async def declarations(conn: Connection, event: str | None = None) -> list[TriggerDeclaration]:
+    """The declarations of ``event`` (of every event when None), by workflow."""
+    subject = f"$KV.{TRIGGERS_BUCKET}.{event}.*" if event else f"$KV.{TRIGGERS_BUCKET}.>"
+    found: list[TriggerDeclaration] = []
+    sub = await conn.nc.subscribe(conn.nc.new_inbox())
+    try:
+        body = msgspec.json.encode({"multi_last": [subject], "batch": 1024})
+        await conn.nc.publish(
+            f"{conn.api}.DIRECT.GET.{kv_stream(TRIGGERS_BUCKET)}", body, reply=sub.subject
+        )
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            headers = msg.headers or {}
+            if "Status" in headers:
+                break
+            if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+                continue
+            found.append(_decl_decoder.decode(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return sorted(found, key=lambda d: (d.event, d.workflow))
+
+
+# -- publishing and reading events ------------------------------------------------------------
+
+
+async def emit(conn: Connection, name: str, payload: bytes, event_id: str | None) -> int:
+    """Publish an event, retrying through a reconnect; returns its stream sequence.
+
+    Every attempt carries the same ``Nats-Msg-Id`` (``event_id``, or one made here), so a
+    retry of an event that landed unacknowledged is stored once.
+    """
+    check_event_name(name)
+    headers = {"Nats-Msg-Id": event_id or f"natflow-{uuid.uuid4().hex}"}
+    ack = await retrying(
+        f"emitting event {name!r}",
+        lambda: conn.publish(event_subject(name), payload, headers),
+    )
+    return ack.seq
+
+
+async def recent_events(conn: Connection, limit: int = 20) -> list[EventRecord]:
+    """The newest events, newest first, each with the run it started per declared workflow."""
+    info = await conn.jsm.stream_info(EVENTS_STREAM)
+    if info.state.messages == 0:
+        return []
+    start = max(info.state.first_seq, info.state.last_seq - limit + 1)
+    page = await reader(conn).read_all(EVENTS_STREAM, start=start, limit=limit, headers=True)
+    wanted: dict[str, list[TriggerDeclaration]] = {}
+    for decl in await declarations(conn):
+        wanted.setdefault(decl.event, []).append(decl)
+    runs = Runs(conn)
+    records: list[EventRecord] = []
+    for msg in reversed(page.messages):
+        headers = msg.headers or {}
+        subject = headers.get("Nats-Subject", msg.subject)
+        name = subject[len(EVENT_PREFIX) + 1 :]
+        seq = int(headers.get("Nats-Sequence", "0"))
+        event_id = headers.get("Nats-Msg-Id")
+        started: dict[str, str | None] = {}
+        for decl in wanted.get(name, []):
+            run_id = event_run_id(name, event_id, seq, decl.workflow)
+            exists = await runs.history.last(run_id) is not None
+            started[decl.workflow] = run_id if exists else None
+        records.append(
+            EventRecord(
+                seq=seq,
+                name=name,
+                at=_stored_at(headers),
+                event_id=event_id,
+                payload=msg.data[:_MAX_SHOWN].decode(errors="replace"),
+                runs=started,
+            )
+        )
+    return records
+
+
+def _stored_at(headers: dict[str, str]) -> datetime:
+    stamp = headers.get("Nats-Time-Stamp")
+    if not stamp:
+        return utcnow()
+    head, _, fraction = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00")
+
+
+# -- the engine's intake ------------------------------------------------------------------------
+
+
+class BadEvent(Exception):
+    """An event, or its body for one workflow, that starts no run; says why."""
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema_json: bytes) -> jsonschema.Draft202012Validator:
+    """A checked validator per distinct schema (checking a schema costs more than using it)."""
+    schema = msgspec.json.decode(schema_json)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def check_body(decl: TriggerDeclaration, body: Any) -> None:
+    """:class:`BadEvent` if ``body`` does not fit the workflow's declared input schema."""
+    if decl.input_schema is None or not decl.takes_input:
+        return
+    try:
+        validator = _validator(msgspec.json.encode(decl.input_schema))
+        error = jsonschema.exceptions.best_match(validator.iter_errors(body))
+    except jsonschema.exceptions.SchemaError as exc:  # a declaration natflow did not write
+        raise BadEvent(
+            f"workflow {decl.workflow!r} declared an input schema that is not valid JSON "
+            f"Schema ({exc.message}); restart its worker to declare it again"
+        ) from None
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "the body"
+        raise BadEvent(
+            f"body does not fit the input of workflow {decl.workflow!r}: {error.message} "
+            f"(at {where})"
+        )
+
+
+class EventIntake:
+    """Reads each event once and starts one run per declared workflow."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._runs = Runs(conn)
+        self.started = 0
+        self.rejected = 0
+
+    async def run(self) -> None:
+        config = engine_consumer(
+            INTAKE, "natflow engine: start runs from events", f"{EVENT_PREFIX}.>"
+        )
+        await self._conn.admin(
+            "the event intake's consumer",
+            lambda: self._conn.jsm.add_consumer(EVENTS_STREAM, config=config),
+        )
+        puller = Puller(self._conn, EVENTS_STREAM, INTAKE)
+        await puller.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(puller.keep_asking, lambda: 64)
+                async for msg in puller.messages:
+                    await self._take(msg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await puller.stop()
+                except Exception:  # the connection is going away; the server drops the pull
+                    log.debug("unsubscribe failed", exc_info=True)
+
+    async def _take(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        name = msg.subject[len(EVENT_PREFIX) + 1 :]
+        event_id = (msg.headers or {}).get("Nats-Msg-Id")
+        try:
+            try:
+                check_event_name(name)
+                body = msgspec.json.decode(msg.data or b"null")
+            except (InvalidInput, msgspec.DecodeError) as exc:
+                reason = str(exc) if isinstance(exc, InvalidInput) else f"body is not JSON: {exc}"
+                await self._dead(msg, seq, name, "", reason)
+                await msg.ack()
+                return
+            for decl in await declarations(self._conn, name):
+                await self._start(msg, seq, name, event_id, decl, body)
+        except (NatflowError, OSError) as exc:  # the server could not be reached: again soon
+            log.warning("event #%d: could not process (%s); retrying", seq, exc)
+            await msg.nak(delay=1.0)
+            return
+        except Exception:  # a bug must not stop the intake: say so, try again later
+            log.exception("event #%d: could not process; retrying in 10 s", seq)
+            await msg.nak(delay=10.0)
+            return
+        await msg.ack()
+
+    async def _start(
+        self,
+        msg: Msg,
+        seq: int,
+        name: str,
+        event_id: str | None,
+        decl: TriggerDeclaration,
+        body: Any,
+    ) -> None:
+        run_id = event_run_id(name, event_id, seq, decl.workflow)
+        try:
+            check_body(decl, body)
+        except BadEvent as bad:
+            await self._dead(msg, seq, name, run_id, str(bad))
+            return
+        try:
+            _, created = await self._runs.start(
+                decl.workflow,
+                decl.queue,
+                msg.data or b"null",
+                run_id,
+                trigger=Trigger(kind="event", event=name, event_seq=seq),
+            )
+        except InvalidInput as exc:  # retrying would not help
+            await self._dead(msg, seq, name, run_id, f"workflow {decl.workflow!r}: {exc}")
+            return
+        if created:
+            self.started += 1
+            EVENT_RUNS.inc()
+            log.info("event %s #%d started run %s of %s", name, seq, run_id, decl.workflow)
+
+    async def _dead(self, msg: Msg, seq: int, name: str, run_id: str, reason: str) -> None:
+        self.rejected += 1
+        EVENTS_REJECTED.inc()
+        letter = DeadLetter(
+            kind="event",
+            subject=msg.subject,
+            run_id=run_id,
+            name=name,
+            reason=reason,
+            signal_seq=seq,
+            at=utcnow(),
+            payload=msg.data[:_MAX_SHOWN].decode(errors="replace"),
+        )
+        await self._conn.publish(
+            f"{DEADLETTER_PREFIX}.event.{run_id or '_'}",
+            msgspec.json.encode(letter),
+            {"Nats-Msg-Id": f"event-{seq}-{run_id}"},
+        )
+        log.warning("event %s (#%d) dead-lettered: %s", name, seq, reason)
