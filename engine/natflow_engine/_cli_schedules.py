@@ -45,26 +45,45 @@ def register(sub: Any, opener: Opener) -> None:
 
         return handler
 
-    p = sub.add_parser("schedules", help="create, change, fire and inspect schedules")
+    p = sub.add_parser(
+        "schedules",
+        help="create, change, fire and inspect schedules",
+        description="Schedules start a workflow on a cron or an interval; the engine fires them.",
+    )
     q = p.add_subparsers(
         dest="schedules_command",
         required=True,
         metavar="create|list|describe|pause|resume|trigger|backfill|delete",
     )
-    c = q.add_parser("create", help="create a schedule")
-    c.add_argument("schedule_id")
-    c.add_argument("workflow")
+    c = q.add_parser("create", help="create a schedule", description="Create a schedule.")
+    c.add_argument("schedule_id", help="the schedule's id ([A-Za-z0-9_-])")
+    c.add_argument("workflow", help="the workflow each fire starts")
     when = c.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help="five cron fields (or @daily ...), read in --timezone")
     when.add_argument("--every", type=float, help="interval in whole seconds")
     c.add_argument("--input", default=None, help="the input of each run, as JSON")
     c.add_argument("--timezone", default="UTC", help="IANA time zone of --cron (default UTC)")
-    c.add_argument("--queue", default="default")
-    c.add_argument("--overlap", default="skip", choices=OVERLAP_POLICIES)
-    c.add_argument("--catchup-window", type=float, default=86400.0, help="seconds (default 1 day)")
-    c.add_argument("--jitter", type=float, default=0.0, help="seconds (default 0)")
-    c.add_argument("--paused", action="store_true")
-    c.add_argument("--note", default=None)
+    c.add_argument("--queue", default="default", help="queue of the runs (default: default)")
+    c.add_argument(
+        "--overlap",
+        default="skip",
+        choices=OVERLAP_POLICIES,
+        help="what a fire does while the last run is open (default: skip)",
+    )
+    c.add_argument(
+        "--catchup-window",
+        type=float,
+        default=86400.0,
+        help="seconds; older missed fires are recorded, not started (default 86400.0)",
+    )
+    c.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="seconds of random delay added to each fire (default 0.0)",
+    )
+    c.add_argument("--paused", action="store_true", help="create it paused")
+    c.add_argument("--note", default=None, help="a note shown by describe")
     c.set_defaults(handler=bound(_create))
     for name, help_, command in (
         ("list", "list schedules", _list),
@@ -74,37 +93,57 @@ def register(sub: Any, opener: Opener) -> None:
         ("trigger", "fire now", _trigger),
         ("delete", "remove a schedule (its runs go on)", _delete),
     ):
-        c = q.add_parser(name, help=help_)
+        c = q.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".")
         if name != "list":
-            c.add_argument("schedule_id")
+            c.add_argument("schedule_id", help="the schedule's id")
         if name in ("list", "describe"):
-            c.add_argument("--json", action="store_true")
+            c.add_argument("--json", action="store_true", help="print JSON")
         if name in ("pause", "resume"):
-            c.add_argument("--note", default=None)
+            c.add_argument("--note", default=None, help="why (shown by describe)")
         c.set_defaults(handler=bound(command))
-    c = q.add_parser("backfill", help="start every fire time in [START, END] now")
-    c.add_argument("schedule_id")
+    c = q.add_parser(
+        "backfill",
+        help="start every fire time in [START, END] now",
+        description="Start every fire time in [START, END] now.",
+    )
+    c.add_argument("schedule_id", help="the schedule's id")
     c.add_argument("start", help="ISO time with zone, e.g. 2026-11-01T00:00:00+00:00")
-    c.add_argument("end")
+    c.add_argument("end", help="ISO time with zone")
     c.set_defaults(handler=bound(_backfill))
 
-    p = sub.add_parser("events", help="events that start workflows (natflow.event.<name>)")
+    p = sub.add_parser(
+        "events",
+        help="events that start workflows (natflow.event.<name>)",
+        description="Events on natflow.event.<name> start the workflows declared for them.",
+    )
     q = p.add_subparsers(
         dest="events_command", required=True, metavar="list|triggers|undeclare|emit"
     )
-    c = q.add_parser("list", help="recent events and the runs they started, newest first")
-    c.add_argument("--limit", type=int, default=20)
-    c.add_argument("--json", action="store_true")
+    c = q.add_parser(
+        "list",
+        help="recent events and the runs they started, newest first",
+        description="Recent events and the runs they started, newest first.",
+    )
+    c.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(handler=bound(_events))
-    c = q.add_parser("triggers", help="which workflows start on which event")
-    c.add_argument("--json", action="store_true")
+    c = q.add_parser(
+        "triggers",
+        help="which workflows start on which event",
+        description="Which workflows start on which event.",
+    )
+    c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(handler=bound(_triggers))
-    c = q.add_parser("undeclare", help="stop starting WORKFLOW on EVENT (a worker declares again)")
-    c.add_argument("event")
-    c.add_argument("workflow")
+    c = q.add_parser(
+        "undeclare",
+        help="stop starting WORKFLOW on EVENT (a worker declares again)",
+        description="Stop starting WORKFLOW on EVENT (a worker serving it declares it again).",
+    )
+    c.add_argument("event", help="the event name")
+    c.add_argument("workflow", help="the workflow name")
     c.set_defaults(handler=bound(_undeclare))
-    c = q.add_parser("emit", help="publish an event")
-    c.add_argument("name")
+    c = q.add_parser("emit", help="publish an event", description="Publish an event.")
+    c.add_argument("name", help="the event name (tokens of [A-Za-z0-9_-] joined by dots)")
     c.add_argument("payload", nargs="?", default=None, help="JSON (default: null)")
     c.add_argument("--event-id", default=None, help="deduplicates: the same id starts once")
     c.set_defaults(handler=bound(_emit))
