@@ -33,6 +33,8 @@ from ._runs import Runs
 from ._server import EmbeddedServer
 from ._state import fold_steps
 from ._streams import ensure_streams, history_subject
+from .console._cli import add_ui_options, serve_console
+from .console._cli import register as register_console
 
 log = logging.getLogger("natflow.cli")
 
@@ -224,12 +226,29 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         conn = await connect(server.url, name="natflow-engine")
         serve_metrics(args.metrics_port, args.metrics_host)
         try:
-            await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
+            await _until_signalled(lambda: _dev_services(conn, args, server.url))
         finally:
             await conn.close()
     finally:
         server.stop()
     return 0
+
+
+async def _dev_services(conn: Connection, args: argparse.Namespace, url: str) -> None:
+    """The engine, and the console unless ``--ui-port 0``."""
+    engine = Engine(conn, metrics_interval=args.metrics_interval)
+    if not args.ui_port:
+        await engine.run()
+        return
+    console_conn = await connect(url, name="natflow-console")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                serve_console, console_conn, args.ui_host, args.ui_port, args.ui_access_token, url
+            )
+            await engine.run()
+    finally:
+        await console_conn.close()
 
 
 # -- the parser --------------------------------------------------------------------------
@@ -290,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="embedded nats-server (nats.conf) plus the engine services")
     p.add_argument("--config", default=default_conf)
     add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
+    add_ui_options(p, prefix="ui-")
     p.set_defaults(handler=cmd_dev)
 
     p = sub.add_parser("server", help="embedded nats-server with nats.conf")
@@ -326,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_runs)
 
     register_ops(sub, open_connection)
+    register_console(sub, open_connection)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):
         entry.load()(sub)
     return parser
