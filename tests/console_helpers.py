@@ -49,7 +49,7 @@ async def served_console(url: str, *, token: str | None = None) -> AsyncIterator
 
 @asynccontextmanager
 async def chromium(profile: Path, *, width: int = 1280, height: int = 860) -> AsyncIterator[Any]:
-    """A page in a fresh Chromium profile."""
+    """A browser context on a fresh Chromium profile (starting one takes seconds: share it)."""
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} is missing: `make system-deps` installs Debian's chromium")
     from playwright.async_api import async_playwright
@@ -66,8 +66,7 @@ async def chromium(profile: Path, *, width: int = 1280, height: int = 860) -> As
         )
         try:
             context.set_default_timeout(15_000)
-            page = context.pages[0] if context.pages else await context.new_page()
-            yield page
+            yield context
         finally:
             await context.close()
 

@@ -17,15 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 from natflow import Client
-from natflow_engine._registry import WorkerInfo, announce
+from natflow_engine._registry import WorkerInfo, announce, ping_subject
 from natflow_engine._server import EmbeddedServer
 
 from tests.console_helpers import chromium, http, served_console
 from tests.helpers import ROOT, running_worker, stop, wait_for
-from tests.workflows_console import GATES, WORKFLOWS, approval, checkout, greet, pipeline
+from tests.workflows_console import GATES, WORKFLOWS, approval, pipeline
 
 
 @pytest.fixture
@@ -38,32 +37,47 @@ async def console(nats_server: EmbeddedServer, engine: Any, client: Client) -> A
         yield base
 
 
+@pytest.fixture(scope="module")
+async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    """One Chromium for the module (a fresh profile); each test opens its own page."""
+    async with chromium(tmp_path_factory.mktemp("chromium") / "profile") as context:
+        yield context
+
+
+@pytest.fixture
+async def page(browser: Any) -> AsyncIterator[Any]:
+    opened = await browser.new_page()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
 async def _status(page: Any) -> str:
     status: str = await page.get_attribute("#run-status", "data-status")
     return status
 
 
-async def test_runs_page_to_a_live_run(console: str, client: Client, tmp_path: Path) -> None:
+async def test_runs_page_to_a_live_run(console: str, client: Client, page: Any) -> None:
     """Click a running run on the runs page; its steps appear as they complete, no reload."""
     handle = await client.start(pipeline, {"stages": 3}, run_id="pipeline-live")
     await wait_for(lambda: _is(client, handle.run_id, "running"), what="the run to start")
-    async with chromium(tmp_path / "profile") as page:
-        await page.goto(f"{console}/runs")
-        await page.locator('a.mono:text-is("pipeline-live")').click()
-        await page.wait_for_url(f"{console}/runs/pipeline-live")
-        await page.evaluate("window.__sameDocument = true")
-        completed = page.locator('#steps tr.step[data-status="completed"]')
-        assert await completed.count() == 0
-        for stage in (1, 2, 3):
-            GATES[handle.run_id, stage].set()
-            await page.locator(
-                f'#steps tr.step[data-step="stage-{stage}"][data-status="completed"]'
-            ).wait_for()
-            assert await completed.count() == stage
-        await page.locator('#run-status[data-status="completed"]').wait_for()
-        assert await page.evaluate("window.__sameDocument === true"), "the page reloaded"
-        assert '"stages": 3' in await page.inner_text("#outcome")
-        assert await page.locator("#timeline .tl-bar").count() == 3
+    await page.goto(f"{console}/runs")
+    await page.locator('a.mono:text-is("pipeline-live")').click()
+    await page.wait_for_url(f"{console}/runs/pipeline-live")
+    await page.evaluate("window.__sameDocument = true")
+    completed = page.locator('#steps tr.step[data-status="completed"]')
+    assert await completed.count() == 0
+    for stage in (1, 2, 3):
+        GATES[handle.run_id, stage].set()
+        await page.locator(
+            f'#steps tr.step[data-step="stage-{stage}"][data-status="completed"]'
+        ).wait_for()
+        assert await completed.count() == stage
+    await page.locator('#run-status[data-status="completed"]').wait_for()
+    assert await page.evaluate("window.__sameDocument === true"), "the page reloaded"
+    assert '"stages": 3' in await page.inner_text("#outcome")
+    assert await page.locator("#timeline .tl-bar").count() == 3
 
 
 async def _is(client: Client, run_id: str, status: str) -> bool:
@@ -71,41 +85,165 @@ async def _is(client: Client, run_id: str, status: str) -> bool:
 
 
 async def test_signal_from_the_page_resumes_the_run(
-    console: str, client: Client, tmp_path: Path
+    console: str, client: Client, page: Any
 ) -> None:
     handle = await client.start(approval, {"order": "B-7"}, run_id="needs-approval")
     await wait_for(lambda: _is(client, handle.run_id, "waiting"), what="the signal wait")
-    async with chromium(tmp_path / "profile") as page:
-        await page.goto(f"{console}/runs/needs-approval")
-        assert await _status(page) == "waiting"
-        await page.fill('.signal-form input[name="name"]', "approved")
-        await page.fill('.signal-form textarea[name="payload"]', "{by: ana}")  # not JSON
-        await page.click('.signal-form button[type="submit"]')
-        error = page.locator(".signal-form .field-error")
-        await error.wait_for()
-        assert "Not valid JSON" in await error.inner_text()
-        assert page.url.endswith("/runs/needs-approval"), "bad JSON must not be sent"
-        await page.fill('.signal-form textarea[name="payload"]', '{"by": "ana"}')
-        await page.click('.signal-form button[type="submit"]')
-        await page.locator(".notice").wait_for()
-        assert "Signal 'approved' sent" in await page.inner_text(".notice")
-        await page.locator('#run-status[data-status="completed"]').wait_for()
-        assert '"approved_by"' in await page.inner_text("#outcome")
-        assert "ana" in await page.inner_text("#outcome")
-        assert await page.locator('#steps tr.step[data-step="ship"]').count() == 1
+    await page.goto(f"{console}/runs/needs-approval")
+    assert await _status(page) == "waiting"
+    await page.fill('.signal-form input[name="name"]', "approved")
+    await page.fill('.signal-form textarea[name="payload"]', "{by: ana}")  # not JSON
+    await page.click('.signal-form button[type="submit"]')
+    error = page.locator(".signal-form .field-error")
+    await error.wait_for()
+    assert "Not valid JSON" in await error.inner_text()
+    assert page.url.endswith("/runs/needs-approval"), "bad JSON must not be sent"
+    await page.fill('.signal-form textarea[name="payload"]', '{"by": "ana"}')
+    await page.click('.signal-form button[type="submit"]')
+    await page.locator(".notice").wait_for()
+    assert "Signal 'approved' sent" in await page.inner_text(".notice")
+    await page.locator('#run-status[data-status="completed"]').wait_for()
+    assert '"approved_by"' in await page.inner_text("#outcome")
+    assert "ana" in await page.inner_text("#outcome")
+    assert await page.locator('#steps tr.step[data-step="ship"]').count() == 1
     assert (await handle.result(timeout=5))["approved_by"] == {"by": "ana"}
 
 
-async def test_cancel_from_the_page_ends_the_run(
-    console: str, client: Client, tmp_path: Path
-) -> None:
+async def test_cancel_from_the_page_ends_the_run(console: str, client: Client, page: Any) -> None:
     handle = await client.start(approval, {"order": "C-1"}, run_id="to-cancel")
     await wait_for(lambda: _is(client, handle.run_id, "waiting"), what="the signal wait")
-    async with chromium(tmp_path / "profile") as page:
-        await page.goto(f"{console}/runs/to-cancel")
-        await page.fill('form[action$="/action/cancel"] input[name="reason"]', "customer left")
-        await page.click('form[action$="/action/cancel"] button')
-        await page.locator('#run-status[data-status="cancelled"]').wait_for()
-        assert "customer left" in await page.inner_text("#outcome")
-        assert "nothing more can be done" in await page.inner_text("#actions")
+    await page.goto(f"{console}/runs/to-cancel")
+    await page.fill('form[action$="/action/cancel"] input[name="reason"]', "customer left")
+    await page.click('form[action$="/action/cancel"] button')
+    await page.locator('#run-status[data-status="cancelled"]').wait_for()
+    assert "customer left" in await page.inner_text("#outcome")
+    assert "nothing more can be done" in await page.inner_text("#actions")
     assert (await client.describe("to-cancel")).status == "cancelled"
+
+
+def _text(html: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)).replace("&#39;", "'")
+
+
+async def test_bad_input_gets_a_message_on_the_page_never_a_traceback(
+    console: str, client: Client
+) -> None:
+    handle = await client.start(approval, {"order": "D-1"}, run_id="bad-input")
+    await wait_for(lambda: _is(client, handle.run_id, "waiting"), what="the signal wait")
+    cases: list[tuple[str, dict[str, str] | None, int, str]] = [
+        ("/runs?since=yesterday-ish", None, 400, "since 'yesterday-ish' is not a time"),
+        ("/runs?status=sleepy", None, 400, "status 'sleepy' is not one of"),
+        ("/runs?workflow=a.b", None, 400, "workflow 'a.b' is not a valid name"),
+        ("/runs?before=abc", None, 400, "is not a page position"),
+        ("/runs?run_id=no-such-run", None, 400, "no run has the id 'no-such-run'"),
+        ("/runs/no-such-run", None, 404, "no run with id 'no-such-run'"),
+        ("/runs/bad.id", None, 400, "run_id 'bad.id': use 1 to 128 characters"),
+        ("/nowhere", None, 404, "Not found"),
+        ("/runs/bad-input/signal", {"name": "approved", "payload": "{by: x}"}, 400,
+         "the payload is not valid JSON"),
+        ("/runs/bad-input/signal", {"name": "", "payload": ""}, 400, "the signal needs a name"),
+        ("/runs/bad-input/signal", {"name": "a b", "payload": ""}, 400, "invalid signal name"),
+        ("/runs/bad-input/action/explode", {}, 400, "there is no action 'explode'"),
+        ("/start", {"workflow": "", "input": ""}, 400, "workflow name"),
+        ("/start", {"workflow": "greet", "input": "[1,"}, 400, "the input is not valid JSON"),
+        ("/start", {"workflow": "greet", "queue": "a b", "input": "{}"}, 400, "queue"),
+    ]  # fmt: skip
+    for path, form, status, message in cases:
+        got, body, _ = await http(console + path, form)
+        assert got == status, (path, got, _text(body)[:300])
+        assert message in _text(body), (path, _text(body)[:600])
+        assert "Traceback" not in body and 'File "' not in body
+    # a form sent from another site is refused
+    got, body, _ = await http(
+        console + "/runs/bad-input/action/cancel", {}, {"Origin": "http://evil.example"}
+    )
+    assert got == 403 and "another site" in _text(body)
+    assert (await client.describe("bad-input")).status == "waiting", "nothing was sent"
+
+
+async def test_start_form_checks_the_announced_input_schema(
+    nats_server: EmbeddedServer, console: str, client: Client, page: Any
+) -> None:
+    """A worker that announces an input schema: the form refuses input that does not fit,
+    naming the field, and starts the run when it fits."""
+    now = datetime.now(UTC)
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "minLength": 1}},
+        "required": ["name"],
+    }
+    # a worker that announces a schema (and answers the engine's pings, so it counts as live)
+    nc = client.connection.nc
+
+    async def pong(msg: Any) -> None:
+        await msg.respond(b"")
+
+    await nc.subscribe(ping_subject("schema-worker"), cb=pong)
+    await announce(
+        client.connection,
+        WorkerInfo(
+            identity="schema-worker",
+            host="test",
+            pid=os.getpid(),
+            queues=["console"],
+            workflows=["greet"],
+            started_at=now,
+            heartbeat_at=now,
+            lease_ttl=30,
+            input_schemas={"greet": schema},
+        ),
+    )
+    await page.goto(f"{console}/start?workflow=greet")
+    await page.fill('textarea[name="input"]', '{"name": 7}')
+    await page.click(".start-form button")
+    await page.locator(".error-box").wait_for()
+    assert "input['name'] does not fit the input schema of 'greet'" in await page.inner_text(
+        ".error-box"
+    )
+    assert await page.input_value('textarea[name="input"]') == '{"name": 7}', "input kept"
+    await page.fill('textarea[name="input"]', '{"name": "Ana"}')
+    await page.fill('input[name="run_id"]', "from-the-form")
+    await page.click(".start-form button")
+    await page.wait_for_url(re.compile(r"/runs/from-the-form"))
+    await page.locator('#run-status[data-status="completed"]').wait_for()
+    assert "hello Ana" in await page.inner_text("#outcome")
+
+
+async def test_access_token_and_natflow_ui(nats_server: EmbeddedServer, tmp_path: Path) -> None:
+    """`natflow ui --access-token`: without the token every page says how to get in; with it
+    (once, as ?token=) a cookie lets the browser in; the token is never printed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "s3cret-console-token"
+    log = tmp_path / "ui.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 (a real process, started once)
+            [sys.executable, "-m", "natflow_engine", "--url", nats_server.url, "ui",
+             "--port", str(port), "--access-token", secret],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        async def listening() -> bool:
+            return "natflow console at" in log.read_text()
+
+        await wait_for(listening, timeout=30, what="natflow ui to listen")
+        got, body, _ = await http(base + "/runs")
+        assert got == 401 and "needs its access token" in _text(body)
+        got, _, headers = await http(base + "/runs?token=wrong")
+        assert got == 401
+        got, _, headers = await http(base + f"/runs?token={secret}&status=failed")
+        assert got == 303 and headers["location"] == "/runs?status=failed"
+        cookie = headers["set-cookie"].split(";")[0]
+        assert secret not in cookie
+        got, body, _ = await http(base + "/runs", headers={"Cookie": cookie})
+        assert got == 200 and "Runs" in body
+        got, _, _ = await http(base + "/runs", headers={"Authorization": f"Bearer {secret}"})
+        assert got == 200
+    finally:
+        stop(proc, 15)
+    assert secret not in log.read_text()
