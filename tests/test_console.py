@@ -24,7 +24,7 @@ from natflow_engine._server import EmbeddedServer
 
 from tests.console_helpers import chromium, http, served_console
 from tests.helpers import ROOT, running_worker, stop, wait_for
-from tests.workflows_console import GATES, WORKFLOWS, approval, pipeline
+from tests.workflows_console import GATES, WORKFLOWS, approval, checkout, greet, pipeline
 
 
 @pytest.fixture
@@ -247,3 +247,59 @@ async def test_access_token_and_natflow_ui(nats_server: EmbeddedServer, tmp_path
     finally:
         stop(proc, 15)
     assert secret not in log.read_text()
+
+
+DOCS = ROOT / "docs"
+
+
+async def _settled(client: Client, expected: dict[str, str]) -> bool:
+    for run_id, status in expected.items():
+        if (await client.describe(run_id)).status != status:
+            return False
+    listed = {r.run_id: r.status for r in await client.list(limit=100)}
+    return all(listed.get(run_id) == status for run_id, status in expected.items())
+
+
+async def test_screenshots_and_phone_layout(console: str, client: Client, page: Any) -> None:
+    """Saves docs/console-runs.png and docs/console-run-failed.png (shown in the README), and
+    checks both pages fit a phone's width without sideways scrolling."""
+    expected: dict[str, str] = {}
+    for name in ("ana", "bo", "chen", "dara", "emil"):
+        await client.start(greet, {"name": name}, run_id=f"greet-{name}")
+        expected[f"greet-{name}"] = "completed"
+    for order in ("order-1041", "order-1043"):
+        await client.start(approval, {"order": order}, run_id=f"approve-{order}")
+        expected[f"approve-{order}"] = "waiting"
+    await client.start(checkout, {"order": "order-1042", "total": 129.9}, run_id="checkout-1042")
+    expected["checkout-1042"] = "failed"
+    await client.start(approval, {"order": "order-1039"}, run_id="approve-order-1039")
+    expected["approve-order-1039"] = "waiting"
+    await client.start(pipeline, {"stages": 4}, run_id="nightly-export")
+    GATES["nightly-export", 1].set()
+    expected["nightly-export"] = "running"
+    await wait_for(lambda: _settled(client, expected), timeout=30, what="the runs to settle")
+    await client.cancel("approve-order-1039", reason="order withdrawn")
+    expected["approve-order-1039"] = "cancelled"
+    await wait_for(lambda: _settled(client, expected), timeout=30, what="the cancellation")
+
+    await page.set_viewport_size({"width": 1280, "height": 820})
+    await page.goto(f"{console}/runs")
+    await page.locator('.count[data-status="completed"] b:text-is("5")').wait_for()
+    await page.locator('.count[data-status="failed"] b:text-is("1")').wait_for()
+    DOCS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(DOCS / "console-runs.png"))
+    await page.goto(f"{console}/runs/checkout-1042")
+    await page.locator('#steps tr.step[data-step="charge-card"][data-status="failed"]').wait_for()
+    assert "CardDeclined" in await page.inner_text("#outcome")
+    assert "Traceback" in await page.inner_text("#outcome")
+    await page.screenshot(path=str(DOCS / "console-run-failed.png"), full_page=True)
+
+    await page.set_viewport_size({"width": 390, "height": 844})
+    for path in ("/runs", "/runs/checkout-1042", "/workers", "/start"):
+        await page.goto(console + path)
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 1, f"{path} scrolls sideways on a phone by {overflow}px"
+    for stage in range(1, 5):
+        GATES["nightly-export", stage].set()
