@@ -225,6 +225,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         conn = await opener()
+        for name in templates.env.list_templates():  # compile now, not on the first request
+            templates.get_template(name)
         counts = StatusCounts()
         app.state.console = Console(conn=conn, counts=counts, server=server)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Final
 
 import anyio
@@ -26,11 +27,23 @@ _entry_decoder = msgspec.json.Decoder(IndexEntry)
 _RETRY: Final = 2.0
 
 
+class Row:
+    """What the console keeps in memory of one run: enough to count and filter it."""
+
+    __slots__ = ("created_at", "hseq", "queue", "run_id", "status", "updated_at", "workflow")
+
+    def __init__(self, entry: IndexEntry) -> None:
+        info = entry.info
+        self.run_id, self.hseq, self.status = info.run_id, entry.hseq, info.status
+        self.workflow, self.queue = info.workflow, info.queue
+        self.created_at, self.updated_at = info.created_at, info.updated_at
+
+
 class StatusCounts:
-    """Counts of runs per status, kept current; ``changed`` fires on every change."""
+    """Counts of runs per status, kept current, and a small row per run for filtering."""
 
     def __init__(self) -> None:
-        self._runs: dict[str, tuple[int, str, str, str]] = {}  # id -> hseq, status, wf, queue
+        self._runs: dict[str, Row] = {}
         self.by_status: Counter[str] = Counter()
         self.workflows: Counter[str] = Counter()
         self.queues: Counter[str] = Counter()
@@ -43,15 +56,15 @@ class StatusCounts:
         info = entry.info
         old = self._runs.get(info.run_id)
         if old is not None:
-            if old[0] >= entry.hseq:
+            if old.hseq >= entry.hseq:
                 return
-            self.by_status[old[1]] -= 1
+            self.by_status[old.status] -= 1
         else:
             self.workflows[info.workflow] += 1
             self.queues[info.queue] += 1
             if info.parent is not None:
                 self._children.setdefault(info.parent, []).append(info.run_id)
-        self._runs[info.run_id] = (entry.hseq, info.status, info.workflow, info.queue)
+        self._runs[info.run_id] = Row(entry)
         self.by_status[info.status] += 1
         self.version += 1
 
@@ -68,6 +81,15 @@ class StatusCounts:
     def children(self, run_id: str) -> list[str]:
         """Runs started as children of ``run_id`` (as far as the index knows)."""
         return list(self._children.get(run_id, ()))
+
+    def select(
+        self, matches: Callable[[Row], bool], offset: int, size: int
+    ) -> tuple[list[str], int]:
+        """Ids of the matching runs ``offset..offset+size``, most recently changed first,
+        and how many match in all."""
+        found = [row for row in self._runs.values() if matches(row)]
+        found.sort(key=lambda row: (row.updated_at, row.run_id), reverse=True)
+        return [row.run_id for row in found[offset : offset + size]], len(found)
 
     @property
     def total(self) -> int:

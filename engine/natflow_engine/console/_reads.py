@@ -28,6 +28,7 @@ from .._signals import DeadLetter, dead_letters
 from .._state import RunInfo, StepInfo, fold_run, fold_steps
 from .._streams import RUNS_STREAM, ensure_streams, runs_subject
 from ..events import Event
+from ._counts import Row, StatusCounts
 
 log = logging.getLogger("natflow.console")
 
@@ -48,7 +49,7 @@ class RunFilter:
     since: datetime | None = None  # created at or after
     until: datetime | None = None  # created before
 
-    def matches(self, run: RunInfo) -> bool:
+    def matches(self, run: RunInfo | Row) -> bool:
         return (
             (self.workflow is None or run.workflow == self.workflow)
             and (self.status is None or run.status == self.status)
@@ -70,6 +71,38 @@ class RunPage:
     older: int | None = None  # cursor: pass as ``before`` for the next page (None: no more)
     scanned: int = 0  # index entries read to make this page
     exhausted_budget: bool = False  # stopped at the scan budget before the page was full
+    matching: int | None = None  # how many runs match in all (when the live index knows)
+    offset: int = 0  # position of the first run shown among the matching ones
+
+
+async def select_runs(
+    conn: Connection, counts: StatusCounts, where: RunFilter, offset: int, size: int = PAGE_SIZE
+) -> RunPage:
+    """A filtered page from the console's live index: any page costs the same."""
+    ids, matching = counts.select(where.matches, offset, size)
+    return RunPage(runs=await entries_for(conn, ids), matching=matching, offset=offset)
+
+
+async def entries_for(conn: Connection, run_ids: list[str]) -> list[RunInfo]:
+    """The index entries of these runs (one batch read), in the order asked."""
+    if not run_ids:
+        return []
+    body = msgspec.json.encode(
+        {"multi_last": [runs_subject(r) for r in run_ids], "batch": len(run_ids)}
+    )
+    found: dict[str, RunInfo] = {}
+    sub = await conn.nc.subscribe(conn.nc.new_inbox())
+    try:
+        await conn.nc.publish(f"{conn.api}.DIRECT.GET.{RUNS_STREAM}", body, reply=sub.subject)
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            if "Status" in (msg.headers or {}):
+                break
+            info = _entry_decoder.decode(msg.data).info
+            found[info.run_id] = info
+    finally:
+        await sub.unsubscribe()
+    return [found[r] for r in run_ids if r in found]
 
 
 async def _index_bounds(conn: Connection) -> tuple[int, int]:

@@ -83,7 +83,7 @@ def _cursor(text: str | None) -> int | None:
     if not text:
         return None
     if not text.isdigit():
-        raise InvalidInput(f"before={text!r} is not a page position; use the page links")
+        raise InvalidInput(f"{text!r} is not a page position; use the page links")
     return int(text)
 
 
@@ -108,24 +108,31 @@ async def runs_page(request: Request) -> Response:
                 raise InvalidInput(f"no run has the id {run_id!r}")
             return RedirectResponse(f"/runs/{run_id}", status_code=303)
         where = read_filter(params)
-        context["page"] = await reads.list_runs(
-            state.conn, where, before=_cursor(params.get("before"))
-        )
+        offset = _cursor(params.get("offset"))
+        if where.active and state.counts.loaded:
+            # filtered: the live index finds the matches, at the same cost for any page
+            context["page"] = await reads.select_runs(state.conn, state.counts, where, offset or 0)
+        else:  # newest first straight from the index stream: cost of one page, cold or not
+            context["page"] = await reads.list_runs(
+                state.conn, where, before=_cursor(params.get("before"))
+            )
     except InvalidInput as exc:
         context["error"] = str(exc)
         return page(request, "runs.html", context, status=400)
-    context["older_query"] = _older_query(params, context["page"].older)
-    context["newest_query"] = urlencode(
-        {k: v for k, v in params.items() if k not in ("before", "notice") and v}
+    shown: reads.RunPage = context["page"]
+    kept = {k: v for k, v in params.items() if k not in ("before", "offset", "notice") and v}
+    context["newest_query"] = urlencode(kept)
+    context["older_query"] = (
+        None if shown.older is None else urlencode({**kept, "before": shown.older})
     )
+    if shown.matching is not None:
+        after = shown.offset + len(shown.runs)
+        back = max(0, shown.offset - reads.PAGE_SIZE)
+        context["older_query"] = (
+            urlencode({**kept, "offset": after}) if after < shown.matching else None
+        )
+        context["newer_query"] = urlencode({**kept, "offset": back}) if shown.offset else None
     return page(request, "runs.html", context)
-
-
-def _older_query(params: Any, older: int | None) -> str | None:
-    if older is None:
-        return None
-    kept = {k: v for k, v in params.items() if k not in ("before", "notice") and v}
-    return urlencode({**kept, "before": older})
 
 
 def run_context(view: reads.RunView, children: list[str]) -> dict[str, Any]:
