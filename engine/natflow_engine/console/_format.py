@@ -32,8 +32,8 @@ def when(value: datetime | None, *, date: bool = True) -> Markup:
     utc = value.astimezone(UTC)
     shown = utc.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
     return Markup(
-        '<time datetime="{iso}" title="{iso}">{shown} <span class="zone">UTC</span> '
-        '<span class="rel">{rel}</span></time>'
+        '<time datetime="{iso}" title="{iso}"><span class="abs">{shown}</span> '
+        '<span class="zone">UTC</span> <span class="rel">{rel}</span></time>'
     ).format(iso=utc.isoformat(), shown=shown, rel=relative(utc))
 
 
