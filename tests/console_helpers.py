@@ -61,7 +61,7 @@ async def chromium(profile: Path, *, width: int = 1280, height: int = 860) -> As
             headless=True,
             args=CHROMIUM_FLAGS,
             viewport={"width": width, "height": height},
-            timezone_id="UTC",
+            timezone_id="Europe/Berlin",  # times show in UTC unless the page is asked
             locale="en-GB",
         )
         try:

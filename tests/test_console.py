@@ -303,3 +303,20 @@ async def test_screenshots_and_phone_layout(console: str, client: Client, page: 
         assert overflow <= 1, f"{path} scrolls sideways on a phone by {overflow}px"
     for stage in range(1, 5):
         GATES["nightly-export", stage].set()
+
+
+async def test_times_carry_their_zone_and_switch_to_local(console: str, page: Any) -> None:
+    """Times show in UTC with the zone named; the header's button shows the browser's zone."""
+    await page.goto(f"{console}/workers")
+    first = page.locator("#workers-table time").first
+    await first.wait_for()
+    assert await first.locator(".zone").inner_text() == "UTC"
+    utc_clock = await first.locator(".abs").inner_text()
+    await page.click("[data-zone-toggle]")
+    assert await page.inner_text("[data-zone-toggle]") == "Times: local"
+    zone = await first.locator(".zone").inner_text()
+    assert zone in ("CET", "CEST", "GMT+1", "GMT+2"), zone  # the browser runs in Europe/Berlin
+    local_hour = int((await first.locator(".abs").inner_text())[:2])
+    assert (local_hour - int(utc_clock[:2])) % 24 in (1, 2)
+    await page.click("[data-zone-toggle]")  # back to UTC for the other tests
+    assert await first.locator(".zone").inner_text() == "UTC"

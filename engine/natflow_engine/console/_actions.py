@@ -7,6 +7,7 @@ a message naming the problem, with what was typed kept in the form.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -16,6 +17,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from .._connection import Connection
 from .._errors import InvalidInput, NatflowError
 from .._names import check_queue, check_run_id, check_token, check_workflow_name
 from .._runs import Runs
@@ -26,14 +28,29 @@ from ._app import console, page
 _MAX_FIELD = 1024 * 1024
 
 
+Perform = Callable[[Connection, str, "str | None"], Awaitable[None]]
+
+
+def _control(kind: str) -> Perform:
+    """An action carried out by a control signal (as ``natflow cancel`` sends it)."""
+
+    async def perform(conn: Connection, run_id: str, reason: str | None) -> None:
+        await send(conn, run_id, kind, msgspec.json.encode(reason), None)
+
+    return perform
+
+
 @dataclass(frozen=True, slots=True)
 class RunAction:
-    """A button on the run page: which statuses offer it, and the control signal it sends."""
+    """A button on the run page: which statuses offer it and what it does.
+
+    Restart, pause and resume become entries here once the engine has them.
+    """
 
     name: str
     label: str
     statuses: frozenset[str]
-    control: str
+    perform: Perform
     explain: str
     danger: bool = False
 
@@ -44,14 +61,14 @@ RUN_ACTIONS: list[RunAction] = [
         "cancel",
         "Cancel run",
         _OPEN,
-        CANCEL,
+        _control(CANCEL),
         "Raises cancellation in the workflow; its cleanup runs.",
     ),
     RunAction(
         "terminate",
         "Terminate",
         _OPEN,
-        TERMINATE,
+        _control(TERMINATE),
         "Stops the run at once; no more code runs.",
         danger=True,
     ),
@@ -111,15 +128,9 @@ async def run_action(request: Request) -> Response:
     reason = form["reason"].strip() or None
     view = await reads.read_run(state.conn, run_id)
     if view.info.status not in action.statuses:
-        return await _again(
-            request,
-            run_id,
-            f"run {run_id} is {view.info.status}: it cannot be {action.name}led"
-            if action.name == "cancel"
-            else f"run {run_id} is {view.info.status}; nothing to stop",
-            {},
-        )
-    await send(state.conn, run_id, action.control, msgspec.json.encode(reason), None)
+        message = f"run {run_id} is {view.info.status}: '{action.label}' does not apply to it"
+        return await _again(request, run_id, message, {})
+    await action.perform(state.conn, run_id, reason)
     notice = f"{action.label}: requested for {run_id}."
     return RedirectResponse(f"/runs/{run_id}?notice={quote(notice)}", status_code=303)
 

@@ -114,6 +114,18 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def on_timeout(request: Request, exc: Exception) -> Response:
+    log.warning(
+        "console: %s %s: NATS did not answer in time (%s)", request.method, request.url.path, exc
+    )
+    return _error_page(
+        request,
+        504,
+        "NATS did not answer in time",
+        "The NATS server or JetStream did not answer; try again in a moment.",
+    )
+
+
 async def on_crash(request: Request, exc: Exception) -> Response:
     log.exception("console: %s %s failed", request.method, request.url.path, exc_info=exc)
     return _error_page(
@@ -243,6 +255,7 @@ def create_app(
         exception_handlers={
             NatflowError: on_natflow_error,
             HTTPException: on_http_error,
+            TimeoutError: on_timeout,
             Exception: on_crash,
         },
     )

@@ -18,13 +18,56 @@
     return "just now";
   }
 
+  // Times are sent in UTC; the header's zone button shows them in the browser's zone instead.
+  function localZone() { return localStorage.getItem("natflowZone") === "local"; }
+
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+
+  function clock(date, local, withDate) {
+    var y = local ? date.getFullYear() : date.getUTCFullYear();
+    var mo = local ? date.getMonth() : date.getUTCMonth();
+    var d = local ? date.getDate() : date.getUTCDate();
+    var h = local ? date.getHours() : date.getUTCHours();
+    var mi = local ? date.getMinutes() : date.getUTCMinutes();
+    var s = local ? date.getSeconds() : date.getUTCSeconds();
+    var time = pad(h) + ":" + pad(mi) + ":" + pad(s);
+    return withDate ? y + "-" + pad(mo + 1) + "-" + pad(d) + " " + time : time;
+  }
+
+  function zoneName(date) {
+    try {
+      var parts = new Intl.DateTimeFormat(undefined, { timeZoneName: "short" }).formatToParts(date);
+      for (var i = 0; i < parts.length; i++) if (parts[i].type === "timeZoneName") return parts[i].value;
+    } catch (e) { /* old browsers: fall through */ }
+    return "local";
+  }
+
   function refreshTimes(root) {
+    var local = localZone();
     root.querySelectorAll("time[datetime]").forEach(function (el) {
       var date = new Date(el.getAttribute("datetime"));
       if (isNaN(date.getTime())) return;
       var rel = el.querySelector(".rel");
       if (rel) rel.textContent = relative(date);
-      el.title = date.toLocaleString(undefined, { timeZoneName: "short" }) + " (your time)";
+      var abs = el.querySelector(".abs");
+      var zone = el.querySelector(".zone");
+      if (abs && zone) {
+        abs.textContent = clock(date, local, abs.textContent.indexOf("-") >= 0);
+        zone.textContent = local ? zoneName(date) : "UTC";
+      }
+      el.title = local ? date.toISOString() : date.toLocaleString(undefined, { timeZoneName: "short" });
+    });
+    var toggle = document.querySelector("[data-zone-toggle]");
+    if (toggle) toggle.textContent = local ? "Times: local" : "Times: UTC";
+  }
+
+  function bindZoneToggle() {
+    var toggle = document.querySelector("[data-zone-toggle]");
+    if (!toggle) return;
+    toggle.hidden = false;
+    toggle.addEventListener("click", function () {
+      localStorage.setItem("natflowZone", localZone() ? "utc" : "local");
+      refreshTimes(document);
     });
   }
 
@@ -94,6 +137,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
+    bindZoneToggle();
     refreshTimes(document);
     bindJsonChecks(document);
     live();
