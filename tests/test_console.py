@@ -320,3 +320,13 @@ async def test_times_carry_their_zone_and_switch_to_local(console: str, page: An
     assert (local_hour - int(utc_clock[:2])) % 24 in (1, 2)
     await page.click("[data-zone-toggle]")  # back to UTC for the other tests
     assert await first.locator(".zone").inner_text() == "UTC"
+
+
+async def test_runs_page_shows_new_runs_live(console: str, client: Client, page: Any) -> None:
+    await page.goto(f"{console}/runs")
+    await page.evaluate("window.__sameDocument = true")
+    await client.start(greet, {"name": "live"}, run_id="greet-arrives-live")
+    row = page.locator('tr.run-row[data-run="greet-arrives-live"]')
+    await row.locator(".badge.s-completed").wait_for()
+    assert await page.evaluate("window.__sameDocument === true"), "the page reloaded"
+    assert await page.locator('.count[data-status="completed"] b').inner_text() != "0"

@@ -95,15 +95,23 @@ async def run_stream(request: Request) -> Response:
 
 
 async def counts_stream(request: Request) -> Response:
-    counts = console(request).counts
+    """Counts per status; with ``?rows=1`` also the first page of runs (the plain runs page)."""
+    state = console(request)
+    counts = state.counts
+    with_rows = request.query_params.get("rows") == "1"
 
     async def body() -> AsyncIterator[bytes]:
         version = -1
         template = templates.get_template("_counts.html")
+        rows = templates.get_template("_run_rows.html")
         while True:
             if counts.version != version or version == -1:
                 version = counts.version
-                yield patch({"counts": template.render(counts=counts, params={})})
+                parts = {"counts": template.render(counts=counts, params={})}
+                if with_rows:
+                    page = await reads.list_runs(state.conn, reads.RunFilter())
+                    parts["runs-body"] = rows.render(page=page, params={})
+                yield patch(parts)
             await anyio.sleep(_COUNTS_EVERY)  # at most two updates a second, however busy
             with anyio.move_on_after(_QUIET) as quiet:
                 await counts.wait_changed(version)

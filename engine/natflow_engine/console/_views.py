@@ -119,6 +119,8 @@ async def runs_page(request: Request) -> Response:
     except InvalidInput as exc:
         context["error"] = str(exc)
         return page(request, "runs.html", context, status=400)
+    if not any(params.values()):  # the plain first page follows new runs as they come
+        context["live"], context["live_rows"] = "/live/counts?rows=1", True
     shown: reads.RunPage = context["page"]
     kept = {k: v for k, v in params.items() if k not in ("before", "offset", "notice") and v}
     context["newest_query"] = urlencode(kept)
