@@ -135,7 +135,7 @@ async def test_bad_input_gets_a_message_on_the_page_never_a_traceback(
         ("/runs?status=sleepy", None, 400, "status 'sleepy' is not one of"),
         ("/runs?workflow=a.b", None, 400, "workflow 'a.b' is not a valid name"),
         ("/runs?before=abc", None, 400, "is not a page position"),
-        ("/runs?run_id=no-such-run", None, 400, "no run has the id 'no-such-run'"),
+        ("/runs?run_id=no-such-run", None, 404, "no run id contains 'no-such-run'"),
         ("/runs/no-such-run", None, 404, "no run with id 'no-such-run'"),
         ("/runs/bad.id", None, 400, "run_id 'bad.id': use 1 to 128 characters"),
         ("/nowhere", None, 404, "Not found"),

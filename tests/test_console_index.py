@@ -126,3 +126,8 @@ async def test_runs_page_filters_and_pages(nats_server: EmbeddedServer, conn: Co
         assert body.count('class="run-row"') == 13
         _, body, _ = await http(base + "/runs?before=81")
         assert "run-080" in body and "run-081" not in body
+        status, _, headers = await http(base + "/runs?run_id=run-007")  # an exact id: go there
+        assert status == 303 and headers["location"] == "/runs/run-007"
+        status, body, _ = await http(base + "/runs?run_id=run-12")  # part of ids: the matches
+        assert status == 200 and "10 matching runs" in body  # run-120 to run-129
+        assert body.count('class="run-row"') == 10

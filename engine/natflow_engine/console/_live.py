@@ -66,10 +66,14 @@ async def run_stream(request: Request) -> Response:
             woken.set()
 
         sub = await state.conn.nc.subscribe(history_subject(run_id), cb=wake)
+        view: reads.RunView | None = None
         try:
             while True:
-                try:
-                    view = await reads.read_run(state.conn, run_id)
+                try:  # the whole history once, then only what was appended since
+                    if view is None:
+                        view = await reads.read_run(state.conn, run_id)
+                    else:
+                        view = await reads.read_more(state.conn, view)
                 except NatflowError as exc:
                     log.info("console: live view of %s stopped: %s", run_id, exc)
                     return

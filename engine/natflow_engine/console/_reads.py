@@ -26,8 +26,8 @@ from .._reader import reader
 from .._registry import WorkerInfo, list_workers
 from .._signals import DeadLetter, dead_letters
 from .._state import RunInfo, StepInfo, fold_run, fold_steps
-from .._streams import RUNS_STREAM, ensure_streams, runs_subject
-from ..events import Event
+from .._streams import HISTORY_STREAM, RUNS_STREAM, ensure_streams, history_subject, runs_subject
+from ..events import Event, decode_event
 from ._counts import Row, StatusCounts
 
 log = logging.getLogger("natflow.console")
@@ -43,6 +43,7 @@ _entry_decoder = msgspec.json.Decoder(IndexEntry)
 class RunFilter:
     """The runs page's filters; ``None`` means "any"."""
 
+    id_contains: str | None = None  # part of a run id
     workflow: str | None = None
     status: str | None = None
     queue: str | None = None
@@ -51,7 +52,8 @@ class RunFilter:
 
     def matches(self, run: RunInfo | Row) -> bool:
         return (
-            (self.workflow is None or run.workflow == self.workflow)
+            (self.id_contains is None or self.id_contains in run.run_id)
+            and (self.workflow is None or run.workflow == self.workflow)
             and (self.status is None or run.status == self.status)
             and (self.queue is None or run.queue == self.queue)
             and (self.since is None or run.created_at >= self.since)
@@ -60,7 +62,8 @@ class RunFilter:
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.workflow, self.status, self.queue, self.since))
+        wanted = (self.id_contains, self.workflow, self.status, self.queue, self.since, self.until)
+        return any(v is not None for v in wanted)
 
 
 @dataclass(slots=True)
@@ -192,6 +195,20 @@ async def read_run(conn: Connection, run_id: str) -> RunView:
         steps=fold_steps(history.events),
         last_seq=history.last_seq,
     )
+
+
+async def read_more(conn: Connection, view: RunView) -> RunView:
+    """``view`` with the events appended since it was read (one batch read of the new ones)."""
+    run_id = view.info.run_id
+    page = await reader(conn).read_all(
+        HISTORY_STREAM, history_subject(run_id), start=view.last_seq + 1
+    )
+    if not page.messages:
+        return view
+    events = view.events + [decode_event(m.data) for m in page.messages]
+    info = fold_run(run_id, events)
+    assert info is not None  # it had a start event already
+    return RunView(info=info, events=events, steps=fold_steps(events), last_seq=page.last_seq)
 
 
 async def leases(conn: Connection) -> list[Lease]:

@@ -71,6 +71,7 @@ def read_filter(params: Any) -> reads.RunFilter:
     since = params.get("since") or None
     until = params.get("until") or None
     return reads.RunFilter(
+        id_contains=(params.get("run_id") or "").strip() or None,
         workflow=_choice("workflow", params.get("workflow")),
         status=_choice("status", params.get("status"), list(STATUSES)),
         queue=_choice("queue", params.get("queue")),
@@ -103,10 +104,8 @@ async def runs_page(request: Request) -> Response:
         if run_id:
             if _TOKEN.fullmatch(run_id) is None:
                 raise InvalidInput(f"{run_id!r} is not a run id (A-Z, a-z, 0-9, '_', '-')")
-            found = await reads.find_run(state.conn, run_id)
-            if found is None:
-                raise InvalidInput(f"no run has the id {run_id!r}")
-            return RedirectResponse(f"/runs/{run_id}", status_code=303)
+            if await reads.find_run(state.conn, run_id) is not None:
+                return RedirectResponse(f"/runs/{run_id}", status_code=303)
         where = read_filter(params)
         offset = _cursor(params.get("offset"))
         if where.active and state.counts.loaded:
@@ -119,6 +118,9 @@ async def runs_page(request: Request) -> Response:
     except InvalidInput as exc:
         context["error"] = str(exc)
         return page(request, "runs.html", context, status=400)
+    if run_id and not context["page"].runs:
+        context["error"] = f"no run id contains {run_id!r}"
+        return page(request, "runs.html", context, status=404)
     if not any(params.values()):  # the plain first page follows new runs as they come
         context["live"], context["live_rows"] = "/live/counts?rows=1", True
     shown: reads.RunPage = context["page"]
