@@ -33,7 +33,7 @@ from ._runs import Runs
 from ._server import EmbeddedServer
 from ._state import fold_steps
 from ._streams import ensure_streams, history_subject
-from .console._cli import add_ui_options, serve_console
+from .console._cli import add_ui_options, serve_console_if_possible
 from .console._cli import register as register_console
 
 log = logging.getLogger("natflow.cli")
@@ -244,7 +244,12 @@ async def _dev_services(conn: Connection, args: argparse.Namespace, url: str) ->
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(
-                serve_console, console_conn, args.ui_host, args.ui_port, args.ui_access_token, url
+                serve_console_if_possible,
+                console_conn,
+                args.ui_host,
+                args.ui_port,
+                args.ui_access_token,
+                url,
             )
             await engine.run()
     finally:

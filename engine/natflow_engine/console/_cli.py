@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._connection import Connection
+from .._errors import NatflowError
 from ._app import create_app
 from ._serve import DEFAULT_HOST, DEFAULT_PORT, serve
 
@@ -57,6 +58,17 @@ async def serve_console(
 
     app = create_app(opener, token=token, server=server)
     await serve(app, host, port, ready=ready)
+
+
+async def serve_console_if_possible(
+    conn: Connection, host: str, port: int, token: str | None, server: str
+) -> None:
+    """:func:`serve_console` for ``natflow dev``: a console that cannot listen (its port is
+    taken) is reported and left out, and the server and engine carry on."""
+    try:
+        await serve_console(conn, host, port, token, server)
+    except NatflowError as exc:
+        log.warning("natflow dev: no console: %s", exc)
 
 
 def register(sub: Any, opener: Opener) -> None:
