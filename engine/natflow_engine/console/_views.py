@@ -147,12 +147,14 @@ def run_context(view: reads.RunView, children: list[str]) -> dict[str, Any]:
     now = datetime.now(UTC)
     finish = info.closed_at or now
     start_event = view.events[0]
+    bars = timeline(view.steps, view.events, info.created_at, finish)
     return {
         "title": f"Run {info.run_id}",
         "run": info,
         "view": view,
         "input": getattr(start_event, "input", None),
-        "bars": timeline(view.steps, view.events, info.created_at, finish),
+        "bars": bars,
+        "waiting_for": [b.label for b in bars if b.kind == "signal" and b.end is None],
         "axis_end": finish,
         "children": children,
         "actions": [a for a in RUN_ACTIONS if info.status in a.statuses],
