@@ -23,7 +23,7 @@ import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -278,7 +278,3 @@ class _Errors:
         except HTTPException as exc:
             response = await on_http_error(Request(scope), exc)
             await response(scope, receive, send)
-
-
-def html(text: str, status: int = 200) -> HTMLResponse:
-    return HTMLResponse(text, status_code=status)
