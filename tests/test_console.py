@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from natflow import Client
 from natflow_engine._registry import WorkerInfo, announce, ping_subject
+from natflow_engine._runs import Runs
 from natflow_engine._server import EmbeddedServer
 
 from tests.console_helpers import chromium, http, served_console
@@ -62,6 +63,8 @@ async def test_runs_page_to_a_live_run(console: str, client: Client, page: Any) 
     """Click a running run on the runs page; its steps appear as they complete, no reload."""
     handle = await client.start(pipeline, {"stages": 3}, run_id="pipeline-live")
     await wait_for(lambda: _is(client, handle.run_id, "running"), what="the run to start")
+    workers = (await http(f"{console}/workers"))[1]
+    assert 'href="/runs/pipeline-live"' in workers, "the worker holding the run lists it"
     await page.goto(f"{console}/runs")
     await page.locator('a.mono:text-is("pipeline-live")').click()
     await page.wait_for_url(f"{console}/runs/pipeline-live")
@@ -335,3 +338,32 @@ async def test_runs_page_shows_new_runs_live(console: str, client: Client, page:
     await row.locator(".badge.s-completed").wait_for()
     assert await page.evaluate("window.__sameDocument === true"), "the page reloaded"
     assert await page.locator('.count[data-status="completed"] b').inner_text() != "0"
+
+
+async def test_terminate_relations_and_dead_letters(console: str, client: Client) -> None:
+    """Terminate from the run page's form; a child run links to its parent and back; a
+    signal nobody can take shows on the dead letters page with its reason."""
+    parent = await client.start(approval, {"order": "P-1"}, run_id="parent-run")
+    await wait_for(lambda: _is(client, parent.run_id, "waiting"), what="the parent to wait")
+    await Runs(client.connection).start("greet", "console", b'{"name": "kid"}', "child-run",
+                                        parent="parent-run")  # fmt: skip
+    await client.handle("child-run").result(timeout=10)
+
+    async def listed() -> bool:
+        return 'href="/runs/child-run"' in (await http(f"{console}/runs/parent-run"))[1]
+
+    await wait_for(listed, what="the parent's page to list its child")
+    assert 'href="/runs/parent-run"' in (await http(f"{console}/runs/child-run"))[1]
+
+    status, _, headers = await http(f"{console}/runs/parent-run/action/terminate", {"reason": "x"})
+    assert status == 303 and "Terminate" in headers["location"]
+    await wait_for(lambda: _is(client, "parent-run", "terminated"), what="the termination")
+    status, body, _ = await http(f"{console}/runs/parent-run/action/cancel", {})
+    assert status == 400 and "does not apply" in _text(body)
+
+    await client.connection.publish("natflow.signal.nobody-home.approved", b"{}", {})
+
+    async def dead_lettered() -> bool:
+        return "no run has this id" in (await http(f"{console}/dead-letters"))[1]
+
+    await wait_for(dead_lettered, what="the dead letter")
