@@ -98,12 +98,15 @@ _PAINT = """() => {
 
 
 async def browser_first_screen(base: str, rounds: int) -> tuple[list[float], ...]:
-    """Per navigation: Playwright's wall time, time to first byte, first contentful paint."""
+    """Per navigation: Playwright's wall time, time to first byte, first contentful paint;
+    and, as this machine's baseline, the first paint of a one-line HTML page (served by the
+    browser itself, so it measures nothing but Chromium's own cost)."""
     from playwright.async_api import async_playwright
 
     times: list[float] = []
     ttfb: list[float] = []
     paint: list[float] = []
+    baseline: list[float] = []
     with tempfile.TemporaryDirectory() as profile:
         async with async_playwright() as pw:
             context = await pw.chromium.launch_persistent_context(
@@ -115,6 +118,10 @@ async def browser_first_screen(base: str, rounds: int) -> tuple[list[float], ...
                 viewport={"width": 1280, "height": 820},
             )  # fmt: skip
             page = await context.new_page()
+            await page.route(
+                f"{base}/baseline",
+                lambda route: route.fulfill(body="<p>baseline</p>", content_type="text/html"),
+            )
             for _ in range(rounds):
                 began = time.perf_counter()
                 await page.goto(f"{base}/runs", wait_until="domcontentloaded")
@@ -123,8 +130,10 @@ async def browser_first_screen(base: str, rounds: int) -> tuple[list[float], ...
                 first_byte, first_paint = await page.evaluate(_PAINT)
                 ttfb.append(first_byte)
                 paint.append(first_paint)
+                await page.goto(f"{base}/baseline", wait_until="load")
+                baseline.append((await page.evaluate(_PAINT))[1])
             await context.close()
-    return times, ttfb, paint
+    return times, ttfb, paint, baseline
 
 
 async def main() -> int:
@@ -182,9 +191,10 @@ async def requests(base: str, app: Any, began: float, args: argparse.Namespace) 
         samples = [await asyncio.to_thread(get, f"{base}/runs?{query}") for _ in range(10)]
         print(summary(label, samples))
     if args.browser:
-        wall, ttfb, paint = await browser_first_screen(base, args.rounds)
+        wall, ttfb, paint, baseline = await browser_first_screen(base, args.rounds)
         print(summary("Chromium: time to first byte", ttfb))
         print(summary("Chromium: first contentful paint", paint))
+        print(summary("Chromium: first paint, one-line page (baseline)", baseline))
         print(summary("Chromium: goto + first row found (Playwright)", wall))
 
 

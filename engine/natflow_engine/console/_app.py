@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -53,9 +54,38 @@ NAV: list[NavItem] = [
     NavItem("Dead letters", "/dead-letters"),
 ]
 
+
+def _asset_versions() -> dict[str, str]:
+    """A content hash per static file: pages link ``/static/<name>?v=<hash>``, so browsers
+    keep them cached and still see a new version the moment the console is upgraded."""
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        for path in (HERE / "static").iterdir()
+        if path.is_file()
+    }
+
+
+_VERSIONS = _asset_versions()
+
+
+def asset(name: str) -> str:
+    return f"/static/{name}?v={_VERSIONS.get(name, '0')}"
+
+
+class _Static(StaticFiles):
+    """Static files, cached by the browser for a day (their URLs change with their content)."""
+
+    def file_response(
+        self, full_path: Any, stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = "public, max-age=86400"
+        return response
+
+
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.filters.update(FILTERS)
-templates.env.globals["nav"] = NAV
+templates.env.globals.update(nav=NAV, asset=asset)
 
 
 @dataclass(slots=True)
@@ -216,7 +246,7 @@ def routes() -> list[BaseRoute]:
         Route("/live/counts", _live.counts_stream),
         Route("/live/workers", _live.workers_stream),
         Route("/healthz", _views.healthz),
-        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        Mount("/static", _Static(directory=str(HERE / "static")), name="static"),
     ]
 
 
