@@ -94,6 +94,7 @@ async def test_signal_from_the_page_resumes_the_run(
     await wait_for(lambda: _is(client, handle.run_id, "waiting"), what="the signal wait")
     await page.goto(f"{console}/runs/needs-approval")
     assert await _status(page) == "waiting"
+    assert await page.locator("#timeline .tl-bar.k-signal.open").count() == 1
     await page.fill('.signal-form input[name="name"]', "approved")
     await page.fill('.signal-form textarea[name="payload"]', "{by: ana}")  # not JSON
     await page.click('.signal-form button[type="submit"]')
@@ -109,6 +110,7 @@ async def test_signal_from_the_page_resumes_the_run(
     assert '"approved_by"' in await page.inner_text("#outcome")
     assert "ana" in await page.inner_text("#outcome")
     assert await page.locator('#steps tr.step[data-step="ship"]').count() == 1
+    assert await page.locator("#timeline .tl-bar.k-signal.b-completed").count() == 1
     assert (await handle.result(timeout=5))["approved_by"] == {"by": "ana"}
 
 
@@ -300,6 +302,8 @@ async def test_screenshots_and_phone_layout(console: str, client: Client, page: 
     await page.locator('#steps tr.step[data-step="charge-card"][data-status="failed"]').wait_for()
     assert "CardDeclined" in await page.inner_text("#outcome")
     assert "Traceback" in await page.inner_text("#outcome")
+    assert await page.locator("#timeline .tl-bar.k-sleep.b-completed").count() == 1
+    assert "2 tries" in await page.inner_text("#timeline")
     await page.screenshot(path=str(DOCS / "console-run-failed.png"), full_page=True)
 
     await page.set_viewport_size({"width": 390, "height": 844})

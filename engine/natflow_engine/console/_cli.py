@@ -56,6 +56,13 @@ async def serve_console(
         hint = " (open it with ?token=<your access token> once)" if token else ""
         print(f"natflow console at http://{shown}:{bound}/{hint}", flush=True)
 
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "the console listens on %s without an access token: anyone who reaches it can "
+            "start, signal and cancel runs; pass --access-token (env %s)",
+            host,
+            TOKEN_ENV,
+        )
     app = create_app(opener, token=token, server=server)
     await serve(app, host, port, ready=ready)
 
