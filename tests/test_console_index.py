@@ -131,3 +131,22 @@ async def test_runs_page_filters_and_pages(nats_server: EmbeddedServer, conn: Co
         status, body, _ = await http(base + "/runs?run_id=run-12")  # part of ids: the matches
         assert status == 200 and "10 matching runs" in body  # run-120 to run-129
         assert body.count('class="run-row"') == 10
+
+
+async def test_live_counts_read_the_index_again_and_drop_deleted_runs(conn: Connection) -> None:
+    counts = StatusCounts(refresh=0.5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(counts.follow, conn)
+
+        async def loaded() -> bool:
+            return counts.loaded and counts.total == 130
+
+        await wait_for(loaded, what="the index to load")
+        await conn.jsm.purge_stream("NATFLOW_RUNS", subject=runs_subject("run-010"))
+
+        async def dropped() -> bool:
+            return counts.total == 129
+
+        await wait_for(dropped, what="a deleted run to drop out")
+        assert counts.by_status["failed"] == 12
+        tg.cancel_scope.cancel()
