@@ -10,6 +10,7 @@ again into a fresh tally and swaps it in, so runs deleted from the index drop ou
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Final
@@ -38,8 +39,9 @@ class Row:
 
     def __init__(self, entry: IndexEntry) -> None:
         info = entry.info
-        self.run_id, self.hseq, self.status = info.run_id, entry.hseq, info.status
-        self.workflow, self.queue = info.workflow, info.queue
+        # interned: 100,000 rows share a handful of workflow, queue and status strings
+        self.run_id, self.hseq, self.status = info.run_id, entry.hseq, sys.intern(info.status)
+        self.workflow, self.queue = sys.intern(info.workflow), sys.intern(info.queue)
         self.created_at, self.updated_at = info.created_at, info.updated_at
 
 
