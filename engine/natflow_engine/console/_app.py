@@ -172,9 +172,10 @@ async def on_crash(request: Request, exc: Exception) -> Response:
 class Guard:
     """ASGI middleware: checks the access token (if one is set) and the origin of writes.
 
-    The token may come as ``?token=`` (then kept in an HttpOnly, SameSite=Strict cookie),
-    as that cookie, or as ``Authorization: Bearer``. A POST must come from a page of this
-    console (its ``Origin`` names this host), so another site cannot drive it.
+    The token may come as ``?token=`` (then kept in an HttpOnly, SameSite=Lax cookie, so a
+    link from elsewhere works), as that cookie, or as ``Authorization: Bearer``. A POST must
+    come from a page of this console (its ``Origin`` names this host), so another site
+    cannot drive it.
     """
 
     def __init__(self, app: ASGIApp, token: str | None) -> None:
@@ -215,7 +216,7 @@ class Guard:
         query = {k: v for k, v in parse_qs(request.url.query).items() if k != "token"}
         target = request.url.path + (f"?{urlencode(query, doseq=True)}" if query else "")
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(COOKIE, self.cookie, httponly=True, samesite="strict")
+        response.set_cookie(COOKIE, self.cookie, httponly=True, samesite="lax")
         return response
 
 
