@@ -74,7 +74,7 @@ async def run_stream(request: Request) -> Response:
                         view = await reads.read_run(state.conn, run_id)
                     else:
                         view = await reads.read_more(state.conn, view)
-                except NatflowError as exc:
+                except (NatflowError, TimeoutError) as exc:  # the browser reconnects by itself
                     log.info("console: live view of %s stopped: %s", run_id, exc)
                     return
                 if view.last_seq > after:
@@ -113,8 +113,11 @@ async def counts_stream(request: Request) -> Response:
                 version = counts.version
                 parts = {"counts": template.render(counts=counts, params={})}
                 if with_rows:
-                    page = await reads.list_runs(state.conn, reads.RunFilter())
-                    parts["runs-body"] = rows.render(page=page, params={})
+                    try:
+                        page = await reads.list_runs(state.conn, reads.RunFilter())
+                        parts["runs-body"] = rows.render(page=page, params={})
+                    except (NatflowError, TimeoutError) as exc:  # rows wait for the next change
+                        log.info("console: reading the newest runs failed: %s", exc)
                 yield patch(parts)
             await anyio.sleep(_COUNTS_EVERY)  # at most two updates a second, however busy
             with anyio.move_on_after(_QUIET) as quiet:
@@ -134,7 +137,7 @@ async def workers_stream(request: Request) -> Response:
         while True:
             try:
                 found = await reads.workers(state.conn)
-            except NatflowError as exc:
+            except (NatflowError, TimeoutError) as exc:
                 log.info("console: reading workers failed: %s", exc)
                 found = []
             html = template.render(workers=found, now=datetime.now(UTC))
