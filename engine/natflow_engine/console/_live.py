@@ -137,9 +137,10 @@ async def workers_stream(request: Request) -> Response:
         while True:
             try:
                 found = await reads.workers(state.conn)
-            except (NatflowError, TimeoutError) as exc:
+            except (NatflowError, TimeoutError) as exc:  # keep showing the last table
                 log.info("console: reading workers failed: %s", exc)
-                found = []
+                await anyio.sleep(_WORKERS_EVERY)
+                continue
             html = template.render(workers=found, now=datetime.now(UTC))
             if html != shown:
                 shown = html
