@@ -371,3 +371,40 @@ async def test_terminate_relations_and_dead_letters(console: str, client: Client
         return "no run has this id" in (await http(f"{console}/dead-letters"))[1]
 
     await wait_for(dead_lettered, what="the dead letter")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_natflow_dev_serves_the_console(tmp_path: Path) -> None:
+    """`natflow dev` starts the server, the engine and the console (--ui-port); Ctrl-C stops
+    all three."""
+    nats_port, ui_port = _free_port(), _free_port()
+    config = tmp_path / "nats.conf"
+    config.write_text(
+        f'listen: 127.0.0.1:{nats_port}\njetstream {{ store_dir: "{tmp_path}/js" }}\n'
+    )
+    log = tmp_path / "dev.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 (a real process, started once)
+            [sys.executable, "-m", "natflow_engine", "dev", "--config", str(config),
+             "--metrics-port", "0", "--ui-port", str(ui_port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+
+        async def serving() -> bool:
+            return "natflow console at" in log.read_text()
+
+        await wait_for(serving, timeout=30, what="natflow dev to serve the console")
+        status, body, _ = await http(f"http://127.0.0.1:{ui_port}/runs")
+        assert status == 200 and f"nats://127.0.0.1:{nats_port}" in body
+    finally:
+        stop(proc, 2)  # SIGINT, as Ctrl-C
+    assert proc.returncode == 0, log.read_text()
