@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system-deps demo test lint typecheck unit bench clean
+.PHONY: venv system-deps demo test lint typecheck unit bench bench-console clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ test: lint typecheck system-deps unit
 
 bench: $(STAMP)
 	$(BIN)/natflow bench
+
+# The console's runs page with 100,000 runs stored (add --browser to time Chromium too).
+bench-console: $(STAMP)
+	$(BIN)/python scripts/bench_console.py
 
 clean:
 	rm -rf $(VENV) .natflow .mypy_cache .ruff_cache .pytest_cache

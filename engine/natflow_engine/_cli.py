@@ -31,6 +31,8 @@ from ._logs import configure_logging
 from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
 from ._server import EmbeddedServer, PortInUse
 from ._streams import ensure_streams
+from .console._cli import add_ui_options, serve_console_if_possible
+from .console._cli import register as register_console
 
 log = logging.getLogger("natflow.cli")
 
@@ -192,12 +194,34 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         serve_metrics(args.metrics_port, args.metrics_host)
         print("  engine running; Ctrl-C stops both", flush=True)
         try:
-            await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
+            await _until_signalled(lambda: _dev_services(conn, args, server.url))
         finally:
             await conn.close()
     finally:
         server.stop()
     return 0
+
+
+async def _dev_services(conn: Connection, args: argparse.Namespace, url: str) -> None:
+    """The engine, and the console unless ``--ui-port 0``."""
+    engine = Engine(conn, metrics_interval=args.metrics_interval)
+    if not args.ui_port:
+        await engine.run()
+        return
+    console_conn = await connect(url, name="natflow-console")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                serve_console_if_possible,
+                console_conn,
+                args.ui_host,
+                args.ui_port,
+                args.ui_access_token,
+                url,
+            )
+            await engine.run()
+    finally:
+        await console_conn.close()
 
 
 # -- the parser --------------------------------------------------------------------------
@@ -389,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_server_options(p)
     add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
+    add_ui_options(p, prefix="ui-")
     p.set_defaults(handler=cmd_dev)
 
     p = sub.add_parser(
@@ -408,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_runs(sub, open_connection)
     register_ops(sub, open_connection)
     register_triggers(sub, open_connection)
+    register_console(sub, open_connection)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):
         entry.load()(sub)
     _finish(parser)

@@ -1,0 +1,187 @@
+"""What the console can do to runs: signal, cancel, terminate, and start new ones.
+
+Every form is checked before anything is written; a bad one comes back as the same page with
+a message naming the problem, with what was typed kept in the form.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import jsonschema
+import msgspec
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from .._connection import Connection
+from .._errors import InvalidInput, NatflowError
+from .._names import check_queue, check_run_id, check_token, check_workflow_name
+from .._runs import Runs
+from .._signals import CANCEL, TERMINATE, send
+from . import _reads as reads
+from ._app import console, page
+
+_MAX_FIELD = 1024 * 1024
+
+
+Perform = Callable[[Connection, str, "str | None"], Awaitable[None]]
+
+
+def _control(kind: str) -> Perform:
+    """An action carried out by a control signal (as ``natflow cancel`` sends it)."""
+
+    async def perform(conn: Connection, run_id: str, reason: str | None) -> None:
+        await send(conn, run_id, kind, msgspec.json.encode(reason), None)
+
+    return perform
+
+
+@dataclass(frozen=True, slots=True)
+class RunAction:
+    """A button on the run page: which statuses offer it and what it does.
+
+    Restart, pause and resume become entries here once the engine has them.
+    """
+
+    name: str
+    label: str
+    statuses: frozenset[str]
+    perform: Perform
+    explain: str
+    danger: bool = False
+
+
+_OPEN = frozenset({"pending", "running", "sleeping", "waiting", "blocked"})
+RUN_ACTIONS: list[RunAction] = [
+    RunAction(
+        "cancel",
+        "Cancel run",
+        _OPEN,
+        _control(CANCEL),
+        "Raises cancellation in the workflow; its cleanup runs.",
+    ),
+    RunAction(
+        "terminate",
+        "Terminate",
+        _OPEN,
+        _control(TERMINATE),
+        "Stops the run at once; no more code runs.",
+        danger=True,
+    ),
+]
+
+
+def parse_json(field: str, text: str) -> bytes:
+    """``text`` as compact JSON (empty: ``null``); :class:`InvalidInput` says where it breaks."""
+    if len(text) > _MAX_FIELD:
+        raise InvalidInput(f"{field} is larger than 1 MiB; send large values another way")
+    if not text.strip():
+        return b"null"
+    try:
+        return msgspec.json.encode(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            f"{field} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
+            'Strings need double quotes, e.g. {"approved": true}.'
+        ) from None
+
+
+def _fields(form: Any, *names: str) -> dict[str, str]:
+    values = {}
+    for name in names:
+        value = form.get(name, "")
+        values[name] = value if isinstance(value, str) else ""
+    return values
+
+
+async def signal(request: Request) -> Response:
+    state = console(request)
+    run_id = check_run_id(request.path_params["run_id"])
+    form = _fields(await request.form(), "name", "payload")
+    try:
+        name = form["name"].strip()
+        if not name:
+            raise InvalidInput("the signal needs a name (the one the workflow waits for)")
+        check_token("signal name", name)
+        payload = parse_json("the payload", form["payload"])
+        info = await reads.read_run(state.conn, run_id)
+        if info.info.is_closed:
+            raise InvalidInput(f"run {run_id} has already {info.info.status}; it takes no signals")
+        ack = await send(state.conn, run_id, name, payload, None)
+    except InvalidInput as exc:
+        return await _again(request, run_id, str(exc), form)
+    notice = f"Signal '{name}' sent (stored as #{ack.seq})."
+    return RedirectResponse(f"/runs/{run_id}?notice={quote(notice)}", status_code=303)
+
+
+async def run_action(request: Request) -> Response:
+    state = console(request)
+    run_id = check_run_id(request.path_params["run_id"])
+    action = next((a for a in RUN_ACTIONS if a.name == request.path_params["action"]), None)
+    if action is None:
+        raise InvalidInput(f"there is no action {request.path_params['action']!r}")
+    form = _fields(await request.form(), "reason")
+    reason = form["reason"].strip() or None
+    view = await reads.read_run(state.conn, run_id)
+    if view.info.status not in action.statuses:
+        message = f"run {run_id} is {view.info.status}: '{action.label}' does not apply to it"
+        return await _again(request, run_id, message, {})
+    await action.perform(state.conn, run_id, reason)
+    notice = f"{action.label}: requested for {run_id}."
+    return RedirectResponse(f"/runs/{run_id}?notice={quote(notice)}", status_code=303)
+
+
+async def _again(request: Request, run_id: str, error: str, form: dict[str, str]) -> Response:
+    from ._views import run_context
+
+    state = console(request)
+    view = await reads.read_run(state.conn, run_id)
+    context = run_context(view, state.counts.children(run_id))
+    context.update(error=error, form=form, live=None)
+    return page(request, "run.html", context, status=400)
+
+
+def check_input(workflow: str, data: bytes, schema: Any) -> None:
+    """Check a start's input against the JSON Schema a worker announced for the workflow."""
+    if schema is None:
+        return
+    try:
+        jsonschema.validate(msgspec.json.decode(data), schema)
+    except jsonschema.ValidationError as exc:
+        where = "input" + "".join(f"[{p!r}]" for p in exc.absolute_path)
+        raise InvalidInput(
+            f"{where} does not fit the input schema of {workflow!r}: {exc.message}"
+        ) from None
+    except jsonschema.SchemaError as exc:
+        raise InvalidInput(
+            f"the schema announced for {workflow!r} is broken: {exc.message}"
+        ) from None
+
+
+async def start(request: Request) -> Response:
+    state = console(request)
+    form = _fields(await request.form(), "workflow", "queue", "run_id", "input")
+    known = await reads.input_schemas(state.conn)
+    try:
+        workflow = check_workflow_name(form["workflow"].strip())
+        default_queue = known[workflow][0] if workflow in known else "default"
+        queue = check_queue(form["queue"].strip() or default_queue)
+        run_id = form["run_id"].strip() or None
+        if run_id is not None:
+            check_run_id(run_id)
+        data = parse_json("the input", form["input"])
+        check_input(workflow, data, known.get(workflow, (None, None))[1])
+        made, created = await Runs(state.conn).start(workflow, queue, data, run_id)
+    except (InvalidInput, NatflowError) as exc:
+        context = {"title": "Start a run", "known": known, "form": form, "error": str(exc)}
+        return page(request, "start.html", context, status=400)
+    notice = (
+        f"Started run {made}." if created else f"Run {made} already exists; nothing new started."
+    )
+    if workflow not in known:
+        notice += f" No live worker serves {workflow!r} yet: it waits for one."
+    return RedirectResponse(f"/runs/{made}?notice={quote(notice)}", status_code=303)

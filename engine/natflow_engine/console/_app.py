@@ -1,0 +1,311 @@
+"""The console's ASGI app: routes, the shared state, access control and error pages.
+
+Pages are server-rendered (Jinja2); live parts of a page update over server-sent events whose
+``patch`` messages carry new HTML for elements by id (``static/console.js`` applies them).
+A new page is a module with its handlers plus an entry in :data:`NAV` and in :func:`routes`;
+a new run action is an entry in ``_actions.RUN_ACTIONS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .._connection import Connection
+from .._errors import InvalidInput, NatflowError, PermissionDenied, RunNotFound, ServerUnavailable
+from ._counts import StatusCounts
+from ._format import FILTERS
+
+log = logging.getLogger("natflow.console")
+
+HERE = Path(__file__).parent
+COOKIE = "natflow_console"
+
+
+@dataclass(frozen=True, slots=True)
+class NavItem:
+    label: str
+    path: str
+
+
+NAV: list[NavItem] = [
+    NavItem("Runs", "/runs"),
+    NavItem("Start a run", "/start"),
+    NavItem("Workers", "/workers"),
+    NavItem("Dead letters", "/dead-letters"),
+]
+
+
+def _asset_versions() -> dict[str, str]:
+    """A content hash per static file: pages link ``/static/<name>?v=<hash>``, so browsers
+    keep them cached and still see a new version the moment the console is upgraded."""
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        for path in (HERE / "static").iterdir()
+        if path.is_file()
+    }
+
+
+_VERSIONS = _asset_versions()
+
+
+def asset(name: str) -> str:
+    return f"/static/{name}?v={_VERSIONS.get(name, '0')}"
+
+
+class _Static(StaticFiles):
+    """Static files, cached by the browser for a day (their URLs change with their content)."""
+
+    def file_response(
+        self, full_path: Any, stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = "public, max-age=86400"
+        return response
+
+
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.filters.update(FILTERS)
+templates.env.globals.update(nav=NAV, asset=asset)
+
+
+@dataclass(slots=True)
+class Console:
+    """What every handler shares: the NATS connection, the live counts, where NATS is."""
+
+    conn: Connection
+    counts: StatusCounts
+    server: str
+
+
+def console(request: Request) -> Console:
+    found: Console = request.app.state.console
+    return found
+
+
+def page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
+    """Render a full page (or fragment) with the common context."""
+    context.setdefault("notice", request.query_params.get("notice"))
+    context.setdefault("error", None)
+    context.setdefault("live", None)
+    context["server"] = console(request).server
+    context["path"] = request.url.path
+    return templates.TemplateResponse(request, name, context, status_code=status)
+
+
+# -- errors: every failure becomes a page that says what went wrong, never a traceback ---------
+
+
+def _error_page(request: Request, status: int, title: str, message: str) -> Response:
+    context = {"title": title, "message": message, "status": status}
+    context["server"] = getattr(getattr(request.app.state, "console", None), "server", "")
+    context["path"] = request.url.path
+    context.setdefault("notice", None)
+    context.setdefault("live", None)
+    return templates.TemplateResponse(request, "error.html", context, status_code=status)
+
+
+async def on_natflow_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, RunNotFound):
+        return _error_page(request, 404, "No such run", str(exc))
+    if isinstance(exc, InvalidInput):
+        return _error_page(request, 400, "Bad input", str(exc))
+    if isinstance(exc, PermissionDenied):
+        return _error_page(request, 403, "Not allowed", str(exc))
+    if isinstance(exc, ServerUnavailable):
+        return _error_page(request, 503, "NATS is not reachable", str(exc))
+    return _error_page(request, 502, "natflow could not do that", str(exc))
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    titles = {404: "Not found", 405: "Not allowed here", 401: "Access token needed"}
+    return _error_page(
+        request, exc.status_code, titles.get(exc.status_code, "Request refused"), exc.detail
+    )
+
+
+async def on_timeout(request: Request, exc: Exception) -> Response:
+    log.warning(
+        "console: %s %s: NATS did not answer in time (%s)", request.method, request.url.path, exc
+    )
+    return _error_page(
+        request,
+        504,
+        "NATS did not answer in time",
+        "The NATS server or JetStream did not answer; try again in a moment.",
+    )
+
+
+async def on_crash(request: Request, exc: Exception) -> Response:
+    log.exception("console: %s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error_page(
+        request,
+        500,
+        "Something went wrong",
+        "The console hit an unexpected error; its log has the details.",
+    )
+
+
+# -- access: an optional token, and no cross-site form posts ------------------------------------
+
+
+class Guard:
+    """ASGI middleware: checks the access token (if one is set) and the origin of writes.
+
+    The token may come as ``?token=`` (then kept in an HttpOnly, SameSite=Lax cookie, so a
+    link from elsewhere works), as that cookie, or as ``Authorization: Bearer``. A POST must
+    come from a page of this console (its ``Origin`` names this host), so another site
+    cannot drive it.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.token = token
+        self.cookie = hashlib.sha256(f"natflow-console:{token}".encode()).hexdigest()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        if self.token is not None and not scope["path"].startswith("/static/"):
+            given = request.query_params.get("token")
+            if given is not None and hmac.compare_digest(given, self.token):
+                await self._enter(request)(scope, receive, send)
+                return
+            if not self._allowed(request):
+                raise HTTPException(
+                    401,
+                    "This console needs its access token: open it once as "
+                    "/?token=<token> (the one given to `natflow ui --access-token`).",
+                )
+        if request.method not in ("GET", "HEAD") and not _same_origin(request):
+            raise HTTPException(403, "This form was sent from another site; use the console.")
+        await self.app(scope, receive, send)
+
+    def _allowed(self, request: Request) -> bool:
+        auth = request.headers.get("authorization", "")
+        assert self.token is not None
+        if auth.startswith("Bearer ") and hmac.compare_digest(auth[7:], self.token):
+            return True
+        jar: SimpleCookie = SimpleCookie(request.headers.get("cookie", ""))
+        morsel = jar.get(COOKIE)
+        return morsel is not None and hmac.compare_digest(morsel.value, self.cookie)
+
+    def _enter(self, request: Request) -> Response:
+        query = {k: v for k, v in parse_qs(request.url.query).items() if k != "token"}
+        target = request.url.path + (f"?{urlencode(query, doseq=True)}" if query else "")
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(COOKIE, self.cookie, httponly=True, samesite="lax")
+        return response
+
+
+def _same_origin(request: Request) -> bool:
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if not origin:
+        return False
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+# -- the app -----------------------------------------------------------------------------------
+
+
+def routes() -> list[BaseRoute]:
+    from . import _actions, _live, _views
+
+    return [
+        Route("/", _views.home),
+        Route("/runs", _views.runs_page),
+        Route("/runs/{run_id}", _views.run_page),
+        Route("/runs/{run_id}/live", _live.run_stream),
+        Route("/runs/{run_id}/signal", _actions.signal, methods=["POST"]),
+        Route("/runs/{run_id}/action/{action}", _actions.run_action, methods=["POST"]),
+        Route("/start", _views.start_page),
+        Route("/start", _actions.start, methods=["POST"]),
+        Route("/workers", _views.workers_page),
+        Route("/dead-letters", _views.dead_page),
+        Route("/live/counts", _live.counts_stream),
+        Route("/live/workers", _live.workers_stream),
+        Route("/healthz", _views.healthz),
+        Mount("/static", _Static(directory=str(HERE / "static")), name="static"),
+    ]
+
+
+def create_app(
+    opener: Callable[[], Awaitable[Connection]],
+    *,
+    token: str | None = None,
+    server: str = "",
+) -> ASGIApp:
+    """The console as an ASGI app.
+
+    Args:
+        opener: opens the NATS connection the console uses (closed when the app stops).
+        token: if given, every request must carry it (see :class:`Guard`).
+        server: the NATS URL, shown in the page header.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        conn = await opener()
+        for name in templates.env.list_templates():  # compile now, not on the first request
+            templates.get_template(name)
+        counts = StatusCounts()
+        app.state.console = Console(conn=conn, counts=counts, server=server)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(counts.follow, conn)
+                yield
+                tg.cancel_scope.cancel()
+        finally:
+            await conn.close()
+
+    app = Starlette(
+        routes=routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            NatflowError: on_natflow_error,
+            HTTPException: on_http_error,
+            TimeoutError: on_timeout,
+            Exception: on_crash,
+        },
+    )
+    guarded = Guard(app, token)
+    return _Errors(guarded, app)
+
+
+class _Errors:
+    """Renders the Guard's refusals as pages (they are raised outside Starlette's handlers)."""
+
+    def __init__(self, guarded: ASGIApp, app: Starlette) -> None:
+        self.guarded = guarded
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("app", self.app)
+        try:
+            await self.guarded(scope, receive, send)
+        except HTTPException as exc:
+            response = await on_http_error(Request(scope), exc)
+            await response(scope, receive, send)

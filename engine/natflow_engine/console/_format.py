@@ -1,0 +1,95 @@
+"""Template filters: times with their zone and a relative form, durations, JSON."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from markupsafe import Markup, escape
+
+_pretty_encoder = msgspec.json.Encoder(order="deterministic")
+
+
+def relative(when: datetime, now: datetime | None = None) -> str:
+    """ "12 s ago", "in 3 min": what the page says beside each time (the script keeps it fresh)."""
+    delta = ((now or datetime.now(UTC)) - when).total_seconds()
+    ahead, seconds = delta < 0, abs(delta)
+    if seconds < 1:
+        text = "just now" if not ahead else "in a moment"
+        return text
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= size:
+            amount = f"{int(seconds // size)} {unit}"
+            return f"in {amount}" if ahead else f"{amount} ago"
+    return "just now"
+
+
+def when(value: datetime | None, *, date: bool = True) -> Markup:
+    """A ``<time>`` with the UTC time, its zone and the relative time; empty for None."""
+    if value is None:
+        return Markup('<span class="muted">—</span>')
+    utc = value.astimezone(UTC)
+    shown = utc.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
+    return Markup(
+        '<time datetime="{iso}" title="{iso}"><span class="abs">{shown}</span> '
+        '<span class="zone">UTC</span> <span class="rel">{rel}</span></time>'
+    ).format(iso=utc.isoformat(), shown=shown, rel=relative(utc))
+
+
+def duration(seconds: float | None) -> str:
+    """A duration the way people say it: 350 ms, 2.4 s, 3 min 2 s, 5 h 10 min."""
+    if seconds is None:
+        return "—"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+def span(start: datetime, end: datetime | None) -> str:
+    """How long from ``start`` to ``end`` (or until now)."""
+    return duration(((end or datetime.now(UTC)) - start).total_seconds())
+
+
+def pretty_json(value: Any) -> str:
+    """Indented JSON of a decoded value (or of raw JSON bytes)."""
+    try:
+        if isinstance(value, msgspec.Raw):
+            value = msgspec.json.decode(value)
+        data = _pretty_encoder.encode(value)
+    except (TypeError, msgspec.DecodeError, msgspec.EncodeError):
+        return str(value)
+    return msgspec.json.format(data, indent=2).decode()
+
+
+def event_json(event: Any) -> str:
+    """One history event as the JSON stored in the stream, indented."""
+    return msgspec.json.format(msgspec.json.encode(event), indent=2).decode()
+
+
+def event_type(event: Any) -> str:
+    return str(event.__struct_config__.tag)
+
+
+def badge(status: str) -> Markup:
+    return Markup('<span class="badge s-{s}">{s}</span>').format(s=escape(status))
+
+
+FILTERS = {
+    "when": when,
+    "duration": duration,
+    "span": span,
+    "pretty_json": pretty_json,
+    "event_json": event_json,
+    "event_type": event_type,
+    "badge": badge,
+    "relative": relative,
+}

@@ -1,0 +1,267 @@
+"""What the console shows, read from JetStream with the engine's own readers.
+
+The runs list pages backwards through the run index stream (``NATFLOW_RUNS``, one summary per
+run, in order of last update): a page costs the entries it reads, never the size of the
+index, so it stays fast with 100,000 runs. Filters scan a bounded window per request and
+hand back a cursor to go on from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final
+
+import msgspec
+
+from .._connection import Connection
+from .._errors import NatflowError, RunNotFound
+from .._history import HistoryStore
+from .._index import IndexEntry
+from .._kv import kv_stream
+from .._leases import LEASES_BUCKET, Lease, decode_lease
+from .._names import check_run_id
+from .._reader import reader
+from .._registry import WorkerInfo, list_workers
+from .._signals import DeadLetter, dead_letters
+from .._state import RunInfo, StepInfo, fold_run, fold_steps
+from .._streams import HISTORY_STREAM, RUNS_STREAM, ensure_streams, history_subject, runs_subject
+from ..events import Event, decode_event
+from ._counts import Row, StatusCounts
+
+log = logging.getLogger("natflow.console")
+
+PAGE_SIZE: Final = 50
+_WINDOW: Final = 500  # index entries read per request while filtering
+SCAN_BUDGET: Final = 20_000  # entries one filtered page may read before it hands back a cursor
+
+_entry_decoder = msgspec.json.Decoder(IndexEntry)
+
+
+@dataclass(frozen=True, slots=True)
+class RunFilter:
+    """The runs page's filters; ``None`` means "any"."""
+
+    id_contains: str | None = None  # part of a run id
+    workflow: str | None = None
+    status: str | None = None
+    queue: str | None = None
+    since: datetime | None = None  # created at or after
+    until: datetime | None = None  # created before
+
+    def matches(self, run: RunInfo | Row) -> bool:
+        return (
+            (self.id_contains is None or self.id_contains in run.run_id)
+            and (self.workflow is None or run.workflow == self.workflow)
+            and (self.status is None or run.status == self.status)
+            and (self.queue is None or run.queue == self.queue)
+            and (self.since is None or run.created_at >= self.since)
+            and (self.until is None or run.created_at < self.until)
+        )
+
+    @property
+    def active(self) -> bool:
+        wanted = (self.id_contains, self.workflow, self.status, self.queue, self.since, self.until)
+        return any(v is not None for v in wanted)
+
+
+@dataclass(slots=True)
+class RunPage:
+    """One page of runs, most recently updated first."""
+
+    runs: list[RunInfo] = field(default_factory=list)
+    older: int | None = None  # cursor: pass as ``before`` for the next page (None: no more)
+    scanned: int = 0  # index entries read to make this page
+    exhausted_budget: bool = False  # stopped at the scan budget before the page was full
+    matching: int | None = None  # how many runs match in all (when the live index knows)
+    offset: int = 0  # position of the first run shown among the matching ones
+
+
+async def select_runs(
+    conn: Connection, counts: StatusCounts, where: RunFilter, offset: int, size: int = PAGE_SIZE
+) -> RunPage:
+    """A filtered page from the console's live index: any page costs the same."""
+    ids, matching = counts.select(where.matches, offset, size)
+    return RunPage(runs=await entries_for(conn, ids), matching=matching, offset=offset)
+
+
+async def entries_for(conn: Connection, run_ids: list[str]) -> list[RunInfo]:
+    """The index entries of these runs (one batch read), in the order asked."""
+    if not run_ids:
+        return []
+    body = msgspec.json.encode(
+        {"multi_last": [runs_subject(r) for r in run_ids], "batch": len(run_ids)}
+    )
+    found: dict[str, RunInfo] = {}
+    sub = await conn.nc.subscribe(conn.nc.new_inbox())
+    try:
+        await conn.nc.publish(f"{conn.api}.DIRECT.GET.{RUNS_STREAM}", body, reply=sub.subject)
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            if "Status" in (msg.headers or {}):
+                break
+            info = _entry_decoder.decode(msg.data).info
+            found[info.run_id] = info
+    finally:
+        await sub.unsubscribe()
+    return [found[r] for r in run_ids if r in found]
+
+
+async def _index_bounds(conn: Connection) -> tuple[int, int]:
+    try:
+        info = await conn.jsm.stream_info(RUNS_STREAM)
+    except Exception as exc:  # no stream yet: no runs yet
+        log.debug("run index unavailable: %s", exc)
+        return 1, 0
+    return info.state.first_seq, info.state.last_seq
+
+
+async def _window(conn: Connection, start: int, end: int) -> list[tuple[int, IndexEntry]]:
+    """Index entries stored at sequences ``start..end``, newest first."""
+    page = await reader(conn).read(RUNS_STREAM, start=start, batch=end - start + 1, headers=True)
+    found: list[tuple[int, IndexEntry]] = []
+    for msg in page.messages:
+        seq = int((msg.headers or {}).get("Nats-Sequence", "0"))
+        if seq > end:
+            break
+        try:
+            found.append((seq, _entry_decoder.decode(msg.data)))
+        except msgspec.DecodeError:
+            log.warning("run index entry #%d is unreadable; skipped", seq)
+    found.reverse()
+    return found
+
+
+async def list_runs(
+    conn: Connection, where: RunFilter, *, before: int | None = None, size: int = PAGE_SIZE
+) -> RunPage:
+    """The newest ``size`` runs matching ``where`` below index sequence ``before``."""
+    first, last = await _index_bounds(conn)
+    top = last if before is None else min(last, before - 1)
+    result = RunPage()
+    window = size if not where.active else _WINDOW
+    while top >= first:
+        start = max(first, top - window + 1)
+        entries = await _window(conn, start, top)
+        result.scanned += top - start + 1
+        for seq, entry in entries:
+            if where.matches(entry.info):
+                result.runs.append(entry.info)
+                if len(result.runs) == size:
+                    result.older = seq if seq > first else None
+                    return result
+            if where.since is not None and entry.info.updated_at < where.since:
+                return result  # the index is in update order: the rest is older still
+        top = start - 1
+        if result.scanned >= SCAN_BUDGET and top >= first:
+            result.older, result.exhausted_budget = top + 1, True
+            return result
+        window = _WINDOW
+    return result
+
+
+async def find_run(conn: Connection, run_id: str) -> RunInfo | None:
+    """A run's index entry by exact id (None when the index has none)."""
+    msg = await conn.request(f"{conn.api}.DIRECT.GET.{RUNS_STREAM}.{runs_subject(run_id)}", b"")
+    if "Status" in (msg.headers or {}):
+        return None
+    return _entry_decoder.decode(msg.data).info
+
+
+@dataclass(slots=True)
+class RunView:
+    """Everything the run page shows, folded from one read of the run's history."""
+
+    info: RunInfo
+    events: list[Event]
+    steps: list[StepInfo]
+    last_seq: int
+    lease: Lease | None = None
+    children: list[RunInfo] = field(default_factory=list)
+
+
+async def read_run(conn: Connection, run_id: str) -> RunView:
+    """Read and fold a run's history; :class:`RunNotFound` if it has none."""
+    check_run_id(run_id)
+    await ensure_streams(conn)
+    history = await HistoryStore(conn).read(run_id)
+    info = fold_run(run_id, history.events)
+    if info is None:
+        raise RunNotFound(run_id)
+    return RunView(
+        info=info,
+        events=history.events,
+        steps=fold_steps(history.events),
+        last_seq=history.last_seq,
+    )
+
+
+async def read_more(conn: Connection, view: RunView) -> RunView:
+    """``view`` with the events appended since it was read (one batch read of the new ones)."""
+    run_id = view.info.run_id
+    page = await reader(conn).read_all(
+        HISTORY_STREAM, history_subject(run_id), start=view.last_seq + 1
+    )
+    if not page.messages:
+        return view
+    events = view.events + [decode_event(m.data) for m in page.messages]
+    info = fold_run(run_id, events)
+    assert info is not None  # it had a start event already
+    return RunView(info=info, events=events, steps=fold_steps(events), last_seq=page.last_seq)
+
+
+async def leases(conn: Connection) -> list[Lease]:
+    """Every run lease now held (runs a worker is executing)."""
+    found: list[Lease] = []
+    body = msgspec.json.encode({"multi_last": [f"$KV.{LEASES_BUCKET}.>"], "batch": 4096})
+    sub = await conn.nc.subscribe(conn.nc.new_inbox())
+    try:
+        await conn.nc.publish(
+            f"{conn.api}.DIRECT.GET.{kv_stream(LEASES_BUCKET)}", body, reply=sub.subject
+        )
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            headers = msg.headers or {}
+            if "Status" in headers:
+                break
+            if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+                continue
+            try:
+                found.append(decode_lease(msg.data))
+            except msgspec.DecodeError:
+                continue
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def workers(conn: Connection) -> list[tuple[WorkerInfo, list[Lease]]]:
+    """Live workers, each with the leases (runs) it holds now."""
+    await ensure_streams(conn)
+    found = await list_workers(conn)
+    held = await leases(conn)
+    return [(w, [lease for lease in held if lease.worker == w.identity]) for w in found]
+
+
+async def input_schemas(conn: Connection) -> dict[str, tuple[str, object | None]]:
+    """Each workflow some live worker serves: ``(queue, input JSON Schema or None)``."""
+    await ensure_streams(conn)
+    known: dict[str, tuple[str, object | None]] = {}
+    for worker in await list_workers(conn):
+        schemas = getattr(worker, "input_schemas", None) or {}
+        for name in worker.workflows:
+            schema = schemas.get(name)
+            if name not in known or (known[name][1] is None and schema is not None):
+                known[name] = (worker.queues[0] if worker.queues else "default", schema)
+    return known
+
+
+async def dead(conn: Connection, limit: int = 200) -> list[DeadLetter]:
+    await ensure_streams(conn)
+    try:
+        return await dead_letters(conn, limit)
+    except NatflowError:
+        raise
+    except Exception as exc:
+        raise NatflowError(f"could not read dead letters: {exc}") from exc
