@@ -38,6 +38,8 @@ def test_natflow_exports_exactly_the_public_api() -> None:
         "NatflowError",
         "NonDeterminismError",
         "PermissionDenied",
+        "ReplayResult",
+        "Replayer",
         "RetryPolicy",
         "RunCancelled",
         "RunFailed",

@@ -14,9 +14,9 @@ from pathlib import Path
 import msgspec
 import pytest
 from natflow import Workflow
-from natflow._replay import WorkflowState
-from natflow_engine._history import History
-from natflow_engine.events import RunCompleted, decode_event
+from natflow.testing import Replayer, load_history
+from natflow_engine import History
+from natflow_engine.events import RunCompleted
 
 from examples.greeting import greet
 from examples.order import order
@@ -27,8 +27,7 @@ WORKFLOWS: dict[str, Workflow] = {w.name: w for w in (greet, order, recorded_mix
 
 
 def load(path: Path) -> History:
-    events = [decode_event(line) for line in path.read_bytes().splitlines() if line.strip()]
-    return History(path.stem, events, len(events))
+    return load_history(path)
 
 
 @pytest.mark.parametrize("path", sorted(HISTORIES.glob("*.jsonl")), ids=lambda p: p.stem)
@@ -36,18 +35,12 @@ def test_recorded_history_replays_to_its_recorded_result(path: Path) -> None:
     history = load(path)
     final = history.events[-1]
     assert isinstance(final, RunCompleted)
-    start = history.events[0]
-    workflow = WORKFLOWS[start.workflow]  # type: ignore[union-attr]
     history.events = history.events[:-1]  # the result must come from the replay alone
-    state = WorkflowState(workflow, history)
-    try:
-        state._begin()
-        assert state.block is None, state.block
-        assert state._root is not None and state._root.done()
-        replayed = msgspec.json.decode(msgspec.json.encode(state._root.result()))
-        assert replayed == msgspec.json.decode(final.result)
-    finally:
-        state._close_workflow()
+    replay = Replayer(WORKFLOWS.values()).replay(history)
+    assert replay.ok, replay.divergence
+    assert replay.finished
+    replayed = msgspec.json.decode(msgspec.json.encode(replay.result))
+    assert replayed == msgspec.json.decode(final.result)
 
 
 def test_every_recorded_workflow_is_known() -> None:

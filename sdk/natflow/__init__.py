@@ -37,6 +37,7 @@ from ._client import Client, RunHandle
 from ._context import WorkflowContext
 from ._worker import Worker
 from ._workflow import Workflow, workflow
+from .testing import Replayer, ReplayResult
 
 __all__ = [
     "Client",
@@ -45,6 +46,8 @@ __all__ = [
     "NatflowError",
     "NonDeterminismError",
     "PermissionDenied",
+    "ReplayResult",
+    "Replayer",
     "RetryPolicy",
     "RunCancelled",
     "RunFailed",

@@ -3,8 +3,10 @@
 :class:`WorkflowState` owns the workflow's deterministic loop and the bookkeeping that every
 replay must reproduce: each ``ctx`` call becomes a command at the next position, matched
 against what history recorded (a mismatch is a divergence), and recorded outcomes are
-delivered one at a time in history order. It does no I/O; :class:`~natflow._execution.RunExecution`
-adds the live half (appends, steps, timers, signals).
+delivered one at a time in history order. It does no I/O. Two drivers use it:
+:class:`~natflow._execution.RunExecution` composes it with the live half (appends, steps,
+timers, signals), and :class:`~natflow.testing.Replayer` replays stored histories against
+today's code.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import hashlib
 import logging
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -86,7 +88,7 @@ class WorkflowState:
         self.now: datetime = start.at
         self.replaying = True
         self.block: NonDeterminismError | None = None
-        self._start = start
+        self.start = start
         self._load(history.events)
         self._patch_memo: dict[str, bool] = {}
         self._to_record: list[Event] = []  # appended before anything else happens live
@@ -103,7 +105,7 @@ class WorkflowState:
         self.terminated: str | None = None  # stop now, run nothing more
         self._loop = WorkflowLoop()  # type: ignore[abstract]
         self._ctx = WorkflowContext(self)
-        self._root: asyncio.Task[Any] | None = None
+        self.root: asyncio.Task[Any] | None = None
 
     def _load(self, events: list[Event]) -> None:
         self._records: dict[int, str] = {}  # seq -> what history says the command was
@@ -112,10 +114,10 @@ class WorkflowState:
         self._patches: set[str] = set()
         self.signal_cursor = 0
         self._signal_ids: set[str] = set()
-        self._last_holder: str | None = None  # the worker of the latest claim
+        self.last_holder: str | None = None  # the worker of the latest claim
         for event in events:
             if isinstance(event, RunClaimed):
-                self._last_holder = event.worker
+                self.last_holder = event.worker
             recorded = recorded_command(event)
             if recorded is not None:
                 self._records[recorded[0]] = recorded[1]
@@ -128,6 +130,38 @@ class WorkflowState:
                 self.signal_cursor = max(self.signal_cursor, event.signal_seq)
             if isinstance(event, SignalReceived) and event.signal_id:
                 self._signal_ids.add(event.signal_id)
+
+    @property
+    def workflow_name(self) -> str:
+        return self.workflow.name
+
+    @property
+    def timers(self) -> Mapping[int, datetime]:
+        """Pending sleeps and wait timeouts (and their due times) by command position."""
+        return self._timers
+
+    @property
+    def has_commands(self) -> bool:
+        """Whether the workflow ended or asked for something history does not hold yet."""
+        assert self.root is not None
+        return self.root.done() or bool(self._to_launch) or bool(self._to_record)
+
+    def command(self, seq: int) -> Command | None:
+        return self._commands.get(seq)
+
+    def take_records(self) -> list[Event]:
+        """Events the workflow's new commands need in history, oldest first (now owed)."""
+        records, self._to_record = self._to_record, []
+        return records
+
+    def take_launches(self) -> list[StepCommand]:
+        """Steps to run for real: issued, with no outcome in history."""
+        launches, self._to_launch = self._to_launch, []
+        return launches
+
+    def knows_signal(self, signal_id: str) -> bool:
+        """Whether history already holds a signal with this id (a late duplicate)."""
+        return signal_id in self._signal_ids
 
     @property
     def waits_for_signals(self) -> bool:
@@ -259,14 +293,15 @@ class WorkflowState:
             self._patch_memo[change_id] = value
         return self._patch_memo[change_id]
 
-    def _begin(self) -> None:
-        self._root = self._loop.create_task(self._main(), name=f"workflow {self.run_id}")
+    def begin(self) -> None:
+        """Start the workflow and hand it every recorded outcome, in history order."""
+        self.root = self._loop.create_task(self._main(), name=f"workflow {self.run_id}")
         self._tick()
         while self._replay and self.block is None:
             event = self._replay.popleft()
             self.replaying = bool(self._replay)
-            self._deliver(event)
-            if self._root.done() and self._replay and self.block is None:
+            self.deliver(event)
+            if self.root.done() and self._replay and self.block is None:
                 nxt = recorded_command(self._replay[0])
                 self._diverged(
                     nxt[0] if nxt else 0, expected=None, recorded=nxt[1] if nxt else "more events"
@@ -278,7 +313,7 @@ class WorkflowState:
         if self.workflow.takes_input:
             value = decode_value(
                 f"input of workflow {self.workflow.name!r}",
-                self._start.input,
+                self.start.input,
                 self.workflow.input_type,
             )
         return await self.workflow(self._ctx, value)
@@ -290,7 +325,7 @@ class WorkflowState:
         if self.block is None:
             self.block = NonDeterminismError(self.run_id, position, expected, recorded)
 
-    def _deliver(self, event: Delivered) -> None:
+    def deliver(self, event: Delivered) -> None:
         """Hand one outcome to the workflow and let it run until it waits again."""
         self.now = event.at
         if isinstance(event, SignalReceived):
@@ -338,16 +373,18 @@ class WorkflowState:
             command.future.set_result(None)
 
     def _deliver_cancel(self, event: CancelRequested) -> None:
-        assert self._root is not None
+        assert self.root is not None
         if event.terminate:
             self.terminated = event.reason or "terminated"
             return
         # CancelledError at the workflow's current await: its finally blocks (and any
         # cleanup steps in them) run, and replay cancels at the same point of history.
         self.cancelled = event.reason or "cancelled"
-        self._root.cancel()
+        self.root.cancel()
 
     def _deliver_signal(self, event: SignalReceived) -> None:
+        if event.signal_id:
+            self._signal_ids.add(event.signal_id)
         waiting = self._waiting[event.name]
         while waiting and waiting[0].future.done():  # a wait abandoned by a cancellation
             waiting.popleft()
@@ -362,17 +399,12 @@ class WorkflowState:
     def _signal_value(payload: msgspec.Raw) -> Any:
         return msgspec.json.decode(payload)
 
-    @staticmethod
-    def _reason(payload: bytes) -> str | None:
-        value = msgspec.json.decode(payload)
-        return value if isinstance(value, str) else None
-
-    def _drop_abandoned_timers(self) -> None:
+    def drop_abandoned_timers(self) -> None:
         """Timers of sleeps and waits a cancellation abandoned keep nobody waiting."""
         for seq in [s for s in self._timers if self._commands[s].future.done()]:
             del self._timers[seq]
 
-    def _close_workflow(self) -> None:
+    def close(self) -> None:
         """Close the workflow's coroutines; any ctx call they make now raises Evicted."""
         self._evicted = True
         for task in list(self._loop.tasks):
@@ -382,3 +414,9 @@ class WorkflowState:
         except BaseException:  # user finally-blocks during teardown: nothing left to protect
             log.debug("run %s: error while closing workflow code", self.run_id, exc_info=True)
         self._loop.close()
+
+
+def cancel_reason(payload: bytes) -> str | None:
+    """The reason a cancel or terminate request carries (its JSON payload, if a string)."""
+    value = msgspec.json.decode(payload)
+    return value if isinstance(value, str) else None
