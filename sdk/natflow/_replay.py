@@ -86,11 +86,15 @@ class WorkflowState:
         self.run_id = history.run_id
         self.seed = _seed(history.run_id)
         self.now: datetime = start.at
-        self.replaying = True
         self.block: NonDeterminismError | None = None
         self.start = start
         self._load(history.events)
         self._patch_memo: dict[str, bool] = {}
+        # Replay is over once the workflow has been handed every recorded outcome, has asked
+        # again for every recorded command and patch, or asks for a command beyond them.
+        self._last_recorded_seq = max(self._records, default=0)
+        self._unasked_patches = set(self._patches)
+        self._live = False
         self._to_record: list[Event] = []  # appended before anything else happens live
         self._commands: dict[int, Command] = {}
         self._to_launch: list[StepCommand] = []
@@ -130,6 +134,21 @@ class WorkflowState:
                 self.signal_cursor = max(self.signal_cursor, event.signal_seq)
             if isinstance(event, SignalReceived) and event.signal_id:
                 self._signal_ids.add(event.signal_id)
+
+    @property
+    def replaying(self) -> bool:
+        """True until the workflow reaches the end of its recorded history.
+
+        That end is the last thing history recorded, whatever its kind: an outcome still to
+        hand back, a command (step, sleep, signal wait) not yet asked for again, or a patch
+        marker not yet asked for. Code before it ran already; its log lines are not repeated.
+        """
+        if self._live:
+            return False
+        if self._replay or self._next_seq <= self._last_recorded_seq or self._unasked_patches:
+            return True
+        self._live = True
+        return False
 
     @property
     def workflow_name(self) -> str:
@@ -186,6 +205,8 @@ class WorkflowState:
             raise Evicted()
         seq = self._next_seq
         self._next_seq += 1
+        if seq > self._last_recorded_seq and not self._replay:
+            self._live = True  # a command history never saw: past its end, whatever is left
         return seq
 
     def _match(self, command: Command) -> bool:
@@ -284,6 +305,7 @@ class WorkflowState:
         if change_id not in self._patch_memo:
             if change_id in self._patches:
                 value = True
+                self._unasked_patches.discard(change_id)
             elif self.replaying:
                 value = False
             else:
@@ -299,14 +321,16 @@ class WorkflowState:
         self._tick()
         while self._replay and self.block is None:
             event = self._replay.popleft()
-            self.replaying = bool(self._replay)
             self.deliver(event)
             if self.root.done() and self._replay and self.block is None:
                 nxt = recorded_command(self._replay[0])
                 self._diverged(
                     nxt[0] if nxt else 0, expected=None, recorded=nxt[1] if nxt else "more events"
                 )
-        self.replaying = False
+        unreached = [seq for seq in self._records if seq >= self._next_seq]
+        if self.root.done() and unreached and self.block is None:
+            first = min(unreached)
+            self._diverged(first, expected=None, recorded=self._records[first])
 
     async def _main(self) -> Any:
         value: Any = None
