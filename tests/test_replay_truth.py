@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from natflow import Client, WorkflowContext, workflow
+from natflow import Client, RunCancelled, WorkflowContext, workflow
 from natflow.testing import Replayer
 from natflow_engine._engine import Engine
 from natflow_engine.events import PatchMarked, SignalWaited, StepCompleted, TimerScheduled
@@ -110,3 +110,30 @@ async def test_a_v1_run_parked_on_a_signal_keeps_the_old_path_on_v2(
     new = [e.name for e in await client.history("ver-new") if isinstance(e, StepCompleted)]
     assert old == ["a"], "the v1 run took the patched path while replaying v1 history"
     assert new == ["a", "new"]
+
+
+BODIES: list[str] = []
+
+
+def side_effect(value: str) -> str:
+    BODIES.append(value)
+    return value
+
+
+@workflow(name="never_ran")
+async def never_ran(ctx: WorkflowContext) -> str:
+    return await ctx.step("first", side_effect, "first")
+
+
+async def test_a_cancel_sent_before_any_worker_ran_the_run_stops_it_before_its_first_step(
+    client: Client, engine: Engine
+) -> None:
+    BODIES.clear()
+    handle = await client.start(never_ran, run_id="cancel-early")
+    await client.cancel("cancel-early", reason="changed my mind")
+    async with running_worker(client, [never_ran]):
+        with pytest.raises(RunCancelled, match="changed my mind"):
+            await handle.result(timeout=10)
+    assert BODIES == []
+    kinds = [e.__struct_config__.tag for e in await client.history("cancel-early")]
+    assert kinds == ["run_started", "run_claimed", "cancel_requested", "run_cancelled"]

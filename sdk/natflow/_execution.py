@@ -137,6 +137,7 @@ class RunExecution:
         self._inflight = 0
         self._armed: dict[int, asyncio.TimerHandle] = {}
         self._draining = False
+        self._signals_first = False  # signals waited when the run was taken
         self._created_at: datetime | None = None  # when the server stored run_started
         self._send: MemoryObjectSendStream[Item] | None = None
 
@@ -176,10 +177,16 @@ class RunExecution:
             if self.state.block is not None:
                 await self._record_block()
                 return Outcome.BLOCKED
-            if not await self._has_work():
+            work = await self._has_work()
+            if work is None:
                 return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
-            if not await self._claim():
+            if work:  # signals (a cancel, say) wait: they go in before any command starts
+                claimed = await self._claim()
+            else:
+                claimed, work = await self._claim_and_look()
+            if not claimed:
                 return Outcome.STALE if self._optimistic else Outcome.LOST
+            self._signals_first = work
             send, receive = anyio.create_memory_object_stream[Item](math.inf)
             self._send = send
             try:
@@ -194,15 +201,39 @@ class RunExecution:
         finally:
             self._dispose()
 
-    async def _has_work(self) -> bool:
-        """Whether taking the run now would change anything (else no claim is written)."""
+    async def _has_work(self) -> bool | None:
+        """Whether taking the run now would change anything (None: no claim is written).
+
+        True means signals wait to be moved in; False that this is not known yet.
+        """
         if self.state.has_commands:
-            return True
+            return False
         due = self.next_due
         if due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER:
-            return True
+            return False
         # A signal for a wait, or a cancellation for any waiting run.
-        return await last_signal_seq(self._conn, self.run_id) > self.signal_cursor
+        return True if await self._signals_waiting() else None
+
+    async def _claim_and_look(self) -> tuple[bool, bool]:
+        """Claim the run and look for waiting signals at once (one round trip of time)."""
+        found: list[bool] = []
+
+        async def look() -> None:
+            found.append(await self._signals_waiting())
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(look)
+                claimed = await self._claim()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        return claimed, found[0]
+
+    async def _signals_waiting(self) -> bool:
+        """Whether signals (or a cancel) for this run wait outside its history."""
+        return await last_signal_seq(self._conn, self.run_id) > self.state.signal_cursor
 
     async def _append(self, event: Event) -> Event:
         event = (
@@ -293,6 +324,9 @@ class RunExecution:
     ) -> Outcome:
         state = self.state
         assert state.root is not None
+        if self._signals_first:  # a cancel sent before this execution must stop it first
+            await self._flush_records()
+            await self._move_signals()
         while not state.root.done():
             if state.terminated is not None:
                 return await self._end(RunTerminated, state.terminated)

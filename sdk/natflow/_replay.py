@@ -176,7 +176,7 @@ class WorkflowState:
     def take_launches(self) -> list[StepCommand]:
         """Steps to run for real: issued, with no outcome in history."""
         launches, self._to_launch = self._to_launch, []
-        return launches
+        return [c for c in launches if not c.future.done()]  # a cancel abandoned the rest
 
     def knows_signal(self, signal_id: str) -> bool:
         """Whether history already holds a signal with this id (a late duplicate)."""
