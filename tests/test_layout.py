@@ -50,6 +50,7 @@ def test_natflow_exports_exactly_the_public_api() -> None:
         "SignalTimeout",
         "StepError",
         "StepInfo",
+        "StepTimeout",
         "Worker",
         "Workflow",
         "WorkflowContext",

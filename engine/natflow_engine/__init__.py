@@ -24,6 +24,7 @@ from ._errors import (
     ServerUnavailable,
     SignalTimeout,
     StepError,
+    StepTimeout,
 )
 from ._history import AppendConflict, History, HistoryStore
 from ._index import RunIndex
@@ -127,6 +128,7 @@ __all__ = [
     "SignalTimeout",
     "StepError",
     "StepInfo",
+    "StepTimeout",
     "Task",
     "TaskPuller",
     "Timer",

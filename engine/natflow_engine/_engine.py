@@ -41,6 +41,7 @@ from .events import (
     RunClaimed,
     RunStarted,
     SignalWaited,
+    StepRetrying,
     TimerFired,
     TimerScheduled,
     decode_event,
@@ -58,6 +59,7 @@ RUN_EVENTS: Final = (
     "run_failed",
     "timer_scheduled",
     "signal_waited",
+    "step_retrying",
     "timer_fired",
     "run_cancelled",
     "run_terminated",
@@ -168,6 +170,11 @@ class Engine:
                 timers.Timer(
                     run_id=run_id, seq=event.seq, name=event.name, due_at=event.timeout_at
                 ),
+            )
+        elif isinstance(event, StepRetrying):  # the next attempt waits like a sleep
+            await timers.schedule(
+                self._conn,
+                timers.Timer(run_id=run_id, seq=event.seq, name=event.name, due_at=event.retry_at),
             )
         elif isinstance(event, TimerFired):
             await timers.cancel(self._conn, run_id, event.seq)

@@ -22,6 +22,7 @@ from .events import (
     SignalWaited,
     StepCompleted,
     StepFailed,
+    StepRetrying,
     StepStarted,
     TimerFired,
     TimerScheduled,
@@ -86,12 +87,26 @@ def fold_steps(events: list[Event]) -> list[StepInfo]:
     """Every step occurrence in the order the workflow asked for them."""
     steps: dict[int, StepInfo] = {}
     for event in events:
-        if isinstance(event, StepStarted | StepCompleted | StepFailed):
-            steps[event.seq] = _step_info(event)
+        if isinstance(event, StepStarted | StepCompleted | StepFailed | StepRetrying):
+            info = _step_info(event)
+            earlier = steps.get(event.seq)
+            if earlier is not None and earlier.started_at is not None:
+                info.started_at = earlier.started_at  # when the first attempt started
+            steps[event.seq] = info
     return [steps[seq] for seq in sorted(steps)]
 
 
-def _step_info(event: StepStarted | StepCompleted | StepFailed) -> StepInfo:
+def _step_info(event: StepStarted | StepCompleted | StepFailed | StepRetrying) -> StepInfo:
+    if isinstance(event, StepRetrying):
+        return StepInfo(
+            name=event.name,
+            occurrence=event.occurrence,
+            status="retrying",
+            attempts=event.attempt,
+            started_at=event.started_at,
+            error=event.error,
+            seq=event.seq,
+        )
     info = StepInfo(
         name=event.name,
         occurrence=event.occurrence,
@@ -160,6 +175,8 @@ def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str]]:
             timeout = f" (timeout at {event.timeout_at.isoformat()})" if event.timeout_at else ""
             pending[event.seq] = ("waiting", f"waiting for signal {event.name!r}{timeout}")
             waiting.setdefault(event.name, []).append(event.seq)
+        elif isinstance(event, StepRetrying):
+            pending[event.seq] = ("sleeping", retrying_text(event))
         elif isinstance(event, TimerFired):
             pending.pop(event.seq, None)
             for seqs in waiting.values():
@@ -168,6 +185,14 @@ def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str]]:
         elif isinstance(event, SignalReceived) and waiting.get(event.name):
             pending.pop(waiting[event.name].pop(0), None)
     return [pending[seq] for seq in sorted(pending)]
+
+
+def retrying_text(event: StepRetrying) -> str:
+    """``current`` of a run whose step waits for its next attempt."""
+    return (
+        f"retrying step {event.name!r}: attempt {event.attempt + 1} at "
+        f"{event.retry_at.isoformat()} (attempt {event.attempt} failed: {event.error})"
+    )
 
 
 def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = None) -> None:
@@ -188,6 +213,9 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     elif isinstance(event, StepCompleted | StepFailed):
         running.pop(event.seq, None)
         info.status = "running"
+    elif isinstance(event, StepRetrying):
+        running.pop(event.seq, None)
+        info.status, info.current = "sleeping", retrying_text(event)
     elif isinstance(event, TimerScheduled):
         info.status, info.current = "sleeping", f"sleeping until {event.due_at.isoformat()}"
     elif isinstance(event, SignalWaited):

@@ -30,6 +30,7 @@ from natflow_engine import (
     SignalTimeout,
     StepError,
     StepInfo,
+    StepTimeout,
 )
 
 from . import events
@@ -58,6 +59,7 @@ __all__ = [
     "SignalTimeout",
     "StepError",
     "StepInfo",
+    "StepTimeout",
     "Worker",
     "Workflow",
     "WorkflowContext",

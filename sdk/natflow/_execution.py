@@ -29,6 +29,7 @@ from natflow_engine import (
     FENCED,
     SIGNALS_DELIVERED,
     SIGNALS_REJECTED,
+    STEP_RETRIES,
     STEPS,
     TAKEOVERS,
     TERMINATE,
@@ -62,6 +63,7 @@ from natflow_engine.events import (
     SignalRejected,
     StepCompleted,
     StepFailed,
+    StepRetrying,
     StepStarted,
     TimerFired,
     utcnow,
@@ -355,7 +357,9 @@ class RunExecution:
         return await self._finish()
 
     async def _handle(self, item: Item) -> None:
-        if isinstance(item, Finished):
+        if isinstance(item, Finished) and item.retry_at is not None:
+            await self._record_retry(item, item.retry_at)
+        elif isinstance(item, Finished):
             event = await self._append(self._outcome_event(item))
             self._inflight -= 1
             assert isinstance(event, StepCompleted | StepFailed)
@@ -463,6 +467,39 @@ class RunExecution:
             await self._flush_records()  # what the signal made the workflow do comes next
             moved = True
         return moved
+
+    async def _record_retry(self, item: Finished, retry_at: datetime) -> None:
+        """A failed attempt goes into history with the time of the next one, which waits on
+        a durable timer like a sleep (the run is let go if it is far off)."""
+        cmd = item.command
+        assert item.error is not None
+        retrying = await self._append(
+            StepRetrying(
+                id=self._next_id(),
+                at=utcnow(),
+                seq=cmd.seq,
+                name=cmd.name,
+                occurrence=cmd.occurrence,
+                attempt=item.attempt,
+                started_at=item.started_at,
+                error=item.error,
+                retry_at=retry_at,
+            )
+        )
+        assert isinstance(retrying, StepRetrying)
+        self._inflight -= 1
+        STEP_RETRIES.labels(self.workflow.name, cmd.name).inc()
+        log.warning(
+            "run %s: step %r attempt %d failed (%s); attempt %d at %s",
+            self.run_id,
+            cmd.name,
+            item.attempt,
+            item.error,
+            item.attempt + 1,
+            retry_at.isoformat(),
+            extra=fields(self.run_id, self.workflow.name, cmd.name, attempt=item.attempt),
+        )
+        self.state.retrying(retrying)
 
     def _count_step(self, event: StepCompleted | StepFailed) -> None:
         if isinstance(event, StepCompleted):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
@@ -44,6 +45,7 @@ from natflow_engine.events import (
     SignalWaited,
     StepCompleted,
     StepFailed,
+    StepRetrying,
     TimerFired,
     TimerScheduled,
     utcnow,
@@ -119,6 +121,8 @@ class WorkflowState:
         self.signal_cursor = 0
         self._signal_ids: set[str] = set()
         self.last_holder: str | None = None  # the worker of the latest claim
+        self._retries: dict[int, StepRetrying] = {}  # a step's latest failed attempt
+        self._retry_fired: set[int] = set()  # steps whose next attempt came due
         for event in events:
             if isinstance(event, RunClaimed):
                 self.last_holder = event.worker
@@ -126,7 +130,12 @@ class WorkflowState:
             if recorded is not None:
                 self._records[recorded[0]] = recorded[1]
                 self._recorded_events[recorded[0]] = event  # a completion outranks a start
-            if isinstance(event, Delivered):
+            if isinstance(event, StepRetrying):
+                self._retries[event.seq] = event
+                self._retry_fired.discard(event.seq)
+            elif isinstance(event, TimerFired) and event.seq in self._retries:
+                self._retry_fired.add(event.seq)  # starts an attempt; the workflow sees nothing
+            elif isinstance(event, Delivered):
                 self._replay.append(event)
             if isinstance(event, PatchMarked):
                 self._patches.add(event.change_id)
@@ -249,9 +258,24 @@ class WorkflowState:
         )
         self._match(command)
         recorded = self._recorded_events.get(seq)
-        if not isinstance(recorded, StepCompleted | StepFailed):
-            self._to_launch.append(command)
+        if isinstance(recorded, StepCompleted | StepFailed):
+            return command.future
+        failed = self._retries.get(seq)
+        if failed is not None:
+            command.attempt = failed.attempt + 1
+            if seq not in self._retry_fired:  # still backing off: a durable timer
+                self._timers[seq] = failed.retry_at
+                return command.future
+        self._to_launch.append(command)
         return command.future
+
+    def retrying(self, event: StepRetrying) -> None:
+        """A live attempt failed and was recorded: the next one waits for its timer."""
+        command = self._commands[event.seq]
+        assert isinstance(command, StepCommand)
+        command.attempt = event.attempt + 1
+        self._timers[event.seq] = event.retry_at
+        self._new_timers.append(event.seq)
 
     def issue_sleep(self, name: str, due_at: datetime) -> asyncio.Future[Any]:
         check_step_name(name)
@@ -390,7 +414,10 @@ class WorkflowState:
         self._timers.pop(command.seq, None)
         if command.future.done():
             return
-        if isinstance(command, WaitCommand):
+        if isinstance(command, StepCommand):  # its next attempt is due
+            command.issued_at = time.monotonic()
+            self._to_launch.append(command)
+        elif isinstance(command, WaitCommand):
             self._waiting[command.name].remove(command)
             command.future.set_exception(SignalTimeout(command.name))
         else:
