@@ -137,3 +137,36 @@ async def test_a_cancel_sent_before_any_worker_ran_the_run_stops_it_before_its_f
     assert BODIES == []
     kinds = [e.__struct_config__.tag for e in await client.history("cancel-early")]
     assert kinds == ["run_started", "run_claimed", "cancel_requested", "run_cancelled"]
+
+
+@workflow(name="napper")
+async def napper(ctx: WorkflowContext) -> str:
+    await ctx.sleep("nap", 1.0)
+    return "rested"
+
+
+async def test_a_timer_due_while_no_worker_runs_says_it_waits_for_a_worker(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, [napper]):
+        handle = await client.start(napper, run_id="nap-1")
+
+        async def sleeping() -> bool:
+            return (await handle.status()).status == "sleeping"
+
+        await wait_for(sleeping, what="the run sleeping")
+
+    async def listed_pending() -> bool:
+        return [r.run_id for r in await client.list(status="pending")] == ["nap-1"]
+
+    await wait_for(listed_pending, what="list(status='pending') to find the due run")
+    info = await handle.status()
+    assert info.status == "pending", info
+    assert info.current is not None
+    assert info.current.startswith("timer 'nap' due since "), info.current
+    assert info.current.endswith(", waiting for a worker"), info.current
+    (listed,) = await client.list(status="pending")
+    assert listed.current == info.current
+    async with running_worker(client, [napper]):
+        assert await handle.result(timeout=10) == "rested"
+    assert (await handle.status()).status == "completed"

@@ -83,7 +83,7 @@ class Engine:
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
         self.reaper = Reaper(conn)
-        self.timers = timers.TimerService(conn)
+        self.timers = timers.TimerService(conn, self._index)
         self.signals = SignalIntake(conn)
         self.metrics = EngineMetrics(
             conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)

@@ -73,6 +73,7 @@ class RunInfo(msgspec.Struct, kw_only=True):
     error: ErrorInfo | None = None
     worker: str | None = None
     parent: str | None = None
+    due_at: datetime | None = None  # when the timer the run waits for (if any) comes due
 
     @property
     def is_closed(self) -> bool:
@@ -124,8 +125,12 @@ def _step_info(event: StepStarted | StepCompleted | StepFailed | StepRetrying) -
     return info
 
 
-def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
-    """The run's summary, or None if it has no events (it does not exist)."""
+def fold_run(run_id: str, events: list[Event], now: datetime | None = None) -> RunInfo | None:
+    """The run's summary, or None if it has no events (it does not exist).
+
+    Given ``now``, a run whose timer (a sleep, a wait's timeout, a step's next attempt) is
+    already due but that no worker has taken yet is ``pending``: due, waiting for a worker.
+    """
     if not events or not isinstance(events[0], RunStarted):
         return None
     start = events[0]
@@ -136,13 +141,27 @@ def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
     if info.is_closed or info.status == "blocked":
         return info
     waits = pending_waits(events)
+    info.due_at = None
     if running:
         info.status, info.current = "running", f"running step {running[max(running)]!r}"
     elif waits:
-        info.status, info.current = waits[0]
+        info.status, info.current, _, _ = waits[0]
+        timers = [(due, name) for _, _, due, name in waits if due is not None]
+        if timers:
+            info.due_at, name = min(timers)
+            # A claim as the last event: a worker has the run now and fires the timer.
+            if now is not None and info.due_at <= now and not isinstance(events[-1], RunClaimed):
+                mark_due(info, name)
     elif info.status == "running":
         info.current = "running"
     return info
+
+
+def mark_due(info: RunInfo, timer: str) -> None:
+    """The run's timer came due and no worker has taken the run yet."""
+    assert info.due_at is not None
+    info.status = "pending"
+    info.current = f"timer {timer!r} due since {info.due_at.isoformat()}, waiting for a worker"
 
 
 def new_info(run_id: str, start: RunStarted) -> RunInfo:
@@ -160,23 +179,26 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
     return info
 
 
-def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str]]:
-    """Sleeps and signal waits not yet resolved, earliest command first.
+def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str, datetime | None, str]]:
+    """Sleeps, signal waits and step retries not yet resolved, earliest command first:
+    ``(status, current, due time of its timer or None, timer name)``.
 
     Mirrors the workflow's own matching: a signal goes to the oldest waiter of its name, and
     a timer that fired after its wait was satisfied changes nothing.
     """
-    pending: dict[int, tuple[RunStatus, str]] = {}
+    pending: dict[int, tuple[RunStatus, str, datetime | None, str]] = {}
     waiting: dict[str, list[int]] = {}
     for event in events:
         if isinstance(event, TimerScheduled):
-            pending[event.seq] = ("sleeping", f"sleeping until {event.due_at.isoformat()}")
+            text = f"sleeping until {event.due_at.isoformat()}"
+            pending[event.seq] = ("sleeping", text, event.due_at, event.name)
         elif isinstance(event, SignalWaited):
             timeout = f" (timeout at {event.timeout_at.isoformat()})" if event.timeout_at else ""
-            pending[event.seq] = ("waiting", f"waiting for signal {event.name!r}{timeout}")
+            text = f"waiting for signal {event.name!r}{timeout}"
+            pending[event.seq] = ("waiting", text, event.timeout_at, event.name)
             waiting.setdefault(event.name, []).append(event.seq)
         elif isinstance(event, StepRetrying):
-            pending[event.seq] = ("sleeping", retrying_text(event))
+            pending[event.seq] = ("sleeping", retrying_text(event), event.retry_at, event.name)
         elif isinstance(event, TimerFired):
             pending.pop(event.seq, None)
             for seqs in waiting.values():
@@ -206,7 +228,7 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     info.updated_at = event.at
     if isinstance(event, RunClaimed):
         info.worker = event.worker
-        info.status, info.current, info.error = "running", None, None
+        info.status, info.current, info.error, info.due_at = "running", None, None, None
     elif isinstance(event, StepStarted):
         running[event.seq] = event.name
         info.status = "running"
@@ -216,10 +238,13 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     elif isinstance(event, StepRetrying):
         running.pop(event.seq, None)
         info.status, info.current = "sleeping", retrying_text(event)
+        info.due_at = event.retry_at
     elif isinstance(event, TimerScheduled):
         info.status, info.current = "sleeping", f"sleeping until {event.due_at.isoformat()}"
+        info.due_at = event.due_at
     elif isinstance(event, SignalWaited):
         info.status, info.current = "waiting", f"waiting for signal {event.name!r}"
+        info.due_at = event.timeout_at
     elif isinstance(event, RunBlocked):
         info.status = "blocked"
         info.error = event.error
