@@ -17,6 +17,7 @@ from typing import Final
 import msgspec
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
+from ._errors import PermissionDenied
 from ._state import RunInfo, apply_event, mark_due
 from ._streams import RUNS_STREAM, runs_subject
 from .events import Event, RunStarted
@@ -144,7 +145,11 @@ class RunIndex:
     ) -> list[RunInfo]:
         """Runs matching the filters, newest first."""
         try:
-            info = await self._conn.jsm.stream_info(RUNS_STREAM)
+            info = await self._conn.guarded(
+                self._conn.api + ".", self._conn.jsm.stream_info(RUNS_STREAM), prefix=True
+            )
+        except PermissionDenied:
+            raise
         except Exception as exc:  # no stream yet means no runs yet
             log.debug("run index unavailable: %s", exc)
             return []
