@@ -9,7 +9,7 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 from . import events
 from ._cli import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
-from ._connection import TRANSIENT, Connection, connect, default_url, wrap
+from ._connection import TRANSIENT, Connection, connect, default_url, redact_url, wrap
 from ._durations import to_seconds
 from ._engine import DISPATCHER
 from ._errors import (
@@ -24,6 +24,7 @@ from ._errors import (
     ServerUnavailable,
     SignalTimeout,
     StepError,
+    StepTimeout,
 )
 from ._history import AppendConflict, History, HistoryStore
 from ._index import RunIndex
@@ -144,6 +145,7 @@ __all__ = [
     "SignalTimeout",
     "StepError",
     "StepInfo",
+    "StepTimeout",
     "Task",
     "TaskPuller",
     "Timer",
@@ -182,6 +184,7 @@ __all__ = [
     "prepare_worker",
     "queue_consumer",
     "recent_events",
+    "redact_url",
     "replicas",
     "run_created_at",
     "runs_subject",

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 
@@ -39,11 +40,48 @@ ERR_STREAM_NAME_IN_USE: Final = 10058
 ERR_JS_UNAVAILABLE: Final = 10008
 
 
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@,\s]*:)[^@/,\s]*@")
-
-
 def default_url() -> str:
     return os.environ.get("NATFLOW_URL", DEFAULT_URL)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its secret: ``nats://user:***@host``, ``nats://***@host`` for a token.
+
+    Every URL natflow prints or logs goes through here; a list (``a,b``) is redacted per URL.
+    """
+    if "," in url:
+        return ",".join(redact_url(part.strip()) for part in url.split(","))
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"  # a lone userinfo is a token
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
+
+
+# nats-py hands the server's -ERR to error_cb lower-cased, e.g.
+# 'nats: permissions violation for publish to "$js.api.stream.info.natflow_history"'.
+_DENIAL = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.I)
+
+
+class _Waiter:
+    """A call in flight that fails at once if the server denies its subject (or any subject
+    under ``key`` when ``prefix``)."""
+
+    __slots__ = ("denial", "key", "prefix", "task")
+
+    def __init__(self, task: asyncio.Task[Any], key: str, prefix: bool) -> None:
+        self.task = task
+        self.key = key
+        self.prefix = prefix
+        self.denial: str | None = None
+
+    def matches(self, subject: str) -> bool:
+        return subject.startswith(self.key) if self.prefix else subject == self.key
 
 
 class JetStreamError(NatflowError):
@@ -91,6 +129,7 @@ class Connection:
         self.jsm = nc.jsm(prefix=self.api)
         self._owned = owned
         self._denied: list[str] = []
+        self._waiters: set[_Waiter] = set()
         self.streams_ready = False
         self.streams_lock = asyncio.Lock()
         self.closing = False
@@ -110,21 +149,53 @@ class Connection:
 
     @property
     def url(self) -> str:
+        """The server this connection talks to, with any password or token left out."""
         uri = self.nc.connected_url
-        return uri.geturl() if uri is not None else "<not connected>"
+        return redact_url(uri.geturl()) if uri is not None else "<not connected>"
 
-    def note_error(self, error: Exception) -> None:
-        """Called from nats-py's error_cb: remembers permission violations by subject."""
-        text = str(error)
-        if "permissions violation" in text.lower():
-            self._denied.append(text)
-            del self._denied[:-20]
+    def note_error(self, error: Exception) -> bool:
+        """Called from nats-py's error_cb: a permission violation fails the calls waiting on
+        its subject at once (and is remembered). True if it was one."""
+        found = _DENIAL.search(str(error))
+        if found is None:
+            return False
+        subject = found.group(2).lower()  # nats-py lower-cases it; compare alike
+        self._denied.append(subject)
+        del self._denied[:-20]
+        for waiter in [w for w in self._waiters if w.denial is None and w.matches(subject)]:
+            waiter.denial = subject
+            waiter.task.cancel()
+        return True
 
     def denied(self, subject: str) -> str | None:
-        for text in reversed(self._denied):
-            if subject in text:
-                return text
-        return None
+        """The denied subject as the server reported it, if it denied ``subject`` lately."""
+        key = subject.lower()
+        return key if key in self._denied else None
+
+    async def guarded(self, subject: str, call: Awaitable[T], *, prefix: bool = False) -> T:
+        """Await ``call``, failing with :class:`PermissionDenied` the moment the server
+        reports that it denied ``subject`` (any subject under it if ``prefix``) instead of
+        waiting out a timeout: the server denies a publish only in an asynchronous error."""
+        task = asyncio.current_task()
+        assert task is not None
+        waiter = _Waiter(task, subject.lower(), prefix)
+        self._waiters.add(waiter)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            if waiter.denial is None:
+                raise
+            task.uncancel()
+            raise self.permission_denied(waiter.denial) from None
+        finally:
+            self._waiters.discard(waiter)
+
+    @staticmethod
+    def permission_denied(subject: str) -> PermissionDenied:
+        return PermissionDenied(
+            f"the NATS server denied this connection the subject {subject!r} (as the server "
+            f"names it); grant it in the server's permissions for this user"
+        )
 
     def check_size(self, what: str, size: int) -> None:
         limit = self.max_payload - 4096  # headroom for the event envelope and headers
@@ -145,8 +216,11 @@ class Connection:
     ) -> Msg:
         """A request with nats-py's errors turned into natflow's."""
         try:
-            return await self.nc.request(
-                subject, payload, timeout=timeout, headers=dict(headers) if headers else None
+            return await self.guarded(
+                subject,
+                self.nc.request(
+                    subject, payload, timeout=timeout, headers=dict(headers) if headers else None
+                ),
             )
         except nats.errors.NoRespondersError as exc:
             raise NoResponders(subject) from exc
@@ -160,10 +234,7 @@ class Connection:
     def _timeout_error(self, subject: str, timeout: float) -> NatflowError:
         denial = self.denied(subject)
         if denial is not None:
-            return PermissionDenied(
-                f"the NATS server denied this connection the subject {subject!r} ({denial}); "
-                f"grant it in the server's permissions"
-            )
+            return self.permission_denied(denial)
         return RequestTimeout(f"no answer to {subject!r} within {timeout:g} s")
 
     async def publish(
@@ -196,7 +267,9 @@ class Connection:
 
         async def once() -> T:
             try:
-                return await call()
+                # Which API subject nats-py uses is its own business: any denial of one
+                # fails this call.
+                return await self.guarded(f"{self.api}.", call(), prefix=True)
             except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
                 raise NoResponders(what) from e
             except (TimeoutError, nats.errors.TimeoutError) as exc:
@@ -254,11 +327,6 @@ async def retrying(what: str, op: Callable[[], Awaitable[T]], *, budget: float =
             delay = min(delay * 2, 2.0)
 
 
-def redact(urls: str) -> str:
-    """``urls`` with any password in them replaced by ``***``, fit to print."""
-    return _PASSWORD_IN_URL.sub(r"\1***@", urls)
-
-
 async def connect(
     url: str | list[str] | None = None,
     *,
@@ -276,14 +344,13 @@ async def connect(
     if isinstance(servers, str) and "," in servers:  # NATFLOW_URL may list a cluster's nodes
         servers = [u.strip() for u in servers.split(",") if u.strip()]
     holder: dict[str, Connection] = {}
-    refused: list[str] = []  # why the server turned the first connection down, if it did
+    refused: list[bool] = []  # whether the server turned the credentials down while connecting
 
     async def error_cb(error: Exception) -> None:
         conn = holder.get("conn")
         if conn is None:  # still connecting: the caller gets the error itself
-            log.debug("NATS: %s", error)
-            if "authorization violation" in str(error).lower():
-                refused.append(str(error))
+            refused.append(_refused_credentials(error))
+            log.debug("NATS: %s", _redact_text(str(error)))
             return
         conn.note_error(error)
         log.warning("NATS: %s", error)
@@ -304,7 +371,7 @@ async def connect(
     options.setdefault("error_cb", error_cb)
     options.setdefault("disconnected_cb", disconnected_cb)
     options.setdefault("reconnected_cb", reconnected_cb)
-    shown = redact(servers if isinstance(servers, str) else ", ".join(servers))
+    shown = redact_url(servers if isinstance(servers, str) else ", ".join(servers))
     try:
         nc = await asyncio.wait_for(
             nats.connect(
@@ -319,20 +386,35 @@ async def connect(
             ),
             timeout=connect_timeout,
         )
-    except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
-        if refused:
+    except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.Error) as exc:
+        if any(refused) or _refused_credentials(exc):
             raise PermissionDenied(
-                f"the NATS server at {shown} refused the credentials (authorization "
-                "violation); check --user and --password, --token or --creds (env "
-                "NATFLOW_USER, NATFLOW_PASSWORD, NATFLOW_TOKEN, NATFLOW_CREDS)"
+                f"the NATS server at {shown} refused the credentials; check the user and "
+                f"password, token, NKey or creds file (NATFLOW_USER, NATFLOW_PASSWORD, "
+                f"NATFLOW_TOKEN, NATFLOW_CREDS)"
             ) from None
-        raise ServerUnavailable(f"no NATS server answered at {shown}; {START_HINT}") from exc
-    except nats.errors.Error as exc:
-        raise ServerUnavailable(f"could not connect to NATS at {shown}: {exc}") from exc
+        if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.NoServersError):
+            raise ServerUnavailable(
+                f"could not connect to NATS at {shown}: {_redact_text(str(exc))}"
+            ) from None
+        raise ServerUnavailable(f"no NATS server answered at {shown}; {START_HINT}") from None
     nc.options["max_reconnect_attempts"] = reconnect_attempts
     conn = Connection(nc, owned=True, domain=domain or os.environ.get("NATFLOW_DOMAIN"))
     holder["conn"] = conn
     return conn
+
+
+def _refused_credentials(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "authorization violation" in text or "authentication" in text
+
+
+_URL_SECRET = re.compile(r"(\w+://)([^@/\s]+)@")
+
+
+def _redact_text(text: str) -> str:
+    """Any URL inside a message (nats-py quotes the server it tried) loses its secret."""
+    return _URL_SECRET.sub(lambda m: redact_url(m.group(0) + "x")[:-1], text)
 
 
 def wrap(nc: NATS, domain: str | None = None) -> Connection:

@@ -44,6 +44,7 @@ from .events import (
     RunClaimed,
     RunStarted,
     SignalWaited,
+    StepRetrying,
     TimerFired,
     TimerScheduled,
     decode_event,
@@ -61,6 +62,7 @@ RUN_EVENTS: Final = (
     "run_failed",
     "timer_scheduled",
     "signal_waited",
+    "step_retrying",
     "timer_fired",
     "run_cancelled",
     "run_terminated",
@@ -84,7 +86,7 @@ class Engine:
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
         self.reaper = Reaper(conn)
-        self.timers = timers.TimerService(conn)
+        self.timers = timers.TimerService(conn, self._index)
         self.signals = SignalIntake(conn)
         self.scheduler = Scheduler(conn)
         self.events = EventIntake(conn)
@@ -175,6 +177,11 @@ class Engine:
                 timers.Timer(
                     run_id=run_id, seq=event.seq, name=event.name, due_at=event.timeout_at
                 ),
+            )
+        elif isinstance(event, StepRetrying):  # the next attempt waits like a sleep
+            await timers.schedule(
+                self._conn,
+                timers.Timer(run_id=run_id, seq=event.seq, name=event.name, due_at=event.retry_at),
             )
         elif isinstance(event, TimerFired):
             await timers.cancel(self._conn, run_id, event.seq)

@@ -11,6 +11,7 @@ Every error natflow raises to a user derives from :class:`NatflowError`::
     ├── RunFailed               the run ended with an error (type, message, traceback)
     ├── RunCancelled            the run was cancelled or terminated
     ├── StepError               a step raised; catchable inside the workflow
+    ├── StepTimeout             one attempt of a step ran past its timeout (recorded)
     └── SignalTimeout           wait_for_signal's timeout passed first
 
 Errors that carry a recorded failure expose it as ``error`` (an :class:`ErrorInfo`).
@@ -121,6 +122,16 @@ class StepError(_RecordedError):
     def __init__(self, step: str, error: ErrorInfo) -> None:
         super().__init__(f"step {step!r} failed: {error}", error)
         self.step = step
+
+
+class StepTimeout(NatflowError, TimeoutError):
+    """One attempt of a step ran longer than its ``timeout``; recorded as the attempt's error."""
+
+    def __init__(self, step: str, attempt: int, seconds: float) -> None:
+        super().__init__(f"step {step!r} attempt {attempt} timed out after {seconds:g} s")
+        self.step = step
+        self.attempt = attempt
+        self.seconds = seconds
 
 
 class SignalTimeout(NatflowError, TimeoutError):

@@ -90,14 +90,11 @@ class BatchReader:
             request["next_by_subj"] = subject
         if not headers:
             request["no_hdr"] = True
+        subject = f"{self._conn.api}.DIRECT.GET.{stream}"
         try:
-            await self._conn.nc.publish(
-                f"{self._conn.api}.DIRECT.GET.{stream}",
-                msgspec.json.encode(request),
-                reply=f"{prefix}.{token}",
+            await self._conn.guarded(
+                subject, self._ask(subject, request, f"{prefix}.{token}", read)
             )
-            async with asyncio.timeout(_TIMEOUT):
-                await read.done
         except TimeoutError:
             raise RequestTimeout(f"reading {stream} timed out") from None
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
@@ -109,6 +106,11 @@ class BatchReader:
                 raise NoResponders(f"{self._conn.api}.DIRECT.GET.{stream}")
             raise NatflowError(f"reading {stream} failed: {read.error}")
         return read.page
+
+    async def _ask(self, subject: str, request: dict[str, object], reply: str, read: _Read) -> None:
+        await self._conn.nc.publish(subject, msgspec.json.encode(request), reply=reply)
+        async with asyncio.timeout(_TIMEOUT):
+            await read.done
 
     async def _inbox(self) -> str:
         if self._prefix is None:

@@ -102,7 +102,7 @@ class Runs:
         return history.events
 
     async def describe(self, run_id: str) -> RunInfo:
-        info = fold_run(run_id, await self.events(run_id))
+        info = fold_run(run_id, await self.events(run_id), now=utcnow())
         if info is None:
             raise RunNotFound(run_id)
         return info

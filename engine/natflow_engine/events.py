@@ -102,6 +102,22 @@ class StepFailed(_Event, tag="step_failed", kw_only=True, frozen=True):
     error: ErrorInfo
 
 
+class StepRetrying(_Event, tag="step_retrying", kw_only=True, frozen=True):
+    """Attempt ``attempt`` of a step failed; the next one is due at ``retry_at``.
+
+    The wait is a durable timer (key ``<run_id>.<seq>`` like a sleep's): the run holds no
+    worker meanwhile, and a ``timer_fired`` of the same ``seq`` starts the next attempt.
+    """
+
+    seq: int
+    name: str
+    occurrence: int
+    attempt: int
+    started_at: datetime
+    error: ErrorInfo
+    retry_at: datetime
+
+
 class TimerScheduled(_Event, tag="timer_scheduled", kw_only=True, frozen=True):
     """``ctx.sleep``: the run sleeps until ``due_at``; no worker holds it meanwhile."""
 
@@ -119,7 +135,7 @@ class SignalWaited(_Event, tag="signal_waited", kw_only=True, frozen=True):
 
 
 class TimerFired(_Event, tag="timer_fired", kw_only=True, frozen=True):
-    """The timer of command ``seq`` (a sleep, or a signal wait's timeout) came due."""
+    """The timer of command ``seq`` (a sleep, a signal wait's timeout, a step's retry) came due."""
 
     seq: int
     name: str
@@ -189,6 +205,7 @@ Event = (
     | StepStarted
     | StepCompleted
     | StepFailed
+    | StepRetrying
     | TimerScheduled
     | SignalWaited
     | TimerFired

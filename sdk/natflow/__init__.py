@@ -33,6 +33,7 @@ from natflow_engine import (
     SignalTimeout,
     StepError,
     StepInfo,
+    StepTimeout,
 )
 
 from . import events
@@ -41,6 +42,7 @@ from ._context import WorkflowContext
 from ._schedules import ScheduleClient
 from ._worker import Worker
 from ._workflow import Workflow, workflow
+from .testing import Replayer, ReplayResult
 
 __all__ = [
     "Client",
@@ -49,6 +51,8 @@ __all__ = [
     "NatflowError",
     "NonDeterminismError",
     "PermissionDenied",
+    "ReplayResult",
+    "Replayer",
     "RetryPolicy",
     "RunCancelled",
     "RunFailed",
@@ -63,6 +67,7 @@ __all__ = [
     "SignalTimeout",
     "StepError",
     "StepInfo",
+    "StepTimeout",
     "Worker",
     "Workflow",
     "WorkflowContext",
