@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from ._cli_auth import register as register_auth
 from ._cli_ops import register as register_ops
 from ._connection import Connection, connect, default_url
 from ._engine import Engine
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_runs)
 
     register_ops(sub, open_connection)
+    register_auth(sub)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):
         entry.load()(sub)
     return parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
@@ -22,7 +23,13 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from ._errors import InvalidInput, NatflowError, PermissionDenied, ServerUnavailable
+from ._errors import (
+    ConnectionRefused,
+    InvalidInput,
+    NatflowError,
+    PermissionDenied,
+    ServerUnavailable,
+)
 
 log = logging.getLogger("natflow.connection")
 
@@ -87,6 +94,7 @@ class Connection:
         self.jsm = nc.jsm(prefix=self.api)
         self._owned = owned
         self._denied: list[str] = []
+        self._denials = 0  # how many denials were ever noted
         self.streams_ready = False
         self.streams_lock = asyncio.Lock()
         self.closing = False
@@ -114,11 +122,12 @@ class Connection:
         text = str(error)
         if "permissions violation" in text.lower():
             self._denied.append(text)
+            self._denials += 1
             del self._denied[:-20]
 
     def denied(self, subject: str) -> str | None:
         for text in reversed(self._denied):
-            if subject in text:
+            if subject.lower() in text.lower():  # nats-py lower-cases the server's text
                 return text
         return None
 
@@ -191,11 +200,17 @@ class Connection:
         """
 
         async def once() -> T:
+            denials = self._denials
             try:
                 return await call()
             except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
                 raise NoResponders(what) from e
             except (TimeoutError, nats.errors.TimeoutError) as exc:
+                if self._denials > denials:  # the call's API subject is nats-py's to choose
+                    raise PermissionDenied(
+                        f"the NATS server denied {what} to this connection ({self._denied[-1]}); "
+                        f"grant it in the server's permissions"
+                    ) from exc
                 raise self._timeout_error(what, 5.0) from exc
             except nats.js.errors.APIError as exc:
                 if exc.code in (500, 503) or exc.err_code == ERR_JS_UNAVAILABLE:
@@ -267,11 +282,13 @@ async def connect(
     if isinstance(servers, str) and "," in servers:  # NATFLOW_URL may list a cluster's nodes
         servers = [u.strip() for u in servers.split(",") if u.strip()]
     holder: dict[str, Connection] = {}
+    connecting_errors: list[Exception] = []
 
     async def error_cb(error: Exception) -> None:
         conn = holder.get("conn")
-        if conn is None:  # still connecting: the caller gets the error itself
+        if conn is None:  # still connecting: the caller gets the error, explained, below
             log.debug("NATS: %s", error)
+            connecting_errors.append(error)
             return
         conn.note_error(error)
         log.warning("NATS: %s", error)
@@ -308,6 +325,11 @@ async def connect(
             timeout=connect_timeout,
         )
     except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
+        # nats-py hides a failed TLS handshake behind "no servers" or a timeout; only its
+        # error callback saw the reason.
+        refused = tls_refusal(shown, [*connecting_errors, exc])
+        if refused is not None:
+            raise refused from exc
         raise ServerUnavailable(f"no NATS server answered at {shown}; {START_HINT}") from exc
     except nats.errors.Error as exc:
         raise ServerUnavailable(f"could not connect to NATS at {shown}: {exc}") from exc
@@ -315,6 +337,26 @@ async def connect(
     conn = Connection(nc, owned=True, domain=domain or os.environ.get("NATFLOW_DOMAIN"))
     holder["conn"] = conn
     return conn
+
+
+def tls_refusal(shown: str, errors: list[BaseException]) -> ConnectionRefused | None:
+    """What a failed TLS handshake among ``errors`` means for the user, or None if none did."""
+    for error in errors:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return ConnectionRefused(
+                f"the TLS certificate of the NATS server at {shown} is not trusted "
+                f"({error.verify_message}); pass the CA that signed it with --tls-ca "
+                f"(NATFLOW_TLS_CA, or an ssl.SSLContext as tls=)"
+            )
+    for error in errors:
+        if isinstance(error, ssl.SSLError):
+            reason = error.reason or str(error)
+            return ConnectionRefused(
+                f"the NATS server at {shown} refused the TLS handshake ({reason}); it wants "
+                f"a client certificate signed by a CA it trusts: pass --tls-cert and --tls-key "
+                f"(NATFLOW_TLS_CERT, NATFLOW_TLS_KEY)"
+            )
+    return None
 
 
 def wrap(nc: NATS, domain: str | None = None) -> Connection:

@@ -11,7 +11,8 @@ Layout (all names are public and documented in the README):
 * ``NATFLOW_RUNS``: the run index, ``natflow.runs.<run_id>``, the latest summary of each run;
   a projection the engine rebuilds from history.
 * ``NATFLOW_SIGNALS``: signals as any NATS client publishes them,
-  ``natflow.signal.<run_id>.<name>``; durable from the acknowledgement on.
+  ``natflow.signal.<run_id>.<name>``, and cancel/terminate requests on
+  ``natflow.signal.<run_id>.$control.<cancel|terminate>``; durable from the acknowledgement on.
 * ``NATFLOW_DEADLETTER``: ``natflow.deadletter.<kind>.<run_id>``, what could not be
   delivered, with the reason.
 * KV buckets ``natflow_leases``, ``natflow_workers``, ``natflow_timers``.
@@ -43,6 +44,7 @@ RUNS_PREFIX: Final = "natflow.runs"
 SIGNAL_PREFIX: Final = "natflow.signal"
 DEADLETTER_PREFIX: Final = "natflow.deadletter"
 RETENTION_DAYS: Final = 30
+CONTROL_TOKEN: Final = "$control"  # natflow.signal.<run_id>.$control.<cancel|terminate>
 
 
 def history_subject(run_id: str) -> str:
@@ -62,6 +64,10 @@ def runs_subject(run_id: str) -> str:
 
 
 def signal_subject(run_id: str, name: str) -> str:
+    """Where signal ``name`` to the run is published; cancel and terminate (``$cancel``,
+    ``$terminate``) go to ``natflow.signal.<run_id>.$control.<cancel|terminate>``."""
+    if name.startswith("$"):
+        return f"{SIGNAL_PREFIX}.{run_id}.{CONTROL_TOKEN}.{name[1:]}"
     return f"{SIGNAL_PREFIX}.{run_id}.{name}"
 
 

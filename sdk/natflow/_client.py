@@ -18,6 +18,7 @@ from natflow_engine import (
     Connection,
     InvalidInput,
     NatflowError,
+    PermissionDenied,
     RunCancelled,
     RunFailed,
     RunIndex,
@@ -220,8 +221,8 @@ class Client:
 
     async def _control(self, run_id: str, kind: str, reason: str | None) -> None:
         check_run_id(run_id)
-        info = await self.describe(run_id)
-        if info.is_closed:
+        info = await self._readable(run_id)
+        if info is not None and info.is_closed:
             return
         await ensure_streams(self._conn)
         await send_signal(self._conn, run_id, kind, encode_value("reason", reason), None)
@@ -240,13 +241,21 @@ class Client:
             check_token("signal_id", signal_id)
         data = encode_value(f"payload of signal {name!r}", payload)
         self._conn.check_size(f"payload of signal {name!r}", len(data))
-        info = await self.describe(run_id)
-        if info.is_closed:
+        info = await self._readable(run_id)
+        if info is not None and info.is_closed:
             raise NatflowError(
                 f"run {run_id!r} has already {info.status}; a signal can no longer reach it"
             )
         await ensure_streams(self._conn)
         await send_signal(self._conn, run_id, name, data, signal_id)
+
+    async def _readable(self, run_id: str) -> RunInfo | None:
+        """The run's info, or None if this connection may not read runs (a ``signaller``):
+        then the engine's signal intake checks the run, and dead-letters what cannot reach it."""
+        try:
+            return await self.describe(run_id)
+        except PermissionDenied:
+            return None
 
     def handle(self, run_id: str, workflow: Workflow | None = None) -> RunHandle:
         """A handle on an existing run (not checked until used)."""
