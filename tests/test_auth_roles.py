@@ -6,7 +6,6 @@ raised as ``PermissionDenied`` naming the subject.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,27 +21,14 @@ from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunCompleted, utcnow
 
 from tests.helpers import running_engine, running_worker, wait_for
+from tests.opsconf import OPS, render_ops
 
-OPS_AUTH = Path(__file__).resolve().parent.parent / "ops" / "auth"
+OPS_AUTH = OPS / "auth"
 
 # Denials the server reports only on the side: nats-py's call times out (5 s) before natflow
 # can name the subject. Issue 11 maps such denials at once; until that is merged these checks
 # take about 5 s each, and the 2 s bound is marked as expected to fail.
 DENIAL_BUDGET = 12.0
-
-
-def render_ops(source: Path, folder: Path) -> Path:
-    """An ops config (and the files it includes) on a free port with its store in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for included in source.parent.glob("*.conf"):
-        if included != source:
-            shutil.copy(included, folder / included.name)
-    text = source.read_text()
-    text = text.replace("listen: 127.0.0.1:4222", "listen: 127.0.0.1:-1")
-    text = text.replace('store_dir: "./natflow-data"', f'store_dir: "{folder / "js"}"')
-    target = folder / source.name
-    target.write_text(text)
-    return target
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ def imports(folder: Path) -> Iterator[tuple[Path, int, str]]:
 def test_natflow_exports_exactly_the_public_api() -> None:
     assert sorted(natflow.__all__) == [
         "Client",
+        "ConnectionRefused",
         "ErrorInfo",
         "InvalidInput",
         "NatflowError",

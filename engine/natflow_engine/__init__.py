@@ -13,6 +13,7 @@ from ._connection import TRANSIENT, Connection, connect, default_url, wrap
 from ._durations import to_seconds
 from ._engine import DISPATCHER
 from ._errors import (
+    ConnectionRefused,
     ErrorInfo,
     InvalidInput,
     NatflowError,
@@ -45,7 +46,14 @@ from ._metrics import (
     step_attempt,
 )
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
-from ._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
+from ._registry import (
+    WorkerInfo,
+    announce,
+    connected_user,
+    ping_subject,
+    safe_identity,
+    withdraw,
+)
 from ._retry import NO_RETRY, RetryPolicy
 from ._runs import Runs
 from ._server import EmbeddedServer
@@ -106,6 +114,7 @@ __all__ = [
     "AppendConflict",
     "BadSignal",
     "Connection",
+    "ConnectionRefused",
     "EmbeddedServer",
     "ErrorInfo",
     "History",
@@ -140,6 +149,7 @@ __all__ = [
     "check_workflow_name",
     "connect",
     "connect_options",
+    "connected_user",
     "decode_task",
     "decode_value",
     "default_url",

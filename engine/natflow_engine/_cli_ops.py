@@ -125,6 +125,8 @@ async def _workers(conn: Connection, args: argparse.Namespace) -> int:
             f"{w.identity:40} {','.join(w.queues):16} {w.held:>4} "
             f"{_ago(w.heartbeat_at):>12}  {', '.join(w.workflows)}{state}"
         )
+        if w.user:  # who the NATS server says it connected as
+            print(f"{'':40} user {w.user}" + (f" in account {w.account}" if w.account else ""))
     if not found:
         print("no live workers")
     return 0

@@ -16,6 +16,7 @@ Example::
 """
 
 from natflow_engine import (
+    ConnectionRefused,
     ErrorInfo,
     InvalidInput,
     NatflowError,
@@ -40,6 +41,7 @@ from ._workflow import Workflow, workflow
 
 __all__ = [
     "Client",
+    "ConnectionRefused",
     "ErrorInfo",
     "InvalidInput",
     "NatflowError",

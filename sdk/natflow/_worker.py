@@ -44,6 +44,7 @@ from natflow_engine import (
     WorkerInfo,
     announce,
     check_queue,
+    connected_user,
     decode_task,
     enqueue,
     ensure_consumer,
@@ -163,6 +164,7 @@ class Worker:
         self._not_pulling = anyio.Event()
         self._pullers: list[TaskPuller] = []
         self._started_at = utcnow()
+        self._user = ("", "")  # (user, account) as the server names them, once running
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
 
@@ -213,6 +215,7 @@ class Worker:
         if self._metrics_port:
             serve_metrics(self._metrics_port)
         pullers = [await self._subscribe(queue) for queue in self.queues]
+        self._user = await connected_user(self._conn)
         ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
         await self._announce()
@@ -562,6 +565,8 @@ class Worker:
             lease_ttl=self.lease_ttl,
             held=len(self._held),
             draining=self._stopping.is_set(),
+            user=self._user[0],
+            account=self._user[1],
         )
         try:
             await announce(self._conn, info)
