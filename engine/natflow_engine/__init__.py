@@ -56,6 +56,16 @@ from ._registry import (
 )
 from ._retry import NO_RETRY, RetryPolicy
 from ._runs import Runs
+from ._sealing import (
+    AesGcmCodec,
+    MissingKey,
+    PayloadCodec,
+    open_event,
+    open_events,
+    open_sealed,
+    seal,
+    sealed_key,
+)
 from ._server import EmbeddedServer
 from ._signals import (
     CANCEL,
@@ -111,6 +121,7 @@ __all__ = [
     "TASK_STREAM",
     "TERMINATE",
     "TRANSIENT",
+    "AesGcmCodec",
     "AppendConflict",
     "BadSignal",
     "Connection",
@@ -122,8 +133,10 @@ __all__ = [
     "InvalidInput",
     "Lease",
     "Leases",
+    "MissingKey",
     "NatflowError",
     "NonDeterminismError",
+    "PayloadCodec",
     "PermissionDenied",
     "RetryPolicy",
     "RunCancelled",
@@ -163,6 +176,9 @@ __all__ = [
     "fold_run",
     "history_subject",
     "last_signal_seq",
+    "open_event",
+    "open_events",
+    "open_sealed",
     "parse",
     "pending_signals",
     "ping_subject",
@@ -173,6 +189,8 @@ __all__ = [
     "runs_subject",
     "safe_identity",
     "schedule",
+    "seal",
+    "sealed_key",
     "send",
     "sequence",
     "serve_metrics",

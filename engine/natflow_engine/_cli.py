@@ -31,6 +31,7 @@ from ._leases import Leases
 from ._logs import configure_logging
 from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
 from ._runs import Runs
+from ._sealing import AesGcmCodec, sealed_key
 from ._server import EmbeddedServer
 from ._state import fold_steps
 from ._streams import ensure_streams, history_subject
@@ -59,7 +60,14 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def open_connection(args: argparse.Namespace, name: str) -> Connection:
-    return await connect(args.url, name=name, **connect_options(args))
+    conn = await connect(args.url, name=name, **connect_options(args))
+    conn.codec = AesGcmCodec.from_env()  # NATFLOW_CODEC_KEYS: shows and sends sealed values
+    return conn
+
+
+def _shown(value: Any) -> str:
+    key_id = sealed_key(value)
+    return f"encrypted (key {key_id})" if key_id else msgspec.json.encode(value).decode()
 
 
 def _print_json(value: Any) -> None:
@@ -151,12 +159,12 @@ def _show_run(info: Any, steps: list[Any]) -> None:
     if info.closed_at:
         print(f"closed    {info.closed_at.isoformat()}")
     if info.status == "completed":
-        print(f"result    {msgspec.json.encode(info.result).decode()}")
+        print(f"result    {_shown(info.result)}")
     if info.error:
         print(f"error     {info.error.type}: {info.error.message}")
     for s in steps:
         outcome = (
-            msgspec.json.encode(s.result).decode()
+            _shown(s.result)
             if s.status == "completed"
             else (f"{s.error.type}: {s.error.message}" if s.error else "")
         )

@@ -15,6 +15,7 @@ from ._errors import InvalidInput, NatflowError
 from ._names import check_run_id, check_token
 from ._registry import list_workers
 from ._runs import Runs
+from ._sealing import seal
 from ._signals import CANCEL, TERMINATE, dead_letters, send
 from ._streams import ensure_streams
 
@@ -89,6 +90,8 @@ async def _signal(conn: Connection, args: argparse.Namespace) -> int:
     info = await Runs(conn).describe(args.run_id)
     if info.is_closed:
         raise NatflowError(f"run {args.run_id!r} has already {info.status}")
+    if conn.codec is not None:
+        payload = seal(conn.codec, payload)
     ack = await send(conn, args.run_id, args.name, payload, args.signal_id)
     print(
         f"signal {args.name!r} to {args.run_id}: stored as #{ack.seq}"

@@ -30,6 +30,7 @@ from ._errors import (
     PermissionDenied,
     ServerUnavailable,
 )
+from ._sealing import PayloadCodec
 
 log = logging.getLogger("natflow.connection")
 
@@ -100,6 +101,7 @@ class Connection:
         self.closing = False
         self.on_reconnect: list[Callable[[], None]] = []
         self.extras: dict[str, object] = {}  # per-connection helpers (the batch reader)
+        self.codec: PayloadCodec | None = None  # seals user values (see _sealing)
 
     def kv_write_subject(self, bucket: str, key: str) -> str:
         """Where a KV write goes: across a domain, through the API prefix (as nats.go does),

@@ -31,6 +31,9 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     type: str
     message: str
     traceback: str = ""
+    # With a payload codec: the message and traceback, encrypted (natflow_engine._sealing);
+    # ``message`` then says "encrypted (key <id>)".
+    sealed: str = ""
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"

@@ -16,11 +16,14 @@ Example::
 """
 
 from natflow_engine import (
+    AesGcmCodec,
     ConnectionRefused,
     ErrorInfo,
     InvalidInput,
+    MissingKey,
     NatflowError,
     NonDeterminismError,
+    PayloadCodec,
     PermissionDenied,
     RetryPolicy,
     RunCancelled,
@@ -40,12 +43,15 @@ from ._worker import Worker
 from ._workflow import Workflow, workflow
 
 __all__ = [
+    "AesGcmCodec",
     "Client",
     "ConnectionRefused",
     "ErrorInfo",
     "InvalidInput",
+    "MissingKey",
     "NatflowError",
     "NonDeterminismError",
+    "PayloadCodec",
     "PermissionDenied",
     "RetryPolicy",
     "RunCancelled",

@@ -17,7 +17,9 @@ from natflow_engine import (
     TERMINATE,
     Connection,
     InvalidInput,
+    MissingKey,
     NatflowError,
+    PayloadCodec,
     PermissionDenied,
     RunCancelled,
     RunFailed,
@@ -32,6 +34,10 @@ from natflow_engine import (
     encode_value,
     ensure_streams,
     history_subject,
+    open_event,
+    open_sealed,
+    seal,
+    sealed_key,
     to_seconds,
     wrap,
 )
@@ -101,6 +107,9 @@ class RunHandle:
                 await sub.unsubscribe()
 
     def _outcome(self, info: RunInfo) -> Any:
+        key_id = sealed_key(info.result)
+        if key_id is not None:  # describe leaves sealed what this client cannot open
+            raise MissingKey(key_id, f"the result of run {self.run_id!r}")
         if info.status == "completed":
             return self._typed(msgspec.json.encode(info.result))
         if info.status == "failed":
@@ -109,6 +118,7 @@ class RunHandle:
         raise RunCancelled(self.run_id, info.error.message if info.error else None)
 
     def _event_outcome(self, event: Event) -> Any:
+        event = open_event(self._client.connection.codec, event, self.run_id)
         if isinstance(event, RunCompleted):
             return self._typed(event.result)
         if isinstance(event, RunFailedEvent):
@@ -135,8 +145,10 @@ class Client:
             print(await handle.result(timeout=30))
     """
 
-    def __init__(self, nc: NATS | Connection) -> None:
+    def __init__(self, nc: NATS | Connection, *, codec: PayloadCodec | None = None) -> None:
         self._conn = nc if isinstance(nc, Connection) else wrap(nc)
+        if codec is not None:
+            self._conn.codec = codec
         self._runs = Runs(self._conn)
         self._index = RunIndex(self._conn)
 
@@ -146,13 +158,17 @@ class Client:
         url: str | list[str] | None = None,
         *,
         connect_timeout: float = 5.0,
+        codec: PayloadCodec | None = None,
         **nats_options: Any,
     ) -> Client:
         """Connect to NATS (``NATFLOW_URL`` or ``nats://127.0.0.1:4222`` by default).
 
         Fails with :class:`NatflowError` within ``connect_timeout`` when no server answers.
+        With ``codec`` (e.g. :class:`AesGcmCodec`), inputs, results, signal payloads and
+        errors are encrypted before they reach JetStream (docs/security.md).
         """
-        return cls(await connect(url, connect_timeout=connect_timeout, **nats_options))
+        conn = await connect(url, connect_timeout=connect_timeout, **nats_options)
+        return cls(conn, codec=codec)
 
     @property
     def connection(self) -> Connection:
@@ -240,6 +256,8 @@ class Client:
         if signal_id is not None:
             check_token("signal_id", signal_id)
         data = encode_value(f"payload of signal {name!r}", payload)
+        if self._conn.codec is not None:
+            data = seal(self._conn.codec, data)
         self._conn.check_size(f"payload of signal {name!r}", len(data))
         info = await self._readable(run_id)
         if info is not None and info.is_closed:
@@ -279,7 +297,19 @@ class Client:
         """Runs from the engine's index, newest first (needs a running engine)."""
         if limit < 1:
             raise InvalidInput("limit must be at least 1")
-        return await self._index.scan(workflow=workflow, status=status, limit=limit)
+        found = await self._index.scan(workflow=workflow, status=status, limit=limit)
+        return [self._opened(info) for info in found]
+
+    def _opened(self, info: RunInfo) -> RunInfo:
+        """The index's summary with its result opened, where this client holds the key (the
+        engine, which has none, indexes it sealed)."""
+        if sealed_key(info.result) is None or self._conn.codec is None:
+            return info
+        try:
+            data = open_sealed(self._conn.codec, msgspec.json.encode(info.result))
+        except MissingKey:
+            return info
+        return msgspec.structs.replace(info, result=msgspec.json.decode(data))
 
     async def watch(self, run_id: str) -> AsyncIterator[Event]:
         """The run's events as they are appended, from the first one on."""

@@ -37,6 +37,7 @@ from natflow_engine import (
     InvalidInput,
     Lease,
     Leases,
+    MissingKey,
     NatflowError,
     Task,
     TaskPuller,
@@ -52,6 +53,7 @@ from natflow_engine import (
     fields,
     fold_run,
     last_signal_seq,
+    open_events,
     ping_subject,
     prepare_worker,
     queue_consumer,
@@ -72,6 +74,7 @@ from ._workflow import Workflow
 log = logging.getLogger("natflow.worker")
 
 _UNKNOWN_WORKFLOW_DELAY = 1.0
+_MISSING_KEY_DELAY = 2.0
 _BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
 MIN_LEASE_TTL = 1.0
 
@@ -368,6 +371,10 @@ class Worker:
             log.warning("run %s: handing it back: %s", run_id, exc)
             if held is not None:
                 await self._hand_back(held)
+        except MissingKey as exc:  # a worker that holds the key will take it, later
+            log.error("run %s: handing it back: %s", held.run_id if held else "?", exc)
+            if held is not None:
+                await self._hand_back(held, delay=_MISSING_KEY_DELAY)
         except Exception as exc:
             run_id = held.run_id if held else "?"
             log.error("run %s: handing it back after an error: %s", run_id, exc, exc_info=True)
@@ -392,6 +399,9 @@ class Worker:
             history = History(run_id, [decode_event(task.start)], task.start_seq)
         else:
             history = await self._store.read(run_id)
+        # Sealed values opened for replay: without the key, MissingKey names it and the task
+        # goes back untouched for a worker that holds it.
+        history.events = open_events(self._conn.codec, history.events, run_id)
         info = fold_run(run_id, history.events)
         if info is None:
             log.warning("task for unknown run %s; dropping it", run_id)
@@ -491,8 +501,8 @@ class Worker:
         except NatflowError as exc:  # the engine's dispatcher writes them too, a little later
             log.debug("run %s: timers not indexed here (%s)", held.run_id, exc)
 
-    async def _hand_back(self, held: _Held) -> None:
-        await self._quietly(held.msg.nak())
+    async def _hand_back(self, held: _Held, delay: float | None = None) -> None:
+        await self._quietly(held.msg.nak(delay=delay))
         await self._release(held)
         log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
 
