@@ -6,6 +6,8 @@ raised as ``PermissionDenied`` naming the subject.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -96,6 +98,24 @@ def test_ops_permissions_are_what_natflow_auth_prints() -> None:
     billing = role_permissions("worker", queues=["billing"]).to_conf()
     config = " ".join((OPS_AUTH / "nats.conf").read_text().split())
     assert " ".join(billing.split()) in config
+
+
+def test_natflow_auth_prints_a_role_limited_to_queues() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "natflow_engine", "auth", "worker", "--queue", "billing"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = role_permissions("worker", queues=["billing"]).to_conf()
+    assert done.stdout == f"permissions: {expected}\n"
+    assert "natflow-queue-billing" in done.stdout
+    assert "natflow-queue-default" not in done.stdout
+    signaller = role_permissions("signaller", control=["cancel"], domain="hub")
+    assert "natflow.signal.*.$control.cancel" in signaller.publish
+    assert "natflow.signal.*.$control.terminate" not in signaller.publish
+    assert "$JS.hub.API.STREAM.INFO.NATFLOW_SIGNALS" in signaller.publish
 
 
 async def test_each_role_does_its_job(deployment: dict[str, Client]) -> None:
