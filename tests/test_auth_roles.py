@@ -16,7 +16,15 @@ from typing import Any
 import anyio
 import nats
 import pytest
-from natflow import Client, PermissionDenied, RunNotFound, Worker, WorkflowContext, workflow
+from natflow import (
+    Client,
+    InvalidInput,
+    PermissionDenied,
+    RunNotFound,
+    Worker,
+    WorkflowContext,
+    workflow,
+)
 from natflow_engine._auth import permissions_conf, role_permissions
 from natflow_engine._history import HistoryStore
 from natflow_engine._server import EmbeddedServer
@@ -264,3 +272,29 @@ async def test_denials_are_fast(deployment: dict[str, Client]) -> None:
         "natflow.history.nope",
     )
     assert took < 2.0
+
+
+async def test_a_frontend_starts_through_the_engine_and_cannot_write_history(
+    deployment: dict[str, Client], auth_server: EmbeddedServer
+) -> None:
+    frontend = await Client.connect(auth_server.url, start_via_engine=True, **creds("frontend"))
+    try:
+        handle = await frontend.start(guarded, 4, run_id="front-1")
+        again = await frontend.start(guarded, 4, run_id="front-1")  # idempotent by run id
+        assert again.run_id == handle.run_id
+        await wait_for(lambda: _status_is(frontend, "front-1", "waiting"), timeout=15, what="w")
+        await frontend.signal("front-1", "approve", "ok")
+        assert await handle.result(timeout=15) == {"doubled": 8, "approval": "ok"}
+        with pytest.raises(InvalidInput, match="workflow"):
+            await frontend.start("", 1)
+        direct = await Client.connect(auth_server.url, **creds("frontend"))
+        try:
+            forged = RunCompleted(id="front-1:99", at=utcnow())
+            await denied(
+                lambda: HistoryStore(direct.connection).append("front-2", forged, 0),
+                "natflow.history.front-2",
+            )
+        finally:
+            await direct.close()
+    finally:
+        await frontend.close()

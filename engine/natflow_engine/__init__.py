@@ -55,7 +55,7 @@ from ._registry import (
     withdraw,
 )
 from ._retry import NO_RETRY, RetryPolicy
-from ._runs import Runs
+from ._runs import Runs, new_run_id
 from ._sealing import (
     AesGcmCodec,
     MissingKey,
@@ -80,6 +80,7 @@ from ._signals import (
     sequence,
     stored_at,
 )
+from ._start_service import request_start
 from ._state import CLOSED_STATUSES, RunInfo, StepInfo, fold_run
 from ._streams import (
     HISTORY_PREFIX,
@@ -176,6 +177,7 @@ __all__ = [
     "fold_run",
     "history_subject",
     "last_signal_seq",
+    "new_run_id",
     "open_event",
     "open_events",
     "open_sealed",
@@ -185,6 +187,7 @@ __all__ = [
     "prepare_worker",
     "queue_consumer",
     "replicas",
+    "request_start",
     "run_created_at",
     "runs_subject",
     "safe_identity",

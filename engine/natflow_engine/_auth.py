@@ -5,11 +5,14 @@ JetStream API is request/reply on ``$JS.API.<...>`` subjects, so "may read runs"
 take tasks of queue A" are subject permissions too (NATS.md §11). The roles:
 
 * ``engine``: the engine services. Creates and updates natflow's streams (never deletes or
-  purges them), writes the run index, tasks and dead letters, reads everything. It never
-  appends to a run's history.
+  purges them), writes the run index, tasks and dead letters, reads everything, and creates
+  the runs a ``frontend`` asks it to start.
 * ``worker``: takes tasks (of all queues, or only of ``queues``), reads and appends
   history, reads signals, keeps leases, timers and its registry entry, answers pings.
 * ``client``: starts runs, sends signals, cancels and terminates, and reads (``viewer``).
+* ``frontend``: what ``client`` does, but starts runs by asking the engine
+  (``Client.connect(..., start_via_engine=True)``), so it cannot write any history: the role
+  for untrusted starters.
 * ``signaller``: sends ordinary signals, nothing else: not cancel or terminate, no reads.
 * ``viewer``: reads runs, histories, the run index, workers and dead letters.
 
@@ -20,7 +23,8 @@ signal grant ``natflow.signal.*.*`` (four tokens) does not match.
 What permissions cannot do (per subject, never per header or payload): a user who may start
 runs publishes on ``natflow.history.*`` and so could append any event to any run; a worker
 limited to some queues still reads and appends the histories of every run. Give ``client``
-and ``worker`` only to code you trust as much as the workflows themselves (see docs/security.md).
+and ``worker`` only to code you trust as much as the workflows themselves; give untrusted
+starters ``frontend`` (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from ._kv import kv_stream
 from ._leases import LEASES_BUCKET
 from ._names import check_queue
 from ._registry import WORKERS_BUCKET
+from ._start_service import START_PREFIX
 from ._streams import (
     CONTROL_TOKEN,
     DEADLETTER_PREFIX,
@@ -50,7 +55,7 @@ from ._streams import (
 )
 from ._timers import TIMERS_BUCKET
 
-ROLES: Final = ("engine", "worker", "client", "signaller", "viewer")
+ROLES: Final = ("engine", "worker", "client", "frontend", "signaller", "viewer")
 CONTROLS: Final = ("cancel", "terminate")
 USER_INFO: Final = "$SYS.REQ.USER.INFO"  # who am I: the server's answer (worker identity)
 
@@ -177,6 +182,16 @@ def _client(api: str, kv: str, queues: list[str]) -> _Parts:
     return publish, subscribe, False
 
 
+def _frontend(api: str, kv: str, queues: list[str]) -> _Parts:
+    publish, subscribe, _ = _viewer(api, kv, queues)
+    publish += [
+        f"{START_PREFIX}.*",  # the engine checks the request and creates the run
+        f"{SIGNAL_PREFIX}.*.*",
+        *(_control_subject(kind) for kind in CONTROLS),
+    ]
+    return publish, subscribe, False
+
+
 def _worker(api: str, kv: str, queues: list[str]) -> _Parts:
     consumers = [queue_consumer(q) for q in queues] or ["*"]
     tasks = [f"{TASK_PREFIX}.{q}.*" for q in queues] or [f"{TASK_PREFIX}.>"]
@@ -203,6 +218,7 @@ def _worker(api: str, kv: str, queues: list[str]) -> _Parts:
 
 def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
     publish = [
+        f"{HISTORY_PREFIX}.*",  # the first event of a run a frontend asked for
         f"{RUNS_PREFIX}.>",
         f"{TASK_PREFIX}.>",
         f"{DEADLETTER_PREFIX}.>",
@@ -225,17 +241,19 @@ def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
             f"$JS.ACK.{stream}.>",  # its own consumers, and a dead worker's task (-NAK)
             f"$JS.FC.{stream}.>",
         ]
-    return publish, ["_INBOX.>"], False
+    # Start requests from frontends, answered (allow_responses) to their inboxes.
+    return publish, ["_INBOX.>", f"{START_PREFIX}.*"], True
 
 
 _BUILDERS: Final = {
     "engine": _engine,
     "worker": _worker,
     "client": _client,
+    "frontend": _frontend,
     "signaller": _signaller,
     "viewer": _viewer,
 }
-_CONTROL_ROLES: Final = {"client": CONTROLS}
+_CONTROL_ROLES: Final = {"client": CONTROLS, "frontend": CONTROLS}
 
 
 def permissions_conf(domain: str | None = None) -> str:

@@ -14,7 +14,8 @@ def register(sub: Any) -> None:
     """Add ``natflow auth`` to the ``natflow`` parser."""
     p = sub.add_parser(
         "auth",
-        help="print the NATS permissions of a role (engine, worker, client, signaller, viewer)",
+        help="print the NATS permissions of a role (engine, worker, client, frontend, "
+        "signaller, viewer)",
         description="Print the permissions block of a natflow role for a nats.conf user "
         "(or, with --json, for a JWT's pub/sub claims). See docs/security.md.",
     )
@@ -44,7 +45,7 @@ async def _auth(args: argparse.Namespace) -> int:
         print(permissions_conf(args.domain), end="")
         return 0
     if args.role is None:
-        raise InvalidInput("name a role (engine, worker, client, signaller, viewer) or --all")
+        raise InvalidInput(f"name a role ({', '.join(ROLES)}) or --all")
     perms = role_permissions(
         args.role, queues=args.queues, control=args.control, domain=args.domain
     )

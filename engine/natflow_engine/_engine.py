@@ -33,6 +33,7 @@ from ._metrics import EngineMetrics, observe_run
 from ._puller import Puller, engine_consumer
 from ._reaper import Reaper
 from ._signals import SignalIntake
+from ._start_service import StartService
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
 from ._tasks import Task, enqueue
 from .events import (
@@ -83,6 +84,7 @@ class Engine:
         self.reaper = Reaper(conn)
         self.timers = timers.TimerService(conn)
         self.signals = SignalIntake(conn)
+        self.starts = StartService(conn)  # starts from clients that may not write history
         self.metrics = EngineMetrics(
             conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
         )
@@ -95,6 +97,7 @@ class Engine:
             tg.start_soon(self.timers.run)
             tg.start_soon(self.signals.run)
             tg.start_soon(self.metrics.run)
+            tg.start_soon(self.starts.run)
             await self._dispatch_forever()
 
     async def _dispatch_forever(self) -> None:

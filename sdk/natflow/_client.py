@@ -34,8 +34,10 @@ from natflow_engine import (
     encode_value,
     ensure_streams,
     history_subject,
+    new_run_id,
     open_event,
     open_sealed,
+    request_start,
     seal,
     sealed_key,
     to_seconds,
@@ -145,10 +147,17 @@ class Client:
             print(await handle.result(timeout=30))
     """
 
-    def __init__(self, nc: NATS | Connection, *, codec: PayloadCodec | None = None) -> None:
+    def __init__(
+        self,
+        nc: NATS | Connection,
+        *,
+        codec: PayloadCodec | None = None,
+        start_via_engine: bool = False,
+    ) -> None:
         self._conn = nc if isinstance(nc, Connection) else wrap(nc)
         if codec is not None:
             self._conn.codec = codec
+        self._start_via_engine = start_via_engine
         self._runs = Runs(self._conn)
         self._index = RunIndex(self._conn)
 
@@ -159,16 +168,19 @@ class Client:
         *,
         connect_timeout: float = 5.0,
         codec: PayloadCodec | None = None,
+        start_via_engine: bool = False,
         **nats_options: Any,
     ) -> Client:
         """Connect to NATS (``NATFLOW_URL`` or ``nats://127.0.0.1:4222`` by default).
 
         Fails with :class:`NatflowError` within ``connect_timeout`` when no server answers.
         With ``codec`` (e.g. :class:`AesGcmCodec`), inputs, results, signal payloads and
-        errors are encrypted before they reach JetStream (docs/security.md).
+        errors are encrypted before they reach JetStream (docs/security.md). With
+        ``start_via_engine``, :meth:`start` asks the engine to create runs instead of writing
+        history itself: what a ``frontend`` user, which may not write history, needs.
         """
         conn = await connect(url, connect_timeout=connect_timeout, **nats_options)
-        return cls(conn, codec=codec)
+        return cls(conn, codec=codec, start_via_engine=start_via_engine)
 
     @property
     def connection(self) -> Connection:
@@ -216,13 +228,17 @@ class Client:
         data = encode_value("workflow input", input)
         if definition is not None and definition.takes_input:
             decode_value(f"input of workflow {name!r}", data, definition.input_type)
-        started_id, _ = await self._runs.start(
-            name,
-            queue or default_queue,
-            data,
-            run_id,
-            not_before=utcnow() + timedelta(seconds=delay) if delay > 0 else None,
-        )
+        not_before = utcnow() + timedelta(seconds=delay) if delay > 0 else None
+        if self._start_via_engine:
+            if self._conn.codec is not None:  # the engine never sees the plaintext
+                data = seal(self._conn.codec, data)
+            started_id, _ = await request_start(
+                self._conn, name, queue or default_queue, data, run_id or new_run_id(), not_before
+            )
+        else:
+            started_id, _ = await self._runs.start(
+                name, queue or default_queue, data, run_id, not_before=not_before
+            )
         return RunHandle(self, started_id, definition)
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
