@@ -27,6 +27,7 @@ from natflow import (
 )
 from natflow_engine._auth import permissions_conf, role_permissions
 from natflow_engine._history import HistoryStore
+from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunCompleted, utcnow
 
@@ -136,6 +137,10 @@ async def test_each_role_does_its_job(deployment: dict[str, Client]) -> None:
     assert await handle.result(timeout=15) == {"doubled": 42, "approval": {"by": "signaller"}}
     assert [r.run_id for r in await viewer.list()] == ["roles-1"]
     assert (await viewer.describe("roles-1")).status == "completed"
+    # The registry names the user the worker connected as, as the server knows it.
+    assert [(w.user, w.account) for w in await list_workers(viewer.connection)] == [
+        ("worker", "$G")
+    ]
 
     cancelled = await client.start(guarded, 1, run_id="roles-2")
     await wait_for(lambda: _status_is(viewer, "roles-2", "waiting"), timeout=15, what="waiting")

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 from base64 import b64encode
+from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import nats
 import pytest
 from natflow import (
@@ -22,10 +24,12 @@ from natflow import (
     WorkflowContext,
     workflow,
 )
-from natflow_engine import open_sealed
+from natflow._replay import WorkflowState
+from natflow_engine import open_events, open_sealed
 from natflow_engine._engine import Engine
+from natflow_engine._history import History
 from natflow_engine._server import EmbeddedServer
-from natflow_engine.events import RunStarted
+from natflow_engine.events import RunCompleted, RunStarted, decode_event
 
 from tests.helpers import ROOT, running_worker, wait_for
 
@@ -212,3 +216,27 @@ async def test_cli_shows_encrypted_values_without_keys_and_opens_them_with_keys(
     assert "S3CRET" not in hidden
     opened = await anyio.to_thread.run_sync(lambda: show(f"k2:{b64encode(K2).decode()}"))
     assert "ValueError: ERROR-S3CRET of the run: INPUT-S3CRET" in opened
+
+
+SEALED = Path(__file__).parent / "histories-sealed"
+
+
+def test_a_recorded_sealed_history_replays_with_its_key() -> None:
+    """Recorded with K1 by an earlier version: still opens and replays to its result."""
+    path = SEALED / "sealed-confidential-1.jsonl"
+    assert b"S3CRET" not in path.read_bytes()
+    events = [decode_event(line) for line in path.read_bytes().splitlines() if line.strip()]
+    with pytest.raises(MissingKey, match="'k1'"):
+        open_events(AesGcmCodec({"k2": K2}, current="k2"), events, path.stem)
+    opened = open_events(AesGcmCodec({"k2": K2, "k1": K1}, current="k2"), events, path.stem)
+    final = opened[-1]
+    assert isinstance(final, RunCompleted)
+    state = WorkflowState(confidential, History(path.stem, opened[:-1], len(opened) - 1))
+    try:
+        state._begin()
+        assert state.block is None, state.block
+        assert state._root is not None and state._root.done()
+        assert state._root.result() == msgspec.json.decode(final.result)
+        assert state._root.result()["signal"] == {"note": "SIGNAL-S3CRET"}
+    finally:
+        state._close_workflow()
