@@ -166,6 +166,8 @@ async def test_a_worker_without_the_key_hands_the_task_back_naming_it(
             await wait_for(lambda: _status(client, "k-1", "waiting"), timeout=40, what="wait")
             await client.signal("k-1", "approve", 1)
             assert (await client.handle("k-1").result(timeout=15))["signal"] == 1
+        with pytest.raises(MissingKey, match="the result of run 'k-1' is encrypted with key 'k1'"):
+            await keyless.handle("k-1").result(timeout=5)
     finally:
         await keyless.close()
         await client.close()
