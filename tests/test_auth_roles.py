@@ -141,6 +141,11 @@ async def test_each_role_does_its_job(deployment: dict[str, Client]) -> None:
     assert [(w.user, w.account) for w in await list_workers(viewer.connection)] == [
         ("worker", "$G")
     ]
+    # A worker may not read the registry: a natflow error, not nats-py's timeout.
+    await denied(
+        lambda: list_workers(deployment["worker"].connection),
+        "$JS.API.DIRECT.GET.KV_natflow_workers",
+    )
 
     cancelled = await client.start(guarded, 1, run_id="roles-2")
     await wait_for(lambda: _status_is(viewer, "roles-2", "waiting"), timeout=15, what="waiting")

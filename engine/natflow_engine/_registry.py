@@ -101,14 +101,16 @@ def decode_worker(data: bytes) -> WorkerInfo:
 async def list_workers(conn: Connection) -> list[WorkerInfo]:
     """Every registered worker (live or within three heartbeats of its last one)."""
     found: list[WorkerInfo] = []
+    subject = f"{conn.api}.DIRECT.GET.{kv_stream(WORKERS_BUCKET)}"
     sub = await conn.nc.subscribe(conn.nc.new_inbox())
     try:
         body = msgspec.json.encode({"multi_last": [f"$KV.{WORKERS_BUCKET}.>"], "batch": 1024})
-        await conn.nc.publish(
-            f"{conn.api}.DIRECT.GET.{kv_stream(WORKERS_BUCKET)}", body, reply=sub.subject
-        )
+        await conn.nc.publish(subject, body, reply=sub.subject)
         while True:
-            msg = await sub.next_msg(timeout=5)
+            try:
+                msg = await sub.next_msg(timeout=5)
+            except nats.errors.TimeoutError:  # denied (the server said so on the side), or slow
+                raise conn._timeout_error(subject, 5) from None
             headers = msg.headers or {}
             if "Status" in headers:
                 break
