@@ -308,3 +308,16 @@ async def test_a_frontend_starts_through_the_engine_and_cannot_write_history(
             await direct.close()
     finally:
         await frontend.close()
+
+
+async def test_a_client_before_the_streams_exist_is_told_who_creates_them(
+    auth_server: EmbeddedServer,
+) -> None:
+    client = await connect_as(auth_server, "client")
+    try:
+        with anyio.fail_after(DENIAL_BUDGET), pytest.raises(PermissionDenied) as caught:
+            await client.start(guarded, 1)
+        assert "does not exist and this connection may not create it" in str(caught.value)
+        assert "natflow init" in str(caught.value)
+    finally:
+        await client.close()

@@ -28,6 +28,7 @@ import nats.js.errors
 from nats.js import api
 
 from ._connection import ERR_STREAM_NAME_IN_USE, Connection
+from ._errors import PermissionDenied
 from ._kv import kv_stream_config
 
 log = logging.getLogger("natflow.streams")
@@ -161,6 +162,12 @@ async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> None:
     try:
         await conn.admin(f"creating stream {name}", lambda: conn.jsm.add_stream(config))
         log.info("created stream %s", name)
+    except PermissionDenied as exc:
+        raise PermissionDenied(
+            f"natflow's stream {name} does not exist and this connection may not create it "
+            f"({exc}); start the engine (`natflow engine`) or run `natflow init` as a user "
+            f"with the engine role (docs/security.md)"
+        ) from exc
     except nats.js.errors.BadRequestError as exc:
         if exc.err_code != ERR_STREAM_NAME_IN_USE:  # another process created it first
             raise
