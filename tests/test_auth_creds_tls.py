@@ -186,3 +186,9 @@ async def test_a_client_without_a_trusted_certificate_is_refused_clearly(
     assert shown.returncode == 1
     assert "refused the TLS handshake" in shown.stderr
     assert "no NATS server answered" not in shown.stderr
+    # `natflow worker` retries "no server" forever, but not a refusal: it exits, saying why.
+    worker = await anyio.to_thread.run_sync(
+        lambda: natflow_cli("--url", url, "--tls-ca", str(pki.ca), "worker", "examples.greeting")
+    )
+    assert worker.returncode == 1
+    assert "refused the TLS handshake" in worker.stderr
