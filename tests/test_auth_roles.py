@@ -21,6 +21,7 @@ from natflow import (
     InvalidInput,
     PermissionDenied,
     RunNotFound,
+    ServerUnavailable,
     Worker,
     WorkflowContext,
     workflow,
@@ -306,6 +307,17 @@ async def test_a_frontend_starts_through_the_engine_and_cannot_write_history(
             )
         finally:
             await direct.close()
+    finally:
+        await frontend.close()
+
+
+async def test_a_frontend_without_an_engine_is_told_to_start_one(
+    auth_server: EmbeddedServer,
+) -> None:
+    frontend = await Client.connect(auth_server.url, start_via_engine=True, **creds("frontend"))
+    try:
+        with pytest.raises(ServerUnavailable, match="no natflow engine answers start requests"):
+            await frontend.start(guarded, 1)
     finally:
         await frontend.close()
 

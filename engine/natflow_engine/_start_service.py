@@ -19,8 +19,8 @@ import anyio
 import msgspec
 from nats.aio.msg import Msg
 
-from ._connection import Connection
-from ._errors import InvalidInput, NatflowError
+from ._connection import Connection, NoResponders
+from ._errors import InvalidInput, NatflowError, ServerUnavailable
 from ._names import check_run_id
 from ._runs import Runs
 
@@ -69,7 +69,14 @@ async def request_start(
             workflow=workflow, queue=queue, input=msgspec.Raw(input_json), not_before=not_before
         )
     )
-    msg = await conn.request(start_subject(check_run_id(run_id)), body, timeout=10.0)
+    subject = start_subject(check_run_id(run_id))
+    try:
+        msg = await conn.request(subject, body, timeout=10.0)
+    except NoResponders as exc:
+        raise ServerUnavailable(
+            f"no natflow engine answers start requests ({subject!r}); start one "
+            f"(`natflow engine`, or `natflow dev`), or start runs as a client"
+        ) from exc
     reply = _reply_decoder.decode(msg.data)
     if reply.error:
         raise (InvalidInput if reply.invalid else NatflowError)(reply.error)
