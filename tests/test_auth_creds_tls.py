@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
-from natflow import Client, ConnectionRefused, WorkflowContext, workflow
+from natflow import Client, ConnectionRefused, InvalidInput, WorkflowContext, workflow
 from natflow_engine._auth import role_permissions
 from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
@@ -94,6 +94,24 @@ async def test_creds_files_run_a_workflow_and_the_registry_shows_the_worker_user
         finally:
             await client.close()
             await worker_client.close()
+
+
+async def test_a_missing_or_malformed_creds_file_is_named_not_no_server(
+    operator: tuple[Operator, EmbeddedServer], tmp_path: Path
+) -> None:
+    _, server = operator
+    with pytest.raises(InvalidInput, match="cannot read the creds file"):
+        await Client.connect(server.url, user_credentials=str(tmp_path / "nope.creds"))
+    garbage = tmp_path / "garbage.creds"
+    garbage.write_text("SUAKSECRETSEED\n")
+    with pytest.raises(InvalidInput, match="is not a NATS user creds file") as caught:
+        await Client.connect(server.url, user_credentials=str(garbage))
+    assert "SUAKSECRETSEED" not in str(caught.value)
+    shown = await anyio.to_thread.run_sync(
+        lambda: natflow_cli("--url", server.url, "--creds", str(garbage), "runs", "list")
+    )
+    assert shown.returncode == 1
+    assert "is not a NATS user creds file" in shown.stderr
 
 
 # -- TLS ------------------------------------------------------------------------------------

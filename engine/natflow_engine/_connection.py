@@ -13,6 +13,7 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -306,6 +307,9 @@ async def connect(
         for hook in conn.on_reconnect if conn is not None else []:
             hook()
 
+    creds = options.get("user_credentials")
+    if isinstance(creds, str | os.PathLike):
+        check_creds_file(os.fspath(creds))
     reconnect_attempts = options.pop("max_reconnect_attempts", -1)
     options.setdefault("reconnect_time_wait", 0.5)
     options.setdefault("error_cb", error_cb)
@@ -339,6 +343,25 @@ async def connect(
     conn = Connection(nc, owned=True, domain=domain or os.environ.get("NATFLOW_DOMAIN"))
     holder["conn"] = conn
     return conn
+
+
+def check_creds_file(path: str) -> None:
+    """A creds file must exist and hold a user JWT and an NKEY seed; nats-py would report a
+    missing one as "no servers" and a malformed one as a bare TypeError. Its content (a
+    secret) is never shown."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot read the creds file {path!r} ({exc.strerror}); pass the path of a NATS "
+            f"user creds file (--creds, NATFLOW_CREDS)"
+        ) from None
+    for marker in ("BEGIN NATS USER JWT", "BEGIN USER NKEY SEED"):
+        if marker not in text:
+            raise InvalidInput(
+                f"{path!r} is not a NATS user creds file: it has no '-----{marker}-----' "
+                f"block (make one with `nsc generate creds`, or from your operator's tooling)"
+            )
 
 
 def tls_refusal(shown: str, errors: list[BaseException]) -> ConnectionRefused | None:
