@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nkeys
 import pytest
 from natflow import Client, ConnectionRefused, InvalidInput, WorkflowContext, workflow
 from natflow_engine._auth import role_permissions
@@ -20,7 +21,7 @@ from natflow_engine._server import EmbeddedServer
 
 from tests.certs import Pki, make_pki
 from tests.helpers import ROOT, running_engine, running_worker, wait_for
-from tests.natsjwt import Operator
+from tests.natsjwt import Key, Operator
 from tests.opsconf import OPS, render_ops
 
 
@@ -210,3 +211,40 @@ async def test_a_client_without_a_trusted_certificate_is_refused_clearly(
     )
     assert worker.returncode == 1
     assert "refused the TLS handshake" in worker.stderr
+
+
+async def test_a_worker_on_an_nkey_shows_its_public_key_in_the_registry(tmp_path: Path) -> None:
+    worker_key = Key.new(nkeys.PREFIX_BYTE_USER)
+    seed = tmp_path / "worker.nk"
+    seed.write_bytes(worker_key.seed)
+    perms = role_permissions("worker").to_conf()
+    config = tmp_path / "nkeys.conf"
+    config.write_text(
+        f'listen: 127.0.0.1:-1\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        f"authorization {{ users: [\n"
+        f'  {{ user: admin, password: "admin-secret" }}\n'
+        f"  {{ nkey: {worker_key.public}, permissions: {perms} }}\n"
+        f"] }}\n"
+    )
+    server = EmbeddedServer(config, store_dir=tmp_path / "log")
+    server.start()
+    try:
+        admin = {"user": "admin", "password": "admin-secret"}
+        async with running_engine(server.url, **admin):
+            client = await Client.connect(server.url, **admin)
+            worker_client = await Client.connect(server.url, nkeys_seed=str(seed))
+            try:
+                async with running_worker(worker_client, [secured], identity="nk1"):
+                    assert await (await client.start(secured, 1)).result(timeout=15) == 2
+                    workers = await list_workers(client.connection)
+                    assert [(w.identity, w.user) for w in workers] == [("nk1", worker_key.public)]
+            finally:
+                await worker_client.close()
+                await client.close()
+        # The CLI's --nkey flag signs with the same seed (the worker role may read streams).
+        shown = await anyio.to_thread.run_sync(
+            lambda: natflow_cli("--url", server.url, "--nkey", str(seed), "init")
+        )
+        assert shown.returncode == 0, shown.stderr
+    finally:
+        server.stop()

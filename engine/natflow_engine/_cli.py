@@ -46,6 +46,8 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if args.creds:
         options["user_credentials"] = args.creds
+    if getattr(args, "nkey", None):
+        options["nkeys_seed"] = args.nkey
     if args.user:
         options["user"] = args.user
         options["password"] = args.password or ""
@@ -279,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--creds", default=os.environ.get("NATFLOW_CREDS"), help="NATS credentials file"
+    )
+    parser.add_argument(
+        "--nkey", default=os.environ.get("NATFLOW_NKEY"), help="NATS NKEY seed file"
     )
     parser.add_argument("--user", default=os.environ.get("NATFLOW_USER"))
     parser.add_argument("--password", default=os.environ.get("NATFLOW_PASSWORD"))
