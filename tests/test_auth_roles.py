@@ -30,6 +30,7 @@ from natflow_engine._auth import permissions_conf, role_permissions
 from natflow_engine._history import HistoryStore
 from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._streams import stream_configs
 from natflow_engine.events import RunCompleted, utcnow
 
 from tests.helpers import running_engine, running_worker, wait_for
@@ -173,6 +174,8 @@ async def test_signaller_may_signal_and_nothing_else(
     await wait_for(lambda: _status_is(client, "sig-1", "completed"), timeout=15, what="done")
 
     forged = RunCompleted(id="sig-1:99", at=utcnow())
+    history_cut = next(c for c in stream_configs() if c.name == "NATFLOW_HISTORY")
+    history_cut.max_msgs = 1  # a change that would destroy histories
     store = HistoryStore(signaller.connection)
     conn = signaller.connection
     times = [
@@ -189,6 +192,10 @@ async def test_signaller_may_signal_and_nothing_else(
         await denied(
             lambda: conn.admin("purging", lambda: conn.jsm.purge_stream("NATFLOW_SIGNALS")),
             "$JS.API.STREAM.PURGE.NATFLOW_SIGNALS",
+        ),
+        await denied(
+            lambda: conn.admin("changing", lambda: conn.jsm.update_stream(history_cut)),
+            "$JS.API.STREAM.UPDATE.NATFLOW_HISTORY",
         ),
         await denied(lambda: signaller.cancel("sig-1"), "natflow.signal.sig-1.$control.cancel"),
         await denied(
