@@ -70,7 +70,7 @@ async def stored_messages(url: str) -> list[bytes]:
                     msg = await jsm.get_msg(info.config.name, seq)
                 except nats.js.errors.NotFoundError:
                     continue
-                found.append((msg.data or b"") + repr(msg.headers).encode())
+                found.append(f"{msg.subject} {msg.headers!r} ".encode() + (msg.data or b""))
     finally:
         await nc.close()
     return found
@@ -95,12 +95,16 @@ async def test_no_plaintext_of_inputs_results_errors_or_signals_reaches_jetstrea
             failing = await client.start(doomed, "INPUT-S3CRET", run_id="c-2")
             with pytest.raises(RunFailed, match="ERROR-S3CRET of the run"):
                 await failing.result(timeout=15)
+        # A run no worker serves keeps its task, with the inline copy of its start, in the
+        # task stream: sealed too.
+        await client.start(doomed, "INPUT-S3CRET", run_id="c-3", queue="nobody")
         await wait_for(lambda: _indexed(client, 2), timeout=10, what="both runs indexed")
         assert next(r.result for r in await client.list() if r.run_id == "c-1")["echo"]
     finally:
         await client.close()
     stored = b"\n".join(await stored_messages(nats_server.url))
     assert b"$natflow_encrypted" in stored
+    assert b"natflow.task.nobody.c-3 " in stored  # the pending task was read too
     for secret in SECRETS:
         assert secret.encode() not in stored, secret
 
