@@ -55,7 +55,7 @@ def operator(tmp_path: Path) -> Iterator[tuple[Operator, EmbeddedServer]]:
     op = Operator(tmp_path / "op")
     op.account("APP")
     op.user("APP", "engine", claims("engine"))
-    op.user("APP", "orders-worker", claims("worker", queues=["default"]))
+    op.user("APP", "orders-worker", claims("worker", queues=["default"], identity="w1"))
     op.user("APP", "shop-frontend", claims("client"))
     server = EmbeddedServer(op.server_config(tmp_path / "js"), store_dir=tmp_path / "log")
     server.start()
@@ -92,6 +92,14 @@ async def test_creds_files_run_a_workflow_and_the_registry_shows_the_worker_user
                 assert shown.returncode == 0, shown.stderr
                 assert "user orders-worker (U" in shown.stdout
                 assert "in account APP" in shown.stdout
+            # Its permissions name identity w1: posing as w2, it cannot register.
+            async with running_worker(worker_client, [secured], identity="w2"):
+
+                async def refused() -> bool:
+                    return worker_client.connection.denied("$KV.natflow_workers.w2") is not None
+
+                await wait_for(refused, timeout=10, what="the registry write refused")
+            assert "w2" not in [w.identity for w in await list_workers(client.connection)]
         finally:
             await client.close()
             await worker_client.close()

@@ -37,7 +37,7 @@ from ._errors import InvalidInput
 from ._kv import kv_stream
 from ._leases import LEASES_BUCKET
 from ._names import check_queue
-from ._registry import WORKERS_BUCKET
+from ._registry import WORKERS_BUCKET, safe_identity
 from ._start_service import START_PREFIX
 from ._streams import (
     CONTROL_TOKEN,
@@ -101,17 +101,24 @@ def role_permissions(
     queues: Sequence[str] = (),
     control: Sequence[str] = (),
     domain: str | None = None,
+    identity: str | None = None,
 ) -> Permissions:
     """The permissions of ``role`` (one of :data:`ROLES`).
 
-    ``queues`` limits a worker to those task queues (default: all). ``control`` adds
+    ``queues`` limits a worker to those task queues (default: all); ``identity`` to its own
+    registry entry, pings and wake-ups (``Worker(identity=...)``, ``natflow worker
+    --identity``), so it cannot answer for another worker. ``control`` adds
     ``cancel`` and/or ``terminate`` to any role (``client`` has both). ``domain`` names the
     JetStream domain the streams live in, for a process on a leaf node (NATS.md §9).
     """
     if role not in ROLES:
         raise InvalidInput(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-    if queues and role != "worker":
-        raise InvalidInput("only the worker role takes queues")
+    if (queues or identity) and role != "worker":
+        raise InvalidInput("only the worker role takes queues and an identity")
+    if identity is not None and safe_identity(identity) != identity:
+        raise InvalidInput(
+            f"worker identity {identity!r} must use A-Z, a-z, 0-9, '_' and '-' (at most 128)"
+        )
     for kind in control:
         if kind not in CONTROLS:
             raise InvalidInput(f"unknown control {kind!r}; choose cancel and/or terminate")
@@ -119,6 +126,14 @@ def role_permissions(
     kv = f"{api}.$KV" if domain else "$KV"
     build = _BUILDERS[role]
     publish, subscribe, responses = build(api, kv, [check_queue(q) for q in queues])
+    if identity is not None:  # the worker's own registry entry and subjects only
+        publish = [
+            f"{kv}.{WORKERS_BUCKET}.{identity}" if s == f"{kv}.{WORKERS_BUCKET}.>" else s
+            for s in publish
+        ]
+        subscribe = [
+            f"natflow.worker.{identity}.*" if s == "natflow.worker.*.*" else s for s in subscribe
+        ]
     extra = [_control_subject(kind) for kind in control if kind not in _CONTROL_ROLES.get(role, ())]
     return Permissions(_unique(publish + extra), _unique(subscribe), responses)
 

@@ -28,6 +28,11 @@ def register(sub: Any) -> None:
         help="worker: take only this queue's tasks (repeatable; default: all queues)",
     )
     p.add_argument(
+        "--identity",
+        default=None,
+        help="worker: only this identity's registry entry, pings and wake-ups",
+    )
+    p.add_argument(
         "--control",
         action="append",
         default=[],
@@ -47,7 +52,11 @@ async def _auth(args: argparse.Namespace) -> int:
     if args.role is None:
         raise InvalidInput(f"name a role ({', '.join(ROLES)}) or --all")
     perms = role_permissions(
-        args.role, queues=args.queues, control=args.control, domain=args.domain
+        args.role,
+        queues=args.queues,
+        control=args.control,
+        domain=args.domain,
+        identity=args.identity,
     )
     if args.json:
         body = {
