@@ -90,13 +90,13 @@ async def replay_recorded(client: Client, workflow: Workflow, run_id: str) -> Re
 
 
 @asynccontextmanager
-async def running_engine(url: str) -> AsyncIterator[Any]:
+async def running_engine(url: str, **nats_options: Any) -> AsyncIterator[Any]:
     """The engine services in-process, on their own connection (closed, not drained, once
     the engine is stopped: a drain could wait on a pull subscription the cancelled engine
     left behind, for nats-py's whole 30 s drain timeout)."""
     from natflow_engine._engine import Engine
 
-    own = await Client.connect(url)
+    own = await Client.connect(url, **nats_options)
     service = Engine(own.connection)
     try:
         async with anyio.create_task_group() as tg:

@@ -13,6 +13,7 @@ from ._connection import TRANSIENT, Connection, connect, default_url, redact_url
 from ._durations import to_seconds
 from ._engine import DISPATCHER
 from ._errors import (
+    ConnectionRefused,
     ErrorInfo,
     InvalidInput,
     NatflowError,
@@ -46,11 +47,28 @@ from ._metrics import (
     step_attempt,
 )
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
-from ._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
+from ._registry import (
+    WorkerInfo,
+    announce,
+    connected_user,
+    ping_subject,
+    safe_identity,
+    withdraw,
+)
 from ._retry import NO_RETRY, RetryPolicy
-from ._runs import Runs
+from ._runs import Runs, new_run_id
 from ._schedule_ops import Schedules
 from ._schedules import OVERLAP_POLICIES, ScheduleFire, ScheduleInfo, ScheduleSpec, check_spec
+from ._sealing import (
+    AesGcmCodec,
+    MissingKey,
+    PayloadCodec,
+    open_event,
+    open_events,
+    open_sealed,
+    seal,
+    sealed_key,
+)
 from ._server import EmbeddedServer
 from ._signals import (
     CANCEL,
@@ -65,6 +83,7 @@ from ._signals import (
     sequence,
     stored_at,
 )
+from ._start_service import request_start
 from ._state import CLOSED_STATUSES, RunInfo, StepInfo, fold_run
 from ._streams import (
     HISTORY_PREFIX,
@@ -116,9 +135,11 @@ __all__ = [
     "TASK_STREAM",
     "TERMINATE",
     "TRANSIENT",
+    "AesGcmCodec",
     "AppendConflict",
     "BadSignal",
     "Connection",
+    "ConnectionRefused",
     "EmbeddedServer",
     "ErrorInfo",
     "EventRecord",
@@ -127,8 +148,10 @@ __all__ = [
     "InvalidInput",
     "Lease",
     "Leases",
+    "MissingKey",
     "NatflowError",
     "NonDeterminismError",
+    "PayloadCodec",
     "PermissionDenied",
     "RetryPolicy",
     "RunCancelled",
@@ -162,6 +185,7 @@ __all__ = [
     "check_workflow_name",
     "connect",
     "connect_options",
+    "connected_user",
     "declarations",
     "declare",
     "decode_task",
@@ -178,6 +202,10 @@ __all__ = [
     "fold_run",
     "history_subject",
     "last_signal_seq",
+    "new_run_id",
+    "open_event",
+    "open_events",
+    "open_sealed",
     "parse",
     "pending_signals",
     "ping_subject",
@@ -186,10 +214,13 @@ __all__ = [
     "recent_events",
     "redact_url",
     "replicas",
+    "request_start",
     "run_created_at",
     "runs_subject",
     "safe_identity",
     "schedule",
+    "seal",
+    "sealed_key",
     "send",
     "sequence",
     "serve_metrics",

@@ -20,6 +20,7 @@ from typing import Any, Final, NoReturn
 
 import anyio
 
+from ._cli_auth import register as register_auth
 from ._cli_ops import register as register_ops
 from ._cli_runs import interrupted_wait
 from ._cli_runs import register as register_runs
@@ -29,6 +30,7 @@ from ._engine import Engine
 from ._errors import NatflowError
 from ._logs import configure_logging
 from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
+from ._sealing import AesGcmCodec
 from ._server import EmbeddedServer, PortInUse
 from ._streams import ensure_streams
 from .console._cli import add_ui_options, serve_console_if_possible
@@ -52,6 +54,8 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
             raise NatflowError(f"{option} {path}: no such file")
     if args.creds:
         options["user_credentials"] = args.creds
+    if getattr(args, "nkey", None):
+        options["nkeys_seed"] = args.nkey
     if args.user:
         options["user"] = args.user
         options["password"] = args.password or ""
@@ -66,7 +70,9 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def open_connection(args: argparse.Namespace, name: str) -> Connection:
-    return await connect(args.url, name=name, **connect_options(args))
+    conn = await connect(args.url, name=name, **connect_options(args))
+    conn.codec = AesGcmCodec.from_env()  # NATFLOW_CODEC_KEYS: shows and sends sealed values
+    return conn
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -397,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug, info, warning or error (env NATFLOW_LOG_LEVEL)",
     )
     parser.add_argument(
+        "--nkey",
+        metavar="FILE",
+        default=os.environ.get("NATFLOW_NKEY"),
+        help="NATS NKEY seed file (env NATFLOW_NKEY)",
+    )
+    parser.add_argument(
         "--log-json",
         action="store_true",
         default=os.environ.get("NATFLOW_LOG_JSON", "") not in ("", "0"),
@@ -434,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_ops(sub, open_connection)
     register_triggers(sub, open_connection)
     register_console(sub, open_connection)
+    register_auth(sub)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):
         entry.load()(sub)
     _finish(parser)

@@ -11,9 +11,11 @@ import asyncio
 import logging
 import os
 import re
+import ssl
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -24,7 +26,14 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from ._errors import InvalidInput, NatflowError, PermissionDenied, ServerUnavailable
+from ._errors import (
+    ConnectionRefused,
+    InvalidInput,
+    NatflowError,
+    PermissionDenied,
+    ServerUnavailable,
+)
+from ._sealing import PayloadCodec
 
 log = logging.getLogger("natflow.connection")
 
@@ -135,6 +144,7 @@ class Connection:
         self.closing = False
         self.on_reconnect: list[Callable[[], None]] = []
         self.extras: dict[str, object] = {}  # per-connection helpers (the batch reader)
+        self.codec: PayloadCodec | None = None  # seals user values (see _sealing)
 
     def kv_write_subject(self, bucket: str, key: str) -> str:
         """Where a KV write goes: across a domain, through the API prefix (as nats.go does),
@@ -345,11 +355,13 @@ async def connect(
         servers = [u.strip() for u in servers.split(",") if u.strip()]
     holder: dict[str, Connection] = {}
     refused: list[bool] = []  # whether the server turned the credentials down while connecting
+    connecting_errors: list[Exception] = []
 
     async def error_cb(error: Exception) -> None:
         conn = holder.get("conn")
         if conn is None:  # still connecting: the caller gets the error itself
             refused.append(_refused_credentials(error))
+            connecting_errors.append(error)
             log.debug("NATS: %s", _redact_text(str(error)))
             return
         conn.note_error(error)
@@ -366,6 +378,9 @@ async def connect(
         for hook in conn.on_reconnect if conn is not None else []:
             hook()
 
+    creds = options.get("user_credentials")
+    if isinstance(creds, str | os.PathLike):
+        check_creds_file(os.fspath(creds))
     reconnect_attempts = options.pop("max_reconnect_attempts", -1)
     options.setdefault("reconnect_time_wait", 0.5)
     options.setdefault("error_cb", error_cb)
@@ -393,6 +408,11 @@ async def connect(
                 f"password, token, NKey or creds file (NATFLOW_USER, NATFLOW_PASSWORD, "
                 f"NATFLOW_TOKEN, NATFLOW_CREDS)"
             ) from None
+        # nats-py hides a failed TLS handshake behind "no servers" or a timeout; only its
+        # error callback saw the reason.
+        tls = tls_refusal(shown, [*connecting_errors, exc])
+        if tls is not None:
+            raise tls from None
         if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.NoServersError):
             raise ServerUnavailable(
                 f"could not connect to NATS at {shown}: {_redact_text(str(exc))}"
@@ -415,6 +435,45 @@ _URL_SECRET = re.compile(r"(\w+://)([^@/\s]+)@")
 def _redact_text(text: str) -> str:
     """Any URL inside a message (nats-py quotes the server it tried) loses its secret."""
     return _URL_SECRET.sub(lambda m: redact_url(m.group(0) + "x")[:-1], text)
+
+
+def check_creds_file(path: str) -> None:
+    """A creds file must exist and hold a user JWT and an NKEY seed; nats-py would report a
+    missing one as "no servers" and a malformed one as a bare TypeError. Its content (a
+    secret) is never shown."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot read the creds file {path!r} ({exc.strerror}); pass the path of a NATS "
+            f"user creds file (--creds, NATFLOW_CREDS)"
+        ) from None
+    for marker in ("BEGIN NATS USER JWT", "BEGIN USER NKEY SEED"):
+        if marker not in text:
+            raise InvalidInput(
+                f"{path!r} is not a NATS user creds file: it has no '-----{marker}-----' "
+                f"block (make one with `nsc generate creds`, or from your operator's tooling)"
+            )
+
+
+def tls_refusal(shown: str, errors: list[BaseException]) -> ConnectionRefused | None:
+    """What a failed TLS handshake among ``errors`` means for the user, or None if none did."""
+    for error in errors:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return ConnectionRefused(
+                f"the TLS certificate of the NATS server at {shown} is not trusted "
+                f"({error.verify_message}); pass the CA that signed it with --tls-ca "
+                f"(NATFLOW_TLS_CA, or an ssl.SSLContext as tls=)"
+            )
+    for error in errors:
+        if isinstance(error, ssl.SSLError):
+            reason = error.reason or str(error)
+            return ConnectionRefused(
+                f"the NATS server at {shown} refused the TLS handshake ({reason}); it wants "
+                f"a client certificate signed by a CA it trusts: pass --tls-cert and --tls-key "
+                f"(NATFLOW_TLS_CERT, NATFLOW_TLS_KEY)"
+            )
+    return None
 
 
 def wrap(nc: NATS, domain: str | None = None) -> Connection:

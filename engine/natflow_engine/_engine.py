@@ -35,6 +35,7 @@ from ._puller import Puller, engine_consumer
 from ._reaper import Reaper
 from ._scheduler import Scheduler
 from ._signals import SignalIntake
+from ._start_service import StartService
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
 from ._tasks import Task, enqueue
 from ._triggers import EventIntake
@@ -90,6 +91,7 @@ class Engine:
         self.signals = SignalIntake(conn)
         self.scheduler = Scheduler(conn)
         self.events = EventIntake(conn)
+        self.starts = StartService(conn)  # starts from clients that may not write history
         self.metrics = EngineMetrics(
             conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
         )
@@ -104,6 +106,7 @@ class Engine:
             tg.start_soon(self.scheduler.run)
             tg.start_soon(self.events.run)
             tg.start_soon(self.metrics.run)
+            tg.start_soon(self.starts.run)
             await self._dispatch_forever()
 
     async def _dispatch_forever(self) -> None:

@@ -6,6 +6,7 @@ Every error natflow raises to a user derives from :class:`NatflowError`::
     ├── InvalidInput            bad argument or payload; nothing was written
     ├── RunNotFound             no run has that id
     ├── ServerUnavailable       no NATS server answered (names the command that starts one)
+    ├── ConnectionRefused       a server answered but refused the connection (TLS, credentials)
     ├── PermissionDenied        the server refused a subject to this connection
     ├── NonDeterminismError     replay asked for a different step than history recorded
     ├── RunFailed               the run ended with an error (type, message, traceback)
@@ -31,6 +32,9 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     type: str
     message: str
     traceback: str = ""
+    # With a payload codec: the message and traceback, encrypted (natflow_engine._sealing);
+    # ``message`` then says "encrypted (key <id>)".
+    sealed: str = ""
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
@@ -54,6 +58,11 @@ class RunNotFound(NatflowError, LookupError):
 
 class ServerUnavailable(NatflowError, ConnectionError):
     """No NATS server answered."""
+
+
+class ConnectionRefused(NatflowError, ConnectionError):
+    """A NATS server answered but refused the connection: its TLS handshake failed, or it
+    refused the credentials. Retrying does not help; the message names what to fix."""
 
 
 class PermissionDenied(NatflowError, PermissionError):

@@ -24,6 +24,7 @@ from ._connection import (
 )
 from ._errors import NatflowError
 from ._reader import reader
+from ._sealing import seal_event
 from ._streams import HISTORY_STREAM, history_subject
 from .events import Event, decode_event, encode_event
 
@@ -68,7 +69,7 @@ class HistoryStore:
         the retry then meets "wrong last sequence", so the run's last event is read and compared
         by id to tell "it landed" from "someone else wrote".
         """
-        data = encode_event(event)
+        data = encode_event(seal_event(self._conn.codec, event))
         subject = history_subject(run_id)
         msg_id = f"{event.id}:{uuid.uuid4().hex[:16]}"
         headers = {

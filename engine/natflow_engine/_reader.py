@@ -15,7 +15,7 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
-from ._connection import Connection, NoResponders, RequestTimeout
+from ._connection import Connection, NoResponders
 from ._errors import NatflowError, ServerUnavailable
 
 BATCH: Final = 4096
@@ -96,7 +96,9 @@ class BatchReader:
                 subject, self._ask(subject, request, f"{prefix}.{token}", read)
             )
         except TimeoutError:
-            raise RequestTimeout(f"reading {stream} timed out") from None
+            # Refused by the server's permissions (a timeout is all nats-py shows of it)?
+            error = self._conn._timeout_error(f"{self._conn.api}.DIRECT.GET.{stream}", _TIMEOUT)
+            raise error from None
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
             raise ServerUnavailable(f"lost the NATS connection while reading {stream}") from exc
         finally:

@@ -12,6 +12,7 @@ from ._connection import Connection
 from ._errors import NatflowError, RunNotFound
 from ._history import AppendConflict, HistoryStore
 from ._names import check_queue, check_run_id, check_workflow_name
+from ._sealing import open_events, seal
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
 from ._streams import ensure_streams
 from ._tasks import Task, enqueue
@@ -55,6 +56,8 @@ class Runs:
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
         check_queue(queue)
+        if self.conn.codec is not None:  # sealed here, so the task's inline copy is too
+            input_json = seal(self.conn.codec, input_json)
         self.conn.check_size(f"input of run {run_id!r}", len(input_json))
         await ensure_streams(self.conn)
         event = RunStarted(
@@ -99,7 +102,8 @@ class Runs:
         history = await self.history.read(run_id)
         if not history.events:
             raise RunNotFound(run_id)
-        return history.events
+        # Opened where this connection holds the key; what it cannot open stays sealed.
+        return open_events(self.conn.codec, history.events, run_id, strict=False)
 
     async def describe(self, run_id: str) -> RunInfo:
         info = fold_run(run_id, await self.events(run_id), now=utcnow())

@@ -36,6 +36,7 @@ from ._names import _TOKEN
 from ._puller import engine_consumer
 from ._reader import reader
 from ._streams import (
+    CONTROL_TOKEN,
     DEADLETTER_PREFIX,
     DEADLETTER_STREAM,
     HISTORY_STREAM,
@@ -51,10 +52,15 @@ from .events import TERMINAL_EVENTS, utcnow
 log = logging.getLogger("natflow.signals")
 
 INTAKE: Final = "natflow-engine-signals"
-# Reserved names: `$` is outside the characters a user's signal name may use.
+# Cancel and terminate, as the signal names history and the worker know them (`$` is outside
+# the characters a user's signal name may use). They travel on a subject of their own,
+# ``natflow.signal.<run_id>.$control.<cancel|terminate>``: five tokens, which the grant for
+# ordinary signals (``natflow.signal.*.*``) does not match, so the right to cancel is a NATS
+# permission of its own (see _auth).
 CANCEL: Final = "$cancel"
 TERMINATE: Final = "$terminate"
 CONTROL: Final = (CANCEL, TERMINATE)
+_CONTROL_BY_TOKEN: Final = {"cancel": CANCEL, "terminate": TERMINATE}
 _MAX_SHOWN_PAYLOAD: Final = 2048
 
 
@@ -80,8 +86,18 @@ def parse(msg: Msg, seq: int) -> Signal:
     subject = (msg.headers or {}).get("Nats-Subject", msg.subject)  # direct gets name it so
     tokens = subject.split(".")
     name = tokens[3] if len(tokens) > 3 else ""
-    if len(tokens) != 4:
+    if len(tokens) == 5 and name == CONTROL_TOKEN and tokens[4] in _CONTROL_BY_TOKEN:
+        name = _CONTROL_BY_TOKEN[tokens[4]]
+    elif len(tokens) != 4:
         raise BadSignal(seq, subject, name, "subject must be natflow.signal.<run_id>.<signal_name>")
+    elif name in CONTROL:  # the reserved names are only honoured on their own subject
+        raise BadSignal(
+            seq,
+            subject,
+            name,
+            f"cancel and terminate are sent on natflow.signal.<run_id>.{CONTROL_TOKEN}"
+            f".<cancel|terminate> (client.cancel, client.terminate), not as a signal name",
+        )
     run_id = tokens[2]
     for kind, value in (("run id", run_id), ("signal name", name)):
         if value in CONTROL and kind == "signal name":

@@ -16,10 +16,14 @@ Example::
 """
 
 from natflow_engine import (
+    AesGcmCodec,
+    ConnectionRefused,
     ErrorInfo,
     InvalidInput,
+    MissingKey,
     NatflowError,
     NonDeterminismError,
+    PayloadCodec,
     PermissionDenied,
     RetryPolicy,
     RunCancelled,
@@ -45,11 +49,15 @@ from ._workflow import Workflow, workflow
 from .testing import Replayer, ReplayResult
 
 __all__ = [
+    "AesGcmCodec",
     "Client",
+    "ConnectionRefused",
     "ErrorInfo",
     "InvalidInput",
+    "MissingKey",
     "NatflowError",
     "NonDeterminismError",
+    "PayloadCodec",
     "PermissionDenied",
     "ReplayResult",
     "Replayer",

@@ -44,6 +44,7 @@ from natflow_engine import (
     error_info,
     fields,
     last_signal_seq,
+    open_sealed,
     parse,
     pending_signals,
     run_created_at,
@@ -251,6 +252,9 @@ class RunExecution:
         self._last_event = event
         return event
 
+    def _open(self, payload: bytes, name: str) -> bytes:
+        return open_sealed(self._conn.codec, payload, f"signal {name!r} to run {self.run_id!r}")
+
     def _next_id(self) -> str:
         return f"{self.run_id}:{self._count + 1}"
 
@@ -457,7 +461,8 @@ class RunExecution:
                     at=utcnow(),
                     signal_seq=seq,
                     name=signal.name,
-                    payload=msgspec.Raw(signal.payload),
+                    # opened here (sealed again, with the current key, by the append)
+                    payload=msgspec.Raw(self._open(signal.payload, signal.name)),
                     signal_id=signal.signal_id,
                 )
             )

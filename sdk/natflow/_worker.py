@@ -39,6 +39,7 @@ from natflow_engine import (
     InvalidInput,
     Lease,
     Leases,
+    MissingKey,
     NatflowError,
     Task,
     TaskPuller,
@@ -46,6 +47,7 @@ from natflow_engine import (
     WorkerInfo,
     announce,
     check_queue,
+    connected_user,
     decode_task,
     enqueue,
     ensure_consumer,
@@ -53,6 +55,7 @@ from natflow_engine import (
     fields,
     fold_run,
     last_signal_seq,
+    open_events,
     ping_subject,
     prepare_worker,
     queue_consumer,
@@ -74,6 +77,7 @@ from ._workflow import Workflow
 log = logging.getLogger("natflow.worker")
 
 _UNKNOWN_WORKFLOW_DELAY = 1.0
+_MISSING_KEY_DELAY = 2.0
 _BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
 MIN_LEASE_TTL = 1.0
 
@@ -170,6 +174,7 @@ class Worker:
         self._not_pulling = anyio.Event()
         self._pullers: list[TaskPuller] = []
         self._started_at = utcnow()
+        self._user = ("", "")  # (user, account) as the server names them, once running
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
 
@@ -234,6 +239,7 @@ class Worker:
         if self._metrics_port:
             serve_metrics(self._metrics_port)
         pullers = [await self._subscribe(queue, name) for queue, name in self._served]
+        self._user = await connected_user(self._conn)
         ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
         await self._announce()
@@ -389,6 +395,10 @@ class Worker:
             log.warning("run %s: handing it back: %s", run_id, exc)
             if held is not None:
                 await self._hand_back(held)
+        except MissingKey as exc:  # a worker that holds the key will take it, later
+            log.error("run %s: handing it back: %s", held.run_id if held else "?", exc)
+            if held is not None:
+                await self._hand_back(held, delay=_MISSING_KEY_DELAY)
         except Exception as exc:
             run_id = held.run_id if held else "?"
             log.error("run %s: handing it back after an error: %s", run_id, exc, exc_info=True)
@@ -413,6 +423,9 @@ class Worker:
             history = History(run_id, [decode_event(task.start)], task.start_seq)
         else:
             history = await self._store.read(run_id)
+        # Sealed values opened for replay: without the key, MissingKey names it and the task
+        # goes back untouched for a worker that holds it.
+        history.events = open_events(self._conn.codec, history.events, run_id)
         info = fold_run(run_id, history.events)
         if info is None:
             log.warning("task for unknown run %s; dropping it", run_id)
@@ -513,8 +526,8 @@ class Worker:
         except NatflowError as exc:  # the engine's dispatcher writes them too, a little later
             log.debug("run %s: timers not indexed here (%s)", held.run_id, exc)
 
-    async def _hand_back(self, held: _Held) -> None:
-        await self._quietly(held.msg.nak())
+    async def _hand_back(self, held: _Held, delay: float | None = None) -> None:
+        await self._quietly(held.msg.nak(delay=delay))
         await self._release(held)
         log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
 
@@ -588,6 +601,8 @@ class Worker:
             held=len(self._held),
             draining=self._stopping.is_set(),
             input_schemas=self._input_schemas,
+            user=self._user[0],
+            account=self._user[1],
         )
         try:
             await announce(self._conn, info)
