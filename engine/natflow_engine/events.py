@@ -47,6 +47,9 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     input: msgspec.Raw = NULL
     parent: str | None = None
     not_before: datetime | None = None  # start_delay: no worker takes the run before this
+    # The W3C trace context ({"traceparent": ..., "tracestate": ...}) of the span that
+    # started the run, when the starter traced it: every worker parents its spans to it.
+    trace_context: dict[str, str] | None = None
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):

@@ -48,6 +48,7 @@ from natflow_engine.events import RunFailed as RunFailedEvent
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from . import _tracing as tracing
 from ._workflow import Workflow
 
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
@@ -199,13 +200,16 @@ class Client:
         data = encode_value("workflow input", input)
         if definition is not None and definition.takes_input:
             decode_value(f"input of workflow {name!r}", data, definition.input_type)
-        started_id, _ = await self._runs.start(
-            name,
-            queue or default_queue,
-            data,
-            run_id,
-            not_before=utcnow() + timedelta(seconds=delay) if delay > 0 else None,
-        )
+        with tracing.starting(name, queue or default_queue) as traced:
+            started_id, created = await self._runs.start(
+                name,
+                queue or default_queue,
+                data,
+                run_id,
+                not_before=utcnow() + timedelta(seconds=delay) if delay > 0 else None,
+                trace_context=traced.carrier,
+            )
+            traced.started(started_id, created)
         return RunHandle(self, started_id, definition)
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:

@@ -77,6 +77,7 @@ from ._commands import (
 )
 from ._replay import Evicted, WorkflowState
 from ._steps import StepRuntime, run_step
+from ._tracing import RunTrace
 from ._workflow import Workflow
 
 __all__ = ["Evicted", "Outcome", "RunExecution", "StepRuntime"]
@@ -132,6 +133,7 @@ class RunExecution(WorkflowState):
         self._draining = False
         self._created_at: datetime | None = None  # when the server stored run_started
         self._send: MemoryObjectSendStream[Item] | None = None
+        self._trace = RunTrace(self.run_id, workflow.name, self._start, history.events)
 
     def drain(self) -> None:
         """Start no new step; once running ones are recorded, hand the run back."""
@@ -148,6 +150,7 @@ class RunExecution(WorkflowState):
     async def execute(self) -> Outcome:
         """Replay, claim the run, continue live until it ends, waits, or is lost."""
         try:
+            self._trace.attach()  # the step tasks started below inherit the run's trace
             self._begin()
             if self.block is not None:
                 await self._record_block()
@@ -193,6 +196,7 @@ class RunExecution(WorkflowState):
             raise _Fenced() from exc
         self._count += 1
         self._last_event = event
+        self._trace.recorded(event)
         return event
 
     def _next_id(self) -> str:
@@ -490,6 +494,7 @@ class RunExecution(WorkflowState):
         return Outcome.FAILED
 
     def _dispose(self) -> None:
+        self._trace.detach()
         for handle in self._armed.values():
             handle.cancel()
         self._armed.clear()
