@@ -175,8 +175,9 @@ async def cmd_init(args: argparse.Namespace) -> int:
 async def cmd_engine(args: argparse.Namespace) -> int:
     conn = await open_connection(args, "natflow-engine")
     serve_metrics(args.metrics_port, args.metrics_host)
+    engine = Engine(conn, metrics_interval=args.metrics_interval, nats_monitor=args.nats_monitor)
     try:
-        await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
+        await _until_signalled(engine.run)
         return 0
     finally:
         await conn.close()
@@ -219,17 +220,32 @@ async def cmd_server(args: argparse.Namespace) -> int:
 async def cmd_dev(args: argparse.Namespace) -> int:
     server = _server_for(args)
     server.start()
-    print(f"natflow dev: nats-server at {server.url}, engine running; Ctrl-C stops both")
     try:
         conn = await connect(server.url, name="natflow-engine")
-        serve_metrics(args.metrics_port, args.metrics_host)
+        port = serve_metrics(args.metrics_port, args.metrics_host)
+        monitor = args.nats_monitor or (
+            f"http://127.0.0.1:{server.http_port}" if server.http_port else None
+        )
+        print(f"natflow dev: nats-server at {server.url}, engine running; Ctrl-C stops both")
+        print(f"natflow dev: {_metrics_where(args.metrics_host, port)}", flush=True)
+        if monitor:
+            print(f"natflow dev: NATS monitoring at {monitor} (JetStream usage read from /jsz)")
+        engine = Engine(conn, metrics_interval=args.metrics_interval, nats_monitor=monitor)
         try:
-            await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
+            await _until_signalled(engine.run)
         finally:
             await conn.close()
     finally:
         server.stop()
     return 0
+
+
+def _metrics_where(host: str, port: int | None) -> str:
+    """Where a process's metrics are, as a line for people (and Prometheus configs)."""
+    if port is None:
+        return "metrics not served (--metrics-port 0, or the port is taken: see the log)"
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host  # reachable from this machine
+    return f"Prometheus metrics at http://{shown}:{port}/metrics (listening on {host or '*'})"
 
 
 # -- the parser --------------------------------------------------------------------------
@@ -258,6 +274,14 @@ def add_metrics_options(
             default=float(os.environ.get("NATFLOW_METRICS_INTERVAL", "5")),
             help="seconds between reads of queue, worker and run counts from JetStream "
             "(env NATFLOW_METRICS_INTERVAL)",
+        )
+        p.add_argument(
+            "--nats-monitor",
+            default=os.environ.get("NATFLOW_NATS_MONITOR") or None,
+            metavar="URL",
+            help="nats-server's HTTP monitoring endpoint (its `http:` port, e.g. "
+            "http://127.0.0.1:8222): the engine exports JetStream stream usage and limits "
+            "from its /jsz (env NATFLOW_NATS_MONITOR; natflow dev: its own server's)",
         )
 
 
