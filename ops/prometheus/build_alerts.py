@@ -88,12 +88,10 @@ def rules(t: Tuning) -> list[Rule]:
         ),
         Rule(
             "NatflowRunsPendingTooLong",
-            "max by (queue) (natflow_queue_oldest_pending_run_seconds) > "
-            f"{t.pending_seconds:g}",
+            f"max by (queue) (natflow_queue_oldest_pending_run_seconds) > {t.pending_seconds:g}",
             t.pending_for,
             "warning",
-            f"Runs on queue {{{{ $labels.queue }}}} wait over {t.pending_seconds:g} s "
-            "for a worker",
+            f"Runs on queue {{{{ $labels.queue }}}} wait over {t.pending_seconds:g} s for a worker",
             "The oldest run that no worker has taken on queue {{ $labels.queue }} has waited "
             "{{ $value | humanizeDuration }}: are its workers alive, saturated "
             "(--max-concurrent-runs), or serving other workflows? `natflow runs list "
@@ -101,7 +99,7 @@ def rules(t: Tuning) -> list[Rule]:
         ),
         Rule(
             "NatflowDeadLettersGrowing",
-            "sum(increase(natflow_signals_rejected_total{by=\"engine\"}"
+            'sum(increase(natflow_signals_rejected_total{by="engine"}'
             f"[{t.dead_letter_window}])) > 0",
             "0m",
             "warning",
