@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 from natflow import Client
+from natflow._tracing import RunTrace
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
-from natflow_engine.events import RunStarted
+from natflow_engine.events import RunStarted, decode_event
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -29,6 +30,7 @@ from tests.helpers import count_lines, spawn_worker, stop, wait_for
 from tests.workflows_tracing import COUNTS_ENV, GATE_ENV, SPANS_ENV, span_record
 
 TARGET = "tests.workflows_tracing:make_worker"
+HISTORIES = Path(__file__).parent / "histories"
 
 _exporter = InMemorySpanExporter()
 
@@ -185,3 +187,23 @@ print("ok")
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_recorded_start_event_puts_the_run_in_its_callers_trace(
+    caller_spans: InMemorySpanExporter,
+) -> None:
+    """The trace context in a recorded run_started (tests/histories) is where a worker's spans
+    go; what history already holds emits nothing, what is recorded live emits once."""
+    lines = (HISTORIES / "traced-greet-ada.jsonl").read_bytes().splitlines()
+    events = [decode_event(line) for line in lines]
+    start = events[0]
+    assert isinstance(start, RunStarted) and start.trace_context is not None
+    trace_id = start.trace_context["traceparent"].split("-")[1]
+    parent_id = start.trace_context["traceparent"].split("-")[2]
+
+    replayed = RunTrace("traced-greet-ada", "greet", start, events)
+    assert caller_spans.get_finished_spans() == ()  # a replay of the whole history: nothing
+    replayed.recorded(events[-1])  # as if this execution had recorded the end live
+    (run,) = [span_record(s) for s in caller_spans.get_finished_spans()]
+    assert run["name"] == "natflow run greet"
+    assert (run["trace_id"], run["parent_id"]) == (trace_id, parent_id)
