@@ -137,8 +137,8 @@ class RunTrace:
         self._began: dict[int, datetime] = {}  # sleeps and waits by seq: when recorded
         self._waits: defaultdict[str, deque[SignalWaited]] = defaultdict(deque)
         self._parent: Any = None
-        if not ENABLED:
-            return
+        if not ENABLED or _tracer() is None:
+            return  # nothing traces: cost nothing per event
         carrier = start.trace_context or {}
         parent = TraceContextTextMapPropagator().extract(carrier) if carrier else None
         if parent is None or not trace.get_current_span(parent).get_span_context().is_valid:
