@@ -111,6 +111,15 @@ def colored(pattern: str, color: str) -> dict[str, Any]:
     }
 
 
+# Run statuses: running green, waiting and sleeping calm, pending yellow, blocked red.
+STATUS_COLORS = [
+    colored("running", GREEN),
+    colored("pending", "yellow"),
+    colored("sleeping", "purple"),
+    colored("waiting", BLUE),
+    colored("blocked", RED),
+]
+
 # Run and step outcomes keep one colour on every graph.
 OUTCOME_COLORS = [
     colored(".*started$", BLUE),
@@ -377,7 +386,7 @@ def overview() -> dict[str, Any]:
             [(None, GREEN), (0.75, ORANGE), (0.9, RED)],
             "File storage JetStream uses, of the server's max_file_store (red from 90%, where "
             "NatflowJetStreamStorageNearLimit fires). Needs the engine's --nats-monitor.",
-            decimals=1,
+            decimals=2,
         ),
         4,
         4,
@@ -411,6 +420,7 @@ def overview() -> dict[str, Any]:
             ],
             stack=True,
             description="Runs not yet ended, from the run index (refreshed every 30 s).",
+            overrides=STATUS_COLORS,
         ),
         12,
         8,
@@ -505,6 +515,7 @@ def overview() -> dict[str, Any]:
                 ),
             ],
             "ops",
+            overrides=[colored("rejected.*", ORANGE)],
         ),
         8,
         8,

@@ -111,7 +111,7 @@ def live_stack(
     conf = workdir / "nats.conf"
     conf.write_text(
         f"listen: 127.0.0.1:{nats}\nhttp: 127.0.0.1:{http}\n"
-        f'jetstream {{ store_dir: "{workdir / "js"}" }}\n'
+        f'jetstream {{ store_dir: "{workdir / "js"}", max_file_store: 10GB }}\n'
     )
     env = {"NATFLOW_URL": stack.nats_url}
     try:
@@ -207,13 +207,13 @@ async def _start_one(
     roll = rng.random()
     run_id = f"load-{i}-{rng.getrandbits(32):08x}"
     if roll < 0.7:
-        order = {"order": run_id, "reject": roll < 0.07, "settle": rng.uniform(1.1, 2.5)}
+        order = {"order": run_id, "reject": roll < 0.04, "settle": rng.uniform(1.1, 2.5)}
         return await client.start("checkout", order, run_id=run_id)
-    timeout = 4.0 if roll < 0.75 else 60.0  # some approvals are never decided: a timeout
+    timeout = 4.0 if roll < 0.72 else 60.0  # some approvals are never decided: a timeout
     handle = await client.start("approval", {"timeout": timeout}, run_id=run_id)
-    if roll >= 0.75:
+    if roll >= 0.72:
         delay = rng.uniform(0.2, 3.0)
-        if roll < 0.78:
+        if roll < 0.75:
             tg.create_task(_later(delay, client.cancel(run_id, "changed their mind")))
         else:
             tg.create_task(_later(delay, client.signal(run_id, "decision", rng.random() < 0.8)))

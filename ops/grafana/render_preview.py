@@ -25,7 +25,14 @@ from typing import Any
 BG, PANEL, TEXT, GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
 COLORS = ["#73bf69", "#f2cc0c", "#5794f2", "#ff9830", "#f2495c", "#b877d9", "#8ab8ff", "#fade2a"]
 ROW_PX, COL_PX = 30, 64  # Grafana's grid: 30 px per row unit; a 1536 px wide dashboard
-NAMED = {"green": "#73bf69", "orange": "#ff9830", "red": "#f2495c", "blue": "#5794f2"}
+NAMED = {
+    "green": "#73bf69",
+    "orange": "#ff9830",
+    "red": "#f2495c",
+    "blue": "#5794f2",
+    "yellow": "#fade2a",
+    "purple": "#b877d9",
+}
 
 
 def fetch(base: str, path: str, **params: Any) -> list[dict[str, Any]]:
@@ -54,6 +61,8 @@ def human(value: float, unit: str, decimals: int | None = None) -> str:
     if math.isnan(value):
         return "NaN"
     if unit == "percentunit":
+        if decimals is None and 0 < abs(value) < 0.01:
+            return f"{value * 100:.2g}%"  # a small share still reads as more than zero
         return f"{value * 100:.{1 if decimals is None else decimals}f}%"
     if unit == "s":
         if value >= 60:
@@ -237,7 +246,7 @@ def render(args: argparse.Namespace) -> None:
         fig.text(
             (left + 8) / width, 1 - (top + 15) / height, panel["title"], color=TEXT, fontsize=8.5
         )
-        pad_x, pad_b = (44, 22) if panel["type"] == "timeseries" else (8, 6)
+        pad_x, pad_b = (60, 22) if panel["type"] == "timeseries" else (8, 6)
         ax = fig.add_axes(
             (
                 (left + pad_x) / width,
