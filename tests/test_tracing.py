@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ from natflow import Client
 from natflow._tracing import RunTrace
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
-from natflow_engine.events import RunStarted, decode_event
+from natflow_engine.events import (
+    RunCompleted,
+    RunStarted,
+    TimerFired,
+    TimerScheduled,
+    decode_event,
+)
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -207,3 +214,21 @@ def test_a_recorded_start_event_puts_the_run_in_its_callers_trace(
     (run,) = [span_record(s) for s in caller_spans.get_finished_spans()]
     assert run["name"] == "natflow run greet"
     assert (run["trace_id"], run["parent_id"]) == (trace_id, parent_id)
+
+
+def test_a_run_started_without_a_trace_context_is_still_one_trace(
+    caller_spans: InMemorySpanExporter,
+) -> None:
+    """`natflow start`, another NATS client or an untraced client store no context: every
+    worker derives the same parent from the run, so the run's spans still share one trace."""
+    start = RunStarted(id="plain-1:1", at=datetime.now(UTC), workflow="w", queue="q")
+    sleep = TimerScheduled(at=start.at, seq=1, name="nap", due_at=start.at)
+    first, second = (RunTrace("plain-1", "w", start, [start, sleep]) for _ in range(2))
+    first.recorded(TimerFired(at=datetime.now(UTC), seq=1, name="nap"))  # worker A
+    second.recorded(RunCompleted(at=datetime.now(UTC)))  # worker B, after a takeover
+    nap, run = (span_record(s) for s in caller_spans.get_finished_spans())
+    assert (nap["name"], run["name"]) == ("natflow sleep nap", "natflow run w")
+    assert nap["trace_id"] == run["trace_id"] and nap["parent_id"] == run["parent_id"]
+    other = RunStarted(id="plain-2:1", at=start.at, workflow="w", queue="q")
+    RunTrace("plain-2", "w", other, [other]).recorded(RunCompleted(at=datetime.now(UTC)))
+    assert span_record(caller_spans.get_finished_spans()[-1])["trace_id"] != run["trace_id"]
