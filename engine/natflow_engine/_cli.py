@@ -91,8 +91,9 @@ async def cmd_init(args: argparse.Namespace) -> int:
 async def cmd_engine(args: argparse.Namespace) -> int:
     conn = await open_connection(args, "natflow-engine")
     serve_metrics(args.metrics_port, args.metrics_host)
+    engine = Engine(conn, metrics_interval=args.metrics_interval, nats_monitor=args.nats_monitor)
     try:
-        await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
+        await _until_signalled(engine.run)
         return 0
     finally:
         await conn.close()
@@ -197,10 +198,16 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     server = _start_server(args)
     try:
         conn = await connect(server.url, name="natflow-engine")
-        serve_metrics(args.metrics_port, args.metrics_host)
+        port = serve_metrics(args.metrics_port, args.metrics_host)
+        monitor = args.nats_monitor or (
+            f"http://127.0.0.1:{server.http_port}" if server.http_port else None
+        )
+        print(f"  {_metrics_where(args.metrics_host, port)}")
+        if monitor:
+            print(f"  NATS monitoring at {monitor} (JetStream usage read from /jsz)")
         print("  engine running; Ctrl-C stops both", flush=True)
         try:
-            await _until_signalled(lambda: _dev_services(conn, args, server.url))
+            await _until_signalled(lambda: _dev_services(conn, args, server.url, monitor))
         finally:
             await conn.close()
     finally:
@@ -208,9 +215,11 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _dev_services(conn: Connection, args: argparse.Namespace, url: str) -> None:
+async def _dev_services(
+    conn: Connection, args: argparse.Namespace, url: str, monitor: str | None
+) -> None:
     """The engine, and the console unless ``--ui-port 0``."""
-    engine = Engine(conn, metrics_interval=args.metrics_interval)
+    engine = Engine(conn, metrics_interval=args.metrics_interval, nats_monitor=monitor)
     if not args.ui_port:
         await engine.run()
         return
@@ -228,6 +237,14 @@ async def _dev_services(conn: Connection, args: argparse.Namespace, url: str) ->
             await engine.run()
     finally:
         await console_conn.close()
+
+
+def _metrics_where(host: str, port: int | None) -> str:
+    """Where a process's metrics are, as a line for people (and Prometheus configs)."""
+    if port is None:
+        return "metrics not served (--metrics-port 0, or the port is taken: see the log)"
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host  # reachable from this machine
+    return f"Prometheus metrics at http://{shown}:{port}/metrics (listening on {host or '*'})"
 
 
 # -- the parser --------------------------------------------------------------------------
@@ -304,6 +321,14 @@ def add_metrics_options(
             default=float(os.environ.get("NATFLOW_METRICS_INTERVAL", "5")),
             help="seconds between reads of queue, worker and run counts from JetStream "
             "(env NATFLOW_METRICS_INTERVAL)",
+        )
+        p.add_argument(
+            "--nats-monitor",
+            default=os.environ.get("NATFLOW_NATS_MONITOR") or None,
+            metavar="URL",
+            help="nats-server's HTTP monitoring endpoint (its `http:` port, e.g. "
+            "http://127.0.0.1:8222): the engine exports JetStream stream usage and limits "
+            "from its /jsz (env NATFLOW_NATS_MONITOR; natflow dev: its own server's)",
         )
 
 

@@ -10,7 +10,8 @@ events) through one durable pull consumer shared by all engine replicas, and
 
 Beside it run the reaper (``_reaper``), the timer service (``_timers``), the signal
 intake (``_signals``), the schedule service (``_scheduler``), the event intake
-(``_triggers``) and the metrics poller (``_metrics``); the dispatcher also counts each
+(``_triggers``), the metrics poller (``_metrics``) and, given nats-server's monitoring URL, the
+JetStream usage poller (``_jsz``); the dispatcher also counts each
 run-level event it folds (runs started and closed, run duration, blocked runs).
 
 The engine keeps nothing but a cache; kill it, restart it or run several: the consumer's
@@ -30,6 +31,7 @@ from . import _timers as timers
 from ._connection import Connection
 from ._history import HistoryStore
 from ._index import RunIndex
+from ._jsz import JetStreamUsage
 from ._metrics import EngineMetrics, observe_run
 from ._puller import Puller, engine_consumer
 from ._reaper import Reaper
@@ -82,7 +84,9 @@ def dispatcher_config() -> api.ConsumerConfig:
 class Engine:
     """Runs the engine services on one connection until cancelled."""
 
-    def __init__(self, conn: Connection, *, metrics_interval: float = 5.0) -> None:
+    def __init__(
+        self, conn: Connection, *, metrics_interval: float = 5.0, nats_monitor: str | None = None
+    ) -> None:
         self._conn = conn
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
@@ -94,6 +98,10 @@ class Engine:
         self.starts = StartService(conn)  # starts from clients that may not write history
         self.metrics = EngineMetrics(
             conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
+        )
+        # JetStream usage from nats-server's /jsz, when its monitoring URL is known.
+        self.jetstream = (
+            JetStreamUsage(nats_monitor, interval=metrics_interval) if nats_monitor else None
         )
         self.ready = anyio.Event()
 
@@ -107,6 +115,8 @@ class Engine:
             tg.start_soon(self.events.run)
             tg.start_soon(self.metrics.run)
             tg.start_soon(self.starts.run)
+            if self.jetstream is not None:
+                tg.start_soon(self.jetstream.run)
             await self._dispatch_forever()
 
     async def _dispatch_forever(self) -> None:

@@ -44,6 +44,7 @@ class Runs:
         parent: str | None = None,
         not_before: datetime | None = None,
         trigger: Trigger | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
@@ -52,6 +53,7 @@ class Runs:
         The run is created by a conditional append that expects the run to have no history,
         so two starts of one id make one run. Then its task is enqueued; if this process dies
         in between, the engine's dispatcher enqueues it (a start is never lost).
+        ``trace_context`` is the W3C trace context of the starter's span, kept in history.
         """
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
@@ -69,6 +71,7 @@ class Runs:
             parent=parent,
             not_before=not_before,
             trigger=trigger,
+            trace_context=trace_context,
         )
         try:
             seq = await self.history.append(run_id, event, 0)

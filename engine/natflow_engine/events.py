@@ -62,6 +62,9 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     parent: str | None = None
     not_before: datetime | None = None  # start_delay: no worker takes the run before this
     trigger: Trigger | None = None  # set when a schedule or an event started the run
+    # The W3C trace context ({"traceparent": ..., "tracestate": ...}) of the span that
+    # started the run, when the starter traced it: every worker parents its spans to it.
+    trace_context: dict[str, str] | None = None
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):

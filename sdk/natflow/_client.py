@@ -59,6 +59,7 @@ from natflow_engine.events import RunFailed as RunFailedEvent
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from . import _tracing as tracing
 from ._schedules import ScheduleClient
 from ._workflow import Workflow
 
@@ -234,16 +235,28 @@ class Client:
         if definition is not None and definition.takes_input:
             decode_value(f"input of workflow {name!r}", data, definition.input_type)
         not_before = utcnow() + timedelta(seconds=delay) if delay > 0 else None
-        if self._start_via_engine:
-            if self._conn.codec is not None:  # the engine never sees the plaintext
-                data = seal(self._conn.codec, data)
-            started_id, _ = await request_start(
-                self._conn, name, queue or default_queue, data, run_id or new_run_id(), not_before
-            )
-        else:
-            started_id, _ = await self._runs.start(
-                name, queue or default_queue, data, run_id, not_before=not_before
-            )
+        with tracing.starting(name, queue or default_queue) as traced:
+            if self._start_via_engine:
+                if self._conn.codec is not None:  # the engine never sees the plaintext
+                    data = seal(self._conn.codec, data)
+                started_id, created = await request_start(
+                    self._conn,
+                    name,
+                    queue or default_queue,
+                    data,
+                    run_id or new_run_id(),
+                    not_before,
+                )
+            else:
+                started_id, created = await self._runs.start(
+                    name,
+                    queue or default_queue,
+                    data,
+                    run_id,
+                    not_before=not_before,
+                    trace_context=traced.carrier,
+                )
+            traced.started(started_id, created)
         return RunHandle(self, started_id, definition)
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:

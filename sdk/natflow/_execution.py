@@ -80,6 +80,7 @@ from ._commands import (
 )
 from ._replay import Evicted, WorkflowState, cancel_reason
 from ._steps import StepRuntime, run_step
+from ._tracing import RunTrace
 from ._workflow import Workflow
 
 __all__ = ["Evicted", "Outcome", "RunExecution", "StepRuntime"]
@@ -143,6 +144,7 @@ class RunExecution:
         self._signals_first = False  # signals waited when the run was taken
         self._created_at: datetime | None = None  # when the server stored run_started
         self._send: MemoryObjectSendStream[Item] | None = None
+        self._trace = RunTrace(self.run_id, workflow.name, self.state.start, history.events)
 
     def drain(self) -> None:
         """Start no new step; once running ones are recorded, hand the run back."""
@@ -176,6 +178,7 @@ class RunExecution:
     async def execute(self) -> Outcome:
         """Replay, claim the run, continue live until it ends, waits, or is lost."""
         try:
+            self._trace.attach()  # the step tasks started below inherit the run's trace
             self.state.begin()
             if self.state.block is not None:
                 await self._record_block()
@@ -250,6 +253,7 @@ class RunExecution:
             raise _Fenced() from exc
         self._count += 1
         self._last_event = event
+        self._trace.recorded(event)
         return event
 
     def _open(self, payload: bytes, name: str) -> bytes:
@@ -588,6 +592,7 @@ class RunExecution:
         return Outcome.FAILED
 
     def _dispose(self) -> None:
+        self._trace.detach()
         for handle in self._armed.values():
             handle.cancel()
         self._armed.clear()

@@ -24,6 +24,7 @@ from natflow_engine import (
 )
 from natflow_engine.events import utcnow
 
+from . import _tracing as tracing
 from ._commands import Finished, Item, StepCommand, StillRunning
 
 log = logging.getLogger("natflow.worker")
@@ -86,7 +87,8 @@ async def run_step(
         STARTED_NOTICE_AFTER, send.send_nowait, StillRunning(command, attempt)
     )
     try:
-        value = await _invoke(command, runtime, attempt)
+        with tracing.step_attempt(run_id, command, attempt):
+            value = await _invoke(command, runtime, attempt)
     except Exception as exc:
         retry_at = None
         if attempt < command.retry.max_attempts and command.retry.retryable(exc):
