@@ -114,7 +114,9 @@ async def test_every_dashboard_panel_returns_data_from_a_realistic_run(
             f"{where}: {expr}" for where, expr in dashboard_queries() if not await prom.query(expr)
         ]
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
-        # The healthy stack's timers are punctual: the lateness stat reads green.
+        # The preview once showed a p99 of 20 s from a stopped server: a healthy stack's timers
+        # are not seconds late. (How punctual they are is `natflow bench`'s to measure, not a
+        # test's: a loaded CI box adds hundreds of milliseconds.)
         lateness = "rate(natflow_timer_lateness_seconds_bucket[1m])"
         p99 = await prom.value(f"histogram_quantile(0.99, sum by (le) ({lateness}))")
-        assert p99 < 0.25, f"timer lateness p99 {p99} s on a healthy stack"
+        assert p99 < 5.0, f"timer lateness p99 {p99} s on a healthy stack"
