@@ -9,7 +9,7 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 from . import events
 from ._cli import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
-from ._connection import TRANSIENT, Connection, connect, default_url, wrap
+from ._connection import TRANSIENT, Connection, NoResponders, connect, default_url, wrap
 from ._durations import to_seconds
 from ._engine import DISPATCHER
 from ._errors import (
@@ -25,7 +25,7 @@ from ._errors import (
     SignalTimeout,
     StepError,
 )
-from ._history import AppendConflict, History, HistoryStore
+from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
 from ._leases import Lease, Leases
 from ._logs import fields
@@ -45,6 +45,7 @@ from ._metrics import (
     step_attempt,
 )
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
+from ._quarantine import QUARANTINED, quarantined
 from ._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
 from ._retry import NO_RETRY, RetryPolicy
 from ._runs import Runs
@@ -54,6 +55,8 @@ from ._signals import (
     CONTROL,
     TERMINATE,
     BadSignal,
+    DeadLetter,
+    dead_letter_item,
     last_signal_seq,
     parse,
     pending_signals,
@@ -91,6 +94,7 @@ __all__ = [
     "HISTORY_PREFIX",
     "HISTORY_STREAM",
     "NO_RETRY",
+    "QUARANTINED",
     "RUNS_HELD",
     "RUNS_STREAM",
     "SIGNALS_DELIVERED",
@@ -106,6 +110,8 @@ __all__ = [
     "AppendConflict",
     "BadSignal",
     "Connection",
+    "CorruptHistory",
+    "DeadLetter",
     "EmbeddedServer",
     "ErrorInfo",
     "History",
@@ -114,6 +120,7 @@ __all__ = [
     "Lease",
     "Leases",
     "NatflowError",
+    "NoResponders",
     "NonDeterminismError",
     "PermissionDenied",
     "RetryPolicy",
@@ -140,6 +147,7 @@ __all__ = [
     "check_workflow_name",
     "connect",
     "connect_options",
+    "dead_letter_item",
     "decode_task",
     "decode_value",
     "default_url",
@@ -157,6 +165,7 @@ __all__ = [
     "pending_signals",
     "ping_subject",
     "prepare_worker",
+    "quarantined",
     "queue_consumer",
     "replicas",
     "run_created_at",

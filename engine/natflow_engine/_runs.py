@@ -9,8 +9,8 @@ from datetime import datetime
 import msgspec
 
 from ._connection import Connection
-from ._errors import RunNotFound
-from ._history import AppendConflict, HistoryStore
+from ._errors import ErrorInfo, RunNotFound
+from ._history import AppendConflict, History, HistoryStore
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
 from ._streams import ensure_streams
@@ -85,17 +85,32 @@ class Runs:
         return run_id, True
 
     async def events(self, run_id: str) -> list[Event]:
+        """The run's events; one that does not decode is left out (and logged)."""
+        return (await self._read(run_id)).events
+
+    async def _read(self, run_id: str) -> History:
         check_run_id(run_id)
         await ensure_streams(self.conn)
-        history = await self.history.read(run_id)
-        if not history.events:
+        history = await self.history.read(run_id, lenient=True)
+        if not history.events and not history.corrupt:
             raise RunNotFound(run_id)
-        return history.events
+        for seq, reason in history.corrupt:
+            log.warning("run %s: history event #%d does not decode (%s)", run_id, seq, reason)
+        return history
 
     async def describe(self, run_id: str) -> RunInfo:
-        info = fold_run(run_id, await self.events(run_id))
+        history = await self._read(run_id)
+        info = fold_run(run_id, history.events)
         if info is None:
             raise RunNotFound(run_id)
+        if history.corrupt and not info.is_closed:
+            seq, reason = history.corrupt[0]
+            info.status = "blocked"
+            info.error = ErrorInfo(
+                type="CorruptHistory",
+                message=f"history event at stream sequence {seq} does not decode: {reason}",
+            )
+            info.current = f"blocked: {info.error.message}"
         return info
 
     async def steps(self, run_id: str) -> list[StepInfo]:

@@ -181,6 +181,37 @@ async def dead_letter(conn: Connection, letter: DeadLetter) -> None:
     )
 
 
+async def dead_letter_item(
+    conn: Connection,
+    kind: str,
+    subject: str,
+    reason: str,
+    seq: int,
+    payload: bytes,
+    *,
+    run_id: str = "",
+    name: str = "",
+) -> None:
+    """Dead-letter something other than a signal (a task, a KV entry) with the reason; one
+    letter per ``(kind, seq)``, however many processes meet it."""
+    letter = DeadLetter(
+        kind=kind,
+        subject=subject,
+        run_id=run_id,
+        name=name,
+        reason=reason,
+        signal_seq=seq,
+        at=utcnow(),
+        payload=payload[:_MAX_SHOWN_PAYLOAD].decode(errors="replace"),
+    )
+    token = run_id if _TOKEN.fullmatch(run_id) else "_"
+    await conn.publish(
+        f"{DEADLETTER_PREFIX}.{kind}.{token}",
+        _dl_encoder.encode(letter),
+        {"Nats-Msg-Id": f"{kind}-{subject}-{seq}"},
+    )
+
+
 async def dead_letters(conn: Connection, limit: int = 100) -> list[DeadLetter]:
     """The newest dead letters, newest first."""
     info = await conn.jsm.stream_info(DEADLETTER_STREAM)

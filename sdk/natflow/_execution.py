@@ -45,6 +45,7 @@ from natflow_engine import (
     last_signal_seq,
     parse,
     pending_signals,
+    quarantined,
     run_created_at,
     sequence,
     stored_at,
@@ -71,12 +72,14 @@ from ._commands import (
     Finished,
     Item,
     SignalsArrived,
+    StepCommand,
     StillRunning,
     TimerDue,
     WaitCommand,
 )
 from ._replay import Evicted, WorkflowState
 from ._steps import StepRuntime, run_step
+from ._watchdog import running_step
 from ._workflow import Workflow
 
 __all__ = ["Evicted", "Outcome", "RunExecution", "StepRuntime"]
@@ -446,15 +449,26 @@ class RunExecution(WorkflowState):
         launch, self._to_launch = self._to_launch, []
         for command in launch:
             self._inflight += 1
-            tg.start_soon(
-                run_step,
-                command,
-                self._send,
-                self._conn,
-                self._runtime,
-                self.run_id,
-                name=f"step {command.name}",
+            tg.start_soon(self._contained_step, command, name=f"step {command.name}")
+
+    async def _contained_step(self, command: StepCommand) -> None:
+        """Run a step; a ``BaseException`` from its body (``SystemExit``, ``KeyboardInterrupt``
+        or another) becomes the step's recorded failure instead of the worker's exit."""
+        assert self._send is not None
+        started_at = utcnow()
+        try:
+            with running_step(self.run_id, command.name):
+                await run_step(command, self._send, self._conn, self._runtime, self.run_id)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # user code must not end the worker
+            quarantined(
+                "user_base_exception",
+                f"run {self.run_id} step {command.name!r}",
+                f"the step raised {type(exc).__name__}; recorded as its failure",
+                logger=log,
             )
+            self._send.send_nowait(Finished(command, 1, started_at, error=error_info(exc)))
 
     async def _check_not_before_run(self, msg: Any, seq: int, name: str) -> None:
         """A signal stored before the run existed was dead-lettered ("no run has this id")

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+import traceback
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from natflow_engine import (
     TASK_LAG,
     TASK_STREAM,
     TRANSIENT,
+    CorruptHistory,
+    ErrorInfo,
     History,
     HistoryStore,
     InvalidInput,
@@ -44,6 +47,7 @@ from natflow_engine import (
     WorkerInfo,
     announce,
     check_queue,
+    dead_letter_item,
     decode_task,
     enqueue,
     ensure_consumer,
@@ -53,6 +57,7 @@ from natflow_engine import (
     last_signal_seq,
     ping_subject,
     prepare_worker,
+    quarantined,
     queue_consumer,
     safe_identity,
     schedule,
@@ -60,11 +65,12 @@ from natflow_engine import (
     wake_subject,
     withdraw,
 )
-from natflow_engine.events import RunStarted, decode_event, utcnow
+from natflow_engine.events import TERMINAL_EVENTS, RunStarted, decode_event, utcnow
 from nats.aio.msg import Msg
 
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
+from ._guard import CORRUPT, PARKED, RunGuard, held_block
 from ._steps import StepRuntime
 from ._workflow import Workflow
 
@@ -72,6 +78,10 @@ log = logging.getLogger("natflow.worker")
 
 _UNKNOWN_WORKFLOW_DELAY = 1.0
 _BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
+_UNSEEN_START_TRIES = 5
+_BACKOFF_FIRST = 0.5  # a failed task comes back after 0.5, 1, 2, 4 ... s
+_BACKOFF_MAX = 60.0
+_PARK_AFTER = 8  # deliveries that failed in a row before the run is held as parked
 MIN_LEASE_TTL = 1.0
 
 
@@ -165,6 +175,8 @@ class Worker:
         self._started_at = utcnow()
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
+        self._guard = RunGuard(self._conn, self._store, self.identity)
+        self._failures: dict[tuple[str, str], None] = {}
 
     @staticmethod
     def _index(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
@@ -332,8 +344,7 @@ class Worker:
             try:
                 task = decode_task(msg.data)
             except Exception as exc:
-                log.error("dropping malformed task on %s: %s", msg.subject, exc)
-                await self._quietly(msg.term())
+                await self._quarantine_task(msg, f"the task does not decode: {exc}")
                 return
             previous = self._held.get(task.run_id)
             if previous is not None and _same_task(previous.msg, msg):
@@ -364,12 +375,10 @@ class Worker:
             run_id = held.run_id if held else "?"
             log.warning("run %s: handing it back: %s", run_id, exc)
             if held is not None:
-                await self._hand_back(held)
+                await self._back_off(held, exc, park=False)
         except Exception as exc:
-            run_id = held.run_id if held else "?"
-            log.error("run %s: handing it back after an error: %s", run_id, exc, exc_info=True)
             if held is not None:
-                await self._hand_back(held)
+                await self._back_off(held, exc, park=True)
         finally:
             if held is not None and self._held.get(held.run_id) is held:
                 del self._held[held.run_id]
@@ -384,13 +393,21 @@ class Worker:
 
     async def _process(self, held: _Held, task: Task) -> None:
         msg, run_id = held.msg, held.run_id
-        fresh = task.start_seq > 0 and msg.metadata.num_delivered == 1
-        if fresh:  # a new run's first delivery: its whole history is in the task
-            history = History(run_id, [decode_event(task.start)], task.start_seq)
-        else:
+        # History is the truth: a task is only a hint to look. Its inline start (if any)
+        # is checked against history and never used in its place.
+        try:
             history = await self._store.read(run_id)
+        except CorruptHistory as bad:
+            await self._hold_corrupt(held, bad)
+            return
+        if task.start_seq > 0:
+            self._check_inline_start(task, history)
         info = fold_run(run_id, history.events)
         if info is None:
+            if task.start_seq > 0 and (msg.metadata.num_delivered or 1) < _UNSEEN_START_TRIES:
+                # a start the task vouches for, read from a replica not there yet
+                await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
+                return
             log.warning("task for unknown run %s; dropping it", run_id)
             await self._quietly(msg.term())
             return
@@ -401,6 +418,8 @@ class Worker:
         if workflow is None:
             log.debug("run %s: workflow %r is not served here", run_id, info.workflow)
             await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
+            return
+        if await self._held_in_quarantine(held, history):
             return
         start = history.events[0]
         assert isinstance(start, RunStarted)
@@ -419,7 +438,6 @@ class Worker:
             identity=self.identity,
             runtime=self._runtime,
             delivery=delivered,
-            optimistic=fresh,
         )
         if self._stopping.is_set():
             held.execution.drain()
@@ -487,6 +505,112 @@ class Worker:
             )
         except NatflowError as exc:  # the engine's dispatcher writes them too, a little later
             log.debug("run %s: timers not indexed here (%s)", held.run_id, exc)
+
+    # -- quarantine ------------------------------------------------------------------------
+
+    async def _quarantine_task(self, msg: Msg, reason: str) -> None:
+        seq = msg.metadata.sequence.stream
+        if quarantined("task", f"task #{seq} on {msg.subject}", reason, logger=log):
+            run_id = msg.subject.rsplit(".", 1)[-1]
+            await self._quietly(
+                dead_letter_item(
+                    self._conn, "task", msg.subject, reason, seq, msg.data, run_id=run_id
+                )
+            )
+        await self._quietly(msg.term())
+
+    @staticmethod
+    def _check_inline_start(task: Task, history: History) -> None:
+        """Count and log a task whose inline start disagrees with history (it is ignored)."""
+        try:
+            inline: Any = decode_event(task.start)
+        except Exception:  # undecodable: as forged as a wrong one
+            inline = None
+        first = history.events[0] if history.events else None
+        if first is not None and inline != first:
+            quarantined(
+                "task_forged",
+                f"task for run {task.run_id}",
+                "its inline run_started disagrees with the run's history; history was used",
+                logger=log,
+            )
+
+    async def _held_in_quarantine(self, held: _Held, history: History) -> bool:
+        """Whether the run is (now) held as poisoned or parked: then its task is done."""
+        run_id, count = held.run_id, len(history.events)
+        block = held_block(history.events[-1])
+        if block is not None:
+            await self._guard.end_if_asked(
+                run_id, block.error.message, last_seq=history.last_seq, count=count
+            )
+            await self._quietly(held.msg.ack())
+            return True
+        poison = await self._guard.poisoned(run_id, history.events)
+        if poison is None:
+            return False
+        await self._guard.hold(
+            run_id, poison, last_seq=history.last_seq, count=count, path="run_poisoned"
+        )
+        await self._quietly(held.msg.ack())
+        return True
+
+    async def _hold_corrupt(self, held: _Held, bad: CorruptHistory) -> None:
+        run_id = held.run_id
+        if not isinstance(bad.last, TERMINAL_EVENTS) and not await self._guard.end_if_asked(
+            run_id, str(bad), last_seq=bad.last_seq, count=bad.count
+        ):
+            if held_block(bad.last) is None:
+                error = ErrorInfo(type=CORRUPT, message=str(bad))
+                await self._guard.hold(
+                    run_id, error, last_seq=bad.last_seq, count=bad.count, path="history_event"
+                )
+            else:
+                quarantined("history_event", f"run {run_id}", str(bad), logger=log)
+        await self._quietly(held.msg.ack())
+
+    async def _back_off(self, held: _Held, exc: Exception, *, park: bool) -> None:
+        """A task that failed: NAK it with a growing delay, never at once (no hot loop);
+        after :data:`_PARK_AFTER` deliveries that failed alike, hold the run as parked."""
+        delivered = held.msg.metadata.num_delivered or 1
+        where = f"run {held.run_id}"
+        if park:
+            if delivered == 1 or self._first_failure(held.run_id, exc):
+                log.error("%s: task failed, retrying later: %s", where, exc, exc_info=exc)
+            else:
+                log.debug("%s: task failed again (delivery %d): %s", where, delivered, exc)
+        if park and delivered >= _PARK_AFTER:
+            try:
+                history = await self._store.read(held.run_id)
+                error = ErrorInfo(
+                    type=PARKED,
+                    message=f"its task failed {delivered} times in a row; the last error: "
+                    f"{type(exc).__name__}: {exc}",
+                    traceback="".join(traceback.format_exception(exc)),
+                )
+                await self._guard.hold(
+                    held.run_id,
+                    error,
+                    last_seq=history.last_seq,
+                    count=len(history.events),
+                    path="run_parked",
+                )
+                await self._quietly(held.msg.ack())
+                await self._release(held)
+                return
+            except NatflowError as failed:
+                log.warning("%s: could not park the run (%s)", where, failed)
+        delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (delivered - 1))
+        await self._quietly(held.msg.nak(delay=delay))
+        await self._release(held)
+
+    def _first_failure(self, run_id: str, exc: Exception) -> bool:
+        key = (run_id, type(exc).__name__)
+        if key in self._failures:
+            return False
+        self._failures[key] = None
+        if len(self._failures) > 10_000:
+            self._failures.pop(next(iter(self._failures)))
+        return True
 
     async def _hand_back(self, held: _Held) -> None:
         await self._quietly(held.msg.nak())
