@@ -84,7 +84,13 @@ async def blocker(ctx: WorkflowContext, seconds: float) -> str:
     return await ctx.step("sleeps_blocking", sleeps_blocking, ctx.run_id, seconds)
 
 
-WORKFLOWS = [base_steps, exits_itself, poison, doubler, blocker]
+@workflow(name="waiter")
+async def waiter(ctx: WorkflowContext, _: int) -> int:
+    got = await ctx.wait_for_signal("go")
+    return await ctx.step("double", double, ctx.run_id, got)
+
+
+WORKFLOWS = [base_steps, exits_itself, poison, doubler, blocker, waiter]
 
 
 def make_worker(client: Client) -> Worker:

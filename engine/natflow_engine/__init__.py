@@ -9,7 +9,15 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 from . import events
 from ._cli import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
-from ._connection import TRANSIENT, Connection, NoResponders, connect, default_url, wrap
+from ._connection import (
+    TRANSIENT,
+    Connection,
+    NoResponders,
+    PayloadTooLarge,
+    connect,
+    default_url,
+    wrap,
+)
 from ._durations import to_seconds
 from ._engine import DISPATCHER
 from ._errors import (
@@ -122,6 +130,7 @@ __all__ = [
     "NatflowError",
     "NoResponders",
     "NonDeterminismError",
+    "PayloadTooLarge",
     "PermissionDenied",
     "RetryPolicy",
     "RunCancelled",

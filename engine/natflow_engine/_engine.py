@@ -31,6 +31,7 @@ from ._history import HistoryStore
 from ._index import RunIndex
 from ._metrics import EngineMetrics, observe_run
 from ._puller import Puller, engine_consumer
+from ._quarantine import quarantined
 from ._reaper import Reaper
 from ._signals import SignalIntake
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
@@ -129,8 +130,10 @@ class Engine:
         try:
             event = decode_event(msg.data)
         except Exception as exc:
-            # Nothing natflow writes fails to decode; a foreign message is reported, not fatal.
-            log.error("undecodable history message on %s: %s", msg.subject, exc)
+            # Nothing natflow writes fails to decode; a foreign message is reported, not fatal
+            # (the worker holds its run as blocked when it next reads the history).
+            seq = msg.metadata.sequence.stream
+            quarantined("dispatcher_event", f"{msg.subject} #{seq}", str(exc), logger=log)
             await msg.ack()
             return
         try:

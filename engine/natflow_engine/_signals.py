@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from ._connection import Connection, PubAck, retrying
-from ._history import HistoryStore
+from ._history import CorruptHistory, HistoryStore
 from ._logs import fields
 from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
 from ._names import _TOKEN
@@ -275,7 +275,10 @@ class SignalIntake:
             start = await run_start(self._conn, signal.run_id)
             if start is None:
                 raise BadSignal(seq, msg.subject, signal.name, "no run has this id")
-            last = await self._history.last(signal.run_id)
+            try:
+                last = await self._history.last(signal.run_id)
+            except CorruptHistory:  # the worker holds such a run as blocked; wake it
+                last = None
             if last is not None and isinstance(last[0], TERMINAL_EVENTS):
                 raise BadSignal(
                     seq,

@@ -39,6 +39,7 @@ from natflow_engine import (
     History,
     HistoryStore,
     InvalidInput,
+    PayloadTooLarge,
     encode_value,
     error_info,
     fields,
@@ -392,16 +393,20 @@ class RunExecution(WorkflowState):
                 continue
             if signal.signal_id and signal.signal_id in self._signal_ids:
                 continue  # a duplicate older than the stream's dedupe window
-            event = await self._append(
-                SignalReceived(
-                    id=self._next_id(),
-                    at=utcnow(),
-                    signal_seq=seq,
-                    name=signal.name,
-                    payload=msgspec.Raw(signal.payload),
-                    signal_id=signal.signal_id,
+            try:
+                event = await self._append(
+                    SignalReceived(
+                        id=self._next_id(),
+                        at=utcnow(),
+                        signal_seq=seq,
+                        name=signal.name,
+                        payload=msgspec.Raw(signal.payload),
+                        signal_id=signal.signal_id,
+                    )
                 )
-            )
+            except PayloadTooLarge as big:  # the stream took it; history cannot
+                await self._reject_too_large(seq, signal.name, big)
+                continue
             assert isinstance(event, SignalReceived)
             SIGNALS_DELIVERED.labels(self.workflow.name).inc()
             if signal.signal_id:
@@ -410,6 +415,19 @@ class RunExecution(WorkflowState):
             await self._flush_records()  # what the signal made the workflow do comes next
             moved = True
         return moved
+
+    async def _reject_too_large(self, seq: int, name: str, big: PayloadTooLarge) -> None:
+        reason = (
+            f"too large to move into history ({big.size} bytes as an event, over the "
+            f"server's max payload of {self._conn.max_payload}); send a reference instead"
+        )
+        quarantined("signal_too_large", f"signal #{seq} of run {self.run_id}", reason, logger=log)
+        await self._append(
+            SignalRejected(
+                id=self._next_id(), at=utcnow(), signal_seq=seq, name=name, reason=reason
+            )
+        )
+        SIGNALS_REJECTED.labels("worker").inc()
 
     def _count_step(self, event: StepCompleted | StepFailed) -> None:
         if isinstance(event, StepCompleted):
@@ -438,7 +456,7 @@ class RunExecution(WorkflowState):
             "started_at": item.started_at,
         }
         if item.error is not None:
-            return StepFailed(**common, error=item.error)
+            return StepFailed(**common, error=self._bounded(item.error))
         assert item.result is not None
         return StepCompleted(**common, result=msgspec.Raw(item.result))
 
@@ -500,8 +518,21 @@ class RunExecution(WorkflowState):
         return Outcome.COMPLETED
 
     async def _fail(self, error: ErrorInfo) -> Outcome:
-        await self._append(RunFailed(id=self._next_id(), at=utcnow(), error=error))
+        await self._append(RunFailed(id=self._next_id(), at=utcnow(), error=self._bounded(error)))
         return Outcome.FAILED
+
+    def _bounded(self, error: ErrorInfo) -> ErrorInfo:
+        """An error short enough to record: a huge message must not make the append fail."""
+        limit = self._conn.max_payload // 16  # characters; at most 4 bytes each, two fields
+        if len(error.message) <= limit and len(error.traceback) <= limit:
+            return error
+        cut = "\n[... cut: too long to record ...]\n"
+        message, trace = error.message, error.traceback
+        return ErrorInfo(
+            type=error.type,
+            message=message if len(message) <= limit else message[: limit // 2] + cut,
+            traceback=trace if len(trace) <= limit else trace[-limit // 2 :],
+        )
 
     def _dispose(self) -> None:
         for handle in self._armed.values():

@@ -1,0 +1,125 @@
+"""Bad input from outside (history events, tasks) is quarantined, never looped over."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import msgspec
+from natflow import Client
+from natflow_engine._server import EmbeddedServer
+from natflow_engine._streams import ensure_streams, history_subject, task_subject
+from natflow_engine._tasks import Task
+from natflow_engine.events import RunBlocked, RunStarted, SignalRejected, encode_event, utcnow
+
+from tests.helpers import stop, wait_for
+from tests.test_poison import counts, spawn, workers_up
+
+
+async def test_a_malformed_history_event_blocks_its_run_once_and_it_can_be_cancelled(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    procs = spawn(nats_server, tmp_path, 1)
+    try:
+        await workers_up(client, 1)
+        await client.start("waiter", 0, run_id="bad-1")
+
+        async def waiting() -> bool:
+            return (await client.describe("bad-1")).status == "waiting"
+
+        await wait_for(waiting, timeout=30, what="bad-1 waiting")
+        # Someone with publish rights on history appends garbage to the run.
+        await client.connection.publish(history_subject("bad-1"), b'{"type":"step_completed"')
+        await client.signal("bad-1", "go", 1)
+
+        async def blocked() -> object:
+            info = await client.describe("bad-1")  # inspecting still works
+            return info if info.status == "blocked" else None
+
+        info = await wait_for(blocked, timeout=30, what="bad-1 blocked")
+        assert info.error is not None and info.error.type == "CorruptHistory"
+        # More wake-ups change nothing: one block, no loop, the worker stays up.
+        for n in range(3):
+            await client.signal("bad-1", "go", n)
+        good = await client.start("doubler", 4, run_id="bad-good")
+        assert await good.result(timeout=30) == 8
+        events = await client.history("bad-1")  # readable, the bad event left out
+        assert sum(isinstance(e, RunBlocked) for e in events) == 1
+        assert procs[0].poll() is None
+        log = (tmp_path / "worker-0.log").read_text()
+        assert log.count("quarantined (history_event)") == 1, log[-3000:]
+        assert log.count("Traceback") == 0, log[-3000:]
+        # And it can be ended.
+        await client.cancel("bad-1", "corrupt")
+
+        async def ended() -> bool:
+            return (await client.describe("bad-1")).status == "terminated"
+
+        await wait_for(ended, timeout=20, what="bad-1 terminated")
+        assert counts(tmp_path / "counts.txt") == {"bad-good:double": 1}
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)
+
+
+async def test_a_forged_task_never_replaces_history(
+    client: Client, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    await ensure_streams(client.connection)
+    store = client._runs.history
+    real = RunStarted(
+        id="forged-1:1", at=utcnow(), workflow="doubler", queue="default", input=msgspec.Raw(b"5")
+    )
+    seq = await store.append("forged-1", real, 0)
+    forged = msgspec.structs.replace(real, input=msgspec.Raw(b"666"))
+    task = Task(
+        run_id="forged-1",
+        workflow="doubler",
+        start_seq=seq,
+        start=msgspec.Raw(encode_event(forged)),
+    )
+    await client.connection.publish(task_subject("default", "forged-1"), msgspec.json.encode(task))
+    procs = spawn(nats_server, tmp_path, 1)
+    try:
+
+        async def done() -> object:
+            info = await client.describe("forged-1")
+            return info if info.is_closed else None
+
+        info = await wait_for(done, timeout=30, what="forged-1 closed")
+        assert info.status == "completed" and info.result == 10, info
+        log = (tmp_path / "worker-0.log").read_text()
+        assert "quarantined (task_forged)" in log
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)
+
+
+async def test_a_signal_near_the_max_payload_is_rejected_and_the_worker_stays_connected(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    procs = spawn(nats_server, tmp_path, 1)
+    try:
+        await workers_up(client, 1)
+        handle = await client.start("waiter", 0, run_id="big-1")
+
+        async def waiting() -> bool:
+            return (await client.describe("big-1")).status == "waiting"
+
+        await wait_for(waiting, timeout=30, what="big-1 waiting")
+        limit = client.connection.max_payload
+        body = b'"' + b"x" * (limit - 200) + b'"'  # the stream takes it: it fits, just
+        await client.connection.publish("natflow.signal.big-1.go", body)
+        await client.signal("big-1", "go", 1)
+        assert await handle.result(timeout=30) == 2
+        rejected = [e for e in await client.history("big-1") if isinstance(e, SignalRejected)]
+        assert len(rejected) == 1 and "too large" in rejected[0].reason
+        # The worker kept its connection: a run started afterwards completes too.
+        good = await client.start("doubler", 3, run_id="big-good")
+        assert await good.result(timeout=30) == 6
+        assert procs[0].poll() is None
+        log = (tmp_path / "worker-0.log").read_text()
+        assert "maximum payload" not in log.lower(), log[-2000:]
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)
