@@ -7,10 +7,13 @@ from pathlib import Path
 
 import msgspec
 from natflow import Client
+from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._signals import dead_letters
 from natflow_engine._streams import ensure_streams, history_subject, task_subject
 from natflow_engine._tasks import Task
 from natflow_engine.events import RunBlocked, RunStarted, SignalRejected, encode_event, utcnow
+from prometheus_client import REGISTRY
 
 from tests.helpers import stop, wait_for
 from tests.test_poison import counts, spawn, workers_up
@@ -120,6 +123,50 @@ async def test_a_signal_near_the_max_payload_is_rejected_and_the_worker_stays_co
         assert procs[0].poll() is None
         log = (tmp_path / "worker-0.log").read_text()
         assert "maximum payload" not in log.lower(), log[-2000:]
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)
+
+
+async def test_malformed_kv_entries_are_dead_lettered_and_the_engine_keeps_working(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    procs = spawn(nats_server, tmp_path, 1)
+    try:
+        await workers_up(client, 1)
+        conn = client.connection
+        await conn.publish("$KV.natflow_timers.ghost-run.3", b"not json")
+        await conn.publish("$KV.natflow_leases.ghost-run", b'{"run_id": 5}')
+        await conn.publish("$KV.natflow_workers.ghost-worker", b"\xff\xfe")
+        # Timers still fire and signals still wake runs.
+        napper = await client.start("napper", 7, run_id="kv-nap")
+        waiter = await client.start("waiter", 0, run_id="kv-wait")
+
+        async def waiting() -> bool:
+            return (await client.describe("kv-wait")).status == "waiting"
+
+        await wait_for(waiting, timeout=30, what="kv-wait waiting")
+        await client.signal("kv-wait", "go", 5)
+        assert await napper.result(timeout=30) == 14
+        assert await waiter.result(timeout=30) == 10
+        await conn.publish("$KV.natflow_timers.ghost-run.4", b"[]")  # after startup, too
+        later = await client.start("napper", 1, run_id="kv-nap-2")
+        assert await later.result(timeout=30) == 2
+
+        async def letters() -> list[str]:
+            found = await dead_letters(conn)
+            subjects = sorted(d.subject for d in found if d.kind == "kv")
+            return subjects if len(subjects) == 4 else []
+
+        assert await wait_for(letters, timeout=10, what="four kv dead letters") == [
+            "$KV.natflow_leases.ghost-run",
+            "$KV.natflow_timers.ghost-run.3",
+            "$KV.natflow_timers.ghost-run.4",
+            "$KV.natflow_workers.ghost-worker",
+        ]
+        quarantined = REGISTRY.get_sample_value("natflow_quarantined_total", {"path": "kv_timers"})
+        assert (quarantined or 0) >= 2
+        assert [w.identity for w in await list_workers(conn)] != []
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)

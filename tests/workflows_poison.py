@@ -90,7 +90,13 @@ async def waiter(ctx: WorkflowContext, _: int) -> int:
     return await ctx.step("double", double, ctx.run_id, got)
 
 
-WORKFLOWS = [base_steps, exits_itself, poison, doubler, blocker, waiter]
+@workflow(name="napper")
+async def napper(ctx: WorkflowContext, x: int) -> int:
+    await ctx.sleep("nap", 1.5)
+    return await ctx.step("double", double, ctx.run_id, x)
+
+
+WORKFLOWS = [base_steps, exits_itself, poison, doubler, blocker, waiter, napper]
 
 
 def make_worker(client: Client) -> Worker:
