@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import msgspec
+import pytest
 from natflow import Client
 from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
@@ -15,8 +16,9 @@ from natflow_engine._tasks import Task
 from natflow_engine.events import RunBlocked, RunStarted, SignalRejected, encode_event, utcnow
 from prometheus_client import REGISTRY
 
-from tests.helpers import stop, wait_for
-from tests.test_poison import counts, spawn, workers_up
+from tests.helpers import running_engine, spawn_worker, stop, wait_for
+from tests.test_poison import TARGET, counts, spawn, workers_up
+from tests.workflows_poison import COUNTS_ENV
 
 
 async def test_a_malformed_history_event_blocks_its_run_once_and_it_can_be_cancelled(
@@ -170,3 +172,34 @@ async def test_malformed_kv_entries_are_dead_lettered_and_the_engine_keeps_worki
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)
+
+
+async def test_delete_markers_in_the_timer_and_lease_buckets_expire(
+    client: Client,
+    nats_server: EmbeddedServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NATFLOW_KV_MARKER_TTL", "1")
+    async with running_engine(nats_server.url):
+        env = {COUNTS_ENV: str(tmp_path / "counts.txt"), "NATFLOW_KV_MARKER_TTL": "1"}
+        procs = [spawn_worker(nats_server.url, TARGET, env=env, log=tmp_path / "w.log")]
+        try:
+            handles = [await client.start("napper", i, run_id=f"m-{i}") for i in range(10)]
+            for i, handle in enumerate(handles):
+                assert await handle.result(timeout=40) == 2 * i
+
+            async def left() -> dict[str, int]:
+                jsm = client.connection.jsm
+                return {
+                    b: (await jsm.stream_info(f"KV_{b}")).state.messages
+                    for b in ("natflow_timers", "natflow_leases")
+                }
+
+            async def empty() -> bool:
+                return set((await left()).values()) == {0}
+
+            await wait_for(empty, timeout=15, what="the timer and lease buckets to empty")
+        finally:
+            for proc in procs:
+                stop(proc, signal.SIGKILL)
