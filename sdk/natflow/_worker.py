@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 import nats.errors
 import nats.js.errors
 from natflow_engine import (
@@ -67,6 +68,7 @@ from natflow_engine import (
 )
 from natflow_engine.events import TERMINAL_EVENTS, RunStarted, decode_event, utcnow
 from nats.aio.msg import Msg
+from prometheus_client import Counter
 
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
@@ -83,6 +85,12 @@ _BACKOFF_FIRST = 0.5  # a failed task comes back after 0.5, 1, 2, 4 ... s
 _BACKOFF_MAX = 60.0
 _PARK_AFTER = 8  # deliveries that failed in a row before the run is held as parked
 MIN_LEASE_TTL = 1.0
+_HELD = b"held"
+_FREE = b"free"
+REDELIVERIES_DECLINED = Counter(
+    "natflow_worker_redeliveries_declined",
+    "Task redeliveries this worker left with the live worker that holds the run.",
+)
 
 
 def _same_task(a: Msg, b: Msg) -> bool:
@@ -359,6 +367,11 @@ class Worker:
                 # once that is done, as the next holder would.
                 with anyio.move_on_after(self.lease_ttl):
                     await previous.finished.wait()
+            elif (msg.metadata.num_delivered or 1) > 1 and await self._held_elsewhere(task):
+                # A redelivery (a consumer leader change, a missed heartbeat) is no permission
+                # to take a run from a live holder: leave it there and look again later.
+                await self._quietly(msg.nak(delay=self.lease_ttl))
+                return
             held = _Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
             self._held[task.run_id] = held
             RUNS_HELD.inc()
@@ -671,8 +684,42 @@ class Worker:
             held.execution.signals_arrived()
 
     async def _on_ping(self, msg: Msg) -> None:
-        if msg.reply:
-            await self._quietly(msg.respond(self.identity.encode()))
+        """Answer a ping: with the identity, or (asked about a run) whether it is held here."""
+        if not msg.reply:
+            return
+        if msg.data:
+            held = msg.data.decode(errors="replace") in self._held
+            await self._quietly(msg.respond(_HELD if held else _FREE))
+            return
+        await self._quietly(msg.respond(self.identity.encode()))
+
+    async def _held_elsewhere(self, task: Task) -> bool:
+        """Whether another worker holds the run now: its lease is live and it says so."""
+        try:
+            found = await self._leases.get(task.run_id)
+        except (NatflowError, msgspec.DecodeError):  # unreadable: history still fences
+            return False
+        if found is None:
+            return False
+        lease = found[0]
+        if lease.worker == self.identity or lease.expires_at <= utcnow():
+            return False
+        try:
+            reply = await self._conn.request(
+                ping_subject(lease.worker), task.run_id.encode(), timeout=1.0
+            )
+        except NatflowError:  # gone, or not answering: the run may move
+            return False
+        if reply.data != _HELD:
+            return False
+        log.info(
+            "run %s: redelivered here while worker %s holds it; leaving it there",
+            task.run_id,
+            lease.worker,
+            extra=fields(task.run_id, worker=lease.worker),
+        )
+        REDELIVERIES_DECLINED.inc()
+        return True
 
     async def _announce(self) -> None:
         info = WorkerInfo(
