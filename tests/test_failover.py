@@ -13,7 +13,8 @@ from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunClaimed, StepCompleted
 
 from tests.helpers import count_lines, spawn_worker, stop, wait_for
-from tests.test_poison import workers_up
+from tests.test_poison import counts as poison_counts
+from tests.test_poison import spawn, workers_up
 from tests.workflows_proc import COUNTS_ENV, GATE_ENV
 
 TARGET = "tests.workflows_proc:make_worker"
@@ -54,6 +55,30 @@ async def test_a_redelivery_while_the_holder_is_alive_does_not_move_the_run(
         assert [p.poll() for p in procs] == [None, None]
         logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
         assert "leaving it there" in logs
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)
+
+
+async def test_a_step_that_blocks_the_loop_keeps_its_run_and_is_reported_by_name(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    procs = spawn(nats_server, tmp_path, 2)
+    try:
+        await workers_up(client, 2)
+        # time.sleep(6) inside an async step, with a 2 s lease: three lease periods blocked.
+        handle = await client.start("blocker", 6.0, run_id="block-1")
+        others = [await client.start("doubler", i, run_id=f"other-{i}") for i in range(5)]
+        assert await handle.result(timeout=60) == "slept"
+        for i, other in enumerate(others):
+            assert await other.result(timeout=30) == 2 * i
+        assert poison_counts(tmp_path / "counts.txt")["block-1:sleeps_blocking"] == 1
+        claims = [e for e in await client.history("block-1") if isinstance(e, RunClaimed)]
+        assert len(claims) == 1, claims
+        assert [p.poll() for p in procs] == [None, None]
+        logs = "".join((tmp_path / f"worker-{i}.log").read_text() for i in range(2))
+        assert "event loop has been blocked" in logs and "'sleeps_blocking' of run block-1" in logs
+        assert "lease taken by another worker" not in logs
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)

@@ -73,7 +73,9 @@ from prometheus_client import Counter
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._guard import CORRUPT, PARKED, RunGuard, held_block
+from ._pulse import HeldRun, Pulse
 from ._steps import StepRuntime
+from ._watchdog import LoopWatchdog
 from ._workflow import Workflow
 
 log = logging.getLogger("natflow.worker")
@@ -184,6 +186,7 @@ class Worker:
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
         self._guard = RunGuard(self._conn, self._store, self.identity)
+        self._pulse: Pulse | None = None
         self._failures: dict[tuple[str, str], None] = {}
 
     @staticmethod
@@ -233,7 +236,9 @@ class Worker:
         if self._metrics_port:
             serve_metrics(self._metrics_port)
         pullers = [await self._subscribe(queue) for queue in self.queues]
-        ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
+        ping = None if await self._start_pulse() else await self._ping_here()
+        watchdog = LoopWatchdog(asyncio.get_running_loop())
+        watchdog.start()
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
         await self._announce()
         log.info(
@@ -259,9 +264,45 @@ class Worker:
                         self._not_pulling.set()
                 tg.cancel_scope.cancel()
         finally:
+            watchdog.stop()
             with anyio.CancelScope(shield=True):
                 await self._close(pullers, ping)
                 await self._quietly(nudges.unsubscribe())
+
+    async def _start_pulse(self) -> bool:
+        """Heartbeats on their own thread and connection; False if that cannot connect."""
+        loop = asyncio.get_running_loop()
+        pulse = Pulse(
+            self._conn,
+            self.identity,
+            interval=max(0.2, self.lease_ttl / 3),
+            held=lambda: list(self._held.values()),
+            holds=lambda run_id: run_id in self._held,
+            lost=lambda held, why: loop.call_soon_threadsafe(self._step_back, held, why),
+        )
+        if await anyio.to_thread.run_sync(pulse.start):
+            self._pulse = pulse
+            return True
+        log.warning(
+            "worker %s: heartbeats run on the worker's own loop (no second connection: %s); "
+            "a blocking step can cost it its runs",
+            self.identity,
+            pulse.error,
+        )
+        return False
+
+    async def _ping_here(self) -> Any:
+        return await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
+
+    def _step_back(self, held: HeldRun, why: str) -> None:
+        """On the worker's loop: the heartbeat found the run's lease lost."""
+        if not isinstance(held, _Held) or self._held.get(held.run_id) is not held or held.lost:
+            return
+        if "taken" in why:
+            FENCED.labels(held.execution_fields.get("workflow", ""), "lease").inc()
+        log.warning("run %s: %s; stepping back", held.run_id, why, extra=held.execution_fields)
+        held.lost = True
+        held.scope.cancel()
 
     async def _subscribe(self, queue: str) -> TaskPuller:
         await ensure_consumer(self._conn, queue, self.lease_ttl)
@@ -281,7 +322,10 @@ class Worker:
     async def _close(self, pullers: list[TaskPuller], ping: Any) -> None:
         for puller in pullers:
             await self._quietly(puller.stop())
-        await self._quietly(ping.unsubscribe())
+        if ping is not None:
+            await self._quietly(ping.unsubscribe())
+        if self._pulse is not None:
+            await anyio.to_thread.run_sync(self._pulse.stop)
         try:
             await withdraw(self._conn, self.identity)
         except (NatflowError, nats.errors.Error) as exc:
@@ -648,9 +692,10 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await anyio.sleep(max(0.2, self.lease_ttl / 3))
-            async with anyio.create_task_group() as tg:
-                for held in list(self._held.values()):
-                    tg.start_soon(self._renew, held)
+            if self._pulse is None:  # no heartbeat thread: renew here
+                async with anyio.create_task_group() as tg:
+                    for held in list(self._held.values()):
+                        tg.start_soon(self._renew, held)
             await self._announce()
 
     async def _renew(self, held: _Held) -> None:
