@@ -298,9 +298,10 @@ class Worker:
         """On the worker's loop: the heartbeat found the run's lease lost."""
         if not isinstance(held, _Held) or self._held.get(held.run_id) is not held or held.lost:
             return
-        if "taken" in why:
+        if "taken" in why:  # said once the run's handling ends (see _handle)
             FENCED.labels(held.execution_fields.get("workflow", ""), "lease").inc()
-        log.warning("run %s: %s; stepping back", held.run_id, why, extra=held.execution_fields)
+        else:
+            log.warning("run %s: %s; stepping back", held.run_id, why, extra=held.execution_fields)
         held.lost = True
         held.scope.cancel()
 
