@@ -14,7 +14,7 @@ from typing import Final
 import msgspec
 from nats.js import api
 
-from ._connection import ERR_MAX_MSGS_PER_SUBJECT, Connection, JetStreamError
+from ._connection import ERR_MAX_MSGS_PER_SUBJECT, Connection, JetStreamError, retrying
 from ._puller import Puller
 from ._streams import TASK_PREFIX, TASK_STREAM, queue_consumer, task_subject
 
@@ -46,14 +46,22 @@ def decode_task(data: bytes) -> Task:
 
 
 async def enqueue(conn: Connection, queue: str, task: Task) -> bool:
-    """Make the run runnable. False if a task for it is already pending or in flight."""
-    try:
-        await conn.publish(task_subject(queue, task.run_id), _task_encoder.encode(task))
-        return True
-    except JetStreamError as exc:
-        if exc.err_code == ERR_MAX_MSGS_PER_SUBJECT:
-            return False
-        raise
+    """Make the run runnable. False if a task for it is already pending or in flight.
+
+    Retried through a reconnect or a leader election (a duplicate is refused as pending).
+    """
+    subject, data = task_subject(queue, task.run_id), _task_encoder.encode(task)
+
+    async def attempt() -> bool:
+        try:
+            await conn.publish(subject, data)
+            return True
+        except JetStreamError as exc:
+            if exc.err_code == ERR_MAX_MSGS_PER_SUBJECT:
+                return False
+            raise
+
+    return await retrying(f"enqueueing run {task.run_id}", attempt)
 
 
 def consumer_config(queue: str, ack_wait: float = DEFAULT_ACK_WAIT) -> api.ConsumerConfig:

@@ -150,8 +150,12 @@ class Pulse:
         try:
             renewed = await leases.renew(lease, revision)
         except (NatflowError, nats.errors.Error, OSError) as exc:
-            if time.monotonic() - held.renewed_at > self.lease_ttl:
-                self._lost(held, f"lease not renewed for {self.lease_ttl:.0f} s ({exc})")
+            # No stepping back for that: while the lease cannot be written (an election, a
+            # partition) no other worker can claim the run either, and history's conditional
+            # append fences this one if one did. Stepping back would only run steps twice.
+            overdue = time.monotonic() - held.renewed_at - self.lease_ttl
+            if 0 < overdue <= self.interval:  # said once per outage
+                log.warning("run %s: lease not renewed for a while (%s)", held.run_id, exc)
             return
         if held.lease is not lease:  # released or re-taken meanwhile: not ours to update
             return

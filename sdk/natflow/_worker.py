@@ -23,7 +23,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import msgspec
 import nats.errors
 import nats.js.errors
 from natflow_engine import (
@@ -42,6 +41,7 @@ from natflow_engine import (
     Lease,
     Leases,
     NatflowError,
+    RunInfo,
     Task,
     TaskPuller,
     Timer,
@@ -412,11 +412,6 @@ class Worker:
                 # once that is done, as the next holder would.
                 with anyio.move_on_after(self.lease_ttl):
                     await previous.finished.wait()
-            elif (msg.metadata.num_delivered or 1) > 1 and await self._held_elsewhere(task):
-                # A redelivery (a consumer leader change, a missed heartbeat) is no permission
-                # to take a run from a live holder: leave it there and look again later.
-                await self._quietly(msg.nak(delay=self.lease_ttl))
-                return
             held = _Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
             self._held[task.run_id] = held
             RUNS_HELD.inc()
@@ -478,6 +473,11 @@ class Worker:
             await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
             return
         if await self._held_in_quarantine(held, history):
+            return
+        if (msg.metadata.num_delivered or 1) > 1 and await self._held_elsewhere(run_id, info):
+            # A redelivery (a consumer leader change, an ack deadline missed in an election)
+            # is no permission to take a run from a live holder: leave it, look again later.
+            await self._quietly(msg.nak(delay=self.lease_ttl))
             return
         start = history.events[0]
         assert isinstance(start, RunStarted)
@@ -739,30 +739,23 @@ class Worker:
             return
         await self._quietly(msg.respond(self.identity.encode()))
 
-    async def _held_elsewhere(self, task: Task) -> bool:
-        """Whether another worker holds the run now: its lease is live and it says so."""
-        try:
-            found = await self._leases.get(task.run_id)
-        except (NatflowError, msgspec.DecodeError):  # unreadable: history still fences
-            return False
-        if found is None:
-            return False
-        lease = found[0]
-        if lease.worker == self.identity or lease.expires_at <= utcnow():
+    async def _held_elsewhere(self, run_id: str, info: RunInfo) -> bool:
+        """Whether the run's holder by history (its last claim) is another worker that is
+        alive and says it holds the run."""
+        holder = info.worker
+        if holder is None or holder == self.identity:
             return False
         try:
-            reply = await self._conn.request(
-                ping_subject(lease.worker), task.run_id.encode(), timeout=1.0
-            )
+            reply = await self._conn.request(ping_subject(holder), run_id.encode(), timeout=1.0)
         except NatflowError:  # gone, or not answering: the run may move
             return False
         if reply.data != _HELD:
             return False
         log.info(
             "run %s: redelivered here while worker %s holds it; leaving it there",
-            task.run_id,
-            lease.worker,
-            extra=fields(task.run_id, worker=lease.worker),
+            run_id,
+            holder,
+            extra=fields(run_id, worker=holder),
         )
         REDELIVERIES_DECLINED.inc()
         return True
