@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import time
-import traceback
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,21 +33,18 @@ from natflow_engine import (
     TASK_STREAM,
     TRANSIENT,
     CorruptHistory,
-    ErrorInfo,
     History,
     HistoryStore,
     InvalidInput,
     Lease,
     Leases,
     NatflowError,
-    RunInfo,
     Task,
     TaskPuller,
     Timer,
     WorkerInfo,
     announce,
     check_queue,
-    dead_letter_item,
     decode_task,
     enqueue,
     ensure_consumer,
@@ -58,7 +54,6 @@ from natflow_engine import (
     last_signal_seq,
     ping_subject,
     prepare_worker,
-    quarantined,
     queue_consumer,
     safe_identity,
     schedule,
@@ -66,13 +61,12 @@ from natflow_engine import (
     wake_subject,
     withdraw,
 )
-from natflow_engine.events import TERMINAL_EVENTS, RunStarted, decode_event, utcnow
+from natflow_engine.events import RunStarted, utcnow
 from nats.aio.msg import Msg
-from prometheus_client import Counter
 
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
-from ._guard import CORRUPT, PARKED, RunGuard, held_block
+from ._guard import FREE, HELD, RunGuard, check_inline_start
 from ._pulse import HeldRun, Pulse
 from ._steps import StepRuntime
 from ._watchdog import LoopWatchdog
@@ -87,12 +81,6 @@ _BACKOFF_FIRST = 0.5  # a failed task comes back after 0.5, 1, 2, 4 ... s
 _BACKOFF_MAX = 60.0
 _PARK_AFTER = 8  # deliveries that failed in a row before the run is held as parked
 MIN_LEASE_TTL = 1.0
-_HELD = b"held"
-_FREE = b"free"
-REDELIVERIES_DECLINED = Counter(
-    "natflow_worker_redeliveries_declined",
-    "Task redeliveries this worker left with the live worker that holds the run.",
-)
 
 
 def _same_task(a: Msg, b: Msg) -> bool:
@@ -187,7 +175,6 @@ class Worker:
         self._outer: anyio.abc.TaskGroup | None = None
         self._guard = RunGuard(self._conn, self._store, self.identity)
         self._pulse: Pulse | None = None
-        self._failures: dict[tuple[str, str], None] = {}
 
     @staticmethod
     def _index(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
@@ -454,7 +441,7 @@ class Worker:
             await self._hold_corrupt(held, bad)
             return
         if task.start_seq > 0:
-            self._check_inline_start(task, history)
+            check_inline_start(task, history)
         info = fold_run(run_id, history.events)
         if info is None:
             if task.start_seq > 0 and (msg.metadata.num_delivered or 1) < _UNSEEN_START_TRIES:
@@ -474,7 +461,8 @@ class Worker:
             return
         if await self._held_in_quarantine(held, history):
             return
-        if (msg.metadata.num_delivered or 1) > 1 and await self._held_elsewhere(run_id, info):
+        delivered = msg.metadata.num_delivered or 1
+        if delivered > 1 and await self._guard.held_elsewhere(run_id, info.worker):
             # A redelivery (a consumer leader change, an ack deadline missed in an election)
             # is no permission to take a run from a live holder: leave it, look again later.
             await self._quietly(msg.nak(delay=self.lease_ttl))
@@ -564,111 +552,33 @@ class Worker:
         except NatflowError as exc:  # the engine's dispatcher writes them too, a little later
             log.debug("run %s: timers not indexed here (%s)", held.run_id, exc)
 
-    # -- quarantine ------------------------------------------------------------------------
+    # -- quarantine (see _guard) -----------------------------------------------------------
 
     async def _quarantine_task(self, msg: Msg, reason: str) -> None:
-        seq = msg.metadata.sequence.stream
-        if quarantined("task", f"task #{seq} on {msg.subject}", reason, logger=log):
-            run_id = msg.subject.rsplit(".", 1)[-1]
-            await self._quietly(
-                dead_letter_item(
-                    self._conn, "task", msg.subject, reason, seq, msg.data, run_id=run_id
-                )
-            )
+        await self._guard.set_task_aside(msg, reason)
         await self._quietly(msg.term())
-
-    @staticmethod
-    def _check_inline_start(task: Task, history: History) -> None:
-        """Count and log a task whose inline start disagrees with history (it is ignored)."""
-        try:
-            inline: Any = decode_event(task.start)
-        except Exception:  # undecodable: as forged as a wrong one
-            inline = None
-        first = history.events[0] if history.events else None
-        if first is not None and inline != first:
-            quarantined(
-                "task_forged",
-                f"task for run {task.run_id}",
-                "its inline run_started disagrees with the run's history; history was used",
-                logger=log,
-            )
 
     async def _held_in_quarantine(self, held: _Held, history: History) -> bool:
         """Whether the run is (now) held as poisoned or parked: then its task is done."""
-        run_id, count = held.run_id, len(history.events)
-        block = held_block(history.events[-1])
-        if block is not None:
-            await self._guard.end_if_asked(
-                run_id, block.error.message, last_seq=history.last_seq, count=count
-            )
-            await self._quietly(held.msg.ack())
-            return True
-        poison = await self._guard.poisoned(run_id, history.events)
-        if poison is None:
+        if not await self._guard.holds(held.run_id, history):
             return False
-        await self._guard.hold(
-            run_id, poison, last_seq=history.last_seq, count=count, path="run_poisoned"
-        )
         await self._quietly(held.msg.ack())
         return True
 
     async def _hold_corrupt(self, held: _Held, bad: CorruptHistory) -> None:
-        run_id = held.run_id
-        if not isinstance(bad.last, TERMINAL_EVENTS) and not await self._guard.end_if_asked(
-            run_id, str(bad), last_seq=bad.last_seq, count=bad.count
-        ):
-            if held_block(bad.last) is None:
-                error = ErrorInfo(type=CORRUPT, message=str(bad))
-                await self._guard.hold(
-                    run_id, error, last_seq=bad.last_seq, count=bad.count, path="history_event"
-                )
-            else:
-                quarantined("history_event", f"run {run_id}", str(bad), logger=log)
+        await self._guard.hold_corrupt(held.run_id, bad)
         await self._quietly(held.msg.ack())
 
     async def _back_off(self, held: _Held, exc: Exception, *, park: bool) -> None:
         """A task that failed: NAK it with a growing delay, never at once (no hot loop);
         after :data:`_PARK_AFTER` deliveries that failed alike, hold the run as parked."""
         delivered = held.msg.metadata.num_delivered or 1
-        where = f"run {held.run_id}"
-        if park:
-            if delivered == 1 or self._first_failure(held.run_id, exc):
-                log.error("%s: task failed, retrying later: %s", where, exc, exc_info=exc)
-            else:
-                log.debug("%s: task failed again (delivery %d): %s", where, delivered, exc)
-        if park and delivered >= _PARK_AFTER:
-            try:
-                history = await self._store.read(held.run_id)
-                error = ErrorInfo(
-                    type=PARKED,
-                    message=f"its task failed {delivered} times in a row; the last error: "
-                    f"{type(exc).__name__}: {exc}",
-                    traceback="".join(traceback.format_exception(exc)),
-                )
-                await self._guard.hold(
-                    held.run_id,
-                    error,
-                    last_seq=history.last_seq,
-                    count=len(history.events),
-                    path="run_parked",
-                )
-                await self._quietly(held.msg.ack())
-                await self._release(held)
-                return
-            except NatflowError as failed:
-                log.warning("%s: could not park the run (%s)", where, failed)
-        delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (delivered - 1))
-        await self._quietly(held.msg.nak(delay=delay))
+        if park and await self._guard.failed(held.run_id, exc, delivered, _PARK_AFTER):
+            await self._quietly(held.msg.ack())
+        else:
+            delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (delivered - 1))
+            await self._quietly(held.msg.nak(delay=delay))
         await self._release(held)
-
-    def _first_failure(self, run_id: str, exc: Exception) -> bool:
-        key = (run_id, type(exc).__name__)
-        if key in self._failures:
-            return False
-        self._failures[key] = None
-        if len(self._failures) > 10_000:
-            self._failures.pop(next(iter(self._failures)))
-        return True
 
     async def _hand_back(self, held: _Held) -> None:
         await self._quietly(held.msg.nak())
@@ -735,30 +645,9 @@ class Worker:
             return
         if msg.data:
             held = msg.data.decode(errors="replace") in self._held
-            await self._quietly(msg.respond(_HELD if held else _FREE))
+            await self._quietly(msg.respond(HELD if held else FREE))
             return
         await self._quietly(msg.respond(self.identity.encode()))
-
-    async def _held_elsewhere(self, run_id: str, info: RunInfo) -> bool:
-        """Whether the run's holder by history (its last claim) is another worker that is
-        alive and says it holds the run."""
-        holder = info.worker
-        if holder is None or holder == self.identity:
-            return False
-        try:
-            reply = await self._conn.request(ping_subject(holder), run_id.encode(), timeout=1.0)
-        except NatflowError:  # gone, or not answering: the run may move
-            return False
-        if reply.data != _HELD:
-            return False
-        log.info(
-            "run %s: redelivered here while worker %s holds it; leaving it there",
-            run_id,
-            holder,
-            extra=fields(run_id, worker=holder),
-        )
-        REDELIVERIES_DECLINED.inc()
-        return True
 
     async def _announce(self) -> None:
         info = WorkerInfo(
