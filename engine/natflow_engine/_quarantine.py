@@ -49,6 +49,8 @@ PATHS: Final = (
     "run_parked",
     "user_base_exception",
 )
+for _path in PATHS:  # every path has a series from the start (0 until something comes)
+    QUARANTINED.labels(_path)
 _SEEN_LIMIT: Final = 10_000
 _seen: OrderedDict[tuple[str, str], None] = OrderedDict()
 

@@ -259,6 +259,9 @@ class SignalIntake:
                     self._taking = True
                     try:
                         await self._take(batch)
+                    except Exception as exc:  # a bug must not stop the intake: retry later
+                        log.error("signal intake: batch failed (%s); retrying", exc, exc_info=exc)
+                        await self._nak(batch)
                     finally:
                         self._taking = False
                     puller.wake()
@@ -314,11 +317,11 @@ class SignalIntake:
                 puller.wake()
 
     async def _nak(self, msgs: list[Msg]) -> None:
-        self._held -= len(msgs)
+        self._held = max(0, self._held - len(msgs))
         await asyncio.gather(*(_quietly(m.nak(delay=1.0)) for m in msgs))
 
     async def _ack(self, msgs: list[Msg]) -> None:
-        self._held -= len(msgs)
+        self._held = max(0, self._held - len(msgs))
         await asyncio.gather(*(_quietly(m.ack()) for m in msgs))
 
     async def _wake(self, run_id: str, signals: list[tuple[Msg, Signal]]) -> None:
