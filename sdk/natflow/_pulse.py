@@ -135,7 +135,10 @@ class Pulse:
                     await asyncio.wait_for(self._stop.wait(), self.interval)
                 if self._stop.is_set():
                     break
-                await asyncio.gather(*(self._beat(nc, leases, h) for h in self._held()))
+                try:
+                    await asyncio.gather(*(self._beat(nc, leases, h) for h in self._held()))
+                except Exception as exc:  # a bug must not stop the heartbeat of every run
+                    log.error("heartbeat failed: %s", exc, exc_info=exc)
         finally:
             await nc.close()
 
