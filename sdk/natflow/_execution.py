@@ -158,6 +158,8 @@ class RunExecution(WorkflowState):
                 return Outcome.BLOCKED
             if not await self._has_work():
                 return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
+            if self._draining:  # a worker on its way out claims nothing (nor looks dead
+                return Outcome.HANDED_BACK  # to the poison check for a claim it gave up)
             if not await self._claim():
                 return Outcome.STALE if self._optimistic else Outcome.LOST
             send, receive = anyio.create_memory_object_stream[Item](math.inf)

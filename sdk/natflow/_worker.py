@@ -104,6 +104,7 @@ class _Held:
     revision: int = 0
     renewed_at: float = field(default_factory=time.monotonic)
     lost: bool = False
+    released: bool = False  # its task was handed back: another worker may take the run
     finished: anyio.Event = field(default_factory=anyio.Event)
 
     @property
@@ -264,7 +265,7 @@ class Worker:
             self.identity,
             interval=max(0.2, self.lease_ttl / 3),
             held=lambda: list(self._held.values()),
-            holds=lambda run_id: run_id in self._held,
+            holds=self._holds,
             lost=lambda held, why: loop.call_soon_threadsafe(self._step_back, held, why),
         )
         if await anyio.to_thread.run_sync(pulse.start):
@@ -577,10 +578,17 @@ class Worker:
             await self._quietly(held.msg.ack())
         else:
             delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (delivered - 1))
+            held.released = True
             await self._quietly(held.msg.nak(delay=delay))
         await self._release(held)
 
+    def _holds(self, run_id: str) -> bool:
+        """Whether this worker holds the run (and has not handed its task back)."""
+        held = self._held.get(run_id)
+        return held is not None and not held.released
+
     async def _hand_back(self, held: _Held) -> None:
+        held.released = True  # before the NAK: the next taker's ping must hear "free"
         await self._quietly(held.msg.nak())
         await self._release(held)
         log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
@@ -644,7 +652,7 @@ class Worker:
         if not msg.reply:
             return
         if msg.data:
-            held = msg.data.decode(errors="replace") in self._held
+            held = self._holds(msg.data.decode(errors="replace"))
             await self._quietly(msg.respond(HELD if held else FREE))
             return
         await self._quietly(msg.respond(self.identity.encode()))
