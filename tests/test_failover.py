@@ -11,6 +11,7 @@ import anyio
 import pytest
 from natflow import Client
 from natflow_engine._leases import Leases
+from natflow_engine._registry import ping_subject
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunClaimed, StepCompleted
 
@@ -19,6 +20,7 @@ from tests.test_poison import counts as poison_counts
 from tests.test_poison import spawn, workers_up
 from tests.test_topologies import cluster  # noqa: F401 - the 3-node cluster fixture
 from tests.workflows_chaos import COUNTS_ENV as CHAOS_COUNTS_ENV
+from tests.workflows_poison import COUNTS_ENV as POISON_COUNTS_ENV
 from tests.workflows_proc import COUNTS_ENV, GATE_ENV
 
 TARGET = "tests.workflows_proc:make_worker"
@@ -165,3 +167,21 @@ async def test_killing_stream_and_consumer_leaders_under_load_loses_and_repeats_
         for proc in procs:
             stop(proc, signal.SIGKILL)
         await client.close()
+
+
+async def test_without_a_second_connection_heartbeats_and_pings_run_on_the_loop(
+    client: Client, engine: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from natflow._pulse import Pulse
+
+    from tests.helpers import running_worker
+    from tests.workflows_poison import doubler
+
+    monkeypatch.setattr(Pulse, "start", lambda self, timeout=10.0: False)
+    monkeypatch.setenv(POISON_COUNTS_ENV, "/dev/null")
+    async with running_worker(client, [doubler], lease_ttl=1.0) as worker:
+        assert not worker._pulse_thread
+        handle = await client.start("doubler", 4, run_id="inloop-1")
+        assert await handle.result(timeout=20) == 8
+        reply = await client.connection.request(ping_subject(worker.identity), b"inloop-1")
+        assert reply.data == b"free"

@@ -52,7 +52,8 @@ def connect_options(conn: Connection) -> dict[str, Any]:
     """Options that open a second connection like ``conn`` (servers and credentials)."""
     nc: Any = conn.nc
     options: dict[str, Any] = {k: nc.options.get(k) for k in _OPTIONS if nc.options.get(k)}
-    options["servers"] = [srv.uri.geturl() for srv in nc._server_pool] or [conn.url]
+    pool = getattr(nc, "_server_pool", None) or []
+    options["servers"] = [srv.uri.geturl() for srv in pool] or [conn.url]
     for attribute, option in (
         ("_user_credentials", "user_credentials"),
         ("_nkeys_seed", "nkeys_seed"),
@@ -127,7 +128,7 @@ class Pulse:
         )
         conn = wrap(nc, self._domain)
         leases = Leases(conn)
-        await nc.subscribe(ping_subject(self._identity), cb=self._on_ping)
+        await nc.subscribe(ping_subject(self._identity), cb=self.on_ping)
         self._started.set()
         try:
             while not self._stop.is_set():
@@ -135,12 +136,17 @@ class Pulse:
                     await asyncio.wait_for(self._stop.wait(), self.interval)
                 if self._stop.is_set():
                     break
-                try:
-                    await asyncio.gather(*(self._beat(nc, leases, h) for h in self._held()))
-                except Exception as exc:  # a bug must not stop the heartbeat of every run
-                    log.error("heartbeat failed: %s", exc, exc_info=exc)
+                await self.beat_all(nc, leases)
         finally:
             await nc.close()
+
+    async def beat_all(self, nc: Any, leases: Leases) -> None:
+        """One heartbeat for every held run, on ``nc`` (this thread's connection, or the
+        worker's own when the thread could not connect)."""
+        try:
+            await asyncio.gather(*(self._beat(nc, leases, h) for h in self._held()))
+        except Exception as exc:  # a bug must not stop the heartbeat of every run
+            log.error("heartbeat failed: %s", exc, exc_info=exc)
 
     async def _beat(self, nc: Any, leases: Leases, held: HeldRun) -> None:
         try:  # on this thread's connection: the task's own one is on the worker's loop
@@ -168,7 +174,7 @@ class Pulse:
         held.lease, held.revision = renewed
         held.renewed_at = time.monotonic()
 
-    async def _on_ping(self, msg: Msg) -> None:
+    async def on_ping(self, msg: Msg) -> None:
         """Answer a ping: with the identity, or (asked about a run) whether it is held here."""
         if not msg.reply:
             return

@@ -66,7 +66,7 @@ from nats.aio.msg import Msg
 
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
-from ._guard import FREE, HELD, RunGuard, check_inline_start
+from ._guard import RunGuard, check_inline_start
 from ._pulse import HeldRun, Pulse
 from ._steps import StepRuntime
 from ._watchdog import LoopWatchdog
@@ -176,6 +176,7 @@ class Worker:
         self._outer: anyio.abc.TaskGroup | None = None
         self._guard = RunGuard(self._conn, self._store, self.identity)
         self._pulse: Pulse | None = None
+        self._pulse_thread = False
 
     @staticmethod
     def _index(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
@@ -224,7 +225,7 @@ class Worker:
         if self._metrics_port:
             serve_metrics(self._metrics_port)
         pullers = [await self._subscribe(queue) for queue in self.queues]
-        ping = None if await self._start_pulse() else await self._ping_here()
+        ping = await self._start_pulse()
         watchdog = LoopWatchdog(asyncio.get_running_loop())
         watchdog.start()
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
@@ -257,10 +258,11 @@ class Worker:
                 await self._close(pullers, ping)
                 await self._quietly(nudges.unsubscribe())
 
-    async def _start_pulse(self) -> bool:
-        """Heartbeats on their own thread and connection; False if that cannot connect."""
+    async def _start_pulse(self) -> Any:
+        """Heartbeats on their own thread and connection. If that cannot connect, they run
+        on this loop and connection (returns the ping subscription made for them then)."""
         loop = asyncio.get_running_loop()
-        pulse = Pulse(
+        self._pulse = Pulse(
             self._conn,
             self.identity,
             interval=max(0.2, self.lease_ttl / 3),
@@ -268,19 +270,16 @@ class Worker:
             holds=self._holds,
             lost=lambda held, why: loop.call_soon_threadsafe(self._step_back, held, why),
         )
-        if await anyio.to_thread.run_sync(pulse.start):
-            self._pulse = pulse
-            return True
+        if await anyio.to_thread.run_sync(self._pulse.start):
+            self._pulse_thread = True
+            return None
         log.warning(
             "worker %s: heartbeats run on the worker's own loop (no second connection: %s); "
             "a blocking step can cost it its runs",
             self.identity,
-            pulse.error,
+            self._pulse.error,
         )
-        return False
-
-    async def _ping_here(self) -> Any:
-        return await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
+        return await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._pulse.on_ping)
 
     def _step_back(self, held: HeldRun, why: str) -> None:
         """On the worker's loop: the heartbeat found the run's lease lost."""
@@ -313,7 +312,7 @@ class Worker:
             await self._quietly(puller.stop())
         if ping is not None:
             await self._quietly(ping.unsubscribe())
-        if self._pulse is not None:
+        if self._pulse is not None and self._pulse_thread:
             await anyio.to_thread.run_sync(self._pulse.stop)
         try:
             await withdraw(self._conn, self.identity)
@@ -611,51 +610,14 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await anyio.sleep(max(0.2, self.lease_ttl / 3))
-            if self._pulse is None:  # no heartbeat thread: renew here
-                async with anyio.create_task_group() as tg:
-                    for held in list(self._held.values()):
-                        tg.start_soon(self._renew, held)
+            if self._pulse is not None and not self._pulse_thread:  # no thread: beat here
+                await self._pulse.beat_all(self._conn.nc, self._leases)
             await self._announce()
-
-    async def _renew(self, held: _Held) -> None:
-        await self._quietly(held.msg.in_progress())
-        if held.lease is None:
-            return
-        try:
-            renewed = await self._leases.renew(held.lease, held.revision)
-        except (NatflowError, nats.errors.Error) as exc:
-            if time.monotonic() - held.renewed_at > self.lease_ttl:
-                log.warning(
-                    "run %s: lease not renewed for %.0f s (%s); stepping back",
-                    held.run_id,
-                    self.lease_ttl,
-                    exc,
-                )
-                held.lost = True
-                held.scope.cancel()
-            return
-        if renewed is None:
-            FENCED.labels(held.execution_fields.get("workflow", ""), "lease").inc()
-            held.lost = True
-            held.scope.cancel()
-            return
-        held.lease, held.revision = renewed
-        held.renewed_at = time.monotonic()
 
     async def _on_wake(self, msg: Msg) -> None:
         held = self._held.get(msg.data.decode(errors="replace"))
         if held is not None and held.execution is not None:
             held.execution.signals_arrived()
-
-    async def _on_ping(self, msg: Msg) -> None:
-        """Answer a ping: with the identity, or (asked about a run) whether it is held here."""
-        if not msg.reply:
-            return
-        if msg.data:
-            held = self._holds(msg.data.decode(errors="replace"))
-            await self._quietly(msg.respond(HELD if held else FREE))
-            return
-        await self._quietly(msg.respond(self.identity.encode()))
 
     async def _announce(self) -> None:
         info = WorkerInfo(
