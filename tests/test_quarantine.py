@@ -242,3 +242,32 @@ async def test_a_flood_of_bad_signals_does_not_hold_up_a_good_one(
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)
+
+
+async def test_malformed_and_misaddressed_tasks_are_dead_lettered(
+    client: Client, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    await ensure_streams(client.connection)
+    conn = client.connection
+    await conn.publish(task_subject("default", "junk-1"), b"\x00 not a task")
+    wildcard = Task(run_id="*", workflow="doubler")
+    await conn.publish(task_subject("default", "junk-2"), msgspec.json.encode(wildcard))
+    procs = spawn(nats_server, tmp_path, 1)
+    try:
+        good = await client.start("doubler", 2, run_id="after-junk")
+        assert await good.result(timeout=30) == 4
+
+        async def letters() -> list[str]:
+            found = sorted(d.subject for d in await dead_letters(conn) if d.kind == "task")
+            return found if len(found) == 2 else []
+
+        assert await wait_for(letters, timeout=10, what="two task dead letters") == [
+            "natflow.task.default.junk-1",
+            "natflow.task.default.junk-2",
+        ]
+        assert procs[0].poll() is None
+        tasks = await conn.jsm.stream_info("NATFLOW_TASKS")
+        assert tasks.state.messages == 0  # terminated, not redelivered forever
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)

@@ -89,6 +89,7 @@ log = logging.getLogger("natflow.worker")
 
 # A timer due sooner than this is waited for while holding the run; a later one lets it go.
 HOLD_TIMERS_UNDER = 1.0
+_MAX_REASON = 4096  # characters of a cancel reason recorded (a huge one must still cancel)
 
 
 class Outcome(enum.Enum):
@@ -384,7 +385,7 @@ class RunExecution(WorkflowState):
                         id=self._next_id(),
                         at=utcnow(),
                         signal_seq=seq,
-                        reason=self._reason(signal.payload),
+                        reason=(self._reason(signal.payload) or "")[:_MAX_REASON] or None,
                         terminate=signal.name == TERMINATE,
                     )
                 )

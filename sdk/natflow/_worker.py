@@ -386,6 +386,10 @@ class Worker:
             except Exception as exc:
                 await self._quarantine_task(msg, f"the task does not decode: {exc}")
                 return
+            if msg.subject.rsplit(".", 1)[-1] != task.run_id:
+                reason = f"the task names run {task.run_id[:200]!r}, its subject another"
+                await self._quarantine_task(msg, reason)
+                return
             previous = self._held.get(task.run_id)
             if previous is not None and _same_task(previous.msg, msg):
                 # Redelivered to this worker while it still holds the run (it missed its
