@@ -9,7 +9,16 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 from . import events
 from ._cli import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
-from ._connection import TRANSIENT, Connection, connect, default_url, redact_url, wrap
+from ._connection import (
+    TRANSIENT,
+    Connection,
+    NoResponders,
+    PayloadTooLarge,
+    connect,
+    default_url,
+    redact_url,
+    wrap,
+)
 from ._durations import to_seconds
 from ._engine import DISPATCHER
 from ._errors import (
@@ -27,7 +36,7 @@ from ._errors import (
     StepError,
     StepTimeout,
 )
-from ._history import AppendConflict, History, HistoryStore
+from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
 from ._leases import Lease, Leases
 from ._logs import fields
@@ -47,6 +56,7 @@ from ._metrics import (
     step_attempt,
 )
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
+from ._quarantine import QUARANTINED, quarantined
 from ._registry import (
     WorkerInfo,
     announce,
@@ -75,6 +85,8 @@ from ._signals import (
     CONTROL,
     TERMINATE,
     BadSignal,
+    DeadLetter,
+    dead_letter_item,
     last_signal_seq,
     parse,
     pending_signals,
@@ -123,6 +135,7 @@ __all__ = [
     "HISTORY_STREAM",
     "NO_RETRY",
     "OVERLAP_POLICIES",
+    "QUARANTINED",
     "RUNS_HELD",
     "RUNS_STREAM",
     "SIGNALS_DELIVERED",
@@ -140,6 +153,8 @@ __all__ = [
     "BadSignal",
     "Connection",
     "ConnectionRefused",
+    "CorruptHistory",
+    "DeadLetter",
     "EmbeddedServer",
     "ErrorInfo",
     "EventRecord",
@@ -150,8 +165,10 @@ __all__ = [
     "Leases",
     "MissingKey",
     "NatflowError",
+    "NoResponders",
     "NonDeterminismError",
     "PayloadCodec",
+    "PayloadTooLarge",
     "PermissionDenied",
     "RetryPolicy",
     "RunCancelled",
@@ -186,6 +203,7 @@ __all__ = [
     "connect",
     "connect_options",
     "connected_user",
+    "dead_letter_item",
     "declarations",
     "declare",
     "decode_task",
@@ -210,6 +228,7 @@ __all__ = [
     "pending_signals",
     "ping_subject",
     "prepare_worker",
+    "quarantined",
     "queue_consumer",
     "recent_events",
     "redact_url",

@@ -216,6 +216,21 @@ class Connection:
                 f"a reference"
             )
 
+    def check_wire_size(
+        self, subject: str, payload: bytes, headers: Mapping[str, str] | None
+    ) -> None:
+        """Refuse a message the server would refuse: it counts headers and body together
+        against its max payload, and closes the connection of a client that exceeds it
+        (nats-py checks the body alone). :class:`PayloadTooLarge` leaves the connection up."""
+        size = len(payload) + wire_header_size(headers)
+        if size > self.max_payload:
+            raise PayloadTooLarge(
+                f"a message to {subject!r} would be {size} bytes with its headers, over the "
+                f"server's max payload of {self.max_payload} bytes; store large data elsewhere "
+                f"and pass a reference",
+                size,
+            )
+
     async def request(
         self,
         subject: str,
@@ -225,6 +240,7 @@ class Connection:
         timeout: float = 5.0,
     ) -> Msg:
         """A request with nats-py's errors turned into natflow's."""
+        self.check_wire_size(subject, payload, headers)
         try:
             return await self.guarded(
                 subject,
@@ -299,6 +315,22 @@ class Connection:
             except Exception:  # closing anyway; a failed drain only loses buffered acks
                 log.debug("drain failed, closing", exc_info=True)
                 await self.nc.close()
+
+
+def wire_header_size(headers: Mapping[str, str] | None) -> int:
+    """Bytes the headers take on the wire (``NATS/1.0`` line, ``key: value`` lines)."""
+    if not headers:
+        return 0
+    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    return len(b"NATS/1.0\r\n") + lines + 2
+
+
+class PayloadTooLarge(InvalidInput):
+    """A message is larger than the server takes; nothing was sent."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 class NoResponders(NatflowError):

@@ -34,6 +34,7 @@ from ._index import RunIndex
 from ._jsz import JetStreamUsage
 from ._metrics import EngineMetrics, observe_run
 from ._puller import Puller, engine_consumer
+from ._quarantine import quarantined
 from ._reaper import Reaper
 from ._scheduler import Scheduler
 from ._signals import SignalIntake
@@ -151,8 +152,10 @@ class Engine:
         try:
             event = decode_event(msg.data)
         except Exception as exc:
-            # Nothing natflow writes fails to decode; a foreign message is reported, not fatal.
-            log.error("undecodable history message on %s: %s", msg.subject, exc)
+            # Nothing natflow writes fails to decode; a foreign message is reported, not fatal
+            # (the worker holds its run as blocked when it next reads the history).
+            seq = msg.metadata.sequence.stream
+            quarantined("dispatcher_event", f"{msg.subject} #{seq}", str(exc), logger=log)
             await msg.ack()
             return
         try:

@@ -70,6 +70,13 @@ class BatchReader:
                 return total
             start = page.last_seq + 1
 
+    async def read_last(self, stream: str, subjects: list[str]) -> Page:
+        """The last message of each subject that has one (headers included: each names its
+        subject in ``Nats-Subject``), in one request."""
+        if not subjects:
+            return Page()
+        return await self._request(stream, {"multi_last": subjects, "batch": len(subjects)})
+
     async def read(
         self,
         stream: str,
@@ -80,16 +87,19 @@ class BatchReader:
         headers: bool = False,
     ) -> Page:
         """One batch of up to ``batch`` messages from ``start`` on."""
-        prefix = await self._inbox()
-        self._counter += 1
-        token = str(self._counter)
-        read = _Read()
-        self._reads[token] = read
         request: dict[str, object] = {"seq": max(1, start), "batch": batch}
         if subject is not None:
             request["next_by_subj"] = subject
         if not headers:
             request["no_hdr"] = True
+        return await self._request(stream, request)
+
+    async def _request(self, stream: str, request: dict[str, object]) -> Page:
+        prefix = await self._inbox()
+        self._counter += 1
+        token = str(self._counter)
+        read = _Read()
+        self._reads[token] = read
         subject = f"{self._conn.api}.DIRECT.GET.{stream}"
         try:
             await self._conn.guarded(

@@ -9,6 +9,7 @@ worker from a slow one within a fraction of a second.
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime
 from typing import Any, Final
@@ -18,6 +19,8 @@ import nats.errors
 
 from ._connection import Connection
 from ._kv import kv_delete, kv_put, kv_stream
+
+log = logging.getLogger("natflow.registry")
 
 WORKERS_BUCKET = "natflow_workers"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -116,7 +119,10 @@ async def list_workers(conn: Connection) -> list[WorkerInfo]:
                 break
             if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
                 continue
-            found.append(decode_worker(msg.data))
+            try:
+                found.append(decode_worker(msg.data))
+            except msgspec.DecodeError:  # a bad entry (the engine dead-letters it): skip it
+                log.warning("skipping a worker entry that does not decode: %s", msg.subject)
     finally:
         await sub.unsubscribe()
     return sorted(found, key=lambda w: w.identity)

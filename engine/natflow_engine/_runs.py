@@ -9,8 +9,8 @@ from datetime import datetime
 import msgspec
 
 from ._connection import Connection
-from ._errors import NatflowError, RunNotFound
-from ._history import AppendConflict, HistoryStore
+from ._errors import ErrorInfo, NatflowError, RunNotFound
+from ._history import AppendConflict, History, HistoryStore
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._sealing import open_events, seal
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
@@ -100,18 +100,36 @@ class Runs:
         return run_id, True
 
     async def events(self, run_id: str) -> list[Event]:
-        check_run_id(run_id)
-        await ensure_streams(self.conn)
-        history = await self.history.read(run_id)
-        if not history.events:
-            raise RunNotFound(run_id)
+        """The run's events; one that does not decode is left out (and logged)."""
+        return self._opened(run_id, await self._read(run_id))
+
+    def _opened(self, run_id: str, history: History) -> list[Event]:
         # Opened where this connection holds the key; what it cannot open stays sealed.
         return open_events(self.conn.codec, history.events, run_id, strict=False)
 
+    async def _read(self, run_id: str) -> History:
+        check_run_id(run_id)
+        await ensure_streams(self.conn)
+        history = await self.history.read(run_id, lenient=True)
+        if not history.events and not history.corrupt:
+            raise RunNotFound(run_id)
+        for seq, reason in history.corrupt:
+            log.warning("run %s: history event #%d does not decode (%s)", run_id, seq, reason)
+        return history
+
     async def describe(self, run_id: str) -> RunInfo:
-        info = fold_run(run_id, await self.events(run_id), now=utcnow())
+        history = await self._read(run_id)
+        info = fold_run(run_id, self._opened(run_id, history), now=utcnow())
         if info is None:
             raise RunNotFound(run_id)
+        if history.corrupt and not info.is_closed:
+            seq, reason = history.corrupt[0]
+            info.status = "blocked"
+            info.error = ErrorInfo(
+                type="CorruptHistory",
+                message=f"history event at stream sequence {seq} does not decode: {reason}",
+            )
+            info.current = f"blocked: {info.error.message}"
         return info
 
     async def steps(self, run_id: str) -> list[StepInfo]:

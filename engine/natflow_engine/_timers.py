@@ -31,7 +31,10 @@ from ._index import RunIndex
 from ._kv import kv_delete_nowait, kv_put, kv_watch
 from ._logs import fields
 from ._metrics import TIMER_LATENESS, TIMERS_FIRED
+from ._names import _TOKEN
+from ._quarantine import quarantined
 from ._reader import reader
+from ._signals import dead_letter_item
 from ._wake import run_start, wake
 from .events import utcnow
 
@@ -105,11 +108,16 @@ class TimerService:
                 await self._next(tg)
 
     async def _watch(self) -> None:
-        async for key, value, _ in kv_watch(self._conn, TIMERS_BUCKET):
+        async for key, value, revision in kv_watch(self._conn, TIMERS_BUCKET):
             if value is None:
                 self.timers.pop(key, None)
                 continue
-            timer = _decoder.decode(value)
+            try:
+                timer = _decoder.decode(value)
+            except msgspec.DecodeError as exc:
+                self.timers.pop(key, None)
+                await self._quarantine(key, value, revision, str(exc))
+                continue
             known = self.timers.get(key)
             self.timers[key] = timer
             if known is not None and known.due_at == timer.due_at:
@@ -117,6 +125,25 @@ class TimerService:
             due = timer.due_at.timestamp()
             heapq.heappush(self._heap, (due - WAKE_AHEAD, key, due))
             self._changed.set()
+
+    async def _quarantine(self, key: str, value: bytes, revision: int, reason: str) -> None:
+        """Set a bad entry aside: dead-letter it, delete it, and wake its run (if the key
+        names one) so that the run's worker writes its real timers again."""
+        reason = f"the timer entry does not decode: {reason}"
+        if not quarantined("kv_timers", f"{TIMERS_BUCKET}/{key}", reason, logger=log):
+            return
+        run_id, _, _ = key.rpartition(".")
+        try:
+            subject = f"$KV.{TIMERS_BUCKET}.{key}"
+            await dead_letter_item(
+                self._conn, "kv", subject, reason, revision, value, run_id=run_id
+            )
+            await kv_delete_nowait(self._conn, TIMERS_BUCKET, key, revision=revision)
+            start = await run_start(self._conn, run_id) if _TOKEN.fullmatch(run_id) else None
+            if start is not None:
+                await wake(self._conn, start, run_id, "timer entry replaced")
+        except NatflowError as exc:
+            log.warning("timer entry %s: could not set it aside (%s)", key, exc)
 
     async def _next(self, tg: anyio.abc.TaskGroup) -> None:
         changed = self._changed

@@ -40,6 +40,7 @@ from natflow_engine import (
     History,
     HistoryStore,
     InvalidInput,
+    PayloadTooLarge,
     encode_value,
     error_info,
     fields,
@@ -47,6 +48,7 @@ from natflow_engine import (
     open_sealed,
     parse,
     pending_signals,
+    quarantined,
     run_created_at,
     sequence,
     stored_at,
@@ -74,6 +76,7 @@ from ._commands import (
     Finished,
     Item,
     SignalsArrived,
+    StepCommand,
     StillRunning,
     TimerDue,
     WaitCommand,
@@ -81,6 +84,7 @@ from ._commands import (
 from ._replay import Evicted, WorkflowState, cancel_reason
 from ._steps import StepRuntime, run_step
 from ._tracing import RunTrace
+from ._watchdog import running_step
 from ._workflow import Workflow
 
 __all__ = ["Evicted", "Outcome", "RunExecution", "StepRuntime"]
@@ -89,6 +93,7 @@ log = logging.getLogger("natflow.worker")
 
 # A timer due sooner than this is waited for while holding the run; a later one lets it go.
 HOLD_TIMERS_UNDER = 1.0
+_MAX_REASON = 4096  # characters of a cancel reason recorded (a huge one must still cancel)
 
 
 class Outcome(enum.Enum):
@@ -186,6 +191,8 @@ class RunExecution:
             work = await self._has_work()
             if work is None:
                 return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
+            if self._draining:  # a worker on its way out claims nothing (nor looks dead
+                return Outcome.HANDED_BACK  # to the poison check for a claim it gave up)
             if work or not self.state.has_commands:
                 claimed = await self._claim()  # signals, if known to wait, go in first
             else:  # a command would start at once: a waiting cancel must be read before it
@@ -448,7 +455,7 @@ class RunExecution:
                         id=self._next_id(),
                         at=utcnow(),
                         signal_seq=seq,
-                        reason=cancel_reason(signal.payload),
+                        reason=(cancel_reason(signal.payload) or "")[:_MAX_REASON] or None,
                         terminate=signal.name == TERMINATE,
                     )
                 )
@@ -459,17 +466,21 @@ class RunExecution:
                 continue
             if signal.signal_id and state.knows_signal(signal.signal_id):
                 continue  # a duplicate older than the stream's dedupe window
-            event = await self._append(
-                SignalReceived(
-                    id=self._next_id(),
-                    at=utcnow(),
-                    signal_seq=seq,
-                    name=signal.name,
-                    # opened here (sealed again, with the current key, by the append)
-                    payload=msgspec.Raw(self._open(signal.payload, signal.name)),
-                    signal_id=signal.signal_id,
+            try:
+                event = await self._append(
+                    SignalReceived(
+                        id=self._next_id(),
+                        at=utcnow(),
+                        signal_seq=seq,
+                        name=signal.name,
+                        # opened here (sealed again, with the current key, by the append)
+                        payload=msgspec.Raw(self._open(signal.payload, signal.name)),
+                        signal_id=signal.signal_id,
+                    )
                 )
-            )
+            except PayloadTooLarge as big:  # the stream took it; history cannot
+                await self._reject_too_large(seq, signal.name, big)
+                continue
             assert isinstance(event, SignalReceived)
             SIGNALS_DELIVERED.labels(self.workflow.name).inc()
             state.deliver(event)
@@ -510,6 +521,19 @@ class RunExecution:
         )
         self.state.retrying(retrying)
 
+    async def _reject_too_large(self, seq: int, name: str, big: PayloadTooLarge) -> None:
+        reason = (
+            f"too large to move into history ({big.size} bytes as an event, over the "
+            f"server's max payload of {self._conn.max_payload}); send a reference instead"
+        )
+        quarantined("signal_too_large", f"signal #{seq} of run {self.run_id}", reason, logger=log)
+        await self._append(
+            SignalRejected(
+                id=self._next_id(), at=utcnow(), signal_seq=seq, name=name, reason=reason
+            )
+        )
+        SIGNALS_REJECTED.labels("worker").inc()
+
     def _count_step(self, event: StepCompleted | StepFailed) -> None:
         if isinstance(event, StepCompleted):
             STEPS.labels(self.workflow.name, event.name, "completed").inc()
@@ -537,7 +561,7 @@ class RunExecution:
             "started_at": item.started_at,
         }
         if item.error is not None:
-            return StepFailed(**common, error=item.error)
+            return StepFailed(**common, error=self._bounded(item.error))
         assert item.result is not None
         return StepCompleted(**common, result=msgspec.Raw(item.result))
 
@@ -547,15 +571,26 @@ class RunExecution:
         assert self._send is not None
         for command in self.state.take_launches():
             self._inflight += 1
-            tg.start_soon(
-                run_step,
-                command,
-                self._send,
-                self._conn,
-                self._runtime,
-                self.run_id,
-                name=f"step {command.name}",
+            tg.start_soon(self._contained_step, command, name=f"step {command.name}")
+
+    async def _contained_step(self, command: StepCommand) -> None:
+        """Run a step; a ``BaseException`` from its body (``SystemExit``, ``KeyboardInterrupt``
+        or another) becomes the step's recorded failure instead of the worker's exit."""
+        assert self._send is not None
+        started_at = utcnow()
+        try:
+            with running_step(self.run_id, command.name):
+                await run_step(command, self._send, self._conn, self._runtime, self.run_id)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # user code must not end the worker
+            quarantined(
+                "user_base_exception",
+                f"run {self.run_id} step {command.name!r}",
+                f"the step raised {type(exc).__name__}; recorded as its failure",
+                logger=log,
             )
+            self._send.send_nowait(Finished(command, 1, started_at, error=error_info(exc)))
 
     async def _check_not_before_run(self, msg: Any, seq: int, name: str) -> None:
         """A signal stored before the run existed was dead-lettered ("no run has this id")
@@ -588,8 +623,21 @@ class RunExecution:
         return Outcome.COMPLETED
 
     async def _fail(self, error: ErrorInfo) -> Outcome:
-        await self._append(RunFailed(id=self._next_id(), at=utcnow(), error=error))
+        await self._append(RunFailed(id=self._next_id(), at=utcnow(), error=self._bounded(error)))
         return Outcome.FAILED
+
+    def _bounded(self, error: ErrorInfo) -> ErrorInfo:
+        """An error short enough to record: a huge message must not make the append fail."""
+        limit = self._conn.max_payload // 16  # characters; at most 4 bytes each, two fields
+        if len(error.message) <= limit and len(error.traceback) <= limit:
+            return error
+        cut = "\n[... cut: too long to record ...]\n"
+        message, trace = error.message, error.traceback
+        return ErrorInfo(
+            type=error.type,
+            message=message if len(message) <= limit else message[: limit // 2] + cut,
+            traceback=trace if len(trace) <= limit else trace[-limit // 2 :],
+        )
 
     def _dispose(self) -> None:
         self._trace.detach()
