@@ -349,10 +349,10 @@ async def connect(
         conn = holder.get("conn")
         if conn is None:  # still connecting: the caller gets the error itself
             refused.append(_refused_credentials(error))
-            log.debug("NATS: %s", error)
+            log.debug("NATS: %s", _redact_text(str(error)))
             return
         conn.note_error(error)
-        log.warning("NATS: %s", error)
+        log.warning("NATS: %s", _redact_text(str(error)))
 
     async def disconnected_cb() -> None:
         conn = holder.get("conn")
