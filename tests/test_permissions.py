@@ -109,6 +109,16 @@ async def test_bad_credentials_are_named_and_the_password_is_never_shown(
     assert not [r for r in caplog.records if "wrong-pass" in r.getMessage()]
 
 
+def test_urls_in_messages_lose_their_secrets() -> None:
+    from natflow_engine._connection import _redact_text
+
+    text = "error connecting to nats://admin:pw@127.0.0.1:4222 and tls://tok@h:1"
+    assert (
+        _redact_text(text)
+        == "error connecting to nats://admin:***@127.0.0.1:4222 and tls://***@h:1"
+    )
+
+
 def test_urls_lose_their_secrets() -> None:
     assert redact_url("nats://u:p@h:4222") == "nats://u:***@h:4222"
     assert redact_url("tls://tok3n@h:4222") == "tls://***@h:4222"

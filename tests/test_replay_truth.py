@@ -170,3 +170,83 @@ async def test_a_timer_due_while_no_worker_runs_says_it_waits_for_a_worker(
     async with running_worker(client, [napper]):
         assert await handle.result(timeout=10) == "rested"
     assert (await handle.status()).status == "completed"
+
+
+MARKS: list[tuple[str, bool]] = []
+
+
+@workflow(name="every_kind")
+async def every_kind(ctx: WorkflowContext) -> str:
+    MARKS.append(("start", ctx.is_replaying))
+    await ctx.step("a", ok, "a")
+    MARKS.append(("after a", ctx.is_replaying))
+    ctx.patched("p")
+    MARKS.append(("after patch", ctx.is_replaying))
+    await ctx.sleep("nap", 0.05)
+    MARKS.append(("after nap", ctx.is_replaying))
+    go = await ctx.wait_for_signal("go")
+    MARKS.append(("after go", ctx.is_replaying))
+    return str(go)
+
+
+# History cut after the last event of each kind: where each mark the code reaches stands.
+ENDS_AFTER = {
+    "step_completed": {"start": True, "after a": False, "after patch": False},
+    "patch_marked": {"start": True, "after a": True, "after patch": False},
+    "timer_scheduled": {"start": True, "after a": True, "after patch": True},
+    "timer_fired": {"start": True, "after a": True, "after patch": True, "after nap": False},
+    "signal_waited": {"start": True, "after a": True, "after patch": True, "after nap": True},
+    "signal_received": {
+        "start": True,
+        "after a": True,
+        "after patch": True,
+        "after nap": True,
+        "after go": False,
+    },
+}
+
+
+async def test_replay_ends_at_the_last_recorded_thing_whatever_its_kind(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, [every_kind]):
+        handle = await client.start(every_kind, run_id="kinds-1")
+
+        async def waiting() -> bool:
+            return (await handle.status()).status == "waiting"
+
+        await wait_for(waiting, what="the run waiting for 'go'")
+        await client.signal("kinds-1", "go", 1)
+        assert await handle.result(timeout=10) == "1"
+    events = await client.history("kinds-1")
+    tags = [e.__struct_config__.tag for e in events]
+    replayer = Replayer([every_kind])
+    for kind, expected in ENDS_AFTER.items():
+        cut = len(tags) - tags[::-1].index(kind)  # just after the last event of that kind
+        MARKS.clear()
+        result = replayer.replay(events[:cut], "kinds-1")
+        assert result.ok, (kind, result.divergence)
+        assert dict(MARKS) == expected, kind
+
+
+@workflow(name="cancel_kind")
+async def cancel_kind(ctx: WorkflowContext) -> str:
+    MARKS.append(("start", ctx.is_replaying))
+    try:
+        return await ctx.step("first", ok, "first")
+    finally:
+        MARKS.append(("cleanup", ctx.is_replaying))
+
+
+async def test_replay_ends_at_a_recorded_cancel(client: Client, engine: Engine) -> None:
+    handle = await client.start(cancel_kind, run_id="cancel-kind")
+    await client.cancel("cancel-kind")
+    async with running_worker(client, [cancel_kind]):
+        with pytest.raises(RunCancelled):
+            await handle.result(timeout=10)
+    events = await client.history("cancel-kind")
+    assert events[-2].__struct_config__.tag == "cancel_requested"
+    MARKS.clear()
+    result = Replayer([cancel_kind]).replay(events[:-1], "cancel-kind")
+    assert result.ok and result.cancelled == "cancelled"
+    assert MARKS == [("start", True), ("cleanup", False)]

@@ -397,7 +397,7 @@ async def connect(
             log.debug("NATS: %s", _redact_text(str(error)))
             return
         conn.note_error(error)
-        log.warning("NATS: %s", error)
+        log.warning("NATS: %s", _redact_text(str(error)))
 
     async def disconnected_cb() -> None:
         conn = holder.get("conn")

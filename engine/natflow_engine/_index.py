@@ -90,6 +90,11 @@ class RunIndex:
         log.warning("run %s: index kept changing under this engine; skipped", run_id)
         return None
 
+    async def get(self, run_id: str) -> RunInfo | None:
+        """The run's summary as the index holds it (None if the index has no entry)."""
+        current = await self._current(run_id)
+        return current[0].info if current is not None else None
+
     async def mark_due(self, run_id: str, timer: str, due_at: datetime) -> bool:
         """Say in the index that the run's timer is due and no worker has taken the run.
 

@@ -11,12 +11,13 @@ import msgspec
 from ._connection import Connection
 from ._errors import ErrorInfo, NatflowError, RunNotFound
 from ._history import AppendConflict, History, HistoryStore
+from ._index import RunIndex
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._sealing import open_events, seal
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
 from ._streams import ensure_streams
 from ._tasks import Task, enqueue
-from .events import Event, RunStarted, Trigger, encode_event, utcnow
+from .events import Event, RunClaimed, RunStarted, Trigger, encode_event, utcnow
 
 log = logging.getLogger("natflow.runs")
 
@@ -119,7 +120,8 @@ class Runs:
 
     async def describe(self, run_id: str) -> RunInfo:
         history = await self._read(run_id)
-        info = fold_run(run_id, self._opened(run_id, history), now=utcnow())
+        events = self._opened(run_id, history)
+        info = fold_run(run_id, events)
         if info is None:
             raise RunNotFound(run_id)
         if history.corrupt and not info.is_closed:
@@ -130,7 +132,19 @@ class Runs:
                 message=f"history event at stream sequence {seq} does not decode: {reason}",
             )
             info.current = f"blocked: {info.error.message}"
+            return info
+        # A claim as the last event: a worker has the run now and fires the timer itself.
+        overdue = info.due_at is not None and info.due_at <= utcnow()
+        if overdue and events and not isinstance(events[-1], RunClaimed):
+            await self._overdue(info)
         return info
+
+    async def _overdue(self, info: RunInfo) -> None:
+        """A timer past due: if the engine saw it pass unfired, say so as the index does
+        ("timer 'x' due since ..., waiting for a worker", status pending)."""
+        indexed = await RunIndex(self.conn).get(info.run_id)
+        if indexed is not None and indexed.status == "pending" and indexed.due_at == info.due_at:
+            info.status, info.current = indexed.status, indexed.current
 
     async def steps(self, run_id: str) -> list[StepInfo]:
         return fold_steps(await self.events(run_id))

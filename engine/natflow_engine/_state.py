@@ -134,11 +134,11 @@ def _step_info(event: StepStarted | StepCompleted | StepFailed | StepRetrying) -
     return info
 
 
-def fold_run(run_id: str, events: list[Event], now: datetime | None = None) -> RunInfo | None:
+def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
     """The run's summary, or None if it has no events (it does not exist).
 
-    Given ``now``, a run whose timer (a sleep, a wait's timeout, a step's next attempt) is
-    already due but that no worker has taken yet is ``pending``: due, waiting for a worker.
+    ``due_at`` is when the timer the run waits for (a sleep, a wait's timeout, a step's next
+    attempt) comes due; whether it is overdue is the engine's to say (:func:`mark_due`).
     """
     if not events or not isinstance(events[0], RunStarted):
         return None
@@ -155,12 +155,7 @@ def fold_run(run_id: str, events: list[Event], now: datetime | None = None) -> R
         info.status, info.current = "running", f"running step {running[max(running)]!r}"
     elif waits:
         info.status, info.current, _, _ = waits[0]
-        timers = [(due, name) for _, _, due, name in waits if due is not None]
-        if timers:
-            info.due_at, name = min(timers)
-            # A claim as the last event: a worker has the run now and fires the timer.
-            if now is not None and info.due_at <= now and not isinstance(events[-1], RunClaimed):
-                mark_due(info, name)
+        info.due_at = min((due for _, _, due, _ in waits if due is not None), default=None)
     elif info.status == "running":
         info.current = "running"
     return info

@@ -106,7 +106,11 @@ class WorkflowContext:
 
     @property
     def is_replaying(self) -> bool:
-        """True while the code re-runs what history already recorded."""
+        """True while the code re-runs what history already recorded.
+
+        Replay ends exactly where recorded history does, whatever it recorded last (a step,
+        sleep, signal wait, patch marker or cancel); a brand-new run is never replaying.
+        """
         return self._execution.replaying
 
     @property
@@ -202,6 +206,9 @@ class WorkflowContext:
 
     def patched(self, change_id: str) -> bool:
         """Versioning: True for runs that reach this point with the change deployed.
+
+        False while replaying history recorded without the change (old runs keep the old
+        path); True, and recorded, for runs that reach it live.
 
         Example::
 

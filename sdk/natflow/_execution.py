@@ -193,9 +193,9 @@ class RunExecution:
                 return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
             if self._draining:  # a worker on its way out claims nothing (nor looks dead
                 return Outcome.HANDED_BACK  # to the poison check for a claim it gave up)
-            if work or not self.state.has_commands:
+            if work or not self.state.has_launches:
                 claimed = await self._claim()  # signals, if known to wait, go in first
-            else:  # a command would start at once: a waiting cancel must be read before it
+            else:  # a step would start at once: a waiting cancel must be read before it
                 claimed, work = await self._claim_and_look()
             if not claimed:
                 return Outcome.STALE if self._optimistic else Outcome.LOST

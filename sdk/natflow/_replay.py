@@ -174,6 +174,11 @@ class WorkflowState:
         assert self.root is not None
         return self.root.done() or bool(self._to_launch) or bool(self._to_record)
 
+    @property
+    def has_launches(self) -> bool:
+        """Whether a step would start as soon as the run is taken."""
+        return any(not c.future.done() for c in self._to_launch)
+
     def command(self, seq: int) -> Command | None:
         return self._commands.get(seq)
 
