@@ -84,7 +84,9 @@ async def test_a_forged_task_never_replaces_history(
         start_seq=seq,
         start=msgspec.Raw(encode_event(forged)),
     )
-    await client.connection.publish(task_subject("default", "forged-1"), msgspec.json.encode(task))
+    await client.connection.publish(
+        task_subject("default", "doubler", "forged-1"), msgspec.json.encode(task)
+    )
     procs = spawn(nats_server, tmp_path, 1)
     try:
 
@@ -249,9 +251,9 @@ async def test_malformed_and_misaddressed_tasks_are_dead_lettered(
 ) -> None:
     await ensure_streams(client.connection)
     conn = client.connection
-    await conn.publish(task_subject("default", "junk-1"), b"\x00 not a task")
+    await conn.publish(task_subject("default", "doubler", "junk-1"), b"\x00 not a task")
     wildcard = Task(run_id="*", workflow="doubler")
-    await conn.publish(task_subject("default", "junk-2"), msgspec.json.encode(wildcard))
+    await conn.publish(task_subject("default", "doubler", "junk-2"), msgspec.json.encode(wildcard))
     procs = spawn(nats_server, tmp_path, 1)
     try:
         good = await client.start("doubler", 2, run_id="after-junk")
@@ -262,8 +264,8 @@ async def test_malformed_and_misaddressed_tasks_are_dead_lettered(
             return found if len(found) == 2 else []
 
         assert await wait_for(letters, timeout=10, what="two task dead letters") == [
-            "natflow.task.default.junk-1",
-            "natflow.task.default.junk-2",
+            "natflow.task.default.doubler.junk-1",
+            "natflow.task.default.doubler.junk-2",
         ]
         assert procs[0].poll() is None
         tasks = await conn.jsm.stream_info("NATFLOW_TASKS")

@@ -7,7 +7,7 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 """
 
 from . import events
-from ._cli import add_metrics_options, connect_options
+from ._cli_options import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
 from ._connection import (
     TRANSIENT,
@@ -86,6 +86,7 @@ from ._signals import (
     TERMINATE,
     BadSignal,
     DeadLetter,
+    control_request,
     dead_letter_item,
     last_signal_seq,
     parse,
@@ -203,6 +204,7 @@ __all__ = [
     "connect",
     "connect_options",
     "connected_user",
+    "control_request",
     "dead_letter_item",
     "declarations",
     "declare",

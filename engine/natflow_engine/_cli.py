@@ -12,7 +12,6 @@ import importlib.metadata
 import logging
 import os
 import signal
-import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -22,6 +21,7 @@ import anyio
 
 from ._cli_auth import register as register_auth
 from ._cli_ops import register as register_ops
+from ._cli_options import add_metrics_options, connect_options
 from ._cli_runs import interrupted_wait
 from ._cli_runs import register as register_runs
 from ._cli_schedules import register as register_triggers
@@ -39,34 +39,6 @@ from .console._cli import register as register_console
 log = logging.getLogger("natflow.cli")
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
-
-
-def connect_options(args: argparse.Namespace) -> dict[str, Any]:
-    """nats-py connect options from the CLI's credential and TLS flags."""
-    options: dict[str, Any] = {}
-    for option, path in (
-        ("--creds", args.creds),
-        ("--tls-ca", args.tls_ca),
-        ("--tls-cert", args.tls_cert),
-        ("--tls-key", args.tls_key),
-    ):
-        if path and not Path(path).is_file():
-            raise NatflowError(f"{option} {path}: no such file")
-    if args.creds:
-        options["user_credentials"] = args.creds
-    if getattr(args, "nkey", None):
-        options["nkeys_seed"] = args.nkey
-    if args.user:
-        options["user"] = args.user
-        options["password"] = args.password or ""
-    if args.token:
-        options["token"] = args.token
-    if args.tls_ca or args.tls_cert:
-        context = ssl.create_default_context(cafile=args.tls_ca)
-        if args.tls_cert:
-            context.load_cert_chain(args.tls_cert, args.tls_key)
-        options["tls"] = context
-    return options
 
 
 async def open_connection(args: argparse.Namespace, name: str) -> Connection:
@@ -293,43 +265,6 @@ def version() -> str:
         return importlib.metadata.version("natflow")
     except importlib.metadata.PackageNotFoundError:  # run from sources, not installed
         return "unknown"
-
-
-def add_metrics_options(
-    p: argparse.ArgumentParser, default_port: int, env: str, *, engine: bool = False
-) -> None:
-    """``--metrics-port``/``--metrics-host``: where the process serves Prometheus metrics."""
-    p.add_argument(
-        "--metrics-port",
-        metavar="PORT",
-        type=int,
-        default=int(os.environ.get(env, default_port)),
-        help=f"serve Prometheus metrics on this port, 0 for none (env {env})",
-    )
-    p.add_argument(
-        "--metrics-host",
-        metavar="ADDRESS",
-        default=os.environ.get("NATFLOW_METRICS_HOST", "127.0.0.1"),
-        help="address the metrics endpoint listens on; 0.0.0.0 for every interface "
-        "(env NATFLOW_METRICS_HOST)",
-    )
-    if engine:
-        p.add_argument(
-            "--metrics-interval",
-            metavar="SECONDS",
-            type=float,
-            default=float(os.environ.get("NATFLOW_METRICS_INTERVAL", "5")),
-            help="seconds between reads of queue, worker and run counts from JetStream "
-            "(env NATFLOW_METRICS_INTERVAL)",
-        )
-        p.add_argument(
-            "--nats-monitor",
-            default=os.environ.get("NATFLOW_NATS_MONITOR") or None,
-            metavar="URL",
-            help="nats-server's HTTP monitoring endpoint (its `http:` port, e.g. "
-            "http://127.0.0.1:8222): the engine exports JetStream stream usage and limits "
-            "from its /jsz (env NATFLOW_NATS_MONITOR; natflow dev: its own server's)",
-        )
 
 
 def _add_server_options(p: argparse.ArgumentParser) -> None:

@@ -148,6 +148,15 @@ async def last_signal_seq(conn: Connection, run_id: str) -> int:
     return 0 if "Status" in headers else int(headers["Nats-Sequence"])
 
 
+def control_request(subject: str) -> str | None:
+    """:data:`CANCEL` or :data:`TERMINATE` if ``subject`` is a run's cancel or terminate
+    request (``natflow.signal.<run_id>.$control.<cancel|terminate>``), else None."""
+    tokens = subject.split(".")
+    if len(tokens) == 5 and tokens[3] == CONTROL_TOKEN:
+        return _CONTROL_BY_TOKEN.get(tokens[4])
+    return None
+
+
 def scoped_signal_id(run_id: str, name: str, signal_id: str) -> str:
     """The ``Nats-Msg-Id`` of a signal with a caller's id: ``<run_id>:<name>:<signal_id>``.
 

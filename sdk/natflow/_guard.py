@@ -20,7 +20,6 @@ import traceback
 from typing import Any, Final
 
 from natflow_engine import (
-    CONTROL,
     AppendConflict,
     Connection,
     CorruptHistory,
@@ -30,6 +29,7 @@ from natflow_engine import (
     NatflowError,
     NoResponders,
     Task,
+    control_request,
     dead_letter_item,
     fields,
     pending_signals,
@@ -139,7 +139,7 @@ class RunGuard:
         asked = [
             m
             for m in await pending_signals(self._conn, run_id, 0)
-            if (m.headers or {}).get("Nats-Subject", m.subject).rsplit(".", 1)[-1] in CONTROL
+            if control_request((m.headers or {}).get("Nats-Subject", m.subject)) is not None
         ]
         if not asked:
             return False

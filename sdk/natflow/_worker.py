@@ -355,11 +355,13 @@ class Worker:
         handed back (its task NAKed, its lease dropped) so another worker resumes it at once.
         """
         self._stopping.set()
-        with anyio.move_on_after(5):
-            await self._not_pulling.wait()
+        # Drain first: a step that ends while the pulls are being withdrawn must not be
+        # followed by the next one here.
         for held in list(self._held.values()):
             if held.execution is not None:
                 held.execution.drain()
+        with anyio.move_on_after(5):
+            await self._not_pulling.wait()
         with anyio.move_on_after(grace):
             while self._held:
                 self._drained = anyio.Event()
