@@ -268,8 +268,11 @@ async def test_malformed_and_misaddressed_tasks_are_dead_lettered(
             "natflow.task.default.doubler.junk-2",
         ]
         assert procs[0].poll() is None
-        tasks = await conn.jsm.stream_info("NATFLOW_TASKS")
-        assert tasks.state.messages == 0  # terminated, not redelivered forever
+
+        async def no_tasks_left() -> bool:  # terminated, not redelivered forever
+            return (await conn.jsm.stream_info("NATFLOW_TASKS")).state.messages == 0
+
+        await wait_for(no_tasks_left, timeout=10, what="the task queue to empty")
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)
