@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import importlib.metadata
 import logging
 import os
@@ -15,7 +16,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import IO, Any, Final, NoReturn
 
 import anyio
 
@@ -134,10 +135,30 @@ def _server_for(args: argparse.Namespace) -> tuple[EmbeddedServer, str]:
     return server, source
 
 
+_store_locks: list[IO[bytes]] = []  # held until the process exits
+
+
+def _lock_store(store: Path) -> None:
+    """One server per store: nats-server itself would start a second one on the same files."""
+    store.mkdir(parents=True, exist_ok=True)
+    lock = open(store / "natflow.lock", "ab")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise NatflowError(
+            f"another natflow dev or server already uses the store {store}; stop it, or pass "
+            "--store-dir DIR for a store of its own"
+        ) from None
+    _store_locks.append(lock)
+
+
 def _start_server(args: argparse.Namespace) -> EmbeddedServer:
     """Start nats-server and say where it listens, which configuration it read, and where
     it stores data."""
     server, source = _server_for(args)
+    if server.store_given:
+        _lock_store(server.store_dir)
     try:
         server.start()
     except PortInUse as exc:
@@ -221,7 +242,7 @@ def _metrics_where(host: str, port: int | None) -> str:
 
 # -- the parser --------------------------------------------------------------------------
 
-_SECRETS: Final = frozenset({"password", "token"})
+_SECRET_NAMES: Final = ("password", "token")  # options whose value is never shown
 _LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -238,7 +259,7 @@ class HelpFormatter(argparse.HelpFormatter):
             or default is False
             or default is argparse.SUPPRESS
             or "default" in text
-            or action.dest in _SECRETS
+            or action.dest.endswith(_SECRET_NAMES)
         ):
             return text
         return f"{text} (default: %(default)s)"

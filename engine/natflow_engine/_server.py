@@ -80,6 +80,7 @@ class EmbeddedServer:
     ) -> None:
         self.config = Path(config).resolve() if config is not None else None
         self._own_store = store_dir is None and config is None
+        self.store_given = store_dir is not None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="natflow-js-"))
         self.port = port
         self.http_port = http_port
