@@ -46,6 +46,16 @@ async def cancels_itself(run_id: str) -> int:
     raise asyncio.CancelledError  # as a library's own timeout might: not a cancellation
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+def unprintable(run_id: str) -> int:
+    _count(run_id, "unprintable")
+    raise Unprintable
+
+
 def kills(run_id: str) -> int:
     _count(run_id, "kills")
     os._exit(7)  # the process ends here, as a crash in native code would end it
@@ -69,6 +79,7 @@ async def base_steps(ctx: WorkflowContext, kind: str) -> str:
         "interrupt": interrupts,
         "base": raises_base,
         "cancelled": cancels_itself,
+        "unprintable": unprintable,
     }[kind]
     await ctx.step(kind, fn, ctx.run_id)
     return "unreachable"

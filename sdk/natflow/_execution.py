@@ -485,7 +485,7 @@ class RunExecution(WorkflowState):
             if task is None or task.cancelling():  # a real cancellation: let it through
                 raise
             self._contain(command, started_at, exc)  # raised by the step's own code
-        except BaseException as exc:  # user code must not end the worker
+        except BaseException as exc:  # user code (or its error's str()) must not end the worker
             self._contain(command, started_at, exc)
 
     def _contain(self, command: StepCommand, started_at: datetime, exc: BaseException) -> None:
@@ -497,7 +497,11 @@ class RunExecution(WorkflowState):
             f"the step raised {type(exc).__name__}; recorded as its failure",
             logger=log,
         )
-        self._send.send_nowait(Finished(command, 1, started_at, error=error_info(exc)))
+        try:
+            error = error_info(exc)
+        except Exception:  # an exception whose str() raises
+            error = ErrorInfo(type=type(exc).__qualname__, message="(the error cannot be shown)")
+        self._send.send_nowait(Finished(command, 1, started_at, error=error))
 
     async def _check_not_before_run(self, msg: Any, seq: int, name: str) -> None:
         """A signal stored before the run existed was dead-lettered ("no run has this id")
