@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import anyio
 from natflow import Client, Worker, Workflow
-from natflow._execution import RunExecution
+from natflow.testing import Replayer, ReplayResult
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -82,33 +82,21 @@ def count_lines(path: Path) -> Counter[str]:
     return Counter(path.read_text().splitlines())
 
 
-async def replay_recorded(client: Client, workflow: Workflow, run_id: str) -> RunExecution:
+async def replay_recorded(client: Client, workflow: Workflow, run_id: str) -> ReplayResult:
     """Replay a finished run's history without its final event, as a new worker would after a
     crash: the workflow must re-derive its result from the recorded outcomes alone."""
-    from natflow._execution import RunExecution, StepRuntime
-
-    history = await client._runs.history.read(run_id)
-    history.events = history.events[:-1]
-    execution = RunExecution(
-        workflow=workflow,
-        history=history,
-        store=client._runs.history,
-        conn=client.connection,
-        identity="replayer",
-        runtime=StepRuntime(),
-    )
-    execution._begin()
-    return execution
+    events = (await client.history(run_id))[:-1]
+    return Replayer([workflow]).replay(events, run_id)
 
 
 @asynccontextmanager
-async def running_engine(url: str) -> AsyncIterator[Any]:
+async def running_engine(url: str, **nats_options: Any) -> AsyncIterator[Any]:
     """The engine services in-process, on their own connection (closed, not drained, once
     the engine is stopped: a drain could wait on a pull subscription the cancelled engine
     left behind, for nats-py's whole 30 s drain timeout)."""
     from natflow_engine._engine import Engine
 
-    own = await Client.connect(url)
+    own = await Client.connect(url, **nats_options)
     service = Engine(own.connection)
     try:
         async with anyio.create_task_group() as tg:

@@ -97,10 +97,9 @@ async def test_parallel_branches_replay_to_the_same_results(client: Client) -> N
         result = await live.result(timeout=10)
     assert result[:6] == [100, 101, 102, 103, 104, 105]
     # A fresh execution of the same history (as after a crash) must agree step by step.
-    execution = await replay_recorded(client, fan_out, "fan-1")
-    assert execution.block is None
-    assert execution._root is not None and execution._root.done()
-    assert execution._root.result() == result
+    replay = await replay_recorded(client, fan_out, "fan-1")
+    assert replay.ok and replay.finished, replay
+    assert replay.result == result
 
 
 def explode() -> None:
@@ -360,8 +359,8 @@ async def test_determinism_helpers_repeat_on_replay(client: Client) -> None:
     async with running_worker(client, [helpers]):
         result = await (await client.start(helpers, run_id="helpers-1")).result(timeout=10)
     assert result[-1] == "True"
-    execution = await replay_recorded(client, helpers, "helpers-1")
-    assert execution._root is not None and execution._root.result() == result
+    replay = await replay_recorded(client, helpers, "helpers-1")
+    assert replay.ok and replay.result == result
 
 
 async def test_starting_an_existing_run_id_as_another_workflow_names_both(client: Client) -> None:

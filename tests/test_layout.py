@@ -32,12 +32,18 @@ def imports(folder: Path) -> Iterator[tuple[Path, int, str]]:
 
 def test_natflow_exports_exactly_the_public_api() -> None:
     assert sorted(natflow.__all__) == [
+        "AesGcmCodec",
         "Client",
+        "ConnectionRefused",
         "ErrorInfo",
         "InvalidInput",
+        "MissingKey",
         "NatflowError",
         "NonDeterminismError",
+        "PayloadCodec",
         "PermissionDenied",
+        "ReplayResult",
+        "Replayer",
         "RetryPolicy",
         "RunCancelled",
         "RunFailed",
@@ -52,6 +58,7 @@ def test_natflow_exports_exactly_the_public_api() -> None:
         "SignalTimeout",
         "StepError",
         "StepInfo",
+        "StepTimeout",
         "Worker",
         "Workflow",
         "WorkflowContext",

@@ -184,7 +184,8 @@ async def test_sigterm_finishes_the_step_and_hands_the_run_back(
     workers = make_workers(15.0)
     leaving = workers.start()
     await registered(client, 1)
-    handle = await client.start("slow_chain", 1.5, run_id="term-1")
+    # The slow step outlasts starting a second worker process on a loaded machine.
+    handle = await client.start("slow_chain", 5.0, run_id="term-1")
     await wait_for(lambda: _async(steps.starts("term-1", "slow")), what="the slow step")
     staying = workers.start()
     await registered(client, 2)

@@ -331,10 +331,9 @@ async def test_a_signal_racing_its_timeout_is_decided_once_and_replay_agrees(
 async def replayed(client: Client, run_id: str) -> Any:
     """The result a fresh replay of the recorded history (without its end) computes."""
     assert isinstance((await client.history(run_id))[-1], RunCompleted)
-    execution = await replay_recorded(client, race, run_id)
-    assert execution.block is None, execution.block
-    assert execution._root is not None and execution._root.done()
-    return execution._root.result()
+    replay = await replay_recorded(client, race, run_id)
+    assert replay.ok and replay.finished, replay
+    return replay.result
 
 
 # -- bad signals ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from natflow import SignalTimeout, WorkflowContext, workflow
+from natflow import RetryPolicy, SignalTimeout, WorkflowContext, workflow
 
 
 def double(x: int) -> int:
@@ -20,3 +20,48 @@ async def recorded_mix(ctx: WorkflowContext, x: int) -> dict[str, object]:
         late = None
     token = str(ctx.uuid4())
     return {"a": a, "b": b, "approval": approval, "late": late, "token": token}
+
+
+_CHARGES: list[int] = []  # calls of flaky_charge in this process (only while recording)
+
+
+def flaky_charge(amount: int) -> dict[str, int]:
+    """Fails its first two calls: recorded as two step_retrying events, then a result."""
+    _CHARGES.append(amount)
+    if len(_CHARGES) <= 2:
+        raise ConnectionError(f"gateway busy (call {len(_CHARGES)})")
+    return {"charged": amount}
+
+
+@workflow(name="recorded_retry")
+async def recorded_retry(ctx: WorkflowContext, amount: int) -> dict[str, int]:
+    policy = RetryPolicy(max_attempts=3, initial_interval=0.05, backoff_coefficient=1.0, jitter=0)
+    return await ctx.step("charge", flaky_charge, amount, retry=policy)
+
+
+@workflow(name="recorded_patch")
+async def recorded_patch(ctx: WorkflowContext, x: int) -> str:
+    """Version 2: runs recorded by version 1 (no patch) replay down the old path."""
+    a = await ctx.step("double", double, x)
+    extra = 0
+    if ctx.patched("add-extra"):
+        extra = await ctx.step("extra", double, 0)
+    go = await ctx.wait_for_signal("go")
+    return f"{a + extra} {go}"
+
+
+@workflow(name="recorded_patch")
+async def recorded_patch_v1(ctx: WorkflowContext, x: int) -> str:
+    """Version 1 of ``recorded_patch``, which recorded ``recorded-patch-old``."""
+    a = await ctx.step("double", double, x)
+    go = await ctx.wait_for_signal("go")
+    return f"{a} {go}"
+
+
+@workflow(name="recorded_cancel")
+async def recorded_cancel(ctx: WorkflowContext, x: int) -> int:
+    """Cancelled before any worker ran it: its first step never runs, its cleanup does."""
+    try:
+        return await ctx.step("first", double, x)
+    finally:
+        await ctx.step("cleanup", double, x)

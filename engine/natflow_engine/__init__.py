@@ -7,12 +7,22 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 """
 
 from . import events
-from ._cli import add_metrics_options, connect_options
+from ._cli_options import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
-from ._connection import TRANSIENT, Connection, connect, default_url, wrap
+from ._connection import (
+    TRANSIENT,
+    Connection,
+    NoResponders,
+    PayloadTooLarge,
+    connect,
+    default_url,
+    redact_url,
+    wrap,
+)
 from ._durations import to_seconds
 from ._engine import DISPATCHER
 from ._errors import (
+    ConnectionRefused,
     ErrorInfo,
     InvalidInput,
     NatflowError,
@@ -24,8 +34,9 @@ from ._errors import (
     ServerUnavailable,
     SignalTimeout,
     StepError,
+    StepTimeout,
 )
-from ._history import AppendConflict, History, HistoryStore
+from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
 from ._leases import Lease, Leases
 from ._logs import fields
@@ -45,17 +56,38 @@ from ._metrics import (
     step_attempt,
 )
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
-from ._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
+from ._quarantine import QUARANTINED, quarantined
+from ._registry import (
+    WorkerInfo,
+    announce,
+    connected_user,
+    ping_subject,
+    safe_identity,
+    withdraw,
+)
 from ._retry import NO_RETRY, RetryPolicy
-from ._runs import Runs
+from ._runs import Runs, new_run_id
 from ._schedule_ops import Schedules
 from ._schedules import OVERLAP_POLICIES, ScheduleFire, ScheduleInfo, ScheduleSpec, check_spec
+from ._sealing import (
+    AesGcmCodec,
+    MissingKey,
+    PayloadCodec,
+    open_event,
+    open_events,
+    open_sealed,
+    seal,
+    sealed_key,
+)
 from ._server import EmbeddedServer
 from ._signals import (
     CANCEL,
     CONTROL,
     TERMINATE,
     BadSignal,
+    DeadLetter,
+    control_request,
+    dead_letter_item,
     last_signal_seq,
     parse,
     pending_signals,
@@ -64,6 +96,7 @@ from ._signals import (
     sequence,
     stored_at,
 )
+from ._start_service import request_start
 from ._state import CLOSED_STATUSES, RunInfo, StepInfo, fold_run
 from ._streams import (
     HISTORY_PREFIX,
@@ -103,6 +136,7 @@ __all__ = [
     "HISTORY_STREAM",
     "NO_RETRY",
     "OVERLAP_POLICIES",
+    "QUARANTINED",
     "RUNS_HELD",
     "RUNS_STREAM",
     "SIGNALS_DELIVERED",
@@ -115,9 +149,13 @@ __all__ = [
     "TASK_STREAM",
     "TERMINATE",
     "TRANSIENT",
+    "AesGcmCodec",
     "AppendConflict",
     "BadSignal",
     "Connection",
+    "ConnectionRefused",
+    "CorruptHistory",
+    "DeadLetter",
     "EmbeddedServer",
     "ErrorInfo",
     "EventRecord",
@@ -126,8 +164,12 @@ __all__ = [
     "InvalidInput",
     "Lease",
     "Leases",
+    "MissingKey",
     "NatflowError",
+    "NoResponders",
     "NonDeterminismError",
+    "PayloadCodec",
+    "PayloadTooLarge",
     "PermissionDenied",
     "RetryPolicy",
     "RunCancelled",
@@ -144,6 +186,7 @@ __all__ = [
     "SignalTimeout",
     "StepError",
     "StepInfo",
+    "StepTimeout",
     "Task",
     "TaskPuller",
     "Timer",
@@ -160,6 +203,9 @@ __all__ = [
     "check_workflow_name",
     "connect",
     "connect_options",
+    "connected_user",
+    "control_request",
+    "dead_letter_item",
     "declarations",
     "declare",
     "decode_task",
@@ -176,17 +222,26 @@ __all__ = [
     "fold_run",
     "history_subject",
     "last_signal_seq",
+    "new_run_id",
+    "open_event",
+    "open_events",
+    "open_sealed",
     "parse",
     "pending_signals",
     "ping_subject",
     "prepare_worker",
+    "quarantined",
     "queue_consumer",
     "recent_events",
+    "redact_url",
     "replicas",
+    "request_start",
     "run_created_at",
     "runs_subject",
     "safe_identity",
     "schedule",
+    "seal",
+    "sealed_key",
     "send",
     "sequence",
     "serve_metrics",

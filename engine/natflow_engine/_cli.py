@@ -13,7 +13,6 @@ import importlib.metadata
 import logging
 import os
 import signal
-import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -21,7 +20,9 @@ from typing import IO, Any, Final, NoReturn
 
 import anyio
 
+from ._cli_auth import register as register_auth
 from ._cli_ops import register as register_ops
+from ._cli_options import add_metrics_options, connect_options
 from ._cli_runs import interrupted_wait
 from ._cli_runs import register as register_runs
 from ._cli_schedules import register as register_triggers
@@ -30,6 +31,7 @@ from ._engine import Engine
 from ._errors import NatflowError
 from ._logs import configure_logging
 from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
+from ._sealing import AesGcmCodec
 from ._server import EmbeddedServer, PortInUse
 from ._streams import ensure_streams
 from .console._cli import add_ui_options, serve_console_if_possible
@@ -40,34 +42,10 @@ log = logging.getLogger("natflow.cli")
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
-def connect_options(args: argparse.Namespace) -> dict[str, Any]:
-    """nats-py connect options from the CLI's credential and TLS flags."""
-    options: dict[str, Any] = {}
-    for option, path in (
-        ("--creds", args.creds),
-        ("--tls-ca", args.tls_ca),
-        ("--tls-cert", args.tls_cert),
-        ("--tls-key", args.tls_key),
-    ):
-        if path and not Path(path).is_file():
-            raise NatflowError(f"{option} {path}: no such file")
-    if args.creds:
-        options["user_credentials"] = args.creds
-    if args.user:
-        options["user"] = args.user
-        options["password"] = args.password or ""
-    if args.token:
-        options["token"] = args.token
-    if args.tls_ca or args.tls_cert:
-        context = ssl.create_default_context(cafile=args.tls_ca)
-        if args.tls_cert:
-            context.load_cert_chain(args.tls_cert, args.tls_key)
-        options["tls"] = context
-    return options
-
-
 async def open_connection(args: argparse.Namespace, name: str) -> Connection:
-    return await connect(args.url, name=name, **connect_options(args))
+    conn = await connect(args.url, name=name, **connect_options(args))
+    conn.codec = AesGcmCodec.from_env()  # NATFLOW_CODEC_KEYS: shows and sends sealed values
+    return conn
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -86,8 +64,9 @@ async def cmd_init(args: argparse.Namespace) -> int:
 async def cmd_engine(args: argparse.Namespace) -> int:
     conn = await open_connection(args, "natflow-engine")
     serve_metrics(args.metrics_port, args.metrics_host)
+    engine = Engine(conn, metrics_interval=args.metrics_interval, nats_monitor=args.nats_monitor)
     try:
-        await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
+        await _until_signalled(engine.run)
         return 0
     finally:
         await conn.close()
@@ -212,10 +191,16 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     server = _start_server(args)
     try:
         conn = await connect(server.url, name="natflow-engine")
-        serve_metrics(args.metrics_port, args.metrics_host)
+        port = serve_metrics(args.metrics_port, args.metrics_host)
+        monitor = args.nats_monitor or (
+            f"http://127.0.0.1:{server.http_port}" if server.http_port else None
+        )
+        print(f"  {_metrics_where(args.metrics_host, port)}")
+        if monitor:
+            print(f"  NATS monitoring at {monitor} (JetStream usage read from /jsz)")
         print("  engine running; Ctrl-C stops both", flush=True)
         try:
-            await _until_signalled(lambda: _dev_services(conn, args, server.url))
+            await _until_signalled(lambda: _dev_services(conn, args, server.url, monitor))
         finally:
             await conn.close()
     finally:
@@ -223,9 +208,11 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _dev_services(conn: Connection, args: argparse.Namespace, url: str) -> None:
+async def _dev_services(
+    conn: Connection, args: argparse.Namespace, url: str, monitor: str | None
+) -> None:
     """The engine, and the console unless ``--ui-port 0``."""
-    engine = Engine(conn, metrics_interval=args.metrics_interval)
+    engine = Engine(conn, metrics_interval=args.metrics_interval, nats_monitor=monitor)
     if not args.ui_port:
         await engine.run()
         return
@@ -243,6 +230,14 @@ async def _dev_services(conn: Connection, args: argparse.Namespace, url: str) ->
             await engine.run()
     finally:
         await console_conn.close()
+
+
+def _metrics_where(host: str, port: int | None) -> str:
+    """Where a process's metrics are, as a line for people (and Prometheus configs)."""
+    if port is None:
+        return "metrics not served (--metrics-port 0, or the port is taken: see the log)"
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host  # reachable from this machine
+    return f"Prometheus metrics at http://{shown}:{port}/metrics (listening on {host or '*'})"
 
 
 # -- the parser --------------------------------------------------------------------------
@@ -291,35 +286,6 @@ def version() -> str:
         return importlib.metadata.version("natflow")
     except importlib.metadata.PackageNotFoundError:  # run from sources, not installed
         return "unknown"
-
-
-def add_metrics_options(
-    p: argparse.ArgumentParser, default_port: int, env: str, *, engine: bool = False
-) -> None:
-    """``--metrics-port``/``--metrics-host``: where the process serves Prometheus metrics."""
-    p.add_argument(
-        "--metrics-port",
-        metavar="PORT",
-        type=int,
-        default=int(os.environ.get(env, default_port)),
-        help=f"serve Prometheus metrics on this port, 0 for none (env {env})",
-    )
-    p.add_argument(
-        "--metrics-host",
-        metavar="ADDRESS",
-        default=os.environ.get("NATFLOW_METRICS_HOST", "127.0.0.1"),
-        help="address the metrics endpoint listens on; 0.0.0.0 for every interface "
-        "(env NATFLOW_METRICS_HOST)",
-    )
-    if engine:
-        p.add_argument(
-            "--metrics-interval",
-            metavar="SECONDS",
-            type=float,
-            default=float(os.environ.get("NATFLOW_METRICS_INTERVAL", "5")),
-            help="seconds between reads of queue, worker and run counts from JetStream "
-            "(env NATFLOW_METRICS_INTERVAL)",
-        )
 
 
 def _add_server_options(p: argparse.ArgumentParser) -> None:
@@ -418,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug, info, warning or error (env NATFLOW_LOG_LEVEL)",
     )
     parser.add_argument(
+        "--nkey",
+        metavar="FILE",
+        default=os.environ.get("NATFLOW_NKEY"),
+        help="NATS NKEY seed file (env NATFLOW_NKEY)",
+    )
+    parser.add_argument(
         "--log-json",
         action="store_true",
         default=os.environ.get("NATFLOW_LOG_JSON", "") not in ("", "0"),
@@ -455,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_ops(sub, open_connection)
     register_triggers(sub, open_connection)
     register_console(sub, open_connection)
+    register_auth(sub)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):
         entry.load()(sub)
     _finish(parser)

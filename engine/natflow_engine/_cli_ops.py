@@ -17,6 +17,7 @@ from ._human import ago, when
 from ._names import check_run_id, check_token
 from ._registry import list_workers
 from ._runs import Runs
+from ._sealing import seal
 from ._signals import CANCEL, TERMINATE, dead_letters, send
 from ._streams import ensure_streams
 
@@ -104,6 +105,8 @@ async def _signal(conn: Connection, args: argparse.Namespace) -> int:
         raise NatflowError(
             f"run {args.run_id!r} already ended ({info.status}); a signal can no longer reach it"
         )
+    if conn.codec is not None:
+        payload = seal(conn.codec, payload)
     ack = await send(conn, args.run_id, args.name, payload, args.signal_id)
     if ack.duplicate:
         print(
@@ -137,13 +140,15 @@ async def _workers(conn: Connection, args: argparse.Namespace) -> int:
         return 0
     now = datetime.now(UTC)
     table(
-        ("WORKER", "QUEUES", "RUNS", "HEARTBEAT", "WORKFLOWS"),
+        ("WORKER", "QUEUES", "RUNS", "HEARTBEAT", "USER", "WORKFLOWS"),
         [
             (
                 w.identity,
                 ",".join(w.queues),
                 str(w.held),
                 ago(w.heartbeat_at, now),
+                # who the NATS server says the worker connected as
+                (w.user or "-") + (f" in account {w.account}" if w.account else ""),
                 ", ".join(w.workflows) + (" (draining)" if w.draining else ""),
             )
             for w in found

@@ -21,6 +21,7 @@ from ._leases import Leases
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._registry import WorkerInfo, list_workers
 from ._runs import Runs
+from ._sealing import sealed_key
 from ._state import RUN_STATUSES, RunInfo, StepInfo, fold_steps
 from ._streams import ensure_streams, history_subject
 from .events import Event, RunStarted
@@ -327,7 +328,7 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     if info.closed_at:
         print(f"closed    {when(info.closed_at)} (took {_took(info.created_at, info.closed_at)})")
     if info.status == "completed":
-        print(f"result    {msgspec.json.encode(info.result).decode()}")
+        print(f"result    {shown(info.result)}")
     elif info.status in ("cancelled", "terminated"):
         print(f"reason    {info.error.message if info.error else '-'}")
     elif info.error:
@@ -339,11 +340,17 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
         _show_steps(steps)
 
 
+def shown(value: Any) -> str:
+    """A value as JSON, or which key sealed it when this CLI holds no key for it."""
+    key_id = sealed_key(value)
+    return f"encrypted (key {key_id})" if key_id else msgspec.json.encode(value).decode()
+
+
 def _show_steps(steps: list[StepInfo]) -> None:
     rows = []
     for s in steps:
         if s.status == "completed":
-            outcome = msgspec.json.encode(s.result).decode()
+            outcome = shown(s.result)
         else:
             outcome = f"{s.error.type}: {s.error.message}" if s.error else ""
         if len(outcome) > 80:

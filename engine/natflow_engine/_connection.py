@@ -11,8 +11,11 @@ import asyncio
 import logging
 import os
 import re
+import ssl
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -23,7 +26,14 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from ._errors import InvalidInput, NatflowError, PermissionDenied, ServerUnavailable
+from ._errors import (
+    ConnectionRefused,
+    InvalidInput,
+    NatflowError,
+    PermissionDenied,
+    ServerUnavailable,
+)
+from ._sealing import PayloadCodec
 
 log = logging.getLogger("natflow.connection")
 
@@ -39,11 +49,48 @@ ERR_STREAM_NAME_IN_USE: Final = 10058
 ERR_JS_UNAVAILABLE: Final = 10008
 
 
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@,\s]*:)[^@/,\s]*@")
-
-
 def default_url() -> str:
     return os.environ.get("NATFLOW_URL", DEFAULT_URL)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its secret: ``nats://user:***@host``, ``nats://***@host`` for a token.
+
+    Every URL natflow prints or logs goes through here; a list (``a,b``) is redacted per URL.
+    """
+    if "," in url:
+        return ",".join(redact_url(part.strip()) for part in url.split(","))
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"  # a lone userinfo is a token
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
+
+
+# nats-py hands the server's -ERR to error_cb lower-cased, e.g.
+# 'nats: permissions violation for publish to "$js.api.stream.info.natflow_history"'.
+_DENIAL = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.I)
+
+
+class _Waiter:
+    """A call in flight that fails at once if the server denies its subject (or any subject
+    under ``key`` when ``prefix``)."""
+
+    __slots__ = ("denial", "key", "prefix", "task")
+
+    def __init__(self, task: asyncio.Task[Any], key: str, prefix: bool) -> None:
+        self.task = task
+        self.key = key
+        self.prefix = prefix
+        self.denial: str | None = None
+
+    def matches(self, subject: str) -> bool:
+        return subject.startswith(self.key) if self.prefix else subject == self.key
 
 
 class JetStreamError(NatflowError):
@@ -91,11 +138,13 @@ class Connection:
         self.jsm = nc.jsm(prefix=self.api)
         self._owned = owned
         self._denied: list[str] = []
+        self._waiters: set[_Waiter] = set()
         self.streams_ready = False
         self.streams_lock = asyncio.Lock()
         self.closing = False
         self.on_reconnect: list[Callable[[], None]] = []
         self.extras: dict[str, object] = {}  # per-connection helpers (the batch reader)
+        self.codec: PayloadCodec | None = None  # seals user values (see _sealing)
 
     def kv_write_subject(self, bucket: str, key: str) -> str:
         """Where a KV write goes: across a domain, through the API prefix (as nats.go does),
@@ -110,21 +159,53 @@ class Connection:
 
     @property
     def url(self) -> str:
+        """The server this connection talks to, with any password or token left out."""
         uri = self.nc.connected_url
-        return uri.geturl() if uri is not None else "<not connected>"
+        return redact_url(uri.geturl()) if uri is not None else "<not connected>"
 
-    def note_error(self, error: Exception) -> None:
-        """Called from nats-py's error_cb: remembers permission violations by subject."""
-        text = str(error)
-        if "permissions violation" in text.lower():
-            self._denied.append(text)
-            del self._denied[:-20]
+    def note_error(self, error: Exception) -> bool:
+        """Called from nats-py's error_cb: a permission violation fails the calls waiting on
+        its subject at once (and is remembered). True if it was one."""
+        found = _DENIAL.search(str(error))
+        if found is None:
+            return False
+        subject = found.group(2).lower()  # nats-py lower-cases it; compare alike
+        self._denied.append(subject)
+        del self._denied[:-20]
+        for waiter in [w for w in self._waiters if w.denial is None and w.matches(subject)]:
+            waiter.denial = subject
+            waiter.task.cancel()
+        return True
 
     def denied(self, subject: str) -> str | None:
-        for text in reversed(self._denied):
-            if subject in text:
-                return text
-        return None
+        """The denied subject as the server reported it, if it denied ``subject`` lately."""
+        key = subject.lower()
+        return key if key in self._denied else None
+
+    async def guarded(self, subject: str, call: Awaitable[T], *, prefix: bool = False) -> T:
+        """Await ``call``, failing with :class:`PermissionDenied` the moment the server
+        reports that it denied ``subject`` (any subject under it if ``prefix``) instead of
+        waiting out a timeout: the server denies a publish only in an asynchronous error."""
+        task = asyncio.current_task()
+        assert task is not None
+        waiter = _Waiter(task, subject.lower(), prefix)
+        self._waiters.add(waiter)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            if waiter.denial is None:
+                raise
+            task.uncancel()
+            raise self.permission_denied(waiter.denial) from None
+        finally:
+            self._waiters.discard(waiter)
+
+    @staticmethod
+    def permission_denied(subject: str) -> PermissionDenied:
+        return PermissionDenied(
+            f"the NATS server denied this connection the subject {subject!r} (as the server "
+            f"names it); grant it in the server's permissions for this user"
+        )
 
     def check_size(self, what: str, size: int) -> None:
         limit = self.max_payload - 4096  # headroom for the event envelope and headers
@@ -133,6 +214,21 @@ class Connection:
                 f"{what} is {size} bytes, over the server's max payload of {self.max_payload} "
                 f"bytes (less 4 KiB for the envelope); store large data elsewhere and pass "
                 f"a reference"
+            )
+
+    def check_wire_size(
+        self, subject: str, payload: bytes, headers: Mapping[str, str] | None
+    ) -> None:
+        """Refuse a message the server would refuse: it counts headers and body together
+        against its max payload, and closes the connection of a client that exceeds it
+        (nats-py checks the body alone). :class:`PayloadTooLarge` leaves the connection up."""
+        size = len(payload) + wire_header_size(headers)
+        if size > self.max_payload:
+            raise PayloadTooLarge(
+                f"a message to {subject!r} would be {size} bytes with its headers, over the "
+                f"server's max payload of {self.max_payload} bytes; store large data elsewhere "
+                f"and pass a reference",
+                size,
             )
 
     async def request(
@@ -144,9 +240,13 @@ class Connection:
         timeout: float = 5.0,
     ) -> Msg:
         """A request with nats-py's errors turned into natflow's."""
+        self.check_wire_size(subject, payload, headers)
         try:
-            return await self.nc.request(
-                subject, payload, timeout=timeout, headers=dict(headers) if headers else None
+            return await self.guarded(
+                subject,
+                self.nc.request(
+                    subject, payload, timeout=timeout, headers=dict(headers) if headers else None
+                ),
             )
         except nats.errors.NoRespondersError as exc:
             raise NoResponders(subject) from exc
@@ -160,10 +260,7 @@ class Connection:
     def _timeout_error(self, subject: str, timeout: float) -> NatflowError:
         denial = self.denied(subject)
         if denial is not None:
-            return PermissionDenied(
-                f"the NATS server denied this connection the subject {subject!r} ({denial}); "
-                f"grant it in the server's permissions"
-            )
+            return self.permission_denied(denial)
         return RequestTimeout(f"no answer to {subject!r} within {timeout:g} s")
 
     async def publish(
@@ -196,7 +293,9 @@ class Connection:
 
         async def once() -> T:
             try:
-                return await call()
+                # Which API subject nats-py uses is its own business: any denial of one
+                # fails this call.
+                return await self.guarded(f"{self.api}.", call(), prefix=True)
             except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
                 raise NoResponders(what) from e
             except (TimeoutError, nats.errors.TimeoutError) as exc:
@@ -216,6 +315,22 @@ class Connection:
             except Exception:  # closing anyway; a failed drain only loses buffered acks
                 log.debug("drain failed, closing", exc_info=True)
                 await self.nc.close()
+
+
+def wire_header_size(headers: Mapping[str, str] | None) -> int:
+    """Bytes the headers take on the wire (``NATS/1.0`` line, ``key: value`` lines)."""
+    if not headers:
+        return 0
+    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    return len(b"NATS/1.0\r\n") + lines + 2
+
+
+class PayloadTooLarge(InvalidInput):
+    """A message is larger than the server takes; nothing was sent."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 class NoResponders(NatflowError):
@@ -254,11 +369,6 @@ async def retrying(what: str, op: Callable[[], Awaitable[T]], *, budget: float =
             delay = min(delay * 2, 2.0)
 
 
-def redact(urls: str) -> str:
-    """``urls`` with any password in them replaced by ``***``, fit to print."""
-    return _PASSWORD_IN_URL.sub(r"\1***@", urls)
-
-
 async def connect(
     url: str | list[str] | None = None,
     *,
@@ -276,17 +386,18 @@ async def connect(
     if isinstance(servers, str) and "," in servers:  # NATFLOW_URL may list a cluster's nodes
         servers = [u.strip() for u in servers.split(",") if u.strip()]
     holder: dict[str, Connection] = {}
-    refused: list[str] = []  # why the server turned the first connection down, if it did
+    refused: list[bool] = []  # whether the server turned the credentials down while connecting
+    connecting_errors: list[Exception] = []
 
     async def error_cb(error: Exception) -> None:
         conn = holder.get("conn")
         if conn is None:  # still connecting: the caller gets the error itself
-            log.debug("NATS: %s", error)
-            if "authorization violation" in str(error).lower():
-                refused.append(str(error))
+            refused.append(_refused_credentials(error))
+            connecting_errors.append(error)
+            log.debug("NATS: %s", _redact_text(str(error)))
             return
         conn.note_error(error)
-        log.warning("NATS: %s", error)
+        log.warning("NATS: %s", _redact_text(str(error)))
 
     async def disconnected_cb() -> None:
         conn = holder.get("conn")
@@ -299,12 +410,15 @@ async def connect(
         for hook in conn.on_reconnect if conn is not None else []:
             hook()
 
+    creds = options.get("user_credentials")
+    if isinstance(creds, str | os.PathLike):
+        check_creds_file(os.fspath(creds))
     reconnect_attempts = options.pop("max_reconnect_attempts", -1)
     options.setdefault("reconnect_time_wait", 0.5)
     options.setdefault("error_cb", error_cb)
     options.setdefault("disconnected_cb", disconnected_cb)
     options.setdefault("reconnected_cb", reconnected_cb)
-    shown = redact(servers if isinstance(servers, str) else ", ".join(servers))
+    shown = redact_url(servers if isinstance(servers, str) else ", ".join(servers))
     try:
         nc = await asyncio.wait_for(
             nats.connect(
@@ -319,20 +433,79 @@ async def connect(
             ),
             timeout=connect_timeout,
         )
-    except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
-        if refused:
+    except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.Error) as exc:
+        if any(refused) or _refused_credentials(exc):
             raise PermissionDenied(
-                f"the NATS server at {shown} refused the credentials (authorization "
-                "violation); check --user and --password, --token or --creds (env "
-                "NATFLOW_USER, NATFLOW_PASSWORD, NATFLOW_TOKEN, NATFLOW_CREDS)"
+                f"the NATS server at {shown} refused the credentials; check the user and "
+                f"password, token, NKey or creds file (NATFLOW_USER, NATFLOW_PASSWORD, "
+                f"NATFLOW_TOKEN, NATFLOW_CREDS)"
             ) from None
-        raise ServerUnavailable(f"no NATS server answered at {shown}; {START_HINT}") from exc
-    except nats.errors.Error as exc:
-        raise ServerUnavailable(f"could not connect to NATS at {shown}: {exc}") from exc
+        # nats-py hides a failed TLS handshake behind "no servers" or a timeout; only its
+        # error callback saw the reason.
+        tls = tls_refusal(shown, [*connecting_errors, exc])
+        if tls is not None:
+            raise tls from None
+        if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.NoServersError):
+            raise ServerUnavailable(
+                f"could not connect to NATS at {shown}: {_redact_text(str(exc))}"
+            ) from None
+        raise ServerUnavailable(f"no NATS server answered at {shown}; {START_HINT}") from None
     nc.options["max_reconnect_attempts"] = reconnect_attempts
     conn = Connection(nc, owned=True, domain=domain or os.environ.get("NATFLOW_DOMAIN"))
     holder["conn"] = conn
     return conn
+
+
+def _refused_credentials(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "authorization violation" in text or "authentication" in text
+
+
+_URL_SECRET = re.compile(r"(\w+://)([^@/\s]+)@")
+
+
+def _redact_text(text: str) -> str:
+    """Any URL inside a message (nats-py quotes the server it tried) loses its secret."""
+    return _URL_SECRET.sub(lambda m: redact_url(m.group(0) + "x")[:-1], text)
+
+
+def check_creds_file(path: str) -> None:
+    """A creds file must exist and hold a user JWT and an NKEY seed; nats-py would report a
+    missing one as "no servers" and a malformed one as a bare TypeError. Its content (a
+    secret) is never shown."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot read the creds file {path!r} ({exc.strerror}); pass the path of a NATS "
+            f"user creds file (--creds, NATFLOW_CREDS)"
+        ) from None
+    for marker in ("BEGIN NATS USER JWT", "BEGIN USER NKEY SEED"):
+        if marker not in text:
+            raise InvalidInput(
+                f"{path!r} is not a NATS user creds file: it has no '-----{marker}-----' "
+                f"block (make one with `nsc generate creds`, or from your operator's tooling)"
+            )
+
+
+def tls_refusal(shown: str, errors: list[BaseException]) -> ConnectionRefused | None:
+    """What a failed TLS handshake among ``errors`` means for the user, or None if none did."""
+    for error in errors:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return ConnectionRefused(
+                f"the TLS certificate of the NATS server at {shown} is not trusted "
+                f"({error.verify_message}); pass the CA that signed it with --tls-ca "
+                f"(NATFLOW_TLS_CA, or an ssl.SSLContext as tls=)"
+            )
+    for error in errors:
+        if isinstance(error, ssl.SSLError):
+            reason = error.reason or str(error)
+            return ConnectionRefused(
+                f"the NATS server at {shown} refused the TLS handshake ({reason}); it wants "
+                f"a client certificate signed by a CA it trusts: pass --tls-cert and --tls-key "
+                f"(NATFLOW_TLS_CERT, NATFLOW_TLS_KEY)"
+            )
+    return None
 
 
 def wrap(nc: NATS, domain: str | None = None) -> Connection:

@@ -10,7 +10,8 @@ events) through one durable pull consumer shared by all engine replicas, and
 
 Beside it run the reaper (``_reaper``), the timer service (``_timers``), the signal
 intake (``_signals``), the schedule service (``_scheduler``), the event intake
-(``_triggers``) and the metrics poller (``_metrics``); the dispatcher also counts each
+(``_triggers``), the metrics poller (``_metrics``) and, given nats-server's monitoring URL, the
+JetStream usage poller (``_jsz``); the dispatcher also counts each
 run-level event it folds (runs started and closed, run duration, blocked runs).
 
 The engine keeps nothing but a cache; kill it, restart it or run several: the consumer's
@@ -30,11 +31,14 @@ from . import _timers as timers
 from ._connection import Connection
 from ._history import HistoryStore
 from ._index import RunIndex
+from ._jsz import JetStreamUsage
 from ._metrics import EngineMetrics, observe_run
 from ._puller import Puller, engine_consumer
+from ._quarantine import quarantined
 from ._reaper import Reaper
 from ._scheduler import Scheduler
 from ._signals import SignalIntake
+from ._start_service import StartService
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
 from ._tasks import Task, enqueue
 from ._triggers import EventIntake
@@ -44,6 +48,7 @@ from .events import (
     RunClaimed,
     RunStarted,
     SignalWaited,
+    StepRetrying,
     TimerFired,
     TimerScheduled,
     decode_event,
@@ -61,6 +66,7 @@ RUN_EVENTS: Final = (
     "run_failed",
     "timer_scheduled",
     "signal_waited",
+    "step_retrying",
     "timer_fired",
     "run_cancelled",
     "run_terminated",
@@ -79,17 +85,24 @@ def dispatcher_config() -> api.ConsumerConfig:
 class Engine:
     """Runs the engine services on one connection until cancelled."""
 
-    def __init__(self, conn: Connection, *, metrics_interval: float = 5.0) -> None:
+    def __init__(
+        self, conn: Connection, *, metrics_interval: float = 5.0, nats_monitor: str | None = None
+    ) -> None:
         self._conn = conn
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
         self.reaper = Reaper(conn)
-        self.timers = timers.TimerService(conn)
+        self.timers = timers.TimerService(conn, self._index)
         self.signals = SignalIntake(conn)
         self.scheduler = Scheduler(conn)
         self.events = EventIntake(conn)
+        self.starts = StartService(conn)  # starts from clients that may not write history
         self.metrics = EngineMetrics(
             conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
+        )
+        # JetStream usage from nats-server's /jsz, when its monitoring URL is known.
+        self.jetstream = (
+            JetStreamUsage(nats_monitor, interval=metrics_interval) if nats_monitor else None
         )
         self.ready = anyio.Event()
 
@@ -102,6 +115,9 @@ class Engine:
             tg.start_soon(self.scheduler.run)
             tg.start_soon(self.events.run)
             tg.start_soon(self.metrics.run)
+            tg.start_soon(self.starts.run)
+            if self.jetstream is not None:
+                tg.start_soon(self.jetstream.run)
             await self._dispatch_forever()
 
     async def _dispatch_forever(self) -> None:
@@ -136,8 +152,10 @@ class Engine:
         try:
             event = decode_event(msg.data)
         except Exception as exc:
-            # Nothing natflow writes fails to decode; a foreign message is reported, not fatal.
-            log.error("undecodable history message on %s: %s", msg.subject, exc)
+            # Nothing natflow writes fails to decode; a foreign message is reported, not fatal
+            # (the worker holds its run as blocked when it next reads the history).
+            seq = msg.metadata.sequence.stream
+            quarantined("dispatcher_event", f"{msg.subject} #{seq}", str(exc), logger=log)
             await msg.ack()
             return
         try:
@@ -175,6 +193,11 @@ class Engine:
                 timers.Timer(
                     run_id=run_id, seq=event.seq, name=event.name, due_at=event.timeout_at
                 ),
+            )
+        elif isinstance(event, StepRetrying):  # the next attempt waits like a sleep
+            await timers.schedule(
+                self._conn,
+                timers.Timer(run_id=run_id, seq=event.seq, name=event.name, due_at=event.retry_at),
             )
         elif isinstance(event, TimerFired):
             await timers.cancel(self._conn, run_id, event.seq)

@@ -6,11 +6,13 @@ Every error natflow raises to a user derives from :class:`NatflowError`::
     ├── InvalidInput            bad argument or payload; nothing was written
     ├── RunNotFound             no run has that id
     ├── ServerUnavailable       no NATS server answered (names the command that starts one)
+    ├── ConnectionRefused       a server answered but refused the connection (TLS, credentials)
     ├── PermissionDenied        the server refused a subject to this connection
     ├── NonDeterminismError     replay asked for a different step than history recorded
     ├── RunFailed               the run ended with an error (type, message, traceback)
     ├── RunCancelled            the run was cancelled or terminated
     ├── StepError               a step raised; catchable inside the workflow
+    ├── StepTimeout             one attempt of a step ran past its timeout (recorded)
     └── SignalTimeout           wait_for_signal's timeout passed first
 
 Errors that carry a recorded failure expose it as ``error`` (an :class:`ErrorInfo`).
@@ -30,6 +32,9 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     type: str
     message: str
     traceback: str = ""
+    # With a payload codec: the message and traceback, encrypted (natflow_engine._sealing);
+    # ``message`` then says "encrypted (key <id>)".
+    sealed: str = ""
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
@@ -53,6 +58,11 @@ class RunNotFound(NatflowError, LookupError):
 
 class ServerUnavailable(NatflowError, ConnectionError):
     """No NATS server answered."""
+
+
+class ConnectionRefused(NatflowError, ConnectionError):
+    """A NATS server answered but refused the connection: its TLS handshake failed, or it
+    refused the credentials. Retrying does not help; the message names what to fix."""
 
 
 class PermissionDenied(NatflowError, PermissionError):
@@ -121,6 +131,16 @@ class StepError(_RecordedError):
     def __init__(self, step: str, error: ErrorInfo) -> None:
         super().__init__(f"step {step!r} failed: {error}", error)
         self.step = step
+
+
+class StepTimeout(NatflowError, TimeoutError):
+    """One attempt of a step ran longer than its ``timeout``; recorded as the attempt's error."""
+
+    def __init__(self, step: str, attempt: int, seconds: float) -> None:
+        super().__init__(f"step {step!r} attempt {attempt} timed out after {seconds:g} s")
+        self.step = step
+        self.attempt = attempt
+        self.seconds = seconds
 
 
 class SignalTimeout(NatflowError, TimeoutError):

@@ -14,6 +14,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
+import msgspec
 from nats.aio.msg import Msg
 
 from ._connection import (
@@ -24,6 +25,7 @@ from ._connection import (
 )
 from ._errors import NatflowError
 from ._reader import reader
+from ._sealing import seal_event
 from ._streams import HISTORY_STREAM, history_subject
 from .events import Event, decode_event, encode_event
 
@@ -41,13 +43,38 @@ class AppendConflict(NatflowError):
         self.expected = expected
 
 
+class CorruptHistory(NatflowError):
+    """An event in a run's history does not decode: the run cannot be replayed.
+
+    ``seq`` is the bad message's stream sequence; ``last_seq`` the run's last sequence and
+    ``count`` how many messages its history holds (for an append that blocks the run);
+    ``last`` the run's last event if that one decodes.
+    """
+
+    def __init__(
+        self, run_id: str, seq: int, reason: str, *, last_seq: int, count: int, last: Event | None
+    ) -> None:
+        super().__init__(
+            f"run {run_id!r}: history event at stream sequence {seq} cannot be decoded "
+            f"({reason}); the run is held as blocked. Inspect it with `nats stream get "
+            f"{HISTORY_STREAM} {seq}`; cancel or terminate it to close it"
+        )
+        self.run_id, self.seq, self.reason = run_id, seq, reason
+        self.last_seq, self.count, self.last = last_seq, count, last
+
+
 @dataclass(slots=True)
 class History:
-    """A run's events, oldest first, and the stream sequence of the last one (0 if none)."""
+    """A run's events, oldest first, and the stream sequence of the last one (0 if none).
+
+    A lenient read leaves out events that do not decode and lists them in ``corrupt`` as
+    ``(stream sequence, reason)``.
+    """
 
     run_id: str
     events: list[Event] = field(default_factory=list)
     last_seq: int = 0
+    corrupt: list[tuple[int, str]] = field(default_factory=list)
 
 
 class HistoryStore:
@@ -68,7 +95,7 @@ class HistoryStore:
         the retry then meets "wrong last sequence", so the run's last event is read and compared
         by id to tell "it landed" from "someone else wrote".
         """
-        data = encode_event(event)
+        data = encode_event(seal_event(self._conn.codec, event))
         subject = history_subject(run_id)
         msg_id = f"{event.id}:{uuid.uuid4().hex[:16]}"
         headers = {
@@ -110,7 +137,11 @@ class HistoryStore:
         msg = await self._last_msg(run_id)
         if msg is None:
             return None
-        return decode_event(msg.data), int((msg.headers or {})["Nats-Sequence"])
+        seq = int((msg.headers or {})["Nats-Sequence"])
+        try:
+            return decode_event(msg.data), seq
+        except msgspec.DecodeError as exc:
+            raise CorruptHistory(run_id, seq, str(exc), last_seq=seq, count=0, last=None) from None
 
     async def _last_msg(self, run_id: str) -> Msg | None:
         subject = f"{self._conn.api}.DIRECT.GET.{HISTORY_STREAM}.{history_subject(run_id)}"
@@ -122,12 +153,44 @@ class HistoryStore:
             raise NatflowError(f"reading run {run_id!r} failed: {headers}")
         return msg
 
-    async def read(self, run_id: str) -> History:
-        """The whole history of a run in as few requests as its size allows (one, usually)."""
+    async def read(self, run_id: str, *, lenient: bool = False) -> History:
+        """The whole history of a run in as few requests as its size allows (one, usually).
+
+        An event that does not decode raises :class:`CorruptHistory`; with ``lenient`` it is
+        left out and listed in ``History.corrupt`` instead (for inspecting such a run).
+        """
         return await retrying(
-            f"reading run {run_id}", lambda: self._read(run_id), budget=self.retry_budget
+            f"reading run {run_id}",
+            lambda: self._read(run_id, lenient),
+            budget=self.retry_budget,
         )
 
-    async def _read(self, run_id: str) -> History:
+    async def _read(self, run_id: str, lenient: bool) -> History:
         page = await self._reader.read_all(HISTORY_STREAM, history_subject(run_id))
-        return History(run_id, [decode_event(m.data) for m in page.messages], page.last_seq)
+        try:
+            return History(run_id, [decode_event(m.data) for m in page.messages], page.last_seq)
+        except msgspec.DecodeError:
+            pass  # read again with headers, to name the bad message's sequence
+        page = await self._reader.read_all(HISTORY_STREAM, history_subject(run_id), headers=True)
+        history = History(run_id, last_seq=page.last_seq)
+        for msg in page.messages:
+            try:
+                history.events.append(decode_event(msg.data))
+            except msgspec.DecodeError as exc:
+                history.corrupt.append((_seq_of(msg), str(exc)))
+        if history.corrupt and not lenient:
+            seq, reason = history.corrupt[0]
+            last = history.events[-1] if history.events else None
+            if last is not None and history.corrupt[-1][0] == page.last_seq:
+                last = None  # the last message itself is the bad one
+            raise CorruptHistory(
+                run_id, seq, reason, last_seq=page.last_seq, count=len(page.messages), last=last
+            )
+        return history
+
+
+def _seq_of(msg: Msg) -> int:
+    try:
+        return int((msg.headers or {}).get("Nats-Sequence", "0"))
+    except ValueError:
+        return 0

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from datetime import datetime
 from typing import Final
 
 import msgspec
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
-from ._errors import InvalidInput
-from ._state import RUN_STATUSES, RunInfo, apply_event
+from ._errors import InvalidInput, PermissionDenied
+from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due
 from ._streams import RUNS_STREAM, runs_subject
 from .events import Event, RunStarted
 
@@ -89,6 +90,42 @@ class RunIndex:
         log.warning("run %s: index kept changing under this engine; skipped", run_id)
         return None
 
+    async def get(self, run_id: str) -> RunInfo | None:
+        """The run's summary as the index holds it (None if the index has no entry)."""
+        current = await self._current(run_id)
+        return current[0].info if current is not None else None
+
+    async def mark_due(self, run_id: str, timer: str, due_at: datetime) -> bool:
+        """Say in the index that the run's timer is due and no worker has taken the run.
+
+        Changes nothing unless the summary still waits for exactly that timer (a claim, or a
+        newer sleep, since then wins). True if it marked the run.
+        """
+        for _ in range(5):
+            current = await self._current(run_id)
+            if current is None:
+                return False
+            entry, seq = current
+            info = entry.info
+            if info.status not in ("sleeping", "waiting") or info.due_at != due_at:
+                return False
+            mark_due(info, timer)
+            new = IndexEntry(hseq=entry.hseq, info=info)
+            try:
+                ack = await self._conn.publish(
+                    runs_subject(run_id),
+                    _entry_encoder.encode(new),
+                    {"Nats-Expected-Last-Subject-Sequence": str(seq)},
+                )
+            except JetStreamError as exc:
+                self._cache.pop(run_id, None)
+                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                    raise
+                continue
+            self._remember(run_id, new, ack.seq)
+            return True
+        return False
+
     def _remember(self, run_id: str, entry: IndexEntry, seq: int) -> None:
         self._cache[run_id] = (entry, seq)
         self._cache.move_to_end(run_id)
@@ -126,7 +163,11 @@ class RunIndex:
         if limit < 1:
             raise InvalidInput(f"limit must be at least 1, not {limit}")
         try:
-            info = await self._conn.jsm.stream_info(RUNS_STREAM)
+            info = await self._conn.guarded(
+                self._conn.api + ".", self._conn.jsm.stream_info(RUNS_STREAM), prefix=True
+            )
+        except PermissionDenied:
+            raise
         except Exception as exc:  # no stream yet means no runs yet
             log.debug("run index unavailable: %s", exc)
             return [], 0

@@ -7,6 +7,7 @@ revision-checked puts and deletes, and fire-and-forget deletes off the hot path.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -44,6 +45,15 @@ def kv_stream_config(bucket: str, description: str, replicas: int) -> api.Stream
         num_replicas=replicas,
         storage=api.StorageType.FILE,
     )
+
+
+def marker_ttl() -> float:
+    """How long a delete marker stays (``NATFLOW_KV_MARKER_TTL`` seconds, default 60).
+
+    Long enough for every watcher to see it; then it expires (silently: the buckets keep no
+    marker of an expiry), so a bucket holds nothing for runs that are gone.
+    """
+    return float(os.environ.get("NATFLOW_KV_MARKER_TTL", "60"))
 
 
 def _ttl_header(ttl: float) -> str:
@@ -89,14 +99,15 @@ async def kv_delete_nowait(
     conn: Connection, bucket: str, key: str, *, revision: int | None = None
 ) -> None:
     """Delete an entry without waiting for the acknowledgement (off the hot path)."""
-    headers = {KV_OPERATION: "DEL"}
+    headers = {KV_OPERATION: "DEL", "Nats-TTL": _ttl_header(marker_ttl())}
     if revision is not None:
         headers["Nats-Expected-Last-Subject-Sequence"] = str(revision)
     await conn.nc.publish(conn.kv_write_subject(bucket, key), b"", headers=headers)
 
 
 async def kv_delete(conn: Connection, bucket: str, key: str) -> None:
-    await conn.publish(conn.kv_write_subject(bucket, key), b"", {KV_OPERATION: "DEL"})
+    headers = {KV_OPERATION: "DEL", "Nats-TTL": _ttl_header(marker_ttl())}
+    await conn.publish(conn.kv_write_subject(bucket, key), b"", headers)
 
 
 async def kv_watch(conn: Connection, bucket: str) -> AsyncIterator[tuple[str, bytes | None, int]]:

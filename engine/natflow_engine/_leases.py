@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import msgspec
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
-from ._kv import kv_delete_nowait, kv_get, kv_put
+from ._kv import kv_delete_nowait, kv_get, kv_put, kv_stream
 from .events import utcnow
 
 LEASES_BUCKET = "natflow_leases"
@@ -65,22 +65,45 @@ class Leases:
         return lease, revision
 
     async def renew(self, lease: Lease, revision: int) -> tuple[Lease, int] | None:
-        """Extend the lease; None if another worker has taken it since ``revision``."""
+        """Extend the lease; None if another worker has taken it since ``revision``.
+
+        A renewal whose acknowledgement was lost (a leader change) has moved the revision on
+        although the lease is still ours: on a conflict the entry is read, and if it names
+        this holder and acquisition, renewed from its current revision.
+        """
         lease.expires_at = utcnow() + timedelta(seconds=lease.ttl)
-        try:
-            new = await kv_put(
-                self._conn,
-                LEASES_BUCKET,
-                lease.run_id,
-                _encoder.encode(lease),
-                revision=revision,
-                ttl=lease.ttl + 1,
-            )
-        except JetStreamError as exc:
-            if exc.err_code == ERR_WRONG_LAST_SEQUENCE:
-                return None
-            raise
-        return lease, new
+        for _ in range(2):
+            try:
+                new = await kv_put(
+                    self._conn,
+                    LEASES_BUCKET,
+                    lease.run_id,
+                    _encoder.encode(lease),
+                    revision=revision,
+                    ttl=lease.ttl + 1,
+                )
+            except JetStreamError as exc:
+                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                    raise
+                found = await self.get(lease.run_id)
+                if found is None:  # expired while it could not be renewed: write it anew
+                    revision = await self._last_revision(lease.run_id)
+                    continue
+                if not _same_holding(found[0], lease):
+                    return None
+                revision = found[1]
+                continue
+            return lease, new
+        return None
+
+    async def _last_revision(self, run_id: str) -> int:
+        """The entry's last revision, a delete marker's included (0: nothing there)."""
+        msg = await self._conn.request(
+            f"{self._conn.api}.DIRECT.GET.{kv_stream(LEASES_BUCKET)}.$KV.{LEASES_BUCKET}.{run_id}",
+            b"",
+        )
+        headers = msg.headers or {}
+        return 0 if "Status" in headers else int(headers.get("Nats-Sequence", "0"))
 
     async def release(self, run_id: str, revision: int) -> None:
         """Drop the lease if it is still ours (fire and forget)."""
@@ -89,3 +112,7 @@ class Leases:
     async def get(self, run_id: str) -> tuple[Lease, int] | None:
         found = await kv_get(self._conn, LEASES_BUCKET, run_id)
         return None if found is None else (decode_lease(found[0]), found[1])
+
+
+def _same_holding(found: Lease, mine: Lease) -> bool:
+    return found.worker == mine.worker and found.acquired_at == mine.acquired_at

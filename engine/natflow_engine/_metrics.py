@@ -35,6 +35,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
 from typing import Final, get_args
 from wsgiref.simple_server import WSGIServer
 
@@ -49,7 +50,7 @@ from ._index import RunIndex
 from ._registry import list_workers
 from ._state import CLOSED_STATUSES, RunInfo, RunStatus
 from ._streams import TASK_STREAM
-from .events import Event, RunBlocked, RunStarted
+from .events import Event, RunBlocked, RunStarted, utcnow
 
 log = logging.getLogger("natflow.metrics")
 
@@ -233,6 +234,47 @@ RUNS_BY_STATUS = _snapshot(
 TIMERS_PENDING = _snapshot(
     "natflow_timers_pending", "Timers the engine is waiting on (sleeps, timeouts, delays).", []
 )
+QUEUE_RUNS_PENDING = _snapshot(
+    "natflow_queue_runs_pending",
+    "Runs on the queue that no worker has taken yet (status pending, start delay passed).",
+    ["queue"],
+)
+QUEUE_PENDING_AGE = _snapshot(
+    "natflow_queue_oldest_pending_run_seconds",
+    "How long the oldest run that no worker has taken has waited, by queue (0 if none).",
+    ["queue"],
+)
+
+# -- engine poller: JetStream usage, from nats-server's monitoring endpoint (/jsz) ------------
+
+JS_STREAM_MESSAGES = _snapshot(
+    "natflow_jetstream_stream_messages", "Messages in a JetStream stream.", ["account", "stream"]
+)
+JS_STREAM_BYTES = _snapshot(
+    "natflow_jetstream_stream_bytes", "Bytes stored by a JetStream stream.", ["account", "stream"]
+)
+JS_STREAM_MAX_MESSAGES = _snapshot(
+    "natflow_jetstream_stream_max_messages",
+    "A stream's max_msgs limit (streams without one have no sample).",
+    ["account", "stream"],
+)
+JS_STREAM_MAX_BYTES = _snapshot(
+    "natflow_jetstream_stream_max_bytes",
+    "A stream's max_bytes limit (streams without one have no sample).",
+    ["account", "stream"],
+)
+JS_STORAGE_BYTES = _snapshot(
+    "natflow_jetstream_storage_bytes", "File storage the server's JetStream uses.", []
+)
+JS_STORAGE_LIMIT = _snapshot(
+    "natflow_jetstream_storage_limit_bytes", "The server's JetStream max_file_store.", []
+)
+JS_MEMORY_BYTES = _snapshot(
+    "natflow_jetstream_memory_bytes", "Memory storage the server's JetStream uses.", []
+)
+JS_MEMORY_LIMIT = _snapshot(
+    "natflow_jetstream_memory_limit_bytes", "The server's JetStream max_memory_store.", []
+)
 
 # -- recording helpers ------------------------------------------------------------------------
 
@@ -372,6 +414,7 @@ class EngineMetrics:
         self.interval = interval
         self._runs_every = max(1, runs_every)
         self._timers_pending = timers_pending
+        self._queues_seen: set[str] = set()
         self.polls = 0
         SIGNALS_REJECTED.labels("engine")
 
@@ -426,6 +469,7 @@ class EngineMetrics:
         QUEUE_ACK_PENDING.set_all(acks)
         QUEUE_REDELIVERED.set_all(redelivered)
         QUEUE_WAITING.set_all(waiting)
+        self._queues_seen |= {queue for (queue,) in pending}
         return {queue for (queue,) in pending}
 
     async def _workers(self, queues: set[str]) -> None:
@@ -437,9 +481,36 @@ class EngineMetrics:
 
     async def _runs(self) -> None:
         counts: Tally[tuple[str, str]] = Tally()
+        now = utcnow()
+        waiting: Tally[str] = Tally()
+        oldest: dict[str, float] = {}
         for run in await RunIndex(self._conn).scan(limit=1 << 30):
             counts[run.workflow, run.status] += 1
+            self._queues_seen.add(run.queue)
+            since = pending_since(run)
+            if since is not None and since <= now:
+                waiting[run.queue] += 1
+                age = (now - since).total_seconds()
+                oldest[run.queue] = max(oldest.get(run.queue, 0.0), age)
+        QUEUE_RUNS_PENDING.set_all({(q,): float(waiting[q]) for q in self._queues_seen})
+        QUEUE_PENDING_AGE.set_all({(q,): oldest.get(q, 0.0) for q in self._queues_seen})
         workflows = {workflow for workflow, _ in counts} | _known_workflows
         RUNS_BY_STATUS.set_all(
             {(wf, status): float(counts[wf, status]) for wf in workflows for status in RUN_STATUSES}
         )
+
+
+def pending_since(run: RunInfo) -> datetime | None:
+    """Since when a pending run waits for a worker: its creation, or the end of its start
+    delay (which the index keeps as ``current``, "starts at <time>"); None if not pending."""
+    if run.status != "pending":
+        return None
+    if run.current and run.current.startswith(_STARTS_AT):
+        try:
+            return datetime.fromisoformat(run.current[len(_STARTS_AT) :])
+        except ValueError:
+            return run.created_at
+    return run.created_at
+
+
+_STARTS_AT: Final = "starts at "

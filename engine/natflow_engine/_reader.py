@@ -15,7 +15,7 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
-from ._connection import Connection, NoResponders, RequestTimeout
+from ._connection import Connection, NoResponders
 from ._errors import NatflowError, ServerUnavailable
 
 BATCH: Final = 4096
@@ -70,6 +70,13 @@ class BatchReader:
                 return total
             start = page.last_seq + 1
 
+    async def read_last(self, stream: str, subjects: list[str]) -> Page:
+        """The last message of each subject that has one (headers included: each names its
+        subject in ``Nats-Subject``), in one request."""
+        if not subjects:
+            return Page()
+        return await self._request(stream, {"multi_last": subjects, "batch": len(subjects)})
+
     async def read(
         self,
         stream: str,
@@ -80,26 +87,28 @@ class BatchReader:
         headers: bool = False,
     ) -> Page:
         """One batch of up to ``batch`` messages from ``start`` on."""
-        prefix = await self._inbox()
-        self._counter += 1
-        token = str(self._counter)
-        read = _Read()
-        self._reads[token] = read
         request: dict[str, object] = {"seq": max(1, start), "batch": batch}
         if subject is not None:
             request["next_by_subj"] = subject
         if not headers:
             request["no_hdr"] = True
+        return await self._request(stream, request)
+
+    async def _request(self, stream: str, request: dict[str, object]) -> Page:
+        prefix = await self._inbox()
+        self._counter += 1
+        token = str(self._counter)
+        read = _Read()
+        self._reads[token] = read
+        subject = f"{self._conn.api}.DIRECT.GET.{stream}"
         try:
-            await self._conn.nc.publish(
-                f"{self._conn.api}.DIRECT.GET.{stream}",
-                msgspec.json.encode(request),
-                reply=f"{prefix}.{token}",
+            await self._conn.guarded(
+                subject, self._ask(subject, request, f"{prefix}.{token}", read)
             )
-            async with asyncio.timeout(_TIMEOUT):
-                await read.done
         except TimeoutError:
-            raise RequestTimeout(f"reading {stream} timed out") from None
+            # Refused by the server's permissions (a timeout is all nats-py shows of it)?
+            error = self._conn._timeout_error(f"{self._conn.api}.DIRECT.GET.{stream}", _TIMEOUT)
+            raise error from None
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
             raise ServerUnavailable(f"lost the NATS connection while reading {stream}") from exc
         finally:
@@ -109,6 +118,11 @@ class BatchReader:
                 raise NoResponders(f"{self._conn.api}.DIRECT.GET.{stream}")
             raise NatflowError(f"reading {stream} failed: {read.error}")
         return read.page
+
+    async def _ask(self, subject: str, request: dict[str, object], reply: str, read: _Read) -> None:
+        await self._conn.nc.publish(subject, msgspec.json.encode(request), reply=reply)
+        async with asyncio.timeout(_TIMEOUT):
+            await read.done
 
     async def _inbox(self) -> str:
         if self._prefix is None:

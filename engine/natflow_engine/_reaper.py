@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Final
 
 import anyio
+import msgspec
 import nats.errors
 
 from ._connection import Connection, NoResponders, RequestTimeout
@@ -24,7 +26,9 @@ from ._kv import kv_delete_nowait, kv_watch
 from ._leases import LEASES_BUCKET, Lease, decode_lease
 from ._logs import fields
 from ._metrics import TAKEOVERS
+from ._quarantine import quarantined
 from ._registry import WORKERS_BUCKET, decode_worker, ping_subject
+from ._signals import dead_letter_item
 from .events import utcnow
 
 log = logging.getLogger("natflow.reaper")
@@ -66,15 +70,44 @@ class Reaper:
         async for run_id, value, revision in kv_watch(self._conn, LEASES_BUCKET):
             if value is None:
                 self.leases.pop(run_id, None)
-            else:
+                continue
+            try:
                 self.leases[run_id] = (decode_lease(value), revision)
+            except msgspec.DecodeError as exc:
+                self.leases.pop(run_id, None)
+                # A lease is advisory (history fences): drop the bad one, keep watching.
+                await self._quarantine(LEASES_BUCKET, "kv_leases", run_id, value, revision, exc)
+                await self._quietly(
+                    kv_delete_nowait(self._conn, LEASES_BUCKET, run_id, revision=revision)
+                )
 
     async def _watch_workers(self) -> None:
-        async for identity, value, _ in kv_watch(self._conn, WORKERS_BUCKET):
+        async for identity, value, revision in kv_watch(self._conn, WORKERS_BUCKET):
             if value is None:
                 self.workers.discard(identity)
-            else:
+                continue
+            try:
                 self.workers.add(decode_worker(value).identity)
+            except msgspec.DecodeError as exc:
+                # A live worker writes its entry again on its next heartbeat.
+                await self._quarantine(WORKERS_BUCKET, "kv_workers", identity, value, revision, exc)
+
+    async def _quarantine(
+        self, bucket: str, path: str, key: str, value: bytes, revision: int, exc: Exception
+    ) -> None:
+        reason = f"the entry does not decode: {exc}"
+        if quarantined(path, f"{bucket}/{key}", reason, logger=log):
+            letter = dead_letter_item(
+                self._conn, "kv", f"$KV.{bucket}.{key}", reason, revision, value
+            )
+            await self._quietly(letter)
+
+    @staticmethod
+    async def _quietly(op: Awaitable[None]) -> None:
+        try:
+            await op
+        except (NatflowError, nats.errors.Error) as exc:
+            log.warning("could not set a bad entry aside: %s", exc)
 
     async def _probe(self, identity: str) -> None:
         try:

@@ -9,14 +9,18 @@ worker from a slow one within a fraction of a second.
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import msgspec
+import nats.errors
 
 from ._connection import Connection
 from ._kv import kv_delete, kv_put, kv_stream
+
+log = logging.getLogger("natflow.registry")
 
 WORKERS_BUCKET = "natflow_workers"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -46,10 +50,43 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     # JSON Schema of each served workflow's input (msgspec-generated), so any tool can validate
     # a start before writing it.
     input_schemas: dict[str, Any] = {}
+    # Who the NATS server says the worker connected as (a config user, or a creds JWT's
+    # name) and in which account; "" where the server would not say (see connected_user).
+    user: str = ""
+    account: str = ""
 
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(WorkerInfo)
+
+
+class _UserInfo(msgspec.Struct):
+    user: str = ""
+    user_name: str = ""
+    account: str = ""
+    account_name: str = ""
+
+
+class _UserInfoReply(msgspec.Struct):
+    data: _UserInfo | None = None
+
+
+USER_INFO_SUBJECT: Final = "$SYS.REQ.USER.INFO"
+
+
+async def connected_user(conn: Connection) -> tuple[str, str]:
+    """``(user, account)`` as the server names this connection's user (``$SYS.REQ.USER.INFO``:
+    the server's own word, not what the client claims), or ``("", "")`` if it would not say.
+    A creds JWT's user is shown by its name, with its public key; a config user by name."""
+    try:
+        msg = await conn.nc.request(USER_INFO_SUBJECT, b"", timeout=1.0)
+        data = msgspec.json.decode(msg.data, type=_UserInfoReply).data
+    except (nats.errors.Error, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
+        return "", ""  # denied, or a server too old to answer
+    if data is None:
+        return "", ""
+    user = f"{data.user_name} ({data.user})" if data.user_name else data.user
+    return user, data.account_name or data.account
 
 
 async def announce(conn: Connection, info: WorkerInfo) -> None:
@@ -67,20 +104,25 @@ def decode_worker(data: bytes) -> WorkerInfo:
 async def list_workers(conn: Connection) -> list[WorkerInfo]:
     """Every registered worker (live or within three heartbeats of its last one)."""
     found: list[WorkerInfo] = []
+    subject = f"{conn.api}.DIRECT.GET.{kv_stream(WORKERS_BUCKET)}"
     sub = await conn.nc.subscribe(conn.nc.new_inbox())
     try:
         body = msgspec.json.encode({"multi_last": [f"$KV.{WORKERS_BUCKET}.>"], "batch": 1024})
-        await conn.nc.publish(
-            f"{conn.api}.DIRECT.GET.{kv_stream(WORKERS_BUCKET)}", body, reply=sub.subject
-        )
+        await conn.nc.publish(subject, body, reply=sub.subject)
         while True:
-            msg = await sub.next_msg(timeout=5)
+            try:
+                msg = await sub.next_msg(timeout=5)
+            except nats.errors.TimeoutError:  # denied (the server said so on the side), or slow
+                raise conn._timeout_error(subject, 5) from None
             headers = msg.headers or {}
             if "Status" in headers:
                 break
             if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
                 continue
-            found.append(decode_worker(msg.data))
+            try:
+                found.append(decode_worker(msg.data))
+            except msgspec.DecodeError:  # a bad entry (the engine dead-letters it): skip it
+                log.warning("skipping a worker entry that does not decode: %s", msg.subject)
     finally:
         await sub.unsubscribe()
     return sorted(found, key=lambda w: w.identity)

@@ -9,13 +9,15 @@ from datetime import datetime
 import msgspec
 
 from ._connection import Connection
-from ._errors import NatflowError, RunNotFound
-from ._history import AppendConflict, HistoryStore
+from ._errors import ErrorInfo, NatflowError, RunNotFound
+from ._history import AppendConflict, History, HistoryStore
+from ._index import RunIndex
 from ._names import check_queue, check_run_id, check_workflow_name
+from ._sealing import open_events, seal
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
 from ._streams import ensure_streams
 from ._tasks import Task, enqueue
-from .events import Event, RunStarted, Trigger, encode_event, utcnow
+from .events import Event, RunClaimed, RunStarted, Trigger, encode_event, utcnow
 
 log = logging.getLogger("natflow.runs")
 
@@ -43,6 +45,7 @@ class Runs:
         parent: str | None = None,
         not_before: datetime | None = None,
         trigger: Trigger | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
@@ -51,10 +54,13 @@ class Runs:
         The run is created by a conditional append that expects the run to have no history,
         so two starts of one id make one run. Then its task is enqueued; if this process dies
         in between, the engine's dispatcher enqueues it (a start is never lost).
+        ``trace_context`` is the W3C trace context of the starter's span, kept in history.
         """
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
         check_queue(queue)
+        if self.conn.codec is not None:  # sealed here, so the task's inline copy is too
+            input_json = seal(self.conn.codec, input_json)
         self.conn.check_size(f"input of run {run_id!r}", len(input_json))
         await ensure_streams(self.conn)
         event = RunStarted(
@@ -66,6 +72,7 @@ class Runs:
             parent=parent,
             not_before=not_before,
             trigger=trigger,
+            trace_context=trace_context,
         )
         try:
             seq = await self.history.append(run_id, event, 0)
@@ -94,18 +101,50 @@ class Runs:
         return run_id, True
 
     async def events(self, run_id: str) -> list[Event]:
+        """The run's events; one that does not decode is left out (and logged)."""
+        return self._opened(run_id, await self._read(run_id))
+
+    def _opened(self, run_id: str, history: History) -> list[Event]:
+        # Opened where this connection holds the key; what it cannot open stays sealed.
+        return open_events(self.conn.codec, history.events, run_id, strict=False)
+
+    async def _read(self, run_id: str) -> History:
         check_run_id(run_id)
         await ensure_streams(self.conn)
-        history = await self.history.read(run_id)
-        if not history.events:
+        history = await self.history.read(run_id, lenient=True)
+        if not history.events and not history.corrupt:
             raise RunNotFound(run_id)
-        return history.events
+        for seq, reason in history.corrupt:
+            log.warning("run %s: history event #%d does not decode (%s)", run_id, seq, reason)
+        return history
 
     async def describe(self, run_id: str) -> RunInfo:
-        info = fold_run(run_id, await self.events(run_id))
+        history = await self._read(run_id)
+        events = self._opened(run_id, history)
+        info = fold_run(run_id, events)
         if info is None:
             raise RunNotFound(run_id)
+        if history.corrupt and not info.is_closed:
+            seq, reason = history.corrupt[0]
+            info.status = "blocked"
+            info.error = ErrorInfo(
+                type="CorruptHistory",
+                message=f"history event at stream sequence {seq} does not decode: {reason}",
+            )
+            info.current = f"blocked: {info.error.message}"
+            return info
+        # A claim as the last event: a worker has the run now and fires the timer itself.
+        overdue = info.due_at is not None and info.due_at <= utcnow()
+        if overdue and events and not isinstance(events[-1], RunClaimed):
+            await self._overdue(info)
         return info
+
+    async def _overdue(self, info: RunInfo) -> None:
+        """A timer past due: if the engine saw it pass unfired, say so as the index does
+        ("timer 'x' due since ..., waiting for a worker", status pending)."""
+        indexed = await RunIndex(self.conn).get(info.run_id)
+        if indexed is not None and indexed.status == "pending" and indexed.due_at == info.due_at:
+            info.status, info.current = indexed.status, indexed.current
 
     async def steps(self, run_id: str) -> list[StepInfo]:
         return fold_steps(await self.events(run_id))

@@ -14,8 +14,11 @@ run's only writer, and deduplicated by ``signal_id`` beyond the stream's 2-minut
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -23,19 +26,17 @@ from typing import Final
 import anyio
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
 from ._connection import Connection, PubAck, retrying
 from ._errors import NatflowError
-from ._history import HistoryStore
-from ._logs import fields
 from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
 from ._names import _TOKEN
-from ._puller import engine_consumer
+from ._puller import Puller, engine_consumer
 from ._reader import reader
 from ._streams import (
+    CONTROL_TOKEN,
     DEADLETTER_PREFIX,
     DEADLETTER_STREAM,
     HISTORY_STREAM,
@@ -46,15 +47,20 @@ from ._streams import (
     signal_subject,
 )
 from ._wake import run_start, wake
-from .events import TERMINAL_EVENTS, utcnow
+from .events import TERMINAL_EVENTS, decode_event, utcnow
 
 log = logging.getLogger("natflow.signals")
 
 INTAKE: Final = "natflow-engine-signals"
-# Reserved names: `$` is outside the characters a user's signal name may use.
+# Cancel and terminate, as the signal names history and the worker know them (`$` is outside
+# the characters a user's signal name may use). They travel on a subject of their own,
+# ``natflow.signal.<run_id>.$control.<cancel|terminate>``: five tokens, which the grant for
+# ordinary signals (``natflow.signal.*.*``) does not match, so the right to cancel is a NATS
+# permission of its own (see _auth).
 CANCEL: Final = "$cancel"
 TERMINATE: Final = "$terminate"
 CONTROL: Final = (CANCEL, TERMINATE)
+_CONTROL_BY_TOKEN: Final = {"cancel": CANCEL, "terminate": TERMINATE}
 _MAX_SHOWN_PAYLOAD: Final = 2048
 
 
@@ -80,8 +86,18 @@ def parse(msg: Msg, seq: int) -> Signal:
     subject = (msg.headers or {}).get("Nats-Subject", msg.subject)  # direct gets name it so
     tokens = subject.split(".")
     name = tokens[3] if len(tokens) > 3 else ""
-    if len(tokens) != 4:
+    if len(tokens) == 5 and name == CONTROL_TOKEN and tokens[4] in _CONTROL_BY_TOKEN:
+        name = _CONTROL_BY_TOKEN[tokens[4]]
+    elif len(tokens) != 4:
         raise BadSignal(seq, subject, name, "subject must be natflow.signal.<run_id>.<signal_name>")
+    elif name in CONTROL:  # the reserved names are only honoured on their own subject
+        raise BadSignal(
+            seq,
+            subject,
+            name,
+            f"cancel and terminate are sent on natflow.signal.<run_id>.{CONTROL_TOKEN}"
+            f".<cancel|terminate> (client.cancel, client.terminate), not as a signal name",
+        )
     run_id = tokens[2]
     for kind, value in (("run id", run_id), ("signal name", name)):
         if value in CONTROL and kind == "signal name":
@@ -130,6 +146,15 @@ async def last_signal_seq(conn: Connection, run_id: str) -> int:
     msg = await conn.request(f"{conn.api}.DIRECT.GET.{SIGNAL_STREAM}.{signal_filter(run_id)}", b"")
     headers = msg.headers or {}
     return 0 if "Status" in headers else int(headers["Nats-Sequence"])
+
+
+def control_request(subject: str) -> str | None:
+    """:data:`CANCEL` or :data:`TERMINATE` if ``subject`` is a run's cancel or terminate
+    request (``natflow.signal.<run_id>.$control.<cancel|terminate>``), else None."""
+    tokens = subject.split(".")
+    if len(tokens) == 5 and tokens[3] == CONTROL_TOKEN:
+        return _CONTROL_BY_TOKEN.get(tokens[4])
+    return None
 
 
 def scoped_signal_id(run_id: str, name: str, signal_id: str) -> str:
@@ -194,19 +219,34 @@ _dl_encoder = msgspec.json.Encoder()
 _dl_decoder = msgspec.json.Decoder(DeadLetter)
 
 
-async def dead_letter(conn: Connection, letter: DeadLetter) -> None:
-    token = letter.run_id if _TOKEN.fullmatch(letter.run_id) else "_"
-    await conn.publish(
-        f"{DEADLETTER_PREFIX}.{letter.kind}.{token}",
-        _dl_encoder.encode(letter),
-        {"Nats-Msg-Id": f"signal-{letter.signal_seq}"},
+async def dead_letter_item(
+    conn: Connection,
+    kind: str,
+    subject: str,
+    reason: str,
+    seq: int,
+    payload: bytes,
+    *,
+    run_id: str = "",
+    name: str = "",
+) -> None:
+    """Dead-letter something other than a signal (a task, a KV entry) with the reason; one
+    letter per ``(kind, seq)``, however many processes meet it."""
+    letter = DeadLetter(
+        kind=kind,
+        subject=subject,
+        run_id=run_id,
+        name=name,
+        reason=reason,
+        signal_seq=seq,
+        at=utcnow(),
+        payload=payload[:_MAX_SHOWN_PAYLOAD].decode(errors="replace"),
     )
-    log.warning(
-        "signal %s (#%d) dead-lettered: %s",
-        letter.subject,
-        letter.signal_seq,
-        letter.reason,
-        extra=fields(letter.run_id or None, signal=letter.name),
+    token = run_id if _TOKEN.fullmatch(run_id) else "_"
+    await conn.publish(
+        f"{DEADLETTER_PREFIX}.{kind}.{token}",
+        _dl_encoder.encode(letter),
+        {"Nats-Msg-Id": f"{kind}-{subject}-{seq}"},
     )
 
 
@@ -230,13 +270,24 @@ def intake_config() -> api.ConsumerConfig:
 
 
 class SignalIntake:
-    """Reads each signal once: wakes its run, or dead-letters it with the reason."""
+    """Reads each signal once: wakes its run, or dead-letters it with the reason.
+
+    Signals are taken as they arrive, up to :data:`_WINDOW` at a time, and handled as one
+    batch: one request looks up the last event of every run they name (a multi-last direct
+    get), each live run is woken once, and the dead letters are published together. A flood
+    of signals to unknown or finished runs is handled at thousands per second, so a good
+    signal behind it is not held up for long. Every signal of a batch was stored before the
+    look-up, so "no run has this id" holds for each (it never reaches a run created later).
+    """
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._history = HistoryStore(conn)
         self.received = 0
         self.rejected = 0
+        self._held = 0  # taken from the consumer, not yet acknowledged
+        self._backlog: list[tuple[Msg, BadSignal]] = []
+        self._more_bad = anyio.Event()
+        self._taking = False
 
     async def run(self) -> None:
         config = intake_config()
@@ -244,64 +295,183 @@ class SignalIntake:
             "the signal intake's consumer",
             lambda: self._conn.jsm.add_consumer(SIGNAL_STREAM, config=config),
         )
-        sub = await self._conn.js.pull_subscribe_bind(durable=INTAKE, stream=SIGNAL_STREAM)
+        puller = Puller(self._conn, SIGNAL_STREAM, INTAKE)
+        await puller.start()
         try:
-            while True:
-                try:
-                    msgs = await sub.fetch(batch=1, timeout=5)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
-                except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                    log.warning("signal intake fetch failed (%s); retrying in 1 s", exc)
-                    await anyio.sleep(1.0)
-                    continue
-                for msg in msgs:
-                    await self._take(msg)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(puller.keep_asking, lambda: _WINDOW - self._held)
+                tg.start_soon(self._dead_letter_backlog, puller)
+                async for first in puller.messages:
+                    batch = [first]
+                    while len(batch) < _BATCH:
+                        try:
+                            batch.append(puller.messages.receive_nowait())
+                        except anyio.WouldBlock:
+                            break
+                    self._held += len(batch)
+                    self._taking = True
+                    try:
+                        await self._take(batch)
+                    except Exception as exc:  # a bug must not stop the intake: retry later
+                        log.error("signal intake: batch failed (%s); retrying", exc, exc_info=exc)
+                        await self._nak(batch)
+                    finally:
+                        self._taking = False
+                    puller.wake()
         finally:
-            # Shielded: a pull subscription left open holds up the connection's drain (nats-py
-            # leaves messages it fetched marked unfinished) for its whole 30 s timeout.
-            try:
-                with anyio.CancelScope(shield=True):
-                    await sub.unsubscribe()
-            except Exception:  # the connection is going away; the server drops the pull
-                log.debug("unsubscribe failed", exc_info=True)
+            # Shielded: a cancelled intake that kept this subscription would keep receiving
+            # (and never acknowledging) the signals its outstanding pull asked for.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await puller.stop()
+                except Exception:  # the connection is going away; the server drops the pull
+                    log.debug("unsubscribe failed", exc_info=True)
 
-    async def _take(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
+    async def _take(self, msgs: list[Msg]) -> None:
+        """Handle a batch: wake each live run once; queue the rest for dead letters."""
+        good: dict[str, list[tuple[Msg, Signal]]] = {}
+        bad: list[tuple[Msg, BadSignal]] = []
+        for msg in msgs:
+            seq = msg.metadata.sequence.stream
+            try:
+                signal = parse(msg, seq)
+            except BadSignal as exc:
+                bad.append((msg, exc))
+                continue
+            good.setdefault(signal.run_id, []).append((msg, signal))
         try:
-            signal = parse(msg, seq)
-            start = await run_start(self._conn, signal.run_id)
-            if start is None:
-                raise BadSignal(seq, msg.subject, signal.name, "no run has this id")
-            last = await self._history.last(signal.run_id)
-            if last is not None and isinstance(last[0], TERMINAL_EVENTS):
-                raise BadSignal(
-                    seq,
-                    msg.subject,
-                    signal.name,
-                    f"the run already ended ({str(last[0].__struct_config__.tag)[4:]})",
-                )
-            await wake(self._conn, start, signal.run_id, f"signal {signal.name}")
-            self.received += 1
-            SIGNALS_RECEIVED.labels(start.workflow).inc()
-        except BadSignal as bad:
-            self.rejected += 1
-            run_id = msg.subject.split(".")[2] if msg.subject.count(".") >= 2 else ""
-            await dead_letter(
-                self._conn,
-                DeadLetter(
-                    subject=msg.subject,
-                    run_id=run_id,
-                    name=bad.name,
-                    reason=bad.reason,
-                    signal_seq=seq,
-                    at=utcnow(),
-                    payload=msg.data[:_MAX_SHOWN_PAYLOAD].decode(errors="replace"),
-                ),
-            )
-            SIGNALS_REJECTED.labels("engine").inc()
-        except Exception as exc:  # the server or the run could not be read: try again soon
-            log.warning("signal #%d: could not process (%s); retrying", seq, exc)
-            await msg.nak(delay=1.0)
+            lasts = await last_events(self._conn, list(good))
+        except Exception as exc:  # the server could not be read: try again soon
+            log.warning("signal intake: could not look runs up (%s); retrying", exc)
+            await self._nak([m for sigs in good.values() for m, _ in sigs])
+            good, lasts = {}, {}
+        for run_id in list(good):
+            reason = _undeliverable(lasts.get(run_id))
+            if reason is not None:
+                sigs = good.pop(run_id)
+                bad += [(m, BadSignal(sig.seq, m.subject, sig.name, reason)) for m, sig in sigs]
+        if bad:
+            self._backlog += bad
+            self._more_bad.set()
+        await asyncio.gather(*(self._wake(run_id, sigs) for run_id, sigs in good.items()))
+
+    async def _dead_letter_backlog(self, puller: Puller) -> None:
+        """Dead-letter bad signals in the background, so that they hold up no good one."""
+        while True:
+            await self._more_bad.wait()
+            self._more_bad = anyio.Event()
+            while self._backlog:
+                # Signals still to look at come first: a good one may be among them.
+                while puller.messages.statistics().current_buffer_used or self._taking:  # noqa: ASYNC110 - a poll of two conditions
+                    await anyio.sleep(0.005)
+                chunk = self._backlog[:_DEAD_LETTER_CHUNK]
+                del self._backlog[:_DEAD_LETTER_CHUNK]
+                await self._reject_all(chunk)
+                puller.wake()
+
+    async def _nak(self, msgs: list[Msg]) -> None:
+        self._held = max(0, self._held - len(msgs))
+        await asyncio.gather(*(_quietly(m.nak(delay=1.0)) for m in msgs))
+
+    async def _ack(self, msgs: list[Msg]) -> None:
+        self._held = max(0, self._held - len(msgs))
+        await asyncio.gather(*(_quietly(m.ack()) for m in msgs))
+
+    async def _wake(self, run_id: str, signals: list[tuple[Msg, Signal]]) -> None:
+        names = ", ".join(sorted({sig.name for _, sig in signals}))
+        try:
+            start = await run_start(self._conn, run_id)
+            if start is None:  # its history was read a moment ago: a replica lagging
+                raise NatflowError(f"run {run_id} has no run_started")
+            await wake(self._conn, start, run_id, f"signal {names}")
+        except Exception as exc:
+            log.warning("signals of run %s: wake-up failed (%s); retrying", run_id, exc)
+            await self._nak([m for m, _ in signals])
             return
-        await msg.ack()
+        self.received += len(signals)
+        SIGNALS_RECEIVED.labels(start.workflow).inc(len(signals))
+        await self._ack([m for m, _ in signals])
+
+    async def _reject_all(self, bad: list[tuple[Msg, BadSignal]]) -> None:
+        if not bad:
+            return
+        results = await asyncio.gather(
+            *(self._dead_letter(m, b) for m, b in bad), return_exceptions=True
+        )
+        failed = [m for (m, _), r in zip(bad, results, strict=True) if r is not None]
+        done = [m for (m, _), r in zip(bad, results, strict=True) if r is None]
+        await self._nak(failed)
+        await self._ack(done)
+        self.rejected += len(done)
+        SIGNALS_REJECTED.labels("engine").inc(len(done))
+        reasons = Counter(b.reason for (_, b), r in zip(bad, results, strict=True) if r is None)
+        shown = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3))
+        log.warning("dead-lettered %d signals (%s)", len(done), shown)
+        if failed:
+            log.warning("could not dead-letter %d signals (%s); retrying", len(failed), results)
+
+    async def _dead_letter(self, msg: Msg, bad: BadSignal) -> None:
+        seq = msg.metadata.sequence.stream
+        letter = DeadLetter(
+            subject=msg.subject,
+            run_id=_run_token(msg.subject),
+            name=bad.name,
+            reason=bad.reason,
+            signal_seq=seq,
+            at=utcnow(),
+            payload=msg.data[:_MAX_SHOWN_PAYLOAD].decode(errors="replace"),
+        )
+        token = letter.run_id if _TOKEN.fullmatch(letter.run_id) else "_"
+        await self._conn.publish(
+            f"{DEADLETTER_PREFIX}.{letter.kind}.{token}",
+            _dl_encoder.encode(letter),
+            {"Nats-Msg-Id": f"signal-{seq}"},
+        )
+        log.debug("signal %s (#%d) dead-lettered: %s", msg.subject, seq, bad.reason)
+
+
+# Signals taken from the consumer and not yet acknowledged: enough that a flood of bad ones
+# (dead-lettered in the background) does not keep a good one behind it from arriving.
+_WINDOW: Final = 16_384
+_BATCH: Final = 1024  # signals looked at together
+_DEAD_LETTER_CHUNK: Final = 256  # dead letters published together
+_LOOKUP_CHUNK: Final = 256  # runs looked up per request
+
+
+async def last_events(conn: Connection, run_ids: list[str]) -> dict[str, bytes]:
+    """The last history event (encoded) of each run that exists, in as few requests as the
+    number of runs allows (multi-last direct gets)."""
+    found: dict[str, bytes] = {}
+    for at in range(0, len(run_ids), _LOOKUP_CHUNK):
+        chunk = run_ids[at : at + _LOOKUP_CHUNK]
+        subjects = [history_subject(r) for r in chunk]
+        page = await reader(conn).read_last(HISTORY_STREAM, subjects)
+        prefix = len(history_subject(""))
+        for msg in page.messages:
+            subject = (msg.headers or {}).get("Nats-Subject", "")
+            found[subject[prefix:]] = msg.data
+    return found
+
+
+def _undeliverable(last: bytes | None) -> str | None:
+    """Why a run with this last event takes no signal (None: it takes them)."""
+    if last is None:
+        return "no run has this id"
+    try:
+        event = decode_event(last)
+    except msgspec.DecodeError:  # the worker holds such a run as blocked; wake it
+        return None
+    if isinstance(event, TERMINAL_EVENTS):
+        return f"the run already ended ({str(event.__struct_config__.tag)[4:]})"
+    return None
+
+
+def _run_token(subject: str) -> str:
+    return subject.split(".")[2] if subject.count(".") >= 2 else ""
+
+
+async def _quietly(op: Awaitable[None]) -> None:
+    try:
+        await op
+    except (nats.errors.Error, OSError) as exc:  # it comes back by itself
+        log.debug("acknowledgement failed: %s", exc)

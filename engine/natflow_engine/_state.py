@@ -23,6 +23,7 @@ from .events import (
     SignalWaited,
     StepCompleted,
     StepFailed,
+    StepRetrying,
     StepStarted,
     TimerFired,
     TimerScheduled,
@@ -76,6 +77,7 @@ class RunInfo(msgspec.Struct, kw_only=True):
     worker: str | None = None
     parent: str | None = None
     trigger: Trigger | None = None  # the schedule fire or event that started the run
+    due_at: datetime | None = None  # when the timer the run waits for (if any) comes due
 
     @property
     def is_closed(self) -> bool:
@@ -90,17 +92,31 @@ def fold_steps(events: list[Event]) -> list[StepInfo]:
     """Every step occurrence in the order the workflow asked for them."""
     steps: dict[int, StepInfo] = {}
     for event in events:
-        if isinstance(event, StepStarted | StepCompleted | StepFailed):
-            steps[event.seq] = _step_info(event)
+        if isinstance(event, StepStarted | StepCompleted | StepFailed | StepRetrying):
+            info = _step_info(event)
+            earlier = steps.get(event.seq)
+            if earlier is not None and earlier.started_at is not None:
+                info.started_at = earlier.started_at  # when the first attempt started
+            steps[event.seq] = info
         elif isinstance(event, RunCompleted | RunFailed | RunCancelled | RunTerminated):
             # The run ended with these steps in flight: they will never finish.
             for step in steps.values():
-                if step.status == "running":
+                if step.status in ("running", "retrying"):
                     step.status, step.finished_at = "cancelled", event.at
     return [steps[seq] for seq in sorted(steps)]
 
 
-def _step_info(event: StepStarted | StepCompleted | StepFailed) -> StepInfo:
+def _step_info(event: StepStarted | StepCompleted | StepFailed | StepRetrying) -> StepInfo:
+    if isinstance(event, StepRetrying):
+        return StepInfo(
+            name=event.name,
+            occurrence=event.occurrence,
+            status="retrying",
+            attempts=event.attempt,
+            started_at=event.started_at,
+            error=event.error,
+            seq=event.seq,
+        )
     info = StepInfo(
         name=event.name,
         occurrence=event.occurrence,
@@ -119,7 +135,11 @@ def _step_info(event: StepStarted | StepCompleted | StepFailed) -> StepInfo:
 
 
 def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
-    """The run's summary, or None if it has no events (it does not exist)."""
+    """The run's summary, or None if it has no events (it does not exist).
+
+    ``due_at`` is when the timer the run waits for (a sleep, a wait's timeout, a step's next
+    attempt) comes due; whether it is overdue is the engine's to say (:func:`mark_due`).
+    """
     if not events or not isinstance(events[0], RunStarted):
         return None
     start = events[0]
@@ -130,13 +150,22 @@ def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
     if info.is_closed or info.status == "blocked":
         return info
     waits = pending_waits(events)
+    info.due_at = None
     if running:
         info.status, info.current = "running", f"running step {running[max(running)]!r}"
     elif waits:
-        info.status, info.current = waits[0]
+        info.status, info.current, _, _ = waits[0]
+        info.due_at = min((due for _, _, due, _ in waits if due is not None), default=None)
     elif info.status == "running":
         info.current = "running"
     return info
+
+
+def mark_due(info: RunInfo, timer: str) -> None:
+    """The run's timer came due and no worker has taken the run yet."""
+    assert info.due_at is not None
+    info.status = "pending"
+    info.current = f"timer {timer!r} due since {info.due_at.isoformat()}, waiting for a worker"
 
 
 def new_info(run_id: str, start: RunStarted) -> RunInfo:
@@ -155,21 +184,26 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
     return info
 
 
-def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str]]:
-    """Sleeps and signal waits not yet resolved, earliest command first.
+def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str, datetime | None, str]]:
+    """Sleeps, signal waits and step retries not yet resolved, earliest command first:
+    ``(status, current, due time of its timer or None, timer name)``.
 
     Mirrors the workflow's own matching: a signal goes to the oldest waiter of its name, and
     a timer that fired after its wait was satisfied changes nothing.
     """
-    pending: dict[int, tuple[RunStatus, str]] = {}
+    pending: dict[int, tuple[RunStatus, str, datetime | None, str]] = {}
     waiting: dict[str, list[int]] = {}
     for event in events:
         if isinstance(event, TimerScheduled):
-            pending[event.seq] = ("sleeping", f"sleeping until {when(event.due_at)}")
+            text = f"sleeping until {when(event.due_at)}"
+            pending[event.seq] = ("sleeping", text, event.due_at, event.name)
         elif isinstance(event, SignalWaited):
             timeout = f" (timeout at {when(event.timeout_at)})" if event.timeout_at else ""
-            pending[event.seq] = ("waiting", f"waiting for signal {event.name!r}{timeout}")
+            text = f"waiting for signal {event.name!r}{timeout}"
+            pending[event.seq] = ("waiting", text, event.timeout_at, event.name)
             waiting.setdefault(event.name, []).append(event.seq)
+        elif isinstance(event, StepRetrying):
+            pending[event.seq] = ("sleeping", retrying_text(event), event.retry_at, event.name)
         elif isinstance(event, TimerFired):
             pending.pop(event.seq, None)
             for seqs in waiting.values():
@@ -178,6 +212,14 @@ def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str]]:
         elif isinstance(event, SignalReceived) and waiting.get(event.name):
             pending.pop(waiting[event.name].pop(0), None)
     return [pending[seq] for seq in sorted(pending)]
+
+
+def retrying_text(event: StepRetrying) -> str:
+    """``current`` of a run whose step waits for its next attempt."""
+    return (
+        f"retrying step {event.name!r}: attempt {event.attempt + 1} at "
+        f"{event.retry_at.isoformat()} (attempt {event.attempt} failed: {event.error})"
+    )
 
 
 def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = None) -> None:
@@ -191,17 +233,23 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     info.updated_at = event.at
     if isinstance(event, RunClaimed):
         info.worker = event.worker
-        info.status, info.current, info.error = "running", None, None
+        info.status, info.current, info.error, info.due_at = "running", None, None, None
     elif isinstance(event, StepStarted):
         running[event.seq] = event.name
         info.status = "running"
     elif isinstance(event, StepCompleted | StepFailed):
         running.pop(event.seq, None)
         info.status = "running"
+    elif isinstance(event, StepRetrying):
+        running.pop(event.seq, None)
+        info.status, info.current = "sleeping", retrying_text(event)
+        info.due_at = event.retry_at
     elif isinstance(event, TimerScheduled):
         info.status, info.current = "sleeping", f"sleeping until {when(event.due_at)}"
+        info.due_at = event.due_at
     elif isinstance(event, SignalWaited):
         info.status, info.current = "waiting", f"waiting for signal {event.name!r}"
+        info.due_at = event.timeout_at
     elif isinstance(event, RunBlocked):
         info.status = "blocked"
         info.error = event.error

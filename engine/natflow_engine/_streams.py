@@ -12,7 +12,8 @@ Layout (all names are public and documented in the README):
 * ``NATFLOW_RUNS``: the run index, ``natflow.runs.<run_id>``, the latest summary of each run;
   a projection the engine rebuilds from history.
 * ``NATFLOW_SIGNALS``: signals as any NATS client publishes them,
-  ``natflow.signal.<run_id>.<name>``; durable from the acknowledgement on.
+  ``natflow.signal.<run_id>.<name>``, and cancel/terminate requests on
+  ``natflow.signal.<run_id>.$control.<cancel|terminate>``; durable from the acknowledgement on.
 * ``NATFLOW_DEADLETTER``: ``natflow.deadletter.<kind>.<run_id>``, what could not be
   delivered, with the reason.
 * ``NATFLOW_EVENTS``: events from any NATS client, ``natflow.event.<name>``, that start the
@@ -33,6 +34,7 @@ import nats.js.errors
 from nats.js import api
 
 from ._connection import ERR_STREAM_NAME_IN_USE, Connection
+from ._errors import PermissionDenied
 from ._kv import kv_stream_config
 
 log = logging.getLogger("natflow.streams")
@@ -54,6 +56,7 @@ SCHEDULES_BUCKET: Final = "natflow_schedules"
 TRIGGERS_BUCKET: Final = "natflow_triggers"
 RETENTION_DAYS: Final = 30
 _PLAIN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CONTROL_TOKEN: Final = "$control"  # natflow.signal.<run_id>.$control.<cancel|terminate>
 
 
 def history_subject(run_id: str) -> str:
@@ -83,6 +86,10 @@ def runs_subject(run_id: str) -> str:
 
 
 def signal_subject(run_id: str, name: str) -> str:
+    """Where signal ``name`` to the run is published; cancel and terminate (``$cancel``,
+    ``$terminate``) go to ``natflow.signal.<run_id>.$control.<cancel|terminate>``."""
+    if name.startswith("$"):
+        return f"{SIGNAL_PREFIX}.{run_id}.{CONTROL_TOKEN}.{name[1:]}"
     return f"{SIGNAL_PREFIX}.{run_id}.{name}"
 
 
@@ -188,6 +195,12 @@ async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> None:
     try:
         await conn.admin(f"creating stream {name}", lambda: conn.jsm.add_stream(config))
         log.info("created stream %s", name)
+    except PermissionDenied as exc:
+        raise PermissionDenied(
+            f"natflow's stream {name} does not exist and this connection may not create it "
+            f"({exc}); start the engine (`natflow engine`) or run `natflow init` as a user "
+            f"with the engine role (docs/security.md)"
+        ) from exc
     except nats.js.errors.BadRequestError as exc:
         if exc.err_code != ERR_STREAM_NAME_IN_USE:  # another process created it first
             raise

@@ -16,7 +16,7 @@ from typing import Final
 import msgspec
 from nats.js import api
 
-from ._connection import ERR_MAX_MSGS_PER_SUBJECT, Connection, JetStreamError
+from ._connection import ERR_MAX_MSGS_PER_SUBJECT, Connection, JetStreamError, retrying
 from ._puller import Puller
 from ._streams import TASK_PREFIX, TASK_STREAM, queue_consumer, task_subject, workflow_token
 
@@ -48,17 +48,25 @@ def decode_task(data: bytes) -> Task:
 
 
 async def enqueue(conn: Connection, queue: str, task: Task) -> bool:
-    """Make the run runnable. False if a task for it is already pending or in flight."""
-    try:
-        if not task.workflow:
-            raise ValueError(f"task for run {task.run_id!r} names no workflow")
-        subject = task_subject(queue, task.workflow, task.run_id)
-        await conn.publish(subject, _task_encoder.encode(task))
-        return True
-    except JetStreamError as exc:
-        if exc.err_code == ERR_MAX_MSGS_PER_SUBJECT:
-            return False
-        raise
+    """Make the run runnable. False if a task for it is already pending or in flight.
+
+    Retried through a reconnect or a leader election (a duplicate is refused as pending).
+    """
+    if not task.workflow:
+        raise ValueError(f"task for run {task.run_id!r} names no workflow")
+    subject = task_subject(queue, task.workflow, task.run_id)
+    data = _task_encoder.encode(task)
+
+    async def attempt() -> bool:
+        try:
+            await conn.publish(subject, data)
+            return True
+        except JetStreamError as exc:
+            if exc.err_code == ERR_MAX_MSGS_PER_SUBJECT:
+                return False
+            raise
+
+    return await retrying(f"enqueueing run {task.run_id}", attempt)
 
 
 def consumer_config(

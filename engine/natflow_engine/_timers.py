@@ -27,11 +27,16 @@ import msgspec
 
 from ._connection import Connection
 from ._errors import NatflowError
+from ._index import RunIndex
 from ._kv import kv_delete_nowait, kv_put, kv_watch
 from ._logs import fields
 from ._metrics import TIMER_LATENESS, TIMERS_FIRED
+from ._names import _TOKEN
+from ._quarantine import quarantined
 from ._reader import reader
+from ._signals import dead_letter_item
 from ._wake import run_start, wake
+from .events import utcnow
 
 log = logging.getLogger("natflow.timers")
 
@@ -41,6 +46,10 @@ TIMERS_BUCKET: Final = "natflow_timers"
 # together is not late by the time it takes to take them all.
 WAKE_AHEAD: Final = 0.3
 RETRY_AFTER: Final = 30.0  # re-wake a timer nobody acknowledged (by firing it) this late
+# A timer still unfired this long past its due time is marked in the run index as due and
+# waiting for a worker (so `list(status="pending")` finds the run); a worker that is up
+# fires it well within this.
+DUE_NOTICE: Final = 1.0
 LATE_NOTICE: Final = 1.0  # a timer woken later than this past its due time is logged
 
 
@@ -83,8 +92,9 @@ async def cancel_run(conn: Connection, run_id: str) -> None:
 class TimerService:
     """Wakes runs when their timers come due; see the module docstring."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, index: RunIndex | None = None) -> None:
         self._conn = conn
+        self._index = index if index is not None else RunIndex(conn)
         self.timers: dict[str, Timer] = {}
         self._heap: list[tuple[float, str, float]] = []  # (fire at, key, due)
         self._changed = anyio.Event()
@@ -98,11 +108,16 @@ class TimerService:
                 await self._next(tg)
 
     async def _watch(self) -> None:
-        async for key, value, _ in kv_watch(self._conn, TIMERS_BUCKET):
+        async for key, value, revision in kv_watch(self._conn, TIMERS_BUCKET):
             if value is None:
                 self.timers.pop(key, None)
                 continue
-            timer = _decoder.decode(value)
+            try:
+                timer = _decoder.decode(value)
+            except msgspec.DecodeError as exc:
+                self.timers.pop(key, None)
+                await self._quarantine(key, value, revision, str(exc))
+                continue
             known = self.timers.get(key)
             self.timers[key] = timer
             if known is not None and known.due_at == timer.due_at:
@@ -110,6 +125,25 @@ class TimerService:
             due = timer.due_at.timestamp()
             heapq.heappush(self._heap, (due - WAKE_AHEAD, key, due))
             self._changed.set()
+
+    async def _quarantine(self, key: str, value: bytes, revision: int, reason: str) -> None:
+        """Set a bad entry aside: dead-letter it, delete it, and wake its run (if the key
+        names one) so that the run's worker writes its real timers again."""
+        reason = f"the timer entry does not decode: {reason}"
+        if not quarantined("kv_timers", f"{TIMERS_BUCKET}/{key}", reason, logger=log):
+            return
+        run_id, _, _ = key.rpartition(".")
+        try:
+            subject = f"$KV.{TIMERS_BUCKET}.{key}"
+            await dead_letter_item(
+                self._conn, "kv", subject, reason, revision, value, run_id=run_id
+            )
+            await kv_delete_nowait(self._conn, TIMERS_BUCKET, key, revision=revision)
+            start = await run_start(self._conn, run_id) if _TOKEN.fullmatch(run_id) else None
+            if start is not None:
+                await wake(self._conn, start, run_id, "timer entry replaced")
+        except NatflowError as exc:
+            log.warning("timer entry %s: could not set it aside (%s)", key, exc)
 
     async def _next(self, tg: anyio.abc.TaskGroup) -> None:
         changed = self._changed
@@ -153,10 +187,27 @@ class TimerService:
             await wake(self._conn, start, timer.run_id, f"timer {timer.name}")
             self.fired += 1
             TIMERS_FIRED.inc()
+            await self._mark_if_unfired(timer)
         except NatflowError as exc:
             log.warning(
                 "timer %s of run %s: wake-up failed (%s); retrying later",
                 timer.name,
                 timer.run_id,
                 exc,
+            )
+
+    async def _mark_if_unfired(self, timer: Timer) -> None:
+        """Once the due time has passed with the timer unfired, the run index says so."""
+        late = (timer.due_at - utcnow()).total_seconds() + DUE_NOTICE
+        await anyio.sleep(max(0.0, late))
+        current = self.timers.get(timer_key(timer.run_id, timer.seq))
+        if current is None or current.due_at != timer.due_at:
+            return  # fired (its key deleted), or rescheduled
+        if await self._index.mark_due(timer.run_id, timer.name, timer.due_at):
+            log.info(
+                "run %s: timer %s due since %s and no worker has taken the run",
+                timer.run_id,
+                timer.name,
+                timer.due_at.isoformat(),
+                extra=fields(timer.run_id, timer=timer.name),
             )

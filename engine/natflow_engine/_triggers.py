@@ -27,10 +27,9 @@ import logging
 import re
 import uuid
 from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
-import jsonschema
 import msgspec
 from nats.aio.msg import Msg
 
@@ -44,6 +43,9 @@ from ._runs import Runs
 from ._signals import DeadLetter
 from ._streams import DEADLETTER_PREFIX, EVENT_PREFIX, EVENTS_STREAM, TRIGGERS_BUCKET
 from .events import Trigger, utcnow
+
+if TYPE_CHECKING:  # jsonschema loads in ~0.1 s: only the engine's intake needs it
+    import jsonschema
 
 log = logging.getLogger("natflow.triggers")
 
@@ -222,6 +224,8 @@ class BadEvent(Exception):
 @functools.lru_cache(maxsize=256)
 def _validator(schema_json: bytes) -> jsonschema.Draft202012Validator:
     """A checked validator per distinct schema (checking a schema costs more than using it)."""
+    import jsonschema
+
     schema = msgspec.json.decode(schema_json)
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
@@ -231,6 +235,8 @@ def check_body(decl: TriggerDeclaration, body: Any) -> None:
     """:class:`BadEvent` if ``body`` does not fit the workflow's declared input schema."""
     if decl.input_schema is None or not decl.takes_input:
         return
+    import jsonschema
+
     try:
         validator = _validator(msgspec.json.encode(decl.input_schema))
         error = jsonschema.exceptions.best_match(validator.iter_errors(body))

@@ -62,6 +62,9 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     parent: str | None = None
     not_before: datetime | None = None  # start_delay: no worker takes the run before this
     trigger: Trigger | None = None  # set when a schedule or an event started the run
+    # The W3C trace context ({"traceparent": ..., "tracestate": ...}) of the span that
+    # started the run, when the starter traced it: every worker parents its spans to it.
+    trace_context: dict[str, str] | None = None
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):
@@ -102,6 +105,22 @@ class StepFailed(_Event, tag="step_failed", kw_only=True, frozen=True):
     error: ErrorInfo
 
 
+class StepRetrying(_Event, tag="step_retrying", kw_only=True, frozen=True):
+    """Attempt ``attempt`` of a step failed; the next one is due at ``retry_at``.
+
+    The wait is a durable timer (key ``<run_id>.<seq>`` like a sleep's): the run holds no
+    worker meanwhile, and a ``timer_fired`` of the same ``seq`` starts the next attempt.
+    """
+
+    seq: int
+    name: str
+    occurrence: int
+    attempt: int
+    started_at: datetime
+    error: ErrorInfo
+    retry_at: datetime
+
+
 class TimerScheduled(_Event, tag="timer_scheduled", kw_only=True, frozen=True):
     """``ctx.sleep``: the run sleeps until ``due_at``; no worker holds it meanwhile."""
 
@@ -119,7 +138,7 @@ class SignalWaited(_Event, tag="signal_waited", kw_only=True, frozen=True):
 
 
 class TimerFired(_Event, tag="timer_fired", kw_only=True, frozen=True):
-    """The timer of command ``seq`` (a sleep, or a signal wait's timeout) came due."""
+    """The timer of command ``seq`` (a sleep, a signal wait's timeout, a step's retry) came due."""
 
     seq: int
     name: str
@@ -189,6 +208,7 @@ Event = (
     | StepStarted
     | StepCompleted
     | StepFailed
+    | StepRetrying
     | TimerScheduled
     | SignalWaited
     | TimerFired

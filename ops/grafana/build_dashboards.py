@@ -54,7 +54,30 @@ def _targets(targets: list[Target]) -> list[dict[str, Any]]:
     ]
 
 
-def stat(title: str, expr: str, unit: str = "short", description: str = "") -> dict[str, Any]:
+# Colours that mean something: green is healthy, orange needs a look, red needs action (the
+# red steps match the alert rules in ops/prometheus); blue is a plain quantity, neither.
+GREEN, ORANGE, RED, BLUE = "green", "orange", "red", "blue"
+Steps = list[tuple[float | None, str]]  # (from this value on, colour); the first is the base
+
+
+def thresholds(steps: Steps) -> dict[str, Any]:
+    return {
+        "mode": "absolute",
+        "steps": [{"value": value, "color": color} for value, color in steps],
+    }
+
+
+def stat(
+    title: str,
+    expr: str,
+    unit: str,
+    steps: Steps,
+    description: str,
+    *,
+    decimals: int = 0,
+    no_value: str = "0",
+) -> dict[str, Any]:
+    """A single number, coloured by ``steps`` (every stat has a unit and thresholds)."""
     return {
         "type": "stat",
         "title": title,
@@ -62,7 +85,13 @@ def stat(title: str, expr: str, unit: str = "short", description: str = "") -> d
         "datasource": DS,
         "targets": _targets([(expr, "")]),
         "fieldConfig": {
-            "defaults": {"unit": unit, "color": {"mode": "thresholds"}, "decimals": 2},
+            "defaults": {
+                "unit": unit,
+                "decimals": decimals,
+                "noValue": no_value,
+                "color": {"mode": "thresholds"},
+                "thresholds": thresholds(steps),
+            },
             "overrides": [],
         },
         "options": {
@@ -74,6 +103,32 @@ def stat(title: str, expr: str, unit: str = "short", description: str = "") -> d
     }
 
 
+def colored(pattern: str, color: str) -> dict[str, Any]:
+    """A series override: every series whose name matches ``pattern`` gets ``color``."""
+    return {
+        "matcher": {"id": "byRegexp", "options": pattern},
+        "properties": [{"id": "color", "value": {"mode": "fixed", "fixedColor": color}}],
+    }
+
+
+# Run statuses: running green, waiting and sleeping calm, pending yellow, blocked red.
+STATUS_COLORS = [
+    colored("running", GREEN),
+    colored("pending", "yellow"),
+    colored("sleeping", "purple"),
+    colored("waiting", BLUE),
+    colored("blocked", RED),
+]
+
+# Run and step outcomes keep one colour on every graph.
+OUTCOME_COLORS = [
+    colored(".*started$", BLUE),
+    colored(".*completed$", GREEN),
+    colored(".*failed$", RED),
+    colored(".*(cancelled|terminated)$", ORANGE),
+]
+
+
 def series(
     title: str,
     targets: list[Target],
@@ -81,6 +136,7 @@ def series(
     *,
     stack: bool = False,
     description: str = "",
+    overrides: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
         "type": "timeseries",
@@ -99,7 +155,7 @@ def series(
                     "showPoints": "never",
                 },
             },
-            "overrides": [],
+            "overrides": overrides or [],
         },
         "options": {
             "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
@@ -191,7 +247,11 @@ def overview() -> dict[str, Any]:
         stat(
             "Runs started / min",
             f"sum(rate(natflow_runs_started_total{{{WF}}}[{RATE}])) * 60",
-            description="Runs started per minute, from the engine's reading of history.",
+            "suffix: /min",
+            [(None, BLUE)],
+            "Runs started per minute, from the engine's reading of history (a quantity, "
+            "neither good nor bad).",
+            decimals=1,
         ),
         4,
         4,
@@ -202,7 +262,10 @@ def overview() -> dict[str, Any]:
             f'sum(increase(natflow_runs_closed_total{{{WF},status="failed"}}[15m])) '
             f"/ clamp_min(sum(increase(natflow_runs_closed_total{{{WF}}}[15m])), 1)",
             "percentunit",
-            "Share of the runs that ended in the last 15 minutes that failed.",
+            [(None, GREEN), (0.01, ORANGE), (0.1, RED)],
+            "Share of the runs that ended in the last 15 minutes that failed (red from 10%, "
+            "where NatflowRunFailureRatio fires).",
+            decimals=1,
         ),
         4,
         4,
@@ -211,7 +274,10 @@ def overview() -> dict[str, Any]:
         stat(
             "Task backlog",
             f"sum(max by (queue) (natflow_queue_tasks_pending{{{Q}}}))",
-            description="Tasks waiting for a worker, over the selected queues.",
+            "short",
+            [(None, GREEN), (20, ORANGE), (100, RED)],
+            "Tasks waiting for a worker, over the selected queues (red from 100, where "
+            "NatflowWorkPilingUp looks).",
         ),
         4,
         4,
@@ -220,7 +286,9 @@ def overview() -> dict[str, Any]:
         stat(
             "Live workers",
             f"sum(max by (queue) (natflow_workers_live{{{Q}}}))",
-            description="Live workers per queue, added up (a worker of two queues counts twice).",
+            "short",
+            [(None, RED), (1, GREEN)],
+            "Live workers per queue, added up (a worker of two queues counts twice); red at 0.",
         ),
         4,
         4,
@@ -229,7 +297,9 @@ def overview() -> dict[str, Any]:
         stat(
             "Blocked runs",
             f'sum(max by (workflow) (natflow_runs{{{WF},status="blocked"}}))',
-            description="Runs held because a replay diverged from history.",
+            "short",
+            [(None, GREEN), (1, RED)],
+            "Runs held because a replay diverged from history: each one needs a deploy.",
         ),
         4,
         4,
@@ -240,7 +310,83 @@ def overview() -> dict[str, Any]:
             "histogram_quantile(0.99, sum by (le) "
             "(rate(natflow_timer_lateness_seconds_bucket[15m])))",
             "s",
-            "How late the engine wakes runs whose timer came due.",
+            [(None, GREEN), (0.25, ORANGE), (1.0, RED)],
+            "How late the engine wakes runs whose timer came due (red over 1 s, the target "
+            "of NatflowTimersLate; natflow's own is about 10 ms).",
+            decimals=3,
+            no_value="no timers",
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Runs ended / min",
+            f"sum(rate(natflow_runs_closed_total{{{WF}}}[{RATE}])) * 60",
+            "suffix: /min",
+            [(None, BLUE)],
+            "Runs that ended per minute, whatever the outcome.",
+            decimals=1,
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Oldest run waiting for a worker",
+            f"max(natflow_queue_oldest_pending_run_seconds{{{Q}}})",
+            "s",
+            [(None, GREEN), (60, ORANGE), (300, RED)],
+            "How long the oldest run that no worker has taken has waited (red from 5 minutes, "
+            "where NatflowRunsPendingTooLong fires).",
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Runs in flight",
+            f"sum(max by (queue) (natflow_queue_tasks_ack_pending{{{Q}}}))",
+            "short",
+            [(None, BLUE)],
+            "Runs a worker holds right now (tasks delivered and not yet acknowledged).",
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Step retries (15 min)",
+            f"sum(increase(natflow_step_retries_total{{{WF}}}[15m]))",
+            "short",
+            [(None, GREEN), (1, ORANGE)],
+            "Step attempts that failed and were retried: expected now and then, worth a look "
+            "when they climb.",
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Dead-lettered signals (15 min)",
+            'sum(increase(natflow_signals_rejected_total{by="engine"}[15m]))',
+            "short",
+            [(None, GREEN), (1, ORANGE)],
+            "Signals the engine could not deliver (unknown or finished run, bad subject or "
+            "body); `natflow signals dead` lists them.",
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "JetStream storage used",
+            "max(natflow_jetstream_storage_bytes / natflow_jetstream_storage_limit_bytes)",
+            "percentunit",
+            [(None, GREEN), (0.75, ORANGE), (0.9, RED)],
+            "File storage JetStream uses, of the server's max_file_store (red from 90%, where "
+            "NatflowJetStreamStorageNearLimit fires). Needs the engine's --nats-monitor.",
+            decimals=2,
         ),
         4,
         4,
@@ -257,6 +403,7 @@ def overview() -> dict[str, Any]:
                 ),
             ],
             "ops",
+            overrides=OUTCOME_COLORS,
         ),
         12,
         8,
@@ -273,6 +420,7 @@ def overview() -> dict[str, Any]:
             ],
             stack=True,
             description="Runs not yet ended, from the run index (refreshed every 30 s).",
+            overrides=STATUS_COLORS,
         ),
         12,
         8,
@@ -367,8 +515,48 @@ def overview() -> dict[str, Any]:
                 ),
             ],
             "ops",
+            overrides=[colored("rejected.*", ORANGE)],
         ),
         8,
+        8,
+    )
+    lay.row("JetStream")
+    lay.add(
+        series(
+            "Stream size",
+            [
+                (
+                    "max by (stream) (natflow_jetstream_stream_bytes)",
+                    "{{stream}}",
+                )
+            ],
+            "bytes",
+            description="Bytes each JetStream stream stores (KV buckets are streams too), "
+            "from nats-server's /jsz.",
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        series(
+            "Storage used of the limit",
+            [
+                (
+                    "max(natflow_jetstream_storage_bytes / natflow_jetstream_storage_limit_bytes)",
+                    "file storage",
+                ),
+                (
+                    "max by (stream) (natflow_jetstream_stream_bytes) "
+                    "/ scalar(max(natflow_jetstream_storage_limit_bytes))",
+                    "{{stream}}",
+                ),
+            ],
+            "percentunit",
+            description="The server's JetStream file storage used, of its max_file_store, and "
+            "each stream's share of that limit. (A stream with its own max_bytes or max_msgs "
+            "near it fires NatflowJetStreamStreamNearLimit.)",
+        ),
+        12,
         8,
     )
     return dashboard(
@@ -407,6 +595,7 @@ def workflows() -> dict[str, Any]:
                 )
             ],
             "ops",
+            overrides=OUTCOME_COLORS,
         ),
         8,
         8,
@@ -482,6 +671,7 @@ def workflows() -> dict[str, Any]:
                 )
             ],
             "ops",
+            overrides=OUTCOME_COLORS,
         ),
         12,
         8,

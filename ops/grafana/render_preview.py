@@ -25,6 +25,14 @@ from typing import Any
 BG, PANEL, TEXT, GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
 COLORS = ["#73bf69", "#f2cc0c", "#5794f2", "#ff9830", "#f2495c", "#b877d9", "#8ab8ff", "#fade2a"]
 ROW_PX, COL_PX = 30, 64  # Grafana's grid: 30 px per row unit; a 1536 px wide dashboard
+NAMED = {
+    "green": "#73bf69",
+    "orange": "#ff9830",
+    "red": "#f2495c",
+    "blue": "#5794f2",
+    "yellow": "#fade2a",
+    "purple": "#b877d9",
+}
 
 
 def fetch(base: str, path: str, **params: Any) -> list[dict[str, Any]]:
@@ -48,18 +56,54 @@ def legend(template: str, labels: dict[str, str]) -> str:
     return text.strip() or ", ".join(f"{k}={v}" for k, v in labels.items()) or "value"
 
 
-def human(value: float, unit: str) -> str:
+def human(value: float, unit: str, decimals: int | None = None) -> str:
+    """``value`` as Grafana shows it in ``unit`` (the units natflow's dashboards use)."""
     if math.isnan(value):
         return "NaN"
     if unit == "percentunit":
-        return f"{value * 100:.1f}%"
+        if decimals is None and 0 < abs(value) < 0.01:
+            return f"{value * 100:.2g}%"  # a small share still reads as more than zero
+        return f"{value * 100:.{1 if decimals is None else decimals}f}%"
     if unit == "s":
-        if value >= 1:
-            return f"{value:.2f} s"
+        if value >= 60:
+            return f"{value / 60:.1f} min"
+        if value >= 1 or value == 0:
+            return f"{value:.{2 if decimals is None else min(decimals, 2)}f} s"
         return f"{value * 1000:.1f} ms"
     if unit == "ops":
         return f"{value:.2f}/s"
+    if unit == "bytes":
+        for size, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+            if abs(value) >= size:
+                return f"{value / size:.1f} {name}"
+        return f"{value:.0f} B"
+    if unit.startswith("suffix:"):
+        return f"{value:.{1 if decimals is None else decimals}f}{unit[len('suffix:') :].strip()}"
+    if decimals is not None:
+        return f"{value:.{decimals}f}"
     return f"{value:.4g}"
+
+
+def threshold_color(defaults: dict[str, Any], value: float) -> str:
+    """The colour of the last threshold step at or below ``value`` (Grafana's rule)."""
+    steps = defaults.get("thresholds", {}).get("steps", [])
+    color = "green"
+    for step in steps:
+        if step["value"] is None or (not math.isnan(value) and value >= step["value"]):
+            color = step["color"]
+    return NAMED.get(color, color)
+
+
+def override_color(panel: dict[str, Any], label: str) -> str | None:
+    """A fixed colour from the panel's by-regexp overrides, if one matches ``label``."""
+    for override in panel["fieldConfig"].get("overrides", []):
+        matcher = override["matcher"]
+        if matcher["id"] == "byRegexp" and re.fullmatch(matcher["options"], label):
+            for prop in override["properties"]:
+                if prop["id"] == "color":
+                    fixed: str = prop["value"]["fixedColor"]
+                    return NAMED.get(fixed, fixed)
+    return None
 
 
 def draw_series(
@@ -80,7 +124,7 @@ def draw_series(
             xs = [(float(t) - end) / 60 for t, _ in series["values"]]
             ys = [float(v) for _, v in series["values"]]
             label = legend(target.get("legendFormat", ""), series["metric"])
-            c = COLORS[color % len(COLORS)]
+            c = override_color(panel, label) or COLORS[color % len(COLORS)]
             color += 1
             if stack == "normal":
                 base_ys = below if below and len(below) == len(ys) else [0.0] * len(ys)
@@ -111,10 +155,12 @@ def draw_stat(
     variables: dict[str, str],
 ) -> None:
     start, end, step = window
-    unit = panel["fieldConfig"]["defaults"].get("unit", "short")
+    defaults = panel["fieldConfig"]["defaults"]
+    unit = defaults.get("unit", "short")
     expr = substitute(panel["targets"][0]["expr"], variables)
     now = fetch(base, "query", query=expr, time=end)
     value = float(now[0]["value"][1]) if now else float("nan")
+    color = threshold_color(defaults, value)
     history = fetch(base, "query_range", query=expr, start=start, end=end, step=step)
     ax.set_facecolor(PANEL)
     if history:
@@ -122,17 +168,21 @@ def draw_stat(
         ys = [float(v) for _, v in history[0]["values"]]
         finite = [y for y in ys if not math.isnan(y)]
         if finite and max(finite) > min(finite):
-            ax.fill_between(xs, min(finite), ys, color="#73bf69", alpha=0.15, linewidth=0)
+            ax.fill_between(xs, min(finite), ys, color=color, alpha=0.15, linewidth=0)
     ax.set_xticks([])
     ax.set_yticks([])
     for side in ax.spines.values():
         side.set_visible(False)
-    shown = human(value, unit) if now else "No data"
+    shown = (
+        human(value, unit, defaults.get("decimals"))
+        if now and not math.isnan(value)
+        else defaults.get("noValue", "No data")
+    )
     ax.text(
         0.5,
         0.45,
         shown,
-        color="#73bf69",
+        color=color if now and not math.isnan(value) else TEXT,
         fontsize=20,
         fontweight="bold",
         ha="center",
@@ -196,7 +246,7 @@ def render(args: argparse.Namespace) -> None:
         fig.text(
             (left + 8) / width, 1 - (top + 15) / height, panel["title"], color=TEXT, fontsize=8.5
         )
-        pad_x, pad_b = (44, 22) if panel["type"] == "timeseries" else (8, 6)
+        pad_x, pad_b = (60, 22) if panel["type"] == "timeseries" else (8, 6)
         ax = fig.add_axes(
             (
                 (left + pad_x) / width,

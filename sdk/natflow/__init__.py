@@ -16,10 +16,14 @@ Example::
 """
 
 from natflow_engine import (
+    AesGcmCodec,
+    ConnectionRefused,
     ErrorInfo,
     InvalidInput,
+    MissingKey,
     NatflowError,
     NonDeterminismError,
+    PayloadCodec,
     PermissionDenied,
     RetryPolicy,
     RunCancelled,
@@ -33,6 +37,7 @@ from natflow_engine import (
     SignalTimeout,
     StepError,
     StepInfo,
+    StepTimeout,
 )
 
 from . import events
@@ -41,14 +46,21 @@ from ._context import WorkflowContext
 from ._schedules import ScheduleClient
 from ._worker import Worker
 from ._workflow import Workflow, workflow
+from .testing import Replayer, ReplayResult
 
 __all__ = [
+    "AesGcmCodec",
     "Client",
+    "ConnectionRefused",
     "ErrorInfo",
     "InvalidInput",
+    "MissingKey",
     "NatflowError",
     "NonDeterminismError",
+    "PayloadCodec",
     "PermissionDenied",
+    "ReplayResult",
+    "Replayer",
     "RetryPolicy",
     "RunCancelled",
     "RunFailed",
@@ -63,6 +75,7 @@ __all__ = [
     "SignalTimeout",
     "StepError",
     "StepInfo",
+    "StepTimeout",
     "Worker",
     "Workflow",
     "WorkflowContext",

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 from natflow_engine import (
     DEFAULT_WORKER_PORT,
+    AesGcmCodec,
     InvalidInput,
     ServerUnavailable,
     add_metrics_options,
@@ -130,7 +131,12 @@ async def _connect_with_retry(args: argparse.Namespace) -> Client:
     delay = 0.5
     while True:
         try:
-            return await Client.connect(args.url, connect_timeout=2.0, **connect_options(args))
+            return await Client.connect(
+                args.url,
+                connect_timeout=2.0,
+                codec=AesGcmCodec.from_env(),  # NATFLOW_CODEC_KEYS
+                **connect_options(args),
+            )
         except ServerUnavailable as exc:
             log.warning("%s; retrying in %.1f s", exc, delay)
             await anyio.sleep(delay)

@@ -17,7 +17,10 @@ from natflow_engine import (
     TERMINATE,
     Connection,
     InvalidInput,
+    MissingKey,
     NatflowError,
+    PayloadCodec,
+    PermissionDenied,
     RunCancelled,
     RunFailed,
     RunIndex,
@@ -33,6 +36,12 @@ from natflow_engine import (
     encode_value,
     ensure_streams,
     history_subject,
+    new_run_id,
+    open_event,
+    open_sealed,
+    request_start,
+    seal,
+    sealed_key,
     to_seconds,
     wrap,
 )
@@ -50,6 +59,7 @@ from natflow_engine.events import RunFailed as RunFailedEvent
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from . import _tracing as tracing
 from ._schedules import ScheduleClient
 from ._workflow import Workflow
 
@@ -103,6 +113,9 @@ class RunHandle:
                 await sub.unsubscribe()
 
     def _outcome(self, info: RunInfo) -> Any:
+        key_id = sealed_key(info.result)
+        if key_id is not None:  # describe leaves sealed what this client cannot open
+            raise MissingKey(key_id, f"the result of run {self.run_id!r}")
         if info.status == "completed":
             return self._typed(msgspec.json.encode(info.result))
         if info.status == "failed":
@@ -111,6 +124,7 @@ class RunHandle:
         raise RunCancelled(self.run_id, info.error.message if info.error else None)
 
     def _event_outcome(self, event: Event) -> Any:
+        event = open_event(self._client.connection.codec, event, self.run_id)
         if isinstance(event, RunCompleted):
             return self._typed(event.result)
         if isinstance(event, RunFailedEvent):
@@ -137,8 +151,17 @@ class Client:
             print(await handle.result(timeout=30))
     """
 
-    def __init__(self, nc: NATS | Connection) -> None:
+    def __init__(
+        self,
+        nc: NATS | Connection,
+        *,
+        codec: PayloadCodec | None = None,
+        start_via_engine: bool = False,
+    ) -> None:
         self._conn = nc if isinstance(nc, Connection) else wrap(nc)
+        if codec is not None:
+            self._conn.codec = codec
+        self._start_via_engine = start_via_engine
         self._runs = Runs(self._conn)
         self._index = RunIndex(self._conn)
         self.schedules = ScheduleClient(self)
@@ -150,13 +173,20 @@ class Client:
         url: str | list[str] | None = None,
         *,
         connect_timeout: float = 5.0,
+        codec: PayloadCodec | None = None,
+        start_via_engine: bool = False,
         **nats_options: Any,
     ) -> Client:
         """Connect to NATS (``NATFLOW_URL`` or ``nats://127.0.0.1:4222`` by default).
 
         Fails with :class:`NatflowError` within ``connect_timeout`` when no server answers.
+        With ``codec`` (e.g. :class:`AesGcmCodec`), inputs, results, signal payloads and
+        errors are encrypted before they reach JetStream (docs/security.md). With
+        ``start_via_engine``, :meth:`start` asks the engine to create runs instead of writing
+        history itself: what a ``frontend`` user, which may not write history, needs.
         """
-        return cls(await connect(url, connect_timeout=connect_timeout, **nats_options))
+        conn = await connect(url, connect_timeout=connect_timeout, **nats_options)
+        return cls(conn, codec=codec, start_via_engine=start_via_engine)
 
     @property
     def connection(self) -> Connection:
@@ -204,13 +234,29 @@ class Client:
         data = encode_value("workflow input", input)
         if definition is not None and definition.takes_input:
             decode_value(f"input of workflow {name!r}", data, definition.input_type)
-        started_id, _ = await self._runs.start(
-            name,
-            queue or default_queue,
-            data,
-            run_id,
-            not_before=utcnow() + timedelta(seconds=delay) if delay > 0 else None,
-        )
+        not_before = utcnow() + timedelta(seconds=delay) if delay > 0 else None
+        with tracing.starting(name, queue or default_queue) as traced:
+            if self._start_via_engine:
+                if self._conn.codec is not None:  # the engine never sees the plaintext
+                    data = seal(self._conn.codec, data)
+                started_id, created = await request_start(
+                    self._conn,
+                    name,
+                    queue or default_queue,
+                    data,
+                    run_id or new_run_id(),
+                    not_before,
+                )
+            else:
+                started_id, created = await self._runs.start(
+                    name,
+                    queue or default_queue,
+                    data,
+                    run_id,
+                    not_before=not_before,
+                    trace_context=traced.carrier,
+                )
+            traced.started(started_id, created)
         return RunHandle(self, started_id, definition)
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
@@ -225,8 +271,8 @@ class Client:
 
     async def _control(self, run_id: str, kind: str, reason: str | None) -> None:
         check_run_id(run_id)
-        info = await self.describe(run_id)
-        if info.is_closed:
+        info = await self._readable(run_id)
+        if info is not None and info.is_closed:
             return
         await ensure_streams(self._conn)
         await send_signal(self._conn, run_id, kind, encode_value("reason", reason), None)
@@ -245,9 +291,11 @@ class Client:
         if signal_id is not None:
             check_token("signal_id", signal_id)
         data = encode_value(f"payload of signal {name!r}", payload)
+        if self._conn.codec is not None:
+            data = seal(self._conn.codec, data)
         self._conn.check_size(f"payload of signal {name!r}", len(data))
-        info = await self.describe(run_id)
-        if info.is_closed:
+        info = await self._readable(run_id)
+        if info is not None and info.is_closed:
             raise NatflowError(
                 f"run {run_id!r} already ended ({info.status}); a signal can no longer reach it"
             )
@@ -273,6 +321,14 @@ class Client:
         await ensure_streams(self._conn)
         return await emit(self._conn, name, data, event_id)
 
+    async def _readable(self, run_id: str) -> RunInfo | None:
+        """The run's info, or None if this connection may not read runs (a ``signaller``):
+        then the engine's signal intake checks the run, and dead-letters what cannot reach it."""
+        try:
+            return await self.describe(run_id)
+        except PermissionDenied:
+            return None
+
     def handle(self, run_id: str, workflow: Workflow | None = None) -> RunHandle:
         """A handle on an existing run (not checked until used)."""
         return RunHandle(self, check_run_id(run_id), workflow)
@@ -295,7 +351,19 @@ class Client:
         """Runs from the engine's index, newest first (needs a running engine)."""
         if limit < 1:
             raise InvalidInput("limit must be at least 1")
-        return await self._index.scan(workflow=workflow, status=status, limit=limit)
+        found = await self._index.scan(workflow=workflow, status=status, limit=limit)
+        return [self._opened(info) for info in found]
+
+    def _opened(self, info: RunInfo) -> RunInfo:
+        """The index's summary with its result opened, where this client holds the key (the
+        engine, which has none, indexes it sealed)."""
+        if sealed_key(info.result) is None or self._conn.codec is None:
+            return info
+        try:
+            data = open_sealed(self._conn.codec, msgspec.json.encode(info.result))
+        except MissingKey:
+            return info
+        return msgspec.structs.replace(info, result=msgspec.json.decode(data))
 
     async def watch(self, run_id: str) -> AsyncIterator[Event]:
         """The run's events as they are appended, from the first one on."""

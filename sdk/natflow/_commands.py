@@ -20,6 +20,7 @@ from natflow_engine.events import (
     SignalWaited,
     StepCompleted,
     StepFailed,
+    StepRetrying,
     StepStarted,
     TimerScheduled,
 )
@@ -48,6 +49,7 @@ class StepCommand(Command):
     result_type: Any
     workflow: str = ""  # for metrics and logs
     issued_at: float = field(default_factory=time.monotonic)  # or when its retry came due
+    attempt: int = 1  # the attempt to run next (history's failed attempts plus one)
 
     kind = "step"
 
@@ -68,7 +70,7 @@ class WaitCommand(Command):
 
 def recorded_command(event: Event) -> tuple[int, str] | None:
     """The position and description of the command an event records, if it records one."""
-    if isinstance(event, StepStarted | StepCompleted | StepFailed):
+    if isinstance(event, StepStarted | StepCompleted | StepFailed | StepRetrying):
         return event.seq, f"step {event.name!r}"
     if isinstance(event, TimerScheduled):
         return event.seq, f"sleep {event.name!r}"
@@ -82,13 +84,14 @@ def recorded_command(event: Event) -> tuple[int, str] | None:
 
 @dataclass
 class Finished:
-    """A step attempt ended (its last one): a result to record, or an error."""
+    """A step attempt ended: a result to record, or an error (retried at ``retry_at``)."""
 
     command: StepCommand
     attempt: int
     started_at: datetime
     result: bytes | None = None
     error: ErrorInfo | None = None
+    retry_at: datetime | None = None  # set when another attempt follows
 
 
 @dataclass

@@ -8,24 +8,61 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 from natflow_engine import InvalidInput, RetryPolicy, to_seconds
 from natflow_engine.events import utcnow
 
-if TYPE_CHECKING:
-    from ._replay import WorkflowState
-
 T = TypeVar("T")
+
+
+class WorkflowRuntime(Protocol):
+    """What a :class:`WorkflowContext` asks of the run it belongs to.
+
+    The replay core (``natflow._replay.WorkflowState``) implements it: each ``issue_*`` call
+    becomes a command at the next position, matched against history, and its future is
+    resolved when history (recorded or live) delivers the outcome.
+    """
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def workflow_name(self) -> str: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def now(self) -> datetime: ...
+
+    @property
+    def replaying(self) -> bool: ...
+
+    def issue_step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        retry: RetryPolicy | None,
+        timeout: float | timedelta | None,
+    ) -> asyncio.Future[Any]: ...
+
+    def issue_sleep(self, name: str, due_at: datetime) -> asyncio.Future[Any]: ...
+
+    def issue_wait(self, name: str, timeout: float | None) -> asyncio.Future[Any]: ...
+
+    def patched(self, change_id: str) -> bool: ...
 
 
 class _ReplayAwareLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Drops records while the workflow replays, so no line is logged twice."""
 
-    def __init__(self, execution: WorkflowState) -> None:
+    def __init__(self, execution: WorkflowRuntime) -> None:
         super().__init__(
-            logging.getLogger(f"natflow.workflow.{execution.workflow.name}"),
-            {"run_id": execution.run_id, "workflow": execution.workflow.name},
+            logging.getLogger(f"natflow.workflow.{execution.workflow_name}"),
+            {"run_id": execution.run_id, "workflow": execution.workflow_name},
         )
         self._execution = execution
 
@@ -54,7 +91,7 @@ class WorkflowContext:
             return Receipt(order_id=payment["id"])
     """
 
-    def __init__(self, execution: WorkflowState) -> None:
+    def __init__(self, execution: WorkflowRuntime) -> None:
         self._execution = execution
         self._random = random.Random(execution.seed)
         self._logger = _ReplayAwareLogger(execution)
@@ -65,11 +102,15 @@ class WorkflowContext:
 
     @property
     def workflow_name(self) -> str:
-        return self._execution.workflow.name
+        return self._execution.workflow_name
 
     @property
     def is_replaying(self) -> bool:
-        """True while the code re-runs what history already recorded."""
+        """True while the code re-runs what history already recorded.
+
+        Replay ends exactly where recorded history does, whatever it recorded last (a step,
+        sleep, signal wait, patch marker or cancel); a brand-new run is never replaying.
+        """
         return self._execution.replaying
 
     @property
@@ -165,6 +206,9 @@ class WorkflowContext:
 
     def patched(self, change_id: str) -> bool:
         """Versioning: True for runs that reach this point with the change deployed.
+
+        False while replaying history recorded without the change (old runs keep the old
+        path); True, and recorded, for runs that reach it live.
 
         Example::
 

@@ -29,6 +29,7 @@ from natflow_engine import (
     FENCED,
     SIGNALS_DELIVERED,
     SIGNALS_REJECTED,
+    STEP_RETRIES,
     STEPS,
     TAKEOVERS,
     TERMINATE,
@@ -39,12 +40,15 @@ from natflow_engine import (
     History,
     HistoryStore,
     InvalidInput,
+    PayloadTooLarge,
     encode_value,
     error_info,
     fields,
     last_signal_seq,
+    open_sealed,
     parse,
     pending_signals,
+    quarantined,
     run_created_at,
     sequence,
     stored_at,
@@ -62,6 +66,7 @@ from natflow_engine.events import (
     SignalRejected,
     StepCompleted,
     StepFailed,
+    StepRetrying,
     StepStarted,
     TimerFired,
     utcnow,
@@ -71,12 +76,15 @@ from ._commands import (
     Finished,
     Item,
     SignalsArrived,
+    StepCommand,
     StillRunning,
     TimerDue,
     WaitCommand,
 )
-from ._replay import Evicted, WorkflowState
+from ._replay import Evicted, WorkflowState, cancel_reason
 from ._steps import StepRuntime, run_step
+from ._tracing import RunTrace
+from ._watchdog import running_step
 from ._workflow import Workflow
 
 __all__ = ["Evicted", "Outcome", "RunExecution", "StepRuntime"]
@@ -85,6 +93,7 @@ log = logging.getLogger("natflow.worker")
 
 # A timer due sooner than this is waited for while holding the run; a later one lets it go.
 HOLD_TIMERS_UNDER = 1.0
+_MAX_REASON = 4096  # characters of a cancel reason recorded (a huge one must still cancel)
 
 
 class Outcome(enum.Enum):
@@ -102,8 +111,13 @@ class _Fenced(Exception):
     """An append met a newer history: this worker no longer holds the run."""
 
 
-class RunExecution(WorkflowState):
-    """Replays and continues one run; see the module docstring."""
+class RunExecution:
+    """Replays and continues one run; see the module docstring.
+
+    The replay core (:class:`WorkflowState`) decides what the workflow asks for; this class
+    does the I/O: it appends what the core owes history, runs steps, fires timers and moves
+    signals in, and delivers each outcome back to the core once it is recorded.
+    """
 
     def __init__(
         self,
@@ -117,7 +131,9 @@ class RunExecution(WorkflowState):
         delivery: int = 1,
         optimistic: bool = False,
     ) -> None:
-        super().__init__(workflow, history)
+        self.state = WorkflowState(workflow, history)
+        self.workflow = workflow
+        self.run_id = history.run_id
         self._store = store
         self._conn = conn
         self._identity = identity
@@ -130,8 +146,10 @@ class RunExecution(WorkflowState):
         self._inflight = 0
         self._armed: dict[int, asyncio.TimerHandle] = {}
         self._draining = False
+        self._signals_first = False  # signals waited when the run was taken
         self._created_at: datetime | None = None  # when the server stored run_started
         self._send: MemoryObjectSendStream[Item] | None = None
+        self._trace = RunTrace(self.run_id, workflow.name, self.state.start, history.events)
 
     def drain(self) -> None:
         """Start no new step; once running ones are recorded, hand the run back."""
@@ -141,6 +159,23 @@ class RunExecution(WorkflowState):
     def signals_arrived(self) -> None:
         self._notify(SignalsArrived())
 
+    @property
+    def next_due(self) -> datetime | None:
+        """When the run's earliest pending timer comes due (None if there is none)."""
+        return self.state.next_due
+
+    @property
+    def waits_for_signals(self) -> bool:
+        return self.state.waits_for_signals
+
+    @property
+    def signal_cursor(self) -> int:
+        """The signal stream sequence history has taken in up to."""
+        return self.state.signal_cursor
+
+    def timers_to_index(self) -> list[tuple[int, str, datetime]]:
+        return self.state.timers_to_index()
+
     def _notify(self, item: Item) -> None:
         if self._send is not None:
             self._send.send_nowait(item)
@@ -148,14 +183,23 @@ class RunExecution(WorkflowState):
     async def execute(self) -> Outcome:
         """Replay, claim the run, continue live until it ends, waits, or is lost."""
         try:
-            self._begin()
-            if self.block is not None:
+            self._trace.attach()  # the step tasks started below inherit the run's trace
+            self.state.begin()
+            if self.state.block is not None:
                 await self._record_block()
                 return Outcome.BLOCKED
-            if not await self._has_work():
+            work = await self._has_work()
+            if work is None:
                 return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
-            if not await self._claim():
+            if self._draining:  # a worker on its way out claims nothing (nor looks dead
+                return Outcome.HANDED_BACK  # to the poison check for a claim it gave up)
+            if work or not self.state.has_launches:
+                claimed = await self._claim()  # signals, if known to wait, go in first
+            else:  # a step would start at once: a waiting cancel must be read before it
+                claimed, work = await self._claim_and_look()
+            if not claimed:
                 return Outcome.STALE if self._optimistic else Outcome.LOST
+            self._signals_first = work
             send, receive = anyio.create_memory_object_stream[Item](math.inf)
             self._send = send
             try:
@@ -170,16 +214,39 @@ class RunExecution(WorkflowState):
         finally:
             self._dispose()
 
-    async def _has_work(self) -> bool:
-        """Whether taking the run now would change anything (else no claim is written)."""
-        assert self._root is not None
-        if self._root.done() or self._to_launch or self._to_record:
-            return True
+    async def _has_work(self) -> bool | None:
+        """Whether taking the run now would change anything (None: no claim is written).
+
+        True means signals wait to be moved in; False that this is not known yet.
+        """
+        if self.state.has_commands:
+            return False
         due = self.next_due
         if due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER:
-            return True
+            return False
         # A signal for a wait, or a cancellation for any waiting run.
-        return await last_signal_seq(self._conn, self.run_id) > self.signal_cursor
+        return True if await self._signals_waiting() else None
+
+    async def _claim_and_look(self) -> tuple[bool, bool]:
+        """Claim the run and look for waiting signals at once (one round trip of time)."""
+        found: list[bool] = []
+
+        async def look() -> None:
+            found.append(await self._signals_waiting())
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(look)
+                claimed = await self._claim()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        return claimed, found[0]
+
+    async def _signals_waiting(self) -> bool:
+        """Whether signals (or a cancel) for this run wait outside its history."""
+        return await last_signal_seq(self._conn, self.run_id) > self.state.signal_cursor
 
     async def _append(self, event: Event) -> Event:
         event = (
@@ -193,7 +260,11 @@ class RunExecution(WorkflowState):
             raise _Fenced() from exc
         self._count += 1
         self._last_event = event
+        self._trace.recorded(event)
         return event
+
+    def _open(self, payload: bytes, name: str) -> bytes:
+        return open_sealed(self._conn.codec, payload, f"signal {name!r} to run {self.run_id!r}")
 
     def _next_id(self) -> str:
         return f"{self.run_id}:{self._count + 1}"
@@ -221,36 +292,35 @@ class RunExecution(WorkflowState):
                 extra=self._fields(),
             )
             return False
-        if self._delivery > 1 and self._last_holder not in (None, self._identity):
-            TAKEOVERS.labels(self._start.queue, "redelivered").inc()
+        if self._delivery > 1 and self.state.last_holder not in (None, self._identity):
+            TAKEOVERS.labels(self.state.start.queue, "redelivered").inc()
             log.info(
                 "run %s: taken over from worker %s (delivery %d)",
                 self.run_id,
-                self._last_holder,
+                self.state.last_holder,
                 self._delivery,
                 extra=self._fields(),
             )
         return True
 
     async def _record_block(self) -> None:
-        assert self.block is not None
-        info = ErrorInfo(type="NonDeterminismError", message=str(self.block))
+        block = self.state.block
+        assert block is not None
+        info = ErrorInfo(type="NonDeterminismError", message=str(block))
         last = self._last_event
         if isinstance(last, RunBlocked) and last.error.message == info.message:
             return
-        log.error("%s", self.block, extra=self._fields())
+        log.error("%s", block, extra=self._fields())
         try:
             await self._append(
-                RunBlocked(
-                    id=self._next_id(), at=utcnow(), position=self.block.position, error=info
-                )
+                RunBlocked(id=self._next_id(), at=utcnow(), position=block.position, error=info)
             )
         except _Fenced:
             log.info("run %s changed while being blocked; it will be retried", self.run_id)
 
     async def _flush_records(self) -> None:
-        while self._to_record:
-            await self._append(self._to_record.pop(0))
+        for event in self.state.take_records():
+            await self._append(event)
 
     async def _guarded_live(
         self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]
@@ -269,18 +339,22 @@ class RunExecution(WorkflowState):
     async def _live(
         self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]
     ) -> Outcome:
-        assert self._root is not None
-        while not self._root.done():
-            if self.terminated is not None:
-                return await self._end(RunTerminated, self.terminated)
+        state = self.state
+        assert state.root is not None
+        if self._signals_first:  # a cancel sent before this execution must stop it first
+            await self._flush_records()
+            await self._move_signals()
+        while not state.root.done():
+            if state.terminated is not None:
+                return await self._end(RunTerminated, state.terminated)
             await self._flush_records()
             self._launch(tg)
-            self._drop_abandoned_timers()
+            state.drop_abandoned_timers()
             self._arm_timers()
             if self._inflight == 0:
                 if self._draining:
                     return Outcome.HANDED_BACK
-                if not self._timers and not any(self._waiting.values()):
+                if not state.timers and not state.waits_for_signals:
                     return await self._fail(
                         ErrorInfo(
                             type="NatflowError",
@@ -298,12 +372,14 @@ class RunExecution(WorkflowState):
         return await self._finish()
 
     async def _handle(self, item: Item) -> None:
-        if isinstance(item, Finished):
+        if isinstance(item, Finished) and item.retry_at is not None:
+            await self._record_retry(item, item.retry_at)
+        elif isinstance(item, Finished):
             event = await self._append(self._outcome_event(item))
             self._inflight -= 1
             assert isinstance(event, StepCompleted | StepFailed)
             self._count_step(event)
-            self._deliver(event)
+            self.state.deliver(event)
         elif isinstance(item, StillRunning):
             await self._append(
                 StepStarted(
@@ -322,8 +398,8 @@ class RunExecution(WorkflowState):
 
     async def _fire(self, seq: int) -> None:
         self._armed.pop(seq, None)
-        due = self._timers.get(seq)
-        command = self._commands.get(seq)
+        due = self.state.timers.get(seq)
+        command = self.state.command(seq)
         if due is None or command is None:
             return
         early = (due - utcnow()).total_seconds()
@@ -338,10 +414,10 @@ class RunExecution(WorkflowState):
             TimerFired(id=self._next_id(), at=utcnow(), seq=seq, name=command.name)
         )
         assert isinstance(fired, TimerFired)
-        self._deliver(fired)
+        self.state.deliver(fired)
 
     def _arm_timers(self) -> None:
-        for seq, due in self._timers.items():
+        for seq, due in self.state.timers.items():
             if seq not in self._armed:
                 self._arm(seq, due)
 
@@ -353,7 +429,8 @@ class RunExecution(WorkflowState):
     async def _move_signals(self) -> bool:
         """Move the run's new signals into history, in order; True if any arrived."""
         moved = False
-        for msg in await pending_signals(self._conn, self.run_id, self.signal_cursor):
+        state = self.state
+        for msg in await pending_signals(self._conn, self.run_id, state.signal_cursor):
             seq = sequence(msg)
             try:
                 signal = parse(msg, seq)
@@ -369,44 +446,93 @@ class RunExecution(WorkflowState):
                     )
                 )
                 SIGNALS_REJECTED.labels("worker").inc()
-                self.signal_cursor = seq
+                state.signal_cursor = seq
                 continue
-            self.signal_cursor = seq
+            state.signal_cursor = seq
             if signal.name in CONTROL:
                 cancel = await self._append(
                     CancelRequested(
                         id=self._next_id(),
                         at=utcnow(),
                         signal_seq=seq,
-                        reason=self._reason(signal.payload),
+                        reason=(cancel_reason(signal.payload) or "")[:_MAX_REASON] or None,
                         terminate=signal.name == TERMINATE,
                     )
                 )
                 assert isinstance(cancel, CancelRequested)
-                self._deliver(cancel)
+                state.deliver(cancel)
                 await self._flush_records()
                 moved = True
                 continue
-            if signal.signal_id and signal.signal_id in self._signal_ids:
+            if signal.signal_id and state.knows_signal(signal.signal_id):
                 continue  # a duplicate older than the stream's dedupe window
-            event = await self._append(
-                SignalReceived(
-                    id=self._next_id(),
-                    at=utcnow(),
-                    signal_seq=seq,
-                    name=signal.name,
-                    payload=msgspec.Raw(signal.payload),
-                    signal_id=signal.signal_id,
+            try:
+                event = await self._append(
+                    SignalReceived(
+                        id=self._next_id(),
+                        at=utcnow(),
+                        signal_seq=seq,
+                        name=signal.name,
+                        # opened here (sealed again, with the current key, by the append)
+                        payload=msgspec.Raw(self._open(signal.payload, signal.name)),
+                        signal_id=signal.signal_id,
+                    )
                 )
-            )
+            except PayloadTooLarge as big:  # the stream took it; history cannot
+                await self._reject_too_large(seq, signal.name, big)
+                continue
             assert isinstance(event, SignalReceived)
             SIGNALS_DELIVERED.labels(self.workflow.name).inc()
-            if signal.signal_id:
-                self._signal_ids.add(signal.signal_id)
-            self._deliver(event)
+            state.deliver(event)
             await self._flush_records()  # what the signal made the workflow do comes next
             moved = True
         return moved
+
+    async def _record_retry(self, item: Finished, retry_at: datetime) -> None:
+        """A failed attempt goes into history with the time of the next one, which waits on
+        a durable timer like a sleep (the run is let go if it is far off)."""
+        cmd = item.command
+        assert item.error is not None
+        retrying = await self._append(
+            StepRetrying(
+                id=self._next_id(),
+                at=utcnow(),
+                seq=cmd.seq,
+                name=cmd.name,
+                occurrence=cmd.occurrence,
+                attempt=item.attempt,
+                started_at=item.started_at,
+                error=item.error,
+                retry_at=retry_at,
+            )
+        )
+        assert isinstance(retrying, StepRetrying)
+        self._inflight -= 1
+        STEP_RETRIES.labels(self.workflow.name, cmd.name).inc()
+        log.warning(
+            "run %s: step %r attempt %d failed (%s); attempt %d at %s",
+            self.run_id,
+            cmd.name,
+            item.attempt,
+            item.error,
+            item.attempt + 1,
+            retry_at.isoformat(),
+            extra=fields(self.run_id, self.workflow.name, cmd.name, attempt=item.attempt),
+        )
+        self.state.retrying(retrying)
+
+    async def _reject_too_large(self, seq: int, name: str, big: PayloadTooLarge) -> None:
+        reason = (
+            f"too large to move into history ({big.size} bytes as an event, over the "
+            f"server's max payload of {self._conn.max_payload}); send a reference instead"
+        )
+        quarantined("signal_too_large", f"signal #{seq} of run {self.run_id}", reason, logger=log)
+        await self._append(
+            SignalRejected(
+                id=self._next_id(), at=utcnow(), signal_seq=seq, name=name, reason=reason
+            )
+        )
+        SIGNALS_REJECTED.labels("worker").inc()
 
     def _count_step(self, event: StepCompleted | StepFailed) -> None:
         if isinstance(event, StepCompleted):
@@ -435,7 +561,7 @@ class RunExecution(WorkflowState):
             "started_at": item.started_at,
         }
         if item.error is not None:
-            return StepFailed(**common, error=item.error)
+            return StepFailed(**common, error=self._bounded(item.error))
         assert item.result is not None
         return StepCompleted(**common, result=msgspec.Raw(item.result))
 
@@ -443,18 +569,28 @@ class RunExecution(WorkflowState):
         if self._draining:
             return  # the next holder replays and issues these again
         assert self._send is not None
-        launch, self._to_launch = self._to_launch, []
-        for command in launch:
+        for command in self.state.take_launches():
             self._inflight += 1
-            tg.start_soon(
-                run_step,
-                command,
-                self._send,
-                self._conn,
-                self._runtime,
-                self.run_id,
-                name=f"step {command.name}",
+            tg.start_soon(self._contained_step, command, name=f"step {command.name}")
+
+    async def _contained_step(self, command: StepCommand) -> None:
+        """Run a step; a ``BaseException`` from its body (``SystemExit``, ``KeyboardInterrupt``
+        or another) becomes the step's recorded failure instead of the worker's exit."""
+        assert self._send is not None
+        started_at = utcnow()
+        try:
+            with running_step(self.run_id, command.name):
+                await run_step(command, self._send, self._conn, self._runtime, self.run_id)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # user code must not end the worker
+            quarantined(
+                "user_base_exception",
+                f"run {self.run_id} step {command.name!r}",
+                f"the step raised {type(exc).__name__}; recorded as its failure",
+                logger=log,
             )
+            self._send.send_nowait(Finished(command, 1, started_at, error=error_info(exc)))
 
     async def _check_not_before_run(self, msg: Any, seq: int, name: str) -> None:
         """A signal stored before the run existed was dead-lettered ("no run has this id")
@@ -469,16 +605,17 @@ class RunExecution(WorkflowState):
         return Outcome.CANCELLED
 
     async def _finish(self) -> Outcome:
-        assert self._root is not None
-        if self.terminated is not None:
-            return await self._end(RunTerminated, self.terminated)
-        if self._root.cancelled():
-            return await self._end(RunCancelled, self.cancelled or "cancelled")
-        exc = self._root.exception()
+        state = self.state
+        assert state.root is not None
+        if state.terminated is not None:
+            return await self._end(RunTerminated, state.terminated)
+        if state.root.cancelled():
+            return await self._end(RunCancelled, state.cancelled or "cancelled")
+        exc = state.root.exception()
         if exc is not None:
             return await self._fail(error_info(exc))
         try:
-            data = encode_value(f"result of workflow {self.workflow.name!r}", self._root.result())
+            data = encode_value(f"result of workflow {self.workflow.name!r}", state.root.result())
             self._conn.check_size(f"result of run {self.run_id!r}", len(data))
         except InvalidInput as error:
             return await self._fail(error_info(error))
@@ -486,11 +623,25 @@ class RunExecution(WorkflowState):
         return Outcome.COMPLETED
 
     async def _fail(self, error: ErrorInfo) -> Outcome:
-        await self._append(RunFailed(id=self._next_id(), at=utcnow(), error=error))
+        await self._append(RunFailed(id=self._next_id(), at=utcnow(), error=self._bounded(error)))
         return Outcome.FAILED
 
+    def _bounded(self, error: ErrorInfo) -> ErrorInfo:
+        """An error short enough to record: a huge message must not make the append fail."""
+        limit = self._conn.max_payload // 16  # characters; at most 4 bytes each, two fields
+        if len(error.message) <= limit and len(error.traceback) <= limit:
+            return error
+        cut = "\n[... cut: too long to record ...]\n"
+        message, trace = error.message, error.traceback
+        return ErrorInfo(
+            type=error.type,
+            message=message if len(message) <= limit else message[: limit // 2] + cut,
+            traceback=trace if len(trace) <= limit else trace[-limit // 2 :],
+        )
+
     def _dispose(self) -> None:
+        self._trace.detach()
         for handle in self._armed.values():
             handle.cancel()
         self._armed.clear()
-        self._close_workflow()
+        self.state.close()

@@ -47,7 +47,12 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
             while self._ready:
                 handle = self._ready.popleft()
                 if not handle._cancelled:
-                    handle._run()
+                    try:
+                        handle._run()
+                    except (KeyboardInterrupt, SystemExit) as exc:
+                        # asyncio re-raises these after storing them on the task; the task
+                        # holds the error (it fails the run), the worker must not exit.
+                        self.errors.append(exc)
         finally:
             asyncio.events._set_running_loop(outer)
 

@@ -3,8 +3,10 @@
 :class:`WorkflowState` owns the workflow's deterministic loop and the bookkeeping that every
 replay must reproduce: each ``ctx`` call becomes a command at the next position, matched
 against what history recorded (a mismatch is a divergence), and recorded outcomes are
-delivered one at a time in history order. It does no I/O; :class:`~natflow._execution.RunExecution`
-adds the live half (appends, steps, timers, signals).
+delivered one at a time in history order. It does no I/O. Two drivers use it:
+:class:`~natflow._execution.RunExecution` composes it with the live half (appends, steps,
+timers, signals), and :class:`~natflow.testing.Replayer` replays stored histories against
+today's code.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -42,6 +45,7 @@ from natflow_engine.events import (
     SignalWaited,
     StepCompleted,
     StepFailed,
+    StepRetrying,
     TimerFired,
     TimerScheduled,
     utcnow,
@@ -84,11 +88,15 @@ class WorkflowState:
         self.run_id = history.run_id
         self.seed = _seed(history.run_id)
         self.now: datetime = start.at
-        self.replaying = True
         self.block: NonDeterminismError | None = None
-        self._start = start
+        self.start = start
         self._load(history.events)
         self._patch_memo: dict[str, bool] = {}
+        # Replay is over once the workflow has been handed every recorded outcome, has asked
+        # again for every recorded command and patch, or asks for a command beyond them.
+        self._last_recorded_seq = max(self._records, default=0)
+        self._unasked_patches = set(self._patches)
+        self._live = False
         self._to_record: list[Event] = []  # appended before anything else happens live
         self._commands: dict[int, Command] = {}
         self._to_launch: list[StepCommand] = []
@@ -103,7 +111,7 @@ class WorkflowState:
         self.terminated: str | None = None  # stop now, run nothing more
         self._loop = WorkflowLoop()  # type: ignore[abstract]
         self._ctx = WorkflowContext(self)
-        self._root: asyncio.Task[Any] | None = None
+        self.root: asyncio.Task[Any] | None = None
 
     def _load(self, events: list[Event]) -> None:
         self._records: dict[int, str] = {}  # seq -> what history says the command was
@@ -112,15 +120,22 @@ class WorkflowState:
         self._patches: set[str] = set()
         self.signal_cursor = 0
         self._signal_ids: set[str] = set()
-        self._last_holder: str | None = None  # the worker of the latest claim
+        self.last_holder: str | None = None  # the worker of the latest claim
+        self._retries: dict[int, StepRetrying] = {}  # a step's latest failed attempt
+        self._retry_fired: set[int] = set()  # steps whose next attempt came due
         for event in events:
             if isinstance(event, RunClaimed):
-                self._last_holder = event.worker
+                self.last_holder = event.worker
             recorded = recorded_command(event)
             if recorded is not None:
                 self._records[recorded[0]] = recorded[1]
                 self._recorded_events[recorded[0]] = event  # a completion outranks a start
-            if isinstance(event, Delivered):
+            if isinstance(event, StepRetrying):
+                self._retries[event.seq] = event
+                self._retry_fired.discard(event.seq)
+            elif isinstance(event, TimerFired) and event.seq in self._retries:
+                self._retry_fired.add(event.seq)  # starts an attempt; the workflow sees nothing
+            elif isinstance(event, Delivered):
                 self._replay.append(event)
             if isinstance(event, PatchMarked):
                 self._patches.add(event.change_id)
@@ -128,6 +143,58 @@ class WorkflowState:
                 self.signal_cursor = max(self.signal_cursor, event.signal_seq)
             if isinstance(event, SignalReceived) and event.signal_id:
                 self._signal_ids.add(event.signal_id)
+
+    @property
+    def replaying(self) -> bool:
+        """True until the workflow reaches the end of its recorded history.
+
+        That end is the last thing history recorded, whatever its kind: an outcome still to
+        hand back, a command (step, sleep, signal wait) not yet asked for again, or a patch
+        marker not yet asked for. Code before it ran already; its log lines are not repeated.
+        """
+        if self._live:
+            return False
+        if self._replay or self._next_seq <= self._last_recorded_seq or self._unasked_patches:
+            return True
+        self._live = True
+        return False
+
+    @property
+    def workflow_name(self) -> str:
+        return self.workflow.name
+
+    @property
+    def timers(self) -> Mapping[int, datetime]:
+        """Pending sleeps and wait timeouts (and their due times) by command position."""
+        return self._timers
+
+    @property
+    def has_commands(self) -> bool:
+        """Whether the workflow ended or asked for something history does not hold yet."""
+        assert self.root is not None
+        return self.root.done() or bool(self._to_launch) or bool(self._to_record)
+
+    @property
+    def has_launches(self) -> bool:
+        """Whether a step would start as soon as the run is taken."""
+        return any(not c.future.done() for c in self._to_launch)
+
+    def command(self, seq: int) -> Command | None:
+        return self._commands.get(seq)
+
+    def take_records(self) -> list[Event]:
+        """Events the workflow's new commands need in history, oldest first (now owed)."""
+        records, self._to_record = self._to_record, []
+        return records
+
+    def take_launches(self) -> list[StepCommand]:
+        """Steps to run for real: issued, with no outcome in history."""
+        launches, self._to_launch = self._to_launch, []
+        return [c for c in launches if not c.future.done()]  # a cancel abandoned the rest
+
+    def knows_signal(self, signal_id: str) -> bool:
+        """Whether history already holds a signal with this id (a late duplicate)."""
+        return signal_id in self._signal_ids
 
     @property
     def waits_for_signals(self) -> bool:
@@ -152,6 +219,8 @@ class WorkflowState:
             raise Evicted()
         seq = self._next_seq
         self._next_seq += 1
+        if seq > self._last_recorded_seq and not self._replay:
+            self._live = True  # a command history never saw: past its end, whatever is left
         return seq
 
     def _match(self, command: Command) -> bool:
@@ -194,9 +263,24 @@ class WorkflowState:
         )
         self._match(command)
         recorded = self._recorded_events.get(seq)
-        if not isinstance(recorded, StepCompleted | StepFailed):
-            self._to_launch.append(command)
+        if isinstance(recorded, StepCompleted | StepFailed):
+            return command.future
+        failed = self._retries.get(seq)
+        if failed is not None:
+            command.attempt = failed.attempt + 1
+            if seq not in self._retry_fired:  # still backing off: a durable timer
+                self._timers[seq] = failed.retry_at
+                return command.future
+        self._to_launch.append(command)
         return command.future
+
+    def retrying(self, event: StepRetrying) -> None:
+        """A live attempt failed and was recorded: the next one waits for its timer."""
+        command = self._commands[event.seq]
+        assert isinstance(command, StepCommand)
+        command.attempt = event.attempt + 1
+        self._timers[event.seq] = event.retry_at
+        self._new_timers.append(event.seq)
 
     def issue_sleep(self, name: str, due_at: datetime) -> asyncio.Future[Any]:
         check_step_name(name)
@@ -250,6 +334,7 @@ class WorkflowState:
         if change_id not in self._patch_memo:
             if change_id in self._patches:
                 value = True
+                self._unasked_patches.discard(change_id)
             elif self.replaying:
                 value = False
             else:
@@ -259,26 +344,29 @@ class WorkflowState:
             self._patch_memo[change_id] = value
         return self._patch_memo[change_id]
 
-    def _begin(self) -> None:
-        self._root = self._loop.create_task(self._main(), name=f"workflow {self.run_id}")
+    def begin(self) -> None:
+        """Start the workflow and hand it every recorded outcome, in history order."""
+        self.root = self._loop.create_task(self._main(), name=f"workflow {self.run_id}")
         self._tick()
         while self._replay and self.block is None:
             event = self._replay.popleft()
-            self.replaying = bool(self._replay)
-            self._deliver(event)
-            if self._root.done() and self._replay and self.block is None:
+            self.deliver(event)
+            if self.root.done() and self._replay and self.block is None:
                 nxt = recorded_command(self._replay[0])
                 self._diverged(
                     nxt[0] if nxt else 0, expected=None, recorded=nxt[1] if nxt else "more events"
                 )
-        self.replaying = False
+        unreached = [seq for seq in self._records if seq >= self._next_seq]
+        if self.root.done() and unreached and self.block is None:
+            first = min(unreached)
+            self._diverged(first, expected=None, recorded=self._records[first])
 
     async def _main(self) -> Any:
         value: Any = None
         if self.workflow.takes_input:
             value = decode_value(
                 f"input of workflow {self.workflow.name!r}",
-                self._start.input,
+                self.start.input,
                 self.workflow.input_type,
             )
         return await self.workflow(self._ctx, value)
@@ -290,7 +378,7 @@ class WorkflowState:
         if self.block is None:
             self.block = NonDeterminismError(self.run_id, position, expected, recorded)
 
-    def _deliver(self, event: Delivered) -> None:
+    def deliver(self, event: Delivered) -> None:
         """Hand one outcome to the workflow and let it run until it waits again."""
         self.now = event.at
         if isinstance(event, SignalReceived):
@@ -331,23 +419,28 @@ class WorkflowState:
         self._timers.pop(command.seq, None)
         if command.future.done():
             return
-        if isinstance(command, WaitCommand):
+        if isinstance(command, StepCommand):  # its next attempt is due
+            command.issued_at = time.monotonic()
+            self._to_launch.append(command)
+        elif isinstance(command, WaitCommand):
             self._waiting[command.name].remove(command)
             command.future.set_exception(SignalTimeout(command.name))
         else:
             command.future.set_result(None)
 
     def _deliver_cancel(self, event: CancelRequested) -> None:
-        assert self._root is not None
+        assert self.root is not None
         if event.terminate:
             self.terminated = event.reason or "terminated"
             return
         # CancelledError at the workflow's current await: its finally blocks (and any
         # cleanup steps in them) run, and replay cancels at the same point of history.
         self.cancelled = event.reason or "cancelled"
-        self._root.cancel()
+        self.root.cancel()
 
     def _deliver_signal(self, event: SignalReceived) -> None:
+        if event.signal_id:
+            self._signal_ids.add(event.signal_id)
         waiting = self._waiting[event.name]
         while waiting and waiting[0].future.done():  # a wait abandoned by a cancellation
             waiting.popleft()
@@ -362,17 +455,12 @@ class WorkflowState:
     def _signal_value(payload: msgspec.Raw) -> Any:
         return msgspec.json.decode(payload)
 
-    @staticmethod
-    def _reason(payload: bytes) -> str | None:
-        value = msgspec.json.decode(payload)
-        return value if isinstance(value, str) else None
-
-    def _drop_abandoned_timers(self) -> None:
+    def drop_abandoned_timers(self) -> None:
         """Timers of sleeps and waits a cancellation abandoned keep nobody waiting."""
         for seq in [s for s in self._timers if self._commands[s].future.done()]:
             del self._timers[seq]
 
-    def _close_workflow(self) -> None:
+    def close(self) -> None:
         """Close the workflow's coroutines; any ctx call they make now raises Evicted."""
         self._evicted = True
         for task in list(self._loop.tasks):
@@ -382,3 +470,9 @@ class WorkflowState:
         except BaseException:  # user finally-blocks during teardown: nothing left to protect
             log.debug("run %s: error while closing workflow code", self.run_id, exc_info=True)
         self._loop.close()
+
+
+def cancel_reason(payload: bytes) -> str | None:
+    """The reason a cancel or terminate request carries (its JSON payload, if a string)."""
+    value = msgspec.json.decode(payload)
+    return value if isinstance(value, str) else None

@@ -6,25 +6,25 @@ import asyncio
 import functools
 import inspect
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 from natflow_engine import (
-    STEP_RETRIES,
     Connection,
     InvalidInput,
+    StepTimeout,
     encode_value,
     error_info,
-    fields,
     step_attempt,
 )
 from natflow_engine.events import utcnow
 
+from . import _tracing as tracing
 from ._commands import Finished, Item, StepCommand, StillRunning
 
 log = logging.getLogger("natflow.worker")
@@ -75,61 +75,54 @@ async def run_step(
     runtime: StepRuntime,
     run_id: str,
 ) -> None:
-    """Run one step to its final attempt and send the outcome to the driver."""
-    attempt = 0
-    while True:
-        attempt += 1
-        started_at = utcnow()
-        notice = asyncio.get_running_loop().call_later(
-            STARTED_NOTICE_AFTER, send.send_nowait, StillRunning(command, attempt)
+    """Run one attempt of a step and send its outcome to the driver.
+
+    A failed attempt that the step's retry policy retries comes back with ``retry_at``: the
+    driver records it and waits for that time on a durable timer, not here, so a crash during
+    the backoff neither forgets the attempt nor starts the next one early.
+    """
+    attempt = command.attempt
+    started_at = utcnow()
+    notice = asyncio.get_running_loop().call_later(
+        STARTED_NOTICE_AFTER, send.send_nowait, StillRunning(command, attempt)
+    )
+    try:
+        with tracing.step_attempt(run_id, command, attempt):
+            value = await _invoke(command, runtime, attempt)
+    except Exception as exc:
+        retry_at = None
+        if attempt < command.retry.max_attempts and command.retry.retryable(exc):
+            retry_at = utcnow() + timedelta(seconds=command.retry.delay(attempt))
+        send.send_nowait(
+            Finished(command, attempt, started_at, error=error_info(exc), retry_at=retry_at)
         )
-        try:
-            value = await _invoke(command, runtime)
-        except Exception as exc:
-            notice.cancel()
-            if attempt < command.retry.max_attempts and command.retry.retryable(exc):
-                delay = command.retry.delay(attempt)
-                log.warning(
-                    "run %s: step %r attempt %d failed (%s: %s); retrying in %.2f s",
-                    run_id,
-                    command.name,
-                    attempt,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                    extra=fields(run_id, command.workflow, command.name, attempt=attempt),
-                )
-                STEP_RETRIES.labels(command.workflow, command.name).inc()
-                await anyio.sleep(delay)
-                command.issued_at = time.monotonic()
-                continue
-            send.send_nowait(Finished(command, attempt, started_at, error=error_info(exc)))
-            return
-        finally:
-            notice.cancel()
-        try:
-            data = encode_value(f"result of step {command.name!r}", value)
-            conn.check_size(f"result of step {command.name!r}", len(data))
-        except InvalidInput as exc:
-            send.send_nowait(Finished(command, attempt, started_at, error=error_info(exc)))
-            return
-        send.send_nowait(Finished(command, attempt, started_at, result=data))
         return
+    finally:
+        notice.cancel()
+    try:
+        data = encode_value(f"result of step {command.name!r}", value)
+        conn.check_size(f"result of step {command.name!r}", len(data))
+    except InvalidInput as exc:
+        send.send_nowait(Finished(command, attempt, started_at, error=error_info(exc)))
+        return
+    send.send_nowait(Finished(command, attempt, started_at, result=data))
 
 
-async def _invoke(command: StepCommand, runtime: StepRuntime) -> Any:
+async def _invoke(command: StepCommand, runtime: StepRuntime, attempt: int) -> Any:
     if runtime.limiter is not None:
         async with runtime.limiter:
-            return await _call(command, runtime)
-    return await _call(command, runtime)
+            return await _call(command, runtime, attempt)
+    return await _call(command, runtime, attempt)
 
 
-async def _call(command: StepCommand, runtime: StepRuntime) -> Any:
+async def _call(command: StepCommand, runtime: StepRuntime, attempt: int) -> Any:
     with step_attempt(command.workflow, command.name, command.issued_at):
         if command.timeout is None:
             return await _call_once(command, runtime)
-        with anyio.fail_after(command.timeout):
+        with anyio.move_on_after(command.timeout):
             return await _call_once(command, runtime)
+        # The deadline passed: say which step and attempt, not an empty TimeoutError.
+        raise StepTimeout(command.name, attempt, command.timeout)
 
 
 async def _call_once(command: StepCommand, runtime: StepRuntime) -> Any:

@@ -34,11 +34,13 @@ from natflow_engine import (
     TASK_LAG,
     TASK_STREAM,
     TRANSIENT,
+    CorruptHistory,
     History,
     HistoryStore,
     InvalidInput,
     Lease,
     Leases,
+    MissingKey,
     NatflowError,
     Task,
     TaskPuller,
@@ -46,6 +48,7 @@ from natflow_engine import (
     WorkerInfo,
     announce,
     check_queue,
+    connected_user,
     decode_task,
     enqueue,
     ensure_consumer,
@@ -53,6 +56,7 @@ from natflow_engine import (
     fields,
     fold_run,
     last_signal_seq,
+    open_events,
     ping_subject,
     prepare_worker,
     queue_consumer,
@@ -62,19 +66,27 @@ from natflow_engine import (
     wake_subject,
     withdraw,
 )
-from natflow_engine.events import RunStarted, decode_event, utcnow
+from natflow_engine.events import RunStarted, utcnow
 from nats.aio.msg import Msg
 
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
+from ._guard import RunGuard, check_inline_start
+from ._pulse import HeldRun, Pulse
 from ._steps import StepRuntime
 from ._triggers import declare_triggers
+from ._watchdog import LoopWatchdog
 from ._workflow import Workflow
 
 log = logging.getLogger("natflow.worker")
 
 _UNKNOWN_WORKFLOW_DELAY = 1.0
+_MISSING_KEY_DELAY = 2.0
 _BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
+_UNSEEN_START_TRIES = 5
+_BACKOFF_FIRST = 0.5  # a failed task comes back after 0.5, 1, 2, 4 ... s
+_BACKOFF_MAX = 60.0
+_PARK_AFTER = 8  # deliveries that failed in a row before the run is held as parked
 MIN_LEASE_TTL = 1.0
 
 
@@ -99,6 +111,7 @@ class _Held:
     revision: int = 0
     renewed_at: float = field(default_factory=time.monotonic)
     lost: bool = False
+    released: bool = False  # its task was handed back: another worker may take the run
     finished: anyio.Event = field(default_factory=anyio.Event)
 
     @property
@@ -170,8 +183,12 @@ class Worker:
         self._not_pulling = anyio.Event()
         self._pullers: list[TaskPuller] = []
         self._started_at = utcnow()
+        self._user = ("", "")  # (user, account) as the server names them, once running
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
+        self._guard = RunGuard(self._conn, self._store, self.identity)
+        self._pulse: Pulse | None = None
+        self._pulse_thread = False
 
     @staticmethod
     def _index(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
@@ -234,7 +251,10 @@ class Worker:
         if self._metrics_port:
             serve_metrics(self._metrics_port)
         pullers = [await self._subscribe(queue, name) for queue, name in self._served]
-        ping = await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._on_ping)
+        self._user = await connected_user(self._conn)
+        ping = await self._start_pulse()
+        watchdog = LoopWatchdog(asyncio.get_running_loop())
+        watchdog.start()
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
         await self._announce()
         await declare_triggers(self._conn, self._workflows.values(), self.identity)
@@ -261,9 +281,44 @@ class Worker:
                         self._not_pulling.set()
                 tg.cancel_scope.cancel()
         finally:
+            watchdog.stop()
             with anyio.CancelScope(shield=True):
                 await self._close(pullers, ping)
                 await self._quietly(nudges.unsubscribe())
+
+    async def _start_pulse(self) -> Any:
+        """Heartbeats on their own thread and connection. If that cannot connect, they run
+        on this loop and connection (returns the ping subscription made for them then)."""
+        loop = asyncio.get_running_loop()
+        self._pulse = Pulse(
+            self._conn,
+            self.identity,
+            interval=max(0.2, self.lease_ttl / 3),
+            held=lambda: list(self._held.values()),
+            holds=self._holds,
+            lost=lambda held, why: loop.call_soon_threadsafe(self._step_back, held, why),
+        )
+        if await anyio.to_thread.run_sync(self._pulse.start):
+            self._pulse_thread = True
+            return None
+        log.warning(
+            "worker %s: heartbeats run on the worker's own loop (no second connection: %s); "
+            "a blocking step can cost it its runs",
+            self.identity,
+            self._pulse.error,
+        )
+        return await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._pulse.on_ping)
+
+    def _step_back(self, held: HeldRun, why: str) -> None:
+        """On the worker's loop: the heartbeat found the run's lease lost."""
+        if not isinstance(held, _Held) or self._held.get(held.run_id) is not held or held.lost:
+            return
+        if "taken" in why:  # said once the run's handling ends (see _handle)
+            FENCED.labels(held.execution_fields.get("workflow", ""), "lease").inc()
+        else:
+            log.warning("run %s: %s; stepping back", held.run_id, why, extra=held.execution_fields)
+        held.lost = True
+        held.scope.cancel()
 
     async def _subscribe(self, queue: str, workflow: str) -> TaskPuller:
         await ensure_consumer(self._conn, queue, workflow, self.lease_ttl)
@@ -283,7 +338,10 @@ class Worker:
     async def _close(self, pullers: list[TaskPuller], ping: Any) -> None:
         for puller in pullers:
             await self._quietly(puller.stop())
-        await self._quietly(ping.unsubscribe())
+        if ping is not None:
+            await self._quietly(ping.unsubscribe())
+        if self._pulse is not None and self._pulse_thread:
+            await anyio.to_thread.run_sync(self._pulse.stop)
         try:
             await withdraw(self._conn, self.identity)
         except (NatflowError, nats.errors.Error) as exc:
@@ -297,11 +355,13 @@ class Worker:
         handed back (its task NAKed, its lease dropped) so another worker resumes it at once.
         """
         self._stopping.set()
-        with anyio.move_on_after(5):
-            await self._not_pulling.wait()
+        # Drain first: a step that ends while the pulls are being withdrawn must not be
+        # followed by the next one here.
         for held in list(self._held.values()):
             if held.execution is not None:
                 held.execution.drain()
+        with anyio.move_on_after(5):
+            await self._not_pulling.wait()
         with anyio.move_on_after(grace):
             while self._held:
                 self._drained = anyio.Event()
@@ -356,8 +416,11 @@ class Worker:
             try:
                 task = decode_task(msg.data)
             except Exception as exc:
-                log.error("dropping malformed task on %s: %s", msg.subject, exc)
-                await self._quietly(msg.term())
+                await self._quarantine_task(msg, f"the task does not decode: {exc}")
+                return
+            if msg.subject.rsplit(".", 1)[-1] != task.run_id:
+                reason = f"the task names run {task.run_id[:200]!r}, its subject another"
+                await self._quarantine_task(msg, reason)
                 return
             previous = self._held.get(task.run_id)
             if previous is not None and _same_task(previous.msg, msg):
@@ -388,12 +451,14 @@ class Worker:
             run_id = held.run_id if held else "?"
             log.warning("run %s: handing it back: %s", run_id, exc)
             if held is not None:
-                await self._hand_back(held)
-        except Exception as exc:
-            run_id = held.run_id if held else "?"
-            log.error("run %s: handing it back after an error: %s", run_id, exc, exc_info=True)
+                await self._back_off(held, exc, park=False)
+        except MissingKey as exc:  # a worker that holds the key will take it, later
+            log.error("run %s: handing it back: %s", held.run_id if held else "?", exc)
             if held is not None:
-                await self._hand_back(held)
+                await self._hand_back(held, delay=_MISSING_KEY_DELAY)
+        except Exception as exc:
+            if held is not None:
+                await self._back_off(held, exc, park=True)
         finally:
             if held is not None and self._held.get(held.run_id) is held:
                 del self._held[held.run_id]
@@ -408,13 +473,24 @@ class Worker:
 
     async def _process(self, held: _Held, task: Task) -> None:
         msg, run_id = held.msg, held.run_id
-        fresh = task.start_seq > 0 and msg.metadata.num_delivered == 1
-        if fresh:  # a new run's first delivery: its whole history is in the task
-            history = History(run_id, [decode_event(task.start)], task.start_seq)
-        else:
+        # History is the truth: a task is only a hint to look. Its inline start (if any)
+        # is checked against history and never used in its place.
+        try:
             history = await self._store.read(run_id)
+        except CorruptHistory as bad:
+            await self._hold_corrupt(held, bad)
+            return
+        if task.start_seq > 0:
+            check_inline_start(task, history)
+        # Sealed values opened for replay: without the key, MissingKey names it and the task
+        # goes back untouched for a worker that holds it.
+        history.events = open_events(self._conn.codec, history.events, run_id)
         info = fold_run(run_id, history.events)
         if info is None:
+            if task.start_seq > 0 and (msg.metadata.num_delivered or 1) < _UNSEEN_START_TRIES:
+                # a start the task vouches for, read from a replica not there yet
+                await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
+                return
             log.warning("task for unknown run %s; dropping it", run_id)
             await self._quietly(msg.term())
             return
@@ -425,6 +501,14 @@ class Worker:
         if workflow is None:
             log.debug("run %s: workflow %r is not served here", run_id, info.workflow)
             await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
+            return
+        if await self._held_in_quarantine(held, history):
+            return
+        delivered = msg.metadata.num_delivered or 1
+        if delivered > 1 and await self._guard.held_elsewhere(run_id, info.worker):
+            # A redelivery (a consumer leader change, an ack deadline missed in an election)
+            # is no permission to take a run from a live holder: leave it, look again later.
+            await self._quietly(msg.nak(delay=self.lease_ttl))
             return
         start = history.events[0]
         assert isinstance(start, RunStarted)
@@ -443,7 +527,6 @@ class Worker:
             identity=self.identity,
             runtime=self._runtime,
             delivery=delivered,
-            optimistic=fresh,
         )
         if self._stopping.is_set():
             held.execution.drain()
@@ -513,8 +596,43 @@ class Worker:
         except NatflowError as exc:  # the engine's dispatcher writes them too, a little later
             log.debug("run %s: timers not indexed here (%s)", held.run_id, exc)
 
-    async def _hand_back(self, held: _Held) -> None:
-        await self._quietly(held.msg.nak())
+    # -- quarantine (see _guard) -----------------------------------------------------------
+
+    async def _quarantine_task(self, msg: Msg, reason: str) -> None:
+        await self._guard.set_task_aside(msg, reason)
+        await self._quietly(msg.term())
+
+    async def _held_in_quarantine(self, held: _Held, history: History) -> bool:
+        """Whether the run is (now) held as poisoned or parked: then its task is done."""
+        if not await self._guard.holds(held.run_id, history):
+            return False
+        await self._quietly(held.msg.ack())
+        return True
+
+    async def _hold_corrupt(self, held: _Held, bad: CorruptHistory) -> None:
+        await self._guard.hold_corrupt(held.run_id, bad)
+        await self._quietly(held.msg.ack())
+
+    async def _back_off(self, held: _Held, exc: Exception, *, park: bool) -> None:
+        """A task that failed: NAK it with a growing delay, never at once (no hot loop);
+        after :data:`_PARK_AFTER` deliveries that failed alike, hold the run as parked."""
+        delivered = held.msg.metadata.num_delivered or 1
+        if park and await self._guard.failed(held.run_id, exc, delivered, _PARK_AFTER):
+            await self._quietly(held.msg.ack())
+        else:
+            delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (delivered - 1))
+            held.released = True
+            await self._quietly(held.msg.nak(delay=delay))
+        await self._release(held)
+
+    def _holds(self, run_id: str) -> bool:
+        """Whether this worker holds the run (and has not handed its task back)."""
+        held = self._held.get(run_id)
+        return held is not None and not held.released
+
+    async def _hand_back(self, held: _Held, delay: float | None = None) -> None:
+        held.released = True  # before the NAK: the next taker's ping must hear "free"
+        await self._quietly(held.msg.nak(delay=delay))
         await self._release(held)
         log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
 
@@ -536,44 +654,14 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await anyio.sleep(max(0.2, self.lease_ttl / 3))
-            async with anyio.create_task_group() as tg:
-                for held in list(self._held.values()):
-                    tg.start_soon(self._renew, held)
+            if self._pulse is not None and not self._pulse_thread:  # no thread: beat here
+                await self._pulse.beat_all(self._conn.nc, self._leases)
             await self._announce()
-
-    async def _renew(self, held: _Held) -> None:
-        await self._quietly(held.msg.in_progress())
-        if held.lease is None:
-            return
-        try:
-            renewed = await self._leases.renew(held.lease, held.revision)
-        except (NatflowError, nats.errors.Error) as exc:
-            if time.monotonic() - held.renewed_at > self.lease_ttl:
-                log.warning(
-                    "run %s: lease not renewed for %.0f s (%s); stepping back",
-                    held.run_id,
-                    self.lease_ttl,
-                    exc,
-                )
-                held.lost = True
-                held.scope.cancel()
-            return
-        if renewed is None:
-            FENCED.labels(held.execution_fields.get("workflow", ""), "lease").inc()
-            held.lost = True
-            held.scope.cancel()
-            return
-        held.lease, held.revision = renewed
-        held.renewed_at = time.monotonic()
 
     async def _on_wake(self, msg: Msg) -> None:
         held = self._held.get(msg.data.decode(errors="replace"))
         if held is not None and held.execution is not None:
             held.execution.signals_arrived()
-
-    async def _on_ping(self, msg: Msg) -> None:
-        if msg.reply:
-            await self._quietly(msg.respond(self.identity.encode()))
 
     async def _announce(self) -> None:
         info = WorkerInfo(
@@ -588,6 +676,8 @@ class Worker:
             held=len(self._held),
             draining=self._stopping.is_set(),
             input_schemas=self._input_schemas,
+            user=self._user[0],
+            account=self._user[1],
         )
         try:
             await announce(self._conn, info)

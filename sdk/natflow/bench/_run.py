@@ -55,6 +55,7 @@ from natflow_engine import (
     default_url,
     history_subject,
     queue_consumer,
+    redact_url,
     replicas,
     runs_subject,
 )
@@ -292,7 +293,7 @@ class Bench:
     def _environment(self) -> Environment:
         info: dict[str, Any] = getattr(self.client.connection.nc, "_server_info", None) or {}
         return Environment(
-            server=self.url,
+            server=redact_url(self.url),
             server_version=str(info.get("version", "?")),
             embedded=self.server is not None,
             python=platform.python_version(),

@@ -21,7 +21,7 @@ from natflow_engine import HistoryStore, connect_options
 
 from .._client import Client
 from .._context import WorkflowContext
-from .._execution import RunExecution, StepRuntime
+from .._replay import WorkflowState
 from .._workflow import workflow
 
 BENCH_QUEUE = "natflow-bench"
@@ -94,19 +94,12 @@ async def measure_replay(url: str, run_id: str, repeat: int) -> ReplayTimes:
             t0 = time.perf_counter()
             history = await store.read(run_id)
             t1 = time.perf_counter()
-            execution = RunExecution(
-                workflow=bench_steps,
-                history=history,
-                store=store,
-                conn=client.connection,
-                identity="natflow-bench-replay",
-                runtime=StepRuntime(),
-            )
-            execution._begin()
+            state = WorkflowState(bench_steps, history)
+            state.begin()
             t2 = time.perf_counter()
-            if execution.block is not None:
-                raise RuntimeError(f"replay of {run_id} diverged: {execution.block}")
-            execution._dispose()
+            if state.block is not None:
+                raise RuntimeError(f"replay of {run_id} diverged: {state.block}")
+            state.close()
             events = len(history.events)
             reads.append((t1 - t0) * 1e3)
             rebuilds.append((t2 - t1) * 1e3)

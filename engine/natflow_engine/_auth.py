@@ -1,0 +1,300 @@
+"""Roles as NATS permissions: which subjects each kind of natflow process may use.
+
+NATS checks every publish and subscribe against the connected user's permissions; the
+JetStream API is request/reply on ``$JS.API.<...>`` subjects, so "may read runs" or "may
+take tasks of queue A" are subject permissions too (NATS.md §11). The roles:
+
+* ``engine``: the engine services. Creates and updates natflow's streams (never deletes or
+  purges them), writes the run index, tasks and dead letters, reads everything, and creates
+  the runs a ``frontend`` asks it to start.
+* ``worker``: takes tasks (of all queues, or only of ``queues``), reads and appends
+  history, reads signals, keeps leases, timers and its registry entry, answers pings.
+* ``client``: starts runs, sends signals, cancels and terminates, and reads (``viewer``).
+* ``frontend``: what ``client`` does, but starts runs by asking the engine
+  (``Client.connect(..., start_via_engine=True)``), so it cannot write any history: the role
+  for untrusted starters.
+* ``signaller``: sends ordinary signals, nothing else: not cancel or terminate, no reads.
+* ``viewer``: reads runs, histories, the run index, workers and dead letters.
+
+Cancel and terminate are grants of their own (``control``): they travel on
+``natflow.signal.<run>.$control.<cancel|terminate>``, five tokens, which the ordinary
+signal grant ``natflow.signal.*.*`` (four tokens) does not match.
+
+What permissions cannot do (per subject, never per header or payload): a user who may start
+runs publishes on ``natflow.history.*`` and so could append any event to any run; a worker
+limited to some queues still reads and appends the histories of every run. Give ``client``
+and ``worker`` only to code you trust as much as the workflows themselves; give untrusted
+starters ``frontend`` (see docs/security.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from ._errors import InvalidInput
+from ._kv import kv_stream
+from ._leases import LEASES_BUCKET
+from ._names import check_queue, check_workflow_name
+from ._registry import WORKERS_BUCKET, safe_identity
+from ._start_service import START_PREFIX
+from ._streams import (
+    CONTROL_TOKEN,
+    DEADLETTER_PREFIX,
+    DEADLETTER_STREAM,
+    HISTORY_PREFIX,
+    HISTORY_STREAM,
+    RUNS_PREFIX,
+    RUNS_STREAM,
+    SIGNAL_PREFIX,
+    SIGNAL_STREAM,
+    TASK_PREFIX,
+    TASK_STREAM,
+    queue_consumer,
+)
+from ._timers import TIMERS_BUCKET
+
+ROLES: Final = ("engine", "worker", "client", "frontend", "signaller", "viewer")
+CONTROLS: Final = ("cancel", "terminate")
+USER_INFO: Final = "$SYS.REQ.USER.INFO"  # who am I: the server's answer (worker identity)
+
+_BUCKETS: Final = (LEASES_BUCKET, WORKERS_BUCKET, TIMERS_BUCKET)
+_STREAMS: Final = (
+    HISTORY_STREAM,
+    TASK_STREAM,
+    RUNS_STREAM,
+    SIGNAL_STREAM,
+    DEADLETTER_STREAM,
+    *(kv_stream(b) for b in _BUCKETS),
+)
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subjects a NATS user may publish to and subscribe to.
+
+    ``allow_responses`` lets the user answer requests (publish to their reply subjects)
+    without publish rights on every inbox.
+    """
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = False
+
+    def to_conf(self) -> str:
+        """The permissions as a nats.conf block (the value of a user's ``permissions``)."""
+
+        def block(subjects: tuple[str, ...]) -> str:
+            lines = "".join(f'      "{s}"\n' for s in subjects)
+            return f"{{\n    allow: [\n{lines}    ]\n  }}"
+
+        text = f"{{\n  publish: {block(self.publish)}\n  subscribe: {block(self.subscribe)}\n"
+        if self.allow_responses:
+            text += "  allow_responses: true\n"
+        return text + "}"
+
+
+def role_permissions(
+    role: str,
+    *,
+    queues: Sequence[str] = (),
+    workflows: Sequence[str] = (),
+    control: Sequence[str] = (),
+    domain: str | None = None,
+    identity: str | None = None,
+) -> Permissions:
+    """The permissions of ``role`` (one of :data:`ROLES`).
+
+    ``queues`` limits a worker to those task queues (default: all), serving ``workflows``
+    there: each workflow of a queue has its own task consumer, and a consumer name is one
+    subject token that no wildcard can match by prefix, so a queue-limited worker names the
+    workflows it serves. ``identity`` limits it to its own
+    registry entry, pings and wake-ups (``Worker(identity=...)``, ``natflow worker
+    --identity``), so it cannot answer for another worker. ``control`` adds
+    ``cancel`` and/or ``terminate`` to any role (``client`` has both). ``domain`` names the
+    JetStream domain the streams live in, for a process on a leaf node (NATS.md §9).
+    """
+    if role not in ROLES:
+        raise InvalidInput(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    if (queues or workflows or identity) and role != "worker":
+        raise InvalidInput("only the worker role takes queues, workflows and an identity")
+    if queues and not workflows:
+        raise InvalidInput(
+            "a worker limited to queues must also name the workflows it serves there "
+            "(--workflow NAME, repeatable): each workflow of a queue has its own task consumer"
+        )
+    if workflows and not queues:
+        raise InvalidInput("--workflow limits a queue-limited worker; name its queues (--queue)")
+    if identity is not None and safe_identity(identity) != identity:
+        raise InvalidInput(
+            f"worker identity {identity!r} must use A-Z, a-z, 0-9, '_' and '-' (at most 128)"
+        )
+    for kind in control:
+        if kind not in CONTROLS:
+            raise InvalidInput(f"unknown control {kind!r}; choose cancel and/or terminate")
+    api = f"$JS.{domain}.API" if domain else "$JS.API"
+    kv = f"{api}.$KV" if domain else "$KV"
+    build = _BUILDERS[role]
+    scoped = [check_queue(q) for q in queues]
+    publish, subscribe, responses = (
+        _worker(api, kv, scoped, [check_workflow_name(w) for w in workflows])
+        if role == "worker"
+        else build(api, kv, scoped)
+    )
+    if identity is not None:  # the worker's own registry entry and subjects only
+        publish = [
+            f"{kv}.{WORKERS_BUCKET}.{identity}" if s == f"{kv}.{WORKERS_BUCKET}.>" else s
+            for s in publish
+        ]
+        subscribe = [
+            f"natflow.worker.{identity}.*" if s == "natflow.worker.*.*" else s for s in subscribe
+        ]
+    extra = [_control_subject(kind) for kind in control if kind not in _CONTROL_ROLES.get(role, ())]
+    return Permissions(_unique(publish + extra), _unique(subscribe), responses)
+
+
+_Parts = tuple[list[str], list[str], bool]
+
+
+def _control_subject(kind: str) -> str:
+    return f"{SIGNAL_PREFIX}.*.{CONTROL_TOKEN}.{kind}"
+
+
+def _unique(subjects: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(subjects))
+
+
+def _direct_get(api: str, stream: str) -> list[str]:
+    return [f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>"]
+
+
+def _ordered_consumer(api: str, stream: str) -> list[str]:
+    # nats-py creates an ordered consumer on the bare CREATE subject (NATS.md §11), deletes it
+    # when done, and answers the server's flow-control requests.
+    return [
+        f"{api}.CONSUMER.CREATE.{stream}",
+        f"{api}.CONSUMER.CREATE.{stream}.>",
+        f"{api}.CONSUMER.DELETE.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def _stream_info(api: str) -> list[str]:
+    # Every process checks on first use that natflow's streams exist (ensure_streams).
+    return [f"{api}.STREAM.INFO.{s}" for s in _STREAMS]
+
+
+def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
+    publish = [
+        *_stream_info(api),
+        *_direct_get(api, HISTORY_STREAM),
+        *_direct_get(api, RUNS_STREAM),
+        *_direct_get(api, DEADLETTER_STREAM),
+        *_direct_get(api, kv_stream(WORKERS_BUCKET)),
+        *_ordered_consumer(api, HISTORY_STREAM),  # Client.watch
+    ]
+    # RunHandle.result listens for the run's final event on the history subject itself.
+    return publish, ["_INBOX.>", f"{HISTORY_PREFIX}.*"], False
+
+
+def _signaller(api: str, kv: str, queues: list[str]) -> _Parts:
+    return [*_stream_info(api), f"{SIGNAL_PREFIX}.*.*"], ["_INBOX.>"], False
+
+
+def _client(api: str, kv: str, queues: list[str]) -> _Parts:
+    publish, subscribe, _ = _viewer(api, kv, queues)
+    publish += [
+        f"{HISTORY_PREFIX}.*",  # a start appends the run's first event
+        f"{TASK_PREFIX}.>",  # ... and enqueues its task
+        f"{SIGNAL_PREFIX}.*.*",
+        *(_control_subject(kind) for kind in CONTROLS),
+    ]
+    return publish, subscribe, False
+
+
+def _frontend(api: str, kv: str, queues: list[str]) -> _Parts:
+    publish, subscribe, _ = _viewer(api, kv, queues)
+    publish += [
+        f"{START_PREFIX}.*",  # the engine checks the request and creates the run
+        f"{SIGNAL_PREFIX}.*.*",
+        *(_control_subject(kind) for kind in CONTROLS),
+    ]
+    return publish, subscribe, False
+
+
+def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ()) -> _Parts:
+    consumers = [queue_consumer(q, w) for q in queues for w in workflows] or ["*"]
+    tasks = [f"{TASK_PREFIX}.{q}.>" for q in queues] or [f"{TASK_PREFIX}.>"]
+    publish = [
+        *_stream_info(api),
+        f"{HISTORY_PREFIX}.*",
+        *_direct_get(api, HISTORY_STREAM),
+        *_direct_get(api, SIGNAL_STREAM),
+        *_direct_get(api, kv_stream(LEASES_BUCKET)),
+        *(f"{kv}.{bucket}.>" for bucket in _BUCKETS),
+        *tasks,  # a holder re-enqueues its run when it must look again
+        USER_INFO,
+    ]
+    for consumer in consumers:
+        publish += [
+            f"{api}.CONSUMER.CREATE.{TASK_STREAM}.{consumer}.>",
+            f"{api}.CONSUMER.INFO.{TASK_STREAM}.{consumer}",
+            f"{api}.CONSUMER.MSG.NEXT.{TASK_STREAM}.{consumer}",
+            f"$JS.ACK.{TASK_STREAM}.{consumer}.>",
+        ]
+    # Pings and wake-ups for this worker's identity; answering a ping needs allow_responses.
+    return publish, ["_INBOX.>", "natflow.worker.*.*"], True
+
+
+def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
+    publish = [
+        f"{HISTORY_PREFIX}.*",  # the first event of a run a frontend asked for
+        f"{RUNS_PREFIX}.>",
+        f"{TASK_PREFIX}.>",
+        f"{DEADLETTER_PREFIX}.>",
+        "natflow.worker.*.ping",  # is this worker alive?
+        "natflow.worker.*.wake",  # a run it holds has something new
+        *(f"{kv}.{bucket}.>" for bucket in _BUCKETS),
+    ]
+    for stream in _STREAMS:
+        publish += [
+            f"{api}.STREAM.INFO.{stream}",
+            f"{api}.STREAM.CREATE.{stream}",
+            f"{api}.STREAM.UPDATE.{stream}",
+            f"{api}.CONSUMER.CREATE.{stream}",
+            f"{api}.CONSUMER.CREATE.{stream}.>",
+            f"{api}.CONSUMER.INFO.{stream}.>",
+            f"{api}.CONSUMER.LIST.{stream}",
+            f"{api}.CONSUMER.DELETE.{stream}.>",
+            f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
+            *_direct_get(api, stream),
+            f"$JS.ACK.{stream}.>",  # its own consumers, and a dead worker's task (-NAK)
+            f"$JS.FC.{stream}.>",
+        ]
+    # Start requests from frontends, answered (allow_responses) to their inboxes.
+    return publish, ["_INBOX.>", f"{START_PREFIX}.*"], True
+
+
+_BUILDERS: Final = {
+    "engine": _engine,
+    "worker": _worker,
+    "client": _client,
+    "frontend": _frontend,
+    "signaller": _signaller,
+    "viewer": _viewer,
+}
+_CONTROL_ROLES: Final = {"client": CONTROLS, "frontend": CONTROLS}
+
+
+def permissions_conf(domain: str | None = None) -> str:
+    """nats.conf variables, one per role (``$NATFLOW_ENGINE``, ...), for ``include``."""
+    header = (
+        "# natflow's roles as NATS permissions; generated by `natflow auth --all`.\n"
+        "# Use as `permissions: $NATFLOW_WORKER` in a user; see docs/security.md.\n"
+    )
+    blocks = [
+        f"NATFLOW_{role.upper()} = {role_permissions(role, domain=domain).to_conf()}\n"
+        for role in ROLES
+    ]
+    return header + "\n".join(blocks)

@@ -1,0 +1,78 @@
+"""The command-line options every natflow process shares (connection, metrics), kept apart
+from the ``natflow`` command itself so that a worker process can take them without loading
+the engine's commands, the console or their dependencies."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+
+from ._errors import NatflowError
+
+
+def connect_options(args: argparse.Namespace) -> dict[str, Any]:
+    """nats-py connect options from the CLI's credential and TLS flags."""
+    options: dict[str, Any] = {}
+    for option, path in (
+        ("--creds", args.creds),
+        ("--tls-ca", args.tls_ca),
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+    ):
+        if path and not Path(path).is_file():
+            raise NatflowError(f"{option} {path}: no such file")
+    if args.creds:
+        options["user_credentials"] = args.creds
+    if getattr(args, "nkey", None):
+        options["nkeys_seed"] = args.nkey
+    if args.user:
+        options["user"] = args.user
+        options["password"] = args.password or ""
+    if args.token:
+        options["token"] = args.token
+    if args.tls_ca or args.tls_cert:
+        context = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+        options["tls"] = context
+    return options
+
+
+def add_metrics_options(
+    p: argparse.ArgumentParser, default_port: int, env: str, *, engine: bool = False
+) -> None:
+    """``--metrics-port``/``--metrics-host``: where the process serves Prometheus metrics."""
+    p.add_argument(
+        "--metrics-port",
+        metavar="PORT",
+        type=int,
+        default=int(os.environ.get(env, default_port)),
+        help=f"serve Prometheus metrics on this port, 0 for none (env {env})",
+    )
+    p.add_argument(
+        "--metrics-host",
+        metavar="ADDRESS",
+        default=os.environ.get("NATFLOW_METRICS_HOST", "127.0.0.1"),
+        help="address the metrics endpoint listens on; 0.0.0.0 for every interface "
+        "(env NATFLOW_METRICS_HOST)",
+    )
+    if engine:
+        p.add_argument(
+            "--metrics-interval",
+            metavar="SECONDS",
+            type=float,
+            default=float(os.environ.get("NATFLOW_METRICS_INTERVAL", "5")),
+            help="seconds between reads of queue, worker and run counts from JetStream "
+            "(env NATFLOW_METRICS_INTERVAL)",
+        )
+        p.add_argument(
+            "--nats-monitor",
+            default=os.environ.get("NATFLOW_NATS_MONITOR") or None,
+            metavar="URL",
+            help="nats-server's HTTP monitoring endpoint (its `http:` port, e.g. "
+            "http://127.0.0.1:8222): the engine exports JetStream stream usage and limits "
+            "from its /jsz (env NATFLOW_NATS_MONITOR; natflow dev: its own server's)",
+        )

@@ -1,0 +1,153 @@
+"""JetStream usage from nats-server's own monitoring endpoint, exported as natflow metrics.
+
+nats-server serves ``/jsz`` on its HTTP monitoring port (``http: 127.0.0.1:8222`` in
+``nats.conf``; ``natflow dev`` knows its embedded server's). The engine reads it every few
+seconds and exports each stream's messages and bytes beside its limits, and the server's
+storage beside its ``max_file_store``/``max_memory_store``, so an alert can say a stream is
+near its limits without an extra exporter to install. On a cluster, point it at any one
+server: every server reports the streams it holds a replica of.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.error
+import urllib.request
+from typing import Final
+
+import anyio
+import msgspec
+
+from ._errors import NatflowError
+from ._metrics import (
+    JS_MEMORY_BYTES,
+    JS_MEMORY_LIMIT,
+    JS_STORAGE_BYTES,
+    JS_STORAGE_LIMIT,
+    JS_STREAM_BYTES,
+    JS_STREAM_MAX_BYTES,
+    JS_STREAM_MAX_MESSAGES,
+    JS_STREAM_MESSAGES,
+)
+
+log = logging.getLogger("natflow.metrics")
+
+_QUERY: Final = "/jsz?accounts=true&streams=true&config=true"
+
+
+class _StreamConfig(msgspec.Struct):
+    max_msgs: int = -1
+    max_bytes: int = -1
+
+
+class _StreamState(msgspec.Struct):
+    messages: int = 0
+    bytes: int = 0
+
+
+class _Stream(msgspec.Struct):
+    name: str
+    config: _StreamConfig = msgspec.field(default_factory=_StreamConfig)
+    state: _StreamState = msgspec.field(default_factory=_StreamState)
+
+
+class _Account(msgspec.Struct):
+    name: str = ""
+    stream_detail: list[_Stream] = []
+
+
+class _Limits(msgspec.Struct):
+    max_memory: int = 0
+    max_storage: int = 0
+
+
+class Jsz(msgspec.Struct):
+    """The part of ``/jsz`` natflow reads."""
+
+    memory: int = 0
+    storage: int = 0
+    config: _Limits = msgspec.field(default_factory=_Limits)
+    account_details: list[_Account] = []
+
+
+_decoder = msgspec.json.Decoder(Jsz)
+
+
+def jsz_url(monitor: str) -> str:
+    """``http://host:port`` (or with a trailing ``/``) -> its ``/jsz`` query URL."""
+    return monitor.rstrip("/") + _QUERY
+
+
+def _fetch(url: str, timeout: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        body: bytes = response.read()
+    return body
+
+
+async def read_jsz(monitor: str, timeout: float = 5.0) -> Jsz:
+    """Read and decode ``/jsz`` from the monitoring endpoint at ``monitor``."""
+    url = jsz_url(monitor)
+    try:
+        body = await anyio.to_thread.run_sync(_fetch, url, timeout)
+        return _decoder.decode(body)
+    except (OSError, urllib.error.URLError, msgspec.DecodeError) as exc:
+        raise NatflowError(
+            f"cannot read NATS monitoring at {url} ({exc}); check --nats-monitor (the "
+            "server's `http:` port) or leave it unset"
+        ) from exc
+
+
+def export(jsz: Jsz) -> None:
+    """Set the JetStream gauges from one reading."""
+    messages: dict[tuple[str, ...], float] = {}
+    sizes: dict[tuple[str, ...], float] = {}
+    max_messages: dict[tuple[str, ...], float] = {}
+    max_bytes: dict[tuple[str, ...], float] = {}
+    for account in jsz.account_details:
+        for stream in account.stream_detail:
+            key = (account.name, stream.name)
+            messages[key] = float(stream.state.messages)
+            sizes[key] = float(stream.state.bytes)
+            if stream.config.max_msgs > 0:
+                max_messages[key] = float(stream.config.max_msgs)
+            if stream.config.max_bytes > 0:
+                max_bytes[key] = float(stream.config.max_bytes)
+    JS_STREAM_MESSAGES.set_all(messages)
+    JS_STREAM_BYTES.set_all(sizes)
+    JS_STREAM_MAX_MESSAGES.set_all(max_messages)
+    JS_STREAM_MAX_BYTES.set_all(max_bytes)
+    JS_STORAGE_BYTES.set_all({(): float(jsz.storage)})
+    JS_MEMORY_BYTES.set_all({(): float(jsz.memory)})
+    JS_STORAGE_LIMIT.set_all({(): float(jsz.config.max_storage)} if jsz.config.max_storage else {})
+    JS_MEMORY_LIMIT.set_all({(): float(jsz.config.max_memory)} if jsz.config.max_memory else {})
+
+
+class JetStreamUsage:
+    """Reads ``/jsz`` every ``interval`` seconds and exports it (see the module docstring)."""
+
+    def __init__(self, monitor: str, *, interval: float = 5.0) -> None:
+        self.monitor = monitor
+        self.interval = interval
+        self._failing = False
+
+    async def run(self) -> None:
+        while True:
+            await self.poll()
+            await anyio.sleep(self.interval)
+
+    async def poll(self) -> None:
+        try:
+            jsz = await read_jsz(self.monitor)
+        except NatflowError as exc:
+            # Once per outage at warning level: a monitoring port that is down is worth a
+            # line, not one every few seconds.
+            log.log(logging.DEBUG if self._failing else logging.WARNING, "%s", exc)
+            self._failing = True
+            export(Jsz(config=_Limits()))  # no stale numbers: the gauges go empty
+            JS_STORAGE_BYTES.set_all({})
+            JS_MEMORY_BYTES.set_all({})
+            return
+        if self._failing:
+            log.info("NATS monitoring at %s answers again", self.monitor)
+        self._failing = False
+        export(jsz)

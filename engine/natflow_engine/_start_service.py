@@ -1,0 +1,124 @@
+"""Starts through the engine: for clients that may not write history themselves.
+
+A client with the ``client`` role publishes a run's first event on ``natflow.history.<run>``
+itself, and NATS permissions (per subject, not per payload) cannot stop it from appending
+any other event to any run. A ``frontend`` (an untrusted client: a browser-facing service,
+a partner) instead sends ``natflow.command.start.<run_id>`` as a request; an engine replica
+(queue group ``natflow-engine``) checks it, creates the run exactly as ``Runs.start`` does
+(conditional append, then the task) and answers. The run id is chosen before the request,
+so a retried request after a lost reply starts nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Final
+
+import anyio
+import msgspec
+from nats.aio.msg import Msg
+
+from ._connection import Connection, NoResponders
+from ._errors import InvalidInput, NatflowError, ServerUnavailable
+from ._names import check_run_id
+from ._runs import Runs
+
+log = logging.getLogger("natflow.starts")
+
+START_PREFIX: Final = "natflow.command.start"
+QUEUE_GROUP: Final = "natflow-engine"
+
+
+def start_subject(run_id: str) -> str:
+    return f"{START_PREFIX}.{run_id}"
+
+
+class StartRequest(msgspec.Struct, kw_only=True):
+    v: int = 1
+    workflow: str
+    queue: str
+    input: msgspec.Raw = msgspec.Raw(b"null")
+    not_before: datetime | None = None
+
+
+class StartReply(msgspec.Struct, kw_only=True):
+    v: int = 1
+    run_id: str = ""
+    created: bool = False
+    error: str = ""  # the refusal, for the client to raise
+    invalid: bool = False  # the refusal is InvalidInput
+
+
+_request_encoder = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(StartRequest)
+_reply_decoder = msgspec.json.Decoder(StartReply)
+
+
+async def request_start(
+    conn: Connection,
+    workflow: str,
+    queue: str,
+    input_json: bytes,
+    run_id: str,
+    not_before: datetime | None = None,
+) -> tuple[str, bool]:
+    """Ask the engine to create the run; ``(run_id, created)`` as ``Runs.start`` returns."""
+    body = _request_encoder.encode(
+        StartRequest(
+            workflow=workflow, queue=queue, input=msgspec.Raw(input_json), not_before=not_before
+        )
+    )
+    subject = start_subject(check_run_id(run_id))
+    try:
+        msg = await conn.request(subject, body, timeout=10.0)
+    except NoResponders as exc:
+        raise ServerUnavailable(
+            f"no natflow engine answers start requests ({subject!r}); start one "
+            f"(`natflow engine`, or `natflow dev`), or start runs as a client"
+        ) from exc
+    reply = _reply_decoder.decode(msg.data)
+    if reply.error:
+        raise (InvalidInput if reply.invalid else NatflowError)(reply.error)
+    return reply.run_id, reply.created
+
+
+class StartService:
+    """Answers start requests on ``natflow.command.start.*`` (one of the engine's services)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._runs = Runs(conn)
+
+    async def run(self) -> None:
+        sub = await self._conn.nc.subscribe(f"{START_PREFIX}.*", queue=QUEUE_GROUP)
+        try:
+            async with anyio.create_task_group() as tg:
+                async for msg in sub.messages:
+                    tg.start_soon(self._answer, msg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # the connection is going away
+                    log.debug("unsubscribe failed", exc_info=True)
+
+    async def _answer(self, msg: Msg) -> None:
+        reply = StartReply()
+        try:
+            request = _request_decoder.decode(msg.data)
+            run_id, created = await self._runs.start(
+                request.workflow,
+                request.queue,
+                bytes(request.input),
+                msg.subject.split(".", 3)[3],
+                not_before=request.not_before,
+            )
+            reply = StartReply(run_id=run_id, created=created)
+        except (InvalidInput, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            reply = StartReply(error=str(exc), invalid=True)
+        except NatflowError as exc:
+            log.warning("start request on %s failed: %s", msg.subject, exc)
+            reply = StartReply(error=f"the engine could not start the run: {exc}")
+        if msg.reply:
+            await self._conn.nc.publish(msg.reply, msgspec.json.encode(reply))

@@ -1,0 +1,90 @@
+"""``natflow replay-check MODULE[:ATTR]``: will today's code replay the stored runs?
+
+Contributed to the engine's CLI through the ``natflow.commands`` entry point, like
+``natflow worker``. It replays every stored run of the given workflows (or those created within
+``--since``) with :class:`~natflow.testing.Replayer`, without a worker and without writing
+anything, and reports each run whose history today's code would not follow. Exit status 1 if
+any run diverges, so a deploy can be checked in CI before old runs meet new code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from datetime import timedelta
+from typing import Any
+
+from natflow_engine import InvalidInput, connect_options
+
+from ._cli_worker import load_target
+from ._client import Client
+from .testing import Replayer, ReplayResult
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "replay-check", help="replay stored runs against today's workflow code (no worker)"
+    )
+    p.add_argument(
+        "target", metavar="MODULE[:ATTR]", help="module (or .py file); ATTR: a workflow or a list"
+    )
+    p.add_argument(
+        "--server", default=None, help="NATS URL of the runs to check (default: --url/NATFLOW_URL)"
+    )
+    p.add_argument(
+        "--since", type=parse_since, default=None, help="only runs created within, e.g. 7d, 12h"
+    )
+    p.add_argument(
+        "--history",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also replay this recorded history (JSONL, one event per line); repeatable",
+    )
+    p.set_defaults(handler=run_replay_check)
+
+
+def parse_since(text: str) -> timedelta:
+    """``7d``, ``12h``, ``30m``, ``90s`` or ``2w`` as a timedelta."""
+    found = _DURATION.match(text)
+    if found is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; write a number and a unit (s, m, h, d, w), e.g. 7d"
+        )
+    return timedelta(seconds=float(found.group(1)) * _UNITS[found.group(2)])
+
+
+def describe(result: ReplayResult) -> str:
+    if result.divergence is None:
+        return f"run {result.run_id} ({result.workflow}): ok"
+    d = result.divergence
+    return (
+        f"run {result.run_id} ({result.workflow}): INCOMPATIBLE at position {d.position}: "
+        f"today's code asks for {d.expected or 'nothing more'}, "
+        f"history recorded {d.recorded or 'nothing'}"
+    )
+
+
+async def run_replay_check(args: argparse.Namespace) -> int:
+    workflows, factory = load_target(args.target)
+    if factory is not None:
+        raise InvalidInput(
+            f"{args.target} is a callable; replay-check needs a workflow or a list of them "
+            f"(name the module, or a module attribute holding the workflows)"
+        )
+    replayer = Replayer(workflows)
+    results = [replayer.replay_file(path) for path in args.history]
+    client = await Client.connect(args.server or args.url, **connect_options(args))
+    try:
+        results += await replayer.replay_runs(client, since=args.since)
+    finally:
+        await client.close()
+    bad = [r for r in results if not r.ok]
+    for result in bad:
+        print(describe(result))
+    names = ", ".join(sorted(w.name for w in workflows))
+    print(f"replay-check: {len(results)} runs of {names} replayed, {len(bad)} incompatible")
+    return 1 if bad else 0

@@ -1,0 +1,99 @@
+"""Record the histories under tests/histories/ that this module knows how to make.
+
+Run on purpose only (``python -m tests.record_histories``), with the change that needs a new
+recording; tests/test_recorded_histories.py replays every file on each test run. It starts an
+embedded nats-server, the engine and a worker in this process, runs each scenario and writes
+each run's events, one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from natflow import Client, Workflow
+from natflow_engine._server import EmbeddedServer
+from natflow_engine.events import SignalWaited, encode_event
+
+from tests.helpers import running_engine, running_worker, wait_for
+from tests.workflows_recorded import (
+    recorded_cancel,
+    recorded_patch,
+    recorded_patch_v1,
+    recorded_retry,
+)
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def save(client: Client, run_id: str) -> None:
+    events = await client.history(run_id)
+    (HISTORIES / f"{run_id}.jsonl").write_bytes(b"".join(encode_event(e) + b"\n" for e in events))
+    print(f"wrote {run_id}.jsonl ({len(events)} events)")
+
+
+async def run_to_end(client: Client, workflow: Workflow, run_id: str, value: object) -> None:
+    async with running_worker(client, [workflow]):
+        await (await client.start(workflow, value, run_id=run_id)).result(timeout=20)
+
+
+async def signalled(client: Client, workflow: Workflow, run_id: str, value: object) -> None:
+    """Run until it waits for 'go', then signal it (the patched workflow's scenario)."""
+    async with running_worker(client, [workflow]):
+        handle = await client.start(workflow, value, run_id=run_id)
+
+        async def waiting() -> bool:
+            return any(isinstance(e, SignalWaited) for e in await client.history(run_id))
+
+        await wait_for(waiting, what=f"{run_id} waiting")
+        await client.signal(run_id, "go", "now")
+        await handle.result(timeout=20)
+
+
+async def cancelled_before_start(client: Client, run_id: str) -> None:
+    handle = await client.start(recorded_cancel, 4, run_id=run_id)
+    await client.cancel(run_id, "cancelled before any worker ran it")
+    async with running_worker(client, [recorded_cancel]):
+        try:
+            await handle.result(timeout=20)
+        except Exception as exc:  # the run ends cancelled: that is the scenario
+            print(f"{run_id}: {exc}")
+
+
+async def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EmbeddedServer(store_dir=Path(tmp) / "nats")
+        server.start()
+        try:
+            async with running_engine(server.url):
+                client = await Client.connect(server.url)
+                async with client:
+                    scenarios: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+                        (
+                            "recorded-retry-1",
+                            lambda: run_to_end(client, recorded_retry, "recorded-retry-1", 7),
+                        ),
+                        (
+                            "recorded-patch-old",
+                            lambda: signalled(client, recorded_patch_v1, "recorded-patch-old", 3),
+                        ),
+                        (
+                            "recorded-patch-new",
+                            lambda: signalled(client, recorded_patch, "recorded-patch-new", 3),
+                        ),
+                        (
+                            "recorded-cancel-early",
+                            lambda: cancelled_before_start(client, "recorded-cancel-early"),
+                        ),
+                    ]
+                    for run_id, scenario in scenarios:
+                        await scenario()
+                        await save(client, run_id)
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,248 @@
+"""Payload encryption: nothing readable reaches JetStream; keys rotate; no key, no loss."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from base64 import b64encode
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+import pytest
+from natflow import (
+    AesGcmCodec,
+    Client,
+    MissingKey,
+    RetryPolicy,
+    RunFailed,
+    StepError,
+    WorkflowContext,
+    workflow,
+)
+from natflow._replay import WorkflowState
+from natflow_engine import open_events, open_sealed
+from natflow_engine._engine import Engine
+from natflow_engine._history import History
+from natflow_engine._server import EmbeddedServer
+from natflow_engine.events import RunCompleted, RunStarted, decode_event
+
+from tests.helpers import ROOT, running_worker, wait_for
+
+K1 = bytes(range(32))
+K2 = bytes(range(32, 64))
+SECRETS = ("INPUT-S3CRET", "STEP-S3CRET", "SIGNAL-S3CRET", "ERROR-S3CRET", "RESULT-S3CRET")
+
+
+def fail(text: str) -> None:
+    raise ValueError(text)
+
+
+@workflow(name="confidential")
+async def confidential(ctx: WorkflowContext, data: dict[str, str]) -> dict[str, Any]:
+    echoed = await ctx.step("echo", lambda s: f"STEP-S3CRET {s}", data["secret"])
+    try:
+        await ctx.step("boom", fail, "ERROR-S3CRET in a message", retry=RetryPolicy())
+    except StepError as exc:
+        caught = exc.error.message
+    signal = await ctx.wait_for_signal("approve", timeout=30)
+    return {"echo": echoed, "caught": caught, "signal": signal, "result": "RESULT-S3CRET"}
+
+
+@workflow(name="doomed")
+async def doomed(ctx: WorkflowContext, data: str) -> None:
+    raise ValueError(f"ERROR-S3CRET of the run: {data}")
+
+
+async def stored_messages(url: str) -> list[bytes]:
+    """Every message (headers included) of every natflow stream, read with plain nats-py."""
+    nc = await nats.connect(url)
+    found: list[bytes] = []
+    try:
+        jsm = nc.jsm()
+        for info in await jsm.streams_info():
+            for seq in range(max(1, info.state.first_seq), info.state.last_seq + 1):
+                try:
+                    msg = await jsm.get_msg(info.config.name, seq)
+                except nats.js.errors.NotFoundError:
+                    continue
+                found.append(f"{msg.subject} {msg.headers!r} ".encode() + (msg.data or b""))
+    finally:
+        await nc.close()
+    return found
+
+
+async def test_no_plaintext_of_inputs_results_errors_or_signals_reaches_jetstream(
+    nats_server: EmbeddedServer, engine: Engine
+) -> None:
+    codec = AesGcmCodec({"k1": K1}, current="k1")
+    client = await Client.connect(nats_server.url, codec=codec)
+    try:
+        async with running_worker(client, [confidential, doomed]):
+            handle = await client.start(confidential, {"secret": "INPUT-S3CRET"}, run_id="c-1")
+            await wait_for(lambda: _status(client, "c-1", "waiting"), timeout=15, what="wait")
+            await client.signal("c-1", "approve", {"note": "SIGNAL-S3CRET"})
+            assert await handle.result(timeout=15) == {
+                "echo": "STEP-S3CRET INPUT-S3CRET",
+                "caught": "ERROR-S3CRET in a message",
+                "signal": {"note": "SIGNAL-S3CRET"},
+                "result": "RESULT-S3CRET",
+            }
+            failing = await client.start(doomed, "INPUT-S3CRET", run_id="c-2")
+            with pytest.raises(RunFailed, match="ERROR-S3CRET of the run"):
+                await failing.result(timeout=15)
+        # A run no worker serves keeps its task, with the inline copy of its start, in the
+        # task stream: sealed too.
+        await client.start(doomed, "INPUT-S3CRET", run_id="c-3", queue="nobody")
+        await wait_for(lambda: _indexed(client, 2), timeout=10, what="both runs indexed")
+        assert next(r.result for r in await client.list() if r.run_id == "c-1")["echo"]
+    finally:
+        await client.close()
+    stored = b"\n".join(await stored_messages(nats_server.url))
+    assert b"$natflow_encrypted" in stored
+    assert b"natflow.task.nobody.c-3 " in stored  # the pending task was read too
+    for secret in SECRETS:
+        assert secret.encode() not in stored, secret
+
+
+async def _status(client: Client, run_id: str, status: str) -> bool:
+    return (await client.describe(run_id)).status == status
+
+
+async def _indexed(client: Client, count: int) -> bool:
+    return len([r for r in await client.list() if r.is_closed]) == count
+
+
+async def test_rotated_keys_still_replay_old_runs(
+    nats_server: EmbeddedServer, engine: Engine
+) -> None:
+    old = await Client.connect(nats_server.url, codec=AesGcmCodec({"k1": K1}, current="k1"))
+    try:
+        async with running_worker(old, [confidential]):
+            await old.start(confidential, {"secret": "INPUT-S3CRET"}, run_id="r-1")
+            await wait_for(lambda: _status(old, "r-1", "waiting"), timeout=15, what="wait")
+    finally:
+        await old.close()
+    # A new worker (nothing in memory: it replays) with the rotated set, k2 current.
+    rotated = AesGcmCodec({"k2": K2, "k1": K1}, current="k2")
+    new = await Client.connect(nats_server.url, codec=rotated)
+    try:
+        async with running_worker(new, [confidential]):
+            await new.signal("r-1", "approve", "after rotation")
+            result = await new.handle("r-1").result(timeout=15)
+        assert result["echo"] == "STEP-S3CRET INPUT-S3CRET"
+        assert result["signal"] == "after rotation"
+    finally:
+        await new.close()
+    stored = b"\n".join(await stored_messages(nats_server.url))
+    assert b'"$natflow_encrypted":"k1"' in stored
+    assert b'"$natflow_encrypted":"k2"' in stored
+
+
+async def test_a_worker_without_the_key_hands_the_task_back_naming_it(
+    nats_server: EmbeddedServer, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await Client.connect(nats_server.url, codec=AesGcmCodec({"k1": K1}, current="k1"))
+    keyless = await Client.connect(nats_server.url, codec=AesGcmCodec({"k2": K2}, current="k2"))
+    try:
+        await client.start(confidential, {"secret": "INPUT-S3CRET"}, run_id="k-1")
+        with caplog.at_level(logging.ERROR, logger="natflow.worker"):
+            async with running_worker(keyless, [confidential]):
+                await wait_for(
+                    lambda: _logged(caplog, "encrypted with key 'k1'"),
+                    timeout=15,
+                    what="the keyless worker's error",
+                )
+        info = await client.describe("k-1")
+        assert info.status == "pending"  # nothing recorded, nothing lost
+        start = (await keyless.history("k-1"))[0]  # shown sealed to who lacks the key
+        assert isinstance(start, RunStarted)
+        assert bytes(start.input).startswith(b'{"$natflow_encrypted":"k1"')
+        with pytest.raises(MissingKey, match="'k1'"):
+            open_sealed(keyless.connection.codec, bytes(start.input))
+        async with running_worker(client, [confidential]):
+            # The task comes back after the keyless worker's nak delay, or its ack deadline
+            # (15 s) if it stopped holding the task.
+            await wait_for(lambda: _status(client, "k-1", "waiting"), timeout=40, what="wait")
+            await client.signal("k-1", "approve", 1)
+            assert (await client.handle("k-1").result(timeout=15))["signal"] == 1
+        with pytest.raises(MissingKey, match="the result of run 'k-1' is encrypted with key 'k1'"):
+            await keyless.handle("k-1").result(timeout=5)
+    finally:
+        await keyless.close()
+        await client.close()
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records)
+
+
+async def test_cli_shows_encrypted_values_without_keys_and_opens_them_with_keys(
+    nats_server: EmbeddedServer, engine: Engine
+) -> None:
+    client = await Client.connect(nats_server.url, codec=AesGcmCodec({"k2": K2}, current="k2"))
+    try:
+        async with running_worker(client, [doomed]):
+            handle = await client.start(doomed, "INPUT-S3CRET", run_id="cli-1")
+            with pytest.raises(RunFailed):
+                await handle.result(timeout=15)
+    finally:
+        await client.close()
+
+    def show(keys: str | None) -> str:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("NATFLOW_CODEC_KEYS", None)
+        if keys is not None:
+            env["NATFLOW_CODEC_KEYS"] = keys
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "natflow_engine",
+                "--url",
+                nats_server.url,
+                "runs",
+                "show",
+                "cli-1",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    hidden = await anyio.to_thread.run_sync(lambda: show(None))
+    assert "ValueError: encrypted (key k2)" in hidden
+    assert "S3CRET" not in hidden
+    opened = await anyio.to_thread.run_sync(lambda: show(f"k2:{b64encode(K2).decode()}"))
+    assert "ValueError: ERROR-S3CRET of the run: INPUT-S3CRET" in opened
+
+
+SEALED = Path(__file__).parent / "histories-sealed"
+
+
+def test_a_recorded_sealed_history_replays_with_its_key() -> None:
+    """Recorded with K1 by an earlier version: still opens and replays to its result."""
+    path = SEALED / "sealed-confidential-1.jsonl"
+    assert b"S3CRET" not in path.read_bytes()
+    events = [decode_event(line) for line in path.read_bytes().splitlines() if line.strip()]
+    with pytest.raises(MissingKey, match="'k1'"):
+        open_events(AesGcmCodec({"k2": K2}, current="k2"), events, path.stem)
+    opened = open_events(AesGcmCodec({"k2": K2, "k1": K1}, current="k2"), events, path.stem)
+    final = opened[-1]
+    assert isinstance(final, RunCompleted)
+    state = WorkflowState(confidential, History(path.stem, opened[:-1], len(opened) - 1))
+    try:
+        state._begin()
+        assert state.block is None, state.block
+        assert state._root is not None and state._root.done()
+        assert state._root.result() == msgspec.json.decode(final.result)
+        assert state._root.result()["signal"] == {"note": "SIGNAL-S3CRET"}
+    finally:
+        state._close_workflow()

@@ -1,0 +1,121 @@
+"""User code that raises BaseException or kills its process never takes the fleet down."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+from natflow import Client
+from natflow_engine._registry import list_workers
+from natflow_engine._server import EmbeddedServer
+from natflow_engine.events import RunBlocked, RunFailed, StepFailed
+
+from tests.helpers import spawn_worker, stop, wait_for
+from tests.workflows_poison import COUNTS_ENV
+
+TARGET = "tests.workflows_poison:make_worker"
+
+
+def counts(path: Path) -> Counter[str]:
+    """Executions per ``run:step`` (the worker's pid left out)."""
+    if not path.exists():
+        return Counter()
+    return Counter(line.rsplit(":", 1)[0] for line in path.read_text().splitlines())
+
+
+async def workers_up(client: Client, n: int) -> None:
+    async def registered() -> bool:
+        return len(await list_workers(client.connection)) >= n
+
+    await wait_for(registered, timeout=30, what=f"{n} workers registered")
+
+
+def spawn(server: EmbeddedServer, tmp_path: Path, n: int) -> list[subprocess.Popen[bytes]]:
+    env = {COUNTS_ENV: str(tmp_path / "counts.txt")}
+    return [
+        spawn_worker(server.url, TARGET, env=env, log=tmp_path / f"worker-{i}.log")
+        for i in range(n)
+    ]
+
+
+async def test_base_exceptions_from_steps_and_workflows_are_failures_not_exits(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    procs = spawn(nats_server, tmp_path, 2)
+    try:
+        await workers_up(client, 2)
+        runs = {
+            "exit": await client.start("base_steps", "exit", run_id="b-exit"),
+            "interrupt": await client.start("base_steps", "interrupt", run_id="b-interrupt"),
+            "base": await client.start("base_steps", "base", run_id="b-base"),
+        }
+        itself = await client.start("exits_itself", 4, run_id="b-itself")
+        for kind, handle in runs.items():
+            info = await wait_for(
+                lambda h=handle: _closed(client, h.run_id), timeout=30, what=f"{kind} closed"
+            )
+            assert info.status == "failed", info
+            failed = [e for e in await client.history(handle.run_id) if isinstance(e, StepFailed)]
+            assert [e.error.type for e in failed] == [
+                {"exit": "SystemExit", "interrupt": "KeyboardInterrupt", "base": "Custom"}[kind]
+            ]
+        info = await wait_for(lambda: _closed(client, itself.run_id), timeout=30, what="itself")
+        assert info.status == "failed" and info.error is not None
+        assert info.error.type == "SystemExit"
+        ends = [e for e in await client.history(itself.run_id) if isinstance(e, RunFailed)]
+        assert len(ends) == 1
+        # Both workers are still up, and a run started afterwards completes.
+        assert [p.poll() for p in procs] == [None, None]
+        good = await client.start("doubler", 21, run_id="b-good")
+        assert await good.result(timeout=30) == 42
+        # Each misbehaving step ran once: no worker died and took it again.
+        assert counts(tmp_path / "counts.txt") == Counter(
+            {
+                "b-exit:exits": 1,
+                "b-interrupt:interrupts": 1,
+                "b-base:raises_base": 1,
+                "b-itself:double": 1,
+                "b-good:double": 1,
+            }
+        )
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)
+
+
+async def _closed(client: Client, run_id: str) -> object:
+    info = await client.describe(run_id)
+    return info if info.is_closed or info.status == "blocked" else None
+
+
+async def test_a_run_that_kills_two_workers_is_held_as_poisoned(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    procs = spawn(nats_server, tmp_path, 3)
+    try:
+        await workers_up(client, 3)
+        await client.start("poison", 0, run_id="p-1")
+        info = await wait_for(lambda: _closed(client, "p-1"), timeout=60, what="p-1 held")
+        assert info.status == "blocked"
+        assert info.error is not None and info.error.type == "PoisonedRun"
+        assert "died 2 times" in info.error.message
+        blocked = [e for e in await client.history("p-1") if isinstance(e, RunBlocked)]
+        assert len(blocked) == 1
+        # Two workers died, the third holds the run as poisoned and keeps serving.
+        assert sorted(p.poll() is None for p in procs) == [False, False, True]
+        assert counts(tmp_path / "counts.txt") == Counter({"p-1:kills": 2})
+        good = await client.start("doubler", 5, run_id="p-good")
+        assert await good.result(timeout=30) == 10
+        # The held run can still be ended.
+        await client.terminate("p-1", "operator gave up")
+
+        async def terminated() -> bool:
+            return (await client.describe("p-1")).status == "terminated"
+
+        await wait_for(terminated, timeout=20, what="p-1 terminated")
+        assert counts(tmp_path / "counts.txt")["p-1:kills"] == 2
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)

@@ -1,0 +1,94 @@
+"""Retries are durable: each failed attempt is recorded and the backoff is a durable timer."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from natflow import Client, RetryPolicy, RunFailed, WorkflowContext, workflow
+from natflow_engine._engine import Engine
+from natflow_engine._server import EmbeddedServer
+from natflow_engine.events import RunClaimed, StepFailed, StepRetrying, StepStarted
+
+from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
+from tests.workflows_replay import BACKOFF, COUNTS_ENV, GATE_ENV
+
+TARGET = "tests.workflows_replay:make_worker"
+
+
+async def test_a_worker_killed_during_a_backoff_neither_forgets_nor_hurries_the_retry(
+    client: Client, nats_server: EmbeddedServer, engine: Engine, tmp_path: Path
+) -> None:
+    counts = tmp_path / "counts.txt"
+    env = {COUNTS_ENV: str(counts), GATE_ENV: str(tmp_path)}
+    first = spawn_worker(nats_server.url, TARGET, env=env, log=tmp_path / "worker-1.log")
+    second = None
+    try:
+        handle = await client.start("flaky", run_id="flaky-1")
+
+        async def retrying() -> bool:
+            steps = await client.steps("flaky-1")
+            return [(s.status, s.attempts) for s in steps] == [("retrying", 1)]
+
+        await wait_for(retrying, timeout=20, what="attempt 1 recorded as retrying")
+        info = await handle.status()
+        assert info.status == "sleeping", info
+        assert info.current is not None and "attempt 2 at" in info.current, info.current
+        assert "card declined" in info.current
+        stop(first, signal.SIGKILL)
+        assert count_lines(counts) == Counter({"flaky-1:charge": 1})
+
+        second = spawn_worker(nats_server.url, TARGET, env=env, log=tmp_path / "worker-2.log")
+        with pytest.raises(RunFailed, match="card declined"):
+            await handle.result(timeout=30)
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+
+    assert count_lines(counts) == Counter({"flaky-1:charge": 3}), "max_attempts=3 across a crash"
+    history = await client.history("flaky-1")
+    retries = [e for e in history if isinstance(e, StepRetrying)]
+    assert [r.attempt for r in retries] == [1, 2]
+    final = [e for e in history if isinstance(e, StepFailed)]
+    assert [f.attempt for f in final] == [3]
+    # Each attempt started no earlier than the time its predecessor recorded.
+    starts = [r.started_at for r in retries[1:]] + [final[0].started_at]
+    for retry, started in zip(retries, starts, strict=True):
+        assert started >= retry.retry_at
+        assert (retry.retry_at - retry.at).total_seconds() == pytest.approx(BACKOFF, abs=0.1)
+    # The run was let go during each backoff: every attempt came with a new claim.
+    assert sum(isinstance(e, RunClaimed) for e in history) == 3
+    steps = await client.steps("flaky-1")
+    assert [(s.status, s.attempts) for s in steps] == [("failed", 3)]
+
+
+async def sleepy() -> None:
+    import anyio
+
+    await anyio.sleep(5)
+
+
+@workflow(name="slow_charge")
+async def slow_charge(ctx: WorkflowContext) -> None:
+    policy = RetryPolicy(max_attempts=2, initial_interval=0.05, jitter=0)
+    await ctx.step("charge", sleepy, retry=policy, timeout=0.2)
+
+
+async def test_a_step_timeout_says_which_step_and_attempt(client: Client) -> None:
+    async with running_worker(client, [slow_charge]):
+        handle = await client.start(slow_charge, run_id="slow-1")
+        with pytest.raises(RunFailed) as failed:
+            await handle.result(timeout=10)
+    error = failed.value.error
+    assert "step 'charge' attempt 2 timed out after 0.2 s" in error.message, error
+    history = await client.history("slow-1")
+    (retry,) = [e for e in history if isinstance(e, StepRetrying)]
+    assert retry.error.type == "StepTimeout"
+    assert retry.error.message == "step 'charge' attempt 1 timed out after 0.2 s"
+    (final,) = [e for e in history if isinstance(e, StepFailed)]
+    assert final.error.message == "step 'charge' attempt 2 timed out after 0.2 s"
+    assert "contextlib" not in final.error.traceback, final.error.traceback
+    assert not [e for e in history if isinstance(e, StepStarted) and e.attempt > 2]

@@ -1,0 +1,29 @@
+"""A three-step workflow for the chaos test: each step body appends ``<run>:<step>:<pid>``
+to the file named by ``NATFLOW_TEST_COUNTS``, once per execution."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from natflow import Client, Worker, WorkflowContext, workflow
+
+COUNTS_ENV = "NATFLOW_TEST_COUNTS"
+
+
+def work(run_id: str, step: str, value: int) -> int:
+    time.sleep(0.05)  # long enough that steps are in flight when a leader dies
+    with open(os.environ[COUNTS_ENV], "a") as out:
+        out.write(f"{run_id}:{step}:{os.getpid()}\n")
+    return value + 1
+
+
+@workflow(name="chaos_steps")
+async def chaos_steps(ctx: WorkflowContext, x: int) -> int:
+    a = await ctx.step("a", work, ctx.run_id, "a", x)
+    b = await ctx.step("b", work, ctx.run_id, "b", a)
+    return await ctx.step("c", work, ctx.run_id, "c", b)
+
+
+def make_worker(client: Client) -> Worker:
+    return Worker(client, [chaos_steps], lease_ttl=3.0, max_concurrent_runs=50)

@@ -1,0 +1,103 @@
+"""Workflows whose user code misbehaves, served by worker subprocesses in tests/test_poison.py.
+
+Run as ``natflow worker tests.workflows_poison:make_worker``. Step bodies append one line
+``<run_id>:<step>:<pid>`` per execution to the file named by ``NATFLOW_TEST_COUNTS``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from natflow import Client, Worker, WorkflowContext, workflow
+
+COUNTS_ENV = "NATFLOW_TEST_COUNTS"
+LEASE_TTL = 2.0
+
+
+def _count(run_id: str, step: str) -> None:
+    with open(os.environ[COUNTS_ENV], "a") as out:
+        out.write(f"{run_id}:{step}:{os.getpid()}\n")
+
+
+async def exits(run_id: str) -> int:
+    _count(run_id, "exits")
+    sys.exit(3)
+
+
+def interrupts(run_id: str) -> int:
+    _count(run_id, "interrupts")
+    raise KeyboardInterrupt
+
+
+class Custom(BaseException):
+    pass
+
+
+async def raises_base(run_id: str) -> int:
+    _count(run_id, "raises_base")
+    raise Custom("not an Exception")
+
+
+def kills(run_id: str) -> int:
+    _count(run_id, "kills")
+    os._exit(7)  # the process ends here, as a crash in native code would end it
+
+
+def double(run_id: str, x: int) -> int:
+    _count(run_id, "double")
+    return x * 2
+
+
+async def sleeps_blocking(run_id: str, seconds: float) -> str:
+    _count(run_id, "sleeps_blocking")
+    time.sleep(seconds)  # noqa: ASYNC251 - the point: a blocking call in an async step
+    return "slept"
+
+
+@workflow(name="base_steps")
+async def base_steps(ctx: WorkflowContext, kind: str) -> str:
+    fn = {"exit": exits, "interrupt": interrupts, "base": raises_base}[kind]
+    await ctx.step(kind, fn, ctx.run_id)
+    return "unreachable"
+
+
+@workflow(name="exits_itself")
+async def exits_itself(ctx: WorkflowContext, code: int) -> None:
+    await ctx.step("double", double, ctx.run_id, code)
+    raise SystemExit(code)
+
+
+@workflow(name="poison")
+async def poison(ctx: WorkflowContext, _: int) -> None:
+    await ctx.step("kills", kills, ctx.run_id)
+
+
+@workflow(name="doubler")
+async def doubler(ctx: WorkflowContext, x: int) -> int:
+    return await ctx.step("double", double, ctx.run_id, x)
+
+
+@workflow(name="blocker")
+async def blocker(ctx: WorkflowContext, seconds: float) -> str:
+    return await ctx.step("sleeps_blocking", sleeps_blocking, ctx.run_id, seconds)
+
+
+@workflow(name="waiter")
+async def waiter(ctx: WorkflowContext, _: int) -> int:
+    got = await ctx.wait_for_signal("go")
+    return await ctx.step("double", double, ctx.run_id, got)
+
+
+@workflow(name="napper")
+async def napper(ctx: WorkflowContext, x: int) -> int:
+    await ctx.sleep("nap", 1.5)
+    return await ctx.step("double", double, ctx.run_id, x)
+
+
+WORKFLOWS = [base_steps, exits_itself, poison, doubler, blocker, waiter, napper]
+
+
+def make_worker(client: Client) -> Worker:
+    return Worker(client, WORKFLOWS, lease_ttl=LEASE_TTL)
