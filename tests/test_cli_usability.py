@@ -199,7 +199,7 @@ async def test_credentials_the_server_refuses_are_named_and_the_password_never_s
             (server.url, ("--user", "ada", "--password", "wrong-pw-2")),
         ):
             proc = await natflow(url, *args, "runs", "list")
-            line = assert_one_clear_error(proc, "refused the credentials", "--password")
+            line = assert_one_clear_error(proc, "refused the credentials", "NATFLOW_PASSWORD")
             assert "wrong-pw" not in line
     finally:
         server.stop()
