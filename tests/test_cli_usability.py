@@ -130,6 +130,9 @@ async def test_input_from_a_file_and_from_stdin(client: Client, tmp_path: Path) 
             check=False,
         )
     assert from_stdin.returncode == 0, from_stdin.stderr.decode()
+    # No engine runs here, so nothing indexed the runs: the empty list says where it comes from.
+    empty = await natflow(url, "runs", "list")
+    assert out(empty).startswith("no runs (the list is the engine's run index")
     for run_id, expected in (("in-1", {"from": "file", "n": [1, 2]}), ("in-2", {"from": "stdin"})):
         first = (await client.history(run_id))[0]
         assert isinstance(first, RunStarted) and json.loads(bytes(first.input)) == expected
@@ -196,7 +199,7 @@ async def test_credentials_the_server_refuses_are_named_and_the_password_never_s
             (server.url, ("--user", "ada", "--password", "wrong-pw-2")),
         ):
             proc = await natflow(url, *args, "runs", "list")
-            line = assert_one_clear_error(proc, "refused the credentials", "--password")
+            line = assert_one_clear_error(proc, "refused the credentials", "NATFLOW_PASSWORD")
             assert "wrong-pw" not in line
     finally:
         server.stop()
