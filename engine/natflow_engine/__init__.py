@@ -80,7 +80,7 @@ from ._sealing import (
     seal,
     sealed_key,
 )
-from ._server import EmbeddedServer
+from ._server import EmbeddedServer, shipped_server
 from ._signals import (
     CANCEL,
     CONTROL,
@@ -248,6 +248,7 @@ __all__ = [
     "send",
     "sequence",
     "serve_metrics",
+    "shipped_server",
     "step_attempt",
     "stored_at",
     "to_seconds",

@@ -32,7 +32,7 @@ from ._jsz import read_jsz
 from ._logs import configure_logging
 from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
 from ._sealing import AesGcmCodec
-from ._server import EmbeddedServer, PortInUse
+from ._server import PACKAGED_CONFIG, EmbeddedServer, PortInUse, relaxed_config
 from ._streams import ensure_streams
 from .console._cli import add_ui_options, serve_console_if_possible
 from .console._cli import register as register_console
@@ -88,9 +88,6 @@ async def _until_signalled(main: Callable[[], Awaitable[None]]) -> None:
         tg.cancel_scope.cancel()
 
 
-PACKAGED_CONFIG: Final = Path(__file__).with_name("nats.conf")
-
-
 def server_config(given: str | None) -> tuple[Path, str]:
     """The nats-server configuration and where it came from.
 
@@ -111,28 +108,6 @@ def server_config(given: str | None) -> tuple[Path, str]:
     if Path("nats.conf").is_file():
         return Path("nats.conf").resolve(), "./nats.conf"
     return PACKAGED_CONFIG, "natflow's default"
-
-
-SYNC_ALWAYS: Final = "  sync_interval: always\n"
-
-
-def relaxed_config(store: Path) -> Path:
-    """natflow's configuration without ``sync_interval: always``, written under ``store``.
-
-    nats-server then acknowledges a write before it is fsynced (it fsyncs every 2 minutes):
-    faster, and an acknowledged step still survives a crash of the server process, but not
-    an OS crash or power loss (README, "Durability").
-    """
-    text = PACKAGED_CONFIG.read_text()
-    if SYNC_ALWAYS not in text:  # a packaging mistake, not the user's
-        raise NatflowError(f"{PACKAGED_CONFIG} has no `{SYNC_ALWAYS.strip()}` line to relax")
-    store.mkdir(parents=True, exist_ok=True)
-    relaxed = store / "nats-fast.conf"
-    relaxed.write_text(
-        "# Written by `natflow dev --fast`: natflow's configuration, acknowledging before fsync.\n"
-        + text.replace(SYNC_ALWAYS, "")
-    )
-    return relaxed
 
 
 def _server_for(args: argparse.Namespace) -> tuple[EmbeddedServer, str]:
