@@ -97,3 +97,41 @@ def test_processes_takes_a_count_or_auto_and_says_so() -> None:
     )
     assert done.returncode == 2
     assert "--processes" in done.stderr and "auto" in done.stderr
+
+
+async def test_workers_of_a_killed_supervisor_stop_too(
+    nats_server: EmbeddedServer, processes: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    supervisor = spawn_worker(
+        nats_server.url,
+        "examples.greeting:greet",
+        "--processes",
+        "2",
+        "--grace",
+        "1",
+        "--metrics-port",
+        "0",
+        log=tmp_path / "workers.log",
+    )
+    processes.append(supervisor)
+
+    async def two_children() -> set[int]:
+        kids = children_of(supervisor.pid)
+        return kids if len(kids) == 2 else set()
+
+    kids = await wait_for(two_children, timeout=30, what="two worker processes")
+    supervisor.kill()
+    supervisor.wait()
+
+    async def all_gone() -> bool:
+        return all(zombie(pid) for pid in kids)  # gone, or dead and not yet reaped
+
+    await wait_for(all_gone, timeout=30, what="the orphaned workers to stop")
+
+
+def zombie(pid: int) -> bool:
+    """The process has exited (whether or not its parent has reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True

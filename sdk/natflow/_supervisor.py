@@ -7,12 +7,16 @@ Ctrl-C forwards SIGTERM to every child, so each drains its runs within ``--grace
 single worker would, then exits. It connects to nothing itself.
 
 Children run in their own session: a Ctrl-C in the terminal reaches the supervisor only, and
-each child gets exactly one SIGTERM (a second would end its drain early).
+each child gets exactly one SIGTERM (a second would end its drain early). On Linux each child
+also asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``), so a
+supervisor killed outright leaves no worker running unsupervised.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -68,6 +72,15 @@ def child_argv(argv: Sequence[str], index: int, identity: str | None, metrics: i
     return [sys.executable, "-m", "natflow_engine", *kept, *extra]
 
 
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _term_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies (Linux only)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class _Slot:
     index: int
@@ -100,7 +113,11 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> None:
         command = child_argv(self._argv, slot.index, self._identity, self._metrics)
-        slot.proc = subprocess.Popen(command, start_new_session=True)
+        slot.proc = subprocess.Popen(
+            command,
+            start_new_session=True,
+            preexec_fn=_term_with_parent if sys.platform == "linux" else None,
+        )
         slot.started = time.monotonic()
         log.info("worker process %d started (pid %d)", slot.index, slot.proc.pid)
 
