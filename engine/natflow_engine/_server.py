@@ -41,7 +41,7 @@ def relaxed_config(store: Path) -> Path:
     store.mkdir(parents=True, exist_ok=True)
     relaxed = store / "nats-fast.conf"
     relaxed.write_text(
-        "# Written by `natflow dev --fast`: natflow's configuration, acknowledging before fsync.\n"
+        "# Written for --fast: natflow's configuration, acknowledging before fsync.\n"
         + text.replace(SYNC_ALWAYS, "")
     )
     return relaxed
