@@ -38,6 +38,7 @@ from ._errors import (
 )
 from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
+from ._jsz import Jsz, read_jsz
 from ._leases import Lease, Leases
 from ._logs import fields
 from ._metrics import (
@@ -79,7 +80,7 @@ from ._sealing import (
     seal,
     sealed_key,
 )
-from ._server import EmbeddedServer
+from ._server import EmbeddedServer, shipped_server
 from ._signals import (
     CANCEL,
     CONTROL,
@@ -162,6 +163,7 @@ __all__ = [
     "History",
     "HistoryStore",
     "InvalidInput",
+    "Jsz",
     "Lease",
     "Leases",
     "MissingKey",
@@ -232,6 +234,7 @@ __all__ = [
     "prepare_worker",
     "quarantined",
     "queue_consumer",
+    "read_jsz",
     "recent_events",
     "redact_url",
     "replicas",
@@ -245,6 +248,7 @@ __all__ = [
     "send",
     "sequence",
     "serve_metrics",
+    "shipped_server",
     "step_attempt",
     "stored_at",
     "to_seconds",
