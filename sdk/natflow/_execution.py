@@ -25,6 +25,8 @@ import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from natflow_engine import (
+    CANCEL,
+    CHILD,
     CONTROL,
     FENCED,
     SIGNALS_DELIVERED,
@@ -41,6 +43,8 @@ from natflow_engine import (
     HistoryStore,
     InvalidInput,
     PayloadTooLarge,
+    Runs,
+    decode_child_outcome,
     encode_value,
     error_info,
     fields,
@@ -50,11 +54,15 @@ from natflow_engine import (
     pending_signals,
     quarantined,
     run_created_at,
+    send,
     sequence,
     stored_at,
 )
 from natflow_engine.events import (
     CancelRequested,
+    ChildCompleted,
+    ChildFailed,
+    ChildStarted,
     Event,
     RunBlocked,
     RunCancelled,
@@ -73,6 +81,7 @@ from natflow_engine.events import (
 )
 
 from ._commands import (
+    ChildCommand,
     Finished,
     Item,
     SignalsArrived,
@@ -320,7 +329,72 @@ class RunExecution:
 
     async def _flush_records(self) -> None:
         for event in self.state.take_records():
+            if isinstance(event, ChildStarted):
+                # Started before it is recorded: the start is idempotent on the child's id
+                # (derived from this run's id and the position), so a crash in between makes
+                # the replay start the same child again, which finds it and makes no second.
+                await self._start_child(event)
             await self._append(event)
+
+    async def _start_child(self, event: ChildStarted) -> None:
+        command = self.state.command(event.seq)
+        assert isinstance(command, ChildCommand)
+        await Runs(self._conn).start(
+            command.name,
+            command.queue,
+            command.input_json,
+            command.child_run_id,
+            parent=self.run_id,
+        )
+
+    async def _record_child(self, seq: int, payload: bytes) -> None:
+        """Record a ``$child`` signal (a child's outcome, sent by the engine) once."""
+        outcome = decode_child_outcome(payload)
+        command = self.state.open_child(outcome.child_run_id)
+        if command is None:  # a duplicate, or a child this run does not know
+            log.info("run %s: outcome of child %s ignored", self.run_id, outcome.child_run_id)
+            return
+        event: ChildCompleted | ChildFailed
+        if outcome.status == "completed":
+            event = ChildCompleted(
+                id=self._next_id(),
+                at=utcnow(),
+                seq=command.seq,
+                name=command.name,
+                child_run_id=command.child_run_id,
+                result=msgspec.Raw(self._open(bytes(outcome.result), command.name)),
+                signal_seq=seq,
+            )
+        else:
+            event = ChildFailed(
+                id=self._next_id(),
+                at=utcnow(),
+                seq=command.seq,
+                name=command.name,
+                child_run_id=command.child_run_id,
+                status=outcome.status,
+                error=outcome.error,
+                reason=outcome.reason,
+                signal_seq=seq,
+            )
+        recorded = await self._append(event)
+        assert isinstance(recorded, ChildCompleted | ChildFailed)
+        self.state.deliver(recorded)
+        await self._flush_records()
+
+    async def _close_children(self, reason: str) -> None:
+        """Apply each open child's ``parent_close`` policy as this run closes."""
+        for command in self.state.open_children():
+            if command.parent_close == "abandon":
+                continue
+            kind = TERMINATE if command.parent_close == "terminate" else CANCEL
+            await send(
+                self._conn,
+                command.child_run_id,
+                kind,
+                msgspec.json.encode(f"parent {self.run_id} closed: {reason}"[:_MAX_REASON]),
+                f"parent-{self.run_id}",
+            )
 
     async def _guarded_live(
         self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]
@@ -354,7 +428,7 @@ class RunExecution:
             if self._inflight == 0:
                 if self._draining:
                     return Outcome.HANDED_BACK
-                if not state.timers and not state.waits_for_signals:
+                if not (state.timers or state.waits_for_signals or state.waits_for_children):
                     return await self._fail(
                         ErrorInfo(
                             type="NatflowError",
@@ -449,6 +523,10 @@ class RunExecution:
                 state.signal_cursor = seq
                 continue
             state.signal_cursor = seq
+            if signal.name == CHILD:
+                await self._record_child(seq, signal.payload)
+                moved = True
+                continue
             if signal.name in CONTROL:
                 cancel = await self._append(
                     CancelRequested(
@@ -601,6 +679,7 @@ class RunExecution:
             raise BadSignal(seq, msg.subject, name, "sent before the run existed")
 
     async def _end(self, kind: type[RunCancelled] | type[RunTerminated], reason: str) -> Outcome:
+        await self._close_children(reason)
         await self._append(kind(id=self._next_id(), at=utcnow(), reason=reason))
         return Outcome.CANCELLED
 
@@ -611,6 +690,7 @@ class RunExecution:
             return await self._end(RunTerminated, state.terminated)
         if state.root.cancelled():
             return await self._end(RunCancelled, state.cancelled or "cancelled")
+        await self._close_children("it ended")
         exc = state.root.exception()
         if exc is not None:
             return await self._fail(error_info(exc))
