@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from natflow import Client, RunCancelled
 from natflow_engine._engine import Engine
+from natflow_engine._server import EmbeddedServer
+from natflow_engine.events import ChildCompleted, ChildFailed, ChildStarted, RunStarted
 
-from tests.helpers import running_worker, wait_for
-from tests.workflows_children import WORKFLOWS, family, grandparent, kid
+from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
+from tests.workflows_children import (
+    COUNTS_ENV,
+    GATE_ENV,
+    WORKFLOWS,
+    family,
+    grandparent,
+    kid,
+)
+
+DEFAULT_TARGET = "tests.workflows_children:make_worker"
+OTHER_TARGET = "tests.workflows_children:make_other_worker"
 
 
 def kinds(events: list[object]) -> list[str]:
@@ -72,3 +86,51 @@ async def test_cancelling_a_parent_cancels_its_children_and_theirs(
             )
 
         await wait_for(all_cancelled, timeout=15, what="child and grandchild cancelled")
+
+
+async def test_a_parent_whose_worker_is_killed_while_its_children_run(
+    client: Client, engine: Engine, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """Real worker processes; the parent's worker (which also runs the default-queue
+    children) is SIGKILLed while every child is in flight."""
+    counts = tmp_path / "counts.txt"
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    env = {COUNTS_ENV: str(counts), GATE_ENV: str(gates)}
+    url = nats_server.url
+    first = spawn_worker(url, DEFAULT_TARGET, env=env, log=tmp_path / "default-1.log")
+    other = spawn_worker(url, OTHER_TARGET, env=env, log=tmp_path / "other.log")
+    second = None
+    try:
+        handle = await client.start("family", 4, run_id="famk")
+        kids = [f"famk-c{i}" for i in (1, 2, 3)]
+
+        async def children_in_flight() -> bool:
+            try:
+                states = [await status_of(client, k) for k in kids]
+                napping = await status_of(client, "famk-c4")
+                return states == ["running"] * 3 and napping == "sleeping"
+            except Exception:
+                return False
+
+        await wait_for(children_in_flight, timeout=30, what="all four children in flight")
+        stop(first, signal.SIGKILL)
+        assert first.returncode == -signal.SIGKILL
+        await client.cancel("famk-c4", reason="not needed")
+        for k in kids:
+            (gates / k).touch()
+        second = spawn_worker(url, DEFAULT_TARGET, env=env, log=tmp_path / "default-2.log")
+        assert await handle.result(timeout=40) == [40, 50, "failed: StepError", "cancelled", 90]
+    finally:
+        for proc in (first, other, second):
+            if proc is not None:
+                stop(proc)
+    assert count_lines(counts) == Counter({f"{k}:kid": 1 for k in kids})
+    history = await client.history("famk")
+    started = Counter(e.child_run_id for e in history if isinstance(e, ChildStarted))
+    ended = Counter(e.child_run_id for e in history if isinstance(e, ChildCompleted | ChildFailed))
+    every = Counter({f"famk-c{i}": 1 for i in range(1, 5)})
+    assert started == every and ended == every
+    for i in range(1, 5):
+        starts = [e for e in await client.history(f"famk-c{i}") if isinstance(e, RunStarted)]
+        assert len(starts) == 1 and starts[0].parent == "famk"
