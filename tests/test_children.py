@@ -13,6 +13,7 @@ from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import ChildCompleted, ChildFailed, ChildStarted, RunStarted
 
 from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
+from tests.test_cli import natflow
 from tests.workflows_children import (
     COUNTS_ENV,
     GATE_ENV,
@@ -34,7 +35,9 @@ async def status_of(client: Client, run_id: str) -> str:
     return (await client.describe(run_id)).status
 
 
-async def test_a_parent_gets_each_childs_outcome_once(client: Client, engine: Engine) -> None:
+async def test_a_parent_gets_each_childs_outcome_once(
+    client: Client, engine: Engine, nats_server: EmbeddedServer
+) -> None:
     async with (
         running_worker(client, WORKFLOWS),
         running_worker(client, [kid], queue="other"),
@@ -61,6 +64,17 @@ async def test_a_parent_gets_each_childs_outcome_once(client: Client, engine: En
     assert other.queue == "other" and other.parent == "fam-1"
     for i in range(1, 5):
         assert (await client.describe(f"fam-1-c{i}")).parent == "fam-1"
+    # The run view shows the parent of a child and the children of a parent.
+    shown = (await natflow(nats_server.url, "runs", "show", "fam-1")).stdout.decode()
+    rows = [line.split() for line in shown.splitlines() if line.startswith("fam-1-c")]
+    assert rows == [
+        ["fam-1-c1", "kid", "default", "completed"],
+        ["fam-1-c2", "kid", "other", "completed"],
+        ["fam-1-c3", "kid", "default", "failed"],
+        ["fam-1-c4", "napper", "default", "cancelled"],
+    ], shown
+    child = (await natflow(nats_server.url, "runs", "show", "fam-1-c2")).stdout.decode()
+    assert "parent    fam-1" in child, child
 
 
 async def test_cancelling_a_parent_cancels_its_children_and_theirs(
