@@ -90,6 +90,9 @@ async def test_cancelling_a_parent_cancels_its_children_and_theirs(
                 return False
 
         await wait_for(grandchild_sleeps, what="the grandchild to sleep")
+        waiting = await client.describe("gp-1")
+        assert waiting.status == "waiting", waiting
+        assert waiting.current == "waiting for child run gp-1-c1 (sleepy_parent)", waiting
         await client.cancel("gp-1", reason="stop all")
         with pytest.raises(RunCancelled):
             await handle.result(timeout=10)

@@ -102,6 +102,7 @@ log = logging.getLogger("natflow.worker")
 
 # A timer due sooner than this is waited for while holding the run; a later one lets it go.
 HOLD_TIMERS_UNDER = 1.0
+HOLD_FOR_CHILDREN = 1.0  # seconds a run waiting only for child runs stays held
 _MAX_REASON = 4096  # characters of a cancel reason recorded (a huge one must still cancel)
 
 
@@ -438,9 +439,19 @@ class RunExecution:
                     )
                 due = self.next_due
                 if due is None or (due - utcnow()).total_seconds() > HOLD_TIMERS_UNDER:
-                    if not await self._move_signals():
-                        return Outcome.SUSPENDED
-                    continue
+                    if await self._move_signals():
+                        continue
+                    if state.waits_for_children:
+                        # Children in flight often end soon: stay held a moment, so a
+                        # fan-out's outcomes are taken in by one execution rather than each
+                        # waking (and replaying) the parent again.
+                        item = None
+                        with anyio.move_on_after(HOLD_FOR_CHILDREN):
+                            item = await receive.receive()
+                        if item is not None:
+                            await self._handle(item)
+                            continue
+                    return Outcome.SUSPENDED
             await self._handle(await receive.receive())
         await self._flush_records()
         return await self._finish()
