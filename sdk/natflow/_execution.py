@@ -103,6 +103,7 @@ log = logging.getLogger("natflow.worker")
 # A timer due sooner than this is waited for while holding the run; a later one lets it go.
 HOLD_TIMERS_UNDER = 1.0
 HOLD_FOR_CHILDREN = 1.0  # seconds a run waiting only for child runs stays held
+_CHILD_STARTS_AT_ONCE = 64
 _MAX_REASON = 4096  # characters of a cancel reason recorded (a huge one must still cancel)
 
 
@@ -329,12 +330,23 @@ class RunExecution:
             log.info("run %s changed while being blocked; it will be retried", self.run_id)
 
     async def _flush_records(self) -> None:
-        for event in self.state.take_records():
-            if isinstance(event, ChildStarted):
-                # Started before it is recorded: the start is idempotent on the child's id
-                # (derived from this run's id and the position), so a crash in between makes
-                # the replay start the same child again, which finds it and makes no second.
-                await self._start_child(event)
+        records = self.state.take_records()
+        children = [e for e in records if isinstance(e, ChildStarted)]
+        if children:
+            # Started before they are recorded: a start is idempotent on the child's id
+            # (derived from this run's id and the position), so a crash in between makes the
+            # replay start the same child again, which finds it and makes no second. Started
+            # together: a fan-out's starts are round trips that need not wait on each other.
+            limit = anyio.CapacityLimiter(_CHILD_STARTS_AT_ONCE)
+
+            async def start(event: ChildStarted) -> None:
+                async with limit:
+                    await self._start_child(event)
+
+            async with anyio.create_task_group() as tg:
+                for child in children:
+                    tg.start_soon(start, child)
+        for event in records:
             await self._append(event)
 
     async def _start_child(self, event: ChildStarted) -> None:
