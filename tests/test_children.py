@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from natflow import Client, RunCancelled
+from natflow import Client, InvalidInput, RunCancelled, RunFailed, WorkflowContext, workflow
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import ChildCompleted, ChildFailed, ChildStarted, RunStarted
@@ -21,6 +21,7 @@ from tests.workflows_children import (
     family,
     grandparent,
     kid,
+    leaver,
 )
 
 DEFAULT_TARGET = "tests.workflows_children:make_worker"
@@ -151,3 +152,43 @@ async def test_a_parent_whose_worker_is_killed_while_its_children_run(
     for i in range(1, 5):
         starts = [e for e in await client.history(f"famk-c{i}") if isinstance(e, RunStarted)]
         assert len(starts) == 1 and starts[0].parent == "famk"
+
+
+async def test_parent_close_terminate_terminates_the_child(client: Client, engine: Engine) -> None:
+    await parent_closes(client, "terminate", "terminated")
+
+
+async def test_parent_close_abandon_leaves_the_child_running(
+    client: Client, engine: Engine
+) -> None:
+    await parent_closes(client, "abandon", "sleeping")
+
+
+async def parent_closes(client: Client, policy: str, child_status: str) -> None:
+    run_id = f"leave-{policy}"
+    async with running_worker(client, WORKFLOWS):
+        with pytest.raises(RunFailed, match="boom"):
+            await (await client.start(leaver, policy, run_id=run_id)).result(timeout=10)
+
+        async def child_settled() -> bool:
+            return await status_of(client, f"{run_id}-c1") == child_status
+
+        await wait_for(child_settled, timeout=15, what=f"the child {child_status}")
+    if policy == "abandon":  # nothing was sent to it
+        assert not [
+            e
+            for e in await client.history(f"{run_id}-c1")
+            if e.__struct_config__.tag == "cancel_requested"
+        ]
+
+
+@workflow(name="bad_policy")
+async def bad_policy(ctx: WorkflowContext) -> None:
+    await ctx.child("kid", 1, parent_close="explode")
+
+
+async def test_a_bad_parent_close_policy_is_named(client: Client, engine: Engine) -> None:
+    async with running_worker(client, [bad_policy]):
+        with pytest.raises(RunFailed, match="parent_close must be"):
+            await (await client.start(bad_policy, run_id="bad-policy")).result(timeout=10)
+    assert InvalidInput.__name__ in (await client.describe("bad-policy")).error.type  # type: ignore[union-attr]

@@ -92,7 +92,17 @@ async def fanout(ctx: WorkflowContext, count: int) -> int:
     return sum(results)
 
 
-WORKFLOWS = [kid, napper, family, grandparent, sleepy_parent, fanout]
+def boom() -> None:
+    raise RuntimeError("boom")
+
+
+@workflow(name="leaver")
+async def leaver(ctx: WorkflowContext, policy: str) -> None:
+    """Fails while its child sleeps: the child's parent_close policy decides its fate."""
+    await ctx.parallel(ctx.child(napper, 3600, parent_close=policy), ctx.step("boom", boom))
+
+
+WORKFLOWS = [kid, napper, family, grandparent, sleepy_parent, fanout, leaver]
 
 
 def make_worker(client: Client) -> Worker:
