@@ -10,6 +10,7 @@ import pytest
 from natflow import Client, InvalidInput, RunCancelled, RunFailed, WorkflowContext, workflow
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._signals import dead_letters
 from natflow_engine.events import ChildCompleted, ChildFailed, ChildStarted, RunStarted
 
 from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
@@ -104,6 +105,8 @@ async def test_cancelling_a_parent_cancels_its_children_and_theirs(
             )
 
         await wait_for(all_cancelled, timeout=15, what="child and grandchild cancelled")
+    # The child's outcome met a closed parent: not sent, so not dead-lettered either.
+    assert not [d for d in await dead_letters(client.connection) if d.name == "$child"]
 
 
 async def test_a_parent_whose_worker_is_killed_while_its_children_run(

@@ -190,6 +190,9 @@ class Engine:
             parent = start.parent if start is not None else None
         if parent is None:
             return
+        known = await self._index.get(parent)
+        if known is not None and known.is_closed:
+            return  # nobody waits for it (cancelled before its child): no dead letter
         outcome = ChildOutcome(child_run_id=run_id, status="completed")
         if isinstance(event, RunCompleted):
             outcome.result = event.result
