@@ -195,3 +195,36 @@ async def test_a_bad_parent_close_policy_is_named(client: Client, engine: Engine
         with pytest.raises(RunFailed, match="parent_close must be"):
             await (await client.start(bad_policy, run_id="bad-policy")).result(timeout=10)
     assert InvalidInput.__name__ in (await client.describe("bad-policy")).error.type  # type: ignore[union-attr]
+
+
+async def test_children_under_a_codec(nats_server: EmbeddedServer, engine: Engine) -> None:
+    """With values sealed, the child's input and result and its error still reach the
+    parent opened (the result is opened by the parent's worker and sealed again)."""
+    from natflow import AesGcmCodec
+
+    codec = AesGcmCodec({"k1": bytes(range(32))}, current="k1")
+    sealed = await Client.connect(nats_server.url, codec=codec)
+    try:
+        async with (
+            running_worker(sealed, WORKFLOWS),
+            running_worker(sealed, [kid], queue="other"),
+        ):
+            handle = await sealed.start(family, 4, run_id="fam-sealed")
+
+            async def napping() -> bool:
+                try:
+                    return await status_of(sealed, "fam-sealed-c4") == "sleeping"
+                except Exception:
+                    return False
+
+            await wait_for(napping, what="the napping child to sleep")
+            await sealed.cancel("fam-sealed-c4")
+            assert await handle.result(timeout=20) == [
+                40,
+                50,
+                "failed: StepError",
+                "cancelled",
+                90,
+            ]
+    finally:
+        await sealed.close()
