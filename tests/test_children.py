@@ -228,3 +228,21 @@ async def test_children_under_a_codec(nats_server: EmbeddedServer, engine: Engin
             ]
     finally:
         await sealed.close()
+
+
+@workflow(name="squatter")
+async def squatter(ctx: WorkflowContext) -> str:
+    try:
+        await ctx.child("kid", 1, run_id="squatted")
+    except RunFailed as failed:
+        return failed.error.message
+    return "started"
+
+
+async def test_a_child_id_taken_by_another_workflow_fails_the_child_not_the_parent(
+    client: Client, engine: Engine
+) -> None:
+    await client.start("napper", 3600, run_id="squatted")
+    async with running_worker(client, [squatter]):
+        message = await (await client.start(squatter, run_id="squat-1")).result(timeout=10)
+    assert "exists as a run of workflow 'napper'" in message, message

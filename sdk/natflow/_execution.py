@@ -42,7 +42,9 @@ from natflow_engine import (
     History,
     HistoryStore,
     InvalidInput,
+    NatflowError,
     PayloadTooLarge,
+    PermissionDenied,
     Runs,
     decode_child_outcome,
     encode_value,
@@ -330,7 +332,12 @@ class RunExecution:
             log.info("run %s changed while being blocked; it will be retried", self.run_id)
 
     async def _flush_records(self) -> None:
-        records = self.state.take_records()
+        # A child refused at its start is failed at once, and what the workflow does about
+        # it may need records of its own: flush until nothing is owed.
+        while records := self.state.take_records():
+            await self._flush(records)
+
+    async def _flush(self, records: list[Event]) -> None:
         children = [e for e in records if isinstance(e, ChildStarted)]
         if children:
             # Started before they are recorded: a start is idempotent on the child's id
@@ -338,16 +345,36 @@ class RunExecution:
             # replay start the same child again, which finds it and makes no second. Started
             # together: a fan-out's starts are round trips that need not wait on each other.
             limit = anyio.CapacityLimiter(_CHILD_STARTS_AT_ONCE)
+            refused: dict[int, ErrorInfo] = {}
 
             async def start(event: ChildStarted) -> None:
                 async with limit:
-                    await self._start_child(event)
+                    try:
+                        await self._start_child(event)
+                    except (InvalidInput, NatflowError) as exc:
+                        if isinstance(exc, PermissionDenied):
+                            raise  # a deployment problem, not this child's: retried later
+                        refused[event.seq] = error_info(exc)  # e.g. its id is another's run
 
             async with anyio.create_task_group() as tg:
                 for child in children:
                     tg.start_soon(start, child)
         for event in records:
             await self._append(event)
+            if isinstance(event, ChildStarted) and event.seq in refused:
+                failed = await self._append(
+                    ChildFailed(
+                        id=self._next_id(),
+                        at=utcnow(),
+                        seq=event.seq,
+                        name=event.name,
+                        child_run_id=event.child_run_id,
+                        status="failed",
+                        error=self._bounded(refused[event.seq]),
+                    )
+                )
+                assert isinstance(failed, ChildFailed)
+                self.state.deliver(failed)
 
     async def _start_child(self, event: ChildStarted) -> None:
         command = self.state.command(event.seq)
@@ -435,6 +462,8 @@ class RunExecution:
             if state.terminated is not None:
                 return await self._end(RunTerminated, state.terminated)
             await self._flush_records()
+            if state.root.done():  # a child refused at its start ended the workflow
+                break
             self._launch(tg)
             state.drop_abandoned_timers()
             self._arm_timers()
