@@ -246,3 +246,29 @@ async def test_a_child_id_taken_by_another_workflow_fails_the_child_not_the_pare
     async with running_worker(client, [squatter]):
         message = await (await client.start(squatter, run_id="squat-1")).result(timeout=10)
     assert "exists as a run of workflow 'napper'" in message, message
+
+
+async def test_a_forged_child_outcome_is_rejected_and_the_parent_carries_on(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, WORKFLOWS):
+        handle = await client.start(grandparent, run_id="forged-1")
+
+        async def waiting() -> bool:
+            try:
+                return await status_of(client, "forged-1-c1-c1") == "sleeping"
+            except Exception:
+                return False
+
+        await wait_for(waiting, what="the grandchild to sleep")
+        await client.connection.nc.publish("natflow.signal.forged-1.$control.child", b'{"x": 1}')
+
+        async def rejected() -> bool:
+            return "signal_rejected" in kinds(await client.history("forged-1"))
+
+        await wait_for(rejected, what="the forged outcome rejected")
+        await client.cancel("forged-1-c1-c1")  # the real outcome still arrives
+        with pytest.raises(RunFailed):
+            await handle.result(timeout=10)  # sleepy_parent: RunCancelled raised, not caught
+    events = await client.history("forged-1")
+    assert [e.status for e in events if isinstance(e, ChildFailed)] == ["failed"]

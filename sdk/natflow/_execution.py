@@ -389,7 +389,20 @@ class RunExecution:
 
     async def _record_child(self, seq: int, payload: bytes) -> None:
         """Record a ``$child`` signal (a child's outcome, sent by the engine) once."""
-        outcome = decode_child_outcome(payload)
+        try:
+            outcome = decode_child_outcome(payload)
+        except msgspec.DecodeError as exc:  # not the engine's: anyone may publish a subject
+            await self._append(
+                SignalRejected(
+                    id=self._next_id(),
+                    at=utcnow(),
+                    signal_seq=seq,
+                    name=CHILD,
+                    reason=f"not a child run's outcome: {exc}"[:_MAX_REASON],
+                )
+            )
+            SIGNALS_REJECTED.labels("worker").inc()
+            return
         command = self.state.open_child(outcome.child_run_id)
         if command is None:  # a duplicate, or a child this run does not know
             log.info("run %s: outcome of child %s ignored", self.run_id, outcome.child_run_id)
