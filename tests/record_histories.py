@@ -9,6 +9,7 @@ each run's events, one JSON object per line.
 from __future__ import annotations
 
 import asyncio
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,8 @@ from natflow_engine.events import SignalWaited, encode_event
 from tests.helpers import running_engine, running_worker, wait_for
 from tests.workflows_recorded import (
     recorded_cancel,
+    recorded_children,
+    recorded_kid,
     recorded_patch,
     recorded_patch_v1,
     recorded_retry,
@@ -62,6 +65,11 @@ async def cancelled_before_start(client: Client, run_id: str) -> None:
             print(f"{run_id}: {exc}")
 
 
+async def with_children(client: Client, run_id: str) -> None:
+    async with running_worker(client, [recorded_children, recorded_kid]):
+        await (await client.start(recorded_children, 5, run_id=run_id)).result(timeout=20)
+
+
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedServer(store_dir=Path(tmp) / "nats")
@@ -87,8 +95,15 @@ async def main() -> None:
                             "recorded-cancel-early",
                             lambda: cancelled_before_start(client, "recorded-cancel-early"),
                         ),
+                        (
+                            "recorded-children-1",
+                            lambda: with_children(client, "recorded-children-1"),
+                        ),
                     ]
+                    chosen = set(sys.argv[1:])  # record only these (default: all)
                     for run_id, scenario in scenarios:
+                        if chosen and run_id not in chosen:
+                            continue
                         await scenario()
                         await save(client, run_id)
         finally:

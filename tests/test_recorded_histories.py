@@ -20,7 +20,13 @@ from natflow_engine.events import RunCancelled, RunCompleted
 
 from examples.greeting import greet
 from examples.order import order
-from tests.workflows_recorded import recorded_cancel, recorded_mix, recorded_patch, recorded_retry
+from tests.workflows_recorded import (
+    recorded_cancel,
+    recorded_children,
+    recorded_mix,
+    recorded_patch,
+    recorded_retry,
+)
 from tests.workflows_triggers import fulfil, tick
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -35,6 +41,7 @@ WORKFLOWS: dict[str, Workflow] = {
         recorded_retry,
         recorded_patch,
         recorded_cancel,
+        recorded_children,
         tick,
         fulfil,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from natflow import RetryPolicy, SignalTimeout, WorkflowContext, workflow
+from natflow import RetryPolicy, RunFailed, SignalTimeout, WorkflowContext, workflow
 
 
 def double(x: int) -> int:
@@ -65,3 +65,32 @@ async def recorded_cancel(ctx: WorkflowContext, x: int) -> int:
         return await ctx.step("first", double, x)
     finally:
         await ctx.step("cleanup", double, x)
+
+
+def triple(x: int) -> int:
+    return 3 * x
+
+
+def refuse(x: int) -> int:
+    raise ValueError(f"refused {x}")
+
+
+@workflow(name="recorded_kid")
+async def recorded_kid(ctx: WorkflowContext, x: int) -> int:
+    if x < 0:
+        return await ctx.step("refuse", refuse, x)
+    return await ctx.step("triple", triple, x)
+
+
+@workflow(name="recorded_children")
+async def recorded_children(ctx: WorkflowContext, x: int) -> dict[str, object]:
+    """A child that completes and one that fails (recorded: child_started, child_completed,
+    child_failed), then a step after both."""
+    good = await ctx.child(recorded_kid, x)
+    try:
+        await ctx.child("recorded_kid", -x)
+        bad = "no error"
+    except RunFailed as failed:
+        bad = failed.error.type
+    after = await ctx.step("double", double, good)
+    return {"good": good, "bad": bad, "after": after}

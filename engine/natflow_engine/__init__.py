@@ -83,12 +83,15 @@ from ._sealing import (
 from ._server import EmbeddedServer, shipped_server
 from ._signals import (
     CANCEL,
+    CHILD,
     CONTROL,
     TERMINATE,
     BadSignal,
+    ChildOutcome,
     DeadLetter,
     control_request,
     dead_letter_item,
+    decode_child_outcome,
     last_signal_seq,
     parse,
     pending_signals,
@@ -126,6 +129,7 @@ from ._wake import wake_subject
 
 __all__ = [
     "CANCEL",
+    "CHILD",
     "CLOSED_STATUSES",
     "CONTROL",
     "DEFAULT_ACK_WAIT",
@@ -153,6 +157,7 @@ __all__ = [
     "AesGcmCodec",
     "AppendConflict",
     "BadSignal",
+    "ChildOutcome",
     "Connection",
     "ConnectionRefused",
     "CorruptHistory",
@@ -210,6 +215,7 @@ __all__ = [
     "dead_letter_item",
     "declarations",
     "declare",
+    "decode_child_outcome",
     "decode_task",
     "decode_value",
     "default_url",

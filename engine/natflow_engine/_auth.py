@@ -235,6 +235,9 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
         *(f"{kv}.{bucket}.>" for bucket in _BUCKETS),
         *tasks,  # a holder re-enqueues its run when it must look again
         USER_INFO,
+        # A parent's worker cancels or terminates its open children as the parent closes
+        # (parent_close); it could append their run_terminated anyway (history.*).
+        *(_control_subject(kind) for kind in CONTROLS),
     ]
     for consumer in consumers:
         publish += [
@@ -255,6 +258,7 @@ def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
         f"{DEADLETTER_PREFIX}.>",
         "natflow.worker.*.ping",  # is this worker alive?
         "natflow.worker.*.wake",  # a run it holds has something new
+        f"{SIGNAL_PREFIX}.*.{CONTROL_TOKEN}.child",  # a closed child's outcome, to its parent
         *(f"{kv}.{bucket}.>" for bucket in _BUCKETS),
     ]
     for stream in _STREAMS:

@@ -24,7 +24,7 @@ from ._runs import Runs
 from ._sealing import sealed_key
 from ._state import RUN_STATUSES, RunInfo, StepInfo, fold_steps
 from ._streams import ensure_streams, history_subject
-from .events import Event, RunStarted
+from .events import ChildCompleted, ChildFailed, ChildStarted, Event, RunStarted
 
 Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
 START_WORKER_HINT = "start one with `natflow worker MODULE`; `natflow workers` lists what is served"
@@ -303,8 +303,28 @@ def _took(start: datetime | None, end: datetime | None) -> str:
     return duration((end - start).total_seconds()) if start and end else "-"
 
 
+def fold_children(events: list[Event]) -> list[dict[str, Any]]:
+    """The run's child runs, in the order it started them, with how each ended (if it did)."""
+    children: dict[int, dict[str, Any]] = {}
+    for event in events:
+        if isinstance(event, ChildStarted):
+            children[event.seq] = {
+                "run_id": event.child_run_id,
+                "workflow": event.name,
+                "queue": event.queue,
+                "status": "started",
+            }
+        elif isinstance(event, ChildCompleted | ChildFailed) and event.seq in children:
+            children[event.seq]["status"] = (
+                "completed" if isinstance(event, ChildCompleted) else event.status
+            )
+    return [children[seq] for seq in sorted(children)]
+
+
 async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> None:
-    steps = fold_steps(await runs.events(info.run_id))
+    events = await runs.events(info.run_id)
+    steps = fold_steps(events)
+    children = fold_children(events)
     lease = await Leases(conn).get(info.run_id)
     holder = lease[0] if lease is not None else None
     unserved = None
@@ -313,11 +333,21 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
         if not _serving(workers, info.workflow, info.queue):
             unserved = nobody_serves(info.workflow, info.queue, workers)
     if as_json:
-        print_json({"run": info, "steps": steps, "lease": holder, "unserved": unserved})
+        print_json(
+            {
+                "run": info,
+                "steps": steps,
+                "children": children,
+                "lease": holder,
+                "unserved": unserved,
+            }
+        )
         return
     print(f"run       {info.run_id}")
     print(f"workflow  {info.workflow} (queue {info.queue})")
     print(f"status    {info.status}" + (f": {info.current}" if info.current else ""))
+    if info.parent:
+        print(f"parent    {info.parent}")
     if unserved:
         print(f"waiting   {unserved}")
     if info.worker:
@@ -338,6 +368,10 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     if steps:
         print()
         _show_steps(steps)
+    if children:
+        print()
+        rows = [(c["run_id"], c["workflow"], c["queue"], c["status"]) for c in children]
+        table(("CHILD RUN", "WORKFLOW", "QUEUE", "STATUS"), rows)
 
 
 def shown(value: Any) -> str:

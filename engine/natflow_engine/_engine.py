@@ -37,16 +37,22 @@ from ._puller import Puller, engine_consumer
 from ._quarantine import quarantined
 from ._reaper import Reaper
 from ._scheduler import Scheduler
-from ._signals import SignalIntake
+from ._signals import ChildOutcome, SignalIntake, send_child_outcome
 from ._start_service import StartService
+from ._state import RunInfo
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
 from ._tasks import Task, enqueue
 from ._triggers import EventIntake
+from ._wake import run_start
 from .events import (
     TERMINAL_EVENTS,
     Event,
+    RunCancelled,
     RunClaimed,
+    RunCompleted,
+    RunFailed,
     RunStarted,
+    RunTerminated,
     SignalWaited,
     StepRetrying,
     TimerFired,
@@ -164,6 +170,8 @@ class Engine:
             if info is not None:
                 observe_run(event, info)
             await self._keep_timers(run_id, event)
+            if isinstance(event, TERMINAL_EVENTS):
+                await self._tell_parent(run_id, event, info)
         except Exception as exc:
             log.warning(
                 "run %s: engine could not process %s (%s); will retry", run_id, msg.subject, exc
@@ -171,6 +179,29 @@ class Engine:
             await msg.nak(delay=1.0)
             return
         await msg.ack()
+
+    async def _tell_parent(self, run_id: str, event: Event, info: RunInfo | None) -> None:
+        """A closed child run's outcome goes to its parent as a ``$child`` signal, which
+        wakes the parent like any signal (no polling); deduplicated on the child's id."""
+        if info is not None:
+            parent = info.parent
+        else:  # a redelivery: the index has it already, but the parent may not
+            start = await run_start(self._conn, run_id)
+            parent = start.parent if start is not None else None
+        if parent is None:
+            return
+        known = await self._index.get(parent)
+        if known is not None and known.is_closed:
+            return  # nobody waits for it (cancelled before its child): no dead letter
+        outcome = ChildOutcome(child_run_id=run_id, status="completed")
+        if isinstance(event, RunCompleted):
+            outcome.result = event.result
+        elif isinstance(event, RunFailed):
+            outcome.status, outcome.error = "failed", event.error
+        elif isinstance(event, RunCancelled | RunTerminated):
+            outcome.reason = event.reason
+            outcome.status = "cancelled" if isinstance(event, RunCancelled) else "terminated"
+        await send_child_outcome(self._conn, parent, outcome)
 
     async def _keep_timers(self, run_id: str, event: Event) -> None:
         """Mirror history's timers into KV, and make sure every start gets its task."""

@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from ._connection import Connection, PubAck, retrying
-from ._errors import NatflowError
+from ._errors import ErrorInfo, NatflowError
 from ._history import CorruptHistory
 from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
 from ._names import _TOKEN
@@ -62,6 +62,10 @@ CANCEL: Final = "$cancel"
 TERMINATE: Final = "$terminate"
 CONTROL: Final = (CANCEL, TERMINATE)
 _CONTROL_BY_TOKEN: Final = {"cancel": CANCEL, "terminate": TERMINATE}
+# A child run's outcome, sent to its parent by the engine's dispatcher on
+# ``natflow.signal.<parent>.$control.child``; the parent's worker records it as
+# ``child_completed`` / ``child_failed``.
+CHILD: Final = "$child"
 _MAX_SHOWN_PAYLOAD: Final = 2048
 
 
@@ -89,6 +93,8 @@ def parse(msg: Msg, seq: int) -> Signal:
     name = tokens[3] if len(tokens) > 3 else ""
     if len(tokens) == 5 and name == CONTROL_TOKEN and tokens[4] in _CONTROL_BY_TOKEN:
         name = _CONTROL_BY_TOKEN[tokens[4]]
+    elif len(tokens) == 5 and name == CONTROL_TOKEN and tokens[4] == "child":
+        name = CHILD
     elif len(tokens) != 4:
         raise BadSignal(seq, subject, name, "subject must be natflow.signal.<run_id>.<signal_name>")
     elif name in CONTROL:  # the reserved names are only honoured on their own subject
@@ -101,7 +107,7 @@ def parse(msg: Msg, seq: int) -> Signal:
         )
     run_id = tokens[2]
     for kind, value in (("run id", run_id), ("signal name", name)):
-        if value in CONTROL and kind == "signal name":
+        if (value in CONTROL or value == CHILD) and kind == "signal name":
             continue
         if _TOKEN.fullmatch(value) is None:
             raise BadSignal(
@@ -197,6 +203,35 @@ async def send(
                 f"this signal to run {run_id!r} was not stored: use another id"
             )
     return ack
+
+
+class ChildOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The body of a ``$child`` signal: how child run ``child_run_id`` ended."""
+
+    child_run_id: str
+    status: str  # completed, failed, cancelled, terminated
+    result: msgspec.Raw = msgspec.Raw(b"null")
+    error: ErrorInfo | None = None
+    reason: str | None = None
+
+
+_outcome_decoder = msgspec.json.Decoder(ChildOutcome)
+
+
+def decode_child_outcome(payload: bytes) -> ChildOutcome:
+    return _outcome_decoder.decode(payload)
+
+
+async def send_child_outcome(conn: Connection, parent: str, outcome: ChildOutcome) -> None:
+    """Tell the parent how its child ended: once, however often this is called (the message
+    id is derived from both run ids, and the parent's worker also ignores a second one)."""
+    await send(
+        conn,
+        parent,
+        CHILD,
+        msgspec.json.encode(outcome),
+        f"{outcome.child_run_id}",
+    )
 
 
 # -- dead letters ------------------------------------------------------------------------

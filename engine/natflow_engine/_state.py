@@ -11,6 +11,9 @@ from ._errors import ErrorInfo
 from ._human import when
 from .events import (
     CancelRequested,
+    ChildCompleted,
+    ChildFailed,
+    ChildStarted,
     Event,
     RunBlocked,
     RunCancelled,
@@ -204,6 +207,11 @@ def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str, datetime | 
             waiting.setdefault(event.name, []).append(event.seq)
         elif isinstance(event, StepRetrying):
             pending[event.seq] = ("sleeping", retrying_text(event), event.retry_at, event.name)
+        elif isinstance(event, ChildStarted):
+            text = f"waiting for child run {event.child_run_id} ({event.name})"
+            pending[event.seq] = ("waiting", text, None, event.name)
+        elif isinstance(event, ChildCompleted | ChildFailed):
+            pending.pop(event.seq, None)
         elif isinstance(event, TimerFired):
             pending.pop(event.seq, None)
             for seqs in waiting.values():

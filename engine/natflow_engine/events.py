@@ -161,6 +161,44 @@ class SignalRejected(_Event, tag="signal_rejected", kw_only=True, frozen=True):
     reason: str
 
 
+class ChildStarted(_Event, tag="child_started", kw_only=True, frozen=True):
+    """``ctx.child``: command ``seq`` starts run ``child_run_id`` of workflow ``name``.
+
+    Recorded before the child is started; the start is idempotent on the child's id, so a
+    replay or a crash of the parent never makes a second child. ``parent_close`` says what
+    happens to the child if the parent closes first: ``cancel``, ``terminate`` or ``abandon``.
+    """
+
+    seq: int
+    name: str
+    child_run_id: str
+    queue: str
+    parent_close: str = "cancel"
+
+
+class ChildCompleted(_Event, tag="child_completed", kw_only=True, frozen=True):
+    """The child of command ``seq`` completed; ``result`` is its result."""
+
+    seq: int
+    name: str
+    child_run_id: str
+    result: msgspec.Raw = NULL
+    signal_seq: int = 0  # the ``$child`` signal that brought it (the run's signal cursor)
+
+
+class ChildFailed(_Event, tag="child_failed", kw_only=True, frozen=True):
+    """The child of command ``seq`` ended without a result: ``status`` is ``failed`` (with
+    ``error``), ``cancelled`` or ``terminated`` (with ``reason``)."""
+
+    seq: int
+    name: str
+    child_run_id: str
+    status: str
+    error: ErrorInfo | None = None
+    reason: str | None = None
+    signal_seq: int = 0  # the ``$child`` signal that brought it (the run's signal cursor)
+
+
 class PatchMarked(_Event, tag="patch_marked", kw_only=True, frozen=True):
     """``ctx.patched(change_id)`` returned True for this run."""
 
@@ -214,6 +252,9 @@ Event = (
     | TimerFired
     | SignalReceived
     | SignalRejected
+    | ChildStarted
+    | ChildCompleted
+    | ChildFailed
     | PatchMarked
     | RunBlocked
     | CancelRequested

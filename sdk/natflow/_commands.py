@@ -16,6 +16,9 @@ from typing import Any
 
 from natflow_engine import ErrorInfo, RetryPolicy
 from natflow_engine.events import (
+    ChildCompleted,
+    ChildFailed,
+    ChildStarted,
     Event,
     SignalWaited,
     StepCompleted,
@@ -68,6 +71,17 @@ class WaitCommand(Command):
     kind = "signal wait"
 
 
+@dataclass(eq=False)
+class ChildCommand(Command):
+    child_run_id: str
+    queue: str
+    parent_close: str
+    input_json: bytes
+    result_type: Any
+
+    kind = "child"
+
+
 def recorded_command(event: Event) -> tuple[int, str] | None:
     """The position and description of the command an event records, if it records one."""
     if isinstance(event, StepStarted | StepCompleted | StepFailed | StepRetrying):
@@ -76,6 +90,8 @@ def recorded_command(event: Event) -> tuple[int, str] | None:
         return event.seq, f"sleep {event.name!r}"
     if isinstance(event, SignalWaited):
         return event.seq, f"signal wait {event.name!r}"
+    if isinstance(event, ChildStarted | ChildCompleted | ChildFailed):
+        return event.seq, f"child {event.name!r}"
     return None
 
 

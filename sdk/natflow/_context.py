@@ -8,10 +8,20 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
-from natflow_engine import InvalidInput, RetryPolicy, to_seconds
+from natflow_engine import (
+    InvalidInput,
+    RetryPolicy,
+    check_run_id,
+    decode_value,
+    encode_value,
+    to_seconds,
+)
 from natflow_engine.events import utcnow
+
+if TYPE_CHECKING:
+    from ._workflow import Workflow
 
 T = TypeVar("T")
 
@@ -52,6 +62,16 @@ class WorkflowRuntime(Protocol):
     def issue_sleep(self, name: str, due_at: datetime) -> asyncio.Future[Any]: ...
 
     def issue_wait(self, name: str, timeout: float | None) -> asyncio.Future[Any]: ...
+
+    def issue_child(
+        self,
+        name: str,
+        input_json: bytes,
+        run_id: str | None,
+        queue: str,
+        parent_close: str,
+        result_type: Any,
+    ) -> asyncio.Future[Any]: ...
 
     def patched(self, change_id: str) -> bool: ...
 
@@ -187,6 +207,42 @@ class WorkflowContext:
         """
         seconds = None if timeout is None else to_seconds(f"timeout of signal {name!r}", timeout)
         return await self._execution.issue_wait(name, seconds)
+
+    async def child(
+        self,
+        workflow: Workflow | str,
+        input: Any = None,
+        *,
+        run_id: str | None = None,
+        queue: str | None = None,
+        parent_close: str = "cancel",
+    ) -> Any:
+        """Start a child run and return its result; started exactly once, however often this
+        run replays or its worker dies.
+
+        The child's id is ``run_id`` or ``<this run's id>-c<position>``. Raises
+        :class:`RunFailed` if the child fails, :class:`RunCancelled` if it is cancelled or
+        terminated. ``parent_close`` (``"cancel"``, ``"terminate"`` or ``"abandon"``) says
+        what happens to the child if this run closes (or is cancelled) first.
+
+        Example::
+
+            receipt = await ctx.child(charge, ChargeInput(total=10), queue="payments")
+        """
+        if isinstance(workflow, str):
+            name, default_queue, result_type = workflow, "default", Any
+        elif hasattr(workflow, "fn") and hasattr(workflow, "name"):
+            name, default_queue, result_type = workflow.name, workflow.queue, workflow.result_type
+        else:
+            raise InvalidInput(f"ctx.child takes a @workflow or its name, not {workflow!r}")
+        if run_id is not None:
+            check_run_id(run_id)
+        data = encode_value(f"input of child {name!r}", input)
+        if not isinstance(workflow, str) and workflow.takes_input:
+            decode_value(f"input of child {name!r}", data, workflow.input_type)
+        return await self._execution.issue_child(
+            name, data, run_id, queue or default_queue, parent_close, result_type
+        )
 
     async def parallel(self, *awaitables: Awaitable[Any]) -> list[Any]:
         """Run steps (or any workflow awaitables) concurrently; results in argument order."""

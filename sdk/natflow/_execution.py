@@ -25,6 +25,8 @@ import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from natflow_engine import (
+    CANCEL,
+    CHILD,
     CONTROL,
     FENCED,
     SIGNALS_DELIVERED,
@@ -40,7 +42,11 @@ from natflow_engine import (
     History,
     HistoryStore,
     InvalidInput,
+    NatflowError,
     PayloadTooLarge,
+    PermissionDenied,
+    Runs,
+    decode_child_outcome,
     encode_value,
     error_info,
     fields,
@@ -50,11 +56,15 @@ from natflow_engine import (
     pending_signals,
     quarantined,
     run_created_at,
+    send,
     sequence,
     stored_at,
 )
 from natflow_engine.events import (
     CancelRequested,
+    ChildCompleted,
+    ChildFailed,
+    ChildStarted,
     Event,
     RunBlocked,
     RunCancelled,
@@ -73,6 +83,7 @@ from natflow_engine.events import (
 )
 
 from ._commands import (
+    ChildCommand,
     Finished,
     Item,
     SignalsArrived,
@@ -93,6 +104,8 @@ log = logging.getLogger("natflow.worker")
 
 # A timer due sooner than this is waited for while holding the run; a later one lets it go.
 HOLD_TIMERS_UNDER = 1.0
+HOLD_FOR_CHILDREN = 1.0  # seconds a run waiting only for child runs stays held
+_CHILD_STARTS_AT_ONCE = 64
 _MAX_REASON = 4096  # characters of a cancel reason recorded (a huge one must still cancel)
 
 
@@ -319,8 +332,122 @@ class RunExecution:
             log.info("run %s changed while being blocked; it will be retried", self.run_id)
 
     async def _flush_records(self) -> None:
-        for event in self.state.take_records():
+        # A child refused at its start is failed at once, and what the workflow does about
+        # it may need records of its own: flush until nothing is owed.
+        while records := self.state.take_records():
+            await self._flush(records)
+
+    async def _flush(self, records: list[Event]) -> None:
+        children = [e for e in records if isinstance(e, ChildStarted)]
+        if children:
+            # Started before they are recorded: a start is idempotent on the child's id
+            # (derived from this run's id and the position), so a crash in between makes the
+            # replay start the same child again, which finds it and makes no second. Started
+            # together: a fan-out's starts are round trips that need not wait on each other.
+            limit = anyio.CapacityLimiter(_CHILD_STARTS_AT_ONCE)
+            refused: dict[int, ErrorInfo] = {}
+
+            async def start(event: ChildStarted) -> None:
+                async with limit:
+                    try:
+                        await self._start_child(event)
+                    except (InvalidInput, NatflowError) as exc:
+                        if isinstance(exc, PermissionDenied):
+                            raise  # a deployment problem, not this child's: retried later
+                        refused[event.seq] = error_info(exc)  # e.g. its id is another's run
+
+            async with anyio.create_task_group() as tg:
+                for child in children:
+                    tg.start_soon(start, child)
+        for event in records:
             await self._append(event)
+            if isinstance(event, ChildStarted) and event.seq in refused:
+                failed = await self._append(
+                    ChildFailed(
+                        id=self._next_id(),
+                        at=utcnow(),
+                        seq=event.seq,
+                        name=event.name,
+                        child_run_id=event.child_run_id,
+                        status="failed",
+                        error=self._bounded(refused[event.seq]),
+                    )
+                )
+                assert isinstance(failed, ChildFailed)
+                self.state.deliver(failed)
+
+    async def _start_child(self, event: ChildStarted) -> None:
+        command = self.state.command(event.seq)
+        assert isinstance(command, ChildCommand)
+        await Runs(self._conn).start(
+            command.name,
+            command.queue,
+            command.input_json,
+            command.child_run_id,
+            parent=self.run_id,
+        )
+
+    async def _record_child(self, seq: int, payload: bytes) -> None:
+        """Record a ``$child`` signal (a child's outcome, sent by the engine) once."""
+        try:
+            outcome = decode_child_outcome(payload)
+        except msgspec.DecodeError as exc:  # not the engine's: anyone may publish a subject
+            await self._append(
+                SignalRejected(
+                    id=self._next_id(),
+                    at=utcnow(),
+                    signal_seq=seq,
+                    name=CHILD,
+                    reason=f"not a child run's outcome: {exc}"[:_MAX_REASON],
+                )
+            )
+            SIGNALS_REJECTED.labels("worker").inc()
+            return
+        command = self.state.open_child(outcome.child_run_id)
+        if command is None:  # a duplicate, or a child this run does not know
+            log.info("run %s: outcome of child %s ignored", self.run_id, outcome.child_run_id)
+            return
+        event: ChildCompleted | ChildFailed
+        if outcome.status == "completed":
+            event = ChildCompleted(
+                id=self._next_id(),
+                at=utcnow(),
+                seq=command.seq,
+                name=command.name,
+                child_run_id=command.child_run_id,
+                result=msgspec.Raw(self._open(bytes(outcome.result), command.name)),
+                signal_seq=seq,
+            )
+        else:
+            event = ChildFailed(
+                id=self._next_id(),
+                at=utcnow(),
+                seq=command.seq,
+                name=command.name,
+                child_run_id=command.child_run_id,
+                status=outcome.status,
+                error=outcome.error,
+                reason=outcome.reason,
+                signal_seq=seq,
+            )
+        recorded = await self._append(event)
+        assert isinstance(recorded, ChildCompleted | ChildFailed)
+        self.state.deliver(recorded)
+        await self._flush_records()
+
+    async def _close_children(self, reason: str) -> None:
+        """Apply each open child's ``parent_close`` policy as this run closes."""
+        for command in self.state.open_children():
+            if command.parent_close == "abandon":
+                continue
+            kind = TERMINATE if command.parent_close == "terminate" else CANCEL
+            await send(
+                self._conn,
+                command.child_run_id,
+                kind,
+                msgspec.json.encode(f"parent {self.run_id} closed: {reason}"[:_MAX_REASON]),
+                f"parent-{self.run_id}",
+            )
 
     async def _guarded_live(
         self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]
@@ -348,13 +475,15 @@ class RunExecution:
             if state.terminated is not None:
                 return await self._end(RunTerminated, state.terminated)
             await self._flush_records()
+            if state.root.done():  # a child refused at its start ended the workflow
+                break
             self._launch(tg)
             state.drop_abandoned_timers()
             self._arm_timers()
             if self._inflight == 0:
                 if self._draining:
                     return Outcome.HANDED_BACK
-                if not state.timers and not state.waits_for_signals:
+                if not (state.timers or state.waits_for_signals or state.waits_for_children):
                     return await self._fail(
                         ErrorInfo(
                             type="NatflowError",
@@ -364,9 +493,19 @@ class RunExecution:
                     )
                 due = self.next_due
                 if due is None or (due - utcnow()).total_seconds() > HOLD_TIMERS_UNDER:
-                    if not await self._move_signals():
-                        return Outcome.SUSPENDED
-                    continue
+                    if await self._move_signals():
+                        continue
+                    if state.waits_for_children:
+                        # Children in flight often end soon: stay held a moment, so a
+                        # fan-out's outcomes are taken in by one execution rather than each
+                        # waking (and replaying) the parent again.
+                        item = None
+                        with anyio.move_on_after(HOLD_FOR_CHILDREN):
+                            item = await receive.receive()
+                        if item is not None:
+                            await self._handle(item)
+                            continue
+                    return Outcome.SUSPENDED
             await self._handle(await receive.receive())
         await self._flush_records()
         return await self._finish()
@@ -449,6 +588,10 @@ class RunExecution:
                 state.signal_cursor = seq
                 continue
             state.signal_cursor = seq
+            if signal.name == CHILD:
+                await self._record_child(seq, signal.payload)
+                moved = True
+                continue
             if signal.name in CONTROL:
                 cancel = await self._append(
                     CancelRequested(
@@ -613,6 +756,7 @@ class RunExecution:
             raise BadSignal(seq, msg.subject, name, "sent before the run existed")
 
     async def _end(self, kind: type[RunCancelled] | type[RunTerminated], reason: str) -> Outcome:
+        await self._close_children(reason)
         await self._append(kind(id=self._next_id(), at=utcnow(), reason=reason))
         return Outcome.CANCELLED
 
@@ -623,6 +767,7 @@ class RunExecution:
             return await self._end(RunTerminated, state.terminated)
         if state.root.cancelled():
             return await self._end(RunCancelled, state.cancelled or "cancelled")
+        await self._close_children("it ended")
         exc = state.root.exception()
         if exc is not None:
             return await self._fail(error_info(exc))

@@ -27,6 +27,8 @@ from natflow_engine import (
     InvalidInput,
     NonDeterminismError,
     RetryPolicy,
+    RunCancelled,
+    RunFailed,
     SignalTimeout,
     StepError,
     check_step_name,
@@ -36,6 +38,9 @@ from natflow_engine import (
 )
 from natflow_engine.events import (
     CancelRequested,
+    ChildCompleted,
+    ChildFailed,
+    ChildStarted,
     Event,
     PatchMarked,
     RunClaimed,
@@ -52,6 +57,7 @@ from natflow_engine.events import (
 )
 
 from ._commands import (
+    ChildCommand,
     Command,
     SleepCommand,
     StepCommand,
@@ -66,7 +72,15 @@ from ._workflow import Workflow
 log = logging.getLogger("natflow.worker")
 
 
-Delivered = StepCompleted | StepFailed | TimerFired | SignalReceived | CancelRequested
+Delivered = (
+    StepCompleted
+    | StepFailed
+    | TimerFired
+    | SignalReceived
+    | CancelRequested
+    | ChildCompleted
+    | ChildFailed
+)
 
 
 class Evicted(BaseException):
@@ -100,6 +114,7 @@ class WorkflowState:
         self._to_record: list[Event] = []  # appended before anything else happens live
         self._commands: dict[int, Command] = {}
         self._to_launch: list[StepCommand] = []
+        self._children: dict[str, ChildCommand] = {}  # by child run id, outcome not delivered
         self._occurrences: Counter[str] = Counter()
         self._next_seq = 1
         self._timers: dict[int, datetime] = {}  # pending sleeps and wait timeouts by seq
@@ -123,6 +138,7 @@ class WorkflowState:
         self.last_holder: str | None = None  # the worker of the latest claim
         self._retries: dict[int, StepRetrying] = {}  # a step's latest failed attempt
         self._retry_fired: set[int] = set()  # steps whose next attempt came due
+        self._child_done: set[int] = set()  # children whose outcome history holds
         for event in events:
             if isinstance(event, RunClaimed):
                 self.last_holder = event.worker
@@ -139,6 +155,9 @@ class WorkflowState:
                 self._replay.append(event)
             if isinstance(event, PatchMarked):
                 self._patches.add(event.change_id)
+            if isinstance(event, ChildCompleted | ChildFailed):
+                self._child_done.add(event.seq)
+                self.signal_cursor = max(self.signal_cursor, event.signal_seq)
             if isinstance(event, SignalReceived | SignalRejected | CancelRequested):
                 self.signal_cursor = max(self.signal_cursor, event.signal_seq)
             if isinstance(event, SignalReceived) and event.signal_id:
@@ -274,6 +293,66 @@ class WorkflowState:
         self._to_launch.append(command)
         return command.future
 
+    def issue_child(
+        self,
+        name: str,
+        input_json: bytes,
+        run_id: str | None,
+        queue: str,
+        parent_close: str,
+        result_type: Any,
+    ) -> asyncio.Future[Any]:
+        if parent_close not in ("cancel", "terminate", "abandon"):
+            raise InvalidInput(
+                f"child {name!r}: parent_close must be 'cancel', 'terminate' or 'abandon', "
+                f"not {parent_close!r}"
+            )
+        seq = self._new_seq()
+        command = ChildCommand(
+            seq=seq,
+            name=name,
+            future=self._loop.create_future(),
+            child_run_id=run_id or f"{self.run_id}-c{seq}",
+            queue=queue,
+            parent_close=parent_close,
+            input_json=input_json,
+            result_type=result_type,
+        )
+        if self._match(command):
+            recorded = self._recorded_events[seq]
+            if isinstance(recorded, ChildCompleted | ChildFailed):
+                return command.future  # its outcome is delivered in history order
+            if isinstance(recorded, ChildStarted):
+                command.child_run_id = recorded.child_run_id
+                command.parent_close = recorded.parent_close
+        else:
+            self._to_record.append(
+                ChildStarted(
+                    id="",
+                    at=utcnow(),
+                    seq=seq,
+                    name=name,
+                    child_run_id=command.child_run_id,
+                    queue=queue,
+                    parent_close=parent_close,
+                )
+            )
+        self._children[command.child_run_id] = command
+        return command.future
+
+    @property
+    def waits_for_children(self) -> bool:
+        return any(not c.future.done() for c in self._children.values())
+
+    def open_child(self, child_run_id: str) -> ChildCommand | None:
+        """The open child command of that child run (None if unknown or already resolved)."""
+        command = self._children.get(child_run_id)
+        return command if command is not None and command.seq not in self._child_done else None
+
+    def open_children(self) -> list[ChildCommand]:
+        """Children started by this run whose outcome history does not hold."""
+        return [c for c in self._children.values() if c.seq not in self._child_done]
+
     def retrying(self, event: StepRetrying) -> None:
         """A live attempt failed and was recorded: the next one waits for its timer."""
         command = self._commands[event.seq]
@@ -396,6 +475,9 @@ class WorkflowState:
                 return
             if isinstance(event, TimerFired):
                 self._deliver_timer(command)
+            elif isinstance(event, ChildCompleted | ChildFailed):
+                assert isinstance(command, ChildCommand)
+                self._resolve_child(command, event)
             else:
                 assert isinstance(command, StepCommand)
                 self._resolve_step(command, event)
@@ -410,6 +492,24 @@ class WorkflowState:
         try:
             value = decode_value(
                 f"result of step {command.name!r}", event.result, command.result_type
+            )
+        except InvalidInput:
+            value = msgspec.json.decode(event.result)
+        command.future.set_result(value)
+
+    def _resolve_child(self, command: ChildCommand, event: ChildCompleted | ChildFailed) -> None:
+        self._child_done.add(event.seq)
+        if command.future.done():
+            return
+        if isinstance(event, ChildFailed):
+            if event.status == "failed" and event.error is not None:
+                command.future.set_exception(RunFailed(event.child_run_id, event.error))
+            else:
+                command.future.set_exception(RunCancelled(event.child_run_id, event.reason))
+            return
+        try:
+            value = decode_value(
+                f"result of child {command.name!r}", event.result, command.result_type
             )
         except InvalidInput:
             value = msgspec.json.decode(event.result)

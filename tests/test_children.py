@@ -1,0 +1,274 @@
+"""Child runs: started once, outcomes recorded in the parent once, parent_close policies."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from natflow import Client, InvalidInput, RunCancelled, RunFailed, WorkflowContext, workflow
+from natflow_engine._engine import Engine
+from natflow_engine._server import EmbeddedServer
+from natflow_engine._signals import dead_letters
+from natflow_engine.events import ChildCompleted, ChildFailed, ChildStarted, RunStarted
+
+from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
+from tests.test_cli import natflow
+from tests.workflows_children import (
+    COUNTS_ENV,
+    GATE_ENV,
+    WORKFLOWS,
+    family,
+    grandparent,
+    kid,
+    leaver,
+)
+
+DEFAULT_TARGET = "tests.workflows_children:make_worker"
+OTHER_TARGET = "tests.workflows_children:make_other_worker"
+
+
+def kinds(events: list[object]) -> list[str]:
+    return [e.__struct_config__.tag for e in events]  # type: ignore[attr-defined]
+
+
+async def status_of(client: Client, run_id: str) -> str:
+    return (await client.describe(run_id)).status
+
+
+async def test_a_parent_gets_each_childs_outcome_once(
+    client: Client, engine: Engine, nats_server: EmbeddedServer
+) -> None:
+    async with (
+        running_worker(client, WORKFLOWS),
+        running_worker(client, [kid], queue="other"),
+    ):
+        handle = await client.start(family, 4, run_id="fam-1")
+
+        async def napping() -> bool:
+            try:
+                return await status_of(client, "fam-1-c4") == "sleeping"
+            except Exception:
+                return False
+
+        await wait_for(napping, what="the napping child to sleep")
+        await client.cancel("fam-1-c4", reason="not needed")
+        result = await handle.result(timeout=20)
+    assert result == [40, 50, "failed: StepError", "cancelled", 90]
+    history = await client.history("fam-1")
+    counted = Counter(kinds(history))
+    assert counted["child_started"] == 4
+    assert counted["child_completed"] == 2 and counted["child_failed"] == 2
+    started = [e for e in history if e.__struct_config__.tag == "child_started"]
+    assert [e.child_run_id for e in started] == [f"fam-1-c{i}" for i in range(1, 5)]  # type: ignore[attr-defined]
+    other = await client.describe("fam-1-c2")
+    assert other.queue == "other" and other.parent == "fam-1"
+    for i in range(1, 5):
+        assert (await client.describe(f"fam-1-c{i}")).parent == "fam-1"
+    # The run view shows the parent of a child and the children of a parent.
+    shown = (await natflow(nats_server.url, "runs", "show", "fam-1")).stdout.decode()
+    rows = [line.split() for line in shown.splitlines() if line.startswith("fam-1-c")]
+    assert rows == [
+        ["fam-1-c1", "kid", "default", "completed"],
+        ["fam-1-c2", "kid", "other", "completed"],
+        ["fam-1-c3", "kid", "default", "failed"],
+        ["fam-1-c4", "napper", "default", "cancelled"],
+    ], shown
+    child = (await natflow(nats_server.url, "runs", "show", "fam-1-c2")).stdout.decode()
+    assert "parent    fam-1" in child, child
+
+
+async def test_cancelling_a_parent_cancels_its_children_and_theirs(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, WORKFLOWS):
+        handle = await client.start(grandparent, run_id="gp-1")
+
+        async def grandchild_sleeps() -> bool:
+            try:
+                return await status_of(client, "gp-1-c1-c1") == "sleeping"
+            except Exception:
+                return False
+
+        await wait_for(grandchild_sleeps, what="the grandchild to sleep")
+        waiting = await client.describe("gp-1")
+        assert waiting.status == "waiting", waiting
+        assert waiting.current == "waiting for child run gp-1-c1 (sleepy_parent)", waiting
+        await client.cancel("gp-1", reason="stop all")
+        with pytest.raises(RunCancelled):
+            await handle.result(timeout=10)
+
+        async def all_cancelled() -> bool:
+            return all(
+                [await status_of(client, r) == "cancelled" for r in ("gp-1-c1", "gp-1-c1-c1")]
+            )
+
+        await wait_for(all_cancelled, timeout=15, what="child and grandchild cancelled")
+    # The child's outcome met a closed parent: not sent, so not dead-lettered either.
+    assert not [d for d in await dead_letters(client.connection) if d.name == "$child"]
+
+
+async def test_a_parent_whose_worker_is_killed_while_its_children_run(
+    client: Client, engine: Engine, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """Real worker processes; the parent's worker (which also runs the default-queue
+    children) is SIGKILLed while every child is in flight."""
+    counts = tmp_path / "counts.txt"
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    env = {COUNTS_ENV: str(counts), GATE_ENV: str(gates)}
+    url = nats_server.url
+    first = spawn_worker(url, DEFAULT_TARGET, env=env, log=tmp_path / "default-1.log")
+    other = spawn_worker(url, OTHER_TARGET, env=env, log=tmp_path / "other.log")
+    second = None
+    try:
+        handle = await client.start("family", 4, run_id="famk")
+        kids = [f"famk-c{i}" for i in (1, 2, 3)]
+
+        async def children_in_flight() -> bool:
+            try:
+                states = [await status_of(client, k) for k in kids]
+                napping = await status_of(client, "famk-c4")
+                return states == ["running"] * 3 and napping == "sleeping"
+            except Exception:
+                return False
+
+        await wait_for(children_in_flight, timeout=30, what="all four children in flight")
+        stop(first, signal.SIGKILL)
+        assert first.returncode == -signal.SIGKILL
+        await client.cancel("famk-c4", reason="not needed")
+        for k in kids:
+            (gates / k).touch()
+        second = spawn_worker(url, DEFAULT_TARGET, env=env, log=tmp_path / "default-2.log")
+        assert await handle.result(timeout=40) == [40, 50, "failed: StepError", "cancelled", 90]
+    finally:
+        for proc in (first, other, second):
+            if proc is not None:
+                stop(proc)
+    assert count_lines(counts) == Counter({f"{k}:kid": 1 for k in kids})
+    history = await client.history("famk")
+    started = Counter(e.child_run_id for e in history if isinstance(e, ChildStarted))
+    ended = Counter(e.child_run_id for e in history if isinstance(e, ChildCompleted | ChildFailed))
+    every = Counter({f"famk-c{i}": 1 for i in range(1, 5)})
+    assert started == every and ended == every
+    for i in range(1, 5):
+        starts = [e for e in await client.history(f"famk-c{i}") if isinstance(e, RunStarted)]
+        assert len(starts) == 1 and starts[0].parent == "famk"
+
+
+async def test_parent_close_terminate_terminates_the_child(client: Client, engine: Engine) -> None:
+    await parent_closes(client, "terminate", "terminated")
+
+
+async def test_parent_close_abandon_leaves_the_child_running(
+    client: Client, engine: Engine
+) -> None:
+    await parent_closes(client, "abandon", "sleeping")
+
+
+async def parent_closes(client: Client, policy: str, child_status: str) -> None:
+    run_id = f"leave-{policy}"
+    async with running_worker(client, WORKFLOWS):
+        with pytest.raises(RunFailed, match="boom"):
+            await (await client.start(leaver, policy, run_id=run_id)).result(timeout=10)
+
+        async def child_settled() -> bool:
+            return await status_of(client, f"{run_id}-c1") == child_status
+
+        await wait_for(child_settled, timeout=15, what=f"the child {child_status}")
+    if policy == "abandon":  # nothing was sent to it
+        assert not [
+            e
+            for e in await client.history(f"{run_id}-c1")
+            if e.__struct_config__.tag == "cancel_requested"
+        ]
+
+
+@workflow(name="bad_policy")
+async def bad_policy(ctx: WorkflowContext) -> None:
+    await ctx.child("kid", 1, parent_close="explode")
+
+
+async def test_a_bad_parent_close_policy_is_named(client: Client, engine: Engine) -> None:
+    async with running_worker(client, [bad_policy]):
+        with pytest.raises(RunFailed, match="parent_close must be"):
+            await (await client.start(bad_policy, run_id="bad-policy")).result(timeout=10)
+    assert InvalidInput.__name__ in (await client.describe("bad-policy")).error.type  # type: ignore[union-attr]
+
+
+async def test_children_under_a_codec(nats_server: EmbeddedServer, engine: Engine) -> None:
+    """With values sealed, the child's input and result and its error still reach the
+    parent opened (the result is opened by the parent's worker and sealed again)."""
+    from natflow import AesGcmCodec
+
+    codec = AesGcmCodec({"k1": bytes(range(32))}, current="k1")
+    sealed = await Client.connect(nats_server.url, codec=codec)
+    try:
+        async with (
+            running_worker(sealed, WORKFLOWS),
+            running_worker(sealed, [kid], queue="other"),
+        ):
+            handle = await sealed.start(family, 4, run_id="fam-sealed")
+
+            async def napping() -> bool:
+                try:
+                    return await status_of(sealed, "fam-sealed-c4") == "sleeping"
+                except Exception:
+                    return False
+
+            await wait_for(napping, what="the napping child to sleep")
+            await sealed.cancel("fam-sealed-c4")
+            assert await handle.result(timeout=20) == [
+                40,
+                50,
+                "failed: StepError",
+                "cancelled",
+                90,
+            ]
+    finally:
+        await sealed.close()
+
+
+@workflow(name="squatter")
+async def squatter(ctx: WorkflowContext) -> str:
+    try:
+        await ctx.child("kid", 1, run_id="squatted")
+    except RunFailed as failed:
+        return failed.error.message
+    return "started"
+
+
+async def test_a_child_id_taken_by_another_workflow_fails_the_child_not_the_parent(
+    client: Client, engine: Engine
+) -> None:
+    await client.start("napper", 3600, run_id="squatted")
+    async with running_worker(client, [squatter]):
+        message = await (await client.start(squatter, run_id="squat-1")).result(timeout=10)
+    assert "exists as a run of workflow 'napper'" in message, message
+
+
+async def test_a_forged_child_outcome_is_rejected_and_the_parent_carries_on(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, WORKFLOWS):
+        handle = await client.start(grandparent, run_id="forged-1")
+
+        async def waiting() -> bool:
+            try:
+                return await status_of(client, "forged-1-c1-c1") == "sleeping"
+            except Exception:
+                return False
+
+        await wait_for(waiting, what="the grandchild to sleep")
+        await client.connection.nc.publish("natflow.signal.forged-1.$control.child", b'{"x": 1}')
+
+        async def rejected() -> bool:
+            return "signal_rejected" in kinds(await client.history("forged-1"))
+
+        await wait_for(rejected, what="the forged outcome rejected")
+        await client.cancel("forged-1-c1-c1")  # the real outcome still arrives
+        with pytest.raises(RunFailed):
+            await handle.result(timeout=10)  # sleepy_parent: RunCancelled raised, not caught
+    events = await client.history("forged-1")
+    assert [e.status for e in events if isinstance(e, ChildFailed)] == ["failed"]
