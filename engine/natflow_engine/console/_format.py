@@ -8,6 +8,8 @@ from typing import Any
 import msgspec
 from markupsafe import Markup, escape
 
+from .._sealing import sealed_key
+
 _pretty_encoder = msgspec.json.Encoder(order="deterministic")
 
 
@@ -60,10 +62,14 @@ def span(start: datetime, end: datetime | None) -> str:
 
 
 def pretty_json(value: Any) -> str:
-    """Indented JSON of a decoded value (or of raw JSON bytes)."""
+    """Indented JSON of a decoded value (or of raw JSON bytes); a value sealed with a key the
+    console does not hold is "encrypted (key k2)"."""
     try:
         if isinstance(value, msgspec.Raw):
             value = msgspec.json.decode(value)
+        key_id = sealed_key(value)
+        if key_id is not None:
+            return f"encrypted (key {key_id})"
         data = _pretty_encoder.encode(value)
     except (TypeError, msgspec.DecodeError, msgspec.EncodeError):
         return str(value)
