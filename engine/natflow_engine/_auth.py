@@ -7,14 +7,19 @@ take tasks of queue A" are subject permissions too (NATS.md §11). The roles:
 * ``engine``: the engine services. Creates and updates natflow's streams (never deletes or
   purges them), writes the run index, tasks and dead letters, reads everything, and creates
   the runs a ``frontend`` asks it to start.
-* ``worker``: takes tasks (of all queues, or only of ``queues``), reads and appends
-  history, reads signals, keeps leases, timers and its registry entry, answers pings.
-* ``client``: starts runs, sends signals, cancels and terminates, and reads (``viewer``).
+* ``worker``: takes tasks (of all queues, or only of ``queues`` and ``workflows``), reads and
+  appends history, reads signals, keeps leases, timers and its registry entry, answers pings,
+  declares its workflows' event triggers and writes their schedules (only theirs when it
+  names its workflows).
+* ``client``: starts runs, sends signals, cancels and terminates, emits events, creates and
+  changes schedules, and reads (``viewer``).
 * ``frontend``: what ``client`` does, but starts runs by asking the engine
   (``Client.connect(..., start_via_engine=True)``), so it cannot write any history: the role
-  for untrusted starters.
+  for untrusted starters. It may emit events (the engine checks them and starts their runs),
+  not change schedules.
 * ``signaller``: sends ordinary signals, nothing else: not cancel or terminate, no reads.
-* ``viewer``: reads runs, histories, the run index, workers and dead letters.
+* ``viewer``: reads runs, histories, the run index (also live, as the console does), workers
+  and the runs they hold, dead letters, schedules, events and their triggers.
 
 Cancel and terminate are grants of their own (``control``): they travel on
 ``natflow.signal.<run>.$control.<cancel|terminate>``, five tokens, which the ordinary
