@@ -27,7 +27,9 @@ from natflow import (
 from natflow.testing import Replayer
 from natflow_engine import RunNotFound, open_events, open_sealed, sealed_key
 from natflow_engine._engine import Engine
+from natflow_engine._sealing import seal
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._signals import dead_letters, send
 from natflow_engine._triggers import declarations, event_run_id
 from natflow_engine.events import RunCompleted, RunStarted, StepRetrying, decode_event
 
@@ -310,10 +312,22 @@ async def test_retry_errors_schedule_inputs_and_event_payloads_are_sealed(
         assert retried[0].error.message == "encrypted (key k1)"
     finally:
         await keyless.close()
+    # A sealed signal to the finished run is dead-lettered with its sealed payload.
+    late = seal(codec, msgspec.json.encode({"x": "LATE-S3CRET"}))
+    async with await Client.connect(nats_server.url) as plain:
+        await send(plain.connection, run_id, "late", late, None)
+
+    async def dead_lettered() -> bool:
+        async with await Client.connect(nats_server.url) as reader:
+            return any(d.run_id == run_id for d in await dead_letters(reader.connection))
+
+    await wait_for(dead_lettered, timeout=15, what="the late signal dead-lettered")
     async with served_console(nats_server.url) as base:
         status, page, _ = await http(f"{base}/runs/{run_id}")
+        dead = (await http(f"{base}/dead-letters"))[1]
     assert status == 200 and "encrypted (key k1)" in page, page[-3000:]
     assert "S3CRET" not in page
+    assert "encrypted (key k1)" in dead and "$natflow_encrypted" not in dead, dead[-3000:]
     stored = b"\n".join(await stored_messages(nats_server.url))
     for secret_text in ("SCHEDULE-S3CRET", "EVENT-S3CRET", "RETRY-S3CRET"):
         assert secret_text.encode() not in stored, secret_text

@@ -76,6 +76,15 @@ def pretty_json(value: Any) -> str:
     return msgspec.json.format(data, indent=2).decode()
 
 
+def payload_text(text: str) -> str:
+    """A stored payload's JSON text as it is, or "encrypted (key k2)" when it is sealed."""
+    try:
+        key_id = sealed_key(msgspec.json.decode(text))
+    except msgspec.DecodeError:
+        return text
+    return text if key_id is None else f"encrypted (key {key_id})"
+
+
 def event_json(event: Any) -> str:
     """One history event as the JSON stored in the stream, indented."""
     return msgspec.json.format(msgspec.json.encode(event), indent=2).decode()
@@ -94,6 +103,7 @@ FILTERS = {
     "duration": duration,
     "span": span,
     "pretty_json": pretty_json,
+    "payload_text": payload_text,
     "event_json": event_json,
     "event_type": event_type,
     "badge": badge,
