@@ -296,7 +296,7 @@ class Client:
         ``payload`` as its input. ``event_id`` (the ``Nats-Msg-Id``) deduplicates: the same id
         twice starts nothing new. Returns the event's sequence in ``NATFLOW_EVENTS``.
 
-        With a codec the payload is sealed here: the engine, which holds no key, cannot check
+        With a codec the payload is sealed: the engine, which holds no key, cannot check
         it against the workflows' input schemas, so a payload that does not fit fails the
         run when its worker decodes it (instead of being dead-lettered).
         """
@@ -309,8 +309,6 @@ class Client:
             raise InvalidInput(f"event_id must be 1 to 256 printable characters, not {event_id!r}")
         data = encode_value(f"payload of event {name!r}", payload)
         self._conn.check_size(f"payload of event {name!r}", len(data))
-        if self._conn.codec is not None:
-            data = seal(self._conn.codec, data)
         await ensure_streams(self._conn)
         return await emit(self._conn, name, data, event_id)
 
