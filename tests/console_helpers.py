@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
-from natflow_engine._connection import connect
+from natflow_engine._connection import Connection, connect
 from natflow_engine.console import create_app, serve
 
 CHROMIUM = "/usr/bin/chromium"
@@ -29,8 +29,13 @@ CHROMIUM_FLAGS = [
 
 
 @asynccontextmanager
-async def served_console(url: str, *, token: str | None = None) -> AsyncIterator[str]:
-    """The console app for the server at ``url``, on a free port; yields its base URL."""
+async def served_console(
+    url: str, *, token: str | None = None, codec: Any = None, **nats_options: Any
+) -> AsyncIterator[str]:
+    """The console app for the server at ``url``, on a free port; yields its base URL.
+
+    ``codec`` is what ``NATFLOW_CODEC_KEYS`` gives ``natflow ui``; ``nats_options`` are the
+    connection's credentials (``user``, ``password``, ...)."""
     bound: list[int] = []
     ready = anyio.Event()
 
@@ -38,7 +43,12 @@ async def served_console(url: str, *, token: str | None = None) -> AsyncIterator
         bound.append(port)
         ready.set()
 
-    app = create_app(lambda: connect(url, name="natflow-console"), token=token, server=url)
+    async def opener() -> Connection:
+        conn = await connect(url, name="natflow-console", **nats_options)
+        conn.codec = codec
+        return conn
+
+    app = create_app(opener, token=token, server=url)
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: serve(app, "127.0.0.1", 0, ready=on_ready))
         with anyio.fail_after(15):

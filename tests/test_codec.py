@@ -24,13 +24,16 @@ from natflow import (
     WorkflowContext,
     workflow,
 )
-from natflow._replay import WorkflowState
-from natflow_engine import open_events, open_sealed
+from natflow.testing import Replayer
+from natflow_engine import RunNotFound, open_events, open_sealed, sealed_key
 from natflow_engine._engine import Engine
-from natflow_engine._history import History
+from natflow_engine._sealing import seal
 from natflow_engine._server import EmbeddedServer
-from natflow_engine.events import RunCompleted, RunStarted, decode_event
+from natflow_engine._signals import dead_letters, send
+from natflow_engine._triggers import declarations, event_run_id
+from natflow_engine.events import RunCompleted, RunStarted, StepRetrying, decode_event
 
+from tests.console_helpers import http, served_console
 from tests.helpers import ROOT, running_worker, wait_for
 
 K1 = bytes(range(32))
@@ -56,6 +59,22 @@ async def confidential(ctx: WorkflowContext, data: dict[str, str]) -> dict[str, 
 @workflow(name="doomed")
 async def doomed(ctx: WorkflowContext, data: str) -> None:
     raise ValueError(f"ERROR-S3CRET of the run: {data}")
+
+
+_tries: dict[str, int] = {}
+
+
+def flaky(secret: str) -> str:
+    _tries[secret] = _tries.get(secret, 0) + 1
+    if _tries[secret] == 1:
+        raise RuntimeError(f"RETRY-S3CRET first attempt for {secret}")
+    return "ok"
+
+
+@workflow(name="sealed_retry", on_event="sealed.order")
+async def sealed_retry(ctx: WorkflowContext, data: dict[str, str]) -> str:
+    retry = RetryPolicy(max_attempts=3, initial_interval=0.2)
+    return str(await ctx.step("flaky", flaky, data["secret"], retry=retry))
 
 
 async def stored_messages(url: str) -> list[bytes]:
@@ -104,7 +123,7 @@ async def test_no_plaintext_of_inputs_results_errors_or_signals_reaches_jetstrea
         await client.close()
     stored = b"\n".join(await stored_messages(nats_server.url))
     assert b"$natflow_encrypted" in stored
-    assert b"natflow.task.nobody.c-3 " in stored  # the pending task was read too
+    assert b"natflow.task.nobody.doomed.c-3 " in stored  # the pending task was read too
     for secret in SECRETS:
         assert secret.encode() not in stored, secret
 
@@ -237,12 +256,78 @@ def test_a_recorded_sealed_history_replays_with_its_key() -> None:
     opened = open_events(AesGcmCodec({"k2": K2, "k1": K1}, current="k2"), events, path.stem)
     final = opened[-1]
     assert isinstance(final, RunCompleted)
-    state = WorkflowState(confidential, History(path.stem, opened[:-1], len(opened) - 1))
+    replayed = Replayer([confidential]).replay(opened[:-1], path.stem)
+    assert replayed.ok, replayed.divergence
+    assert replayed.finished and replayed.error is None, replayed.error
+    assert replayed.result == msgspec.json.decode(final.result)
+    assert replayed.result["signal"] == {"note": "SIGNAL-S3CRET"}
+
+
+async def _closed(client: Client, run_id: str) -> bool:
     try:
-        state._begin()
-        assert state.block is None, state.block
-        assert state._root is not None and state._root.done()
-        assert state._root.result() == msgspec.json.decode(final.result)
-        assert state._root.result()["signal"] == {"note": "SIGNAL-S3CRET"}
+        return (await client.describe(run_id)).is_closed
+    except RunNotFound:
+        return False
+
+
+async def test_retry_errors_schedule_inputs_and_event_payloads_are_sealed(
+    nats_server: EmbeddedServer, engine: Engine
+) -> None:
+    """What issues 11 and 14 added carries user values too: a failed attempt's error before
+    its retry (step_retrying), a schedule's input (KV), an emitted event's payload (and so
+    the input of the run it starts). None reaches JetStream in plaintext; the key holder
+    reads them, the console shows "encrypted (key k1)" without the key."""
+    _tries.clear()
+    codec = AesGcmCodec({"k1": K1}, current="k1")
+    client = await Client.connect(nats_server.url, codec=codec)
+    try:
+        async with running_worker(client, [sealed_retry]):
+            secret = {"secret": "SCHEDULE-S3CRET"}
+            await client.schedules.create("sealed-daily", sealed_retry, secret, every=86400)
+            assert (await client.schedules.describe("sealed-daily")).input == secret
+            fired = await client.schedules.trigger("sealed-daily")
+            assert await fired.result(timeout=15) == "ok"
+
+            async def declared() -> bool:
+                return bool(await declarations(client.connection, "sealed.order"))
+
+            await wait_for(declared, timeout=15, what="the event trigger")
+            seq = await client.emit("sealed.order", {"secret": "EVENT-S3CRET"}, event_id="e-1")
+            run_id = event_run_id("sealed.order", "e-1", seq, "sealed_retry")
+            await wait_for(lambda: _closed(client, run_id), timeout=15, what="the event's run")
+            assert await client.handle(run_id).result(timeout=5) == "ok"
+            history = await client.history(run_id)
+            retried = [e for e in history if isinstance(e, StepRetrying)]
+            assert retried and "RETRY-S3CRET" in retried[0].error.message, retried
+            async with served_console(nats_server.url, codec=codec) as base:
+                opened = (await http(f"{base}/runs/{run_id}"))[1]
+            assert "EVENT-S3CRET" in opened and "RETRY-S3CRET" in opened
     finally:
-        state._close_workflow()
+        await client.close()
+    keyless = await Client.connect(nats_server.url)
+    try:
+        assert sealed_key((await keyless.schedules.describe("sealed-daily")).input) == "k1"
+        history = await keyless.history(run_id)
+        retried = [e for e in history if isinstance(e, StepRetrying)]
+        assert retried[0].error.message == "encrypted (key k1)"
+    finally:
+        await keyless.close()
+    # A sealed signal to the finished run is dead-lettered with its sealed payload.
+    late = seal(codec, msgspec.json.encode({"x": "LATE-S3CRET"}))
+    async with await Client.connect(nats_server.url) as plain:
+        await send(plain.connection, run_id, "late", late, None)
+
+    async def dead_lettered() -> bool:
+        async with await Client.connect(nats_server.url) as reader:
+            return any(d.run_id == run_id for d in await dead_letters(reader.connection))
+
+    await wait_for(dead_lettered, timeout=15, what="the late signal dead-lettered")
+    async with served_console(nats_server.url) as base:
+        status, page, _ = await http(f"{base}/runs/{run_id}")
+        dead = (await http(f"{base}/dead-letters"))[1]
+    assert status == 200 and "encrypted (key k1)" in page, page[-3000:]
+    assert "S3CRET" not in page
+    assert "encrypted (key k1)" in dead and "$natflow_encrypted" not in dead, dead[-3000:]
+    stored = b"\n".join(await stored_messages(nats_server.url))
+    for secret_text in ("SCHEDULE-S3CRET", "EVENT-S3CRET", "RETRY-S3CRET"):
+        assert secret_text.encode() not in stored, secret_text

@@ -7,14 +7,19 @@ take tasks of queue A" are subject permissions too (NATS.md §11). The roles:
 * ``engine``: the engine services. Creates and updates natflow's streams (never deletes or
   purges them), writes the run index, tasks and dead letters, reads everything, and creates
   the runs a ``frontend`` asks it to start.
-* ``worker``: takes tasks (of all queues, or only of ``queues``), reads and appends
-  history, reads signals, keeps leases, timers and its registry entry, answers pings.
-* ``client``: starts runs, sends signals, cancels and terminates, and reads (``viewer``).
+* ``worker``: takes tasks (of all queues, or only of ``queues`` and ``workflows``), reads and
+  appends history, reads signals, keeps leases, timers and its registry entry, answers pings,
+  declares its workflows' event triggers and writes their schedules (only theirs when it
+  names its workflows).
+* ``client``: starts runs, sends signals, cancels and terminates, emits events, creates and
+  changes schedules, and reads (``viewer``).
 * ``frontend``: what ``client`` does, but starts runs by asking the engine
   (``Client.connect(..., start_via_engine=True)``), so it cannot write any history: the role
-  for untrusted starters.
+  for untrusted starters. It may emit events (the engine checks them and starts their runs),
+  not change schedules.
 * ``signaller``: sends ordinary signals, nothing else: not cancel or terminate, no reads.
-* ``viewer``: reads runs, histories, the run index, workers and dead letters.
+* ``viewer``: reads runs, histories, the run index (also live, as the console does), workers
+  and the runs they hold, dead letters, schedules, events and their triggers.
 
 Cancel and terminate are grants of their own (``control``): they travel on
 ``natflow.signal.<run>.$control.<cancel|terminate>``, five tokens, which the ordinary
@@ -43,15 +48,20 @@ from ._streams import (
     CONTROL_TOKEN,
     DEADLETTER_PREFIX,
     DEADLETTER_STREAM,
+    EVENT_PREFIX,
+    EVENTS_STREAM,
     HISTORY_PREFIX,
     HISTORY_STREAM,
     RUNS_PREFIX,
     RUNS_STREAM,
+    SCHEDULES_BUCKET,
     SIGNAL_PREFIX,
     SIGNAL_STREAM,
     TASK_PREFIX,
     TASK_STREAM,
+    TRIGGERS_BUCKET,
     queue_consumer,
+    workflow_token,
 )
 from ._timers import TIMERS_BUCKET
 
@@ -59,14 +69,18 @@ ROLES: Final = ("engine", "worker", "client", "frontend", "signaller", "viewer")
 CONTROLS: Final = ("cancel", "terminate")
 USER_INFO: Final = "$SYS.REQ.USER.INFO"  # who am I: the server's answer (worker identity)
 
-_BUCKETS: Final = (LEASES_BUCKET, WORKERS_BUCKET, TIMERS_BUCKET)
+_BUCKETS: Final = (LEASES_BUCKET, WORKERS_BUCKET, TIMERS_BUCKET)  # a worker writes these
+_ALL_BUCKETS: Final = (*_BUCKETS, SCHEDULES_BUCKET, TRIGGERS_BUCKET)
+# What a viewer reads: workers and the runs they hold (leases), schedules, event triggers.
+_READ_BUCKETS: Final = (WORKERS_BUCKET, LEASES_BUCKET, SCHEDULES_BUCKET, TRIGGERS_BUCKET)
 _STREAMS: Final = (
     HISTORY_STREAM,
     TASK_STREAM,
     RUNS_STREAM,
     SIGNAL_STREAM,
     DEADLETTER_STREAM,
-    *(kv_stream(b) for b in _BUCKETS),
+    EVENTS_STREAM,
+    *(kv_stream(b) for b in _ALL_BUCKETS),
 )
 
 
@@ -191,11 +205,13 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
         *_direct_get(api, HISTORY_STREAM),
         *_direct_get(api, RUNS_STREAM),
         *_direct_get(api, DEADLETTER_STREAM),
-        *_direct_get(api, kv_stream(WORKERS_BUCKET)),
+        *_direct_get(api, EVENTS_STREAM),  # natflow events list
+        *(s for b in _READ_BUCKETS for s in _direct_get(api, kv_stream(b))),
         *_ordered_consumer(api, HISTORY_STREAM),  # Client.watch
     ]
-    # RunHandle.result listens for the run's final event on the history subject itself.
-    return publish, ["_INBOX.>", f"{HISTORY_PREFIX}.*"], False
+    # RunHandle.result listens for the run's final event on the history subject itself; the
+    # console follows the run index live.
+    return publish, ["_INBOX.>", f"{HISTORY_PREFIX}.*", f"{RUNS_PREFIX}.*"], False
 
 
 def _signaller(api: str, kv: str, queues: list[str]) -> _Parts:
@@ -209,6 +225,8 @@ def _client(api: str, kv: str, queues: list[str]) -> _Parts:
         f"{TASK_PREFIX}.>",  # ... and enqueues its task
         f"{SIGNAL_PREFIX}.*.*",
         *(_control_subject(kind) for kind in CONTROLS),
+        f"{EVENT_PREFIX}.>",  # client.emit
+        f"{kv}.{SCHEDULES_BUCKET}.>",  # client.schedules: create, change, delete
     ]
     return publish, subscribe, False
 
@@ -219,13 +237,24 @@ def _frontend(api: str, kv: str, queues: list[str]) -> _Parts:
         f"{START_PREFIX}.*",  # the engine checks the request and creates the run
         f"{SIGNAL_PREFIX}.*.*",
         *(_control_subject(kind) for kind in CONTROLS),
+        f"{EVENT_PREFIX}.>",  # events too start runs through the engine, which checks them
     ]
     return publish, subscribe, False
 
 
 def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ()) -> _Parts:
     consumers = [queue_consumer(q, w) for q in queues for w in workflows] or ["*"]
-    tasks = [f"{TASK_PREFIX}.{q}.>" for q in queues] or [f"{TASK_PREFIX}.>"]
+    tasks = [f"{TASK_PREFIX}.{q}.{workflow_token(w)}.*" for q in queues for w in workflows] or [
+        f"{TASK_PREFIX}.>"
+    ]
+    # At start a worker creates or updates the schedule of each workflow with ``cron=``
+    # (key: the workflow's name made a token), so a worker naming its workflows gets only
+    # theirs; and declares the events its workflows start on (keys begin with the event's
+    # dotted name, which no wildcard but ``>`` can skip).
+    schedules = [f"{kv}.{SCHEDULES_BUCKET}.{safe_identity(w)[:100]}" for w in workflows] or [
+        f"{kv}.{SCHEDULES_BUCKET}.>"
+    ]
+    schedules_stream = f"{api}.DIRECT.GET.{kv_stream(SCHEDULES_BUCKET)}"
     publish = [
         *_stream_info(api),
         f"{HISTORY_PREFIX}.*",
@@ -233,6 +262,9 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
         *_direct_get(api, SIGNAL_STREAM),
         *_direct_get(api, kv_stream(LEASES_BUCKET)),
         *(f"{kv}.{bucket}.>" for bucket in _BUCKETS),
+        f"{kv}.{TRIGGERS_BUCKET}.>",
+        *schedules,
+        *(f"{schedules_stream}.{s}" for s in _kv_keys(kv, schedules)),
         *tasks,  # a holder re-enqueues its run when it must look again
         USER_INFO,
         # A parent's worker cancels or terminates its open children as the parent closes
@@ -250,6 +282,12 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
     return publish, ["_INBOX.>", "natflow.worker.*.*"], True
 
 
+def _kv_keys(kv: str, subjects: list[str]) -> list[str]:
+    # A direct get names the entry by its plain ``$KV.<bucket>.<key>`` subject, also through
+    # a domain's API prefix.
+    return [f"$KV.{s[len(kv) + 1 :]}" for s in subjects]
+
+
 def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
     publish = [
         f"{HISTORY_PREFIX}.*",  # the first event of a run a frontend asked for
@@ -259,7 +297,7 @@ def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
         "natflow.worker.*.ping",  # is this worker alive?
         "natflow.worker.*.wake",  # a run it holds has something new
         f"{SIGNAL_PREFIX}.*.{CONTROL_TOKEN}.child",  # a closed child's outcome, to its parent
-        *(f"{kv}.{bucket}.>" for bucket in _BUCKETS),
+        *(f"{kv}.{bucket}.>" for bucket in _ALL_BUCKETS),
     ]
     for stream in _STREAMS:
         publish += [

@@ -238,6 +238,7 @@ async def _dev_services(
         await engine.run()
         return
     console_conn = await connect(url, name="natflow-console")
+    console_conn.codec = AesGcmCodec.from_env()  # NATFLOW_CODEC_KEYS, as `natflow ui` has it
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(

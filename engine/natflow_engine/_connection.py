@@ -437,8 +437,9 @@ async def connect(
         if any(refused) or _refused_credentials(exc):
             raise PermissionDenied(
                 f"the NATS server at {shown} refused the credentials; check the user and "
-                f"password, token, NKey or creds file (NATFLOW_USER, NATFLOW_PASSWORD, "
-                f"NATFLOW_TOKEN, NATFLOW_CREDS)"
+                f"password, token, NKey or creds file (the natflow command: --user and "
+                f"--password, --token, --nkey, --creds, or NATFLOW_USER, NATFLOW_PASSWORD, "
+                f"NATFLOW_TOKEN, NATFLOW_NKEY, NATFLOW_CREDS)"
             ) from None
         # nats-py hides a failed TLS handshake behind "no servers" or a timeout; only its
         # error callback saw the reason.

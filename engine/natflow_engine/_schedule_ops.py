@@ -37,6 +37,7 @@ from ._schedules import (
     list_schedules,
     trigger_run_id,
 )
+from ._sealing import MissingKey, open_sealed, seal, sealed_key
 from ._streams import ensure_streams
 from .events import Trigger, utcnow
 
@@ -67,6 +68,7 @@ class Schedules:
         check_workflow_name(workflow)
         check_spec(spec)
         self._conn.check_size(f"input of schedule {schedule_id!r}", len(input_json))
+        input_json = self._sealed(input_json)
         await ensure_streams(self._conn)
         now = utcnow()
         schedule = Schedule(
@@ -97,6 +99,8 @@ class Schedules:
             check_workflow_name(workflow)
         if spec is not None:
             check_spec(spec)
+        if input_json is not None:
+            input_json = self._sealed(input_json)
 
         def change(s: Schedule) -> Schedule:
             now = utcnow()
@@ -182,12 +186,12 @@ class Schedules:
         await delete_schedule(self._conn, schedule_id)
 
     async def describe(self, schedule_id: str) -> ScheduleInfo:
-        return info_of(await self._get(schedule_id), utcnow())
+        return self._info(await self._get(schedule_id), utcnow())
 
     async def list(self) -> list[ScheduleInfo]:
         await ensure_streams(self._conn)
         now = utcnow()
-        return [info_of(s, now) for s, _ in await list_schedules(self._conn)]
+        return [self._info(s, now) for s, _ in await list_schedules(self._conn)]
 
     async def get(self, schedule_id: str) -> Schedule | None:
         check_schedule_id(schedule_id)
@@ -208,7 +212,25 @@ class Schedules:
     async def _change(self, schedule_id: str, change: object) -> ScheduleInfo:
         await self._get(schedule_id)
         changed = await change_schedule(self._conn, schedule_id, change)
-        return info_of(changed, utcnow())
+        return self._info(changed, utcnow())
+
+    def _sealed(self, input_json: bytes) -> bytes:
+        """The input as stored: sealed when this connection has a codec (the engine, which
+        holds no key, passes it on to each run's history as it is)."""
+        codec = self._conn.codec
+        return input_json if codec is None else seal(codec, input_json)
+
+    def _info(self, schedule: Schedule, now: datetime) -> ScheduleInfo:
+        """:func:`info_of`, its input opened when this connection holds the key (else it
+        stays sealed: ``sealed_key(info.input)`` names the key)."""
+        info = info_of(schedule, now)
+        if sealed_key(info.input) is None or self._conn.codec is None:
+            return info
+        try:
+            opened = open_sealed(self._conn.codec, bytes(schedule.input))
+        except MissingKey:
+            return info
+        return msgspec.structs.replace(info, input=msgspec.json.decode(opened))
 
     async def _start(self, schedule: Schedule, fire: datetime, run_id: str) -> None:
         await self._runs.start(

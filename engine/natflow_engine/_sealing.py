@@ -2,8 +2,9 @@
 
 A codec (:class:`PayloadCodec`, e.g. :class:`AesGcmCodec`) encrypts with its current key and
 decrypts with any key it holds, by id. natflow seals every user value (a run's input, a
-step's or run's result, a signal's payload, a recorded error's message and traceback) as
-a JSON envelope in the value's own place, the key id beside the ciphertext::
+step's or run's result, a signal's payload, a recorded error's message and traceback, also
+a failed attempt's before a retry; a schedule's input) as a JSON envelope in the value's own
+place, the key id beside the ciphertext::
 
     {"$natflow_encrypted":"k2","alg":"AES-256-GCM","data":"<base64 nonce + ciphertext>"}
 
@@ -35,6 +36,7 @@ from .events import (
     SignalReceived,
     StepCompleted,
     StepFailed,
+    StepRetrying,
 )
 
 MARKER: Final = "$natflow_encrypted"
@@ -207,7 +209,7 @@ def seal_event(codec: PayloadCodec | None, event: Event) -> Event:
         return msgspec.structs.replace(event, result=msgspec.Raw(seal(codec, _raw(event.result))))
     if isinstance(event, SignalReceived):
         return msgspec.structs.replace(event, payload=msgspec.Raw(seal(codec, _raw(event.payload))))
-    if isinstance(event, StepFailed | RunFailed):
+    if isinstance(event, StepFailed | StepRetrying | RunFailed):
         return msgspec.structs.replace(event, error=seal_error(codec, event.error))
     return event
 
@@ -224,7 +226,7 @@ def open_event(codec: PayloadCodec | None, event: Event, run_id: str) -> Event:
     if isinstance(event, SignalReceived) and is_sealed(_raw(event.payload)):
         opened = open_sealed(codec, _raw(event.payload), f"signal {event.name!r} of {what}")
         return msgspec.structs.replace(event, payload=msgspec.Raw(opened))
-    if isinstance(event, StepFailed | RunFailed) and event.error.sealed:
+    if isinstance(event, StepFailed | StepRetrying | RunFailed) and event.error.sealed:
         return msgspec.structs.replace(event, error=open_error(codec, event.error, what))
     return event
 

@@ -40,6 +40,7 @@ from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
 from ._reader import reader
 from ._runs import Runs
+from ._sealing import seal, sealed_key
 from ._signals import DeadLetter
 from ._streams import DEADLETTER_PREFIX, EVENT_PREFIX, EVENTS_STREAM, TRIGGERS_BUCKET
 from .events import Trigger, utcnow
@@ -159,9 +160,12 @@ async def emit(conn: Connection, name: str, payload: bytes, event_id: str | None
     """Publish an event, retrying through a reconnect; returns its stream sequence.
 
     Every attempt carries the same ``Nats-Msg-Id`` (``event_id``, or one made here), so a
-    retry of an event that landed unacknowledged is stored once.
+    retry of an event that landed unacknowledged is stored once. With a codec on the
+    connection (a client's, or the CLI's NATFLOW_CODEC_KEYS) the payload is sealed.
     """
     check_event_name(name)
+    if conn.codec is not None:
+        payload = seal(conn.codec, payload)
     headers = {"Nats-Msg-Id": event_id or f"natflow-{uuid.uuid4().hex}"}
     ack = await retrying(
         f"emitting event {name!r}",
@@ -233,8 +237,8 @@ def _validator(schema_json: bytes) -> jsonschema.Draft202012Validator:
 
 def check_body(decl: TriggerDeclaration, body: Any) -> None:
     """:class:`BadEvent` if ``body`` does not fit the workflow's declared input schema."""
-    if decl.input_schema is None or not decl.takes_input:
-        return
+    if decl.input_schema is None or not decl.takes_input or sealed_key(body) is not None:
+        return  # a sealed body (Client(codec=...).emit) is opened and checked by its worker
     import jsonschema
 
     try:

@@ -308,6 +308,10 @@ class Client:
         Each workflow declared with ``@workflow(on_event=name)`` starts one run with
         ``payload`` as its input. ``event_id`` (the ``Nats-Msg-Id``) deduplicates: the same id
         twice starts nothing new. Returns the event's sequence in ``NATFLOW_EVENTS``.
+
+        With a codec the payload is sealed: the engine, which holds no key, cannot check
+        it against the workflows' input schemas, so a payload that does not fit fails the
+        run when its worker decodes it (instead of being dead-lettered).
         """
         check_event_name(name)
         if event_id is not None and (

@@ -21,6 +21,7 @@ from .._connection import Connection
 from .._errors import InvalidInput, NatflowError
 from .._names import check_queue, check_run_id, check_token, check_workflow_name
 from .._runs import Runs
+from .._sealing import seal
 from .._signals import CANCEL, TERMINATE, send
 from . import _reads as reads
 from ._app import console, page
@@ -111,6 +112,8 @@ async def signal(request: Request) -> Response:
         info = await reads.read_run(state.conn, run_id)
         if info.info.is_closed:
             raise InvalidInput(f"run {run_id} has already {info.info.status}; it takes no signals")
+        if state.conn.codec is not None:  # NATFLOW_CODEC_KEYS: sealed like Client.signal's
+            payload = seal(state.conn.codec, payload)
         ack = await send(state.conn, run_id, name, payload, None)
     except InvalidInput as exc:
         return await _again(request, run_id, str(exc), form)

@@ -8,6 +8,8 @@ from typing import Any
 import msgspec
 from markupsafe import Markup, escape
 
+from .._sealing import sealed_key
+
 _pretty_encoder = msgspec.json.Encoder(order="deterministic")
 
 
@@ -60,14 +62,27 @@ def span(start: datetime, end: datetime | None) -> str:
 
 
 def pretty_json(value: Any) -> str:
-    """Indented JSON of a decoded value (or of raw JSON bytes)."""
+    """Indented JSON of a decoded value (or of raw JSON bytes); a value sealed with a key the
+    console does not hold is "encrypted (key k2)"."""
     try:
         if isinstance(value, msgspec.Raw):
             value = msgspec.json.decode(value)
+        key_id = sealed_key(value)
+        if key_id is not None:
+            return f"encrypted (key {key_id})"
         data = _pretty_encoder.encode(value)
     except (TypeError, msgspec.DecodeError, msgspec.EncodeError):
         return str(value)
     return msgspec.json.format(data, indent=2).decode()
+
+
+def payload_text(text: str) -> str:
+    """A stored payload's JSON text as it is, or "encrypted (key k2)" when it is sealed."""
+    try:
+        key_id = sealed_key(msgspec.json.decode(text))
+    except msgspec.DecodeError:
+        return text
+    return text if key_id is None else f"encrypted (key {key_id})"
 
 
 def event_json(event: Any) -> str:
@@ -88,6 +103,7 @@ FILTERS = {
     "duration": duration,
     "span": span,
     "pretty_json": pretty_json,
+    "payload_text": payload_text,
     "event_json": event_json,
     "event_type": event_type,
     "badge": badge,

@@ -24,6 +24,7 @@ from .._leases import LEASES_BUCKET, Lease, decode_lease
 from .._names import check_run_id
 from .._reader import reader
 from .._registry import WorkerInfo, list_workers
+from .._sealing import open_events
 from .._signals import DeadLetter, dead_letters
 from .._state import RunInfo, StepInfo, fold_run, fold_steps
 from .._streams import HISTORY_STREAM, RUNS_STREAM, ensure_streams, history_subject, runs_subject
@@ -186,15 +187,22 @@ async def read_run(conn: Connection, run_id: str) -> RunView:
     check_run_id(run_id)
     await ensure_streams(conn)
     history = await HistoryStore(conn).read(run_id)
-    info = fold_run(run_id, history.events)
+    events = _opened(conn, history.events, run_id)
+    info = fold_run(run_id, events)
     if info is None:
         raise RunNotFound(run_id)
     return RunView(
         info=info,
-        events=history.events,
-        steps=fold_steps(history.events),
+        events=events,
+        steps=fold_steps(events),
         last_seq=history.last_seq,
     )
+
+
+def _opened(conn: Connection, events: list[Event], run_id: str) -> list[Event]:
+    """Sealed values opened with the console's keys (``NATFLOW_CODEC_KEYS``); those it holds
+    no key for stay sealed and show as "encrypted (key k2)"."""
+    return open_events(conn.codec, events, run_id, strict=False)
 
 
 async def read_more(conn: Connection, view: RunView) -> RunView:
@@ -205,7 +213,7 @@ async def read_more(conn: Connection, view: RunView) -> RunView:
     )
     if not page.messages:
         return view
-    events = view.events + [decode_event(m.data) for m in page.messages]
+    events = view.events + _opened(conn, [decode_event(m.data) for m in page.messages], run_id)
     info = fold_run(run_id, events)
     assert info is not None  # it had a start event already
     return RunView(info=info, events=events, steps=fold_steps(events), last_seq=page.last_seq)
