@@ -443,7 +443,8 @@ async def connect(
             ) from None
         # nats-py hides a failed TLS handshake behind "no servers" or a timeout; only its
         # error callback saw the reason.
-        tls = tls_refusal(shown, [*connecting_errors, exc])
+        uses_tls = "tls" in options or "tls://" in shown
+        tls = tls_refusal(shown, [*connecting_errors, exc], uses_tls=uses_tls)
         if tls is not None:
             raise tls from None
         if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.NoServersError):
@@ -489,7 +490,9 @@ def check_creds_file(path: str) -> None:
             )
 
 
-def tls_refusal(shown: str, errors: list[BaseException]) -> ConnectionRefused | None:
+def tls_refusal(
+    shown: str, errors: list[BaseException], *, uses_tls: bool = False
+) -> ConnectionRefused | None:
     """What a failed TLS handshake among ``errors`` means for the user, or None if none did."""
     for error in errors:
         if isinstance(error, ssl.SSLCertVerificationError):
@@ -506,6 +509,15 @@ def tls_refusal(shown: str, errors: list[BaseException]) -> ConnectionRefused | 
                 f"a client certificate signed by a CA it trusts: pass --tls-cert and --tls-key "
                 f"(NATFLOW_TLS_CERT, NATFLOW_TLS_KEY)"
             )
+    # With TLS 1.3 the server checks the client's certificate after the client's side of the
+    # handshake is done: its refusal may reach the client only as a closed connection.
+    closed = (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)
+    if uses_tls and any(isinstance(e, closed) or "eof" in str(e).lower() for e in errors):
+        return ConnectionRefused(
+            f"the NATS server at {shown} refused the TLS handshake (it closed the connection "
+            f"during it); it most likely wants a client certificate signed by a CA it trusts: "
+            f"pass --tls-cert and --tls-key (NATFLOW_TLS_CERT, NATFLOW_TLS_KEY)"
+        )
     return None
 
 
