@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+from base64 import b64encode
 from collections import Counter
 from pathlib import Path
 
 import msgspec
 import nats
 import pytest
-from natflow import Client, InvalidInput, RunFailed, RunNotFound
+from natflow import AesGcmCodec, Client, InvalidInput, RunFailed, RunNotFound
 from natflow_engine import INLINE_BYTES
 from natflow_engine._engine import Engine
+from natflow_engine._sealing import ENV_KEYS
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunStarted
 
-from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
+from tests.helpers import ROOT, count_lines, running_worker, spawn_worker, stop, wait_for
+from tests.workflows_recorded import recorded_values
 from tests.workflows_values import BLOB_ENV, COUNTS_ENV, big_values, blob, digest, too_big_step
 
 TARGET = "tests.workflows_values:make_worker"
@@ -119,5 +125,56 @@ async def test_a_value_over_max_value_bytes_is_refused_and_nothing_is_written(
         started = (await client.history("ok-1"))[0]
         assert isinstance(started, RunStarted)
         assert msgspec.json.decode(started.input) == blob(INLINE_BYTES + 1, "y")
+    finally:
+        await client.close()
+
+
+def runs_show(url: str, run_id: str, keys: str | None) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop(ENV_KEYS, None)
+    if keys is not None:
+        env[ENV_KEYS] = keys
+    command = [sys.executable, "-m", "natflow_engine", "--url", url, "runs", "show", run_id]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_large_values_are_sealed_in_the_store_and_shown_by_the_cli(
+    engine: Engine, nats_server: EmbeddedServer
+) -> None:
+    key = bytes(range(32))
+    client = await Client.connect(nats_server.url, codec=AesGcmCodec({"k1": key}, current="k1"))
+    try:
+        async with running_worker(client, [too_big_step]):
+            handle = await client.start(too_big_step, 0.1, run_id="sealed-1")
+            made = blob(int(0.1 * MiB), "step")
+            assert await handle.result(timeout=30) == made[:10]
+        steps = await client.steps("sealed-1")
+        assert steps[0].result == made
+    finally:
+        await client.close()
+    chunks = b"".join(await stream_messages(nats_server.url, "OBJ_natflow_values"))
+    assert b"$natflow_encrypted" in chunks and made[:64].encode() not in chunks
+    history = b"".join(await stream_messages(nats_server.url, "NATFLOW_HISTORY"))
+    assert b'"$natflow_ref"' in history
+    with_key = runs_show(nats_server.url, "sealed-1", f"k1:{b64encode(key).decode()}")
+    assert made[:40] in with_key
+    assert "encrypted (key k1)" in runs_show(nats_server.url, "sealed-1", None)
+
+
+async def test_a_large_input_started_through_the_engine(
+    engine: Engine, nats_server: EmbeddedServer
+) -> None:
+    client = await Client.connect(nats_server.url, start_via_engine=True)
+    try:
+        text = "natflow " * 160000  # 1.2 MiB: over the server's max payload for a request
+        async with running_worker(client, [recorded_values]):
+            handle = await client.start(recorded_values, text, run_id="via-1")
+            assert await handle.result(timeout=30) == {
+                "input": len(text),
+                "grown": len(text),
+                "head": text.upper()[:16],
+            }
     finally:
         await client.close()
