@@ -178,3 +178,18 @@ async def test_a_large_input_started_through_the_engine(
             }
     finally:
         await client.close()
+
+
+async def test_a_step_result_that_only_sealing_takes_over_the_limit_fails_the_step(
+    engine: Engine, nats_server: EmbeddedServer
+) -> None:
+    codec = AesGcmCodec({"k1": bytes(range(32))}, current="k1")
+    client = await Client.connect(nats_server.url, codec=codec, max_value_bytes=MiB)
+    try:
+        async with running_worker(client, [too_big_step]):
+            handle = await client.start(too_big_step, 0.9, run_id="grows-1")  # sealed: 1.2 MiB
+            with pytest.raises(RunFailed, match=r"result of step 'huge'.*max_value_bytes"):
+                await handle.result(timeout=30)
+        assert await object_count(nats_server.url) == 0
+    finally:
+        await client.close()

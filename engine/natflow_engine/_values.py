@@ -58,8 +58,12 @@ def value_ref(value: Any) -> ValueRef | None:
     return None
 
 
-def check_value_size(conn: Connection, what: str, size: int) -> None:
-    """Refuse a value over the connection's ``max_value_bytes``."""
+def check_value_size(conn: Connection, what: str, size: int, *, to_seal: bool = False) -> None:
+    """Refuse a value over the connection's ``max_value_bytes``. ``to_seal``: ``size`` is of
+    the plain JSON, which the append seals first (under a codec), so count the envelope's
+    growth too (base64 of nonce + ciphertext + tag, and the envelope's keys)."""
+    if to_seal and conn.codec is not None:
+        size = 4 * ((size + 28 + 2) // 3) + 128
     limit = conn.max_value_bytes
     if size > limit:
         raise InvalidInput(

@@ -776,7 +776,7 @@ class RunExecution:
             return await self._fail(error_info(exc))
         try:
             data = encode_value(f"result of workflow {self.workflow.name!r}", state.root.result())
-            check_value_size(self._conn, f"result of run {self.run_id!r}", len(data))
+            check_value_size(self._conn, f"result of run {self.run_id!r}", len(data), to_seal=True)
         except InvalidInput as error:
             return await self._fail(error_info(error))
         await self._append(RunCompleted(id=self._next_id(), at=utcnow(), result=msgspec.Raw(data)))
