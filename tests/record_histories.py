@@ -14,7 +14,9 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 from natflow import Client, Workflow
+from natflow_engine import HistoryStore, load_value, value_ref
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import SignalWaited, encode_event
 
@@ -26,6 +28,7 @@ from tests.workflows_recorded import (
     recorded_patch,
     recorded_patch_v1,
     recorded_retry,
+    recorded_values,
 )
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -35,6 +38,24 @@ async def save(client: Client, run_id: str) -> None:
     events = await client.history(run_id)
     (HISTORIES / f"{run_id}.jsonl").write_bytes(b"".join(encode_event(e) + b"\n" for e in events))
     print(f"wrote {run_id}.jsonl ({len(events)} events)")
+
+
+async def save_stored(client: Client, run_id: str) -> None:
+    """The run's events as stored (large values as references), and each referenced value
+    under histories/values/<sha256>.json, where the replay test reads them."""
+    history = await HistoryStore(client.connection).read(run_id)
+    (HISTORIES / "values").mkdir(exist_ok=True)
+    lines = []
+    for event in history.events:
+        data = encode_event(event)
+        for value in msgspec.json.decode(data).values():
+            ref = value_ref(value)
+            if ref is not None:
+                stored = await load_value(client.connection, msgspec.json.encode(value))
+                (HISTORIES / "values" / f"{ref.digest}.json").write_bytes(stored)
+        lines.append(data + b"\n")
+    (HISTORIES / f"{run_id}.jsonl").write_bytes(b"".join(lines))
+    print(f"wrote {run_id}.jsonl ({len(lines)} events, values by reference)")
 
 
 async def run_to_end(client: Client, workflow: Workflow, run_id: str, value: object) -> None:
@@ -99,13 +120,22 @@ async def main() -> None:
                             "recorded-children-1",
                             lambda: with_children(client, "recorded-children-1"),
                         ),
+                        (
+                            "recorded-values-1",
+                            lambda: run_to_end(
+                                client, recorded_values, "recorded-values-1", "natflow " * 9000
+                            ),
+                        ),
                     ]
                     chosen = set(sys.argv[1:])  # record only these (default: all)
                     for run_id, scenario in scenarios:
                         if chosen and run_id not in chosen:
                             continue
                         await scenario()
-                        await save(client, run_id)
+                        if run_id == "recorded-values-1":
+                            await save_stored(client, run_id)
+                        else:
+                            await save(client, run_id)
         finally:
             server.stop()
 

@@ -191,7 +191,8 @@ async def test_bad_input_is_rejected_and_nothing_is_written(client: Client) -> N
         await client.start(typed, {"order_id": "o1", "total": "lots"}, run_id="typed-1")
     with pytest.raises(InvalidInput, match="amount"):
         await client.start(typed_dc, {"currency": "EUR"}, run_id="typed-2")
-    with pytest.raises(InvalidInput, match="max payload"):
+    client.connection.max_value_bytes = 1_000_000
+    with pytest.raises(InvalidInput, match="max_value_bytes"):
         await client.start(echo, {"x": "y" * 2_000_000}, run_id="big-1")
     with pytest.raises(InvalidInput, match="cannot be encoded"):
         await client.start(echo, {"x": object()}, run_id="weird-1")
@@ -232,10 +233,11 @@ async def bad_results(ctx: WorkflowContext) -> list[str]:
 
 
 async def test_bad_step_results_fail_the_step_with_a_clear_error(client: Client) -> None:
+    client.connection.max_value_bytes = 1_000_000
     async with running_worker(client, [bad_results]):
         messages = await (await client.start(bad_results)).result(timeout=10)
     assert "step 'weird'" in messages[0] and "Unencodable" in messages[0]
-    assert "step 'huge'" in messages[1] and "max payload" in messages[1]
+    assert "step 'huge'" in messages[1] and "max_value_bytes" in messages[1]
 
 
 async def test_unknown_run_and_describe(client: Client) -> None:

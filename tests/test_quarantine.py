@@ -14,7 +14,14 @@ from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import dead_letters
 from natflow_engine._streams import ensure_streams, history_subject, task_subject
 from natflow_engine._tasks import Task
-from natflow_engine.events import RunBlocked, RunStarted, SignalRejected, encode_event, utcnow
+from natflow_engine.events import (
+    RunBlocked,
+    RunStarted,
+    SignalReceived,
+    SignalRejected,
+    encode_event,
+    utcnow,
+)
 from prometheus_client import REGISTRY
 
 from tests.helpers import running_engine, spawn_worker, stop, wait_for
@@ -103,7 +110,7 @@ async def test_a_forged_task_never_replaces_history(
             stop(proc, signal.SIGKILL)
 
 
-async def test_a_signal_near_the_max_payload_is_rejected_and_the_worker_stays_connected(
+async def test_a_signal_near_the_max_payload_reaches_history_by_reference(
     client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
 ) -> None:
     procs = spawn(nats_server, tmp_path, 1)
@@ -118,10 +125,13 @@ async def test_a_signal_near_the_max_payload_is_rejected_and_the_worker_stays_co
         limit = client.connection.max_payload
         body = b'"' + b"x" * (limit - 200) + b'"'  # the stream takes it: it fits, just
         await client.connection.publish("natflow.signal.big-1.go", body)
-        await client.signal("big-1", "go", 1)
-        assert await handle.result(timeout=30) == 2
-        rejected = [e for e in await client.history("big-1") if isinstance(e, SignalRejected)]
-        assert len(rejected) == 1 and "too large" in rejected[0].reason
+        # Too large for a history event once wrapped: stored in the object store, history
+        # holds its reference (it used to be rejected), and the run gets it as it was sent.
+        assert await handle.result(timeout=30) == "x" * (limit - 200) * 2  # doubled by a step
+        history = await client.history("big-1")
+        assert not [e for e in history if isinstance(e, SignalRejected)]
+        received = [e for e in history if isinstance(e, SignalReceived)]
+        assert len(received) == 1 and bytes(received[0].payload) == body
         # The worker kept its connection: a run started afterwards completes too.
         good = await client.start("doubler", 3, run_id="big-good")
         assert await good.result(timeout=30) == 6

@@ -15,8 +15,8 @@ import msgspec
 import pytest
 from natflow import Workflow
 from natflow.testing import Replayer, load_history
-from natflow_engine import History
-from natflow_engine.events import RunCancelled, RunCompleted
+from natflow_engine import History, value_ref
+from natflow_engine.events import Event, RunCancelled, RunCompleted, decode_event, encode_event
 
 from examples.greeting import greet
 from examples.order import order
@@ -26,6 +26,7 @@ from tests.workflows_recorded import (
     recorded_mix,
     recorded_patch,
     recorded_retry,
+    recorded_values,
 )
 from tests.workflows_triggers import fulfil, tick
 
@@ -42,14 +43,37 @@ WORKFLOWS: dict[str, Workflow] = {
         recorded_patch,
         recorded_cancel,
         recorded_children,
+        recorded_values,
         tick,
         fulfil,
     )
 }
 
 
+VALUES = HISTORIES / "values"  # large values a history refers to, by SHA-256
+
+
 def load(path: Path) -> History:
-    return load_history(path)
+    history = load_history(path)
+    history.events = [_resolved(e) for e in history.events]
+    return history
+
+
+def _resolved(event: Event) -> Event:
+    """``event`` with each ``{"$natflow_ref": ...}`` value read from VALUES, as a worker
+    reads it from the natflow_values object store."""
+    fields = msgspec.json.decode(encode_event(event))
+    for name, value in fields.items():
+        ref = value_ref(value)
+        if ref is not None:
+            fields[name] = msgspec.json.decode((VALUES / f"{ref.digest}.json").read_bytes())
+    return decode_event(msgspec.json.encode(fields))
+
+
+def test_a_recorded_history_holds_large_values_by_reference() -> None:
+    raw = load_history(HISTORIES / "recorded-values-1.jsonl")
+    refs = [value_ref(v) for e in raw.events for v in msgspec.json.decode(encode_event(e)).values()]
+    assert len([r for r in refs if r is not None]) == 2  # the input and the step's result
 
 
 @pytest.mark.parametrize("path", sorted(HISTORIES.glob("*.jsonl")), ids=lambda p: p.stem)

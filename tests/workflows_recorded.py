@@ -94,3 +94,14 @@ async def recorded_children(ctx: WorkflowContext, x: int) -> dict[str, object]:
         bad = failed.error.type
     after = await ctx.step("double", double, good)
     return {"good": good, "bad": bad, "after": after}
+
+
+def shout(text: str) -> str:
+    return text.upper()
+
+
+@workflow(name="recorded_values")
+async def recorded_values(ctx: WorkflowContext, text: str) -> dict[str, object]:
+    """Its input and its step's result are over 64 KiB: history holds references to them."""
+    grown = await ctx.step("shout", shout, text)
+    return {"input": len(text), "grown": len(grown), "head": grown[:16]}

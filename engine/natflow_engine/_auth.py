@@ -64,6 +64,7 @@ from ._streams import (
     workflow_token,
 )
 from ._timers import TIMERS_BUCKET
+from ._values import VALUES_BUCKET, VALUES_STREAM
 
 ROLES: Final = ("engine", "worker", "client", "frontend", "signaller", "viewer")
 CONTROLS: Final = ("cancel", "terminate")
@@ -81,6 +82,7 @@ _STREAMS: Final = (
     DEADLETTER_STREAM,
     EVENTS_STREAM,
     *(kv_stream(b) for b in _ALL_BUCKETS),
+    VALUES_STREAM,
 )
 
 
@@ -194,6 +196,13 @@ def _ordered_consumer(api: str, stream: str) -> list[str]:
     ]
 
 
+def _values(api: str, *, write: bool) -> list[str]:
+    """Large values in the natflow_values object store (nats-py reads an object's meta with
+    a stream message get, its chunks with an ordered consumer; writes publish to ``$O``)."""
+    read = [f"{api}.STREAM.MSG.GET.{VALUES_STREAM}", *_ordered_consumer(api, VALUES_STREAM)]
+    return [*read, f"$O.{VALUES_BUCKET}.>"] if write else read
+
+
 def _stream_info(api: str) -> list[str]:
     # Every process checks on first use that natflow's streams exist (ensure_streams).
     return [f"{api}.STREAM.INFO.{s}" for s in _STREAMS]
@@ -208,6 +217,7 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
         *_direct_get(api, EVENTS_STREAM),  # natflow events list
         *(s for b in _READ_BUCKETS for s in _direct_get(api, kv_stream(b))),
         *_ordered_consumer(api, HISTORY_STREAM),  # Client.watch
+        *_values(api, write=False),
     ]
     # RunHandle.result listens for the run's final event on the history subject itself; the
     # console follows the run index live.
@@ -215,7 +225,8 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
 
 
 def _signaller(api: str, kv: str, queues: list[str]) -> _Parts:
-    return [*_stream_info(api), f"{SIGNAL_PREFIX}.*.*"], ["_INBOX.>"], False
+    publish = [*_stream_info(api), f"{SIGNAL_PREFIX}.*.*", *_values(api, write=True)]
+    return publish, ["_INBOX.>"], False
 
 
 def _client(api: str, kv: str, queues: list[str]) -> _Parts:
@@ -227,6 +238,7 @@ def _client(api: str, kv: str, queues: list[str]) -> _Parts:
         *(_control_subject(kind) for kind in CONTROLS),
         f"{EVENT_PREFIX}.>",  # client.emit
         f"{kv}.{SCHEDULES_BUCKET}.>",  # client.schedules: create, change, delete
+        *_values(api, write=True),
     ]
     return publish, subscribe, False
 
@@ -238,6 +250,7 @@ def _frontend(api: str, kv: str, queues: list[str]) -> _Parts:
         f"{SIGNAL_PREFIX}.*.*",
         *(_control_subject(kind) for kind in CONTROLS),
         f"{EVENT_PREFIX}.>",  # events too start runs through the engine, which checks them
+        *_values(api, write=True),  # a large input is stored before the request
     ]
     return publish, subscribe, False
 
@@ -270,6 +283,7 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
         # A parent's worker cancels or terminates its open children as the parent closes
         # (parent_close); it could append their run_terminated anyway (history.*).
         *(_control_subject(kind) for kind in CONTROLS),
+        *_values(api, write=True),
     ]
     for consumer in consumers:
         publish += [
@@ -298,6 +312,7 @@ def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
         "natflow.worker.*.wake",  # a run it holds has something new
         f"{SIGNAL_PREFIX}.*.{CONTROL_TOKEN}.child",  # a closed child's outcome, to its parent
         *(f"{kv}.{bucket}.>" for bucket in _ALL_BUCKETS),
+        *_values(api, write=False),
     ]
     for stream in _STREAMS:
         publish += [

@@ -20,6 +20,7 @@ from ._runs import Runs
 from ._sealing import seal
 from ._signals import CANCEL, TERMINATE, dead_letters, send
 from ._streams import ensure_streams
+from ._values import check_value_size, store_value
 
 Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
 
@@ -107,6 +108,8 @@ async def _signal(conn: Connection, args: argparse.Namespace) -> int:
         )
     if conn.codec is not None:
         payload = seal(conn.codec, payload)
+    check_value_size(conn, f"payload of signal {args.name!r}", len(payload))
+    payload = await store_value(conn, f"payload of signal {args.name!r}", payload)
     ack = await send(conn, args.run_id, args.name, payload, args.signal_id)
     if ack.duplicate:
         print(

@@ -145,6 +145,8 @@ class Connection:
         self.on_reconnect: list[Callable[[], None]] = []
         self.extras: dict[str, object] = {}  # per-connection helpers (the batch reader)
         self.codec: PayloadCodec | None = None  # seals user values (see _sealing)
+        # The largest user value kept (larger than 64 KiB: by reference, see _values).
+        self.max_value_bytes = 64 * 1024 * 1024
 
     def kv_write_subject(self, bucket: str, key: str) -> str:
         """Where a KV write goes: across a domain, through the API prefix (as nats.go does),

@@ -27,6 +27,7 @@ from ._errors import NatflowError
 from ._reader import reader
 from ._sealing import seal_event
 from ._streams import HISTORY_STREAM, history_subject
+from ._values import store_event
 from .events import Event, decode_event, encode_event
 
 log = logging.getLogger("natflow.history")
@@ -95,7 +96,9 @@ class HistoryStore:
         the retry then meets "wrong last sequence", so the run's last event is read and compared
         by id to tell "it landed" from "someone else wrote".
         """
-        data = encode_event(seal_event(self._conn.codec, event))
+        # Sealed, then a large value stored by reference (the object before the history).
+        stored = await store_event(self._conn, seal_event(self._conn.codec, event), run_id)
+        data = encode_event(stored)
         subject = history_subject(run_id)
         msg_id = f"{event.id}:{uuid.uuid4().hex[:16]}"
         headers = {

@@ -17,7 +17,16 @@ from ._sealing import open_events, seal
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
 from ._streams import ensure_streams
 from ._tasks import Task, enqueue
-from .events import Event, RunClaimed, RunStarted, Trigger, encode_event, utcnow
+from ._values import check_value_size, load_event, load_events
+from .events import (
+    Event,
+    RunClaimed,
+    RunCompleted,
+    RunStarted,
+    Trigger,
+    encode_event,
+    utcnow,
+)
 
 log = logging.getLogger("natflow.runs")
 
@@ -61,7 +70,7 @@ class Runs:
         check_queue(queue)
         if self.conn.codec is not None:  # sealed here, so the task's inline copy is too
             input_json = seal(self.conn.codec, input_json)
-        self.conn.check_size(f"input of run {run_id!r}", len(input_json))
+        check_value_size(self.conn, f"input of run {run_id!r}", len(input_json))
         await ensure_streams(self.conn)
         event = RunStarted(
             id=f"{run_id}:1",
@@ -102,11 +111,22 @@ class Runs:
 
     async def events(self, run_id: str) -> list[Event]:
         """The run's events; one that does not decode is left out (and logged)."""
-        return self._opened(run_id, await self._read(run_id))
+        return await self._opened(run_id, await self._read(run_id))
 
-    def _opened(self, run_id: str, history: History) -> list[Event]:
-        # Opened where this connection holds the key; what it cannot open stays sealed.
-        return open_events(self.conn.codec, history.events, run_id, strict=False)
+    async def _opened(
+        self, run_id: str, history: History, *, result_only: bool = False
+    ) -> list[Event]:
+        # Large values read back from the object store (only the run's result, for a
+        # summary), then opened where this connection holds the key; what it cannot open
+        # stays sealed.
+        if result_only:
+            events = [
+                await load_event(self.conn, e, run_id) if isinstance(e, RunCompleted) else e
+                for e in history.events
+            ]
+        else:
+            events = await load_events(self.conn, history.events, run_id)
+        return open_events(self.conn.codec, events, run_id, strict=False)
 
     async def _read(self, run_id: str) -> History:
         check_run_id(run_id)
@@ -120,7 +140,7 @@ class Runs:
 
     async def describe(self, run_id: str) -> RunInfo:
         history = await self._read(run_id)
-        events = self._opened(run_id, history)
+        events = await self._opened(run_id, history, result_only=True)
         info = fold_run(run_id, events)
         if info is None:
             raise RunNotFound(run_id)

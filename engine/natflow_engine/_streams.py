@@ -169,6 +169,16 @@ def stream_configs() -> list[api.StreamConfig]:
             allow_direct=True,
             num_replicas=r,
         ),
+        api.StreamConfig(  # an Object Store bucket, as nats-py's create_object_store makes it
+            name="OBJ_natflow_values",
+            description="natflow: values too large for history, by SHA-256 (see _values)",
+            subjects=["$O.natflow_values.C.>", "$O.natflow_values.M.>"],
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.NEW,
+            allow_rollup_hdrs=True,
+            allow_direct=True,
+            num_replicas=r,
+        ),
     ]
 
 

@@ -30,18 +30,21 @@ from natflow_engine import (
     check_event_name,
     check_run_id,
     check_token,
+    check_value_size,
     connect,
     decode_value,
     emit,
     encode_value,
     ensure_streams,
     history_subject,
+    load_event,
     new_run_id,
     open_event,
     open_sealed,
     request_start,
     seal,
     sealed_key,
+    store_value,
     to_seconds,
     wrap,
 )
@@ -105,7 +108,7 @@ class RunHandle:
                         return self._outcome(info)
                     # Re-read now and then, a safety net for an event lost in a reconnect.
                     with anyio.move_on_after(30.0):
-                        return self._event_outcome(await asyncio.shield(ended))
+                        return await self._event_outcome(await asyncio.shield(ended))
         except TimeoutError:
             raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
         finally:
@@ -123,7 +126,8 @@ class RunHandle:
             raise RunFailed(self.run_id, info.error)
         raise RunCancelled(self.run_id, info.error.message if info.error else None)
 
-    def _event_outcome(self, event: Event) -> Any:
+    async def _event_outcome(self, event: Event) -> Any:
+        event = await load_event(self._client.connection, event, self.run_id)
         event = open_event(self._client.connection.codec, event, self.run_id)
         if isinstance(event, RunCompleted):
             return self._typed(event.result)
@@ -157,10 +161,15 @@ class Client:
         *,
         codec: PayloadCodec | None = None,
         start_via_engine: bool = False,
+        max_value_bytes: int | None = None,
     ) -> None:
         self._conn = nc if isinstance(nc, Connection) else wrap(nc)
         if codec is not None:
             self._conn.codec = codec
+        if max_value_bytes is not None:
+            if max_value_bytes < 1:
+                raise InvalidInput(f"max_value_bytes must be positive, not {max_value_bytes}")
+            self._conn.max_value_bytes = max_value_bytes
         self._start_via_engine = start_via_engine
         self._runs = Runs(self._conn)
         self._index = RunIndex(self._conn)
@@ -175,6 +184,7 @@ class Client:
         connect_timeout: float = 5.0,
         codec: PayloadCodec | None = None,
         start_via_engine: bool = False,
+        max_value_bytes: int | None = None,
         **nats_options: Any,
     ) -> Client:
         """Connect to NATS (``NATFLOW_URL`` or ``nats://127.0.0.1:4222`` by default).
@@ -184,9 +194,17 @@ class Client:
         errors are encrypted before they reach JetStream (docs/security.md). With
         ``start_via_engine``, :meth:`start` asks the engine to create runs instead of writing
         history itself: what a ``frontend`` user, which may not write history, needs.
+        A value (input, result, signal payload) over 64 KiB is kept in the ``natflow_values``
+        object store, history holding a reference; one over ``max_value_bytes`` (default
+        64 MiB) is refused with :class:`InvalidInput` naming it.
         """
         conn = await connect(url, connect_timeout=connect_timeout, **nats_options)
-        return cls(conn, codec=codec, start_via_engine=start_via_engine)
+        return cls(
+            conn,
+            codec=codec,
+            start_via_engine=start_via_engine,
+            max_value_bytes=max_value_bytes,
+        )
 
     @property
     def connection(self) -> Connection:
@@ -239,6 +257,10 @@ class Client:
             if self._start_via_engine:
                 if self._conn.codec is not None:  # the engine never sees the plaintext
                     data = seal(self._conn.codec, data)
+                # A large input is stored here, the request carries its reference.
+                check_value_size(self._conn, "workflow input", len(data))
+                await ensure_streams(self._conn)
+                data = await store_value(self._conn, "workflow input", data)
                 started_id, created = await request_start(
                     self._conn,
                     name,
@@ -293,13 +315,14 @@ class Client:
         data = encode_value(f"payload of signal {name!r}", payload)
         if self._conn.codec is not None:
             data = seal(self._conn.codec, data)
-        self._conn.check_size(f"payload of signal {name!r}", len(data))
+        check_value_size(self._conn, f"payload of signal {name!r}", len(data))
         info = await self._readable(run_id)
         if info is not None and info.is_closed:
             raise NatflowError(
                 f"run {run_id!r} already ended ({info.status}); a signal can no longer reach it"
             )
         await ensure_streams(self._conn)
+        data = await store_value(self._conn, f"payload of signal {name!r}", data)
         await send_signal(self._conn, run_id, name, data, signal_id)
 
     async def emit(self, name: str, payload: Any = None, *, event_id: str | None = None) -> int:

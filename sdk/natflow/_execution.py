@@ -46,11 +46,13 @@ from natflow_engine import (
     PayloadTooLarge,
     PermissionDenied,
     Runs,
+    check_value_size,
     decode_child_outcome,
     encode_value,
     error_info,
     fields,
     last_signal_seq,
+    load_value,
     open_sealed,
     parse,
     pending_signals,
@@ -276,8 +278,9 @@ class RunExecution:
         self._trace.recorded(event)
         return event
 
-    def _open(self, payload: bytes, name: str) -> bytes:
-        return open_sealed(self._conn.codec, payload, f"signal {name!r} to run {self.run_id!r}")
+    async def _open(self, payload: bytes, name: str) -> bytes:
+        what = f"signal {name!r} to run {self.run_id!r}"
+        return open_sealed(self._conn.codec, await load_value(self._conn, payload, what), what)
 
     def _next_id(self) -> str:
         return f"{self.run_id}:{self._count + 1}"
@@ -415,7 +418,7 @@ class RunExecution:
                 seq=command.seq,
                 name=command.name,
                 child_run_id=command.child_run_id,
-                result=msgspec.Raw(self._open(bytes(outcome.result), command.name)),
+                result=msgspec.Raw(await self._open(bytes(outcome.result), command.name)),
                 signal_seq=seq,
             )
         else:
@@ -617,7 +620,7 @@ class RunExecution:
                         signal_seq=seq,
                         name=signal.name,
                         # opened here (sealed again, with the current key, by the append)
-                        payload=msgspec.Raw(self._open(signal.payload, signal.name)),
+                        payload=msgspec.Raw(await self._open(signal.payload, signal.name)),
                         signal_id=signal.signal_id,
                     )
                 )
@@ -773,7 +776,7 @@ class RunExecution:
             return await self._fail(error_info(exc))
         try:
             data = encode_value(f"result of workflow {self.workflow.name!r}", state.root.result())
-            self._conn.check_size(f"result of run {self.run_id!r}", len(data))
+            check_value_size(self._conn, f"result of run {self.run_id!r}", len(data), to_seal=True)
         except InvalidInput as error:
             return await self._fail(error_info(error))
         await self._append(RunCompleted(id=self._next_id(), at=utcnow(), result=msgspec.Raw(data)))

@@ -18,6 +18,7 @@ from natflow_engine import (
     Connection,
     InvalidInput,
     StepTimeout,
+    check_value_size,
     encode_value,
     error_info,
     step_attempt,
@@ -101,7 +102,7 @@ async def run_step(
         notice.cancel()
     try:
         data = encode_value(f"result of step {command.name!r}", value)
-        conn.check_size(f"result of step {command.name!r}", len(data))
+        check_value_size(conn, f"result of step {command.name!r}", len(data), to_seal=True)
     except InvalidInput as exc:
         send.send_nowait(Finished(command, attempt, started_at, error=error_info(exc)))
         return

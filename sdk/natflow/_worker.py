@@ -56,6 +56,7 @@ from natflow_engine import (
     fields,
     fold_run,
     last_signal_seq,
+    load_events,
     open_events,
     ping_subject,
     prepare_worker,
@@ -484,6 +485,8 @@ class Worker:
             check_inline_start(task, history)
         # Sealed values opened for replay: without the key, MissingKey names it and the task
         # goes back untouched for a worker that holds it.
+        # Large values read back from the object store first (they are stored sealed).
+        history.events = await load_events(self._conn, history.events, run_id)
         history.events = open_events(self._conn.codec, history.events, run_id)
         info = fold_run(run_id, history.events)
         if info is None:

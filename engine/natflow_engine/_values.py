@@ -1,0 +1,175 @@
+"""Large values: kept in a JetStream Object Store, history holds a small reference.
+
+A user value (a run's input, a step's or run's result, a signal's payload) whose JSON, sealed
+if the connection has a codec, is over :data:`INLINE_BYTES` (64 KiB) is put in the Object
+Store bucket ``natflow_values`` under the SHA-256 of its bytes (so a retried write is
+harmless), and history carries, in the value's place::
+
+    {"$natflow_ref":"<sha256 hex>","size":N}
+
+Readers resolve references where they open sealed values (replay, results, ``steps()``,
+``history()``, the CLI), before opening them. A value over the connection's
+``max_value_bytes`` (default :data:`MAX_VALUE_BYTES`, 64 MiB) is refused with
+:class:`InvalidInput` before anything is written. Stored values are not deleted with their
+runs (yet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+from nats.js.object_store import ObjectStore
+
+from ._errors import InvalidInput, NatflowError
+from .events import ChildCompleted, Event, RunCompleted, RunStarted, SignalReceived, StepCompleted
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+
+VALUES_BUCKET: Final = "natflow_values"
+VALUES_STREAM: Final = f"OBJ_{VALUES_BUCKET}"
+INLINE_BYTES: Final = 64 * 1024
+"""A value up to this many bytes stays in history; a larger one is stored by reference."""
+MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
+"""The default largest value (``Connection.max_value_bytes``)."""
+REF_MARKER: Final = "$natflow_ref"
+_PREFIX: Final = b'{"' + REF_MARKER.encode() + b'":'
+
+
+class ValueRef(msgspec.Struct):
+    digest: str = msgspec.field(name=REF_MARKER)
+    size: int = 0
+
+
+_ref_decoder = msgspec.json.Decoder(ValueRef)
+_encoder = msgspec.json.Encoder()
+
+
+def is_ref(data: bytes) -> bool:
+    return data.startswith(_PREFIX)
+
+
+def value_ref(value: Any) -> ValueRef | None:
+    """The reference a decoded JSON value is, else None (for display)."""
+    if isinstance(value, dict) and isinstance(value.get(REF_MARKER), str):
+        return ValueRef(digest=value[REF_MARKER], size=int(value.get("size", 0)))
+    return None
+
+
+def check_value_size(conn: Connection, what: str, size: int, *, to_seal: bool = False) -> None:
+    """Refuse a value over the connection's ``max_value_bytes``. ``to_seal``: ``size`` is of
+    the plain JSON, which the append seals first (under a codec), so count the envelope's
+    growth too (base64 of nonce + ciphertext + tag, and the envelope's keys)."""
+    if to_seal and conn.codec is not None:
+        size = 4 * ((size + 28 + 2) // 3) + 128
+    limit = conn.max_value_bytes
+    if size > limit:
+        raise InvalidInput(
+            f"{what} is {size} bytes, over the largest value natflow keeps ({limit} bytes, "
+            f"max_value_bytes); store large data elsewhere and pass a reference, or raise "
+            f"max_value_bytes"
+        )
+
+
+def _store(conn: Connection) -> ObjectStore:
+    return ObjectStore(name=VALUES_BUCKET, stream=VALUES_STREAM, js=conn.js)
+
+
+async def store_value(conn: Connection, what: str, data: bytes) -> bytes:
+    """``data`` itself if it is small (or a reference already), else a reference to it."""
+    if len(data) <= INLINE_BYTES or is_ref(data):
+        return data
+    check_value_size(conn, what, len(data))
+    digest = hashlib.sha256(data).hexdigest()
+    store = _store(conn)
+    try:
+        info = await store.get_info(digest)
+        present = info.size == len(data) and not info.deleted
+    except Exception:  # not there yet (nats-py raises ObjectNotFoundError, or NotFoundError)
+        present = False
+    if not present:
+        try:
+            await conn.admin(f"storing {what} ({len(data)} bytes)", lambda: store.put(digest, data))
+        except NatflowError:
+            raise
+        except Exception as exc:  # a nats-py error: mapped here, at the boundary
+            raise NatflowError(
+                f"{what} ({len(data)} bytes) could not be stored in the {VALUES_BUCKET} "
+                f"object store ({exc})"
+            ) from exc
+    return _encoder.encode(ValueRef(digest=digest, size=len(data)))
+
+
+async def load_value(conn: Connection, data: bytes, what: str = "a value") -> bytes:
+    """The value ``data`` refers to (``data`` itself if it is not a reference)."""
+    if not is_ref(data):
+        return data
+    ref = _ref_decoder.decode(data)
+    store = _store(conn)
+    # Into a buffer: without one, nats-py joins the chunks with bytes += (quadratic: 12 s
+    # for 50 MiB here, against well under a second into a buffer).
+    buffer = io.BytesIO()
+
+    async def read() -> None:
+        buffer.seek(0)
+        buffer.truncate()  # a retried read starts over
+        await store.get(ref.digest, writeinto=buffer)
+
+    try:
+        await conn.admin(f"reading {what}", read)
+    except NatflowError:
+        raise
+    except Exception as exc:
+        raise NatflowError(
+            f"{what} is stored as value {ref.digest} ({ref.size} bytes) in the "
+            f"{VALUES_BUCKET} object store, which could not be read ({exc})"
+        ) from exc
+    return buffer.getvalue()
+
+
+def _raw(data: msgspec.Raw) -> bytes:
+    return bytes(data)
+
+
+async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
+    """``event`` with a large user value replaced by its reference (stored first)."""
+    if isinstance(event, RunStarted):
+        data = await store_value(conn, f"input of run {run_id!r}", _raw(event.input))
+        return msgspec.structs.replace(event, input=msgspec.Raw(data))
+    if isinstance(event, StepCompleted):
+        data = await store_value(conn, f"result of step {event.name!r}", _raw(event.result))
+        return msgspec.structs.replace(event, result=msgspec.Raw(data))
+    if isinstance(event, RunCompleted):
+        data = await store_value(conn, f"result of run {run_id!r}", _raw(event.result))
+        return msgspec.structs.replace(event, result=msgspec.Raw(data))
+    if isinstance(event, ChildCompleted):
+        data = await store_value(conn, f"result of child {event.name!r}", _raw(event.result))
+        return msgspec.structs.replace(event, result=msgspec.Raw(data))
+    if isinstance(event, SignalReceived):
+        data = await store_value(conn, f"payload of signal {event.name!r}", _raw(event.payload))
+        return msgspec.structs.replace(event, payload=msgspec.Raw(data))
+    return event
+
+
+async def load_event(conn: Connection, event: Event, run_id: str) -> Event:
+    """``event`` with a referenced user value read back in its place."""
+    what = f"a value of run {run_id!r}"
+    if isinstance(event, RunStarted) and is_ref(_raw(event.input)):
+        data = await load_value(conn, _raw(event.input), what)
+        return msgspec.structs.replace(event, input=msgspec.Raw(data))
+    with_result = StepCompleted | RunCompleted | ChildCompleted
+    if isinstance(event, with_result) and is_ref(_raw(event.result)):
+        data = await load_value(conn, _raw(event.result), what)
+        return msgspec.structs.replace(event, result=msgspec.Raw(data))
+    if isinstance(event, SignalReceived) and is_ref(_raw(event.payload)):
+        data = await load_value(conn, _raw(event.payload), what)
+        return msgspec.structs.replace(event, payload=msgspec.Raw(data))
+    return event
+
+
+async def load_events(conn: Connection, events: list[Event], run_id: str) -> list[Event]:
+    """Every referenced value read back (a history without references is returned as is)."""
+    return [await load_event(conn, event, run_id) for event in events]
