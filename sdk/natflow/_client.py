@@ -14,6 +14,7 @@ from natflow_engine import (
     CANCEL,
     CLOSED_STATUSES,
     HISTORY_STREAM,
+    INLINE_BYTES,
     TERMINATE,
     Connection,
     InvalidInput,
@@ -259,8 +260,9 @@ class Client:
                     data = seal(self._conn.codec, data)
                 # A large input is stored here, the request carries its reference.
                 check_value_size(self._conn, "workflow input", len(data))
-                await ensure_streams(self._conn)
-                data = await store_value(self._conn, "workflow input", data)
+                if len(data) > INLINE_BYTES:  # only then does the value store get involved
+                    await ensure_streams(self._conn)
+                    data = await store_value(self._conn, "workflow input", data)
                 started_id, created = await request_start(
                     self._conn,
                     name,
