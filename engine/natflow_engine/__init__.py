@@ -9,8 +9,9 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 from . import events
 from ._cli import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
+from ._completion import RunOutcome
 from ._connection import TRANSIENT, Connection, connect, default_url, wrap
-from ._durations import to_seconds
+from ._durations import parse_duration, to_seconds
 from ._engine import DISPATCHER
 from ._errors import (
     ErrorInfo,
@@ -28,6 +29,14 @@ from ._errors import (
 from ._history import AppendConflict, History, HistoryStore
 from ._index import RunIndex
 from ._leases import Lease, Leases
+from ._lifecycle import (
+    LIFECYCLE_STREAM,
+    LifecycleEvent,
+    decode_lifecycle,
+    lifecycle_filter,
+    lifecycle_subject,
+    workflow_token,
+)
 from ._logs import fields
 from ._metrics import (
     DEFAULT_WORKER_PORT,
@@ -46,6 +55,7 @@ from ._metrics import (
 )
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
 from ._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
+from ._retention import delete_run
 from ._retry import NO_RETRY, RetryPolicy
 from ._runs import Runs
 from ._server import EmbeddedServer
@@ -90,6 +100,7 @@ __all__ = [
     "FENCED",
     "HISTORY_PREFIX",
     "HISTORY_STREAM",
+    "LIFECYCLE_STREAM",
     "NO_RETRY",
     "RUNS_HELD",
     "RUNS_STREAM",
@@ -113,6 +124,7 @@ __all__ = [
     "InvalidInput",
     "Lease",
     "Leases",
+    "LifecycleEvent",
     "NatflowError",
     "NonDeterminismError",
     "PermissionDenied",
@@ -122,6 +134,7 @@ __all__ = [
     "RunIndex",
     "RunInfo",
     "RunNotFound",
+    "RunOutcome",
     "Runs",
     "ServerUnavailable",
     "SignalTimeout",
@@ -140,9 +153,11 @@ __all__ = [
     "check_workflow_name",
     "connect",
     "connect_options",
+    "decode_lifecycle",
     "decode_task",
     "decode_value",
     "default_url",
+    "delete_run",
     "encode_value",
     "enqueue",
     "ensure_consumer",
@@ -153,7 +168,10 @@ __all__ = [
     "fold_run",
     "history_subject",
     "last_signal_seq",
+    "lifecycle_filter",
+    "lifecycle_subject",
     "parse",
+    "parse_duration",
     "pending_signals",
     "ping_subject",
     "prepare_worker",
@@ -171,5 +189,6 @@ __all__ = [
     "to_seconds",
     "wake_subject",
     "withdraw",
+    "workflow_token",
     "wrap",
 ]

@@ -23,6 +23,8 @@ import anyio
 import msgspec
 
 from ._cli_ops import register as register_ops
+from ._cli_runops import add_retention_option
+from ._cli_runops import register as register_run_ops
 from ._connection import Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError, ServerUnavailable
@@ -176,7 +178,8 @@ async def cmd_engine(args: argparse.Namespace) -> int:
     conn = await open_connection(args, "natflow-engine")
     serve_metrics(args.metrics_port, args.metrics_host)
     try:
-        await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
+        engine = Engine(conn, metrics_interval=args.metrics_interval, retention=args.retention)
+        await _until_signalled(engine.run)
         return 0
     finally:
         await conn.close()
@@ -224,7 +227,8 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         conn = await connect(server.url, name="natflow-engine")
         serve_metrics(args.metrics_port, args.metrics_host)
         try:
-            await _until_signalled(Engine(conn, metrics_interval=args.metrics_interval).run)
+            engine = Engine(conn, metrics_interval=args.metrics_interval, retention=args.retention)
+            await _until_signalled(engine.run)
         finally:
             await conn.close()
     finally:
@@ -290,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="embedded nats-server (nats.conf) plus the engine services")
     p.add_argument("--config", default=default_conf)
     add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
+    add_retention_option(p)
     p.set_defaults(handler=cmd_dev)
 
     p = sub.add_parser("server", help="embedded nats-server with nats.conf")
@@ -298,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("engine", help="the engine services (dispatcher, run index)")
     add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
+    add_retention_option(p)
     p.set_defaults(handler=cmd_engine)
 
     p = sub.add_parser("init", help="create natflow's streams (optional: done on first use)")
@@ -324,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = runs.add_parser("history")
     q.add_argument("run_id")
     p.set_defaults(handler=cmd_runs)
+    register_run_ops(runs, open_connection)
 
     register_ops(sub, open_connection)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):

@@ -26,12 +26,14 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from . import _timers as timers
+from ._completion import RunHooks
 from ._connection import Connection
 from ._history import HistoryStore
 from ._index import RunIndex
 from ._metrics import EngineMetrics, observe_run
 from ._puller import Puller, engine_consumer
 from ._reaper import Reaper
+from ._retention import RetentionService
 from ._signals import SignalIntake
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
 from ._tasks import Task, enqueue
@@ -76,8 +78,12 @@ def dispatcher_config() -> api.ConsumerConfig:
 class Engine:
     """Runs the engine services on one connection until cancelled."""
 
-    def __init__(self, conn: Connection, *, metrics_interval: float = 5.0) -> None:
+    def __init__(
+        self, conn: Connection, *, metrics_interval: float = 5.0, retention: float | None = None
+    ) -> None:
         self._conn = conn
+        self.hooks = RunHooks(conn)  # lifecycle events and on_complete runs
+        self.retention = RetentionService(conn, retention)
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
         self.reaper = Reaper(conn)
@@ -95,6 +101,7 @@ class Engine:
             tg.start_soon(self.timers.run)
             tg.start_soon(self.signals.run)
             tg.start_soon(self.metrics.run)
+            tg.start_soon(self.retention.run)
             await self._dispatch_forever()
 
     async def _dispatch_forever(self) -> None:
@@ -135,10 +142,11 @@ class Engine:
             return
         try:
             hseq = msg.metadata.sequence.stream
-            info = await self._index.apply(run_id, event, hseq)
+            info = await self._index.apply(run_id, event, hseq, self.hooks.status_changed)
             if info is not None:
                 observe_run(event, info)
             await self._keep_timers(run_id, event)
+            await self.hooks.event_folded(run_id, event)
         except Exception as exc:
             log.warning(
                 "run %s: engine could not process %s (%s); will retry", run_id, msg.subject, exc

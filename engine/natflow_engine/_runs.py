@@ -42,16 +42,23 @@ class Runs:
         *,
         parent: str | None = None,
         not_before: datetime | None = None,
+        on_complete: tuple[str, str] | None = None,
+        retention: float | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
         The run is created by a conditional append that expects the run to have no history,
         so two starts of one id make one run. Then its task is enqueued; if this process dies
         in between, the engine's dispatcher enqueues it (a start is never lost).
+        ``on_complete`` is ``(workflow, queue)`` of the run to start when this one closes;
+        ``retention`` the seconds this run is kept once closed (None: the engine's setting).
         """
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
         check_queue(queue)
+        if on_complete is not None:
+            check_workflow_name(on_complete[0])
+            check_queue(on_complete[1])
         self.conn.check_size(f"input of run {run_id!r}", len(input_json))
         await ensure_streams(self.conn)
         event = RunStarted(
@@ -62,6 +69,9 @@ class Runs:
             input=msgspec.Raw(input_json),
             parent=parent,
             not_before=not_before,
+            on_complete=on_complete[0] if on_complete else None,
+            on_complete_queue=on_complete[1] if on_complete else None,
+            retention=retention,
         )
         try:
             seq = await self.history.append(run_id, event, 0)

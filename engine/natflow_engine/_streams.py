@@ -14,6 +14,8 @@ Layout (all names are public and documented in the README):
   ``natflow.signal.<run_id>.<name>``; durable from the acknowledgement on.
 * ``NATFLOW_DEADLETTER``: ``natflow.deadletter.<kind>.<run_id>``, what could not be
   delivered, with the reason.
+* ``NATFLOW_LIFECYCLE``: ``natflow.lifecycle.<workflow>.<status>.<run_id>``, one message per
+  run status change (see ``_lifecycle``).
 * KV buckets ``natflow_leases``, ``natflow_workers``, ``natflow_timers``.
 """
 
@@ -28,6 +30,7 @@ from nats.js import api
 
 from ._connection import ERR_STREAM_NAME_IN_USE, Connection
 from ._kv import kv_stream_config
+from ._lifecycle import lifecycle_stream_config
 
 log = logging.getLogger("natflow.streams")
 
@@ -129,6 +132,7 @@ def stream_configs() -> list[api.StreamConfig]:
             allow_direct=True,
             num_replicas=r,
         ),
+        lifecycle_stream_config(r, RETENTION_DAYS * 86400.0),
     ]
 
 

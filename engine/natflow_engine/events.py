@@ -47,6 +47,9 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     input: msgspec.Raw = NULL
     parent: str | None = None
     not_before: datetime | None = None  # start_delay: no worker takes the run before this
+    on_complete: str | None = None  # a workflow started once with the run's RunOutcome
+    on_complete_queue: str | None = None  # its queue (None: "default")
+    retention: float | None = None  # seconds the closed run is kept (None: the engine's)
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):

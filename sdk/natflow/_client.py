@@ -17,6 +17,7 @@ from natflow_engine import (
     TERMINATE,
     Connection,
     InvalidInput,
+    LifecycleEvent,
     NatflowError,
     RunCancelled,
     RunFailed,
@@ -28,6 +29,7 @@ from natflow_engine import (
     check_token,
     connect,
     decode_value,
+    delete_run,
     encode_value,
     ensure_streams,
     history_subject,
@@ -48,7 +50,8 @@ from natflow_engine.events import RunFailed as RunFailedEvent
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from ._workflow import Workflow
+from ._events_feed import follow
+from ._workflow import DEFAULT_QUEUE, Workflow
 
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
 
@@ -124,6 +127,17 @@ class RunHandle:
             return msgspec.json.decode(data)
 
 
+def _target(what: str, workflow: Workflow | str | None) -> tuple[str, str] | None:
+    """``(name, queue)`` of a workflow given as a definition or a name."""
+    if workflow is None:
+        return None
+    if isinstance(workflow, Workflow):
+        return workflow.name, workflow.queue
+    if isinstance(workflow, str):
+        return workflow, DEFAULT_QUEUE
+    raise InvalidInput(f"{what} takes a @workflow or its name, not {workflow!r}")
+
+
 class Client:
     """Starts, reads and watches runs.
 
@@ -179,12 +193,16 @@ class Client:
         run_id: str | None = None,
         queue: str | None = None,
         start_delay: float | timedelta | None = None,
+        on_complete: Workflow | str | None = None,
     ) -> RunHandle:
         """Start a run and return its handle.
 
         ``run_id`` is an idempotency key: starting an id that exists returns that run's
         handle and makes no second run. Input that does not fit the workflow's annotation
         raises :class:`InvalidInput` naming the field, and nothing is written.
+        ``on_complete`` (a workflow or its name) is started exactly once when this run
+        closes, however it closes, with a :class:`RunOutcome` as its input; its run id is
+        this run's id plus ``-oncomplete``.
         """
         delay = 0.0 if start_delay is None else to_seconds("start_delay", start_delay)
         definition = workflow if isinstance(workflow, Workflow) else None
@@ -205,8 +223,41 @@ class Client:
             data,
             run_id,
             not_before=utcnow() + timedelta(seconds=delay) if delay > 0 else None,
+            on_complete=_target("on_complete", on_complete),
+            retention=definition.retention if definition is not None else None,
         )
         return RunHandle(self, started_id, definition)
+
+    async def delete(self, run_id: str) -> None:
+        """Delete a closed run: its history, index entry, signals, dead letters, timers and
+        lease all go, and :meth:`describe` then raises :class:`RunNotFound`. An open run is
+        a :class:`NatflowError`: cancel it first."""
+        await delete_run(self._conn, run_id)
+
+    async def events(
+        self,
+        workflow: str | None = None,
+        status: str | None = None,
+        *,
+        durable: str | None = None,
+        from_start: bool = False,
+    ) -> AsyncIterator[LifecycleEvent]:
+        """Lifecycle events, one per run status change, as they happen.
+
+        ``workflow`` and ``status`` filter (``status="failed"``). Without ``durable`` it
+        yields what happens from now on (``from_start=True``: everything still stored
+        first). With ``durable`` (a name) the server remembers how far this consumer got, so
+        a later call with the same name catches up on what happened in between.
+
+        Example::
+
+            async for event in client.events("order", "failed", durable="pager"):
+                page_someone(event.run_id, event.error)
+        """
+        async for event in follow(
+            self._conn, workflow, status, durable=durable, from_start=from_start
+        ):
+            yield event
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
         """Cancel a run: ``asyncio.CancelledError`` is raised in the workflow at its next

@@ -6,9 +6,10 @@ import inspect
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, overload
 
-from natflow_engine import InvalidInput, RetryPolicy, check_queue, check_workflow_name
+from natflow_engine import InvalidInput, RetryPolicy, check_queue, check_workflow_name, to_seconds
 
 if TYPE_CHECKING:
     from ._context import WorkflowContext
@@ -29,6 +30,7 @@ class Workflow:
     input_type: Any
     result_type: Any
     takes_input: bool
+    retention: float | None = None  # seconds its closed runs are kept (None: the engine's)
 
     async def __call__(self, ctx: WorkflowContext, input: Any = None) -> Any:
         if self.takes_input:
@@ -42,7 +44,11 @@ def workflow(fn: WorkflowFn, /) -> Workflow: ...
 
 @overload
 def workflow(
-    *, name: str | None = None, queue: str = DEFAULT_QUEUE, retry: RetryPolicy | None = None
+    *,
+    name: str | None = None,
+    queue: str = DEFAULT_QUEUE,
+    retry: RetryPolicy | None = None,
+    retention: float | timedelta | None = None,
 ) -> Callable[[WorkflowFn], Workflow]: ...
 
 
@@ -53,6 +59,7 @@ def workflow(
     name: str | None = None,
     queue: str = DEFAULT_QUEUE,
     retry: RetryPolicy | None = None,
+    retention: float | timedelta | None = None,
 ) -> Workflow | Callable[[WorkflowFn], Workflow]:
     """Declare a workflow.
 
@@ -67,18 +74,28 @@ def workflow(
         async def order(ctx: WorkflowContext, input: OrderInput) -> Receipt: ...
 
     The input is decoded into the second parameter's annotation (a msgspec Struct, a
-    dataclass, or JSON types); ``retry`` is the default retry policy of the workflow's steps.
+    dataclass, or JSON types); ``retry`` is the default retry policy of the workflow's steps;
+    ``retention`` (seconds or a timedelta) how long its runs are kept once closed, overriding
+    the engine's ``--retention``.
     """
+    keep = None if retention is None else to_seconds("retention", retention)
 
     def decorate(f: WorkflowFn) -> Workflow:
-        return _define(f, name=name, queue=queue, retry=retry)
+        return _define(f, name=name, queue=queue, retry=retry, retention=keep)
 
     if fn is not None:
         return decorate(fn)
     return decorate
 
 
-def _define(fn: WorkflowFn, *, name: str | None, queue: str, retry: RetryPolicy | None) -> Workflow:
+def _define(
+    fn: WorkflowFn,
+    *,
+    name: str | None,
+    queue: str,
+    retry: RetryPolicy | None,
+    retention: float | None = None,
+) -> Workflow:
     if isinstance(fn, Workflow):
         raise InvalidInput(f"{fn.name!r} is already a workflow; apply @workflow once")
     if not inspect.iscoroutinefunction(fn):
@@ -116,4 +133,5 @@ def _define(fn: WorkflowFn, *, name: str | None, queue: str, retry: RetryPolicy 
         input_type=input_type,
         result_type=hints.get("return", Any),
         takes_input=len(params) == 2,
+        retention=retention,
     )

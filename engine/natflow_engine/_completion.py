@@ -1,0 +1,102 @@
+"""What the engine does when a run changes status: lifecycle events and ``on_complete`` runs.
+
+The dispatcher calls :meth:`RunHooks.status_changed` before it writes a run's new summary to
+the index, and :meth:`RunHooks.event_folded` for every run-level event it processed, before
+it acknowledges it. Both are idempotent, because an engine may die after doing them and
+before acknowledging: the lifecycle message id and the ``on_complete`` run id are derived
+from the run, so the redelivered event publishes and starts nothing twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import msgspec
+
+from ._connection import Connection
+from ._errors import ErrorInfo
+from ._lifecycle import publish_status
+from ._names import _TOKEN
+from ._runs import Runs
+from ._state import RunInfo
+from ._wake import run_start
+from .events import Event, RunCancelled, RunCompleted, RunFailed, RunTerminated
+
+log = logging.getLogger("natflow.engine")
+
+_SUFFIX = "-oncomplete"
+
+
+class RunOutcome(msgspec.Struct, kw_only=True, frozen=True):
+    """How a run closed: the input of the workflow its ``on_complete`` names.
+
+    ``status`` is ``completed``, ``failed``, ``cancelled`` or ``terminated``; ``result`` is
+    the run's result when it completed, ``error`` what failed or stopped it otherwise.
+    """
+
+    run_id: str
+    workflow: str
+    status: str
+    result: Any = None
+    error: ErrorInfo | None = None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def on_complete_run_id(run_id: str) -> str:
+    """The id of the run that ``on_complete`` starts for ``run_id``: derived, so a second
+    engine, or the same one after a crash, starts the same run (which then exists)."""
+    derived = f"{run_id}{_SUFFIX}"
+    if len(derived) <= 128 and _TOKEN.fullmatch(derived):
+        return derived
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:16]
+    return f"{run_id[:96]}-{digest}{_SUFFIX}"
+
+
+def outcome_of(run_id: str, workflow: str, event: Event) -> RunOutcome | None:
+    """The outcome a closing event records (None for any other event)."""
+    if isinstance(event, RunCompleted):
+        result = msgspec.json.decode(event.result)
+        return RunOutcome(run_id=run_id, workflow=workflow, status="completed", result=result)
+    if isinstance(event, RunFailed):
+        return RunOutcome(run_id=run_id, workflow=workflow, status="failed", error=event.error)
+    if isinstance(event, RunCancelled | RunTerminated):
+        status = "cancelled" if isinstance(event, RunCancelled) else "terminated"
+        error = ErrorInfo(type="RunCancelled", message=event.reason or status)
+        return RunOutcome(run_id=run_id, workflow=workflow, status=status, error=error)
+    return None
+
+
+class RunHooks:
+    """The dispatcher's hooks; see the module docstring."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._runs = Runs(conn)
+        self.on_complete_started = 0
+
+    async def status_changed(self, previous: str | None, info: RunInfo, hseq: int) -> None:
+        await publish_status(self._conn, previous, info, hseq)
+
+    async def event_folded(self, run_id: str, event: Event) -> None:
+        if not isinstance(event, RunCompleted | RunFailed | RunCancelled | RunTerminated):
+            return
+        start = await run_start(self._conn, run_id)
+        if start is None or start.on_complete is None:
+            return
+        outcome = outcome_of(run_id, start.workflow, event)
+        assert outcome is not None
+        child_id = on_complete_run_id(run_id)
+        data = _encoder.encode(outcome)
+        if len(data) > self._conn.max_payload - 8192:  # the result alone filled a message
+            data = _encoder.encode(msgspec.structs.replace(outcome, result=None))
+        queue = start.on_complete_queue or "default"
+        _, created = await self._runs.start(start.on_complete, queue, data, child_id)
+        if created:
+            self.on_complete_started += 1
+            log.info(
+                "run %s %s: started %s as %s", run_id, outcome.status, start.on_complete, child_id
+            )
