@@ -62,6 +62,8 @@ from ._server import EmbeddedServer
 from ._signals import (
     CANCEL,
     CONTROL,
+    PAUSE,
+    RESUME,
     TERMINATE,
     BadSignal,
     last_signal_seq,
@@ -102,6 +104,8 @@ __all__ = [
     "HISTORY_STREAM",
     "LIFECYCLE_STREAM",
     "NO_RETRY",
+    "PAUSE",
+    "RESUME",
     "RUNS_HELD",
     "RUNS_STREAM",
     "SIGNALS_DELIVERED",

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = runs.add_parser("history")
     q.add_argument("run_id")
     p.set_defaults(handler=cmd_runs)
-    register_run_ops(runs, open_connection)
+    register_run_ops(sub, runs, open_connection)
 
     register_ops(sub, open_connection)
     for entry in importlib.metadata.entry_points(group="natflow.commands"):

@@ -1,4 +1,5 @@
-"""CLI operations on runs: ``natflow runs delete``, and the engine's ``--retention``."""
+"""CLI operations on runs and queues: ``natflow runs delete|pause|resume``, ``natflow queues
+pause|resume``, and the engine's ``--retention``."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from ._connection import Connection
 from ._durations import parse_duration
+from ._errors import NatflowError
+from ._names import check_run_id
+from ._queues import pause_queue, resume_queue
 from ._retention import delete_run
+from ._runs import Runs
+from ._signals import PAUSE, RESUME, send
+from ._streams import ensure_streams
 
 Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
+Command = Callable[[Connection, argparse.Namespace], Awaitable[int]]
 
 
 def add_retention_option(p: argparse.ArgumentParser) -> None:
@@ -26,19 +36,64 @@ def add_retention_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(runs: Any, opener: Opener) -> None:
-    """Add ``delete`` to the ``natflow runs`` subcommands."""
+def register(sub: Any, runs: Any, opener: Opener) -> None:
+    """Add ``delete``, ``pause``, ``resume`` to ``natflow runs``, and ``natflow queues``."""
 
-    async def delete(args: argparse.Namespace) -> int:
-        conn = await opener(args, "natflow-cli")
-        try:
-            for run_id in args.run_ids:
-                removed = await delete_run(conn, run_id)
-                print(f"deleted run {run_id} ({removed} messages)")
-            return 0
-        finally:
-            await conn.close()
+    def handler(command: Command) -> Callable[[argparse.Namespace], Awaitable[int]]:
+        async def run(args: argparse.Namespace) -> int:
+            conn = await opener(args, "natflow-cli")
+            try:
+                await ensure_streams(conn)
+                return await command(conn, args)
+            finally:
+                await conn.close()
+
+        return run
 
     q = runs.add_parser("delete", help="delete closed runs (an open run: cancel it first)")
     q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
-    q.set_defaults(handler=delete)
+    q.set_defaults(handler=handler(_delete))
+    q = runs.add_parser("pause", help="pause a run: no step or timer of it starts")
+    q.add_argument("run_id")
+    q.add_argument("--reason", default=None)
+    q.set_defaults(handler=handler(_pause_run), control=PAUSE)
+    q = runs.add_parser("resume", help="resume a paused run")
+    q.add_argument("run_id")
+    q.set_defaults(handler=handler(_pause_run), control=RESUME, reason=None)
+
+    p = sub.add_parser("queues", help="pause and resume whole queues")
+    queues = p.add_subparsers(dest="queues_command", required=True, metavar="pause|resume")
+    for name, help_ in (
+        ("pause", "hand no task of this queue to any worker until resumed"),
+        ("resume", "resume a paused queue"),
+    ):
+        q = queues.add_parser(name, help=help_)
+        q.add_argument("queue")
+        q.set_defaults(handler=handler(_queue))
+
+
+async def _delete(conn: Connection, args: argparse.Namespace) -> int:
+    for run_id in args.run_ids:
+        removed = await delete_run(conn, run_id)
+        print(f"deleted run {run_id} ({removed} messages)")
+    return 0
+
+
+async def _pause_run(conn: Connection, args: argparse.Namespace) -> int:
+    check_run_id(args.run_id)
+    info = await Runs(conn).describe(args.run_id)
+    if info.is_closed:
+        raise NatflowError(f"run {args.run_id!r} has already {info.status}")
+    await send(conn, args.run_id, args.control, msgspec.json.encode(args.reason), None)
+    print(f"{args.control[1:]} requested for run {args.run_id}")
+    return 0
+
+
+async def _queue(conn: Connection, args: argparse.Namespace) -> int:
+    if args.queues_command == "pause":
+        await pause_queue(conn, args.queue)
+        print(f"queue {args.queue} paused: no worker takes its runs until it is resumed")
+    else:
+        await resume_queue(conn, args.queue)
+        print(f"queue {args.queue} resumed")
+    return 0

@@ -63,6 +63,8 @@ RUN_EVENTS: Final = (
     "timer_fired",
     "run_cancelled",
     "run_terminated",
+    "run_paused",
+    "run_resumed",
 )
 
 

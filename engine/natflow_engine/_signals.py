@@ -52,7 +52,9 @@ INTAKE: Final = "natflow-engine-signals"
 # Reserved names: `$` is outside the characters a user's signal name may use.
 CANCEL: Final = "$cancel"
 TERMINATE: Final = "$terminate"
-CONTROL: Final = (CANCEL, TERMINATE)
+PAUSE: Final = "$pause"
+RESUME: Final = "$resume"
+CONTROL: Final = (CANCEL, TERMINATE, PAUSE, RESUME)
 _MAX_SHOWN_PAYLOAD: Final = 2048
 
 

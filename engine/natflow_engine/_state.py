@@ -16,6 +16,8 @@ from .events import (
     RunClaimed,
     RunCompleted,
     RunFailed,
+    RunPaused,
+    RunResumed,
     RunStarted,
     RunTerminated,
     SignalReceived,
@@ -33,6 +35,7 @@ RunStatus = Literal[
     "sleeping",
     "waiting",
     "blocked",
+    "paused",
     "completed",
     "failed",
     "cancelled",
@@ -118,7 +121,7 @@ def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
     running: dict[int, str] = {}
     for event in events[1:]:
         apply_event(info, event, running)
-    if info.is_closed or info.status == "blocked":
+    if info.is_closed or info.status in ("blocked", "paused"):
         return info
     waits = pending_waits(events)
     if running:
@@ -179,6 +182,8 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     if running is None:
         running = {}
     info.updated_at = event.at
+    if _apply_pause(info, event, running):
+        return
     if isinstance(event, RunClaimed):
         info.worker = event.worker
         info.status, info.current, info.error = "running", None, None
@@ -213,3 +218,25 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
         info.error = event.error
         info.closed_at = event.at
         info.current = None
+
+
+_ENDS_PAUSE = (RunResumed, RunBlocked, RunCompleted, RunFailed, RunCancelled, RunTerminated)
+
+
+def _apply_pause(info: RunInfo, event: Event, running: dict[int, str]) -> bool:
+    """Pausing and resuming; True if ``event`` is folded here (a paused run stays paused
+    whatever else it records, such as a step that was running when it was paused)."""
+    if isinstance(event, RunPaused):
+        info.status = "paused"
+        info.current = f"paused: {event.reason}" if event.reason else "paused"
+        return True
+    if info.status != "paused" or isinstance(event, _ENDS_PAUSE):
+        if isinstance(event, RunResumed):
+            info.status, info.current = "running", None
+            return True
+        return False
+    if isinstance(event, StepStarted):
+        running[event.seq] = event.name
+    elif isinstance(event, StepCompleted | StepFailed):
+        running.pop(event.seq, None)
+    return True

@@ -151,6 +151,20 @@ class CancelRequested(_Event, tag="cancel_requested", kw_only=True, frozen=True)
     terminate: bool = False
 
 
+class RunPaused(_Event, tag="run_paused", kw_only=True, frozen=True):
+    """``client.pause`` reached the run (moved in like a signal): no step, child or timer of
+    the run starts until it is resumed; a step already running finishes and is recorded."""
+
+    signal_seq: int
+    reason: str | None = None
+
+
+class RunResumed(_Event, tag="run_resumed", kw_only=True, frozen=True):
+    """``client.resume`` reached the run: held steps start and timers due meanwhile fire."""
+
+    signal_seq: int
+
+
 class RunCancelled(_Event, tag="run_cancelled", kw_only=True, frozen=True):
     """The workflow ended by its cancellation (its cleanup, if any, has run)."""
 
@@ -185,6 +199,8 @@ Event = (
     | PatchMarked
     | RunBlocked
     | CancelRequested
+    | RunPaused
+    | RunResumed
     | RunCancelled
     | RunTerminated
     | RunCompleted

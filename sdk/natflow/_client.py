@@ -14,6 +14,8 @@ from natflow_engine import (
     CANCEL,
     CLOSED_STATUSES,
     HISTORY_STREAM,
+    PAUSE,
+    RESUME,
     TERMINATE,
     Connection,
     InvalidInput,
@@ -268,6 +270,17 @@ class Client:
     async def terminate(self, run_id: str, reason: str) -> None:
         """Stop a run at once: no more workflow code runs; it ends as terminated."""
         await self._control(run_id, TERMINATE, reason)
+
+    async def pause(self, run_id: str, reason: str | None = None) -> None:
+        """Pause a run: while it is ``paused`` no step, child or timer of it starts; a step
+        already running finishes and is recorded; signals are accepted and kept; timers that
+        fall due meanwhile fire once it is resumed. Terminate still stops it at once; a
+        cancellation runs its cleanup once it is resumed."""
+        await self._control(run_id, PAUSE, reason)
+
+    async def resume(self, run_id: str) -> None:
+        """Resume a paused run (a run that is not paused is left as it is)."""
+        await self._control(run_id, RESUME, None)
 
     async def _control(self, run_id: str, kind: str, reason: str | None) -> None:
         check_run_id(run_id)

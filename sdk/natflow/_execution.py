@@ -27,6 +27,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from natflow_engine import (
     CONTROL,
     FENCED,
+    PAUSE,
+    RESUME,
     SIGNALS_DELIVERED,
     SIGNALS_REJECTED,
     STEPS,
@@ -57,6 +59,8 @@ from natflow_engine.events import (
     RunClaimed,
     RunCompleted,
     RunFailed,
+    RunPaused,
+    RunResumed,
     RunTerminated,
     SignalReceived,
     SignalRejected,
@@ -173,7 +177,7 @@ class RunExecution(WorkflowState):
     async def _has_work(self) -> bool:
         """Whether taking the run now would change anything (else no claim is written)."""
         assert self._root is not None
-        if self._root.done() or self._to_launch or self._to_record:
+        if self._root.done() or self._to_record or (self._to_launch and not self.paused):
             return True
         due = self.next_due
         if due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER:
@@ -276,10 +280,15 @@ class RunExecution(WorkflowState):
             await self._flush_records()
             self._launch(tg)
             self._drop_abandoned_timers()
-            self._arm_timers()
+            if not self.paused:
+                self._arm_timers()
             if self._inflight == 0:
                 if self._draining:
                     return Outcome.HANDED_BACK
+                if self.paused:  # only a resume (or a cancellation) can move it on
+                    if not await self._move_signals():
+                        return Outcome.SUSPENDED
+                    continue
                 if not self._timers and not any(self._waiting.values()):
                     return await self._fail(
                         ErrorInfo(
@@ -324,8 +333,8 @@ class RunExecution(WorkflowState):
         self._armed.pop(seq, None)
         due = self._timers.get(seq)
         command = self._commands.get(seq)
-        if due is None or command is None:
-            return
+        if due is None or command is None or self.paused:
+            return  # a paused run's timers are armed again when it is resumed
         early = (due - utcnow()).total_seconds()
         if early > 0:  # never before its due time
             self._arm(seq, due)
@@ -372,6 +381,10 @@ class RunExecution(WorkflowState):
                 self.signal_cursor = seq
                 continue
             self.signal_cursor = seq
+            if signal.name in (PAUSE, RESUME):
+                await self._pause_or_resume(seq, signal.name, signal.payload)
+                moved = True
+                continue
             if signal.name in CONTROL:
                 cancel = await self._append(
                     CancelRequested(
@@ -408,6 +421,19 @@ class RunExecution(WorkflowState):
             moved = True
         return moved
 
+    async def _pause_or_resume(self, seq: int, name: str, payload: bytes) -> None:
+        pause = name == PAUSE
+        if pause == self.paused:
+            return  # paused (or running) already: nothing changes
+        event: RunPaused | RunResumed = (
+            RunPaused(id=self._next_id(), at=utcnow(), signal_seq=seq, reason=self._reason(payload))
+            if pause
+            else RunResumed(id=self._next_id(), at=utcnow(), signal_seq=seq)
+        )
+        await self._append(event)
+        self.paused = pause
+        log.info("run %s %s", self.run_id, "paused" if pause else "resumed", extra=self._fields())
+
     def _count_step(self, event: StepCompleted | StepFailed) -> None:
         if isinstance(event, StepCompleted):
             STEPS.labels(self.workflow.name, event.name, "completed").inc()
@@ -440,8 +466,8 @@ class RunExecution(WorkflowState):
         return StepCompleted(**common, result=msgspec.Raw(item.result))
 
     def _launch(self, tg: anyio.abc.TaskGroup) -> None:
-        if self._draining:
-            return  # the next holder replays and issues these again
+        if self._draining or self.paused:
+            return  # the next holder (or the resumed run) issues these again
         assert self._send is not None
         launch, self._to_launch = self._to_launch, []
         for command in launch:

@@ -36,6 +36,8 @@ from natflow_engine.events import (
     Event,
     PatchMarked,
     RunClaimed,
+    RunPaused,
+    RunResumed,
     RunStarted,
     SignalReceived,
     SignalRejected,
@@ -113,6 +115,7 @@ class WorkflowState:
         self.signal_cursor = 0
         self._signal_ids: set[str] = set()
         self._last_holder: str | None = None  # the worker of the latest claim
+        self.paused = False  # client.pause: start no step and fire no timer until resumed
         for event in events:
             if isinstance(event, RunClaimed):
                 self._last_holder = event.worker
@@ -124,7 +127,11 @@ class WorkflowState:
                 self._replay.append(event)
             if isinstance(event, PatchMarked):
                 self._patches.add(event.change_id)
-            if isinstance(event, SignalReceived | SignalRejected | CancelRequested):
+            if isinstance(event, RunPaused | RunResumed):
+                self.paused = isinstance(event, RunPaused)
+            if isinstance(
+                event, SignalReceived | SignalRejected | CancelRequested | RunPaused | RunResumed
+            ):
                 self.signal_cursor = max(self.signal_cursor, event.signal_seq)
             if isinstance(event, SignalReceived) and event.signal_id:
                 self._signal_ids.add(event.signal_id)
@@ -144,7 +151,10 @@ class WorkflowState:
 
     @property
     def next_due(self) -> datetime | None:
-        """When the earliest pending timer comes due (None if there is none)."""
+        """When the earliest pending timer comes due (None if there is none, or while the run
+        is paused: its timers fire once it is resumed)."""
+        if self.paused:
+            return None
         return min(self._timers.values(), default=None)
 
     def _new_seq(self) -> int:
