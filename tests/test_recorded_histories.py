@@ -20,10 +20,10 @@ from natflow_engine.events import RunCompleted, decode_event
 
 from examples.greeting import greet
 from examples.order import order
-from tests.workflows_recorded import recorded_mix
+from tests.workflows_recorded import recorded_mix, recorded_pause
 
 HISTORIES = Path(__file__).parent / "histories"
-WORKFLOWS: dict[str, Workflow] = {w.name: w for w in (greet, order, recorded_mix)}
+WORKFLOWS: dict[str, Workflow] = {w.name: w for w in (greet, order, recorded_mix, recorded_pause)}
 
 
 def load(path: Path) -> History:

@@ -20,3 +20,12 @@ async def recorded_mix(ctx: WorkflowContext, x: int) -> dict[str, object]:
         late = None
     token = str(ctx.uuid4())
     return {"a": a, "b": b, "approval": approval, "late": late, "token": token}
+
+
+@workflow(name="recorded_pause", retention=3600)
+async def recorded_pause(ctx: WorkflowContext, x: int) -> dict[str, object]:
+    """Recorded paused during its nap and resumed after it fell due (run_paused/run_resumed)."""
+    a = await ctx.step("double", double, x)
+    await ctx.sleep("nap", 0.5)
+    b = await ctx.step("double", double, a)
+    return {"a": a, "b": b}
