@@ -55,6 +55,7 @@ from ._metrics import (
 )
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
 from ._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
+from ._restart import restart_run
 from ._retention import delete_run
 from ._retry import NO_RETRY, RetryPolicy
 from ._runs import Runs
@@ -181,6 +182,7 @@ __all__ = [
     "prepare_worker",
     "queue_consumer",
     "replicas",
+    "restart_run",
     "run_created_at",
     "runs_subject",
     "safe_identity",

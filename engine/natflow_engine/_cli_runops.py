@@ -1,4 +1,4 @@
-"""CLI operations on runs and queues: ``natflow runs delete|pause|resume``, ``natflow queues
+"""CLI operations on runs and queues: ``natflow runs delete|restart|pause|resume``, ``natflow queues
 pause|resume``, and the engine's ``--retention``."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ._durations import parse_duration
 from ._errors import NatflowError
 from ._names import check_run_id
 from ._queues import pause_queue, resume_queue
+from ._restart import restart_run
 from ._retention import delete_run
 from ._runs import Runs
 from ._signals import PAUSE, RESUME, send
@@ -53,6 +54,15 @@ def register(sub: Any, runs: Any, opener: Opener) -> None:
     q = runs.add_parser("delete", help="delete closed runs (an open run: cancel it first)")
     q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     q.set_defaults(handler=handler(_delete))
+    q = runs.add_parser("restart", help="restart a closed run from a step, with today's code")
+    q.add_argument("run_id")
+    q.add_argument(
+        "--from-step",
+        default=None,
+        metavar="NAME[#N]",
+        help="the step (its N-th occurrence) to run again first; default: the first failed one",
+    )
+    q.set_defaults(handler=handler(_restart))
     q = runs.add_parser("pause", help="pause a run: no step or timer of it starts")
     q.add_argument("run_id")
     q.add_argument("--reason", default=None)
@@ -76,6 +86,12 @@ async def _delete(conn: Connection, args: argparse.Namespace) -> int:
     for run_id in args.run_ids:
         removed = await delete_run(conn, run_id)
         print(f"deleted run {run_id} ({removed} messages)")
+    return 0
+
+
+async def _restart(conn: Connection, args: argparse.Namespace) -> int:
+    new_id = await restart_run(conn, args.run_id, args.from_step)
+    print(f"restarted run {args.run_id} as {new_id}")
     return 0
 
 

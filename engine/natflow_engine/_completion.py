@@ -1,4 +1,5 @@
-"""What the engine does when a run changes status: lifecycle events and ``on_complete`` runs.
+"""What the engine does when a run changes status: lifecycle events, ``on_complete`` runs,
+and the first task of a restarted run.
 
 The dispatcher calls :meth:`RunHooks.status_changed` before it writes a run's new summary to
 the index, and :meth:`RunHooks.event_folded` for every run-level event it processed, before
@@ -17,12 +18,21 @@ import msgspec
 
 from ._connection import Connection
 from ._errors import ErrorInfo
+from ._history import HistoryStore
 from ._lifecycle import publish_status
 from ._names import _TOKEN
 from ._runs import Runs
 from ._state import RunInfo
+from ._tasks import Task, enqueue
 from ._wake import run_start
-from .events import Event, RunCancelled, RunCompleted, RunFailed, RunTerminated
+from .events import (
+    Event,
+    RestartSeeded,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    RunTerminated,
+)
 
 log = logging.getLogger("natflow.engine")
 
@@ -76,12 +86,16 @@ class RunHooks:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._runs = Runs(conn)
+        self._history = HistoryStore(conn)
         self.on_complete_started = 0
 
     async def status_changed(self, previous: str | None, info: RunInfo, hseq: int) -> None:
         await publish_status(self._conn, previous, info, hseq)
 
     async def event_folded(self, run_id: str, event: Event) -> None:
+        if isinstance(event, RestartSeeded):
+            await self._start_restarted(run_id)
+            return
         if not isinstance(event, RunCompleted | RunFailed | RunCancelled | RunTerminated):
             return
         start = await run_start(self._conn, run_id)
@@ -100,3 +114,14 @@ class RunHooks:
             log.info(
                 "run %s %s: started %s as %s", run_id, outcome.status, start.on_complete, child_id
             )
+
+    async def _start_restarted(self, run_id: str) -> None:
+        """A restarted run's copied history is complete: make sure it has a task (its
+        client enqueues one too, but may have died right after seeding)."""
+        last = await self._history.last(run_id)
+        start = await run_start(self._conn, run_id)
+        if last is None or start is None or not isinstance(last[0], RestartSeeded):
+            return  # a worker has it already
+        task = Task(run_id=run_id, workflow=start.workflow, reason="restart")
+        if await enqueue(self._conn, start.queue, task):
+            log.info("run %s: enqueued the restart its client had not", run_id)

@@ -65,6 +65,8 @@ RUN_EVENTS: Final = (
     "run_terminated",
     "run_paused",
     "run_resumed",
+    "restart_seeded",
+    "run_restarted",
 )
 
 
@@ -165,7 +167,7 @@ class Engine:
                     self._conn,
                     timers.Timer(run_id=run_id, seq=0, name="start", due_at=event.not_before),
                 )
-            else:
+            elif event.restarted_from is None:  # a restart enqueues once its seed is written
                 await self._ensure_task(run_id, event)
         elif isinstance(event, TimerScheduled):
             await timers.schedule(

@@ -78,6 +78,7 @@ class RunIndex:
                     created_at=event.at,
                     updated_at=event.at,
                     parent=event.parent,
+                    restarted_from=event.restarted_from,
                 )
                 retention = event.retention
             else:

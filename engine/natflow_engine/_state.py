@@ -17,6 +17,7 @@ from .events import (
     RunCompleted,
     RunFailed,
     RunPaused,
+    RunRestarted,
     RunResumed,
     RunStarted,
     RunTerminated,
@@ -75,6 +76,8 @@ class RunInfo(msgspec.Struct, kw_only=True):
     error: ErrorInfo | None = None
     worker: str | None = None
     parent: str | None = None
+    restarted_from: str | None = None  # the run this one restarted
+    restarted_as: str | None = None  # the run that restarted this one (the latest)
 
     @property
     def is_closed(self) -> bool:
@@ -142,6 +145,7 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
         created_at=start.at,
         updated_at=start.at,
         parent=start.parent,
+        restarted_from=start.restarted_from,
     )
     if start.not_before is not None:
         info.current = f"starts at {start.not_before.isoformat()}"
@@ -182,6 +186,9 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     if running is None:
         running = {}
     info.updated_at = event.at
+    if isinstance(event, RunRestarted):
+        info.restarted_as = event.restarted_as
+        return
     if _apply_pause(info, event, running):
         return
     if isinstance(event, RunClaimed):

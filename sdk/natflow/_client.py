@@ -35,6 +35,7 @@ from natflow_engine import (
     encode_value,
     ensure_streams,
     history_subject,
+    restart_run,
     to_seconds,
     wrap,
 )
@@ -229,6 +230,25 @@ class Client:
             retention=definition.retention if definition is not None else None,
         )
         return RunHandle(self, started_id, definition)
+
+    async def restart(
+        self, run_id: str, *, from_step: str | tuple[str, int] | None = None
+    ) -> RunHandle:
+        """Restart a closed run from a step with the code now deployed; the new run's handle.
+
+        ``from_step`` is a step name (its first occurrence), ``(name, occurrence)``, or None
+        for the run's first failed step. Steps recorded before that point are not run again
+        (the new run's history starts with their recorded outcomes); that step and every
+        later one run. The new run is ``<run_id>-r<n>``; ``RunInfo.restarted_from`` and
+        ``restarted_as`` link the two, and the original history stays readable.
+        """
+        if isinstance(from_step, tuple):
+            name, occurrence = from_step
+            if not isinstance(occurrence, int) or occurrence < 1:
+                raise InvalidInput(f"occurrence must be an int of 1 or more, not {occurrence!r}")
+            from_step = (name, occurrence)
+        new_id = await restart_run(self._conn, run_id, from_step)
+        return RunHandle(self, new_id)
 
     async def delete(self, run_id: str) -> None:
         """Delete a closed run: its history, index entry, signals, dead letters, timers and

@@ -60,7 +60,7 @@ from natflow_engine import (
     wake_subject,
     withdraw,
 )
-from natflow_engine.events import RunStarted, decode_event, utcnow
+from natflow_engine.events import Event, RestartSeeded, RunStarted, decode_event, utcnow
 from nats.aio.msg import Msg
 
 from ._client import Client
@@ -73,6 +73,11 @@ log = logging.getLogger("natflow.worker")
 _UNKNOWN_WORKFLOW_DELAY = 1.0
 _BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
 MIN_LEASE_TTL = 1.0
+
+
+def _seeded(events: list[Event]) -> bool:
+    """Whether a restarted run's copied history is complete (``restart_seeded`` written)."""
+    return any(isinstance(event, RestartSeeded) for event in events)
 
 
 def _same_task(a: Msg, b: Msg) -> bool:
@@ -404,6 +409,9 @@ class Worker:
             return
         start = history.events[0]
         assert isinstance(start, RunStarted)
+        if start.restarted_from is not None and not _seeded(history.events):
+            await self._quietly(msg.nak(delay=0.5))  # a restart is still copying its history
+            return
         if info.status == "pending" and start.not_before is not None:
             early = (start.not_before - utcnow()).total_seconds()
             if early > HOLD_TIMERS_UNDER:
