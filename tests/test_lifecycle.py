@@ -53,13 +53,13 @@ async def _drain(url: str, durable: str, want: int) -> list[dict[str, object]]:
                     for msg in await sub.fetch(1, timeout=1):
                         got.append(json.loads(msg.data))
                         await msg.ack()
-                except nats.errors.TimeoutError:
+                except (TimeoutError, nats.errors.TimeoutError):
                     continue
         try:
             for msg in await sub.fetch(10, timeout=1):
                 got.append(json.loads(msg.data))
                 await msg.ack()
-        except nats.errors.TimeoutError:
+        except (TimeoutError, nats.errors.TimeoutError):
             pass
         return got
     finally:

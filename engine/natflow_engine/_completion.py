@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Final
 
 import msgspec
 
@@ -31,12 +32,14 @@ from .events import (
     RunCancelled,
     RunCompleted,
     RunFailed,
+    RunStarted,
     RunTerminated,
 )
 
 log = logging.getLogger("natflow.engine")
 
 _SUFFIX = "-oncomplete"
+_KNOWN_STARTS: Final = 50_000  # runs whose on_complete target this engine saw start
 
 
 class RunOutcome(msgspec.Struct, kw_only=True, frozen=True):
@@ -88,32 +91,50 @@ class RunHooks:
         self._runs = Runs(conn)
         self._history = HistoryStore(conn)
         self.on_complete_started = 0
+        # run id -> (workflow, on_complete, its queue) from the run_started this engine folded:
+        # saves reading the start again when the run closes (most runs have no hook).
+        self._starts: OrderedDict[str, tuple[str, str | None, str]] = OrderedDict()
 
     async def status_changed(self, previous: str | None, info: RunInfo, hseq: int) -> None:
         await publish_status(self._conn, previous, info, hseq)
 
     async def event_folded(self, run_id: str, event: Event) -> None:
-        if isinstance(event, RestartSeeded):
+        if isinstance(event, RunStarted):
+            self._remember(run_id, event)
+        elif isinstance(event, RestartSeeded):
             await self._start_restarted(run_id)
-            return
+        else:
+            await self._on_complete(run_id, event)
+
+    def _remember(self, run_id: str, start: RunStarted) -> None:
+        queue = start.on_complete_queue or "default"
+        self._starts[run_id] = (start.workflow, start.on_complete, queue)
+        self._starts.move_to_end(run_id)
+        while len(self._starts) > _KNOWN_STARTS:
+            self._starts.popitem(last=False)
+
+    async def _on_complete(self, run_id: str, event: Event) -> None:
         if not isinstance(event, RunCompleted | RunFailed | RunCancelled | RunTerminated):
             return
-        start = await run_start(self._conn, run_id)
-        if start is None or start.on_complete is None:
+        known = self._starts.pop(run_id, None)
+        if known is None:
+            start = await run_start(self._conn, run_id)
+            if start is None:
+                return
+            known = (start.workflow, start.on_complete, start.on_complete_queue or "default")
+        workflow, target, queue = known
+        if target is None:
             return
-        outcome = outcome_of(run_id, start.workflow, event)
+        outcome = outcome_of(run_id, workflow, event)
         assert outcome is not None
         child_id = on_complete_run_id(run_id)
         data = _encoder.encode(outcome)
         if len(data) > self._conn.max_payload - 8192:  # the result alone filled a message
             data = _encoder.encode(msgspec.structs.replace(outcome, result=None))
-        queue = start.on_complete_queue or "default"
-        _, created = await self._runs.start(start.on_complete, queue, data, child_id)
+        _, created = await self._runs.start(target, queue, data, child_id)
         if created:
             self.on_complete_started += 1
-            log.info(
-                "run %s %s: started %s as %s", run_id, outcome.status, start.on_complete, child_id
-            )
+            log.info("run %s %s: started %s as %s", run_id, outcome.status, target, child_id)
 
     async def _start_restarted(self, run_id: str) -> None:
         """A restarted run's copied history is complete: make sure it has a task (its

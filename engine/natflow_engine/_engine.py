@@ -79,6 +79,11 @@ def dispatcher_config() -> api.ConsumerConfig:
     )
 
 
+def _buffered(puller: Puller) -> int:
+    """Messages delivered to the dispatcher and not yet processed."""
+    return puller.messages.statistics().current_buffer_used
+
+
 class Engine:
     """Runs the engine services on one connection until cancelled."""
 
@@ -120,9 +125,13 @@ class Engine:
         self.ready.set()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(puller.keep_asking, lambda: _DISPATCH_WINDOW)
+                # Ask for what the dispatcher can take, not for what it has been handed: a
+                # backlog held unprocessed would outlive its ack deadline and come back twice.
+                tg.start_soon(puller.keep_asking, lambda: _DISPATCH_WINDOW - _buffered(puller))
                 async for msg in puller.messages:
                     await self._dispatch(msg)
+                    if _buffered(puller) < _DISPATCH_WINDOW // 2:
+                        puller.wake()
         finally:
             # Shielded: a cancelled engine that kept this subscription would keep receiving
             # (and never acknowledging) the events its outstanding pull asked for.

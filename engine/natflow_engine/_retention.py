@@ -9,8 +9,9 @@ still exists and is still closed.
 Retention: ``natflow engine --retention DURATION`` keeps a closed run that long after it
 closed; ``@workflow(retention=...)`` sets a run's own (carried in its ``run_started``, kept
 in its index entry). Each engine replica sweeps the run index now and then (a quarter of the
-shortest retention it knows, between 0.5 s and 60 s) and deletes what has outlived its
-retention; replicas deleting the same run at once do no harm (a purge of nothing is fine).
+shortest retention it knows, between 0.5 s and 60 s; every 5 minutes while it knows none) and
+deletes what has outlived its retention; replicas deleting the same run at once do no harm
+(a purge of nothing is fine).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ log = logging.getLogger("natflow.retention")
 
 MIN_SWEEP: Final = 0.5
 MAX_SWEEP: Final = 60.0
+# With no retention anywhere (no engine setting, no run that carries one), the index is only
+# looked through now and then, for runs of a workflow that declares its own.
+IDLE_SWEEP: Final = 300.0
 _PAGE: Final = 1000
 _PARALLEL: Final = 16  # runs deleted at once by a sweep
 
@@ -128,7 +132,7 @@ class RetentionService:
 
     def sweep_interval(self) -> float:
         if self._shortest is None:
-            return MAX_SWEEP
+            return IDLE_SWEEP
         return min(MAX_SWEEP, max(MIN_SWEEP, self._shortest / 4))
 
     async def run(self) -> None:
