@@ -101,6 +101,13 @@ async def test_on_complete_runs_once_for_each_of_50_runs_across_an_engine_crash(
         f"{run_id} {CLOSED_AS.get(way, 'terminated')}" for run_id, way in runs.items()
     )
     assert outcomes(out) == expected
-    hooks = [r for r in await client.list(workflow="report", limit=500)]
+    for run_id in runs:  # one hook run each, under its derived id, and it completed
+        assert (await client.describe(f"{run_id}-oncomplete")).status == "completed"
+
+    async def indexed() -> bool:  # the engine's index lags a little behind history
+        hooks = await client.list(workflow="report", limit=500)
+        return len(hooks) == len(runs) and all(r.status == "completed" for r in hooks)
+
+    await wait_for(indexed, timeout=30, what="the hook runs in the index")
+    hooks = await client.list(workflow="report", limit=500)
     assert sorted(r.run_id for r in hooks) == sorted(f"{r}-oncomplete" for r in runs)
-    assert all(r.status == "completed" for r in hooks)

@@ -14,8 +14,9 @@ from natflow_engine._cli import main as cli_main
 from natflow_engine._engine import Engine
 from natflow_engine._restart import parse_step
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._signals import dead_letters
 
-from tests.helpers import count_lines, spawn_worker, stop
+from tests.helpers import count_lines, spawn_worker, stop, wait_for
 from tests.workflows_proc import COUNTS_ENV
 
 TARGET = "tests.workflows_restart"
@@ -63,6 +64,13 @@ async def test_a_run_failed_by_a_bug_restarts_at_its_failed_step_once_fixed(
     now = await client.history("buggy")
     assert now[:-1] == original and isinstance(now[-1], events.RunRestarted)
     assert (await client.describe("buggy")).status == "failed"
+    # A signal to the original is still dead-lettered, as for any closed run.
+    await client.connection.js.publish("natflow.signal.buggy.late", b"1")
+
+    async def dead_lettered() -> bool:
+        return any(d.run_id == "buggy" for d in await dead_letters(client.connection))
+
+    await wait_for(dead_lettered, what="the late signal's dead letter")
 
     # From a named step of a completed run, by the command line.
     code = await anyio.to_thread.run_sync(

@@ -44,7 +44,7 @@ from ._streams import (
     signal_subject,
 )
 from ._wake import run_start, wake
-from .events import TERMINAL_EVENTS, utcnow
+from .events import TERMINAL_EVENTS, RunRestarted, utcnow
 
 log = logging.getLogger("natflow.signals")
 
@@ -247,7 +247,7 @@ class SignalIntake:
             if start is None:
                 raise BadSignal(seq, msg.subject, signal.name, "no run has this id")
             last = await self._history.last(signal.run_id)
-            if last is not None and isinstance(last[0], TERMINAL_EVENTS):
+            if last is not None and isinstance(last[0], (*TERMINAL_EVENTS, RunRestarted)):
                 raise BadSignal(
                     seq,
                     msg.subject,
