@@ -7,6 +7,7 @@ from collections import Counter
 from datetime import timedelta
 
 import anyio
+import anyio.lowlevel
 from natflow import Client, WorkflowContext, events, workflow
 from natflow_engine._cli import main as cli_main
 from natflow_engine._engine import Engine
@@ -46,6 +47,13 @@ async def napper(ctx: WorkflowContext) -> object:
     await ctx.sleep("nap", 1)
     await ctx.step("after", count, "after")
     return await ctx.wait_for_signal("go")
+
+
+@workflow(name="steady")
+async def steady(ctx: WorkflowContext) -> int:
+    for _ in range(5):
+        await ctx.step("tick", count, "tick")
+    return 5
 
 
 @workflow(name="queued", queue="incidents")
@@ -106,6 +114,23 @@ async def test_a_sleep_due_while_paused_fires_right_after_resume(
     assert len(fired) == 1
     assert fired[0].at - resumed_at < timedelta(seconds=1.0)
     assert executions == Counter(before=1, after=1)
+
+
+async def test_a_run_paused_before_any_worker_took_it_starts_no_step(
+    client: Client, engine: Engine
+) -> None:
+    """The pause waits in the signal stream (no worker held the run to be nudged); the
+    worker that takes the run looks for signals beside its claim, before any step."""
+    executions.clear()
+    handle = await client.start(steady, run_id="paused-early")
+    await client.pause("paused-early")
+    async with running_worker(client, [steady]):
+        await wait_for(lambda: _is(client, "paused-early", "paused"), what="the pause")
+        await anyio.sleep(2.0)
+        assert executions["tick"] == 0
+        await client.resume("paused-early")
+        assert await handle.result(timeout=20) == 5
+    assert executions["tick"] == 5
 
 
 async def test_a_paused_queue_starts_no_run_until_resumed(

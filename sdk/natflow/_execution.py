@@ -41,6 +41,7 @@ from natflow_engine import (
     History,
     HistoryStore,
     InvalidInput,
+    NatflowError,
     encode_value,
     error_info,
     fields,
@@ -136,6 +137,7 @@ class RunExecution(WorkflowState):
         self._draining = False
         self._created_at: datetime | None = None  # when the server stored run_started
         self._send: MemoryObjectSendStream[Item] | None = None
+        self._signals_early = False
 
     def drain(self) -> None:
         """Start no new step; once running ones are recorded, hand the run back."""
@@ -148,6 +150,8 @@ class RunExecution(WorkflowState):
     def _notify(self, item: Item) -> None:
         if self._send is not None:
             self._send.send_nowait(item)
+        elif isinstance(item, SignalsArrived):
+            self._signals_early = True  # not live yet: look once it is
 
     async def execute(self) -> Outcome:
         """Replay, claim the run, continue live until it ends, waits, or is lost."""
@@ -158,8 +162,12 @@ class RunExecution(WorkflowState):
                 return Outcome.BLOCKED
             if not await self._has_work():
                 return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
-            if not await self._claim():
+            # Beside the claim, look for signals stored before this worker held the run (a
+            # pause or a cancellation sent while its task waited): no holder was nudged.
+            claimed, signalled = await asyncio.gather(self._claim(), self._newer_signals())
+            if not claimed:
                 return Outcome.STALE if self._optimistic else Outcome.LOST
+            self._signals_early = self._signals_early or signalled
             send, receive = anyio.create_memory_object_stream[Item](math.inf)
             self._send = send
             try:
@@ -184,6 +192,14 @@ class RunExecution(WorkflowState):
             return True
         # A signal for a wait, or a cancellation for any waiting run.
         return await last_signal_seq(self._conn, self.run_id) > self.signal_cursor
+
+    async def _newer_signals(self) -> bool:
+        """Whether the run has signals newer than history's (False if that cannot be read)."""
+        try:
+            return await last_signal_seq(self._conn, self.run_id) > self.signal_cursor
+        except NatflowError as exc:
+            log.debug("run %s: signals not checked (%s)", self.run_id, exc)
+            return False
 
     async def _append(self, event: Event) -> Event:
         event = (
@@ -274,6 +290,9 @@ class RunExecution(WorkflowState):
         self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]
     ) -> Outcome:
         assert self._root is not None
+        if self._signals_early:  # before the first step is launched
+            self._signals_early = False
+            await self._move_signals()
         while not self._root.done():
             if self.terminated is not None:
                 return await self._end(RunTerminated, self.terminated)

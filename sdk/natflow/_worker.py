@@ -10,6 +10,7 @@ announces itself in the worker registry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -481,6 +482,13 @@ class Worker:
             log.warning("run %s: could not write its lease (%s)", held.run_id, exc)
             return
         held.renewed_at = time.monotonic()
+        # A signal (a pause, a cancel) stored before the lease existed had no holder to
+        # nudge; one stored after it gets a nudge. Look once, beside the run's first steps.
+        execution = held.execution
+        if execution is not None:
+            with contextlib.suppress(NatflowError):
+                if await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor:
+                    execution.signals_arrived()
 
     async def _index_timers(self, held: _Held, execution: RunExecution) -> None:
         pending = execution.timers_to_index()
