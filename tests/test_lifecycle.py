@@ -140,3 +140,19 @@ async def test_a_redelivered_status_change_is_published_once(client: Client) -> 
     assert lifecycle_subject("odd.name *", "failed", "dup-1") == (
         "natflow.lifecycle.odd%2Ename%20%2A.failed.dup-1"
     )
+
+
+async def test_client_events_without_a_durable_name_filter_on_status(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, [flaky]):
+        await client.start(flaky, True, run_id="bad-1")
+        await client.start(flaky, False, run_id="good-1")
+        with pytest.raises(RunFailed):
+            await client.handle("bad-1").result(timeout=20)
+        assert await client.handle("good-1").result(timeout=20) == "ok"
+        seen: list[LifecycleEvent] = []
+        with anyio.move_on_after(3):
+            async for event in client.events(status="failed", from_start=True):
+                seen.append(event)
+    assert [(e.run_id, e.status, e.workflow) for e in seen] == [("bad-1", "failed", "flaky")]

@@ -148,7 +148,7 @@ async def test_retention_deletes_closed_runs_and_leaves_open_ones(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 async def test_storage_is_back_at_its_baseline_after_deleting_many_runs(
     client: Client, engine: Engine
 ) -> None:
