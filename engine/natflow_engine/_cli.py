@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_start)
 
     p = sub.add_parser("runs", help="list and inspect runs")
-    runs = p.add_subparsers(dest="runs_command", required=True, metavar="list|show|history")
+    runs = p.add_subparsers(dest="runs_command", required=True, metavar="list|show|history|...")
     q = runs.add_parser("list")
     q.add_argument("--workflow", default=None)
     q.add_argument("--status", default=None)
