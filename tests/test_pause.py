@@ -56,6 +56,18 @@ async def steady(ctx: WorkflowContext) -> int:
     return 5
 
 
+async def slow_tick() -> str:
+    await anyio.sleep(0.2)
+    return count("slow")
+
+
+@workflow(name="ticking", queue="incidents")
+async def ticking(ctx: WorkflowContext) -> int:
+    for _ in range(15):
+        await ctx.step("tick", slow_tick)
+    return 15
+
+
 @workflow(name="queued", queue="incidents")
 async def queued(ctx: WorkflowContext) -> str:
     return await ctx.step("only", count, "queued")
@@ -179,3 +191,34 @@ async def _is(client: Client, run_id: str, wanted: str) -> bool:
 
 async def _completed_steps(client: Client, run_id: str, n: int) -> bool:
     return sum(s.status == "completed" for s in await client.steps(run_id)) >= n
+
+
+async def test_pausing_a_queue_stops_the_runs_its_workers_hold(
+    client: Client, engine: Engine, nats_server: EmbeddedServer
+) -> None:
+    executions.clear()
+
+    def cli(*args: str) -> int:
+        return cli_main(["--url", nats_server.url, *args])
+
+    async with running_worker(client, [ticking], lease_ttl=1.5):
+        handle = await client.start(ticking, run_id="ticking-1")
+        await wait_for(lambda: _ran(1), what="the first tick")
+        assert await anyio.to_thread.run_sync(cli, "queues", "pause", "incidents") == 0
+
+        async def stopped() -> bool:  # within a heartbeat (lease_ttl / 3), plus the step
+            before = executions["slow"]
+            await anyio.sleep(0.6)
+            return executions["slow"] == before
+
+        await wait_for(stopped, timeout=5, what="the held run to stop starting steps")
+        frozen = executions["slow"]
+        await anyio.sleep(2.0)
+        assert executions["slow"] == frozen < 15
+        assert await anyio.to_thread.run_sync(cli, "queues", "resume", "incidents") == 0
+        assert await handle.result(timeout=30) == 15
+    assert executions["slow"] == 15
+
+
+async def _ran(n: int) -> bool:
+    return executions["slow"] >= n

@@ -54,6 +54,7 @@ from ._metrics import (
     step_attempt,
 )
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
+from ._queues import queue_paused
 from ._registry import WorkerInfo, announce, ping_subject, safe_identity, withdraw
 from ._restart import restart_run
 from ._retention import delete_run
@@ -181,6 +182,7 @@ __all__ = [
     "ping_subject",
     "prepare_worker",
     "queue_consumer",
+    "queue_paused",
     "replicas",
     "restart_run",
     "run_created_at",

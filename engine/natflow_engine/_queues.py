@@ -4,7 +4,9 @@ A queue's tasks reach its workers through one durable consumer (``natflow-queue-
 pausing the queue pauses that consumer on the server (``pause_until`` far ahead), so no run
 of the queue is taken and none starts a step, whichever worker or how many. The pause lives
 in JetStream: it survives restarts of workers, engines and the server, and a worker starting
-up leaves it alone. A run a worker holds at that moment carries on until it next waits.
+up leaves it alone. Workers look at their queues' pause state on every heartbeat: a run a
+worker holds of a paused queue starts no further step and, once its running steps are
+recorded, goes back to the queue (as a draining worker's runs do) to wait for the resume.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ async def resume_queue(conn: Connection, queue: str) -> None:
     await conn.admin(f"resuming queue {queue}", lambda: conn.jsm.resume_consumer(TASK_STREAM, name))
 
 
-async def queue_paused(conn: Connection, queue: str) -> bool:
+async def queue_paused(conn: Connection, queue: str, *, budget: float = 30.0) -> bool:
+    """Whether the queue is paused (``budget``: seconds to ride out a server restart)."""
     check_queue(queue)
     name = queue_consumer(queue)
-    info = await conn.admin(f"queue {queue}", lambda: conn.jsm.consumer_info(TASK_STREAM, name))
+    info = await conn.admin(
+        f"queue {queue}", lambda: conn.jsm.consumer_info(TASK_STREAM, name), budget=budget
+    )
     return bool(info.paused)

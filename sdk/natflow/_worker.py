@@ -55,6 +55,7 @@ from natflow_engine import (
     ping_subject,
     prepare_worker,
     queue_consumer,
+    queue_paused,
     safe_identity,
     schedule,
     serve_metrics,
@@ -232,6 +233,7 @@ class Worker:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat)
+                tg.start_soon(self._watch_paused_queues)
                 with self._runs_scope:
                     async with anyio.create_task_group() as runs:
                         async with anyio.create_task_group() as pulling:
@@ -531,6 +533,21 @@ class Worker:
                 for held in list(self._held.values()):
                     tg.start_soon(self._renew, held)
             await self._announce()
+
+    async def _watch_paused_queues(self) -> None:
+        """``natflow queues pause``: runs held here of a paused queue start no further step;
+        once their running steps are recorded they go back to the (paused) queue."""
+        while True:
+            await anyio.sleep(max(0.2, self.lease_ttl / 3))
+            for queue in self.queues:
+                try:
+                    paused = await queue_paused(self._conn, queue, budget=1.0)
+                except (NatflowError, nats.errors.Error, nats.js.errors.Error) as exc:
+                    log.debug("queue %s: pause state unknown (%s)", queue, exc)
+                    continue
+                for held in list(self._held.values()) if paused else []:
+                    if held.queue == queue and held.execution is not None:
+                        held.execution.drain()
 
     async def _renew(self, held: _Held) -> None:
         await self._quietly(held.msg.in_progress())
