@@ -115,6 +115,17 @@ async def test_client_events_follow_status_changes_in_order(client: Client, engi
     ]
     assert got[-1].result == "ok" and got[-1].previous == "running"
     assert len({e.seq for e in got}) == 3
+    # The same durable name later goes on after what it has seen.
+    async with running_worker(client, [flaky]):
+        await client.start(flaky, False, run_id="followed-2")
+        got.clear()
+        with anyio.fail_after(20):
+            await follow()
+    assert [(e.run_id, e.status) for e in got] == [
+        ("followed-2", "pending"),
+        ("followed-2", "running"),
+        ("followed-2", "completed"),
+    ]
 
 
 async def test_a_redelivered_status_change_is_published_once(client: Client) -> None:

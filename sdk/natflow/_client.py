@@ -269,7 +269,8 @@ class Client:
         ``workflow`` and ``status`` filter (``status="failed"``). Without ``durable`` it
         yields what happens from now on (``from_start=True``: everything still stored
         first). With ``durable`` (a name) the server remembers how far this consumer got, so
-        a later call with the same name catches up on what happened in between.
+        a later call with the same name catches up on what happened in between (an event
+        counts as seen once the loop asks for the next one or leaves).
 
         Example::
 

@@ -71,7 +71,7 @@ async def _durable(
 ) -> AsyncIterator[LifecycleEvent]:
     """A durable pull consumer: the server remembers what was acknowledged, so the next
     call with the same name goes on where this one stopped (an event is acknowledged once
-    the caller asks for the next)."""
+    the caller asks for the next, or leaves its loop)."""
     config = api.ConsumerConfig(
         deliver_policy=api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW,
         ack_wait=30.0,
@@ -92,8 +92,10 @@ async def _durable(
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             for msg in msgs:
-                yield decode_lifecycle(msg.data)
-                await _quietly(msg.ack())
+                try:
+                    yield decode_lifecycle(msg.data)
+                finally:  # seen once the caller asks for the next event, or leaves the loop
+                    await _quietly(msg.ack())
     finally:
         await _quietly(sub.unsubscribe())
 
