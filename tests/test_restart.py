@@ -52,8 +52,13 @@ async def test_a_run_failed_by_a_bug_restarts_at_its_failed_step_once_fixed(
     processes.append(fixed)
     with pytest.raises(NatflowError, match="no step nine#1"):
         await client.restart("buggy", from_step="nine")
+    stop(fixed, signal.SIGKILL)  # no worker for a moment: the restarted run waits
     again = await client.restart("buggy")  # from its first failed step: three
     assert again.run_id == "buggy-r1"
+    waiting = await client.describe("buggy-r1")
+    assert (waiting.status, waiting.current) == ("pending", "restarts at step three#1")
+    fixed = spawn_worker(nats_server.url, TARGET, env=env, log=tmp_path / "w3.log")
+    processes.append(fixed)
     assert await again.result(timeout=30) == [1, 2, 3, 4]
     # Steps one and two were not run again; three (fixed) and four ran once each.
     assert executions(counts, "buggy") == Counter(one=1, two=1, three=1)

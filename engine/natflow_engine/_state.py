@@ -11,6 +11,7 @@ from ._errors import ErrorInfo
 from .events import (
     CancelRequested,
     Event,
+    RestartSeeded,
     RunBlocked,
     RunCancelled,
     RunClaimed,
@@ -188,6 +189,9 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     info.updated_at = event.at
     if isinstance(event, RunRestarted):
         info.restarted_as = event.restarted_as
+        return
+    if isinstance(event, RestartSeeded):  # copied outcomes end here; no worker has it yet
+        info.status, info.current = "pending", f"restarts at step {event.step}#{event.occurrence}"
         return
     if _apply_pause(info, event, running):
         return
