@@ -16,11 +16,18 @@ import pytest
 from natflow import Workflow
 from natflow.testing import Replayer, load_history
 from natflow_engine import History
-from natflow_engine.events import RunCancelled, RunCompleted
+from natflow_engine._state import fold_run
+from natflow_engine.events import RunCancelled, RunCompleted, RunRestarted
 
 from examples.greeting import greet
 from examples.order import order
-from tests.workflows_recorded import recorded_cancel, recorded_mix, recorded_patch, recorded_retry
+from tests.workflows_recorded import (
+    recorded_cancel,
+    recorded_mix,
+    recorded_patch,
+    recorded_pause,
+    recorded_retry,
+)
 from tests.workflows_triggers import fulfil, tick
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -35,6 +42,7 @@ WORKFLOWS: dict[str, Workflow] = {
         recorded_retry,
         recorded_patch,
         recorded_cancel,
+        recorded_pause,
         tick,
         fulfil,
     )
@@ -48,6 +56,11 @@ def load(path: Path) -> History:
 @pytest.mark.parametrize("path", sorted(HISTORIES.glob("*.jsonl")), ids=lambda p: p.stem)
 def test_recorded_history_replays_to_its_recorded_result(path: Path) -> None:
     history = load(path)
+    while isinstance(history.events[-1], RunRestarted):  # appended after the run closed
+        link = history.events.pop()
+        info = fold_run(path.stem, [*history.events, link])
+        assert info is not None and info.restarted_as == link.restarted_as
+        assert info.status == "completed"
     final = history.events[-1]
     assert isinstance(final, RunCompleted | RunCancelled)
     history.events = history.events[:-1]  # the outcome must come from the replay alone

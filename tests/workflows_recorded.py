@@ -65,3 +65,12 @@ async def recorded_cancel(ctx: WorkflowContext, x: int) -> int:
         return await ctx.step("first", double, x)
     finally:
         await ctx.step("cleanup", double, x)
+
+
+@workflow(name="recorded_pause", retention=3600)
+async def recorded_pause(ctx: WorkflowContext, x: int) -> dict[str, object]:
+    """Recorded paused during its nap and resumed after it fell due (run_paused/run_resumed)."""
+    a = await ctx.step("double", double, x)
+    await ctx.sleep("nap", 0.5)
+    b = await ctx.step("double", double, a)
+    return {"a": a, "b": b}

@@ -46,6 +46,8 @@ class Runs:
         not_before: datetime | None = None,
         trigger: Trigger | None = None,
         trace_context: dict[str, str] | None = None,
+        on_complete: tuple[str, str] | None = None,
+        retention: float | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
@@ -55,10 +57,15 @@ class Runs:
         so two starts of one id make one run. Then its task is enqueued; if this process dies
         in between, the engine's dispatcher enqueues it (a start is never lost).
         ``trace_context`` is the W3C trace context of the starter's span, kept in history.
+        ``on_complete`` is ``(workflow, queue)`` of the run to start when this one closes;
+        ``retention`` the seconds this run is kept once closed (None: the engine's setting).
         """
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
         check_queue(queue)
+        if on_complete is not None:
+            check_workflow_name(on_complete[0])
+            check_queue(on_complete[1])
         if self.conn.codec is not None:  # sealed here, so the task's inline copy is too
             input_json = seal(self.conn.codec, input_json)
         self.conn.check_size(f"input of run {run_id!r}", len(input_json))
@@ -73,6 +80,9 @@ class Runs:
             not_before=not_before,
             trigger=trigger,
             trace_context=trace_context,
+            on_complete=on_complete[0] if on_complete else None,
+            on_complete_queue=on_complete[1] if on_complete else None,
+            retention=retention,
         )
         try:
             seq = await self.history.append(run_id, event, 0)

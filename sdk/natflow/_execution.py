@@ -27,6 +27,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from natflow_engine import (
     CONTROL,
     FENCED,
+    PAUSE,
+    RESUME,
     SIGNALS_DELIVERED,
     SIGNALS_REJECTED,
     STEP_RETRIES,
@@ -61,6 +63,8 @@ from natflow_engine.events import (
     RunClaimed,
     RunCompleted,
     RunFailed,
+    RunPaused,
+    RunResumed,
     RunTerminated,
     SignalReceived,
     SignalRejected,
@@ -179,6 +183,8 @@ class RunExecution:
     def _notify(self, item: Item) -> None:
         if self._send is not None:
             self._send.send_nowait(item)
+        elif isinstance(item, SignalsArrived):
+            self._signals_early = True  # not live yet: look once it is
 
     async def execute(self) -> Outcome:
         """Replay, claim the run, continue live until it ends, waits, or is lost."""
@@ -350,10 +356,15 @@ class RunExecution:
             await self._flush_records()
             self._launch(tg)
             state.drop_abandoned_timers()
-            self._arm_timers()
+            if not state.paused:
+                self._arm_timers()
             if self._inflight == 0:
                 if self._draining:
                     return Outcome.HANDED_BACK
+                if state.paused:  # only a resume (or a cancellation) can move it on
+                    if not await self._move_signals():
+                        return Outcome.SUSPENDED
+                    continue
                 if not state.timers and not state.waits_for_signals:
                     return await self._fail(
                         ErrorInfo(
@@ -400,8 +411,8 @@ class RunExecution:
         self._armed.pop(seq, None)
         due = self.state.timers.get(seq)
         command = self.state.command(seq)
-        if due is None or command is None:
-            return
+        if due is None or command is None or self.state.paused:
+            return  # a paused run's timers are armed again when it is resumed
         early = (due - utcnow()).total_seconds()
         if early > 0:  # never before its due time
             self._arm(seq, due)
@@ -449,6 +460,10 @@ class RunExecution:
                 state.signal_cursor = seq
                 continue
             state.signal_cursor = seq
+            if signal.name in (PAUSE, RESUME):
+                await self._pause_or_resume(seq, signal.name, signal.payload)
+                moved = True
+                continue
             if signal.name in CONTROL:
                 cancel = await self._append(
                     CancelRequested(
@@ -534,6 +549,24 @@ class RunExecution:
         )
         SIGNALS_REJECTED.labels("worker").inc()
 
+    async def _pause_or_resume(self, seq: int, name: str, payload: bytes) -> None:
+        pause = name == PAUSE
+        if pause == self.state.paused:
+            return  # paused (or running) already: nothing changes
+        event: RunPaused | RunResumed = (
+            RunPaused(
+                id=self._next_id(),
+                at=utcnow(),
+                signal_seq=seq,
+                reason=(cancel_reason(payload) or "")[:_MAX_REASON] or None,
+            )
+            if pause
+            else RunResumed(id=self._next_id(), at=utcnow(), signal_seq=seq)
+        )
+        await self._append(event)
+        self.state.paused = pause
+        log.info("run %s %s", self.run_id, "paused" if pause else "resumed", extra=self._fields())
+
     def _count_step(self, event: StepCompleted | StepFailed) -> None:
         if isinstance(event, StepCompleted):
             STEPS.labels(self.workflow.name, event.name, "completed").inc()
@@ -566,8 +599,8 @@ class RunExecution:
         return StepCompleted(**common, result=msgspec.Raw(item.result))
 
     def _launch(self, tg: anyio.abc.TaskGroup) -> None:
-        if self._draining:
-            return  # the next holder replays and issues these again
+        if self._draining or self.state.paused:
+            return  # the next holder (or the resumed run) issues these again
         assert self._send is not None
         for command in self.state.take_launches():
             self._inflight += 1
