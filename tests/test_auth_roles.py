@@ -30,7 +30,8 @@ from natflow_engine._auth import permissions_conf, role_permissions
 from natflow_engine._history import HistoryStore
 from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
-from natflow_engine._streams import stream_configs
+from natflow_engine._signals import PAUSE, RESUME, control_request
+from natflow_engine._streams import signal_subject, stream_configs
 from natflow_engine.events import RunCompleted, utcnow
 
 from tests.helpers import running_engine, running_worker, wait_for
@@ -147,7 +148,11 @@ async def test_each_role_does_its_job(deployment: dict[str, Client]) -> None:
     )
     await deployment["signaller"].signal("roles-1", "approve", {"by": "signaller"})
     assert await handle.result(timeout=15) == {"doubled": 42, "approval": {"by": "signaller"}}
-    assert [r.run_id for r in await viewer.list()] == ["roles-1"]
+
+    async def indexed() -> bool:  # the index is a projection the engine writes a moment later
+        return [r.run_id for r in await viewer.list()] == ["roles-1"]
+
+    await wait_for(indexed, timeout=10, what="the run in the index")
     assert (await viewer.describe("roles-1")).status == "completed"
     # The registry names the user the worker connected as, as the server knows it.
     assert [(w.user, w.account) for w in await list_workers(viewer.connection)] == [
@@ -350,3 +355,20 @@ async def test_a_client_before_the_streams_exist_is_told_who_creates_them(
         assert "natflow init" in str(caught.value)
     finally:
         await client.close()
+
+
+def test_pause_and_resume_are_control_grants_of_their_own() -> None:
+    """Pause and resume travel on the run's control subject like cancel: the client role has
+    them, the signaller only when given, and each one alone."""
+    assert signal_subject("r-1", PAUSE) == "natflow.signal.r-1.$control.pause"
+    assert control_request("natflow.signal.r-1.$control.resume") == RESUME
+    client = role_permissions("client").publish
+    for kind in ("cancel", "terminate", "pause", "resume"):
+        assert f"natflow.signal.*.$control.{kind}" in client
+    signaller = role_permissions("signaller", control=["pause"]).publish
+    assert "natflow.signal.*.$control.pause" in signaller
+    assert "natflow.signal.*.$control.resume" not in signaller
+    viewer = role_permissions("viewer").publish
+    assert not any("$control" in s for s in viewer)
+    assert "$JS.API.STREAM.INFO.NATFLOW_LIFECYCLE" in viewer  # client.events
+    assert "natflow.lifecycle.>" in role_permissions("engine").publish
