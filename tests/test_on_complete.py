@@ -10,12 +10,12 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
-from natflow import Client, RunCancelled, RunFailed, RunNotFound, events
+from natflow import AesGcmCodec, Client, RunCancelled, RunFailed, RunNotFound, events
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 
 from tests.helpers import running_worker, stop, wait_for
-from tests.workflows_closing import OUTCOMES_ENV, closing, report
+from tests.workflows_closing import OUTCOMES_ENV, closing, echo_outcome, report
 from tests.workflows_waits import engine_process
 
 WAYS = ("complete", "fail", "cancel", "terminate")
@@ -111,3 +111,26 @@ async def test_on_complete_runs_once_for_each_of_50_runs_across_an_engine_crash(
     await wait_for(indexed, timeout=30, what="the hook runs in the index")
     hooks = await client.list(workflow="report", limit=500)
     assert sorted(r.run_id for r in hooks) == sorted(f"{r}-oncomplete" for r in runs)
+
+
+async def test_on_complete_opens_the_sealed_outcome_of_a_run(
+    nats_server: EmbeddedServer, engine: Engine
+) -> None:
+    """With a payload codec the closed run's result and error are sealed in history; the
+    engine (no key) hands them on as they are, and the hook's worker opens them."""
+    codec = AesGcmCodec({"k1": bytes(range(32))}, current="k1")
+    client = await Client.connect(nats_server.url, codec=codec)
+    try:
+        async with running_worker(client, [closing, echo_outcome]):
+            for run_id, way in (("sealed-ok", "complete"), ("sealed-bad", "fail")):
+                await client.start(
+                    closing, {"way": way, "nap": 0}, run_id=run_id, on_complete=echo_outcome
+                )
+            await wait_for(lambda: started(client, "sealed-ok-oncomplete"), what="hook 1")
+            await wait_for(lambda: started(client, "sealed-bad-oncomplete"), what="hook 2")
+            ok = await client.handle("sealed-ok-oncomplete").result(timeout=20)
+            bad = await client.handle("sealed-bad-oncomplete").result(timeout=20)
+    finally:
+        await client.close()
+    assert ok == {"status": "completed", "result": "done", "error": None}
+    assert bad == {"status": "failed", "result": None, "error": "failed on purpose"}

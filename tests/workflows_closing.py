@@ -33,3 +33,10 @@ async def closing(ctx: WorkflowContext, how: dict[str, object]) -> str:
     if how["way"] in ("cancel", "terminate"):
         await ctx.wait_for_signal("never")
     return "done"
+
+
+@workflow(name="echo_outcome")
+async def echo_outcome(ctx: WorkflowContext, outcome: RunOutcome) -> dict[str, object]:
+    """Returns what it was told of the closed run (its result or error message)."""
+    error = outcome.error.message if outcome.error is not None else None
+    return {"status": outcome.status, "result": outcome.result, "error": error}

@@ -131,7 +131,7 @@ class RunHooks:
         data = _encoder.encode(outcome)
         if len(data) > self._conn.max_payload - 8192:  # the result alone filled a message
             data = _encoder.encode(msgspec.structs.replace(outcome, result=None))
-        _, created = await self._runs.start(target, queue, data, child_id)
+        _, created = await self._runs.start(target, queue, data, child_id, on_complete_of=run_id)
         if created:
             self.on_complete_started += 1
             log.info("run %s %s: started %s as %s", run_id, outcome.status, target, child_id)

@@ -48,6 +48,7 @@ class Runs:
         trace_context: dict[str, str] | None = None,
         on_complete: tuple[str, str] | None = None,
         retention: float | None = None,
+        on_complete_of: str | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
@@ -58,7 +59,8 @@ class Runs:
         in between, the engine's dispatcher enqueues it (a start is never lost).
         ``trace_context`` is the W3C trace context of the starter's span, kept in history.
         ``on_complete`` is ``(workflow, queue)`` of the run to start when this one closes;
-        ``retention`` the seconds this run is kept once closed (None: the engine's setting).
+        ``retention`` the seconds this run is kept once closed (None: the engine's setting);
+        ``on_complete_of`` the closed run whose outcome this run's input is.
         """
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
@@ -83,6 +85,7 @@ class Runs:
             on_complete=on_complete[0] if on_complete else None,
             on_complete_queue=on_complete[1] if on_complete else None,
             retention=retention,
+            on_complete_of=on_complete_of,
         )
         try:
             seq = await self.history.append(run_id, event, 0)

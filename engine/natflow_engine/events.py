@@ -69,6 +69,7 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     on_complete_queue: str | None = None  # its queue (None: "default")
     retention: float | None = None  # seconds the closed run is kept (None: the engine's)
     restarted_from: str | None = None  # the run this one restarts (its seed follows)
+    on_complete_of: str | None = None  # the closed run whose RunOutcome is this run's input
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):
