@@ -34,6 +34,7 @@ async def test_a_run_failed_by_a_bug_restarts_at_its_failed_step_once_fixed(
     nats_server: EmbeddedServer,
     tmp_path: Path,
     processes: list[subprocess.Popen[bytes]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     counts = tmp_path / "counts.txt"
     env = {COUNTS_ENV: str(counts)}
@@ -84,6 +85,12 @@ async def test_a_run_failed_by_a_bug_restarts_at_its_failed_step_once_fixed(
     assert code == 0
     assert await client.handle("buggy-r1-r1").result(timeout=30) == [1, 2, 3, 4]
     assert executions(counts, "buggy-r1-r1") == Counter(two=1, three=1, four=1)
+    capsys.readouterr()
+    code = await anyio.to_thread.run_sync(
+        cli_main, ["--url", nats_server.url, "runs", "show", "buggy-r1"]
+    )
+    shown = capsys.readouterr().out
+    assert code == 0 and "restarts  buggy\n" in shown and "restarted as buggy-r1-r1" in shown
 
 
 async def test_an_open_run_is_not_restarted(client: Client, engine: Engine) -> None:

@@ -329,6 +329,10 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     print(f"created   {when(info.created_at)}")
     if info.trigger:
         print(f"started by {describe_trigger(info.trigger)}")
+    if info.restarted_from:
+        print(f"restarts  {info.restarted_from}")
+    if info.restarted_as:
+        print(f"restarted as {info.restarted_as}")
     if info.closed_at:
         print(f"closed    {when(info.closed_at)} (took {_took(info.created_at, info.closed_at)})")
     if info.status == "completed":
