@@ -48,7 +48,7 @@ bench: $(STAMP)
 
 # The console's runs page with 100,000 runs stored (add --browser to time Chromium too).
 bench-console: $(STAMP)
-	$(BIN)/python scripts/bench_console.py
+	$(BIN)/python -m natflow_engine.console._bench
 
 clean:
 	rm -rf $(VENV) .natflow .mypy_cache .ruff_cache .pytest_cache

@@ -104,7 +104,17 @@ def main() -> int:
     LOGS.mkdir(exist_ok=True)
     store = tempfile.mkdtemp(prefix="natflow-demo-")
     dev = spawn(
-        "dev", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--store-dir", store
+        "dev",
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--ui-port",
+        "0",
+        "--store-dir",
+        store,
     )
     worker = None
     try:

@@ -42,6 +42,8 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
     assert report["version"] == 1 and report["quick"] is True
     assert report["environment"]["embedded"] is True
     assert report["environment"]["server_version"] != "?"
+    # as shipped: the embedded server is natflow's durable configuration, read from /jsz
+    assert report["environment"]["durability"].startswith("fsync before every ack")
 
     raw = report["raw"]
     assert_stats(raw["publish_rtt_ms"])
@@ -61,6 +63,7 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
     for key in ("runs_per_s", "steps_per_s", "history_appends_per_s", "start_rate_per_s"):
         assert_number(tp[key])
     assert len(tp["worker_peak_rss_mib"]) == 1
+    assert tp["cpu"]["engine"] is not None  # the engine ran beside the workers, as deployed
     assert_number(tp["worker_peak_rss_mib"][0])
 
     idle = report["start_latency"]
@@ -111,7 +114,9 @@ def test_bench_table_is_the_default_output() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("natflow bench: nats-server")
+    assert lines[1].startswith("durability: fsync before every ack")
     for label in (
+        "throughput: cpu per run, all processes",
         "raw: sync publish round trip",
         "sequential: step p50 (5 steps)",
         "throughput: 5 runs x 3 steps, 1 worker",

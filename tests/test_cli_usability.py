@@ -44,7 +44,7 @@ def test_every_command_has_a_description_and_every_option_says_what_it_takes() -
                 missing.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
         text = parser.format_help()
         for action in parser._actions:
-            shown = action.option_strings and action.dest not in ("password", "token")
+            shown = action.option_strings and not action.dest.endswith(("password", "token"))
             if shown and action.default not in (None, False, argparse.SUPPRESS):
                 assert f"{action.default}" in text, (parser.prog, action.dest)
 
@@ -53,10 +53,18 @@ def test_every_command_has_a_description_and_every_option_says_what_it_takes() -
 
 
 def test_secrets_from_the_environment_never_show_in_help() -> None:
-    env = {**os.environ, "NATFLOW_PASSWORD": "hunter2-secret", "NATFLOW_TOKEN": "tok-secret"}
-    done = subprocess.run([*NATFLOW, "--help"], env=env, capture_output=True, text=True)
-    assert done.returncode == 0
-    assert "hunter2-secret" not in done.stdout and "tok-secret" not in done.stdout
+    env = {
+        **os.environ,
+        "NATFLOW_PASSWORD": "hunter2-secret",
+        "NATFLOW_TOKEN": "tok-secret",
+        "NATFLOW_UI_TOKEN": "ui-secret",
+    }
+    for command in ((), ("dev",), ("ui",)):
+        done = subprocess.run(
+            [*NATFLOW, *command, "--help"], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert "secret" not in done.stdout, done.stdout
 
 
 async def test_usage_mistakes_are_one_line_naming_the_problem() -> None:
@@ -122,6 +130,9 @@ async def test_input_from_a_file_and_from_stdin(client: Client, tmp_path: Path) 
             check=False,
         )
     assert from_stdin.returncode == 0, from_stdin.stderr.decode()
+    # No engine runs here, so nothing indexed the runs: the empty list says where it comes from.
+    empty = await natflow(url, "runs", "list")
+    assert out(empty).startswith("no runs (the list is the engine's run index")
     for run_id, expected in (("in-1", {"from": "file", "n": [1, 2]}), ("in-2", {"from": "stdin"})):
         first = (await client.history(run_id))[0]
         assert isinstance(first, RunStarted) and json.loads(bytes(first.input)) == expected
@@ -188,7 +199,7 @@ async def test_credentials_the_server_refuses_are_named_and_the_password_never_s
             (server.url, ("--user", "ada", "--password", "wrong-pw-2")),
         ):
             proc = await natflow(url, *args, "runs", "list")
-            line = assert_one_clear_error(proc, "refused the credentials", "--password")
+            line = assert_one_clear_error(proc, "refused the credentials", "NATFLOW_PASSWORD")
             assert "wrong-pw" not in line
     finally:
         server.stop()
@@ -257,3 +268,25 @@ async def test_a_project_with_its_own_engine_and_sdk_runs_under_natflow_worker(
             proc.wait(timeout=30)
         assert proc.stderr is not None
         assert "Traceback" not in proc.stderr.read().decode()
+
+
+async def test_a_second_dev_on_the_same_store_is_refused(tmp_path: Path) -> None:
+    """nats-server would run two servers on one store's files; natflow dev refuses."""
+    args = ["dev", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--ui-port", "0"]
+    args += ["--store-dir", str(tmp_path / "store")]
+    log = tmp_path / "first.log"
+    with open(log, "wb") as out:  # noqa: ASYNC230 - a local file, opened once
+        first = subprocess.Popen(  # noqa: ASYNC220 - a process that runs beside the test
+            [*NATFLOW, *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+
+        async def running() -> bool:
+            return "engine running" in log.read_text()
+
+        await wait_for(running, timeout=30, what="the first natflow dev")
+        second = await natflow("nats://127.0.0.1:1", *args)
+        assert_one_clear_error(second, "already uses the store", "--store-dir DIR")
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=30)

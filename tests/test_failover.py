@@ -13,6 +13,7 @@ from natflow import Client
 from natflow_engine._leases import Leases
 from natflow_engine._registry import ping_subject
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._streams import queue_consumer
 from natflow_engine.events import RunClaimed, StepCompleted
 
 from tests.helpers import count_lines, running_engine, spawn_worker, stop, wait_for
@@ -135,7 +136,7 @@ async def test_killing_stream_and_consumer_leaders_under_load_loses_and_repeats_
             handles = []
             victims = [
                 ("NATFLOW_HISTORY", None),
-                ("NATFLOW_TASKS", "natflow-queue-default"),
+                ("NATFLOW_TASKS", queue_consumer("default", "chaos_steps")),
                 ("NATFLOW_HISTORY", None),
             ]
             for round_no, (stream, consumer) in enumerate(victims):

@@ -50,6 +50,8 @@ async def test_base_exceptions_from_steps_and_workflows_are_failures_not_exits(
             "exit": await client.start("base_steps", "exit", run_id="b-exit"),
             "interrupt": await client.start("base_steps", "interrupt", run_id="b-interrupt"),
             "base": await client.start("base_steps", "base", run_id="b-base"),
+            "cancelled": await client.start("base_steps", "cancelled", run_id="b-cancelled"),
+            "unprintable": await client.start("base_steps", "unprintable", run_id="b-unprint"),
         }
         itself = await client.start("exits_itself", 4, run_id="b-itself")
         for kind, handle in runs.items():
@@ -59,7 +61,13 @@ async def test_base_exceptions_from_steps_and_workflows_are_failures_not_exits(
             assert info.status == "failed", info
             failed = [e for e in await client.history(handle.run_id) if isinstance(e, StepFailed)]
             assert [e.error.type for e in failed] == [
-                {"exit": "SystemExit", "interrupt": "KeyboardInterrupt", "base": "Custom"}[kind]
+                {
+                    "exit": "SystemExit",
+                    "interrupt": "KeyboardInterrupt",
+                    "base": "Custom",
+                    "cancelled": "CancelledError",
+                    "unprintable": "RuntimeError",  # what its str() raised, recorded instead
+                }[kind]
             ]
         info = await wait_for(lambda: _closed(client, itself.run_id), timeout=30, what="itself")
         assert info.status == "failed" and info.error is not None
@@ -76,6 +84,8 @@ async def test_base_exceptions_from_steps_and_workflows_are_failures_not_exits(
                 "b-exit:exits": 1,
                 "b-interrupt:interrupts": 1,
                 "b-base:raises_base": 1,
+                "b-cancelled:cancels_itself": 1,
+                "b-unprint:unprintable": 1,
                 "b-itself:double": 1,
                 "b-good:double": 1,
             }

@@ -268,8 +268,33 @@ async def test_malformed_and_misaddressed_tasks_are_dead_lettered(
             "natflow.task.default.doubler.junk-2",
         ]
         assert procs[0].poll() is None
-        tasks = await conn.jsm.stream_info("NATFLOW_TASKS")
-        assert tasks.state.messages == 0  # terminated, not redelivered forever
+
+        async def no_tasks_left() -> bool:  # terminated, not redelivered forever
+            return (await conn.jsm.stream_info("NATFLOW_TASKS")).state.messages == 0
+
+        await wait_for(no_tasks_left, timeout=10, what="the task queue to empty")
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)
+
+
+async def test_a_signal_to_a_run_whose_start_is_garbage_is_dead_lettered(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    await ensure_streams(client.connection)
+    await client.connection.publish(history_subject("rotten-1"), b'{"type":"run_started"}')
+    await client.connection.publish("natflow.signal.rotten-1.go", b"1")  # from any client
+
+    async def letter() -> list[str]:
+        found = [d.reason for d in await dead_letters(client.connection) if d.run_id == "rotten-1"]
+        return found
+
+    reasons = await wait_for(letter, timeout=15, what="the signal dead-lettered")
+    assert "corrupt" in reasons[0], reasons
+    procs = spawn(nats_server, tmp_path, 1)
+    try:
+        good = await client.start("doubler", 8, run_id="after-rotten")
+        assert await good.result(timeout=30) == 16
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)

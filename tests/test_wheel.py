@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import ROOT
+from tests.test_worker_startup import free_port
 
 APP = """
 import engine  # the user's own module of that name, not natflow's
@@ -96,10 +98,13 @@ def test_the_wheel_alone_runs_dev_worker_start_and_runs_from_an_empty_folder(
         assert done.returncode != 0, f"`import {name}` works: the wheel installs a top-level {name}"
     assert run([natflow, "--version"], empty, env).strip() == "natflow 0.1.0"
 
+    ui_port = free_port()
+    dev_command = [natflow, "dev", "--port", "0", "--http-port", "0", "--metrics-port", "0"]
+    dev_command += ["--ui-port", str(ui_port)]
     dev_log = tmp_path / "dev.log"
     with open(dev_log, "w") as out:
         dev = subprocess.Popen(
-            [natflow, "dev", "--port", "0", "--http-port", "0", "--metrics-port", "0"],
+            dev_command,
             cwd=empty,
             env=env,
             stdout=out,
@@ -109,7 +114,7 @@ def test_the_wheel_alone_runs_dev_worker_start_and_runs_from_an_empty_folder(
     worker = None
     try:
         deadline = time.monotonic() + 60
-        while "engine running" not in dev_log.read_text():
+        while "natflow console at" not in dev_log.read_text():
             assert dev.poll() is None, dev_log.read_text()
             assert time.monotonic() < deadline, dev_log.read_text()
             time.sleep(0.1)
@@ -119,6 +124,9 @@ def test_the_wheel_alone_runs_dev_worker_start_and_runs_from_an_empty_folder(
         assert "natflow's default" in text  # no file at hand: the packaged configuration
         assert f"{empty / '.natflow' / 'jetstream'}" in text  # the store, printed
         env["NATFLOW_URL"] = url.group(1)
+        # The console's templates and static files are in the wheel too.
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/", timeout=10) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
 
         project = write_user_project(tmp_path / "project")
         worker_log = tmp_path / "worker.log"

@@ -6,6 +6,7 @@ Run as ``natflow worker tests.workflows_poison:make_worker``. Step bodies append
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -40,6 +41,21 @@ async def raises_base(run_id: str) -> int:
     raise Custom("not an Exception")
 
 
+async def cancels_itself(run_id: str) -> int:
+    _count(run_id, "cancels_itself")
+    raise asyncio.CancelledError  # as a library's own timeout might: not a cancellation
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+def unprintable(run_id: str) -> int:
+    _count(run_id, "unprintable")
+    raise Unprintable
+
+
 def kills(run_id: str) -> int:
     _count(run_id, "kills")
     os._exit(7)  # the process ends here, as a crash in native code would end it
@@ -58,7 +74,13 @@ async def sleeps_blocking(run_id: str, seconds: float) -> str:
 
 @workflow(name="base_steps")
 async def base_steps(ctx: WorkflowContext, kind: str) -> str:
-    fn = {"exit": exits, "interrupt": interrupts, "base": raises_base}[kind]
+    fn = {
+        "exit": exits,
+        "interrupt": interrupts,
+        "base": raises_base,
+        "cancelled": cancels_itself,
+        "unprintable": unprintable,
+    }[kind]
     await ctx.step(kind, fn, ctx.run_id)
     return "unreachable"
 

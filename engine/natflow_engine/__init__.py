@@ -39,6 +39,7 @@ from ._errors import (
 )
 from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
+from ._jsz import Jsz, read_jsz
 from ._leases import Lease, Leases
 from ._lifecycle import (
     LIFECYCLE_STREAM,
@@ -91,7 +92,7 @@ from ._sealing import (
     seal,
     sealed_key,
 )
-from ._server import EmbeddedServer
+from ._server import EmbeddedServer, shipped_server
 from ._signals import (
     CANCEL,
     CONTROL,
@@ -179,6 +180,7 @@ __all__ = [
     "History",
     "HistoryStore",
     "InvalidInput",
+    "Jsz",
     "Lease",
     "Leases",
     "LifecycleEvent",
@@ -257,6 +259,7 @@ __all__ = [
     "quarantined",
     "queue_consumer",
     "queue_paused",
+    "read_jsz",
     "recent_events",
     "redact_url",
     "replicas",
@@ -271,6 +274,7 @@ __all__ = [
     "send",
     "sequence",
     "serve_metrics",
+    "shipped_server",
     "step_attempt",
     "stored_at",
     "to_seconds",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import importlib.metadata
 import logging
 import os
@@ -15,7 +16,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import IO, Any, Final, NoReturn
 
 import anyio
 
@@ -30,10 +31,11 @@ from ._cli_schedules import register as register_triggers
 from ._connection import DEFAULT_URL, Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError
+from ._jsz import read_jsz
 from ._logs import configure_logging
 from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
 from ._sealing import AesGcmCodec
-from ._server import EmbeddedServer, PortInUse
+from ._server import PACKAGED_CONFIG, EmbeddedServer, PortInUse, relaxed_config
 from ._streams import ensure_streams
 from .console._cli import add_ui_options, serve_console_if_possible
 from .console._cli import register as register_console
@@ -94,9 +96,6 @@ async def _until_signalled(main: Callable[[], Awaitable[None]]) -> None:
         tg.cancel_scope.cancel()
 
 
-PACKAGED_CONFIG: Final = Path(__file__).with_name("nats.conf")
-
-
 def server_config(given: str | None) -> tuple[Path, str]:
     """The nats-server configuration and where it came from.
 
@@ -121,6 +120,12 @@ def server_config(given: str | None) -> tuple[Path, str]:
 
 def _server_for(args: argparse.Namespace) -> tuple[EmbeddedServer, str]:
     config, source = server_config(args.config)
+    fast = getattr(args, "fast", False)
+    if fast and config != PACKAGED_CONFIG:
+        raise NatflowError(
+            f"--fast relaxes natflow's own configuration, but {config} ({source}) is in use; "
+            "remove `sync_interval: always` from its jetstream block instead, or leave out --fast"
+        )
     extra: list[str] = []
     if args.port is not None:
         extra += ["-p", str(args.port or -1)]  # 0: any free port (nats-server says -1)
@@ -137,14 +142,37 @@ def _server_for(args: argparse.Namespace) -> tuple[EmbeddedServer, str]:
             )
         extra += ["-sd", str(Path(store).resolve())]
     cwd = Path.cwd() if config == PACKAGED_CONFIG else config.parent
+    if fast:
+        assert store is not None  # the packaged configuration always gets one above
+        config, source = relaxed_config(Path(store)), f"{source}, relaxed by --fast"
     server = EmbeddedServer(config, cwd=cwd, store_dir=store, extra_args=tuple(extra))
     return server, source
+
+
+_store_locks: list[IO[bytes]] = []  # held until the process exits
+
+
+def _lock_store(store: Path) -> None:
+    """One server per store: nats-server itself would start a second one on the same files."""
+    store.mkdir(parents=True, exist_ok=True)
+    lock = open(store / "natflow.lock", "ab")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise NatflowError(
+            f"another natflow dev or server already uses the store {store}; stop it, or pass "
+            "--store-dir DIR for a store of its own"
+        ) from None
+    _store_locks.append(lock)
 
 
 def _start_server(args: argparse.Namespace) -> EmbeddedServer:
     """Start nats-server and say where it listens, which configuration it read, and where
     it stores data."""
     server, source = _server_for(args)
+    if server.store_given:
+        _lock_store(server.store_dir)
     try:
         server.start()
     except PortInUse as exc:
@@ -163,8 +191,21 @@ def _start_server(args: argparse.Namespace) -> EmbeddedServer:
     return server
 
 
+async def _print_durability(server: EmbeddedServer) -> None:
+    """Say what an acknowledged step survives, as the running server reports it."""
+    if not server.http_port:
+        return
+    try:
+        jsz = await read_jsz(f"http://127.0.0.1:{server.http_port}")
+    except NatflowError as exc:
+        log.warning("cannot tell the durability mode: %s", exc)
+        return
+    print(f"  durability     {jsz.durability()}", flush=True)
+
+
 async def cmd_server(args: argparse.Namespace) -> int:
     server = _start_server(args)
+    await _print_durability(server)
     print("Ctrl-C stops it", flush=True)
     try:
         await _until_signalled(lambda: anyio.sleep_forever())
@@ -176,6 +217,7 @@ async def cmd_server(args: argparse.Namespace) -> int:
 async def cmd_dev(args: argparse.Namespace) -> int:
     server = _start_server(args)
     try:
+        await _print_durability(server)
         conn = await connect(server.url, name="natflow-engine")
         port = serve_metrics(args.metrics_port, args.metrics_host)
         monitor = args.nats_monitor or (
@@ -230,7 +272,7 @@ def _metrics_where(host: str, port: int | None) -> str:
 
 # -- the parser --------------------------------------------------------------------------
 
-_SECRETS: Final = frozenset({"password", "token"})
+_SECRET_NAMES: Final = ("password", "token")  # options whose value is never shown
 _LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -247,7 +289,7 @@ class HelpFormatter(argparse.HelpFormatter):
             or default is False
             or default is argparse.SUPPRESS
             or "default" in text
-            or action.dest in _SECRETS
+            or action.dest.endswith(_SECRET_NAMES)
         ):
             return text
         return f"{text} (default: %(default)s)"
@@ -290,6 +332,14 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where JetStream keeps its data, in DIR/jetstream (env NATFLOW_STORE_DIR; "
         "default: ./.natflow with natflow's configuration, else the configuration's store_dir)",
+    )
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        default=os.environ.get("NATFLOW_FAST", "") not in ("", "0"),
+        help="acknowledge before fsync (env NATFLOW_FAST=1): faster, and a step survives a "
+        "crash of nats-server but not an OS crash or power loss; only with natflow's own "
+        "configuration (README, Durability)",
     )
     p.add_argument(
         "--port",

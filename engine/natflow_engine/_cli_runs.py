@@ -297,7 +297,13 @@ async def _list(conn: Connection, args: argparse.Namespace) -> int:
             right=0b10000,
         )
     else:
-        print("no runs" + ("" if args.workflow is None and args.status is None else " match"))
+        filtered = args.workflow is not None or args.status is not None
+        print(
+            "no runs match"
+            if filtered
+            else "no runs (the list is the engine's run index: is `natflow dev` or "
+            "`natflow engine` running?)"
+        )
     if total > len(found):
         print(f"{len(found)} of {total}; --limit N shows more", file=sys.stderr)
     return 0

@@ -30,7 +30,7 @@ from nats.js import api
 from . import _timers as timers
 from ._completion import RunHooks
 from ._connection import Connection
-from ._history import HistoryStore
+from ._history import CorruptHistory, HistoryStore
 from ._index import RunIndex
 from ._jsz import JetStreamUsage
 from ._metrics import EngineMetrics, observe_run
@@ -231,7 +231,10 @@ class Engine:
             await timers.cancel_run(self._conn, run_id)
 
     async def _ensure_task(self, run_id: str, start: RunStarted) -> None:
-        last = await self._history.last(run_id)
+        try:
+            last = await self._history.last(run_id)
+        except CorruptHistory:  # a worker must see it (and hold the run as blocked)
+            last = (start, 0)
         if last is None or not isinstance(last[0], RunStarted):
             return  # a worker has the run already
         if await enqueue(

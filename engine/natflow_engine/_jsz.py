@@ -59,6 +59,12 @@ class _Account(msgspec.Struct):
 class _Limits(msgspec.Struct):
     max_memory: int = 0
     max_storage: int = 0
+    sync_interval: int = 0  # nanoseconds between fsyncs when not sync_always
+    sync_always: bool = False
+
+
+class _MetaCluster(msgspec.Struct):
+    cluster_size: int = 0
 
 
 class Jsz(msgspec.Struct):
@@ -68,6 +74,26 @@ class Jsz(msgspec.Struct):
     storage: int = 0
     config: _Limits = msgspec.field(default_factory=_Limits)
     account_details: list[_Account] = []
+    meta_cluster: _MetaCluster | None = None
+
+    def durability(self) -> str:
+        """What an acknowledged append survives on this server, in a few words.
+
+        ``sync_always`` (``sync_interval: always``): fsynced before the ack, so it survives an
+        OS crash or power loss. Otherwise the file store acks once the write reached the page
+        cache and fsyncs every ``sync_interval``: it survives a crash of the server process
+        only. In a JetStream cluster an ack also means a quorum of replicas holds it (for R3
+        streams), whatever the sync.
+        """
+        if self.config.sync_always:
+            mode = "fsync before every ack (sync_interval: always)"
+        else:
+            seconds = self.config.sync_interval / 1e9
+            mode = f"ack before fsync, fsync every {seconds:g} s (relaxed)"
+        size = self.meta_cluster.cluster_size if self.meta_cluster else 0
+        if size > 1:
+            mode += f"; cluster of {size} (replicated streams ack on a quorum)"
+        return mode
 
 
 _decoder = msgspec.json.Decoder(Jsz)

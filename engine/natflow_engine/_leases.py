@@ -110,8 +110,15 @@ class Leases:
         await kv_delete_nowait(self._conn, LEASES_BUCKET, run_id, revision=revision)
 
     async def get(self, run_id: str) -> tuple[Lease, int] | None:
+        """The run's lease and its revision; None if there is none (or it is not one: the
+        engine's reaper sets such an entry aside)."""
         found = await kv_get(self._conn, LEASES_BUCKET, run_id)
-        return None if found is None else (decode_lease(found[0]), found[1])
+        if found is None:
+            return None
+        try:
+            return decode_lease(found[0]), found[1]
+        except msgspec.DecodeError:
+            return None
 
 
 def _same_holding(found: Lease, mine: Lease) -> bool:

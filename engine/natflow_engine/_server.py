@@ -17,10 +17,43 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 from ._errors import NatflowError
 
 log = logging.getLogger("natflow.server")
+
+# natflow's own server configuration, shipped in the package (durable: sync_interval always).
+PACKAGED_CONFIG: Final = Path(__file__).with_name("nats.conf")
+SYNC_ALWAYS: Final = "  sync_interval: always\n"
+
+
+def relaxed_config(store: Path) -> Path:
+    """natflow's configuration without ``sync_interval: always``, written under ``store``.
+
+    nats-server then acknowledges a write before it is fsynced (it fsyncs every 2 minutes):
+    faster, and an acknowledged step still survives a crash of the server process, but not
+    an OS crash or power loss (README, "Durability").
+    """
+    text = PACKAGED_CONFIG.read_text()
+    if SYNC_ALWAYS not in text:  # a packaging mistake, not the user's
+        raise NatflowError(f"{PACKAGED_CONFIG} has no `{SYNC_ALWAYS.strip()}` line to relax")
+    store.mkdir(parents=True, exist_ok=True)
+    relaxed = store / "nats-fast.conf"
+    relaxed.write_text(
+        "# Written for --fast: natflow's configuration, acknowledging before fsync.\n"
+        + text.replace(SYNC_ALWAYS, "")
+    )
+    return relaxed
+
+
+def shipped_server(store_dir: Path, *, fast: bool = False) -> EmbeddedServer:
+    """A server with natflow's shipped configuration (or its ``fast`` relaxation), on free
+    loopback ports, keeping its data in ``store_dir``: what ``natflow dev`` runs."""
+    config = relaxed_config(store_dir) if fast else PACKAGED_CONFIG
+    extra = ("-p", "-1", "-m", "-1", "-sd", str(store_dir.resolve()))
+    return EmbeddedServer(config, cwd=store_dir, store_dir=store_dir, extra_args=extra)
+
 
 _READY = "Server is ready"
 _LISTEN = re.compile(r"Listening for client connections on [^\s]*?:(\d+)")
@@ -80,6 +113,7 @@ class EmbeddedServer:
     ) -> None:
         self.config = Path(config).resolve() if config is not None else None
         self._own_store = store_dir is None and config is None
+        self.store_given = store_dir is not None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="natflow-js-"))
         self.port = port
         self.http_port = http_port

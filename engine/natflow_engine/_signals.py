@@ -31,6 +31,7 @@ from nats.js import api
 
 from ._connection import Connection, PubAck, retrying
 from ._errors import NatflowError
+from ._history import CorruptHistory
 from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
 from ._names import _TOKEN
 from ._puller import Puller, engine_consumer
@@ -392,6 +393,13 @@ class SignalIntake:
             if start is None:  # its history was read a moment ago: a replica lagging
                 raise NatflowError(f"run {run_id} has no run_started")
             await wake(self._conn, start, run_id, f"signal {names}")
+        except CorruptHistory as bad:  # no task can be made for it: nothing would read them
+            reason = f"the run's history is corrupt: {bad.reason}"
+            self._backlog += [
+                (m, BadSignal(sig.seq, m.subject, sig.name, reason)) for m, sig in signals
+            ]
+            self._more_bad.set()
+            return
         except Exception as exc:
             log.warning("signals of run %s: wake-up failed (%s); retrying", run_id, exc)
             await self._nak([m for m, _ in signals])

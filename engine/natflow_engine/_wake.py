@@ -13,6 +13,7 @@ import logging
 import msgspec
 
 from ._connection import Connection
+from ._history import CorruptHistory
 from ._leases import Leases
 from ._streams import HISTORY_STREAM, history_subject
 from ._tasks import Task, enqueue
@@ -26,12 +27,19 @@ def wake_subject(identity: str) -> str:
 
 
 async def run_start(conn: Connection, run_id: str) -> RunStarted | None:
-    """The run's ``run_started`` event, its first (one direct get), or None if there is none."""
+    """The run's ``run_started`` event, its first (one direct get), or None if there is none.
+
+    :class:`CorruptHistory` if that event does not decode."""
     body = msgspec.json.encode({"seq": 1, "next_by_subj": history_subject(run_id)})
     msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}", body)
-    if "Status" in (msg.headers or {}):
+    headers = msg.headers or {}
+    if "Status" in headers:
         return None
-    event = decode_event(msg.data)
+    try:
+        event = decode_event(msg.data)
+    except msgspec.DecodeError as exc:
+        seq = int(headers.get("Nats-Sequence", "0"))
+        raise CorruptHistory(run_id, seq, str(exc), last_seq=0, count=0, last=None) from None
     return event if isinstance(event, RunStarted) else None
 
 

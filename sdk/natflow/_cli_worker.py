@@ -24,6 +24,7 @@ from natflow_engine import (
 )
 
 from ._client import Client
+from ._supervisor import Supervisor, process_count
 from ._worker import Worker
 from ._workflow import Workflow
 
@@ -76,6 +77,14 @@ def register(sub: Any) -> None:
         type=float,
         default=30.0,
         help="on SIGTERM or Ctrl-C, seconds to let held runs reach a stopping point",
+    )
+    p.add_argument(
+        "--processes",
+        metavar="N",
+        type=process_count,
+        default=1,
+        help="worker processes to run and supervise (a dead one is started again; SIGTERM "
+        "drains them all); 0 or auto: one per core",
     )
     add_metrics_options(p, DEFAULT_WORKER_PORT, "NATFLOW_WORKER_METRICS_PORT")
     p.set_defaults(handler=run_worker_command)
@@ -144,7 +153,16 @@ async def _connect_with_retry(args: argparse.Namespace) -> Client:
 
 
 async def run_worker_command(args: argparse.Namespace) -> int:
-    workflows, factory = load_target(args.target)
+    workflows, factory = load_target(args.target)  # a bad target fails here, once
+    if args.processes != 1:
+        supervisor = Supervisor(
+            args.processes,
+            sys.argv[1:],
+            identity=args.identity,
+            metrics_port=args.metrics_port,
+            grace=args.grace,
+        )
+        return await supervisor.run()
     serve_metrics(args.metrics_port, args.metrics_host)
     client = await _connect_with_retry(args)
     try:

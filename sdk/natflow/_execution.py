@@ -614,16 +614,28 @@ class RunExecution:
         try:
             with running_step(self.run_id, command.name):
                 await run_step(command, self._send, self._conn, self._runtime, self.run_id)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except BaseException as exc:  # user code must not end the worker
-            quarantined(
-                "user_base_exception",
-                f"run {self.run_id} step {command.name!r}",
-                f"the step raised {type(exc).__name__}; recorded as its failure",
-                logger=log,
-            )
-            self._send.send_nowait(Finished(command, 1, started_at, error=error_info(exc)))
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():  # a real cancellation: let it through
+                raise
+            self._contain(command, started_at, exc)  # raised by the step's own code
+        except BaseException as exc:  # user code (or its error's str()) must not end the worker
+            self._contain(command, started_at, exc)
+
+    def _contain(self, command: StepCommand, started_at: datetime, exc: BaseException) -> None:
+        """Record what a step's code raised beyond ``Exception`` as the step's failure."""
+        assert self._send is not None
+        quarantined(
+            "user_base_exception",
+            f"run {self.run_id} step {command.name!r}",
+            f"the step raised {type(exc).__name__}; recorded as its failure",
+            logger=log,
+        )
+        try:
+            error = error_info(exc)
+        except Exception:  # an exception whose str() raises
+            error = ErrorInfo(type=type(exc).__qualname__, message="(the error cannot be shown)")
+        self._send.send_nowait(Finished(command, 1, started_at, error=error))
 
     async def _check_not_before_run(self, msg: Any, seq: int, name: str) -> None:
         """A signal stored before the run existed was dead-lettered ("no run has this id")

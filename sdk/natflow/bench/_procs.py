@@ -58,9 +58,11 @@ class CpuWindow:
     between start and stop. "Other" is what the bench did not cause: a busy neighbour that
     makes the figures of this run unrepresentative."""
 
-    def __init__(self, workers: list[int], server: int | None) -> None:
+    def __init__(self, workers: list[int], server: int | None, engine: int | None = None) -> None:
         self._workers = workers
         self._server = server
+        self._engine = engine
+        self._engine_cpu = cpu_seconds(engine) if engine is not None else None
         self._wall = time.perf_counter()
         self._client = time.process_time()
         self._worker_cpu = self._sum(workers)
@@ -87,10 +89,15 @@ class CpuWindow:
             workers=pct(self._worker_cpu, workers),
             server=pct(self._server_cpu, server),
             other=None,
+            engine=pct(self._engine_cpu, cpu_seconds(self._engine))
+            if self._engine is not None
+            else None,
         )
         machine = pct(self._machine, machine_busy_seconds())
         if machine is not None and used.workers is not None and used.server is not None:
-            used.other = max(0.0, machine - client - used.workers - used.server)
+            used.other = max(
+                0.0, machine - client - used.workers - used.server - (used.engine or 0.0)
+            )
         return used
 
 

@@ -62,6 +62,15 @@ class Cpu(msgspec.Struct, kw_only=True):
     workers: float | None
     server: float | None
     other: float | None
+    engine: float | None = None  # the `natflow engine` process, in phases that run one
+
+    def ms_per(self, count: int) -> float | None:
+        """CPU milliseconds of every process the bench observed (client, workers, engine,
+        server), per one of ``count`` things done in the window; None if one is unknown."""
+        if self.workers is None or self.server is None or count <= 0:
+            return None
+        busy = self.client + self.workers + self.server + (self.engine or 0.0)
+        return busy / 100 * self.window_s * 1e3 / count
 
 
 class Raw(msgspec.Struct, kw_only=True):
@@ -88,7 +97,9 @@ class Sequential(msgspec.Struct, kw_only=True):
 
 
 class Throughput(msgspec.Struct, kw_only=True):
-    """``runs`` runs of 3 empty steps started at once by one client."""
+    """``runs`` runs of 3 empty steps started at once by one client, with the engine running
+    as deployed (a ``natflow engine`` process); each run ends when the client's
+    ``handle.result()`` returns, as a user sees it."""
 
     runs: int
     workers: int
@@ -166,6 +177,7 @@ class Environment(msgspec.Struct, kw_only=True):
     cpus: int
     platform: str
     load_before: float | None  # 1-minute load average when the bench began
+    durability: str = "unknown"  # what an acknowledged append survives, from the server's /jsz
 
 
 class Target(msgspec.Struct, kw_only=True):
@@ -275,11 +287,20 @@ def _cpu(cpu: Cpu) -> str:
     parts = [f"client {cpu.client:.0f}%"]
     if cpu.workers is not None:
         parts.append(f"workers {cpu.workers:.0f}%")
+    if cpu.engine is not None:
+        parts.append(f"engine {cpu.engine:.0f}%")
     if cpu.server is not None:
         parts.append(f"server {cpu.server:.0f}%")
     if cpu.other is not None:
         parts.append(f"other processes {cpu.other:.0f}%")
     return ", ".join(parts)
+
+
+def _cpu_per_run(tp: Throughput) -> str:
+    if tp.cpu.window_s < MIN_CPU_WINDOW:
+        return "n/a (window too short)"
+    per_run = tp.cpu.ms_per(tp.completed)
+    return "n/a" if per_run is None else f"{per_run:.2f} ms"
 
 
 def _load(value: float | None) -> str:
@@ -376,6 +397,7 @@ def _throughput_rows(report: BenchReport) -> list[Row]:
         ("throughput: start to result p50 / p99", _pair(tp.start_to_result_ms), "", "", ""),
         ("throughput: client start rate", f"{tp.start_rate_per_s:,.0f} starts/s", "", "", ""),
         ("throughput: cpu", _cpu(tp.cpu), "", "", ""),
+        ("throughput: cpu per run, all processes", _cpu_per_run(tp), "", "", ""),
     ]
     if tp.failed or tp.completed < tp.runs:
         rows.append(
@@ -495,6 +517,7 @@ def _table(report: BenchReport, rows: list[Row]) -> str:
         f"{' (embedded)' if env.embedded else ''}; Python {env.python}; {env.cpus} CPUs; "
         f"load before {_load(env.load_before)}; {report.elapsed_s:.0f} s"
         f"{' (--quick)' if report.quick else ''}",
+        f"durability: {env.durability}",
         "",
         line(head),
         "  ".join("-" * w for w in widths[:4]),

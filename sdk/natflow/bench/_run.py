@@ -55,9 +55,11 @@ from natflow_engine import (
     default_url,
     history_subject,
     queue_consumer,
+    read_jsz,
     redact_url,
     replicas,
     runs_subject,
+    shipped_server,
 )
 from natflow_engine.events import (
     NULL,
@@ -163,6 +165,20 @@ def register(sub: Any) -> None:
         default=None,
         help="max concurrent runs per worker (the worker's default, 100)",
     )
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="the embedded server acknowledges before fsync (as `natflow dev --fast`); "
+        "default: durable, as shipped",
+    )
+    p.add_argument(
+        "--monitor",
+        dest="bench_monitor",
+        default=None,
+        metavar="URL",
+        help="with --url: the server's HTTP monitoring (http://host:8222), to report its "
+        "durability mode",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON only")
     p.add_argument("--quick", action="store_true", help="small sizes (seconds, for tests)")
     p.set_defaults(handler=run_bench_command)
@@ -189,15 +205,17 @@ async def run_bench_command(args: argparse.Namespace) -> int:
     if url is None and args.url != default_url():  # `natflow --url URL bench`
         url = args.url
     server: EmbeddedServer | None = None
-    if url is None:
-        server = EmbeddedServer().start()
-        url = server.url
+    store = Path(tempfile.mkdtemp(prefix="natflow-bench-js-"))
     try:
+        if url is None:  # as shipped: natflow's own configuration (durable unless --fast)
+            server = shipped_server(store, fast=args.fast).start()
+            url = server.url
         bench = Bench(url, args, sizes, server)
         report = await bench.run()
     finally:
         if server is not None:
             server.cleanup()
+        shutil.rmtree(store, ignore_errors=True)
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
         sys.stdout.write("\n")
@@ -227,6 +245,10 @@ class Bench:
         self.run_ids: list[str] = []
         self._load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         self._client: Client | None = None
+        self._monitor: str | None = getattr(args, "bench_monitor", None)
+        if self._monitor is None and server is not None and server.http_port:
+            self._monitor = f"http://127.0.0.1:{server.http_port}"
+        self._durability = "unknown (pass --monitor URL)"
 
     def _child_env(self, args: argparse.Namespace) -> dict[str, str]:
         env = {
@@ -255,6 +277,11 @@ class Bench:
     async def run(self) -> BenchReport:
         t0 = time.perf_counter()
         self._client = await Client.connect(self.url, **self._options)
+        if self._monitor is not None:
+            try:
+                self._durability = (await read_jsz(self._monitor)).durability()
+            except NatflowError as exc:
+                self._durability = f"unknown ({exc})"
         ok = False
         try:
             raw = await self.raw_baseline()
@@ -300,6 +327,7 @@ class Bench:
             cpus=os.cpu_count() or 0,
             platform=platform.platform(),
             load_before=self._load_before,
+            durability=self._durability,
         )
 
     # -- helpers ---------------------------------------------------------------------------
@@ -333,8 +361,12 @@ class Bench:
         handles = [await self.client.start(bench_steps, _THREE, run_id=r) for r in warm]
         await asyncio.gather(*(h.result(timeout=30) for h in handles))
 
+    @property
+    def _server_pid(self) -> int | None:
+        return self.server.pid if self.server is not None else None
+
     def _cpu(self, procs: WorkerProcesses) -> CpuWindow:
-        return CpuWindow(procs.pids, self.server.pid if self.server is not None else None)
+        return CpuWindow(procs.pids, self._server_pid)
 
     # -- 1. raw ----------------------------------------------------------------------------
 
@@ -431,22 +463,28 @@ class Bench:
     async def throughput(self) -> Throughput:
         m, w = self.sizes.runs, self.sizes.workers
         self.progress.begin(
-            f"throughput: {m} runs x {_THREE} steps, {w} worker{'s' if w > 1 else ''}"
+            f"throughput: {m} runs x {_THREE} steps, {w} worker{'s' if w > 1 else ''}, engine"
         )
         ids = [self.run_id(f"tp-{i}") for i in range(m)]
-        async with self.workers("throughput", w) as procs:
-            before = await self._history_messages()
-            cpu = self._cpu(procs)
-            outcome = await self._run_many(ids, _THREE, procs)
-            used = cpu.stop()
-            rss = procs.peak_rss()
-            appended = await self._history_messages() - before
+        # As deployed: a `natflow engine` process runs beside the workers (dispatcher, run
+        # index, timers), and its CPU counts.
+        with engine_process(self._env, self._dir / "engine-throughput.log") as engine:
+            await engine_ready(self.client)
+            async with self.workers("throughput", w) as procs:
+                before = await self._history_messages()
+                cpu = CpuWindow(procs.pids, self._server_pid, engine.pid)
+                outcome = await self._run_observed(ids, procs)
+                used = cpu.stop()
+                rss = procs.peak_rss()
+                appended = await self._history_messages() - before
         starts, done, failed, started_all = outcome
         t0 = min(starts.values())
         wall = max(max(done.values(), default=t0) - t0, 1e-9)
         latencies = [(done[r] - starts[r]) * 1e3 for r in done]
         rate = len(done) / wall
-        self.progress.end(f"{rate:,.0f} runs/s, {len(done) * _THREE / wall:,.0f} steps/s")
+        per_run = used.ms_per(len(done))
+        cost = "" if per_run is None else f", {per_run:.2f} ms CPU/run"
+        self.progress.end(f"{rate:,.0f} runs/s, {len(done) * _THREE / wall:,.0f} steps/s{cost}")
         return Throughput(
             runs=m,
             workers=w,
@@ -461,6 +499,53 @@ class Bench:
             cpu=used,
             worker_peak_rss_mib=rss,
         )
+
+    async def _run_observed(
+        self, ids: list[str], procs: WorkerProcesses
+    ) -> tuple[dict[str, float], dict[str, float], int, float]:
+        """Start every run at once; each ends when its client's ``handle.result()`` returns.
+
+        Returns start times, the times the client saw each result (both this clock), the
+        number of failed runs, and when the last start returned.
+        """
+        starts: dict[str, float] = {}
+        started: list[float] = []
+        done: dict[str, float] = {}
+        failed = 0
+        timeout = 60 + len(ids) * _THREE / 50
+
+        async def one(run_id: str) -> None:
+            nonlocal failed
+            starts[run_id] = time.perf_counter()
+            handle = await self.client.start(bench_steps, _THREE, run_id=run_id)
+            started.append(time.perf_counter())
+            try:
+                await handle.result(timeout=timeout)
+            except NatflowError:  # a failed or cancelled run: counted, not timed
+                failed += 1
+                return
+            done[run_id] = time.perf_counter()
+
+        async def watch() -> None:
+            while True:
+                procs.check_alive()
+                self.progress.update(f"{len(done):,}/{len(ids):,} done")
+                await asyncio.sleep(0.25)
+
+        watcher: asyncio.Future[Any] = asyncio.ensure_future(watch())
+        runs: asyncio.Future[Any] = asyncio.gather(*(one(r) for r in ids))
+        try:  # a worker that dies ends the phase at once, with its log
+            await asyncio.wait([runs, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if watcher.done():
+                runs.cancel()
+                watcher.result()
+            await runs
+        finally:
+            watcher.cancel()
+            runs.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        return starts, done, failed, max(started)
 
     async def _history_messages(self) -> int:
         """Messages in the history stream (on a shared server, others' appends count too)."""

@@ -10,7 +10,8 @@ takes seconds), serves the console, and measures:
 * how long the live counts take to load the whole index;
 * with ``--browser``, Chromium's time from navigation to the first screen being painted.
 
-Run: ``.venv/bin/python scripts/bench_console.py [--runs 100000] [--browser]``
+Run: ``make bench-console``, or
+``python -m natflow_engine.console._bench [--runs 100000] [--browser]``
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import anyio
 import msgspec
+
 from natflow_engine._connection import connect
 from natflow_engine._index import IndexEntry
 from natflow_engine._server import EmbeddedServer

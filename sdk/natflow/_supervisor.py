@@ -1,0 +1,186 @@
+"""``natflow worker --processes N``: one command, N worker processes, supervised.
+
+One Python process runs on one core; a machine with more cores needs more processes. The
+supervisor starts N ``natflow worker`` children with the same arguments, starts again one
+that dies (with a backoff, so a worker that cannot start does not spin), and on SIGTERM or
+Ctrl-C forwards SIGTERM to every child, so each drains its runs within ``--grace`` as a
+single worker would, then exits. It connects to nothing itself.
+
+Children run in their own session: a Ctrl-C in the terminal reaches the supervisor only, and
+each child gets exactly one SIGTERM (a second would end its drain early). On Linux each child
+also asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``), so a
+supervisor killed outright leaves no worker running unsupervised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import anyio
+
+log = logging.getLogger("natflow.worker")
+
+FIRST_BACKOFF: Final = 1.0  # seconds before starting a dead child again
+MAX_BACKOFF: Final = 30.0
+HEALTHY_AFTER: Final = 30.0  # a child that ran this long resets its slot's backoff
+POLL: Final = 0.2  # seconds between looks at the children
+KILL_AFTER_GRACE: Final = 10.0  # past --grace, a child that has not exited is killed
+
+
+def process_count(value: str) -> int:
+    """``--processes``: a number of processes; ``0`` or ``auto``: one per core."""
+    if value.strip().lower() in ("0", "auto"):
+        return os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number or auto, not {value!r}") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (auto: one per core) or more, not {count}")
+    return count
+
+
+def child_argv(argv: Sequence[str], index: int, identity: str | None, metrics: int) -> list[str]:
+    """The command line of child ``index``: this one without ``--processes``, as one process,
+    with its own identity and metrics port (the last of a repeated option wins)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--processes":
+            skip = True
+            continue
+        if arg.startswith("--processes="):
+            continue
+        kept.append(arg)
+    extra = ["--processes", "1", "--metrics-port", str(metrics + index if metrics else 0)]
+    if identity is not None:
+        extra += ["--identity", f"{identity}-{index}"]
+    return [sys.executable, "-m", "natflow_engine", *kept, *extra]
+
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _term_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies (Linux only)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class _Slot:
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    backoff: float = FIRST_BACKOFF
+    restart_at: float = 0.0
+    restarts: int = field(default=0)
+
+
+class Supervisor:
+    """Runs ``count`` children (see :func:`child_argv`) until signalled."""
+
+    def __init__(
+        self,
+        count: int,
+        argv: Sequence[str],
+        *,
+        identity: str | None,
+        metrics_port: int,
+        grace: float,
+    ) -> None:
+        self.count = count
+        self._argv = list(argv)
+        self._identity = identity
+        self._metrics = metrics_port
+        self._grace = grace
+        self.slots = [_Slot(i) for i in range(count)]
+        self._stopping = False
+
+    def _start(self, slot: _Slot) -> None:
+        command = child_argv(self._argv, slot.index, self._identity, self._metrics)
+        slot.proc = subprocess.Popen(
+            command,
+            start_new_session=True,
+            preexec_fn=_term_with_parent if sys.platform == "linux" else None,
+        )
+        slot.started = time.monotonic()
+        log.info("worker process %d started (pid %d)", slot.index, slot.proc.pid)
+
+    def _tend(self, slot: _Slot, now: float) -> None:
+        """Start a slot's child again once it died and its backoff passed."""
+        if slot.proc is None:
+            if now >= slot.restart_at:
+                slot.restarts += 1
+                self._start(slot)
+            return
+        code = slot.proc.poll()
+        if code is None:
+            if now - slot.started >= HEALTHY_AFTER:
+                slot.backoff = FIRST_BACKOFF
+            return
+        log.warning(
+            "worker process %d (pid %d) exited with code %d; starting it again in %.0f s",
+            slot.index,
+            slot.proc.pid,
+            code,
+            slot.backoff,
+        )
+        slot.proc = None
+        slot.restart_at = now + slot.backoff
+        slot.backoff = min(slot.backoff * 2, MAX_BACKOFF)
+
+    async def run(self) -> int:
+        """Until SIGTERM or SIGINT; then drain every child and return 0."""
+        for slot in self.slots:
+            self._start(slot)
+        async with anyio.create_task_group() as tg:
+
+            async def on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info(
+                            "%s: draining %d worker processes (grace %.0f s)",
+                            signal.Signals(signum).name,
+                            self.count,
+                            self._grace,
+                        )
+                        self._stopping = True
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(on_signal)
+            while not self._stopping:
+                now = time.monotonic()
+                for slot in self.slots:
+                    self._tend(slot, now)
+                await anyio.sleep(POLL)
+        await self._drain()
+        return 0
+
+    async def _drain(self) -> None:
+        alive = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
+        for proc in alive:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._grace + KILL_AFTER_GRACE
+        while any(p.poll() is None for p in alive) and time.monotonic() < deadline:  # noqa: ASYNC110 (a child process gives no event to wait on)
+            await anyio.sleep(POLL)
+        for proc in alive:
+            if proc.poll() is None:
+                log.warning("worker process pid %d did not drain in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,88 @@
+"""Durable by default (issue 20): natflow's shipped single-server configurations fsync before
+acknowledging; `--fast` relaxes that and says so. Real `natflow server` processes, asked
+through the server's own /varz what they do.
+
+The servers the test fixtures start (EmbeddedServer without a configuration) keep
+nats-server's default sync: tests exercise crashes of processes, which that survives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+from tests.test_cli import NATFLOW, assert_one_clear_error, natflow
+
+SINGLE_SERVER_CONFIGS = (
+    ROOT / "engine" / "natflow_engine" / "nats.conf",
+    ROOT / "ops" / "auth" / "nats.conf",
+    ROOT / "ops" / "tls" / "nats.conf",
+    ROOT / "ops" / "tenants" / "nats.conf",
+)
+
+
+def _serve(tmp_path: Path, *args: str) -> tuple[dict[str, str], dict[str, object]]:
+    """Run `natflow server ARGS` in an empty folder; its startup lines and /varz's
+    jetstream config."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("NATFLOW_CONFIG", None)
+    env.pop("NATFLOW_FAST", None)
+    proc = subprocess.Popen(
+        [*NATFLOW, "server", "--port", "0", "--http-port", "0", "--store-dir", "store", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: dict[str, str] = {}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends when the process does: no hang if it fails
+            key, _, value = line.strip().partition(" ")
+            lines[key] = value.strip()
+            if line.startswith("Ctrl-C"):
+                break
+        assert "monitoring" in lines, lines
+        with urllib.request.urlopen(lines["monitoring"] + "/varz", timeout=10) as response:
+            varz = json.load(response)
+        return lines, varz["jetstream"]["config"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_natflow_server_fsyncs_before_acknowledging_by_default(tmp_path: Path) -> None:
+    lines, config = _serve(tmp_path)
+    assert config["sync_always"] is True
+    assert lines["durability"].startswith("fsync before every ack")
+
+
+def test_fast_acknowledges_before_fsync_and_says_so(tmp_path: Path) -> None:
+    lines, config = _serve(tmp_path, "--fast")
+    assert config.get("sync_always", False) is False  # omitted when false
+    assert "ack before fsync" in lines["durability"]
+    assert "relaxed by --fast" in lines["configuration"]
+
+
+async def test_fast_with_a_configuration_of_ones_own_names_what_to_change(
+    tmp_path: Path,
+) -> None:
+    conf = tmp_path / "mine.conf"
+    conf.write_text("listen: 127.0.0.1:-1\njetstream {}\n")
+    proc = await natflow("nats://127.0.0.1:1", "server", "--config", str(conf), "--fast")
+    assert_one_clear_error(proc, "--fast", "remove `sync_interval: always`")
+
+
+@pytest.mark.parametrize("path", SINGLE_SERVER_CONFIGS, ids=lambda p: p.parent.name)
+def test_every_shipped_single_server_configuration_syncs_always(path: Path) -> None:
+    text = path.read_text()
+    assert "jetstream" in text
+    assert "sync_interval: always" in text

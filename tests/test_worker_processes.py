@@ -1,0 +1,137 @@
+"""`natflow worker --processes N` (issue 20): one command runs N worker processes, starts again
+one that dies, and drains them all on SIGTERM. Real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from natflow import Client
+from natflow_engine._server import EmbeddedServer
+
+from examples.greeting import greet
+from tests.helpers import ROOT, spawn_worker, wait_for
+from tests.test_cli import NATFLOW
+
+
+def children_of(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is ``pid``, read from /proc."""
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # exited while we looked
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+async def test_processes_runs_supervised_workers_and_drains_them_on_sigterm(
+    nats_server: EmbeddedServer,
+    client: Client,
+    processes: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "workers.log"
+    supervisor = spawn_worker(
+        nats_server.url,
+        "examples.greeting:greet",
+        "--processes",
+        "2",
+        "--grace",
+        "5",
+        "--metrics-port",
+        "0",
+        log=log,
+    )
+    processes.append(supervisor)
+
+    async def two_children() -> set[int]:
+        kids = children_of(supervisor.pid)
+        return kids if len(kids) == 2 else set()
+
+    first = await wait_for(two_children, timeout=30, what="two worker processes")
+
+    # the workers serve: a run started now completes
+    handle = await client.start(greet, {"name": "Ada"}, run_id="procs-1")
+    assert "Ada" in (await handle.result(timeout=30))["greeting"]
+
+    # a worker that dies is started again
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+
+    async def replaced() -> set[int]:
+        kids = children_of(supervisor.pid)
+        return kids if len(kids) == 2 and victim not in kids else set()
+
+    second = await wait_for(replaced, timeout=30, what="the killed worker started again")
+    assert max(first) in second  # the other one was left alone
+    handle = await client.start(greet, {"name": "Bo"}, run_id="procs-2")
+    await handle.result(timeout=30)
+
+    # SIGTERM drains every child and the supervisor exits cleanly
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=30) == 0
+    assert children_of(supervisor.pid) == set()
+    for pid in second:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    text = log.read_text()
+    assert "exited with code" in text and "draining 2 worker processes" in text
+
+
+def test_processes_takes_a_count_or_auto_and_says_so() -> None:
+    done = subprocess.run(
+        [*NATFLOW, "worker", "examples.greeting:greet", "--processes", "-1"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "--processes" in done.stderr and "auto" in done.stderr
+
+
+async def test_workers_of_a_killed_supervisor_stop_too(
+    nats_server: EmbeddedServer, processes: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    supervisor = spawn_worker(
+        nats_server.url,
+        "examples.greeting:greet",
+        "--processes",
+        "2",
+        "--grace",
+        "1",
+        "--metrics-port",
+        "0",
+        log=tmp_path / "workers.log",
+    )
+    processes.append(supervisor)
+
+    async def two_children() -> set[int]:
+        kids = children_of(supervisor.pid)
+        return kids if len(kids) == 2 else set()
+
+    kids = await wait_for(two_children, timeout=30, what="two worker processes")
+    supervisor.kill()
+    supervisor.wait()
+
+    async def all_gone() -> bool:
+        return all(zombie(pid) for pid in kids)  # gone, or dead and not yet reaped
+
+    await wait_for(all_gone, timeout=30, what="the orphaned workers to stop")
+
+
+def zombie(pid: int) -> bool:
+    """The process has exited (whether or not its parent has reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
