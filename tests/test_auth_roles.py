@@ -33,7 +33,8 @@ from natflow_engine._registry import list_workers
 from natflow_engine._schedule_ops import Schedules
 from natflow_engine._schedules import ScheduleSpec
 from natflow_engine._server import EmbeddedServer
-from natflow_engine._streams import stream_configs
+from natflow_engine._signals import PAUSE, RESUME, control_request
+from natflow_engine._streams import signal_subject, stream_configs
 from natflow_engine._triggers import event_run_id, recent_events
 from natflow_engine.events import RunCompleted, utcnow
 
@@ -411,3 +412,20 @@ async def test_schedules_events_and_the_console_under_their_roles(
     refused = [r.getMessage() for r in caplog.records if "violation" in r.getMessage().lower()]
     unexpected = [m for m in refused if not any(p in m.lower() for p in provoked)]
     assert not unexpected, unexpected
+
+
+def test_pause_and_resume_are_control_grants_of_their_own() -> None:
+    """Pause and resume travel on the run's control subject like cancel: the client role has
+    them, the signaller only when given, and each one alone."""
+    assert signal_subject("r-1", PAUSE) == "natflow.signal.r-1.$control.pause"
+    assert control_request("natflow.signal.r-1.$control.resume") == RESUME
+    client = role_permissions("client").publish
+    for kind in ("cancel", "terminate", "pause", "resume"):
+        assert f"natflow.signal.*.$control.{kind}" in client
+    signaller = role_permissions("signaller", control=["pause"]).publish
+    assert "natflow.signal.*.$control.pause" in signaller
+    assert "natflow.signal.*.$control.resume" not in signaller
+    viewer = role_permissions("viewer").publish
+    assert not any("$control" in s for s in viewer)
+    assert "$JS.API.STREAM.INFO.NATFLOW_LIFECYCLE" in viewer  # client.events
+    assert "natflow.lifecycle.>" in role_permissions("engine").publish

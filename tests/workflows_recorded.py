@@ -105,3 +105,12 @@ async def recorded_values(ctx: WorkflowContext, text: str) -> dict[str, object]:
     """Its input and its step's result are over 64 KiB: history holds references to them."""
     grown = await ctx.step("shout", shout, text)
     return {"input": len(text), "grown": len(grown), "head": grown[:16]}
+
+
+@workflow(name="recorded_pause", retention=3600)
+async def recorded_pause(ctx: WorkflowContext, x: int) -> dict[str, object]:
+    """Recorded paused during its nap and resumed after it fell due (run_paused/run_resumed)."""
+    a = await ctx.step("double", double, x)
+    await ctx.sleep("nap", 0.5)
+    b = await ctx.step("double", double, a)
+    return {"a": a, "b": b}

@@ -9,6 +9,7 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 from . import events
 from ._cli_options import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
+from ._completion import RunOutcome
 from ._connection import (
     TRANSIENT,
     Connection,
@@ -19,7 +20,7 @@ from ._connection import (
     redact_url,
     wrap,
 )
-from ._durations import to_seconds
+from ._durations import parse_duration, to_seconds
 from ._engine import DISPATCHER
 from ._errors import (
     ConnectionRefused,
@@ -40,6 +41,14 @@ from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
 from ._jsz import Jsz, read_jsz
 from ._leases import Lease, Leases
+from ._lifecycle import (
+    LIFECYCLE_STREAM,
+    LifecycleEvent,
+    decode_lifecycle,
+    lifecycle_filter,
+    lifecycle_subject,
+    workflow_token,
+)
 from ._logs import fields
 from ._metrics import (
     DEFAULT_WORKER_PORT,
@@ -58,6 +67,7 @@ from ._metrics import (
 )
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
 from ._quarantine import QUARANTINED, quarantined
+from ._queues import queue_paused
 from ._registry import (
     WorkerInfo,
     announce,
@@ -66,6 +76,8 @@ from ._registry import (
     safe_identity,
     withdraw,
 )
+from ._restart import restart_run
+from ._retention import delete_run
 from ._retry import NO_RETRY, RetryPolicy
 from ._runs import Runs, new_run_id
 from ._schedule_ops import Schedules
@@ -85,6 +97,8 @@ from ._signals import (
     CANCEL,
     CHILD,
     CONTROL,
+    PAUSE,
+    RESUME,
     TERMINATE,
     BadSignal,
     ChildOutcome,
@@ -152,10 +166,13 @@ __all__ = [
     "HISTORY_PREFIX",
     "HISTORY_STREAM",
     "INLINE_BYTES",
+    "LIFECYCLE_STREAM",
     "MAX_VALUE_BYTES",
     "NO_RETRY",
     "OVERLAP_POLICIES",
+    "PAUSE",
     "QUARANTINED",
+    "RESUME",
     "RUNS_HELD",
     "RUNS_STREAM",
     "SIGNALS_DELIVERED",
@@ -186,6 +203,7 @@ __all__ = [
     "Jsz",
     "Lease",
     "Leases",
+    "LifecycleEvent",
     "MissingKey",
     "NatflowError",
     "NoResponders",
@@ -199,6 +217,7 @@ __all__ = [
     "RunIndex",
     "RunInfo",
     "RunNotFound",
+    "RunOutcome",
     "Runs",
     "ScheduleFire",
     "ScheduleInfo",
@@ -233,9 +252,11 @@ __all__ = [
     "declarations",
     "declare",
     "decode_child_outcome",
+    "decode_lifecycle",
     "decode_task",
     "decode_value",
     "default_url",
+    "delete_run",
     "emit",
     "encode_value",
     "enqueue",
@@ -247,6 +268,8 @@ __all__ = [
     "fold_run",
     "history_subject",
     "last_signal_seq",
+    "lifecycle_filter",
+    "lifecycle_subject",
     "load_event",
     "load_events",
     "load_value",
@@ -255,16 +278,19 @@ __all__ = [
     "open_events",
     "open_sealed",
     "parse",
+    "parse_duration",
     "pending_signals",
     "ping_subject",
     "prepare_worker",
     "quarantined",
     "queue_consumer",
+    "queue_paused",
     "read_jsz",
     "recent_events",
     "redact_url",
     "replicas",
     "request_start",
+    "restart_run",
     "run_created_at",
     "runs_subject",
     "safe_identity",
@@ -282,5 +308,6 @@ __all__ = [
     "value_ref",
     "wake_subject",
     "withdraw",
+    "workflow_token",
     "wrap",
 ]

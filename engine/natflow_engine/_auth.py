@@ -4,26 +4,30 @@ NATS checks every publish and subscribe against the connected user's permissions
 JetStream API is request/reply on ``$JS.API.<...>`` subjects, so "may read runs" or "may
 take tasks of queue A" are subject permissions too (NATS.md §11). The roles:
 
-* ``engine``: the engine services. Creates and updates natflow's streams (never deletes or
-  purges them), writes the run index, tasks and dead letters, reads everything, and creates
-  the runs a ``frontend`` asks it to start.
+* ``engine``: the engine services. Creates and updates natflow's streams (never deletes
+  them), writes the run index, tasks, dead letters and lifecycle events, reads everything,
+  and creates the runs a ``frontend`` asks it to start. It purges a closed run's messages
+  when retention deletes the run (a purge cannot be limited to some subjects by permission),
+  and pauses queues: ``natflow runs delete`` and ``natflow queues pause`` run as the engine.
 * ``worker``: takes tasks (of all queues, or only of ``queues`` and ``workflows``), reads and
   appends history, reads signals, keeps leases, timers and its registry entry, answers pings,
   declares its workflows' event triggers and writes their schedules (only theirs when it
   names its workflows).
-* ``client``: starts runs, sends signals, cancels and terminates, emits events, creates and
-  changes schedules, and reads (``viewer``).
+* ``client``: starts runs, sends signals, cancels, terminates, pauses and resumes, emits
+  events, creates and changes schedules, and reads (``viewer``).
 * ``frontend``: what ``client`` does, but starts runs by asking the engine
   (``Client.connect(..., start_via_engine=True)``), so it cannot write any history: the role
   for untrusted starters. It may emit events (the engine checks them and starts their runs),
   not change schedules.
-* ``signaller``: sends ordinary signals, nothing else: not cancel or terminate, no reads.
+* ``signaller``: sends ordinary signals, nothing else: no cancel, terminate, pause or resume,
+  no reads.
 * ``viewer``: reads runs, histories, the run index (also live, as the console does), workers
-  and the runs they hold, dead letters, schedules, events and their triggers.
+  and the runs they hold, dead letters, schedules, events and their triggers, and lifecycle
+  events.
 
-Cancel and terminate are grants of their own (``control``): they travel on
-``natflow.signal.<run>.$control.<cancel|terminate>``, five tokens, which the ordinary
-signal grant ``natflow.signal.*.*`` (four tokens) does not match.
+Cancel, terminate, pause and resume are grants of their own (``control``): they travel on
+``natflow.signal.<run>.$control.<cancel|terminate|pause|resume>``, five tokens, which the
+ordinary signal grant ``natflow.signal.*.*`` (four tokens) does not match.
 
 What permissions cannot do (per subject, never per header or payload): a user who may start
 runs publishes on ``natflow.history.*`` and so could append any event to any run; a worker
@@ -41,6 +45,7 @@ from typing import Final
 from ._errors import InvalidInput
 from ._kv import kv_stream
 from ._leases import LEASES_BUCKET
+from ._lifecycle import LIFECYCLE_PREFIX, LIFECYCLE_STREAM
 from ._names import check_queue, check_workflow_name
 from ._registry import WORKERS_BUCKET, safe_identity
 from ._start_service import START_PREFIX
@@ -67,7 +72,7 @@ from ._timers import TIMERS_BUCKET
 from ._values import VALUES_BUCKET, VALUES_STREAM
 
 ROLES: Final = ("engine", "worker", "client", "frontend", "signaller", "viewer")
-CONTROLS: Final = ("cancel", "terminate")
+CONTROLS: Final = ("cancel", "terminate", "pause", "resume")
 USER_INFO: Final = "$SYS.REQ.USER.INFO"  # who am I: the server's answer (worker identity)
 
 _BUCKETS: Final = (LEASES_BUCKET, WORKERS_BUCKET, TIMERS_BUCKET)  # a worker writes these
@@ -81,6 +86,7 @@ _STREAMS: Final = (
     SIGNAL_STREAM,
     DEADLETTER_STREAM,
     EVENTS_STREAM,
+    LIFECYCLE_STREAM,
     *(kv_stream(b) for b in _ALL_BUCKETS),
     VALUES_STREAM,
 )
@@ -127,9 +133,10 @@ def role_permissions(
     subject token that no wildcard can match by prefix, so a queue-limited worker names the
     workflows it serves. ``identity`` limits it to its own
     registry entry, pings and wake-ups (``Worker(identity=...)``, ``natflow worker
-    --identity``), so it cannot answer for another worker. ``control`` adds
-    ``cancel`` and/or ``terminate`` to any role (``client`` has both). ``domain`` names the
-    JetStream domain the streams live in, for a process on a leaf node (NATS.md §9).
+    --identity``), so it cannot answer for another worker. ``control`` adds any of
+    :data:`CONTROLS` (cancel, terminate, pause, resume) to any role (``client`` has them
+    all). ``domain`` names the JetStream domain the streams live in, for a process on a leaf
+    node (NATS.md §9).
     """
     if role not in ROLES:
         raise InvalidInput(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
@@ -148,7 +155,7 @@ def role_permissions(
         )
     for kind in control:
         if kind not in CONTROLS:
-            raise InvalidInput(f"unknown control {kind!r}; choose cancel and/or terminate")
+            raise InvalidInput(f"unknown control {kind!r}; choose from {', '.join(CONTROLS)}")
     api = f"$JS.{domain}.API" if domain else "$JS.API"
     kv = f"{api}.$KV" if domain else "$KV"
     build = _BUILDERS[role]
@@ -218,6 +225,10 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
         *(s for b in _READ_BUCKETS for s in _direct_get(api, kv_stream(b))),
         *_ordered_consumer(api, HISTORY_STREAM),  # Client.watch
         *_values(api, write=False),
+        *_ordered_consumer(api, LIFECYCLE_STREAM),  # Client.events
+        # Client.events(durable=...): a durable pull consumer that remembers how far it got.
+        f"{api}.CONSUMER.MSG.NEXT.{LIFECYCLE_STREAM}.>",
+        f"$JS.ACK.{LIFECYCLE_STREAM}.>",
     ]
     # RunHandle.result listens for the run's final event on the history subject itself; the
     # console follows the run index live.
@@ -308,6 +319,7 @@ def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
         f"{RUNS_PREFIX}.>",
         f"{TASK_PREFIX}.>",
         f"{DEADLETTER_PREFIX}.>",
+        f"{LIFECYCLE_PREFIX}.>",  # one message per run status change
         "natflow.worker.*.ping",  # is this worker alive?
         "natflow.worker.*.wake",  # a run it holds has something new
         f"{SIGNAL_PREFIX}.*.{CONTROL_TOKEN}.child",  # a closed child's outcome, to its parent
@@ -319,6 +331,7 @@ def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
             f"{api}.STREAM.INFO.{stream}",
             f"{api}.STREAM.CREATE.{stream}",
             f"{api}.STREAM.UPDATE.{stream}",
+            f"{api}.STREAM.PURGE.{stream}",  # retention: a closed run's messages
             f"{api}.CONSUMER.CREATE.{stream}",
             f"{api}.CONSUMER.CREATE.{stream}.>",
             f"{api}.CONSUMER.INFO.{stream}.>",
@@ -329,6 +342,7 @@ def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
             f"$JS.ACK.{stream}.>",  # its own consumers, and a dead worker's task (-NAK)
             f"$JS.FC.{stream}.>",
         ]
+    publish.append(f"{api}.CONSUMER.PAUSE.{TASK_STREAM}.>")  # natflow queues pause|resume
     # Start requests from frontends, answered (allow_responses) to their inboxes.
     return publish, ["_INBOX.>", f"{START_PREFIX}.*"], True
 

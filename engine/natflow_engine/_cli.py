@@ -23,6 +23,8 @@ import anyio
 from ._cli_auth import register as register_auth
 from ._cli_ops import register as register_ops
 from ._cli_options import add_metrics_options, connect_options
+from ._cli_runops import add_retention_option
+from ._cli_runops import register as register_run_ops
 from ._cli_runs import interrupted_wait
 from ._cli_runs import register as register_runs
 from ._cli_schedules import register as register_triggers
@@ -65,7 +67,12 @@ async def cmd_init(args: argparse.Namespace) -> int:
 async def cmd_engine(args: argparse.Namespace) -> int:
     conn = await open_connection(args, "natflow-engine")
     serve_metrics(args.metrics_port, args.metrics_host)
-    engine = Engine(conn, metrics_interval=args.metrics_interval, nats_monitor=args.nats_monitor)
+    engine = Engine(
+        conn,
+        metrics_interval=args.metrics_interval,
+        nats_monitor=args.nats_monitor,
+        retention=args.retention,
+    )
     try:
         await _until_signalled(engine.run)
         return 0
@@ -233,7 +240,9 @@ async def _dev_services(
     conn: Connection, args: argparse.Namespace, url: str, monitor: str | None
 ) -> None:
     """The engine, and the console unless ``--ui-port 0``."""
-    engine = Engine(conn, metrics_interval=args.metrics_interval, nats_monitor=monitor)
+    engine = Engine(
+        conn, metrics_interval=args.metrics_interval, nats_monitor=monitor, retention=args.retention
+    )
     if not args.ui_port:
         await engine.run()
         return
@@ -437,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(p)
     add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
     add_ui_options(p, prefix="ui-")
+    add_retention_option(p)
     p.set_defaults(handler=cmd_dev)
 
     p = sub.add_parser(
@@ -448,12 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("engine", help="the engine services (dispatcher, run index, timers)")
     add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
+    add_retention_option(p)
     p.set_defaults(handler=cmd_engine)
 
     p = sub.add_parser("init", help="create natflow's streams (optional: done on first use)")
     p.set_defaults(handler=cmd_init)
 
-    register_runs(sub, open_connection)
+    runs = register_runs(sub, open_connection)
+    register_run_ops(sub, runs, open_connection)
     register_ops(sub, open_connection)
     register_triggers(sub, open_connection)
     register_console(sub, open_connection)

@@ -44,7 +44,8 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         choices=CONTROLS,
-        help="also allow cancel and/or terminate (the client role has both)",
+        help="also allow this control request: cancel, terminate, pause or resume; repeatable "
+        "(the client role has them all)",
     )
     p.add_argument("--domain", default=None, help="the JetStream domain of natflow's streams")
     p.add_argument("--json", action="store_true", help="as JSON: publish, subscribe")

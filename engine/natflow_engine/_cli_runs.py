@@ -1,4 +1,5 @@
-"""CLI commands about runs: ``natflow start`` and ``natflow runs list|show|history|wait``."""
+"""CLI commands about runs: ``natflow start`` and ``natflow runs list|show|history|wait`` (the
+operations on runs, ``delete|pause|resume|restart``, are in ``_cli_runops``)."""
 
 from __future__ import annotations
 
@@ -50,8 +51,12 @@ def run_status(value: str) -> str:
     return value
 
 
-def register(sub: Any, opener: Opener) -> None:
-    """Add ``start`` and ``runs`` to the ``natflow`` parser."""
+def register(sub: Any, opener: Opener) -> Any:
+    """Add ``start`` and ``runs`` to the ``natflow`` parser.
+
+    Returns:
+        The subcommands of ``natflow runs``, for commands registered elsewhere.
+    """
 
     async def start(args: argparse.Namespace) -> int:
         # Bad arguments are reported before connecting (and stdin is read once, up front).
@@ -88,7 +93,11 @@ def register(sub: Any, opener: Opener) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=start)
 
-    p = sub.add_parser("runs", help="list and inspect runs", description="List and inspect runs.")
+    p = sub.add_parser(
+        "runs",
+        help="list, inspect and operate on runs",
+        description="List and inspect runs; delete, pause, resume and restart them.",
+    )
     q = p.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
     r = q.add_parser(
         "list",
@@ -113,6 +122,7 @@ def register(sub: Any, opener: Opener) -> None:
         r.add_argument("run_id", metavar="RUN_ID", help="the run's id")
         r.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=runs)
+    return q
 
 
 async def _with(
@@ -355,6 +365,10 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     print(f"created   {when(info.created_at)}")
     if info.trigger:
         print(f"started by {describe_trigger(info.trigger)}")
+    if info.restarted_from:
+        print(f"restarts  {info.restarted_from}")
+    if info.restarted_as:
+        print(f"restarted as {info.restarted_as}")
     if info.closed_at:
         print(f"closed    {when(info.closed_at)} (took {_took(info.created_at, info.closed_at)})")
     if info.status == "completed":

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from . import _timers as timers
+from ._completion import RunHooks
 from ._connection import Connection
 from ._history import CorruptHistory, HistoryStore
 from ._index import RunIndex
@@ -36,6 +37,7 @@ from ._metrics import EngineMetrics, observe_run
 from ._puller import Puller, engine_consumer
 from ._quarantine import quarantined
 from ._reaper import Reaper
+from ._retention import RetentionService
 from ._scheduler import Scheduler
 from ._signals import ChildOutcome, SignalIntake, send_child_outcome
 from ._start_service import StartService
@@ -76,6 +78,10 @@ RUN_EVENTS: Final = (
     "timer_fired",
     "run_cancelled",
     "run_terminated",
+    "run_paused",
+    "run_resumed",
+    "restart_seeded",
+    "run_restarted",
 )
 
 
@@ -88,13 +94,25 @@ def dispatcher_config() -> api.ConsumerConfig:
     )
 
 
+def _buffered(puller: Puller) -> int:
+    """Messages delivered to the dispatcher and not yet processed."""
+    return puller.messages.statistics().current_buffer_used
+
+
 class Engine:
     """Runs the engine services on one connection until cancelled."""
 
     def __init__(
-        self, conn: Connection, *, metrics_interval: float = 5.0, nats_monitor: str | None = None
+        self,
+        conn: Connection,
+        *,
+        metrics_interval: float = 5.0,
+        nats_monitor: str | None = None,
+        retention: float | None = None,
     ) -> None:
         self._conn = conn
+        self.hooks = RunHooks(conn)  # lifecycle events and on_complete runs
+        self.retention = RetentionService(conn, retention)
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
         self.reaper = Reaper(conn)
@@ -124,6 +142,7 @@ class Engine:
             tg.start_soon(self.starts.run)
             if self.jetstream is not None:
                 tg.start_soon(self.jetstream.run)
+            tg.start_soon(self.retention.run)
             await self._dispatch_forever()
 
     async def _dispatch_forever(self) -> None:
@@ -138,9 +157,13 @@ class Engine:
         self.ready.set()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(puller.keep_asking, lambda: _DISPATCH_WINDOW)
+                # Ask for what the dispatcher can take, not for what it has been handed: a
+                # backlog held unprocessed would outlive its ack deadline and come back twice.
+                tg.start_soon(puller.keep_asking, lambda: _DISPATCH_WINDOW - _buffered(puller))
                 async for msg in puller.messages:
                     await self._dispatch(msg)
+                    if _buffered(puller) < _DISPATCH_WINDOW // 2:
+                        puller.wake()
         finally:
             # Shielded: a cancelled engine that kept this subscription would keep receiving
             # (and never acknowledging) the events its outstanding pull asked for.
@@ -166,12 +189,13 @@ class Engine:
             return
         try:
             hseq = msg.metadata.sequence.stream
-            info = await self._index.apply(run_id, event, hseq)
+            info = await self._index.apply(run_id, event, hseq, self.hooks.status_changed)
             if info is not None:
                 observe_run(event, info)
             await self._keep_timers(run_id, event)
             if isinstance(event, TERMINAL_EVENTS):
                 await self._tell_parent(run_id, event, info)
+            await self.hooks.event_folded(run_id, event)
         except Exception as exc:
             log.warning(
                 "run %s: engine could not process %s (%s); will retry", run_id, msg.subject, exc
@@ -211,7 +235,7 @@ class Engine:
                     self._conn,
                     timers.Timer(run_id=run_id, seq=0, name="start", due_at=event.not_before),
                 )
-            else:
+            elif event.restarted_from is None:  # a restart enqueues once its seed is written
                 await self._ensure_task(run_id, event)
         elif isinstance(event, TimerScheduled):
             await timers.schedule(

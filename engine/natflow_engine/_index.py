@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Final
 
@@ -33,6 +34,11 @@ class IndexEntry(msgspec.Struct, kw_only=True):
     v: int = 1
     hseq: int
     info: RunInfo
+    retention: float | None = None  # seconds a closed run is kept (its workflow's override)
+
+
+# Called before a summary whose status changed is written: (previous status, summary, hseq).
+StatusHook = Callable[[str | None, RunInfo, int], Awaitable[None]]
 
 
 _entry_encoder = msgspec.json.Encoder()
@@ -46,17 +52,23 @@ class RunIndex:
         self._conn = conn
         self._cache: OrderedDict[str, tuple[IndexEntry, int]] = OrderedDict()
 
-    async def apply(self, run_id: str, event: Event, hseq: int) -> RunInfo | None:
+    async def apply(
+        self, run_id: str, event: Event, hseq: int, on_status: StatusHook | None = None
+    ) -> RunInfo | None:
         """Fold one run-level event (stream sequence ``hseq``) into the run's summary.
 
         Returns the new summary, or None if the index had the event already (a redelivery,
-        another replica) or cannot place it yet: so each event is counted once.
+        another replica) or cannot place it yet: so each event is counted once. ``on_status``
+        runs before a summary whose status changed is written, so an engine that dies in
+        between calls it again for the redelivered event (its effects must be idempotent).
         """
         for _ in range(5):
             current = await self._current(run_id)
             entry, seq = current if current is not None else (None, 0)
             if entry is not None and entry.hseq >= hseq:
                 return None
+            previous = entry.info.status if entry is not None else None
+            retention = entry.retention if entry is not None else None
             if entry is None:
                 if not isinstance(event, RunStarted):
                     return None  # the start is still ahead of us in the stream or was lost
@@ -69,11 +81,16 @@ class RunIndex:
                     updated_at=event.at,
                     parent=event.parent,
                     trigger=event.trigger,
+                    restarted_from=event.restarted_from,
                 )
+                retention = event.retention
             else:
-                info = entry.info
+                # A copy: should the hook or the write fail, the cached summary is unchanged.
+                info = msgspec.structs.replace(entry.info)
                 apply_event(info, event)
-            new = IndexEntry(hseq=hseq, info=info)
+            if on_status is not None and info.status != previous:
+                await on_status(previous, info, hseq)
+            new = IndexEntry(hseq=hseq, info=info, retention=retention)
             try:
                 ack = await self._conn.publish(
                     runs_subject(run_id),
@@ -110,7 +127,7 @@ class RunIndex:
             if info.status not in ("sleeping", "waiting") or info.due_at != due_at:
                 return False
             mark_due(info, timer)
-            new = IndexEntry(hseq=entry.hseq, info=info)
+            new = IndexEntry(hseq=entry.hseq, info=info, retention=entry.retention)
             try:
                 ack = await self._conn.publish(
                     runs_subject(run_id),

@@ -55,6 +55,9 @@ class Runs:
         not_before: datetime | None = None,
         trigger: Trigger | None = None,
         trace_context: dict[str, str] | None = None,
+        on_complete: tuple[str, str] | None = None,
+        retention: float | None = None,
+        on_complete_of: str | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
@@ -64,10 +67,16 @@ class Runs:
         so two starts of one id make one run. Then its task is enqueued; if this process dies
         in between, the engine's dispatcher enqueues it (a start is never lost).
         ``trace_context`` is the W3C trace context of the starter's span, kept in history.
+        ``on_complete`` is ``(workflow, queue)`` of the run to start when this one closes;
+        ``retention`` the seconds this run is kept once closed (None: the engine's setting);
+        ``on_complete_of`` the closed run whose outcome this run's input is.
         """
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
         check_queue(queue)
+        if on_complete is not None:
+            check_workflow_name(on_complete[0])
+            check_queue(on_complete[1])
         if self.conn.codec is not None:  # sealed here, so the task's inline copy is too
             input_json = seal(self.conn.codec, input_json)
         check_value_size(self.conn, f"input of run {run_id!r}", len(input_json))
@@ -82,6 +91,10 @@ class Runs:
             not_before=not_before,
             trigger=trigger,
             trace_context=trace_context,
+            on_complete=on_complete[0] if on_complete else None,
+            on_complete_queue=on_complete[1] if on_complete else None,
+            retention=retention,
+            on_complete_of=on_complete_of,
         )
         try:
             seq = await self.history.append(run_id, event, 0)

@@ -195,6 +195,24 @@ def open_error(codec: PayloadCodec | None, error: ErrorInfo, what: str) -> Error
     return ErrorInfo(type=error.type, message=inner.message, traceback=inner.traceback)
 
 
+def _open_outcome(codec: PayloadCodec | None, data: bytes, what: str) -> bytes:
+    """An ``on_complete`` run's input (a ``RunOutcome``) with the closed run's result and
+    error opened: the engine, which holds no key, put them in as they were sealed."""
+    if MARKER.encode() not in data:
+        return data
+    outcome = msgspec.json.decode(data)
+    if not isinstance(outcome, dict):
+        return data
+    result = outcome.get("result")
+    if result is not None and sealed_key(result) is not None:
+        outcome["result"] = msgspec.json.decode(open_sealed(codec, _encoder.encode(result), what))
+    error = outcome.get("error")
+    if isinstance(error, dict) and error.get("sealed"):
+        info = msgspec.convert(error, ErrorInfo)
+        outcome["error"] = msgspec.to_builtins(open_error(codec, info, what))
+    return _encoder.encode(outcome)
+
+
 def _raw(data: msgspec.Raw) -> bytes:
     return bytes(data)
 
@@ -219,6 +237,9 @@ def open_event(codec: PayloadCodec | None, event: Event, run_id: str) -> Event:
     what = f"run {run_id!r}: {type(event).__name__}"
     if isinstance(event, RunStarted) and is_sealed(_raw(event.input)):
         opened = open_sealed(codec, _raw(event.input), f"the input of run {run_id!r}")
+        return msgspec.structs.replace(event, input=msgspec.Raw(opened))
+    if isinstance(event, RunStarted) and event.on_complete_of is not None:
+        opened = _open_outcome(codec, _raw(event.input), f"the input of run {run_id!r}")
         return msgspec.structs.replace(event, input=msgspec.Raw(opened))
     if isinstance(event, StepCompleted | RunCompleted) and is_sealed(_raw(event.result)):
         opened = open_sealed(codec, _raw(event.result), f"a result in {what}")

@@ -48,20 +48,27 @@ from ._streams import (
     signal_subject,
 )
 from ._wake import run_start, wake
-from .events import TERMINAL_EVENTS, decode_event, utcnow
+from .events import TERMINAL_EVENTS, RunRestarted, decode_event, utcnow
 
 log = logging.getLogger("natflow.signals")
 
 INTAKE: Final = "natflow-engine-signals"
-# Cancel and terminate, as the signal names history and the worker know them (`$` is outside
-# the characters a user's signal name may use). They travel on a subject of their own,
-# ``natflow.signal.<run_id>.$control.<cancel|terminate>``: five tokens, which the grant for
-# ordinary signals (``natflow.signal.*.*``) does not match, so the right to cancel is a NATS
-# permission of its own (see _auth).
+# Cancel, terminate, pause and resume, as the signal names history and the worker know them
+# (`$` is outside the characters a user's signal name may use). They travel on a subject of
+# their own, ``natflow.signal.<run_id>.$control.<cancel|terminate|pause|resume>``: five tokens,
+# which the grant for ordinary signals (``natflow.signal.*.*``) does not match, so the right to
+# cancel (or pause) is a NATS permission of its own (see _auth).
 CANCEL: Final = "$cancel"
 TERMINATE: Final = "$terminate"
-CONTROL: Final = (CANCEL, TERMINATE)
-_CONTROL_BY_TOKEN: Final = {"cancel": CANCEL, "terminate": TERMINATE}
+PAUSE: Final = "$pause"
+RESUME: Final = "$resume"
+CONTROL: Final = (CANCEL, TERMINATE, PAUSE, RESUME)
+_CONTROL_BY_TOKEN: Final = {
+    "cancel": CANCEL,
+    "terminate": TERMINATE,
+    "pause": PAUSE,
+    "resume": RESUME,
+}
 # A child run's outcome, sent to its parent by the engine's dispatcher on
 # ``natflow.signal.<parent>.$control.child``; the parent's worker records it as
 # ``child_completed`` / ``child_failed``.
@@ -102,8 +109,9 @@ def parse(msg: Msg, seq: int) -> Signal:
             seq,
             subject,
             name,
-            f"cancel and terminate are sent on natflow.signal.<run_id>.{CONTROL_TOKEN}"
-            f".<cancel|terminate> (client.cancel, client.terminate), not as a signal name",
+            f"cancel, terminate, pause and resume are sent on natflow.signal.<run_id>."
+            f"{CONTROL_TOKEN}.<cancel|terminate|pause|resume> (client.cancel, client.terminate, "
+            "client.pause, client.resume), not as a signal name",
         )
     run_id = tokens[2]
     for kind, value in (("run id", run_id), ("signal name", name)):
@@ -156,8 +164,8 @@ async def last_signal_seq(conn: Connection, run_id: str) -> int:
 
 
 def control_request(subject: str) -> str | None:
-    """:data:`CANCEL` or :data:`TERMINATE` if ``subject`` is a run's cancel or terminate
-    request (``natflow.signal.<run_id>.$control.<cancel|terminate>``), else None."""
+    """:data:`CANCEL`, :data:`TERMINATE`, :data:`PAUSE` or :data:`RESUME` if ``subject`` is a
+    run's control request (``natflow.signal.<run_id>.$control.<kind>``), else None."""
     tokens = subject.split(".")
     if len(tokens) == 5 and tokens[3] == CONTROL_TOKEN:
         return _CONTROL_BY_TOKEN.get(tokens[4])
@@ -506,6 +514,8 @@ def _undeliverable(last: bytes | None) -> str | None:
         return None
     if isinstance(event, TERMINAL_EVENTS):
         return f"the run already ended ({str(event.__struct_config__.tag)[4:]})"
+    if isinstance(event, RunRestarted):
+        return f"the run already ended and was restarted as {event.restarted_as}"
     return None
 
 

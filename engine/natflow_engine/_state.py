@@ -15,11 +15,15 @@ from .events import (
     ChildFailed,
     ChildStarted,
     Event,
+    RestartSeeded,
     RunBlocked,
     RunCancelled,
     RunClaimed,
     RunCompleted,
     RunFailed,
+    RunPaused,
+    RunRestarted,
+    RunResumed,
     RunStarted,
     RunTerminated,
     SignalReceived,
@@ -39,6 +43,7 @@ RunStatus = Literal[
     "sleeping",
     "waiting",
     "blocked",
+    "paused",
     "completed",
     "failed",
     "cancelled",
@@ -81,6 +86,8 @@ class RunInfo(msgspec.Struct, kw_only=True):
     parent: str | None = None
     trigger: Trigger | None = None  # the schedule fire or event that started the run
     due_at: datetime | None = None  # when the timer the run waits for (if any) comes due
+    restarted_from: str | None = None  # the run this one restarted
+    restarted_as: str | None = None  # the run that restarted this one (the latest)
 
     @property
     def is_closed(self) -> bool:
@@ -150,7 +157,7 @@ def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
     running: dict[int, str] = {}
     for event in events[1:]:
         apply_event(info, event, running)
-    if info.is_closed or info.status == "blocked":
+    if info.is_closed or info.status in ("blocked", "paused"):
         return info
     waits = pending_waits(events)
     info.due_at = None
@@ -181,6 +188,7 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
         updated_at=start.at,
         parent=start.parent,
         trigger=start.trigger,
+        restarted_from=start.restarted_from,
     )
     if start.not_before is not None:
         info.current = f"starts at {when(start.not_before)}"
@@ -239,6 +247,14 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     if running is None:
         running = {}
     info.updated_at = event.at
+    if isinstance(event, RunRestarted):
+        info.restarted_as = event.restarted_as
+        return
+    if isinstance(event, RestartSeeded):  # copied outcomes end here; no worker has it yet
+        info.status, info.current = "pending", f"restarts at step {event.step}#{event.occurrence}"
+        return
+    if _apply_pause(info, event, running):
+        return
     if isinstance(event, RunClaimed):
         info.worker = event.worker
         info.status, info.current, info.error, info.due_at = "running", None, None, None
@@ -280,3 +296,25 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
         info.error = event.error
         info.closed_at = event.at
         info.current = None
+
+
+_ENDS_PAUSE = (RunResumed, RunBlocked, RunCompleted, RunFailed, RunCancelled, RunTerminated)
+
+
+def _apply_pause(info: RunInfo, event: Event, running: dict[int, str]) -> bool:
+    """Pausing and resuming; True if ``event`` is folded here (a paused run stays paused
+    whatever else it records, such as a step that was running when it was paused)."""
+    if isinstance(event, RunPaused):
+        info.status = "paused"
+        info.current = f"paused: {event.reason}" if event.reason else "paused"
+        return True
+    if info.status != "paused" or isinstance(event, _ENDS_PAUSE):
+        if isinstance(event, RunResumed):
+            info.status, info.current = "running", None
+            return True
+        return False
+    if isinstance(event, StepStarted):
+        running[event.seq] = event.name
+    elif isinstance(event, StepCompleted | StepFailed):
+        running.pop(event.seq, None)
+    return True

@@ -13,11 +13,14 @@ Layout (all names are public and documented in the README):
   a projection the engine rebuilds from history.
 * ``NATFLOW_SIGNALS``: signals as any NATS client publishes them,
   ``natflow.signal.<run_id>.<name>``, and cancel/terminate requests on
-  ``natflow.signal.<run_id>.$control.<cancel|terminate>``; durable from the acknowledgement on.
+  ``natflow.signal.<run_id>.$control.<cancel|terminate|pause|resume>``; durable from the
+  acknowledgement on.
 * ``NATFLOW_DEADLETTER``: ``natflow.deadletter.<kind>.<run_id>``, what could not be
   delivered, with the reason.
 * ``NATFLOW_EVENTS``: events from any NATS client, ``natflow.event.<name>``, that start the
   workflows declared for them (see ``_triggers``).
+* ``NATFLOW_LIFECYCLE``: ``natflow.lifecycle.<workflow>.<status>.<run_id>``, one message per
+  run status change (see ``_lifecycle``).
 * KV buckets ``natflow_leases``, ``natflow_workers``, ``natflow_timers``, ``natflow_schedules``
   (schedules and their state), ``natflow_triggers`` (which workflows start on which event).
 """
@@ -36,6 +39,7 @@ from nats.js import api
 from ._connection import ERR_STREAM_NAME_IN_USE, Connection
 from ._errors import PermissionDenied
 from ._kv import kv_stream_config
+from ._lifecycle import lifecycle_stream_config
 
 log = logging.getLogger("natflow.streams")
 
@@ -56,7 +60,7 @@ SCHEDULES_BUCKET: Final = "natflow_schedules"
 TRIGGERS_BUCKET: Final = "natflow_triggers"
 RETENTION_DAYS: Final = 30
 _PLAIN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-CONTROL_TOKEN: Final = "$control"  # natflow.signal.<run_id>.$control.<cancel|terminate>
+CONTROL_TOKEN: Final = "$control"  # natflow.signal.<run_id>.$control.<kind>
 
 
 def history_subject(run_id: str) -> str:
@@ -86,8 +90,8 @@ def runs_subject(run_id: str) -> str:
 
 
 def signal_subject(run_id: str, name: str) -> str:
-    """Where signal ``name`` to the run is published; cancel and terminate (``$cancel``,
-    ``$terminate``) go to ``natflow.signal.<run_id>.$control.<cancel|terminate>``."""
+    """Where signal ``name`` to the run is published; control requests (``$cancel``,
+    ``$terminate``, ``$pause``, ``$resume``) go to ``natflow.signal.<run_id>.$control.<kind>``."""
     if name.startswith("$"):
         return f"{SIGNAL_PREFIX}.{run_id}.{CONTROL_TOKEN}.{name[1:]}"
     return f"{SIGNAL_PREFIX}.{run_id}.{name}"
@@ -179,6 +183,7 @@ def stream_configs() -> list[api.StreamConfig]:
             allow_direct=True,
             num_replicas=r,
         ),
+        lifecycle_stream_config(r, RETENTION_DAYS * 86400.0),
     ]
 
 

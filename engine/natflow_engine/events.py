@@ -65,6 +65,11 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     # The W3C trace context ({"traceparent": ..., "tracestate": ...}) of the span that
     # started the run, when the starter traced it: every worker parents its spans to it.
     trace_context: dict[str, str] | None = None
+    on_complete: str | None = None  # a workflow started once with the run's RunOutcome
+    on_complete_queue: str | None = None  # its queue (None: "default")
+    retention: float | None = None  # seconds the closed run is kept (None: the engine's)
+    restarted_from: str | None = None  # the run this one restarts (its seed follows)
+    on_complete_of: str | None = None  # the closed run whose RunOutcome is this run's input
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):
@@ -220,6 +225,42 @@ class CancelRequested(_Event, tag="cancel_requested", kw_only=True, frozen=True)
     terminate: bool = False
 
 
+class RunPaused(_Event, tag="run_paused", kw_only=True, frozen=True):
+    """``client.pause`` reached the run (moved in like a signal): no step, child or timer of
+    the run starts until it is resumed; a step already running finishes and is recorded."""
+
+    signal_seq: int
+    reason: str | None = None
+
+
+class RunResumed(_Event, tag="run_resumed", kw_only=True, frozen=True):
+    """``client.resume`` reached the run: held steps start and timers due meanwhile fire."""
+
+    signal_seq: int
+
+
+class RestartSeeded(_Event, tag="restart_seeded", kw_only=True, frozen=True):
+    """The outcomes copied from ``source`` end here: the restarted run may start.
+
+    Steps before command ``from_seq`` (step ``step``, occurrence ``occurrence``) were copied
+    and are not run again; that step and every later one run with the code now deployed.
+    """
+
+    source: str
+    from_seq: int
+    step: str
+    occurrence: int
+    copied: int
+
+
+class RunRestarted(_Event, tag="run_restarted", kw_only=True, frozen=True):
+    """Appended to a closed run when it was restarted: the new run's id."""
+
+    restarted_as: str
+    step: str
+    occurrence: int
+
+
 class RunCancelled(_Event, tag="run_cancelled", kw_only=True, frozen=True):
     """The workflow ended by its cancellation (its cleanup, if any, has run)."""
 
@@ -258,6 +299,10 @@ Event = (
     | PatchMarked
     | RunBlocked
     | CancelRequested
+    | RunPaused
+    | RunResumed
+    | RestartSeeded
+    | RunRestarted
     | RunCancelled
     | RunTerminated
     | RunCompleted

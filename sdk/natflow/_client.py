@@ -15,9 +15,12 @@ from natflow_engine import (
     CLOSED_STATUSES,
     HISTORY_STREAM,
     INLINE_BYTES,
+    PAUSE,
+    RESUME,
     TERMINATE,
     Connection,
     InvalidInput,
+    LifecycleEvent,
     MissingKey,
     NatflowError,
     PayloadCodec,
@@ -34,6 +37,7 @@ from natflow_engine import (
     check_value_size,
     connect,
     decode_value,
+    delete_run,
     emit,
     encode_value,
     ensure_streams,
@@ -43,6 +47,7 @@ from natflow_engine import (
     open_event,
     open_sealed,
     request_start,
+    restart_run,
     seal,
     sealed_key,
     store_value,
@@ -64,8 +69,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from . import _tracing as tracing
+from ._events_feed import follow
 from ._schedules import ScheduleClient
-from ._workflow import Workflow
+from ._workflow import DEFAULT_QUEUE, Workflow
 
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
 
@@ -144,6 +150,17 @@ class RunHandle:
             return decode_value(f"result of run {self.run_id!r}", data, result_type)
         except InvalidInput:
             return msgspec.json.decode(data)
+
+
+def _target(what: str, workflow: Workflow | str | None) -> tuple[str, str] | None:
+    """``(name, queue)`` of a workflow given as a definition or a name."""
+    if workflow is None:
+        return None
+    if isinstance(workflow, Workflow):
+        return workflow.name, workflow.queue
+    if isinstance(workflow, str):
+        return workflow, DEFAULT_QUEUE
+    raise InvalidInput(f"{what} takes a @workflow or its name, not {workflow!r}")
 
 
 class Client:
@@ -233,12 +250,16 @@ class Client:
         run_id: str | None = None,
         queue: str | None = None,
         start_delay: float | timedelta | None = None,
+        on_complete: Workflow | str | None = None,
     ) -> RunHandle:
         """Start a run and return its handle.
 
         ``run_id`` is an idempotency key: starting an id that exists returns that run's
         handle and makes no second run. Input that does not fit the workflow's annotation
         raises :class:`InvalidInput` naming the field, and nothing is written.
+        ``on_complete`` (a workflow or its name) is started exactly once when this run
+        closes, however it closes, with a :class:`RunOutcome` as its input; its run id is
+        this run's id plus ``-oncomplete``.
         """
         delay = 0.0 if start_delay is None else to_seconds("start_delay", start_delay)
         definition = workflow if isinstance(workflow, Workflow) else None
@@ -254,8 +275,14 @@ class Client:
         if definition is not None and definition.takes_input:
             decode_value(f"input of workflow {name!r}", data, definition.input_type)
         not_before = utcnow() + timedelta(seconds=delay) if delay > 0 else None
+        target = _target("on_complete", on_complete)
         with tracing.starting(name, queue or default_queue) as traced:
             if self._start_via_engine:
+                if target is not None:
+                    raise InvalidInput(
+                        "on_complete is not available to a client that starts runs through "
+                        "the engine (start_via_engine=True): start the follow-up run yourself"
+                    )
                 if self._conn.codec is not None:  # the engine never sees the plaintext
                     data = seal(self._conn.codec, data)
                 # A large input is stored here, the request carries its reference.
@@ -279,9 +306,62 @@ class Client:
                     run_id,
                     not_before=not_before,
                     trace_context=traced.carrier,
+                    on_complete=target,
+                    retention=definition.retention if definition is not None else None,
                 )
             traced.started(started_id, created)
         return RunHandle(self, started_id, definition)
+
+    async def restart(
+        self, run_id: str, *, from_step: str | tuple[str, int] | None = None
+    ) -> RunHandle:
+        """Restart a closed run from a step with the code now deployed; the new run's handle.
+
+        ``from_step`` is a step name (its first occurrence), ``(name, occurrence)``, or None
+        for the run's first failed step. Steps recorded before that point are not run again
+        (the new run's history starts with their recorded outcomes); that step and every
+        later one run. The new run is ``<run_id>-r<n>``; ``RunInfo.restarted_from`` and
+        ``restarted_as`` link the two, and the original history stays readable.
+        """
+        if isinstance(from_step, tuple):
+            name, occurrence = from_step
+            if not isinstance(occurrence, int) or occurrence < 1:
+                raise InvalidInput(f"occurrence must be an int of 1 or more, not {occurrence!r}")
+            from_step = (name, occurrence)
+        new_id = await restart_run(self._conn, run_id, from_step)
+        return RunHandle(self, new_id)
+
+    async def delete(self, run_id: str) -> None:
+        """Delete a closed run: its history, index entry, signals, dead letters, timers and
+        lease all go, and :meth:`describe` then raises :class:`RunNotFound`. An open run is
+        a :class:`NatflowError`: cancel it first."""
+        await delete_run(self._conn, run_id)
+
+    async def events(
+        self,
+        workflow: str | None = None,
+        status: str | None = None,
+        *,
+        durable: str | None = None,
+        from_start: bool = False,
+    ) -> AsyncIterator[LifecycleEvent]:
+        """Lifecycle events, one per run status change, as they happen.
+
+        ``workflow`` and ``status`` filter (``status="failed"``). Without ``durable`` it
+        yields what happens from now on (``from_start=True``: everything still stored
+        first). With ``durable`` (a name) the server remembers how far this consumer got, so
+        a later call with the same name catches up on what happened in between (an event
+        counts as seen once the loop asks for the next one or leaves).
+
+        Example::
+
+            async for event in client.events("order", "failed", durable="pager"):
+                page_someone(event.run_id, event.error)
+        """
+        async for event in follow(
+            self._conn, workflow, status, durable=durable, from_start=from_start
+        ):
+            yield event
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
         """Cancel a run: ``asyncio.CancelledError`` is raised in the workflow at its next
@@ -292,6 +372,17 @@ class Client:
     async def terminate(self, run_id: str, reason: str) -> None:
         """Stop a run at once: no more workflow code runs; it ends as terminated."""
         await self._control(run_id, TERMINATE, reason)
+
+    async def pause(self, run_id: str, reason: str | None = None) -> None:
+        """Pause a run: while it is ``paused`` no step, child or timer of it starts; a step
+        already running finishes and is recorded; signals are accepted and kept; timers that
+        fall due meanwhile fire once it is resumed. Terminate still stops it at once; a
+        cancellation runs its cleanup once it is resumed."""
+        await self._control(run_id, PAUSE, reason)
+
+    async def resume(self, run_id: str) -> None:
+        """Resume a paused run (a run that is not paused is left as it is)."""
+        await self._control(run_id, RESUME, None)
 
     async def _control(self, run_id: str, kind: str, reason: str | None) -> None:
         check_run_id(run_id)

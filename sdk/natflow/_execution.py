@@ -29,6 +29,8 @@ from natflow_engine import (
     CHILD,
     CONTROL,
     FENCED,
+    PAUSE,
+    RESUME,
     SIGNALS_DELIVERED,
     SIGNALS_REJECTED,
     STEP_RETRIES,
@@ -73,6 +75,8 @@ from natflow_engine.events import (
     RunClaimed,
     RunCompleted,
     RunFailed,
+    RunPaused,
+    RunResumed,
     RunTerminated,
     SignalReceived,
     SignalRejected,
@@ -194,6 +198,8 @@ class RunExecution:
     def _notify(self, item: Item) -> None:
         if self._send is not None:
             self._send.send_nowait(item)
+        elif isinstance(item, SignalsArrived):
+            self._signals_early = True  # not live yet: look once it is
 
     async def execute(self) -> Outcome:
         """Replay, claim the run, continue live until it ends, waits, or is lost."""
@@ -482,10 +488,15 @@ class RunExecution:
                 break
             self._launch(tg)
             state.drop_abandoned_timers()
-            self._arm_timers()
+            if not state.paused:
+                self._arm_timers()
             if self._inflight == 0:
                 if self._draining:
                     return Outcome.HANDED_BACK
+                if state.paused:  # only a resume (or a cancellation) can move it on
+                    if not await self._move_signals():
+                        return Outcome.SUSPENDED
+                    continue
                 if not (state.timers or state.waits_for_signals or state.waits_for_children):
                     return await self._fail(
                         ErrorInfo(
@@ -542,8 +553,8 @@ class RunExecution:
         self._armed.pop(seq, None)
         due = self.state.timers.get(seq)
         command = self.state.command(seq)
-        if due is None or command is None:
-            return
+        if due is None or command is None or self.state.paused:
+            return  # a paused run's timers are armed again when it is resumed
         early = (due - utcnow()).total_seconds()
         if early > 0:  # never before its due time
             self._arm(seq, due)
@@ -593,6 +604,10 @@ class RunExecution:
             state.signal_cursor = seq
             if signal.name == CHILD:
                 await self._record_child(seq, signal.payload)
+                moved = True
+                continue
+            if signal.name in (PAUSE, RESUME):
+                await self._pause_or_resume(seq, signal.name, signal.payload)
                 moved = True
                 continue
             if signal.name in CONTROL:
@@ -680,6 +695,24 @@ class RunExecution:
         )
         SIGNALS_REJECTED.labels("worker").inc()
 
+    async def _pause_or_resume(self, seq: int, name: str, payload: bytes) -> None:
+        pause = name == PAUSE
+        if pause == self.state.paused:
+            return  # paused (or running) already: nothing changes
+        event: RunPaused | RunResumed = (
+            RunPaused(
+                id=self._next_id(),
+                at=utcnow(),
+                signal_seq=seq,
+                reason=(cancel_reason(payload) or "")[:_MAX_REASON] or None,
+            )
+            if pause
+            else RunResumed(id=self._next_id(), at=utcnow(), signal_seq=seq)
+        )
+        await self._append(event)
+        self.state.paused = pause
+        log.info("run %s %s", self.run_id, "paused" if pause else "resumed", extra=self._fields())
+
     def _count_step(self, event: StepCompleted | StepFailed) -> None:
         if isinstance(event, StepCompleted):
             STEPS.labels(self.workflow.name, event.name, "completed").inc()
@@ -712,8 +745,8 @@ class RunExecution:
         return StepCompleted(**common, result=msgspec.Raw(item.result))
 
     def _launch(self, tg: anyio.abc.TaskGroup) -> None:
-        if self._draining:
-            return  # the next holder replays and issues these again
+        if self._draining or self.state.paused:
+            return  # the next holder (or the resumed run) issues these again
         assert self._send is not None
         for command in self.state.take_launches():
             self._inflight += 1

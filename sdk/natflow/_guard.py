@@ -20,6 +20,8 @@ import traceback
 from typing import Any, Final
 
 from natflow_engine import (
+    CANCEL,
+    TERMINATE,
     AppendConflict,
     Connection,
     CorruptHistory,
@@ -139,7 +141,8 @@ class RunGuard:
         asked = [
             m
             for m in await pending_signals(self._conn, run_id, 0)
-            if control_request((m.headers or {}).get("Nats-Subject", m.subject)) is not None
+            if control_request((m.headers or {}).get("Nats-Subject", m.subject))
+            in (CANCEL, TERMINATE)  # a pause or resume does not end a held run
         ]
         if not asked:
             return False

@@ -44,6 +44,8 @@ from natflow_engine.events import (
     Event,
     PatchMarked,
     RunClaimed,
+    RunPaused,
+    RunResumed,
     RunStarted,
     SignalReceived,
     SignalRejected,
@@ -139,6 +141,7 @@ class WorkflowState:
         self._retries: dict[int, StepRetrying] = {}  # a step's latest failed attempt
         self._retry_fired: set[int] = set()  # steps whose next attempt came due
         self._child_done: set[int] = set()  # children whose outcome history holds
+        self.paused = False  # client.pause: start no step and fire no timer until resumed
         for event in events:
             if isinstance(event, RunClaimed):
                 self.last_holder = event.worker
@@ -158,7 +161,11 @@ class WorkflowState:
             if isinstance(event, ChildCompleted | ChildFailed):
                 self._child_done.add(event.seq)
                 self.signal_cursor = max(self.signal_cursor, event.signal_seq)
-            if isinstance(event, SignalReceived | SignalRejected | CancelRequested):
+            if isinstance(event, RunPaused | RunResumed):
+                self.paused = isinstance(event, RunPaused)
+            if isinstance(
+                event, SignalReceived | SignalRejected | CancelRequested | RunPaused | RunResumed
+            ):
                 self.signal_cursor = max(self.signal_cursor, event.signal_seq)
             if isinstance(event, SignalReceived) and event.signal_id:
                 self._signal_ids.add(event.signal_id)
@@ -191,12 +198,14 @@ class WorkflowState:
     def has_commands(self) -> bool:
         """Whether the workflow ended or asked for something history does not hold yet."""
         assert self.root is not None
-        return self.root.done() or bool(self._to_launch) or bool(self._to_record)
+        if self.root.done() or self._to_record:
+            return True
+        return bool(self._to_launch) and not self.paused  # a paused run launches nothing
 
     @property
     def has_launches(self) -> bool:
         """Whether a step would start as soon as the run is taken."""
-        return any(not c.future.done() for c in self._to_launch)
+        return not self.paused and any(not c.future.done() for c in self._to_launch)
 
     def command(self, seq: int) -> Command | None:
         return self._commands.get(seq)
@@ -230,7 +239,10 @@ class WorkflowState:
 
     @property
     def next_due(self) -> datetime | None:
-        """When the earliest pending timer comes due (None if there is none)."""
+        """When the earliest pending timer comes due (None if there is none, or while the run
+        is paused: its timers fire once it is resumed)."""
+        if self.paused:
+            return None
         return min(self._timers.values(), default=None)
 
     def _new_seq(self) -> int:

@@ -10,6 +10,7 @@ announces itself in the worker registry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -61,13 +62,14 @@ from natflow_engine import (
     ping_subject,
     prepare_worker,
     queue_consumer,
+    queue_paused,
     safe_identity,
     schedule,
     serve_metrics,
     wake_subject,
     withdraw,
 )
-from natflow_engine.events import RunStarted, utcnow
+from natflow_engine.events import Event, RestartSeeded, RunStarted, utcnow
 from nats.aio.msg import Msg
 
 from ._client import Client
@@ -89,6 +91,11 @@ _BACKOFF_FIRST = 0.5  # a failed task comes back after 0.5, 1, 2, 4 ... s
 _BACKOFF_MAX = 60.0
 _PARK_AFTER = 8  # deliveries that failed in a row before the run is held as parked
 MIN_LEASE_TTL = 1.0
+
+
+def _seeded(events: list[Event]) -> bool:
+    """Whether a restarted run's copied history is complete (``restart_seeded`` written)."""
+    return any(isinstance(event, RestartSeeded) for event in events)
 
 
 def _same_task(a: Msg, b: Msg) -> bool:
@@ -269,6 +276,7 @@ class Worker:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat)
+                tg.start_soon(self._watch_paused_queues)
                 with self._runs_scope:
                     async with anyio.create_task_group() as runs:
                         async with anyio.create_task_group() as pulling:
@@ -515,6 +523,9 @@ class Worker:
             return
         start = history.events[0]
         assert isinstance(start, RunStarted)
+        if start.restarted_from is not None and not _seeded(history.events):
+            await self._quietly(msg.nak(delay=0.5))  # a restart is still copying its history
+            return
         if info.status == "pending" and start.not_before is not None:
             early = (start.not_before - utcnow()).total_seconds()
             if early > HOLD_TIMERS_UNDER:
@@ -584,6 +595,13 @@ class Worker:
             log.warning("run %s: could not write its lease (%s)", held.run_id, exc)
             return
         held.renewed_at = time.monotonic()
+        # A signal (a pause, a cancel) stored before the lease existed had no holder to
+        # nudge; one stored after it gets a nudge. Look once, beside the run's first steps.
+        execution = held.execution
+        if execution is not None:
+            with contextlib.suppress(NatflowError):
+                if await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor:
+                    execution.signals_arrived()
 
     async def _index_timers(self, held: _Held, execution: RunExecution) -> None:
         pending = execution.timers_to_index()
@@ -660,6 +678,22 @@ class Worker:
             if self._pulse is not None and not self._pulse_thread:  # no thread: beat here
                 await self._pulse.beat_all(self._conn.nc, self._leases)
             await self._announce()
+
+    async def _watch_paused_queues(self) -> None:
+        """``natflow queues pause``: runs held here of a paused queue start no further step;
+        once their running steps are recorded they go back to the (paused) queue."""
+        while True:
+            await anyio.sleep(max(0.2, self.lease_ttl / 3))
+            for queue in self.queues:
+                served = [w for q, w in self._served if q == queue]
+                try:
+                    paused = await queue_paused(self._conn, queue, served, budget=1.0)
+                except (NatflowError, nats.errors.Error, nats.js.errors.Error) as exc:
+                    log.debug("queue %s: pause state unknown (%s)", queue, exc)
+                    continue
+                for held in list(self._held.values()) if paused else []:
+                    if held.queue == queue and held.execution is not None:
+                        held.execution.drain()
 
     async def _on_wake(self, msg: Msg) -> None:
         held = self._held.get(msg.data.decode(errors="replace"))

@@ -49,6 +49,8 @@ class Workflow:
         """The id of the schedule ``cron=``/``every=`` declares: the name, made a token."""
         return safe_identity(self.name)[:100]
 
+    retention: float | None = None  # seconds its closed runs are kept (None: the engine's)
+
     async def __call__(self, ctx: WorkflowContext, input: Any = None) -> Any:
         if self.takes_input:
             return await self.fn(ctx, input)
@@ -69,6 +71,7 @@ def workflow(
     every: float | timedelta | None = None,
     timezone: str = "UTC",
     on_event: str | tuple[str, ...] | list[str] = (),
+    retention: float | timedelta | None = None,
 ) -> Callable[[WorkflowFn], Workflow]: ...
 
 
@@ -83,6 +86,7 @@ def workflow(
     every: float | timedelta | None = None,
     timezone: str = "UTC",
     on_event: str | tuple[str, ...] | list[str] = (),
+    retention: float | timedelta | None = None,
 ) -> Workflow | Callable[[WorkflowFn], Workflow]:
     """Declare a workflow.
 
@@ -107,10 +111,13 @@ def workflow(
     ``cron`` (or ``every``, in seconds) declares a schedule, id = the workflow's name, that
     every worker serving the workflow creates or updates when it starts. ``on_event`` names
     events (``natflow.event.<name>``) that each start one run, the event's body as input.
+    ``retention`` (seconds or a timedelta) is how long its runs are kept once closed,
+    overriding the engine's ``--retention`` (runs started by ``Client.start``).
     """
+    keep = None if retention is None else to_seconds("retention", retention)
 
     def decorate(f: WorkflowFn) -> Workflow:
-        wf = _define(f, name=name, queue=queue, retry=retry)
+        wf = _define(f, name=name, queue=queue, retry=retry, retention=keep)
         return dataclasses.replace(
             wf,
             schedule=_schedule(cron, every, timezone, queue),
@@ -122,7 +129,14 @@ def workflow(
     return decorate
 
 
-def _define(fn: WorkflowFn, *, name: str | None, queue: str, retry: RetryPolicy | None) -> Workflow:
+def _define(
+    fn: WorkflowFn,
+    *,
+    name: str | None,
+    queue: str,
+    retry: RetryPolicy | None,
+    retention: float | None = None,
+) -> Workflow:
     if isinstance(fn, Workflow):
         raise InvalidInput(f"{fn.name!r} is already a workflow; apply @workflow once")
     if not inspect.iscoroutinefunction(fn):
@@ -160,6 +174,7 @@ def _define(fn: WorkflowFn, *, name: str | None, queue: str, retry: RetryPolicy 
         input_type=input_type,
         result_type=hints.get("return", Any),
         takes_input=len(params) == 2,
+        retention=retention,
     )
 
 

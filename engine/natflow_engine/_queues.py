@@ -1,0 +1,93 @@
+"""Pausing a whole queue: its workers are handed no task until it is resumed.
+
+A queue's tasks reach its workers through one durable consumer per workflow served there
+(``queue_consumer(queue, workflow)``); pausing the queue pauses each of those consumers on the
+server (``pause_until`` far ahead), so no run of the queue is taken and none starts a step,
+whichever worker or how many. The pause lives in JetStream: it survives restarts of workers,
+engines and the server, and a worker starting up leaves it alone. Workers look at their
+consumers' pause state on every heartbeat: a run a worker holds of a paused queue starts no
+further step and, once its running steps are recorded, goes back to the queue (as a draining
+worker's runs do) to wait for the resume.
+
+A queue's consumers exist once a worker has served it: pausing a queue no worker ever served
+is refused (nothing would hold the pause), and a workflow first served on a paused queue gets
+a consumer of its own that is not paused (pause the queue again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from ._connection import Connection
+from ._errors import NatflowError
+from ._names import check_queue
+from ._streams import TASK_STREAM, ensure_streams, queue_consumer
+
+FOREVER: Final = "2999-12-31T00:00:00Z"
+
+
+async def queue_consumers(conn: Connection, queue: str) -> list[str]:
+    """The names of the queue's task consumers (one per workflow a worker served there)."""
+    check_queue(queue)
+    infos = await conn.admin(
+        f"consumers of queue {queue}", lambda: conn.jsm.consumers_info(TASK_STREAM)
+    )
+    prefix = queue_consumer(queue, "x")[:-1]  # "natflow-queue-<queue>~"
+    return sorted(i.name for i in infos if i.name and i.name.startswith(prefix))
+
+
+async def pause_queue(conn: Connection, queue: str) -> list[str]:
+    """Pause every task consumer of the queue; returns their names."""
+    await ensure_streams(conn)
+    names = await queue_consumers(conn, queue)
+    if not names:
+        raise NatflowError(
+            f"queue {queue!r} has no task consumer to pause: no worker has served it yet. "
+            "Start the queue's workers first (a paused queue keeps them from taking runs)"
+        )
+    for name in names:
+        await conn.admin(
+            f"pausing queue {queue}",
+            lambda name=name: conn.jsm.pause_consumer(TASK_STREAM, name, FOREVER),  # type: ignore[misc]
+        )
+    return names
+
+
+async def resume_queue(conn: Connection, queue: str) -> list[str]:
+    """Resume every task consumer of the queue; returns their names."""
+    await ensure_streams(conn)
+    names = await queue_consumers(conn, queue)
+    for name in names:
+        await conn.admin(
+            f"resuming queue {queue}",
+            lambda name=name: conn.jsm.resume_consumer(TASK_STREAM, name),  # type: ignore[misc]
+        )
+    return names
+
+
+async def queue_paused(
+    conn: Connection,
+    queue: str,
+    workflows: Sequence[str] | None = None,
+    *,
+    budget: float = 30.0,
+) -> bool:
+    """Whether the queue is paused: any of its consumers (of ``workflows``, else all of them).
+
+    ``budget``: seconds to ride out a server restart.
+    """
+    check_queue(queue)
+    if workflows is None:
+        names = await queue_consumers(conn, queue)
+    else:
+        names = [queue_consumer(queue, w) for w in workflows]
+    for name in names:
+        info = await conn.admin(
+            f"queue {queue}",
+            lambda name=name: conn.jsm.consumer_info(TASK_STREAM, name),  # type: ignore[misc]
+            budget=budget,
+        )
+        if info.paused:
+            return True
+    return False

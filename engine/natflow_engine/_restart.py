@@ -1,0 +1,190 @@
+"""Restarting a closed run from a step, with the code now deployed.
+
+A restart makes a new run, ``<run_id>-r<n>``, whose history is seeded with the original's
+recorded outcomes before that step: its ``run_started`` (same workflow, queue and input,
+``restarted_from`` naming the original), then every recorded command of an earlier position
+(steps, sleeps, signal waits, fired timers), the signals it had received and the patches it
+had marked, in their original order, then ``restart_seeded``. A worker replays that history
+like any other: the copied steps return their recorded results without running; the named
+step and every later one have no record, so they run. The original history stays as it was,
+plus one ``run_restarted`` event naming the new run; the new run's ``run_started`` names the
+original (``RunInfo.restarted_from`` / ``restarted_as``).
+
+Nothing runs the new run before its seed is complete: the engine enqueues a restarted run's
+task when it sees ``restart_seeded``, not at ``run_started`` (the restarting client enqueues
+it too). A client that dies while seeding leaves a pending run that never starts; restart
+the original again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import msgspec
+
+from ._connection import Connection
+from ._errors import InvalidInput, NatflowError, RunNotFound
+from ._history import AppendConflict, HistoryStore
+from ._names import _TOKEN, check_run_id
+from ._state import fold_run
+from ._streams import ensure_streams
+from ._tasks import Task, enqueue
+from .events import (
+    Event,
+    PatchMarked,
+    RestartSeeded,
+    RunRestarted,
+    RunStarted,
+    SignalReceived,
+    SignalWaited,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+    TimerFired,
+    TimerScheduled,
+    utcnow,
+)
+
+log = logging.getLogger("natflow.restart")
+
+_COMMANDS = (StepStarted, StepCompleted, StepFailed, TimerScheduled, SignalWaited, TimerFired)
+_MAX_TRIES = 100
+
+
+def parse_step(text: str) -> tuple[str, int]:
+    """``NAME`` or ``NAME#N`` (the n-th occurrence of a step name) as ``(name, n)``."""
+    name, sep, number = text.rpartition("#")
+    if not sep or not number.isdigit():
+        return text, 1
+    if int(number) < 1:
+        raise InvalidInput(f"step occurrence in {text!r} must be 1 or more")
+    return name, int(number)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The step a restart runs again first: its command position, name and occurrence."""
+
+    seq: int
+    name: str
+    occurrence: int
+
+
+def cut_point(run_id: str, events: list[Event], from_step: tuple[str, int] | None) -> Cut:
+    """The recorded step to restart from: the named occurrence, or, with ``from_step``
+    None, the first step that failed."""
+    steps = [e for e in events if isinstance(e, StepStarted | StepCompleted | StepFailed)]
+    if from_step is None:
+        for event in steps:
+            if isinstance(event, StepFailed):
+                return Cut(event.seq, event.name, event.occurrence)
+        raise NatflowError(
+            f"run {run_id!r} has no failed step to restart from; name one with from_step "
+            f"(`--from-step NAME[#N]`)"
+        )
+    name, occurrence = from_step
+    for event in steps:
+        if event.name == name and event.occurrence == occurrence:
+            return Cut(event.seq, event.name, event.occurrence)
+    known = sorted({f"{e.name}#{e.occurrence}" for e in steps})
+    raise NatflowError(
+        f"run {run_id!r} recorded no step {name}#{occurrence}; its steps: "
+        f"{', '.join(known) or 'none'}"
+    )
+
+
+def seed_events(events: list[Event], from_seq: int) -> list[Event]:
+    """What a run restarted from command ``from_seq`` keeps of ``events`` (without its start)."""
+    kept: list[Event] = []
+    for event in events[1:]:
+        if isinstance(event, _COMMANDS):
+            if event.seq < from_seq:
+                kept.append(event)
+        elif isinstance(event, SignalReceived | PatchMarked):
+            kept.append(event)
+    return kept
+
+
+def restart_id(run_id: str, n: int) -> str:
+    derived = f"{run_id}-r{n}"
+    if len(derived) <= 128 and _TOKEN.fullmatch(derived):
+        return derived
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:12]
+    return f"{run_id[:100]}-{digest}-r{n}"
+
+
+async def restart_run(
+    conn: Connection, run_id: str, from_step: str | tuple[str, int] | None = None
+) -> str:
+    """Restart closed run ``run_id`` from a step (see the module docstring); the new run id."""
+    check_run_id(run_id)
+    await ensure_streams(conn)
+    store = HistoryStore(conn)
+    history = await store.read(run_id)
+    info = fold_run(run_id, history.events)
+    if info is None:
+        raise RunNotFound(run_id)
+    if not info.is_closed:
+        raise NatflowError(
+            f"run {run_id!r} is {info.status}; only a closed run can be restarted (cancel it first)"
+        )
+    wanted = parse_step(from_step) if isinstance(from_step, str) else from_step
+    cut = cut_point(run_id, history.events, wanted)
+    start = history.events[0]
+    assert isinstance(start, RunStarted)
+    seed = seed_events(history.events, cut.seq)
+    new_id, last_seq = await _create(store, run_id, start)
+    for position, event in enumerate(seed, start=2):
+        copy = msgspec.structs.replace(event, id=f"{new_id}:{position}")
+        last_seq = await store.append(new_id, copy, last_seq)
+    marker = RestartSeeded(
+        at=utcnow(),
+        source=run_id,
+        from_seq=cut.seq,
+        step=cut.name,
+        occurrence=cut.occurrence,
+        copied=len(seed),
+    )
+    count = len(seed) + 2
+    await store.append(new_id, msgspec.structs.replace(marker, id=f"{new_id}:{count}"), last_seq)
+    await enqueue(conn, start.queue, Task(run_id=new_id, workflow=start.workflow, reason="restart"))
+    await _link(store, run_id, new_id, cut, len(history.events), history.last_seq)
+    log.info("run %s restarted from step %s#%d as %s", run_id, cut.name, cut.occurrence, new_id)
+    return new_id
+
+
+async def _create(store: HistoryStore, run_id: str, start: RunStarted) -> tuple[str, int]:
+    """Create the next free ``<run_id>-r<n>`` with the original's start; (id, its seq)."""
+    for n in range(1, _MAX_TRIES + 1):
+        new_id = restart_id(run_id, n)
+        event = msgspec.structs.replace(
+            start, id=f"{new_id}:1", at=utcnow(), restarted_from=run_id, not_before=None
+        )
+        try:
+            return new_id, await store.append(new_id, event, 0)
+        except AppendConflict:
+            continue
+    raise NatflowError(f"run {run_id!r} was restarted {_MAX_TRIES} times already")
+
+
+async def _link(
+    store: HistoryStore, run_id: str, new_id: str, cut: Cut, count: int, last_seq: int
+) -> None:
+    """Append ``run_restarted`` to the original (retrying if another restart wrote first)."""
+    for _ in range(5):
+        event = RunRestarted(
+            id=f"{run_id}:{count + 1}",
+            at=utcnow(),
+            restarted_as=new_id,
+            step=cut.name,
+            occurrence=cut.occurrence,
+        )
+        try:
+            await store.append(run_id, event, last_seq)
+            return
+        except AppendConflict:
+            history = await store.read(run_id)
+            count, last_seq = len(history.events), history.last_seq
+    log.warning("run %s: could not record that it was restarted as %s", run_id, new_id)

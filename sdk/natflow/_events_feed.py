@@ -1,0 +1,107 @@
+"""``client.events()``: follow the engine's lifecycle events (one per run status change)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from natflow_engine import (
+    LIFECYCLE_STREAM,
+    Connection,
+    LifecycleEvent,
+    NatflowError,
+    check_token,
+    decode_lifecycle,
+    ensure_streams,
+    lifecycle_filter,
+)
+from nats.js import api
+
+log = logging.getLogger("natflow.client")
+
+# One at a time: nats-py's fetch(n) holds the first message of a lingering pull until all n
+# arrive or the pull expires, which would delay a lone event by seconds.
+_FETCH = 1
+
+
+async def follow(
+    conn: Connection,
+    workflow: str | None,
+    status: str | None,
+    *,
+    durable: str | None,
+    from_start: bool,
+) -> AsyncIterator[LifecycleEvent]:
+    """Lifecycle events matching the filters; see :meth:`natflow.Client.events`."""
+    if status is not None:
+        check_token("status", status)
+    await ensure_streams(conn)
+    subject = lifecycle_filter(workflow, status)
+    if durable is None:
+        async for event in _ephemeral(conn, subject, from_start):
+            yield event
+        return
+    check_token("durable name", durable)
+    async for event in _durable(conn, subject, durable, from_start):
+        yield event
+
+
+async def _ephemeral(
+    conn: Connection, subject: str, from_start: bool
+) -> AsyncIterator[LifecycleEvent]:
+    policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
+    try:
+        sub = await conn.js.subscribe(
+            subject, stream=LIFECYCLE_STREAM, ordered_consumer=True, deliver_policy=policy
+        )
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        raise NatflowError(f"cannot follow lifecycle events on {subject!r}: {exc}") from exc
+    try:
+        async for msg in sub.messages:
+            yield decode_lifecycle(msg.data)
+    finally:
+        await _quietly(sub.unsubscribe())
+
+
+async def _durable(
+    conn: Connection, subject: str, durable: str, from_start: bool
+) -> AsyncIterator[LifecycleEvent]:
+    """A durable pull consumer: the server remembers what was acknowledged, so the next
+    call with the same name goes on where this one stopped (an event is acknowledged once
+    the caller asks for the next, or leaves its loop)."""
+    config = api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW,
+        ack_wait=30.0,
+    )
+    try:
+        sub = await conn.js.pull_subscribe(
+            subject, durable=durable, stream=LIFECYCLE_STREAM, config=config
+        )
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        raise NatflowError(
+            f"cannot follow lifecycle events as {durable!r} on {subject!r}: {exc} (a durable "
+            f"name keeps the filter it was first used with)"
+        ) from exc
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(batch=_FETCH, timeout=5)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            for msg in msgs:
+                try:
+                    yield decode_lifecycle(msg.data)
+                finally:  # seen once the caller asks for the next event, or leaves the loop
+                    await _quietly(msg.ack())
+    finally:
+        await _quietly(sub.unsubscribe())
+
+
+async def _quietly(op: Any) -> None:
+    try:
+        await op
+    except (nats.errors.Error, OSError) as exc:
+        log.debug("lifecycle subscription cleanup failed: %s", exc)

@@ -1,0 +1,192 @@
+"""Deleting closed runs (``client.delete``, ``natflow runs delete``) and retention."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+from natflow import Client, NatflowError, RunNotFound, WorkflowContext, workflow
+from natflow_engine._cli import main as cli_main
+from natflow_engine._engine import DISPATCHER, Engine
+from natflow_engine._server import EmbeddedServer
+from natflow_engine._streams import HISTORY_STREAM
+
+from tests.helpers import running_worker, wait_for
+
+# Streams that hold nothing of any run once its runs are deleted (the worker registry does).
+RUN_STREAMS = (
+    "NATFLOW_HISTORY",
+    "NATFLOW_TASKS",
+    "NATFLOW_RUNS",
+    "NATFLOW_SIGNALS",
+    "NATFLOW_DEADLETTER",
+    "NATFLOW_LIFECYCLE",
+    "KV_natflow_leases",
+    "KV_natflow_timers",
+)
+
+
+@workflow(name="chatty")
+async def chatty(ctx: WorkflowContext, n: int) -> int:
+    await ctx.step("one", lambda: 1)
+    await ctx.sleep("nap", 0.01)
+    if n >= 0:
+        return n
+    return int(await ctx.wait_for_signal("go", timeout=3600))
+
+
+@workflow(name="kept", retention=3600)
+async def kept(ctx: WorkflowContext) -> str:
+    return "kept"
+
+
+@asynccontextmanager
+async def engine_with(url: str, retention: float | None) -> AsyncIterator[Engine]:
+    own = await Client.connect(url)
+    service = Engine(own.connection, retention=retention)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(service.run)
+            await service.ready.wait()
+            yield service
+            tg.cancel_scope.cancel()
+    finally:
+        await own.connection.nc.close()
+
+
+async def stored(client: Client) -> dict[str, int]:
+    found = {}
+    for name in RUN_STREAMS:
+        found[name] = (await client.connection.jsm.stream_info(name)).state.messages
+    return found
+
+
+async def dispatcher_caught_up(client: Client) -> bool:
+    info = await client.connection.jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_delete_removes_every_trace_of_a_closed_run_and_refuses_an_open_one(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, [chatty]):
+        baseline = None
+        await client.start(chatty, 5, run_id="warm-up")  # creates the queue's consumer
+        await client.handle("warm-up").result(timeout=20)
+        await wait_for(lambda: dispatcher_caught_up(client), what="the engine")
+        await client.delete("warm-up")
+        baseline = await stored(client)
+        handle = await client.start(chatty, -1, run_id="gone")
+
+        async def waiting() -> bool:
+            return (await handle.status()).status == "waiting"
+
+        await wait_for(waiting, what="the run to wait for its signal")
+        with pytest.raises(NatflowError, match="cancel it first"):
+            await client.delete("gone")
+        await client.signal("gone", "go", 7)
+        assert await handle.result(timeout=20) == 7
+        await wait_for(lambda: dispatcher_caught_up(client), what="the engine")
+        assert (await stored(client)) != baseline
+        await client.delete("gone")
+    with pytest.raises(RunNotFound):
+        await client.describe("gone")
+    assert await client.list() == []
+    assert await stored(client) == baseline
+    with pytest.raises(RunNotFound):
+        await client.delete("gone")
+
+
+async def test_cli_deletes_a_closed_run(
+    client: Client, engine: Engine, nats_server: EmbeddedServer
+) -> None:
+    async with running_worker(client, [kept]):
+        await client.start(kept, run_id="by-cli")
+        await client.handle("by-cli").result(timeout=20)
+    code = await anyio.to_thread.run_sync(
+        cli_main, ["--url", nats_server.url, "runs", "delete", "by-cli"]
+    )
+    assert code == 0
+    with pytest.raises(RunNotFound):
+        await client.describe("by-cli")
+
+
+async def test_retention_deletes_closed_runs_and_leaves_open_ones(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    async with (
+        engine_with(nats_server.url, retention=2.0) as engine,
+        running_worker(client, [chatty, kept]),
+    ):
+        for i in range(3):
+            await client.start(chatty, i, run_id=f"short-{i}")
+        await client.start(kept, run_id="long-kept")
+        await client.start(chatty, -1, run_id="open")
+        for run_id in ("short-0", "short-1", "short-2", "long-kept"):
+            await client.handle(run_id).result(timeout=20)
+        closed_at = time.monotonic()
+
+        async def short_runs_gone() -> bool:
+            for i in range(3):
+                try:
+                    await client.describe(f"short-{i}")
+                    return False
+                except RunNotFound:
+                    pass
+            return True
+
+        await wait_for(short_runs_gone, timeout=15, what="retention to delete them")
+        assert time.monotonic() - closed_at >= 1.5  # not before their retention
+        assert (await client.describe("open")).status == "waiting"
+        assert (await client.describe("long-kept")).status == "completed"
+        assert engine.retention.deleted >= 3
+        await client.cancel("open")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+async def test_storage_is_back_at_its_baseline_after_deleting_many_runs(
+    client: Client, engine: Engine
+) -> None:
+    """NATFLOW_DELETE_RUNS runs (default 500; the acceptance's figure is 10,000, which takes
+    most of an hour on a 2-core box shared with other work): all deleted, storage back at
+    its baseline."""
+    count = int(os.environ.get("NATFLOW_DELETE_RUNS", "500"))
+    async with running_worker(client, [chatty], max_concurrent_runs=200):
+        await client.start(chatty, 0, run_id="warm-up")
+        await client.handle("warm-up").result(timeout=20)
+        await wait_for(lambda: dispatcher_caught_up(client), what="the engine")
+        await client.delete("warm-up")
+        baseline = await stored(client)
+        began = time.monotonic()
+        starting = anyio.CapacityLimiter(64)
+
+        async def start(i: int) -> None:
+            async with starting:
+                await client.start(chatty, i, run_id=f"many-{i}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(count):
+                tg.start_soon(start, i)
+        for i in range(count):
+            await client.handle(f"many-{i}").result(timeout=600)
+        ran = time.monotonic() - began
+    await wait_for(lambda: dispatcher_caught_up(client), timeout=600, what="the engine")
+    full = await stored(client)
+    began = time.monotonic()
+    limiter = anyio.CapacityLimiter(16)
+
+    async def delete(run_id: str) -> None:
+        async with limiter:
+            await client.delete(run_id)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(count):
+            tg.start_soon(delete, f"many-{i}")
+    deleted = time.monotonic() - began
+    print(f"\n{count} runs: ran in {ran:.1f} s, deleted in {deleted:.1f} s; stored {full}")
+    assert await stored(client) == baseline
