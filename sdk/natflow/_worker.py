@@ -652,6 +652,11 @@ class Worker:
         return held is not None and not held.released
 
     async def _hand_back(self, held: _Held, delay: float | None = None) -> None:
+        if self._stopping.is_set():
+            # A task NAKed while this worker's own pulls are still out could be delivered
+            # right back here; let them be withdrawn first (shutdown waits the same way).
+            with anyio.move_on_after(5):
+                await self._not_pulling.wait()
         held.released = True  # before the NAK: the next taker's ping must hear "free"
         await self._quietly(held.msg.nak(delay=delay))
         await self._release(held)
