@@ -408,3 +408,27 @@ async def test_natflow_dev_serves_the_console(tmp_path: Path) -> None:
     finally:
         stop(proc, 2)  # SIGINT, as Ctrl-C
     assert proc.returncode == 0, log.read_text()
+
+
+async def test_pause_resume_and_restart_from_the_run_page(console: str, client: Client) -> None:
+    """The run operations of issue 13 are buttons of the run page: pause a waiting run,
+    resume it, and restart a closed one (the page then shows the new run)."""
+    run = await client.start(approval, {"order": "P-2"}, run_id="pause-me")
+    await wait_for(lambda: _is(client, run.run_id, "waiting"), what="the run to wait")
+    assert "/action/pause" in (await http(f"{console}/runs/pause-me"))[1]
+    status, _, headers = await http(f"{console}/runs/pause-me/action/pause", {"reason": "x"})
+    assert status == 303 and "Pause" in headers["location"]
+    await wait_for(lambda: _is(client, run.run_id, "paused"), what="the pause")
+    body = (await http(f"{console}/runs/pause-me"))[1]
+    assert "/action/resume" in body and "/action/pause" not in body
+    status, _, _ = await http(f"{console}/runs/pause-me/action/resume", {})
+    assert status == 303
+    await wait_for(lambda: _is(client, run.run_id, "waiting"), what="the resume")
+    await client.terminate(run.run_id, "done here")
+    await wait_for(lambda: _is(client, run.run_id, "terminated"), what="the termination")
+    status, body, headers = await http(f"{console}/runs/pause-me/action/restart", {})
+    if status == 303:  # restarted: the page of the new run, linked to the old one
+        assert headers["location"].startswith("/runs/pause-me-r1")
+        assert 'href="/runs/pause-me"' in (await http(console + "/runs/pause-me-r1"))[1]
+    else:  # nothing to restart from: a message on the page, never a traceback
+        assert status in (400, 502) and "Traceback" not in body

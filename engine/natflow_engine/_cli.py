@@ -12,9 +12,8 @@ import fcntl
 import importlib.metadata
 import logging
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any, Final, NoReturn
 
@@ -22,7 +21,7 @@ import anyio
 
 from ._cli_auth import register as register_auth
 from ._cli_ops import register as register_ops
-from ._cli_options import add_metrics_options, connect_options
+from ._cli_options import add_metrics_options, connect_options, until_signalled
 from ._cli_runops import add_retention_option
 from ._cli_runops import register as register_run_ops
 from ._cli_runs import interrupted_wait
@@ -74,26 +73,10 @@ async def cmd_engine(args: argparse.Namespace) -> int:
         retention=args.retention,
     )
     try:
-        await _until_signalled(engine.run)
+        await until_signalled(engine.run)
         return 0
     finally:
         await conn.close()
-
-
-async def _until_signalled(main: Callable[[], Awaitable[None]]) -> None:
-    """Run ``main`` until SIGINT or SIGTERM."""
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("received %s; stopping", signal.Signals(signum).name)
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(watch)
-        await main()
-        tg.cancel_scope.cancel()
 
 
 def server_config(given: str | None) -> tuple[Path, str]:
@@ -208,7 +191,7 @@ async def cmd_server(args: argparse.Namespace) -> int:
     await _print_durability(server)
     print("Ctrl-C stops it", flush=True)
     try:
-        await _until_signalled(lambda: anyio.sleep_forever())
+        await until_signalled(lambda: anyio.sleep_forever())
     finally:
         server.stop()
     return 0
@@ -228,7 +211,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
             print(f"  NATS monitoring at {monitor} (JetStream usage read from /jsz)")
         print("  engine running; Ctrl-C stops both", flush=True)
         try:
-            await _until_signalled(lambda: _dev_services(conn, args, server.url, monitor))
+            await until_signalled(lambda: _dev_services(conn, args, server.url, monitor))
         finally:
             await conn.close()
     finally:

@@ -1,16 +1,24 @@
-"""The command-line options every natflow process shares (connection, metrics), kept apart
-from the ``natflow`` command itself so that a worker process can take them without loading
-the engine's commands, the console or their dependencies."""
+"""What every natflow process started from the command line shares (connection and metrics
+options, running until a signal), kept apart from the ``natflow`` command itself so that a
+worker process can take them without loading the engine's commands, the console or their
+dependencies."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from ._errors import NatflowError
+
+log = logging.getLogger("natflow.cli")
 
 
 def connect_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,3 +84,19 @@ def add_metrics_options(
             "http://127.0.0.1:8222): the engine exports JetStream stream usage and limits "
             "from its /jsz (env NATFLOW_NATS_MONITOR; natflow dev: its own server's)",
         )
+
+
+async def until_signalled(main: Callable[[], Awaitable[None]]) -> None:
+    """Run ``main`` until SIGINT or SIGTERM."""
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s; stopping", signal.Signals(signum).name)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        await main()
+        tg.cancel_scope.cancel()

@@ -7,8 +7,6 @@ a message naming the problem, with what was typed kept in the form.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -17,63 +15,17 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from .._connection import Connection
 from .._errors import InvalidInput, NatflowError
 from .._names import check_queue, check_run_id, check_token, check_workflow_name
 from .._runs import Runs
 from .._sealing import seal
-from .._signals import CANCEL, TERMINATE, send
+from .._signals import send
 from . import _reads as reads
-from ._app import console, page
+from ._pages import console, page
+from ._run_actions import RUN_ACTIONS
+from ._views import run_context
 
 _MAX_FIELD = 1024 * 1024
-
-
-Perform = Callable[[Connection, str, "str | None"], Awaitable[None]]
-
-
-def _control(kind: str) -> Perform:
-    """An action carried out by a control signal (as ``natflow cancel`` sends it)."""
-
-    async def perform(conn: Connection, run_id: str, reason: str | None) -> None:
-        await send(conn, run_id, kind, msgspec.json.encode(reason), None)
-
-    return perform
-
-
-@dataclass(frozen=True, slots=True)
-class RunAction:
-    """A button on the run page: which statuses offer it and what it does.
-
-    Restart, pause and resume become entries here once the engine has them.
-    """
-
-    name: str
-    label: str
-    statuses: frozenset[str]
-    perform: Perform
-    explain: str
-    danger: bool = False
-
-
-_OPEN = frozenset({"pending", "running", "sleeping", "waiting", "blocked"})
-RUN_ACTIONS: list[RunAction] = [
-    RunAction(
-        "cancel",
-        "Cancel run",
-        _OPEN,
-        _control(CANCEL),
-        "Raises cancellation in the workflow; its cleanup runs.",
-    ),
-    RunAction(
-        "terminate",
-        "Terminate",
-        _OPEN,
-        _control(TERMINATE),
-        "Stops the run at once; no more code runs.",
-        danger=True,
-    ),
-]
 
 
 def parse_json(field: str, text: str) -> bytes:
@@ -133,14 +85,16 @@ async def run_action(request: Request) -> Response:
     if view.info.status not in action.statuses:
         message = f"run {run_id} is {view.info.status}: '{action.label}' does not apply to it"
         return await _again(request, run_id, message, {})
-    await action.perform(state.conn, run_id, reason)
-    notice = f"{action.label}: requested for {run_id}."
-    return RedirectResponse(f"/runs/{run_id}?notice={quote(notice)}", status_code=303)
+    shown = await action.perform(state.conn, run_id, reason) or run_id
+    notice = (
+        f"{action.label}: requested for {run_id}."
+        if shown == run_id
+        else (f"{run_id} restarted as {shown}.")
+    )
+    return RedirectResponse(f"/runs/{shown}?notice={quote(notice)}", status_code=303)
 
 
 async def _again(request: Request, run_id: str, error: str, form: dict[str, str]) -> Response:
-    from ._views import run_context
-
     state = console(request)
     view = await reads.read_run(state.conn, run_id)
     context = run_context(view, state.counts.children(run_id))

@@ -14,9 +14,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from http.cookies import SimpleCookie
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -27,49 +25,16 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._connection import Connection
 from .._errors import InvalidInput, NatflowError, PermissionDenied, RunNotFound, ServerUnavailable
 from ._counts import StatusCounts
-from ._format import FILTERS
+from ._pages import HERE, Console, templates
 
 log = logging.getLogger("natflow.console")
 
-HERE = Path(__file__).parent
 COOKIE = "natflow_console"
-
-
-@dataclass(frozen=True, slots=True)
-class NavItem:
-    label: str
-    path: str
-
-
-NAV: list[NavItem] = [
-    NavItem("Runs", "/runs"),
-    NavItem("Start a run", "/start"),
-    NavItem("Workers", "/workers"),
-    NavItem("Dead letters", "/dead-letters"),
-]
-
-
-def _asset_versions() -> dict[str, str]:
-    """A content hash per static file: pages link ``/static/<name>?v=<hash>``, so browsers
-    keep them cached and still see a new version the moment the console is upgraded."""
-    return {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        for path in (HERE / "static").iterdir()
-        if path.is_file()
-    }
-
-
-_VERSIONS = _asset_versions()
-
-
-def asset(name: str) -> str:
-    return f"/static/{name}?v={_VERSIONS.get(name, '0')}"
 
 
 class _Static(StaticFiles):
@@ -81,35 +46,6 @@ class _Static(StaticFiles):
         response = super().file_response(full_path, stat_result, scope, status_code)
         response.headers["Cache-Control"] = "public, max-age=86400"
         return response
-
-
-templates = Jinja2Templates(directory=str(HERE / "templates"))
-templates.env.filters.update(FILTERS)
-templates.env.globals.update(nav=NAV, asset=asset)
-
-
-@dataclass(slots=True)
-class Console:
-    """What every handler shares: the NATS connection, the live counts, where NATS is."""
-
-    conn: Connection
-    counts: StatusCounts
-    server: str
-
-
-def console(request: Request) -> Console:
-    found: Console = request.app.state.console
-    return found
-
-
-def page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
-    """Render a full page (or fragment) with the common context."""
-    context.setdefault("notice", request.query_params.get("notice"))
-    context.setdefault("error", None)
-    context.setdefault("live", None)
-    context["server"] = console(request).server
-    context["path"] = request.url.path
-    return templates.TemplateResponse(request, name, context, status_code=status)
 
 
 # -- errors: every failure becomes a page that says what went wrong, never a traceback ---------

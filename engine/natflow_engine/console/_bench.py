@@ -37,7 +37,7 @@ from natflow_engine._server import EmbeddedServer
 from natflow_engine._state import RunInfo
 from natflow_engine._streams import ensure_streams, runs_subject
 from natflow_engine.console import create_app, serve
-from natflow_engine.console._app import Console
+from natflow_engine.console._pages import Console
 
 WORKFLOWS = ["order", "refund", "invoice", "nightly-export", "onboarding", "sync-crm"]
 STATUSES = ["completed"] * 90 + ["running"] * 3 + ["waiting"] * 3 + ["sleeping"] * 2

@@ -82,11 +82,11 @@ def register(sub: Any, opener: Opener) -> None:
     """Add ``natflow ui`` to the ``natflow`` parser."""
 
     async def ui(args: argparse.Namespace) -> int:
-        from .._cli import _until_signalled
+        from .._cli_options import until_signalled
 
         conn = await opener(args, "natflow-console")
         try:
-            await _until_signalled(
+            await until_signalled(
                 lambda: serve_console(conn, args.host, args.port, args.access_token, str(args.url))
             )
         finally:

@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from .._errors import NatflowError
 from .._streams import history_subject
 from . import _reads as reads
-from ._app import console, templates
+from ._pages import console, templates
 
 log = logging.getLogger("natflow.console")
 

@@ -14,7 +14,8 @@ from .._errors import InvalidInput
 from .._names import _TOKEN
 from .._state import RunInfo
 from . import _reads as reads
-from ._app import console, page
+from ._pages import console, page
+from ._run_actions import RUN_ACTIONS
 from ._timeline import timeline
 
 STATUSES = (
@@ -22,6 +23,7 @@ STATUSES = (
     "running",
     "sleeping",
     "waiting",
+    "paused",
     "blocked",
     "completed",
     "failed",
@@ -141,7 +143,6 @@ async def runs_page(request: Request) -> Response:
 
 def run_context(view: reads.RunView, children: list[str]) -> dict[str, Any]:
     """What the run page and its live fragments render from."""
-    from ._actions import RUN_ACTIONS
 
     info: RunInfo = view.info
     now = datetime.now(UTC)
