@@ -232,7 +232,7 @@ async def test_signaller_may_signal_and_nothing_else(
             lambda: signaller.terminate("sig-1", "x"), "natflow.signal.sig-1.$control.terminate"
         ),
     ]
-    assert times  # each within DENIAL_BUDGET; the 2 s bound: test_denials_are_fast
+    assert max(times) < 2.0, times  # issue 16: each refusal named within 2 s
     # Nothing it tried changed the run.
     assert (await client.describe("sig-1")).result == {"doubled": 2, "approval": "yes"}
 

@@ -122,7 +122,9 @@ async def test_cancel_from_the_page_ends_the_run(console: str, client: Client, p
     await page.click('form[action$="/action/cancel"] button')
     await page.locator('#run-status[data-status="cancelled"]').wait_for()
     assert "customer left" in await page.inner_text("#outcome")
-    assert "nothing more can be done" in await page.inner_text("#actions")
+    actions = await page.inner_text("#actions")
+    assert "it takes no more signals" in actions and "Restart" in actions
+    assert "Send signal" not in actions and "Cancel run" not in actions
     assert (await client.describe("to-cancel")).status == "cancelled"
 
 
