@@ -11,10 +11,12 @@ import os
 from collections.abc import AsyncIterator
 from typing import Final
 
+from nats.aio.msg import Msg
 from nats.js import api
 
 from ._connection import Connection
 from ._errors import NatflowError
+from ._reader import reader
 
 KV_OPERATION: Final = "KV-Operation"
 
@@ -129,3 +131,17 @@ async def kv_watch(conn: Connection, bucket: str) -> AsyncIterator[tuple[str, by
             yield key, None if deleted else msg.data, msg.metadata.sequence.stream
     finally:
         await sub.unsubscribe()
+
+
+async def kv_entries(
+    conn: Connection, bucket: str, keys: str = ">", *, batch: int = 4096
+) -> list[Msg]:
+    """The live (not deleted) entries of ``bucket`` whose keys match ``keys``, in one batch
+    direct get; each message names its revision in ``Nats-Sequence``. A denial is named at
+    once (the batch reader's), not after a timeout."""
+    page = await reader(conn).read_last(kv_stream(bucket), [f"$KV.{bucket}.{keys}"], batch)
+    return [
+        m
+        for m in page.messages
+        if m.data and (m.headers or {}).get("KV-Operation") not in ("DEL", "PURGE")
+    ]

@@ -70,12 +70,14 @@ class BatchReader:
                 return total
             start = page.last_seq + 1
 
-    async def read_last(self, stream: str, subjects: list[str]) -> Page:
+    async def read_last(self, stream: str, subjects: list[str], batch: int | None = None) -> Page:
         """The last message of each subject that has one (headers included: each names its
-        subject in ``Nats-Subject``), in one request."""
+        subject in ``Nats-Subject``), in one request. ``batch`` bounds how many come back
+        (default: one per subject; give more when ``subjects`` hold wildcards)."""
         if not subjects:
             return Page()
-        return await self._request(stream, {"multi_last": subjects, "batch": len(subjects)})
+        request = {"multi_last": subjects, "batch": batch or len(subjects)}
+        return await self._request(stream, request)
 
     async def read(
         self,

@@ -18,7 +18,7 @@ import msgspec
 import nats.errors
 
 from ._connection import Connection
-from ._kv import kv_delete, kv_put, kv_stream
+from ._kv import kv_delete, kv_entries, kv_put
 
 log = logging.getLogger("natflow.registry")
 
@@ -104,25 +104,9 @@ def decode_worker(data: bytes) -> WorkerInfo:
 async def list_workers(conn: Connection) -> list[WorkerInfo]:
     """Every registered worker (live or within three heartbeats of its last one)."""
     found: list[WorkerInfo] = []
-    subject = f"{conn.api}.DIRECT.GET.{kv_stream(WORKERS_BUCKET)}"
-    sub = await conn.nc.subscribe(conn.nc.new_inbox())
-    try:
-        body = msgspec.json.encode({"multi_last": [f"$KV.{WORKERS_BUCKET}.>"], "batch": 1024})
-        await conn.nc.publish(subject, body, reply=sub.subject)
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=5)
-            except nats.errors.TimeoutError:  # denied (the server said so on the side), or slow
-                raise conn._timeout_error(subject, 5) from None
-            headers = msg.headers or {}
-            if "Status" in headers:
-                break
-            if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
-                continue
-            try:
-                found.append(decode_worker(msg.data))
-            except msgspec.DecodeError:  # a bad entry (the engine dead-letters it): skip it
-                log.warning("skipping a worker entry that does not decode: %s", msg.subject)
-    finally:
-        await sub.unsubscribe()
+    for msg in await kv_entries(conn, WORKERS_BUCKET, batch=1024):
+        try:
+            found.append(decode_worker(msg.data))
+        except msgspec.DecodeError:  # a bad entry (the engine dead-letters it): skip it
+            log.warning("skipping a worker entry that does not decode: %s", msg.subject)
     return sorted(found, key=lambda w: w.identity)

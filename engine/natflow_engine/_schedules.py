@@ -24,7 +24,7 @@ import msgspec
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._cron import FireTimes, fire_token, jitter_for
 from ._errors import InvalidInput, NatflowError
-from ._kv import kv_delete, kv_get, kv_put, kv_stream
+from ._kv import kv_delete, kv_entries, kv_get, kv_put, kv_stream
 from ._names import check_token
 from ._streams import SCHEDULES_BUCKET
 
@@ -342,23 +342,10 @@ async def delete_schedule(conn: Connection, schedule_id: str) -> None:
 
 async def list_schedules(conn: Connection) -> list[tuple[Schedule, int]]:
     """Every schedule, by id, with its revision."""
-    found: list[tuple[Schedule, int]] = []
-    sub = await conn.nc.subscribe(conn.nc.new_inbox())
-    try:
-        body = msgspec.json.encode({"multi_last": [f"$KV.{SCHEDULES_BUCKET}.>"], "batch": 4096})
-        await conn.nc.publish(
-            f"{conn.api}.DIRECT.GET.{kv_stream(SCHEDULES_BUCKET)}", body, reply=sub.subject
-        )
-        while True:
-            msg = await sub.next_msg(timeout=5)
-            headers = msg.headers or {}
-            if "Status" in headers:
-                break
-            if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
-                continue
-            found.append((decode_schedule(msg.data), int(headers["Nats-Sequence"])))
-    finally:
-        await sub.unsubscribe()
+    found = [
+        (decode_schedule(msg.data), int((msg.headers or {})["Nats-Sequence"]))
+        for msg in await kv_entries(conn, SCHEDULES_BUCKET)
+    ]
     return sorted(found, key=lambda pair: pair[0].schedule_id)
 
 

@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 
 from ._connection import Connection, retrying
 from ._errors import InvalidInput, NatflowError
-from ._kv import kv_delete, kv_put, kv_stream
+from ._kv import kv_delete, kv_entries, kv_put
 from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
 from ._reader import reader
@@ -132,24 +132,8 @@ async def undeclare(conn: Connection, event: str, workflow: str) -> bool:
 
 async def declarations(conn: Connection, event: str | None = None) -> list[TriggerDeclaration]:
     """The declarations of ``event`` (of every event when None), by workflow."""
-    subject = f"$KV.{TRIGGERS_BUCKET}.{event}.*" if event else f"$KV.{TRIGGERS_BUCKET}.>"
-    found: list[TriggerDeclaration] = []
-    sub = await conn.nc.subscribe(conn.nc.new_inbox())
-    try:
-        body = msgspec.json.encode({"multi_last": [subject], "batch": 1024})
-        await conn.nc.publish(
-            f"{conn.api}.DIRECT.GET.{kv_stream(TRIGGERS_BUCKET)}", body, reply=sub.subject
-        )
-        while True:
-            msg = await sub.next_msg(timeout=5)
-            headers = msg.headers or {}
-            if "Status" in headers:
-                break
-            if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
-                continue
-            found.append(_decl_decoder.decode(msg.data))
-    finally:
-        await sub.unsubscribe()
+    entries = await kv_entries(conn, TRIGGERS_BUCKET, f"{event}.*" if event else ">", batch=1024)
+    found = [_decl_decoder.decode(msg.data) for msg in entries]
     return sorted(found, key=lambda d: (d.event, d.workflow))
 
 

@@ -19,7 +19,7 @@ from .._connection import Connection
 from .._errors import NatflowError, RunNotFound
 from .._history import HistoryStore
 from .._index import IndexEntry
-from .._kv import kv_stream
+from .._kv import kv_entries
 from .._leases import LEASES_BUCKET, Lease, decode_lease
 from .._names import check_run_id
 from .._reader import reader
@@ -91,21 +91,11 @@ async def entries_for(conn: Connection, run_ids: list[str]) -> list[RunInfo]:
     """The index entries of these runs (one batch read), in the order asked."""
     if not run_ids:
         return []
-    body = msgspec.json.encode(
-        {"multi_last": [runs_subject(r) for r in run_ids], "batch": len(run_ids)}
-    )
+    page = await reader(conn).read_last(RUNS_STREAM, [runs_subject(r) for r in run_ids])
     found: dict[str, RunInfo] = {}
-    sub = await conn.nc.subscribe(conn.nc.new_inbox())
-    try:
-        await conn.nc.publish(f"{conn.api}.DIRECT.GET.{RUNS_STREAM}", body, reply=sub.subject)
-        while True:
-            msg = await sub.next_msg(timeout=5)
-            if "Status" in (msg.headers or {}):
-                break
-            info = _entry_decoder.decode(msg.data).info
-            found[info.run_id] = info
-    finally:
-        await sub.unsubscribe()
+    for msg in page.messages:
+        info = _entry_decoder.decode(msg.data).info
+        found[info.run_id] = info
     return [found[r] for r in run_ids if r in found]
 
 
@@ -222,25 +212,11 @@ async def read_more(conn: Connection, view: RunView) -> RunView:
 async def leases(conn: Connection) -> list[Lease]:
     """Every run lease now held (runs a worker is executing)."""
     found: list[Lease] = []
-    body = msgspec.json.encode({"multi_last": [f"$KV.{LEASES_BUCKET}.>"], "batch": 4096})
-    sub = await conn.nc.subscribe(conn.nc.new_inbox())
-    try:
-        await conn.nc.publish(
-            f"{conn.api}.DIRECT.GET.{kv_stream(LEASES_BUCKET)}", body, reply=sub.subject
-        )
-        while True:
-            msg = await sub.next_msg(timeout=5)
-            headers = msg.headers or {}
-            if "Status" in headers:
-                break
-            if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
-                continue
-            try:
-                found.append(decode_lease(msg.data))
-            except msgspec.DecodeError:
-                continue
-    finally:
-        await sub.unsubscribe()
+    for msg in await kv_entries(conn, LEASES_BUCKET):
+        try:
+            found.append(decode_lease(msg.data))
+        except msgspec.DecodeError:
+            continue
     return found
 
 
