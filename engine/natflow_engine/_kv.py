@@ -14,7 +14,7 @@ from typing import Final
 from nats.aio.msg import Msg
 from nats.js import api
 
-from ._connection import Connection
+from ._connection import Connection, NoResponders
 from ._errors import NatflowError
 from ._reader import reader
 
@@ -139,7 +139,10 @@ async def kv_entries(
     """The live (not deleted) entries of ``bucket`` whose keys match ``keys``, in one batch
     direct get; each message names its revision in ``Nats-Sequence``. A denial is named at
     once (the batch reader's), not after a timeout."""
-    page = await reader(conn).read_last(kv_stream(bucket), [f"$KV.{bucket}.{keys}"], batch)
+    try:
+        page = await reader(conn).read_last(kv_stream(bucket), [f"$KV.{bucket}.{keys}"], batch)
+    except NoResponders:  # the bucket does not exist (yet): nothing in it
+        return []
     return [
         m
         for m in page.messages
