@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
+from ._cli_bind import Opener, with_connection
 from ._cli_format import print_json, read_json_argument, table
 from ._cli_runs import positive_int
 from ._connection import Connection
@@ -19,23 +19,20 @@ from ._registry import list_workers
 from ._runs import Runs
 from ._sealing import seal
 from ._signals import CANCEL, TERMINATE, dead_letters, send
-from ._streams import ensure_streams
 from ._values import check_value_size, store_value
-
-Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
 
 
 def register(sub: Any, opener: Opener) -> None:
     """Add the operator commands to the ``natflow`` parser."""
 
     async def signal(args: argparse.Namespace) -> int:
-        return await _with(opener, args, _signal)
+        return await with_connection(opener, args, _signal)
 
     async def workers(args: argparse.Namespace) -> int:
-        return await _with(opener, args, _workers)
+        return await with_connection(opener, args, _workers)
 
     async def dead(args: argparse.Namespace) -> int:
-        return await _with(opener, args, _dead)
+        return await with_connection(opener, args, _dead)
 
     p = sub.add_parser("signal", help="send a signal to a run")
     p.add_argument("run_id", metavar="RUN_ID", help="the run's id")
@@ -57,7 +54,7 @@ def register(sub: Any, opener: Opener) -> None:
     p.set_defaults(handler=signal)
 
     async def cancel(args: argparse.Namespace) -> int:
-        return await _with(opener, args, _cancel)
+        return await with_connection(opener, args, _cancel)
 
     for name, help_ in (
         ("cancel", "cancel a run (its cleanup runs)"),
@@ -80,19 +77,6 @@ def register(sub: Any, opener: Opener) -> None:
     d.add_argument("--limit", metavar="N", type=positive_int, default=50, help="show at most N")
     d.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=dead)
-
-
-async def _with(
-    opener: Opener,
-    args: argparse.Namespace,
-    command: Callable[[Connection, argparse.Namespace], Awaitable[int]],
-) -> int:
-    conn = await opener(args, "natflow-cli")
-    try:
-        await ensure_streams(conn)
-        return await command(conn, args)
-    finally:
-        await conn.close()
 
 
 async def _signal(conn: Connection, args: argparse.Namespace) -> int:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
+from ._cli_bind import Command, Handler, Opener, bind
 from ._connection import Connection
 from ._durations import parse_duration
 from ._errors import NatflowError
@@ -19,10 +19,6 @@ from ._restart import restart_run
 from ._retention import delete_run
 from ._runs import Runs
 from ._signals import PAUSE, RESUME, send
-from ._streams import ensure_streams
-
-Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
-Command = Callable[[Connection, argparse.Namespace], Awaitable[int]]
 
 
 def add_retention_option(p: argparse.ArgumentParser) -> None:
@@ -41,16 +37,8 @@ def register(sub: Any, runs: Any, opener: Opener) -> None:
     """Add ``delete``, ``restart``, ``pause``, ``resume`` to ``natflow runs`` (``runs``: its
     subcommands, from :func:`natflow_engine._cli_runs.register`), and ``natflow queues``."""
 
-    def handler(command: Command) -> Callable[[argparse.Namespace], Awaitable[int]]:
-        async def run(args: argparse.Namespace) -> int:
-            conn = await opener(args, "natflow-cli")
-            try:
-                await ensure_streams(conn)
-                return await command(conn, args)
-            finally:
-                await conn.close()
-
-        return run
+    def handler(command: Command) -> Handler:
+        return bind(opener, command)
 
     q = runs.add_parser(
         "delete",

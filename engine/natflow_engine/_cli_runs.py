@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
+from ._cli_bind import Opener, with_connection
 from ._cli_format import print_json, read_json_argument, table
 from ._cli_schedules import describe_trigger
 from ._connection import Connection
@@ -24,10 +24,9 @@ from ._registry import WorkerInfo, list_workers
 from ._runs import Runs
 from ._sealing import sealed_key
 from ._state import RUN_STATUSES, RunInfo, StepInfo, fold_steps
-from ._streams import ensure_streams, history_subject
+from ._streams import history_subject
 from .events import ChildCompleted, ChildFailed, ChildStarted, Event, RunStarted
 
-Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
 START_WORKER_HINT = "start one with `natflow worker MODULE`; `natflow workers` lists what is served"
 
 
@@ -65,10 +64,10 @@ def register(sub: Any, opener: Opener) -> Any:
             check_run_id(args.run_id)
         check_workflow_name(args.workflow)
         check_queue(args.queue)
-        return await _with(opener, args, cmd_start)
+        return await with_connection(opener, args, cmd_start)
 
     async def runs(args: argparse.Namespace) -> int:
-        return await _with(opener, args, cmd_runs)
+        return await with_connection(opener, args, cmd_runs)
 
     p = sub.add_parser(
         "start",
@@ -123,19 +122,6 @@ def register(sub: Any, opener: Opener) -> Any:
         r.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=runs)
     return q
-
-
-async def _with(
-    opener: Opener,
-    args: argparse.Namespace,
-    command: Callable[[Connection, argparse.Namespace], Awaitable[int]],
-) -> int:
-    conn = await opener(args, "natflow-cli")
-    try:
-        await ensure_streams(conn)
-        return await command(conn, args)
-    finally:
-        await conn.close()
 
 
 # -- start -------------------------------------------------------------------------------

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 import msgspec
 
+from ._cli_bind import Command, Handler, Opener, bind
 from ._connection import Connection
 from ._durations import to_seconds
 from ._errors import InvalidInput
 from ._schedule_ops import Schedules
 from ._schedules import OVERLAP_POLICIES, ScheduleInfo, ScheduleSpec
-from ._streams import ensure_streams
 from ._triggers import declarations, emit, recent_events, undeclare
 from .events import Trigger
-
-Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
-Command = Callable[[Connection, argparse.Namespace], Awaitable[int]]
 
 
 def describe_trigger(trigger: Trigger) -> str:
@@ -34,16 +30,8 @@ def describe_trigger(trigger: Trigger) -> str:
 def register(sub: Any, opener: Opener) -> None:
     """Add ``schedules`` and ``events`` to the ``natflow`` parser."""
 
-    def bound(command: Command) -> Callable[[argparse.Namespace], Awaitable[int]]:
-        async def handler(args: argparse.Namespace) -> int:
-            conn = await opener(args, "natflow-cli")
-            try:
-                await ensure_streams(conn)
-                return await command(conn, args)
-            finally:
-                await conn.close()
-
-        return handler
+    def bound(command: Command) -> Handler:
+        return bind(opener, command)
 
     p = sub.add_parser(
         "schedules",

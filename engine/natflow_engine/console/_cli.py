@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .._cli_bind import Opener
 from .._connection import Connection
 from .._errors import NatflowError
 from ._app import create_app
@@ -15,7 +15,6 @@ from ._serve import DEFAULT_HOST, DEFAULT_PORT, serve
 
 log = logging.getLogger("natflow.console")
 
-Opener = Callable[[argparse.Namespace, str], Awaitable[Connection]]
 TOKEN_ENV = "NATFLOW_UI_TOKEN"
 
 
