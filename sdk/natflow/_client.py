@@ -70,6 +70,7 @@ from nats.aio.msg import Msg
 
 from . import _tracing as tracing
 from ._events_feed import follow
+from ._flow import check_flow_start, flow_start
 from ._schedules import ScheduleClient
 from ._workflow import DEFAULT_QUEUE, Workflow
 
@@ -297,6 +298,19 @@ class Client:
                     data,
                     run_id or new_run_id(),
                     not_before,
+                )
+            elif definition is not None and definition.flow_controlled:
+                check_flow_start(definition, run_id)
+                started_id, created = await flow_start(
+                    self._runs,
+                    definition,
+                    input,
+                    data,
+                    queue or default_queue,
+                    not_before,
+                    trace_context=traced.carrier,
+                    on_complete=target,
+                    retention=definition.retention,
                 )
             else:
                 started_id, created = await self._runs.start(
