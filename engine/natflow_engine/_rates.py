@@ -27,14 +27,12 @@ from dataclasses import dataclass
 from typing import Final
 
 import msgspec
-from nats.js import api
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._errors import InvalidInput, NatflowError
-from ._kv import kv_get, kv_put, kv_stream_config
-from ._streams import _ensure_stream, replicas
+from ._kv import kv_get, kv_put
+from ._streams import RATES_BUCKET, ensure_streams
 
-RATES_BUCKET: Final = "natflow_rates"
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_TRIES: Final = 50
 _KEEP_IDLE: Final = 60.0  # seconds an idle cell outlives its TAT (then it expires: a fresh one)
@@ -102,16 +100,14 @@ def cell_key(name: str, key: str | None) -> str:
 
 
 async def ensure_rates_bucket(conn: Connection) -> None:
-    """Create the ``natflow_rates`` bucket if this connection has not seen it yet."""
-    # Made on first use, not with the other streams: a deployment that declares no rate
-    # limit never has (or asks for) this bucket.
-    if conn.extras.get(RATES_BUCKET) is None:
-        await _ensure_stream(conn, rates_stream_config())
-        conn.extras[RATES_BUCKET] = {}
+    """Make sure natflow's streams, the ``natflow_rates`` bucket among them, exist (free
+    after the first call on a connection)."""
+    await ensure_streams(conn)
 
 
 def _cache(conn: Connection) -> dict[str, tuple[float, int]]:
-    cache = conn.extras[RATES_BUCKET]
+    """This process's last write of each cell: its TAT and revision (saves the read)."""
+    cache = conn.extras.setdefault(RATES_BUCKET, {})
     assert isinstance(cache, dict)
     return cache
 
@@ -156,8 +152,3 @@ async def reserve(conn: Connection, limit: RateLimit, key: str | None = None) ->
         f"rate limit {limit.name!r}: {_MAX_TRIES} takes in a row lost to other processes; "
         f"the cell {RATES_BUCKET}/{kv_key} is contended beyond what it can serve"
     )
-
-
-def rates_stream_config() -> api.StreamConfig:
-    """The bucket's stream (for ``natflow init`` and roles)."""
-    return kv_stream_config(RATES_BUCKET, "natflow: rate limit cells (GCRA)", replicas())

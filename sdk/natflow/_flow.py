@@ -207,6 +207,12 @@ async def _debounced(creator: _Creator, key: str | None, data: bytes) -> tuple[s
     base = _base_id("d", creator.workflow.name, key)
     cell = f"debounce.{base}"
     stored = seal(conn.codec, data) if conn.codec is not None else data
+    if len(stored) > conn.max_payload // 2 - 1024:  # the cell keeps two inputs at most
+        raise InvalidInput(
+            f"the input of debounced workflow {creator.workflow.name!r} is {len(stored)} bytes; "
+            f"debounced inputs wait in KV and must stay under {conn.max_payload // 2 - 1024} "
+            f"bytes: pass a reference (an id, a URL) instead"
+        )
     for _ in range(_TRIES):
         found = await kv_get(conn, RATES_BUCKET, cell)
         window = _window_dec.decode(found[0]) if found else None
