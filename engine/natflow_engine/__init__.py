@@ -71,7 +71,7 @@ from ._metrics import (
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
 from ._quarantine import QUARANTINED, quarantined
 from ._queues import queue_paused
-from ._rates import RATES_BUCKET, RateLimit, cell_key, ensure_rates_bucket, reserve
+from ._rates import RateLimit, cell_key, ensure_rates_bucket, reserve
 from ._registry import (
     WorkerInfo,
     announce,
@@ -123,6 +123,7 @@ from ._state import CLOSED_STATUSES, RunInfo, StepInfo, fold_run
 from ._streams import (
     HISTORY_PREFIX,
     HISTORY_STREAM,
+    RATES_BUCKET,
     RUNS_STREAM,
     TASK_PREFIX,
     TASK_STREAM,
