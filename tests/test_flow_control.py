@@ -7,6 +7,7 @@ reads the calls' times from a file the step bodies write (outside the workers).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import subprocess
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 from natflow import Client, Debounce, InvalidInput, RateLimit, WorkflowContext, workflow
+from natflow._steps import RunSlots
 from natflow_engine import RATES_BUCKET, reserve
 from natflow_engine._kv import kv_entries
 from natflow_engine._server import EmbeddedServer
@@ -221,3 +223,18 @@ async def test_flow_control_refuses_bad_keys_and_oversized_debounced_inputs(
     with pytest.raises(InvalidInput, match="debounced inputs wait in KV"):
         await client.start(flows.debounced_save, {"doc": "d", "blob": "x" * 600_000})
     assert await client.list(workflow="one_per_customer") == []
+
+
+async def test_run_slots_pass_a_slot_on_when_its_waiter_is_cancelled() -> None:
+    slots = RunSlots(1)
+    await slots.acquire()
+    first = asyncio.ensure_future(slots.acquire())
+    second = asyncio.ensure_future(slots.acquire())
+    await asyncio.sleep(0)
+    slots.release()  # handed to `first` ...
+    first.cancel()  # ... which is cancelled before it runs: `second` must get the slot
+    await asyncio.sleep(0)
+    await asyncio.wait_for(second, timeout=1)
+    assert first.cancelled()
+    slots.release()
+    await asyncio.wait_for(slots.acquire(), timeout=1)  # nothing leaked, nothing lost

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import inspect
@@ -56,16 +57,45 @@ class StepRuntime:
 
     limiter: anyio.CapacityLimiter | None = None
     thread_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(64))
-    run_limiter: anyio.CapacityLimiter | None = None
+    run_limiter: RunSlots | None = None
+
+
+class RunSlots:
+    """At most ``size`` holders, first come first served; taking a free slot does not yield
+    to the event loop (unlike ``anyio.CapacityLimiter``), so a run under its bound pays
+    nothing measurable per step."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():  # handed the slot as it was cancelled
+                self.release()
+            raise  # (a cancelled turn stays queued; release skips it)
+
+    def release(self) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot passes straight to the next in line
+                return
+        self._free += 1
 
 
 def run_runtime(runtime: StepRuntime, workflow: Workflow) -> StepRuntime:
     """The worker's step runtime plus the run's own step bound (a new limiter per run)."""
     if workflow.max_parallel_steps is None:
         return runtime
-    return dataclasses.replace(
-        runtime, run_limiter=anyio.CapacityLimiter(workflow.max_parallel_steps)
-    )
+    return dataclasses.replace(runtime, run_limiter=RunSlots(workflow.max_parallel_steps))
 
 
 def rate_fields(item: StillRunning) -> dict[str, Any]:
@@ -119,9 +149,12 @@ async def run_step(
     """
     if runtime.run_limiter is None:
         await _admitted(command, send, conn, runtime, run_id)
-    else:
-        async with runtime.run_limiter:  # the run's own bound comes first: a queued step
-            await _admitted(command, send, conn, runtime, run_id)  # holds no rate slot
+        return
+    await runtime.run_limiter.acquire()  # the run's own bound comes first: a step queued
+    try:  # behind it holds no rate slot
+        await _admitted(command, send, conn, runtime, run_id)
+    finally:
+        runtime.run_limiter.release()
 
 
 async def _admitted(
