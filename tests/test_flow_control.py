@@ -223,6 +223,9 @@ async def test_flow_control_refuses_bad_keys_and_oversized_debounced_inputs(
     with pytest.raises(InvalidInput, match="debounced inputs wait in KV"):
         await client.start(flows.debounced_save, {"doc": "d", "blob": "x" * 600_000})
     assert await client.list(workflow="one_per_customer") == []
+    async with await Client.connect(nats_server.url, start_via_engine=True) as frontend:
+        with pytest.raises(InvalidInput, match="start_via_engine"):
+            await frontend.start(flows.one_per_customer, {"customer": "acme"})
 
 
 async def test_run_slots_pass_a_slot_on_when_its_waiter_is_cancelled() -> None:

@@ -279,6 +279,12 @@ class Client:
         target = _target("on_complete", on_complete)
         with tracing.starting(name, queue or default_queue) as traced:
             if self._start_via_engine:
+                if definition is not None and definition.flow_controlled:
+                    raise InvalidInput(
+                        f"workflow {name!r} declares rate_limit, singleton or debounce, which "
+                        f"a client that starts runs through the engine (start_via_engine=True) "
+                        f"cannot apply yet: start it with a client that writes history"
+                    )
                 if target is not None:
                     raise InvalidInput(
                         "on_complete is not available to a client that starts runs through "
