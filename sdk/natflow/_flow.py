@@ -63,20 +63,32 @@ DEBOUNCE_STEP = "natflow-debounce"  # the first step of a debounced run: takes i
 
 
 def key_of(what: str, spec: KeySpec | None, value: Any) -> str | None:
-    """The key a flow-control option computes from a run's input (None: no key)."""
+    """The key a flow-control option computes from a run's input (None: no key).
+
+    ``spec`` is an input field (dotted for nested fields: ``"account.region"``, as
+    ``Limit(key=...)`` takes it) or a function of the input.
+    """
     if spec is None or spec == "":
         return None
-    if callable(spec):
-        found: object = spec(value)
-    elif isinstance(value, Mapping):
-        if spec not in value:
-            raise InvalidInput(f"{what} key {spec!r} is not a field of the input {value!r}")
-        found = value[spec]
-    elif hasattr(value, spec):
-        found = getattr(value, spec)
-    else:
-        raise InvalidInput(f"{what} key {spec!r} is not a field of the input {value!r}")
-    return str(found)
+    if not callable(spec):
+        return str(_field(what, value, spec))
+    try:
+        return str(spec(value))
+    except Exception as exc:
+        raise InvalidInput(
+            f"the key of {what} could not be computed from the input: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _field(what: str, value: Any, path: str) -> Any:
+    for part in path.split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif not isinstance(value, Mapping) and hasattr(value, part):
+            value = getattr(value, part)
+        else:
+            raise InvalidInput(f"the input has no field {path!r} (the key of {what})")
+    return value
 
 
 def _token(key: str | None) -> str:
