@@ -458,7 +458,7 @@ class WorkflowState:
 
     async def _main(self) -> Any:
         value: Any = None
-        data = bytes(self.start.input)
+        data: bytes | msgspec.Raw = self.start.input
         if self.start.debounce is not None:  # the last input of its window: a recorded step
             data = await debounced_input(self._ctx, self.start)
         if self.workflow.takes_input:

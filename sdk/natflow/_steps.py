@@ -147,27 +147,17 @@ async def run_step(
     driver records it and waits for that time on a durable timer, not here, so a crash during
     the backoff neither forgets the attempt nor starts the next one early.
     """
-    if runtime.run_limiter is None:
-        await _admitted(command, send, conn, runtime, run_id)
-        return
-    await runtime.run_limiter.acquire()  # the run's own bound comes first: a step queued
-    try:  # behind it holds no rate slot
-        await _admitted(command, send, conn, runtime, run_id)
+    slots = runtime.run_limiter
+    if slots is not None:  # the run's own bound comes first: a step queued behind it
+        await slots.acquire()  # holds no rate slot
+    try:
+        if command.rate is not None and not await _wait_for_rate(command, send, conn):
+            return
+        step_connection.set(conn)
+        await _run_attempt(command, send, conn, runtime, run_id)
     finally:
-        runtime.run_limiter.release()
-
-
-async def _admitted(
-    command: StepCommand,
-    send: MemoryObjectSendStream[Item],
-    conn: Connection,
-    runtime: StepRuntime,
-    run_id: str,
-) -> None:
-    if command.rate is not None and not await _wait_for_rate(command, send, conn):
-        return
-    step_connection.set(conn)
-    await _run_attempt(command, send, conn, runtime, run_id)
+        if slots is not None:
+            slots.release()
 
 
 async def _wait_for_rate(
