@@ -43,9 +43,11 @@ async def test_a_step_rate_limit_of_10_per_second_holds_across_three_worker_proc
     log = tmp_path / "calls.log"
     for _ in range(3):
         processes.append(
-            spawn_worker(
+            spawn_worker(  # 4 runs each at most: the 10 runs need all three workers
                 nats_server.url,
                 "tests.workflows_flow:rated_calls",
+                "--max-concurrent-runs",
+                "4",
                 env={"FLOW_LOG": str(log)},
                 log=tmp_path / "workers.log",
             )
@@ -61,10 +63,12 @@ async def test_a_step_rate_limit_of_10_per_second_holds_across_three_worker_proc
     # From asking for the first call to the last call made: the slots are exactly 0.1 s
     # apart, so the last is at least 9.9 s after the first could go.
     span = times[-1] - began
+    print(f"100 calls: {span:.3f} s from the starts, {times[-1] - times[0]:.3f} s first to last")
     assert 9.9 <= span <= 11.0, f"100 calls took {span:.2f} s"
-    # Nowhere more than 10 calls in a second (11 calls span at least 1 s, less jitter).
-    assert min(times[i + 10] - times[i] for i in range(90)) >= 0.95
-    assert len(holders) >= 2, "the runs were meant to spread over the workers"
+    # Nowhere more than 10 calls in a second (11 calls span at least 1 s, less the jitter of
+    # a call's body starting after its slot).
+    assert min(times[i + 10] - times[i] for i in range(90)) >= 0.9
+    assert len(holders) == 3, f"the runs were meant to spread over the workers: {holders}"
 
 
 async def test_reserve_spaces_slots_by_the_interval_and_allows_the_burst(
