@@ -115,6 +115,18 @@ async def test_a_run_rate_limit_delays_starts_instead_of_refusing_them(
     assert "flow-test-starts" in (infos[3].current or "")
     other = await client.start(flows.rated_start, {"tenant": "globex", "i": 0})
     assert "rate limited" not in ((await other.status()).current or "")  # its own budget
+    # Delayed starts take their slots from their start time on: still 2 a second.
+    now = time.time()
+    later = [
+        await client.start(flows.rated_start, {"tenant": "initech", "i": i}, start_delay=30)
+        for i in range(3)
+    ]
+    due = [(await client.history(h.run_id))[0].not_before for h in later]  # type: ignore[attr-defined]
+    stamps = [d.timestamp() for d in due]
+    assert stamps[0] >= now + 30
+    assert all(b - a >= 0.5 - 1e-3 for a, b in itertools.pairwise(stamps)), stamps
+    for handle in [*handles, other, *later]:
+        await client.terminate(handle.run_id, "test over")
 
 
 async def test_singleton_start_returns_the_open_run_and_a_new_one_once_it_closed(

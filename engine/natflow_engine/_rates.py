@@ -112,11 +112,15 @@ def _cache(conn: Connection) -> dict[str, tuple[float, int]]:
     return cache
 
 
-async def reserve(conn: Connection, limit: RateLimit, key: str | None = None) -> float:
+async def reserve(
+    conn: Connection, limit: RateLimit, key: str | None = None, *, earliest: float = 0.0
+) -> float:
     """Take one slot of ``limit`` (for ``key``); returns the epoch time the caller may go at.
 
     A time at or before now means "go now". The slot is the caller's whether or not it uses
-    it: a caller that dies while waiting leaves a gap, never an extra call.
+    it: a caller that dies while waiting leaves a gap, never an extra call. ``earliest`` (epoch
+    seconds) is when the caller could go at the soonest (a delayed start): the slot is taken
+    from then on, so calls that all wait for one time are still spaced.
     """
     await ensure_rates_bucket(conn)
     cache = _cache(conn)
@@ -129,7 +133,7 @@ async def reserve(conn: Connection, limit: RateLimit, key: str | None = None) ->
             known = (_decoder.decode(found[0]).tat, found[1]) if found else (0.0, 0)
         tat, revision = known
         now = time.time()
-        go_at = max(now, tat - tolerance)
+        go_at = max(now, earliest, tat - tolerance)
         new_tat = max(tat, go_at) + limit.interval
         try:
             new_revision = await kv_put(

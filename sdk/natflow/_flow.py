@@ -144,7 +144,7 @@ async def flow_start(
     creator = _Creator(runs, workflow, input, queue, start)
     if workflow.debounce is not None:
         key = key_of("debounce", workflow.debounce.key, input)
-        return await _debounced(creator, key, data)
+        return await _debounced(creator, key, data, not_before)
     if workflow.singleton is not None:
         key = key_of("singleton", workflow.singleton, input)
         return await _singleton(creator, key, data, not_before)
@@ -171,7 +171,8 @@ class _Creator:
         limit = self.workflow.rate_limit
         if limit is not None:
             key = key_of("rate limit", limit.key, self.input)  # type: ignore[arg-type]
-            go_at = await reserve(self.conn, limit, key)
+            earliest = not_before.timestamp() if not_before is not None else 0.0
+            go_at = await reserve(self.conn, limit, key, earliest=earliest)
             if go_at > time.time() and (not_before is None or go_at > not_before.timestamp()):
                 not_before, limited = datetime.fromtimestamp(go_at, UTC), limit.name
         return await self.runs.start(
@@ -212,7 +213,9 @@ async def _singleton(
     raise NatflowError(f"singleton {cell}: {_TRIES} starts in a row lost to other starters")
 
 
-async def _debounced(creator: _Creator, key: str | None, data: bytes) -> tuple[str, bool]:
+async def _debounced(
+    creator: _Creator, key: str | None, data: bytes, not_before: datetime | None
+) -> tuple[str, bool]:
     conn = creator.conn
     await ensure_rates_bucket(conn)
     assert creator.workflow.debounce is not None
@@ -235,7 +238,11 @@ async def _debounced(creator: _Creator, key: str | None, data: bytes) -> tuple[s
         else:
             new = _Window(
                 gen=(window.gen if window else 0) + 1,
-                due=time.time() + creator.workflow.debounce.seconds,
+                # The window ends after its length, or at start_delay if that is later.
+                due=max(
+                    time.time() + creator.workflow.debounce.seconds,
+                    not_before.timestamp() if not_before is not None else 0.0,
+                ),
                 input=msgspec.Raw(stored),
                 prev_gen=window.gen if window else 0,
                 prev_input=window.input if window else msgspec.Raw(b"null"),
