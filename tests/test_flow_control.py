@@ -15,7 +15,15 @@ from pathlib import Path
 
 import anyio
 import pytest
-from natflow import Client, Debounce, InvalidInput, RateLimit, WorkflowContext, workflow
+from natflow import (
+    AesGcmCodec,
+    Client,
+    Debounce,
+    InvalidInput,
+    RateLimit,
+    WorkflowContext,
+    workflow,
+)
 from natflow._steps import RunSlots
 from natflow_engine import RATES_BUCKET, reserve
 from natflow_engine._kv import kv_entries
@@ -273,3 +281,16 @@ async def test_run_slots_pass_a_slot_on_when_its_waiter_is_cancelled() -> None:
     assert first.cancelled()
     slots.release()
     await asyncio.wait_for(slots.acquire(), timeout=1)  # nothing leaked, nothing lost
+
+
+async def test_a_debounced_input_waits_in_kv_sealed_under_a_codec(
+    nats_server: EmbeddedServer, engine: object
+) -> None:
+    codec = AesGcmCodec({"k1": bytes(range(32))}, current="k1")
+    sealed = await Client.connect(nats_server.url, codec=codec)
+    async with sealed, running_worker(sealed, [flows.debounced_save]):
+        first = await sealed.start(flows.debounced_save, {"doc": "secret-doc", "v": 1})
+        await sealed.start(flows.debounced_save, {"doc": "secret-doc", "v": 2})
+        cells = await kv_entries(sealed.connection, RATES_BUCKET)
+        assert cells and all(b"secret-doc" not in m.data for m in cells)
+        assert await first.result(timeout=10) == {"doc": "secret-doc", "v": 2}
