@@ -192,6 +192,8 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
     )
     if start.not_before is not None and start.rate_limited is not None:
         info.current = f"rate limited until {when(start.not_before)} (limit {start.rate_limited})"
+    elif start.not_before is not None and start.debounce is not None:
+        info.current = f"debounced: starts at {when(start.not_before)} with the latest input"
     elif start.not_before is not None:
         info.current = f"starts at {when(start.not_before)}"
     return info
