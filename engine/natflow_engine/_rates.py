@@ -82,7 +82,10 @@ class RateLimit:
         return self.period / self.limit
 
 
-class _Cell(msgspec.Struct):
+class _Cell(msgspec.Struct, kw_only=True):
+    """KV ``<limit>.<key>``: the limit's theoretical arrival time for that key."""
+
+    v: int = 1
     tat: float  # theoretical arrival time, epoch seconds
 
 

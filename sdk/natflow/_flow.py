@@ -103,11 +103,17 @@ def _base_id(prefix: str, workflow: str, key: str | None) -> str:
     return f"{_token(workflow)[:48]}-{prefix}-{_token(key)}"
 
 
-class _Singleton(msgspec.Struct):
+class _Singleton(msgspec.Struct, kw_only=True):
+    """KV ``singleton.<base>``: the generation whose run is (or was last) the open one."""
+
+    v: int = 1
     gen: int = 0
 
 
-class _Window(msgspec.Struct):
+class _Window(msgspec.Struct, kw_only=True):
+    """KV ``debounce.<base>``: the current window of a debounced workflow and key."""
+
+    v: int = 1
     gen: int
     due: float  # epoch seconds: the window's end, the run's not_before
     input: msgspec.Raw  # the latest input (sealed if the client seals)
@@ -205,7 +211,7 @@ async def _singleton(
             return run_id, False  # the open run of this key
         try:  # it closed: the next start makes the next generation
             await kv_put(
-                conn, RATES_BUCKET, cell, _enc.encode(_Singleton(gen + 1)), revision=revision
+                conn, RATES_BUCKET, cell, _enc.encode(_Singleton(gen=gen + 1)), revision=revision
             )
         except JetStreamError as exc:
             if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
