@@ -24,6 +24,7 @@ from tests.helpers import running_engine, running_worker, wait_for
 from tests.workflows_recorded import (
     recorded_cancel,
     recorded_children,
+    recorded_flow,
     recorded_kid,
     recorded_patch,
     recorded_patch_v1,
@@ -91,6 +92,15 @@ async def with_children(client: Client, run_id: str) -> None:
         await (await client.start(recorded_children, 5, run_id=run_id)).result(timeout=20)
 
 
+async def debounced(client: Client, run_id: str) -> None:
+    """Three starts within the window: one run (``run_id``, natflow's choice) with the last
+    input, whose second step waits for its rate limit."""
+    async with running_worker(client, [recorded_flow]):
+        handles = [await client.start(recorded_flow, {"doc": "doc1", "v": v}) for v in (1, 2, 3)]
+        assert {h.run_id for h in handles} == {run_id}
+        await handles[0].result(timeout=20)
+
+
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedServer(store_dir=Path(tmp) / "nats")
@@ -119,6 +129,10 @@ async def main() -> None:
                         (
                             "recorded-children-1",
                             lambda: with_children(client, "recorded-children-1"),
+                        ),
+                        (
+                            "recorded_flow-d-doc1-1",
+                            lambda: debounced(client, "recorded_flow-d-doc1-1"),
                         ),
                         (
                             "recorded-values-1",

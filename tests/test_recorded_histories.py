@@ -31,6 +31,7 @@ from examples.order import order
 from tests.workflows_recorded import (
     recorded_cancel,
     recorded_children,
+    recorded_flow,
     recorded_mix,
     recorded_patch,
     recorded_pause,
@@ -52,6 +53,7 @@ WORKFLOWS: dict[str, Workflow] = {
         recorded_patch,
         recorded_cancel,
         recorded_children,
+        recorded_flow,
         recorded_values,
         recorded_pause,
         tick,

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from natflow import RetryPolicy, RunFailed, SignalTimeout, WorkflowContext, workflow
+from natflow import (
+    Debounce,
+    RateLimit,
+    RetryPolicy,
+    RunFailed,
+    SignalTimeout,
+    WorkflowContext,
+    workflow,
+)
 
 
 def double(x: int) -> int:
@@ -114,3 +122,16 @@ async def recorded_pause(ctx: WorkflowContext, x: int) -> dict[str, object]:
     await ctx.sleep("nap", 0.5)
     b = await ctx.step("double", double, a)
     return {"a": a, "b": b}
+
+
+_FLOW_API = RateLimit("recorded-flow-api", limit=1, period=1.0)
+
+
+@workflow(name="recorded_flow", debounce=Debounce(0.3, key="doc"))
+async def recorded_flow(ctx: WorkflowContext, input: dict[str, int | str]) -> dict[str, object]:
+    """Debounced (its input comes from the natflow-debounce step); its second call waits
+    about a second for the rate limit (a step_started with rate_limited_until)."""
+    v = int(input["v"])
+    a = await ctx.step("call", double, v, rate_limit=_FLOW_API)
+    b = await ctx.step("call", double, v + 1, rate_limit=_FLOW_API, rate_key=None)
+    return {"input": input, "a": a, "b": b}

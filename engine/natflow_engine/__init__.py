@@ -11,8 +11,10 @@ from ._cli_options import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
 from ._completion import RunOutcome
 from ._connection import (
+    ERR_WRONG_LAST_SEQUENCE,
     TRANSIENT,
     Connection,
+    JetStreamError,
     NoResponders,
     PayloadTooLarge,
     connect,
@@ -40,6 +42,7 @@ from ._errors import (
 from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
 from ._jsz import Jsz, read_jsz
+from ._kv import kv_get, kv_put
 from ._leases import Lease, Leases
 from ._lifecycle import (
     LIFECYCLE_STREAM,
@@ -68,6 +71,7 @@ from ._metrics import (
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
 from ._quarantine import QUARANTINED, quarantined
 from ._queues import queue_paused
+from ._rates import RateLimit, cell_key, ensure_rates_bucket, reserve
 from ._registry import (
     WorkerInfo,
     announce,
@@ -119,6 +123,7 @@ from ._state import CLOSED_STATUSES, RunInfo, StepInfo, fold_run
 from ._streams import (
     HISTORY_PREFIX,
     HISTORY_STREAM,
+    RATES_BUCKET,
     RUNS_STREAM,
     TASK_PREFIX,
     TASK_STREAM,
@@ -161,6 +166,7 @@ __all__ = [
     "DEFAULT_ACK_WAIT",
     "DEFAULT_WORKER_PORT",
     "DISPATCHER",
+    "ERR_WRONG_LAST_SEQUENCE",
     "EXECUTIONS",
     "FENCED",
     "HISTORY_PREFIX",
@@ -172,6 +178,7 @@ __all__ = [
     "OVERLAP_POLICIES",
     "PAUSE",
     "QUARANTINED",
+    "RATES_BUCKET",
     "RESUME",
     "RUNS_HELD",
     "RUNS_STREAM",
@@ -200,6 +207,7 @@ __all__ = [
     "History",
     "HistoryStore",
     "InvalidInput",
+    "JetStreamError",
     "Jsz",
     "Lease",
     "Leases",
@@ -211,6 +219,7 @@ __all__ = [
     "PayloadCodec",
     "PayloadTooLarge",
     "PermissionDenied",
+    "RateLimit",
     "RetryPolicy",
     "RunCancelled",
     "RunFailed",
@@ -236,6 +245,7 @@ __all__ = [
     "WorkerInfo",
     "add_metrics_options",
     "announce",
+    "cell_key",
     "check_event_name",
     "check_queue",
     "check_run_id",
@@ -261,12 +271,15 @@ __all__ = [
     "encode_value",
     "enqueue",
     "ensure_consumer",
+    "ensure_rates_bucket",
     "ensure_streams",
     "error_info",
     "events",
     "fields",
     "fold_run",
     "history_subject",
+    "kv_get",
+    "kv_put",
     "last_signal_seq",
     "lifecycle_filter",
     "lifecycle_subject",
@@ -290,6 +303,7 @@ __all__ = [
     "redact_url",
     "replicas",
     "request_start",
+    "reserve",
     "restart_run",
     "run_created_at",
     "runs_subject",

@@ -57,6 +57,7 @@ from ._streams import (
     EVENTS_STREAM,
     HISTORY_PREFIX,
     HISTORY_STREAM,
+    RATES_BUCKET,
     RUNS_PREFIX,
     RUNS_STREAM,
     SCHEDULES_BUCKET,
@@ -75,7 +76,8 @@ ROLES: Final = ("engine", "worker", "client", "frontend", "signaller", "viewer")
 CONTROLS: Final = ("cancel", "terminate", "pause", "resume")
 USER_INFO: Final = "$SYS.REQ.USER.INFO"  # who am I: the server's answer (worker identity)
 
-_BUCKETS: Final = (LEASES_BUCKET, WORKERS_BUCKET, TIMERS_BUCKET)  # a worker writes these
+# A worker writes these (natflow_rates: rate limits of steps, a debounced run's input).
+_BUCKETS: Final = (LEASES_BUCKET, WORKERS_BUCKET, TIMERS_BUCKET, RATES_BUCKET)
 _ALL_BUCKETS: Final = (*_BUCKETS, SCHEDULES_BUCKET, TRIGGERS_BUCKET)
 # What a viewer reads: workers and the runs they hold (leases), schedules, event triggers.
 _READ_BUCKETS: Final = (WORKERS_BUCKET, LEASES_BUCKET, SCHEDULES_BUCKET, TRIGGERS_BUCKET)
@@ -249,6 +251,8 @@ def _client(api: str, kv: str, queues: list[str]) -> _Parts:
         *(_control_subject(kind) for kind in CONTROLS),
         f"{EVENT_PREFIX}.>",  # client.emit
         f"{kv}.{SCHEDULES_BUCKET}.>",  # client.schedules: create, change, delete
+        f"{kv}.{RATES_BUCKET}.>",  # starts under flow control: rate limit, singleton, debounce
+        *_direct_get(api, kv_stream(RATES_BUCKET)),
         *_values(api, write=True),
     ]
     return publish, subscribe, False
@@ -285,6 +289,7 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
         *_direct_get(api, HISTORY_STREAM),
         *_direct_get(api, SIGNAL_STREAM),
         *_direct_get(api, kv_stream(LEASES_BUCKET)),
+        *_direct_get(api, kv_stream(RATES_BUCKET)),
         *(f"{kv}.{bucket}.>" for bucket in _BUCKETS),
         f"{kv}.{TRIGGERS_BUCKET}.>",
         *schedules,

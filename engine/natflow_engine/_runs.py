@@ -58,6 +58,8 @@ class Runs:
         on_complete: tuple[str, str] | None = None,
         retention: float | None = None,
         on_complete_of: str | None = None,
+        rate_limited: str | None = None,
+        debounce: str | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
@@ -69,7 +71,9 @@ class Runs:
         ``trace_context`` is the W3C trace context of the starter's span, kept in history.
         ``on_complete`` is ``(workflow, queue)`` of the run to start when this one closes;
         ``retention`` the seconds this run is kept once closed (None: the engine's setting);
-        ``on_complete_of`` the closed run whose outcome this run's input is.
+        ``on_complete_of`` the closed run whose outcome this run's input is;
+        ``rate_limited`` the rate limit that set ``not_before``; ``debounce`` the debounce
+        cell the run takes its input from (README "Flow control").
         """
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
@@ -95,6 +99,8 @@ class Runs:
             on_complete_queue=on_complete[1] if on_complete else None,
             retention=retention,
             on_complete_of=on_complete_of,
+            rate_limited=rate_limited,
+            debounce=debounce,
         )
         try:
             seq = await self.history.append(run_id, event, 0)

@@ -162,7 +162,7 @@ def fold_run(run_id: str, events: list[Event]) -> RunInfo | None:
     waits = pending_waits(events)
     info.due_at = None
     if running:
-        info.status, info.current = "running", f"running step {running[max(running)]!r}"
+        info.status, info.current = "running", running[max(running)]
     elif waits:
         info.status, info.current, _, _ = waits[0]
         info.due_at = min((due for _, _, due, _ in waits if due is not None), default=None)
@@ -190,7 +190,11 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
         trigger=start.trigger,
         restarted_from=start.restarted_from,
     )
-    if start.not_before is not None:
+    if start.not_before is not None and start.rate_limited is not None:
+        info.current = f"rate limited until {when(start.not_before)} (limit {start.rate_limited})"
+    elif start.not_before is not None and start.debounce is not None:
+        info.current = f"debounced: starts at {when(start.not_before)} with the latest input"
+    elif start.not_before is not None:
         info.current = f"starts at {when(start.not_before)}"
     return info
 
@@ -259,7 +263,7 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
         info.worker = event.worker
         info.status, info.current, info.error, info.due_at = "running", None, None, None
     elif isinstance(event, StepStarted):
-        running[event.seq] = event.name
+        running[event.seq] = step_text(event)
         info.status = "running"
     elif isinstance(event, StepCompleted | StepFailed):
         running.pop(event.seq, None)
@@ -314,7 +318,17 @@ def _apply_pause(info: RunInfo, event: Event, running: dict[int, str]) -> bool:
             return True
         return False
     if isinstance(event, StepStarted):
-        running[event.seq] = event.name
+        running[event.seq] = step_text(event)
     elif isinstance(event, StepCompleted | StepFailed):
         running.pop(event.seq, None)
     return True
+
+
+def step_text(event: StepStarted) -> str:
+    """``current`` of a run whose latest running step is this one."""
+    if event.rate_limited_until is not None:
+        return (
+            f"step {event.name!r} rate limited until {when(event.rate_limited_until)} "
+            f"(limit {event.rate_limit})"
+        )
+    return f"running step {event.name!r}"

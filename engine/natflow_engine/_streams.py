@@ -58,6 +58,7 @@ DEADLETTER_PREFIX: Final = "natflow.deadletter"
 EVENT_PREFIX: Final = "natflow.event"
 SCHEDULES_BUCKET: Final = "natflow_schedules"
 TRIGGERS_BUCKET: Final = "natflow_triggers"
+RATES_BUCKET: Final = "natflow_rates"  # flow control: rate limit, singleton, debounce cells
 RETENTION_DAYS: Final = 30
 _PLAIN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CONTROL_TOKEN: Final = "$control"  # natflow.signal.<run_id>.$control.<kind>
@@ -154,6 +155,7 @@ def stream_configs() -> list[api.StreamConfig]:
         ),
         kv_stream_config(SCHEDULES_BUCKET, "natflow: schedules and their state", r),
         kv_stream_config(TRIGGERS_BUCKET, "natflow: which workflows start on which event", r),
+        kv_stream_config(RATES_BUCKET, "natflow: rate limit, singleton and debounce cells", r),
         api.StreamConfig(
             name=EVENTS_STREAM,
             description="natflow: events from any NATS client, starting declared workflows",

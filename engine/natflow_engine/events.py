@@ -70,6 +70,10 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     retention: float | None = None  # seconds the closed run is kept (None: the engine's)
     restarted_from: str | None = None  # the run this one restarts (its seed follows)
     on_complete_of: str | None = None  # the closed run whose RunOutcome is this run's input
+    # Flow control (README "Flow control"): the rate limit that delayed the start to
+    # ``not_before``, and the debounce cell whose latest input the run takes when it begins.
+    rate_limited: str | None = None
+    debounce: str | None = None
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):
@@ -86,6 +90,9 @@ class StepStarted(_Event, tag="step_started", kw_only=True, frozen=True):
     name: str
     occurrence: int
     attempt: int = 1
+    # Set when the step waits for a slot of a rate limit (named here) until that time.
+    rate_limited_until: datetime | None = None
+    rate_limit: str | None = None
 
 
 class StepCompleted(_Event, tag="step_completed", kw_only=True, frozen=True):

@@ -26,6 +26,7 @@ from natflow_engine import (
     NonDeterminismError,
     PayloadCodec,
     PermissionDenied,
+    RateLimit,
     RetryPolicy,
     RunCancelled,
     RunFailed,
@@ -47,13 +48,14 @@ from ._client import Client, RunHandle
 from ._context import WorkflowContext
 from ._schedules import ScheduleClient
 from ._worker import Worker
-from ._workflow import Workflow, workflow
+from ._workflow import Debounce, Workflow, workflow
 from .testing import Replayer, ReplayResult
 
 __all__ = [
     "AesGcmCodec",
     "Client",
     "ConnectionRefused",
+    "Debounce",
     "ErrorInfo",
     "InvalidInput",
     "LifecycleEvent",
@@ -62,6 +64,7 @@ __all__ = [
     "NonDeterminismError",
     "PayloadCodec",
     "PermissionDenied",
+    "RateLimit",
     "ReplayResult",
     "Replayer",
     "RetryPolicy",

@@ -70,6 +70,7 @@ from nats.aio.msg import Msg
 
 from . import _tracing as tracing
 from ._events_feed import follow
+from ._flow import check_flow_start, flow_start
 from ._schedules import ScheduleClient
 from ._workflow import DEFAULT_QUEUE, Workflow
 
@@ -278,6 +279,12 @@ class Client:
         target = _target("on_complete", on_complete)
         with tracing.starting(name, queue or default_queue) as traced:
             if self._start_via_engine:
+                if definition is not None and definition.flow_controlled:
+                    raise InvalidInput(
+                        f"workflow {name!r} declares rate_limit, singleton or debounce, which "
+                        f"a client that starts runs through the engine (start_via_engine=True) "
+                        f"cannot apply yet: start it with a client that writes history"
+                    )
                 if target is not None:
                     raise InvalidInput(
                         "on_complete is not available to a client that starts runs through "
@@ -297,6 +304,19 @@ class Client:
                     data,
                     run_id or new_run_id(),
                     not_before,
+                )
+            elif definition is not None and definition.flow_controlled:
+                check_flow_start(definition, run_id)
+                started_id, created = await flow_start(
+                    self._runs,
+                    definition,
+                    input,
+                    data,
+                    queue or default_queue,
+                    not_before,
+                    trace_context=traced.carrier,
+                    on_complete=target,
+                    retention=definition.retention,
                 )
             else:
                 started_id, created = await self._runs.start(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from natflow_engine import ErrorInfo, RetryPolicy
+from natflow_engine import ErrorInfo, RateLimit, RetryPolicy
 from natflow_engine.events import (
     ChildCompleted,
     ChildFailed,
@@ -53,6 +53,7 @@ class StepCommand(Command):
     workflow: str = ""  # for metrics and logs
     issued_at: float = field(default_factory=time.monotonic)  # or when its retry came due
     attempt: int = 1  # the attempt to run next (history's failed attempts plus one)
+    rate: tuple[RateLimit, str | None] | None = None  # a shared rate limit and its key
 
     kind = "step"
 
@@ -116,6 +117,7 @@ class StillRunning:
 
     command: StepCommand
     attempt: int
+    rate_limited_until: datetime | None = None  # not running yet: waiting for a rate slot
 
 
 @dataclass

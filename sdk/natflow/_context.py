@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from natflow_engine import (
     InvalidInput,
+    RateLimit,
     RetryPolicy,
     check_run_id,
     decode_value,
@@ -57,6 +58,7 @@ class WorkflowRuntime(Protocol):
         kwargs: dict[str, Any],
         retry: RetryPolicy | None,
         timeout: float | timedelta | None,
+        rate: tuple[RateLimit, str | None] | None = None,
     ) -> asyncio.Future[Any]: ...
 
     def issue_sleep(self, name: str, due_at: datetime) -> asyncio.Future[Any]: ...
@@ -74,6 +76,19 @@ class WorkflowRuntime(Protocol):
     ) -> asyncio.Future[Any]: ...
 
     def patched(self, change_id: str) -> bool: ...
+
+
+def _step_rate(
+    name: str, rate_limit: RateLimit | None, rate_key: str | None
+) -> tuple[RateLimit, str | None]:
+    if not isinstance(rate_limit, RateLimit):
+        raise InvalidInput(
+            f"step {name!r}: rate_limit must be a RateLimit (rate_key needs one), "
+            f"not {rate_limit!r}"
+        )
+    if rate_key is not None and not isinstance(rate_key, str):
+        raise InvalidInput(f"step {name!r}: rate_key must be a str, not {rate_key!r}")
+    return rate_limit, rate_key
 
 
 class _ReplayAwareLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -146,6 +161,8 @@ class WorkflowContext:
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: RateLimit | None = None,
+        rate_key: str | None = None,
         **kwargs: Any,
     ) -> T: ...
 
@@ -157,6 +174,8 @@ class WorkflowContext:
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: RateLimit | None = None,
+        rate_key: str | None = None,
         **kwargs: Any,
     ) -> T: ...
 
@@ -167,6 +186,8 @@ class WorkflowContext:
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: RateLimit | None = None,
+        rate_key: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` on this worker and record its result durably.
@@ -174,8 +195,13 @@ class WorkflowContext:
         On replay the recorded result comes back without calling ``fn``; a recorded error is
         raised as :class:`StepError`. Sync functions run in a worker thread. ``timeout``
         bounds one attempt; ``retry`` overrides the workflow's default policy.
+        ``rate_limit`` (a :class:`RateLimit`, shared by every step and worker naming it) makes
+        each attempt wait for a slot of that limit (per ``rate_key`` if given) before it runs.
         """
-        return await self._execution.issue_step(name, fn, args, kwargs, retry, timeout)
+        rate = None
+        if rate_limit is not None or rate_key is not None:
+            rate = _step_rate(name, rate_limit, rate_key)
+        return await self._execution.issue_step(name, fn, args, kwargs, retry, timeout, rate)
 
     async def sleep(self, name: str, duration: float | timedelta) -> None:
         """Durable sleep: survives restarts of workers, engine and server; holds no worker.

@@ -99,7 +99,7 @@ from ._commands import (
     WaitCommand,
 )
 from ._replay import Evicted, WorkflowState, cancel_reason
-from ._steps import StepRuntime, run_step
+from ._steps import StepRuntime, rate_fields, run_runtime, run_step
 from ._tracing import RunTrace
 from ._watchdog import running_step
 from ._workflow import Workflow
@@ -156,7 +156,7 @@ class RunExecution:
         self._store = store
         self._conn = conn
         self._identity = identity
-        self._runtime = runtime
+        self._runtime = run_runtime(runtime, workflow)
         self._delivery = delivery
         self._optimistic = optimistic  # history was not read: a claim conflict is no verdict
         self._count = len(history.events)
@@ -542,6 +542,7 @@ class RunExecution:
                     name=item.command.name,
                     occurrence=item.command.occurrence,
                     attempt=item.attempt,
+                    **rate_fields(item),
                 )
             )
         elif isinstance(item, TimerDue):

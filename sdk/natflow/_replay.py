@@ -26,6 +26,7 @@ from natflow_engine import (
     History,
     InvalidInput,
     NonDeterminismError,
+    RateLimit,
     RetryPolicy,
     RunCancelled,
     RunFailed,
@@ -67,6 +68,7 @@ from ._commands import (
     recorded_command,
 )
 from ._context import WorkflowContext
+from ._flow import debounced_input
 from ._loop import WorkflowLoop
 from ._steps import return_type
 from ._workflow import Workflow
@@ -270,6 +272,7 @@ class WorkflowState:
         kwargs: dict[str, Any],
         retry: RetryPolicy | None,
         timeout: float | timedelta | None,
+        rate: tuple[RateLimit, str | None] | None = None,
     ) -> asyncio.Future[Any]:
         check_step_name(name)
         if not callable(fn):
@@ -291,6 +294,7 @@ class WorkflowState:
             timeout=seconds,
             result_type=return_type(fn),
             workflow=self.workflow.name,
+            rate=rate,
         )
         self._match(command)
         recorded = self._recorded_events.get(seq)
@@ -454,11 +458,12 @@ class WorkflowState:
 
     async def _main(self) -> Any:
         value: Any = None
+        data: bytes | msgspec.Raw = self.start.input
+        if self.start.debounce is not None:  # the last input of its window: a recorded step
+            data = await debounced_input(self._ctx, self.start)
         if self.workflow.takes_input:
             value = decode_value(
-                f"input of workflow {self.workflow.name!r}",
-                self.start.input,
-                self.workflow.input_type,
+                f"input of workflow {self.workflow.name!r}", data, self.workflow.input_type
             )
         return await self.workflow(self._ctx, value)
 

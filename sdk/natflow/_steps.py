@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -21,6 +25,7 @@ from natflow_engine import (
     check_value_size,
     encode_value,
     error_info,
+    reserve,
     step_attempt,
 )
 from natflow_engine.events import utcnow
@@ -28,19 +33,79 @@ from natflow_engine.events import utcnow
 from . import _tracing as tracing
 from ._commands import Finished, Item, StepCommand, StillRunning
 
+if TYPE_CHECKING:
+    from ._workflow import Workflow
+
 log = logging.getLogger("natflow.worker")
 
 # A step still running after this long gets a step_started event, so `natflow runs show`
 # can say what a run is doing; fast steps cost one append (their completion) and no more.
 STARTED_NOTICE_AFTER = 0.5
 
+# The connection of the worker running the current step: for natflow's own steps (the
+# debounce step reads its cell in KV); user steps never see it.
+step_connection: ContextVar[Connection] = ContextVar("natflow_step_connection")
+
 
 @dataclass
 class StepRuntime:
-    """What a worker lends its runs: the step concurrency limits."""
+    """What a worker lends its runs: the step concurrency limits.
+
+    ``limiter`` bounds the worker's steps (``max_concurrent_steps``); ``run_limiter``, one per
+    run, bounds that run's steps (``@workflow(max_parallel_steps=...)``).
+    """
 
     limiter: anyio.CapacityLimiter | None = None
     thread_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(64))
+    run_limiter: RunSlots | None = None
+
+
+class RunSlots:
+    """At most ``size`` holders, first come first served; taking a free slot does not yield
+    to the event loop (unlike ``anyio.CapacityLimiter``), so a run under its bound pays
+    nothing measurable per step."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():  # handed the slot as it was cancelled
+                self.release()
+            raise  # (a cancelled turn stays queued; release skips it)
+
+    def release(self) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot passes straight to the next in line
+                return
+        self._free += 1
+
+
+def run_runtime(runtime: StepRuntime, workflow: Workflow) -> StepRuntime:
+    """The worker's step runtime plus the run's own step bound (a new limiter per run)."""
+    if workflow.max_parallel_steps is None:
+        return runtime
+    return dataclasses.replace(runtime, run_limiter=RunSlots(workflow.max_parallel_steps))
+
+
+def rate_fields(item: StillRunning) -> dict[str, Any]:
+    """The ``step_started`` fields of a step that waits for a rate limit's slot."""
+    if item.rate_limited_until is None or item.command.rate is None:
+        return {}
+    return {
+        "rate_limited_until": item.rate_limited_until,
+        "rate_limit": item.command.rate[0].name,
+    }
 
 
 def return_type(fn: Callable[..., Any]) -> Any:
@@ -82,6 +147,54 @@ async def run_step(
     driver records it and waits for that time on a durable timer, not here, so a crash during
     the backoff neither forgets the attempt nor starts the next one early.
     """
+    slots = runtime.run_limiter
+    if slots is not None:  # the run's own bound comes first: a step queued behind it
+        await slots.acquire()  # holds no rate slot
+    try:
+        if command.rate is not None and not await _wait_for_rate(command, send, conn):
+            return
+        step_connection.set(conn)
+        await _run_attempt(command, send, conn, runtime, run_id)
+    finally:
+        if slots is not None:
+            slots.release()
+
+
+async def _wait_for_rate(
+    command: StepCommand, send: MemoryObjectSendStream[Item], conn: Connection
+) -> bool:
+    """Take a slot of the step's rate limit and sleep until it comes (in this process: the
+    run stays held). False if the limit could not be read: the attempt failed."""
+    assert command.rate is not None
+    limit, key = command.rate
+    started_at = utcnow()
+    try:
+        go_at = await reserve(conn, limit, key)
+    except Exception as exc:  # the attempt fails (and retries by its policy), nothing runs
+        retry_at = None
+        if command.attempt < command.retry.max_attempts and command.retry.retryable(exc):
+            retry_at = utcnow() + timedelta(seconds=command.retry.delay(command.attempt))
+        send.send_nowait(
+            Finished(command, command.attempt, started_at, error=error_info(exc), retry_at=retry_at)
+        )
+        return False
+    wait = go_at - time.time()
+    if wait >= STARTED_NOTICE_AFTER:  # long enough to show in the run view
+        until = datetime.fromtimestamp(go_at, UTC)
+        send.send_nowait(StillRunning(command, command.attempt, rate_limited_until=until))
+    while wait > 0:  # never before the slot (a loop timer may wake a hair early)
+        await anyio.sleep(wait)
+        wait = go_at - time.time()
+    return True
+
+
+async def _run_attempt(
+    command: StepCommand,
+    send: MemoryObjectSendStream[Item],
+    conn: Connection,
+    runtime: StepRuntime,
+    run_id: str,
+) -> None:
     attempt = command.attempt
     started_at = utcnow()
     notice = asyncio.get_running_loop().call_later(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from natflow_engine import (
     InvalidInput,
+    RateLimit,
     RetryPolicy,
     ScheduleSpec,
     check_event_name,
@@ -28,6 +29,40 @@ if TYPE_CHECKING:
 WorkflowFn = Callable[..., Awaitable[Any]]
 
 DEFAULT_QUEUE = "default"
+# Steps of one run that execute at once (more wait their turn, in order of issue): a fan-out
+# of thousands cannot flood its worker, and fan-outs of up to this many run as before.
+DEFAULT_MAX_PARALLEL_STEPS = 100
+KeySpec = str | Callable[[Any], object]  # an input field's name, or a function of the input
+
+
+@dataclass(frozen=True)
+class Debounce:
+    """``@workflow(debounce=Debounce(window, key=...))``: starts within ``window`` seconds
+    of the first one collapse into one run, which gets the last start's input.
+
+    ``key`` (an input field's name, or a callable taking the input) keeps one window per key
+    value; without it the workflow has one window. See README "Flow control".
+    """
+
+    window: float | timedelta
+    key: KeySpec | None = None
+
+    def __post_init__(self) -> None:
+        seconds = to_seconds("debounce window", self.window)
+        if seconds <= 0:
+            raise InvalidInput("debounce window must be positive seconds or a timedelta")
+        object.__setattr__(self, "window", seconds)
+        _check_key("debounce key", self.key)
+
+    @property
+    def seconds(self) -> float:
+        assert isinstance(self.window, float | int)
+        return float(self.window)
+
+
+def _check_key(what: str, key: object) -> None:
+    if key is not None and not isinstance(key, str) and not callable(key):
+        raise InvalidInput(f"{what} must be an input field's name or a callable, not {key!r}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +85,18 @@ class Workflow:
         return safe_identity(self.name)[:100]
 
     retention: float | None = None  # seconds its closed runs are kept (None: the engine's)
+    # Flow control (README "Flow control"); none of it costs an unlimited workflow anything.
+    max_parallel_steps: int | None = DEFAULT_MAX_PARALLEL_STEPS
+    rate_limit: RateLimit | None = None  # starts over the rate are delayed, not refused
+    singleton: KeySpec | None = None  # "" = one open run per workflow
+    debounce: Debounce | None = None
+
+    @property
+    def flow_controlled(self) -> bool:
+        """Whether a start needs more than the plain conditional create."""
+        return (
+            self.rate_limit is not None or self.singleton is not None or self.debounce is not None
+        )
 
     async def __call__(self, ctx: WorkflowContext, input: Any = None) -> Any:
         if self.takes_input:
@@ -72,6 +119,10 @@ def workflow(
     timezone: str = "UTC",
     on_event: str | tuple[str, ...] | list[str] = (),
     retention: float | timedelta | None = None,
+    max_parallel_steps: int | None = DEFAULT_MAX_PARALLEL_STEPS,
+    rate_limit: RateLimit | None = None,
+    singleton: bool | KeySpec = False,
+    debounce: float | timedelta | Debounce | None = None,
 ) -> Callable[[WorkflowFn], Workflow]: ...
 
 
@@ -87,6 +138,10 @@ def workflow(
     timezone: str = "UTC",
     on_event: str | tuple[str, ...] | list[str] = (),
     retention: float | timedelta | None = None,
+    max_parallel_steps: int | None = DEFAULT_MAX_PARALLEL_STEPS,
+    rate_limit: RateLimit | None = None,
+    singleton: bool | KeySpec = False,
+    debounce: float | timedelta | Debounce | None = None,
 ) -> Workflow | Callable[[WorkflowFn], Workflow]:
     """Declare a workflow.
 
@@ -113,8 +168,16 @@ def workflow(
     events (``natflow.event.<name>``) that each start one run, the event's body as input.
     ``retention`` (seconds or a timedelta) is how long its runs are kept once closed,
     overriding the engine's ``--retention`` (runs started by ``Client.start``).
+
+    Flow control (README "Flow control"): ``max_parallel_steps`` bounds how many of a run's
+    steps execute at once (default 100; ``None``: only the worker's ``max_concurrent_steps``);
+    ``rate_limit`` delays starts beyond a :class:`RateLimit`; ``singleton`` (``True``, or an
+    input field's name or a callable for one per key) keeps at most one open run, a start
+    returning the open run's handle; ``debounce`` (seconds, or a :class:`Debounce` with a key)
+    collapses starts within a window into one run with the last input.
     """
     keep = None if retention is None else to_seconds("retention", retention)
+    flow = _flow_options(max_parallel_steps, rate_limit, singleton, debounce)
 
     def decorate(f: WorkflowFn) -> Workflow:
         wf = _define(f, name=name, queue=queue, retry=retry, retention=keep)
@@ -122,6 +185,7 @@ def workflow(
             wf,
             schedule=_schedule(cron, every, timezone, queue),
             on_event=_events(on_event),
+            **flow,
         )
 
     if fn is not None:
@@ -191,6 +255,41 @@ def _schedule(
             queue=queue,
         )
     )
+
+
+def _flow_options(
+    max_parallel_steps: int | None,
+    rate_limit: RateLimit | None,
+    singleton: bool | KeySpec,
+    debounce: float | timedelta | Debounce | None,
+) -> dict[str, Any]:
+    if max_parallel_steps is not None and (
+        not isinstance(max_parallel_steps, int) or max_parallel_steps < 1
+    ):
+        raise InvalidInput(
+            f"max_parallel_steps must be a positive int (or None), not {max_parallel_steps!r}"
+        )
+    if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+        raise InvalidInput(f"rate_limit must be a RateLimit, not {rate_limit!r}")
+    key: KeySpec | None = None
+    if singleton is True:
+        key = ""
+    elif singleton is not False:
+        _check_key("singleton", singleton)
+        key = singleton
+    if debounce is not None and not isinstance(debounce, Debounce):
+        debounce = Debounce(debounce)
+    if key is not None and debounce is not None:
+        raise InvalidInput(
+            "a workflow is either singleton or debounced, not both: a debounced workflow "
+            "already has at most one pending run per key"
+        )
+    return {
+        "max_parallel_steps": max_parallel_steps,
+        "rate_limit": rate_limit,
+        "singleton": key,
+        "debounce": debounce,
+    }
 
 
 def _events(on_event: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
