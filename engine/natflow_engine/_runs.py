@@ -12,6 +12,7 @@ from ._connection import Connection
 from ._errors import ErrorInfo, NatflowError, RunNotFound
 from ._history import AppendConflict, History, HistoryStore
 from ._index import RunIndex
+from ._limits import usage, waiting_for
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._sealing import open_events, seal
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
@@ -58,6 +59,7 @@ class Runs:
         on_complete: tuple[str, str] | None = None,
         retention: float | None = None,
         on_complete_of: str | None = None,
+        priority: int | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
@@ -69,7 +71,8 @@ class Runs:
         ``trace_context`` is the W3C trace context of the starter's span, kept in history.
         ``on_complete`` is ``(workflow, queue)`` of the run to start when this one closes;
         ``retention`` the seconds this run is kept once closed (None: the engine's setting);
-        ``on_complete_of`` the closed run whose outcome this run's input is.
+        ``on_complete_of`` the closed run whose outcome this run's input is; ``priority``
+        orders it among runs waiting for a concurrency slot (None: its workflow's default).
         """
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
@@ -95,6 +98,7 @@ class Runs:
             on_complete_queue=on_complete[1] if on_complete else None,
             retention=retention,
             on_complete_of=on_complete_of,
+            priority=priority,
         )
         try:
             seq = await self.history.append(run_id, event, 0)
@@ -151,7 +155,9 @@ class Runs:
             log.warning("run %s: history event #%d does not decode (%s)", run_id, seq, reason)
         return history
 
-    async def describe(self, run_id: str) -> RunInfo:
+    async def describe(self, run_id: str, *, explain: bool = True) -> RunInfo:
+        """The run's :class:`RunInfo`. With ``explain``, an open run that waits for a slot of
+        a concurrency limit says so in ``current`` (one more read)."""
         history = await self._read(run_id)
         events = await self._opened(run_id, history, result_only=True)
         info = fold_run(run_id, events)
@@ -170,7 +176,17 @@ class Runs:
         overdue = info.due_at is not None and info.due_at <= utcnow()
         if overdue and events and not isinstance(events[-1], RunClaimed):
             await self._overdue(info)
+        if explain and not info.is_closed:
+            await self._explain_wait(info)
         return info
+
+    async def _explain_wait(self, info: RunInfo) -> None:
+        """A run on a limit's wait list: ``current`` names the limit and its usage."""
+        waiter = await waiting_for(self.conn, info.run_id)
+        if waiter is not None:
+            info.current = await usage(self.conn, waiter)
+            if info.status in ("running", "sleeping", "waiting"):
+                info.status = "pending"  # it runs again once it gets its slot
 
     async def _overdue(self, info: RunInfo) -> None:
         """A timer past due: if the engine saw it pass unfired, say so as the index does

@@ -70,6 +70,9 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     retention: float | None = None  # seconds the closed run is kept (None: the engine's)
     restarted_from: str | None = None  # the run this one restarts (its seed follows)
     on_complete_of: str | None = None  # the closed run whose RunOutcome is this run's input
+    # Orders the run among those waiting for a slot of a concurrency limit (higher first);
+    # None: the workflow's declared default.
+    priority: int | None = None
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):

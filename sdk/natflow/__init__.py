@@ -45,6 +45,7 @@ from natflow_engine import (
 from . import events
 from ._client import Client, RunHandle
 from ._context import WorkflowContext
+from ._limit import Limit
 from ._schedules import ScheduleClient
 from ._worker import Worker
 from ._workflow import Workflow, workflow
@@ -57,6 +58,7 @@ __all__ = [
     "ErrorInfo",
     "InvalidInput",
     "LifecycleEvent",
+    "Limit",
     "MissingKey",
     "NatflowError",
     "NonDeterminismError",

@@ -72,6 +72,7 @@ from natflow_engine import (
 from natflow_engine.events import Event, RestartSeeded, RunStarted, utcnow
 from nats.aio.msg import Msg
 
+from ._admission import Admitter
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._guard import RunGuard, check_inline_start
@@ -195,6 +196,7 @@ class Worker:
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
         self._guard = RunGuard(self._conn, self._store, self.identity)
+        self._admitter = Admitter(self._conn, self.identity)
         self._pulse: Pulse | None = None
         self._pulse_thread = False
 
@@ -532,6 +534,11 @@ class Worker:
                 await self._quietly(msg.ack())  # the engine's start timer wakes it on time
                 return
             await anyio.sleep(max(0.0, early))
+        admission = None
+        if workflow.limits:  # only then: a workflow without limits touches no slot
+            admission = await self._admitter.admit(workflow, start, run_id, msg)
+            if admission is None:
+                return  # it waits for a slot; the engine enqueues it when one is granted
         delivered = msg.metadata.num_delivered or 1
         held.execution = RunExecution(
             workflow=workflow,
@@ -544,11 +551,21 @@ class Worker:
         )
         if self._stopping.is_set():
             held.execution.drain()
-        async with anyio.create_task_group() as tg:
-            # The lease makes ownership visible and lets the engine hand the run back if this
-            # process dies; the claim append is the fence. Neither waits for the other.
-            tg.start_soon(self._take_lease, held)
-            outcome = await held.execution.execute()
+        try:
+            async with anyio.create_task_group() as tg:
+                # The lease makes ownership visible and lets the engine hand the run back if
+                # this process dies; the claim append is the fence. Neither waits for the other.
+                tg.start_soon(self._take_lease, held)
+                outcome = await held.execution.execute()
+        except BaseException:
+            if admission is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._admitter.settle(admission, waiting=False, lost=held.lost)
+            raise
+        if admission is not None and outcome is not Outcome.STALE:  # STALE: admitted anew
+            lost = outcome is Outcome.LOST or held.lost
+            waiting = outcome is Outcome.SUSPENDED
+            await self._admitter.settle(admission, waiting=waiting, lost=lost)
         EXECUTIONS.labels(workflow.name, outcome.value).inc()
         if outcome in (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED):
             log.info(

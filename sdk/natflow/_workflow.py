@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, overload
@@ -21,6 +21,8 @@ from natflow_engine import (
     safe_identity,
     to_seconds,
 )
+
+from ._limit import BoundLimit, Limit, bind_limits
 
 if TYPE_CHECKING:
     from ._context import WorkflowContext
@@ -50,6 +52,8 @@ class Workflow:
         return safe_identity(self.name)[:100]
 
     retention: float | None = None  # seconds its closed runs are kept (None: the engine's)
+    limits: tuple[BoundLimit, ...] = ()  # concurrency limits, in the order slots are taken
+    priority: int = 0  # default priority of its runs among those waiting for a slot
 
     async def __call__(self, ctx: WorkflowContext, input: Any = None) -> Any:
         if self.takes_input:
@@ -72,6 +76,8 @@ def workflow(
     timezone: str = "UTC",
     on_event: str | tuple[str, ...] | list[str] = (),
     retention: float | timedelta | None = None,
+    concurrency: Limit | Sequence[Limit] | None = None,
+    priority: int = 0,
 ) -> Callable[[WorkflowFn], Workflow]: ...
 
 
@@ -87,6 +93,8 @@ def workflow(
     timezone: str = "UTC",
     on_event: str | tuple[str, ...] | list[str] = (),
     retention: float | timedelta | None = None,
+    concurrency: Limit | Sequence[Limit] | None = None,
+    priority: int = 0,
 ) -> Workflow | Callable[[WorkflowFn], Workflow]:
     """Declare a workflow.
 
@@ -113,8 +121,12 @@ def workflow(
     events (``natflow.event.<name>``) that each start one run, the event's body as input.
     ``retention`` (seconds or a timedelta) is how long its runs are kept once closed,
     overriding the engine's ``--retention`` (runs started by ``Client.start``).
+    ``concurrency`` (a :class:`Limit` or a list of them) bounds how many of its runs
+    execute at once across every worker; ``priority`` is its runs' default priority among
+    those waiting for a slot (higher first; ``client.start(priority=...)`` overrides it).
     """
     keep = None if retention is None else to_seconds("retention", retention)
+    check_priority(priority)
 
     def decorate(f: WorkflowFn) -> Workflow:
         wf = _define(f, name=name, queue=queue, retry=retry, retention=keep)
@@ -122,6 +134,8 @@ def workflow(
             wf,
             schedule=_schedule(cron, every, timezone, queue),
             on_event=_events(on_event),
+            limits=bind_limits(concurrency, wf.name),
+            priority=priority,
         )
 
     if fn is not None:
@@ -176,6 +190,13 @@ def _define(
         takes_input=len(params) == 2,
         retention=retention,
     )
+
+
+def check_priority(priority: object) -> int:
+    """A run's priority: a whole number (higher goes first), else :class:`InvalidInput`."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 2**31:
+        raise InvalidInput(f"priority must be a whole number (higher first), not {priority!r}")
+    return priority
 
 
 def _schedule(
