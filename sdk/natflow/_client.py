@@ -110,7 +110,7 @@ class RunHandle:
         try:
             with anyio.fail_after(seconds):
                 while True:
-                    info = await self._client.describe(self.run_id)
+                    info = await self._client._runs.describe(self.run_id, explain=False)
                     if info.status in CLOSED_STATUSES:
                         return self._outcome(info)
                     # Re-read now and then, a safety net for an event lost in a reconnect.
