@@ -9,7 +9,7 @@ from datetime import datetime
 import msgspec
 
 from ._connection import Connection
-from ._errors import ErrorInfo, NatflowError, RunNotFound
+from ._errors import ErrorInfo, NatflowError, PermissionDenied, RunNotFound
 from ._history import AppendConflict, History, HistoryStore
 from ._index import RunIndex
 from ._limits import usage, waiting_for
@@ -182,7 +182,10 @@ class Runs:
 
     async def _explain_wait(self, info: RunInfo) -> None:
         """A run on a limit's wait list: ``current`` names the limit and its usage."""
-        waiter = await waiting_for(self.conn, info.run_id)
+        try:
+            waiter = await waiting_for(self.conn, info.run_id)
+        except PermissionDenied:  # a role from before limits existed: say nothing more
+            return
         if waiter is not None:
             info.current = await usage(self.conn, waiter)
             if info.status in ("running", "sleeping", "waiting"):
