@@ -12,7 +12,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from natflow import Client, InvalidInput, Limit, workflow
+from natflow import Client, InvalidInput, Limit, RunCancelled, workflow
 from natflow_engine import LimitGroup, read_limit_slots
 from natflow_engine._engine import Engine
 from natflow_engine._limits import Waiter
@@ -240,3 +240,20 @@ async def _said(log: Path, run_id: str) -> bool:
 
 async def _sleep(seconds: float) -> None:
     await anyio.sleep(seconds)
+
+
+async def test_a_waiting_run_can_be_cancelled_at_once(
+    client: Client, engine: Engine, limits_env: tuple[Path, Path]
+) -> None:
+    _, gates = limits_env
+    async with running_worker(client, wl.WORKFLOWS):
+        holder = await client.start(wl.one_at_a_time, "x", run_id="holder")
+        await wait_for(lambda: _slots_held(client, "workflow:one_at_a_time", 1), what="a slot")
+        queued = await client.start(wl.one_at_a_time, "y", run_id="queued")
+        await wait_for(lambda: _all_waiting(client, ["queued"]), what="the run to wait")
+        await client.cancel("queued", "not needed")
+        with pytest.raises(RunCancelled):
+            await queued.result(timeout=10)
+        assert (await holder.status()).status == "running"  # its slot was never touched
+        (gates / "all").touch()
+        assert await holder.result(timeout=10) == "one"

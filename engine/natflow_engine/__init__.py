@@ -49,7 +49,17 @@ from ._lifecycle import (
     lifecycle_subject,
     workflow_token,
 )
-from ._limits import LIMITS_BUCKET, Slot, Waiter, free_slot, park, put_slot, read_group, unpark
+from ._limits import (
+    LIMITS_BUCKET,
+    Slot,
+    Waiter,
+    free_slot,
+    park,
+    put_slot,
+    read_group,
+    stopping,
+    unpark,
+)
 from ._limits import Group as LimitGroup
 from ._limits import read_slots as read_limit_slots
 from ._limits import usage as limit_usage
@@ -317,6 +327,7 @@ __all__ = [
     "serve_metrics",
     "shipped_server",
     "step_attempt",
+    "stopping",
     "store_value",
     "stored_at",
     "to_seconds",

@@ -32,6 +32,7 @@ from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError, No
 from ._errors import NatflowError
 from ._kv import KV_OPERATION, kv_delete_nowait, kv_put, kv_stream
 from ._reader import reader
+from ._streams import SIGNAL_STREAM, signal_subject
 
 LIMITS_BUCKET: Final = "natflow_limits"
 _PREFIX: Final = f"$KV.{LIMITS_BUCKET}."
@@ -245,3 +246,14 @@ async def usage(conn: Connection, waiter: Waiter) -> str:
     """``"waiting for a slot of limit customer=acme 3/3"``: what a run view shows."""
     slots = await read_slots(conn, Group(waiter.limit, waiter.key))
     return f"waiting for a slot of limit {waiter.label} {len(slots.held)}/{waiter.max}"
+
+
+async def stopping(conn: Connection, run_id: str) -> bool:
+    """Whether the run was asked to cancel or terminate (one batch direct get): such a run
+    goes on without waiting for a slot, so a queued run can be stopped at once."""
+    subjects = [signal_subject(run_id, "$cancel"), signal_subject(run_id, "$terminate")]
+    try:
+        page = await reader(conn).read_last(SIGNAL_STREAM, subjects)
+    except NoResponders:
+        return False
+    return bool(page.messages)

@@ -8,8 +8,9 @@ and key (they go first). When it can take none it waits: it is put on the limit'
 list, its task is acknowledged, and the engine's limit service enqueues it again once it
 grants it a slot. A workflow without limits never gets here: no KV access at all.
 
-Slots are given back when the run closes, blocks, is handed back, or lets go to wait for a
-timer or a signal (unless its limit holds slots while waiting).
+A run asked to cancel or terminate goes on without waiting (its cleanup is not held up
+behind the queue). Slots are given back when the run closes, blocks, is handed back, or
+lets go to wait for a timer or a signal (unless its limit holds slots while waiting).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from natflow_engine import (
     put_slot,
     read_group,
     read_limit_slots,
+    stopping,
     unpark,
 )
 from natflow_engine.events import RunStarted, utcnow
@@ -87,6 +89,9 @@ class Admitter:
         admission = Admission()
         for target in targets:
             holding = await self._take(target, start, run_id)
+            if holding is None and await stopping(self._conn, run_id):
+                log.info("run %s: cancelled or terminated; goes on without a slot", run_id)
+                return admission
             if holding is None:
                 await self._wait(workflow, start, run_id, msg, target, targets, admission)
                 return None
