@@ -29,9 +29,10 @@ import msgspec
 from nats.aio.msg import Msg
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError, NoResponders
-from ._errors import NatflowError
+from ._errors import NatflowError, PermissionDenied
 from ._kv import KV_OPERATION, kv_delete_nowait, kv_put, kv_stream
 from ._reader import reader
+from ._state import RunInfo
 from ._streams import SIGNAL_STREAM, signal_subject
 
 LIMITS_BUCKET: Final = "natflow_limits"
@@ -257,3 +258,19 @@ async def stopping(conn: Connection, run_id: str) -> bool:
     except NoResponders:
         return False
     return bool(page.messages)
+
+
+async def explain(conn: Connection, info: RunInfo) -> None:
+    """An open run on a limit's wait list: ``current`` names the limit and its usage and
+    ``status`` is ``pending`` (it runs again once it gets its slot). Says nothing to a
+    connection that may not read the bucket (a role from before limits existed)."""
+    if info.is_closed:
+        return
+    try:
+        waiter = await waiting_for(conn, info.run_id)
+        if waiter is not None:
+            info.current = await usage(conn, waiter)
+            if info.status in ("running", "sleeping", "waiting"):
+                info.status = "pending"
+    except PermissionDenied:
+        return

@@ -9,10 +9,10 @@ from datetime import datetime
 import msgspec
 
 from ._connection import Connection
-from ._errors import ErrorInfo, NatflowError, PermissionDenied, RunNotFound
+from ._errors import ErrorInfo, NatflowError, RunNotFound
 from ._history import AppendConflict, History, HistoryStore
 from ._index import RunIndex
-from ._limits import usage, waiting_for
+from ._limits import explain as explain_wait
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._sealing import open_events, seal
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
@@ -176,20 +176,9 @@ class Runs:
         overdue = info.due_at is not None and info.due_at <= utcnow()
         if overdue and events and not isinstance(events[-1], RunClaimed):
             await self._overdue(info)
-        if explain and not info.is_closed:
-            await self._explain_wait(info)
+        if explain:
+            await explain_wait(self.conn, info)
         return info
-
-    async def _explain_wait(self, info: RunInfo) -> None:
-        """A run on a limit's wait list: ``current`` names the limit and its usage."""
-        try:
-            waiter = await waiting_for(self.conn, info.run_id)
-        except PermissionDenied:  # a role from before limits existed: say nothing more
-            return
-        if waiter is not None:
-            info.current = await usage(self.conn, waiter)
-            if info.status in ("running", "sleeping", "waiting"):
-                info.status = "pending"  # it runs again once it gets its slot
 
     async def _overdue(self, info: RunInfo) -> None:
         """A timer past due: if the engine saw it pass unfired, say so as the index does
