@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 from natflow import Client, InvalidInput, Limit, RunCancelled, workflow
-from natflow_engine import LimitGroup, read_limit_slots
+from natflow_engine import LimitGroup, park, read_limit_slots
 from natflow_engine._engine import Engine
 from natflow_engine._limits import Waiter
 from natflow_engine._waitlist import Waitlist
@@ -257,3 +257,38 @@ async def test_a_waiting_run_can_be_cancelled_at_once(
         assert (await holder.status()).status == "running"  # its slot was never touched
         (gates / "all").touch()
         assert await holder.result(timeout=10) == "one"
+
+
+async def test_a_slot_granted_to_a_run_that_already_closed_is_freed(
+    client: Client, engine: Engine, limits_env: tuple[Path, Path]
+) -> None:
+    _, gates = limits_env
+    (gates / "all").touch()
+    group = LimitGroup("workflow:one_at_a_time", "")
+    async with running_worker(client, wl.WORKFLOWS):
+        done = await client.start(wl.one_at_a_time, "x", run_id="done")
+        assert await done.result(timeout=10) == "one"
+
+        async def closed_everywhere() -> bool:  # released, and the engine saw it close
+            listed = await client.list(workflow="one_at_a_time")
+            indexed = bool(listed) and listed[0].status == "completed"
+            return indexed and await _slots_held(client, group.limit, 0)
+
+        await wait_for(closed_everywhere, what="the run closed and its slot given back")
+        # A wait list entry that outlived its run (written in a race with its closing):
+        # the engine grants it the free slot, and must not leave it granted forever.
+        stale = Waiter(
+            run_id="done",
+            workflow="one_at_a_time",
+            queue="default",
+            limit=group.limit,
+            label="workflow=one_at_a_time",
+            max=1,
+            since=utcnow(),
+            at=utcnow(),
+        )
+        await park(client.connection, group, stale)
+        await wait_for(lambda: _slots_held(client, group.limit, 1), what="the stale grant")
+        await wait_for(lambda: _slots_held(client, group.limit, 0), timeout=10, what="its release")
+        later = await client.start(wl.one_at_a_time, "y", run_id="later")
+        assert await later.result(timeout=10) == "one"

@@ -10,9 +10,10 @@ runs the run. It also frees slots that nobody will release:
 * those of a worker the reaper found dead (:meth:`reap`, within the reaper's ~0.5 s);
 * those of a run that closed (:meth:`run_closed`, from the dispatcher), in case its
   worker died between closing the run and releasing them;
-* and it re-enqueues a run whose granted slot was not taken up within a few seconds (a
+* it re-enqueues a run whose granted slot was not taken up within a few seconds (a
   wake-up refused because the run's task was still in flight, or a replica that died
-  between granting and enqueueing).
+  between granting and enqueueing), and frees a granted or kept slot whose run has closed
+  (a wait list entry that outlived its run).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import msgspec
 
 from ._connection import Connection
 from ._errors import NatflowError
+from ._history import CorruptHistory, HistoryStore
 from ._kv import kv_delete_nowait, kv_watch
 from ._limits import (
     LIMITS_BUCKET,
@@ -34,11 +36,12 @@ from ._limits import (
     decode_slot,
     decode_waiter,
     put_slot,
+    read_slots,
     unpark,
 )
 from ._tasks import Task, enqueue
 from ._waitlist import Waitlist
-from .events import utcnow
+from .events import TERMINAL_EVENTS, utcnow
 
 log = logging.getLogger("natflow.limits")
 
@@ -64,6 +67,7 @@ class LimitService:
         self._changed = anyio.Event()
         self._nudged: dict[tuple[str, int], float] = {}
         self._runs: dict[str, set[str]] = {}  # run id -> groups it held or waited in
+        self._history = HistoryStore(conn)
         self.granted = 0
 
     async def run(self) -> None:
@@ -82,6 +86,8 @@ class LimitService:
         state = self._groups.setdefault(token, _Group())
         if kind == "s":
             n = int(last)
+            if revision < state.slots.get(n, (None, 0))[1]:
+                return  # older than what a fresh read already told this replica
             slot = decode_slot(value) if value is not None else None
             state.slots[n] = (slot, revision)
             if slot is not None:
@@ -119,6 +125,7 @@ class LimitService:
         if state is None or state.group is None:
             return
         group = state.group
+        conflicts = 0
         while len(state.waitlist):
             free = [n for n in range(state.max) if state.slots.get(n, (None, 0))[0] is None]
             waiter = state.waitlist.next()
@@ -141,14 +148,25 @@ class LimitService:
                 at=utcnow(),
             )
             revision = await put_slot(self._conn, group, n, slot, state.slots.get(n, (None, 0))[1])
-            if revision is None:
-                return  # taken meanwhile: the watch brings the newer entry, and a new look
+            if revision is None:  # taken meanwhile, or this view is behind: read it afresh
+                conflicts += 1
+                if conflicts > 3:
+                    return  # the watch brings the newer entries, and a new look
+                await self._refresh(state, group)
+                continue
             state.slots[n] = (slot, revision)
             state.waitlist.served(waiter)
             self.granted += 1
             await unpark(self._conn, group, waiter.run_id)
             await self._wake(waiter.run_id, waiter.workflow, waiter.queue)
             log.debug("run %s: granted slot %d of limit %s", waiter.run_id, n, waiter.label)
+
+    async def _refresh(self, state: _Group, group: Group) -> None:
+        fresh = await read_slots(self._conn, group)
+        for n, revision in fresh.revisions.items():
+            if revision >= state.slots.get(n, (None, 0))[1]:
+                holder = fresh.held.get(n)
+                state.slots[n] = (holder[0] if holder else None, revision)
 
     async def _wake(self, run_id: str, workflow: str, queue: str) -> None:
         await enqueue(self._conn, queue, Task(run_id=run_id, workflow=workflow, reason="slot"))
@@ -163,18 +181,37 @@ class LimitService:
 
     async def _audit(self) -> None:
         """Re-enqueue runs whose granted slot was not taken up (their wake-up met their own
-        task still in flight, or the granting replica died before enqueueing)."""
+        task still in flight, or the granting replica died before enqueueing); free slots
+        not held by a worker whose run has closed; forget groups with nothing in them."""
         now = time.monotonic()
         for token, state in list(self._groups.items()):
-            for n, (slot, _) in list(state.slots.items()):
-                if slot is None or slot.state != "granted":
+            if not len(state.waitlist) and all(s is None for s, _ in state.slots.values()):
+                del self._groups[token]  # a later grant reads its revisions afresh
+                continue
+            for n, (slot, revision) in list(state.slots.items()):
+                if slot is None or slot.state == "held":
                     self._nudged.pop((token, n), None)
                     continue
                 age = (utcnow() - slot.at).total_seconds()
                 last = self._nudged.get((token, n), 0.0)
-                if age >= GRANT_PICKUP and now - last >= GRANT_PICKUP:
-                    self._nudged[(token, n)] = now
+                if age < GRANT_PICKUP or now - last < GRANT_PICKUP:
+                    continue
+                self._nudged[(token, n)] = now
+                if await self._closed(slot.run_id):
+                    assert state.group is not None
+                    await kv_delete_nowait(
+                        self._conn, LIMITS_BUCKET, state.group.slot_key(n), revision=revision
+                    )
+                elif slot.state == "granted":
                     await self._wake(slot.run_id, slot.workflow, slot.queue)
+
+    async def _closed(self, run_id: str) -> bool:
+        """Whether the run has ended (or is gone): its last event closes it."""
+        try:
+            last = await self._history.last(run_id)
+        except CorruptHistory:
+            return False  # a worker holds it as blocked; its slots go when it is let go
+        return last is None or isinstance(last[0], TERMINAL_EVENTS)
 
     async def reap(self, worker: str) -> int:
         """Free the slots a dead worker held (called by the reaper)."""
