@@ -123,14 +123,15 @@ class Admitter:
                 n, slot, revision = mine[0]
                 for extra, _slot, extra_rev in mine[1:]:  # granted twice in a race
                     await free_slot(self._conn, group, extra, extra_rev)
-                if slot.worker != self._identity or slot.state != "held":
-                    slot = msgspec.structs.replace(
-                        slot, worker=self._identity, state="held", at=utcnow()
-                    )
-                    new = await put_slot(self._conn, group, n, slot, revision)
-                    if new is None:
-                        continue
-                    revision = new
+                # Rewritten even when it names this worker already: a give-back of it
+                # still on its way (fire and forget) then misses instead of freeing it.
+                slot = msgspec.structs.replace(
+                    slot, worker=self._identity, state="held", at=utcnow()
+                )
+                new = await put_slot(self._conn, group, n, slot, revision)
+                if new is None:
+                    continue
+                revision = new
                 if view.own_waiting:
                     await unpark(self._conn, group, run_id)
                 return _Holding(target.bound, group, n, slot, revision)
