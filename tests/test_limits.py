@@ -168,6 +168,33 @@ async def test_priority_a_high_run_started_after_twenty_low_ones_runs_next(
     assert order[2:] == [f"low-{i}" for i in range(20)]  # first started, first served
 
 
+async def test_a_shared_slot_goes_round_robin_over_keys_not_to_the_busiest_first(
+    client: Client, engine: Engine, limits_env: tuple[Path, Path]
+) -> None:
+    log, gates = limits_env
+    async with running_worker(client, wl.WORKFLOWS):
+        handles = [
+            await client.start(wl.fair_total, {"key": "acme"}, run_id=f"acme-{i}")
+            for i in range(8)
+        ]
+        await wait_for(lambda: _slots_held(client, "workflow:fair_total", 1), what="a slot")
+        handles += [
+            await client.start(wl.fair_total, {"key": "bolt"}, run_id=f"bolt-{i}")
+            for i in range(2)
+        ]
+        await wait_for(
+            lambda: _all_waiting(client, [h.run_id for h in handles[1:]]),
+            what="every run on the wait list",
+        )
+        (gates / "all").touch()
+        for handle in handles:
+            await handle.result(timeout=20)
+    order = [run for _, _, run in sorted(intervals(log)["fair"])]
+    # acme's 8 runs were started first; bolt's 2 take turns with them instead of waiting.
+    assert order[:5] == ["acme-0", "acme-1", "bolt-0", "acme-2", "bolt-1"], order
+    assert most_at_once(intervals(log)["fair"]) == 1
+
+
 async def test_a_sleeping_run_holds_no_slot(
     client: Client, engine: Engine, limits_env: tuple[Path, Path]
 ) -> None:

@@ -70,6 +70,12 @@ async def total_and_key(ctx: WorkflowContext, input: dict[str, Any]) -> str:
     return await ctx.step("work", work, str(input["key"]), ctx.run_id, seconds)
 
 
+@workflow(concurrency=[Limit(max=1), Limit(max=10, key="key")])
+async def fair_total(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+    """One run at a time in all; its slot goes round-robin over the keys of those waiting."""
+    return await ctx.step("held", held, "fair", ctx.run_id)
+
+
 @workflow(concurrency=Limit(max=1))
 async def sleeper(ctx: WorkflowContext, input: str) -> str:
     """Sleeps between two steps: while it sleeps another run may use the slot."""
@@ -83,7 +89,7 @@ async def unlimited(ctx: WorkflowContext, input: int) -> int:
     return await ctx.step("double", lambda x: x * 2, input)
 
 
-WORKFLOWS = [per_key, gated_pair, one_at_a_time, total_and_key, sleeper, unlimited]
+WORKFLOWS = [per_key, gated_pair, one_at_a_time, total_and_key, fair_total, sleeper, unlimited]
 
 
 def make_worker(client: Client) -> Worker:

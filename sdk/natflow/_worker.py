@@ -72,7 +72,7 @@ from natflow_engine import (
 from natflow_engine.events import Event, RestartSeeded, RunStarted, utcnow
 from nats.aio.msg import Msg
 
-from ._admission import Admitter
+from ._admission import Admission, Admitter
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._guard import RunGuard, check_inline_start
@@ -122,6 +122,7 @@ class _Held:
     lost: bool = False
     released: bool = False  # its task was handed back: another worker may take the run
     finished: anyio.Event = field(default_factory=anyio.Event)
+    admission: Admission | None = None  # the concurrency slots it holds (see _admission)
 
     @property
     def execution_fields(self) -> dict[str, Any]:
@@ -471,6 +472,9 @@ class Worker:
             if held is not None:
                 await self._back_off(held, exc, park=True)
         finally:
+            if held is not None and held.admission is not None:  # an error, a cancellation
+                with anyio.CancelScope(shield=True):
+                    await self._admitter.settle(held.admission, waiting=False, lost=held.lost)
             if held is not None and self._held.get(held.run_id) is held:
                 del self._held[held.run_id]
                 RUNS_HELD.dec()
@@ -539,6 +543,7 @@ class Worker:
             admission = await self._admitter.admit(workflow, start, run_id, msg)
             if admission is None:
                 return  # it waits for a slot; the engine enqueues it when one is granted
+            held.admission = admission  # given back in _handle if this ends in an error
         delivered = msg.metadata.num_delivered or 1
         held.execution = RunExecution(
             workflow=workflow,
@@ -551,17 +556,11 @@ class Worker:
         )
         if self._stopping.is_set():
             held.execution.drain()
-        try:
-            async with anyio.create_task_group() as tg:
-                # The lease makes ownership visible and lets the engine hand the run back if
-                # this process dies; the claim append is the fence. Neither waits for the other.
-                tg.start_soon(self._take_lease, held)
-                outcome = await held.execution.execute()
-        except BaseException:
-            if admission is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._admitter.settle(admission, waiting=False, lost=held.lost)
-            raise
+        async with anyio.create_task_group() as tg:
+            # The lease makes ownership visible and lets the engine hand the run back if this
+            # process dies; the claim append is the fence. Neither waits for the other.
+            tg.start_soon(self._take_lease, held)
+            outcome = await held.execution.execute()
         if admission is not None and outcome is not Outcome.STALE:  # STALE: admitted anew
             lost = outcome is Outcome.LOST or held.lost
             waiting = outcome is Outcome.SUSPENDED
