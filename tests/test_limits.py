@@ -174,13 +174,11 @@ async def test_a_shared_slot_goes_round_robin_over_keys_not_to_the_busiest_first
     log, gates = limits_env
     async with running_worker(client, wl.WORKFLOWS):
         handles = [
-            await client.start(wl.fair_total, {"key": "acme"}, run_id=f"acme-{i}")
-            for i in range(8)
+            await client.start(wl.fair_total, {"key": "acme"}, run_id=f"acme-{i}") for i in range(8)
         ]
         await wait_for(lambda: _slots_held(client, "workflow:fair_total", 1), what="a slot")
         handles += [
-            await client.start(wl.fair_total, {"key": "bolt"}, run_id=f"bolt-{i}")
-            for i in range(2)
+            await client.start(wl.fair_total, {"key": "bolt"}, run_id=f"bolt-{i}") for i in range(2)
         ]
         await wait_for(
             lambda: _all_waiting(client, [h.run_id for h in handles[1:]]),
