@@ -6,6 +6,8 @@ outside the worker, so overlap is checked on what really ran.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import defaultdict
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +18,7 @@ from natflow import Client, InvalidInput, Limit, RunCancelled, workflow
 from natflow_engine import LimitGroup, park, read_limit_slots
 from natflow_engine._engine import Engine
 from natflow_engine._limits import Waiter
+from natflow_engine._server import EmbeddedServer
 from natflow_engine._waitlist import Waitlist
 from natflow_engine.events import utcnow
 
@@ -121,7 +124,7 @@ def test_waitlist_grants_priority_first_then_round_robin_over_keys_then_oldest()
 
 
 async def test_a_run_waiting_for_a_slot_says_so_and_runs_once_one_is_free(
-    client: Client, engine: Engine, limits_env: tuple[Path, Path]
+    client: Client, engine: Engine, nats_server: EmbeddedServer, limits_env: tuple[Path, Path]
 ) -> None:
     log, gates = limits_env
     async with running_worker(client, wl.WORKFLOWS):
@@ -136,6 +139,13 @@ async def test_a_run_waiting_for_a_slot_says_so_and_runs_once_one_is_free(
         current = await wait_for(explained, what="the run view to name the limit")
         assert current == "waiting for a slot of limit workflow=one_at_a_time 1/1"
         assert (await second.status()).status == "pending"
+        shown = await anyio.run_process(
+            [sys.executable, "-m", "natflow_engine", "runs", "show", "second"],
+            env={**os.environ, "NATFLOW_URL": nats_server.url},
+        )
+        assert "pending: waiting for a slot of limit workflow=one_at_a_time 1/1" in (
+            shown.stdout.decode()
+        )
         (gates / "first").touch()
         assert await first.result(timeout=10) == "one"
         (gates / "second").touch()
@@ -261,10 +271,6 @@ async def _all_waiting(client: Client, run_ids: list[str]) -> bool:
 
 async def _said(log: Path, run_id: str) -> bool:
     return any(run == run_id for spans in intervals(log).values() for _, _, run in spans)
-
-
-async def _sleep(seconds: float) -> None:
-    await anyio.sleep(seconds)
 
 
 async def test_a_waiting_run_can_be_cancelled_at_once(
