@@ -217,6 +217,20 @@ async def test_a_sleeping_run_holds_no_slot(
     assert most_at_once(intervals(log)["sleeper"]) == 1
 
 
+async def test_a_limit_that_holds_while_waiting_keeps_the_slot_through_a_sleep(
+    client: Client, engine: Engine, limits_env: tuple[Path, Path]
+) -> None:
+    log, _ = limits_env
+    async with running_worker(client, wl.WORKFLOWS):
+        napping = await client.start(wl.keeper, "a", run_id="napping")
+        await wait_for(lambda: _said(log, "napping"), what="the first step")
+        other = await client.start(wl.keeper, "b", run_id="other")
+        assert await napping.result(timeout=15) == "keeper"
+        assert await other.result(timeout=15) == "keeper"
+    spans = sorted(intervals(log)["keeper"])
+    assert [run for _, _, run in spans] == ["napping", "napping", "other", "other"]
+
+
 async def test_a_total_and_a_per_key_limit_hold_together(
     client: Client, engine: Engine, limits_env: tuple[Path, Path]
 ) -> None:

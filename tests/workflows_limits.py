@@ -84,12 +84,29 @@ async def sleeper(ctx: WorkflowContext, input: str) -> str:
     return await ctx.step("after", work, "sleeper", ctx.run_id, 0.0)
 
 
+@workflow(concurrency=Limit(max=1, hold_while_waiting=True))
+async def keeper(ctx: WorkflowContext, input: str) -> str:
+    """Like :func:`sleeper`, but its slot stays taken while it sleeps."""
+    await ctx.step("before", work, "keeper", ctx.run_id, 0.0)
+    await ctx.sleep("nap", 1.5)
+    return await ctx.step("after", work, "keeper", ctx.run_id, 0.0)
+
+
 @workflow
 async def unlimited(ctx: WorkflowContext, input: int) -> int:
     return await ctx.step("double", lambda x: x * 2, input)
 
 
-WORKFLOWS = [per_key, gated_pair, one_at_a_time, total_and_key, fair_total, sleeper, unlimited]
+WORKFLOWS = [
+    per_key,
+    gated_pair,
+    one_at_a_time,
+    total_and_key,
+    fair_total,
+    sleeper,
+    keeper,
+    unlimited,
+]
 
 
 def make_worker(client: Client) -> Worker:
