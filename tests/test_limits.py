@@ -234,6 +234,36 @@ async def test_a_limit_that_holds_while_waiting_keeps_the_slot_through_a_sleep(
     assert [run for _, _, run in spans] == ["napping", "napping", "other", "other"]
 
 
+def test_a_named_limit_is_one_limit_whichever_workflow_declares_it() -> None:
+    shared = Limit(max=2, name="payments-api")
+
+    @workflow(concurrency=shared)
+    async def charge(ctx: object) -> None: ...
+
+    @workflow(concurrency=[shared, Limit(max=1, key="account")])
+    async def refund(ctx: object, input: dict[str, str]) -> None: ...
+
+    named = [b for b in refund.limits if b.key_name is None]
+    assert charge.limits[0].limit_id("q1") == named[0].limit_id("q2") == "name:payments-api"
+
+
+async def test_a_queue_limit_is_shared_by_the_workflows_of_the_queue(
+    client: Client, engine: Engine, limits_env: tuple[Path, Path]
+) -> None:
+    log, gates = limits_env
+    async with running_worker(client, wl.WORKFLOWS):
+        one = await client.start(wl.queue_one, "x", run_id="one")
+        await wait_for(lambda: _slots_held(client, "queue:shared", 1), what="the queue's slot")
+        two = await client.start(wl.queue_two, "y", run_id="two")
+        await wait_for(lambda: _all_waiting(client, ["two"]), what="the other workflow to wait")
+        assert (await two.status()).current == "waiting for a slot of limit queue=shared 1/1"
+        (gates / "all").touch()
+        assert await one.result(timeout=10) == await two.result(timeout=10) == "queue"
+    spans = sorted(intervals(log)["queue"])
+    assert [run for _, _, run in spans] == ["one", "two"]
+    assert spans[0][1] <= spans[1][0]
+
+
 async def test_a_total_and_a_per_key_limit_hold_together(
     client: Client, engine: Engine, limits_env: tuple[Path, Path]
 ) -> None:

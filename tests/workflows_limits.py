@@ -92,6 +92,17 @@ async def keeper(ctx: WorkflowContext, input: str) -> str:
     return await ctx.step("after", work, "keeper", ctx.run_id, 0.0)
 
 
+@workflow(queue="shared", concurrency=Limit(max=1, scope="queue"))
+async def queue_one(ctx: WorkflowContext, input: str) -> str:
+    return await ctx.step("held", held, "queue", ctx.run_id)
+
+
+@workflow(queue="shared", concurrency=Limit(max=1, scope="queue"))
+async def queue_two(ctx: WorkflowContext, input: str) -> str:
+    """Shares the one slot of queue ``shared`` with :func:`queue_one`."""
+    return await ctx.step("held", held, "queue", ctx.run_id)
+
+
 @workflow
 async def unlimited(ctx: WorkflowContext, input: int) -> int:
     return await ctx.step("double", lambda x: x * 2, input)
@@ -105,6 +116,8 @@ WORKFLOWS = [
     fair_total,
     sleeper,
     keeper,
+    queue_one,
+    queue_two,
     unlimited,
 ]
 
