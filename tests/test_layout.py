@@ -39,6 +39,7 @@ def test_natflow_exports_exactly_the_public_api() -> None:
         "ErrorInfo",
         "InvalidInput",
         "LifecycleEvent",
+        "Limit",
         "MissingKey",
         "NatflowError",
         "NonDeterminismError",

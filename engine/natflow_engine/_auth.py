@@ -46,6 +46,7 @@ from ._errors import InvalidInput
 from ._kv import kv_stream
 from ._leases import LEASES_BUCKET
 from ._lifecycle import LIFECYCLE_PREFIX, LIFECYCLE_STREAM
+from ._limits import LIMITS_BUCKET
 from ._names import check_queue, check_workflow_name
 from ._registry import WORKERS_BUCKET, safe_identity
 from ._start_service import START_PREFIX
@@ -76,11 +77,19 @@ ROLES: Final = ("engine", "worker", "client", "frontend", "signaller", "viewer")
 CONTROLS: Final = ("cancel", "terminate", "pause", "resume")
 USER_INFO: Final = "$SYS.REQ.USER.INFO"  # who am I: the server's answer (worker identity)
 
-# A worker writes these (natflow_rates: rate limits of steps, a debounced run's input).
-_BUCKETS: Final = (LEASES_BUCKET, WORKERS_BUCKET, TIMERS_BUCKET, RATES_BUCKET)
+# A worker writes these (natflow_rates: rate limits of steps, a debounced run's input;
+# natflow_limits: the concurrency slots its runs take and give back).
+_BUCKETS: Final = (LEASES_BUCKET, WORKERS_BUCKET, TIMERS_BUCKET, RATES_BUCKET, LIMITS_BUCKET)
 _ALL_BUCKETS: Final = (*_BUCKETS, SCHEDULES_BUCKET, TRIGGERS_BUCKET)
-# What a viewer reads: workers and the runs they hold (leases), schedules, event triggers.
-_READ_BUCKETS: Final = (WORKERS_BUCKET, LEASES_BUCKET, SCHEDULES_BUCKET, TRIGGERS_BUCKET)
+# What a viewer reads: workers and the runs they hold (leases), schedules, event triggers,
+# and which runs wait for a concurrency slot (the run view says so).
+_READ_BUCKETS: Final = (
+    WORKERS_BUCKET,
+    LEASES_BUCKET,
+    SCHEDULES_BUCKET,
+    TRIGGERS_BUCKET,
+    LIMITS_BUCKET,
+)
 _STREAMS: Final = (
     HISTORY_STREAM,
     TASK_STREAM,
@@ -290,6 +299,7 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
         *_direct_get(api, SIGNAL_STREAM),
         *_direct_get(api, kv_stream(LEASES_BUCKET)),
         *_direct_get(api, kv_stream(RATES_BUCKET)),
+        *_direct_get(api, kv_stream(LIMITS_BUCKET)),
         *(f"{kv}.{bucket}.>" for bucket in _BUCKETS),
         f"{kv}.{TRIGGERS_BUCKET}.>",
         *schedules,

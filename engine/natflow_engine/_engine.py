@@ -8,11 +8,11 @@ events) through one durable pull consumer shared by all engine replicas, and
   client that died between creating a run and enqueueing its task loses no start;
 * mirrors timers into the ``natflow_timers`` bucket (see ``_timers``).
 
-Beside it run the reaper (``_reaper``), the timer service (``_timers``), the signal
-intake (``_signals``), the schedule service (``_scheduler``), the event intake
-(``_triggers``), the metrics poller (``_metrics``) and, given nats-server's monitoring URL, the
-JetStream usage poller (``_jsz``); the dispatcher also counts each
-run-level event it folds (runs started and closed, run duration, blocked runs).
+Beside it run the reaper (``_reaper``), the limit service (``_limit_service``), the timer
+service (``_timers``), the signal intake (``_signals``), the schedule service
+(``_scheduler``), the event intake (``_triggers``), the metrics poller (``_metrics``) and,
+given nats-server's monitoring URL, the JetStream usage poller (``_jsz``); the dispatcher
+also counts each run-level event it folds (runs started and closed, run duration, blocked runs).
 
 The engine keeps nothing but a cache; kill it, restart it or run several: the consumer's
 position and the index live in JetStream.
@@ -33,6 +33,8 @@ from ._connection import Connection
 from ._history import CorruptHistory, HistoryStore
 from ._index import RunIndex
 from ._jsz import JetStreamUsage
+from ._limit_service import LimitService
+from ._limits import waiting_for
 from ._metrics import EngineMetrics, observe_run
 from ._puller import Puller, engine_consumer
 from ._quarantine import quarantined
@@ -116,6 +118,8 @@ class Engine:
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
         self.reaper = Reaper(conn)
+        self.limits = LimitService(conn)  # grants concurrency slots to waiting runs
+        self.reaper.on_reaped.append(self.limits.reap)
         self.timers = timers.TimerService(conn, self._index)
         self.signals = SignalIntake(conn)
         self.scheduler = Scheduler(conn)
@@ -134,6 +138,7 @@ class Engine:
         await ensure_streams(self._conn)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.reaper.run)
+            tg.start_soon(self.limits.run)
             tg.start_soon(self.timers.run)
             tg.start_soon(self.signals.run)
             tg.start_soon(self.scheduler.run)
@@ -195,6 +200,7 @@ class Engine:
             await self._keep_timers(run_id, event)
             if isinstance(event, TERMINAL_EVENTS):
                 await self._tell_parent(run_id, event, info)
+                await self.limits.run_closed(run_id)
             await self.hooks.event_folded(run_id, event)
         except Exception as exc:
             log.warning(
@@ -270,5 +276,5 @@ class Engine:
             return  # a worker has the run already
         if await enqueue(
             self._conn, start.queue, Task(run_id=run_id, workflow=start.workflow, reason="dispatch")
-        ):
+        ) and not await waiting_for(self._conn, run_id):  # a waiting run: a harmless nudge
             log.info("run %s: enqueued a start its client had not", run_id)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import anyio
@@ -47,6 +47,9 @@ class Reaper:
         self._quiet_until = 0.0
         self._probing: set[str] = set()
         self.reaped = 0
+        # Called with a dead worker's identity once its runs are handed back (the limit
+        # service frees its concurrency slots).
+        self.on_reaped: list[Callable[[str], Awaitable[object]]] = []
 
     def pause_probes(self, seconds: float) -> None:
         """After this process reconnects, workers may still be reconnecting: hold fire."""
@@ -144,6 +147,11 @@ class Reaper:
                 identity,
                 extra=fields(lease.run_id, queue=lease.queue, worker=identity),
             )
+        for hook in self.on_reaped:
+            try:
+                await hook(identity)
+            except (NatflowError, nats.errors.Error) as exc:
+                log.warning("worker %s: could not free what it held: %s", identity, exc)
         if identity in self.workers:
             await kv_delete_nowait(self._conn, WORKERS_BUCKET, identity)
             self.workers.discard(identity)

@@ -12,6 +12,7 @@ from ._connection import Connection
 from ._errors import ErrorInfo, NatflowError, RunNotFound
 from ._history import AppendConflict, History, HistoryStore
 from ._index import RunIndex
+from ._limits import explain as explain_wait
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._sealing import open_events, seal
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
@@ -60,6 +61,7 @@ class Runs:
         on_complete_of: str | None = None,
         rate_limited: str | None = None,
         debounce: str | None = None,
+        priority: int | None = None,
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
@@ -73,7 +75,8 @@ class Runs:
         ``retention`` the seconds this run is kept once closed (None: the engine's setting);
         ``on_complete_of`` the closed run whose outcome this run's input is;
         ``rate_limited`` the rate limit that set ``not_before``; ``debounce`` the debounce
-        cell the run takes its input from (README "Flow control").
+        cell the run takes its input from; ``priority`` orders it among runs waiting for a
+        concurrency slot (None: its workflow's default) (README "Flow control").
         """
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
@@ -101,6 +104,7 @@ class Runs:
             on_complete_of=on_complete_of,
             rate_limited=rate_limited,
             debounce=debounce,
+            priority=priority,
         )
         try:
             seq = await self.history.append(run_id, event, 0)
@@ -157,7 +161,9 @@ class Runs:
             log.warning("run %s: history event #%d does not decode (%s)", run_id, seq, reason)
         return history
 
-    async def describe(self, run_id: str) -> RunInfo:
+    async def describe(self, run_id: str, *, explain: bool = True) -> RunInfo:
+        """The run's :class:`RunInfo`. With ``explain``, an open run that waits for a slot of
+        a concurrency limit says so in ``current`` (one more read)."""
         history = await self._read(run_id)
         events = await self._opened(run_id, history, result_only=True)
         info = fold_run(run_id, events)
@@ -176,6 +182,8 @@ class Runs:
         overdue = info.due_at is not None and info.due_at <= utcnow()
         if overdue and events and not isinstance(events[-1], RunClaimed):
             await self._overdue(info)
+        if explain:
+            await explain_wait(self.conn, info)
         return info
 
     async def _overdue(self, info: RunInfo) -> None:

@@ -40,6 +40,7 @@ class StartRequest(msgspec.Struct, kw_only=True):
     queue: str
     input: msgspec.Raw = msgspec.Raw(b"null")
     not_before: datetime | None = None
+    priority: int | None = None
 
 
 class StartReply(msgspec.Struct, kw_only=True):
@@ -62,11 +63,16 @@ async def request_start(
     input_json: bytes,
     run_id: str,
     not_before: datetime | None = None,
+    priority: int | None = None,
 ) -> tuple[str, bool]:
     """Ask the engine to create the run; ``(run_id, created)`` as ``Runs.start`` returns."""
     body = _request_encoder.encode(
         StartRequest(
-            workflow=workflow, queue=queue, input=msgspec.Raw(input_json), not_before=not_before
+            workflow=workflow,
+            queue=queue,
+            input=msgspec.Raw(input_json),
+            not_before=not_before,
+            priority=priority,
         )
     )
     subject = start_subject(check_run_id(run_id))
@@ -113,6 +119,7 @@ class StartService:
                 bytes(request.input),
                 msg.subject.split(".", 3)[3],
                 not_before=request.not_before,
+                priority=request.priority,
             )
             reply = StartReply(run_id=run_id, created=created)
         except (InvalidInput, msgspec.DecodeError, msgspec.ValidationError) as exc:

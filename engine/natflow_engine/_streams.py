@@ -156,6 +156,7 @@ def stream_configs() -> list[api.StreamConfig]:
         kv_stream_config(SCHEDULES_BUCKET, "natflow: schedules and their state", r),
         kv_stream_config(TRIGGERS_BUCKET, "natflow: which workflows start on which event", r),
         kv_stream_config(RATES_BUCKET, "natflow: rate limit, singleton and debounce cells", r),
+        kv_stream_config("natflow_limits", "natflow: concurrency slots and who waits for one", r),
         api.StreamConfig(
             name=EVENTS_STREAM,
             description="natflow: events from any NATS client, starting declared workflows",

@@ -74,6 +74,9 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     # ``not_before``, and the debounce cell whose latest input the run takes when it begins.
     rate_limited: str | None = None
     debounce: str | None = None
+    # Orders the run among those waiting for a slot of a concurrency limit (higher first);
+    # None: the workflow's declared default.
+    priority: int | None = None
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):

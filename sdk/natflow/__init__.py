@@ -46,6 +46,7 @@ from natflow_engine import (
 from . import events
 from ._client import Client, RunHandle
 from ._context import WorkflowContext
+from ._limit import Limit
 from ._schedules import ScheduleClient
 from ._worker import Worker
 from ._workflow import Debounce, Workflow, workflow
@@ -59,6 +60,7 @@ __all__ = [
     "ErrorInfo",
     "InvalidInput",
     "LifecycleEvent",
+    "Limit",
     "MissingKey",
     "NatflowError",
     "NonDeterminismError",

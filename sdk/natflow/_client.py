@@ -72,7 +72,7 @@ from . import _tracing as tracing
 from ._events_feed import follow
 from ._flow import check_flow_start, flow_start
 from ._schedules import ScheduleClient
-from ._workflow import DEFAULT_QUEUE, Workflow
+from ._workflow import DEFAULT_QUEUE, Workflow, check_priority
 
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
 
@@ -111,7 +111,7 @@ class RunHandle:
         try:
             with anyio.fail_after(seconds):
                 while True:
-                    info = await self._client.describe(self.run_id)
+                    info = await self._client._runs.describe(self.run_id, explain=False)
                     if info.status in CLOSED_STATUSES:
                         return self._outcome(info)
                     # Re-read now and then, a safety net for an event lost in a reconnect.
@@ -252,6 +252,7 @@ class Client:
         queue: str | None = None,
         start_delay: float | timedelta | None = None,
         on_complete: Workflow | str | None = None,
+        priority: int | None = None,
     ) -> RunHandle:
         """Start a run and return its handle.
 
@@ -260,8 +261,12 @@ class Client:
         raises :class:`InvalidInput` naming the field, and nothing is written.
         ``on_complete`` (a workflow or its name) is started exactly once when this run
         closes, however it closes, with a :class:`RunOutcome` as its input; its run id is
-        this run's id plus ``-oncomplete``.
+        this run's id plus ``-oncomplete``. ``priority`` (a whole number, higher first;
+        default: the workflow's ``priority=``) orders the run among runs waiting for a slot
+        of a concurrency limit.
         """
+        if priority is not None:
+            check_priority(priority)
         delay = 0.0 if start_delay is None else to_seconds("start_delay", start_delay)
         definition = workflow if isinstance(workflow, Workflow) else None
         if definition is not None:
@@ -274,7 +279,9 @@ class Client:
             check_run_id(run_id)
         data = encode_value("workflow input", input)
         if definition is not None and definition.takes_input:
-            decode_value(f"input of workflow {name!r}", data, definition.input_type)
+            value = decode_value(f"input of workflow {name!r}", data, definition.input_type)
+            for bound in definition.limits:  # a missing key fails here, before any write
+                bound.key_value(value)
         not_before = utcnow() + timedelta(seconds=delay) if delay > 0 else None
         target = _target("on_complete", on_complete)
         with tracing.starting(name, queue or default_queue) as traced:
@@ -304,6 +311,7 @@ class Client:
                     data,
                     run_id or new_run_id(),
                     not_before,
+                    priority,
                 )
             elif definition is not None and definition.flow_controlled:
                 check_flow_start(definition, run_id)
@@ -328,6 +336,7 @@ class Client:
                     trace_context=traced.carrier,
                     on_complete=target,
                     retention=definition.retention if definition is not None else None,
+                    priority=priority,
                 )
             traced.started(started_id, created)
         return RunHandle(self, started_id, definition)
@@ -465,7 +474,7 @@ class Client:
         """The run's info, or None if this connection may not read runs (a ``signaller``):
         then the engine's signal intake checks the run, and dead-letters what cannot reach it."""
         try:
-            return await self.describe(run_id)
+            return await self._runs.describe(run_id, explain=False)
         except PermissionDenied:
             return None
 

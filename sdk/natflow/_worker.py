@@ -72,6 +72,7 @@ from natflow_engine import (
 from natflow_engine.events import Event, RestartSeeded, RunStarted, utcnow
 from nats.aio.msg import Msg
 
+from ._admission import Admission, Admitter
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._guard import RunGuard, check_inline_start
@@ -121,6 +122,7 @@ class _Held:
     lost: bool = False
     released: bool = False  # its task was handed back: another worker may take the run
     finished: anyio.Event = field(default_factory=anyio.Event)
+    admission: Admission | None = None  # the concurrency slots it holds (see _admission)
 
     @property
     def execution_fields(self) -> dict[str, Any]:
@@ -195,6 +197,7 @@ class Worker:
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
         self._guard = RunGuard(self._conn, self._store, self.identity)
+        self._admitter = Admitter(self._conn, self.identity)
         self._pulse: Pulse | None = None
         self._pulse_thread = False
 
@@ -469,6 +472,9 @@ class Worker:
             if held is not None:
                 await self._back_off(held, exc, park=True)
         finally:
+            if held is not None and held.admission is not None:  # an error, a cancellation
+                with anyio.CancelScope(shield=True):
+                    await self._admitter.settle(held.admission, waiting=False, lost=held.lost)
             if held is not None and self._held.get(held.run_id) is held:
                 del self._held[held.run_id]
                 RUNS_HELD.dec()
@@ -532,6 +538,12 @@ class Worker:
                 await self._quietly(msg.ack())  # the engine's start timer wakes it on time
                 return
             await anyio.sleep(max(0.0, early))
+        admission = None
+        if workflow.limits:  # only then: a workflow without limits touches no slot
+            admission = await self._admitter.admit(workflow, start, run_id, msg)
+            if admission is None:
+                return  # it waits for a slot; the engine enqueues it when one is granted
+            held.admission = admission  # given back in _handle if this ends in an error
         delivered = msg.metadata.num_delivered or 1
         held.execution = RunExecution(
             workflow=workflow,
@@ -549,6 +561,10 @@ class Worker:
             # process dies; the claim append is the fence. Neither waits for the other.
             tg.start_soon(self._take_lease, held)
             outcome = await held.execution.execute()
+        if admission is not None and outcome is not Outcome.STALE:  # STALE: admitted anew
+            lost = outcome is Outcome.LOST or held.lost
+            waiting = outcome is Outcome.SUSPENDED
+            await self._admitter.settle(admission, waiting=waiting, lost=lost)
         EXECUTIONS.labels(workflow.name, outcome.value).inc()
         if outcome in (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED):
             log.info(

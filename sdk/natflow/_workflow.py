@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, overload
@@ -22,6 +22,8 @@ from natflow_engine import (
     safe_identity,
     to_seconds,
 )
+
+from ._limit import BoundLimit, Limit, bind_limits
 
 if TYPE_CHECKING:
     from ._context import WorkflowContext
@@ -98,6 +100,9 @@ class Workflow:
             self.rate_limit is not None or self.singleton is not None or self.debounce is not None
         )
 
+    limits: tuple[BoundLimit, ...] = ()  # concurrency limits, in the order slots are taken
+    priority: int = 0  # default priority of its runs among those waiting for a slot
+
     async def __call__(self, ctx: WorkflowContext, input: Any = None) -> Any:
         if self.takes_input:
             return await self.fn(ctx, input)
@@ -123,6 +128,8 @@ def workflow(
     rate_limit: RateLimit | None = None,
     singleton: bool | KeySpec = False,
     debounce: float | timedelta | Debounce | None = None,
+    concurrency: Limit | Sequence[Limit] | None = None,
+    priority: int = 0,
 ) -> Callable[[WorkflowFn], Workflow]: ...
 
 
@@ -142,6 +149,8 @@ def workflow(
     rate_limit: RateLimit | None = None,
     singleton: bool | KeySpec = False,
     debounce: float | timedelta | Debounce | None = None,
+    concurrency: Limit | Sequence[Limit] | None = None,
+    priority: int = 0,
 ) -> Workflow | Callable[[WorkflowFn], Workflow]:
     """Declare a workflow.
 
@@ -175,9 +184,13 @@ def workflow(
     input field's name or a callable for one per key) keeps at most one open run, a start
     returning the open run's handle; ``debounce`` (seconds, or a :class:`Debounce` with a key)
     collapses starts within a window into one run with the last input.
+    ``concurrency`` (a :class:`Limit` or a list of them) bounds how many of its runs
+    execute at once across every worker; ``priority`` is its runs' default priority among
+    those waiting for a slot (higher first; ``client.start(priority=...)`` overrides it).
     """
     keep = None if retention is None else to_seconds("retention", retention)
     flow = _flow_options(max_parallel_steps, rate_limit, singleton, debounce)
+    check_priority(priority)
 
     def decorate(f: WorkflowFn) -> Workflow:
         wf = _define(f, name=name, queue=queue, retry=retry, retention=keep)
@@ -186,6 +199,8 @@ def workflow(
             schedule=_schedule(cron, every, timezone, queue),
             on_event=_events(on_event),
             **flow,
+            limits=bind_limits(concurrency, wf.name),
+            priority=priority,
         )
 
     if fn is not None:
@@ -240,6 +255,13 @@ def _define(
         takes_input=len(params) == 2,
         retention=retention,
     )
+
+
+def check_priority(priority: object) -> int:
+    """A run's priority: a whole number (higher goes first), else :class:`InvalidInput`."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 2**31:
+        raise InvalidInput(f"priority must be a whole number (higher first), not {priority!r}")
+    return priority
 
 
 def _schedule(

@@ -21,6 +21,7 @@ from .._history import HistoryStore
 from .._index import IndexEntry
 from .._kv import kv_entries
 from .._leases import LEASES_BUCKET, Lease, decode_lease
+from .._limits import explain as explain_wait
 from .._names import check_run_id
 from .._reader import reader
 from .._registry import WorkerInfo, list_workers
@@ -181,6 +182,7 @@ async def read_run(conn: Connection, run_id: str) -> RunView:
     info = fold_run(run_id, events)
     if info is None:
         raise RunNotFound(run_id)
+    await explain_wait(conn, info)  # waiting for a concurrency slot: which, how full
     return RunView(
         info=info,
         events=events,
@@ -206,6 +208,7 @@ async def read_more(conn: Connection, view: RunView) -> RunView:
     events = view.events + _opened(conn, [decode_event(m.data) for m in page.messages], run_id)
     info = fold_run(run_id, events)
     assert info is not None  # it had a start event already
+    await explain_wait(conn, info)
     return RunView(info=info, events=events, steps=fold_steps(events), last_seq=page.last_seq)
 
 

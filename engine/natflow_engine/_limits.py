@@ -1,0 +1,276 @@
+"""Concurrency slots in KV: how many runs of a limit (and key) execute now, and who waits.
+
+Bucket ``natflow_limits`` holds two kinds of entry per limit and key (``<l>`` and ``<k>``
+are short hashes of the limit's id and of the key's value; the readable names are in the
+values):
+
+* ``s.<l>.<k>.<n>``: slot ``n`` (``0 <= n < max``), naming the run that holds it and the
+  worker running it. A slot is taken by a conditional create (expected last revision =
+  the subject's last one, a delete marker's included), so two takers of slot ``n`` never
+  both win and a limit never has more than ``max`` holders, whatever the race.
+* ``w.<l>.<k>.<run_id>``: a run that waits for a slot of that limit and key, with its
+  priority, the time it was started, and its fairness key. The engine's limit service
+  (``_limit_service``) watches the bucket and grants each freed slot to the best waiter:
+  it writes the slot naming the run (``worker=""``, state ``granted``), drops the waiter
+  entry and enqueues the run's task.
+
+A run waits for at most one limit at a time, so the last message on ``w.*.*.<run_id>``
+says whether (and for what) it waits: :func:`waiting_for` is one direct get.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final, Literal
+
+import msgspec
+from nats.aio.msg import Msg
+
+from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError, NoResponders
+from ._errors import NatflowError, PermissionDenied
+from ._kv import KV_OPERATION, kv_delete_nowait, kv_put, kv_stream
+from ._reader import reader
+from ._state import RunInfo
+from ._streams import SIGNAL_STREAM, signal_subject
+
+LIMITS_BUCKET: Final = "natflow_limits"
+_PREFIX: Final = f"$KV.{LIMITS_BUCKET}."
+_MULTI_LAST_MAX: Final = 1024  # the server refuses a multi_last over more subjects (413)
+
+SlotState = Literal["held", "granted", "kept"]
+
+
+class Slot(msgspec.Struct, kw_only=True):
+    """Who holds slot ``n`` of a limit and key.
+
+    ``state``: ``held`` (a worker runs the run), ``granted`` (given to a waiting run by
+    the engine; its task is on the way), ``kept`` (the run waits for a timer or signal and
+    its limit keeps the slot while it waits: ``hold_while_waiting``).
+    """
+
+    v: int = 1
+    run_id: str
+    worker: str = ""
+    state: SlotState = "held"
+    limit: str
+    key: str = ""
+    label: str
+    max: int
+    workflow: str
+    queue: str
+    at: datetime
+
+
+class Waiter(msgspec.Struct, kw_only=True):
+    """A run waiting for a slot: granted in order of priority (higher first), then
+    round-robin over ``fair`` keys, then by ``since`` (when the run was started)."""
+
+    v: int = 1
+    run_id: str
+    workflow: str
+    queue: str
+    limit: str
+    key: str = ""
+    label: str
+    max: int
+    priority: int = 0
+    since: datetime
+    fair: str = ""
+    at: datetime
+
+
+_slot_encoder = msgspec.json.Encoder()
+_slot_decoder = msgspec.json.Decoder(Slot)
+_waiter_decoder = msgspec.json.Decoder(Waiter)
+
+
+def encode_entry(entry: Slot | Waiter) -> bytes:
+    return _slot_encoder.encode(entry)
+
+
+def decode_slot(data: bytes) -> Slot:
+    return _slot_decoder.decode(data)
+
+
+def decode_waiter(data: bytes) -> Waiter:
+    return _waiter_decoder.decode(data)
+
+
+def digest(text: str) -> str:
+    """A short hash that is a KV key token whatever ``text`` holds."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One limit and one key value: the unit that has ``max`` slots."""
+
+    limit: str  # the limit's id, e.g. "workflow:order/customer"
+    key: str  # the key's value ("" for a limit without a key)
+
+    @property
+    def token(self) -> str:
+        return f"{digest(self.limit)}.{digest(self.key)}"
+
+    def slot_key(self, n: int) -> str:
+        return f"s.{self.token}.{n}"
+
+    def waiter_key(self, run_id: str) -> str:
+        return f"w.{self.token}.{run_id}"
+
+
+@dataclass
+class Slots:
+    """The slots of a group as read: live holders, and each subject's last revision (a
+    delete marker's too), which a conditional create must expect."""
+
+    held: dict[int, tuple[Slot, int]] = field(default_factory=dict)
+    revisions: dict[int, int] = field(default_factory=dict)
+
+    def free(self, max_: int) -> list[int]:
+        return [n for n in range(max_) if n not in self.held]
+
+    def of_run(self, run_id: str) -> list[tuple[int, Slot, int]]:
+        return [(n, slot, rev) for n, (slot, rev) in self.held.items() if slot.run_id == run_id]
+
+
+def _is_deleted(msg: Msg) -> bool:
+    return (msg.headers or {}).get(KV_OPERATION) in ("DEL", "PURGE") or not msg.data
+
+
+@dataclass
+class View:
+    """A group as one read saw it: its slots, and who else waits."""
+
+    slots: Slots
+    others_waiting: bool  # a run other than the reader waits for a slot of the group
+    own_waiting: bool  # the reader has a waiter entry there
+
+
+def _subject(msg: Msg) -> str:
+    return (msg.headers or {}).get("Nats-Subject", msg.subject)
+
+
+async def read_slots(conn: Connection, group: Group) -> Slots:
+    """Every slot of ``group`` in one batch direct get."""
+    return (await _read(conn, group, "", waiters=False)).slots
+
+
+async def read_group(conn: Connection, group: Group, run_id: str) -> View:
+    """The group's slots and wait list in one batch direct get (the wait list only as
+    "anyone else?"; more entries than one request returns means yes)."""
+    try:
+        return await _read(conn, group, run_id, waiters=True)
+    except NatflowError:  # too many waiters to list in one request: certainly others
+        view = await _read(conn, group, run_id, waiters=False)
+        view.others_waiting = True
+        return view
+
+
+async def _read(conn: Connection, group: Group, run_id: str, *, waiters: bool) -> View:
+    view = View(Slots(), False, False)
+    subjects = [f"{_PREFIX}s.{group.token}.*"]
+    if waiters:
+        subjects.append(f"{_PREFIX}w.{group.token}.*")
+    try:
+        page = await reader(conn).read_last(kv_stream(LIMITS_BUCKET), subjects, _MULTI_LAST_MAX)
+    except NoResponders:  # no bucket yet: every slot is free
+        return view
+    mine = f"{_PREFIX}{group.waiter_key(run_id)}"
+    for msg in page.messages:
+        subject = _subject(msg)
+        if subject.startswith(f"{_PREFIX}w."):
+            if not _is_deleted(msg):
+                view.own_waiting |= subject == mine
+                view.others_waiting |= subject != mine
+            continue
+        n = int(subject.rsplit(".", 1)[-1])
+        revision = int((msg.headers or {}).get("Nats-Sequence", "0"))
+        view.slots.revisions[n] = revision
+        if _is_deleted(msg):
+            continue
+        try:
+            view.slots.held[n] = (decode_slot(msg.data), revision)
+        except msgspec.DecodeError:
+            continue  # not ours: a slot never reused until someone deletes it
+    return view
+
+
+async def put_slot(conn: Connection, group: Group, n: int, slot: Slot, revision: int) -> int | None:
+    """Write slot ``n`` if its subject is still at ``revision``; its new revision, or None
+    when someone else wrote it first."""
+    try:
+        return await kv_put(
+            conn, LIMITS_BUCKET, group.slot_key(n), encode_entry(slot), revision=revision
+        )
+    except JetStreamError as exc:
+        if exc.err_code == ERR_WRONG_LAST_SEQUENCE:
+            return None
+        raise
+
+
+async def free_slot(conn: Connection, group: Group, n: int, revision: int) -> None:
+    """Delete slot ``n`` if it is still at ``revision`` (else someone took it over)."""
+    await kv_delete_nowait(conn, LIMITS_BUCKET, group.slot_key(n), revision=revision)
+
+
+async def park(conn: Connection, group: Group, waiter: Waiter) -> None:
+    """Put the run on the group's wait list (the engine grants it a slot in turn)."""
+    await kv_put(conn, LIMITS_BUCKET, group.waiter_key(waiter.run_id), encode_entry(waiter))
+
+
+async def unpark(conn: Connection, group: Group, run_id: str) -> None:
+    await kv_delete_nowait(conn, LIMITS_BUCKET, group.waiter_key(run_id))
+
+
+async def waiting_for(conn: Connection, run_id: str) -> Waiter | None:
+    """The slot the run waits for now, or None (one direct get: the last message of any of
+    its waiter entries)."""
+    try:
+        msg = await conn.request(
+            f"{conn.api}.DIRECT.GET.{kv_stream(LIMITS_BUCKET)}.{_PREFIX}w.*.*.{run_id}", b""
+        )
+    except NoResponders:
+        return None
+    headers = msg.headers or {}
+    if "Status" in headers or _is_deleted(msg):
+        return None
+    try:
+        return decode_waiter(msg.data)
+    except msgspec.DecodeError:
+        return None
+
+
+async def usage(conn: Connection, waiter: Waiter) -> str:
+    """``"waiting for a slot of limit customer=acme 3/3"``: what a run view shows."""
+    slots = await read_slots(conn, Group(waiter.limit, waiter.key))
+    return f"waiting for a slot of limit {waiter.label} {len(slots.held)}/{waiter.max}"
+
+
+async def stopping(conn: Connection, run_id: str) -> bool:
+    """Whether the run was asked to cancel or terminate (one batch direct get): such a run
+    goes on without waiting for a slot, so a queued run can be stopped at once."""
+    subjects = [signal_subject(run_id, "$cancel"), signal_subject(run_id, "$terminate")]
+    try:
+        page = await reader(conn).read_last(SIGNAL_STREAM, subjects)
+    except NoResponders:
+        return False
+    return bool(page.messages)
+
+
+async def explain(conn: Connection, info: RunInfo) -> None:
+    """An open run on a limit's wait list: ``current`` names the limit and its usage and
+    ``status`` is ``pending`` (it runs again once it gets its slot). Says nothing to a
+    connection that may not read the bucket (a role from before limits existed)."""
+    if info.is_closed:
+        return
+    try:
+        waiter = await waiting_for(conn, info.run_id)
+        if waiter is not None:
+            info.current = await usage(conn, waiter)
+            if info.status in ("running", "sleeping", "waiting"):
+                info.status = "pending"
+    except PermissionDenied:
+        return
