@@ -28,7 +28,7 @@ from natflow._steps import RunSlots
 from natflow_engine import RATES_BUCKET, reserve
 from natflow_engine._kv import kv_entries
 from natflow_engine._server import EmbeddedServer
-from natflow_engine.events import StepStarted
+from natflow_engine.events import RunStarted, StepStarted
 
 from tests import workflows_flow as flows
 from tests.helpers import running_worker, spawn_worker, wait_for
@@ -297,3 +297,13 @@ async def test_a_debounced_input_waits_in_kv_sealed_under_a_codec(
         cells = await kv_entries(sealed.connection, RATES_BUCKET)
         assert cells and all(b"secret-doc" not in m.data for m in cells)
         assert await first.result(timeout=10) == {"doc": "secret-doc", "v": 2}
+
+
+async def test_a_flow_controlled_start_keeps_its_priority(client: Client) -> None:
+    """A singleton start goes through the flow path, which once dropped ``priority``."""
+    handle = await client.start(flows.one_per_customer, {"customer": "prio"}, priority=7)
+    history = await client.history(handle.run_id)
+    started = history[0]
+    assert isinstance(started, RunStarted)
+    assert started.priority == 7
+    await client.terminate(handle.run_id, "test over")

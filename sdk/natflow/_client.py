@@ -325,6 +325,7 @@ class Client:
                     trace_context=traced.carrier,
                     on_complete=target,
                     retention=definition.retention,
+                    priority=priority,
                 )
             else:
                 started_id, created = await self._runs.start(
