@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from natflow import Client, Worker, WorkflowContext, workflow
 from natflow_engine._connection import NoResponders, RequestTimeout
 from natflow_engine._engine import Engine
+from natflow_engine.events import utcnow
 
 from tests.helpers import wait_for
 from tests.sites import Sites, linked, started_sites
@@ -55,8 +57,10 @@ async def run_through_a_cut(sites: Sites, *, runs: int, late_runs: int) -> None:
     try:
         await linked(berlin, "hub")
         async with anyio.create_task_group() as tg:
-            for conn in (hub.connection, berlin.connection):
-                engine = Engine(conn)
+            for engine in (
+                Engine(hub.connection, sites=["berlin", "paris"]),
+                Engine(berlin.connection, site="berlin"),
+            ):
                 tg.start_soon(engine.run)
                 await engine.ready.wait()
             async with Worker(berlin, [site_flow]):
@@ -88,6 +92,22 @@ async def run_through_a_cut(sites: Sites, *, runs: int, late_runs: int) -> None:
                 assert sum(BODIES.values()) > at_cut
                 sites.link.up()
                 await linked(berlin, "hub")
+                # The hub's list catches up on every site run's final status.
+                linked_at = time.monotonic()
+
+                async def hub_sees_every_run_closed() -> bool:
+                    listed = {r.run_id: r for r in await hub.list(limit=1000)}
+                    return all(
+                        run_id in listed and listed[run_id].status == "completed"
+                        for run_id in ids + late
+                    )
+
+                await wait_for(hub_sees_every_run_closed, timeout=5, what="the hub's list")
+                print(f"hub caught up {time.monotonic() - linked_at:.2f} s after the link")
+                shown = await hub.describe(ids[0])
+                assert shown.site == "berlin" and shown.status == "completed"
+                assert shown.site_seen_at is not None
+                assert (utcnow() - shown.site_seen_at).total_seconds() < 30
             tg.cancel_scope.cancel()
         for run_id in ids + late:
             history = await berlin.history(run_id)
@@ -100,3 +120,73 @@ async def run_through_a_cut(sites: Sites, *, runs: int, late_runs: int) -> None:
     finally:
         await berlin.close()
         await hub.close()
+
+
+@workflow(name="hold_flow")
+async def hold_flow(ctx: WorkflowContext, x: int) -> int:
+    got = await ctx.wait_for_signal("go", timeout=300)
+    return int(x + got)
+
+
+def tags(history: list[object]) -> list[str]:
+    return [e.__struct_config__.tag for e in history]  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+async def test_hub_commands_for_a_site_wait_out_the_cut_and_apply_once(tmp_path: Path) -> None:
+    with started_sites(tmp_path) as sites:
+        hub = await Client.connect(sites.hub.url)
+        berlin = await Client.connect(sites.berlin.url)
+        try:
+            await linked(berlin, "hub")
+            async with anyio.create_task_group() as tg:
+                site_engine = Engine(berlin.connection, site="berlin")
+                for engine in (Engine(hub.connection, sites=["berlin"]), site_engine):
+                    tg.start_soon(engine.run)
+                    await engine.ready.wait()
+                async with Worker(berlin, [hold_flow]):
+                    for run_id in ("h-sig", "h-cancel", "h-local"):
+                        await berlin.start(hold_flow, 1, run_id=run_id)
+                    for run_id in ("h-sig", "h-cancel", "h-local"):
+
+                        async def waiting(run_id: str = run_id) -> bool:
+                            return (await berlin.describe(run_id)).status == "waiting"
+
+                        await wait_for(waiting, timeout=30, what=f"{run_id} to wait")
+                    sites.link.cut()
+                    assert await hub_unreachable(berlin)
+                    at_berlin = hub.site("berlin")
+                    with anyio.fail_after(5):  # stored at the hub, not waiting for the site
+                        await at_berlin.signal("h-sig", "go", 41, signal_id="once")
+                        await at_berlin.signal("h-sig", "go", 41, signal_id="once")  # a retry
+                        await at_berlin.cancel("h-cancel", "from the hub")
+                        new_id = await at_berlin.start(hold_flow, 100, run_id="h-new")
+                    assert new_id == "h-new"
+                    # At the site during the cut: a signal is delivered at once.
+                    await berlin.signal("h-local", "go", 9)
+                    assert await berlin.handle("h-local").result(timeout=15) == 10
+                    assert (await berlin.describe("h-sig")).status == "waiting"
+                    assert await hub_unreachable(berlin)  # the hub's commands wait for the link
+                    sites.link.up()
+                    assert await berlin.handle("h-sig").result(timeout=30) == 42
+                    with pytest.raises(Exception, match="cancel"):
+                        await berlin.handle("h-cancel").result(timeout=30)
+
+                    async def started() -> bool:
+                        try:
+                            return (await berlin.describe("h-new")).status == "waiting"
+                        except Exception:  # not applied yet
+                            return False
+
+                    await wait_for(started, timeout=30, what="the hub's start to apply")
+                    await at_berlin.signal("h-new", "go", 1)
+                    assert await berlin.handle("h-new").result(timeout=30) == 101
+                tg.cancel_scope.cancel()
+            assert tags(await berlin.history("h-sig")).count("signal_received") == 1
+            assert tags(await berlin.history("h-cancel")).count("cancel_requested") == 1
+            assert tags(await berlin.history("h-new")).count("run_started") == 1
+            assert site_engine.site_inbox is not None
+            assert site_engine.site_inbox.applied == 4  # the repeated signal was stored once
+        finally:
+            await berlin.close()
+            await hub.close()

@@ -14,6 +14,7 @@ from ._history import AppendConflict, History, HistoryStore
 from ._index import RunIndex
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._sealing import open_events, seal
+from ._site_index import site_run
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
 from ._streams import ensure_streams
 from ._tasks import Task, enqueue
@@ -152,7 +153,13 @@ class Runs:
         return history
 
     async def describe(self, run_id: str) -> RunInfo:
-        history = await self._read(run_id)
+        try:
+            history = await self._read(run_id)
+        except RunNotFound:
+            elsewhere = await site_run(self.conn, run_id)  # a hub's copy of a site's run
+            if elsewhere is None:
+                raise
+            return elsewhere
         events = await self._opened(run_id, history, result_only=True)
         info = fold_run(run_id, events)
         if info is None:

@@ -46,6 +46,7 @@ from . import events
 from ._client import Client, RunHandle
 from ._context import WorkflowContext
 from ._schedules import ScheduleClient
+from ._sites import SiteClient
 from ._worker import Worker
 from ._workflow import Workflow, workflow
 from .testing import Replayer, ReplayResult
@@ -77,6 +78,7 @@ __all__ = [
     "ScheduleSpec",
     "ServerUnavailable",
     "SignalTimeout",
+    "SiteClient",
     "StepError",
     "StepInfo",
     "StepTimeout",

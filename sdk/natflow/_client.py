@@ -71,6 +71,7 @@ from nats.aio.msg import Msg
 from . import _tracing as tracing
 from ._events_feed import follow
 from ._schedules import ScheduleClient
+from ._sites import SiteClient
 from ._workflow import DEFAULT_QUEUE, Workflow
 
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
@@ -227,6 +228,11 @@ class Client:
     @property
     def connection(self) -> Connection:
         return self._conn
+
+    def site(self, name: str) -> SiteClient:
+        """Starts, signals and cancels for runs homed at site ``name``, from the hub: stored
+        at the hub at once, applied at the site exactly once (see :class:`SiteClient`)."""
+        return SiteClient(self, name)
 
     async def close(self) -> None:
         await self._conn.close()
