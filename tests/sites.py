@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from natflow import Client
-from natflow_engine._server import EmbeddedServer
+from natflow_engine._server import EmbeddedServer, PortInUse
 
 from tests.helpers import wait_for
 from tests.links import Link
@@ -29,8 +29,7 @@ class Sites:
     link: Link  # berlin <-> hub
 
 
-@contextmanager
-def started_sites(tmp: Path) -> Iterator[Sites]:
+def _start(tmp: Path) -> Sites:
     sources = [SITES_DIR / f"{name}.conf" for name in ("hub", "berlin", "paris")]
     ports = ports_in(*sources)
     proxy = free_port()
@@ -45,18 +44,37 @@ def started_sites(tmp: Path) -> Iterator[Sites]:
                 store_dir=tmp / f"{src.stem}-log",
             )
         )
-    hub, berlin, paris = servers
-    link = Link(proxy, ports[HUB_LEAF_PORT])
-    hub.start()
-    link.up()
-    berlin.start()
-    paris.start()
+    sites = Sites(*servers, link=Link(proxy, ports[HUB_LEAF_PORT]))
     try:
-        yield Sites(hub, berlin, paris, link)
+        sites.hub.start()
+        sites.link.up()
+        sites.berlin.start()
+        sites.paris.start()
+    except BaseException:
+        _stop(sites)
+        raise
+    return sites
+
+
+def _stop(sites: Sites) -> None:
+    sites.link.cut()
+    for server in (sites.paris, sites.berlin, sites.hub):
+        server.stop()
+
+
+@contextmanager
+def started_sites(tmp: Path) -> Iterator[Sites]:
+    for attempt in range(3):
+        try:
+            sites = _start(tmp)
+            break
+        except PortInUse:  # a free port was taken by another process before a server bound it
+            if attempt == 2:
+                raise
+    try:
+        yield sites
     finally:
-        link.cut()
-        for server in (paris, berlin, hub):
-            server.stop()
+        _stop(sites)
 
 
 async def linked(client: Client, domain: str, timeout: float = 20) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from collections import Counter
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -13,8 +16,10 @@ from natflow_engine._connection import NoResponders, RequestTimeout
 from natflow_engine._engine import Engine
 from natflow_engine.events import utcnow
 
-from tests.helpers import wait_for
+from tests.helpers import stop, wait_for
 from tests.sites import Sites, linked, started_sites
+from tests.test_cli import natflow, out
+from tests.workflows_waits import engine_process
 
 BODIES: Counter[str] = Counter()
 
@@ -108,6 +113,12 @@ async def run_through_a_cut(sites: Sites, *, runs: int, late_runs: int) -> None:
                 assert shown.site == "berlin" and shown.status == "completed"
                 assert shown.site_seen_at is not None
                 assert (utcnow() - shown.site_seen_at).total_seconds() < 30
+                listed = out(await natflow(sites.hub.url, "runs", "list", "--limit", "100"))
+                assert all(f"{run_id} " in listed for run_id in ids + late), listed
+                assert "SITE" in listed and "berlin" in listed
+                shown_text = out(await natflow(sites.hub.url, "runs", "show", ids[0]))
+                assert "site      berlin (the hub last heard from it" in shown_text
+                assert "completed" in shown_text
             tg.cancel_scope.cancel()
         for run_id in ids + late:
             history = await berlin.history(run_id)
@@ -190,3 +201,62 @@ async def test_hub_commands_for_a_site_wait_out_the_cut_and_apply_once(tmp_path:
         finally:
             await berlin.close()
             await hub.close()
+
+
+@workflow(name="nap_flow")
+async def nap_flow(ctx: WorkflowContext, x: int) -> int:
+    v = await ctx.step("before", body, ctx.run_id, "before", x)
+    await ctx.sleep("nap", 4.0)  # longer than a worker holds a sleeping run: the engine wakes it
+    return await ctx.step("after", body, ctx.run_id, "after", v)
+
+
+@pytest.mark.slow
+async def test_a_site_engine_killed_in_a_cut_fires_its_timers_once_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    BODIES.clear()
+    monkeypatch.setenv("NATFLOW_SITE", "berlin")
+    monkeypatch.setenv("NATFLOW_ENGINE_METRICS_PORT", "0")
+    procs: list[subprocess.Popen[bytes]] = []
+    with started_sites(tmp_path) as sites:
+        berlin = await Client.connect(sites.berlin.url)
+        try:
+            await linked(berlin, "hub")
+            log = tmp_path / "site-engine.log"
+            engine = await engine_process(sites.berlin.url, log, procs)
+            ids = [f"nap-{i}" for i in range(3)]
+            async with Worker(berlin, [nap_flow]):
+                for i, run_id in enumerate(ids):
+                    await berlin.start(nap_flow, i, run_id=run_id)
+                due: list[datetime] = []
+                for run_id in ids:
+
+                    async def sleeping(run_id: str = run_id) -> bool:
+                        info = await berlin.describe(run_id)
+                        if info.status == "sleeping" and info.due_at is not None:
+                            due.append(info.due_at)
+                            return True
+                        return False
+
+                    await wait_for(sleeping, timeout=30, what=f"{run_id} to sleep")
+                sites.link.cut()
+                stop(engine, signal.SIGKILL)
+                assert await hub_unreachable(berlin)
+
+                async def all_due_passed() -> bool:
+                    return utcnow() > max(due) + timedelta(seconds=1)
+
+                await wait_for(all_due_passed, timeout=30, what="the timers to fall due")
+                for run_id in ids:  # no engine: nobody woke them
+                    assert (await berlin.describe(run_id)).status != "completed"
+                await engine_process(sites.berlin.url, log, procs)
+                for i, run_id in enumerate(ids):
+                    assert await berlin.handle(run_id).result(timeout=30) == i + 2
+                assert await hub_unreachable(berlin)  # still in the cut
+            for run_id in ids:
+                assert tags(await berlin.history(run_id)).count("timer_fired") == 1
+            assert set(BODIES.values()) == {1}, BODIES
+        finally:
+            for proc in procs:
+                stop(proc)
+            await berlin.close()

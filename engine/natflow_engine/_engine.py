@@ -41,6 +41,7 @@ from ._reaper import Reaper
 from ._retention import RetentionService
 from ._scheduler import Scheduler
 from ._signals import ChildOutcome, SignalIntake, send_child_outcome
+from ._site_links import site_links
 from ._sites import SiteInbox, ensure_hub
 from ._start_service import StartService
 from ._state import RunInfo
@@ -119,6 +120,7 @@ class Engine:
         # At the hub: the sites whose runs it shows. At a site: its name (ops/sites).
         self.sites = list(sites)
         self.site_inbox = SiteInbox(conn, site, hub_domain) if site else None
+        self.links = site_links(conn, self.sites, site, hub_domain)
         self.hooks = RunHooks(conn)  # lifecycle events and on_complete runs
         self.retention = RetentionService(conn, retention)
         self._history = HistoryStore(conn)
@@ -145,6 +147,8 @@ class Engine:
         async with anyio.create_task_group() as tg:
             if self.site_inbox is not None:
                 tg.start_soon(self.site_inbox.run)
+            if self.links is not None:
+                tg.start_soon(self.links.run)
             tg.start_soon(self.reaper.run)
             tg.start_soon(self.timers.run)
             tg.start_soon(self.signals.run)

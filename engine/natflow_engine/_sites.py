@@ -26,13 +26,13 @@ from typing import Any, Final
 import anyio
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.js import api
 
 from ._connection import (
     ERR_STREAM_NAME_IN_USE,
     TRANSIENT,
     Connection,
-    JetStreamError,
     retrying,
 )
 from ._errors import InvalidInput, NatflowError
@@ -64,32 +64,22 @@ def check_site(site: str) -> str:
     return check_token("site", site)
 
 
-async def _upsert_stream(conn: Connection, config: api.StreamConfig) -> None:
+async def upsert_stream(conn: Connection, config: api.StreamConfig) -> None:
+    """Create the stream, or update it to ``config``."""
     try:
         await conn.admin(f"stream {config.name}", lambda: conn.jsm.add_stream(config))
-    except JetStreamError as exc:
+    except nats.js.errors.BadRequestError as exc:
         if exc.err_code != ERR_STREAM_NAME_IN_USE:
-            raise
-        await conn.admin(f"stream {config.name}", lambda: conn.jsm.update_stream(config))
+            raise NatflowError(f"stream {config.name}: {exc.description}") from None
+        try:
+            await conn.admin(f"stream {config.name}", lambda: conn.jsm.update_stream(config))
+        except nats.js.errors.APIError as exc:
+            raise NatflowError(f"stream {config.name}: {exc.description}") from None
 
 
-async def ensure_hub(conn: Connection, sites: list[str], replicas: int = 1) -> None:
-    """At the hub: the outbox, and ``NATFLOW_SITE_RUNS`` sourcing each site's run index."""
-    for site in sites:
-        check_site(site)
-    await _upsert_stream(
-        conn,
-        api.StreamConfig(
-            name=OUTBOX_STREAM,
-            subjects=[f"{OUTBOX_PREFIX}.>"],
-            storage=api.StorageType.FILE,
-            num_replicas=replicas,
-            max_age=OUTBOX_MAX_AGE,
-            duplicate_window=OUTBOX_DUPLICATE_WINDOW,
-        ),
-    )
-    if not sites:
-        return
+def site_runs_config(sites: list[str], replicas: int = 1) -> api.StreamConfig:
+    """``NATFLOW_SITE_RUNS`` sourcing the run index of each of ``sites``. Its own subject
+    (which nothing publishes to) keeps it valid while a source is taken out (_site_links)."""
     sources = [
         api.StreamSource(
             name="NATFLOW_RUNS",
@@ -100,40 +90,59 @@ async def ensure_hub(conn: Connection, sites: list[str], replicas: int = 1) -> N
         )
         for site in sorted(set(sites))
     ]
-    await _upsert_stream(
+    return api.StreamConfig(
+        name=SITE_RUNS_STREAM,
+        subjects=["natflow.sites.none"],
+        sources=sources,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        allow_direct=True,
+    )
+
+
+def inbox_config(site: str, hub_domain: str | None, replicas: int = 1) -> api.StreamConfig:
+    """``NATFLOW_INBOX`` at ``site``, sourcing its commands from the hub's outbox (none when
+    ``hub_domain`` is None: its own subject keeps it valid then)."""
+    sources = [
+        api.StreamSource(
+            name=OUTBOX_STREAM,
+            filter_subject=f"{OUTBOX_PREFIX}.{site}.>",
+            external=api.ExternalStream(api=f"$JS.{hub_domain}.API"),
+        )
+    ]
+    return api.StreamConfig(
+        name=INBOX_STREAM,
+        subjects=[f"natflow.inbox.{site}"],
+        sources=sources if hub_domain is not None else [],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_age=OUTBOX_MAX_AGE,
+    )
+
+
+async def ensure_hub(conn: Connection, sites: list[str], replicas: int = 1) -> None:
+    """At the hub: the outbox, and ``NATFLOW_SITE_RUNS`` sourcing each site's run index."""
+    for site in sites:
+        check_site(site)
+    await upsert_stream(
         conn,
         api.StreamConfig(
-            name=SITE_RUNS_STREAM,
-            subjects=[],
-            sources=sources,
+            name=OUTBOX_STREAM,
+            subjects=[f"{OUTBOX_PREFIX}.>"],
             storage=api.StorageType.FILE,
             num_replicas=replicas,
-            max_msgs_per_subject=1,
-            allow_direct=True,
+            max_age=OUTBOX_MAX_AGE,
+            duplicate_window=OUTBOX_DUPLICATE_WINDOW,
         ),
     )
+    if sites:
+        await upsert_stream(conn, site_runs_config(sites, replicas))
 
 
 async def ensure_site(conn: Connection, site: str, hub_domain: str, replicas: int = 1) -> None:
     """At a site: ``NATFLOW_INBOX``, sourcing this site's commands from the hub's outbox."""
-    check_site(site)
-    await _upsert_stream(
-        conn,
-        api.StreamConfig(
-            name=INBOX_STREAM,
-            subjects=[],
-            sources=[
-                api.StreamSource(
-                    name=OUTBOX_STREAM,
-                    filter_subject=f"{OUTBOX_PREFIX}.{site}.>",
-                    external=api.ExternalStream(api=f"$JS.{hub_domain}.API"),
-                )
-            ],
-            storage=api.StorageType.FILE,
-            num_replicas=replicas,
-            max_age=OUTBOX_MAX_AGE,
-        ),
-    )
+    await upsert_stream(conn, inbox_config(check_site(site), hub_domain, replicas))
 
 
 # -- hub -> site commands -------------------------------------------------------------------
