@@ -260,3 +260,61 @@ async def test_a_site_engine_killed_in_a_cut_fires_its_timers_once_after_a_resta
             for proc in procs:
                 stop(proc)
             await berlin.close()
+
+
+@workflow(name="quick_flow")
+async def quick_flow(ctx: WorkflowContext, x: int) -> int:
+    return await ctx.step("only", body, ctx.run_id, "only", x)
+
+
+@pytest.mark.slow
+async def test_the_hub_catches_up_within_5_s_of_a_long_cut(tmp_path: Path) -> None:
+    """JetStream's own source retries back off to 10 s and more: the engines' link watch
+    restarts the source the moment the site answers again."""
+    BODIES.clear()
+    with started_sites(tmp_path) as sites:
+        hub = await Client.connect(sites.hub.url)
+        berlin = await Client.connect(sites.berlin.url)
+        try:
+            await linked(berlin, "hub")
+            async with anyio.create_task_group() as tg:
+                hub_engine = Engine(hub.connection, sites=["berlin"])
+                for engine in (hub_engine, Engine(berlin.connection, site="berlin")):
+                    tg.start_soon(engine.run)
+                    await engine.ready.wait()
+                async with Worker(berlin, [quick_flow]):
+                    await berlin.start(quick_flow, 0, run_id="q-before")
+                    assert await berlin.handle("q-before").result(timeout=30) == 1
+
+                    async def hub_has_it() -> bool:
+                        return any(r.run_id == "q-before" for r in await hub.list())
+
+                    await wait_for(hub_has_it, timeout=30, what="the hub's copy before the cut")
+                    sites.link.cut()
+                    cut_at = time.monotonic()
+                    ids = [f"q-{i}" for i in range(5)]
+                    for i, run_id in enumerate(ids):
+                        await berlin.start(quick_flow, i, run_id=run_id)
+                        assert await berlin.handle(run_id).result(timeout=30) == i + 1
+
+                    async def long_enough() -> bool:
+                        return time.monotonic() - cut_at > 20  # past the server's retries
+
+                    await wait_for(long_enough, timeout=40, what="the cut to last")
+                    sites.link.up()
+                    await linked(berlin, "hub")
+                    relinked = time.monotonic()
+
+                    async def hub_sees_all() -> bool:
+                        listed = {r.run_id: r.status for r in await hub.list(limit=100)}
+                        return all(listed.get(run_id) == "completed" for run_id in ids)
+
+                    await wait_for(hub_sees_all, timeout=5, what="the hub's list within 5 s")
+                    print(f"caught up {time.monotonic() - relinked:.2f} s after a 20 s cut")
+                tg.cancel_scope.cancel()
+            assert hub_engine.links is not None and hub_engine.links.resyncs >= 1
+            info = await hub.connection.jsm.stream_info("NATFLOW_SITE_RUNS")
+            assert info.state.messages == 6  # one summary per run: nothing copied twice
+        finally:
+            await berlin.close()
+            await hub.close()
