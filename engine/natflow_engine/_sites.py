@@ -222,13 +222,15 @@ class SiteInbox:
             f"{OUTBOX_PREFIX}.{self.site}.>",
             durable=INBOX_CONSUMER,
             stream=INBOX_STREAM,
-            config=api.ConsumerConfig(ack_wait=30.0, max_ack_pending=256),
+            # One command at a time, across engine replicas too: a signal must not overtake the
+            # start of its run, nor a redelivered command the ones after it.
+            config=api.ConsumerConfig(ack_wait=30.0, max_ack_pending=1),
         )
         log.info("site %s: applying the hub's commands from %s", self.site, INBOX_STREAM)
         try:
             while True:
                 try:
-                    msgs = await sub.fetch(64, timeout=1.0)
+                    msgs = await sub.fetch(1, timeout=1.0)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 except nats.errors.Error as exc:
