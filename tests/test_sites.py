@@ -190,7 +190,17 @@ async def test_hub_commands_for_a_site_wait_out_the_cut_and_apply_once(tmp_path:
                             return False
 
                     await wait_for(started, timeout=30, what="the hub's start to apply")
-                    await at_berlin.signal("h-new", "go", 1)
+
+                    # The hub's own client.signal finds the run in its copy of the site's
+                    # index and routes the signal through the outbox.
+                    async def hub_knows_it() -> bool:
+                        try:
+                            return (await hub.describe("h-new")).site == "berlin"
+                        except Exception:  # not copied yet
+                            return False
+
+                    await wait_for(hub_knows_it, timeout=10, what="the hub's copy of h-new")
+                    await hub.signal("h-new", "go", 1)
                     assert await berlin.handle("h-new").result(timeout=30) == 101
                 tg.cancel_scope.cancel()
             assert tags(await berlin.history("h-sig")).count("signal_received") == 1

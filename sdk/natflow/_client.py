@@ -395,6 +395,9 @@ class Client:
         info = await self._readable(run_id)
         if info is not None and info.is_closed:
             return
+        if info is not None and info.site:  # at a hub: a site's run, through the outbox
+            await self.site(info.site).control(run_id, kind, reason)
+            return
         await ensure_streams(self._conn)
         await send_signal(self._conn, run_id, kind, encode_value("reason", reason), None)
 
@@ -420,6 +423,9 @@ class Client:
             raise NatflowError(
                 f"run {run_id!r} already ended ({info.status}); a signal can no longer reach it"
             )
+        if info is not None and info.site:  # at a hub: a site's run, through the outbox
+            await self.site(info.site).signal(run_id, name, payload, signal_id=signal_id)
+            return
         await ensure_streams(self._conn)
         data = await store_value(self._conn, f"payload of signal {name!r}", data)
         await send_signal(self._conn, run_id, name, data, signal_id)

@@ -97,7 +97,11 @@ class SiteClient:
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
         """Cancel a run at the site (as :meth:`Client.cancel` does there)."""
+        await self.control(run_id, CANCEL, reason)
+
+    async def control(self, run_id: str, kind: str, reason: str | None) -> None:
+        """Cancel, terminate, pause or resume (``kind``: the control signal's name)."""
         check_run_id(run_id)
         data = encode_value("reason", reason)
         await self._outbox()
-        await command_signal(self._client.connection, self.site, run_id, CANCEL, data)
+        await command_signal(self._client.connection, self.site, run_id, kind, data)
