@@ -16,6 +16,7 @@ from natflow_engine._connection import NoResponders, RequestTimeout
 from natflow_engine._engine import Engine
 from natflow_engine.events import utcnow
 
+from tests.console_helpers import http, served_console
 from tests.helpers import stop, wait_for
 from tests.sites import Sites, linked, started_sites
 from tests.test_cli import natflow, out
@@ -119,6 +120,11 @@ async def run_through_a_cut(sites: Sites, *, runs: int, late_runs: int) -> None:
                 shown_text = out(await natflow(sites.hub.url, "runs", "show", ids[0]))
                 assert "site      berlin (the hub last heard from it" in shown_text
                 assert "completed" in shown_text
+                async with served_console(sites.hub.url) as base:  # the console at the hub
+                    status, listing, _ = await http(f"{base}/runs")
+                    assert status == 200 and all(run_id in listing for run_id in ids + late)
+                    status, page, _ = await http(f"{base}/runs/{ids[0]}")
+                    assert status == 200 and "the hub's copy" in page and "berlin" in page
             tg.cancel_scope.cancel()
         for run_id in ids + late:
             history = await berlin.history(run_id)
