@@ -208,6 +208,8 @@ async def test_hub_commands_for_a_site_wait_out_the_cut_and_apply_once(tmp_path:
                     await wait_for(hub_knows_it, timeout=10, what="the hub's copy of h-new")
                     await hub.signal("h-new", "go", 1)
                     assert await berlin.handle("h-new").result(timeout=30) == 101
+                    # At the hub, a site run's handle follows the hub's copy of its summary.
+                    assert await hub.handle("h-new").result(timeout=30) == 101
                 tg.cancel_scope.cancel()
             assert tags(await berlin.history("h-sig")).count("signal_received") == 1
             assert tags(await berlin.history("h-cancel")).count("cancel_requested") == 1

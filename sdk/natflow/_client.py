@@ -114,8 +114,9 @@ class RunHandle:
                     info = await self._client.describe(self.run_id)
                     if info.status in CLOSED_STATUSES:
                         return self._outcome(info)
-                    # Re-read now and then, a safety net for an event lost in a reconnect.
-                    with anyio.move_on_after(30.0):
+                    # Re-read now and then, a safety net for an event lost in a reconnect; each
+                    # second for a site's run at a hub (its history is at the site).
+                    with anyio.move_on_after(1.0 if info.site else 30.0):
                         return await self._event_outcome(await asyncio.shield(ended))
         except TimeoutError:
             raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
