@@ -238,7 +238,11 @@ class SiteInbox:
                     await anyio.sleep(0.5)
                     continue
                 for msg in msgs:
-                    await self._apply(msg)
+                    try:
+                        await self._apply(msg)
+                    except (NatflowError, nats.errors.Error, OSError) as exc:
+                        # Not acknowledged: the command comes back after the ack deadline.
+                        log.warning("site %s: command %s: %s", self.site, msg.subject, exc)
         finally:
             # Shielded: a pull left behind would hold up the connection's drain on close.
             with anyio.CancelScope(shield=True):
