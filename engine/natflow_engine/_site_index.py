@@ -59,7 +59,10 @@ async def site_views(conn: Connection) -> list[SiteView]:
         msg = await conn.request(f"{conn.api}.STREAM.INFO.{SITE_RUNS_STREAM}", b"", timeout=2.0)
     except NatflowError:
         return []
-    reply = msgspec.json.decode(msg.data, type=_StreamInfoReply)
+    try:
+        reply = msgspec.json.decode(msg.data, type=_StreamInfoReply)
+    except (msgspec.DecodeError, msgspec.ValidationError):  # not a stream info: no sites
+        return []
     if reply.error is not None:
         return []
     now = utcnow()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Final
 
 import anyio
+import nats.errors
 from nats.js import api
 
 from ._connection import Connection
@@ -82,7 +83,7 @@ class LinkWatch:
         try:
             await upsert_stream(self._conn, self._config(domain))
             await upsert_stream(self._conn, self._config(None))
-        except NatflowError as exc:  # the server's own retries still catch up, later
+        except (NatflowError, nats.errors.Error) as exc:  # the server's retries catch up later
             log.warning("could not restart the source from %s: %s", domain, exc)
             return
         self.resyncs += 1
