@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from natflow import Client
@@ -23,14 +23,20 @@ HUB_LEAF_PORT = 7422  # the hub's leafnode port in ops/sites/hub.conf
 
 @dataclass
 class Sites:
-    hub: EmbeddedServer
+    hub: EmbeddedServer  # the hub, or the hub cluster's node n1 (the one berlin's link reaches)
     berlin: EmbeddedServer
     paris: EmbeddedServer
     link: Link  # berlin <-> hub
+    more_hub_nodes: list[EmbeddedServer] = field(default_factory=list)  # n2, n3 of a cluster
 
 
-def _start(tmp: Path) -> Sites:
-    sources = [SITES_DIR / f"{name}.conf" for name in ("hub", "berlin", "paris")]
+def _start(tmp: Path, hub_cluster: bool) -> Sites:
+    hubs = (
+        [SITES_DIR / "hub-cluster" / f"n{i}.conf" for i in (1, 2, 3)]
+        if hub_cluster
+        else [SITES_DIR / "hub.conf"]
+    )
+    sources = [*hubs, SITES_DIR / "berlin.conf", SITES_DIR / "paris.conf"]
     ports = ports_in(*sources)
     proxy = free_port()
     servers = []
@@ -44,9 +50,11 @@ def _start(tmp: Path) -> Sites:
                 store_dir=tmp / f"{src.stem}-log",
             )
         )
-    sites = Sites(*servers, link=Link(proxy, ports[HUB_LEAF_PORT]))
+    *hub_nodes, berlin, paris = servers
+    sites = Sites(hub_nodes[0], berlin, paris, Link(proxy, ports[HUB_LEAF_PORT]), hub_nodes[1:])
     try:
-        sites.hub.start()
+        for node in hub_nodes:
+            node.start()
         sites.link.up()
         sites.berlin.start()
         sites.paris.start()
@@ -58,15 +66,16 @@ def _start(tmp: Path) -> Sites:
 
 def _stop(sites: Sites) -> None:
     sites.link.cut()
-    for server in (sites.paris, sites.berlin, sites.hub):
+    for server in (sites.paris, sites.berlin, sites.hub, *sites.more_hub_nodes):
         server.stop()
 
 
 @contextmanager
-def started_sites(tmp: Path) -> Iterator[Sites]:
+def started_sites(tmp: Path, *, hub_cluster: bool = False) -> Iterator[Sites]:
+    """ops/sites on loopback: the single hub, or (``hub_cluster``) the 3-node hub cluster."""
     for attempt in range(3):
         try:
-            sites = _start(tmp)
+            sites = _start(tmp, hub_cluster)
             break
         except PortInUse:  # a free port was taken by another process before a server bound it
             if attempt == 2:

@@ -336,3 +336,22 @@ async def test_the_hub_catches_up_within_5_s_of_a_long_cut(tmp_path: Path) -> No
         finally:
             await berlin.close()
             await hub.close()
+
+
+@pytest.mark.slow
+async def test_sites_of_a_hub_cluster_run_through_a_cut(tmp_path: Path) -> None:
+    """ops/sites/hub-cluster: the hub as a 3-node cluster in domain "hub"."""
+    BODIES.clear()
+    with started_sites(tmp_path, hub_cluster=True) as sites:
+        hub = await Client.connect([sites.hub.url, *(n.url for n in sites.more_hub_nodes)])
+
+        async def quorum() -> bool:
+            try:
+                await hub.connection.jsm.account_info()
+            except Exception:  # the cluster is still electing its meta leader
+                return False
+            return True
+
+        await wait_for(quorum, timeout=60, what="the hub cluster's meta leader")
+        await hub.close()
+        await run_through_a_cut(sites, runs=5, late_runs=1)

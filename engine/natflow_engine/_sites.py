@@ -41,6 +41,7 @@ from ._runs import Runs
 from ._signals import send as send_signal
 from ._site_index import SITE_RUNS_PREFIX, SITE_RUNS_STREAM
 from ._start_service import StartRequest
+from ._streams import replicas as stream_replicas
 
 log = logging.getLogger("natflow.sites")
 
@@ -77,7 +78,7 @@ async def upsert_stream(conn: Connection, config: api.StreamConfig) -> None:
             raise NatflowError(f"stream {config.name}: {exc.description}") from None
 
 
-def site_runs_config(sites: list[str], replicas: int = 1) -> api.StreamConfig:
+def site_runs_config(sites: list[str], replicas: int | None = None) -> api.StreamConfig:
     """``NATFLOW_SITE_RUNS`` sourcing the run index of each of ``sites``. Its own subject
     (which nothing publishes to) keeps it valid while a source is taken out (_site_links)."""
     sources = [
@@ -95,13 +96,15 @@ def site_runs_config(sites: list[str], replicas: int = 1) -> api.StreamConfig:
         subjects=["natflow.sites.none"],
         sources=sources,
         storage=api.StorageType.FILE,
-        num_replicas=replicas,
+        num_replicas=replicas or stream_replicas(),
         max_msgs_per_subject=1,
         allow_direct=True,
     )
 
 
-def inbox_config(site: str, hub_domain: str | None, replicas: int = 1) -> api.StreamConfig:
+def inbox_config(
+    site: str, hub_domain: str | None, replicas: int | None = None
+) -> api.StreamConfig:
     """``NATFLOW_INBOX`` at ``site``, sourcing its commands from the hub's outbox (none when
     ``hub_domain`` is None: its own subject keeps it valid then)."""
     sources = [
@@ -116,12 +119,12 @@ def inbox_config(site: str, hub_domain: str | None, replicas: int = 1) -> api.St
         subjects=[f"natflow.inbox.{site}"],
         sources=sources if hub_domain is not None else [],
         storage=api.StorageType.FILE,
-        num_replicas=replicas,
+        num_replicas=replicas or stream_replicas(),
         max_age=OUTBOX_MAX_AGE,
     )
 
 
-async def ensure_hub(conn: Connection, sites: list[str], replicas: int = 1) -> None:
+async def ensure_hub(conn: Connection, sites: list[str], replicas: int | None = None) -> None:
     """At the hub: the outbox, and ``NATFLOW_SITE_RUNS`` sourcing each site's run index."""
     for site in sites:
         check_site(site)
@@ -131,7 +134,7 @@ async def ensure_hub(conn: Connection, sites: list[str], replicas: int = 1) -> N
             name=OUTBOX_STREAM,
             subjects=[f"{OUTBOX_PREFIX}.>"],
             storage=api.StorageType.FILE,
-            num_replicas=replicas,
+            num_replicas=replicas or stream_replicas(),
             max_age=OUTBOX_MAX_AGE,
             duplicate_window=OUTBOX_DUPLICATE_WINDOW,
         ),
@@ -140,7 +143,9 @@ async def ensure_hub(conn: Connection, sites: list[str], replicas: int = 1) -> N
         await upsert_stream(conn, site_runs_config(sites, replicas))
 
 
-async def ensure_site(conn: Connection, site: str, hub_domain: str, replicas: int = 1) -> None:
+async def ensure_site(
+    conn: Connection, site: str, hub_domain: str, replicas: int | None = None
+) -> None:
     """At a site: ``NATFLOW_INBOX``, sourcing this site's commands from the hub's outbox."""
     await upsert_stream(conn, inbox_config(check_site(site), hub_domain, replicas))
 
