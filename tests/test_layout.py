@@ -61,6 +61,7 @@ def test_natflow_exports_exactly_the_public_api() -> None:
         "ScheduleSpec",
         "ServerUnavailable",
         "SignalTimeout",
+        "SiteClient",
         "StepError",
         "StepInfo",
         "StepTimeout",

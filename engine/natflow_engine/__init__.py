@@ -133,6 +133,8 @@ from ._signals import (
     sequence,
     stored_at,
 )
+from ._site_index import SiteView, site_views
+from ._sites import check_outbox, check_site, command_signal, command_start
 from ._start_service import request_start
 from ._state import CLOSED_STATUSES, RunInfo, StepInfo, fold_run
 from ._streams import (
@@ -251,6 +253,7 @@ __all__ = [
     "Schedules",
     "ServerUnavailable",
     "SignalTimeout",
+    "SiteView",
     "Slot",
     "StepError",
     "StepInfo",
@@ -266,13 +269,17 @@ __all__ = [
     "announce",
     "cell_key",
     "check_event_name",
+    "check_outbox",
     "check_queue",
     "check_run_id",
+    "check_site",
     "check_spec",
     "check_step_name",
     "check_token",
     "check_value_size",
     "check_workflow_name",
+    "command_signal",
+    "command_start",
     "connect",
     "connect_options",
     "connected_user",
@@ -340,6 +347,7 @@ __all__ = [
     "sequence",
     "serve_metrics",
     "shipped_server",
+    "site_views",
     "step_attempt",
     "stopping",
     "store_value",

@@ -49,6 +49,8 @@ from ._lifecycle import LIFECYCLE_PREFIX, LIFECYCLE_STREAM
 from ._limits import LIMITS_BUCKET
 from ._names import check_queue, check_workflow_name
 from ._registry import WORKERS_BUCKET, safe_identity
+from ._site_index import SITE_RUNS_STREAM
+from ._sites import INBOX_STREAM, OUTBOX_PREFIX, OUTBOX_STREAM
 from ._start_service import START_PREFIX
 from ._streams import (
     CONTROL_TOKEN,
@@ -100,6 +102,9 @@ _STREAMS: Final = (
     LIFECYCLE_STREAM,
     *(kv_stream(b) for b in _ALL_BUCKETS),
     VALUES_STREAM,
+    SITE_RUNS_STREAM,  # sites (ops/sites): at the hub, the sites' runs and the commands
+    OUTBOX_STREAM,
+    INBOX_STREAM,  # at a site: the hub's commands for it
 )
 
 
@@ -231,6 +236,7 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
         *_stream_info(api),
         *_direct_get(api, HISTORY_STREAM),
         *_direct_get(api, RUNS_STREAM),
+        *_direct_get(api, SITE_RUNS_STREAM),  # at a hub: the sites' runs
         *_direct_get(api, DEADLETTER_STREAM),
         *_direct_get(api, EVENTS_STREAM),  # natflow events list
         *(s for b in _READ_BUCKETS for s in _direct_get(api, kv_stream(b))),
@@ -259,6 +265,7 @@ def _client(api: str, kv: str, queues: list[str]) -> _Parts:
         f"{SIGNAL_PREFIX}.*.*",
         *(_control_subject(kind) for kind in CONTROLS),
         f"{EVENT_PREFIX}.>",  # client.emit
+        f"{OUTBOX_PREFIX}.>",  # client.site(...): commands for a site's runs
         f"{kv}.{SCHEDULES_BUCKET}.>",  # client.schedules: create, change, delete
         f"{kv}.{RATES_BUCKET}.>",  # starts under flow control: rate limit, singleton, debounce
         *_direct_get(api, kv_stream(RATES_BUCKET)),
@@ -274,6 +281,7 @@ def _frontend(api: str, kv: str, queues: list[str]) -> _Parts:
         f"{SIGNAL_PREFIX}.*.*",
         *(_control_subject(kind) for kind in CONTROLS),
         f"{EVENT_PREFIX}.>",  # events too start runs through the engine, which checks them
+        f"{OUTBOX_PREFIX}.>",  # client.site(...): commands for a site's runs
         *_values(api, write=True),  # a large input is stored before the request
     ]
     return publish, subscribe, False

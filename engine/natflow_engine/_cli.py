@@ -27,6 +27,7 @@ from ._cli_runops import register as register_run_ops
 from ._cli_runs import interrupted_wait
 from ._cli_runs import register as register_runs
 from ._cli_schedules import register as register_triggers
+from ._cli_sites import add_site_options, site_list
 from ._connection import DEFAULT_URL, Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError
@@ -71,6 +72,9 @@ async def cmd_engine(args: argparse.Namespace) -> int:
         metrics_interval=args.metrics_interval,
         nats_monitor=args.nats_monitor,
         retention=args.retention,
+        sites=site_list(args.sites),
+        site=args.site,
+        hub_domain=args.hub_domain,
     )
     try:
         await until_signalled(engine.run)
@@ -442,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("engine", help="the engine services (dispatcher, run index, timers)")
     add_metrics_options(p, DEFAULT_ENGINE_PORT, "NATFLOW_ENGINE_METRICS_PORT", engine=True)
     add_retention_option(p)
+    add_site_options(p)
     p.set_defaults(handler=cmd_engine)
 
     p = sub.add_parser("init", help="create natflow's streams (optional: done on first use)")

@@ -14,6 +14,7 @@ import msgspec
 from ._cli_bind import Opener, with_connection
 from ._cli_format import print_json, read_json_argument, table
 from ._cli_schedules import describe_trigger
+from ._cli_sites import print_site_run
 from ._connection import Connection
 from ._errors import InvalidInput
 from ._human import duration, when
@@ -268,8 +269,9 @@ async def _list(conn: Connection, args: argparse.Namespace) -> int:
         print_json(found)
     elif found:
         now = datetime.now(UTC)
+        sites = any(r.site for r in found)  # at a hub with sites: where each run lives
         table(
-            ("RUN ID", "WORKFLOW", "STATUS", "CREATED", "DURATION"),
+            ("RUN ID", "WORKFLOW", "STATUS", "CREATED", "DURATION", *(("SITE",) if sites else ())),
             [
                 (
                     r.run_id,
@@ -277,6 +279,7 @@ async def _list(conn: Connection, args: argparse.Namespace) -> int:
                     r.status,
                     when(r.created_at),
                     duration(((r.closed_at or now) - r.created_at).total_seconds()),
+                    *((r.site or "hub",) if sites else ()),
                 )
                 for r in found
             ],
@@ -318,6 +321,9 @@ def fold_children(events: list[Event]) -> list[dict[str, Any]]:
 
 
 async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> None:
+    if info.site:  # a site's run, seen from the hub: its summary is all the hub has
+        print_json({"run": info}) if as_json else print_site_run(info)
+        return
     events = await runs.events(info.run_id)
     steps = fold_steps(events)
     children = fold_children(events)

@@ -21,6 +21,7 @@ position and the index live in JetStream.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Final
 
 import anyio
@@ -42,6 +43,8 @@ from ._reaper import Reaper
 from ._retention import RetentionService
 from ._scheduler import Scheduler
 from ._signals import ChildOutcome, SignalIntake, send_child_outcome
+from ._site_links import site_links
+from ._sites import SiteInbox, ensure_hub
 from ._start_service import StartService
 from ._state import RunInfo
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
@@ -111,8 +114,15 @@ class Engine:
         metrics_interval: float = 5.0,
         nats_monitor: str | None = None,
         retention: float | None = None,
+        sites: Sequence[str] = (),
+        site: str | None = None,
+        hub_domain: str = "hub",
     ) -> None:
         self._conn = conn
+        # At the hub: the sites whose runs it shows. At a site: its name (ops/sites).
+        self.sites = list(sites)
+        self.site_inbox = SiteInbox(conn, site, hub_domain) if site else None
+        self.links = site_links(conn, self.sites, site, hub_domain)
         self.hooks = RunHooks(conn)  # lifecycle events and on_complete runs
         self.retention = RetentionService(conn, retention)
         self._history = HistoryStore(conn)
@@ -136,7 +146,13 @@ class Engine:
 
     async def run(self) -> None:
         await ensure_streams(self._conn)
+        if self.sites:
+            await ensure_hub(self._conn, self.sites)
         async with anyio.create_task_group() as tg:
+            if self.site_inbox is not None:
+                tg.start_soon(self.site_inbox.run)
+            if self.links is not None:
+                tg.start_soon(self.links.run)
             tg.start_soon(self.reaper.run)
             tg.start_soon(self.limits.run)
             tg.start_soon(self.timers.run)

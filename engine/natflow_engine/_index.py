@@ -19,6 +19,7 @@ import msgspec
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._errors import InvalidInput, PermissionDenied
+from ._site_index import site_runs
 from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due
 from ._streams import RUNS_STREAM, runs_subject
 from .events import Event, RunStarted
@@ -203,6 +204,13 @@ class RunIndex:
                     found.append(run)
             last = start - 1
             start = max(first, last - _PAGE + 1)
+        # At a hub with sites: the sites' runs too, as the hub last copied them.
+        found += [
+            run
+            for run in await site_runs(self._conn)
+            if (workflow is None or run.workflow == workflow)
+            and (status is None or run.status == status)
+        ]
         found.sort(key=lambda r: r.created_at, reverse=True)
         return found[:limit], len(found)
 

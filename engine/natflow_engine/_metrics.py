@@ -485,6 +485,8 @@ class EngineMetrics:
         waiting: Tally[str] = Tally()
         oldest: dict[str, float] = {}
         for run in await RunIndex(self._conn).scan(limit=1 << 30):
+            if run.site:  # a site's run, copied to this hub: the site's engine counts it
+                continue
             counts[run.workflow, run.status] += 1
             self._queues_seen.add(run.queue)
             since = pending_since(run)

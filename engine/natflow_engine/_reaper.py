@@ -6,7 +6,8 @@ worker's connection is gone (killed, crashed, cut off), so the reaper NAKs the t
 run that worker leased: the queue's consumer redelivers it at once and another worker
 resumes the run. A worker that answers slowly or not at all (paused, overloaded) is left
 alone; its lease and ack deadline expire on their own, and the history's conditional append
-fences it if it comes back.
+fences it if it comes back. So is a worker on another server (a leaf node) that cannot be
+reached because the link to that server is cut (``_reach``): a partitioned worker is not gone.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ._leases import LEASES_BUCKET, Lease, decode_lease
 from ._logs import fields
 from ._metrics import TAKEOVERS
 from ._quarantine import quarantined
+from ._reach import Place, is_near, place_of
 from ._registry import WORKERS_BUCKET, decode_worker, ping_subject
 from ._signals import dead_letter_item
 from .events import utcnow
@@ -43,6 +45,8 @@ class Reaper:
         self._interval = probe_interval
         self.leases: dict[str, tuple[Lease, int]] = {}
         self.workers: set[str] = set()
+        self.places: dict[str, Place] = {}  # where each registered worker is connected
+        self.partitioned: set[str] = set()  # workers now unreachable behind a cut link
         self._strikes: dict[str, int] = {}
         self._quiet_until = 0.0
         self._probing: set[str] = set()
@@ -88,9 +92,12 @@ class Reaper:
         async for identity, value, revision in kv_watch(self._conn, WORKERS_BUCKET):
             if value is None:
                 self.workers.discard(identity)
+                self.places.pop(identity, None)
                 continue
             try:
-                self.workers.add(decode_worker(value).identity)
+                info = decode_worker(value)
+                self.workers.add(info.identity)
+                self.places[info.identity] = Place(info.server, info.cluster, info.domain)
             except msgspec.DecodeError as exc:
                 # A live worker writes its entry again on its next heartbeat.
                 await self._quarantine(WORKERS_BUCKET, "kv_workers", identity, value, revision, exc)
@@ -125,11 +132,51 @@ class Reaper:
             strikes = self._strikes.get(identity, 0) + 1
             self._strikes[identity] = strikes
             if strikes >= STRIKES:
+                if await self._behind_a_cut(identity):
+                    self._strikes.pop(identity, None)  # count again once its server is back
+                    return
                 await self._reap(identity)
             return
         except (RequestTimeout, NatflowError, nats.errors.Error):
             pass  # slow or unreachable from here: not proof of death
         self._strikes.pop(identity, None)
+        self.partitioned.discard(identity)
+
+    async def _behind_a_cut(self, identity: str) -> bool:
+        """Whether the silent worker is on a server this engine cannot reach now (its runs
+        stay with it until its lease lapses) rather than gone from a reachable server."""
+        there = self.places.get(identity)
+        if there is None or is_near(there, place_of(self._conn.nc)):
+            return False
+        if await self._server_answers(identity, there):
+            self.partitioned.discard(identity)
+            return False
+        if identity not in self.partitioned:
+            self.partitioned.add(identity)
+            log.warning(
+                "worker %s does not answer, nor does its server %s (a cut link?): its runs "
+                "stay with it until its lease lapses",
+                identity,
+                there.server,
+                extra=fields(worker=identity),
+            )
+        return True
+
+    async def _server_answers(self, identity: str, there: Place) -> bool:
+        """Whether the server ``there`` is reachable: its JetStream domain, or another worker
+        registered on it, answers."""
+        probes: list[tuple[str, bytes]] = []
+        if there.domain and there.domain != place_of(self._conn.nc).domain:
+            probes.append((f"$JS.{there.domain}.API.INFO", b""))
+        peers = [w for w, p in self.places.items() if p.server == there.server and w != identity]
+        probes += [(ping_subject(peer), b"") for peer in peers[:3]]
+        for subject, body in probes:
+            try:
+                await self._conn.request(subject, body, timeout=0.5)
+            except (NoResponders, RequestTimeout, NatflowError, nats.errors.Error):
+                continue
+            return True
+        return False
 
     async def _reap(self, identity: str) -> None:
         self._strikes.pop(identity, None)

@@ -19,6 +19,7 @@ import nats.errors
 
 from ._connection import Connection
 from ._kv import kv_delete, kv_entries, kv_put
+from ._reach import place_of
 
 log = logging.getLogger("natflow.registry")
 
@@ -54,6 +55,11 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     # name) and in which account; "" where the server would not say (see connected_user).
     user: str = ""
     account: str = ""
+    # The server the worker is connected to (filled in by announce): the reaper tells a worker
+    # behind a cut leaf link from a dead one by it (_reach).
+    server: str = ""
+    cluster: str = ""
+    domain: str = ""
 
 
 _encoder = msgspec.json.Encoder()
@@ -90,6 +96,9 @@ async def connected_user(conn: Connection) -> tuple[str, str]:
 
 
 async def announce(conn: Connection, info: WorkerInfo) -> None:
+    if not info.server:
+        place = place_of(conn.nc)
+        info.server, info.cluster, info.domain = place.server, place.cluster, place.domain
     await kv_put(conn, WORKERS_BUCKET, info.identity, _encoder.encode(info), ttl=3 * info.lease_ttl)
 
 

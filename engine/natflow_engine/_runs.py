@@ -15,6 +15,7 @@ from ._index import RunIndex
 from ._limits import explain as explain_wait
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._sealing import open_events, seal
+from ._site_index import site_run
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
 from ._streams import ensure_streams
 from ._tasks import Task, enqueue
@@ -163,8 +164,15 @@ class Runs:
 
     async def describe(self, run_id: str, *, explain: bool = True) -> RunInfo:
         """The run's :class:`RunInfo`. With ``explain``, an open run that waits for a slot of
-        a concurrency limit says so in ``current`` (one more read)."""
-        history = await self._read(run_id)
+        a concurrency limit says so in ``current`` (one more read). At a hub, a site's run
+        that is not here is its hub copy's summary."""
+        try:
+            history = await self._read(run_id)
+        except RunNotFound:
+            elsewhere = await site_run(self.conn, run_id)  # a hub's copy of a site's run
+            if elsewhere is None:
+                raise
+            return elsewhere
         events = await self._opened(run_id, history, result_only=True)
         info = fold_run(run_id, events)
         if info is None:

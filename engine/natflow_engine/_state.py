@@ -88,6 +88,10 @@ class RunInfo(msgspec.Struct, kw_only=True):
     due_at: datetime | None = None  # when the timer the run waits for (if any) comes due
     restarted_from: str | None = None  # the run this one restarted
     restarted_as: str | None = None  # the run that restarted this one (the latest)
+    # Set on a site run seen from the hub (ops/sites): the site it lives in, and when the hub
+    # last heard from that site (its copy of the run's summary is at least that fresh).
+    site: str | None = None
+    site_seen_at: datetime | None = None
 
     @property
     def is_closed(self) -> bool:

@@ -48,6 +48,7 @@ from ._client import Client, RunHandle
 from ._context import WorkflowContext
 from ._limit import Limit
 from ._schedules import ScheduleClient
+from ._sites import SiteClient
 from ._worker import Worker
 from ._workflow import Debounce, Workflow, workflow
 from .testing import Replayer, ReplayResult
@@ -82,6 +83,7 @@ __all__ = [
     "ScheduleSpec",
     "ServerUnavailable",
     "SignalTimeout",
+    "SiteClient",
     "StepError",
     "StepInfo",
     "StepTimeout",

@@ -72,6 +72,7 @@ from . import _tracing as tracing
 from ._events_feed import follow
 from ._flow import check_flow_start, flow_start
 from ._schedules import ScheduleClient
+from ._sites import SiteClient
 from ._workflow import DEFAULT_QUEUE, Workflow, check_priority
 
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
@@ -114,8 +115,9 @@ class RunHandle:
                     info = await self._client._runs.describe(self.run_id, explain=False)
                     if info.status in CLOSED_STATUSES:
                         return self._outcome(info)
-                    # Re-read now and then, a safety net for an event lost in a reconnect.
-                    with anyio.move_on_after(30.0):
+                    # Re-read now and then, a safety net for an event lost in a reconnect; each
+                    # second for a site's run at a hub (its history is at the site).
+                    with anyio.move_on_after(1.0 if info.site else 30.0):
                         return await self._event_outcome(await asyncio.shield(ended))
         except TimeoutError:
             raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
@@ -228,6 +230,11 @@ class Client:
     @property
     def connection(self) -> Connection:
         return self._conn
+
+    def site(self, name: str) -> SiteClient:
+        """Starts, signals and cancels for runs homed at site ``name``, from the hub: stored
+        at the hub at once, applied at the site exactly once (see :class:`SiteClient`)."""
+        return SiteClient(self, name)
 
     async def close(self) -> None:
         await self._conn.close()
@@ -419,6 +426,9 @@ class Client:
         info = await self._readable(run_id)
         if info is not None and info.is_closed:
             return
+        if info is not None and info.site:  # at a hub: a site's run, through the outbox
+            await self.site(info.site).control(run_id, kind, reason)
+            return
         await ensure_streams(self._conn)
         await send_signal(self._conn, run_id, kind, encode_value("reason", reason), None)
 
@@ -444,6 +454,9 @@ class Client:
             raise NatflowError(
                 f"run {run_id!r} already ended ({info.status}); a signal can no longer reach it"
             )
+        if info is not None and info.site:  # at a hub: a site's run, through the outbox
+            await self.site(info.site).signal(run_id, name, payload, signal_id=signal_id)
+            return
         await ensure_streams(self._conn)
         data = await store_value(self._conn, f"payload of signal {name!r}", data)
         await send_signal(self._conn, run_id, name, data, signal_id)

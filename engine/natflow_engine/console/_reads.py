@@ -27,6 +27,7 @@ from .._reader import reader
 from .._registry import WorkerInfo, list_workers
 from .._sealing import open_events
 from .._signals import DeadLetter, dead_letters
+from .._site_index import site_run, site_runs
 from .._state import RunInfo, StepInfo, fold_run, fold_steps
 from .._streams import HISTORY_STREAM, RUNS_STREAM, ensure_streams, history_subject, runs_subject
 from ..events import Event, decode_event
@@ -129,6 +130,18 @@ async def list_runs(
     conn: Connection, where: RunFilter, *, before: int | None = None, size: int = PAGE_SIZE
 ) -> RunPage:
     """The newest ``size`` runs matching ``where`` below index sequence ``before``."""
+    result = await _list_hub_runs(conn, where, before=before, size=size)
+    if before is None:  # at a hub with sites: their runs on the first page, newest first
+        there = [run for run in await site_runs(conn) if where.matches(run)]
+        if there:
+            merged = sorted([*result.runs, *there], key=lambda r: r.updated_at, reverse=True)
+            result.runs = merged[:size]
+    return result
+
+
+async def _list_hub_runs(
+    conn: Connection, where: RunFilter, *, before: int | None, size: int
+) -> RunPage:
     first, last = await _index_bounds(conn)
     top = last if before is None else min(last, before - 1)
     result = RunPage()
@@ -181,7 +194,10 @@ async def read_run(conn: Connection, run_id: str) -> RunView:
     events = _opened(conn, history.events, run_id)
     info = fold_run(run_id, events)
     if info is None:
-        raise RunNotFound(run_id)
+        elsewhere = await site_run(conn, run_id)  # at a hub: a site's run, its summary only
+        if elsewhere is None:
+            raise RunNotFound(run_id)
+        return RunView(info=elsewhere, events=[], steps=[], last_seq=0)
     await explain_wait(conn, info)  # waiting for a concurrency slot: which, how full
     return RunView(
         info=info,

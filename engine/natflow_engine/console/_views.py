@@ -147,7 +147,7 @@ def run_context(view: reads.RunView, children: list[str]) -> dict[str, Any]:
     info: RunInfo = view.info
     now = datetime.now(UTC)
     finish = info.closed_at or now
-    start_event = view.events[0]
+    start_event = view.events[0] if view.events else None  # none: a site's run, at the hub
     bars = timeline(view.steps, view.events, info.created_at, finish)
     return {
         "title": f"Run {info.run_id}",
@@ -158,7 +158,8 @@ def run_context(view: reads.RunView, children: list[str]) -> dict[str, Any]:
         "waiting_for": [b.label for b in bars if b.kind == "signal" and b.end is None],
         "axis_end": finish,
         "children": children,
-        "actions": [a for a in RUN_ACTIONS if info.status in a.statuses],
+        # A site's run seen from the hub: commands for it go through client.site(...).
+        "actions": [] if info.site else [a for a in RUN_ACTIONS if info.status in a.statuses],
         "last_seq": view.last_seq,
     }
 
@@ -168,7 +169,8 @@ async def run_page(request: Request) -> Response:
     run_id = request.path_params["run_id"]
     view = await reads.read_run(state.conn, run_id)
     context = run_context(view, state.counts.children(run_id))
-    context["live"] = None if view.info.is_closed else f"/runs/{run_id}/live?after={view.last_seq}"
+    closed = view.info.is_closed or view.info.site  # a site's run: its history is at the site
+    context["live"] = None if closed else f"/runs/{run_id}/live?after={view.last_seq}"
     context["form"] = {}
     return page(request, "run.html", context)
 
