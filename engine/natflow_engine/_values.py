@@ -24,7 +24,15 @@ import msgspec
 from nats.js.object_store import ObjectStore
 
 from ._errors import InvalidInput, NatflowError
-from .events import ChildCompleted, Event, RunCompleted, RunStarted, SignalReceived, StepCompleted
+from .events import (
+    ChildCompleted,
+    Event,
+    RunCompleted,
+    RunContinued,
+    RunStarted,
+    SignalReceived,
+    StepCompleted,
+)
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -136,6 +144,9 @@ def _raw(data: msgspec.Raw) -> bytes:
 
 async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
     """``event`` with a large user value replaced by its reference (stored first)."""
+    if isinstance(event, RunContinued) and event.signals:  # signals it carries, too
+        signals = [await store_event(conn, signal, run_id) for signal in event.signals]
+        event = msgspec.structs.replace(event, signals=signals)
     if isinstance(event, RunStarted):
         data = await store_value(conn, f"input of run {run_id!r}", _raw(event.input))
         return msgspec.structs.replace(event, input=msgspec.Raw(data))
@@ -157,6 +168,9 @@ async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
 async def load_event(conn: Connection, event: Event, run_id: str) -> Event:
     """``event`` with a referenced user value read back in its place."""
     what = f"a value of run {run_id!r}"
+    if isinstance(event, RunContinued) and event.signals:  # signals it carries, too
+        signals = [await load_event(conn, signal, run_id) for signal in event.signals]
+        event = msgspec.structs.replace(event, signals=signals)
     if isinstance(event, RunStarted) and is_ref(_raw(event.input)):
         data = await load_value(conn, _raw(event.input), what)
         return msgspec.structs.replace(event, input=msgspec.Raw(data))

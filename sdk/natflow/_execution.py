@@ -98,6 +98,13 @@ from ._commands import (
     TimerDue,
     WaitCommand,
 )
+from ._continuation import (
+    ContinueAsNew,
+    check_input_size,
+    drop_old_timers,
+    events_before,
+    next_stretch,
+)
 from ._replay import Evicted, WorkflowState, cancel_reason
 from ._steps import StepRuntime, run_step
 from ._tracing import RunTrace
@@ -124,6 +131,7 @@ class Outcome(enum.Enum):
     STALE = "stale"  # a claim without reading history met a newer one: read it and retry
     HANDED_BACK = "handed_back"  # the worker is draining; running steps were recorded
     CANCELLED = "cancelled"  # cancelled (after its cleanup) or terminated
+    CONTINUED = "continued"  # continued as new: a fresh stretch of history waits to run
 
 
 class _Fenced(Exception):
@@ -159,7 +167,7 @@ class RunExecution:
         self._runtime = runtime
         self._delivery = delivery
         self._optimistic = optimistic  # history was not read: a claim conflict is no verdict
-        self._count = len(history.events)
+        self._count = events_before(self.state.start) + len(history.events)  # for event ids
         self._last_seq = history.last_seq
         self._last_event = history.events[-1]
         self._inflight = 0
@@ -269,14 +277,16 @@ class RunExecution:
         """Whether signals (or a cancel) for this run wait outside its history."""
         return await last_signal_seq(self._conn, self.run_id) > self.state.signal_cursor
 
-    async def _append(self, event: Event) -> Event:
+    async def _append(self, event: Event, *, rollup: bool = False) -> Event:
         event = (
             msgspec.structs.replace(event, id=f"{self.run_id}:{self._count + 1}")
             if not event.id
             else event
         )
         try:
-            self._last_seq = await self._store.append(self.run_id, event, self._last_seq)
+            self._last_seq = await self._store.append(
+                self.run_id, event, self._last_seq, rollup=rollup
+            )
         except AppendConflict as exc:
             raise _Fenced() from exc
         self._count += 1
@@ -803,8 +813,10 @@ class RunExecution:
             return await self._end(RunTerminated, state.terminated)
         if state.root.cancelled():
             return await self._end(RunCancelled, state.cancelled or "cancelled")
-        await self._close_children("it ended")
         exc = state.root.exception()
+        if isinstance(exc, ContinueAsNew):
+            return await self._continue_as_new(exc)
+        await self._close_children("it ended")
         if exc is not None:
             return await self._fail(error_info(exc))
         try:
@@ -814,6 +826,23 @@ class RunExecution:
             return await self._fail(error_info(error))
         await self._append(RunCompleted(id=self._next_id(), at=utcnow(), result=msgspec.Raw(data)))
         return Outcome.COMPLETED
+
+    async def _continue_as_new(self, request: ContinueAsNew) -> Outcome:
+        """Start the run's next stretch of history (see ``_continuation``)."""
+        try:
+            check_input_size(self._conn, self.run_id, request.input_json)
+        except InvalidInput as error:
+            return await self._fail(error_info(error))
+        await self._close_children("it continued as new")
+        event = next_stretch(
+            self.state, self.run_id, request.input_json, self._next_id(), self._count
+        )
+        await self._append(event, rollup=True)
+        await drop_old_timers(self._conn, self.run_id, event.base_seq)
+        log.info(
+            "run %s continued as new (stretch %d)", self.run_id, event.stretch, extra=self._fields()
+        )
+        return Outcome.CONTINUED
 
     async def _fail(self, error: ErrorInfo) -> Outcome:
         await self._append(RunFailed(id=self._next_id(), at=utcnow(), error=self._bounded(error)))
