@@ -24,6 +24,7 @@ from tests.helpers import running_engine, running_worker, wait_for
 from tests.workflows_recorded import (
     recorded_cancel,
     recorded_children,
+    recorded_continue,
     recorded_kid,
     recorded_patch,
     recorded_patch_v1,
@@ -91,6 +92,20 @@ async def with_children(client: Client, run_id: str) -> None:
         await (await client.start(recorded_children, 5, run_id=run_id)).result(timeout=20)
 
 
+async def continued(client: Client, run_id: str) -> None:
+    """Send 'extra' then 'go' while the first stretch waits for 'go': 'extra' is carried."""
+    async with running_worker(client, [recorded_continue]):
+        handle = await client.start(recorded_continue, {"n": 1, "total": 1}, run_id=run_id)
+
+        async def waiting() -> bool:
+            return any(isinstance(e, SignalWaited) for e in await client.history(run_id))
+
+        await wait_for(waiting, what=f"{run_id} waiting")
+        await client.signal(run_id, "extra", "carried")
+        await client.signal(run_id, "go", "now")
+        await handle.result(timeout=20)
+
+
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedServer(store_dir=Path(tmp) / "nats")
@@ -119,6 +134,10 @@ async def main() -> None:
                         (
                             "recorded-children-1",
                             lambda: with_children(client, "recorded-children-1"),
+                        ),
+                        (
+                            "recorded-continue-1",
+                            lambda: continued(client, "recorded-continue-1"),
                         ),
                         (
                             "recorded-values-1",

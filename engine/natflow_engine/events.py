@@ -85,7 +85,7 @@ class RunContinued(RunStarted, tag="run_continued", kw_only=True, frozen=True):
     before (``events_before``: event ids go on from there), the signal cursor, signals moved
     into history that the workflow had not taken yet (``signals``, delivered first), recent
     signal ids (late duplicates stay recognised), whether the run was paused, and when the
-    run itself started (``run_started_at``).
+    run itself started (``run_started_at``; ``run_stored_at``: the server's time of it).
     """
 
     stretch: int = 2
@@ -96,6 +96,8 @@ class RunContinued(RunStarted, tag="run_continued", kw_only=True, frozen=True):
     signal_ids: list[str] = msgspec.field(default_factory=list)
     paused: bool = False
     run_started_at: datetime | None = None
+    # When the server stored the run's run_started (signals stored before it are refused).
+    run_stored_at: datetime | None = None
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):

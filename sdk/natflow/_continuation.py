@@ -25,6 +25,7 @@ events are gone at once instead of waiting for retention.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -35,6 +36,7 @@ from natflow_engine import (
     check_value_size,
     decode_value,
     encode_value,
+    run_created_at,
 )
 from natflow_engine.events import RunContinued, RunStarted, utcnow
 
@@ -115,6 +117,15 @@ def next_stretch(
     )
 
 
+async def run_stored_at(conn: Any, run_id: str, start: RunStarted) -> datetime | None:
+    """When the server stored the run's ``run_started`` (the first stretch's first event):
+    signals stored before it were sent before the run existed. Carried by each
+    ``run_continued``, whose own storage time is later than signals the run must take."""
+    if isinstance(start, RunContinued):
+        return start.run_stored_at
+    return await run_created_at(conn, run_id)
+
+
 def check_input_size(conn: Any, run_id: str, input_json: bytes) -> None:
     """Refuse a new input over ``max_value_bytes`` (the run then fails, naming it)."""
     check_value_size(
@@ -141,5 +152,6 @@ __all__ = [
     "events_before",
     "new_input",
     "next_stretch",
+    "run_stored_at",
     "stretch_of",
 ]

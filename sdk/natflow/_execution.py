@@ -59,7 +59,6 @@ from natflow_engine import (
     parse,
     pending_signals,
     quarantined,
-    run_created_at,
     send,
     sequence,
     stored_at,
@@ -104,6 +103,7 @@ from ._continuation import (
     drop_old_timers,
     events_before,
     next_stretch,
+    run_stored_at,
 )
 from ._replay import Evicted, WorkflowState, cancel_reason
 from ._steps import StepRuntime, run_step
@@ -797,7 +797,7 @@ class RunExecution:
         """A signal stored before the run existed was dead-lettered ("no run has this id")
         and must not reach a run created under that id later. Both times are the server's."""
         if self._created_at is None:
-            self._created_at = await run_created_at(self._conn, self.run_id)
+            self._created_at = await run_stored_at(self._conn, self.run_id, self.state.start)
         if self._created_at is not None and stored_at(msg) < self._created_at:
             raise BadSignal(seq, msg.subject, name, "sent before the run existed")
 
@@ -837,6 +837,8 @@ class RunExecution:
         event = next_stretch(
             self.state, self.run_id, request.input_json, self._next_id(), self._count
         )
+        stored_at = await run_stored_at(self._conn, self.run_id, self.state.start)
+        event = msgspec.structs.replace(event, run_stored_at=stored_at)
         await self._append(event, rollup=True)
         await drop_old_timers(self._conn, self.run_id, event.base_seq)
         log.info(
