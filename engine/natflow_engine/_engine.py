@@ -235,7 +235,8 @@ class Engine:
             # Timers of older stretches (their events are gone with them, some perhaps
             # before this dispatcher saw them) must not keep waking the run.
             await timers.cancel_timers_through(self._conn, run_id, event.base_seq)
-            await self._ensure_task(run_id, event)  # its worker died before enqueueing it
+            if event.restarted_from is None:  # a restart enqueues once its seed is written
+                await self._ensure_task(run_id, event)  # its worker died before enqueueing
         elif isinstance(event, RunStarted):
             if event.not_before is not None:
                 await timers.schedule(

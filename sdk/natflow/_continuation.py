@@ -121,9 +121,9 @@ async def run_stored_at(conn: Any, run_id: str, start: RunStarted) -> datetime |
     """When the server stored the run's ``run_started`` (the first stretch's first event):
     signals stored before it were sent before the run existed. Carried by each
     ``run_continued``, whose own storage time is later than signals the run must take."""
-    if isinstance(start, RunContinued):
+    if isinstance(start, RunContinued) and start.run_stored_at is not None:
         return start.run_stored_at
-    return await run_created_at(conn, run_id)
+    return await run_created_at(conn, run_id)  # a restart of a continued run: its own
 
 
 def check_input_size(conn: Any, run_id: str, input_json: bytes) -> None:
