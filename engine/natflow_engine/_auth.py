@@ -69,6 +69,7 @@ from ._streams import (
     workflow_token,
 )
 from ._timers import TIMERS_BUCKET
+from ._value_refs import REFS_BUCKET
 from ._values import VALUES_BUCKET, VALUES_STREAM
 
 ROLES: Final = ("engine", "worker", "client", "frontend", "signaller", "viewer")
@@ -76,7 +77,7 @@ CONTROLS: Final = ("cancel", "terminate", "pause", "resume")
 USER_INFO: Final = "$SYS.REQ.USER.INFO"  # who am I: the server's answer (worker identity)
 
 _BUCKETS: Final = (LEASES_BUCKET, WORKERS_BUCKET, TIMERS_BUCKET)  # a worker writes these
-_ALL_BUCKETS: Final = (*_BUCKETS, SCHEDULES_BUCKET, TRIGGERS_BUCKET)
+_ALL_BUCKETS: Final = (*_BUCKETS, SCHEDULES_BUCKET, TRIGGERS_BUCKET, REFS_BUCKET)
 # What a viewer reads: workers and the runs they hold (leases), schedules, event triggers.
 _READ_BUCKETS: Final = (WORKERS_BUCKET, LEASES_BUCKET, SCHEDULES_BUCKET, TRIGGERS_BUCKET)
 _STREAMS: Final = (
@@ -203,11 +204,14 @@ def _ordered_consumer(api: str, stream: str) -> list[str]:
     ]
 
 
-def _values(api: str, *, write: bool) -> list[str]:
+def _values(api: str, kv: str, *, write: bool) -> list[str]:
     """Large values in the natflow_values object store (nats-py reads an object's meta with
     a stream message get, its chunks with an ordered consumer; writes publish to ``$O``)."""
     read = [f"{api}.STREAM.MSG.GET.{VALUES_STREAM}", *_ordered_consumer(api, VALUES_STREAM)]
-    return [*read, f"$O.{VALUES_BUCKET}.>"] if write else read
+    # A writer marks the run that refers to a value and checks for a delete in progress
+    # (see _value_refs).
+    marks = [f"{kv}.{REFS_BUCKET}.>", *_direct_get(api, kv_stream(REFS_BUCKET))]
+    return [*read, f"$O.{VALUES_BUCKET}.>", *marks] if write else read
 
 
 def _stream_info(api: str) -> list[str]:
@@ -224,7 +228,7 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
         *_direct_get(api, EVENTS_STREAM),  # natflow events list
         *(s for b in _READ_BUCKETS for s in _direct_get(api, kv_stream(b))),
         *_ordered_consumer(api, HISTORY_STREAM),  # Client.watch
-        *_values(api, write=False),
+        *_values(api, kv, write=False),
         *_ordered_consumer(api, LIFECYCLE_STREAM),  # Client.events
         # Client.events(durable=...): a durable pull consumer that remembers how far it got.
         f"{api}.CONSUMER.MSG.NEXT.{LIFECYCLE_STREAM}.>",
@@ -236,7 +240,7 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
 
 
 def _signaller(api: str, kv: str, queues: list[str]) -> _Parts:
-    publish = [*_stream_info(api), f"{SIGNAL_PREFIX}.*.*", *_values(api, write=True)]
+    publish = [*_stream_info(api), f"{SIGNAL_PREFIX}.*.*", *_values(api, kv, write=True)]
     return publish, ["_INBOX.>"], False
 
 
@@ -249,7 +253,7 @@ def _client(api: str, kv: str, queues: list[str]) -> _Parts:
         *(_control_subject(kind) for kind in CONTROLS),
         f"{EVENT_PREFIX}.>",  # client.emit
         f"{kv}.{SCHEDULES_BUCKET}.>",  # client.schedules: create, change, delete
-        *_values(api, write=True),
+        *_values(api, kv, write=True),
     ]
     return publish, subscribe, False
 
@@ -261,7 +265,7 @@ def _frontend(api: str, kv: str, queues: list[str]) -> _Parts:
         f"{SIGNAL_PREFIX}.*.*",
         *(_control_subject(kind) for kind in CONTROLS),
         f"{EVENT_PREFIX}.>",  # events too start runs through the engine, which checks them
-        *_values(api, write=True),  # a large input is stored before the request
+        *_values(api, kv, write=True),  # a large input is stored before the request
     ]
     return publish, subscribe, False
 
@@ -294,7 +298,7 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
         # A parent's worker cancels or terminates its open children as the parent closes
         # (parent_close); it could append their run_terminated anyway (history.*).
         *(_control_subject(kind) for kind in CONTROLS),
-        *_values(api, write=True),
+        *_values(api, kv, write=True),
     ]
     for consumer in consumers:
         publish += [
@@ -324,7 +328,7 @@ def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
         "natflow.worker.*.wake",  # a run it holds has something new
         f"{SIGNAL_PREFIX}.*.{CONTROL_TOKEN}.child",  # a closed child's outcome, to its parent
         *(f"{kv}.{bucket}.>" for bucket in _ALL_BUCKETS),
-        *_values(api, write=False),
+        *_values(api, kv, write=True),  # retention deletes values no run refers to any more
     ]
     for stream in _STREAMS:
         publish += [

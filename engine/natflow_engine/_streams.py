@@ -24,7 +24,8 @@ Layout (all names are public and documented in the README):
 * ``NATFLOW_LIFECYCLE``: ``natflow.lifecycle.<workflow>.<status>.<run_id>``, one message per
   run status change (see ``_lifecycle``).
 * KV buckets ``natflow_leases``, ``natflow_workers``, ``natflow_timers``, ``natflow_schedules``
-  (schedules and their state), ``natflow_triggers`` (which workflows start on which event).
+  (schedules and their state), ``natflow_triggers`` (which workflows start on which event),
+  ``natflow_value_refs`` (``<sha256>.<run_id>``: which runs refer to which stored value).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ._connection import ERR_STREAM_NAME_IN_USE, Connection
 from ._errors import PermissionDenied
 from ._kv import kv_stream_config
 from ._lifecycle import lifecycle_stream_config
+from ._value_refs import REFS_BUCKET
 
 log = logging.getLogger("natflow.streams")
 
@@ -157,6 +159,9 @@ def stream_configs() -> list[api.StreamConfig]:
         ),
         kv_stream_config(SCHEDULES_BUCKET, "natflow: schedules and their state", r),
         kv_stream_config(TRIGGERS_BUCKET, "natflow: which workflows start on which event", r),
+        kv_stream_config(
+            REFS_BUCKET, "natflow: which runs refer to which stored value (see _value_refs)", r
+        ),
         api.StreamConfig(
             name=EVENTS_STREAM,
             description="natflow: events from any NATS client, starting declared workflows",

@@ -10,8 +10,8 @@ harmless), and history carries, in the value's place::
 Readers resolve references where they open sealed values (replay, results, ``steps()``,
 ``history()``, the CLI), before opening them. A value over the connection's
 ``max_value_bytes`` (default :data:`MAX_VALUE_BYTES`, 64 MiB) is refused with
-:class:`InvalidInput` before anything is written. Stored values are not deleted with their
-runs (yet).
+:class:`InvalidInput` before anything is written. A value stored for a run is marked as
+that run's (``_value_refs``) and deleted with the last run that refers to it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import msgspec
 from nats.js.object_store import ObjectStore
 
 from ._errors import InvalidInput, NatflowError
+from ._value_refs import mark
 from .events import (
     ChildCompleted,
     Event,
@@ -86,12 +87,21 @@ def _store(conn: Connection) -> ObjectStore:
     return ObjectStore(name=VALUES_BUCKET, stream=VALUES_STREAM, js=conn.js)
 
 
-async def store_value(conn: Connection, what: str, data: bytes) -> bytes:
-    """``data`` itself if it is small (or a reference already), else a reference to it."""
-    if len(data) <= INLINE_BYTES or is_ref(data):
+async def store_value(conn: Connection, what: str, data: bytes, run_id: str | None = None) -> bytes:
+    """``data`` itself if it is small (or a reference already), else a reference to it.
+
+    ``run_id``: the run the value belongs to, marked as referring to it before the object is
+    written (so the value is deleted with the last run that refers to it)."""
+    if len(data) <= INLINE_BYTES:
+        return data
+    if is_ref(data):
+        if run_id is not None:  # a value stored by another writer, now this run's too
+            await mark(conn, _ref_decoder.decode(data).digest, run_id)
         return data
     check_value_size(conn, what, len(data))
     digest = hashlib.sha256(data).hexdigest()
+    if run_id is not None:
+        await mark(conn, digest, run_id)
     store = _store(conn)
     try:
         info = await store.get_info(digest)
@@ -109,6 +119,21 @@ async def store_value(conn: Connection, what: str, data: bytes) -> bytes:
                 f"object store ({exc})"
             ) from exc
     return _encoder.encode(ValueRef(digest=digest, size=len(data)))
+
+
+async def delete_object(conn: Connection, digest: str) -> None:
+    """Delete stored value ``digest`` (nothing if it is gone already)."""
+    store = _store(conn)
+    try:
+        await conn.admin(f"deleting value {digest}", lambda: store.delete(digest))
+    except NatflowError:
+        raise
+    except Exception as exc:  # a nats-py error: mapped here, at the boundary
+        if "not found" in str(exc).lower():
+            return
+        raise NatflowError(
+            f"value {digest} could not be deleted from the {VALUES_BUCKET} object store ({exc})"
+        ) from exc
 
 
 async def load_value(conn: Connection, data: bytes, what: str = "a value") -> bytes:
@@ -148,19 +173,23 @@ async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
         signals = [await store_event(conn, signal, run_id) for signal in event.signals]
         event = msgspec.structs.replace(event, signals=signals)
     if isinstance(event, RunStarted):
-        data = await store_value(conn, f"input of run {run_id!r}", _raw(event.input))
+        data = await store_value(conn, f"input of run {run_id!r}", _raw(event.input), run_id)
         return msgspec.structs.replace(event, input=msgspec.Raw(data))
     if isinstance(event, StepCompleted):
-        data = await store_value(conn, f"result of step {event.name!r}", _raw(event.result))
+        data = await store_value(conn, f"result of step {event.name!r}", _raw(event.result), run_id)
         return msgspec.structs.replace(event, result=msgspec.Raw(data))
     if isinstance(event, RunCompleted):
-        data = await store_value(conn, f"result of run {run_id!r}", _raw(event.result))
+        data = await store_value(conn, f"result of run {run_id!r}", _raw(event.result), run_id)
         return msgspec.structs.replace(event, result=msgspec.Raw(data))
     if isinstance(event, ChildCompleted):
-        data = await store_value(conn, f"result of child {event.name!r}", _raw(event.result))
+        data = await store_value(
+            conn, f"result of child {event.name!r}", _raw(event.result), run_id
+        )
         return msgspec.structs.replace(event, result=msgspec.Raw(data))
     if isinstance(event, SignalReceived):
-        data = await store_value(conn, f"payload of signal {event.name!r}", _raw(event.payload))
+        data = await store_value(
+            conn, f"payload of signal {event.name!r}", _raw(event.payload), run_id
+        )
         return msgspec.structs.replace(event, payload=msgspec.Raw(data))
     return event
 

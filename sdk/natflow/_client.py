@@ -287,15 +287,16 @@ class Client:
                     data = seal(self._conn.codec, data)
                 # A large input is stored here, the request carries its reference.
                 check_value_size(self._conn, "workflow input", len(data))
+                run_id = run_id or new_run_id()
                 if len(data) > INLINE_BYTES:  # only then does the value store get involved
                     await ensure_streams(self._conn)
-                    data = await store_value(self._conn, "workflow input", data)
+                    data = await store_value(self._conn, "workflow input", data, run_id)
                 started_id, created = await request_start(
                     self._conn,
                     name,
                     queue or default_queue,
                     data,
-                    run_id or new_run_id(),
+                    run_id,
                     not_before,
                 )
             else:
@@ -415,7 +416,7 @@ class Client:
                 f"run {run_id!r} already ended ({info.status}); a signal can no longer reach it"
             )
         await ensure_streams(self._conn)
-        data = await store_value(self._conn, f"payload of signal {name!r}", data)
+        data = await store_value(self._conn, f"payload of signal {name!r}", data, run_id)
         await send_signal(self._conn, run_id, name, data, signal_id)
 
     async def emit(self, name: str, payload: Any = None, *, event_id: str | None = None) -> int:
