@@ -312,7 +312,9 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
 
 def _continued(info: RunInfo, event: RunContinued) -> None:
     info.stretch = event.stretch
-    info.status = "paused" if event.paused else "pending"
+    # Still running to anyone watching (no lifecycle event per stretch): its worker has
+    # already enqueued the next stretch.
+    info.status = "paused" if event.paused else "running"
     info.current = f"continued as new (stretch {event.stretch})"
     info.error, info.due_at = None, None
 
