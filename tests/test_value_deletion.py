@@ -110,3 +110,31 @@ async def test_a_stale_tombstone_does_not_hold_writers(client: Client) -> None:
     with anyio.fail_after(5):
         ref = await store_value(conn, "the value", data, "stale-run")
     assert await load_value(conn, ref) == data
+
+
+@workflow(name="louder")
+async def louder(ctx: WorkflowContext, text: str) -> str:
+    return await ctx.step("shout", shout, text)
+
+
+async def test_a_large_result_is_listed_as_itself_and_named_by_the_console(
+    client: Client, engine: Engine
+) -> None:
+    """client.list() reads a large result back as describe() does (the index holds its
+    reference); the console names it with its size instead of pulling it into the page."""
+    from natflow_engine.console._format import pretty_json
+
+    text = blob(150_000, "listed")
+    async with running_worker(client, [louder]):
+        await (await client.start(louder, text, run_id="listed-1")).result(10)
+
+    async def indexed() -> bool:
+        return any(r.status == "completed" for r in await client.list(workflow="louder"))
+
+    await wait_for(indexed, what="the run indexed as completed")
+    [listed] = await client.list(workflow="louder")
+    assert listed.result == text.upper()
+    reference = {"$natflow_ref": sha(text.upper()), "size": 150_002}
+    assert pretty_json(reference) == (
+        f"a stored value of 150,002 bytes (natflow_values, sha256 {sha(text.upper())})"
+    )

@@ -43,6 +43,7 @@ from natflow_engine import (
     ensure_streams,
     history_subject,
     load_event,
+    load_value,
     new_run_id,
     open_event,
     open_sealed,
@@ -52,6 +53,7 @@ from natflow_engine import (
     sealed_key,
     store_value,
     to_seconds,
+    value_ref,
     wrap,
 )
 from natflow_engine import send as send_signal
@@ -473,7 +475,24 @@ class Client:
         if limit < 1:
             raise InvalidInput("limit must be at least 1")
         found = await self._index.scan(workflow=workflow, status=status, limit=limit)
-        return [self._opened(info) for info in found]
+        # A large result is indexed as its reference: read back, as describe() does.
+        opened: list[RunInfo] = list(found)
+        limiter = anyio.CapacityLimiter(8)
+
+        async def resolve(i: int) -> None:
+            async with limiter:
+                opened[i] = await self._resolved(found[i])
+
+        async with anyio.create_task_group() as tg:
+            for i, info in enumerate(found):
+                if value_ref(info.result) is not None:
+                    tg.start_soon(resolve, i)
+        return [self._opened(info) for info in opened]
+
+    async def _resolved(self, info: RunInfo) -> RunInfo:
+        data = msgspec.json.encode(info.result)
+        stored = await load_value(self._conn, data, f"the result of run {info.run_id!r}")
+        return msgspec.structs.replace(info, result=msgspec.json.decode(stored))
 
     def _opened(self, info: RunInfo) -> RunInfo:
         """The index's summary with its result opened, where this client holds the key (the
