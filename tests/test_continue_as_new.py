@@ -8,7 +8,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from natflow import Client, RunFailed
+from natflow import Client, RunCancelled, RunFailed
 from natflow_engine import ensure_streams
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
@@ -25,6 +25,7 @@ from tests.workflows_continue import (
     kid_looper,
     looper,
     napping_looper,
+    stubborn,
     swallower,
 )
 
@@ -126,6 +127,22 @@ async def test_bad_input_to_continue_as_new_is_named(client: Client, engine: Eng
     assert "not a number" in failed.value.error.message or "int" in failed.value.error.message
     assert (await client.describe("bad-c")).stretch == 1  # nothing was rolled up
     assert (await client.describe("sw-1")).stretch == 2
+
+
+async def test_a_cancelled_workflow_cannot_continue_as_new_instead(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, WORKFLOWS):
+        handle = await client.start(stubborn, 1, run_id="stub-1")
+
+        async def sleeping() -> bool:
+            return (await client.describe("stub-1")).status == "sleeping"
+
+        await wait_for(sleeping, what="stub-1 sleeping")
+        await client.cancel("stub-1", reason="enough")
+        with pytest.raises(RunCancelled):
+            await handle.result(timeout=20)
+    assert (await client.describe("stub-1")).stretch == 1
 
 
 async def test_a_worker_killed_mid_loop_resumes_in_its_stretch(

@@ -86,12 +86,22 @@ async def swallower(ctx: WorkflowContext, n: int) -> int:
     return n
 
 
+@workflow(name="stubborn")
+async def stubborn(ctx: WorkflowContext, n: int) -> int:
+    """Tries to continue as new when cancelled: the cancellation must win."""
+    try:
+        await ctx.sleep("long", 3600)
+    except asyncio.CancelledError:
+        ctx.continue_as_new(n + 1)
+    return n
+
+
 @workflow(name="kid")
 async def kid(ctx: WorkflowContext, n: int) -> int:
     return await ctx.step("work", tick, ctx.run_id, n * 10 - 1)
 
 
-WORKFLOWS = [looper, kid_looper, napping_looper, bad_continuer, swallower, kid]
+WORKFLOWS = [looper, kid_looper, napping_looper, bad_continuer, swallower, stubborn, kid]
 
 
 def make_worker(client: Client) -> Worker:

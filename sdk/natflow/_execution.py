@@ -815,6 +815,8 @@ class RunExecution:
             return await self._end(RunCancelled, state.cancelled or "cancelled")
         exc = state.root.exception()
         if isinstance(exc, ContinueAsNew):
+            if state.cancelled is not None:  # a cancellation that reached it wins
+                return await self._end(RunCancelled, state.cancelled)
             return await self._continue_as_new(exc)
         await self._close_children("it ended")
         if exc is not None:
