@@ -138,3 +138,37 @@ async def test_a_large_result_is_listed_as_itself_and_named_by_the_console(
     assert pretty_json(reference) == (
         f"a stored value of 150,002 bytes (natflow_values, sha256 {sha(text.upper())})"
     )
+
+
+def raise_long(size: int) -> None:
+    raise ValueError("e" * size)
+
+
+@workflow(name="long_error")
+async def long_error(ctx: WorkflowContext, size: int) -> int:
+    await ctx.step("explode", raise_long, size)
+    return 0
+
+
+async def test_a_large_error_is_stored_by_reference_and_read_back_whole(
+    client: Client, engine: Engine
+) -> None:
+    from natflow import RunFailed
+    from natflow_engine import HistoryStore
+    from natflow_engine.events import RunFailed as RunFailedEvent
+    from natflow_engine.events import StepFailed, encode_event
+
+    async with running_worker(client, [long_error]):
+        handle = await client.start(long_error, 300_000, run_id="long-err")
+        try:
+            await handle.result(timeout=20)
+        except RunFailed as failed:
+            error = failed.error
+    assert error.message.endswith("e" * 1000) and len(error.message) >= 300_000
+    raw = await HistoryStore(client.connection).read("long-err")
+    assert all(len(encode_event(e)) < 64 * 1024 for e in raw.events)
+    stored = [e for e in raw.events if isinstance(e, StepFailed | RunFailedEvent)]
+    assert len(stored) == 2 and all(e.error.stored for e in stored)
+    [step] = await client.steps("long-err")
+    assert step.error is not None and step.error.message == "e" * 300_000
+    assert (await client.describe("long-err")).error.message == error.message  # type: ignore[union-attr]

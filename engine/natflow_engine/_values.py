@@ -23,16 +23,20 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 from nats.js.object_store import ObjectStore
 
-from ._errors import InvalidInput, NatflowError
+from ._errors import ErrorInfo, InvalidInput, NatflowError
 from ._value_refs import mark
 from .events import (
     ChildCompleted,
+    ChildFailed,
     Event,
     RunCompleted,
     RunContinued,
+    RunFailed,
     RunStarted,
     SignalReceived,
     StepCompleted,
+    StepFailed,
+    StepRetrying,
 )
 
 if TYPE_CHECKING:
@@ -167,8 +171,39 @@ def _raw(data: msgspec.Raw) -> bytes:
     return bytes(data)
 
 
+_ERROR_HEAD: Final = 2000  # characters of a stored error's message kept inline
+_ERROR_TAIL: Final = 4000  # ... and of its traceback (the end, where the raise is)
+_error_encoder = msgspec.json.Encoder()
+_error_decoder = msgspec.json.Decoder(ErrorInfo)
+
+
+async def _stored_error(conn: Connection, error: ErrorInfo, what: str, run_id: str) -> ErrorInfo:
+    """A large error stored whole, with its head and tail kept inline (a small one as is)."""
+    data = _error_encoder.encode(error)
+    if len(data) <= INLINE_BYTES or error.stored:
+        return error
+    ref = await store_value(conn, what, data, run_id)
+    note = f" [... {len(data):,} bytes in all: the whole error is stored by reference]"
+    return ErrorInfo(
+        type=error.type,
+        message=error.message if error.sealed else error.message[:_ERROR_HEAD] + note,
+        traceback="" if error.sealed else error.traceback[-_ERROR_TAIL:],
+        stored=ref.decode(),
+    )
+
+
+async def _loaded_error(conn: Connection, error: ErrorInfo, what: str) -> ErrorInfo:
+    if not error.stored:
+        return error
+    return _error_decoder.decode(await load_value(conn, error.stored.encode(), what))
+
+
 async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
     """``event`` with a large user value replaced by its reference (stored first)."""
+    if isinstance(event, StepFailed | StepRetrying | RunFailed | ChildFailed) and event.error:
+        what = f"error of {type(event).__name__} in run {run_id!r}"
+        error = await _stored_error(conn, event.error, what, run_id)
+        return event if error is event.error else msgspec.structs.replace(event, error=error)
     if isinstance(event, RunContinued) and event.signals:  # signals it carries, too
         signals = [await store_event(conn, signal, run_id) for signal in event.signals]
         event = msgspec.structs.replace(event, signals=signals)
@@ -197,6 +232,11 @@ async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
 async def load_event(conn: Connection, event: Event, run_id: str) -> Event:
     """``event`` with a referenced user value read back in its place."""
     what = f"a value of run {run_id!r}"
+    if isinstance(event, StepFailed | StepRetrying | RunFailed | ChildFailed) and event.error:
+        if event.error.stored:
+            error = await _loaded_error(conn, event.error, f"an error of run {run_id!r}")
+            return msgspec.structs.replace(event, error=error)
+        return event
     if isinstance(event, RunContinued) and event.signals:  # signals it carries, too
         signals = [await load_event(conn, signal, run_id) for signal in event.signals]
         event = msgspec.structs.replace(event, signals=signals)

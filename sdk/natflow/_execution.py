@@ -119,6 +119,7 @@ log = logging.getLogger("natflow.worker")
 HOLD_TIMERS_UNDER = 1.0
 HOLD_FOR_CHILDREN = 1.0  # seconds a run waiting only for child runs stays held
 _CHILD_STARTS_AT_ONCE = 64
+_MAX_ERROR_CHARS = 1 << 20  # of an error's message, and of its traceback
 _MAX_REASON = 4096  # characters of a cancel reason recorded (a huge one must still cancel)
 
 
@@ -854,7 +855,9 @@ class RunExecution:
 
     def _bounded(self, error: ErrorInfo) -> ErrorInfo:
         """An error short enough to record: a huge message must not make the append fail."""
-        limit = self._conn.max_payload // 16  # characters; at most 4 bytes each, two fields
+        # Characters per field; a large error is stored whole by reference (natflow_engine
+        # _values), so the cut only guards against the absurd.
+        limit = _MAX_ERROR_CHARS
         if len(error.message) <= limit and len(error.traceback) <= limit:
             return error
         cut = "\n[... cut: too long to record ...]\n"
