@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 from natflow import Client, RunCancelled, RunFailed
-from natflow_engine import ensure_streams
+from natflow_engine import HistoryStore, ensure_streams
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import HISTORY_STREAM, stream_configs
@@ -22,6 +22,7 @@ from tests.workflows_continue import (
     WORKFLOWS,
     Loop,
     bad_continuer,
+    grower,
     kid_looper,
     looper,
     napping_looper,
@@ -127,6 +128,20 @@ async def test_bad_input_to_continue_as_new_is_named(client: Client, engine: Eng
     assert "not a number" in failed.value.error.message or "int" in failed.value.error.message
     assert (await client.describe("bad-c")).stretch == 1  # nothing was rolled up
     assert (await client.describe("sw-1")).stretch == 2
+
+
+async def test_a_large_new_input_is_stored_by_reference_and_one_over_the_limit_named(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, WORKFLOWS):
+        done = await (await client.start(grower, "x" * 100, run_id="grow-1")).result(20)
+        assert done == "100000 characters"
+        first = (await HistoryStore(client.connection).read("grow-1")).events[0]
+        assert isinstance(first, RunContinued) and bytes(first.input).startswith(b'{"$natflow_ref"')
+        client.connection.max_value_bytes = 50_000  # the worker shares this connection
+        with pytest.raises(RunFailed, match="max_value_bytes"):
+            await (await client.start(grower, "y" * 100, run_id="grow-2")).result(20)
+    assert (await client.describe("grow-2")).stretch == 3  # 100, 1,000, 10,000: then refused
 
 
 async def test_a_cancelled_workflow_cannot_continue_as_new_instead(

@@ -75,6 +75,14 @@ async def bad_continuer(ctx: WorkflowContext, n: int) -> int:
     ctx.continue_as_new("not a number")
 
 
+@workflow(name="grower")
+async def grower(ctx: WorkflowContext, text: str) -> str:
+    """Continues with an input ten times larger until it is over 100,000 characters."""
+    if len(text) < 100_000:
+        ctx.continue_as_new(text * 10)
+    return f"{len(text)} characters"
+
+
 @workflow(name="swallower")
 async def swallower(ctx: WorkflowContext, n: int) -> int:
     """An ``except Exception`` around continue_as_new must not stop it."""
@@ -101,7 +109,16 @@ async def kid(ctx: WorkflowContext, n: int) -> int:
     return await ctx.step("work", tick, ctx.run_id, n * 10 - 1)
 
 
-WORKFLOWS = [looper, kid_looper, napping_looper, bad_continuer, swallower, stubborn, kid]
+WORKFLOWS = [
+    looper,
+    kid_looper,
+    napping_looper,
+    bad_continuer,
+    grower,
+    swallower,
+    stubborn,
+    kid,
+]
 
 
 def make_worker(client: Client) -> Worker:

@@ -832,11 +832,11 @@ class RunExecution:
 
     async def _continue_as_new(self, request: ContinueAsNew) -> Outcome:
         """Start the run's next stretch of history (see ``_continuation``)."""
+        await self._close_children("it continued as new")  # or failed, below
         try:
             check_input_size(self._conn, self.run_id, request.input_json)
         except InvalidInput as error:
             return await self._fail(error_info(error))
-        await self._close_children("it continued as new")
         event = next_stretch(
             self.state, self.run_id, request.input_json, self._next_id(), self._count
         )
