@@ -214,3 +214,24 @@ def test_a_continued_stretch_is_a_start_to_every_reader() -> None:
     """Readers that look for a run's first event as its start (fold, wake, replay) take a
     run_continued for one: it is a kind of run_started."""
     assert issubclass(RunContinued, RunStarted)
+
+
+async def test_a_continued_run_is_shown_and_restarted_from_its_last_stretch(
+    client: Client, engine: Engine, nats_server: EmbeddedServer
+) -> None:
+    from tests.test_cli import natflow
+
+    async with running_worker(client, WORKFLOWS):
+        done = await (
+            await client.start(looper, Loop(total=7, per_stretch=3), run_id="rs-1")
+        ).result(20)
+        assert done["stretches"] == 3
+        shown = (await natflow(nats_server.url, "runs", "show", "rs-1")).stdout.decode()
+        assert "stretch   3 (2 before, continued as new)" in shown, shown
+        # The last stretch ran one tick (the 7th); restart from it: the new run begins with
+        # that stretch's start, so it runs that tick again and ends alike.
+        again = await client.restart("rs-1", from_step=("tick", 1))
+        assert await again.result(timeout=20) == done
+    info = await client.describe(again.run_id)
+    assert info.restarted_from == "rs-1" and info.stretch == 3
+    assert info.created_at > (await client.describe("rs-1")).created_at
