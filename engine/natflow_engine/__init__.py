@@ -129,7 +129,7 @@ from ._streams import (
     runs_subject,
 )
 from ._tasks import DEFAULT_ACK_WAIT, Task, TaskPuller, decode_task, enqueue, ensure_consumer
-from ._timers import Timer, cancel_timers_through, schedule
+from ._timers import Timer, schedule
 from ._triggers import (
     EventRecord,
     TriggerDeclaration,
@@ -236,7 +236,6 @@ __all__ = [
     "WorkerInfo",
     "add_metrics_options",
     "announce",
-    "cancel_timers_through",
     "check_event_name",
     "check_queue",
     "check_run_id",

@@ -24,15 +24,12 @@ events are gone at once instead of waiting for retention.
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from natflow_engine import (
     InvalidInput,
-    NatflowError,
-    cancel_timers_through,
     check_value_size,
     decode_value,
     encode_value,
@@ -43,8 +40,6 @@ from natflow_engine.events import RunContinued, RunStarted, utcnow
 if TYPE_CHECKING:
     from ._replay import WorkflowState
     from ._workflow import Workflow
-
-log = logging.getLogger("natflow.worker")
 
 # ``ctx.continue_as_new_suggested`` turns True once the current stretch has issued this many
 # commands (steps, sleeps, signal waits, children; each records one to three events). A
@@ -136,19 +131,10 @@ def check_input_size(conn: Any, run_id: str, input_json: bytes) -> None:
     )
 
 
-async def drop_old_timers(conn: Any, run_id: str, base_seq: int) -> None:
-    """Best effort: the old stretch's timers out of KV now (the engine does it too)."""
-    try:
-        await cancel_timers_through(conn, run_id, base_seq)
-    except NatflowError as exc:
-        log.debug("run %s: old timers left to the engine (%s)", run_id, exc)
-
-
 __all__ = [
     "SUGGESTED_AFTER_COMMANDS",
     "ContinueAsNew",
     "check_input_size",
-    "drop_old_timers",
     "events_before",
     "new_input",
     "next_stretch",

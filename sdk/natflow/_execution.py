@@ -100,7 +100,6 @@ from ._commands import (
 from ._continuation import (
     ContinueAsNew,
     check_input_size,
-    drop_old_timers,
     events_before,
     next_stretch,
     run_stored_at,
@@ -843,7 +842,6 @@ class RunExecution:
         stored_at = await run_stored_at(self._conn, self.run_id, self.state.start)
         event = msgspec.structs.replace(event, run_stored_at=stored_at)
         await self._append(event, rollup=True)
-        await drop_old_timers(self._conn, self.run_id, event.base_seq)
         log.info(
             "run %s continued as new (stretch %d)", self.run_id, event.stretch, extra=self._fields()
         )
