@@ -172,3 +172,19 @@ async def test_a_large_error_is_stored_by_reference_and_read_back_whole(
     [step] = await client.steps("long-err")
     assert step.error is not None and step.error.message == "e" * 300_000
     assert (await client.describe("long-err")).error.message == error.message  # type: ignore[union-attr]
+
+
+async def test_a_restarted_run_keeps_the_values_it_copied_after_the_original_is_deleted(
+    client: Client, engine: Engine
+) -> None:
+    """A restart copies the original's events as stored (values by reference): the copy
+    marks them as the new run's, so deleting the original leaves them readable."""
+    text = blob(120_000, "restarted")
+    async with running_worker(client, [louder, shouter]):
+        await (await client.start(shouter, text, run_id="orig-1")).result(10)
+        restarted = await client.restart("orig-1", from_step=("shout", 1))
+        await restarted.result(timeout=10)
+        await client.delete("orig-1")
+    assert await present(client, sha(text))  # the restarted run's input
+    info = await client.describe(restarted.run_id)
+    assert info.status == "completed" and info.result == 120_000

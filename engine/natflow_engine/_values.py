@@ -96,11 +96,12 @@ async def store_value(conn: Connection, what: str, data: bytes, run_id: str | No
 
     ``run_id``: the run the value belongs to, marked as referring to it before the object is
     written (so the value is deleted with the last run that refers to it)."""
-    if len(data) <= INLINE_BYTES:
-        return data
     if is_ref(data):
-        if run_id is not None:  # a value stored by another writer, now this run's too
+        # Stored by another writer (a client, or the run a restart copies): this run's too.
+        if run_id is not None:
             await mark(conn, _ref_decoder.decode(data).digest, run_id)
+        return data
+    if len(data) <= INLINE_BYTES:
         return data
     check_value_size(conn, what, len(data))
     digest = hashlib.sha256(data).hexdigest()
