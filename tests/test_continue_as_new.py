@@ -14,7 +14,13 @@ from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import HISTORY_STREAM, stream_configs
 from natflow_engine._timers import TIMERS_BUCKET
-from natflow_engine.events import RunContinued, RunStarted, SignalReceived, StepCompleted
+from natflow_engine.events import (
+    RunContinued,
+    RunStarted,
+    SignalReceived,
+    StepCompleted,
+    encode_event,
+)
 
 from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
 from tests.workflows_continue import (
@@ -23,6 +29,7 @@ from tests.workflows_continue import (
     Loop,
     bad_continuer,
     grower,
+    hoarder,
     kid_looper,
     looper,
     napping_looper,
@@ -142,6 +149,25 @@ async def test_a_large_new_input_is_stored_by_reference_and_one_over_the_limit_n
         with pytest.raises(RunFailed, match="max_value_bytes"):
             await (await client.start(grower, "y" * 100, run_id="grow-2")).result(20)
     assert (await client.describe("grow-2")).stretch == 3  # 100, 1,000, 10,000: then refused
+
+
+async def test_many_untaken_signals_are_carried_by_reference_in_one_small_event(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, WORKFLOWS):
+        handle = await client.start(hoarder, 40, run_id="hoard-1")
+
+        async def waiting() -> bool:
+            return (await client.describe("hoard-1")).status == "waiting"
+
+        await wait_for(waiting, what="hoard-1 waiting for go")
+        for i in range(40):
+            await client.signal("hoard-1", "note", f"{i:04d}" + "n" * 5000)
+        await client.signal("hoard-1", "go")
+        assert await handle.result(timeout=30) == [5004] * 40
+    first = (await HistoryStore(client.connection).read("hoard-1")).events[0]
+    assert isinstance(first, RunContinued) and len(first.signals) == 40
+    assert len(encode_event(first)) < 64 * 1024
 
 
 async def test_a_cancelled_workflow_cannot_continue_as_new_instead(

@@ -83,6 +83,16 @@ async def grower(ctx: WorkflowContext, text: str) -> str:
     return f"{len(text)} characters"
 
 
+@workflow(name="hoarder")
+async def hoarder(ctx: WorkflowContext, count: int) -> list[int]:
+    """Stretch 1 waits for 'go' (the notes sent before it are moved in, not taken) and
+    continues; stretch 2 takes ``count`` notes: all carried by run_continued."""
+    if count > 0:
+        await ctx.wait_for_signal("go", timeout=30)
+        ctx.continue_as_new(-count)
+    return [len(await ctx.wait_for_signal("note", timeout=30)) for _ in range(-count)]
+
+
 @workflow(name="swallower")
 async def swallower(ctx: WorkflowContext, n: int) -> int:
     """An ``except Exception`` around continue_as_new must not stop it."""
@@ -115,6 +125,7 @@ WORKFLOWS = [
     napping_looper,
     bad_continuer,
     grower,
+    hoarder,
     swallower,
     stubborn,
     kid,

@@ -91,7 +91,14 @@ def _store(conn: Connection) -> ObjectStore:
     return ObjectStore(name=VALUES_BUCKET, stream=VALUES_STREAM, js=conn.js)
 
 
-async def store_value(conn: Connection, what: str, data: bytes, run_id: str | None = None) -> bytes:
+async def store_value(
+    conn: Connection,
+    what: str,
+    data: bytes,
+    run_id: str | None = None,
+    *,
+    inline: int = INLINE_BYTES,
+) -> bytes:
     """``data`` itself if it is small (or a reference already), else a reference to it.
 
     ``run_id``: the run the value belongs to, marked as referring to it before the object is
@@ -101,7 +108,7 @@ async def store_value(conn: Connection, what: str, data: bytes, run_id: str | No
         if run_id is not None:
             await mark(conn, _ref_decoder.decode(data).digest, run_id)
         return data
-    if len(data) <= INLINE_BYTES:
+    if len(data) <= inline:
         return data
     check_value_size(conn, what, len(data))
     digest = hashlib.sha256(data).hexdigest()
@@ -206,7 +213,16 @@ async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
         error = await _stored_error(conn, event.error, what, run_id)
         return event if error is event.error else msgspec.structs.replace(event, error=error)
     if isinstance(event, RunContinued) and event.signals:  # signals it carries, too
-        signals = [await store_event(conn, signal, run_id) for signal in event.signals]
+        # Many untaken signals together could outgrow one message: then each payload over
+        # 1 KiB goes by reference, so the event holds about 200 bytes a signal.
+        crowded = sum(len(_raw(signal.payload)) for signal in event.signals) > INLINE_BYTES
+        signals = []
+        for signal in event.signals:
+            what = f"payload of signal {signal.name!r}"
+            data = await store_value(
+                conn, what, _raw(signal.payload), run_id, inline=1024 if crowded else INLINE_BYTES
+            )
+            signals.append(msgspec.structs.replace(signal, payload=msgspec.Raw(data)))
         event = msgspec.structs.replace(event, signals=signals)
     if isinstance(event, RunStarted):
         data = await store_value(conn, f"input of run {run_id!r}", _raw(event.input), run_id)
