@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from natflow_engine import (
+    Connection,
     InvalidInput,
     check_value_size,
     decode_value,
@@ -112,7 +113,7 @@ def next_stretch(
     )
 
 
-async def run_stored_at(conn: Any, run_id: str, start: RunStarted) -> datetime | None:
+async def run_stored_at(conn: Connection, run_id: str, start: RunStarted) -> datetime | None:
     """When the server stored the run's ``run_started`` (the first stretch's first event):
     signals stored before it were sent before the run existed. Carried by each
     ``run_continued``, whose own storage time is later than signals the run must take."""
@@ -121,7 +122,7 @@ async def run_stored_at(conn: Any, run_id: str, start: RunStarted) -> datetime |
     return await run_created_at(conn, run_id)  # a restart of a continued run: its own
 
 
-def check_input_size(conn: Any, run_id: str, input_json: bytes) -> None:
+def check_input_size(conn: Connection, run_id: str, input_json: bytes) -> None:
     """Refuse a new input over ``max_value_bytes`` (the run then fails, naming it)."""
     check_value_size(
         conn,

@@ -29,8 +29,6 @@ from ._workflows import LoopInput, ReplayTimes, bench_loop
 if TYPE_CHECKING:
     from ._run import Bench
 
-REPLAY_TARGET_MS = 100.0  # the target for the replay of a worker killed mid-loop
-
 
 async def continue_loop(bench: Bench) -> ContinueLoop:
     client = bench.client
