@@ -25,6 +25,7 @@ from tests.workflows_recorded import (
     recorded_cancel,
     recorded_children,
     recorded_flow,
+    recorded_continue,
     recorded_kid,
     recorded_patch,
     recorded_patch_v1,
@@ -99,6 +100,18 @@ async def debounced(client: Client, run_id: str) -> None:
         handles = [await client.start(recorded_flow, {"doc": "doc1", "v": v}) for v in (1, 2, 3)]
         assert {h.run_id for h in handles} == {run_id}
         await handles[0].result(timeout=20)
+async def continued(client: Client, run_id: str) -> None:
+    """Send 'extra' then 'go' while the first stretch waits for 'go': 'extra' is carried."""
+    async with running_worker(client, [recorded_continue]):
+        handle = await client.start(recorded_continue, {"n": 1, "total": 1}, run_id=run_id)
+
+        async def waiting() -> bool:
+            return any(isinstance(e, SignalWaited) for e in await client.history(run_id))
+
+        await wait_for(waiting, what=f"{run_id} waiting")
+        await client.signal(run_id, "extra", "carried")
+        await client.signal(run_id, "go", "now")
+        await handle.result(timeout=20)
 
 
 async def main() -> None:
@@ -133,6 +146,8 @@ async def main() -> None:
                         (
                             "recorded_flow-d-doc1-1",
                             lambda: debounced(client, "recorded_flow-d-doc1-1"),
+                            "recorded-continue-1",
+                            lambda: continued(client, "recorded-continue-1"),
                         ),
                         (
                             "recorded-values-1",

@@ -37,7 +37,7 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert "[5/8] replay" in done.stderr  # the progress lines went to stderr, not stdout
+    assert "[5/9] replay" in done.stderr  # the progress lines went to stderr, not stdout
 
     assert report["version"] == 1 and report["quick"] is True
     assert report["environment"]["embedded"] is True
@@ -87,6 +87,13 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
     kill = report["kill_to_restart"]
     assert_stats(kill["restart_ms"], count=kill["rounds"])
 
+    loop = report["continue_as_new"]
+    assert loop["steps"] == 2500 and loop["stretches"] == 3  # 1,000 commands a stretch
+    assert loop["kill_steps"] == 3000 and loop["killed_at_stretch"] >= 1
+    for key in ("wall_s", "steps_per_s", "replay_ms", "replay_cold_ms", "resumed_s"):
+        assert_number(loop[key])
+    assert 0 < loop["stretch_events_at_kill"] <= 1100  # one stretch, not the whole loop
+
     assert report["pending"] == {}
     names = [t["name"] for t in report["targets"]]
     assert names == [
@@ -97,6 +104,7 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
         "replay of 10,000 events",
         "timer wake-up lateness p99",
         "kill to restart elsewhere, median",
+        "replay after a kill mid-loop (continue-as-new)",
     ]
     by_name = {t["name"]: t for t in report["targets"]}
     assert by_name["replay of 10,000 events"]["met"] is None  # --quick replays 1,000 at most
@@ -123,6 +131,8 @@ def test_bench_table_is_the_default_output() -> None:
         "idle: start to first step",
         "replay: 1,000 events",
         "memory: worker peak RSS, throughput",
+        "continue-as-new: loop of 2,500 steps",
+        "continue-as-new: replay after a kill mid-loop",
     ):
         assert any(line.startswith(label) for line in lines), label
     assert lines[-1].startswith(("targets missed:", "all targets met"))

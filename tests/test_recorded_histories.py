@@ -21,6 +21,7 @@ from natflow_engine.events import (
     Event,
     RunCancelled,
     RunCompleted,
+    RunContinued,
     RunRestarted,
     decode_event,
     encode_event,
@@ -32,6 +33,7 @@ from tests.workflows_recorded import (
     recorded_cancel,
     recorded_children,
     recorded_flow,
+    recorded_continue,
     recorded_mix,
     recorded_patch,
     recorded_pause,
@@ -54,6 +56,7 @@ WORKFLOWS: dict[str, Workflow] = {
         recorded_cancel,
         recorded_children,
         recorded_flow,
+        recorded_continue,
         recorded_values,
         recorded_pause,
         tick,
@@ -107,6 +110,16 @@ def test_recorded_history_replays_to_its_recorded_result(path: Path) -> None:
         return
     replayed = msgspec.json.decode(msgspec.json.encode(replay.result))
     assert replayed == msgspec.json.decode(final.result)
+
+
+def test_a_recorded_continued_stretch_carries_its_untaken_signal() -> None:
+    history = load_history(HISTORIES / "recorded-continue-1.jsonl")
+    first = history.events[0]
+    assert isinstance(first, RunContinued)
+    assert first.stretch == 3 and first.base_seq > 0 and first.events_before > 0
+    assert [(s.name, msgspec.json.decode(s.payload)) for s in first.signals] == [
+        ("extra", "carried")
+    ]
 
 
 def test_every_recorded_workflow_is_known() -> None:

@@ -135,3 +135,16 @@ async def recorded_flow(ctx: WorkflowContext, input: dict[str, int | str]) -> di
     a = await ctx.step("call", double, v, rate_limit=_FLOW_API)
     b = await ctx.step("call", double, v + 1, rate_limit=_FLOW_API, rate_key=None)
     return {"input": input, "a": a, "b": b}
+@workflow(name="recorded_continue")
+async def recorded_continue(ctx: WorkflowContext, state: dict[str, int]) -> dict[str, object]:
+    """Continues as new twice (recorded: the last stretch, opened by run_continued). The
+    first stretch takes 'go' and leaves 'extra', which arrived before it, untaken: the
+    run_continued events carry it and the last stretch takes it."""
+    n = state["n"]
+    total = await ctx.step("double", double, state["total"] + n)
+    if n == 1:
+        await ctx.wait_for_signal("go", timeout=30)
+    if n < 3:
+        ctx.continue_as_new({"n": n + 1, "total": total})
+    extra = await ctx.wait_for_signal("extra", timeout=30)
+    return {"total": total, "extra": extra, "n": n}

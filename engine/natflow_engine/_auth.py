@@ -73,6 +73,7 @@ from ._streams import (
     workflow_token,
 )
 from ._timers import TIMERS_BUCKET
+from ._value_refs import REFS_BUCKET
 from ._values import VALUES_BUCKET, VALUES_STREAM
 
 ROLES: Final = ("engine", "worker", "client", "frontend", "signaller", "viewer")
@@ -82,7 +83,7 @@ USER_INFO: Final = "$SYS.REQ.USER.INFO"  # who am I: the server's answer (worker
 # A worker writes these (natflow_rates: rate limits of steps, a debounced run's input;
 # natflow_limits: the concurrency slots its runs take and give back).
 _BUCKETS: Final = (LEASES_BUCKET, WORKERS_BUCKET, TIMERS_BUCKET, RATES_BUCKET, LIMITS_BUCKET)
-_ALL_BUCKETS: Final = (*_BUCKETS, SCHEDULES_BUCKET, TRIGGERS_BUCKET)
+_ALL_BUCKETS: Final = (*_BUCKETS, SCHEDULES_BUCKET, TRIGGERS_BUCKET, REFS_BUCKET)
 # What a viewer reads: workers and the runs they hold (leases), schedules, event triggers,
 # and which runs wait for a concurrency slot (the run view says so).
 _READ_BUCKETS: Final = (
@@ -219,11 +220,14 @@ def _ordered_consumer(api: str, stream: str) -> list[str]:
     ]
 
 
-def _values(api: str, *, write: bool) -> list[str]:
+def _values(api: str, kv: str, *, write: bool) -> list[str]:
     """Large values in the natflow_values object store (nats-py reads an object's meta with
     a stream message get, its chunks with an ordered consumer; writes publish to ``$O``)."""
     read = [f"{api}.STREAM.MSG.GET.{VALUES_STREAM}", *_ordered_consumer(api, VALUES_STREAM)]
-    return [*read, f"$O.{VALUES_BUCKET}.>"] if write else read
+    # A writer marks the run that refers to a value and checks for a delete in progress
+    # (see _value_refs).
+    marks = [f"{kv}.{REFS_BUCKET}.>", *_direct_get(api, kv_stream(REFS_BUCKET))]
+    return [*read, f"$O.{VALUES_BUCKET}.>", *marks] if write else read
 
 
 def _stream_info(api: str) -> list[str]:
@@ -241,7 +245,7 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
         *_direct_get(api, EVENTS_STREAM),  # natflow events list
         *(s for b in _READ_BUCKETS for s in _direct_get(api, kv_stream(b))),
         *_ordered_consumer(api, HISTORY_STREAM),  # Client.watch
-        *_values(api, write=False),
+        *_values(api, kv, write=False),
         *_ordered_consumer(api, LIFECYCLE_STREAM),  # Client.events
         # Client.events(durable=...): a durable pull consumer that remembers how far it got.
         f"{api}.CONSUMER.MSG.NEXT.{LIFECYCLE_STREAM}.>",
@@ -253,7 +257,7 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
 
 
 def _signaller(api: str, kv: str, queues: list[str]) -> _Parts:
-    publish = [*_stream_info(api), f"{SIGNAL_PREFIX}.*.*", *_values(api, write=True)]
+    publish = [*_stream_info(api), f"{SIGNAL_PREFIX}.*.*", *_values(api, kv, write=True)]
     return publish, ["_INBOX.>"], False
 
 
@@ -269,7 +273,7 @@ def _client(api: str, kv: str, queues: list[str]) -> _Parts:
         f"{kv}.{SCHEDULES_BUCKET}.>",  # client.schedules: create, change, delete
         f"{kv}.{RATES_BUCKET}.>",  # starts under flow control: rate limit, singleton, debounce
         *_direct_get(api, kv_stream(RATES_BUCKET)),
-        *_values(api, write=True),
+        *_values(api, kv, write=True),
     ]
     return publish, subscribe, False
 
@@ -282,7 +286,7 @@ def _frontend(api: str, kv: str, queues: list[str]) -> _Parts:
         *(_control_subject(kind) for kind in CONTROLS),
         f"{EVENT_PREFIX}.>",  # events too start runs through the engine, which checks them
         f"{OUTBOX_PREFIX}.>",  # client.site(...): commands for a site's runs
-        *_values(api, write=True),  # a large input is stored before the request
+        *_values(api, kv, write=True),  # a large input is stored before the request
     ]
     return publish, subscribe, False
 
@@ -317,7 +321,7 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
         # A parent's worker cancels or terminates its open children as the parent closes
         # (parent_close); it could append their run_terminated anyway (history.*).
         *(_control_subject(kind) for kind in CONTROLS),
-        *_values(api, write=True),
+        *_values(api, kv, write=True),
     ]
     for consumer in consumers:
         publish += [
@@ -347,7 +351,7 @@ def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
         "natflow.worker.*.wake",  # a run it holds has something new
         f"{SIGNAL_PREFIX}.*.{CONTROL_TOKEN}.child",  # a closed child's outcome, to its parent
         *(f"{kv}.{bucket}.>" for bucket in _ALL_BUCKETS),
-        *_values(api, write=False),
+        *_values(api, kv, write=True),  # retention deletes values no run refers to any more
     ]
     for stream in _STREAMS:
         publish += [

@@ -93,7 +93,7 @@ async def _signal(conn: Connection, args: argparse.Namespace) -> int:
     if conn.codec is not None:
         payload = seal(conn.codec, payload)
     check_value_size(conn, f"payload of signal {args.name!r}", len(payload))
-    payload = await store_value(conn, f"payload of signal {args.name!r}", payload)
+    payload = await store_value(conn, f"payload of signal {args.name!r}", payload, args.run_id)
     ack = await send(conn, args.run_id, args.name, payload, args.signal_id)
     if ack.duplicate:
         print(

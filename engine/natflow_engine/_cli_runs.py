@@ -355,6 +355,8 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     if info.worker:
         print(f"worker    {info.worker} (last to hold it)")
     print(f"created   {when(info.created_at)}")
+    if info.stretch > 1:  # continue-as-new: history holds the current stretch only
+        print(f"stretch   {info.stretch} ({info.stretch - 1} before, continued as new)")
     if info.trigger:
         print(f"started by {describe_trigger(info.trigger)}")
     if info.restarted_from:

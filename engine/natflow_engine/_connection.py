@@ -42,6 +42,7 @@ START_HINT: Final = "start one with `natflow dev` (or `natflow server`), or set 
 
 # JetStream error codes natflow branches on (nats-server's errors.json).
 ERR_WRONG_LAST_SEQUENCE: Final = 10071
+ERR_ROLLUP_NOT_PERMITTED: Final = 10111  # a Nats-Rollup header on a stream without rollups
 ERR_MAX_MSGS_PER_SUBJECT: Final = 10077
 ERR_STREAM_NOT_FOUND: Final = 10059
 ERR_CONSUMER_NOT_FOUND: Final = 10014

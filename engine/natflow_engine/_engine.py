@@ -57,6 +57,7 @@ from .events import (
     RunCancelled,
     RunClaimed,
     RunCompleted,
+    RunContinued,
     RunFailed,
     RunStarted,
     RunTerminated,
@@ -73,6 +74,7 @@ log = logging.getLogger("natflow.engine")
 DISPATCHER: Final = "natflow-engine-dispatcher"
 RUN_EVENTS: Final = (
     "run_started",
+    "run_continued",
     "run_claimed",
     "run_blocked",
     "run_completed",
@@ -251,7 +253,13 @@ class Engine:
 
     async def _keep_timers(self, run_id: str, event: Event) -> None:
         """Mirror history's timers into KV, and make sure every start gets its task."""
-        if isinstance(event, RunStarted):
+        if isinstance(event, RunContinued):
+            # Timers of older stretches (their events are gone with them, some perhaps
+            # before this dispatcher saw them) must not keep waking the run.
+            await timers.cancel_timers_through(self._conn, run_id, event.base_seq)
+            if event.restarted_from is None:  # a restart enqueues once its seed is written
+                await self._ensure_task(run_id, event)  # its worker died before enqueueing
+        elif isinstance(event, RunStarted):
             if event.not_before is not None:
                 await timers.schedule(
                     self._conn,

@@ -35,6 +35,10 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     # With a payload codec: the message and traceback, encrypted (natflow_engine._sealing);
     # ``message`` then says "encrypted (key <id>)".
     sealed: str = ""
+    # A large error (over the 64 KiB a history event keeps inline): the reference to the whole
+    # error in the natflow_values object store (natflow_engine._values); ``message`` and
+    # ``traceback`` then hold its head and tail, which readers replace with the whole.
+    stored: str = ""
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"

@@ -18,6 +18,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from ._connection import (
+    ERR_ROLLUP_NOT_PERMITTED,
     ERR_WRONG_LAST_SEQUENCE,
     Connection,
     JetStreamError,
@@ -88,8 +89,13 @@ class HistoryStore:
 
     # -- appends ---------------------------------------------------------------------------
 
-    async def append(self, run_id: str, event: Event, expected_seq: int) -> int:
+    async def append(
+        self, run_id: str, event: Event, expected_seq: int, *, rollup: bool = False
+    ) -> int:
         """Append ``event`` if the run's last sequence is still ``expected_seq``.
+
+        With ``rollup`` the event replaces the run's whole history in the same step
+        (``Nats-Rollup: sub``; continue-as-new), fenced by ``expected_seq`` like any append.
 
         Returns the new event's stream sequence. Raises :class:`AppendConflict` when the run
         moved on. An append whose acknowledgement was lost is retried with the same message id;
@@ -105,12 +111,21 @@ class HistoryStore:
             "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
             "Nats-Msg-Id": msg_id,
         }
+        if rollup:
+            headers["Nats-Rollup"] = "sub"
 
         async def attempt() -> int:
             try:
                 ack = await self._conn.publish(subject, data, headers)
                 return ack.seq
             except JetStreamError as exc:
+                if exc.err_code == ERR_ROLLUP_NOT_PERMITTED:
+                    raise NatflowError(
+                        f"run {run_id!r} cannot continue as new: stream {HISTORY_STREAM} was "
+                        "created by an older natflow without allow_rollup_hdrs; start the "
+                        "engine (`natflow engine`) or run `natflow init` as a user with the "
+                        "engine role once, which updates it in place"
+                    ) from exc
                 if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                     raise
             # The run moved on, or an earlier attempt of this append landed unacknowledged.

@@ -20,9 +20,9 @@ import msgspec
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._errors import InvalidInput, PermissionDenied
 from ._site_index import site_runs
-from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due
+from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due, new_info
 from ._streams import RUNS_STREAM, runs_subject
-from .events import Event, RunStarted
+from .events import Event, RunContinued, RunStarted
 
 log = logging.getLogger("natflow.index")
 
@@ -73,17 +73,9 @@ class RunIndex:
             if entry is None:
                 if not isinstance(event, RunStarted):
                     return None  # the start is still ahead of us in the stream or was lost
-                info = RunInfo(
-                    run_id=run_id,
-                    workflow=event.workflow,
-                    queue=event.queue,
-                    status="pending",
-                    created_at=event.at,
-                    updated_at=event.at,
-                    parent=event.parent,
-                    trigger=event.trigger,
-                    restarted_from=event.restarted_from,
-                )
+                info = new_info(run_id, event)  # a run_continued too (the index was lost)
+                if not isinstance(event, RunContinued):
+                    info.current = None  # as the index always had it for a start
                 retention = event.retention
             else:
                 # A copy: should the hook or the write fail, the cached summary is unchanged.

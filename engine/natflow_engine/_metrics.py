@@ -50,7 +50,7 @@ from ._index import RunIndex
 from ._registry import list_workers
 from ._state import CLOSED_STATUSES, RunInfo, RunStatus
 from ._streams import TASK_STREAM
-from .events import Event, RunBlocked, RunStarted, utcnow
+from .events import Event, RunBlocked, RunContinued, RunStarted, utcnow
 
 log = logging.getLogger("natflow.metrics")
 
@@ -306,6 +306,8 @@ def prepare_worker(workflows: Iterable[str], queues: Iterable[str]) -> None:
 def observe_run(event: Event, info: RunInfo) -> None:
     """Count a run-level event the engine's index just folded into ``info``."""
     _know(info.workflow)
+    if isinstance(event, RunContinued):
+        return  # the same run going on (continue-as-new), not a new one
     if isinstance(event, RunStarted):
         RUNS_STARTED.labels(info.workflow).inc()
     elif isinstance(event, RunBlocked):

@@ -35,6 +35,7 @@ from .events import (
     Event,
     PatchMarked,
     RestartSeeded,
+    RunContinued,
     RunRestarted,
     RunStarted,
     SignalReceived,
@@ -162,6 +163,8 @@ async def _create(store: HistoryStore, run_id: str, start: RunStarted) -> tuple[
         event = msgspec.structs.replace(
             start, id=f"{new_id}:1", at=utcnow(), restarted_from=run_id, not_before=None
         )
+        if isinstance(event, RunContinued):  # a continued run: the restart starts now
+            event = msgspec.structs.replace(event, run_started_at=None, run_stored_at=None)
         try:
             return new_id, await store.append(new_id, event, 0)
         except AppendConflict:

@@ -1,8 +1,9 @@
 """Deleting closed runs, on request (``client.delete``) and by retention.
 
 A run lives in several places, each keyed by its id; deleting it purges every one of them:
-its lifecycle events, signals, dead letters, timer and lease entries (KV delete markers
-included), task, index entry, and last its history. History goes last so that a delete cut
+the large values only it refers to (``_value_refs``), its lifecycle events, signals, dead
+letters, timer and lease entries (KV delete markers included), task, index entry, and last
+its history. History goes last so that a delete cut
 short (a crash, a lost connection) can simply be run again: until history is gone the run
 still exists and is still closed.
 
@@ -47,6 +48,7 @@ from ._streams import (
     task_subject,
 )
 from ._timers import TIMERS_BUCKET
+from ._value_refs import release_run_values
 from .events import utcnow
 
 log = logging.getLogger("natflow.retention")
@@ -99,6 +101,9 @@ async def purge_run(conn: Connection, run_id: str, workflow: str, queue: str) ->
         (RUNS_STREAM, runs_subject(run_id)),
         (HISTORY_STREAM, history_subject(run_id)),
     ]
+    # Stored values first: their markers name the run, and while history is still there a
+    # delete cut short is simply run again.
+    await release_run_values(conn, run_id)
     removed = 0
     for stream, subject in places:
         removed += await purge(conn, stream, subject)

@@ -24,6 +24,7 @@ from .events import (
     Event,
     RunClaimed,
     RunCompleted,
+    RunFailed,
     RunStarted,
     Trigger,
     encode_event,
@@ -145,7 +146,9 @@ class Runs:
         # stays sealed.
         if result_only:
             events = [
-                await load_event(self.conn, e, run_id) if isinstance(e, RunCompleted) else e
+                await load_event(self.conn, e, run_id)
+                if isinstance(e, RunCompleted | RunFailed)
+                else e
                 for e in history.events
             ]
         else:

@@ -31,6 +31,7 @@ from ._errors import ErrorInfo, InvalidInput, NatflowError
 from .events import (
     Event,
     RunCompleted,
+    RunContinued,
     RunFailed,
     RunStarted,
     SignalReceived,
@@ -221,6 +222,9 @@ def seal_event(codec: PayloadCodec | None, event: Event) -> Event:
     """``event`` with its user values sealed (itself without a codec or such values)."""
     if codec is None:
         return event
+    if isinstance(event, RunContinued) and event.signals:  # signals it carries, sealed too
+        signals = [seal_event(codec, signal) for signal in event.signals]
+        event = msgspec.structs.replace(event, signals=signals)
     if isinstance(event, RunStarted):
         return msgspec.structs.replace(event, input=msgspec.Raw(seal(codec, _raw(event.input))))
     if isinstance(event, StepCompleted | RunCompleted):
@@ -235,6 +239,9 @@ def seal_event(codec: PayloadCodec | None, event: Event) -> Event:
 def open_event(codec: PayloadCodec | None, event: Event, run_id: str) -> Event:
     """``event`` with its sealed values opened; :class:`MissingKey` if a key is not held."""
     what = f"run {run_id!r}: {type(event).__name__}"
+    if isinstance(event, RunContinued) and event.signals:  # signals it carries, opened too
+        signals = [open_event(codec, signal, run_id) for signal in event.signals]
+        event = msgspec.structs.replace(event, signals=signals)
     if isinstance(event, RunStarted) and is_sealed(_raw(event.input)):
         opened = open_sealed(codec, _raw(event.input), f"the input of run {run_id!r}")
         return msgspec.structs.replace(event, input=msgspec.Raw(opened))

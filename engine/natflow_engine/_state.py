@@ -20,6 +20,7 @@ from .events import (
     RunCancelled,
     RunClaimed,
     RunCompleted,
+    RunContinued,
     RunFailed,
     RunPaused,
     RunRestarted,
@@ -92,6 +93,9 @@ class RunInfo(msgspec.Struct, kw_only=True):
     # last heard from that site (its copy of the run's summary is at least that fresh).
     site: str | None = None
     site_seen_at: datetime | None = None
+    # Which stretch of history the run is in: 1 until ``ctx.continue_as_new``, which starts
+    # the next (``stretch - 1`` stretches came before; history holds the current one).
+    stretch: int = 1
 
     @property
     def is_closed(self) -> bool:
@@ -183,6 +187,7 @@ def mark_due(info: RunInfo, timer: str) -> None:
 
 
 def new_info(run_id: str, start: RunStarted) -> RunInfo:
+    """The summary of a run whose history begins with ``start`` (a ``run_continued`` too)."""
     info = RunInfo(
         run_id=run_id,
         workflow=start.workflow,
@@ -194,6 +199,9 @@ def new_info(run_id: str, start: RunStarted) -> RunInfo:
         trigger=start.trigger,
         restarted_from=start.restarted_from,
     )
+    if isinstance(start, RunContinued):
+        _continued(info, start)
+        info.created_at = start.run_started_at or start.at
     if start.not_before is not None and start.rate_limited is not None:
         info.current = f"rate limited until {when(start.not_before)} (limit {start.rate_limited})"
     elif start.not_before is not None and start.debounce is not None:
@@ -255,6 +263,10 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     if running is None:
         running = {}
     info.updated_at = event.at
+    if isinstance(event, RunContinued):
+        running.clear()  # the older stretch's steps are gone with it
+        _continued(info, event)
+        return
     if isinstance(event, RunRestarted):
         info.restarted_as = event.restarted_as
         return
@@ -304,6 +316,15 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
         info.error = event.error
         info.closed_at = event.at
         info.current = None
+
+
+def _continued(info: RunInfo, event: RunContinued) -> None:
+    info.stretch = event.stretch
+    # Still running to anyone watching (no lifecycle event per stretch): its worker has
+    # already enqueued the next stretch.
+    info.status = "paused" if event.paused else "running"
+    info.current = f"continued as new (stretch {event.stretch})"
+    info.error, info.due_at = None, None
 
 
 _ENDS_PAUSE = (RunResumed, RunBlocked, RunCompleted, RunFailed, RunCancelled, RunTerminated)

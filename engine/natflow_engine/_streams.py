@@ -3,9 +3,11 @@
 Layout (all names are public and documented in the README):
 
 * ``NATFLOW_HISTORY``: one subject per run, ``natflow.history.<run_id>``; file storage,
-  direct get on, append-only (nothing ever rewrites a run's history). A literal subject per
-  run lets the server find a run's events through its subject index, however large the
-  stream grows (a wildcard per run would make it scan).
+  direct get on, append-only but for one thing: ``ctx.continue_as_new`` starts a fresh
+  stretch of a run's history with one ``run_continued`` event published with
+  ``Nats-Rollup: sub`` (``allow_rollup_hdrs``), which drops the run's older events at
+  once. A literal subject per run lets the server find a run's events through its
+  subject index, however large the stream grows (a wildcard per run would make it scan).
 * ``NATFLOW_TASKS``: work queue ``natflow.task.<queue>.<workflow>.<run_id>``, at most one
   pending task per run (``discard_new_per_subject``), one durable pull consumer per queue and
   workflow (``natflow-queue-<queue>~<workflow>``), so a worker only receives tasks it serves.
@@ -22,7 +24,8 @@ Layout (all names are public and documented in the README):
 * ``NATFLOW_LIFECYCLE``: ``natflow.lifecycle.<workflow>.<status>.<run_id>``, one message per
   run status change (see ``_lifecycle``).
 * KV buckets ``natflow_leases``, ``natflow_workers``, ``natflow_timers``, ``natflow_schedules``
-  (schedules and their state), ``natflow_triggers`` (which workflows start on which event).
+  (schedules and their state), ``natflow_triggers`` (which workflows start on which event),
+  ``natflow_value_refs`` (``<sha256>.<run_id>``: which runs refer to which stored value).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ._connection import ERR_STREAM_NAME_IN_USE, Connection
 from ._errors import PermissionDenied
 from ._kv import kv_stream_config
 from ._lifecycle import lifecycle_stream_config
+from ._value_refs import REFS_BUCKET
 
 log = logging.getLogger("natflow.streams")
 
@@ -117,6 +121,7 @@ def stream_configs() -> list[api.StreamConfig]:
             storage=api.StorageType.FILE,
             retention=api.RetentionPolicy.LIMITS,
             allow_direct=True,
+            allow_rollup_hdrs=True,  # continue-as-new (see the module docstring)
             duplicate_window=120.0,
             num_replicas=r,
         ),
@@ -157,6 +162,9 @@ def stream_configs() -> list[api.StreamConfig]:
         kv_stream_config(TRIGGERS_BUCKET, "natflow: which workflows start on which event", r),
         kv_stream_config(RATES_BUCKET, "natflow: rate limit, singleton and debounce cells", r),
         kv_stream_config("natflow_limits", "natflow: concurrency slots and who waits for one", r),
+        kv_stream_config(
+            REFS_BUCKET, "natflow: which runs refer to which stored value (see _value_refs)", r
+        ),
         api.StreamConfig(
             name=EVENTS_STREAM,
             description="natflow: events from any NATS client, starting declared workflows",
@@ -202,14 +210,46 @@ async def ensure_streams(conn: Connection) -> None:
         conn.streams_ready = True
 
 
+# Settings added to a stream after its first release: a stream an older natflow created is
+# updated in place to have them (each may only be turned on, so an update is always safe).
+_ADDED_FLAGS: Final = ("allow_rollup_hdrs",)
+
+
+async def _upgrade_stream(
+    conn: Connection, current: api.StreamConfig, wanted: api.StreamConfig
+) -> None:
+    missing = [f for f in _ADDED_FLAGS if getattr(wanted, f) and not getattr(current, f)]
+    if not missing:
+        return
+    name = current.name
+    assert name is not None
+    updated = current
+    for flag in missing:
+        setattr(updated, flag, True)
+    try:
+        await conn.admin(f"updating stream {name}", lambda: conn.jsm.update_stream(updated))
+        log.info("stream %s updated in place: %s turned on", name, ", ".join(missing))
+    except PermissionDenied:
+        # A worker or client role may not update streams: the engine (or `natflow init` as
+        # the engine role) does. Until then what needs the setting names it when refused.
+        log.warning(
+            "stream %s lacks %s and this connection may not update it; start the engine "
+            "(`natflow engine`) or run `natflow init` as a user with the engine role",
+            name,
+            ", ".join(missing),
+        )
+
+
 async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> None:
     name = config.name
     assert name is not None
     try:
-        await conn.admin(f"stream {name}", lambda: conn.jsm.stream_info(name))
-        return
+        info = await conn.admin(f"stream {name}", lambda: conn.jsm.stream_info(name))
     except nats.js.errors.NotFoundError:
         pass
+    else:
+        await _upgrade_stream(conn, info.config, config)
+        return
     try:
         await conn.admin(f"creating stream {name}", lambda: conn.jsm.add_stream(config))
         log.info("created stream %s", name)

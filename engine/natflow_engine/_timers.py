@@ -79,6 +79,15 @@ async def cancel(conn: Connection, run_id: str, seq: int) -> None:
 
 async def cancel_run(conn: Connection, run_id: str) -> None:
     """Drop every timer a finished run left behind."""
+    await cancel_timers_through(conn, run_id, None)
+
+
+async def cancel_timers_through(conn: Connection, run_id: str, through_seq: int | None) -> None:
+    """Drop the run's timers of commands at positions up to ``through_seq`` (all if None).
+
+    After ``ctx.continue_as_new`` the new stretch numbers its commands after the old one's
+    (``run_continued.base_seq``), so the old stretch's timers are exactly those at or below
+    it (the delayed start's, position 0, included)."""
     page = await reader(conn).read_all(
         f"KV_{TIMERS_BUCKET}", f"$KV.{TIMERS_BUCKET}.{run_id}.>", headers=True
     )
@@ -86,7 +95,15 @@ async def cancel_run(conn: Connection, run_id: str) -> None:
         headers = msg.headers or {}
         if headers.get("KV-Operation") not in ("DEL", "PURGE"):
             subject = headers.get("Nats-Subject", msg.subject)  # a direct get's reply says it
-            await kv_delete_nowait(conn, TIMERS_BUCKET, subject.split(".", 2)[2])
+            key = subject.split(".", 2)[2]
+            if through_seq is not None and not _at_or_below(key, through_seq):
+                continue
+            await kv_delete_nowait(conn, TIMERS_BUCKET, key)
+
+
+def _at_or_below(key: str, seq: int) -> bool:
+    position = key.rpartition(".")[2]
+    return position.isdigit() and int(position) <= seq
 
 
 class TimerService:

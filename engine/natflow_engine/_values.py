@@ -10,8 +10,8 @@ harmless), and history carries, in the value's place::
 Readers resolve references where they open sealed values (replay, results, ``steps()``,
 ``history()``, the CLI), before opening them. A value over the connection's
 ``max_value_bytes`` (default :data:`MAX_VALUE_BYTES`, 64 MiB) is refused with
-:class:`InvalidInput` before anything is written. Stored values are not deleted with their
-runs (yet).
+:class:`InvalidInput` before anything is written. A value stored for a run is marked as
+that run's (``_value_refs``) and deleted with the last run that refers to it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,21 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 from nats.js.object_store import ObjectStore
 
-from ._errors import InvalidInput, NatflowError
-from .events import ChildCompleted, Event, RunCompleted, RunStarted, SignalReceived, StepCompleted
+from ._errors import ErrorInfo, InvalidInput, NatflowError
+from ._value_refs import mark
+from .events import (
+    ChildCompleted,
+    ChildFailed,
+    Event,
+    RunCompleted,
+    RunContinued,
+    RunFailed,
+    RunStarted,
+    SignalReceived,
+    StepCompleted,
+    StepFailed,
+    StepRetrying,
+)
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -78,12 +91,29 @@ def _store(conn: Connection) -> ObjectStore:
     return ObjectStore(name=VALUES_BUCKET, stream=VALUES_STREAM, js=conn.js)
 
 
-async def store_value(conn: Connection, what: str, data: bytes) -> bytes:
-    """``data`` itself if it is small (or a reference already), else a reference to it."""
-    if len(data) <= INLINE_BYTES or is_ref(data):
+async def store_value(
+    conn: Connection,
+    what: str,
+    data: bytes,
+    run_id: str | None = None,
+    *,
+    inline: int = INLINE_BYTES,
+) -> bytes:
+    """``data`` itself if it is small (or a reference already), else a reference to it.
+
+    ``run_id``: the run the value belongs to, marked as referring to it before the object is
+    written (so the value is deleted with the last run that refers to it)."""
+    if is_ref(data):
+        # Stored by another writer (a client, or the run a restart copies): this run's too.
+        if run_id is not None:
+            await mark(conn, _ref_decoder.decode(data).digest, run_id)
+        return data
+    if len(data) <= inline:
         return data
     check_value_size(conn, what, len(data))
     digest = hashlib.sha256(data).hexdigest()
+    if run_id is not None:
+        await mark(conn, digest, run_id)
     store = _store(conn)
     try:
         info = await store.get_info(digest)
@@ -101,6 +131,21 @@ async def store_value(conn: Connection, what: str, data: bytes) -> bytes:
                 f"object store ({exc})"
             ) from exc
     return _encoder.encode(ValueRef(digest=digest, size=len(data)))
+
+
+async def delete_object(conn: Connection, digest: str) -> None:
+    """Delete stored value ``digest`` (nothing if it is gone already)."""
+    store = _store(conn)
+    try:
+        await conn.admin(f"deleting value {digest}", lambda: store.delete(digest))
+    except NatflowError:
+        raise
+    except Exception as exc:  # a nats-py error: mapped here, at the boundary
+        if "not found" in str(exc).lower():
+            return
+        raise NatflowError(
+            f"value {digest} could not be deleted from the {VALUES_BUCKET} object store ({exc})"
+        ) from exc
 
 
 async def load_value(conn: Connection, data: bytes, what: str = "a value") -> bytes:
@@ -134,22 +179,69 @@ def _raw(data: msgspec.Raw) -> bytes:
     return bytes(data)
 
 
+_ERROR_HEAD: Final = 2000  # characters of a stored error's message kept inline
+_ERROR_TAIL: Final = 4000  # ... and of its traceback (the end, where the raise is)
+_error_encoder = msgspec.json.Encoder()
+_error_decoder = msgspec.json.Decoder(ErrorInfo)
+
+
+async def _stored_error(conn: Connection, error: ErrorInfo, what: str, run_id: str) -> ErrorInfo:
+    """A large error stored whole, with its head and tail kept inline (a small one as is)."""
+    data = _error_encoder.encode(error)
+    if len(data) <= INLINE_BYTES or error.stored:
+        return error
+    ref = await store_value(conn, what, data, run_id)
+    note = f" [... {len(data):,} bytes in all: the whole error is stored by reference]"
+    return ErrorInfo(
+        type=error.type,
+        message=error.message if error.sealed else error.message[:_ERROR_HEAD] + note,
+        traceback="" if error.sealed else error.traceback[-_ERROR_TAIL:],
+        stored=ref.decode(),
+    )
+
+
+async def _loaded_error(conn: Connection, error: ErrorInfo, what: str) -> ErrorInfo:
+    if not error.stored:
+        return error
+    return _error_decoder.decode(await load_value(conn, error.stored.encode(), what))
+
+
 async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
     """``event`` with a large user value replaced by its reference (stored first)."""
+    if isinstance(event, StepFailed | StepRetrying | RunFailed | ChildFailed) and event.error:
+        what = f"error of {type(event).__name__} in run {run_id!r}"
+        error = await _stored_error(conn, event.error, what, run_id)
+        return event if error is event.error else msgspec.structs.replace(event, error=error)
+    if isinstance(event, RunContinued) and event.signals:  # signals it carries, too
+        # Many untaken signals together could outgrow one message: then each payload over
+        # 1 KiB goes by reference, so the event holds about 200 bytes a signal.
+        crowded = sum(len(_raw(signal.payload)) for signal in event.signals) > INLINE_BYTES
+        signals = []
+        for signal in event.signals:
+            what = f"payload of signal {signal.name!r}"
+            data = await store_value(
+                conn, what, _raw(signal.payload), run_id, inline=1024 if crowded else INLINE_BYTES
+            )
+            signals.append(msgspec.structs.replace(signal, payload=msgspec.Raw(data)))
+        event = msgspec.structs.replace(event, signals=signals)
     if isinstance(event, RunStarted):
-        data = await store_value(conn, f"input of run {run_id!r}", _raw(event.input))
+        data = await store_value(conn, f"input of run {run_id!r}", _raw(event.input), run_id)
         return msgspec.structs.replace(event, input=msgspec.Raw(data))
     if isinstance(event, StepCompleted):
-        data = await store_value(conn, f"result of step {event.name!r}", _raw(event.result))
+        data = await store_value(conn, f"result of step {event.name!r}", _raw(event.result), run_id)
         return msgspec.structs.replace(event, result=msgspec.Raw(data))
     if isinstance(event, RunCompleted):
-        data = await store_value(conn, f"result of run {run_id!r}", _raw(event.result))
+        data = await store_value(conn, f"result of run {run_id!r}", _raw(event.result), run_id)
         return msgspec.structs.replace(event, result=msgspec.Raw(data))
     if isinstance(event, ChildCompleted):
-        data = await store_value(conn, f"result of child {event.name!r}", _raw(event.result))
+        data = await store_value(
+            conn, f"result of child {event.name!r}", _raw(event.result), run_id
+        )
         return msgspec.structs.replace(event, result=msgspec.Raw(data))
     if isinstance(event, SignalReceived):
-        data = await store_value(conn, f"payload of signal {event.name!r}", _raw(event.payload))
+        data = await store_value(
+            conn, f"payload of signal {event.name!r}", _raw(event.payload), run_id
+        )
         return msgspec.structs.replace(event, payload=msgspec.Raw(data))
     return event
 
@@ -157,6 +249,14 @@ async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
 async def load_event(conn: Connection, event: Event, run_id: str) -> Event:
     """``event`` with a referenced user value read back in its place."""
     what = f"a value of run {run_id!r}"
+    if isinstance(event, StepFailed | StepRetrying | RunFailed | ChildFailed) and event.error:
+        if event.error.stored:
+            error = await _loaded_error(conn, event.error, f"an error of run {run_id!r}")
+            return msgspec.structs.replace(event, error=error)
+        return event
+    if isinstance(event, RunContinued) and event.signals:  # signals it carries, too
+        signals = [await load_event(conn, signal, run_id) for signal in event.signals]
+        event = msgspec.structs.replace(event, signals=signals)
     if isinstance(event, RunStarted) and is_ref(_raw(event.input)):
         data = await load_value(conn, _raw(event.input), what)
         return msgspec.structs.replace(event, input=msgspec.Raw(data))

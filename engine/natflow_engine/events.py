@@ -79,6 +79,34 @@ class RunStarted(_Event, tag="run_started", kw_only=True, frozen=True):
     priority: int | None = None
 
 
+class RunContinued(RunStarted, tag="run_continued", kw_only=True, frozen=True):
+    """``ctx.continue_as_new(input)``: the run goes on with a fresh stretch of history.
+
+    Published with ``Nats-Rollup: sub`` (and the run's expected last sequence, so it is
+    fenced like any append): JetStream keeps this event and drops every earlier one of the
+    run's subject in one step. It carries what ``run_started`` carries (``input`` is the new
+    input; ``restarted_from`` and ``not_before`` are never set) and what the new stretch needs
+    from the old: its ``stretch`` number (the first continuation makes stretch 2), the last
+    command position used (``base_seq``: the new stretch numbers its commands after it, so
+    timer keys and derived child ids never meet an older stretch's), how many events came
+    before (``events_before``: event ids go on from there), the signal cursor, signals moved
+    into history that the workflow had not taken yet (``signals``, delivered first), recent
+    signal ids (late duplicates stay recognised), whether the run was paused, and when the
+    run itself started (``run_started_at``; ``run_stored_at``: the server's time of it).
+    """
+
+    stretch: int = 2
+    base_seq: int = 0
+    events_before: int = 0
+    signal_cursor: int = 0
+    signals: list[SignalReceived] = msgspec.field(default_factory=list)
+    signal_ids: list[str] = msgspec.field(default_factory=list)
+    paused: bool = False
+    run_started_at: datetime | None = None
+    # When the server stored the run's run_started (signals stored before it are refused).
+    run_stored_at: datetime | None = None
+
+
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):
     """A worker took the run; later appends by any earlier holder are fenced off."""
 
@@ -293,6 +321,7 @@ class RunFailed(_Event, tag="run_failed", kw_only=True, frozen=True):
 
 Event = (
     RunStarted
+    | RunContinued
     | RunClaimed
     | StepStarted
     | StepCompleted

@@ -43,6 +43,7 @@ from natflow_engine import (
     ensure_streams,
     history_subject,
     load_event,
+    load_value,
     new_run_id,
     open_event,
     open_sealed,
@@ -52,6 +53,7 @@ from natflow_engine import (
     sealed_key,
     store_value,
     to_seconds,
+    value_ref,
     wrap,
 )
 from natflow_engine import send as send_signal
@@ -308,15 +310,16 @@ class Client:
                     data = seal(self._conn.codec, data)
                 # A large input is stored here, the request carries its reference.
                 check_value_size(self._conn, "workflow input", len(data))
+                run_id = run_id or new_run_id()
                 if len(data) > INLINE_BYTES:  # only then does the value store get involved
                     await ensure_streams(self._conn)
-                    data = await store_value(self._conn, "workflow input", data)
+                    data = await store_value(self._conn, "workflow input", data, run_id)
                 started_id, created = await request_start(
                     self._conn,
                     name,
                     queue or default_queue,
                     data,
-                    run_id or new_run_id(),
+                    run_id,
                     not_before,
                     priority,
                 )
@@ -458,7 +461,7 @@ class Client:
             await self.site(info.site).signal(run_id, name, payload, signal_id=signal_id)
             return
         await ensure_streams(self._conn)
-        data = await store_value(self._conn, f"payload of signal {name!r}", data)
+        data = await store_value(self._conn, f"payload of signal {name!r}", data, run_id)
         await send_signal(self._conn, run_id, name, data, signal_id)
 
     async def emit(self, name: str, payload: Any = None, *, event_id: str | None = None) -> int:
@@ -515,7 +518,24 @@ class Client:
         if limit < 1:
             raise InvalidInput("limit must be at least 1")
         found = await self._index.scan(workflow=workflow, status=status, limit=limit)
-        return [self._opened(info) for info in found]
+        # A large result is indexed as its reference: read back, as describe() does.
+        opened: list[RunInfo] = list(found)
+        limiter = anyio.CapacityLimiter(8)
+
+        async def resolve(i: int) -> None:
+            async with limiter:
+                opened[i] = await self._resolved(found[i])
+
+        async with anyio.create_task_group() as tg:
+            for i, info in enumerate(found):
+                if value_ref(info.result) is not None:
+                    tg.start_soon(resolve, i)
+        return [self._opened(info) for info in opened]
+
+    async def _resolved(self, info: RunInfo) -> RunInfo:
+        data = msgspec.json.encode(info.result)
+        stored = await load_value(self._conn, data, f"the result of run {info.run_id!r}")
+        return msgspec.structs.replace(info, result=msgspec.json.decode(stored))
 
     def _opened(self, info: RunInfo) -> RunInfo:
         """The index's summary with its result opened, where this client holds the key (the

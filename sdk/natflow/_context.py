@@ -8,7 +8,7 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
 from natflow_engine import (
     InvalidInput,
@@ -76,6 +76,11 @@ class WorkflowRuntime(Protocol):
     ) -> asyncio.Future[Any]: ...
 
     def patched(self, change_id: str) -> bool: ...
+
+    @property
+    def continue_as_new_suggested(self) -> bool: ...
+
+    def continue_as_new(self, value: Any) -> NoReturn: ...
 
 
 def _step_rate(
@@ -285,6 +290,37 @@ class WorkflowContext:
     def uuid4(self) -> uuid.UUID:
         """A random UUID that is the same on every replay."""
         return uuid.UUID(int=self._random.getrandbits(128), version=4)
+
+    def continue_as_new(self, input: Any = None) -> NoReturn:
+        """End this stretch of the run's history and go on with a fresh one and ``input``.
+
+        Raises (never returns): the workflow starts again from its beginning with ``input``,
+        under the same run id, so the handle a client holds, signals sent to the run and its
+        index entry keep working; ``result()`` returns the result of the last stretch.
+        History holds only the current stretch (``describe().stretch`` counts them). Signals
+        that reached the run and that the workflow has not taken yet are delivered in the new
+        stretch; pending sleeps and signal waits are dropped; open children get their
+        ``parent_close`` policy. ``input`` must be what the workflow takes
+        (:class:`~natflow.InvalidInput` at this call, naming the problem, if not).
+
+        Example::
+
+            @workflow
+            async def loop(ctx: WorkflowContext, n: int) -> int:
+                while n < 1_000_000:
+                    n = await ctx.step("tick", tick, n)
+                    if ctx.continue_as_new_suggested:
+                        ctx.continue_as_new(n)
+                return n
+        """
+        self._execution.continue_as_new(input)
+
+    @property
+    def continue_as_new_suggested(self) -> bool:
+        """True once this stretch of history is long enough that continuing as new is
+        recommended: after 1,000 commands (steps, sleeps, signal waits, children) in the
+        stretch. Deterministic: every replay answers alike at the same point."""
+        return self._execution.continue_as_new_suggested
 
     def patched(self, change_id: str) -> bool:
         """Versioning: True for runs that reach this point with the change deployed.

@@ -59,7 +59,6 @@ from natflow_engine import (
     parse,
     pending_signals,
     quarantined,
-    run_created_at,
     send,
     sequence,
     stored_at,
@@ -98,6 +97,13 @@ from ._commands import (
     TimerDue,
     WaitCommand,
 )
+from ._continuation import (
+    ContinueAsNew,
+    check_input_size,
+    events_before,
+    next_stretch,
+    run_stored_at,
+)
 from ._replay import Evicted, WorkflowState, cancel_reason
 from ._steps import StepRuntime, rate_fields, run_runtime, run_step
 from ._tracing import RunTrace
@@ -112,6 +118,7 @@ log = logging.getLogger("natflow.worker")
 HOLD_TIMERS_UNDER = 1.0
 HOLD_FOR_CHILDREN = 1.0  # seconds a run waiting only for child runs stays held
 _CHILD_STARTS_AT_ONCE = 64
+_MAX_ERROR_CHARS = 1 << 20  # of an error's message, and of its traceback
 _MAX_REASON = 4096  # characters of a cancel reason recorded (a huge one must still cancel)
 
 
@@ -124,6 +131,7 @@ class Outcome(enum.Enum):
     STALE = "stale"  # a claim without reading history met a newer one: read it and retry
     HANDED_BACK = "handed_back"  # the worker is draining; running steps were recorded
     CANCELLED = "cancelled"  # cancelled (after its cleanup) or terminated
+    CONTINUED = "continued"  # continued as new: a fresh stretch of history waits to run
 
 
 class _Fenced(Exception):
@@ -159,7 +167,7 @@ class RunExecution:
         self._runtime = run_runtime(runtime, workflow)
         self._delivery = delivery
         self._optimistic = optimistic  # history was not read: a claim conflict is no verdict
-        self._count = len(history.events)
+        self._count = events_before(self.state.start) + len(history.events)  # for event ids
         self._last_seq = history.last_seq
         self._last_event = history.events[-1]
         self._inflight = 0
@@ -269,14 +277,16 @@ class RunExecution:
         """Whether signals (or a cancel) for this run wait outside its history."""
         return await last_signal_seq(self._conn, self.run_id) > self.state.signal_cursor
 
-    async def _append(self, event: Event) -> Event:
+    async def _append(self, event: Event, *, rollup: bool = False) -> Event:
         event = (
             msgspec.structs.replace(event, id=f"{self.run_id}:{self._count + 1}")
             if not event.id
             else event
         )
         try:
-            self._last_seq = await self._store.append(self.run_id, event, self._last_seq)
+            self._last_seq = await self._store.append(
+                self.run_id, event, self._last_seq, rollup=rollup
+            )
         except AppendConflict as exc:
             raise _Fenced() from exc
         self._count += 1
@@ -788,7 +798,7 @@ class RunExecution:
         """A signal stored before the run existed was dead-lettered ("no run has this id")
         and must not reach a run created under that id later. Both times are the server's."""
         if self._created_at is None:
-            self._created_at = await run_created_at(self._conn, self.run_id)
+            self._created_at = await run_stored_at(self._conn, self.run_id, self.state.start)
         if self._created_at is not None and stored_at(msg) < self._created_at:
             raise BadSignal(seq, msg.subject, name, "sent before the run existed")
 
@@ -804,8 +814,12 @@ class RunExecution:
             return await self._end(RunTerminated, state.terminated)
         if state.root.cancelled():
             return await self._end(RunCancelled, state.cancelled or "cancelled")
-        await self._close_children("it ended")
         exc = state.root.exception()
+        if isinstance(exc, ContinueAsNew):
+            if state.cancelled is not None:  # a cancellation that reached it wins
+                return await self._end(RunCancelled, state.cancelled)
+            return await self._continue_as_new(exc)
+        await self._close_children("it ended")
         if exc is not None:
             return await self._fail(error_info(exc))
         try:
@@ -816,13 +830,33 @@ class RunExecution:
         await self._append(RunCompleted(id=self._next_id(), at=utcnow(), result=msgspec.Raw(data)))
         return Outcome.COMPLETED
 
+    async def _continue_as_new(self, request: ContinueAsNew) -> Outcome:
+        """Start the run's next stretch of history (see ``_continuation``)."""
+        await self._close_children("it continued as new")  # or failed, below
+        try:
+            check_input_size(self._conn, self.run_id, request.input_json)
+        except InvalidInput as error:
+            return await self._fail(error_info(error))
+        event = next_stretch(
+            self.state, self.run_id, request.input_json, self._next_id(), self._count
+        )
+        stored_at = await run_stored_at(self._conn, self.run_id, self.state.start)
+        event = msgspec.structs.replace(event, run_stored_at=stored_at)
+        await self._append(event, rollup=True)
+        log.info(
+            "run %s continued as new (stretch %d)", self.run_id, event.stretch, extra=self._fields()
+        )
+        return Outcome.CONTINUED
+
     async def _fail(self, error: ErrorInfo) -> Outcome:
         await self._append(RunFailed(id=self._next_id(), at=utcnow(), error=self._bounded(error)))
         return Outcome.FAILED
 
     def _bounded(self, error: ErrorInfo) -> ErrorInfo:
         """An error short enough to record: a huge message must not make the append fail."""
-        limit = self._conn.max_payload // 16  # characters; at most 4 bytes each, two fields
+        # Characters per field; a large error is stored whole by reference (natflow_engine
+        # _values), so the cut only guards against the absurd.
+        limit = _MAX_ERROR_CHARS
         if len(error.message) <= limit and len(error.traceback) <= limit:
             return error
         cut = "\n[... cut: too long to record ...]\n"

@@ -18,7 +18,7 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 from natflow_engine import (
@@ -45,6 +45,7 @@ from natflow_engine.events import (
     Event,
     PatchMarked,
     RunClaimed,
+    RunContinued,
     RunPaused,
     RunResumed,
     RunStarted,
@@ -69,6 +70,7 @@ from ._commands import (
 )
 from ._context import WorkflowContext
 from ._flow import debounced_input
+from ._continuation import SUGGESTED_AFTER_COMMANDS, ContinueAsNew, new_input
 from ._loop import WorkflowLoop
 from ._steps import return_type
 from ._workflow import Workflow
@@ -112,7 +114,7 @@ class WorkflowState:
         self._patch_memo: dict[str, bool] = {}
         # Replay is over once the workflow has been handed every recorded outcome, has asked
         # again for every recorded command and patch, or asks for a command beyond them.
-        self._last_recorded_seq = max(self._records, default=0)
+        self._last_recorded_seq = max(self._records, default=self.base_seq)
         self._unasked_patches = set(self._patches)
         self._live = False
         self._to_record: list[Event] = []  # appended before anything else happens live
@@ -120,9 +122,9 @@ class WorkflowState:
         self._to_launch: list[StepCommand] = []
         self._children: dict[str, ChildCommand] = {}  # by child run id, outcome not delivered
         self._occurrences: Counter[str] = Counter()
-        self._next_seq = 1
+        self._next_seq = self.base_seq + 1  # after an older stretch's commands (continue-as-new)
         self._timers: dict[int, datetime] = {}  # pending sleeps and wait timeouts by seq
-        self._inbox: defaultdict[str, deque[msgspec.Raw]] = defaultdict(deque)
+        self._inbox: defaultdict[str, deque[SignalReceived]] = defaultdict(deque)
         self._waiting: defaultdict[str, deque[WaitCommand]] = defaultdict(deque)
         self._evicted = False
         self._new_timers: list[int] = []  # recorded by this execution: not in KV yet
@@ -144,6 +146,14 @@ class WorkflowState:
         self._retry_fired: set[int] = set()  # steps whose next attempt came due
         self._child_done: set[int] = set()  # children whose outcome history holds
         self.paused = False  # client.pause: start no step and fire no timer until resumed
+        self.base_seq = 0  # commands of older stretches (continue-as-new) end here
+        start = events[0]
+        if isinstance(start, RunContinued):  # what the older stretch handed on
+            self.base_seq = start.base_seq
+            self.signal_cursor = start.signal_cursor
+            self._signal_ids.update(start.signal_ids)
+            self.paused = start.paused
+            self._replay.extend(start.signals)  # moved in, not yet taken: delivered first
         for event in events:
             if isinstance(event, RunClaimed):
                 self.last_holder = event.worker
@@ -404,7 +414,7 @@ class WorkflowState:
                 self._diverged(
                     seq, expected=f"signal {name!r} already received", recorded=self._records[seq]
                 )
-            future.set_result(self._signal_value(self._inbox[name].popleft()))
+            future.set_result(self._signal_value(self._inbox[name].popleft().payload))
             return future
         if self._match(command):
             recorded = self._recorded_events[seq]
@@ -422,6 +432,29 @@ class WorkflowState:
                 self._new_timers.append(seq)
         self._waiting[name].append(command)
         return future
+
+    @property
+    def last_seq_used(self) -> int:
+        """The position of the last command issued (or of an older stretch's last)."""
+        return self._next_seq - 1
+
+    @property
+    def continue_as_new_suggested(self) -> bool:
+        """Whether this stretch has issued enough commands to be worth continuing as new
+        (a count of commands, so every replay answers alike at the same point)."""
+        return self._next_seq - 1 - self.base_seq >= SUGGESTED_AFTER_COMMANDS
+
+    def continue_as_new(self, value: Any) -> NoReturn:
+        if self._evicted:
+            raise Evicted()
+        raise ContinueAsNew(new_input(self.workflow, value))
+
+    def unconsumed_signals(self) -> list[SignalReceived]:
+        """Signals history holds that no wait of the workflow has taken yet."""
+        return [signal for queue in self._inbox.values() for signal in queue]
+
+    def recent_signal_ids(self, limit: int) -> list[str]:
+        return sorted(self._signal_ids)[-limit:]
 
     def patched(self, change_id: str) -> bool:
         if self._evicted:
@@ -562,7 +595,7 @@ class WorkflowState:
         while waiting and waiting[0].future.done():  # a wait abandoned by a cancellation
             waiting.popleft()
         if not waiting:
-            self._inbox[event.name].append(event.payload)
+            self._inbox[event.name].append(event)
             return
         command = waiting.popleft()
         self._timers.pop(command.seq, None)

@@ -581,13 +581,17 @@ class Worker:
             await self._hand_back(held)
         elif outcome is Outcome.SUSPENDED:
             await self._suspend(held, held.execution)
+        elif outcome is Outcome.CONTINUED:  # its next stretch runs as a task of its own
+            await self._suspend(held, held.execution, again=True)
         # LOST: the task and lease now belong to the worker that took the run.
 
-    async def _suspend(self, held: _Held, execution: RunExecution) -> None:
+    async def _suspend(self, held: _Held, execution: RunExecution, *, again: bool = False) -> None:
         """Let a waiting run go, then close the lost-wake-up race (NATS.md §8): a timer or
         signal whose wake-up met this in-flight task was refused, so look again after the
-        acknowledgement and enqueue the run if one did."""
-        await self._index_timers(held, execution)
+        acknowledgement and enqueue the run if one did. ``again``: enqueue it in any case (a
+        run that continued as new; should this worker die first, the engine enqueues it)."""
+        if not again:  # a continued run's timers belong to the stretch it left
+            await self._index_timers(held, execution)
         try:
             await held.msg.ack_sync(timeout=5)
         except (nats.errors.Error, OSError) as exc:
@@ -595,7 +599,7 @@ class Worker:
             return
         await self._release(held)
         due = execution.next_due
-        woken = due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER
+        woken = again or (due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER)
         if not woken and execution.waits_for_signals:
             woken = await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor
         if woken:

@@ -9,6 +9,7 @@ import msgspec
 from markupsafe import Markup, escape
 
 from .._sealing import sealed_key
+from .._values import value_ref
 
 _pretty_encoder = msgspec.json.Encoder(order="deterministic")
 
@@ -63,13 +64,17 @@ def span(start: datetime, end: datetime | None) -> str:
 
 def pretty_json(value: Any) -> str:
     """Indented JSON of a decoded value (or of raw JSON bytes); a value sealed with a key the
-    console does not hold is "encrypted (key k2)"."""
+    console does not hold is "encrypted (key k2)", a large value stored by reference is
+    named with its size."""
     try:
         if isinstance(value, msgspec.Raw):
             value = msgspec.json.decode(value)
         key_id = sealed_key(value)
         if key_id is not None:
             return f"encrypted (key {key_id})"
+        ref = value_ref(value)
+        if ref is not None:  # a large value: named, not pulled into the page
+            return f"a stored value of {ref.size:,} bytes (natflow_values, sha256 {ref.digest})"
         data = _pretty_encoder.encode(value)
     except (TypeError, msgspec.DecodeError, msgspec.EncodeError):
         return str(value)

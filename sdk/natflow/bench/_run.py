@@ -11,7 +11,9 @@ The phases, each one line of progress on stderr:
 5. **replay**: a fresh process reads and rebuilds runs of 1,000 and 10,000 events.
 
 Then, with a real engine process: timer lateness, kill-to-restart, and a schedule firing every
-second (``--quick``: for 5 s instead of 30 s; lateness and an exactly-once count).
+second (``--quick``: for 5 s instead of 30 s; lateness and an exactly-once count); last, a
+loop of 100,000 steps in one run through continue-as-new, and the replay of such a loop whose
+worker is killed at a random point (``_continue``; ``--quick``: 2,500 and 3,000 steps).
 
 Timer lateness and kill-to-restart (SIGKILL a worker mid-step, time until the step restarts
 elsewhere) are listed under ``pending``; their phases go after phase 5 in :meth:`Bench.run`.
@@ -74,6 +76,7 @@ from natflow_engine.events import (
 from nats.js import api
 
 from .._client import Client
+from ._continue import continue_loop
 from ._procs import CpuWindow, Progress, WorkerProcesses
 from ._report import (
     BenchReport,
@@ -102,7 +105,7 @@ from ._workflows import BENCH_QUEUE, MARKS_ENV, STEP_NAME, ReplayTimes, bench_st
 
 log = logging.getLogger("natflow.bench")
 
-PHASES = 8
+PHASES = 9
 PENDING: dict[str, str] = {}
 REPLAY_QUEUE = "natflow-bench-replay"  # served by no worker: replay histories stay untouched
 _PAYLOAD = b"x" * 300
@@ -127,6 +130,8 @@ class Sizes:
     timer_sleep: float = 1.5  # over the 1 s a worker would wait for itself: the engine wakes it
     kill_rounds: int = 5
     schedule_seconds: float = 30.0
+    loop_steps: int = 100_000  # one run through continue-as-new
+    loop_kill_steps: int = 10_000  # a run whose worker is killed at a random point
 
 
 QUICK = Sizes(
@@ -140,6 +145,8 @@ QUICK = Sizes(
     timers=20,
     kill_rounds=1,
     schedule_seconds=5.0,
+    loop_steps=2_500,
+    loop_kill_steps=3_000,
 )
 
 
@@ -290,6 +297,7 @@ class Bench:
             idle = await self.start_latency()
             replay = await self.replay()
             timers, kill, fires = await self.waits()
+            loop = await continue_loop(self)
             ok = True
         finally:
             if self.server is None:
@@ -311,11 +319,22 @@ class Bench:
             timers=timers,
             kill_to_restart=kill,
             schedules=fires,
+            continue_as_new=loop,
             pending=dict(PENDING),
             targets=[],
         )
         report.targets = evaluate(report)
         return report
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of the bench's child processes."""
+        return self._env
+
+    @property
+    def dir(self) -> Path:
+        """Where the bench's child processes write their logs."""
+        return self._dir
 
     def _environment(self) -> Environment:
         info: dict[str, Any] = getattr(self.client.connection.nc, "_server_info", None) or {}
@@ -646,7 +665,7 @@ class Bench:
             run_id = self.run_id(f"replay-{events}")
             appends = await self._write_history(run_id, events)
             self.progress.update(f"rebuilding {events:,} events")
-            times = await self._replay_probe(run_id)
+            times = await self.replay_probe(run_id)
             if times.events != events:
                 raise NatflowError(f"replay read {times.events} events, wrote {events}")
             warm = times.read_ms[1:] or times.read_ms
@@ -704,7 +723,8 @@ class Bench:
             latencies.append((time.perf_counter() - t) * 1e3)
         return latencies
 
-    async def _replay_probe(self, run_id: str) -> ReplayTimes:
+    async def replay_probe(self, run_id: str, workflow: str = bench_steps.name) -> ReplayTimes:
+        """A fresh process reads and rebuilds the run (``replay_repeat`` times)."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -713,6 +733,7 @@ class Bench:
             self.url,
             run_id,
             str(self.sizes.replay_repeat),
+            workflow,
             env=self._env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

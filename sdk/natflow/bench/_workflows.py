@@ -63,7 +63,26 @@ async def bench_kill(ctx: WorkflowContext, seconds: float) -> int:
     return await ctx.step("slow", marked_step, seconds)
 
 
-WORKFLOWS = [bench_steps, bench_sleep, bench_kill]
+class LoopInput(msgspec.Struct):
+    """Where a :func:`bench_loop` stands: ``done`` of ``total`` steps."""
+
+    total: int
+    done: int = 0
+
+
+@workflow(name="natflow-bench-loop", queue=BENCH_QUEUE)
+async def bench_loop(ctx: WorkflowContext, loop: LoopInput) -> int:
+    """``total`` empty steps in one run, continuing as new whenever natflow suggests it."""
+    while loop.done < loop.total:
+        await ctx.step(STEP_NAME, empty_step)
+        loop.done += 1
+        if ctx.continue_as_new_suggested and loop.done < loop.total:
+            ctx.continue_as_new(loop)
+    return loop.done
+
+
+WORKFLOWS = [bench_steps, bench_sleep, bench_kill, bench_loop]
+_BY_NAME = {w.name: w for w in WORKFLOWS}
 
 
 class ReplayTimes(msgspec.Struct, kw_only=True):
@@ -82,8 +101,11 @@ def env_connect_options() -> dict[str, Any]:
     return connect_options(argparse.Namespace(**values))
 
 
-async def measure_replay(url: str, run_id: str, repeat: int) -> ReplayTimes:
+async def measure_replay(
+    url: str, run_id: str, repeat: int, workflow_name: str = bench_steps.name
+) -> ReplayTimes:
     """Read and rebuild ``run_id`` ``repeat`` times, as a worker taking the run over would."""
+    served = _BY_NAME[workflow_name]
     client = await Client.connect(url, **env_connect_options())
     try:
         store = HistoryStore(client.connection)
@@ -94,7 +116,7 @@ async def measure_replay(url: str, run_id: str, repeat: int) -> ReplayTimes:
             t0 = time.perf_counter()
             history = await store.read(run_id)
             t1 = time.perf_counter()
-            state = WorkflowState(bench_steps, history)
+            state = WorkflowState(served, history)
             state.begin()
             t2 = time.perf_counter()
             if state.block is not None:
@@ -114,10 +136,13 @@ async def measure_replay(url: str, run_id: str, repeat: int) -> ReplayTimes:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 4 or argv[0] != "replay":
-        print("usage: python -m natflow.bench._workflows replay URL RUN_ID REPEAT", file=sys.stderr)
+    if len(argv) not in (4, 5) or argv[0] != "replay":
+        print(
+            "usage: python -m natflow.bench._workflows replay URL RUN_ID REPEAT [WORKFLOW]",
+            file=sys.stderr,
+        )
         return 2
-    times = asyncio.run(measure_replay(argv[1], argv[2], int(argv[3])))
+    times = asyncio.run(measure_replay(argv[1], argv[2], int(argv[3]), *argv[4:]))
     sys.stdout.write(msgspec.json.encode(times).decode() + "\n")
     return 0
 

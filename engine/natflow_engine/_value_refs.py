@@ -1,0 +1,124 @@
+"""Which runs refer to which stored value, so a value is deleted with the last run using it.
+
+A large value lives once in the ``natflow_values`` object store under its SHA-256 and may be
+shared by many runs (the same input, a result passed on). Each run that stores one first
+writes a reference marker, the KV entry ``<sha256>.<run_id>`` in ``natflow_value_refs``;
+deleting a run (``client.delete``, retention) removes its markers and deletes each of its
+objects that no other run's marker names any more.
+
+The race to close: run A is deleted while run B stores the same value. B writes its marker,
+then checks whether the object is there (a retried or shared write skips the upload). The
+deleter writes a tombstone ``<sha256>.~deleting`` *before* it looks for other markers, deletes
+the object only if there are none, and removes the tombstone after. A writer that finds the
+tombstone waits for it to go before it checks for the object. So either the deleter sees B's
+marker (and keeps the object), or B's marker came after the deleter looked, B then sees the
+tombstone (written before the look) and waits until the delete is over, and finds the object
+gone and uploads it again. A tombstone older than :data:`TOMBSTONE_STALE` (its deleter died)
+is ignored. ``~`` is never in a run id, so a tombstone never reads as a marker.
+
+Values stored by a natflow before this module (no markers) are never deleted by it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Final
+
+import anyio
+
+from ._errors import NatflowError
+from ._kv import KV_OPERATION, kv_delete, kv_get, kv_put, kv_stream
+from ._reader import reader
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+
+log = logging.getLogger("natflow.values")
+
+REFS_BUCKET: Final = "natflow_value_refs"
+TOMBSTONE: Final = "~deleting"
+TOMBSTONE_STALE: Final = 30.0  # seconds: a deleter takes well under a second per object
+_POLL: Final = 0.05
+
+
+def ref_key(digest: str, run_id: str) -> str:
+    return f"{digest}.{run_id}"
+
+
+async def mark(conn: Connection, digest: str, run_id: str) -> None:
+    """Record that ``run_id`` refers to value ``digest``; then wait out a delete of it."""
+    await kv_put(conn, REFS_BUCKET, ref_key(digest, run_id), b"")
+    deadline = time.monotonic() + TOMBSTONE_STALE
+    while time.monotonic() < deadline:
+        found = await kv_get(conn, REFS_BUCKET, ref_key(digest, TOMBSTONE))
+        if found is None or _stale(found[0]):
+            return
+        await anyio.sleep(_POLL)
+
+
+def _stale(value: bytes) -> bool:
+    try:
+        return time.time() - float(value) > TOMBSTONE_STALE
+    except ValueError:
+        return True
+
+
+async def _live_keys(conn: Connection, subject: str) -> list[str]:
+    """Keys of live (not deleted) entries on ``subject`` (wildcards allowed)."""
+    page = await reader(conn).read_all(kv_stream(REFS_BUCKET), subject, headers=True)
+    keys = []
+    for msg in page.messages:
+        headers = msg.headers or {}
+        if headers.get(KV_OPERATION) in ("DEL", "PURGE"):
+            continue
+        name = headers.get("Nats-Subject", msg.subject)
+        keys.append(name.split(".", 2)[2])
+    return keys
+
+
+async def run_values(conn: Connection, run_id: str) -> list[str]:
+    """The digests of the values ``run_id`` stored (or refers to)."""
+    keys = await _live_keys(conn, f"$KV.{REFS_BUCKET}.*.{run_id}")
+    return sorted({key.partition(".")[0] for key in keys})
+
+
+async def release_run_values(conn: Connection, run_id: str) -> int:
+    """Drop the run's markers and delete each of its values no other run refers to; how many
+    values were deleted. Safe to run again after a crash (what is gone stays gone)."""
+    deleted = 0
+    for digest in await run_values(conn, run_id):
+        await kv_delete(conn, REFS_BUCKET, ref_key(digest, run_id))
+        if await delete_if_unreferenced(conn, digest):
+            deleted += 1
+    return deleted
+
+
+async def delete_if_unreferenced(conn: Connection, digest: str) -> bool:
+    """Delete stored value ``digest`` if no run's marker names it (see the module docstring)."""
+    from ._values import delete_object  # _values stores through this module
+
+    tombstone = ref_key(digest, TOMBSTONE)
+    await kv_put(conn, REFS_BUCKET, tombstone, str(time.time()).encode())
+    try:
+        keys = await _live_keys(conn, f"$KV.{REFS_BUCKET}.{digest}.*")
+        others = [key for key in keys if key != tombstone]
+        if others:
+            return False
+        await delete_object(conn, digest)
+        log.debug("value %s deleted: no run refers to it", digest)
+        return True
+    finally:
+        try:
+            await kv_delete(conn, REFS_BUCKET, tombstone)
+        except NatflowError as exc:  # a writer waits at most TOMBSTONE_STALE for it
+            log.warning("value %s: tombstone left behind (%s)", digest, exc)
+
+
+__all__ = [
+    "REFS_BUCKET",
+    "delete_if_unreferenced",
+    "mark",
+    "release_run_values",
+    "run_values",
+]

@@ -1,0 +1,190 @@
+"""Large stored values are deleted with the last run that refers to them (and not before)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import anyio
+import msgspec
+from natflow import Client, WorkflowContext, workflow
+from natflow_engine import ensure_streams, load_value, store_value
+from natflow_engine._engine import Engine
+from natflow_engine._kv import kv_delete, kv_put
+from natflow_engine._value_refs import REFS_BUCKET, TOMBSTONE, ref_key, run_values
+from natflow_engine._values import VALUES_BUCKET, delete_object
+
+from tests.helpers import running_worker, wait_for
+from tests.workflows_values import blob
+
+
+def shout(text: str) -> str:
+    return text.upper()
+
+
+@workflow(name="shouter")
+async def shouter(ctx: WorkflowContext, text: str) -> int:
+    loud = await ctx.step("shout", shout, text)
+    return len(loud)
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(msgspec.json.encode(text)).hexdigest()
+
+
+async def present(client: Client, digest: str) -> bool:
+    store = await client.connection.js.object_store(VALUES_BUCKET)
+    try:
+        info = await store.get_info(digest)
+    except Exception:  # not found
+        return False
+    return not info.deleted
+
+
+async def test_a_value_goes_with_the_last_run_that_refers_to_it(
+    client: Client, engine: Engine
+) -> None:
+    text = blob(200_000, "shared")  # over the 64 KiB inline limit
+    shared, loud = sha(text), sha(text.upper())
+    async with running_worker(client, [shouter]):
+        for run_id in ("share-a", "share-b"):
+            assert await (await client.start(shouter, text, run_id=run_id)).result(10) == 200_000
+    assert await run_values(client.connection, "share-a") == sorted([shared, loud])
+    assert await present(client, shared) and await present(client, loud)
+
+    await client.delete("share-a")
+    # share-b still refers to both values: nothing is deleted.
+    assert await run_values(client.connection, "share-a") == []
+    assert await present(client, shared) and await present(client, loud)
+    await client.start(shouter, text, run_id="share-c")  # no worker: it only waits
+
+    await client.delete("share-b")
+    # share-c refers to the input only: the input stays, the shouted result goes.
+    assert await present(client, shared)
+    assert not await present(client, loud)
+    assert await run_values(client.connection, "share-c") == [shared]
+
+
+async def test_a_value_written_while_its_last_run_is_deleted_survives(
+    client: Client, engine: Engine
+) -> None:
+    """The interleaving that would lose it: the deleter has looked for other runs' markers
+    (none yet) and is about to delete the object; a writer storing the same value for another
+    run now writes its marker and finds the object still there. It must wait for the delete
+    and write the object again, not skip the upload."""
+    conn = client.connection
+    data = msgspec.json.encode(blob(100_000, "race"))
+    digest = hashlib.sha256(data).hexdigest()
+    await store_value(conn, "the value", data, "race-old")
+    # The deleter (for run race-old): marker gone, tombstone written, no other marker seen.
+    await kv_delete(conn, REFS_BUCKET, ref_key(digest, "race-old"))
+    await kv_put(conn, REFS_BUCKET, ref_key(digest, TOMBSTONE), str(time.time()).encode())
+    stored: list[bytes] = []
+
+    async def writer() -> None:
+        stored.append(await store_value(conn, "the value", data, "race-new"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer)
+        await wait_for(lambda: _marked(client, "race-new"), timeout=5, what="the writer's marker")
+        await anyio.sleep(0.3)
+        assert not stored, "the writer went on while a delete of its value was in progress"
+        # The deleter carries on: deletes the object, removes its tombstone.
+        await delete_object(conn, digest)
+        await kv_delete(conn, REFS_BUCKET, ref_key(digest, TOMBSTONE))
+    assert await present(client, digest)
+    assert await load_value(conn, stored[0]) == data
+
+
+async def _marked(client: Client, run_id: str) -> bool:
+    return bool(await run_values(client.connection, run_id))
+
+
+async def test_a_stale_tombstone_does_not_hold_writers(client: Client) -> None:
+    """A deleter that died between its tombstone and its end holds no writer for long."""
+    conn = client.connection
+    data = msgspec.json.encode(blob(100_000, "stale"))
+    digest = hashlib.sha256(data).hexdigest()
+    await ensure_streams(conn)
+    await kv_put(conn, REFS_BUCKET, ref_key(digest, TOMBSTONE), b"1000.0")  # long ago
+    with anyio.fail_after(5):
+        ref = await store_value(conn, "the value", data, "stale-run")
+    assert await load_value(conn, ref) == data
+
+
+@workflow(name="louder")
+async def louder(ctx: WorkflowContext, text: str) -> str:
+    return await ctx.step("shout", shout, text)
+
+
+async def test_a_large_result_is_listed_as_itself_and_named_by_the_console(
+    client: Client, engine: Engine
+) -> None:
+    """client.list() reads a large result back as describe() does (the index holds its
+    reference); the console names it with its size instead of pulling it into the page."""
+    from natflow_engine.console._format import pretty_json
+
+    text = blob(150_000, "listed")
+    async with running_worker(client, [louder]):
+        await (await client.start(louder, text, run_id="listed-1")).result(10)
+
+    async def indexed() -> bool:
+        return any(r.status == "completed" for r in await client.list(workflow="louder"))
+
+    await wait_for(indexed, what="the run indexed as completed")
+    [listed] = await client.list(workflow="louder")
+    assert listed.result == text.upper()
+    reference = {"$natflow_ref": sha(text.upper()), "size": 150_002}
+    assert pretty_json(reference) == (
+        f"a stored value of 150,002 bytes (natflow_values, sha256 {sha(text.upper())})"
+    )
+
+
+def raise_long(size: int) -> None:
+    raise ValueError("e" * size)
+
+
+@workflow(name="long_error")
+async def long_error(ctx: WorkflowContext, size: int) -> int:
+    await ctx.step("explode", raise_long, size)
+    return 0
+
+
+async def test_a_large_error_is_stored_by_reference_and_read_back_whole(
+    client: Client, engine: Engine
+) -> None:
+    from natflow import RunFailed
+    from natflow_engine import HistoryStore
+    from natflow_engine.events import RunFailed as RunFailedEvent
+    from natflow_engine.events import StepFailed, encode_event
+
+    async with running_worker(client, [long_error]):
+        handle = await client.start(long_error, 300_000, run_id="long-err")
+        try:
+            await handle.result(timeout=20)
+        except RunFailed as failed:
+            error = failed.error
+    assert error.message.endswith("e" * 1000) and len(error.message) >= 300_000
+    raw = await HistoryStore(client.connection).read("long-err")
+    assert all(len(encode_event(e)) < 64 * 1024 for e in raw.events)
+    stored = [e for e in raw.events if isinstance(e, StepFailed | RunFailedEvent)]
+    assert len(stored) == 2 and all(e.error.stored for e in stored)
+    [step] = await client.steps("long-err")
+    assert step.error is not None and step.error.message == "e" * 300_000
+    assert (await client.describe("long-err")).error.message == error.message  # type: ignore[union-attr]
+
+
+async def test_a_restarted_run_keeps_the_values_it_copied_after_the_original_is_deleted(
+    client: Client, engine: Engine
+) -> None:
+    """A restart copies the original's events as stored (values by reference): the copy
+    marks them as the new run's, so deleting the original leaves them readable."""
+    text = blob(120_000, "restarted")
+    async with running_worker(client, [louder, shouter]):
+        await (await client.start(shouter, text, run_id="orig-1")).result(10)
+        restarted = await client.restart("orig-1", from_step=("shout", 1))
+        await restarted.result(timeout=10)
+        await client.delete("orig-1")
+    assert await present(client, sha(text))  # the restarted run's input
+    info = await client.describe(restarted.run_id)
+    assert info.status == "completed" and info.result == 120_000
