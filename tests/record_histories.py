@@ -24,8 +24,8 @@ from tests.helpers import running_engine, running_worker, wait_for
 from tests.workflows_recorded import (
     recorded_cancel,
     recorded_children,
-    recorded_flow,
     recorded_continue,
+    recorded_flow,
     recorded_kid,
     recorded_patch,
     recorded_patch_v1,
@@ -100,6 +100,8 @@ async def debounced(client: Client, run_id: str) -> None:
         handles = [await client.start(recorded_flow, {"doc": "doc1", "v": v}) for v in (1, 2, 3)]
         assert {h.run_id for h in handles} == {run_id}
         await handles[0].result(timeout=20)
+
+
 async def continued(client: Client, run_id: str) -> None:
     """Send 'extra' then 'go' while the first stretch waits for 'go': 'extra' is carried."""
     async with running_worker(client, [recorded_continue]):

@@ -32,8 +32,8 @@ from examples.order import order
 from tests.workflows_recorded import (
     recorded_cancel,
     recorded_children,
-    recorded_flow,
     recorded_continue,
+    recorded_flow,
     recorded_mix,
     recorded_patch,
     recorded_pause,

@@ -135,6 +135,8 @@ async def recorded_flow(ctx: WorkflowContext, input: dict[str, int | str]) -> di
     a = await ctx.step("call", double, v, rate_limit=_FLOW_API)
     b = await ctx.step("call", double, v + 1, rate_limit=_FLOW_API, rate_key=None)
     return {"input": input, "a": a, "b": b}
+
+
 @workflow(name="recorded_continue")
 async def recorded_continue(ctx: WorkflowContext, state: dict[str, int]) -> dict[str, object]:
     """Continues as new twice (recorded: the last stretch, opened by run_continued). The

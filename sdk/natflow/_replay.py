@@ -69,8 +69,8 @@ from ._commands import (
     recorded_command,
 )
 from ._context import WorkflowContext
-from ._flow import debounced_input
 from ._continuation import SUGGESTED_AFTER_COMMANDS, ContinueAsNew, new_input
+from ._flow import debounced_input
 from ._loop import WorkflowLoop
 from ._steps import return_type
 from ._workflow import Workflow
