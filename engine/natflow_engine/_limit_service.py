@@ -254,8 +254,8 @@ class LimitService:
     async def run_closed(self, run_id: str) -> None:
         """Free whatever a closed run still holds or waits for (called by the dispatcher)."""
         for token in self._runs.pop(run_id, ()):
-            state = self._groups[token]
-            if state.group is None:
+            state = self._groups.get(token)
+            if state is None or state.group is None:  # forgotten by the audit: nothing held
                 continue
             if run_id in state.waitlist:
                 state.waitlist.discard(run_id)
