@@ -17,7 +17,8 @@ import pytest
 from natflow import Client, InvalidInput, Limit, RunCancelled, workflow
 from natflow_engine import LimitGroup, park, read_limit_slots
 from natflow_engine._engine import Engine
-from natflow_engine._limits import Waiter
+from natflow_engine._limit_service import LimitService
+from natflow_engine._limits import Slot, Waiter, encode_entry
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._waitlist import Waitlist
 from natflow_engine.events import utcnow
@@ -388,3 +389,22 @@ async def test_two_engine_replicas_never_grant_more_than_max(
     assert [len(spans[key]) for key in "AB"] == [12, 12]
     assert max(most_at_once(spans[key]) for key in "AB") == 2
     assert engine.limits.granted + second.limits.granted > 0  # grants happened, by either
+
+
+async def test_closing_a_run_whose_group_the_service_forgot_is_no_error(client: Client) -> None:
+    service = LimitService(client.connection)
+    group = LimitGroup("workflow:w", "")
+    slot = Slot(
+        run_id="r",
+        limit=group.limit,
+        label="workflow=w",
+        max=1,
+        workflow="w",
+        queue="default",
+        at=utcnow(),
+    )
+    service._apply(group.slot_key(0), encode_entry(slot), 5)
+    service._apply(group.slot_key(0), None, 6)  # given back
+    await service._audit()  # an empty group is forgotten
+    await service.run_closed("r")  # the dispatcher closes the run: nothing to free
+    assert not service.waiting("r")

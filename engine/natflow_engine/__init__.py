@@ -54,6 +54,7 @@ from ._lifecycle import (
 )
 from ._limits import (
     LIMITS_BUCKET,
+    MAX_SLOTS,
     Slot,
     Waiter,
     free_slot,
@@ -191,6 +192,7 @@ __all__ = [
     "INLINE_BYTES",
     "LIFECYCLE_STREAM",
     "LIMITS_BUCKET",
+    "MAX_SLOTS",
     "MAX_VALUE_BYTES",
     "NO_RETRY",
     "OVERLAP_POLICIES",

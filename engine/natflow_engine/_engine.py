@@ -298,6 +298,8 @@ class Engine:
             last = (start, 0)
         if last is None or not isinstance(last[0], RunStarted):
             return  # a worker has the run already
+        if self.limits.waiting(run_id):
+            return  # it waits for a concurrency slot: the limit service enqueues it in turn
         if await enqueue(
             self._conn, start.queue, Task(run_id=run_id, workflow=start.workflow, reason="dispatch")
         ) and not await waiting_for(self._conn, run_id):  # a waiting run: a harmless nudge

@@ -35,6 +35,7 @@ from ._limits import (
     Slot,
     decode_slot,
     decode_waiter,
+    mark_queued,
     put_slot,
     read_slots,
     unpark,
@@ -57,6 +58,7 @@ class _Group:
         self.max = 0
         self.slots: dict[int, tuple[Slot | None, int]] = {}  # n -> (holder or None, revision)
         self.waitlist = Waitlist()
+        self.queued = False  # whether the group's queue mark is set (as last seen or written)
 
 
 class LimitService:
@@ -81,10 +83,13 @@ class LimitService:
                     log.warning("limits entry %s set aside: %s", key, exc)
 
     def _apply(self, key: str, value: bytes | None, revision: int) -> None:
-        kind, ltok, ktok, last = key.split(".", 3)
+        kind, ltok, ktok, *rest = key.split(".", 3)
+        last = rest[0] if rest else ""
         token = f"{ltok}.{ktok}"
         state = self._groups.setdefault(token, _Group())
-        if kind == "s":
+        if kind == "q":
+            state.queued = value is not None
+        elif kind == "s":
             n = int(last)
             if revision < state.slots.get(n, (None, 0))[1]:
                 return  # older than what a fresh read already told this replica
@@ -124,12 +129,21 @@ class LimitService:
         state = self._groups.get(token)
         if state is None or state.group is None:
             return
-        group = state.group
+        try:
+            await self._grant_in(state, state.group)
+        finally:
+            if state.queued != bool(len(state.waitlist)):  # the line formed or emptied
+                state.queued = bool(len(state.waitlist))
+                await mark_queued(self._conn, state.group, state.queued)
+
+    async def _grant_in(self, state: _Group, group: Group) -> None:
         conflicts = 0
         while len(state.waitlist):
             free = [n for n in range(state.max) if state.slots.get(n, (None, 0))[0] is None]
+            if not free:
+                return  # every slot taken: the next release brings this group back here
             waiter = state.waitlist.next()
-            if not free or waiter is None:
+            if waiter is None:
                 return
             if any(s is not None and s.run_id == waiter.run_id for s, _ in state.slots.values()):
                 state.waitlist.served(waiter)  # it took a slot itself meanwhile
@@ -185,7 +199,8 @@ class LimitService:
         not held by a worker whose run has closed; forget groups with nothing in them."""
         now = time.monotonic()
         for token, state in list(self._groups.items()):
-            if not len(state.waitlist) and all(s is None for s, _ in state.slots.values()):
+            empty = all(s is None for s, _ in state.slots.values())
+            if not len(state.waitlist) and empty and not state.queued:
                 del self._groups[token]  # a later grant reads its revisions afresh
                 continue
             for n, (slot, revision) in list(state.slots.items()):
@@ -228,11 +243,19 @@ class LimitService:
             log.info("freed %d concurrency slots of worker %s, which is gone", freed, worker)
         return freed
 
+    def waiting(self, run_id: str) -> bool:
+        """Whether the run is on a wait list (as this replica's watch has seen so far)."""
+        return any(
+            run_id in self._groups[token].waitlist
+            for token in self._runs.get(run_id, ())
+            if token in self._groups
+        )
+
     async def run_closed(self, run_id: str) -> None:
         """Free whatever a closed run still holds or waits for (called by the dispatcher)."""
         for token in self._runs.pop(run_id, ()):
-            state = self._groups[token]
-            if state.group is None:
+            state = self._groups.get(token)
+            if state is None or state.group is None:  # forgotten by the audit: nothing held
                 continue
             if run_id in state.waitlist:
                 state.waitlist.discard(run_id)

@@ -1,6 +1,6 @@
 """Concurrency slots in KV: how many runs of a limit (and key) execute now, and who waits.
 
-Bucket ``natflow_limits`` holds two kinds of entry per limit and key (``<l>`` and ``<k>``
+Bucket ``natflow_limits`` holds three kinds of entry per limit and key (``<l>`` and ``<k>``
 are short hashes of the limit's id and of the key's value; the readable names are in the
 values):
 
@@ -13,6 +13,9 @@ values):
   (``_limit_service``) watches the bucket and grants each freed slot to the best waiter:
   it writes the slot naming the run (``worker=""``, state ``granted``), drops the waiter
   entry and enqueues the run's task.
+* ``q.<l>.<k>``: present while runs wait in line (the engine sets and clears it when the
+  wait list fills or empties), so a worker that finds a free slot can tell in the same
+  read, however long the line, that it must leave the slot to them.
 
 A run waits for at most one limit at a time, so the last message on ``w.*.*.<run_id>``
 says whether (and for what) it waits: :func:`waiting_for` is one direct get.
@@ -29,7 +32,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError, NoResponders
-from ._errors import NatflowError, PermissionDenied
+from ._errors import PermissionDenied
 from ._kv import KV_OPERATION, kv_delete_nowait, kv_put, kv_stream
 from ._reader import reader
 from ._state import RunInfo
@@ -38,6 +41,7 @@ from ._streams import SIGNAL_STREAM, signal_subject
 LIMITS_BUCKET: Final = "natflow_limits"
 _PREFIX: Final = f"$KV.{LIMITS_BUCKET}."
 _MULTI_LAST_MAX: Final = 1024  # the server refuses a multi_last over more subjects (413)
+MAX_SLOTS: Final = 1000  # so one read of a group's slots fits one multi_last
 
 SlotState = Literal["held", "granted", "kept"]
 
@@ -120,6 +124,10 @@ class Group:
     def waiter_key(self, run_id: str) -> str:
         return f"w.{self.token}.{run_id}"
 
+    @property
+    def queue_key(self) -> str:
+        return f"q.{self.token}"
+
 
 @dataclass
 class Slots:
@@ -142,11 +150,10 @@ def _is_deleted(msg: Msg) -> bool:
 
 @dataclass
 class View:
-    """A group as one read saw it: its slots, and who else waits."""
+    """A group as one read saw it: its slots, and whether runs wait in line."""
 
     slots: Slots
-    others_waiting: bool  # a run other than the reader waits for a slot of the group
-    own_waiting: bool  # the reader has a waiter entry there
+    queued: bool  # the engine's mark that the group's wait list is not empty
 
 
 def _subject(msg: Msg) -> str:
@@ -155,36 +162,22 @@ def _subject(msg: Msg) -> str:
 
 async def read_slots(conn: Connection, group: Group) -> Slots:
     """Every slot of ``group`` in one batch direct get."""
-    return (await _read(conn, group, "", waiters=False)).slots
+    return (await read_group(conn, group)).slots
 
 
-async def read_group(conn: Connection, group: Group, run_id: str) -> View:
-    """The group's slots and wait list in one batch direct get (the wait list only as
-    "anyone else?"; more entries than one request returns means yes)."""
-    try:
-        return await _read(conn, group, run_id, waiters=True)
-    except NatflowError:  # too many waiters to list in one request: certainly others
-        view = await _read(conn, group, run_id, waiters=False)
-        view.others_waiting = True
-        return view
-
-
-async def _read(conn: Connection, group: Group, run_id: str, *, waiters: bool) -> View:
-    view = View(Slots(), False, False)
-    subjects = [f"{_PREFIX}s.{group.token}.*"]
-    if waiters:
-        subjects.append(f"{_PREFIX}w.{group.token}.*")
+async def read_group(conn: Connection, group: Group) -> View:
+    """The group's slots and its queue mark in one batch direct get (at most ``max`` + 1
+    entries, however many runs wait)."""
+    view = View(Slots(), False)
+    subjects = [f"{_PREFIX}s.{group.token}.*", f"{_PREFIX}{group.queue_key}"]
     try:
         page = await reader(conn).read_last(kv_stream(LIMITS_BUCKET), subjects, _MULTI_LAST_MAX)
     except NoResponders:  # no bucket yet: every slot is free
         return view
-    mine = f"{_PREFIX}{group.waiter_key(run_id)}"
     for msg in page.messages:
         subject = _subject(msg)
-        if subject.startswith(f"{_PREFIX}w."):
-            if not _is_deleted(msg):
-                view.own_waiting |= subject == mine
-                view.others_waiting |= subject != mine
+        if not subject.startswith(f"{_PREFIX}s."):
+            view.queued = not _is_deleted(msg)
             continue
         n = int(subject.rsplit(".", 1)[-1])
         revision = int((msg.headers or {}).get("Nats-Sequence", "0"))
@@ -196,6 +189,15 @@ async def _read(conn: Connection, group: Group, run_id: str, *, waiters: bool) -
         except msgspec.DecodeError:
             continue  # not ours: a slot never reused until someone deletes it
     return view
+
+
+async def mark_queued(conn: Connection, group: Group, queued: bool) -> None:
+    """Set or clear the group's queue mark (the engine keeps it: runs wait in line, so a
+    worker that finds a free slot leaves it to them)."""
+    if queued:
+        await kv_put(conn, LIMITS_BUCKET, group.queue_key, b'{"queued":true}')
+    else:
+        await kv_delete_nowait(conn, LIMITS_BUCKET, group.queue_key)
 
 
 async def put_slot(conn: Connection, group: Group, n: int, slot: Slot, revision: int) -> int | None:

@@ -3,10 +3,11 @@
 The worker calls :meth:`Admitter.admit` when it has read the run and before it claims it.
 For each of the workflow's limits in order (see :func:`natflow._limit.bind_limits`) the
 run keeps a slot that already names it (granted by the engine, kept while it waited, or
-left by a worker that lost it) or takes a free one, unless other runs wait for that limit
-and key (they go first). When it can take none it waits: it is put on the limit's wait
-list, its task is acknowledged, and the engine's limit service enqueues it again once it
-grants it a slot. A workflow without limits never gets here: no KV access at all.
+left by a worker that lost it) or takes a free one, unless runs wait in line for that limit
+and key (the engine's queue mark; they go first): one read per limit either way. When it
+can take none it waits: it is put on the limit's wait list, its task is acknowledged, and
+the engine's limit service enqueues it again once it grants it a slot. A workflow without
+limits never gets here: no KV access at all.
 
 A run asked to cancel or terminate goes on without waiting (its cleanup is not held up
 behind the queue). Slots are given back when the run closes, blocks, is handed back, or
@@ -34,9 +35,7 @@ from natflow_engine import (
     park,
     put_slot,
     read_group,
-    read_limit_slots,
     stopping,
-    unpark,
 )
 from natflow_engine.events import RunStarted, utcnow
 from nats.aio.msg import Msg
@@ -117,7 +116,7 @@ class Admitter:
     async def _take(self, target: _Target, start: RunStarted, run_id: str) -> _Holding | None:
         group, max_ = target.group, target.bound.limit.max
         for _ in range(_TAKE_TRIES):
-            view = await read_group(self._conn, group, run_id)
+            view = await read_group(self._conn, group)
             mine = view.slots.of_run(run_id)
             if mine:
                 n, slot, revision = mine[0]
@@ -131,13 +130,10 @@ class Admitter:
                 new = await put_slot(self._conn, group, n, slot, revision)
                 if new is None:
                     continue
-                revision = new
-                if view.own_waiting:
-                    await unpark(self._conn, group, run_id)
-                return _Holding(target.bound, group, n, slot, revision)
+                return _Holding(target.bound, group, n, slot, new)
             free = view.slots.free(max_)
-            if not free or view.others_waiting:
-                return None  # full, or others are in line first
+            if not free or view.queued:
+                return None  # full, or runs wait in line: they go first
             n = random.choice(free)  # takers that read at once mostly pick different slots
             slot = Slot(
                 run_id=run_id,
@@ -152,8 +148,6 @@ class Admitter:
             )
             new = await put_slot(self._conn, group, n, slot, view.slots.revisions.get(n, 0))
             if new is not None:
-                if view.own_waiting:
-                    await unpark(self._conn, group, run_id)
                 return _Holding(target.bound, group, n, slot, new)
         return None
 
@@ -194,8 +188,8 @@ class Admitter:
             return
         # A slot granted between the wait list entry and the acknowledgement met the task
         # still in flight, so its wake-up was refused: look once more (NATS.md §8).
-        slots = await read_limit_slots(self._conn, target.group)
-        if slots.of_run(run_id):
+        view = await read_group(self._conn, target.group)
+        if view.slots.of_run(run_id):
             await enqueue(self._conn, start.queue, Task(run_id=run_id, workflow=start.workflow))
         log.debug("run %s: waits for a slot of limit %s", run_id, target.label)
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from natflow_engine import InvalidInput, LimitGroup
+from natflow_engine import MAX_SLOTS, InvalidInput, LimitGroup
 
 KeyFn = Callable[[Any], Any]
 _MAX_KEY = 256
@@ -27,7 +27,7 @@ class Limit:
         async def sync_account(ctx: WorkflowContext, input: Account) -> None: ...
 
     Args:
-        max: how many runs may hold a slot at once (at least 1).
+        max: how many runs may hold a slot at once (1 to 1000).
         key: with a key, ``max`` holds per value of the key: the name of a field of the
             input (``"customer"``, dotted for nested fields: ``"account.region"``), or a
             function of the input that returns the key (named by ``name=``, or its
@@ -51,6 +51,8 @@ class Limit:
             raise InvalidInput(
                 f"Limit(max=...) must be a whole number of 1 or more, not {self.max!r}"
             )
+        if self.max > MAX_SLOTS:
+            raise InvalidInput(f"Limit(max=...) is at most {MAX_SLOTS}, not {self.max}")
         if self.scope not in ("workflow", "queue"):
             raise InvalidInput(f"Limit(scope=...) is 'workflow' or 'queue', not {self.scope!r}")
         plain = isinstance(self.key, str) and self.key and self.key.isprintable()
