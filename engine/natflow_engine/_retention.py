@@ -48,7 +48,7 @@ from ._streams import (
     task_subject,
 )
 from ._timers import TIMERS_BUCKET
-from ._value_refs import release_run_values
+from ._value_release import release_run_values
 from .events import utcnow
 
 log = logging.getLogger("natflow.retention")

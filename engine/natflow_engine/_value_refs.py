@@ -4,7 +4,7 @@ A large value lives once in the ``natflow_values`` object store under its SHA-25
 shared by many runs (the same input, a result passed on). Each run that stores one first
 writes a reference marker, the KV entry ``<sha256>.<run_id>`` in ``natflow_value_refs``;
 deleting a run (``client.delete``, retention) removes its markers and deletes each of its
-objects that no other run's marker names any more.
+objects that no other run's marker names any more (``_value_release``).
 
 The race to close: run A is deleted while run B stores the same value. B writes its marker,
 then checks whether the object is there (a retried or shared write skips the upload). The
@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from ._errors import NatflowError
-from ._kv import KV_OPERATION, kv_delete, kv_get, kv_put, kv_stream
+from ._kv import KV_OPERATION, kv_get, kv_put, kv_stream
 from ._reader import reader
 
 if TYPE_CHECKING:
@@ -64,7 +63,7 @@ def _stale(value: bytes) -> bool:
         return True
 
 
-async def _live_keys(conn: Connection, subject: str) -> list[str]:
+async def live_keys(conn: Connection, subject: str) -> list[str]:
     """Keys of live (not deleted) entries on ``subject`` (wildcards allowed)."""
     page = await reader(conn).read_all(kv_stream(REFS_BUCKET), subject, headers=True)
     keys = []
@@ -79,46 +78,15 @@ async def _live_keys(conn: Connection, subject: str) -> list[str]:
 
 async def run_values(conn: Connection, run_id: str) -> list[str]:
     """The digests of the values ``run_id`` stored (or refers to)."""
-    keys = await _live_keys(conn, f"$KV.{REFS_BUCKET}.*.{run_id}")
+    keys = await live_keys(conn, f"$KV.{REFS_BUCKET}.*.{run_id}")
     return sorted({key.partition(".")[0] for key in keys})
-
-
-async def release_run_values(conn: Connection, run_id: str) -> int:
-    """Drop the run's markers and delete each of its values no other run refers to; how many
-    values were deleted. Safe to run again after a crash (what is gone stays gone)."""
-    deleted = 0
-    for digest in await run_values(conn, run_id):
-        await kv_delete(conn, REFS_BUCKET, ref_key(digest, run_id))
-        if await delete_if_unreferenced(conn, digest):
-            deleted += 1
-    return deleted
-
-
-async def delete_if_unreferenced(conn: Connection, digest: str) -> bool:
-    """Delete stored value ``digest`` if no run's marker names it (see the module docstring)."""
-    from ._values import delete_object  # _values stores through this module
-
-    tombstone = ref_key(digest, TOMBSTONE)
-    await kv_put(conn, REFS_BUCKET, tombstone, str(time.time()).encode())
-    try:
-        keys = await _live_keys(conn, f"$KV.{REFS_BUCKET}.{digest}.*")
-        others = [key for key in keys if key != tombstone]
-        if others:
-            return False
-        await delete_object(conn, digest)
-        log.debug("value %s deleted: no run refers to it", digest)
-        return True
-    finally:
-        try:
-            await kv_delete(conn, REFS_BUCKET, tombstone)
-        except NatflowError as exc:  # a writer waits at most TOMBSTONE_STALE for it
-            log.warning("value %s: tombstone left behind (%s)", digest, exc)
 
 
 __all__ = [
     "REFS_BUCKET",
-    "delete_if_unreferenced",
+    "TOMBSTONE",
+    "live_keys",
     "mark",
-    "release_run_values",
+    "ref_key",
     "run_values",
 ]
