@@ -63,11 +63,12 @@ async def run_through_a_cut(sites: Sites, *, runs: int, late_runs: int) -> None:
     try:
         await linked(berlin, "hub")
         async with anyio.create_task_group() as tg:
-            hub_engine = Engine(hub.connection, sites=["berlin", "paris"])
-            for engine in (hub_engine, Engine(berlin.connection, site="berlin")):
+            for engine in (
+                Engine(hub.connection, sites=["berlin", "paris"]),
+                Engine(berlin.connection, site="berlin"),
+            ):
                 tg.start_soon(engine.run)
                 await engine.ready.wait()
-            assert hub_engine.links is not None
             async with Worker(berlin, [site_flow]):
                 ids = [f"b-{i}" for i in range(runs)]
                 for i, run_id in enumerate(ids):
@@ -95,13 +96,6 @@ async def run_through_a_cut(sites: Sites, *, runs: int, late_runs: int) -> None:
                     assert await berlin.handle(run_id).result(timeout=60) > 1000
                 assert await hub_unreachable(berlin)  # all of it happened during the cut
                 assert sum(BODIES.values()) > at_cut
-
-                async def hub_saw_the_cut() -> bool:
-                    return "berlin" in hub_engine.links.down_since  # type: ignore[union-attr]
-
-                # A cut the hub's engine has seen (its probe runs each second; a starved one
-                # may miss a short cut, and JetStream's own source retry takes 10 s or more).
-                await wait_for(hub_saw_the_cut, timeout=30, what="the hub's engine to see the cut")
                 up_at = time.monotonic()
                 # Off the event loop: starting the proxy process must not stall the engines.
                 await anyio.to_thread.run_sync(sites.link.up)
