@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system-deps demo test lint typecheck unit bench bench-console clean
+.PHONY: venv system-deps demo test lint typecheck unit screenshots bench bench-console clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ unit: $(STAMP)
 	$(BIN)/pytest -q -n $(JOBS)
 
 test: lint typecheck system-deps unit
+
+# Refresh the console screenshots the README shows (docs/console-*.png) from a real Chromium.
+# `make test` takes them too, into a temporary directory, so it leaves the checkout clean.
+screenshots: $(STAMP) system-deps
+	NATFLOW_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_console.py -k test_screenshots_and_phone_layout
 
 bench: $(STAMP)
 	$(BIN)/natflow bench

@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from natflow import Client, NatflowError, RunFailed  # noqa: E402
 
-from examples import greeting, order  # noqa: E402
+from examples import flow, greeting, order  # noqa: E402
 
-EXAMPLES = [greeting, order]
+EXAMPLES = [greeting, order, flow]
 NATFLOW = str(Path(sys.executable).parent / "natflow")
 
 
@@ -83,19 +83,23 @@ async def run_examples(url: str) -> int:
     failures = 0
     async with client:
         for example in EXAMPLES:
+            about = (example.__doc__ or "").strip().splitlines()[0]
+            print(f"\n-- examples/{example.__name__.rsplit('.', 1)[-1]}.py: {about}")
             for handle in await example.demo(client):
                 with contextlib.suppress(RunFailed):
                     await handle.result(timeout=30)
                 info = await handle.status()
                 print(f"\n== {info.workflow} run {info.run_id}: {info.status}")
                 print(f"   result: {show(info.result)}")
-                for step in await client.steps(handle.run_id):
+                steps = await client.steps(handle.run_id)
+                width = max((len(step.name) for step in steps), default=0)
+                for step in steps:
                     outcome = (
                         show(step.result)
                         if step.error is None
                         else (f"{step.error.type}: {step.error.message}")
                     )
-                    print(f"   step {step.name:<8} {step.status:<9} {outcome}")
+                    print(f"   step {step.name:<{width}}  {step.status:<9} {outcome}")
                 failures += info.status != "completed"
     return failures
 

@@ -22,9 +22,17 @@ T = TypeVar("T")
 
 
 async def wait_for(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 10.0, what: str = "condition"
+    check: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.02,
 ) -> T:
-    """Poll ``check`` until it returns something truthy, failing after ``timeout``."""
+    """Poll ``check`` until it returns something truthy, failing after ``timeout``.
+
+    ``interval``: the pause between checks; a costly check (a full list) polled every 20 ms
+    takes the event loop from the services in the same process that it waits for.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = await check()
@@ -32,7 +40,7 @@ async def wait_for(
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await anyio.sleep(0.02)
+        await anyio.sleep(interval)
 
 
 @asynccontextmanager

@@ -261,7 +261,12 @@ async def test_access_token_and_natflow_ui(nats_server: EmbeddedServer, tmp_path
     assert secret not in log.read_text()
 
 
-DOCS = ROOT / "docs"
+def screenshot_dir(tmp_path: Path) -> Path:
+    """Where the README's screenshots go: a pytest temp dir, so `make test` leaves the
+    checkout clean; docs/ only when asked (`make screenshots` sets NATFLOW_SCREENSHOTS=1)."""
+    if os.environ.get("NATFLOW_SCREENSHOTS") == "1":
+        return ROOT / "docs"
+    return tmp_path
 
 
 async def _settled(client: Client, expected: dict[str, str]) -> bool:
@@ -272,9 +277,13 @@ async def _settled(client: Client, expected: dict[str, str]) -> bool:
     return all(listed.get(run_id) == status for run_id, status in expected.items())
 
 
-async def test_screenshots_and_phone_layout(console: str, client: Client, page: Any) -> None:
-    """Saves docs/console-runs.png and docs/console-run-failed.png (shown in the README), and
-    checks both pages fit a phone's width without sideways scrolling."""
+async def test_screenshots_and_phone_layout(
+    console: str, client: Client, page: Any, tmp_path: Path
+) -> None:
+    """Takes console-runs.png and console-run-failed.png (in a temp dir; in docs/, shown in
+    the README, with `make screenshots`), and checks both pages fit a phone's width without
+    sideways scrolling."""
+    shots = screenshot_dir(tmp_path)
     expected: dict[str, str] = {}
     for name in ("ana", "bo", "chen", "dara", "emil"):
         await client.start(greet, {"name": name}, run_id=f"greet-{name}")
@@ -298,15 +307,16 @@ async def test_screenshots_and_phone_layout(console: str, client: Client, page: 
     await page.goto(f"{console}/runs")
     await page.locator('.count[data-status="completed"] b:text-is("5")').wait_for()
     await page.locator('.count[data-status="failed"] b:text-is("1")').wait_for()
-    DOCS.mkdir(exist_ok=True)
-    await page.screenshot(path=str(DOCS / "console-runs.png"))
+    shots.mkdir(exist_ok=True)
+    await page.screenshot(path=str(shots / "console-runs.png"))
     await page.goto(f"{console}/runs/checkout-1042")
     await page.locator('#steps tr.step[data-step="charge-card"][data-status="failed"]').wait_for()
     assert "CardDeclined" in await page.inner_text("#outcome")
     assert "Traceback" in await page.inner_text("#outcome")
     assert await page.locator("#timeline .tl-bar.k-sleep.b-completed").count() == 1
     assert "2 tries" in await page.inner_text("#timeline")
-    await page.screenshot(path=str(DOCS / "console-run-failed.png"), full_page=True)
+    await page.screenshot(path=str(shots / "console-run-failed.png"), full_page=True)
+    assert (shots / "console-runs.png").stat().st_size > 10_000
 
     await page.set_viewport_size({"width": 390, "height": 844})
     for path in ("/runs", "/runs/checkout-1042", "/workers", "/start"):

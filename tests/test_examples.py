@@ -7,12 +7,14 @@ import os
 import pkgutil
 import re
 import sys
+from datetime import UTC, datetime
 from types import ModuleType
 
 import anyio
 import pytest
 from natflow import Client, RunHandle, RunNotFound, Workflow
 from natflow_engine import EmbeddedServer
+from natflow_engine._engine import Engine
 
 import examples
 from examples.order import Receipt
@@ -52,7 +54,7 @@ async def run_demo(client: Client, module: ModuleType) -> list[RunHandle]:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("module", EXAMPLES, ids=[m.__name__ for m in EXAMPLES])
-async def test_example_runs_complete(client: Client, module: ModuleType) -> None:
+async def test_example_runs_complete(client: Client, engine: Engine, module: ModuleType) -> None:
     async with running_worker(client, WORKFLOWS):
         handles = await run_demo(client, module)
     for handle in handles:
@@ -107,7 +109,7 @@ async def test_order_with_good_and_bad_coupon(client: Client) -> None:
 
 
 async def test_demo_script_reports_every_run_completed(
-    client: Client, capsys: pytest.CaptureFixture[str]
+    client: Client, engine: Engine, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`make demo`'s reporting loop (examples/demo.py run_examples) against this server."""
     from examples import demo
@@ -116,8 +118,53 @@ async def test_demo_script_reports_every_run_completed(
         failures = await demo.run_examples(client.connection.url)
     out = capsys.readouterr().out
     assert failures == 0, out
-    for run_id in ("demo-greet-ada", "demo-order-a1", "demo-order-a2"):
+    for run_id in (
+        "demo-greet-ada",
+        "demo-order-a1",
+        "demo-order-a2",
+        "demo-sync-acme-1",
+        "demo-sync-acme-2",
+        "demo-sync-bolt-1",
+        "reindex-d-readme-1",
+    ):
         assert f"run {run_id}: completed" in out
+    assert "-- examples/flow.py: Flow control" in out
+
+
+def _pushed_at(step_result: str) -> float:
+    """Seconds since midnight UTC of a push the flow example's step reports."""
+    clock = datetime.strptime(step_result.rsplit(" at ", 1)[1], "%H:%M:%S.%f")
+    return clock.hour * 3600 + clock.minute * 60 + clock.second + clock.microsecond / 1e6
+
+
+async def test_flow_example_limits_a_customer_to_one_sync_spaces_pushes_and_debounces(
+    client: Client, engine: Engine
+) -> None:
+    from examples import flow
+
+    now = datetime.now(UTC)
+    began = now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
+    async with running_worker(client, WORKFLOWS):
+        acme_1, acme_2, bolt_1, reindex = await flow.demo(client)
+        for handle in (acme_1, acme_2, bolt_1):
+            assert (await handle.result(timeout=20))["pushed"] == 3
+        assert await reindex.result(timeout=20) == "indexed 'readme': 5 words"
+
+    pushes = {}
+    for handle in (acme_1, acme_2, bolt_1):
+        steps = await client.steps(handle.run_id)
+        assert [s.name for s in steps] == ["push"] * 3
+        # Times of day: mod a day, so a run across midnight still compares.
+        pushes[handle.run_id] = [(_pushed_at(s.result) - began) % 86400 for s in steps]
+    # One sync per customer at a time: acme's second begins after its first has pushed all.
+    assert min(pushes[acme_2.run_id]) > max(pushes[acme_1.run_id])
+    # 20/s shared by all runs: the 9th push's slot is 8 intervals after the first slot, which
+    # is no sooner than the start (a late body only pushes later).
+    assert max(max(times) for times in pushes.values()) >= 8 * flow.crm.interval
+    # Five saves, one run, with the last text, taken by its first step.
+    steps = await client.steps(reindex.run_id)
+    assert [s.name for s in steps] == ["natflow-debounce", "index"]
+    assert steps[0].result == {"doc": "readme", "text": "final text of the doc"}
 
 
 @pytest.mark.slow

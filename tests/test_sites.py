@@ -96,9 +96,14 @@ async def run_through_a_cut(sites: Sites, *, runs: int, late_runs: int) -> None:
                     assert await berlin.handle(run_id).result(timeout=60) > 1000
                 assert await hub_unreachable(berlin)  # all of it happened during the cut
                 assert sum(BODIES.values()) > at_cut
-                sites.link.up()
+                up_at = time.monotonic()
+                # Off the event loop: starting the proxy process must not stall the engines.
+                await anyio.to_thread.run_sync(sites.link.up)
+                # The link has returned once the leaf connection carries requests both ways
+                # (under load the leaf's redial alone can take seconds after the proxy is up:
+                # that is the link's return, not the hub's catching up).
                 await linked(berlin, "hub")
-                # The hub's list catches up on every site run's final status.
+                await linked(hub, "berlin")
                 linked_at = time.monotonic()
 
                 async def hub_sees_every_run_closed() -> bool:
@@ -108,8 +113,15 @@ async def run_through_a_cut(sites: Sites, *, runs: int, late_runs: int) -> None:
                         for run_id in ids + late
                     )
 
-                await wait_for(hub_sees_every_run_closed, timeout=5, what="the hub's list")
-                print(f"hub caught up {time.monotonic() - linked_at:.2f} s after the link")
+                # The hub's list catches up on every site run's final status within 5 s of
+                # the link's return (acceptance of issue 17).
+                await wait_for(
+                    hub_sees_every_run_closed, timeout=5, what="the hub's list", interval=0.1
+                )
+                print(
+                    f"link back {linked_at - up_at:.2f} s after the proxy restart; hub caught "
+                    f"up {time.monotonic() - linked_at:.2f} s after the link"
+                )
                 shown = await hub.describe(ids[0])
                 assert shown.site == "berlin" and shown.status == "completed"
                 assert shown.site_seen_at is not None

@@ -27,7 +27,7 @@ from ._cli_runops import register as register_run_ops
 from ._cli_runs import interrupted_wait
 from ._cli_runs import register as register_runs
 from ._cli_schedules import register as register_triggers
-from ._cli_sites import add_site_options, site_list
+from ._cli_sites import add_site_options, check_site_options, site_list
 from ._connection import DEFAULT_URL, Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError
@@ -65,6 +65,7 @@ async def cmd_init(args: argparse.Namespace) -> int:
 
 
 async def cmd_engine(args: argparse.Namespace) -> int:
+    check_site_options(args)
     conn = await open_connection(args, "natflow-engine")
     serve_metrics(args.metrics_port, args.metrics_host)
     engine = Engine(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ._names import check_token
+from ._sites import check_site
 from ._state import RunInfo
 from .events import utcnow
 
@@ -35,7 +37,16 @@ def add_site_options(p: argparse.ArgumentParser) -> None:
 
 
 def site_list(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
+    """The site names of ``--sites``, each checked (a JetStream domain, a subject token)."""
+    return [check_site(s.strip()) for s in text.split(",") if s.strip()]
+
+
+def check_site_options(args: argparse.Namespace) -> None:
+    """Refuse a bad ``--sites``/``--site``/``--hub-domain`` before connecting to anything."""
+    site_list(args.sites)
+    if args.site is not None:
+        check_site(args.site)
+    check_token("--hub-domain", args.hub_domain)
 
 
 def print_site_run(info: RunInfo) -> None:

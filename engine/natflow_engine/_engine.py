@@ -37,6 +37,7 @@ from ._jsz import JetStreamUsage
 from ._limit_service import LimitService
 from ._limits import waiting_for
 from ._metrics import EngineMetrics, observe_run
+from ._names import check_token
 from ._puller import Puller, engine_consumer
 from ._quarantine import quarantined
 from ._reaper import Reaper
@@ -44,7 +45,7 @@ from ._retention import RetentionService
 from ._scheduler import Scheduler
 from ._signals import ChildOutcome, SignalIntake, send_child_outcome
 from ._site_links import site_links
-from ._sites import SiteInbox, ensure_hub
+from ._sites import SiteInbox, check_site, ensure_hub
 from ._start_service import StartService
 from ._state import RunInfo
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
@@ -122,7 +123,8 @@ class Engine:
     ) -> None:
         self._conn = conn
         # At the hub: the sites whose runs it shows. At a site: its name (ops/sites).
-        self.sites = list(sites)
+        self.sites = [check_site(name) for name in sites]  # refused here, not at run()
+        check_token("hub_domain", hub_domain)
         self.site_inbox = SiteInbox(conn, site, hub_domain) if site else None
         self.links = site_links(conn, self.sites, site, hub_domain)
         self.hooks = RunHooks(conn)  # lifecycle events and on_complete runs

@@ -65,15 +65,30 @@ class RateLimit:
             raise InvalidInput(
                 f"rate limit name {self.name!r} must be 1-64 characters of [A-Za-z0-9_-]"
             )
-        if not isinstance(self.limit, int) or self.limit < 1:
-            raise InvalidInput(f"rate limit {self.name!r}: limit must be a positive int")
-        if not isinstance(self.period, int | float) or not 0 < self.period < float("inf"):
-            raise InvalidInput(f"rate limit {self.name!r}: period must be positive seconds")
-        if not isinstance(self.burst, int) or self.burst < 1:
-            raise InvalidInput(f"rate limit {self.name!r}: burst must be a positive int")
-        if self.key is not None and not (isinstance(self.key, str) or callable(self.key)):
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
             raise InvalidInput(
-                f"rate limit {self.name!r}: key must be an input field name or a callable"
+                f"rate limit {self.name!r}: limit must be a positive int (calls per period), "
+                f"not {self.limit!r}"
+            )
+        if (
+            isinstance(self.period, bool)
+            or not isinstance(self.period, int | float)
+            or not 0 < self.period < float("inf")
+        ):
+            raise InvalidInput(
+                f"rate limit {self.name!r}: period must be positive seconds (an int or a "
+                f"float), not {self.period!r}"
+            )
+        if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
+            raise InvalidInput(
+                f"rate limit {self.name!r}: burst must be a positive int, not {self.burst!r}"
+            )
+        if self.key is not None and not (
+            (isinstance(self.key, str) and self.key) or callable(self.key)
+        ):
+            raise InvalidInput(
+                f"rate limit {self.name!r}: key must be an input field's name or a callable "
+                f"of the input, not {self.key!r} (leave it out for one budget)"
             )
 
     @property

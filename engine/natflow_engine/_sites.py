@@ -58,6 +58,12 @@ OUTBOX_DUPLICATE_WINDOW: Final = 3600.0
 
 class _Reply(msgspec.Struct):
     error: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+
+
+# The outbox's stream metadata names the sites the hub's engine serves (--sites), so a
+# command for a site no engine serves is refused instead of stored for no one to read.
+SITES_METADATA: Final = "natflow_sites"
 
 
 def check_site(site: str) -> str:
@@ -137,6 +143,7 @@ async def ensure_hub(conn: Connection, sites: list[str], replicas: int | None = 
             num_replicas=replicas or stream_replicas(),
             max_age=OUTBOX_MAX_AGE,
             duplicate_window=OUTBOX_DUPLICATE_WINDOW,
+            metadata={SITES_METADATA: ",".join(sorted(set(sites)))},
         ),
     )
     if sites:
@@ -153,8 +160,9 @@ async def ensure_site(
 # -- hub -> site commands -------------------------------------------------------------------
 
 
-async def check_outbox(conn: Connection) -> None:
-    """Fail clearly unless this server (a hub) has the outbox the hub's engine creates."""
+async def check_outbox(conn: Connection, site: str | None = None) -> None:
+    """Fail clearly unless this server (a hub) has the outbox the hub's engine creates and
+    (given ``site``) its engine serves that site."""
     msg = await conn.request(f"{conn.api}.STREAM.INFO.{OUTBOX_STREAM}", b"", timeout=5.0)
     reply = msgspec.json.decode(msg.data, type=_Reply)
     if reply.error is not None:
@@ -162,6 +170,17 @@ async def check_outbox(conn: Connection) -> None:
             f"this server has no {OUTBOX_STREAM} ({reply.error.get('description', '?')}): "
             "commands for a site's runs are stored at the hub, whose engine creates it when "
             "it runs with --sites (NATFLOW_SITES); connect to the hub, or start it so"
+        )
+    listed = ((reply.config or {}).get("metadata") or {}).get(SITES_METADATA)
+    if site is None or listed is None:  # an outbox made before the hub recorded its sites
+        return
+    served = [name for name in str(listed).split(",") if name]
+    if site not in served:
+        raise InvalidInput(
+            f"site {site!r} is not served by this hub (its engine runs with --sites "
+            f"{','.join(served) or '(none)'}): a command for it would wait for a site that "
+            f"never reads it; check the name, or add the site to the hub engine's --sites "
+            f"(NATFLOW_SITES)"
         )
 
 

@@ -47,12 +47,24 @@ class Limit:
     hold_while_waiting: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.max, bool) or not isinstance(self.max, int) or self.max < 1:
+        if (
+            isinstance(self.max, bool)
+            or not isinstance(self.max, int)
+            or not 1 <= self.max <= MAX_SLOTS
+        ):
             raise InvalidInput(
-                f"Limit(max=...) must be a whole number of 1 or more, not {self.max!r}"
+                f"Limit(max=...) must be a whole number from 1 to {MAX_SLOTS}, not {self.max!r}"
+                + (
+                    " (a run reads all of a limit's slots in one request; for more at once, "
+                    "split the limit by a key)"
+                    if isinstance(self.max, int) and self.max > MAX_SLOTS
+                    else ""
+                )
             )
-        if self.max > MAX_SLOTS:
-            raise InvalidInput(f"Limit(max=...) is at most {MAX_SLOTS}, not {self.max}")
+        if not isinstance(self.hold_while_waiting, bool):
+            raise InvalidInput(
+                f"Limit(hold_while_waiting=...) is True or False, not {self.hold_while_waiting!r}"
+            )
         if self.scope not in ("workflow", "queue"):
             raise InvalidInput(f"Limit(scope=...) is 'workflow' or 'queue', not {self.scope!r}")
         plain = isinstance(self.key, str) and self.key and self.key.isprintable()
@@ -152,7 +164,17 @@ def bind_limits(
     order means two runs never wait for each other's slots."""
     if concurrency is None:
         return ()
-    given = [concurrency] if isinstance(concurrency, Limit) else list(concurrency)
+    if isinstance(concurrency, Limit):
+        given = [concurrency]
+    elif isinstance(concurrency, list | tuple):
+        given = list(concurrency)
+    else:
+        raise InvalidInput(
+            f"concurrency takes Limit(...) or a list of them, not {concurrency!r}: "
+            f"write concurrency=Limit(max={concurrency!r})"
+            if isinstance(concurrency, int) and not isinstance(concurrency, bool)
+            else f"concurrency takes Limit(...) or a list of them, not {concurrency!r}"
+        )
     bound: list[BoundLimit] = []
     for limit in given:
         if not isinstance(limit, Limit):

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 from natflow_engine import (
     CANCEL,
     INLINE_BYTES,
+    PAUSE,
+    RESUME,
+    TERMINATE,
     InvalidInput,
     check_outbox,
     check_run_id,
@@ -28,6 +31,8 @@ from natflow_engine import (
 
 from ._workflow import Workflow
 
+_CONTROLS = frozenset({CANCEL, TERMINATE, PAUSE, RESUME})
+
 if TYPE_CHECKING:
     from ._client import Client
 
@@ -42,7 +47,7 @@ class SiteClient:
 
     async def _outbox(self) -> None:
         if not self._ready:
-            await check_outbox(self._client.connection)
+            await check_outbox(self._client.connection, self.site)
             self._ready = True
 
     def _inline(self, what: str, data: bytes) -> bytes:
@@ -101,6 +106,11 @@ class SiteClient:
 
     async def control(self, run_id: str, kind: str, reason: str | None) -> None:
         """Cancel, terminate, pause or resume (``kind``: the control signal's name)."""
+        if kind not in _CONTROLS:
+            raise InvalidInput(
+                f"control kind {kind!r} is not one of {', '.join(sorted(_CONTROLS))} "
+                f"(natflow_engine's CANCEL, TERMINATE, PAUSE, RESUME)"
+            )
         check_run_id(run_id)
         data = encode_value("reason", reason)
         await self._outbox()

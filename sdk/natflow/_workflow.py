@@ -23,6 +23,7 @@ from natflow_engine import (
     to_seconds,
 )
 
+from ._keys import check_key_fields
 from ._limit import BoundLimit, Limit, bind_limits
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ def workflow(
 
     def decorate(f: WorkflowFn) -> Workflow:
         wf = _define(f, name=name, queue=queue, retry=retry, retention=keep)
-        return dataclasses.replace(
+        defined = dataclasses.replace(
             wf,
             schedule=_schedule(cron, every, timezone, queue),
             on_event=_events(on_event),
@@ -202,6 +203,8 @@ def workflow(
             limits=bind_limits(concurrency, wf.name),
             priority=priority,
         )
+        check_key_fields(defined)
+        return defined
 
     if fn is not None:
         return decorate(fn)
@@ -286,7 +289,9 @@ def _flow_options(
     debounce: float | timedelta | Debounce | None,
 ) -> dict[str, Any]:
     if max_parallel_steps is not None and (
-        not isinstance(max_parallel_steps, int) or max_parallel_steps < 1
+        isinstance(max_parallel_steps, bool)
+        or not isinstance(max_parallel_steps, int)
+        or max_parallel_steps < 1
     ):
         raise InvalidInput(
             f"max_parallel_steps must be a positive int (or None), not {max_parallel_steps!r}"
