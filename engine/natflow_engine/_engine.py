@@ -178,7 +178,10 @@ class Engine:
                 tg.start_soon(self._check_starts)
                 async for msg in puller.messages:
                     await self._dispatch(msg)
-                    if _buffered(puller) < _DISPATCH_WINDOW // 2:
+                    # Ask again once half a window can be asked for: one pull request per
+                    # ~128 events, not one per event as soon as the buffer runs low.
+                    askable = _DISPATCH_WINDOW - _buffered(puller) - puller.pending
+                    if askable >= _DISPATCH_WINDOW // 2:
                         puller.wake()
         finally:
             # Shielded: a cancelled engine that kept this subscription would keep receiving

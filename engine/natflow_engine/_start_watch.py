@@ -29,8 +29,11 @@ from nats.aio.msg import Msg
 
 from .events import RunStarted
 
-START_GRACE: Final = 2.0  # seconds a start may wait for its worker before the engine looks
-MAX_WATCHED: Final = 1024  # beyond this, the oldest is checked at once (ack-pending budget)
+# Seconds a start may wait for its worker before the engine looks: longer than a run usually
+# waits in its queue under load (a start checked while its task is still queued costs a read
+# and a refused enqueue), short beside the consumer's 30 s ack deadline.
+START_GRACE: Final = 5.0
+MAX_WATCHED: Final = 4096  # beyond this, the oldest is checked at once (ack-pending budget)
 _REMEMBERED: Final = 100_000  # ids of runs recently seen starting at once
 
 
