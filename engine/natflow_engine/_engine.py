@@ -21,6 +21,7 @@ position and the index live in JetStream.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable
 from typing import Final
@@ -174,7 +175,13 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 # Ask for what the dispatcher can take, not for what it has been handed: a
                 # backlog held unprocessed would outlive its ack deadline and come back twice.
-                tg.start_soon(puller.keep_asking, lambda: _DISPATCH_WINDOW - _buffered(puller))
+                tg.start_soon(
+                    functools.partial(
+                        puller.keep_asking,
+                        lambda: _DISPATCH_WINDOW - _buffered(puller),
+                        at_least=_DISPATCH_WINDOW // 2,
+                    )
+                )
                 tg.start_soon(self._check_starts)
                 async for msg in puller.messages:
                     await self._dispatch(msg)
