@@ -41,9 +41,17 @@ class Preclaim:
     signal_seq: int
 
 
+# A sealed value or a reference to the value store begins so. Such a start is not claimed
+# ahead of its read: a worker without the key, or one that cannot load the value, must hand
+# the task back having written nothing (a claim with no progress counts toward poisoning
+# once its worker is gone).
+_SPECIAL_VALUE = b'{"$natflow_'
+
+
 def inline_start(task: Task, delivery: int) -> RunStarted | None:
     """The task's inline start if the run may be claimed without waiting for the read: a
-    first delivery of a new run that starts now (not delayed, not a restart)."""
+    first delivery of a new run that starts now (not delayed, not a restart) with an input
+    this worker needs nothing more to open."""
     if task.start_seq <= 0 or delivery != 1:
         return None
     try:
@@ -51,6 +59,8 @@ def inline_start(task: Task, delivery: int) -> RunStarted | None:
     except Exception:  # a forged or garbled task: the ordinary path says so
         return None
     if not isinstance(start, RunStarted) or start.not_before or start.restarted_from:
+        return None
+    if bytes(start.input).lstrip().startswith(_SPECIAL_VALUE):
         return None
     return start
 

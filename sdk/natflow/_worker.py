@@ -488,7 +488,11 @@ class Worker:
         preclaimed: Preclaim | None = None
         inline = inline_start(task, msg.metadata.num_delivered or 1)
         try:
-            if inline is not None and inline.workflow in self._workflows:
+            if (
+                inline is not None
+                and inline.workflow in self._workflows
+                and not self._stopping.is_set()
+            ):
                 history, preclaimed = await read_and_claim(
                     self._store, self._conn, run_id, task.start_seq, self.identity
                 )
