@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Final
 
@@ -137,6 +138,7 @@ class Engine:
         self._watched = StartWatch()  # starts whose task is checked once their grace passed
         self._reached = 0.0  # server time of the newest history message dispatched
         self._caught_up = True  # that message was the stream's last (for the dispatcher)
+        self._last_read = time.monotonic()  # when the dispatcher last took a message
         self.metrics = EngineMetrics(
             conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
         )
@@ -194,8 +196,8 @@ class Engine:
             # Shielded: a cancelled engine that kept this subscription would keep receiving
             # (and never acknowledging) the events its outstanding pull asked for.
             with anyio.CancelScope(shield=True):
-                for watched in self._watched.drop():  # to a replica (or restart) at once
-                    await _quietly(watched.nak())
+                for held in self._watched.drop():  # to a replica (or restart) at once
+                    await _quietly(held.nak())
                 try:
                     await puller.stop()
                 except Exception:  # the connection is going away; the server drops the pull
@@ -253,6 +255,13 @@ class Engine:
         meta = msg.metadata
         self._reached = max(self._reached, meta.timestamp.timestamp())
         self._caught_up = meta.num_pending == 0
+        self._last_read = time.monotonic()
+
+    @property
+    def _idle(self) -> bool:
+        """Caught up with the stream, or handed nothing for a whole grace (with several
+        replicas the stream's last message may have gone to another one)."""
+        return self._caught_up or time.monotonic() - self._last_read > self._watched.grace
 
     async def _check_starts(self) -> None:
         """Make sure each start still alone after its grace has a task (its client may
@@ -277,7 +286,7 @@ class Engine:
         async with anyio.create_task_group() as tg:
             while True:
                 await anyio.sleep(0.25)
-                for watched in self._watched.due(self._reached, self._caught_up):
+                for watched in self._watched.due(self._reached, self._idle):
                     tg.start_soon(check, watched)
 
     async def _tell_parent(self, run_id: str, event: Event, info: RunInfo | None) -> None:
