@@ -325,7 +325,8 @@ async def test_engine_lists_runs_and_recovers_a_lost_enqueue(client: Client) -> 
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         async with running_worker(client, [three_steps]):
-            assert await client.handle("orphan-1").result(timeout=10) == {"sum": 9}
+            # The engine looks at a start once its grace (START_GRACE, 5 s) has passed.
+            assert await client.handle("orphan-1").result(timeout=20) == {"sum": 9}
             h = await client.start(three_steps, {"x": 1}, run_id="listed-1")
             await h.result(timeout=10)
 

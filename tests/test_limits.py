@@ -21,7 +21,7 @@ from natflow_engine._limit_service import LimitService
 from natflow_engine._limits import Slot, Waiter, encode_entry
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._waitlist import Waitlist
-from natflow_engine.events import utcnow
+from natflow_engine.events import RunClaimed, utcnow
 
 from tests import workflows_limits as wl
 from tests.helpers import running_engine, running_worker, wait_for
@@ -140,6 +140,8 @@ async def test_a_run_waiting_for_a_slot_says_so_and_runs_once_one_is_free(
         current = await wait_for(explained, what="the run view to name the limit")
         assert current == "waiting for a slot of limit workflow=one_at_a_time 1/1"
         assert (await second.status()).status == "pending"
+        # Nobody has claimed it: a run waiting for a slot is not being worked on.
+        assert not [e for e in await client.history("second") if isinstance(e, RunClaimed)]
         shown = await anyio.run_process(
             [sys.executable, "-m", "natflow_engine", "runs", "show", "second"],
             env={**os.environ, "NATFLOW_URL": nats_server.url},

@@ -5,7 +5,8 @@ events) through one durable pull consumer shared by all engine replicas, and
 
 * folds it into the run index (``natflow.runs.<run_id>``) behind ``client.list``;
 * for a ``run_started`` whose run has done nothing since, makes sure a task exists, so a
-  client that died between creating a run and enqueueing its task loses no start;
+  client that died between creating a run and enqueueing its task loses no start (looked at
+  only once a grace has passed without the run moving on: ``_start_watch``);
 * mirrors timers into the ``natflow_timers`` bucket (see ``_timers``).
 
 Beside it run the reaper (``_reaper``), the limit service (``_limit_service``), the timer
@@ -20,8 +21,10 @@ position and the index live in JetStream.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Sequence
 from typing import Final
 
 import anyio
@@ -47,6 +50,7 @@ from ._signals import ChildOutcome, SignalIntake, send_child_outcome
 from ._site_links import site_links
 from ._sites import SiteInbox, check_site, ensure_hub
 from ._start_service import StartService
+from ._start_watch import StartWatch, WatchedStart
 from ._state import RunInfo
 from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
 from ._tasks import Task, enqueue
@@ -94,12 +98,21 @@ RUN_EVENTS: Final = (
 
 
 _DISPATCH_WINDOW: Final = 256  # events asked for at a time
+_CHECKS_AT_ONCE: Final = 32  # starts past their grace checked concurrently
 
 
 def dispatcher_config() -> api.ConsumerConfig:
     return engine_consumer(
         DISPATCHER, "natflow engine: run index, timers, start dispatch", f"{HISTORY_PREFIX}.>"
     )
+
+
+async def _quietly(op: Awaitable[None]) -> None:
+    """An acknowledgement that may fail (the connection is going): the message comes back."""
+    try:
+        await op
+    except Exception as exc:
+        log.debug("acknowledgement failed: %s", exc)
 
 
 def _buffered(puller: Puller) -> int:
@@ -139,6 +152,10 @@ class Engine:
         self.scheduler = Scheduler(conn)
         self.events = EventIntake(conn)
         self.starts = StartService(conn)  # starts from clients that may not write history
+        self._watched = StartWatch()  # starts whose task is checked once their grace passed
+        self._reached = 0.0  # server time of the newest history message dispatched
+        self._caught_up = True  # that message was the stream's last (for the dispatcher)
+        self._last_read = time.monotonic()  # when the dispatcher last took a message
         self.metrics = EngineMetrics(
             conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
         )
@@ -184,15 +201,27 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 # Ask for what the dispatcher can take, not for what it has been handed: a
                 # backlog held unprocessed would outlive its ack deadline and come back twice.
-                tg.start_soon(puller.keep_asking, lambda: _DISPATCH_WINDOW - _buffered(puller))
+                tg.start_soon(
+                    functools.partial(
+                        puller.keep_asking,
+                        lambda: _DISPATCH_WINDOW - _buffered(puller),
+                        at_least=_DISPATCH_WINDOW // 2,
+                    )
+                )
+                tg.start_soon(self._check_starts)
                 async for msg in puller.messages:
                     await self._dispatch(msg)
-                    if _buffered(puller) < _DISPATCH_WINDOW // 2:
+                    # Ask again once half a window can be asked for: one pull request per
+                    # ~128 events, not one per event as soon as the buffer runs low.
+                    askable = _DISPATCH_WINDOW - _buffered(puller) - puller.pending
+                    if askable >= _DISPATCH_WINDOW // 2:
                         puller.wake()
         finally:
             # Shielded: a cancelled engine that kept this subscription would keep receiving
             # (and never acknowledging) the events its outstanding pull asked for.
             with anyio.CancelScope(shield=True):
+                for held in self._watched.drop():  # to a replica (or restart) at once
+                    await _quietly(held.nak())
                 try:
                     await puller.stop()
                 except Exception:  # the connection is going away; the server drops the pull
@@ -200,7 +229,14 @@ class Engine:
 
     async def _dispatch(self, msg: Msg) -> None:
         run_id = msg.subject.split(".")[2]
-        if event_kind(msg.data) not in RUN_EVENTS:
+        kind = event_kind(msg.data)
+        if len(self._watched):
+            self._note_position(msg)
+            if kind != "run_started":
+                started = self._watched.moved_on(run_id)
+                if started is not None:  # a worker has the run: its start needs no check
+                    await _quietly(started.ack())
+        if kind not in RUN_EVENTS:
             await msg.ack()  # step and signal events change nothing the engine keeps
             return
         try:
@@ -228,7 +264,55 @@ class Engine:
             )
             await msg.nak(delay=1.0)
             return
+        # An immediate start (a restart enqueues once its seed is written): acknowledged when
+        # the run moves on, or checked once its grace has passed (see _start_watch).
+        if isinstance(event, RunStarted) and event.not_before is None and not event.restarted_from:
+            self._note_position(msg)
+            earlier = self._watched.add(run_id, event, msg, self._reached)
+            if earlier is not None:
+                await _quietly(earlier.ack())
+            return
         await msg.ack()
+
+    def _note_position(self, msg: Msg) -> None:
+        """Where the dispatcher is in the stream: the server's time of the message, and
+        whether more wait (the clocks :class:`StartWatch` counts a start's grace on)."""
+        meta = msg.metadata
+        self._reached = max(self._reached, meta.timestamp.timestamp())
+        self._caught_up = meta.num_pending == 0
+        self._last_read = time.monotonic()
+
+    @property
+    def _idle(self) -> bool:
+        """Caught up with the stream, or handed nothing for a whole grace (with several
+        replicas the stream's last message may have gone to another one)."""
+        return self._caught_up or time.monotonic() - self._last_read > self._watched.grace
+
+    async def _check_starts(self) -> None:
+        """Make sure each start still alone after its grace has a task (its client may
+        have died before enqueueing it), then acknowledge it. Checked several at once: a
+        burst of starts must not wait out their ack deadline in this queue."""
+        limit = anyio.CapacityLimiter(_CHECKS_AT_ONCE)
+
+        async def check(watched: WatchedStart) -> None:
+            async with limit:
+                try:
+                    await self._ensure_task(watched.run_id, watched.start)
+                except Exception as exc:
+                    log.warning(
+                        "run %s: engine could not check its start (%s); will retry",
+                        watched.run_id,
+                        exc,
+                    )
+                    await _quietly(watched.msg.nak(delay=1.0))
+                    return
+                await _quietly(watched.msg.ack())
+
+        async with anyio.create_task_group() as tg:
+            while True:
+                await anyio.sleep(0.25)
+                for watched in self._watched.due(self._reached, self._idle):
+                    tg.start_soon(check, watched)
 
     async def _tell_parent(self, run_id: str, event: Event, info: RunInfo | None) -> None:
         """A closed child run's outcome goes to its parent as a ``$child`` signal, which
@@ -257,18 +341,16 @@ class Engine:
         """Mirror history's timers into KV, and make sure every start gets its task."""
         if isinstance(event, RunContinued):
             # Timers of older stretches (their events are gone with them, some perhaps
-            # before this dispatcher saw them) must not keep waking the run.
+            # before this dispatcher saw them) must not keep waking the run. Its next
+            # stretch's task (its worker may have died before enqueueing it) is checked like
+            # an immediate start's: see _check_starts.
             await timers.cancel_timers_through(self._conn, run_id, event.base_seq)
-            if event.restarted_from is None:  # a restart enqueues once its seed is written
-                await self._ensure_task(run_id, event)  # its worker died before enqueueing
-        elif isinstance(event, RunStarted):
+        elif isinstance(event, RunStarted):  # an immediate start: see _check_starts
             if event.not_before is not None:
                 await timers.schedule(
                     self._conn,
                     timers.Timer(run_id=run_id, seq=0, name="start", due_at=event.not_before),
                 )
-            elif event.restarted_from is None:  # a restart enqueues once its seed is written
-                await self._ensure_task(run_id, event)
         elif isinstance(event, TimerScheduled):
             await timers.schedule(
                 self._conn,
@@ -289,7 +371,10 @@ class Engine:
         elif isinstance(event, TimerFired):
             await timers.cancel(self._conn, run_id, event.seq)
         elif isinstance(event, RunClaimed):
-            await timers.cancel(self._conn, run_id, 0)  # a delayed start has started
+            # A delayed start has started. Only a delayed start has a start timer: a run whose
+            # immediate start this engine read needs no delete (a write per run, fsynced).
+            if not self._watched.started_now(run_id):
+                await timers.cancel(self._conn, run_id, 0)
         elif isinstance(event, TERMINAL_EVENTS):
             await timers.cancel_run(self._conn, run_id)
 

@@ -63,8 +63,11 @@ class RunIndex:
         runs before a summary whose status changed is written, so an engine that dies in
         between calls it again for the redelivered event (its effects must be idempotent).
         """
+        # A new run has no summary yet: write it expecting none, without reading first (the
+        # write is conditional, so one that exists after all sends this round to a read).
+        unread = isinstance(event, RunStarted) and run_id not in self._cache
         for _ in range(5):
-            current = await self._current(run_id)
+            current = None if unread else await self._current(run_id)
             entry, seq = current if current is not None else (None, 0)
             if entry is not None and entry.hseq >= hseq:
                 return None
@@ -94,6 +97,7 @@ class RunIndex:
                 if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                     raise
                 self._cache.pop(run_id, None)  # another replica wrote; read and decide again
+                unread = False
                 continue
             self._remember(run_id, new, ack.seq)
             return info

@@ -85,9 +85,15 @@ class Puller:
         self._requested_at = time.monotonic()
 
     async def keep_asking(
-        self, capacity: Callable[[], int], on_refused: Callable[[], Any] | None = None
+        self,
+        capacity: Callable[[], int],
+        on_refused: Callable[[], Any] | None = None,
+        *,
+        at_least: int = 1,
     ) -> None:
-        """Forever keep ``capacity()`` messages asked for (less those still pending)."""
+        """Forever keep ``capacity()`` messages asked for (less those still pending), in
+        requests of ``at_least`` messages while others are still pending (fewer, larger pull
+        requests for a consumer that takes many)."""
         while True:
             if self.refused:
                 self.refused = False
@@ -98,8 +104,10 @@ class Puller:
             if self.stale():
                 self.pending = 0
             changed = self.changed
+            want = capacity() - self.pending
             try:
-                await self.request(capacity() - self.pending)
+                if want >= at_least or self.pending <= 0:
+                    await self.request(want)
             except Exception as exc:  # disconnected: the reconnect hook resets, retry soon
                 log.debug("pull request on %s failed: %s", self.consumer, exc)
             with anyio.move_on_after(1.0):

@@ -26,7 +26,7 @@ _TIMEOUT: Final = 5.0
 class Page:
     messages: list[Msg] = field(default_factory=list)
     last_seq: int = 0  # the stream sequence of the last message returned (0: none)
-    pending: int = 0  # how many more match after it
+    pending: int = 0  # how many matched from the request's start (``Nats-Num-Pending``)
 
 
 class _Read:
@@ -66,7 +66,11 @@ class BatchReader:
             total.last_seq = page.last_seq or total.last_seq
             total.pending = page.pending
             done = limit is not None and len(total.messages) >= limit
-            if page.pending <= 0 or not page.messages or done:
+            # The end-of-batch ``Nats-Num-Pending`` counts the matching messages from the
+            # request's start on, those just sent included (measured on nats-server 2.15): a
+            # batch holding fewer was cut short (by its size or bytes) and goes on; one that
+            # holds them all is the whole read, with no second request to learn so.
+            if len(page.messages) >= page.pending or not page.messages or done:
                 return total
             start = page.last_seq + 1
 

@@ -193,6 +193,6 @@ class RetentionService:
                     and closed + timedelta(seconds=keep) <= now
                 ):
                     found.append(entry)
-            if page.pending <= 0 or not page.messages:
+            if len(page.messages) >= page.pending or not page.messages:  # see _reader
                 return found
             start = page.last_seq + 1

@@ -104,6 +104,7 @@ from ._continuation import (
     next_stretch,
     run_stored_at,
 )
+from ._preclaim import Preclaim
 from ._replay import Evicted, WorkflowState, cancel_reason
 from ._steps import StepRuntime, rate_fields, run_runtime, run_step
 from ._tracing import RunTrace
@@ -157,6 +158,7 @@ class RunExecution:
         runtime: StepRuntime,
         delivery: int = 1,
         optimistic: bool = False,
+        preclaimed: Preclaim | None = None,
     ) -> None:
         self.state = WorkflowState(workflow, history)
         self.workflow = workflow
@@ -170,6 +172,10 @@ class RunExecution:
         self._count = events_before(self.state.start) + len(history.events)  # for event ids
         self._last_seq = history.last_seq
         self._last_event = history.events[-1]
+        self._preclaimed = preclaimed  # claimed already, beside the history read
+        if preclaimed is not None:
+            self._count, self._last_seq = self._count + 1, preclaimed.seq
+            self._last_event = preclaimed.event
         self._inflight = 0
         self._armed: dict[int, asyncio.TimerHandle] = {}
         self._draining = False
@@ -217,15 +223,23 @@ class RunExecution:
             if self.state.block is not None:
                 await self._record_block()
                 return Outcome.BLOCKED
-            work = await self._has_work()
-            if work is None:
-                return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
-            if self._draining:  # a worker on its way out claims nothing (nor looks dead
-                return Outcome.HANDED_BACK  # to the poison check for a claim it gave up)
-            if work or not self.state.has_launches:
-                claimed = await self._claim()  # signals, if known to wait, go in first
-            else:  # a step would start at once: a waiting cancel must be read before it
-                claimed, work = await self._claim_and_look()
+            if self._preclaimed is not None:  # see _preclaim
+                self._trace.recorded(self._preclaimed.event)
+                if self._draining:
+                    return Outcome.HANDED_BACK
+                claimed = True
+                work = self._preclaimed.signal_seq > self.state.signal_cursor
+            else:
+                has_work = await self._has_work()
+                if has_work is None:
+                    return Outcome.SUSPENDED  # a duplicate or stale wake-up: write nothing
+                work = has_work
+                if self._draining:  # a worker on its way out claims nothing (nor looks dead
+                    return Outcome.HANDED_BACK  # to the poison check for a claim it gave up)
+                if work or not self.state.has_launches:
+                    claimed = await self._claim()  # signals, if known to wait, go in first
+                else:  # a step would start at once: a waiting cancel must be read before it
+                    claimed, work = await self._claim_and_look()
             if not claimed:
                 return Outcome.STALE if self._optimistic else Outcome.LOST
             self._signals_first = work

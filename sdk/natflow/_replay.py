@@ -155,6 +155,11 @@ class WorkflowState:
             self.paused = start.paused
             self._replay.extend(start.signals)  # moved in, not yet taken: delivered first
         for event in events:
+            if type(event) is StepCompleted:  # most of a long history; nothing below applies
+                self._records[event.seq] = f"step {event.name!r}"  # as recorded_command says
+                self._recorded_events[event.seq] = event
+                self._replay.append(event)
+                continue
             if isinstance(event, RunClaimed):
                 self.last_holder = event.worker
             recorded = recorded_command(event)
@@ -510,6 +515,12 @@ class WorkflowState:
     def deliver(self, event: Delivered) -> None:
         """Hand one outcome to the workflow and let it run until it waits again."""
         self.now = event.at
+        if type(event) is StepCompleted:  # the common case first (a long replay is mostly this)
+            command = self._commands.get(event.seq)
+            if isinstance(command, StepCommand):
+                self._resolve_step(command, event)
+                self._tick()
+                return
         if isinstance(event, SignalReceived):
             self._deliver_signal(event)
         elif isinstance(event, CancelRequested):

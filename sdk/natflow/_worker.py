@@ -76,6 +76,7 @@ from ._admission import Admission, Admitter
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._guard import RunGuard, check_inline_start
+from ._preclaim import Preclaim, inline_start, read_and_claim
 from ._pulse import HeldRun, Pulse
 from ._steps import StepRuntime
 from ._triggers import declare_triggers
@@ -490,8 +491,18 @@ class Worker:
         msg, run_id = held.msg, held.run_id
         # History is the truth: a task is only a hint to look. Its inline start (if any)
         # is checked against history and never used in its place.
+        preclaimed: Preclaim | None = None
+        inline = inline_start(task, msg.metadata.num_delivered or 1)
         try:
-            history = await self._store.read(run_id)
+            # Claimed beside the read only where nothing may stand between the two: a run
+            # of a limited workflow may have to wait for a slot first, unclaimed.
+            served = self._workflows.get(inline.workflow) if inline is not None else None
+            if served is not None and not served.limits and not self._stopping.is_set():
+                history, preclaimed = await read_and_claim(
+                    self._store, self._conn, run_id, task.start_seq, self.identity
+                )
+            else:
+                history = await self._store.read(run_id)
         except CorruptHistory as bad:
             await self._hold_corrupt(held, bad)
             return
@@ -553,6 +564,7 @@ class Worker:
             identity=self.identity,
             runtime=self._runtime,
             delivery=delivered,
+            preclaimed=preclaimed,
         )
         if self._stopping.is_set():
             held.execution.drain()

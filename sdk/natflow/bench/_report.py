@@ -114,6 +114,9 @@ class Throughput(msgspec.Struct, kw_only=True):
     start_to_result_ms: Stats
     cpu: Cpu
     worker_peak_rss_mib: list[float | None]
+    # Seconds after the last result until the engine's dispatcher had processed and
+    # acknowledged every event of the phase (its CPU window runs until then).
+    engine_lag_s: float | None = None
 
 
 class StartLatency(msgspec.Struct, kw_only=True):
@@ -336,6 +339,10 @@ def _cpu_per_run(tp: Throughput) -> str:
     return "n/a" if per_run is None else f"{per_run:.2f} ms"
 
 
+def _lag(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1e3:,.0f} ms"
+
+
 def _load(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -432,6 +439,7 @@ def _throughput_rows(report: BenchReport) -> list[Row]:
         ("throughput: client start rate", f"{tp.start_rate_per_s:,.0f} starts/s", "", "", ""),
         ("throughput: cpu", _cpu(tp.cpu), "", "", ""),
         ("throughput: cpu per run, all processes", _cpu_per_run(tp), "", "", ""),
+        ("throughput: engine caught up after the last result", _lag(tp.engine_lag_s), "", "", ""),
     ]
     if tp.failed or tp.completed < tp.runs:
         rows.append(

@@ -44,6 +44,7 @@ from typing import Any
 
 import msgspec
 from natflow_engine import (
+    DISPATCHER,
     HISTORY_PREFIX,
     HISTORY_STREAM,
     RUNS_STREAM,
@@ -493,6 +494,9 @@ class Bench:
                 before = await self._history_messages()
                 cpu = CpuWindow(procs.pids, self._server_pid, engine.pid)
                 outcome = await self._run_observed(ids, procs)
+                # The engine's work for these runs counts in full: the window ends once its
+                # dispatcher has taken in every event, not when the last result arrived.
+                lag = await self._engine_caught_up()
                 used = cpu.stop()
                 rss = procs.peak_rss()
                 appended = await self._history_messages() - before
@@ -517,6 +521,7 @@ class Bench:
             start_to_result_ms=stats(latencies),
             cpu=used,
             worker_peak_rss_mib=rss,
+            engine_lag_s=lag,
         )
 
     async def _run_observed(
@@ -565,6 +570,21 @@ class Bench:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         return starts, done, failed, max(started)
+
+    async def _engine_caught_up(self, timeout: float = 30.0) -> float | None:
+        """Seconds until the dispatcher has no event of the history stream left unprocessed
+        or unacknowledged (None: not within ``timeout``, or a shared server given by
+        ``--url``, whose other traffic may never leave it idle: not waited for there)."""
+        if self.server is None:
+            return None
+        t0 = time.perf_counter()
+        jsm = self.client.connection.jsm
+        while time.perf_counter() - t0 < timeout:
+            info = await jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return time.perf_counter() - t0
+            await asyncio.sleep(0.02)
+        return None
 
     async def _history_messages(self) -> int:
         """Messages in the history stream (on a shared server, others' appends count too)."""

@@ -1,0 +1,72 @@
+"""Batch reads (``_reader``): a history is read in one request when one batch holds it, and
+in full when the server cuts a batch short."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+from natflow import Client
+from natflow_engine import _reader
+from natflow_engine._history import HistoryStore
+from natflow_engine._streams import ensure_streams
+from natflow_engine.events import RunStarted, StepCompleted, utcnow
+
+
+async def _write(store: HistoryStore, run_id: str, steps: int) -> None:
+    start = RunStarted(
+        id=f"{run_id}:1", at=utcnow(), workflow="w", queue="q", input=msgspec.Raw(b"null")
+    )
+    seq = await store.append(run_id, start, 0)
+    for n in range(steps):
+        step = StepCompleted(
+            id=f"{run_id}:{n + 2}",
+            at=utcnow(),
+            seq=n + 1,
+            name="s",
+            occurrence=n + 1,
+            attempt=1,
+            started_at=utcnow(),
+            result=msgspec.Raw(b"1"),
+        )
+        seq = await store.append(run_id, step, seq)
+
+
+def _count_requests(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+    ask = _reader.BatchReader._ask
+
+    async def counted(self: Any, subject: str, request: dict[str, Any], *args: Any) -> None:
+        sent.append(request)
+        await ask(self, subject, request, *args)
+
+    monkeypatch.setattr(_reader.BatchReader, "_ask", counted)
+    return sent
+
+
+async def test_a_history_one_batch_holds_is_read_in_one_request(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await ensure_streams(client.connection)
+    store = HistoryStore(client.connection)
+    await _write(store, "one-batch", 5)
+    sent = _count_requests(monkeypatch)
+    history = await store.read("one-batch")
+    assert len(history.events) == 6
+    assert len(sent) == 1, sent  # no second request to find nothing more
+
+
+async def test_a_batch_cut_short_is_followed_to_the_end(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await ensure_streams(client.connection)
+    store = HistoryStore(client.connection)
+    await _write(store, "cut-short", 9)
+    monkeypatch.setattr(_reader, "BATCH", 4)  # the server cuts each batch at 4 messages
+    sent = _count_requests(monkeypatch)
+    history = await store.read("cut-short")
+    assert [e.id for e in history.events] == [f"cut-short:{n}" for n in range(1, 11)]
+    assert len(sent) == 3, sent  # 4 + 4 + 2
+    last = await store.last("cut-short")
+    assert last is not None and history.last_seq == last[1]

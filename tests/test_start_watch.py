@@ -1,0 +1,71 @@
+"""The dispatcher's watch over starts (``_start_watch``): a start is checked for its task only
+once its grace has passed on the stream's clock, or on the wall clock once caught up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from natflow_engine._start_watch import StartWatch
+from natflow_engine.events import RunStarted, utcnow
+
+
+def _start(run_id: str) -> RunStarted:
+    return RunStarted(
+        id=f"{run_id}:1", at=utcnow(), workflow="w", queue="q", input=msgspec.Raw(b"null")
+    )
+
+
+class _Msg:  # stands in for the delivered message: the watch only hands it back
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _watch(grace: float = 2.0, limit: int = 100) -> tuple[StartWatch, dict[str, Any]]:
+    watch = StartWatch(grace=grace, limit=limit)
+    msgs = {r: _Msg(r) for r in ("a", "b", "c")}
+    return watch, msgs
+
+
+def test_a_run_that_moves_on_is_never_checked() -> None:
+    watch, msgs = _watch()
+    watch.add("a", _start("a"), msgs["a"], stored=1000.0)  # type: ignore[arg-type]
+    assert watch.moved_on("a") is msgs["a"]  # its claim: the start message is acked
+    assert watch.due(reached=9999.0, caught_up=True, now=1e12) == []
+    assert watch.started_now("a")
+    assert not watch.started_now("b")
+
+
+def test_a_lagging_dispatcher_does_not_check_starts_it_has_not_read_past() -> None:
+    watch, msgs = _watch()
+    watch.add("a", _start("a"), msgs["a"], stored=1000.0)  # type: ignore[arg-type]
+    # Long after on the wall clock, but the dispatcher has read only 1 s further and more
+    # waits: the run's claim may be just ahead of it.
+    assert watch.due(reached=1001.0, caught_up=False, now=1e12) == []
+    due = watch.due(reached=1002.5, caught_up=False, now=0.0)  # past its grace, stream clock
+    assert [w.run_id for w in due] == ["a"] and due[0].msg is msgs["a"]
+    assert len(watch) == 0
+
+
+def test_a_lone_start_on_an_idle_system_is_checked_on_the_wall_clock() -> None:
+    watch, msgs = _watch(grace=0.0)
+    watch.add("a", _start("a"), msgs["a"], stored=1000.0)  # type: ignore[arg-type]
+    assert watch.due(reached=0.0, caught_up=False) == []  # more to read: wait for it
+    assert [w.run_id for w in watch.due(reached=0.0, caught_up=True)] == ["a"]
+
+
+def test_beyond_the_limit_the_oldest_is_checked_at_once() -> None:
+    watch, msgs = _watch(limit=2)
+    for r in ("a", "b", "c"):
+        watch.add(r, _start(r), msgs[r], stored=1000.0)  # type: ignore[arg-type]
+    assert [w.run_id for w in watch.due(reached=0.0, caught_up=False)] == ["a"]
+    assert len(watch) == 2
+    assert sorted(m.name for m in watch.drop()) == ["b", "c"]  # type: ignore[attr-defined]
+
+
+def test_a_redelivered_start_hands_back_the_earlier_delivery() -> None:
+    watch, msgs = _watch()
+    watch.add("a", _start("a"), msgs["a"], stored=1000.0)  # type: ignore[arg-type]
+    again = _Msg("a2")
+    assert watch.add("a", _start("a"), again, stored=1000.0) is msgs["a"]  # type: ignore[arg-type]
+    assert watch.moved_on("a") is again
