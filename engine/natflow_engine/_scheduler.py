@@ -29,6 +29,7 @@ import msgspec
 
 from ._connection import Connection
 from ._errors import NatflowError
+from ._flow_decls import start_declared
 from ._history import HistoryStore
 from ._kv import kv_watch
 from ._metrics import SCHEDULE_FIRES, SCHEDULE_LATENESS
@@ -189,7 +190,8 @@ class Scheduler:
 
     async def _start(self, schedule: Schedule, fire: ScheduleFire) -> None:
         assert fire.run_id is not None
-        _, created = await self._runs.start(
+        _, created = await start_declared(  # with the workflow's flow control
+            self._runs,
             schedule.workflow,
             schedule.spec.queue,
             bytes(schedule.input),

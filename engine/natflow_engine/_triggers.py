@@ -35,6 +35,7 @@ from nats.aio.msg import Msg
 
 from ._connection import Connection, retrying
 from ._errors import InvalidInput, NatflowError
+from ._flow_decls import start_declared
 from ._kv import kv_delete, kv_entries, kv_put
 from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
@@ -313,7 +314,8 @@ class EventIntake:
             await self._dead(msg, seq, name, run_id, str(bad))
             return
         try:
-            _, created = await self._runs.start(
+            _, created = await start_declared(  # with the workflow's flow control
+                self._runs,
                 decl.workflow,
                 decl.queue,
                 msg.data or b"null",
