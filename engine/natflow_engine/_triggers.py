@@ -314,7 +314,7 @@ class EventIntake:
             await self._dead(msg, seq, name, run_id, str(bad))
             return
         try:
-            _, created = await start_declared(  # with the workflow's flow control
+            started, created = await start_declared(  # with the workflow's flow control
                 self._runs,
                 decl.workflow,
                 decl.queue,
@@ -328,7 +328,7 @@ class EventIntake:
         if created:
             self.started += 1
             EVENT_RUNS.inc()
-            log.info("event %s #%d started run %s of %s", name, seq, run_id, decl.workflow)
+            log.info("event %s #%d started run %s of %s", name, seq, started, decl.workflow)
 
     async def _dead(self, msg: Msg, seq: int, name: str, run_id: str, reason: str) -> None:
         self.rejected += 1
