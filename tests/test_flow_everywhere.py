@@ -64,6 +64,11 @@ async def parent(ctx: WorkflowContext, customer: str) -> str:
     return "the child ran"
 
 
+@workflow(name="fe_import_parent")
+async def import_parent(ctx: WorkflowContext) -> list[Any]:
+    return list(await ctx.parallel(ctx.child(imports, {"i": 1}), ctx.child(imports, {"i": 2})))
+
+
 @workflow(name="fe_plain")
 async def plain(ctx: WorkflowContext, x: int) -> int:
     return x
@@ -154,6 +159,26 @@ async def test_a_child_of_a_singleton_workflow_is_refused_with_the_reason(
         outcome = await handle.result(timeout=10)
         assert "cannot be a child run" in outcome and "singleton" in outcome, outcome
         assert await client.list(workflow="one_per_customer") == []
+
+
+async def test_children_of_a_rate_limited_workflow_are_delayed_and_keep_their_parent(
+    client: Client, engine: object
+) -> None:
+    async with running_worker(client, [import_parent, imports]):
+        await declared_by_worker(client, "fe_imports")
+        handle = await client.start(import_parent)
+
+        async def both() -> list[Any] | None:
+            try:
+                found = [(await client.history(f"{handle.run_id}-c{i}"))[0] for i in (1, 2)]
+            except Exception:
+                return None
+            return found if all(found) else None
+
+        starts = await wait_for(both, what="both children")
+        assert all(s.parent == handle.run_id for s in starts)
+        assert sorted(str(s.rate_limited) for s in starts) == ["None", "fe-imports"]
+        await client.terminate(handle.run_id, "test over")
 
 
 async def test_starts_through_the_engine_and_by_name_join_the_open_singleton_run(

@@ -187,7 +187,11 @@ async def start_declared(
     ``declaration`` is the caller's own (a client holding the definition), else it is read
     (:func:`declared`). A singleton or debounced workflow's run ids come from its key:
     ``run_id`` is then ignored (schedules and triggers pass theirs; the returned id is the
-    run that does the work). Returns ``(run_id, created)`` as ``Runs.start`` does.
+    run that does the work), unless ``chosen_run_id`` says a user chose it: then the start
+    is refused. ``child_of`` names the parent of a child run, whose id the parent chose and
+    waits on: a child of a singleton or debounced workflow is refused (the parent's
+    ``ctx.child`` fails with the reason), one of a rate-limited workflow is delayed. Returns
+    ``(run_id, created)`` as ``Runs.start`` does.
     """
     conn = runs.conn
     if declaration is None:
@@ -202,6 +206,8 @@ async def start_declared(
                     "without rate limit, singleton or debounce until one does",
                     workflow,
                 )
+    if child_of is not None:
+        start["parent"] = child_of
     if declaration is None or not declaration.controlled:
         return await runs.start(workflow, queue, input_json, run_id, not_before=not_before, **start)
     if child_of is not None and (declaration.singleton or declaration.debounce):
