@@ -258,3 +258,19 @@ async def test_a_schedule_that_skips_overlaps_waits_for_the_singleton_run_its_fi
         (second,) = await wait_for(next_generation, timeout=15, what="the next run")
         await client.schedules.delete("fe-skip")
         await client.terminate(second.run_id, "test over")
+
+
+async def test_natflow_start_by_name_joins_the_open_singleton_run(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    from tests.test_cli import natflow
+
+    async with running_worker(client, [flows.one_per_customer]):
+        await declared_by_worker(client, "one_per_customer")
+        first = await client.start(flows.one_per_customer, {"customer": "acme"})
+        again = await natflow(
+            nats_server.url, "start", "one_per_customer", "--input", '{"customer": "acme"}'
+        )
+        assert again.returncode == 0, again.stderr.decode()
+        assert f"exists: {first.run_id}" in again.stdout.decode()
+        await client.terminate(first.run_id, "test over")
