@@ -69,6 +69,16 @@ async def import_parent(ctx: WorkflowContext) -> list[Any]:
     return list(await ctx.parallel(ctx.child(imports, {"i": 1}), ctx.child(imports, {"i": 2})))
 
 
+@workflow(name="fe_digest", debounce=1.5)
+async def digest(ctx: WorkflowContext, outcome: dict[str, Any]) -> Any:
+    return outcome["result"]
+
+
+@workflow(name="fe_quick")
+async def quick(ctx: WorkflowContext, x: int) -> int:
+    return x
+
+
 @workflow(name="fe_plain")
 async def plain(ctx: WorkflowContext, x: int) -> int:
     return x
@@ -274,3 +284,24 @@ async def test_natflow_start_by_name_joins_the_open_singleton_run(
         assert again.returncode == 0, again.stderr.decode()
         assert f"exists: {first.run_id}" in again.stdout.decode()
         await client.terminate(first.run_id, "test over")
+
+
+async def test_follow_ups_of_runs_closing_within_a_debounce_window_make_one_run(
+    client: Client, engine: object
+) -> None:
+    async with running_worker(client, [quick, digest]):
+        await declared_by_worker(client, "fe_digest")
+        handles = [await client.start(quick, i, on_complete=digest) for i in range(3)]
+        assert [await h.result(timeout=10) for h in handles] == [0, 1, 2]
+
+        async def follow_ups() -> list[Any]:
+            return await client.list(workflow="fe_digest")
+
+        (run,) = await wait_for(follow_ups, what="the debounced follow-up")
+        assert await client.handle(run.run_id).result(timeout=15) in (0, 1, 2)
+
+        async def settled() -> list[Any] | None:
+            listed = await client.list(workflow="fe_digest")
+            return listed if listed and all(r.status == "completed" for r in listed) else None
+
+        assert [r.run_id for r in await wait_for(settled, what="the index")] == [run.run_id]
