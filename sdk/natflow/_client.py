@@ -274,7 +274,10 @@ class Client:
         closes, however it closes, with a :class:`RunOutcome` as its input; its run id is
         this run's id plus ``-oncomplete``. ``priority`` (a whole number, higher first;
         default: the workflow's ``priority=``) orders the run among runs waiting for a slot
-        of a concurrency limit.
+        of a concurrency limit. The workflow's ``rate_limit``, ``singleton`` and
+        ``debounce`` apply whether it is given as a definition or by name (by name: as its
+        workers declared them; README "Flow control"): a singleton or debounced start may
+        return the handle of a run that was open already.
         """
         if priority is not None:
             check_priority(priority)
