@@ -116,7 +116,11 @@ async def declared(conn: Connection, workflow: str) -> FlowDeclaration | None:
         return hit[0]
     await ensure_rates_bucket(conn)
     found = await kv_get(conn, RATES_BUCKET, declaration_key(workflow))
-    declaration = _dec.decode(found[0]) if found else None
+    try:
+        declaration = _dec.decode(found[0]) if found else None
+    except msgspec.DecodeError as exc:  # not a worker's: start plain rather than never
+        log.warning("the flow-control declaration of workflow %r is unreadable: %s", workflow, exc)
+        declaration = None
     if declaration is not None and declaration.workflow != workflow:
         declaration = None  # a hash collision: treat as undeclared
     cache[workflow] = (declaration, now + DECLARATION_TTL)
