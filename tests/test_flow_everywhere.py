@@ -305,3 +305,27 @@ async def test_follow_ups_of_runs_closing_within_a_debounce_window_make_one_run(
             return listed if listed and all(r.status == "completed" for r in listed) else None
 
         assert [r.run_id for r in await wait_for(settled, what="the index")] == [run.run_id]
+
+
+async def test_the_consoles_start_form_joins_the_open_singleton_run(
+    client: Client, nats_server: EmbeddedServer, engine: object
+) -> None:
+    from tests.console_helpers import http, served_console
+
+    async with (
+        running_worker(client, [flows.one_per_customer]),
+        served_console(nats_server.url) as base,
+    ):
+        await declared_by_worker(client, "one_per_customer")
+        first = await client.start(flows.one_per_customer, {"customer": "acme"})
+        form = {
+            "workflow": "one_per_customer",
+            "queue": "",
+            "run_id": "",
+            "input": '{"customer": "acme"}',
+        }
+        status, body, headers = await http(base + "/start", form)
+        assert status in (200, 303), body
+        assert first.run_id in body + headers.get("location", "") + headers.get("Location", "")
+        assert [r.run_id for r in await client.list(workflow="one_per_customer")] == [first.run_id]
+        await client.terminate(first.run_id, "test over")
