@@ -238,7 +238,11 @@ async def test_unlimited_workflows_never_touch_the_rates_bucket(
     async with running_worker(client, [plain]):
         assert await (await client.start(plain, 2)).result(timeout=10) == 4
     assert RATES_BUCKET not in client.connection.extras
-    assert await kv_entries(client.connection, RATES_BUCKET) == []
+    # The one entry is the worker's declaration (written once as it starts): "nothing".
+    entries = await kv_entries(client.connection, RATES_BUCKET)
+    assert [(m.headers or {}).get("Nats-Subject") for m in entries] == [
+        f"$KV.{RATES_BUCKET}.decl.plain"
+    ]
 
 
 def _double(x: int) -> int:
@@ -267,8 +271,9 @@ async def test_flow_control_refuses_bad_keys_and_oversized_debounced_inputs(
         await client.start(flows.debounced_save, {"doc": "d", "blob": "x" * 600_000})
     assert await client.list(workflow="one_per_customer") == []
     async with await Client.connect(nats_server.url, start_via_engine=True) as frontend:
-        with pytest.raises(InvalidInput, match="start_via_engine"):
-            await frontend.start(flows.one_per_customer, {"customer": "acme"})
+        # A key function cannot travel to the engine: refused before any request.
+        with pytest.raises(InvalidInput, match="singleton key with a function"):
+            await frontend.start(flows.one_per_customer_fn, {"customer": "acme"})
 
 
 async def test_run_slots_pass_a_slot_on_when_its_waiter_is_cancelled() -> None:

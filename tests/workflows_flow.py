@@ -39,6 +39,11 @@ async def one_per_customer(ctx: WorkflowContext, input: dict[str, Any]) -> Any:
     return await ctx.wait_for_signal("go")
 
 
+@workflow(singleton=lambda input: input["customer"])
+async def one_per_customer_fn(ctx: WorkflowContext, input: dict[str, Any]) -> Any:
+    return await ctx.wait_for_signal("go")
+
+
 @workflow(debounce=Debounce(1.0, key="doc"))
 async def debounced_save(ctx: WorkflowContext, input: dict[str, Any]) -> Any:
     return input

@@ -17,6 +17,7 @@ from ._cli_schedules import describe_trigger
 from ._cli_sites import print_site_run
 from ._connection import Connection
 from ._errors import InvalidInput
+from ._flow_decls import start_declared
 from ._human import duration, when
 from ._index import RunIndex
 from ._leases import Leases
@@ -138,7 +139,9 @@ async def cmd_start(conn: Connection, args: argparse.Namespace) -> int:
         warning = nobody_serves(args.workflow, args.queue, workers)
         print(f"natflow start: warning: {warning}", file=sys.stderr)
     runs = Runs(conn)
-    run_id, created = await runs.start(args.workflow, args.queue, data, args.run_id)
+    run_id, created = await start_declared(  # with the flow control its workers declare
+        runs, args.workflow, args.queue, data, args.run_id, chosen_run_id=args.run_id is not None
+    )
     if not args.json:
         if created:
             print(f"started: {run_id}")

@@ -19,6 +19,7 @@ import msgspec
 
 from ._connection import Connection
 from ._errors import ErrorInfo
+from ._flow_decls import start_declared
 from ._history import HistoryStore
 from ._lifecycle import publish_status
 from ._names import _TOKEN
@@ -131,10 +132,14 @@ class RunHooks:
         data = _encoder.encode(outcome)
         if len(data) > self._conn.max_payload - 8192:  # the result alone filled a message
             data = _encoder.encode(msgspec.structs.replace(outcome, result=None))
-        _, created = await self._runs.start(target, queue, data, child_id, on_complete_of=run_id)
+        # With the flow control the target declares (a debounced target collapses the
+        # follow-ups of runs that close within its window into one run).
+        made, created = await start_declared(
+            self._runs, target, queue, data, child_id, on_complete_of=run_id
+        )
         if created:
             self.on_complete_started += 1
-            log.info("run %s %s: started %s as %s", run_id, outcome.status, target, child_id)
+            log.info("run %s %s: started %s as %s", run_id, outcome.status, target, made)
 
     async def _start_restarted(self, run_id: str) -> None:
         """A restarted run's copied history is complete: make sure it has a task (its

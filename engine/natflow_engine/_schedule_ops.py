@@ -18,6 +18,7 @@ import msgspec
 
 from ._connection import Connection
 from ._errors import InvalidInput, NatflowError
+from ._flow_decls import start_declared
 from ._names import check_workflow_name
 from ._runs import Runs
 from ._schedules import (
@@ -233,7 +234,8 @@ class Schedules:
         return msgspec.structs.replace(info, input=msgspec.json.decode(opened))
 
     async def _start(self, schedule: Schedule, fire: datetime, run_id: str) -> None:
-        await self._runs.start(
+        await start_declared(  # with the workflow's flow control
+            self._runs,
             schedule.workflow,
             schedule.spec.queue,
             bytes(schedule.input),

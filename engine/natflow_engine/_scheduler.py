@@ -29,6 +29,7 @@ import msgspec
 
 from ._connection import Connection
 from ._errors import NatflowError
+from ._flow_decls import start_declared
 from ._history import HistoryStore
 from ._kv import kv_watch
 from ._metrics import SCHEDULE_FIRES, SCHEDULE_LATENESS
@@ -137,7 +138,8 @@ class Scheduler:
                 return None, False
             schedule, revision = found
             self.schedules[schedule_id] = schedule
-            closed = {r for r in schedule.open_runs if await self._closed(r)}
+            pending = {f.run_id for f in schedule.pending}
+            closed = {r for r in schedule.open_runs if await self._closed(r, pending)}
             now = utcnow()
             decided = plan(schedule, now, closed)
             if not decided.changed:
@@ -154,9 +156,14 @@ class Scheduler:
             return decided.schedule, True
         raise NatflowError(f"schedule {schedule_id!r} kept changing during a pass")
 
-    async def _closed(self, run_id: str) -> bool:
+    async def _closed(self, run_id: str, pending: set[str | None]) -> bool:
         last = await self._history.last(run_id)
-        return last is not None and isinstance(last[0], TERMINAL_EVENTS)
+        if last is None:
+            # Started (no longer pending) yet never made: the start joined another run (a
+            # singleton's open run, a debounced run; README "Flow control"), which this
+            # schedule does not wait for. A pending one is about to be made: still open.
+            return run_id not in pending
+        return isinstance(last[0], TERMINAL_EVENTS)
 
     async def _cancel(self, schedule: Schedule, run_ids: list[str]) -> None:
         kind = TERMINATE if schedule.spec.overlap == "terminate_other" else CANCEL
@@ -166,8 +173,9 @@ class Scheduler:
 
     async def _start_pending(self, schedule: Schedule) -> None:
         started: list[ScheduleFire] = []
+        made: dict[str | None, str] = {}  # fire's run id -> the run that does the work
         for fire in schedule.pending:
-            await self._start(schedule, fire)
+            made[fire.run_id] = await self._start(schedule, fire)
             started.append(fire)
         done = {fire.run_id for fire in started}
         for _ in range(_ATTEMPTS):
@@ -178,18 +186,24 @@ class Scheduler:
             left = [f for f in current.pending if f.run_id not in done]
             if len(left) == len(current.pending):
                 return  # another replica cleared them
+            # A singleton's or debounced workflow's start names another run than the fire's:
+            # the overlap policy waits for that one.
+            changed = msgspec.structs.replace(
+                current, pending=left, open_runs=[made.get(r, r) for r in current.open_runs]
+            )
             try:
-                await put_schedule(
-                    self._conn, msgspec.structs.replace(current, pending=left), revision
-                )
+                await put_schedule(self._conn, changed, revision)
             except ScheduleConflict:
                 continue
-            self.schedules[schedule.schedule_id] = msgspec.structs.replace(current, pending=left)
+            self.schedules[schedule.schedule_id] = changed
             return
 
-    async def _start(self, schedule: Schedule, fire: ScheduleFire) -> None:
+    async def _start(self, schedule: Schedule, fire: ScheduleFire) -> str:
+        """Start the fire's run; returns the run doing the work (another id when the
+        workflow is a singleton or debounced)."""
         assert fire.run_id is not None
-        _, created = await self._runs.start(
+        run_id, created = await start_declared(  # with the workflow's flow control
+            self._runs,
             schedule.workflow,
             schedule.spec.queue,
             bytes(schedule.input),
@@ -207,10 +221,18 @@ class Scheduler:
             log.info(
                 "schedule %s: started run %s for %s (%.3f s after the fire time)",
                 schedule.schedule_id,
-                fire.run_id,
+                run_id,
                 fire.fire_time.isoformat(),
                 late,
             )
+        elif run_id != fire.run_id:
+            log.info(
+                "schedule %s: the fire at %s joined open run %s (flow control)",
+                schedule.schedule_id,
+                fire.fire_time.isoformat(),
+                run_id,
+            )
+        return run_id
 
 
 def _stale(schedule: Schedule) -> bool:

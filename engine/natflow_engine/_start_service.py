@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 
 from ._connection import Connection, NoResponders
 from ._errors import InvalidInput, NatflowError, ServerUnavailable
+from ._flow_decls import FlowDeclaration, start_declared
 from ._names import check_run_id
 from ._runs import Runs
 
@@ -41,6 +42,8 @@ class StartRequest(msgspec.Struct, kw_only=True):
     input: msgspec.Raw = msgspec.Raw(b"null")
     not_before: datetime | None = None
     priority: int | None = None
+    flow: FlowDeclaration | None = None  # the client's own declaration (it holds the definition)
+    chosen_run_id: bool = False  # the user chose the run id (refused for singleton/debounce)
 
 
 class StartReply(msgspec.Struct, kw_only=True):
@@ -64,8 +67,15 @@ async def request_start(
     run_id: str,
     not_before: datetime | None = None,
     priority: int | None = None,
+    *,
+    flow: FlowDeclaration | None = None,
+    chosen_run_id: bool = False,
 ) -> tuple[str, bool]:
-    """Ask the engine to create the run; ``(run_id, created)`` as ``Runs.start`` returns."""
+    """Ask the engine to create the run; ``(run_id, created)`` as ``Runs.start`` returns.
+
+    The engine applies the workflow's flow control: ``flow`` (the caller's declaration), else
+    the one its workers published (README "Flow control").
+    """
     body = _request_encoder.encode(
         StartRequest(
             workflow=workflow,
@@ -73,6 +83,8 @@ async def request_start(
             input=msgspec.Raw(input_json),
             not_before=not_before,
             priority=priority,
+            flow=flow,
+            chosen_run_id=chosen_run_id,
         )
     )
     subject = start_subject(check_run_id(run_id))
@@ -113,12 +125,17 @@ class StartService:
         reply = StartReply()
         try:
             request = _request_decoder.decode(msg.data)
-            run_id, created = await self._runs.start(
+            if request.flow is not None and request.flow.workflow != request.workflow:
+                raise InvalidInput("the start request's flow declaration names another workflow")
+            run_id, created = await start_declared(
+                self._runs,
                 request.workflow,
                 request.queue,
                 bytes(request.input),
                 msg.subject.split(".", 3)[3],
                 not_before=request.not_before,
+                declaration=request.flow,
+                chosen_run_id=request.chosen_run_id,
                 priority=request.priority,
             )
             reply = StartReply(run_id=run_id, created=created)

@@ -35,6 +35,7 @@ from nats.aio.msg import Msg
 
 from ._connection import Connection, retrying
 from ._errors import InvalidInput, NatflowError
+from ._flow_decls import start_declared
 from ._kv import kv_delete, kv_entries, kv_put
 from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
@@ -313,7 +314,8 @@ class EventIntake:
             await self._dead(msg, seq, name, run_id, str(bad))
             return
         try:
-            _, created = await self._runs.start(
+            started, created = await start_declared(  # with the workflow's flow control
+                self._runs,
                 decl.workflow,
                 decl.queue,
                 msg.data or b"null",
@@ -326,7 +328,7 @@ class EventIntake:
         if created:
             self.started += 1
             EVENT_RUNS.inc()
-            log.info("event %s #%d started run %s of %s", name, seq, run_id, decl.workflow)
+            log.info("event %s #%d started run %s of %s", name, seq, started, decl.workflow)
 
     async def _dead(self, msg: Msg, seq: int, name: str, run_id: str, reason: str) -> None:
         self.rejected += 1

@@ -32,6 +32,7 @@ from natflow_engine import (
     Runs,
     StepInfo,
     check_event_name,
+    check_portable,
     check_run_id,
     check_token,
     check_value_size,
@@ -51,6 +52,7 @@ from natflow_engine import (
     restart_run,
     seal,
     sealed_key,
+    start_declared,
     store_value,
     to_seconds,
     value_ref,
@@ -72,7 +74,7 @@ from nats.aio.msg import Msg
 
 from . import _tracing as tracing
 from ._events_feed import follow
-from ._flow import check_flow_start, flow_start
+from ._flow import check_flow_start, declaration_of, flow_start
 from ._schedules import ScheduleClient
 from ._sites import SiteClient
 from ._workflow import DEFAULT_QUEUE, Workflow, check_priority
@@ -272,7 +274,10 @@ class Client:
         closes, however it closes, with a :class:`RunOutcome` as its input; its run id is
         this run's id plus ``-oncomplete``. ``priority`` (a whole number, higher first;
         default: the workflow's ``priority=``) orders the run among runs waiting for a slot
-        of a concurrency limit.
+        of a concurrency limit. The workflow's ``rate_limit``, ``singleton`` and
+        ``debounce`` apply whether it is given as a definition or by name (by name: as its
+        workers declared them; README "Flow control"): a singleton or debounced start may
+        return the handle of a run that was open already.
         """
         if priority is not None:
             check_priority(priority)
@@ -295,12 +300,11 @@ class Client:
         target = _target("on_complete", on_complete)
         with tracing.starting(name, queue or default_queue) as traced:
             if self._start_via_engine:
+                declaration = None
                 if definition is not None and definition.flow_controlled:
-                    raise InvalidInput(
-                        f"workflow {name!r} declares rate_limit, singleton or debounce, which "
-                        f"a client that starts runs through the engine (start_via_engine=True) "
-                        f"cannot apply yet: start it with a client that writes history"
-                    )
+                    check_flow_start(definition, run_id)
+                    declaration = declaration_of(definition)  # the engine applies it
+                    check_portable(declaration)
                 if target is not None:
                     raise InvalidInput(
                         "on_complete is not available to a client that starts runs through "
@@ -310,7 +314,7 @@ class Client:
                     data = seal(self._conn.codec, data)
                 # A large input is stored here, the request carries its reference.
                 check_value_size(self._conn, "workflow input", len(data))
-                run_id = run_id or new_run_id()
+                chosen, run_id = run_id is not None, run_id or new_run_id()
                 if len(data) > INLINE_BYTES:  # only then does the value store get involved
                     await ensure_streams(self._conn)
                     data = await store_value(self._conn, "workflow input", data, run_id)
@@ -322,6 +326,8 @@ class Client:
                     run_id,
                     not_before,
                     priority,
+                    flow=declaration,
+                    chosen_run_id=chosen,
                 )
             elif definition is not None and definition.flow_controlled:
                 check_flow_start(definition, run_id)
@@ -335,6 +341,19 @@ class Client:
                     trace_context=traced.carrier,
                     on_complete=target,
                     retention=definition.retention,
+                    priority=priority,
+                )
+            elif definition is None:  # by name: the flow control its workers declare
+                started_id, created = await start_declared(
+                    self._runs,
+                    name,
+                    queue or default_queue,
+                    data,
+                    run_id,
+                    not_before=not_before,
+                    chosen_run_id=run_id is not None,
+                    trace_context=traced.carrier,
+                    on_complete=target,
                     priority=priority,
                 )
             else:

@@ -61,6 +61,7 @@ from natflow_engine import (
     quarantined,
     send,
     sequence,
+    start_declared,
     stored_at,
 )
 from natflow_engine.events import (
@@ -412,12 +413,13 @@ class RunExecution:
     async def _start_child(self, event: ChildStarted) -> None:
         command = self.state.command(event.seq)
         assert isinstance(command, ChildCommand)
-        await Runs(self._conn).start(
+        await start_declared(  # with the flow control the child's workflow declares
+            Runs(self._conn),
             command.name,
             command.queue,
             command.input_json,
             command.child_run_id,
-            parent=self.run_id,
+            child_of=self.run_id,
         )
 
     async def _record_child(self, seq: int, payload: bytes) -> None:

@@ -75,6 +75,7 @@ from nats.aio.msg import Msg
 from ._admission import Admission, Admitter
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
+from ._flow import declare_flow
 from ._guard import RunGuard, check_inline_start
 from ._preclaim import Preclaim, inline_start, read_and_claim
 from ._pulse import HeldRun, Pulse
@@ -270,6 +271,7 @@ class Worker:
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
         await self._announce()
         await declare_triggers(self._conn, self._workflows.values(), self.identity)
+        await declare_flow(self._conn, self._workflows.values())
         log.info(
             "worker %s serving queues %s with workflows %s (lease %g s)",
             self.identity,

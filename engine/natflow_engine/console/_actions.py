@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from .._errors import InvalidInput, NatflowError
+from .._flow_decls import start_declared
 from .._names import check_queue, check_run_id, check_token, check_workflow_name
 from .._runs import Runs
 from .._sealing import seal
@@ -132,7 +133,9 @@ async def start(request: Request) -> Response:
             check_run_id(run_id)
         data = parse_json("the input", form["input"])
         check_input(workflow, data, known.get(workflow, (None, None))[1])
-        made, created = await Runs(state.conn).start(workflow, queue, data, run_id)
+        made, created = await start_declared(  # with the flow control its workers declare
+            Runs(state.conn), workflow, queue, data, run_id, chosen_run_id=run_id is not None
+        )
     except (InvalidInput, NatflowError) as exc:
         context = {"title": "Start a run", "known": known, "form": form, "error": str(exc)}
         return page(request, "start.html", context, status=400)

@@ -1,0 +1,284 @@
+"""Starts under flow control: run rate limits, singleton and debounce (README "Flow control").
+
+One implementation for every start path: ``client.start`` with the definition (the SDK
+computes the keys, callables included) and the starts that only know a workflow's name
+(start by name, children, schedules, event triggers, starts through the engine), which
+compute the keys from the declaration workers publish (``_flow_decls``).
+
+All three keep their state in the ``natflow_rates`` KV bucket, so every process agrees.
+
+* **Rate limit of runs**: a start over the rate is not refused; it takes the next slot of the
+  limit and the run is created with ``not_before`` at that slot (a delayed start, shown as
+  "rate limited until ...").
+* **Singleton**: at most one open run per key. The run id is derived from the key and a
+  generation kept in KV (``<workflow>-s-<key>-<n>``): a start creates run ``n`` with the
+  conditional create (two starters make one run); if run ``n`` exists and is open, the start
+  returns its id; if it is closed, the generation moves to ``n + 1`` by a revision-checked put
+  and the start tries again. No lock is held by anyone who may die.
+* **Debounce**: one cell per key holds the pending run's generation, its window's end and the
+  latest input. The first start opens a window (creates run ``<workflow>-d-<key>-<n>`` with
+  ``not_before`` = its end); later starts only replace the input in the cell, until the run
+  begins: its first step takes the cell's input (:func:`take_debounced_input`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+
+from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
+from ._errors import InvalidInput, NatflowError
+from ._kv import kv_get, kv_put
+from ._rates import RateLimit, ensure_rates_bucket, reserve
+from ._runs import Runs
+from ._sealing import open_sealed, seal
+from ._streams import RATES_BUCKET
+
+log = logging.getLogger("natflow.flow")
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,48}")
+_TRIES: Final = 20
+_REPAIR_AFTER: Final = 2.0  # seconds past its window a run that has not begun is created again
+
+
+@dataclass(frozen=True)
+class FlowPlan:
+    """What one start must apply, its keys computed from the run's input.
+
+    ``singleton``/``debounce`` set means the workflow declares it (``debounce`` is the window
+    in seconds); ``*_key`` is that option's key for this input (None: one for the workflow).
+    """
+
+    rate: RateLimit | None = None
+    rate_key: str | None = None
+    singleton: bool = False
+    singleton_key: str | None = None
+    debounce: float | None = None
+    debounce_key: str | None = None
+
+
+def input_field(what: str, value: Any, path: str) -> Any:
+    """The field ``path`` (dotted for nested ones) of a run's input: a key of ``what``."""
+    for part in path.split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif not isinstance(value, Mapping) and hasattr(value, part):
+            value = getattr(value, part)
+        else:
+            raise InvalidInput(f"the input has no field {path!r} (the key of {what})")
+    return value
+
+
+def _token(key: str | None) -> str:
+    if key is None:
+        return "_"
+    if _TOKEN.fullmatch(key):
+        return key
+    return "h" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _base_id(prefix: str, workflow: str, key: str | None) -> str:
+    return f"{_token(workflow)[:48]}-{prefix}-{_token(key)}"
+
+
+class _Singleton(msgspec.Struct, kw_only=True):
+    """KV ``singleton.<base>``: the generation whose run is (or was last) the open one."""
+
+    v: int = 1
+    gen: int = 0
+
+
+class _Window(msgspec.Struct, kw_only=True):
+    """KV ``debounce.<base>``: the current window of a debounced workflow and key."""
+
+    v: int = 1
+    gen: int
+    due: float  # epoch seconds: the window's end, the run's not_before
+    input: msgspec.Raw  # the latest input (sealed if the client seals)
+    taken: bool = False  # the run has begun and took ``input``
+    prev_gen: int = 0  # the window before, kept until its run is surely past its first step
+    prev_input: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_enc = msgspec.json.Encoder()
+_singleton_dec = msgspec.json.Decoder(_Singleton)
+_window_dec = msgspec.json.Decoder(_Window)
+
+
+async def flow_start(
+    runs: Runs,
+    workflow: str,
+    plan: FlowPlan,
+    queue: str,
+    data: bytes,
+    not_before: datetime | None,
+    run_id: str | None = None,
+    **start: Any,
+) -> tuple[str, bool]:
+    """Start a run under ``plan``; ``(run_id, created)`` as ``Runs.start`` returns.
+
+    ``run_id`` is kept for a start that is only rate limited; a singleton or debounced
+    workflow's run ids come from its key (``run_id`` is ignored: the caller checks it).
+    ``created`` is False when the start joined a run (the open singleton, the pending
+    debounced run).
+    """
+    creator = _Creator(runs, workflow, plan, queue, start)
+    if plan.debounce is not None:
+        return await _debounced(creator, plan.debounce, plan.debounce_key, data, not_before)
+    if plan.singleton:
+        return await _singleton(creator, plan.singleton_key, data, not_before)
+    return await creator.create(run_id, data, not_before)
+
+
+class _Creator:
+    """Creates the run, first taking a slot of the workflow's rate limit (if it has one)."""
+
+    def __init__(
+        self, runs: Runs, workflow: str, plan: FlowPlan, queue: str, start: dict[str, Any]
+    ) -> None:
+        self.runs, self.conn, self.workflow, self.plan = runs, runs.conn, workflow, plan
+        self.queue, self.start = queue, start
+
+    async def create(
+        self,
+        run_id: str | None,
+        data: bytes,
+        not_before: datetime | None,
+        debounce: str | None = None,
+    ) -> tuple[str, bool]:
+        limited = None
+        limit = self.plan.rate
+        if limit is not None:
+            earliest = not_before.timestamp() if not_before is not None else 0.0
+            go_at = await reserve(self.conn, limit, self.plan.rate_key, earliest=earliest)
+            if go_at > time.time() and (not_before is None or go_at > not_before.timestamp()):
+                not_before, limited = datetime.fromtimestamp(go_at, UTC), limit.name
+        return await self.runs.start(
+            self.workflow,
+            self.queue,
+            data,
+            run_id,
+            not_before=not_before,
+            rate_limited=limited,
+            debounce=debounce,
+            **self.start,
+        )
+
+
+async def _singleton(
+    creator: _Creator, key: str | None, data: bytes, not_before: datetime | None
+) -> tuple[str, bool]:
+    conn = creator.conn
+    await ensure_rates_bucket(conn)
+    base = _base_id("s", creator.workflow, key)
+    cell = f"singleton.{base}"
+    for _ in range(_TRIES):
+        found = await kv_get(conn, RATES_BUCKET, cell)
+        gen, revision = (_singleton_dec.decode(found[0]).gen, found[1]) if found else (0, 0)
+        run_id = f"{base}-{gen}"
+        started, created = await creator.create(run_id, data, not_before)
+        if created:
+            return started, True
+        if not (await creator.runs.describe(run_id)).is_closed:
+            return run_id, False  # the open run of this key
+        try:  # it closed: the next start makes the next generation
+            await kv_put(
+                conn, RATES_BUCKET, cell, _enc.encode(_Singleton(gen=gen + 1)), revision=revision
+            )
+        except JetStreamError as exc:
+            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                raise
+    raise NatflowError(f"singleton {cell}: {_TRIES} starts in a row lost to other starters")
+
+
+async def _debounced(
+    creator: _Creator,
+    window_s: float,
+    key: str | None,
+    data: bytes,
+    not_before: datetime | None,
+) -> tuple[str, bool]:
+    conn = creator.conn
+    await ensure_rates_bucket(conn)
+    base = _base_id("d", creator.workflow, key)
+    cell = f"debounce.{base}"
+    stored = seal(conn.codec, data) if conn.codec is not None else data
+    if len(stored) > conn.max_payload // 2 - 1024:  # the cell keeps two inputs at most
+        raise InvalidInput(
+            f"the input of debounced workflow {creator.workflow!r} is {len(stored)} bytes; "
+            f"debounced inputs wait in KV and must stay under {conn.max_payload // 2 - 1024} "
+            f"bytes: pass a reference (an id, a URL) instead"
+        )
+    for _ in range(_TRIES):
+        found = await kv_get(conn, RATES_BUCKET, cell)
+        window = _window_dec.decode(found[0]) if found else None
+        revision = found[1] if found else 0
+        if window is not None and not window.taken:  # join the pending run: last input wins
+            new = msgspec.structs.replace(window, input=msgspec.Raw(stored))
+            opened = False
+        else:
+            new = _Window(
+                gen=(window.gen if window else 0) + 1,
+                # The window ends after its length, or at start_delay if that is later.
+                due=max(
+                    time.time() + window_s,
+                    not_before.timestamp() if not_before is not None else 0.0,
+                ),
+                input=msgspec.Raw(stored),
+                prev_gen=window.gen if window else 0,
+                prev_input=window.input if window else msgspec.Raw(b"null"),
+            )
+            opened = True
+        try:
+            await kv_put(conn, RATES_BUCKET, cell, _enc.encode(new), revision=revision)
+        except JetStreamError as exc:
+            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                raise
+            continue  # another start (or the run taking its input) came first
+        run_id = f"{base}-{new.gen}"
+        due = datetime.fromtimestamp(new.due, UTC)
+        if opened or time.time() > new.due + _REPAIR_AFTER:
+            # Past its window and not begun: its opener may have died before creating it
+            # (the create is conditional, so this makes no second run).
+            started, created = await creator.create(run_id, data, due, f"{cell}#{new.gen}")
+            return started, created and opened
+        return run_id, False
+    raise NatflowError(f"debounce {cell}: {_TRIES} starts in a row lost to other starters")
+
+
+async def take_debounced_input(conn: Connection, debounce: str, first_input: bytes) -> bytes:
+    """Mark a debounced run's window taken; returns its latest input (opened JSON).
+
+    ``debounce`` is ``RunStarted.debounce`` (``<cell>#<generation>``), ``first_input`` the
+    run's own input (taken when the window is gone).
+    """
+    cell, _, gen_text = debounce.rpartition("#")
+    gen = int(gen_text)
+    for _ in range(_TRIES):
+        found = await kv_get(conn, RATES_BUCKET, cell)
+        window = _window_dec.decode(found[0]) if found else None
+        if window is None or window.gen != gen:
+            if window is not None and window.prev_gen == gen:  # the next window opened
+                return open_sealed(conn.codec, bytes(window.prev_input), "debounced input")
+            log.warning("debounce %s: window %d is gone; the run takes its first input", cell, gen)
+            return open_sealed(conn.codec, first_input, "debounced input")
+        if not window.taken:
+            taken = msgspec.structs.replace(window, taken=True)
+            try:
+                await kv_put(
+                    conn, RATES_BUCKET, cell, _enc.encode(taken), revision=found[1] if found else 0
+                )
+            except JetStreamError as exc:
+                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                    raise
+                continue  # a start replaced the input just now: take the newer one
+        return open_sealed(conn.codec, bytes(window.input), "debounced input")
+    raise NatflowError(f"debounce {cell}: could not take the input ({_TRIES} conflicts)")
