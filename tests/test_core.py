@@ -384,3 +384,28 @@ async def test_list_rejects_an_unknown_status_and_a_limit_below_one(client: Clie
     with pytest.raises(InvalidInput, match="at least 1"):
         await client.list(limit=0)
     assert await client.list(status="terminated") == []
+
+
+async def test_result_is_what_history_holds_not_what_the_subject_carried(client: Client) -> None:
+    """A final event that the stream refused (here: a stale writer's, fenced by the expected
+    last sequence) still reaches plain subscribers of the run's subject; result() must not
+    take it for the run's outcome."""
+    from natflow_engine import history_subject
+    from natflow_engine.events import RunCompleted, encode_event, utcnow
+
+    handle = await client.start("nobody_serves_this", {"x": 1}, run_id="fenced-1")
+    forged = RunCompleted(id="forged", at=utcnow(), result=msgspec.Raw(b'"not recorded"'))
+    stale = {"Nats-Expected-Last-Subject-Sequence": "999999"}
+
+    async def publish_stale_completion() -> None:
+        await anyio.sleep(0.2)  # result() is subscribed by then
+        await client.connection.nc.publish(
+            history_subject("fenced-1"), encode_event(forged), headers=stale
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(publish_stale_completion)
+        with pytest.raises(TimeoutError):
+            await handle.result(timeout=1.5)
+    assert (await handle.status()).status == "pending"
+    assert len(await client.history("fenced-1")) == 1  # the stream kept only the start

@@ -139,7 +139,7 @@ async def test_a_start_by_name_of_a_rate_limited_workflow_is_delayed_like_one_wi
     client: Client, nats_server: EmbeddedServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with await Client.connect(nats_server.url) as early:
-        with caplog.at_level(logging.WARNING, logger="natflow.flow"):
+        with caplog.at_level(logging.DEBUG, logger="natflow.flow"):
             first = await early.start("fe_imports", {"i": 0})  # no worker has declared it
         assert "no worker has declared" in caplog.text
         assert (await early.history(first.run_id))[0].not_before is None  # type: ignore[attr-defined]

@@ -205,7 +205,9 @@ async def start_declared(
             assert isinstance(warned, set)
             if workflow not in warned:
                 warned.add(workflow)
-                log.warning(
+                # Debug, not a warning: most workflows declare no flow control at all, and a
+                # start of one no worker serves yet is warned about where it matters (the CLI).
+                log.debug(
                     "workflow %r: no worker has declared its flow control yet; its runs start "
                     "without rate limit, singleton or debounce until one does",
                     workflow,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from types import TracebackType
@@ -43,10 +42,8 @@ from natflow_engine import (
     encode_value,
     ensure_streams,
     history_subject,
-    load_event,
     load_value,
     new_run_id,
-    open_event,
     open_sealed,
     request_start,
     restart_run,
@@ -61,14 +58,10 @@ from natflow_engine import (
 from natflow_engine import send as send_signal
 from natflow_engine.events import (
     Event,
-    RunCompleted,
-    RunTerminated,
     decode_event,
     event_kind,
     utcnow,
 )
-from natflow_engine.events import RunCancelled as RunCancelledEvent
-from natflow_engine.events import RunFailed as RunFailedEvent
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -79,6 +72,8 @@ from ._schedules import ScheduleClient
 from ._sites import SiteClient
 from ._workflow import DEFAULT_QUEUE, Workflow, check_priority
 
+_RECHECK_FIRST = 0.005  # seconds: a final event seen, not yet readable
+_RECHECK_MAX = 0.5
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
 
 
@@ -106,23 +101,33 @@ class RunHandle:
         """
         seconds = None if timeout is None else to_seconds("timeout", timeout)
         nc = self._client.connection.nc
-        ended: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        # A final event seen on the run's subject only wakes this up: the outcome is what
+        # history holds. The subject carries every publish, also an append the stream refused
+        # (a fenced, stale worker's), and a plain subscriber may see it before it is readable.
+        woken = anyio.Event()
 
         async def on_event(msg: Msg) -> None:
-            if not ended.done() and event_kind(msg.data) in _TERMINAL_TYPES:
-                ended.set_result(decode_event(msg.data))
+            nonlocal woken
+            if event_kind(msg.data) in _TERMINAL_TYPES:
+                woken.set()
 
         subs = [await nc.subscribe(history_subject(self.run_id), cb=on_event)]
         try:
             with anyio.fail_after(seconds):
+                recheck = 0.0
                 while True:
                     info = await self._client._runs.describe(self.run_id, explain=False)
                     if info.status in CLOSED_STATUSES:
                         return self._outcome(info)
-                    # Re-read now and then, a safety net for an event lost in a reconnect; each
-                    # second for a site's run at a hub (its history is at the site).
-                    with anyio.move_on_after(1.0 if info.site else 30.0):
-                        return await self._event_outcome(await asyncio.shield(ended))
+                    if woken.is_set():  # look again soon: it is stored within moments, if ever
+                        woken = anyio.Event()
+                        recheck = min(_RECHECK_MAX, recheck * 2 or _RECHECK_FIRST)
+                    else:
+                        # A safety net for an event lost in a reconnect; each second for a
+                        # site's run at a hub (its history is at the site).
+                        recheck = 1.0 if info.site else 30.0
+                    with anyio.move_on_after(recheck):
+                        await woken.wait()
         except TimeoutError:
             raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
         finally:
@@ -139,17 +144,6 @@ class RunHandle:
             assert info.error is not None
             raise RunFailed(self.run_id, info.error)
         raise RunCancelled(self.run_id, info.error.message if info.error else None)
-
-    async def _event_outcome(self, event: Event) -> Any:
-        event = await load_event(self._client.connection, event, self.run_id)
-        event = open_event(self._client.connection.codec, event, self.run_id)
-        if isinstance(event, RunCompleted):
-            return self._typed(event.result)
-        if isinstance(event, RunFailedEvent):
-            raise RunFailed(self.run_id, event.error)
-        if isinstance(event, RunCancelledEvent | RunTerminated):
-            raise RunCancelled(self.run_id, event.reason)
-        raise NatflowError(f"unexpected final event {event!r}")
 
     def _typed(self, data: bytes) -> Any:
         result_type = self._workflow.result_type if self._workflow is not None else Any
