@@ -15,6 +15,7 @@ from natflow import (
     Client,
     NatflowError,
     RunFailed,
+    RunInfo,
     RunNotFound,
     StepError,
     WorkflowContext,
@@ -409,3 +410,50 @@ async def test_result_is_what_history_holds_not_what_the_subject_carried(client:
             await handle.result(timeout=1.5)
     assert (await handle.status()).status == "pending"
     assert len(await client.history("fenced-1")) == 1  # the stream kept only the start
+
+
+@workflow
+async def done_when_told(ctx: WorkflowContext) -> str:
+    return str(await ctx.wait_for_signal("go"))
+
+
+async def test_result_looks_again_soon_when_the_final_event_is_not_readable_yet(
+    client: Client, engine: Engine
+) -> None:
+    """A final event can reach the run's subject before a read of history shows it (a
+    stream under load). result() must keep looking within moments, not wait for its 30 s
+    safety net. The lag is made here by serving two stale reads after the run has ended."""
+    runs = client._runs
+    real_describe = runs.describe
+    stale: list[RunInfo] = []
+
+    async def describe(run_id: str, *, explain: bool = True) -> RunInfo:
+        info = await real_describe(run_id, explain=explain)
+        if info.status == "completed" and len(stale) < 2:  # the reads right after: lagging
+            stale.append(info)
+            info = msgspec.structs.replace(info, status="running", result=None)
+        return info
+
+    runs.describe = describe  # type: ignore[method-assign]
+    try:
+        async with running_worker(client, [done_when_told]):
+            handle = await client.start(done_when_told, run_id="lagging-1")
+            await wait_for(
+                lambda: _waiting(client, "lagging-1"), what="the run to wait for its signal"
+            )
+            async with anyio.create_task_group() as tg:
+
+                async def tell() -> None:
+                    await anyio.sleep(0.3)  # result() has subscribed and read by then
+                    await client.signal("lagging-1", "go", "now")
+
+                tg.start_soon(tell)
+                with anyio.fail_after(5):  # well under the 30 s safety net
+                    assert await handle.result() == "now"
+    finally:
+        runs.describe = real_describe  # type: ignore[method-assign]
+    assert len(stale) == 2, "the lagging reads were never served"
+
+
+async def _waiting(client: Client, run_id: str) -> bool:
+    return (await client.describe(run_id)).status == "waiting"

@@ -114,18 +114,20 @@ class RunHandle:
         subs = [await nc.subscribe(history_subject(self.run_id), cb=on_event)]
         try:
             with anyio.fail_after(seconds):
-                recheck = 0.0
+                recheck, settling = 0.0, False
                 while True:
                     info = await self._client._runs.describe(self.run_id, explain=False)
                     if info.status in CLOSED_STATUSES:
                         return self._outcome(info)
                     if woken.is_set():  # look again soon: it is stored within moments, if ever
                         woken = anyio.Event()
-                        recheck = min(_RECHECK_MAX, recheck * 2 or _RECHECK_FIRST)
+                        recheck, settling = _RECHECK_FIRST, True
+                    elif settling and recheck < _RECHECK_MAX:
+                        recheck = min(_RECHECK_MAX, recheck * 2)
                     else:
                         # A safety net for an event lost in a reconnect; each second for a
                         # site's run at a hub (its history is at the site).
-                        recheck = 1.0 if info.site else 30.0
+                        recheck, settling = (1.0 if info.site else 30.0), False
                     with anyio.move_on_after(recheck):
                         await woken.wait()
         except TimeoutError:
