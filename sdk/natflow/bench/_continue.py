@@ -20,7 +20,9 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from natflow_engine import NatflowError
+from natflow_engine import NatflowError, history_subject
+from natflow_engine.events import event_kind
+from nats.aio.msg import Msg
 
 from ._report import ContinueLoop, stats
 from ._waits import engine_process, engine_ready
@@ -46,7 +48,7 @@ async def continue_loop(bench: Bench) -> ContinueLoop:
                 raise NatflowError(f"the loop returned {done}, not {steps}")
             stretches = (await client.describe(run_id)).stretch
         bench.progress.update("killing a worker mid-loop")
-        replay, at_kill = await _killed_mid_loop(bench, kill_steps, wall / steps)
+        replay, at_kill = await _killed_mid_loop(bench, kill_steps)
     warm = replay.read_ms[1:] or replay.read_ms
     warm_rebuild = replay.rebuild_ms[1:] or replay.rebuild_ms
     totals = [a + b for a, b in zip(warm, warm_rebuild, strict=True)]
@@ -71,20 +73,34 @@ async def continue_loop(bench: Bench) -> ContinueLoop:
     return found
 
 
-async def _killed_mid_loop(
-    bench: Bench, steps: int, seconds_per_step: float
-) -> tuple[ReplayTimes, tuple[int, float]]:
+async def _killed_mid_loop(bench: Bench, steps: int) -> tuple[ReplayTimes, tuple[int, float]]:
     """Kill the loop's only worker at a random point; probe the replay; finish the run."""
     client = bench.client
     run_id = bench.run_id("loop-kill")
-    async with bench.workers("loop-kill", 1) as procs:
-        handle = await client.start(bench_loop, LoopInput(total=steps), run_id=run_id)
-        # A random point between a fifth and four fifths of the way (by the first loop's pace).
-        await asyncio.sleep(random.uniform(0.2, 0.8) * steps * seconds_per_step)
-        for pid in procs.pids:
-            os.kill(pid, signal.SIGKILL)
-        for proc in procs.procs:
-            proc.wait()
+    # A random point between a fifth and four fifths of the way, counted in steps the run
+    # records (not guessed from a pace: a warm second loop outran the first's).
+    target = max(1, int(random.uniform(0.2, 0.8) * steps))
+    recorded = 0
+    reached = asyncio.Event()
+
+    async def on_event(msg: Msg) -> None:
+        nonlocal recorded
+        if event_kind(msg.data) == "step_completed":
+            recorded += 1
+            if recorded >= target:
+                reached.set()
+
+    sub = await client.connection.nc.subscribe(history_subject(run_id), cb=on_event)
+    try:
+        async with bench.workers("loop-kill", 1) as procs:
+            handle = await client.start(bench_loop, LoopInput(total=steps), run_id=run_id)
+            await asyncio.wait_for(reached.wait(), timeout=max(600.0, steps / 50))
+            for pid in procs.pids:
+                os.kill(pid, signal.SIGKILL)
+            for proc in procs.procs:
+                proc.wait()
+    finally:
+        await sub.unsubscribe()
     info = await client.describe(run_id)
     if info.is_closed:
         raise NatflowError("the loop ended before its worker was killed; raise loop_kill_steps")
