@@ -109,3 +109,41 @@ async def test_cancel_a_busy_run_lets_its_finally_run(client: Client, engine: En
 async def test_cancel_an_unknown_run(client: Client) -> None:
     with pytest.raises(RunNotFound):
         await client.cancel("no-such-run")
+
+
+_gate = asyncio.Event()
+
+
+async def held_at_the_gate() -> str:
+    await _gate.wait()
+    return "through"
+
+
+@workflow(name="gate_then_sleep")
+async def gate_then_sleep(ctx: WorkflowContext) -> str:
+    await ctx.step("gate", held_at_the_gate)
+    await ctx.sleep("nap", 3600)
+    return "woke"
+
+
+async def test_a_terminate_stored_while_the_run_is_held_reaches_it_as_it_goes_to_sleep(
+    client: Client,
+) -> None:
+    """No engine runs, so nothing wakes or nudges the run: the request is only stored. The
+    worker letting the run go to sleep must see it (it once looked only for runs waiting for
+    a signal, and a sleeping run then kept the request until its timer: an hour here)."""
+    from natflow_engine import TERMINATE, send
+
+    _gate.clear()
+    async with running_worker(client, [gate_then_sleep]):
+        handle = await client.start(gate_then_sleep, run_id="held-terminate")
+
+        async def at_the_gate() -> bool:
+            return any(s.name == "gate" for s in await client.steps("held-terminate"))
+
+        await wait_for(at_the_gate, what="the run at its gate")
+        await send(client.connection, "held-terminate", TERMINATE, b'"stop"', "t-1")
+        _gate.set()
+        with pytest.raises(RunCancelled):
+            await handle.result(timeout=10)
+    assert (await handle.status()).status == "terminated"

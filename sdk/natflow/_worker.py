@@ -614,7 +614,10 @@ class Worker:
         await self._release(held)
         due = execution.next_due
         woken = again or (due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER)
-        if not woken and execution.waits_for_signals:
+        if not woken:
+            # Any run, not only one waiting for a signal: a cancel, terminate or pause is a
+            # signal too, and one whose nudge met this run on its way out would otherwise wait
+            # for the run's timer (a sleep of an hour: an hour).
             woken = await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor
         if woken:
             task = Task(run_id=held.run_id, workflow=execution.workflow.name, reason="recheck")
