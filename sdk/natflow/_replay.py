@@ -550,13 +550,7 @@ class WorkflowState:
         if isinstance(event, StepFailed):
             command.future.set_exception(StepError(command.name, event.error))
             return
-        try:
-            value = decode_value(
-                f"result of step {command.name!r}", event.result, command.result_type
-            )
-        except InvalidInput:
-            value = msgspec.json.decode(event.result)
-        command.future.set_result(value)
+        command.future.set_result(_result(f"step {command.name!r}", event.result, command))
 
     def _resolve_child(self, command: ChildCommand, event: ChildCompleted | ChildFailed) -> None:
         self._child_done.add(event.seq)
@@ -568,13 +562,7 @@ class WorkflowState:
             else:
                 command.future.set_exception(RunCancelled(event.child_run_id, event.reason))
             return
-        try:
-            value = decode_value(
-                f"result of child {command.name!r}", event.result, command.result_type
-            )
-        except InvalidInput:
-            value = msgspec.json.decode(event.result)
-        command.future.set_result(value)
+        command.future.set_result(_result(f"child {command.name!r}", event.result, command))
 
     def _deliver_timer(self, command: Command) -> None:
         self._timers.pop(command.seq, None)
@@ -637,3 +625,12 @@ def cancel_reason(payload: bytes) -> str | None:
     """The reason a cancel or terminate request carries (its JSON payload, if a string)."""
     value = msgspec.json.decode(payload)
     return value if isinstance(value, str) else None
+
+
+def _result(what: str, raw: msgspec.Raw | bytes, command: StepCommand | ChildCommand) -> Any:
+    """A recorded result as the command's annotation asks, else as plain JSON (a value the
+    annotation no longer fits still reads back)."""
+    try:
+        return decode_value(f"result of {what}", raw, command.result_type)
+    except InvalidInput:
+        return msgspec.json.decode(raw)
