@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import msgspec
@@ -453,6 +454,50 @@ async def test_result_looks_again_soon_when_the_final_event_is_not_readable_yet(
     finally:
         runs.describe = real_describe  # type: ignore[method-assign]
     assert len(stale) == 2, "the lagging reads were never served"
+
+
+async def test_result_of_an_open_run_reads_its_history_only_once_it_ends(
+    client: Client, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """result() used to read and fold the whole history of a run it was asked about, then
+    read it again when the run ended: a client waiting on many runs read each twice. Its
+    first look is now the run's last event only; history is read once, at the end."""
+    runs = client._runs
+    described: list[str] = []
+    glances: list[str] = []
+    real_describe, real_last = runs.describe, runs.history.last
+
+    async def describe(run_id: str, *, explain: bool = True) -> RunInfo:
+        described.append(run_id)
+        return await real_describe(run_id, explain=explain)
+
+    async def glance(run_id: str) -> Any:
+        glances.append(run_id)
+        return await real_last(run_id)
+
+    async with running_worker(client, [done_when_told]):
+        handle = await client.start(done_when_told, run_id="glance-1")
+        await wait_for(lambda: _waiting(client, "glance-1"), what="the run to wait")
+        monkeypatch.setattr(runs, "describe", describe)
+        monkeypatch.setattr(runs.history, "last", glance)
+        got: list[str] = []
+
+        async def wait_result() -> None:
+            got.append(await handle.result(timeout=10))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_result)
+            await wait_for(
+                lambda: _true(bool(described or glances)), what="result() to look at the run"
+            )
+            assert described == [], "result() read the whole history of a run still open"
+            await client.signal("glance-1", "go", "now")
+    assert got == ["now"]
+    assert 1 <= len(described) <= 3  # once it ended (again only if not readable at once)
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _waiting(client: Client, run_id: str) -> bool:
