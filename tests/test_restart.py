@@ -65,6 +65,9 @@ async def test_a_run_failed_by_a_bug_restarts_at_its_failed_step_once_fixed(
     assert executions(counts, "buggy") == Counter(one=1, two=1, three=1)
     assert executions(counts, "buggy-r1") == Counter(three=1, four=1)
     assert (await client.describe("buggy")).restarted_as == "buggy-r1"
+    # Its last event is now the link, not its end: result() still sees it closed at once.
+    with pytest.raises(RunFailed, match="the bug in step three"):
+        await client.handle("buggy").result(timeout=5)
     assert (await client.describe("buggy-r1")).restarted_from == "buggy"
     # The original history stays readable, as it was, plus the link.
     now = await client.history("buggy")

@@ -59,6 +59,7 @@ from natflow_engine import send as send_signal
 from natflow_engine.events import (
     TERMINAL_EVENTS,
     Event,
+    RunRestarted,
     decode_event,
     event_kind,
     utcnow,
@@ -76,6 +77,8 @@ from ._workflow import DEFAULT_QUEUE, Workflow, check_priority
 _RECHECK_FIRST = 0.005  # seconds: a final event seen, not yet readable
 _RECHECK_MAX = 0.5
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
+# What a closed run's history may end with: its end, or the link to its restart after it.
+_CLOSED_LAST = (*TERMINAL_EVENTS, RunRestarted)
 
 
 class RunHandle:
@@ -152,7 +155,7 @@ class RunHandle:
             last = await self._client._runs.history.last(self.run_id)
         except NatflowError:
             return False
-        return last is not None and not isinstance(last[0], TERMINAL_EVENTS)
+        return last is not None and not isinstance(last[0], _CLOSED_LAST)
 
     def _outcome(self, info: RunInfo) -> Any:
         key_id = sealed_key(info.result)
