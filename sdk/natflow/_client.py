@@ -42,8 +42,10 @@ from natflow_engine import (
     encode_value,
     ensure_streams,
     history_subject,
+    load_events,
     load_value,
     new_run_id,
+    open_events,
     open_sealed,
     request_start,
     restart_run,
@@ -59,11 +61,15 @@ from natflow_engine import send as send_signal
 from natflow_engine.events import (
     TERMINAL_EVENTS,
     Event,
+    RunCompleted,
     RunRestarted,
+    RunTerminated,
     decode_event,
     event_kind,
     utcnow,
 )
+from natflow_engine.events import RunCancelled as RunCancelledEvent
+from natflow_engine.events import RunFailed as RunFailedEvent
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -119,17 +125,18 @@ class RunHandle:
         try:
             with anyio.fail_after(seconds):
                 recheck, settling = 0.0, False
-                # Open at a glance: its final event is yet to come, and wakes this up.
-                glanced = await self._open_at_a_glance()
                 while True:
-                    if glanced:
-                        glanced, recheck = False, 30.0
-                        with anyio.move_on_after(recheck):
-                            await woken.wait()
-                        continue
-                    info = await self._client._runs.describe(self.run_id, explain=False)
-                    if info.status in CLOSED_STATUSES:
-                        return self._outcome(info)
+                    # The run's last stored event (one message) tells whether it has ended,
+                    # and how; only where it does not tell is the run described.
+                    last = await self._last_event()
+                    site = False
+                    if isinstance(last, TERMINAL_EVENTS):
+                        return self._ended(last)
+                    if last is None or isinstance(last, RunRestarted):
+                        info = await self._client._runs.describe(self.run_id, explain=False)
+                        if info.status in CLOSED_STATUSES:
+                            return self._outcome(info)
+                        site = info.site is not None
                     if woken.is_set():  # look again soon: it is stored within moments, if ever
                         woken = anyio.Event()
                         recheck, settling = _RECHECK_FIRST, True
@@ -138,7 +145,7 @@ class RunHandle:
                     else:
                         # A safety net for an event lost in a reconnect; each second for a
                         # site's run at a hub (its history is at the site).
-                        recheck, settling = (1.0 if info.site else 30.0), False
+                        recheck, settling = (1.0 if site else 30.0), False
                     with anyio.move_on_after(recheck):
                         await woken.wait()
         except TimeoutError:
@@ -147,15 +154,33 @@ class RunHandle:
             for sub in subs:
                 await sub.unsubscribe()
 
-    async def _open_at_a_glance(self) -> bool:
-        """Whether the run's last stored event shows it open: one message read where a
-        describe reads and folds its whole history. False when that does not tell (no such
-        run here, a site's run, an unreadable event): then the run is described."""
+    async def _last_event(self) -> Event | None:
+        """The run's last stored event, its values read back and opened where this client
+        holds the key; None when that does not tell (no such run here, as for a site's run
+        at a hub, or an event that does not decode)."""
         try:
-            last = await self._client._runs.history.last(self.run_id)
+            found = await self._client._runs.history.last(self.run_id)
         except NatflowError:
-            return False
-        return last is not None and not isinstance(last[0], _CLOSED_LAST)
+            return None
+        if found is None:
+            return None
+        conn = self._client.connection
+        events = await load_events(conn, [found[0]], self.run_id)
+        return open_events(conn.codec, events, self.run_id, strict=False)[0]
+
+    def _ended(self, event: Event) -> Any:
+        """The outcome a run's final event records (as :meth:`_outcome` reads a summary)."""
+        if isinstance(event, RunCompleted):
+            value = msgspec.json.decode(event.result)
+            key_id = sealed_key(value)
+            if key_id is not None:  # left sealed: this client cannot open it
+                raise MissingKey(key_id, f"the result of run {self.run_id!r}")
+            return self._typed(bytes(event.result))
+        if isinstance(event, RunFailedEvent):
+            raise RunFailed(self.run_id, event.error)
+        assert isinstance(event, RunCancelledEvent | RunTerminated)
+        default = "cancelled" if isinstance(event, RunCancelledEvent) else "terminated"
+        raise RunCancelled(self.run_id, event.reason or default)
 
     def _outcome(self, info: RunInfo) -> Any:
         key_id = sealed_key(info.result)
