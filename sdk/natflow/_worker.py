@@ -81,6 +81,7 @@ from ._preclaim import Preclaim, inline_start, read_and_claim
 from ._pulse import HeldRun, Pulse
 from ._steps import StepRuntime
 from ._triggers import declare_triggers
+from ._unseen import read_until_seen, vouches_for_start
 from ._watchdog import LoopWatchdog
 from ._workflow import Workflow
 
@@ -505,6 +506,8 @@ class Worker:
                 )
             else:
                 history = await self._store.read(run_id)
+            if not history.events and vouches_for_start(task):
+                history = await read_until_seen(self._store, run_id, history)
         except CorruptHistory as bad:
             await self._hold_corrupt(held, bad)
             return
@@ -517,7 +520,7 @@ class Worker:
         history.events = open_events(self._conn.codec, history.events, run_id)
         info = fold_run(run_id, history.events)
         if info is None:
-            if task.start_seq > 0 and (msg.metadata.num_delivered or 1) < _UNSEEN_START_TRIES:
+            if vouches_for_start(task) and (msg.metadata.num_delivered or 1) < _UNSEEN_START_TRIES:
                 # a start the task vouches for, read from a replica not there yet
                 await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
                 return
