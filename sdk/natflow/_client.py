@@ -155,17 +155,20 @@ class RunHandle:
                 await sub.unsubscribe()
 
     async def _last_event(self) -> Event | None:
-        """The run's last stored event, its values read back and opened where this client
-        holds the key; None when that does not tell (no such run here, as for a site's run
-        at a hub, or an event that does not decode)."""
+        """The run's last stored event (a final one with its values read back and opened
+        where this client holds the key); None when that does not tell (no such run here, as
+        for a site's run at a hub, or an event that does not decode)."""
         try:
             found = await self._client._runs.history.last(self.run_id)
         except NatflowError:
             return None
         if found is None:
             return None
+        event = found[0]
+        if not isinstance(event, TERMINAL_EVENTS):  # only its kind counts: nothing to load
+            return event
         conn = self._client.connection
-        events = await load_events(conn, [found[0]], self.run_id)
+        events = await load_events(conn, [event], self.run_id)
         return open_events(conn.codec, events, self.run_id, strict=False)[0]
 
     def _ended(self, event: Event) -> Any:
