@@ -136,7 +136,7 @@ def stream_configs() -> list[api.StreamConfig]:
             discard_new_per_subject=True,
             num_replicas=r,
         ),
-        kv_stream_config("natflow_leases", "natflow: run leases (holder, expiry)", r),
+        _advisory(kv_stream_config("natflow_leases", "natflow: run leases (holder, expiry)", r)),
         kv_stream_config("natflow_workers", "natflow: live workers", r),
         kv_stream_config("natflow_timers", "natflow: pending timers (sleeps, timeouts)", r),
         api.StreamConfig(
@@ -196,6 +196,22 @@ def stream_configs() -> list[api.StreamConfig]:
         ),
         lifecycle_stream_config(r, RETENTION_DAYS * 86400.0),
     ]
+
+
+def _advisory(config: api.StreamConfig) -> api.StreamConfig:
+    """A stream of advice nothing depends on to be correct, acknowledged before its fsync.
+
+    Leases only make ownership visible and let the reaper hand a dead worker's task back at
+    once; the history's conditional append is the fencing token, and a lost lease costs a
+    slower hand-over (the task's ack deadline), never a step. Two lease writes per run (take
+    and drop) were two of the ~16 fsyncs a run cost a durable single server. Async
+    persistence exists on R1 streams only (ADR-56); R3 relies on replication anyway. The
+    mode is fixed when a stream is created (an update may not change it): a bucket an older
+    natflow created keeps fsyncing until it is removed and created again.
+    """
+    if config.num_replicas == 1:
+        config.persist_mode = api.PersistMode.ASYNC
+    return config
 
 
 async def ensure_streams(conn: Connection) -> None:
