@@ -51,7 +51,7 @@ from ._flow_decls import (
 from ._flow_starts import FlowPlan, flow_start, input_field, take_debounced_input
 from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
-from ._jsz import Jsz, read_jsz
+from ._jsz import Jsz, Varz, read_jsz, read_varz
 from ._kv import kv_get, kv_put
 from ._leases import Lease, Leases
 from ._lifecycle import (
@@ -283,6 +283,7 @@ __all__ = [
     "Timer",
     "TriggerDeclaration",
     "ValueRef",
+    "Varz",
     "Waiter",
     "WorkerInfo",
     "add_metrics_options",
@@ -356,6 +357,7 @@ __all__ = [
     "read_group",
     "read_jsz",
     "read_limit_slots",
+    "read_varz",
     "recent_events",
     "redact_url",
     "replicas",
