@@ -181,6 +181,7 @@ class RunExecution:
         self._armed: dict[int, asyncio.TimerHandle] = {}
         self._draining = False
         self._signals_first = False  # signals waited when the run was taken
+        self._signals_early = False  # told of signals before it was live
         self._created_at: datetime | None = None  # when the server stored run_started
         self._send: MemoryObjectSendStream[Item] | None = None
         self._trace = RunTrace(self.run_id, workflow.name, self.state.start, history.events)
@@ -243,7 +244,8 @@ class RunExecution:
                     claimed, work = await self._claim_and_look()
             if not claimed:
                 return Outcome.STALE if self._optimistic else Outcome.LOST
-            self._signals_first = work
+            # A nudge that came before the run was live (while it was claimed) counts too.
+            self._signals_first = work or self._signals_early
             send, receive = anyio.create_memory_object_stream[Item](math.inf)
             self._send = send
             try:
