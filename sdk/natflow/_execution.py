@@ -53,6 +53,7 @@ from natflow_engine import (
     encode_value,
     error_info,
     fields,
+    labelled,
     last_signal_seq,
     load_value,
     open_sealed,
@@ -744,9 +745,9 @@ class RunExecution:
 
     def _count_step(self, event: StepCompleted | StepFailed) -> None:
         if isinstance(event, StepCompleted):
-            STEPS.labels(self.workflow.name, event.name, "completed").inc()
+            labelled(STEPS, self.workflow.name, event.name, "completed").inc()
             return
-        STEPS.labels(self.workflow.name, event.name, "failed").inc()
+        labelled(STEPS, self.workflow.name, event.name, "failed").inc()
         log.warning(
             "run %s: step %r failed (attempt %d): %s: %s",
             self.run_id,
