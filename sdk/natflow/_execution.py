@@ -789,7 +789,14 @@ class RunExecution:
         started_at = utcnow()
         try:
             with running_step(self.run_id, command.name):
-                await run_step(command, self._send, self._conn, self._runtime, self.run_id)
+                await run_step(
+                    command,
+                    self._send,
+                    self._conn,
+                    self._runtime,
+                    self.run_id,
+                    self._trace.traced,
+                )
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is None or task.cancelling():  # a real cancellation: let it through
