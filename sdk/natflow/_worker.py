@@ -520,7 +520,7 @@ class Worker:
             await self._hold_corrupt(held, bad)
             return
         if task.start_seq > 0:
-            check_inline_start(task, history)
+            check_inline_start(task, history, inline)
         # Sealed values opened for replay: without the key, MissingKey names it and the task
         # goes back untouched for a worker that holds it.
         # Large values read back from the object store first (they are stored sealed).
