@@ -225,16 +225,7 @@ class Connection:
         """Refuse a message the server would refuse: it counts headers and body together
         against its max payload, and closes the connection of a client that exceeds it
         (nats-py checks the body alone). :class:`PayloadTooLarge` leaves the connection up."""
-        size = len(payload)
-        if headers:
-            # A character takes at most 4 bytes: the exact count (which encodes every name
-            # and value, ~2 us a request) only where that bound could reach the limit.
-            chars = 0
-            for key, value in headers.items():
-                chars += len(key) + len(value)
-            if size + 4 * (chars + len(headers)) + 12 <= self.max_payload:
-                return
-            size += wire_header_size(headers)
+        size = len(payload) + wire_header_size(headers)
         if size > self.max_payload:
             raise PayloadTooLarge(
                 f"a message to {subject!r} would be {size} bytes with its headers, over the "
