@@ -65,6 +65,8 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
     assert len(tp["worker_peak_rss_mib"]) == 1
     assert tp["cpu"]["engine"] is not None  # the engine ran beside the workers, as deployed
     assert_number(tp["worker_peak_rss_mib"][0])
+    # Counted by the embedded server: a 3-step run is at least its 5 appends and their acks.
+    assert tp["server_msgs_per_run"] >= 10
 
     idle = report["start_latency"]
     assert_stats(idle["start_to_first_step_ms"], count=idle["samples"])

@@ -4,13 +4,17 @@ a claim written after the read would, and one that meets a newer history falls b
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import anyio
 import pytest
-from natflow import Client, WorkflowContext, workflow
+from natflow import Client, RunCancelled, WorkflowContext, workflow
+from natflow import _preclaim as preclaim_module
+from natflow_engine._engine import Engine
 from natflow_engine._history import HistoryStore
 from natflow_engine.events import RunClaimed, RunStarted, StepCompleted, utcnow
 
-from tests.helpers import running_worker
+from tests.helpers import running_worker, wait_for
 
 _STEPS = 2
 
@@ -24,6 +28,16 @@ async def two_steps(ctx: WorkflowContext, x: int) -> int:
     for _ in range(_STEPS):
         x = await ctx.step("add", _one, x)
     return x
+
+
+async def _long(seconds: float) -> str:
+    await anyio.sleep(seconds)
+    return "done"
+
+
+@workflow(name="preclaim_busy")
+async def busy(ctx: WorkflowContext, seconds: float) -> str:
+    return await ctx.step("long", _long, seconds)
 
 
 async def test_a_new_run_is_claimed_once_beside_its_read(client: Client) -> None:
@@ -57,3 +71,60 @@ async def test_a_claim_that_meets_a_newer_history_falls_back(
     claims = [e.worker for e in events if isinstance(e, RunClaimed)]
     assert claims == ["gone-worker", worker.identity]
     assert sum(isinstance(e, StepCompleted) for e in events) == _STEPS
+
+
+async def test_a_signal_stored_before_the_lease_exists_is_seen(
+    client: Client, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run is claimed, but its lease not yet written, when it is terminated: the engine
+    # finds its task in flight and no lease, so it nudges no one. The worker's look for
+    # signals must come after the lease (or a second look must), or the run's one-minute
+    # step runs to its end before anyone reads the terminate.
+    async with running_worker(client, [busy]) as worker:
+        acquire = worker._leases.acquire
+
+        async def late_acquire(run_id: str, *args: Any, **kwargs: Any) -> Any:
+            if run_id == "pre-3":
+                await client.terminate(run_id, reason="before the lease")
+                await wait_for(_handled(engine), what="the engine to take the signal in")
+            return await acquire(run_id, *args, **kwargs)
+
+        monkeypatch.setattr(worker._leases, "acquire", late_acquire)
+        handle = await client.start(busy, 60, run_id="pre-3")
+        with anyio.fail_after(20), pytest.raises(RunCancelled, match="before the lease"):
+            await handle.result(timeout=20)
+    assert not any(isinstance(e, StepCompleted) for e in await client.history("pre-3"))
+
+
+async def test_a_nudge_before_the_execution_exists_is_kept(
+    client: Client, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run's lease is written and its one look found nothing; a terminate stored now
+    # finds the lease and the engine nudges this worker, before the worker has built the
+    # run's execution. The nudge must not be dropped for want of an execution to tell.
+    async with running_worker(client, [busy]) as worker:
+        look = preclaim_module.last_signal_seq
+
+        async def look_then_signal(conn: Any, run_id: str) -> int:
+            seq = await look(conn, run_id)
+            if run_id == "pre-4":
+                await client.terminate(run_id, reason="after the look")
+
+                async def nudged() -> bool:
+                    return worker._held["pre-4"].nudged
+
+                await wait_for(nudged, what="the nudge to reach the worker")
+            return seq
+
+        monkeypatch.setattr(preclaim_module, "last_signal_seq", look_then_signal)
+        handle = await client.start(busy, 60, run_id="pre-4")
+        with anyio.fail_after(20), pytest.raises(RunCancelled, match="after the look"):
+            await handle.result(timeout=20)
+    assert not any(isinstance(e, StepCompleted) for e in await client.history("pre-4"))
+
+
+def _handled(engine: Engine) -> Any:
+    async def check() -> bool:
+        return engine.signals.received >= 1
+
+    return check

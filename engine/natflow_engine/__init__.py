@@ -51,7 +51,7 @@ from ._flow_decls import (
 from ._flow_starts import FlowPlan, flow_start, input_field, take_debounced_input
 from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
-from ._jsz import Jsz, read_jsz
+from ._jsz import Jsz, Varz, read_jsz, read_varz
 from ._kv import kv_get, kv_put
 from ._leases import Lease, Leases
 from ._lifecycle import (
@@ -90,6 +90,7 @@ from ._metrics import (
     STEPS,
     TAKEOVERS,
     TASK_LAG,
+    labelled,
     prepare_worker,
     serve_metrics,
     step_attempt,
@@ -283,6 +284,7 @@ __all__ = [
     "Timer",
     "TriggerDeclaration",
     "ValueRef",
+    "Varz",
     "Waiter",
     "WorkerInfo",
     "add_metrics_options",
@@ -331,6 +333,7 @@ __all__ = [
     "input_field",
     "kv_get",
     "kv_put",
+    "labelled",
     "last_signal_seq",
     "lifecycle_filter",
     "lifecycle_subject",
@@ -356,6 +359,7 @@ __all__ = [
     "read_group",
     "read_jsz",
     "read_limit_slots",
+    "read_varz",
     "recent_events",
     "redact_url",
     "replicas",

@@ -123,6 +123,23 @@ async def read_jsz(monitor: str, timeout: float = 5.0) -> Jsz:
         ) from exc
 
 
+class Varz(msgspec.Struct):
+    """The server's message counters (``/varz``): what every client sent it and what it sent."""
+
+    in_msgs: int = 0
+    out_msgs: int = 0
+
+
+async def read_varz(monitor: str, timeout: float = 5.0) -> Varz:
+    """Read ``/varz`` from the monitoring endpoint at ``monitor``."""
+    url = monitor.rstrip("/") + "/varz"
+    try:
+        body = await anyio.to_thread.run_sync(_fetch, url, timeout)
+        return msgspec.json.decode(body, type=Varz)
+    except (OSError, urllib.error.URLError, msgspec.DecodeError) as exc:
+        raise NatflowError(f"cannot read NATS monitoring at {url} ({exc})") from exc
+
+
 def export(jsz: Jsz) -> None:
     """Set the JetStream gauges from one reading."""
     messages: dict[tuple[str, ...], float] = {}

@@ -206,9 +206,19 @@ async def _loaded_error(conn: Connection, error: ErrorInfo, what: str) -> ErrorI
     return _error_decoder.decode(await load_value(conn, error.stored.encode(), what))
 
 
+# Tuples, not ``A | B`` unions: a union in ``isinstance`` is built anew on every call, and
+# this runs for every append.
+_WITH_ERROR = (StepFailed, StepRetrying, RunFailed, ChildFailed)
+_WITH_RESULT = (StepCompleted, RunCompleted, ChildCompleted)
+
+
 async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
     """``event`` with a large user value replaced by its reference (stored first)."""
-    if isinstance(event, StepFailed | StepRetrying | RunFailed | ChildFailed) and event.error:
+    if isinstance(event, _WITH_RESULT):
+        data = bytes(event.result)
+        if len(data) <= INLINE_BYTES and not is_ref(data):
+            return event  # the common case: a small value stays inline, nothing to copy
+    if isinstance(event, _WITH_ERROR) and event.error:
         what = f"error of {type(event).__name__} in run {run_id!r}"
         error = await _stored_error(conn, event.error, what, run_id)
         return event if error is event.error else msgspec.structs.replace(event, error=error)

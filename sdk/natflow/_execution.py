@@ -53,6 +53,7 @@ from natflow_engine import (
     encode_value,
     error_info,
     fields,
+    labelled,
     last_signal_seq,
     load_value,
     open_sealed,
@@ -181,6 +182,7 @@ class RunExecution:
         self._armed: dict[int, asyncio.TimerHandle] = {}
         self._draining = False
         self._signals_first = False  # signals waited when the run was taken
+        self._signals_early = False  # told of signals before it was live
         self._created_at: datetime | None = None  # when the server stored run_started
         self._send: MemoryObjectSendStream[Item] | None = None
         self._trace = RunTrace(self.run_id, workflow.name, self.state.start, history.events)
@@ -243,7 +245,8 @@ class RunExecution:
                     claimed, work = await self._claim_and_look()
             if not claimed:
                 return Outcome.STALE if self._optimistic else Outcome.LOST
-            self._signals_first = work
+            # A nudge that came before the run was live (while it was claimed) counts too.
+            self._signals_first = work or self._signals_early
             send, receive = anyio.create_memory_object_stream[Item](math.inf)
             self._send = send
             try:
@@ -742,9 +745,9 @@ class RunExecution:
 
     def _count_step(self, event: StepCompleted | StepFailed) -> None:
         if isinstance(event, StepCompleted):
-            STEPS.labels(self.workflow.name, event.name, "completed").inc()
+            labelled(STEPS, self.workflow.name, event.name, "completed").inc()
             return
-        STEPS.labels(self.workflow.name, event.name, "failed").inc()
+        labelled(STEPS, self.workflow.name, event.name, "failed").inc()
         log.warning(
             "run %s: step %r failed (attempt %d): %s: %s",
             self.run_id,
@@ -786,7 +789,14 @@ class RunExecution:
         started_at = utcnow()
         try:
             with running_step(self.run_id, command.name):
-                await run_step(command, self._send, self._conn, self._runtime, self.run_id)
+                await run_step(
+                    command,
+                    self._send,
+                    self._conn,
+                    self._runtime,
+                    self.run_id,
+                    self._trace.traced,
+                )
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is None or task.cancelling():  # a real cancellation: let it through

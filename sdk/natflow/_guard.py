@@ -256,12 +256,16 @@ class RunGuard:
         return True
 
 
-def check_inline_start(task: Task, history: History) -> None:
-    """Count and log a task whose inline start disagrees with history (it is ignored)."""
-    try:
-        inline: Any = decode_event(task.start)
-    except Exception:  # undecodable: as forged as a wrong one
-        inline = None
+def check_inline_start(task: Task, history: History, decoded: Event | None = None) -> None:
+    """Count and log a task whose inline start disagrees with history (it is ignored).
+
+    ``decoded``: the task's start as the caller decoded it already (not decoded again)."""
+    inline: Any = decoded
+    if inline is None:
+        try:
+            inline = decode_event(task.start)
+        except Exception:  # undecodable: as forged as a wrong one
+            inline = None
     first = history.events[0] if history.events else None
     if first is not None and inline != first:
         quarantined(

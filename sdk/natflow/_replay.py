@@ -12,6 +12,7 @@ today's code.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -101,12 +102,16 @@ def _seed(run_id: str) -> int:
 class WorkflowState:
     """One run's workflow code, replayed from and kept in step with its history."""
 
+    @functools.cached_property
+    def seed(self) -> int:
+        """The run's random seed (from its id), made when first asked for: few workflows do."""
+        return _seed(self.run_id)
+
     def __init__(self, workflow: Workflow, history: History) -> None:
         start = history.events[0]
         assert isinstance(start, RunStarted)
         self.workflow = workflow
         self.run_id = history.run_id
-        self.seed = _seed(history.run_id)
         self.now: datetime = start.at
         self.block: NonDeterminismError | None = None
         self.start = start

@@ -140,8 +140,10 @@ async def run_step(
     conn: Connection,
     runtime: StepRuntime,
     run_id: str,
+    traced: bool = True,
 ) -> None:
-    """Run one attempt of a step and send its outcome to the driver.
+    """Run one attempt of a step and send its outcome to the driver (``traced``: see
+    :func:`natflow._tracing.step_attempt`).
 
     A failed attempt that the step's retry policy retries comes back with ``retry_at``: the
     driver records it and waits for that time on a durable timer, not here, so a crash during
@@ -154,7 +156,7 @@ async def run_step(
         if command.rate is not None and not await _wait_for_rate(command, send, conn):
             return
         step_connection.set(conn)
-        await _run_attempt(command, send, conn, runtime, run_id)
+        await _run_attempt(command, send, conn, runtime, run_id, traced)
     finally:
         if slots is not None:
             slots.release()
@@ -194,6 +196,7 @@ async def _run_attempt(
     conn: Connection,
     runtime: StepRuntime,
     run_id: str,
+    traced: bool,
 ) -> None:
     attempt = command.attempt
     started_at = utcnow()
@@ -201,7 +204,7 @@ async def _run_attempt(
         STARTED_NOTICE_AFTER, send.send_nowait, StillRunning(command, attempt)
     )
     try:
-        with tracing.step_attempt(run_id, command, attempt):
+        with tracing.step_attempt(run_id, command, attempt, traced):
             value = await _invoke(command, runtime, attempt)
     except Exception as exc:
         retry_at = None

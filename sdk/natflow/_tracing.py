@@ -65,18 +65,18 @@ else:
 log = logging.getLogger("natflow.tracing")
 
 TRACER_NAME = "natflow"
-_tracers: dict[int, Any] = {}
+_found: list[Any] = []  # natflow's tracer, once a provider is set (OpenTelemetry sets one once)
 
 
 def _tracer() -> Any:
     """natflow's tracer from the current global provider, or None when none is set."""
+    if _found:
+        return _found[0]
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider):
         return None  # no provider configured: spans would go nowhere
-    found = _tracers.get(id(provider))
-    if found is None:
-        found = _tracers[id(provider)] = provider.get_tracer(TRACER_NAME)
-    return found
+    _found.append(provider.get_tracer(TRACER_NAME))
+    return _found[0]
 
 
 def _ns(at: datetime) -> int:
@@ -146,6 +146,11 @@ class RunTrace:
         self._parent = parent
         for event in events:
             self._follow(event)
+
+    @property
+    def traced(self) -> bool:
+        """Whether this run is traced: a tracer provider was set when its execution began."""
+        return self._parent is not None
 
     def attach(self) -> None:
         """Make the run's trace current in this task; step tasks started from it inherit it."""
@@ -230,9 +235,14 @@ class RunTrace:
 
 
 @contextlib.contextmanager
-def step_attempt(run_id: str, command: StepCommand, attempt: int) -> Iterator[None]:
-    """A ``natflow step <name>`` span around one attempt of a step body, current inside it."""
-    tracer = _tracer() if ENABLED else None
+def step_attempt(
+    run_id: str, command: StepCommand, attempt: int, traced: bool = True
+) -> Iterator[None]:
+    """A ``natflow step <name>`` span around one attempt of a step body, current inside it.
+
+    ``traced``: False for a run whose execution began with no tracer provider (its trace
+    is decided once, not looked up again for every step)."""
+    tracer = _tracer() if ENABLED and traced else None
     if tracer is None:
         yield
         return

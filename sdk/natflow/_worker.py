@@ -56,6 +56,7 @@ from natflow_engine import (
     ensure_streams,
     fields,
     fold_run,
+    labelled,
     last_signal_seq,
     load_events,
     open_events,
@@ -124,8 +125,10 @@ class _Held:
     renewed_at: float = field(default_factory=time.monotonic)
     lost: bool = False
     released: bool = False  # its task was handed back: another worker may take the run
-    finished: anyio.Event = field(default_factory=anyio.Event)
+    # asyncio's own (anyio's asks which event loop runs, each time: ~2 us a run)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
     admission: Admission | None = None  # the concurrency slots it holds (see _admission)
+    nudged: bool = False  # told of new signals before its execution existed
 
     @property
     def execution_fields(self) -> dict[str, Any]:
@@ -479,6 +482,9 @@ class Worker:
             if held is not None and held.admission is not None:  # an error, a cancellation
                 with anyio.CancelScope(shield=True):
                     await self._admitter.settle(held.admission, waiting=False, lost=held.lost)
+            if held is not None and held.execution is None and held.lease is not None:
+                with anyio.CancelScope(shield=True):  # leased beside its claim, then let go
+                    await self._release(held)
             if held is not None and self._held.get(held.run_id) is held:
                 del self._held[held.run_id]
                 RUNS_HELD.dec()
@@ -502,7 +508,12 @@ class Worker:
             served = self._workflows.get(inline.workflow) if inline is not None else None
             if served is not None and not served.limits and not self._stopping.is_set():
                 history, preclaimed = await read_and_claim(
-                    self._store, self._conn, run_id, task.start_seq, self.identity
+                    self._store,
+                    self._conn,
+                    run_id,
+                    task.start_seq,
+                    self.identity,
+                    lambda: self._lease(held),
                 )
             else:
                 history = await self._store.read(run_id)
@@ -512,7 +523,7 @@ class Worker:
             await self._hold_corrupt(held, bad)
             return
         if task.start_seq > 0:
-            check_inline_start(task, history)
+            check_inline_start(task, history, inline)
         # Sealed values opened for replay: without the key, MissingKey names it and the task
         # goes back untouched for a worker that holds it.
         # Large values read back from the object store first (they are stored sealed).
@@ -571,18 +582,23 @@ class Worker:
             delivery=delivered,
             preclaimed=preclaimed,
         )
+        if held.nudged:  # a nudge that came while the execution was being built
+            held.execution.signals_arrived()
         if self._stopping.is_set():
             held.execution.drain()
-        async with anyio.create_task_group() as tg:
-            # The lease makes ownership visible and lets the engine hand the run back if this
-            # process dies; the claim append is the fence. Neither waits for the other.
-            tg.start_soon(self._take_lease, held)
+        if preclaimed is not None:  # leased (and looked) beside the claim already
             outcome = await held.execution.execute()
+        else:
+            async with anyio.create_task_group() as tg:
+                # The lease makes ownership visible and lets the engine hand the run back if
+                # this process dies; the claim append is the fence. Neither waits for the other.
+                tg.start_soon(self._take_lease, held)
+                outcome = await held.execution.execute()
         if admission is not None and outcome is not Outcome.STALE:  # STALE: admitted anew
             lost = outcome is Outcome.LOST or held.lost
             waiting = outcome is Outcome.SUSPENDED
             await self._admitter.settle(admission, waiting=waiting, lost=lost)
-        EXECUTIONS.labels(workflow.name, outcome.value).inc()
+        labelled(EXECUTIONS, workflow.name, outcome.value).inc()
         if outcome in (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED):
             log.info(
                 "run %s (%s) %s", run_id, workflow.name, outcome.value, extra=held.execution_fields
@@ -626,15 +642,22 @@ class Worker:
             task = Task(run_id=held.run_id, workflow=execution.workflow.name, reason="recheck")
             await enqueue(self._conn, held.queue, task)
 
-    async def _take_lease(self, held: _Held) -> None:
+    async def _lease(self, held: _Held) -> bool:
+        """Write the run's lease; False if it could not be written (it is advisory: the
+        claim append still fences other holders)."""
         try:
             held.lease, held.revision = await self._leases.acquire(
                 held.run_id, self.identity, held.queue, held.msg.reply, self.lease_ttl
             )
-        except NatflowError as exc:  # advisory: the claim append still fences other holders
+        except NatflowError as exc:
             log.warning("run %s: could not write its lease (%s)", held.run_id, exc)
-            return
+            return False
         held.renewed_at = time.monotonic()
+        return True
+
+    async def _take_lease(self, held: _Held) -> None:
+        if not await self._lease(held):
+            return
         # A signal (a pause, a cancel) stored before the lease existed had no holder to
         # nudge; one stored after it gets a nudge. Look once, beside the run's first steps.
         execution = held.execution
@@ -708,7 +731,7 @@ class Worker:
         meta = held.msg.metadata
         if meta.num_delivered == 1:
             lag = (utcnow() - meta.timestamp).total_seconds()
-            TASK_LAG.labels(held.queue).observe(max(0.0, lag))
+            labelled(TASK_LAG, held.queue).observe(max(0.0, lag))
 
     async def _release(self, held: _Held) -> None:
         if held.lease is not None and not held.lost:
@@ -744,6 +767,8 @@ class Worker:
         held = self._held.get(msg.data.decode(errors="replace"))
         if held is not None and held.execution is not None:
             held.execution.signals_arrived()
+        elif held is not None:  # leased before its execution is built (see _preclaim)
+            held.nudged = True
 
     async def _announce(self) -> None:
         info = WorkerInfo(

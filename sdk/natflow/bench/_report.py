@@ -117,6 +117,9 @@ class Throughput(msgspec.Struct, kw_only=True):
     # Seconds after the last result until the engine's dispatcher had processed and
     # acknowledged every event of the phase (its CPU window runs until then).
     engine_lag_s: float | None = None
+    # Messages into and out of the server per completed run over the same window (an
+    # embedded server's /varz): the load-independent measure of what a run costs.
+    server_msgs_per_run: float | None = None
 
 
 class StartLatency(msgspec.Struct, kw_only=True):
@@ -339,6 +342,10 @@ def _cpu_per_run(tp: Throughput) -> str:
     return "n/a" if per_run is None else f"{per_run:.2f} ms"
 
 
+def _msgs(per_run: float | None) -> str:
+    return "n/a" if per_run is None else f"{per_run:.1f} in + out"
+
+
 def _lag(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 1e3:,.0f} ms"
 
@@ -440,6 +447,13 @@ def _throughput_rows(report: BenchReport) -> list[Row]:
         ("throughput: cpu", _cpu(tp.cpu), "", "", ""),
         ("throughput: cpu per run, all processes", _cpu_per_run(tp), "", "", ""),
         ("throughput: engine caught up after the last result", _lag(tp.engine_lag_s), "", "", ""),
+        (
+            "throughput: server messages per run, in + out",
+            _msgs(tp.server_msgs_per_run),
+            "",
+            "",
+            "",
+        ),
     ]
     if tp.failed or tp.completed < tp.runs:
         rows.append(

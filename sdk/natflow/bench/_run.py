@@ -59,6 +59,7 @@ from natflow_engine import (
     history_subject,
     queue_consumer,
     read_jsz,
+    read_varz,
     redact_url,
     replicas,
     runs_subject,
@@ -492,6 +493,7 @@ class Bench:
             await engine_ready(self.client)
             async with self.workers("throughput", w) as procs:
                 before = await self._history_messages()
+                counted = await self._server_messages()
                 cpu = CpuWindow(procs.pids, self._server_pid, engine.pid)
                 outcome = await self._run_observed(ids, procs)
                 # The engine's work for these runs counts in full: the window ends once its
@@ -500,6 +502,7 @@ class Bench:
                 used = cpu.stop()
                 rss = procs.peak_rss()
                 appended = await self._history_messages() - before
+                counted_after = await self._server_messages()
         starts, done, failed, started_all = outcome
         t0 = min(starts.values())
         wall = max(max(done.values(), default=t0) - t0, 1e-9)
@@ -522,6 +525,11 @@ class Bench:
             cpu=used,
             worker_peak_rss_mib=rss,
             engine_lag_s=lag,
+            server_msgs_per_run=(
+                None
+                if counted is None or counted_after is None or not done
+                else (counted_after - counted) / len(done)
+            ),
         )
 
     async def _run_observed(
@@ -585,6 +593,17 @@ class Bench:
                 return time.perf_counter() - t0
             await asyncio.sleep(0.02)
         return None
+
+    async def _server_messages(self) -> int | None:
+        """Messages into and out of the server so far (None without its monitoring). Unlike
+        time and CPU, their count per run does not depend on what else the machine does."""
+        if self._monitor is None or self.server is None:  # a shared server's count others too
+            return None
+        try:
+            varz = await read_varz(self._monitor)
+        except NatflowError:
+            return None
+        return varz.in_msgs + varz.out_msgs
 
     async def _history_messages(self) -> int:
         """Messages in the history stream (on a shared server, others' appends count too)."""
