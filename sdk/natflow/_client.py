@@ -74,6 +74,12 @@ from ._workflow import DEFAULT_QUEUE, Workflow, check_priority
 
 _RECHECK_FIRST = 0.005  # seconds: a final event seen, not yet readable
 _RECHECK_MAX = 0.5
+# Nothing heard on the run's subject since subscribing: an event published just before the
+# subscription existed reaches no subscriber, and the stream may store it only after the
+# first read (its ingest lags the subject under load). Look again at 0.5 s, 2 s and 8 s.
+_UNHEARD_FIRST = 0.5
+_UNHEARD_LAST = 8.0
+_SAFETY_NET = 30.0  # seconds: an event lost in a reconnect
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
 
 
@@ -105,16 +111,21 @@ class RunHandle:
         # history holds. The subject carries every publish, also an append the stream refused
         # (a fenced, stale worker's), and a plain subscriber may see it before it is readable.
         woken = anyio.Event()
+        # Any event heard proves the ones before it stored: every append names the last
+        # sequence it follows. Until then, one published just before subscribing may be
+        # neither heard nor yet readable (the lifecycle test's 30 s waits under load).
+        heard = False
 
         async def on_event(msg: Msg) -> None:
-            nonlocal woken
+            nonlocal heard
+            heard = True
             if event_kind(msg.data) in _TERMINAL_TYPES:
                 woken.set()
 
         subs = [await nc.subscribe(history_subject(self.run_id), cb=on_event)]
         try:
             with anyio.fail_after(seconds):
-                recheck, settling = 0.0, False
+                recheck, settling, unheard = 0.0, False, _UNHEARD_FIRST
                 while True:
                     info = await self._client._runs.describe(self.run_id, explain=False)
                     if info.status in CLOSED_STATUSES:
@@ -124,10 +135,12 @@ class RunHandle:
                         recheck, settling = _RECHECK_FIRST, True
                     elif settling and recheck < _RECHECK_MAX:
                         recheck = min(_RECHECK_MAX, recheck * 2)
+                    elif not heard and not info.site and unheard <= _UNHEARD_LAST:
+                        recheck, settling, unheard = unheard, False, unheard * 4
                     else:
                         # A safety net for an event lost in a reconnect; each second for a
                         # site's run at a hub (its history is at the site).
-                        recheck, settling = (1.0 if info.site else 30.0), False
+                        recheck, settling = (1.0 if info.site else _SAFETY_NET), False
                     with anyio.move_on_after(recheck):
                         await woken.wait()
         except TimeoutError:
