@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
+from tests.procs import gone, kill_all, with_argument
 from tests.test_cli import NATFLOW, assert_one_clear_error, natflow
 
 SINGLE_SERVER_CONFIGS = (
@@ -86,3 +87,30 @@ def test_every_shipped_single_server_configuration_syncs_always(path: Path) -> N
     text = path.read_text()
     assert "jetstream" in text
     assert "sync_interval: always" in text
+
+
+def test_a_server_signalled_while_it_starts_leaves_no_nats_server(tmp_path: Path) -> None:
+    """SIGTERM to `natflow server` the moment it names its address, before it waits for
+    signals: its nats-server (in a session of its own) stops too. It was left running, with
+    nobody to stop it (seen in full test runs under load)."""
+    store = (tmp_path / "store").resolve()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [*NATFLOW, "server", "--port", "0", "--http-port", "0", "--store-dir", str(store)]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # a log line may come first
+            if "nats-server at" in line:
+                break
+        else:
+            raise AssertionError("natflow server exited before naming its address")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        left = gone(with_argument(str(store)), timeout=10)
+        assert not left, f"nats-server still running after natflow server exited: {left}"
+    finally:
+        proc.kill()
+        proc.wait()
+        kill_all(with_argument(str(store)))
