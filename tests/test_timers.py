@@ -237,8 +237,8 @@ async def test_a_thousand_sleeps_wake_once_never_early_and_hold_no_worker(
         f"after all woke and finished {rss_after / 1024:.1f} MiB"
     )
     assert not violations, f"the worker held sleeping runs: {violations[:10]}"
-    # A check of the scenario, not of natflow: 1,000 starts take 2-5 s idle (400+ asleep at
-    # once), 11 s on a loaded 2-core box (158 seen), so 100 still means "many".
+    # A check of the scenario, not of natflow: how many sleep at once follows the start
+    # rate; at load ~12 on 2 cores the starts took 11 s and 158 were seen, so 100 (not 200).
     assert most_asleep >= 100, "the test never saw many runs asleep at once"
     assert len(samples) >= 20
     # Memory: a held run costs tens of KiB; a sleeping one must cost the worker nothing.
