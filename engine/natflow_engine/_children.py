@@ -10,20 +10,21 @@ parent dies (``PR_SET_PDEATHSIG``).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 _PR_SET_PDEATHSIG: Final = 1
 
 
-def _term_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+@functools.cache
+def _prctl() -> Any:
+    """libc's ``prctl``, looked up in the parent: the child, forked from a process that may
+    run other threads, only makes the one foreign call (no import, no allocation of note)."""
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def ends_with_parent() -> Callable[[], None] | None:
@@ -33,4 +34,9 @@ def ends_with_parent() -> Callable[[], None] | None:
     (a child started from a worker thread would be stopped when that thread is retired)."""
     if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
         return None
-    return _term_with_parent
+    prctl, sigterm = _prctl(), int(signal.SIGTERM)
+
+    def term_with_parent() -> None:  # in the child, between fork and exec
+        prctl(_PR_SET_PDEATHSIG, sigterm)
+
+    return term_with_parent
