@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from tests.procs import gone, kill_all
+from tests.test_worker_processes import children_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,3 +143,30 @@ def test_bench_table_is_the_default_output() -> None:
     ):
         assert any(line.startswith(label) for line in lines), label
     assert lines[-1].startswith(("targets missed:", "all targets met"))
+
+
+def test_a_killed_bench_leaves_no_process_running() -> None:
+    """SIGKILL to `natflow bench` while its workers run: its nats-server and worker processes
+    (each in a session of its own) stop too. The workers were left running for good."""
+    bench = subprocess.Popen(
+        [*natflow_command(), "bench", "--quick", "--json"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    kids: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(kids) < 2:  # the server and at least one worker
+            assert bench.poll() is None, "the bench ended before its workers started"
+            assert time.monotonic() < deadline, f"no workers within 60 s: {kids}"
+            time.sleep(0.1)
+            kids = children_of(bench.pid)
+        bench.send_signal(signal.SIGKILL)
+        bench.wait()
+        left = gone(sorted(kids), timeout=20)
+        assert not left, f"still running after the bench was killed: {left}"
+    finally:
+        bench.kill()
+        bench.wait()
+        kill_all(sorted(kids))

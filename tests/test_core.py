@@ -503,5 +503,43 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def test_result_looks_again_when_an_event_from_before_it_subscribed_is_not_stored(
+    client: Client, engine: Engine
+) -> None:
+    """The final event published just before result() subscribes reaches no subscriber, and a
+    stream under load may store it only after result()'s first read (the lifecycle test
+    waited 30 s for it on a loaded box). Nothing more is published then: result() must look
+    again by itself soon, not at its 30 s safety net. The lag is one stale read here."""
+    runs = client._runs
+    real_describe = runs.describe
+    stale: list[RunInfo] = []
+
+    async def describe(run_id: str, *, explain: bool = True) -> RunInfo:
+        info = await real_describe(run_id, explain=explain)
+        if info.status == "completed" and not stale:  # read before the stream stored it
+            stale.append(info)
+            info = msgspec.structs.replace(info, status="running", result=None)
+        return info
+
+    async with running_worker(client, [done_when_told]):
+        handle = await client.start(done_when_told, run_id="unheard-1")
+        await wait_for(lambda: _waiting(client, "unheard-1"), what="the run to wait for its signal")
+        await client.signal("unheard-1", "go", "now")
+        await wait_for(
+            lambda: _status_is(client, "unheard-1", "completed"), what="the run to complete"
+        )
+    runs.describe = describe  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(5):  # well under the 30 s safety net
+            assert await handle.result() == "now"
+    finally:
+        runs.describe = real_describe  # type: ignore[method-assign]
+    assert len(stale) == 1, "the stale read was never served"
+
+
+async def _status_is(client: Client, run_id: str, status: str) -> bool:
+    return (await client.describe(run_id)).status == status
+
+
 async def _waiting(client: Client, run_id: str) -> bool:
     return (await client.describe(run_id)).status == "waiting"

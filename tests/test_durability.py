@@ -22,6 +22,7 @@ from natflow_engine._streams import SIGNAL_STREAM, ensure_streams
 from nats.js import api
 
 from tests.helpers import ROOT
+from tests.procs import gone, kill_all, with_argument
 from tests.test_cli import NATFLOW, assert_one_clear_error, natflow
 
 SINGLE_SERVER_CONFIGS = (
@@ -103,3 +104,30 @@ async def test_leases_are_acknowledged_before_fsync_and_history_is_not(client: C
     for durable in (HISTORY_STREAM, TASK_STREAM, SIGNAL_STREAM, "KV_natflow_timers"):
         info = await jsm.stream_info(durable)
         assert info.config.persist_mode in (None, api.PersistMode.DEFAULT), durable
+
+
+def test_a_server_signalled_while_it_starts_leaves_no_nats_server(tmp_path: Path) -> None:
+    """SIGTERM to `natflow server` the moment it names its address, before it waits for
+    signals: its nats-server (in a session of its own) stops too. It was left running, with
+    nobody to stop it (seen in full test runs under load)."""
+    store = (tmp_path / "store").resolve()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [*NATFLOW, "server", "--port", "0", "--http-port", "0", "--store-dir", str(store)]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # a log line may come first
+            if "nats-server at" in line:
+                break
+        else:
+            raise AssertionError("natflow server exited before naming its address")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        left = gone(with_argument(str(store)), timeout=10)
+        assert not left, f"nats-server still running after natflow server exited: {left}"
+    finally:
+        proc.kill()
+        proc.wait()
+        kill_all(with_argument(str(store)))

@@ -205,7 +205,10 @@ async def test_sigterm_finishes_the_step_and_hands_the_run_back(
     claims = [e for e in history if e.__struct_config__.tag == "run_claimed"]
     assert claims[-1].worker != claims[0].worker  # type: ignore[union-attr]
     handed_over = (claims[-1].at - slow_done.at).total_seconds()
-    assert handed_over < 1.0, handed_over
+    # The promise: handed back at once, not after the leaving worker's 15 s lease lapses.
+    # ~10 ms on an idle box; 1.0 s was missed by 7 ms on a loaded 2-core CI box (two worker
+    # processes, the engine and the server on 2 cores), so allow 5 s, still a third of it.
+    assert handed_over < 5.0, handed_over
     assert steps.executions()[("term-1", "slow")] == 1
 
 

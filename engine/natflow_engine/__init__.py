@@ -7,6 +7,7 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 """
 
 from . import events
+from ._children import ends_with_parent
 from ._cli_options import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
 from ._completion import RunOutcome
@@ -319,6 +320,7 @@ __all__ = [
     "delete_run",
     "emit",
     "encode_value",
+    "ends_with_parent",
     "enqueue",
     "ensure_consumer",
     "ensure_rates_bucket",

@@ -12,7 +12,9 @@ import fcntl
 import importlib.metadata
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any, Final, NoReturn
@@ -193,9 +195,9 @@ async def _print_durability(server: EmbeddedServer) -> None:
 
 async def cmd_server(args: argparse.Namespace) -> int:
     server = _start_server(args)
-    await _print_durability(server)
-    print("Ctrl-C stops it", flush=True)
-    try:
+    try:  # a SIGTERM while it says where it listens stops the server too
+        await _print_durability(server)
+        print("Ctrl-C stops it", flush=True)
         await until_signalled(lambda: anyio.sleep_forever())
     finally:
         server.stop()
@@ -484,7 +486,26 @@ def _quiet_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Until a command takes SIGTERM itself (its own handler, once running), SIGTERM unwinds
+    # the command as Ctrl-C does, so the `finally` that stops a nats-server or the worker
+    # processes it started runs: the default action ends Python on the spot (a `natflow
+    # server` signalled while printing where it listens left its nats-server running).
+    # Only the main thread may set handlers (tests call main() from worker threads too).
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level, json_lines=args.log_json)

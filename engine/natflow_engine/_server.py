@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from ._children import ends_with_parent
 from ._errors import NatflowError
 
 log = logging.getLogger("natflow.server")
@@ -154,6 +155,7 @@ class EmbeddedServer:
                 stderr=subprocess.STDOUT,
                 cwd=self._cwd,
                 start_new_session=True,
+                preexec_fn=ends_with_parent(),  # no server outlives a killed natflow command
             )
         self._wait_ready(offset, timeout)
         log.info("nats-server ready on %s (pid %d)", self.url, self.proc.pid)

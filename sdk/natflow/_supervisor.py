@@ -15,8 +15,6 @@ supervisor killed outright leaves no worker running unsupervised.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -28,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import anyio
+from natflow_engine import ends_with_parent
 
 log = logging.getLogger("natflow.worker")
 
@@ -72,15 +71,6 @@ def child_argv(argv: Sequence[str], index: int, identity: str | None, metrics: i
     return [sys.executable, "-m", "natflow_engine", *kept, *extra]
 
 
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def _term_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the supervisor dies (Linux only)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @dataclass
 class _Slot:
     index: int
@@ -116,7 +106,7 @@ class Supervisor:
         slot.proc = subprocess.Popen(
             command,
             start_new_session=True,
-            preexec_fn=_term_with_parent if sys.platform == "linux" else None,
+            preexec_fn=ends_with_parent(),
         )
         slot.started = time.monotonic()
         log.info("worker process %d started (pid %d)", slot.index, slot.proc.pid)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from natflow_engine import NatflowError
+from natflow_engine import NatflowError, ends_with_parent
 
 from ._report import Cpu
 
@@ -132,6 +132,7 @@ class WorkerProcesses:
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
+                        preexec_fn=ends_with_parent(),  # a killed bench leaves none running
                     )
                 )
 
