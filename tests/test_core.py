@@ -25,6 +25,7 @@ from natflow import (
 from natflow_engine import InvalidInput
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
+from natflow_engine.events import TERMINAL_EVENTS, Event
 
 from tests.helpers import replay_recorded, running_worker, wait_for
 
@@ -510,16 +511,16 @@ async def test_result_looks_again_when_an_event_from_before_it_subscribed_is_not
     stream under load may store it only after result()'s first read (the lifecycle test
     waited 30 s for it on a loaded box). Nothing more is published then: result() must look
     again by itself soon, not at its 30 s safety net. The lag is one stale read here."""
-    runs = client._runs
-    real_describe = runs.describe
-    stale: list[RunInfo] = []
+    store = client._runs.history
+    real_last = store.last
+    stale: list[tuple[Event, int]] = []
 
-    async def describe(run_id: str, *, explain: bool = True) -> RunInfo:
-        info = await real_describe(run_id, explain=explain)
-        if info.status == "completed" and not stale:  # read before the stream stored it
-            stale.append(info)
-            info = msgspec.structs.replace(info, status="running", result=None)
-        return info
+    async def last(run_id: str) -> tuple[Event, int] | None:
+        found = await real_last(run_id)
+        if found is not None and isinstance(found[0], TERMINAL_EVENTS) and not stale:
+            stale.append(found)  # read before the stream stored it: the event before it
+            return (await store.read(run_id)).events[-2], found[1] - 1
+        return found
 
     async with running_worker(client, [done_when_told]):
         handle = await client.start(done_when_told, run_id="unheard-1")
@@ -528,12 +529,12 @@ async def test_result_looks_again_when_an_event_from_before_it_subscribed_is_not
         await wait_for(
             lambda: _status_is(client, "unheard-1", "completed"), what="the run to complete"
         )
-    runs.describe = describe  # type: ignore[method-assign]
+    store.last = last  # type: ignore[method-assign]
     try:
         with anyio.fail_after(5):  # well under the 30 s safety net
             assert await handle.result() == "now"
     finally:
-        runs.describe = real_describe  # type: ignore[method-assign]
+        store.last = real_last  # type: ignore[method-assign]
     assert len(stale) == 1, "the stale read was never served"
 
 
