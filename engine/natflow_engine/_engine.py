@@ -1,7 +1,8 @@
 """The engine services: stateless processes that keep what is derived from history current.
 
 The dispatcher reads every run-level event (``natflow.history.*.run_*``, and the timer
-events) through one durable pull consumer shared by all engine replicas, and
+events) through one durable pull consumer shared by all engine replicas, processes the events
+of different runs at once and each run's in stream order (``_lanes``), and
 
 * folds it into the run index (``natflow.runs.<run_id>``) behind ``client.list``;
 * for a ``run_started`` whose run has done nothing since, makes sure a task exists, so a
@@ -37,6 +38,7 @@ from ._connection import Connection
 from ._history import CorruptHistory, HistoryStore
 from ._index import RunIndex
 from ._jsz import JetStreamUsage
+from ._lanes import Lanes
 from ._limit_service import LimitService
 from ._limits import waiting_for
 from ._metrics import EngineMetrics, observe_run
@@ -153,7 +155,8 @@ class Engine:
         self.events = EventIntake(conn)
         self.starts = StartService(conn)  # starts from clients that may not write history
         self._watched = StartWatch()  # starts whose task is checked once their grace passed
-        self._reached = 0.0  # server time of the newest history message dispatched
+        self._lanes = Lanes(self._dispatch)  # the dispatcher's, once it runs
+        self._reached = 0.0  # server time of the newest history message the dispatcher read
         self._caught_up = True  # that message was the stream's last (for the dispatcher)
         self._last_read = time.monotonic()  # when the dispatcher last took a message
         self.metrics = EngineMetrics(
@@ -195,47 +198,56 @@ class Engine:
         )
         puller = Puller(self._conn, HISTORY_STREAM, DISPATCHER)
         await puller.start()
+
+        def room() -> None:
+            # Ask again once half a window can be asked for: one pull request per ~128
+            # events, not one per event as soon as the window has room.
+            askable = _DISPATCH_WINDOW - _buffered(puller) - len(lanes) - puller.pending
+            if askable >= _DISPATCH_WINDOW // 2:
+                puller.wake()
+
+        lanes = self._lanes = Lanes(self._dispatch, depth=_DISPATCH_WINDOW, on_done=room)
         log.info("engine dispatcher running")
         self.ready.set()
         try:
             async with anyio.create_task_group() as tg:
                 # Ask for what the dispatcher can take, not for what it has been handed: a
-                # backlog held unprocessed would outlive its ack deadline and come back twice.
+                # backlog held unprocessed (in the puller or in the lanes) would outlive its
+                # ack deadline and come back twice.
                 tg.start_soon(
                     functools.partial(
                         puller.keep_asking,
-                        lambda: _DISPATCH_WINDOW - _buffered(puller),
+                        lambda: _DISPATCH_WINDOW - _buffered(puller) - len(lanes),
                         at_least=_DISPATCH_WINDOW // 2,
                     )
                 )
                 tg.start_soon(self._check_starts)
+                tg.start_soon(lanes.run)
                 async for msg in puller.messages:
-                    await self._dispatch(msg)
-                    # Ask again once half a window can be asked for: one pull request per
-                    # ~128 events, not one per event as soon as the buffer runs low.
-                    askable = _DISPATCH_WINDOW - _buffered(puller) - puller.pending
-                    if askable >= _DISPATCH_WINDOW // 2:
-                        puller.wake()
+                    # In the order read (the stream's): where the dispatcher is. The events
+                    # of one run are then processed in that order, those of others at once.
+                    stored = self._note_position(msg)
+                    await lanes.put(msg.subject.split(".")[2], msg, stored)
         finally:
             # Shielded: a cancelled engine that kept this subscription would keep receiving
             # (and never acknowledging) the events its outstanding pull asked for.
             with anyio.CancelScope(shield=True):
-                for held in self._watched.drop():  # to a replica (or restart) at once
+                # To a replica (or restart) at once: held starts, and events taken but not
+                # processed (cut off mid-way: processing is idempotent).
+                for held in self._watched.drop() + lanes.unfinished():
                     await _quietly(held.nak())
                 try:
                     await puller.stop()
                 except Exception:  # the connection is going away; the server drops the pull
                     log.debug("unsubscribe failed", exc_info=True)
 
-    async def _dispatch(self, msg: Msg) -> None:
-        run_id = msg.subject.split(".")[2]
+    async def _dispatch(self, run_id: str, msg: Msg) -> None:
+        """Process one event (in its run's lane: after the run's earlier events)."""
         kind = event_kind(msg.data)
-        if len(self._watched):
-            self._note_position(msg)
-            if kind != "run_started":
-                started = self._watched.moved_on(run_id)
-                if started is not None:  # a worker has the run: its start needs no check
-                    await _quietly(started.ack())
+        if kind != "run_started" and len(self._watched):
+            started = self._watched.moved_on(run_id)
+            if started is not None:  # a worker has the run: its start needs no check
+                await _quietly(started.ack())
         if kind not in RUN_EVENTS:
             await msg.ack()  # step and signal events change nothing the engine keeps
             return
@@ -265,28 +277,39 @@ class Engine:
             await msg.nak(delay=1.0)
             return
         # An immediate start (a restart enqueues once its seed is written): acknowledged when
-        # the run moves on, or checked once its grace has passed (see _start_watch).
+        # the run moves on (its next event, in this lane), or checked once its grace has
+        # passed (see _start_watch).
         if isinstance(event, RunStarted) and event.not_before is None and not event.restarted_from:
-            self._note_position(msg)
-            earlier = self._watched.add(run_id, event, msg, self._reached)
+            stored = msg.metadata.timestamp.timestamp()
+            earlier = self._watched.add(run_id, event, msg, stored)
             if earlier is not None:
                 await _quietly(earlier.ack())
             return
         await msg.ack()
 
-    def _note_position(self, msg: Msg) -> None:
-        """Where the dispatcher is in the stream: the server's time of the message, and
-        whether more wait (the clocks :class:`StartWatch` counts a start's grace on)."""
+    def _note_position(self, msg: Msg) -> float:
+        """Where the dispatcher's reader is in the stream: the server's time of the message
+        (returned), and whether more wait (with :attr:`_processed_until`, the clocks
+        :class:`StartWatch` counts a start's grace on)."""
         meta = msg.metadata
-        self._reached = max(self._reached, meta.timestamp.timestamp())
+        stored = meta.timestamp.timestamp()
+        self._reached = max(self._reached, stored)
         self._caught_up = meta.num_pending == 0
         self._last_read = time.monotonic()
+        return stored
+
+    @property
+    def _processed_until(self) -> float:
+        """The server time before which every event the dispatcher read is processed: a
+        start's claim read but still queued in a lane has not moved its start on yet."""
+        return min(self._reached, self._lanes.oldest_stored())
 
     @property
     def _idle(self) -> bool:
         """Caught up with the stream, or handed nothing for a whole grace (with several
         replicas the stream's last message may have gone to another one)."""
-        return self._caught_up or time.monotonic() - self._last_read > self._watched.grace
+        idle = self._caught_up and not len(self._lanes)
+        return idle or time.monotonic() - self._last_read > self._watched.grace
 
     async def _check_starts(self) -> None:
         """Make sure each start still alone after its grace has a task (its client may
@@ -311,7 +334,7 @@ class Engine:
         async with anyio.create_task_group() as tg:
             while True:
                 await anyio.sleep(0.25)
-                for watched in self._watched.due(self._reached, self._idle):
+                for watched in self._watched.due(self._processed_until, self._idle):
                     tg.start_soon(check, watched)
 
     async def _tell_parent(self, run_id: str, event: Event, info: RunInfo | None) -> None:
