@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -46,7 +47,7 @@ class Folds:
         self.most = 0
         self._apply: Apply = engine._index.apply
         self._before = before
-        engine._index.apply = self._recorded  # type: ignore[method-assign]
+        engine._index.apply = self._recorded  # type: ignore[method-assign, assignment]
 
     async def _recorded(self, run_id: str, event: Event, hseq: int, *args: Any) -> Any:
         self.entered.add(run_id)
@@ -67,7 +68,7 @@ async def _completed(client: Client, run_id: str) -> bool:
 
 async def _caught_up(client: Client) -> bool:
     info = await client.connection.jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
 async def test_a_run_slow_to_process_holds_up_no_other_run(
@@ -97,7 +98,7 @@ async def test_a_run_slow_to_process_holds_up_no_other_run(
                 assert await handle.result(timeout=20) is not None
             # Serially, every event behind the slow run's start would wait for it.
             for run_id in fast[:3]:
-                await wait_for(lambda r=run_id: _completed(client, r), what=f"{run_id} indexed")
+                await wait_for(partial(_completed, client, run_id), what=f"{run_id} indexed")
             assert not await _completed(client, slow)
             released.set()
             await wait_for(lambda: _completed(client, slow), what="the slow run indexed")
@@ -130,7 +131,7 @@ async def test_each_runs_events_are_folded_in_stream_order_while_runs_overlap(
             for handle in handles:
                 await handle.result(timeout=30)
             for run_id in runs:
-                await wait_for(lambda r=run_id: _completed(client, r), what=f"{run_id} indexed")
+                await wait_for(partial(_completed, client, run_id), what=f"{run_id} indexed")
     for run_id in runs:
         assert folded[run_id] == sorted(folded[run_id]), (run_id, folded[run_id])
     # The runs' events were processed together (else this test would show nothing).

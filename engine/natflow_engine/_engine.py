@@ -36,7 +36,7 @@ from . import _timers as timers
 from ._completion import RunHooks
 from ._connection import Connection
 from ._history import CorruptHistory, HistoryStore
-from ._index import RunIndex
+from ._index import RunIndex, makes_timer
 from ._jsz import JetStreamUsage
 from ._lanes import Lanes
 from ._limit_service import LimitService
@@ -265,7 +265,7 @@ class Engine:
             info = await self._index.apply(run_id, event, hseq, self.hooks.status_changed)
             if info is not None:
                 observe_run(event, info)
-            await self._keep_timers(run_id, event)
+            await self._keep_timers(run_id, event, hseq)
             if isinstance(event, TERMINAL_EVENTS):
                 await self._tell_parent(run_id, event, info)
                 await self.limits.run_closed(run_id)
@@ -360,9 +360,14 @@ class Engine:
             outcome.status = "cancelled" if isinstance(event, RunCancelled) else "terminated"
         await send_child_outcome(self._conn, parent, outcome)
 
-    async def _keep_timers(self, run_id: str, event: Event) -> None:
-        """Mirror history's timers into KV, and make sure every start gets its task."""
-        if isinstance(event, RunContinued):
+    async def _keep_timers(self, run_id: str, event: Event, hseq: int) -> None:
+        """Mirror history's timers into KV (the event's stream sequence is ``hseq``)."""
+        if makes_timer(event) and self._index.closed_since(run_id, hseq):
+            # The run's end was folded first (this event came back, or another replica took
+            # it later): a timer written now would outlive the run, and the end may have
+            # been folded before this event marked the run as one with timers.
+            await timers.cancel_run(self._conn, run_id)
+        elif isinstance(event, RunContinued):
             # Timers of older stretches (their events are gone with them, some perhaps
             # before this dispatcher saw them) must not keep waking the run. Its next
             # stretch's task (its worker may have died before enqueueing it) is checked like
@@ -396,9 +401,11 @@ class Engine:
         elif isinstance(event, RunClaimed):
             # A delayed start has started. Only a delayed start has a start timer: a run whose
             # immediate start this engine read needs no delete (a write per run, fsynced).
-            if not self._watched.started_now(run_id):
+            if not self._watched.started_now(run_id) and not self._index.has_no_timers(run_id):
                 await timers.cancel(self._conn, run_id, 0)
-        elif isinstance(event, TERMINAL_EVENTS):
+        elif isinstance(event, TERMINAL_EVENTS) and not self._index.has_no_timers(run_id):
+            # Read the run's timers only if it may have some: the index says whether any
+            # event folded before this one made one (they all come before the run's end).
             await timers.cancel_run(self._conn, run_id)
 
     async def _ensure_task(self, run_id: str, start: RunStarted) -> None:
