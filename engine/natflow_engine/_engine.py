@@ -347,6 +347,10 @@ class Engine:
             parent = start.parent if start is not None else None
         if parent is None:
             return
+        # As one event at a time would: the parent's own end, when read before this one (a
+        # cancelled parent whose children end with it), is folded first, so no outcome goes
+        # to a parent already closed (a dead letter).
+        await self._lanes.earlier_done()
         known = await self._index.get(parent)
         if known is not None and known.is_closed:
             return  # nobody waits for it (cancelled before its child): no dead letter

@@ -19,6 +19,7 @@ import math
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Final
 
 import anyio
@@ -27,6 +28,8 @@ from nats.aio.msg import Msg
 
 LANES: Final = 32  # runs processed at once (at most)
 
+# The token of the event a lane's task is processing (each lane is a task of its own).
+_processing: ContextVar[int] = ContextVar("natflow_lane_event")
 _Queued = tuple[int, str, Msg]  # (token, run id, message): what the reader hands a lane
 Process = Callable[[str, Msg], Awaitable[None]]
 
@@ -63,6 +66,7 @@ class Lanes:
         self._next = 0
         # token -> (message, when the server stored it); oldest taken first.
         self._taken: OrderedDict[int, tuple[Msg, float]] = OrderedDict()
+        self._finished = anyio.Event()  # set (and replaced) as each event finishes
 
     def __len__(self) -> int:
         """Events taken and not yet finished (queued in a lane or being processed)."""
@@ -88,6 +92,17 @@ class Lanes:
         self._taken[token] = (msg, stored)
         await self._sends[lane_of(run_id, self._count)].send((token, run_id, msg))
 
+    async def earlier_done(self) -> None:
+        """Called while processing an event: wait until every event taken before it (of any
+        run) is finished, for a step that must see what those did, as one at a time would."""
+        token = _processing.get()
+        while self._taken:
+            first = next(iter(self._taken))
+            if first >= token:
+                return
+            finished = self._finished
+            await finished.wait()
+
     def unfinished(self) -> list[Msg]:
         """Forget every taken, unfinished event; returns their messages (to NAK on shutdown)."""
         msgs = [msg for msg, _ in self._taken.values()]
@@ -96,8 +111,11 @@ class Lanes:
 
     async def _lane(self, receive: MemoryObjectReceiveStream[_Queued]) -> None:
         async for token, run_id, msg in receive:
+            _processing.set(token)
             await self._process(run_id, msg)
             # Not when cancelled: an event cut off mid-way stays unfinished (NAKed on shutdown).
             self._taken.pop(token, None)
+            self._finished.set()
+            self._finished = anyio.Event()
             if self._on_done is not None:
                 self._on_done()
