@@ -222,7 +222,7 @@ class Engine:
                     )
                 )
                 tg.start_soon(self._check_starts)
-                tg.start_soon(lanes.run)
+                await tg.start(lanes.run)
                 async for msg in puller.messages:
                     # In the order read (the stream's): where the dispatcher is. The events
                     # of one run are then processed in that order, those of others at once.

@@ -23,6 +23,7 @@ from contextvars import ContextVar
 from typing import Final
 
 import anyio
+from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
 
@@ -40,7 +41,8 @@ def lane_of(run_id: str, count: int) -> int:
 
 
 class Lanes:
-    """Processes taken events with ``process(run_id, msg)``, at most one per run at a time.
+    """Processes taken events with ``process(run_id, msg)``, at most one per run at a time
+    (once :meth:`run` has started: it makes the lanes).
 
     ``process`` acknowledges (or NAKs) the message itself; it should not raise (an exception
     ends the dispatcher). ``on_done`` is called after each event, for the pull window.
@@ -57,16 +59,13 @@ class Lanes:
         self._process = process
         self._on_done = on_done
         self._count = count
-        self._sends: list[MemoryObjectSendStream[_Queued]] = []
-        self._receives: list[MemoryObjectReceiveStream[_Queued]] = []
-        for _ in range(count):
-            send, receive = anyio.create_memory_object_stream[_Queued](depth)
-            self._sends.append(send)
-            self._receives.append(receive)
+        self._depth = depth
+        self._sends: list[MemoryObjectSendStream[_Queued]] = []  # while running
         self._next = 0
         # token -> (message, when the server stored it); oldest taken first.
         self._taken: OrderedDict[int, tuple[Msg, float]] = OrderedDict()
-        self._finished = anyio.Event()  # set (and replaced) as each event finishes
+        self._finished = anyio.Event()  # set (and replaced) as an event finishes...
+        self._waiters = 0  # ...while someone waits in earlier_done (an Event costs ~µs)
 
     def __len__(self) -> int:
         """Events taken and not yet finished (queued in a lane or being processed)."""
@@ -79,11 +78,14 @@ class Lanes:
             return stored
         return math.inf
 
-    async def run(self) -> None:
-        """The lanes' tasks, until cancelled."""
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The lanes' tasks, until cancelled; ready for :meth:`put` once started."""
         async with anyio.create_task_group() as tg:
-            for receive in self._receives:
-                tg.start_soon(self._lane, receive)
+            for _ in range(self._count):
+                send, receive = anyio.create_memory_object_stream[_Queued](self._depth)
+                self._sends.append(send)
+                tg.start_soon(self._lane, send, receive)
+            task_status.started()
 
     async def put(self, run_id: str, msg: Msg, stored: float) -> None:
         """Hand the event to its run's lane (waits while that lane is full)."""
@@ -100,8 +102,11 @@ class Lanes:
             first = next(iter(self._taken))
             if first >= token:
                 return
-            finished = self._finished
-            await finished.wait()
+            self._waiters += 1
+            try:
+                await self._finished.wait()
+            finally:
+                self._waiters -= 1
 
     def unfinished(self) -> list[Msg]:
         """Forget every taken, unfinished event; returns their messages (to NAK on shutdown)."""
@@ -109,13 +114,20 @@ class Lanes:
         self._taken.clear()
         return msgs
 
-    async def _lane(self, receive: MemoryObjectReceiveStream[_Queued]) -> None:
+    async def _lane(
+        self, send: MemoryObjectSendStream[_Queued], receive: MemoryObjectReceiveStream[_Queued]
+    ) -> None:
+        with send, receive:  # closed with the lane
+            await self._consume(receive)
+
+    async def _consume(self, receive: MemoryObjectReceiveStream[_Queued]) -> None:
         async for token, run_id, msg in receive:
             _processing.set(token)
             await self._process(run_id, msg)
             # Not when cancelled: an event cut off mid-way stays unfinished (NAKed on shutdown).
             self._taken.pop(token, None)
-            self._finished.set()
-            self._finished = anyio.Event()
+            if self._waiters:
+                self._finished.set()
+                self._finished = anyio.Event()
             if self._on_done is not None:
                 self._on_done()
