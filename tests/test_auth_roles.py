@@ -209,7 +209,7 @@ async def test_signaller_may_signal_and_nothing_else(
     store = HistoryStore(signaller.connection)
     conn = signaller.connection
     times = [
-        await denied(lambda: store.append("sig-1", forged, 0), "natflow.history.sig-1"),
+        await denied(lambda: store.append("sig-1", forged, 0), "natflow.history.sig-1.run"),
         await denied(lambda: signaller.history("sig-1"), "$JS.API.DIRECT.GET.NATFLOW_HISTORY"),
         await denied(
             lambda: Worker(signaller, [guarded]).run(),
@@ -298,7 +298,7 @@ async def test_viewer_reads_but_cannot_start_signal_or_cancel(
     await wait_for(
         lambda: _listed(viewer, "view-1"), timeout=10, what="the run in the engine's index"
     )
-    await denied(lambda: viewer.start(guarded, 1, run_id="view-2"), "natflow.history.view-2")
+    await denied(lambda: viewer.start(guarded, 1, run_id="view-2"), "natflow.history.view-2.run")
     await denied(lambda: viewer.signal("view-1", "approve", 1), "natflow.signal.view-1.approve")
     await denied(lambda: viewer.cancel("view-1"), "natflow.signal.view-1.$control.cancel")
     assert (await viewer.describe("view-1")).status == "waiting"
@@ -313,7 +313,7 @@ async def test_denials_are_fast(deployment: dict[str, Client]) -> None:
     store = HistoryStore(signaller.connection)
     took = await denied(
         lambda: store.append("nope", RunCompleted(id="nope:1", at=utcnow()), 0),
-        "natflow.history.nope",
+        "natflow.history.nope.run",
     )
     assert took < 2.0
 
@@ -336,7 +336,7 @@ async def test_a_frontend_starts_through_the_engine_and_cannot_write_history(
             forged = RunCompleted(id="front-1:99", at=utcnow())
             await denied(
                 lambda: HistoryStore(direct.connection).append("front-2", forged, 0),
-                "natflow.history.front-2",
+                "natflow.history.front-2.run",
             )
         finally:
             await direct.close()

@@ -7,7 +7,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from natflow import Client, InvalidInput, RunCancelled, RunFailed, WorkflowContext, workflow
+from natflow import (
+    Client,
+    InvalidInput,
+    RunCancelled,
+    RunFailed,
+    RunNotFound,
+    WorkflowContext,
+    workflow,
+)
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import dead_letters
@@ -49,7 +57,7 @@ async def test_a_parent_gets_each_childs_outcome_once(
         async def napping() -> bool:
             try:
                 return await status_of(client, "fam-1-c4") == "sleeping"
-            except Exception:
+            except RunNotFound:  # not started yet
                 return False
 
         await wait_for(napping, what="the napping child to sleep")
@@ -88,7 +96,7 @@ async def test_cancelling_a_parent_cancels_its_children_and_theirs(
         async def grandchild_sleeps() -> bool:
             try:
                 return await status_of(client, "gp-1-c1-c1") == "sleeping"
-            except Exception:
+            except RunNotFound:  # not started yet
                 return False
 
         await wait_for(grandchild_sleeps, what="the grandchild to sleep")
@@ -131,7 +139,7 @@ async def test_a_parent_whose_worker_is_killed_while_its_children_run(
                 states = [await status_of(client, k) for k in kids]
                 napping = await status_of(client, "famk-c4")
                 return states == ["running"] * 3 and napping == "sleeping"
-            except Exception:
+            except RunNotFound:  # not started yet
                 return False
 
         await wait_for(children_in_flight, timeout=30, what="all four children in flight")
@@ -214,7 +222,7 @@ async def test_children_under_a_codec(nats_server: EmbeddedServer, engine: Engin
             async def napping() -> bool:
                 try:
                     return await status_of(sealed, "fam-sealed-c4") == "sleeping"
-                except Exception:
+                except RunNotFound:  # not started yet
                     return False
 
             await wait_for(napping, what="the napping child to sleep")
@@ -257,7 +265,7 @@ async def test_a_forged_child_outcome_is_rejected_and_the_parent_carries_on(
         async def waiting() -> bool:
             try:
                 return await status_of(client, "forged-1-c1-c1") == "sleeping"
-            except Exception:
+            except RunNotFound:  # not started yet
                 return False
 
         await wait_for(waiting, what="the grandchild to sleep")

@@ -161,7 +161,7 @@ async def test_bad_input_gets_a_message_on_the_page_never_a_traceback(
         assert message in _text(body), (path, _text(body)[:600])
         assert "Traceback" not in body and 'File "' not in body
     # a history the console cannot read: a page that says so, the details only in the log
-    await client.connection.publish("natflow.history.garbled", b"not an event", {})
+    await client.connection.publish("natflow.history.garbled.run", b"not an event", {})
     got, body, _ = await http(console + "/runs/garbled")
     assert got == 502 and "cannot be decoded" in body, _text(body)[:600]
     assert "Traceback" not in body and "msgspec" not in body

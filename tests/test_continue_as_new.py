@@ -22,7 +22,7 @@ from natflow_engine.events import (
     encode_event,
 )
 
-from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
+from tests.helpers import count_lines, running_engine, running_worker, spawn_worker, stop, wait_for
 from tests.workflows_continue import (
     COUNTS_ENV,
     WORKFLOWS,
@@ -75,6 +75,37 @@ async def test_a_loop_goes_on_over_stretches_and_each_signal_arrives_once(
     assert len({e.signal_seq for e in received}) == len(received)
     steps_view = await client.steps("l-1")
     assert [s.name for s in steps_view] == ["tick"] * 3
+
+
+async def test_older_step_events_are_ignored_then_purged_by_the_engine(
+    nats_server: EmbeddedServer,
+) -> None:
+    """A continuation's rollup drops the run's older run-level events at once; its older step
+    events (on ``.step``) stay until the engine purges them, and readers ignore them meanwhile."""
+    client = await Client.connect(nats_server.url)
+    try:
+        async with running_worker(client, WORKFLOWS):  # no engine yet
+            handle = await client.start(looper, Loop(total=6, per_stretch=3), run_id="purge-1")
+            assert (await handle.result(timeout=30))["stretches"] == 2
+        jsm = client.connection.jsm
+        run_subjects = "natflow.history.purge-1.*"
+        stale = await jsm.stream_info(HISTORY_STREAM, subjects_filter=run_subjects)
+        assert (stale.state.subjects or {}).get("natflow.history.purge-1.step") == 6
+        events = await client.history("purge-1")
+        assert isinstance(events[0], RunContinued)
+        assert len([e for e in events if isinstance(e, StepCompleted)]) == 3
+
+        async def purged() -> bool:
+            info = await jsm.stream_info(
+                HISTORY_STREAM, subjects_filter="natflow.history.purge-1.*"
+            )
+            return (info.state.subjects or {}).get("natflow.history.purge-1.step") == 3
+
+        async with running_engine(nats_server.url):
+            await wait_for(purged, timeout=15, what="the older stretch's steps purged")
+        assert events == await client.history("purge-1")
+    finally:
+        await client.close()
 
 
 async def test_a_child_started_in_a_later_stretch_gets_its_own_id(
@@ -227,7 +258,7 @@ async def test_an_older_history_stream_is_updated_to_allow_rollups(
         old = next(c for c in stream_configs() if c.name == HISTORY_STREAM)
         old.allow_rollup_hdrs = False
         await jsm.add_stream(old)
-        await client.connection.js.publish("natflow.history.kept", b"{}")
+        await client.connection.js.publish("natflow.history.kept.run", b"{}")
         await ensure_streams(client.connection)
         info = await jsm.stream_info(HISTORY_STREAM)
         assert info.config.allow_rollup_hdrs is True

@@ -53,7 +53,7 @@ async def test_three_step_history_is_plain_json(
     # Read with a plain nats-py client: no natflow code.
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    sub = await js.subscribe("natflow.history.three-1", ordered_consumer=True)
+    sub = await js.subscribe("natflow.history.three-1.*", ordered_consumer=True)
     events = []
     while True:
         try:
@@ -391,7 +391,7 @@ async def test_result_is_what_history_holds_not_what_the_subject_carried(client:
     """A final event that the stream refused (here: a stale writer's, fenced by the expected
     last sequence) still reaches plain subscribers of the run's subject; result() must not
     take it for the run's outcome."""
-    from natflow_engine import history_subject
+    from natflow_engine import run_level_subject
     from natflow_engine.events import RunCompleted, encode_event, utcnow
 
     handle = await client.start("nobody_serves_this", {"x": 1}, run_id="fenced-1")
@@ -401,7 +401,7 @@ async def test_result_is_what_history_holds_not_what_the_subject_carried(client:
     async def publish_stale_completion() -> None:
         await anyio.sleep(0.2)  # result() is subscribed by then
         await client.connection.nc.publish(
-            history_subject("fenced-1"), encode_event(forged), headers=stale
+            run_level_subject("fenced-1"), encode_event(forged), headers=stale
         )
 
     async with anyio.create_task_group() as tg:

@@ -16,6 +16,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from natflow import Client
+from natflow_engine import HISTORY_STREAM, TASK_STREAM
+from natflow_engine._streams import SIGNAL_STREAM, ensure_streams
+from nats.js import api
 
 from tests.helpers import ROOT
 from tests.test_cli import NATFLOW, assert_one_clear_error, natflow
@@ -86,3 +90,16 @@ def test_every_shipped_single_server_configuration_syncs_always(path: Path) -> N
     text = path.read_text()
     assert "jetstream" in text
     assert "sync_interval: always" in text
+
+
+async def test_leases_are_acknowledged_before_fsync_and_history_is_not(client: Client) -> None:
+    """Leases are advice (the history's conditional append fences; a lost lease only slows a
+    hand-over), so their bucket skips the per-write fsync; what a run's progress depends on
+    keeps it."""
+    await ensure_streams(client.connection)
+    jsm = client.connection.jsm
+    leases = await jsm.stream_info("KV_natflow_leases")
+    assert leases.config.persist_mode == api.PersistMode.ASYNC
+    for durable in (HISTORY_STREAM, TASK_STREAM, SIGNAL_STREAM, "KV_natflow_timers"):
+        info = await jsm.stream_info(durable)
+        assert info.config.persist_mode in (None, api.PersistMode.DEFAULT), durable

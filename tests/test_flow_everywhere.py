@@ -329,3 +329,29 @@ async def test_the_consoles_start_form_joins_the_open_singleton_run(
         assert first.run_id in body + headers.get("location", "") + headers.get("Location", "")
         assert [r.run_id for r in await client.list(workflow="one_per_customer")] == [first.run_id]
         await client.terminate(first.run_id, "test over")
+
+
+async def test_a_worker_declaring_while_the_bucket_has_no_leader_waits_it_out(
+    client: Client,
+) -> None:
+    """A worker started while its cluster elects the rates bucket's leader (a node just died)
+    got "no responders" for its flow declaration and died of it (seen in
+    test_topologies' node kill). The bucket missing for a moment answers the same way."""
+    from natflow_engine import ensure_streams, publish_declarations
+    from natflow_engine._flow_decls import FlowDeclaration, declaration_key
+    from natflow_engine._kv import kv_stream
+    from natflow_engine._streams import stream_configs
+
+    conn = client.connection
+    await ensure_streams(conn)
+    bucket = kv_stream(RATES_BUCKET)
+    await conn.jsm.delete_stream(bucket)
+
+    async def bucket_back() -> None:
+        await anyio.sleep(0.5)
+        await conn.jsm.add_stream(next(c for c in stream_configs() if c.name == bucket))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(bucket_back)
+        await publish_declarations(conn, [FlowDeclaration(workflow="late_bucket")])
+    assert await kv_get(conn, RATES_BUCKET, declaration_key("late_bucket")) is not None

@@ -12,7 +12,12 @@ from natflow import Client
 from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import dead_letters
-from natflow_engine._streams import ensure_streams, history_subject, task_subject
+from natflow_engine._streams import (
+    ensure_streams,
+    run_level_subject,
+    step_level_subject,
+    task_subject,
+)
 from natflow_engine._tasks import Task
 from natflow_engine.events import (
     RunBlocked,
@@ -42,7 +47,7 @@ async def test_a_malformed_history_event_blocks_its_run_once_and_it_can_be_cance
 
         await wait_for(waiting, timeout=30, what="bad-1 waiting")
         # Someone with publish rights on history appends garbage to the run.
-        await client.connection.publish(history_subject("bad-1"), b'{"type":"step_completed"')
+        await client.connection.publish(step_level_subject("bad-1"), b'{"type":"step_completed"')
         await client.signal("bad-1", "go", 1)
 
         async def blocked() -> object:
@@ -292,7 +297,7 @@ async def test_a_signal_to_a_run_whose_start_is_garbage_is_dead_lettered(
     client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
 ) -> None:
     await ensure_streams(client.connection)
-    await client.connection.publish(history_subject("rotten-1"), b'{"type":"run_started"}')
+    await client.connection.publish(run_level_subject("rotten-1"), b'{"type":"run_started"}')
     await client.connection.publish("natflow.signal.rotten-1.go", b"1")  # from any client
 
     async def letter() -> list[str]:

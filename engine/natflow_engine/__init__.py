@@ -152,6 +152,7 @@ from ._streams import (
     HISTORY_PREFIX,
     HISTORY_STREAM,
     RATES_BUCKET,
+    RUN_LEVEL_FILTER,
     RUNS_STREAM,
     TASK_PREFIX,
     TASK_STREAM,
@@ -159,6 +160,8 @@ from ._streams import (
     history_subject,
     queue_consumer,
     replicas,
+    run_id_of,
+    run_level_subject,
     runs_subject,
 )
 from ._tasks import DEFAULT_ACK_WAIT, Task, TaskPuller, decode_task, enqueue, ensure_consumer
@@ -213,6 +216,7 @@ __all__ = [
     "RESUME",
     "RUNS_HELD",
     "RUNS_STREAM",
+    "RUN_LEVEL_FILTER",
     "SIGNALS_DELIVERED",
     "SIGNALS_REJECTED",
     "STEPS",
@@ -359,6 +363,8 @@ __all__ = [
     "reserve",
     "restart_run",
     "run_created_at",
+    "run_id_of",
+    "run_level_subject",
     "runs_subject",
     "safe_identity",
     "schedule",

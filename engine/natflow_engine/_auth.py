@@ -30,7 +30,7 @@ Cancel, terminate, pause and resume are grants of their own (``control``): they 
 ordinary signal grant ``natflow.signal.*.*`` (four tokens) does not match.
 
 What permissions cannot do (per subject, never per header or payload): a user who may start
-runs publishes on ``natflow.history.*`` and so could append any event to any run; a worker
+runs publishes on ``natflow.history.*.*`` and so could append any event to any run; a worker
 limited to some queues still reads and appends the histories of every run. Give ``client``
 and ``worker`` only to code you trust as much as the workflows themselves; give untrusted
 starters ``frontend`` (see docs/security.md).
@@ -253,7 +253,7 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
     ]
     # RunHandle.result listens for the run's final event on the history subject itself; the
     # console follows the run index live.
-    return publish, ["_INBOX.>", f"{HISTORY_PREFIX}.*", f"{RUNS_PREFIX}.*"], False
+    return publish, ["_INBOX.>", f"{HISTORY_PREFIX}.*.*", f"{RUNS_PREFIX}.*"], False
 
 
 def _signaller(api: str, kv: str, queues: list[str]) -> _Parts:
@@ -264,7 +264,7 @@ def _signaller(api: str, kv: str, queues: list[str]) -> _Parts:
 def _client(api: str, kv: str, queues: list[str]) -> _Parts:
     publish, subscribe, _ = _viewer(api, kv, queues)
     publish += [
-        f"{HISTORY_PREFIX}.*",  # a start appends the run's first event
+        f"{HISTORY_PREFIX}.*.*",  # a start appends the run's first event
         f"{TASK_PREFIX}.>",  # ... and enqueues its task
         f"{SIGNAL_PREFIX}.*.*",
         *(_control_subject(kind) for kind in CONTROLS),
@@ -306,7 +306,7 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
     schedules_stream = f"{api}.DIRECT.GET.{kv_stream(SCHEDULES_BUCKET)}"
     publish = [
         *_stream_info(api),
-        f"{HISTORY_PREFIX}.*",
+        f"{HISTORY_PREFIX}.*.*",
         *_direct_get(api, HISTORY_STREAM),
         *_direct_get(api, SIGNAL_STREAM),
         *_direct_get(api, kv_stream(LEASES_BUCKET)),
@@ -342,7 +342,7 @@ def _kv_keys(kv: str, subjects: list[str]) -> list[str]:
 
 def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
     publish = [
-        f"{HISTORY_PREFIX}.*",  # the first event of a run a frontend asked for
+        f"{HISTORY_PREFIX}.*.*",  # the first event of a run a frontend asked for
         f"{RUNS_PREFIX}.>",
         f"{TASK_PREFIX}.>",
         f"{DEADLETTER_PREFIX}.>",

@@ -1,8 +1,9 @@
 """The engine services: stateless processes that keep what is derived from history current.
 
-The dispatcher reads every run-level event (``natflow.history.*.run_*``, and the timer
-events) through one durable pull consumer shared by all engine replicas, processes the events
-of different runs at once and each run's in stream order (``_lanes``), and
+The dispatcher reads every run-level event (``natflow.history.*.run``: starts, claims,
+timers, status changes; never a step's) through one durable pull consumer shared by all
+engine replicas, processes the events of different runs at once and each run's in stream
+order (``_lanes``), and
 
 * folds it into the run index (``natflow.runs.<run_id>``) behind ``client.list``;
 * for a ``run_started`` whose run has done nothing since, makes sure a task exists, so a
@@ -46,7 +47,7 @@ from ._names import check_token
 from ._puller import Puller, engine_consumer
 from ._quarantine import quarantined
 from ._reaper import Reaper
-from ._retention import RetentionService
+from ._retention import RetentionService, purge
 from ._scheduler import Scheduler
 from ._signals import ChildOutcome, SignalIntake, send_child_outcome
 from ._site_links import site_links
@@ -54,7 +55,14 @@ from ._sites import SiteInbox, check_site, ensure_hub
 from ._start_service import StartService
 from ._start_watch import StartWatch, WatchedStart
 from ._state import RunInfo
-from ._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
+from ._streams import (
+    HISTORY_STREAM,
+    RUN_LEVEL_EVENTS,
+    RUN_LEVEL_FILTER,
+    ensure_streams,
+    run_id_of,
+    step_level_subject,
+)
 from ._tasks import Task, enqueue
 from ._triggers import EventIntake
 from ._wake import run_start
@@ -79,24 +87,7 @@ from .events import (
 log = logging.getLogger("natflow.engine")
 
 DISPATCHER: Final = "natflow-engine-dispatcher"
-RUN_EVENTS: Final = (
-    "run_started",
-    "run_continued",
-    "run_claimed",
-    "run_blocked",
-    "run_completed",
-    "run_failed",
-    "timer_scheduled",
-    "signal_waited",
-    "step_retrying",
-    "timer_fired",
-    "run_cancelled",
-    "run_terminated",
-    "run_paused",
-    "run_resumed",
-    "restart_seeded",
-    "run_restarted",
-)
+RUN_EVENTS: Final = RUN_LEVEL_EVENTS  # the dispatcher reads nothing else
 
 
 _DISPATCH_WINDOW: Final = 256  # events asked for at a time
@@ -105,7 +96,7 @@ _CHECKS_AT_ONCE: Final = 32  # starts past their grace checked concurrently
 
 def dispatcher_config() -> api.ConsumerConfig:
     return engine_consumer(
-        DISPATCHER, "natflow engine: run index, timers, start dispatch", f"{HISTORY_PREFIX}.>"
+        DISPATCHER, "natflow engine: run index, timers, start dispatch", RUN_LEVEL_FILTER
     )
 
 
@@ -227,7 +218,7 @@ class Engine:
                     # In the order read (the stream's): where the dispatcher is. The events
                     # of one run are then processed in that order, those of others at once.
                     stored = self._note_position(msg)
-                    await lanes.put(msg.subject.split(".")[2], msg, stored)
+                    await lanes.put(run_id_of(msg.subject), msg, stored)
         finally:
             # Shielded: a cancelled engine that kept this subscription would keep receiving
             # (and never acknowledging) the events its outstanding pull asked for.
@@ -266,6 +257,8 @@ class Engine:
             if info is not None:
                 observe_run(event, info)
             await self._keep_timers(run_id, event, hseq)
+            if isinstance(event, RunContinued):  # its rollup dropped the older run-level ones
+                await purge(self._conn, HISTORY_STREAM, step_level_subject(run_id), below=hseq)
             if isinstance(event, TERMINAL_EVENTS):
                 await self._tell_parent(run_id, event, info)
                 await self.limits.run_closed(run_id)

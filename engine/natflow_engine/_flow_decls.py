@@ -20,6 +20,7 @@ of every workflow whose workers start after them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -31,7 +32,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ._connection import Connection
+from ._connection import Connection, retrying
 from ._errors import InvalidInput
 from ._flow_starts import FlowPlan, flow_start, input_field
 from ._kv import kv_get, kv_put
@@ -101,8 +102,12 @@ async def publish_declarations(conn: Connection, declarations: Iterable[FlowDecl
     cache = _cache(conn)
     await ensure_rates_bucket(conn)
     for declaration in declarations:
-        await kv_put(
-            conn, RATES_BUCKET, declaration_key(declaration.workflow), _enc.encode(declaration)
+        key, value = declaration_key(declaration.workflow), _enc.encode(declaration)
+        # A worker starting while its cluster elects the bucket's leader (a node just died)
+        # gets "no responders" for a moment: wait it out, do not die of it.
+        await retrying(
+            f"declaring workflow {declaration.workflow}'s flow control",
+            functools.partial(kv_put, conn, RATES_BUCKET, key, value),
         )
         cache[declaration.workflow] = (declaration, math.inf)
 

@@ -1,7 +1,8 @@
 """The history store: conditional appends and whole-history reads.
 
 This module is the one write path to history. Every append carries the run's expected last
-sequence (``Nats-Expected-Last-Subject-Sequence`` on ``natflow.history.<run_id>``) and a
+sequence (``Nats-Expected-Last-Subject-Sequence``, checked against all of the run's subjects,
+``natflow.history.<run_id>.*``: see ``_streams``) and a
 ``Nats-Msg-Id`` unique to this append (the event id plus a nonce), so a retry deduplicates and
 a writer can tell its own landed append from another writer's event at the same position.
 The expected sequence is also the fencing token: a writer that read an older history, such as
@@ -27,9 +28,9 @@ from ._connection import (
 from ._errors import NatflowError
 from ._reader import reader
 from ._sealing import seal_event
-from ._streams import HISTORY_STREAM, history_subject
+from ._streams import HISTORY_STREAM, event_subject, history_subject
 from ._values import store_event
-from .events import Event, decode_event, encode_event
+from .events import Event, RunContinued, decode_event, encode_event
 
 log = logging.getLogger("natflow.history")
 
@@ -105,10 +106,11 @@ class HistoryStore:
         # Sealed, then a large value stored by reference (the object before the history).
         stored = await store_event(self._conn, seal_event(self._conn.codec, event), run_id)
         data = encode_event(stored)
-        subject = history_subject(run_id)
+        subject = event_subject(run_id, str(event.__struct_config__.tag))
         msg_id = f"{event.id}:{uuid.uuid4().hex[:16]}"
         headers = {
             "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
+            "Nats-Expected-Last-Subject-Sequence-Subject": history_subject(run_id),
             "Nats-Msg-Id": msg_id,
         }
         if rollup:
@@ -162,8 +164,9 @@ class HistoryStore:
             raise CorruptHistory(run_id, seq, str(exc), last_seq=seq, count=0, last=None) from None
 
     async def _last_msg(self, run_id: str) -> Msg | None:
-        subject = f"{self._conn.api}.DIRECT.GET.{HISTORY_STREAM}.{history_subject(run_id)}"
-        msg = await self._conn.request(subject, b"")
+        # In the body: a wildcard may not appear in a subject one publishes to.
+        body = msgspec.json.encode({"last_by_subj": history_subject(run_id)})
+        msg = await self._conn.request(f"{self._conn.api}.DIRECT.GET.{HISTORY_STREAM}", body)
         headers = msg.headers or {}
         if headers.get("Status") == "404":
             return None
@@ -186,7 +189,8 @@ class HistoryStore:
     async def _read(self, run_id: str, lenient: bool) -> History:
         page = await self._reader.read_all(HISTORY_STREAM, history_subject(run_id))
         try:
-            return History(run_id, [decode_event(m.data) for m in page.messages], page.last_seq)
+            events = [decode_event(m.data) for m in page.messages]
+            return History(run_id, current_stretch(events), page.last_seq)
         except msgspec.DecodeError:
             pass  # read again with headers, to name the bad message's sequence
         page = await self._reader.read_all(HISTORY_STREAM, history_subject(run_id), headers=True)
@@ -196,6 +200,7 @@ class HistoryStore:
                 history.events.append(decode_event(msg.data))
             except msgspec.DecodeError as exc:
                 history.corrupt.append((_seq_of(msg), str(exc)))
+        history.events = current_stretch(history.events)
         if history.corrupt and not lenient:
             seq, reason = history.corrupt[0]
             last = history.events[-1] if history.events else None
@@ -205,6 +210,18 @@ class HistoryStore:
                 run_id, seq, reason, last_seq=page.last_seq, count=len(page.messages), last=last
             )
         return history
+
+
+def current_stretch(events: list[Event]) -> list[Event]:
+    """The events from the newest ``run_continued`` on (all of them if there is none).
+
+    A continuation's rollup drops the run's older run-level events at once; its older step
+    events stay until the engine purges them, and are no part of the run any more.
+    """
+    for at in range(len(events) - 1, 0, -1):
+        if type(events[at]) is RunContinued:
+            return events[at:]
+    return events
 
 
 def _seq_of(msg: Msg) -> int:

@@ -1,6 +1,6 @@
 """The run index behind ``list``: the latest summary of each run, a projection of history.
 
-The engine folds every run-level event (``natflow.history.*.run_*``) into a summary and
+The engine folds every run-level event (``natflow.history.*.run``) into a summary and
 stores it on ``natflow.runs.<run_id>`` (one message per run). Each summary remembers the
 history sequence it reflects, and writes are conditional on the summary's own sequence, so
 several engine replicas can index at once without going backwards. Delete the stream and

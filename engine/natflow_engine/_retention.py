@@ -72,11 +72,13 @@ _purge_decoder = msgspec.json.Decoder(_PurgeReply)
 _entry_decoder = msgspec.json.Decoder(IndexEntry)
 
 
-async def purge(conn: Connection, stream: str, subject: str) -> int:
-    """Remove every message of ``stream`` on ``subject`` (wildcards allowed); how many."""
-    msg = await conn.request(
-        f"{conn.api}.STREAM.PURGE.{stream}", msgspec.json.encode({"filter": subject})
-    )
+async def purge(conn: Connection, stream: str, subject: str, *, below: int | None = None) -> int:
+    """Remove every message of ``stream`` on ``subject`` (wildcards allowed), or only those
+    with a sequence below ``below``; how many."""
+    request: dict[str, object] = {"filter": subject}
+    if below is not None:
+        request["seq"] = below
+    msg = await conn.request(f"{conn.api}.STREAM.PURGE.{stream}", msgspec.json.encode(request))
     reply = _purge_decoder.decode(msg.data)
     if reply.error is not None:
         err = reply.error

@@ -44,6 +44,8 @@ from ._streams import (
     SIGNAL_PREFIX,
     SIGNAL_STREAM,
     history_subject,
+    run_id_of,
+    run_level_subject,
     signal_filter,
     signal_subject,
 )
@@ -151,7 +153,7 @@ def stored_at(msg: Msg) -> datetime:
 
 async def run_created_at(conn: Connection, run_id: str) -> datetime | None:
     """When the server stored the run's first event (None if there is no such run)."""
-    body = msgspec.json.encode({"seq": 1, "next_by_subj": history_subject(run_id)})
+    body = msgspec.json.encode({"seq": 1, "next_by_subj": run_level_subject(run_id)})
     msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}", body)
     return None if "Status" in (msg.headers or {}) else stored_at(msg)
 
@@ -496,11 +498,16 @@ async def last_events(conn: Connection, run_ids: list[str]) -> dict[str, bytes]:
     for at in range(0, len(run_ids), _LOOKUP_CHUNK):
         chunk = run_ids[at : at + _LOOKUP_CHUNK]
         subjects = [history_subject(r) for r in chunk]
-        page = await reader(conn).read_last(HISTORY_STREAM, subjects)
-        prefix = len(history_subject(""))
+        # The last message of each of a run's two subjects: the run's last is the later one.
+        page = await reader(conn).read_last(HISTORY_STREAM, subjects, batch=2 * len(chunk))
+        newest: dict[str, tuple[int, bytes]] = {}
         for msg in page.messages:
-            subject = (msg.headers or {}).get("Nats-Subject", "")
-            found[subject[prefix:]] = msg.data
+            headers = msg.headers or {}
+            run_id = run_id_of(headers.get("Nats-Subject", ""))
+            seq = int(headers.get("Nats-Sequence", "0"))
+            if seq >= newest.get(run_id, (0, b""))[0]:
+                newest[run_id] = (seq, msg.data)
+        found.update((run_id, data) for run_id, (_, data) in newest.items())
     return found
 
 

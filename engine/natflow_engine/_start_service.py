@@ -1,6 +1,6 @@
 """Starts through the engine: for clients that may not write history themselves.
 
-A client with the ``client`` role publishes a run's first event on ``natflow.history.<run>``
+A client with the ``client`` role publishes a run's first event on ``natflow.history.<run>.run``
 itself, and NATS permissions (per subject, not per payload) cannot stop it from appending
 any other event to any run. A ``frontend`` (an untrusted client: a browser-facing service,
 a partner) instead sends ``natflow.command.start.<run_id>`` as a request; an engine replica

@@ -2,12 +2,19 @@
 
 Layout (all names are public and documented in the README):
 
-* ``NATFLOW_HISTORY``: one subject per run, ``natflow.history.<run_id>``; file storage,
-  direct get on, append-only but for one thing: ``ctx.continue_as_new`` starts a fresh
-  stretch of a run's history with one ``run_continued`` event published with
-  ``Nats-Rollup: sub`` (``allow_rollup_hdrs``), which drops the run's older events at
-  once. A literal subject per run lets the server find a run's events through its
-  subject index, however large the stream grows (a wildcard per run would make it scan).
+* ``NATFLOW_HISTORY``: two subjects per run, ``natflow.history.<run_id>.run`` for run-level
+  events (start, claim, timers, status changes, the end: what the engine folds) and
+  ``natflow.history.<run_id>.step`` for the rest (step and child outcomes, signals taken,
+  patches). The engine's dispatcher reads ``natflow.history.*.run`` only, so a step costs it
+  nothing; a run's history is ``natflow.history.<run_id>.*`` in stream order, and every
+  append is fenced against the last sequence of that whole pair
+  (``Nats-Expected-Last-Subject-Sequence-Subject``). File storage, direct get on,
+  append-only but for one thing: ``ctx.continue_as_new`` starts a fresh stretch of a run's
+  history with one ``run_continued`` event published on the run-level subject with
+  ``Nats-Rollup: sub`` (``allow_rollup_hdrs``), which drops the run's older run-level events
+  at once; the engine then purges the older step events, and readers ignore whatever precedes
+  the newest ``run_continued`` meanwhile. Per-run literal prefixes let the server find a run's
+  events through its subject index, however large the stream grows.
 * ``NATFLOW_TASKS``: work queue ``natflow.task.<queue>.<workflow>.<run_id>``, at most one
   pending task per run (``discard_new_per_subject``), one durable pull consumer per queue and
   workflow (``natflow-queue-<queue>~<workflow>``), so a worker only receives tasks it serves.
@@ -68,8 +75,54 @@ _PLAIN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CONTROL_TOKEN: Final = "$control"  # natflow.signal.<run_id>.$control.<kind>
 
 
+# The event kinds the engine folds (run index, timers, limits, parents): stored on the run's
+# ``.run`` subject; every other kind goes on ``.step``.
+RUN_LEVEL_EVENTS: Final = frozenset(
+    {
+        "run_started",
+        "run_continued",
+        "run_claimed",
+        "run_blocked",
+        "run_completed",
+        "run_failed",
+        "timer_scheduled",
+        "signal_waited",
+        "step_retrying",
+        "timer_fired",
+        "run_cancelled",
+        "run_terminated",
+        "run_paused",
+        "run_resumed",
+        "restart_seeded",
+        "run_restarted",
+    }
+)
+RUN_LEVEL_FILTER: Final = f"{HISTORY_PREFIX}.*.run"  # every run's run-level events
+
+
 def history_subject(run_id: str) -> str:
-    return f"{HISTORY_PREFIX}.{run_id}"
+    """All of a run's events (a wildcard: read, follow, purge, fence against it)."""
+    return f"{HISTORY_PREFIX}.{run_id}.*"
+
+
+def run_level_subject(run_id: str) -> str:
+    """The run's run-level events: its start first, its end last."""
+    return f"{HISTORY_PREFIX}.{run_id}.run"
+
+
+def step_level_subject(run_id: str) -> str:
+    return f"{HISTORY_PREFIX}.{run_id}.step"
+
+
+def event_subject(run_id: str, kind: str) -> str:
+    """Where an event of ``kind`` (its ``type`` tag) is stored."""
+    level = "run" if kind in RUN_LEVEL_EVENTS else "step"
+    return f"{HISTORY_PREFIX}.{run_id}.{level}"
+
+
+def run_id_of(subject: str) -> str:
+    """The run id in a history subject (``natflow.history.<run_id>.<level>``)."""
+    return subject.split(".", 3)[2]
 
 
 def workflow_token(workflow: str) -> str:
@@ -136,7 +189,7 @@ def stream_configs() -> list[api.StreamConfig]:
             discard_new_per_subject=True,
             num_replicas=r,
         ),
-        kv_stream_config("natflow_leases", "natflow: run leases (holder, expiry)", r),
+        _advisory(kv_stream_config("natflow_leases", "natflow: run leases (holder, expiry)", r)),
         kv_stream_config("natflow_workers", "natflow: live workers", r),
         kv_stream_config("natflow_timers", "natflow: pending timers (sleeps, timeouts)", r),
         api.StreamConfig(
@@ -196,6 +249,22 @@ def stream_configs() -> list[api.StreamConfig]:
         ),
         lifecycle_stream_config(r, RETENTION_DAYS * 86400.0),
     ]
+
+
+def _advisory(config: api.StreamConfig) -> api.StreamConfig:
+    """A stream of advice nothing depends on to be correct, acknowledged before its fsync.
+
+    Leases only make ownership visible and let the reaper hand a dead worker's task back at
+    once; the history's conditional append is the fencing token, and a lost lease costs a
+    slower hand-over (the task's ack deadline), never a step. Two lease writes per run (take
+    and drop) were two of the ~16 fsyncs a run cost a durable single server. Async
+    persistence exists on R1 streams only (ADR-56); R3 relies on replication anyway. The
+    mode is fixed when a stream is created (an update may not change it): a bucket an older
+    natflow created keeps fsyncing until it is removed and created again.
+    """
+    if config.num_replicas == 1:
+        config.persist_mode = api.PersistMode.ASYNC
+    return config
 
 
 async def ensure_streams(conn: Connection) -> None:

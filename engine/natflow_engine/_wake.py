@@ -15,7 +15,7 @@ import msgspec
 from ._connection import Connection
 from ._history import CorruptHistory
 from ._leases import Leases
-from ._streams import HISTORY_STREAM, history_subject
+from ._streams import HISTORY_STREAM, run_level_subject
 from ._tasks import Task, enqueue
 from .events import RunStarted, decode_event
 
@@ -30,7 +30,7 @@ async def run_start(conn: Connection, run_id: str) -> RunStarted | None:
     """The run's ``run_started`` event, its first (one direct get), or None if there is none.
 
     :class:`CorruptHistory` if that event does not decode."""
-    body = msgspec.json.encode({"seq": 1, "next_by_subj": history_subject(run_id)})
+    body = msgspec.json.encode({"seq": 1, "next_by_subj": run_level_subject(run_id)})
     msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}", body)
     headers = msg.headers or {}
     if "Status" in headers:

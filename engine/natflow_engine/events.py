@@ -5,7 +5,8 @@ Each history message holds one event, a JSON object such as::
     {"type":"step_completed","v":1,"id":"order-1:3","at":"2026-11-21T20:00:00.1Z",
      "seq":1,"name":"charge","occurrence":1,"attempt":1,"started_at":"...","result":{...}}
 
-``type`` names the event. All of a run's events share one subject, ``natflow.history.<run_id>``.
+``type`` names the event. A run's events are stored on ``natflow.history.<run_id>.run`` (run-level
+kinds, which the engine folds) and ``natflow.history.<run_id>.step`` (the rest); see ``_streams``.
 ``v`` is the schema version, ``id`` is ``<run_id>:<n>`` where ``n`` is the event's position in
 the run (1-based); it doubles as the ``Nats-Msg-Id`` so a retried append deduplicates.
 

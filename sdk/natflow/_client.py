@@ -47,6 +47,7 @@ from natflow_engine import (
     open_sealed,
     request_start,
     restart_run,
+    run_level_subject,
     seal,
     sealed_key,
     start_declared,
@@ -111,7 +112,8 @@ class RunHandle:
             if event_kind(msg.data) in _TERMINAL_TYPES:
                 woken.set()
 
-        subs = [await nc.subscribe(history_subject(self.run_id), cb=on_event)]
+        # Final events are run-level: the run's step events never reach this subscription.
+        subs = [await nc.subscribe(run_level_subject(self.run_id), cb=on_event)]
         try:
             with anyio.fail_after(seconds):
                 recheck, settling = 0.0, False

@@ -17,7 +17,7 @@ import msgspec
 
 from .._connection import Connection
 from .._errors import NatflowError, RunNotFound
-from .._history import HistoryStore
+from .._history import HistoryStore, current_stretch
 from .._index import IndexEntry
 from .._kv import kv_entries
 from .._leases import LEASES_BUCKET, Lease, decode_lease
@@ -221,7 +221,8 @@ async def read_more(conn: Connection, view: RunView) -> RunView:
     )
     if not page.messages:
         return view
-    events = view.events + _opened(conn, [decode_event(m.data) for m in page.messages], run_id)
+    added = _opened(conn, [decode_event(m.data) for m in page.messages], run_id)
+    events = current_stretch(view.events + added)  # a continuation meanwhile: its stretch only
     info = fold_run(run_id, events)
     assert info is not None  # it had a start event already
     await explain_wait(conn, info)

@@ -45,8 +45,8 @@ from typing import Any
 import msgspec
 from natflow_engine import (
     DISPATCHER,
-    HISTORY_PREFIX,
     HISTORY_STREAM,
+    RUN_LEVEL_FILTER,
     RUNS_STREAM,
     TASK_PREFIX,
     TASK_STREAM,
@@ -620,7 +620,7 @@ class Bench:
                 finished.set()
 
         nc = self.client.connection.nc
-        subs = [await nc.subscribe(f"{HISTORY_PREFIX}.*", cb=on_end)]
+        subs = [await nc.subscribe(RUN_LEVEL_FILTER, cb=on_end)]
         await nc.flush()
 
         async def start(run_id: str) -> None:
