@@ -272,13 +272,21 @@ class Engine:
         # An immediate start (a restart enqueues once its seed is written): acknowledged when
         # the run moves on (its next event, in this lane), or checked once its grace has
         # passed (see _start_watch).
-        if isinstance(event, RunStarted) and event.not_before is None and not event.restarted_from:
+        if isinstance(event, RunStarted) and self._to_watch(run_id, event, hseq):
             stored = msg.metadata.timestamp.timestamp()
             earlier = self._watched.add(run_id, event, msg, stored)
             if earlier is not None:
                 await _quietly(earlier.ack())
             return
         await msg.ack()
+
+    def _to_watch(self, run_id: str, start: RunStarted, hseq: int) -> bool:
+        """Whether a start (stream sequence ``hseq``) waits for its run to move on: an
+        immediate one, unless it came back (NAKed by an engine that stopped, or past its
+        ack deadline) after its run moved on, as the index shows."""
+        if start.not_before is not None or start.restarted_from:
+            return False
+        return not self._index.moved_on_since(run_id, hseq)
 
     def _note_position(self, msg: Msg) -> float:
         """Where the dispatcher's reader is in the stream: the server's time of the message

@@ -171,6 +171,12 @@ class RunIndex:
         cached = self._cache.get(run_id)
         return cached is not None and cached[0].timers is False
 
+    def moved_on_since(self, run_id: str, hseq: int) -> bool:
+        """Whether the summary this engine last read or wrote reflects an event of the run
+        after ``hseq`` (so something, a claim or the run's end, followed that event)."""
+        cached = self._cache.get(run_id)
+        return cached is not None and cached[0].hseq > hseq
+
     def closed_since(self, run_id: str, hseq: int) -> bool:
         """Whether the summary this engine last read or wrote shows the run closed by an
         event after ``hseq`` (an older event of it redelivered, or read by a slower replica)."""
