@@ -6,8 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from natflow import Client
+from natflow_engine._engine import Engine
+from natflow_engine._index import RunIndex
 from natflow_engine._start_watch import StartWatch
-from natflow_engine.events import RunStarted, utcnow
+from natflow_engine._streams import HISTORY_STREAM, ensure_streams, run_level_subject
+from natflow_engine.events import RunClaimed, RunStarted, decode_event, utcnow
 
 
 def _start(run_id: str) -> RunStarted:
@@ -69,3 +73,35 @@ def test_a_redelivered_start_hands_back_the_earlier_delivery() -> None:
     again = _Msg("a2")
     assert watch.add("a", _start("a"), again, stored=1000.0) is msgs["a"]  # type: ignore[arg-type]
     assert watch.moved_on("a") is again
+
+
+async def test_a_start_that_comes_back_after_its_run_moved_on_is_not_held(
+    client: Client,
+) -> None:
+    """A start NAKed by an engine that stopped (or past its ack deadline) comes back after
+    its claim was folded: the index shows the run moved on, so it is acknowledged at once,
+    not held for a grace (and then checked) while nothing more of the run will come."""
+    conn = client.connection
+    await ensure_streams(conn)
+    await client.start("nobody-serves-this", 1, run_id="back-1")
+    sub = await conn.js.pull_subscribe(
+        run_level_subject("back-1"), "test-back", stream=HISTORY_STREAM
+    )
+    (msg,) = await sub.fetch(1, timeout=5)
+    start = decode_event(msg.data)
+    hseq = msg.metadata.sequence.stream
+    folded = RunIndex(conn)  # the engine that stopped had folded the start and the claim
+    await folded.apply("back-1", start, hseq)
+    claim = RunClaimed(id="back-1:2", at=utcnow(), worker="w1", delivery=1)
+    await folded.apply("back-1", claim, hseq + 1)
+    engine = Engine(conn)
+    await engine._dispatch("back-1", msg)
+    assert len(engine._watched) == 0
+    # A first delivery, before anything else of its run, is held as before.
+    await client.start("nobody-serves-this", 2, run_id="fresh-1")
+    sub = await conn.js.pull_subscribe(
+        run_level_subject("fresh-1"), "test-fresh", stream=HISTORY_STREAM
+    )
+    (msg,) = await sub.fetch(1, timeout=5)
+    await engine._dispatch("fresh-1", msg)
+    assert len(engine._watched) == 1

@@ -2,7 +2,8 @@
 
 The dispatcher reads every run-level event (``natflow.history.*.run``: starts, claims,
 timers, status changes; never a step's) through one durable pull consumer shared by all
-engine replicas, and
+engine replicas, processes the events of different runs at once and each run's in stream
+order (``_lanes``), and
 
 * folds it into the run index (``natflow.runs.<run_id>``) behind ``client.list``;
 * for a ``run_started`` whose run has done nothing since, makes sure a task exists, so a
@@ -36,8 +37,9 @@ from . import _timers as timers
 from ._completion import RunHooks
 from ._connection import Connection
 from ._history import CorruptHistory, HistoryStore
-from ._index import RunIndex
+from ._index import RunIndex, makes_timer
 from ._jsz import JetStreamUsage
+from ._lanes import Lanes
 from ._limit_service import LimitService
 from ._limits import waiting_for
 from ._metrics import EngineMetrics, observe_run
@@ -144,7 +146,8 @@ class Engine:
         self.events = EventIntake(conn)
         self.starts = StartService(conn)  # starts from clients that may not write history
         self._watched = StartWatch()  # starts whose task is checked once their grace passed
-        self._reached = 0.0  # server time of the newest history message dispatched
+        self._lanes = Lanes(self._dispatch)  # the dispatcher's, once it runs
+        self._reached = 0.0  # server time of the newest history message the dispatcher read
         self._caught_up = True  # that message was the stream's last (for the dispatcher)
         self._last_read = time.monotonic()  # when the dispatcher last took a message
         self.metrics = EngineMetrics(
@@ -186,47 +189,56 @@ class Engine:
         )
         puller = Puller(self._conn, HISTORY_STREAM, DISPATCHER)
         await puller.start()
+
+        def room() -> None:
+            # Ask again once half a window can be asked for: one pull request per ~128
+            # events, not one per event as soon as the window has room.
+            askable = _DISPATCH_WINDOW - _buffered(puller) - len(lanes) - puller.pending
+            if askable >= _DISPATCH_WINDOW // 2:
+                puller.wake()
+
+        lanes = self._lanes = Lanes(self._dispatch, depth=_DISPATCH_WINDOW, on_done=room)
         log.info("engine dispatcher running")
         self.ready.set()
         try:
             async with anyio.create_task_group() as tg:
                 # Ask for what the dispatcher can take, not for what it has been handed: a
-                # backlog held unprocessed would outlive its ack deadline and come back twice.
+                # backlog held unprocessed (in the puller or in the lanes) would outlive its
+                # ack deadline and come back twice.
                 tg.start_soon(
                     functools.partial(
                         puller.keep_asking,
-                        lambda: _DISPATCH_WINDOW - _buffered(puller),
+                        lambda: _DISPATCH_WINDOW - _buffered(puller) - len(lanes),
                         at_least=_DISPATCH_WINDOW // 2,
                     )
                 )
                 tg.start_soon(self._check_starts)
+                await tg.start(lanes.run)
                 async for msg in puller.messages:
-                    await self._dispatch(msg)
-                    # Ask again once half a window can be asked for: one pull request per
-                    # ~128 events, not one per event as soon as the buffer runs low.
-                    askable = _DISPATCH_WINDOW - _buffered(puller) - puller.pending
-                    if askable >= _DISPATCH_WINDOW // 2:
-                        puller.wake()
+                    # In the order read (the stream's): where the dispatcher is. The events
+                    # of one run are then processed in that order, those of others at once.
+                    stored = self._note_position(msg)
+                    await lanes.put(run_id_of(msg.subject), msg, stored)
         finally:
             # Shielded: a cancelled engine that kept this subscription would keep receiving
             # (and never acknowledging) the events its outstanding pull asked for.
             with anyio.CancelScope(shield=True):
-                for held in self._watched.drop():  # to a replica (or restart) at once
+                # To a replica (or restart) at once: held starts, and events taken but not
+                # processed (cut off mid-way: processing is idempotent).
+                for held in self._watched.drop() + lanes.unfinished():
                     await _quietly(held.nak())
                 try:
                     await puller.stop()
                 except Exception:  # the connection is going away; the server drops the pull
                     log.debug("unsubscribe failed", exc_info=True)
 
-    async def _dispatch(self, msg: Msg) -> None:
-        run_id = run_id_of(msg.subject)
+    async def _dispatch(self, run_id: str, msg: Msg) -> None:
+        """Process one event (in its run's lane: after the run's earlier events)."""
         kind = event_kind(msg.data)
-        if len(self._watched):
-            self._note_position(msg)
-            if kind != "run_started":
-                started = self._watched.moved_on(run_id)
-                if started is not None:  # a worker has the run: its start needs no check
-                    await _quietly(started.ack())
+        if kind != "run_started" and len(self._watched):
+            started = self._watched.moved_on(run_id)
+            if started is not None:  # a worker has the run: its start needs no check
+                await _quietly(started.ack())
         if kind not in RUN_EVENTS:
             await msg.ack()  # step and signal events change nothing the engine keeps
             return
@@ -244,7 +256,7 @@ class Engine:
             info = await self._index.apply(run_id, event, hseq, self.hooks.status_changed)
             if info is not None:
                 observe_run(event, info)
-            await self._keep_timers(run_id, event)
+            await self._keep_timers(run_id, event, hseq)
             if isinstance(event, RunContinued):  # its rollup dropped the older run-level ones
                 await purge(self._conn, HISTORY_STREAM, step_level_subject(run_id), below=hseq)
             if isinstance(event, TERMINAL_EVENTS):
@@ -258,28 +270,47 @@ class Engine:
             await msg.nak(delay=1.0)
             return
         # An immediate start (a restart enqueues once its seed is written): acknowledged when
-        # the run moves on, or checked once its grace has passed (see _start_watch).
-        if isinstance(event, RunStarted) and event.not_before is None and not event.restarted_from:
-            self._note_position(msg)
-            earlier = self._watched.add(run_id, event, msg, self._reached)
+        # the run moves on (its next event, in this lane), or checked once its grace has
+        # passed (see _start_watch).
+        if isinstance(event, RunStarted) and self._to_watch(run_id, event, hseq):
+            stored = msg.metadata.timestamp.timestamp()
+            earlier = self._watched.add(run_id, event, msg, stored)
             if earlier is not None:
                 await _quietly(earlier.ack())
             return
         await msg.ack()
 
-    def _note_position(self, msg: Msg) -> None:
-        """Where the dispatcher is in the stream: the server's time of the message, and
-        whether more wait (the clocks :class:`StartWatch` counts a start's grace on)."""
+    def _to_watch(self, run_id: str, start: RunStarted, hseq: int) -> bool:
+        """Whether a start (stream sequence ``hseq``) waits for its run to move on: an
+        immediate one, unless it came back (NAKed by an engine that stopped, or past its
+        ack deadline) after its run moved on, as the index shows."""
+        if start.not_before is not None or start.restarted_from:
+            return False
+        return not self._index.moved_on_since(run_id, hseq)
+
+    def _note_position(self, msg: Msg) -> float:
+        """Where the dispatcher's reader is in the stream: the server's time of the message
+        (returned), and whether more wait (with :attr:`_processed_until`, the clocks
+        :class:`StartWatch` counts a start's grace on)."""
         meta = msg.metadata
-        self._reached = max(self._reached, meta.timestamp.timestamp())
+        stored = meta.timestamp.timestamp()
+        self._reached = max(self._reached, stored)
         self._caught_up = meta.num_pending == 0
         self._last_read = time.monotonic()
+        return stored
+
+    @property
+    def _processed_until(self) -> float:
+        """The server time before which every event the dispatcher read is processed: a
+        start's claim read but still queued in a lane has not moved its start on yet."""
+        return min(self._reached, self._lanes.oldest_stored())
 
     @property
     def _idle(self) -> bool:
         """Caught up with the stream, or handed nothing for a whole grace (with several
         replicas the stream's last message may have gone to another one)."""
-        return self._caught_up or time.monotonic() - self._last_read > self._watched.grace
+        idle = self._caught_up and not len(self._lanes)
+        return idle or time.monotonic() - self._last_read > self._watched.grace
 
     async def _check_starts(self) -> None:
         """Make sure each start still alone after its grace has a task (its client may
@@ -304,7 +335,7 @@ class Engine:
         async with anyio.create_task_group() as tg:
             while True:
                 await anyio.sleep(0.25)
-                for watched in self._watched.due(self._reached, self._idle):
+                for watched in self._watched.due(self._processed_until, self._idle):
                     tg.start_soon(check, watched)
 
     async def _tell_parent(self, run_id: str, event: Event, info: RunInfo | None) -> None:
@@ -317,6 +348,10 @@ class Engine:
             parent = start.parent if start is not None else None
         if parent is None:
             return
+        # As one event at a time would: the parent's own end, when read before this one (a
+        # cancelled parent whose children end with it), is folded first, so no outcome goes
+        # to a parent already closed (a dead letter).
+        await self._lanes.earlier_done()
         known = await self._index.get(parent)
         if known is not None and known.is_closed:
             return  # nobody waits for it (cancelled before its child): no dead letter
@@ -330,9 +365,14 @@ class Engine:
             outcome.status = "cancelled" if isinstance(event, RunCancelled) else "terminated"
         await send_child_outcome(self._conn, parent, outcome)
 
-    async def _keep_timers(self, run_id: str, event: Event) -> None:
-        """Mirror history's timers into KV, and make sure every start gets its task."""
-        if isinstance(event, RunContinued):
+    async def _keep_timers(self, run_id: str, event: Event, hseq: int) -> None:
+        """Mirror history's timers into KV (the event's stream sequence is ``hseq``)."""
+        if makes_timer(event) and self._index.closed_since(run_id, hseq):
+            # The run's end was folded first (this event came back, or another replica took
+            # it later): a timer written now would outlive the run, and the end may have
+            # been folded before this event marked the run as one with timers.
+            await timers.cancel_run(self._conn, run_id)
+        elif isinstance(event, RunContinued):
             # Timers of older stretches (their events are gone with them, some perhaps
             # before this dispatcher saw them) must not keep waking the run. Its next
             # stretch's task (its worker may have died before enqueueing it) is checked like
@@ -366,9 +406,11 @@ class Engine:
         elif isinstance(event, RunClaimed):
             # A delayed start has started. Only a delayed start has a start timer: a run whose
             # immediate start this engine read needs no delete (a write per run, fsynced).
-            if not self._watched.started_now(run_id):
+            if not self._watched.started_now(run_id) and not self._index.has_no_timers(run_id):
                 await timers.cancel(self._conn, run_id, 0)
-        elif isinstance(event, TERMINAL_EVENTS):
+        elif isinstance(event, TERMINAL_EVENTS) and not self._index.has_no_timers(run_id):
+            # Read the run's timers only if it may have some: the index says whether any
+            # event folded before this one made one (they all come before the run's end).
             await timers.cancel_run(self._conn, run_id)
 
     async def _ensure_task(self, run_id: str, start: RunStarted) -> None:

@@ -22,7 +22,14 @@ from ._errors import InvalidInput, PermissionDenied
 from ._site_index import site_runs
 from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due, new_info
 from ._streams import RUNS_STREAM, runs_subject
-from .events import Event, RunContinued, RunStarted
+from .events import (
+    Event,
+    RunContinued,
+    RunStarted,
+    SignalWaited,
+    StepRetrying,
+    TimerScheduled,
+)
 
 log = logging.getLogger("natflow.index")
 
@@ -36,6 +43,22 @@ class IndexEntry(msgspec.Struct, kw_only=True):
     hseq: int
     info: RunInfo
     retention: float | None = None  # seconds a closed run is kept (its workflow's override)
+    # Whether history has shown the run a timer (see :func:`makes_timer`): a run that never
+    # had one has none in KV to drop when it ends. None: not known (a summary written before
+    # this field existed), so the engine looks, as it always did.
+    timers: bool | None = None
+
+
+def makes_timer(event: Event) -> bool:
+    """Whether the event puts (or may have put) a timer of its run in KV: a delayed start,
+    a sleep, a wait with a timeout, a retry's wait; and a continuation, whose older stretches
+    had timers this engine may not have seen. The dispatcher folds every such event into the
+    index before the run's end (a worker writes timers only for events history holds)."""
+    if isinstance(event, RunStarted):
+        return isinstance(event, RunContinued) or event.not_before is not None
+    if isinstance(event, SignalWaited):
+        return event.timeout_at is not None
+    return isinstance(event, TimerScheduled | StepRetrying)
 
 
 # Called before a summary whose status changed is written: (previous status, summary, hseq).
@@ -73,6 +96,7 @@ class RunIndex:
                 return None
             previous = entry.info.status if entry is not None else None
             retention = entry.retention if entry is not None else None
+            had_timers = entry.timers if entry is not None else False
             if entry is None:
                 if not isinstance(event, RunStarted):
                     return None  # the start is still ahead of us in the stream or was lost
@@ -86,7 +110,8 @@ class RunIndex:
                 apply_event(info, event)
             if on_status is not None and info.status != previous:
                 await on_status(previous, info, hseq)
-            new = IndexEntry(hseq=hseq, info=info, retention=retention)
+            has_timers = True if makes_timer(event) else had_timers
+            new = IndexEntry(hseq=hseq, info=info, retention=retention, timers=has_timers)
             try:
                 ack = await self._conn.publish(
                     runs_subject(run_id),
@@ -124,7 +149,7 @@ class RunIndex:
             if info.status not in ("sleeping", "waiting") or info.due_at != due_at:
                 return False
             mark_due(info, timer)
-            new = IndexEntry(hseq=entry.hseq, info=info, retention=entry.retention)
+            new = msgspec.structs.replace(entry, info=info)
             try:
                 ack = await self._conn.publish(
                     runs_subject(run_id),
@@ -139,6 +164,24 @@ class RunIndex:
             self._remember(run_id, new, ack.seq)
             return True
         return False
+
+    def has_no_timers(self, run_id: str) -> bool:
+        """Whether the summary this engine last read or wrote for the run says it never had
+        a timer. False when it does not know (nothing cached, or an older summary)."""
+        cached = self._cache.get(run_id)
+        return cached is not None and cached[0].timers is False
+
+    def moved_on_since(self, run_id: str, hseq: int) -> bool:
+        """Whether the summary this engine last read or wrote reflects an event of the run
+        after ``hseq`` (so something, a claim or the run's end, followed that event)."""
+        cached = self._cache.get(run_id)
+        return cached is not None and cached[0].hseq > hseq
+
+    def closed_since(self, run_id: str, hseq: int) -> bool:
+        """Whether the summary this engine last read or wrote shows the run closed by an
+        event after ``hseq`` (an older event of it redelivered, or read by a slower replica)."""
+        cached = self._cache.get(run_id)
+        return cached is not None and cached[0].hseq > hseq and cached[0].info.is_closed
 
     def _remember(self, run_id: str, entry: IndexEntry, seq: int) -> None:
         self._cache[run_id] = (entry, seq)
