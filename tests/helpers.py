@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import anyio
 from natflow import Client, Worker, Workflow
 from natflow.testing import Replayer, ReplayResult
+from natflow_engine._engine import DISPATCHER
+from natflow_engine._streams import HISTORY_STREAM
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -114,3 +116,9 @@ async def running_engine(url: str, **nats_options: Any) -> AsyncIterator[Any]:
             tg.cancel_scope.cancel()
     finally:
         await own.connection.nc.close()
+
+
+async def dispatcher_caught_up(client: Client) -> bool:
+    """Whether the engine's dispatcher has processed and acknowledged every event it was given."""
+    info = await client.connection.jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)

@@ -22,7 +22,7 @@ from natflow_engine._streams import HISTORY_STREAM
 from natflow_engine.events import Event
 from natflow_engine.events import RunCancelled as RunCancelledEvent
 
-from tests.helpers import running_engine, running_worker, wait_for
+from tests.helpers import dispatcher_caught_up, running_engine, running_worker, wait_for
 from tests.workflows_children import WORKFLOWS as CHILD_WORKFLOWS
 from tests.workflows_children import grandparent
 
@@ -71,11 +71,6 @@ async def _completed(client: Client, run_id: str) -> bool:
     return info is not None and info.status == "completed"
 
 
-async def _caught_up(client: Client) -> bool:
-    info = await client.connection.jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
-    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
-
-
 async def test_a_run_slow_to_process_holds_up_no_other_run(
     client: Client, nats_server: EmbeddedServer
 ) -> None:
@@ -107,7 +102,7 @@ async def test_a_run_slow_to_process_holds_up_no_other_run(
             assert not await _completed(client, slow)
             released.set()
             await wait_for(lambda: _completed(client, slow), what="the slow run indexed")
-            await wait_for(lambda: _caught_up(client), what="the dispatcher to catch up")
+            await wait_for(lambda: dispatcher_caught_up(client), what="the dispatcher to catch up")
     for run_id in [slow, *fast[:3]]:
         assert folded[run_id] == sorted(folded[run_id]), (run_id, folded[run_id])
         assert len(folded[run_id]) == len(set(folded[run_id])) >= 3  # start, claim, end
@@ -172,7 +167,7 @@ async def test_a_parent_closing_while_its_child_closes_gets_no_outcome(
                 await handle.result(timeout=10)
             for run_id in ("gp-2-c1", "gp-2-c1-c1"):
                 await wait_for(partial(_closed, client, run_id), what=f"{run_id} cancelled")
-            await wait_for(lambda: _caught_up(client), what="the dispatcher to catch up")
+            await wait_for(lambda: dispatcher_caught_up(client), what="the dispatcher to catch up")
     assert not [d for d in await dead_letters(client.connection) if d.name == "$child"]
 
 

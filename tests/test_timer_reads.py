@@ -10,10 +10,10 @@ from datetime import timedelta
 
 import msgspec
 from natflow import Client, WorkflowContext, workflow
-from natflow_engine._engine import DISPATCHER, Engine
+from natflow_engine._engine import Engine
 from natflow_engine._index import IndexEntry, RunIndex
 from natflow_engine._kv import kv_get
-from natflow_engine._streams import HISTORY_STREAM, ensure_streams, runs_subject
+from natflow_engine._streams import ensure_streams, runs_subject
 from natflow_engine._timers import TIMERS_BUCKET, Timer, schedule, timer_key
 from natflow_engine.events import (
     RunClaimed,
@@ -25,7 +25,7 @@ from natflow_engine.events import (
 )
 from nats.aio.msg import Msg
 
-from tests.helpers import running_worker, wait_for
+from tests.helpers import dispatcher_caught_up, running_worker, wait_for
 from tests.workflows_waits import of, wait_once
 
 TIMER_READS = f"$JS.API.DIRECT.GET.KV_{TIMERS_BUCKET}"  # the batch read of a run's timers
@@ -59,11 +59,6 @@ async def counting(client: Client, *subjects: str) -> AsyncIterator[list[str]]:
             await sub.unsubscribe()
 
 
-async def _caught_up(client: Client) -> bool:
-    info = await client.connection.jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
-    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
-
-
 async def test_runs_that_never_had_a_timer_end_without_a_look_at_the_timers(
     client: Client, engine: Engine
 ) -> None:
@@ -74,7 +69,9 @@ async def test_runs_that_never_had_a_timer_end_without_a_look_at_the_timers(
         handles = [await client.start(no_timers, i, run_id=f"untimed-{i}") for i in range(3)]
         for handle in handles:
             await handle.result(timeout=20)
-        await wait_for(lambda: _caught_up(client), what="the dispatcher to fold every end")
+        await wait_for(
+            lambda: dispatcher_caught_up(client), what="the dispatcher to fold every end"
+        )
         await client.connection.nc.flush()
     assert reads == []
 
