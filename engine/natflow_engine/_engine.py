@@ -87,9 +87,6 @@ from .events import (
 log = logging.getLogger("natflow.engine")
 
 DISPATCHER: Final = "natflow-engine-dispatcher"
-RUN_EVENTS: Final = RUN_LEVEL_EVENTS  # the dispatcher reads nothing else
-
-
 _DISPATCH_WINDOW: Final = 256  # events asked for at a time
 _CHECKS_AT_ONCE: Final = 32  # starts past their grace checked concurrently
 
@@ -239,8 +236,8 @@ class Engine:
             started = self._watched.moved_on(run_id)
             if started is not None:  # a worker has the run: its start needs no check
                 await _quietly(started.ack())
-        if kind not in RUN_EVENTS:
-            await msg.ack()  # step and signal events change nothing the engine keeps
+        if kind not in RUN_LEVEL_EVENTS:
+            await msg.ack()  # not a kind natflow stores on a run-level subject: nothing to fold
             return
         try:
             event = decode_event(msg.data)

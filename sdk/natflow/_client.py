@@ -98,8 +98,6 @@ _UNHEARD_FIRST = 0.5
 _UNHEARD_LAST = 8.0
 _SAFETY_NET = 30.0  # seconds: an event lost in a reconnect
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
-# What a closed run's history may end with: its end, or the link to its restart after it.
-_CLOSED_LAST = (*TERMINAL_EVENTS, RunRestarted)
 # A run whose last event is one of these waits for a worker to take it (again): not running.
 _LEFT_WAITING = (RunStarted, TimerScheduled, SignalWaited, RunPaused, RunBlocked)
 
