@@ -18,11 +18,11 @@ or a read that does not match what the claim proves, falls back to the ordinary 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import anyio
 from natflow_engine import (
     AppendConflict,
     Connection,
@@ -99,11 +99,9 @@ async def read_and_claim(
         found["signal"] = await last_signal_seq(conn, run_id)
 
     try:
-        # asyncio's task group: anyio's costs about twice as much to open and to spawn in,
-        # and this one runs for every new run. Structured alike: an error cancels the rest.
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(read())
-            tg.create_task(lease_then_look())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            tg.start_soon(lease_then_look)
             await append()
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1:  # the worker handles the error, not the group
