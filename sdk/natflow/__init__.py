@@ -44,8 +44,9 @@ from natflow_engine import (
 )
 
 from . import events
-from ._client import Client, RunHandle
+from ._client import Client
 from ._context import WorkflowContext
+from ._handle import RunHandle
 from ._limit import Limit
 from ._schedules import ScheduleClient
 from ._sites import SiteClient

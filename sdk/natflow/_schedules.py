@@ -26,7 +26,8 @@ from natflow_engine import (
 from ._workflow import Workflow
 
 if TYPE_CHECKING:
-    from ._client import Client, RunHandle
+    from ._client import Client
+    from ._handle import RunHandle
 
 _UNSET: Final[Any] = object()
 

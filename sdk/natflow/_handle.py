@@ -1,0 +1,194 @@
+"""``RunHandle``: one run's status and its outcome, waited for without polling.
+
+``result()`` listens on the run's run-level history subject (its final event wakes it) and
+takes the outcome from what history holds, looking again within moments where a final event
+was seen before it was readable, or where nothing was heard from a running run at all.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+from natflow_engine import (
+    CLOSED_STATUSES,
+    InvalidInput,
+    MissingKey,
+    NatflowError,
+    RunCancelled,
+    RunFailed,
+    RunInfo,
+    decode_value,
+    load_events,
+    open_events,
+    run_level_subject,
+    sealed_key,
+    to_seconds,
+)
+from natflow_engine.events import (
+    TERMINAL_EVENTS,
+    Event,
+    RunBlocked,
+    RunCompleted,
+    RunPaused,
+    RunRestarted,
+    RunStarted,
+    RunTerminated,
+    SignalWaited,
+    TimerScheduled,
+    event_kind,
+)
+from natflow_engine.events import RunCancelled as RunCancelledEvent
+from natflow_engine.events import RunFailed as RunFailedEvent
+from nats.aio.msg import Msg
+
+from ._workflow import Workflow
+
+if TYPE_CHECKING:
+    from ._client import Client
+
+_RECHECK_FIRST = 0.005  # seconds: a final event seen, not yet readable
+_RECHECK_MAX = 0.5
+# Nothing heard on the run's subject since subscribing, and the run read as running: its
+# final event, published just before the subscription existed, reaches no subscriber, and
+# the stream may store it only after the first read (its ingest lags the subject under
+# load). Look again at 0.5 s, 2 s and 8 s. Only a running run: one pending or asleep ends
+# only after a worker takes it again (heard), short of a cancel (left to the safety net), so
+# a queue of waiting handles costs no reads (the bench: +1.3 reads per run otherwise).
+_UNHEARD_FIRST = 0.5
+_UNHEARD_LAST = 8.0
+_SAFETY_NET = 30.0  # seconds: an event lost in a reconnect
+_TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
+# A run whose last event is one of these waits for a worker to take it (again): not running.
+_LEFT_WAITING = (RunStarted, TimerScheduled, SignalWaited, RunPaused, RunBlocked)
+
+
+class RunHandle:
+    """A handle on one run: its status and its result."""
+
+    def __init__(self, client: Client, run_id: str, workflow: Workflow | None = None) -> None:
+        self._client = client
+        self.run_id = run_id
+        self._workflow = workflow
+
+    def __repr__(self) -> str:
+        return f"RunHandle(run_id={self.run_id!r})"
+
+    async def status(self) -> RunInfo:
+        """The run's current :class:`RunInfo`."""
+        return await self._client.describe(self.run_id)
+
+    async def result(self, timeout: float | timedelta | None = None) -> Any:
+        """Wait for the run to end and return its result.
+
+        Raises :class:`RunFailed` (with the error's type, message and traceback),
+        :class:`RunCancelled`, or ``TimeoutError`` when ``timeout`` passes first. Waits on
+        the run's history subject, so it costs nothing while the run is busy.
+        """
+        seconds = None if timeout is None else to_seconds("timeout", timeout)
+        nc = self._client.connection.nc
+        # A final event seen on the run's subject only wakes this up: the outcome is what
+        # history holds. The subject carries every publish, also an append the stream refused
+        # (a fenced, stale worker's), and a plain subscriber may see it before it is readable.
+        woken = anyio.Event()
+        # Any event heard proves the ones before it stored: every append names the last
+        # sequence it follows. Until then, one published just before subscribing may be
+        # neither heard nor yet readable (the lifecycle test's 30 s waits under load).
+        heard = False
+
+        async def on_event(msg: Msg) -> None:
+            nonlocal heard
+            heard = True
+            if event_kind(msg.data) in _TERMINAL_TYPES:
+                woken.set()
+
+        # Final events are run-level: the run's step events never reach this subscription.
+        subs = [await nc.subscribe(run_level_subject(self.run_id), cb=on_event)]
+        try:
+            with anyio.fail_after(seconds):
+                recheck, settling, unheard = 0.0, False, _UNHEARD_FIRST
+                while True:
+                    # The run's last stored event (one message) tells whether it has ended,
+                    # and how; only where it does not tell is the run described.
+                    last = await self._last_event()
+                    site = False
+                    if isinstance(last, TERMINAL_EVENTS):
+                        return self._ended(last)
+                    if last is None or isinstance(last, RunRestarted):
+                        info = await self._client._runs.describe(self.run_id, explain=False)
+                        if info.status in CLOSED_STATUSES:
+                            return self._outcome(info)
+                        site = info.site is not None
+                        running = info.status == "running"
+                    else:
+                        running = not isinstance(last, _LEFT_WAITING)
+                    unsure = not heard and running and not site
+                    if woken.is_set():  # look again soon: it is stored within moments, if ever
+                        woken = anyio.Event()
+                        recheck, settling = _RECHECK_FIRST, True
+                    elif settling and recheck < _RECHECK_MAX:
+                        recheck = min(_RECHECK_MAX, recheck * 2)
+                    elif unsure and unheard <= _UNHEARD_LAST:
+                        recheck, settling, unheard = unheard, False, unheard * 4
+                    else:
+                        # A safety net for an event lost in a reconnect; each second for a
+                        # site's run at a hub (its history is at the site).
+                        recheck, settling = (1.0 if site else _SAFETY_NET), False
+                    with anyio.move_on_after(recheck):
+                        await woken.wait()
+        except TimeoutError:
+            raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
+
+    async def _last_event(self) -> Event | None:
+        """The run's last stored event (a final one with its values read back and opened
+        where this client holds the key); None when that does not tell (no such run here, as
+        for a site's run at a hub, or an event that does not decode)."""
+        try:
+            found = await self._client._runs.history.last(self.run_id)
+        except NatflowError:
+            return None
+        if found is None:
+            return None
+        event = found[0]
+        if not isinstance(event, TERMINAL_EVENTS):  # only its kind counts: nothing to load
+            return event
+        conn = self._client.connection
+        events = await load_events(conn, [event], self.run_id)
+        return open_events(conn.codec, events, self.run_id, strict=False)[0]
+
+    def _ended(self, event: Event) -> Any:
+        """The outcome a run's final event records (as :meth:`_outcome` reads a summary)."""
+        if isinstance(event, RunCompleted):
+            value = msgspec.json.decode(event.result)
+            key_id = sealed_key(value)
+            if key_id is not None:  # left sealed: this client cannot open it
+                raise MissingKey(key_id, f"the result of run {self.run_id!r}")
+            return self._typed(bytes(event.result))
+        if isinstance(event, RunFailedEvent):
+            raise RunFailed(self.run_id, event.error)
+        assert isinstance(event, RunCancelledEvent | RunTerminated)
+        default = "cancelled" if isinstance(event, RunCancelledEvent) else "terminated"
+        raise RunCancelled(self.run_id, event.reason or default)
+
+    def _outcome(self, info: RunInfo) -> Any:
+        key_id = sealed_key(info.result)
+        if key_id is not None:  # describe leaves sealed what this client cannot open
+            raise MissingKey(key_id, f"the result of run {self.run_id!r}")
+        if info.status == "completed":
+            return self._typed(msgspec.json.encode(info.result))
+        if info.status == "failed":
+            assert info.error is not None
+            raise RunFailed(self.run_id, info.error)
+        raise RunCancelled(self.run_id, info.error.message if info.error else None)
+
+    def _typed(self, data: bytes) -> Any:
+        result_type = self._workflow.result_type if self._workflow is not None else Any
+        try:
+            return decode_value(f"result of run {self.run_id!r}", data, result_type)
+        except InvalidInput:
+            return msgspec.json.decode(data)
