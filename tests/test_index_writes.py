@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import msgspec
 from natflow import Client
+from natflow_engine._history import HistoryStore
 from natflow_engine._index import RunIndex
 from natflow_engine._streams import ensure_streams
-from natflow_engine.events import RunClaimed, RunStarted, utcnow
+from natflow_engine.events import (
+    RunClaimed,
+    RunCompleted,
+    RunStarted,
+    StepCompleted,
+    TimerScheduled,
+    utcnow,
+)
 
 
 async def test_a_start_folded_twice_is_indexed_once(client: Client) -> None:
@@ -37,3 +45,48 @@ async def test_a_start_folded_twice_is_indexed_once(client: Client) -> None:
     # a lifecycle event's message id is its history event's), never with another status.
     assert changes[0] == (None, "pending") and ("pending", "running") in changes
     assert set(changes) == {(None, "pending"), ("pending", "running")}
+
+
+async def test_an_event_folded_before_its_runs_start_is_placed_from_history(
+    client: Client,
+) -> None:
+    """An engine that dies holding a run's start hands it back only after its ack deadline;
+    the run's later events reach the restarted engine (or another replica) first. Each is
+    folded on the run's history up to it, not dropped (dropped, the run's summary would
+    stay 'pending' for good once the start came back, and its close would never be told)."""
+    conn = client.connection
+    await ensure_streams(conn)
+    history = HistoryStore(conn)
+    run = "late-start-1"
+    start = RunStarted(
+        id=f"{run}:1", at=utcnow(), workflow="w", queue="q", input=msgspec.Raw(b"null")
+    )
+    seq = await history.append(run, start, 0)
+    seq = await history.append(run, RunClaimed(id=f"{run}:2", at=utcnow(), worker="w1"), seq)
+    nap = TimerScheduled(id=f"{run}:3", at=utcnow(), seq=1, name="nap", due_at=utcnow())
+    seq = await history.append(run, nap, seq)
+    step = StepCompleted(
+        id=f"{run}:4", at=utcnow(), seq=2, name="s", occurrence=1, started_at=utcnow()
+    )
+    seq = await history.append(run, step, seq)
+    claimed_again = RunClaimed(id=f"{run}:5", at=utcnow(), worker="w2", delivery=2)
+    claim_seq = seq = await history.append(run, claimed_again, seq)
+    end = RunCompleted(id=f"{run}:6", at=utcnow(), result=msgspec.Raw(b'"done"'))
+    end_seq = await history.append(run, end, seq)
+    changes: list[tuple[str | None, str]] = []
+
+    async def on_status(previous: str | None, info: object, hseq: int) -> None:
+        changes.append((previous, getattr(info, "status", "?")))
+
+    index = RunIndex(conn)
+    running = await index.apply(run, claimed_again, claim_seq, on_status)
+    assert running is not None and running.status == "running" and running.worker == "w2"
+    assert index.has_no_timers(run) is False  # the nap before the claim made a timer
+    done = await index.apply(run, end, end_seq, on_status)
+    assert done is not None and done.status == "completed"
+    assert changes == [(None, "running"), ("running", "completed")]
+    # The start, handed back at last, changes nothing.
+    assert await RunIndex(conn).apply(run, start, 1, on_status) is None
+    summary = await RunIndex(conn).get(run)
+    assert summary is not None and summary.status == "completed"
+    assert summary.created_at == start.at

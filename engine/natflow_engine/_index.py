@@ -19,9 +19,10 @@ import msgspec
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._errors import InvalidInput, PermissionDenied
+from ._reader import reader
 from ._site_index import site_runs
 from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due, new_info
-from ._streams import RUNS_STREAM, runs_subject
+from ._streams import HISTORY_STREAM, RUNS_STREAM, run_level_subject, runs_subject
 from .events import (
     Event,
     RunContinued,
@@ -29,6 +30,7 @@ from .events import (
     SignalWaited,
     StepRetrying,
     TimerScheduled,
+    decode_event,
 )
 
 log = logging.getLogger("natflow.index")
@@ -97,9 +99,16 @@ class RunIndex:
             previous = entry.info.status if entry is not None else None
             retention = entry.retention if entry is not None else None
             had_timers = entry.timers if entry is not None else False
-            if entry is None:
-                if not isinstance(event, RunStarted):
-                    return None  # the start is still ahead of us in the stream or was lost
+            if entry is None and not isinstance(event, RunStarted):
+                # The run's start was taken by an engine that died before folding it (it comes
+                # back only after its ack deadline), or by another replica still at it: fold
+                # the run-level history up to this event instead of losing the event.
+                rebuilt = await self._rebuild(run_id, hseq)
+                if rebuilt is None:
+                    return None  # no start stored before this event: nothing to place it on
+                info, retention, had_timers = rebuilt
+            elif entry is None:
+                assert isinstance(event, RunStarted)
                 info = new_info(run_id, event)  # a run_continued too (the index was lost)
                 if not isinstance(event, RunContinued):
                     info.current = None  # as the index always had it for a start
@@ -128,6 +137,29 @@ class RunIndex:
             return info
         log.warning("run %s: index kept changing under this engine; skipped", run_id)
         return None
+
+    async def _rebuild(self, run_id: str, hseq: int) -> tuple[RunInfo, float | None, bool] | None:
+        """The summary of the run's run-level events up to ``hseq`` (stream sequence), as
+        :meth:`apply` would have folded them one by one; its retention and whether any made a
+        timer. None if no start is stored before it."""
+        page = await reader(self._conn).read_all(
+            HISTORY_STREAM, run_level_subject(run_id), headers=True
+        )
+        folded = [
+            decode_event(msg.data)
+            for msg in page.messages
+            if int((msg.headers or {}).get("Nats-Sequence", "0")) <= hseq
+        ]
+        if not folded or not isinstance(folded[0], RunStarted):
+            return None
+        start = folded[0]
+        info = new_info(run_id, start)
+        if not isinstance(start, RunContinued):
+            info.current = None
+        for event in folded[1:]:
+            apply_event(info, event)
+        log.info("run %s: summary rebuilt from %d events of its history", run_id, len(folded))
+        return info, start.retention, any(makes_timer(event) for event in folded)
 
     async def get(self, run_id: str) -> RunInfo | None:
         """The run's summary as the index holds it (None if the index has no entry)."""
