@@ -14,6 +14,7 @@ from natflow_engine._leases import Leases
 from natflow_engine._registry import ping_subject
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import queue_consumer
+from natflow_engine._tasks import Task, enqueue
 from natflow_engine.events import RunClaimed, StepCompleted
 
 from tests.helpers import count_lines, running_engine, spawn_worker, stop, wait_for
@@ -63,6 +64,64 @@ async def test_a_redelivery_while_the_holder_is_alive_does_not_move_the_run(
         assert [p.poll() for p in procs] == [None, None]
         logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
         assert "leaving it there" in logs
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)
+
+
+async def test_a_first_delivery_while_the_holder_is_alive_does_not_move_the_run(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    """Not only a redelivery: a task delivered for the first time (a wake-up, or a first
+    delivery whose claim met the claim of the worker that got the redelivery meanwhile) is
+    no permission to take a run from its live holder either."""
+    counts, gates = tmp_path / "counts.txt", tmp_path / "gates"
+    gates.mkdir()
+    env = {COUNTS_ENV: str(counts), GATE_ENV: str(gates)}
+    logs = [tmp_path / "holder.log", tmp_path / "other.log"]
+    # The holder takes one run at a time, so the second task goes to the other worker.
+    holder = spawn_worker(
+        nats_server.url, "tests.workflows_proc:make_single_worker", env=env, log=logs[0]
+    )
+    procs = [holder]
+    try:
+        await workers_up(client, 1)
+        handle = await client.start("crash_counter", 1, run_id="first-1")
+
+        async def in_step_three() -> bool:
+            steps = await client.steps("first-1")
+            return [s.status for s in steps] == ["completed", "completed", "running"]
+
+        await wait_for(in_step_three, timeout=30, what="step three running")
+        lease = await Leases(client.connection).get("first-1")
+        assert lease is not None
+        # The holder's task settled while it still holds the run, and a new one enqueued:
+        # the other worker gets it as a first delivery.
+        await client.connection.nc.request(lease[0].ack_subject, b"+ACK", timeout=5)
+        procs.append(spawn_worker(nats_server.url, TARGET, env=env, log=logs[1]))
+        await workers_up(client, 2)
+        assert await enqueue(
+            client.connection, "default", Task(run_id="first-1", workflow="crash_counter")
+        )
+
+        def decided() -> bool:
+            return "leaving it there" in logs[1].read_text() if logs[1].exists() else False
+
+        async def claimed_twice() -> bool:
+            history = await client.history("first-1")
+            return sum(isinstance(e, RunClaimed) for e in history) > 1
+
+        async def other_decided() -> bool:
+            return decided() or await claimed_twice()
+
+        await wait_for(other_decided, timeout=30, what="the other worker's decision")
+        (gates / "first-1").touch()
+        assert await handle.result(timeout=30) == {"one": 1, "two": 2, "three": 3}
+        history = await client.history("first-1")
+        claims = [e for e in history if isinstance(e, RunClaimed)]
+        assert len(claims) == 1, claims
+        assert count_lines(counts)["first-1:three"] == 1
+        assert [p.poll() for p in procs] == [None, None]
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)

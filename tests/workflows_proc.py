@@ -53,3 +53,8 @@ WORKFLOWS = [crash_counter, single_step]
 def make_worker(client: Client) -> Worker:
     """The ``natflow worker`` factory: these workflows with a short lease (and ack deadline)."""
     return Worker(client, WORKFLOWS, lease_ttl=LEASE_TTL)
+
+
+def make_single_worker(client: Client) -> Worker:
+    """Like :func:`make_worker`, holding one run at a time (it takes no task while it does)."""
+    return Worker(client, WORKFLOWS, lease_ttl=LEASE_TTL, max_concurrent_runs=1)

@@ -62,7 +62,7 @@ HELD: Final = b"held"  # a worker's answer to a ping naming a run it holds
 FREE: Final = b"free"
 REDELIVERIES_DECLINED = Counter(
     "natflow_worker_redeliveries_declined",
-    "Task redeliveries a worker left with the live worker that holds the run.",
+    "Tasks (mostly redeliveries) a worker left with the live worker that holds the run.",
 )
 _NO_PROGRESS: Final = (RunClaimed, StepStarted)  # what a worker writes before it gets anywhere
 
@@ -247,7 +247,7 @@ class RunGuard:
         if reply.data != HELD:
             return False
         log.info(
-            "run %s: redelivered here while worker %s holds it; leaving it there",
+            "run %s: task handed here while worker %s holds it; leaving it there",
             run_id,
             holder,
             extra=fields(run_id, worker=holder),

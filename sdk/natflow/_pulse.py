@@ -159,9 +159,10 @@ class Pulse:
         try:
             renewed = await leases.renew(lease, revision)
         except (NatflowError, nats.errors.Error, OSError) as exc:
-            # No stepping back for that: while the lease cannot be written (an election, a
-            # partition) no other worker can claim the run either, and history's conditional
-            # append fences this one if one did. Stepping back would only run steps twice.
+            # No stepping back for that: a worker handed the run's task meanwhile asks this
+            # one (its ping, answered on this thread) before it claims, and history's
+            # conditional append fences this one if one claimed all the same (this worker
+            # unreachable). Stepping back would only run steps twice.
             overdue = time.monotonic() - held.renewed_at - self.lease_ttl
             if 0 < overdue <= self.interval:  # said once per outage
                 log.warning("run %s: lease not renewed for a while (%s)", held.run_id, exc)

@@ -548,10 +548,12 @@ class Worker:
             return
         if await self._held_in_quarantine(held, history):
             return
-        delivered = msg.metadata.num_delivered or 1
-        if delivered > 1 and await self._guard.held_elsewhere(run_id, info.worker):
-            # A redelivery (a consumer leader change, an ack deadline missed in an election)
-            # is no permission to take a run from a live holder: leave it, look again later.
+        if await self._guard.held_elsewhere(run_id, info.worker):
+            # A task is no permission to take a run from a live holder: not a redelivery (a
+            # consumer leader change, an ack deadline missed in an election), nor a first
+            # delivery whose claim beside the read met the claim of a worker that got the
+            # redelivery meanwhile, nor a wake-up for a run its holder still has in hand.
+            # Leave it, look again later. (A new run, or a run last held here, asks no one.)
             await self._quietly(msg.nak(delay=self.lease_ttl))
             return
         start = history.events[0]
