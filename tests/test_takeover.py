@@ -9,9 +9,11 @@ import anyio
 import pytest
 from natflow import Client, WorkflowContext, workflow
 from natflow._execution import Outcome, RunExecution, StepRuntime
+from natflow._pulse import Pulse
 from natflow_engine._runs import Runs
 from natflow_engine._tasks import Task, enqueue
 from natflow_engine.events import RunClaimed, RunCompleted, StepCompleted, StepStarted
+from nats.aio.msg import Msg
 
 from tests.helpers import running_worker, wait_for
 
@@ -50,11 +52,18 @@ def assert_quiet(caplog: pytest.LogCaptureFixture) -> None:
 async def test_two_workers_mid_flight_record_each_step_once(
     client: Client,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
     first_lease: float,
     release_when: str,
     loser_says: str,
 ) -> None:
     caplog.set_level(logging.INFO)
+
+    async def unreachable(self: Pulse, msg: Msg) -> None:
+        """A's pings go unanswered (its heartbeat connection cut off, say): a worker handed
+        the run's task cannot learn that A still holds it, and takes the run over."""
+
+    monkeypatch.setattr(Pulse, "on_ping", unreachable)
     gates = [anyio.Event(), anyio.Event()]  # one per entry into 'hold': A's, then B's
     entered: list[str] = []
 
