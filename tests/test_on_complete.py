@@ -104,11 +104,20 @@ async def test_on_complete_runs_once_for_each_of_50_runs_across_an_engine_crash(
     for run_id in runs:  # one hook run each, under its derived id, and it completed
         assert (await client.describe(f"{run_id}-oncomplete")).status == "completed"
 
+    seen: dict[str, str] = {}
+
     async def indexed() -> bool:  # the engine's index lags a little behind history
         hooks = await client.list(workflow="report", limit=500)
+        seen.clear()
+        seen.update((r.run_id, r.status) for r in hooks)
         return len(hooks) == len(runs) and all(r.status == "completed" for r in hooks)
 
-    await wait_for(indexed, timeout=30, what="the hook runs in the index")
+    try:
+        await wait_for(indexed, timeout=30, what="the hook runs in the index")
+    except AssertionError as exc:  # say which: a missing run and a stuck status differ
+        behind = {r: s for r, s in seen.items() if s != "completed"}
+        missing = sorted({f"{r}-oncomplete" for r in runs} - set(seen))
+        raise AssertionError(f"{exc}; not completed: {behind}; missing: {missing}") from None
     hooks = await client.list(workflow="report", limit=500)
     assert sorted(r.run_id for r in hooks) == sorted(f"{r}-oncomplete" for r in runs)
 
