@@ -10,6 +10,7 @@ import pytest
 from natflow import Client, WorkflowContext, workflow
 from natflow._execution import Outcome, RunExecution, StepRuntime
 from natflow._pulse import Pulse
+from natflow_engine._leases import Leases
 from natflow_engine._runs import Runs
 from natflow_engine._tasks import Task, enqueue
 from natflow_engine.events import RunClaimed, RunCompleted, StepCompleted, StepStarted
@@ -205,3 +206,61 @@ async def test_simultaneous_starts_of_one_id_report_one_creation(client: Client)
     finally:
         await other.close()
     assert sorted(created for _, created in results) == [False, True], results
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("writer", ["gone", "free"])
+async def test_a_lease_written_over_by_a_worker_that_let_the_run_go_is_written_back(
+    client: Client, caplog: pytest.LogCaptureFixture, writer: str
+) -> None:
+    """A worker handed the run's task (a redelivery read before the holder's claim landed)
+    writes its lease beside its own claim, which loses; it lets the run go. The holder's
+    heartbeat finds its lease written over, asks the writer, and keeps the run: stepping
+    back would leave the run to no one until its task came back, and run the step again."""
+    caplog.set_level(logging.INFO)
+    gate = anyio.Event()
+    calls: list[int] = []
+
+    async def hold(value: int) -> int:
+        calls.append(value)
+        await gate.wait()
+        return value * 10
+
+    @workflow(name="overwritten")
+    async def overwritten(ctx: WorkflowContext, input: int) -> int:
+        return await ctx.step("hold", hold, input)
+
+    run_id = f"overwritten-{writer}"
+    leases = Leases(client.connection)
+    async with running_worker(client, [overwritten], identity="holder", lease_ttl=1.5):
+        handle = await client.start(overwritten, 4, run_id=run_id)
+
+        async def inside() -> bool:
+            return bool(calls)
+
+        await wait_for(inside, what="the holder inside its step")
+        found = await leases.get(run_id)
+        assert found is not None and found[0].worker == "holder"
+        if writer == "gone":  # the writer's process is gone: nothing answers its pings
+            other = "gone-worker"
+            await leases.acquire(run_id, other, found[0].queue, found[0].ack_subject, 1.5)
+        else:  # alive, serving other runs: it answers that it does not hold this one
+            other = "other-worker"
+            async with running_worker(client, [overwritten], identity=other, queue="unused"):
+                await leases.acquire(run_id, other, found[0].queue, found[0].ack_subject, 1.5)
+                await wait_for(lambda: written_back(caplog), what="the lease written back")
+
+        await wait_for(lambda: written_back(caplog), what="the lease written back")
+        found = await leases.get(run_id)
+        assert found is not None and found[0].worker == "holder"
+        gate.set()
+        assert await handle.result(timeout=10) == 40
+    history = await client.history(run_id)
+    assert [e.worker for e in history if isinstance(e, RunClaimed)] == ["holder"]
+    assert calls == [4]
+    assert not stepping_back(caplog)
+    assert_quiet(caplog)
+
+
+async def written_back(caplog: pytest.LogCaptureFixture) -> bool:
+    return any("written back" in r.getMessage() for r in caplog.records)

@@ -96,6 +96,26 @@ class Leases:
             return lease, new
         return None
 
+    async def write_back(self, lease: Lease) -> tuple[Lease, int] | None:
+        """Write ``lease`` over whatever the run's entry holds now (another worker wrote over
+        it and let the run go); None if the entry changed again meanwhile."""
+        lease.expires_at = utcnow() + timedelta(seconds=lease.ttl)
+        revision = await self._last_revision(lease.run_id)
+        try:
+            new = await kv_put(
+                self._conn,
+                LEASES_BUCKET,
+                lease.run_id,
+                _encoder.encode(lease),
+                revision=revision,
+                ttl=lease.ttl + 1,
+            )
+        except JetStreamError as exc:
+            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                raise
+            return None
+        return lease, new
+
     async def _last_revision(self, run_id: str) -> int:
         """The entry's last revision, a delete marker's included (0: nothing there)."""
         msg = await self._conn.request(

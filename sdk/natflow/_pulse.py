@@ -170,10 +170,47 @@ class Pulse:
         if held.lease is not lease:  # released or re-taken meanwhile: not ours to update
             return
         if renewed is None:
-            self._lost(held, "lease taken by another worker")
+            renewed = await self._write_back(nc, leases, lease)
+            if renewed is None:
+                self._lost(held, "lease taken by another worker")
+                return
+        if held.lease is not lease:
             return
         held.lease, held.revision = renewed
         held.renewed_at = time.monotonic()
+
+    async def _write_back(self, nc: Any, leases: Leases, lease: Lease) -> tuple[Lease, int] | None:
+        """The lease written back, if the worker that wrote over it does not hold the run.
+
+        A worker handed the run's task (a redelivery during an election, read before this
+        worker's claim landed) writes its lease beside its own claim; when its claim loses it
+        lets the run go, and history still names this worker as the holder. Stepping back then
+        would leave the run to no one until its task came back. The writer is asked, as a
+        worker handed a task asks the holder (``RunGuard.held_elsewhere``)."""
+        found = await leases.get(lease.run_id)
+        if found is not None and found[0].worker != self._identity:
+            try:
+                reply = await nc.request(
+                    ping_subject(found[0].worker), lease.run_id.encode(), timeout=1.0
+                )
+            except nats.errors.NoRespondersError:
+                pass  # its process is gone: the run is this worker's still
+            except (nats.errors.Error, OSError):
+                return None  # unknown: step back, history fences whichever is not the holder
+            else:
+                if reply.data != b"free":
+                    return None
+        try:
+            written = await leases.write_back(lease)
+        except (NatflowError, nats.errors.Error, OSError) as exc:
+            log.debug("run %s: lease not written back: %s", lease.run_id, exc)
+            return None
+        if written is not None:
+            log.info(
+                "run %s: lease written over by a worker that does not hold the run; written back",
+                lease.run_id,
+            )
+        return written
 
     async def on_ping(self, msg: Msg) -> None:
         """Answer a ping: with the identity, or (asked about a run) whether it is held here."""
