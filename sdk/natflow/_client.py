@@ -108,7 +108,7 @@ class Client:
         self._start_via_engine = start_via_engine
         self._runs = Runs(self._conn)
         self._index = RunIndex(self._conn)
-        self.schedules = ScheduleClient(self)
+        self.schedules = ScheduleClient(self._conn, self.handle)
         """Create, change and read schedules (see :class:`ScheduleClient`)."""
 
     @classmethod
@@ -148,7 +148,7 @@ class Client:
     def site(self, name: str) -> SiteClient:
         """Starts, signals and cancels for runs homed at site ``name``, from the hub: stored
         at the hub at once, applied at the site exactly once (see :class:`SiteClient`)."""
-        return SiteClient(self, name)
+        return SiteClient(self._conn, name)
 
     async def close(self) -> None:
         await self._conn.close()
@@ -279,7 +279,7 @@ class Client:
                     priority=priority,
                 )
             traced.started(started_id, created)
-        return RunHandle(self, started_id, definition)
+        return RunHandle(self._runs, started_id, definition)
 
     async def restart(
         self, run_id: str, *, from_step: str | tuple[str, int] | None = None
@@ -298,7 +298,7 @@ class Client:
                 raise InvalidInput(f"occurrence must be an int of 1 or more, not {occurrence!r}")
             from_step = (name, occurrence)
         new_id = await restart_run(self._conn, run_id, from_step)
-        return RunHandle(self, new_id)
+        return RunHandle(self._runs, new_id)
 
     async def delete(self, run_id: str) -> None:
         """Delete a closed run: its history, index entry, signals, dead letters, timers and
@@ -426,7 +426,7 @@ class Client:
 
     def handle(self, run_id: str, workflow: Workflow | None = None) -> RunHandle:
         """A handle on an existing run (not checked until used)."""
-        return RunHandle(self, check_run_id(run_id), workflow)
+        return RunHandle(self._runs, check_run_id(run_id), workflow)
 
     async def describe(self, run_id: str) -> RunInfo:
         """The run's :class:`RunInfo`; :class:`RunNotFound` if there is none."""

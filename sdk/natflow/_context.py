@@ -8,7 +8,7 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
+from typing import Any, NoReturn, Protocol, TypeVar, overload
 
 from natflow_engine import (
     InvalidInput,
@@ -20,9 +20,6 @@ from natflow_engine import (
     to_seconds,
 )
 from natflow_engine.events import utcnow
-
-if TYPE_CHECKING:
-    from ._workflow import Workflow
 
 T = TypeVar("T")
 
@@ -81,6 +78,30 @@ class WorkflowRuntime(Protocol):
     def continue_as_new_suggested(self) -> bool: ...
 
     def continue_as_new(self, value: Any) -> NoReturn: ...
+
+
+class ChildWorkflow(Protocol):
+    """What :meth:`WorkflowContext.child` reads of a ``@workflow`` definition
+    (``natflow.Workflow``), described here because the definitions' module imports this one.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def queue(self) -> str: ...
+
+    @property
+    def fn(self) -> Callable[..., Awaitable[Any]]: ...
+
+    @property
+    def input_type(self) -> Any: ...
+
+    @property
+    def result_type(self) -> Any: ...
+
+    @property
+    def takes_input(self) -> bool: ...
 
 
 def _step_rate(
@@ -245,7 +266,7 @@ class WorkflowContext:
 
     async def child(
         self,
-        workflow: Workflow | str,
+        workflow: ChildWorkflow | str,
         input: Any = None,
         *,
         run_id: str | None = None,

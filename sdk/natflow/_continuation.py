@@ -25,7 +25,7 @@ events are gone at once instead of waiting for retention.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 from natflow_engine import (
@@ -36,10 +36,9 @@ from natflow_engine import (
     encode_value,
     run_created_at,
 )
-from natflow_engine.events import RunContinued, RunStarted, utcnow
+from natflow_engine.events import RunContinued, RunStarted, SignalReceived, utcnow
 
 if TYPE_CHECKING:
-    from ._replay import WorkflowState
     from ._workflow import Workflow
 
 # ``ctx.continue_as_new_suggested`` turns True once the current stretch has issued this many
@@ -59,6 +58,27 @@ class ContinueAsNew(BaseException):
     def __init__(self, input_json: bytes) -> None:
         super().__init__("the workflow continues as new")
         self.input_json = input_json
+
+
+class StretchState(Protocol):
+    """What :func:`next_stretch` reads of a run's replay state (``_replay.WorkflowState``,
+    whose module imports this one)."""
+
+    @property
+    def start(self) -> RunStarted: ...
+
+    @property
+    def last_seq_used(self) -> int: ...
+
+    @property
+    def signal_cursor(self) -> int: ...
+
+    @property
+    def paused(self) -> bool: ...
+
+    def unconsumed_signals(self) -> list[SignalReceived]: ...
+
+    def recent_signal_ids(self, limit: int) -> list[str]: ...
 
 
 def new_input(workflow: Workflow, value: Any) -> bytes:
@@ -85,7 +105,7 @@ def events_before(start: RunStarted) -> int:
 
 
 def next_stretch(
-    state: WorkflowState, run_id: str, input_json: bytes, event_id: str, events: int
+    state: StretchState, run_id: str, input_json: bytes, event_id: str, events: int
 ) -> RunContinued:
     """The ``run_continued`` event that starts the stretch after ``state``'s."""
     start = state.start

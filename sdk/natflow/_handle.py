@@ -8,7 +8,7 @@ was seen before it was readable, or where nothing was heard from a running run a
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import msgspec
@@ -20,6 +20,7 @@ from natflow_engine import (
     RunCancelled,
     RunFailed,
     RunInfo,
+    Runs,
     decode_value,
     load_events,
     open_events,
@@ -46,9 +47,6 @@ from nats.aio.msg import Msg
 
 from ._workflow import Workflow
 
-if TYPE_CHECKING:
-    from ._client import Client
-
 _RECHECK_FIRST = 0.005  # seconds: a final event seen, not yet readable
 _RECHECK_MAX = 0.5
 # Nothing heard on the run's subject since subscribing, and the run read as running: its
@@ -66,10 +64,14 @@ _LEFT_WAITING = (RunStarted, TimerScheduled, SignalWaited, RunPaused, RunBlocked
 
 
 class RunHandle:
-    """A handle on one run: its status and its result."""
+    """A handle on one run: its status and its result.
 
-    def __init__(self, client: Client, run_id: str, workflow: Workflow | None = None) -> None:
-        self._client = client
+    Made by :class:`Client` (``start``, ``handle``, ``restart``), which hands it the run
+    reader of its connection.
+    """
+
+    def __init__(self, runs: Runs, run_id: str, workflow: Workflow | None = None) -> None:
+        self._runs = runs
         self.run_id = run_id
         self._workflow = workflow
 
@@ -78,7 +80,7 @@ class RunHandle:
 
     async def status(self) -> RunInfo:
         """The run's current :class:`RunInfo`."""
-        return await self._client.describe(self.run_id)
+        return await self._runs.describe(self.run_id)
 
     async def result(self, timeout: float | timedelta | None = None) -> Any:
         """Wait for the run to end and return its result.
@@ -88,7 +90,7 @@ class RunHandle:
         the run's history subject, so it costs nothing while the run is busy.
         """
         seconds = None if timeout is None else to_seconds("timeout", timeout)
-        nc = self._client.connection.nc
+        nc = self._runs.conn.nc
         # A final event seen on the run's subject only wakes this up: the outcome is what
         # history holds. The subject carries every publish, also an append the stream refused
         # (a fenced, stale worker's), and a plain subscriber may see it before it is readable.
@@ -117,7 +119,7 @@ class RunHandle:
                     if isinstance(last, TERMINAL_EVENTS):
                         return self._ended(last)
                     if last is None or isinstance(last, RunRestarted):
-                        info = await self._client._runs.describe(self.run_id, explain=False)
+                        info = await self._runs.describe(self.run_id, explain=False)
                         if info.status in CLOSED_STATUSES:
                             return self._outcome(info)
                         site = info.site is not None
@@ -149,7 +151,7 @@ class RunHandle:
         where this client holds the key); None when that does not tell (no such run here, as
         for a site's run at a hub, or an event that does not decode)."""
         try:
-            found = await self._client._runs.history.last(self.run_id)
+            found = await self._runs.history.last(self.run_id)
         except NatflowError:
             return None
         if found is None:
@@ -157,7 +159,7 @@ class RunHandle:
         event = found[0]
         if not isinstance(event, TERMINAL_EVENTS):  # only its kind counts: nothing to load
             return event
-        conn = self._client.connection
+        conn = self._runs.conn
         events = await load_events(conn, [event], self.run_id)
         return open_events(conn.codec, events, self.run_id, strict=False)[0]
 

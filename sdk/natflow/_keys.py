@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 import msgspec
-from natflow_engine import InvalidInput
+from natflow_engine import InvalidInput, RateLimit
 
-if TYPE_CHECKING:
-    from ._workflow import Workflow
+from ._limit import BoundLimit
 
 
 def _fields(cls: Any) -> dict[str, Any] | None:
@@ -39,8 +39,8 @@ def _fields(cls: Any) -> dict[str, Any] | None:
     return {name: hints.get(name, Any) for name in names}
 
 
-def _check_path(workflow: Workflow, what: str, path: str) -> None:
-    current: Any = workflow.input_type
+def _check_path(workflow: str, input_type: Any, what: str, path: str) -> None:
+    current: Any = input_type
     for depth, part in enumerate(path.split(".")):
         fields = _fields(current)
         if fields is None:
@@ -48,7 +48,7 @@ def _check_path(workflow: Workflow, what: str, path: str) -> None:
         if part not in fields:
             where = ".".join(path.split(".")[:depth]) or "input"
             raise InvalidInput(
-                f"workflow {workflow.name!r}: {what} names field {path!r}, but its {where} "
+                f"workflow {workflow!r}: {what} names field {path!r}, but its {where} "
                 f"type {current.__name__} has no field {part!r} (it has: "
                 f"{', '.join(fields) or 'none'}); name one of them, or pass a function of "
                 f"the input"
@@ -56,16 +56,27 @@ def _check_path(workflow: Workflow, what: str, path: str) -> None:
         current = fields[part]
 
 
-def check_key_fields(workflow: Workflow) -> None:
-    """Refuse a key naming a field the workflow's declared input type lacks."""
-    for bound in workflow.limits:
+def check_key_fields(
+    workflow: str,
+    input_type: Any,
+    *,
+    limits: Iterable[BoundLimit],
+    rate_limit: RateLimit | None,
+    debounce_key: object,
+    singleton: object,
+) -> None:
+    """Refuse a key naming a field the workflow's declared input type lacks.
+
+    Takes the definition's parts (name, input type, the declared keys), not the
+    :class:`Workflow`, whose module calls this one when ``@workflow`` runs.
+    """
+    for bound in limits:
         if isinstance(bound.limit.key, str):
-            _check_path(workflow, f"Limit(key={bound.limit.key!r})", bound.limit.key)
-    rate = workflow.rate_limit
-    if rate is not None and isinstance(rate.key, str):
-        _check_path(workflow, f"RateLimit({rate.name!r}, key={rate.key!r})", rate.key)
-    if workflow.debounce is not None and isinstance(workflow.debounce.key, str):
-        key = workflow.debounce.key
-        _check_path(workflow, f"Debounce(key={key!r})", key)
-    if isinstance(workflow.singleton, str) and workflow.singleton:
-        _check_path(workflow, f"singleton={workflow.singleton!r}", workflow.singleton)
+            _check_path(workflow, input_type, f"Limit(key={bound.limit.key!r})", bound.limit.key)
+    if rate_limit is not None and isinstance(rate_limit.key, str):
+        what = f"RateLimit({rate_limit.name!r}, key={rate_limit.key!r})"
+        _check_path(workflow, input_type, what, rate_limit.key)
+    if isinstance(debounce_key, str):
+        _check_path(workflow, input_type, f"Debounce(key={debounce_key!r})", debounce_key)
+    if isinstance(singleton, str) and singleton:
+        _check_path(workflow, input_type, f"singleton={singleton!r}", singleton)

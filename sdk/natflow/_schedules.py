@@ -8,10 +8,12 @@ Each fire's run id is ``<schedule_id>-<fire time>``, e.g. ``nightly-20261126T000
 from __future__ import annotations
 
 import builtins
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from natflow_engine import (
+    Connection,
     InvalidInput,
     NatflowError,
     ScheduleInfo,
@@ -23,11 +25,8 @@ from natflow_engine import (
     to_seconds,
 )
 
+from ._handle import RunHandle
 from ._workflow import Workflow
-
-if TYPE_CHECKING:
-    from ._client import Client
-    from ._handle import RunHandle
 
 _UNSET: Final[Any] = object()
 
@@ -82,9 +81,10 @@ class ScheduleClient:
         print(info.next_fire_times)
     """
 
-    def __init__(self, client: Client) -> None:
-        self._client = client
-        self._ops = Schedules(client.connection)
+    def __init__(self, conn: Connection, handle: Callable[[str], RunHandle]) -> None:
+        """``handle`` makes the handle of a fired run from its id (``Client.handle``)."""
+        self._handle = handle
+        self._ops = Schedules(conn)
 
     async def create(
         self,
@@ -174,7 +174,7 @@ class ScheduleClient:
 
     async def trigger(self, schedule_id: str) -> RunHandle:
         """Fire now (whatever the overlap policy); returns the new run's handle."""
-        return self._client.handle(await self._ops.trigger(schedule_id))
+        return self._handle(await self._ops.trigger(schedule_id))
 
     async def backfill(
         self, schedule_id: str, start: datetime, end: datetime
@@ -184,7 +184,7 @@ class ScheduleClient:
         A fire that already ran starts nothing new: its run id is the same.
         """
         run_ids = await self._ops.backfill(schedule_id, start, end)
-        return [self._client.handle(run_id) for run_id in run_ids]
+        return [self._handle(run_id) for run_id in run_ids]
 
     async def delete(self, schedule_id: str) -> None:
         """Remove the schedule; the runs it started go on."""

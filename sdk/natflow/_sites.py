@@ -7,7 +7,7 @@ the site's engine applies a start by its run id and a signal by its id (ops/site
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from natflow_engine import (
     CANCEL,
@@ -15,6 +15,7 @@ from natflow_engine import (
     PAUSE,
     RESUME,
     TERMINATE,
+    Connection,
     InvalidInput,
     check_outbox,
     check_run_id,
@@ -33,25 +34,22 @@ from ._workflow import Workflow
 
 _CONTROLS = frozenset({CANCEL, TERMINATE, PAUSE, RESUME})
 
-if TYPE_CHECKING:
-    from ._client import Client
-
 
 class SiteClient:
     """Commands for the runs of one site, stored at the hub (see the module docstring)."""
 
-    def __init__(self, client: Client, site: str) -> None:
-        self._client = client
+    def __init__(self, conn: Connection, site: str) -> None:
+        self._conn = conn
         self.site = check_site(site)
         self._ready = False
 
     async def _outbox(self) -> None:
         if not self._ready:
-            await check_outbox(self._client.connection, self.site)
+            await check_outbox(self._conn, self.site)
             self._ready = True
 
     def _inline(self, what: str, data: bytes) -> bytes:
-        conn = self._client.connection
+        conn = self._conn
         if conn.codec is not None:
             data = seal(conn.codec, data)
         check_value_size(conn, what, len(data))
@@ -84,9 +82,7 @@ class SiteClient:
             decode_value(f"input of workflow {name!r}", data, workflow.input_type)
         data = self._inline("workflow input", data)
         await self._outbox()
-        await command_start(
-            self._client.connection, self.site, name, queue or default_queue, data, run_id
-        )
+        await command_start(self._conn, self.site, name, queue or default_queue, data, run_id)
         return run_id
 
     async def signal(
@@ -98,7 +94,7 @@ class SiteClient:
         check_token("signal name", name)
         data = self._inline(f"payload of signal {name!r}", encode_value("payload", payload))
         await self._outbox()
-        await command_signal(self._client.connection, self.site, run_id, name, data, signal_id)
+        await command_signal(self._conn, self.site, run_id, name, data, signal_id)
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
         """Cancel a run at the site (as :meth:`Client.cancel` does there)."""
@@ -114,4 +110,4 @@ class SiteClient:
         check_run_id(run_id)
         data = encode_value("reason", reason)
         await self._outbox()
-        await command_signal(self._client.connection, self.site, run_id, kind, data)
+        await command_signal(self._conn, self.site, run_id, kind, data)

@@ -8,7 +8,7 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
 from natflow_engine import (
     InvalidInput,
@@ -23,11 +23,9 @@ from natflow_engine import (
     to_seconds,
 )
 
+from ._context import WorkflowContext
 from ._keys import check_key_fields
 from ._limit import BoundLimit, Limit, bind_limits
-
-if TYPE_CHECKING:
-    from ._context import WorkflowContext
 
 WorkflowFn = Callable[..., Awaitable[Any]]
 
@@ -203,7 +201,14 @@ def workflow(
             limits=bind_limits(concurrency, wf.name),
             priority=priority,
         )
-        check_key_fields(defined)
+        check_key_fields(
+            defined.name,
+            defined.input_type,
+            limits=defined.limits,
+            rate_limit=defined.rate_limit,
+            debounce_key=None if defined.debounce is None else defined.debounce.key,
+            singleton=defined.singleton,
+        )
         return defined
 
     if fn is not None:

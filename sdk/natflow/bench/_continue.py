@@ -18,21 +18,19 @@ import os
 import random
 import signal
 import time
-from typing import TYPE_CHECKING
 
 from natflow_engine import NatflowError, history_subject
 from natflow_engine.events import event_kind
 from nats.aio.msg import Msg
 
+from ._replay import replay_probe
 from ._report import ContinueLoop, stats
+from ._session import BenchSession
 from ._waits import engine_process, engine_ready
 from ._workflows import LoopInput, ReplayTimes, bench_loop
 
-if TYPE_CHECKING:
-    from ._run import Bench
 
-
-async def continue_loop(bench: Bench) -> ContinueLoop:
+async def continue_loop(bench: BenchSession) -> ContinueLoop:
     client = bench.client
     steps, kill_steps = bench.sizes.loop_steps, bench.sizes.loop_kill_steps
     bench.progress.begin(f"continue-as-new: a loop of {steps:,} steps, a kill mid-loop")
@@ -73,7 +71,9 @@ async def continue_loop(bench: Bench) -> ContinueLoop:
     return found
 
 
-async def _killed_mid_loop(bench: Bench, steps: int) -> tuple[ReplayTimes, tuple[int, float]]:
+async def _killed_mid_loop(
+    bench: BenchSession, steps: int
+) -> tuple[ReplayTimes, tuple[int, float]]:
     """Kill the loop's only worker at a random point; probe the replay; finish the run."""
     client = bench.client
     run_id = bench.run_id("loop-kill")
@@ -104,7 +104,7 @@ async def _killed_mid_loop(bench: Bench, steps: int) -> tuple[ReplayTimes, tuple
     info = await client.describe(run_id)
     if info.is_closed:
         raise NatflowError("the loop ended before its worker was killed; raise loop_kill_steps")
-    times = await bench.replay_probe(run_id, bench_loop.name)
+    times = await replay_probe(bench, run_id, bench_loop.name)
     t0 = time.perf_counter()
     async with bench.workers("loop-resume", 1):
         done = await handle.result(timeout=max(600.0, steps / 50))

@@ -1,0 +1,61 @@
+"""How much each phase of ``natflow bench`` does, from the defaults, ``--quick`` and the flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+
+from natflow_engine import InvalidInput
+
+RUN_STEPS = 3  # steps of each throughput and warm-up run
+IDLE_GAP = 0.05  # seconds between idle round trips and between idle starts
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each phase does. ``--quick`` shrinks everything for tests."""
+
+    raw_sync: int = 2000
+    raw_async: int = 20_000
+    steps: int = 200
+    runs: int = 500
+    workers: int = 1
+    idle_samples: int = 20
+    replay_events: tuple[int, ...] = (1000, 10_000)
+    replay_repeat: int = 5
+    concurrency: int = 100
+    timers: int = 200
+    timer_sleep: float = 1.5  # over the 1 s a worker would wait for itself: the engine wakes it
+    kill_rounds: int = 5
+    schedule_seconds: float = 30.0
+    loop_steps: int = 100_000  # one run through continue-as-new
+    loop_kill_steps: int = 10_000  # a run whose worker is killed at a random point
+
+
+QUICK = Sizes(
+    raw_sync=200,
+    raw_async=2000,
+    steps=20,
+    runs=30,
+    idle_samples=5,
+    replay_events=(100, 1000),
+    replay_repeat=3,
+    timers=20,
+    kill_rounds=1,
+    schedule_seconds=5.0,
+    loop_steps=2_500,
+    loop_kill_steps=3_000,
+)
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    sizes = QUICK if args.quick else Sizes()
+    chosen = {
+        k: getattr(args, k)
+        for k in ("steps", "runs", "workers", "concurrency")
+        if getattr(args, k) is not None
+    }
+    for name, value in chosen.items():
+        if value < 1:
+            raise InvalidInput(f"--{name} must be at least 1")
+    return replace(sizes, **chosen)
