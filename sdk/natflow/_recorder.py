@@ -28,6 +28,8 @@ class RunRecorder:
 
     Attributes:
         state: The run's replay core, which the recorded outcomes are delivered to.
+        run_id: The run's id.
+        workflow_name: The name of the run's workflow (for logs and metrics).
         conn: The connection the run's I/O goes through.
         count: Events in the run's history, counted from its first stretch (for event ids).
         last_event: The last event appended (or read).
