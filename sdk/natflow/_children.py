@@ -1,0 +1,86 @@
+"""What a run sends its child runs: their starts, and its ``parent_close`` policy as it closes.
+
+A child's outcome comes back as a ``$child`` signal (see ``_signal_intake``).
+"""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+from natflow_engine import (
+    CANCEL,
+    TERMINATE,
+    Connection,
+    ErrorInfo,
+    InvalidInput,
+    NatflowError,
+    PermissionDenied,
+    Runs,
+    error_info,
+    send,
+    start_declared,
+)
+from natflow_engine.events import ChildStarted
+
+from ._commands import ChildCommand
+from ._record_bounds import MAX_REASON
+from ._replay import WorkflowState
+
+_CHILD_STARTS_AT_ONCE = 64
+
+
+async def start_children(
+    conn: Connection, state: WorkflowState, children: list[ChildStarted]
+) -> dict[int, ErrorInfo]:
+    """Start the children these records declare; returns why each refused one was refused.
+
+    Started before they are recorded: a start is idempotent on the child's id (derived from
+    this run's id and the position), so a crash in between makes the replay start the same
+    child again, which finds it and makes no second. Started together: a fan-out's starts are
+    round trips that need not wait on each other.
+    """
+    limit = anyio.CapacityLimiter(_CHILD_STARTS_AT_ONCE)
+    refused: dict[int, ErrorInfo] = {}
+
+    async def start(event: ChildStarted) -> None:
+        async with limit:
+            try:
+                await _start_child(conn, state, event)
+            except (InvalidInput, NatflowError) as exc:
+                if isinstance(exc, PermissionDenied):
+                    raise  # a deployment problem, not this child's: retried later
+                refused[event.seq] = error_info(exc)  # e.g. its id is another's run
+
+    async with anyio.create_task_group() as tg:
+        for child in children:
+            tg.start_soon(start, child)
+    return refused
+
+
+async def _start_child(conn: Connection, state: WorkflowState, event: ChildStarted) -> None:
+    command = state.command(event.seq)
+    assert isinstance(command, ChildCommand)
+    await start_declared(  # with the flow control the child's workflow declares
+        Runs(conn),
+        command.name,
+        command.queue,
+        command.input_json,
+        command.child_run_id,
+        child_of=state.run_id,
+    )
+
+
+async def close_children(conn: Connection, state: WorkflowState, reason: str) -> None:
+    """Apply each open child's ``parent_close`` policy as this run closes."""
+    run_id = state.run_id
+    for command in state.open_children():
+        if command.parent_close == "abandon":
+            continue
+        kind = TERMINATE if command.parent_close == "terminate" else CANCEL
+        await send(
+            conn,
+            command.child_run_id,
+            kind,
+            msgspec.json.encode(f"parent {run_id} closed: {reason}"[:MAX_REASON]),
+            f"parent-{run_id}",
+        )

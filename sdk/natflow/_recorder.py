@@ -1,0 +1,120 @@
+"""The one path by which an execution writes its run's history.
+
+Every append is fenced by the run's last sequence: an append that meets a newer history
+raises :class:`Fenced` (this worker no longer holds the run). Events get derived ids
+(``<run_id>:<n>``), so a retried publish deduplicates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from natflow_engine import AppendConflict, Connection, HistoryStore, fields
+from natflow_engine.events import ChildFailed, ChildStarted, Event, utcnow
+
+from ._children import start_children
+from ._record_bounds import bounded
+from ._replay import WorkflowState
+from ._tracing import RunTrace
+
+
+class Fenced(Exception):
+    """An append met a newer history: this worker no longer holds the run."""
+
+
+class RunRecorder:
+    """Appends one run's events: the driver's own, and those the replay core owes history.
+
+    Attributes:
+        state: The run's replay core, which the recorded outcomes are delivered to.
+        run_id: The run's id.
+        workflow_name: The name of the run's workflow (for logs and metrics).
+        conn: The connection the run's I/O goes through.
+        count: Events in the run's history, counted from its first stretch (for event ids).
+        last_event: The last event appended (or read).
+    """
+
+    __slots__ = (
+        "_last_seq",
+        "_store",
+        "_trace",
+        "conn",
+        "count",
+        "last_event",
+        "run_id",
+        "state",
+        "workflow_name",
+    )
+
+    def __init__(
+        self,
+        *,
+        state: WorkflowState,
+        store: HistoryStore,
+        conn: Connection,
+        trace: RunTrace,
+        count: int,
+        last_seq: int,
+        last_event: Event,
+    ) -> None:
+        self.state = state
+        self.run_id = state.run_id
+        self.workflow_name = state.workflow_name
+        self.conn = conn
+        self._store = store
+        self._trace = trace
+        self.count = count
+        self._last_seq = last_seq
+        self.last_event = last_event
+
+    async def append(self, event: Event, *, rollup: bool = False) -> Event:
+        event = (
+            msgspec.structs.replace(event, id=f"{self.run_id}:{self.count + 1}")
+            if not event.id
+            else event
+        )
+        try:
+            self._last_seq = await self._store.append(
+                self.run_id, event, self._last_seq, rollup=rollup
+            )
+        except AppendConflict as exc:
+            raise Fenced() from exc
+        self.count += 1
+        self.last_event = event
+        self._trace.recorded(event)
+        return event
+
+    def next_id(self) -> str:
+        return f"{self.run_id}:{self.count + 1}"
+
+    def fields(self, step: str | None = None) -> dict[str, Any]:
+        return fields(self.run_id, self.workflow_name, step)
+
+    async def flush(self) -> None:
+        """Append what the replay core owes history (children it declares started first)."""
+        # A child refused at its start is failed at once, and what the workflow does about
+        # it may need records of its own: flush until nothing is owed.
+        while records := self.state.take_records():
+            await self._flush(records)
+
+    async def _flush(self, records: list[Event]) -> None:
+        children = [e for e in records if isinstance(e, ChildStarted)]
+        if children:
+            refused = await start_children(self.conn, self.state, children)
+        for event in records:
+            await self.append(event)
+            if isinstance(event, ChildStarted) and event.seq in refused:
+                failed = await self.append(
+                    ChildFailed(
+                        id=self.next_id(),
+                        at=utcnow(),
+                        seq=event.seq,
+                        name=event.name,
+                        child_run_id=event.child_run_id,
+                        status="failed",
+                        error=bounded(refused[event.seq]),
+                    )
+                )
+                assert isinstance(failed, ChildFailed)
+                self.state.deliver(failed)
