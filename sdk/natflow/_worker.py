@@ -18,13 +18,11 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import anyio
 import anyio.abc
-import msgspec
 import nats.errors
 import nats.js.errors
 from natflow_engine import (
@@ -32,14 +30,12 @@ from natflow_engine import (
     EXECUTIONS,
     FENCED,
     RUNS_HELD,
-    TASK_LAG,
     TASK_STREAM,
     TRANSIENT,
     CorruptHistory,
     History,
     HistoryStore,
     InvalidInput,
-    Lease,
     Leases,
     MissingKey,
     NatflowError,
@@ -48,13 +44,11 @@ from natflow_engine import (
     Timer,
     WorkerInfo,
     announce,
-    check_queue,
     connected_user,
     decode_task,
     enqueue,
     ensure_consumer,
     ensure_streams,
-    fields,
     fold_run,
     labelled,
     last_signal_seq,
@@ -73,13 +67,15 @@ from natflow_engine import (
 from natflow_engine.events import Event, RestartSeeded, RunStarted, utcnow
 from nats.aio.msg import Msg
 
-from ._admission import Admission, Admitter
+from ._admission import Admitter
 from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._flow import declare_flow
 from ._guard import RunGuard, check_inline_start
+from ._held import Held, observe_lag, same_task
 from ._preclaim import Preclaim, inline_start, read_and_claim
 from ._pulse import HeldRun, Pulse
+from ._served import index_workflows, input_schemas, pick_queues
 from ._steps import StepRuntime
 from ._triggers import declare_triggers
 from ._unseen import read_until_seen, vouches_for_start
@@ -101,40 +97,6 @@ MIN_LEASE_TTL = 1.0
 def _seeded(events: list[Event]) -> bool:
     """Whether a restarted run's copied history is complete (``restart_seeded`` written)."""
     return any(isinstance(event, RestartSeeded) for event in events)
-
-
-def _same_task(a: Msg, b: Msg) -> bool:
-    """Two deliveries of one task message (same stream sequence), not two tasks."""
-    try:
-        return bool(a.metadata.sequence.stream == b.metadata.sequence.stream)
-    except Exception:  # not a JetStream delivery: treat as different
-        return False
-
-
-@dataclass(eq=False)
-class _Held:
-    """A run this worker holds: its task message, lease and the scope that runs it."""
-
-    msg: Msg
-    run_id: str
-    queue: str
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    execution: RunExecution | None = None
-    lease: Lease | None = None
-    revision: int = 0
-    renewed_at: float = field(default_factory=time.monotonic)
-    lost: bool = False
-    released: bool = False  # its task was handed back: another worker may take the run
-    # asyncio's own (anyio's asks which event loop runs, each time: ~2 us a run)
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
-    admission: Admission | None = None  # the concurrency slots it holds (see _admission)
-    nudged: bool = False  # told of new signals before its execution existed
-
-    @property
-    def execution_fields(self) -> dict[str, Any]:
-        """Log fields: the run id, and its workflow once known."""
-        workflow = self.execution.workflow.name if self.execution is not None else None
-        return fields(self.run_id, workflow)
 
 
 class Worker:
@@ -168,14 +130,14 @@ class Worker:
         metrics_port: int | None = None,
     ) -> None:
         self._client = client
-        self._workflows = self._index(workflows)
+        self._workflows = index_workflows(workflows)
         if max_concurrent_runs < 1:
             raise InvalidInput("max_concurrent_runs must be at least 1")
         if max_concurrent_steps is not None and max_concurrent_steps < 1:
             raise InvalidInput("max_concurrent_steps must be at least 1 (or None)")
         if not lease_ttl >= MIN_LEASE_TTL:
             raise InvalidInput(f"lease_ttl must be at least {MIN_LEASE_TTL} s, not {lease_ttl}")
-        self.queues = self._pick_queues(queue)
+        self.queues = pick_queues(self._workflows, queue)
         # What this worker pulls: each workflow's tasks on the queue it serves that workflow.
         self._served = sorted(
             (queue if queue is not None else wf.queue, wf.name) for wf in self._workflows.values()
@@ -191,7 +153,7 @@ class Worker:
         )
         self._store = HistoryStore(self._conn)
         self._leases = Leases(self._conn)
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, Held] = {}
         self._slots = anyio.Semaphore(max_concurrent_runs)
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -207,52 +169,14 @@ class Worker:
         self._pulse: Pulse | None = None
         self._pulse_thread = False
 
-    @staticmethod
-    def _index(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
-        found: dict[str, Workflow] = {}
-        for wf in workflows:
-            if not isinstance(wf, Workflow):
-                raise InvalidInput(f"{wf!r} is not a workflow; decorate it with @workflow")
-            if wf.name in found and found[wf.name] is not wf:
-                raise InvalidInput(f"two workflows are named {wf.name!r}; names must be unique")
-            found[wf.name] = wf
-        if not found:
-            raise InvalidInput("a worker needs at least one workflow")
-        return found
-
-    def _pick_queues(self, queue: str | None) -> list[str]:
-        if queue is None:
-            return sorted({wf.queue for wf in self._workflows.values()})
-        check_queue(queue)
-        for wf in self._workflows.values():
-            if wf.queue != queue:
-                log.warning(
-                    "workflow %r declares queue %r but this worker serves %r: its runs reach "
-                    "this worker only when started with queue=%r",
-                    wf.name,
-                    wf.queue,
-                    queue,
-                    queue,
-                )
-        return [queue]
-
     @property
     def workflows(self) -> dict[str, Workflow]:
         return dict(self._workflows)
 
     @functools.cached_property
     def _input_schemas(self) -> dict[str, Any]:
-        """Each served workflow's input as JSON Schema, announced so tools validate a start
-        before writing it. A type msgspec cannot describe is left out (not checked)."""
-        schemas: dict[str, Any] = {}
-        for name, wf in self._workflows.items():
-            if not wf.takes_input:  # it ignores its input: any is fine
-                continue
-            try:
-                schemas[name] = msgspec.json.schema(wf.input_type)
-            except (TypeError, ValueError) as exc:
-                log.info("workflow %r: no input schema announced (%s)", name, exc)
-        return schemas
+        """See :func:`input_schemas`: made once, announced at every heartbeat."""
+        return input_schemas(self._workflows)
 
     @property
     def held_runs(self) -> list[str]:
@@ -330,7 +254,7 @@ class Worker:
 
     def _step_back(self, held: HeldRun, why: str) -> None:
         """On the worker's loop: the heartbeat found the run's lease lost."""
-        if not isinstance(held, _Held) or self._held.get(held.run_id) is not held or held.lost:
+        if not isinstance(held, Held) or self._held.get(held.run_id) is not held or held.lost:
             return
         if "taken" in why:  # said once the run's handling ends (see _handle)
             FENCED.labels(held.execution_fields.get("workflow", ""), "lease").inc()
@@ -430,7 +354,7 @@ class Worker:
             runs.start_soon(self._handle, msg)
 
     async def _handle(self, msg: Msg) -> None:
-        held: _Held | None = None
+        held: Held | None = None
         try:
             try:
                 task = decode_task(msg.data)
@@ -442,7 +366,7 @@ class Worker:
                 await self._quarantine_task(msg, reason)
                 return
             previous = self._held.get(task.run_id)
-            if previous is not None and _same_task(previous.msg, msg):
+            if previous is not None and same_task(previous.msg, msg):
                 # Redelivered to this worker while it still holds the run (it missed its
                 # heartbeats): keep the running execution, which history fences if another
                 # worker took the run meanwhile, and follow the newer delivery.
@@ -454,10 +378,10 @@ class Worker:
                 # once that is done, as the next holder would.
                 with anyio.move_on_after(self.lease_ttl):
                     await previous.finished.wait()
-            held = _Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
+            held = Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
             self._held[task.run_id] = held
             RUNS_HELD.inc()
-            self._observe_lag(held)
+            observe_lag(held)
             with held.scope:
                 await self._process(held, task)
             if held.scope.cancelled_caught and held.lost:
@@ -496,7 +420,7 @@ class Worker:
             for puller in self._pullers:
                 puller.wake()
 
-    async def _process(self, held: _Held, task: Task) -> None:
+    async def _process(self, held: Held, task: Task) -> None:
         msg, run_id = held.msg, held.run_id
         # History is the truth: a task is only a hint to look. Its inline start (if any)
         # is checked against history and never used in its place.
@@ -620,7 +544,7 @@ class Worker:
             await self._suspend(held, held.execution, again=True)
         # LOST: the task and lease now belong to the worker that took the run.
 
-    async def _suspend(self, held: _Held, execution: RunExecution, *, again: bool = False) -> None:
+    async def _suspend(self, held: Held, execution: RunExecution, *, again: bool = False) -> None:
         """Let a waiting run go, then close the lost-wake-up race (NATS.md §8): a timer or
         signal whose wake-up met this in-flight task was refused, so look again after the
         acknowledgement and enqueue the run if one did. ``again``: enqueue it in any case (a
@@ -644,7 +568,7 @@ class Worker:
             task = Task(run_id=held.run_id, workflow=execution.workflow.name, reason="recheck")
             await enqueue(self._conn, held.queue, task)
 
-    async def _lease(self, held: _Held) -> bool:
+    async def _lease(self, held: Held) -> bool:
         """Write the run's lease; False if it could not be written (it is advisory: the
         claim append still fences other holders)."""
         try:
@@ -657,7 +581,7 @@ class Worker:
         held.renewed_at = time.monotonic()
         return True
 
-    async def _take_lease(self, held: _Held) -> None:
+    async def _take_lease(self, held: Held) -> None:
         if not await self._lease(held):
             return
         # A signal (a pause, a cancel) stored before the lease existed had no holder to
@@ -668,7 +592,7 @@ class Worker:
                 if await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor:
                     execution.signals_arrived()
 
-    async def _index_timers(self, held: _Held, execution: RunExecution) -> None:
+    async def _index_timers(self, held: Held, execution: RunExecution) -> None:
         pending = execution.timers_to_index()
         if not pending:
             return
@@ -688,18 +612,18 @@ class Worker:
         await self._guard.set_task_aside(msg, reason)
         await self._quietly(msg.term())
 
-    async def _held_in_quarantine(self, held: _Held, history: History) -> bool:
+    async def _held_in_quarantine(self, held: Held, history: History) -> bool:
         """Whether the run is (now) held as poisoned or parked: then its task is done."""
         if not await self._guard.holds(held.run_id, history):
             return False
         await self._quietly(held.msg.ack())
         return True
 
-    async def _hold_corrupt(self, held: _Held, bad: CorruptHistory) -> None:
+    async def _hold_corrupt(self, held: Held, bad: CorruptHistory) -> None:
         await self._guard.hold_corrupt(held.run_id, bad)
         await self._quietly(held.msg.ack())
 
-    async def _back_off(self, held: _Held, exc: Exception, *, park: bool) -> None:
+    async def _back_off(self, held: Held, exc: Exception, *, park: bool) -> None:
         """A task that failed: NAK it with a growing delay, never at once (no hot loop);
         after :data:`_PARK_AFTER` deliveries that failed alike, hold the run as parked."""
         delivered = held.msg.metadata.num_delivered or 1
@@ -716,7 +640,7 @@ class Worker:
         held = self._held.get(run_id)
         return held is not None and not held.released
 
-    async def _hand_back(self, held: _Held, delay: float | None = None) -> None:
+    async def _hand_back(self, held: Held, delay: float | None = None) -> None:
         if self._stopping.is_set():
             # A task NAKed while this worker's own pulls are still out could be delivered
             # right back here; let them be withdrawn first (shutdown waits the same way).
@@ -727,15 +651,7 @@ class Worker:
         await self._release(held)
         log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
 
-    @staticmethod
-    def _observe_lag(held: _Held) -> None:
-        """Schedule-to-start: from the task's enqueueing to now (first deliveries only)."""
-        meta = held.msg.metadata
-        if meta.num_delivered == 1:
-            lag = (utcnow() - meta.timestamp).total_seconds()
-            labelled(TASK_LAG, held.queue).observe(max(0.0, lag))
-
-    async def _release(self, held: _Held) -> None:
+    async def _release(self, held: Held) -> None:
         if held.lease is not None and not held.lost:
             await self._quietly(self._leases.release(held.run_id, held.revision))
             held.lease = None
