@@ -10,12 +10,10 @@ announces itself in the worker registry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Iterable
 from types import TracebackType
@@ -72,9 +70,10 @@ from ._client import Client
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._flow import declare_flow
 from ._guard import RunGuard, check_inline_start
-from ._held import Held, observe_lag, same_task
+from ._held import Held, observe_lag, quietly, same_task
 from ._preclaim import Preclaim, inline_start, read_and_claim
 from ._pulse import HeldRun, Pulse
+from ._run_leases import RunLeases
 from ._served import index_workflows, input_schemas, pick_queues
 from ._steps import StepRuntime
 from ._triggers import declare_triggers
@@ -145,7 +144,6 @@ class Worker:
         self.identity = safe_identity(
             identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self.lease_ttl = float(lease_ttl)
         self._metrics_port = metrics_port
         self._conn = client.connection
         self._runtime = StepRuntime(
@@ -153,6 +151,7 @@ class Worker:
         )
         self._store = HistoryStore(self._conn)
         self._leases = Leases(self._conn)
+        self._run_leases = RunLeases(self._leases, self._conn, self.identity, float(lease_ttl))
         self._held: dict[str, Held] = {}
         self._slots = anyio.Semaphore(max_concurrent_runs)
         self._stopping = anyio.Event()
@@ -177,6 +176,12 @@ class Worker:
     def _input_schemas(self) -> dict[str, Any]:
         """See :func:`input_schemas`: made once, announced at every heartbeat."""
         return input_schemas(self._workflows)
+
+    @property
+    def lease_ttl(self) -> float:
+        """Seconds a run stays with this worker once its heartbeats stop (lowered at start
+        to a queue's shorter ack deadline)."""
+        return self._run_leases.ttl
 
     @property
     def held_runs(self) -> list[str]:
@@ -227,7 +232,7 @@ class Worker:
             watchdog.stop()
             with anyio.CancelScope(shield=True):
                 await self._close(pullers, ping)
-                await self._quietly(nudges.unsubscribe())
+                await quietly(nudges.unsubscribe())
 
     async def _start_pulse(self) -> Any:
         """Heartbeats on their own thread and connection. If that cannot connect, they run
@@ -272,7 +277,7 @@ class Worker:
         ack_wait = info.config.ack_wait or self.lease_ttl
         if ack_wait < self.lease_ttl:  # another worker of the queue asked for less: honour it
             log.info("queue %s uses a %g s ack deadline; heartbeating to match", queue, ack_wait)
-            self.lease_ttl = float(ack_wait)
+            self._run_leases.ttl = float(ack_wait)
         puller = TaskPuller(self._conn, queue, workflow)
         await puller.start()
         self._pullers.append(puller)
@@ -280,9 +285,9 @@ class Worker:
 
     async def _close(self, pullers: list[TaskPuller], ping: Any) -> None:
         for puller in pullers:
-            await self._quietly(puller.stop())
+            await quietly(puller.stop())
         if ping is not None:
-            await self._quietly(ping.unsubscribe())
+            await quietly(ping.unsubscribe())
         if self._pulse is not None and self._pulse_thread:
             await anyio.to_thread.run_sync(self._pulse.stop)
         try:
@@ -348,7 +353,7 @@ class Worker:
     async def _take(self, puller: TaskPuller, runs: anyio.abc.TaskGroup) -> None:
         async for msg in puller.tasks:
             if self._stopping.is_set():
-                await self._quietly(msg.nak())
+                await quietly(msg.nak())
                 continue
             await self._slots.acquire()
             runs.start_soon(self._handle, msg)
@@ -408,7 +413,7 @@ class Worker:
                     await self._admitter.settle(held.admission, waiting=False, lost=held.lost)
             if held is not None and held.execution is None and held.lease is not None:
                 with anyio.CancelScope(shield=True):  # leased beside its claim, then let go
-                    await self._release(held)
+                    await self._run_leases.release(held)
             if held is not None and self._held.get(held.run_id) is held:
                 del self._held[held.run_id]
                 RUNS_HELD.dec()
@@ -437,7 +442,7 @@ class Worker:
                     run_id,
                     task.start_seq,
                     self.identity,
-                    lambda: self._lease(held),
+                    lambda: self._run_leases.take(held),
                 )
             else:
                 history = await self._store.read(run_id)
@@ -457,18 +462,18 @@ class Worker:
         if info is None:
             if vouches_for_start(task) and (msg.metadata.num_delivered or 1) < _UNSEEN_START_TRIES:
                 # a start the task vouches for, read from a replica not there yet
-                await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
+                await quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
                 return
             log.warning("task for unknown run %s; dropping it", run_id)
-            await self._quietly(msg.term())
+            await quietly(msg.term())
             return
         if info.is_closed:
-            await self._quietly(msg.ack())
+            await quietly(msg.ack())
             return
         workflow = self._workflows.get(info.workflow)
         if workflow is None:
             log.debug("run %s: workflow %r is not served here", run_id, info.workflow)
-            await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
+            await quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
             return
         if await self._held_in_quarantine(held, history):
             return
@@ -478,17 +483,17 @@ class Worker:
             # delivery whose claim beside the read met the claim of a worker that got the
             # redelivery meanwhile, nor a wake-up for a run its holder still has in hand.
             # Leave it, look again later. (A new run, or a run last held here, asks no one.)
-            await self._quietly(msg.nak(delay=self.lease_ttl))
+            await quietly(msg.nak(delay=self.lease_ttl))
             return
         start = history.events[0]
         assert isinstance(start, RunStarted)
         if start.restarted_from is not None and not _seeded(history.events):
-            await self._quietly(msg.nak(delay=0.5))  # a restart is still copying its history
+            await quietly(msg.nak(delay=0.5))  # a restart is still copying its history
             return
         if info.status == "pending" and start.not_before is not None:
             early = (start.not_before - utcnow()).total_seconds()
             if early > HOLD_TIMERS_UNDER:
-                await self._quietly(msg.ack())  # the engine's start timer wakes it on time
+                await quietly(msg.ack())  # the engine's start timer wakes it on time
                 return
             await anyio.sleep(max(0.0, early))
         admission = None
@@ -518,7 +523,7 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 # The lease makes ownership visible and lets the engine hand the run back if
                 # this process dies; the claim append is the fence. Neither waits for the other.
-                tg.start_soon(self._take_lease, held)
+                tg.start_soon(self._run_leases.take_and_look, held)
                 outcome = await held.execution.execute()
         if admission is not None and outcome is not Outcome.STALE:  # STALE: admitted anew
             lost = outcome is Outcome.LOST or held.lost
@@ -529,11 +534,11 @@ class Worker:
             log.info(
                 "run %s (%s) %s", run_id, workflow.name, outcome.value, extra=held.execution_fields
             )
-            await self._quietly(msg.ack())
-            await self._release(held)
+            await quietly(msg.ack())
+            await self._run_leases.release(held)
         elif outcome is Outcome.BLOCKED:
-            await self._quietly(msg.nak(delay=_BLOCKED_DELAYS[min(delivered, 5) - 1]))
-            await self._release(held)
+            await quietly(msg.nak(delay=_BLOCKED_DELAYS[min(delivered, 5) - 1]))
+            await self._run_leases.release(held)
         elif outcome is Outcome.STALE:  # the run moved on since the task was written
             await self._process(held, Task(run_id=run_id, workflow=task.workflow))
         elif outcome is Outcome.HANDED_BACK:
@@ -556,7 +561,7 @@ class Worker:
         except (nats.errors.Error, OSError) as exc:
             log.debug("run %s: ack failed (%s); the task comes back by itself", held.run_id, exc)
             return
-        await self._release(held)
+        await self._run_leases.release(held)
         due = execution.next_due
         woken = again or (due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER)
         if not woken:
@@ -567,30 +572,6 @@ class Worker:
         if woken:
             task = Task(run_id=held.run_id, workflow=execution.workflow.name, reason="recheck")
             await enqueue(self._conn, held.queue, task)
-
-    async def _lease(self, held: Held) -> bool:
-        """Write the run's lease; False if it could not be written (it is advisory: the
-        claim append still fences other holders)."""
-        try:
-            held.lease, held.revision = await self._leases.acquire(
-                held.run_id, self.identity, held.queue, held.msg.reply, self.lease_ttl
-            )
-        except NatflowError as exc:
-            log.warning("run %s: could not write its lease (%s)", held.run_id, exc)
-            return False
-        held.renewed_at = time.monotonic()
-        return True
-
-    async def _take_lease(self, held: Held) -> None:
-        if not await self._lease(held):
-            return
-        # A signal (a pause, a cancel) stored before the lease existed had no holder to
-        # nudge; one stored after it gets a nudge. Look once, beside the run's first steps.
-        execution = held.execution
-        if execution is not None:
-            with contextlib.suppress(NatflowError):
-                if await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor:
-                    execution.signals_arrived()
 
     async def _index_timers(self, held: Held, execution: RunExecution) -> None:
         pending = execution.timers_to_index()
@@ -610,30 +591,30 @@ class Worker:
 
     async def _quarantine_task(self, msg: Msg, reason: str) -> None:
         await self._guard.set_task_aside(msg, reason)
-        await self._quietly(msg.term())
+        await quietly(msg.term())
 
     async def _held_in_quarantine(self, held: Held, history: History) -> bool:
         """Whether the run is (now) held as poisoned or parked: then its task is done."""
         if not await self._guard.holds(held.run_id, history):
             return False
-        await self._quietly(held.msg.ack())
+        await quietly(held.msg.ack())
         return True
 
     async def _hold_corrupt(self, held: Held, bad: CorruptHistory) -> None:
         await self._guard.hold_corrupt(held.run_id, bad)
-        await self._quietly(held.msg.ack())
+        await quietly(held.msg.ack())
 
     async def _back_off(self, held: Held, exc: Exception, *, park: bool) -> None:
         """A task that failed: NAK it with a growing delay, never at once (no hot loop);
         after :data:`_PARK_AFTER` deliveries that failed alike, hold the run as parked."""
         delivered = held.msg.metadata.num_delivered or 1
         if park and await self._guard.failed(held.run_id, exc, delivered, _PARK_AFTER):
-            await self._quietly(held.msg.ack())
+            await quietly(held.msg.ack())
         else:
             delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (delivered - 1))
             held.released = True
-            await self._quietly(held.msg.nak(delay=delay))
-        await self._release(held)
+            await quietly(held.msg.nak(delay=delay))
+        await self._run_leases.release(held)
 
     def _holds(self, run_id: str) -> bool:
         """Whether this worker holds the run (and has not handed its task back)."""
@@ -647,14 +628,9 @@ class Worker:
             with anyio.move_on_after(5):
                 await self._not_pulling.wait()
         held.released = True  # before the NAK: the next taker's ping must hear "free"
-        await self._quietly(held.msg.nak(delay=delay))
-        await self._release(held)
+        await quietly(held.msg.nak(delay=delay))
+        await self._run_leases.release(held)
         log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
-
-    async def _release(self, held: Held) -> None:
-        if held.lease is not None and not held.lost:
-            await self._quietly(self._leases.release(held.run_id, held.revision))
-            held.lease = None
 
     # -- heartbeats, pings, registry -------------------------------------------------------
 
@@ -708,9 +684,3 @@ class Worker:
             await announce(self._conn, info)
         except (NatflowError, nats.errors.Error) as exc:
             log.debug("registry heartbeat failed: %s", exc)
-
-    async def _quietly(self, op: Any) -> None:
-        try:
-            await op
-        except (nats.errors.Error, NatflowError, OSError) as exc:
-            log.debug("acknowledgement failed: %s", exc)
