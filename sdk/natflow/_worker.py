@@ -31,7 +31,6 @@ from natflow_engine import (
     TASK_STREAM,
     TRANSIENT,
     CorruptHistory,
-    History,
     HistoryStore,
     InvalidInput,
     Leases,
@@ -39,17 +38,14 @@ from natflow_engine import (
     NatflowError,
     Task,
     TaskPuller,
-    Timer,
     WorkerInfo,
     announce,
     connected_user,
     decode_task,
-    enqueue,
     ensure_consumer,
     ensure_streams,
     fold_run,
     labelled,
-    last_signal_seq,
     load_events,
     open_events,
     ping_subject,
@@ -57,7 +53,6 @@ from natflow_engine import (
     queue_consumer,
     queue_paused,
     safe_identity,
-    schedule,
     serve_metrics,
     wake_subject,
     withdraw,
@@ -67,6 +62,7 @@ from nats.aio.msg import Msg
 
 from ._admission import Admitter
 from ._client import Client
+from ._endings import TaskEndings
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._flow import declare_flow
 from ._guard import RunGuard, check_inline_start
@@ -87,9 +83,6 @@ _UNKNOWN_WORKFLOW_DELAY = 1.0
 _MISSING_KEY_DELAY = 2.0
 _BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
 _UNSEEN_START_TRIES = 5
-_BACKOFF_FIRST = 0.5  # a failed task comes back after 0.5, 1, 2, 4 ... s
-_BACKOFF_MAX = 60.0
-_PARK_AFTER = 8  # deliveries that failed in a row before the run is held as parked
 MIN_LEASE_TTL = 1.0
 
 
@@ -165,6 +158,9 @@ class Worker:
         self._outer: anyio.abc.TaskGroup | None = None
         self._guard = RunGuard(self._conn, self._store, self.identity)
         self._admitter = Admitter(self._conn, self.identity)
+        self._endings = TaskEndings(
+            self._conn, self._guard, self._run_leases, self._stopping, self._not_pulling
+        )
         self._pulse: Pulse | None = None
         self._pulse_thread = False
 
@@ -317,7 +313,7 @@ class Worker:
         remaining = list(self._held.values())
         self._runs_scope.cancel()
         for held in remaining:
-            await self._hand_back(held)
+            await self._endings.hand_back(held)
         await self._stopped.wait()
 
     async def __aenter__(self) -> Worker:
@@ -364,11 +360,11 @@ class Worker:
             try:
                 task = decode_task(msg.data)
             except Exception as exc:
-                await self._quarantine_task(msg, f"the task does not decode: {exc}")
+                await self._endings.set_aside(msg, f"the task does not decode: {exc}")
                 return
             if msg.subject.rsplit(".", 1)[-1] != task.run_id:
                 reason = f"the task names run {task.run_id[:200]!r}, its subject another"
-                await self._quarantine_task(msg, reason)
+                await self._endings.set_aside(msg, reason)
                 return
             previous = self._held.get(task.run_id)
             if previous is not None and same_task(previous.msg, msg):
@@ -399,14 +395,14 @@ class Worker:
             run_id = held.run_id if held else "?"
             log.warning("run %s: handing it back: %s", run_id, exc)
             if held is not None:
-                await self._back_off(held, exc, park=False)
+                await self._endings.back_off(held, exc, park=False)
         except MissingKey as exc:  # a worker that holds the key will take it, later
             log.error("run %s: handing it back: %s", held.run_id if held else "?", exc)
             if held is not None:
-                await self._hand_back(held, delay=_MISSING_KEY_DELAY)
+                await self._endings.hand_back(held, delay=_MISSING_KEY_DELAY)
         except Exception as exc:
             if held is not None:
-                await self._back_off(held, exc, park=True)
+                await self._endings.back_off(held, exc, park=True)
         finally:
             if held is not None and held.admission is not None:  # an error, a cancellation
                 with anyio.CancelScope(shield=True):
@@ -449,7 +445,7 @@ class Worker:
             if not history.events and vouches_for_start(task):
                 history = await read_until_seen(self._store, run_id, history)
         except CorruptHistory as bad:
-            await self._hold_corrupt(held, bad)
+            await self._endings.hold_corrupt(held, bad)
             return
         if task.start_seq > 0:
             check_inline_start(task, history, inline)
@@ -475,7 +471,7 @@ class Worker:
             log.debug("run %s: workflow %r is not served here", run_id, info.workflow)
             await quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
             return
-        if await self._held_in_quarantine(held, history):
+        if await self._endings.held_in_quarantine(held, history):
             return
         if await self._guard.held_elsewhere(run_id, info.worker):
             # A task is no permission to take a run from a live holder: not a redelivery (a
@@ -542,95 +538,17 @@ class Worker:
         elif outcome is Outcome.STALE:  # the run moved on since the task was written
             await self._process(held, Task(run_id=run_id, workflow=task.workflow))
         elif outcome is Outcome.HANDED_BACK:
-            await self._hand_back(held)
+            await self._endings.hand_back(held)
         elif outcome is Outcome.SUSPENDED:
-            await self._suspend(held, held.execution)
+            await self._endings.suspend(held, held.execution)
         elif outcome is Outcome.CONTINUED:  # its next stretch runs as a task of its own
-            await self._suspend(held, held.execution, again=True)
+            await self._endings.suspend(held, held.execution, again=True)
         # LOST: the task and lease now belong to the worker that took the run.
-
-    async def _suspend(self, held: Held, execution: RunExecution, *, again: bool = False) -> None:
-        """Let a waiting run go, then close the lost-wake-up race (NATS.md §8): a timer or
-        signal whose wake-up met this in-flight task was refused, so look again after the
-        acknowledgement and enqueue the run if one did. ``again``: enqueue it in any case (a
-        run that continued as new; should this worker die first, the engine enqueues it)."""
-        if not again:  # a continued run's timers belong to the stretch it left
-            await self._index_timers(held, execution)
-        try:
-            await held.msg.ack_sync(timeout=5)
-        except (nats.errors.Error, OSError) as exc:
-            log.debug("run %s: ack failed (%s); the task comes back by itself", held.run_id, exc)
-            return
-        await self._run_leases.release(held)
-        due = execution.next_due
-        woken = again or (due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER)
-        if not woken:
-            # Any run, not only one waiting for a signal: a cancel, terminate or pause is a
-            # signal too, and one whose nudge met this run on its way out would otherwise wait
-            # for the run's timer (a sleep of an hour: an hour).
-            woken = await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor
-        if woken:
-            task = Task(run_id=held.run_id, workflow=execution.workflow.name, reason="recheck")
-            await enqueue(self._conn, held.queue, task)
-
-    async def _index_timers(self, held: Held, execution: RunExecution) -> None:
-        pending = execution.timers_to_index()
-        if not pending:
-            return
-        try:
-            await asyncio.gather(
-                *(
-                    schedule(self._conn, Timer(run_id=held.run_id, seq=seq, name=name, due_at=due))
-                    for seq, name, due in pending
-                )
-            )
-        except NatflowError as exc:  # the engine's dispatcher writes them too, a little later
-            log.debug("run %s: timers not indexed here (%s)", held.run_id, exc)
-
-    # -- quarantine (see _guard) -----------------------------------------------------------
-
-    async def _quarantine_task(self, msg: Msg, reason: str) -> None:
-        await self._guard.set_task_aside(msg, reason)
-        await quietly(msg.term())
-
-    async def _held_in_quarantine(self, held: Held, history: History) -> bool:
-        """Whether the run is (now) held as poisoned or parked: then its task is done."""
-        if not await self._guard.holds(held.run_id, history):
-            return False
-        await quietly(held.msg.ack())
-        return True
-
-    async def _hold_corrupt(self, held: Held, bad: CorruptHistory) -> None:
-        await self._guard.hold_corrupt(held.run_id, bad)
-        await quietly(held.msg.ack())
-
-    async def _back_off(self, held: Held, exc: Exception, *, park: bool) -> None:
-        """A task that failed: NAK it with a growing delay, never at once (no hot loop);
-        after :data:`_PARK_AFTER` deliveries that failed alike, hold the run as parked."""
-        delivered = held.msg.metadata.num_delivered or 1
-        if park and await self._guard.failed(held.run_id, exc, delivered, _PARK_AFTER):
-            await quietly(held.msg.ack())
-        else:
-            delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (delivered - 1))
-            held.released = True
-            await quietly(held.msg.nak(delay=delay))
-        await self._run_leases.release(held)
 
     def _holds(self, run_id: str) -> bool:
         """Whether this worker holds the run (and has not handed its task back)."""
         held = self._held.get(run_id)
         return held is not None and not held.released
-
-    async def _hand_back(self, held: Held, delay: float | None = None) -> None:
-        if self._stopping.is_set():
-            # A task NAKed while this worker's own pulls are still out could be delivered
-            # right back here; let them be withdrawn first (shutdown waits the same way).
-            with anyio.move_on_after(5):
-                await self._not_pulling.wait()
-        held.released = True  # before the NAK: the next taker's ping must hear "free"
-        await quietly(held.msg.nak(delay=delay))
-        await self._run_leases.release(held)
-        log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
 
     # -- heartbeats, pings, registry -------------------------------------------------------
 
