@@ -106,7 +106,7 @@ class TaskEndings:
             log.debug("run %s: timers not indexed here (%s)", held.run_id, exc)
 
     async def set_aside(self, msg: Msg, reason: str) -> None:
-        """A task that cannot be a run's: kept aside for a person, never delivered again."""
+        """A task that cannot be a run's: dead-lettered (once) and terminated."""
         await self._guard.set_task_aside(msg, reason)
         await quietly(msg.term())
 

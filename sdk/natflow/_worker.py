@@ -25,18 +25,15 @@ import nats.errors
 import nats.js.errors
 from natflow_engine import (
     DEFAULT_ACK_WAIT,
-    EXECUTIONS,
     FENCED,
     RUNS_HELD,
     TASK_STREAM,
     TRANSIENT,
-    CorruptHistory,
     HistoryStore,
     InvalidInput,
     Leases,
     MissingKey,
     NatflowError,
-    Task,
     TaskPuller,
     WorkerInfo,
     announce,
@@ -44,10 +41,6 @@ from natflow_engine import (
     decode_task,
     ensure_consumer,
     ensure_streams,
-    fold_run,
-    labelled,
-    load_events,
-    open_events,
     ping_subject,
     prepare_worker,
     queue_consumer,
@@ -57,38 +50,28 @@ from natflow_engine import (
     wake_subject,
     withdraw,
 )
-from natflow_engine.events import Event, RestartSeeded, RunStarted, utcnow
+from natflow_engine.events import utcnow
 from nats.aio.msg import Msg
 
 from ._admission import Admitter
 from ._client import Client
 from ._endings import TaskEndings
-from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._flow import declare_flow
-from ._guard import RunGuard, check_inline_start
+from ._guard import RunGuard
 from ._held import Held, observe_lag, quietly, same_task
-from ._preclaim import Preclaim, inline_start, read_and_claim
 from ._pulse import HeldRun, Pulse
 from ._run_leases import RunLeases
 from ._served import index_workflows, input_schemas, pick_queues
 from ._steps import StepRuntime
+from ._task_processor import TaskProcessor
 from ._triggers import declare_triggers
-from ._unseen import read_until_seen, vouches_for_start
 from ._watchdog import LoopWatchdog
 from ._workflow import Workflow
 
 log = logging.getLogger("natflow.worker")
 
-_UNKNOWN_WORKFLOW_DELAY = 1.0
 _MISSING_KEY_DELAY = 2.0
-_BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
-_UNSEEN_START_TRIES = 5
 MIN_LEASE_TTL = 1.0
-
-
-def _seeded(events: list[Event]) -> bool:
-    """Whether a restarted run's copied history is complete (``restart_seeded`` written)."""
-    return any(isinstance(event, RestartSeeded) for event in events)
 
 
 class Worker:
@@ -139,9 +122,6 @@ class Worker:
         )
         self._metrics_port = metrics_port
         self._conn = client.connection
-        self._runtime = StepRuntime(
-            limiter=anyio.CapacityLimiter(max_concurrent_steps) if max_concurrent_steps else None
-        )
         self._store = HistoryStore(self._conn)
         self._leases = Leases(self._conn)
         self._run_leases = RunLeases(self._leases, self._conn, self.identity, float(lease_ttl))
@@ -160,6 +140,22 @@ class Worker:
         self._admitter = Admitter(self._conn, self.identity)
         self._endings = TaskEndings(
             self._conn, self._guard, self._run_leases, self._stopping, self._not_pulling
+        )
+        self._processor = TaskProcessor(
+            workflows=self._workflows,
+            conn=self._conn,
+            store=self._store,
+            identity=self.identity,
+            runtime=StepRuntime(
+                limiter=anyio.CapacityLimiter(max_concurrent_steps)
+                if max_concurrent_steps
+                else None
+            ),
+            guard=self._guard,
+            admitter=self._admitter,
+            leases=self._run_leases,
+            endings=self._endings,
+            stopping=self._stopping,
         )
         self._pulse: Pulse | None = None
         self._pulse_thread = False
@@ -384,7 +380,7 @@ class Worker:
             RUNS_HELD.inc()
             observe_lag(held)
             with held.scope:
-                await self._process(held, task)
+                await self._processor.process(held, task)
             if held.scope.cancelled_caught and held.lost:
                 log.info(
                     "run %s: lease taken by another worker; stepping back",
@@ -420,130 +416,6 @@ class Worker:
             self._slots.release()
             for puller in self._pullers:
                 puller.wake()
-
-    async def _process(self, held: Held, task: Task) -> None:
-        msg, run_id = held.msg, held.run_id
-        # History is the truth: a task is only a hint to look. Its inline start (if any)
-        # is checked against history and never used in its place.
-        preclaimed: Preclaim | None = None
-        inline = inline_start(task, msg.metadata.num_delivered or 1)
-        try:
-            # Claimed beside the read only where nothing may stand between the two: a run
-            # of a limited workflow may have to wait for a slot first, unclaimed.
-            served = self._workflows.get(inline.workflow) if inline is not None else None
-            if served is not None and not served.limits and not self._stopping.is_set():
-                history, preclaimed = await read_and_claim(
-                    self._store,
-                    self._conn,
-                    run_id,
-                    task.start_seq,
-                    self.identity,
-                    lambda: self._run_leases.take(held),
-                )
-            else:
-                history = await self._store.read(run_id)
-            if not history.events and vouches_for_start(task):
-                history = await read_until_seen(self._store, run_id, history)
-        except CorruptHistory as bad:
-            await self._endings.hold_corrupt(held, bad)
-            return
-        if task.start_seq > 0:
-            check_inline_start(task, history, inline)
-        # Sealed values opened for replay: without the key, MissingKey names it and the task
-        # goes back untouched for a worker that holds it.
-        # Large values read back from the object store first (they are stored sealed).
-        history.events = await load_events(self._conn, history.events, run_id)
-        history.events = open_events(self._conn.codec, history.events, run_id)
-        info = fold_run(run_id, history.events)
-        if info is None:
-            if vouches_for_start(task) and (msg.metadata.num_delivered or 1) < _UNSEEN_START_TRIES:
-                # a start the task vouches for, read from a replica not there yet
-                await quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
-                return
-            log.warning("task for unknown run %s; dropping it", run_id)
-            await quietly(msg.term())
-            return
-        if info.is_closed:
-            await quietly(msg.ack())
-            return
-        workflow = self._workflows.get(info.workflow)
-        if workflow is None:
-            log.debug("run %s: workflow %r is not served here", run_id, info.workflow)
-            await quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
-            return
-        if await self._endings.held_in_quarantine(held, history):
-            return
-        if await self._guard.held_elsewhere(run_id, info.worker):
-            # A task is no permission to take a run from a live holder: not a redelivery (a
-            # consumer leader change, an ack deadline missed in an election), nor a first
-            # delivery whose claim beside the read met the claim of a worker that got the
-            # redelivery meanwhile, nor a wake-up for a run its holder still has in hand.
-            # Leave it, look again later. (A new run, or a run last held here, asks no one.)
-            await quietly(msg.nak(delay=self.lease_ttl))
-            return
-        start = history.events[0]
-        assert isinstance(start, RunStarted)
-        if start.restarted_from is not None and not _seeded(history.events):
-            await quietly(msg.nak(delay=0.5))  # a restart is still copying its history
-            return
-        if info.status == "pending" and start.not_before is not None:
-            early = (start.not_before - utcnow()).total_seconds()
-            if early > HOLD_TIMERS_UNDER:
-                await quietly(msg.ack())  # the engine's start timer wakes it on time
-                return
-            await anyio.sleep(max(0.0, early))
-        admission = None
-        if workflow.limits:  # only then: a workflow without limits touches no slot
-            admission = await self._admitter.admit(workflow, start, run_id, msg)
-            if admission is None:
-                return  # it waits for a slot; the engine enqueues it when one is granted
-            held.admission = admission  # given back in _handle if this ends in an error
-        delivered = msg.metadata.num_delivered or 1
-        held.execution = RunExecution(
-            workflow=workflow,
-            history=history,
-            store=self._store,
-            conn=self._conn,
-            identity=self.identity,
-            runtime=self._runtime,
-            delivery=delivered,
-            preclaimed=preclaimed,
-        )
-        if held.nudged:  # a nudge that came while the execution was being built
-            held.execution.signals_arrived()
-        if self._stopping.is_set():
-            held.execution.drain()
-        if preclaimed is not None:  # leased (and looked) beside the claim already
-            outcome = await held.execution.execute()
-        else:
-            async with anyio.create_task_group() as tg:
-                # The lease makes ownership visible and lets the engine hand the run back if
-                # this process dies; the claim append is the fence. Neither waits for the other.
-                tg.start_soon(self._run_leases.take_and_look, held)
-                outcome = await held.execution.execute()
-        if admission is not None and outcome is not Outcome.STALE:  # STALE: admitted anew
-            lost = outcome is Outcome.LOST or held.lost
-            waiting = outcome is Outcome.SUSPENDED
-            await self._admitter.settle(admission, waiting=waiting, lost=lost)
-        labelled(EXECUTIONS, workflow.name, outcome.value).inc()
-        if outcome in (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED):
-            log.info(
-                "run %s (%s) %s", run_id, workflow.name, outcome.value, extra=held.execution_fields
-            )
-            await quietly(msg.ack())
-            await self._run_leases.release(held)
-        elif outcome is Outcome.BLOCKED:
-            await quietly(msg.nak(delay=_BLOCKED_DELAYS[min(delivered, 5) - 1]))
-            await self._run_leases.release(held)
-        elif outcome is Outcome.STALE:  # the run moved on since the task was written
-            await self._process(held, Task(run_id=run_id, workflow=task.workflow))
-        elif outcome is Outcome.HANDED_BACK:
-            await self._endings.hand_back(held)
-        elif outcome is Outcome.SUSPENDED:
-            await self._endings.suspend(held, held.execution)
-        elif outcome is Outcome.CONTINUED:  # its next stretch runs as a task of its own
-            await self._endings.suspend(held, held.execution, again=True)
-        # LOST: the task and lease now belong to the worker that took the run.
 
     def _holds(self, run_id: str) -> bool:
         """Whether this worker holds the run (and has not handed its task back)."""
