@@ -1,4 +1,4 @@
-"""What a worker serves: its workflows by name, the queues it pulls, their input schemas.
+"""What a worker serves: its workflows by name and the queues it pulls.
 
 Checked when the worker is made, so a wrong list of workflows fails there, with the fix named,
 and not when the first task arrives.
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
 
-import msgspec
 from natflow_engine import InvalidInput, check_queue
 
 from ._workflow import Workflow
@@ -48,17 +46,3 @@ def pick_queues(workflows: dict[str, Workflow], queue: str | None) -> list[str]:
                 queue,
             )
     return [queue]
-
-
-def input_schemas(workflows: dict[str, Workflow]) -> dict[str, Any]:
-    """Each served workflow's input as JSON Schema, announced so tools validate a start
-    before writing it. A type msgspec cannot describe is left out (not checked)."""
-    schemas: dict[str, Any] = {}
-    for name, wf in workflows.items():
-        if not wf.takes_input:  # it ignores its input: any is fine
-            continue
-        try:
-            schemas[name] = msgspec.json.schema(wf.input_type)
-        except (TypeError, ValueError) as exc:
-            log.info("workflow %r: no input schema announced (%s)", name, exc)
-    return schemas

@@ -10,7 +10,6 @@ announces itself in the worker registry.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import socket
@@ -35,8 +34,6 @@ from natflow_engine import (
     MissingKey,
     NatflowError,
     TaskPuller,
-    WorkerInfo,
-    announce,
     connected_user,
     decode_task,
     ensure_consumer,
@@ -48,9 +45,7 @@ from natflow_engine import (
     safe_identity,
     serve_metrics,
     wake_subject,
-    withdraw,
 )
-from natflow_engine.events import utcnow
 from nats.aio.msg import Msg
 
 from ._admission import Admitter
@@ -60,8 +55,9 @@ from ._flow import declare_flow
 from ._guard import RunGuard
 from ._held import Held, observe_lag, quietly, same_task
 from ._pulse import HeldRun, Pulse
+from ._registration import Registration
 from ._run_leases import RunLeases
-from ._served import index_workflows, input_schemas, pick_queues
+from ._served import index_workflows, pick_queues
 from ._steps import StepRuntime
 from ._task_processor import TaskProcessor
 from ._triggers import declare_triggers
@@ -132,8 +128,6 @@ class Worker:
         self._drained = anyio.Event()
         self._not_pulling = anyio.Event()
         self._pullers: list[TaskPuller] = []
-        self._started_at = utcnow()
-        self._user = ("", "")  # (user, account) as the server names them, once running
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
         self._guard = RunGuard(self._conn, self._store, self.identity)
@@ -141,21 +135,27 @@ class Worker:
         self._endings = TaskEndings(
             self._conn, self._guard, self._run_leases, self._stopping, self._not_pulling
         )
+        limiter = anyio.CapacityLimiter(max_concurrent_steps) if max_concurrent_steps else None
         self._processor = TaskProcessor(
             workflows=self._workflows,
             conn=self._conn,
             store=self._store,
             identity=self.identity,
-            runtime=StepRuntime(
-                limiter=anyio.CapacityLimiter(max_concurrent_steps)
-                if max_concurrent_steps
-                else None
-            ),
+            runtime=StepRuntime(limiter=limiter),
             guard=self._guard,
             admitter=self._admitter,
             leases=self._run_leases,
             endings=self._endings,
             stopping=self._stopping,
+        )
+        self._registration = Registration(
+            self._conn,
+            self.identity,
+            self.queues,
+            self._workflows,
+            self._held,
+            self._run_leases,
+            self._stopping,
         )
         self._pulse: Pulse | None = None
         self._pulse_thread = False
@@ -163,11 +163,6 @@ class Worker:
     @property
     def workflows(self) -> dict[str, Workflow]:
         return dict(self._workflows)
-
-    @functools.cached_property
-    def _input_schemas(self) -> dict[str, Any]:
-        """See :func:`input_schemas`: made once, announced at every heartbeat."""
-        return input_schemas(self._workflows)
 
     @property
     def lease_ttl(self) -> float:
@@ -189,12 +184,12 @@ class Worker:
         if self._metrics_port:
             serve_metrics(self._metrics_port)
         pullers = [await self._subscribe(queue, name) for queue, name in self._served]
-        self._user = await connected_user(self._conn)
+        self._registration.user = await connected_user(self._conn)
         ping = await self._start_pulse()
         watchdog = LoopWatchdog(asyncio.get_running_loop())
         watchdog.start()
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
-        await self._announce()
+        await self._registration.announce()
         await declare_triggers(self._conn, self._workflows.values(), self.identity)
         await declare_flow(self._conn, self._workflows.values())
         log.info(
@@ -282,10 +277,7 @@ class Worker:
             await quietly(ping.unsubscribe())
         if self._pulse is not None and self._pulse_thread:
             await anyio.to_thread.run_sync(self._pulse.stop)
-        try:
-            await withdraw(self._conn, self.identity)
-        except (NatflowError, nats.errors.Error) as exc:
-            log.debug("could not withdraw from the registry: %s", exc)
+        await self._registration.withdraw()
         self._stopped.set()
 
     async def shutdown(self, grace: float = 30.0) -> None:
@@ -422,14 +414,14 @@ class Worker:
         held = self._held.get(run_id)
         return held is not None and not held.released
 
-    # -- heartbeats, pings, registry -------------------------------------------------------
+    # -- heartbeats, pings, pauses ---------------------------------------------------------
 
     async def _heartbeat(self) -> None:
         while True:
             await anyio.sleep(max(0.2, self.lease_ttl / 3))
             if self._pulse is not None and not self._pulse_thread:  # no thread: beat here
                 await self._pulse.beat_all(self._conn.nc, self._leases)
-            await self._announce()
+            await self._registration.announce()
 
     async def _watch_paused_queues(self) -> None:
         """``natflow queues pause``: runs held here of a paused queue start no further step;
@@ -453,24 +445,3 @@ class Worker:
             held.execution.signals_arrived()
         elif held is not None:  # leased before its execution is built (see _preclaim)
             held.nudged = True
-
-    async def _announce(self) -> None:
-        info = WorkerInfo(
-            identity=self.identity,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            queues=self.queues,
-            workflows=sorted(self._workflows),
-            started_at=self._started_at,
-            heartbeat_at=utcnow(),
-            lease_ttl=self.lease_ttl,
-            held=len(self._held),
-            draining=self._stopping.is_set(),
-            input_schemas=self._input_schemas,
-            user=self._user[0],
-            account=self._user[1],
-        )
-        try:
-            await announce(self._conn, info)
-        except (NatflowError, nats.errors.Error) as exc:
-            log.debug("registry heartbeat failed: %s", exc)
