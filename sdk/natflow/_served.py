@@ -46,3 +46,9 @@ def pick_queues(workflows: dict[str, Workflow], queue: str | None) -> list[str]:
                 queue,
             )
     return [queue]
+
+
+def served_pairs(workflows: dict[str, Workflow], queue: str | None) -> list[tuple[str, str]]:
+    """What the worker pulls, as (queue, workflow) pairs: each workflow's tasks on the queue
+    it serves that workflow (``queue``, or the workflow's own)."""
+    return sorted((queue if queue is not None else wf.queue, wf.name) for wf in workflows.values())

@@ -57,7 +57,7 @@ from ._held import Held, observe_lag, quietly, same_task
 from ._pulse import HeldRun, Pulse
 from ._registration import Registration
 from ._run_leases import RunLeases
-from ._served import index_workflows, pick_queues
+from ._served import index_workflows, pick_queues, served_pairs
 from ._steps import StepRuntime
 from ._task_processor import TaskProcessor
 from ._triggers import declare_triggers
@@ -109,10 +109,7 @@ class Worker:
         if not lease_ttl >= MIN_LEASE_TTL:
             raise InvalidInput(f"lease_ttl must be at least {MIN_LEASE_TTL} s, not {lease_ttl}")
         self.queues = pick_queues(self._workflows, queue)
-        # What this worker pulls: each workflow's tasks on the queue it serves that workflow.
-        self._served = sorted(
-            (queue if queue is not None else wf.queue, wf.name) for wf in self._workflows.values()
-        )
+        self._served = served_pairs(self._workflows, queue)
         self.identity = safe_identity(
             identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
