@@ -28,13 +28,13 @@ from natflow_engine.events import Event, RestartSeeded, RunStarted, utcnow
 from nats.aio.msg import Msg
 
 from ._admission import Admitter
-from ._endings import TaskEndings
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._guard import RunGuard, check_inline_start
 from ._held import Held, quietly
 from ._preclaim import Preclaim, inline_start, read_and_claim
 from ._run_leases import RunLeases
 from ._steps import StepRuntime
+from ._task_endings import TaskEndings
 from ._unseen import read_until_seen, vouches_for_start
 from ._workflow import Workflow
 

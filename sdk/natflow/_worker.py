@@ -50,7 +50,6 @@ from nats.aio.msg import Msg
 
 from ._admission import Admitter
 from ._client import Client
-from ._endings import TaskEndings
 from ._flow import declare_flow
 from ._guard import RunGuard
 from ._held import Held, observe_lag, quietly, same_task
@@ -59,6 +58,7 @@ from ._registration import Registration
 from ._run_leases import RunLeases
 from ._served import index_workflows, pick_queues, served_pairs
 from ._steps import StepRuntime
+from ._task_endings import TaskEndings
 from ._task_processor import TaskProcessor
 from ._triggers import declare_triggers
 from ._watchdog import LoopWatchdog
