@@ -10,131 +10,64 @@ announces itself in the worker registry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import anyio
 import anyio.abc
-import msgspec
 import nats.errors
 import nats.js.errors
 from natflow_engine import (
     DEFAULT_ACK_WAIT,
-    EXECUTIONS,
     FENCED,
     RUNS_HELD,
-    TASK_LAG,
     TASK_STREAM,
     TRANSIENT,
-    CorruptHistory,
-    History,
     HistoryStore,
     InvalidInput,
-    Lease,
     Leases,
     MissingKey,
     NatflowError,
-    Task,
     TaskPuller,
-    Timer,
-    WorkerInfo,
-    announce,
-    check_queue,
     connected_user,
     decode_task,
-    enqueue,
     ensure_consumer,
     ensure_streams,
-    fields,
-    fold_run,
-    labelled,
-    last_signal_seq,
-    load_events,
-    open_events,
     ping_subject,
     prepare_worker,
     queue_consumer,
     queue_paused,
     safe_identity,
-    schedule,
     serve_metrics,
     wake_subject,
-    withdraw,
 )
-from natflow_engine.events import Event, RestartSeeded, RunStarted, utcnow
 from nats.aio.msg import Msg
 
-from ._admission import Admission, Admitter
+from ._admission import Admitter
 from ._client import Client
-from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._flow import declare_flow
-from ._guard import RunGuard, check_inline_start
-from ._preclaim import Preclaim, inline_start, read_and_claim
+from ._guard import RunGuard
+from ._held import Held, observe_lag, quietly, same_task
 from ._pulse import HeldRun, Pulse
+from ._registration import Registration
+from ._run_leases import RunLeases
+from ._served import index_workflows, pick_queues, served_pairs
 from ._steps import StepRuntime
+from ._task_endings import TaskEndings
+from ._task_processor import TaskProcessor
 from ._triggers import declare_triggers
-from ._unseen import read_until_seen, vouches_for_start
 from ._watchdog import LoopWatchdog
 from ._workflow import Workflow
 
 log = logging.getLogger("natflow.worker")
 
-_UNKNOWN_WORKFLOW_DELAY = 1.0
 _MISSING_KEY_DELAY = 2.0
-_BLOCKED_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
-_UNSEEN_START_TRIES = 5
-_BACKOFF_FIRST = 0.5  # a failed task comes back after 0.5, 1, 2, 4 ... s
-_BACKOFF_MAX = 60.0
-_PARK_AFTER = 8  # deliveries that failed in a row before the run is held as parked
 MIN_LEASE_TTL = 1.0
-
-
-def _seeded(events: list[Event]) -> bool:
-    """Whether a restarted run's copied history is complete (``restart_seeded`` written)."""
-    return any(isinstance(event, RestartSeeded) for event in events)
-
-
-def _same_task(a: Msg, b: Msg) -> bool:
-    """Two deliveries of one task message (same stream sequence), not two tasks."""
-    try:
-        return bool(a.metadata.sequence.stream == b.metadata.sequence.stream)
-    except Exception:  # not a JetStream delivery: treat as different
-        return False
-
-
-@dataclass(eq=False)
-class _Held:
-    """A run this worker holds: its task message, lease and the scope that runs it."""
-
-    msg: Msg
-    run_id: str
-    queue: str
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    execution: RunExecution | None = None
-    lease: Lease | None = None
-    revision: int = 0
-    renewed_at: float = field(default_factory=time.monotonic)
-    lost: bool = False
-    released: bool = False  # its task was handed back: another worker may take the run
-    # asyncio's own (anyio's asks which event loop runs, each time: ~2 us a run)
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
-    admission: Admission | None = None  # the concurrency slots it holds (see _admission)
-    nudged: bool = False  # told of new signals before its execution existed
-
-    @property
-    def execution_fields(self) -> dict[str, Any]:
-        """Log fields: the run id, and its workflow once known."""
-        workflow = self.execution.workflow.name if self.execution is not None else None
-        return fields(self.run_id, workflow)
 
 
 class Worker:
@@ -168,91 +101,71 @@ class Worker:
         metrics_port: int | None = None,
     ) -> None:
         self._client = client
-        self._workflows = self._index(workflows)
+        self._workflows = index_workflows(workflows)
         if max_concurrent_runs < 1:
             raise InvalidInput("max_concurrent_runs must be at least 1")
         if max_concurrent_steps is not None and max_concurrent_steps < 1:
             raise InvalidInput("max_concurrent_steps must be at least 1 (or None)")
         if not lease_ttl >= MIN_LEASE_TTL:
             raise InvalidInput(f"lease_ttl must be at least {MIN_LEASE_TTL} s, not {lease_ttl}")
-        self.queues = self._pick_queues(queue)
-        # What this worker pulls: each workflow's tasks on the queue it serves that workflow.
-        self._served = sorted(
-            (queue if queue is not None else wf.queue, wf.name) for wf in self._workflows.values()
-        )
+        self.queues = pick_queues(self._workflows, queue)
+        self._served = served_pairs(self._workflows, queue)
         self.identity = safe_identity(
             identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self.lease_ttl = float(lease_ttl)
         self._metrics_port = metrics_port
         self._conn = client.connection
-        self._runtime = StepRuntime(
-            limiter=anyio.CapacityLimiter(max_concurrent_steps) if max_concurrent_steps else None
-        )
         self._store = HistoryStore(self._conn)
         self._leases = Leases(self._conn)
-        self._held: dict[str, _Held] = {}
+        self._run_leases = RunLeases(self._leases, self._conn, self.identity, float(lease_ttl))
+        self._held: dict[str, Held] = {}
         self._slots = anyio.Semaphore(max_concurrent_runs)
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._drained = anyio.Event()
         self._not_pulling = anyio.Event()
         self._pullers: list[TaskPuller] = []
-        self._started_at = utcnow()
-        self._user = ("", "")  # (user, account) as the server names them, once running
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
         self._guard = RunGuard(self._conn, self._store, self.identity)
         self._admitter = Admitter(self._conn, self.identity)
+        self._endings = TaskEndings(
+            self._conn, self._guard, self._run_leases, self._stopping, self._not_pulling
+        )
+        limiter = anyio.CapacityLimiter(max_concurrent_steps) if max_concurrent_steps else None
+        self._processor = TaskProcessor(
+            workflows=self._workflows,
+            conn=self._conn,
+            store=self._store,
+            identity=self.identity,
+            runtime=StepRuntime(limiter=limiter),
+            guard=self._guard,
+            admitter=self._admitter,
+            leases=self._run_leases,
+            endings=self._endings,
+            stopping=self._stopping,
+        )
+        self._registration = Registration(
+            self._conn,
+            self.identity,
+            self.queues,
+            self._workflows,
+            self._held,
+            self._run_leases,
+            self._stopping,
+        )
         self._pulse: Pulse | None = None
         self._pulse_thread = False
-
-    @staticmethod
-    def _index(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
-        found: dict[str, Workflow] = {}
-        for wf in workflows:
-            if not isinstance(wf, Workflow):
-                raise InvalidInput(f"{wf!r} is not a workflow; decorate it with @workflow")
-            if wf.name in found and found[wf.name] is not wf:
-                raise InvalidInput(f"two workflows are named {wf.name!r}; names must be unique")
-            found[wf.name] = wf
-        if not found:
-            raise InvalidInput("a worker needs at least one workflow")
-        return found
-
-    def _pick_queues(self, queue: str | None) -> list[str]:
-        if queue is None:
-            return sorted({wf.queue for wf in self._workflows.values()})
-        check_queue(queue)
-        for wf in self._workflows.values():
-            if wf.queue != queue:
-                log.warning(
-                    "workflow %r declares queue %r but this worker serves %r: its runs reach "
-                    "this worker only when started with queue=%r",
-                    wf.name,
-                    wf.queue,
-                    queue,
-                    queue,
-                )
-        return [queue]
 
     @property
     def workflows(self) -> dict[str, Workflow]:
         return dict(self._workflows)
 
-    @functools.cached_property
-    def _input_schemas(self) -> dict[str, Any]:
-        """Each served workflow's input as JSON Schema, announced so tools validate a start
-        before writing it. A type msgspec cannot describe is left out (not checked)."""
-        schemas: dict[str, Any] = {}
-        for name, wf in self._workflows.items():
-            if not wf.takes_input:  # it ignores its input: any is fine
-                continue
-            try:
-                schemas[name] = msgspec.json.schema(wf.input_type)
-            except (TypeError, ValueError) as exc:
-                log.info("workflow %r: no input schema announced (%s)", name, exc)
-        return schemas
+    @property
+    def lease_ttl(self) -> float:
+        """Seconds a run stays with this worker once its heartbeats stop (lowered at start
+        to a queue's shorter ack deadline)."""
+        return self._run_leases.ttl
 
     @property
     def held_runs(self) -> list[str]:
@@ -268,12 +181,12 @@ class Worker:
         if self._metrics_port:
             serve_metrics(self._metrics_port)
         pullers = [await self._subscribe(queue, name) for queue, name in self._served]
-        self._user = await connected_user(self._conn)
+        self._registration.user = await connected_user(self._conn)
         ping = await self._start_pulse()
         watchdog = LoopWatchdog(asyncio.get_running_loop())
         watchdog.start()
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
-        await self._announce()
+        await self._registration.announce()
         await declare_triggers(self._conn, self._workflows.values(), self.identity)
         await declare_flow(self._conn, self._workflows.values())
         log.info(
@@ -303,7 +216,7 @@ class Worker:
             watchdog.stop()
             with anyio.CancelScope(shield=True):
                 await self._close(pullers, ping)
-                await self._quietly(nudges.unsubscribe())
+                await quietly(nudges.unsubscribe())
 
     async def _start_pulse(self) -> Any:
         """Heartbeats on their own thread and connection. If that cannot connect, they run
@@ -330,7 +243,7 @@ class Worker:
 
     def _step_back(self, held: HeldRun, why: str) -> None:
         """On the worker's loop: the heartbeat found the run's lease lost."""
-        if not isinstance(held, _Held) or self._held.get(held.run_id) is not held or held.lost:
+        if not isinstance(held, Held) or self._held.get(held.run_id) is not held or held.lost:
             return
         if "taken" in why:  # said once the run's handling ends (see _handle)
             FENCED.labels(held.execution_fields.get("workflow", ""), "lease").inc()
@@ -348,7 +261,7 @@ class Worker:
         ack_wait = info.config.ack_wait or self.lease_ttl
         if ack_wait < self.lease_ttl:  # another worker of the queue asked for less: honour it
             log.info("queue %s uses a %g s ack deadline; heartbeating to match", queue, ack_wait)
-            self.lease_ttl = float(ack_wait)
+            self._run_leases.ttl = float(ack_wait)
         puller = TaskPuller(self._conn, queue, workflow)
         await puller.start()
         self._pullers.append(puller)
@@ -356,15 +269,12 @@ class Worker:
 
     async def _close(self, pullers: list[TaskPuller], ping: Any) -> None:
         for puller in pullers:
-            await self._quietly(puller.stop())
+            await quietly(puller.stop())
         if ping is not None:
-            await self._quietly(ping.unsubscribe())
+            await quietly(ping.unsubscribe())
         if self._pulse is not None and self._pulse_thread:
             await anyio.to_thread.run_sync(self._pulse.stop)
-        try:
-            await withdraw(self._conn, self.identity)
-        except (NatflowError, nats.errors.Error) as exc:
-            log.debug("could not withdraw from the registry: %s", exc)
+        await self._registration.withdraw()
         self._stopped.set()
 
     async def shutdown(self, grace: float = 30.0) -> None:
@@ -388,7 +298,7 @@ class Worker:
         remaining = list(self._held.values())
         self._runs_scope.cancel()
         for held in remaining:
-            await self._hand_back(held)
+            await self._endings.hand_back(held)
         await self._stopped.wait()
 
     async def __aenter__(self) -> Worker:
@@ -424,25 +334,25 @@ class Worker:
     async def _take(self, puller: TaskPuller, runs: anyio.abc.TaskGroup) -> None:
         async for msg in puller.tasks:
             if self._stopping.is_set():
-                await self._quietly(msg.nak())
+                await quietly(msg.nak())
                 continue
             await self._slots.acquire()
             runs.start_soon(self._handle, msg)
 
     async def _handle(self, msg: Msg) -> None:
-        held: _Held | None = None
+        held: Held | None = None
         try:
             try:
                 task = decode_task(msg.data)
             except Exception as exc:
-                await self._quarantine_task(msg, f"the task does not decode: {exc}")
+                await self._endings.set_aside(msg, f"the task does not decode: {exc}")
                 return
             if msg.subject.rsplit(".", 1)[-1] != task.run_id:
                 reason = f"the task names run {task.run_id[:200]!r}, its subject another"
-                await self._quarantine_task(msg, reason)
+                await self._endings.set_aside(msg, reason)
                 return
             previous = self._held.get(task.run_id)
-            if previous is not None and _same_task(previous.msg, msg):
+            if previous is not None and same_task(previous.msg, msg):
                 # Redelivered to this worker while it still holds the run (it missed its
                 # heartbeats): keep the running execution, which history fences if another
                 # worker took the run meanwhile, and follow the newer delivery.
@@ -454,12 +364,12 @@ class Worker:
                 # once that is done, as the next holder would.
                 with anyio.move_on_after(self.lease_ttl):
                     await previous.finished.wait()
-            held = _Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
+            held = Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
             self._held[task.run_id] = held
             RUNS_HELD.inc()
-            self._observe_lag(held)
+            observe_lag(held)
             with held.scope:
-                await self._process(held, task)
+                await self._processor.process(held, task)
             if held.scope.cancelled_caught and held.lost:
                 log.info(
                     "run %s: lease taken by another worker; stepping back",
@@ -470,21 +380,21 @@ class Worker:
             run_id = held.run_id if held else "?"
             log.warning("run %s: handing it back: %s", run_id, exc)
             if held is not None:
-                await self._back_off(held, exc, park=False)
+                await self._endings.back_off(held, exc, park=False)
         except MissingKey as exc:  # a worker that holds the key will take it, later
             log.error("run %s: handing it back: %s", held.run_id if held else "?", exc)
             if held is not None:
-                await self._hand_back(held, delay=_MISSING_KEY_DELAY)
+                await self._endings.hand_back(held, delay=_MISSING_KEY_DELAY)
         except Exception as exc:
             if held is not None:
-                await self._back_off(held, exc, park=True)
+                await self._endings.back_off(held, exc, park=True)
         finally:
             if held is not None and held.admission is not None:  # an error, a cancellation
                 with anyio.CancelScope(shield=True):
                     await self._admitter.settle(held.admission, waiting=False, lost=held.lost)
             if held is not None and held.execution is None and held.lease is not None:
                 with anyio.CancelScope(shield=True):  # leased beside its claim, then let go
-                    await self._release(held)
+                    await self._run_leases.release(held)
             if held is not None and self._held.get(held.run_id) is held:
                 del self._held[held.run_id]
                 RUNS_HELD.dec()
@@ -496,258 +406,19 @@ class Worker:
             for puller in self._pullers:
                 puller.wake()
 
-    async def _process(self, held: _Held, task: Task) -> None:
-        msg, run_id = held.msg, held.run_id
-        # History is the truth: a task is only a hint to look. Its inline start (if any)
-        # is checked against history and never used in its place.
-        preclaimed: Preclaim | None = None
-        inline = inline_start(task, msg.metadata.num_delivered or 1)
-        try:
-            # Claimed beside the read only where nothing may stand between the two: a run
-            # of a limited workflow may have to wait for a slot first, unclaimed.
-            served = self._workflows.get(inline.workflow) if inline is not None else None
-            if served is not None and not served.limits and not self._stopping.is_set():
-                history, preclaimed = await read_and_claim(
-                    self._store,
-                    self._conn,
-                    run_id,
-                    task.start_seq,
-                    self.identity,
-                    lambda: self._lease(held),
-                )
-            else:
-                history = await self._store.read(run_id)
-            if not history.events and vouches_for_start(task):
-                history = await read_until_seen(self._store, run_id, history)
-        except CorruptHistory as bad:
-            await self._hold_corrupt(held, bad)
-            return
-        if task.start_seq > 0:
-            check_inline_start(task, history, inline)
-        # Sealed values opened for replay: without the key, MissingKey names it and the task
-        # goes back untouched for a worker that holds it.
-        # Large values read back from the object store first (they are stored sealed).
-        history.events = await load_events(self._conn, history.events, run_id)
-        history.events = open_events(self._conn.codec, history.events, run_id)
-        info = fold_run(run_id, history.events)
-        if info is None:
-            if vouches_for_start(task) and (msg.metadata.num_delivered or 1) < _UNSEEN_START_TRIES:
-                # a start the task vouches for, read from a replica not there yet
-                await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
-                return
-            log.warning("task for unknown run %s; dropping it", run_id)
-            await self._quietly(msg.term())
-            return
-        if info.is_closed:
-            await self._quietly(msg.ack())
-            return
-        workflow = self._workflows.get(info.workflow)
-        if workflow is None:
-            log.debug("run %s: workflow %r is not served here", run_id, info.workflow)
-            await self._quietly(msg.nak(delay=_UNKNOWN_WORKFLOW_DELAY))
-            return
-        if await self._held_in_quarantine(held, history):
-            return
-        if await self._guard.held_elsewhere(run_id, info.worker):
-            # A task is no permission to take a run from a live holder: not a redelivery (a
-            # consumer leader change, an ack deadline missed in an election), nor a first
-            # delivery whose claim beside the read met the claim of a worker that got the
-            # redelivery meanwhile, nor a wake-up for a run its holder still has in hand.
-            # Leave it, look again later. (A new run, or a run last held here, asks no one.)
-            await self._quietly(msg.nak(delay=self.lease_ttl))
-            return
-        start = history.events[0]
-        assert isinstance(start, RunStarted)
-        if start.restarted_from is not None and not _seeded(history.events):
-            await self._quietly(msg.nak(delay=0.5))  # a restart is still copying its history
-            return
-        if info.status == "pending" and start.not_before is not None:
-            early = (start.not_before - utcnow()).total_seconds()
-            if early > HOLD_TIMERS_UNDER:
-                await self._quietly(msg.ack())  # the engine's start timer wakes it on time
-                return
-            await anyio.sleep(max(0.0, early))
-        admission = None
-        if workflow.limits:  # only then: a workflow without limits touches no slot
-            admission = await self._admitter.admit(workflow, start, run_id, msg)
-            if admission is None:
-                return  # it waits for a slot; the engine enqueues it when one is granted
-            held.admission = admission  # given back in _handle if this ends in an error
-        delivered = msg.metadata.num_delivered or 1
-        held.execution = RunExecution(
-            workflow=workflow,
-            history=history,
-            store=self._store,
-            conn=self._conn,
-            identity=self.identity,
-            runtime=self._runtime,
-            delivery=delivered,
-            preclaimed=preclaimed,
-        )
-        if held.nudged:  # a nudge that came while the execution was being built
-            held.execution.signals_arrived()
-        if self._stopping.is_set():
-            held.execution.drain()
-        if preclaimed is not None:  # leased (and looked) beside the claim already
-            outcome = await held.execution.execute()
-        else:
-            async with anyio.create_task_group() as tg:
-                # The lease makes ownership visible and lets the engine hand the run back if
-                # this process dies; the claim append is the fence. Neither waits for the other.
-                tg.start_soon(self._take_lease, held)
-                outcome = await held.execution.execute()
-        if admission is not None and outcome is not Outcome.STALE:  # STALE: admitted anew
-            lost = outcome is Outcome.LOST or held.lost
-            waiting = outcome is Outcome.SUSPENDED
-            await self._admitter.settle(admission, waiting=waiting, lost=lost)
-        labelled(EXECUTIONS, workflow.name, outcome.value).inc()
-        if outcome in (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED):
-            log.info(
-                "run %s (%s) %s", run_id, workflow.name, outcome.value, extra=held.execution_fields
-            )
-            await self._quietly(msg.ack())
-            await self._release(held)
-        elif outcome is Outcome.BLOCKED:
-            await self._quietly(msg.nak(delay=_BLOCKED_DELAYS[min(delivered, 5) - 1]))
-            await self._release(held)
-        elif outcome is Outcome.STALE:  # the run moved on since the task was written
-            await self._process(held, Task(run_id=run_id, workflow=task.workflow))
-        elif outcome is Outcome.HANDED_BACK:
-            await self._hand_back(held)
-        elif outcome is Outcome.SUSPENDED:
-            await self._suspend(held, held.execution)
-        elif outcome is Outcome.CONTINUED:  # its next stretch runs as a task of its own
-            await self._suspend(held, held.execution, again=True)
-        # LOST: the task and lease now belong to the worker that took the run.
-
-    async def _suspend(self, held: _Held, execution: RunExecution, *, again: bool = False) -> None:
-        """Let a waiting run go, then close the lost-wake-up race (NATS.md §8): a timer or
-        signal whose wake-up met this in-flight task was refused, so look again after the
-        acknowledgement and enqueue the run if one did. ``again``: enqueue it in any case (a
-        run that continued as new; should this worker die first, the engine enqueues it)."""
-        if not again:  # a continued run's timers belong to the stretch it left
-            await self._index_timers(held, execution)
-        try:
-            await held.msg.ack_sync(timeout=5)
-        except (nats.errors.Error, OSError) as exc:
-            log.debug("run %s: ack failed (%s); the task comes back by itself", held.run_id, exc)
-            return
-        await self._release(held)
-        due = execution.next_due
-        woken = again or (due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER)
-        if not woken:
-            # Any run, not only one waiting for a signal: a cancel, terminate or pause is a
-            # signal too, and one whose nudge met this run on its way out would otherwise wait
-            # for the run's timer (a sleep of an hour: an hour).
-            woken = await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor
-        if woken:
-            task = Task(run_id=held.run_id, workflow=execution.workflow.name, reason="recheck")
-            await enqueue(self._conn, held.queue, task)
-
-    async def _lease(self, held: _Held) -> bool:
-        """Write the run's lease; False if it could not be written (it is advisory: the
-        claim append still fences other holders)."""
-        try:
-            held.lease, held.revision = await self._leases.acquire(
-                held.run_id, self.identity, held.queue, held.msg.reply, self.lease_ttl
-            )
-        except NatflowError as exc:
-            log.warning("run %s: could not write its lease (%s)", held.run_id, exc)
-            return False
-        held.renewed_at = time.monotonic()
-        return True
-
-    async def _take_lease(self, held: _Held) -> None:
-        if not await self._lease(held):
-            return
-        # A signal (a pause, a cancel) stored before the lease existed had no holder to
-        # nudge; one stored after it gets a nudge. Look once, beside the run's first steps.
-        execution = held.execution
-        if execution is not None:
-            with contextlib.suppress(NatflowError):
-                if await last_signal_seq(self._conn, held.run_id) > execution.signal_cursor:
-                    execution.signals_arrived()
-
-    async def _index_timers(self, held: _Held, execution: RunExecution) -> None:
-        pending = execution.timers_to_index()
-        if not pending:
-            return
-        try:
-            await asyncio.gather(
-                *(
-                    schedule(self._conn, Timer(run_id=held.run_id, seq=seq, name=name, due_at=due))
-                    for seq, name, due in pending
-                )
-            )
-        except NatflowError as exc:  # the engine's dispatcher writes them too, a little later
-            log.debug("run %s: timers not indexed here (%s)", held.run_id, exc)
-
-    # -- quarantine (see _guard) -----------------------------------------------------------
-
-    async def _quarantine_task(self, msg: Msg, reason: str) -> None:
-        await self._guard.set_task_aside(msg, reason)
-        await self._quietly(msg.term())
-
-    async def _held_in_quarantine(self, held: _Held, history: History) -> bool:
-        """Whether the run is (now) held as poisoned or parked: then its task is done."""
-        if not await self._guard.holds(held.run_id, history):
-            return False
-        await self._quietly(held.msg.ack())
-        return True
-
-    async def _hold_corrupt(self, held: _Held, bad: CorruptHistory) -> None:
-        await self._guard.hold_corrupt(held.run_id, bad)
-        await self._quietly(held.msg.ack())
-
-    async def _back_off(self, held: _Held, exc: Exception, *, park: bool) -> None:
-        """A task that failed: NAK it with a growing delay, never at once (no hot loop);
-        after :data:`_PARK_AFTER` deliveries that failed alike, hold the run as parked."""
-        delivered = held.msg.metadata.num_delivered or 1
-        if park and await self._guard.failed(held.run_id, exc, delivered, _PARK_AFTER):
-            await self._quietly(held.msg.ack())
-        else:
-            delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (delivered - 1))
-            held.released = True
-            await self._quietly(held.msg.nak(delay=delay))
-        await self._release(held)
-
     def _holds(self, run_id: str) -> bool:
         """Whether this worker holds the run (and has not handed its task back)."""
         held = self._held.get(run_id)
         return held is not None and not held.released
 
-    async def _hand_back(self, held: _Held, delay: float | None = None) -> None:
-        if self._stopping.is_set():
-            # A task NAKed while this worker's own pulls are still out could be delivered
-            # right back here; let them be withdrawn first (shutdown waits the same way).
-            with anyio.move_on_after(5):
-                await self._not_pulling.wait()
-        held.released = True  # before the NAK: the next taker's ping must hear "free"
-        await self._quietly(held.msg.nak(delay=delay))
-        await self._release(held)
-        log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
-
-    @staticmethod
-    def _observe_lag(held: _Held) -> None:
-        """Schedule-to-start: from the task's enqueueing to now (first deliveries only)."""
-        meta = held.msg.metadata
-        if meta.num_delivered == 1:
-            lag = (utcnow() - meta.timestamp).total_seconds()
-            labelled(TASK_LAG, held.queue).observe(max(0.0, lag))
-
-    async def _release(self, held: _Held) -> None:
-        if held.lease is not None and not held.lost:
-            await self._quietly(self._leases.release(held.run_id, held.revision))
-            held.lease = None
-
-    # -- heartbeats, pings, registry -------------------------------------------------------
+    # -- heartbeats, pings, pauses ---------------------------------------------------------
 
     async def _heartbeat(self) -> None:
         while True:
             await anyio.sleep(max(0.2, self.lease_ttl / 3))
             if self._pulse is not None and not self._pulse_thread:  # no thread: beat here
                 await self._pulse.beat_all(self._conn.nc, self._leases)
-            await self._announce()
+            await self._registration.announce()
 
     async def _watch_paused_queues(self) -> None:
         """``natflow queues pause``: runs held here of a paused queue start no further step;
@@ -771,30 +442,3 @@ class Worker:
             held.execution.signals_arrived()
         elif held is not None:  # leased before its execution is built (see _preclaim)
             held.nudged = True
-
-    async def _announce(self) -> None:
-        info = WorkerInfo(
-            identity=self.identity,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            queues=self.queues,
-            workflows=sorted(self._workflows),
-            started_at=self._started_at,
-            heartbeat_at=utcnow(),
-            lease_ttl=self.lease_ttl,
-            held=len(self._held),
-            draining=self._stopping.is_set(),
-            input_schemas=self._input_schemas,
-            user=self._user[0],
-            account=self._user[1],
-        )
-        try:
-            await announce(self._conn, info)
-        except (NatflowError, nats.errors.Error) as exc:
-            log.debug("registry heartbeat failed: %s", exc)
-
-    async def _quietly(self, op: Any) -> None:
-        try:
-            await op
-        except (nats.errors.Error, NatflowError, OSError) as exc:
-            log.debug("acknowledgement failed: %s", exc)
