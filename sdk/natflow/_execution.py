@@ -13,7 +13,7 @@ run holds no worker and no memory.
 The driver's collaborators, each over the same :class:`RunRecorder` (the one path to the
 run's history): :class:`RunClaimer` (taking the run), :class:`LiveSteps` (steps launched and
 recorded), :class:`SignalIntake` (signals moved in), :class:`RunTimers` (timers fired), and
-``_endings`` (how the history ends).
+``_run_endings`` (how the history ends).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from natflow_engine.events import RunTerminated, utcnow
 from ._claim import RunClaimer
 from ._commands import Finished, Item, SignalsArrived, StillRunning, TimerDue
 from ._continuation import events_before
-from ._endings import end, fail, finish, record_block
 from ._live_steps import LiveSteps
 from ._outcome import HOLD_FOR_CHILDREN, HOLD_TIMERS_UNDER, Outcome
 from ._preclaim import Preclaim
 from ._recorder import Fenced, RunRecorder
 from ._replay import Evicted, WorkflowState
+from ._run_endings import end, fail, finish, record_block
 from ._run_timers import RunTimers
 from ._signal_intake import SignalIntake
 from ._steps import StepRuntime, run_runtime
