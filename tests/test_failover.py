@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 from natflow import Client
-from natflow_engine._leases import Leases
+from natflow_engine._leases import Lease, Leases
 from natflow_engine._registry import ping_subject
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import queue_consumer
@@ -29,6 +29,19 @@ TARGET = "tests.workflows_proc:make_worker"
 CHAOS_TARGET = "tests.workflows_chaos:make_worker"
 
 
+async def held_in_step_three(client: Client, run_id: str) -> tuple[Lease, int]:
+    """Once the run's gated third step runs: its holder's lease."""
+
+    async def in_step_three() -> bool:
+        steps = await client.steps(run_id)
+        return [s.status for s in steps] == ["completed", "completed", "running"]
+
+    await wait_for(in_step_three, timeout=30, what="step three running")
+    lease = await Leases(client.connection).get(run_id)
+    assert lease is not None
+    return lease
+
+
 async def test_a_redelivery_while_the_holder_is_alive_does_not_move_the_run(
     client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
 ) -> None:
@@ -42,13 +55,7 @@ async def test_a_redelivery_while_the_holder_is_alive_does_not_move_the_run(
         await workers_up(client, 2)
         handle = await client.start("crash_counter", 1, run_id="redeliver-1")
 
-        async def in_step_three() -> bool:
-            steps = await client.steps("redeliver-1")
-            return [s.status for s in steps] == ["completed", "completed", "running"]
-
-        await wait_for(in_step_three, timeout=30, what="step three running")
-        lease = await Leases(client.connection).get("redeliver-1")
-        assert lease is not None
+        lease = await held_in_step_three(client, "redeliver-1")
         # What a consumer leader change does to in-flight tasks: deliver them again.
         for _ in range(6):
             await client.connection.nc.publish(lease[0].ack_subject, b"-NAK")
@@ -88,13 +95,7 @@ async def test_a_first_delivery_while_the_holder_is_alive_does_not_move_the_run(
         await workers_up(client, 1)
         handle = await client.start("crash_counter", 1, run_id="first-1")
 
-        async def in_step_three() -> bool:
-            steps = await client.steps("first-1")
-            return [s.status for s in steps] == ["completed", "completed", "running"]
-
-        await wait_for(in_step_three, timeout=30, what="step three running")
-        lease = await Leases(client.connection).get("first-1")
-        assert lease is not None
+        lease = await held_in_step_three(client, "first-1")
         # The holder's task settled while it still holds the run, and a new one enqueued:
         # the other worker gets it as a first delivery.
         await client.connection.nc.request(lease[0].ack_subject, b"+ACK", timeout=5)

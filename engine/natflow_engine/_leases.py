@@ -73,18 +73,8 @@ class Leases:
         """
         lease.expires_at = utcnow() + timedelta(seconds=lease.ttl)
         for _ in range(2):
-            try:
-                new = await kv_put(
-                    self._conn,
-                    LEASES_BUCKET,
-                    lease.run_id,
-                    _encoder.encode(lease),
-                    revision=revision,
-                    ttl=lease.ttl + 1,
-                )
-            except JetStreamError as exc:
-                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
-                    raise
+            new = await self._put_at(lease, revision)
+            if new is None:
                 found = await self.get(lease.run_id)
                 if found is None:  # expired while it could not be renewed: write it anew
                     revision = await self._last_revision(lease.run_id)
@@ -100,9 +90,13 @@ class Leases:
         """Write ``lease`` over whatever the run's entry holds now (another worker wrote over
         it and let the run go); None if the entry changed again meanwhile."""
         lease.expires_at = utcnow() + timedelta(seconds=lease.ttl)
-        revision = await self._last_revision(lease.run_id)
+        new = await self._put_at(lease, await self._last_revision(lease.run_id))
+        return None if new is None else (lease, new)
+
+    async def _put_at(self, lease: Lease, revision: int) -> int | None:
+        """Store ``lease`` if its entry is still at ``revision``: the new revision, or None."""
         try:
-            new = await kv_put(
+            return await kv_put(
                 self._conn,
                 LEASES_BUCKET,
                 lease.run_id,
@@ -114,7 +108,6 @@ class Leases:
             if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                 raise
             return None
-        return lease, new
 
     async def _last_revision(self, run_id: str) -> int:
         """The entry's last revision, a delete marker's included (0: nothing there)."""
