@@ -13,6 +13,7 @@ import anyio
 import pytest
 from natflow import Client, Worker, WorkflowContext, workflow
 from natflow_engine._engine import Engine
+from natflow_engine._leases import Leases
 from natflow_engine._server import EmbeddedServer
 
 from tests.helpers import spawn_worker, stop, wait_for
@@ -204,7 +205,7 @@ async def test_a_worker_killed_behind_a_live_link_is_still_handed_back_at_once(
                 await central.start("crash_counter", 1, run_id="doomed")
 
                 async def leased() -> bool:
-                    return "doomed" in engine.reaper.leases
+                    return await Leases(central.connection).get("doomed") is not None
 
                 await wait_for(leased, timeout=30, what="the worker process to take the run")
                 stop(proc, signal.SIGKILL)

@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from natflow import Client
+from natflow_engine._engine import Engine
 from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import dead_letters
@@ -172,6 +173,10 @@ async def test_malformed_kv_entries_are_dead_lettered_and_the_engine_keeps_worki
         await conn.publish("$KV.natflow_timers.ghost-run.4", b"[]")  # after startup, too
         later = await client.start("napper", 1, run_id="kv-nap-2")
         assert await later.result(timeout=30) == 2
+
+        # Leases are read every 30 s (and when a worker is gone), not watched: read them now.
+        assert isinstance(engine, Engine)
+        await engine.reaper.sweep()
 
         async def letters() -> list[str]:
             found = await dead_letters(conn)

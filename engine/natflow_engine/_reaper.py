@@ -1,12 +1,14 @@
 """The reaper: hands a dead worker's runs to other workers within a second.
 
-It watches the lease and worker buckets and pings every worker that holds a lease or is
-registered (``natflow.worker.<identity>.ping``). "No responders" twice in a row means the
-worker's connection is gone (killed, crashed, cut off), so the reaper NAKs the task of every
-run that worker leased: the queue's consumer redelivers it at once and another worker
-resumes the run. A worker that answers slowly or not at all (paused, overloaded) is left
-alone; its lease and ack deadline expire on their own, and the history's conditional append
-fences it if it comes back. So is a worker on another server (a leaf node) that cannot be
+It watches the worker registry and pings every registered worker
+(``natflow.worker.<identity>.ping``). "No responders" twice in a row means the worker's
+connection is gone (killed, crashed, cut off), so the reaper reads the leases bucket and NAKs
+the task of every run that worker leased: the queue's consumer redelivers it at once and
+another worker resumes the run. The leases are read only then, not watched: a watch cost the
+engine two deliveries per run (a lease's write and its delete), the reap a few milliseconds.
+A worker that answers slowly or not at all (paused, overloaded) is left alone; its lease and
+ack deadline expire on their own, and the history's conditional append fences it if it comes
+back. So is a worker on another server (a leaf node) that cannot be
 reached because the link to that server is cut (``_reach``): a partitioned worker is not gone.
 """
 
@@ -23,7 +25,7 @@ import nats.errors
 
 from ._connection import Connection, NoResponders, RequestTimeout
 from ._errors import NatflowError
-from ._kv import kv_delete_nowait, kv_watch
+from ._kv import kv_delete_nowait, kv_entries, kv_watch
 from ._leases import LEASES_BUCKET, Lease, decode_lease
 from ._logs import fields
 from ._metrics import TAKEOVERS
@@ -37,14 +39,16 @@ log = logging.getLogger("natflow.reaper")
 
 PROBE_INTERVAL: Final = 0.25
 STRIKES: Final = 2  # consecutive "no responders" before a worker counts as gone
+_LEASES_READ: Final = 100_000  # leases read at most at once (one per held run)
+SWEEP_INTERVAL: Final = 30.0  # seconds between reads of every lease (see Reaper.sweep)
 
 
 class Reaper:
     def __init__(self, conn: Connection, probe_interval: float = PROBE_INTERVAL) -> None:
         self._conn = conn
         self._interval = probe_interval
-        self.leases: dict[str, tuple[Lease, int]] = {}
         self.workers: set[str] = set()
+        self.holders: set[str] = set()  # workers that held a lease at the last sweep
         self.places: dict[str, Place] = {}  # where each registered worker is connected
         self.partitioned: set[str] = set()  # workers now unreachable behind a cut link
         self._strikes: dict[str, int] = {}
@@ -62,31 +66,47 @@ class Reaper:
     async def run(self) -> None:
         self._conn.on_reconnect.append(lambda: self.pause_probes(2.0))
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch_leases)
             tg.start_soon(self._watch_workers)
+            tg.start_soon(self._sweep_every, SWEEP_INTERVAL)
             while True:
                 await anyio.sleep(self._interval)
                 if time.monotonic() < self._quiet_until or not self._conn.nc.is_connected:
                     continue
-                owners = self.workers | {lease.worker for lease, _ in self.leases.values()}
-                for owner in owners - self._probing:
+                for owner in (self.workers | self.holders) - self._probing:
                     self._probing.add(owner)
                     tg.start_soon(self._probe, owner)
 
-    async def _watch_leases(self) -> None:
-        async for run_id, value, revision in kv_watch(self._conn, LEASES_BUCKET):
-            if value is None:
-                self.leases.pop(run_id, None)
-                continue
+    async def _sweep_every(self, seconds: float) -> None:
+        while True:
             try:
-                self.leases[run_id] = (decode_lease(value), revision)
+                await self.sweep()
+            except (NatflowError, nats.errors.Error) as exc:
+                log.debug("leases not swept: %s", exc)
+            await anyio.sleep(seconds)
+
+    async def sweep(self) -> set[str]:
+        """Read every lease: its holders are probed too (a worker whose registry entry is
+        missing still has its runs handed back), and an entry that is not a lease is set
+        aside. Returns the holders."""
+        self.holders = {lease.worker for lease, _ in await self._leases()}
+        return self.holders
+
+    async def _leases(self) -> list[tuple[Lease, int]]:
+        """Every live lease and its revision; an entry that is not a lease is set aside (a
+        lease is advisory: history fences)."""
+        leases: list[tuple[Lease, int]] = []
+        for msg in await kv_entries(self._conn, LEASES_BUCKET, batch=_LEASES_READ):
+            headers = msg.headers or {}
+            key = headers.get("Nats-Subject", "").removeprefix(f"$KV.{LEASES_BUCKET}.")
+            revision = int(headers.get("Nats-Sequence", "0"))
+            try:
+                leases.append((decode_lease(msg.data), revision))
             except msgspec.DecodeError as exc:
-                self.leases.pop(run_id, None)
-                # A lease is advisory (history fences): drop the bad one, keep watching.
-                await self._quarantine(LEASES_BUCKET, "kv_leases", run_id, value, revision, exc)
+                await self._quarantine(LEASES_BUCKET, "kv_leases", key, msg.data, revision, exc)
                 await self._quietly(
-                    kv_delete_nowait(self._conn, LEASES_BUCKET, run_id, revision=revision)
+                    kv_delete_nowait(self._conn, LEASES_BUCKET, key, revision=revision)
                 )
+        return leases
 
     async def _watch_workers(self) -> None:
         async for identity, value, revision in kv_watch(self._conn, WORKERS_BUCKET):
@@ -180,11 +200,10 @@ class Reaper:
 
     async def _reap(self, identity: str) -> None:
         self._strikes.pop(identity, None)
-        held = [(lease, rev) for lease, rev in self.leases.values() if lease.worker == identity]
+        held = [(lease, rev) for lease, rev in await self._leases() if lease.worker == identity]
         for lease, revision in held:
             await self._conn.nc.publish(lease.ack_subject, b"-NAK")
             await kv_delete_nowait(self._conn, LEASES_BUCKET, lease.run_id, revision=revision)
-            self.leases.pop(lease.run_id, None)
             if lease.expires_at < utcnow():
                 continue  # a lease left behind (its expiry is not seen here): no run moved
             TAKEOVERS.labels(lease.queue, "reaped").inc()
