@@ -17,9 +17,12 @@ from pathlib import Path
 import msgspec
 from natflow import Client, Workflow
 from natflow_engine import HistoryStore, load_value, value_ref
+from natflow_engine._reader import reader
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._streams import HISTORY_STREAM, history_subject
 from natflow_engine.events import SignalWaited, encode_event
 
+from examples.greeting import greet
 from tests.helpers import running_engine, running_worker, wait_for
 from tests.workflows_recorded import (
     recorded_cancel,
@@ -58,6 +61,14 @@ async def save_stored(client: Client, run_id: str) -> None:
         lines.append(data + b"\n")
     (HISTORIES / f"{run_id}.jsonl").write_bytes(b"".join(lines))
     print(f"wrote {run_id}.jsonl ({len(lines)} events, values by reference)")
+
+
+async def save_raw(client: Client, run_id: str) -> None:
+    """The run's messages exactly as stored: one line per message (its last step's outcome
+    inside its ``run_completed``)."""
+    page = await reader(client.connection).read_all(HISTORY_STREAM, history_subject(run_id))
+    (HISTORIES / f"{run_id}.jsonl").write_bytes(b"".join(m.data + b"\n" for m in page.messages))
+    print(f"wrote {run_id}.jsonl ({len(page.messages)} messages, as stored)")
 
 
 async def run_to_end(client: Client, workflow: Workflow, run_id: str, value: object) -> None:
@@ -148,8 +159,16 @@ async def main() -> None:
                         (
                             "recorded_flow-d-doc1-1",
                             lambda: debounced(client, "recorded_flow-d-doc1-1"),
+                        ),
+                        (
                             "recorded-continue-1",
                             lambda: continued(client, "recorded-continue-1"),
+                        ),
+                        (
+                            "recorded-packed-end",
+                            lambda: run_to_end(
+                                client, greet, "recorded-packed-end", {"name": "Bo"}
+                            ),
                         ),
                         (
                             "recorded-values-1",
@@ -165,6 +184,8 @@ async def main() -> None:
                         await scenario()
                         if run_id == "recorded-values-1":
                             await save_stored(client, run_id)
+                        elif run_id == "recorded-packed-end":
+                            await save_raw(client, run_id)
                         else:
                             await save(client, run_id)
         finally:

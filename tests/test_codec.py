@@ -38,7 +38,14 @@ from tests.helpers import ROOT, running_worker, wait_for
 
 K1 = bytes(range(32))
 K2 = bytes(range(32, 64))
-SECRETS = ("INPUT-S3CRET", "STEP-S3CRET", "SIGNAL-S3CRET", "ERROR-S3CRET", "RESULT-S3CRET")
+SECRETS = (
+    "INPUT-S3CRET",
+    "STEP-S3CRET",
+    "SIGNAL-S3CRET",
+    "ERROR-S3CRET",
+    "RESULT-S3CRET",
+    "LAST-S3CRET",
+)
 
 
 def fail(text: str) -> None:
@@ -54,6 +61,12 @@ async def confidential(ctx: WorkflowContext, data: dict[str, str]) -> dict[str, 
         caught = exc.error.message
     signal = await ctx.wait_for_signal("approve", timeout=30)
     return {"echo": echoed, "caught": caught, "signal": signal, "result": "RESULT-S3CRET"}
+
+
+@workflow(name="sealed_tail")
+async def sealed_tail(ctx: WorkflowContext, data: str) -> str:
+    # Its last step's outcome is stored with the run's end, in one message: sealed there too.
+    return await ctx.step("tail", lambda s: f"LAST-S3CRET {s}", data)
 
 
 @workflow(name="doomed")
@@ -101,7 +114,7 @@ async def test_no_plaintext_of_inputs_results_errors_or_signals_reaches_jetstrea
     codec = AesGcmCodec({"k1": K1}, current="k1")
     client = await Client.connect(nats_server.url, codec=codec)
     try:
-        async with running_worker(client, [confidential, doomed]):
+        async with running_worker(client, [confidential, doomed, sealed_tail]):
             handle = await client.start(confidential, {"secret": "INPUT-S3CRET"}, run_id="c-1")
             await wait_for(lambda: _status(client, "c-1", "waiting"), timeout=15, what="wait")
             await client.signal("c-1", "approve", {"note": "SIGNAL-S3CRET"})
@@ -111,13 +124,15 @@ async def test_no_plaintext_of_inputs_results_errors_or_signals_reaches_jetstrea
                 "signal": {"note": "SIGNAL-S3CRET"},
                 "result": "RESULT-S3CRET",
             }
+            tail = await client.start(sealed_tail, "INPUT-S3CRET", run_id="c-4")
+            assert await tail.result(timeout=15) == "LAST-S3CRET INPUT-S3CRET"
             failing = await client.start(doomed, "INPUT-S3CRET", run_id="c-2")
             with pytest.raises(RunFailed, match="ERROR-S3CRET of the run"):
                 await failing.result(timeout=15)
         # A run no worker serves keeps its task, with the inline copy of its start, in the
         # task stream: sealed too.
         await client.start(doomed, "INPUT-S3CRET", run_id="c-3", queue="nobody")
-        await wait_for(lambda: _indexed(client, 2), timeout=10, what="both runs indexed")
+        await wait_for(lambda: _indexed(client, 3), timeout=10, what="the runs indexed")
         assert next(r.result for r in await client.list() if r.run_id == "c-1")["echo"]
     finally:
         await client.close()

@@ -13,12 +13,20 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
-from natflow import AesGcmCodec, Client, InvalidInput, RunFailed, RunNotFound
+from natflow import (
+    AesGcmCodec,
+    Client,
+    InvalidInput,
+    RunFailed,
+    RunNotFound,
+    WorkflowContext,
+    workflow,
+)
 from natflow_engine import INLINE_BYTES
 from natflow_engine._engine import Engine
 from natflow_engine._sealing import ENV_KEYS
 from natflow_engine._server import EmbeddedServer
-from natflow_engine.events import RunStarted
+from natflow_engine.events import RunStarted, StepCompleted
 
 from tests.helpers import ROOT, count_lines, running_worker, spawn_worker, stop, wait_for
 from tests.workflows_recorded import recorded_values
@@ -193,3 +201,24 @@ async def test_a_step_result_that_only_sealing_takes_over_the_limit_fails_the_st
         assert await object_count(nats_server.url) == 0
     finally:
         await client.close()
+
+
+@workflow(name="big_last_step")
+async def big_last_step(ctx: WorkflowContext, size: int) -> int:
+    value = await ctx.step("big", lambda n: "x" * n, size)  # the last step: carried by the end
+    return len(value)
+
+
+async def test_a_large_last_step_result_carried_by_the_runs_end_is_stored_by_reference(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    size = INLINE_BYTES + 1000
+    async with running_worker(client, [big_last_step]):
+        handle = await client.start(big_last_step, size, run_id="big-last")
+        assert await handle.result(timeout=20) == size
+    assert await object_count(nats_server.url) > 0  # the step's value went to the store
+    history = await client.history("big-last")
+    step = next(e for e in history if isinstance(e, StepCompleted))
+    assert msgspec.json.decode(step.result) == "x" * size  # read back in its place
+    stored = await stream_messages(nats_server.url, "NATFLOW_HISTORY")
+    assert max(len(m) for m in stored) < INLINE_BYTES  # no message holds it inline

@@ -125,3 +125,22 @@ def test_a_recorded_continued_stretch_carries_its_untaken_signal() -> None:
 def test_every_recorded_workflow_is_known() -> None:
     names = {load(p).events[0].workflow for p in HISTORIES.glob("*.jsonl")}  # type: ignore[union-attr]
     assert names and names <= set(WORKFLOWS)
+
+
+def test_a_recorded_end_carrying_its_last_step_reads_as_both_events() -> None:
+    """Stored as three messages, the last a ``run_completed`` (v 2) carrying the outcome of
+    the step the workflow returned after; read back as four events, one per position."""
+    path = HISTORIES / "recorded-packed-end.jsonl"
+    stored = [msgspec.json.decode(line) for line in path.read_bytes().splitlines()]
+    assert [m["type"] for m in stored] == ["run_started", "run_claimed", "run_completed"]
+    assert stored[-1]["v"] == 2 and stored[-1]["last_step"]["type"] == "step_completed"
+    events = load_history(path).events
+    assert [type(e).__name__ for e in events] == [
+        "RunStarted",
+        "RunClaimed",
+        "StepCompleted",
+        "RunCompleted",
+    ]
+    assert [e.id.rpartition(":")[2] for e in events] == ["1", "2", "3", "4"]
+    end = events[-1]
+    assert isinstance(end, RunCompleted) and end.last_step is None

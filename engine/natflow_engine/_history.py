@@ -31,7 +31,7 @@ from ._reader import reader
 from ._sealing import seal_event
 from ._streams import HISTORY_STREAM, event_subject, history_subject
 from ._values import store_event
-from .events import Event, RunContinued, decode_event, encode_event
+from .events import Event, RunContinued, decode_event, encode_event, unpacked
 
 log = logging.getLogger("natflow.history")
 
@@ -210,7 +210,7 @@ class HistoryStore:
     async def _read(self, run_id: str, lenient: bool) -> History:
         page = await self._reader.read_all(HISTORY_STREAM, history_subject(run_id))
         try:
-            events = [decode_event(m.data) for m in page.messages]
+            events = unpacked([decode_event(m.data) for m in page.messages])
             return History(run_id, current_stretch(events), page.last_seq)
         except msgspec.DecodeError:
             pass  # read again with headers, to name the bad message's sequence
@@ -221,7 +221,7 @@ class HistoryStore:
                 history.events.append(decode_event(msg.data))
             except msgspec.DecodeError as exc:
                 history.corrupt.append((_seq_of(msg), str(exc)))
-        history.events = current_stretch(history.events)
+        history.events = current_stretch(unpacked(history.events))
         if history.corrupt and not lenient:
             seq, reason = history.corrupt[0]
             last = history.events[-1] if history.events else None

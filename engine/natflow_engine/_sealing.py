@@ -227,6 +227,10 @@ def seal_event(codec: PayloadCodec | None, event: Event) -> Event:
         event = msgspec.structs.replace(event, signals=signals)
     if isinstance(event, RunStarted):
         return msgspec.structs.replace(event, input=msgspec.Raw(seal(codec, _raw(event.input))))
+    if isinstance(event, RunCompleted) and event.last_step is not None:  # carried: sealed too
+        last_step = seal_event(codec, event.last_step)
+        assert isinstance(last_step, StepCompleted)
+        event = msgspec.structs.replace(event, last_step=last_step)
     if isinstance(event, StepCompleted | RunCompleted):
         return msgspec.structs.replace(event, result=msgspec.Raw(seal(codec, _raw(event.result))))
     if isinstance(event, SignalReceived):

@@ -214,6 +214,10 @@ _WITH_RESULT = (StepCompleted, RunCompleted, ChildCompleted)
 
 async def store_event(conn: Connection, event: Event, run_id: str) -> Event:
     """``event`` with a large user value replaced by its reference (stored first)."""
+    if isinstance(event, RunCompleted) and event.last_step is not None:  # carried: stored too
+        last_step = await store_event(conn, event.last_step, run_id)
+        assert isinstance(last_step, StepCompleted)
+        event = msgspec.structs.replace(event, last_step=last_step)
     if isinstance(event, _WITH_RESULT):
         data = bytes(event.result)
         if len(data) <= INLINE_BYTES and not is_ref(data):

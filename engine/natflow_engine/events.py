@@ -313,7 +313,17 @@ class RunTerminated(_Event, tag="run_terminated", kw_only=True, frozen=True):
 
 
 class RunCompleted(_Event, tag="run_completed", kw_only=True, frozen=True):
+    """The workflow returned ``result``.
+
+    ``last_step``: the outcome of the step the workflow returned right after, recorded in
+    the same message (one append where there were two; written with ``v`` 2). Its id is the
+    position before this event's. Readers see it as a ``step_completed`` of its own just
+    before this event (:func:`unpacked`); a natflow older than this field ignores it and
+    would replay such a run as diverged.
+    """
+
     result: msgspec.Raw = NULL
+    last_step: StepCompleted | None = None
 
 
 class RunFailed(_Event, tag="run_failed", kw_only=True, frozen=True):
@@ -362,6 +372,21 @@ def encode_event(event: Event) -> bytes:
 def decode_event(data: bytes) -> Event:
     event: Event = _decoder.decode(data)
     return event
+
+
+def unpacked(events: list[Event]) -> list[Event]:
+    """The events as the run recorded them, one per position: a ``run_completed`` that carries
+    its last step's outcome becomes that ``step_completed`` followed by itself without it."""
+    # Only a run's end carries one, and only a restart's note follows an end: look back
+    # from the last event to the first that is not such a note.
+    at = len(events) - 1
+    while at > 0 and type(events[at]) is RunRestarted:
+        at -= 1
+    end = events[at] if events else None
+    if type(end) is not RunCompleted or end.last_step is None:
+        return events
+    plain = msgspec.structs.replace(end, last_step=None, v=SCHEMA_VERSION)
+    return [*events[:at], end.last_step, plain, *events[at + 1 :]]
 
 
 class _Kind(msgspec.Struct):

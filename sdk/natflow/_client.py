@@ -56,6 +56,7 @@ from natflow_engine import send as send_signal
 from natflow_engine.events import (
     Event,
     decode_event,
+    unpacked,
     utcnow,
 )
 from nats.aio.client import Client as NATS
@@ -485,6 +486,7 @@ class Client:
         )
         try:
             async for msg in sub.messages:
-                yield decode_event(msg.data)
+                for event in unpacked([decode_event(msg.data)]):
+                    yield event
         finally:
             await sub.unsubscribe()

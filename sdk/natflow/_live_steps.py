@@ -104,11 +104,24 @@ class LiveSteps:
         if item.retry_at is not None:
             await self._record_retry(item, item.retry_at)
             return
-        event = await self._rec.append(self._outcome_event(item))
+        rec, state = self._rec, self._rec.state
+        outcome = self._outcome_event(item)
+        if isinstance(outcome, StepCompleted):
+            # Delivered first: a workflow that returns now has this outcome recorded with its
+            # end, in one append (RunRecorder.hold_last says why the order still holds).
+            held = rec.hold_last(outcome)
+            self.inflight -= 1
+            self._count_step(held)
+            state.deliver(held)
+            assert state.root is not None
+            if not state.root.done():
+                await rec.append_held()  # it goes on: recorded before anything it asks for
+            return
+        event = await rec.append(outcome)
         self.inflight -= 1
         assert isinstance(event, StepCompleted | StepFailed)
         self._count_step(event)
-        self._rec.state.deliver(event)
+        state.deliver(event)
 
     async def still_running(self, item: StillRunning) -> None:
         """Record that a step started (it has run, or waited for its rate, long enough)."""

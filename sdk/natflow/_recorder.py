@@ -11,7 +11,14 @@ from typing import Any
 
 import msgspec
 from natflow_engine import AppendConflict, Connection, HistoryStore, fields
-from natflow_engine.events import ChildFailed, ChildStarted, Event, utcnow
+from natflow_engine.events import (
+    ChildFailed,
+    ChildStarted,
+    Event,
+    RunCompleted,
+    StepCompleted,
+    utcnow,
+)
 
 from ._children import start_children
 from ._record_bounds import bounded
@@ -36,6 +43,7 @@ class RunRecorder:
     """
 
     __slots__ = (
+        "_held",
         "_last_seq",
         "_store",
         "_trace",
@@ -67,26 +75,63 @@ class RunRecorder:
         self.count = count
         self._last_seq = last_seq
         self.last_event = last_event
+        # A step outcome delivered to the workflow before it is recorded (see hold_last).
+        self._held: StepCompleted | None = None
+
+    def hold_last(self, outcome: StepCompleted) -> StepCompleted:
+        """Take a step's outcome to record with whatever the run appends next: with its
+        ``run_completed`` in one message if the workflow now returns (one append less per
+        run), else on its own just before that next event. Returns the outcome with its id.
+
+        The caller delivers the outcome to the workflow before it is recorded; nothing the
+        workflow does then reaches history or runs before the next append, so history order
+        stays delivery order. A worker that dies in between loses the outcome, as one dying
+        before the append would: the step runs again.
+        """
+        assert self._held is None
+        held = msgspec.structs.replace(outcome, id=self.next_id())
+        self._held = held
+        return held
 
     async def append(self, event: Event, *, rollup: bool = False) -> Event:
-        event = (
-            msgspec.structs.replace(event, id=f"{self.run_id}:{self.count + 1}")
-            if not event.id
-            else event
-        )
+        held = self._held
+        if held is not None:
+            self._held = None
+            if type(event) is RunCompleted and not rollup:
+                carried = msgspec.structs.replace(
+                    event, id=event.id or self._id(2), last_step=held, v=2
+                )
+                await self._write(carried, rollup=False, events=(held, event))
+                return event
+            await self._write(held, rollup=False, events=(held,))
+        event = msgspec.structs.replace(event, id=self._id(1)) if not event.id else event
+        await self._write(event, rollup=rollup, events=(event,))
+        return event
+
+    async def append_held(self) -> None:
+        """Record the held outcome on its own (the workflow went on after it)."""
+        held, self._held = self._held, None
+        if held is not None:
+            await self._write(held, rollup=False, events=(held,))
+
+    async def _write(self, message: Event, *, rollup: bool, events: tuple[Event, ...]) -> None:
         try:
             self._last_seq = await self._store.append(
-                self.run_id, event, self._last_seq, rollup=rollup
+                self.run_id, message, self._last_seq, rollup=rollup
             )
         except AppendConflict as exc:
             raise Fenced() from exc
-        self.count += 1
-        self.last_event = event
-        self._trace.recorded(event)
-        return event
+        self.count += len(events)
+        self.last_event = events[-1]
+        for event in events:
+            self._trace.recorded(event)
+
+    def _id(self, ahead: int) -> str:
+        return f"{self.run_id}:{self.count + ahead}"
 
     def next_id(self) -> str:
-        return f"{self.run_id}:{self.count + 1}"
+        """The id of the next event appended (after a held outcome, if any)."""
+        return self._id(2 if self._held is not None else 1)
 
     def fields(self, step: str | None = None) -> dict[str, Any]:
         return fields(self.run_id, self.workflow_name, step)

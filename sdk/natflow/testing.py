@@ -31,7 +31,7 @@ from natflow_engine import (
     NonDeterminismError,
     error_info,
 )
-from natflow_engine.events import Event, RunStarted, decode_event, utcnow
+from natflow_engine.events import Event, RunStarted, decode_event, unpacked, utcnow
 
 from ._client import Client
 from ._replay import WorkflowState
@@ -71,7 +71,7 @@ def load_history(path: str | os.PathLike[str]) -> History:
     file = Path(path)
     lines = [line for line in file.read_bytes().splitlines() if line.strip()]
     try:
-        events = [decode_event(line) for line in lines]
+        events = unpacked([decode_event(line) for line in lines])
     except Exception as exc:
         raise InvalidInput(f"{file} is not a natflow history (one event per line): {exc}") from exc
     if not events or not isinstance(events[0], RunStarted):

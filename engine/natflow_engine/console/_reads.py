@@ -30,7 +30,7 @@ from .._signals import DeadLetter, dead_letters
 from .._site_index import site_run, site_runs
 from .._state import RunInfo, StepInfo, fold_run, fold_steps
 from .._streams import HISTORY_STREAM, RUNS_STREAM, ensure_streams, history_subject, runs_subject
-from ..events import Event, decode_event
+from ..events import Event, decode_event, unpacked
 from ._counts import Row, StatusCounts
 
 log = logging.getLogger("natflow.console")
@@ -221,7 +221,7 @@ async def read_more(conn: Connection, view: RunView) -> RunView:
     )
     if not page.messages:
         return view
-    added = _opened(conn, [decode_event(m.data) for m in page.messages], run_id)
+    added = _opened(conn, unpacked([decode_event(m.data) for m in page.messages]), run_id)
     events = current_stretch(view.events + added)  # a continuation meanwhile: its stretch only
     info = fold_run(run_id, events)
     assert info is not None  # it had a start event already
