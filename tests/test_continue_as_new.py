@@ -95,6 +95,12 @@ async def test_older_step_events_are_ignored_then_purged_by_the_engine(
         events = await client.history("purge-1")
         assert isinstance(events[0], RunContinued)
         assert len([e for e in events if isinstance(e, StepCompleted)]) == 3
+        # Ids go on from the older stretch's events, its last step (recorded as the
+        # workflow continued right after it) counted: one id per position, none reused.
+        positions = [int(e.id.rpartition(":")[2]) for e in events]
+        first = events[0].events_before + 1
+        assert positions == list(range(first, first + len(events)))
+        assert first == 1 + 1 + 3 + 1  # start, claim, 3 steps, then the continuation
 
         async def purged() -> bool:
             info = await jsm.stream_info(

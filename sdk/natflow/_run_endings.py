@@ -71,6 +71,7 @@ async def _continue_as_new(rec: RunRecorder, request: ContinueAsNew) -> Outcome:
         check_input_size(rec.conn, rec.run_id, request.input_json)
     except InvalidInput as error:
         return await fail(rec, error_info(error))
+    await rec.append_held()  # the old stretch's last step: counted in what the new one follows
     event = next_stretch(rec.state, rec.run_id, request.input_json, rec.next_id(), rec.count)
     stored_at = await run_stored_at(rec.conn, rec.run_id, rec.state.start)
     event = msgspec.structs.replace(event, run_stored_at=stored_at)
