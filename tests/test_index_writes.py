@@ -90,3 +90,35 @@ async def test_an_event_folded_before_its_runs_start_is_placed_from_history(
     summary = await RunIndex(conn).get(run)
     assert summary is not None and summary.status == "completed"
     assert summary.created_at == start.at
+
+
+async def test_a_summary_rewritten_during_a_list_scan_is_listed_once(client: Client) -> None:
+    """The index holds one message per run: a summary rewritten while ``list`` scans leaves
+    its place for the stream's end, past where the scan began. It is listed, once, as
+    rewritten (before, it went missing from that listing)."""
+    conn = client.connection
+    await ensure_streams(conn)
+    index = RunIndex(conn)
+    for n in range(3):
+        start = RunStarted(
+            id=f"scan-{n}:1", at=utcnow(), workflow="w", queue="q", input=msgspec.Raw(b"null")
+        )
+        assert await index.apply(f"scan-{n}", start, 10 + n) is not None
+    claim = RunClaimed(id="scan-0:2", at=utcnow(), worker="w1")
+    original = index._page
+    rewritten = False
+
+    async def racing_page(start: int, count: int, *, bounded: bool = True) -> object:
+        nonlocal rewritten
+        if not rewritten:  # the engine folds scan-0's claim just as the scan reads its page
+            rewritten = True
+            assert await RunIndex(conn).apply("scan-0", claim, 20) is not None
+        return await original(start, count, bounded=bounded)
+
+    index._page = racing_page  # type: ignore[method-assign]
+    runs = await index.scan(limit=10)
+    assert sorted((r.run_id, r.status) for r in runs) == [
+        ("scan-0", "running"),
+        ("scan-1", "pending"),
+        ("scan-2", "pending"),
+    ]

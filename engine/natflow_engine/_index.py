@@ -261,20 +261,32 @@ class RunIndex:
             log.debug("run index unavailable: %s", exc)
             return [], 0
         first, last = info.state.first_seq, info.state.last_seq
-        found: list[RunInfo] = []
+        # Newest summary of each run by its stream sequence: a summary rewritten while the
+        # scan goes on leaves its place (one message per run) for the stream's end, so the
+        # scan may meet it twice, or only there: what came after ``last`` is read at the end.
+        newest: dict[str, tuple[int, RunInfo]] = {}
+
+        def keep(entries: list[tuple[int, IndexEntry]]) -> None:
+            for seq, entry in entries:
+                seen = newest.get(entry.info.run_id)
+                if seen is None or seen[0] < seq:
+                    newest[entry.info.run_id] = (seq, entry.info)
+
+        end = last
         start = max(first, last - _PAGE + 1)
         scanned = 0
         while last >= first and scanned < _SCAN_LIMIT:
-            entries = await self._page(start, last - start + 1)
+            keep(await self._page(start, last - start + 1))
             scanned += last - start + 1
-            for entry in entries:
-                run = entry.info
-                if (workflow is None or run.workflow == workflow) and (
-                    status is None or run.status == status
-                ):
-                    found.append(run)
             last = start - 1
             start = max(first, last - _PAGE + 1)
+        keep(await self._page(end + 1, _PAGE, bounded=False))
+        found = [
+            run
+            for _, run in newest.values()
+            if (workflow is None or run.workflow == workflow)
+            and (status is None or run.status == status)
+        ]
         # At a hub with sites: the sites' runs too, as the hub last copied them.
         found += [
             run
@@ -285,10 +297,14 @@ class RunIndex:
         found.sort(key=lambda r: r.created_at, reverse=True)
         return found[:limit], len(found)
 
-    async def _page(self, start: int, count: int) -> list[IndexEntry]:
-        end = start + count - 1
+    async def _page(
+        self, start: int, count: int, *, bounded: bool = True
+    ) -> list[tuple[int, IndexEntry]]:
+        """Up to ``count`` summaries from stream sequence ``start`` on, with their sequences;
+        ``bounded``: only those below ``start + count``."""
+        end = start + count - 1 if bounded else None
         body = msgspec.json.encode({"seq": start, "batch": count})
-        entries: list[IndexEntry] = []
+        entries: list[tuple[int, IndexEntry]] = []
         sub = await self._conn.nc.subscribe(self._conn.nc.new_inbox())
         try:
             await self._conn.nc.publish(
@@ -299,7 +315,8 @@ class RunIndex:
                 headers = msg.headers or {}
                 if "Status" in headers:
                     return entries
-                if int(headers.get("Nats-Sequence", "0")) <= end:
-                    entries.append(_entry_decoder.decode(msg.data))
+                seq = int(headers.get("Nats-Sequence", "0"))
+                if end is None or seq <= end:
+                    entries.append((seq, _entry_decoder.decode(msg.data)))
         finally:
             await sub.unsubscribe()
