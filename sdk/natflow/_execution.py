@@ -2,9 +2,12 @@
 
 The workflow's coroutines run on a :class:`WorkflowLoop`; this driver runs on the worker's
 asyncio loop. It delivers recorded outcomes (steps, timers, signals) in history order
-(replay), then runs new commands for real. Every live outcome is appended to history first
-and delivered to the workflow second, so history order is delivery order and every replay
-decides races (a signal against its timeout, parallel branches) alike.
+(replay), then runs new commands for real. Every live outcome is in history before anything
+the workflow does after it: appended first and delivered second, but for a completed step,
+delivered first and appended before anything the workflow asked for on receiving it (with
+the run's end, in one message, when the workflow returns right after it). So history order
+is delivery order and every replay decides races (a signal against its timeout, parallel
+branches) alike.
 
 When the workflow can only wait (for a timer further off than :data:`HOLD_TIMERS_UNDER`, or
 for a signal), the driver returns ``SUSPENDED`` and the worker lets the run go: a sleeping

@@ -2,7 +2,9 @@
 
 A step's task sends what happened (``StillRunning``, ``Finished``) to the driver, which
 records it here: a step started long ago, a failed attempt that is retried on a durable
-timer, or the step's outcome, delivered to the workflow once it is in history.
+timer, or the step's outcome. A failure is delivered to the workflow once it is in history;
+a result is delivered first and recorded before anything the workflow does with it (see
+``RunRecorder.hold_last``).
 """
 
 from __future__ import annotations
