@@ -56,6 +56,10 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         finally:
             asyncio.events._set_running_loop(outer)
 
+    def has_ready(self) -> bool:
+        """Whether a callback waits to run."""
+        return bool(self._ready)
+
     # -- what asyncio.Task, Future and gather call -----------------------------------------
 
     def call_soon(  # type: ignore[override]

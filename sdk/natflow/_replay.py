@@ -319,6 +319,18 @@ class WorkflowState:
         self._match(command)
         recorded = self._recorded_events.get(seq)
         if isinstance(recorded, StepCompleted | StepFailed):
+            if (
+                self._replay
+                and self._replay[0] is recorded
+                and self.block is None
+                and self._alone()
+            ):
+                # Its outcome is the next event to deliver and nothing else could run before
+                # it: resolved now, as delivery would after an idle tick (a long sequential
+                # replay takes no loop turn per step).
+                self._replay.popleft()
+                self.now = recorded.at
+                self._resolve_step(command, recorded)
             return command.future
         failed = self._retries.get(seq)
         if failed is not None:
@@ -328,6 +340,13 @@ class WorkflowState:
                 return command.future
         self._to_launch.append(command)
         return command.future
+
+    def _alone(self) -> bool:
+        """Whether the workflow's only task is the one running, with no callback waiting to
+        run: then the loop would be idle as soon as this task awaits, and the next event's
+        delivery would wake only it."""
+        loop = self._loop
+        return len(loop.tasks) == 1 and not loop.has_ready()
 
     def issue_child(
         self,
