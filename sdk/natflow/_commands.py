@@ -29,7 +29,7 @@ from natflow_engine.events import (
 )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Command:
     seq: int
     name: str
@@ -41,7 +41,7 @@ class Command:
         return f"{self.kind} {self.name!r}"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class StepCommand(Command):
     occurrence: int
     fn: Callable[..., Any]
@@ -58,21 +58,21 @@ class StepCommand(Command):
     kind = "step"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SleepCommand(Command):
     due_at: datetime
 
     kind = "sleep"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class WaitCommand(Command):
     timeout_at: datetime | None
 
     kind = "signal wait"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ChildCommand(Command):
     child_run_id: str
     queue: str
