@@ -264,3 +264,34 @@ async def test_a_lease_written_over_by_a_worker_that_let_the_run_go_is_written_b
 
 async def written_back(caplog: pytest.LogCaptureFixture) -> bool:
     return any("written back" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_run_let_go_answers_free_before_its_task_is_acknowledged(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that lets a waiting run go is asked by the worker its next task reaches (a
+    wake-up enqueued right after): the answer must be "free" from the acknowledgement on, or
+    that worker leaves the run for a whole lease period."""
+
+    @workflow(name="napping")
+    async def napping(ctx: WorkflowContext, input: int) -> int:
+        await ctx.sleep("long", 3600)
+        return input
+
+    heard: list[bool] = []
+    ack_sync = Msg.ack_sync
+
+    async def acking(self: Msg, timeout: float = 1.0) -> Msg:
+        if self.subject.endswith(".nap-1"):
+            heard.append(worker._holds("nap-1"))
+        return await ack_sync(self, timeout=timeout)
+
+    monkeypatch.setattr(Msg, "ack_sync", acking)
+    async with running_worker(client, [napping]) as worker:
+        await client.start(napping, 1, run_id="nap-1")
+
+        async def let_go() -> bool:
+            return bool(heard)
+
+        await wait_for(let_go, what="the run let go")
+    assert heard == [False]

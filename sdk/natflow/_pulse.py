@@ -46,6 +46,7 @@ class HeldRun(Protocol):
     revision: int
     renewed_at: float
     lost: bool
+    released: bool
 
 
 def connect_options(conn: Connection) -> dict[str, Any]:
@@ -154,7 +155,7 @@ class Pulse:
         except Exception as exc:  # the task comes back if this keeps failing
             log.debug("run %s: in-progress mark failed: %s", held.run_id, exc)
         lease, revision = held.lease, held.revision
-        if lease is None or held.lost:
+        if lease is None or held.lost or held.released:  # released: its lease is being dropped
             return
         try:
             renewed = await leases.renew(lease, revision)

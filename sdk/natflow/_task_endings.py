@@ -73,6 +73,9 @@ class TaskEndings:
         run that continued as new; should this worker die first, the engine enqueues it)."""
         if not again:  # a continued run's timers belong to the stretch it left
             await self._index_timers(held, execution)
+        # Before the ack: the worker handed the run's next task (the wake-up enqueued below,
+        # say) asks this one first, and must hear "free" (it would wait a lease period).
+        held.released = True
         try:
             await held.msg.ack_sync(timeout=5)
         except (nats.errors.Error, OSError) as exc:

@@ -244,6 +244,7 @@ class TaskProcessor:
             await quietly(msg.ack())
             await self._leases.release(held)
         elif outcome is Outcome.BLOCKED:
+            held.released = True  # before the NAK, as in TaskEndings.hand_back
             await quietly(msg.nak(delay=_BLOCKED_DELAYS[min(delivered, 5) - 1]))
             await self._leases.release(held)
         elif outcome is Outcome.STALE:  # the run moved on since the task was written
