@@ -63,6 +63,14 @@ def makes_timer(event: Event) -> bool:
     return isinstance(event, TimerScheduled | StepRetrying)
 
 
+def _first_summary(run_id: str, start: RunStarted) -> RunInfo:
+    """The summary a run's first event (a start, or a continuation's) gives it."""
+    info = new_info(run_id, start)
+    if not isinstance(start, RunContinued):
+        info.current = None  # as the index always had it for a start
+    return info
+
+
 # Called before a summary whose status changed is written: (previous status, summary, hseq).
 StatusHook = Callable[[str | None, RunInfo, int], Awaitable[None]]
 
@@ -109,9 +117,7 @@ class RunIndex:
                 info, retention, had_timers = rebuilt
             elif entry is None:
                 assert isinstance(event, RunStarted)
-                info = new_info(run_id, event)  # a run_continued too (the index was lost)
-                if not isinstance(event, RunContinued):
-                    info.current = None  # as the index always had it for a start
+                info = _first_summary(run_id, event)  # a run_continued too (the index was lost)
                 retention = event.retention
             else:
                 # A copy: should the hook or the write fail, the cached summary is unchanged.
@@ -153,9 +159,7 @@ class RunIndex:
         if not folded or not isinstance(folded[0], RunStarted):
             return None
         start = folded[0]
-        info = new_info(run_id, start)
-        if not isinstance(start, RunContinued):
-            info.current = None
+        info = _first_summary(run_id, start)
         for event in folded[1:]:
             apply_event(info, event)
         log.info("run %s: summary rebuilt from %d events of its history", run_id, len(folded))

@@ -51,6 +51,8 @@ from natflow_engine.events import (
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
+from ._pulse import HELD
+
 log = logging.getLogger("natflow.worker")
 
 POISONED: Final = "PoisonedRun"
@@ -58,8 +60,6 @@ CORRUPT: Final = "CorruptHistory"
 PARKED: Final = "ParkedRun"
 HELD_TYPES: Final = (POISONED, CORRUPT, PARKED)
 DEATHS_TO_POISON: Final = 2
-HELD: Final = b"held"  # a worker's answer to a ping naming a run it holds
-FREE: Final = b"free"
 REDELIVERIES_DECLINED = Counter(
     "natflow_worker_redeliveries_declined",
     "Tasks (mostly redeliveries) a worker left with the live worker that holds the run.",

@@ -18,13 +18,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import nats
 from natflow_engine import Connection, Lease, Leases, NatflowError, ping_subject, wrap
 from nats.aio.msg import Msg
 
 log = logging.getLogger("natflow.worker")
+
+# A worker's answer to a ping naming a run: it holds the run, or it does not.
+HELD: Final = b"held"
+FREE: Final = b"free"
 
 _OPTIONS = (
     "user",
@@ -199,7 +203,7 @@ class Pulse:
             except (nats.errors.Error, OSError):
                 return None  # unknown: step back, history fences whichever is not the holder
             else:
-                if reply.data != b"free":
+                if reply.data != FREE:
                     return None
         try:
             written = await leases.write_back(lease)
@@ -218,7 +222,7 @@ class Pulse:
         if not msg.reply:
             return
         if msg.data:
-            answer = b"held" if self._holds(msg.data.decode(errors="replace")) else b"free"
+            answer = HELD if self._holds(msg.data.decode(errors="replace")) else FREE
         else:
             answer = self._identity.encode()
         try:

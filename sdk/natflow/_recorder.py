@@ -89,22 +89,19 @@ class RunRecorder:
         before the append would: the step runs again.
         """
         assert self._held is None
-        held = msgspec.structs.replace(outcome, id=self.next_id())
+        held = outcome if outcome.id else msgspec.structs.replace(outcome, id=self.next_id())
         self._held = held
         return held
 
     async def append(self, event: Event, *, rollup: bool = False) -> Event:
+        event = event if event.id else msgspec.structs.replace(event, id=self.next_id())
         held = self._held
-        if held is not None:
+        if held is not None and type(event) is RunCompleted and not rollup:
             self._held = None
-            if type(event) is RunCompleted and not rollup:
-                carried = msgspec.structs.replace(
-                    event, id=event.id or self._id(2), last_step=held, v=2
-                )
-                await self._write(carried, rollup=False, events=(held, event))
-                return event
-            await self._write(held, rollup=False, events=(held,))
-        event = msgspec.structs.replace(event, id=self._id(1)) if not event.id else event
+            carried = msgspec.structs.replace(event, last_step=held, v=2)
+            await self._write(carried, rollup=False, events=(held, event))
+            return event
+        await self.append_held()
         await self._write(event, rollup=rollup, events=(event,))
         return event
 
@@ -126,12 +123,9 @@ class RunRecorder:
         for event in events:
             self._trace.recorded(event)
 
-    def _id(self, ahead: int) -> str:
-        return f"{self.run_id}:{self.count + ahead}"
-
     def next_id(self) -> str:
         """The id of the next event appended (after a held outcome, if any)."""
-        return self._id(2 if self._held is not None else 1)
+        return f"{self.run_id}:{self.count + (1 if self._held is None else 2)}"
 
     def fields(self, step: str | None = None) -> dict[str, Any]:
         return fields(self.run_id, self.workflow_name, step)
