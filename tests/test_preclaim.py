@@ -1,8 +1,10 @@
-"""A new run's claim goes out beside its history read (``natflow._preclaim``): it fences as
-a claim written after the read would, and one that meets a newer history falls back."""
+"""A new run's claim goes out beside the lookup of its start (``natflow._preclaim``): it
+fences as a claim written after a read would, and one that meets a newer history falls
+back to a whole read."""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -10,6 +12,7 @@ import anyio
 import pytest
 from natflow import Client, RunCancelled, WorkflowContext, workflow
 from natflow import _preclaim as preclaim_module
+from natflow_engine import HISTORY_STREAM
 from natflow_engine._engine import Engine
 from natflow_engine._history import HistoryStore
 from natflow_engine.events import RunClaimed, RunStarted, StepCompleted, utcnow
@@ -51,6 +54,56 @@ async def test_a_new_run_is_claimed_once_beside_its_read(client: Client) -> None
     assert sum(isinstance(e, StepCompleted) for e in events) == _STEPS
 
 
+async def test_a_new_runs_start_is_looked_up_by_sequence_not_read_by_subject(
+    client: Client,
+) -> None:
+    """A read by subject made the server walk every message stored since the run's start
+    (most of its CPU under load); the start's one lookup by sequence does not."""
+    requests: list[dict[str, Any]] = []
+
+    async def seen(msg: Any) -> None:
+        requests.append(json.loads(msg.data))
+
+    sub = await client.connection.nc.subscribe(f"$JS.API.DIRECT.GET.{HISTORY_STREAM}", cb=seen)
+    try:
+        async with running_worker(client, [two_steps]):
+            handle = await client.start(two_steps, 1, run_id="pre-5")
+            assert await handle.result(timeout=10) == 3
+    finally:
+        await sub.unsubscribe()
+    by_subject = [r for r in requests if "pre-5" in str(r.get("next_by_subj", ""))]
+    assert by_subject == []
+    lookups = [r["seq"] for r in requests if set(r) == {"seq"}]
+    assert len(lookups) == 1
+    store = HistoryStore(client.connection)
+    assert await store.read_start("pre-5", lookups[0]) is not None  # the run's start
+    events = (await store.read("pre-5")).events
+    assert [type(e) for e in events[:2]] == [RunStarted, RunClaimed]
+
+
+async def test_a_start_lookup_accepts_only_the_runs_own_first_start(client: Client) -> None:
+    store = HistoryStore(client.connection)
+    await client.start(two_steps, 1, run_id="pre-6")
+    await client.start(two_steps, 2, run_id="pre-6-other")
+    own = (await store.read("pre-6")).last_seq
+    other = (await store.read("pre-6-other")).last_seq
+    found = await store.read_start("pre-6", own)
+    assert found is not None and found.last_seq == own
+    assert [type(e) for e in found.events] == [RunStarted]
+    assert await store.read_start("pre-6", other) is None  # another run's start
+    assert await store.read_start("pre-6", other + 1000) is None  # nothing stored there
+    claim = RunClaimed(id="pre-6:2", at=utcnow(), worker="w", delivery=1)
+    claimed = await store.append("pre-6", claim, own)
+    assert await store.read_start("pre-6", claimed) is None  # not a start
+    # A restart's start is a new run's first event, but it is seeded from the old run's
+    # history: it is never taken for a whole history.
+    restart = RunStarted(
+        id="pre-6-restart:1", at=utcnow(), workflow="w", queue="q", restarted_from="pre-6"
+    )
+    seq = await store.append("pre-6-restart", restart, 0)
+    assert await store.read_start("pre-6-restart", seq) is None
+
+
 async def test_a_claim_that_meets_a_newer_history_falls_back(
     client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -66,7 +119,7 @@ async def test_a_claim_that_meets_a_newer_history_falls_back(
     with caplog.at_level(logging.DEBUG, logger="natflow.worker"):
         async with running_worker(client, [two_steps]) as worker:
             assert await handle.result(timeout=10) == 3
-    assert any("claim beside the read did not hold" in r.getMessage() for r in caplog.records)
+    assert any("claim beside the lookup did not hold" in r.getMessage() for r in caplog.records)
     events = await client.history("pre-2")
     claims = [e.worker for e in events if isinstance(e, RunClaimed)]
     assert claims == ["gone-worker", worker.identity]

@@ -29,9 +29,9 @@ from ._connection import (
 from ._errors import NatflowError
 from ._reader import reader
 from ._sealing import seal_event
-from ._streams import HISTORY_STREAM, event_subject, history_subject
+from ._streams import HISTORY_STREAM, event_subject, history_subject, run_level_subject
 from ._values import store_event
-from .events import Event, RunContinued, decode_event, encode_event, unpacked
+from .events import Event, RunContinued, RunStarted, decode_event, encode_event, unpacked
 
 log = logging.getLogger("natflow.history")
 
@@ -206,6 +206,34 @@ class HistoryStore:
             lambda: self._read(run_id, lenient),
             budget=self.retry_budget,
         )
+
+    async def read_start(self, run_id: str, seq: int) -> History | None:
+        """The run's start, read by its stream sequence ``seq``, as a history that ends
+        there; None if the message at ``seq`` is not this run's first start (a stale or
+        forged hint, or a replica behind).
+
+        One lookup on the server, where :meth:`read` walks the stream's newer messages
+        (all of them, for a run as new as this). It does not show what follows the start:
+        only a caller that holds proof the start is the run's last event (a claim appended
+        conditionally on ``seq``) may take it as the whole history.
+        """
+        msg = await retrying(
+            f"reading run {run_id}",
+            lambda: self._reader.get(HISTORY_STREAM, seq),
+            budget=self.retry_budget,
+        )
+        if msg is None or (msg.headers or {}).get("Nats-Subject") != run_level_subject(run_id):
+            return None
+        try:
+            event = decode_event(msg.data)
+        except msgspec.DecodeError:
+            return None  # the whole read names the bad event
+        # Only a brand-new run's start is written with nothing before it (``Runs.start``
+        # appends it expecting no event). A continuation (a RunStarted subclass) follows
+        # older step events of its run.
+        if type(event) is not RunStarted or event.restarted_from:
+            return None
+        return History(run_id, [event], last_seq=seq)
 
     async def _read(self, run_id: str, lenient: bool) -> History:
         page = await self._reader.read_all(HISTORY_STREAM, history_subject(run_id))

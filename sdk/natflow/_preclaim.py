@@ -1,19 +1,23 @@
-"""Claiming a new run while its history is read: one round trip where there were two.
+"""Claiming a new run while its start is read: one round trip where there were two.
 
 A new run's task carries its ``run_started`` and that event's stream sequence. The worker
-still reads history (the task is a hint, never the truth: its inline start is checked, not
-used), but it need not wait for the read before it claims: the claim is a conditional
-append that expects the start's sequence as the run's last, so it succeeds only while the
-run has nothing after its start, and fences every other claimer exactly as a claim written
-after the read would. Read, claim and the run's lease go out together, and the one look for
-waiting signals follows the lease: a signal stored before the look is seen by it, and one
-stored after it finds the lease, so the engine nudges this worker (``natflow_engine._wake``).
-Looked before the lease, a signal stored in between would reach no one: the engine finds the
-task in flight and no holder to nudge.
+does not take the task's word for it (the task is a hint, never the truth), but it need not
+read the run's history first either: the claim is a conditional append that expects the
+start's sequence as the run's last, so it succeeds only while the run has nothing after its
+start, and fences every other claimer exactly as a claim written after a read would. What
+the claim cannot prove, that the message at that sequence is this run's start, one lookup
+by sequence shows (``HistoryStore.read_start``). Together they are the whole history, read
+without a read by subject, which makes the server walk every message stored since the start
+(under load, most of its CPU). Lookup, claim and the run's lease go out together, and the one
+look for waiting signals follows the lease: a signal stored before the look is seen by it,
+and one stored after it finds the lease, so the engine nudges this worker
+(``natflow_engine._wake``). Looked before the lease, a signal stored in between would reach
+no one: the engine finds the task in flight and no holder to nudge.
 
-Whatever the read shows, the claim stays valid (it says "this worker holds the run", not
+Whatever the lookup shows, the claim stays valid (it says "this worker holds the run", not
 what the run is): the execution is built from history. A claim that meets a newer history,
-or a read that does not match what the claim proves, falls back to the ordinary path.
+or a lookup that does not find this run's start, falls back to the ordinary path (a whole
+read).
 """
 
 from __future__ import annotations
@@ -78,15 +82,15 @@ async def read_and_claim(
     identity: str,
     take_lease: Callable[[], Awaitable[object]],
 ) -> tuple[History, Preclaim | None]:
-    """Read the run's history, claim it as the event after ``start_seq`` and take its lease
-    (``take_lease``, then one look for its signals), all at once. Returns the history
-    (without this claim) and the claim, or the history alone (read again) when the claim met
-    a newer history or the read disagrees."""
+    """Look up the run's start, claim the run as the event after ``start_seq`` and take its
+    lease (``take_lease``, then one look for its signals), all at once. Returns the history
+    (the start alone) and the claim, or the history alone (read whole) when the claim met a
+    newer history or the lookup did not find this run's start there."""
     claim = RunClaimed(id=f"{run_id}:2", at=utcnow(), worker=identity, delivery=1)
     found: dict[str, object] = {}
 
     async def read() -> None:
-        found["history"] = await store.read(run_id)
+        found["history"] = await store.read_start(run_id, start_seq)
 
     async def append() -> None:
         try:
@@ -109,28 +113,12 @@ async def read_and_claim(
         raise
     history = found["history"]
     seq, signal = found["seq"], found["signal"]
-    assert isinstance(history, History) and isinstance(seq, int) and isinstance(signal, int)
-    if seq and _only_start(history, claim, start_seq):
-        if len(history.events) == 2:  # the read saw this claim: it is not to be replayed
-            history.events = history.events[:1]
-        history.last_seq = start_seq
+    assert history is None or isinstance(history, History)
+    assert isinstance(seq, int) and isinstance(signal, int)
+    if seq and history is not None:
         return history, Preclaim(seq=seq, event=claim, signal_seq=signal)
-    # The run moved on before the claim, or a replica's read lagged behind it: read again,
-    # after the claim (if written, history now shows it and the execution claims anew).
-    log.debug("run %s: claim beside the read did not hold (seq %d); reading again", run_id, seq)
+    # The run moved on before the claim, the hint named no start of this run, or a
+    # replica's lookup lagged behind: read the whole history, after the claim (if written,
+    # history now shows it and the execution claims anew).
+    log.debug("run %s: claim beside the lookup did not hold (seq %d); reading", run_id, seq)
     return await store.read(run_id), None
-
-
-def _only_start(history: History, claim: RunClaimed, start_seq: int) -> bool:
-    """Whether the read shows the run's start and nothing after it but this claim."""
-    events = history.events
-    if not events or not isinstance(events[0], RunStarted):
-        return False
-    if len(events) == 1:
-        return history.last_seq == start_seq
-    seen = events[1] if len(events) == 2 else None
-    return isinstance(seen, RunClaimed) and (seen.id, seen.worker, seen.at) == (
-        claim.id,
-        claim.worker,
-        claim.at,
-    )

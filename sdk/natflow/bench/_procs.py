@@ -54,17 +54,26 @@ def machine_busy_seconds() -> float | None:
 
 
 class CpuWindow:
-    """CPU used by this process, the workers, the server and everything else on the machine
-    between start and stop. "Other" is what the bench did not cause: a busy neighbour that
-    makes the figures of this run unrepresentative."""
+    """CPU used by the clients (this process and any client processes), the workers, the
+    engines, the server and everything else on the machine between start and stop. "Other"
+    is what the bench did not cause: a busy neighbour that makes the figures of this run
+    unrepresentative."""
 
-    def __init__(self, workers: list[int], server: int | None, engine: int | None = None) -> None:
+    def __init__(
+        self,
+        workers: list[int],
+        server: int | None,
+        engines: list[int] | None = None,
+        clients: list[int] | None = None,
+    ) -> None:
         self._workers = workers
         self._server = server
-        self._engine = engine
-        self._engine_cpu = cpu_seconds(engine) if engine is not None else None
+        self._engines = engines
+        self._clients = clients or []
+        self._engine_cpu = self._sum(engines) if engines is not None else None
         self._wall = time.perf_counter()
         self._client = time.process_time()
+        self._client_procs = self._sum(self._clients)
         self._worker_cpu = self._sum(workers)
         self._server_cpu = cpu_seconds(server) if server is not None else None
         self._machine = machine_busy_seconds()
@@ -83,14 +92,15 @@ class CpuWindow:
             return None if before is None or after is None else 100 * (after - before) / wall
 
         client = 100 * (time.process_time() - self._client) / wall
+        client += pct(self._client_procs, self._sum(self._clients)) or 0.0
         used = Cpu(
             window_s=wall,
             client=client,
             workers=pct(self._worker_cpu, workers),
             server=pct(self._server_cpu, server),
             other=None,
-            engine=pct(self._engine_cpu, cpu_seconds(self._engine))
-            if self._engine is not None
+            engine=pct(self._engine_cpu, self._sum(self._engines))
+            if self._engines is not None
             else None,
         )
         machine = pct(self._machine, machine_busy_seconds())

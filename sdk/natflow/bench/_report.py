@@ -63,7 +63,7 @@ class Cpu(msgspec.Struct, kw_only=True):
     workers: float | None
     server: float | None
     other: float | None
-    engine: float | None = None  # the `natflow engine` process, in phases that run one
+    engine: float | None = None  # the `natflow engine` processes, in phases that run them
 
     def ms_per(self, count: int) -> float | None:
         """CPU milliseconds of every process the bench observed (client, workers, engine,
@@ -98,12 +98,15 @@ class Sequential(msgspec.Struct, kw_only=True):
 
 
 class Throughput(msgspec.Struct, kw_only=True):
-    """``runs`` runs of 3 empty steps started at once by one client, with the engine running
-    as deployed (a ``natflow engine`` process); each run ends when the client's
-    ``handle.result()`` returns, as a user sees it."""
+    """``runs`` runs of 3 empty steps started at once by ``clients`` client processes (1:
+    the bench's own), with the engine running as deployed (``engines`` ``natflow engine``
+    processes); each run ends when its client's ``handle.result()`` returns, as a user
+    sees it."""
 
     runs: int
     workers: int
+    clients: int = 1
+    engines: int = 1
     completed: int
     failed: int
     wall_s: float
@@ -120,6 +123,9 @@ class Throughput(msgspec.Struct, kw_only=True):
     # Messages into and out of the server per completed run over the same window (an
     # embedded server's /varz): the load-independent measure of what a run costs.
     server_msgs_per_run: float | None = None
+    # The same processes until the last result only: how busy each was while the runs ran,
+    # which says what bounds runs/s (``cpu`` also holds the engine's catching up).
+    cpu_running: Cpu | None = None
 
 
 class StartLatency(msgspec.Struct, kw_only=True):

@@ -45,6 +45,7 @@ from natflow_engine import EmbeddedServer, default_url, shipped_server
 from . import _engine_phases, _raw, _replay, _sequential, _start_latency, _throughput
 from ._cleanup import remove_bench_runs
 from ._continue import continue_loop
+from ._procs import Progress
 from ._report import (
     BenchReport,
     KillRestart,
@@ -58,6 +59,7 @@ from ._report import (
     evaluate,
     render,
 )
+from ._scale import ScaleReport, point, render_scale
 from ._session import BenchSession
 from ._sizes import sizes_from
 
@@ -79,6 +81,26 @@ def register(sub: Any) -> None:
     p.add_argument("--runs", type=int, default=None, help="runs of the throughput phase (500)")
     p.add_argument(
         "--workers", type=int, default=None, help="worker processes in the throughput phase (1)"
+    )
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="client processes that start and await the throughput phase's runs (1: the "
+        "bench's own)",
+    )
+    p.add_argument(
+        "--engines",
+        type=int,
+        default=None,
+        help="`natflow engine` processes beside the throughput phase's workers (1)",
+    )
+    p.add_argument(
+        "--scale",
+        default=None,
+        metavar="W,W,...",
+        help="scale-out: only the raw and throughput phases, once per worker count "
+        "(e.g. 1,4,8,16), with --runs runs each; reports where the curve bends",
     )
     p.add_argument(
         "--concurrency",
@@ -119,7 +141,8 @@ async def run_bench_command(args: argparse.Namespace) -> int:
             server = shipped_server(store, fast=args.fast).start()
             url = server.url
         bench = Bench(url, args, sizes, server)
-        report = await bench.run()
+        report: BenchReport | ScaleReport
+        report = await (bench.run_scale() if sizes.scale else bench.run())
     finally:
         if server is not None:
             server.cleanup()
@@ -128,7 +151,7 @@ async def run_bench_command(args: argparse.Namespace) -> int:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
         sys.stdout.write("\n")
     else:
-        print(render(report))
+        print(render_scale(report) if isinstance(report, ScaleReport) else render(report))
     return 0
 
 
@@ -155,13 +178,7 @@ class Bench(BenchSession):
             loop = await continue_loop(self)
             ok = True
         finally:
-            if self.server is None:
-                await remove_bench_runs(self)
-            await self.client.close()
-            if ok:
-                shutil.rmtree(self.dir, ignore_errors=True)
-            else:
-                print(f"natflow bench: worker logs are in {self.dir}", file=sys.stderr)
+            await self._finish(ok)
         report = BenchReport(
             environment=self.environment(),
             quick=self.quick,
@@ -181,6 +198,34 @@ class Bench(BenchSession):
         report.targets = evaluate(report)
         return report
 
+    async def run_scale(self) -> ScaleReport:
+        """``--scale``: the raw baseline, then the throughput phase once per worker count."""
+        t0 = time.perf_counter()
+        self.progress = Progress(1 + len(self.sizes.scale))
+        await self.connect()
+        ok = False
+        try:
+            raw = await self.raw_baseline()
+            points = [point(await self.throughput(w)) for w in self.sizes.scale]
+            ok = True
+        finally:
+            await self._finish(ok)
+        return ScaleReport(
+            environment=self.environment(),
+            elapsed_s=time.perf_counter() - t0,
+            raw=raw,
+            points=points,
+        )
+
+    async def _finish(self, ok: bool) -> None:
+        if self.server is None:
+            await remove_bench_runs(self)
+        await self.client.close()
+        if ok:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            print(f"natflow bench: worker logs are in {self.dir}", file=sys.stderr)
+
     async def raw_baseline(self) -> Raw:
         """Phase 1 (``_raw``)."""
         return await _raw.raw_baseline(self)
@@ -189,9 +234,9 @@ class Bench(BenchSession):
         """Phase 2 (``_sequential``)."""
         return await _sequential.sequential(self, raw)
 
-    async def throughput(self) -> Throughput:
-        """Phase 3 (``_throughput``)."""
-        return await _throughput.throughput(self)
+    async def throughput(self, workers: int | None = None) -> Throughput:
+        """Phase 3 (``_throughput``), with ``workers`` processes (default ``--workers``)."""
+        return await _throughput.throughput(self, workers)
 
     async def start_latency(self) -> StartLatency:
         """Phase 4 (``_start_latency``)."""

@@ -65,7 +65,8 @@ class BenchSession:
             "NATFLOW_WORKER_METRICS_PORT": "0",
             MARKS_ENV: str(self._dir / "marks"),
         }
-        for name in ("creds", "user", "password", "token", "tls_ca", "tls_cert", "tls_key"):
+        names = ("creds", "nkey", "user", "password", "token", "tls_ca", "tls_cert", "tls_key")
+        for name in names:
             value = getattr(args, name, None)
             if value:
                 env[f"NATFLOW_{name.upper()}"] = str(value)

@@ -20,6 +20,9 @@ class Sizes:
     steps: int = 200
     runs: int = 500
     workers: int = 1
+    clients: int = 1  # processes that start and await the throughput phase's runs
+    engines: int = 1  # `natflow engine` processes beside the throughput phase's workers
+    scale: tuple[int, ...] = ()  # worker counts of a scale-out bench (only raw + throughput)
     idle_samples: int = 20
     replay_events: tuple[int, ...] = (1000, 10_000)
     replay_repeat: int = 5
@@ -52,10 +55,26 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     sizes = QUICK if args.quick else Sizes()
     chosen = {
         k: getattr(args, k)
-        for k in ("steps", "runs", "workers", "concurrency")
-        if getattr(args, k) is not None
+        for k in ("steps", "runs", "workers", "concurrency", "clients", "engines")
+        if getattr(args, k, None) is not None
     }
     for name, value in chosen.items():
         if value < 1:
             raise InvalidInput(f"--{name} must be at least 1")
-    return replace(sizes, **chosen)
+    sizes = replace(sizes, **chosen)
+    scale = getattr(args, "scale", None)
+    return sizes if scale is None else replace(sizes, scale=parse_scale(scale))
+
+
+def parse_scale(text: str) -> tuple[int, ...]:
+    """``--scale 1,4,8,16``: the worker counts, each at least 1, in the order given."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise InvalidInput(
+            f"--scale {text!r}: give worker counts separated by commas, each at least 1 "
+            "(e.g. --scale 1,4,8,16)"
+        )
+    return counts

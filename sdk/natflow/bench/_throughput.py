@@ -1,49 +1,73 @@
-"""``natflow bench`` phase 3: M runs of 3 empty steps, started at once by one client, served
-by W worker processes beside a real engine process, as deployed."""
+"""``natflow bench`` phase 3: M runs of 3 empty steps, started at once by one client (or
+split among C client processes), served by W worker processes beside E real engine
+processes, as deployed."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from natflow_engine import DISPATCHER, HISTORY_STREAM, NatflowError, read_varz
 
-from ._procs import CpuWindow, WorkerProcesses
-from ._report import Throughput, stats
+from ._client_run import ClientTimes, run_share
+from ._clients import client_processes
+from ._procs import CpuWindow
+from ._report import Cpu, Throughput, stats
 from ._session import BenchSession
 from ._sizes import RUN_STEPS
-from ._waits import engine_process, engine_ready
-from ._workflows import bench_steps
+from ._waits import engine_processes, engine_ready
+
+T = TypeVar("T")
 
 
-async def throughput(bench: BenchSession) -> Throughput:
-    m, w = bench.sizes.runs, bench.sizes.workers
+async def throughput(bench: BenchSession, workers: int | None = None) -> Throughput:
+    """The phase with ``workers`` worker processes (default: the bench's ``--workers``)."""
+    m, w = bench.sizes.runs, workers or bench.sizes.workers
+    c, e = bench.sizes.clients, bench.sizes.engines
     bench.progress.begin(
-        f"throughput: {m} runs x {RUN_STEPS} steps, {w} worker{'s' if w > 1 else ''}, engine"
+        f"throughput: {m} runs x {RUN_STEPS} steps, {_count(w, 'worker')}, "
+        f"{_count(c, 'client')}, {_count(e, 'engine')}"
     )
-    ids = [bench.run_id(f"tp-{i}") for i in range(m)]
-    # As deployed: a `natflow engine` process runs beside the workers (dispatcher, run
-    # index, timers), and its CPU counts.
-    with engine_process(bench.env, bench.dir / "engine-throughput.log") as engine:
-        await engine_ready(bench.client)
-        async with bench.workers("throughput", w) as procs:
+    ids = [bench.run_id(f"tp-{w}-{i}") for i in range(m)]
+    timeout = 60 + m * RUN_STEPS / 50
+    # As deployed: `natflow engine` processes run beside the workers (dispatcher, run
+    # index, timers), and their CPU counts.
+    engine_logs = [bench.dir / f"engine-throughput-{w}-{i}.log" for i in range(e)]
+    with engine_processes(bench.env, engine_logs) as engines:
+        await engine_ready(bench.client, replicas=e)
+        async with bench.workers(f"throughput-{w}", w) as procs:
             before = await _history_messages(bench)
             counted = await _server_messages(bench)
-            cpu = CpuWindow(procs.pids, bench.server_pid, engine.pid)
-            outcome = await _run_observed(bench, ids, procs)
-            # The engine's work for these runs counts in full: the window ends once its
-            # dispatcher has taken in every event, not when the last result arrived.
-            lag = await _engine_caught_up(bench)
-            used = cpu.stop()
+            if c == 1:
+                cpu = CpuWindow(procs.pids, bench.server_pid, [p.pid for p in engines])
+                times = await _run_here(bench, ids, timeout, procs.check_alive)
+                running = cpu.stop()
+                lag, used = await _window_end(bench, cpu)
+            else:
+                logs = [bench.dir / f"client-{w}-{i}.log" for i in range(c)]
+                async with client_processes(bench.env, logs, ids, timeout) as clients:
+                    cpu = CpuWindow(
+                        procs.pids, bench.server_pid, [p.pid for p in engines], clients.pids
+                    )
+                    await clients.go()
+
+                    def alive() -> None:
+                        procs.check_alive()
+                        clients.check_alive()
+
+                    times = _merged(await _watched(bench, clients.results(), alive, None))
+                    running = cpu.stop()
+                    lag, used = await _window_end(bench, cpu)
             rss = procs.peak_rss()
             appended = await _history_messages(bench) - before
             counted_after = await _server_messages(bench)
-    starts, done, failed, started_all = outcome
-    t0 = min(starts.values())
+    done = times.done
+    t0 = min(times.starts.values())
     wall = max(max(done.values(), default=t0) - t0, 1e-9)
-    latencies = [(done[r] - starts[r]) * 1e3 for r in done]
+    latencies = [(done[r] - times.starts[r]) * 1e3 for r in done]
     rate = len(done) / wall
     per_run = used.ms_per(len(done))
     cost = "" if per_run is None else f", {per_run:.2f} ms CPU/run"
@@ -51,15 +75,18 @@ async def throughput(bench: BenchSession) -> Throughput:
     return Throughput(
         runs=m,
         workers=w,
+        clients=c,
+        engines=e,
         completed=len(done),
-        failed=failed,
+        failed=times.failed,
         wall_s=wall,
         runs_per_s=rate,
         steps_per_s=len(done) * RUN_STEPS / wall,
         history_appends_per_s=appended / wall,
-        start_rate_per_s=m / max(started_all - t0, 1e-9),
+        start_rate_per_s=m / max(times.started_all - t0, 1e-9),
         start_to_result_ms=stats(latencies),
         cpu=used,
+        cpu_running=running,
         worker_peak_rss_mib=rss,
         engine_lag_s=lag,
         server_msgs_per_run=(
@@ -70,52 +97,64 @@ async def throughput(bench: BenchSession) -> Throughput:
     )
 
 
-async def _run_observed(
-    bench: BenchSession, ids: list[str], procs: WorkerProcesses
-) -> tuple[dict[str, float], dict[str, float], int, float]:
-    """Start every run at once; each ends when its client's ``handle.result()`` returns.
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n > 1 else ''}"
 
-    Returns start times, the times the client saw each result (both this clock), the
-    number of failed runs, and when the last start returned.
-    """
-    starts: dict[str, float] = {}
-    started: list[float] = []
-    done: dict[str, float] = {}
-    failed = 0
-    timeout = 60 + len(ids) * RUN_STEPS / 50
 
-    async def one(run_id: str) -> None:
-        nonlocal failed
-        starts[run_id] = time.perf_counter()
-        handle = await bench.client.start(bench_steps, RUN_STEPS, run_id=run_id)
-        started.append(time.perf_counter())
-        try:
-            await handle.result(timeout=timeout)
-        except NatflowError:  # a failed or cancelled run: counted, not timed
-            failed += 1
-            return
-        done[run_id] = time.perf_counter()
+async def _window_end(bench: BenchSession, cpu: CpuWindow) -> tuple[float | None, Cpu]:
+    # The engine's work for these runs counts in full: the window ends once its
+    # dispatcher has taken in every event, not when the last result arrived.
+    lag = await _engine_caught_up(bench)
+    return lag, cpu.stop()
+
+
+async def _run_here(
+    bench: BenchSession, ids: list[str], timeout: float, alive: Callable[[], None]
+) -> ClientTimes:
+    """Every run started and awaited by this process's client."""
+    times = ClientTimes()
+    await _watched(bench, run_share(bench.client, ids, timeout, times), alive, times)
+    return times
+
+
+async def _watched(
+    bench: BenchSession,
+    work: Awaitable[T],
+    alive: Callable[[], None],
+    times: ClientTimes | None,
+) -> T:
+    """``work``, ended at once with the log of a worker or client process that dies."""
 
     async def watch() -> None:
         while True:
-            procs.check_alive()
-            bench.progress.update(f"{len(done):,}/{len(ids):,} done")
+            alive()
+            if times is not None:
+                bench.progress.update(f"{len(times.done):,} done")
             await asyncio.sleep(0.25)
 
     watcher: asyncio.Future[Any] = asyncio.ensure_future(watch())
-    runs: asyncio.Future[Any] = asyncio.gather(*(one(r) for r in ids))
-    try:  # a worker that dies ends the phase at once, with its log
+    runs: asyncio.Future[T] = asyncio.ensure_future(work)
+    try:
         await asyncio.wait([runs, watcher], return_when=asyncio.FIRST_COMPLETED)
         if watcher.done():
             runs.cancel()
             watcher.result()
-        await runs
+        return await runs
     finally:
         watcher.cancel()
         runs.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-    return starts, done, failed, max(started)
+
+
+def _merged(parts: list[ClientTimes]) -> ClientTimes:
+    merged = ClientTimes()
+    for part in parts:
+        merged.starts.update(part.starts)
+        merged.done.update(part.done)
+        merged.failed += part.failed
+        merged.started_all = max(merged.started_all, part.started_all)
+    return merged
 
 
 async def _engine_caught_up(bench: BenchSession, timeout: float = 30.0) -> float | None:

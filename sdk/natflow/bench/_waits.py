@@ -49,6 +49,15 @@ def engine_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[
             proc.wait()
 
 
+@contextlib.contextmanager
+def engine_processes(
+    env: dict[str, str], logs: list[Path]
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One ``natflow engine`` replica per log, all stopped on the way out."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(engine_process(env, log)) for log in logs]
+
+
 async def timer_lateness(client: Client, run_ids: list[str], sleep_s: float) -> Timers:
     """Start every run (each sleeps ``sleep_s``) at once; read lateness from history."""
     handles = await asyncio.gather(*(client.start(bench_sleep, sleep_s, run_id=r) for r in run_ids))
@@ -130,9 +139,9 @@ async def pulls_waiting(client: Client, count: int, timeout: float = 30.0) -> No
     await _until(client, TASK_STREAM, consumer, count, timeout, "workers")
 
 
-async def engine_ready(client: Client, timeout: float = 30.0) -> None:
-    """Until the engine's dispatcher is pulling history."""
-    await _until(client, HISTORY_STREAM, DISPATCHER, 1, timeout, "engine")
+async def engine_ready(client: Client, timeout: float = 30.0, replicas: int = 1) -> None:
+    """Until the dispatcher of each of ``replicas`` engines is pulling history."""
+    await _until(client, HISTORY_STREAM, DISPATCHER, replicas, timeout, "engine")
 
 
 async def _until(

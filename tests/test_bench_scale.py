@@ -1,0 +1,105 @@
+"""`natflow bench --scale`: the throughput phase per worker count, with client and engine
+processes, and what bound each point (no thresholds: figures only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+
+import pytest
+from natflow import InvalidInput
+from natflow.bench._sizes import parse_scale, sizes_from
+
+from tests.test_bench import ROOT, assert_number, assert_stats, natflow_command
+
+
+def test_scale_runs_the_throughput_phase_per_worker_count_with_client_and_engine_processes() -> (
+    None
+):
+    done = subprocess.run(
+        [
+            *natflow_command(),
+            "bench",
+            "--quick",
+            "--json",
+            "--scale",
+            "1,2",
+            "--runs",
+            "24",
+            "--clients",
+            "2",
+            "--engines",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["kind"] == "scale"
+    assert report["environment"]["durability"].startswith("fsync before every ack")
+    assert_stats(report["raw"]["publish_rtt_ms"])
+    assert "[3/3] throughput: 24 runs x 3 steps, 2 workers, 2 clients, 2 engines" in done.stderr
+
+    points = report["points"]
+    assert [p["throughput"]["workers"] for p in points] == [1, 2]
+    for p in points:
+        tp = p["throughput"]
+        assert tp["clients"] == 2 and tp["engines"] == 2
+        # every run started by one of the two client processes and seen done by it
+        assert tp["completed"] == tp["runs"] == 24 and tp["failed"] == 0
+        assert_stats(tp["start_to_result_ms"], count=24)
+        assert_number(tp["runs_per_s"])
+        for cpu in (tp["cpu"], tp["cpu_running"]):
+            # the client processes' CPU counts beside this process's, and the engines'
+            assert cpu["client"] > 0 and cpu["engine"] > 0 and cpu["workers"] > 0
+        assert tp["cpu_running"]["window_s"] <= tp["cpu"]["window_s"]
+        assert p["busiest"] in {"client", "worker", "engine", "server", "machine"}
+        assert p["busiest_pct"] > 0
+
+
+def test_scale_table_names_what_bound_each_point() -> None:
+    done = subprocess.run(
+        [*natflow_command(), "bench", "--quick", "--scale", "1", "--runs", "6"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("natflow bench --scale: nats-server")
+    assert lines[1].startswith("durability: fsync before every ack")
+    head = next(i for i, line in enumerate(lines) if line.lstrip().startswith("workers"))
+    assert "bound by" in lines[head]
+    row = lines[head + 1].split()
+    assert row[:3] == ["1", "1", "1"]  # workers, clients, engines
+
+
+@pytest.mark.parametrize("text", ["", "0", "1,x", "4,-1", ","])
+def test_a_scale_that_is_not_worker_counts_is_refused_naming_it(text: str) -> None:
+    with pytest.raises(InvalidInput, match="--scale") as info:
+        parse_scale(text)
+    assert "1,4,8,16" in str(info.value)
+
+
+def test_client_and_engine_counts_must_be_positive() -> None:
+    args = argparse.Namespace(quick=True, steps=None, runs=None, workers=None, concurrency=None)
+    assert sizes_from(argparse.Namespace(**vars(args), clients=3, engines=2)).clients == 3
+    with pytest.raises(InvalidInput, match="--engines must be at least 1"):
+        sizes_from(argparse.Namespace(**vars(args), clients=None, engines=0))
+
+
+def test_bad_scale_on_the_command_line_is_a_clear_error_before_anything_starts() -> None:
+    done = subprocess.run(
+        [*natflow_command(), "bench", "--scale", "four"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "--scale 'four'" in done.stderr and "Traceback" not in done.stderr
