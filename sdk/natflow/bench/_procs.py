@@ -92,7 +92,12 @@ class CpuWindow:
             return None if before is None or after is None else 100 * (after - before) / wall
 
         client = 100 * (time.process_time() - self._client) / wall
-        client += pct(self._client_procs, self._sum(self._clients)) or 0.0
+        if self._clients:
+            procs = pct(self._client_procs, self._sum(self._clients))
+            if procs is None and self._client_procs is not None:
+                # read from /proc while they live: a figure without them would look cheap
+                raise NatflowError("a bench client process ended before its CPU was read")
+            client += procs or 0.0
         used = Cpu(
             window_s=wall,
             client=client,

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 from natflow_engine import DISPATCHER, HISTORY_STREAM, NatflowError, read_varz
 
 from ._client_run import ClientTimes, run_share
-from ._clients import client_processes
-from ._procs import CpuWindow
+from ._clients import ClientProcesses, client_processes
+from ._procs import CpuWindow, WorkerProcesses
 from ._report import Cpu, Throughput, stats
 from ._session import BenchSession
 from ._sizes import RUN_STEPS
@@ -41,26 +41,20 @@ async def throughput(bench: BenchSession, workers: int | None = None) -> Through
         async with bench.workers(f"throughput-{w}", w) as procs:
             before = await _history_messages(bench)
             counted = await _server_messages(bench)
+            engine_pids = [p.pid for p in engines]
             if c == 1:
-                cpu = CpuWindow(procs.pids, bench.server_pid, [p.pid for p in engines])
+                cpu = CpuWindow(procs.pids, bench.server_pid, engine_pids)
                 times = await _run_here(bench, ids, timeout, procs.check_alive)
                 running = cpu.stop()
-                lag, used = await _window_end(bench, cpu)
+                lag, used = await _caught_up(bench, cpu)
             else:
                 logs = [bench.dir / f"client-{w}-{i}.log" for i in range(c)]
                 async with client_processes(bench.env, logs, ids, timeout) as clients:
-                    cpu = CpuWindow(
-                        procs.pids, bench.server_pid, [p.pid for p in engines], clients.pids
-                    )
-                    await clients.go()
-
-                    def alive() -> None:
-                        procs.check_alive()
-                        clients.check_alive()
-
-                    times = _merged(await _watched(bench, clients.results(), alive, None))
+                    cpu = CpuWindow(procs.pids, bench.server_pid, engine_pids, clients.pids)
+                    times = await _run_in_clients(bench, clients, procs)
                     running = cpu.stop()
-                    lag, used = await _window_end(bench, cpu)
+                    # before the clients exit: their CPU is read from /proc
+                    lag, used = await _caught_up(bench, cpu)
             rss = procs.peak_rss()
             appended = await _history_messages(bench) - before
             counted_after = await _server_messages(bench)
@@ -101,9 +95,9 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}{'s' if n > 1 else ''}"
 
 
-async def _window_end(bench: BenchSession, cpu: CpuWindow) -> tuple[float | None, Cpu]:
-    # The engine's work for these runs counts in full: the window ends once its
-    # dispatcher has taken in every event, not when the last result arrived.
+async def _caught_up(bench: BenchSession, cpu: CpuWindow) -> tuple[float | None, Cpu]:
+    """The engine's work for the runs counts in full: the window ends once its dispatcher
+    has taken in every event, not when the last result arrived."""
     lag = await _engine_caught_up(bench)
     return lag, cpu.stop()
 
@@ -115,6 +109,19 @@ async def _run_here(
     times = ClientTimes()
     await _watched(bench, run_share(bench.client, ids, timeout, times), alive, times)
     return times
+
+
+async def _run_in_clients(
+    bench: BenchSession, clients: ClientProcesses, procs: WorkerProcesses
+) -> ClientTimes:
+    """Every run started and awaited by the client processes, each its share."""
+    await clients.go()
+
+    def alive() -> None:
+        procs.check_alive()
+        clients.check_alive()
+
+    return _merged(await _watched(bench, clients.results(), alive, None))
 
 
 async def _watched(
