@@ -37,22 +37,31 @@ class ScaleReport(msgspec.Struct, kw_only=True):
 
 
 def point(tp: Throughput, cpus: int | None = None) -> ScalePoint:
-    """The busiest kind of process per process, or the machine when its cores are spent,
-    while the runs ran."""
+    """What bound the point while the runs ran: the machine when its cores were spent,
+    else a Python process (client, worker or engine: one core each) near a whole core, else
+    the server. nats-server runs on many threads, so its share may pass one core; where it
+    is the busiest and nothing else is near its limit, its serial work (a stream's writes,
+    one fsync after another) is what the runs wait on."""
     cpu = tp.cpu_running or tp.cpu
-    per_process = {
+    python = {
         "client": cpu.client / tp.clients,
         "worker": (cpu.workers or 0.0) / tp.workers,
         "engine": (cpu.engine or 0.0) / tp.engines,
-        "server": cpu.server or 0.0,
     }
-    busiest = max(per_process, key=lambda k: per_process[k])
     cores = cpus or os.cpu_count() or 1
     machine = _busy(cpu) / cores
-    if machine >= SATURATED and per_process[busiest] < SATURATED:
+    if machine >= SATURATED:
         return ScalePoint(throughput=tp, busiest="machine", busiest_pct=machine, saturated=True)
-    pct = per_process[busiest]
-    return ScalePoint(throughput=tp, busiest=busiest, busiest_pct=pct, saturated=pct >= SATURATED)
+    busiest = max(python, key=lambda k: python[k])
+    if python[busiest] >= SATURATED:
+        pct = python[busiest]
+        return ScalePoint(throughput=tp, busiest=busiest, busiest_pct=pct, saturated=True)
+    server = cpu.server or 0.0
+    if server >= python[busiest]:
+        return ScalePoint(
+            throughput=tp, busiest="server", busiest_pct=server, saturated=server >= SATURATED
+        )
+    return ScalePoint(throughput=tp, busiest=busiest, busiest_pct=python[busiest], saturated=False)
 
 
 def _busy(cpu: Cpu) -> float:
