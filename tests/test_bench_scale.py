@@ -9,6 +9,8 @@ import subprocess
 
 import pytest
 from natflow import InvalidInput
+from natflow.bench._report import Cpu, Throughput, stats
+from natflow.bench._scale import point
 from natflow.bench._sizes import parse_scale, sizes_from
 
 from tests.test_bench import ROOT, assert_number, assert_stats, natflow_command
@@ -109,3 +111,40 @@ def test_bad_scale_on_the_command_line_is_a_clear_error_before_anything_starts()
     )
     assert done.returncode != 0
     assert "--scale 'four'" in done.stderr and "Traceback" not in done.stderr
+
+
+def _point_of(
+    *, client: float, workers: float, engine: float, server: float, w: int = 4, e: int = 1
+) -> tuple[str, bool]:
+    cpu = Cpu(window_s=5.0, client=client, workers=workers, server=server, other=0.0, engine=engine)
+    tp = Throughput(
+        runs=100,
+        workers=w,
+        engines=e,
+        completed=100,
+        failed=0,
+        wall_s=1.0,
+        runs_per_s=100.0,
+        steps_per_s=300.0,
+        history_appends_per_s=500.0,
+        start_rate_per_s=1000.0,
+        start_to_result_ms=stats([1.0]),
+        cpu=cpu,
+        worker_peak_rss_mib=[None] * w,
+    )
+    found = point(tp, cpus=16)
+    return found.busiest, found.saturated
+
+
+def test_what_bound_a_point_is_the_machine_then_a_python_process_then_the_server() -> None:
+    # 16 cores spent: the machine, whatever the server's share
+    assert _point_of(client=100, workers=1000, engine=80, server=300) == ("machine", True)
+    # one engine process at a whole core on a machine with cores to spare
+    assert _point_of(client=30, workers=200, engine=97, server=150) == ("engine", True)
+    # per process: 4 workers at 360 % are 90 % each
+    assert _point_of(client=30, workers=360, engine=50, server=150) == ("worker", True)
+    # the server past one core with no Python process near one: its serial work
+    assert _point_of(client=30, workers=120, engine=40, server=170) == ("server", True)
+    # nothing near its limit: the busiest, not saturated
+    assert _point_of(client=30, workers=120, engine=40, server=60) == ("server", False)
+    assert _point_of(client=30, workers=120, engine=40, server=20) == ("engine", False)
