@@ -22,6 +22,17 @@ def natflow_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "natflow_engine"]
 
 
+def run_bench(*args: str, timeout: float = 200) -> subprocess.CompletedProcess[str]:
+    """``natflow bench ARGS`` from the repository root, its output captured as text."""
+    return subprocess.run(
+        [*natflow_command(), "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def assert_stats(value: Any, *, count: int | None = None) -> None:
     assert set(value) == {"count", "p50", "p99", "max", "mean"}
     assert value["count"] >= 1 if count is None else value["count"] == count
@@ -33,13 +44,7 @@ def assert_number(value: Any) -> None:
 
 
 def test_quick_bench_reports_every_figure_as_json() -> None:
-    done = subprocess.run(
-        [*natflow_command(), "bench", "--quick", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    done = run_bench("--quick", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert "[5/9] replay" in done.stderr  # the progress lines went to stderr, not stdout
@@ -119,13 +124,7 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
 
 
 def test_bench_table_is_the_default_output() -> None:
-    done = subprocess.run(
-        [*natflow_command(), "bench", "--quick", "--steps", "5", "--runs", "5"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    done = run_bench("--quick", "--steps", "5", "--runs", "5")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("natflow bench: nats-server")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 
 import pytest
 from natflow import InvalidInput
@@ -13,32 +12,14 @@ from natflow.bench._report import Cpu, Throughput, stats
 from natflow.bench._scale import point
 from natflow.bench._sizes import parse_scale, sizes_from
 
-from tests.test_bench import ROOT, assert_number, assert_stats, natflow_command
+from tests.test_bench import assert_number, assert_stats, run_bench
 
 
 def test_scale_runs_the_throughput_phase_per_worker_count_with_client_and_engine_processes() -> (
     None
 ):
-    done = subprocess.run(
-        [
-            *natflow_command(),
-            "bench",
-            "--quick",
-            "--json",
-            "--scale",
-            "1,2",
-            "--runs",
-            "24",
-            "--clients",
-            "2",
-            "--engines",
-            "2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    scale = ["--scale", "1,2", "--runs", "24", "--clients", "2", "--engines", "2"]
+    done = run_bench("--quick", "--json", *scale)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["kind"] == "scale"
@@ -70,13 +51,7 @@ def test_scale_runs_the_throughput_phase_per_worker_count_with_client_and_engine
 
 
 def test_scale_table_names_what_bound_each_point() -> None:
-    done = subprocess.run(
-        [*natflow_command(), "bench", "--quick", "--scale", "1", "--runs", "6"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    done = run_bench("--quick", "--scale", "1", "--runs", "6")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("natflow bench --scale: nats-server")
@@ -102,13 +77,7 @@ def test_client_and_engine_counts_must_be_positive() -> None:
 
 
 def test_bad_scale_on_the_command_line_is_a_clear_error_before_anything_starts() -> None:
-    done = subprocess.run(
-        [*natflow_command(), "bench", "--scale", "four"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_bench("--scale", "four", timeout=60)
     assert done.returncode != 0
     assert "--scale 'four'" in done.stderr and "Traceback" not in done.stderr
 
