@@ -1,5 +1,5 @@
-"""Batch reads (``_reader``): a history is read in one request when one batch holds it, and
-in full when the server cuts a batch short."""
+"""Batch reads (``_reader``): a history is read in one request per subject when one batch
+holds it, and in full when the server cuts a batch short."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _count_requests(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return sent
 
 
-async def test_a_history_one_batch_holds_is_read_in_one_request(
+async def test_a_history_one_batch_holds_is_read_in_one_request_per_subject(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await ensure_streams(client.connection)
@@ -54,7 +54,8 @@ async def test_a_history_one_batch_holds_is_read_in_one_request(
     sent = _count_requests(monkeypatch)
     history = await store.read("one-batch")
     assert len(history.events) == 6
-    assert len(sent) == 1, sent  # no second request to find nothing more
+    # one request per subject (run-level, step-level), none to find nothing more
+    assert len(sent) == 2, sent
 
 
 async def test_a_batch_cut_short_is_followed_to_the_end(
@@ -67,6 +68,6 @@ async def test_a_batch_cut_short_is_followed_to_the_end(
     sent = _count_requests(monkeypatch)
     history = await store.read("cut-short")
     assert [e.id for e in history.events] == [f"cut-short:{n}" for n in range(1, 11)]
-    assert len(sent) == 3, sent  # 4 + 4 + 2
+    assert len(sent) == 4, sent  # the start; its 9 steps in 4 + 4 + 1
     last = await store.last("cut-short")
     assert last is not None and history.last_seq == last[1]

@@ -27,6 +27,7 @@ from ._connection import (
     retrying,
 )
 from ._errors import NatflowError
+from ._level_read import read_by_level
 from ._reader import reader
 from ._sealing import seal_event
 from ._streams import HISTORY_STREAM, event_subject, history_subject, run_level_subject
@@ -236,6 +237,9 @@ class HistoryStore:
         return History(run_id, [event], last_seq=seq)
 
     async def _read(self, run_id: str, lenient: bool) -> History:
+        placed = await read_by_level(self._reader, run_id)
+        if placed is not None:
+            return History(run_id, placed[0], placed[1])
         page = await self._reader.read_all(HISTORY_STREAM, history_subject(run_id))
         try:
             events = unpacked([decode_event(m.data) for m in page.messages])

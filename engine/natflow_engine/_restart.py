@@ -151,7 +151,7 @@ async def restart_run(
     count = len(seed) + 2
     await store.append(new_id, msgspec.structs.replace(marker, id=f"{new_id}:{count}"), last_seq)
     await enqueue(conn, start.queue, Task(run_id=new_id, workflow=start.workflow, reason="restart"))
-    await _link(store, run_id, new_id, cut, len(history.events), history.last_seq)
+    await _link(store, run_id, new_id, cut, _positions_used(history.events), history.last_seq)
     log.info("run %s restarted from step %s#%d as %s", run_id, cut.name, cut.occurrence, new_id)
     return new_id
 
@@ -163,13 +163,24 @@ async def _create(store: HistoryStore, run_id: str, start: RunStarted) -> tuple[
         event = msgspec.structs.replace(
             start, id=f"{new_id}:1", at=utcnow(), restarted_from=run_id, not_before=None
         )
-        if isinstance(event, RunContinued):  # a continued run: the restart starts now
-            event = msgspec.structs.replace(event, run_started_at=None, run_stored_at=None)
+        if isinstance(event, RunContinued):  # a continued run: the restart starts now,
+            # at position 1 (its events' ids are positions; readers place them by those)
+            event = msgspec.structs.replace(
+                event, run_started_at=None, run_stored_at=None, events_before=0
+            )
         try:
             return new_id, await store.append(new_id, event, 0)
         except AppendConflict:
             continue
     raise NatflowError(f"run {run_id!r} was restarted {_MAX_TRIES} times already")
+
+
+def _positions_used(events: list[Event]) -> int:
+    """The position of the last of a stretch's events: a continuation's ids go on from the
+    events before it."""
+    first = events[0] if events else None
+    before = first.events_before if isinstance(first, RunContinued) else 0
+    return before + len(events)
 
 
 async def _link(
@@ -189,5 +200,5 @@ async def _link(
             return
         except AppendConflict:
             history = await store.read(run_id)
-            count, last_seq = len(history.events), history.last_seq
+            count, last_seq = _positions_used(history.events), history.last_seq
     log.warning("run %s: could not record that it was restarted as %s", run_id, new_id)
