@@ -175,6 +175,7 @@ def stream_configs() -> list[api.StreamConfig]:
             retention=api.RetentionPolicy.LIMITS,
             allow_direct=True,
             allow_rollup_hdrs=True,  # continue-as-new (see the module docstring)
+            allow_atomic=True,  # appends of many runs in one batch (_append_batch)
             duplicate_window=120.0,
             num_replicas=r,
         ),
@@ -281,7 +282,7 @@ async def ensure_streams(conn: Connection) -> None:
 
 # Settings added to a stream after its first release: a stream an older natflow created is
 # updated in place to have them (each may only be turned on, so an update is always safe).
-_ADDED_FLAGS: Final = ("allow_rollup_hdrs",)
+_ADDED_FLAGS: Final = ("allow_rollup_hdrs", "allow_atomic")
 
 
 async def _upgrade_stream(
