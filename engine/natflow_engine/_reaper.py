@@ -39,7 +39,6 @@ log = logging.getLogger("natflow.reaper")
 
 PROBE_INTERVAL: Final = 0.25
 STRIKES: Final = 2  # consecutive "no responders" before a worker counts as gone
-_LEASES_READ: Final = 100_000  # leases read at most at once (one per held run)
 SWEEP_INTERVAL: Final = 30.0  # seconds between reads of every lease (see Reaper.sweep)
 
 
@@ -81,7 +80,7 @@ class Reaper:
             try:
                 await self.sweep()
             except (NatflowError, nats.errors.Error) as exc:
-                log.debug("leases not swept: %s", exc)
+                log.warning("leases not swept (%s); again in %g s", exc, seconds)
             await anyio.sleep(seconds)
 
     async def sweep(self) -> set[str]:
@@ -95,7 +94,7 @@ class Reaper:
         """Every live lease and its revision; an entry that is not a lease is set aside (a
         lease is advisory: history fences)."""
         leases: list[tuple[Lease, int]] = []
-        for msg in await kv_entries(self._conn, LEASES_BUCKET, batch=_LEASES_READ):
+        for msg in await kv_entries(self._conn, LEASES_BUCKET):
             headers = msg.headers or {}
             key = headers.get("Nats-Subject", "").removeprefix(f"$KV.{LEASES_BUCKET}.")
             revision = int(headers.get("Nats-Sequence", "0"))
@@ -142,6 +141,14 @@ class Reaper:
     async def _probe(self, identity: str) -> None:
         try:
             await self._ping(identity)
+        except (NatflowError, nats.errors.Error) as exc:
+            # The engine goes on: the next probe of a worker still silent tries again.
+            log.warning(
+                "worker %s is gone, but its runs could not be handed back yet (%s); trying again",
+                identity,
+                exc,
+                extra=fields(worker=identity),
+            )
         finally:
             self._probing.discard(identity)
 

@@ -113,7 +113,7 @@ def decode_worker(data: bytes) -> WorkerInfo:
 async def list_workers(conn: Connection) -> list[WorkerInfo]:
     """Every registered worker (live or within three heartbeats of its last one)."""
     found: list[WorkerInfo] = []
-    for msg in await kv_entries(conn, WORKERS_BUCKET, batch=1024):
+    for msg in await kv_entries(conn, WORKERS_BUCKET):
         try:
             found.append(decode_worker(msg.data))
         except msgspec.DecodeError:  # a bad entry (the engine dead-letters it): skip it

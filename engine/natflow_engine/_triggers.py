@@ -133,7 +133,7 @@ async def undeclare(conn: Connection, event: str, workflow: str) -> bool:
 
 async def declarations(conn: Connection, event: str | None = None) -> list[TriggerDeclaration]:
     """The declarations of ``event`` (of every event when None), by workflow."""
-    entries = await kv_entries(conn, TRIGGERS_BUCKET, f"{event}.*" if event else ">", batch=1024)
+    entries = await kv_entries(conn, TRIGGERS_BUCKET, f"{event}.*" if event else ">")
     found = [_decl_decoder.decode(msg.data) for msg in entries]
     return sorted(found, key=lambda d: (d.event, d.workflow))
 
