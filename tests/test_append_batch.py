@@ -1,110 +1,101 @@
-"""History appends of many runs at once go out as atomic batches (``_append_batch``): each
-append keeps its own expectation and lands where its caller is told; a batch refused for one
-run's sake leaves the others to land alone; cancelled callers never stall the queue."""
+"""Writes of many runs at once go out as atomic batches (``_append_batch``, used by the
+engine's run index and lifecycle events): each write keeps its own expectation and lands
+where its caller is told; a batch refused for one write's sake leaves the others to land
+alone; a stream without atomic batches takes them one by one; a cancelled caller never
+stalls the queue."""
 
 from __future__ import annotations
 
 import asyncio
 
 import anyio
-import msgspec
 import pytest
 from natflow import Client
-from natflow_engine import HISTORY_STREAM, AppendConflict
-from natflow_engine._append_batch import appender
-from natflow_engine._history import HistoryStore
+from natflow_engine._append_batch import AppendBatcher
+from natflow_engine._connection import ERR_WRONG_LAST_SEQUENCE, JetStreamError
 from natflow_engine._reader import reader
-from natflow_engine._streams import ensure_streams, run_level_subject, stream_configs
-from natflow_engine.events import RunClaimed, RunStarted, decode_event, utcnow
+from nats.js import api
+
+STREAM = "NATFLOW_TEST_BATCH"
 
 
-def _start(run_id: str) -> RunStarted:
-    return RunStarted(
-        id=f"{run_id}:1", at=utcnow(), workflow="w", queue="q", input=msgspec.Raw(b"null")
+async def _stream(client: Client, *, atomic: bool = True) -> None:
+    await client.connection.jsm.add_stream(
+        api.StreamConfig(
+            name=STREAM,
+            subjects=["batchtest.>"],
+            allow_direct=True,
+            allow_atomic=atomic,
+            max_msgs_per_subject=1,
+        )
     )
 
 
-def _claim(run_id: str) -> RunClaimed:
-    return RunClaimed(id=f"{run_id}:2", at=utcnow(), worker="w", delivery=1)
+async def _write(batcher: AppendBatcher, key: str, expected: int) -> int:
+    headers = {"Nats-Expected-Last-Subject-Sequence": str(expected)}
+    ack = await batcher.publish(f"batchtest.{key}", key.encode(), headers)
+    return ack.seq
 
 
-async def test_appends_of_many_runs_at_once_land_in_batches_where_each_caller_is_told(
+async def test_writes_of_many_keys_at_once_land_in_batches_where_each_caller_is_told(
     client: Client,
 ) -> None:
-    await ensure_streams(client.connection)
-    store = HistoryStore(client.connection)
-    batcher = appender(client.connection, HISTORY_STREAM)
-    runs = [f"batch-{n}" for n in range(60)]
-    starts = await asyncio.gather(*(store.append(r, _start(r), 0) for r in runs))
-    claims = await asyncio.gather(
-        *(store.append(r, _claim(r), seq) for r, seq in zip(runs, starts, strict=True))
+    await _stream(client)
+    batcher = AppendBatcher(client.connection)
+    keys = [f"k{n}" for n in range(60)]
+    firsts = await asyncio.gather(*(_write(batcher, k, 0) for k in keys))
+    seconds = await asyncio.gather(
+        *(_write(batcher, k, seq) for k, seq in zip(keys, firsts, strict=True))
     )
     assert batcher.batches >= 2 and batcher.batched >= 50  # most went out grouped
     get = reader(client.connection)
-    for run_id, seq, kind in [
-        *((r, s, "run_started") for r, s in zip(runs, starts, strict=True)),
-        *((r, s, "run_claimed") for r, s in zip(runs, claims, strict=True)),
-    ]:
-        msg = await get.get(HISTORY_STREAM, seq)
-        assert msg is not None and (msg.headers or {})["Nats-Subject"] == run_level_subject(run_id)
-        event = decode_event(msg.data)
-        assert event.__struct_config__.tag == kind and event.id.startswith(f"{run_id}:")
-    for run_id, seq in zip(runs, claims, strict=True):
-        history = await store.read(run_id)
-        assert [type(e) for e in history.events] == [RunStarted, RunClaimed]
-        assert history.last_seq == seq
+    for key, seq in zip(keys, seconds, strict=True):
+        msg = await get.get(STREAM, seq)
+        assert msg is not None and msg.data == key.encode()
+        assert (msg.headers or {})["Nats-Subject"] == f"batchtest.{key}"
 
 
-async def test_a_batch_refused_for_one_run_lands_the_others_alone(client: Client) -> None:
-    await ensure_streams(client.connection)
-    store = HistoryStore(client.connection)
-    batcher = appender(client.connection, HISTORY_STREAM)
-    runs = [f"refused-{n}" for n in range(8)]
-    starts = await asyncio.gather(*(store.append(r, _start(r), 0) for r in runs))
-    expected = list(starts)
-    expected[5] -= 1  # this writer read an older history: it must not append
+async def test_a_batch_refused_for_one_write_lands_the_others_alone(client: Client) -> None:
+    await _stream(client)
+    batcher = AppendBatcher(client.connection)
+    keys = [f"r{n}" for n in range(8)]
+    firsts = await asyncio.gather(*(_write(batcher, k, 0) for k in keys))
+    expected = list(firsts)
+    expected[5] -= 1  # this writer read an older state: it must not write
     results = await asyncio.gather(
-        *(store.append(r, _claim(r), e) for r, e in zip(runs, expected, strict=True)),
+        *(_write(batcher, k, e) for k, e in zip(keys, expected, strict=True)),
         return_exceptions=True,
     )
-    assert isinstance(results[5], AppendConflict)
-    assert all(isinstance(r, int) for n, r in enumerate(results) if n != 5)
-    for n, run_id in enumerate(runs):
-        kinds = [type(e) for e in (await store.read(run_id)).events]
-        assert kinds == ([RunStarted] if n == 5 else [RunStarted, RunClaimed])
+    refused = results[5]
+    assert isinstance(refused, JetStreamError) and refused.err_code == ERR_WRONG_LAST_SEQUENCE
+    assert all(isinstance(r, int) and r > max(firsts) for n, r in enumerate(results) if n != 5)
     assert batcher.enabled
 
 
-async def test_a_stream_without_atomic_batches_takes_the_appends_one_by_one(
+async def test_a_stream_without_atomic_batches_takes_the_writes_one_by_one(
     client: Client,
 ) -> None:
-    config = next(c for c in stream_configs() if c.name == HISTORY_STREAM)
-    config.allow_atomic = False  # as an older natflow created it
-    await client.connection.jsm.add_stream(config)
-    store = HistoryStore(client.connection)
-    batcher = appender(client.connection, HISTORY_STREAM)
-    runs = [f"plain-{n}" for n in range(10)]
-    starts = await asyncio.gather(*(store.append(r, _start(r), 0) for r in runs))
+    await _stream(client, atomic=False)  # as an older natflow created it
+    batcher = AppendBatcher(client.connection)
+    seqs = await asyncio.gather(*(_write(batcher, f"p{n}", 0) for n in range(10)))
     assert not batcher.enabled and batcher.batches == 0
-    for run_id, seq in zip(runs, starts, strict=True):
-        assert (await store.read(run_id)).last_seq == seq
+    assert sorted(seqs) == list(range(1, 11))
 
 
 async def test_a_caller_cancelled_after_being_handed_the_queue_passes_it_on(
     client: Client,
 ) -> None:
-    await ensure_streams(client.connection)
-    store = HistoryStore(client.connection)
-    batcher = appender(client.connection, HISTORY_STREAM)
-    batcher._busy = True  # as if an append were in flight
-    first = asyncio.ensure_future(store.append("turn-1", _start("turn-1"), 0))
-    second = asyncio.ensure_future(store.append("turn-2", _start("turn-2"), 0))
+    await _stream(client)
+    batcher = AppendBatcher(client.connection)
+    batcher._sending = 2  # as if two writes were in flight
+    first = asyncio.ensure_future(_write(batcher, "turn-1", 0))
+    second = asyncio.ensure_future(_write(batcher, "turn-2", 0))
     await anyio.wait_all_tasks_blocked()
-    batcher._next()  # the in-flight append is done: the queue goes to the first caller
+    batcher._release()  # a write in flight is done: the queue goes to the first caller
     first.cancel()  # ... which is cancelled before it could send it
     with anyio.fail_after(10):
-        seq = await second
+        assert await second > 0
     with pytest.raises(asyncio.CancelledError):
         await first
-    assert (await store.read("turn-2")).last_seq == seq
-    assert not batcher._busy and not batcher._queue
+    batcher._release()  # the other one too
+    assert batcher._sending == 0 and not batcher._queue

@@ -1,24 +1,26 @@
-"""History appends of many runs grouped into atomic batches, one acknowledgement each.
+"""Writes of many runs to one stream grouped into atomic batches, one acknowledgement each:
+the engine's run-index writes and lifecycle events.
 
-With every write fsynced before its ack (natflow's default), a stream's writes are fsynced
-one after another, so a single server took about 1,000 runs/s however many cores it had.
-An atomic batch is fsynced once and acknowledged once (NATS.md §6, §12). Measured on the
-2-core VM, 200 runs appending 5 events each, conditional: one request per append 1,570-1,712
-appends/s, 113-120 us of client and 180-210 us of server CPU each; grouped: 6,729-8,709
-appends/s, 41-46 us and 50-60 us.
+An atomic batch is stored, fsynced and acknowledged once (NATS.md §6, §12). Measured on the
+2-core VM, 200 runs appending 5 conditional messages each: one request per message
+1,570-1,712 messages/s, 113-120 us of client and 180-210 us of server CPU each; grouped:
+6,729-8,709 messages/s, 41-46 us and 50-60 us.
 
-How they group: no timer. An append that finds no batch in flight goes out at once (alone,
-as a plain conditional publish); appends made while a batch or lone append is in flight
-queue, and the next one out takes them all as one batch. A lone run's appends therefore
-wait for nothing, and appends group only where many runs append at once.
+How they group: no timer. A write that finds fewer than ``MAX_SENDING`` sends in flight goes
+out at once (alone, as a plain publish); writes made while that many are in flight queue,
+and the next one out takes them all as one batch. A lone write therefore waits for nothing,
+and writes group only where many runs write at once. What a queued write waits for is the
+send ahead of it: worth it for the engine, whose dispatcher works on many runs at once. Run
+histories are not batched: on the 16-core machine it doubled the durable runs/s, but a
+worker under full CPU let a sleeping run go ~20-60 ms later than the 0.5 s the timers test
+allows (``tests/test_timers.py``), so it waits for a grouping that keeps appends pipelined.
 
-Each message of a batch keeps its own run's expected last sequence and message id, so
-fencing and deduplication are what they are alone. The batch is all or nothing: if any
-expectation fails (a run moved on), a message id repeats, the batch cannot be committed or
-its acknowledgement is lost, each of its appends is made again alone, through the caller's
-ordinary path, which tells "it landed" from "someone else wrote" (``HistoryStore.append``).
-A stream without ``allow_atomic`` (an older natflow's, not yet updated) turns batching off
-for the connection.
+Each message of a batch keeps its own expected last sequence and message id, so fencing and
+deduplication are what they are alone. The batch is all or nothing: if any expectation fails
+(a run moved on), a message id repeats, the batch cannot be committed or its acknowledgement
+is lost, each of its writes is made again alone, through the caller's ordinary path. A
+stream without ``allow_atomic`` (an older natflow's, not yet updated) turns batching off for
+the connection and that stream.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from ._connection import Connection, PubAck
 log = logging.getLogger("natflow.history")
 
 MAX_BATCH: Final = 256  # the server takes up to 1,000 messages in one batch
+# Sends in flight per connection and stream: two keep the pipe full while one batch is
+# stored (the server takes 50 batches in flight per stream; past that a batch is refused and
+# its appends go alone).
+MAX_SENDING: Final = 2
 ERR_BATCH_DISABLED: Final = 10174  # the stream does not allow atomic batches
 _TURN: Final = -1  # a queued append's signal: flush what is queued, this one among it
 
@@ -67,7 +73,7 @@ class AppendBatcher:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._queue: list[_Append] = []
-        self._busy = False  # an append or a batch is in flight
+        self._sending = 0  # appends or batches in flight (at most MAX_SENDING)
         self.enabled = True
         self._prefix = os.urandom(6).hex()
         self._ids = count(1)
@@ -80,12 +86,12 @@ class AppendBatcher:
         """As ``Connection.publish``, grouped with the appends made meanwhile."""
         if not self.enabled or "Nats-Rollup" in headers:
             return await self._conn.publish(subject, data, headers, timeout=timeout)
-        if not self._busy:
-            self._busy = True
+        if self._sending < MAX_SENDING:
+            self._sending += 1
             try:
                 return await self._conn.publish(subject, data, headers, timeout=timeout)
             finally:
-                self._next()
+                self._release()
         item = _Append(subject, data, headers)
         self._queue.append(item)
         while (seq := await self._wait(item)) == _TURN:
@@ -95,7 +101,7 @@ class AppendBatcher:
                 if await self._send(item, timeout):
                     return await self._conn.publish(subject, data, headers, timeout=timeout)
             finally:
-                self._next()
+                self._release()
         if seq is None:
             return await self._conn.publish(subject, data, headers, timeout=timeout)
         return PubAck(stream="", seq=seq, duplicate=False)
@@ -110,16 +116,20 @@ class AppendBatcher:
             if turn and item.outcome.result() == _TURN:
                 if item in self._queue:
                     self._queue.remove(item)
-                self._next()
+                self._release()
             raise
 
-    def _next(self) -> None:
-        """Hand the queue to its first live append (or be idle)."""
+    def _release(self) -> None:
+        """A send is over: hand the queue to its first live append."""
+        self._sending -= 1
+        self._hand_on()
+
+    def _hand_on(self) -> None:
         self._queue = [i for i in self._queue if not i.outcome.cancelled()]
-        if self._queue:
+        # One turn at a time: its holder takes the whole head of the queue.
+        if self._queue and self._sending < MAX_SENDING and not self._queue[0].outcome.done():
+            self._sending += 1
             self._queue[0].outcome.set_result(_TURN)
-        else:
-            self._busy = False
 
     async def _send(self, sender: _Append, timeout: float) -> bool:
         """Send the queue's head as one batch and settle each of its appends; True if the

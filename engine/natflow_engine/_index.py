@@ -17,6 +17,7 @@ from typing import Final
 
 import msgspec
 
+from ._append_batch import appender
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._errors import InvalidInput, PermissionDenied
 from ._reader import reader
@@ -84,6 +85,7 @@ class RunIndex:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._writes = appender(conn, RUNS_STREAM)  # many runs' summaries: one batch
         self._cache: OrderedDict[str, tuple[IndexEntry, int]] = OrderedDict()
 
     async def apply(
@@ -128,7 +130,7 @@ class RunIndex:
             has_timers = True if makes_timer(event) else had_timers
             new = IndexEntry(hseq=hseq, info=info, retention=retention, timers=has_timers)
             try:
-                ack = await self._conn.publish(
+                ack = await self._writes.publish(
                     runs_subject(run_id),
                     _entry_encoder.encode(new),
                     {"Nats-Expected-Last-Subject-Sequence": str(seq)},
@@ -187,7 +189,7 @@ class RunIndex:
             mark_due(info, timer)
             new = msgspec.structs.replace(entry, info=info)
             try:
-                ack = await self._conn.publish(
+                ack = await self._writes.publish(
                     runs_subject(run_id),
                     _entry_encoder.encode(new),
                     {"Nats-Expected-Last-Subject-Sequence": str(seq)},

@@ -27,7 +27,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
 
-LANES: Final = 32  # runs processed at once (at most)
+LANES: Final = 128  # runs processed at once (at most)
 
 # The token of the event a lane's task is processing (each lane is a task of its own).
 _processing: ContextVar[int] = ContextVar("natflow_lane_event")

@@ -24,6 +24,7 @@ from typing import Any, Final
 import msgspec
 from nats.js import api
 
+from ._append_batch import appender
 from ._connection import Connection
 from ._errors import ErrorInfo
 from ._state import RunInfo
@@ -90,6 +91,7 @@ def lifecycle_stream_config(replicas: int, max_age: float) -> api.StreamConfig:
         subjects=[f"{LIFECYCLE_PREFIX}.>"],
         storage=api.StorageType.FILE,
         allow_direct=True,
+        allow_atomic=True,  # many runs' changes in one batch (_append_batch)
         duplicate_window=DUPLICATE_WINDOW,
         max_age=max_age,
         num_replicas=replicas,
@@ -115,7 +117,7 @@ async def publish_status(conn: Connection, previous: str | None, info: RunInfo, 
     data = _encoder.encode(event)
     if len(data) > conn.max_payload - 1024:
         data = _encoder.encode(msgspec.structs.replace(event, result=None, result_omitted=True))
-    await conn.publish(
+    await appender(conn, LIFECYCLE_STREAM).publish(
         lifecycle_subject(info.workflow, info.status, info.run_id),
         data,
         {"Nats-Msg-Id": f"{info.run_id}:{hseq}"},

@@ -175,7 +175,6 @@ def stream_configs() -> list[api.StreamConfig]:
             retention=api.RetentionPolicy.LIMITS,
             allow_direct=True,
             allow_rollup_hdrs=True,  # continue-as-new (see the module docstring)
-            allow_atomic=True,  # appends of many runs in one batch (_append_batch)
             duplicate_window=120.0,
             num_replicas=r,
         ),
@@ -236,6 +235,7 @@ def stream_configs() -> list[api.StreamConfig]:
             storage=api.StorageType.FILE,
             max_msgs_per_subject=1,
             allow_direct=True,
+            allow_atomic=True,  # many runs' summaries in one batch (_append_batch)
             num_replicas=r,
         ),
         api.StreamConfig(  # an Object Store bucket, as nats-py's create_object_store makes it
