@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import anyio
 from natflow import Client, Worker, Workflow
 from natflow.testing import Replayer, ReplayResult
+from natflow_engine import _reader
 from natflow_engine._engine import DISPATCHER
 from natflow_engine._streams import HISTORY_STREAM
 
@@ -122,3 +123,16 @@ async def dispatcher_caught_up(client: Client) -> bool:
     """Whether the engine's dispatcher has processed and acknowledged every event it was given."""
     info = await client.connection.jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
     return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
+def read_requests(monkeypatch: Any) -> list[dict[str, Any]]:
+    """Every batch-read request (``_reader``) made from now on, as sent, in order."""
+    sent: list[dict[str, Any]] = []
+    ask = _reader.BatchReader._ask
+
+    async def counted(self: Any, subject: str, request: dict[str, Any], *args: Any) -> None:
+        sent.append(request)
+        await ask(self, subject, request, *args)
+
+    monkeypatch.setattr(_reader.BatchReader, "_ask", counted)
+    return sent

@@ -3,8 +3,6 @@ holds it, and in full when the server cuts a batch short."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 import pytest
 from natflow import Client
@@ -12,6 +10,8 @@ from natflow_engine import _reader
 from natflow_engine._history import HistoryStore
 from natflow_engine._streams import ensure_streams
 from natflow_engine.events import RunStarted, StepCompleted, utcnow
+
+from tests.helpers import read_requests
 
 
 async def _write(store: HistoryStore, run_id: str, steps: int) -> None:
@@ -33,25 +33,13 @@ async def _write(store: HistoryStore, run_id: str, steps: int) -> None:
         seq = await store.append(run_id, step, seq)
 
 
-def _count_requests(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    sent: list[dict[str, Any]] = []
-    ask = _reader.BatchReader._ask
-
-    async def counted(self: Any, subject: str, request: dict[str, Any], *args: Any) -> None:
-        sent.append(request)
-        await ask(self, subject, request, *args)
-
-    monkeypatch.setattr(_reader.BatchReader, "_ask", counted)
-    return sent
-
-
 async def test_a_history_one_batch_holds_is_read_in_one_request_per_subject(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await ensure_streams(client.connection)
     store = HistoryStore(client.connection)
     await _write(store, "one-batch", 5)
-    sent = _count_requests(monkeypatch)
+    sent = read_requests(monkeypatch)
     history = await store.read("one-batch")
     assert len(history.events) == 6
     # one request per subject (run-level, step-level), none to find nothing more
@@ -65,7 +53,7 @@ async def test_a_batch_cut_short_is_followed_to_the_end(
     store = HistoryStore(client.connection)
     await _write(store, "cut-short", 9)
     monkeypatch.setattr(_reader, "BATCH", 4)  # the server cuts each batch at 4 messages
-    sent = _count_requests(monkeypatch)
+    sent = read_requests(monkeypatch)
     history = await store.read("cut-short")
     assert [e.id for e in history.events] == [f"cut-short:{n}" for n in range(1, 11)]
     assert len(sent) == 4, sent  # the start; its 9 steps in 4 + 4 + 1

@@ -28,7 +28,7 @@ from natflow_engine.events import (
     utcnow,
 )
 
-from tests.helpers import running_worker
+from tests.helpers import read_requests, running_worker
 
 
 def _start(run_id: str) -> RunStarted:
@@ -53,18 +53,6 @@ def _claim(event_id: str) -> RunClaimed:
     return RunClaimed(id=event_id, at=utcnow(), worker="w", delivery=1)
 
 
-def _requests(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    sent: list[dict[str, Any]] = []
-    ask = _reader.BatchReader._ask
-
-    async def counted(self: Any, subject: str, request: dict[str, Any], *args: Any) -> None:
-        sent.append(request)
-        await ask(self, subject, request, *args)
-
-    monkeypatch.setattr(_reader.BatchReader, "_ask", counted)
-    return sent
-
-
 async def _by_wildcard(client: Client, run_id: str) -> list[Event]:
     """What the one read of ``natflow.history.<run_id>.*`` makes of the run."""
     page = await _reader.reader(client.connection).read_all(HISTORY_STREAM, history_subject(run_id))
@@ -86,7 +74,7 @@ async def test_a_history_is_read_by_its_two_literal_subjects(
         id=f"{run_id}:6", at=utcnow(), result=msgspec.Raw(b"3"), last_step=_step(f"{run_id}:5", 3)
     )
     last = await store.append(run_id, end, seq)
-    sent = _requests(monkeypatch)
+    sent = read_requests(monkeypatch)
     history = await store.read(run_id)
     assert [r.get("next_by_subj") for r in sent] == [
         f"natflow.history.{run_id}.run",
