@@ -32,11 +32,10 @@ from collections.abc import Mapping
 from itertools import count
 from typing import Final
 
-import msgspec
+from ._connection import Connection, JetStreamError, PubAck
+from ._errors import NatflowError
 
-from ._connection import Connection, PubAck
-
-log = logging.getLogger("natflow.history")
+log = logging.getLogger("natflow.batches")
 
 MAX_BATCH: Final = 256  # the server takes up to 1,000 messages in one batch
 # Sends in flight per connection and stream: two keep the pipe full while one batch is
@@ -45,16 +44,6 @@ MAX_BATCH: Final = 256  # the server takes up to 1,000 messages in one batch
 MAX_SENDING: Final = 2
 ERR_BATCH_DISABLED: Final = 10174  # the stream does not allow atomic batches
 _TURN: Final = -1  # a queued append's signal: flush what is queued, this one among it
-
-
-class _Reply(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    count: int = 0
-    error: dict[str, object] | None = None
-
-
-_reply_decoder = msgspec.json.Decoder(_Reply)
 
 
 class _Append:
@@ -159,25 +148,22 @@ class AppendBatcher:
                 continue
             headers["Nats-Batch-Commit"] = "1"
             try:
-                msg = await self._conn.request(
-                    item.subject, item.data, headers=headers, timeout=timeout
-                )
-                reply = _reply_decoder.decode(msg.data)
-            except Exception as exc:  # lost, refused or garbled: each append alone says
-                log.debug("batch of %d appends not acknowledged (%s); each alone", last, exc)
+                ack = await self._conn.publish(item.subject, item.data, headers, timeout=timeout)
+            except JetStreamError as exc:
+                if exc.err_code == ERR_BATCH_DISABLED:
+                    self.enabled = False
+                    log.info("stream takes no atomic batches (allow_atomic): writes go one by one")
+                else:  # a run moved on, a repeated message id, ...: each alone tells which
+                    log.debug("batch of %d writes refused (%s); each alone", last, exc)
                 return None
-        if reply.error is not None:
-            if reply.error.get("err_code") == ERR_BATCH_DISABLED:
-                self.enabled = False
-                log.info("stream takes no atomic batches (allow_atomic): appends go one by one")
-            else:  # a run moved on, a repeated message id, ...: each alone tells which
-                log.debug("batch of %d appends refused (%s); each alone", last, reply.error)
-            return None
-        if reply.count != last or reply.seq < last:
+            except (NatflowError, TimeoutError) as exc:  # lost: each alone tells if it landed
+                log.debug("batch of %d writes not acknowledged (%s); each alone", last, exc)
+                return None
+        if ack.count != last or ack.seq < last:
             return None
         self.batches += 1
         self.batched += last
-        first = reply.seq - last + 1  # a committed batch is stored in one piece, in order
+        first = ack.seq - last + 1  # a committed batch is stored in one piece, in order
         return [first + at for at in range(last)]
 
 

@@ -106,8 +106,9 @@ class JetStreamError(NatflowError):
 
 class PubAck(msgspec.Struct):
     stream: str = ""
-    seq: int = 0
+    seq: int = 0  # of the last message, for an atomic batch's commit
     duplicate: bool = False
+    count: int = 0  # the messages an atomic batch's commit stored (0: not a batch)
 
 
 class _ApiError(msgspec.Struct):
@@ -121,6 +122,7 @@ class _ApiReply(msgspec.Struct):
     stream: str = ""
     seq: int = 0
     duplicate: bool = False
+    count: int = 0
 
 
 _reply_decoder = msgspec.json.Decoder(_ApiReply)
@@ -283,7 +285,9 @@ class Connection:
         if reply.error is not None:
             err = reply.error
             raise JetStreamError(subject, err.code, err.err_code, err.description)
-        return PubAck(stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate)
+        return PubAck(
+            stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate, count=reply.count
+        )
 
     async def admin(
         self, what: str, call: Callable[[], Awaitable[T]], *, budget: float = 30.0

@@ -133,9 +133,7 @@ async def kv_watch(conn: Connection, bucket: str) -> AsyncIterator[tuple[str, by
         await sub.unsubscribe()
 
 
-async def kv_entries(
-    conn: Connection, bucket: str, keys: str = ">", *, batch: int | None = None
-) -> list[Msg]:
+async def kv_entries(conn: Connection, bucket: str, keys: str = ">") -> list[Msg]:
     """The live (not deleted) entries of ``bucket`` whose keys match ``keys``; each message
     names its key in ``Nats-Subject`` and its revision in ``Nats-Sequence``. A denial is
     named at once (the batch reader's), not after a timeout.
@@ -144,12 +142,10 @@ async def kv_entries(
     key" (``multi_last``): nats-server answers that with at most 1,024 keys ("413 Too Many
     Results"), and a bucket's delete markers count, so the leases of a busy minute passed
     it. The buckets keep one message per key (``max_msgs_per_subject`` 1), so the stream
-    holds the same messages. ``batch`` bounds how many are read (None: all).
+    holds the same messages.
     """
     try:
-        page = await reader(conn).read_all(
-            kv_stream(bucket), f"$KV.{bucket}.{keys}", headers=True, limit=batch
-        )
+        page = await reader(conn).read_all(kv_stream(bucket), f"$KV.{bucket}.{keys}", headers=True)
     except NoResponders:  # the bucket does not exist (yet): nothing in it
         return []
     return [

@@ -45,6 +45,7 @@ from .events import (
     StepStarted,
     TimerFired,
     TimerScheduled,
+    events_before,
     utcnow,
 )
 
@@ -176,11 +177,8 @@ async def _create(store: HistoryStore, run_id: str, start: RunStarted) -> tuple[
 
 
 def _positions_used(events: list[Event]) -> int:
-    """The position of the last of a stretch's events: a continuation's ids go on from the
-    events before it."""
-    first = events[0] if events else None
-    before = first.events_before if isinstance(first, RunContinued) else 0
-    return before + len(events)
+    """The position of the last of a stretch's events."""
+    return events_before(events[0]) + len(events) if events else 0
 
 
 async def _link(

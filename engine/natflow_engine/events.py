@@ -374,6 +374,12 @@ def decode_event(data: bytes) -> Event:
     return event
 
 
+def events_before(first: Event) -> int:
+    """How many events the run recorded before the stretch ``first`` begins (event ids,
+    which are positions, go on from there)."""
+    return first.events_before if isinstance(first, RunContinued) else 0
+
+
 def unpacked(events: list[Event]) -> list[Event]:
     """The events as the run recorded them, one per position: a ``run_completed`` that carries
     its last step's outcome becomes that ``step_completed`` followed by itself without it."""

@@ -99,11 +99,6 @@ def stretch_of(start: RunStarted) -> int:
     return start.stretch if isinstance(start, RunContinued) else 1
 
 
-def events_before(start: RunStarted) -> int:
-    """How many events the run recorded before this stretch (event ids go on from there)."""
-    return start.events_before if isinstance(start, RunContinued) else 0
-
-
 def next_stretch(
     state: StretchState, run_id: str, input_json: bytes, event_id: str, events: int
 ) -> RunContinued:
@@ -156,7 +151,6 @@ __all__ = [
     "SUGGESTED_AFTER_COMMANDS",
     "ContinueAsNew",
     "check_input_size",
-    "events_before",
     "new_input",
     "next_stretch",
     "run_stored_at",

@@ -29,11 +29,10 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from natflow_engine import FENCED, Connection, ErrorInfo, History, HistoryStore
-from natflow_engine.events import RunTerminated, utcnow
+from natflow_engine.events import RunTerminated, events_before, utcnow
 
 from ._claim import RunClaimer
 from ._commands import Finished, Item, SignalsArrived, StillRunning, TimerDue
-from ._continuation import events_before
 from ._live_steps import LiveSteps
 from ._outcome import HOLD_FOR_CHILDREN, HOLD_TIMERS_UNDER, Outcome
 from ._preclaim import Preclaim

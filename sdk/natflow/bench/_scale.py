@@ -43,11 +43,7 @@ def point(tp: Throughput, cpus: int | None = None) -> ScalePoint:
     is the busiest and nothing else is near its limit, its serial work (a stream's writes,
     one fsync after another) is what the runs wait on."""
     cpu = tp.cpu_running or tp.cpu
-    python = {
-        "client": cpu.client / tp.clients,
-        "worker": (cpu.workers or 0.0) / tp.workers,
-        "engine": (cpu.engine or 0.0) / tp.engines,
-    }
+    python = _per_process(tp)
     cores = cpus or os.cpu_count() or 1
     machine = _busy(cpu) / cores
     if machine >= SATURATED:
@@ -62,6 +58,16 @@ def point(tp: Throughput, cpus: int | None = None) -> ScalePoint:
             throughput=tp, busiest="server", busiest_pct=server, saturated=server >= SATURATED
         )
     return ScalePoint(throughput=tp, busiest=busiest, busiest_pct=python[busiest], saturated=False)
+
+
+def _per_process(tp: Throughput) -> dict[str, float]:
+    """Each Python kind's % of one core per process, while the runs ran."""
+    cpu = tp.cpu_running or tp.cpu
+    return {
+        "client": cpu.client / tp.clients,
+        "worker": (cpu.workers or 0.0) / tp.workers,
+        "engine": (cpu.engine or 0.0) / tp.engines,
+    }
 
 
 def _busy(cpu: Cpu) -> float:
@@ -109,14 +115,8 @@ def _incomplete(tp: Throughput) -> bool:
 
 def _row(p: ScalePoint) -> tuple[str, ...]:
     tp = p.throughput
-    cpu = tp.cpu_running or tp.cpu
     per_run = tp.cpu.ms_per(tp.completed)
-    shares = (
-        cpu.client / tp.clients,
-        (cpu.workers or 0.0) / tp.workers,
-        (cpu.engine or 0.0) / tp.engines,
-        cpu.server or 0.0,
-    )
+    shares = [*_per_process(tp).values(), (tp.cpu_running or tp.cpu).server or 0.0]
     bound = f"{p.busiest} {p.busiest_pct:.0f}%" if p.saturated else "nothing saturated"
     return (
         str(tp.workers),

@@ -4,12 +4,11 @@ processes, as deployed."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
+import anyio
 from natflow_engine import DISPATCHER, HISTORY_STREAM, NatflowError, read_varz
 
 from ._client_run import ClientTimes, run_share
@@ -137,21 +136,23 @@ async def _watched(
             alive()
             if times is not None:
                 bench.progress.update(f"{len(times.done):,} done")
-            await asyncio.sleep(0.25)
+            await anyio.sleep(0.25)
 
-    watcher: asyncio.Future[Any] = asyncio.ensure_future(watch())
-    runs: asyncio.Future[T] = asyncio.ensure_future(work)
+    result: list[T] = []
+
+    async def main(scope: anyio.CancelScope) -> None:
+        result.append(await work)
+        scope.cancel()  # the watcher with it
+
     try:
-        await asyncio.wait([runs, watcher], return_when=asyncio.FIRST_COMPLETED)
-        if watcher.done():
-            runs.cancel()
-            watcher.result()
-        return await runs
-    finally:
-        watcher.cancel()
-        runs.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)  # a process that dies ends the phase at once, with its log
+            tg.start_soon(main, tg.cancel_scope)
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:  # the bench reports the error, not the group
+            raise group.exceptions[0] from None
+        raise
+    return result[0]
 
 
 def _merged(parts: list[ClientTimes]) -> ClientTimes:
@@ -176,7 +177,7 @@ async def _engine_caught_up(bench: BenchSession, timeout: float = 30.0) -> float
         info = await jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
         if info.num_pending == 0 and info.num_ack_pending == 0:
             return time.perf_counter() - t0
-        await asyncio.sleep(0.02)
+        await anyio.sleep(0.02)
     return None
 
 
