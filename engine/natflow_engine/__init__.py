@@ -10,6 +10,7 @@ from . import events
 from ._children import ends_with_parent
 from ._cli_options import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
+from ._collector import tune_collector
 from ._completion import RunOutcome
 from ._connection import (
     ERR_WRONG_LAST_SEQUENCE,
@@ -388,6 +389,7 @@ __all__ = [
     "stored_at",
     "take_debounced_input",
     "to_seconds",
+    "tune_collector",
     "unpark",
     "value_ref",
     "waiting_for_slot",

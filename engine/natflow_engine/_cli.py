@@ -30,6 +30,7 @@ from ._cli_runs import interrupted_wait
 from ._cli_runs import register as register_runs
 from ._cli_schedules import register as register_triggers
 from ._cli_sites import add_site_options, check_site_options, site_list
+from ._collector import tune_collector
 from ._connection import DEFAULT_URL, Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError
@@ -68,6 +69,7 @@ async def cmd_init(args: argparse.Namespace) -> int:
 
 async def cmd_engine(args: argparse.Namespace) -> int:
     check_site_options(args)
+    tune_collector()
     conn = await open_connection(args, "natflow-engine")
     serve_metrics(args.metrics_port, args.metrics_host)
     engine = Engine(
@@ -206,6 +208,7 @@ async def cmd_server(args: argparse.Namespace) -> int:
 
 async def cmd_dev(args: argparse.Namespace) -> int:
     server = _start_server(args)
+    tune_collector()
     try:
         await _print_durability(server)
         conn = await connect(server.url, name="natflow-engine")

@@ -21,6 +21,7 @@ from natflow_engine import (
     add_metrics_options,
     connect_options,
     serve_metrics,
+    tune_collector,
 )
 
 from ._client import Client
@@ -163,6 +164,7 @@ async def run_worker_command(args: argparse.Namespace) -> int:
             grace=args.grace,
         )
         return await supervisor.run()
+    tune_collector()  # after the workflows' module is loaded: it is frozen with the rest
     serve_metrics(args.metrics_port, args.metrics_host)
     client = await _connect_with_retry(args)
     try:

@@ -164,13 +164,16 @@ class RunExecution:
             send, receive = anyio.create_memory_object_stream[Item](math.inf)
             self._send = self._steps.send = send
             try:
-                async with anyio.create_task_group() as tg:
-                    outcome = await self._guarded_live(tg, receive)
-                    tg.cancel_scope.cancel()
+                with send, receive:
+                    async with anyio.create_task_group() as tg:
+                        outcome = await self._guarded_live(tg, receive)
+                        tg.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 if len(group.exceptions) == 1:  # the worker handles the error, not the group
                     raise group.exceptions[0] from None
                 raise
+            finally:
+                self._send = self._steps.send = None
             return outcome
         finally:
             self._dispose()

@@ -136,7 +136,7 @@ class WorkflowState:
         self.cancelled: str | None = None  # a cancellation reached the workflow
         self.terminated: str | None = None  # stop now, run nothing more
         self._loop = WorkflowLoop()  # type: ignore[abstract]
-        self._ctx = WorkflowContext(self)
+        self._ctx: WorkflowContext | None = WorkflowContext(self)
         self.root: asyncio.Task[Any] | None = None
 
     def _load(self, events: list[Event]) -> None:
@@ -519,15 +519,17 @@ class WorkflowState:
             self._diverged(first, expected=None, recorded=self._records[first])
 
     async def _main(self) -> Any:
+        ctx = self._ctx
+        assert ctx is not None  # closed states run no workflow code
         value: Any = None
         data: bytes | msgspec.Raw = self.start.input
         if self.start.debounce is not None:  # the last input of its window: a recorded step
-            data = await debounced_input(self._ctx, self.start)
+            data = await debounced_input(ctx, self.start)
         if self.workflow.takes_input:
             value = decode_value(
                 f"input of workflow {self.workflow.name!r}", data, self.workflow.input_type
             )
-        return await self.workflow(self._ctx, value)
+        return await self.workflow(ctx, value)
 
     def _tick(self) -> None:
         self._loop.run_until_idle()
@@ -643,6 +645,11 @@ class WorkflowState:
         except BaseException:  # user finally-blocks during teardown: nothing left to protect
             log.debug("run %s: error while closing workflow code", self.run_id, exc_info=True)
         self._loop.close()
+        # The context holds this state, and so do the frames the root task's cancellation
+        # keeps: letting go of both frees an ended run at once rather than by the cycle
+        # collector (a ctx the workflow kept still raises Evicted).
+        self._ctx = None
+        self.root = None
 
 
 def cancel_reason(payload: bytes) -> str | None:

@@ -64,6 +64,14 @@ class RunTimers:
         self._armed[seq] = loop.call_later(delay, self._notify, TimerDue(seq))
 
     def cancel(self) -> None:
+        """Disarm every timer for good: the run's execution is over."""
         for handle in self._armed.values():
             handle.cancel()
         self._armed.clear()
+        # The driver's callback holds the execution that holds these timers: let go of it,
+        # so an ended run is freed at once rather than by the cycle collector.
+        self._notify = _ended
+
+
+def _ended(item: Item) -> None:
+    """Where a timer's news goes once its run's execution has ended: nowhere."""
