@@ -175,7 +175,6 @@ def stream_configs() -> list[api.StreamConfig]:
             retention=api.RetentionPolicy.LIMITS,
             allow_direct=True,
             allow_rollup_hdrs=True,  # continue-as-new (see the module docstring)
-            allow_atomic=True,  # many runs' appends in one batch (_append_batch)
             duplicate_window=120.0,
             num_replicas=r,
         ),
