@@ -13,7 +13,10 @@ and writes group only where many runs write at once. What a queued write waits f
 send ahead of it: worth it for the engine, whose dispatcher works on many runs at once. Run
 histories are not batched: on the 16-core machine it doubled the durable runs/s, but a
 worker under full CPU let a sleeping run go ~20-60 ms later than the 0.5 s the timers test
-allows (``tests/test_timers.py``), so it waits for a grouping that keeps appends pipelined.
+allows (``tests/test_timers.py``). A pipelined grouping (by turn of the event loop) kept that
+test green but made relaxed runs slower: nats-server stages each atomic batch of a
+one-replica file stream in a temporary file store, which only fsyncs saved pay for, and a
+client cannot read the server's sync mode (README, "Scale-out").
 
 Each message of a batch keeps its own expected last sequence and message id, so fencing and
 deduplication are what they are alone. The batch is all or nothing: if any expectation fails
