@@ -63,11 +63,12 @@ async def running_worker(
 def spawn_worker(
     url: str, target: str, *args: str, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """`natflow worker TARGET` as a real process (its own session, for clean signals)."""
+    """`natflow worker TARGET` as one real process (its own session, for clean signals);
+    ``args`` may ask for more (``--processes N``)."""
     full_env = {**os.environ, "NATFLOW_URL": url, "PYTHONPATH": str(ROOT), **(env or {})}
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
-        [sys.executable, "-m", "natflow_engine", "worker", target, *args],
+        [sys.executable, "-m", "natflow_engine", "worker", target, "--processes", "1", *args],
         cwd=ROOT,
         env=full_env,
         stdout=out,

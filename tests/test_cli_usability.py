@@ -253,7 +253,7 @@ async def test_a_project_with_its_own_engine_and_sdk_runs_under_natflow_worker(
     env["NATFLOW_URL"] = client.connection.url
     for target, cwd in ((str(app), tmp_path), ("app:hello", app.parent)):
         proc = subprocess.Popen(  # noqa: ASYNC220 - a process that runs beside the test
-            [*NATFLOW, "worker", target, "--metrics-port", "0"],
+            [*NATFLOW, "worker", target, "--metrics-port", "0", "--processes", "1"],
             cwd=cwd,
             env=env,
             stdout=subprocess.DEVNULL,

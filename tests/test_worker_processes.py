@@ -8,6 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
 from natflow import Client
 from natflow_engine._server import EmbeddedServer
@@ -84,6 +85,26 @@ async def test_processes_runs_supervised_workers_and_drains_them_on_sigterm(
             os.kill(pid, 0)
     text = log.read_text()
     assert "exited with code" in text and "draining 2 worker processes" in text
+
+
+async def test_children_that_cannot_start_end_the_command_with_their_error(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """Restarting them would print the same error every 30 s; one process would have exited."""
+    done = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [*NATFLOW, "worker", "tests.workflows_proc:make_nothing", "--processes", "2"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "NATFLOW_URL": nats_server.url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    )
+    assert done.returncode == 1, done.stderr
+    assert "returned 42, not a Worker" in done.stderr
+    assert "could not start" in done.stderr
+    assert "starting it again" not in done.stderr
 
 
 def test_processes_takes_a_count_or_auto_and_says_so() -> None:

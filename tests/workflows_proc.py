@@ -58,3 +58,8 @@ def make_worker(client: Client) -> Worker:
 def make_single_worker(client: Client) -> Worker:
     """Like :func:`make_worker`, holding one run at a time (it takes no task while it does)."""
     return Worker(client, WORKFLOWS, lease_ttl=LEASE_TTL, max_concurrent_runs=1)
+
+
+def make_nothing(client: Client) -> int:
+    """A factory that makes no Worker: each worker process says so and exits with status 1."""
+    return 42

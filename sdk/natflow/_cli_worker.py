@@ -85,7 +85,7 @@ def register(sub: Any) -> None:
         type=process_count,
         default=1,
         help="worker processes to run and supervise (a dead one is started again; SIGTERM "
-        "drains them all); 0 or auto: one per core",
+        "drains them all; one that cannot start ends the command); 0 or auto: one per core",
     )
     add_metrics_options(p, DEFAULT_WORKER_PORT, "NATFLOW_WORKER_METRICS_PORT")
     p.set_defaults(handler=run_worker_command)

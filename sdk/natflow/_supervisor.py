@@ -2,9 +2,15 @@
 
 One Python process runs on one core; a machine with more cores needs more processes. The
 supervisor starts N ``natflow worker`` children with the same arguments, starts again one
-that dies (with a backoff, so a worker that cannot start does not spin), and on SIGTERM or
-Ctrl-C forwards SIGTERM to every child, so each drains its runs within ``--grace`` as a
-single worker would, then exits. It connects to nothing itself.
+that dies (with a backoff, so a worker that crashes again and again does not spin), and on
+SIGTERM or Ctrl-C forwards SIGTERM to every child, so each drains its runs within
+``--grace`` as a single worker would, then exits. It connects to nothing itself.
+
+A child that fails on its first start, with the exit status a natflow command gives for an
+error it has explained (1: a refused TLS handshake, a denied permission, a factory that made
+no Worker), ends the command with that status, its children drained: restarting it would
+only print the same error every 30 s, where one worker process would have exited. A worker
+with no server to reach does not exit (it waits for one), so that never ends the command.
 
 Children run in their own session: a Ctrl-C in the terminal reaches the supervisor only, and
 each child gets exactly one SIGTERM (a second would end its drain early). On Linux each child
@@ -35,6 +41,7 @@ MAX_BACKOFF: Final = 30.0
 HEALTHY_AFTER: Final = 30.0  # a child that ran this long resets its slot's backoff
 POLL: Final = 0.2  # seconds between looks at the children
 KILL_AFTER_GRACE: Final = 10.0  # past --grace, a child that has not exited is killed
+EXPLAINED_ERROR: Final = 1  # a natflow command's exit status for an error it printed
 
 
 def process_count(value: str) -> int:
@@ -79,6 +86,7 @@ class _Slot:
     backoff: float = FIRST_BACKOFF
     restart_at: float = 0.0
     restarts: int = field(default=0)
+    healthy: bool = False  # ran for HEALTHY_AFTER once
 
 
 class Supervisor:
@@ -100,6 +108,7 @@ class Supervisor:
         self._grace = grace
         self.slots = [_Slot(i) for i in range(count)]
         self._stopping = False
+        self.failed: int | None = None  # the exit status of a child that could not start
 
     def _start(self, slot: _Slot) -> None:
         command = child_argv(self._argv, slot.index, self._identity, self._metrics)
@@ -122,6 +131,19 @@ class Supervisor:
         if code is None:
             if now - slot.started >= HEALTHY_AFTER:
                 slot.backoff = FIRST_BACKOFF
+                slot.healthy = True
+            return
+        if code == EXPLAINED_ERROR and not slot.healthy and slot.restarts == 0:
+            log.error(
+                "worker process %d (pid %d) could not start (exit code %d, its error above); "
+                "stopping",
+                slot.index,
+                slot.proc.pid,
+                code,
+            )
+            slot.proc = None
+            self.failed = code
+            self._stopping = True
             return
         log.warning(
             "worker process %d (pid %d) exited with code %d; starting it again in %.0f s",
@@ -135,7 +157,8 @@ class Supervisor:
         slot.backoff = min(slot.backoff * 2, MAX_BACKOFF)
 
     async def run(self) -> int:
-        """Until SIGTERM or SIGINT; then drain every child and return 0."""
+        """Until SIGTERM or SIGINT, or a child that cannot start; then drain every child and
+        return 0 (or that child's exit status)."""
         for slot in self.slots:
             self._start(slot)
         async with anyio.create_task_group() as tg:
@@ -159,8 +182,9 @@ class Supervisor:
                 for slot in self.slots:
                     self._tend(slot, now)
                 await anyio.sleep(POLL)
+            tg.cancel_scope.cancel()
         await self._drain()
-        return 0
+        return self.failed or 0
 
     async def _drain(self) -> None:
         alive = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]

@@ -133,6 +133,8 @@ class WorkerProcesses:
             "natflow_engine",
             "worker",
             "natflow.bench._workflows:WORKFLOWS",
+            "--processes",
+            "1",  # the bench counts worker processes itself
             "--max-concurrent-runs",
             str(self._concurrency),
             "--grace",
