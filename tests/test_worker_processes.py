@@ -6,16 +6,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import anyio
 import pytest
 from natflow import Client
+from natflow_engine._cli import build_parser
 from natflow_engine._server import EmbeddedServer
 
 from examples.greeting import greet
 from tests.helpers import ROOT, spawn_worker, wait_for
 from tests.test_cli import NATFLOW
+from tests.test_worker_startup import free_port
 
 
 def children_of(pid: int) -> set[int]:
@@ -48,7 +51,7 @@ async def test_processes_runs_supervised_workers_and_drains_them_on_sigterm(
         "--grace",
         "5",
         "--metrics-port",
-        "0",
+        str(metrics_port := free_port()),
         log=log,
     )
     processes.append(supervisor)
@@ -75,6 +78,12 @@ async def test_processes_runs_supervised_workers_and_drains_them_on_sigterm(
     assert max(first) in second  # the other one was left alone
     handle = await client.start(greet, {"name": "Bo"}, run_id="procs-2")
     await handle.result(timeout=30)
+
+    # one endpoint: the supervisor serves the children's metrics summed, a dead child's too
+    async def both_counted() -> bool:
+        return _metric_sum(metrics_port, "natflow_steps_total", 'workflow="greet"') == 2
+
+    await wait_for(both_counted, timeout=10, what="both runs' steps on the supervisor's port")
 
     # SIGTERM drains every child and the supervisor exits cleanly
     supervisor.send_signal(signal.SIGTERM)
@@ -105,6 +114,23 @@ async def test_children_that_cannot_start_end_the_command_with_their_error(
     assert "returned 42, not a Worker" in done.stderr
     assert "could not start" in done.stderr
     assert "starting it again" not in done.stderr
+
+
+def _metric_sum(port: int, name: str, label: str) -> float:
+    """The sum of ``name``'s samples that carry ``label``, scraped from ``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and label in line
+    )
+
+
+def test_one_worker_process_per_core_by_default() -> None:
+    args = build_parser().parse_args(["worker", "examples.greeting:greet"])
+    assert args.processes == (os.cpu_count() or 1)
+    assert build_parser().parse_args(["worker", "x", "--processes", "1"]).processes == 1
 
 
 def test_processes_takes_a_count_or_auto_and_says_so() -> None:

@@ -94,7 +94,9 @@ from ._metrics import (
     TASK_LAG,
     labelled,
     prepare_worker,
+    process_metrics_gone,
     serve_metrics,
+    serve_process_metrics,
     step_attempt,
 )
 from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
@@ -354,6 +356,7 @@ __all__ = [
     "pending_signals",
     "ping_subject",
     "prepare_worker",
+    "process_metrics_gone",
     "publish_declarations",
     "put_slot",
     "quarantined",
@@ -380,6 +383,7 @@ __all__ = [
     "send",
     "sequence",
     "serve_metrics",
+    "serve_process_metrics",
     "shipped_server",
     "site_views",
     "start_declared",

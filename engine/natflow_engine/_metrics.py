@@ -24,7 +24,10 @@ Who exports what:
 
 Serve them with :func:`serve_metrics` (``natflow worker``/``engine``/``dev`` do, on
 ``--metrics-port``; a :class:`~natflow.Worker` used as a library does when given
-``metrics_port``).
+``metrics_port``). ``natflow worker --processes N`` serves its children's, summed, with
+:func:`serve_process_metrics`: each child writes its metrics to the supervisor's folder
+(prometheus-client's multiprocess mode), where counters and histograms add up and the one
+worker gauge (runs held) is the live children's sum.
 """
 
 from __future__ import annotations
@@ -41,8 +44,17 @@ from wsgiref.simple_server import WSGIServer
 
 import anyio
 import msgspec
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from ._connection import Connection
 from ._errors import NatflowError
@@ -172,7 +184,11 @@ EXECUTIONS = Counter(
     "suspended, lost, handed_back).",
     ["workflow", "outcome"],
 )
-RUNS_HELD = Gauge("natflow_worker_runs_held", "Runs the workers of this process hold now.")
+RUNS_HELD = Gauge(
+    "natflow_worker_runs_held",
+    "Runs the workers of this process hold now.",
+    multiprocess_mode="livesum",  # `natflow worker --processes N`: the live children's sum
+)
 
 # -- engine poller: snapshots from JetStream --------------------------------------------------
 
@@ -364,13 +380,32 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:
     is a no-op. A port another process holds is logged and skipped: metrics are worth a
     warning, never a worker that refuses to start.
     """
+    return _serve(port, host, REGISTRY)
+
+
+def serve_process_metrics(port: int, host: str, folder: str) -> int | None:
+    """Serve, as :func:`serve_metrics` does, the metrics of the processes that write them
+    under ``folder`` (prometheus-client's multiprocess mode: each child started with
+    ``PROMETHEUS_MULTIPROC_DIR`` set to it), summed over them: one endpoint for
+    ``natflow worker --processes N``, whatever N."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+    return _serve(port, host, registry)
+
+
+def process_metrics_gone(pid: int, folder: str) -> None:
+    """Drop a dead child's live gauges (its counters stay in the sums)."""
+    multiprocess.mark_process_dead(pid, path=folder)  # type: ignore[no-untyped-call]
+
+
+def _serve(port: int, host: str, registry: CollectorRegistry) -> int | None:
     if port <= 0:
         return None
     with _servers_lock:
         if port in _servers:
             return port
         try:
-            server, _ = start_http_server(port, addr=host)
+            server, _ = start_http_server(port, addr=host, registry=registry)
         except OSError as exc:
             log.warning("metrics not served: cannot listen on %s:%d (%s)", host, port, exc)
             return None

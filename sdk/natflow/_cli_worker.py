@@ -83,9 +83,10 @@ def register(sub: Any) -> None:
         "--processes",
         metavar="N",
         type=process_count,
-        default=1,
-        help="worker processes to run and supervise (a dead one is started again; SIGTERM "
-        "drains them all; one that cannot start ends the command); 0 or auto: one per core",
+        default="auto",
+        help="worker processes to run and supervise, their metrics summed on one port (a "
+        "dead one is started again; SIGTERM drains them all; one that cannot start ends the "
+        "command); default auto: one per core; 1: this process alone",
     )
     add_metrics_options(p, DEFAULT_WORKER_PORT, "NATFLOW_WORKER_METRICS_PORT")
     p.set_defaults(handler=run_worker_command)
@@ -161,6 +162,7 @@ async def run_worker_command(args: argparse.Namespace) -> int:
             sys.argv[1:],
             identity=args.identity,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             grace=args.grace,
         )
         return await supervisor.run()

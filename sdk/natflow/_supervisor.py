@@ -12,6 +12,11 @@ no Worker), ends the command with that status, its children drained: restarting 
 only print the same error every 30 s, where one worker process would have exited. A worker
 with no server to reach does not exit (it waits for one), so that never ends the command.
 
+The children's metrics are one endpoint: each child writes them under a folder of the
+supervisor's (prometheus-client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``), and the
+supervisor serves their sum on ``--metrics-port``, so a scrape configuration names one port
+whatever the count (a port per child would also collide with the engine's, next to it).
+
 Children run in their own session: a Ctrl-C in the terminal reaches the supervisor only, and
 each child gets exactly one SIGTERM (a second would end its drain early). On Linux each child
 also asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``), so a
@@ -23,16 +28,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 import anyio
-from natflow_engine import ends_with_parent
+from natflow_engine import ends_with_parent, process_metrics_gone, serve_process_metrics
 
 log = logging.getLogger("natflow.worker")
 
@@ -57,9 +64,9 @@ def process_count(value: str) -> int:
     return count
 
 
-def child_argv(argv: Sequence[str], index: int, identity: str | None, metrics: int) -> list[str]:
+def child_argv(argv: Sequence[str], index: int, identity: str | None) -> list[str]:
     """The command line of child ``index``: this one without ``--processes``, as one process,
-    with its own identity and metrics port (the last of a repeated option wins)."""
+    with its own identity and no endpoint of its own (the last of a repeated option wins)."""
     kept: list[str] = []
     skip = False
     for arg in argv:
@@ -72,7 +79,7 @@ def child_argv(argv: Sequence[str], index: int, identity: str | None, metrics: i
         if arg.startswith("--processes="):
             continue
         kept.append(arg)
-    extra = ["--processes", "1", "--metrics-port", str(metrics + index if metrics else 0)]
+    extra = ["--processes", "1", "--metrics-port", "0"]
     if identity is not None:
         extra += ["--identity", f"{identity}-{index}"]
     return [sys.executable, "-m", "natflow_engine", *kept, *extra]
@@ -99,21 +106,25 @@ class Supervisor:
         *,
         identity: str | None,
         metrics_port: int,
+        metrics_host: str,
         grace: float,
     ) -> None:
         self.count = count
         self._argv = list(argv)
         self._identity = identity
         self._metrics = metrics_port
+        self._metrics_host = metrics_host
         self._grace = grace
+        self._metrics_folder = ""  # where the children write their metrics, while running
         self.slots = [_Slot(i) for i in range(count)]
         self._stopping = False
         self.failed: int | None = None  # the exit status of a child that could not start
 
     def _start(self, slot: _Slot) -> None:
-        command = child_argv(self._argv, slot.index, self._identity, self._metrics)
+        command = child_argv(self._argv, slot.index, self._identity)
         slot.proc = subprocess.Popen(
             command,
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_folder},
             start_new_session=True,
             preexec_fn=ends_with_parent(),
         )
@@ -141,6 +152,7 @@ class Supervisor:
                 slot.proc.pid,
                 code,
             )
+            process_metrics_gone(slot.proc.pid, self._metrics_folder)
             slot.proc = None
             self.failed = code
             self._stopping = True
@@ -152,6 +164,7 @@ class Supervisor:
             code,
             slot.backoff,
         )
+        process_metrics_gone(slot.proc.pid, self._metrics_folder)
         slot.proc = None
         slot.restart_at = now + slot.backoff
         slot.backoff = min(slot.backoff * 2, MAX_BACKOFF)
@@ -159,6 +172,14 @@ class Supervisor:
     async def run(self) -> int:
         """Until SIGTERM or SIGINT, or a child that cannot start; then drain every child and
         return 0 (or that child's exit status)."""
+        self._metrics_folder = tempfile.mkdtemp(prefix="natflow-worker-metrics-")
+        try:
+            serve_process_metrics(self._metrics, self._metrics_host, self._metrics_folder)
+            return await self._supervise()
+        finally:
+            shutil.rmtree(self._metrics_folder, ignore_errors=True)
+
+    async def _supervise(self) -> int:
         for slot in self.slots:
             self._start(slot)
         async with anyio.create_task_group() as tg:
