@@ -27,8 +27,8 @@ def tune_collector() -> None:
     """Freeze what exists now and make young-generation passes rarer (once, at startup)."""
     gc.collect()  # what startup left as garbage goes now, not frozen forever
     gc.freeze()
-    _, middle, old = gc.get_threshold()
-    if gc.get_threshold()[0] < YOUNG_THRESHOLD:
+    young, middle, old = gc.get_threshold()
+    if young < YOUNG_THRESHOLD:  # a higher setting (its author's) is kept
         gc.set_threshold(YOUNG_THRESHOLD, middle, old)
     log.debug(
         "cycle collector: thresholds %s, %d objects frozen",
