@@ -93,7 +93,6 @@ class _Slot:
     backoff: float = FIRST_BACKOFF
     restart_at: float = 0.0
     restarts: int = field(default=0)
-    healthy: bool = False  # ran for HEALTHY_AFTER once
 
 
 class Supervisor:
@@ -142,30 +141,28 @@ class Supervisor:
         if code is None:
             if now - slot.started >= HEALTHY_AFTER:
                 slot.backoff = FIRST_BACKOFF
-                slot.healthy = True
             return
-        if code == EXPLAINED_ERROR and not slot.healthy and slot.restarts == 0:
+        pid, slot.proc = slot.proc.pid, None
+        process_metrics_gone(pid, self._metrics_folder)
+        first_start = slot.restarts == 0 and now - slot.started < HEALTHY_AFTER
+        if code == EXPLAINED_ERROR and first_start:
             log.error(
                 "worker process %d (pid %d) could not start (exit code %d, its error above); "
                 "stopping",
                 slot.index,
-                slot.proc.pid,
+                pid,
                 code,
             )
-            process_metrics_gone(slot.proc.pid, self._metrics_folder)
-            slot.proc = None
             self.failed = code
             self._stopping = True
             return
         log.warning(
             "worker process %d (pid %d) exited with code %d; starting it again in %.0f s",
             slot.index,
-            slot.proc.pid,
+            pid,
             code,
             slot.backoff,
         )
-        process_metrics_gone(slot.proc.pid, self._metrics_folder)
-        slot.proc = None
         slot.restart_at = now + slot.backoff
         slot.backoff = min(slot.backoff * 2, MAX_BACKOFF)
 
