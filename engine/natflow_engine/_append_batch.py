@@ -1,22 +1,34 @@
-"""Writes of many runs to one stream grouped into atomic batches, one acknowledgement each:
-the engine's run-index writes and lifecycle events.
+"""Appends of many runs to one stream grouped into atomic batches, one acknowledgement
+each: run histories, the engine's run-index writes and lifecycle events.
 
 An atomic batch is stored, fsynced and acknowledged once (NATS.md §6, §12). Measured on the
 2-core VM, 200 runs appending 5 conditional messages each: one request per message
 1,570-1,712 messages/s, 113-120 us of client and 180-210 us of server CPU each; grouped:
 6,729-8,709 messages/s, 41-46 us and 50-60 us.
 
-How they group: no timer. A write that finds fewer than ``MAX_SENDING`` sends in flight goes
-out at once (alone, as a plain publish); writes made while that many are in flight queue,
-and the next one out takes them all as one batch. A lone write therefore waits for nothing,
-and writes group only where many runs write at once. What a queued write waits for is the
-send ahead of it: worth it for the engine, whose dispatcher works on many runs at once. Run
-histories are not batched: on the 16-core machine it doubled the durable runs/s, but a
-worker under full CPU let a sleeping run go ~20-60 ms later than the 0.5 s the timers test
-allows (``tests/test_timers.py``). A pipelined grouping (by turn of the event loop) kept that
-test green but made relaxed runs slower: nats-server stages each atomic batch of a
-one-replica file stream in a temporary file store, which only fsyncs saved pay for, and a
-client cannot read the server's sync mode (README, "Scale-out").
+Two groupings, each with no timer:
+
+* ``TurnBatcher``, for run histories: by turn of the event loop, with no wait for an
+  acknowledgement. The first append in a turn goes out at once, alone. Appends made after it
+  in the same turn queue, and go out together as one batch at the loop's next turn, while
+  the first is still in flight. So a lone append waits for nothing, a queued one for at most
+  one turn, and appends group only where many runs write at once. Batches are pipelined;
+  past ``MAX_IN_FLIGHT`` unacknowledged ones, appends go alone. (Grouping behind the send in
+  flight, as below, made a worker under full CPU let sleeping runs go 20-60 ms late.)
+* ``QueueBatcher``, for the engine's run index and lifecycle events: an append that finds
+  fewer than ``MAX_SENDING`` sends in flight goes alone at once; appends made while that
+  many are in flight queue, and the next one out takes them all as one batch. An engine
+  works on many runs at once, so waiting for the send ahead bounds nothing, and its batches
+  grow larger than a turn's: by turn, its CPU on the 2-core VM was that of no batching.
+
+Where: history appends only where batches pay (``batching_pays``). nats-server stages every
+atomic batch of a one-replica file stream in a temporary file store; with a fsync before
+every ack (the shipped configuration) the fsyncs saved pay for it, on a relaxed server the
+many small batches of many workers and clients do not (runs were 16-37 % slower on 16
+cores). A client cannot ask the server its sync mode, so the engine records it on the
+history stream (``record_sync_mode``) and each process reads it when it connects
+(``ensure_streams``). The engine's writes batch in every mode: turning them off on a
+relaxed server cost 6-11 % on 16 cores.
 
 Each message of a batch keeps its own expected last sequence and message id, so fencing and
 deduplication are what they are alone. The batch is all or nothing: if any expectation fails
@@ -35,18 +47,29 @@ from collections.abc import Mapping
 from itertools import count
 from typing import Final
 
+from nats.js import api
+
 from ._connection import Connection, JetStreamError, PubAck
 from ._errors import NatflowError
 
 log = logging.getLogger("natflow.batches")
 
 MAX_BATCH: Final = 256  # the server takes up to 1,000 messages in one batch
-# Sends in flight per connection and stream: two keep the pipe full while one batch is
-# stored (the server takes 50 batches in flight per stream; past that a batch is refused and
-# its appends go alone).
+# Batches sent and not yet acknowledged, per connection and stream: the server takes 50 in
+# flight per stream from all its clients, and refuses a batch past that (its appends then go
+# alone, after a wasted round trip).
+MAX_IN_FLIGHT: Final = 8
+# QueueBatcher: appends alone in flight before the next ones queue for a batch; two keep the
+# pipe full while one batch is stored.
 MAX_SENDING: Final = 2
+# Fewer appends than this go alone, pipelined: a batch on a one-replica file stream is staged
+# in a temporary file store of its own (nats-server's newBatchStore), which a few appends do
+# not pay back.
+MIN_BATCH: Final = 8
 ERR_BATCH_DISABLED: Final = 10174  # the stream does not allow atomic batches
-_TURN: Final = -1  # a queued append's signal: flush what is queued, this one among it
+SYNC_ALWAYS: Final = "always"  # the server fsyncs every write before its ack
+SYNC_INTERVAL: Final = "interval"  # it acks from the page cache and fsyncs every so often
+_TURN: Final = -1  # a queued append's signal: send what is queued, this one among it
 
 
 class _Append:
@@ -58,25 +81,166 @@ class _Append:
         self.outcome: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
 
 
-class AppendBatcher:
-    """Groups a connection's concurrent conditional appends to one stream into atomic
-    batches."""
+class _Batcher:
+    """What both groupings share: whether to batch at all, and sending one atomic batch."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._queue: list[_Append] = []
-        self._sending = 0  # appends or batches in flight (at most MAX_SENDING)
-        self.enabled = True
+        self.enabled = True  # False once the stream refused a batch (no ``allow_atomic``)
+        self.pays = True  # False where the server's sync mode makes batches cost more
         self._prefix = os.urandom(6).hex()
         self._ids = count(1)
         self.batches = 0  # committed batches, and the appends they carried
         self.batched = 0
 
+    def _alone(self, headers: Mapping[str, str]) -> bool:
+        """Whether this append goes alone whatever else is being written."""
+        return not (self.enabled and self.pays) or "Nats-Rollup" in headers
+
+    async def _batch(self, batch: list[_Append], timeout: float) -> None:
+        """Send ``batch`` as one, and tell each of its appends where it landed (or None:
+        make it alone)."""
+        seqs: list[int] | None = None
+        try:
+            seqs = await self._atomic(batch, timeout)
+        finally:
+            for at, item in enumerate(batch):
+                if not item.outcome.done():
+                    item.outcome.set_result(seqs[at] if seqs is not None else None)
+
+    async def _atomic(self, batch: list[_Append], timeout: float) -> list[int] | None:
+        """Publish ``batch`` as one atomic batch; the sequence of each, or None if it was
+        not committed (its appends are then made alone)."""
+        batch_id = f"{self._prefix}{next(self._ids):x}"
+        last = len(batch)
+        for at, item in enumerate(batch, 1):
+            headers = {**item.headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(at)}
+            if at < last:
+                await self._conn.nc.publish(item.subject, item.data, headers=headers)
+                continue
+            headers["Nats-Batch-Commit"] = "1"
+            try:
+                ack = await self._conn.publish(item.subject, item.data, headers, timeout=timeout)
+            except JetStreamError as exc:
+                if exc.err_code == ERR_BATCH_DISABLED:
+                    self.enabled = False
+                    log.info("stream takes no atomic batches (allow_atomic): writes go one by one")
+                else:  # a run moved on, a repeated message id, ...: each alone tells which
+                    log.debug("batch of %d writes refused (%s); each alone", last, exc)
+                return None
+            except (NatflowError, TimeoutError) as exc:  # lost: each alone tells if it landed
+                log.debug("batch of %d writes not acknowledged (%s); each alone", last, exc)
+                return None
+        if ack.count != last or ack.seq < last:
+            return None
+        self.batches += 1
+        self.batched += last
+        first = ack.seq - last + 1  # a committed batch is stored in one piece, in order
+        return [first + at for at in range(last)]
+
+
+class TurnBatcher(_Batcher):
+    """Groups the appends made in one turn of the event loop (run histories: a queued
+    append waits one turn, never for an acknowledgement)."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(conn)
+        self._alone_this_turn = False  # an append went out alone since the loop last turned
+        self._turn_given = False  # a queued append holds the turn to send the queue
+        self._in_flight = 0  # batches sent, not yet acknowledged
+
+    async def publish(
+        self, subject: str, data: bytes, headers: Mapping[str, str], *, timeout: float = 5.0
+    ) -> PubAck:
+        """As ``Connection.publish``, grouped with the appends made in the same turn."""
+        if self._alone(headers) or self._in_flight >= MAX_IN_FLIGHT:
+            return await self._conn.publish(subject, data, headers, timeout=timeout)
+        if not self._alone_this_turn:
+            self._alone_this_turn = True
+            asyncio.get_running_loop().call_soon(self._turned)
+            return await self._conn.publish(subject, data, headers, timeout=timeout)
+        item = _Append(subject, data, headers)
+        self._queue.append(item)
+        if not self._turn_given:  # the first to queue in this turn sends what queues with it
+            self._turn_given = True
+            item.outcome.set_result(_TURN)
+        while (seq := await self._wait(item)) == _TURN:
+            item.outcome = asyncio.get_running_loop().create_future()
+            if await self._send(item, timeout):
+                return await self._conn.publish(subject, data, headers, timeout=timeout)
+        if seq is None:
+            return await self._conn.publish(subject, data, headers, timeout=timeout)
+        return PubAck(stream="", seq=seq, duplicate=False)
+
+    async def _wait(self, item: _Append) -> int | None:
+        try:
+            return await item.outcome
+        except asyncio.CancelledError:
+            # Handed the turn, then cancelled before taking it: pass it on, or the queue
+            # would wait for a sender that never comes.
+            turn = item.outcome.done() and not item.outcome.cancelled()
+            if turn and item.outcome.result() == _TURN:
+                self._give_up_turn(item)
+            raise
+
+    def _turned(self) -> None:
+        """The loop turned: the next append may go alone again."""
+        self._alone_this_turn = False
+
+    def _hand_on(self) -> None:
+        """Give the turn to the queue's first live append, if any (one holder at a time)."""
+        self._turn_given = False
+        while self._queue and self._queue[0].outcome.done():  # cancelled while queued
+            self._queue.pop(0)
+        if self._queue:
+            self._turn_given = True
+            self._queue[0].outcome.set_result(_TURN)
+
+    async def _send(self, sender: _Append, timeout: float) -> bool:
+        """Send the queue as one batch, once this turn's appends are in it, and settle each
+        of its appends; True if it held ``sender`` alone (for its caller to publish)."""
+        try:
+            await asyncio.sleep(0)  # the appends made after this one in this turn join it
+        except asyncio.CancelledError:
+            self._give_up_turn(sender)
+            raise
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        batch = [i for i in batch if i is sender or not i.outcome.done()]
+        self._hand_on()  # past MAX_BATCH: the rest go next, without waiting for this batch
+        if len(batch) < MIN_BATCH:
+            for item in batch:
+                if item is not sender:
+                    item.outcome.set_result(None)  # each goes alone, at once
+            return True
+        self._in_flight += 1
+        try:
+            await self._batch(batch, timeout)
+        finally:
+            self._in_flight -= 1
+        return False
+
+    def _give_up_turn(self, holder: _Append) -> None:
+        """``holder`` was cancelled with the turn: the queue's next live append takes it."""
+        if holder in self._queue:
+            self._queue.remove(holder)
+        self._hand_on()
+
+
+class QueueBatcher(_Batcher):
+    """Groups the appends made while ``MAX_SENDING`` sends are in flight (the engine's run
+    index and lifecycle events: few writers, each working on many runs at once, so a queued
+    append's wait for the send ahead of it bounds nothing, and batches grow large)."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(conn)
+        self._sending = 0  # appends or batches in flight (at most MAX_SENDING)
+
     async def publish(
         self, subject: str, data: bytes, headers: Mapping[str, str], *, timeout: float = 5.0
     ) -> PubAck:
         """As ``Connection.publish``, grouped with the appends made meanwhile."""
-        if not self.enabled or "Nats-Rollup" in headers:
+        if self._alone(headers):
             return await self._conn.publish(subject, data, headers, timeout=timeout)
         if self._sending < MAX_SENDING:
             self._sending += 1
@@ -114,9 +278,6 @@ class AppendBatcher:
     def _release(self) -> None:
         """A send is over: hand the queue to its first live append."""
         self._sending -= 1
-        self._hand_on()
-
-    def _hand_on(self) -> None:
         self._queue = [i for i in self._queue if not i.outcome.cancelled()]
         # One turn at a time: its holder takes the whole head of the queue.
         if self._queue and self._sending < MAX_SENDING and not self._queue[0].outcome.done():
@@ -130,52 +291,39 @@ class AppendBatcher:
         batch = [i for i in batch if not i.outcome.cancelled()]
         if batch == [sender]:
             return True
-        seqs: list[int] | None = None
-        try:
-            seqs = await self._atomic(batch, timeout)
-        finally:
-            for at, item in enumerate(batch):
-                if not item.outcome.done():
-                    item.outcome.set_result(seqs[at] if seqs is not None else None)
+        await self._batch(batch, timeout)
         return False
 
-    async def _atomic(self, batch: list[_Append], timeout: float) -> list[int] | None:
-        """Publish ``batch`` as one atomic batch; the sequence of each, or None if it was
-        not committed (its appends are then made alone)."""
-        batch_id = f"{self._prefix}{next(self._ids):x}"
-        last = len(batch)
-        for at, item in enumerate(batch, 1):
-            headers = {**item.headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(at)}
-            if at < last:
-                await self._conn.nc.publish(item.subject, item.data, headers=headers)
-                continue
-            headers["Nats-Batch-Commit"] = "1"
-            try:
-                ack = await self._conn.publish(item.subject, item.data, headers, timeout=timeout)
-            except JetStreamError as exc:
-                if exc.err_code == ERR_BATCH_DISABLED:
-                    self.enabled = False
-                    log.info("stream takes no atomic batches (allow_atomic): writes go one by one")
-                else:  # a run moved on, a repeated message id, ...: each alone tells which
-                    log.debug("batch of %d writes refused (%s); each alone", last, exc)
-                return None
-            except (NatflowError, TimeoutError) as exc:  # lost: each alone tells if it landed
-                log.debug("batch of %d writes not acknowledged (%s); each alone", last, exc)
-                return None
-        if ack.count != last or ack.seq < last:
-            return None
-        self.batches += 1
-        self.batched += last
-        first = ack.seq - last + 1  # a committed batch is stored in one piece, in order
-        return [first + at for at in range(last)]
+
+Batcher = TurnBatcher | QueueBatcher
 
 
-def appender(conn: Connection, stream: str) -> AppendBatcher:
-    """The connection's batcher for ``stream`` (a batch goes to one stream only)."""
+def batching_pays(config: api.StreamConfig, sync: str | None) -> bool:
+    """Whether atomic batches pay on a stream configured as ``config``, on a server whose
+    sync mode is ``sync`` (``SYNC_ALWAYS``, ``SYNC_INTERVAL``, or None when unknown).
+
+    nats-server stages every atomic batch of a one-replica file stream in a temporary file
+    store of its own (``newBatchStore`` in ``jetstream_batching.go``). With a fsync before
+    every ack, the fsyncs a batch saves pay for that; without, nothing does. A replicated or
+    memory stream stages a batch in memory. An unknown mode is taken to be the shipped
+    configuration's (always).
+    """
+    if (config.num_replicas or 1) > 1 or config.storage == api.StorageType.MEMORY:
+        return True
+    return sync != SYNC_INTERVAL
+
+
+def appender(conn: Connection, stream: str, *, by_turn: bool = False) -> Batcher:
+    """The connection's batcher for ``stream`` (a batch goes to one stream only): grouping
+    by turn of the loop (``TurnBatcher``) or behind the sends in flight (``QueueBatcher``),
+    always the same for one stream."""
+    kind = TurnBatcher if by_turn else QueueBatcher
     key = f"appender:{stream}"
     existing = conn.extras.get(key)
-    if isinstance(existing, AppendBatcher):
+    if existing is not None:
+        if not isinstance(existing, kind):
+            raise TypeError(f"{stream} is batched by {type(existing).__name__}, not {kind}")
         return existing
-    made = AppendBatcher(conn)
+    made = kind(conn)
     conn.extras[key] = made
     return made

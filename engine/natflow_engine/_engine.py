@@ -60,6 +60,7 @@ from ._streams import (
     RUN_LEVEL_EVENTS,
     RUN_LEVEL_FILTER,
     ensure_streams,
+    record_sync_mode,
     run_id_of,
     step_level_subject,
 )
@@ -151,8 +152,15 @@ class Engine:
             conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
         )
         # JetStream usage from nats-server's /jsz, when its monitoring URL is known.
+        # It also records the server's sync mode where workers read it (record_sync_mode).
         self.jetstream = (
-            JetStreamUsage(nats_monitor, interval=metrics_interval) if nats_monitor else None
+            JetStreamUsage(
+                nats_monitor,
+                interval=metrics_interval,
+                on_read=lambda jsz: record_sync_mode(conn, jsz.config.sync_always),
+            )
+            if nats_monitor
+            else None
         )
         self.ready = anyio.Event()
 

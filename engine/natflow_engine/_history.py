@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.aio.msg import Msg
 
+from ._append_batch import appender
 from ._connection import (
     ERR_ROLLUP_NOT_PERMITTED,
     ERR_WRONG_LAST_SEQUENCE,
@@ -108,6 +109,9 @@ class HistoryStore:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._reader = reader(conn)
+        self._appends = appender(
+            conn, HISTORY_STREAM, by_turn=True
+        )  # many runs' appends: one batch
         self.retry_budget = 30.0  # seconds to ride out a restart or an election
 
     # -- appends ---------------------------------------------------------------------------
@@ -140,7 +144,7 @@ class HistoryStore:
 
         async def attempt() -> int:
             try:
-                ack = await self._conn.publish(subject, data, headers)
+                ack = await self._appends.publish(subject, data, headers)
                 return ack.seq
             except JetStreamError as exc:
                 if exc.err_code == ERR_ROLLUP_NOT_PERMITTED:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import anyio
@@ -168,9 +169,16 @@ def export(jsz: Jsz) -> None:
 class JetStreamUsage:
     """Reads ``/jsz`` every ``interval`` seconds and exports it (see the module docstring)."""
 
-    def __init__(self, monitor: str, *, interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        monitor: str,
+        *,
+        interval: float = 5.0,
+        on_read: Callable[[Jsz], Awaitable[None]] | None = None,
+    ) -> None:
         self.monitor = monitor
         self.interval = interval
+        self._on_read = on_read  # what else the engine does with each reading
         self._failing = False
 
     async def run(self) -> None:
@@ -194,3 +202,5 @@ class JetStreamUsage:
             log.info("NATS monitoring at %s answers again", self.monitor)
         self._failing = False
         export(jsz)
+        if self._on_read is not None:
+            await self._on_read(jsz)

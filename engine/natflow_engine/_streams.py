@@ -46,8 +46,9 @@ from typing import Final
 import nats.js.errors
 from nats.js import api
 
+from ._append_batch import SYNC_ALWAYS, SYNC_INTERVAL, appender, batching_pays
 from ._connection import ERR_STREAM_NAME_IN_USE, Connection
-from ._errors import PermissionDenied
+from ._errors import NatflowError, PermissionDenied
 from ._kv import kv_stream_config
 from ._lifecycle import lifecycle_stream_config
 from ._value_refs import REFS_BUCKET
@@ -175,6 +176,7 @@ def stream_configs() -> list[api.StreamConfig]:
             retention=api.RetentionPolicy.LIMITS,
             allow_direct=True,
             allow_rollup_hdrs=True,  # continue-as-new (see the module docstring)
+            allow_atomic=True,  # many runs' appends in one batch (_append_batch)
             duplicate_window=120.0,
             num_replicas=r,
         ),
@@ -275,9 +277,69 @@ async def ensure_streams(conn: Connection) -> None:
     async with conn.streams_lock:
         if conn.streams_ready:
             return
-        for config in stream_configs():
-            await _ensure_stream(conn, config)
+        held = [await _ensure_stream(conn, config) for config in stream_configs()]
+        _batch_where_it_pays(conn, held)
         conn.streams_ready = True
+
+
+# The server's sync mode, recorded on the history stream's metadata (``SYNC_ALWAYS`` or
+# ``SYNC_INTERVAL``). A client cannot ask nats-server whether it fsyncs each write: only its
+# monitoring endpoint (/jsz) says, and a worker at the edge cannot reach that. Whoever reads
+# /jsz (the engine given --nats-monitor, as `natflow dev` runs it; `natflow bench`) records
+# the mode here, and every process reads it with the streams when it connects, to batch
+# history appends only where batches pay (``batching_pays``). The engine's own batched
+# streams (run index, lifecycle) batch in every mode: few writers make large batches, and on
+# the 16-core machine, relaxed, turning theirs off too cost 6-11 % of the runs/s.
+SYNC_MODE_KEY: Final = "natflow.sync"
+_HISTORY_CONFIG: Final = "history config"  # conn.extras: the history stream as the server has it
+
+
+def _batch_where_it_pays(conn: Connection, held: list[api.StreamConfig]) -> None:
+    history = next(c for c in held if c.name == HISTORY_STREAM)
+    conn.extras[_HISTORY_CONFIG] = history
+    _apply_sync_mode(conn, (history.metadata or {}).get(SYNC_MODE_KEY))
+
+
+def _apply_sync_mode(conn: Connection, sync: str | None) -> None:
+    history = conn.extras.get(_HISTORY_CONFIG)
+    if isinstance(history, api.StreamConfig):
+        appender(conn, HISTORY_STREAM, by_turn=True).pays = batching_pays(history, sync)
+
+
+async def record_sync_mode(conn: Connection, sync_always: bool) -> None:
+    """Record the server's sync mode (as its /jsz says) on the history stream, for every
+    process that connects after, and batch this connection's appends accordingly.
+
+    Writes only where the record changes. Where the record cannot be written (a connection
+    without the engine role, a server that refuses), it logs why and changes nothing: appends
+    go as they went, which costs speed, never a write.
+    """
+    mode = SYNC_ALWAYS if sync_always else SYNC_INTERVAL
+    if conn.extras.get(SYNC_MODE_KEY) == mode:
+        return
+    try:
+        await ensure_streams(conn)
+        info = await conn.admin(
+            f"stream {HISTORY_STREAM}", lambda: conn.jsm.stream_info(HISTORY_STREAM)
+        )
+        config = info.config
+        if (config.metadata or {}).get(SYNC_MODE_KEY) != mode:
+            config.metadata = {**(config.metadata or {}), SYNC_MODE_KEY: mode}
+            await conn.admin(
+                "recording the server's sync mode", lambda: conn.jsm.update_stream(config)
+            )
+            log.info("recorded the server's sync mode on stream %s: %s", HISTORY_STREAM, mode)
+    except (NatflowError, nats.js.errors.APIError) as exc:
+        log.warning(
+            "cannot record the server's sync mode (%s) on stream %s: %s; the engine's role "
+            "may update streams (docs/security.md)",
+            mode,
+            HISTORY_STREAM,
+            exc,
+        )
+        return
+    conn.extras[SYNC_MODE_KEY] = mode
+    _apply_sync_mode(conn, mode)
 
 
 # Settings added to a stream after its first release: a stream an older natflow created is
@@ -310,7 +372,8 @@ async def _upgrade_stream(
         )
 
 
-async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> None:
+async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> api.StreamConfig:
+    """Create the stream if missing; its configuration as the server holds it."""
     name = config.name
     assert name is not None
     try:
@@ -319,10 +382,11 @@ async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> None:
         pass
     else:
         await _upgrade_stream(conn, info.config, config)
-        return
+        return info.config
     try:
-        await conn.admin(f"creating stream {name}", lambda: conn.jsm.add_stream(config))
+        info = await conn.admin(f"creating stream {name}", lambda: conn.jsm.add_stream(config))
         log.info("created stream %s", name)
+        return info.config
     except PermissionDenied as exc:
         raise PermissionDenied(
             f"natflow's stream {name} does not exist and this connection may not create it "
@@ -332,3 +396,5 @@ async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> None:
     except nats.js.errors.BadRequestError as exc:
         if exc.err_code != ERR_STREAM_NAME_IN_USE:  # another process created it first
             raise
+    info = await conn.admin(f"stream {name}", lambda: conn.jsm.stream_info(name))
+    return info.config

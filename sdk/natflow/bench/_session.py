@@ -22,6 +22,7 @@ from natflow_engine import (
     connect_options,
     queue_consumer,
     read_jsz,
+    record_sync_mode,
     redact_url,
 )
 
@@ -87,9 +88,13 @@ class BenchSession:
         self._client = await Client.connect(self.url, **self._options)
         if self.monitor is not None:
             try:
-                self._durability = (await read_jsz(self.monitor)).durability()
+                jsz = await read_jsz(self.monitor)
             except NatflowError as exc:
                 self._durability = f"unknown ({exc})"
+                return
+            self._durability = jsz.durability()
+            # Before any worker starts: each reads it to batch where batches pay.
+            await record_sync_mode(self._client.connection, jsz.config.sync_always)
 
     @property
     def env(self) -> dict[str, str]:
