@@ -1,8 +1,8 @@
 """Many runs' history appends are batched where batches pay: the server's sync mode, as the
 engine reads it from /jsz, is recorded on the history stream, and every process that
-connects after batches its history appends only where the server fsyncs each write (or
-stages batches in memory). A batch on a one-replica file stream costs nats-server a
-temporary file store, which only the fsyncs it saves pay for."""
+connects after batches its history appends unless the server is recorded as not fsyncing
+each write. A batch on a one-replica file stream costs nats-server a temporary file store,
+which only the fsyncs it saves pay for."""
 
 from __future__ import annotations
 
@@ -14,27 +14,15 @@ import anyio
 import pytest
 from natflow import Client
 from natflow_engine import HISTORY_STREAM, RUNS_STREAM, record_sync_mode
-from natflow_engine._append_batch import SYNC_ALWAYS, SYNC_INTERVAL, appender, batching_pays
+from natflow_engine._append_batch import SYNC_ALWAYS, SYNC_INTERVAL, appender
 from natflow_engine._engine import Engine
 from natflow_engine._history import HistoryStore
 from natflow_engine._lifecycle import LIFECYCLE_STREAM
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import SYNC_MODE_KEY, ensure_streams
 from natflow_engine.events import RunStarted, utcnow
-from nats.js import api
 
 from tests.helpers import wait_for
-
-
-def test_batches_pay_where_each_write_is_fsynced_or_a_batch_is_staged_in_memory() -> None:
-    file_r1 = api.StreamConfig(name="s", storage=api.StorageType.FILE, num_replicas=1)
-    assert batching_pays(file_r1, SYNC_ALWAYS)
-    assert batching_pays(file_r1, None)  # unknown: the shipped configuration's
-    assert not batching_pays(file_r1, SYNC_INTERVAL)
-    file_r3 = api.StreamConfig(name="s", storage=api.StorageType.FILE, num_replicas=3)
-    assert batching_pays(file_r3, SYNC_INTERVAL)
-    memory = api.StreamConfig(name="s", storage=api.StorageType.MEMORY, num_replicas=1)
-    assert batching_pays(memory, SYNC_INTERVAL)
 
 
 async def _recorded(client: Client) -> str | None:

@@ -21,14 +21,14 @@ Two groupings, each with no timer:
   works on many runs at once, so waiting for the send ahead bounds nothing, and its batches
   grow larger than a turn's: by turn, its CPU on the 2-core VM was that of no batching.
 
-Where: history appends only where batches pay (``batching_pays``). nats-server stages every
-atomic batch of a one-replica file stream in a temporary file store; with a fsync before
-every ack (the shipped configuration) the fsyncs saved pay for it, on a relaxed server the
-many small batches of many workers and clients do not (runs were 16-37 % slower on 16
-cores). A client cannot ask the server its sync mode, so the engine records it on the
-history stream (``record_sync_mode``) and each process reads it when it connects
-(``ensure_streams``). The engine's writes batch in every mode: turning them off on a
-relaxed server cost 6-11 % on 16 cores.
+Where: history appends only where batches pay (``pays``). nats-server stages every atomic
+batch of a one-replica file stream in a temporary file store; with a fsync before every ack
+(the shipped configuration) the fsyncs saved pay for it, on a relaxed server the many small
+batches of many workers and clients do not (runs were 16-37 % slower on 16 cores). A client
+cannot ask the server its sync mode, so the engine records it on the history stream
+(``record_sync_mode``) and each process reads it when it connects (``ensure_streams``). The
+engine's writes batch in every mode: turning them off on a relaxed server cost 6-11 % on 16
+cores.
 
 Each message of a batch keeps its own expected last sequence and message id, so fencing and
 deduplication are what they are alone. The batch is all or nothing: if any expectation fails
@@ -46,8 +46,6 @@ import os
 from collections.abc import Mapping
 from itertools import count
 from typing import Final
-
-from nats.js import api
 
 from ._connection import Connection, JetStreamError, PubAck
 from ._errors import NatflowError
@@ -296,21 +294,6 @@ class QueueBatcher(_Batcher):
 
 
 Batcher = TurnBatcher | QueueBatcher
-
-
-def batching_pays(config: api.StreamConfig, sync: str | None) -> bool:
-    """Whether atomic batches pay on a stream configured as ``config``, on a server whose
-    sync mode is ``sync`` (``SYNC_ALWAYS``, ``SYNC_INTERVAL``, or None when unknown).
-
-    nats-server stages every atomic batch of a one-replica file stream in a temporary file
-    store of its own (``newBatchStore`` in ``jetstream_batching.go``). With a fsync before
-    every ack, the fsyncs a batch saves pay for that; without, nothing does. A replicated or
-    memory stream stages a batch in memory. An unknown mode is taken to be the shipped
-    configuration's (always).
-    """
-    if (config.num_replicas or 1) > 1 or config.storage == api.StorageType.MEMORY:
-        return True
-    return sync != SYNC_INTERVAL
 
 
 def appender(conn: Connection, stream: str, *, by_turn: bool = False) -> Batcher:

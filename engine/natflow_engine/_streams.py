@@ -46,7 +46,7 @@ from typing import Final
 import nats.js.errors
 from nats.js import api
 
-from ._append_batch import SYNC_ALWAYS, SYNC_INTERVAL, appender, batching_pays
+from ._append_batch import SYNC_ALWAYS, SYNC_INTERVAL, appender
 from ._connection import ERR_STREAM_NAME_IN_USE, Connection
 from ._errors import NatflowError, PermissionDenied
 from ._kv import kv_stream_config
@@ -278,7 +278,8 @@ async def ensure_streams(conn: Connection) -> None:
         if conn.streams_ready:
             return
         held = [await _ensure_stream(conn, config) for config in stream_configs()]
-        _batch_where_it_pays(conn, held)
+        history = next(c for c in held if c.name == HISTORY_STREAM)
+        _apply_sync_mode(conn, (history.metadata or {}).get(SYNC_MODE_KEY))
         conn.streams_ready = True
 
 
@@ -286,24 +287,18 @@ async def ensure_streams(conn: Connection) -> None:
 # ``SYNC_INTERVAL``). A client cannot ask nats-server whether it fsyncs each write: only its
 # monitoring endpoint (/jsz) says, and a worker at the edge cannot reach that. Whoever reads
 # /jsz (the engine given --nats-monitor, as `natflow dev` runs it; `natflow bench`) records
-# the mode here, and every process reads it with the streams when it connects, to batch
-# history appends only where batches pay (``batching_pays``). The engine's own batched
-# streams (run index, lifecycle) batch in every mode: few writers make large batches, and on
-# the 16-core machine, relaxed, turning theirs off too cost 6-11 % of the runs/s.
+# the mode here, and every process reads it with the streams when it connects. History
+# appends are batched unless the mode is recorded as ``SYNC_INTERVAL``: a batch costs
+# nats-server a staging store of its own, which only the fsyncs it saves pay for (see
+# _append_batch). On a 3-node cluster (R3) batching measured neither faster nor slower on
+# the 2-core VM, so there too the recorded mode decides. The engine's own batched streams
+# (run index, lifecycle) batch in every mode: few writers make large batches, and on the
+# 16-core machine, relaxed, turning theirs off too cost 6-11 % of the runs/s.
 SYNC_MODE_KEY: Final = "natflow.sync"
-_HISTORY_CONFIG: Final = "history config"  # conn.extras: the history stream as the server has it
-
-
-def _batch_where_it_pays(conn: Connection, held: list[api.StreamConfig]) -> None:
-    history = next(c for c in held if c.name == HISTORY_STREAM)
-    conn.extras[_HISTORY_CONFIG] = history
-    _apply_sync_mode(conn, (history.metadata or {}).get(SYNC_MODE_KEY))
 
 
 def _apply_sync_mode(conn: Connection, sync: str | None) -> None:
-    history = conn.extras.get(_HISTORY_CONFIG)
-    if isinstance(history, api.StreamConfig):
-        appender(conn, HISTORY_STREAM, by_turn=True).pays = batching_pays(history, sync)
+    appender(conn, HISTORY_STREAM, by_turn=True).pays = sync != SYNC_INTERVAL
 
 
 async def record_sync_mode(conn: Connection, sync_always: bool) -> None:
