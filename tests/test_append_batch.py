@@ -23,6 +23,7 @@ from natflow_engine._append_batch import (
 from natflow_engine._connection import ERR_WRONG_LAST_SEQUENCE, JetStreamError
 from natflow_engine._reader import reader
 from nats.js import api
+from prometheus_client import REGISTRY
 
 STREAM = "NATFLOW_TEST_BATCH"
 # Both groupings; the anyio mark set here, since conftest's comes after parametrizing.
@@ -41,6 +42,14 @@ async def _stream(client: Client, *, atomic: bool = True) -> None:
     )
 
 
+def _counted() -> tuple[float, float]:
+    """This process's natflow_append_batches and natflow_appends_batched for the stream."""
+    labels = {"stream": STREAM}
+    batches = REGISTRY.get_sample_value("natflow_append_batches_total", labels) or 0.0
+    appends = REGISTRY.get_sample_value("natflow_appends_batched_total", labels) or 0.0
+    return batches, appends
+
+
 async def _write(batcher: Batcher, key: str, expected: int) -> int:
     headers = {"Nats-Expected-Last-Subject-Sequence": str(expected)}
     ack = await batcher.publish(f"batchtest.{key}", key.encode(), headers)
@@ -54,13 +63,18 @@ async def test_writes_of_many_keys_at_once_land_in_batches_where_each_caller_is_
     kind: type[Batcher],
 ) -> None:
     await _stream(client)
-    batcher = kind(client.connection)
+    batcher = kind(client.connection, STREAM)
+    counted = _counted()
     keys = [f"k{n}" for n in range(60)]
     firsts = await asyncio.gather(*(_write(batcher, k, 0) for k in keys))
     seconds = await asyncio.gather(
         *(_write(batcher, k, seq) for k, seq in zip(keys, firsts, strict=True))
     )
     assert batcher.batches >= 2 and batcher.batched >= 50  # most went out grouped
+    before_batches, before_appends = counted
+    after_batches, after_appends = _counted()
+    assert after_batches - before_batches == batcher.batches  # as the metrics tell it
+    assert after_appends - before_appends == batcher.batched
     get = reader(client.connection)
     for key, seq in zip(keys, seconds, strict=True):
         msg = await get.get(STREAM, seq)
@@ -74,7 +88,7 @@ async def test_a_batch_refused_for_one_write_lands_the_others_alone(
     client: Client, kind: type[Batcher]
 ) -> None:
     await _stream(client)
-    batcher = kind(client.connection)
+    batcher = kind(client.connection, STREAM)
     keys = [f"r{n}" for n in range(20)]
     firsts = await asyncio.gather(*(_write(batcher, k, 0) for k in keys))
     expected = list(firsts)
@@ -97,7 +111,7 @@ async def test_a_stream_without_atomic_batches_takes_the_writes_one_by_one(
     kind: type[Batcher],
 ) -> None:
     await _stream(client, atomic=False)  # as an older natflow created it
-    batcher = kind(client.connection)
+    batcher = kind(client.connection, STREAM)
     seqs = await asyncio.gather(*(_write(batcher, f"p{n}", 0) for n in range(10)))
     assert not batcher.enabled and batcher.batches == 0
     assert sorted(seqs) == list(range(1, 11))
@@ -107,7 +121,7 @@ async def test_a_caller_cancelled_holding_the_turn_passes_it_on(
     client: Client,
 ) -> None:
     await _stream(client)
-    batcher = TurnBatcher(client.connection)
+    batcher = TurnBatcher(client.connection, STREAM)
     batcher._alone_this_turn = True  # as if a write went out alone in this turn already
     first = asyncio.ensure_future(_write(batcher, "turn-1", 0))
     second = asyncio.ensure_future(_write(batcher, "turn-2", 0))
@@ -123,7 +137,7 @@ async def test_a_caller_cancelled_holding_the_turn_passes_it_on(
 
 async def test_a_lone_write_goes_out_at_once_without_a_batch(client: Client) -> None:
     await _stream(client)
-    batcher = TurnBatcher(client.connection)
+    batcher = TurnBatcher(client.connection, STREAM)
     assert await _write(batcher, "lone", 0) == 1
     await anyio.lowlevel.checkpoint()  # the loop turns
     assert await _write(batcher, "lone", 1) == 2
@@ -134,7 +148,7 @@ async def test_a_batch_is_sent_while_the_one_before_it_waits_for_its_ack(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await _stream(client)
-    batcher = TurnBatcher(client.connection)
+    batcher = TurnBatcher(client.connection, STREAM)
     acked = anyio.Event()
     sent: list[list[str]] = []
     went = [anyio.Event(), anyio.Event()]
@@ -164,7 +178,7 @@ async def test_a_batch_is_sent_while_the_one_before_it_waits_for_its_ack(
 
 async def test_a_few_writes_at_once_go_alone(client: Client) -> None:
     await _stream(client)
-    batcher = TurnBatcher(client.connection)
+    batcher = TurnBatcher(client.connection, STREAM)
     seqs = await asyncio.gather(*(_write(batcher, f"s{n}", 0) for n in range(MIN_BATCH)))
     assert sorted(seqs) == list(range(1, MIN_BATCH + 1))
     assert batcher.batches == 0  # one went alone first; the rest were too few to batch
@@ -172,7 +186,7 @@ async def test_a_few_writes_at_once_go_alone(client: Client) -> None:
 
 async def test_past_the_batches_in_flight_writes_go_alone(client: Client) -> None:
     await _stream(client)
-    batcher = TurnBatcher(client.connection)
+    batcher = TurnBatcher(client.connection, STREAM)
     batcher._in_flight = MAX_IN_FLIGHT  # as if the server were that far behind
     seqs = await asyncio.gather(*(_write(batcher, f"f{n}", 0) for n in range(10)))
     assert sorted(seqs) == list(range(1, 11)) and batcher.batches == 0
@@ -182,7 +196,7 @@ async def test_behind_the_sends_in_flight_a_cancelled_holder_passes_the_queue_on
     client: Client,
 ) -> None:
     await _stream(client)
-    batcher = QueueBatcher(client.connection)
+    batcher = QueueBatcher(client.connection, STREAM)
     batcher._sending = 2  # as if two writes were in flight
     first = asyncio.ensure_future(_write(batcher, "turn-1", 0))
     second = asyncio.ensure_future(_write(batcher, "turn-2", 0))

@@ -49,6 +49,7 @@ from typing import Final
 
 from ._connection import Connection, JetStreamError, PubAck
 from ._errors import NatflowError
+from ._metrics import APPEND_BATCHES, APPENDS_BATCHED
 
 log = logging.getLogger("natflow.batches")
 
@@ -82,8 +83,11 @@ class _Append:
 class _Batcher:
     """What both groupings share: whether to batch at all, and sending one atomic batch."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, stream: str) -> None:
         self._conn = conn
+        self._stream = stream  # for the metrics only: the server knows where each goes
+        APPEND_BATCHES.labels(stream)  # exported at zero from the start
+        APPENDS_BATCHED.labels(stream)
         self._queue: list[_Append] = []
         self.enabled = True  # False once the stream refused a batch (no ``allow_atomic``)
         self.pays = True  # False where the server's sync mode makes batches cost more
@@ -134,6 +138,8 @@ class _Batcher:
             return None
         self.batches += 1
         self.batched += last
+        APPEND_BATCHES.labels(self._stream).inc()
+        APPENDS_BATCHED.labels(self._stream).inc(last)
         first = ack.seq - last + 1  # a committed batch is stored in one piece, in order
         return [first + at for at in range(last)]
 
@@ -142,8 +148,8 @@ class TurnBatcher(_Batcher):
     """Groups the appends made in one turn of the event loop (run histories: a queued
     append waits one turn, never for an acknowledgement)."""
 
-    def __init__(self, conn: Connection) -> None:
-        super().__init__(conn)
+    def __init__(self, conn: Connection, stream: str) -> None:
+        super().__init__(conn, stream)
         self._alone_this_turn = False  # an append went out alone since the loop last turned
         self._turn_given = False  # a queued append holds the turn to send the queue
         self._in_flight = 0  # batches sent, not yet acknowledged
@@ -230,8 +236,8 @@ class QueueBatcher(_Batcher):
     index and lifecycle events: few writers, each working on many runs at once, so a queued
     append's wait for the send ahead of it bounds nothing, and batches grow large)."""
 
-    def __init__(self, conn: Connection) -> None:
-        super().__init__(conn)
+    def __init__(self, conn: Connection, stream: str) -> None:
+        super().__init__(conn, stream)
         self._sending = 0  # appends or batches in flight (at most MAX_SENDING)
 
     async def publish(
@@ -307,6 +313,6 @@ def appender(conn: Connection, stream: str, *, by_turn: bool = False) -> Batcher
         if not isinstance(existing, kind):
             raise TypeError(f"{stream} is batched by {type(existing).__name__}, not {kind}")
         return existing
-    made = kind(conn)
+    made = kind(conn, stream)
     conn.extras[key] = made
     return made

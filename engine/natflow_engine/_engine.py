@@ -36,13 +36,14 @@ from nats.js import api
 from . import _timers as timers
 from ._completion import RunHooks
 from ._connection import Connection
+from ._engine_metrics import EngineMetrics
 from ._history import CorruptHistory, HistoryStore
 from ._index import RunIndex, makes_timer
 from ._jsz import JetStreamUsage
 from ._lanes import Lanes
 from ._limit_service import LimitService
 from ._limits import waiting_for
-from ._metrics import EngineMetrics, observe_run
+from ._metrics import observe_run
 from ._names import check_token
 from ._puller import Puller, engine_consumer
 from ._quarantine import quarantined

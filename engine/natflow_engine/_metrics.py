@@ -14,13 +14,15 @@ Who exports what:
 * **engine services**: reaper hand-backs (lease takeovers), timer lateness and firings,
   signals received and dead-lettered, schedule fires and their lateness, runs started by
   events and events dead-lettered.
-* **engine poller** (:class:`EngineMetrics`, every few seconds): per queue the consumer
+* **engine poller** (``_engine_metrics.EngineMetrics``, every few seconds): per queue the consumer
   ``natflow-queue-<queue>`` counts from JetStream (backlog, in flight, redelivered, waiting
   pulls), live workers per queue from the worker registry, runs by status from the run index.
   Every engine replica exports the same numbers: aggregate them with ``max``.
 * **workers**: steps recorded by outcome, step duration per attempt, schedule-to-start lag of
   tasks and of steps, retries, redelivered takeovers, fenced writes (a worker stepping back),
   signals delivered into history or rejected there, runs held, executions by outcome.
+* **any process that writes many runs at once** (workers' and clients' history appends, the
+  engine's run index and lifecycle events): atomic batches committed, and the appends in them.
 
 Serve them with :func:`serve_metrics` (``natflow worker``/``engine``/``dev`` do, on
 ``--metrics-port``; a :class:`~natflow.Worker` used as a library does when given
@@ -36,14 +38,10 @@ import contextlib
 import logging
 import threading
 import time
-from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final, TypeVar, get_args
 from wsgiref.simple_server import WSGIServer
 
-import anyio
-import msgspec
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -56,13 +54,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from ._connection import Connection
-from ._errors import NatflowError
-from ._index import RunIndex
-from ._registry import list_workers
 from ._state import CLOSED_STATUSES, RunInfo, RunStatus
-from ._streams import TASK_STREAM
-from .events import Event, RunBlocked, RunContinued, RunStarted, utcnow
+from .events import Event, RunBlocked, RunContinued, RunStarted
 
 log = logging.getLogger("natflow.metrics")
 
@@ -183,6 +176,17 @@ EXECUTIONS = Counter(
     "Times a worker drove a run, by workflow and how it ended (completed, failed, blocked, "
     "suspended, lost, handed_back).",
     ["workflow", "outcome"],
+)
+APPEND_BATCHES = Counter(
+    "natflow_append_batches",
+    "Atomic batches of many runs' appends committed, by stream (one fsync and one "
+    "acknowledgement each; see natflow_appends_batched for the appends they carried).",
+    ["stream"],
+)
+APPENDS_BATCHED = Counter(
+    "natflow_appends_batched",
+    "Appends that went to the server inside an atomic batch, by stream.",
+    ["stream"],
 )
 RUNS_HELD = Gauge(
     "natflow_worker_runs_held",
@@ -308,6 +312,11 @@ def _know(workflow: str) -> None:
     SIGNALS_RECEIVED.labels(workflow)
 
 
+def known_workflows() -> set[str]:
+    """The workflows this process has named in its metrics (runs by status covers each)."""
+    return set(_known_workflows)
+
+
 def prepare_worker(workflows: Iterable[str], queues: Iterable[str]) -> None:
     """Give a worker's counters a zero sample before their first event."""
     SIGNALS_REJECTED.labels("worker")
@@ -421,150 +430,3 @@ def stop_metrics(port: int) -> None:
     if server is not None:
         server.shutdown()
         server.server_close()
-
-
-# -- the engine's poller ------------------------------------------------------------------------
-
-
-class _ConsumerState(msgspec.Struct):
-    name: str = ""
-    num_pending: int = 0
-    num_ack_pending: int = 0
-    num_redelivered: int = 0
-    num_waiting: int = 0
-
-
-class _ApiError(msgspec.Struct):
-    description: str = ""
-
-
-class _ConsumerList(msgspec.Struct):
-    total: int = 0
-    consumers: list[_ConsumerState] = []
-    error: _ApiError | None = None
-
-
-_list_decoder = msgspec.json.Decoder(_ConsumerList)
-
-
-class EngineMetrics:
-    """Polls JetStream for the gauges history cannot give: queues, workers, runs by status.
-
-    Every ``interval`` seconds it reads the task consumers and the worker registry; every
-    ``runs_every``-th time it also counts the run index (one read of every run's summary).
-    """
-
-    def __init__(
-        self,
-        conn: Connection,
-        *,
-        interval: float = 5.0,
-        runs_every: int = 6,
-        timers_pending: Callable[[], int] | None = None,
-    ) -> None:
-        self._conn = conn
-        self.interval = interval
-        self._runs_every = max(1, runs_every)
-        self._timers_pending = timers_pending
-        self._queues_seen: set[str] = set()
-        self.polls = 0
-        SIGNALS_REJECTED.labels("engine")
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.poll()
-            except (NatflowError, OSError, TimeoutError, msgspec.DecodeError) as exc:
-                log.warning("metrics poll failed (%s); next try in %g s", exc, self.interval)
-            except Exception as exc:  # nats-py's own errors: never let metrics stop the engine
-                log.warning("metrics poll failed (%r); next try in %g s", exc, self.interval)
-            await anyio.sleep(self.interval)
-
-    async def poll(self) -> None:
-        queues = await self._queues()
-        await self._workers(queues)
-        if self._timers_pending is not None:
-            TIMERS_PENDING.set_all({(): float(self._timers_pending())})
-        if self.polls % self._runs_every == 0:
-            await self._runs()
-        self.polls += 1
-
-    async def _consumers(self) -> list[_ConsumerState]:
-        found: list[_ConsumerState] = []
-        while True:
-            body = msgspec.json.encode({"offset": len(found)})
-            subject = f"{self._conn.api}.CONSUMER.LIST.{TASK_STREAM}"
-            msg = await self._conn.request(subject, body)
-            page = _list_decoder.decode(msg.data)
-            if page.error is not None:
-                raise NatflowError(f"cannot list task consumers: {page.error.description}")
-            found.extend(page.consumers)
-            if not page.consumers or len(found) >= page.total:
-                return found
-
-    async def _queues(self) -> set[str]:
-        pending: dict[tuple[str, ...], float] = {}
-        acks: dict[tuple[str, ...], float] = {}
-        redelivered: dict[tuple[str, ...], float] = {}
-        waiting: dict[tuple[str, ...], float] = {}
-        for c in await self._consumers():
-            if not c.name.startswith(QUEUE_CONSUMER_PREFIX):
-                continue
-            # natflow-queue-<queue>~<workflow>: one consumer per workflow, summed per queue
-            key = (c.name[len(QUEUE_CONSUMER_PREFIX) :].partition("~")[0],)
-            TAKEOVERS.labels(key[0], "reaped")
-            pending[key] = pending.get(key, 0.0) + c.num_pending
-            acks[key] = acks.get(key, 0.0) + c.num_ack_pending
-            redelivered[key] = redelivered.get(key, 0.0) + c.num_redelivered
-            waiting[key] = waiting.get(key, 0.0) + c.num_waiting
-        QUEUE_PENDING.set_all(pending)
-        QUEUE_ACK_PENDING.set_all(acks)
-        QUEUE_REDELIVERED.set_all(redelivered)
-        QUEUE_WAITING.set_all(waiting)
-        self._queues_seen |= {queue for (queue,) in pending}
-        return {queue for (queue,) in pending}
-
-    async def _workers(self, queues: set[str]) -> None:
-        live: Tally[str] = Tally({queue: 0 for queue in queues})
-        for worker in await list_workers(self._conn):
-            for queue in worker.queues:
-                live[queue] += 0 if worker.draining else 1
-        WORKERS_LIVE.set_all({(queue,): float(n) for queue, n in live.items()})
-
-    async def _runs(self) -> None:
-        counts: Tally[tuple[str, str]] = Tally()
-        now = utcnow()
-        waiting: Tally[str] = Tally()
-        oldest: dict[str, float] = {}
-        for run in await RunIndex(self._conn).scan(limit=1 << 30):
-            if run.site:  # a site's run, copied to this hub: the site's engine counts it
-                continue
-            counts[run.workflow, run.status] += 1
-            self._queues_seen.add(run.queue)
-            since = pending_since(run)
-            if since is not None and since <= now:
-                waiting[run.queue] += 1
-                age = (now - since).total_seconds()
-                oldest[run.queue] = max(oldest.get(run.queue, 0.0), age)
-        QUEUE_RUNS_PENDING.set_all({(q,): float(waiting[q]) for q in self._queues_seen})
-        QUEUE_PENDING_AGE.set_all({(q,): oldest.get(q, 0.0) for q in self._queues_seen})
-        workflows = {workflow for workflow, _ in counts} | _known_workflows
-        RUNS_BY_STATUS.set_all(
-            {(wf, status): float(counts[wf, status]) for wf in workflows for status in RUN_STATUSES}
-        )
-
-
-def pending_since(run: RunInfo) -> datetime | None:
-    """Since when a pending run waits for a worker: its creation, or the end of its start
-    delay (which the index keeps as ``current``, "starts at <time>"); None if not pending."""
-    if run.status != "pending":
-        return None
-    if run.current and run.current.startswith(_STARTS_AT):
-        try:
-            return datetime.fromisoformat(run.current[len(_STARTS_AT) :])
-        except ValueError:
-            return run.created_at
-    return run.created_at
-
-
-_STARTS_AT: Final = "starts at "
