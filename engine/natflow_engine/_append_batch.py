@@ -100,6 +100,22 @@ class _Batcher:
         """Whether this append goes alone whatever else is being written."""
         return not (self.enabled and self.pays) or "Nats-Rollup" in headers
 
+    async def _wait(self, item: _Append) -> int | None:
+        """What became of a queued append: its sequence, None (make it alone) or _TURN."""
+        try:
+            return await item.outcome
+        except asyncio.CancelledError:
+            # Handed the turn, then cancelled before taking it: pass it on, or the queue
+            # would wait for a sender that never comes.
+            turn = item.outcome.done() and not item.outcome.cancelled()
+            if turn and item.outcome.result() == _TURN:
+                self._pass_turn_on(item)
+            raise
+
+    def _pass_turn_on(self, holder: _Append) -> None:
+        """``holder`` was cancelled holding the turn: the queue's next live append takes it."""
+        raise NotImplementedError
+
     async def _batch(self, batch: list[_Append], timeout: float) -> None:
         """Send ``batch`` as one, and tell each of its appends where it landed (or None:
         make it alone)."""
@@ -177,17 +193,6 @@ class TurnBatcher(_Batcher):
             return await self._conn.publish(subject, data, headers, timeout=timeout)
         return PubAck(stream="", seq=seq, duplicate=False)
 
-    async def _wait(self, item: _Append) -> int | None:
-        try:
-            return await item.outcome
-        except asyncio.CancelledError:
-            # Handed the turn, then cancelled before taking it: pass it on, or the queue
-            # would wait for a sender that never comes.
-            turn = item.outcome.done() and not item.outcome.cancelled()
-            if turn and item.outcome.result() == _TURN:
-                self._give_up_turn(item)
-            raise
-
     def _turned(self) -> None:
         """The loop turned: the next append may go alone again."""
         self._alone_this_turn = False
@@ -207,7 +212,7 @@ class TurnBatcher(_Batcher):
         try:
             await asyncio.sleep(0)  # the appends made after this one in this turn join it
         except asyncio.CancelledError:
-            self._give_up_turn(sender)
+            self._pass_turn_on(sender)
             raise
         batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         batch = [i for i in batch if i is sender or not i.outcome.done()]
@@ -224,8 +229,7 @@ class TurnBatcher(_Batcher):
             self._in_flight -= 1
         return False
 
-    def _give_up_turn(self, holder: _Append) -> None:
-        """``holder`` was cancelled with the turn: the queue's next live append takes it."""
+    def _pass_turn_on(self, holder: _Append) -> None:
         if holder in self._queue:
             self._queue.remove(holder)
         self._hand_on()
@@ -266,18 +270,10 @@ class QueueBatcher(_Batcher):
             return await self._conn.publish(subject, data, headers, timeout=timeout)
         return PubAck(stream="", seq=seq, duplicate=False)
 
-    async def _wait(self, item: _Append) -> int | None:
-        try:
-            return await item.outcome
-        except asyncio.CancelledError:
-            # Handed the turn, then cancelled before taking it: pass it on, or the queue
-            # would wait for a sender that never comes.
-            turn = item.outcome.done() and not item.outcome.cancelled()
-            if turn and item.outcome.result() == _TURN:
-                if item in self._queue:
-                    self._queue.remove(item)
-                self._release()
-            raise
+    def _pass_turn_on(self, holder: _Append) -> None:
+        if holder in self._queue:
+            self._queue.remove(holder)
+        self._release()
 
     def _release(self) -> None:
         """A send is over: hand the queue to its first live append."""
