@@ -27,6 +27,8 @@ from natflow import (
     WorkflowContext,
     workflow,
 )
+from natflow_engine import HISTORY_STREAM, record_sync_mode
+from natflow_engine._append_batch import appender
 from natflow_engine._auth import permissions_conf, role_permissions
 from natflow_engine._history import HistoryStore
 from natflow_engine._registry import list_workers
@@ -34,7 +36,7 @@ from natflow_engine._schedule_ops import Schedules
 from natflow_engine._schedules import ScheduleSpec
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import PAUSE, RESUME, control_request
-from natflow_engine._streams import signal_subject, stream_configs
+from natflow_engine._streams import SYNC_MODE_KEY, signal_subject, stream_configs
 from natflow_engine._triggers import event_run_id, recent_events
 from natflow_engine.events import RunCompleted, utcnow
 
@@ -429,3 +431,23 @@ def test_pause_and_resume_are_control_grants_of_their_own() -> None:
     assert not any("$control" in s for s in viewer)
     assert "$JS.API.STREAM.INFO.NATFLOW_LIFECYCLE" in viewer  # client.events
     assert "natflow.lifecycle.>" in role_permissions("engine").publish
+
+
+async def test_a_role_that_may_not_update_streams_cannot_record_the_sync_mode_and_says_so_once(
+    deployment: dict[str, Client], caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = deployment["worker"]
+    caplog.set_level(logging.DEBUG, logger="natflow.streams")
+    for _ in range(3):  # the engine would ask every few seconds
+        await record_sync_mode(worker.connection, sync_always=False)
+    refused = [r for r in caplog.records if "record the server's sync mode" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    info = await worker.connection.jsm.stream_info(HISTORY_STREAM)
+    assert SYNC_MODE_KEY not in (info.config.metadata or {})  # nothing written
+    # This process still knows the mode, and batches its own appends by it.
+    assert not appender(worker.connection, HISTORY_STREAM, by_turn=True).pays
+    # The refusal failed that call alone: the worker's own calls in flight on its connection
+    # (its queue's consumer, looked up while it ran) were not taken for the denied one.
+    client, viewer = deployment["client"], deployment["viewer"]
+    await client.start(guarded, 5, run_id="roles-sync")
+    await wait_for(lambda: _status_is(viewer, "roles-sync", "waiting"), timeout=15, what="waiting")

@@ -177,7 +177,11 @@ class Connection:
         subject = found.group(2).lower()  # nats-py lower-cases it; compare alike
         self._denied.append(subject)
         del self._denied[:-20]
-        for waiter in [w for w in self._waiters if w.denial is None and w.matches(subject)]:
+        matching = [w for w in self._waiters if w.denial is None and w.matches(subject)]
+        # A call that named this very subject is the one denied: not the calls in flight
+        # that only named a prefix of it (an engine's consumer created meanwhile).
+        exact = [w for w in matching if not w.prefix]
+        for waiter in exact or matching:
             waiter.denial = subject
             waiter.task.cancel()
         return True
@@ -290,18 +294,27 @@ class Connection:
         )
 
     async def admin(
-        self, what: str, call: Callable[[], Awaitable[T]], *, budget: float = 30.0
+        self,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        *,
+        budget: float = 30.0,
+        subject: str | None = None,
     ) -> T:
         """A JetStream management call (stream, consumer), its transient failures retried.
 
         Right after a server start or a leader change, JetStream answers "no responders" or
         "temporarily unavailable" for a few seconds; that is a reason to wait, not to fail.
+        ``subject``: the API subject the call uses, where the caller knows it. A call that
+        may be denied while others run should name it: a denial then fails that call alone.
         """
 
         async def once() -> T:
             try:
-                # Which API subject nats-py uses is its own business: any denial of one
-                # fails this call.
+                # Unless named, which API subject nats-py uses is its own business: a denial
+                # of any that no call names fails this call.
+                if subject is not None:
+                    return await self.guarded(subject, call())
                 return await self.guarded(f"{self.api}.", call(), prefix=True)
             except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
                 raise NoResponders(what) from e

@@ -295,6 +295,7 @@ async def ensure_streams(conn: Connection) -> None:
 # (run index, lifecycle) batch in every mode: few writers make large batches, and on the
 # 16-core machine, relaxed, turning theirs off too cost 6-11 % of the runs/s.
 SYNC_MODE_KEY: Final = "natflow.sync"
+_SYNC_MODE_UNRECORDED: Final = "sync mode unrecorded"  # conn.extras: the mode last refused
 
 
 def _apply_sync_mode(conn: Connection, sync: str | None) -> None:
@@ -306,26 +307,36 @@ async def record_sync_mode(conn: Connection, sync_always: bool) -> None:
     process that connects after, and batch this connection's appends accordingly.
 
     Writes only where the record changes. Where the record cannot be written (a connection
-    without the engine role, a server that refuses), it logs why and changes nothing: appends
-    go as they went, which costs speed, never a write.
+    without the engine role, a server that refuses), it says why once and tries again at the
+    next call: other processes then batch as they did, which costs speed, never a write.
     """
     mode = SYNC_ALWAYS if sync_always else SYNC_INTERVAL
     if conn.extras.get(SYNC_MODE_KEY) == mode:
         return
+    _apply_sync_mode(conn, mode)
     try:
         await ensure_streams(conn)
+        # Each names its API subject: a denial must fail this call, not another in flight.
         info = await conn.admin(
-            f"stream {HISTORY_STREAM}", lambda: conn.jsm.stream_info(HISTORY_STREAM)
+            f"stream {HISTORY_STREAM}",
+            lambda: conn.jsm.stream_info(HISTORY_STREAM),
+            subject=f"{conn.api}.STREAM.INFO.{HISTORY_STREAM}",
         )
         config = info.config
         if (config.metadata or {}).get(SYNC_MODE_KEY) != mode:
             config.metadata = {**(config.metadata or {}), SYNC_MODE_KEY: mode}
             await conn.admin(
-                "recording the server's sync mode", lambda: conn.jsm.update_stream(config)
+                "recording the server's sync mode",
+                lambda: conn.jsm.update_stream(config),
+                subject=f"{conn.api}.STREAM.UPDATE.{HISTORY_STREAM}",
             )
             log.info("recorded the server's sync mode on stream %s: %s", HISTORY_STREAM, mode)
     except (NatflowError, nats.js.errors.APIError) as exc:
-        log.warning(
+        # Once per mode at warning level: the engine asks again every few seconds.
+        level = logging.DEBUG if conn.extras.get(_SYNC_MODE_UNRECORDED) == mode else logging.WARNING
+        conn.extras[_SYNC_MODE_UNRECORDED] = mode
+        log.log(
+            level,
             "cannot record the server's sync mode (%s) on stream %s: %s; the engine's role "
             "may update streams (docs/security.md)",
             mode,
@@ -334,7 +345,6 @@ async def record_sync_mode(conn: Connection, sync_always: bool) -> None:
         )
         return
     conn.extras[SYNC_MODE_KEY] = mode
-    _apply_sync_mode(conn, mode)
 
 
 # Settings added to a stream after its first release: a stream an older natflow created is
