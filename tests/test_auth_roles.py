@@ -266,10 +266,10 @@ async def test_worker_limited_to_a_queue_cannot_take_another(
 ) -> None:
     client, billing = deployment["client"], deployment["billing_worker"]
     await client.start(guarded, 5, run_id="q-1")  # queue "default"
-    await denied(
-        lambda: Worker(billing, [guarded]).run(),
-        "$JS.API.CONSUMER.CREATE.NATFLOW_TASKS.natflow-queue-default",
-    )
+    refused = Worker(billing, [guarded])
+    await denied(refused.run, "$JS.API.CONSUMER.CREATE.NATFLOW_TASKS.natflow-queue-default")
+    with anyio.fail_after(5):  # a worker whose start failed has nothing to wait for
+        await refused.shutdown(grace=0)
     # Even by hand, a pull from the default queue's consumer is refused.
     errors: list[str] = []
 

@@ -176,6 +176,12 @@ class Worker:
 
     async def run(self) -> None:
         """Serve until cancelled or :meth:`shutdown` is called."""
+        try:
+            await self._serve()
+        finally:
+            self._stopped.set()  # also after a start that failed: shutdown() waits for it
+
+    async def _serve(self) -> None:
         await ensure_streams(self._conn)
         prepare_worker(self._workflows, self.queues)
         if self._metrics_port:
@@ -284,6 +290,8 @@ class Worker:
         handed back (its task NAKed, its lease dropped) so another worker resumes it at once.
         """
         self._stopping.set()
+        if self._stopped.is_set():  # run() is over (or its start failed): nothing is held
+            return
         # Drain first: a step that ends while the pulls are being withdrawn must not be
         # followed by the next one here.
         for held in list(self._held.values()):
