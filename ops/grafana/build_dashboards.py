@@ -559,6 +559,29 @@ def overview() -> dict[str, Any]:
         12,
         8,
     )
+    lay.add(
+        series(
+            "Appends written in atomic batches",
+            [
+                (
+                    f"sum by (stream) (rate(natflow_appends_batched_total[{RATE}]))",
+                    "{{stream}} appends",
+                ),
+                (
+                    f"sum by (stream) (rate(natflow_append_batches_total[{RATE}]))",
+                    "{{stream}} batches",
+                ),
+            ],
+            "ops",
+            description="Appends of many runs sent as one atomic batch (one fsync and one "
+            "acknowledgement), per second, and the batches that carried them: their ratio is "
+            "the mean batch size. History is batched unless the engine recorded that the "
+            "server does not fsync each write (README, Durability): then NATFLOW_HISTORY shows "
+            "none, and its appends go one by one.",
+        ),
+        24,
+        8,
+    )
     return dashboard(
         "natflow-overview",
         "natflow overview",
