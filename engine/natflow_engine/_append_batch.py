@@ -307,7 +307,8 @@ def appender(conn: Connection, stream: str, *, by_turn: bool = False) -> Batcher
     existing = conn.extras.get(key)
     if existing is not None:
         if not isinstance(existing, kind):
-            raise TypeError(f"{stream} is batched by {type(existing).__name__}, not {kind}")
+            made_as = type(existing).__name__
+            raise TypeError(f"{stream} is batched by {made_as}, not {kind.__name__}")
         return existing
     made = kind(conn, stream)
     conn.extras[key] = made
