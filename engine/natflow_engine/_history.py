@@ -109,9 +109,8 @@ class HistoryStore:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._reader = reader(conn)
-        self._appends = appender(
-            conn, HISTORY_STREAM, by_turn=True
-        )  # many runs' appends: one batch
+        # Many runs' appends in one batch, where the server's sync mode makes that pay.
+        self._appends = appender(conn, HISTORY_STREAM, by_turn=True)
         self.retry_budget = 30.0  # seconds to ride out a restart or an election
 
     # -- appends ---------------------------------------------------------------------------

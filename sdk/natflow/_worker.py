@@ -179,7 +179,7 @@ class Worker:
         try:
             await self._serve()
         finally:
-            self._stopped.set()  # also after a start that failed: shutdown() waits for it
+            self._stopped.set()  # on any exit, a failed start too: shutdown() waits for it
 
     async def _serve(self) -> None:
         await ensure_streams(self._conn)
@@ -281,7 +281,6 @@ class Worker:
         if self._pulse is not None and self._pulse_thread:
             await anyio.to_thread.run_sync(self._pulse.stop)
         await self._registration.withdraw()
-        self._stopped.set()
 
     async def shutdown(self, grace: float = 30.0) -> None:
         """Stop taking work and hand back what this worker holds.
