@@ -8,6 +8,7 @@ nats-server's default sync: tests exercise crashes of processes, which that surv
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 from natflow import Client
 from natflow_engine import HISTORY_STREAM, TASK_STREAM
-from natflow_engine._streams import SIGNAL_STREAM, ensure_streams
+from natflow_engine._append_batch import SYNC_ALWAYS, SYNC_INTERVAL
+from natflow_engine._streams import SIGNAL_STREAM, SYNC_MODE_KEY, ensure_streams
 from nats.js import api
 
 from tests.helpers import ROOT
@@ -33,9 +35,9 @@ SINGLE_SERVER_CONFIGS = (
 )
 
 
-def _serve(tmp_path: Path, *args: str) -> tuple[dict[str, str], dict[str, object]]:
-    """Run `natflow server ARGS` in an empty folder; its startup lines and /varz's
-    jetstream config."""
+def _serve(tmp_path: Path, *args: str) -> tuple[dict[str, str], dict[str, object], str | None]:
+    """Run `natflow server ARGS` in an empty folder; its startup lines, /varz's jetstream
+    config and the sync mode recorded on the history stream."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("NATFLOW_CONFIG", None)
     env.pop("NATFLOW_FAST", None)
@@ -58,23 +60,35 @@ def _serve(tmp_path: Path, *args: str) -> tuple[dict[str, str], dict[str, object
         assert "monitoring" in lines, lines
         with urllib.request.urlopen(lines["monitoring"] + "/varz", timeout=10) as response:
             varz = json.load(response)
-        return lines, varz["jetstream"]["config"]
+        url = lines["natflow"].rsplit(" ", 1)[-1]  # "server: nats-server at URL"
+        return lines, varz["jetstream"]["config"], asyncio.run(_recorded_sync_mode(url))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
 
 
+async def _recorded_sync_mode(url: str) -> str | None:
+    client = await Client.connect(url)
+    try:
+        info = await client.connection.jsm.stream_info(HISTORY_STREAM)
+        return (info.config.metadata or {}).get(SYNC_MODE_KEY)
+    finally:
+        await client.close()
+
+
 def test_natflow_server_fsyncs_before_acknowledging_by_default(tmp_path: Path) -> None:
-    lines, config = _serve(tmp_path)
+    lines, config, recorded = _serve(tmp_path)
     assert config["sync_always"] is True
     assert lines["durability"].startswith("fsync before every ack")
+    assert recorded == SYNC_ALWAYS  # where workers and clients read it (test_sync_mode)
 
 
 def test_fast_acknowledges_before_fsync_and_says_so(tmp_path: Path) -> None:
-    lines, config = _serve(tmp_path, "--fast")
+    lines, config, recorded = _serve(tmp_path, "--fast")
     assert config.get("sync_always", False) is False  # omitted when false
     assert "ack before fsync" in lines["durability"]
     assert "relaxed by --fast" in lines["configuration"]
+    assert recorded == SYNC_INTERVAL  # so nobody batches history appends for it
 
 
 async def test_fast_with_a_configuration_of_ones_own_names_what_to_change(

@@ -5,13 +5,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import msgspec
 from natflow import Client
-from natflow_engine._engine import Engine
+from natflow_engine._engine import DISPATCHER, Engine
 from natflow_engine._index import RunIndex
+from natflow_engine._server import EmbeddedServer
 from natflow_engine._start_watch import StartWatch
-from natflow_engine._streams import HISTORY_STREAM, ensure_streams, run_level_subject
+from natflow_engine._streams import (
+    HISTORY_STREAM,
+    TASK_PREFIX,
+    TASK_STREAM,
+    ensure_streams,
+    run_level_subject,
+    stream_configs,
+    task_subject,
+)
+from natflow_engine._tasks import queued
 from natflow_engine.events import RunClaimed, RunStarted, decode_event, utcnow
+from nats.aio.msg import Msg
+
+from tests.helpers import wait_for
 
 
 def _start(run_id: str) -> RunStarted:
@@ -105,3 +119,69 @@ async def test_a_start_that_comes_back_after_its_run_moved_on_is_not_held(
     (msg,) = await sub.fetch(1, timeout=5)
     await engine._dispatch("fresh-1", msg)
     assert len(engine._watched) == 1
+
+
+async def test_starts_whose_tasks_wait_in_the_queue_are_looked_up_together(
+    client: Client,
+) -> None:
+    """Under a backlog (here: no worker at all) starts outlive their grace with their tasks
+    still queued. One lookup shows those tasks: the engine tries no enqueue for them, and
+    still enqueues the task of a start whose client died before it could."""
+    conn = client.connection
+    await ensure_streams(conn)
+    tried: list[str] = []  # every publish to a task subject, refused ones included
+
+    async def tap(msg: Msg) -> None:
+        tried.append(msg.subject)
+
+    await conn.nc.subscribe(f"{TASK_PREFIX}.>", cb=tap)
+    queued = [f"queued-{i}" for i in range(40)]
+    for i, run_id in enumerate(queued):
+        await client.start("nobody-serves-this", i, run_id=run_id)
+    await client._runs.history.append("orphan-2", _orphan("orphan-2"), 0)
+    engine = Engine(conn)
+    engine._watched = StartWatch(grace=0.2)
+
+    async def all_acknowledged() -> bool:
+        info = await conn.jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
+        return info.delivered.consumer_seq >= 41 and info.num_ack_pending == 0
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        with anyio.fail_after(10):
+            await engine.ready.wait()  # its consumer exists
+        await wait_for(all_acknowledged, what="every start acknowledged", interval=0.1)
+        tg.cancel_scope.cancel()
+    await conn.nc.flush()
+    expected = [task_subject("default", "nobody-serves-this", r) for r in [*queued, "orphan-2"]]
+    assert sorted(tried) == sorted(expected)  # one each: the clients', and the orphan's
+
+
+def _orphan(run_id: str) -> RunStarted:
+    """The start of a client that died before enqueueing its task."""
+    return RunStarted(
+        id=f"{run_id}:1",
+        at=utcnow(),
+        workflow="nobody-serves-this",
+        queue="default",
+        input=msgspec.Raw(b"null"),
+    )
+
+
+async def test_an_older_task_stream_is_updated_for_the_lookup(nats_server: EmbeddedServer) -> None:
+    """A store from before the lookup has no direct gets on its task stream: ensure_streams
+    turns them on in place, and the queued task it held is found."""
+    client = await Client.connect(nats_server.url)
+    try:
+        conn = client.connection
+        old = next(c for c in stream_configs() if c.name == TASK_STREAM)
+        old.allow_direct = False
+        await conn.jsm.add_stream(old)
+        await conn.js.publish(task_subject("default", "w", "kept-1"), b"{}")
+        await ensure_streams(conn)
+        info = await conn.jsm.stream_info(TASK_STREAM)
+        assert info.config.allow_direct is True
+        tasks = [("default", "w", "kept-1"), ("default", "w", "none-1"), ("other", "w", "kept-1")]
+        assert await queued(conn, tasks) == {"kept-1"}
+    finally:
+        await client.close()

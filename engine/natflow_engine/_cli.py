@@ -34,12 +34,12 @@ from ._collector import tune_collector
 from ._connection import DEFAULT_URL, Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError
-from ._jsz import read_jsz
+from ._jsz import Jsz, read_jsz
 from ._logs import configure_logging
 from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
 from ._sealing import AesGcmCodec
 from ._server import PACKAGED_CONFIG, EmbeddedServer, PortInUse, relaxed_config
-from ._streams import ensure_streams
+from ._streams import ensure_streams, record_sync_mode
 from .console._cli import add_ui_options, serve_console_if_possible
 from .console._cli import register as register_console
 
@@ -183,22 +183,44 @@ def _start_server(args: argparse.Namespace) -> EmbeddedServer:
     return server
 
 
-async def _print_durability(server: EmbeddedServer) -> None:
-    """Say what an acknowledged step survives, as the running server reports it."""
+async def _print_durability(server: EmbeddedServer) -> Jsz | None:
+    """Say what an acknowledged step survives, as the running server reports it (and
+    return the report, if the server gave one)."""
     if not server.http_port:
-        return
+        return None
     try:
         jsz = await read_jsz(f"http://127.0.0.1:{server.http_port}")
     except NatflowError as exc:
         log.warning("cannot tell the durability mode: %s", exc)
-        return
+        return None
     print(f"  durability     {jsz.durability()}", flush=True)
+    return jsz
+
+
+async def _record_own_sync_mode(server: EmbeddedServer, sync_always: bool) -> None:
+    """Record the sync mode of a server on natflow's own configuration (or its --fast
+    relaxation) where workers and clients read it, as an engine given --nats-monitor does:
+    else a relaxed one would have its history appends batched, which only fsyncs pay for.
+    That configuration is one server with no users, so this process may connect to it and
+    create natflow's streams; another configuration may hold a cluster node, a leaf or
+    users, whose streams are the engine's to create."""
+    try:
+        conn = await connect(server.url, name="natflow-server")
+    except NatflowError as exc:
+        log.warning("cannot record the server's sync mode: %s", exc)
+        return
+    try:
+        await record_sync_mode(conn, sync_always)  # says why itself where it cannot
+    finally:
+        await conn.close()
 
 
 async def cmd_server(args: argparse.Namespace) -> int:
     server = _start_server(args)
     try:  # a SIGTERM while it says where it listens stops the server too
-        await _print_durability(server)
+        jsz = await _print_durability(server)
+        if jsz is not None and server_config(args.config)[0] == PACKAGED_CONFIG:
+            await _record_own_sync_mode(server, jsz.config.sync_always)
         print("Ctrl-C stops it", flush=True)
         await until_signalled(lambda: anyio.sleep_forever())
     finally:

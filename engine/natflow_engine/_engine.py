@@ -37,6 +37,7 @@ from . import _timers as timers
 from ._completion import RunHooks
 from ._connection import Connection
 from ._engine_metrics import EngineMetrics
+from ._errors import NatflowError
 from ._history import CorruptHistory, HistoryStore
 from ._index import RunIndex, makes_timer
 from ._jsz import JetStreamUsage
@@ -65,7 +66,7 @@ from ._streams import (
     run_id_of,
     step_level_subject,
 )
-from ._tasks import Task, enqueue
+from ._tasks import Task, enqueue, queued
 from ._triggers import EventIntake
 from ._wake import run_start
 from .events import (
@@ -341,8 +342,29 @@ class Engine:
         async with anyio.create_task_group() as tg:
             while True:
                 await anyio.sleep(0.25)
-                for watched in self._watched.due(self._processed_until, self._idle):
+                due = self._watched.due(self._processed_until, self._idle)
+                for watched in await self._without_task(due) if due else ():
                     tg.start_soon(check, watched)
+
+    async def _without_task(self, due: list[WatchedStart]) -> list[WatchedStart]:
+        """The starts among ``due`` whose run has no task; those whose run has one are
+        acknowledged. Under a backlog most starts outlive their grace in the queue, and
+        checking each would cost a read and a refused enqueue; one lookup answers for 256.
+
+        A task seen is one a worker will take, even where a replica a moment behind answers
+        for one just taken: its worker claims the run, or leaves it to the limit service.
+        That is what a refused enqueue showed before (``_ensure_task``)."""
+        try:
+            have = await queued(
+                self._conn, [(w.start.queue, w.start.workflow, w.run_id) for w in due]
+            )
+        except NatflowError as exc:  # an older server or stream: each is checked alone
+            log.debug("could not look up the tasks of %d starts (%s)", len(due), exc)
+            return due
+        for watched in due:
+            if watched.run_id in have:
+                await _quietly(watched.msg.ack())
+        return [w for w in due if w.run_id not in have]
 
     async def _tell_parent(self, run_id: str, event: Event, info: RunInfo | None) -> None:
         """A closed child run's outcome goes to its parent as a ``$child`` signal, which

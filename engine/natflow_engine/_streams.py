@@ -189,6 +189,7 @@ def stream_configs() -> list[api.StreamConfig]:
             max_msgs_per_subject=1,
             discard=api.DiscardPolicy.NEW,
             discard_new_per_subject=True,
+            allow_direct=True,  # the engine looks up many runs' tasks at once (_tasks.queued)
             num_replicas=r,
         ),
         _advisory(kv_stream_config("natflow_leases", "natflow: run leases (holder, expiry)", r)),
@@ -349,7 +350,7 @@ async def record_sync_mode(conn: Connection, sync_always: bool) -> None:
 
 # Settings added to a stream after its first release: a stream an older natflow created is
 # updated in place to have them (each may only be turned on, so an update is always safe).
-_ADDED_FLAGS: Final = ("allow_rollup_hdrs", "allow_atomic")
+_ADDED_FLAGS: Final = ("allow_rollup_hdrs", "allow_atomic", "allow_direct")
 
 
 async def _upgrade_stream(

@@ -11,6 +11,7 @@ run's history after it acknowledges, which closes the lost-wake-up race (NATS.md
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
@@ -18,11 +19,13 @@ from nats.js import api
 
 from ._connection import ERR_MAX_MSGS_PER_SUBJECT, Connection, JetStreamError, retrying
 from ._puller import Puller
+from ._reader import reader
 from ._streams import TASK_PREFIX, TASK_STREAM, queue_consumer, task_subject, workflow_token
 
 log = logging.getLogger("natflow.tasks")
 
 DEFAULT_ACK_WAIT: Final = 15.0
+_LOOKUP_CHUNK: Final = 256  # task subjects looked up per request (the server takes 1024)
 
 
 class Task(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,6 +70,20 @@ async def enqueue(conn: Connection, queue: str, task: Task) -> bool:
             raise
 
     return await retrying(f"enqueueing run {task.run_id}", attempt)
+
+
+async def queued(conn: Connection, tasks: Sequence[tuple[str, str, str]]) -> set[str]:
+    """The runs among ``tasks`` (queue, workflow, run id) that have a task, pending or in
+    flight: looked up together, up to 256 runs a request (multi-last direct gets), where an
+    enqueue attempt would cost a request for each."""
+    subjects = [task_subject(queue, workflow, run_id) for queue, workflow, run_id in tasks]
+    found: set[str] = set()
+    for at in range(0, len(subjects), _LOOKUP_CHUNK):
+        page = await reader(conn).read_last(TASK_STREAM, subjects[at : at + _LOOKUP_CHUNK])
+        for msg in page.messages:
+            # The run id is the subject's last token: ids never hold a dot (_names).
+            found.add((msg.headers or {}).get("Nats-Subject", "").rsplit(".", 1)[-1])
+    return found
 
 
 def consumer_config(
