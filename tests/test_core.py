@@ -22,7 +22,7 @@ from natflow import (
     WorkflowContext,
     workflow,
 )
-from natflow_engine import InvalidInput
+from natflow_engine import InvalidInput, ensure_streams
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import TERMINAL_EVENTS, Event
@@ -321,7 +321,6 @@ async def test_workers_of_one_queue_serving_different_workflows_get_only_their_t
 
 
 async def test_engine_lists_runs_and_recovers_a_lost_enqueue(client: Client) -> None:
-    from natflow_engine._streams import ensure_streams
     from natflow_engine.events import RunStarted, utcnow
 
     await ensure_streams(client.connection)
@@ -432,14 +431,26 @@ async def done_when_told(ctx: WorkflowContext) -> str:
     return str(await ctx.wait_for_signal("go"))
 
 
+def _without_stored_feed(client: Client) -> None:
+    """As on a history stream that does not republish stored events (an older one this
+    connection may not update): result() listens on the run-level subject itself."""
+    from natflow_engine._streams import _STORED_FEED
+
+    client.connection.streams_ready = True
+    client.connection.extras[_STORED_FEED] = False
+
+
 async def test_result_looks_again_soon_when_the_final_event_is_not_readable_yet(
     client: Client, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A final event can reach the run's subject before a read of history shows it (a
-    stream under load). result() must keep looking within moments, not wait for its 30 s
-    safety net. The lag is made here by serving two stale reads after the run has ended."""
+    """Without the stored feed, a final event can reach the run's subject before a read of
+    history shows it (a stream under load). result() must keep looking within moments, not
+    wait for its 30 s safety net. The lag is made here by serving two stale reads after the
+    run has ended."""
     from natflow_engine.events import TERMINAL_EVENTS
 
+    await ensure_streams(client.connection)
+    _without_stored_feed(client)
     runs = client._runs
     real_last = runs.history.last
     stale: list[object] = []
@@ -467,13 +478,19 @@ async def test_result_looks_again_soon_when_the_final_event_is_not_readable_yet(
     assert len(stale) == 2, "the lagging reads were never served"
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("feed", ["stored", "subject"])
 async def test_result_reads_a_runs_last_event_not_its_whole_history(
-    client: Client, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    client: Client, engine: Engine, monkeypatch: pytest.MonkeyPatch, feed: str
 ) -> None:
     """result() used to read and fold the whole history of a run it was asked about, then
     read it again when the run ended (a client waiting on many runs read each twice, a long
     run's every event each time). The run's last stored event tells whether it has ended,
-    and how: one message per look."""
+    and how: one message per look. On the stored feed the final event heard is the outcome:
+    one look in all, where the run's subject needs a second to confirm what it carried."""
+    await ensure_streams(client.connection)
+    if feed == "subject":
+        _without_stored_feed(client)
     runs = client._runs
     described: list[str] = []
     glances: list[str] = []
@@ -510,7 +527,8 @@ async def test_result_reads_a_runs_last_event_not_its_whole_history(
             await client.signal("glance-1", "go", "now")
             signalling = False
     assert got == ["now"]
-    assert described == [] and len(glances) >= 2
+    assert described == []
+    assert len(glances) == 1 if feed == "stored" else len(glances) >= 2
 
 
 async def _true(value: bool) -> bool:

@@ -169,6 +169,8 @@ from ._streams import (
     run_id_of,
     run_level_subject,
     runs_subject,
+    stored_feed,
+    stored_subject,
 )
 from ._tasks import DEFAULT_ACK_WAIT, Task, TaskPuller, decode_task, enqueue, ensure_consumer
 from ._timers import Timer, schedule
@@ -393,6 +395,8 @@ __all__ = [
     "stopping",
     "store_value",
     "stored_at",
+    "stored_feed",
+    "stored_subject",
     "take_debounced_input",
     "to_seconds",
     "tune_collector",

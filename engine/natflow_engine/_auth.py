@@ -66,6 +66,7 @@ from ._streams import (
     SCHEDULES_BUCKET,
     SIGNAL_PREFIX,
     SIGNAL_STREAM,
+    STORED_PREFIX,
     TASK_PREFIX,
     TASK_STREAM,
     TRIGGERS_BUCKET,
@@ -251,9 +252,11 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
         f"{api}.CONSUMER.MSG.NEXT.{LIFECYCLE_STREAM}.>",
         f"$JS.ACK.{LIFECYCLE_STREAM}.>",
     ]
-    # RunHandle.result listens for the run's final event on the history subject itself; the
-    # console follows the run index live.
-    return publish, ["_INBOX.>", f"{HISTORY_PREFIX}.*.*", f"{RUNS_PREFIX}.*"], False
+    # RunHandle.result listens for the run's final event on its stored feed (on the history
+    # subject itself where the stream does not republish); the console follows the run
+    # index live.
+    subscribe = ["_INBOX.>", f"{STORED_PREFIX}.*", f"{HISTORY_PREFIX}.*.*", f"{RUNS_PREFIX}.*"]
+    return publish, subscribe, False
 
 
 def _signaller(api: str, kv: str, queues: list[str]) -> _Parts:

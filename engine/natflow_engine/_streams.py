@@ -37,6 +37,7 @@ Layout (all names are public and documented in the README):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -68,6 +69,10 @@ RUNS_PREFIX: Final = "natflow.runs"
 SIGNAL_PREFIX: Final = "natflow.signal"
 DEADLETTER_PREFIX: Final = "natflow.deadletter"
 EVENT_PREFIX: Final = "natflow.event"
+# Each run-level event once stored, republished by nats-server (the stream's leader) on
+# natflow.stored.<run_id>: a refused append (a fenced worker's) never reaches it, so what a
+# subscriber hears there is history, with no read to confirm it (RunHandle.result).
+STORED_PREFIX: Final = "natflow.stored"
 SCHEDULES_BUCKET: Final = "natflow_schedules"
 TRIGGERS_BUCKET: Final = "natflow_triggers"
 RATES_BUCKET: Final = "natflow_rates"  # flow control: rate limit, singleton, debounce cells
@@ -148,6 +153,21 @@ def runs_subject(run_id: str) -> str:
     return f"{RUNS_PREFIX}.{run_id}"
 
 
+def stored_subject(run_id: str) -> str:
+    """Where the run's run-level events are republished once stored (``STORED_PREFIX``)."""
+    return f"{STORED_PREFIX}.{run_id}"
+
+
+def _stored_republish() -> api.RePublish:
+    return api.RePublish(src=RUN_LEVEL_FILTER, dest=f"{STORED_PREFIX}.{{{{wildcard(1)}}}}")
+
+
+def stored_feed(conn: Connection) -> bool:
+    """Whether the history stream republishes stored run-level events on
+    :func:`stored_subject`, as this connection's :func:`ensure_streams` found it."""
+    return conn.extras.get(_STORED_FEED) is True
+
+
 def signal_subject(run_id: str, name: str) -> str:
     """Where signal ``name`` to the run is published; control requests (``$cancel``,
     ``$terminate``, ``$pause``, ``$resume``) go to ``natflow.signal.<run_id>.$control.<kind>``."""
@@ -177,6 +197,7 @@ def stream_configs() -> list[api.StreamConfig]:
             allow_direct=True,
             allow_rollup_hdrs=True,  # continue-as-new (see the module docstring)
             allow_atomic=True,  # many runs' appends in one batch (_append_batch)
+            republish=_stored_republish(),  # STORED_PREFIX
             duplicate_window=120.0,
             num_replicas=r,
         ),
@@ -281,6 +302,12 @@ async def ensure_streams(conn: Connection) -> None:
         held = [await _ensure_stream(conn, config) for config in stream_configs()]
         history = next(c for c in held if c.name == HISTORY_STREAM)
         _apply_sync_mode(conn, (history.metadata or {}).get(SYNC_MODE_KEY))
+        ours = _stored_republish()
+        given = history.republish
+        conn.extras[_STORED_FEED] = given is not None and (given.src, given.dest) == (
+            ours.src,
+            ours.dest,
+        )
         conn.streams_ready = True
 
 
@@ -296,6 +323,7 @@ async def ensure_streams(conn: Connection) -> None:
 # (run index, lifecycle) batch in every mode: few writers make large batches, and on the
 # 16-core machine, relaxed, turning theirs off too cost 6-11 % of the runs/s.
 SYNC_MODE_KEY: Final = "natflow.sync"
+_STORED_FEED: Final = "stored feed"  # conn.extras: the history stream republishes (stored_feed)
 _SYNC_MODE_UNRECORDED: Final = "sync mode unrecorded"  # conn.extras: the mode last refused
 
 
@@ -355,18 +383,23 @@ _ADDED_FLAGS: Final = ("allow_rollup_hdrs", "allow_atomic", "allow_direct")
 
 async def _upgrade_stream(
     conn: Connection, current: api.StreamConfig, wanted: api.StreamConfig
-) -> None:
+) -> api.StreamConfig:
+    """The stream's configuration, with what a newer natflow added turned on in place where
+    this connection may (a republish is added only where the stream has none)."""
     missing = [f for f in _ADDED_FLAGS if getattr(wanted, f) and not getattr(current, f)]
+    if wanted.republish is not None and current.republish is None:
+        missing.append("republish")
     if not missing:
-        return
+        return current
     name = current.name
     assert name is not None
-    updated = current
+    updated = copy.copy(current)
     for flag in missing:
-        setattr(updated, flag, True)
+        setattr(updated, flag, wanted.republish if flag == "republish" else True)
     try:
-        await conn.admin(f"updating stream {name}", lambda: conn.jsm.update_stream(updated))
+        info = await conn.admin(f"updating stream {name}", lambda: conn.jsm.update_stream(updated))
         log.info("stream %s updated in place: %s turned on", name, ", ".join(missing))
+        return info.config
     except PermissionDenied:
         # A worker or client role may not update streams: the engine (or `natflow init` as
         # the engine role) does. Until then what needs the setting names it when refused.
@@ -376,6 +409,7 @@ async def _upgrade_stream(
             name,
             ", ".join(missing),
         )
+        return current
 
 
 async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> api.StreamConfig:
@@ -387,8 +421,7 @@ async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> api.Stre
     except nats.js.errors.NotFoundError:
         pass
     else:
-        await _upgrade_stream(conn, info.config, config)
-        return info.config
+        return await _upgrade_stream(conn, info.config, config)
     try:
         info = await conn.admin(f"creating stream {name}", lambda: conn.jsm.add_stream(config))
         log.info("created stream %s", name)

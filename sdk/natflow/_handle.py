@@ -1,8 +1,12 @@
 """``RunHandle``: one run's status and its outcome, waited for without polling.
 
-``result()`` listens on the run's run-level history subject (its final event wakes it) and
-takes the outcome from what history holds, looking again within moments where a final event
-was seen before it was readable, or where nothing was heard from a running run at all.
+``result()`` looks at the run's last stored event once, then listens on the run's stored
+feed (``natflow.stored.<run_id>``: each run-level event, republished by nats-server once
+stored) and takes the final event it hears as the outcome. On a history stream that does not
+republish (an older one this connection may not update) it listens on the run-level history
+subject instead, where a final event only wakes it: the outcome is then read from history,
+again within moments where the event was seen before it was readable. Where nothing was heard
+from a running run at all, it looks again.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ from natflow_engine import (
     RunInfo,
     Runs,
     decode_value,
+    ensure_streams,
     load_events,
     open_events,
     run_level_subject,
     sealed_key,
+    stored_feed,
+    stored_subject,
     to_seconds,
 )
 from natflow_engine.events import (
@@ -39,6 +46,7 @@ from natflow_engine.events import (
     RunTerminated,
     SignalWaited,
     TimerScheduled,
+    decode_event,
     event_kind,
 )
 from natflow_engine.events import RunCancelled as RunCancelledEvent
@@ -87,34 +95,43 @@ class RunHandle:
 
         Raises :class:`RunFailed` (with the error's type, message and traceback),
         :class:`RunCancelled`, or ``TimeoutError`` when ``timeout`` passes first. Waits on
-        the run's history subject, so it costs nothing while the run is busy.
+        the run's stored events, so it costs nothing while the run is busy.
         """
         seconds = None if timeout is None else to_seconds("timeout", timeout)
         nc = self._runs.conn.nc
-        # A final event seen on the run's subject only wakes this up: the outcome is what
-        # history holds. The subject carries every publish, also an append the stream refused
-        # (a fenced, stale worker's), and a plain subscriber may see it before it is readable.
+        stored = await self._stored_feed()
+        # On the stored feed a final event heard is the outcome: nats-server republishes an
+        # event only once stored. The run-level subject itself (a stream that does not
+        # republish) carries every publish, also an append the stream refused (a fenced,
+        # stale worker's), and a plain subscriber may see it before it is readable: a final
+        # event heard there only wakes this up, and the outcome is read from history.
         woken = anyio.Event()
+        heard_final: list[bytes] = []
         # Any event heard proves the ones before it stored: every append names the last
-        # sequence it follows. Until then, one published just before subscribing may be
-        # neither heard nor yet readable (the lifecycle test's 30 s waits under load).
+        # sequence it follows. Until then, one stored just before subscribing may be neither
+        # heard nor yet readable (the lifecycle test's 30 s waits under load).
         heard = False
 
         async def on_event(msg: Msg) -> None:
             nonlocal heard
             heard = True
             if event_kind(msg.data) in _TERMINAL_TYPES:
+                if stored:
+                    heard_final.append(msg.data)
                 woken.set()
 
         # Final events are run-level: the run's step events never reach this subscription.
-        subs = [await nc.subscribe(run_level_subject(self.run_id), cb=on_event)]
+        subject = stored_subject(self.run_id) if stored else run_level_subject(self.run_id)
+        subs = [await nc.subscribe(subject, cb=on_event)]
         try:
             with anyio.fail_after(seconds):
                 recheck, settling, unheard = 0.0, False, _UNHEARD_FIRST
                 while True:
                     # The run's last stored event (one message) tells whether it has ended,
                     # and how; only where it does not tell is the run described.
-                    last = await self._last_event()
+                    last = await self._heard(heard_final)
+                    if last is None:
+                        last = await self._last_event()
                     site = False
                     if isinstance(last, TERMINAL_EVENTS):
                         return self._ended(last)
@@ -146,6 +163,28 @@ class RunHandle:
             for sub in subs:
                 await sub.unsubscribe()
 
+    async def _stored_feed(self) -> bool:
+        """Whether the history stream republishes stored run-level events (as the streams
+        read on this connection show; read now if they were not)."""
+        conn = self._runs.conn
+        if not conn.streams_ready:
+            try:
+                await ensure_streams(conn)
+            except NatflowError:  # may not read the streams: the run's subject, as before
+                return False
+        return stored_feed(conn)
+
+    async def _heard(self, heard_final: list[bytes]) -> Event | None:
+        """The final event heard on the stored feed, opened; None if none was heard, or it
+        does not decode (history then tells)."""
+        if not heard_final:
+            return None
+        try:
+            event = decode_event(heard_final[-1])
+        except msgspec.DecodeError:
+            return None
+        return await self._opened(event)
+
     async def _last_event(self) -> Event | None:
         """The run's last stored event (a final one with its values read back and opened
         where this client holds the key); None when that does not tell (no such run here, as
@@ -156,8 +195,12 @@ class RunHandle:
             return None
         if found is None:
             return None
-        event = found[0]
-        if not isinstance(event, TERMINAL_EVENTS):  # only its kind counts: nothing to load
+        return await self._opened(found[0])
+
+    async def _opened(self, event: Event) -> Event:
+        """A final event with its values read back and opened where this client holds the
+        key; any other as it is (only its kind counts)."""
+        if not isinstance(event, TERMINAL_EVENTS):
             return event
         conn = self._runs.conn
         events = await load_events(conn, [event], self.run_id)
