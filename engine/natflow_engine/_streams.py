@@ -73,6 +73,7 @@ EVENT_PREFIX: Final = "natflow.event"
 # natflow.stored.<run_id>: a refused append (a fenced worker's) never reaches it, so what a
 # subscriber hears there is history, with no read to confirm it (RunHandle.result).
 STORED_PREFIX: Final = "natflow.stored"
+_STORED_FEED: Final = "stored feed"  # conn.extras: the history stream republishes there
 SCHEDULES_BUCKET: Final = "natflow_schedules"
 TRIGGERS_BUCKET: Final = "natflow_triggers"
 RATES_BUCKET: Final = "natflow_rates"  # flow control: rate limit, singleton, debounce cells
@@ -160,6 +161,13 @@ def stored_subject(run_id: str) -> str:
 
 def _stored_republish() -> api.RePublish:
     return api.RePublish(src=RUN_LEVEL_FILTER, dest=f"{STORED_PREFIX}.{{{{wildcard(1)}}}}")
+
+
+def _republishes_stored(config: api.StreamConfig) -> bool:
+    """Whether the history stream republishes as natflow asks (an operator's own republish
+    is left as it is, and then there is no stored feed)."""
+    ours, given = _stored_republish(), config.republish
+    return given is not None and (given.src, given.dest) == (ours.src, ours.dest)
 
 
 def stored_feed(conn: Connection) -> bool:
@@ -302,12 +310,7 @@ async def ensure_streams(conn: Connection) -> None:
         held = [await _ensure_stream(conn, config) for config in stream_configs()]
         history = next(c for c in held if c.name == HISTORY_STREAM)
         _apply_sync_mode(conn, (history.metadata or {}).get(SYNC_MODE_KEY))
-        ours = _stored_republish()
-        given = history.republish
-        conn.extras[_STORED_FEED] = given is not None and (given.src, given.dest) == (
-            ours.src,
-            ours.dest,
-        )
+        conn.extras[_STORED_FEED] = _republishes_stored(history)
         conn.streams_ready = True
 
 
@@ -323,7 +326,6 @@ async def ensure_streams(conn: Connection) -> None:
 # (run index, lifecycle) batch in every mode: few writers make large batches, and on the
 # 16-core machine, relaxed, turning theirs off too cost 6-11 % of the runs/s.
 SYNC_MODE_KEY: Final = "natflow.sync"
-_STORED_FEED: Final = "stored feed"  # conn.extras: the history stream republishes (stored_feed)
 _SYNC_MODE_UNRECORDED: Final = "sync mode unrecorded"  # conn.extras: the mode last refused
 
 
