@@ -18,7 +18,7 @@ from natflow import Client, Worker, Workflow
 from natflow.testing import Replayer, ReplayResult
 from natflow_engine import _reader
 from natflow_engine._engine import DISPATCHER
-from natflow_engine._streams import HISTORY_STREAM
+from natflow_engine._streams import HISTORY_STREAM, stream_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -137,3 +137,12 @@ def read_requests(monkeypatch: Any) -> list[dict[str, Any]]:
 
     monkeypatch.setattr(_reader.BatchReader, "_ask", counted)
     return sent
+
+
+async def add_older_stream(client: Client, name: str, **settings: Any) -> None:
+    """Create natflow's stream ``name`` as an older natflow did: as today, but with
+    ``settings`` (what it did not have yet)."""
+    config = next(c for c in stream_configs() if c.name == name)
+    for key, value in settings.items():
+        setattr(config, key, value)
+    await client.connection.jsm.add_stream(config)

@@ -12,7 +12,7 @@ from natflow import Client, RunCancelled, RunFailed
 from natflow_engine import HistoryStore, ensure_streams
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
-from natflow_engine._streams import HISTORY_STREAM, stream_configs
+from natflow_engine._streams import HISTORY_STREAM
 from natflow_engine._timers import TIMERS_BUCKET
 from natflow_engine.events import (
     RunContinued,
@@ -22,7 +22,15 @@ from natflow_engine.events import (
     encode_event,
 )
 
-from tests.helpers import count_lines, running_engine, running_worker, spawn_worker, stop, wait_for
+from tests.helpers import (
+    add_older_stream,
+    count_lines,
+    running_engine,
+    running_worker,
+    spawn_worker,
+    stop,
+    wait_for,
+)
 from tests.workflows_continue import (
     COUNTS_ENV,
     WORKFLOWS,
@@ -262,9 +270,7 @@ async def test_an_older_history_stream_is_updated_to_allow_rollups(
     client = await Client.connect(nats_server.url)
     try:
         jsm = client.connection.jsm
-        old = next(c for c in stream_configs() if c.name == HISTORY_STREAM)
-        old.allow_rollup_hdrs = False
-        await jsm.add_stream(old)
+        await add_older_stream(client, HISTORY_STREAM, allow_rollup_hdrs=False)
         await client.connection.js.publish("natflow.history.kept.run", b"{}")
         await ensure_streams(client.connection)
         info = await jsm.stream_info(HISTORY_STREAM)

@@ -18,14 +18,13 @@ from natflow_engine._streams import (
     TASK_STREAM,
     ensure_streams,
     run_level_subject,
-    stream_configs,
     task_subject,
 )
 from natflow_engine._tasks import queued
 from natflow_engine.events import RunClaimed, RunStarted, decode_event, utcnow
 from nats.aio.msg import Msg
 
-from tests.helpers import wait_for
+from tests.helpers import add_older_stream, wait_for
 
 
 def _start(run_id: str) -> RunStarted:
@@ -174,9 +173,7 @@ async def test_an_older_task_stream_is_updated_for_the_lookup(nats_server: Embed
     client = await Client.connect(nats_server.url)
     try:
         conn = client.connection
-        old = next(c for c in stream_configs() if c.name == TASK_STREAM)
-        old.allow_direct = False
-        await conn.jsm.add_stream(old)
+        await add_older_stream(client, TASK_STREAM, allow_direct=False)
         await conn.js.publish(task_subject("default", "w", "kept-1"), b"{}")
         await ensure_streams(conn)
         info = await conn.jsm.stream_info(TASK_STREAM)

@@ -8,8 +8,10 @@ import anyio
 from natflow import Client
 from natflow_engine import HISTORY_STREAM, ensure_streams, stored_feed, stored_subject
 from natflow_engine._server import EmbeddedServer
-from natflow_engine._streams import run_level_subject, stream_configs
+from natflow_engine._streams import run_level_subject
 from nats.aio.msg import Msg
+
+from tests.helpers import add_older_stream
 
 
 async def test_only_what_the_stream_stored_is_heard(client: Client) -> None:
@@ -47,9 +49,7 @@ async def test_an_older_history_stream_gets_the_stored_feed_in_place(
     client = await Client.connect(nats_server.url)
     try:
         conn = client.connection
-        old = next(c for c in stream_configs() if c.name == HISTORY_STREAM)
-        old.republish = None
-        await conn.jsm.add_stream(old)
+        await add_older_stream(client, HISTORY_STREAM, republish=None)
         await conn.js.publish(run_level_subject("kept-1"), b"{}")
         await ensure_streams(conn)
         info = await conn.jsm.stream_info(HISTORY_STREAM)
@@ -71,9 +71,8 @@ async def test_a_history_stream_that_republishes_elsewhere_is_left_as_it_is(
     client = await Client.connect(nats_server.url)
     try:
         conn = client.connection
-        theirs = next(c for c in stream_configs() if c.name == HISTORY_STREAM)
-        theirs.republish = api.RePublish(src="natflow.history.>", dest="audit.>")
-        await conn.jsm.add_stream(theirs)
+        theirs = api.RePublish(src="natflow.history.>", dest="audit.>")
+        await add_older_stream(client, HISTORY_STREAM, republish=theirs)
         await ensure_streams(conn)
         info = await conn.jsm.stream_info(HISTORY_STREAM)
         assert info.config.republish is not None
