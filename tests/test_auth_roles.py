@@ -27,7 +27,7 @@ from natflow import (
     WorkflowContext,
     workflow,
 )
-from natflow_engine import HISTORY_STREAM, record_sync_mode
+from natflow_engine import HISTORY_STREAM, record_sync_mode, stored_feed
 from natflow_engine._append_batch import appender
 from natflow_engine._auth import permissions_conf, role_permissions
 from natflow_engine._history import HistoryStore
@@ -451,3 +451,39 @@ async def test_a_role_that_may_not_update_streams_cannot_record_the_sync_mode_an
     client, viewer = deployment["client"], deployment["viewer"]
     await client.start(guarded, 5, run_id="roles-sync")
     await wait_for(lambda: _status_is(viewer, "roles-sync", "waiting"), timeout=15, what="waiting")
+
+
+@workflow(name="roles_plain")
+async def roles_plain(ctx: WorkflowContext, x: int) -> int:
+    return x + 1
+
+
+async def test_a_client_refused_the_stored_feed_still_sees_its_runs_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Permissions written before the stored feed (no natflow.stored.*): result() notices
+    the refusal, says once what to grant, and listens on the run's own subject from then on,
+    confirming the end by a read, as before the feed."""
+    caplog.set_level(logging.WARNING, logger="natflow.streams")
+    config = render_ops(OPS_AUTH / "nats.conf", tmp_path / "auth")
+    granted = config.parent / "permissions.conf"
+    lines = granted.read_text().splitlines(keepends=True)
+    granted.write_text("".join(line for line in lines if '"natflow.stored.*"' not in line))
+    server = EmbeddedServer(config, store_dir=tmp_path / "auth-log")
+    server.start()
+    try:
+        async with running_engine(server.url, **creds("engine")):
+            worker, client = await connect_as(server, "worker"), await connect_as(server, "client")
+            try:
+                async with running_worker(worker, [roles_plain]):
+                    for n in (1, 2):
+                        handle = await client.start(roles_plain, n, run_id=f"feedless-{n}")
+                        assert await handle.result(timeout=15) == n + 1
+                        assert not stored_feed(client.connection)
+            finally:
+                await worker.close()
+                await client.close()
+    finally:
+        server.stop()
+    said = [r for r in caplog.records if "may not subscribe to natflow.stored" in r.getMessage()]
+    assert len(said) == 1

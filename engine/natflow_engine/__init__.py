@@ -170,6 +170,7 @@ from ._streams import (
     run_level_subject,
     runs_subject,
     stored_feed,
+    stored_feed_refused,
     stored_subject,
 )
 from ._tasks import DEFAULT_ACK_WAIT, Task, TaskPuller, decode_task, enqueue, ensure_consumer
@@ -396,6 +397,7 @@ __all__ = [
     "store_value",
     "stored_at",
     "stored_feed",
+    "stored_feed_refused",
     "stored_subject",
     "take_debounced_input",
     "to_seconds",

@@ -176,6 +176,19 @@ def stored_feed(conn: Connection) -> bool:
     return conn.extras.get(_STORED_FEED) is True
 
 
+def stored_feed_refused(conn: Connection) -> None:
+    """The server refused this connection a subscription to the stored feed (permissions
+    written before it): from now on its calls listen on run-level subjects. Said once."""
+    if conn.extras.get(_STORED_FEED) is True:
+        log.warning(
+            "this connection may not subscribe to %s.*, where nats-server republishes each "
+            "stored run-level event: result() now reads history to confirm each run's end; "
+            "grant the subscription (docs/security.md, ops/auth/permissions.conf)",
+            STORED_PREFIX,
+        )
+    conn.extras[_STORED_FEED] = False
+
+
 def signal_subject(run_id: str, name: str) -> str:
     """Where signal ``name`` to the run is published; control requests (``$cancel``,
     ``$terminate``, ``$pause``, ``$resume``) go to ``natflow.signal.<run_id>.$control.<kind>``."""

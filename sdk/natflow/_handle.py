@@ -11,6 +11,7 @@ from a running run at all, it looks again.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +22,7 @@ from natflow_engine import (
     InvalidInput,
     MissingKey,
     NatflowError,
+    PermissionDenied,
     RunCancelled,
     RunFailed,
     RunInfo,
@@ -32,6 +34,7 @@ from natflow_engine import (
     run_level_subject,
     sealed_key,
     stored_feed,
+    stored_feed_refused,
     stored_subject,
     to_seconds,
 )
@@ -98,7 +101,8 @@ class RunHandle:
         the run's stored events, so it costs nothing while the run is busy.
         """
         seconds = None if timeout is None else to_seconds("timeout", timeout)
-        nc = self._runs.conn.nc
+        conn = self._runs.conn
+        nc = conn.nc
         stored = await self._stored_feed()
         # On the stored feed a final event heard is the outcome: nats-server republishes an
         # event only once stored. The run-level subject itself (a stream that does not
@@ -127,6 +131,12 @@ class RunHandle:
             with anyio.fail_after(seconds):
                 recheck, settling, unheard = 0.0, False, _UNHEARD_FIRST
                 while True:
+                    if stored and conn.denied(subject):
+                        # Permissions written before the stored feed: the run's own subject.
+                        stored_feed_refused(conn)
+                        stored = False
+                        subject = run_level_subject(self.run_id)
+                        subs.append(await nc.subscribe(subject, cb=on_event))
                     # The run's last stored event (one message) tells whether it has ended,
                     # and how; only where it does not tell is the run described.
                     last = await self._heard(heard_final)
@@ -156,12 +166,22 @@ class RunHandle:
                         # site's run at a hub (its history is at the site).
                         recheck, settling = (1.0 if site else _SAFETY_NET), False
                     with anyio.move_on_after(recheck):
-                        await woken.wait()
+                        await self._woken(woken, subject if stored else None)
         except TimeoutError:
             raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
         finally:
             for sub in subs:
                 await sub.unsubscribe()
+
+    async def _woken(self, woken: anyio.Event, feed: str | None) -> None:
+        """Wait for ``woken``; on the stored ``feed``, also for the server to refuse this
+        connection a subscription to it (then at once: the caller changes subjects)."""
+        conn = self._runs.conn
+        if feed is None:
+            await woken.wait()
+        elif not conn.denied(feed):  # refused already (while this looked at the run)?
+            with contextlib.suppress(PermissionDenied):  # refused now
+                await conn.guarded(feed, woken.wait())
 
     async def _stored_feed(self) -> bool:
         """Whether the history stream republishes stored run-level events (as the streams
