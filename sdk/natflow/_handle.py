@@ -131,8 +131,9 @@ class RunHandle:
             with anyio.fail_after(seconds):
                 recheck, settling, unheard = 0.0, False, _UNHEARD_FIRST
                 while True:
-                    if stored and conn.denied(subject):
-                        # Permissions written before the stored feed: the run's own subject.
+                    if stored and (conn.denied(subject) or not stored_feed(conn)):
+                        # Permissions written before the stored feed (seen for this run, or
+                        # for another on this connection): the run's own subject.
                         stored_feed_refused(conn)
                         stored = False
                         subject = run_level_subject(self.run_id)
