@@ -26,7 +26,7 @@ from ._registry import WorkerInfo, list_workers
 from ._runs import Runs
 from ._sealing import sealed_key
 from ._state import RUN_STATUSES, RunInfo, StepInfo, fold_steps
-from ._streams import history_subject
+from ._streams import history_subject, run_level_subject, stored_feed, stored_subject
 from .events import ChildCompleted, ChildFailed, ChildStarted, Event, RunStarted
 
 START_WORKER_HINT = "start one with `natflow worker MODULE`; `natflow workers` lists what is served"
@@ -206,13 +206,26 @@ async def _recorded_input(runs: Runs, run_id: str) -> Any:
     return _same(first.input) if isinstance(first, RunStarted) else None
 
 
-async def _wait_and_show(conn: Connection, runs: Runs, run_id: str, as_json: bool) -> int:
-    """Wait for the run to close; on a terminal, say what it is doing whenever that changes."""
-    progress = sys.stderr.isatty() and not as_json
+async def _wait_and_show(
+    conn: Connection, runs: Runs, run_id: str, as_json: bool, *, progress: bool | None = None
+) -> int:
+    """Wait for the run to close; on a terminal, say what it is doing whenever that changes.
+
+    Each look describes the run, a read of its whole history: so it looks when a run-level
+    event (a claim, a wait, the end) is heard, or, showing progress, at a step's too, then
+    once for all the events that came meanwhile, never once per event of a long run."""
+    if progress is None:
+        progress = sys.stderr.isatty() and not as_json
     began, shown = time.monotonic(), ""
-    sub = await conn.nc.subscribe(history_subject(run_id))
+    if progress:
+        heard = history_subject(run_id)
+    else:  # the stored feed where known: what is heard there is readable
+        heard = stored_subject(run_id) if stored_feed(conn) else run_level_subject(run_id)
+    sub = await conn.nc.subscribe(heard)
     try:
         while True:
+            while sub.pending_msgs:  # heard while the last look was made: it saw them
+                await sub.next_msg()
             info = await runs.describe(run_id)
             if info.is_closed:
                 await _show(conn, runs, info, as_json)
