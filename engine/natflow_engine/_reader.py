@@ -19,6 +19,7 @@ from ._connection import Connection, NoResponders
 from ._errors import NatflowError, ServerUnavailable
 
 BATCH: Final = 4096
+LAST_PER_REQUEST: Final = 256  # subjects per multi-last request (the server refuses > 1024)
 _TIMEOUT: Final = 5.0
 
 
@@ -83,6 +84,18 @@ class BatchReader:
             return Page()
         request = {"multi_last": subjects, "batch": batch or len(subjects)}
         return await self._request(stream, request)
+
+    async def read_last_each(
+        self, stream: str, subjects: list[str], per_subject: int = 1
+    ) -> list[Msg]:
+        """The last message of each subject that has one, however many subjects: up to
+        :data:`LAST_PER_REQUEST` a request. ``per_subject``: how many may come back for each
+        (more than one where a subject is a wildcard)."""
+        found: list[Msg] = []
+        for at in range(0, len(subjects), LAST_PER_REQUEST):
+            chunk = subjects[at : at + LAST_PER_REQUEST]
+            found += (await self.read_last(stream, chunk, per_subject * len(chunk))).messages
+        return found
 
     async def get(self, stream: str, seq: int) -> Msg | None:
         """The message at stream sequence ``seq``, headers included (``Nats-Subject``), or

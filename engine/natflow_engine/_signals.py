@@ -488,27 +488,22 @@ class SignalIntake:
 _WINDOW: Final = 16_384
 _BATCH: Final = 1024  # signals looked at together
 _DEAD_LETTER_CHUNK: Final = 256  # dead letters published together
-_LOOKUP_CHUNK: Final = 256  # runs looked up per request
 
 
 async def last_events(conn: Connection, run_ids: list[str]) -> dict[str, bytes]:
     """The last history event (encoded) of each run that exists, in as few requests as the
     number of runs allows (multi-last direct gets)."""
-    found: dict[str, bytes] = {}
-    for at in range(0, len(run_ids), _LOOKUP_CHUNK):
-        chunk = run_ids[at : at + _LOOKUP_CHUNK]
-        subjects = [history_subject(r) for r in chunk]
-        # The last message of each of a run's two subjects: the run's last is the later one.
-        page = await reader(conn).read_last(HISTORY_STREAM, subjects, batch=2 * len(chunk))
-        newest: dict[str, tuple[int, bytes]] = {}
-        for msg in page.messages:
-            headers = msg.headers or {}
-            run_id = run_id_of(headers.get("Nats-Subject", ""))
-            seq = int(headers.get("Nats-Sequence", "0"))
-            if seq >= newest.get(run_id, (0, b""))[0]:
-                newest[run_id] = (seq, msg.data)
-        found.update((run_id, data) for run_id, (_, data) in newest.items())
-    return found
+    subjects = [history_subject(r) for r in run_ids]
+    # The last message of each of a run's two subjects: the run's last is the later one.
+    msgs = await reader(conn).read_last_each(HISTORY_STREAM, subjects, per_subject=2)
+    newest: dict[str, tuple[int, bytes]] = {}
+    for msg in msgs:
+        headers = msg.headers or {}
+        run_id = run_id_of(headers.get("Nats-Subject", ""))
+        seq = int(headers.get("Nats-Sequence", "0"))
+        if seq >= newest.get(run_id, (0, b""))[0]:
+            newest[run_id] = (seq, msg.data)
+    return {run_id: data for run_id, (_, data) in newest.items()}
 
 
 def _undeliverable(last: bytes | None) -> str | None:

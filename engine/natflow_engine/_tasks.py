@@ -25,7 +25,6 @@ from ._streams import TASK_PREFIX, TASK_STREAM, queue_consumer, task_subject, wo
 log = logging.getLogger("natflow.tasks")
 
 DEFAULT_ACK_WAIT: Final = 15.0
-_LOOKUP_CHUNK: Final = 256  # task subjects looked up per request (the server takes 1024)
 
 
 class Task(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,13 +76,9 @@ async def queued(conn: Connection, tasks: Sequence[tuple[str, str, str]]) -> set
     flight: looked up together, up to 256 runs a request (multi-last direct gets), where an
     enqueue attempt would cost a request for each."""
     subjects = [task_subject(queue, workflow, run_id) for queue, workflow, run_id in tasks]
-    found: set[str] = set()
-    for at in range(0, len(subjects), _LOOKUP_CHUNK):
-        page = await reader(conn).read_last(TASK_STREAM, subjects[at : at + _LOOKUP_CHUNK])
-        for msg in page.messages:
-            # The run id is the subject's last token: ids never hold a dot (_names).
-            found.add((msg.headers or {}).get("Nats-Subject", "").rsplit(".", 1)[-1])
-    return found
+    found = await reader(conn).read_last_each(TASK_STREAM, subjects)
+    # The run id is the subject's last token: ids never hold a dot (_names).
+    return {(msg.headers or {}).get("Nats-Subject", "").rsplit(".", 1)[-1] for msg in found}
 
 
 def consumer_config(
