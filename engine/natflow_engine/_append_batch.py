@@ -49,7 +49,7 @@ from typing import Final
 
 from ._connection import Connection, JetStreamError, PubAck
 from ._errors import NatflowError
-from ._metrics import APPEND_BATCHES, APPENDS_BATCHED
+from ._metrics import APPEND_BATCHES, APPENDS_BATCHED, labelled
 
 log = logging.getLogger("natflow.batches")
 
@@ -154,8 +154,8 @@ class _Batcher:
             return None
         self.batches += 1
         self.batched += last
-        APPEND_BATCHES.labels(self._stream).inc()
-        APPENDS_BATCHED.labels(self._stream).inc(last)
+        labelled(APPEND_BATCHES, self._stream).inc()
+        labelled(APPENDS_BATCHED, self._stream).inc(last)
         first = ack.seq - last + 1  # a committed batch is stored in one piece, in order
         return [first + at for at in range(last)]
 

@@ -343,7 +343,7 @@ class Engine:
             while True:
                 await anyio.sleep(0.25)
                 due = self._watched.due(self._processed_until, self._idle)
-                for watched in await self._without_task(due) if due else ():
+                for watched in await self._without_task(due):  # none due: no request
                     tg.start_soon(check, watched)
 
     async def _without_task(self, due: list[WatchedStart]) -> list[WatchedStart]:

@@ -403,19 +403,21 @@ async def _upgrade_stream(
 ) -> api.StreamConfig:
     """The stream's configuration, with what a newer natflow added turned on in place where
     this connection may (a republish is added only where the stream has none)."""
-    missing = [f for f in _ADDED_FLAGS if getattr(wanted, f) and not getattr(current, f)]
+    added: dict[str, object] = {
+        f: True for f in _ADDED_FLAGS if getattr(wanted, f) and not getattr(current, f)
+    }
     if wanted.republish is not None and current.republish is None:
-        missing.append("republish")
-    if not missing:
+        added["republish"] = wanted.republish
+    if not added:
         return current
     name = current.name
     assert name is not None
     updated = copy.copy(current)
-    for flag in missing:
-        setattr(updated, flag, wanted.republish if flag == "republish" else True)
+    for setting, value in added.items():
+        setattr(updated, setting, value)
     try:
         info = await conn.admin(f"updating stream {name}", lambda: conn.jsm.update_stream(updated))
-        log.info("stream %s updated in place: %s turned on", name, ", ".join(missing))
+        log.info("stream %s updated in place: %s turned on", name, ", ".join(added))
         return info.config
     except PermissionDenied:
         # A worker or client role may not update streams: the engine (or `natflow init` as
@@ -424,7 +426,7 @@ async def _upgrade_stream(
             "stream %s lacks %s and this connection may not update it; start the engine "
             "(`natflow engine`) or run `natflow init` as a user with the engine role",
             name,
-            ", ".join(missing),
+            ", ".join(added),
         )
         return current
 
