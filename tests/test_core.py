@@ -401,29 +401,39 @@ async def test_list_rejects_an_unknown_status_and_a_limit_below_one(client: Clie
     assert await client.list(status="terminated") == []
 
 
-async def test_result_is_what_history_holds_not_what_the_subject_carried(client: Client) -> None:
+@pytest.mark.anyio
+@pytest.mark.parametrize("feed", ["stored", "subject"])
+async def test_result_is_what_history_holds_not_what_the_subject_carried(
+    client: Client, feed: str
+) -> None:
     """A final event that the stream refused (here: a stale writer's, fenced by the expected
     last sequence) still reaches plain subscribers of the run's subject; result() must not
-    take it for the run's outcome."""
+    take it for the run's outcome, on the stored feed (never republished) or, without it, on
+    the run's subject (read back from history)."""
     from natflow_engine import run_level_subject
     from natflow_engine.events import RunCompleted, encode_event, utcnow
 
-    handle = await client.start("nobody_serves_this", {"x": 1}, run_id="fenced-1")
+    await ensure_streams(client.connection)
+    if feed == "subject":
+        _without_stored_feed(client)
+    run_id = f"fenced-{feed}"
+    handle = await client.start("nobody_serves_this", {"x": 1}, run_id=run_id)
     forged = RunCompleted(id="forged", at=utcnow(), result=msgspec.Raw(b'"not recorded"'))
     stale = {"Nats-Expected-Last-Subject-Sequence": "999999"}
+    nc = client.connection.nc
+    subscriptions = len(nc._subs)
 
     async def publish_stale_completion() -> None:
-        await anyio.sleep(0.2)  # result() is subscribed by then
-        await client.connection.nc.publish(
-            run_level_subject("fenced-1"), encode_event(forged), headers=stale
-        )
+        await wait_for(lambda: _true(len(nc._subs) > subscriptions), what="result() to listen")
+        await nc.flush()  # the server has the subscription: the forged event reaches it
+        await nc.publish(run_level_subject(run_id), encode_event(forged), headers=stale)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(publish_stale_completion)
         with pytest.raises(TimeoutError):
             await handle.result(timeout=1.5)
     assert (await handle.status()).status == "pending"
-    assert len(await client.history("fenced-1")) == 1  # the stream kept only the start
+    assert len(await client.history(run_id)) == 1  # the stream kept only the start
 
 
 @workflow
