@@ -59,3 +59,20 @@ async def test_a_batch_cut_short_is_followed_to_the_end(
     assert len(sent) == 4, sent  # the start; its 9 steps in 4 + 4 + 1
     last = await store.last("cut-short")
     assert last is not None and history.last_seq == last[1]
+
+
+async def test_a_batch_cut_by_its_bytes_is_followed_to_the_end(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each request asks for at most ``MAX_BYTES``: a history bigger than that is read in
+    several requests, none of which could swamp the shared reply subscription."""
+    await ensure_streams(client.connection)
+    store = HistoryStore(client.connection)
+    await _write(store, "by-bytes", 9)
+    monkeypatch.setattr(_reader, "MAX_BYTES", 700)  # about three step events a request
+    sent = read_requests(monkeypatch)
+    history = await store.read("by-bytes")
+    assert [e.id for e in history.events] == [f"by-bytes:{n}" for n in range(1, 11)]
+    steps = [r for r in sent if r.get("next_by_subj", "").endswith(".step")]
+    assert len(steps) >= 3, sent
+    assert all(r["max_bytes"] == 700 for r in sent if "next_by_subj" in r)

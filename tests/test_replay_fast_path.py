@@ -99,3 +99,73 @@ def test_parallel_branches_replay_in_history_order() -> None:
         assert state.root.result() == [0, 4, 8]
     finally:
         state.close()
+
+
+class Point(msgspec.Struct):
+    x: int
+
+
+def point(x: int) -> Point:
+    return Point(x)
+
+
+@workflow(name="fast_points")
+async def fast_points(ctx: WorkflowContext, n: int) -> list[Point]:
+    return [await ctx.step("p", point, i) for i in range(n)]
+
+
+def test_a_sequential_replay_keeps_no_command_per_step() -> None:
+    """A long replay builds nothing per recorded step beyond its value (a 10,000-step run
+    once kept 10,000 commands, with their arguments, for the run's life)."""
+    n = 50
+    state = WorkflowState(
+        fast_chain, history("fast_chain", n, [(i + 1, "s", 2 * i) for i in range(n)])
+    )
+    state.begin()
+    try:
+        assert state.root is not None and state.root.result() == [2 * i for i in range(n)]
+        assert [state.command(i + 1) for i in range(n)] == [None] * n
+    finally:
+        state.close()
+
+
+def test_replayed_results_decode_as_annotated_or_as_plain_json() -> None:
+    now = utcnow()
+    events: list[Event] = [
+        RunStarted(id="r:1", at=now, workflow="fast_points", queue="q", input=msgspec.Raw(b"2")),
+        RunClaimed(id="r:2", at=now, worker="w"),
+    ]
+    # The first result fits the step's annotation; the second, recorded by older code,
+    # no longer does and reads back as the JSON it is.
+    for seq, raw in ((1, b'{"x":7}'), (2, b'{"y":1}')):
+        events.append(
+            StepCompleted(
+                id=f"r:{seq + 2}",
+                at=now,
+                seq=seq,
+                name="p",
+                occurrence=seq,
+                started_at=now,
+                result=msgspec.Raw(raw),
+            )
+        )
+    state = WorkflowState(fast_points, History("r", events, len(events)))
+    state.begin()
+    try:
+        assert state.block is None, state.block
+        assert state.root is not None and state.root.result() == [Point(7), {"y": 1}]
+    finally:
+        state.close()
+
+
+def test_a_renamed_step_in_a_sequential_replay_is_a_divergence() -> None:
+    n = 3
+    steps = [(1, "s", 0), (2, "renamed", 2), (3, "s", 4)]
+    state = WorkflowState(fast_chain, history("fast_chain", n, steps))
+    state.begin()
+    try:
+        assert state.block is not None
+        assert state.block.position == 2
+        assert "renamed" in str(state.block)
+    finally:
+        state.close()

@@ -18,7 +18,13 @@ from nats.aio.msg import Msg
 from ._connection import Connection, NoResponders
 from ._errors import NatflowError, ServerUnavailable
 
-BATCH: Final = 4096
+# One request reads a history of 10,000 small events whole: the server answers it as one
+# isolated read (no write lands between its messages), and each further request costs a
+# round trip and a count of the subject's messages. Bytes bound a request instead: every read
+# shares one reply subscription, whose pending bytes nats-py caps at 128 MiB (more would be
+# dropped, not waited for), and the server's own cap is its max_pending (64 MiB).
+BATCH: Final = 16384
+MAX_BYTES: Final = 8 * 1024 * 1024
 LAST_PER_REQUEST: Final = 256  # subjects per multi-last request (the server refuses > 1024)
 _TIMEOUT: Final = 5.0
 
@@ -115,7 +121,7 @@ class BatchReader:
         headers: bool = False,
     ) -> Page:
         """One batch of up to ``batch`` messages from ``start`` on."""
-        request: dict[str, object] = {"seq": max(1, start), "batch": batch}
+        request: dict[str, object] = {"seq": max(1, start), "batch": batch, "max_bytes": MAX_BYTES}
         if subject is not None:
             request["next_by_subj"] = subject
         if not headers:
