@@ -170,6 +170,7 @@ from ._streams import (
     run_level_subject,
     runs_subject,
     stored_feed,
+    stored_feed_listeners,
     stored_feed_refused,
     stored_subject,
 )
@@ -397,6 +398,7 @@ __all__ = [
     "store_value",
     "stored_at",
     "stored_feed",
+    "stored_feed_listeners",
     "stored_feed_refused",
     "stored_subject",
     "take_debounced_input",

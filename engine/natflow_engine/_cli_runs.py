@@ -26,7 +26,13 @@ from ._registry import WorkerInfo, list_workers
 from ._runs import Runs
 from ._sealing import sealed_key
 from ._state import RUN_STATUSES, RunInfo, StepInfo, fold_steps
-from ._streams import history_subject, run_level_subject, stored_feed, stored_subject
+from ._streams import (
+    history_subject,
+    run_level_subject,
+    stored_feed,
+    stored_feed_refused,
+    stored_subject,
+)
 from .events import ChildCompleted, ChildFailed, ChildStarted, Event, RunStarted
 
 START_WORKER_HINT = "start one with `natflow worker MODULE`; `natflow workers` lists what is served"
@@ -221,9 +227,18 @@ async def _wait_and_show(
         heard = history_subject(run_id)
     else:  # the stored feed where known: what is heard there is readable
         heard = stored_subject(run_id) if stored_feed(conn) else run_level_subject(run_id)
+    feed = heard if heard == stored_subject(run_id) else None
+
+    def refused() -> bool:  # the stored feed, by permissions written before it
+        return feed is not None and (conn.denied(feed) is not None or not stored_feed(conn))
+
     sub = await conn.nc.subscribe(heard)
     try:
         while True:
+            if refused():  # listen on the run's own subject instead
+                stored_feed_refused(conn)
+                await sub.unsubscribe()
+                feed, sub = None, await conn.nc.subscribe(run_level_subject(run_id))
             while sub.pending_msgs:  # heard while the last look was made: it saw them
                 await sub.next_msg()
             info = await runs.describe(run_id)
@@ -240,10 +255,13 @@ async def _wait_and_show(
                     elapsed = duration(time.monotonic() - began)
                     print(f"  {elapsed:>8}  {doing}", file=sys.stderr, flush=True)
                     shown = doing
+            if refused():
+                continue  # while it looked: change subjects, then look again
             try:
-                await sub.next_msg(timeout=5 if progress else 30)
+                heard_next = sub.next_msg(timeout=5 if progress else 30)
+                await (heard_next if feed is None else conn.guarded(feed, heard_next))
             except Exception:  # timeout: re-read in case an event slipped by a reconnect
-                continue
+                continue  # or refused the feed: the loop changes subjects
     finally:
         await sub.unsubscribe()
 

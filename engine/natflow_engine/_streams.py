@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Final
 
 import nats.js.errors
@@ -76,6 +77,7 @@ EVENT_PREFIX: Final = "natflow.event"
 # subscriber hears there is history, with no read to confirm it (RunHandle.result).
 STORED_PREFIX: Final = "natflow.stored"
 _STORED_FEED: Final = "stored feed"  # conn.extras: the history stream republishes there
+_STORED_LISTENERS: Final = "stored feed listeners"  # conn.extras: woken when it is refused
 SCHEDULES_BUCKET: Final = "natflow_schedules"
 TRIGGERS_BUCKET: Final = "natflow_triggers"
 RATES_BUCKET: Final = "natflow_rates"  # flow control: rate limit, singleton, debounce cells
@@ -189,6 +191,19 @@ def stored_feed_refused(conn: Connection) -> None:
             STORED_PREFIX,
         )
     conn.extras[_STORED_FEED] = False
+    for wake in list(stored_feed_listeners(conn)):
+        wake()
+
+
+def stored_feed_listeners(conn: Connection) -> set[Callable[[], None]]:
+    """The calls listening on this connection's stored feed, each a callback that wakes one:
+    :func:`stored_feed_refused` wakes them all. A burst of calls that subscribed at once is
+    refused at once, before any of them waits, and the connection remembers only its last
+    20 refusals: a call whose own refusal it forgot learns of it this way."""
+    listeners = conn.extras.get(_STORED_LISTENERS)
+    if not isinstance(listeners, set):
+        listeners = conn.extras[_STORED_LISTENERS] = set()
+    return listeners
 
 
 def signal_subject(run_id: str, name: str) -> str:

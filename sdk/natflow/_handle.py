@@ -34,6 +34,7 @@ from natflow_engine import (
     run_level_subject,
     sealed_key,
     stored_feed,
+    stored_feed_listeners,
     stored_feed_refused,
     stored_subject,
     to_seconds,
@@ -126,6 +127,12 @@ class RunHandle:
 
         # Final events are run-level: the run's step events never reach this subscription.
         subject = stored_subject(self.run_id) if stored else run_level_subject(self.run_id)
+
+        def refused() -> None:  # the connection was refused the stored feed: change subjects
+            woken.set()
+
+        listeners = stored_feed_listeners(conn)
+        listeners.add(refused)
         subs = [await nc.subscribe(subject, cb=on_event)]
         try:
             with anyio.fail_after(seconds):
@@ -136,6 +143,7 @@ class RunHandle:
                         # for another on this connection): the run's own subject.
                         stored_feed_refused(conn)
                         stored = False
+                        woken = anyio.Event()  # set by the refusal: nothing was heard there
                         subject = run_level_subject(self.run_id)
                         subs.append(await nc.subscribe(subject, cb=on_event))
                     # The run's last stored event (one message) tells whether it has ended,
@@ -171,6 +179,7 @@ class RunHandle:
         except TimeoutError:
             raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
         finally:
+            listeners.discard(refused)
             for sub in subs:
                 await sub.unsubscribe()
 
@@ -180,7 +189,7 @@ class RunHandle:
         conn = self._runs.conn
         if feed is None:
             await woken.wait()
-        elif not conn.denied(feed):  # refused already (while this looked at the run)?
+        elif stored_feed(conn) and not conn.denied(feed):  # refused already (meanwhile)?
             with contextlib.suppress(PermissionDenied):  # refused now
                 await conn.guarded(feed, woken.wait())
 
