@@ -6,6 +6,7 @@ raised as ``PermissionDenied`` naming the subject.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
@@ -459,13 +460,10 @@ async def roles_plain(ctx: WorkflowContext, x: int) -> int:
     return x + 1
 
 
-async def test_a_client_refused_the_stored_feed_still_sees_its_runs_end(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Permissions written before the stored feed (no natflow.stored.*): result() notices
-    the refusal, says once what to grant, and listens on the run's own subject from then on,
-    confirming the end by a read, as before the feed."""
-    caplog.set_level(logging.WARNING, logger="natflow.streams")
+@contextlib.asynccontextmanager
+async def feedless(tmp_path: Path) -> AsyncIterator[tuple[Client, Client]]:
+    """A server whose permissions were written before the stored feed (no natflow.stored.*),
+    its engine, and a worker and a client connected in their roles."""
     config = render_ops(OPS_AUTH / "nats.conf", tmp_path / "auth")
     granted = config.parent / "permissions.conf"
     lines = granted.read_text().splitlines(keepends=True)
@@ -476,16 +474,26 @@ async def test_a_client_refused_the_stored_feed_still_sees_its_runs_end(
         async with running_engine(server.url, **creds("engine")):
             worker, client = await connect_as(server, "worker"), await connect_as(server, "client")
             try:
-                async with running_worker(worker, [roles_plain]):
-                    for n in (1, 2):
-                        handle = await client.start(roles_plain, n, run_id=f"feedless-{n}")
-                        assert await handle.result(timeout=15) == n + 1
-                        assert not stored_feed(client.connection)
+                yield worker, client
             finally:
                 await worker.close()
                 await client.close()
     finally:
         server.stop()
+
+
+async def test_a_client_refused_the_stored_feed_still_sees_its_runs_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Permissions written before the stored feed (no natflow.stored.*): result() notices
+    the refusal, says once what to grant, and listens on the run's own subject from then on,
+    confirming the end by a read, as before the feed."""
+    caplog.set_level(logging.WARNING, logger="natflow.streams")
+    async with feedless(tmp_path) as (worker, client), running_worker(worker, [roles_plain]):
+        for n in (1, 2):
+            handle = await client.start(roles_plain, n, run_id=f"feedless-{n}")
+            assert await handle.result(timeout=15) == n + 1
+            assert not stored_feed(client.connection)
     said = [r for r in caplog.records if "may not subscribe to natflow.stored" in r.getMessage()]
     assert len(said) == 1
 
@@ -495,36 +503,22 @@ async def test_runs_wait_refused_the_stored_feed_sees_the_run_end(
 ) -> None:
     """`natflow runs wait` on a connection refused the stored feed listens on the run's own
     subject instead (it waited for its 30 s re-read, hearing nothing)."""
-    config = render_ops(OPS_AUTH / "nats.conf", tmp_path / "auth")
-    granted = config.parent / "permissions.conf"
-    lines = granted.read_text().splitlines(keepends=True)
-    granted.write_text("".join(line for line in lines if '"natflow.stored.*"' not in line))
-    server = EmbeddedServer(config, store_dir=tmp_path / "auth-log")
-    server.start()
-    try:
-        async with running_engine(server.url, **creds("engine")):
-            worker, client = await connect_as(server, "worker"), await connect_as(server, "client")
-            try:
-                await client.start(roles_plain, 4, run_id="wait-feedless")
-                conn = client.connection
-                code: list[int] = []
+    async with feedless(tmp_path) as (worker, client):
+        await client.start(roles_plain, 4, run_id="wait-feedless")
+        conn = client.connection
+        code: list[int] = []
 
-                async def wait() -> None:
-                    code.append(await _wait_and_show(conn, Runs(conn), "wait-feedless", True))
+        async def wait() -> None:
+            code.append(await _wait_and_show(conn, Runs(conn), "wait-feedless", True))
 
-                with anyio.fail_after(12):
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(wait)
-                        await wait_for(lambda: _refused(client), what="the refusal")
-                        async with running_worker(worker, [roles_plain]):
-                            await wait_for(lambda: _done(code), what="the wait")
-                assert code == [0]
-                assert '"completed"' in capsys.readouterr().out
-            finally:
-                await worker.close()
-                await client.close()
-    finally:
-        server.stop()
+        with anyio.fail_after(12):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await wait_for(lambda: _refused(client), what="the refusal")
+                async with running_worker(worker, [roles_plain]):
+                    await wait_for(lambda: _done(code), what="the wait")
+        assert code == [0]
+        assert '"completed"' in capsys.readouterr().out
 
 
 async def _refused(client: Client) -> bool:
@@ -542,38 +536,21 @@ async def test_a_burst_of_result_calls_refused_the_stored_feed_all_see_their_run
     the server's forty refusals arrive before any call waits, more than the connection
     remembers (20). Each call still moves to its run's own subject as soon as one of them
     notices, instead of waiting for its 30 s safety net."""
-    config = render_ops(OPS_AUTH / "nats.conf", tmp_path / "auth")
-    granted = config.parent / "permissions.conf"
-    lines = granted.read_text().splitlines(keepends=True)
-    granted.write_text("".join(line for line in lines if '"natflow.stored.*"' not in line))
-    server = EmbeddedServer(config, store_dir=tmp_path / "auth-log")
-    server.start()
-    try:
-        async with running_engine(server.url, **creds("engine")):
-            worker, client = await connect_as(server, "worker"), await connect_as(server, "client")
-            try:
-                handles = [
-                    await client.start(roles_plain, n, run_id=f"burst-{n}") for n in range(40)
-                ]
-                results: dict[int, int] = {}
+    async with feedless(tmp_path) as (worker, client):
+        handles = [await client.start(roles_plain, n, run_id=f"burst-{n}") for n in range(40)]
+        results: dict[int, int] = {}
 
-                async def wait(n: int) -> None:
-                    results[n] = await handles[n].result(timeout=12)
+        async def wait(n: int) -> None:
+            results[n] = await handles[n].result(timeout=12)
 
-                async with anyio.create_task_group() as tg:
-                    for n in range(40):
-                        tg.start_soon(wait, n)
-                    # No worker until every call has subscribed: none can end early.
-                    async with running_worker(worker, [roles_plain]):
+        async def all_ended() -> bool:
+            return len(results) == 40
 
-                        async def all_ended() -> bool:
-                            return len(results) == 40
-
-                        await wait_for(all_ended, timeout=14, what="every result")
-                assert results == {n: n + 1 for n in range(40)}
-                assert not stored_feed(client.connection)
-            finally:
-                await worker.close()
-                await client.close()
-    finally:
-        server.stop()
+        async with anyio.create_task_group() as tg:
+            for n in range(40):
+                tg.start_soon(wait, n)
+            # No worker until every call has subscribed: none can end early.
+            async with running_worker(worker, [roles_plain]):
+                await wait_for(all_ended, timeout=14, what="every result")
+        assert results == {n: n + 1 for n in range(40)}
+        assert not stored_feed(client.connection)
