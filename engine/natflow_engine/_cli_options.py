@@ -12,13 +12,14 @@ import signal
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
 from ._errors import NatflowError
 
 log = logging.getLogger("natflow.cli")
+T = TypeVar("T")
 
 
 def connect_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,6 +85,32 @@ def add_metrics_options(
             "http://127.0.0.1:8222): the engine exports JetStream stream usage and limits "
             "from its /jsz (env NATFLOW_NATS_MONITOR; natflow dev: its own server's)",
         )
+
+
+async def until_interrupted(wait: Awaitable[T]) -> T:
+    """``wait``'s outcome, or KeyboardInterrupt at the first SIGINT (Ctrl-C).
+
+    asyncio.run's own SIGINT handling cancels the main task once, and Python 3.11's
+    ``asyncio.wait_for`` (inside nats-py's requests and ``next_msg``) loses a cancellation
+    that lands as the call it waits on completes: the command then waited on, deaf to the
+    Ctrl-C. A cancel scope cancels again until ``wait`` has stopped."""
+    interrupted = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal interrupted
+            with anyio.open_signal_receiver(signal.SIGINT) as signals:
+                async for _ in signals:
+                    interrupted = True
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        outcome = await wait
+        tg.cancel_scope.cancel()
+    if interrupted:
+        raise KeyboardInterrupt
+    return outcome
 
 
 async def until_signalled(main: Callable[[], Awaitable[None]]) -> None:

@@ -13,6 +13,7 @@ import msgspec
 
 from ._cli_bind import Opener, with_connection
 from ._cli_format import print_json, read_json_argument, table
+from ._cli_options import until_interrupted
 from ._cli_schedules import describe_trigger
 from ._cli_sites import print_site_run
 from ._connection import Connection
@@ -157,7 +158,7 @@ async def cmd_start(conn: Connection, args: argparse.Namespace) -> int:
                 print("  it keeps its recorded input; the --input given now was not used")
     if args.wait:
         args.waiting_for = run_id
-        return await _wait_and_show(conn, runs, run_id, args.json)
+        return await until_interrupted(_wait_and_show(conn, runs, run_id, args.json))
     if args.json:
         print_json({"run_id": run_id, "created": created})
     return 0
@@ -283,7 +284,7 @@ async def cmd_runs(conn: Connection, args: argparse.Namespace) -> int:
         return await _list(conn, args)
     if args.runs_command == "wait":
         args.waiting_for = args.run_id
-        return await _wait_and_show(conn, runs, args.run_id, args.json)
+        return await until_interrupted(_wait_and_show(conn, runs, args.run_id, args.json))
     if args.runs_command == "history":
         events = await runs.events(args.run_id)
         if args.json:
