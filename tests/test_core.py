@@ -464,8 +464,10 @@ async def test_result_looks_again_soon_when_the_final_event_is_not_readable_yet(
     runs = client._runs
     real_last = runs.history.last
     stale: list[object] = []
+    looks: list[str] = []
 
     async def last(run_id: str) -> Any:
+        looks.append(run_id)
         found = await real_last(run_id)
         if found is not None and isinstance(found[0], TERMINAL_EVENTS) and len(stale) < 2:
             stale.append(found[0])  # the reads right after: lagging, one event behind
@@ -476,10 +478,12 @@ async def test_result_looks_again_soon_when_the_final_event_is_not_readable_yet(
     async with running_worker(client, [done_when_told]):
         handle = await client.start(done_when_told, run_id="lagging-1")
         await wait_for(lambda: _waiting(client, "lagging-1"), what="the run to wait for its signal")
+        before = len(looks)
         async with anyio.create_task_group() as tg:
 
             async def tell() -> None:
-                await anyio.sleep(0.3)  # result() has subscribed and read by then
+                # result() subscribes before its first look: the run ends after both.
+                await wait_for(lambda: _true(len(looks) > before), what="result() to look")
                 await client.signal("lagging-1", "go", "now")
 
             tg.start_soon(tell)
