@@ -7,11 +7,18 @@ import asyncio
 
 import msgspec
 import pytest
-from natflow import WorkflowContext, workflow
+from natflow import StepError, WorkflowContext, workflow
 from natflow._loop import WorkflowLoop
 from natflow._replay import WorkflowState
-from natflow_engine import History
-from natflow_engine.events import Event, RunClaimed, RunStarted, StepCompleted, utcnow
+from natflow_engine import ErrorInfo, History
+from natflow_engine.events import (
+    Event,
+    RunClaimed,
+    RunStarted,
+    StepCompleted,
+    StepFailed,
+    utcnow,
+)
 
 
 def double(n: int) -> int:
@@ -167,5 +174,38 @@ def test_a_renamed_step_in_a_sequential_replay_is_a_divergence() -> None:
         assert state.block is not None
         assert state.block.position == 2
         assert "renamed" in str(state.block)
+    finally:
+        state.close()
+
+
+@workflow(name="fast_failing")
+async def fast_failing(ctx: WorkflowContext, n: int) -> list[str]:
+    seen = []
+    for i in range(n):
+        try:
+            seen.append(str(await ctx.step("f", double, i)))
+        except StepError as exc:
+            seen.append(f"failed: {exc.error.message}")
+    return seen
+
+
+def test_a_failed_step_in_a_sequential_replay_raises_its_recorded_error() -> None:
+    now = utcnow()
+    events: list[Event] = [
+        RunStarted(id="r:1", at=now, workflow="fast_failing", queue="q", input=msgspec.Raw(b"3")),
+        RunClaimed(id="r:2", at=now, worker="w"),
+    ]
+    for seq in (1, 2, 3):
+        common = {"id": f"r:{seq + 2}", "at": now, "seq": seq, "name": "f", "occurrence": seq}
+        if seq == 2:
+            error = ErrorInfo(type="ValueError", message="no")
+            events.append(StepFailed(**common, started_at=now, error=error))
+        else:
+            events.append(StepCompleted(**common, started_at=now, result=msgspec.Raw(b"7")))
+    state = WorkflowState(fast_failing, History("r", events, len(events)))
+    state.begin()
+    try:
+        assert state.block is None, state.block
+        assert state.root is not None and state.root.result() == ["7", "failed: no", "7"]
     finally:
         state.close()

@@ -304,7 +304,7 @@ class WorkflowState:
         self._occurrences[name] += 1
         recorded = self._recorded_events.get(seq)
         if (
-            type(recorded) is StepCompleted
+            isinstance(recorded, StepCompleted | StepFailed)
             and recorded.name == name
             and self._replay
             and self._replay[0] is recorded
@@ -313,12 +313,15 @@ class WorkflowState:
         ):
             # A sequential replay's step (most of a long history): its outcome is the next
             # event to deliver and nothing else could run before it, so it resolves now, as
-            # delivery would after an idle tick. No command is kept: nothing is ever
-            # delivered to it again, and a replay of 10,000 steps builds none of them.
+            # delivery would after an idle tick (no loop turn per step). No command is kept:
+            # nothing is ever delivered to it again, and a replay of 10,000 steps builds none.
             self._replay.popleft()
             self.now = recorded.at
             done = self._loop.create_future()
-            done.set_result(_result(recorded.result, return_type(fn)))
+            if isinstance(recorded, StepFailed):
+                done.set_exception(StepError(name, recorded.error))
+            else:
+                done.set_result(_result(recorded.result, return_type(fn)))
             return done
         command = StepCommand(
             seq=seq,
@@ -336,19 +339,7 @@ class WorkflowState:
         )
         self._match(command)
         if isinstance(recorded, StepCompleted | StepFailed):
-            if (
-                self._replay
-                and self._replay[0] is recorded
-                and self.block is None
-                and self._alone()
-            ):
-                # Its outcome is the next event to deliver and nothing else could run before
-                # it: resolved now, as delivery would after an idle tick (a long sequential
-                # replay takes no loop turn per step).
-                self._replay.popleft()
-                self.now = recorded.at
-                self._resolve_step(command, recorded)
-            return command.future
+            return command.future  # its outcome is delivered in history order
         failed = self._retries.get(seq)
         if failed is not None:
             command.attempt = failed.attempt + 1
