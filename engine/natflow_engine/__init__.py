@@ -171,6 +171,7 @@ from ._streams import (
     runs_subject,
     stored_feed,
     stored_feed_listeners,
+    stored_feed_open,
     stored_feed_refused,
     stored_subject,
 )
@@ -399,6 +400,7 @@ __all__ = [
     "stored_at",
     "stored_feed",
     "stored_feed_listeners",
+    "stored_feed_open",
     "stored_feed_refused",
     "stored_subject",
     "take_debounced_input",

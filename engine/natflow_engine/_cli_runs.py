@@ -31,6 +31,7 @@ from ._streams import (
     history_subject,
     run_level_subject,
     stored_feed,
+    stored_feed_open,
     stored_feed_refused,
     stored_subject,
 )
@@ -231,7 +232,7 @@ async def _wait_and_show(
     feed = heard if heard == stored_subject(run_id) else None
 
     def refused() -> bool:  # the stored feed, by permissions written before it
-        return feed is not None and (conn.denied(feed) is not None or not stored_feed(conn))
+        return feed is not None and not stored_feed_open(conn, feed)
 
     sub = await conn.nc.subscribe(heard)
     try:

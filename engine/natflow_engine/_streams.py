@@ -180,6 +180,12 @@ def stored_feed(conn: Connection) -> bool:
     return conn.extras.get(_STORED_FEED) is True
 
 
+def stored_feed_open(conn: Connection, subject: str) -> bool:
+    """Whether a subscription to ``subject`` on the stored feed may still hear anything: the
+    connection was not refused the feed, nor (lately) that subject."""
+    return stored_feed(conn) and conn.denied(subject) is None
+
+
 def stored_feed_refused(conn: Connection) -> None:
     """The server refused this connection a subscription to the stored feed (permissions
     written before it): from now on its calls listen on run-level subjects. Said once."""

@@ -35,6 +35,7 @@ from natflow_engine import (
     sealed_key,
     stored_feed,
     stored_feed_listeners,
+    stored_feed_open,
     stored_feed_refused,
     stored_subject,
     to_seconds,
@@ -138,7 +139,7 @@ class RunHandle:
             with anyio.fail_after(seconds):
                 recheck, settling, unheard = 0.0, False, _UNHEARD_FIRST
                 while True:
-                    if stored and (conn.denied(subject) or not stored_feed(conn)):
+                    if stored and not stored_feed_open(conn, subject):
                         # Permissions written before the stored feed (seen for this run, or
                         # for another on this connection): the run's own subject.
                         stored_feed_refused(conn)
@@ -189,7 +190,7 @@ class RunHandle:
         conn = self._runs.conn
         if feed is None:
             await woken.wait()
-        elif stored_feed(conn) and not conn.denied(feed):  # refused already (meanwhile)?
+        elif stored_feed_open(conn, feed):  # not refused already (while it looked)
             with contextlib.suppress(PermissionDenied):  # refused now
                 await conn.guarded(feed, woken.wait())
 
