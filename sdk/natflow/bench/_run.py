@@ -25,7 +25,8 @@ its own queue, and removes the bench's runs afterwards.
 
 This module holds the command and the order of the phases; each phase has a module of its
 own (``_raw``, ``_sequential``, ``_throughput``, ``_start_latency``, ``_replay``,
-``_engine_phases``, ``_continue``), and ``_session`` what they share.
+``_engine_phases``, ``_continue``), ``_session`` what they share, ``_report`` the report and
+its targets, and ``_table`` the table printed from it.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ from ._report import (
     Throughput,
     Timers,
     evaluate,
-    render,
 )
 from ._scale import ScaleReport, point, render_scale
 from ._session import BenchSession
 from ._sizes import sizes_from
+from ._table import render
 
 PENDING: dict[str, str] = {}
 
