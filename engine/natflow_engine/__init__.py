@@ -51,6 +51,7 @@ from ._flow_decls import (
     start_declared,
 )
 from ._flow_starts import FlowPlan, flow_start, input_field, take_debounced_input
+from ._handoff import Drained, receive_soon
 from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
 from ._jsz import Jsz, Varz, read_jsz, read_varz
@@ -247,6 +248,7 @@ __all__ = [
     "ConnectionRefused",
     "CorruptHistory",
     "DeadLetter",
+    "Drained",
     "EmbeddedServer",
     "ErrorInfo",
     "EventRecord",
@@ -372,6 +374,7 @@ __all__ = [
     "read_jsz",
     "read_limit_slots",
     "read_varz",
+    "receive_soon",
     "recent_events",
     "record_sync_mode",
     "redact_url",

@@ -38,6 +38,7 @@ from ._completion import RunHooks
 from ._connection import Connection
 from ._engine_metrics import EngineMetrics
 from ._errors import NatflowError
+from ._handoff import Drained
 from ._history import CorruptHistory, HistoryStore
 from ._index import RunIndex, makes_timer
 from ._jsz import JetStreamUsage
@@ -221,7 +222,7 @@ class Engine:
                 )
                 tg.start_soon(self._check_starts)
                 await tg.start(lanes.run)
-                async for msg in puller.messages:
+                async for msg in Drained(puller.messages):
                     # In the order read (the stream's): where the dispatcher is. The events
                     # of one run are then processed in that order, those of others at once.
                     stored = self._note_position(msg)

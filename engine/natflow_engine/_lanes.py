@@ -27,6 +27,8 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
 
+from ._handoff import Drained, send_soon
+
 LANES: Final = 128  # runs processed at once (at most)
 
 # The token of the event a lane's task is processing (each lane is a task of its own).
@@ -92,7 +94,7 @@ class Lanes:
         token = self._next
         self._next += 1
         self._taken[token] = (msg, stored)
-        await self._sends[lane_of(run_id, self._count)].send((token, run_id, msg))
+        await send_soon(self._sends[lane_of(run_id, self._count)], (token, run_id, msg))
 
     async def earlier_done(self) -> None:
         """Called while processing an event: wait until every event taken before it (of any
@@ -121,7 +123,7 @@ class Lanes:
             await self._consume(receive)
 
     async def _consume(self, receive: MemoryObjectReceiveStream[_Queued]) -> None:
-        async for token, run_id, msg in receive:
+        async for token, run_id, msg in Drained(receive):
             _processing.set(token)
             await self._process(run_id, msg)
             # Not when cancelled: an event cut off mid-way stays unfinished (NAKed on shutdown).

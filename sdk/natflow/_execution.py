@@ -28,7 +28,7 @@ from datetime import datetime
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from natflow_engine import FENCED, Connection, ErrorInfo, History, HistoryStore
+from natflow_engine import FENCED, Connection, ErrorInfo, History, HistoryStore, receive_soon
 from natflow_engine.events import RunTerminated, events_before, utcnow
 
 from ._claim import RunClaimer
@@ -242,7 +242,7 @@ class RunExecution:
                             await self._handle(item)
                             continue
                     return Outcome.SUSPENDED
-            await self._handle(await receive.receive())
+            await self._handle(await receive_soon(receive))
         await rec.flush()
         return await finish(rec)
 

@@ -28,6 +28,7 @@ from natflow_engine import (
     RUNS_HELD,
     TASK_STREAM,
     TRANSIENT,
+    Drained,
     HistoryStore,
     InvalidInput,
     Leases,
@@ -339,11 +340,14 @@ class Worker:
         )
 
     async def _take(self, puller: TaskPuller, runs: anyio.abc.TaskGroup) -> None:
-        async for msg in puller.tasks:
+        async for msg in Drained(puller.tasks):
             if self._stopping.is_set():
                 await quietly(msg.nak())
                 continue
-            await self._slots.acquire()
+            try:  # a free slot at once, without the loop turn acquire() takes first
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._slots.acquire()
             runs.start_soon(self._handle, msg)
 
     async def _handle(self, msg: Msg) -> None:
