@@ -70,3 +70,33 @@ async def test_a_reap_that_fails_leaves_the_engine_running(
     with caplog.at_level(logging.WARNING, logger="natflow.reaper"):
         await reaper._probe("silent-worker")  # no exception: the probe's task group lives on
     assert any("could not be handed back yet" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_gone_worker_is_reaped_once_not_at_every_probe_until_the_next_sweep(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = client.connection
+    await ensure_streams(conn)
+    leases = Leases(conn)
+    await leases.acquire("held-run", "gone-worker", "q", "_INBOX.gone.ack", ttl=60)
+    reaper = Reaper(conn)
+    assert await reaper.sweep() == {"gone-worker"}  # a holder with no registry entry
+    reads = 0
+    read_leases = reaper._leases
+
+    async def counted() -> list[tuple[object, int]]:
+        nonlocal reads
+        reads += 1
+        return await read_leases()  # type: ignore[return-value]
+
+    monkeypatch.setattr(reaper, "_leases", counted)
+    for _ in range(STRIKES * 4):  # probe rounds, as the reaper's loop makes them
+        for owner in reaper.to_probe():
+            await reaper._probe(owner)
+    assert reaper.to_probe() == set()
+
+    async def handed_back() -> bool:
+        return await leases.get("held-run") is None
+
+    await wait_for(handed_back, what="the gone worker's lease to be deleted")
+    assert reads == 1  # was one read of every lease at every other probe until the sweep

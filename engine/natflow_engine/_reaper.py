@@ -71,9 +71,14 @@ class Reaper:
                 await anyio.sleep(self._interval)
                 if time.monotonic() < self._quiet_until or not self._conn.nc.is_connected:
                     continue
-                for owner in (self.workers | self.holders) - self._probing:
+                for owner in self.to_probe():
                     self._probing.add(owner)
                     tg.start_soon(self._probe, owner)
+
+    def to_probe(self) -> set[str]:
+        """The workers to ping now: every registered one and every lease holder of the last
+        sweep, less those a probe is still out for."""
+        return (self.workers | self.holders) - self._probing
 
     async def _sweep_every(self, seconds: float) -> None:
         while True:
@@ -228,6 +233,10 @@ class Reaper:
         if identity in self.workers:
             await kv_delete_nowait(self._conn, WORKERS_BUCKET, identity)
             self.workers.discard(identity)
+        # Reaped, it holds nothing: until the next sweep, a holder still listed would be
+        # probed and reaped again every other probe, each time reading every lease (a
+        # minute's delete markers: 12,000 at 200 runs/s).
+        self.holders.discard(identity)
         self.reaped += len(held)
         log.warning(
             "worker %s is gone (its connection closed); handed %d runs to other workers",
