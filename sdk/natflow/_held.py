@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,9 @@ class Held:
     renewed_at: float = field(default_factory=time.monotonic)
     lost: bool = False
     released: bool = False  # its task was handed back: another worker may take the run
+    # Held while the lease and its revision are read or written together: the heartbeat
+    # renews on a thread of its own (see RunLeases.release and Pulse._beat).
+    guard: threading.Lock = field(default_factory=threading.Lock)
     # asyncio's own (anyio's asks which event loop runs, each time: ~2 us a run)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     admission: Admission | None = None  # the concurrency slots it holds (see _admission)

@@ -51,6 +51,7 @@ class HeldRun(Protocol):
     renewed_at: float
     lost: bool
     released: bool
+    guard: threading.Lock
 
 
 def connect_options(conn: Connection) -> dict[str, Any]:
@@ -172,17 +173,21 @@ class Pulse:
             if 0 < overdue <= self.interval:  # said once per outage
                 log.warning("run %s: lease not renewed for a while (%s)", held.run_id, exc)
             return
-        if held.lease is not lease:  # released or re-taken meanwhile: not ours to update
-            return
-        if renewed is None:
+        if renewed is None and held.lease is lease and not held.released:
             renewed = await self._write_back(nc, leases, lease)
             if renewed is None:
                 self._lost(held, "lease taken by another worker")
                 return
-        if held.lease is not lease:
+        if renewed is None:
             return
-        held.lease, held.revision = renewed
-        held.renewed_at = time.monotonic()
+        with held.guard:  # the worker's loop releases under it (RunLeases.release)
+            let_go = held.released
+            if not let_go and held.lease is lease:
+                held.lease, held.revision = renewed
+                held.renewed_at = time.monotonic()
+        if let_go:  # released while this renewal was out: what it wrote must not outlive it
+            with contextlib.suppress(NatflowError, nats.errors.Error, OSError):
+                await leases.release(held.run_id, renewed[1])
 
     async def _write_back(self, nc: Any, leases: Leases, lease: Lease) -> tuple[Lease, int] | None:
         """The lease written back, if the worker that wrote over it does not hold the run.

@@ -61,7 +61,17 @@ class RunLeases:
                     execution.signals_arrived()
 
     async def release(self, held: Held) -> None:
-        """Drop the run's lease, unless it is gone or was lost to another worker."""
-        if held.lease is not None and not held.lost:
-            await quietly(self._leases.release(held.run_id, held.revision))
+        """Drop the run's lease, unless it is gone or was lost to another worker.
+
+        The run is marked released, and its lease's revision read, under the run's guard: a
+        renewal the heartbeat has in flight meanwhile moves the revision on (so this delete,
+        conditional on the one read, misses) or writes the lease anew after it (a renewal
+        that finds none). Either way the heartbeat then sees the run released and deletes
+        what it wrote (``Pulse._beat``), so no lease outlives its run.
+        """
+        with held.guard:
+            held.released = True
+            lease, revision = held.lease, held.revision
             held.lease = None
+        if lease is not None and not held.lost:
+            await quietly(self._leases.release(held.run_id, revision))
