@@ -13,6 +13,9 @@ from natflow._held import Held
 from natflow._pulse import Pulse
 from natflow._run_leases import RunLeases
 from natflow_engine import Connection, Lease, Leases
+from natflow_engine._kv import kv_stream
+from natflow_engine._leases import LEASES_BUCKET
+from natflow_engine._reader import reader
 from natflow_engine._streams import ensure_streams
 from nats.aio.msg import Msg
 
@@ -64,3 +67,25 @@ async def test_a_renewal_racing_the_release_leaves_no_lease_behind(
 
     # Well under the lease's 31 s time to live: a lease left behind would still be there.
     await wait_for(gone, timeout=5.0, what="the released run's lease to be deleted")
+
+
+async def test_a_released_lease_leaves_no_marker_past_a_second_or_two(client: Client) -> None:
+    """Nothing watches the leases, so their delete markers only fill the reaper's reads of
+    the bucket (every 30 s, and before it hands a dead worker's runs back): they last a
+    second, not the minute other buckets' markers last for their watchers."""
+    conn = client.connection
+    await ensure_streams(conn)
+    leases = Leases(conn)
+    _, revision = await leases.acquire("ended", "worker-1", "q", "_INBOX.test.ack", ttl=30.0)
+    await leases.release("ended", revision)
+
+    async def stored() -> list[object]:
+        page = await reader(conn).read_all(
+            kv_stream(LEASES_BUCKET), f"$KV.{LEASES_BUCKET}.ended", headers=True
+        )
+        return list(page.messages)
+
+    async def no_marker() -> bool:
+        return not await stored()
+
+    await wait_for(no_marker, timeout=10.0, what="the lease's delete marker to expire")

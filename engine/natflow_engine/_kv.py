@@ -98,10 +98,17 @@ async def kv_get(conn: Connection, bucket: str, key: str) -> tuple[bytes, int] |
 
 
 async def kv_delete_nowait(
-    conn: Connection, bucket: str, key: str, *, revision: int | None = None
+    conn: Connection,
+    bucket: str,
+    key: str,
+    *,
+    revision: int | None = None,
+    marker_for: float | None = None,
 ) -> None:
-    """Delete an entry without waiting for the acknowledgement (off the hot path)."""
-    headers = {KV_OPERATION: "DEL", "Nats-TTL": _ttl_header(marker_ttl())}
+    """Delete an entry without waiting for the acknowledgement (off the hot path). Its
+    delete marker stays ``marker_for`` seconds (default :func:`marker_ttl`)."""
+    ttl = marker_ttl() if marker_for is None else marker_for
+    headers = {KV_OPERATION: "DEL", "Nats-TTL": _ttl_header(ttl)}
     if revision is not None:
         headers["Nats-Expected-Last-Subject-Sequence"] = str(revision)
     await conn.nc.publish(conn.kv_write_subject(bucket, key), b"", headers=headers)

@@ -11,6 +11,7 @@ engine hand a dead worker's tasks back at once (it NAKs the task's ``ack_subject
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Final
 
 import msgspec
 
@@ -19,6 +20,11 @@ from ._kv import kv_delete_nowait, kv_get, kv_put, kv_stream
 from .events import utcnow
 
 LEASES_BUCKET = "natflow_leases"
+# Seconds a released lease's delete marker stays. Nothing watches the leases (the reaper reads
+# them every 30 s and when a worker is gone), so a marker only fills those reads: at the
+# default minute, 12,000 of them at 200 runs/s, which a reap read before it could hand a dead
+# worker's runs back.
+LEASE_MARKER_TTL: Final = 1.0
 
 
 class Lease(msgspec.Struct, kw_only=True):
@@ -120,7 +126,9 @@ class Leases:
 
     async def release(self, run_id: str, revision: int) -> None:
         """Drop the lease if it is still ours (fire and forget)."""
-        await kv_delete_nowait(self._conn, LEASES_BUCKET, run_id, revision=revision)
+        await kv_delete_nowait(
+            self._conn, LEASES_BUCKET, run_id, revision=revision, marker_for=LEASE_MARKER_TTL
+        )
 
     async def get(self, run_id: str) -> tuple[Lease, int] | None:
         """The run's lease and its revision; None if there is none (or it is not one: the
