@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 from natflow import Client
+from natflow_engine._connection import NoResponders
 from natflow_engine._leases import Lease, Leases
 from natflow_engine._registry import ping_subject
 from natflow_engine._server import EmbeddedServer
@@ -245,4 +246,31 @@ async def test_without_a_second_connection_heartbeats_and_pings_run_on_the_loop(
         handle = await client.start("doubler", 4, run_id="inloop-1")
         assert await handle.result(timeout=20) == 8
         reply = await client.connection.request(ping_subject(worker.identity), b"inloop-1")
+        assert reply.data == b"free"
+
+
+async def test_a_worker_whose_heartbeat_connection_is_down_still_answers_pings(
+    client: Client, engine: object
+) -> None:
+    """The reaper takes "no responders" for a worker that is gone. After a cluster node died,
+    a worker's heartbeat connection took seconds to come back while its own took
+    milliseconds: the reaper handed its runs to another worker, which ran their steps again
+    (the chaos test above, under the suite's load). Both connections answer pings now."""
+    from tests.helpers import running_worker
+    from tests.workflows_poison import doubler
+
+    async with running_worker(client, [doubler]) as worker:
+
+        async def answer() -> bytes | None:
+            try:
+                reply = await client.connection.request(ping_subject(worker.identity), b"")
+            except NoResponders:
+                return None
+            return reply.data
+
+        assert await wait_for(answer, what="the worker's first answer") == worker.identity.encode()
+        assert worker._pulse_thread and worker._pulse is not None
+        await anyio.to_thread.run_sync(worker._pulse.stop)  # its connection is gone
+        assert await wait_for(answer, timeout=5, what="an answer") == worker.identity.encode()
+        reply = await client.connection.request(ping_subject(worker.identity), b"no-such-run")
         assert reply.data == b"free"

@@ -227,7 +227,15 @@ class Worker:
 
     async def _start_pulse(self) -> Any:
         """Heartbeats on their own thread and connection. If that cannot connect, they run
-        on this loop and connection (returns the ping subscription made for them then)."""
+        on this loop and connection.
+
+        Pings are answered on this connection too (returns its subscription): the engine's
+        reaper takes "no responders" for a worker that is gone, and after a server of a
+        cluster dies, the heartbeat's connection may take seconds to come back where this
+        one took milliseconds (seen: runs taken from a live worker and their steps run
+        twice). A worker is gone only when both are. A loop blocked by a step cannot answer
+        here, but its subscription stands, so the reaper sees a slow answer, not none.
+        """
         loop = asyncio.get_running_loop()
         self._pulse = Pulse(
             self._conn,
@@ -239,7 +247,9 @@ class Worker:
         )
         if await anyio.to_thread.run_sync(self._pulse.start):
             self._pulse_thread = True
-            return None
+            return await self._conn.nc.subscribe(
+                ping_subject(self.identity), cb=self._pulse.on_ping
+            )
         log.warning(
             "worker %s: heartbeats run on the worker's own loop (no second connection: %s); "
             "a blocking step can cost it its runs",
