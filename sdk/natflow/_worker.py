@@ -245,17 +245,14 @@ class Worker:
             holds=self._holds,
             lost=lambda held, why: loop.call_soon_threadsafe(self._step_back, held, why),
         )
-        if await anyio.to_thread.run_sync(self._pulse.start):
-            self._pulse_thread = True
-            return await self._conn.nc.subscribe(
-                ping_subject(self.identity), cb=self._pulse.on_ping
+        self._pulse_thread = await anyio.to_thread.run_sync(self._pulse.start)
+        if not self._pulse_thread:
+            log.warning(
+                "worker %s: heartbeats run on the worker's own loop (no second connection: "
+                "%s); a blocking step can cost it its runs",
+                self.identity,
+                self._pulse.error,
             )
-        log.warning(
-            "worker %s: heartbeats run on the worker's own loop (no second connection: %s); "
-            "a blocking step can cost it its runs",
-            self.identity,
-            self._pulse.error,
-        )
         return await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._pulse.on_ping)
 
     def _step_back(self, held: HeldRun, why: str) -> None:
