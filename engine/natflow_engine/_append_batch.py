@@ -102,6 +102,17 @@ class _Batcher:
         """Whether this append goes alone whatever else is being written."""
         return not (self.enabled and self.pays) or "Nats-Rollup" in headers
 
+    @staticmethod
+    def _too_few(batch: list[_Append], sender: _Append) -> bool:
+        """Whether ``batch`` is too small to pay back a batch's staging (``MIN_BATCH``); if
+        so, each of its appends but ``sender`` (its caller's own) goes alone, at once."""
+        if len(batch) >= MIN_BATCH:
+            return False
+        for item in batch:
+            if item is not sender:
+                item.outcome.set_result(None)
+        return True
+
     async def _wait(self, item: _Append) -> int | None:
         """What became of a queued append: its sequence, None (make it alone) or _TURN."""
         try:
@@ -219,10 +230,7 @@ class TurnBatcher(_Batcher):
         batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         batch = [i for i in batch if i is sender or not i.outcome.done()]
         self._hand_on()  # past MAX_BATCH: the rest go next, without waiting for this batch
-        if len(batch) < MIN_BATCH:
-            for item in batch:
-                if item is not sender:
-                    item.outcome.set_result(None)  # each goes alone, at once
+        if self._too_few(batch, sender):
             return True
         self._in_flight += 1
         try:
@@ -291,10 +299,7 @@ class QueueBatcher(_Batcher):
         head was ``sender`` alone (taken off the queue, for its caller to publish)."""
         batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         batch = [i for i in batch if not i.outcome.cancelled()]
-        if len(batch) < MIN_BATCH:  # too few to pay back a batch's staging: each alone
-            for item in batch:
-                if item is not sender:
-                    item.outcome.set_result(None)
+        if self._too_few(batch, sender):
             return True
         await self._batch(batch, timeout)
         return False

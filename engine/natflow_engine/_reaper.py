@@ -26,7 +26,7 @@ import nats.errors
 from ._connection import Connection, NoResponders, RequestTimeout
 from ._errors import NatflowError
 from ._kv import kv_delete_nowait, kv_entries, kv_watch
-from ._leases import LEASE_MARKER_TTL, LEASES_BUCKET, Lease, decode_lease
+from ._leases import LEASES_BUCKET, Lease, Leases, decode_lease
 from ._logs import fields
 from ._metrics import TAKEOVERS
 from ._quarantine import quarantined
@@ -45,6 +45,7 @@ SWEEP_INTERVAL: Final = 30.0  # seconds between reads of every lease (see Reaper
 class Reaper:
     def __init__(self, conn: Connection, probe_interval: float = PROBE_INTERVAL) -> None:
         self._conn = conn
+        self._lease_bucket = Leases(conn)
         self._interval = probe_interval
         self.workers: set[str] = set()
         self.holders: set[str] = set()  # workers that held a lease at the last sweep
@@ -215,13 +216,7 @@ class Reaper:
         held = [(lease, rev) for lease, rev in await self._leases() if lease.worker == identity]
         for lease, revision in held:
             await self._conn.nc.publish(lease.ack_subject, b"-NAK")
-            await kv_delete_nowait(
-                self._conn,
-                LEASES_BUCKET,
-                lease.run_id,
-                revision=revision,
-                marker_for=LEASE_MARKER_TTL,
-            )
+            await self._lease_bucket.release(lease.run_id, revision)
             if lease.expires_at < utcnow():
                 continue  # a lease left behind (its expiry is not seen here): no run moved
             TAKEOVERS.labels(lease.queue, "reaped").inc()
