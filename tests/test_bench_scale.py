@@ -50,6 +50,17 @@ def test_scale_runs_the_throughput_phase_per_worker_count_with_client_and_engine
         assert p["busiest_pct"] > 0
 
 
+def test_a_worker_count_given_twice_runs_its_own_runs_each_time() -> None:
+    # Each point starts runs of its own: run ids shared with an earlier point would come
+    # back already done, measuring no work at all (no worker CPU, about 17 messages a run).
+    done = run_bench("--quick", "--json", "--scale", "1,1", "--runs", "12")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (p["throughput"] for p in json.loads(done.stdout)["points"])
+    assert first["completed"] == second["completed"] == 12
+    assert second["cpu_running"]["workers"] > 0
+    assert second["server_msgs_per_run"] > 0.7 * first["server_msgs_per_run"], (first, second)
+
+
 def test_scale_table_names_what_bound_each_point() -> None:
     done = run_bench("--quick", "--scale", "1", "--runs", "6")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -51,6 +51,7 @@ class BenchSession:
         self.nonce = uuid.uuid4().hex[:8]
         self.progress = Progress(PHASES)
         self.run_ids: list[str] = []
+        self._phase_names: dict[str, int] = {}
         self._load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         self._client: Client | None = None
         self.monitor: str | None = getattr(args, "bench_monitor", None)
@@ -77,6 +78,12 @@ class BenchSession:
     def client(self) -> Client:
         assert self._client is not None
         return self._client
+
+    def phase_name(self, name: str) -> str:
+        """``name``, or ``name-2``, ``name-3``... when a phase of that name ran before (``--scale
+        1,1``): its runs, logs and workers are then its own, not the earlier phase's."""
+        seen = self._phase_names[name] = self._phase_names.get(name, 0) + 1
+        return name if seen == 1 else f"{name}-{seen}"
 
     def run_id(self, kind: str) -> str:
         run_id = f"nb-{self.nonce}-{kind}"

@@ -30,14 +30,15 @@ async def throughput(bench: BenchSession, workers: int | None = None) -> Through
         f"throughput: {m} runs x {RUN_STEPS} steps, {_count(w, 'worker')}, "
         f"{_count(c, 'client')}, {_count(e, 'engine')}"
     )
-    ids = [bench.run_id(f"tp-{w}-{i}") for i in range(m)]
+    phase = bench.phase_name(f"throughput-{w}")  # unique, as is each run id below
+    ids = [bench.run_id(f"tp-{phase}-{i}") for i in range(m)]
     timeout = 60 + m * RUN_STEPS / 50
     # As deployed: `natflow engine` processes run beside the workers (dispatcher, run
     # index, timers), and their CPU counts.
-    engine_logs = [bench.dir / f"engine-throughput-{w}-{i}.log" for i in range(e)]
+    engine_logs = [bench.dir / f"engine-{phase}-{i}.log" for i in range(e)]
     with engine_processes(bench.env, engine_logs) as engines:
         await engine_ready(bench.client, replicas=e)
-        async with bench.workers(f"throughput-{w}", w) as procs:
+        async with bench.workers(phase, w) as procs:
             before = await _history_messages(bench)
             counted = await _server_messages(bench)
             engine_pids = [p.pid for p in engines]
