@@ -6,14 +6,21 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 import anyio
+import msgspec
 import pytest
 from natflow import Client, NatflowError, RunNotFound, WorkflowContext, workflow
 from natflow_engine._cli import main as cli_main
+from natflow_engine._connection import Connection
 from natflow_engine._engine import DISPATCHER, Engine
+from natflow_engine._index import IndexEntry, RunIndex
+from natflow_engine._retention import RetentionService
 from natflow_engine._server import EmbeddedServer
-from natflow_engine._streams import HISTORY_STREAM
+from natflow_engine._state import RunInfo
+from natflow_engine._streams import HISTORY_STREAM, RUNS_STREAM, ensure_streams, runs_subject
+from natflow_engine.events import utcnow
 
 from tests.helpers import running_worker, wait_for
 
@@ -190,3 +197,75 @@ async def test_storage_is_back_at_its_baseline_after_deleting_many_runs(
     deleted = time.monotonic() - began
     print(f"\n{count} runs: ran in {ran:.1f} s, deleted in {deleted:.1f} s; stored {full}")
     assert await stored(client) == baseline
+
+
+async def _index_closed(conn: Connection, run_id: str, closed_ago: float = 0.0) -> None:
+    """A closed run's summary in the run index, as the engine writes it (no history)."""
+    closed = utcnow() - timedelta(seconds=closed_ago)
+    info = RunInfo(
+        run_id=run_id,
+        workflow="w",
+        queue="q",
+        status="completed",
+        created_at=closed,
+        updated_at=closed,
+        closed_at=closed,
+    )
+    await conn.publish(runs_subject(run_id), msgspec.json.encode(IndexEntry(hseq=1, info=info)))
+
+
+async def _indexed(conn: Connection, run_id: str) -> bool:
+    return await RunIndex(conn).get(run_id) is not None
+
+
+async def test_a_sweep_reads_what_was_written_since_the_last_one_not_the_whole_index(
+    client: Client,
+) -> None:
+    conn = client.connection
+    await ensure_streams(conn)
+    sweeps = RetentionService(conn, retention=3600.0)
+    for i in range(5):
+        await _index_closed(conn, f"recent-{i}")
+    assert await sweeps.sweep() == 0
+    assert sweeps.read == 5
+    # Nothing new, and nothing stored before the hour that the oldest retention takes.
+    assert await sweeps.sweep() == 0
+    assert sweeps.read == 5
+    for i in range(3):
+        await _index_closed(conn, f"later-{i}")
+    await _index_closed(conn, "closed-long-ago", closed_ago=7200.0)  # written late: due now
+    assert await sweeps.sweep() == 1
+    assert sweeps.read == 9
+    assert not await _indexed(conn, "closed-long-ago")
+    assert await _indexed(conn, "later-0")
+
+
+async def test_a_summary_read_before_it_was_due_is_deleted_once_it_is(client: Client) -> None:
+    conn = client.connection
+    await ensure_streams(conn)
+    sweeps = RetentionService(conn, retention=1.0)
+    await _index_closed(conn, "soon")
+    assert await sweeps.sweep() == 0  # read and learned, not yet due
+    await _index_closed(conn, "later")  # read by the next sweep, before it is due too
+    for run_id in ("soon", "later"):
+
+        async def swept(run_id: str = run_id) -> bool:
+            await sweeps.sweep()
+            return not await _indexed(conn, run_id)
+
+        await wait_for(swept, timeout=10, what=f"run {run_id} deleted once due")
+
+
+async def test_a_rebuilt_index_is_read_again_from_its_start(client: Client) -> None:
+    conn = client.connection
+    await ensure_streams(conn)
+    sweeps = RetentionService(conn, retention=3600.0)
+    for i in range(4):
+        await _index_closed(conn, f"before-{i}")
+    await sweeps.sweep()
+    await conn.admin("deleting the run index", lambda: conn.jsm.delete_stream(RUNS_STREAM))
+    conn.streams_ready = False  # as a process that starts after the delete
+    await ensure_streams(conn)
+    await _index_closed(conn, "rebuilt-due", closed_ago=7200.0)
+    assert await sweeps.sweep() == 1
+    assert not await _indexed(conn, "rebuilt-due")

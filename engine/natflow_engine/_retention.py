@@ -13,12 +13,22 @@ in its index entry). Each engine replica sweeps the run index now and then (a qu
 shortest retention it knows, between 0.5 s and 60 s; every 5 minutes while it knows none) and
 deletes what has outlived its retention; replicas deleting the same run at once do no harm
 (a purge of nothing is fine).
+
+A sweep does not read the whole index, which grows with every run kept (at 1,000 runs/s, 3.6
+million summaries an hour). The index keeps one summary per run, so a summary that changes
+leaves its place for the stream's end, and one left in place never changes. A sweep reads
+the summaries written since the last one (each once, to learn the retention it carries), and
+of the older ones only those stored before the shortest retention known: a summary is
+written when its run closes or later, so a newer one cannot be due yet. An engine's first
+sweep reads everything once. Open runs and runs kept longer than the shortest retention are
+read again at each sweep once they are that old.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from typing import Final
 
 import anyio
@@ -33,6 +43,7 @@ from ._leases import LEASES_BUCKET
 from ._lifecycle import LIFECYCLE_PREFIX, LIFECYCLE_STREAM, workflow_token
 from ._names import check_run_id
 from ._reader import reader
+from ._signals import sequence, stored_at
 from ._state import fold_run
 from ._streams import (
     DEADLETTER_PREFIX,
@@ -68,7 +79,29 @@ class _PurgeReply(msgspec.Struct):
     error: dict[str, object] | None = None
 
 
+class _StreamState(msgspec.Struct):
+    first_seq: int = 0
+    last_seq: int = 0
+
+
+class _InfoReply(msgspec.Struct):
+    state: _StreamState | None = None
+    error: dict[str, object] | None = None
+
+
 _purge_decoder = msgspec.json.Decoder(_PurgeReply)
+_info_decoder = msgspec.json.Decoder(_InfoReply)
+
+
+def _api_error(what: str, err: dict[str, object]) -> JetStreamError:
+    return JetStreamError(
+        what,
+        int(str(err.get("code", 0))),
+        int(str(err.get("err_code", 0))),
+        str(err.get("description", "")),
+    )
+
+
 _entry_decoder = msgspec.json.Decoder(IndexEntry)
 
 
@@ -81,14 +114,16 @@ async def purge(conn: Connection, stream: str, subject: str, *, below: int | Non
     msg = await conn.request(f"{conn.api}.STREAM.PURGE.{stream}", msgspec.json.encode(request))
     reply = _purge_decoder.decode(msg.data)
     if reply.error is not None:
-        err = reply.error
-        raise JetStreamError(
-            f"purge {stream} {subject}",
-            int(str(err.get("code", 0))),
-            int(str(err.get("err_code", 0))),
-            str(err.get("description", "")),
-        )
+        raise _api_error(f"purge {stream} {subject}", reply.error)
     return reply.purged
+
+
+async def _bounds(conn: Connection, stream: str) -> tuple[int, int]:
+    """The stream's first and last sequences."""
+    reply = _info_decoder.decode((await conn.request(f"{conn.api}.STREAM.INFO.{stream}", b"")).data)
+    if reply.error is not None or reply.state is None:
+        raise _api_error(f"stream {stream}", reply.error or {})
+    return reply.state.first_seq, reply.state.last_seq
 
 
 async def purge_run(conn: Connection, run_id: str, workflow: str, queue: str) -> int:
@@ -136,6 +171,9 @@ class RetentionService:
         self.retention = retention
         self.deleted = 0
         self._shortest = retention
+        # Every summary up to this stream sequence has been read once, for its retention.
+        self._learned_until = 0
+        self.read = 0  # summaries read by sweeps
 
     def sweep_interval(self) -> float:
         if self._shortest is None:
@@ -176,25 +214,49 @@ class RetentionService:
         return deleted
 
     async def _expired(self) -> list[IndexEntry]:
+        """The closed runs past their retention, reading only what can hold them: the
+        summaries written since the last sweep (each seen once, for the retention it
+        carries), and the older ones stored before the shortest retention (a summary is
+        written when, or after, its run closed, so a newer one cannot be due)."""
         now = utcnow()
-        found: list[IndexEntry] = []
-        start = 1
-        while True:
-            page = await reader(self._conn).read(RUNS_STREAM, start=start, batch=_PAGE)
+        first, last = await _bounds(self._conn, RUNS_STREAM)
+        if last < self._learned_until:  # the index was deleted and rebuilt: learn it again
+            self._learned_until = 0
+        learned = self._learned_until
+        found = [entry async for entry in self._due(max(first, learned + 1), last, now)]
+        self._learned_until = max(learned, last)
+        if self._shortest is not None and learned >= first:
+            cutoff = now - timedelta(seconds=self._shortest)
+            found += [entry async for entry in self._due(first, learned, now, stored_by=cutoff)]
+        return found
+
+    async def _due(
+        self, start: int, end: int, now: datetime, *, stored_by: datetime | None = None
+    ) -> AsyncIterator[IndexEntry]:
+        """The summaries from ``start`` to ``end`` (stream sequences) that are past their
+        retention, up to the first one stored after ``stored_by``; learns the shortest
+        retention of those read."""
+        while start <= end:
+            page = await reader(self._conn).read(
+                RUNS_STREAM, start=start, batch=min(_PAGE, end - start + 1), headers=True
+            )
             for msg in page.messages:
+                if sequence(msg) > end or (stored_by is not None and stored_at(msg) > stored_by):
+                    return
+                self.read += 1
                 entry = _entry_decoder.decode(msg.data)
-                keep = entry.retention if entry.retention is not None else self.retention
                 if entry.retention is not None and (
                     self._shortest is None or entry.retention < self._shortest
                 ):
                     self._shortest = entry.retention
+                keep = entry.retention if entry.retention is not None else self.retention
                 closed = entry.info.closed_at
                 if (
                     keep is not None
                     and closed is not None
                     and closed + timedelta(seconds=keep) <= now
                 ):
-                    found.append(entry)
-            if len(page.messages) >= page.pending or not page.messages:  # see _reader
-                return found
+                    yield entry
+            if not page.messages:
+                return
             start = page.last_seq + 1
