@@ -4,10 +4,14 @@ so a start folded twice (a redelivery, a restarted engine, another replica) coun
 from __future__ import annotations
 
 import msgspec
+import pytest
 from natflow import Client
+from natflow_engine import _completion
+from natflow_engine._completion import RunHooks
+from natflow_engine._connection import Connection
 from natflow_engine._history import HistoryStore
-from natflow_engine._index import RunIndex
-from natflow_engine._streams import ensure_streams
+from natflow_engine._index import IndexEntry, RunIndex
+from natflow_engine._streams import ensure_streams, runs_subject
 from natflow_engine.events import (
     RunClaimed,
     RunCompleted,
@@ -122,3 +126,68 @@ async def test_a_summary_rewritten_during_a_list_scan_is_listed_once(client: Cli
         ("scan-1", "pending"),
         ("scan-2", "pending"),
     ]
+
+
+async def test_a_replica_that_did_not_fold_a_start_reads_it_at_the_end_only_for_a_hook(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's end folded by a replica that did not fold its start: the index says whether
+    the start names an ``on_complete`` workflow, so the start is read only then (a read by
+    subject: it walks every message stored since the run's start)."""
+    conn = client.connection
+    await ensure_streams(conn)
+    reads: list[str] = []
+    real_run_start = _completion.run_start
+
+    async def run_start(conn: Connection, run_id: str) -> RunStarted | None:
+        reads.append(run_id)
+        return await real_run_start(conn, run_id)
+
+    monkeypatch.setattr(_completion, "run_start", run_start)
+    store = HistoryStore(conn)
+    hooks = {"plain": None, "hooked": "follow_up"}
+    for run_id, target in hooks.items():
+        start = RunStarted(
+            id=f"{run_id}:1", at=utcnow(), workflow="w", queue="q", on_complete=target
+        )
+        seq = await store.append(run_id, start, 0)
+        await RunIndex(conn).apply(run_id, start, seq)  # one replica folds the start
+        end = RunCompleted(id=f"{run_id}:2", at=utcnow(), result=msgspec.Raw(b"1"))
+        end_seq = await store.append(run_id, end, seq)
+        other = RunIndex(conn)  # another replica folds the end
+        await other.apply(run_id, end, end_seq)
+        assert other.may_have_on_complete(run_id) is (target is not None)
+        hooked = other.may_have_on_complete(run_id)
+        await RunHooks(conn).event_folded(run_id, end, hooked=hooked)
+    assert reads == ["hooked"]
+    # A summary written before the index said so: not known, so the start is read.
+    legacy = RunIndex(conn)
+    info = await legacy.get("plain")
+    assert info is not None
+    await conn.publish(runs_subject("old"), msgspec.json.encode(IndexEntry(hseq=1, info=info)))
+    assert await legacy.get("old") is not None
+    assert legacy.may_have_on_complete("old")
+
+
+async def test_a_write_that_meets_another_replicas_calls_the_status_hook_once(
+    client: Client,
+) -> None:
+    conn = client.connection
+    await ensure_streams(conn)
+    now = utcnow()
+    start = RunStarted(id="race:1", at=now, workflow="w", queue="q")
+    claim = RunClaimed(id="race:2", at=now, worker="w1", delivery=1)
+    end = RunCompleted(id="race:3", at=now, result=msgspec.Raw(b"1"))
+    first, second = RunIndex(conn), RunIndex(conn)
+    await first.apply("race", start, 1)
+    await second.apply("race", claim, 2)  # the first replica's cached summary is now stale
+    told: list[tuple[str | None, str, int]] = []
+
+    async def on_status(previous: str | None, info: object, hseq: int) -> None:
+        told.append((previous, getattr(info, "status", "?"), hseq))
+
+    done = await first.apply("race", end, 3, on_status)  # meets the claim, reads, again
+    assert done is not None and done.status == "completed"
+    assert told == [("pending", "completed", 3)]  # not again as ("running", "completed", 3)
+    info = await RunIndex(conn).get("race")
+    assert info is not None and info.status == "completed" and info.worker == "w1"

@@ -99,13 +99,15 @@ class RunHooks:
     async def status_changed(self, previous: str | None, info: RunInfo, hseq: int) -> None:
         await publish_status(self._conn, previous, info, hseq)
 
-    async def event_folded(self, run_id: str, event: Event) -> None:
+    async def event_folded(self, run_id: str, event: Event, *, hooked: bool = True) -> None:
+        """``hooked``: False when the run index says the run's start names no
+        ``on_complete`` workflow (so a replica that did not fold the start need not read it)."""
         if isinstance(event, RunStarted):
             self._remember(run_id, event)
         elif isinstance(event, RestartSeeded):
             await self._start_restarted(run_id)
         else:
-            await self._on_complete(run_id, event)
+            await self._on_complete(run_id, event, hooked)
 
     def _remember(self, run_id: str, start: RunStarted) -> None:
         queue = start.on_complete_queue or "default"
@@ -114,11 +116,13 @@ class RunHooks:
         while len(self._starts) > _KNOWN_STARTS:
             self._starts.popitem(last=False)
 
-    async def _on_complete(self, run_id: str, event: Event) -> None:
+    async def _on_complete(self, run_id: str, event: Event, hooked: bool) -> None:
         if not isinstance(event, RunCompleted | RunFailed | RunCancelled | RunTerminated):
             return
         known = self._starts.pop(run_id, None)
         if known is None:
+            if not hooked:
+                return
             start = await run_start(self._conn, run_id)
             if start is None:
                 return

@@ -270,7 +270,8 @@ class Engine:
             if isinstance(event, TERMINAL_EVENTS):
                 await self._tell_parent(run_id, event, info)
                 await self.limits.run_closed(run_id)
-            await self.hooks.event_folded(run_id, event)
+            hooked = self._index.may_have_on_complete(run_id)
+            await self.hooks.event_folded(run_id, event, hooked=hooked)
         except Exception as exc:
             log.warning(
                 "run %s: engine could not process %s (%s); will retry", run_id, msg.subject, exc

@@ -50,6 +50,9 @@ class IndexEntry(msgspec.Struct, kw_only=True):
     # had one has none in KV to drop when it ends. None: not known (a summary written before
     # this field existed), so the engine looks, as it always did.
     timers: bool | None = None
+    # Whether the run's start names an ``on_complete`` workflow: a replica that did not fold
+    # the start reads it at the run's end only if so. None: not known (an older summary).
+    on_complete: bool | None = None
 
 
 def makes_timer(event: Event) -> bool:
@@ -101,6 +104,7 @@ class RunIndex:
         # A new run has no summary yet: write it expecting none, without reading first (the
         # write is conditional, so one that exists after all sends this round to a read).
         unread = isinstance(event, RunStarted) and run_id not in self._cache
+        told: str | None = None  # the status ``on_status`` was called for
         for _ in range(5):
             current = None if unread else await self._current(run_id)
             entry, seq = current if current is not None else (None, 0)
@@ -109,6 +113,7 @@ class RunIndex:
             previous = entry.info.status if entry is not None else None
             retention = entry.retention if entry is not None else None
             had_timers = entry.timers if entry is not None else False
+            hooked = entry.on_complete if entry is not None else None
             if entry is None and not isinstance(event, RunStarted):
                 # The run's start was taken by an engine that died before folding it (it comes
                 # back only after its ack deadline), or by another replica still at it: fold
@@ -116,19 +121,28 @@ class RunIndex:
                 rebuilt = await self._rebuild(run_id, hseq)
                 if rebuilt is None:
                     return None  # no start stored before this event: nothing to place it on
-                info, retention, had_timers = rebuilt
+                info, start, had_timers = rebuilt
+                retention, hooked = start.retention, start.on_complete is not None
             elif entry is None:
                 assert isinstance(event, RunStarted)
                 info = _first_summary(run_id, event)  # a run_continued too (the index was lost)
-                retention = event.retention
+                retention, hooked = event.retention, event.on_complete is not None
             else:
                 # A copy: should the hook or the write fail, the cached summary is unchanged.
                 info = msgspec.structs.replace(entry.info)
                 apply_event(info, event)
-            if on_status is not None and info.status != previous:
+                if isinstance(event, RunStarted):  # a continuation names its own
+                    hooked = event.on_complete is not None
+            if on_status is not None and info.status not in (previous, told):
                 await on_status(previous, info, hseq)
+                # A write that met another replica's goes round again; the hook's effects
+                # are keyed by ``hseq`` (the lifecycle message id), so a second call for the
+                # same status would be dropped by the server anyway.
+                told = info.status
             has_timers = True if makes_timer(event) else had_timers
-            new = IndexEntry(hseq=hseq, info=info, retention=retention, timers=has_timers)
+            new = IndexEntry(
+                hseq=hseq, info=info, retention=retention, timers=has_timers, on_complete=hooked
+            )
             try:
                 ack = await self._writes.publish(
                     runs_subject(run_id),
@@ -146,10 +160,10 @@ class RunIndex:
         log.warning("run %s: index kept changing under this engine; skipped", run_id)
         return None
 
-    async def _rebuild(self, run_id: str, hseq: int) -> tuple[RunInfo, float | None, bool] | None:
+    async def _rebuild(self, run_id: str, hseq: int) -> tuple[RunInfo, RunStarted, bool] | None:
         """The summary of the run's run-level events up to ``hseq`` (stream sequence), as
-        :meth:`apply` would have folded them one by one; its retention and whether any made a
-        timer. None if no start is stored before it."""
+        :meth:`apply` would have folded them one by one; the run's start, and whether any
+        event made a timer. None if no start is stored before it."""
         page = await reader(self._conn).read_all(
             HISTORY_STREAM, run_level_subject(run_id), headers=True
         )
@@ -165,7 +179,7 @@ class RunIndex:
         for event in folded[1:]:
             apply_event(info, event)
         log.info("run %s: summary rebuilt from %d events of its history", run_id, len(folded))
-        return info, start.retention, any(makes_timer(event) for event in folded)
+        return info, start, any(makes_timer(event) for event in folded)
 
     async def get(self, run_id: str) -> RunInfo | None:
         """The run's summary as the index holds it (None if the index has no entry)."""
@@ -208,6 +222,12 @@ class RunIndex:
         a timer. False when it does not know (nothing cached, or an older summary)."""
         cached = self._cache.get(run_id)
         return cached is not None and cached[0].timers is False
+
+    def may_have_on_complete(self, run_id: str) -> bool:
+        """Whether the run may name an ``on_complete`` workflow: False only when the summary
+        this engine last read or wrote for it says its start names none."""
+        cached = self._cache.get(run_id)
+        return cached is None or cached[0].on_complete is not False
 
     def moved_on_since(self, run_id: str, hseq: int) -> bool:
         """Whether the summary this engine last read or wrote reflects an event of the run
