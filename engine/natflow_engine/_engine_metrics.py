@@ -67,6 +67,9 @@ class EngineMetrics:
 
     Every ``interval`` seconds it reads the task consumers and the worker registry; every
     ``runs_every``-th time it also counts the run index (one read of every run's summary).
+    The first count comes a whole ``runs_every`` rounds after the start, not at it: engine
+    replicas restarted together (a deploy; ``natflow bench`` starts them for each of its
+    phases) would otherwise each read the whole index at once, beside the runs they serve.
     """
 
     def __init__(
@@ -100,9 +103,9 @@ class EngineMetrics:
         await self._workers(queues)
         if self._timers_pending is not None:
             TIMERS_PENDING.set_all({(): float(self._timers_pending())})
+        self.polls += 1
         if self.polls % self._runs_every == 0:
             await self._runs()
-        self.polls += 1
 
     async def _consumers(self) -> list[_ConsumerState]:
         found: list[_ConsumerState] = []

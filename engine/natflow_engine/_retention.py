@@ -20,8 +20,8 @@ leaves its place for the stream's end, and one left in place never changes. A sw
 the summaries written since the last one (each once, to learn the retention it carries), and
 of the older ones only those stored before the shortest retention known: a summary is
 written when its run closes or later, so a newer one cannot be due yet. An engine's first
-sweep reads everything once. Open runs and runs kept longer than the shortest retention are
-read again at each sweep once they are that old.
+sweep, a sweep interval after it starts, reads everything once. Open runs and runs kept
+longer than the shortest retention are read again at each sweep once they are that old.
 """
 
 from __future__ import annotations
@@ -182,11 +182,13 @@ class RetentionService:
 
     async def run(self) -> None:
         while True:
+            # A sweep interval after the start, not at it: replicas restarted together would
+            # otherwise each read the whole index at once (see the module docstring).
+            await anyio.sleep(self.sweep_interval())
             try:
                 await self.sweep()
             except NatflowError as exc:
                 log.warning("retention sweep failed (%s); trying again later", exc)
-            await anyio.sleep(self.sweep_interval())
 
     async def sweep(self) -> int:
         """Delete every closed run past its retention; how many were deleted."""
