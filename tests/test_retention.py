@@ -16,7 +16,7 @@ from natflow_engine._cli import main as cli_main
 from natflow_engine._connection import Connection
 from natflow_engine._engine import DISPATCHER, Engine
 from natflow_engine._index import IndexEntry, RunIndex
-from natflow_engine._retention import RetentionService
+from natflow_engine._retention import RetentionService, purge
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._state import RunInfo
 from natflow_engine._streams import HISTORY_STREAM, RUNS_STREAM, ensure_streams, runs_subject
@@ -267,5 +267,26 @@ async def test_a_rebuilt_index_is_read_again_from_its_start(client: Client) -> N
     conn.streams_ready = False  # as a process that starts after the delete
     await ensure_streams(conn)
     await _index_closed(conn, "rebuilt-due", closed_ago=7200.0)
+    assert await sweeps.sweep() == 1
+    assert not await _indexed(conn, "rebuilt-due")
+
+
+async def test_an_index_rebuilt_larger_than_it_was_is_read_again_from_its_start(
+    client: Client,
+) -> None:
+    conn = client.connection
+    await ensure_streams(conn)
+    sweeps = RetentionService(conn, retention=3600.0)
+    for i in range(3):
+        await _index_closed(conn, f"first-{i}")
+    await sweeps.sweep()
+    await purge(conn, RUNS_STREAM, "natflow.runs.first-0")  # the index's start moves on
+    await sweeps.sweep()
+    await conn.admin("deleting the run index", lambda: conn.jsm.delete_stream(RUNS_STREAM))
+    conn.streams_ready = False
+    await ensure_streams(conn)
+    await _index_closed(conn, "rebuilt-due", closed_ago=7200.0)  # at sequence 1 again
+    for i in range(5):
+        await _index_closed(conn, f"rebuilt-{i}")  # past where the last sweep read to
     assert await sweeps.sweep() == 1
     assert not await _indexed(conn, "rebuilt-due")

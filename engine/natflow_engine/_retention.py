@@ -173,6 +173,7 @@ class RetentionService:
         self._shortest = retention
         # Every summary up to this stream sequence has been read once, for its retention.
         self._learned_until = 0
+        self._first = 0  # the index's first sequence at the last sweep (it only grows)
         self.read = 0  # summaries read by sweeps
 
     def sweep_interval(self) -> float:
@@ -222,8 +223,9 @@ class RetentionService:
         written when, or after, its run closed, so a newer one cannot be due)."""
         now = utcnow()
         first, last = await _bounds(self._conn, RUNS_STREAM)
-        if last < self._learned_until:  # the index was deleted and rebuilt: learn it again
-            self._learned_until = 0
+        if last < self._learned_until or first < self._first:
+            self._learned_until = 0  # the index was deleted and rebuilt: learn it again
+        self._first = first
         learned = self._learned_until
         found = [entry async for entry in self._due(max(first, learned + 1), last, now)]
         self._learned_until = max(learned, last)
