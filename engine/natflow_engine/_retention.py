@@ -91,6 +91,7 @@ class _InfoReply(msgspec.Struct):
 
 _purge_decoder = msgspec.json.Decoder(_PurgeReply)
 _info_decoder = msgspec.json.Decoder(_InfoReply)
+_entry_decoder = msgspec.json.Decoder(IndexEntry)
 
 
 def _api_error(what: str, err: dict[str, object]) -> JetStreamError:
@@ -100,9 +101,6 @@ def _api_error(what: str, err: dict[str, object]) -> JetStreamError:
         int(str(err.get("err_code", 0))),
         str(err.get("description", "")),
     )
-
-
-_entry_decoder = msgspec.json.Decoder(IndexEntry)
 
 
 async def purge(conn: Connection, stream: str, subject: str, *, below: int | None = None) -> int:
