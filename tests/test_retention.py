@@ -214,6 +214,17 @@ async def _index_closed(conn: Connection, run_id: str, closed_ago: float = 0.0) 
     await conn.publish(runs_subject(run_id), msgspec.json.encode(IndexEntry(hseq=1, info=info)))
 
 
+async def _sweeps_over(
+    client: Client, prefix: str, count: int, retention: float = 3600.0
+) -> tuple[Connection, RetentionService]:
+    """Sweeps of an index holding ``count`` runs closed just now, ``<prefix>-<n>``."""
+    conn = client.connection
+    await ensure_streams(conn)
+    for i in range(count):
+        await _index_closed(conn, f"{prefix}-{i}")
+    return conn, RetentionService(conn, retention=retention)
+
+
 async def _indexed(conn: Connection, run_id: str) -> bool:
     return await RunIndex(conn).get(run_id) is not None
 
@@ -221,11 +232,7 @@ async def _indexed(conn: Connection, run_id: str) -> bool:
 async def test_a_sweep_reads_what_was_written_since_the_last_one_not_the_whole_index(
     client: Client,
 ) -> None:
-    conn = client.connection
-    await ensure_streams(conn)
-    sweeps = RetentionService(conn, retention=3600.0)
-    for i in range(5):
-        await _index_closed(conn, f"recent-{i}")
+    conn, sweeps = await _sweeps_over(client, "recent", 5)
     assert await sweeps.sweep() == 0
     assert sweeps.read == 5
     # Nothing new, and nothing stored before the hour that the oldest retention takes.
@@ -256,37 +263,25 @@ async def test_a_summary_read_before_it_was_due_is_deleted_once_it_is(client: Cl
         await wait_for(swept, timeout=10, what=f"run {run_id} deleted once due")
 
 
-async def test_a_rebuilt_index_is_read_again_from_its_start(client: Client) -> None:
-    conn = client.connection
-    await ensure_streams(conn)
-    sweeps = RetentionService(conn, retention=3600.0)
-    for i in range(4):
-        await _index_closed(conn, f"before-{i}")
-    await sweeps.sweep()
+async def _recreate_index(conn: Connection) -> None:
     await conn.admin("deleting the run index", lambda: conn.jsm.delete_stream(RUNS_STREAM))
     conn.streams_ready = False  # as a process that starts after the delete
     await ensure_streams(conn)
-    await _index_closed(conn, "rebuilt-due", closed_ago=7200.0)
-    assert await sweeps.sweep() == 1
-    assert not await _indexed(conn, "rebuilt-due")
 
 
-async def test_an_index_rebuilt_larger_than_it_was_is_read_again_from_its_start(
-    client: Client,
+@pytest.mark.parametrize("larger", [False, True], ids=["smaller", "larger"])
+@pytest.mark.anyio  # set here: conftest's mark comes after parametrizing
+async def test_an_index_deleted_and_rebuilt_is_read_again_from_its_start(
+    client: Client, larger: bool
 ) -> None:
-    conn = client.connection
-    await ensure_streams(conn)
-    sweeps = RetentionService(conn, retention=3600.0)
-    for i in range(3):
-        await _index_closed(conn, f"first-{i}")
+    conn, sweeps = await _sweeps_over(client, "before", 4)
     await sweeps.sweep()
-    await purge(conn, RUNS_STREAM, "natflow.runs.first-0")  # the index's start moves on
-    await sweeps.sweep()
-    await conn.admin("deleting the run index", lambda: conn.jsm.delete_stream(RUNS_STREAM))
-    conn.streams_ready = False
-    await ensure_streams(conn)
+    if larger:  # the index's start had moved on: only its first sequence tells of the rebuild
+        await purge(conn, RUNS_STREAM, runs_subject("before-0"))
+        await sweeps.sweep()
+    await _recreate_index(conn)
     await _index_closed(conn, "rebuilt-due", closed_ago=7200.0)  # at sequence 1 again
-    for i in range(5):
+    for i in range(6 if larger else 0):
         await _index_closed(conn, f"rebuilt-{i}")  # past where the last sweep read to
     assert await sweeps.sweep() == 1
     assert not await _indexed(conn, "rebuilt-due")
