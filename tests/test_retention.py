@@ -51,6 +51,11 @@ async def kept(ctx: WorkflowContext) -> str:
     return "kept"
 
 
+@workflow(name="brief", retention=1)
+async def brief(ctx: WorkflowContext) -> str:
+    return "brief"
+
+
 @asynccontextmanager
 async def engine_with(url: str, retention: float | None) -> AsyncIterator[Engine]:
     own = await Client.connect(url)
@@ -285,3 +290,26 @@ async def test_an_index_deleted_and_rebuilt_is_read_again_from_its_start(
         await _index_closed(conn, f"rebuilt-{i}")  # past where the last sweep read to
     assert await sweeps.sweep() == 1
     assert not await _indexed(conn, "rebuilt-due")
+
+
+async def test_a_workflows_own_retention_applies_within_seconds_of_its_first_run(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    """An engine with no retention of its own sweeps every 5 minutes, and not at once as it
+    starts; a run that carries a shorter retention makes it sweep by that one."""
+    async with (
+        engine_with(nats_server.url, retention=None) as engine,
+        running_worker(client, [brief]),
+    ):
+        await client.start(brief, run_id="brief-1")
+        assert await client.handle("brief-1").result(timeout=20) == "brief"
+
+        async def deleted() -> bool:
+            try:
+                await client.describe("brief-1")
+            except RunNotFound:
+                return True
+            return False
+
+        await wait_for(deleted, timeout=15, what="the run deleted by its own retention")
+        assert engine.retention.deleted == 1

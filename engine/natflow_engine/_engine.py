@@ -272,6 +272,8 @@ class Engine:
                 await self.limits.run_closed(run_id)
             hooked = self._index.may_have_on_complete(run_id)
             await self.hooks.event_folded(run_id, event, hooked=hooked)
+            if isinstance(event, RunStarted):
+                self.retention.learn(event.retention)
         except Exception as exc:
             log.warning(
                 "run %s: engine could not process %s (%s); will retry", run_id, msg.subject, exc

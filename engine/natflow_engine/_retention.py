@@ -10,7 +10,8 @@ still exists and is still closed.
 Retention: ``natflow engine --retention DURATION`` keeps a closed run that long after it
 closed; ``@workflow(retention=...)`` sets a run's own (carried in its ``run_started``, kept
 in its index entry). Each engine replica sweeps the run index now and then (a quarter of the
-shortest retention it knows, between 0.5 s and 60 s; every 5 minutes while it knows none) and
+shortest retention it knows, between 0.5 s and 60 s; every 5 minutes while it knows none; the
+dispatcher tells it each run's own as it folds the run's start) and
 deletes what has outlived its retention; replicas deleting the same run at once do no harm
 (a purge of nothing is fine).
 
@@ -172,6 +173,7 @@ class RetentionService:
         # Every summary up to this stream sequence has been read once, for its retention.
         self._learned_until = 0
         self._first = 0  # the index's first sequence at the last sweep (it only grows)
+        self._shorter = anyio.Event()  # set when a shorter retention is learned between sweeps
         self.read = 0  # summaries read by sweeps
 
     def sweep_interval(self) -> float:
@@ -179,11 +181,21 @@ class RetentionService:
             return IDLE_SWEEP
         return min(MAX_SWEEP, max(MIN_SWEEP, self._shortest / 4))
 
+    def learn(self, retention: float | None) -> None:
+        """A run's own retention, as the dispatcher folds its start: a shorter one than any
+        known shortens the wait for the next sweep at once (not after the idle 5 minutes)."""
+        if retention is not None and (self._shortest is None or retention < self._shortest):
+            self._shortest = retention
+            self._shorter.set()
+
     async def run(self) -> None:
         while True:
             # A sweep interval after the start, not at it: replicas restarted together would
             # otherwise each read the whole index at once (see the module docstring).
-            await anyio.sleep(self.sweep_interval())
+            self._shorter = anyio.Event()
+            with anyio.move_on_after(self.sweep_interval()):
+                await self._shorter.wait()
+                await anyio.sleep(self.sweep_interval())  # the new, shorter one
             try:
                 await self.sweep()
             except NatflowError as exc:
