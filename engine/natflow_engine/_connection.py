@@ -111,14 +111,19 @@ class PubAck(msgspec.Struct):
     count: int = 0  # the messages an atomic batch's commit stored (0: not a batch)
 
 
-class _ApiError(msgspec.Struct):
+class ApiError(msgspec.Struct):
+    """The ``error`` of a JetStream API reply, as decoded with the rest of the reply."""
+
     code: int = 0
     err_code: int = 0
     description: str = ""
 
+    def refusal(self, subject: str) -> JetStreamError:
+        return JetStreamError(subject, self.code, self.err_code, self.description)
+
 
 class _ApiReply(msgspec.Struct):
-    error: _ApiError | None = None
+    error: ApiError | None = None
     stream: str = ""
     seq: int = 0
     duplicate: bool = False
@@ -287,8 +292,7 @@ class Connection:
             raise NoStream(f"no JetStream stream takes {subject!r}") from exc
         reply = _reply_decoder.decode(msg.data)
         if reply.error is not None:
-            err = reply.error
-            raise JetStreamError(subject, err.code, err.err_code, err.description)
+            raise reply.error.refusal(subject)
         return PubAck(
             stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate, count=reply.count
         )

@@ -14,7 +14,7 @@ from typing import Final
 import anyio
 import msgspec
 
-from ._connection import Connection
+from ._connection import ApiError, Connection
 from ._errors import NatflowError
 from ._index import RunIndex
 from ._metrics import (
@@ -49,14 +49,10 @@ class _ConsumerState(msgspec.Struct):
     num_waiting: int = 0
 
 
-class _ApiError(msgspec.Struct):
-    description: str = ""
-
-
 class _ConsumerList(msgspec.Struct):
     total: int = 0
     consumers: list[_ConsumerState] = []
-    error: _ApiError | None = None
+    error: ApiError | None = None
 
 
 _list_decoder = msgspec.json.Decoder(_ConsumerList)

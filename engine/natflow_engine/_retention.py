@@ -35,7 +35,7 @@ from typing import Final
 import anyio
 import msgspec
 
-from ._connection import Connection, JetStreamError
+from ._connection import ApiError, Connection
 from ._errors import NatflowError, RunNotFound
 from ._history import HistoryStore
 from ._index import IndexEntry
@@ -77,7 +77,7 @@ _PARALLEL: Final = 16  # runs deleted at once by a sweep
 class _PurgeReply(msgspec.Struct):
     success: bool = False
     purged: int = 0
-    error: dict[str, object] | None = None
+    error: ApiError | None = None
 
 
 class _StreamState(msgspec.Struct):
@@ -87,21 +87,12 @@ class _StreamState(msgspec.Struct):
 
 class _InfoReply(msgspec.Struct):
     state: _StreamState | None = None
-    error: dict[str, object] | None = None
+    error: ApiError | None = None
 
 
 _purge_decoder = msgspec.json.Decoder(_PurgeReply)
 _info_decoder = msgspec.json.Decoder(_InfoReply)
 _entry_decoder = msgspec.json.Decoder(IndexEntry)
-
-
-def _api_error(what: str, err: dict[str, object]) -> JetStreamError:
-    return JetStreamError(
-        what,
-        int(str(err.get("code", 0))),
-        int(str(err.get("err_code", 0))),
-        str(err.get("description", "")),
-    )
 
 
 async def purge(conn: Connection, stream: str, subject: str, *, below: int | None = None) -> int:
@@ -113,7 +104,7 @@ async def purge(conn: Connection, stream: str, subject: str, *, below: int | Non
     msg = await conn.request(f"{conn.api}.STREAM.PURGE.{stream}", msgspec.json.encode(request))
     reply = _purge_decoder.decode(msg.data)
     if reply.error is not None:
-        raise _api_error(f"purge {stream} {subject}", reply.error)
+        raise reply.error.refusal(f"purge {stream} {subject}")
     return reply.purged
 
 
@@ -121,7 +112,7 @@ async def _bounds(conn: Connection, stream: str) -> tuple[int, int]:
     """The stream's first and last sequences."""
     reply = _info_decoder.decode((await conn.request(f"{conn.api}.STREAM.INFO.{stream}", b"")).data)
     if reply.error is not None or reply.state is None:
-        raise _api_error(f"stream {stream}", reply.error or {})
+        raise (reply.error or ApiError(description="no stream state")).refusal(f"stream {stream}")
     return reply.state.first_seq, reply.state.last_seq
 
 
