@@ -58,9 +58,20 @@ async def test_a_redelivery_while_the_holder_is_alive_does_not_move_the_run(
 
         lease = await held_in_step_three(client, "redeliver-1")
         # What a consumer leader change does to in-flight tasks: deliver them again.
+        tasks = queue_consumer("default", "crash_counter")
+
+        async def delivered() -> int:
+            info = await client.connection.jsm.consumer_info("NATFLOW_TASKS", tasks)
+            return info.delivered.consumer_seq or 0
+
         for _ in range(6):
+            before = await delivered()
             await client.connection.nc.publish(lease[0].ack_subject, b"-NAK")
-            await anyio.sleep(0.3)
+
+            async def again(before: int = before) -> bool:
+                return await delivered() > before
+
+            await wait_for(again, timeout=10, what="the task delivered again")
         (gates / "redeliver-1").touch()
         assert await handle.result(timeout=30) == {"one": 1, "two": 2, "three": 3}
         history = await client.history("redeliver-1")
@@ -210,7 +221,13 @@ async def test_killing_stream_and_consumer_leaders_under_load_loses_and_repeats_
                     what=f"the leader of {consumer or stream}",
                 )
                 by_name[leader].kill()  # with steps in flight
-                await anyio.sleep(1.0)
+
+                async def moved(
+                    s: str = stream, c: str | None = consumer, gone: str = leader
+                ) -> bool:
+                    return await _leader(client, s, c) not in (None, gone)
+
+                await wait_for(moved, timeout=30, what=f"a new leader of {consumer or stream}")
                 by_name[leader].start()
             for handle in handles:
                 n = int(handle.run_id.split("-")[1])
