@@ -61,7 +61,7 @@ def _neighbour_warnings(report: BenchReport) -> list[str]:
         f"warning: other processes used {cpu.other:.0f}% of a core during the {name} phase; "
         f"its figures are not representative of an idle machine"
         for name, cpu in phases
-        if cpu.window_s >= MIN_CPU_WINDOW and cpu.other is not None and cpu.other > NEIGHBOUR_CPU
+        if cpu.other is not None and cpu.other > NEIGHBOUR_CPU
     ]
 
 
