@@ -56,6 +56,8 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
     assert report["environment"]["server_version"] != "?"
     # as shipped: the embedded server is natflow's durable configuration, read from /jsz
     assert report["environment"]["durability"].startswith("fsync before every ack")
+    # the bench runs on the loop its workers, engine and clients run on: uvloop, installed
+    assert report["environment"]["event_loop"].startswith("uvloop ")
 
     raw = report["raw"]
     assert_stats(raw["publish_rtt_ms"])

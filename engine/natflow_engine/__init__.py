@@ -41,6 +41,7 @@ from ._errors import (
     StepError,
     StepTimeout,
 )
+from ._event_loop import LOOP_ENV, event_loop_name, run_event_loop
 from ._flow_decls import (
     DECLARATION_TTL,
     FlowDeclaration,
@@ -218,6 +219,7 @@ __all__ = [
     "INLINE_BYTES",
     "LIFECYCLE_STREAM",
     "LIMITS_BUCKET",
+    "LOOP_ENV",
     "MAX_SLOTS",
     "MAX_VALUE_BYTES",
     "NO_RETRY",
@@ -337,6 +339,7 @@ __all__ = [
     "ensure_rates_bucket",
     "ensure_streams",
     "error_info",
+    "event_loop_name",
     "events",
     "fields",
     "flow_start",
@@ -383,6 +386,7 @@ __all__ = [
     "reserve",
     "restart_run",
     "run_created_at",
+    "run_event_loop",
     "run_id_of",
     "run_level_subject",
     "runs_subject",

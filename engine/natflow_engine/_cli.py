@@ -7,7 +7,6 @@ Commands that need workflow code (``natflow worker``) are contributed by the SDK
 from __future__ import annotations
 
 import argparse
-import asyncio
 import fcntl
 import importlib.metadata
 import logging
@@ -34,6 +33,7 @@ from ._collector import tune_collector
 from ._connection import DEFAULT_URL, Connection, connect, default_url
 from ._engine import Engine
 from ._errors import NatflowError
+from ._event_loop import run_event_loop
 from ._jsz import Jsz, read_jsz
 from ._logs import configure_logging
 from ._metrics import DEFAULT_ENGINE_PORT, serve_metrics
@@ -538,7 +538,7 @@ def _main(argv: list[str] | None) -> int:
         args.url = default_url()
     handler: Handler = args.handler
     try:
-        code = asyncio.run(handler(args))
+        code = run_event_loop(handler(args))
         sys.stdout.flush()
         return code
     except BrokenPipeError:

@@ -22,7 +22,7 @@ import sys
 import time
 
 import msgspec
-from natflow_engine import NatflowError, connect_options
+from natflow_engine import NatflowError, connect_options, run_event_loop
 
 from .._client import Client
 from ._sizes import RUN_STEPS
@@ -91,4 +91,4 @@ def _say(line: bytes) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_main())
+    run_event_loop(_main())  # as the workers it measures against

@@ -219,6 +219,7 @@ class Environment(msgspec.Struct, kw_only=True):
     platform: str
     load_before: float | None  # 1-minute load average when the bench began
     durability: str = "unknown"  # what an acknowledged append survives, from the server's /jsz
+    event_loop: str = "asyncio"  # what the bench's Python processes run on (uvloop or asyncio)
 
 
 class Target(msgspec.Struct, kw_only=True):

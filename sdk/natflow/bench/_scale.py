@@ -92,7 +92,8 @@ def render_scale(report: ScaleReport) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [
         f"natflow bench --scale: nats-server {env.server_version} at {env.server}"
-        f"{' (embedded)' if env.embedded else ''}; Python {env.python}; {env.cpus} CPUs; "
+        f"{' (embedded)' if env.embedded else ''}; Python {env.python} on {env.event_loop}; "
+        f"{env.cpus} CPUs; "
         f"{report.elapsed_s:.0f} s",
         f"durability: {env.durability}",
         f"raw: sync publish round trip p50 {report.raw.publish_rtt_ms.p50:.2f} ms, "

@@ -20,6 +20,7 @@ from natflow_engine import (
     EmbeddedServer,
     NatflowError,
     connect_options,
+    event_loop_name,
     queue_consumer,
     read_jsz,
     record_sync_mode,
@@ -124,6 +125,7 @@ class BenchSession:
             platform=platform.platform(),
             load_before=self._load_before,
             durability=self._durability,
+            event_loop=event_loop_name(),
         )
 
     # -- worker processes ------------------------------------------------------------------

@@ -9,7 +9,6 @@ its peak memory as JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import resource
 import sys
@@ -17,7 +16,7 @@ import time
 from typing import Any
 
 import msgspec
-from natflow_engine import HistoryStore, connect_options
+from natflow_engine import HistoryStore, connect_options, run_event_loop
 
 from .._client import Client
 from .._context import WorkflowContext
@@ -142,7 +141,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    times = asyncio.run(measure_replay(argv[1], argv[2], int(argv[3]), *argv[4:]))
+    times = run_event_loop(measure_replay(argv[1], argv[2], int(argv[3]), *argv[4:]))
     sys.stdout.write(msgspec.json.encode(times).decode() + "\n")
     return 0
 
