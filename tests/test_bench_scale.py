@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 from natflow import InvalidInput
+from natflow._supervisor import process_count
 from natflow.bench._report import Cpu, Throughput, stats
 from natflow.bench._scale import point
 from natflow.bench._sizes import parse_scale, sizes_from
@@ -85,6 +87,15 @@ def test_client_and_engine_counts_must_be_positive() -> None:
     assert sizes_from(argparse.Namespace(**vars(args), clients=3, engines=2)).clients == 3
     with pytest.raises(InvalidInput, match="--engines must be at least 1"):
         sizes_from(argparse.Namespace(**vars(args), clients=None, engines=0))
+
+
+def test_the_throughput_phase_runs_as_many_workers_as_natflow_worker_does() -> None:
+    args = argparse.Namespace(steps=None, runs=None, workers=None, concurrency=None)
+    full = sizes_from(argparse.Namespace(**vars(args), quick=False))
+    assert full.workers == os.cpu_count() == process_count("auto")  # `natflow worker`'s default
+    assert sizes_from(argparse.Namespace(**vars(args), quick=True)).workers == 1
+    chosen = argparse.Namespace(**{**vars(args), "workers": 3}, quick=False)
+    assert sizes_from(chosen).workers == 3
 
 
 def test_bad_scale_on_the_command_line_is_a_clear_error_before_anything_starts() -> None:

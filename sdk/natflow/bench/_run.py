@@ -81,7 +81,11 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=None, help="steps of the sequential run (200)")
     p.add_argument("--runs", type=int, default=None, help="runs of the throughput phase (500)")
     p.add_argument(
-        "--workers", type=int, default=None, help="worker processes in the throughput phase (1)"
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes in the throughput phase (default: one per core, as `natflow "
+        "worker` runs; 1 with --quick)",
     )
     p.add_argument(
         "--clients",

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 
 from natflow_engine import InvalidInput
 
 RUN_STEPS = 3  # steps of each throughput and warm-up run
 IDLE_GAP = 0.05  # seconds between idle round trips and between idle starts
+
+
+def one_per_core() -> int:
+    """Worker processes of the throughput phase: as many as ``natflow worker`` runs by
+    default (``--processes auto``), so the phase measures what that command deploys."""
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -19,7 +26,7 @@ class Sizes:
     raw_async: int = 20_000
     steps: int = 200
     runs: int = 500
-    workers: int = 1
+    workers: int = field(default_factory=one_per_core)
     clients: int = 1  # processes that start and await the throughput phase's runs
     engines: int = 1  # `natflow engine` processes beside the throughput phase's workers
     scale: tuple[int, ...] = ()  # worker counts of a scale-out bench (only raw + throughput)
@@ -36,6 +43,7 @@ class Sizes:
 
 
 QUICK = Sizes(
+    workers=1,
     raw_sync=200,
     raw_async=2000,
     steps=20,
