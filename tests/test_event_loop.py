@@ -10,7 +10,13 @@ import sys
 import warnings
 
 import pytest
-from natflow_engine import LOOP_ENV, InvalidInput, event_loop_name, run_event_loop
+from natflow_engine import (
+    LOOP_ENV,
+    InvalidInput,
+    event_loop_name,
+    run_event_loop,
+    running_loop_name,
+)
 from natflow_engine._event_loop import loop_factory
 
 from tests.test_bench import natflow_command
@@ -20,10 +26,15 @@ async def _loop_module() -> str:
     return type(asyncio.get_running_loop()).__module__
 
 
+async def _named() -> str:
+    return running_loop_name()  # what the worker's and engine's startup lines say
+
+
 def test_uvloop_is_the_default_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(LOOP_ENV, raising=False)
     assert run_event_loop(_loop_module()).startswith("uvloop")
     assert event_loop_name().startswith("uvloop ")
+    assert run_event_loop(_named()) == "uvloop"
 
 
 @pytest.mark.parametrize("value", ["asyncio", " Asyncio "])
@@ -32,6 +43,7 @@ def test_asyncio_on_request(monkeypatch: pytest.MonkeyPatch, value: str) -> None
     assert loop_factory() is None
     assert run_event_loop(_loop_module()).startswith("asyncio")
     assert event_loop_name() == "asyncio"
+    assert run_event_loop(_named()) == "asyncio"
 
 
 def test_a_loop_it_does_not_know_is_refused_naming_the_variable(

@@ -143,6 +143,8 @@ def test_the_wheel_alone_runs_dev_worker_start_and_runs_from_an_empty_folder(
             assert worker.poll() is None, worker_log.read_text()
             assert time.monotonic() < deadline, worker_log.read_text()
             time.sleep(0.1)
+        # uvloop came with the wheel's dependencies, and the command runs on it
+        assert "event loop uvloop)" in worker_log.read_text()
 
         started = run(
             [natflow, "start", "hello", "--input", '{"name": "Ada"}', "--run-id", "w-1", "--wait"],

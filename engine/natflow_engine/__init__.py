@@ -41,7 +41,7 @@ from ._errors import (
     StepError,
     StepTimeout,
 )
-from ._event_loop import LOOP_ENV, event_loop_name, run_event_loop
+from ._event_loop import LOOP_ENV, event_loop_name, run_event_loop, running_loop_name
 from ._flow_decls import (
     DECLARATION_TTL,
     FlowDeclaration,
@@ -389,6 +389,7 @@ __all__ = [
     "run_event_loop",
     "run_id_of",
     "run_level_subject",
+    "running_loop_name",
     "runs_subject",
     "safe_identity",
     "schedule",

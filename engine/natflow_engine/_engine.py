@@ -38,6 +38,7 @@ from ._completion import RunHooks
 from ._connection import Connection
 from ._engine_metrics import EngineMetrics
 from ._errors import NatflowError
+from ._event_loop import running_loop_name
 from ._handoff import Drained
 from ._history import CorruptHistory, HistoryStore
 from ._index import RunIndex, makes_timer
@@ -206,7 +207,7 @@ class Engine:
                 puller.wake()
 
         lanes = self._lanes = Lanes(self._dispatch, depth=_DISPATCH_WINDOW, on_done=room)
-        log.info("engine dispatcher running")
+        log.info("engine dispatcher running (event loop %s)", running_loop_name())
         self.ready.set()
         try:
             async with anyio.create_task_group() as tg:

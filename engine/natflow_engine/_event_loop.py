@@ -68,6 +68,11 @@ def event_loop_name() -> str:
     return f"uvloop {metadata.version('uvloop')}"
 
 
+def running_loop_name() -> str:
+    """The kind of loop this code runs on (``uvloop``, ``asyncio``, ...), for startup logs."""
+    return type(asyncio.get_running_loop()).__module__.split(".", 1)[0]
+
+
 def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` on the loop :func:`loop_factory` picks."""
     try:

@@ -43,6 +43,7 @@ from natflow_engine import (
     prepare_worker,
     queue_consumer,
     queue_paused,
+    running_loop_name,
     safe_identity,
     serve_metrics,
     wake_subject,
@@ -197,11 +198,12 @@ class Worker:
         await declare_triggers(self._conn, self._workflows.values(), self.identity)
         await declare_flow(self._conn, self._workflows.values())
         log.info(
-            "worker %s serving queues %s with workflows %s (lease %g s)",
+            "worker %s serving queues %s with workflows %s (lease %g s, event loop %s)",
             self.identity,
             ", ".join(self.queues),
             ", ".join(sorted(self._workflows)),
             self.lease_ttl,
+            running_loop_name(),
         )
         try:
             async with anyio.create_task_group() as tg:
