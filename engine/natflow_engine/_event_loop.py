@@ -3,10 +3,10 @@ dependency on Linux and macOS), else the standard library's.
 
 uvloop is asyncio's event loop on libuv, in C: the same ``asyncio`` API, so anyio and nats-py
 run on it unchanged, with sockets, callbacks and timers handled outside the interpreter. A
-natflow process spends most of its CPU there (one small message after another), and uvloop
-took 9-10 % off the CPU per run of every Python process together: ``natflow bench --scale 1
---runs 3000 --fast`` on the 2-core VM, three alternating pairs, 1.88-1.97 -> 1.70-1.80 ms of
-CPU per run and 988-1,018 -> 1,056-1,143 runs/s.
+natflow process spends much of its CPU there (one small message after another), and uvloop
+took ~6 % off the CPU per run of all processes together (``natflow bench --scale 1`` on the
+2-core VM, alternating, medians: relaxed, 3,000 runs, five pairs, 1.69 -> 1.60 ms and 1,140
+-> 1,240 runs/s; durable, 2,000 runs, four pairs, 2.22 -> 2.08 ms and 689 -> 734 runs/s).
 
 It applies to the processes the ``natflow`` command starts (worker, engine, dev, console,
 bench and their children). An application that runs a :class:`Worker` or :class:`Client`
