@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from natflow.bench._procs import CpuWindow, cpu_seconds
+from natflow.bench._report import MIN_MACHINE_WINDOW
 
 from tests.procs import gone, kill_all
 from tests.test_worker_processes import children_of
@@ -132,7 +133,7 @@ def test_quick_bench_reports_every_figure_as_json() -> None:
     assert all(isinstance(by_name[name]["met"], bool) for name in always)
 
 
-BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass\ninput()"
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.1: pass\ninput()"
 
 
 def test_a_process_cpu_is_read_to_the_millisecond_not_in_10_ms_ticks() -> None:
@@ -140,15 +141,16 @@ def test_a_process_cpu_is_read_to_the_millisecond_not_in_10_ms_ticks() -> None:
     burner = subprocess.Popen([sys.executable, "-c", BURN], stdin=subprocess.PIPE)
     try:
         window = CpuWindow([burner.pid], server=None)
-        while (used := cpu_seconds(burner.pid)) is not None and used < 0.2:
+        while (used := cpu_seconds(burner.pid)) is not None and used < 0.1:
             time.sleep(0.01)
         cpu = window.stop()
         assert used is not None
         assert abs(used * 100 - round(used * 100)) > 1e-6  # not a whole number of 10 ms ticks
-        assert cpu.workers is not None and cpu.window_s < 1.0
+        assert cpu.workers is not None
         burnt = cpu.workers / 100 * cpu.window_s
-        assert 0.15 < burnt < 0.5  # the interpreter's start-up falls in the window too
-        assert cpu.other is None  # the machine's total counts in ticks: too rough for this
+        assert 0.08 < burnt < 0.5  # the interpreter's start-up falls in the window too
+        if cpu.window_s < MIN_MACHINE_WINDOW:  # (a busy machine may stretch the window)
+            assert cpu.other is None  # the machine's total counts in ticks: too rough
     finally:
         burner.communicate(b"\n", timeout=10)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field, replace
 
 from natflow_engine import InvalidInput
+
+from .._supervisor import process_count
 
 RUN_STEPS = 3  # steps of each throughput and warm-up run
 IDLE_GAP = 0.05  # seconds between idle round trips and between idle starts
@@ -15,7 +16,7 @@ IDLE_GAP = 0.05  # seconds between idle round trips and between idle starts
 def one_per_core() -> int:
     """Worker processes of the throughput phase: as many as ``natflow worker`` runs by
     default (``--processes auto``), so the phase measures what that command deploys."""
-    return os.cpu_count() or 1
+    return process_count("auto")
 
 
 @dataclass(frozen=True)
