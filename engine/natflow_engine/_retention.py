@@ -173,8 +173,9 @@ class RetentionService:
         return min(MAX_SWEEP, max(MIN_SWEEP, self._shortest / 4))
 
     def learn(self, retention: float | None) -> None:
-        """A run's own retention, as the dispatcher folds its start: a shorter one than any
-        known shortens the wait for the next sweep at once (not after the idle 5 minutes)."""
+        """A run's own retention, as the dispatcher folds its start or a sweep reads its
+        summary: a shorter one than any known shortens the wait for the next sweep at once
+        (not after the idle 5 minutes)."""
         if retention is not None and (self._shortest is None or retention < self._shortest):
             self._shortest = retention
             self._shorter.set()
@@ -250,10 +251,7 @@ class RetentionService:
                     return
                 self.read += 1
                 entry = _entry_decoder.decode(msg.data)
-                if entry.retention is not None and (
-                    self._shortest is None or entry.retention < self._shortest
-                ):
-                    self._shortest = entry.retention
+                self.learn(entry.retention)
                 keep = entry.retention if entry.retention is not None else self.retention
                 closed = entry.info.closed_at
                 if (
