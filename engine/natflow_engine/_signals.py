@@ -18,9 +18,10 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Final
 
 import anyio
@@ -417,11 +418,11 @@ class SignalIntake:
 
     async def _nak(self, msgs: list[Msg]) -> None:
         self._held = max(0, self._held - len(msgs))
-        await asyncio.gather(*(_quietly(m.nak(delay=1.0)) for m in msgs))
+        await asyncio.gather(*(_quietly(partial(m.nak, delay=1.0)) for m in msgs))
 
     async def _ack(self, msgs: list[Msg]) -> None:
         self._held = max(0, self._held - len(msgs))
-        await asyncio.gather(*(_quietly(m.ack()) for m in msgs))
+        await asyncio.gather(*(_quietly(m.ack) for m in msgs))
 
     async def _wake(self, run_id: str, signals: list[tuple[Msg, Signal]]) -> None:
         names = ", ".join(sorted({sig.name for _, sig in signals}))
@@ -525,8 +526,10 @@ def _run_token(subject: str) -> str:
     return subject.split(".")[2] if subject.count(".") >= 2 else ""
 
 
-async def _quietly(op: Awaitable[None]) -> None:
+async def _quietly(op: Callable[[], Awaitable[None]]) -> None:
+    # Called here, not by the caller: gather may cancel this before it runs (the service is
+    # stopping), and an acknowledgement made and never awaited would be reported as such.
     try:
-        await op
+        await op()
     except (nats.errors.Error, OSError) as exc:  # it comes back by itself
         log.debug("acknowledgement failed: %s", exc)
