@@ -9,6 +9,7 @@ from datetime import timedelta
 import anyio
 import anyio.lowlevel
 from natflow import Client, WorkflowContext, events, workflow
+from natflow_engine import queue_consumer
 from natflow_engine._cli import main as cli_main
 from natflow_engine._engine import Engine
 from natflow_engine._queues import queue_paused
@@ -156,6 +157,8 @@ async def test_a_paused_queue_starts_no_run_until_resumed(
     # A queue no worker served has no task consumer yet: nothing would hold its pause.
     assert await anyio.to_thread.run_sync(cli, "queues", "pause", "nobody-serves") == 1
     async with running_worker(client, [queued]):
+        # The pause is held by the queue's task consumer, which the worker makes as it starts.
+        await wait_for(lambda: _has_consumer(client, "incidents", queued.name), what="consumer")
         assert await anyio.to_thread.run_sync(cli, "queues", "pause", "incidents") == 0
         assert await queue_paused(client.connection, "incidents")
         handle = await client.start(queued, run_id="queued-1")
@@ -181,6 +184,16 @@ async def test_cli_pauses_and_resumes_a_run(
         assert await anyio.to_thread.run_sync(cli, "runs", "resume", "cli-paused") == 0
         await client.signal("cli-paused", "go", 1)
         assert await handle.result(timeout=20) == 1
+
+
+async def _has_consumer(client: Client, queue: str, workflow_name: str) -> bool:
+    try:
+        await client.connection.jsm.consumer_info(
+            "NATFLOW_TASKS", queue_consumer(queue, workflow_name)
+        )
+    except Exception:
+        return False
+    return True
 
 
 async def _has(client: Client, run_id: str, kind: type) -> bool:

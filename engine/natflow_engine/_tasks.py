@@ -36,7 +36,9 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
     # A new run's task carries its first event and that event's stream sequence, so the
     # worker can claim it without reading history first; if the run has moved on since,
-    # the claim's conditional append fails and the worker reads history after all.
+    # the claim's conditional append fails and the worker reads history after all. The task
+    # of a run whose id the client made is written beside its start: it carries the start
+    # but no sequence (0), and the worker finds the start by its subject.
     start_seq: int = 0  # 0: not inline
     start: msgspec.Raw = msgspec.Raw(b"null")
 
