@@ -1,7 +1,6 @@
 """A new run's claim goes out beside the lookup of its start (``natflow._preclaim``): it
 fences as a claim written after a read would, and one that meets a newer history falls
-back to a whole read. A run whose id the client made has its task written beside its
-start, with no sequence: the worker finds the start by its subject, then claims."""
+back to a whole read."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import pytest
 from natflow import Client, RunCancelled, WorkflowContext, workflow
 from natflow import _preclaim as preclaim_module
 from natflow_engine import HISTORY_STREAM
-from natflow_engine import _runs as runs_module
 from natflow_engine._engine import Engine
 from natflow_engine._history import HistoryStore
 from natflow_engine.events import RunClaimed, RunStarted, StepCompleted, utcnow
@@ -83,50 +81,6 @@ async def test_a_new_runs_start_is_looked_up_by_sequence_not_read_by_subject(
     assert [type(e) for e in events[:2]] == [RunStarted, RunClaimed]
 
 
-async def test_a_fresh_runs_start_is_found_by_its_subject_and_claimed_after_it(
-    client: Client, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The task of a run id the client made names no sequence: the worker finds the start
-    as the last message of the run's run-level subject (one lookup in the server's subject
-    index, beside the lease), claims after it, and reads nothing more."""
-    enqueue = runs_module.enqueue
-
-    async def enqueue_once_the_start_is_stored(conn: Any, queue: str, task: Any) -> bool:
-        # Here the start is stored first, as it nearly always is: the worker's lookup is
-        # then sure to find it (a task that comes first is test_start_unseen's case).
-        async def stored() -> bool:
-            return await HistoryStore(conn).find_start(task.run_id) is not None
-
-        await wait_for(stored, what="the start")
-        return await enqueue(conn, queue, task)
-
-    monkeypatch.setattr(runs_module, "enqueue", enqueue_once_the_start_is_stored)
-    async with running_worker(client, [two_steps]) as worker:
-        found: list[Any] = []
-        reads: list[str] = []
-        find_start, read = worker._store.find_start, worker._store.read
-
-        async def recorded_find(run_id: str) -> Any:
-            found.append(await find_start(run_id))
-            return found[-1]
-
-        async def recorded_read(run_id: str, **kwargs: Any) -> Any:
-            reads.append(run_id)
-            return await read(run_id, **kwargs)
-
-        monkeypatch.setattr(worker._store, "find_start", recorded_find)
-        monkeypatch.setattr(worker._store, "read", recorded_read)
-        handle = await client.start(two_steps, 1)
-        assert await handle.result(timeout=10) == 3
-    assert len(found) == 1 and found[0] is not None
-    assert [type(e) for e in found[0].events] == [RunStarted]
-    assert reads == []
-    events = await client.history(handle.run_id)
-    assert [type(e) for e in events[:2]] == [RunStarted, RunClaimed]
-    assert [e.worker for e in events if isinstance(e, RunClaimed)] == [worker.identity]
-    assert sum(isinstance(e, StepCompleted) for e in events) == _STEPS
-
-
 async def test_a_start_lookup_accepts_only_the_runs_own_first_start(client: Client) -> None:
     store = HistoryStore(client.connection)
     await client.start(two_steps, 1, run_id="pre-6")
@@ -138,14 +92,9 @@ async def test_a_start_lookup_accepts_only_the_runs_own_first_start(client: Clie
     assert [type(e) for e in found.events] == [RunStarted]
     assert await store.read_start("pre-6", other) is None  # another run's start
     assert await store.read_start("pre-6", other + 1000) is None  # nothing stored there
-    by_subject = await store.find_start("pre-6")  # the last run-level event: the start
-    assert by_subject is not None and by_subject.last_seq == own
-    assert by_subject.events == found.events
-    assert await store.find_start("pre-6-none") is None  # no run: no start
     claim = RunClaimed(id="pre-6:2", at=utcnow(), worker="w", delivery=1)
     claimed = await store.append("pre-6", claim, own)
     assert await store.read_start("pre-6", claimed) is None  # not a start
-    assert await store.find_start("pre-6") is None  # the run moved on past its start
     # A restart's start is a new run's first event, but it is seeded from the old run's
     # history: it is never taken for a whole history.
     restart = RunStarted(
@@ -153,7 +102,6 @@ async def test_a_start_lookup_accepts_only_the_runs_own_first_start(client: Clie
     )
     seq = await store.append("pre-6-restart", restart, 0)
     assert await store.read_start("pre-6-restart", seq) is None
-    assert await store.find_start("pre-6-restart") is None
 
 
 async def test_a_claim_that_meets_a_newer_history_falls_back(

@@ -228,22 +228,16 @@ class HistoryStore:
         )
         if msg is None or (msg.headers or {}).get("Nats-Subject") != run_level_subject(run_id):
             return None
-        return _first_start(run_id, msg, seq)
-
-    async def find_start(self, run_id: str) -> History | None:
-        """The run's start, found as the last of its run-level events, as a history that ends
-        there; None if that event is not the run's first start (the run moved on, has no
-        start yet, or was restarted). As with :meth:`read_start`, only a claim appended
-        conditionally on the returned sequence proves nothing follows it."""
-        subject = run_level_subject(run_id)
-        msg = await retrying(
-            f"reading run {run_id}",
-            lambda: self._reader.get_last(HISTORY_STREAM, subject),
-            budget=self.retry_budget,
-        )
-        if msg is None or (msg.headers or {}).get("Nats-Subject") != subject:
+        try:
+            event = decode_event(msg.data)
+        except msgspec.DecodeError:
+            return None  # the whole read names the bad event
+        # Only a brand-new run's start is written with nothing before it (``Runs.start``
+        # appends it expecting no event). A continuation (a RunStarted subclass) follows
+        # older step events of its run.
+        if type(event) is not RunStarted or event.restarted_from:
             return None
-        return _first_start(run_id, msg, _seq_of(msg))
+        return History(run_id, [event], last_seq=seq)
 
     async def _read(self, run_id: str, lenient: bool) -> History:
         placed = await read_by_level(self._reader, run_id)
@@ -284,20 +278,6 @@ def current_stretch(events: list[Event]) -> list[Event]:
         if type(events[at]) is RunContinued:
             return events[at:]
     return events
-
-
-def _first_start(run_id: str, msg: Msg, seq: int) -> History | None:
-    """``msg`` (stored at ``seq``) as the history of a brand-new run, if it is its start."""
-    try:
-        event = decode_event(msg.data)
-    except msgspec.DecodeError:
-        return None  # the whole read names the bad event
-    # Only a brand-new run's start is written with nothing before it (``Runs.start``
-    # appends it expecting no event). A continuation (a RunStarted subclass) follows
-    # older step events of its run.
-    if type(event) is not RunStarted or event.restarted_from or seq <= 0:
-        return None
-    return History(run_id, [event], last_seq=seq)
 
 
 def _seq_of(msg: Msg) -> int:

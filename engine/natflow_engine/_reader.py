@@ -111,12 +111,6 @@ class BatchReader:
         page = await self._request(stream, {"seq": seq}, single=True)
         return page.messages[0] if page.messages else None
 
-    async def get_last(self, stream: str, subject: str) -> Msg | None:
-        """The last message on ``subject`` (a literal subject), headers included, or None if
-        it has none: one lookup in the server's index of subjects."""
-        page = await self._request(stream, {"last_by_subj": subject}, single=True)
-        return page.messages[0] if page.messages else None
-
     async def read(
         self,
         stream: str,

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Coroutine
 from datetime import datetime
-from typing import Any
 
 import msgspec
 
@@ -21,7 +18,7 @@ from ._sealing import open_events, seal
 from ._site_index import site_run
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
 from ._streams import ensure_streams
-from ._tasks import Task, enqueue
+from ._tasks import Task, enqueue, send_start_task
 from ._values import check_value_size, load_event, load_events
 from .events import (
     Event,
@@ -37,40 +34,6 @@ from .events import (
 log = logging.getLogger("natflow.runs")
 
 _INLINE_START = 16 * 1024  # a larger start event is read from history instead
-
-
-def _start_task(run_id: str, start: RunStarted, seq: int) -> Task:
-    """A new run's task, with its start inline where it is small enough; ``seq``: the start's
-    stream sequence, 0 for a task written beside its start (the worker looks it up)."""
-    encoded = encode_event(start)
-    inline = len(encoded) <= _INLINE_START
-    return Task(
-        run_id=run_id,
-        workflow=start.workflow,
-        reason="start",
-        start_seq=seq if inline else 0,
-        start=msgspec.Raw(encoded if inline else b"null"),
-    )
-
-
-async def _together(first: Awaitable[object], second: Coroutine[Any, Any, object]) -> None:
-    """Two writes made at once, each to its end whatever the other does (neither can be
-    taken back); the first's error, else the second's, is raised."""
-    other = asyncio.ensure_future(second)  # one task, not gather's two: this is every start
-    other.add_done_callback(_retrieved)
-    try:
-        await first
-    finally:
-        if not other.done():
-            await asyncio.wait([other])
-    other.result()
-
-
-def _retrieved(task: asyncio.Future[object]) -> None:
-    # Read where the first write's error is the one raised (or the caller was cancelled),
-    # so asyncio does not log the second's as never retrieved.
-    if not task.cancelled():
-        task.exception()
 
 
 def new_run_id() -> str:
@@ -107,12 +70,10 @@ class Runs:
         An existing run of another workflow is :class:`NatflowError` naming both.
 
         The run is created by a conditional append that expects the run to have no history,
-        so two starts of one id make one run. Then its task is enqueued; if this process dies
-        in between, the engine's dispatcher enqueues it (a start is never lost). A run id
-        made here is new to the server, so its start and its task go out together, one round
-        trip where a chosen id takes two (the task then names no sequence: the worker reads
-        the start, as it reads any run, and looks again a moment later if the task came
-        first).
+        so two starts of one id make one run. Then its task is written, without waiting for
+        its acknowledgement (one round trip for ``start()``, not two): if this process dies
+        in between, or the task's write is lost, the engine's dispatcher enqueues it (a start
+        is never lost).
         ``trace_context`` is the W3C trace context of the starter's span, kept in history.
         ``on_complete`` is ``(workflow, queue)`` of the run to start when this one closes;
         ``retention`` the seconds this run is kept once closed (None: the engine's setting);
@@ -121,7 +82,6 @@ class Runs:
         cell the run takes its input from; ``priority`` orders it among runs waiting for a
         concurrency slot (None: its workflow's default) (README "Flow control").
         """
-        fresh = run_id is None
         run_id = check_run_id(run_id if run_id is not None else new_run_id())
         check_workflow_name(workflow)
         check_queue(queue)
@@ -151,33 +111,30 @@ class Runs:
             priority=priority,
         )
         try:
-            if fresh and not_before is None:
-                task = _start_task(run_id, event, 0)
-                await _together(
-                    self.history.append(run_id, event, 0), enqueue(self.conn, queue, task)
-                )
-                return run_id, True
             seq = await self.history.append(run_id, event, 0)
         except AppendConflict:
-            return await self._started_before(run_id, workflow, not_before)
+            info = await self.describe(run_id)
+            if info.workflow != workflow:
+                raise NatflowError(
+                    f"run {run_id!r} exists as a run of workflow {info.workflow!r}; it cannot "
+                    f"be started as {workflow!r}: use another run id"
+                ) from None
+            if info.status == "pending" and not_before is None:
+                # the first starter may have died before enqueueing
+                await enqueue(self.conn, info.queue, Task(run_id=run_id, workflow=info.workflow))
+            return run_id, False
         if not_before is None:  # a delayed start is woken by the engine's timer
-            await enqueue(self.conn, queue, _start_task(run_id, event, seq))
+            encoded = encode_event(event)
+            inline = len(encoded) <= _INLINE_START
+            task = Task(
+                run_id=run_id,
+                workflow=workflow,
+                reason="start",
+                start_seq=seq if inline else 0,
+                start=msgspec.Raw(encoded if inline else b"null"),
+            )
+            await send_start_task(self.conn, queue, task)
         return run_id, True
-
-    async def _started_before(
-        self, run_id: str, workflow: str, not_before: datetime | None
-    ) -> tuple[str, bool]:
-        """A start of an id that has a run: that run, unless it is another workflow's."""
-        info = await self.describe(run_id)
-        if info.workflow != workflow:
-            raise NatflowError(
-                f"run {run_id!r} exists as a run of workflow {info.workflow!r}; it cannot "
-                f"be started as {workflow!r}: use another run id"
-            ) from None
-        if info.status == "pending" and not_before is None:
-            # the first starter may have died before enqueueing
-            await enqueue(self.conn, info.queue, Task(run_id=run_id, workflow=info.workflow))
-        return run_id, False
 
     async def events(self, run_id: str) -> list[Event]:
         """The run's events; one that does not decode is left out (and logged)."""

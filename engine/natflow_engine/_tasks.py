@@ -15,11 +15,13 @@ from collections.abc import Sequence
 from typing import Final
 
 import msgspec
+import nats.errors
 from nats.js import api
 
 from ._connection import ERR_MAX_MSGS_PER_SUBJECT, Connection, JetStreamError, retrying
 from ._puller import Puller
 from ._reader import reader
+from ._start_watch import START_GRACE
 from ._streams import TASK_PREFIX, TASK_STREAM, queue_consumer, task_subject, workflow_token
 
 log = logging.getLogger("natflow.tasks")
@@ -36,9 +38,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
     # A new run's task carries its first event and that event's stream sequence, so the
     # worker can claim it without reading history first; if the run has moved on since,
-    # the claim's conditional append fails and the worker reads history after all. The task
-    # of a run whose id the client made is written beside its start: it carries the start
-    # but no sequence (0), and the worker finds the start by its subject.
+    # the claim's conditional append fails and the worker reads history after all.
     start_seq: int = 0  # 0: not inline
     start: msgspec.Raw = msgspec.Raw(b"null")
 
@@ -71,6 +71,28 @@ async def enqueue(conn: Connection, queue: str, task: Task) -> bool:
             raise
 
     return await retrying(f"enqueueing run {task.run_id}", attempt)
+
+
+async def send_start_task(conn: Connection, queue: str, task: Task) -> None:
+    """Write a new run's task (its start stored already) without waiting for the stream's
+    acknowledgement: the start's write is the one its caller waits for.
+
+    Nothing is lost if this write is: the engine's dispatcher holds every start it reads
+    until the run moves on, and enqueues the task of one still alone after
+    ``START_GRACE`` (``natflow_engine._start_watch``), as for a starter that died before
+    writing it. So a refusal (the run's task pending already), a write the connection drops
+    or a denied subject costs that run a few seconds, never the start.
+    """
+    subject = task_subject(queue, task.workflow, task.run_id)
+    try:
+        await conn.nc.publish(subject, _task_encoder.encode(task))
+    except nats.errors.Error as exc:
+        log.warning(
+            "run %s: its task was not sent (%s); the engine enqueues it within %.0f s",
+            task.run_id,
+            exc,
+            START_GRACE,
+        )
 
 
 async def queued(conn: Connection, tasks: Sequence[tuple[str, str, str]]) -> set[str]:

@@ -1,7 +1,6 @@
 """Claiming a new run while its start is read: one round trip where there were two.
 
-A new run's task carries its ``run_started`` and, where the start was appended before the
-task was written (a run id its caller chose), that event's stream sequence. The worker
+A new run's task carries its ``run_started`` and that event's stream sequence. The worker
 does not take the task's word for it (the task is a hint, never the truth), but it need not
 read the run's history first either: the claim is a conditional append that expects the
 start's sequence as the run's last, so it succeeds only while the run has nothing after its
@@ -15,11 +14,6 @@ and one stored after it finds the lease, so the engine nudges this worker
 (``natflow_engine._wake``). Looked before the lease, a signal stored in between would reach
 no one: the engine finds the task in flight and no holder to nudge.
 
-A task written beside its start (a run id the client made, ``Runs.start``) cannot name the
-start's sequence: :func:`find_and_claim` finds the start as the run's last run-level event
-(one lookup in the server's subject index) while the lease is written, then sends the claim,
-conditional on that sequence, and the look together.
-
 Whatever the lookup shows, the claim stays valid (it says "this worker holds the run", not
 what the run is): the execution is built from history. A claim that meets a newer history,
 or a lookup that does not find this run's start, falls back to the ordinary path (a whole
@@ -29,12 +23,10 @@ read).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
-import msgspec
 from natflow_engine import (
     AppendConflict,
     Connection,
@@ -63,14 +55,13 @@ class Preclaim:
 # the task back having written nothing (a claim with no progress counts toward poisoning
 # once its worker is gone).
 _SPECIAL_VALUE = b'{"$natflow_'
-_NO_START = msgspec.Raw(b"null")
 
 
 def inline_start(task: Task, delivery: int) -> RunStarted | None:
     """The task's inline start if the run may be claimed without waiting for the read: a
     first delivery of a new run that starts now (not delayed, not a restart) with an input
     this worker needs nothing more to open."""
-    if delivery != 1 or task.start == _NO_START:
+    if task.start_seq <= 0 or delivery != 1:
         return None
     try:
         start = decode_event(task.start)
@@ -131,63 +122,3 @@ async def read_and_claim(
     # history now shows it and the execution claims anew).
     log.debug("run %s: claim beside the lookup did not hold (seq %d); reading", run_id, seq)
     return await store.read(run_id), None
-
-
-async def find_and_claim(
-    store: HistoryStore,
-    conn: Connection,
-    run_id: str,
-    identity: str,
-    take_lease: Callable[[], Coroutine[Any, Any, object]],
-) -> tuple[History, Preclaim | None]:
-    """As :func:`read_and_claim`, for a task written beside its start, which cannot name the
-    start's sequence: the start is found as the run's last run-level event while the lease
-    is written, then the claim (conditional on its sequence) and the look go out together,
-    the look after the lease as the module docstring asks. Two round trips after the task
-    arrives, one before it (the start's and the task's writes went out at once).
-
-    Returns the history (the start alone) and the claim, or what a whole read shows (with no
-    claim) when the start is not the run's last run-level event (the task came before it;
-    the run moved on) or the claim met a newer history."""
-    found: dict[str, object] = {}
-
-    async def find() -> None:
-        found["history"] = await store.find_start(run_id)
-
-    await _all(find, take_lease)
-    history = found["history"]
-    assert history is None or isinstance(history, History)
-    if history is None:
-        log.debug("run %s: its start is not its last run-level event; reading", run_id)
-        return await store.read(run_id), None
-    claim = RunClaimed(id=f"{run_id}:2", at=utcnow(), worker=identity, delivery=1)
-
-    async def append() -> None:
-        try:
-            found["seq"] = await store.append(run_id, claim, history.last_seq)
-        except AppendConflict:
-            found["seq"] = 0
-
-    async def look() -> None:
-        found["signal"] = await last_signal_seq(conn, run_id)
-
-    await _all(append, look)
-    seq, signal = found["seq"], found["signal"]
-    assert isinstance(seq, int) and isinstance(signal, int)
-    if seq:
-        return history, Preclaim(seq=seq, event=claim, signal_seq=signal)
-    log.debug("run %s: claim after the found start did not hold; reading", run_id)
-    return await store.read(run_id), None
-
-
-async def _all(*calls: Callable[[], Coroutine[Any, Any, object]]) -> None:
-    """Run ``calls`` at once; one that fails raises its own error (not a group)."""
-    try:
-        async with anyio.create_task_group() as tg:
-            for call in calls[1:]:
-                tg.start_soon(call)
-            await calls[0]()
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:  # the worker handles the error, not the group
-            raise group.exceptions[0] from None
-        raise

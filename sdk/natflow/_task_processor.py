@@ -31,7 +31,7 @@ from ._admission import Admitter
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._guard import RunGuard, check_inline_start
 from ._held import Held, quietly
-from ._preclaim import Preclaim, find_and_claim, inline_start, read_and_claim
+from ._preclaim import Preclaim, inline_start, read_and_claim
 from ._run_leases import RunLeases
 from ._steps import StepRuntime
 from ._task_endings import TaskEndings
@@ -153,23 +153,14 @@ class TaskProcessor:
             # of a limited workflow may have to wait for a slot first, unclaimed.
             served = self._workflows.get(inline.workflow) if inline is not None else None
             if served is not None and not served.limits and not self._stopping.is_set():
-                if task.start_seq > 0:
-                    history, preclaimed = await read_and_claim(
-                        self._store,
-                        self._conn,
-                        run_id,
-                        task.start_seq,
-                        self._identity,
-                        lambda: self._leases.take(held),
-                    )
-                else:  # written beside its start (a run id the client made)
-                    history, preclaimed = await find_and_claim(
-                        self._store,
-                        self._conn,
-                        run_id,
-                        self._identity,
-                        lambda: self._leases.take(held),
-                    )
+                history, preclaimed = await read_and_claim(
+                    self._store,
+                    self._conn,
+                    run_id,
+                    task.start_seq,
+                    self._identity,
+                    lambda: self._leases.take(held),
+                )
             else:
                 history = await self._store.read(run_id)
             if not history.events and vouches_for_start(task):
@@ -177,7 +168,7 @@ class TaskProcessor:
         except CorruptHistory as bad:
             await self._endings.hold_corrupt(held, bad)
             return None
-        if task.start_seq > 0 or inline is not None:
+        if task.start_seq > 0:
             check_inline_start(task, history, inline)
         # Sealed values opened for replay: without the key, MissingKey names it and the task
         # goes back untouched for a worker that holds it.

@@ -1,14 +1,12 @@
 """A new run's task that arrives before its start can be read.
 
-A run whose id its caller chose has its start appended (and acknowledged) before its task is
-enqueued; a run whose id the client made has both written at once (``Runs.start``). Either
-way the task and the start live in different streams: a read served by a replica that has
-not applied the start yet (a cluster's direct gets), a task stored before the start written
-beside it, or a start and task that reach the server another way, can show a worker the
-task of a run with no history. The task vouches for the start (its starter wrote or sent the
-start first), so the worker looks again within moments instead of handing the task back for
-a second (or dropping it). A start whose append failed after its task was stored leaves a
-task for no run: after its deliveries it is dropped as such.
+The start is appended (and acknowledged) before its task is enqueued, but the task and the
+start live in different streams: a read served by a replica that has not applied the start
+yet (a cluster's direct gets), or a start and task that reach the server another way, can
+show a worker the task of a run with no history. The task vouches for the start (it was
+written by the starter after the append), so the worker looks again within moments instead
+of handing the task back for a second (or dropping it, for a task whose start was too large
+to carry inline).
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ _PAUSES: Final = (0.002, 0.004, 0.008, 0.016)
 
 
 def vouches_for_start(task: Task) -> bool:
-    """Whether the task was written by the run's starter, with or after its start."""
+    """Whether the task was written by the run's starter, after its start was stored."""
     return task.start_seq > 0 or task.reason == "start"
 
 

@@ -136,16 +136,12 @@ class Throughput(msgspec.Struct, kw_only=True):
 
 
 class StartLatency(msgspec.Struct, kw_only=True):
-    """One-step runs started one at a time on an idle system, ``samples`` with a run id the
-    bench chooses (the figure checked against the target) and as many, in turn with them,
-    with the id ``client.start`` makes (``fresh_``: its start and task go out at once)."""
+    """One-step runs started one at a time on an idle system."""
 
     samples: int
     start_to_first_step_ms: Stats
     start_to_result_ms: Stats
     start_call_ms: Stats  # how long ``await client.start(...)`` took
-    fresh_start_to_first_step_ms: Stats
-    fresh_start_call_ms: Stats
     worker_peak_rss_mib: float | None
 
 

@@ -183,20 +183,7 @@ def _idle_rows(report: BenchReport) -> list[Row]:
             f"raw idle round trip {_ms(rtt.p50)}",
         ),
         ("idle: start to result p50 / p99", _pair(idle.start_to_result_ms), "", "", ""),
-        (
-            "idle: start() call p50",
-            _ms(idle.start_call_ms.p50),
-            f"id made by start(): {_ms(idle.fresh_start_call_ms.p50)}",
-            "",
-            "",
-        ),
-        (
-            "idle: start to first step p50, id made by start()",
-            _ms(idle.fresh_start_to_first_step_ms.p50),
-            "its start and task written at once",
-            "",
-            "",
-        ),
+        ("idle: start() call p50 / p99", _pair(idle.start_call_ms), "", "", ""),
     ]
 
 
