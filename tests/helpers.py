@@ -19,6 +19,7 @@ from natflow.testing import Replayer, ReplayResult
 from natflow_engine import _reader
 from natflow_engine._engine import DISPATCHER
 from natflow_engine._streams import HISTORY_STREAM, stream_configs
+from nats.aio.msg import Msg
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -58,6 +59,21 @@ async def running_worker(
         finally:
             await worker.shutdown(grace=0)
             tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def overheard(client: Client, subject: str) -> AsyncIterator[list[Msg]]:
+    """Every message published on ``subject`` while the block runs (a plain subscription)."""
+    heard: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        heard.append(msg)
+
+    sub = await client.connection.nc.subscribe(subject, cb=keep)
+    try:
+        yield heard
+    finally:
+        await sub.unsubscribe()
 
 
 def spawn_worker(

@@ -17,7 +17,7 @@ from natflow_engine._engine import Engine
 from natflow_engine._history import HistoryStore
 from natflow_engine.events import RunClaimed, RunStarted, StepCompleted, utcnow
 
-from tests.helpers import running_worker, wait_for
+from tests.helpers import overheard, running_worker, wait_for
 
 _STEPS = 2
 
@@ -59,18 +59,11 @@ async def test_a_new_runs_start_is_looked_up_by_sequence_not_read_by_subject(
 ) -> None:
     """A read by subject made the server walk every message stored since the run's start
     (most of its CPU under load); the start's one lookup by sequence does not."""
-    requests: list[dict[str, Any]] = []
-
-    async def seen(msg: Any) -> None:
-        requests.append(json.loads(msg.data))
-
-    sub = await client.connection.nc.subscribe(f"$JS.API.DIRECT.GET.{HISTORY_STREAM}", cb=seen)
-    try:
-        async with running_worker(client, [two_steps]):
-            handle = await client.start(two_steps, 1, run_id="pre-5")
-            assert await handle.result(timeout=10) == 3
-    finally:
-        await sub.unsubscribe()
+    direct_gets = f"$JS.API.DIRECT.GET.{HISTORY_STREAM}"
+    async with overheard(client, direct_gets) as heard, running_worker(client, [two_steps]):
+        handle = await client.start(two_steps, 1, run_id="pre-5")
+        assert await handle.result(timeout=10) == 3
+    requests: list[dict[str, Any]] = [json.loads(m.data) for m in heard]
     by_subject = [r for r in requests if "pre-5" in str(r.get("next_by_subj", ""))]
     assert by_subject == []
     lookups = [r["seq"] for r in requests if set(r) == {"seq"}]

@@ -14,9 +14,8 @@ from natflow_engine import TASK_PREFIX, decode_task
 from natflow_engine._engine import Engine
 from natflow_engine._history import HistoryStore
 from natflow_engine.events import RunClaimed
-from nats.aio.msg import Msg
 
-from tests.helpers import running_worker
+from tests.helpers import overheard, running_worker
 
 
 async def _double(x: int) -> int:
@@ -29,18 +28,9 @@ async def one_step(ctx: WorkflowContext, x: int) -> int:
 
 
 async def test_a_starts_task_asks_for_no_acknowledgement(client: Client) -> None:
-    sent: list[Msg] = []
-
-    async def seen(msg: Msg) -> None:
-        sent.append(msg)
-
-    sub = await client.connection.nc.subscribe(f"{TASK_PREFIX}.>", cb=seen)
-    try:
-        async with running_worker(client, [one_step]):
-            handle = await client.start(one_step, 21, run_id="st-1")
-            assert await handle.result(timeout=10) == 42
-    finally:
-        await sub.unsubscribe()
+    async with overheard(client, f"{TASK_PREFIX}.>") as sent, running_worker(client, [one_step]):
+        handle = await client.start(one_step, 21, run_id="st-1")
+        assert await handle.result(timeout=10) == 42
     assert [m.reply for m in sent] == [""]  # a plain publish: no reply subject, no ack
     task = decode_task(sent[0].data)
     start_seq = (await HistoryStore(client.connection).read("st-1")).last_seq
