@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 PROXY = Path(__file__).resolve().parent / "tcp_proxy.py"
+
+
+def link_port() -> int:
+    """A free loopback port for a link to listen on, below the kernel's range of ephemeral
+    ports: a port from ``bind(0)`` lies in that range, and while the link is cut any outgoing
+    connection may take it as its source port, so the link could not listen there again."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    low = max(low, 12000)
+    for _ in range(500):
+        port = random.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between 10000 and {low}")
 
 
 class Link:
