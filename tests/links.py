@@ -13,10 +13,11 @@ from pathlib import Path
 PROXY = Path(__file__).resolve().parent / "tcp_proxy.py"
 
 
-def link_port() -> int:
-    """A free loopback port for a link to listen on, below the kernel's range of ephemeral
-    ports: a port from ``bind(0)`` lies in that range, and while the link is cut any outgoing
-    connection may take it as its source port, so the link could not listen there again."""
+def free_port() -> int:
+    """A free loopback port below the kernel's range of ephemeral ports, for a server or a
+    link a test stops and starts again: a port from ``bind(0)`` lies in that range, and
+    while nothing listens there any outgoing connection (of this suite's other processes)
+    may take it as its source port, so it could not be listened on again."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):

@@ -14,7 +14,7 @@ from natflow import Client
 from natflow_engine._server import EmbeddedServer, PortInUse
 
 from tests.helpers import wait_for
-from tests.links import Link, link_port
+from tests.links import Link, free_port
 from tests.test_topologies import ports_in, render
 
 SITES_DIR = Path(__file__).resolve().parent.parent / "ops" / "sites"
@@ -38,7 +38,7 @@ def _start(tmp: Path, hub_cluster: bool) -> Sites:
     )
     sources = [*hubs, SITES_DIR / "berlin.conf", SITES_DIR / "paris.conf"]
     ports = ports_in(*sources)
-    proxy = link_port()  # not from the ephemeral range: the link is cut and comes back
+    proxy = free_port()
     servers = []
     for src in sources:
         mapping = dict(ports)

@@ -17,8 +17,7 @@ from natflow_engine._leases import Leases
 from natflow_engine._server import EmbeddedServer
 
 from tests.helpers import spawn_worker, stop, wait_for
-from tests.links import Link, link_port
-from tests.test_topologies import free_port
+from tests.links import Link, free_port
 
 BODIES: Counter[str] = Counter()
 
@@ -43,7 +42,7 @@ async def blip_flow(ctx: WorkflowContext, n: int) -> int:
 @pytest.fixture
 def hub_leaf_link(tmp_path: Path) -> Iterator[tuple[EmbeddedServer, EmbeddedServer, Link]]:
     """A hub, a leaf without JetStream of its own, and a proxy between them."""
-    leaf_port, proxy_port = free_port(), link_port()
+    leaf_port, proxy_port = free_port(), free_port()
     hub_conf = tmp_path / "hub.conf"
     hub_conf.write_text(
         "server_name: hub\nlisten: 127.0.0.1:-1\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,14 +13,9 @@ from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 
 from tests.helpers import wait_for
+from tests.links import free_port
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def render(source: Path, target: Path, ports: dict[int, int], store: Path) -> Path:
