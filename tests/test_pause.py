@@ -9,10 +9,9 @@ from datetime import timedelta
 import anyio
 import anyio.lowlevel
 from natflow import Client, WorkflowContext, events, workflow
-from natflow_engine import queue_consumer
 from natflow_engine._cli import main as cli_main
 from natflow_engine._engine import Engine
-from natflow_engine._queues import queue_paused
+from natflow_engine._queues import queue_consumers, queue_paused
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import utcnow
 
@@ -158,7 +157,7 @@ async def test_a_paused_queue_starts_no_run_until_resumed(
     assert await anyio.to_thread.run_sync(cli, "queues", "pause", "nobody-serves") == 1
     async with running_worker(client, [queued]):
         # The pause is held by the queue's task consumer, which the worker makes as it starts.
-        await wait_for(lambda: _has_consumer(client, "incidents", queued.name), what="consumer")
+        await wait_for(lambda: _served(client, "incidents"), what="its task consumer")
         assert await anyio.to_thread.run_sync(cli, "queues", "pause", "incidents") == 0
         assert await queue_paused(client.connection, "incidents")
         handle = await client.start(queued, run_id="queued-1")
@@ -186,14 +185,9 @@ async def test_cli_pauses_and_resumes_a_run(
         assert await handle.result(timeout=20) == 1
 
 
-async def _has_consumer(client: Client, queue: str, workflow_name: str) -> bool:
-    try:
-        await client.connection.jsm.consumer_info(
-            "NATFLOW_TASKS", queue_consumer(queue, workflow_name)
-        )
-    except Exception:
-        return False
-    return True
+async def _served(client: Client, queue: str) -> bool:
+    """Whether a worker made the queue's task consumers yet (what a pause acts on)."""
+    return bool(await queue_consumers(client.connection, queue))
 
 
 async def _has(client: Client, run_id: str, kind: type) -> bool:
