@@ -1,4 +1,5 @@
-"""A cuttable link between two servers on loopback: a proxy process the test kills and starts."""
+"""Loopback for multi-process tests: ports that stay free to listen on again, and a cuttable
+link between two servers (a proxy process the test kills and starts)."""
 
 from __future__ import annotations
 

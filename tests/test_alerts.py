@@ -30,8 +30,8 @@ from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import send
 
 from tests.helpers import ROOT, spawn_worker, stop, wait_for
+from tests.links import free_port
 from tests.test_metrics import Prometheus, prometheus_tools  # noqa: F401 - a fixture
-from tests.test_worker_startup import free_port
 
 BUILD_ALERTS = ROOT / "ops" / "prometheus" / "build_alerts.py"
 WORKER_TARGET = "tests.workflows_metrics:make_worker"

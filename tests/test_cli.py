@@ -19,7 +19,7 @@ from natflow_engine._streams import ensure_streams
 
 from examples.workflows import WORKFLOWS
 from tests.helpers import ROOT, running_worker, wait_for
-from tests.test_worker_startup import free_port
+from tests.links import free_port
 
 _SCRIPT = Path(sys.executable).parent / "natflow"
 NATFLOW = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "natflow_engine"]

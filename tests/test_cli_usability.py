@@ -25,9 +25,9 @@ from natflow_engine.events import RunStarted
 
 from examples.workflows import WORKFLOWS
 from tests.helpers import ROOT, running_worker, wait_for
+from tests.links import free_port
 from tests.test_cli import NATFLOW, assert_one_clear_error, err_lines, natflow, out
 from tests.test_wheel import write_user_project
-from tests.test_worker_startup import free_port
 
 
 def test_every_command_has_a_description_and_every_option_says_what_it_takes() -> None:

@@ -25,6 +25,7 @@ from natflow_engine._server import EmbeddedServer
 
 from tests.console_helpers import chromium, http, served_console
 from tests.helpers import ROOT, running_worker, stop, wait_for
+from tests.links import free_port
 from tests.workflows_console import GATES, WORKFLOWS, approval, checkout, greet, pipeline
 
 
@@ -224,11 +225,7 @@ async def test_start_form_checks_the_announced_input_schema(
 async def test_access_token_and_natflow_ui(nats_server: EmbeddedServer, tmp_path: Path) -> None:
     """`natflow ui --access-token`: without the token every page says how to get in; with it
     (once, as ?token=) a cookie lets the browser in; the token is never printed."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     secret = "s3cret-console-token"
     log = tmp_path / "ui.log"
     with log.open("wb") as out:
@@ -385,19 +382,10 @@ async def test_terminate_relations_and_dead_letters(console: str, client: Client
     await wait_for(dead_lettered, what="the dead letter")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def test_natflow_dev_serves_the_console(tmp_path: Path) -> None:
     """`natflow dev` starts the server, the engine and the console (--ui-port); Ctrl-C stops
     all three."""
-    nats_port, ui_port = _free_port(), _free_port()
+    nats_port, ui_port = free_port(), free_port()
     config = tmp_path / "nats.conf"
     config.write_text(
         f'listen: 127.0.0.1:{nats_port}\njetstream {{ store_dir: "{tmp_path}/js" }}\n'

@@ -42,7 +42,7 @@ from natflow_engine.events import TimerScheduled
 from prometheus_client import REGISTRY
 
 from tests.helpers import ROOT, spawn_worker, stop, wait_for
-from tests.test_worker_startup import free_port
+from tests.links import free_port
 from tests.workflows_metrics import FLIP_ENV, GATE_ENV
 
 TARGET = "tests.workflows_metrics:make_worker"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
-from tests.test_worker_startup import free_port
+from tests.links import free_port
 
 APP = """
 import engine  # the user's own module of that name, not natflow's

@@ -17,8 +17,8 @@ from natflow_engine._server import EmbeddedServer
 
 from examples.greeting import greet
 from tests.helpers import ROOT, spawn_worker, wait_for
+from tests.links import free_port
 from tests.test_cli import NATFLOW
-from tests.test_worker_startup import free_port
 
 
 def children_of(pid: int) -> set[int]:

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 from pathlib import Path
 
 from natflow import Client
 from natflow_engine._server import EmbeddedServer
 
 from tests.helpers import count_lines, spawn_worker, stop, wait_for
+from tests.links import free_port
 from tests.workflows_proc import COUNTS_ENV, GATE_ENV
 
 RETRY = re.compile(r"retrying in ([0-9.]+) s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_worker_waits_for_a_late_server_then_serves(tmp_path: Path) -> None:
