@@ -222,6 +222,14 @@ class Environment(msgspec.Struct, kw_only=True):
     durability: str = "unknown"  # what an acknowledged append survives, from the server's /jsz
     event_loop: str = "asyncio"  # what the bench's Python processes run on (uvloop or asyncio)
 
+    def describe(self) -> str:
+        """The server, Python and machine, as a report's first line names them."""
+        return (
+            f"nats-server {self.server_version} at {self.server}"
+            f"{' (embedded)' if self.embedded else ''}; Python {self.python} on "
+            f"{self.event_loop}; {self.cpus} CPUs"
+        )
+
 
 class Target(msgspec.Struct, kw_only=True):
     """One of the issue's targets; ``met`` is None where it does not apply to this run."""

@@ -91,10 +91,7 @@ def render_scale(report: ScaleReport) -> str:
     rows = [head, *(_row(p) for p in report.points)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [
-        f"natflow bench --scale: nats-server {env.server_version} at {env.server}"
-        f"{' (embedded)' if env.embedded else ''}; Python {env.python} on {env.event_loop}; "
-        f"{env.cpus} CPUs; "
-        f"{report.elapsed_s:.0f} s",
+        f"natflow bench --scale: {env.describe()}; {report.elapsed_s:.0f} s",
         f"durability: {env.durability}",
         f"raw: sync publish round trip p50 {report.raw.publish_rtt_ms.p50:.2f} ms, "
         f"pipelined {report.raw.pipelined_msgs_per_s:,.0f} msg/s",

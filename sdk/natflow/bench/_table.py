@@ -297,9 +297,7 @@ def _table(report: BenchReport, rows: list[Row]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
 
     lines = [
-        f"natflow bench: nats-server {env.server_version} at {env.server}"
-        f"{' (embedded)' if env.embedded else ''}; Python {env.python} on {env.event_loop}; "
-        f"{env.cpus} CPUs; "
+        f"natflow bench: {env.describe()}; "
         f"load before {_load(env.load_before)}; {report.elapsed_s:.0f} s"
         f"{' (--quick)' if report.quick else ''}",
         f"durability: {env.durability}",
