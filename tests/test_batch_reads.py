@@ -42,8 +42,8 @@ async def test_a_history_one_batch_holds_is_read_in_one_request_per_subject(
     sent = read_requests(monkeypatch)
     history = await store.read("one-batch")
     assert len(history.events) == 6
-    # one request per subject (run-level, step-level), none to find nothing more
-    assert len(sent) == 2, sent
+    # one request per subject (start, run-level, step-level), none to find nothing more
+    assert len(sent) == 3, sent
 
 
 async def test_a_batch_cut_short_is_followed_to_the_end(
@@ -56,7 +56,7 @@ async def test_a_batch_cut_short_is_followed_to_the_end(
     sent = read_requests(monkeypatch)
     history = await store.read("cut-short")
     assert [e.id for e in history.events] == [f"cut-short:{n}" for n in range(1, 11)]
-    assert len(sent) == 4, sent  # the start; its 9 steps in 4 + 4 + 1
+    assert len(sent) == 5, sent  # its start's own subject; the run-level; 9 steps in 4 + 4 + 1
     last = await store.last("cut-short")
     assert last is not None and history.last_seq == last[1]
 

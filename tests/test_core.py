@@ -55,7 +55,7 @@ async def test_three_step_history_is_plain_json(
     # Read with a plain nats-py client: no natflow code.
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    sub = await js.subscribe("natflow.history.three-1.*", ordered_consumer=True)
+    sub = await js.subscribe("natflow.history.three-1.>", ordered_consumer=True)
     events = []
     while True:
         try:

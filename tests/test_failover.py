@@ -14,7 +14,7 @@ from natflow_engine._connection import NoResponders
 from natflow_engine._leases import Lease, Leases
 from natflow_engine._registry import ping_subject
 from natflow_engine._server import EmbeddedServer
-from natflow_engine._streams import queue_consumer
+from natflow_engine._streams import start_consumer
 from natflow_engine._tasks import Task, enqueue
 from natflow_engine.events import RunClaimed, StepCompleted
 
@@ -57,11 +57,13 @@ async def test_a_redelivery_while_the_holder_is_alive_does_not_move_the_run(
         handle = await client.start("crash_counter", 1, run_id="redeliver-1")
 
         lease = await held_in_step_three(client, "redeliver-1")
-        # What a consumer leader change does to in-flight tasks: deliver them again.
-        tasks = queue_consumer("default", "crash_counter")
+        # What a consumer leader change does to in-flight tasks: deliver them again. The
+        # run's delivery is its start, from its start consumer (the lease names its ack).
+        stream, consumer = lease[0].ack_subject.split(".")[2:4]
+        assert (stream, consumer) == ("NATFLOW_HISTORY", start_consumer("default", "crash_counter"))
 
         async def delivered() -> int:
-            info = await client.connection.jsm.consumer_info("NATFLOW_TASKS", tasks)
+            info = await client.connection.jsm.consumer_info(stream, consumer)
             return info.delivered.consumer_seq or 0
 
         for _ in range(6):
@@ -208,7 +210,7 @@ async def test_killing_stream_and_consumer_leaders_under_load_loses_and_repeats_
             handles = []
             victims = [
                 ("NATFLOW_HISTORY", None),
-                ("NATFLOW_TASKS", queue_consumer("default", "chaos_steps")),
+                ("NATFLOW_HISTORY", start_consumer("default", "chaos_steps")),  # new runs
                 ("NATFLOW_HISTORY", None),
             ]
             for round_no, (stream, consumer) in enumerate(victims):

@@ -1,6 +1,7 @@
-"""A new run's task is written without waiting for its acknowledgement (``send_start_task``):
-``start()`` waits for the start's write alone, and a task write that is lost costs the run
-the engine's start grace, never the start."""
+"""Where no worker takes a queue's new runs from history yet (no start consumer), a new run's
+task is written without waiting for its acknowledgement (``send_start_task``): ``start()``
+waits for the start's write alone, and a task write that is lost costs the run the engine's
+start grace, never the start."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ async def one_step(ctx: WorkflowContext, x: int) -> int:
 
 
 async def test_a_starts_task_asks_for_no_acknowledgement(client: Client) -> None:
-    async with overheard(client, f"{TASK_PREFIX}.>") as sent, running_worker(client, [one_step]):
-        handle = await client.start(one_step, 21, run_id="st-1")
-        assert await handle.result(timeout=10) == 42
+    async with overheard(client, f"{TASK_PREFIX}.>") as sent:
+        handle = await client.start(one_step, 21, run_id="st-1")  # before any worker
+        async with running_worker(client, [one_step]):
+            assert await handle.result(timeout=10) == 42
     assert [m.reply for m in sent] == [""]  # a plain publish: no reply subject, no ack
     task = decode_task(sent[0].data)
     start_seq = (await HistoryStore(client.connection).read("st-1")).last_seq
@@ -51,11 +53,11 @@ async def test_a_task_that_is_not_sent_costs_the_run_the_start_grace_not_the_sta
             raise nats.errors.ConnectionClosedError
         await publish(subject, *args, **kwargs)
 
+    monkeypatch.setattr(nc, "publish", no_tasks)
+    with caplog.at_level(logging.WARNING, logger="natflow.tasks"):
+        handle = await client.start(one_step, 4, run_id="st-2")  # before any worker
+    monkeypatch.setattr(nc, "publish", publish)
+    assert any("st-2: its task was not sent" in r.getMessage() for r in caplog.records)
     async with running_worker(client, [one_step]):
-        monkeypatch.setattr(nc, "publish", no_tasks)
-        with caplog.at_level(logging.WARNING, logger="natflow.tasks"):
-            handle = await client.start(one_step, 4, run_id="st-2")
-        monkeypatch.setattr(nc, "publish", publish)
-        assert any("st-2: its task was not sent" in r.getMessage() for r in caplog.records)
         # The engine enqueues the task of a start still alone after its grace (5 s).
         assert await handle.result(timeout=20) == 8

@@ -17,7 +17,7 @@ from natflow_engine._streams import (
     TASK_PREFIX,
     TASK_STREAM,
     ensure_streams,
-    run_level_subject,
+    history_subject,
     task_subject,
 )
 from natflow_engine._tasks import queued
@@ -98,7 +98,7 @@ async def test_a_start_that_comes_back_after_its_run_moved_on_is_not_held(
     await ensure_streams(conn)
     await client.start("nobody-serves-this", 1, run_id="back-1")
     sub = await conn.js.pull_subscribe(
-        run_level_subject("back-1"), "test-back", stream=HISTORY_STREAM
+        history_subject("back-1"), "test-back", stream=HISTORY_STREAM
     )
     (msg,) = await sub.fetch(1, timeout=5)
     start = decode_event(msg.data)
@@ -113,7 +113,7 @@ async def test_a_start_that_comes_back_after_its_run_moved_on_is_not_held(
     # A first delivery, before anything else of its run, is held as before.
     await client.start("nobody-serves-this", 2, run_id="fresh-1")
     sub = await conn.js.pull_subscribe(
-        run_level_subject("fresh-1"), "test-fresh", stream=HISTORY_STREAM
+        history_subject("fresh-1"), "test-fresh", stream=HISTORY_STREAM
     )
     (msg,) = await sub.fetch(1, timeout=5)
     await engine._dispatch("fresh-1", msg)

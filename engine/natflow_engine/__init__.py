@@ -153,6 +153,7 @@ from ._signals import (
 )
 from ._site_index import SiteView, site_views
 from ._sites import check_outbox, check_site, command_signal, command_start
+from ._start_consumers import StartPuller, ensure_start_consumer, start_task
 from ._start_service import request_start
 from ._state import CLOSED_STATUSES, RunInfo, StepInfo, fold_run
 from ._streams import (
@@ -171,6 +172,7 @@ from ._streams import (
     run_id_of,
     run_level_subject,
     runs_subject,
+    start_consumer,
     stored_feed,
     stored_feed_listeners,
     stored_feed_open,
@@ -290,6 +292,7 @@ __all__ = [
     "SignalTimeout",
     "SiteView",
     "Slot",
+    "StartPuller",
     "StepError",
     "StepInfo",
     "StepTimeout",
@@ -337,6 +340,7 @@ __all__ = [
     "enqueue",
     "ensure_consumer",
     "ensure_rates_bucket",
+    "ensure_start_consumer",
     "ensure_streams",
     "error_info",
     "event_loop_name",
@@ -401,7 +405,9 @@ __all__ = [
     "serve_process_metrics",
     "shipped_server",
     "site_views",
+    "start_consumer",
     "start_declared",
+    "start_task",
     "step_attempt",
     "stopping",
     "store_value",

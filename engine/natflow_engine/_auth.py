@@ -66,11 +66,13 @@ from ._streams import (
     SCHEDULES_BUCKET,
     SIGNAL_PREFIX,
     SIGNAL_STREAM,
+    START_TOKEN,
     STORED_PREFIX,
     TASK_PREFIX,
     TASK_STREAM,
     TRIGGERS_BUCKET,
     queue_consumer,
+    start_consumer,
     workflow_token,
 )
 from ._timers import TIMERS_BUCKET
@@ -198,6 +200,9 @@ def role_permissions(
 _Parts = tuple[list[str], list[str], bool]
 
 
+_START_SUBJECTS: Final = f"{HISTORY_PREFIX}.*.{START_TOKEN}.>"  # start_subject()
+
+
 def _control_subject(kind: str) -> str:
     return f"{SIGNAL_PREFIX}.*.{CONTROL_TOKEN}.{kind}"
 
@@ -255,7 +260,13 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
     # RunHandle.result listens for the run's final event on its stored feed (on the history
     # subject itself where the stream does not republish); the console follows the run
     # index live.
-    subscribe = ["_INBOX.>", f"{STORED_PREFIX}.*", f"{HISTORY_PREFIX}.*.*", f"{RUNS_PREFIX}.*"]
+    subscribe = [
+        "_INBOX.>",
+        f"{STORED_PREFIX}.*",
+        f"{HISTORY_PREFIX}.*.*",
+        _START_SUBJECTS,  # a run's whole history, followed live
+        f"{RUNS_PREFIX}.*",
+    ]
     return publish, subscribe, False
 
 
@@ -267,8 +278,12 @@ def _signaller(api: str, kv: str, queues: list[str]) -> _Parts:
 def _client(api: str, kv: str, queues: list[str]) -> _Parts:
     publish, subscribe, _ = _viewer(api, kv, queues)
     publish += [
-        f"{HISTORY_PREFIX}.*.*",  # a start appends the run's first event
-        f"{TASK_PREFIX}.>",  # ... and enqueues its task
+        f"{HISTORY_PREFIX}.*.*",  # a delayed start appends the run's first event
+        _START_SUBJECTS,  # a start that runs now, where its workers take it
+        # ... and enqueues its task where no worker takes its starts from history: which it
+        # looks up (any history consumer's info: a wildcard cannot name a prefix)
+        f"{TASK_PREFIX}.>",
+        f"{api}.CONSUMER.INFO.{HISTORY_STREAM}.*",
         f"{SIGNAL_PREFIX}.*.*",
         *(_control_subject(kind) for kind in CONTROLS),
         f"{EVENT_PREFIX}.>",  # client.emit
@@ -296,6 +311,7 @@ def _frontend(api: str, kv: str, queues: list[str]) -> _Parts:
 
 def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ()) -> _Parts:
     consumers = [queue_consumer(q, w) for q in queues for w in workflows] or ["*"]
+    starts = [start_consumer(q, w) for q in queues for w in workflows] or ["*"]
     tasks = [f"{TASK_PREFIX}.{q}.{workflow_token(w)}.*" for q in queues for w in workflows] or [
         f"{TASK_PREFIX}.>"
     ]
@@ -310,6 +326,8 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
     publish = [
         *_stream_info(api),
         f"{HISTORY_PREFIX}.*.*",
+        _START_SUBJECTS,  # a child run's start
+        f"{api}.CONSUMER.INFO.{HISTORY_STREAM}.*",  # ... and whether its workers take it
         *_direct_get(api, HISTORY_STREAM),
         *_direct_get(api, SIGNAL_STREAM),
         *_direct_get(api, kv_stream(LEASES_BUCKET)),
@@ -333,6 +351,12 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
             f"{api}.CONSUMER.MSG.NEXT.{TASK_STREAM}.{consumer}",
             f"$JS.ACK.{TASK_STREAM}.{consumer}.>",
         ]
+    for consumer in starts:  # new runs, taken from history
+        publish += [
+            f"{api}.CONSUMER.CREATE.{HISTORY_STREAM}.{consumer}.>",
+            f"{api}.CONSUMER.MSG.NEXT.{HISTORY_STREAM}.{consumer}",
+            f"$JS.ACK.{HISTORY_STREAM}.{consumer}.>",
+        ]
     # Pings and wake-ups for this worker's identity; answering a ping needs allow_responses.
     return publish, ["_INBOX.>", "natflow.worker.*.*"], True
 
@@ -345,7 +369,7 @@ def _kv_keys(kv: str, subjects: list[str]) -> list[str]:
 
 def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
     publish = [
-        f"{HISTORY_PREFIX}.*.*",  # the first event of a run a frontend asked for
+        f"{HISTORY_PREFIX}.>",  # the first event of a run a frontend asked for, and purges
         f"{RUNS_PREFIX}.>",
         f"{TASK_PREFIX}.>",
         f"{DEADLETTER_PREFIX}.>",
@@ -372,7 +396,8 @@ def _engine(api: str, kv: str, queues: list[str]) -> _Parts:
             f"$JS.ACK.{stream}.>",  # its own consumers, and a dead worker's task (-NAK)
             f"$JS.FC.{stream}.>",
         ]
-    publish.append(f"{api}.CONSUMER.PAUSE.{TASK_STREAM}.>")  # natflow queues pause|resume
+    # natflow queues pause|resume: the queues' task consumers and start consumers
+    publish.append(f"{api}.CONSUMER.PAUSE.>")
     # Start requests from frontends, answered (allow_responses) to their inboxes.
     return publish, ["_INBOX.>", f"{START_PREFIX}.*"], True
 

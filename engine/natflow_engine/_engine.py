@@ -1,14 +1,15 @@
 """The engine services: stateless processes that keep what is derived from history current.
 
-The dispatcher reads every run-level event (``natflow.history.*.run``: starts, claims,
-timers, status changes; never a step's) through one durable pull consumer shared by all
-engine replicas, processes the events of different runs at once and each run's in stream
-order (``_lanes``), and
+The dispatcher reads every run-level event (``natflow.history.*.run`` and
+``natflow.history.*.start.>``: starts, claims, timers, status changes; never a step's)
+through one durable pull consumer shared by all engine replicas, processes the events of
+different runs at once and each run's in stream order (``_lanes``), and
 
 * folds it into the run index (``natflow.runs.<run_id>``) behind ``client.list``;
-* for a ``run_started`` whose run has done nothing since, makes sure a task exists, so a
-  client that died between creating a run and enqueueing its task loses no start (looked at
-  only once a grace has passed without the run moving on: ``_start_watch``);
+* for a ``run_started`` whose run has done nothing since, makes sure a task exists or a
+  start consumer holds it, so a client that died between creating a run and enqueueing its
+  task loses no start (looked at only once a grace has passed without the run moving on:
+  ``_start_watch``);
 * mirrors timers into the ``natflow_timers`` bucket (see ``_timers``).
 
 Beside it run the reaper (``_reaper``), the limit service (``_limit_service``), the timer
@@ -30,6 +31,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Final
 
 import anyio
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -56,6 +58,7 @@ from ._scheduler import Scheduler
 from ._signals import ChildOutcome, SignalIntake, send_child_outcome
 from ._site_links import site_links
 from ._sites import SiteInbox, check_site, ensure_hub
+from ._start_consumers import held_starts
 from ._start_service import StartService
 from ._start_watch import StartWatch, WatchedStart
 from ._state import RunInfo
@@ -63,9 +66,12 @@ from ._streams import (
     HISTORY_STREAM,
     RUN_LEVEL_EVENTS,
     RUN_LEVEL_FILTER,
+    START_FILTER,
     ensure_streams,
+    is_start_subject,
     record_sync_mode,
     run_id_of,
+    start_subjects,
     step_level_subject,
 )
 from ._tasks import Task, enqueue, queued
@@ -98,7 +104,9 @@ _CHECKS_AT_ONCE: Final = 32  # starts past their grace checked concurrently
 
 def dispatcher_config() -> api.ConsumerConfig:
     return engine_consumer(
-        DISPATCHER, "natflow engine: run index, timers, start dispatch", RUN_LEVEL_FILTER
+        DISPATCHER,
+        "natflow engine: run index, timers, start dispatch",
+        [RUN_LEVEL_FILTER, START_FILTER],
     )
 
 
@@ -267,7 +275,8 @@ class Engine:
                 observe_run(event, info)
             await self._keep_timers(run_id, event, hseq)
             if isinstance(event, RunContinued):  # its rollup dropped the older run-level ones
-                await purge(self._conn, HISTORY_STREAM, step_level_subject(run_id), below=hseq)
+                for older in (step_level_subject(run_id), start_subjects(run_id)):
+                    await purge(self._conn, HISTORY_STREAM, older, below=hseq)
             if isinstance(event, TERMINAL_EVENTS):
                 await self._tell_parent(run_id, event, info)
                 await self.limits.run_closed(run_id)
@@ -360,16 +369,34 @@ class Engine:
         for one just taken: its worker claims the run, or leaves it to the limit service.
         That is what a refused enqueue showed before (``_ensure_task``)."""
         try:
+            # A start its workers read from history is theirs while their start consumer
+            # holds it (pending, or in a worker's hands), as a task would be.
+            held = await held_starts(
+                self._conn,
+                [
+                    (
+                        w.start.queue,
+                        w.start.workflow,
+                        w.msg.metadata.sequence.stream,
+                        w.msg.metadata.timestamp.timestamp(),
+                    )
+                    for w in due
+                    if is_start_subject(w.msg.subject)
+                ],
+            )
             have = await queued(
                 self._conn, [(w.start.queue, w.start.workflow, w.run_id) for w in due]
             )
-        except NatflowError as exc:  # an older server or stream: each is checked alone
+        except (NatflowError, nats.errors.Error) as exc:  # an older server: each alone
             log.debug("could not look up the tasks of %d starts (%s)", len(due), exc)
             return due
+        left = []
         for watched in due:
-            if watched.run_id in have:
+            if watched.run_id in have or watched.msg.metadata.sequence.stream in held:
                 await _quietly(watched.msg.ack())
-        return [w for w in due if w.run_id not in have]
+            else:
+                left.append(watched)
+        return left
 
     async def _tell_parent(self, run_id: str, event: Event, info: RunInfo | None) -> None:
         """A closed child run's outcome goes to its parent as a ``$child`` signal, which

@@ -28,6 +28,7 @@ from ._metrics import (
     RUN_STATUSES,
     RUNS_BY_STATUS,
     SIGNALS_REJECTED,
+    START_CONSUMER_PREFIX,
     TAKEOVERS,
     TIMERS_PENDING,
     WORKERS_LIVE,
@@ -35,7 +36,7 @@ from ._metrics import (
 )
 from ._registry import list_workers
 from ._state import RunInfo
-from ._streams import TASK_STREAM
+from ._streams import HISTORY_STREAM, TASK_STREAM
 from .events import utcnow
 
 log = logging.getLogger("natflow.metrics")
@@ -103,15 +104,15 @@ class EngineMetrics:
         if self.polls % self._runs_every == 0:
             await self._runs()
 
-    async def _consumers(self) -> list[_ConsumerState]:
+    async def _consumers(self, stream: str) -> list[_ConsumerState]:
         found: list[_ConsumerState] = []
         while True:
             body = msgspec.json.encode({"offset": len(found)})
-            subject = f"{self._conn.api}.CONSUMER.LIST.{TASK_STREAM}"
+            subject = f"{self._conn.api}.CONSUMER.LIST.{stream}"
             msg = await self._conn.request(subject, body)
             page = _list_decoder.decode(msg.data)
             if page.error is not None:
-                raise NatflowError(f"cannot list task consumers: {page.error.description}")
+                raise NatflowError(f"cannot list {stream}'s consumers: {page.error.description}")
             found.extend(page.consumers)
             if not page.consumers or len(found) >= page.total:
                 return found
@@ -121,11 +122,16 @@ class EngineMetrics:
         acks: dict[tuple[str, ...], float] = {}
         redelivered: dict[tuple[str, ...], float] = {}
         waiting: dict[tuple[str, ...], float] = {}
-        for c in await self._consumers():
-            if not c.name.startswith(QUEUE_CONSUMER_PREFIX):
+        # A queue's backlog is its tasks and its new runs' starts not yet taken.
+        found = [(c, QUEUE_CONSUMER_PREFIX) for c in await self._consumers(TASK_STREAM)] + [
+            (c, START_CONSUMER_PREFIX) for c in await self._consumers(HISTORY_STREAM)
+        ]
+        for c, prefix in found:
+            if not c.name.startswith(prefix):
                 continue
-            # natflow-queue-<queue>~<workflow>: one consumer per workflow, summed per queue
-            key = (c.name[len(QUEUE_CONSUMER_PREFIX) :].partition("~")[0],)
+            # natflow-queue-<queue>~<workflow> (and natflow-start-): one consumer per
+            # workflow, summed per queue
+            key = (c.name[len(prefix) :].partition("~")[0],)
             TAKEOVERS.labels(key[0], "reaped")
             pending[key] = pending.get(key, 0.0) + c.num_pending
             acks[key] = acks.get(key, 0.0) + c.num_ack_pending

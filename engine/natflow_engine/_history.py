@@ -2,7 +2,7 @@
 
 This module is the one write path to history. Every append carries the run's expected last
 sequence (``Nats-Expected-Last-Subject-Sequence``, checked against all of the run's subjects,
-``natflow.history.<run_id>.*``: see ``_streams``) and a
+``natflow.history.<run_id>.>``: see ``_streams``) and a
 ``Nats-Msg-Id`` unique to this append (the event id plus a nonce), so a retry deduplicates and
 a writer can tell its own landed append from another writer's event at the same position.
 The expected sequence is also the fencing token: a writer that read an older history, such as
@@ -31,11 +31,26 @@ from ._errors import NatflowError
 from ._level_read import read_by_level
 from ._reader import reader
 from ._sealing import seal_event
-from ._streams import HISTORY_STREAM, event_subject, history_subject, run_level_subject
+from ._streams import (
+    HISTORY_STREAM,
+    event_subject,
+    history_subject,
+    is_start_subject,
+    run_id_of,
+    run_level_subject,
+)
 from ._values import store_event
 from .events import Event, RunContinued, RunStarted, decode_event, encode_event, unpacked
 
 log = logging.getLogger("natflow.history")
+
+
+def _start_of(run_id: str, subject: str) -> bool:
+    """Whether a start stored on ``subject`` is ``run_id``'s: on its start subject, or (a
+    delayed start, an older natflow's) on its run-level subject."""
+    return subject == run_level_subject(run_id) or (
+        is_start_subject(subject) and run_id_of(subject) == run_id
+    )
 
 
 class _Nonces:
@@ -116,9 +131,18 @@ class HistoryStore:
     # -- appends ---------------------------------------------------------------------------
 
     async def append(
-        self, run_id: str, event: Event, expected_seq: int, *, rollup: bool = False
+        self,
+        run_id: str,
+        event: Event,
+        expected_seq: int,
+        *,
+        rollup: bool = False,
+        subject: str | None = None,
     ) -> int:
         """Append ``event`` if the run's last sequence is still ``expected_seq``.
+
+        ``subject``: where to store it, if not where its kind goes (a start that its workers
+        take from history: ``start_subject``).
 
         With ``rollup`` the event replaces the run's whole history in the same step
         (``Nats-Rollup: sub``; continue-as-new), fenced by ``expected_seq`` like any append.
@@ -131,7 +155,7 @@ class HistoryStore:
         # Sealed, then a large value stored by reference (the object before the history).
         stored = await store_event(self._conn, seal_event(self._conn.codec, event), run_id)
         data = encode_event(stored)
-        subject = event_subject(run_id, str(event.__struct_config__.tag))
+        subject = subject or event_subject(run_id, str(event.__struct_config__.tag))
         msg_id = f"{event.id}:{_nonces.next()}"
         headers = {
             "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
@@ -226,7 +250,7 @@ class HistoryStore:
             lambda: self._reader.get(HISTORY_STREAM, seq),
             budget=self.retry_budget,
         )
-        if msg is None or (msg.headers or {}).get("Nats-Subject") != run_level_subject(run_id):
+        if msg is None or not _start_of(run_id, (msg.headers or {}).get("Nats-Subject", "")):
             return None
         try:
             event = decode_event(msg.data)

@@ -1,6 +1,7 @@
 """The run index behind ``list``: the latest summary of each run, a projection of history.
 
-The engine folds every run-level event (``natflow.history.*.run``) into a summary and
+The engine folds every run-level event (``natflow.history.*.run``, and each start stored on
+its start subject, ``natflow.history.*.start.>``) into a summary and
 stores it on ``natflow.runs.<run_id>`` (one message per run). Each summary remembers the
 history sequence it reflects, and writes are conditional on the summary's own sequence, so
 several engine replicas can index at once without going backwards. Delete the stream and
@@ -9,6 +10,7 @@ the engine rebuilds it from history.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -20,6 +22,7 @@ import msgspec
 from ._append_batch import appender
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._errors import InvalidInput, PermissionDenied
+from ._level_read import first_start
 from ._reader import reader
 from ._site_index import site_runs
 from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due, new_info
@@ -164,12 +167,18 @@ class RunIndex:
         """The summary of the run's run-level events up to ``hseq`` (stream sequence), as
         :meth:`apply` would have folded them one by one; the run's start, and whether any
         event made a timer. None if no start is stored before it."""
-        page = await reader(self._conn).read_all(
-            HISTORY_STREAM, run_level_subject(run_id), headers=True
+        page, first = await asyncio.gather(
+            reader(self._conn).read_all(HISTORY_STREAM, run_level_subject(run_id), headers=True),
+            first_start(self._conn, run_id),
         )
+        messages = page.messages
+        if first is not None and (first.headers or {}).get("Nats-Subject") != run_level_subject(
+            run_id
+        ):
+            messages = [first, *messages]  # stored on its start subject, before them all
         folded = [
             decode_event(msg.data)
-            for msg in page.messages
+            for msg in messages
             if int((msg.headers or {}).get("Nats-Sequence", "0")) <= hseq
         ]
         if not folded or not isinstance(folded[0], RunStarted):

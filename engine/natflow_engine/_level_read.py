@@ -1,7 +1,8 @@
-"""A run's history read as its two subjects, each by its literal name, put in order by the
-events' positions.
+"""A run's history read as its subjects, each through the subject index, put in order by the
+events' positions: its run-level and step-level subjects by their literal names, and the
+start a run that starts now has on a subject of its own (one message, ``last_by_subj``).
 
-Why not one read of ``natflow.history.<run_id>.*``: nats-server answers a read by a wildcard
+Why not one read of ``natflow.history.<run_id>.>``: nats-server answers a read by a wildcard
 subject by walking the stream's messages after the run's last one in its block, and every
 later block once the stream holds over 64k subjects (``fileStore.LoadNextMsg``: it then
 stops skipping blocks for wildcards). On a 350,000-message stream a read of an early run
@@ -24,29 +25,57 @@ import asyncio
 from itertools import repeat
 
 import msgspec
+from nats.aio.msg import Msg
 
+from ._connection import Connection
 from ._reader import BatchReader
-from ._streams import HISTORY_STREAM, run_level_subject, step_level_subject
-from .events import Event, RunContinued, decode_event, unpacked
+from ._streams import HISTORY_STREAM, run_level_subject, start_subjects, step_level_subject
+from .events import Event, RunContinued, decode_event, event_kind, unpacked
+
+_START_KINDS = ("run_started", "run_continued")
 
 
 async def read_by_level(reader: BatchReader, run_id: str) -> tuple[list[Event], int] | None:
     """The run's events in order and the stream sequence of the last, or None when the two
     reads cannot be placed as one history (see the module docstring)."""
-    runs, steps = await asyncio.gather(
+    start, runs, steps = await asyncio.gather(
+        reader.read_last_each(HISTORY_STREAM, [start_subjects(run_id)]),
         reader.read_all(HISTORY_STREAM, run_level_subject(run_id)),
         reader.read_all(HISTORY_STREAM, step_level_subject(run_id)),
     )
     try:
-        # Only a run-level event (``run_completed``) carries another inside it.
-        run_events = unpacked([decode_event(m.data) for m in runs.messages])
+        # Only a run-level event (``run_completed``) carries another inside it. A start on
+        # its own subject is the run's first event: before every run-level one.
+        run_events = unpacked([decode_event(m.data) for m in [*start, *runs.messages]])
         step_events = [decode_event(m.data) for m in steps.messages]
     except msgspec.DecodeError:
         return None  # the wildcard read names the bad message
     events = in_position_order(run_id, run_events, step_events)
     if events is None:
         return None
-    return events, max(runs.last_seq, steps.last_seq)
+    start_seq = max((int((m.headers or {}).get("Nats-Sequence", "0")) for m in start), default=0)
+    return events, max(start_seq, runs.last_seq, steps.last_seq)
+
+
+async def first_start(conn: Connection, run_id: str) -> Msg | None:
+    """The message of the run's current start (headers included), or None if it has none:
+    the first run-level event where that is a start (a delayed start, an older natflow's, a
+    continuation's after its rollup), else the one on the run's start subject. Both looked up
+    at once, each through the subject index."""
+    api = f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}"
+    first, start = await asyncio.gather(
+        conn.request(
+            api, msgspec.json.encode({"seq": 1, "next_by_subj": run_level_subject(run_id)})
+        ),
+        conn.request(api, msgspec.json.encode({"last_by_subj": start_subjects(run_id)})),
+    )
+    if "Status" not in (first.headers or {}) and event_kind(first.data) in _START_KINDS:
+        return first
+    if "Status" not in (start.headers or {}):
+        return start
+    if "Status" not in (first.headers or {}) and not event_kind(first.data):
+        return first  # does not decode: its reader names it
+    return None
 
 
 def in_position_order(

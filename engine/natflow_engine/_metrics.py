@@ -62,6 +62,7 @@ log = logging.getLogger("natflow.metrics")
 DEFAULT_WORKER_PORT: Final = 9464
 DEFAULT_ENGINE_PORT: Final = 9465
 QUEUE_CONSUMER_PREFIX: Final = "natflow-queue-"
+START_CONSUMER_PREFIX: Final = "natflow-start-"
 RUN_STATUSES: Final[tuple[str, ...]] = get_args(RunStatus)
 
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -225,17 +226,19 @@ def _snapshot(name: str, documentation: str, labelnames: list[str]) -> Snapshot:
 
 QUEUE_PENDING = _snapshot(
     "natflow_queue_tasks_pending",
-    "Tasks waiting for a worker (the queue consumer's num_pending): the backlog.",
+    "Tasks and new runs' starts waiting for a worker (the queue's task and start consumers' "
+    "num_pending): the backlog.",
     ["queue"],
 )
 QUEUE_ACK_PENDING = _snapshot(
     "natflow_queue_tasks_ack_pending",
-    "Tasks delivered to a worker and not yet acknowledged (num_ack_pending): runs in flight.",
+    "Tasks and starts delivered to a worker and not yet acknowledged (num_ack_pending): runs "
+    "in flight.",
     ["queue"],
 )
 QUEUE_REDELIVERED = _snapshot(
     "natflow_queue_tasks_redelivered",
-    "Tasks in flight that were delivered more than once (num_redelivered).",
+    "Tasks and starts in flight that were delivered more than once (num_redelivered).",
     ["queue"],
 )
 QUEUE_WAITING = _snapshot(

@@ -29,17 +29,19 @@ log = logging.getLogger("natflow.pull")
 _encoder = msgspec.json.Encoder()
 
 
-def engine_consumer(name: str, description: str, subjects: str) -> api.ConsumerConfig:
+def engine_consumer(name: str, description: str, subjects: str | list[str]) -> api.ConsumerConfig:
     """A durable consumer an engine service reads everything through, from the start.
 
     Shared by every engine replica; a message a replica took and did not acknowledge (it
-    died) comes back after 30 s.
+    died) comes back after 30 s. ``subjects``: one filter, or several.
     """
+    one = subjects if isinstance(subjects, str) else None
     return api.ConsumerConfig(
         name=name,
         durable_name=name,
         description=description,
-        filter_subject=subjects,
+        filter_subject=one,
+        filter_subjects=None if one is not None else list(subjects),
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=30.0,

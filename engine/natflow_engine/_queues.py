@@ -1,7 +1,8 @@
 """Pausing a whole queue: its workers are handed no task until it is resumed.
 
 A queue's tasks reach its workers through one durable consumer per workflow served there
-(``queue_consumer(queue, workflow)``); pausing the queue pauses each of those consumers on the
+(``queue_consumer(queue, workflow)``), and its new runs through one more on the history stream
+(``start_consumer(queue, workflow)``); pausing the queue pauses each of those consumers on the
 server (``pause_until`` far ahead), so no run of the queue is taken and none starts a step,
 whichever worker or how many. The pause lives in JetStream: it survives restarts of workers,
 engines and the server, and a worker starting up leaves it alone. Workers look at their
@@ -22,7 +23,7 @@ from typing import Final
 from ._connection import Connection
 from ._errors import NatflowError
 from ._names import check_queue
-from ._streams import TASK_STREAM, ensure_streams, queue_consumer
+from ._streams import HISTORY_STREAM, TASK_STREAM, ensure_streams, queue_consumer, start_consumer
 
 FOREVER: Final = "2999-12-31T00:00:00Z"
 
@@ -37,14 +38,29 @@ async def queue_consumers(conn: Connection, queue: str) -> list[str]:
     return sorted(i.name for i in infos if i.name and i.name.startswith(prefix))
 
 
+async def _start_consumers(conn: Connection, queue: str) -> list[str]:
+    """The names of the queue's start consumers (on the history stream)."""
+    infos = await conn.admin(
+        f"start consumers of queue {queue}", lambda: conn.jsm.consumers_info(HISTORY_STREAM)
+    )
+    prefix = start_consumer(queue, "x")[:-1]  # "natflow-start-<queue>~"
+    return sorted(i.name for i in infos if i.name and i.name.startswith(prefix))
+
+
 async def pause_queue(conn: Connection, queue: str) -> list[str]:
-    """Pause every task consumer of the queue; returns their names."""
+    """Pause every task and start consumer of the queue; returns the task consumers' names."""
     await ensure_streams(conn)
     names = await queue_consumers(conn, queue)
     if not names:
         raise NatflowError(
             f"queue {queue!r} has no task consumer to pause: no worker has served it yet. "
             "Start the queue's workers first (a paused queue keeps them from taking runs)"
+        )
+    # The starts first: a run started meanwhile waits in its consumer, not in a worker.
+    for name in await _start_consumers(conn, queue):
+        await conn.admin(
+            f"pausing queue {queue}",
+            lambda name=name: conn.jsm.pause_consumer(HISTORY_STREAM, name, FOREVER),  # type: ignore[misc]
         )
     for name in names:
         await conn.admin(
@@ -55,13 +71,18 @@ async def pause_queue(conn: Connection, queue: str) -> list[str]:
 
 
 async def resume_queue(conn: Connection, queue: str) -> list[str]:
-    """Resume every task consumer of the queue; returns their names."""
+    """Resume every task and start consumer of the queue; returns the task consumers' names."""
     await ensure_streams(conn)
     names = await queue_consumers(conn, queue)
     for name in names:
         await conn.admin(
             f"resuming queue {queue}",
             lambda name=name: conn.jsm.resume_consumer(TASK_STREAM, name),  # type: ignore[misc]
+        )
+    for name in await _start_consumers(conn, queue):
+        await conn.admin(
+            f"resuming queue {queue}",
+            lambda name=name: conn.jsm.resume_consumer(HISTORY_STREAM, name),  # type: ignore[misc]
         )
     return names
 

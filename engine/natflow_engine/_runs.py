@@ -16,8 +16,9 @@ from ._limits import explain as explain_wait
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._sealing import open_events, seal
 from ._site_index import site_run
+from ._start_consumers import starts_taken
 from ._state import RunInfo, StepInfo, fold_run, fold_steps
-from ._streams import ensure_streams
+from ._streams import ensure_streams, start_subject
 from ._tasks import Task, enqueue, send_start_task
 from ._values import check_value_size, load_event, load_events
 from .events import (
@@ -110,8 +111,14 @@ class Runs:
             debounce=debounce,
             priority=priority,
         )
+        # A run that starts now: its workers take the start from history, where they read
+        # new runs (``_start_consumers``); a delayed one is woken by the engine's timer.
+        # Looked up before the append: a start consumer that exists then delivers it (one
+        # created after the start was stored, from its creation on, would not).
+        taken = not_before is None and await starts_taken(self.conn, queue, workflow)
+        subject = start_subject(run_id, queue, workflow) if not_before is None else None
         try:
-            seq = await self.history.append(run_id, event, 0)
+            seq = await self.history.append(run_id, event, 0, subject=subject)
         except AppendConflict:
             info = await self.describe(run_id)
             if info.workflow != workflow:
@@ -119,11 +126,16 @@ class Runs:
                     f"run {run_id!r} exists as a run of workflow {info.workflow!r}; it cannot "
                     f"be started as {workflow!r}: use another run id"
                 ) from None
-            if info.status == "pending" and not_before is None:
+            if (
+                info.status == "pending"
+                and not_before is None
+                and not await starts_taken(self.conn, info.queue, info.workflow)
+            ):
                 # the first starter may have died before enqueueing
                 await enqueue(self.conn, info.queue, Task(run_id=run_id, workflow=info.workflow))
             return run_id, False
-        if not_before is None:  # a delayed start is woken by the engine's timer
+        if not_before is None and not taken:
+            # No worker takes this queue's and workflow's starts from history (yet): a task.
             encoded = encode_event(event)
             inline = len(encoded) <= _INLINE_START
             task = Task(

@@ -33,6 +33,7 @@ from nats.js import api
 from ._connection import Connection, PubAck, retrying
 from ._errors import ErrorInfo, NatflowError
 from ._history import CorruptHistory
+from ._level_read import first_start
 from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
 from ._names import _TOKEN
 from ._puller import Puller, engine_consumer
@@ -46,7 +47,6 @@ from ._streams import (
     SIGNAL_STREAM,
     history_subject,
     run_id_of,
-    run_level_subject,
     signal_filter,
     signal_subject,
 )
@@ -154,9 +154,8 @@ def stored_at(msg: Msg) -> datetime:
 
 async def run_created_at(conn: Connection, run_id: str) -> datetime | None:
     """When the server stored the run's first event (None if there is no such run)."""
-    body = msgspec.json.encode({"seq": 1, "next_by_subj": run_level_subject(run_id)})
-    msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}", body)
-    return None if "Status" in (msg.headers or {}) else stored_at(msg)
+    msg = await first_start(conn, run_id)
+    return None if msg is None else stored_at(msg)
 
 
 async def last_signal_seq(conn: Connection, run_id: str) -> int:
@@ -495,8 +494,9 @@ async def last_events(conn: Connection, run_ids: list[str]) -> dict[str, bytes]:
     """The last history event (encoded) of each run that exists, in as few requests as the
     number of runs allows (multi-last direct gets)."""
     subjects = [history_subject(r) for r in run_ids]
-    # The last message of each of a run's two subjects: the run's last is the later one.
-    msgs = await reader(conn).read_last_each(HISTORY_STREAM, subjects, per_subject=2)
+    # The last message of each of a run's subjects (start, run-level, step-level): the run's
+    # last is the latest of them.
+    msgs = await reader(conn).read_last_each(HISTORY_STREAM, subjects, per_subject=3)
     newest: dict[str, tuple[int, bytes]] = {}
     for msg in msgs:
         headers = msg.headers or {}

@@ -1,12 +1,14 @@
 """Starts through the engine: for clients that may not write history themselves.
 
-A client with the ``client`` role publishes a run's first event on ``natflow.history.<run>.run``
+A client with the ``client`` role publishes a run's first event on its history subjects
+(``natflow.history.<run>.start.<queue>.<workflow>``, or ``.run`` for a delayed start)
 itself, and NATS permissions (per subject, not per payload) cannot stop it from appending
 any other event to any run. A ``frontend`` (an untrusted client: a browser-facing service,
 a partner) instead sends ``natflow.command.start.<run_id>`` as a request; an engine replica
 (queue group ``natflow-engine``) checks it, creates the run exactly as ``Runs.start`` does
-(conditional append, then the task) and answers. The run id is chosen before the request,
-so a retried request after a lost reply starts nothing twice.
+(conditional append, then the task where no start consumer takes it) and answers. The run
+id is chosen before the request, so a retried request after a lost reply starts nothing
+twice.
 """
 
 from __future__ import annotations

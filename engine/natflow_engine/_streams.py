@@ -2,20 +2,25 @@
 
 Layout (all names are public and documented in the README):
 
-* ``NATFLOW_HISTORY``: two subjects per run, ``natflow.history.<run_id>.run`` for run-level
-  events (start, claim, timers, status changes, the end: what the engine folds) and
-  ``natflow.history.<run_id>.step`` for the rest (step and child outcomes, signals taken,
-  patches). The engine's dispatcher reads ``natflow.history.*.run`` only, so a step costs it
-  nothing; a run's history is ``natflow.history.<run_id>.*`` in stream order, and every
-  append is fenced against the last sequence of that whole pair
-  (``Nats-Expected-Last-Subject-Sequence-Subject``). File storage, direct get on,
-  append-only but for one thing: ``ctx.continue_as_new`` starts a fresh stretch of a run's
-  history with one ``run_continued`` event published on the run-level subject with
-  ``Nats-Rollup: sub`` (``allow_rollup_hdrs``), which drops the run's older run-level events
-  at once; the engine then purges the older step events, and readers ignore whatever precedes
-  the newest ``run_continued`` meanwhile. Per-run literal prefixes let the server find a run's
-  events through its subject index, however large the stream grows. The stream republishes
-  each run-level event, once stored, on ``natflow.stored.<run_id>`` (the stored feed).
+* ``NATFLOW_HISTORY``: up to three subjects per run. ``natflow.history.<run_id>.run`` holds
+  run-level events (claim, timers, status changes, the end: what the engine folds) and
+  ``natflow.history.<run_id>.step`` the rest (step and child outcomes, signals taken,
+  patches). A run that starts now stores its start on
+  ``natflow.history.<run_id>.start.<queue>.<workflow>``, where the workers of that queue and
+  workflow take it through a durable consumer of their own (``natflow-start-<queue>~<wf>``),
+  so no task is written for a new run; a delayed start (and a run stored by an older natflow) has
+  it on ``.run``. The engine's dispatcher reads ``natflow.history.*.run`` and
+  ``natflow.history.*.start.>`` only, so a step costs it nothing; a run's history is
+  ``natflow.history.<run_id>.>`` in stream order, and every append is fenced against the last
+  sequence of all of it (``Nats-Expected-Last-Subject-Sequence-Subject``). File storage,
+  direct get on, append-only but for one thing: ``ctx.continue_as_new`` starts a fresh
+  stretch of a run's history with one ``run_continued`` event published on the run-level
+  subject with ``Nats-Rollup: sub`` (``allow_rollup_hdrs``), which drops the run's older
+  run-level events at once; the engine then purges the older start and step events, and
+  readers ignore whatever precedes the newest ``run_continued`` meanwhile. Per-run literal
+  prefixes let the server find a run's events through its subject index, however large the
+  stream grows. The stream republishes each run-level event, once stored, on
+  ``natflow.stored.<run_id>`` (the stored feed).
 * ``NATFLOW_TASKS``: work queue ``natflow.task.<queue>.<workflow>.<run_id>``, at most one
   pending task per run (``discard_new_per_subject``), one durable pull consumer per queue and
   workflow (``natflow-queue-<queue>~<workflow>``), so a worker only receives tasks it serves.
@@ -109,16 +114,35 @@ RUN_LEVEL_EVENTS: Final = frozenset(
     }
 )
 RUN_LEVEL_FILTER: Final = f"{HISTORY_PREFIX}.*.run"  # every run's run-level events
+START_TOKEN: Final = "start"  # natflow.history.<run_id>.start.<queue>.<workflow>
+START_FILTER: Final = f"{HISTORY_PREFIX}.*.{START_TOKEN}.>"  # every run's immediate start
 
 
 def history_subject(run_id: str) -> str:
     """All of a run's events (a wildcard: read, follow, purge, fence against it)."""
-    return f"{HISTORY_PREFIX}.{run_id}.*"
+    return f"{HISTORY_PREFIX}.{run_id}.>"
 
 
 def run_level_subject(run_id: str) -> str:
     """The run's run-level events: its start first, its end last."""
     return f"{HISTORY_PREFIX}.{run_id}.run"
+
+
+def start_subject(run_id: str, queue: str, workflow: str) -> str:
+    """Where a run that starts now stores its ``run_started``: the run's workers take it from
+    there (``start_consumer``), with no task written for it."""
+    return f"{HISTORY_PREFIX}.{run_id}.{START_TOKEN}.{queue}.{workflow_token(workflow)}"
+
+
+def start_subjects(run_id: str) -> str:
+    """The run's start subject, whatever its queue and workflow (a wildcard)."""
+    return f"{HISTORY_PREFIX}.{run_id}.{START_TOKEN}.>"
+
+
+def is_start_subject(subject: str) -> bool:
+    """Whether ``subject`` is a history subject a start was stored on by :func:`start_subject`."""
+    tokens = subject.split(".")
+    return len(tokens) == 6 and tokens[3] == START_TOKEN
 
 
 def step_level_subject(run_id: str) -> str:
@@ -132,7 +156,7 @@ def event_subject(run_id: str, kind: str) -> str:
 
 
 def run_id_of(subject: str) -> str:
-    """The run id in a history subject (``natflow.history.<run_id>.<level>``)."""
+    """The run id in a history subject (``natflow.history.<run_id>.<level>...``)."""
     return subject.split(".", 3)[2]
 
 
@@ -152,6 +176,17 @@ def queue_consumer(queue: str, workflow: str) -> str:
     """The durable consumer of one workflow's tasks on one queue, shared by every worker that
     serves that workflow there: a task only ever reaches a worker that can run it."""
     return f"natflow-queue-{queue}~{workflow_token(workflow)}"
+
+
+def start_consumer(queue: str, workflow: str) -> str:
+    """The durable consumer (on the history stream) of one workflow's new runs on one queue,
+    shared like :func:`queue_consumer`: a start reaches its workers with no task written."""
+    return f"natflow-start-{queue}~{workflow_token(workflow)}"
+
+
+def start_filter(queue: str, workflow: str) -> str:
+    """The starts :func:`start_consumer` takes: every run's, of that queue and workflow."""
+    return f"{HISTORY_PREFIX}.*.{START_TOKEN}.{queue}.{workflow_token(workflow)}"
 
 
 def runs_subject(run_id: str) -> str:

@@ -15,7 +15,7 @@ import msgspec
 from ._connection import Connection
 from ._history import CorruptHistory
 from ._leases import Leases
-from ._streams import HISTORY_STREAM, run_level_subject
+from ._level_read import first_start
 from ._tasks import Task, enqueue
 from .events import RunStarted, decode_event
 
@@ -30,11 +30,10 @@ async def run_start(conn: Connection, run_id: str) -> RunStarted | None:
     """The run's ``run_started`` event, its first (one direct get), or None if there is none.
 
     :class:`CorruptHistory` if that event does not decode."""
-    body = msgspec.json.encode({"seq": 1, "next_by_subj": run_level_subject(run_id)})
-    msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}", body)
-    headers = msg.headers or {}
-    if "Status" in headers:
+    msg = await first_start(conn, run_id)
+    if msg is None:
         return None
+    headers = msg.headers or {}
     try:
         event = decode_event(msg.data)
     except msgspec.DecodeError as exc:

@@ -6,7 +6,9 @@ Each history message holds one event, a JSON object such as::
      "seq":1,"name":"charge","occurrence":1,"attempt":1,"started_at":"...","result":{...}}
 
 ``type`` names the event. A run's events are stored on ``natflow.history.<run_id>.run`` (run-level
-kinds, which the engine folds) and ``natflow.history.<run_id>.step`` (the rest); see ``_streams``.
+kinds, which the engine folds) and ``natflow.history.<run_id>.step`` (the rest); a run that
+starts now has its start on ``natflow.history.<run_id>.start.<queue>.<workflow>``, where its
+workers take it; see ``_streams``.
 ``v`` is the schema version, ``id`` is ``<run_id>:<n>`` where ``n`` is the event's position in
 the run (1-based); it doubles as the ``Nats-Msg-Id`` so a retried append deduplicates.
 

@@ -56,9 +56,11 @@ class Held:
 
 
 def same_task(a: Msg, b: Msg) -> bool:
-    """Two deliveries of one task message (same stream sequence), not two tasks."""
+    """Two deliveries of one task message (same stream and sequence), not two tasks (a
+    task and a new run's start, read from history, may share a sequence number)."""
     try:
-        return bool(a.metadata.sequence.stream == b.metadata.sequence.stream)
+        first, second = a.metadata, b.metadata
+        return first.stream == second.stream and first.sequence.stream == second.sequence.stream
     except Exception:  # not a JetStream delivery: treat as different
         return False
 

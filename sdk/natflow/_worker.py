@@ -26,6 +26,7 @@ from natflow_engine import (
     DEFAULT_ACK_WAIT,
     FENCED,
     RUNS_HELD,
+    TASK_PREFIX,
     TASK_STREAM,
     TRANSIENT,
     Drained,
@@ -34,10 +35,13 @@ from natflow_engine import (
     Leases,
     MissingKey,
     NatflowError,
+    StartPuller,
+    Task,
     TaskPuller,
     connected_user,
     decode_task,
     ensure_consumer,
+    ensure_start_consumer,
     ensure_streams,
     ping_subject,
     prepare_worker,
@@ -46,6 +50,7 @@ from natflow_engine import (
     running_loop_name,
     safe_identity,
     serve_metrics,
+    start_task,
     wake_subject,
 )
 from nats.aio.msg import Msg
@@ -126,7 +131,7 @@ class Worker:
         self._stopped = anyio.Event()
         self._drained = anyio.Event()
         self._not_pulling = anyio.Event()
-        self._pullers: list[TaskPuller] = []
+        self._pullers: list[TaskPuller | StartPuller] = []
         self._runs_scope = anyio.CancelScope()
         self._outer: anyio.abc.TaskGroup | None = None
         self._guard = RunGuard(self._conn, self._store, self.identity)
@@ -188,7 +193,7 @@ class Worker:
         prepare_worker(self._workflows, self.queues)
         if self._metrics_port:
             serve_metrics(self._metrics_port)
-        pullers = [await self._subscribe(queue, name) for queue, name in self._served]
+        pullers = [p for q, w in self._served for p in await self._subscribe(q, w)]
         self._registration.user = await connected_user(self._conn)
         ping = await self._start_pulse()
         watchdog = LoopWatchdog(asyncio.get_running_loop())
@@ -268,7 +273,8 @@ class Worker:
         held.lost = True
         held.scope.cancel()
 
-    async def _subscribe(self, queue: str, workflow: str) -> TaskPuller:
+    async def _subscribe(self, queue: str, workflow: str) -> list[TaskPuller | StartPuller]:
+        """The workflow's pullers on the queue: its tasks, and its new runs' starts."""
         await ensure_consumer(self._conn, queue, workflow, self.lease_ttl)
         info = await self._conn.admin(
             f"consumer for workflow {workflow!r} on queue {queue}",
@@ -278,12 +284,18 @@ class Worker:
         if ack_wait < self.lease_ttl:  # another worker of the queue asked for less: honour it
             log.info("queue %s uses a %g s ack deadline; heartbeating to match", queue, ack_wait)
             self._run_leases.ttl = float(ack_wait)
-        puller = TaskPuller(self._conn, queue, workflow)
-        await puller.start()
-        self._pullers.append(puller)
-        return puller
+        # The same deadline for the workflow's new runs as for its tasks.
+        await ensure_start_consumer(self._conn, queue, workflow, min(ack_wait, self.lease_ttl))
+        made: list[TaskPuller | StartPuller] = [
+            TaskPuller(self._conn, queue, workflow),
+            StartPuller(self._conn, queue, workflow),
+        ]
+        for puller in made:
+            await puller.start()
+            self._pullers.append(puller)
+        return made
 
-    async def _close(self, pullers: list[TaskPuller], ping: Any) -> None:
+    async def _close(self, pullers: list[TaskPuller | StartPuller], ping: Any) -> None:
         for puller in pullers:
             await quietly(puller.stop())
         if ping is not None:
@@ -339,17 +351,16 @@ class Worker:
 
     # -- pulling ---------------------------------------------------------------------------
 
-    async def _ask(self, puller: TaskPuller) -> None:
-        """Keep as many tasks asked for as there are free run slots."""
+    async def _ask(self, puller: TaskPuller | StartPuller) -> None:
+        """Keep as many tasks (or starts) asked for as there are free run slots."""
+        ensure = ensure_consumer if isinstance(puller, TaskPuller) else ensure_start_consumer
         await puller.keep_asking(
             lambda: self._slots.value,
-            on_refused=lambda: ensure_consumer(
-                self._conn, puller.queue, puller.workflow, self.lease_ttl
-            ),
+            on_refused=lambda: ensure(self._conn, puller.queue, puller.workflow, self.lease_ttl),
         )
 
-    async def _take(self, puller: TaskPuller, runs: anyio.abc.TaskGroup) -> None:
-        async for msg in Drained(puller.tasks):
+    async def _take(self, puller: TaskPuller | StartPuller, runs: anyio.abc.TaskGroup) -> None:
+        async for msg in Drained(puller.messages):
             if self._stopping.is_set():
                 await quietly(msg.nak())
                 continue
@@ -362,14 +373,9 @@ class Worker:
     async def _handle(self, msg: Msg) -> None:
         held: Held | None = None
         try:
-            try:
-                task = decode_task(msg.data)
-            except Exception as exc:
-                await self._endings.set_aside(msg, f"the task does not decode: {exc}")
-                return
-            if msg.subject.rsplit(".", 1)[-1] != task.run_id:
-                reason = f"the task names run {task.run_id[:200]!r}, its subject another"
-                await self._endings.set_aside(msg, reason)
+            task = self._task_of(msg)
+            if isinstance(task, str):
+                await self._endings.set_aside(msg, task)
                 return
             previous = self._held.get(task.run_id)
             if previous is not None and same_task(previous.msg, msg):
@@ -384,7 +390,7 @@ class Worker:
                 # once that is done, as the next holder would.
                 with anyio.move_on_after(self.lease_ttl):
                     await previous.finished.wait()
-            held = Held(msg=msg, run_id=task.run_id, queue=msg.subject.split(".")[2])
+            held = Held(msg=msg, run_id=task.run_id, queue=_queue_of(msg.subject))
             self._held[task.run_id] = held
             RUNS_HELD.inc()
             observe_lag(held)
@@ -426,6 +432,20 @@ class Worker:
             for puller in self._pullers:
                 puller.wake()
 
+    @staticmethod
+    def _task_of(msg: Msg) -> Task | str:
+        """The task a delivery stands for (a task, or a new run's start read from history),
+        or why it cannot be one."""
+        if msg.subject.startswith(TASK_PREFIX + "."):
+            try:
+                task = decode_task(msg.data)
+            except Exception as exc:
+                return f"the task does not decode: {exc}"
+            if msg.subject.rsplit(".", 1)[-1] != task.run_id:
+                return f"the task names run {task.run_id[:200]!r}, its subject another"
+            return task
+        return start_task(msg)
+
     def _holds(self, run_id: str) -> bool:
         """Whether this worker holds the run (and has not handed its task back)."""
         held = self._held.get(run_id)
@@ -462,3 +482,10 @@ class Worker:
             held.execution.signals_arrived()
         elif held is not None:  # leased before its execution is built (see _preclaim)
             held.nudged = True
+
+
+def _queue_of(subject: str) -> str:
+    """The queue a delivery came from: ``natflow.task.<queue>.<workflow>.<run_id>`` or
+    ``natflow.history.<run_id>.start.<queue>.<workflow>``."""
+    tokens = subject.split(".")
+    return tokens[4] if tokens[1] == "history" else tokens[2]

@@ -15,6 +15,7 @@ from natflow_engine import (
     history_subject,
     queue_consumer,
     runs_subject,
+    start_consumer,
 )
 
 from ._replay import REPLAY_QUEUE
@@ -33,6 +34,10 @@ async def remove_bench_runs(bench: BenchSession) -> None:
         for consumer in await jsm.consumers_info(TASK_STREAM):
             if consumer.name.startswith(queue_consumer(BENCH_QUEUE, "x")[:-1]):
                 await jsm.delete_consumer(TASK_STREAM, consumer.name)
+    with _quietly():
+        for consumer in await jsm.consumers_info(HISTORY_STREAM):
+            if consumer.name.startswith(start_consumer(BENCH_QUEUE, "x")[:-1]):
+                await jsm.delete_consumer(HISTORY_STREAM, consumer.name)
     for run_id in bench.run_ids:
         with _quietly():
             await jsm.purge_stream(HISTORY_STREAM, subject=history_subject(run_id))

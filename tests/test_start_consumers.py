@@ -1,0 +1,145 @@
+"""New runs taken by their workers straight from history (``_start_consumers``): a run that
+starts while a worker serves its queue and workflow has its start stored where that worker
+reads it, and no task is written, delivered or removed for it; the engine's start watch
+leaves a start its consumer holds alone; pausing a queue holds its new runs too."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from natflow import Client, WorkflowContext, workflow
+from natflow_engine import HISTORY_STREAM, TASK_PREFIX, _start_consumers, queue_paused
+from natflow_engine._engine import Engine
+from natflow_engine._queues import pause_queue, resume_queue
+from natflow_engine._server import EmbeddedServer
+from natflow_engine._start_consumers import ensure_start_consumer, held_starts, starts_taken
+from natflow_engine._start_watch import WatchedStart
+from natflow_engine._streams import (
+    ensure_streams,
+    history_subject,
+    start_consumer,
+    start_subject,
+    start_subjects,
+)
+from natflow_engine.events import RunClaimed, RunStarted, decode_event
+
+from tests.helpers import overheard, running_worker, wait_for
+
+
+async def _double(x: int) -> int:
+    return 2 * x
+
+
+@workflow(name="start_consumers_one_step")
+async def one_step(ctx: WorkflowContext, x: int) -> int:
+    return await ctx.step("double", _double, x)
+
+
+async def _pulling(client: Client, queue: str, name: str) -> bool:
+    """Whether a worker is waiting on the workflow's start consumer."""
+    jsm = client.connection.jsm
+    try:
+        info = await jsm.consumer_info(HISTORY_STREAM, start_consumer(queue, name))
+    except Exception:
+        return False
+    return info.num_waiting > 0
+
+
+async def _stored_subject(client: Client, run_id: str) -> str:
+    body = msgspec.json.encode({"last_by_subj": start_subjects(run_id)})
+    conn = client.connection
+    msg = await conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}", body)
+    return (msg.headers or {}).get("Nats-Subject", "")
+
+
+async def test_a_run_started_while_its_workers_serve_it_gets_no_task(client: Client) -> None:
+    async with running_worker(client, [one_step]):
+        await wait_for(lambda: _pulling(client, "default", one_step.name), what="start pulls")
+        async with overheard(client, f"{TASK_PREFIX}.>") as tasks:
+            handle = await client.start(one_step, 21, run_id="sc-1")
+            assert await handle.result(timeout=10) == 42
+    assert tasks == []
+    assert await _stored_subject(client, "sc-1") == start_subject("sc-1", "default", one_step.name)
+    events = await client.history("sc-1")
+    assert isinstance(events[0], RunStarted)
+    # Claimed beside the start's lookup, at its first delivery (no read, no second try).
+    assert [e.delivery for e in events if isinstance(e, RunClaimed)] == [1]
+
+
+async def test_a_start_no_worker_takes_from_history_gets_its_task(client: Client) -> None:
+    """No start consumer for the queue and workflow (no worker served it yet): the task is
+    written, and a worker that comes later runs the run through it."""
+    async with overheard(client, f"{TASK_PREFIX}.>") as tasks:
+        handle = await client.start(one_step, 5, run_id="sc-2")
+        await wait_for(lambda: _async(bool(tasks)), what="the task")
+    async with running_worker(client, [one_step]):
+        assert await handle.result(timeout=10) == 10
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_the_start_watch_leaves_a_start_its_consumer_holds(
+    client: Client, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start still alone after its grace, held by its start consumer (no worker pulling
+    yet), is the consumer's: the engine enqueues nothing. One stored before its consumer
+    existed is not held, so the engine enqueues its task as for a client that died."""
+    conn = client.connection
+    await ensure_streams(conn)
+    before = await client.start(one_step, 1, run_id="sc-early")  # no consumer: a task too
+    await ensure_start_consumer(conn, "default", one_step.name)
+    # This connection learned a moment ago that there was none (trusted for a few seconds):
+    # another client, as a client that connects now, finds the consumer and writes no task.
+    async with await Client.connect(nats_server.url) as later:
+        assert await starts_taken(later.connection, "default", one_step.name)
+        await later.start(one_step, 2, run_id="sc-held")
+    engine = Engine(conn)
+    watched = []
+    for run_id in (before.run_id, "sc-held"):
+        sub = await conn.js.pull_subscribe(
+            history_subject(run_id), f"test-{run_id}", stream=HISTORY_STREAM
+        )
+        (msg,) = await sub.fetch(1, timeout=5)
+        start = decode_event(msg.data)
+        assert isinstance(start, RunStarted)
+        watched.append(WatchedStart(run_id=run_id, start=start, msg=msg, due=0.0, due_stored=0.0))
+    seqs = [w.msg.metadata.sequence.stream for w in watched]
+    stored = [w.msg.metadata.timestamp.timestamp() for w in watched]
+    starts = [("default", one_step.name, seq, at) for seq, at in zip(seqs, stored, strict=True)]
+    # Stored within CREATED_MARGIN of the consumer's creation: not taken for held.
+    assert await held_starts(conn, starts) == set()
+    assert [w.run_id for w in await engine._without_task(watched)] == ["sc-held"]
+    # A start stored after its consumer existed is held; one stored before never is.
+    monkeypatch.setattr(_start_consumers, "CREATED_MARGIN", -1.0)
+    assert await held_starts(conn, starts) == {seqs[1]}
+    # sc-early has its task (written by its client), sc-held its consumer: nothing to do.
+    assert await engine._without_task(watched) == []
+    assert not await starts_taken(conn, "default", one_step.name)  # still trusted: no
+
+
+async def test_a_paused_queue_holds_its_new_runs(client: Client) -> None:
+    conn = client.connection
+    async with running_worker(client, [one_step]):
+        await wait_for(lambda: _pulling(client, "default", one_step.name), what="start pulls")
+        await pause_queue(conn, "default")
+        try:
+            info = await conn.jsm.consumer_info(
+                HISTORY_STREAM, start_consumer("default", one_step.name)
+            )
+            assert info.paused and await queue_paused(conn, "default")
+            handle = await client.start(one_step, 3, run_id="sc-paused")
+
+            async def waiting() -> bool:
+                info = await conn.jsm.consumer_info(
+                    HISTORY_STREAM, start_consumer("default", one_step.name)
+                )
+                return info.num_pending == 1 and info.num_ack_pending == 0
+
+            await wait_for(waiting, what="the start kept in its consumer")
+            claims = [e for e in await client.history("sc-paused") if isinstance(e, RunClaimed)]
+            assert claims == []
+        finally:
+            await resume_queue(conn, "default")
+        assert await handle.result(timeout=10) == 6
