@@ -10,6 +10,7 @@ import pytest
 from natflow import Client, WorkflowContext, workflow
 from natflow_engine import HISTORY_STREAM, TASK_PREFIX, _start_consumers, queue_paused
 from natflow_engine._engine import Engine
+from natflow_engine._level_read import first_start
 from natflow_engine._queues import pause_queue, resume_queue
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._start_consumers import ensure_start_consumer, held_starts, starts_taken
@@ -17,6 +18,7 @@ from natflow_engine._start_watch import WatchedStart
 from natflow_engine._streams import (
     ensure_streams,
     history_subject,
+    run_level_subject,
     start_consumer,
     start_subject,
     start_subjects,
@@ -72,6 +74,11 @@ async def test_a_start_no_worker_takes_from_history_gets_its_task(client: Client
     async with overheard(client, f"{TASK_PREFIX}.>") as tasks:
         handle = await client.start(one_step, 5, run_id="sc-2")
         await wait_for(lambda: _async(bool(tasks)), what="the task")
+    # On the run-level subject: a start consumer created now (with the worker) must not
+    # take it too (its task does).
+    assert await _stored_subject(client, "sc-2") == ""
+    first = await first_start(client.connection, "sc-2")
+    assert first is not None and (first.headers or {})["Nats-Subject"] == run_level_subject("sc-2")
     async with running_worker(client, [one_step]):
         assert await handle.result(timeout=10) == 10
 
@@ -88,7 +95,7 @@ async def test_the_start_watch_leaves_a_start_its_consumer_holds(
     existed is not held, so the engine enqueues its task as for a client that died."""
     conn = client.connection
     await ensure_streams(conn)
-    before = await client.start(one_step, 1, run_id="sc-early")  # no consumer: a task too
+    before = await client.start(one_step, 1, run_id="sc-early")  # no consumer: .run, a task
     await ensure_start_consumer(conn, "default", one_step.name)
     # This connection learned a moment ago that there was none (trusted for a few seconds):
     # another client, as a client that connects now, finds the consumer and writes no task.

@@ -111,12 +111,14 @@ class Runs:
             debounce=debounce,
             priority=priority,
         )
-        # A run that starts now: its workers take the start from history, where they read
-        # new runs (``_start_consumers``); a delayed one is woken by the engine's timer.
-        # Looked up before the append: a start consumer that exists then delivers it (one
-        # created after the start was stored, from its creation on, would not).
+        # A run that starts now, of a queue and workflow whose workers take new runs from
+        # history (``_start_consumers``): its start goes where they read, and no task is
+        # written. Looked up before the append: a start consumer that exists then delivers
+        # the start. Otherwise (no such consumer yet, or a delayed start, which the engine's
+        # timer wakes) the start goes on the run-level subject, where a start consumer
+        # created meanwhile does not see it, and its task is written as before.
         taken = not_before is None and await starts_taken(self.conn, queue, workflow)
-        subject = start_subject(run_id, queue, workflow) if not_before is None else None
+        subject = start_subject(run_id, queue, workflow) if taken else None
         try:
             seq = await self.history.append(run_id, event, 0, subject=subject)
         except AppendConflict:

@@ -11,9 +11,11 @@ A start delivered this way is the run's task in all but name: held unacknowledge
 is in hand, redelivered if its worker dies, handed back (NAK) or set aside like a task. What a
 task stood for beyond that, the client and the engine check:
 
-* The client writes a task as before wherever no start consumer exists for the run's queue and
-  workflow (no worker has served it yet, or one of an older natflow): :func:`starts_taken`,
-  looked up once per connection and queue and workflow (a "no" again after a few seconds).
+* The client writes the start on the run-level subject and a task, as before, wherever no
+  start consumer exists for the run's queue and workflow (no worker has served it yet, or one
+  of an older natflow): :func:`starts_taken`, looked up before the start is written, once
+  per connection and queue and workflow (a "no" again after a few seconds). So a start
+  either goes to a consumer that existed before it, or is a task: never both.
 * The engine's start watch (``_start_watch``) enqueues the task of a start still alone after its
   grace unless a start consumer still holds it (:func:`held_starts`): one that existed when the
   start was stored and has not acknowledged past it. A start stored before its consumer was
