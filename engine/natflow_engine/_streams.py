@@ -10,8 +10,8 @@ Layout (all names are public and documented in the README):
   workflow take it through a durable consumer of their own (``natflow-start-<queue>~<wf>``),
   so no task is written for a new run; a delayed start, a start no such consumer existed for
   when it was made, and a run stored by an older natflow have it on ``.run``. The engine's
-  dispatcher reads ``natflow.history.*.run`` and ``natflow.history.*.start.>`` only, so a step costs it nothing; a run's history is
-  ``natflow.history.<run_id>.>`` in stream order, and every append is fenced against the last
+  dispatcher reads ``natflow.history.*.run`` and ``natflow.history.*.start.>`` only, so a
+  step costs it nothing; a run's history is ``natflow.history.<run_id>.>`` in stream order, and every append is fenced against the last
   sequence of all of it (``Nats-Expected-Last-Subject-Sequence-Subject``). File storage,
   direct get on, append-only but for one thing: ``ctx.continue_as_new`` starts a fresh
   stretch of a run's history with one ``run_continued`` event published on the run-level
