@@ -4,23 +4,23 @@ Layout (all names are public and documented in the README):
 
 * ``NATFLOW_HISTORY``: up to three subjects per run. ``natflow.history.<run_id>.run`` holds
   run-level events (claim, timers, status changes, the end: what the engine folds) and
-  ``natflow.history.<run_id>.step`` the rest (step and child outcomes, signals taken,
-  patches). A run that starts now stores its start on
+  ``natflow.history.<run_id>.step`` the rest (step and child outcomes, signals taken, patches).
+  A run that starts now stores its start on
   ``natflow.history.<run_id>.start.<queue>.<workflow>``, where the workers of that queue and
-  workflow take it through a durable consumer of their own (``natflow-start-<queue>~<wf>``),
-  so no task is written for a new run; a delayed start, a start no such consumer existed for
-  when it was made, and a run stored by an older natflow have it on ``.run``. The engine's
-  dispatcher reads ``natflow.history.*.run`` and ``natflow.history.*.start.>`` only, so a
-  step costs it nothing; a run's history is ``natflow.history.<run_id>.>`` in stream order, and every append is fenced against the last
-  sequence of all of it (``Nats-Expected-Last-Subject-Sequence-Subject``). File storage,
-  direct get on, append-only but for one thing: ``ctx.continue_as_new`` starts a fresh
-  stretch of a run's history with one ``run_continued`` event published on the run-level
-  subject with ``Nats-Rollup: sub`` (``allow_rollup_hdrs``), which drops the run's older
-  run-level events at once; the engine then purges the older start and step events, and
-  readers ignore whatever precedes the newest ``run_continued`` meanwhile. Per-run literal
-  prefixes let the server find a run's events through its subject index, however large the
-  stream grows. The stream republishes each run-level event, once stored, on
-  ``natflow.stored.<run_id>`` (the stored feed).
+  workflow take it through a durable consumer of their own (``natflow-start-<queue>~<wf>``), so
+  no task is written for a new run; a delayed start, a start no such consumer existed for when
+  it was made, and a run stored by an older natflow have it on ``.run``. The engine's dispatcher
+  reads ``natflow.history.*.run`` and ``natflow.history.*.start.>`` only, so a step costs it
+  nothing; a run's history is ``natflow.history.<run_id>.>`` in stream order, and every append
+  is fenced against the last sequence of all of it
+  (``Nats-Expected-Last-Subject-Sequence-Subject``). File storage, direct get on, append-only
+  but for one thing: ``ctx.continue_as_new`` starts a fresh stretch of a run's history with one
+  ``run_continued`` event published on the run-level subject with ``Nats-Rollup: sub``
+  (``allow_rollup_hdrs``), which drops the run's older run-level events at once; the engine then
+  purges the older start and step events, and readers ignore whatever precedes the newest
+  ``run_continued`` meanwhile. Per-run literal prefixes let the server find a run's events
+  through its subject index, however large the stream grows. The stream republishes each
+  run-level event, once stored, on ``natflow.stored.<run_id>`` (the stored feed).
 * ``NATFLOW_TASKS``: work queue ``natflow.task.<queue>.<workflow>.<run_id>``, at most one
   pending task per run (``discard_new_per_subject``), one durable pull consumer per queue and
   workflow (``natflow-queue-<queue>~<workflow>``), so a worker only receives tasks it serves.
