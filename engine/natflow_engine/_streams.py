@@ -19,8 +19,8 @@ Layout (all names are public and documented in the README):
   (``allow_rollup_hdrs``), which drops the run's older run-level events at once; the engine then
   purges the older start and step events, and readers ignore whatever precedes the newest
   ``run_continued`` meanwhile. Per-run literal prefixes let the server find a run's events
-  through its subject index, however large the stream grows. The stream republishes each
-  run-level event, once stored, on ``natflow.stored.<run_id>`` (the stored feed).
+  through its subject index, however large the stream grows. The stream republishes each event
+  on ``.run``, once stored, on ``natflow.stored.<run_id>`` (the stored feed).
 * ``NATFLOW_TASKS``: work queue ``natflow.task.<queue>.<workflow>.<run_id>``, at most one
   pending task per run (``discard_new_per_subject``), one durable pull consumer per queue and
   workflow (``natflow-queue-<queue>~<workflow>``), so a worker only receives tasks it serves.
