@@ -54,7 +54,7 @@ async def test_tenant_b_cannot_see_signal_or_start_tenant_a_runs(
         # A raw listener in the bank account, on every natflow subject.
         spy = await nats.connect(url, **login("bank", "client"))
         await spy.subscribe("natflow.history.*.*", cb=on_msg)
-        await spy.subscribe("natflow.history.*.start.>", cb=on_msg)
+        await spy.subscribe("natflow.history.*.start.>", cb=on_msg)  # starts too: none leak
         try:
             async with running_worker(shop_worker, [checkout]):
                 await shop.start(checkout, "o-1", run_id="order-1")
@@ -82,7 +82,7 @@ async def test_tenant_b_cannot_see_signal_or_start_tenant_a_runs(
                 assert (await bank.describe("order-1")).status == "pending"
             await spy.flush()
             # The spy saw the bank's own start, never an event of the shop's run.
-            assert seen_by_bank == ["natflow.history.order-1.start.default.checkout"]
+            assert seen_by_bank == ["natflow.history.order-1.run"]  # no bank worker: no consumer
         finally:
             await spy.close()
             for c in (shop, shop_worker, bank):
