@@ -50,6 +50,36 @@ def engine_consumer(name: str, description: str, subjects: str | list[str]) -> a
     )
 
 
+def queue_consumer_config(
+    name: str,
+    description: str,
+    subjects: str,
+    ack_wait: float,
+    deliver_policy: api.DeliverPolicy = api.DeliverPolicy.ALL,
+) -> api.ConsumerConfig:
+    """A durable pull consumer that the workers of one queue and workflow share (their tasks,
+    their new runs' starts): explicit acks within ``ack_wait``, redelivered without limit."""
+    return api.ConsumerConfig(
+        name=name,
+        durable_name=name,
+        description=description,
+        filter_subject=subjects,
+        deliver_policy=deliver_policy,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=-1,
+        max_ack_pending=-1,
+        max_waiting=4096,
+    )
+
+
+async def ensure_durable(
+    conn: Connection, stream: str, config: api.ConsumerConfig, what: str
+) -> None:
+    """Create the durable consumer ``config`` names on ``stream`` if missing."""
+    await conn.admin(what, lambda: conn.jsm.add_consumer(stream, config=config))
+
+
 class Puller:
     def __init__(
         self, conn: Connection, stream: str, consumer: str, *, expires: float = 5.0
@@ -155,3 +185,20 @@ class Puller:
                 self.refused = True
             self.pending = max(0, self.pending - left)
         self._notify()
+
+
+class QueuePuller(Puller):
+    """A pull consumer of one workflow's runs on one queue (see :func:`queue_consumer_config`)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        stream: str,
+        consumer: str,
+        queue: str,
+        workflow: str,
+        expires: float = 5.0,
+    ) -> None:
+        super().__init__(conn, stream, consumer, expires=expires)
+        self.queue = queue
+        self.workflow = workflow

@@ -44,7 +44,7 @@ from nats.js import api
 
 from ._connection import Connection
 from ._errors import NatflowError
-from ._puller import Puller
+from ._puller import QueuePuller, ensure_durable, queue_consumer_config
 from ._streams import (
     HISTORY_STREAM,
     is_start_subject,
@@ -70,20 +70,14 @@ _TAKEN: Final = "start consumers"  # conn.extras: (queue, workflow) -> (exists, 
 def start_consumer_config(
     queue: str, workflow: str, ack_wait: float = DEFAULT_ACK_WAIT
 ) -> api.ConsumerConfig:
-    name = start_consumer(queue, workflow)
-    return api.ConsumerConfig(
-        name=name,
-        durable_name=name,
-        description=f"natflow workers of queue {queue!r} taking new runs of {workflow!r}",
-        filter_subject=start_filter(queue, workflow),
+    return queue_consumer_config(
+        start_consumer(queue, workflow),
+        f"natflow workers of queue {queue!r} taking new runs of {workflow!r}",
+        start_filter(queue, workflow),
+        ack_wait,
         # The history holds every start ever made: a consumer created now takes the starts
         # made from now on (older ones alone are enqueued by the engine's start watch).
         deliver_policy=api.DeliverPolicy.NEW,
-        ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=ack_wait,
-        max_deliver=-1,
-        max_ack_pending=-1,
-        max_waiting=4096,
     )
 
 
@@ -92,20 +86,17 @@ async def ensure_start_consumer(
 ) -> None:
     """Create the durable consumer of the workflow's new runs on the queue if missing."""
     config = start_consumer_config(queue, workflow, ack_wait)
-    await conn.admin(
-        f"start consumer for workflow {workflow!r} on queue {queue}",
-        lambda: conn.jsm.add_consumer(HISTORY_STREAM, config=config),
-    )
+    what = f"start consumer for workflow {workflow!r} on queue {queue}"
+    await ensure_durable(conn, HISTORY_STREAM, config, what)
 
 
-class StartPuller(Puller):
+class StartPuller(QueuePuller):
     """One workflow's new runs on a queue as they are stored (see
     :class:`~natflow_engine._puller.Puller`)."""
 
     def __init__(self, conn: Connection, queue: str, workflow: str, expires: float = 5.0) -> None:
-        super().__init__(conn, HISTORY_STREAM, start_consumer(queue, workflow), expires=expires)
-        self.queue = queue
-        self.workflow = workflow
+        consumer = start_consumer(queue, workflow)
+        super().__init__(conn, HISTORY_STREAM, consumer, queue, workflow, expires=expires)
 
 
 class _StartFields(msgspec.Struct, kw_only=True):

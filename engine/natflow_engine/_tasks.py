@@ -19,7 +19,7 @@ import nats.errors
 from nats.js import api
 
 from ._connection import ERR_MAX_MSGS_PER_SUBJECT, Connection, JetStreamError, retrying
-from ._puller import Puller
+from ._puller import QueuePuller, ensure_durable, queue_consumer_config
 from ._reader import reader
 from ._start_watch import START_GRACE
 from ._streams import TASK_PREFIX, TASK_STREAM, queue_consumer, task_subject, workflow_token
@@ -108,17 +108,11 @@ async def queued(conn: Connection, tasks: Sequence[tuple[str, str, str]]) -> set
 def consumer_config(
     queue: str, workflow: str, ack_wait: float = DEFAULT_ACK_WAIT
 ) -> api.ConsumerConfig:
-    name = queue_consumer(queue, workflow)
-    return api.ConsumerConfig(
-        name=name,
-        durable_name=name,
-        description=f"natflow workers of queue {queue!r} serving workflow {workflow!r}",
-        filter_subject=f"{TASK_PREFIX}.{queue}.{workflow_token(workflow)}.*",
-        ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=ack_wait,
-        max_deliver=-1,
-        max_ack_pending=-1,
-        max_waiting=4096,
+    return queue_consumer_config(
+        queue_consumer(queue, workflow),
+        f"natflow workers of queue {queue!r} serving workflow {workflow!r}",
+        f"{TASK_PREFIX}.{queue}.{workflow_token(workflow)}.*",
+        ack_wait,
     )
 
 
@@ -128,18 +122,15 @@ async def ensure_consumer(
     """Create the durable consumer of the workflow's tasks on the queue if missing (shared by
     every worker that serves the workflow on that queue)."""
     config = consumer_config(queue, workflow, ack_wait)
-    await conn.admin(
-        f"consumer for workflow {workflow!r} on queue {queue}",
-        lambda: conn.jsm.add_consumer(TASK_STREAM, config=config),
-    )
+    what = f"consumer for workflow {workflow!r} on queue {queue}"
+    await ensure_durable(conn, TASK_STREAM, config, what)
 
 
-class TaskPuller(Puller):
+class TaskPuller(QueuePuller):
     """One workflow's tasks on a queue as they arrive (see
     :class:`~natflow_engine._puller.Puller`)."""
 
     def __init__(self, conn: Connection, queue: str, workflow: str, expires: float = 5.0) -> None:
-        super().__init__(conn, TASK_STREAM, queue_consumer(queue, workflow), expires=expires)
-        self.queue = queue
-        self.workflow = workflow
+        consumer = queue_consumer(queue, workflow)
+        super().__init__(conn, TASK_STREAM, consumer, queue, workflow, expires=expires)
         self.tasks = self.messages
