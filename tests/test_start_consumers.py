@@ -1,14 +1,15 @@
 """New runs taken by their workers straight from history (``_start_consumers``): a run that
 starts while a worker serves its queue and workflow has its start stored where that worker
 reads it, and no task is written, delivered or removed for it; the engine's start watch
-leaves a start its consumer holds alone; pausing a queue holds its new runs too."""
+leaves a start its consumer holds alone, and enqueues one whose consumer is gone; pausing a
+queue holds its new runs too."""
 
 from __future__ import annotations
 
 import msgspec
 import pytest
 from natflow import Client, WorkflowContext, workflow
-from natflow_engine import HISTORY_STREAM, TASK_PREFIX, _start_consumers, queue_paused
+from natflow_engine import HISTORY_STREAM, TASK_PREFIX, _start_consumers, decode_task, queue_paused
 from natflow_engine._engine import Engine
 from natflow_engine._level_read import first_start
 from natflow_engine._queues import pause_queue, resume_queue
@@ -150,3 +151,25 @@ async def test_a_paused_queue_holds_its_new_runs(client: Client) -> None:
         finally:
             await resume_queue(conn, "default")
         assert await handle.result(timeout=10) == 6
+
+
+async def test_a_start_sent_to_a_consumer_deleted_since_is_enqueued_by_the_engine(
+    client: Client, engine: Engine
+) -> None:
+    """The client trusts a start consumer it saw for a minute: one an operator deleted
+    meanwhile takes no start, and the engine's start watch enqueues its task after the
+    grace (the run is late, not lost)."""
+    conn = client.connection
+    await ensure_streams(conn)
+    await ensure_start_consumer(conn, "default", one_step.name)
+    assert await starts_taken(conn, "default", one_step.name)
+    await conn.jsm.delete_consumer(HISTORY_STREAM, start_consumer("default", one_step.name))
+    async with overheard(client, f"{TASK_PREFIX}.>") as tasks:
+        handle = await client.start(one_step, 7, run_id="sc-orphan")
+        assert await _stored_subject(client, "sc-orphan") == start_subject(
+            "sc-orphan", "default", one_step.name
+        )
+        assert tasks == []  # its client wrote none
+        async with running_worker(client, [one_step]):
+            assert await handle.result(timeout=20) == 14
+    assert [decode_task(m.data).reason for m in tasks] == ["dispatch"]  # the engine's

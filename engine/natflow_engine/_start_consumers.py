@@ -14,8 +14,10 @@ task stood for beyond that, the client and the engine check:
 * The client writes the start on the run-level subject and a task, as before, wherever no
   start consumer exists for the run's queue and workflow (no worker has served it yet, or one
   of an older natflow): :func:`starts_taken`, looked up before the start is written, once
-  per connection and queue and workflow (a "no" again after a few seconds). So a start
-  either goes to a consumer that existed before it, or is a task: never both.
+  per connection and queue and workflow (a "no" again after a few seconds, a "yes" after a
+  minute). So a start either goes to a consumer that existed before it, or is a task: never
+  both. A start sent to a consumer deleted since the "yes" waits for the engine's start
+  watch, below.
 * The engine's start watch (``_start_watch``) enqueues the task of a start still alone after its
   grace unless a start consumer still holds it (:func:`held_starts`): one that existed when the
   start was stored and has not acknowledged past it. A start stored before its consumer was
@@ -59,6 +61,9 @@ log = logging.getLogger("natflow.starts")
 # Seconds a "no start consumer" answer is trusted: a worker that starts serving the queue is
 # handed new starts this long after, at the latest (tasks take them meanwhile).
 NONE_TRUSTED_FOR: Final = 5.0
+# Seconds a "yes" is trusted: a start consumer deleted meanwhile (by an operator) costs the
+# starts of this connection the engine's start grace each, for this long at most.
+SOME_TRUSTED_FOR: Final = 60.0
 # A start stored this close after its consumer's creation (or before it) may not be one the
 # consumer delivers (it takes new starts only, and a clustered consumer re-created in a
 # leader change starts over): the engine's start watch enqueues its task instead, at worst
@@ -134,14 +139,16 @@ def start_task(msg: Msg) -> Task | str:
 
 async def starts_taken(conn: Connection, queue: str, workflow: str) -> bool:
     """Whether the workers of ``queue`` and ``workflow`` take new runs from history (a start
-    consumer exists), as last looked up on this connection. Any failure to look says no:
-    the task is written, as before."""
+    consumer exists), as last looked up on this connection (:data:`SOME_TRUSTED_FOR`,
+    :data:`NONE_TRUSTED_FOR`). Any failure to look says no: the task is written, as before."""
     known = conn.extras.setdefault(_TAKEN, {})
     assert isinstance(known, dict)
     key = (queue, workflow)
     cached: tuple[bool, float] | None = known.get(key)
     now = time.monotonic()
-    if cached is not None and (cached[0] or now - cached[1] < NONE_TRUSTED_FOR):
+    if cached is not None and now - cached[1] < (
+        SOME_TRUSTED_FOR if cached[0] else NONE_TRUSTED_FOR
+    ):
         return cached[0]
     name = start_consumer(queue, workflow)
     try:
