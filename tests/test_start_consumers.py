@@ -6,6 +6,8 @@ queue holds its new runs too."""
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 from natflow import Client, WorkflowContext, workflow
@@ -173,3 +175,21 @@ async def test_a_start_sent_to_a_consumer_deleted_since_is_enqueued_by_the_engin
         async with running_worker(client, [one_step]):
             assert await handle.result(timeout=20) == 14
     assert [decode_task(m.data).reason for m in tasks] == ["dispatch"]  # the engine's
+
+
+async def test_a_burst_of_starts_on_a_new_connection_looks_for_the_consumer_once(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    conn = client.connection
+    await ensure_streams(conn)
+    await ensure_start_consumer(conn, "default", one_step.name)
+    info_subject = f"{conn.api}.CONSUMER.INFO.{HISTORY_STREAM}.>"
+    async with (
+        await Client.connect(nats_server.url) as fresh,
+        overheard(client, info_subject) as lookups,
+        overheard(client, f"{TASK_PREFIX}.>") as tasks,
+    ):
+        await asyncio.gather(*(fresh.start(one_step, n, run_id=f"burst-{n}") for n in range(20)))
+        await client.connection.nc.flush()
+    assert len(lookups) == 1
+    assert tasks == []

@@ -32,6 +32,7 @@ the holder reads the run's history again when it lets the run go, so nothing is 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -70,6 +71,7 @@ SOME_TRUSTED_FOR: Final = 60.0
 # a second hand on the run, which its fenced claim settles.
 CREATED_MARGIN: Final = 1.0
 _TAKEN: Final = "start consumers"  # conn.extras: (queue, workflow) -> (exists, when looked)
+_LOOKING: Final = "start consumer lookups"  # conn.extras: (queue, workflow) -> its answer
 
 
 def start_consumer_config(
@@ -140,9 +142,12 @@ def start_task(msg: Msg) -> Task | str:
 async def starts_taken(conn: Connection, queue: str, workflow: str) -> bool:
     """Whether the workers of ``queue`` and ``workflow`` take new runs from history (a start
     consumer exists), as last looked up on this connection (:data:`SOME_TRUSTED_FOR`,
-    :data:`NONE_TRUSTED_FOR`). Any failure to look says no: the task is written, as before."""
+    :data:`NONE_TRUSTED_FOR`). Any failure to look says no: the task is written, as before.
+    Starts made while a lookup is in flight wait for it (a burst of starts on a new
+    connection asks once, not once each)."""
     known = conn.extras.setdefault(_TAKEN, {})
-    assert isinstance(known, dict)
+    looking = conn.extras.setdefault(_LOOKING, {})
+    assert isinstance(known, dict) and isinstance(looking, dict)
     key = (queue, workflow)
     cached: tuple[bool, float] | None = known.get(key)
     now = time.monotonic()
@@ -150,6 +155,22 @@ async def starts_taken(conn: Connection, queue: str, workflow: str) -> bool:
         SOME_TRUSTED_FOR if cached[0] else NONE_TRUSTED_FOR
     ):
         return cached[0]
+    pending: asyncio.Future[bool] | None = looking.get(key)
+    if pending is not None:
+        return await asyncio.shield(pending)
+    future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    looking[key] = future
+    exists = False  # if this caller is cancelled, those waiting write tasks: always safe
+    try:
+        exists = await _consumer_exists(conn, queue, workflow)
+        known[key] = (exists, now)
+    finally:
+        del looking[key]
+        future.set_result(exists)
+    return exists
+
+
+async def _consumer_exists(conn: Connection, queue: str, workflow: str) -> bool:
     name = start_consumer(queue, workflow)
     try:
         await conn.admin(
@@ -157,14 +178,12 @@ async def starts_taken(conn: Connection, queue: str, workflow: str) -> bool:
             lambda: conn.jsm.consumer_info(HISTORY_STREAM, name),
             budget=0.0,
         )
-        exists = True
+        return True
     except nats.js.errors.NotFoundError:
-        exists = False
+        return False
     except (NatflowError, nats.errors.Error) as exc:
         log.debug("could not look up start consumer %s (%s): writing tasks", name, exc)
-        exists = False
-    known[key] = (exists, now)
-    return exists
+        return False
 
 
 async def held_starts(conn: Connection, starts: Iterable[tuple[str, str, int, float]]) -> set[int]:
