@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import nats.js.errors
 import pytest
 from natflow import Client, WorkflowContext, workflow
 from natflow_engine import HISTORY_STREAM, TASK_PREFIX, _start_consumers, decode_task, queue_paused
 from natflow_engine._engine import Engine
+from natflow_engine._history import HistoryStore
+from natflow_engine._index import RunIndex
 from natflow_engine._level_read import first_start
 from natflow_engine._queues import pause_queue, resume_queue
 from natflow_engine._server import EmbeddedServer
@@ -26,7 +29,7 @@ from natflow_engine._streams import (
     start_subject,
     start_subjects,
 )
-from natflow_engine.events import RunClaimed, RunStarted, decode_event
+from natflow_engine.events import RunClaimed, RunStarted, decode_event, utcnow
 
 from tests.helpers import overheard, running_worker, wait_for
 
@@ -45,7 +48,7 @@ async def _pulling(client: Client, queue: str, name: str) -> bool:
     jsm = client.connection.jsm
     try:
         info = await jsm.consumer_info(HISTORY_STREAM, start_consumer(queue, name))
-    except Exception:
+    except nats.js.errors.NotFoundError:  # the worker has not made it yet
         return False
     return info.num_waiting > 0
 
@@ -76,7 +79,11 @@ async def test_a_start_no_worker_takes_from_history_gets_its_task(client: Client
     written, and a worker that comes later runs the run through it."""
     async with overheard(client, f"{TASK_PREFIX}.>") as tasks:
         handle = await client.start(one_step, 5, run_id="sc-2")
-        await wait_for(lambda: _async(bool(tasks)), what="the task")
+
+        async def sent() -> bool:
+            return bool(tasks)
+
+        await wait_for(sent, what="the task")
     # On the run-level subject: a start consumer created now (with the worker) must not
     # take it too (its task does).
     assert await _stored_subject(client, "sc-2") == ""
@@ -84,10 +91,6 @@ async def test_a_start_no_worker_takes_from_history_gets_its_task(client: Client
     assert first is not None and (first.headers or {})["Nats-Subject"] == run_level_subject("sc-2")
     async with running_worker(client, [one_step]):
         assert await handle.result(timeout=10) == 10
-
-
-async def _async(value: bool) -> bool:
-    return value
 
 
 async def test_the_start_watch_leaves_a_start_its_consumer_holds(
@@ -193,3 +196,24 @@ async def test_a_burst_of_starts_on_a_new_connection_looks_for_the_consumer_once
         await client.connection.nc.flush()
     assert len(lookups) == 1
     assert tasks == []
+
+
+async def test_a_run_whose_start_is_on_its_own_subject_is_read_and_indexed_whole(
+    client: Client,
+) -> None:
+    """Its history reads the start first; the index folds an event of a run it has no
+    summary for (the start taken by an engine that died) from the start on its subject."""
+    conn = client.connection
+    await ensure_streams(conn)
+    store = HistoryStore(conn)
+    start = RunStarted(
+        id="sc-own:1", at=utcnow(), workflow="w", queue="q", input=msgspec.Raw(b"null")
+    )
+    seq = await store.append("sc-own", start, 0, subject=start_subject("sc-own", "q", "w"))
+    claim = RunClaimed(id="sc-own:2", at=utcnow(), worker="w1", delivery=1)
+    claimed = await store.append("sc-own", claim, seq)
+    history = await store.read("sc-own")
+    assert [e.id for e in history.events] == ["sc-own:1", "sc-own:2"]
+    assert history.last_seq == claimed
+    info = await RunIndex(conn).apply("sc-own", claim, claimed)
+    assert info is not None and (info.workflow, info.status) == ("w", "running")

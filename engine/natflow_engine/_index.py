@@ -22,7 +22,7 @@ import msgspec
 from ._append_batch import appender
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._errors import InvalidInput, PermissionDenied
-from ._level_read import first_start
+from ._level_read import own_start
 from ._reader import reader
 from ._site_index import site_runs
 from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due, new_info
@@ -167,15 +167,12 @@ class RunIndex:
         """The summary of the run's run-level events up to ``hseq`` (stream sequence), as
         :meth:`apply` would have folded them one by one; the run's start, and whether any
         event made a timer. None if no start is stored before it."""
-        page, first = await asyncio.gather(
-            reader(self._conn).read_all(HISTORY_STREAM, run_level_subject(run_id), headers=True),
-            first_start(self._conn, run_id),
+        runs = reader(self._conn)
+        page, own = await asyncio.gather(
+            runs.read_all(HISTORY_STREAM, run_level_subject(run_id), headers=True),
+            own_start(runs, run_id),
         )
-        messages = page.messages
-        if first is not None and (first.headers or {}).get("Nats-Subject") != run_level_subject(
-            run_id
-        ):
-            messages = [first, *messages]  # stored on its start subject, before them all
+        messages = [*own, *page.messages]  # a start on its own subject comes before them all
         folded = [
             decode_event(msg.data)
             for msg in messages

@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 
 from ._connection import Connection
 from ._reader import BatchReader
+from ._reader import reader as reader_of
 from ._streams import HISTORY_STREAM, run_level_subject, start_subjects, step_level_subject
 from .events import Event, RunContinued, decode_event, event_kind, unpacked
 
@@ -39,7 +40,7 @@ async def read_by_level(reader: BatchReader, run_id: str) -> tuple[list[Event], 
     """The run's events in order and the stream sequence of the last, or None when the two
     reads cannot be placed as one history (see the module docstring)."""
     start, runs, steps = await asyncio.gather(
-        reader.read_last_each(HISTORY_STREAM, [start_subjects(run_id)]),
+        own_start(reader, run_id),
         reader.read_all(HISTORY_STREAM, run_level_subject(run_id)),
         reader.read_all(HISTORY_STREAM, step_level_subject(run_id)),
     )
@@ -57,25 +58,28 @@ async def read_by_level(reader: BatchReader, run_id: str) -> tuple[list[Event], 
     return events, max(start_seq, runs.last_seq, steps.last_seq)
 
 
+async def own_start(reader: BatchReader, run_id: str) -> list[Msg]:
+    """The start of a run that started now, on its own subject (headers included): one
+    message, or none (a delayed start, a start no consumer took, an older natflow's)."""
+    return await reader.read_last_each(HISTORY_STREAM, [start_subjects(run_id)])
+
+
 async def first_start(conn: Connection, run_id: str) -> Msg | None:
     """The message of the run's current start (headers included), or None if it has none:
     the first run-level event where that is a start (a delayed start, an older natflow's, a
     continuation's after its rollup), else the one on the run's start subject. Both looked up
     at once, each through the subject index."""
-    api = f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}"
-    first, start = await asyncio.gather(
-        conn.request(
-            api, msgspec.json.encode({"seq": 1, "next_by_subj": run_level_subject(run_id)})
-        ),
-        conn.request(api, msgspec.json.encode({"last_by_subj": start_subjects(run_id)})),
+    body = msgspec.json.encode({"seq": 1, "next_by_subj": run_level_subject(run_id)})
+    first, own = await asyncio.gather(
+        conn.request(f"{conn.api}.DIRECT.GET.{HISTORY_STREAM}", body),
+        own_start(reader_of(conn), run_id),
     )
-    if "Status" not in (first.headers or {}) and event_kind(first.data) in _START_KINDS:
+    kind = None if "Status" in (first.headers or {}) else event_kind(first.data)
+    if kind in _START_KINDS:
         return first
-    if "Status" not in (start.headers or {}):
-        return start
-    if "Status" not in (first.headers or {}) and not event_kind(first.data):
-        return first  # does not decode: its reader names it
-    return None
+    if own:
+        return own[0]
+    return first if kind == "" else None  # "": it does not decode, and its reader says so
 
 
 def in_position_order(

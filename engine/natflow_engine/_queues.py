@@ -31,20 +31,29 @@ FOREVER: Final = "2999-12-31T00:00:00Z"
 async def queue_consumers(conn: Connection, queue: str) -> list[str]:
     """The names of the queue's task consumers (one per workflow a worker served there)."""
     check_queue(queue)
-    infos = await conn.admin(
-        f"consumers of queue {queue}", lambda: conn.jsm.consumers_info(TASK_STREAM)
-    )
-    prefix = queue_consumer(queue, "x")[:-1]  # "natflow-queue-<queue>~"
+    return await _named(conn, TASK_STREAM, queue_consumer(queue, "x")[:-1])
+
+
+async def _named(conn: Connection, stream: str, prefix: str) -> list[str]:
+    """The names of ``stream``'s consumers that begin with ``prefix`` (``natflow-queue-<q>~``,
+    ``natflow-start-<q>~``)."""
+    infos = await conn.admin(f"consumers {prefix}*", lambda: conn.jsm.consumers_info(stream))
     return sorted(i.name for i in infos if i.name and i.name.startswith(prefix))
 
 
-async def _start_consumers(conn: Connection, queue: str) -> list[str]:
-    """The names of the queue's start consumers (on the history stream)."""
-    infos = await conn.admin(
-        f"start consumers of queue {queue}", lambda: conn.jsm.consumers_info(HISTORY_STREAM)
-    )
-    prefix = start_consumer(queue, "x")[:-1]  # "natflow-start-<queue>~"
-    return sorted(i.name for i in infos if i.name and i.name.startswith(prefix))
+async def _set_paused(conn: Connection, queue: str, tasks: list[str], paused: bool) -> None:
+    """Pause (or resume) the queue's start consumers, then its task consumers ``tasks``: a run
+    started meanwhile waits in its consumer, not in a worker."""
+    starts = await _named(conn, HISTORY_STREAM, start_consumer(queue, "x")[:-1])
+    what = f"{'pausing' if paused else 'resuming'} queue {queue}"
+    for stream, name in [
+        *((HISTORY_STREAM, n) for n in starts),
+        *((TASK_STREAM, n) for n in tasks),
+    ]:
+        if paused:
+            await conn.admin(what, lambda s=stream, n=name: conn.jsm.pause_consumer(s, n, FOREVER))  # type: ignore[misc]
+        else:
+            await conn.admin(what, lambda s=stream, n=name: conn.jsm.resume_consumer(s, n))  # type: ignore[misc]
 
 
 async def pause_queue(conn: Connection, queue: str) -> list[str]:
@@ -56,17 +65,7 @@ async def pause_queue(conn: Connection, queue: str) -> list[str]:
             f"queue {queue!r} has no task consumer to pause: no worker has served it yet. "
             "Start the queue's workers first (a paused queue keeps them from taking runs)"
         )
-    # The starts first: a run started meanwhile waits in its consumer, not in a worker.
-    for name in await _start_consumers(conn, queue):
-        await conn.admin(
-            f"pausing queue {queue}",
-            lambda name=name: conn.jsm.pause_consumer(HISTORY_STREAM, name, FOREVER),  # type: ignore[misc]
-        )
-    for name in names:
-        await conn.admin(
-            f"pausing queue {queue}",
-            lambda name=name: conn.jsm.pause_consumer(TASK_STREAM, name, FOREVER),  # type: ignore[misc]
-        )
+    await _set_paused(conn, queue, names, True)
     return names
 
 
@@ -74,16 +73,7 @@ async def resume_queue(conn: Connection, queue: str) -> list[str]:
     """Resume every task and start consumer of the queue; returns the task consumers' names."""
     await ensure_streams(conn)
     names = await queue_consumers(conn, queue)
-    for name in names:
-        await conn.admin(
-            f"resuming queue {queue}",
-            lambda name=name: conn.jsm.resume_consumer(TASK_STREAM, name),  # type: ignore[misc]
-        )
-    for name in await _start_consumers(conn, queue):
-        await conn.admin(
-            f"resuming queue {queue}",
-            lambda name=name: conn.jsm.resume_consumer(HISTORY_STREAM, name),  # type: ignore[misc]
-        )
+    await _set_paused(conn, queue, names, False)
     return names
 
 

@@ -133,4 +133,3 @@ class TaskPuller(QueuePuller):
     def __init__(self, conn: Connection, queue: str, workflow: str, expires: float = 5.0) -> None:
         consumer = queue_consumer(queue, workflow)
         super().__init__(conn, TASK_STREAM, consumer, queue, workflow, expires=expires)
-        self.tasks = self.messages
