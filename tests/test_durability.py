@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from natflow import Client
 from natflow_engine import HISTORY_STREAM, TASK_STREAM
-from natflow_engine._append_batch import SYNC_ALWAYS, SYNC_INTERVAL
-from natflow_engine._streams import SIGNAL_STREAM, SYNC_MODE_KEY, ensure_streams
+from natflow_engine._append_batch import SYNC_ALWAYS, SYNC_INTERVAL, appender
+from natflow_engine._lifecycle import LIFECYCLE_STREAM
+from natflow_engine._streams import RUNS_STREAM, SIGNAL_STREAM, SYNC_MODE_KEY, ensure_streams
 from nats.js import api
 
 from tests.helpers import ROOT
@@ -107,17 +108,32 @@ def test_every_shipped_single_server_configuration_syncs_always(path: Path) -> N
     assert "sync_interval: always" in text
 
 
-async def test_leases_are_acknowledged_before_fsync_and_history_is_not(client: Client) -> None:
+async def test_leases_and_the_index_are_acknowledged_before_fsync_and_history_is_not(
+    client: Client,
+) -> None:
     """Leases are advice (the history's conditional append fences; a lost lease only slows a
-    hand-over), so their bucket skips the per-write fsync; what a run's progress depends on
-    keeps it."""
+    hand-over) and the run index a projection the engine rewrites from history after a power
+    cut (test_index_guard), so they skip the per-write fsync; what a run's progress depends
+    on and what any NATS client is told (lifecycle events) keep it."""
     await ensure_streams(client.connection)
     jsm = client.connection.jsm
-    leases = await jsm.stream_info("KV_natflow_leases")
-    assert leases.config.persist_mode == api.PersistMode.ASYNC
-    for durable in (HISTORY_STREAM, TASK_STREAM, SIGNAL_STREAM, "KV_natflow_timers"):
-        info = await jsm.stream_info(durable)
-        assert info.config.persist_mode in (None, api.PersistMode.DEFAULT), durable
+    for unsynced in ("KV_natflow_leases", RUNS_STREAM):
+        info = await jsm.stream_info(unsynced)
+        assert info.config.persist_mode == api.PersistMode.ASYNC, unsynced
+    # Async persistence excludes atomic batches: the index's writes go one by one.
+    runs = await jsm.stream_info(RUNS_STREAM)
+    assert not runs.config.allow_atomic
+    assert not appender(client.connection, RUNS_STREAM).enabled
+    durable = (
+        HISTORY_STREAM,
+        TASK_STREAM,
+        SIGNAL_STREAM,
+        LIFECYCLE_STREAM,
+        "KV_natflow_timers",
+    )
+    for name in durable:
+        info = await jsm.stream_info(name)
+        assert info.config.persist_mode in (None, api.PersistMode.DEFAULT), name
 
 
 def test_a_server_signalled_while_it_starts_leaves_no_nats_server(tmp_path: Path) -> None:

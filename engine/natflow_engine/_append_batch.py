@@ -1,5 +1,7 @@
 """Appends of many runs to one stream grouped into atomic batches, one acknowledgement
-each: run histories, the engine's run-index writes and lifecycle events.
+each: run histories, the engine's lifecycle events, and its run-index writes where the
+index is replicated (on a single server it is acknowledged before its fsync, which excludes
+atomic batches: see ``_streams._unsynced_projection``).
 
 An atomic batch is stored, fsynced and acknowledged once (NATS.md §6, §12). Measured on the
 2-core VM, 200 runs appending 5 conditional messages each: one request per message
@@ -15,7 +17,7 @@ Two groupings, each with no timer:
   one turn, and appends group only where many runs write at once. Batches are pipelined;
   past ``MAX_IN_FLIGHT`` unacknowledged ones, appends go alone. (Grouping behind the send in
   flight, as below, made a worker under full CPU let sleeping runs go 20-60 ms late.)
-* ``QueueBatcher``, for the engine's run index and lifecycle events: an append that finds
+* ``QueueBatcher``, for the engine's lifecycle events (and run index): an append that finds
   fewer than ``MAX_SENDING`` sends in flight goes alone at once; appends made while that
   many are in flight queue, and the next one out takes them all as one batch (fewer than
   ``MIN_BATCH`` go alone, pipelined, as below). An engine works on many runs at once, so

@@ -168,6 +168,13 @@ class Connection:
         return int(self.nc.max_payload) or 1024 * 1024
 
     @property
+    def server_id(self) -> str:
+        """The identity of the server connected to, as its INFO gives it: nats-server draws
+        a new one each time it starts, so a change means a restart (or another server)."""
+        # nats-py keeps the INFO it last received, and has no public accessor for its id.
+        return str(self.nc._server_info.get("server_id", ""))
+
+    @property
     def url(self) -> str:
         """The server this connection talks to, with any password or token left out."""
         uri = self.nc.connected_url

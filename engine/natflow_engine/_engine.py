@@ -12,6 +12,9 @@ different runs at once and each run's in stream order (``_lanes``), and
   ``_start_watch``);
 * mirrors timers into the ``natflow_timers`` bucket (see ``_timers``).
 
+Beside the dispatcher, the index guard (``_index_guard``) checkpoints how far the run index
+is on disk and, after the server restarted, rewrites from history what it lost.
+
 Beside it run the reaper (``_reaper``), the limit service (``_limit_service``), the timer
 service (``_timers``), the signal intake (``_signals``), the schedule service
 (``_scheduler``), the event intake (``_triggers``), the metrics poller (``_metrics``) and,
@@ -44,6 +47,7 @@ from ._event_loop import running_loop_name
 from ._handoff import Drained
 from ._history import CorruptHistory, HistoryStore
 from ._index import RunIndex, makes_timer
+from ._index_guard import IndexGuard
 from ._jsz import JetStreamUsage
 from ._lanes import Lanes
 from ._limit_service import LimitService
@@ -147,6 +151,7 @@ class Engine:
         self.retention = RetentionService(conn, retention)
         self._history = HistoryStore(conn)
         self._index = RunIndex(conn)
+        self.index_guard = IndexGuard(conn, self._index, self._ack_floor)
         self.reaper = Reaper(conn)
         self.limits = LimitService(conn)  # grants concurrency slots to waiting runs
         self.reaper.on_reaped.append(self.limits.reap)
@@ -196,7 +201,20 @@ class Engine:
             if self.jetstream is not None:
                 tg.start_soon(self.jetstream.run)
             tg.start_soon(self.retention.run)
+            tg.start_soon(self._guard_index)
             await self._dispatch_forever()
+
+    async def _guard_index(self) -> None:
+        await self.ready.wait()  # the dispatcher's consumer exists: its floor can be read
+        await self.index_guard.run()
+
+    async def _ack_floor(self) -> int:
+        """The dispatcher's acknowledgement floor: every event at or below it is processed."""
+        info = await self._conn.admin(
+            "the engine's consumer",
+            lambda: self._conn.jsm.consumer_info(HISTORY_STREAM, DISPATCHER),
+        )
+        return info.ack_floor.stream_seq if info.ack_floor is not None else 0
 
     async def _dispatch_forever(self) -> None:
         config = dispatcher_config()

@@ -4,8 +4,9 @@ The engine folds every run-level event (``natflow.history.*.run``, and each star
 its start subject, ``natflow.history.*.start.>``) into a summary and
 stores it on ``natflow.runs.<run_id>`` (one message per run). Each summary remembers the
 history sequence it reflects, and writes are conditional on the summary's own sequence, so
-several engine replicas can index at once without going backwards. Delete the stream and
-the engine rebuilds it from history.
+several engine replicas can index at once without going backwards. On a single server
+the stream is acknowledged before its fsync; ``_index_guard`` rewrites what a power cut takes
+from it, and rebuilds a new (or removed and created anew) index from the whole history.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class RunIndex:
                 rebuilt = await self._rebuild(run_id, hseq)
                 if rebuilt is None:
                     return None  # no start stored before this event: nothing to place it on
-                info, start, had_timers = rebuilt
+                info, start, had_timers, _ = rebuilt
                 retention, hooked = start.retention, start.on_complete is not None
             elif entry is None:
                 assert isinstance(event, RunStarted)
@@ -163,21 +164,70 @@ class RunIndex:
         log.warning("run %s: index kept changing under this engine; skipped", run_id)
         return None
 
-    async def _rebuild(self, run_id: str, hseq: int) -> tuple[RunInfo, RunStarted, bool] | None:
-        """The summary of the run's run-level events up to ``hseq`` (stream sequence), as
-        :meth:`apply` would have folded them one by one; the run's start, and whether any
-        event made a timer. None if no start is stored before it."""
+    async def restore(self, run_id: str) -> bool:
+        """Rewrite the run's summary from its run-level history if the index holds none or
+        an older one than history's last run-level event: after the index lost writes it
+        had acknowledged (see ``_index_guard``). True if it wrote one.
+
+        Writes nothing else: each status change's lifecycle event was stored, fsynced,
+        before the summary that lost it was written.
+        """
+        self._cache.pop(run_id, None)  # what this engine remembers may be what was lost
+        for _ in range(5):
+            rebuilt = await self._rebuild(run_id, None)
+            if rebuilt is None:
+                return False  # no start (deleted since, or not a run natflow wrote)
+            info, start, has_timers, hseq = rebuilt
+            current = await self._current(run_id)
+            entry, seq = current if current is not None else (None, 0)
+            if entry is not None and entry.hseq >= hseq:
+                return False
+            new = IndexEntry(
+                hseq=hseq,
+                info=info,
+                retention=start.retention,
+                timers=has_timers,
+                on_complete=start.on_complete is not None,
+            )
+            try:
+                ack = await self._writes.publish(
+                    runs_subject(run_id),
+                    _entry_encoder.encode(new),
+                    {"Nats-Expected-Last-Subject-Sequence": str(seq)},
+                )
+            except JetStreamError as exc:
+                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                    raise
+                self._cache.pop(run_id, None)  # the dispatcher wrote meanwhile: look again
+                continue
+            self._remember(run_id, new, ack.seq)
+            return True
+        return False
+
+    def forget(self) -> None:
+        """Drop every summary this engine remembers: the server may have lost some."""
+        self._cache.clear()
+
+    async def _rebuild(
+        self, run_id: str, hseq: int | None
+    ) -> tuple[RunInfo, RunStarted, bool, int] | None:
+        """The summary of the run's run-level events up to ``hseq`` (stream sequence; None:
+        all of them), as :meth:`apply` would have folded them one by one; the run's start,
+        whether any event made a timer, and the sequence of the last event folded. None if
+        no start is stored before it."""
         runs = reader(self._conn)
         page, own = await asyncio.gather(
             runs.read_all(HISTORY_STREAM, run_level_subject(run_id), headers=True),
             own_start(runs, run_id),
         )
         messages = [*own, *page.messages]  # a start on its own subject comes before them all
-        folded = [
-            decode_event(msg.data)
-            for msg in messages
-            if int((msg.headers or {}).get("Nats-Sequence", "0")) <= hseq
-        ]
+        folded: list[Event] = []
+        last = 0
+        for msg in messages:
+            seq = int((msg.headers or {}).get("Nats-Sequence", "0"))
+            if hseq is None or seq <= hseq:
+                folded.append(decode_event(msg.data))
+                last = max(last, seq)
         if not folded or not isinstance(folded[0], RunStarted):
             return None
         start = folded[0]
@@ -185,7 +235,7 @@ class RunIndex:
         for event in folded[1:]:
             apply_event(info, event)
         log.info("run %s: summary rebuilt from %d events of its history", run_id, len(folded))
-        return info, start, any(makes_timer(event) for event in folded)
+        return info, start, any(makes_timer(event) for event in folded), last
 
     async def get(self, run_id: str) -> RunInfo | None:
         """The run's summary as the index holds it (None if the index has no entry)."""
