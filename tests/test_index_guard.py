@@ -11,7 +11,9 @@ from __future__ import annotations
 from itertools import count
 
 import msgspec
+import pytest
 from natflow import Client
+from natflow_engine import _index_guard
 from natflow_engine._history import HistoryStore
 from natflow_engine._index import IndexEntry, RunIndex
 from natflow_engine._index_guard import (
@@ -148,10 +150,12 @@ async def test_the_checkpoint_takes_a_floor_only_once_it_is_on_disk(client: Clie
 
 
 async def test_a_new_index_is_rebuilt_from_the_whole_history(
-    client: Client, nats_server: EmbeddedServer
+    client: Client, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An index stream removed (to be created anew, as an upgrade to an unsynced index asks)
-    comes back with every run's summary, closed runs' too."""
+    comes back with every run's summary, closed runs' too. History is gone through a page at
+    a time (a run's events here span pages)."""
+    monkeypatch.setattr(_index_guard, "_READ_PAGE", 2)
     conn = client.connection
     await ensure_streams(conn)
     history = HistoryStore(conn)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Final
 
@@ -126,10 +126,10 @@ def index_unsynced(config: api.StreamConfig) -> bool:
     return config.persist_mode == api.PersistMode.ASYNC
 
 
-async def runs_above(conn: Connection, floor: int) -> dict[str, int]:
-    """The runs with run-level events (starts included) above ``floor``, each with the
-    sequence of its last one, as history holds them now."""
-    runs: dict[str, int] = {}
+async def runs_above(conn: Connection, floor: int) -> AsyncIterator[dict[str, int]]:
+    """The runs with run-level events (starts included) above ``floor``, a page of history
+    at a time: each run with the sequence of its last event in that page. A run may come in
+    more than one page."""
     read = reader(conn)
     for subject in (START_FILTER, RUN_LEVEL_FILTER):
         start = floor + 1
@@ -137,15 +137,16 @@ async def runs_above(conn: Connection, floor: int) -> dict[str, int]:
             page = await read.read(
                 HISTORY_STREAM, subject, start=start, batch=_READ_PAGE, headers=True
             )
+            runs: dict[str, int] = {}
             for msg in page.messages:
                 headers = msg.headers or {}
                 run_id = run_id_of(headers.get("Nats-Subject", msg.subject))
-                seq = int(headers.get("Nats-Sequence", "0"))
-                runs[run_id] = max(runs.get(run_id, 0), seq)
+                runs[run_id] = max(runs.get(run_id, 0), int(headers.get("Nats-Sequence", "0")))
+            if runs:
+                yield runs
             if not page.messages or len(page.messages) >= page.pending:
                 break
             start = page.last_seq + 1
-    return runs
 
 
 async def behind(conn: Connection, runs: dict[str, int]) -> list[str]:
@@ -169,9 +170,9 @@ async def behind(conn: Connection, runs: dict[str, int]) -> list[str]:
 
 async def repair(conn: Connection, index: RunIndex, floor: int) -> int:
     """Rewrite from history each summary older than its run's history, among the runs with
-    run-level events above ``floor``; how many were rewritten."""
+    run-level events above ``floor``; how many were rewritten. Page by page, so a whole
+    history (a new index) is gone through in bounded memory."""
     index.forget()
-    late = await behind(conn, await runs_above(conn, floor))
     rewritten = 0
     limiter = anyio.CapacityLimiter(_RESTORING)
 
@@ -181,9 +182,11 @@ async def repair(conn: Connection, index: RunIndex, floor: int) -> int:
             if await index.restore(run_id):
                 rewritten += 1
 
-    async with anyio.create_task_group() as tg:
-        for run_id in late:
-            tg.start_soon(restore, run_id)
+    async for runs in runs_above(conn, floor):
+        late = await behind(conn, runs)
+        async with anyio.create_task_group() as tg:
+            for run_id in late:
+                tg.start_soon(restore, run_id)
     return rewritten
 
 

@@ -378,12 +378,12 @@ def _unsynced_projection(config: api.StreamConfig) -> api.StreamConfig:
     """A projection of history acknowledged before its fsync, where the server may.
 
     The run index is written for every status change of every run, and its fsyncs (with the
-    staging of its atomic batches) were about a third of a durable single server's CPU per
-    run: `natflow bench`'s 2,000 runs x 3 steps on 2 cores, four alternating pairs, 698 ->
-    770 runs/s, 1.06 -> 0.79 ms of server CPU per run. What a power cut takes from it, the
-    engine rewrites from history (``_index_guard``). Async persistence excludes atomic
-    batches, which writes acknowledged early do not need, and exists on R1 only; a
-    replicated index stays as it was.
+    staging of its atomic batches) were a fifth of a durable single server's CPU per run:
+    2,000 runs x 3 steps at once on 2 cores, one worker, 15 alternating pairs, 621 -> 690
+    runs/s, 1.15 -> 0.94 ms of server CPU and 2.80 -> 2.57 ms in all per run (medians).
+    What a power cut takes from it, the engine rewrites from history (``_index_guard``).
+    Async persistence excludes atomic batches, which writes acknowledged early do not need,
+    and exists on R1 only; a replicated index stays as it was.
     """
     if config.num_replicas == 1:
         config.persist_mode = api.PersistMode.ASYNC
