@@ -61,17 +61,26 @@ async def _stored_subject(client: Client, run_id: str) -> str:
 
 
 async def test_a_run_started_while_its_workers_serve_it_gets_no_task(client: Client) -> None:
+    history_reads = f"$JS.API.DIRECT.GET.{HISTORY_STREAM}"
     async with running_worker(client, [one_step]):
         await wait_for(lambda: _pulling(client, "default", one_step.name), what="start pulls")
-        async with overheard(client, f"{TASK_PREFIX}.>") as tasks:
+        async with (
+            overheard(client, f"{TASK_PREFIX}.>") as tasks,
+            overheard(client, history_reads) as reads,
+        ):
             handle = await client.start(one_step, 21, run_id="sc-1")
             assert await handle.result(timeout=10) == 42
     assert tasks == []
     assert await _stored_subject(client, "sc-1") == start_subject("sc-1", "default", one_step.name)
     events = await client.history("sc-1")
     assert isinstance(events[0], RunStarted)
-    # Claimed beside the start's lookup, at its first delivery (no read, no second try).
+    # Claimed at its first delivery, with no second try, and with no read of its history:
+    # what the start consumer delivered is the stored start itself (a task's start is a
+    # hint, looked up by its sequence). The one read is the client's, for result().
     assert [e.delivery for e in events if isinstance(e, RunClaimed)] == [1]
+    assert [msgspec.json.decode(m.data) for m in reads] == [
+        {"last_by_subj": history_subject("sc-1")}
+    ]
 
 
 async def test_a_start_no_worker_takes_from_history_gets_its_task(client: Client) -> None:

@@ -53,7 +53,7 @@ from ._flow_decls import (
 )
 from ._flow_starts import FlowPlan, flow_start, input_field, take_debounced_input
 from ._handoff import Drained, receive_soon
-from ._history import AppendConflict, CorruptHistory, History, HistoryStore
+from ._history import AppendConflict, CorruptHistory, History, HistoryStore, start_history
 from ._index import RunIndex
 from ._jsz import Jsz, Varz, read_jsz, read_varz
 from ._kv import kv_get, kv_put
@@ -407,6 +407,7 @@ __all__ = [
     "site_views",
     "start_consumer",
     "start_declared",
+    "start_history",
     "start_task",
     "step_attempt",
     "stopping",

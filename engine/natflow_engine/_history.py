@@ -53,6 +53,25 @@ def _start_of(run_id: str, subject: str) -> bool:
     )
 
 
+def start_history(run_id: str, subject: str, data: bytes, seq: int) -> History | None:
+    """The history a brand-new run's start stored at ``seq`` on ``subject`` makes, or None
+    if it is not ``run_id``'s first start. What a start consumer delivers is the stored
+    message itself, so it needs no lookup (:meth:`HistoryStore.read_start` makes one for a
+    task's hint). Like that lookup, it shows nothing stored after the start."""
+    if not _start_of(run_id, subject):
+        return None
+    try:
+        event = decode_event(data)
+    except msgspec.DecodeError:
+        return None  # the whole read names the bad event
+    # Only a brand-new run's start is written with nothing before it (``Runs.start``
+    # appends it expecting no event). A continuation (a RunStarted subclass) follows
+    # older step events of its run.
+    if type(event) is not RunStarted or event.restarted_from:
+        return None
+    return History(run_id, [event], last_seq=seq)
+
+
 class _Nonces:
     """Append nonces unique across processes and restarts: 64 random bits drawn once per
     process (again in a forked child), then a counter. A ``uuid4`` per append cost a
@@ -250,18 +269,9 @@ class HistoryStore:
             lambda: self._reader.get(HISTORY_STREAM, seq),
             budget=self.retry_budget,
         )
-        if msg is None or not _start_of(run_id, (msg.headers or {}).get("Nats-Subject", "")):
+        if msg is None:
             return None
-        try:
-            event = decode_event(msg.data)
-        except msgspec.DecodeError:
-            return None  # the whole read names the bad event
-        # Only a brand-new run's start is written with nothing before it (``Runs.start``
-        # appends it expecting no event). A continuation (a RunStarted subclass) follows
-        # older step events of its run.
-        if type(event) is not RunStarted or event.restarted_from:
-            return None
-        return History(run_id, [event], last_seq=seq)
+        return start_history(run_id, (msg.headers or {}).get("Nats-Subject", ""), msg.data, seq)
 
     async def _read(self, run_id: str, lenient: bool) -> History:
         placed = await read_by_level(self._reader, run_id)

@@ -6,7 +6,9 @@ read the run's history first either: the claim is a conditional append that expe
 start's sequence as the run's last, so it succeeds only while the run has nothing after its
 start, and fences every other claimer exactly as a claim written after a read would. What
 the claim cannot prove, that the message at that sequence is this run's start, one lookup
-by sequence shows (``HistoryStore.read_start``). Together they are the whole history, read
+by sequence shows (``HistoryStore.read_start``; a start delivered by a start consumer is
+the stored message itself and needs none: ``start_history``). Together they are the whole
+history, read
 without a read by subject, which makes the server walk every message stored since the start
 (under load, most of its CPU). Lookup, claim and the run's lease go out together, and the one
 look for waiting signals follows the lease: a signal stored before the look is seen by it,
@@ -81,13 +83,16 @@ async def read_and_claim(
     start_seq: int,
     identity: str,
     take_lease: Callable[[], Awaitable[object]],
+    *,
+    stored: History | None = None,
 ) -> tuple[History, Preclaim | None]:
     """Look up the run's start, claim the run as the event after ``start_seq`` and take its
     lease (``take_lease``, then one look for its signals), all at once. Returns the history
     (the start alone) and the claim, or the history alone (read whole) when the claim met a
-    newer history or the lookup did not find this run's start there."""
+    newer history or the lookup did not find this run's start there. ``stored``: the start
+    as history delivered it (a start consumer's message is the stored one): no lookup."""
     claim = RunClaimed(id=f"{run_id}:2", at=utcnow(), worker=identity, delivery=1)
-    found: dict[str, object] = {}
+    found: dict[str, object] = {"history": stored}
 
     async def read() -> None:
         found["history"] = await store.read_start(run_id, start_seq)
@@ -104,7 +109,8 @@ async def read_and_claim(
 
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(read)
+            if stored is None:
+                tg.start_soon(read)
             tg.start_soon(lease_then_look)
             await append()
     except BaseExceptionGroup as group:

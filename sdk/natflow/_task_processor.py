@@ -23,6 +23,7 @@ from natflow_engine import (
     labelled,
     load_events,
     open_events,
+    start_history,
 )
 from natflow_engine.events import Event, RestartSeeded, RunStarted, utcnow
 from nats.aio.msg import Msg
@@ -160,6 +161,9 @@ class TaskProcessor:
                     task.start_seq,
                     self._identity,
                     lambda: self._leases.take(held),
+                    # From a start consumer the delivery is the stored start itself (None
+                    # for a task, a hint whose start is looked up).
+                    stored=start_history(run_id, msg.subject, msg.data, task.start_seq),
                 )
             else:
                 history = await self._store.read(run_id)
