@@ -2,7 +2,7 @@
 
 On a single server the run index (``NATFLOW_RUNS``) is acknowledged before it is fsynced
 (JetStream's ``persist_mode: async``): it is a projection of history, and its fsyncs were
-a fifth to a quarter of the server's CPU per run. nats-server fsyncs such a stream in the
+about a fifth of the server's CPU per run. nats-server fsyncs such a stream in the
 background, at least every two minutes (its default ``sync_interval``, which
 ``sync_interval: always`` leaves in place for these streams). So an OS crash or a power cut
 may lose the summaries written in the last two minutes before it, while the dispatcher's
