@@ -147,19 +147,9 @@ class RunIndex:
             new = IndexEntry(
                 hseq=hseq, info=info, retention=retention, timers=has_timers, on_complete=hooked
             )
-            try:
-                ack = await self._writes.publish(
-                    runs_subject(run_id),
-                    _entry_encoder.encode(new),
-                    {"Nats-Expected-Last-Subject-Sequence": str(seq)},
-                )
-            except JetStreamError as exc:
-                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
-                    raise
-                self._cache.pop(run_id, None)  # another replica wrote; read and decide again
-                unread = False
+            if not await self._write(run_id, new, seq):
+                unread = False  # another replica wrote: read and decide again
                 continue
-            self._remember(run_id, new, ack.seq)
             return info
         log.warning("run %s: index kept changing under this engine; skipped", run_id)
         return None
@@ -189,20 +179,27 @@ class RunIndex:
                 timers=has_timers,
                 on_complete=start.on_complete is not None,
             )
-            try:
-                ack = await self._writes.publish(
-                    runs_subject(run_id),
-                    _entry_encoder.encode(new),
-                    {"Nats-Expected-Last-Subject-Sequence": str(seq)},
-                )
-            except JetStreamError as exc:
-                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
-                    raise
-                self._cache.pop(run_id, None)  # the dispatcher wrote meanwhile: look again
-                continue
-            self._remember(run_id, new, ack.seq)
-            return True
+            if await self._write(run_id, new, seq):
+                return True
+            # the dispatcher wrote meanwhile: look again
         return False
+
+    async def _write(self, run_id: str, entry: IndexEntry, seq: int) -> bool:
+        """Store ``entry`` if the run's summary is still the one at ``seq`` (0: none); False
+        if another write came first (what this engine remembers of the run is dropped)."""
+        try:
+            ack = await self._writes.publish(
+                runs_subject(run_id),
+                _entry_encoder.encode(entry),
+                {"Nats-Expected-Last-Subject-Sequence": str(seq)},
+            )
+        except JetStreamError as exc:
+            self._cache.pop(run_id, None)
+            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                raise
+            return False
+        self._remember(run_id, entry, ack.seq)
+        return True
 
     def forget(self) -> None:
         """Drop every summary this engine remembers: the server may have lost some."""
@@ -257,20 +254,8 @@ class RunIndex:
             if info.status not in ("sleeping", "waiting") or info.due_at != due_at:
                 return False
             mark_due(info, timer)
-            new = msgspec.structs.replace(entry, info=info)
-            try:
-                ack = await self._writes.publish(
-                    runs_subject(run_id),
-                    _entry_encoder.encode(new),
-                    {"Nats-Expected-Last-Subject-Sequence": str(seq)},
-                )
-            except JetStreamError as exc:
-                self._cache.pop(run_id, None)
-                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
-                    raise
-                continue
-            self._remember(run_id, new, ack.seq)
-            return True
+            if await self._write(run_id, msgspec.structs.replace(entry, info=info), seq):
+                return True
         return False
 
     def has_no_timers(self, run_id: str) -> bool:
