@@ -8,13 +8,12 @@ start, and fences every other claimer exactly as a claim written after a read wo
 the claim cannot prove, that the message at that sequence is this run's start, one lookup
 by sequence shows (``HistoryStore.read_start``; a start delivered by a start consumer is
 the stored message itself and needs none: ``start_history``). Together they are the whole
-history, read
-without a read by subject, which makes the server walk every message stored since the start
-(under load, most of its CPU). Lookup, claim and the run's lease go out together, and the one
-look for waiting signals follows the lease: a signal stored before the look is seen by it,
-and one stored after it finds the lease, so the engine nudges this worker
-(``natflow_engine._wake``). Looked before the lease, a signal stored in between would reach
-no one: the engine finds the task in flight and no holder to nudge.
+history, read without a read by subject, which makes the server walk every message stored
+since the start (under load, most of its CPU). Lookup, claim and the run's lease go out
+together, and the one look for waiting signals follows the lease: a signal stored before
+the look is seen by it, and one stored after it finds the lease, so the engine nudges this
+worker (``natflow_engine._wake``). Looked before the lease, a signal stored in between would
+reach no one: the engine finds the task in flight and no holder to nudge.
 
 Whatever the lookup shows, the claim stays valid (it says "this worker holds the run", not
 what the run is): the execution is built from history. A claim that meets a newer history,
