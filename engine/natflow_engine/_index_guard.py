@@ -49,7 +49,7 @@ from nats.js import api
 
 from ._connection import Connection
 from ._errors import NatflowError
-from ._index import IndexEntry, RunIndex
+from ._index import RunIndex
 from ._reader import LAST_PER_REQUEST, reader
 from ._streams import (
     HISTORY_STREAM,
@@ -85,9 +85,15 @@ class IndexCheckpoint(msgspec.Struct, kw_only=True):
     at: datetime
 
 
+class _Reflects(msgspec.Struct):
+    """Of a summary, only the history sequence it reflects (see ``IndexEntry``)."""
+
+    hseq: int
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(IndexCheckpoint)
-_entry_decoder = msgspec.json.Decoder(IndexEntry)
+_reflects_decoder = msgspec.json.Decoder(_Reflects)
 
 
 async def _index_config(conn: Connection) -> api.StreamConfig:
@@ -161,7 +167,7 @@ async def behind(conn: Connection, runs: dict[str, int]) -> list[str]:
         for msg in page.messages:
             subject = (msg.headers or {}).get("Nats-Subject", msg.subject)
             try:
-                held[subject.rsplit(".", 1)[1]] = _entry_decoder.decode(msg.data).hseq
+                held[subject.rsplit(".", 1)[1]] = _reflects_decoder.decode(msg.data).hseq
             except msgspec.DecodeError:
                 continue  # not a summary: rewritten like a missing one
         late += [r for r in chunk if held.get(r, 0) < runs[r]]

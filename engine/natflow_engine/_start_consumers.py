@@ -170,19 +170,25 @@ async def starts_taken(conn: Connection, queue: str, workflow: str) -> bool:
     return exists
 
 
-async def _consumer_exists(conn: Connection, queue: str, workflow: str) -> bool:
-    name = start_consumer(queue, workflow)
+async def _consumer_info(
+    conn: Connection, queue: str, workflow: str, budget: float = 30.0
+) -> api.ConsumerInfo | None:
+    """The start consumer of ``queue`` and ``workflow``; None if there is none."""
     try:
-        await conn.admin(
+        return await conn.admin(
             f"start consumer of workflow {workflow!r} on queue {queue}",
-            lambda: conn.jsm.consumer_info(HISTORY_STREAM, name),
-            budget=0.0,
+            lambda: conn.jsm.consumer_info(HISTORY_STREAM, start_consumer(queue, workflow)),
+            budget=budget,
         )
-        return True
     except nats.js.errors.NotFoundError:
-        return False
+        return None
+
+
+async def _consumer_exists(conn: Connection, queue: str, workflow: str) -> bool:
+    try:
+        return await _consumer_info(conn, queue, workflow, budget=0.0) is not None
     except (NatflowError, nats.errors.Error) as exc:
-        log.debug("could not look up start consumer %s (%s): writing tasks", name, exc)
+        log.debug("could not look up the start consumer (%s): writing tasks", exc)
         return False
 
 
@@ -206,16 +212,11 @@ async def held_starts(conn: Connection, starts: Iterable[tuple[str, str, int, fl
 async def _floor_and_birth(conn: Connection, queue: str, workflow: str) -> tuple[int, float] | None:
     """The stream sequence the start consumer has acknowledged everything up to, and when
     it was created (seconds since the epoch); None when there is no such consumer."""
-    name = start_consumer(queue, workflow)
-    try:
-        info = await conn.admin(
-            f"start consumer of workflow {workflow!r} on queue {queue}",
-            lambda: conn.jsm.consumer_info(HISTORY_STREAM, name),
-        )
-    except nats.js.errors.NotFoundError:
+    info = await _consumer_info(conn, queue, workflow)
+    if info is None:
         return None
     floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-    return floor or 0, _seconds(info.created)
+    return floor, _seconds(info.created)
 
 
 def _seconds(created: datetime | None) -> float:

@@ -293,7 +293,9 @@ def stream_configs() -> list[api.StreamConfig]:
             allow_direct=True,  # the engine looks up many runs' tasks at once (_tasks.queued)
             num_replicas=r,
         ),
-        _advisory(kv_stream_config("natflow_leases", "natflow: run leases (holder, expiry)", r)),
+        _acknowledged_before_fsync(
+            kv_stream_config("natflow_leases", "natflow: run leases (holder, expiry)", r)
+        ),
         kv_stream_config("natflow_workers", "natflow: live workers", r),
         kv_stream_config("natflow_timers", "natflow: pending timers (sleeps, timeouts)", r),
         api.StreamConfig(
@@ -332,7 +334,7 @@ def stream_configs() -> list[api.StreamConfig]:
             max_age=RETENTION_DAYS * 86400.0,
             num_replicas=r,
         ),
-        _unsynced_projection(
+        _acknowledged_before_fsync(
             api.StreamConfig(
                 name=RUNS_STREAM,
                 description="natflow: run index (latest summary per run), rebuilt from history",
@@ -358,32 +360,24 @@ def stream_configs() -> list[api.StreamConfig]:
     ]
 
 
-def _advisory(config: api.StreamConfig) -> api.StreamConfig:
-    """A stream of advice nothing depends on to be correct, acknowledged before its fsync.
+def _acknowledged_before_fsync(config: api.StreamConfig) -> api.StreamConfig:
+    """A stream nothing depends on the fsync of, acknowledged before it, where the server may.
 
-    Leases only make ownership visible and let the reaper hand a dead worker's task back at
-    once; the history's conditional append is the fencing token, and a lost lease costs a
-    slower hand-over (the task's ack deadline), never a step. Two lease writes per run (take
-    and drop) were two of the ~16 fsyncs a run cost a durable single server. Async
-    persistence exists on R1 streams only (ADR-56); R3 relies on replication anyway. The
-    mode is fixed when a stream is created (an update may not change it): a bucket an older
-    natflow created keeps fsyncing until it is removed and created again.
-    """
-    if config.num_replicas == 1:
-        config.persist_mode = api.PersistMode.ASYNC
-    return config
+    * Run leases are advice: they make ownership visible and let the reaper hand a dead
+      worker's task back at once; the history's conditional append is the fencing token,
+      and a lost lease costs a slower hand-over (the task's ack deadline), never a step. Two
+      lease writes per run (take and drop) were two of the ~16 fsyncs a run cost.
+    * The run index is a projection of history, written for every status change of every
+      run; its fsyncs (with the staging of its atomic batches) were a fifth of a durable
+      single server's CPU per run: 2,000 runs x 3 steps at once on 2 cores, one worker, 15
+      alternating pairs, 621 -> 690 runs/s, 1.15 -> 0.94 ms of server CPU and 2.80 -> 2.57
+      ms in all per run (medians). What a power cut takes from it, the engine rewrites from
+      history (``_index_guard``).
 
-
-def _unsynced_projection(config: api.StreamConfig) -> api.StreamConfig:
-    """A projection of history acknowledged before its fsync, where the server may.
-
-    The run index is written for every status change of every run, and its fsyncs (with the
-    staging of its atomic batches) were a fifth of a durable single server's CPU per run:
-    2,000 runs x 3 steps at once on 2 cores, one worker, 15 alternating pairs, 621 -> 690
-    runs/s, 1.15 -> 0.94 ms of server CPU and 2.80 -> 2.57 ms in all per run (medians).
-    What a power cut takes from it, the engine rewrites from history (``_index_guard``).
-    Async persistence excludes atomic batches, which writes acknowledged early do not need,
-    and exists on R1 only; a replicated index stays as it was.
+    Async persistence exists on R1 streams only (ADR-56; R3 relies on replication anyway)
+    and excludes atomic batches, which writes acknowledged early do not need. The mode is
+    fixed when a stream is created (an update may not change it): a stream an older natflow
+    created keeps fsyncing until it is removed and created again.
     """
     if config.num_replicas == 1:
         config.persist_mode = api.PersistMode.ASYNC
@@ -417,7 +411,7 @@ async def ensure_streams(conn: Connection) -> None:
 # nats-server a staging store of its own, which only the fsyncs it saves pay for (see
 # _append_batch). On a 3-node cluster (R3) batching measured neither faster nor slower on
 # the 2-core VM, so there too the recorded mode decides. The engine's own batched streams
-# (lifecycle; the run index where it is replicated, see _unsynced_projection) batch in every
+# (lifecycle; the run index where it is replicated, see _acknowledged_before_fsync) batch in every
 # mode: few writers make large batches, and on the 16-core machine, relaxed, turning theirs
 # off too cost 6-11 % of the runs/s.
 SYNC_MODE_KEY: Final = "natflow.sync"
