@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import nats.js.errors
 from natflow import Client, Worker, Workflow
 from natflow.testing import Replayer, ReplayResult
 from natflow_engine import _reader
 from natflow_engine._engine import DISPATCHER
-from natflow_engine._streams import HISTORY_STREAM, stream_configs
+from natflow_engine._streams import HISTORY_STREAM, start_consumer, stream_configs
 from nats.aio.msg import Msg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,3 +163,14 @@ async def add_older_stream(client: Client, name: str, **settings: Any) -> None:
     for key, value in settings.items():
         setattr(config, key, value)
     await client.connection.jsm.add_stream(config)
+
+
+async def start_pulls(client: Client, queue: str, name: str) -> bool:
+    """Whether a worker is waiting on the workflow's start consumer (a run started now is
+    then delivered from history, not as a task)."""
+    jsm = client.connection.jsm
+    try:
+        info = await jsm.consumer_info(HISTORY_STREAM, start_consumer(queue, name))
+    except nats.js.errors.NotFoundError:  # the worker has not made it yet
+        return False
+    return (info.num_waiting or 0) > 0

@@ -1,11 +1,14 @@
 """A new run's claim goes out beside the lookup of its start (``natflow._preclaim``): it
 fences as a claim written after a read would, and one that meets a newer history falls
-back to a whole read."""
+back to a whole read. A start delivered by a start consumer needs no lookup: the run's
+first steps run while its claim is on its way, and nothing they do is recorded unless the
+claim lands."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Any
 
 import anyio
@@ -15,9 +18,9 @@ from natflow import _preclaim as preclaim_module
 from natflow_engine import HISTORY_STREAM
 from natflow_engine._engine import Engine
 from natflow_engine._history import HistoryStore
-from natflow_engine.events import RunClaimed, RunStarted, StepCompleted, utcnow
+from natflow_engine.events import RunClaimed, RunCompleted, RunStarted, StepCompleted, utcnow
 
-from tests.helpers import overheard, running_worker, wait_for
+from tests.helpers import overheard, running_worker, start_pulls, wait_for
 
 _STEPS = 2
 
@@ -36,6 +39,19 @@ async def two_steps(ctx: WorkflowContext, x: int) -> int:
 async def _long(seconds: float) -> str:
     await anyio.sleep(seconds)
     return "done"
+
+
+_STEP_BEGUN: dict[str, anyio.Event] = {}
+
+
+async def _begin(key: str) -> str:
+    _STEP_BEGUN.pop(key).set()
+    return key
+
+
+@workflow(name="preclaim_gated")
+async def gated(ctx: WorkflowContext, key: str) -> str:
+    return await ctx.step("begin", _begin, key)
 
 
 @workflow(name="preclaim_busy")
@@ -167,6 +183,105 @@ async def test_a_nudge_before_the_execution_exists_is_kept(
         with anyio.fail_after(20), pytest.raises(RunCancelled, match="after the look"):
             await handle.result(timeout=20)
     assert not any(isinstance(e, StepCompleted) for e in await client.history("pre-4"))
+
+
+class _ClaimGate:
+    """Holds the claim of one run in the worker's history store until ``release``."""
+
+    def __init__(self, worker: Any, run_id: str) -> None:
+        self.released = anyio.Event()
+        self.claims_held = 0
+        self._append = worker._store.append
+        self._run_id = run_id
+
+    async def append(self, run_id: str, event: Any, *args: Any, **kwargs: Any) -> int:
+        if run_id == self._run_id and isinstance(event, RunClaimed):
+            self.claims_held += 1
+            await self.released.wait()
+        return int(await self._append(run_id, event, *args, **kwargs))
+
+
+async def test_a_started_runs_first_step_runs_while_its_claim_is_on_its_way(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The claim is held back until the first step has begun: were the step to wait for the
+    # claim (a round trip before it), neither would ever happen.
+    async with running_worker(client, [gated]) as worker:
+        await wait_for(lambda: start_pulls(client, "default", gated.name), what="start pulls")
+        gate = _ClaimGate(worker, "ahead-1")
+        monkeypatch.setattr(worker._store, "append", gate.append)
+        _STEP_BEGUN["ahead-1"] = gate.released
+        handle = await client.start(gated, "ahead-1", run_id="ahead-1")
+        with anyio.fail_after(10):
+            assert await handle.result(timeout=10) == "ahead-1"
+    assert gate.claims_held == 1
+    events = await client.history("ahead-1")
+    assert [type(e) for e in events] == [RunStarted, RunClaimed, StepCompleted, RunCompleted]
+    claims = [e.worker for e in events if isinstance(e, RunClaimed)]
+    assert claims == [worker.identity]
+
+
+async def test_a_claim_beside_the_first_steps_that_misses_records_nothing_of_them(
+    client: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Another worker claims the run (and dies) while this one's claim is on its way: the
+    # first step has run here meanwhile, but its outcome must not reach history; the run is
+    # read anew, claimed after the other claim and finished, each step recorded once.
+    store = HistoryStore(client.connection)
+    calls: list[int] = []
+    ran = anyio.Event()
+
+    async def counted(x: int) -> int:
+        calls.append(x)
+        ran.set()
+        return x + 1
+
+    monkeypatch.setattr(sys.modules[__name__], "_one", counted)
+    async with running_worker(client, [two_steps]) as worker:
+        await wait_for(lambda: start_pulls(client, "default", two_steps.name), what="start pulls")
+        append = worker._store.append
+
+        async def claimed_first(run_id: str, event: Any, *args: Any, **kwargs: Any) -> int:
+            if run_id == "ahead-2" and isinstance(event, RunClaimed) and event.id == "ahead-2:2":
+                await ran.wait()  # the first step ran ahead of the claim
+                other = RunClaimed(id="ahead-2:2", at=utcnow(), worker="gone-worker", delivery=1)
+                await store.append("ahead-2", other, args[0])
+            return int(await append(run_id, event, *args, **kwargs))
+
+        monkeypatch.setattr(worker._store, "append", claimed_first)
+        with caplog.at_level(logging.DEBUG, logger="natflow.worker"):
+            handle = await client.start(two_steps, 1, run_id="ahead-2")
+            assert await handle.result(timeout=10) == 3
+    assert any("claim beside the first steps missed" in r.getMessage() for r in caplog.records)
+    events = await client.history("ahead-2")
+    claims = [e.worker for e in events if isinstance(e, RunClaimed)]
+    assert claims == ["gone-worker", worker.identity]
+    assert sum(isinstance(e, StepCompleted) for e in events) == _STEPS
+    assert calls[0] == 1 and len(calls) == _STEPS + 1  # the first step ran twice
+
+
+async def test_a_terminate_before_the_lease_stops_a_step_run_ahead_of_its_claim(
+    client: Client, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above (a signal stored before the lease exists), for a run from a start consumer:
+    # its step is running already when the lease's one look finds the terminate.
+    async with running_worker(client, [busy]) as worker:
+        await wait_for(lambda: start_pulls(client, "default", busy.name), what="start pulls")
+        acquire = worker._leases.acquire
+
+        async def late_acquire(run_id: str, *args: Any, **kwargs: Any) -> Any:
+            if run_id == "ahead-3":
+                await client.terminate(run_id, reason="before the lease")
+                await wait_for(_handled(engine), what="the engine to take the signal in")
+            return await acquire(run_id, *args, **kwargs)
+
+        monkeypatch.setattr(worker._leases, "acquire", late_acquire)
+        handle = await client.start(busy, 60, run_id="ahead-3")
+        with anyio.fail_after(20), pytest.raises(RunCancelled, match="before the lease"):
+            await handle.result(timeout=20)
+    events = await client.history("ahead-3")
+    assert [type(e) for e in events[:2]] == [RunStarted, RunClaimed]
+    assert not any(isinstance(e, StepCompleted) for e in events)
 
 
 def _handled(engine: Engine) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-import nats.js.errors
 import pytest
 from natflow import Client, WorkflowContext, workflow
 from natflow_engine import HISTORY_STREAM, TASK_PREFIX, _start_consumers, decode_task, queue_paused
@@ -31,7 +30,7 @@ from natflow_engine._streams import (
 )
 from natflow_engine.events import RunClaimed, RunStarted, decode_event, utcnow
 
-from tests.helpers import overheard, running_worker, wait_for
+from tests.helpers import overheard, running_worker, start_pulls, wait_for
 
 
 async def _double(x: int) -> int:
@@ -41,16 +40,6 @@ async def _double(x: int) -> int:
 @workflow(name="start_consumers_one_step")
 async def one_step(ctx: WorkflowContext, x: int) -> int:
     return await ctx.step("double", _double, x)
-
-
-async def _pulling(client: Client, queue: str, name: str) -> bool:
-    """Whether a worker is waiting on the workflow's start consumer."""
-    jsm = client.connection.jsm
-    try:
-        info = await jsm.consumer_info(HISTORY_STREAM, start_consumer(queue, name))
-    except nats.js.errors.NotFoundError:  # the worker has not made it yet
-        return False
-    return info.num_waiting > 0
 
 
 async def _stored_subject(client: Client, run_id: str) -> str:
@@ -63,7 +52,7 @@ async def _stored_subject(client: Client, run_id: str) -> str:
 async def test_a_run_started_while_its_workers_serve_it_gets_no_task(client: Client) -> None:
     history_reads = f"$JS.API.DIRECT.GET.{HISTORY_STREAM}"
     async with running_worker(client, [one_step]):
-        await wait_for(lambda: _pulling(client, "default", one_step.name), what="start pulls")
+        await wait_for(lambda: start_pulls(client, "default", one_step.name), what="start pulls")
         async with (
             overheard(client, f"{TASK_PREFIX}.>") as tasks,
             overheard(client, history_reads) as reads,
@@ -144,7 +133,7 @@ async def test_the_start_watch_leaves_a_start_its_consumer_holds(
 async def test_a_paused_queue_holds_its_new_runs(client: Client) -> None:
     conn = client.connection
     async with running_worker(client, [one_step]):
-        await wait_for(lambda: _pulling(client, "default", one_step.name), what="start pulls")
+        await wait_for(lambda: start_pulls(client, "default", one_step.name), what="start pulls")
         await pause_queue(conn, "default")
         try:
             info = await conn.jsm.consumer_info(

@@ -35,7 +35,7 @@ from ._claim import RunClaimer
 from ._commands import Finished, Item, SignalsArrived, StillRunning, TimerDue
 from ._live_steps import LiveSteps
 from ._outcome import HOLD_FOR_CHILDREN, HOLD_TIMERS_UNDER, Outcome
-from ._preclaim import Preclaim
+from ._preclaim import ClaimAhead, Preclaim
 from ._recorder import Fenced, RunRecorder
 from ._replay import Evicted, WorkflowState
 from ._run_endings import end, fail, finish, record_block
@@ -69,15 +69,20 @@ class RunExecution:
         runtime: StepRuntime,
         delivery: int = 1,
         optimistic: bool = False,
-        preclaimed: Preclaim | None = None,
+        preclaimed: Preclaim | ClaimAhead | None = None,
     ) -> None:
         self.state = WorkflowState(workflow, history)
         self.workflow = workflow
         self.run_id = history.run_id
         count = events_before(self.state.start) + len(history.events)  # for event ids
         last_seq, last_event = history.last_seq, history.events[-1]
-        self._preclaimed = preclaimed  # claimed already, beside the history read
-        if preclaimed is not None:
+        # Claimed already, beside the history read; or a new run claimed beside its first
+        # steps (see _preclaim).
+        self._preclaimed = preclaimed if isinstance(preclaimed, Preclaim) else None
+        self._claim_ahead = isinstance(preclaimed, ClaimAhead)
+        self._claim_missed = False  # that claim met a newer history
+        self._identity = identity
+        if isinstance(preclaimed, Preclaim):
             count, last_seq, last_event = count + 1, preclaimed.seq, preclaimed.event
         self._draining = False
         self._signals_first = False  # signals waited when the run was taken
@@ -140,7 +145,11 @@ class RunExecution:
                 await record_block(self._rec)
                 return Outcome.BLOCKED
             claimer = self._claimer
-            if self._preclaimed is not None:  # see _preclaim
+            if self._claim_ahead:  # the lease's look, beside, tells of waiting signals
+                if self._draining:
+                    return Outcome.HANDED_BACK
+                claimed, work = True, False
+            elif self._preclaimed is not None:  # see _preclaim
                 self._trace.recorded(self._preclaimed.event)
                 if self._draining:
                     return Outcome.HANDED_BACK
@@ -163,10 +172,14 @@ class RunExecution:
             self._signals_first = work or self._signals_early
             send, receive = anyio.create_memory_object_stream[Item](math.inf)
             self._send = self._steps.send = send
+            outcome = Outcome.STALE  # what a claim beside the first steps that missed makes
             try:
                 with send, receive:
                     async with anyio.create_task_group() as tg:
+                        claiming = self._claim_beside(tg) if self._claim_ahead else None
                         outcome = await self._guarded_live(tg, receive)
+                        if claiming is not None:  # an outcome that appended nothing
+                            await claiming.wait()
                         tg.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 if len(group.exceptions) == 1:  # the worker handles the error, not the group
@@ -174,9 +187,30 @@ class RunExecution:
                 raise
             finally:
                 self._send = self._steps.send = None
-            return outcome
+            return Outcome.STALE if self._claim_missed else outcome
         finally:
             self._dispose()
+
+    def _claim_beside(self, tg: anyio.abc.TaskGroup) -> anyio.Event:
+        """Write the run's claim beside its first steps (every append waits for it); set
+        once it is written. One that meets a newer history ends the execution: STALE, the
+        run is read anew, and what its steps did meanwhile is never recorded (steps run at
+        least once, and are recorded exactly once)."""
+        done = anyio.Event()
+        self._rec.expect_claim(self._identity)
+
+        async def claim() -> None:
+            if await self._rec.write_claim():
+                done.set()
+            else:
+                log.debug(
+                    "run %s: claim beside the first steps missed; reading it anew", self.run_id
+                )
+                self._claim_missed = True
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(claim, name=f"claim {self.run_id}")
+        return done
 
     async def _guarded_live(
         self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]

@@ -1,4 +1,4 @@
-"""Claiming a new run while its start is read: one round trip where there were two.
+"""Claiming a new run without a round trip of its own.
 
 A new run's task carries its ``run_started`` and that event's stream sequence. The worker
 does not take the task's word for it (the task is a hint, never the truth), but it need not
@@ -6,19 +6,26 @@ read the run's history first either: the claim is a conditional append that expe
 start's sequence as the run's last, so it succeeds only while the run has nothing after its
 start, and fences every other claimer exactly as a claim written after a read would. What
 the claim cannot prove, that the message at that sequence is this run's start, one lookup
-by sequence shows (``HistoryStore.read_start``; a start delivered by a start consumer is
-the stored message itself and needs none: ``start_history``). Together they are the whole
-history, read without a read by subject, which makes the server walk every message stored
-since the start (under load, most of its CPU). Lookup, claim and the run's lease go out
-together, and the one look for waiting signals follows the lease: a signal stored before
-the look is seen by it, and one stored after it finds the lease, so the engine nudges this
-worker (``natflow_engine._wake``). Looked before the lease, a signal stored in between would
-reach no one: the engine finds the task in flight and no holder to nudge.
+by sequence shows (``HistoryStore.read_start``). Together they are the whole history, read
+without a read by subject, which makes the server walk every message stored since the
+start (under load, most of its CPU). Lookup, claim and the run's lease go out together, and
+the one look for waiting signals follows the lease: a signal stored before the look is seen
+by it, and one stored after it finds the lease, so the engine nudges this worker
+(``natflow_engine._wake``). Looked before the lease, a signal stored in between would reach
+no one: the engine finds the task in flight and no holder to nudge.
 
 Whatever the lookup shows, the claim stays valid (it says "this worker holds the run", not
 what the run is): the execution is built from history. A claim that meets a newer history,
 or a lookup that does not find this run's start, falls back to the ordinary path (a whole
 read).
+
+A start delivered by a start consumer is the stored message itself (``start_history``): it
+needs no lookup, and nothing is left to wait for before the run goes live. Such a run is
+claimed beside its first steps (:class:`ClaimAhead`): the workflow starts at once and its
+first steps run while the claim is on its way; every append waits for the claim and is
+fenced by it (``RunRecorder.expect_claim``). A claim that misses (the run was cancelled, or
+another worker took it, within that round trip) gives the execution up before anything is
+recorded: its steps ran and are run again by whoever holds the run, as after a crash.
 """
 
 from __future__ import annotations
@@ -39,6 +46,11 @@ from natflow_engine import (
 from natflow_engine.events import RunClaimed, RunStarted, decode_event, utcnow
 
 log = logging.getLogger("natflow.worker")
+
+
+@dataclass(frozen=True)
+class ClaimAhead:
+    """A new run, from its stored start, to be claimed beside its first steps."""
 
 
 @dataclass(frozen=True)
@@ -82,16 +94,13 @@ async def read_and_claim(
     start_seq: int,
     identity: str,
     take_lease: Callable[[], Awaitable[object]],
-    *,
-    stored: History | None = None,
 ) -> tuple[History, Preclaim | None]:
     """Look up the run's start, claim the run as the event after ``start_seq`` and take its
     lease (``take_lease``, then one look for its signals), all at once. Returns the history
     (the start alone) and the claim, or the history alone (read whole) when the claim met a
-    newer history or the lookup did not find this run's start there. ``stored``: the start
-    as history delivered it (a start consumer's message is the stored one): no lookup."""
+    newer history or the lookup did not find this run's start there."""
     claim = RunClaimed(id=f"{run_id}:2", at=utcnow(), worker=identity, delivery=1)
-    found: dict[str, object] = {"history": stored}
+    found: dict[str, object] = {}
 
     async def read() -> None:
         found["history"] = await store.read_start(run_id, start_seq)
@@ -108,8 +117,7 @@ async def read_and_claim(
 
     try:
         async with anyio.create_task_group() as tg:
-            if stored is None:
-                tg.start_soon(read)
+            tg.start_soon(read)
             tg.start_soon(lease_then_look)
             await append()
     except BaseExceptionGroup as group:

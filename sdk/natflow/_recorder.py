@@ -2,19 +2,23 @@
 
 Every append is fenced by the run's last sequence: an append that meets a newer history
 raises :class:`Fenced` (this worker no longer holds the run). Events get derived ids
-(``<run_id>:<n>``), so a retried publish deduplicates.
+(``<run_id>:<n>``), so a retried publish deduplicates. A new run's claim may be written
+beside its first steps (:meth:`RunRecorder.expect_claim`): every other append waits for it
+and is fenced by it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import msgspec
 from natflow_engine import AppendConflict, Connection, HistoryStore, fields
 from natflow_engine.events import (
     ChildFailed,
     ChildStarted,
     Event,
+    RunClaimed,
     RunCompleted,
     StepCompleted,
     utcnow,
@@ -43,6 +47,8 @@ class RunRecorder:
     """
 
     __slots__ = (
+        "_claim",
+        "_claimed",
         "_held",
         "_last_seq",
         "_store",
@@ -77,6 +83,33 @@ class RunRecorder:
         self.last_event = last_event
         # A step outcome delivered to the workflow before it is recorded (see hold_last).
         self._held: StepCompleted | None = None
+        # A claim written beside the first steps, and the moment it is in history.
+        self._claim: RunClaimed | None = None
+        self._claimed: anyio.Event | None = None
+
+    def expect_claim(self, worker: str) -> None:
+        """Count ``worker``'s claim as the run's next event now and hold every append until
+        :meth:`write_claim` has written it, so the workflow may go on (its first steps run)
+        while the claim is on its way, and nothing it does reaches history before it."""
+        assert self._claim is None and self._held is None
+        claim = RunClaimed(id=self.next_id(), at=utcnow(), worker=worker, delivery=1)
+        self._claim, self._claimed = claim, anyio.Event()
+        self.count += 1
+
+    async def write_claim(self) -> bool:
+        """Append the expected claim; False if the run moved on first (appends then stay
+        held: the caller gives the execution up)."""
+        claim, claimed = self._claim, self._claimed
+        assert claim is not None and claimed is not None
+        try:
+            self._last_seq = await self._store.append(self.run_id, claim, self._last_seq)
+        except AppendConflict:
+            return False
+        self.last_event = claim
+        self._trace.recorded(claim)
+        self._claimed = None  # later appends go straight on (a set Event still yields)
+        claimed.set()
+        return True
 
     def hold_last(self, outcome: StepCompleted) -> StepCompleted:
         """Take a step's outcome to record with whatever the run appends next: with its
@@ -112,6 +145,9 @@ class RunRecorder:
             await self._write(held, rollup=False, events=(held,))
 
     async def _write(self, message: Event, *, rollup: bool, events: tuple[Event, ...]) -> None:
+        claimed = self._claimed
+        if claimed is not None:
+            await claimed.wait()
         try:
             self._last_seq = await self._store.append(
                 self.run_id, message, self._last_seq, rollup=rollup

@@ -32,7 +32,7 @@ from ._admission import Admitter
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._guard import RunGuard, check_inline_start
 from ._held import Held, quietly
-from ._preclaim import Preclaim, inline_start, read_and_claim
+from ._preclaim import ClaimAhead, Preclaim, inline_start, read_and_claim
 from ._run_leases import RunLeases
 from ._steps import StepRuntime
 from ._task_endings import TaskEndings
@@ -124,7 +124,7 @@ class TaskProcessor:
             held.execution.signals_arrived()
         if self._stopping.is_set():
             held.execution.drain()
-        if preclaimed is not None:  # leased (and looked) beside the claim already
+        if isinstance(preclaimed, Preclaim):  # leased (and looked) beside the claim already
             outcome = await held.execution.execute()
         else:
             async with anyio.create_task_group() as tg:
@@ -141,19 +141,26 @@ class TaskProcessor:
 
     async def _read(
         self, held: Held, msg: Msg, task: Task
-    ) -> tuple[History, Preclaim | None] | None:
-        """The run's history, opened for replay, and the claim written beside the read (if
-        any); None if the history does not decode (the run is then held as corrupt)."""
+    ) -> tuple[History, Preclaim | ClaimAhead | None] | None:
+        """The run's history, opened for replay, and its claim: written beside the read, or
+        to be written beside the first steps (None: the execution claims the run); None if
+        the history does not decode (the run is then held as corrupt)."""
         run_id = held.run_id
         # History is the truth: a task is only a hint to look. Its inline start (if any)
         # is checked against history and never used in its place.
-        preclaimed: Preclaim | None = None
+        preclaimed: Preclaim | ClaimAhead | None = None
         inline = inline_start(task, msg.metadata.num_delivered or 1)
         try:
-            # Claimed beside the read only where nothing may stand between the two: a run
-            # of a limited workflow may have to wait for a slot first, unclaimed.
+            # Claimed early only where nothing may stand between the read and the claim: a
+            # run of a limited workflow may have to wait for a slot first, unclaimed.
             served = self._workflows.get(inline.workflow) if inline is not None else None
-            if served is not None and not served.limits and not self._stopping.is_set():
+            if served is None or served.limits or self._stopping.is_set():
+                history = await self._store.read(run_id)
+            # From a start consumer the delivery is the stored start itself (None for a
+            # task, a hint whose start is looked up).
+            elif stored := start_history(run_id, msg.subject, msg.data, task.start_seq):
+                history, preclaimed = stored, ClaimAhead()
+            else:
                 history, preclaimed = await read_and_claim(
                     self._store,
                     self._conn,
@@ -161,12 +168,7 @@ class TaskProcessor:
                     task.start_seq,
                     self._identity,
                     lambda: self._leases.take(held),
-                    # From a start consumer the delivery is the stored start itself (None
-                    # for a task, a hint whose start is looked up).
-                    stored=start_history(run_id, msg.subject, msg.data, task.start_seq),
                 )
-            else:
-                history = await self._store.read(run_id)
             if not history.events and vouches_for_start(task):
                 history = await read_until_seen(self._store, run_id, history)
         except CorruptHistory as bad:
