@@ -284,6 +284,35 @@ async def test_a_terminate_before_the_lease_stops_a_step_run_ahead_of_its_claim(
     assert not any(isinstance(e, StepCompleted) for e in events)
 
 
+async def test_a_busy_worker_claims_a_new_run_before_its_first_steps(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that holds other runs claims beside the lease and its look for signals, before
+    # the run goes live (its claim joins the other runs' batch: throughput, not latency).
+    looked: list[str] = []
+    look = preclaim_module.last_signal_seq
+
+    async def counted_look(conn: Any, run_id: str) -> int:
+        looked.append(run_id)
+        return await look(conn, run_id)
+
+    monkeypatch.setattr(preclaim_module, "last_signal_seq", counted_look)
+    async with running_worker(client, [busy, two_steps]) as worker:
+        for workflow in (busy, two_steps):
+            await wait_for(lambda w=workflow: start_pulls(client, "default", w.name), what="pulls")
+        await client.start(busy, 60, run_id="ahead-busy")
+        await wait_for(lambda: _holds(worker, "ahead-busy"), what="the busy run held")
+        assert await (await client.start(two_steps, 1, run_id="ahead-4")).result(timeout=10) == 3
+        assert looked == ["ahead-4"]  # the look beside the claim: claimed before going live
+        await client.cancel("ahead-busy")
+    events = await client.history("ahead-4")
+    assert [type(e) for e in events[:3]] == [RunStarted, RunClaimed, StepCompleted]
+
+
+async def _holds(worker: Any, run_id: str) -> bool:
+    return run_id in worker._held
+
+
 def _handled(engine: Engine) -> Any:
     async def check() -> bool:
         return engine.signals.received >= 1

@@ -208,6 +208,13 @@ class TurnBatcher(_Batcher):
             return await self._conn.publish(subject, data, headers, timeout=timeout)
         return PubAck(stream="", seq=seq, duplicate=False)
 
+    def next_alone(self) -> bool:
+        """Whether an append made now goes out alone, handed to the connection before its
+        caller first waits, rather than joining this turn's batch (the first of each turn
+        does: an idle writer's every append)."""
+        alone = not (self.enabled and self.pays) or self._in_flight >= MAX_IN_FLIGHT
+        return alone or not self._alone_this_turn
+
     def _turned(self) -> None:
         """The loop turned: the next append may go alone again."""
         self._alone_this_turn = False

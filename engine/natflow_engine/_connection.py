@@ -174,6 +174,14 @@ class Connection:
         # nats-py keeps the INFO it last received, and has no public accessor for its id.
         return str(self.nc._server_info.get("server_id", ""))
 
+    async def written(self) -> None:
+        """Return once what was handed to this connection so far is written to its socket.
+        No round trip (``nats.aio.client.Client.flush`` waits for the server's PONG): what
+        follows may block the event loop, and what was sent must not wait for it."""
+        # nats-py writes from a flusher task and has no public way to wait for that task;
+        # a forced flush is how its own publish waits when its buffer is full.
+        await self.nc._flush_pending(force_flush=True)
+
     @property
     def url(self) -> str:
         """The server this connection talks to, with any password or token left out."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.aio.msg import Msg
 
-from ._append_batch import appender
+from ._append_batch import TurnBatcher, appender
 from ._connection import (
     ERR_ROLLUP_NOT_PERMITTED,
     ERR_WRONG_LAST_SEQUENCE,
@@ -148,6 +148,12 @@ class HistoryStore:
         self.retry_budget = 30.0  # seconds to ride out a restart or an election
 
     # -- appends ---------------------------------------------------------------------------
+
+    def next_append_alone(self) -> bool:
+        """Whether an append made now (one that is not a rollup) is handed to the connection
+        before :meth:`append` first waits, rather than held for this turn's batch."""
+        appends = self._appends
+        return isinstance(appends, TurnBatcher) and appends.next_alone()
 
     async def append(
         self,

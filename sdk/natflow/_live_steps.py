@@ -66,8 +66,9 @@ class LiveSteps:
         """Run a step; a ``BaseException`` from its body (``SystemExit``, ``KeyboardInterrupt``
         or another) becomes the step's recorded failure instead of the worker's exit."""
         assert self.send is not None
-        started_at = utcnow()
         rec = self._rec
+        await rec.claim_sent()
+        started_at = utcnow()
         try:
             with running_step(rec.run_id, command.name):
                 await run_step(

@@ -94,13 +94,16 @@ async def read_and_claim(
     start_seq: int,
     identity: str,
     take_lease: Callable[[], Awaitable[object]],
+    *,
+    stored: History | None = None,
 ) -> tuple[History, Preclaim | None]:
     """Look up the run's start, claim the run as the event after ``start_seq`` and take its
     lease (``take_lease``, then one look for its signals), all at once. Returns the history
     (the start alone) and the claim, or the history alone (read whole) when the claim met a
-    newer history or the lookup did not find this run's start there."""
+    newer history or the lookup did not find this run's start there. ``stored``: the start
+    as history delivered it (a start consumer's message is the stored one): no lookup."""
     claim = RunClaimed(id=f"{run_id}:2", at=utcnow(), worker=identity, delivery=1)
-    found: dict[str, object] = {}
+    found: dict[str, object] = {"history": stored}
 
     async def read() -> None:
         found["history"] = await store.read_start(run_id, start_seq)
@@ -117,7 +120,8 @@ async def read_and_claim(
 
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(read)
+            if stored is None:
+                tg.start_soon(read)
             tg.start_soon(lease_then_look)
             await append()
     except BaseExceptionGroup as group:

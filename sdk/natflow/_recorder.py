@@ -48,6 +48,7 @@ class RunRecorder:
 
     __slots__ = (
         "_claim",
+        "_claim_alone",
         "_claimed",
         "_held",
         "_last_seq",
@@ -86,6 +87,7 @@ class RunRecorder:
         # A claim written beside the first steps, and the moment it is in history.
         self._claim: RunClaimed | None = None
         self._claimed: anyio.Event | None = None
+        self._claim_alone = False  # it went out alone (see claim_sent)
 
     def expect_claim(self, worker: str) -> None:
         """Count ``worker``'s claim as the run's next event now and hold every append until
@@ -101,6 +103,8 @@ class RunRecorder:
         held: the caller gives the execution up)."""
         claim, claimed = self._claim, self._claimed
         assert claim is not None and claimed is not None
+        # Decided here and appended at once, with no wait between: see claim_sent.
+        self._claim_alone = self._store.next_append_alone()
         try:
             self._last_seq = await self._store.append(self.run_id, claim, self._last_seq)
         except AppendConflict:
@@ -110,6 +114,25 @@ class RunRecorder:
         self._claimed = None  # later appends go straight on (a set Event still yields)
         claimed.set()
         return True
+
+    async def claim_sent(self) -> None:
+        """Return once the claim written beside the first steps is on the wire (at once if
+        there is none, or it is in history). A step's body waits for this: one that blocks
+        the event loop, or ends the process, must not keep its run's claim (or lease) from
+        the server, or another worker would take the run and run the step again.
+
+        A claim that went out alone (an idle worker's: the wait is the latency a user sees)
+        is on the wire once the connection has written what it was handed. One held for a
+        batch (a busy worker's, whose throughput counts, not its latency) is waited for
+        until it is in history: which of its turn's appends are sent first is the batch's
+        business. Called after :meth:`write_claim` began (the steps launch after it)."""
+        claimed = self._claimed
+        if claimed is None:
+            return
+        if self._claim_alone:
+            await self.conn.written()
+        else:
+            await claimed.wait()
 
     def hold_last(self, outcome: StepCompleted) -> StepCompleted:
         """Take a step's outcome to record with whatever the run appends next: with its

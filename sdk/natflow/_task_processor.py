@@ -10,6 +10,7 @@ lease taken beside the first steps, and ends the task as the outcome says.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import anyio
 from natflow_engine import (
@@ -65,6 +66,8 @@ class TaskProcessor:
         leases: The leases of the runs the worker holds (and its lease period).
         endings: Ends tasks that do not simply finish here.
         stopping: Set once the worker stops taking work (its runs then drain).
+        busy: Whether the worker holds other runs than the one at hand (see ``_preclaim``:
+            a busy worker claims a new run before its first steps, an idle one beside them).
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class TaskProcessor:
         leases: RunLeases,
         endings: TaskEndings,
         stopping: anyio.Event,
+        busy: Callable[[], bool],
     ) -> None:
         self._workflows = workflows
         self._conn = conn
@@ -91,6 +95,7 @@ class TaskProcessor:
         self._leases = leases
         self._endings = endings
         self._stopping = stopping
+        self._busy = busy
 
     async def process(self, held: Held, task: Task) -> None:
         """Drive the run ``task`` names as far as it goes here, then end the task."""
@@ -156,19 +161,22 @@ class TaskProcessor:
             served = self._workflows.get(inline.workflow) if inline is not None else None
             if served is None or served.limits or self._stopping.is_set():
                 history = await self._store.read(run_id)
-            # From a start consumer the delivery is the stored start itself (None for a
-            # task, a hint whose start is looked up).
-            elif stored := start_history(run_id, msg.subject, msg.data, task.start_seq):
-                history, preclaimed = stored, ClaimAhead()
             else:
-                history, preclaimed = await read_and_claim(
-                    self._store,
-                    self._conn,
-                    run_id,
-                    task.start_seq,
-                    self._identity,
-                    lambda: self._leases.take(held),
-                )
+                # From a start consumer the delivery is the stored start itself (None for a
+                # task, a hint whose start is looked up).
+                stored = start_history(run_id, msg.subject, msg.data, task.start_seq)
+                if stored is not None and not self._busy():
+                    history, preclaimed = stored, ClaimAhead()  # claimed beside its steps
+                else:
+                    history, preclaimed = await read_and_claim(
+                        self._store,
+                        self._conn,
+                        run_id,
+                        task.start_seq,
+                        self._identity,
+                        lambda: self._leases.take(held),
+                        stored=stored,
+                    )
             if not history.events and vouches_for_start(task):
                 history = await read_until_seen(self._store, run_id, history)
         except CorruptHistory as bad:

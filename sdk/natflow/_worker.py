@@ -151,6 +151,7 @@ class Worker:
             leases=self._run_leases,
             endings=self._endings,
             stopping=self._stopping,
+            busy=lambda: len(self._held) > 1,
         )
         self._registration = Registration(
             self._conn,
