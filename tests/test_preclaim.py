@@ -309,6 +309,15 @@ async def test_a_busy_worker_claims_a_new_run_before_its_first_steps(
     assert [type(e) for e in events[:3]] == [RunStarted, RunClaimed, StepCompleted]
 
 
+async def test_written_puts_what_was_handed_over_on_the_wire(client: Client) -> None:
+    # A step run beside its run's claim waits for this, not for a round trip.
+    nc: Any = client.connection.nc
+    await nc.publish("natflow.test.written", b"x")
+    assert nc._pending_data_size > 0  # nats-py's flusher task has not run yet
+    await client.connection.written()
+    assert nc._pending_data_size == 0
+
+
 async def _holds(worker: Any, run_id: str) -> bool:
     return run_id in worker._held
 

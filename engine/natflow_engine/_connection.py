@@ -179,8 +179,13 @@ class Connection:
         No round trip (``nats.aio.client.Client.flush`` waits for the server's PONG): what
         follows may block the event loop, and what was sent must not wait for it."""
         # nats-py writes from a flusher task and has no public way to wait for that task;
-        # a forced flush is how its own publish waits when its buffer is full.
-        await self.nc._flush_pending(force_flush=True)
+        # a forced flush is how its own publish waits when its buffer is full. A nats-py
+        # without it gets the same from a round trip.
+        forced = getattr(self.nc, "_flush_pending", None)
+        if forced is None:
+            await self.nc.flush()
+            return
+        await forced(force_flush=True)
 
     @property
     def url(self) -> str:

@@ -20,10 +20,13 @@ or a lookup that does not find this run's start, falls back to the ordinary path
 read).
 
 A start delivered by a start consumer is the stored message itself (``start_history``): it
-needs no lookup, and nothing is left to wait for before the run goes live. Such a run is
-claimed beside its first steps (:class:`ClaimAhead`): the workflow starts at once and its
-first steps run while the claim is on its way; every append waits for the claim and is
-fenced by it (``RunRecorder.expect_claim``). A claim that misses (the run was cancelled, or
+needs no lookup. A busy worker (one that holds other runs) claims it beside its lease, as
+above, where the claim joins the batch of the other runs' appends. An idle one has nothing
+left to wait for and claims it beside its first steps (:class:`ClaimAhead`): the workflow
+starts at once, every append waits for the claim and is fenced by it
+(``RunRecorder.expect_claim``), and a step's body starts once the claim and the lease are
+on the wire (``RunRecorder.claim_sent``), so that a step that blocks the event loop or ends
+the process still leaves its run claimed. A claim that misses (the run was cancelled, or
 another worker took it, within that round trip) gives the execution up before anything is
 recorded: its steps ran and are run again by whoever holds the run, as after a crash.
 """
