@@ -128,11 +128,8 @@ async def test_a_claim_that_meets_a_newer_history_falls_back(
     with caplog.at_level(logging.DEBUG, logger="natflow.worker"):
         async with running_worker(client, [two_steps]) as worker:
             assert await handle.result(timeout=10) == 3
+    await _taken_after_gone_worker(client, "pre-2", worker.identity)
     assert any("claim beside the lookup did not hold" in r.getMessage() for r in caplog.records)
-    events = await client.history("pre-2")
-    claims = [e.worker for e in events if isinstance(e, RunClaimed)]
-    assert claims == ["gone-worker", worker.identity]
-    assert sum(isinstance(e, StepCompleted) for e in events) == _STEPS
 
 
 async def test_a_signal_stored_before_the_lease_exists_is_seen(
@@ -142,19 +139,7 @@ async def test_a_signal_stored_before_the_lease_exists_is_seen(
     # finds its task in flight and no lease, so it nudges no one. The worker's look for
     # signals must come after the lease (or a second look must), or the run's one-minute
     # step runs to its end before anyone reads the terminate.
-    async with running_worker(client, [busy]) as worker:
-        acquire = worker._leases.acquire
-
-        async def late_acquire(run_id: str, *args: Any, **kwargs: Any) -> Any:
-            if run_id == "pre-3":
-                await client.terminate(run_id, reason="before the lease")
-                await wait_for(_handled(engine), what="the engine to take the signal in")
-            return await acquire(run_id, *args, **kwargs)
-
-        monkeypatch.setattr(worker._leases, "acquire", late_acquire)
-        handle = await client.start(busy, 60, run_id="pre-3")
-        with anyio.fail_after(20), pytest.raises(RunCancelled, match="before the lease"):
-            await handle.result(timeout=20)
+    await _terminate_before_the_lease(client, engine, monkeypatch, "pre-3")
     assert not any(isinstance(e, StepCompleted) for e in await client.history("pre-3"))
 
 
@@ -252,11 +237,8 @@ async def test_a_claim_beside_the_first_steps_that_misses_records_nothing_of_the
         with caplog.at_level(logging.DEBUG, logger="natflow.worker"):
             handle = await client.start(two_steps, 1, run_id="ahead-2")
             assert await handle.result(timeout=10) == 3
+    await _taken_after_gone_worker(client, "ahead-2", worker.identity)
     assert any("claim beside the first steps missed" in r.getMessage() for r in caplog.records)
-    events = await client.history("ahead-2")
-    claims = [e.worker for e in events if isinstance(e, RunClaimed)]
-    assert claims == ["gone-worker", worker.identity]
-    assert sum(isinstance(e, StepCompleted) for e in events) == _STEPS
     assert calls[0] == 1 and len(calls) == _STEPS + 1  # the first step ran twice
 
 
@@ -265,20 +247,7 @@ async def test_a_terminate_before_the_lease_stops_a_step_run_ahead_of_its_claim(
 ) -> None:
     # As above (a signal stored before the lease exists), for a run from a start consumer:
     # its step is running already when the lease's one look finds the terminate.
-    async with running_worker(client, [busy]) as worker:
-        await wait_for(lambda: start_pulls(client, "default", busy.name), what="start pulls")
-        acquire = worker._leases.acquire
-
-        async def late_acquire(run_id: str, *args: Any, **kwargs: Any) -> Any:
-            if run_id == "ahead-3":
-                await client.terminate(run_id, reason="before the lease")
-                await wait_for(_handled(engine), what="the engine to take the signal in")
-            return await acquire(run_id, *args, **kwargs)
-
-        monkeypatch.setattr(worker._leases, "acquire", late_acquire)
-        handle = await client.start(busy, 60, run_id="ahead-3")
-        with anyio.fail_after(20), pytest.raises(RunCancelled, match="before the lease"):
-            await handle.result(timeout=20)
+    await _terminate_before_the_lease(client, engine, monkeypatch, "ahead-3", pulled=True)
     events = await client.history("ahead-3")
     assert [type(e) for e in events[:2]] == [RunStarted, RunClaimed]
     assert not any(isinstance(e, StepCompleted) for e in events)
@@ -320,6 +289,41 @@ async def test_written_puts_what_was_handed_over_on_the_wire(client: Client) -> 
 
 async def _holds(worker: Any, run_id: str) -> bool:
     return run_id in worker._held
+
+
+async def _taken_after_gone_worker(client: Client, run_id: str, identity: str) -> None:
+    """The run's history: the gone worker's claim, then this worker's, and each step once."""
+    events = await client.history(run_id)
+    claims = [e.worker for e in events if isinstance(e, RunClaimed)]
+    assert claims == ["gone-worker", identity]
+    assert sum(isinstance(e, StepCompleted) for e in events) == _STEPS
+
+
+async def _terminate_before_the_lease(
+    client: Client,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    run_id: str,
+    *,
+    pulled: bool = False,
+) -> None:
+    """Start a one-minute step's run that is terminated just before its lease is written,
+    and see it cancelled (``pulled``: taken from its start consumer, not as a task)."""
+    async with running_worker(client, [busy]) as worker:
+        if pulled:
+            await wait_for(lambda: start_pulls(client, "default", busy.name), what="pulls")
+        acquire = worker._leases.acquire
+
+        async def late_acquire(leased: str, *args: Any, **kwargs: Any) -> Any:
+            if leased == run_id:
+                await client.terminate(run_id, reason="before the lease")
+                await wait_for(_handled(engine), what="the engine to take the signal in")
+            return await acquire(leased, *args, **kwargs)
+
+        monkeypatch.setattr(worker._leases, "acquire", late_acquire)
+        handle = await client.start(busy, 60, run_id=run_id)
+        with anyio.fail_after(20), pytest.raises(RunCancelled, match="before the lease"):
+            await handle.result(timeout=20)
 
 
 def _handled(engine: Engine) -> Any:
