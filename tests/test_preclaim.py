@@ -287,6 +287,17 @@ async def test_written_puts_what_was_handed_over_on_the_wire(client: Client) -> 
     assert nc._pending_data_size == 0
 
 
+async def test_written_keeps_a_cancellation(client: Client) -> None:
+    # nats-py's forced flush swallows a cancellation; a step waiting on it must still stop.
+    await client.connection.nc.publish("natflow.test.written", b"x")
+    reached = False
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await client.connection.written()
+        reached = True
+    assert scope.cancelled_caught and not reached
+
+
 async def _holds(worker: Any, run_id: str) -> bool:
     return run_id in worker._held
 

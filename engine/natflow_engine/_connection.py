@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import anyio.lowlevel
 import msgspec
 import nats
 import nats.errors
@@ -186,6 +187,8 @@ class Connection:
             await self.nc.flush()
             return
         await forced(force_flush=True)
+        # That flush swallows a cancellation: the caller must still see it.
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     @property
     def url(self) -> str:
