@@ -171,7 +171,7 @@ async def test_a_nudge_before_the_execution_exists_is_kept(
 
 
 class _ClaimGate:
-    """Holds the claim of one run in the worker's history store until ``release``."""
+    """Holds the claim of one run in the worker's history store until ``released`` is set."""
 
     def __init__(self, worker: Any, run_id: str) -> None:
         self.released = anyio.Event()

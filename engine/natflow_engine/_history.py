@@ -53,15 +53,18 @@ def _start_of(run_id: str, subject: str) -> bool:
     )
 
 
-def start_history(run_id: str, subject: str, data: bytes, seq: int) -> History | None:
+def start_history(
+    run_id: str, subject: str, data: bytes, seq: int, *, decoded: Event | None = None
+) -> History | None:
     """The history a brand-new run's start stored at ``seq`` on ``subject`` makes, or None
     if it is not ``run_id``'s first start. What a start consumer delivers is the stored
     message itself, so it needs no lookup (:meth:`HistoryStore.read_start` makes one for a
-    task's hint). Like that lookup, it shows nothing stored after the start."""
+    task's hint). Like that lookup, it shows nothing stored after the start. ``decoded``:
+    the event ``data`` holds, where the caller has decoded it already."""
     if not _start_of(run_id, subject):
         return None
     try:
-        event = decode_event(data)
+        event = decoded if decoded is not None else decode_event(data)
     except msgspec.DecodeError:
         return None  # the whole read names the bad event
     # Only a brand-new run's start is written with nothing before it (``Runs.start``

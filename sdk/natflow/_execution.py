@@ -176,10 +176,10 @@ class RunExecution:
             try:
                 with send, receive:
                     async with anyio.create_task_group() as tg:
-                        claiming = self._claim_beside(tg) if self._claim_ahead else None
+                        if self._claim_ahead:
+                            self._claim_beside(tg)
                         outcome = await self._guarded_live(tg, receive)
-                        if claiming is not None:  # an outcome that appended nothing
-                            await claiming.wait()
+                        await self._rec.claim_written()  # an outcome that appended nothing
                         tg.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 if len(group.exceptions) == 1:  # the worker handles the error, not the group
@@ -191,18 +191,15 @@ class RunExecution:
         finally:
             self._dispose()
 
-    def _claim_beside(self, tg: anyio.abc.TaskGroup) -> anyio.Event:
-        """Write the run's claim beside its first steps (every append waits for it); set
-        once it is written. One that meets a newer history ends the execution: STALE, the
-        run is read anew, and what its steps did meanwhile is never recorded (steps run at
-        least once, and are recorded exactly once)."""
-        done = anyio.Event()
+    def _claim_beside(self, tg: anyio.abc.TaskGroup) -> None:
+        """Write the run's claim beside its first steps (every append waits for it). One
+        that meets a newer history ends the execution: STALE, the run is read anew, and what
+        its steps did meanwhile is never recorded (steps run at least once, and are recorded
+        exactly once)."""
         self._rec.expect_claim(self._identity)
 
         async def claim() -> None:
-            if await self._rec.write_claim():
-                done.set()
-            else:
+            if not await self._rec.write_claim():
                 log.debug(
                     "run %s: claim beside the first steps missed; reading it anew", self.run_id
                 )
@@ -210,7 +207,6 @@ class RunExecution:
                 tg.cancel_scope.cancel()
 
         tg.start_soon(claim, name=f"claim {self.run_id}")
-        return done
 
     async def _guarded_live(
         self, tg: anyio.abc.TaskGroup, receive: MemoryObjectReceiveStream[Item]

@@ -126,12 +126,18 @@ class RunRecorder:
         batch (a busy worker's, whose throughput counts, not its latency) is waited for
         until it is in history: which of its turn's appends are sent first is the batch's
         business. Called after :meth:`write_claim` began (the steps launch after it)."""
-        claimed = self._claimed
-        if claimed is None:
+        if self._claimed is None:
             return
         if self._claim_alone:
             await self.conn.written()
         else:
+            await self.claim_written()
+
+    async def claim_written(self) -> None:
+        """Return once the claim written beside the first steps is in history (at once if
+        there is none; never if it missed: the execution is then given up)."""
+        claimed = self._claimed
+        if claimed is not None:
             await claimed.wait()
 
     def hold_last(self, outcome: StepCompleted) -> StepCompleted:
@@ -168,9 +174,8 @@ class RunRecorder:
             await self._write(held, rollup=False, events=(held,))
 
     async def _write(self, message: Event, *, rollup: bool, events: tuple[Event, ...]) -> None:
-        claimed = self._claimed
-        if claimed is not None:
-            await claimed.wait()
+        if self._claimed is not None:
+            await self.claim_written()
         try:
             self._last_seq = await self._store.append(
                 self.run_id, message, self._last_seq, rollup=rollup

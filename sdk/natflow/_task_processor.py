@@ -163,8 +163,11 @@ class TaskProcessor:
                 history = await self._store.read(run_id)
             else:
                 # From a start consumer the delivery is the stored start itself (None for a
-                # task, a hint whose start is looked up).
-                stored = start_history(run_id, msg.subject, msg.data, task.start_seq)
+                # task, a hint whose start is looked up), and the task's inline start is that
+                # very message (``start_task``), decoded already.
+                stored = start_history(
+                    run_id, msg.subject, msg.data, task.start_seq, decoded=inline
+                )
                 if stored is not None and not self._busy():
                     history, preclaimed = stored, ClaimAhead()  # claimed beside its steps
                 else:
