@@ -12,7 +12,7 @@ from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunBlocked, RunFailed, StepFailed
 
-from tests.helpers import spawn_worker, stop, wait_for
+from tests.helpers import spawn_worker, start_pulls, stop, wait_for
 from tests.workflows_poison import COUNTS_ENV
 
 TARGET = "tests.workflows_poison:make_worker"
@@ -106,6 +106,10 @@ async def test_a_run_that_kills_two_workers_is_held_as_poisoned(
     procs = spawn(nats_server, tmp_path, 3)
     try:
         await workers_up(client, 3)
+        # Taken from its start consumer by an idle worker, which claims it beside the step:
+        # the claim must be on the wire before the step ends the process, or that death
+        # would not count (and the third worker would die too).
+        await wait_for(lambda: start_pulls(client, "default", "poison"), what="start pulls")
         await client.start("poison", 0, run_id="p-1")
         info = await wait_for(lambda: _closed(client, "p-1"), timeout=60, what="p-1 held")
         assert info.status == "blocked"
