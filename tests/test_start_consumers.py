@@ -72,6 +72,27 @@ async def test_a_run_started_while_its_workers_serve_it_gets_no_task(client: Cli
     ]
 
 
+async def test_an_idle_worker_asks_for_new_runs_a_quarter_of_its_slots_at_a_time(
+    client: Client,
+) -> None:
+    """Each run taken and each run ended does not make its own pull request: the worker
+    asks again once a quarter of its slots is free and unasked for (20 runs one after
+    another, 8 slots: a request for 2 every 2 runs at most, not one for each run)."""
+    conn = client.connection
+    pulls = (
+        f"{conn.api}.CONSUMER.MSG.NEXT.{HISTORY_STREAM}.{start_consumer('default', one_step.name)}"
+    )
+    async with running_worker(client, [one_step], max_concurrent_runs=8):
+        await wait_for(lambda: start_pulls(client, "default", one_step.name), what="start pulls")
+        async with overheard(client, pulls) as requests:
+            for i in range(20):
+                handle = await client.start(one_step, i, run_id=f"sc-pull-{i}")
+                assert await handle.result(timeout=10) == 2 * i
+        asked = [msgspec.json.decode(m.data)["batch"] for m in requests]
+    assert 1 <= len(asked) <= 10, asked
+    assert all(batch >= 2 for batch in asked), asked
+
+
 async def test_a_start_no_worker_takes_from_history_gets_its_task(client: Client) -> None:
     """No start consumer for the queue and workflow (no worker served it yet): the task is
     written, and a worker that comes later runs the run through it."""

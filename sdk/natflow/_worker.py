@@ -127,6 +127,9 @@ class Worker:
         self._run_leases = RunLeases(self._leases, self._conn, self.identity, float(lease_ttl))
         self._held: dict[str, Held] = {}
         self._slots = anyio.Semaphore(max_concurrent_runs)
+        # Re-ask once a quarter of the slots is free, not for each slot: one pull request
+        # per run was one server message in ~30, and as much work again for the server.
+        self._ask_at_least = max(1, max_concurrent_runs // 4)
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._drained = anyio.Event()
@@ -358,6 +361,7 @@ class Worker:
         await puller.keep_asking(
             lambda: self._slots.value,
             on_refused=lambda: ensure(self._conn, puller.queue, puller.workflow, self.lease_ttl),
+            at_least=self._ask_at_least,
         )
 
     async def _take(self, puller: TaskPuller | StartPuller, runs: anyio.abc.TaskGroup) -> None:
