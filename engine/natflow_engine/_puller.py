@@ -166,8 +166,9 @@ class Puller:
 
     def _wants_more(self) -> bool:
         """Whether keep_asking would ask for more now. A message or a freed slot that would
-        not make it ask does not wake it: a wake-up that asks for nothing cost the worker a
-        turn of its task (~15 us) for every message and, per run, for every puller."""
+        not make it ask does not wake it: a wake-up that asked for nothing was a turn of its
+        task for every message and, per run, for every puller (an idle worker's CPU from a
+        new run's delivery to its first step fell by ~25 us without them)."""
         if self._capacity is None:
             return True
         want = self._capacity() - self.pending

@@ -127,8 +127,8 @@ class Worker:
         self._run_leases = RunLeases(self._leases, self._conn, self.identity, float(lease_ttl))
         self._held: dict[str, Held] = {}
         self._slots = anyio.Semaphore(max_concurrent_runs)
-        # Re-ask once a quarter of the slots is free, not for each slot: one pull request
-        # per run was one server message in ~30, and as much work again for the server.
+        # Re-ask once a quarter of the slots is free, not for each slot taken or freed: an
+        # idle worker made a pull request for every run it took (a server message in ~32).
         self._ask_at_least = max(1, max_concurrent_runs // 4)
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
