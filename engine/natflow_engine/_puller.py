@@ -142,10 +142,8 @@ class Puller:
             if self.changed.is_set():  # a fresh one only when the last was used (see _notify)
                 self.changed = anyio.Event()
             changed = self.changed
-            want = capacity() - self.pending
             try:
-                if want >= at_least or self.pending <= 0:
-                    await self.request(want)
+                await self.request(self._to_ask())
             except Exception as exc:  # disconnected: the reconnect hook resets, retry soon
                 log.debug("pull request on %s failed: %s", self.consumer, exc)
             with anyio.move_on_after(1.0):
@@ -160,19 +158,20 @@ class Puller:
         self._notify()
 
     def wake(self) -> None:
-        """Something changed (capacity freed): re-check how many messages to ask for."""
-        if self._wants_more():
+        """Something changed (capacity freed): re-check how many messages to ask for. A
+        message or a freed slot that would not make keep_asking ask does not wake it: a
+        wake-up that asked for nothing was a turn of its task for every message and, per
+        run, for every puller (an idle worker's CPU from a new run's delivery to its first
+        step fell by ~25 us without them)."""
+        if self._capacity is None or self._to_ask() > 0:
             self._notify()
 
-    def _wants_more(self) -> bool:
-        """Whether keep_asking would ask for more now. A message or a freed slot that would
-        not make it ask does not wake it: a wake-up that asked for nothing was a turn of its
-        task for every message and, per run, for every puller (an idle worker's CPU from a
-        new run's delivery to its first step fell by ~25 us without them)."""
-        if self._capacity is None:
-            return True
+    def _to_ask(self) -> int:
+        """How many messages keep_asking asks for now (0: none): the capacity not asked for,
+        once it reaches ``at_least`` or nothing at all is asked for."""
+        assert self._capacity is not None
         want = self._capacity() - self.pending
-        return want > 0 and (want >= self._at_least or self.pending <= 0)
+        return want if want >= self._at_least or self.pending <= 0 else 0
 
     def _notify(self) -> None:
         # Set only: keep_asking replaces it before it next looks (a new event on every
