@@ -1,33 +1,36 @@
-"""Writes of many runs at once go out as atomic batches (``_append_batch``: by turn of the
-loop for run histories, behind the sends in flight for the engine's run index and lifecycle
-events): each write keeps its own expectation and lands where its caller is told; a batch
-refused for one write's sake leaves the others to land alone; a stream without atomic
-batches takes them one by one; a history batch never waits for the one before it; a
-cancelled caller never stalls the queue."""
+"""Writes of many runs at once go out as atomic batches (``_append_batch``: behind one send
+in flight for run histories, two for the engine's run index and lifecycle events): each
+write keeps its own expectation and lands where its caller is told; a batch refused for one
+write's sake leaves the others to land alone; a stream without atomic batches takes them
+one by one; an idle writer's write goes out at once; what queues behind a send goes as one
+batch; a cancelled caller never stalls the queue."""
 
 from __future__ import annotations
 
 import asyncio
 
 import anyio
-import anyio.lowlevel
 import pytest
 from natflow import Client
 from natflow_engine._append_batch import (
-    MAX_IN_FLIGHT,
+    HISTORY_SENDING,
+    MAX_BATCH,
+    MAX_SENDING,
     MIN_BATCH,
     Batcher,
-    QueueBatcher,
-    TurnBatcher,
 )
 from natflow_engine._connection import ERR_WRONG_LAST_SEQUENCE, JetStreamError
 from natflow_engine._reader import reader
 from nats.js import api
 from prometheus_client import REGISTRY
 
+from tests.helpers import wait_for
+
 STREAM = "NATFLOW_TEST_BATCH"
-# Both groupings; the anyio mark set here, since conftest's comes after parametrizing.
-KINDS = pytest.mark.parametrize("kind", [TurnBatcher, QueueBatcher], ids=["turn", "queue"])
+# Both uses: run histories and the engine's writes.
+KINDS = pytest.mark.parametrize(
+    "sending", [HISTORY_SENDING, MAX_SENDING], ids=["history", "engine"]
+)
 
 
 async def _stream(client: Client, *, atomic: bool = True) -> None:
@@ -60,10 +63,10 @@ async def _write(batcher: Batcher, key: str, expected: int) -> int:
 @KINDS
 async def test_writes_of_many_keys_at_once_land_in_batches_where_each_caller_is_told(
     client: Client,
-    kind: type[Batcher],
+    sending: int,
 ) -> None:
     await _stream(client)
-    batcher = kind(client.connection, STREAM)
+    batcher = Batcher(client.connection, STREAM, sending=sending)
     counted = _counted()
     keys = [f"k{n}" for n in range(60)]
     firsts = await asyncio.gather(*(_write(batcher, k, 0) for k in keys))
@@ -85,10 +88,10 @@ async def test_writes_of_many_keys_at_once_land_in_batches_where_each_caller_is_
 @pytest.mark.anyio
 @KINDS
 async def test_a_batch_refused_for_one_write_lands_the_others_alone(
-    client: Client, kind: type[Batcher]
+    client: Client, sending: int
 ) -> None:
     await _stream(client)
-    batcher = kind(client.connection, STREAM)
+    batcher = Batcher(client.connection, STREAM, sending=sending)
     keys = [f"r{n}" for n in range(20)]
     firsts = await asyncio.gather(*(_write(batcher, k, 0) for k in keys))
     expected = list(firsts)
@@ -108,99 +111,81 @@ async def test_a_batch_refused_for_one_write_lands_the_others_alone(
 @KINDS
 async def test_a_stream_without_atomic_batches_takes_the_writes_one_by_one(
     client: Client,
-    kind: type[Batcher],
+    sending: int,
 ) -> None:
     await _stream(client, atomic=False)  # as an older natflow created it
-    batcher = kind(client.connection, STREAM)
+    batcher = Batcher(client.connection, STREAM, sending=sending)
     seqs = await asyncio.gather(*(_write(batcher, f"p{n}", 0) for n in range(10)))
     assert not batcher.enabled and batcher.batches == 0
     assert sorted(seqs) == list(range(1, 11))
 
 
-async def test_a_caller_cancelled_holding_the_turn_passes_it_on(
+async def test_an_idle_writers_write_goes_out_at_once_without_a_batch(client: Client) -> None:
+    await _stream(client)
+    batcher = Batcher(client.connection, STREAM, sending=HISTORY_SENDING)
+    assert batcher.next_alone()
+    assert await _write(batcher, "lone", 0) == 1
+    assert await _write(batcher, "lone", 1) == 2
+    assert batcher.batches == 0 and batcher._in_flight == 0
+    batcher._in_flight = HISTORY_SENDING  # as if a write were in flight: the next one queues
+    assert not batcher.next_alone()
+    batcher.pays = False  # a relaxed server: every write goes alone
+    assert batcher.next_alone()
+
+
+async def test_writes_made_behind_a_send_in_flight_go_as_one_batch_when_it_is_done(
     client: Client,
 ) -> None:
     await _stream(client)
-    batcher = TurnBatcher(client.connection, STREAM)
-    batcher._alone_this_turn = True  # as if a write went out alone in this turn already
-    first = asyncio.ensure_future(_write(batcher, "turn-1", 0))
-    second = asyncio.ensure_future(_write(batcher, "turn-2", 0))
-    await asyncio.sleep(0)  # both queue; the first holds the turn, gathering the queue...
-    assert batcher._turn_given and len(batcher._queue) == 2
-    first.cancel()  # ... and is cancelled before it could send it
+    batcher = Batcher(client.connection, STREAM, sending=HISTORY_SENDING)
+    batcher._in_flight = 1  # as if a write were in flight
+    writes = asyncio.gather(*(_write(batcher, f"q{n}", 0) for n in range(20)))
+    await anyio.wait_all_tasks_blocked()
+    assert len(batcher._queue) == 20  # nothing went out beside the send in flight
+    batcher._release()  # it is done: the first queued caller takes the queue out
     with anyio.fail_after(10):
-        assert await second > 0
-    with pytest.raises(asyncio.CancelledError):
-        await first
-    assert not batcher._turn_given and not batcher._queue
+        seqs = await writes
+    assert sorted(seqs) == list(range(1, 21))
+    assert batcher.batches == 1 and batcher.batched == 20
+    assert batcher._in_flight == 0 and not batcher._queue
 
 
-async def test_a_lone_write_goes_out_at_once_without_a_batch(client: Client) -> None:
+async def test_a_whole_batch_goes_beside_the_send_in_flight(client: Client) -> None:
     await _stream(client)
-    batcher = TurnBatcher(client.connection, STREAM)
-    assert await _write(batcher, "lone", 0) == 1
-    await anyio.lowlevel.checkpoint()  # the loop turns
-    assert await _write(batcher, "lone", 1) == 2
-    assert batcher.batches == 0 and not batcher._alone_this_turn
+    batcher = Batcher(client.connection, STREAM, sending=HISTORY_SENDING)
+    batcher._in_flight = 1  # as if a write were in flight (and stayed so)
+    writes = asyncio.gather(*(_write(batcher, f"w{n}", 0) for n in range(MAX_BATCH + 10)))
 
+    async def one_batch() -> bool:
+        return batcher.batches == 1
 
-async def test_a_batch_is_sent_while_the_one_before_it_waits_for_its_ack(
-    client: Client, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await _stream(client)
-    batcher = TurnBatcher(client.connection, STREAM)
-    acked = anyio.Event()
-    sent: list[list[str]] = []
-    went = [anyio.Event(), anyio.Event()]
-    atomic = batcher._atomic
-
-    async def slow_first_ack(batch: list, timeout: float) -> list[int] | None:  # type: ignore[type-arg]
-        sent.append([i.subject for i in batch])
-        went[min(len(sent), 2) - 1].set()
-        if len(sent) == 1:
-            await acked.wait()  # the server is slow to acknowledge the first batch
-        return await atomic(batch, timeout)
-
-    monkeypatch.setattr(batcher, "_atomic", slow_first_ack)
-    wave_1 = asyncio.gather(*(_write(batcher, f"a{n}", 0) for n in range(12)))
+    # The first MAX_BATCH go without waiting for the send in flight...
+    await wait_for(one_batch, timeout=10, what="a whole batch")
+    assert batcher.batched == MAX_BATCH and len(batcher._queue) == 10  # ...the rest wait
+    batcher._release()
     with anyio.fail_after(10):
-        await went[0].wait()
-    wave_2 = asyncio.gather(*(_write(batcher, f"b{n}", 0) for n in range(12)))
-    with anyio.fail_after(10):
-        await went[1].wait()  # fails if the second batch waits for the first's ack
-    acked.set()
-    with anyio.fail_after(10):
-        seqs = [*await wave_1, *await wave_2]
-    assert sorted(seqs) == list(range(1, 25))
-    assert sent[0] == [f"batchtest.a{n}" for n in range(1, 12)]  # a0 went alone, first
-    assert sent[1] == [f"batchtest.b{n}" for n in range(1, 12)]
+        seqs = await writes
+    assert sorted(seqs) == list(range(1, MAX_BATCH + 11))
+    assert batcher._in_flight == 0 and not batcher._queue
 
 
 @pytest.mark.anyio
 @KINDS
-async def test_a_few_writes_at_once_go_alone(client: Client, kind: type[Batcher]) -> None:
+async def test_a_few_writes_at_once_go_alone(client: Client, sending: int) -> None:
     await _stream(client)
-    batcher = kind(client.connection, STREAM)
+    batcher = Batcher(client.connection, STREAM, sending=sending)
     seqs = await asyncio.gather(*(_write(batcher, f"s{n}", 0) for n in range(MIN_BATCH)))
     assert sorted(seqs) == list(range(1, MIN_BATCH + 1))
-    # The first (turn) or first two (queue) went alone; the rest were too few to batch.
+    # The first one or two went alone; the rest were too few to batch.
     assert batcher.batches == 0
-
-
-async def test_past_the_batches_in_flight_writes_go_alone(client: Client) -> None:
-    await _stream(client)
-    batcher = TurnBatcher(client.connection, STREAM)
-    batcher._in_flight = MAX_IN_FLIGHT  # as if the server were that far behind
-    seqs = await asyncio.gather(*(_write(batcher, f"f{n}", 0) for n in range(10)))
-    assert sorted(seqs) == list(range(1, 11)) and batcher.batches == 0
 
 
 async def test_behind_the_sends_in_flight_a_cancelled_holder_passes_the_queue_on(
     client: Client,
 ) -> None:
     await _stream(client)
-    batcher = QueueBatcher(client.connection, STREAM)
-    batcher._sending = 2  # as if two writes were in flight
+    batcher = Batcher(client.connection, STREAM, sending=MAX_SENDING)
+    batcher._in_flight = 2  # as if two writes were in flight
     first = asyncio.ensure_future(_write(batcher, "turn-1", 0))
     second = asyncio.ensure_future(_write(batcher, "turn-2", 0))
     await anyio.wait_all_tasks_blocked()
@@ -211,4 +196,4 @@ async def test_behind_the_sends_in_flight_a_cancelled_holder_passes_the_queue_on
     with pytest.raises(asyncio.CancelledError):
         await first
     batcher._release()  # the other one too
-    assert batcher._sending == 0 and not batcher._queue
+    assert batcher._in_flight == 0 and not batcher._queue

@@ -29,7 +29,7 @@ from natflow import (
     workflow,
 )
 from natflow_engine import HISTORY_STREAM, Runs, record_sync_mode, stored_feed
-from natflow_engine._append_batch import appender
+from natflow_engine._append_batch import HISTORY_SENDING, appender
 from natflow_engine._auth import permissions_conf, role_permissions
 from natflow_engine._cli_runs import _wait_and_show
 from natflow_engine._history import HistoryStore
@@ -447,7 +447,7 @@ async def test_a_role_that_may_not_update_streams_cannot_record_the_sync_mode_an
     info = await worker.connection.jsm.stream_info(HISTORY_STREAM)
     assert SYNC_MODE_KEY not in (info.config.metadata or {})  # nothing written
     # This process still knows the mode, and batches its own appends by it.
-    assert not appender(worker.connection, HISTORY_STREAM, by_turn=True).pays
+    assert not appender(worker.connection, HISTORY_STREAM, sending=HISTORY_SENDING).pays
     # The refusal failed that call alone: the worker's own calls in flight on its connection
     # (its queue's consumer, looked up while it ran) were not taken for the denied one.
     client, viewer = deployment["client"], deployment["viewer"]

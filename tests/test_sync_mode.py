@@ -14,7 +14,7 @@ import anyio
 import pytest
 from natflow import Client
 from natflow_engine import HISTORY_STREAM, RUNS_STREAM, record_sync_mode
-from natflow_engine._append_batch import SYNC_ALWAYS, SYNC_INTERVAL, appender
+from natflow_engine._append_batch import HISTORY_SENDING, SYNC_ALWAYS, SYNC_INTERVAL, appender
 from natflow_engine._engine import Engine
 from natflow_engine._history import HistoryStore
 from natflow_engine._lifecycle import LIFECYCLE_STREAM
@@ -63,19 +63,19 @@ async def test_a_recorded_mode_decides_batching_for_processes_that_connect_after
     await ensure_streams(client.connection)
     assert await _recorded(client) is None
     assert appender(
-        client.connection, HISTORY_STREAM, by_turn=True
+        client.connection, HISTORY_STREAM, sending=HISTORY_SENDING
     ).pays  # unknown: as shipped, fsynced
 
     await record_sync_mode(client.connection, sync_always=False)
     assert await _recorded(client) == SYNC_INTERVAL
     assert not appender(
-        client.connection, HISTORY_STREAM, by_turn=True
+        client.connection, HISTORY_STREAM, sending=HISTORY_SENDING
     ).pays  # this process at once
     for stream in (RUNS_STREAM, LIFECYCLE_STREAM):  # the engine's: few writers, large batches
         assert appender(client.connection, stream).pays, stream
 
     relaxed = await _connect(nats_server.url, fresh)
-    batcher = appender(relaxed.connection, HISTORY_STREAM, by_turn=True)
+    batcher = appender(relaxed.connection, HISTORY_STREAM, sending=HISTORY_SENDING)
     assert not batcher.pays
     await _append_many(relaxed, "relaxed", 64)
     assert batcher.batches == 0  # each went alone
@@ -83,7 +83,7 @@ async def test_a_recorded_mode_decides_batching_for_processes_that_connect_after
     await record_sync_mode(relaxed.connection, sync_always=True)
     assert await _recorded(client) == SYNC_ALWAYS
     durable = await _connect(nats_server.url, fresh)
-    batcher = appender(durable.connection, HISTORY_STREAM, by_turn=True)
+    batcher = appender(durable.connection, HISTORY_STREAM, sending=HISTORY_SENDING)
     assert batcher.pays
     await _append_many(durable, "durable", 64)
     assert batcher.batches > 0

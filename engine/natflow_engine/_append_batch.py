@@ -8,21 +8,28 @@ An atomic batch is stored, fsynced and acknowledged once (NATS.md §6, §12). Me
 1,570-1,712 messages/s, 113-120 us of client and 180-210 us of server CPU each; grouped:
 6,729-8,709 messages/s, 41-46 us and 50-60 us.
 
-Two groupings, each with no timer:
+One grouping, with no timer: behind the sends in flight. An append that finds fewer than
+``sending`` sends (alone or batched) in flight goes out alone at once, so an idle writer's
+appends wait for nothing. Appends made while that many are in flight queue, and the first of
+them takes the whole queue out as one batch when a send is done (fewer than ``MIN_BATCH``
+go alone, pipelined: a small batch does not pay back its staging). A queued append so waits
+for at most the send ahead of it, and a busy writer's batches hold everything its runs
+appended meanwhile.
 
-* ``TurnBatcher``, for run histories: by turn of the event loop, with no wait for an
-  acknowledgement. The first append in a turn goes out at once, alone. Appends made after it
-  in the same turn queue, and go out together as one batch at the loop's next turn, while
-  the first is still in flight. So a lone append waits for nothing, a queued one for at most
-  one turn, and appends group only where many runs write at once. Batches are pipelined;
-  past ``MAX_IN_FLIGHT`` unacknowledged ones, appends go alone. (Grouping behind the send in
-  flight, as below, made a worker under full CPU let sleeping runs go 20-60 ms late.)
-* ``QueueBatcher``, for the engine's lifecycle events (and run index): an append that finds
-  fewer than ``MAX_SENDING`` sends in flight goes alone at once; appends made while that
-  many are in flight queue, and the next one out takes them all as one batch (fewer than
-  ``MIN_BATCH`` go alone, pipelined, as below). An engine works on many runs at once, so
-  waiting for the send ahead bounds nothing, and its batches grow larger than a turn's: by
-  turn, its CPU on the 2-core VM was that of no batching.
+How many sends in flight: one for run histories (``HISTORY_SENDING``), two for the engine's
+writes (``MAX_SENDING``). nats-server stores a stream's atomic batches one after another
+(each staged in a temporary file store of its own on a one-replica file stream: ~3 ms for a
+batch of 30 on the 2-core VM, idle, against ~0.4 ms for one write), so a writer that keeps
+more batches in flight gains no speed from the server and splits its appends into more,
+smaller batches and more lone writes, each with a fsync. History appends grouped by turn of
+the event loop with up to eight batches in flight (the earlier grouping) made 191 batches
+and ~1,175 lone writes for a worker's 8,200 appends (one worker, 2,000 runs x 3 at once);
+behind one send, 167 and ~250. ``natflow bench --scale 2``, eight alternating pairs: 1,040 ->
+1,261 runs/s and 1.61 -> 1.41 ms of CPU per run, all processes; two sends in flight gained
+half as much. A whole batch (``MAX_BATCH``) waiting goes at once beside the sends in flight,
+so a burst of thousands of starts is not held to one batch at a time. The engine keeps two:
+it writes from many lanes at once, and one send in flight made its lifecycle batches no
+larger (159 -> 173 batches).
 
 Where: history appends only where batches pay (``pays``). nats-server stages every atomic
 batch of a one-replica file stream in a temporary file store; with a fsync before every ack
@@ -57,13 +64,11 @@ from ._metrics import APPEND_BATCHES, APPENDS_BATCHED, labelled
 log = logging.getLogger("natflow.batches")
 
 MAX_BATCH: Final = 256  # the server takes up to 1,000 messages in one batch
-# Batches sent and not yet acknowledged, per connection and stream: the server takes 50 in
-# flight per stream from all its clients, and refuses a batch past that (its appends then go
-# alone, after a wasted round trip).
-MAX_IN_FLIGHT: Final = 8
-# QueueBatcher: appends alone in flight before the next ones queue for a batch; two keep the
-# pipe full while one batch is stored.
+# Sends in flight before the next appends queue for a batch: the engine's writes (two keep
+# its pipe full while one batch is stored), and run histories (one: see the module's
+# docstring).
 MAX_SENDING: Final = 2
+HISTORY_SENDING: Final = 1
 # Fewer appends than this go alone, pipelined: a batch on a one-replica file stream is staged
 # in a temporary file store of its own (nats-server's newBatchStore), which a few appends do
 # not pay back. For the engine's queue too: 3,000 x 3 on 2 cores, 6 alternating pairs,
@@ -84,15 +89,18 @@ class _Append:
         self.outcome: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
 
 
-class _Batcher:
-    """What both groupings share: whether to batch at all, and sending one atomic batch."""
+class Batcher:
+    """Groups the appends to one stream made while ``sending`` sends are in flight into
+    atomic batches (see the module's docstring)."""
 
-    def __init__(self, conn: Connection, stream: str) -> None:
+    def __init__(self, conn: Connection, stream: str, *, sending: int = MAX_SENDING) -> None:
         self._conn = conn
         self._stream = stream  # for the metrics only: the server knows where each goes
+        self.sending = sending  # sends in flight before appends queue
         APPEND_BATCHES.labels(stream)  # exported at zero from the start
         APPENDS_BATCHED.labels(stream)
         self._queue: list[_Append] = []
+        self._in_flight = 0  # sends in flight, alone or batched (at most ``sending``)
         self.enabled = True  # False once the stream refused a batch (no ``allow_atomic``)
         self.pays = True  # False where the server's sync mode makes batches cost more
         self._prefix = os.urandom(6).hex()
@@ -100,20 +108,46 @@ class _Batcher:
         self.batches = 0  # committed batches, and the appends they carried
         self.batched = 0
 
+    async def publish(
+        self, subject: str, data: bytes, headers: Mapping[str, str], *, timeout: float = 5.0
+    ) -> PubAck:
+        """As ``Connection.publish``, grouped with the appends made meanwhile."""
+        if self._alone(headers):
+            return await self._conn.publish(subject, data, headers, timeout=timeout)
+        if self._in_flight < self.sending:
+            self._in_flight += 1
+            try:
+                return await self._conn.publish(subject, data, headers, timeout=timeout)
+            finally:
+                self._release()
+        item = _Append(subject, data, headers)
+        self._queue.append(item)
+        if len(self._queue) >= MAX_BATCH and not self._queue[0].outcome.done():
+            # A whole batch waits: it goes now, beside the sends in flight, so a burst (a
+            # client starting thousands of runs) is not held to one batch at a time.
+            self._in_flight += 1
+            self._queue[0].outcome.set_result(_TURN)
+        while (seq := await self._wait(item)) == _TURN:
+            # This caller sends the queue, its own append among it.
+            item.outcome = asyncio.get_running_loop().create_future()
+            try:
+                if await self._send(item, timeout):
+                    return await self._conn.publish(subject, data, headers, timeout=timeout)
+            finally:
+                self._release()
+        if seq is None:
+            return await self._conn.publish(subject, data, headers, timeout=timeout)
+        return PubAck(stream="", seq=seq, duplicate=False)
+
+    def next_alone(self) -> bool:
+        """Whether an append made now (one that is not a rollup) is handed to the connection
+        before its caller first waits, rather than queued for a batch: an idle writer's
+        every append is."""
+        return not (self.enabled and self.pays) or self._in_flight < self.sending
+
     def _alone(self, headers: Mapping[str, str]) -> bool:
         """Whether this append goes alone whatever else is being written."""
         return not (self.enabled and self.pays) or "Nats-Rollup" in headers
-
-    @staticmethod
-    def _too_few(batch: list[_Append], sender: _Append) -> bool:
-        """Whether ``batch`` is too small to pay back a batch's staging (``MIN_BATCH``); if
-        so, each of its appends but ``sender`` (its caller's own) goes alone, at once."""
-        if len(batch) >= MIN_BATCH:
-            return False
-        for item in batch:
-            if item is not sender:
-                item.outcome.set_result(None)
-        return True
 
     async def _wait(self, item: _Append) -> int | None:
         """What became of a queued append: its sequence, None (make it alone) or _TURN."""
@@ -129,7 +163,32 @@ class _Batcher:
 
     def _pass_turn_on(self, holder: _Append) -> None:
         """``holder`` was cancelled holding the turn: the queue's next live append takes it."""
-        raise NotImplementedError
+        if holder in self._queue:
+            self._queue.remove(holder)
+        self._release()
+
+    def _release(self) -> None:
+        """A send is over: hand the queue to its first live append."""
+        self._in_flight -= 1
+        self._queue = [i for i in self._queue if not i.outcome.cancelled()]
+        # One turn at a time: its holder takes the whole head of the queue.
+        if self._queue and self._in_flight < self.sending and not self._queue[0].outcome.done():
+            self._in_flight += 1
+            self._queue[0].outcome.set_result(_TURN)
+
+    async def _send(self, sender: _Append, timeout: float) -> bool:
+        """Send the queue's head as one batch and settle each of its appends; True if it
+        is too small to batch (its other appends go alone at once, and ``sender``, taken
+        off the queue, is left to its caller to publish)."""
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        batch = [i for i in batch if not i.outcome.cancelled()]
+        if len(batch) < MIN_BATCH:
+            for item in batch:
+                if item is not sender:
+                    item.outcome.set_result(None)
+            return True
+        await self._batch(batch, timeout)
+        return False
 
     async def _batch(self, batch: list[_Append], timeout: float) -> None:
         """Send ``batch`` as one, and tell each of its appends where it landed (or None:
@@ -175,160 +234,16 @@ class _Batcher:
         return [first + at for at in range(last)]
 
 
-class TurnBatcher(_Batcher):
-    """Groups the appends made in one turn of the event loop (run histories: a queued
-    append waits one turn, never for an acknowledgement)."""
-
-    def __init__(self, conn: Connection, stream: str) -> None:
-        super().__init__(conn, stream)
-        self._alone_this_turn = False  # an append went out alone since the loop last turned
-        self._turn_given = False  # a queued append holds the turn to send the queue
-        self._in_flight = 0  # batches sent, not yet acknowledged
-
-    async def publish(
-        self, subject: str, data: bytes, headers: Mapping[str, str], *, timeout: float = 5.0
-    ) -> PubAck:
-        """As ``Connection.publish``, grouped with the appends made in the same turn."""
-        if self._alone(headers) or self._in_flight >= MAX_IN_FLIGHT:
-            return await self._conn.publish(subject, data, headers, timeout=timeout)
-        if not self._alone_this_turn:
-            self._alone_this_turn = True
-            asyncio.get_running_loop().call_soon(self._turned)
-            return await self._conn.publish(subject, data, headers, timeout=timeout)
-        item = _Append(subject, data, headers)
-        self._queue.append(item)
-        if not self._turn_given:  # the first to queue in this turn sends what queues with it
-            self._turn_given = True
-            item.outcome.set_result(_TURN)
-        while (seq := await self._wait(item)) == _TURN:
-            item.outcome = asyncio.get_running_loop().create_future()
-            if await self._send(item, timeout):
-                return await self._conn.publish(subject, data, headers, timeout=timeout)
-        if seq is None:
-            return await self._conn.publish(subject, data, headers, timeout=timeout)
-        return PubAck(stream="", seq=seq, duplicate=False)
-
-    def next_alone(self) -> bool:
-        """Whether an append made now goes out alone, handed to the connection before its
-        caller first waits, rather than joining this turn's batch (the first of each turn
-        does: an idle writer's every append)."""
-        alone = not (self.enabled and self.pays) or self._in_flight >= MAX_IN_FLIGHT
-        return alone or not self._alone_this_turn
-
-    def _turned(self) -> None:
-        """The loop turned: the next append may go alone again."""
-        self._alone_this_turn = False
-
-    def _hand_on(self) -> None:
-        """Give the turn to the queue's first live append, if any (one holder at a time)."""
-        self._turn_given = False
-        while self._queue and self._queue[0].outcome.done():  # cancelled while queued
-            self._queue.pop(0)
-        if self._queue:
-            self._turn_given = True
-            self._queue[0].outcome.set_result(_TURN)
-
-    async def _send(self, sender: _Append, timeout: float) -> bool:
-        """Send the queue as one batch, once this turn's appends are in it, and settle each
-        of its appends; True if it held ``sender`` alone (for its caller to publish)."""
-        try:
-            await asyncio.sleep(0)  # the appends made after this one in this turn join it
-        except asyncio.CancelledError:
-            self._pass_turn_on(sender)
-            raise
-        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-        batch = [i for i in batch if i is sender or not i.outcome.done()]
-        self._hand_on()  # past MAX_BATCH: the rest go next, without waiting for this batch
-        if self._too_few(batch, sender):
-            return True
-        self._in_flight += 1
-        try:
-            await self._batch(batch, timeout)
-        finally:
-            self._in_flight -= 1
-        return False
-
-    def _pass_turn_on(self, holder: _Append) -> None:
-        if holder in self._queue:
-            self._queue.remove(holder)
-        self._hand_on()
-
-
-class QueueBatcher(_Batcher):
-    """Groups the appends made while ``MAX_SENDING`` sends are in flight (the engine's run
-    index and lifecycle events: few writers, each working on many runs at once, so a queued
-    append's wait for the send ahead of it bounds nothing, and batches grow large)."""
-
-    def __init__(self, conn: Connection, stream: str) -> None:
-        super().__init__(conn, stream)
-        self._sending = 0  # appends or batches in flight (at most MAX_SENDING)
-
-    async def publish(
-        self, subject: str, data: bytes, headers: Mapping[str, str], *, timeout: float = 5.0
-    ) -> PubAck:
-        """As ``Connection.publish``, grouped with the appends made meanwhile."""
-        if self._alone(headers):
-            return await self._conn.publish(subject, data, headers, timeout=timeout)
-        if self._sending < MAX_SENDING:
-            self._sending += 1
-            try:
-                return await self._conn.publish(subject, data, headers, timeout=timeout)
-            finally:
-                self._release()
-        item = _Append(subject, data, headers)
-        self._queue.append(item)
-        while (seq := await self._wait(item)) == _TURN:
-            # This caller sends the queue, its own append among it.
-            item.outcome = asyncio.get_running_loop().create_future()
-            try:
-                if await self._send(item, timeout):
-                    return await self._conn.publish(subject, data, headers, timeout=timeout)
-            finally:
-                self._release()
-        if seq is None:
-            return await self._conn.publish(subject, data, headers, timeout=timeout)
-        return PubAck(stream="", seq=seq, duplicate=False)
-
-    def _pass_turn_on(self, holder: _Append) -> None:
-        if holder in self._queue:
-            self._queue.remove(holder)
-        self._release()
-
-    def _release(self) -> None:
-        """A send is over: hand the queue to its first live append."""
-        self._sending -= 1
-        self._queue = [i for i in self._queue if not i.outcome.cancelled()]
-        # One turn at a time: its holder takes the whole head of the queue.
-        if self._queue and self._sending < MAX_SENDING and not self._queue[0].outcome.done():
-            self._sending += 1
-            self._queue[0].outcome.set_result(_TURN)
-
-    async def _send(self, sender: _Append, timeout: float) -> bool:
-        """Send the queue's head as one batch and settle each of its appends; True if the
-        head was ``sender`` alone (taken off the queue, for its caller to publish)."""
-        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-        batch = [i for i in batch if not i.outcome.cancelled()]
-        if self._too_few(batch, sender):
-            return True
-        await self._batch(batch, timeout)
-        return False
-
-
-Batcher = TurnBatcher | QueueBatcher
-
-
-def appender(conn: Connection, stream: str, *, by_turn: bool = False) -> Batcher:
-    """The connection's batcher for ``stream`` (a batch goes to one stream only): grouping
-    by turn of the loop (``TurnBatcher``) or behind the sends in flight (``QueueBatcher``),
-    always the same for one stream."""
-    kind = TurnBatcher if by_turn else QueueBatcher
+def appender(conn: Connection, stream: str, *, sending: int = MAX_SENDING) -> Batcher:
+    """The connection's batcher for ``stream`` (a batch goes to one stream only), grouping
+    behind ``sending`` sends in flight: always asked for with the same ``sending``."""
     key = f"appender:{stream}"
     existing = conn.extras.get(key)
     if existing is not None:
-        if not isinstance(existing, kind):
-            made_as = type(existing).__name__
-            raise TypeError(f"{stream} is batched by {made_as}, not {kind.__name__}")
+        assert isinstance(existing, Batcher)
+        if existing.sending != sending:
+            raise TypeError(f"{stream} is batched behind {existing.sending} sends, not {sending}")
         return existing
-    made = kind(conn, stream)
+    made = Batcher(conn, stream, sending=sending)
     conn.extras[key] = made
     return made

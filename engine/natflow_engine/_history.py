@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.aio.msg import Msg
 
-from ._append_batch import TurnBatcher, appender
+from ._append_batch import HISTORY_SENDING, appender
 from ._connection import (
     ERR_ROLLUP_NOT_PERMITTED,
     ERR_WRONG_LAST_SEQUENCE,
@@ -147,16 +147,15 @@ class HistoryStore:
         self._conn = conn
         self._reader = reader(conn)
         # Many runs' appends in one batch, where the server's sync mode makes that pay.
-        self._appends = appender(conn, HISTORY_STREAM, by_turn=True)
+        self._appends = appender(conn, HISTORY_STREAM, sending=HISTORY_SENDING)
         self.retry_budget = 30.0  # seconds to ride out a restart or an election
 
     # -- appends ---------------------------------------------------------------------------
 
     def next_append_alone(self) -> bool:
         """Whether an append made now (one that is not a rollup) is handed to the connection
-        before :meth:`append` first waits, rather than held for this turn's batch."""
-        appends = self._appends
-        return isinstance(appends, TurnBatcher) and appends.next_alone()
+        before :meth:`append` first waits, rather than queued for a batch."""
+        return self._appends.next_alone()
 
     async def append(
         self,

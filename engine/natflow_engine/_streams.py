@@ -56,7 +56,7 @@ from typing import Final
 import nats.js.errors
 from nats.js import api
 
-from ._append_batch import SYNC_ALWAYS, SYNC_INTERVAL, appender
+from ._append_batch import HISTORY_SENDING, SYNC_ALWAYS, SYNC_INTERVAL, appender
 from ._connection import ERR_STREAM_NAME_IN_USE, Connection
 from ._errors import NatflowError, PermissionDenied
 from ._kv import kv_stream_config
@@ -419,7 +419,7 @@ _SYNC_MODE_UNRECORDED: Final = "sync mode unrecorded"  # conn.extras: the mode l
 
 
 def _apply_sync_mode(conn: Connection, sync: str | None) -> None:
-    appender(conn, HISTORY_STREAM, by_turn=True).pays = sync != SYNC_INTERVAL
+    appender(conn, HISTORY_STREAM, sending=HISTORY_SENDING).pays = sync != SYNC_INTERVAL
 
 
 async def record_sync_mode(conn: Connection, sync_always: bool) -> None:

@@ -124,8 +124,8 @@ class RunRecorder:
         A claim that went out alone (an idle worker's: the wait is the latency a user sees)
         is on the wire once the connection has written what it was handed. One held for a
         batch (a busy worker's, whose throughput counts, not its latency) is waited for
-        until it is in history: which of its turn's appends are sent first is the batch's
-        business. Called after :meth:`write_claim` began (the steps launch after it)."""
+        until it is in history: it goes out when the send ahead of it is done. Called after
+        :meth:`write_claim` began (the steps launch after it)."""
         if self._claimed is None:
             return
         if self._claim_alone:
