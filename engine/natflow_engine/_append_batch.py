@@ -24,12 +24,12 @@ more batches in flight gains no speed from the server and splits its appends int
 smaller batches and more lone writes, each with a fsync. History appends grouped by turn of
 the event loop with up to eight batches in flight (the earlier grouping) made 191 batches
 and ~1,175 lone writes for a worker's 8,200 appends (one worker, 2,000 runs x 3 at once);
-behind one send, 167 and ~250. ``natflow bench --scale 2``, eight alternating pairs: 1,040 ->
-1,261 runs/s and 1.61 -> 1.41 ms of CPU per run, all processes; two sends in flight gained
-half as much. A whole batch (``MAX_BATCH``) waiting goes at once beside the sends in flight,
-so a burst of thousands of starts is not held to one batch at a time. The engine keeps two:
-it writes from many lanes at once, and one send in flight made its lifecycle batches no
-larger (159 -> 173 batches).
+behind one send, 159-173 and 37-68 (three runs). ``natflow bench --scale 2``, eight
+alternating pairs: 1,040 -> 1,261 runs/s and 1.61 -> 1.41 ms of CPU per run, all processes;
+two sends in flight gained half as much. A whole batch (``MAX_BATCH``) waiting goes at once
+beside the sends in flight, so a burst of thousands of starts is not held to one batch at a
+time. The engine keeps two: it writes from many lanes at once, and one send in flight made
+its lifecycle batches no larger (159 -> 173 batches).
 
 Where: history appends only where batches pay (``pays``). nats-server stages every atomic
 batch of a one-replica file stream in a temporary file store; with a fsync before every ack
@@ -122,11 +122,10 @@ class Batcher:
                 self._release()
         item = _Append(subject, data, headers)
         self._queue.append(item)
-        if len(self._queue) >= MAX_BATCH and not self._queue[0].outcome.done():
+        if len(self._queue) >= MAX_BATCH:
             # A whole batch waits: it goes now, beside the sends in flight, so a burst (a
             # client starting thousands of runs) is not held to one batch at a time.
-            self._in_flight += 1
-            self._queue[0].outcome.set_result(_TURN)
+            self._give_turn()
         while (seq := await self._wait(item)) == _TURN:
             # This caller sends the queue, its own append among it.
             item.outcome = asyncio.get_running_loop().create_future()
@@ -143,7 +142,7 @@ class Batcher:
         """Whether an append made now (one that is not a rollup) is handed to the connection
         before its caller first waits, rather than queued for a batch: an idle writer's
         every append is."""
-        return not (self.enabled and self.pays) or self._in_flight < self.sending
+        return self._alone({}) or self._in_flight < self.sending
 
     def _alone(self, headers: Mapping[str, str]) -> bool:
         """Whether this append goes alone whatever else is being written."""
@@ -171,8 +170,13 @@ class Batcher:
         """A send is over: hand the queue to its first live append."""
         self._in_flight -= 1
         self._queue = [i for i in self._queue if not i.outcome.cancelled()]
-        # One turn at a time: its holder takes the whole head of the queue.
-        if self._queue and self._in_flight < self.sending and not self._queue[0].outcome.done():
+        if self._queue and self._in_flight < self.sending:
+            self._give_turn()
+
+    def _give_turn(self) -> None:
+        """Let the queue's first append send the queue's head as one batch, unless it holds
+        the turn already (one holder at a time); its send counts as in flight."""
+        if not self._queue[0].outcome.done():
             self._in_flight += 1
             self._queue[0].outcome.set_result(_TURN)
 
