@@ -18,7 +18,7 @@ import nats.js.errors
 from natflow import Client, Worker, Workflow
 from natflow.testing import Replayer, ReplayResult
 from natflow_engine import _reader
-from natflow_engine._engine import DISPATCHER
+from natflow_engine._engine import DISPATCHERS
 from natflow_engine._streams import HISTORY_STREAM, start_consumer, stream_configs
 from nats.aio.msg import Msg
 
@@ -139,8 +139,9 @@ async def running_engine(url: str, **nats_options: Any) -> AsyncIterator[Any]:
 
 async def dispatcher_caught_up(client: Client) -> bool:
     """Whether the engine's dispatcher has processed and acknowledged every event it was given."""
-    info = await client.connection.jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
-    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+    jsm = client.connection.jsm
+    infos = [await jsm.consumer_info(HISTORY_STREAM, name) for name in DISPATCHERS]
+    return all(i.num_pending == 0 and i.num_ack_pending == 0 for i in infos)
 
 
 def read_requests(monkeypatch: Any) -> list[dict[str, Any]]:

@@ -14,15 +14,15 @@ import pytest
 from natflow import Client, NatflowError, RunNotFound, WorkflowContext, workflow
 from natflow_engine._cli import main as cli_main
 from natflow_engine._connection import Connection
-from natflow_engine._engine import DISPATCHER, Engine
+from natflow_engine._engine import Engine
 from natflow_engine._index import IndexEntry, RunIndex
 from natflow_engine._retention import RetentionService, purge
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._state import RunInfo
-from natflow_engine._streams import HISTORY_STREAM, RUNS_STREAM, ensure_streams, runs_subject
+from natflow_engine._streams import RUNS_STREAM, ensure_streams, runs_subject
 from natflow_engine.events import utcnow
 
-from tests.helpers import running_worker, wait_for
+from tests.helpers import dispatcher_caught_up, running_worker, wait_for
 
 # Streams that hold nothing of any run once its runs are deleted (the worker registry does).
 RUN_STREAMS = (
@@ -75,11 +75,6 @@ async def stored(client: Client) -> dict[str, int]:
     for name in RUN_STREAMS:
         found[name] = (await client.connection.jsm.stream_info(name)).state.messages
     return found
-
-
-async def dispatcher_caught_up(client: Client) -> bool:
-    info = await client.connection.jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
-    return info.num_pending == 0 and info.num_ack_pending == 0
 
 
 async def test_delete_removes_every_trace_of_a_closed_run_and_refuses_an_open_one(

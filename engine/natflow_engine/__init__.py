@@ -25,7 +25,7 @@ from ._connection import (
     wrap,
 )
 from ._durations import parse_duration, to_seconds
-from ._engine import DISPATCHER
+from ._engine import DISPATCHER, DISPATCHERS
 from ._errors import (
     ConnectionRefused,
     ErrorInfo,
@@ -213,6 +213,7 @@ __all__ = [
     "DEFAULT_ACK_WAIT",
     "DEFAULT_WORKER_PORT",
     "DISPATCHER",
+    "DISPATCHERS",
     "ERR_WRONG_LAST_SEQUENCE",
     "EXECUTIONS",
     "FENCED",

@@ -2,8 +2,9 @@
 
 The dispatcher reads every run-level event (``natflow.history.*.run`` and
 ``natflow.history.*.start.>``: starts, claims, timers, status changes; never a step's)
-through one durable pull consumer shared by all engine replicas, processes the events of
-different runs at once and each run's in stream order (``_lanes``), and
+through two durable pull consumers shared by all engine replicas, one per filter (see
+:func:`dispatcher_configs`), processes the events of different runs at once and each run's
+in the order read (``_lanes``), and
 
 * folds it into the run index (``natflow.runs.<run_id>``) behind ``client.list``;
 * for a ``run_started`` whose run has done nothing since, makes sure a task exists or a
@@ -35,6 +36,7 @@ from typing import Final
 
 import anyio
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -63,6 +65,7 @@ from ._signals import ChildOutcome, SignalIntake, send_child_outcome
 from ._site_links import site_links
 from ._sites import SiteInbox, check_site, ensure_hub
 from ._start_consumers import held_starts
+from ._start_order import StartOrder
 from ._start_service import StartService
 from ._start_watch import StartWatch, WatchedStart
 from ._state import RunInfo
@@ -101,17 +104,38 @@ from .events import (
 
 log = logging.getLogger("natflow.engine")
 
-DISPATCHER: Final = "natflow-engine-dispatcher"
-_DISPATCH_WINDOW: Final = 256  # events asked for at a time
+DISPATCHER: Final = "natflow-engine-dispatcher"  # run-level events
+START_DISPATCHER: Final = "natflow-engine-starts"  # starts stored where their workers take them
+DISPATCHERS: Final = (DISPATCHER, START_DISPATCHER)
+_DISPATCH_WINDOW: Final = 256  # events asked for at a time, by each consumer
 _CHECKS_AT_ONCE: Final = 32  # starts past their grace checked concurrently
 
 
-def dispatcher_config() -> api.ConsumerConfig:
-    return engine_consumer(
-        DISPATCHER,
-        "natflow engine: run index, timers, start dispatch",
-        [RUN_LEVEL_FILTER, START_FILTER],
+def dispatcher_configs(start_from: int | None = None) -> list[api.ConsumerConfig]:
+    """The dispatcher's consumers: run-level events, and starts on their start subjects.
+
+    Two consumers of one filter each, not one of both filters: nats-server finds a
+    multi-filter consumer's next message by intersecting its filters with every subject
+    of the message block (``firstMatchingMulti``), each subject of each run, holding the
+    store's lock, where a one-filter consumer walks the few messages to its next match.
+    On 16 cores the dispatcher fell behind under load, each message then cost the whole
+    block's subjects, and appends waited on that lock: 8 and 16 workers ran slower than 4.
+
+    ``start_from``: the stream sequence the starts' consumer begins at, if it is new (an
+    engine upgraded from one consumer of both filters: where that one had acknowledged).
+    """
+    starts = engine_consumer(
+        START_DISPATCHER, "natflow engine: immediate starts (index, start dispatch)", START_FILTER
     )
+    if start_from is not None:
+        starts.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+        starts.opt_start_seq = start_from
+    return [
+        engine_consumer(
+            DISPATCHER, "natflow engine: run-level events (index, timers)", RUN_LEVEL_FILTER
+        ),
+        starts,
+    ]
 
 
 async def _quietly(op: Awaitable[None]) -> None:
@@ -125,6 +149,12 @@ async def _quietly(op: Awaitable[None]) -> None:
 def _buffered(puller: Puller) -> int:
     """Messages delivered to the dispatcher and not yet processed."""
     return puller.messages.statistics().current_buffer_used
+
+
+def _room_for(puller: Puller, lanes: Lanes) -> int:
+    """How many events one of the dispatcher's consumers may have asked for: its window,
+    less what it was handed and is not yet processed (the lanes hold both consumers')."""
+    return _DISPATCH_WINDOW - _buffered(puller) - len(lanes)
 
 
 class Engine:
@@ -162,8 +192,8 @@ class Engine:
         self.starts = StartService(conn)  # starts from clients that may not write history
         self._watched = StartWatch()  # starts whose task is checked once their grace passed
         self._lanes = Lanes(self._dispatch)  # the dispatcher's, once it runs
-        self._reached = 0.0  # server time of the newest history message the dispatcher read
-        self._caught_up = True  # that message was the stream's last (for the dispatcher)
+        self._reached = 0.0  # server time of the newest run-level event the dispatcher read
+        self._caught_up = True  # that event was the last the dispatcher's consumer had
         self._last_read = time.monotonic()  # when the dispatcher last took a message
         self.metrics = EngineMetrics(
             conn, interval=metrics_interval, timers_pending=lambda: len(self.timers.timers)
@@ -209,63 +239,120 @@ class Engine:
         await self.index_guard.run()
 
     async def _ack_floor(self) -> int:
-        """The dispatcher's acknowledgement floor: every event at or below it is processed."""
-        info = await self._conn.admin(
-            "the engine's consumer",
-            lambda: self._conn.jsm.consumer_info(HISTORY_STREAM, DISPATCHER),
+        """The dispatcher's acknowledgement floor: every event at or below it is processed.
+
+        The lower of its two consumers' floors, except that the starts' consumer, read
+        second, does not hold it down when it has nothing pending or unacknowledged: its
+        floor is then its last start, however long ago, and every start stored before the
+        run-level consumer's floor (read first) is processed."""
+        floor = None
+        for name in DISPATCHERS:
+            info = await self._consumer(name)
+            seq = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+            idle = not info.num_pending and not info.num_ack_pending
+            if floor is None or not (idle and name == START_DISPATCHER):
+                floor = seq if floor is None else min(floor, seq)
+        assert floor is not None
+        return floor
+
+    async def _consumer(self, name: str) -> api.ConsumerInfo:
+        return await self._conn.admin(
+            "the engine's consumer", lambda: self._conn.jsm.consumer_info(HISTORY_STREAM, name)
         )
-        return info.ack_floor.stream_seq if info.ack_floor is not None else 0
+
+    async def _consumer_or_none(self, name: str) -> api.ConsumerInfo | None:
+        try:
+            return await self._consumer(name)
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def _ensure_dispatchers(self) -> None:
+        """Create the dispatcher's consumers, or update them to their filters. An engine
+        upgraded from one consumer of both filters starts its new starts' consumer where
+        that one had acknowledged, not at the stream's first start."""
+        start_from = None
+        old = await self._consumer_or_none(DISPATCHER)
+        both = old is not None and START_FILTER in (old.config.filter_subjects or ())
+        if old is not None and both and await self._consumer_or_none(START_DISPATCHER) is None:
+            start_from = (old.ack_floor.stream_seq if old.ack_floor else 0) + 1
+        for config in dispatcher_configs(start_from):
+            await self._conn.admin(
+                "the engine's consumer",
+                functools.partial(self._conn.jsm.add_consumer, HISTORY_STREAM, config=config),
+            )
 
     async def _dispatch_forever(self) -> None:
-        config = dispatcher_config()
-        await self._conn.admin(
-            "the engine's consumer",
-            lambda: self._conn.jsm.add_consumer(HISTORY_STREAM, config=config),
-        )
-        puller = Puller(self._conn, HISTORY_STREAM, DISPATCHER)
-        await puller.start()
+        await self._ensure_dispatchers()
+        runs = Puller(self._conn, HISTORY_STREAM, DISPATCHER)
+        starts = Puller(self._conn, HISTORY_STREAM, START_DISPATCHER)
+        pullers = (runs, starts)
+        for puller in pullers:
+            await puller.start()
 
         def room() -> None:
             # Ask again once half a window can be asked for: one pull request per ~128
             # events, not one per event as soon as the window has room.
-            askable = _DISPATCH_WINDOW - _buffered(puller) - len(lanes) - puller.pending
-            if askable >= _DISPATCH_WINDOW // 2:
-                puller.wake()
+            if len(lanes) > _DISPATCH_WINDOW // 2:
+                return  # no puller has that much room
+            for puller in pullers:
+                if _room_for(puller, lanes) - puller.pending >= _DISPATCH_WINDOW // 2:
+                    puller.wake()
 
-        lanes = self._lanes = Lanes(self._dispatch, depth=_DISPATCH_WINDOW, on_done=room)
+        lanes = self._lanes = Lanes(self._dispatch, depth=2 * _DISPATCH_WINDOW, on_done=room)
         log.info("engine dispatcher running (event loop %s)", running_loop_name())
         self.ready.set()
+
+        order = StartOrder(functools.partial(_buffered, starts))
+
+        # Each consumer's events in the order read (the stream's), a run's start before its
+        # later events (``_start_order``): the events of one run are then processed in that
+        # order (``_lanes``), those of others at once.
+        async def read_starts() -> None:
+            async for msg in Drained(starts.messages):
+                order.taking()
+                run_id = run_id_of(msg.subject)
+                await lanes.put(run_id, msg, self._note_position(msg, False))
+                order.read(run_id, msg.metadata.sequence.stream)
+
+        async def read_run_level() -> None:
+            async for msg in Drained(runs.messages):
+                run_id = run_id_of(msg.subject)
+                if event_kind(msg.data) == "run_started":
+                    order.seen(run_id)
+                elif order.ahead(run_id, msg.metadata.sequence.stream):
+                    await order.before(run_id, msg.metadata.sequence.stream)
+                await lanes.put(run_id, msg, self._note_position(msg, True))
+
         try:
             async with anyio.create_task_group() as tg:
                 # Ask for what the dispatcher can take, not for what it has been handed: a
                 # backlog held unprocessed (in the puller or in the lanes) would outlive its
                 # ack deadline and come back twice.
-                tg.start_soon(
-                    functools.partial(
-                        puller.keep_asking,
-                        lambda: _DISPATCH_WINDOW - _buffered(puller) - len(lanes),
-                        at_least=_DISPATCH_WINDOW // 2,
+                for puller in pullers:
+                    tg.start_soon(
+                        functools.partial(
+                            puller.keep_asking,
+                            functools.partial(_room_for, puller, lanes),
+                            at_least=_DISPATCH_WINDOW // 2,
+                        )
                     )
-                )
                 tg.start_soon(self._check_starts)
                 await tg.start(lanes.run)
-                async for msg in Drained(puller.messages):
-                    # In the order read (the stream's): where the dispatcher is. The events
-                    # of one run are then processed in that order, those of others at once.
-                    stored = self._note_position(msg)
-                    await lanes.put(run_id_of(msg.subject), msg, stored)
+                tg.start_soon(read_starts)
+                await read_run_level()
         finally:
-            # Shielded: a cancelled engine that kept this subscription would keep receiving
-            # (and never acknowledging) the events its outstanding pull asked for.
+            # Shielded: a cancelled engine that kept these subscriptions would keep receiving
+            # (and never acknowledging) the events its outstanding pulls asked for.
             with anyio.CancelScope(shield=True):
                 # To a replica (or restart) at once: held starts, and events taken but not
                 # processed (cut off mid-way: processing is idempotent).
                 for held in self._watched.drop() + lanes.unfinished():
                     await _quietly(held.nak())
-                try:
-                    await puller.stop()
-                except Exception:  # the connection is going away; the server drops the pull
-                    log.debug("unsubscribe failed", exc_info=True)
+                for puller in pullers:
+                    try:
+                        await puller.stop()
+                    except Exception:  # the connection is going away; the server drops it
+                        log.debug("unsubscribe failed", exc_info=True)
 
     async def _dispatch(self, run_id: str, msg: Msg) -> None:
         """Process one event (in its run's lane: after the run's earlier events)."""
@@ -327,14 +414,16 @@ class Engine:
             return False
         return not self._index.moved_on_since(run_id, hseq)
 
-    def _note_position(self, msg: Msg) -> float:
-        """Where the dispatcher's reader is in the stream: the server's time of the message
-        (returned), and whether more wait (with :attr:`_processed_until`, the clocks
-        :class:`StartWatch` counts a start's grace on)."""
+    def _note_position(self, msg: Msg, run_level: bool) -> float:
+        """Where the dispatcher's reader of run-level events is in the stream: the server's
+        time of the message (returned), and whether more wait (with
+        :attr:`_processed_until`, the clocks :class:`StartWatch` counts a start's grace on:
+        a start is alone once the run-level events stored in its grace are processed)."""
         meta = msg.metadata
         stored = meta.timestamp.timestamp()
-        self._reached = max(self._reached, stored)
-        self._caught_up = meta.num_pending == 0
+        if run_level:
+            self._reached = max(self._reached, stored)
+            self._caught_up = meta.num_pending == 0
         self._last_read = time.monotonic()
         return stored
 

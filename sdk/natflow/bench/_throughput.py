@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
-from natflow_engine import DISPATCHER, HISTORY_STREAM, NatflowError, read_varz
+from natflow_engine import DISPATCHERS, HISTORY_STREAM, NatflowError, read_varz
 
 from ._client_run import ClientTimes, run_share
 from ._clients import ClientProcesses, client_processes
@@ -175,8 +175,8 @@ async def _engine_caught_up(bench: BenchSession, timeout: float = 30.0) -> float
     t0 = time.perf_counter()
     jsm = bench.client.connection.jsm
     while time.perf_counter() - t0 < timeout:
-        info = await jsm.consumer_info(HISTORY_STREAM, DISPATCHER)
-        if info.num_pending == 0 and info.num_ack_pending == 0:
+        infos = [await jsm.consumer_info(HISTORY_STREAM, name) for name in DISPATCHERS]
+        if all(i.num_pending == 0 and i.num_ack_pending == 0 for i in infos):
             return time.perf_counter() - t0
         await anyio.sleep(0.02)
     return None
