@@ -111,6 +111,8 @@ async def test_an_engine_of_one_consumer_of_both_filters_goes_on_where_it_was(
             after = await c.start(dispatchers_steps, 7, run_id="after-1")
             assert await after.result(timeout=30) == 7
             await wait_for(partial(dispatcher_caught_up, client), what="the engine")
+    async with running_engine(nats_server.url):  # restarted: its consumers as they are
+        pass
     starts = await conn.jsm.consumer_info(HISTORY_STREAM, START_DISPATCHER)
     assert starts.config.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE
     assert starts.config.opt_start_seq == floor + 1

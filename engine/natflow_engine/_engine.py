@@ -269,12 +269,17 @@ class Engine:
     async def _ensure_dispatchers(self) -> None:
         """Create the dispatcher's consumers, or update them to their filters. An engine
         upgraded from one consumer of both filters starts its new starts' consumer where
-        that one had acknowledged, not at the stream's first start."""
+        that one had acknowledged, not at the stream's first start; that consumer keeps its
+        start ever after (nats-server refuses to change where a consumer starts)."""
         start_from = None
-        old = await self._consumer_or_none(DISPATCHER)
-        both = old is not None and START_FILTER in (old.config.filter_subjects or ())
-        if old is not None and both and await self._consumer_or_none(START_DISPATCHER) is None:
-            start_from = (old.ack_floor.stream_seq if old.ack_floor else 0) + 1
+        starts = await self._consumer_or_none(START_DISPATCHER)
+        if starts is not None:
+            if starts.config.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE:
+                start_from = starts.config.opt_start_seq
+        else:
+            old = await self._consumer_or_none(DISPATCHER)
+            if old is not None and START_FILTER in (old.config.filter_subjects or ()):
+                start_from = (old.ack_floor.stream_seq if old.ack_floor else 0) + 1
         for config in dispatcher_configs(start_from):
             await self._conn.admin(
                 "the engine's consumer",
