@@ -164,7 +164,10 @@ async def test_an_event_waits_for_its_runs_start_while_starts_are_read() -> None
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(claim_of_c)
-        await anyio.sleep(0.2)
+        await anyio.wait_all_tasks_blocked()
+        # Still held three idle intervals on: a start is delivered, not yet read.
+        with anyio.move_on_after(IDLE_AFTER * 3):
+            await released.wait()
         assert not released.is_set()
         order.read("c", 15)
         with anyio.fail_after(2):

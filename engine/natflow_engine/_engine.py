@@ -36,7 +36,6 @@ from typing import Final
 
 import anyio
 import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -56,7 +55,7 @@ from ._limit_service import LimitService
 from ._limits import waiting_for
 from ._metrics import observe_run
 from ._names import check_token
-from ._puller import Puller, engine_consumer
+from ._puller import Puller, durable_info, engine_consumer, ensure_durable
 from ._quarantine import quarantined
 from ._reaper import Reaper
 from ._retention import RetentionService, purge
@@ -241,50 +240,39 @@ class Engine:
     async def _ack_floor(self) -> int:
         """The dispatcher's acknowledgement floor: every event at or below it is processed.
 
-        The lower of its two consumers' floors, except that the starts' consumer, read
-        second, does not hold it down when it has nothing pending or unacknowledged: its
-        floor is then its last start, however long ago, and every start stored before the
-        run-level consumer's floor (read first) is processed."""
-        floor = None
-        for name in DISPATCHERS:
-            info = await self._consumer(name)
-            seq = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-            idle = not info.num_pending and not info.num_ack_pending
-            if floor is None or not (idle and name == START_DISPATCHER):
-                floor = seq if floor is None else min(floor, seq)
-        assert floor is not None
+        The run-level consumer's floor, or the starts' consumer's if lower and it has a
+        start pending or unacknowledged (read second: one with nothing left has processed
+        every start stored before the first floor, however long ago its own last start)."""
+        runs = await self._consumer(DISPATCHER)
+        floor = runs.ack_floor.stream_seq if runs.ack_floor is not None else 0
+        starts = await self._consumer(START_DISPATCHER)
+        if starts.num_pending or starts.num_ack_pending:
+            floor = min(floor, starts.ack_floor.stream_seq if starts.ack_floor else 0)
         return floor
 
     async def _consumer(self, name: str) -> api.ConsumerInfo:
-        return await self._conn.admin(
-            "the engine's consumer", lambda: self._conn.jsm.consumer_info(HISTORY_STREAM, name)
-        )
-
-    async def _consumer_or_none(self, name: str) -> api.ConsumerInfo | None:
-        try:
-            return await self._consumer(name)
-        except nats.js.errors.NotFoundError:
-            return None
+        info = await durable_info(self._conn, HISTORY_STREAM, name, "the engine's consumer")
+        if info is None:
+            raise NatflowError(f"the engine's consumer {name} was deleted; restart the engine")
+        return info
 
     async def _ensure_dispatchers(self) -> None:
         """Create the dispatcher's consumers, or update them to their filters. An engine
         upgraded from one consumer of both filters starts its new starts' consumer where
         that one had acknowledged, not at the stream's first start; that consumer keeps its
         start ever after (nats-server refuses to change where a consumer starts)."""
+        what = "the engine's consumer"
         start_from = None
-        starts = await self._consumer_or_none(START_DISPATCHER)
+        starts = await durable_info(self._conn, HISTORY_STREAM, START_DISPATCHER, what)
         if starts is not None:
             if starts.config.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE:
                 start_from = starts.config.opt_start_seq
         else:
-            old = await self._consumer_or_none(DISPATCHER)
+            old = await durable_info(self._conn, HISTORY_STREAM, DISPATCHER, what)
             if old is not None and START_FILTER in (old.config.filter_subjects or ()):
                 start_from = (old.ack_floor.stream_seq if old.ack_floor else 0) + 1
         for config in dispatcher_configs(start_from):
-            await self._conn.admin(
-                "the engine's consumer",
-                functools.partial(self._conn.jsm.add_consumer, HISTORY_STREAM, config=config),
-            )
+            await ensure_durable(self._conn, HISTORY_STREAM, config, what)
 
     async def _dispatch_forever(self) -> None:
         await self._ensure_dispatchers()

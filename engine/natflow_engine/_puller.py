@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -78,6 +79,16 @@ async def ensure_durable(
 ) -> None:
     """Create the durable consumer ``config`` names on ``stream`` if missing."""
     await conn.admin(what, lambda: conn.jsm.add_consumer(stream, config=config))
+
+
+async def durable_info(
+    conn: Connection, stream: str, name: str, what: str, *, budget: float = 30.0
+) -> api.ConsumerInfo | None:
+    """The durable consumer ``name`` on ``stream``; None if there is none."""
+    try:
+        return await conn.admin(what, lambda: conn.jsm.consumer_info(stream, name), budget=budget)
+    except nats.js.errors.NotFoundError:
+        return None
 
 
 class Puller:

@@ -41,13 +41,12 @@ from typing import Final
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
 from ._connection import Connection
 from ._errors import NatflowError
-from ._puller import QueuePuller, ensure_durable, queue_consumer_config
+from ._puller import QueuePuller, durable_info, ensure_durable, queue_consumer_config
 from ._streams import (
     HISTORY_STREAM,
     is_start_subject,
@@ -174,14 +173,13 @@ async def _consumer_info(
     conn: Connection, queue: str, workflow: str, budget: float = 30.0
 ) -> api.ConsumerInfo | None:
     """The start consumer of ``queue`` and ``workflow``; None if there is none."""
-    try:
-        return await conn.admin(
-            f"start consumer of workflow {workflow!r} on queue {queue}",
-            lambda: conn.jsm.consumer_info(HISTORY_STREAM, start_consumer(queue, workflow)),
-            budget=budget,
-        )
-    except nats.js.errors.NotFoundError:
-        return None
+    return await durable_info(
+        conn,
+        HISTORY_STREAM,
+        start_consumer(queue, workflow),
+        f"start consumer of workflow {workflow!r} on queue {queue}",
+        budget=budget,
+    )
 
 
 async def _consumer_exists(conn: Connection, queue: str, workflow: str) -> bool:
