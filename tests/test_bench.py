@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -179,14 +180,16 @@ def test_bench_table_is_the_default_output() -> None:
     assert lines[-1].startswith(("targets missed:", "all targets met"))
 
 
-def test_a_killed_bench_leaves_no_process_running() -> None:
+def test_a_killed_bench_leaves_no_process_running(tmp_path: Path) -> None:
     """SIGKILL to `natflow bench` while its workers run: its nats-server and worker processes
-    (each in a session of its own) stop too. The workers were left running for good."""
+    (each in a session of its own) stop too. The workers were left running for good. (Its
+    temporary store, and the batch staging that names it, are left: under ``tmp_path``.)"""
     bench = subprocess.Popen(
         [*natflow_command(), "bench", "--quick", "--json"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     kids: set[int] = set()
     try:

@@ -20,6 +20,7 @@ from typing import IO, Any, Final, NoReturn
 
 import anyio
 
+from ._batch_staging import GLOBAL_ACCOUNT
 from ._cli_auth import register as register_auth
 from ._cli_ops import register as register_ops
 from ._cli_options import add_metrics_options, connect_options, until_signalled
@@ -134,10 +135,14 @@ def _server_for(args: argparse.Namespace) -> tuple[EmbeddedServer, str]:
             )
         extra += ["-sd", str(Path(store).resolve())]
     cwd = Path.cwd() if config == PACKAGED_CONFIG else config.parent
+    # natflow's configuration names no accounts: its streams will be the global account's.
+    staged = (GLOBAL_ACCOUNT,) if config == PACKAGED_CONFIG else ()
     if fast:
         assert store is not None  # the packaged configuration always gets one above
         config, source = relaxed_config(Path(store)), f"{source}, relaxed by --fast"
-    server = EmbeddedServer(config, cwd=cwd, store_dir=store, extra_args=tuple(extra))
+    server = EmbeddedServer(
+        config, cwd=cwd, store_dir=store, extra_args=tuple(extra), staged_accounts=staged
+    )
     return server, source
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from ._batch_staging import GLOBAL_ACCOUNT, BatchStaging, in_memory_wanted
 from ._children import ends_with_parent
 from ._errors import NatflowError
 
@@ -53,7 +54,13 @@ def shipped_server(store_dir: Path, *, fast: bool = False) -> EmbeddedServer:
     loopback ports, keeping its data in ``store_dir``: what ``natflow dev`` runs."""
     config = relaxed_config(store_dir) if fast else PACKAGED_CONFIG
     extra = ("-p", "-1", "-m", "-1", "-sd", str(store_dir.resolve()))
-    return EmbeddedServer(config, cwd=store_dir, store_dir=store_dir, extra_args=extra)
+    return EmbeddedServer(
+        config,
+        cwd=store_dir,
+        store_dir=store_dir,
+        extra_args=extra,
+        staged_accounts=(GLOBAL_ACCOUNT,),
+    )
 
 
 _READY = "Server is ready"
@@ -100,6 +107,11 @@ class EmbeddedServer:
     Either ``config`` (a nats.conf path; its ``listen`` decides the port) or a generated
     configuration on 127.0.0.1 with ``port`` (-1: a free one) and ``store_dir`` (default: a
     new temporary directory, removed on :meth:`stop` if it was created here).
+
+    Atomic batches are staged in memory (``_batch_staging``) for natflow's streams on disk
+    and for those still to be created in ``staged_accounts`` (default: the global account
+    where the configuration is generated here, none for a given one, whose accounts natflow
+    does not know).
     """
 
     def __init__(
@@ -111,6 +123,7 @@ class EmbeddedServer:
         store_dir: str | os.PathLike[str] | None = None,
         extra_args: tuple[str, ...] = (),
         cwd: str | os.PathLike[str] | None = None,
+        staged_accounts: tuple[str, ...] | None = None,
     ) -> None:
         self.config = Path(config).resolve() if config is not None else None
         self._own_store = store_dir is None and config is None
@@ -123,6 +136,10 @@ class EmbeddedServer:
         self.proc: subprocess.Popen[bytes] | None = None
         # Where JetStream keeps its files, as the server reported it at start.
         self.jetstream_dir: Path | None = None
+        if staged_accounts is None:
+            staged_accounts = (GLOBAL_ACCOUNT,) if config is None else ()
+        self._staged_accounts = staged_accounts
+        self.staging: BatchStaging | None = None
         self.log_path = self.store_dir / "nats-server.log"
 
     @property
@@ -158,6 +175,7 @@ class EmbeddedServer:
                 preexec_fn=ends_with_parent(),  # no server outlives a killed natflow command
             )
         self._wait_ready(offset, timeout)
+        self._stage_batches()
         log.info("nats-server ready on %s (pid %d)", self.url, self.proc.pid)
         return self
 
@@ -188,6 +206,15 @@ class EmbeddedServer:
         self.kill()
         raise NatflowError(f"nats-server did not become ready within {timeout} s")
 
+    def _stage_batches(self) -> None:
+        # nats-server removed the links while starting: made again at every start.
+        if self.jetstream_dir is None or not in_memory_wanted():
+            return
+        if self.staging is None:
+            self.staging = BatchStaging(self.jetstream_dir)
+        linked = self.staging.link(self._staged_accounts)
+        log.debug("atomic batches staged in %s for %d streams", self.staging.root, len(linked))
+
     def _log_since(self, offset: int) -> str:
         with open(self.log_path, "rb") as f:
             f.seek(offset)
@@ -201,15 +228,18 @@ class EmbeddedServer:
             self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Graceful stop (SIGTERM), then SIGKILL if it hangs."""
+        """Graceful stop (SIGTERM), then SIGKILL if it hangs; drops the batch staging."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+        if self.staging is not None:
+            self.staging.remove()
 
     def kill(self) -> None:
+        """SIGKILL, keeping the batch staging: the next start finishes a commit from it."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
