@@ -2,12 +2,14 @@
 batched streams get ``batches`` linked into tmpfs at every start, before and after they
 exist; a batch is staged there and gone at its commit; a restart, graceful or hard, links
 them again; staging that fails leaves the writes to land alone; a stop leaves nothing behind
-(no tmpfs folder, no folder of a stream never created); ``NATFLOW_BATCH_STAGING=disk`` and an
-unusable tmpfs folder keep staging on disk."""
+(no tmpfs folder, no folder of a stream never created), and a folder whose store is gone is
+dropped by the next server; ``NATFLOW_BATCH_STAGING=disk`` and an unusable tmpfs folder keep
+staging on disk."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 from functools import partial
@@ -120,15 +122,18 @@ async def _reconnected(client: Client, before: int) -> bool:
 
 
 async def test_staging_that_fails_leaves_the_writes_to_land_alone(
-    nats_server: EmbeddedServer, client: Client
+    nats_server: EmbeddedServer, client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     await ensure_streams(client.connection)
     staged = _expected(nats_server)[HISTORY_STREAM]
     assert staged is not None
     staged.rmdir()
     staged.write_text("not a folder: the server cannot stage a batch here")
+    caplog.set_level(logging.DEBUG, logger="natflow.batches")
     batcher = await _write_at_once(client, 2 * MAX_BATCH)
     assert batcher.batches == 0  # every batch refused, every write alone, none lost
+    tried = [r.message for r in caplog.records if r.name == "natflow.batches"]
+    assert any("each alone" in message for message in tried), tried
 
 
 async def test_a_stop_leaves_no_staging_and_no_folder_of_a_stream_never_created(
