@@ -32,7 +32,10 @@ from natflow_engine._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_strea
 from tests.helpers import wait_for
 from tests.links import free_port
 
-pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no tmpfs at /dev/shm")
+pytestmark = pytest.mark.skipif(
+    not (Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK)),
+    reason="no writable tmpfs at /dev/shm: the server stages on disk",
+)
 
 
 def _links(server: EmbeddedServer, account: str = GLOBAL_ACCOUNT) -> dict[str, Path | None]:
