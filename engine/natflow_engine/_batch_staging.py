@@ -77,35 +77,35 @@ class BatchStaging:
     def __init__(self, jetstream_dir: Path, memory_root: Path = MEMORY_ROOT) -> None:
         self.jetstream_dir = jetstream_dir
         self.root = staging_root(jetstream_dir, memory_root)
-        self.linked: list[Path] = []  # the batches links made or found by the last link()
         self._made: list[Path] = []  # stream folders made here, for streams not yet created
 
     def link(self, accounts: Iterable[str] = ()) -> list[Path]:
         """Link ``batches`` of every natflow stream on disk, and of those in ``accounts``
         not created yet; the links in place afterwards."""
-        self.linked = []
+        linked: list[Path] = []
         if not self._own_root():
-            return self.linked
+            return linked
         try:
-            stream_dirs = self._stream_dirs(accounts)
+            stream_dirs = self._stream_dirs_to_link(accounts)
         except OSError as exc:
             log.warning("atomic batches stay staged on disk: %s", exc)
-            return self.linked
+            return linked
         for stream_dir in stream_dirs:
             link = stream_dir / _BATCHES
             try:
                 if self._link(link, self.root / stream_dir.parent.parent.name / stream_dir.name):
-                    self.linked.append(link)
+                    linked.append(link)
             except OSError as exc:
                 log.warning("atomic batches of %s stay staged on disk: %s", stream_dir, exc)
-        return self.linked
+        return linked
 
     def remove(self) -> None:
         """Drop the staging folder and the folders made for streams that were never created
         (after the server has stopped: a graceful stop leaves no batch half committed)."""
         for stream_dir in self._made:
             if not (stream_dir / "meta.inf").exists():
-                _unlink(stream_dir / _BATCHES)
+                with contextlib.suppress(OSError):
+                    (stream_dir / _BATCHES).unlink()
                 for empty in (stream_dir, stream_dir.parent, stream_dir.parent.parent):
                     try:
                         empty.rmdir()
@@ -114,7 +114,9 @@ class BatchStaging:
         self._made = []
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def _stream_dirs(self, accounts: Iterable[str]) -> list[Path]:
+    def _stream_dirs_to_link(self, accounts: Iterable[str]) -> list[Path]:
+        """The batched streams' folders on disk, and those of ``accounts``, made here for
+        streams not created yet (:meth:`remove` takes them away if they stay so)."""
         found = {
             stream_dir
             for stream_dir in self.jetstream_dir.glob("*/streams/*")
@@ -186,11 +188,3 @@ class BatchStaging:
         except FileExistsError:  # the server made its own folder meanwhile
             return False
         return True
-
-
-def _unlink(path: Path) -> None:
-    try:
-        if path.is_symlink():
-            path.unlink()
-    except OSError:
-        pass
