@@ -148,9 +148,16 @@ async def test_a_parent_closing_while_its_child_closes_gets_no_outcome(
     The child's end still sees the parent closed (as one event at a time would), so its
     outcome is not sent to a run nobody waits in (no dead letter)."""
 
+    child_ended = anyio.Event()
+
     async def slow_parent_end(run_id: str, event: Event) -> None:
-        if run_id == "gp-2" and isinstance(event, RunCancelledEvent):
-            await anyio.sleep(1.0)  # the child's end is folded meanwhile, in its own lane
+        if not isinstance(event, RunCancelledEvent):
+            return
+        if run_id == "gp-2-c1":
+            child_ended.set()
+        elif run_id == "gp-2":
+            with anyio.move_on_after(10):  # the child's end is folded meanwhile, in its lane
+                await child_ended.wait()
 
     assert lane_of("gp-2", LANES) != lane_of("gp-2-c1", LANES)
     async with running_engine(nats_server.url) as engine:
