@@ -212,24 +212,28 @@ class Batcher:
         not committed (its appends are then made alone)."""
         batch_id = f"{self._prefix}{next(self._ids):x}"
         last = len(batch)
-        for at, item in enumerate(batch, 1):
-            headers = {**item.headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(at)}
-            if at < last:
-                await self._conn.nc.publish(item.subject, item.data, headers=headers)
-                continue
-            headers["Nats-Batch-Commit"] = "1"
-            try:
+        try:
+            for at, item in enumerate(batch, 1):
+                headers = {
+                    **item.headers,
+                    "Nats-Batch-Id": batch_id,
+                    "Nats-Batch-Sequence": str(at),
+                }
+                if at < last:
+                    await self._conn.send(item.subject, item.data, headers)
+                    continue
+                headers["Nats-Batch-Commit"] = "1"
                 ack = await self._conn.publish(item.subject, item.data, headers, timeout=timeout)
-            except JetStreamError as exc:
-                if exc.err_code == ERR_BATCH_DISABLED:
-                    self.enabled = False
-                    log.info("stream takes no atomic batches (allow_atomic): writes go one by one")
-                else:  # a run moved on, a repeated message id, ...: each alone tells which
-                    log.debug("batch of %d writes refused (%s); each alone", last, exc)
-                return None
-            except (NatflowError, TimeoutError) as exc:  # lost: each alone tells if it landed
-                log.debug("batch of %d writes not acknowledged (%s); each alone", last, exc)
-                return None
+        except JetStreamError as exc:
+            if exc.err_code == ERR_BATCH_DISABLED:
+                self.enabled = False
+                log.info("stream takes no atomic batches (allow_atomic): writes go one by one")
+            else:  # a run moved on, a repeated message id, ...: each alone tells which
+                log.debug("batch of %d writes refused (%s); each alone", last, exc)
+            return None
+        except (NatflowError, TimeoutError) as exc:  # lost: each alone tells if it landed
+            log.debug("batch of %d writes not acknowledged (%s); each alone", last, exc)
+            return None
         if ack.count != last or ack.seq < last:
             return None
         self.batches += 1
