@@ -1,10 +1,10 @@
 """The embedded server stages atomic batches in memory (``_batch_staging``): natflow's
 batched streams get ``batches`` linked into tmpfs at every start, before and after they
 exist; a batch is staged there and gone at its commit; a restart, graceful or hard, links
-them again; staging that fails leaves the writes to land alone; a stop leaves nothing behind
-(no tmpfs folder, no folder of a stream never created), and a folder whose store is gone is
-dropped by the next server; ``NATFLOW_BATCH_STAGING=disk`` and an unusable tmpfs folder keep
-staging on disk."""
+them again, and a killed server's staging is still there for its next start; staging that
+fails leaves the writes to land alone; a stop leaves nothing behind (no tmpfs folder, no
+folder of a stream never created), and a folder whose store is gone is dropped by the next
+server; ``NATFLOW_BATCH_STAGING=disk`` and an unusable tmpfs folder keep staging on disk."""
 
 from __future__ import annotations
 
@@ -114,6 +114,28 @@ async def test_a_restart_graceful_or_hard_links_the_streams_again(
         await wait_for(partial(_reconnected, client, reconnects), what="the client back")
         batcher = await _write_at_once(client, MAX_BATCH, tag=f"r{hard}")
         assert batcher.batches >= 1
+
+
+async def test_a_killed_server_leaves_what_it_staged_for_its_next_start(
+    nats_server: EmbeddedServer, client: Client
+) -> None:
+    await ensure_streams(client.connection)
+    staged = _expected(nats_server)[HISTORY_STREAM]
+    assert staged is not None
+    await client.connection.nc.publish(
+        f"{HISTORY_PREFIX}.stagekill.1",
+        b"{}",
+        headers={"Nats-Batch-Id": "k1", "Nats-Batch-Sequence": "1"},
+    )
+    await wait_for(lambda: _any(staged), what="the open batch staged in tmpfs")
+    held = sorted(os.listdir(staged))
+    reconnects = _reconnects(client)
+    nats_server.kill()  # SIGKILL: what a crash of the server process leaves
+    assert sorted(os.listdir(staged)) == held  # there for the next start to finish from
+    nats_server.start()
+    assert _links(nats_server) == _expected(nats_server)
+    await wait_for(partial(_reconnected, client, reconnects), what="the client back")
+    assert (await _write_at_once(client, MAX_BATCH, tag="k")).batches >= 1
 
 
 def _reconnects(client: Client) -> int:
