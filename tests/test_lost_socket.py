@@ -1,21 +1,29 @@
 """A publish that finds its socket closed before nats-py noticed (a server killed
 mid-publish, on uvloop as workers run) is a lost connection, :class:`ServerUnavailable`,
 which appends retry; not uvloop's RuntimeError, which failed a step's recorded outcome for
-good and ran the step again (the cluster failover test, with a leader killed)."""
+good and ran the step again (the cluster failover test, with a leader killed). Every other
+core publish (reads, pull requests, fire-and-forget deletes, wake-ups, replies) says the
+same, and an acknowledgement lost that way is logged, not raised past the loop that made it
+(an engine's dispatcher lane, a worker's task loop)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
 from natflow_engine._append_batch import Batcher, _Append
-from natflow_engine._connection import Connection, connect
+from natflow_engine._connection import Connection, connect, quietly
 from natflow_engine._errors import ServerUnavailable
+from natflow_engine._kv import kv_delete_nowait
+from natflow_engine._leases import LEASES_BUCKET
+from natflow_engine._reader import reader
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
+from natflow_engine._tasks import Task, send_start_task
 
 # How far the socket's end went: closing (the write is taken, nats-py's drain then fails:
 # ConnectionResetError), or closed once the loop ran (uvloop refuses the write itself:
@@ -23,11 +31,18 @@ from natflow_engine._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_strea
 ENDS = pytest.mark.parametrize("closed", [False, True], ids=["closing", "closed"])
 
 
-def _on_uvloop(url: str, closed: bool, body: Callable[[Connection], Awaitable[None]]) -> None:
+def _on_uvloop(
+    url: str,
+    closed: bool,
+    body: Callable[[Connection], Awaitable[None]],
+    ready: Callable[[Connection], Awaitable[object]] | None = None,
+) -> None:
     async def main() -> None:
         conn = await connect(url)
         try:
             await ensure_streams(conn)
+            if ready is not None:  # what the connection holds before it is lost
+                await ready(conn)
             # nats-py as it is while it takes a lost connection in: its flusher task stopped,
             # so a publish writes to the socket itself (the failover test's worker failed
             # there), and the socket gone before its reader has seen the end of it.
@@ -69,3 +84,62 @@ def test_a_batch_whose_socket_closed_leaves_its_writes_to_go_alone(
         assert batcher.batches == 0
 
     _on_uvloop(nats_server.url, closed, body)
+
+
+def _read(conn: Connection) -> Awaitable[object]:
+    return reader(conn).get(HISTORY_STREAM, 1)
+
+
+# Each a publish that waits for no answer from JetStream, made the moment the socket is gone.
+SENDS: dict[str, Callable[[Connection], Awaitable[object]]] = {
+    "send": lambda conn: conn.send(f"{HISTORY_PREFIX}.lost.1", b"{}"),
+    "direct get": _read,
+    "kv delete, not waited for": lambda conn: kv_delete_nowait(conn, LEASES_BUCKET, "lost"),
+}
+
+
+@ENDS
+@pytest.mark.parametrize("op", list(SENDS), ids=list(SENDS))
+def test_a_publish_waiting_for_no_answer_on_a_lost_socket_is_a_lost_connection(
+    nats_server: EmbeddedServer, closed: bool, op: str
+) -> None:
+    async def body(conn: Connection) -> None:
+        with pytest.raises(ServerUnavailable, match="lost the NATS connection"):
+            await SENDS[op](conn)
+
+    # A direct get's reply inbox is subscribed to on first use: before the loss here.
+    _on_uvloop(nats_server.url, closed, body, ready=_read)
+
+
+@ENDS
+def test_an_acknowledgement_on_a_lost_socket_is_logged_not_raised(
+    nats_server: EmbeddedServer, closed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(conn: Connection) -> None:
+        caplog.set_level(logging.DEBUG, logger="natflow.connection")
+        assert not await quietly(conn.nc.publish("$JS.ACK.lost", b"+ACK"), "ack of #7")
+        assert "ack of #7 failed" in caplog.text
+
+    _on_uvloop(nats_server.url, closed, body)
+
+
+@ENDS
+def test_a_start_task_lost_with_the_socket_is_left_to_the_engine(
+    nats_server: EmbeddedServer, closed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(conn: Connection) -> None:
+        await send_start_task(conn, "default", Task(run_id="lost-1", workflow="w"))
+        assert "run lost-1: its task was not sent" in caplog.text
+
+    _on_uvloop(nats_server.url, closed, body)
+
+
+def test_quietly_still_raises_a_bug() -> None:
+    async def broken() -> None:
+        raise RuntimeError("not a lost connection")
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="not a lost connection"):
+            await quietly(broken())
+
+    anyio.run(main)

@@ -21,6 +21,7 @@ from ._connection import (
     PayloadTooLarge,
     connect,
     default_url,
+    quietly,
     redact_url,
     wrap,
 )
@@ -378,6 +379,7 @@ __all__ = [
     "quarantined",
     "queue_consumer",
     "queue_paused",
+    "quietly",
     "read_group",
     "read_jsz",
     "read_limit_slots",

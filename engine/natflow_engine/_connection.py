@@ -296,11 +296,20 @@ class Connection:
                 f"lost the NATS connection while requesting {subject!r}"
             ) from exc
 
-    async def send(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+    async def send(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        reply: str = "",
+    ) -> None:
         """A publish that waits for no answer, nats-py's loss of the connection turned into
-        :class:`ServerUnavailable`."""
+        :class:`ServerUnavailable`. Every core NATS publish natflow makes goes through here
+        (a raw one on a socket that just died raised ConnectionResetError or uvloop's
+        RuntimeError, past every handler that expects natflow's errors)."""
         try:
-            await self.nc.publish(subject, payload, headers=headers)
+            await self.nc.publish(subject, payload, reply=reply, headers=headers)
         except _CONNECTION_LOST as exc:
             if not connection_lost(exc):
                 raise
@@ -428,6 +437,23 @@ def connection_lost(error: Exception) -> bool:
     (a RuntimeError, "the handler is closed"). Left unmapped, either failed a step's
     recorded outcome for good, and the step ran again (the cluster failover test)."""
     return not isinstance(error, RuntimeError) or "handler is closed" in str(error)
+
+
+async def quietly(op: Awaitable[object], what: str = "acknowledgement") -> bool:
+    """Await ``op``, a write whose failure costs nothing (an acknowledgement: its message
+    comes back by itself; a lease's release: the lease lapses), logging a failure instead of
+    raising it; whether it went. A bug (any other exception) is still raised."""
+    try:
+        await op
+    except (NatflowError, nats.errors.Error, OSError) as exc:
+        log.debug("%s failed: %s", what, exc)
+        return False
+    except RuntimeError as exc:
+        if not connection_lost(exc):
+            raise
+        log.debug("%s failed: %s", what, exc)
+        return False
+    return True
 
 
 T = TypeVar("T")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Final
 
 import anyio
@@ -41,7 +41,7 @@ from nats.js import api
 
 from . import _timers as timers
 from ._completion import RunHooks
-from ._connection import Connection
+from ._connection import Connection, quietly
 from ._engine_metrics import EngineMetrics
 from ._errors import NatflowError
 from ._event_loop import running_loop_name
@@ -135,14 +135,6 @@ def dispatcher_configs(start_from: int | None = None) -> list[api.ConsumerConfig
         ),
         starts,
     ]
-
-
-async def _quietly(op: Awaitable[None]) -> None:
-    """An acknowledgement that may fail (the connection is going): the message comes back."""
-    try:
-        await op
-    except Exception as exc:
-        log.debug("acknowledgement failed: %s", exc)
 
 
 def _buffered(puller: Puller) -> int:
@@ -340,7 +332,7 @@ class Engine:
                 # To a replica (or restart) at once: held starts, and events taken but not
                 # processed (cut off mid-way: processing is idempotent).
                 for held in self._watched.drop() + lanes.unfinished():
-                    await _quietly(held.nak())
+                    await quietly(held.nak())
                 for puller in pullers:
                     try:
                         await puller.stop()
@@ -353,9 +345,10 @@ class Engine:
         if kind != "run_started" and len(self._watched):
             started = self._watched.moved_on(run_id)
             if started is not None:  # a worker has the run: its start needs no check
-                await _quietly(started.ack())
+                await quietly(started.ack())
         if kind not in RUN_LEVEL_EVENTS:
-            await msg.ack()  # not a kind natflow stores on a run-level subject: nothing to fold
+            # Not a kind natflow stores on a run-level subject: nothing to fold.
+            await quietly(msg.ack())
             return
         try:
             event = decode_event(msg.data)
@@ -364,7 +357,7 @@ class Engine:
             # (the worker holds its run as blocked when it next reads the history).
             seq = msg.metadata.sequence.stream
             quarantined("dispatcher_event", f"{msg.subject} #{seq}", str(exc), logger=log)
-            await msg.ack()
+            await quietly(msg.ack())
             return
         try:
             hseq = msg.metadata.sequence.stream
@@ -386,7 +379,7 @@ class Engine:
             log.warning(
                 "run %s: engine could not process %s (%s); will retry", run_id, msg.subject, exc
             )
-            await msg.nak(delay=1.0)
+            await quietly(msg.nak(delay=1.0))
             return
         # An immediate start (a restart enqueues once its seed is written): acknowledged when
         # the run moves on (its next event, in this lane), or checked once its grace has
@@ -395,9 +388,9 @@ class Engine:
             stored = msg.metadata.timestamp.timestamp()
             earlier = self._watched.add(run_id, event, msg, stored)
             if earlier is not None:
-                await _quietly(earlier.ack())
+                await quietly(earlier.ack())
             return
-        await msg.ack()
+        await quietly(msg.ack())
 
     def _to_watch(self, run_id: str, start: RunStarted, hseq: int) -> bool:
         """Whether a start (stream sequence ``hseq``) waits for its run to move on: an
@@ -449,9 +442,9 @@ class Engine:
                         watched.run_id,
                         exc,
                     )
-                    await _quietly(watched.msg.nak(delay=1.0))
+                    await quietly(watched.msg.nak(delay=1.0))
                     return
-                await _quietly(watched.msg.ack())
+                await quietly(watched.msg.ack())
 
         async with anyio.create_task_group() as tg:
             while True:
@@ -493,7 +486,7 @@ class Engine:
         left = []
         for watched in due:
             if watched.run_id in have or watched.msg.metadata.sequence.stream in held:
-                await _quietly(watched.msg.ack())
+                await quietly(watched.msg.ack())
             else:
                 left.append(watched)
         return left

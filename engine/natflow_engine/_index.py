@@ -374,7 +374,7 @@ class RunIndex:
         entries: list[tuple[int, IndexEntry]] = []
         sub = await self._conn.nc.subscribe(self._conn.nc.new_inbox())
         try:
-            await self._conn.nc.publish(
+            await self._conn.send(
                 f"{self._conn.api}.DIRECT.GET.{RUNS_STREAM}", body, reply=sub.subject
             )
             while True:

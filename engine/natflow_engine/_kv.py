@@ -111,7 +111,7 @@ async def kv_delete_nowait(
     headers = {KV_OPERATION: "DEL", "Nats-TTL": _ttl_header(ttl)}
     if revision is not None:
         headers["Nats-Expected-Last-Subject-Sequence"] = str(revision)
-    await conn.nc.publish(conn.kv_write_subject(bucket, key), b"", headers=headers)
+    await conn.send(conn.kv_write_subject(bucket, key), b"", headers)
 
 
 async def kv_delete(conn: Connection, bucket: str, key: str) -> None:

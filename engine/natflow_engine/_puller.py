@@ -126,7 +126,7 @@ class Puller:
         if count <= 0 or self._sub is None:
             return
         body = _encoder.encode({"batch": count, "expires": int(self._expires * 1e9)})
-        await self._conn.nc.publish(self._subject, body, reply=self._inbox)
+        await self._conn.send(self._subject, body, reply=self._inbox)
         self.pending += count
         self._requested_at = time.monotonic()
 

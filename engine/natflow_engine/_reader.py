@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
-import nats.errors
 from nats.aio.msg import Msg
 
 from ._connection import Connection, NoResponders
-from ._errors import NatflowError, ServerUnavailable
+from ._errors import NatflowError
 
 # One request reads a history of 10,000 small events whole: the server answers it as one
 # isolated read (no write lands between its messages), and each further request costs a
@@ -145,8 +144,6 @@ class BatchReader:
             # Refused by the server's permissions (a timeout is all nats-py shows of it)?
             error = self._conn._timeout_error(f"{self._conn.api}.DIRECT.GET.{stream}", _TIMEOUT)
             raise error from None
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
-            raise ServerUnavailable(f"lost the NATS connection while reading {stream}") from exc
         finally:
             self._reads.pop(token, None)
         if read.error is not None:
@@ -156,7 +153,7 @@ class BatchReader:
         return read.page
 
     async def _ask(self, subject: str, request: dict[str, object], reply: str, read: _Read) -> None:
-        await self._conn.nc.publish(subject, msgspec.json.encode(request), reply=reply)
+        await self._conn.send(subject, msgspec.json.encode(request), reply=reply)
         async with asyncio.timeout(_TIMEOUT):
             await read.done
 

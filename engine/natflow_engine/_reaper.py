@@ -215,7 +215,7 @@ class Reaper:
         self._strikes.pop(identity, None)
         held = [(lease, rev) for lease, rev in await self._leases() if lease.worker == identity]
         for lease, revision in held:
-            await self._conn.nc.publish(lease.ack_subject, b"-NAK")
+            await self._conn.send(lease.ack_subject, b"-NAK")
             await self._lease_bucket.release(lease.run_id, revision)
             if lease.expires_at < utcnow():
                 continue  # a lease left behind (its expiry is not seen here): no run moved

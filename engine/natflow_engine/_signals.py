@@ -26,11 +26,10 @@ from typing import Final
 
 import anyio
 import msgspec
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from ._connection import Connection, PubAck, retrying
+from ._connection import Connection, PubAck, quietly, retrying
 from ._errors import ErrorInfo, NatflowError
 from ._history import CorruptHistory
 from ._level_read import first_start
@@ -529,7 +528,4 @@ def _run_token(subject: str) -> str:
 async def _quietly(op: Callable[[], Awaitable[None]]) -> None:
     # Called here, not by the caller: gather may cancel this before it runs (the service is
     # stopping), and an acknowledgement made and never awaited would be reported as such.
-    try:
-        await op()
-    except (nats.errors.Error, OSError) as exc:  # it comes back by itself
-        log.debug("acknowledgement failed: %s", exc)
+    await quietly(op())  # it comes back by itself

@@ -33,6 +33,7 @@ from ._connection import (
     ERR_STREAM_NAME_IN_USE,
     TRANSIENT,
     Connection,
+    quietly,
     retrying,
 )
 from ._errors import InvalidInput, NatflowError
@@ -294,10 +295,10 @@ class SiteInbox:
                 raise InvalidInput(f"not a command subject: {msg.subject!r}")
         except TRANSIENT as exc:
             log.warning("site %s: command %s not applied yet: %s", self.site, msg.subject, exc)
-            await msg.nak(delay=1.0)
+            await quietly(msg.nak(delay=1.0))
             return
         except (NatflowError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             # A command that cannot take effect (unknown workflow, bad input): said, dropped.
             log.error("site %s: command %s refused: %s", self.site, msg.subject, exc)
         self.applied += 1
-        await msg.ack()
+        await quietly(msg.ack())

@@ -147,4 +147,7 @@ class StartService:
             log.warning("start request on %s failed: %s", msg.subject, exc)
             reply = StartReply(error=f"the engine could not start the run: {exc}")
         if msg.reply:
-            await self._conn.nc.publish(msg.reply, msgspec.json.encode(reply))
+            try:
+                await self._conn.send(msg.reply, msgspec.json.encode(reply))
+            except NatflowError as exc:  # the client's request times out: it asks again
+                log.warning("start request on %s: reply not sent: %s", msg.subject, exc)

@@ -19,6 +19,7 @@ import nats.errors
 from nats.js import api
 
 from ._connection import ERR_MAX_MSGS_PER_SUBJECT, Connection, JetStreamError, retrying
+from ._errors import NatflowError
 from ._puller import QueuePuller, ensure_durable, queue_consumer_config
 from ._reader import reader
 from ._start_watch import START_GRACE
@@ -85,8 +86,8 @@ async def send_start_task(conn: Connection, queue: str, task: Task) -> None:
     """
     subject = task_subject(queue, task.workflow, task.run_id)
     try:
-        await conn.nc.publish(subject, _task_encoder.encode(task))
-    except nats.errors.Error as exc:
+        await conn.send(subject, _task_encoder.encode(task))
+    except (NatflowError, nats.errors.Error) as exc:
         log.warning(
             "run %s: its task was not sent (%s); the engine enqueues it within %.0f s",
             task.run_id,

@@ -33,7 +33,7 @@ import anyio
 import msgspec
 from nats.aio.msg import Msg
 
-from ._connection import Connection, retrying
+from ._connection import Connection, quietly, retrying
 from ._errors import InvalidInput, NatflowError
 from ._flow_decls import start_declared
 from ._kv import kv_delete, kv_entries, kv_put
@@ -284,19 +284,19 @@ class EventIntake:
             except (InvalidInput, msgspec.DecodeError) as exc:
                 reason = str(exc) if isinstance(exc, InvalidInput) else f"body is not JSON: {exc}"
                 await self._dead(msg, seq, name, "", reason)
-                await msg.ack()
+                await quietly(msg.ack())
                 return
             for decl in await declarations(self._conn, name):
                 await self._start(msg, seq, name, event_id, decl, body)
         except (NatflowError, OSError) as exc:  # the server could not be reached: again soon
             log.warning("event #%d: could not process (%s); retrying", seq, exc)
-            await msg.nak(delay=1.0)
+            await quietly(msg.nak(delay=1.0))
             return
         except Exception:  # a bug must not stop the intake: say so, try again later
             log.exception("event #%d: could not process; retrying in 10 s", seq)
-            await msg.nak(delay=10.0)
+            await quietly(msg.nak(delay=10.0))
             return
-        await msg.ack()
+        await quietly(msg.ack())
 
     async def _start(
         self,

@@ -48,4 +48,4 @@ async def wake(conn: Connection, start: RunStarted, run_id: str, reason: str) ->
         return
     found = await Leases(conn).get(run_id)
     if found is not None:
-        await conn.nc.publish(wake_subject(found[0].worker), run_id.encode())
+        await conn.send(wake_subject(found[0].worker), run_id.encode())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -17,6 +16,7 @@ from natflow_engine import (
     decode_lifecycle,
     ensure_streams,
     lifecycle_filter,
+    quietly,
 )
 from nats.js import api
 
@@ -63,7 +63,7 @@ async def _ephemeral(
         async for msg in sub.messages:
             yield decode_lifecycle(msg.data)
     finally:
-        await _quietly(sub.unsubscribe())
+        await quietly(sub.unsubscribe(), "leaving the lifecycle subscription")
 
 
 async def _durable(
@@ -95,13 +95,6 @@ async def _durable(
                 try:
                     yield decode_lifecycle(msg.data)
                 finally:  # seen once the caller asks for the next event, or leaves the loop
-                    await _quietly(msg.ack())
+                    await quietly(msg.ack())
     finally:
-        await _quietly(sub.unsubscribe())
-
-
-async def _quietly(op: Any) -> None:
-    try:
-        await op
-    except (nats.errors.Error, OSError) as exc:
-        log.debug("lifecycle subscription cleanup failed: %s", exc)
+        await quietly(sub.unsubscribe(), "leaving the lifecycle subscription")

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import nats.errors
-from natflow_engine import TASK_LAG, Lease, NatflowError, fields, labelled
+from natflow_engine import TASK_LAG, Lease, fields, labelled
 from natflow_engine.events import utcnow
 from nats.aio.msg import Msg
 
@@ -71,12 +70,3 @@ def observe_lag(held: Held) -> None:
     if meta.num_delivered == 1:
         lag = (utcnow() - meta.timestamp).total_seconds()
         labelled(TASK_LAG, held.queue).observe(max(0.0, lag))
-
-
-async def quietly(op: Any) -> None:
-    """Await an acknowledgement of a held task (or its lease's release); a failure is logged,
-    not raised: a task not acknowledged comes back by itself, a lease left lapses."""
-    try:
-        await op
-    except (nats.errors.Error, NatflowError, OSError) as exc:
-        log.debug("acknowledgement failed: %s", exc)

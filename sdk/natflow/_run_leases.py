@@ -12,9 +12,9 @@ import contextlib
 import logging
 import time
 
-from natflow_engine import Connection, Leases, NatflowError, last_signal_seq
+from natflow_engine import Connection, Leases, NatflowError, last_signal_seq, quietly
 
-from ._held import Held, quietly
+from ._held import Held
 
 log = logging.getLogger("natflow.worker")
 

@@ -14,7 +14,6 @@ import asyncio
 import logging
 
 import anyio
-import nats.errors
 from natflow_engine import (
     Connection,
     CorruptHistory,
@@ -24,6 +23,7 @@ from natflow_engine import (
     Timer,
     enqueue,
     last_signal_seq,
+    quietly,
     schedule,
 )
 from natflow_engine.events import utcnow
@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 
 from ._execution import HOLD_TIMERS_UNDER, RunExecution
 from ._guard import RunGuard
-from ._held import Held, quietly
+from ._held import Held
 from ._run_leases import RunLeases
 
 log = logging.getLogger("natflow.worker")
@@ -76,11 +76,8 @@ class TaskEndings:
         # Before the ack: the worker handed the run's next task (the wake-up enqueued below,
         # say) asks this one first, and must hear "free" (it would wait a lease period).
         held.released = True
-        try:
-            await held.msg.ack_sync(timeout=5)
-        except (nats.errors.Error, OSError) as exc:
-            log.debug("run %s: ack failed (%s); the task comes back by itself", held.run_id, exc)
-            return
+        if not await quietly(held.msg.ack_sync(timeout=5), f"run {held.run_id}: its ack"):
+            return  # the task comes back by itself
         await self._leases.release(held)
         due = execution.next_due
         woken = again or (due is not None and (due - utcnow()).total_seconds() <= HOLD_TIMERS_UNDER)

@@ -24,6 +24,7 @@ from natflow_engine import (
     labelled,
     load_events,
     open_events,
+    quietly,
     start_history,
 )
 from natflow_engine.events import Event, RestartSeeded, RunStarted, utcnow
@@ -32,7 +33,7 @@ from nats.aio.msg import Msg
 from ._admission import Admitter
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._guard import RunGuard, check_inline_start
-from ._held import Held, quietly
+from ._held import Held
 from ._preclaim import ClaimAhead, Preclaim, inline_start, read_and_claim
 from ._run_leases import RunLeases
 from ._steps import StepRuntime

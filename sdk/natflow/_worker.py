@@ -47,6 +47,7 @@ from natflow_engine import (
     prepare_worker,
     queue_consumer,
     queue_paused,
+    quietly,
     running_loop_name,
     safe_identity,
     serve_metrics,
@@ -59,7 +60,7 @@ from ._admission import Admitter
 from ._client import Client
 from ._flow import declare_flow
 from ._guard import RunGuard
-from ._held import Held, observe_lag, quietly, same_task
+from ._held import Held, observe_lag, same_task
 from ._pulse import HeldRun, Pulse
 from ._registration import Registration
 from ._run_leases import RunLeases
