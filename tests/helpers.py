@@ -94,6 +94,20 @@ def spawn_worker(
     )
 
 
+def spawn_engine(url: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    """`natflow engine` as one real process (its own session), its output to ``log``."""
+    env = {**os.environ, "NATFLOW_URL": url, "PYTHONPATH": str(ROOT)}
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "natflow_engine", "engine", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
     if proc.poll() is None:
         proc.send_signal(sig)

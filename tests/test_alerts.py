@@ -12,7 +12,6 @@ and the engine killed.
 from __future__ import annotations
 
 import importlib.util
-import os
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import send
 
-from tests.helpers import ROOT, spawn_worker, stop, wait_for
+from tests.helpers import ROOT, spawn_engine, spawn_worker, stop, wait_for
 from tests.links import free_port
 from tests.test_metrics import Prometheus, prometheus_tools  # noqa: F401 - a fixture
 
@@ -127,18 +126,9 @@ def _start_prometheus(tool: str, tmp_path: Path, engine: int, worker: int) -> Pr
 
 
 def _spawn_engine(url: str, metrics: int, monitor: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "NATFLOW_URL": url, "PYTHONPATH": str(ROOT)}
     args = ["--metrics-port", str(metrics), "--metrics-host", "127.0.0.1"]
     args += ["--metrics-interval", "0.5", "--nats-monitor", monitor]
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "natflow_engine", "engine", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    return spawn_engine(url, *args, log=log)
 
 
 Active = set[tuple[str, str]]

@@ -161,6 +161,9 @@ async def test_bad_run_ids_and_input_give_one_clear_error(
 
     proc = await natflow(url, "runs", "show", "no-such-run")
     assert_one_clear_error(proc, "natflow runs:", "'no-such-run'")
+    # Waited for under the Ctrl-C watch (a task group): the same one line, not a traceback.
+    proc = await natflow(url, "runs", "wait", "no-such-run")
+    assert_one_clear_error(proc, "natflow runs:", "'no-such-run'")
 
     proc = await natflow(url, "start", "greet", "--input", "{not json")
     assert_one_clear_error(proc, "natflow start:", "--input is not valid JSON")

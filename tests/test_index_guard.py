@@ -26,7 +26,7 @@ from natflow_engine._lifecycle import LIFECYCLE_STREAM
 from natflow_engine._retention import purge
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._state import new_info
-from natflow_engine._streams import RUNS_STREAM, ensure_streams, runs_subject
+from natflow_engine._streams import RUNS_STREAM, ensure_streams, run_level_subject, runs_subject
 from natflow_engine.events import RunClaimed, RunCompleted, RunStarted, utcnow
 
 from tests.helpers import running_engine, wait_for
@@ -172,6 +172,35 @@ async def test_a_new_index_is_rebuilt_from_the_whole_history(
     conn.streams_ready = False
     async with running_engine(nats_server.url) as engine:
         await wait_for(lambda: _checked(engine.index_guard), what="the guard's first round")
+        assert engine.index_guard.rewritten == len(runs)
+        for run in runs:
+            assert await _status(client, run) == "completed", run
+
+
+async def test_a_foreign_message_in_a_runs_history_does_not_stop_the_rebuild(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    """Whoever may publish on history can store there what natflow cannot decode. The
+    dispatcher skips it; a rebuild from history (a new index here) skips it the same way.
+    Before, its decode error failed the repair's task group and the engine with it."""
+    conn = client.connection
+    await ensure_streams(conn)
+    history = HistoryStore(conn)
+    runs = ["foreign-0", "foreign-1"]
+    async with running_engine(nats_server.url):
+        for run in runs:
+            await _completed_run(history, run)
+        await conn.publish(run_level_subject(runs[0]), b"not an event", None)
+
+        async def all_indexed() -> bool:
+            return all([await _status(client, run) == "completed" for run in runs])
+
+        await wait_for(all_indexed, timeout=20, what="every run indexed as completed")
+    await conn.jsm.delete_stream(RUNS_STREAM)
+    conn.streams_ready = False
+    async with running_engine(nats_server.url) as engine:
+        await wait_for(lambda: _checked(engine.index_guard), what="the guard's first round")
+        assert engine.index_guard.repairs == 1
         assert engine.index_guard.rewritten == len(runs)
         for run in runs:
             assert await _status(client, run) == "completed", run

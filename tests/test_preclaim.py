@@ -15,7 +15,7 @@ import anyio
 import pytest
 from natflow import Client, RunCancelled, WorkflowContext, workflow
 from natflow import _preclaim as preclaim_module
-from natflow_engine import HISTORY_STREAM
+from natflow_engine import HISTORY_STREAM, ServerUnavailable
 from natflow_engine._engine import Engine
 from natflow_engine._history import HistoryStore
 from natflow_engine.events import RunClaimed, RunCompleted, RunStarted, StepCompleted, utcnow
@@ -342,3 +342,34 @@ def _handled(engine: Engine) -> Any:
         return engine.signals.received >= 1
 
     return check
+
+
+async def test_a_transient_failure_beside_the_first_steps_hands_the_run_back(
+    client: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server away (an append out of its retries) while the run's lease is written beside
+    # its first steps: the run is handed back, as any transient error hands it back, and
+    # finishes. Seen as an error group, it was logged as a failed task, which counts toward
+    # parking the run.
+    async with running_worker(client, [two_steps]) as worker:
+        await wait_for(lambda: start_pulls(client, "default", two_steps.name), what="start pulls")
+        append = worker._store.append
+        failed: list[StepCompleted] = []
+
+        async def away_once(run_id: str, event: Any, *args: Any, **kwargs: Any) -> int:
+            if run_id == "away-1" and isinstance(event, StepCompleted) and not failed:
+                failed.append(event)
+                raise ServerUnavailable("lost the NATS connection (injected)")
+            return int(await append(run_id, event, *args, **kwargs))
+
+        monkeypatch.setattr(worker._store, "append", away_once)
+        with caplog.at_level(logging.INFO, logger="natflow.worker"):
+            handle = await client.start(two_steps, 1, run_id="away-1")
+            assert await handle.result(timeout=30) == 3
+    assert failed
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "natflow.worker"]
+    assert (
+        logging.WARNING,
+        "run away-1: handing it back: lost the NATS connection (injected)",
+    ) in said
+    assert not [m for level, m in said if level >= logging.ERROR], said

@@ -19,7 +19,7 @@ from natflow_engine._engine import Engine
 from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
 
-from tests.helpers import spawn_worker, stop, wait_for
+from tests.helpers import spawn_engine, spawn_worker, stop, wait_for
 
 TARGET = "tests.workflows_recovery:make_worker"
 
@@ -235,6 +235,48 @@ async def test_server_restart_with_fifty_runs_in_flight(
     for handle in handles:
         await one_completion_per_step(client, handle.run_id)
     assert all(p.poll() is None for p in workers.procs)
+
+
+async def test_a_server_killed_with_runs_in_flight_loses_no_step_and_no_process(
+    client: Client,
+    nats_server: EmbeddedServer,
+    make_workers: Callable[[float], Workers],
+    steps: StepLog,
+    tmp_path: Path,
+) -> None:
+    """A SIGKILLed server says no goodbye: its sockets die under writes nats-py has not yet
+    seen fail. The engine and two workers, real processes, ride it out: every run ends,
+    each step is recorded once, the engine's index catches up, and no process died."""
+    engine_log = tmp_path / "engine.log"
+    engine_proc = spawn_engine(nats_server.url, "--metrics-port", "0", log=engine_log)
+    try:
+        workers = make_workers(5.0)
+        workers.start()
+        workers.start()
+        await registered(client, 2)
+        handles = [await client.start("five_steps", 0.05, run_id=f"killed-{i}") for i in range(100)]
+
+        async def indexed(status: str, count: int) -> bool:
+            return len(await client.list("five_steps", status, limit=200)) >= count
+
+        await wait_for(lambda: indexed("running", 1), timeout=30, what="the engine's index")
+
+        async def some_progress() -> bool:
+            return len(steps.rows()) >= 150
+
+        await wait_for(some_progress, timeout=30, what="runs in flight")
+        nats_server.restart(hard=True)
+        for handle in handles:
+            assert await handle.result(timeout=90) == 5
+        for handle in handles:
+            await one_completion_per_step(client, handle.run_id)
+        await wait_for(lambda: indexed("completed", 100), timeout=30, what="all indexed")
+        assert all(p.poll() is None for p in workers.procs)
+        assert engine_proc.poll() is None, engine_log.read_text()[-4000:]
+    finally:
+        stop(engine_proc, signal.SIGTERM)
+    for log in (engine_log, *(p.log for p in workers.procs)):  # type: ignore[attr-defined]
+        assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
 
 
 async def test_chaos_random_kills_lose_and_duplicate_nothing(

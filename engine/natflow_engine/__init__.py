@@ -27,6 +27,7 @@ from ._connection import (
 )
 from ._durations import parse_duration, to_seconds
 from ._engine import DISPATCHER, DISPATCHERS
+from ._error_groups import one_error
 from ._errors import (
     ConnectionRefused,
     ErrorInfo,
@@ -364,6 +365,7 @@ __all__ = [
     "load_events",
     "load_value",
     "new_run_id",
+    "one_error",
     "open_event",
     "open_events",
     "open_sealed",

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from ._error_groups import one_error
 from ._errors import NatflowError
 
 log = logging.getLogger("natflow.cli")
@@ -95,19 +96,20 @@ async def until_interrupted(wait: Awaitable[T]) -> T:
     that lands as the call it waits on completes: the command then waited on, deaf to the
     Ctrl-C. A cancel scope cancels again until ``wait`` has stopped."""
     interrupted = False
-    async with anyio.create_task_group() as tg:
+    with one_error():  # the command's error, printed as one line (``natflow_engine._cli``)
+        async with anyio.create_task_group() as tg:
 
-        async def watch() -> None:
-            nonlocal interrupted
-            with anyio.open_signal_receiver(signal.SIGINT) as signals:
-                async for _ in signals:
-                    interrupted = True
-                    tg.cancel_scope.cancel()
-                    return
+            async def watch() -> None:
+                nonlocal interrupted
+                with anyio.open_signal_receiver(signal.SIGINT) as signals:
+                    async for _ in signals:
+                        interrupted = True
+                        tg.cancel_scope.cancel()
+                        return
 
-        tg.start_soon(watch)
-        outcome = await wait
-        tg.cancel_scope.cancel()
+            tg.start_soon(watch)
+            outcome = await wait
+            tg.cancel_scope.cancel()
     if interrupted:
         raise KeyboardInterrupt
     return outcome
@@ -115,15 +117,16 @@ async def until_interrupted(wait: Awaitable[T]) -> T:
 
 async def until_signalled(main: Callable[[], Awaitable[None]]) -> None:
     """Run ``main`` until SIGINT or SIGTERM."""
-    async with anyio.create_task_group() as tg:
+    with one_error():  # a natflow error as one line, a bug with its traceback
+        async with anyio.create_task_group() as tg:
 
-        async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("received %s; stopping", signal.Signals(signum).name)
-                    tg.cancel_scope.cancel()
-                    return
+            async def watch() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("received %s; stopping", signal.Signals(signum).name)
+                        tg.cancel_scope.cancel()
+                        return
 
-        tg.start_soon(watch)
-        await main()
-        tg.cancel_scope.cancel()
+            tg.start_soon(watch)
+            await main()
+            tg.cancel_scope.cancel()

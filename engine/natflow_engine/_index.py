@@ -24,6 +24,7 @@ from ._append_batch import appender
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._errors import InvalidInput, PermissionDenied
 from ._level_read import own_start
+from ._quarantine import quarantined
 from ._reader import reader
 from ._site_index import site_runs
 from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due, new_info
@@ -223,7 +224,12 @@ class RunIndex:
         for msg in messages:
             seq = int((msg.headers or {}).get("Nats-Sequence", "0"))
             if hseq is None or seq <= hseq:
-                folded.append(decode_event(msg.data))
+                try:
+                    folded.append(decode_event(msg.data))
+                except msgspec.DecodeError as exc:  # foreign: skipped, as the dispatcher does
+                    where = f"{(msg.headers or {}).get('Nats-Subject', run_id)} #{seq}"
+                    quarantined("dispatcher_event", where, str(exc), logger=log)
+                    continue
                 last = max(last, seq)
         if not folded or not isinstance(folded[0], RunStarted):
             return None

@@ -48,6 +48,7 @@ import nats.errors
 from nats.js import api
 
 from ._connection import Connection
+from ._error_groups import one_error
 from ._errors import NatflowError
 from ._index import RunIndex
 from ._reader import LAST_PER_REQUEST, reader
@@ -190,9 +191,12 @@ async def repair(conn: Connection, index: RunIndex, floor: int) -> int:
 
     async for runs in runs_above(conn, floor):
         late = await behind(conn, runs)
-        async with anyio.create_task_group() as tg:
-            for run_id in late:
-                tg.start_soon(restore, run_id)
+        # A restore cut off by a lost server stops the repair as a natflow error, which the
+        # guard's loop retries, not as a group that ended the engine.
+        with one_error():
+            async with anyio.create_task_group() as tg:
+                for run_id in late:
+                    tg.start_soon(restore, run_id)
     return rewritten
 
 

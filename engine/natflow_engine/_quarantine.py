@@ -10,7 +10,8 @@ Paths (the metric's ``path`` label):
 * ``task``: a task message that does not decode (terminated, dead-lettered as ``task``);
 * ``task_forged``: a task whose inline ``run_started`` disagrees with history (history wins);
 * ``history_event``: an event in a run's history that does not decode (run blocked);
-* ``dispatcher_event``: the same event as the engine's dispatcher meets it (skipped);
+* ``dispatcher_event``: the same event as the engine meets it, dispatching or rebuilding a
+  run's summary (skipped);
 * ``kv_timers`` / ``kv_leases`` / ``kv_workers``: a KV entry that does not decode
   (dead-lettered as ``kv``; a bad timer wakes its run so the worker re-indexes its timers);
 * ``signal_too_large``: a signal too large to move into history (rejected in history);

@@ -10,6 +10,7 @@ import msgspec
 from natflow_engine import (
     CANCEL,
     TERMINATE,
+    TRANSIENT,
     Connection,
     ErrorInfo,
     InvalidInput,
@@ -17,6 +18,7 @@ from natflow_engine import (
     PermissionDenied,
     Runs,
     error_info,
+    one_error,
     send,
     start_declared,
 )
@@ -47,13 +49,14 @@ async def start_children(
             try:
                 await _start_child(conn, state, event)
             except (InvalidInput, NatflowError) as exc:
-                if isinstance(exc, PermissionDenied):
-                    raise  # a deployment problem, not this child's: retried later
+                if isinstance(exc, (PermissionDenied, *TRANSIENT)):
+                    raise  # a deployment problem or the server away, not this child's: later
                 refused[event.seq] = error_info(exc)  # e.g. its id is another's run
 
-    async with anyio.create_task_group() as tg:
-        for child in children:
-            tg.start_soon(start, child)
+    with one_error():  # the worker branches on the error (transient: handed back)
+        async with anyio.create_task_group() as tg:
+            for child in children:
+                tg.start_soon(start, child)
     return refused
 
 

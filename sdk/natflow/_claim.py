@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 import anyio
-from natflow_engine import FENCED, TAKEOVERS, last_signal_seq
+from natflow_engine import FENCED, TAKEOVERS, last_signal_seq, one_error
 from natflow_engine.events import RunClaimed, utcnow
 
 from ._outcome import HOLD_TIMERS_UNDER
@@ -56,14 +56,10 @@ class RunClaimer:
         async def look() -> None:
             found.append(await self._signals_waiting())
 
-        try:
+        with one_error():
             async with anyio.create_task_group() as tg:
                 tg.start_soon(look)
                 claimed = await self.claim()
-        except BaseExceptionGroup as group:
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
         return claimed, found[0]
 
     async def _signals_waiting(self) -> bool:

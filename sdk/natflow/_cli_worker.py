@@ -20,6 +20,7 @@ from natflow_engine import (
     ServerUnavailable,
     add_metrics_options,
     connect_options,
+    one_error,
     serve_metrics,
     tune_collector,
 )
@@ -184,20 +185,20 @@ async def run_worker_command(args: argparse.Namespace) -> int:
                 max_concurrent_steps=args.max_concurrent_steps,
                 identity=args.identity,
             )
-        async with anyio.create_task_group() as tg:
+        with one_error():  # a natflow error as one line, a bug with its traceback
+            async with anyio.create_task_group() as tg:
 
-            async def on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info(
-                            "%s: draining (grace %.0f s)", signal.Signals(signum).name, args.grace
-                        )
-                        await worker.shutdown(grace=args.grace)
-                        return
+                async def on_signal() -> None:
+                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for signum in signals:
+                            name = signal.Signals(signum).name
+                            log.info("%s: draining (grace %.0f s)", name, args.grace)
+                            await worker.shutdown(grace=args.grace)
+                            return
 
-            tg.start_soon(on_signal)
-            await worker.run()
-            tg.cancel_scope.cancel()
+                tg.start_soon(on_signal)
+                await worker.run()
+                tg.cancel_scope.cancel()
         return 0
     finally:
         await client.close()

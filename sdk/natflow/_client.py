@@ -41,6 +41,7 @@ from natflow_engine import (
     history_subject,
     load_value,
     new_run_id,
+    one_error,
     open_sealed,
     request_start,
     restart_run,
@@ -456,10 +457,11 @@ class Client:
             async with limiter:
                 opened[i] = await self._resolved(found[i])
 
-        async with anyio.create_task_group() as tg:
-            for i, info in enumerate(found):
-                if value_ref(info.result) is not None:
-                    tg.start_soon(resolve, i)
+        with one_error():  # a natflow error to the caller, not a group of them
+            async with anyio.create_task_group() as tg:
+                for i, info in enumerate(found):
+                    if value_ref(info.result) is not None:
+                        tg.start_soon(resolve, i)
         return [self._opened(info) for info in opened]
 
     async def _resolved(self, info: RunInfo) -> RunInfo:

@@ -28,7 +28,15 @@ from datetime import datetime
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from natflow_engine import FENCED, Connection, ErrorInfo, History, HistoryStore, receive_soon
+from natflow_engine import (
+    FENCED,
+    Connection,
+    ErrorInfo,
+    History,
+    HistoryStore,
+    one_error,
+    receive_soon,
+)
 from natflow_engine.events import RunTerminated, events_before, utcnow
 
 from ._claim import RunClaimer
@@ -174,17 +182,13 @@ class RunExecution:
             self._send = self._steps.send = send
             outcome = Outcome.STALE  # what a claim beside the first steps that missed makes
             try:
-                with send, receive:
+                with send, receive, one_error():  # the worker handles the error, not a group
                     async with anyio.create_task_group() as tg:
                         if self._claim_ahead:
                             self._claim_beside(tg)
                         outcome = await self._guarded_live(tg, receive)
                         await self._rec.claim_written()  # an outcome that appended nothing
                         tg.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                if len(group.exceptions) == 1:  # the worker handles the error, not the group
-                    raise group.exceptions[0] from None
-                raise
             finally:
                 self._send = self._steps.send = None
             return Outcome.STALE if self._claim_missed else outcome

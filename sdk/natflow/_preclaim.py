@@ -45,6 +45,7 @@ from natflow_engine import (
     HistoryStore,
     Task,
     last_signal_seq,
+    one_error,
 )
 from natflow_engine.events import RunClaimed, RunStarted, decode_event, utcnow
 
@@ -121,16 +122,12 @@ async def read_and_claim(
         await take_lease()  # first: see the module docstring
         found["signal"] = await last_signal_seq(conn, run_id)
 
-    try:
+    with one_error():  # the worker handles the error, not the group
         async with anyio.create_task_group() as tg:
             if stored is None:
                 tg.start_soon(read)
             tg.start_soon(lease_then_look)
             await append()
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:  # the worker handles the error, not the group
-            raise group.exceptions[0] from None
-        raise
     history = found["history"]
     seq, signal = found["seq"], found["signal"]
     assert history is None or isinstance(history, History)

@@ -23,6 +23,7 @@ from natflow_engine import (
     fold_run,
     labelled,
     load_events,
+    one_error,
     open_events,
     quietly,
     start_history,
@@ -133,11 +134,13 @@ class TaskProcessor:
         if isinstance(preclaimed, Preclaim):  # leased (and looked) beside the claim already
             outcome = await held.execution.execute()
         else:
-            async with anyio.create_task_group() as tg:
-                # The lease makes ownership visible and lets the engine hand the run back if
-                # this process dies; the claim append is the fence. Neither waits for the other.
-                tg.start_soon(self._leases.take_and_look, held)
-                outcome = await held.execution.execute()
+            with one_error():  # the worker branches on the error (transient: handed back)
+                async with anyio.create_task_group() as tg:
+                    # The lease makes ownership visible and lets the engine hand the run back
+                    # if this process dies; the claim append is the fence. Neither waits for
+                    # the other.
+                    tg.start_soon(self._leases.take_and_look, held)
+                    outcome = await held.execution.execute()
         if admission is not None and outcome is not Outcome.STALE:  # STALE: admitted anew
             lost = outcome is Outcome.LOST or held.lost
             waiting = outcome is Outcome.SUSPENDED
