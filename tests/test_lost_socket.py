@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -24,6 +26,8 @@ from natflow_engine._reader import reader
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import HISTORY_PREFIX, HISTORY_STREAM, ensure_streams
 from natflow_engine._tasks import Task, send_start_task
+
+from tests.helpers import wait_for
 
 # How far the socket's end went: closing (the write is taken, nats-py's drain then fails:
 # ConnectionResetError), or closed once the loop ran (uvloop refuses the write itself:
@@ -143,3 +147,46 @@ def test_quietly_still_raises_a_bug() -> None:
             await quietly(broken())
 
     anyio.run(main)
+
+
+async def test_what_waits_for_a_killed_servers_answer_fails_at_once(
+    nats_server: EmbeddedServer,
+) -> None:
+    """A request's answer comes back over the connection it went out on: once the server
+    is gone, none will. An append and a direct get taken by a server that then dies fail as
+    a lost connection (retried) the moment nats-py sees the connection go; before, each
+    waited out its timeout (an append's 5 s) after the server was back."""
+    conn = await connect(nats_server.url)
+    try:
+        await ensure_streams(conn)
+        read = reader(conn)
+        await read.get(HISTORY_STREAM, 1)  # its reply inbox subscribed
+        assert nats_server.proc is not None
+        os.kill(nats_server.proc.pid, signal.SIGSTOP)  # takes both, answers neither
+        failed: dict[str, BaseException] = {}
+        both = anyio.Event()
+
+        async def waits(name: str, call: Awaitable[object]) -> None:
+            try:
+                await call
+            except Exception as exc:
+                failed[name] = exc
+            if len(failed) == 2:
+                both.set()
+
+        async def both_out() -> bool:
+            return bool(conn.nc._resp_map) and bool(read._reads)
+
+        append = conn.publish(f"{HISTORY_PREFIX}.gone.1", b"{}", {}, timeout=60)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waits, "append", append)
+            tg.start_soon(waits, "read", read.get(HISTORY_STREAM, 1))
+            await wait_for(both_out, what="the append and the read on their way")
+            nats_server.kill()  # SIGKILL, stopped or not
+            with anyio.fail_after(4):  # well inside the read's 5 s and the append's 60 s
+                await both.wait()
+        assert isinstance(failed["append"], ServerUnavailable), failed
+        assert isinstance(failed["read"], ServerUnavailable), failed
+    finally:
+        nats_server.start()
+        await conn.nc.close()

@@ -152,10 +152,28 @@ class Connection:
         self.streams_lock = asyncio.Lock()
         self.closing = False
         self.on_reconnect: list[Callable[[], None]] = []
+        # Called when the connection is lost, to fail what waits for an answer over it.
+        self.on_disconnect: list[Callable[[], None]] = [self._fail_requests]
         self.extras: dict[str, object] = {}  # per-connection helpers (the batch reader)
         self.codec: PayloadCodec | None = None  # seals user values (see _sealing)
         # The largest user value kept (larger than 64 KiB: by reference, see _values).
         self.max_value_bytes = 64 * 1024 * 1024
+
+    def _fail_requests(self) -> None:
+        """Fail every request still waiting for its answer, as a lost connection (retried).
+
+        An answer comes back over the connection its request went out on: once that is gone,
+        none will come (a request written to the dead socket never reached the server; a
+        restarted server forgot the rest). Left alone, each waited out its whole timeout (5 s
+        for an append) after the server was back. A request still in nats-py's buffer goes
+        out after the reconnect and may land: its retry carries the same message id, so it
+        is found as landed, not written twice (``HistoryStore.append``)."""
+        waiting = getattr(self.nc, "_resp_map", None)  # nats-py's requests, by reply token
+        if not isinstance(waiting, dict):
+            return
+        for future in list(waiting.values()):
+            if isinstance(future, asyncio.Future) and not future.done():
+                future.set_exception(nats.errors.ConnectionReconnectingError())
 
     def kv_write_subject(self, bucket: str, key: str) -> str:
         """Where a KV write goes: across a domain, through the API prefix (as nats.go does),
@@ -372,6 +390,10 @@ class Connection:
                 if exc.code in (500, 503) or exc.err_code == ERR_JS_UNAVAILABLE:
                     raise NoResponders(what) from exc
                 raise
+            except _CONNECTION_LOST as exc:  # its answer will not come: again once back
+                if not connection_lost(exc):
+                    raise
+                raise ServerUnavailable(f"lost the NATS connection during {what}") from exc
 
         return await retrying(what, once, budget=budget)
 
@@ -506,8 +528,12 @@ async def connect(
 
     async def disconnected_cb() -> None:
         conn = holder.get("conn")
-        if conn is not None and not conn.closing:
+        if conn is None:
+            return
+        if not conn.closing:
             log.warning("NATS connection lost; reconnecting")
+        for hook in conn.on_disconnect:
+            hook()
 
     async def reconnected_cb() -> None:
         log.info("NATS connection re-established")

@@ -15,7 +15,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from ._connection import Connection, NoResponders
-from ._errors import NatflowError
+from ._errors import NatflowError, ServerUnavailable
 
 # One request reads a history of 10,000 small events whole: the server answers it as one
 # isolated read (no write lands between its messages), and each further request costs a
@@ -54,6 +54,14 @@ class BatchReader:
         self._reads: dict[str, _Read] = {}
         self._counter = 0
         self._lock = asyncio.Lock()
+        conn.on_disconnect.append(self._fail_reads)
+
+    def _fail_reads(self) -> None:
+        """The connection is lost: no answer will come to a read sent over it (see
+        ``Connection._fail_requests``); fail each now instead of after its timeout."""
+        for read in self._reads.values():
+            if not read.done.done():
+                read.done.set_exception(ServerUnavailable("lost the NATS connection while reading"))
 
     async def read_all(
         self,

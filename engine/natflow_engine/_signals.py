@@ -297,7 +297,9 @@ async def dead_letter_item(
 
 async def dead_letters(conn: Connection, limit: int = 100) -> list[DeadLetter]:
     """The newest dead letters, newest first."""
-    info = await conn.jsm.stream_info(DEADLETTER_STREAM)
+    info = await conn.admin(
+        f"reading stream {DEADLETTER_STREAM}", lambda: conn.jsm.stream_info(DEADLETTER_STREAM)
+    )
     start = max(info.state.first_seq, info.state.last_seq - limit + 1)
     page = await reader(conn).read_all(DEADLETTER_STREAM, start=start, limit=limit)
     return [_dl_decoder.decode(m.data) for m in reversed(page.messages)]

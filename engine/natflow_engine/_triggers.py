@@ -161,7 +161,9 @@ async def emit(conn: Connection, name: str, payload: bytes, event_id: str | None
 
 async def recent_events(conn: Connection, limit: int = 20) -> list[EventRecord]:
     """The newest events, newest first, each with the run it started per declared workflow."""
-    info = await conn.jsm.stream_info(EVENTS_STREAM)
+    info = await conn.admin(
+        f"reading stream {EVENTS_STREAM}", lambda: conn.jsm.stream_info(EVENTS_STREAM)
+    )
     if info.state.messages == 0:
         return []
     start = max(info.state.first_seq, info.state.last_seq - limit + 1)
