@@ -276,7 +276,10 @@ async def test_a_server_killed_with_runs_in_flight_loses_no_step_and_no_process(
     finally:
         stop(engine_proc, signal.SIGTERM)
     for log in (engine_log, *(p.log for p in workers.procs)):  # type: ignore[attr-defined]
-        assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+        text = log.read_text()
+        # A reconnect is no error: nats-py's own ERROR line for each lost connection that
+        # natflow opened without callbacks (the heartbeat's) said otherwise.
+        assert "Traceback" not in text and " ERROR " not in text, text[-4000:]
 
 
 async def test_chaos_random_kills_lose_and_duplicate_nothing(

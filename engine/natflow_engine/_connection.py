@@ -597,6 +597,28 @@ def _refused_credentials(error: BaseException) -> bool:
 _URL_SECRET = re.compile(r"(\w+://)([^@/\s]+)@")
 
 
+def logged_callbacks(what: str) -> dict[str, Any]:
+    """nats-py callbacks for a connection natflow opens beside its :class:`Connection` (the
+    worker's heartbeat connection, ``what``): its errors logged as a warning line, its losses
+    and returns at info. Without them nats-py logs every lost connection as an ERROR with the
+    exception, which read as a failure in the logs of a worker that had merely reconnected."""
+
+    async def error_cb(error: Exception) -> None:
+        log.warning("NATS (%s): %s", what, _redact_text(str(error)))
+
+    async def disconnected_cb() -> None:
+        log.info("NATS (%s): connection lost; reconnecting", what)
+
+    async def reconnected_cb() -> None:
+        log.info("NATS (%s): connection re-established", what)
+
+    return {
+        "error_cb": error_cb,
+        "disconnected_cb": disconnected_cb,
+        "reconnected_cb": reconnected_cb,
+    }
+
+
 def _redact_text(text: str) -> str:
     """Any URL inside a message (nats-py quotes the server it tried) loses its secret."""
     return _URL_SECRET.sub(lambda m: redact_url(m.group(0) + "x")[:-1], text)

@@ -21,7 +21,15 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import nats
-from natflow_engine import Connection, Lease, Leases, NatflowError, ping_subject, wrap
+from natflow_engine import (
+    Connection,
+    Lease,
+    Leases,
+    NatflowError,
+    logged_callbacks,
+    ping_subject,
+    wrap,
+)
 from nats.aio.msg import Msg
 
 log = logging.getLogger("natflow.worker")
@@ -129,6 +137,7 @@ class Pulse:
         nc = await nats.connect(
             **self._options,
             name=f"natflow-pulse-{self._identity}",
+            **logged_callbacks("heartbeat connection"),
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
         )
