@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable
 import anyio
 import pytest
 from natflow_engine._append_batch import Batcher, _Append
-from natflow_engine._connection import Connection, connect, quietly
+from natflow_engine._connection import Connection, RequestTimeout, connect, quietly
 from natflow_engine._errors import ServerUnavailable
+from natflow_engine._index import RunIndex
 from natflow_engine._kv import kv_delete_nowait
 from natflow_engine._leases import LEASES_BUCKET
 from natflow_engine._reader import reader
@@ -189,4 +190,26 @@ async def test_what_waits_for_a_killed_servers_answer_fails_at_once(
         assert isinstance(failed["read"], ServerUnavailable), failed
     finally:
         nats_server.start()
+        await conn.nc.close()
+
+
+async def test_the_run_index_unreadable_is_an_error_not_an_empty_index(
+    nats_server: EmbeddedServer,
+) -> None:
+    """`runs list`, `Client.list` and the console read the run index; a server that does
+    not answer is a transient error to show or retry, not "no runs" (it was read as no
+    index yet). A missing index still is no runs."""
+    conn = await connect(nats_server.url)
+    index = RunIndex(conn)
+    try:
+        assert await index.page() == ([], 0)  # no streams yet: no runs yet
+        await ensure_streams(conn)
+        assert nats_server.proc is not None
+        os.kill(nats_server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout, match="NATFLOW_RUNS"):
+                await index.page()
+        finally:
+            os.kill(nats_server.proc.pid, signal.SIGCONT)
+    finally:
         await conn.nc.close()

@@ -19,10 +19,11 @@ from datetime import datetime
 from typing import Final
 
 import msgspec
+import nats.js.errors
 
 from ._append_batch import appender
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
-from ._errors import InvalidInput, PermissionDenied
+from ._errors import InvalidInput
 from ._level_read import own_start
 from ._quarantine import quarantined
 from ._reader import reader
@@ -325,13 +326,12 @@ class RunIndex:
         if limit < 1:
             raise InvalidInput(f"limit must be at least 1, not {limit}")
         try:
-            info = await self._conn.guarded(
-                self._conn.api + ".", self._conn.jsm.stream_info(RUNS_STREAM), prefix=True
+            info = await self._conn.admin(
+                f"reading stream {RUNS_STREAM}",
+                lambda: self._conn.jsm.stream_info(RUNS_STREAM),
+                budget=5.0,
             )
-        except PermissionDenied:
-            raise
-        except Exception as exc:  # no stream yet means no runs yet
-            log.debug("run index unavailable: %s", exc)
+        except nats.js.errors.NotFoundError:  # no index yet: no runs yet
             return [], 0
         first, last = info.state.first_seq, info.state.last_seq
         # Newest summary of each run by its stream sequence: a summary rewritten while the
@@ -376,20 +376,12 @@ class RunIndex:
         """Up to ``count`` summaries from stream sequence ``start`` on, with their sequences;
         ``bounded``: only those below ``start + count``."""
         end = start + count - 1 if bounded else None
-        body = msgspec.json.encode({"seq": start, "batch": count})
+        page = await reader(self._conn).read_all(
+            RUNS_STREAM, start=start, limit=count, headers=True
+        )
         entries: list[tuple[int, IndexEntry]] = []
-        sub = await self._conn.nc.subscribe(self._conn.nc.new_inbox())
-        try:
-            await self._conn.send(
-                f"{self._conn.api}.DIRECT.GET.{RUNS_STREAM}", body, reply=sub.subject
-            )
-            while True:
-                msg = await sub.next_msg(timeout=5)
-                headers = msg.headers or {}
-                if "Status" in headers:
-                    return entries
-                seq = int(headers.get("Nats-Sequence", "0"))
-                if end is None or seq <= end:
-                    entries.append((seq, _entry_decoder.decode(msg.data)))
-        finally:
-            await sub.unsubscribe()
+        for msg in page.messages:  # a summary rewritten since left a gap: the batch runs on
+            seq = int((msg.headers or {}).get("Nats-Sequence", "0"))
+            if end is None or seq <= end:
+                entries.append((seq, _entry_decoder.decode(msg.data)))
+        return entries
