@@ -89,6 +89,19 @@ _entry_encoder = msgspec.json.Encoder()
 _entry_decoder = msgspec.json.Decoder(IndexEntry)
 
 
+async def index_bounds(conn: Connection) -> tuple[int, int] | None:
+    """The run index's first and last stream sequences; None if there is no index yet (no
+    runs yet). A server that does not answer is an error (retried for up to 5 s), never an
+    empty index: every reader of the whole index (``runs list``, the console) starts here."""
+    try:
+        info = await conn.admin(
+            f"reading stream {RUNS_STREAM}", lambda: conn.jsm.stream_info(RUNS_STREAM), budget=5.0
+        )
+    except nats.js.errors.NotFoundError:
+        return None
+    return info.state.first_seq, info.state.last_seq
+
+
 class RunIndex:
     """Reads and (in the engine) writes the run index."""
 
@@ -325,15 +338,10 @@ class RunIndex:
             )
         if limit < 1:
             raise InvalidInput(f"limit must be at least 1, not {limit}")
-        try:
-            info = await self._conn.admin(
-                f"reading stream {RUNS_STREAM}",
-                lambda: self._conn.jsm.stream_info(RUNS_STREAM),
-                budget=5.0,
-            )
-        except nats.js.errors.NotFoundError:  # no index yet: no runs yet
+        bounds = await index_bounds(self._conn)
+        if bounds is None:
             return [], 0
-        first, last = info.state.first_seq, info.state.last_seq
+        first, last = bounds
         # Newest summary of each run by its stream sequence: a summary rewritten while the
         # scan goes on leaves its place (one message per run) for the stream's end, so the
         # scan may meet it twice, or only there: what came after ``last`` is read at the end.

@@ -20,7 +20,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from .._connection import Connection
-from .._index import IndexEntry
+from .._index import IndexEntry, index_bounds
 from .._reader import BATCH, reader
 from .._streams import RUNS_PREFIX, RUNS_STREAM
 
@@ -180,11 +180,10 @@ class StatusCounts:
 
 async def _load(conn: Connection, tally: _Tally) -> None:
     """Every entry of the run index into ``tally``, in batches of thousands."""
-    try:
-        info = await conn.jsm.stream_info(RUNS_STREAM)
-    except Exception:  # no index yet
+    bounds = await index_bounds(conn)
+    if bounds is None:  # no index yet
         return
-    start, last = info.state.first_seq, info.state.last_seq
+    start, last = bounds
     while start <= last:
         page = await reader(conn).read(RUNS_STREAM, start=start, batch=BATCH)
         for msg in page.messages:

@@ -18,7 +18,7 @@ import msgspec
 from .._connection import Connection
 from .._errors import NatflowError, RunNotFound
 from .._history import HistoryStore, current_stretch
-from .._index import IndexEntry
+from .._index import IndexEntry, index_bounds
 from .._kv import kv_entries
 from .._leases import LEASES_BUCKET, Lease, decode_lease
 from .._limits import explain as explain_wait
@@ -102,12 +102,7 @@ async def entries_for(conn: Connection, run_ids: list[str]) -> list[RunInfo]:
 
 
 async def _index_bounds(conn: Connection) -> tuple[int, int]:
-    try:
-        info = await conn.jsm.stream_info(RUNS_STREAM)
-    except Exception as exc:  # no stream yet: no runs yet
-        log.debug("run index unavailable: %s", exc)
-        return 1, 0
-    return info.state.first_seq, info.state.last_seq
+    return await index_bounds(conn) or (1, 0)  # no index yet: no runs yet
 
 
 async def _window(conn: Connection, start: int, end: int) -> list[tuple[int, IndexEntry]]:
