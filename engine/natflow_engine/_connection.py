@@ -351,7 +351,10 @@ class Connection:
         try:
             msg = await self.request(subject, payload, headers=headers, timeout=timeout)
         except NoResponders as exc:
-            raise NoStream(f"no JetStream stream takes {subject!r}") from exc
+            raise NoStream(
+                f"no JetStream stream answered for {subject!r}: none takes it, or (in a "
+                f"cluster) its leader is being elected"
+            ) from exc
         reply = _reply_decoder.decode(msg.data)
         if reply.error is not None:
             raise reply.error.refusal(subject)
