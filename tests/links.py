@@ -62,6 +62,16 @@ class Link:
                 raise RuntimeError(f"the proxy could not listen on {self.listen}")
             time.sleep(0.1)
 
+    def freeze(self) -> None:
+        """Stop the proxy (SIGSTOP): its connections stay open and carry nothing, as a link
+        that dies without a word (no reset, no close) does."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def cut(self) -> None:
         """Kill the proxy: every connection through it drops at once."""
         if self.proc is not None and self.proc.poll() is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 from natflow import Client, Worker, WorkflowContext, workflow
+from natflow_engine._connection import connect
 from natflow_engine._engine import Engine
 from natflow_engine._leases import Leases
 from natflow_engine._server import EmbeddedServer
@@ -218,3 +220,34 @@ async def test_a_worker_killed_behind_a_live_link_is_still_handed_back_at_once(
         stop(proc)
         await site.close()
         await central.close()
+
+
+@pytest.mark.slow
+async def test_a_link_that_goes_silent_is_given_up_within_thirty_seconds(
+    nats_server: EmbeddedServer,
+) -> None:
+    """No reset, no close: a firewall that forgets the connection, a frozen middlebox. Only
+    unanswered pings show it, and natflow's connections give it up within 30 s (nats-py's
+    own defaults took up to 6 minutes, the worker idle all the while) and reconnect."""
+    link = Link(free_port(), nats_server.port)
+    link.up()
+    conn = await connect(f"nats://127.0.0.1:{link.listen}")
+    lost = anyio.Event()
+    conn.on_disconnect.append(lost.set)
+    try:
+        await conn.nc.flush()  # the link carries
+        link.freeze()
+        began = time.monotonic()
+        with anyio.fail_after(45):
+            await lost.wait()
+        assert time.monotonic() - began <= 35  # 20-30 s: three pings, 10 s apart
+        link.thaw()
+
+        async def back() -> bool:  # through the same link, once it carries again
+            return bool(conn.nc.is_connected)
+
+        await wait_for(back, timeout=30, what="the connection back")
+    finally:
+        link.thaw()
+        link.cut()
+        await conn.nc.close()

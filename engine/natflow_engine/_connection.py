@@ -39,6 +39,13 @@ from ._sealing import PayloadCodec
 log = logging.getLogger("natflow.connection")
 
 DEFAULT_URL: Final = "nats://127.0.0.1:4222"
+# A link that dies without a word (a firewall or NAT that forgets the connection, a frozen
+# middlebox, a cable pulled somewhere between an edge worker and its server) shows only as
+# pings unanswered: PING every 10 s, the connection given up after two unanswered, so it is
+# noticed within 30 s and reconnected. nats-py's defaults (2 min, two) took up to 6 min, while
+# the worker's runs were handed to others after its 15 s lease and it sat idle.
+PING_INTERVAL: Final = 10
+MAX_OUTSTANDING_PINGS: Final = 2
 START_HINT: Final = "start one with `natflow dev` (or `natflow server`), or set NATFLOW_URL"
 
 # JetStream error codes natflow branches on (nats-server's errors.json).
@@ -549,6 +556,8 @@ async def connect(
         check_creds_file(os.fspath(creds))
     reconnect_attempts = options.pop("max_reconnect_attempts", -1)
     options.setdefault("reconnect_time_wait", 0.5)
+    options.setdefault("ping_interval", PING_INTERVAL)
+    options.setdefault("max_outstanding_pings", MAX_OUTSTANDING_PINGS)
     options.setdefault("error_cb", error_cb)
     options.setdefault("disconnected_cb", disconnected_cb)
     options.setdefault("reconnected_cb", reconnected_cb)

@@ -46,6 +46,8 @@ _OPTIONS = (
     "tls_hostname",
     "tls_handshake_first",
     "connect_timeout",
+    "ping_interval",
+    "max_outstanding_pings",
 )
 
 
