@@ -213,3 +213,29 @@ async def test_the_run_index_unreadable_is_an_error_not_an_empty_index(
             os.kill(nats_server.proc.pid, signal.SIGCONT)
     finally:
         await conn.nc.close()
+
+
+async def test_writes_past_the_reconnect_buffer_are_a_lost_connection(
+    nats_server: EmbeddedServer,
+) -> None:
+    """While the server is away nats-py keeps what is written for the reconnect, up to its
+    buffer (2 MiB); past that it refuses the write. A worker busy through a long outage
+    meets that refusal: it is the server away (retried, the run handed back), not a raw
+    nats-py error, which counted toward parking the run."""
+    conn = await connect(nats_server.url)
+    lost = anyio.Event()
+    conn.on_disconnect.append(lost.set)
+    try:
+        await ensure_streams(conn)
+        nats_server.kill()
+        with anyio.fail_after(10):
+            await lost.wait()
+        chunk = b"x" * 256 * 1024
+        with pytest.raises(ServerUnavailable, match="lost the NATS connection"):
+            for _ in range(64):  # 16 MiB at most: the buffer is full well before
+                await conn.send(f"{HISTORY_PREFIX}.buffered.1", chunk)
+        with pytest.raises(ServerUnavailable, match="lost the NATS connection"):
+            await conn.publish(f"{HISTORY_PREFIX}.buffered.1", chunk, {}, timeout=2)
+    finally:
+        nats_server.start()
+        await conn.close()  # its full buffer cannot all go: closed all the same, no error

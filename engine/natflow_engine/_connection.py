@@ -414,7 +414,10 @@ class Connection:
                 await self.nc.drain()
             except Exception:  # closing anyway; a failed drain only loses buffered acks
                 log.debug("drain failed, closing", exc_info=True)
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except Exception:  # what it still held for the server goes with it
+                    log.debug("close could not flush", exc_info=True)
 
 
 def wire_header_size(headers: Mapping[str, str] | None) -> int:
@@ -457,6 +460,8 @@ TRANSIENT: Final = (RequestTimeout, NoResponders, NoStream, ServerUnavailable)
 _CONNECTION_LOST: Final = (
     nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError,
+    # Reconnecting with nats-py's buffer for what goes out meanwhile full (2 MiB).
+    nats.errors.OutboundBufferLimitError,
     ConnectionError,  # the socket's own: reset, broken pipe
     RuntimeError,
 )
