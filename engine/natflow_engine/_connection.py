@@ -180,6 +180,9 @@ class Connection:
             return
         for future in list(waiting.values()):
             if isinstance(future, asyncio.Future) and not future.done():
+                # One whose request never went out (nats-py refused the publish after making
+                # it) has no one waiting: read here, its error is not logged as unretrieved.
+                future.add_done_callback(_retrieved)
                 future.set_exception(nats.errors.ConnectionReconnectingError())
 
     def kv_write_subject(self, bucket: str, key: str) -> str:
@@ -418,6 +421,10 @@ class Connection:
                     await self.nc.close()
                 except Exception:  # what it still held for the server goes with it
                     log.debug("close could not flush", exc_info=True)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    future.exception()
 
 
 def wire_header_size(headers: Mapping[str, str] | None) -> int:
