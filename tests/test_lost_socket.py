@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -258,3 +259,29 @@ async def test_writes_past_the_reconnect_buffer_are_a_lost_connection(
         if nats_server.proc is None or nats_server.proc.poll() is not None:
             nats_server.start()
         await conn.close()  # its full buffer cannot all go: closed all the same, no error
+
+
+def test_a_write_refused_for_lack_of_storage_is_retried_not_failed(tmp_path: Path) -> None:
+    """A server out of JetStream storage refuses writes ("insufficient resources") until
+    space is freed (retention deletes closed runs) or its limit raised: the server away for
+    now, retried, not a refusal that a worker counted toward parking the run."""
+    conf = tmp_path / "small.conf"
+    conf.write_text(
+        "listen: 127.0.0.1:-1\n"
+        f'jetstream {{ store_dir: "{tmp_path / "js"}", max_file_store: 4MB }}\n'
+    )
+
+    async def main(url: str) -> None:
+        conn = await connect(url)
+        try:
+            await ensure_streams(conn)
+            chunk = b"x" * 200 * 1024
+            with pytest.raises(ServerUnavailable, match="lack of storage") as refused:
+                for n in range(100):  # 20 MB at most: refused well before
+                    await conn.publish(f"{HISTORY_PREFIX}.full{n}.step", chunk, None)
+            assert "natflow retries it" in str(refused.value)
+        finally:
+            await conn.nc.close()
+
+    with EmbeddedServer(conf, store_dir=tmp_path / "log") as server:
+        anyio.run(main, server.url)

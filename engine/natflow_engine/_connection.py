@@ -56,6 +56,10 @@ ERR_STREAM_NOT_FOUND: Final = 10059
 ERR_CONSUMER_NOT_FOUND: Final = 10014
 ERR_STREAM_NAME_IN_USE: Final = 10058
 ERR_JS_UNAVAILABLE: Final = 10008
+# Storage full: the server's JetStream limit (insufficient resources) or the account's.
+# Freed space (natflow's retention deletes closed runs) or a raised limit ends it, so a
+# write refused so is retried as the server away is, not failed (a worker parked its runs).
+ERR_OUT_OF_STORAGE: Final = (10023, 10002)
 
 
 def default_url() -> str:
@@ -367,6 +371,12 @@ class Connection:
             ) from exc
         reply = _reply_decoder.decode(msg.data)
         if reply.error is not None:
+            if reply.error.err_code in ERR_OUT_OF_STORAGE:
+                raise ServerUnavailable(
+                    f"the server refused {subject!r} for lack of storage "
+                    f"({reply.error.description}, {reply.error.err_code}): free space or raise "
+                    f"its JetStream limits; natflow retries it until then"
+                )
             raise reply.error.refusal(subject)
         return PubAck(
             stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate, count=reply.count
