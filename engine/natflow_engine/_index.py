@@ -19,14 +19,13 @@ from datetime import datetime
 from typing import Final
 
 import msgspec
-import nats.js.errors
 
 from ._append_batch import appender
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._errors import InvalidInput
 from ._level_read import own_start
 from ._quarantine import quarantined
-from ._reader import reader
+from ._reader import reader, stream_bounds
 from ._site_index import site_runs
 from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due, new_info
 from ._streams import HISTORY_STREAM, RUNS_STREAM, run_level_subject, runs_subject
@@ -87,19 +86,6 @@ StatusHook = Callable[[str | None, RunInfo, int], Awaitable[None]]
 
 _entry_encoder = msgspec.json.Encoder()
 _entry_decoder = msgspec.json.Decoder(IndexEntry)
-
-
-async def index_bounds(conn: Connection) -> tuple[int, int] | None:
-    """The run index's first and last stream sequences; None if there is no index yet (no
-    runs yet). A server that does not answer is an error (retried for up to 5 s), never an
-    empty index: every reader of the whole index (``runs list``, the console) starts here."""
-    try:
-        info = await conn.admin(
-            f"reading stream {RUNS_STREAM}", lambda: conn.jsm.stream_info(RUNS_STREAM), budget=5.0
-        )
-    except nats.js.errors.NotFoundError:
-        return None
-    return info.state.first_seq, info.state.last_seq
 
 
 class RunIndex:
@@ -338,8 +324,8 @@ class RunIndex:
             )
         if limit < 1:
             raise InvalidInput(f"limit must be at least 1, not {limit}")
-        bounds = await index_bounds(self._conn)
-        if bounds is None:
+        bounds = await stream_bounds(self._conn, RUNS_STREAM)
+        if bounds is None:  # no index yet: no runs yet
             return [], 0
         first, last = bounds
         # Newest summary of each run by its stream sequence: a summary rewritten while the

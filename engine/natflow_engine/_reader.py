@@ -1,4 +1,5 @@
-"""Batch direct gets: many stream messages in one request (NATS.md §7).
+"""Batch direct gets: many stream messages in one request (NATS.md §7), and a stream's
+bounds, where a read of a whole stream starts.
 
 One wildcard reply subscription per connection serves every read; each read gets its own
 reply token. The server streams the messages, then a ``204 EOB`` status carrying
@@ -14,7 +15,7 @@ from typing import Final
 import msgspec
 from nats.aio.msg import Msg
 
-from ._connection import Connection, NoResponders
+from ._connection import ERR_STREAM_NOT_FOUND, ApiError, Connection, NoResponders
 from ._errors import NatflowError, ServerUnavailable
 
 # One request reads a history of 10,000 small events whole: the server answers it as one
@@ -191,6 +192,32 @@ class BatchReader:
         elif status != "404":  # 404: nothing (more) matches
             read.error = f"{status} {headers.get('Description', '')}"
         read.done.set_result(None)
+
+
+class _StreamState(msgspec.Struct):
+    first_seq: int = 0
+    last_seq: int = 0
+
+
+class _InfoReply(msgspec.Struct):
+    state: _StreamState | None = None
+    error: ApiError | None = None
+
+
+_info_decoder = msgspec.json.Decoder(_InfoReply)
+
+
+async def stream_bounds(conn: Connection, stream: str) -> tuple[int, int] | None:
+    """The stream's first and last sequences (the last below the first: empty); None if
+    there is no such stream. A server that does not answer is an error, never an empty
+    stream (every reader of a whole stream starts here: ``runs list``, the console)."""
+    msg = await conn.request(f"{conn.api}.STREAM.INFO.{stream}", b"")
+    reply = _info_decoder.decode(msg.data)
+    if reply.error is not None and reply.error.err_code == ERR_STREAM_NOT_FOUND:
+        return None
+    if reply.error is not None or reply.state is None:
+        raise (reply.error or ApiError(description="no stream state")).refusal(f"stream {stream}")
+    return reply.state.first_seq, reply.state.last_seq
 
 
 def reader(conn: Connection) -> BatchReader:

@@ -43,7 +43,7 @@ from ._kv import kv_stream
 from ._leases import LEASES_BUCKET
 from ._lifecycle import LIFECYCLE_PREFIX, LIFECYCLE_STREAM, workflow_token
 from ._names import check_run_id
-from ._reader import reader
+from ._reader import reader, stream_bounds
 from ._signals import sequence, stored_at
 from ._state import fold_run
 from ._streams import (
@@ -80,18 +80,7 @@ class _PurgeReply(msgspec.Struct):
     error: ApiError | None = None
 
 
-class _StreamState(msgspec.Struct):
-    first_seq: int = 0
-    last_seq: int = 0
-
-
-class _InfoReply(msgspec.Struct):
-    state: _StreamState | None = None
-    error: ApiError | None = None
-
-
 _purge_decoder = msgspec.json.Decoder(_PurgeReply)
-_info_decoder = msgspec.json.Decoder(_InfoReply)
 _entry_decoder = msgspec.json.Decoder(IndexEntry)
 
 
@@ -106,14 +95,6 @@ async def purge(conn: Connection, stream: str, subject: str, *, below: int | Non
     if reply.error is not None:
         raise reply.error.refusal(f"purge {stream} {subject}")
     return reply.purged
-
-
-async def _bounds(conn: Connection, stream: str) -> tuple[int, int]:
-    """The stream's first and last sequences."""
-    reply = _info_decoder.decode((await conn.request(f"{conn.api}.STREAM.INFO.{stream}", b"")).data)
-    if reply.error is not None or reply.state is None:
-        raise (reply.error or ApiError(description="no stream state")).refusal(f"stream {stream}")
-    return reply.state.first_seq, reply.state.last_seq
 
 
 async def purge_run(conn: Connection, run_id: str, workflow: str, queue: str) -> int:
@@ -224,7 +205,10 @@ class RetentionService:
         carries), and the older ones stored before the shortest retention (a summary is
         written when, or after, its run closed, so a newer one cannot be due)."""
         now = utcnow()
-        first, last = await _bounds(self._conn, RUNS_STREAM)
+        bounds = await stream_bounds(self._conn, RUNS_STREAM)
+        if bounds is None:  # no index yet: no closed runs
+            return []
+        first, last = bounds
         if last < self._learned_until or first < self._first:
             self._learned_until = 0  # the index was deleted and rebuilt: learn it again
         self._first = first

@@ -36,7 +36,7 @@ from ._level_read import first_start
 from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
 from ._names import _TOKEN
 from ._puller import Puller, engine_consumer
-from ._reader import reader
+from ._reader import reader, stream_bounds
 from ._streams import (
     CONTROL_TOKEN,
     DEADLETTER_PREFIX,
@@ -297,10 +297,11 @@ async def dead_letter_item(
 
 async def dead_letters(conn: Connection, limit: int = 100) -> list[DeadLetter]:
     """The newest dead letters, newest first."""
-    info = await conn.admin(
-        f"reading stream {DEADLETTER_STREAM}", lambda: conn.jsm.stream_info(DEADLETTER_STREAM)
-    )
-    start = max(info.state.first_seq, info.state.last_seq - limit + 1)
+    bounds = await stream_bounds(conn, DEADLETTER_STREAM)
+    if bounds is None:
+        return []
+    first, last = bounds
+    start = max(first, last - limit + 1)
     page = await reader(conn).read_all(DEADLETTER_STREAM, start=start, limit=limit)
     return [_dl_decoder.decode(m.data) for m in reversed(page.messages)]
 

@@ -39,7 +39,7 @@ from ._flow_decls import start_declared
 from ._kv import kv_delete, kv_entries, kv_put
 from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
-from ._reader import reader
+from ._reader import reader, stream_bounds
 from ._runs import Runs
 from ._sealing import seal, sealed_key
 from ._signals import DeadLetter
@@ -161,12 +161,11 @@ async def emit(conn: Connection, name: str, payload: bytes, event_id: str | None
 
 async def recent_events(conn: Connection, limit: int = 20) -> list[EventRecord]:
     """The newest events, newest first, each with the run it started per declared workflow."""
-    info = await conn.admin(
-        f"reading stream {EVENTS_STREAM}", lambda: conn.jsm.stream_info(EVENTS_STREAM)
-    )
-    if info.state.messages == 0:
+    bounds = await stream_bounds(conn, EVENTS_STREAM)
+    if bounds is None or bounds[1] < max(bounds[0], 1):  # none, or nothing in it
         return []
-    start = max(info.state.first_seq, info.state.last_seq - limit + 1)
+    first, last = bounds
+    start = max(first, last - limit + 1)
     page = await reader(conn).read_all(EVENTS_STREAM, start=start, limit=limit, headers=True)
     wanted: dict[str, list[TriggerDeclaration]] = {}
     for decl in await declarations(conn):

@@ -20,8 +20,8 @@ import msgspec
 from nats.aio.msg import Msg
 
 from .._connection import Connection
-from .._index import IndexEntry, index_bounds
-from .._reader import BATCH, reader
+from .._index import IndexEntry
+from .._reader import BATCH, reader, stream_bounds
 from .._streams import RUNS_PREFIX, RUNS_STREAM
 
 log = logging.getLogger("natflow.console")
@@ -180,7 +180,7 @@ class StatusCounts:
 
 async def _load(conn: Connection, tally: _Tally) -> None:
     """Every entry of the run index into ``tally``, in batches of thousands."""
-    bounds = await index_bounds(conn)
+    bounds = await stream_bounds(conn, RUNS_STREAM)
     if bounds is None:  # no index yet
         return
     start, last = bounds

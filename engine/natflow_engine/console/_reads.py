@@ -18,12 +18,12 @@ import msgspec
 from .._connection import Connection
 from .._errors import NatflowError, RunNotFound
 from .._history import HistoryStore, current_stretch
-from .._index import IndexEntry, index_bounds
+from .._index import IndexEntry
 from .._kv import kv_entries
 from .._leases import LEASES_BUCKET, Lease, decode_lease
 from .._limits import explain as explain_wait
 from .._names import check_run_id
-from .._reader import reader
+from .._reader import reader, stream_bounds
 from .._registry import WorkerInfo, list_workers
 from .._sealing import open_events
 from .._signals import DeadLetter, dead_letters
@@ -101,10 +101,6 @@ async def entries_for(conn: Connection, run_ids: list[str]) -> list[RunInfo]:
     return [found[r] for r in run_ids if r in found]
 
 
-async def _index_bounds(conn: Connection) -> tuple[int, int]:
-    return await index_bounds(conn) or (1, 0)  # no index yet: no runs yet
-
-
 async def _window(conn: Connection, start: int, end: int) -> list[tuple[int, IndexEntry]]:
     """Index entries stored at sequences ``start..end``, newest first."""
     page = await reader(conn).read(RUNS_STREAM, start=start, batch=end - start + 1, headers=True)
@@ -137,7 +133,7 @@ async def list_runs(
 async def _list_hub_runs(
     conn: Connection, where: RunFilter, *, before: int | None, size: int
 ) -> RunPage:
-    first, last = await _index_bounds(conn)
+    first, last = await stream_bounds(conn, RUNS_STREAM) or (1, 0)  # no index: no runs
     top = last if before is None else min(last, before - 1)
     result = RunPage()
     window = size if not where.active else _WINDOW
