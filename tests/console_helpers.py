@@ -13,7 +13,8 @@ from typing import Any
 
 import anyio
 import pytest
-from natflow_engine._connection import Connection, connect
+from natflow_engine._connect import connect
+from natflow_engine._connection import Connection
 from natflow_engine.console import create_app, serve
 
 CHROMIUM = "/usr/bin/chromium"

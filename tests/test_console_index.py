@@ -11,7 +11,8 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import msgspec
 import pytest
-from natflow_engine._connection import Connection, connect
+from natflow_engine._connect import connect
+from natflow_engine._connection import Connection
 from natflow_engine._index import IndexEntry
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._state import RunInfo

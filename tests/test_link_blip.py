@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 from natflow import Client, Worker, WorkflowContext, workflow
-from natflow_engine._connection import connect
+from natflow_engine._connect import connect
 from natflow_engine._engine import Engine
 from natflow_engine._leases import Leases
 from natflow_engine._server import EmbeddedServer

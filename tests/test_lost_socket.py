@@ -20,7 +20,8 @@ from pathlib import Path
 import anyio
 import pytest
 from natflow_engine._append_batch import Batcher, _Append
-from natflow_engine._connection import Connection, RequestTimeout, connect, quietly
+from natflow_engine._connect import connect
+from natflow_engine._connection import Connection, RequestTimeout, quietly
 from natflow_engine._errors import ServerUnavailable
 from natflow_engine._index import RunIndex
 from natflow_engine._kv import kv_delete_nowait

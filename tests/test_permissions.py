@@ -110,7 +110,7 @@ async def test_bad_credentials_are_named_and_the_password_is_never_shown(
 
 
 def test_urls_in_messages_lose_their_secrets() -> None:
-    from natflow_engine._connection import _redact_text
+    from natflow_engine._connect_refusals import redact_text as _redact_text
 
     text = "error connecting to nats://admin:pw@127.0.0.1:4222 and tls://tok@h:1"
     assert (

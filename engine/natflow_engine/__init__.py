@@ -12,6 +12,8 @@ from ._cli_options import add_metrics_options, connect_options
 from ._codec import decode_value, encode_value, error_info
 from ._collector import tune_collector
 from ._completion import RunOutcome
+from ._connect import connect, default_url, logged_callbacks, wrap
+from ._connect_refusals import redact_url
 from ._connection import (
     ERR_WRONG_LAST_SEQUENCE,
     TRANSIENT,
@@ -19,12 +21,7 @@ from ._connection import (
     JetStreamError,
     NoResponders,
     PayloadTooLarge,
-    connect,
-    default_url,
-    logged_callbacks,
     quietly,
-    redact_url,
-    wrap,
 )
 from ._durations import parse_duration, to_seconds
 from ._engine import DISPATCHER, DISPATCHERS

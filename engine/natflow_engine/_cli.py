@@ -31,7 +31,8 @@ from ._cli_runs import register as register_runs
 from ._cli_schedules import register as register_triggers
 from ._cli_sites import add_site_options, check_site_options, site_list
 from ._collector import tune_collector
-from ._connection import DEFAULT_URL, Connection, connect, default_url
+from ._connect import DEFAULT_URL, connect, default_url
+from ._connection import Connection
 from ._engine import Engine
 from ._errors import NatflowError
 from ._event_loop import run_event_loop

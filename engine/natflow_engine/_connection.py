@@ -1,4 +1,5 @@
-"""One NATS connection and the boundary where nats-py errors become natflow errors.
+"""One NATS connection and the boundary where nats-py errors become natflow errors
+(opened by ``_connect``; why one could not be opened is ``_connect_refusals``).
 
 Everything natflow sends to JetStream on a hot path goes through :meth:`Connection.publish`
 and :meth:`Connection.request`: raw requests parsed with msgspec (nats-py's own helpers decode
@@ -9,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import ssl
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import anyio.lowlevel
@@ -27,8 +24,10 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from ._connect_refusals import (
+    redact_url,
+)
 from ._errors import (
-    ConnectionRefused,
     InvalidInput,
     NatflowError,
     PermissionDenied,
@@ -38,15 +37,6 @@ from ._sealing import PayloadCodec
 
 log = logging.getLogger("natflow.connection")
 
-DEFAULT_URL: Final = "nats://127.0.0.1:4222"
-# A link that dies without a word (a firewall or NAT that forgets the connection, a frozen
-# middlebox, a cable pulled somewhere between an edge worker and its server) shows only as
-# pings unanswered: PING every 10 s, the connection given up after two unanswered, so it is
-# noticed within 30 s and reconnected. nats-py's defaults (2 min, two) took up to 6 min, while
-# the worker's runs were handed to others after its 15 s lease and it sat idle.
-PING_INTERVAL: Final = 10
-MAX_OUTSTANDING_PINGS: Final = 2
-START_HINT: Final = "start one with `natflow dev` (or `natflow server`), or set NATFLOW_URL"
 
 # JetStream error codes natflow branches on (nats-server's errors.json).
 ERR_WRONG_LAST_SEQUENCE: Final = 10071
@@ -60,29 +50,6 @@ ERR_JS_UNAVAILABLE: Final = 10008
 # Freed space (natflow's retention deletes closed runs) or a raised limit ends it, so a
 # write refused so is retried as the server away is, not failed (a worker parked its runs).
 ERR_OUT_OF_STORAGE: Final = (10023, 10002)
-
-
-def default_url() -> str:
-    return os.environ.get("NATFLOW_URL", DEFAULT_URL)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its secret: ``nats://user:***@host``, ``nats://***@host`` for a token.
-
-    Every URL natflow prints or logs goes through here; a list (``a,b``) is redacted per URL.
-    """
-    if "," in url:
-        return ",".join(redact_url(part.strip()) for part in url.split(","))
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if "@" not in parts.netloc:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    shown = f"{user}:***" if colon else "***"  # a lone userinfo is a token
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
 
 
 # nats-py hands the server's -ERR to error_cb lower-cased, e.g.
@@ -526,188 +493,3 @@ async def retrying(what: str, op: Callable[[], Awaitable[T]], *, budget: float =
             log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-
-
-async def connect(
-    url: str | list[str] | None = None,
-    *,
-    connect_timeout: float = 5.0,
-    name: str = "natflow",
-    domain: str | None = None,
-    **options: Any,
-) -> Connection:
-    """Connect to NATS, failing with :class:`ServerUnavailable` within ``connect_timeout``.
-
-    ``domain`` (default: ``NATFLOW_DOMAIN``) names the JetStream domain that holds natflow's
-    streams, for a process connected to a leaf node whose JetStream, if any, is another.
-    """
-    servers: str | list[str] = url if url is not None else default_url()
-    if isinstance(servers, str) and "," in servers:  # NATFLOW_URL may list a cluster's nodes
-        servers = [u.strip() for u in servers.split(",") if u.strip()]
-    holder: dict[str, Connection] = {}
-    refused: list[bool] = []  # whether the server turned the credentials down while connecting
-    connecting_errors: list[Exception] = []
-
-    async def error_cb(error: Exception) -> None:
-        conn = holder.get("conn")
-        if conn is None:  # still connecting: the caller gets the error itself
-            refused.append(_refused_credentials(error))
-            connecting_errors.append(error)
-            log.debug("NATS: %s", _redact_text(str(error)))
-            return
-        conn.note_error(error)
-        log.warning("NATS: %s", _redact_text(str(error)))
-
-    async def disconnected_cb() -> None:
-        conn = holder.get("conn")
-        if conn is None:
-            return
-        if not conn.closing:
-            log.warning("NATS connection lost; reconnecting")
-        for hook in conn.on_disconnect:
-            hook()
-
-    async def reconnected_cb() -> None:
-        log.info("NATS connection re-established")
-        conn = holder.get("conn")
-        for hook in conn.on_reconnect if conn is not None else []:
-            hook()
-
-    creds = options.get("user_credentials")
-    if isinstance(creds, str | os.PathLike):
-        check_creds_file(os.fspath(creds))
-    reconnect_attempts = options.pop("max_reconnect_attempts", -1)
-    options.setdefault("reconnect_time_wait", 0.5)
-    options.setdefault("ping_interval", PING_INTERVAL)
-    options.setdefault("max_outstanding_pings", MAX_OUTSTANDING_PINGS)
-    options.setdefault("error_cb", error_cb)
-    options.setdefault("disconnected_cb", disconnected_cb)
-    options.setdefault("reconnected_cb", reconnected_cb)
-    shown = redact_url(servers if isinstance(servers, str) else ", ".join(servers))
-    try:
-        nc = await asyncio.wait_for(
-            nats.connect(
-                servers=servers,
-                connect_timeout=max(1, round(connect_timeout)),
-                allow_reconnect=True,
-                # The first connection tries each server twice and fails fast; once
-                # connected, the client reconnects as the caller asked (forever by default).
-                max_reconnect_attempts=1,
-                name=name,
-                **options,
-            ),
-            timeout=connect_timeout,
-        )
-    except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.Error) as exc:
-        if any(refused) or _refused_credentials(exc):
-            raise PermissionDenied(
-                f"the NATS server at {shown} refused the credentials; check the user and "
-                f"password, token, NKey or creds file (the natflow command: --user and "
-                f"--password, --token, --nkey, --creds, or NATFLOW_USER, NATFLOW_PASSWORD, "
-                f"NATFLOW_TOKEN, NATFLOW_NKEY, NATFLOW_CREDS)"
-            ) from None
-        # nats-py hides a failed TLS handshake behind "no servers" or a timeout; only its
-        # error callback saw the reason.
-        uses_tls = "tls" in options or "tls://" in shown
-        tls = tls_refusal(shown, [*connecting_errors, exc], uses_tls=uses_tls)
-        if tls is not None:
-            raise tls from None
-        if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.NoServersError):
-            raise ServerUnavailable(
-                f"could not connect to NATS at {shown}: {_redact_text(str(exc))}"
-            ) from None
-        raise ServerUnavailable(f"no NATS server answered at {shown}; {START_HINT}") from None
-    nc.options["max_reconnect_attempts"] = reconnect_attempts
-    conn = Connection(nc, owned=True, domain=domain or os.environ.get("NATFLOW_DOMAIN"))
-    holder["conn"] = conn
-    return conn
-
-
-def _refused_credentials(error: BaseException) -> bool:
-    text = str(error).lower()
-    return "authorization violation" in text or "authentication" in text
-
-
-_URL_SECRET = re.compile(r"(\w+://)([^@/\s]+)@")
-
-
-def logged_callbacks(what: str) -> dict[str, Any]:
-    """nats-py callbacks for a connection natflow opens beside its :class:`Connection` (the
-    worker's heartbeat connection, ``what``): its errors logged as a warning line, its losses
-    and returns at info. Without them nats-py logs every lost connection as an ERROR with the
-    exception, which read as a failure in the logs of a worker that had merely reconnected."""
-
-    async def error_cb(error: Exception) -> None:
-        log.warning("NATS (%s): %s", what, _redact_text(str(error)))
-
-    async def disconnected_cb() -> None:
-        log.info("NATS (%s): connection lost; reconnecting", what)
-
-    async def reconnected_cb() -> None:
-        log.info("NATS (%s): connection re-established", what)
-
-    return {
-        "error_cb": error_cb,
-        "disconnected_cb": disconnected_cb,
-        "reconnected_cb": reconnected_cb,
-    }
-
-
-def _redact_text(text: str) -> str:
-    """Any URL inside a message (nats-py quotes the server it tried) loses its secret."""
-    return _URL_SECRET.sub(lambda m: redact_url(m.group(0) + "x")[:-1], text)
-
-
-def check_creds_file(path: str) -> None:
-    """A creds file must exist and hold a user JWT and an NKEY seed; nats-py would report a
-    missing one as "no servers" and a malformed one as a bare TypeError. Its content (a
-    secret) is never shown."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise InvalidInput(
-            f"cannot read the creds file {path!r} ({exc.strerror}); pass the path of a NATS "
-            f"user creds file (--creds, NATFLOW_CREDS)"
-        ) from None
-    for marker in ("BEGIN NATS USER JWT", "BEGIN USER NKEY SEED"):
-        if marker not in text:
-            raise InvalidInput(
-                f"{path!r} is not a NATS user creds file: it has no '-----{marker}-----' "
-                f"block (make one with `nsc generate creds`, or from your operator's tooling)"
-            )
-
-
-def tls_refusal(
-    shown: str, errors: list[BaseException], *, uses_tls: bool = False
-) -> ConnectionRefused | None:
-    """What a failed TLS handshake among ``errors`` means for the user, or None if none did."""
-    for error in errors:
-        if isinstance(error, ssl.SSLCertVerificationError):
-            return ConnectionRefused(
-                f"the TLS certificate of the NATS server at {shown} is not trusted "
-                f"({error.verify_message}); pass the CA that signed it with --tls-ca "
-                f"(NATFLOW_TLS_CA, or an ssl.SSLContext as tls=)"
-            )
-    for error in errors:
-        if isinstance(error, ssl.SSLError):
-            reason = error.reason or str(error)
-            return ConnectionRefused(
-                f"the NATS server at {shown} refused the TLS handshake ({reason}); it wants "
-                f"a client certificate signed by a CA it trusts: pass --tls-cert and --tls-key "
-                f"(NATFLOW_TLS_CERT, NATFLOW_TLS_KEY)"
-            )
-    # With TLS 1.3 the server checks the client's certificate after the client's side of the
-    # handshake is done: its refusal may reach the client only as a closed connection.
-    closed = (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)
-    if uses_tls and any(isinstance(e, closed) or "eof" in str(e).lower() for e in errors):
-        return ConnectionRefused(
-            f"the NATS server at {shown} refused the TLS handshake (it closed the connection "
-            f"during it); it most likely wants a client certificate signed by a CA it trusts: "
-            f"pass --tls-cert and --tls-key (NATFLOW_TLS_CERT, NATFLOW_TLS_KEY)"
-        )
-    return None
-
-
-def wrap(nc: NATS, domain: str | None = None) -> Connection:
-    """Use a connection the caller opened (and will close)."""
-    return Connection(nc, owned=False, domain=domain or os.environ.get("NATFLOW_DOMAIN"))

@@ -29,13 +29,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ._connection import (
-    ERR_STREAM_NAME_IN_USE,
-    TRANSIENT,
-    Connection,
-    quietly,
-    retrying,
-)
+from ._connection import ERR_STREAM_NAME_IN_USE, TRANSIENT, Connection, quietly, retrying
 from ._errors import InvalidInput, NatflowError
 from ._names import check_run_id, check_token
 from ._runs import Runs

@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from natflow_engine._connection import connect
+from natflow_engine._connect import connect
 from natflow_engine._index import IndexEntry
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._state import RunInfo

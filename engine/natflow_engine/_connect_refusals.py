@@ -1,0 +1,99 @@
+"""What natflow says when a connection cannot be made, and how it keeps secrets out of it.
+
+nats-py reports a refused credential, an untrusted certificate or a missing creds file as "no
+servers", a timeout or a bare TypeError; these turn what it saw into an error that names the
+cause and the option that fixes it. Every URL and nats-py message natflow prints or logs
+loses its password or token here first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import urllib.parse
+from pathlib import Path
+
+from ._errors import ConnectionRefused, InvalidInput
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its secret: ``nats://user:***@host``, ``nats://***@host`` for a token.
+
+    Every URL natflow prints or logs goes through here; a list (``a,b``) is redacted per URL.
+    """
+    if "," in url:
+        return ",".join(redact_url(part.strip()) for part in url.split(","))
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"  # a lone userinfo is a token
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
+
+
+_URL_SECRET = re.compile(r"(\w+://)([^@/\s]+)@")
+
+
+def redact_text(text: str) -> str:
+    """Any URL inside a message (nats-py quotes the server it tried) loses its secret."""
+    return _URL_SECRET.sub(lambda m: redact_url(m.group(0) + "x")[:-1], text)
+
+
+def refused_credentials(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "authorization violation" in text or "authentication" in text
+
+
+def check_creds_file(path: str) -> None:
+    """A creds file must exist and hold a user JWT and an NKEY seed; nats-py would report a
+    missing one as "no servers" and a malformed one as a bare TypeError. Its content (a
+    secret) is never shown."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot read the creds file {path!r} ({exc.strerror}); pass the path of a NATS "
+            f"user creds file (--creds, NATFLOW_CREDS)"
+        ) from None
+    for marker in ("BEGIN NATS USER JWT", "BEGIN USER NKEY SEED"):
+        if marker not in text:
+            raise InvalidInput(
+                f"{path!r} is not a NATS user creds file: it has no '-----{marker}-----' "
+                f"block (make one with `nsc generate creds`, or from your operator's tooling)"
+            )
+
+
+def tls_refusal(
+    shown: str, errors: list[BaseException], *, uses_tls: bool = False
+) -> ConnectionRefused | None:
+    """What a failed TLS handshake among ``errors`` means for the user, or None if none did."""
+    for error in errors:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return ConnectionRefused(
+                f"the TLS certificate of the NATS server at {shown} is not trusted "
+                f"({error.verify_message}); pass the CA that signed it with --tls-ca "
+                f"(NATFLOW_TLS_CA, or an ssl.SSLContext as tls=)"
+            )
+    for error in errors:
+        if isinstance(error, ssl.SSLError):
+            reason = error.reason or str(error)
+            return ConnectionRefused(
+                f"the NATS server at {shown} refused the TLS handshake ({reason}); it wants "
+                f"a client certificate signed by a CA it trusts: pass --tls-cert and --tls-key "
+                f"(NATFLOW_TLS_CERT, NATFLOW_TLS_KEY)"
+            )
+    # With TLS 1.3 the server checks the client's certificate after the client's side of the
+    # handshake is done: its refusal may reach the client only as a closed connection.
+    closed = (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)
+    if uses_tls and any(isinstance(e, closed) or "eof" in str(e).lower() for e in errors):
+        return ConnectionRefused(
+            f"the NATS server at {shown} refused the TLS handshake (it closed the connection "
+            f"during it); it most likely wants a client certificate signed by a CA it trusts: "
+            f"pass --tls-cert and --tls-key (NATFLOW_TLS_CERT, NATFLOW_TLS_KEY)"
+        )
+    return None
