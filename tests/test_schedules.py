@@ -19,10 +19,19 @@ from zoneinfo import ZoneInfo
 import anyio
 import msgspec
 import pytest
-from natflow import Client, NatflowError, RunInfo, RunNotFound
+from natflow import Client, InvalidInput, NatflowError, RunInfo, RunNotFound
 from natflow_engine._cron import fire_token
-from natflow_engine._schedules import ScheduleFire, change_schedule, fire_run_id, get_schedule
+from natflow_engine._kv import kv_put
+from natflow_engine._schedules import (
+    Schedule,
+    ScheduleFire,
+    ScheduleSpec,
+    change_schedule,
+    fire_run_id,
+    get_schedule,
+)
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._streams import SCHEDULES_BUCKET
 from natflow_engine.events import RunStarted
 from prometheus_client import REGISTRY
 
@@ -336,3 +345,62 @@ async def _result(client: Client, run_id: str) -> object:
         return await client.handle(run_id).result(timeout=5)
     except NatflowError:  # not started yet
         return None
+
+
+async def test_schedule_values_of_the_wrong_type_or_out_of_range_are_refused_unwritten(
+    client: Client,
+) -> None:
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"every": 10**12}, "every must be at most a hundred years"),  # past the year 9999
+        ({"every": 1e300}, "every must be at most a hundred years"),
+        ({"cron": "0 2 * * *", "catchup_window": timedelta(days=365 * 200)}, "catchup_window"),
+        ({"every": 60, "paused": "yes"}, "paused"),  # msgspec checks no types of a struct...
+        ({"every": 60, "note": 5}, "note"),  # ...built in code
+        ({"every": 60, "timezone": 5}, "timezone"),
+    ]
+    for arguments, named in bad:
+        with pytest.raises(InvalidInput, match=named):
+            await client.schedules.create("bad", tick, **arguments)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="two datetimes"):
+        await client.schedules.backfill("bad", "2026-11-27", "2026-11-28")  # type: ignore[arg-type]
+    assert await client.schedules.list() == []
+
+
+async def test_a_stored_schedule_natflow_cannot_read_or_compute_leaves_the_engine_running(
+    client: Client,
+    nats_server: EmbeddedServer,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    conn = client.connection
+    await client.schedules.create("good", tick, every=1)
+    now = datetime.now(UTC)
+    unreadable = {"schedule_id": "typo", "workflow": "tick", "paused": "yes"}
+    huge = Schedule(  # as a hand-written entry (or an older natflow) could store it
+        schedule_id="huge",
+        workflow="tick",
+        spec=ScheduleSpec(every=1e12),
+        created_at=now,
+        updated_at=now,
+        cursor=now,
+    )
+    await kv_put(conn, SCHEDULES_BUCKET, "typo", msgspec.json.encode(unreadable))
+    await kv_put(conn, SCHEDULES_BUCKET, "huge", msgspec.json.encode(huge))
+    log = tmp_path / "engine.log"
+    engine = await engine_process(nats_server.url, log, processes)
+
+    async def good_fired() -> bool:
+        assert engine.poll() is None, log.read_text()[-3000:]
+        return bool((await client.schedules.describe("good")).recent_runs)
+
+    await wait_for(good_fired, timeout=20, what="the readable schedule to fire")
+    text = log.read_text()
+    assert "quarantined (kv_schedules) typo" in text and "quarantined (kv_schedules) huge" in text
+    assert "Traceback" not in text, text[-3000:]
+    assert [s.schedule_id for s in await client.schedules.list()] == ["good", "huge"]
+    with pytest.raises(NatflowError, match=r"cannot read .* `natflow schedules delete typo`"):
+        await client.schedules.describe("typo")
+    await client.schedules.delete("typo")
+    await client.schedules.delete("huge")
+    assert [s.schedule_id for s in await client.schedules.list()] == ["good"]
+    assert engine.poll() is None

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
+from ._durations import MAX_DURATION
 from ._errors import InvalidInput
 
 MIN_EVERY: Final = 1.0  # seconds: fire times are whole seconds
@@ -44,6 +45,8 @@ _ALIASES: Final = {
 
 def zone(name: str) -> ZoneInfo:
     """The IANA time zone ``name``; :class:`InvalidInput` if there is none of that name."""
+    if not isinstance(name, str):
+        raise InvalidInput(f"timezone must be an IANA name such as 'UTC', not {name!r}")
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -123,8 +126,12 @@ def fire_token(fire: datetime) -> str:
 
 
 def _check_every(every: float) -> float:
+    if not isinstance(every, int | float) or isinstance(every, bool):
+        raise InvalidInput(f"every must be seconds, not {type(every).__name__}")
     if not math.isfinite(every) or every < MIN_EVERY:
         raise InvalidInput(f"every must be at least {MIN_EVERY:g} s, not {every!r}")
+    if every > MAX_DURATION:
+        raise InvalidInput(f"every must be at most a hundred years, not {every!r}")
     if every != int(every):
         raise InvalidInput(f"every must be whole seconds, not {every!r}")
     return float(every)

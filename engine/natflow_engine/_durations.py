@@ -5,12 +5,18 @@ from __future__ import annotations
 import math
 import re
 from datetime import timedelta
+from typing import Final
 
 from ._errors import InvalidInput
 
+# A hundred years: anything longer would land past what a datetime holds (the year 9999)
+# once added to now, so a larger duration is a mistake, reported where it is given.
+MAX_DURATION: Final = 100 * 365.25 * 86400
+
 
 def to_seconds(what: str, value: float | timedelta) -> float:
-    """Seconds from ``value``; a negative, NaN or infinite duration is :class:`InvalidInput`."""
+    """Seconds from ``value``; a negative, NaN, infinite or longer than a hundred years
+    duration is :class:`InvalidInput`."""
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -19,6 +25,8 @@ def to_seconds(what: str, value: float | timedelta) -> float:
         raise InvalidInput(f"{what} must be seconds or a timedelta, not {type(value).__name__}")
     if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
         raise InvalidInput(f"{what} must be a finite, non-negative duration, not {value!r}")
+    if seconds > MAX_DURATION:
+        raise InvalidInput(f"{what} must be at most a hundred years, not {value!r}")
     return seconds
 
 
@@ -39,4 +47,7 @@ def parse_duration(what: str, text: str) -> float:
             f"{what} {text!r} is not a duration: write seconds (90) or a number with a unit "
             f"(ms, s, m, h, d, w), such as 2s, 15m, 30d or 1h30m"
         )
-    return sum(float(n) * _UNITS[u] for n, u in parts)
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds > MAX_DURATION:
+        raise InvalidInput(f"{what} {text!r} is longer than a hundred years")
+    return seconds

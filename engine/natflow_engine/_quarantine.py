@@ -14,6 +14,8 @@ Paths (the metric's ``path`` label):
   run's summary (skipped);
 * ``kv_timers`` / ``kv_leases`` / ``kv_workers``: a KV entry that does not decode
   (dead-lettered as ``kv``; a bad timer wakes its run so the worker re-indexes its timers);
+* ``kv_schedules``: a stored schedule that does not decode, or whose next fire time cannot
+  be computed (left out by the engine and ``list``; ``describe`` names it, ``delete`` removes it);
 * ``signal_too_large``: a signal too large to move into history (rejected in history);
 * ``run_poisoned``: a run whose workers died twice while holding it (run blocked);
 * ``run_parked``: a run whose task failed the same way too often (run blocked);
@@ -45,6 +47,7 @@ PATHS: Final = (
     "kv_timers",
     "kv_leases",
     "kv_workers",
+    "kv_schedules",
     "signal_too_large",
     "run_poisoned",
     "run_parked",

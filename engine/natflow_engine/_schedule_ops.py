@@ -19,6 +19,7 @@ import msgspec
 from ._connection import Connection
 from ._errors import InvalidInput, NatflowError
 from ._flow_decls import start_declared
+from ._kv import kv_get
 from ._names import check_workflow_name
 from ._runs import Runs
 from ._schedules import (
@@ -39,7 +40,7 @@ from ._schedules import (
     trigger_run_id,
 )
 from ._sealing import MissingKey, open_sealed, seal, sealed_key
-from ._streams import ensure_streams
+from ._streams import SCHEDULES_BUCKET, ensure_streams
 from .events import Trigger, utcnow
 
 log = logging.getLogger("natflow.schedules")
@@ -163,6 +164,8 @@ class Schedules:
         A fire that already has its run (it fired on time, or was backfilled before) starts
         nothing new.
         """
+        if not isinstance(start, datetime) or not isinstance(end, datetime):
+            raise InvalidInput(f"backfill takes two datetimes, not {start!r} and {end!r}")
         if start.tzinfo is None or end.tzinfo is None:
             raise InvalidInput("backfill takes aware datetimes (with a time zone)")
         if end < start:
@@ -182,8 +185,13 @@ class Schedules:
         return [f.run_id for f in done if f.run_id is not None]
 
     async def delete(self, schedule_id: str) -> None:
-        """Remove the schedule; runs it started go on."""
-        await self._get(schedule_id)
+        """Remove the schedule (one natflow cannot read too); runs it started go on."""
+        check_schedule_id(schedule_id)
+        await ensure_streams(self._conn)
+        if await kv_get(self._conn, SCHEDULES_BUCKET, schedule_id) is None:
+            raise NatflowError(
+                f"no schedule {schedule_id!r}; `natflow schedules list` shows the schedules"
+            )
         await delete_schedule(self._conn, schedule_id)
 
     async def describe(self, schedule_id: str) -> ScheduleInfo:

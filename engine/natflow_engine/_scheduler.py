@@ -33,17 +33,19 @@ from ._flow_decls import start_declared
 from ._history import HistoryStore
 from ._kv import kv_watch
 from ._metrics import SCHEDULE_FIRES, SCHEDULE_LATENESS
+from ._quarantine import quarantined
 from ._runs import Runs
 from ._schedules import (
     Schedule,
     ScheduleConflict,
     ScheduleFire,
-    decode_schedule,
+    UnreadableSchedule,
     due_at,
     get_schedule,
     next_due,
     plan,
     put_schedule,
+    read_schedule,
 )
 from ._signals import CANCEL, TERMINATE, send
 from ._streams import SCHEDULES_BUCKET
@@ -78,13 +80,25 @@ class Scheduler:
 
     async def _watch(self) -> None:
         async for key, value, _ in kv_watch(self._conn, SCHEDULES_BUCKET):
-            if value is None:
-                self.schedules.pop(key, None)
-            else:
-                self.schedules[key] = decode_schedule(value)
+            self.schedules.pop(key, None)
+            if value is not None:
+                try:
+                    self.schedules[key] = read_schedule(key, value)
+                except UnreadableSchedule as exc:  # left alone until changed or deleted
+                    quarantined("kv_schedules", key, str(exc), logger=log)
             self._changed.set()
 
     def _wake_at(self, schedule: Schedule) -> float | None:
+        """When the schedule needs a pass (None: not by the time alone); None also for one
+        whose next fire time cannot be computed (a spec stored by hand), reported once."""
+        try:
+            return self._wake(schedule)
+        except (OverflowError, ValueError, NatflowError) as exc:
+            reason = f"its next fire time cannot be computed ({exc}); fix or delete it"
+            quarantined("kv_schedules", schedule.schedule_id, reason, logger=log)
+            return None
+
+    def _wake(self, schedule: Schedule) -> float | None:
         if schedule.paused:
             return None
         retry = self._retry_at.get(schedule.schedule_id)

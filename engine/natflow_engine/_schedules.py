@@ -15,6 +15,7 @@ second replica or after a crash finds the run already there and makes nothing ne
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
@@ -23,10 +24,14 @@ import msgspec
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._cron import FireTimes, fire_token, jitter_for
+from ._durations import MAX_DURATION
 from ._errors import InvalidInput, NatflowError
 from ._kv import kv_delete, kv_entries, kv_get, kv_put, kv_stream
 from ._names import check_token
+from ._quarantine import quarantined
 from ._streams import SCHEDULES_BUCKET
+
+log = logging.getLogger("natflow.schedules")
 
 OVERLAP_POLICIES: Final = (
     "skip",
@@ -131,17 +136,36 @@ def check_schedule_id(schedule_id: object) -> str:
 
 def check_spec(spec: ScheduleSpec) -> ScheduleSpec:
     """``spec`` if it is sound; :class:`InvalidInput` naming what is not."""
-    spec.fire_times()  # cron, every and time zone
+    _checked(ScheduleSpec, "schedule spec", spec)  # types first: a struct built in code
+    fire_times = spec.fire_times()  # cron, every and time zone
     if spec.overlap not in OVERLAP_POLICIES:
         raise InvalidInput(
             f"unknown overlap policy {spec.overlap!r}: use one of {', '.join(OVERLAP_POLICIES)}"
         )
     if not 0 <= spec.jitter < 86400:
         raise InvalidInput(f"jitter must be between 0 and a day, not {spec.jitter!r}")
-    if not spec.catchup_window >= 0:
-        raise InvalidInput(f"catchup_window must not be negative: {spec.catchup_window!r}")
+    if not 0 <= spec.catchup_window <= MAX_DURATION:
+        raise InvalidInput(
+            f"catchup_window must be between 0 and a hundred years, not {spec.catchup_window!r}"
+        )
     check_token("queue name", spec.queue)
+    try:
+        next(fire_times.after(datetime.now(UTC)))
+    except (OverflowError, ValueError) as exc:  # past what a datetime holds
+        raise InvalidInput(f"the schedule's next fire time cannot be computed ({exc})") from None
     return spec
+
+
+def _checked(kind: type[msgspec.Struct], what: str, value: msgspec.Struct) -> bytes:
+    """``value`` encoded, if it decodes back as ``kind``: msgspec checks no types of a struct
+    built in code, so a wrong one (``paused="yes"``) would be stored, then refused by every
+    reader. :class:`InvalidInput` names the field."""
+    try:
+        data = _encoder.encode(value)
+        msgspec.json.decode(data, type=kind)
+    except (TypeError, ValueError, msgspec.EncodeError, msgspec.ValidationError) as exc:
+        raise InvalidInput(f"{what}: {exc}") from None
+    return data
 
 
 def fire_run_id(schedule_id: str, fire: datetime) -> str:
@@ -154,7 +178,10 @@ def trigger_run_id(schedule_id: str, at: datetime) -> str:
 
 
 def info_of(schedule: Schedule, now: datetime, count: int = 5) -> ScheduleInfo:
-    next_times = [] if schedule.paused else schedule.spec.fire_times().next(now, count)
+    try:
+        next_times = [] if schedule.paused else schedule.spec.fire_times().next(now, count)
+    except (NatflowError, OverflowError, ValueError):  # a spec stored by hand: none computed
+        next_times = []
     return ScheduleInfo(
         schedule_id=schedule.schedule_id,
         workflow=schedule.workflow,
@@ -311,13 +338,27 @@ def encode_schedule(schedule: Schedule) -> bytes:
     return _encoder.encode(schedule)
 
 
-def decode_schedule(data: bytes) -> Schedule:
-    return _decoder.decode(data)
+class UnreadableSchedule(NatflowError):
+    """A stored schedule this natflow cannot read (written by hand, or by a newer natflow)."""
+
+    def __init__(self, schedule_id: str, reason: str) -> None:
+        super().__init__(
+            f"schedule {schedule_id!r} is stored in a form this natflow cannot read ({reason}); "
+            f"`natflow schedules delete {schedule_id}` removes it"
+        )
+
+
+def read_schedule(schedule_id: str, data: bytes) -> Schedule:
+    """The stored schedule; :class:`UnreadableSchedule` if it does not decode."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise UnreadableSchedule(schedule_id, str(exc)) from None
 
 
 async def get_schedule(conn: Connection, schedule_id: str) -> tuple[Schedule, int] | None:
     found = await kv_get(conn, SCHEDULES_BUCKET, schedule_id)
-    return None if found is None else (decode_schedule(found[0]), found[1])
+    return None if found is None else (read_schedule(schedule_id, found[0]), found[1])
 
 
 async def put_schedule(conn: Connection, schedule: Schedule, revision: int) -> int:
@@ -327,7 +368,7 @@ async def put_schedule(conn: Connection, schedule: Schedule, revision: int) -> i
             conn,
             SCHEDULES_BUCKET,
             schedule.schedule_id,
-            encode_schedule(schedule),
+            _checked(Schedule, f"schedule {schedule.schedule_id!r}", schedule),
             revision=revision,
         )
     except JetStreamError as exc:
@@ -341,11 +382,17 @@ async def delete_schedule(conn: Connection, schedule_id: str) -> None:
 
 
 async def list_schedules(conn: Connection) -> list[tuple[Schedule, int]]:
-    """Every schedule, by id, with its revision."""
-    found = [
-        (decode_schedule(msg.data), int((msg.headers or {})["Nats-Sequence"]))
-        for msg in await kv_entries(conn, SCHEDULES_BUCKET)
-    ]
+    """Every schedule natflow can read, by id, with its revision (one it cannot is logged
+    once and left out: ``describe`` of it says why)."""
+    found = []
+    for msg in await kv_entries(conn, SCHEDULES_BUCKET):
+        schedule_id = (msg.headers or {}).get("Nats-Subject", "").rpartition(".")[2]
+        try:
+            schedule = read_schedule(schedule_id, msg.data)
+        except UnreadableSchedule as exc:
+            quarantined("kv_schedules", schedule_id, str(exc), logger=log)
+            continue
+        found.append((schedule, int((msg.headers or {})["Nats-Sequence"])))
     return sorted(found, key=lambda pair: pair[0].schedule_id)
 
 
