@@ -141,8 +141,12 @@ async def test_bad_input_gets_a_message_on_the_page_never_a_traceback(
     cases: list[tuple[str, dict[str, str] | None, int, str]] = [
         ("/runs?since=yesterday-ish", None, 400, "since 'yesterday-ish' is not a time"),
         ("/runs?status=sleepy", None, 400, "status 'sleepy' is not one of"),
-        ("/runs?workflow=a.b", None, 400, "workflow 'a.b' is not a valid name"),
+        ("/runs?workflow=a%0Ab", None, 400, "invalid workflow name 'a\\nb'"),
         ("/runs?before=abc", None, 400, "is not a page position"),
+        ("/runs?before=%C2%B2", None, 400, "is not a page position"),  # isdigit(), not int()
+        ("/runs?offset=" + "9" * 5000 + "&status=pending", None, 400, "is not a page position"),
+        ("/runs?since=99999999999d", None, 400, "more than a hundred years ago"),
+        ("/runs/a%20b/live", None, 400, "run_id 'a b': use 1 to 128 characters"),
         ("/runs?run_id=no-such-run", None, 404, "no run id contains 'no-such-run'"),
         ("/runs/no-such-run", None, 404, "no run with id 'no-such-run'"),
         ("/runs/bad.id", None, 400, "run_id 'bad.id': use 1 to 128 characters"),
@@ -172,6 +176,29 @@ async def test_bad_input_gets_a_message_on_the_page_never_a_traceback(
     )
     assert got == 403 and "another site" in _text(body)
     assert (await client.describe("bad-input")).status == "waiting", "nothing was sent"
+    # a page whose DNS name was rebound to this machine: same-origin to the browser, yet
+    # refused (a console without an access token answers only to an address or localhost)
+    rebound = {"Host": "evil.example", "Origin": "http://evil.example"}
+    for path, form in (("/runs", None), ("/runs/bad-input/action/cancel", {})):
+        got, body, _ = await http(console + path, form, rebound)
+        assert got == 400 and "answers only to an IP address or localhost" in _text(body)
+    got, _, _ = await http(console + "/runs", headers={"Host": "localhost"})
+    assert got == 200
+    assert (await client.describe("bad-input")).status == "waiting", "nothing was sent"
+    # any printable workflow name is a filter; the run page links to it
+    await Runs(client.connection).start("billing.invoice&co", "nobody", b"{}", "dotted")
+    got, body, _ = await http(console + "/runs/dotted")
+    assert got == 200 and 'href="/runs?workflow=billing.invoice%26co"' in body, body
+    got, body, _ = await http(console + "/runs?workflow=billing.invoice%26co")
+    assert got == 200 and "dotted" in body
+    # a large payload from the signal form goes to the value store, as Client.signal's does
+    big = '{"note": "' + "x" * 100_000 + '"}'
+    got, _, _ = await http(console + "/runs/bad-input/signal", {"name": "other", "payload": big})
+    assert got == 303
+    stored = await client.connection.js.get_last_msg(
+        "NATFLOW_SIGNALS", "natflow.signal.bad-input.>"
+    )
+    assert len(stored.data or b"") < 1000, len(stored.data or b"")
 
 
 async def test_start_form_checks_the_announced_input_schema(
@@ -253,6 +280,11 @@ async def test_access_token_and_natflow_ui(nats_server: EmbeddedServer, tmp_path
         assert got == 200 and "Runs" in body
         got, _, _ = await http(base + "/runs", headers={"Authorization": f"Bearer {secret}"})
         assert got == 200
+        # a token that is not ASCII: refused like any wrong one (compare_digest takes no
+        # non-ASCII str: this was a 500)
+        for wrong in ("/runs?token=%C3%A9", "/runs"):
+            got, _, _ = await http(base + wrong, headers={"Authorization": "Bearer \u00e9"})
+            assert got == 401
     finally:
         stop(proc, 15)
     assert secret not in log.read_text()

@@ -21,6 +21,7 @@ from .._names import check_queue, check_run_id, check_token, check_workflow_name
 from .._runs import Runs
 from .._sealing import seal
 from .._signals import send
+from .._values import store_value
 from . import _reads as reads
 from ._pages import console, page
 from ._run_actions import RUN_ACTIONS
@@ -67,6 +68,9 @@ async def signal(request: Request) -> Response:
             raise InvalidInput(f"run {run_id} has already {info.info.status}; it takes no signals")
         if state.conn.codec is not None:  # NATFLOW_CODEC_KEYS: sealed like Client.signal's
             payload = seal(state.conn.codec, payload)
+        # Over 64 KiB: kept in the value store, the signal carries its reference (as
+        # Client.signal's and the CLI's do).
+        payload = await store_value(state.conn, f"payload of signal {name!r}", payload, run_id)
         ack = await send(state.conn, run_id, name, payload, None)
     except InvalidInput as exc:
         return await _again(request, run_id, str(exc), form)

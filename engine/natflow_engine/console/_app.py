@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -111,7 +112,8 @@ class Guard:
     The token may come as ``?token=`` (then kept in an HttpOnly, SameSite=Lax cookie, so a
     link from elsewhere works), as that cookie, or as ``Authorization: Bearer``. A POST must
     come from a page of this console (its ``Origin`` names this host), so another site
-    cannot drive it.
+    cannot drive it. Without a token, a request must name the console by IP address or
+    ``localhost`` (see :func:`_addressed_directly`).
     """
 
     def __init__(self, app: ASGIApp, token: str | None) -> None:
@@ -124,9 +126,17 @@ class Guard:
             await self.app(scope, receive, send)
             return
         request = Request(scope)
+        if self.token is None and not _addressed_directly(request):
+            raise HTTPException(
+                400,
+                f"This console was asked for as {request.headers.get('host', '')!r}: without "
+                "an access token it answers only to an IP address or localhost (so a site "
+                "whose DNS name is made to point at this machine cannot use it). Open it by "
+                "address, or give it --access-token to reach it by name.",
+            )
         if self.token is not None and not scope["path"].startswith("/static/"):
             given = request.query_params.get("token")
-            if given is not None and hmac.compare_digest(given, self.token):
+            if given is not None and _equal(given, self.token):
                 await self._enter(request)(scope, receive, send)
                 return
             if not self._allowed(request):
@@ -142,11 +152,11 @@ class Guard:
     def _allowed(self, request: Request) -> bool:
         auth = request.headers.get("authorization", "")
         assert self.token is not None
-        if auth.startswith("Bearer ") and hmac.compare_digest(auth[7:], self.token):
+        if auth.startswith("Bearer ") and _equal(auth[7:], self.token):
             return True
         jar: SimpleCookie = SimpleCookie(request.headers.get("cookie", ""))
         morsel = jar.get(COOKIE)
-        return morsel is not None and hmac.compare_digest(morsel.value, self.cookie)
+        return morsel is not None and _equal(morsel.value, self.cookie)
 
     def _enter(self, request: Request) -> Response:
         query = {k: v for k, v in parse_qs(request.url.query).items() if k != "token"}
@@ -154,6 +164,30 @@ class Guard:
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(COOKIE, self.cookie, httponly=True, samesite="lax")
         return response
+
+
+def _equal(given: str, expected: str) -> bool:
+    """In constant time; as bytes, since ``compare_digest`` refuses non-ASCII strings."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _addressed_directly(request: Request) -> bool:
+    """Whether the request names this console by IP address or ``localhost``: a DNS name
+    could be one that an attacker's page rebinds to this machine (DNS rebinding), which
+    would make its requests same-origin and let it read and drive a console without token."""
+    try:
+        name = urlsplit(f"//{request.headers.get('host', '')}").hostname
+    except ValueError:  # an unparseable Host (a bad port, an unclosed bracket)
+        return False
+    if name is None:
+        return False
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _same_origin(request: Request) -> bool:

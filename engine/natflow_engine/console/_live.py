@@ -20,9 +20,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from .._errors import NatflowError
+from .._names import check_run_id
 from .._streams import history_subject
 from . import _reads as reads
 from ._pages import console, templates
+from ._views import is_position
 
 log = logging.getLogger("natflow.console")
 
@@ -52,9 +54,9 @@ def render_parts(names: tuple[str, ...], context: dict[str, Any]) -> dict[str, s
 
 async def run_stream(request: Request) -> Response:
     state = console(request)
-    run_id = request.path_params["run_id"]
+    run_id = check_run_id(request.path_params["run_id"])  # before it names a subject
     after_text = request.query_params.get("after", "0")
-    after = int(after_text) if after_text.isdigit() else 0
+    after = int(after_text) if is_position(after_text) else 0
 
     async def body() -> AsyncIterator[bytes]:
         from ._views import run_context

@@ -10,8 +10,9 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
+from .._durations import MAX_DURATION
 from .._errors import InvalidInput
-from .._names import _TOKEN
+from .._names import _TOKEN, check_workflow_name
 from .._state import RunInfo
 from . import _reads as reads
 from ._pages import console, page
@@ -46,7 +47,10 @@ def parse_time(field: str, text: str, now: datetime) -> datetime:
     """``15m``, ``2h``, ``3d`` (that long ago) or an ISO date/time (UTC unless it says)."""
     match = _RELATIVE.match(text)
     if match:
-        return now - timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+        ago = float(match[1]) * _UNITS[match[2]]
+        if ago > MAX_DURATION:
+            raise InvalidInput(f"{field} {text!r} is more than a hundred years ago")
+        return now - timedelta(seconds=ago)
     try:
         value = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -60,6 +64,8 @@ def parse_time(field: str, text: str, now: datetime) -> datetime:
 def _choice(field: str, value: str | None, allowed: list[str] | None = None) -> str | None:
     if not value:
         return None
+    if field == "workflow":  # any printable name, as ``@workflow(name=)`` takes
+        return check_workflow_name(value)
     if allowed is not None and value not in allowed:
         raise InvalidInput(f"{field} {value!r} is not one of: {', '.join(allowed)}")
     if _TOKEN.fullmatch(value) is None:
@@ -85,9 +91,15 @@ def read_filter(params: Any) -> reads.RunFilter:
 def _cursor(text: str | None) -> int | None:
     if not text:
         return None
-    if not text.isdigit():
+    if not is_position(text):
         raise InvalidInput(f"{text!r} is not a page position; use the page links")
     return int(text)
+
+
+def is_position(text: str) -> bool:
+    """Whether ``text`` is a stream position: ASCII digits (``str.isdigit`` takes ``²``,
+    which ``int`` refuses), at most as many as a stream sequence (a uint64) has."""
+    return text.isascii() and text.isdigit() and len(text) <= 20
 
 
 async def runs_page(request: Request) -> Response:
