@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from natflow import (
     Client,
@@ -356,3 +357,29 @@ async def test_a_worker_declaring_while_the_bucket_has_no_leader_waits_it_out(
         tg.start_soon(bucket_back)
         await publish_declarations(conn, [FlowDeclaration(workflow="late_bucket")])
     assert await kv_get(conn, RATES_BUCKET, declaration_key("late_bucket")) is not None
+
+
+async def test_start_requests_any_client_can_send_are_answered_never_fatal(
+    client: Client, engine: object
+) -> None:
+    """The start service takes requests from frontends natflow does not control: a body
+    that is not UTF-8, or a flow declaration of its own with a window past the year 9999,
+    ended the engine (the requester timed out); each is now an ``invalid`` reply."""
+    from natflow_engine._start_service import StartReply, start_subject
+
+    nc = client.connection.nc
+    bad = {
+        b'{"workflow": "q\xff", "queue": "default"}': "utf-8",
+        b'{"workflow": "quick", "queue": "default", '
+        b'"flow": {"workflow": "quick", "debounce": 1e300}}': "at most a hundred years",
+        b'{"workflow": "quick", "queue": "default", '
+        b'"flow": {"workflow": "quick", "debounce": -5}}': "debounce window must be",
+        b'{"workflow": "quick", "queue": "default", "flow": {"workflow": "quick", '
+        b'"rate": {"name": "r", "limit": 1, "period": 1e300}}}': "at most a hundred years",
+    }
+    for i, (body, named) in enumerate(bad.items()):
+        msg = await nc.request(start_subject(f"hostile-{i}"), body, timeout=5)
+        reply = msgspec.json.decode(msg.data, type=StartReply)
+        assert reply.invalid and named in reply.error, (body, reply)
+    msg = await nc.request(start_subject("fine"), b'{"workflow": "quick", "queue": "q"}', timeout=5)
+    assert msgspec.json.decode(msg.data, type=StartReply).created

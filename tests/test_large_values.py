@@ -222,3 +222,22 @@ async def test_a_large_last_step_result_carried_by_the_runs_end_is_stored_by_ref
     assert msgspec.json.decode(step.result) == "x" * size  # read back in its place
     stored = await stream_messages(nats_server.url, "NATFLOW_HISTORY")
     assert max(len(m) for m in stored) < INLINE_BYTES  # no message holds it inline
+
+
+async def test_releasing_a_value_that_was_marked_but_never_stored_deletes_nothing_and_fails_not(
+    client: Client,
+) -> None:
+    # A writer marks a value as its run's before it stores it: one that died in between (or
+    # whose store write failed) leaves a marker naming no object. Deleting the run then
+    # failed at every try ("could not be deleted from the natflow_values object store").
+    from natflow_engine._streams import ensure_streams
+    from natflow_engine._value_refs import mark
+    from natflow_engine._value_release import release_run_values
+    from natflow_engine._values import delete_object
+
+    conn = client.connection
+    await ensure_streams(conn)
+    never_stored = "0" * 64
+    await mark(conn, never_stored, "died-mid-write")
+    assert await release_run_values(conn, "died-mid-write") == 1  # the marker's object: gone
+    await delete_object(conn, never_stored)  # and again: what is gone stays gone

@@ -385,6 +385,8 @@ async def test_a_stored_schedule_natflow_cannot_read_or_compute_leaves_the_engin
         cursor=now,
     )
     await kv_put(conn, SCHEDULES_BUCKET, "typo", msgspec.json.encode(unreadable))
+    # not UTF-8: msgspec raises UnicodeDecodeError, not DecodeError, for it
+    await kv_put(conn, SCHEDULES_BUCKET, "garbled", b'{"schedule_id": "\xff"}')
     await kv_put(conn, SCHEDULES_BUCKET, "huge", msgspec.json.encode(huge))
     log = tmp_path / "engine.log"
     engine = await engine_process(nats_server.url, log, processes)
@@ -395,12 +397,13 @@ async def test_a_stored_schedule_natflow_cannot_read_or_compute_leaves_the_engin
 
     await wait_for(good_fired, timeout=20, what="the readable schedule to fire")
     text = log.read_text()
-    assert "quarantined (kv_schedules) typo" in text and "quarantined (kv_schedules) huge" in text
+    for bad in ("typo", "garbled", "huge"):
+        assert f"quarantined (kv_schedules) {bad}" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     assert [s.schedule_id for s in await client.schedules.list()] == ["good", "huge"]
     with pytest.raises(NatflowError, match=r"cannot read .* `natflow schedules delete typo`"):
         await client.schedules.describe("typo")
-    await client.schedules.delete("typo")
-    await client.schedules.delete("huge")
+    for bad in ("typo", "garbled", "huge"):
+        await client.schedules.delete(bad)
     assert [s.schedule_id for s in await client.schedules.list()] == ["good"]
     assert engine.poll() is None

@@ -353,12 +353,17 @@ async def test_bad_signals_are_dead_lettered_and_the_run_completes_normally(
         }
         acks = {subject: await plain.publish(subject, b'"bad"') for subject in bad}
         not_json = await plain.publish("natflow.signal.target-1.x", b"{not json")
+        # msgspec raises UnicodeDecodeError, not DecodeError, for this: it jammed the
+        # engine's intake (the whole batch NAKed, a good signal after it never delivered)
+        not_utf8 = await plain.publish("natflow.signal.target-1.x", b'"\xff"')
         for subject, reason in bad.items():
             letter = await dead_letter(client, acks[subject])
             assert letter.subject == subject and reason in letter.reason, letter
         letter = await dead_letter(client, not_json)
         assert letter.reason.startswith("body is not JSON") and letter.payload == "{not json"
         assert letter.signal_seq == not_json.seq
+        letter = await dead_letter(client, not_utf8)
+        assert letter.reason.startswith("body is not JSON") and "utf-8" in letter.reason
         with pytest.raises(RunNotFound):
             await client.signal("nobody-1", "x", "hello")
 
@@ -366,6 +371,15 @@ async def test_bad_signals_are_dead_lettered_and_the_run_completes_normally(
         assert (await client.describe("target-1")).status == "waiting"
         assert not of(await client.history("target-1"), SignalReceived)
 
+        # JSON that looks like natflow's stored or sealed values, is not, and can never be
+        # opened: rejected in history (each blocked the run, retried until parked)
+        forged = {
+            b'{"$natflow_ref": 5}': "malformed value reference",
+            b'{"$natflow_ref": "deadbeef", "size": 10}': "does not hold",
+            b'{"$natflow_encrypted": 1}': "malformed sealed value",
+        }
+        forged_acks = [(await plain.publish("natflow.signal.target-1.x", body), reason)
+                       for body, reason in forged.items()]  # fmt: skip
         await client.signal("target-1", "x", "good")
         assert await handle.result(timeout=10) == "good"
     events = await client.history("target-1")
@@ -373,6 +387,8 @@ async def test_bad_signals_are_dead_lettered_and_the_run_completes_normally(
     assert [(r.name, bytes(r.payload)) for r in received] == [("x", b'"good"')]
     rejected = {r.signal_seq: r for r in of(events, SignalRejected)}
     assert not_json.seq in rejected and rejected[not_json.seq].reason.startswith("body is not JSON")
+    for ack, reason in forged_acks:
+        assert reason in rejected[ack.seq].reason, rejected[ack.seq]
     print(f"\nrejected in the run's history: {[(r.name, r.reason) for r in rejected.values()]}")
 
     # A signal to the finished run: a dead letter, and the client refuses it.

@@ -190,6 +190,7 @@ from ._triggers import (
     emit,
     recent_events,
 )
+from ._undecodable import UNDECODABLE, UnreadableValue
 from ._values import (
     INLINE_BYTES,
     MAX_VALUE_BYTES,
@@ -244,6 +245,7 @@ __all__ = [
     "TASK_STREAM",
     "TERMINATE",
     "TRANSIENT",
+    "UNDECODABLE",
     "VALUES_BUCKET",
     "AesGcmCodec",
     "AppendConflict",
@@ -301,6 +303,7 @@ __all__ = [
     "TaskPuller",
     "Timer",
     "TriggerDeclaration",
+    "UnreadableValue",
     "ValueRef",
     "Varz",
     "Waiter",

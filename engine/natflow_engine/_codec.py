@@ -14,6 +14,7 @@ import anyio
 import msgspec
 
 from ._errors import ErrorInfo, InvalidInput
+from ._undecodable import UNDECODABLE
 
 _encoder = msgspec.json.Encoder()
 
@@ -36,7 +37,7 @@ def decode_value(what: str, data: bytes, type_: Any = Any) -> Any:
     except msgspec.ValidationError as exc:
         name = getattr(type_, "__name__", str(type_))
         raise InvalidInput(f"{what} does not fit {name}: {exc}") from exc
-    except msgspec.DecodeError as exc:
+    except UNDECODABLE as exc:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from exc
 
 

@@ -37,6 +37,7 @@ from ._metrics import (
 from ._registry import list_workers
 from ._state import RunInfo
 from ._streams import HISTORY_STREAM, TASK_STREAM
+from ._undecodable import UNDECODABLE
 from .events import utcnow
 
 log = logging.getLogger("natflow.metrics")
@@ -89,7 +90,7 @@ class EngineMetrics:
         while True:
             try:
                 await self.poll()
-            except (NatflowError, OSError, TimeoutError, msgspec.DecodeError) as exc:
+            except (NatflowError, OSError, TimeoutError, *UNDECODABLE) as exc:
                 log.warning("metrics poll failed (%s); next try in %g s", exc, self.interval)
             except Exception as exc:  # nats-py's own errors: never let metrics stop the engine
                 log.warning("metrics poll failed (%r); next try in %g s", exc, self.interval)

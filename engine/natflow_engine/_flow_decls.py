@@ -33,6 +33,7 @@ from typing import Any, Final
 import msgspec
 
 from ._connection import Connection, retrying
+from ._durations import to_seconds
 from ._errors import InvalidInput
 from ._flow_starts import FlowPlan, flow_start, input_field
 from ._kv import kv_get, kv_put
@@ -40,6 +41,7 @@ from ._rates import RateLimit, ensure_rates_bucket
 from ._runs import Runs
 from ._sealing import MissingKey, open_sealed
 from ._streams import RATES_BUCKET
+from ._undecodable import UNDECODABLE
 
 log = logging.getLogger("natflow.flow")
 
@@ -123,7 +125,7 @@ async def declared(conn: Connection, workflow: str) -> FlowDeclaration | None:
     found = await kv_get(conn, RATES_BUCKET, declaration_key(workflow))
     try:
         declaration = _dec.decode(found[0]) if found else None
-    except msgspec.DecodeError as exc:  # not a worker's: start plain rather than never
+    except UNDECODABLE as exc:  # not a worker's: start plain rather than never
         log.warning("the flow-control declaration of workflow %r is unreadable: %s", workflow, exc)
         declaration = None
     if declaration is not None and declaration.workflow != workflow:
@@ -164,6 +166,13 @@ def plan_of(conn: Connection, declaration: FlowDeclaration, input_json: bytes) -
         return None if not field else str(input_field(what, value, field))
 
     rate = declaration.rate
+    debounce = declaration.debounce
+    # A declaration may come from anyone (a start request carries its own): checked as
+    # ``Debounce`` checks a definition's.
+    if debounce is not None and (
+        isinstance(debounce, bool) or to_seconds("debounce window", debounce) <= 0
+    ):
+        raise InvalidInput(f"debounce window must be positive seconds, not {debounce!r}")
     return FlowPlan(
         rate=(
             RateLimit(rate.name, rate.limit, rate.period, rate.burst, rate.key)

@@ -39,6 +39,7 @@ from ._streams import (
     run_id_of,
     run_level_subject,
 )
+from ._undecodable import UNDECODABLE
 from ._values import store_event
 from .events import Event, RunContinued, RunStarted, decode_event, encode_event, unpacked
 
@@ -65,7 +66,7 @@ def start_history(
         return None
     try:
         event = decoded if decoded is not None else decode_event(data)
-    except msgspec.DecodeError:
+    except UNDECODABLE:
         return None  # the whole read names the bad event
     # Only a brand-new run's start is written with nothing before it (``Runs.start``
     # appends it expecting no event). A continuation (a RunStarted subclass) follows
@@ -236,7 +237,7 @@ class HistoryStore:
         seq = int((msg.headers or {})["Nats-Sequence"])
         try:
             return decode_event(msg.data), seq
-        except msgspec.DecodeError as exc:
+        except UNDECODABLE as exc:
             raise CorruptHistory(run_id, seq, str(exc), last_seq=seq, count=0, last=None) from None
 
     async def _last_msg(self, run_id: str) -> Msg | None:
@@ -289,14 +290,14 @@ class HistoryStore:
         try:
             events = unpacked([decode_event(m.data) for m in page.messages])
             return History(run_id, current_stretch(events), page.last_seq)
-        except msgspec.DecodeError:
+        except UNDECODABLE:
             pass  # read again with headers, to name the bad message's sequence
         page = await self._reader.read_all(HISTORY_STREAM, history_subject(run_id), headers=True)
         history = History(run_id, last_seq=page.last_seq)
         for msg in page.messages:
             try:
                 history.events.append(decode_event(msg.data))
-            except msgspec.DecodeError as exc:
+            except UNDECODABLE as exc:
                 history.corrupt.append((_seq_of(msg), str(exc)))
         history.events = current_stretch(unpacked(history.events))
         if history.corrupt and not lenient:

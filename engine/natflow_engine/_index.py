@@ -29,6 +29,7 @@ from ._reader import reader, stream_bounds
 from ._site_index import site_runs
 from ._state import RUN_STATUSES, RunInfo, apply_event, mark_due, new_info
 from ._streams import HISTORY_STREAM, RUNS_STREAM, run_level_subject, runs_subject
+from ._undecodable import UNDECODABLE
 from .events import (
     Event,
     RunContinued,
@@ -226,7 +227,7 @@ class RunIndex:
             if hseq is None or seq <= hseq:
                 try:
                     folded.append(decode_event(msg.data))
-                except msgspec.DecodeError as exc:  # foreign: skipped, as the dispatcher does
+                except UNDECODABLE as exc:  # foreign: skipped, as the dispatcher does
                     where = f"{(msg.headers or {}).get('Nats-Subject', run_id)} #{seq}"
                     quarantined("dispatcher_event", where, str(exc), logger=log)
                     continue

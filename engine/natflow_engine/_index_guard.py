@@ -60,6 +60,7 @@ from ._streams import (
     run_id_of,
     runs_subject,
 )
+from ._undecodable import UNDECODABLE
 from .events import utcnow
 
 log = logging.getLogger("natflow.index_guard")
@@ -108,7 +109,7 @@ def _checkpoint_of(config: api.StreamConfig) -> IndexCheckpoint | None:
         return None
     try:
         return _decoder.decode(found)
-    except msgspec.DecodeError:
+    except UNDECODABLE:
         log.warning("stream %s: %s is not a checkpoint; ignored", RUNS_STREAM, CHECKPOINT_KEY)
         return None
 
@@ -169,7 +170,7 @@ async def behind(conn: Connection, runs: dict[str, int]) -> list[str]:
             subject = (msg.headers or {}).get("Nats-Subject", msg.subject)
             try:
                 held[subject.rsplit(".", 1)[1]] = _reflects_decoder.decode(msg.data).hseq
-            except msgspec.DecodeError:
+            except UNDECODABLE:
                 continue  # not a summary: rewritten like a missing one
         late += [r for r in chunk if held.get(r, 0) < runs[r]]
     return late

@@ -30,6 +30,7 @@ from ._metrics import (
     JS_STREAM_MAX_MESSAGES,
     JS_STREAM_MESSAGES,
 )
+from ._undecodable import UNDECODABLE
 
 log = logging.getLogger("natflow.metrics")
 
@@ -117,7 +118,7 @@ async def read_jsz(monitor: str, timeout: float = 5.0) -> Jsz:
     try:
         body = await anyio.to_thread.run_sync(_fetch, url, timeout)
         return _decoder.decode(body)
-    except (OSError, urllib.error.URLError, msgspec.DecodeError) as exc:
+    except (OSError, urllib.error.URLError, *UNDECODABLE) as exc:
         raise NatflowError(
             f"cannot read NATS monitoring at {url} ({exc}); check --nats-monitor (the "
             "server's `http:` port) or leave it unset"
@@ -137,7 +138,7 @@ async def read_varz(monitor: str, timeout: float = 5.0) -> Varz:
     try:
         body = await anyio.to_thread.run_sync(_fetch, url, timeout)
         return msgspec.json.decode(body, type=Varz)
-    except (OSError, urllib.error.URLError, msgspec.DecodeError) as exc:
+    except (OSError, urllib.error.URLError, *UNDECODABLE) as exc:
         raise NatflowError(f"cannot read NATS monitoring at {url} ({exc})") from exc
 
 

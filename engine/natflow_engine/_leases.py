@@ -17,6 +17,7 @@ import msgspec
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._kv import kv_delete_nowait, kv_get, kv_put, kv_stream
+from ._undecodable import UNDECODABLE
 from .events import utcnow
 
 LEASES_BUCKET = "natflow_leases"
@@ -138,7 +139,7 @@ class Leases:
             return None
         try:
             return decode_lease(found[0]), found[1]
-        except msgspec.DecodeError:
+        except UNDECODABLE:
             return None
 
 

@@ -31,6 +31,7 @@ from ._connection import Connection
 from ._reader import BatchReader
 from ._reader import reader as reader_of
 from ._streams import HISTORY_STREAM, run_level_subject, start_subjects, step_level_subject
+from ._undecodable import UNDECODABLE
 from .events import Event, RunContinued, decode_event, event_kind, unpacked
 
 _START_KINDS = ("run_started", "run_continued")
@@ -49,7 +50,7 @@ async def read_by_level(reader: BatchReader, run_id: str) -> tuple[list[Event], 
         # its own subject is the run's first event: before every run-level one.
         run_events = unpacked([decode_event(m.data) for m in [*start, *runs.messages]])
         step_events = [decode_event(m.data) for m in steps.messages]
-    except msgspec.DecodeError:
+    except UNDECODABLE:
         return None  # the wildcard read names the bad message
     events = in_position_order(run_id, run_events, step_events)
     if events is None:

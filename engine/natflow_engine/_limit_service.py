@@ -23,7 +23,6 @@ import time
 from typing import Final
 
 import anyio
-import msgspec
 
 from ._connection import Connection
 from ._errors import NatflowError
@@ -41,6 +40,7 @@ from ._limits import (
     unpark,
 )
 from ._tasks import Task, enqueue
+from ._undecodable import UNDECODABLE
 from ._waitlist import Waitlist
 from .events import TERMINAL_EVENTS, utcnow
 
@@ -79,7 +79,7 @@ class LimitService:
             async for key, value, revision in kv_watch(self._conn, LIMITS_BUCKET):
                 try:
                     self._apply(key, value, revision)
-                except (msgspec.DecodeError, ValueError) as exc:
+                except (*UNDECODABLE, ValueError) as exc:
                     log.warning("limits entry %s set aside: %s", key, exc)
 
     def _apply(self, key: str, value: bytes | None, revision: int) -> None:

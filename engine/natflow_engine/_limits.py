@@ -37,6 +37,7 @@ from ._kv import KV_OPERATION, kv_delete_nowait, kv_put, kv_stream
 from ._reader import reader
 from ._state import RunInfo
 from ._streams import SIGNAL_STREAM, signal_subject
+from ._undecodable import UNDECODABLE
 
 LIMITS_BUCKET: Final = "natflow_limits"
 _PREFIX: Final = f"$KV.{LIMITS_BUCKET}."
@@ -186,7 +187,7 @@ async def read_group(conn: Connection, group: Group) -> View:
             continue
         try:
             view.slots.held[n] = (decode_slot(msg.data), revision)
-        except msgspec.DecodeError:
+        except UNDECODABLE:
             continue  # not ours: a slot never reused until someone deletes it
     return view
 
@@ -241,7 +242,7 @@ async def waiting_for(conn: Connection, run_id: str) -> Waiter | None:
         return None
     try:
         return decode_waiter(msg.data)
-    except msgspec.DecodeError:
+    except UNDECODABLE:
         return None
 
 

@@ -29,6 +29,7 @@ from typing import Final
 import msgspec
 
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
+from ._durations import MAX_DURATION
 from ._errors import InvalidInput, NatflowError
 from ._kv import kv_get, kv_put
 from ._streams import RATES_BUCKET, ensure_streams
@@ -73,11 +74,11 @@ class RateLimit:
         if (
             isinstance(self.period, bool)
             or not isinstance(self.period, int | float)
-            or not 0 < self.period < float("inf")
+            or not 0 < self.period <= MAX_DURATION
         ):
             raise InvalidInput(
                 f"rate limit {self.name!r}: period must be positive seconds (an int or a "
-                f"float), not {self.period!r}"
+                f"float) of at most a hundred years, not {self.period!r}"
             )
         if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
             raise InvalidInput(

@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 import anyio
-import msgspec
 import nats.errors
 
 from ._connection import Connection, NoResponders, RequestTimeout
@@ -33,6 +32,7 @@ from ._quarantine import quarantined
 from ._reach import Place, is_near, place_of
 from ._registry import WORKERS_BUCKET, decode_worker, ping_subject
 from ._signals import dead_letter_item
+from ._undecodable import UNDECODABLE
 from .events import utcnow
 
 log = logging.getLogger("natflow.reaper")
@@ -106,7 +106,7 @@ class Reaper:
             revision = int(headers.get("Nats-Sequence", "0"))
             try:
                 leases.append((decode_lease(msg.data), revision))
-            except msgspec.DecodeError as exc:
+            except UNDECODABLE as exc:
                 await self._quarantine(LEASES_BUCKET, "kv_leases", key, msg.data, revision, exc)
                 await self._quietly(
                     kv_delete_nowait(self._conn, LEASES_BUCKET, key, revision=revision)
@@ -123,7 +123,7 @@ class Reaper:
                 info = decode_worker(value)
                 self.workers.add(info.identity)
                 self.places[info.identity] = Place(info.server, info.cluster, info.domain)
-            except msgspec.DecodeError as exc:
+            except UNDECODABLE as exc:
                 # A live worker writes its entry again on its next heartbeat.
                 await self._quarantine(WORKERS_BUCKET, "kv_workers", identity, value, revision, exc)
 

@@ -20,6 +20,7 @@ import nats.errors
 from ._connection import Connection
 from ._kv import kv_delete, kv_entries, kv_put
 from ._reach import place_of
+from ._undecodable import UNDECODABLE
 
 log = logging.getLogger("natflow.registry")
 
@@ -87,7 +88,7 @@ async def connected_user(conn: Connection) -> tuple[str, str]:
     try:
         msg = await conn.nc.request(USER_INFO_SUBJECT, b"", timeout=1.0)
         data = msgspec.json.decode(msg.data, type=_UserInfoReply).data
-    except (nats.errors.Error, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
+    except (nats.errors.Error, TimeoutError, *UNDECODABLE, msgspec.ValidationError):
         return "", ""  # denied, or a server too old to answer
     if data is None:
         return "", ""
@@ -116,6 +117,6 @@ async def list_workers(conn: Connection) -> list[WorkerInfo]:
     for msg in await kv_entries(conn, WORKERS_BUCKET):
         try:
             found.append(decode_worker(msg.data))
-        except msgspec.DecodeError:  # a bad entry (the engine dead-letters it): skip it
+        except UNDECODABLE:  # a bad entry (the engine dead-letters it): skip it
             log.warning("skipping a worker entry that does not decode: %s", msg.subject)
     return sorted(found, key=lambda w: w.identity)

@@ -49,6 +49,7 @@ from ._schedules import (
 )
 from ._signals import CANCEL, TERMINATE, send
 from ._streams import SCHEDULES_BUCKET
+from ._undecodable import UNDECODABLE
 from .events import TERMINAL_EVENTS, Trigger, utcnow
 
 log = logging.getLogger("natflow.schedules")
@@ -135,7 +136,7 @@ class Scheduler:
             schedule, decided = await self._decide(schedule_id)
             if schedule is not None and schedule.pending and (decided or _stale(schedule)):
                 await self._start_pending(schedule)
-        except (NatflowError, OSError, msgspec.DecodeError) as exc:
+        except (NatflowError, OSError, *UNDECODABLE) as exc:
             log.warning("schedule %s: pass failed (%s); retrying", schedule_id, exc)
             self._retry_at[schedule_id] = time.time() + RETRY_AFTER
         except Exception:  # never let one schedule stop the others

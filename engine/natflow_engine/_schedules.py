@@ -30,6 +30,7 @@ from ._kv import kv_delete, kv_entries, kv_get, kv_put, kv_stream
 from ._names import check_token
 from ._quarantine import quarantined
 from ._streams import SCHEDULES_BUCKET
+from ._undecodable import UNDECODABLE
 
 log = logging.getLogger("natflow.schedules")
 
@@ -352,7 +353,7 @@ def read_schedule(schedule_id: str, data: bytes) -> Schedule:
     """The stored schedule; :class:`UnreadableSchedule` if it does not decode."""
     try:
         return _decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except UNDECODABLE as exc:
         raise UnreadableSchedule(schedule_id, str(exc)) from None
 
 

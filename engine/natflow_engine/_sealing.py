@@ -28,6 +28,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 import msgspec
 
 from ._errors import ErrorInfo, InvalidInput, NatflowError
+from ._undecodable import UNDECODABLE, UnreadableValue
 from .events import (
     Event,
     RunCompleted,
@@ -165,7 +166,10 @@ def open_sealed(codec: PayloadCodec | None, data: bytes, what: str = "a value") 
     """The JSON inside a sealed ``data`` (``data`` itself if it is not sealed)."""
     if not is_sealed(data):
         return data
-    envelope = _envelope_decoder.decode(data)
+    try:
+        envelope = _envelope_decoder.decode(data)
+    except UNDECODABLE as exc:
+        raise UnreadableValue(f"{what} is a malformed sealed value ({exc})") from None
     if codec is None:
         raise MissingKey(envelope.key, what)
     try:
@@ -173,7 +177,7 @@ def open_sealed(codec: PayloadCodec | None, data: bytes, what: str = "a value") 
     except MissingKey:
         raise MissingKey(envelope.key, what) from None
     except Exception as exc:  # a wrong key under a known id, or tampered data
-        raise NatflowError(f"{what} could not be decrypted with key {envelope.key!r}") from exc
+        raise UnreadableValue(f"{what} could not be decrypted with key {envelope.key!r}") from exc
 
 
 class _SealedError(msgspec.Struct):

@@ -49,6 +49,7 @@ from ._streams import (
     signal_filter,
     signal_subject,
 )
+from ._undecodable import UNDECODABLE
 from ._wake import run_start, wake
 from .events import TERMINAL_EVENTS, RunRestarted, decode_event, utcnow
 
@@ -126,7 +127,7 @@ def parse(msg: Msg, seq: int) -> Signal:
     payload = msg.data or b"null"
     try:
         msgspec.json.decode(payload)
-    except msgspec.DecodeError as exc:
+    except UNDECODABLE as exc:
         raise BadSignal(seq, subject, name, f"body is not JSON: {exc}") from None
     signal_id = (msg.headers or {}).get("Nats-Msg-Id")
     return Signal(seq=seq, run_id=run_id, name=name, payload=payload, signal_id=signal_id)
@@ -515,7 +516,7 @@ def _undeliverable(last: bytes | None) -> str | None:
         return "no run has this id"
     try:
         event = decode_event(last)
-    except msgspec.DecodeError:  # the worker holds such a run as blocked; wake it
+    except UNDECODABLE:  # the worker holds such a run as blocked; wake it
         return None
     if isinstance(event, TERMINAL_EVENTS):
         return f"the run already ended ({str(event.__struct_config__.tag)[4:]})"

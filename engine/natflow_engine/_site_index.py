@@ -13,6 +13,7 @@ from ._errors import NatflowError
 from ._names import check_run_id
 from ._reader import reader
 from ._state import RunInfo
+from ._undecodable import UNDECODABLE
 from .events import utcnow
 
 SITE_RUNS_STREAM: Final = "NATFLOW_SITE_RUNS"
@@ -61,7 +62,7 @@ async def site_views(conn: Connection) -> list[SiteView]:
         return []
     try:
         reply = msgspec.json.decode(msg.data, type=_StreamInfoReply)
-    except (msgspec.DecodeError, msgspec.ValidationError):  # not a stream info: no sites
+    except (*UNDECODABLE, msgspec.ValidationError):  # not a stream info: no sites
         return []
     if reply.error is not None:
         return []

@@ -37,6 +37,7 @@ from ._signals import send as send_signal
 from ._site_index import SITE_RUNS_PREFIX, SITE_RUNS_STREAM
 from ._start_service import StartRequest
 from ._streams import replicas as stream_replicas
+from ._undecodable import UNDECODABLE
 
 log = logging.getLogger("natflow.sites")
 
@@ -291,7 +292,7 @@ class SiteInbox:
             log.warning("site %s: command %s not applied yet: %s", self.site, msg.subject, exc)
             await quietly(msg.nak(delay=1.0))
             return
-        except (NatflowError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (NatflowError, *UNDECODABLE, msgspec.ValidationError) as exc:
             # A command that cannot take effect (unknown workflow, bad input): said, dropped.
             log.error("site %s: command %s refused: %s", self.site, msg.subject, exc)
         self.applied += 1

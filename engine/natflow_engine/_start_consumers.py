@@ -55,6 +55,7 @@ from ._streams import (
     start_filter,
 )
 from ._tasks import DEFAULT_ACK_WAIT, Task
+from ._undecodable import UNDECODABLE
 
 log = logging.getLogger("natflow.starts")
 
@@ -125,7 +126,7 @@ def start_task(msg: Msg) -> Task | str:
     run_id = run_id_of(msg.subject)
     try:
         fields = _fields_decoder.decode(msg.data)
-    except msgspec.DecodeError as exc:
+    except UNDECODABLE as exc:
         return f"the start does not decode: {exc}"
     if fields.type != "run_started" or fields.id != f"{run_id}:1":
         return f"the message on {msg.subject!r} is not the start of run {run_id!r}"

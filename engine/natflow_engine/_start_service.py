@@ -26,6 +26,7 @@ from ._errors import InvalidInput, NatflowError, ServerUnavailable
 from ._flow_decls import FlowDeclaration, start_declared
 from ._names import check_run_id
 from ._runs import Runs
+from ._undecodable import UNDECODABLE
 
 log = logging.getLogger("natflow.starts")
 
@@ -141,11 +142,14 @@ class StartService:
                 priority=request.priority,
             )
             reply = StartReply(run_id=run_id, created=created)
-        except (InvalidInput, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (InvalidInput, *UNDECODABLE, msgspec.ValidationError) as exc:
             reply = StartReply(error=str(exc), invalid=True)
         except NatflowError as exc:
             log.warning("start request on %s failed: %s", msg.subject, exc)
             reply = StartReply(error=f"the engine could not start the run: {exc}")
+        except Exception as exc:  # natflow's own bug: answered and logged, not the engine's end
+            log.error("start request on %s failed: %r", msg.subject, exc, exc_info=True)
+            reply = StartReply(error=f"the engine could not start the run: {exc!r}")
         if msg.reply:
             try:
                 await self._conn.send(msg.reply, msgspec.json.encode(reply))

@@ -35,6 +35,7 @@ from ._names import _TOKEN
 from ._quarantine import quarantined
 from ._reader import reader
 from ._signals import dead_letter_item
+from ._undecodable import UNDECODABLE
 from ._wake import run_start, wake
 from .events import utcnow
 
@@ -134,7 +135,7 @@ class TimerService:
                 continue
             try:
                 timer = _decoder.decode(value)
-            except msgspec.DecodeError as exc:
+            except UNDECODABLE as exc:
                 self.timers.pop(key, None)
                 await self._quarantine(key, value, revision, str(exc))
                 continue

@@ -44,6 +44,7 @@ from ._runs import Runs
 from ._sealing import seal, sealed_key
 from ._signals import DeadLetter
 from ._streams import DEADLETTER_PREFIX, EVENT_PREFIX, EVENTS_STREAM, TRIGGERS_BUCKET
+from ._undecodable import UNDECODABLE
 from .events import Trigger, utcnow
 
 if TYPE_CHECKING:  # jsonschema loads in ~0.1 s: only the engine's intake needs it
@@ -282,7 +283,7 @@ class EventIntake:
             try:
                 check_event_name(name)
                 body = msgspec.json.decode(msg.data or b"null")
-            except (InvalidInput, msgspec.DecodeError) as exc:
+            except (InvalidInput, *UNDECODABLE) as exc:
                 reason = str(exc) if isinstance(exc, InvalidInput) else f"body is not JSON: {exc}"
                 await self._dead(msg, seq, name, "", reason)
                 await quietly(msg.ack())

@@ -21,9 +21,11 @@ import io
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
+from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
 from ._errors import ErrorInfo, InvalidInput, NatflowError
+from ._undecodable import UNDECODABLE, UnreadableValue
 from ._value_refs import mark
 from .events import (
     ChildCompleted,
@@ -141,7 +143,7 @@ async def delete_object(conn: Connection, digest: str) -> None:
     except NatflowError:
         raise
     except Exception as exc:  # a nats-py error: mapped here, at the boundary
-        if "not found" in str(exc).lower():
+        if isinstance(exc, NotFoundError):
             return
         raise NatflowError(
             f"value {digest} could not be deleted from the {VALUES_BUCKET} object store ({exc})"
@@ -152,7 +154,10 @@ async def load_value(conn: Connection, data: bytes, what: str = "a value") -> by
     """The value ``data`` refers to (``data`` itself if it is not a reference)."""
     if not is_ref(data):
         return data
-    ref = _ref_decoder.decode(data)
+    try:
+        ref = _ref_decoder.decode(data)
+    except UNDECODABLE as exc:
+        raise UnreadableValue(f"{what} is a malformed value reference ({exc})") from None
     store = _store(conn)
     # Into a buffer: without one, nats-py joins the chunks with bytes += (quadratic: 12 s
     # for 50 MiB here, against well under a second into a buffer).
@@ -168,6 +173,11 @@ async def load_value(conn: Connection, data: bytes, what: str = "a value") -> by
     except NatflowError:
         raise
     except Exception as exc:
+        if isinstance(exc, NotFoundError):  # for good, as retrying shows nothing new
+            raise UnreadableValue(
+                f"{what} refers to value {ref.digest}, which the {VALUES_BUCKET} object "
+                f"store does not hold"
+            ) from exc
         raise NatflowError(
             f"{what} is stored as value {ref.digest} ({ref.size} bytes) in the "
             f"{VALUES_BUCKET} object store, which could not be read ({exc})"

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 
-import msgspec
-
 from ._connection import Connection
 from ._history import CorruptHistory
 from ._leases import Leases
 from ._level_read import first_start
 from ._tasks import Task, enqueue
+from ._undecodable import UNDECODABLE
 from .events import RunStarted, decode_event
 
 log = logging.getLogger("natflow.wake")
@@ -36,7 +35,7 @@ async def run_start(conn: Connection, run_id: str) -> RunStarted | None:
     headers = msg.headers or {}
     try:
         event = decode_event(msg.data)
-    except msgspec.DecodeError as exc:
+    except UNDECODABLE as exc:
         seq = int(headers.get("Nats-Sequence", "0"))
         raise CorruptHistory(run_id, seq, str(exc), last_seq=0, count=0, last=None) from None
     return event if isinstance(event, RunStarted) else None

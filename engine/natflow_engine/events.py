@@ -27,6 +27,7 @@ from typing import Final
 import msgspec
 
 from ._errors import ErrorInfo
+from ._undecodable import UNDECODABLE
 
 SCHEMA_VERSION: Final = 1
 NULL: Final = msgspec.Raw(b"null")
@@ -408,5 +409,5 @@ def event_kind(data: bytes) -> str:
     """The ``type`` of an encoded event, without decoding the rest ("" if unreadable)."""
     try:
         return _kind_decoder.decode(data).type
-    except msgspec.DecodeError:
+    except UNDECODABLE:
         return ""

@@ -19,6 +19,7 @@ import anyio
 import msgspec
 from natflow_engine import (
     CLOSED_STATUSES,
+    UNDECODABLE,
     InvalidInput,
     MissingKey,
     NatflowError,
@@ -212,7 +213,7 @@ class RunHandle:
             return None
         try:
             event = decode_event(heard_final[-1])
-        except msgspec.DecodeError:
+        except UNDECODABLE:
             return None
         return await self._opened(event)
 

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 import msgspec
 from natflow_engine import (
     NO_RETRY,
+    UNDECODABLE,
     History,
     InvalidInput,
     NonDeterminismError,
@@ -671,5 +672,5 @@ def _result(raw: msgspec.Raw | bytes, result_type: Any) -> Any:
     annotation no longer fits still reads back)."""
     try:
         return msgspec.json.decode(raw, type=result_type)
-    except msgspec.DecodeError:  # a ValidationError too: read it as the JSON it is
+    except UNDECODABLE:  # a ValidationError too: read it as the JSON it is
         return msgspec.json.decode(raw)

@@ -21,8 +21,10 @@ from natflow_engine import (
     SIGNALS_DELIVERED,
     SIGNALS_REJECTED,
     TERMINATE,
+    UNDECODABLE,
     BadSignal,
     PayloadTooLarge,
+    UnreadableValue,
     decode_child_outcome,
     load_value,
     open_sealed,
@@ -71,17 +73,7 @@ class SignalIntake:
                 signal = parse(msg, seq)
                 await self._check_not_before_run(msg, seq, signal.name)
             except BadSignal as bad:
-                await rec.append(
-                    SignalRejected(
-                        id=rec.next_id(),
-                        at=utcnow(),
-                        signal_seq=seq,
-                        name=bad.name,
-                        reason=bad.reason,
-                    )
-                )
-                SIGNALS_REJECTED.labels("worker").inc()
-                state.signal_cursor = seq
+                await self._reject(seq, bad.name, bad.reason)
                 continue
             state.signal_cursor = seq
             if signal.name == CHILD:
@@ -110,14 +102,19 @@ class SignalIntake:
             if signal.signal_id and state.knows_signal(signal.signal_id):
                 continue  # a duplicate older than the stream's dedupe window
             try:
+                # opened here (sealed again, with the current key, by the append)
+                payload = await self._open(signal.payload, signal.name)
+            except UnreadableValue as exc:  # looks like natflow's, is not: anyone may send
+                await self._reject(seq, signal.name, str(exc))
+                continue
+            try:
                 event = await rec.append(
                     SignalReceived(
                         id=rec.next_id(),
                         at=utcnow(),
                         signal_seq=seq,
                         name=signal.name,
-                        # opened here (sealed again, with the current key, by the append)
-                        payload=msgspec.Raw(await self._open(signal.payload, signal.name)),
+                        payload=msgspec.Raw(payload),
                         signal_id=signal.signal_id,
                     )
                 )
@@ -141,17 +138,8 @@ class SignalIntake:
         rec = self._rec
         try:
             outcome = decode_child_outcome(payload)
-        except msgspec.DecodeError as exc:  # not the engine's: anyone may publish a subject
-            await rec.append(
-                SignalRejected(
-                    id=rec.next_id(),
-                    at=utcnow(),
-                    signal_seq=seq,
-                    name=CHILD,
-                    reason=f"not a child run's outcome: {exc}"[:MAX_REASON],
-                )
-            )
-            SIGNALS_REJECTED.labels("worker").inc()
+        except UNDECODABLE as exc:  # not the engine's: anyone may publish a subject
+            await self._reject(seq, CHILD, f"not a child run's outcome: {exc}")
             return
         command = rec.state.open_child(outcome.child_run_id)
         if command is None:  # a duplicate, or a child this run does not know
@@ -159,13 +147,18 @@ class SignalIntake:
             return
         event: ChildCompleted | ChildFailed
         if outcome.status == "completed":
+            try:
+                result = await self._open(bytes(outcome.result), command.name)
+            except UnreadableValue as exc:
+                await self._reject(seq, CHILD, f"not a child run's outcome: {exc}")
+                return
             event = ChildCompleted(
                 id=rec.next_id(),
                 at=utcnow(),
                 seq=command.seq,
                 name=command.name,
                 child_run_id=command.child_run_id,
-                result=msgspec.Raw(await self._open(bytes(outcome.result), command.name)),
+                result=msgspec.Raw(result),
                 signal_seq=seq,
             )
         else:
@@ -185,6 +178,21 @@ class SignalIntake:
         rec.state.deliver(recorded)
         await rec.flush()
 
+    async def _reject(self, seq: int, name: str, reason: str) -> None:
+        """Record that the signal at ``seq`` reaches no workflow, and why; move past it."""
+        rec = self._rec
+        await rec.append(
+            SignalRejected(
+                id=rec.next_id(),
+                at=utcnow(),
+                signal_seq=seq,
+                name=name,
+                reason=reason[:MAX_REASON],
+            )
+        )
+        SIGNALS_REJECTED.labels("worker").inc()
+        rec.state.signal_cursor = seq
+
     async def _reject_too_large(self, seq: int, name: str, big: PayloadTooLarge) -> None:
         rec = self._rec
         reason = (
@@ -192,10 +200,7 @@ class SignalIntake:
             f"server's max payload of {rec.conn.max_payload}); send a reference instead"
         )
         quarantined("signal_too_large", f"signal #{seq} of run {rec.run_id}", reason, logger=log)
-        await rec.append(
-            SignalRejected(id=rec.next_id(), at=utcnow(), signal_seq=seq, name=name, reason=reason)
-        )
-        SIGNALS_REJECTED.labels("worker").inc()
+        await self._reject(seq, name, reason)
 
     async def _pause_or_resume(self, seq: int, name: str, payload: bytes) -> None:
         rec = self._rec

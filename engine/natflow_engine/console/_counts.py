@@ -23,6 +23,7 @@ from .._connection import Connection
 from .._index import IndexEntry
 from .._reader import BATCH, reader, stream_bounds
 from .._streams import RUNS_PREFIX, RUNS_STREAM
+from .._undecodable import UNDECODABLE
 
 log = logging.getLogger("natflow.console")
 
@@ -174,7 +175,7 @@ class StatusCounts:
     def _take(self, data: bytes) -> None:
         try:
             self.apply(_entry_decoder.decode(data))
-        except msgspec.DecodeError:
+        except UNDECODABLE:
             log.debug("console: unreadable index entry skipped")
 
 
@@ -189,7 +190,7 @@ async def _load(conn: Connection, tally: _Tally) -> None:
         for msg in page.messages:
             try:
                 tally.apply(_entry_decoder.decode(msg.data))
-            except msgspec.DecodeError:
+            except UNDECODABLE:
                 log.debug("console: unreadable index entry skipped")
         if not page.messages or page.pending <= 0:
             break

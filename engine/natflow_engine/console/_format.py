@@ -9,6 +9,7 @@ import msgspec
 from markupsafe import Markup, escape
 
 from .._sealing import sealed_key
+from .._undecodable import UNDECODABLE
 from .._values import value_ref
 
 _pretty_encoder = msgspec.json.Encoder(order="deterministic")
@@ -76,7 +77,7 @@ def pretty_json(value: Any) -> str:
         if ref is not None:  # a large value: named, not pulled into the page
             return f"a stored value of {ref.size:,} bytes (natflow_values, sha256 {ref.digest})"
         data = _pretty_encoder.encode(value)
-    except (TypeError, msgspec.DecodeError, msgspec.EncodeError):
+    except (TypeError, *UNDECODABLE, msgspec.EncodeError):
         return str(value)
     return msgspec.json.format(data, indent=2).decode()
 
@@ -85,7 +86,7 @@ def payload_text(text: str) -> str:
     """A stored payload's JSON text as it is, or "encrypted (key k2)" when it is sealed."""
     try:
         key_id = sealed_key(msgspec.json.decode(text))
-    except msgspec.DecodeError:
+    except UNDECODABLE:
         return text
     return text if key_id is None else f"encrypted (key {key_id})"
 

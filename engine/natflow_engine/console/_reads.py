@@ -30,6 +30,7 @@ from .._signals import DeadLetter, dead_letters
 from .._site_index import site_run, site_runs
 from .._state import RunInfo, StepInfo, fold_run, fold_steps
 from .._streams import HISTORY_STREAM, RUNS_STREAM, ensure_streams, history_subject, runs_subject
+from .._undecodable import UNDECODABLE
 from ..events import Event, decode_event, unpacked
 from ._counts import Row, StatusCounts
 
@@ -111,7 +112,7 @@ async def _window(conn: Connection, start: int, end: int) -> list[tuple[int, Ind
             break
         try:
             found.append((seq, _entry_decoder.decode(msg.data)))
-        except msgspec.DecodeError:
+        except UNDECODABLE:
             log.warning("run index entry #%d is unreadable; skipped", seq)
     found.reverse()
     return found
@@ -226,7 +227,7 @@ async def leases(conn: Connection) -> list[Lease]:
     for msg in await kv_entries(conn, LEASES_BUCKET):
         try:
             found.append(decode_lease(msg.data))
-        except msgspec.DecodeError:
+        except UNDECODABLE:
             continue
     return found
 
