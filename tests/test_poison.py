@@ -7,13 +7,15 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from natflow import Client
+from natflow import RunFailed as RunFailedError
 from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunBlocked, RunFailed, StepFailed
 
-from tests.helpers import spawn_worker, start_pulls, stop, wait_for
-from tests.workflows_poison import COUNTS_ENV
+from tests.helpers import running_worker, spawn_worker, start_pulls, stop, wait_for
+from tests.workflows_poison import COUNTS_ENV, not_text
 
 TARGET = "tests.workflows_poison:make_worker"
 
@@ -52,7 +54,9 @@ async def test_base_exceptions_from_steps_and_workflows_are_failures_not_exits(
             "base": await client.start("base_steps", "base", run_id="b-base"),
             "cancelled": await client.start("base_steps", "cancelled", run_id="b-cancelled"),
             "unprintable": await client.start("base_steps", "unprintable", run_id="b-unprint"),
+            "genexit": await client.start("base_steps", "genexit", run_id="b-genexit"),
         }
+        unprintable_end = await client.start("unprintable_end", 0, run_id="b-unprint-end")
         itself = await client.start("exits_itself", 4, run_id="b-itself")
         for kind, handle in runs.items():
             info = await wait_for(
@@ -66,9 +70,17 @@ async def test_base_exceptions_from_steps_and_workflows_are_failures_not_exits(
                     "interrupt": "KeyboardInterrupt",
                     "base": "Custom",
                     "cancelled": "CancelledError",
-                    "unprintable": "RuntimeError",  # what its str() raised, recorded instead
+                    "unprintable": "Unprintable",
+                    "genexit": "GeneratorExit",
                 }[kind]
             ]
+            if kind == "unprintable":
+                assert "cannot be shown: str() raised RuntimeError" in failed[0].error.message
+        info = await wait_for(
+            lambda: _closed(client, unprintable_end.run_id), timeout=30, what="unprintable end"
+        )
+        assert info.status == "failed" and info.error is not None, info
+        assert info.error.type == "Unprintable"
         info = await wait_for(lambda: _closed(client, itself.run_id), timeout=30, what="itself")
         assert info.status == "failed" and info.error is not None
         assert info.error.type == "SystemExit"
@@ -86,6 +98,7 @@ async def test_base_exceptions_from_steps_and_workflows_are_failures_not_exits(
                 "b-base:raises_base": 1,
                 "b-cancelled:cancels_itself": 1,
                 "b-unprint:unprintable": 1,
+                "b-genexit:generator_exit": 1,
                 "b-itself:double": 1,
                 "b-good:double": 1,
             }
@@ -133,3 +146,21 @@ async def test_a_run_that_kills_two_workers_is_held_as_poisoned(
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)
+
+
+async def test_text_no_event_could_hold_fails_the_run_instead_of_blocking_it(
+    client: Client, engine: object
+) -> None:
+    """A lone surrogate cannot be written as UTF-8: a step name holding one blocked its run
+    (every append refused, the task retried until parked); an error message holding one
+    (a file name that was not UTF-8) the same. The name is refused, the message escaped."""
+    async with running_worker(client, [not_text]):
+        named = await client.start(not_text, "step_name", run_id="odd-step-name")
+        with pytest.raises(RunFailedError) as failed:
+            await named.result(timeout=10)
+        assert failed.value.error.type == "InvalidInput"
+        assert "no lone surrogates" in failed.value.error.message
+        listed = await client.start(not_text, "error", run_id="odd-error")
+        with pytest.raises(RunFailedError) as failed:
+            await listed.result(timeout=10)
+        assert "report-\\udcff.csv" in failed.value.error.message, failed.value.error

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from natflow import Client, RetryPolicy, RunFailed, WorkflowContext, workflow
+from natflow import Client, InvalidInput, RetryPolicy, RunFailed, WorkflowContext, workflow
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunClaimed, StepFailed, StepRetrying, StepStarted
@@ -92,3 +92,27 @@ async def test_a_step_timeout_says_which_step_and_attempt(client: Client) -> Non
     assert final.error.message == "step 'charge' attempt 2 timed out after 0.2 s"
     assert "contextlib" not in final.error.traceback, final.error.traceback
     assert not [e for e in history if isinstance(e, StepStarted) and e.attempt > 2]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"non_retryable": (42,)}, "non_retryable"),  # was an AttributeError at the failure
+        ({"non_retryable": ValueError}, "non_retryable"),  # not a tuple: a TypeError then
+        ({"non_retryable": ("ValueError")}, "non_retryable"),  # a str: read letter by letter
+        ({"backoff_coefficient": "2"}, "backoff_coefficient"),
+        ({"backoff_coefficient": float("nan")}, "backoff_coefficient"),
+        ({"jitter": "x"}, "jitter"),
+        ({"max_attempts": True}, "max_attempts"),
+    ],
+)
+def test_a_retry_policy_is_checked_when_made_not_when_a_step_fails(
+    arguments: dict[str, object], named: str
+) -> None:
+    with pytest.raises(InvalidInput, match=named):
+        RetryPolicy(**arguments)  # type: ignore[arg-type]
+
+
+def test_a_steep_backoff_stops_at_its_cap_instead_of_overflowing() -> None:
+    policy = RetryPolicy(max_attempts=5000, backoff_coefficient=1e200, max_interval=30, jitter=0)
+    assert [policy.delay(n) for n in (1, 2, 3, 4999)] == [1.0, 30.0, 30.0, 30.0]

@@ -56,6 +56,11 @@ def unprintable(run_id: str) -> int:
     raise Unprintable
 
 
+def generator_exit(run_id: str) -> int:
+    _count(run_id, "generator_exit")
+    raise GeneratorExit("from a sync step")  # anyio passed it from the thread to the worker
+
+
 def kills(run_id: str) -> int:
     _count(run_id, "kills")
     os._exit(7)  # the process ends here, as a crash in native code would end it
@@ -80,6 +85,7 @@ async def base_steps(ctx: WorkflowContext, kind: str) -> str:
         "base": raises_base,
         "cancelled": cancels_itself,
         "unprintable": unprintable,
+        "genexit": generator_exit,
     }[kind]
     await ctx.step(kind, fn, ctx.run_id)
     return "unreachable"
@@ -89,6 +95,11 @@ async def base_steps(ctx: WorkflowContext, kind: str) -> str:
 async def exits_itself(ctx: WorkflowContext, code: int) -> None:
     await ctx.step("double", double, ctx.run_id, code)
     raise SystemExit(code)
+
+
+@workflow(name="unprintable_end")
+async def unprintable_end(ctx: WorkflowContext, _: int) -> None:
+    raise Unprintable  # held as blocked, its task failing, until error_info survived it
 
 
 @workflow(name="poison")
@@ -118,8 +129,21 @@ async def napper(ctx: WorkflowContext, x: int) -> int:
     return await ctx.step("double", double, ctx.run_id, x)
 
 
-WORKFLOWS = [base_steps, exits_itself, poison, doubler, blocker, waiter, napper]
+WORKFLOWS = [base_steps, exits_itself, unprintable_end, poison, doubler, blocker, waiter, napper]
 
 
 def make_worker(client: Client) -> Worker:
     return Worker(client, WORKFLOWS, lease_ttl=LEASE_TTL)
+
+
+def lists_a_folder() -> None:
+    # A file name that is not UTF-8, as os.listdir hands it over (surrogateescape).
+    name = b"report-\xff.csv".decode(errors="surrogateescape")
+    raise FileNotFoundError(f"no such file: {name}")
+
+
+@workflow(name="not_text")
+async def not_text(ctx: WorkflowContext, kind: str) -> None:
+    if kind == "step_name":
+        await ctx.step("\ud800", double, ctx.run_id, 1)  # no event could hold this name
+    await ctx.step("list", lists_a_folder)

@@ -55,7 +55,19 @@ def error_info(exc: BaseException) -> ErrorInfo:
     cause = getattr(exc, "error", None)
     if isinstance(cause, ErrorInfo) and cause.traceback:
         text += f"\nThe step's error:\n{cause.traceback}"
-    return ErrorInfo(type=cls.__qualname__, message=str(exc), traceback=text)
+    try:
+        message = str(exc)
+    except Exception as failed:  # the user's own __str__ raised: the run still fails with it
+        message = f"(its message cannot be shown: str() raised {type(failed).__qualname__})"
+    return ErrorInfo(type=cls.__qualname__, message=_text(message), traceback=_text(text))
+
+
+def _text(text: str) -> str:
+    """``text`` as it can be stored: a lone surrogate (``surrogateescape``'s stand-in for a
+    byte that was not UTF-8, as in a file name) written as its escape, not refused."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _sdk_folder() -> Path:

@@ -47,9 +47,24 @@ def check_workflow_name(name: object) -> str:
 
 
 def check_step_name(name: object) -> str:
-    if not isinstance(name, str) or not name or len(name) > _MAX_WORKFLOW_NAME:
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > _MAX_WORKFLOW_NAME
+        or not (name.isascii() or _utf8(name))
+    ):
         raise InvalidInput(
             f"invalid step name {name!r}: use a non-empty string of at most "
-            f"{_MAX_WORKFLOW_NAME} characters"
+            f"{_MAX_WORKFLOW_NAME} characters, all of them text (no lone surrogates)"
         )
     return name
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (a lone surrogate, as ``surrogateescape``
+    leaves for undecodable bytes, cannot: no event holding it could be stored)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -32,16 +32,30 @@ class RetryPolicy:
     non_retryable: tuple[type[BaseException] | str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or self.max_attempts < 1
+        ):
             raise InvalidInput(f"max_attempts must be an int >= 1, not {self.max_attempts!r}")
         to_seconds("initial_interval", self.initial_interval)
         to_seconds("max_interval", self.max_interval)
-        if not self.backoff_coefficient >= 1.0:
+        if not _number(self.backoff_coefficient) or not self.backoff_coefficient >= 1.0:
             raise InvalidInput(
-                f"backoff_coefficient must be >= 1, not {self.backoff_coefficient!r}"
+                f"backoff_coefficient must be a number >= 1, not {self.backoff_coefficient!r}"
             )
-        if not 0.0 <= self.jitter <= 1.0:
-            raise InvalidInput(f"jitter must be between 0 and 1, not {self.jitter!r}")
+        if not _number(self.jitter) or not 0.0 <= self.jitter <= 1.0:
+            raise InvalidInput(f"jitter must be a number from 0 to 1, not {self.jitter!r}")
+        # Found wrong only when a step fails and is looked up, long after: checked here.
+        kinds = self.non_retryable
+        if not isinstance(kinds, tuple) or not all(
+            isinstance(k, str) or (isinstance(k, type) and issubclass(k, BaseException))
+            for k in kinds
+        ):
+            raise InvalidInput(
+                f"non_retryable must be a tuple of exception classes or their names, such as "
+                f"(ValueError,) or ('ValueError',), not {kinds!r}"
+            )
 
     def retryable(self, error: BaseException) -> bool:
         names = {t if isinstance(t, str) else t.__name__ for t in self.non_retryable}
@@ -54,9 +68,18 @@ class RetryPolicy:
         """Seconds to wait after attempt ``failed_attempt`` failed."""
         base = to_seconds("initial_interval", self.initial_interval)
         cap = to_seconds("max_interval", self.max_interval)
-        delay = min(cap, base * self.backoff_coefficient ** (failed_attempt - 1))
+        # The power alone overflows a float after enough attempts; the cap holds long before.
+        exponent = min(failed_attempt - 1, 2000)
+        try:
+            delay = min(cap, base * self.backoff_coefficient**exponent)
+        except OverflowError:
+            delay = cap
         spread = (rng or random).uniform(-self.jitter, self.jitter)
         return max(0.0, delay * (1.0 + spread))
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 NO_RETRY = RetryPolicy()

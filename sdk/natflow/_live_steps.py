@@ -20,7 +20,6 @@ from anyio.streams.memory import MemoryObjectSendStream
 from natflow_engine import (
     STEP_RETRIES,
     STEPS,
-    ErrorInfo,
     error_info,
     fields,
     labelled,
@@ -96,11 +95,7 @@ class LiveSteps:
             f"the step raised {type(exc).__name__}; recorded as its failure",
             logger=log,
         )
-        try:
-            error = error_info(exc)
-        except Exception:  # an exception whose str() raises
-            error = ErrorInfo(type=type(exc).__qualname__, message="(the error cannot be shown)")
-        self.send.send_nowait(Finished(command, 1, started_at, error=error))
+        self.send.send_nowait(Finished(command, command.attempt, started_at, error=error_info(exc)))
 
     async def finished(self, item: Finished) -> None:
         """Record a step attempt's end: its outcome, or the failure of an attempt retried."""

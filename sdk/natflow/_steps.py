@@ -246,11 +246,33 @@ async def _call_once(command: StepCommand, runtime: StepRuntime) -> Any:
     fn = command.fn
     if inspect.iscoroutinefunction(fn):
         return await fn(*command.args, **command.kwargs)
-    result = await anyio.to_thread.run_sync(
-        functools.partial(fn, *command.args, **command.kwargs),
-        abandon_on_cancel=command.timeout is not None,
-        limiter=runtime.thread_limiter,
-    )
+    try:
+        result = await anyio.to_thread.run_sync(
+            functools.partial(_carrying, functools.partial(fn, *command.args, **command.kwargs)),
+            abandon_on_cancel=command.timeout is not None,
+            limiter=runtime.thread_limiter,
+        )
+    except _Carried as carried:  # raised here, as an async step's would be
+        raise carried.exc from None
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+class _Carried(Exception):
+    """A ``BaseException`` beyond ``Exception`` that a sync step raised, carried out of its
+    thread: anyio hands a ``GeneratorExit`` from a thread past every ``except`` of the task
+    that awaits it, to its task group (the worker died of one)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
+
+
+def _carrying(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise _Carried(exc) from None
