@@ -16,7 +16,8 @@ from functools import partial
 from pathlib import Path
 
 import anyio
-from natflow import Client
+import pytest
+from natflow import Client, InvalidInput
 from natflow_engine._cli import build_parser
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
@@ -167,6 +168,14 @@ async def test_start_warns_when_nobody_serves_and_checks_input_against_the_worke
         assert_one_clear_error(no_input, "workflow 'order' takes an input: pass --input JSON")
         wrong_queue = await natflow(url, "start", "greet", "--queue", "elsewhere", "--run-id", "q1")
         assert "serve it on queue default (pass --queue)" in wrong_queue.stderr.decode()
+        # The client by name, as the CLI: refused before anything is written (API.md), not a
+        # run that fails once a worker decodes its input.
+        with pytest.raises(
+            InvalidInput, match=r"input does not fit workflow 'order': at \$\.user_id"
+        ):
+            await client.start("order", json.loads(bad), run_id="bad-order")
+        with pytest.raises(InvalidInput, match="workflow 'order' takes an input"):
+            await client.start("order", run_id="bad-order")
     assert "bad-order" not in {r.run_id for r in await client.list(limit=100)}
 
 

@@ -237,7 +237,7 @@ async def test_start_form_checks_the_announced_input_schema(
     await page.fill('textarea[name="input"]', '{"name": 7}')
     await page.click(".start-form button")
     await page.locator(".error-box").wait_for()
-    assert "input['name'] does not fit the input schema of 'greet'" in await page.inner_text(
+    assert "the input does not fit workflow 'greet': at $.name" in await page.inner_text(
         ".error-box"
     )
     assert await page.input_value('textarea[name="input"]') == '{"name": 7}', "input kept"

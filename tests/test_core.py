@@ -261,6 +261,37 @@ async def test_unknown_run_and_describe(client: Client) -> None:
         await client.describe("nope")
     with pytest.raises(RunNotFound):
         await client.steps("nope")
+    with pytest.raises(RunNotFound):  # it waited for good
+        await anext(aiter(client.watch("nope")))
+
+
+async def test_arguments_of_the_wrong_kind_are_invalid_input_not_a_python_error(
+    client: Client,
+) -> None:
+    """Each of these raised TypeError, ValueError or OverflowError from deep inside, or (an
+    unknown status for events) waited for good."""
+    with pytest.raises(InvalidInput, match="start_delay must be at most a hundred years"):
+        await client.start("anything", start_delay=10**12)
+    for limit in ("5", None, 1.5, True):
+        with pytest.raises(InvalidInput, match="limit must be an int"):
+            await client.list(limit=limit)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="workflow must be"):
+        await client.list(workflow=5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="unknown run status 'bogus'"):
+        await anext(aiter(client.events(status="bogus")))
+    for from_step in (5, ("add",), ("add", 0)):
+        with pytest.raises(InvalidInput, match="from_step is a step name"):
+            await client.restart("nope", from_step=from_step)  # type: ignore[arg-type]
+    for timeout in (0, -1, float("nan")):
+        with pytest.raises(InvalidInput, match="connect_timeout must be"):
+            await Client.connect(client.connection.url, connect_timeout=timeout)
+
+
+async def test_result_with_no_time_left_still_gives_a_finished_runs_result(client: Client) -> None:
+    async with running_worker(client, [other]):
+        handle = await client.start(other)
+        assert await handle.result(timeout=10) == 1
+        assert await handle.result(timeout=0) == 1  # was TimeoutError "did not finish"
 
 
 @workflow

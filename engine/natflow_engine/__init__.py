@@ -55,6 +55,7 @@ from ._flow_starts import FlowPlan, flow_start, input_field, take_debounced_inpu
 from ._handoff import Drained, receive_soon
 from ._history import AppendConflict, CorruptHistory, History, HistoryStore, start_history
 from ._index import RunIndex
+from ._input_schema import announced_schema, check_input
 from ._jsz import Jsz, Varz, read_jsz, read_varz
 from ._kv import kv_get, kv_put
 from ._leases import Lease, Leases
@@ -155,7 +156,7 @@ from ._site_index import SiteView, site_views
 from ._sites import check_outbox, check_site, command_signal, command_start
 from ._start_consumers import StartPuller, ensure_start_consumer, start_task
 from ._start_service import request_start
-from ._state import CLOSED_STATUSES, RunInfo, StepInfo, fold_run
+from ._state import CLOSED_STATUSES, RUN_STATUSES, RunInfo, StepInfo, fold_run
 from ._streams import (
     HISTORY_PREFIX,
     HISTORY_STREAM,
@@ -235,6 +236,7 @@ __all__ = [
     "RUNS_HELD",
     "RUNS_STREAM",
     "RUN_LEVEL_FILTER",
+    "RUN_STATUSES",
     "SIGNALS_DELIVERED",
     "SIGNALS_REJECTED",
     "STEPS",
@@ -310,8 +312,10 @@ __all__ = [
     "WorkerInfo",
     "add_metrics_options",
     "announce",
+    "announced_schema",
     "cell_key",
     "check_event_name",
+    "check_input",
     "check_outbox",
     "check_portable",
     "check_queue",

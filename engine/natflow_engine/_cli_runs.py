@@ -17,10 +17,10 @@ from ._cli_options import until_interrupted
 from ._cli_schedules import describe_trigger
 from ._cli_sites import print_site_run
 from ._connection import Connection
-from ._errors import InvalidInput
 from ._flow_decls import start_declared
 from ._human import duration, when
 from ._index import RunIndex
+from ._input_schema import announced, check_input
 from ._leases import Leases
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._registry import WorkerInfo, list_workers
@@ -142,7 +142,13 @@ async def cmd_start(conn: Connection, args: argparse.Namespace) -> int:
     workers = await list_workers(conn)
     serving = _serving(workers, args.workflow, args.queue)
     if serving:
-        check_input(args.workflow, data, serving)
+        check_input(
+            args.workflow,
+            data,
+            announced(serving, args.workflow),
+            what="--input",
+            give="pass --input JSON",
+        )
     else:
         warning = nobody_serves(args.workflow, args.queue, workers)
         print(f"natflow start: warning: {warning}", file=sys.stderr)
@@ -182,26 +188,6 @@ def nobody_serves(workflow: str, queue: str, workers: list[WorkerInfo] | None = 
     return (
         f"no live worker serves workflow {workflow!r} on queue {queue!r}; the run waits "
         f"until one does ({hint})"
-    )
-
-
-def check_input(workflow: str, data: bytes, serving: list[WorkerInfo]) -> None:
-    """Validate a start's input against the JSON Schema its workers announced."""
-    schema = next((w.input_schemas[workflow] for w in serving if workflow in w.input_schemas), None)
-    if schema is None:
-        return
-    import jsonschema  # only `natflow start` needs it
-
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(msgspec.json.decode(data)))
-    if not errors:
-        return
-    if data == b"null":
-        raise InvalidInput(f"workflow {workflow!r} takes an input: pass --input JSON")
-    error = jsonschema.exceptions.best_match(errors)
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-    raise InvalidInput(
-        f"--input does not fit workflow {workflow!r}: "
-        f"{'at $' + where + ': ' if where else ''}{error.message}"
     )
 
 

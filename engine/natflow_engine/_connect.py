@@ -22,7 +22,7 @@ from ._connect_refusals import (
     tls_refusal,
 )
 from ._connection import Connection
-from ._errors import PermissionDenied, ServerUnavailable
+from ._errors import InvalidInput, PermissionDenied, ServerUnavailable
 
 log = logging.getLogger("natflow.connection")
 
@@ -54,6 +54,14 @@ async def connect(
     ``domain`` (default: ``NATFLOW_DOMAIN``) names the JetStream domain that holds natflow's
     streams, for a process connected to a leaf node whose JetStream, if any, is another.
     """
+    if (
+        isinstance(connect_timeout, bool)
+        or not isinstance(connect_timeout, int | float)
+        or not 0 < connect_timeout <= 3600
+    ):
+        raise InvalidInput(
+            f"connect_timeout must be seconds above 0 (at most an hour), not {connect_timeout!r}"
+        )
     servers: str | list[str] = url if url is not None else default_url()
     if isinstance(servers, str) and "," in servers:  # NATFLOW_URL may list a cluster's nodes
         servers = [u.strip() for u in servers.split(",") if u.strip()]

@@ -323,8 +323,10 @@ class RunIndex:
             raise InvalidInput(
                 f"unknown run status {status!r}; use one of {', '.join(RUN_STATUSES)}"
             )
-        if limit < 1:
-            raise InvalidInput(f"limit must be at least 1, not {limit}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidInput(f"limit must be an int of at least 1, not {limit!r}")
+        if workflow is not None and not isinstance(workflow, str):
+            raise InvalidInput(f"workflow must be a workflow's name, not {workflow!r}")
         bounds = await stream_bounds(self._conn, RUNS_STREAM)
         if bounds is None:  # no index yet: no runs yet
             return [], 0

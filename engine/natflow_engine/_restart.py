@@ -122,6 +122,22 @@ async def restart_run(
 ) -> str:
     """Restart closed run ``run_id`` from a step (see the module docstring); the new run id."""
     check_run_id(run_id)
+    if not (
+        from_step is None
+        or isinstance(from_step, str)
+        or (
+            isinstance(from_step, tuple)
+            and len(from_step) == 2
+            and isinstance(from_step[0], str)
+            and isinstance(from_step[1], int)
+            and not isinstance(from_step[1], bool)
+            and from_step[1] >= 1
+        )
+    ):
+        raise InvalidInput(
+            f"from_step is a step name, (name, occurrence) with an occurrence of 1 or more, "
+            f"or None (the first failed step), not {from_step!r}"
+        )
     await ensure_streams(conn)
     store = HistoryStore(conn)
     history = await store.read(run_id)

@@ -25,9 +25,12 @@ from natflow_engine import (
     PermissionDenied,
     RunIndex,
     RunInfo,
+    RunNotFound,
     Runs,
     StepInfo,
+    announced_schema,
     check_event_name,
+    check_input,
     check_portable,
     check_run_id,
     check_token,
@@ -204,6 +207,8 @@ class Client:
         if run_id is not None:
             check_run_id(run_id)
         data = encode_value("workflow input", input)
+        if definition is None:  # by name: against the schema its workers announce, if any
+            check_input(name, data, await announced_schema(self._conn, name))
         if definition is not None and definition.takes_input:
             value = decode_value(f"input of workflow {name!r}", data, definition.input_type)
             for bound in definition.limits:  # a missing key fails here, before any write
@@ -294,11 +299,6 @@ class Client:
         later one run. The new run is ``<run_id>-r<n>``; ``RunInfo.restarted_from`` and
         ``restarted_as`` link the two, and the original history stays readable.
         """
-        if isinstance(from_step, tuple):
-            name, occurrence = from_step
-            if not isinstance(occurrence, int) or occurrence < 1:
-                raise InvalidInput(f"occurrence must be an int of 1 or more, not {occurrence!r}")
-            from_step = (name, occurrence)
         new_id = await restart_run(self._conn, run_id, from_step)
         return RunHandle(self._runs, new_id)
 
@@ -446,8 +446,6 @@ class Client:
         self, workflow: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[RunInfo]:
         """Runs from the engine's index, newest first (needs a running engine)."""
-        if limit < 1:
-            raise InvalidInput("limit must be at least 1")
         found = await self._index.scan(workflow=workflow, status=status, limit=limit)
         # A large result is indexed as its reference: read back, as describe() does.
         opened: list[RunInfo] = list(found)
@@ -481,8 +479,11 @@ class Client:
         return msgspec.structs.replace(info, result=msgspec.json.decode(data))
 
     async def watch(self, run_id: str) -> AsyncIterator[Event]:
-        """The run's events as they are appended, from the first one on."""
+        """The run's events as they are appended, from the first one on; :class:`RunNotFound`
+        if this server holds no history of it (it would wait for good)."""
         check_run_id(run_id)
+        if await self._runs.history.last(run_id) is None:
+            raise RunNotFound(run_id)
         sub = await self._conn.js.subscribe(
             history_subject(run_id), stream=HISTORY_STREAM, ordered_consumer=True
         )

@@ -9,10 +9,13 @@ import nats.errors
 import nats.js.errors
 from natflow_engine import (
     LIFECYCLE_STREAM,
+    RUN_STATUSES,
     Connection,
+    InvalidInput,
     LifecycleEvent,
     NatflowError,
     check_token,
+    check_workflow_name,
     decode_lifecycle,
     ensure_streams,
     lifecycle_filter,
@@ -36,8 +39,10 @@ async def follow(
     from_start: bool,
 ) -> AsyncIterator[LifecycleEvent]:
     """Lifecycle events matching the filters; see :meth:`natflow.Client.events`."""
-    if status is not None:
-        check_token("status", status)
+    if status is not None and status not in RUN_STATUSES:  # would match nothing, for good
+        raise InvalidInput(f"unknown run status {status!r}; use one of {', '.join(RUN_STATUSES)}")
+    if workflow is not None:
+        check_workflow_name(workflow)
     await ensure_streams(conn)
     subject = lifecycle_filter(workflow, status)
     if durable is None:

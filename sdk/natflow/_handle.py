@@ -179,6 +179,11 @@ class RunHandle:
                     with anyio.move_on_after(recheck):
                         await self._woken(woken, subject if stored else None)
         except TimeoutError:
+            # A deadline too short for even the first look (timeout=0) still sees a run that
+            # had ended already, as asyncio.wait_for(done_future, 0) gives its result.
+            last = await self._last_event()
+            if isinstance(last, TERMINAL_EVENTS):
+                return self._ended(last)
             raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
         finally:
             listeners.discard(refused)

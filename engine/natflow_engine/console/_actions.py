@@ -10,13 +10,13 @@ import json
 from typing import Any
 from urllib.parse import quote
 
-import jsonschema
 import msgspec
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from .._errors import InvalidInput, NatflowError
 from .._flow_decls import start_declared
+from .._input_schema import check_input
 from .._names import check_queue, check_run_id, check_token, check_workflow_name
 from .._runs import Runs
 from .._sealing import seal
@@ -107,23 +107,6 @@ async def _again(request: Request, run_id: str, error: str, form: dict[str, str]
     return page(request, "run.html", context, status=400)
 
 
-def check_input(workflow: str, data: bytes, schema: Any) -> None:
-    """Check a start's input against the JSON Schema a worker announced for the workflow."""
-    if schema is None:
-        return
-    try:
-        jsonschema.validate(msgspec.json.decode(data), schema)
-    except jsonschema.ValidationError as exc:
-        where = "input" + "".join(f"[{p!r}]" for p in exc.absolute_path)
-        raise InvalidInput(
-            f"{where} does not fit the input schema of {workflow!r}: {exc.message}"
-        ) from None
-    except jsonschema.SchemaError as exc:
-        raise InvalidInput(
-            f"the schema announced for {workflow!r} is broken: {exc.message}"
-        ) from None
-
-
 async def start(request: Request) -> Response:
     state = console(request)
     form = _fields(await request.form(), "workflow", "queue", "run_id", "input")
@@ -136,7 +119,7 @@ async def start(request: Request) -> Response:
         if run_id is not None:
             check_run_id(run_id)
         data = parse_json("the input", form["input"])
-        check_input(workflow, data, known.get(workflow, (None, None))[1])
+        check_input(workflow, data, known.get(workflow, (None, None))[1], what="the input")
         made, created = await start_declared(  # with the flow control its workers declare
             Runs(state.conn), workflow, queue, data, run_id, chosen_run_id=run_id is not None
         )

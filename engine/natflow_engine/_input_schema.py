@@ -1,0 +1,69 @@
+"""A start's input checked against the JSON Schema workers announce for its workflow.
+
+A worker announces, for each workflow it serves, the JSON Schema of the input its annotation
+takes (``WorkerInfo.input_schemas``). A start that holds the workflow's definition checks its
+input against the annotation itself; a start that only names the workflow (``client.start``
+by name, ``natflow start``, the console's start form) checks it against the announced schema
+here, so input that does not fit is refused before anything is written, whoever starts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, Final
+
+import jsonschema
+import msgspec
+
+from ._connection import Connection
+from ._errors import InvalidInput
+from ._registry import WorkerInfo, list_workers
+
+SCHEMA_TTL: Final = 5.0  # seconds a read schema (or its absence) is trusted, per connection
+_CACHE: Final = "natflow_input_schemas"
+
+
+def announced(workers: Iterable[WorkerInfo], workflow: str) -> Any | None:
+    """The input schema some worker announces for ``workflow`` (None: none announces one)."""
+    return next((w.input_schemas[workflow] for w in workers if workflow in w.input_schemas), None)
+
+
+async def announced_schema(conn: Connection, workflow: str) -> Any | None:
+    """:func:`announced` among the registered workers, read at most once per
+    :data:`SCHEMA_TTL` per workflow on this connection (a start by name is on a hot path)."""
+    cache = conn.extras.setdefault(_CACHE, {})
+    assert isinstance(cache, dict)
+    now = time.monotonic()
+    found = cache.get(workflow)
+    if found is not None and found[1] > now:
+        return found[0]
+    schema = announced(await list_workers(conn), workflow)
+    cache[workflow] = (schema, now + SCHEMA_TTL)
+    return schema
+
+
+def check_input(
+    workflow: str, data: bytes, schema: Any, *, what: str = "input", give: str = "give one"
+) -> None:
+    """:class:`InvalidInput` naming where JSON ``data`` does not fit ``schema`` (None: no
+    schema, nothing to check); ``what`` names the input, ``give`` says how to pass one."""
+    if schema is None:
+        return
+    value = msgspec.json.decode(data)
+    try:
+        errors = list(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    except jsonschema.SchemaError as exc:  # a worker's announcement, not the caller's input
+        raise InvalidInput(
+            f"the schema announced for {workflow!r} is broken: {exc.message}"
+        ) from None
+    if not errors:
+        return
+    if data == b"null":
+        raise InvalidInput(f"workflow {workflow!r} takes an input: {give}")
+    error = jsonschema.exceptions.best_match(errors)
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    raise InvalidInput(
+        f"{what} does not fit workflow {workflow!r}: "
+        f"{'at $' + where + ': ' if where else ''}{error.message}"
+    )
