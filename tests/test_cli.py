@@ -231,3 +231,49 @@ accounts {{
             await client.close()
     finally:
         server.stop()
+
+
+async def test_hostile_arguments_files_and_closed_stdio_give_one_clear_error(
+    client: Client, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """Each of these printed a Python traceback, aborted (uvloop, exit 134), printed a
+    password, or silently did something else than asked (stop 31's CLI hunt)."""
+    url = nats_server.url
+    await ensure_streams(client.connection)
+    (tmp_path / "bin.dat").write_bytes(b"\xff\xfe not text")
+    (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000)
+    (tmp_path / "seed").write_text("not a seed\n")
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    not_utf8 = os.fsdecode(b"late \xcc")  # as Python hands over an argument that is not UTF-8
+    cases: list[tuple[tuple[str, ...], str]] = [
+        (("start", "greet", "--input", f"@{tmp_path / 'bin.dat'}"), "is not UTF-8 text"),
+        (("start", "greet", "--input", f"@{tmp_path / 'deep.json'}"), "nests arrays or objects"),
+        (("start", "greet", "--input", '"\\ud800"'), "holds text that is not UTF-8"),
+        (("start", "greet", "--input", "NaN"), "NaN is not a JSON value"),
+        (("events", "emit", "ev", "Infinity"), "Infinity is not a JSON value"),
+        (("cancel", "some-run", "--reason", not_utf8), "is not UTF-8 text"),
+        (("--nkey", str(tmp_path / "seed"), "runs", "list"), "holds no nkey seed"),
+        (("--nkey", str(tmp_path / "nothing"), "runs", "list"), "cannot read the nkey seed"),
+        (("--tls-ca", str(tmp_path / "ca.pem"), "runs", "list"), "not a PEM file of CA"),
+        (("auth", "viewer", "--domain", "*"), "invalid JetStream domain '*'"),
+        (("auth", "--all", "--json"), "--json takes one role"),
+        (("worker", ":x"), "names no module"),
+        (("engine", "--metrics-port", "99999"), "99999 is not a port"),
+        (("engine", "--metrics-interval", "0"), "0 is below 0.1 s"),
+        (("events", "list", "--limit", "0"), "0 is below 1"),
+        (("engine", "--retention", "abc"), "--retention 'abc' is not a duration"),
+    ]
+    for args, needle in cases:
+        assert_one_clear_error(await natflow(url, *args), needle)
+    # A URL without its scheme (nats-py takes it): its password was printed whole.
+    dead = f"alice:s3cret@127.0.0.1:{free_port()}"
+    line = assert_one_clear_error(await natflow(dead, "runs", "list"), "alice:***@")
+    assert "s3cret" not in line
+    # Closed stdin, stdout or stderr: the first socket took its descriptor, uvloop aborted.
+    for closed in ("<&-", ">&-", "2>&-"):
+        done = await anyio.run_process(
+            f"{' '.join(NATFLOW)} init {closed}",
+            env={**os.environ, "NATFLOW_URL": url},
+            check=False,
+        )
+        assert done.returncode == 0, (closed, done.returncode, done.stderr.decode()[-500:])

@@ -124,3 +124,8 @@ def test_urls_lose_their_secrets() -> None:
     assert redact_url("tls://tok3n@h:4222") == "tls://***@h:4222"
     assert redact_url("nats://h:4222") == "nats://h:4222"
     assert redact_url("nats://a:1@h1:1,nats://b:2@h2:2") == "nats://a:***@h1:1,nats://b:***@h2:2"
+    # nats-py takes a URL without its scheme as nats://: urlsplit read "alice" as the scheme
+    # and redacted nothing (the password was printed in "no NATS server answered at ...")
+    assert redact_url("alice:s3cret@127.0.0.1:1") == "alice:***@127.0.0.1:1"
+    assert redact_url("tok3n@h:4222") == "***@h:4222"
+    assert redact_url("127.0.0.1:4222") == "127.0.0.1:4222"

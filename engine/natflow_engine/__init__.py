@@ -9,6 +9,7 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 from . import events
 from ._children import ends_with_parent
 from ._cli_options import add_metrics_options, connect_options
+from ._cli_types import port, positive_int, seconds
 from ._codec import decode_value, encode_value, error_info
 from ._collector import tune_collector
 from ._completion import RunOutcome
@@ -380,6 +381,8 @@ __all__ = [
     "parse_duration",
     "pending_signals",
     "ping_subject",
+    "port",
+    "positive_int",
     "prepare_worker",
     "process_metrics_gone",
     "publish_declarations",
@@ -410,6 +413,7 @@ __all__ = [
     "schedule",
     "seal",
     "sealed_key",
+    "seconds",
     "send",
     "sequence",
     "serve_metrics",

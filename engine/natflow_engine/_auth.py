@@ -47,7 +47,7 @@ from ._kv import kv_stream
 from ._leases import LEASES_BUCKET
 from ._lifecycle import LIFECYCLE_PREFIX, LIFECYCLE_STREAM
 from ._limits import LIMITS_BUCKET
-from ._names import check_queue, check_workflow_name
+from ._names import check_queue, check_token, check_workflow_name
 from ._registry import WORKERS_BUCKET, safe_identity
 from ._site_index import SITE_RUNS_STREAM
 from ._sites import INBOX_STREAM, OUTBOX_PREFIX, OUTBOX_STREAM
@@ -176,6 +176,8 @@ def role_permissions(
     for kind in control:
         if kind not in CONTROLS:
             raise InvalidInput(f"unknown control {kind!r}; choose from {', '.join(CONTROLS)}")
+    if domain:  # one subject token: a wildcard would grant every domain's API
+        check_token("JetStream domain", domain)
     api = f"$JS.{domain}.API" if domain else "$JS.API"
     kv = f"{api}.$KV" if domain else "$KV"
     build = _BUILDERS[role]

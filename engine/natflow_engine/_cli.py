@@ -30,6 +30,7 @@ from ._cli_runs import interrupted_wait
 from ._cli_runs import register as register_runs
 from ._cli_schedules import register as register_triggers
 from ._cli_sites import add_site_options, check_site_options, site_list
+from ._cli_types import port
 from ._collector import tune_collector
 from ._connect import DEFAULT_URL, connect, default_url
 from ._connection import Connection
@@ -366,14 +367,14 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--port",
         metavar="PORT",
-        type=int,
+        type=port,
         default=None,
         help="client port, 0 for any free one (default: the configuration's, 4222)",
     )
     p.add_argument(
         "--http-port",
         metavar="PORT",
-        type=int,
+        type=port,
         default=None,
         help="HTTP monitoring port, 0 for any free one (default: the configuration's, 8222)",
     )
@@ -528,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     # server` signalled while printing where it listens left its nats-server running).
     # Only the main thread may set handlers (tests call main() from worker threads too).
     main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        _stdio_open()
     before = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         return _main(argv)
@@ -536,9 +539,39 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, before)
 
 
+def _stdio_open() -> None:
+    """Give a closed stdin, stdout or stderr ``/dev/null``: else the first socket natflow
+    opens takes its descriptor, and uvloop aborts the process on it (``natflow init <&-``
+    died with "Assertion 'fd > STDERR_FILENO' failed", exit 134)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:  # Python found the descriptor closed at its start
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 (for good)
+
+
+def _text_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an argument holding bytes that are not UTF-8: Python keeps them as lone
+    surrogates, which nothing natflow writes can hold (a reason, a payload, a note)."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    shown = name.replace("_", "-")
+                    parser.error(f"argument {shown}: {text!r} is not UTF-8 text")
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _text_arguments(parser, args)
     configure_logging(args.log_level, json_lines=args.log_json)
     if args.url is None:
         args.url = default_url()

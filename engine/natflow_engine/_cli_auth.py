@@ -55,6 +55,8 @@ def register(sub: Any) -> None:
 
 async def _auth(args: argparse.Namespace) -> int:
     if args.all:
+        if args.json:
+            raise InvalidInput("--all prints nats.conf variables; --json takes one role")
         print(permissions_conf(args.domain), end="")
         return 0
     if args.role is None:

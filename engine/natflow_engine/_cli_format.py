@@ -43,20 +43,37 @@ def read_json_argument(what: str, value: str | None) -> bytes:
     if value is None:
         return b"null"
     if value == "-":
-        text, source = sys.stdin.read(), f"{what} from stdin"
+        source = f"{what} from stdin"
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{source} is not UTF-8 text ({exc.reason})") from None
     elif value.startswith("@"):
         path = Path(value[1:])
+        source = f"{what} in {path}"
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise InvalidInput(f"{what}: cannot read {path}: {exc.strerror}") from None
-        source = f"{what} in {path}"
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{source} is not UTF-8 text ({exc.reason})") from None
     else:
         text, source = value, what
     try:
-        return msgspec.json.encode(json.loads(text))
+        return msgspec.json.encode(json.loads(text, parse_constant=_not_json))
     except json.JSONDecodeError as exc:
         raise InvalidInput(
             f'{source} is not valid JSON: {exc} (quote it for the shell: \'{{"name": "Ada"}}\', '
             "or pass @file.json or - for stdin)"
         ) from None
+    except RecursionError:
+        raise InvalidInput(f"{source} nests arrays or objects too deeply") from None
+    except UnicodeEncodeError as exc:  # "\ud800": JSON may escape it, UTF-8 cannot hold it
+        raise InvalidInput(f"{source} holds text that is not UTF-8 ({exc.reason})") from None
+    except InvalidInput as exc:
+        raise InvalidInput(f"{source}: {exc}") from None
+
+
+def _not_json(constant: str) -> None:
+    """Python's json reads NaN and Infinity, which JSON has not (they would be stored as null)."""
+    raise InvalidInput(f"{constant} is not a JSON value (JSON has no NaN or infinities)")

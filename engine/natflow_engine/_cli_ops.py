@@ -10,7 +10,7 @@ import msgspec
 
 from ._cli_bind import Opener, with_connection
 from ._cli_format import print_json, read_json_argument, table
-from ._cli_runs import positive_int
+from ._cli_types import positive_int
 from ._connection import Connection
 from ._errors import NatflowError
 from ._human import ago, when

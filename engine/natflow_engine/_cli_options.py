@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from ._cli_types import port, seconds
 from ._error_groups import one_error
 from ._errors import NatflowError
 
@@ -44,9 +45,20 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.token:
         options["token"] = args.token
     if args.tls_ca or args.tls_cert:
-        context = ssl.create_default_context(cafile=args.tls_ca)
+        try:
+            context = ssl.create_default_context(cafile=args.tls_ca)
+        except ssl.SSLError as exc:
+            raise NatflowError(
+                f"--tls-ca {args.tls_ca}: not a PEM file of CA certificates ({exc.reason or exc})"
+            ) from None
         if args.tls_cert:
-            context.load_cert_chain(args.tls_cert, args.tls_key)
+            try:
+                context.load_cert_chain(args.tls_cert, args.tls_key)
+            except ssl.SSLError as exc:
+                raise NatflowError(
+                    f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key or '(in the cert)'}: "
+                    f"not a PEM certificate with its private key ({exc.reason or exc})"
+                ) from None
         options["tls"] = context
     return options
 
@@ -58,8 +70,8 @@ def add_metrics_options(
     p.add_argument(
         "--metrics-port",
         metavar="PORT",
-        type=int,
-        default=int(os.environ.get(env, default_port)),
+        type=port,
+        default=os.environ.get(env, str(default_port)),
         help=f"serve Prometheus metrics on this port, 0 for none (env {env})",
     )
     p.add_argument(
@@ -73,8 +85,8 @@ def add_metrics_options(
         p.add_argument(
             "--metrics-interval",
             metavar="SECONDS",
-            type=float,
-            default=float(os.environ.get("NATFLOW_METRICS_INTERVAL", "5")),
+            type=seconds(at_least=0.1),  # 0 read JetStream in a loop, a core's worth
+            default=os.environ.get("NATFLOW_METRICS_INTERVAL", "5"),
             help="seconds between reads of queue, worker and run counts from JetStream "
             "(env NATFLOW_METRICS_INTERVAL)",
         )

@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 
 from ._cli_bind import Command, Handler, Opener, bind
+from ._cli_types import duration
 from ._connection import Connection
-from ._durations import parse_duration
 from ._errors import NatflowError
 from ._names import check_run_id
 from ._queues import pause_queue, resume_queue
@@ -26,7 +26,7 @@ def add_retention_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--retention",
         default=os.environ.get("NATFLOW_RETENTION") or None,
-        type=lambda text: parse_duration("--retention", text),
+        type=duration("--retention"),
         metavar="DURATION",
         help="delete closed runs this long after they closed, e.g. 30d, 12h, 90s "
         "(env NATFLOW_RETENTION; default: keep them; @workflow(retention=...) overrides)",

@@ -16,6 +16,7 @@ from ._cli_format import print_json, read_json_argument, table
 from ._cli_options import until_interrupted
 from ._cli_schedules import describe_trigger
 from ._cli_sites import print_site_run
+from ._cli_types import positive_int
 from ._connection import Connection
 from ._flow_decls import start_declared
 from ._human import duration, when
@@ -38,17 +39,6 @@ from ._streams import (
 from .events import ChildCompleted, ChildFailed, ChildStarted, Event, RunStarted
 
 START_WORKER_HINT = "start one with `natflow worker MODULE`; `natflow workers` lists what is served"
-
-
-def positive_int(value: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1")
-    return number
 
 
 def run_status(value: str) -> str:

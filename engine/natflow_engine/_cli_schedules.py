@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from datetime import datetime
 from typing import Any
 
 import msgspec
 
 from ._cli_bind import Command, Handler, Opener, bind
+from ._cli_format import read_json_argument
+from ._cli_types import positive_int, seconds
 from ._connection import Connection
 from ._durations import to_seconds
 from ._errors import InvalidInput
@@ -49,7 +50,9 @@ def register(sub: Any, opener: Opener) -> None:
     when = c.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help="five cron fields (or @daily ...), read in --timezone")
     when.add_argument("--every", type=float, help="interval in whole seconds")
-    c.add_argument("--input", default=None, help="the input of each run, as JSON")
+    c.add_argument(
+        "--input", default=None, help="the input of each run: JSON, @file.json, or - for stdin"
+    )
     c.add_argument("--timezone", default="UTC", help="IANA time zone of --cron (default UTC)")
     c.add_argument("--queue", default="default", help="queue of the runs (default: default)")
     c.add_argument(
@@ -60,13 +63,13 @@ def register(sub: Any, opener: Opener) -> None:
     )
     c.add_argument(
         "--catchup-window",
-        type=float,
+        type=seconds(),
         default=86400.0,
         help="seconds; older missed fires are recorded, not started (default 86400.0)",
     )
     c.add_argument(
         "--jitter",
-        type=float,
+        type=seconds(),
         default=0.0,
         help="seconds of random delay added to each fire (default 0.0)",
     )
@@ -112,7 +115,7 @@ def register(sub: Any, opener: Opener) -> None:
         help="recent events and the runs they started, newest first",
         description="Recent events and the runs they started, newest first.",
     )
-    c.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    c.add_argument("--limit", type=positive_int, default=20, help="how many (default 20)")
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(handler=bound(_events))
     c = q.add_parser(
@@ -132,18 +135,11 @@ def register(sub: Any, opener: Opener) -> None:
     c.set_defaults(handler=bound(_undeclare))
     c = q.add_parser("emit", help="publish an event", description="Publish an event.")
     c.add_argument("name", help="the event name (tokens of [A-Za-z0-9_-] joined by dots)")
-    c.add_argument("payload", nargs="?", default=None, help="JSON (default: null)")
+    c.add_argument(
+        "payload", nargs="?", default=None, help="JSON, @file.json or - for stdin (default: null)"
+    )
     c.add_argument("--event-id", default=None, help="deduplicates: the same id starts once")
     c.set_defaults(handler=bound(_emit))
-
-
-def _json_arg(what: str, text: str | None) -> bytes:
-    if text is None:
-        return b"null"
-    try:
-        return msgspec.json.encode(json.loads(text))
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"{what} is not valid JSON: {exc}") from exc
 
 
 def _print_json(value: Any) -> None:
@@ -173,7 +169,7 @@ async def _create(conn: Connection, args: argparse.Namespace) -> int:
         jitter=to_seconds("--jitter", args.jitter),
     )
     ops = Schedules(conn)
-    data = _json_arg("--input", args.input)
+    data = read_json_argument("--input", args.input)
     created = await ops.create(
         args.schedule_id, args.workflow, data, spec, paused=args.paused, note=args.note
     )
@@ -279,7 +275,7 @@ async def _triggers(conn: Connection, args: argparse.Namespace) -> int:
 
 
 async def _emit(conn: Connection, args: argparse.Namespace) -> int:
-    seq = await emit(conn, args.name, _json_arg("payload", args.payload), args.event_id)
+    seq = await emit(conn, args.name, read_json_argument("payload", args.payload), args.event_id)
     print(f"stored: #{seq}")
     return 0
 

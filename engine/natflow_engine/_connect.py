@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 
 from ._connect_refusals import (
     check_creds_file,
+    check_nkey_file,
     redact_text,
     redact_url,
     refused_credentials,
@@ -97,6 +98,9 @@ async def connect(
     creds = options.get("user_credentials")
     if isinstance(creds, str | os.PathLike):
         check_creds_file(os.fspath(creds))
+    seed = options.get("nkeys_seed")
+    if isinstance(seed, str | os.PathLike):
+        check_nkey_file(os.fspath(seed))
     reconnect_attempts = options.pop("max_reconnect_attempts", -1)
     options.setdefault("reconnect_time_wait", 0.5)
     options.setdefault("ping_interval", PING_INTERVAL)

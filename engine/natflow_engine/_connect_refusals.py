@@ -14,6 +14,8 @@ import ssl
 import urllib.parse
 from pathlib import Path
 
+import nkeys
+
 from ._errors import ConnectionRefused, InvalidInput
 
 
@@ -24,6 +26,8 @@ def redact_url(url: str) -> str:
     """
     if "," in url:
         return ",".join(redact_url(part.strip()) for part in url.split(","))
+    if "://" not in url:  # nats-py takes ``user:pass@host:4222`` too (as nats://...)
+        return redact_url(f"nats://{url}").removeprefix("nats://")
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
@@ -66,6 +70,24 @@ def check_creds_file(path: str) -> None:
                 f"{path!r} is not a NATS user creds file: it has no '-----{marker}-----' "
                 f"block (make one with `nsc generate creds`, or from your operator's tooling)"
             )
+
+
+def check_nkey_file(path: str) -> None:
+    """An nkey seed file must exist and hold a user seed; nats-py reports a missing one as
+    "no servers" and a malformed one with a traceback. The seed (a secret) is never shown."""
+    try:
+        seed = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot read the nkey seed file {path!r} ({exc.strerror}); pass the path of a "
+            f"file holding a user nkey seed (--nkey)"
+        ) from None
+    try:
+        nkeys.from_seed(seed)
+    except Exception:  # nkeys raises its own errors (ErrInvalidSeed, ...) and binascii's
+        raise InvalidInput(
+            f"{path!r} holds no nkey seed (one line starting 'SU', as `nk -gen user` writes)"
+        ) from None
 
 
 def tls_refusal(

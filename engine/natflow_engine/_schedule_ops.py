@@ -171,9 +171,14 @@ class Schedules:
         if end < start:
             raise InvalidInput(f"backfill range ends ({end}) before it starts ({start})")
         schedule = await self._get(schedule_id)
-        fires = schedule.spec.fire_times().between(
-            start - timedelta(microseconds=1), end, MAX_BACKFILL
-        )
+        try:
+            fires = schedule.spec.fire_times().between(
+                start - timedelta(microseconds=1), end, MAX_BACKFILL
+            )
+        except OverflowError:  # at the edge of what a datetime holds (year 1, year 9999)
+            raise InvalidInput(
+                f"backfill range {start} to {end} reaches past the dates a schedule can fire"
+            ) from None
         now = utcnow()
         done: builtins.list[ScheduleFire] = []
         for fire in fires:

@@ -10,18 +10,14 @@ any run diverges, so a deploy can be checked in CI before old runs meet new code
 from __future__ import annotations
 
 import argparse
-import re
 from datetime import timedelta
 from typing import Any
 
-from natflow_engine import InvalidInput, connect_options
+from natflow_engine import InvalidInput, connect_options, seconds
 
 from ._cli_worker import load_target
 from ._client import Client
 from .testing import Replayer, ReplayResult
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 
 
 def register(sub: Any) -> None:
@@ -35,7 +31,7 @@ def register(sub: Any) -> None:
         "--server", default=None, help="NATS URL of the runs to check (default: --url/NATFLOW_URL)"
     )
     p.add_argument(
-        "--since", type=parse_since, default=None, help="only runs created within, e.g. 7d, 12h"
+        "--since", type=seconds(), default=None, help="only runs created within, e.g. 7d, 12h"
     )
     p.add_argument(
         "--history",
@@ -47,14 +43,11 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run_replay_check)
 
 
-def parse_since(text: str) -> timedelta:
-    """``7d``, ``12h``, ``30m``, ``90s`` or ``2w`` as a timedelta."""
-    found = _DURATION.match(text)
-    if found is None:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration; write a number and a unit (s, m, h, d, w), e.g. 7d"
-        )
-    return timedelta(seconds=float(found.group(1)) * _UNITS[found.group(2)])
+def _replay_file(replayer: Replayer, path: str) -> ReplayResult:
+    try:
+        return replayer.replay_file(path)
+    except OSError as exc:
+        raise InvalidInput(f"--history {path}: cannot read it ({exc.strerror})") from None
 
 
 def describe(result: ReplayResult) -> str:
@@ -76,10 +69,11 @@ async def run_replay_check(args: argparse.Namespace) -> int:
             f"(name the module, or a module attribute holding the workflows)"
         )
     replayer = Replayer(workflows)
-    results = [replayer.replay_file(path) for path in args.history]
+    results = [_replay_file(replayer, path) for path in args.history]
     client = await Client.connect(args.server or args.url, **connect_options(args))
+    since = None if args.since is None else timedelta(seconds=args.since)
     try:
-        results += await replayer.replay_runs(client, since=args.since)
+        results += await replayer.replay_runs(client, since=since)
     finally:
         await client.close()
     bad = [r for r in results if not r.ok]

@@ -21,6 +21,8 @@ from natflow_engine import (
     add_metrics_options,
     connect_options,
     one_error,
+    positive_int,
+    seconds,
     serve_metrics,
     tune_collector,
 )
@@ -56,14 +58,14 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--max-concurrent-runs",
         metavar="N",
-        type=int,
+        type=positive_int,
         default=100,
         help="runs held at once; more wait in the queue",
     )
     p.add_argument(
         "--max-concurrent-steps",
         metavar="N",
-        type=int,
+        type=positive_int,
         default=None,
         help="steps running at once across those runs (default: no limit)",
     )
@@ -76,7 +78,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--grace",
         metavar="SECONDS",
-        type=float,
+        type=seconds(),
         default=30.0,
         help="on SIGTERM or Ctrl-C, seconds to let held runs reach a stopping point",
     )
@@ -100,6 +102,8 @@ def load_target(target: str) -> tuple[list[Workflow], Any]:
     ``path/to/file.py``, loaded with its folder on the import path (so its own imports work).
     """
     module_name, _, attr = target.partition(":")
+    if not module_name:
+        raise InvalidInput(f"{target!r} names no module; write MODULE[:ATTR], e.g. app:WORKFLOWS")
     if module_name.endswith(".py") or "/" in module_name:
         path = Path(module_name).resolve()
         if not path.is_file():

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from .._cli_bind import Opener
+from .._cli_types import port
 from .._connection import Connection
 from .._errors import NatflowError
 from ._app import create_app
@@ -23,8 +24,8 @@ def add_ui_options(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
     dash = f"--{prefix}" if prefix else "--"
     p.add_argument(
         f"{dash}port",
-        type=int,
-        default=int(os.environ.get("NATFLOW_UI_PORT", DEFAULT_PORT)),
+        type=port,
+        default=os.environ.get("NATFLOW_UI_PORT", str(DEFAULT_PORT)),
         help=f"console port (env NATFLOW_UI_PORT, default {DEFAULT_PORT}"
         + ("; 0 turns the console off)" if prefix else ")"),
     )
