@@ -77,8 +77,9 @@ async def test_terminate_stops_a_busy_run_at_once(client: Client, engine: Engine
         await wait_for(running, what="the run to show its step running")
         with anyio.fail_after(10):
             await client.terminate("term-busy", reason="runaway")
-            with pytest.raises(RunCancelled, match="runaway"):
+            with pytest.raises(RunCancelled, match="was terminated: runaway") as stopped:
                 await handle.result()
+            assert stopped.value.terminated
     info = await client.describe("term-busy")
     assert info.status == "terminated"
     assert info.error is not None and info.error.type == "RunTerminated", info.error
@@ -99,8 +100,9 @@ async def test_cancel_a_busy_run_lets_its_finally_run(client: Client, engine: En
 
         await wait_for(running, what="the run to show its step running")
         await client.cancel("cancel-busy")
-        with pytest.raises(RunCancelled):
+        with pytest.raises(RunCancelled, match="was cancelled") as stopped:
             await handle.result(timeout=10)
+        assert not stopped.value.terminated
     assert cleanups == ["cancel-busy"]
     steps = {s.name: s.status for s in await client.steps("cancel-busy")}
     assert steps == {"long": "cancelled", "cleanup": "completed"}

@@ -120,13 +120,16 @@ class RunFailed(_RecordedError):
 
 
 class RunCancelled(NatflowError):
-    """The run was cancelled or terminated."""
+    """The run was cancelled or (``terminated``) terminated."""
 
-    def __init__(self, run_id: str, reason: str | None = None) -> None:
+    def __init__(self, run_id: str, reason: str | None = None, *, terminated: bool = False) -> None:
         suffix = f": {reason}" if reason else ""
-        super().__init__(f"run {run_id!r} was cancelled{suffix}")
+        super().__init__(
+            f"run {run_id!r} was {'terminated' if terminated else 'cancelled'}{suffix}"
+        )
         self.run_id = run_id
         self.reason = reason
+        self.terminated = terminated
 
 
 class StepError(_RecordedError):

@@ -254,8 +254,8 @@ class RunHandle:
         if isinstance(event, RunFailedEvent):
             raise RunFailed(self.run_id, event.error)
         assert isinstance(event, RunCancelledEvent | RunTerminated)
-        default = "cancelled" if isinstance(event, RunCancelledEvent) else "terminated"
-        raise RunCancelled(self.run_id, event.reason or default)
+        terminated = isinstance(event, RunTerminated)
+        raise RunCancelled(self.run_id, event.reason, terminated=terminated)
 
     def _outcome(self, info: RunInfo) -> Any:
         key_id = sealed_key(info.result)
@@ -266,7 +266,11 @@ class RunHandle:
         if info.status == "failed":
             assert info.error is not None
             raise RunFailed(self.run_id, info.error)
-        raise RunCancelled(self.run_id, info.error.message if info.error else None)
+        raise RunCancelled(
+            self.run_id,
+            info.error.message if info.error else None,
+            terminated=info.status == "terminated",
+        )
 
     def _typed(self, data: bytes) -> Any:
         result_type = self._workflow.result_type if self._workflow is not None else Any
