@@ -7,6 +7,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import anyio
 import pytest
 from natflow import Client
 from natflow import RunFailed as RunFailedError
@@ -15,7 +16,7 @@ from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunBlocked, RunFailed, StepFailed
 
 from tests.helpers import running_worker, spawn_worker, start_pulls, stop, wait_for
-from tests.workflows_poison import COUNTS_ENV, not_text
+from tests.workflows_poison import COUNTS_ENV, awaits_a_thread, not_text
 
 TARGET = "tests.workflows_poison:make_worker"
 
@@ -164,3 +165,23 @@ async def test_text_no_event_could_hold_fails_the_run_instead_of_blocking_it(
         with pytest.raises(RunFailedError) as failed:
             await listed.result(timeout=10)
         assert "report-\\udcff.csv" in failed.value.error.message, failed.value.error
+
+
+async def test_a_workflow_awaiting_a_thread_fails_saying_why_and_no_thread_dies(
+    client: Client, engine: object
+) -> None:
+    """The thread's wake-up raised in that thread ("Exception in thread AnyIO worker thread",
+    a traceback in the log, the thread gone)."""
+    import threading
+
+    died: list[threading.ExceptHookArgs] = []
+    before, threading.excepthook = threading.excepthook, died.append
+    try:
+        async with running_worker(client, [awaits_a_thread]):
+            handle = await client.start(awaits_a_thread, 0, run_id="awaits-a-thread")
+            with pytest.raises(RunFailedError, match="awaits something natflow cannot deliver"):
+                await handle.result(timeout=10)
+            await anyio.sleep(0.2)  # the thread's own end, had it raised
+    finally:
+        threading.excepthook = before
+    assert died == []

@@ -147,3 +147,10 @@ async def not_text(ctx: WorkflowContext, kind: str) -> None:
     if kind == "step_name":
         await ctx.step("\ud800", double, ctx.run_id, 1)  # no event could hold this name
     await ctx.step("list", lists_a_folder)
+
+
+@workflow(name="awaits_a_thread")
+async def awaits_a_thread(ctx: WorkflowContext, _: int) -> int:
+    import anyio.to_thread
+
+    return await anyio.to_thread.run_sync(lambda: 1)  # no wake-up can reach workflow code

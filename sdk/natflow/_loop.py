@@ -78,7 +78,13 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         *args: Any,
         context: contextvars.Context | None = None,
     ) -> asyncio.Handle:
-        raise NotDurable("threads cannot wake workflow code; run blocking work in ctx.step")
+        # From another thread (anyio.to_thread, run_in_executor): raising would only end
+        # that thread, with a traceback in the log. The wake-up is dropped; the workflow,
+        # left waiting on what never comes, fails as awaiting what natflow cannot deliver.
+        log.debug("workflow loop: a wake-up from another thread dropped (%r)", callback)
+        handle = asyncio.Handle(callback, args, self, context)
+        handle.cancel()
+        return handle
 
     def create_future(self) -> asyncio.Future[Any]:
         return asyncio.Future(loop=self)
