@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -312,3 +313,52 @@ async def test_a_flow_controlled_start_keeps_its_priority(client: Client) -> Non
     assert isinstance(started, RunStarted)
     assert started.priority == 7
     await client.terminate(handle.run_id, "test over")
+
+
+async def test_takers_in_one_process_do_not_lose_their_turns_to_each_other(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    """80 rate-limited steps of one ctx.parallel, 30 starts of one debounced key and 100 of
+    a rate-limited workflow, all at once from one process: each took its cell by a
+    revision-checked write against the others, lost up to 20-50 times in a row and failed
+    ("takes in a row lost to other processes"); the debounce burst lost inputs."""
+    async with running_worker(client, [flows.rated_fanout]):
+        handle = await client.start(flows.rated_fanout, 80)
+        assert await handle.result(timeout=30) == 80
+    debounced = await asyncio.gather(
+        *(client.start(flows.debounced_save, {"doc": "burst", "v": i}) for i in range(30))
+    )
+    assert len({h.run_id for h in debounced}) == 1
+    rated = await asyncio.gather(
+        *(client.start(flows.rated_start, {"tenant": "t", "i": i}) for i in range(100))
+    )
+    assert len({h.run_id for h in rated}) == 100
+
+
+async def test_a_singleton_key_is_the_same_however_the_run_is_started(
+    client: Client, engine: object
+) -> None:
+    """A datetime field was keyed as str(datetime) with the definition and as its JSON text
+    by name: two runs of one key were open at once."""
+    from tests.test_flow_everywhere import declared_by_worker
+
+    async with running_worker(client, [flows.one_per_instant]):
+        await declared_by_worker(client, "one_per_instant")  # what a start by name applies
+        at = datetime(2026, 11, 28, 3, 0, tzinfo=UTC)
+        by_struct = await client.start(flows.one_per_instant, flows.Reading(sensor="s", at=at))
+        as_json = {"sensor": "s", "at": "2026-11-28T03:00:00Z"}  # as msgspec writes it
+        by_dict = await client.start(flows.one_per_instant, as_json)
+        by_name = await client.start("one_per_instant", as_json)
+        assert by_struct.run_id == by_dict.run_id == by_name.run_id
+        await client.signal(by_struct.run_id, "go", "done")
+        assert await by_struct.result(timeout=10) == "done"
+
+
+def test_rate_limits_and_key_fields_are_checked_when_made() -> None:
+    with pytest.raises(InvalidInput, match="leaves no time between calls"):
+        RateLimit("huge", limit=10**400)  # every start raised OverflowError
+    for key in ("a..b", ".", " ", ""):
+        with pytest.raises(InvalidInput, match="not an input field's name"):
+            RateLimit("keyed", limit=1, key=key)
+        with pytest.raises(InvalidInput, match="not an input field's name"):
+            Debounce(1.0, key=key)

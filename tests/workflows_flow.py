@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime
 from typing import Any
 
 import anyio
+import msgspec
 from natflow import Debounce, RateLimit, WorkflowContext, workflow
 
 shared_api = RateLimit("flow-test-api", limit=10, period=1.0)
@@ -86,3 +88,30 @@ async def throttled_pair(ctx: WorkflowContext) -> list[int]:
 @workflow(rate_limit=RateLimit("flow-test-starts", limit=2, period=1.0, key="tenant"))
 async def rated_start(ctx: WorkflowContext, input: dict[str, Any]) -> Any:
     return input["i"]
+
+
+fan_api = RateLimit("flow-test-fan", limit=200, period=1.0)
+
+
+async def fan_call(i: int) -> int:
+    return i
+
+
+@workflow
+async def rated_fanout(ctx: WorkflowContext, n: int) -> int:
+    """``n`` rate-limited steps at once: each took its slot against the others of this very
+    process, by revision-checked writes, and lost up to 50 times in a row (the run failed)."""
+    done = await ctx.parallel(
+        *(ctx.step("call", fan_call, i, rate_limit=fan_api) for i in range(n))
+    )
+    return len(done)
+
+
+class Reading(msgspec.Struct):
+    sensor: str
+    at: datetime
+
+
+@workflow(singleton="at")
+async def one_per_instant(ctx: WorkflowContext, reading: Reading) -> str:
+    return await ctx.wait_for_signal("go")

@@ -103,7 +103,14 @@ from ._metrics import (
     serve_process_metrics,
     step_attempt,
 )
-from ._names import check_queue, check_run_id, check_step_name, check_token, check_workflow_name
+from ._names import (
+    check_field_path,
+    check_queue,
+    check_run_id,
+    check_step_name,
+    check_token,
+    check_workflow_name,
+)
 from ._quarantine import QUARANTINED, quarantined
 from ._queues import queue_paused
 from ._rates import RateLimit, cell_key, ensure_rates_bucket, reserve
@@ -316,6 +323,7 @@ __all__ = [
     "announced_schema",
     "cell_key",
     "check_event_name",
+    "check_field_path",
     "check_input",
     "check_outbox",
     "check_portable",

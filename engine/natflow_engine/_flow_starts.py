@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import msgspec
 
+from ._cell_turns import after_conflict, one_at_a_time
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._errors import InvalidInput, NatflowError
 from ._kv import kv_get, kv_put
@@ -180,7 +181,15 @@ async def _singleton(
     await ensure_rates_bucket(conn)
     base = _base_id("s", creator.workflow, key)
     cell = f"singleton.{base}"
-    for _ in range(_TRIES):
+    async with one_at_a_time(conn, cell):
+        return await _singleton_turn(creator, base, cell, data, not_before)
+
+
+async def _singleton_turn(
+    creator: _Creator, base: str, cell: str, data: bytes, not_before: datetime | None
+) -> tuple[str, bool]:
+    conn = creator.conn
+    for attempt in range(_TRIES):
         found = await kv_get(conn, RATES_BUCKET, cell)
         gen, revision = (_singleton_dec.decode(found[0]).gen, found[1]) if found else (0, 0)
         run_id = f"{base}-{gen}"
@@ -196,6 +205,7 @@ async def _singleton(
         except JetStreamError as exc:
             if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                 raise
+            await after_conflict(attempt)
     raise NatflowError(f"singleton {cell}: {_TRIES} starts in a row lost to other starters")
 
 
@@ -217,7 +227,21 @@ async def _debounced(
             f"debounced inputs wait in KV and must stay under {conn.max_payload // 2 - 1024} "
             f"bytes: pass a reference (an id, a URL) instead"
         )
-    for _ in range(_TRIES):
+    async with one_at_a_time(conn, cell):
+        return await _debounce_turn(creator, window_s, base, cell, data, stored, not_before)
+
+
+async def _debounce_turn(
+    creator: _Creator,
+    window_s: float,
+    base: str,
+    cell: str,
+    data: bytes,
+    stored: bytes,
+    not_before: datetime | None,
+) -> tuple[str, bool]:
+    conn = creator.conn
+    for attempt in range(_TRIES):
         found = await kv_get(conn, RATES_BUCKET, cell)
         window = _window_dec.decode(found[0]) if found else None
         revision = found[1] if found else 0
@@ -242,6 +266,7 @@ async def _debounced(
         except JetStreamError as exc:
             if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                 raise
+            await after_conflict(attempt)
             continue  # another start (or the run taking its input) came first
         run_id = f"{base}-{new.gen}"
         due = datetime.fromtimestamp(new.due, UTC)
@@ -262,7 +287,12 @@ async def take_debounced_input(conn: Connection, debounce: str, first_input: byt
     """
     cell, _, gen_text = debounce.rpartition("#")
     gen = int(gen_text)
-    for _ in range(_TRIES):
+    async with one_at_a_time(conn, cell):
+        return await _take_turn(conn, cell, gen, first_input)
+
+
+async def _take_turn(conn: Connection, cell: str, gen: int, first_input: bytes) -> bytes:
+    for attempt in range(_TRIES):
         found = await kv_get(conn, RATES_BUCKET, cell)
         window = _window_dec.decode(found[0]) if found else None
         if window is None or window.gen != gen:
@@ -279,6 +309,7 @@ async def take_debounced_input(conn: Connection, debounce: str, first_input: byt
             except JetStreamError as exc:
                 if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                     raise
+                await after_conflict(attempt)
                 continue  # a start replaced the input just now: take the newer one
         return open_sealed(conn.codec, bytes(window.input), "debounced input")
     raise NatflowError(f"debounce {cell}: could not take the input ({_TRIES} conflicts)")

@@ -17,7 +17,7 @@ import jsonschema
 import msgspec
 
 from ._connection import Connection
-from ._errors import InvalidInput
+from ._errors import InvalidInput, PermissionDenied
 from ._registry import WorkerInfo, list_workers
 
 SCHEMA_TTL: Final = 5.0  # seconds a read schema (or its absence) is trusted, per connection
@@ -31,14 +31,18 @@ def announced(workers: Iterable[WorkerInfo], workflow: str) -> Any | None:
 
 async def announced_schema(conn: Connection, workflow: str) -> Any | None:
     """:func:`announced` among the registered workers, read at most once per
-    :data:`SCHEMA_TTL` per workflow on this connection (a start by name is on a hot path)."""
+    :data:`SCHEMA_TTL` per workflow on this connection (a start by name is on a hot path);
+    None where this connection may not read the workers."""
     cache = conn.extras.setdefault(_CACHE, {})
     assert isinstance(cache, dict)
     now = time.monotonic()
     found = cache.get(workflow)
     if found is not None and found[1] > now:
         return found[0]
-    schema = announced(await list_workers(conn), workflow)
+    try:
+        schema = announced(await list_workers(conn), workflow)
+    except PermissionDenied:  # a role that may start but not read workers (frontend)
+        schema = None  # unchecked here, as before: its worker refuses what does not fit
     cache[workflow] = (schema, now + SCHEMA_TTL)
     return schema
 

@@ -68,3 +68,19 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def check_field_path(what: str, path: object) -> str:
+    """The name of an input field a key is read from, dotted for nested fields
+    (``"account.region"``): no empty or blank part (``"a..b"`` named no field, and every
+    start then failed)."""
+    if (
+        not isinstance(path, str)
+        or not path.isprintable()
+        or any(not part.strip() for part in path.split("."))
+    ):
+        raise InvalidInput(
+            f"{what} {path!r} is not an input field's name (dotted for a nested field, such "
+            f"as 'account.region')"
+        )
+    return path

@@ -28,10 +28,12 @@ from typing import Final
 
 import msgspec
 
+from ._cell_turns import after_conflict, one_at_a_time
 from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
 from ._durations import MAX_DURATION
 from ._errors import InvalidInput, NatflowError
 from ._kv import kv_get, kv_put
+from ._names import check_field_path
 from ._streams import RATES_BUCKET, ensure_streams
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -84,12 +86,21 @@ class RateLimit:
             raise InvalidInput(
                 f"rate limit {self.name!r}: burst must be a positive int, not {self.burst!r}"
             )
-        if self.key is not None and not (
-            (isinstance(self.key, str) and self.key) or callable(self.key)
-        ):
+        if self.key is not None and not (isinstance(self.key, str) or callable(self.key)):
             raise InvalidInput(
                 f"rate limit {self.name!r}: key must be an input field's name or a callable "
                 f"of the input, not {self.key!r} (leave it out for one budget)"
+            )
+        if isinstance(self.key, str):
+            check_field_path(f"rate limit {self.name!r}: key", self.key)
+        try:
+            interval = self.period / self.limit
+        except OverflowError:  # an int past what a float holds
+            interval = 0.0
+        if not interval > 0:
+            raise InvalidInput(
+                f"rate limit {self.name!r}: limit {self.limit!r} per {self.period!r} s leaves "
+                f"no time between calls; use a smaller limit"
             )
 
     @property
@@ -142,11 +153,16 @@ async def reserve(
     from then on, so calls that all wait for one time are still spaced.
     """
     await ensure_rates_bucket(conn)
-    cache = _cache(conn)
     kv_key = cell_key(limit.name, key)
+    async with one_at_a_time(conn, kv_key):
+        return await _reserve(conn, limit, kv_key, earliest)
+
+
+async def _reserve(conn: Connection, limit: RateLimit, kv_key: str, earliest: float) -> float:
+    cache = _cache(conn)
     tolerance = limit.interval * (limit.burst - 1)
     known = cache.get(kv_key)
-    for _ in range(_MAX_TRIES):
+    for attempt in range(_MAX_TRIES):
         if known is None:
             found = await kv_get(conn, RATES_BUCKET, kv_key)
             known = (_decoder.decode(found[0]).tat, found[1]) if found else (0.0, 0)
@@ -168,6 +184,7 @@ async def reserve(
                 raise
             cache.pop(kv_key, None)
             known = None  # another process took a slot: read and decide again
+            await after_conflict(attempt)
             continue
         cache[kv_key] = (new_tat, new_revision)
         return go_at

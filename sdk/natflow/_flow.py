@@ -40,16 +40,19 @@ log = logging.getLogger("natflow.flow")
 DEBOUNCE_STEP = "natflow-debounce"  # the first step of a debounced run: takes its input
 
 
-def key_of(what: str, spec: KeySpec | None, value: Any) -> str | None:
+def key_of(what: str, spec: KeySpec | None, value: Any, data: bytes) -> str | None:
     """The key a flow-control option computes from a run's input (None: no key).
 
     ``spec`` is an input field (dotted for nested fields: ``"account.region"``, as
-    ``Limit(key=...)`` takes it) or a function of the input.
+    ``Limit(key=...)`` takes it), read from the input as JSON (``data``), as a start by name
+    or through the engine reads it, so every path finds one key (a datetime field gave
+    ``str(datetime)`` here and its JSON text there: two singleton runs of one key); or a
+    function of the input (``value``, as the caller passed it).
     """
     if spec is None or spec == "":
         return None
     if not callable(spec):
-        return str(input_field(what, value, spec))
+        return str(input_field(what, msgspec.json.decode(data), spec))
     try:
         return str(spec(value))
     except Exception as exc:
@@ -68,17 +71,19 @@ def check_flow_start(workflow: Workflow, run_id: str | None) -> None:
         )
 
 
-def plan_for(workflow: Workflow, input: Any) -> FlowPlan:
-    """What a start of ``workflow`` with ``input`` (decoded) must apply."""
+def plan_for(workflow: Workflow, input: Any, data: bytes) -> FlowPlan:
+    """What a start of ``workflow`` with ``input`` (as passed; ``data``: as JSON) must apply."""
     limit = workflow.rate_limit
     debounce = workflow.debounce
     return FlowPlan(
         rate=limit,
-        rate_key=key_of("rate limit", limit.key, input) if limit is not None else None,  # type: ignore[arg-type]
+        rate_key=key_of("rate limit", limit.key, input, data) if limit is not None else None,  # type: ignore[arg-type]
         singleton=workflow.singleton is not None,
-        singleton_key=key_of("singleton", workflow.singleton, input),
+        singleton_key=key_of("singleton", workflow.singleton, input, data),
         debounce=debounce.seconds if debounce is not None else None,
-        debounce_key=key_of("debounce", debounce.key, input) if debounce is not None else None,
+        debounce_key=(
+            key_of("debounce", debounce.key, input, data) if debounce is not None else None
+        ),
     )
 
 
@@ -92,7 +97,7 @@ async def flow_start(
     **start: Any,
 ) -> tuple[str, bool]:
     """Start a run of a flow-controlled workflow; ``(run_id, created)`` as ``Runs.start``."""
-    plan = plan_for(workflow, input)
+    plan = plan_for(workflow, input, data)
     return await engine_flow_start(runs, workflow.name, plan, queue, data, not_before, **start)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from natflow_engine import MAX_SLOTS, InvalidInput, LimitGroup
+from natflow_engine import MAX_SLOTS, InvalidInput, LimitGroup, check_field_path
 
 KeyFn = Callable[[Any], Any]
 _MAX_KEY = 256
@@ -67,12 +67,13 @@ class Limit:
             )
         if self.scope not in ("workflow", "queue"):
             raise InvalidInput(f"Limit(scope=...) is 'workflow' or 'queue', not {self.scope!r}")
-        plain = isinstance(self.key, str) and self.key and self.key.isprintable()
-        if self.key is not None and not callable(self.key) and not plain:
+        if self.key is not None and not callable(self.key) and not isinstance(self.key, str):
             raise InvalidInput(
                 f"Limit(key=...) takes the name of an input field or a function of the "
                 f"input, not {self.key!r}"
             )
+        if isinstance(self.key, str):
+            check_field_path("Limit(key=...)", self.key)
         if self.name is not None and (
             not isinstance(self.name, str) or not self.name or not self.name.isprintable()
         ):

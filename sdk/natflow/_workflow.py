@@ -16,6 +16,7 @@ from natflow_engine import (
     RetryPolicy,
     ScheduleSpec,
     check_event_name,
+    check_field_path,
     check_queue,
     check_spec,
     check_workflow_name,
@@ -64,6 +65,8 @@ class Debounce:
 def _check_key(what: str, key: object) -> None:
     if key is not None and not isinstance(key, str) and not callable(key):
         raise InvalidInput(f"{what} must be an input field's name or a callable, not {key!r}")
+    if isinstance(key, str):
+        check_field_path(what, key)
 
 
 @dataclass(frozen=True)
