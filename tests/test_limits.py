@@ -410,3 +410,37 @@ async def test_closing_a_run_whose_group_the_service_forgot_is_no_error(client: 
     await service._audit()  # an empty group is forgotten
     await service.run_closed("r")  # the dispatcher closes the run: nothing to free
     assert not service.waiting("r")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("old_max", "new_max"), [(3, 1), (1, 3)])
+async def test_a_changed_max_holds_for_runs_that_waited_under_the_old_one(
+    client: Client, engine: Engine, limits_env: tuple[Path, Path], old_max: int, new_max: int
+) -> None:
+    """The engine granted by the max the waiting runs parked with: lowered from 3 to 1, three
+    of the backlog ran at once; raised from 1 to 3, the backlog still ran one at a time."""
+    log, gates = limits_env
+    deployed = {3: wl.capped_at_3, 1: wl.capped_at_1}
+    run_ids = [f"capped-{i}" for i in range(8)]
+    async with running_worker(client, [deployed[old_max]]):
+        for run_id in run_ids:
+            await client.start(deployed[old_max], "x", run_id=run_id)
+
+        async def split() -> tuple[list[str], list[str]] | None:
+            currents = {r: (await client.describe(r)).current or "" for r in run_ids}
+            running = [r for r, c in currents.items() if c.startswith("running")]
+            waiting = [r for r, c in currents.items() if "waiting for a slot" in c]
+            return (running, waiting) if len(running) + len(waiting) == len(run_ids) else None
+
+        running, waiting = await wait_for(split, what="slots taken and a line")
+        assert len(running) == old_max
+        for run_id in running:  # those holding a slot end; the rest wait under the old max
+            (gates / run_id).touch()
+            await client.handle(run_id).result(timeout=10)
+    async with running_worker(client, [deployed[new_max]]):
+        await wait_for(lambda: _slots_held(client, "workflow:capped", new_max), what="new slots")
+        (gates / "all").touch()
+        for run_id in waiting:
+            await client.handle(run_id).result(timeout=20)
+    waited = [s for s in intervals(log)["capped"] if s[2] in waiting]
+    assert most_at_once(waited) == new_max, waited

@@ -125,3 +125,12 @@ WORKFLOWS = [
 def make_worker(client: Client) -> Worker:
     """The ``natflow worker`` factory: these workflows with a short lease."""
     return Worker(client, WORKFLOWS, lease_ttl=LEASE_TTL)
+
+
+async def _capped(ctx: WorkflowContext, input: str) -> str:
+    return await ctx.step("held", held, "capped", ctx.run_id)
+
+
+# One workflow, deployed with a max of 3 and then of 1 (or the other way round).
+capped_at_3 = workflow(name="capped", concurrency=Limit(max=3))(_capped)
+capped_at_1 = workflow(name="capped", concurrency=Limit(max=1))(_capped)

@@ -118,14 +118,23 @@ class Admitter:
         for _ in range(_TAKE_TRIES):
             view = await read_group(self._conn, group)
             mine = view.slots.of_run(run_id)
+            if mine and mine[0][0] >= max_:
+                # Granted under a larger max than the code deployed now declares (the limit
+                # was lowered while runs waited): given back, and the run waits (or takes a
+                # slot within the new max), so the new max holds at once.
+                for n, _slot, revision in mine:
+                    await free_slot(self._conn, group, n, revision)
+                continue
             if mine:
                 n, slot, revision = mine[0]
                 for extra, _slot, extra_rev in mine[1:]:  # granted twice in a race
                     await free_slot(self._conn, group, extra, extra_rev)
                 # Rewritten even when it names this worker already: a give-back of it
                 # still on its way (fire and forget) then misses instead of freeing it.
+                # With this code's max: the engine grants by the max it last saw (one
+                # raised while runs waited lets more of them in).
                 slot = msgspec.structs.replace(
-                    slot, worker=self._identity, state="held", at=utcnow()
+                    slot, worker=self._identity, state="held", at=utcnow(), max=max_
                 )
                 new = await put_slot(self._conn, group, n, slot, revision)
                 if new is None:
