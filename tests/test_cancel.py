@@ -149,3 +149,55 @@ async def test_a_terminate_stored_while_the_run_is_held_reaches_it_as_it_goes_to
         with pytest.raises(RunCancelled):
             await handle.result(timeout=10)
     assert (await handle.status()).status == "terminated"
+
+
+steps_run: list[str] = []
+
+
+async def short_step(run_id: str, i: int) -> int:
+    steps_run.append(f"{run_id}:{i}")
+    await anyio.sleep(0.2)
+    return i
+
+
+@workflow(name="step_chain")
+async def step_chain(ctx: WorkflowContext, steps: int) -> int:
+    total = 0
+    for i in range(steps):
+        total += await ctx.step(f"s{i}", short_step, ctx.run_id, i)
+    return total
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["cancel", "terminate", "signal"])
+async def test_a_new_run_held_without_a_task_takes_a_wake_up_as_it_goes(
+    client: Client, engine: Engine, how: str
+) -> None:
+    """A new run is held from its start in history, without a task, so a wake-up enqueued
+    one: the worker holding the run waited for its handling to end (cancel and terminate
+    were ignored until the run completed), and, past the lease period, ran a second
+    execution beside it, which ran a step again."""
+    from natflow_engine._start_consumers import _consumer_exists
+
+    steps_run.clear()
+    async with running_worker(client, [step_chain], lease_ttl=2.0):
+
+        async def taken_from_history() -> bool:
+            return await _consumer_exists(client.connection, "default", "step_chain")
+
+        await wait_for(taken_from_history, what="the worker's start consumer")
+        handle = await client.start(step_chain, 20, run_id=f"chain-{how}")  # held: no task
+
+        async def going() -> bool:
+            return len(steps_run) >= 2
+
+        await wait_for(going, what="the run's first steps")
+        if how == "signal":  # a wake-up the run does not wait for: it just goes on
+            await client.signal(handle.run_id, "unasked", 1)
+            assert await handle.result(timeout=30) == sum(range(20))
+        else:
+            await getattr(client, how)(handle.run_id, "stop")
+            with anyio.fail_after(1.5):  # a step or two, not the lease period or the run
+                with pytest.raises(RunCancelled):
+                    await handle.result()
+    assert len(steps_run) == len(set(steps_run)), "a step ran twice"

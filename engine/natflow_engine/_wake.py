@@ -1,9 +1,10 @@
 """Waking a run: enqueue its task, or nudge the worker that holds it.
 
-A wake-up (a timer came due, a signal arrived) that finds the run's task pending costs nothing:
-the pending task will run. One that finds the task in flight cannot be enqueued (NATS.md §8),
-so the holder named by the run's lease is told on ``natflow.worker.<identity>.wake``; and a
-holder that releases the run re-checks for due timers and new signals after it acknowledges.
+A wake-up (a timer came due, a signal arrived) enqueues the run's task (one that finds the
+task pending costs nothing: the pending task will run; one that finds it in flight cannot be
+enqueued, NATS.md §8), and tells the holder named by the run's lease, if any, on
+``natflow.worker.<identity>.wake``; a holder that releases the run re-checks for due timers
+and new signals after it acknowledges.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ async def run_start(conn: Connection, run_id: str) -> RunStarted | None:
 
 
 async def wake(conn: Connection, start: RunStarted, run_id: str, reason: str) -> None:
+    """Make sure the run looks at what woke it: a task, and a nudge of its holder if a
+    worker holds it. Enqueued or not: a new run is held without a task (a worker took its
+    start from history), and a task for a held run may reach another worker, which leaves
+    it (held elsewhere) while the holder went on unaware of a cancel until the run's end."""
     task = Task(run_id=run_id, workflow=start.workflow, reason=reason)
-    if await enqueue(conn, start.queue, task):
-        return
+    await enqueue(conn, start.queue, task)
     found = await Leases(conn).get(run_id)
     if found is not None:
         await conn.send(wake_subject(found[0].worker), run_id.encode())

@@ -16,7 +16,7 @@ import socket
 import uuid
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -73,6 +73,8 @@ from ._watchdog import LoopWatchdog
 from ._workflow import Workflow
 
 log = logging.getLogger("natflow.worker")
+
+_ENDING: Final = 1.0  # seconds a wake-up waits for the handling of its run to end, if it is
 
 _MISSING_KEY_DELAY = 2.0
 MIN_LEASE_TTL = 1.0
@@ -392,10 +394,21 @@ class Worker:
                 previous.msg = msg
                 return
             if previous is not None:
-                # A new task (a wake-up) for a run whose handling is ending here: take it
-                # once that is done, as the next holder would.
-                with anyio.move_on_after(self.lease_ttl):
+                # A new task (a wake-up: a signal, a cancel, a timer, a slot) for a run held
+                # here. While its handling is live the wake-up is a nudge, as on the wake
+                # subject: it missed it before (a cancel of a new run, which is held without
+                # a task, was ignored till the run's end), and a second execution beside it
+                # (there was one, once the wait below ran out) runs its steps again. Should
+                # that handling be ending (it let the run go, or gave it up), the task is
+                # taken once it is done, as the next holder would.
+                live = not (previous.released or previous.lost)
+                if live:
+                    self._nudge(previous)
+                with anyio.move_on_after(_ENDING if live else self.lease_ttl):
                     await previous.finished.wait()
+                if live and not previous.finished.is_set():
+                    await quietly(msg.ack())  # the live handling took the wake-up
+                    return
             held = Held(msg=msg, run_id=task.run_id, queue=_queue_of(msg.subject))
             self._held[task.run_id] = held
             RUNS_HELD.inc()
@@ -484,9 +497,15 @@ class Worker:
 
     async def _on_wake(self, msg: Msg) -> None:
         held = self._held.get(msg.data.decode(errors="replace"))
-        if held is not None and held.execution is not None:
+        if held is not None:
+            self._nudge(held)
+
+    @staticmethod
+    def _nudge(held: Held) -> None:
+        """Tell the run's handling here that signals or a due timer wait for it."""
+        if held.execution is not None:
             held.execution.signals_arrived()
-        elif held is not None:  # leased before its execution is built (see _preclaim)
+        else:  # leased before its execution is built (see _preclaim)
             held.nudged = True
 
 
