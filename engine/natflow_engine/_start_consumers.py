@@ -26,7 +26,8 @@ task stood for beyond that, the client and the engine check:
   before writing its task.
 
 While a new run's first activation holds no task, a wake-up (a signal, a cancel) finds no task
-in flight and enqueues one; the worker that takes it waits for, or is fenced by, the holder, and
+in flight and enqueues one, and nudges the holder the run's lease names (``_wake``). The holder
+that takes that task takes it as a nudge; another worker leaves it while the run is held; and
 the holder reads the run's history again when it lets the run go, so nothing is missed.
 """
 
