@@ -114,12 +114,15 @@ async def _closed(client: Client, run_id: str) -> object:
     return info if info.is_closed or info.status == "blocked" else None
 
 
-async def test_a_run_that_kills_two_workers_is_held_as_poisoned(
+async def test_a_run_that_kills_three_workers_is_held_as_poisoned(
     client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
 ) -> None:
-    procs = spawn(nats_server, tmp_path, 3)
+    """Three deaths: a quick step that kills its process leaves no ``step_started``, so
+    history cannot tell it from a run whose workers died of something else (under churn,
+    two such deaths in a row held innocent runs forever)."""
+    procs = spawn(nats_server, tmp_path, 4)
     try:
-        await workers_up(client, 3)
+        await workers_up(client, 4)
         # Taken from its start consumer by an idle worker, which claims it beside the step:
         # the claim must be on the wire before the step ends the process, or that death
         # would not count (and the third worker would die too).
@@ -128,12 +131,12 @@ async def test_a_run_that_kills_two_workers_is_held_as_poisoned(
         info = await wait_for(lambda: _closed(client, "p-1"), timeout=60, what="p-1 held")
         assert info.status == "blocked"
         assert info.error is not None and info.error.type == "PoisonedRun"
-        assert "died 2 times" in info.error.message
+        assert "died 3 times" in info.error.message
         blocked = [e for e in await client.history("p-1") if isinstance(e, RunBlocked)]
         assert len(blocked) == 1
-        # Two workers died, the third holds the run as poisoned and keeps serving.
-        assert sorted(p.poll() is None for p in procs) == [False, False, True]
-        assert counts(tmp_path / "counts.txt") == Counter({"p-1:kills": 2})
+        # Three workers died, the fourth holds the run as poisoned and keeps serving.
+        assert sorted(p.poll() is None for p in procs) == [False, False, False, True]
+        assert counts(tmp_path / "counts.txt") == Counter({"p-1:kills": 3})
         good = await client.start("doubler", 5, run_id="p-good")
         assert await good.result(timeout=30) == 10
         # The held run can still be ended.
@@ -143,7 +146,7 @@ async def test_a_run_that_kills_two_workers_is_held_as_poisoned(
             return (await client.describe("p-1")).status == "terminated"
 
         await wait_for(terminated, timeout=20, what="p-1 terminated")
-        assert counts(tmp_path / "counts.txt")["p-1:kills"] == 2
+        assert counts(tmp_path / "counts.txt")["p-1:kills"] == 3
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)
@@ -185,3 +188,31 @@ async def test_a_workflow_awaiting_a_thread_fails_saying_why_and_no_thread_dies(
     finally:
         threading.excepthook = before
     assert died == []
+
+
+async def test_a_run_whose_workers_die_twice_of_something_else_still_completes(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    """Two workers SIGKILLed in turn (an OOM killer, lost nodes) while the run's step ran:
+    the next worker held it as poisoned, for good."""
+    env = {COUNTS_ENV: str(tmp_path / "counts.txt")}
+    procs: list[subprocess.Popen[bytes]] = []
+
+    async def ran(n: int) -> bool:
+        return counts(tmp_path / "counts.txt")["churn:slow"] >= n
+
+    try:
+        handle = None
+        for death in (1, 2):
+            procs.append(spawn_worker(nats_server.url, TARGET, env=env))
+            if handle is None:
+                await workers_up(client, 1)
+                handle = await client.start("slow_step", 0, run_id="churn")
+            await wait_for(lambda n=death: ran(n), timeout=30, what=f"step run {death}")
+            stop(procs[-1], signal.SIGKILL)
+        procs.append(spawn_worker(nats_server.url, TARGET, env=env))
+        assert handle is not None
+        assert await handle.result(timeout=30) == 1
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)

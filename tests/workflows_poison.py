@@ -154,3 +154,17 @@ async def awaits_a_thread(ctx: WorkflowContext, _: int) -> int:
     import anyio.to_thread
 
     return await anyio.to_thread.run_sync(lambda: 1)  # no wake-up can reach workflow code
+
+
+async def slow(run_id: str) -> int:
+    _count(run_id, "slow")
+    await asyncio.sleep(2.0)
+    return 1
+
+
+@workflow(name="slow_step")
+async def slow_step(ctx: WorkflowContext, _: int) -> int:
+    return await ctx.step("slow", slow, ctx.run_id)
+
+
+WORKFLOWS.append(slow_step)

@@ -2,9 +2,9 @@
 
 A run is held (a ``run_blocked`` event whose error type says why) when
 
-* its workers died twice while holding it with no progress in between (``PoisonedRun``): the
-  run, most likely one of its steps, kills the process (``os._exit``, a crash in native code,
-  the memory it takes); another worker would only die too;
+* its workers died three times while holding it with no progress in between
+  (``PoisonedRun``): the run, most likely one of its steps, kills the process (``os._exit``,
+  a crash in native code, the memory it takes); another worker would only die too;
 * an event in its history does not decode (``CorruptHistory``): it cannot be replayed;
 * its task failed the same way on every one of many deliveries (``ParkedRun``).
 
@@ -59,7 +59,12 @@ POISONED: Final = "PoisonedRun"
 CORRUPT: Final = "CorruptHistory"
 PARKED: Final = "ParkedRun"
 HELD_TYPES: Final = (POISONED, CORRUPT, PARKED)
-DEATHS_TO_POISON: Final = 2
+# Deaths of the run's holders, with no progress in between, that hold it as poisoned. A
+# worker that dies of something else takes its claims of every run it held with it: under
+# churn (an OOM killer, lost nodes) two such deaths in a row held innocent runs forever.
+# History cannot tell those from a poisoned run (a quick step that ends its process leaves
+# no step_started), so one more death is the price of not blocking them.
+DEATHS_TO_POISON: Final = 3
 REDELIVERIES_DECLINED = Counter(
     "natflow_worker_redeliveries_declined",
     "Tasks (mostly redeliveries) a worker left with the live worker that holds the run.",
