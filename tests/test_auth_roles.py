@@ -98,6 +98,12 @@ async def roles_on_order(ctx: WorkflowContext, order: dict[str, int]) -> int:
     return order["n"] + 1
 
 
+@workflow(name="roles_big")
+async def roles_big(ctx: WorkflowContext, blob: str) -> str:
+    echoed = await ctx.step("echo", lambda b: b, blob)
+    return str(echoed) + str(await ctx.wait_for_signal("more", timeout=30))
+
+
 @pytest.fixture
 async def deployment(auth_server: EmbeddedServer) -> AsyncIterator[dict[str, Client]]:
     """Engine and worker under their roles, and a connection for every other user."""
@@ -554,3 +560,19 @@ async def test_a_burst_of_result_calls_refused_the_stored_feed_all_see_their_run
                 await wait_for(all_ended, timeout=14, what="every result")
         assert results == {n: n + 1 for n in range(40)}
         assert not stored_feed(client.connection)
+
+
+async def test_large_values_move_under_every_role(deployment: dict[str, Client]) -> None:
+    """A value over 64 KiB lives in the object store, whose chunks nats-py reads with a
+    consumer it looks the stream up for: no role granted STREAM.NAMES, so under every role
+    a large input, result or signal payload was a denial (the run parked, the result
+    unreadable)."""
+    big, more = "x" * 100_000, "y" * 100_000
+    async with running_worker(deployment["worker"], [roles_big], queue="default"):
+        handle = await deployment["client"].start(roles_big, big, run_id="big-1")
+        viewer = deployment["viewer"]
+        await wait_for(lambda: _status_is(viewer, "big-1", "waiting"), timeout=15, what="wait")
+        await deployment["signaller"].signal("big-1", "more", more)
+        assert await handle.result(timeout=15) == big + more
+    assert (await viewer.describe("big-1")).result == big + more
+    assert [s.result for s in await viewer.steps("big-1")] == [big]

@@ -230,8 +230,14 @@ def _ordered_consumer(api: str, stream: str) -> list[str]:
 
 def _values(api: str, kv: str, *, write: bool) -> list[str]:
     """Large values in the natflow_values object store (nats-py reads an object's meta with
-    a stream message get, its chunks with an ordered consumer; writes publish to ``$O``)."""
-    read = [f"{api}.STREAM.MSG.GET.{VALUES_STREAM}", *_ordered_consumer(api, VALUES_STREAM)]
+    a stream message get, its chunks with an ordered consumer, whose stream it looks up by
+    subject: STREAM.NAMES, without which no role could read a large value; writes publish
+    to ``$O``)."""
+    read = [
+        f"{api}.STREAM.MSG.GET.{VALUES_STREAM}",
+        f"{api}.STREAM.NAMES",
+        *_ordered_consumer(api, VALUES_STREAM),
+    ]
     # A writer marks the run that refers to a value and checks for a delete in progress
     # (see _value_refs).
     marks = [f"{kv}.{REFS_BUCKET}.>", *_direct_get(api, kv_stream(REFS_BUCKET))]
