@@ -22,7 +22,7 @@ from natflow import (
     workflow,
 )
 from natflow_engine import RATES_BUCKET, NoResponders
-from natflow_engine._kv import kv_get
+from natflow_engine._kv import kv_entries, kv_get
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunStarted
 
@@ -363,23 +363,27 @@ async def test_start_requests_any_client_can_send_are_answered_never_fatal(
     client: Client, engine: object
 ) -> None:
     """The start service takes requests from frontends natflow does not control: a body
-    that is not UTF-8, or a flow declaration of its own with a window past the year 9999,
-    ended the engine (the requester timed out); each is now an ``invalid`` reply."""
+    that is not UTF-8 ended the engine (the requester timed out); now an ``invalid`` reply.
+    A request's own flow declaration is not applied (one with a window past the year 9999
+    ended the engine too; a forged rate limit could push another workflow's starts back
+    for days): the declaration its workers published is."""
     from natflow_engine._start_service import StartReply, start_subject
 
     nc = client.connection.nc
-    bad = {
-        b'{"workflow": "q\xff", "queue": "default"}': "utf-8",
-        b'{"workflow": "quick", "queue": "default", '
-        b'"flow": {"workflow": "quick", "debounce": 1e300}}': "at most a hundred years",
-        b'{"workflow": "quick", "queue": "default", '
-        b'"flow": {"workflow": "quick", "debounce": -5}}': "debounce window must be",
-        b'{"workflow": "quick", "queue": "default", "flow": {"workflow": "quick", '
-        b'"rate": {"name": "r", "limit": 1, "period": 1e300}}}': "at most a hundred years",
+    msg = await nc.request(
+        start_subject("hostile-0"), b'{"workflow": "q\xff", "queue": "default"}', timeout=5
+    )
+    reply = msgspec.json.decode(msg.data, type=StartReply)
+    assert reply.invalid and "utf-8" in reply.error, reply
+    forged = {
+        "debounce": 1e300,
+        "rate": {"name": "shared-with-others", "limit": 1, "period": 86400.0},
     }
-    for i, (body, named) in enumerate(bad.items()):
-        msg = await nc.request(start_subject(f"hostile-{i}"), body, timeout=5)
+    for i, flow in enumerate(forged.items()):
+        body = {"workflow": "quick", "queue": "q", "flow": {"workflow": "quick", flow[0]: flow[1]}}
+        msg = await nc.request(start_subject(f"forged-{i}"), msgspec.json.encode(body), timeout=5)
         reply = msgspec.json.decode(msg.data, type=StartReply)
-        assert reply.invalid and named in reply.error, (body, reply)
-    msg = await nc.request(start_subject("fine"), b'{"workflow": "quick", "queue": "q"}', timeout=5)
-    assert msgspec.json.decode(msg.data, type=StartReply).created
+        assert reply.created and reply.run_id == f"forged-{i}", reply
+        info = await client.describe(reply.run_id)
+        assert info.status == "pending" and "rate limited" not in (info.current or ""), info
+    assert await kv_entries(client.connection, RATES_BUCKET, "shared-with-others.>") == []

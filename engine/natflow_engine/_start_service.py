@@ -45,7 +45,9 @@ class StartRequest(msgspec.Struct, kw_only=True):
     input: msgspec.Raw = msgspec.Raw(b"null")
     not_before: datetime | None = None
     priority: int | None = None
-    flow: FlowDeclaration | None = None  # the client's own declaration (it holds the definition)
+    # A client holding the definition sends its declaration; the engine applies the one its
+    # workers published instead (kept so that requests of older clients still decode).
+    flow: FlowDeclaration | None = None
     chosen_run_id: bool = False  # the user chose the run id (refused for singleton/debounce)
 
 
@@ -128,8 +130,9 @@ class StartService:
         reply = StartReply()
         try:
             request = _request_decoder.decode(msg.data)
-            if request.flow is not None and request.flow.workflow != request.workflow:
-                raise InvalidInput("the start request's flow declaration names another workflow")
+            # The flow control its workers declared, never the request's own ``flow``: a
+            # requester (a frontend, which may do nothing else) could leave a rate limit
+            # out, or name one of another workflow and push its starts back for days.
             run_id, created = await start_declared(
                 self._runs,
                 request.workflow,
@@ -137,7 +140,6 @@ class StartService:
                 bytes(request.input),
                 msg.subject.split(".", 3)[3],
                 not_before=request.not_before,
-                declaration=request.flow,
                 chosen_run_id=request.chosen_run_id,
                 priority=request.priority,
             )
