@@ -576,3 +576,13 @@ async def test_large_values_move_under_every_role(deployment: dict[str, Client])
         assert await handle.result(timeout=15) == big + more
     assert (await viewer.describe("big-1")).result == big + more
     assert [s.result for s in await viewer.steps("big-1")] == [big]
+    # Deleting a run is the engine's: a client that tried deleted the run's values, then
+    # was refused the purge of its history (the run stayed, its values gone).
+    from natflow_engine._value_refs import run_values
+
+    marked = await run_values(deployment["client"].connection, "big-1")
+    assert len(marked) == 3  # the input (= the step's result), the signal, the run's result
+    with pytest.raises(PermissionDenied, match="purge"):
+        await deployment["client"].delete("big-1")
+    assert await run_values(deployment["client"].connection, "big-1") == marked
+    assert (await viewer.describe("big-1")).result == big + more

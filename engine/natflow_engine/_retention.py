@@ -49,6 +49,7 @@ from ._state import fold_run
 from ._streams import (
     DEADLETTER_PREFIX,
     DEADLETTER_STREAM,
+    HISTORY_PREFIX,
     HISTORY_STREAM,
     RUNS_STREAM,
     SIGNAL_STREAM,
@@ -110,12 +111,27 @@ async def purge_run(conn: Connection, run_id: str, workflow: str, queue: str) ->
         (HISTORY_STREAM, history_subject(run_id)),
     ]
     # Stored values first: their markers name the run, and while history is still there a
-    # delete cut short is simply run again.
+    # delete cut short is simply run again. But not before this connection is known to be
+    # allowed the purges (a client may delete values, not purge: its values went, the run
+    # stayed, its result unreadable).
+    await _may_purge(conn, run_id)
     await release_run_values(conn, run_id)
     removed = 0
     for stream, subject in places:
         removed += await purge(conn, stream, subject)
     return removed
+
+
+_MAY_PURGE: Final = "natflow_may_purge"
+
+
+async def _may_purge(conn: Connection, run_id: str) -> None:
+    """Raise :class:`PermissionDenied` unless this connection may purge natflow's streams
+    (asked once per connection: a purge of a subject no message has)."""
+    if conn.extras.get(_MAY_PURGE):
+        return
+    await purge(conn, HISTORY_STREAM, f"{HISTORY_PREFIX}.{run_id}.none")
+    conn.extras[_MAY_PURGE] = True
 
 
 async def delete_run(conn: Connection, run_id: str) -> int:
