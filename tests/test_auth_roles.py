@@ -210,8 +210,19 @@ async def test_signaller_may_signal_and_nothing_else(
     await client.start(guarded, 1, run_id="sig-1")
     await wait_for(lambda: _status_is(client, "sig-1", "waiting"), timeout=15, what="waiting")
 
-    await signaller.signal("sig-1", "approve", "yes")  # works, without reading the run
+    # natflow signal, as the signaller: it read the run first and was refused that.
+    done = await anyio.run_process(
+        [sys.executable, "-m", "natflow_engine", "--url", auth_server.url, "--user",
+         "signaller", "--password", creds("signaller")["password"],
+         "signal", "sig-1", "approve", '"yes"'],
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
     await wait_for(lambda: _status_is(client, "sig-1", "completed"), timeout=15, what="done")
+    await client.start(guarded, 2, run_id="sig-0")
+    await wait_for(lambda: _status_is(client, "sig-0", "waiting"), timeout=15, what="waiting")
+    await signaller.signal("sig-0", "approve", "yes")  # works, without reading the run
+    await wait_for(lambda: _status_is(client, "sig-0", "completed"), timeout=15, what="done")
 
     forged = RunCompleted(id="sig-1:99", at=utcnow())
     history_cut = next(c for c in stream_configs() if c.name == "NATFLOW_HISTORY")

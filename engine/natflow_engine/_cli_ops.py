@@ -85,8 +85,8 @@ async def _signal(conn: Connection, args: argparse.Namespace) -> int:
     if args.signal_id is not None:
         check_token("signal id", args.signal_id)
     payload = read_json_argument("the payload", args.payload)
-    info = await Runs(conn).describe(args.run_id)
-    if info.is_closed:
+    info = await Runs(conn).readable(args.run_id)  # None: a signaller, which may not read
+    if info is not None and info.is_closed:
         raise NatflowError(
             f"run {args.run_id!r} already ended ({info.status}); a signal can no longer reach it"
         )
@@ -107,8 +107,8 @@ async def _signal(conn: Connection, args: argparse.Namespace) -> int:
 
 async def _cancel(conn: Connection, args: argparse.Namespace) -> int:
     check_run_id(args.run_id)
-    info = await Runs(conn).describe(args.run_id)
-    if info.is_closed:
+    info = await Runs(conn).readable(args.run_id)  # None: a signaller, which may not read
+    if info is not None and info.is_closed:
         print(f"run {args.run_id} already ended ({info.status}); nothing to do")
         return 0
     kind = CANCEL if args.control == "cancel" else TERMINATE

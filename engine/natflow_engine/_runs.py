@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime
+from typing import Final
 
 import msgspec
 
 from ._connection import Connection
-from ._errors import ErrorInfo, NatflowError, RunNotFound
+from ._errors import ErrorInfo, NatflowError, PermissionDenied, RunNotFound
 from ._history import AppendConflict, History, HistoryStore
 from ._index import RunIndex
 from ._limits import explain as explain_wait
@@ -35,6 +36,9 @@ from .events import (
 log = logging.getLogger("natflow.runs")
 
 _INLINE_START = 16 * 1024  # a larger start event is read from history instead
+
+
+_RUNS_DENIED: Final = "natflow_runs_denied"  # this connection may not read histories
 
 
 def new_run_id() -> str:
@@ -180,6 +184,18 @@ class Runs:
         for seq, reason in history.corrupt:
             log.warning("run %s: history event #%d does not decode (%s)", run_id, seq, reason)
         return history
+
+    async def readable(self, run_id: str) -> RunInfo | None:
+        """The run's info, or None if this connection may not read runs (a ``signaller``):
+        then the engine's signal intake checks the run, and dead-letters what cannot reach
+        it. A denial is remembered: asked again, the server would log a violation each time."""
+        if self.conn.extras.get(_RUNS_DENIED):
+            return None
+        try:
+            return await self.describe(run_id, explain=False)
+        except PermissionDenied:
+            self.conn.extras[_RUNS_DENIED] = True
+            return None
 
     async def describe(self, run_id: str, *, explain: bool = True) -> RunInfo:
         """The run's :class:`RunInfo`. With ``explain``, an open run that waits for a slot of

@@ -22,7 +22,6 @@ from natflow_engine import (
     MissingKey,
     NatflowError,
     PayloadCodec,
-    PermissionDenied,
     RunIndex,
     RunInfo,
     RunNotFound,
@@ -419,12 +418,7 @@ class Client:
         return await emit(self._conn, name, data, event_id)
 
     async def _readable(self, run_id: str) -> RunInfo | None:
-        """The run's info, or None if this connection may not read runs (a ``signaller``):
-        then the engine's signal intake checks the run, and dead-letters what cannot reach it."""
-        try:
-            return await self._runs.describe(run_id, explain=False)
-        except PermissionDenied:
-            return None
+        return await self._runs.readable(run_id)
 
     def handle(self, run_id: str, workflow: Workflow | None = None) -> RunHandle:
         """A handle on an existing run (not checked until used)."""
