@@ -597,3 +597,31 @@ async def test_large_values_move_under_every_role(deployment: dict[str, Client])
         await deployment["client"].delete("big-1")
     assert await run_values(deployment["client"].connection, "big-1") == marked
     assert (await viewer.describe("big-1")).result == big + more
+
+
+async def test_a_worker_under_another_identity_than_its_credentials_name_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Credentials made for worker w1, a worker started as w2: it served runs, unseen by
+    `natflow workers` and never pinged, with only raw permission warnings in its log."""
+    config = render_ops(OPS_AUTH / "nats.conf", tmp_path / "auth")
+    only_w1 = role_permissions("worker", identity="w1").to_conf()
+    text = config.read_text()
+    anchor = '{ user: worker, password: "worker-secret", permissions: $NATFLOW_WORKER }'
+    assert anchor in text
+    user = f'{{ user: w1, password: "w1-secret", permissions: {only_w1} }}'
+    config.write_text(text.replace(anchor, f"{anchor}\n    {user}"))
+    server = EmbeddedServer(config, store_dir=tmp_path / "auth-log")
+    server.start()
+    try:
+        async with running_engine(server.url, **creds("engine")):
+            w1 = await Client.connect(server.url, user="w1", password="w1-secret")
+            async with w1:
+                with anyio.fail_after(10), pytest.raises(PermissionDenied, match="--identity"):
+                    await Worker(w1, [roles_plain], identity="w2").run()
+                client = await connect_as(server, "client")
+                async with client, running_worker(w1, [roles_plain], identity="w1"):
+                    handle = await client.start(roles_plain, 1)
+                    assert await handle.result(timeout=15) == 2
+    finally:
+        server.stop()

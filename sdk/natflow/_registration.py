@@ -16,7 +16,14 @@ from typing import Any
 import anyio
 import msgspec
 import nats.errors
-from natflow_engine import Connection, NatflowError, WorkerInfo, announce, withdraw
+from natflow_engine import (
+    Connection,
+    NatflowError,
+    PermissionDenied,
+    WorkerInfo,
+    announce,
+    withdraw,
+)
 from natflow_engine.events import utcnow
 
 from ._held import Held
@@ -78,8 +85,10 @@ class Registration:
         """Made once, announced at every heartbeat."""
         return input_schemas(self._workflows)
 
-    async def announce(self) -> None:
-        """Write the entry anew (a failure is logged: the next heartbeat writes it again)."""
+    async def announce(self, *, first: bool = False) -> None:
+        """Write the entry anew (a failure is logged: the next heartbeat writes it again;
+        ``first``: the worker's first, where a denial ends the worker, as other denials at
+        its start do, instead of leaving it serving runs unseen by ``natflow workers``)."""
         info = WorkerInfo(
             identity=self._identity,
             host=socket.gethostname(),
@@ -97,6 +106,14 @@ class Registration:
         )
         try:
             await announce(self._conn, info)
+        except PermissionDenied as exc:
+            if first:
+                raise PermissionDenied(
+                    f"worker {self._identity!r} may not register ({exc}); credentials made "
+                    f"for one worker identity (`natflow auth worker --identity NAME`) need "
+                    f"that identity: run the worker with --identity NAME"
+                ) from None
+            log.debug("registry heartbeat failed: %s", exc)
         except (NatflowError, nats.errors.Error) as exc:
             log.debug("registry heartbeat failed: %s", exc)
 

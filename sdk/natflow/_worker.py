@@ -206,7 +206,7 @@ class Worker:
         watchdog = LoopWatchdog(asyncio.get_running_loop())
         watchdog.start()
         nudges = await self._conn.nc.subscribe(wake_subject(self.identity), cb=self._on_wake)
-        await self._registration.announce()
+        await self._registration.announce(first=True)
         await declare_triggers(self._conn, self._workflows.values(), self.identity)
         await declare_flow(self._conn, self._workflows.values())
         log.info(
