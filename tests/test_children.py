@@ -280,3 +280,21 @@ async def test_a_forged_child_outcome_is_rejected_and_the_parent_carries_on(
             await handle.result(timeout=10)  # sleepy_parent: RunCancelled raised, not caught
     events = await client.history("forged-1")
     assert [e.status for e in events if isinstance(e, ChildFailed)] == ["failed"]
+
+
+async def test_a_parent_with_a_long_run_id_still_gets_children(
+    client: Client, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child's id is the parent's with ``-c<n>``: past 128 characters the child's start
+    failed (InvalidInput naming a run nobody chose); it is shortened with a digest, as a
+    restart's and an on_complete run's are."""
+    from tests.workflows_children import COUNTS_ENV, fanout
+
+    monkeypatch.setenv(COUNTS_ENV, str(tmp_path / "counts.txt"))
+    async with running_worker(client, WORKFLOWS):
+        short = await client.start(fanout, 2, run_id="p")
+        handle = await client.start(fanout, 2, run_id="p" * 126)
+        assert await handle.result(timeout=20) == await short.result(timeout=20)
+    children = [e.child_run_id for e in await client.history(handle.run_id)
+                if isinstance(e, ChildStarted)]  # fmt: skip
+    assert len(children) == 2 and all(len(c) == 128 for c in children), children

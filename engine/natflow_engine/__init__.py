@@ -110,6 +110,7 @@ from ._names import (
     check_step_name,
     check_token,
     check_workflow_name,
+    derived_run_id,
 )
 from ._quarantine import QUARANTINED, quarantined
 from ._queues import queue_paused
@@ -351,6 +352,7 @@ __all__ = [
     "decode_value",
     "default_url",
     "delete_run",
+    "derived_run_id",
     "emit",
     "encode_value",
     "ends_with_parent",

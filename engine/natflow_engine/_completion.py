@@ -10,7 +10,6 @@ from the run, so the redelivered event publishes and starts nothing twice.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from typing import Any, Final
@@ -22,7 +21,7 @@ from ._errors import ErrorInfo
 from ._flow_decls import start_declared
 from ._history import HistoryStore
 from ._lifecycle import publish_status
-from ._names import _TOKEN
+from ._names import derived_run_id
 from ._runs import Runs
 from ._state import RunInfo
 from ._tasks import Task, enqueue
@@ -63,11 +62,7 @@ _encoder = msgspec.json.Encoder()
 def on_complete_run_id(run_id: str) -> str:
     """The id of the run that ``on_complete`` starts for ``run_id``: derived, so a second
     engine, or the same one after a crash, starts the same run (which then exists)."""
-    derived = f"{run_id}{_SUFFIX}"
-    if len(derived) <= 128 and _TOKEN.fullmatch(derived):
-        return derived
-    digest = hashlib.sha256(run_id.encode()).hexdigest()[:16]
-    return f"{run_id[:96]}-{digest}{_SUFFIX}"
+    return derived_run_id(run_id, _SUFFIX)
 
 
 def outcome_of(run_id: str, workflow: str, event: Event) -> RunOutcome | None:

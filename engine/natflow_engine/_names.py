@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from ._errors import InvalidInput
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_MAX_RUN_ID = 128
 _MAX_WORKFLOW_NAME = 256
 
 
@@ -84,3 +86,15 @@ def check_field_path(what: str, path: object) -> str:
             f"as 'account.region')"
         )
     return path
+
+
+def derived_run_id(run_id: str, suffix: str) -> str:
+    """The id of a run derived from ``run_id`` (a restart, a child, an ``on_complete``
+    run): ``<run_id><suffix>``, or, where that is no run id (over 128 characters), the
+    start of ``run_id``, a digest of all of it, and the suffix. The same on every call, so
+    a second engine, or a replay, derives the same run."""
+    derived = f"{run_id}{suffix}"
+    if len(derived) <= _MAX_RUN_ID and _TOKEN.fullmatch(derived):
+        return derived
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:16]
+    return f"{run_id[: _MAX_RUN_ID - len(suffix) - 17]}-{digest}{suffix}"

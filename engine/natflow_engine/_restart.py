@@ -18,7 +18,6 @@ the original again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import msgspec
 from ._connection import Connection
 from ._errors import InvalidInput, NatflowError, RunNotFound
 from ._history import AppendConflict, HistoryStore
-from ._names import _TOKEN, check_run_id
+from ._names import check_run_id, derived_run_id
 from ._state import fold_run
 from ._streams import ensure_streams
 from ._tasks import Task, enqueue
@@ -110,11 +109,7 @@ def seed_events(events: list[Event], from_seq: int) -> list[Event]:
 
 
 def restart_id(run_id: str, n: int) -> str:
-    derived = f"{run_id}-r{n}"
-    if len(derived) <= 128 and _TOKEN.fullmatch(derived):
-        return derived
-    digest = hashlib.sha256(run_id.encode()).hexdigest()[:12]
-    return f"{run_id[:100]}-{digest}-r{n}"
+    return derived_run_id(run_id, f"-r{n}")
 
 
 async def restart_run(

@@ -37,6 +37,7 @@ from natflow_engine import (
     check_step_name,
     check_token,
     decode_value,
+    derived_run_id,
     to_seconds,
 )
 from natflow_engine.events import (
@@ -376,7 +377,7 @@ class WorkflowState:
             seq=seq,
             name=name,
             future=self._loop.create_future(),
-            child_run_id=run_id or f"{self.run_id}-c{seq}",
+            child_run_id=run_id or derived_run_id(self.run_id, f"-c{seq}"),
             queue=queue,
             parent_close=parent_close,
             input_json=input_json,
