@@ -201,3 +201,26 @@ async def test_a_new_run_held_without_a_task_takes_a_wake_up_as_it_goes(
                 with pytest.raises(RunCancelled):
                     await handle.result()
     assert len(steps_run) == len(set(steps_run)), "a step ran twice"
+
+
+async def test_a_run_no_worker_has_taken_is_closed_by_a_cancel_or_terminate(
+    client: Client, engine: Engine
+) -> None:
+    """Only a worker applied a cancel: a run of a workflow nobody serves, or one whose start
+    is an hour off, stayed pending (and could not be deleted) until one took it."""
+
+    async def closed(run_id: str) -> str | None:
+        status = (await client.describe(run_id)).status
+        return status if status in ("cancelled", "terminated") else None
+
+    nobody = await client.start("nobody_serves_this", 1, run_id="unserved")
+    await client.cancel(nobody.run_id, "typo in the name")
+    assert await wait_for(lambda: closed("unserved"), what="the cancel") == "cancelled"
+    with pytest.raises(RunCancelled, match="was cancelled: typo in the name"):
+        await nobody.result(timeout=5)
+    await client.delete("unserved")
+    async with running_worker(client, [cancellable]):
+        later = await client.start(cancellable, 1, run_id="an-hour-off", start_delay=3600)
+        await client.terminate(later.run_id, "not needed")
+        assert await wait_for(lambda: closed("an-hour-off"), what="the terminate") == "terminated"
+    assert cleanups.count("an-hour-off") == 0  # no workflow code ran

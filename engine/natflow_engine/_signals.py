@@ -49,6 +49,7 @@ from ._streams import (
     signal_filter,
     signal_subject,
 )
+from ._unclaimed import close_unclaimed
 from ._undecodable import UNDECODABLE
 from ._wake import run_start, wake
 from .events import TERMINAL_EVENTS, RunRestarted, decode_event, utcnow
@@ -61,6 +62,7 @@ INTAKE: Final = "natflow-engine-signals"
 # their own, ``natflow.signal.<run_id>.$control.<cancel|terminate|pause|resume>``: five tokens,
 # which the grant for ordinary signals (``natflow.signal.*.*``) does not match, so the right to
 # cancel (or pause) is a NATS permission of its own (see _auth).
+MAX_REASON: Final = 4096  # characters of a cancel reason recorded
 CANCEL: Final = "$cancel"
 TERMINATE: Final = "$terminate"
 PAUSE: Final = "$pause"
@@ -77,6 +79,16 @@ _CONTROL_BY_TOKEN: Final = {
 # ``child_completed`` / ``child_failed``.
 CHILD: Final = "$child"
 _MAX_SHOWN_PAYLOAD: Final = 2048
+
+
+def cancel_reason(payload: bytes) -> str | None:
+    """The reason a cancel or terminate request carries (its JSON payload, if a string; at
+    most :data:`MAX_REASON` characters, so that a huge one still cancels)."""
+    try:
+        value = msgspec.json.decode(payload)
+    except UNDECODABLE:
+        return None
+    return (value[:MAX_REASON] or None) if isinstance(value, str) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,11 +440,18 @@ class SignalIntake:
 
     async def _wake(self, run_id: str, signals: list[tuple[Msg, Signal]]) -> None:
         names = ", ".join(sorted({sig.name for _, sig in signals}))
+        stop = next((sig for _, sig in signals if sig.name in (CANCEL, TERMINATE)), None)
         try:
             start = await run_start(self._conn, run_id)
             if start is None:  # its history was read a moment ago: a replica lagging
                 raise NatflowError(f"run {run_id} has no run_started")
-            await wake(self._conn, start, run_id, f"signal {names}")
+            if stop is None or not await close_unclaimed(  # no worker has taken the run yet
+                self._conn,
+                run_id,
+                terminate=stop.name == TERMINATE,
+                reason=cancel_reason(stop.payload),
+            ):
+                await wake(self._conn, start, run_id, f"signal {names}")
         except CorruptHistory as bad:  # no task can be made for it: nothing would read them
             reason = f"the run's history is corrupt: {bad.reason}"
             self._backlog += [

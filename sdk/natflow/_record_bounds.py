@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from natflow_engine import ErrorInfo
+from natflow_engine import MAX_REASON, ErrorInfo
+
+__all__ = ["MAX_ERROR_CHARS", "MAX_REASON", "bounded"]
 
 MAX_ERROR_CHARS = 1 << 20  # of an error's message, and of its traceback
-MAX_REASON = 4096  # characters of a cancel reason recorded (a huge one must still cancel)
 
 
 def bounded(error: ErrorInfo) -> ErrorInfo:

@@ -662,12 +662,6 @@ class WorkflowState:
         self.root = None
 
 
-def cancel_reason(payload: bytes) -> str | None:
-    """The reason a cancel or terminate request carries (its JSON payload, if a string)."""
-    value = msgspec.json.decode(payload)
-    return value if isinstance(value, str) else None
-
-
 def _result(raw: msgspec.Raw | bytes, result_type: Any) -> Any:
     """A recorded result as the command's annotation asks, else as plain JSON (a value the
     annotation no longer fits still reads back)."""

@@ -25,6 +25,7 @@ from natflow_engine import (
     BadSignal,
     PayloadTooLarge,
     UnreadableValue,
+    cancel_reason,
     decode_child_outcome,
     load_value,
     open_sealed,
@@ -48,7 +49,6 @@ from natflow_engine.events import (
 from ._continuation import run_stored_at
 from ._record_bounds import MAX_REASON
 from ._recorder import RunRecorder
-from ._replay import cancel_reason
 
 log = logging.getLogger("natflow.worker")
 
@@ -90,7 +90,7 @@ class SignalIntake:
                         id=rec.next_id(),
                         at=utcnow(),
                         signal_seq=seq,
-                        reason=(cancel_reason(signal.payload) or "")[:MAX_REASON] or None,
+                        reason=cancel_reason(signal.payload),
                         terminate=signal.name == TERMINATE,
                     )
                 )
@@ -212,7 +212,7 @@ class SignalIntake:
                 id=rec.next_id(),
                 at=utcnow(),
                 signal_seq=seq,
-                reason=(cancel_reason(payload) or "")[:MAX_REASON] or None,
+                reason=cancel_reason(payload),
             )
             if pause
             else RunResumed(id=rec.next_id(), at=utcnow(), signal_seq=seq)
