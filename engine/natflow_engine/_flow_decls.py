@@ -72,6 +72,9 @@ class FlowDeclaration(msgspec.Struct, kw_only=True, omit_defaults=True):
     debounce: float | None = None  # the window, seconds
     debounce_key: str | None = None
     local_only: str = ""  # why only a holder of the definition can start it (a key function)
+    # @workflow(retention=...): seconds its runs are kept once closed, for starts by name
+    # (without the definition) to record as a start with it does.
+    retention: float | None = None
 
     @property
     def controlled(self) -> bool:
@@ -228,6 +231,8 @@ async def start_declared(
                 )
     if child_of is not None:
         start["parent"] = child_of
+    if declaration is not None and declaration.retention is not None:
+        start.setdefault("retention", declaration.retention)
     if declaration is None or not declaration.controlled:
         return await runs.start(workflow, queue, input_json, run_id, not_before=not_before, **start)
     if child_of is not None and (declaration.singleton or declaration.debounce):

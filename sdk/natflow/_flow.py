@@ -136,6 +136,7 @@ def declaration_of(workflow: Workflow) -> FlowDeclaration:
         local_only=(
             f"computes its {' and '.join(functions)} key with a function" if functions else ""
         ),
+        retention=workflow.retention,
     )
 
 
