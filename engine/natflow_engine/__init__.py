@@ -9,7 +9,7 @@ nothing here imports the SDK (``tests/test_layout.py`` checks both).
 from . import events
 from ._children import ends_with_parent
 from ._cli_options import add_metrics_options, connect_options
-from ._cli_types import port, positive_int, seconds
+from ._cli_types import port, positive_int, seconds, whole_number
 from ._codec import decode_value, encode_value, error_info
 from ._collector import tune_collector
 from ._completion import RunOutcome
@@ -454,6 +454,7 @@ __all__ = [
     "value_ref",
     "waiting_for_slot",
     "wake_subject",
+    "whole_number",
     "withdraw",
     "workflow_token",
     "wrap",

@@ -15,26 +15,30 @@ from ._durations import parse_duration
 from ._errors import InvalidInput
 
 
-def positive_int(value: str) -> int:
-    """An integer of at least 1."""
+def whole_number(value: str, at_least: int = 0, at_most: int | None = None) -> int:
+    """An integer from ``at_least`` to ``at_most``; argparse's error naming what is wrong."""
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    if number < at_least:
+        raise argparse.ArgumentTypeError(f"{value} is below {at_least}")
+    if at_most is not None and number > at_most:
+        raise argparse.ArgumentTypeError(f"{value} is above {at_most}")
     return number
+
+
+def positive_int(value: str) -> int:
+    """An integer of at least 1."""
+    return whole_number(value, 1)
 
 
 def port(value: str) -> int:
     """A TCP port, 0 to 65535 (0: any free one, or off, as the option says)."""
     try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port (0 to 65535)")
-    return number
+        return whole_number(value, 0, 65535)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0 to 65535)") from None
 
 
 def seconds(at_least: float = 0.0) -> Callable[[str], float]:

@@ -39,7 +39,12 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import anyio
-from natflow_engine import ends_with_parent, process_metrics_gone, serve_process_metrics
+from natflow_engine import (
+    ends_with_parent,
+    process_metrics_gone,
+    serve_process_metrics,
+    whole_number,
+)
 
 log = logging.getLogger("natflow.worker")
 
@@ -56,12 +61,11 @@ def process_count(value: str) -> int:
     if value.strip().lower() in ("0", "auto"):
         return os.cpu_count() or 1
     try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes a number or auto, not {value!r}") from None
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (auto: one per core) or more, not {count}")
-    return count
+        return whole_number(value, 0)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"takes a number of processes (0 or auto: one per core), not {value!r}"
+        ) from None
 
 
 def child_argv(argv: Sequence[str], index: int, identity: str | None) -> list[str]:
