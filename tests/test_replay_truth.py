@@ -112,6 +112,37 @@ async def test_a_v1_run_parked_on_a_signal_keeps_the_old_path_on_v2(
     assert new == ["a", "new"]
 
 
+@workflow(name="versioned")
+async def versioned_v3(ctx: WorkflowContext) -> list[object]:
+    """v2's change kept, its ``patched("p")`` guard removed; and a change of its own."""
+    await ctx.step("a", ok, "a")
+    await ctx.step("new", ok, "new")
+    go = await ctx.wait_for_signal("go")
+    ctx.logger.info("v3 after go")
+    return [go, ctx.patched("later"), ctx.is_replaying]
+
+
+async def test_a_patch_guard_removed_once_every_run_took_it_leaves_no_run_replaying(
+    client: Client, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that recorded the marker of a ``patched()`` call since removed was "replaying"
+    for good: no log line, ``is_replaying`` true and a new change read as an old run's."""
+    async with running_worker(client, [versioned_v2]):
+        await client.start("versioned", run_id="ver-guarded")
+
+        async def waiting() -> bool:
+            return any(isinstance(e, SignalWaited) for e in await client.history("ver-guarded"))
+
+        await wait_for(waiting, what="the v2 run waiting for 'go'")
+    caplog.set_level(logging.INFO, logger="natflow.workflow")
+    async with running_worker(client, [versioned_v3]):
+        await client.signal("ver-guarded", "go", "now")
+        assert await client.handle("ver-guarded").result(timeout=10) == ["now", True, False]
+    assert [r.getMessage() for r in caplog.records if "v3 after go" in r.getMessage()] == [
+        "[ver-guarded] v3 after go"
+    ]
+
+
 BODIES: list[str] = []
 
 
@@ -136,7 +167,8 @@ async def test_a_cancel_sent_before_any_worker_ran_the_run_stops_it_before_its_f
             await handle.result(timeout=10)
     assert BODIES == []
     kinds = [e.__struct_config__.tag for e in await client.history("cancel-early")]
-    assert kinds == ["run_started", "run_claimed", "cancel_requested", "run_cancelled"]
+    # No worker had taken it: the engine closed it at once (_unclaimed).
+    assert kinds == ["run_started", "run_cancelled"]
 
 
 @workflow(name="napper")
@@ -233,15 +265,20 @@ async def test_replay_ends_at_the_last_recorded_thing_whatever_its_kind(
 async def cancel_kind(ctx: WorkflowContext) -> str:
     MARKS.append(("start", ctx.is_replaying))
     try:
-        return await ctx.step("first", ok, "first")
+        return str(await ctx.wait_for_signal("never"))
     finally:
         MARKS.append(("cleanup", ctx.is_replaying))
 
 
 async def test_replay_ends_at_a_recorded_cancel(client: Client, engine: Engine) -> None:
-    handle = await client.start(cancel_kind, run_id="cancel-kind")
-    await client.cancel("cancel-kind")
     async with running_worker(client, [cancel_kind]):
+        handle = await client.start(cancel_kind, run_id="cancel-kind")
+
+        async def waiting() -> bool:
+            return any(isinstance(e, SignalWaited) for e in await client.history("cancel-kind"))
+
+        await wait_for(waiting, what="the run waiting")  # a worker took it: it cancels it
+        await client.cancel("cancel-kind")
         with pytest.raises(RunCancelled):
             await handle.result(timeout=10)
     events = await client.history("cancel-kind")

@@ -146,6 +146,7 @@ class WorkflowState:
         self._recorded_events: dict[int, Event] = {}
         self._replay: deque[Delivered] = deque()
         self._patches: set[str] = set()
+        self._patch_after: dict[str, int] = {}  # change id -> last command recorded before it
         self.signal_cursor = 0
         self._signal_ids: set[str] = set()
         self.last_holder: str | None = None  # the worker of the latest claim
@@ -182,6 +183,8 @@ class WorkflowState:
                 self._replay.append(event)
             if isinstance(event, PatchMarked):
                 self._patches.add(event.change_id)
+                # Where the code asked for it: after the commands recorded before it.
+                self._patch_after.setdefault(event.change_id, max(self._records, default=0))
             if isinstance(event, ChildCompleted | ChildFailed):
                 self._child_done.add(event.seq)
                 self.signal_cursor = max(self.signal_cursor, event.signal_seq)
@@ -204,8 +207,20 @@ class WorkflowState:
         """
         if self._live:
             return False
-        if self._replay or self._next_seq <= self._last_recorded_seq or self._unasked_patches:
+        if self._replay or self._next_seq <= self._last_recorded_seq:
             return True
+        if self._unasked_patches:
+            # A marker the code has not asked for again, where it still may: at the point
+            # the marker was recorded. Once the code issued a command past that point it
+            # never will (the ``patched()`` call was removed with the change it guarded):
+            # forgotten, or the run would be "replaying" for good (no log line, and a new
+            # change id seen live read as an old run's).
+            issued = self._next_seq - 1
+            self._unasked_patches = {
+                c for c in self._unasked_patches if self._patch_after[c] >= issued
+            }
+            if self._unasked_patches:
+                return True
         self._live = True
         return False
 
