@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from natflow import Client, RunCancelled, WorkflowContext, workflow
+from natflow import Client, RunCancelled, RunFailed, WorkflowContext, workflow
 from natflow.testing import Replayer
 from natflow_engine._engine import Engine
 from natflow_engine.events import PatchMarked, SignalWaited, StepCompleted, TimerScheduled
@@ -287,3 +287,21 @@ async def test_replay_ends_at_a_recorded_cancel(client: Client, engine: Engine) 
     result = Replayer([cancel_kind]).replay(events[:-1], "cancel-kind")
     assert result.ok and result.cancelled == "cancelled"
     assert MARKS == [("start", True), ("cleanup", False)]
+
+
+@workflow(name="odd_change")
+async def odd_change(ctx: WorkflowContext, change: object) -> bool:
+    return ctx.patched(change)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("change", [5, "x" * 2_000_000])
+async def test_a_change_id_no_history_can_hold_fails_the_run_at_the_call(
+    client: Client, change: object
+) -> None:
+    """An int was recorded as the marker and left the history unreadable (the run held as
+    corrupt); 2 MB was refused by the server at every try, the run retried for good."""
+    async with running_worker(client, [odd_change]):
+        handle = await client.start(odd_change, change)
+        with pytest.raises(RunFailed, match="InvalidInput: invalid step name"):
+            await handle.result(timeout=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from datetime import datetime, timedelta
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from natflow import Client, RunInfo, Worker, WorkflowContext, workflow
+from natflow import Client, InvalidInput, RunInfo, Worker, WorkflowContext, workflow
 from natflow_engine._connection import NoResponders, RequestTimeout
 from natflow_engine._engine import Engine
 from natflow_engine.events import utcnow
@@ -232,12 +233,34 @@ async def test_hub_commands_for_a_site_wait_out_the_cut_and_apply_once(tmp_path:
                     assert await berlin.handle("h-new").result(timeout=30) == 101
                     # At the hub, a site run's handle follows the hub's copy of its summary.
                     assert await hub.handle("h-new").result(timeout=30) == 101
+                    # natflow signal at the hub routes through the outbox too (it said
+                    # "stored" and put the signal where no run has that id: a dead letter).
+                    await berlin.start(hold_flow, 1, run_id="h-cli")
+
+                    async def hub_knows_cli() -> bool:
+                        try:
+                            info = await hub.describe("h-cli")
+                        except Exception:  # not copied yet
+                            return False
+                        return info.site == "berlin" and info.status == "waiting"
+
+                    await wait_for(hub_knows_cli, timeout=30, what="the hub's copy of h-cli")
+                    done = await anyio.run_process(
+                        [sys.executable, "-m", "natflow_engine", "--url", sites.hub.url,
+                         "signal", "h-cli", "go", "1"],
+                        check=False,
+                    )  # fmt: skip
+                    assert done.returncode == 0, done.stderr.decode()
+                    assert "for site berlin" in done.stdout.decode()
+                    assert await berlin.handle("h-cli").result(timeout=30) == 2
+                    with pytest.raises(InvalidInput, match="queue"):  # refused here, not there
+                        await at_berlin.start(hold_flow, 1, queue="bad queue.x")
                 tg.cancel_scope.cancel()
             assert tags(await berlin.history("h-sig")).count("signal_received") == 1
             assert tags(await berlin.history("h-cancel")).count("cancel_requested") == 1
             assert tags(await berlin.history("h-new")).count("run_started") == 1
             assert site_engine.site_inbox is not None
-            assert site_engine.site_inbox.applied == 4  # the repeated signal was stored once
+            assert site_engine.site_inbox.applied == 5  # the repeated signal was stored once
         finally:
             await berlin.close()
             await hub.close()

@@ -19,6 +19,7 @@ from ._registry import list_workers
 from ._runs import Runs
 from ._sealing import seal
 from ._signals import CANCEL, TERMINATE, dead_letters, send
+from ._sites import command_for_site
 from ._values import check_value_size, store_value
 
 
@@ -93,6 +94,10 @@ async def _signal(conn: Connection, args: argparse.Namespace) -> int:
     if conn.codec is not None:
         payload = seal(conn.codec, payload)
     check_value_size(conn, f"payload of signal {args.name!r}", len(payload))
+    if info is not None and info.site:  # at a hub: a site's run, through the outbox
+        await command_for_site(conn, info.site, args.run_id, args.name, payload, args.signal_id)
+        print(f"signal {args.name!r} to {args.run_id}: stored at the hub for site {info.site}")
+        return 0
     payload = await store_value(conn, f"payload of signal {args.name!r}", payload, args.run_id)
     ack = await send(conn, args.run_id, args.name, payload, args.signal_id)
     if ack.duplicate:
@@ -112,7 +117,11 @@ async def _cancel(conn: Connection, args: argparse.Namespace) -> int:
         print(f"run {args.run_id} already ended ({info.status}); nothing to do")
         return 0
     kind = CANCEL if args.control == "cancel" else TERMINATE
-    await send(conn, args.run_id, kind, msgspec.json.encode(args.reason), None)
+    reason = msgspec.json.encode(args.reason)
+    if info is not None and info.site:  # at a hub: a site's run, through the outbox
+        await command_for_site(conn, info.site, args.run_id, kind, reason)
+    else:
+        await send(conn, args.run_id, kind, reason, None)
     print(f"{args.control} requested for run {args.run_id}")
     return 0
 

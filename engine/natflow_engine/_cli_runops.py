@@ -19,6 +19,7 @@ from ._restart import restart_run
 from ._retention import delete_run
 from ._runs import Runs
 from ._signals import PAUSE, RESUME, send
+from ._sites import command_for_site
 
 
 def add_retention_option(p: argparse.ArgumentParser) -> None:
@@ -102,7 +103,11 @@ async def _pause_run(conn: Connection, args: argparse.Namespace) -> int:
     info = await Runs(conn).describe(args.run_id)
     if info.is_closed:
         raise NatflowError(f"run {args.run_id!r} has already {info.status}")
-    await send(conn, args.run_id, args.control, msgspec.json.encode(args.reason), None)
+    reason = msgspec.json.encode(args.reason)
+    if info.site:  # at a hub: a site's run, through the outbox
+        await command_for_site(conn, info.site, args.run_id, args.control, reason)
+    else:
+        await send(conn, args.run_id, args.control, reason, None)
     print(f"{args.control[1:]} requested for run {args.run_id}")
     return 0
 

@@ -38,6 +38,7 @@ from ._site_index import SITE_RUNS_PREFIX, SITE_RUNS_STREAM
 from ._start_service import StartRequest
 from ._streams import replicas as stream_replicas
 from ._undecodable import UNDECODABLE
+from ._values import INLINE_BYTES
 
 log = logging.getLogger("natflow.sites")
 
@@ -224,6 +225,26 @@ async def command_signal(
     subject = f"{OUTBOX_PREFIX}.{site}.signal.{run_id}.{name}"
     msg_id = f"signal:{site}:{run_id}:{name}:{signal_id}"
     await _store(conn, subject, payload, msg_id, **{SIGNAL_ID_HEADER: signal_id})
+
+
+async def command_for_site(
+    conn: Connection,
+    site: str,
+    run_id: str,
+    name: str,
+    payload: bytes,
+    signal_id: str | None = None,
+) -> None:
+    """A signal, cancel, terminate, pause or resume (``name``) for a site's run, stored at
+    the hub for the site: checked there first (an outbox serving the site; a payload small
+    enough to travel inline, since the hub's value store is not the site's)."""
+    if len(payload) > INLINE_BYTES:
+        raise InvalidInput(
+            f"the payload for run {run_id!r} at site {site!r} is {len(payload)} bytes; a "
+            f"command for a site carries it inline, at most {INLINE_BYTES} bytes"
+        )
+    await check_outbox(conn, site)
+    await command_signal(conn, site, run_id, name, payload, signal_id)
 
 
 class SiteInbox:

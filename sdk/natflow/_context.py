@@ -15,6 +15,7 @@ from natflow_engine import (
     RateLimit,
     RetryPolicy,
     check_run_id,
+    check_step_name,
     decode_value,
     encode_value,
     to_seconds,
@@ -360,4 +361,5 @@ class WorkflowContext:
             if ctx.patched("send-sms"):
                 await ctx.step("sms", send_sms, user)
         """
-        return self._execution.patched(change_id)
+        # Recorded in history: a name as a step's (an int, or 2 MB, made the run unreadable).
+        return self._execution.patched(check_step_name(change_id))

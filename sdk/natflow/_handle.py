@@ -40,6 +40,7 @@ from natflow_engine import (
     stored_feed_refused,
     stored_subject,
     to_seconds,
+    value_ref,
 )
 from natflow_engine.events import (
     TERMINAL_EVENTS,
@@ -262,6 +263,12 @@ class RunHandle:
         if key_id is not None:  # describe leaves sealed what this client cannot open
             raise MissingKey(key_id, f"the result of run {self.run_id!r}")
         if info.status == "completed":
+            ref = value_ref(info.result) if info.site else None
+            if ref is not None:  # the value itself stayed in the site's object store
+                raise NatflowError(
+                    f"the result of run {self.run_id!r} is {ref.size} bytes, kept at site "
+                    f"{info.site!r}: its hub has only a reference; read it at the site"
+                )
             return self._typed(msgspec.json.encode(info.result))
         if info.status == "failed":
             assert info.error is not None

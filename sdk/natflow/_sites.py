@@ -18,10 +18,12 @@ from natflow_engine import (
     Connection,
     InvalidInput,
     check_outbox,
+    check_queue,
     check_run_id,
     check_site,
     check_token,
     check_value_size,
+    check_workflow_name,
     command_signal,
     command_start,
     decode_value,
@@ -77,12 +79,14 @@ class SiteClient:
         else:
             raise InvalidInput(f"start takes a @workflow or its name, not {workflow!r}")
         run_id = check_run_id(run_id) if run_id is not None else new_run_id()
+        check_workflow_name(name)
+        queue = check_queue(queue or default_queue)  # here: the site would only log it
         data = encode_value("workflow input", input)
         if isinstance(workflow, Workflow) and workflow.takes_input:
             decode_value(f"input of workflow {name!r}", data, workflow.input_type)
         data = self._inline("workflow input", data)
         await self._outbox()
-        await command_start(self._conn, self.site, name, queue or default_queue, data, run_id)
+        await command_start(self._conn, self.site, name, queue, data, run_id)
         return run_id
 
     async def signal(
