@@ -407,3 +407,25 @@ async def test_run_view_shows_what_a_waiting_run_waits_for(client: Client, engin
         assert await waiting.result(timeout=10) == "go"
         await napping.result(timeout=10)
     assert (await client.describe("view-wait")).current is None
+
+
+@workflow(name="short_and_past")
+async def short_and_past(ctx: WorkflowContext) -> str:
+    await ctx.sleep_until("past", ctx.now() - timedelta(hours=1))
+    for i in range(3):
+        await ctx.sleep(f"short-{i}", 0.1)
+    return "woke"
+
+
+async def test_timer_lateness_counts_from_when_a_timer_could_fire(
+    client: Client, engine: Engine
+) -> None:
+    """A timer was scheduled to be woken 0.6 s before its due time even when that was
+    already past, and its lateness counted from then: an hour for a sleep_until an hour
+    ago (the timers-late alert fired), half a second for a 0.1 s sleep."""
+    async with running_worker(client, [short_and_past]):
+        handle = await client.start(short_and_past)
+        assert await handle.result(timeout=20) == "woke"
+    observed = engine.timers.lateness
+    assert observed, "no timer was woken by the engine"
+    assert max(observed) < 0.45, observed  # it was 0.5 s for each short one, and an hour

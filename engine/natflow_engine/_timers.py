@@ -117,7 +117,9 @@ class TimerService:
         self._conn = conn
         self._index = index if index is not None else RunIndex(conn)
         self.timers: dict[str, Timer] = {}
-        self._heap: list[tuple[float, str, float]] = []  # (fire at, key, due)
+        # (fire at, key, due, first): ``first`` is the wake-up the timer was entered with,
+        # whose lateness is measured (not a retry of it)
+        self._heap: list[tuple[float, str, float, bool]] = []
         self._changed = anyio.Event()
         self.fired = 0
         self.lateness: list[float] = []  # seconds past due when woken (recent, for metrics)
@@ -144,7 +146,9 @@ class TimerService:
             if known is not None and known.due_at == timer.due_at:
                 continue  # written again (by the worker and the dispatcher): one wake-up
             due = timer.due_at.timestamp()
-            heapq.heappush(self._heap, (due - WAKE_AHEAD, key, due))
+            # Not before now: a timer due within the wake-ahead (a short sleep), or already
+            # past (sleep_until an hour ago), is woken at once, and late only past that.
+            heapq.heappush(self._heap, (max(due - WAKE_AHEAD, time.time()), key, due, True))
             self._changed.set()
 
     async def _quarantine(self, key: str, value: bytes, revision: int, reason: str) -> None:
@@ -172,7 +176,7 @@ class TimerService:
             await changed.wait()
             self._changed = anyio.Event()
             return
-        fire_at, key, due = self._heap[0]
+        fire_at, key, due, first = self._heap[0]
         delay = fire_at - time.time()
         if delay > 0:
             with anyio.move_on_after(delay):
@@ -183,8 +187,8 @@ class TimerService:
         timer = self.timers.get(key)
         if timer is None or timer.due_at.timestamp() != due:
             return  # deleted, or rescheduled under the same key
-        heapq.heappush(self._heap, (max(fire_at, due) + RETRY_AFTER, key, due))
-        if fire_at == due - WAKE_AHEAD:
+        heapq.heappush(self._heap, (max(fire_at, due) + RETRY_AFTER, key, due, False))
+        if first:
             late = max(0.0, time.time() - fire_at)
             self.lateness.append(late)
             del self.lateness[:-1000]
