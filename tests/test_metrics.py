@@ -26,11 +26,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from natflow import Client
 from natflow_engine import RunFailed
@@ -465,3 +466,25 @@ async def test_prometheus_sees_every_metric_and_every_shipped_query_works(
         stop(worker_a)
         if worker_b is not None:
             stop(worker_b)
+
+
+def test_a_pending_run_waits_since_it_became_pending_not_since_it_was_created() -> None:
+    """natflow_queue_oldest_pending_run_seconds took every pending run's age from its
+    creation: a run that slept a day and was due a moment ago counted a day (the
+    pending-too-long alert fired for a run that had waited seconds)."""
+    from natflow_engine._engine_metrics import pending_since
+    from natflow_engine._state import RunInfo
+
+    created = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
+    due = created + timedelta(days=1)
+    woke = RunInfo(
+        run_id="r", workflow="w", queue="q", status="pending", created_at=created,
+        updated_at=due, due_at=due,
+        current=f"timer 'nap' due since {due.isoformat()}, waiting for a worker",
+    )  # fmt: skip
+    assert pending_since(woke) == due
+    parked = msgspec.structs.replace(woke, due_at=None, current="waiting for a slot")
+    assert pending_since(parked) == due  # its last change: when it began to wait
+    fresh = msgspec.structs.replace(parked, updated_at=created, current=None)
+    assert pending_since(fresh) == created
+    assert pending_since(msgspec.structs.replace(fresh, status="running")) is None

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import nats
 import pytest
-from natflow import Client, NatflowError, RunNotFound
+from natflow import Client, NatflowError, RunCancelled, RunNotFound
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import DeadLetter, dead_letters
@@ -504,3 +504,27 @@ async def test_no_wake_up_is_lost_when_a_signal_arrives_as_the_worker_lets_the_r
 
 async def _timed_wait(client: Client, run_id: str) -> bool:
     return any(w.timeout_at for w in of(await client.history(run_id), SignalWaited))
+
+
+async def test_signals_received_counts_what_a_workflow_receives_as_delivered_does(
+    client: Client, engine: Engine
+) -> None:
+    """natflow_signals_received_total counted pause, resume and cancel too, which
+    natflow_signals_delivered_total never counts: the dashboards showed signals lost."""
+    from prometheus_client import REGISTRY
+
+    def counted(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"workflow": "wait_once"}) or 0.0
+
+    before = counted("natflow_signals_received_total")
+    async with running_worker(client, WORKFLOWS):
+        handle = await client.start(wait_once, None, run_id="counted-1")
+        await client.pause("counted-1")
+        await client.resume("counted-1")
+        await client.signal("counted-1", "x", "hello")
+        assert await handle.result(timeout=10) == "hello"
+        other = await client.start(wait_once, None, run_id="counted-2")
+        await client.cancel(other.run_id)
+        with pytest.raises(RunCancelled):
+            await other.result(timeout=10)
+    assert counted("natflow_signals_received_total") - before == 1

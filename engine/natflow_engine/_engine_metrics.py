@@ -176,8 +176,11 @@ class EngineMetrics:
 
 
 def pending_since(run: RunInfo) -> datetime | None:
-    """Since when a pending run waits for a worker: its creation, or the end of its start
-    delay (which the index keeps as ``current``, "starts at <time>"); None if not pending."""
+    """Since when a pending run waits for a worker: the end of its start delay (which the
+    index keeps as ``current``, "starts at <time>"), the due time of the timer it waits to
+    be woken for, or since it became pending (its summary's last change: its creation for a
+    new run); None if not pending. Not its creation for them all: a run that slept a day and
+    was due a moment ago waits a moment, not a day (the pending-too-long alert fired)."""
     if run.status != "pending":
         return None
     if run.current and run.current.startswith(_STARTS_AT):
@@ -185,7 +188,9 @@ def pending_since(run: RunInfo) -> datetime | None:
             return datetime.fromisoformat(run.current[len(_STARTS_AT) :])
         except ValueError:
             return run.created_at
-    return run.created_at
+    if run.due_at is not None and run.current and run.current.startswith("timer "):
+        return run.due_at
+    return run.updated_at
 
 
 _STARTS_AT: Final = "starts at "

@@ -123,7 +123,8 @@ EVENTS_REJECTED = Counter(
 )
 SIGNALS_RECEIVED = Counter(
     "natflow_signals_received",
-    "Signals the engine's intake accepted for a live run, by workflow.",
+    "Signals the engine's intake accepted for a live run, by workflow (those the workflow "
+    "receives: not cancel, terminate, pause, resume, or a child's outcome).",
     ["workflow"],
 )
 SIGNALS_REJECTED = Counter(

@@ -464,7 +464,11 @@ class SignalIntake:
             await self._nak([m for m, _ in signals])
             return
         self.received += len(signals)
-        SIGNALS_RECEIVED.labels(start.workflow).inc(len(signals))
+        # Signals to the workflow, as the workers' delivered count them: not the controls
+        # (cancel, pause, ...) or a child's outcome, which no workflow waits for by name.
+        sent = sum(1 for _, sig in signals if sig.name not in CONTROL and sig.name != CHILD)
+        if sent:
+            SIGNALS_RECEIVED.labels(start.workflow).inc(sent)
         await self._ack([m for m, _ in signals])
 
     async def _reject_all(self, bad: list[tuple[Msg, BadSignal]]) -> None:
