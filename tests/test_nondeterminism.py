@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 import anyio
-from natflow import Client, NonDeterminismError, Workflow, WorkflowContext, workflow
+import pytest
+from natflow import Client, NonDeterminismError, RunCancelled, Workflow, WorkflowContext, workflow
+from natflow_engine._engine import Engine
 from natflow_engine.events import RunBlocked, RunClaimed, StepCompleted
 
 from tests.helpers import running_worker, wait_for
@@ -132,3 +134,22 @@ async def test_reordered_steps_at_a_started_but_unrecorded_step_hold_the_run(
     history = await client.history(run_id)
     completed = Counter(e.name for e in history if isinstance(e, StepCompleted))
     assert completed == Counter({"a": 1, "b": 1, "c": 1})
+
+
+async def test_a_run_held_for_incompatible_code_ends_when_terminated(
+    client: Client, engine: Engine
+) -> None:
+    """A terminate (or cancel) of a run blocked by incompatible code waited for compatible
+    code to come back, which may never: the run could not be stopped, nor deleted."""
+    run_id = "nd-stopped"
+    ran: list[str] = []
+    version_a = versioned(("a", "b", "c"), {"c": anyio.Event()}, ran)
+    version_b = versioned(("a", "c", "b"), {}, ran)
+    await stop_version_a_in(client, version_a, run_id, "c")
+    await held_by_version_b(client, version_b, run_id)
+    async with running_worker(client, [version_b]):  # still the incompatible code
+        await client.terminate(run_id, "giving up on it")
+        with pytest.raises(RunCancelled, match="terminated: stopped while blocked"):
+            await client.handle(run_id).result(timeout=10)
+    assert (await client.describe(run_id)).status == "terminated"
+    await client.delete(run_id)

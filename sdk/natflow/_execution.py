@@ -46,7 +46,7 @@ from ._outcome import HOLD_FOR_CHILDREN, HOLD_TIMERS_UNDER, Outcome
 from ._preclaim import ClaimAhead, Preclaim
 from ._recorder import Fenced, RunRecorder
 from ._replay import Evicted, WorkflowState
-from ._run_endings import end, fail, finish, record_block
+from ._run_endings import end, end_blocked_if_asked, fail, finish, record_block
 from ._run_timers import RunTimers
 from ._signal_intake import SignalIntake
 from ._steps import StepRuntime, run_runtime
@@ -150,6 +150,8 @@ class RunExecution:
             self._trace.attach()  # the step tasks started below inherit the run's trace
             self.state.begin()
             if self.state.block is not None:
+                if await end_blocked_if_asked(self._rec):
+                    return Outcome.CANCELLED
                 await record_block(self._rec)
                 return Outcome.BLOCKED
             claimer = self._claimer

@@ -6,7 +6,17 @@ from __future__ import annotations
 import logging
 
 import msgspec
-from natflow_engine import ErrorInfo, InvalidInput, check_value_size, encode_value, error_info
+from natflow_engine import (
+    CANCEL,
+    TERMINATE,
+    ErrorInfo,
+    InvalidInput,
+    check_value_size,
+    control_request,
+    encode_value,
+    error_info,
+    pending_signals,
+)
 from natflow_engine.events import (
     RunBlocked,
     RunCancelled,
@@ -78,6 +88,29 @@ async def _continue_as_new(rec: RunRecorder, request: ContinueAsNew) -> Outcome:
     await rec.append(event, rollup=True)
     log.info("run %s continued as new (stretch %d)", rec.run_id, event.stretch, extra=rec.fields())
     return Outcome.CONTINUED
+
+
+async def end_blocked_if_asked(rec: RunRecorder) -> bool:
+    """Terminate a run blocked by incompatible code that was asked to cancel or terminate
+    since (True if it was): no workflow code runs, so none is needed. A held run would
+    otherwise wait for compatible code to stop, which may never be deployed."""
+    block = rec.state.block
+    assert block is not None
+    asked = [
+        m
+        for m in await pending_signals(rec.conn, rec.run_id, rec.state.signal_cursor)
+        if control_request((m.headers or {}).get("Nats-Subject", m.subject)) in (CANCEL, TERMINATE)
+    ]
+    if not asked:
+        return False
+    try:
+        await rec.append(
+            RunTerminated(id=rec.next_id(), at=utcnow(), reason=f"stopped while blocked: {block}")
+        )
+    except Fenced:
+        return False
+    log.info("run %s: terminated while blocked", rec.run_id, extra=rec.fields())
+    return True
 
 
 async def record_block(rec: RunRecorder) -> None:
