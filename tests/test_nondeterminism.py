@@ -7,6 +7,7 @@ from collections import Counter
 import anyio
 import pytest
 from natflow import Client, NonDeterminismError, RunCancelled, Workflow, WorkflowContext, workflow
+from natflow.testing import Replayer
 from natflow_engine._engine import Engine
 from natflow_engine.events import RunBlocked, RunClaimed, StepCompleted
 
@@ -153,3 +154,24 @@ async def test_a_run_held_for_incompatible_code_ends_when_terminated(
             await client.handle(run_id).result(timeout=10)
     assert (await client.describe(run_id)).status == "terminated"
     await client.delete(run_id)
+
+
+async def test_code_that_raises_in_replay_is_named_not_taken_for_a_removed_step(
+    client: Client,
+) -> None:
+    """Code that raises before asking for a recorded step (here: its input annotation no
+    longer fits the recorded input) was reported as asking for "nothing more", as if the
+    step had been removed; the error itself was nowhere."""
+    ran: list[str] = []
+    version_a = versioned(("a",), {}, ran)
+    async with running_worker(client, [version_a]):
+        handle = await client.start(version_a, run_id="nd-raises")
+        assert await handle.result(timeout=10) == ["A"]
+
+    @workflow(name="versioned")
+    async def strict(ctx: WorkflowContext) -> list[str]:
+        raise RuntimeError("the new code cannot start")
+
+    replay = await Replayer([strict]).replay_run(client, "nd-raises")
+    assert replay.divergence is not None
+    assert "it raised RuntimeError: the new code cannot start" in str(replay.divergence)

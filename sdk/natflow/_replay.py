@@ -97,6 +97,13 @@ class Evicted(BaseException):
     with ``except Exception``."""
 
 
+def _shown(exc: BaseException) -> str:
+    try:
+        return str(exc)[:500]
+    except Exception:  # its own __str__ raised
+        return "(its message cannot be shown)"
+
+
 def _seed(run_id: str) -> int:
     return int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:8], "big")
 
@@ -116,6 +123,7 @@ class WorkflowState:
         self.run_id = history.run_id
         self.now: datetime = start.at
         self.block: NonDeterminismError | None = None
+        self.block_cause: BaseException | None = None  # what the code raised, if that blocked
         self.start = start
         self._load(history.events)
         self._patch_memo: dict[str, bool] = {}
@@ -536,12 +544,24 @@ class WorkflowState:
             if self.root.done() and self._replay and self.block is None:
                 nxt = recorded_command(self._replay[0])
                 self._diverged(
-                    nxt[0] if nxt else 0, expected=None, recorded=nxt[1] if nxt else "more events"
+                    nxt[0] if nxt else 0,
+                    expected=None,
+                    recorded=nxt[1] if nxt else "more events",
                 )
         unreached = [seq for seq in self._records if seq >= self._next_seq]
         if self.root.done() and unreached and self.block is None:
             first = min(unreached)
             self._diverged(first, expected=None, recorded=self._records[first])
+
+    def _ended_early(self) -> str | None:
+        """What the workflow did instead of asking for more: what it raised, if it did
+        (else "nothing more"), so that a block names the error, not a step thought removed."""
+        assert self.root is not None
+        exc = None if self.root.cancelled() else self.root.exception()
+        if exc is None:
+            return None
+        self.block_cause = exc
+        return f"nothing more: it raised {type(exc).__name__}: {_shown(exc)}"
 
     async def _main(self) -> Any:
         ctx = self._ctx
@@ -560,6 +580,8 @@ class WorkflowState:
         self._loop.run_until_idle()
 
     def _diverged(self, position: int, *, expected: str | None, recorded: str | None) -> None:
+        if expected is None and self.root is not None and self.root.done():
+            expected = self._ended_early()  # it asks for nothing more: because it raised?
         if self.block is None:
             self.block = NonDeterminismError(self.run_id, position, expected, recorded)
 

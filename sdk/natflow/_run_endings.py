@@ -117,7 +117,12 @@ async def record_block(rec: RunRecorder) -> None:
     """Record that the run's code diverged from its history (once: a repeat writes nothing)."""
     block = rec.state.block
     assert block is not None
-    info = ErrorInfo(type="NonDeterminismError", message=str(block))
+    cause = rec.state.block_cause
+    info = ErrorInfo(
+        type="NonDeterminismError",
+        message=str(block),
+        traceback=error_info(cause).traceback if cause is not None else "",
+    )
     last = rec.last_event
     if isinstance(last, RunBlocked) and last.error.message == info.message:
         return
