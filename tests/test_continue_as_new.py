@@ -7,8 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
-from natflow import Client, RunCancelled, RunFailed
+from natflow import Client, RunCancelled, RunFailed, WorkflowContext, workflow
 from natflow_engine import HistoryStore, ensure_streams
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
@@ -305,3 +306,32 @@ async def test_a_continued_run_is_shown_and_restarted_from_its_last_stretch(
     info = await client.describe(again.run_id)
     assert info.restarted_from == "rs-1" and info.stretch == 3
     assert info.created_at > (await client.describe("rs-1")).created_at
+
+
+@workflow(name="key_drawer")
+async def key_drawer(ctx: WorkflowContext, keys: list[str]) -> list[str]:
+    keys.append(str(ctx.uuid4()))  # say, an idempotency key for this stretch's work
+    if len(keys) < 3:
+        ctx.continue_as_new(keys)
+    return keys
+
+
+async def test_each_stretch_draws_its_own_random_values_and_old_stretches_keep_theirs(
+    client: Client,
+) -> None:
+    """Every stretch was seeded by the run id alone: ctx.uuid4() gave one key in all."""
+    from natflow._replay import WorkflowState
+    from natflow_engine import History
+
+    async with running_worker(client, [key_drawer]):
+        handle = await client.start(key_drawer, [], run_id="keys")
+        keys = await handle.result(timeout=15)
+    assert len(set(keys)) == 3, keys
+    # A stretch written before (no ``reseeded``) replays with the run id's seed, as it ran.
+    last = (await client.history("keys"))[0]
+    assert isinstance(last, RunContinued) and last.reseeded
+    older = msgspec.structs.replace(last, reseeded=False)
+    fresh = WorkflowState(key_drawer, History("keys", [RunStarted(**{
+        f: getattr(last, f) for f in RunStarted.__struct_fields__})]))  # fmt: skip
+    assert WorkflowState(key_drawer, History("keys", [older])).seed == fresh.seed
+    assert WorkflowState(key_drawer, History("keys", [last])).seed != fresh.seed

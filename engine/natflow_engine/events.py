@@ -109,6 +109,10 @@ class RunContinued(RunStarted, tag="run_continued", kw_only=True, frozen=True):
     run_started_at: datetime | None = None
     # When the server stored the run's run_started (signals stored before it are refused).
     run_stored_at: datetime | None = None
+    # ctx.random() and ctx.uuid4() of this stretch are seeded by the run id and the stretch
+    # (every stretch had the same values: an idempotency key drawn in each was one key);
+    # False in a stretch written before that, which replays with the run id's seed alone.
+    reseeded: bool = False
 
 
 class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):

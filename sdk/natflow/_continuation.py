@@ -125,6 +125,7 @@ def next_stretch(
         signal_ids=state.recent_signal_ids(_SIGNAL_IDS_KEPT),
         paused=state.paused,
         run_started_at=(start.run_started_at if isinstance(start, RunContinued) else start.at),
+        reseeded=True,
     )
 
 

@@ -113,7 +113,11 @@ class WorkflowState:
 
     @functools.cached_property
     def seed(self) -> int:
-        """The run's random seed (from its id), made when first asked for: few workflows do."""
+        """The run's random seed (from its id, and its stretch where the stretch says so:
+        each stretch draws anew), made when first asked for: few workflows do."""
+        start = self.start
+        if isinstance(start, RunContinued) and start.reseeded:
+            return _seed(f"{self.run_id}#{start.stretch}")
         return _seed(self.run_id)
 
     def __init__(self, workflow: Workflow, history: History) -> None:
