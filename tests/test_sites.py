@@ -202,6 +202,9 @@ async def test_hub_commands_for_a_site_wait_out_the_cut_and_apply_once(tmp_path:
                         await at_berlin.cancel("h-cancel", "from the hub")
                         new_id = await at_berlin.start(hold_flow, 100, run_id="h-new")
                     assert new_id == "h-new"
+                    # The hub has no copy of it yet: its result is awaited, not RunNotFound.
+                    with pytest.raises(TimeoutError):
+                        await hub.handle("h-new").result(timeout=0.5)
                     # At the site during the cut: a signal is delivered at once.
                     await berlin.signal("h-local", "go", 9)
                     assert await berlin.handle("h-local").result(timeout=15) == 10

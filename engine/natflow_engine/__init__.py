@@ -164,7 +164,13 @@ from ._signals import (
     stored_at,
 )
 from ._site_index import SiteView, site_views
-from ._sites import check_outbox, check_site, command_signal, command_start
+from ._sites import (
+    check_outbox,
+    check_site,
+    command_signal,
+    command_start,
+    site_start_stored,
+)
 from ._start_consumers import StartPuller, ensure_start_consumer, start_task
 from ._start_service import request_start
 from ._state import CLOSED_STATUSES, RUN_STATUSES, RunInfo, StepInfo, fold_run
@@ -433,6 +439,7 @@ __all__ = [
     "serve_metrics",
     "serve_process_metrics",
     "shipped_server",
+    "site_start_stored",
     "site_views",
     "start_consumer",
     "start_declared",

@@ -227,6 +227,18 @@ async def command_signal(
     await _store(conn, subject, payload, msg_id, **{SIGNAL_ID_HEADER: signal_id})
 
 
+async def site_start_stored(conn: Connection, run_id: str) -> bool:
+    """Whether this server (a hub) holds a start of ``run_id`` for a site: the run exists
+    there, or will once the site reads the command, before the hub has a copy of it."""
+    body = msgspec.json.encode({"last_by_subj": f"{OUTBOX_PREFIX}.*.start.{run_id}"})
+    try:
+        msg = await conn.request(f"{conn.api}.STREAM.MSG.GET.{OUTBOX_STREAM}", body, timeout=2.0)
+        reply = msgspec.json.decode(msg.data, type=_Reply)
+    except (NatflowError, *UNDECODABLE):  # no outbox here (not a hub), or unreadable: no
+        return False
+    return reply.error is None
+
+
 async def command_for_site(
     conn: Connection,
     site: str,

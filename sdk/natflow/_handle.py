@@ -27,6 +27,7 @@ from natflow_engine import (
     RunCancelled,
     RunFailed,
     RunInfo,
+    RunNotFound,
     Runs,
     decode_value,
     ensure_streams,
@@ -34,6 +35,7 @@ from natflow_engine import (
     open_events,
     run_level_subject,
     sealed_key,
+    site_start_stored,
     stored_feed,
     stored_feed_listeners,
     stored_feed_open,
@@ -158,11 +160,19 @@ class RunHandle:
                     if isinstance(last, TERMINAL_EVENTS):
                         return self._ended(last)
                     if last is None or isinstance(last, RunRestarted):
-                        info = await self._runs.describe(self.run_id, explain=False)
-                        if info.status in CLOSED_STATUSES:
-                            return self._outcome(info)
-                        site = info.site is not None
-                        running = info.status == "running"
+                        try:
+                            info = await self._runs.describe(self.run_id, explain=False)
+                        except RunNotFound:
+                            # A start this hub stored for a site (client.site(...).start):
+                            # the run is the site's, and the hub's copy comes once it ran.
+                            if not await site_start_stored(conn, self.run_id):
+                                raise
+                            site, running = True, False
+                        else:
+                            if info.status in CLOSED_STATUSES:
+                                return self._outcome(info)
+                            site = info.site is not None
+                            running = info.status == "running"
                     else:
                         running = not isinstance(last, _LEFT_WAITING)
                     unsure = not heard and running and not site
