@@ -577,13 +577,17 @@ async def test_large_values_move_under_every_role(deployment: dict[str, Client])
     """A value over 64 KiB lives in the object store, whose chunks nats-py reads with a
     consumer it looks the stream up for: no role granted STREAM.NAMES, so under every role
     a large input, result or signal payload was a denial (the run parked, the result
-    unreadable)."""
+    unreadable). The signaller has no object store at all (it could read any run's)."""
     big, more = "x" * 100_000, "y" * 100_000
     async with running_worker(deployment["worker"], [roles_big], queue="default"):
         handle = await deployment["client"].start(roles_big, big, run_id="big-1")
         viewer = deployment["viewer"]
         await wait_for(lambda: _status_is(viewer, "big-1", "waiting"), timeout=15, what="wait")
-        await deployment["signaller"].signal("big-1", "more", more)
+        # A signaller's payload travels inline: the value store would let it read (and
+        # write) any run's large values.
+        with pytest.raises(PermissionDenied, match="over the 65536 kept inline"):
+            await deployment["signaller"].signal("big-1", "more", more)
+        await deployment["client"].signal("big-1", "more", more)
         assert await handle.result(timeout=15) == big + more
     assert (await viewer.describe("big-1")).result == big + more
     assert [s.result for s in await viewer.steps("big-1")] == [big]

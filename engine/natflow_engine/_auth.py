@@ -279,7 +279,9 @@ def _viewer(api: str, kv: str, queues: list[str]) -> _Parts:
 
 
 def _signaller(api: str, kv: str, queues: list[str]) -> _Parts:
-    publish = [*_stream_info(api), f"{SIGNAL_PREFIX}.*.*", *_values(api, kv, write=True)]
+    # No object store: reading it would read any run's large values, writing it could
+    # replace them. So a signaller's payload travels inline (at most 64 KiB).
+    publish = [*_stream_info(api), f"{SIGNAL_PREFIX}.*.*"]
     return publish, ["_INBOX.>"], False
 
 

@@ -24,7 +24,7 @@ import msgspec
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
-from ._errors import ErrorInfo, InvalidInput, NatflowError
+from ._errors import ErrorInfo, InvalidInput, NatflowError, PermissionDenied
 from ._undecodable import UNDECODABLE, UnreadableValue
 from ._value_refs import mark
 from .events import (
@@ -113,6 +113,17 @@ async def store_value(
     if len(data) <= inline:
         return data
     check_value_size(conn, what, len(data))
+    try:
+        return await _stored(conn, what, data, run_id)
+    except PermissionDenied as exc:  # a role without the value store (the signaller)
+        raise PermissionDenied(
+            f"{what} is {len(data)} bytes, over the {inline} kept inline: it goes to the "
+            f"{VALUES_BUCKET} object store, which this connection may not use ({exc}); send "
+            f"a smaller value, or a reference to it"
+        ) from None
+
+
+async def _stored(conn: Connection, what: str, data: bytes, run_id: str | None) -> bytes:
     digest = hashlib.sha256(data).hexdigest()
     if run_id is not None:
         await mark(conn, digest, run_id)
