@@ -8,6 +8,7 @@ through the names ``natflow_engine`` exports and its public ``events`` schema.
 from __future__ import annotations
 
 import ast
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,10 @@ def test_event_types_are_public() -> None:
     assert "StepCompleted" in natflow.events.__all__
     for name in natflow.events.__all__:
         assert getattr(natflow.events, name) is getattr(natflow_engine.events, name)
+    # Every kind history() and watch() yield (the continuation's and children's were left
+    # out: a user could not isinstance-check them without natflow_engine).
+    kinds = {t.__name__ for t in typing.get_args(natflow_engine.events.Event)}
+    assert kinds <= set(natflow.events.__all__), kinds - set(natflow.events.__all__)
 
 
 def test_every_engine_export_exists() -> None:

@@ -488,3 +488,5 @@ def test_a_pending_run_waits_since_it_became_pending_not_since_it_was_created() 
     fresh = msgspec.structs.replace(parked, updated_at=created, current=None)
     assert pending_since(fresh) == created
     assert pending_since(msgspec.structs.replace(fresh, status="running")) is None
+    delayed = msgspec.structs.replace(fresh, current="starts at 2026-11-27 05:00:00 UTC")
+    assert pending_since(delayed) == created + timedelta(hours=1)  # as _state writes it

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 from natflow import Client
 from natflow.testing import Replayer
 from natflow_engine._engine import Engine
@@ -63,3 +64,17 @@ async def test_replay_check_reports_an_incompatible_change_and_passes_a_patched_
     assert not Replayer([incompatible]).replay_file(saved).ok
     result = Replayer([patched]).replay_file(saved)
     assert result.ok and result.run_id == "ship-1" and not result.finished
+    # ... and as `natflow runs history --json` prints it (no command wrote JSONL: what the
+    # CLI saved, replay-check refused)
+    printed = await anyio.run_process(
+        [sys.executable, "-m", "natflow_engine", "--url", nats_server.url,
+         "runs", "history", "ship-1", "--json"],
+        cwd=ROOT,
+    )  # fmt: skip
+    (tmp_path / "ship-1.json").write_bytes(printed.stdout)
+    assert Replayer([patched]).replay_file(tmp_path / "ship-1.json").ok
+    again = replay_check(
+        nats_server.url, "tests.workflows_versions:incompatible",
+        "--since", "1s", "--history", str(tmp_path / "ship-1.json"),
+    )  # fmt: skip
+    assert "run ship-1 (shipment): INCOMPATIBLE" in again.stdout, again.stdout + again.stderr

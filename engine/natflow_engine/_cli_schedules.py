@@ -14,6 +14,7 @@ from ._cli_types import positive_int, seconds
 from ._connection import Connection
 from ._durations import to_seconds
 from ._errors import InvalidInput
+from ._human import when
 from ._schedule_ops import Schedules
 from ._schedules import OVERLAP_POLICIES, ScheduleInfo, ScheduleSpec
 from ._triggers import declarations, emit, recent_events, undeclare
@@ -23,7 +24,7 @@ from .events import Trigger
 def describe_trigger(trigger: Trigger) -> str:
     """One line saying what started a run (``runs show``)."""
     if trigger.kind == "schedule":
-        fire = trigger.fire_time.isoformat() if trigger.fire_time else "?"
+        fire = when(trigger.fire_time) if trigger.fire_time else "?"
         return f"schedule {trigger.schedule} (fire time {fire})"
     return f"event {trigger.event} (#{trigger.event_seq} in NATFLOW_EVENTS)"
 
@@ -187,7 +188,7 @@ async def _list(conn: Connection, args: argparse.Namespace) -> int:
     print(f"{'SCHEDULE':24} {'WORKFLOW':18} {'WHEN':22} {'STATE':7} NEXT FIRE")
     for s in found:
         state = "paused" if s.paused else "active"
-        next_fire = s.next_fire_times[0].isoformat() if s.next_fire_times else "-"
+        next_fire = when(s.next_fire_times[0]) if s.next_fire_times else "-"
         print(f"{s.schedule_id:24} {s.workflow:18} {_when(s):22} {state:7} {next_fire}")
     return 0
 
@@ -205,11 +206,11 @@ def _show(s: ScheduleInfo) -> None:
     if s.note:
         print(f"note      {s.note}")
     for t in s.next_fire_times:
-        print(f"  next    {t.isoformat()}")
+        print(f"  next    {when(t)}")
     for f in s.recent_runs[:10]:
-        print(f"  fire    {f.fire_time.isoformat()} {f.action:10} {f.run_id or ''}")
+        print(f"  fire    {when(f.fire_time)} {f.action:10} {f.run_id or ''}")
     if s.missed_count:
-        print(f"missed    {s.missed_count} fire(s), newest {s.missed[0].isoformat()}")
+        print(f"missed    {s.missed_count} fire(s), newest {when(s.missed[0])}")
 
 
 async def _describe(conn: Connection, args: argparse.Namespace) -> int:
@@ -259,7 +260,7 @@ async def _events(conn: Connection, args: argparse.Namespace) -> int:
     print(f"{'SEQ':>6} {'EVENT':24} {'STORED':19} RUNS")
     for r in records:
         runs = ", ".join(f"{wf}: {run_id or 'none'}" for wf, run_id in r.runs.items()) or "-"
-        print(f"{r.seq:>6} {r.name:24} {r.at:%Y-%m-%d %H:%M:%S} {runs}")
+        print(f"{r.seq:>6} {r.name:24} {when(r.at)} {runs}")
     return 0
 
 

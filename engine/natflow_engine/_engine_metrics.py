@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections import Counter as Tally
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Final
 
 import anyio
@@ -184,10 +184,11 @@ def pending_since(run: RunInfo) -> datetime | None:
     if run.status != "pending":
         return None
     if run.current and run.current.startswith(_STARTS_AT):
-        try:
-            return datetime.fromisoformat(run.current[len(_STARTS_AT) :])
+        try:  # as _human.when writes it: "2026-11-26 03:29:15 UTC"
+            moment = datetime.fromisoformat(run.current[len(_STARTS_AT) :].removesuffix(" UTC"))
         except ValueError:
             return run.created_at
+        return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
     if run.due_at is not None and run.current and run.current.startswith("timer "):
         return run.due_at
     return run.updated_at

@@ -183,7 +183,7 @@ def mark_due(info: RunInfo, timer: str) -> None:
     """The run's timer came due and no worker has taken the run yet."""
     assert info.due_at is not None
     info.status = "pending"
-    info.current = f"timer {timer!r} due since {info.due_at.isoformat()}, waiting for a worker"
+    info.current = f"timer {timer!r} due since {when(info.due_at)}, waiting for a worker"
 
 
 def new_info(run_id: str, start: RunStarted) -> RunInfo:
@@ -250,7 +250,7 @@ def retrying_text(event: StepRetrying) -> str:
     """``current`` of a run whose step waits for its next attempt."""
     return (
         f"retrying step {event.name!r}: attempt {event.attempt + 1} at "
-        f"{event.retry_at.isoformat()} (attempt {event.attempt} failed: {event.error})"
+        f"{when(event.retry_at)} (attempt {event.attempt} failed: {event.error})"
     )
 
 

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from natflow_engine import (
     ErrorInfo,
     History,
@@ -67,13 +68,21 @@ class ReplayResult:
 
 
 def load_history(path: str | os.PathLike[str]) -> History:
-    """A run's history from a JSONL file: one event per line, as natflow stores them."""
+    """A run's history from a file: JSONL, one event per line, as natflow stores them, or
+    the JSON array ``natflow runs history RUN_ID --json`` prints."""
     file = Path(path)
-    lines = [line for line in file.read_bytes().splitlines() if line.strip()]
+    data = file.read_bytes()
     try:
-        events = unpacked([decode_event(line) for line in lines])
+        if data.lstrip().startswith(b"["):
+            raw = [msgspec.json.encode(e) for e in msgspec.json.decode(data)]
+        else:
+            raw = [line for line in data.splitlines() if line.strip()]
+        events = unpacked([decode_event(line) for line in raw])
     except Exception as exc:
-        raise InvalidInput(f"{file} is not a natflow history (one event per line): {exc}") from exc
+        raise InvalidInput(
+            f"{file} is not a natflow history (one event per line, or the JSON array "
+            f"`natflow runs history RUN_ID --json` prints): {exc}"
+        ) from exc
     if not events or not isinstance(events[0], RunStarted):
         raise InvalidInput(f"{file} does not start with a run_started event")
     run_id = events[0].id.rpartition(":")[0] or file.stem
