@@ -277,3 +277,12 @@ async def test_hostile_arguments_files_and_closed_stdio_give_one_clear_error(
             check=False,
         )
         assert done.returncode == 0, (closed, done.returncode, done.stderr.decode()[-500:])
+
+
+def test_an_engine_is_a_hubs_or_a_sites_not_both() -> None:
+    """``--sites`` and ``--site`` together ran both roles, and made the hub a site."""
+    done = subprocess.run(
+        [*NATFLOW, "--url", "nats://127.0.0.1:1", "engine", "--sites", "berlin", "--site", "b"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "exclude each other" in done.stderr, done.stderr

@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         type=log_level,
         default=os.environ.get("NATFLOW_LOG_LEVEL", "INFO"),
-        help="debug, info, warning or error (env NATFLOW_LOG_LEVEL)",
+        help="debug, info, warning, error or critical (env NATFLOW_LOG_LEVEL)",
     )
     parser.add_argument(
         "--nkey",

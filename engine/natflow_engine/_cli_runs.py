@@ -359,7 +359,8 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
         return
     print(f"run       {info.run_id}")
     print(f"workflow  {info.workflow} (queue {info.queue})")
-    print(f"status    {info.status}" + (f": {info.current}" if info.current else ""))
+    current = info.current if info.current != info.status else None  # "paused: paused"
+    print(f"status    {info.status}" + (f": {current}" if current else ""))
     if info.parent:
         print(f"parent    {info.parent}")
     if unserved:

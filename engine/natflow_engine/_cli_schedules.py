@@ -49,7 +49,9 @@ def register(sub: Any, opener: Opener) -> None:
     c.add_argument("schedule_id", help="the schedule's id ([A-Za-z0-9_-])")
     c.add_argument("workflow", help="the workflow each fire starts")
     when = c.add_mutually_exclusive_group(required=True)
-    when.add_argument("--cron", help="five cron fields (or @daily ...), read in --timezone")
+    when.add_argument(
+        "--cron", help="cron fields (five, or six with seconds first; or @daily ...), in --timezone"
+    )
     when.add_argument("--every", type=float, help="interval in whole seconds")
     c.add_argument(
         "--input", default=None, help="the input of each run: JSON, @file.json, or - for stdin"

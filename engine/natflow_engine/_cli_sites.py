@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ._errors import InvalidInput
 from ._names import check_token
 from ._sites import check_site
 from ._state import RunInfo
@@ -43,9 +44,14 @@ def site_list(text: str) -> list[str]:
 
 def check_site_options(args: argparse.Namespace) -> None:
     """Refuse a bad ``--sites``/``--site``/``--hub-domain`` before connecting to anything."""
-    site_list(args.sites)
+    sites = site_list(args.sites)
     if args.site is not None:
         check_site(args.site)
+        if sites:  # one engine is a hub's or a site's: both made a hub of a site
+            raise InvalidInput(
+                "--sites (this engine serves a hub) and --site (it serves a site) exclude "
+                "each other: run one engine at the hub and one at each site"
+            )
     check_token("--hub-domain", args.hub_domain)
 
 
