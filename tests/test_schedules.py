@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -407,3 +408,18 @@ async def test_a_stored_schedule_natflow_cannot_read_or_compute_leaves_the_engin
         await client.schedules.delete(bad)
     assert [s.schedule_id for s in await client.schedules.list()] == ["good"]
     assert engine.poll() is None
+
+
+async def test_a_fire_logs_the_run_it_started_as_a_field(
+    client: Client, engine: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--log-json lines about a run carry its run_id (README); the schedule's did not."""
+    caplog.set_level(logging.INFO, logger="natflow.schedules")
+    await client.schedules.create("logged", tick, every=1)
+
+    async def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "started run" in r.getMessage()]
+
+    record = (await wait_for(logged, timeout=10, what="a fire's log line"))[0]
+    assert getattr(record, "run_id", "").startswith("logged-"), record.__dict__
+    assert getattr(record, "workflow", None) == "tick"

@@ -53,6 +53,7 @@ from ._jsz import JetStreamUsage
 from ._lanes import Lanes
 from ._limit_service import LimitService
 from ._limits import waiting_for
+from ._logs import fields
 from ._metrics import observe_run
 from ._names import check_token
 from ._puller import Puller, durable_info, engine_consumer, ensure_durable
@@ -377,7 +378,11 @@ class Engine:
                 self.retention.learn(event.retention)
         except Exception as exc:
             log.warning(
-                "run %s: engine could not process %s (%s); will retry", run_id, msg.subject, exc
+                "run %s: engine could not process %s (%s); will retry",
+                run_id,
+                msg.subject,
+                exc,
+                extra=fields(run_id),
             )
             await quietly(msg.nak(delay=1.0))
             return

@@ -32,6 +32,7 @@ from ._errors import NatflowError
 from ._flow_decls import start_declared
 from ._history import HistoryStore
 from ._kv import kv_watch
+from ._logs import fields
 from ._metrics import SCHEDULE_FIRES, SCHEDULE_LATENESS
 from ._quarantine import quarantined
 from ._runs import Runs
@@ -239,6 +240,7 @@ class Scheduler:
                 run_id,
                 fire.fire_time.isoformat(),
                 late,
+                extra=fields(run_id, schedule.workflow),
             )
         elif run_id != fire.run_id:
             log.info(
@@ -246,6 +248,7 @@ class Scheduler:
                 schedule.schedule_id,
                 fire.fire_time.isoformat(),
                 run_id,
+                extra=fields(run_id, schedule.workflow),
             )
         return run_id
 

@@ -37,6 +37,7 @@ from ._connection import Connection, quietly, retrying
 from ._errors import InvalidInput, NatflowError
 from ._flow_decls import start_declared
 from ._kv import kv_delete, kv_entries, kv_put
+from ._logs import fields
 from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
 from ._reader import reader, stream_bounds
@@ -330,7 +331,14 @@ class EventIntake:
         if created:
             self.started += 1
             EVENT_RUNS.inc()
-            log.info("event %s #%d started run %s of %s", name, seq, started, decl.workflow)
+            log.info(
+                "event %s #%d started run %s of %s",
+                name,
+                seq,
+                started,
+                decl.workflow,
+                extra=fields(started, decl.workflow),
+            )
 
     async def _dead(self, msg: Msg, seq: int, name: str, run_id: str, reason: str) -> None:
         self.rejected += 1

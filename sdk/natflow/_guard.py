@@ -193,9 +193,21 @@ class RunGuard:
         """Log a failed task (with its traceback once); True if the run is now held as
         parked, after ``park_after`` failed deliveries in a row."""
         if delivered == 1 or self._first_failure(run_id, exc):
-            log.error("run %s: task failed, retrying later: %s", run_id, exc, exc_info=exc)
+            log.error(
+                "run %s: task failed, retrying later: %s",
+                run_id,
+                exc,
+                exc_info=exc,
+                extra=fields(run_id),
+            )
         else:
-            log.debug("run %s: task failed again (delivery %d): %s", run_id, delivered, exc)
+            log.debug(
+                "run %s: task failed again (delivery %d): %s",
+                run_id,
+                delivered,
+                exc,
+                extra=fields(run_id),
+            )
         if delivered < park_after:
             return False
         error = ErrorInfo(
