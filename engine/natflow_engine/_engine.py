@@ -540,24 +540,42 @@ class Engine:
             if event.not_before is not None:
                 await timers.schedule(
                     self._conn,
-                    timers.Timer(run_id=run_id, seq=0, name="start", due_at=event.not_before),
+                    timers.Timer(
+                        run_id=run_id, seq=0, name="start", due_at=event.not_before, at=event.at
+                    ),
                 )
         elif isinstance(event, TimerScheduled):
             await timers.schedule(
                 self._conn,
-                timers.Timer(run_id=run_id, seq=event.seq, name=event.name, due_at=event.due_at),
+                timers.Timer(
+                    run_id=run_id,
+                    seq=event.seq,
+                    name=event.name,
+                    due_at=event.due_at,
+                    at=event.at,
+                ),
             )
         elif isinstance(event, SignalWaited) and event.timeout_at is not None:
             await timers.schedule(
                 self._conn,
                 timers.Timer(
-                    run_id=run_id, seq=event.seq, name=event.name, due_at=event.timeout_at
+                    run_id=run_id,
+                    seq=event.seq,
+                    name=event.name,
+                    due_at=event.timeout_at,
+                    at=event.at,
                 ),
             )
         elif isinstance(event, StepRetrying):  # the next attempt waits like a sleep
             await timers.schedule(
                 self._conn,
-                timers.Timer(run_id=run_id, seq=event.seq, name=event.name, due_at=event.retry_at),
+                timers.Timer(
+                    run_id=run_id,
+                    seq=event.seq,
+                    name=event.name,
+                    due_at=event.retry_at,
+                    at=event.at,
+                ),
             )
         elif isinstance(event, TimerFired):
             await timers.cancel(self._conn, run_id, event.seq)

@@ -86,7 +86,9 @@ class RateLimit:
             raise InvalidInput(
                 f"rate limit {self.name!r}: burst must be a positive int, not {self.burst!r}"
             )
-        if self.key is not None and not (isinstance(self.key, str) or callable(self.key)):
+        if self.key is not None and not (
+            (isinstance(self.key, str) and self.key) or callable(self.key)
+        ):
             raise InvalidInput(
                 f"rate limit {self.name!r}: key must be an input field's name or a callable "
                 f"of the input, not {self.key!r} (leave it out for one budget)"

@@ -63,6 +63,9 @@ class Timer(msgspec.Struct, kw_only=True):
     seq: int  # the command's position; 0 is a delayed start
     name: str
     due_at: datetime
+    # When history recorded it: a timer is late only past both this and its due time (a
+    # sleep_until an hour ago is not an hour late). None in an entry of an older natflow.
+    at: datetime | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -189,7 +192,8 @@ class TimerService:
             return  # deleted, or rescheduled under the same key
         heapq.heappush(self._heap, (max(fire_at, due) + RETRY_AFTER, key, due, False))
         if first:
-            late = max(0.0, time.time() - fire_at)
+            could = max(due, timer.at.timestamp()) if timer.at is not None else due
+            late = max(0.0, time.time() - could)
             self.lateness.append(late)
             del self.lateness[:-1000]
             TIMER_LATENESS.observe(late)

@@ -95,10 +95,14 @@ class TaskEndings:
         pending = execution.timers_to_index()
         if not pending:
             return
+        now = utcnow()  # recorded by this execution: moments ago
         try:
             await asyncio.gather(
                 *(
-                    schedule(self._conn, Timer(run_id=held.run_id, seq=seq, name=name, due_at=due))
+                    schedule(
+                        self._conn,
+                        Timer(run_id=held.run_id, seq=seq, name=name, due_at=due, at=now),
+                    )
                     for seq, name, due in pending
                 )
             )
