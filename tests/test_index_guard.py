@@ -13,7 +13,7 @@ from itertools import count
 import msgspec
 import pytest
 from natflow import Client
-from natflow_engine import _index_guard
+from natflow_engine import DISPATCHERS, _index_guard
 from natflow_engine._history import HistoryStore
 from natflow_engine._index import IndexEntry, RunIndex
 from natflow_engine._index_guard import (
@@ -26,7 +26,13 @@ from natflow_engine._lifecycle import LIFECYCLE_STREAM
 from natflow_engine._retention import purge
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._state import new_info
-from natflow_engine._streams import RUNS_STREAM, ensure_streams, run_level_subject, runs_subject
+from natflow_engine._streams import (
+    HISTORY_STREAM,
+    RUNS_STREAM,
+    ensure_streams,
+    run_level_subject,
+    runs_subject,
+)
 from natflow_engine.events import RunClaimed, RunCompleted, RunStarted, utcnow
 
 from tests.helpers import running_engine, wait_for
@@ -168,6 +174,15 @@ async def test_a_new_index_is_rebuilt_from_the_whole_history(
             return all([await _status(client, run) == "completed" for run in runs])
 
         await wait_for(all_indexed, timeout=20, what="every run indexed as completed")
+
+        async def all_acknowledged() -> bool:  # none comes back to the next engine to fold
+            for name in DISPATCHERS:
+                info = await conn.jsm.consumer_info(HISTORY_STREAM, name)
+                if info.num_ack_pending or info.num_pending:
+                    return False
+            return True
+
+        await wait_for(all_acknowledged, what="the dispatcher to acknowledge every event")
     await conn.jsm.delete_stream(RUNS_STREAM)  # its checkpoint with it
     conn.streams_ready = False
     async with running_engine(nats_server.url) as engine:
@@ -196,6 +211,15 @@ async def test_a_foreign_message_in_a_runs_history_does_not_stop_the_rebuild(
             return all([await _status(client, run) == "completed" for run in runs])
 
         await wait_for(all_indexed, timeout=20, what="every run indexed as completed")
+
+        async def all_acknowledged() -> bool:  # none comes back to the next engine to fold
+            for name in DISPATCHERS:
+                info = await conn.jsm.consumer_info(HISTORY_STREAM, name)
+                if info.num_ack_pending or info.num_pending:
+                    return False
+            return True
+
+        await wait_for(all_acknowledged, what="the dispatcher to acknowledge every event")
     await conn.jsm.delete_stream(RUNS_STREAM)
     conn.streams_ready = False
     async with running_engine(nats_server.url) as engine:
