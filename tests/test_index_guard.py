@@ -13,7 +13,7 @@ from itertools import count
 import msgspec
 import pytest
 from natflow import Client
-from natflow_engine import DISPATCHERS, _index_guard
+from natflow_engine import DISPATCHERS, Connection, _index_guard
 from natflow_engine._history import HistoryStore
 from natflow_engine._index import IndexEntry, RunIndex
 from natflow_engine._index_guard import (
@@ -58,6 +58,16 @@ async def _status(client: Client, run: str) -> str | None:
 async def _lifecycle_count(client: Client) -> int:
     info = await client.connection.jsm.stream_info(LIFECYCLE_STREAM)
     return int(info.state.messages)
+
+
+async def _all_acknowledged(conn: Connection) -> bool:
+    """Whether the dispatchers acknowledged every event: none comes back to the next engine
+    to fold (and to write a summary before the guard rebuilds it)."""
+    for name in DISPATCHERS:
+        info = await conn.jsm.consumer_info(HISTORY_STREAM, name)
+        if info.num_ack_pending or info.num_pending:
+            return False
+    return True
 
 
 async def test_summaries_lost_with_the_server_are_rewritten_from_history(
@@ -175,14 +185,7 @@ async def test_a_new_index_is_rebuilt_from_the_whole_history(
 
         await wait_for(all_indexed, timeout=20, what="every run indexed as completed")
 
-        async def all_acknowledged() -> bool:  # none comes back to the next engine to fold
-            for name in DISPATCHERS:
-                info = await conn.jsm.consumer_info(HISTORY_STREAM, name)
-                if info.num_ack_pending or info.num_pending:
-                    return False
-            return True
-
-        await wait_for(all_acknowledged, what="the dispatcher to acknowledge every event")
+        await wait_for(lambda: _all_acknowledged(conn), what="every event acknowledged")
     await conn.jsm.delete_stream(RUNS_STREAM)  # its checkpoint with it
     conn.streams_ready = False
     async with running_engine(nats_server.url) as engine:
@@ -212,14 +215,7 @@ async def test_a_foreign_message_in_a_runs_history_does_not_stop_the_rebuild(
 
         await wait_for(all_indexed, timeout=20, what="every run indexed as completed")
 
-        async def all_acknowledged() -> bool:  # none comes back to the next engine to fold
-            for name in DISPATCHERS:
-                info = await conn.jsm.consumer_info(HISTORY_STREAM, name)
-                if info.num_ack_pending or info.num_pending:
-                    return False
-            return True
-
-        await wait_for(all_acknowledged, what="the dispatcher to acknowledge every event")
+        await wait_for(lambda: _all_acknowledged(conn), what="every event acknowledged")
     await conn.jsm.delete_stream(RUNS_STREAM)
     conn.streams_ready = False
     async with running_engine(nats_server.url) as engine:

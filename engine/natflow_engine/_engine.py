@@ -94,10 +94,7 @@ from .events import (
     RunFailed,
     RunStarted,
     RunTerminated,
-    SignalWaited,
-    StepRetrying,
     TimerFired,
-    TimerScheduled,
     decode_event,
     event_kind,
 )
@@ -536,47 +533,8 @@ class Engine:
             # stretch's task (its worker may have died before enqueueing it) is checked like
             # an immediate start's: see _check_starts.
             await timers.cancel_timers_through(self._conn, run_id, event.base_seq)
-        elif isinstance(event, RunStarted):  # an immediate start: see _check_starts
-            if event.not_before is not None:
-                await timers.schedule(
-                    self._conn,
-                    timers.Timer(
-                        run_id=run_id, seq=0, name="start", due_at=event.not_before, at=event.at
-                    ),
-                )
-        elif isinstance(event, TimerScheduled):
-            await timers.schedule(
-                self._conn,
-                timers.Timer(
-                    run_id=run_id,
-                    seq=event.seq,
-                    name=event.name,
-                    due_at=event.due_at,
-                    at=event.at,
-                ),
-            )
-        elif isinstance(event, SignalWaited) and event.timeout_at is not None:
-            await timers.schedule(
-                self._conn,
-                timers.Timer(
-                    run_id=run_id,
-                    seq=event.seq,
-                    name=event.name,
-                    due_at=event.timeout_at,
-                    at=event.at,
-                ),
-            )
-        elif isinstance(event, StepRetrying):  # the next attempt waits like a sleep
-            await timers.schedule(
-                self._conn,
-                timers.Timer(
-                    run_id=run_id,
-                    seq=event.seq,
-                    name=event.name,
-                    due_at=event.retry_at,
-                    at=event.at,
-                ),
-            )
+        elif (timer := timers.timer_of(run_id, event)) is not None:
+            await timers.schedule(self._conn, timer)
         elif isinstance(event, TimerFired):
             await timers.cancel(self._conn, run_id, event.seq)
         elif isinstance(event, RunClaimed):

@@ -37,7 +37,15 @@ from ._reader import reader
 from ._signals import dead_letter_item
 from ._undecodable import UNDECODABLE
 from ._wake import run_start, wake
-from .events import utcnow
+from .events import (
+    Event,
+    RunContinued,
+    RunStarted,
+    SignalWaited,
+    StepRetrying,
+    TimerScheduled,
+    utcnow,
+)
 
 log = logging.getLogger("natflow.timers")
 
@@ -70,6 +78,24 @@ class Timer(msgspec.Struct, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Timer)
+
+
+def timer_of(run_id: str, event: Event) -> Timer | None:
+    """The timer an event of the run sets (None if it sets none): a delayed start's, a
+    sleep's, a signal wait's timeout, a retry's wait (the next attempt waits like a sleep)."""
+    due: datetime | None = None
+    seq, name = 0, "start"
+    if isinstance(event, RunStarted) and not isinstance(event, RunContinued):
+        due = event.not_before
+    elif isinstance(event, TimerScheduled):
+        due, seq, name = event.due_at, event.seq, event.name
+    elif isinstance(event, SignalWaited):
+        due, seq, name = event.timeout_at, event.seq, event.name
+    elif isinstance(event, StepRetrying):
+        due, seq, name = event.retry_at, event.seq, event.name
+    if due is None:
+        return None
+    return Timer(run_id=run_id, seq=seq, name=name, due_at=due, at=event.at)
 
 
 def timer_key(run_id: str, seq: int) -> str:
