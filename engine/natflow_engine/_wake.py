@@ -1,4 +1,4 @@
-"""Waking a run: enqueue its task, or nudge the worker that holds it.
+"""Waking a run: enqueue its task, and nudge the worker that holds it.
 
 A wake-up (a timer came due, a signal arrived) enqueues the run's task (one that finds the
 task pending costs nothing: the pending task will run; one that finds it in flight cannot be
