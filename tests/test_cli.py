@@ -251,7 +251,7 @@ async def test_hostile_arguments_files_and_closed_stdio_give_one_clear_error(
         (("start", "greet", "--input", '"\\ud800"'), "holds text that is not UTF-8"),
         (("start", "greet", "--input", "NaN"), "NaN is not a JSON value"),
         (("events", "emit", "ev", "Infinity"), "Infinity is not a JSON value"),
-        (("cancel", "some-run", "--reason", not_utf8), "is not UTF-8 text"),
+        (("cancel", "some-run", "--reason", not_utf8), "reason: holds bytes that are not"),
         (("--nkey", str(tmp_path / "seed"), "runs", "list"), "holds no nkey seed"),
         (("--nkey", str(tmp_path / "nothing"), "runs", "list"), "cannot read the nkey seed"),
         (("--tls-ca", str(tmp_path / "ca.pem"), "runs", "list"), "not a PEM file of CA"),
@@ -265,6 +265,10 @@ async def test_hostile_arguments_files_and_closed_stdio_give_one_clear_error(
     ]
     for args, needle in cases:
         assert_one_clear_error(await natflow(url, *args), needle)
+    # A password that is not UTF-8 is refused without being shown.
+    secret = os.fsdecode(b"s3cret\xcc")
+    line = assert_one_clear_error(await natflow(url, "--password", secret, "runs", "list"))
+    assert "s3cret" not in line and "password: holds bytes" in line
     # A URL without its scheme (nats-py takes it): its password was printed whole.
     dead = f"alice:s3cret@127.0.0.1:{free_port()}"
     line = assert_one_clear_error(await natflow(dead, "runs", "list"), "alice:***@")

@@ -564,8 +564,8 @@ def _text_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
                 try:
                     text.encode()
                 except UnicodeEncodeError:
-                    shown = name.replace("_", "-")
-                    parser.error(f"argument {shown}: {text!r} is not UTF-8 text")
+                    shown = name.replace("_", "-")  # not the value: it may be a password
+                    parser.error(f"argument {shown}: holds bytes that are not UTF-8 text")
 
 
 def _main(argv: list[str] | None) -> int:
