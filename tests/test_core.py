@@ -620,3 +620,28 @@ async def _status_is(client: Client, run_id: str, status: str) -> bool:
 
 async def _waiting(client: Client, run_id: str) -> bool:
     return (await client.describe(run_id)).status == "waiting"
+
+
+def test_a_step_shows_when_it_really_started_and_a_duration_rounds_once() -> None:
+    """A step_started is written once a step has run a while (at that time): it replaced
+    the start its outcome carries, so every step over half a second showed a Took half a
+    second short. 0.9995 s showed as "1000 ms"."""
+    from datetime import UTC, datetime, timedelta
+
+    from natflow_engine._human import duration
+    from natflow_engine._state import fold_steps
+    from natflow_engine.events import StepCompleted, StepStarted
+
+    began = datetime(2026, 11, 28, 5, 0, tzinfo=UTC)
+    noticed, done = began + timedelta(seconds=0.5), began + timedelta(seconds=3)
+    [step] = fold_steps(
+        [
+            StepStarted(id="r:2", at=noticed, seq=1, name="three", occurrence=1),
+            StepCompleted(
+                id="r:3", at=done, seq=1, name="three", occurrence=1, result=msgspec.Raw(b"3"),
+                started_at=began, attempt=1,
+            ),
+        ]
+    )  # fmt: skip
+    assert step.started_at == began and step.finished_at == done
+    assert [duration(s) for s in (0.35, 0.9995, 59.96)] == ["350 ms", "1.0 s", "1 min"]

@@ -18,9 +18,9 @@ def duration(seconds: float) -> str:
     """``350 ms``, ``4.2 s``, ``3 min 4 s``, ``2 h 5 min``, ``3 d 4 h``: two units at most."""
     if seconds < 0:
         return "-" + duration(-seconds)
-    if seconds < 1:
+    if round(seconds * 1000) < 1000:  # 0.9996 s is "1.0 s", not "1000 ms"
         return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
+    if round(seconds, 1) < 60:
         return f"{seconds:.1f} s"
     total = round(seconds)
     for big, big_name, small, small_name in (

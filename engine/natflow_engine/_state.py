@@ -114,7 +114,11 @@ def fold_steps(events: list[Event]) -> list[StepInfo]:
             info = _step_info(event)
             earlier = steps.get(event.seq)
             if earlier is not None and earlier.started_at is not None:
-                info.started_at = earlier.started_at  # when the first attempt started
+                # When the first attempt started: the earliest time known. A step_started is
+                # written once the step has run a while, at that time; the step's outcome
+                # carries when it really began (a Took half a second short, before).
+                known = [t for t in (earlier.started_at, info.started_at) if t is not None]
+                info.started_at = min(known)
             steps[event.seq] = info
         elif isinstance(event, RunCompleted | RunFailed | RunCancelled | RunTerminated):
             # The run ended with these steps in flight: they will never finish.

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from markupsafe import Markup, escape
 
+from .._human import duration as human_duration
 from .._sealing import sealed_key
 from .._undecodable import UNDECODABLE
 from .._values import value_ref
@@ -42,20 +43,8 @@ def when(value: datetime | None, *, date: bool = True) -> Markup:
 
 
 def duration(seconds: float | None) -> str:
-    """A duration the way people say it: 350 ms, 2.4 s, 3 min 2 s, 5 h 10 min."""
-    if seconds is None:
-        return "—"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes} min"
-    return f"{hours // 24} d {hours % 24} h"
+    """A duration the way people say it (350 ms, 2.4 s, 3 min 2 s), as the CLI says it."""
+    return "—" if seconds is None else human_duration(seconds)
 
 
 def span(start: datetime, end: datetime | None) -> str:
