@@ -464,3 +464,15 @@ async def test_pause_resume_and_restart_from_the_run_page(console: str, client: 
         assert 'href="/runs/pause-me"' in (await http(console + "/runs/pause-me-r1"))[1]
     else:  # nothing to restart from: a message on the page, never a traceback
         assert status in (400, 502) and "Traceback" not in body
+
+
+def test_two_consoles_on_one_host_keep_their_own_login() -> None:
+    """Browsers keep cookies per host, not per port: two consoles with their own tokens
+    (two tenants' on one host) shared one cookie name, and a login to one logged the other
+    out."""
+    from natflow_engine.console._app import Guard
+
+    shop, bank = Guard(None, "shop-token"), Guard(None, "bank-token")  # type: ignore[arg-type]
+    assert shop.cookie_name != bank.cookie_name
+    assert shop.cookie_name == Guard(None, "shop-token").cookie_name  # type: ignore[arg-type]
+    assert "shop-token" not in shop.cookie_name

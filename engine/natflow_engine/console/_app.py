@@ -35,7 +35,7 @@ from ._pages import HERE, Console, templates
 
 log = logging.getLogger("natflow.console")
 
-COOKIE = "natflow_console"
+COOKIE = "natflow_console"  # and a digest of the token: see Guard
 
 
 class _Static(StaticFiles):
@@ -120,6 +120,9 @@ class Guard:
         self.app = app
         self.token = token
         self.cookie = hashlib.sha256(f"natflow-console:{token}".encode()).hexdigest()
+        # Named per token: browsers keep cookies per host, not per port, so two consoles on
+        # one host (two tenants') shared one and logged each other out.
+        self.cookie_name = f"{COOKIE}_{hashlib.sha256(self.cookie.encode()).hexdigest()[:8]}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -155,14 +158,14 @@ class Guard:
         if auth.startswith("Bearer ") and _equal(auth[7:], self.token):
             return True
         jar: SimpleCookie = SimpleCookie(request.headers.get("cookie", ""))
-        morsel = jar.get(COOKIE)
+        morsel = jar.get(self.cookie_name)
         return morsel is not None and _equal(morsel.value, self.cookie)
 
     def _enter(self, request: Request) -> Response:
         query = {k: v for k, v in parse_qs(request.url.query).items() if k != "token"}
         target = request.url.path + (f"?{urlencode(query, doseq=True)}" if query else "")
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(COOKIE, self.cookie, httponly=True, samesite="lax")
+        response.set_cookie(self.cookie_name, self.cookie, httponly=True, samesite="lax")
         return response
 
 
