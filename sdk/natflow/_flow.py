@@ -9,8 +9,9 @@ name, children, schedules, events and starts through the engine apply the same o
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +41,11 @@ log = logging.getLogger("natflow.flow")
 DEBOUNCE_STEP = "natflow-debounce"  # the first step of a debounced run: takes its input
 
 
-def key_of(what: str, spec: KeySpec | None, value: Any, data: bytes) -> str | None:
+def key_of(what: str, spec: KeySpec | None, value: Any, plain: Callable[[], Any]) -> str | None:
     """The key a flow-control option computes from a run's input (None: no key).
 
     ``spec`` is an input field (dotted for nested fields: ``"account.region"``, as
-    ``Limit(key=...)`` takes it), read from the input as JSON (``data``), as a start by name
+    ``Limit(key=...)`` takes it), read from the input as JSON (``plain()``), as a start by name
     or through the engine reads it, so every path finds one key (a datetime field gave
     ``str(datetime)`` here and its JSON text there: two singleton runs of one key); or a
     function of the input (``value``, as the caller passed it).
@@ -52,7 +53,7 @@ def key_of(what: str, spec: KeySpec | None, value: Any, data: bytes) -> str | No
     if spec is None or spec == "":
         return None
     if not callable(spec):
-        return str(input_field(what, msgspec.json.decode(data), spec))
+        return str(input_field(what, plain(), spec))
     try:
         return str(spec(value))
     except Exception as exc:
@@ -75,14 +76,15 @@ def plan_for(workflow: Workflow, input: Any, data: bytes) -> FlowPlan:
     """What a start of ``workflow`` with ``input`` (as passed; ``data``: as JSON) must apply."""
     limit = workflow.rate_limit
     debounce = workflow.debounce
+    plain = functools.cache(lambda: msgspec.json.decode(data))  # decoded once, if a key asks
     return FlowPlan(
         rate=limit,
-        rate_key=key_of("rate limit", limit.key, input, data) if limit is not None else None,  # type: ignore[arg-type]
+        rate_key=key_of("rate limit", limit.key, input, plain) if limit is not None else None,  # type: ignore[arg-type]
         singleton=workflow.singleton is not None,
-        singleton_key=key_of("singleton", workflow.singleton, input, data),
+        singleton_key=key_of("singleton", workflow.singleton, input, plain),
         debounce=debounce.seconds if debounce is not None else None,
         debounce_key=(
-            key_of("debounce", debounce.key, input, data) if debounce is not None else None
+            key_of("debounce", debounce.key, input, plain) if debounce is not None else None
         ),
     )
 
