@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
-from natflow import Client, PermissionDenied
+from natflow import Client, ConnectionRefused, PermissionDenied
 from natflow_engine import redact_url
 from natflow_engine._server import EmbeddedServer
 
@@ -29,6 +29,7 @@ accounts {{
           subscribe: {{ allow: ["_INBOX.>"] }} }} }}
     ]
   }}
+  NOJS {{ users: [ {{ user: nojs, password: nojs }} ] }}
 }}
 """
 
@@ -90,6 +91,20 @@ async def test_a_denied_direct_get_is_named_though_the_server_lower_cases_it(
         for call in (lambda: client.describe("r-1"), lambda: client.history("r-1")):
             error = await quickly(call)
             assert "$js.api.direct.get.natflow_history" in str(error), error
+
+
+async def test_an_account_without_jetstream_is_named_at_once(
+    auth_server: EmbeddedServer,
+) -> None:
+    """Not 30 s of "nothing answers on 'stream NATFLOW_HISTORY'" retries: the server says
+    JetStream is off for the account, which no retry cures."""
+    client = await Client.connect(auth_server.url, user="nojs", password="nojs")
+    async with client:
+        with anyio.fail_after(5):
+            with pytest.raises(ConnectionRefused) as refused:
+                await client.start("anything", 1)
+    assert "JetStream is not enabled for this NATS account" in str(refused.value)
+    assert "jetstream: enabled" in str(refused.value)
 
 
 async def test_bad_credentials_are_named_and_the_password_is_never_shown(

@@ -28,6 +28,7 @@ from ._connect_refusals import (
     redact_url,
 )
 from ._errors import (
+    ConnectionRefused,
     InvalidInput,
     NatflowError,
     PermissionDenied,
@@ -46,6 +47,8 @@ ERR_STREAM_NOT_FOUND: Final = 10059
 ERR_CONSUMER_NOT_FOUND: Final = 10014
 ERR_STREAM_NAME_IN_USE: Final = 10058
 ERR_JS_UNAVAILABLE: Final = 10008
+# "JetStream not enabled for account", "JetStream not enabled": for good, unlike 10008.
+ERR_JETSTREAM_OFF: Final = (10039, 10076)
 # Storage full: the server's JetStream limit (insufficient resources) or the account's.
 # Freed space (natflow's retention deletes closed runs) or a raised limit ends it, so a
 # write refused so is retried as the server away is, not failed (a worker parked its runs).
@@ -314,6 +317,15 @@ class Connection:
                 raise
             raise ServerUnavailable(f"lost the NATS connection sending to {subject!r}") from exc
 
+    def _no_jetstream_hint(self) -> str:
+        where = f" in domain {self.domain!r}" if self.domain else ""
+        return (
+            f"JetStream is not enabled{where} for this NATS account, and natflow keeps every "
+            f"run in it: enable it in the server's configuration (`jetstream {{}}`, and "
+            f"`jetstream: enabled` in the account's entry under `accounts`), or connect as a "
+            f"user of an account that has it"
+        )
+
     def _timeout_error(self, subject: str, timeout: float) -> NatflowError:
         denial = self.denied(subject)
         if denial is not None:
@@ -373,7 +385,9 @@ class Connection:
                     return await self.guarded(subject, call())
                 return await self.guarded(f"{self.api}.", call(), prefix=True)
             except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
-                raise NoResponders(what) from e
+                if getattr(e, "err_code", None) in ERR_JETSTREAM_OFF:
+                    raise ConnectionRefused(f"{what}: {self._no_jetstream_hint()}") from e
+                raise NoResponders(what, _SILENT_JETSTREAM) from e
             except (TimeoutError, nats.errors.TimeoutError) as exc:
                 raise self._timeout_error(what, 5.0) from exc
             except nats.js.errors.APIError as exc:
@@ -421,9 +435,17 @@ class PayloadTooLarge(InvalidInput):
 
 
 class NoResponders(NatflowError):
-    def __init__(self, subject: str) -> None:
-        super().__init__(f"nothing answers on {subject!r}")
+    def __init__(self, subject: str, hint: str = "") -> None:
+        super().__init__(f"nothing answers on {subject!r}" + (f"; {hint}" if hint else ""))
         self.subject = subject
+
+
+# A server without JetStream is silent where one whose account lacks it says so; so is one
+# still starting, or a leaf node cut off from its hub, which is why this is retried.
+_SILENT_JETSTREAM: Final = (
+    "JetStream does not answer: is it enabled on the server (`jetstream {}` in its "
+    "configuration, `-js`) and, at a leaf node, is the link to the hub up?"
+)
 
 
 class NoStream(NatflowError):
