@@ -20,7 +20,7 @@ from natflow_engine.events import utcnow
 from tests.console_helpers import http, served_console
 from tests.helpers import stop, wait_for
 from tests.sites import Sites, linked, started_sites
-from tests.test_cli import natflow, out
+from tests.test_cli import assert_one_clear_error, natflow, out
 from tests.workflows_waits import engine_process
 
 BODIES: Counter[str] = Counter()
@@ -143,6 +143,11 @@ async def run_through_a_cut(sites: Sites, *, runs: int, late_runs: int) -> None:
                 shown_text = out(await natflow(sites.hub.url, "runs", "show", ids[0]))
                 assert "site      berlin (the hub last heard from it" in shown_text
                 assert "completed" in shown_text
+                # Its history is at the site: the hub says where, not "no run with id".
+                assert_one_clear_error(
+                    await natflow(sites.hub.url, "runs", "history", ids[0]),
+                    "lives at site 'berlin'",
+                )
                 async with served_console(sites.hub.url) as base:  # the console at the hub
                     status, listing, _ = await http(f"{base}/runs")
                     assert status == 200 and all(run_id in listing for run_id in ids + late)

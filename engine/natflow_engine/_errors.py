@@ -55,8 +55,10 @@ class InvalidInput(NatflowError, ValueError):
 class RunNotFound(NatflowError, LookupError):
     """No run exists with the given id."""
 
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"no run with id {run_id!r}; check the id with `natflow runs list`")
+    def __init__(self, run_id: str, message: str = "") -> None:
+        super().__init__(
+            message or f"no run with id {run_id!r}; check the id with `natflow runs list`"
+        )
         self.run_id = run_id
 
 

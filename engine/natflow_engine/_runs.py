@@ -156,7 +156,19 @@ class Runs:
 
     async def events(self, run_id: str) -> list[Event]:
         """The run's events; one that does not decode is left out (and logged)."""
-        return await self._opened(run_id, await self._read(run_id))
+        try:
+            history = await self._read(run_id)
+        except RunNotFound:
+            elsewhere = await site_run(self.conn, run_id)
+            if elsewhere is None:
+                raise
+            raise RunNotFound(
+                run_id,
+                f"run {run_id!r} lives at site {elsewhere.site!r}, which keeps its history; "
+                f"the hub has its summary only (`natflow runs show {run_id}`): read the "
+                f"history at the site, connected to its server",
+            ) from None
+        return await self._opened(run_id, history)
 
     async def _opened(
         self, run_id: str, history: History, *, result_only: bool = False
