@@ -8,7 +8,10 @@ from pathlib import Path
 import nats
 import pytest
 from natflow import Client, RunNotFound, WorkflowContext, workflow
+from natflow_engine._jsz import JetStreamUsage
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._streams import HISTORY_STREAM, ensure_streams, stream_created
+from prometheus_client import REGISTRY
 
 from tests.helpers import running_engine, running_worker, wait_for
 from tests.opsconf import OPS, render_ops
@@ -94,3 +97,34 @@ async def _status(client: Client, run_id: str, status: str) -> bool:
         return (await client.describe(run_id)).status == status
     except RunNotFound:
         return False
+
+
+async def test_an_engine_exports_its_own_accounts_streams_only(tmp_path: Path) -> None:
+    """The monitoring port shows every account; a tenant's engine publishes its own streams'
+    sizes, not the other tenant's."""
+    config = render_ops(OPS / "tenants" / "nats.conf", tmp_path / "tenants")
+    server = EmbeddedServer(config, store_dir=tmp_path / "tenants-log", extra_args=("-m", "-1"))
+    server.start()
+    try:
+        bank = await Client.connect(server.url, **login("bank", "engine"))
+        shop = await Client.connect(server.url, **login("shop", "engine"))
+        async with bank, shop:
+            await ensure_streams(bank.connection)  # the bank's streams exist: not exported
+            await ensure_streams(shop.connection)
+            usage = JetStreamUsage(
+                f"http://127.0.0.1:{server.http_port}",
+                own_stream=(
+                    HISTORY_STREAM,
+                    lambda: stream_created(shop.connection, HISTORY_STREAM),
+                ),
+            )
+            await usage.poll()
+            accounts = {
+                sample.labels["account"]
+                for family in REGISTRY.collect()
+                if family.name == "natflow_jetstream_stream_messages"
+                for sample in family.samples
+            }
+            assert accounts == {"SHOP"}
+    finally:
+        server.stop()

@@ -80,6 +80,7 @@ from ._streams import (
     run_id_of,
     start_subjects,
     step_level_subject,
+    stream_created,
 )
 from ._tasks import Task, enqueue, queued
 from ._triggers import EventIntake
@@ -194,6 +195,7 @@ class Engine:
                 nats_monitor,
                 interval=metrics_interval,
                 on_read=lambda jsz: record_sync_mode(conn, jsz.config.sync_always),
+                own_stream=(HISTORY_STREAM, lambda: stream_created(conn, HISTORY_STREAM)),
             )
             if nats_monitor
             else None

@@ -49,6 +49,7 @@ class _StreamState(msgspec.Struct):
 
 class _Stream(msgspec.Struct):
     name: str
+    created: str = ""  # the server's timestamp, as STREAM.INFO gives it too
     config: _StreamConfig = msgspec.field(default_factory=_StreamConfig)
     state: _StreamState = msgspec.field(default_factory=_StreamState)
 
@@ -142,13 +143,26 @@ async def read_varz(monitor: str, timeout: float = 5.0) -> Varz:
         raise NatflowError(f"cannot read NATS monitoring at {url} ({exc})") from exc
 
 
-def export(jsz: Jsz) -> None:
-    """Set the JetStream gauges from one reading."""
+def own_account(jsz: Jsz, stream: str, created: str) -> _Account | None:
+    """The account in ``jsz`` that holds the stream named ``stream`` created at ``created``:
+    this engine's, among every tenant's on the server (a stream name is the same in each; its
+    creation time, to the nanosecond, is not). Alone on the server, the only account."""
+    for account in jsz.account_details:
+        if any(s.name == stream and s.created == created for s in account.stream_detail):
+            return account
+    if len(jsz.account_details) == 1:
+        return jsz.account_details[0]
+    return None
+
+
+def export(jsz: Jsz, accounts: list[_Account] | None = None) -> None:
+    """Set the JetStream gauges from one reading: the streams of ``accounts`` (default: every
+    account's)."""
     messages: dict[tuple[str, ...], float] = {}
     sizes: dict[tuple[str, ...], float] = {}
     max_messages: dict[tuple[str, ...], float] = {}
     max_bytes: dict[tuple[str, ...], float] = {}
-    for account in jsz.account_details:
+    for account in jsz.account_details if accounts is None else accounts:
         for stream in account.stream_detail:
             key = (account.name, stream.name)
             messages[key] = float(stream.state.messages)
@@ -168,7 +182,12 @@ def export(jsz: Jsz) -> None:
 
 
 class JetStreamUsage:
-    """Reads ``/jsz`` every ``interval`` seconds and exports it (see the module docstring)."""
+    """Reads ``/jsz`` every ``interval`` seconds and exports it (see the module docstring).
+
+    The monitoring port is the operator's: it shows every account on the server. With
+    ``own_stream`` (a stream's name and a function that reads its creation time over this
+    engine's connection), only the streams of the account holding that stream are exported,
+    so one tenant's engine does not publish another tenant's stream sizes."""
 
     def __init__(
         self,
@@ -176,11 +195,40 @@ class JetStreamUsage:
         *,
         interval: float = 5.0,
         on_read: Callable[[Jsz], Awaitable[None]] | None = None,
+        own_stream: tuple[str, Callable[[], Awaitable[str]]] | None = None,
     ) -> None:
         self.monitor = monitor
         self.interval = interval
         self._on_read = on_read  # what else the engine does with each reading
+        self._own_stream = own_stream
+        self._created = ""  # the own stream's creation time, once read
+        self._unplaced = False  # warned that the own account is not among several
         self._failing = False
+
+    async def _accounts(self, jsz: Jsz) -> list[_Account] | None:
+        if self._own_stream is None:
+            return None
+        name, read_created = self._own_stream
+        if not self._created:
+            try:
+                self._created = await read_created()
+            except NatflowError as exc:
+                log.debug("cannot read when %s was created: %s", name, exc)
+        account = own_account(jsz, name, self._created) if self._created else None
+        if account is None and len(jsz.account_details) > 1:
+            if not self._unplaced:
+                log.warning(
+                    "NATS monitoring at %s shows %d accounts and none holds this engine's "
+                    "%s; its per-stream gauges stay empty (the monitored server may hold no "
+                    "replica of it: point --nats-monitor at one that does)",
+                    self.monitor,
+                    len(jsz.account_details),
+                    name,
+                )
+                self._unplaced = True
+            return []
+        self._unplaced = False
+        return [account] if account is not None else None
 
     async def run(self) -> None:
         while True:
@@ -202,6 +250,6 @@ class JetStreamUsage:
         if self._failing:
             log.info("NATS monitoring at %s answers again", self.monitor)
         self._failing = False
-        export(jsz)
+        export(jsz, await self._accounts(jsz))
         if self._on_read is not None:
             await self._on_read(jsz)

@@ -53,6 +53,7 @@ import re
 from collections.abc import Callable
 from typing import Final
 
+import msgspec
 import nats.js.errors
 from nats.js import api
 
@@ -61,6 +62,7 @@ from ._connection import ERR_STREAM_NAME_IN_USE, Connection
 from ._errors import NatflowError, PermissionDenied
 from ._kv import kv_stream_config
 from ._lifecycle import lifecycle_stream_config
+from ._undecodable import UNDECODABLE
 from ._value_refs import REFS_BUCKET
 
 log = logging.getLogger("natflow.streams")
@@ -530,3 +532,18 @@ async def _ensure_stream(conn: Connection, config: api.StreamConfig) -> api.Stre
             raise
     info = await conn.admin(f"stream {name}", lambda: conn.jsm.stream_info(name))
     return info.config
+
+
+class _Created(msgspec.Struct):
+    created: str = ""
+
+
+async def stream_created(conn: Connection, name: str) -> str:
+    """When the server created stream ``name``, as its own timestamp text (``/jsz`` gives the
+    same text, which tells this account's stream from another tenant's of the same name)."""
+    subject = f"{conn.api}.STREAM.INFO.{name}"
+    msg = await conn.request(subject, b"")
+    try:
+        return msgspec.json.decode(msg.data, type=_Created).created
+    except UNDECODABLE as exc:
+        raise NatflowError(f"{subject} answered what is not stream info: {exc}") from exc
