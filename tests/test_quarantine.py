@@ -318,3 +318,38 @@ async def test_a_signal_to_a_run_whose_start_is_garbage_is_dead_lettered(
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)
+
+
+async def test_a_run_summary_from_a_newer_natflow_is_skipped_by_every_reader(
+    client: Client, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """A status this version does not know (as `paused` and `blocked` once were new) in the
+    run index: the engine's retention sweep, the list, the CLI and the console skip it; it
+    killed the engine at its first sweep, and `natflow runs list` with a traceback."""
+    from natflow_engine._retention import RetentionService
+    from natflow_engine.console._reads import entries_for, find_run
+
+    from tests.test_cli import natflow
+
+    async with running_engine(nats_server.url) as engine:
+        done = await client.start("anything", 1, run_id="known")
+        await client.terminate(done.run_id, "to have a closed run")
+        await wait_for(lambda: _closed(client, "known"), timeout=10, what="the known run closed")
+        await client.connection.publish(
+            "natflow.runs.newer",
+            b'{"v":2,"hseq":9,"info":{"run_id":"newer","workflow":"calc","queue":"default",'
+            b'"status":"archived","created_at":"2026-11-28T06:13:46Z",'
+            b'"updated_at":"2026-11-28T06:13:46Z"}}',
+        )
+        assert [r.run_id for r in await client.list()] == ["known"]
+        sweeper = RetentionService(client.connection, 0.001)
+        assert await sweeper.sweep() == 1  # the known run; the newer one skipped
+        assert await find_run(client.connection, "newer") is None
+        assert await entries_for(client.connection, ["newer"]) == []
+        listed = await natflow(nats_server.url, "runs", "list")
+        assert listed.returncode == 0 and b"Traceback" not in listed.stderr, listed.stderr
+        assert isinstance(engine, Engine)
+
+
+async def _closed(client: Client, run_id: str) -> bool:
+    return (await client.describe(run_id)).is_closed

@@ -89,6 +89,17 @@ _entry_encoder = msgspec.json.Encoder()
 _entry_decoder = msgspec.json.Decoder(IndexEntry)
 
 
+def read_entry(data: bytes, where: str) -> IndexEntry | None:
+    """A run summary from the index, or None (counted and logged once) where it does not
+    decode: written by a newer natflow (a status this one does not know) or by something
+    else. Every reader of the index skips such a summary rather than fail on it."""
+    try:
+        return _entry_decoder.decode(data)
+    except UNDECODABLE as exc:
+        quarantined("index_entry", where, f"run index summary does not decode ({exc}); skipped")
+        return None
+
+
 class RunIndex:
     """Reads and (in the engine) writes the run index."""
 
@@ -305,7 +316,10 @@ class RunIndex:
         headers = msg.headers or {}
         if "Status" in headers:
             return None
-        found = (_entry_decoder.decode(msg.data), int(headers["Nats-Sequence"]))
+        entry = read_entry(msg.data, f"run {run_id}")
+        if entry is None:  # rewritten from history at the next fold
+            return None
+        found = (entry, int(headers["Nats-Sequence"]))
         self._remember(run_id, *found)
         return found
 
@@ -380,5 +394,7 @@ class RunIndex:
         for msg in page.messages:  # a summary rewritten since left a gap: the batch runs on
             seq = int((msg.headers or {}).get("Nats-Sequence", "0"))
             if end is None or seq <= end:
-                entries.append((seq, _entry_decoder.decode(msg.data)))
+                entry = read_entry(msg.data, f"#{seq}")
+                if entry is not None:
+                    entries.append((seq, entry))
         return entries

@@ -38,7 +38,7 @@ import msgspec
 from ._connection import ApiError, Connection
 from ._errors import NatflowError, RunNotFound
 from ._history import HistoryStore
-from ._index import IndexEntry
+from ._index import IndexEntry, read_entry
 from ._kv import kv_stream
 from ._leases import LEASES_BUCKET
 from ._lifecycle import LIFECYCLE_PREFIX, LIFECYCLE_STREAM, workflow_token
@@ -82,7 +82,6 @@ class _PurgeReply(msgspec.Struct):
 
 
 _purge_decoder = msgspec.json.Decoder(_PurgeReply)
-_entry_decoder = msgspec.json.Decoder(IndexEntry)
 
 
 async def purge(conn: Connection, stream: str, subject: str, *, below: int | None = None) -> int:
@@ -250,7 +249,9 @@ class RetentionService:
                 if sequence(msg) > end or (stored_by is not None and stored_at(msg) > stored_by):
                     return
                 self.read += 1
-                entry = _entry_decoder.decode(msg.data)
+                entry = read_entry(msg.data, f"#{sequence(msg)}")
+                if entry is None:
+                    continue
                 self.learn(entry.retention)
                 keep = entry.retention if entry.retention is not None else self.retention
                 closed = entry.info.closed_at

@@ -11,6 +11,7 @@ import msgspec
 from ._connection import Connection, NoResponders
 from ._errors import NatflowError
 from ._names import check_run_id
+from ._quarantine import quarantined
 from ._reader import reader
 from ._state import RunInfo
 from ._undecodable import UNDECODABLE
@@ -91,7 +92,12 @@ async def site_run(conn: Connection, run_id: str) -> RunInfo | None:
         msg = await conn.request(f"{conn.api}.DIRECT.GET.{SITE_RUNS_STREAM}.{subject}", b"")
         if "Status" in (msg.headers or {}):
             continue
-        return _from_site(msgspec.json.decode(msg.data, type=_Entry).info, view, view.site)
+        try:
+            info = msgspec.json.decode(msg.data, type=_Entry).info
+        except UNDECODABLE as exc:
+            quarantined("index_entry", f"site {view.site} {subject}", f"does not decode ({exc})")
+            return None
+        return _from_site(info, view, view.site)
     return None
 
 
@@ -108,6 +114,10 @@ async def site_runs(conn: Connection) -> list[RunInfo]:
     for msg in page.messages:
         name = (msg.headers or {}).get("Nats-Subject", msg.subject).split(".")[2:3]
         site = name[0] if name else ""
-        info = msgspec.json.decode(msg.data, type=_Entry).info
+        try:
+            info = msgspec.json.decode(msg.data, type=_Entry).info
+        except UNDECODABLE as exc:
+            quarantined("index_entry", f"site {site} {msg.subject}", f"does not decode ({exc})")
+            continue
         found.append(_from_site(info, views.get(site), site))
     return found

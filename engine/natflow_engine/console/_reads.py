@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 
-import msgspec
-
 from .._connection import Connection
 from .._errors import NatflowError, RunNotFound
 from .._history import HistoryStore, current_stretch
-from .._index import IndexEntry
+from .._index import IndexEntry, read_entry
 from .._kv import kv_entries
 from .._leases import LEASES_BUCKET, Lease, decode_lease
 from .._limits import explain as explain_wait
@@ -39,8 +37,6 @@ log = logging.getLogger("natflow.console")
 PAGE_SIZE: Final = 50
 _WINDOW: Final = 500  # index entries read per request while filtering
 SCAN_BUDGET: Final = 20_000  # entries one filtered page may read before it hands back a cursor
-
-_entry_decoder = msgspec.json.Decoder(IndexEntry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +93,9 @@ async def entries_for(conn: Connection, run_ids: list[str]) -> list[RunInfo]:
     page = await reader(conn).read_last(RUNS_STREAM, [runs_subject(r) for r in run_ids])
     found: dict[str, RunInfo] = {}
     for msg in page.messages:
-        info = _entry_decoder.decode(msg.data).info
-        found[info.run_id] = info
+        entry = read_entry(msg.data, msg.subject)
+        if entry is not None:
+            found[entry.info.run_id] = entry.info
     return [found[r] for r in run_ids if r in found]
 
 
@@ -110,10 +107,9 @@ async def _window(conn: Connection, start: int, end: int) -> list[tuple[int, Ind
         seq = int((msg.headers or {}).get("Nats-Sequence", "0"))
         if seq > end:
             break
-        try:
-            found.append((seq, _entry_decoder.decode(msg.data)))
-        except UNDECODABLE:
-            log.warning("run index entry #%d is unreadable; skipped", seq)
+        entry = read_entry(msg.data, f"#{seq}")
+        if entry is not None:
+            found.append((seq, entry))
     found.reverse()
     return found
 
@@ -163,7 +159,8 @@ async def find_run(conn: Connection, run_id: str) -> RunInfo | None:
     msg = await conn.request(f"{conn.api}.DIRECT.GET.{RUNS_STREAM}.{runs_subject(run_id)}", b"")
     if "Status" in (msg.headers or {}):
         return None
-    return _entry_decoder.decode(msg.data).info
+    entry = read_entry(msg.data, f"run {run_id}")
+    return entry.info if entry is not None else None
 
 
 @dataclass(slots=True)
