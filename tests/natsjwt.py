@@ -117,13 +117,14 @@ class Operator:
         owner.users[name] = path
         return path
 
-    def server_config(self, store: Path) -> Path:
+    def server_config(self, store: Path, *, max_control_line: int = 65536) -> Path:
         preload = "\n".join(f"  {a.key.public}: {a.jwt}" for a in self.accounts.values())
         path = self.folder / "server.conf"
         path.write_text(
             f"listen: 127.0.0.1:-1\n"
-            # The engine's JWT lists ~100 subjects: its CONNECT exceeds the default 4 KiB.
-            f"max_control_line: 16384\n"
+            # The engine's JWT lists ~290 subjects: its CONNECT exceeds the default 4 KiB,
+            # and 16 KiB with a JetStream domain (docs/security.md).
+            f"max_control_line: {max_control_line}\n"
             f'jetstream {{ store_dir: "{store}" }}\n'
             f"operator: {self.jwt}\n"
             f"system_account: {self.accounts['SYS'].key.public}\n"

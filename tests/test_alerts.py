@@ -193,6 +193,10 @@ async def test_each_alert_fires_under_its_condition_and_stays_quiet_otherwise(
         await js.add_stream(name="SCRATCH", subjects=["scratch.>"], max_msgs=20)
         for _ in range(20):
             await js.publish("scratch.fill", b"x" * (STORE_LIMIT // 21))
+        # One at its max_msgs far below its max_bytes: the alert looks at either limit.
+        await js.add_stream(name="FEW", subjects=["few.>"], max_msgs=5, max_bytes=64 * 1024)
+        for _ in range(5):
+            await js.publish("few.fill", b"y")
         assert await nap.result(timeout=20) == "rested"
 
         expected = {
@@ -201,6 +205,7 @@ async def test_each_alert_fires_under_its_condition_and_stays_quiet_otherwise(
             ("NatflowNoLiveWorkers", "orphan"),
             ("NatflowRunsPendingTooLong", "orphan"),
             ("NatflowJetStreamStreamNearLimit", "SCRATCH"),
+            ("NatflowJetStreamStreamNearLimit", "FEW"),
             ("NatflowJetStreamStorageNearLimit", ""),
         }
 
@@ -208,7 +213,7 @@ async def test_each_alert_fires_under_its_condition_and_stays_quiet_otherwise(
             active = await active_alerts(prom)
             return active if expected <= active else set()
 
-        active = await wait_for(all_fired, timeout=30, what="the six alerts active")
+        active = await wait_for(all_fired, timeout=30, what="the seven alerts active")
         await anyio.sleep(2)  # and nothing else, a couple of evaluations later
         assert await active_alerts(prom) == expected
 

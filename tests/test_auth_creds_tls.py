@@ -114,6 +114,24 @@ async def test_creds_files_run_a_workflow_and_the_registry_shows_the_worker_user
             await worker_client.close()
 
 
+async def test_a_connect_line_over_the_servers_limit_is_named_not_no_server(
+    tmp_path: Path,
+) -> None:
+    """The engine's JWT on a server left at the default max_control_line (4 KiB): the
+    server closes the connection, which read as "no NATS server answered"."""
+    op = Operator(tmp_path / "op")
+    op.account("APP")
+    creds = op.user("APP", "engine", claims("engine", domain="hub"))
+    config = op.server_config(tmp_path / "js", max_control_line=4096)
+    server = EmbeddedServer(config, store_dir=tmp_path / "log")
+    server.start()
+    try:
+        with anyio.fail_after(10), pytest.raises(ConnectionRefused, match="max_control_line"):
+            await Client.connect(server.url, user_credentials=str(creds))
+    finally:
+        server.stop()
+
+
 async def test_a_missing_or_malformed_creds_file_is_named_not_no_server(
     operator: tuple[Operator, EmbeddedServer], tmp_path: Path
 ) -> None:

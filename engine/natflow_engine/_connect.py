@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from ._connect_refusals import (
     check_creds_file,
     check_nkey_file,
+    control_line_refusal,
     redact_text,
     redact_url,
     refused_credentials,
@@ -96,8 +97,9 @@ async def connect(
             hook()
 
     creds = options.get("user_credentials")
+    creds_size = 0
     if isinstance(creds, str | os.PathLike):
-        check_creds_file(os.fspath(creds))
+        creds_size = check_creds_file(os.fspath(creds))
     seed = options.get("nkeys_seed")
     if isinstance(seed, str | os.PathLike):
         check_nkey_file(os.fspath(seed))
@@ -137,6 +139,9 @@ async def connect(
         tls = tls_refusal(shown, [*connecting_errors, exc], uses_tls=uses_tls)
         if tls is not None:
             raise tls from None
+        too_long = control_line_refusal(shown, connecting_errors, creds_size)
+        if too_long is not None:
+            raise too_long from None
         if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.NoServersError):
             raise ServerUnavailable(
                 f"could not connect to NATS at {shown}: {redact_text(str(exc))}"

@@ -12,7 +12,9 @@ import asyncio
 import re
 import ssl
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 import nkeys
 
@@ -53,10 +55,11 @@ def refused_credentials(error: BaseException) -> bool:
     return "authorization violation" in text or "authentication" in text
 
 
-def check_creds_file(path: str) -> None:
+def check_creds_file(path: str) -> int:
     """A creds file must exist and hold a user JWT and an NKEY seed; nats-py would report a
     missing one as "no servers" and a malformed one as a bare TypeError. Its content (a
-    secret) is never shown."""
+    secret) is never shown. Returns the file's size: the JWT in it travels in the CONNECT
+    line, which a server limits (``control_line_refusal``)."""
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
@@ -70,6 +73,7 @@ def check_creds_file(path: str) -> None:
                 f"{path!r} is not a NATS user creds file: it has no '-----{marker}-----' "
                 f"block (make one with `nsc generate creds`, or from your operator's tooling)"
             )
+    return len(text)
 
 
 def check_nkey_file(path: str) -> None:
@@ -88,6 +92,35 @@ def check_nkey_file(path: str) -> None:
         raise InvalidInput(
             f"{path!r} holds no nkey seed (one line starting 'SU', as `nk -gen user` writes)"
         ) from None
+
+
+# nats-server's default max_control_line: a CONNECT line longer than this is refused.
+_DEFAULT_CONTROL_LINE: Final = 4096
+
+
+def control_line_refusal(
+    shown: str, errors: Sequence[BaseException], creds_size: int = 0
+) -> ConnectionRefused | None:
+    """The server closed the connection because the CONNECT line was too long (a JWT that
+    carries a role's permissions), or None. nats-py reports it as "no servers": the server's
+    ``-ERR 'maximum control line exceeded'`` reaches it only when it reads before the reset
+    of the socket it is still writing to; a reset while sending a JWT larger than the
+    default limit says the same, less surely."""
+    said = any("maximum control line exceeded" in str(error).lower() for error in errors)
+    reset = any(isinstance(error, ConnectionResetError) for error in errors)
+    if not (said or (reset and creds_size > _DEFAULT_CONTROL_LINE)):
+        return None
+    why = (
+        "its CONNECT line is longer than the server's max_control_line"
+        if said
+        else f"it reset the connection as natflow sent a {creds_size}-byte creds file, most "
+        f"likely because the CONNECT line is longer than the server's max_control_line"
+    )
+    return ConnectionRefused(
+        f"the NATS server at {shown} refused the connection: {why} (a JWT's permissions "
+        f"travel in it; the engine's take about 17 KiB); set `max_control_line: 65536` in "
+        f"the server's configuration (docs/security.md)"
+    )
 
 
 def tls_refusal(

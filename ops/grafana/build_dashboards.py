@@ -259,12 +259,14 @@ def overview() -> dict[str, Any]:
     lay.add(
         stat(
             "Failed runs (15 min)",
-            f'sum(increase(natflow_runs_closed_total{{{WF},status="failed"}}[15m])) '
-            f"/ clamp_min(sum(increase(natflow_runs_closed_total{{{WF}}}[15m])), 1)",
+            "max(sum by (workflow) "
+            f'(increase(natflow_runs_closed_total{{{WF},status="failed"}}[15m])) '
+            "/ clamp_min(sum by (workflow) "
+            f"(increase(natflow_runs_closed_total{{{WF}}}[15m])), 1)) or vector(0)",
             "percentunit",
             [(None, GREEN), (0.01, ORANGE), (0.1, RED)],
-            "Share of the runs that ended in the last 15 minutes that failed (red from 10%, "
-            "where NatflowRunFailureRatio fires).",
+            "The largest share of failed runs among the workflows' runs that ended in the last "
+            "15 minutes (red from 10%, where NatflowRunFailureRatio fires for that workflow).",
             decimals=1,
         ),
         4,
@@ -284,11 +286,15 @@ def overview() -> dict[str, Any]:
     )
     lay.add(
         stat(
-            "Live workers",
-            f"sum(max by (queue) (natflow_workers_live{{{Q}}}))",
+            "Queues with work, no worker",
+            f"count((max by (queue) (natflow_queue_runs_pending{{{Q}}}) > 0 or max by (queue) "
+            f"(natflow_queue_tasks_pending{{{Q}}}) > 0) unless on (queue) max by (queue) "
+            f"(natflow_workers_live{{{Q}}}) > 0) or vector(0)",
             "short",
-            [(None, RED), (1, GREEN)],
-            "Live workers per queue, added up (a worker of two queues counts twice); red at 0.",
+            [(None, GREEN), (1, RED)],
+            "Selected queues where runs or tasks wait and no live worker serves them (red from "
+            "1, where NatflowNoLiveWorkers fires). A total of live workers would stay green "
+            "while one queue has none.",
         ),
         4,
         4,

@@ -122,9 +122,14 @@ def rules(t: Tuning) -> list[Rule]:
         ),
         Rule(
             "NatflowJetStreamStreamNearLimit",
+            # Each ratio under its own `limit` label: `or` keeps a right-hand series only
+            # where no left-hand one has the same labels, so with both limits set the
+            # messages' ratio was dropped.
             "max by (account, stream) (\n"
-            "  natflow_jetstream_stream_bytes / natflow_jetstream_stream_max_bytes\n  or\n"
-            "  natflow_jetstream_stream_messages / natflow_jetstream_stream_max_messages\n)\n"
+            '  label_replace(natflow_jetstream_stream_bytes / natflow_jetstream_stream_max_bytes'
+            ', "limit", "bytes", "", "")\n  or\n'
+            "  label_replace(natflow_jetstream_stream_messages / "
+            'natflow_jetstream_stream_max_messages, "limit", "messages", "", "")\n)\n'
             f"> {t.near_limit_ratio:g}",
             t.near_limit_for,
             "warning",
