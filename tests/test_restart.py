@@ -96,6 +96,32 @@ async def test_a_run_failed_by_a_bug_restarts_at_its_failed_step_once_fixed(
     assert code == 0 and "restarts  buggy\n" in shown and "restarted as buggy-r1-r1" in shown
 
 
+async def test_a_restart_after_a_child_ended_keeps_its_outcome_and_does_not_run_it_again(
+    client: Client,
+    engine: Engine,
+    nats_server: EmbeddedServer,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    counts = tmp_path / "counts.txt"
+    env = {COUNTS_ENV: str(counts)}
+    buggy = spawn_worker(
+        nats_server.url, TARGET, env={**env, "NATFLOW_TEST_BUG": "1"}, log=tmp_path / "w1.log"
+    )
+    processes.append(buggy)
+    handle = await client.start("order_with_child", 5, run_id="order")
+    with pytest.raises(RunFailed, match="the bug in shipping"):
+        await handle.result(timeout=30)
+    stop(buggy, signal.SIGTERM)
+    fixed = spawn_worker(nats_server.url, TARGET, env=env, log=tmp_path / "w2.log")
+    processes.append(fixed)
+    again = await client.restart("order")  # from its failed step, after the child
+    assert await again.result(timeout=30) == 5
+    charges = [line for line in counts.read_text().splitlines() if line.endswith(":charge")]
+    assert len(charges) == 1, charges  # the child was not started again
+    assert executions(counts, "order-r1") == Counter(ship=1)
+
+
 async def test_an_open_run_is_not_restarted(client: Client, engine: Engine) -> None:
     await client.start("nobody-serves-this", run_id="still-open")
     with pytest.raises(NatflowError, match="cancel it first"):

@@ -27,3 +27,20 @@ async def four_steps(ctx: WorkflowContext, x: int) -> list[int]:
     three = await ctx.step("three", third, ctx.run_id, two + 1)
     four = await ctx.step("four", count, ctx.run_id, "four", three + 1)
     return [one, two, three, four]
+
+
+@workflow(name="charge")
+async def charge(ctx: WorkflowContext, amount: int) -> int:
+    return int(await ctx.step("charge", count, ctx.run_id, "charge", amount))
+
+
+def ship(run_id: str, charged: int) -> int:
+    if os.environ.get("NATFLOW_TEST_BUG") == "1":
+        raise ZeroDivisionError("the bug in shipping")
+    return count(run_id, "ship", charged)
+
+
+@workflow(name="order_with_child")
+async def order_with_child(ctx: WorkflowContext, amount: int) -> int:
+    charged = await ctx.child(charge, amount)
+    return int(await ctx.step("ship", ship, ctx.run_id, charged))

@@ -3,8 +3,9 @@
 A restart makes a new run, ``<run_id>-r<n>``, whose history is seeded with the original's
 recorded outcomes before that step: its ``run_started`` (same workflow, queue and input,
 ``restarted_from`` naming the original), then every recorded command of an earlier position
-(steps, sleeps, signal waits, fired timers), the signals it had received and the patches it
-had marked, in their original order, then ``restart_seeded``. A worker replays that history
+(steps, sleeps, signal waits, fired timers, children that ended, with their outcomes), the
+signals it had received and the patches it had marked, in their original order, then
+``restart_seeded``. A worker replays that history
 like any other: the copied steps return their recorded results without running; the named
 step and every later one have no record, so they run. The original history stays as it was,
 plus one ``run_restarted`` event naming the new run; the new run's ``run_started`` names the
@@ -31,6 +32,9 @@ from ._state import fold_run
 from ._streams import ensure_streams
 from ._tasks import Task, enqueue
 from .events import (
+    ChildCompleted,
+    ChildFailed,
+    ChildStarted,
     Event,
     PatchMarked,
     RestartSeeded,
@@ -51,6 +55,7 @@ from .events import (
 log = logging.getLogger("natflow.restart")
 
 _COMMANDS = (StepStarted, StepCompleted, StepFailed, TimerScheduled, SignalWaited, TimerFired)
+_CHILD_EVENTS = (ChildStarted, ChildCompleted, ChildFailed)
 _MAX_TRIES = 100
 
 
@@ -97,11 +102,19 @@ def cut_point(run_id: str, events: list[Event], from_step: tuple[str, int] | Non
 
 
 def seed_events(events: list[Event], from_seq: int) -> list[Event]:
-    """What a run restarted from command ``from_seq`` keeps of ``events`` (without its start)."""
+    """What a run restarted from command ``from_seq`` keeps of ``events`` (without its start).
+
+    A child that ended before the cut is kept with its outcome, so the restarted run gets
+    its result without starting it again (a charge made by a child is not made twice). A
+    child with no recorded outcome (still open when the run closed) starts anew."""
+    ended = {e.seq for e in events if isinstance(e, ChildCompleted | ChildFailed)}
     kept: list[Event] = []
     for event in events[1:]:
         if isinstance(event, _COMMANDS):
             if event.seq < from_seq:
+                kept.append(event)
+        elif isinstance(event, _CHILD_EVENTS):
+            if event.seq < from_seq and event.seq in ended:
                 kept.append(event)
         elif isinstance(event, SignalReceived | PatchMarked):
             kept.append(event)
