@@ -224,3 +224,43 @@ async def test_a_run_no_worker_has_taken_is_closed_by_a_cancel_or_terminate(
         await client.terminate(later.run_id, "not needed")
         assert await wait_for(lambda: closed("an-hour-off"), what="the terminate") == "terminated"
     assert cleanups.count("an-hour-off") == 0  # no workflow code ran
+
+
+seen_cancelled: list[str] = []
+
+
+@workflow(name="minds_cancels")
+async def minds_cancels(ctx: WorkflowContext, seconds: float) -> str:
+    try:
+        await ctx.sleep("nap", seconds)
+    except asyncio.CancelledError:
+        seen_cancelled.append(ctx.run_id)
+        ctx.logger.warning("cancelled while napping")
+        raise
+    return "rested"
+
+
+async def test_a_run_let_go_of_while_it_sleeps_sees_no_cancellation(
+    client: Client, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker lets go of a sleeping run (and of every run when it stops): the workflow's
+    code is closed with natflow's own eviction, not a cancellation, so cancel handlers run
+    only for a cancel (they ran, and logged live, at every sleep)."""
+    async with running_worker(client, [minds_cancels]):
+        handle = await client.start(minds_cancels, 1.5, run_id="napper")
+        assert await handle.result(timeout=20) == "rested"
+        assert seen_cancelled == []
+        assert "cancelled while napping" not in caplog.text
+        # A real cancel still reaches the handler.
+        other = await client.start(minds_cancels, 60, run_id="napper-2")
+        await wait_for(
+            lambda: _status_is(client, "napper-2", "sleeping"), timeout=10, what="asleep"
+        )
+        await client.cancel("napper-2")
+        with pytest.raises(RunCancelled):
+            await other.result(timeout=20)
+        assert seen_cancelled == ["napper-2"]
+
+
+async def _status_is(client: Client, run_id: str, status: str) -> bool:
+    return (await client.describe(run_id)).status == status

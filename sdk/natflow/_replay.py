@@ -217,6 +217,8 @@ class WorkflowState:
         hand back, a command (step, sleep, signal wait) not yet asked for again, or a patch
         marker not yet asked for. Code before it ran already; its log lines are not repeated.
         """
+        if self._evicted:  # teardown (see close): what runs now is not the run going on
+            return True
         if self._live:
             return False
         if self._replay or self._next_seq <= self._last_recorded_seq:
@@ -687,14 +689,28 @@ class WorkflowState:
             del self._timers[seq]
 
     def close(self) -> None:
-        """Close the workflow's coroutines; any ctx call they make now raises Evicted."""
+        """Close the workflow's coroutines; any ctx call they make now raises Evicted.
+
+        Each wait of the workflow (a step, sleep, signal or child) ends with Evicted, not a
+        cancellation: the run was let go of by this worker (it sleeps, another worker took
+        it, the worker stops), not cancelled, so an ``except asyncio.CancelledError`` meant
+        for a cancel must not run (it did, and its log lines read as live). ``finally``
+        blocks still run, as Python runs them for any exception; their ctx calls raise
+        Evicted. Only what waits on something else (an asyncio primitive) is cancelled."""
         self._evicted = True
-        for task in list(self._loop.tasks):
-            task.cancel()
+        for command in self._commands.values():
+            if not command.future.done():
+                command.future.set_exception(Evicted())
         try:
+            self._loop.run_until_idle()
+            for task in list(self._loop.tasks):
+                task.cancel()
             self._loop.run_until_idle()
         except BaseException:  # user finally-blocks during teardown: nothing left to protect
             log.debug("run %s: error while closing workflow code", self.run_id, exc_info=True)
+        for task in list(self._loop.tasks) + ([self.root] if self.root is not None else []):
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: asyncio would log "never retrieved" for each
         self._loop.close()
         # The context holds this state, and so do the frames the root task's cancellation
         # keeps: letting go of both frees an ended run at once rather than by the cycle
