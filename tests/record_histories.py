@@ -14,13 +14,14 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import msgspec
 from natflow import Client, Workflow
 from natflow_engine import HistoryStore, load_value, value_ref
 from natflow_engine._reader import reader
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import HISTORY_STREAM, history_subject
-from natflow_engine.events import SignalWaited, encode_event
+from natflow_engine.events import SignalWaited, StepCompleted, encode_event
 
 from examples.greeting import greet
 from tests.helpers import running_engine, running_worker, wait_for
@@ -32,6 +33,7 @@ from tests.workflows_recorded import (
     recorded_kid,
     recorded_patch,
     recorded_patch_v1,
+    recorded_released,
     recorded_retry,
     recorded_values,
 )
@@ -127,6 +129,24 @@ async def continued(client: Client, run_id: str) -> None:
         await handle.result(timeout=20)
 
 
+async def released(client: Client, run_id: str) -> None:
+    """Its first worker stops while the slow step runs (past a grace of 0: the release is
+    recorded); a second worker runs the step again and completes the run."""
+    async with running_worker(client, [recorded_released]):
+        handle = await client.start(recorded_released, 3, run_id=run_id)
+
+        async def slow_running() -> bool:
+            return any(
+                isinstance(e, StepCompleted) and e.name == "double"
+                for e in await client.history(run_id)
+            )
+
+        await wait_for(slow_running, what=f"{run_id} in its slow step")
+        await anyio.sleep(0.2)  # the slow step's body has begun
+    async with running_worker(client, [recorded_released]):
+        await handle.result(timeout=20)
+
+
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedServer(store_dir=Path(tmp) / "nats")
@@ -169,6 +189,10 @@ async def main() -> None:
                             lambda: run_to_end(
                                 client, greet, "recorded-packed-end", {"name": "Bo"}
                             ),
+                        ),
+                        (
+                            "recorded-released-1",
+                            lambda: released(client, "recorded-released-1"),
                         ),
                         (
                             "recorded-values-1",

@@ -13,7 +13,7 @@ from natflow import Client
 from natflow import RunFailed as RunFailedError
 from natflow_engine._registry import list_workers
 from natflow_engine._server import EmbeddedServer
-from natflow_engine.events import RunBlocked, RunFailed, StepFailed
+from natflow_engine.events import RunBlocked, RunFailed, RunReleased, StepFailed
 
 from tests.helpers import running_worker, spawn_worker, start_pulls, stop, wait_for
 from tests.workflows_poison import COUNTS_ENV, awaits_a_thread, not_text
@@ -216,3 +216,33 @@ async def test_a_run_whose_workers_die_twice_of_something_else_still_completes(
     finally:
         for proc in procs:
             stop(proc, signal.SIGKILL)
+
+
+@pytest.mark.slow
+async def test_graceful_stops_during_a_long_step_never_hold_its_run_as_poisoned(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    """Rolling deploys: each worker is stopped (SIGTERM) past its grace while a long step
+    runs. Each release is recorded, so the three stops are not three deaths (the run was
+    held as PoisonedRun at the fourth worker)."""
+    env = {COUNTS_ENV: str(tmp_path / "counts.txt")}
+    handle = await client.start("long_runner", 120, run_id="deployed")
+    for n in range(1, 5):
+        worker = spawn_worker(
+            nats_server.url, TARGET, "--grace", "0.2", env=env, log=tmp_path / f"w{n}.log"
+        )
+
+        async def started(n: int = n) -> bool:
+            return counts(tmp_path / "counts.txt")["deployed:long_step"] >= n
+
+        try:
+            await wait_for(started, timeout=30, what=f"the long step started by worker {n}")
+            info = await client.describe("deployed")
+            assert info.status == "running", info
+        finally:
+            stop(worker, signal.SIGTERM)
+            worker.wait(timeout=20)
+    released = [e for e in await client.history("deployed") if isinstance(e, RunReleased)]
+    assert len(released) == 4, released
+    assert (await client.describe("deployed")).status == "pending"
+    await client.terminate(handle.run_id, "done testing")

@@ -57,6 +57,10 @@ async def test_a_malformed_history_event_blocks_its_run_once_and_it_can_be_cance
 
         info = await wait_for(blocked, timeout=30, what="bad-1 blocked")
         assert info.error is not None and info.error.type == "CorruptHistory"
+        from tests.test_cli import natflow, out
+
+        shown = out(await natflow(nats_server.url, "runs", "show", "bad-1"))
+        assert "status    blocked: history event" in shown, shown  # not "blocked: blocked:"
         # More wake-ups change nothing: one block, no loop, the worker stays up.
         for n in range(3):
             await client.signal("bad-1", "go", n)

@@ -37,6 +37,7 @@ from tests.workflows_recorded import (
     recorded_mix,
     recorded_patch,
     recorded_pause,
+    recorded_released,
     recorded_retry,
     recorded_values,
 )
@@ -59,6 +60,7 @@ WORKFLOWS: dict[str, Workflow] = {
         recorded_continue,
         recorded_values,
         recorded_pause,
+        recorded_released,
         tick,
         fulfil,
     )

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+import anyio
 from natflow import Client, Worker, WorkflowContext, workflow
 
 COUNTS_ENV = "NATFLOW_TEST_COUNTS"
@@ -168,3 +169,17 @@ async def slow_step(ctx: WorkflowContext, _: int) -> int:
 
 
 WORKFLOWS.append(slow_step)
+
+
+async def long_step(run_id: str, seconds: float) -> str:
+    _count(run_id, "long_step")
+    await anyio.sleep(seconds)
+    return "done"
+
+
+@workflow(name="long_runner")
+async def long_runner(ctx: WorkflowContext, seconds: float) -> str:
+    return await ctx.step("long_step", long_step, ctx.run_id, seconds)
+
+
+WORKFLOWS.append(long_runner)

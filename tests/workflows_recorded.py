@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 from natflow import (
     Debounce,
     RateLimit,
@@ -150,3 +151,20 @@ async def recorded_continue(ctx: WorkflowContext, state: dict[str, int]) -> dict
         ctx.continue_as_new({"n": n + 1, "total": total})
     extra = await ctx.wait_for_signal("extra", timeout=30)
     return {"total": total, "extra": extra, "n": n}
+
+
+LONG_FIRST_TIME: list[bool] = [True]  # the first attempt outlasts its worker's grace
+
+
+async def slow_once(x: int) -> int:
+    if LONG_FIRST_TIME[0]:
+        LONG_FIRST_TIME[0] = False
+        await anyio.sleep(60)
+    return x + 1
+
+
+@workflow(name="recorded_released")
+async def recorded_released(ctx: WorkflowContext, x: int) -> int:
+    """Its first worker stops while ``slow`` runs: history records ``run_released``."""
+    a = await ctx.step("double", double, x)
+    return await ctx.step("slow", slow_once, a)

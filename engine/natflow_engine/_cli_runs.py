@@ -360,6 +360,8 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     print(f"run       {info.run_id}")
     print(f"workflow  {info.workflow} (queue {info.queue})")
     current = info.current if info.current != info.status else None  # "paused: paused"
+    if current and current.startswith(f"{info.status}: "):  # "blocked: blocked: ..."
+        current = current.removeprefix(f"{info.status}: ")
     print(f"status    {info.status}" + (f": {current}" if current else ""))
     if info.parent:
         print(f"parent    {info.parent}")

@@ -23,6 +23,7 @@ from .events import (
     RunContinued,
     RunFailed,
     RunPaused,
+    RunReleased,
     RunRestarted,
     RunResumed,
     RunStarted,
@@ -282,6 +283,11 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     if isinstance(event, RunClaimed):
         info.worker = event.worker
         info.status, info.current, info.error, info.due_at = "running", None, None, None
+    elif isinstance(event, RunReleased):  # its steps stopped with the worker; none runs now
+        running.clear()
+        why = f" ({event.reason})" if event.reason else ""
+        info.status = "pending"
+        info.current = f"handed back by worker {event.worker}{why}; waits for a worker"
     elif isinstance(event, StepStarted):
         running[event.seq] = step_text(event)
         info.status = "running"

@@ -101,6 +101,7 @@ RUN_LEVEL_EVENTS: Final = frozenset(
         "run_started",
         "run_continued",
         "run_claimed",
+        "run_released",
         "run_blocked",
         "run_completed",
         "run_failed",

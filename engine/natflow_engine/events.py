@@ -122,6 +122,15 @@ class RunClaimed(_Event, tag="run_claimed", kw_only=True, frozen=True):
     delivery: int = 1
 
 
+class RunReleased(_Event, tag="run_released", kw_only=True, frozen=True):
+    """``worker`` let the run go before its steps ended, on purpose (it was stopping, past
+    its grace): the next holder runs them again. Not a death: a holder that released the
+    run never counts towards holding it as poisoned."""
+
+    worker: str
+    reason: str = ""
+
+
 class StepStarted(_Event, tag="step_started", kw_only=True, frozen=True):
     """A step has been running for a while (written only for slow steps, for visibility)."""
 
@@ -341,6 +350,7 @@ Event = (
     RunStarted
     | RunContinued
     | RunClaimed
+    | RunReleased
     | StepStarted
     | StepCompleted
     | StepFailed

@@ -34,10 +34,17 @@ from natflow_engine import (
     ErrorInfo,
     History,
     HistoryStore,
+    NatflowError,
     one_error,
     receive_soon,
 )
-from natflow_engine.events import RunTerminated, events_before, utcnow
+from natflow_engine.events import (
+    TERMINAL_EVENTS,
+    RunReleased,
+    RunTerminated,
+    events_before,
+    utcnow,
+)
 
 from ._claim import RunClaimer
 from ._commands import Finished, Item, SignalsArrived, StillRunning, TimerDue
@@ -93,6 +100,7 @@ class RunExecution:
         if isinstance(preclaimed, Preclaim):
             count, last_seq, last_event = count + 1, preclaimed.seq, preclaimed.event
         self._draining = False
+        self._holds = False  # this execution's claim of the run is in history
         self._signals_first = False  # signals waited when the run was taken
         self._signals_early = False  # told of signals before it was live
         self._send: MemoryObjectSendStream[Item] | None = None
@@ -112,6 +120,21 @@ class RunExecution:
         self._steps = LiveSteps(self._rec, run_runtime(runtime, workflow), self._trace)
         self._signals = SignalIntake(self._rec)
         self._timers = RunTimers(self._rec, self._signals, self._notify)
+
+    async def release(self, reason: str) -> None:
+        """Record that this worker lets the run go before its steps ended (see
+        ``RunReleased``), after the step outcome it may hold for its next append. Best
+        effort: where the run moved on meanwhile, or the connection is gone, nothing is
+        written, and the next holder counts this one as a death, as for a crash."""
+        rec = self._rec
+        if not self._holds or self._claim_missed or rec.claim_pending:
+            return
+        if isinstance(rec.last_event, TERMINAL_EVENTS):
+            return
+        try:
+            await rec.append(RunReleased(id="", at=utcnow(), worker=self._identity, reason=reason))
+        except (Fenced, NatflowError) as exc:
+            log.debug("run %s: release not recorded (%s)", self.run_id, exc, extra=rec.fields())
 
     def drain(self) -> None:
         """Start no new step; once running ones are recorded, hand the run back."""
@@ -178,6 +201,7 @@ class RunExecution:
                     claimed, work = await claimer.claim_and_look()
             if not claimed:
                 return Outcome.STALE if claimer.optimistic else Outcome.LOST
+            self._holds = True
             # A nudge that came before the run was live (while it was claimed) counts too.
             self._signals_first = work or self._signals_early
             send, receive = anyio.create_memory_object_stream[Item](math.inf)

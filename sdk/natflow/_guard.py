@@ -43,6 +43,7 @@ from natflow_engine.events import (
     Event,
     RunBlocked,
     RunClaimed,
+    RunReleased,
     RunTerminated,
     StepStarted,
     decode_event,
@@ -69,7 +70,8 @@ REDELIVERIES_DECLINED = Counter(
     "natflow_worker_redeliveries_declined",
     "Tasks (mostly redeliveries) a worker left with the live worker that holds the run.",
 )
-_NO_PROGRESS: Final = (RunClaimed, StepStarted)  # what a worker writes before it gets anywhere
+# What a worker writes before it gets anywhere (a release: it let go on purpose, see below).
+_NO_PROGRESS: Final = (RunClaimed, StepStarted, RunReleased)
 
 
 def held_block(last: Event | None) -> RunBlocked | None:
@@ -80,16 +82,26 @@ def held_block(last: Event | None) -> RunBlocked | None:
 
 
 def unfinished_holders(events: list[Event], me: str) -> tuple[list[str], str | None]:
-    """Workers (other than ``me``) that claimed the run since its last progress, oldest
-    first, and the step the last of them had been running, if history says."""
+    """Workers (other than ``me``) that claimed the run since its last progress and did not
+    let it go on purpose (a ``run_released``: a graceful stop past its grace, which a
+    rolling deploy repeats), oldest first, and the step the last of them had been running,
+    if history says."""
     holders: list[str] = []
+    released: set[str] = set()  # releases seen (later in history than the claims to come)
     step: str | None = None
     for event in reversed(events):
         if not isinstance(event, _NO_PROGRESS):
             break
+        if isinstance(event, RunReleased):
+            released.add(event.worker)
         if isinstance(event, StepStarted) and step is None:
             step = event.name
-        if isinstance(event, RunClaimed) and event.worker != me and event.worker not in holders:
+        if (
+            isinstance(event, RunClaimed)
+            and event.worker != me
+            and event.worker not in holders
+            and event.worker not in released
+        ):
             holders.append(event.worker)
     return holders[::-1], step
 

@@ -115,6 +115,11 @@ class RunRecorder:
         claimed.set()
         return True
 
+    @property
+    def claim_pending(self) -> bool:
+        """Whether a claim written beside the first steps is not yet known to be in history."""
+        return self._claimed is not None
+
     async def claim_sent(self) -> None:
         """Return once the claim written beside the first steps is on the wire (at once if
         there is none, or it is in history). A step's body waits for this: one that blocks

@@ -334,6 +334,12 @@ class Worker:
         remaining = list(self._held.values())
         self._runs_scope.cancel()
         for held in remaining:
+            if held.execution is not None:
+                with anyio.move_on_after(5):  # its execution unwinds: nothing else appends
+                    await held.finished.wait()
+                # A graceful stop that cuts a step short is not a death: recorded, so that a
+                # rolling deploy repeated during a long step never holds its run as poisoned.
+                await held.execution.release(f"the worker stopped after a grace of {grace:g} s")
             await self._endings.hand_back(held)
         await self._stopped.wait()
 
