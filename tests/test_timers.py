@@ -10,13 +10,14 @@ from __future__ import annotations
 import statistics
 import subprocess
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
-from natflow import Client, WorkflowContext, workflow
+import pytest
+from natflow import Client, RunFailed, WorkflowContext, workflow
 from natflow._execution import HOLD_TIMERS_UNDER
 from natflow_engine._engine import Engine
 from natflow_engine._human import when
@@ -356,6 +357,25 @@ async def test_sleep_until_wakes_at_its_time(client: Client, engine: Engine) -> 
     scheduled, fired = of(events, TimerScheduled), of(events, TimerFired)
     assert len(scheduled) == 1 and len(fired) == 1
     assert scheduled[0].due_at == when and fired[0].at >= when
+
+
+async def test_sleep_until_a_time_with_no_utc_value_fails_the_run_clearly(
+    client: Client, engine: Engine
+) -> None:
+    """datetime.max in New York time: stored as given, the run could then be neither read
+    nor cancelled (OverflowError in every conversion to UTC)."""
+    async with running_worker(client, [nap_until]):
+        handle = await client.start(nap_until, "9999-12-31T23:59:59-05:00", run_id="until-max")
+        with pytest.raises(RunFailed, match="has no UTC time"):
+            await handle.result(timeout=15)
+        # A time in another zone is stored in UTC.
+        new_york = timezone(timedelta(hours=-5))
+        due = (datetime.now(UTC) + timedelta(seconds=0.5)).astimezone(new_york)
+        ny = await client.start(nap_until, due.isoformat(), run_id="until-ny")
+        await ny.result(timeout=15)
+    scheduled = of(await client.history("until-ny"), TimerScheduled)
+    assert scheduled[0].due_at.utcoffset() == timedelta(0)
+    assert (await client.describe("until-max")).status == "failed"
 
 
 @workflow(name="delayed")

@@ -7,7 +7,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, Protocol, TypeVar, overload
 
 from natflow_engine import (
@@ -250,7 +250,17 @@ class WorkflowContext:
             raise InvalidInput(
                 f"sleep_until {name!r} needs an aware datetime (with a timezone), not {when!r}"
             )
-        await self._execution.issue_sleep(name, when)
+        try:
+            # Stored in UTC: a time near datetime.max west of UTC (or min east of it) has
+            # no UTC value, and every later reading of the run (describe, cancel, the
+            # engine's fold) failed on it, leaving a run nothing could stop.
+            due = when.astimezone(UTC)
+        except OverflowError:
+            raise InvalidInput(
+                f"sleep_until {name!r}: {when.isoformat()} has no UTC time (it lies past the "
+                f"last or before the first datetime); to wait for good, wait for a signal"
+            ) from None
+        await self._execution.issue_sleep(name, due)
 
     async def wait_for_signal(self, name: str, timeout: float | timedelta | None = None) -> Any:
         """The payload of the next signal called ``name``, including one sent earlier.
