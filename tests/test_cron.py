@@ -11,7 +11,15 @@ import msgspec
 import pytest
 from natflow import InvalidInput, workflow
 from natflow_engine._cron import FireTimes, jitter_for
-from natflow_engine._schedules import Schedule, ScheduleSpec, check_spec, fire_run_id, plan
+from natflow_engine._schedules import (
+    MAX_STARTS_PER_PASS,
+    STATE_ROOM,
+    Schedule,
+    ScheduleSpec,
+    check_spec,
+    fire_run_id,
+    plan,
+)
 
 T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 
@@ -212,3 +220,15 @@ def test_a_berlin_cron_fires_on_the_spring_change_at_the_right_instant_of_a_give
     assert not plan(nightly, utc(2026, 3, 29, 0, 59, 59), set()).changed
     fired = plan(nightly, utc(2026, 3, 29, 1, 0, 0), set()).schedule
     assert [f.run_id for f in fired.pending] == ["n-20260329T010000Z"]
+
+
+def test_a_long_catch_up_is_decided_a_bounded_number_of_starts_per_pass() -> None:
+    """Three hours of an every-second allow_all schedule missed: the entry that holds each
+    decided start must stay within the server's max payload (it outgrew it at once, and the
+    schedule never fired again). Each pass decides a bounded batch; the next goes on."""
+    now = at(3 * 3600)
+    first = plan(schedule("allow_all", window=86400), now, set()).schedule
+    assert len(first.pending) == MAX_STARTS_PER_PASS
+    assert len(msgspec.json.encode(first)) < STATE_ROOM
+    second = plan(msgspec.structs.replace(first, pending=[]), now, set()).schedule
+    assert second.pending[0].fire_time == first.pending[-1].fire_time + timedelta(seconds=1)

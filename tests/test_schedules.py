@@ -364,7 +364,15 @@ async def test_schedule_values_of_the_wrong_type_or_out_of_range_are_refused_unw
             await client.schedules.create("bad", tick, **arguments)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="two datetimes"):
         await client.schedules.backfill("bad", "2026-11-27", "2026-11-28")  # type: ignore[arg-type]
-    assert await client.schedules.list() == []
+    # An input that leaves no room in the entry for the schedule's fires (it was stored,
+    # and the schedule stopped once its recent fires filled the rest).
+    big = "x" * (client.connection.max_payload - 64 * 1024)
+    with pytest.raises(InvalidInput, match="keeps its input with its recent fires"):
+        await client.schedules.create("bad", tick, big, every=60)
+    await client.schedules.create("small", tick, "x", every=3600)
+    with pytest.raises(InvalidInput, match="keeps its input with its recent fires"):
+        await client.schedules.update("small", input=big)
+    assert [s.schedule_id for s in await client.schedules.list()] == ["small"]
 
 
 async def test_a_stored_schedule_natflow_cannot_read_or_compute_leaves_the_engine_running(

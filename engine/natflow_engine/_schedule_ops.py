@@ -24,6 +24,7 @@ from ._names import check_workflow_name
 from ._runs import Runs
 from ._schedules import (
     KEEP_RECENT,
+    STATE_ROOM,
     Schedule,
     ScheduleFire,
     ScheduleInfo,
@@ -55,6 +56,19 @@ class Schedules:
         self._conn = conn
         self._runs = Runs(conn)
 
+    def _check_input_size(self, schedule_id: str, input_json: bytes) -> None:
+        # The entry holds the input beside what the schedule keeps of its fires: an input
+        # that left no room for them was stored, and the schedule stopped at the first
+        # pass whose entry outgrew the server's max payload.
+        limit = self._conn.max_payload - STATE_ROOM
+        if len(input_json) > limit:
+            raise InvalidInput(
+                f"the input of schedule {schedule_id!r} is {len(input_json)} bytes; a "
+                f"schedule keeps its input with its recent fires in one entry, within the "
+                f"server's max payload of {self._conn.max_payload} bytes, so at most {limit} "
+                f"bytes of input: store large data elsewhere and pass a reference"
+            )
+
     async def create(
         self,
         schedule_id: str,
@@ -69,8 +83,8 @@ class Schedules:
         check_schedule_id(schedule_id)
         check_workflow_name(workflow)
         check_spec(spec)
-        self._conn.check_size(f"input of schedule {schedule_id!r}", len(input_json))
         input_json = self._sealed(input_json)
+        self._check_input_size(schedule_id, input_json)
         await ensure_streams(self._conn)
         now = utcnow()
         schedule = Schedule(
@@ -103,6 +117,7 @@ class Schedules:
             check_spec(spec)
         if input_json is not None:
             input_json = self._sealed(input_json)
+            self._check_input_size(schedule_id, input_json)
 
         def change(s: Schedule) -> Schedule:
             now = utcnow()

@@ -46,6 +46,14 @@ MAX_SCHEDULE_ID: Final = 100  # leaves room for the fire time in the run id
 KEEP_RECENT: Final = 50
 MISSED_SCAN_LIMIT: Final = 200_000  # missed fire times counted in one pass
 MAX_BUFFERED: Final = 1000  # buffer_all: further fires are skipped
+# Starts one pass decides at most (the next pass goes on): each is kept in the entry until
+# it is made, and the entry, with the schedule's input, must stay within the server's max
+# payload. An allow_all schedule caught up after hours of outage decided thousands at once,
+# outgrew it, and never fired again.
+MAX_STARTS_PER_PASS: Final = 200
+# What the entry may hold besides the input, at most (recent and missed fires, the buffer,
+# open runs, a pass's starts); an input must leave this much of the max payload.
+STATE_ROOM: Final = 192 * 1024
 
 Action = Literal["started", "skipped", "buffered", "missed", "triggered", "backfilled"]
 
@@ -239,7 +247,7 @@ def plan(schedule: Schedule, now: datetime, closed: set[str]) -> Plan:
     _skip_missed(s, now - window, now, result)
     _start_buffered(s, now, result)  # a fire that waited goes before newer ones
     for fire in s.spec.fire_times().after(s.cursor):
-        if due_at(s, fire) > now:
+        if due_at(s, fire) > now or len(s.pending) >= MAX_STARTS_PER_PASS:
             break
         if now - fire > window:  # came due past the window while this pass ran
             _record(s, fire, "missed", now)
