@@ -138,9 +138,10 @@ def test_a_fire_is_never_decided_before_its_time() -> None:
 
 def test_catch_up_starts_fires_in_the_window_oldest_first_and_records_the_rest_missed() -> None:
     decided = plan(schedule("allow_all", window=2.5), at(6.2), set()).schedule
-    assert decided.missed == [at(1), at(2), at(3)]  # more than 2.5 s before 6.2
-    assert [f.fire_time for f in decided.pending] == [at(4), at(5), at(6)]
-    assert [f.action for f in decided.recent] == ["missed"] * 3 + ["started"] * 3
+    # More than 2.5 s (and the pass's 1 s of tolerance) before 6.2
+    assert decided.missed == [at(1), at(2)]
+    assert [f.fire_time for f in decided.pending] == [at(3), at(4), at(5), at(6)]
+    assert [f.action for f in decided.recent] == ["missed"] * 2 + ["started"] * 4
     assert decided.cursor == at(6)
 
 
@@ -190,11 +191,11 @@ def test_a_paused_schedule_decides_nothing() -> None:
 def test_a_long_outage_is_counted_as_missed_without_keeping_every_fire() -> None:
     three_days = 3 * 86400
     decided = plan(schedule("allow_all", window=60), at(three_days + 0.5), set()).schedule
-    assert decided.missed_count == three_days - 60
-    assert len(decided.missed) == 50 and decided.missed[-1] == at(three_days - 60)
+    assert decided.missed_count == three_days - 61  # the window, and 1 s of tolerance
+    assert len(decided.missed) == 50 and decided.missed[-1] == at(three_days - 61)
     assert len(decided.recent) == 50
-    assert decided.pending[0].fire_time == at(three_days - 59)
-    assert len(decided.pending) == 60 and decided.cursor == at(three_days)
+    assert decided.pending[0].fire_time == at(three_days - 60)
+    assert len(decided.pending) == 61 and decided.cursor == at(three_days)
 
 
 def test_cancel_other_catching_up_starts_the_newest_fire_and_cancels_nothing_unstarted() -> None:
@@ -220,6 +221,26 @@ def test_a_berlin_cron_fires_on_the_spring_change_at_the_right_instant_of_a_give
     assert not plan(nightly, utc(2026, 3, 29, 0, 59, 59), set()).changed
     fired = plan(nightly, utc(2026, 3, 29, 1, 0, 0), set()).schedule
     assert [f.run_id for f in fired.pending] == ["n-20260329T010000Z"]
+
+
+def test_a_window_of_0_or_under_the_jitter_starts_every_fire_met_on_time() -> None:
+    """Lateness counts from the due time (fire plus jitter): with a jitter over the window,
+    or a window of 0 ("no catch-up"), fires the engine met on time were recorded missed."""
+    none = plan(schedule("allow_all", window=0), at(1.3), set()).schedule
+    assert [f.action for f in none.recent] == ["started"]
+    jittery = Schedule(
+        schedule_id="j",
+        workflow="wf",
+        spec=ScheduleSpec(every=2, overlap="allow_all", catchup_window=0.5, jitter=1.9),
+        created_at=T0,
+        updated_at=T0,
+        cursor=T0,
+    )
+    s, started = jittery, 0
+    for tick in range(1, 40):  # a pass every 0.5 s: each fire met within 0.5 s of its due
+        s = plan(msgspec.structs.replace(s, pending=[]), at(tick * 0.5), set()).schedule
+        started = max(started, sum(f.action == "started" for f in s.recent))
+    assert s.missed_count == 0 and started >= 9
 
 
 def test_a_long_catch_up_is_decided_a_bounded_number_of_starts_per_pass() -> None:

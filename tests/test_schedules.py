@@ -238,10 +238,10 @@ async def test_fires_missed_while_no_engine_ran_are_caught_up_oldest_first_or_re
     caught = [f for f in outage if f.action == "started"]
     assert missed and caught and len(missed) + len(caught) == len(outage)
     assert max(f.fire_time for f in missed) < min(f.fire_time for f in caught)  # older ones missed
-    for f in missed:
-        assert (f.at - f.fire_time).total_seconds() > 2.5
+    for f in missed:  # the window, and a pass's 1 s of tolerance
+        assert (f.at - f.fire_time).total_seconds() > 3.5
     for f in caught:
-        assert (f.at - f.fire_time).total_seconds() <= 2.5
+        assert (f.at - f.fire_time).total_seconds() <= 3.5
     assert set(info.missed) >= {f.fire_time for f in missed}
     # started on recovery, oldest first: each run's start follows the one of the fire before
     started = {r.run_id: r.created_at for r in await schedule_runs(client, "outage")}
@@ -405,9 +405,13 @@ async def test_a_stored_schedule_natflow_cannot_read_or_compute_leaves_the_engin
         return bool((await client.schedules.describe("good")).recent_runs)
 
     await wait_for(good_fired, timeout=20, what="the readable schedule to fire")
+
+    async def all_quarantined() -> bool:  # each as the engine meets it, in no fixed order
+        text = log.read_text()
+        return all(f"quarantined (kv_schedules) {b}" in text for b in ("typo", "garbled", "huge"))
+
+    await wait_for(all_quarantined, timeout=10, what="the three bad entries quarantined")
     text = log.read_text()
-    for bad in ("typo", "garbled", "huge"):
-        assert f"quarantined (kv_schedules) {bad}" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     assert [s.schedule_id for s in await client.schedules.list()] == ["good", "huge"]
     with pytest.raises(NatflowError, match=r"cannot read .* `natflow schedules delete typo`"):

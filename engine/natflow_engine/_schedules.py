@@ -51,6 +51,9 @@ MAX_BUFFERED: Final = 1000  # buffer_all: further fires are skipped
 # payload. An allow_all schedule caught up after hours of outage decided thousands at once,
 # outgrew it, and never fired again.
 MAX_STARTS_PER_PASS: Final = 200
+# How late past its due time (plus the catch-up window) a pass may meet a fire and still
+# start it: the engine's own delay, not an outage.
+PASS_TOLERANCE: Final = timedelta(seconds=1)
 # What the entry may hold besides the input, at most (recent and missed fires, the buffer,
 # open runs, a pass's starts); an input must leave this much of the max payload.
 STATE_ROOM: Final = 192 * 1024
@@ -243,13 +246,16 @@ def plan(schedule: Schedule, now: datetime, closed: set[str]) -> Plan:
     result = Plan(schedule=s, changed=s.open_runs != schedule.open_runs)
     if s.paused:
         return result
-    window = timedelta(seconds=s.spec.catchup_window)
+    # Lateness counts from when a fire was due (its jitter added), and a pass may come a
+    # moment after that: measured from the bare fire time, a jitter over the window (or a
+    # window of 0) recorded fires the engine met on time as missed.
+    window = timedelta(seconds=s.spec.catchup_window) + PASS_TOLERANCE
     _skip_missed(s, now - window, now, result)
     _start_buffered(s, now, result)  # a fire that waited goes before newer ones
     for fire in s.spec.fire_times().after(s.cursor):
         if due_at(s, fire) > now or len(s.pending) >= MAX_STARTS_PER_PASS:
             break
-        if now - fire > window:  # came due past the window while this pass ran
+        if now - due_at(s, fire) > window:  # came due past the window while this pass ran
             _record(s, fire, "missed", now)
             s.missed.append(fire)
             s.missed_count += 1
@@ -277,7 +283,7 @@ def _skip_missed(s: Schedule, horizon: datetime, now: datetime, result: Plan) ->
     kept: deque[datetime] = deque(maxlen=KEEP_RECENT)
     counted = 0
     for fire in s.spec.fire_times().after(s.cursor):
-        if fire >= horizon or counted == MISSED_SCAN_LIMIT:
+        if due_at(s, fire) >= horizon or counted == MISSED_SCAN_LIMIT:
             break
         kept.append(fire)
         counted += 1
