@@ -8,9 +8,11 @@ real ``natflow engine`` process.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
+import re
 import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -112,8 +114,12 @@ async def test_a_schedule_fires_on_time_and_its_runs_show_it(
         assert len(await schedule_runs(client, "ticker")) <= count + 1  # one was in flight
 
         handle = await client.schedules.trigger("ticker")
-        assert handle.run_id.startswith("ticker-") and handle.run_id.endswith("Zt")
+        assert re.fullmatch(r"ticker-\d{8}T\d{9}Zt[0-9a-f]{4}", handle.run_id), handle.run_id
         assert await handle.result(timeout=10) == handle.run_id
+        # Triggers at once (two operators, a loop): each its own run, none handed twice.
+        many = await asyncio.gather(*(client.schedules.trigger("ticker") for _ in range(5)))
+        assert len({h.run_id for h in many}) == 5
+        assert len({h.run_id for h in many} - {r.run_id for r in await client.list(limit=100)}) < 5
 
         names = [s.schedule_id for s in await client.schedules.list()]
         assert names == ["nightly", "ticker"]  # nightly: declared by @workflow(cron=)

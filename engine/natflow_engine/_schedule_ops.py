@@ -2,9 +2,10 @@
 
 Everything here is a revision-checked change of the schedule's KV entry (see ``_schedules``),
 except ``trigger`` and ``backfill``, which also start runs: a trigger's run id names the
-moment to the millisecond (``<id>-<time>Zt``), a backfilled fire's is the same id its fire
-would have had (``<id>-<fire time>``), so backfilling a range that already ran starts nothing
-twice. Triggered and backfilled runs start at once, whatever the overlap policy.
+moment to the millisecond and is unique (``<id>-<time>Zt<4 hex digits>``), a backfilled
+fire's is the same id its fire would have had (``<id>-<fire time>``), so backfilling a range
+that already ran starts nothing twice. Triggered and backfilled runs start at once, whatever
+the overlap policy.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ second replica or after a crash finds the run already there and makes nothing ne
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
@@ -185,8 +186,11 @@ def fire_run_id(schedule_id: str, fire: datetime) -> str:
 
 
 def trigger_run_id(schedule_id: str, at: datetime) -> str:
-    """A run id for ``trigger`` (fire now): the time to the millisecond, marked ``t``."""
-    return f"{schedule_id}-{at.astimezone(UTC):%Y%m%dT%H%M%S}{at.microsecond // 1000:03d}Zt"
+    """A run id for ``trigger`` (fire now): the time to the millisecond, marked ``t``, and
+    four random hex digits: two triggers in one millisecond (two operators, a loop) are two
+    runs, not one run handed to both."""
+    when = f"{at.astimezone(UTC):%Y%m%dT%H%M%S}{at.microsecond // 1000:03d}"
+    return f"{schedule_id}-{when}Zt{secrets.token_hex(2)}"
 
 
 def info_of(schedule: Schedule, now: datetime, count: int = 5) -> ScheduleInfo:
