@@ -78,3 +78,13 @@ async def test_replay_check_reports_an_incompatible_change_and_passes_a_patched_
         "--since", "1s", "--history", str(tmp_path / "ship-1.json"),
     )  # fmt: skip
     assert "run ship-1 (shipment): INCOMPATIBLE" in again.stdout, again.stdout + again.stderr
+
+    # An event this version cannot decode (a newer natflow's): a worker holds the run as
+    # blocked, so replay-check must not call it compatible (it left the event out).
+    await client.connection.publish(
+        "natflow.history.ship-2.step", b'{"type":"step_annotated","v":9,"id":"ship-2:9"}'
+    )
+    newer = replay_check(nats_server.url, "tests.workflows_versions:patched")
+    assert newer.returncode == 1, newer.stdout + newer.stderr
+    assert "run ship-2 (shipment): INCOMPATIBLE: history event at stream sequence" in newer.stdout
+    assert "2 runs of shipment replayed, 1 incompatible" in newer.stdout

@@ -170,6 +170,14 @@ class Runs:
             ) from None
         return await self._opened(run_id, history)
 
+    async def opened_history(self, run_id: str) -> History:
+        """The run's :class:`History` as :meth:`events` reads it, with ``corrupt`` listing
+        the events left out because they do not decode (a replay check must not call a run
+        compatible that a worker holds as blocked for one)."""
+        history = await self._read(run_id)
+        events = await self._opened(run_id, history)
+        return History(run_id, events, history.last_seq, history.corrupt)
+
     async def _opened(
         self, run_id: str, history: History, *, result_only: bool = False
     ) -> list[Event]:

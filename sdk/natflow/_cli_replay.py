@@ -51,6 +51,8 @@ def _replay_file(replayer: Replayer, path: str) -> ReplayResult:
 
 
 def describe(result: ReplayResult) -> str:
+    if result.unreadable is not None:
+        return f"run {result.run_id} ({result.workflow}): INCOMPATIBLE: {result.unreadable}"
     if result.divergence is None:
         return f"run {result.run_id} ({result.workflow}): ok"
     d = result.divergence

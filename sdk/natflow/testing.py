@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from natflow_engine import (
     History,
     InvalidInput,
     NonDeterminismError,
+    Runs,
     error_info,
 )
 from natflow_engine.events import Event, RunStarted, decode_event, unpacked, utcnow
@@ -47,7 +49,10 @@ class ReplayResult:
 
     ``divergence`` is the first mismatch (its ``position``, ``expected``: what today's code
     asks for, and ``recorded``: what history holds), or None when the code is compatible.
-    ``finished`` says whether the workflow ended within the recorded history; if so,
+    ``unreadable`` names an event of the stored history that does not decode (written by a
+    newer natflow, or by something else): a worker holds such a run as blocked, so it is not
+    compatible either. ``finished`` says whether the workflow ended within the recorded
+    history; if so,
     ``result`` is what it returned, ``error`` what it raised and ``cancelled`` the reason of
     a cancellation it ended by.
     """
@@ -60,11 +65,12 @@ class ReplayResult:
     result: Any = None
     error: ErrorInfo | None = None
     cancelled: str | None = None
+    unreadable: str | None = None
 
     @property
     def ok(self) -> bool:
         """True when today's code asks for exactly what history recorded."""
-        return self.divergence is None
+        return self.divergence is None and self.unreadable is None
 
 
 def load_history(path: str | os.PathLike[str]) -> History:
@@ -128,7 +134,13 @@ class Replayer:
 
     async def replay_run(self, client: Client, run_id: str) -> ReplayResult:
         """Fetch a run's history from the server and replay it."""
-        return self.replay(History(run_id, await client.history(run_id)))
+        history = await Runs(client.connection).opened_history(run_id)
+        result = self.replay(history)
+        if history.corrupt:
+            seq, reason = history.corrupt[0]
+            unreadable = f"history event at stream sequence {seq} does not decode: {reason}"
+            return dataclasses.replace(result, unreadable=unreadable)
+        return result
 
     async def replay_runs(
         self, client: Client, *, since: timedelta | None = None, limit: int = 10_000
