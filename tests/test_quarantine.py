@@ -61,6 +61,11 @@ async def test_a_malformed_history_event_blocks_its_run_once_and_it_can_be_cance
 
         shown = out(await natflow(nats_server.url, "runs", "show", "bad-1"))
         assert "status    blocked: history event" in shown, shown  # not "blocked: blocked:"
+        from tests.console_helpers import http, served_console
+
+        async with served_console(nats_server.url) as base:  # its page opens (it was a 502)
+            status, page, _ = await http(f"{base}/runs/bad-1")
+            assert status == 200 and "does not decode" in page and "Terminate" in page, page
         # More wake-ups change nothing: one block, no loop, the worker stays up.
         for n in range(3):
             await client.signal("bad-1", "go", n)

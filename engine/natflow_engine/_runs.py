@@ -45,6 +45,17 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
+def held_as_corrupt(info: RunInfo, seq: int, reason: str) -> None:
+    """``info`` as a worker holds the run: blocked by the event at ``seq`` that does not
+    decode (its history, read leniently, left the event out)."""
+    info.status = "blocked"
+    info.error = ErrorInfo(
+        type="CorruptHistory",
+        message=f"history event at stream sequence {seq} does not decode: {reason}",
+    )
+    info.current = f"blocked: {info.error.message}"
+
+
 class Runs:
     """Starts and reads runs over one connection."""
 
@@ -233,13 +244,7 @@ class Runs:
         if info is None:
             raise RunNotFound(run_id)
         if history.corrupt and not info.is_closed:
-            seq, reason = history.corrupt[0]
-            info.status = "blocked"
-            info.error = ErrorInfo(
-                type="CorruptHistory",
-                message=f"history event at stream sequence {seq} does not decode: {reason}",
-            )
-            info.current = f"blocked: {info.error.message}"
+            held_as_corrupt(info, *history.corrupt[0])
             return info
         # A claim as the last event: a worker has the run now and fires the timer itself.
         overdue = info.due_at is not None and info.due_at <= utcnow()

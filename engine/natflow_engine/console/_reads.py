@@ -15,7 +15,7 @@ from typing import Final
 
 from .._connection import Connection
 from .._errors import NatflowError, RunNotFound
-from .._history import HistoryStore, current_stretch
+from .._history import CorruptHistory, HistoryStore, current_stretch
 from .._index import IndexEntry, read_entry
 from .._kv import kv_entries
 from .._leases import LEASES_BUCKET, Lease, decode_lease
@@ -23,6 +23,7 @@ from .._limits import explain as explain_wait
 from .._names import check_run_id
 from .._reader import reader, stream_bounds
 from .._registry import WorkerInfo, list_workers
+from .._runs import held_as_corrupt
 from .._sealing import open_events
 from .._signals import DeadLetter, dead_letters
 from .._site_index import site_run, site_runs
@@ -179,14 +180,24 @@ async def read_run(conn: Connection, run_id: str) -> RunView:
     """Read and fold a run's history; :class:`RunNotFound` if it has none."""
     check_run_id(run_id)
     await ensure_streams(conn)
-    history = await HistoryStore(conn).read(run_id)
+    # Leniently: a run whose history holds an event this version cannot decode is shown as
+    # blocked, as a worker holds it, with cancel and terminate at hand (the page was a 502).
+    history = await HistoryStore(conn).read(run_id, lenient=True)
     events = _opened(conn, history.events, run_id)
     info = fold_run(run_id, events)
+    if info is None and history.corrupt:  # not even its start decodes: nothing to show
+        seq, reason = history.corrupt[0]
+        raise CorruptHistory(
+            run_id, seq, reason, last_seq=history.last_seq, count=len(history.corrupt), last=None
+        )
     if info is None:
         elsewhere = await site_run(conn, run_id)  # at a hub: a site's run, its summary only
         if elsewhere is None:
             raise RunNotFound(run_id)
         return RunView(info=elsewhere, events=[], steps=[], last_seq=0)
+    if history.corrupt and not info.is_closed:
+        held_as_corrupt(info, *history.corrupt[0])
+        return RunView(info, events, fold_steps(events), history.last_seq)
     await explain_wait(conn, info)  # waiting for a concurrency slot: which, how full
     return RunView(
         info=info,
@@ -206,14 +217,23 @@ async def read_more(conn: Connection, view: RunView) -> RunView:
     """``view`` with the events appended since it was read (one batch read of the new ones)."""
     run_id = view.info.run_id
     page = await reader(conn).read_all(
-        HISTORY_STREAM, history_subject(run_id), start=view.last_seq + 1
+        HISTORY_STREAM, history_subject(run_id), start=view.last_seq + 1, headers=True
     )
     if not page.messages:
         return view
-    added = _opened(conn, unpacked([decode_event(m.data) for m in page.messages]), run_id)
+    decoded, corrupt = [], []
+    for msg in page.messages:
+        try:
+            decoded.append(decode_event(msg.data))
+        except UNDECODABLE as exc:
+            corrupt.append((int((msg.headers or {}).get("Nats-Sequence", "0")), str(exc)))
+    added = _opened(conn, unpacked(decoded), run_id)
     events = current_stretch(view.events + added)  # a continuation meanwhile: its stretch only
     info = fold_run(run_id, events)
     assert info is not None  # it had a start event already
+    if corrupt and not info.is_closed:
+        held_as_corrupt(info, *corrupt[0])
+        return RunView(info, events, fold_steps(events), page.last_seq)
     await explain_wait(conn, info)
     return RunView(info=info, events=events, steps=fold_steps(events), last_seq=page.last_seq)
 
