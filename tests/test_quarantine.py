@@ -73,6 +73,10 @@ async def test_a_malformed_history_event_blocks_its_run_once_and_it_can_be_cance
         assert await good.result(timeout=30) == 8
         events = await client.history("bad-1")  # readable, the bad event left out
         assert sum(isinstance(e, RunBlocked) for e in events) == 1
+        block = next(e for e in events if isinstance(e, RunBlocked))
+        listed = out(await natflow(nats_server.url, "runs", "history", "bad-1"))
+        row = next(line for line in listed.splitlines() if "run_blocked" in line)
+        assert row.split()[0] == block.id.rpartition(":")[2], listed  # its position, past the gap
         assert procs[0].poll() is None
         log = (tmp_path / "worker-0.log").read_text()
         assert log.count("quarantined (history_event)") == 1, log[-3000:]

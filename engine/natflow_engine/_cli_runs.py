@@ -420,6 +420,10 @@ def _show_steps(steps: list[StepInfo]) -> None:
 def _show_history(events: list[Event]) -> None:
     rows = []
     for n, event in enumerate(events, 1):
+        # Its position in the run, from its id: a count would shift past an event left out
+        # (one that does not decode) or in a later stretch of a continued run.
+        position = event.id.rpartition(":")[2]
+        n = int(position) if position.isdigit() else n
         fields: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(event))
         kind = fields.pop("type", type(event).__name__)
         for key in ("v", "id", "at"):
