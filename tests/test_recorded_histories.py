@@ -17,7 +17,9 @@ from natflow import Workflow
 from natflow.testing import Replayer, load_history
 from natflow_engine import History, value_ref
 from natflow_engine._state import fold_run
+from natflow_engine._undecodable import UNDECODABLE
 from natflow_engine.events import (
+    SCHEMA_VERSION,
     Event,
     RunCancelled,
     RunCompleted,
@@ -146,3 +148,16 @@ def test_a_recorded_end_carrying_its_last_step_reads_as_both_events() -> None:
     assert [e.id.rpartition(":")[2] for e in events] == ["1", "2", "3", "4"]
     end = events[-1]
     assert isinstance(end, RunCompleted) and end.last_step is None
+
+
+def test_an_event_of_a_newer_schema_version_is_refused_naming_why() -> None:
+    """Decoded, what a newer natflow meant by it would be dropped unseen (a step's result
+    became null, and the run replayed as if nothing were missing)."""
+    line = (
+        b'{"type":"step_completed","v":%d,"id":"r:3","at":"2026-11-28T06:00:00Z","seq":1,'
+        b'"name":"charge","occurrence":1,"attempt":1,"started_at":"2026-11-28T06:00:00Z",'
+        b'"result_ref":"elsewhere"}'
+    )
+    assert decode_event(line % SCHEMA_VERSION).v == SCHEMA_VERSION
+    with pytest.raises(UNDECODABLE, match="written by a newer natflow"):
+        decode_event(line % (SCHEMA_VERSION + 1))

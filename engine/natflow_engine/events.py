@@ -16,7 +16,12 @@ Rules for changing this schema without breaking stored histories:
 
 * a new field gets a default, so old events still decode;
 * a tag is never renamed or reused; a removed event type keeps its class;
-* a change an old reader cannot ignore bumps ``SCHEMA_VERSION``; readers accept every older one.
+* a change an old reader cannot ignore bumps ``SCHEMA_VERSION``; readers accept every older one
+  and refuse a newer one (:func:`decode_event`), which a newer natflow wrote: such an event
+  is met like one that does not decode (the run is held as blocked, and says why).
+
+Version 2: a ``run_completed`` may carry its last step's outcome (``last_step``); a
+``run_continued`` with ``reseeded`` draws other random values in its stretch.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import msgspec
 from ._errors import ErrorInfo
 from ._undecodable import UNDECODABLE
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 NULL: Final = msgspec.Raw(b"null")
 
 
@@ -38,7 +43,9 @@ def utcnow() -> datetime:
 
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
-    v: int = SCHEMA_VERSION
+    # The oldest schema version that reads the event right: 1 unless it uses what a later
+    # version added (see the module docstring).
+    v: int = 1
     id: str = ""
     at: datetime
 
@@ -387,7 +394,15 @@ def encode_event(event: Event) -> bytes:
 
 
 def decode_event(data: bytes) -> Event:
+    """One event; an event of a newer schema version than this code's raises
+    ``msgspec.ValidationError`` (one of ``UNDECODABLE``), as an unreadable one does: decoded,
+    what it means that this code does not know would be silently dropped."""
     event: Event = _decoder.decode(data)
+    if event.v > SCHEMA_VERSION:
+        raise msgspec.ValidationError(
+            f"a {event.__struct_config__.tag} event of schema version {event.v}, written by a "
+            f"newer natflow (this one reads up to {SCHEMA_VERSION}): upgrade this process"
+        )
     return event
 
 
@@ -408,7 +423,7 @@ def unpacked(events: list[Event]) -> list[Event]:
     end = events[at] if events else None
     if type(end) is not RunCompleted or end.last_step is None:
         return events
-    plain = msgspec.structs.replace(end, last_step=None, v=SCHEMA_VERSION)
+    plain = msgspec.structs.replace(end, last_step=None, v=1)
     return [*events[:at], end.last_step, plain, *events[at + 1 :]]
 
 

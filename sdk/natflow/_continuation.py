@@ -126,6 +126,7 @@ def next_stretch(
         paused=state.paused,
         run_started_at=(start.run_started_at if isinstance(start, RunContinued) else start.at),
         reseeded=True,
+        v=2,  # a reader of version 1 would replay the stretch with other random values
     )
 
 
