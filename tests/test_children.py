@@ -88,7 +88,7 @@ async def test_a_parent_gets_each_childs_outcome_once(
 
 
 async def test_cancelling_a_parent_cancels_its_children_and_theirs(
-    client: Client, engine: Engine
+    client: Client, engine: Engine, nats_server: EmbeddedServer
 ) -> None:
     async with running_worker(client, WORKFLOWS):
         handle = await client.start(grandparent, run_id="gp-1")
@@ -115,6 +115,15 @@ async def test_cancelling_a_parent_cancels_its_children_and_theirs(
         await wait_for(all_cancelled, timeout=15, what="child and grandchild cancelled")
     # The child's outcome met a closed parent: not sent, so not dead-lettered either.
     assert not [d for d in await dead_letters(client.connection) if d.name == "$child"]
+
+    # The parent's view says how its child ended, from the child's own summary (its history
+    # holds no outcome: the child was open when the parent closed).
+    async def shown_cancelled() -> bool:
+        shown = (await natflow(nats_server.url, "runs", "show", "gp-1")).stdout.decode()
+        rows = [line.split() for line in shown.splitlines() if line.startswith("gp-1-c1")]
+        return rows == [["gp-1-c1", "sleepy_parent", "default", "cancelled"]]
+
+    await wait_for(shown_cancelled, timeout=10, what="the parent's view of its child")
 
 
 async def test_a_parent_whose_worker_is_killed_while_its_children_run(

@@ -20,7 +20,7 @@ from ._cli_types import positive_int
 from ._connection import Connection
 from ._flow_decls import start_declared
 from ._human import duration, when
-from ._index import RunIndex
+from ._index import RunIndex, summaries_of
 from ._input_schema import announced, check_input
 from ._leases import Leases
 from ._names import check_queue, check_run_id, check_workflow_name
@@ -339,6 +339,12 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     events = await runs.events(info.run_id)
     steps = fold_steps(events)
     children = fold_children(events)
+    # A child whose outcome the parent's history lacks (still open, or open when the parent
+    # closed, as its parent_close policy then ended it): its own summary says how it is.
+    unended = [c["run_id"] for c in children if c["status"] == "started"]
+    now = {s.run_id: s.status for s in await summaries_of(conn, unended)}
+    for child in children:
+        child["status"] = now.get(child["run_id"], child["status"])
     lease = await Leases(conn).get(info.run_id)
     holder = lease[0] if lease is not None else None
     unserved = None

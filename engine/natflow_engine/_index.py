@@ -398,3 +398,16 @@ class RunIndex:
                 if entry is not None:
                     entries.append((seq, entry))
         return entries
+
+
+async def summaries_of(conn: Connection, run_ids: list[str]) -> list[RunInfo]:
+    """The index entries of these runs (one batch read), in the order asked."""
+    if not run_ids:
+        return []
+    page = await reader(conn).read_last(RUNS_STREAM, [runs_subject(r) for r in run_ids])
+    found: dict[str, RunInfo] = {}
+    for msg in page.messages:
+        entry = read_entry(msg.data, msg.subject)
+        if entry is not None:
+            found[entry.info.run_id] = entry.info
+    return [found[r] for r in run_ids if r in found]

@@ -16,7 +16,7 @@ from typing import Final
 from .._connection import Connection
 from .._errors import NatflowError, RunNotFound
 from .._history import CorruptHistory, HistoryStore, current_stretch
-from .._index import IndexEntry, read_entry
+from .._index import IndexEntry, read_entry, summaries_of
 from .._kv import kv_entries
 from .._leases import LEASES_BUCKET, Lease, decode_lease
 from .._limits import explain as explain_wait
@@ -84,20 +84,7 @@ async def select_runs(
 ) -> RunPage:
     """A filtered page from the console's live index: any page costs the same."""
     ids, matching = counts.select(where.matches, offset, size)
-    return RunPage(runs=await entries_for(conn, ids), matching=matching, offset=offset)
-
-
-async def entries_for(conn: Connection, run_ids: list[str]) -> list[RunInfo]:
-    """The index entries of these runs (one batch read), in the order asked."""
-    if not run_ids:
-        return []
-    page = await reader(conn).read_last(RUNS_STREAM, [runs_subject(r) for r in run_ids])
-    found: dict[str, RunInfo] = {}
-    for msg in page.messages:
-        entry = read_entry(msg.data, msg.subject)
-        if entry is not None:
-            found[entry.info.run_id] = entry.info
-    return [found[r] for r in run_ids if r in found]
+    return RunPage(runs=await summaries_of(conn, ids), matching=matching, offset=offset)
 
 
 async def _window(conn: Connection, start: int, end: int) -> list[tuple[int, IndexEntry]]:
