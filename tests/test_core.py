@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -25,7 +26,7 @@ from natflow import (
 from natflow_engine import InvalidInput, ensure_streams
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
-from natflow_engine.events import TERMINAL_EVENTS, Event
+from natflow_engine.events import TERMINAL_EVENTS, Event, StepStarted
 
 from tests.helpers import replay_recorded, running_worker, wait_for
 
@@ -645,3 +646,31 @@ def test_a_step_shows_when_it_really_started_and_a_duration_rounds_once() -> Non
     )  # fmt: skip
     assert step.started_at == began and step.finished_at == done
     assert [duration(s) for s in (0.35, 0.9995, 59.96)] == ["350 ms", "1.0 s", "1 min"]
+
+
+async def test_a_step_cut_short_shows_when_its_body_began(client: Client, engine: Engine) -> None:
+    """A step still running when its run ended has no outcome: its step_started carries its
+    real start (the event is written half a second later), so its Took is not short."""
+    async with running_worker(client, [ends_beside_a_slow_step]):
+        handle = await client.start(ends_beside_a_slow_step, run_id="cut-1")
+        with pytest.raises(RunFailed):
+            await handle.result(timeout=15)
+    steps = {s.name: s for s in await client.steps("cut-1")}
+    began = next(e for e in await client.history("cut-1") if isinstance(e, StepStarted)).started_at
+    assert began is not None and steps["slow"].started_at == began
+    assert steps["slow"].started_at <= steps["boom"].started_at + timedelta(seconds=0.2)
+
+
+async def _slow() -> str:
+    await anyio.sleep(30)
+    return "never"
+
+
+async def _boom() -> str:
+    await anyio.sleep(1.2)
+    raise RuntimeError("boom")
+
+
+@workflow(name="ends_beside_a_slow_step")
+async def ends_beside_a_slow_step(ctx: WorkflowContext) -> list[str]:
+    return await ctx.parallel(ctx.step("slow", _slow), ctx.step("boom", _boom))

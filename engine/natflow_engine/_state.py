@@ -145,7 +145,7 @@ def _step_info(event: StepStarted | StepCompleted | StepFailed | StepRetrying) -
         occurrence=event.occurrence,
         status="running",
         attempts=event.attempt,
-        started_at=event.at,
+        started_at=event.started_at or event.at if isinstance(event, StepStarted) else event.at,
         seq=event.seq,
     )
     if isinstance(event, StepCompleted):

@@ -148,6 +148,9 @@ class StepStarted(_Event, tag="step_started", kw_only=True, frozen=True):
     # Set when the step waits for a slot of a rate limit (named here) until that time.
     rate_limited_until: datetime | None = None
     rate_limit: str | None = None
+    # When its body began (``at`` is when this was written, a while later); None in an event
+    # written before this field, or for a step still waiting for its rate.
+    started_at: datetime | None = None
 
 
 class StepCompleted(_Event, tag="step_completed", kw_only=True, frozen=True):

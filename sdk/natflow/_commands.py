@@ -118,6 +118,7 @@ class StillRunning:
     command: StepCommand
     attempt: int
     rate_limited_until: datetime | None = None  # not running yet: waiting for a rate slot
+    started_at: datetime | None = None  # when its body began (a running step's notice)
 
 
 @dataclass

@@ -132,6 +132,7 @@ class LiveSteps:
                 name=item.command.name,
                 occurrence=item.command.occurrence,
                 attempt=item.attempt,
+                started_at=item.started_at,
                 **rate_fields(item),
             )
         )

@@ -201,7 +201,9 @@ async def _run_attempt(
     attempt = command.attempt
     started_at = utcnow()
     notice = asyncio.get_running_loop().call_later(
-        STARTED_NOTICE_AFTER, send.send_nowait, StillRunning(command, attempt)
+        STARTED_NOTICE_AFTER,
+        send.send_nowait,
+        StillRunning(command, attempt, started_at=started_at),
     )
     try:
         with tracing.step_attempt(run_id, command, attempt, traced):
