@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import nats
 import pytest
-from natflow import Client, NatflowError, RunCancelled, RunNotFound
+from natflow import Client, NatflowError, RunCancelled, RunNotFound, WorkflowContext, workflow
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import DeadLetter, dead_letters
@@ -528,3 +528,33 @@ async def test_signals_received_counts_what_a_workflow_receives_as_delivered_doe
         with pytest.raises(RunCancelled):
             await other.result(timeout=10)
     assert counted("natflow_signals_received_total") - before == 1
+
+
+async def test_a_signal_or_cancel_looks_at_the_runs_last_event_only(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a run ended is its last event's to say: folding the whole history for each
+    signal made n signals to a long run cost n reads of all of it (a burst to a run of a few
+    thousand events cut the client's connection as a slow consumer)."""
+    from tests.helpers import read_requests
+
+    await client.start("nobody-serves-this", 1, run_id="long-lived")
+    for n in range(3):
+        await client.signal("long-lived", "poke", n)
+    sent = read_requests(monkeypatch)  # batch reads of a history, from here on
+    await client.signal("long-lived", "poke", 3)
+    await client.pause("long-lived")
+    assert sent == []
+    with pytest.raises(RunNotFound):
+        await client.signal("no-such-run", "poke", 1)
+
+    async with running_worker(client, [quick]):  # ended: its last event says so, and how
+        await (await client.start(quick, 2, run_id="ended")).result(timeout=10)
+    with pytest.raises(NatflowError, match="already ended \\(completed\\)"):
+        await client.signal("ended", "poke", 4)
+    await client.cancel("ended")  # nothing to do, nothing sent
+
+
+@workflow(name="quick")
+async def quick(ctx: WorkflowContext, x: int) -> int:
+    return x

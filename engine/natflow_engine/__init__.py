@@ -126,7 +126,7 @@ from ._registry import (
 from ._restart import restart_run
 from ._retention import delete_run
 from ._retry import NO_RETRY, RetryPolicy
-from ._runs import Runs, new_run_id
+from ._runs import Addressee, Runs, new_run_id
 from ._schedule_ops import Schedules
 from ._schedules import OVERLAP_POLICIES, ScheduleFire, ScheduleInfo, ScheduleSpec, check_spec
 from ._sealing import (
@@ -267,6 +267,7 @@ __all__ = [
     "TRANSIENT",
     "UNDECODABLE",
     "VALUES_BUCKET",
+    "Addressee",
     "AesGcmCodec",
     "AppendConflict",
     "BadSignal",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
@@ -11,23 +12,26 @@ import msgspec
 
 from ._connection import Connection
 from ._errors import ErrorInfo, NatflowError, PermissionDenied, RunNotFound
-from ._history import AppendConflict, History, HistoryStore
+from ._history import AppendConflict, CorruptHistory, History, HistoryStore
 from ._index import RunIndex
 from ._limits import explain as explain_wait
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._sealing import open_events, seal
 from ._site_index import site_run
 from ._start_consumers import starts_taken
-from ._state import RunInfo, StepInfo, fold_run, fold_steps
+from ._state import CLOSED_STATUSES, RunInfo, StepInfo, fold_run, fold_steps
 from ._streams import ensure_streams, start_subject
 from ._tasks import Task, enqueue, send_start_task
 from ._values import check_value_size, load_event, load_events
 from .events import (
     Event,
+    RunCancelled,
     RunClaimed,
     RunCompleted,
     RunFailed,
+    RunRestarted,
     RunStarted,
+    RunTerminated,
     Trigger,
     encode_event,
     utcnow,
@@ -54,6 +58,27 @@ def held_as_corrupt(info: RunInfo, seq: int, reason: str) -> None:
         message=f"history event at stream sequence {seq} does not decode: {reason}",
     )
     info.current = f"blocked: {info.error.message}"
+
+
+@dataclass(frozen=True)
+class Addressee:
+    """What a signal or control needs to know of its run: how it ended (``status``; "open"
+    while it runs), and at a hub, the site it lives at."""
+
+    status: str
+    site: str | None = None
+
+    @property
+    def is_closed(self) -> bool:
+        return self.status in CLOSED_STATUSES
+
+
+_ENDS: Final[dict[type, str]] = {
+    RunCompleted: "completed",
+    RunFailed: "failed",
+    RunCancelled: "cancelled",
+    RunTerminated: "terminated",
+}
 
 
 class Runs:
@@ -216,17 +241,32 @@ class Runs:
             log.warning("run %s: history event #%d does not decode (%s)", run_id, seq, reason)
         return history
 
-    async def readable(self, run_id: str) -> RunInfo | None:
-        """The run's info, or None if this connection may not read runs (a ``signaller``):
-        then the engine's signal intake checks the run, and dead-letters what cannot reach
-        it. A denial is remembered: asked again, the server would log a violation each time."""
+    async def readable(self, run_id: str) -> Addressee | None:
+        """Whether the run ended, and at a hub where it lives: what a signal or a control
+        needs to know, from the run's last event (one read; folding the whole history made
+        each signal to a long run cost a read of all of it). :class:`RunNotFound` if there is
+        no such run. None if this connection may not read runs (a ``signaller``): then the
+        engine's signal intake checks the run, and dead-letters what cannot reach it. A
+        denial is remembered: asked again, the server would log a violation each time."""
         if self.conn.extras.get(_RUNS_DENIED):
             return None
+        check_run_id(run_id)
         try:
-            return await self.describe(run_id, explain=False)
+            await ensure_streams(self.conn)
+            last = await self.history.last(run_id)
         except PermissionDenied:
             self.conn.extras[_RUNS_DENIED] = True
             return None
+        except CorruptHistory:  # held as blocked by its workers: open, as far as signals go
+            return Addressee("blocked")
+        if last is None:
+            elsewhere = await site_run(self.conn, run_id)  # a hub's copy of a site's run
+            if elsewhere is None:
+                raise RunNotFound(run_id)
+            return Addressee(elsewhere.status, elsewhere.site)
+        if isinstance(last[0], RunRestarted):  # only a closed run is restarted: which end?
+            return Addressee((await self.describe(run_id, explain=False)).status)
+        return Addressee(_ENDS.get(type(last[0]), "open"))
 
     async def describe(self, run_id: str, *, explain: bool = True) -> RunInfo:
         """The run's :class:`RunInfo`. With ``explain``, an open run that waits for a slot of

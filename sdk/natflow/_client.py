@@ -16,6 +16,7 @@ from natflow_engine import (
     PAUSE,
     RESUME,
     TERMINATE,
+    Addressee,
     Connection,
     InvalidInput,
     LifecycleEvent,
@@ -417,7 +418,7 @@ class Client:
         await ensure_streams(self._conn)
         return await emit(self._conn, name, data, event_id)
 
-    async def _readable(self, run_id: str) -> RunInfo | None:
+    async def _readable(self, run_id: str) -> Addressee | None:
         return await self._runs.readable(run_id)
 
     def handle(self, run_id: str, workflow: Workflow | None = None) -> RunHandle:
