@@ -6,8 +6,17 @@ import asyncio
 
 import anyio
 import pytest
-from natflow import Client, RunCancelled, RunNotFound, WorkflowContext, workflow
+from natflow import (
+    Client,
+    NatflowError,
+    RunCancelled,
+    RunNotFound,
+    ServerUnavailable,
+    WorkflowContext,
+    workflow,
+)
 from natflow_engine._engine import Engine
+from natflow_engine._server import EmbeddedServer
 
 from tests.helpers import replay_recorded, running_worker, wait_for
 
@@ -264,3 +273,21 @@ async def test_a_run_let_go_of_while_it_sleeps_sees_no_cancellation(
 
 async def _status_is(client: Client, run_id: str, status: str) -> bool:
     return (await client.describe(run_id)).status == status
+
+
+async def test_a_start_that_fails_for_want_of_the_server_says_to_retry_with_a_run_id(
+    nats_server: EmbeddedServer,
+) -> None:
+    """nats-py sends what it buffered while reconnecting once the server is back: a start
+    that raised may land after all, and retried without a run id it made a second run."""
+    client = await Client.connect(nats_server.url)
+    async with client:
+        await client.start("anything", 1, run_id="warm")  # streams known: the start is next
+        client._runs.history.retry_budget = 1.0  # the default rides out 30 s
+        nats_server.stop()
+        with anyio.fail_after(20), pytest.raises(NatflowError, match="run_id=") as raised:
+            await client.start("anything", 2)
+        assert isinstance(raised.value, ServerUnavailable | TimeoutError)
+        with anyio.fail_after(20), pytest.raises(NatflowError) as again:
+            await client.start("anything", 3, run_id="chosen")
+        assert "run_id=" not in str(again.value)

@@ -22,6 +22,7 @@ from ._connection import (
     JetStreamError,
     NoResponders,
     PayloadTooLarge,
+    RequestTimeout,
     quietly,
 )
 from ._durations import parse_duration, to_seconds
@@ -300,6 +301,7 @@ __all__ = [
     "PermissionDenied",
     "RateDeclaration",
     "RateLimit",
+    "RequestTimeout",
     "RetryPolicy",
     "RunCancelled",
     "RunFailed",

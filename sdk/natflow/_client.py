@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -23,10 +24,12 @@ from natflow_engine import (
     MissingKey,
     NatflowError,
     PayloadCodec,
+    RequestTimeout,
     RunIndex,
     RunInfo,
     RunNotFound,
     Runs,
+    ServerUnavailable,
     StepInfo,
     announced_schema,
     check_event_name,
@@ -194,6 +197,21 @@ class Client:
         workers declared them; README "Flow control"): a singleton or debounced start may
         return the handle of a run that was open already.
         """
+        with _retry_needs_an_id(run_id):
+            return await self._start(
+                workflow, input, run_id, queue, start_delay, on_complete, priority
+            )
+
+    async def _start(
+        self,
+        workflow: Workflow | str,
+        input: Any,
+        run_id: str | None,
+        queue: str | None,
+        start_delay: float | timedelta | None,
+        on_complete: Workflow | str | None,
+        priority: int | None,
+    ) -> RunHandle:
         if priority is not None:
             check_priority(priority)
         delay = 0.0 if start_delay is None else to_seconds("start_delay", start_delay)
@@ -490,3 +508,19 @@ class Client:
                     yield event
         finally:
             await sub.unsubscribe()
+
+
+@contextmanager
+def _retry_needs_an_id(run_id: str | None) -> Iterator[None]:
+    """A start that failed for want of the server may still land: nats-py sends what it
+    buffered while reconnecting once it is back, after the caller gave up. Retried without
+    a run id (an idempotency key), it made a second run."""
+    try:
+        yield
+    except (ServerUnavailable, RequestTimeout) as exc:
+        if run_id is not None:
+            raise
+        raise type(exc)(
+            f"{exc}; the start may still reach the server once it answers: start again with "
+            f"a run_id= (an idempotency key) to be sure no second run is made"
+        ) from exc
