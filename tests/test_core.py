@@ -545,12 +545,13 @@ async def test_result_reads_a_runs_last_event_not_its_whole_history(
     signalling = False
 
     async def describe(run_id: str, *, explain: bool = True) -> RunInfo:
-        if not signalling:  # sending a signal describes the run too
+        if not signalling:
             described.append(run_id)
         return await real_describe(run_id, explain=explain)
 
     async def glance(run_id: str) -> Any:
-        glances.append(run_id)
+        if not signalling:  # sending a signal looks at the run's last event too
+            glances.append(run_id)
         return await real_last(run_id)
 
     async with running_worker(client, [done_when_told]):

@@ -133,6 +133,7 @@ class Connection:
         self.streams_lock = asyncio.Lock()
         self.closing = False
         self.on_reconnect: list[Callable[[], None]] = []
+        self.on_close: list[Callable[[], None]] = []  # to end waits on it (close())
         # Called when the connection is lost, to fail what waits for an answer over it.
         self.on_disconnect: list[Callable[[], None]] = [self._fail_requests]
         self.extras: dict[str, object] = {}  # per-connection helpers (the batch reader)
@@ -280,6 +281,7 @@ class Connection:
     ) -> Msg:
         """A request with nats-py's errors turned into natflow's."""
         self.check_wire_size(subject, payload, headers)
+        self.check_open(subject)
         try:
             return await self.guarded(
                 subject,
@@ -291,12 +293,27 @@ class Connection:
             raise NoResponders(subject) from exc
         except (TimeoutError, nats.errors.TimeoutError) as exc:
             raise self._timeout_error(subject, timeout) from exc
+        except nats.errors.ConnectionDrainingError as exc:
+            raise ClientClosed(f"the connection was closed while requesting {subject!r}") from exc
         except _CONNECTION_LOST as exc:
             if not connection_lost(exc):
                 raise
+            if self.closing:
+                raise ClientClosed(
+                    f"the connection was closed while requesting {subject!r}"
+                ) from exc
             raise ServerUnavailable(
                 f"lost the NATS connection while requesting {subject!r}"
             ) from exc
+
+    def check_open(self, subject: str) -> None:
+        """Refuse a request or publish on a connection this process closed (or is draining):
+        nats-py's error for it read as a lost connection, retried for 30 s, or reached the
+        user raw."""
+        if self.closing and (self.nc.is_closed or self.nc.is_draining):
+            raise ClientClosed(
+                f"the NATS connection is closed (the client was closed); {subject!r} was not sent"
+            )
 
     async def send(
         self,
@@ -310,8 +327,11 @@ class Connection:
         :class:`ServerUnavailable`. Every core NATS publish natflow makes goes through here
         (a raw one on a socket that just died raised ConnectionResetError or uvloop's
         RuntimeError, past every handler that expects natflow's errors)."""
+        self.check_open(subject)
         try:
             await self.nc.publish(subject, payload, reply=reply, headers=headers)
+        except nats.errors.ConnectionDrainingError as exc:
+            raise ClientClosed(f"the connection was closed sending to {subject!r}") from exc
         except _CONNECTION_LOST as exc:
             if not connection_lost(exc):
                 raise
@@ -403,6 +423,8 @@ class Connection:
 
     async def close(self) -> None:
         self.closing = True
+        for hook in list(self.on_close):
+            hook()
         if self._owned and not self.nc.is_closed:
             try:
                 await self.nc.drain()
@@ -450,6 +472,11 @@ _SILENT_JETSTREAM: Final = (
 
 class NoStream(NatflowError):
     pass
+
+
+class ClientClosed(NatflowError):
+    """The connection was closed by this process (``Client.close``, the end of ``async
+    with``): nothing more goes out on it, and no retry can change that."""
 
 
 class RequestTimeout(NatflowError, TimeoutError):

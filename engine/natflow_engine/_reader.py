@@ -139,12 +139,13 @@ class BatchReader:
     async def _request(
         self, stream: str, request: dict[str, object], *, single: bool = False
     ) -> Page:
+        subject = f"{self._conn.api}.DIRECT.GET.{stream}"
+        self._conn.check_open(subject)  # its inbox's subscribe would raise nats-py's own
         prefix = await self._inbox()
         self._counter += 1
         token = str(self._counter)
         read = _Read(single)
         self._reads[token] = read
-        subject = f"{self._conn.api}.DIRECT.GET.{stream}"
         try:
             await self._conn.guarded(
                 subject, self._ask(subject, request, f"{prefix}.{token}", read)

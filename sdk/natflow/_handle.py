@@ -12,6 +12,8 @@ from a running run at all, it looks again.
 from __future__ import annotations
 
 import contextlib
+import logging
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +21,7 @@ import anyio
 import msgspec
 from natflow_engine import (
     CLOSED_STATUSES,
+    TRANSIENT,
     UNDECODABLE,
     InvalidInput,
     MissingKey,
@@ -33,6 +36,7 @@ from natflow_engine import (
     ensure_streams,
     load_events,
     open_events,
+    quietly,
     run_level_subject,
     sealed_key,
     site_start_stored,
@@ -75,6 +79,19 @@ _RECHECK_MAX = 0.5
 _UNHEARD_FIRST = 0.5
 _UNHEARD_LAST = 8.0
 _SAFETY_NET = 30.0  # seconds: an event lost in a reconnect
+_LAST_LOOK = 2.0  # seconds for the look once the deadline passed
+log = logging.getLogger("natflow.client")
+
+
+@dataclass(frozen=True)
+class _Open:
+    """A run that has not ended: whether it is a site's run seen from a hub, and whether it
+    runs now (its waits are what the result's wait may hear nothing of for a while)."""
+
+    site: bool
+    running: bool
+
+
 _TERMINAL_TYPES = ("run_completed", "run_failed", "run_cancelled", "run_terminated")
 # A run whose last event is one of these waits for a worker to take it (again): not running.
 _LEFT_WAITING = (RunStarted, TimerScheduled, SignalWaited, RunPaused, RunBlocked)
@@ -136,11 +153,19 @@ class RunHandle:
         def refused() -> None:  # the connection was refused the stored feed: change subjects
             woken.set()
 
+        def reconnected() -> None:  # what was published meanwhile was not heard: look now
+            woken.set()  # (or the client closed: the look says so)
+
         listeners = stored_feed_listeners(conn)
+        conn.check_open(subject)
         listeners.add(refused)
+        conn.on_reconnect.append(reconnected)
+        conn.on_close.append(reconnected)  # the next look then raises ClientClosed
         subs = [await nc.subscribe(subject, cb=on_event)]
         try:
-            with anyio.fail_after(seconds):
+            # The deadline's own expiry, told from a RequestTimeout (a TimeoutError too) of a
+            # look during an outage, which is no reason to stop waiting.
+            with anyio.move_on_after(seconds) as deadline:
                 recheck, settling, unheard = 0.0, False, _UNHEARD_FIRST
                 while True:
                     if stored and not stored_feed_open(conn, subject):
@@ -151,30 +176,17 @@ class RunHandle:
                         woken = anyio.Event()  # set by the refusal: nothing was heard there
                         subject = run_level_subject(self.run_id)
                         subs.append(await nc.subscribe(subject, cb=on_event))
-                    # The run's last stored event (one message) tells whether it has ended,
-                    # and how; only where it does not tell is the run described.
-                    last = await self._heard(heard_final)
-                    if last is None:
-                        last = await self._last_event()
-                    site = False
-                    if isinstance(last, TERMINAL_EVENTS):
-                        return self._ended(last)
-                    if last is None or isinstance(last, RunRestarted):
-                        try:
-                            info = await self._runs.describe(self.run_id, explain=False)
-                        except RunNotFound:
-                            # A start this hub stored for a site (client.site(...).start):
-                            # the run is the site's, and the hub's copy comes once it ran.
-                            if not await site_start_stored(conn, self.run_id):
-                                raise
-                            site, running = True, False
-                        else:
-                            if info.status in CLOSED_STATUSES:
-                                return self._outcome(info)
-                            site = info.site is not None
-                            running = info.status == "running"
-                    else:
-                        running = not isinstance(last, _LEFT_WAITING)
+                    try:
+                        looked = await self._look(heard_final)
+                    except TRANSIENT as exc:  # the server away: wait on, look once it is back
+                        log.debug("run %s: cannot look now (%s); waiting on", self.run_id, exc)
+                        with anyio.move_on_after(_SAFETY_NET):
+                            await woken.wait()
+                        woken = anyio.Event()
+                        continue
+                    if not isinstance(looked, _Open):
+                        return looked
+                    site, running = looked.site, looked.running
                     unsure = not heard and running and not site
                     if woken.is_set():  # look again soon: it is stored within moments, if ever
                         woken = anyio.Event()
@@ -189,17 +201,45 @@ class RunHandle:
                         recheck, settling = (1.0 if site else _SAFETY_NET), False
                     with anyio.move_on_after(recheck):
                         await self._woken(woken, subject if stored else None)
-        except TimeoutError:
+            assert deadline.cancelled_caught
             # A deadline too short for even the first look (timeout=0) still sees a run that
-            # had ended already, as asyncio.wait_for(done_future, 0) gives its result.
-            last = await self._last_event()
-            if isinstance(last, TERMINAL_EVENTS):
-                return self._ended(last)
-            raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s") from None
+            # had ended already, as asyncio.wait_for(done_future, 0) gives its result; one
+            # look, briefly: the deadline has passed.
+            with anyio.move_on_after(_LAST_LOOK), contextlib.suppress(*TRANSIENT):
+                last = await self._last_event()
+                if isinstance(last, TERMINAL_EVENTS):
+                    return self._ended(last)
+            raise TimeoutError(f"run {self.run_id!r} did not finish within {seconds} s")
         finally:
             listeners.discard(refused)
-            for sub in subs:
-                await sub.unsubscribe()
+            for hooks in (conn.on_reconnect, conn.on_close):
+                with contextlib.suppress(ValueError):
+                    hooks.remove(reconnected)
+            for sub in subs:  # (on a connection the client closed meanwhile: nothing to do)
+                await quietly(sub.unsubscribe(), "unsubscribe")
+
+    async def _look(self, heard_final: list[bytes]) -> Any:
+        """The run's outcome if it has ended (returned, or raised as RunFailed or
+        RunCancelled), else :class:`_Open`. The run's last stored event (one message) tells
+        whether it has ended, and how; only where it does not tell is the run described."""
+        last = await self._heard(heard_final)
+        if last is None:
+            last = await self._last_event()
+        if isinstance(last, TERMINAL_EVENTS):
+            return self._ended(last)
+        if last is None or isinstance(last, RunRestarted):
+            try:
+                info = await self._runs.describe(self.run_id, explain=False)
+            except RunNotFound:
+                # A start this hub stored for a site (client.site(...).start): the run is
+                # the site's, and the hub's copy comes once it ran.
+                if not await site_start_stored(self._runs.conn, self.run_id):
+                    raise
+                return _Open(site=True, running=False)
+            if info.status in CLOSED_STATUSES:
+                return self._outcome(info)
+            return _Open(site=info.site is not None, running=info.status == "running")
+        return _Open(site=False, running=not isinstance(last, _LEFT_WAITING))
 
     async def _woken(self, woken: anyio.Event, feed: str | None) -> None:
         """Wait for ``woken``; on the stored ``feed``, also for the server to refuse this
