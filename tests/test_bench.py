@@ -14,6 +14,7 @@ from typing import Any
 
 from natflow.bench._procs import CpuWindow, cpu_seconds
 from natflow.bench._report import MIN_MACHINE_WINDOW
+from natflow_engine import EmbeddedServer
 
 from tests.procs import gone, kill_all
 from tests.test_worker_processes import children_of
@@ -207,3 +208,40 @@ def test_a_killed_bench_leaves_no_process_running(tmp_path: Path) -> None:
         bench.kill()
         bench.wait()
         kill_all(sorted(kids))
+
+
+ENGINE_PARENT = """
+import os, sys
+from pathlib import Path
+from natflow.bench._waits import engine_process
+with engine_process(dict(os.environ), Path(sys.argv[1])) as proc:
+    print(proc.pid, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_bench_engine_ends_with_the_process_that_started_it(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """A bench killed outright (SIGKILL) while its engine phase ran left the `natflow engine`
+    it started (in a session of its own) retrying its server for good."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ENGINE_PARENT, str(tmp_path / "engine.log")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "NATFLOW_URL": nats_server.url},
+    )
+    engine: list[int] = []
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        assert line.strip(), "the engine did not start"
+        engine.append(int(line))
+        parent.kill()
+        parent.wait()
+        left = gone(engine, timeout=20)
+        assert not left, "the bench's engine outlived the bench"
+    finally:
+        parent.kill()
+        parent.wait()
+        kill_all(engine)

@@ -16,7 +16,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
-from natflow_engine import DISPATCHER, HISTORY_STREAM, TASK_STREAM, NatflowError, queue_consumer
+from natflow_engine import (
+    DISPATCHER,
+    HISTORY_STREAM,
+    TASK_STREAM,
+    NatflowError,
+    ends_with_parent,
+    queue_consumer,
+)
 from natflow_engine.events import TimerFired, TimerScheduled
 
 from .._client import Client
@@ -37,6 +44,7 @@ def engine_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=ends_with_parent(),  # a killed bench leaves no engine running
         )
     try:
         yield proc
