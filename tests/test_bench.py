@@ -27,14 +27,18 @@ def natflow_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "natflow_engine"]
 
 
-def run_bench(*args: str, timeout: float = 200) -> subprocess.CompletedProcess[str]:
-    """``natflow bench ARGS`` from the repository root, its output captured as text."""
+def run_bench(
+    *args: str, timeout: float = 200, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``natflow bench ARGS`` from the repository root, its output captured as text, with
+    ``env`` added to this process's environment."""
     return subprocess.run(
         [*natflow_command(), "bench", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -245,3 +249,13 @@ def test_the_bench_engine_ends_with_the_process_that_started_it(
         parent.kill()
         parent.wait()
         kill_all(engine)
+
+
+def test_monitor_without_url_is_refused_naming_it(tmp_path: Path) -> None:
+    """The embedded server's durability and message counts come from its own monitoring: a
+    --monitor URL (another server's) was reported as the embedded server's."""
+    done = run_bench("--quick", "--monitor", "http://127.0.0.1:9", env={"TMPDIR": str(tmp_path)})
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "--monitor" in done.stderr and "--url" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before anything started

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from natflow_engine import EmbeddedServer, default_url, shipped_server
+from natflow_engine import EmbeddedServer, InvalidInput, default_url, shipped_server
 
 from . import _engine_phases, _raw, _replay, _sequential, _start_latency, _throughput
 from ._cleanup import remove_bench_runs
@@ -139,6 +139,13 @@ async def run_bench_command(args: argparse.Namespace) -> int:
     url: str | None = args.bench_url
     if url is None and args.url != default_url():  # `natflow --url URL bench`
         url = args.url
+    if url is None and args.bench_monitor is not None:
+        # The embedded server's own monitoring is what tells its durability and counts its
+        # messages; another server's would be reported as this one's.
+        raise InvalidInput(
+            "--monitor is only for a server given with --url; the embedded server's own "
+            "monitoring is read without it"
+        )
     server: EmbeddedServer | None = None
     store = Path(tempfile.mkdtemp(prefix="natflow-bench-js-"))
     try:

@@ -56,8 +56,8 @@ class BenchSession:
         self._load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         self._client: Client | None = None
         self.monitor: str | None = getattr(args, "bench_monitor", None)
-        if self.monitor is None and server is not None and server.http_port:
-            self.monitor = f"http://127.0.0.1:{server.http_port}"
+        if server is not None:  # only its own monitoring speaks for the embedded server
+            self.monitor = f"http://127.0.0.1:{server.http_port}" if server.http_port else None
         self._durability = "unknown (pass --monitor URL)"
 
     def _child_env(self, args: argparse.Namespace) -> dict[str, str]:
