@@ -12,10 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from natflow import Client
 from natflow.bench._procs import CpuWindow, cpu_seconds
 from natflow.bench._report import MIN_MACHINE_WINDOW
-from natflow_engine import EmbeddedServer
+from natflow.bench._schedules import schedule_lateness
+from natflow.bench._workflows import bench_steps
+from natflow_engine import HISTORY_PREFIX, HISTORY_STREAM, EmbeddedServer
 
+from tests.helpers import running_worker
 from tests.procs import gone, kill_all
 from tests.test_worker_processes import children_of
 
@@ -259,3 +263,20 @@ def test_monitor_without_url_is_refused_naming_it(tmp_path: Path) -> None:
     assert "--monitor" in done.stderr and "--url" in done.stderr
     assert "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before anything started
+
+
+async def test_the_schedule_phase_counts_every_fire_and_returns_every_run_it_started(
+    client: Client, engine: object
+) -> None:
+    """Fires were counted up to one before the pause (the last fire's run went uncounted),
+    and that run was not among those the bench removes from a --url server."""
+    async with running_worker(client, [bench_steps]):
+        fires, run_ids = await schedule_lateness(client, "nb-test-every", 2.5)
+    info = await client.connection.jsm.stream_info(
+        HISTORY_STREAM, subjects_filter=f"{HISTORY_PREFIX}.*.run"
+    )
+    started = {s.split(".")[2] for s in info.state.subjects or {}}
+    started = {r for r in started if r.startswith("nb-test-every-")}
+    assert len(started) >= 2
+    assert fires.fires == fires.runs == len(started) and fires.exactly_once
+    assert set(run_ids) == started  # what the bench's cleanup purges
