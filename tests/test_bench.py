@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from natflow.bench._report import MIN_MACHINE_WINDOW
 from natflow.bench._schedules import schedule_lateness
 from natflow.bench._workflows import bench_steps
 from natflow_engine import HISTORY_PREFIX, HISTORY_STREAM, EmbeddedServer
+from natflow_engine._server import nats_server_binary
 
 from tests.helpers import running_worker
 from tests.procs import gone, kill_all
@@ -280,3 +282,43 @@ async def test_the_schedule_phase_counts_every_fire_and_returns_every_run_it_sta
     assert len(started) >= 2
     assert fires.fires == fires.runs == len(started) and fires.exactly_once
     assert set(run_ids) == started  # what the bench's cleanup purges
+
+
+def test_the_embedded_bench_runs_without_the_users_deployment_settings() -> None:
+    """A deployment's NATFLOW_* settings (replicas, JetStream domain, credentials) broke the
+    embedded server's bench with nats-py tracebacks: it has none of them."""
+    deployment = {
+        "NATFLOW_REPLICAS": "3",
+        "NATFLOW_DOMAIN": "hub",
+        "NATFLOW_USER": "someone",
+        "NATFLOW_PASSWORD": "secret",
+        "NATFLOW_TLS_CA": "/nonexistent/ca.pem",
+    }
+    done = run_bench("--quick", "--json", "--scale", "1", "--runs", "6", env=deployment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["points"][0]["throughput"]["completed"] == 6
+    assert "runs without NATFLOW_DOMAIN, NATFLOW_PASSWORD, NATFLOW_REPLICAS" in done.stderr
+
+
+def test_a_server_without_jetstream_is_named_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        for line in server.stderr:  # its log, until it listens
+            if "Server is ready" in line:
+                break
+        url = f"nats://127.0.0.1:{port}"
+        done = run_bench("--quick", "--url", url, env={"TMPDIR": str(tmp_path)}, timeout=60)
+    finally:
+        server.kill()
+        server.communicate()
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert f"JetStream does not answer at {url}" in done.stderr.splitlines()[-1]

@@ -7,9 +7,14 @@ Sync ``js.publish`` round trips (busy, and idle with a gap between them) and pip
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 
-from natflow_engine import replicas
+import nats.errors
+import nats.js.errors
+from natflow_engine import NatflowError, ServerUnavailable, redact_url, replicas
 from nats.js import api
 
 from ._report import Raw, stats
@@ -22,14 +27,20 @@ _PAYLOAD = b"x" * 300
 async def raw_baseline(bench: BenchSession) -> Raw:
     bench.progress.begin("raw JetStream publish")
     conn = bench.client.connection
-    sizes = bench.sizes
     stream, prefix = f"NATFLOW_BENCH_{bench.nonce}", f"natflow-bench.{bench.nonce}"
-    await conn.jsm.add_stream(
-        name=stream,
-        subjects=[f"{prefix}.>"],
-        storage=api.StorageType.FILE,
-        num_replicas=replicas(),
-    )
+    with _named_failures(bench.url):
+        await conn.jsm.add_stream(
+            name=stream,
+            subjects=[f"{prefix}.>"],
+            storage=api.StorageType.FILE,
+            num_replicas=replicas(),
+        )
+        return await _measure(bench, stream, prefix)
+
+
+async def _measure(bench: BenchSession, stream: str, prefix: str) -> Raw:
+    conn = bench.client.connection
+    sizes = bench.sizes
     try:
         for i in range(100):  # warm-up
             await conn.js.publish(f"{prefix}.w{i % 10}", _PAYLOAD)
@@ -54,6 +65,34 @@ async def raw_baseline(bench: BenchSession) -> Raw:
         pipelined_msgs=sizes.raw_async,
         pipelined_msgs_per_s=async_rate,
     )
+
+
+@contextlib.contextmanager
+def _named_failures(url: str) -> Iterator[None]:
+    """nats-py's errors as natflow's, naming their cause: this phase is the bench's first to
+    use JetStream, so a server without it, or one refusing natflow's settings, fails here."""
+    where = redact_url(url)
+    try:
+        yield
+    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+        domain = os.environ.get("NATFLOW_DOMAIN")
+        scope = f" in JetStream domain {domain!r} (NATFLOW_DOMAIN)" if domain else ""
+        raise ServerUnavailable(
+            f"JetStream does not answer at {where}{scope}: is it enabled on the server "
+            "(`jetstream {}` in its configuration, `-js`)?"
+        ) from exc
+    except nats.js.errors.APIError as exc:
+        hint = ""
+        if "replicas" in str(exc.description) and "NATFLOW_REPLICAS" in os.environ:
+            hint = f"; NATFLOW_REPLICAS={replicas()} asks for that many replicas of each stream"
+        raise NatflowError(
+            f"the server at {where} refused the bench's raw JetStream stream: "
+            f"{exc.description} (error {exc.err_code}){hint}"
+        ) from exc
+    except nats.errors.Error as exc:
+        raise ServerUnavailable(
+            f"JetStream at {where} failed the bench's raw publishes: {type(exc).__name__} {exc}"
+        ) from exc
 
 
 async def _sync_publishes(bench: BenchSession, prefix: str, count: int, gap: float) -> list[float]:

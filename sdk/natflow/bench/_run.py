@@ -32,11 +32,14 @@ its targets, and ``_table`` the table printed from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,24 +150,61 @@ async def run_bench_command(args: argparse.Namespace) -> int:
             "monitoring is read without it"
         )
     server: EmbeddedServer | None = None
-    store = Path(tempfile.mkdtemp(prefix="natflow-bench-js-"))
-    try:
-        if url is None:  # as shipped: natflow's own configuration (durable unless --fast)
-            server = shipped_server(store, fast=args.fast).start()
-            url = server.url
-        bench = Bench(url, args, sizes, server)
-        report: BenchReport | ScaleReport
+    report: BenchReport | ScaleReport
+    if url is None:
+        with _without_deployment(args) as embedded:
+            store = Path(tempfile.mkdtemp(prefix="natflow-bench-js-"))
+            try:  # as shipped: natflow's own configuration (durable unless --fast)
+                server = shipped_server(store, fast=args.fast).start()
+                bench = Bench(server.url, embedded, sizes, server)
+                report = await (bench.run_scale() if sizes.scale else bench.run())
+            finally:
+                if server is not None:
+                    server.cleanup()
+                shutil.rmtree(store, ignore_errors=True)
+    else:
+        bench = Bench(url, args, sizes, None)
         report = await (bench.run_scale() if sizes.scale else bench.run())
-    finally:
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(store, ignore_errors=True)
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
         sys.stdout.write("\n")
     else:
         print(render_scale(report) if isinstance(report, ScaleReport) else render(report))
     return 0
+
+
+# What points natflow at a deployment: its JetStream domain, its streams' replicas, and how
+# to log in to it. The embedded server has none of them, and the bench reads them from the
+# environment in this process and in every process it starts.
+_DEPLOYMENT_VARIABLES = (
+    "NATFLOW_REPLICAS",
+    "NATFLOW_DOMAIN",
+    "NATFLOW_USER",
+    "NATFLOW_PASSWORD",
+    "NATFLOW_TOKEN",
+    "NATFLOW_NKEY",
+    "NATFLOW_CREDS",
+)
+_CREDENTIAL_OPTIONS: tuple[str, ...] = ("creds", "nkey", "user", "password", "token")
+_CREDENTIAL_OPTIONS += ("tls_ca", "tls_cert", "tls_key")
+
+
+@contextlib.contextmanager
+def _without_deployment(args: argparse.Namespace) -> Iterator[argparse.Namespace]:
+    """``args`` without credentials, and this process's environment without
+    ``_DEPLOYMENT_VARIABLES`` and ``NATFLOW_TLS_*``, for as long as the embedded bench runs."""
+    names = [n for n in os.environ if n in _DEPLOYMENT_VARIABLES or n.startswith("NATFLOW_TLS_")]
+    if names:
+        print(
+            f"natflow bench: the embedded server runs without {', '.join(sorted(names))} "
+            "(they are for a server given with --url)",
+            file=sys.stderr,
+        )
+    saved = {name: os.environ.pop(name) for name in names}
+    try:
+        yield argparse.Namespace(**{**vars(args), **dict.fromkeys(_CREDENTIAL_OPTIONS)})
+    finally:
+        os.environ.update(saved)
 
 
 # -- the bench ---------------------------------------------------------------------------
