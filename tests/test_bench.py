@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from natflow import Client
 from natflow.bench._procs import CpuWindow, cpu_seconds
 from natflow.bench._report import MIN_MACHINE_WINDOW
 from natflow.bench._schedules import schedule_lateness
 from natflow.bench._workflows import bench_steps
-from natflow_engine import HISTORY_PREFIX, HISTORY_STREAM, EmbeddedServer
+from natflow_engine import HISTORY_PREFIX, HISTORY_STREAM, EmbeddedServer, NatflowError, read_jsz
 from natflow_engine._server import nats_server_binary
 
 from tests.helpers import running_worker
@@ -322,3 +323,32 @@ def test_a_server_without_jetstream_is_named_in_one_line(tmp_path: Path) -> None
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert f"JetStream does not answer at {url}" in done.stderr.splitlines()[-1]
+
+
+def test_a_bench_that_cannot_connect_leaves_no_folder_behind(tmp_path: Path) -> None:
+    """A failure before the first phase (no server at --url) left a natflow-bench-* folder in
+    the temporary directory each time."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"nats://127.0.0.1:{port}"
+    done = run_bench("--quick", "--url", url, env={"TMPDIR": str(tmp_path)}, timeout=60)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "no NATS server answered" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_monitor_that_is_no_url_is_refused_naming_the_flag(tmp_path: Path) -> None:
+    args = ("--quick", "--url", "nats://127.0.0.1:1", "--monitor", "notaurl")
+    done = run_bench(*args, env={"TMPDIR": str(tmp_path)}, timeout=60)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.startswith("natflow bench: --monitor 'notaurl': not the URL")
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_monitoring_that_is_no_url_is_a_natflow_error_naming_the_callers_flag() -> None:
+    with pytest.raises(NatflowError, match="check --monitor "):
+        await read_jsz("notaurl", flag="--monitor")
+    with pytest.raises(NatflowError, match="check --nats-monitor "):
+        await read_jsz("notaurl")

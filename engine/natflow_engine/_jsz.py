@@ -113,15 +113,17 @@ def _fetch(url: str, timeout: float) -> bytes:
     return body
 
 
-async def read_jsz(monitor: str, timeout: float = 5.0) -> Jsz:
-    """Read and decode ``/jsz`` from the monitoring endpoint at ``monitor``."""
+async def read_jsz(monitor: str, timeout: float = 5.0, *, flag: str = "--nats-monitor") -> Jsz:
+    """Read and decode ``/jsz`` from the monitoring endpoint at ``monitor``; ``flag`` is the
+    option that gave it, named when it cannot be read."""
     url = jsz_url(monitor)
     try:
         body = await anyio.to_thread.run_sync(_fetch, url, timeout)
         return _decoder.decode(body)
-    except (OSError, urllib.error.URLError, *UNDECODABLE) as exc:
+    # ValueError: urllib's answer to text that is no URL at all ("unknown url type")
+    except (OSError, urllib.error.URLError, ValueError, *UNDECODABLE) as exc:
         raise NatflowError(
-            f"cannot read NATS monitoring at {url} ({exc}); check --nats-monitor (the "
+            f"cannot read NATS monitoring at {url} ({exc}); check {flag} (the "
             "server's `http:` port) or leave it unset"
         ) from exc
 
@@ -139,7 +141,7 @@ async def read_varz(monitor: str, timeout: float = 5.0) -> Varz:
     try:
         body = await anyio.to_thread.run_sync(_fetch, url, timeout)
         return msgspec.json.decode(body, type=Varz)
-    except (OSError, urllib.error.URLError, *UNDECODABLE) as exc:
+    except (OSError, urllib.error.URLError, ValueError, *UNDECODABLE) as exc:
         raise NatflowError(f"cannot read NATS monitoring at {url} ({exc})") from exc
 
 

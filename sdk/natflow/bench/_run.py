@@ -149,6 +149,12 @@ async def run_bench_command(args: argparse.Namespace) -> int:
             "--monitor is only for a server given with --url; the embedded server's own "
             "monitoring is read without it"
         )
+    monitor: str | None = args.bench_monitor
+    if monitor is not None and not monitor.startswith(("http://", "https://")):
+        raise InvalidInput(
+            f"--monitor {monitor!r}: not the URL of the server's HTTP monitoring "
+            "(e.g. http://127.0.0.1:8222)"
+        )
     server: EmbeddedServer | None = None
     report: BenchReport | ScaleReport
     if url is None:
@@ -218,9 +224,9 @@ class Bench(BenchSession):
 
     async def run(self) -> BenchReport:
         t0 = time.perf_counter()
-        await self.connect()
         ok = False
         try:
+            await self.connect()
             raw = await self.raw_baseline()
             sequential = await self.sequential(raw)
             throughput = await self.throughput()
@@ -254,9 +260,9 @@ class Bench(BenchSession):
         """``--scale``: the raw baseline, then the throughput phase once per worker count."""
         t0 = time.perf_counter()
         self.progress = Progress(1 + len(self.sizes.scale))
-        await self.connect()
         ok = False
         try:
+            await self.connect()
             raw = await self.raw_baseline()
             points = [point(await self.throughput(w)) for w in self.sizes.scale]
             ok = True
@@ -270,13 +276,24 @@ class Bench(BenchSession):
         )
 
     async def _finish(self, ok: bool) -> None:
-        if self.server is None:
-            await remove_bench_runs(self)
-        await self.client.close()
-        if ok:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        else:
-            print(f"natflow bench: worker logs are in {self.dir}", file=sys.stderr)
+        try:
+            if self.connected:
+                if self.server is None:
+                    await remove_bench_runs(self)
+                await self.client.close()
+        finally:
+            # A bench that failed before it wrote any log (no server, no JetStream) leaves
+            # nothing behind; one that wrote some says where they are.
+            if ok or not self._wrote_logs():
+                shutil.rmtree(self.dir, ignore_errors=True)
+            else:
+                print(f"natflow bench: worker logs are in {self.dir}", file=sys.stderr)
+
+    def _wrote_logs(self) -> bool:
+        try:
+            return any(self.dir.iterdir())
+        except OSError:  # gone already
+            return False
 
     async def raw_baseline(self) -> Raw:
         """Phase 1 (``_raw``)."""

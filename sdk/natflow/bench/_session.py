@@ -76,6 +76,10 @@ class BenchSession:
         return env
 
     @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    @property
     def client(self) -> Client:
         assert self._client is not None
         return self._client
@@ -96,7 +100,7 @@ class BenchSession:
         self._client = await Client.connect(self.url, **self._options)
         if self.monitor is not None:
             try:
-                jsz = await read_jsz(self.monitor)
+                jsz = await read_jsz(self.monitor, flag="--monitor")
             except NatflowError as exc:
                 self._durability = f"unknown ({exc})"
                 return
