@@ -11,7 +11,7 @@ import pytest
 from natflow import InvalidInput
 from natflow._supervisor import process_count
 from natflow.bench._report import Cpu, Throughput, stats
-from natflow.bench._scale import point
+from natflow.bench._scale import _row, point
 from natflow.bench._sizes import parse_scale, sizes_from
 
 from tests.test_bench import assert_number, assert_stats, run_bench
@@ -105,10 +105,21 @@ def test_bad_scale_on_the_command_line_is_a_clear_error_before_anything_starts()
 
 
 def _point_of(
-    *, client: float, workers: float, engine: float, server: float, w: int = 4, e: int = 1
-) -> tuple[str, bool]:
-    cpu = Cpu(window_s=5.0, client=client, workers=workers, server=server, other=0.0, engine=engine)
-    tp = Throughput(
+    *, client: float, workers: float, engine: float, server: float | None, w: int = 4, e: int = 1
+) -> tuple[str, bool | None]:
+    found = point(_throughput(client, workers, engine, server, w, e), cpus=16)
+    return found.busiest, found.saturated
+
+
+def _throughput(
+    client: float, workers: float, engine: float, server: float | None, w: int = 4, e: int = 1
+) -> Throughput:
+    # A server this machine cannot read leaves "other" unknown too (CpuWindow.stop).
+    other = None if server is None else 0.0
+    cpu = Cpu(
+        window_s=5.0, client=client, workers=workers, server=server, other=other, engine=engine
+    )
+    return Throughput(
         runs=100,
         workers=w,
         engines=e,
@@ -123,8 +134,6 @@ def _point_of(
         cpu=cpu,
         worker_peak_rss_mib=[None] * w,
     )
-    found = point(tp, cpus=16)
-    return found.busiest, found.saturated
 
 
 def test_what_bound_a_point_is_the_machine_then_a_python_process_then_the_server() -> None:
@@ -139,3 +148,15 @@ def test_what_bound_a_point_is_the_machine_then_a_python_process_then_the_server
     # nothing near its limit: the busiest, not saturated
     assert _point_of(client=30, workers=120, engine=40, server=60) == ("server", False)
     assert _point_of(client=30, workers=120, engine=40, server=20) == ("engine", False)
+
+
+def test_a_server_whose_cpu_is_not_observed_leaves_the_bound_unknown() -> None:
+    """With --url the server's CPU is not this machine's to read: it showed as 0 % and the
+    point as "nothing saturated", though the server may have been what bound it."""
+    assert _point_of(client=30, workers=120, engine=40, server=None) == ("engine", None)
+    # what is observed still says so: a Python process at a whole core, a machine spent
+    assert _point_of(client=30, workers=120, engine=97, server=None) == ("engine", True)
+    assert _point_of(client=100, workers=1400, engine=80, server=None) == ("machine", True)
+    row = _row(point(_throughput(30, 120, 40, None), cpus=16))
+    assert row[-2] == "30, 30, 40, n/a"  # client, worker, engine (each), server
+    assert row[-1] == "unknown (server CPU not observed)"

@@ -24,7 +24,9 @@ class ScalePoint(msgspec.Struct, kw_only=True):
     throughput: Throughput
     busiest: str  # "client", "worker", "engine", "server" or "machine"
     busiest_pct: float  # that process's % of one core (for "machine": of all cores)
-    saturated: bool
+    # None: nothing observed was saturated, but the server's CPU was not observed (--url),
+    # so what bound the point is unknown
+    saturated: bool | None
 
 
 class ScaleReport(msgspec.Struct, kw_only=True):
@@ -41,7 +43,9 @@ def point(tp: Throughput, cpus: int | None = None) -> ScalePoint:
     else a Python process (client, worker or engine: one core each) near a whole core, else
     the server. nats-server runs on many threads, so its share may pass one core; where it
     is the busiest and nothing else is near its limit, its serial work (a stream's writes,
-    one fsync after another) is what the runs wait on."""
+    one fsync after another) is what the runs wait on. A server whose CPU this machine cannot
+    read (``--url``) may be that bound too: then, short of a saturated machine or Python
+    process, ``saturated`` is None, unknown."""
     cpu = tp.cpu_running or tp.cpu
     python = _per_process(tp)
     cores = cpus or os.cpu_count() or 1
@@ -52,7 +56,10 @@ def point(tp: Throughput, cpus: int | None = None) -> ScalePoint:
     if python[busiest] >= SATURATED:
         pct = python[busiest]
         return ScalePoint(throughput=tp, busiest=busiest, busiest_pct=pct, saturated=True)
-    server = cpu.server or 0.0
+    if cpu.server is None:  # not ours to read: it may be what bound the point
+        pct = python[busiest]
+        return ScalePoint(throughput=tp, busiest=busiest, busiest_pct=pct, saturated=None)
+    server = cpu.server
     if server >= python[busiest]:
         return ScalePoint(
             throughput=tp, busiest="server", busiest_pct=server, saturated=server >= SATURATED
@@ -114,8 +121,13 @@ def _incomplete(tp: Throughput) -> bool:
 def _row(p: ScalePoint) -> tuple[str, ...]:
     tp = p.throughput
     per_run = tp.cpu.ms_per(tp.completed)
-    shares = [*_per_process(tp).values(), (tp.cpu_running or tp.cpu).server or 0.0]
-    bound = f"{p.busiest} {p.busiest_pct:.0f}%" if p.saturated else "nothing saturated"
+    shares = [*_per_process(tp).values(), (tp.cpu_running or tp.cpu).server]
+    if p.saturated is None:
+        bound = "unknown (server CPU not observed)"
+    elif p.saturated:
+        bound = f"{p.busiest} {p.busiest_pct:.0f}%"
+    else:
+        bound = "nothing saturated"
     return (
         str(tp.workers),
         str(tp.clients),
@@ -124,6 +136,6 @@ def _row(p: ScalePoint) -> tuple[str, ...]:
         "n/a" if per_run is None else f"{per_run:.2f} ms",
         f"{tp.start_to_result_ms.p50:,.0f} / {tp.start_to_result_ms.p99:,.0f} ms",
         "n/a" if tp.server_msgs_per_run is None else f"{tp.server_msgs_per_run:.1f}",
-        ", ".join(f"{s:.0f}" for s in shares),
+        ", ".join("n/a" if s is None else f"{s:.0f}" for s in shares),
         bound,
     )
