@@ -352,3 +352,68 @@ async def test_monitoring_that_is_no_url_is_a_natflow_error_naming_the_callers_f
         await read_jsz("notaurl", flag="--monitor")
     with pytest.raises(NatflowError, match="check --nats-monitor "):
         await read_jsz("notaurl")
+
+
+def test_a_terminated_bench_says_where_its_logs_are(tmp_path: Path) -> None:
+    """SIGTERM, as SIGINT does: the bench stops its processes and names the folder of logs
+    it leaves (where the signal lands is up to chance: the next test makes it land where
+    the bench used to lose it)."""
+    bench = subprocess.Popen(
+        [*natflow_command(), "bench", "--quick", "--json", "--steps", "5", "--runs", "5"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    try:
+        assert bench.stderr is not None
+        for line in bench.stderr:  # its progress, until a phase with workers ended
+            if line.startswith("[2/9]"):
+                break
+        bench.send_signal(signal.SIGTERM)
+        rest = bench.stderr.read()
+        assert bench.wait(60) == 128 + signal.SIGTERM, rest
+    finally:
+        bench.kill()
+        bench.wait()
+    assert "Traceback" not in rest
+    logs = [p for p in tmp_path.iterdir() if p.name.startswith("natflow-bench-")]
+    assert len(logs) == 1 and f"natflow bench: worker logs are in {logs[0]}" in rest, rest
+
+
+SIGTERM_LANDS_IGNORED = """
+import asyncio, os, signal, sys
+from natflow.bench import _run
+from natflow_engine._cli import main
+
+class Ignored:
+    def __del__(self) -> None:  # Python ignores what a signal handler raises here
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(100_000))
+
+async def measure(*args):
+    try:
+        Ignored()
+        await asyncio.sleep(30)
+        print("went on", flush=True)
+    finally:
+        print("cleaned up", flush=True)
+
+_run._measure = measure
+sys.exit(main(["bench", "--quick"]))
+"""
+
+
+def test_sigterm_stops_the_bench_wherever_it_lands() -> None:
+    """natflow's SIGTERM handler raises SystemExit wherever Python is: in a fork's logging
+    hook (or any place that ignores exceptions) the bench went on as if not signalled. The
+    bench takes SIGTERM as asyncio takes SIGINT: its task is cancelled, its cleanup runs."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_LANDS_IGNORED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 128 + signal.SIGTERM, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["cleaned up"]

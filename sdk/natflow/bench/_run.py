@@ -32,10 +32,12 @@ its targets, and ``_table`` the table printed from it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -64,7 +66,7 @@ from ._report import (
 )
 from ._scale import ScaleReport, point, render_scale
 from ._session import BenchSession
-from ._sizes import sizes_from
+from ._sizes import Sizes, sizes_from
 from ._table import render
 
 PENDING: dict[str, str] = {}
@@ -155,28 +157,70 @@ async def run_bench_command(args: argparse.Namespace) -> int:
             f"--monitor {monitor!r}: not the URL of the server's HTTP monitoring "
             "(e.g. http://127.0.0.1:8222)"
         )
-    server: EmbeddedServer | None = None
-    report: BenchReport | ScaleReport
-    if url is None:
-        with _without_deployment(args) as embedded:
-            store = Path(tempfile.mkdtemp(prefix="natflow-bench-js-"))
-            try:  # as shipped: natflow's own configuration (durable unless --fast)
-                server = shipped_server(store, fast=args.fast).start()
-                bench = Bench(server.url, embedded, sizes, server)
-                report = await (bench.run_scale() if sizes.scale else bench.run())
-            finally:
-                if server is not None:
-                    server.cleanup()
-                shutil.rmtree(store, ignore_errors=True)
-    else:
-        bench = Bench(url, args, sizes, None)
-        report = await (bench.run_scale() if sizes.scale else bench.run())
+    with _terminate_as_interrupt() as terminated:
+        try:
+            report = await _measure(args, url, sizes)
+        except asyncio.CancelledError:
+            if not terminated:
+                raise
+            return 128 + signal.SIGTERM
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
         sys.stdout.write("\n")
     else:
         print(render_scale(report) if isinstance(report, ScaleReport) else render(report))
     return 0
+
+
+async def _measure(
+    args: argparse.Namespace, url: str | None, sizes: Sizes
+) -> BenchReport | ScaleReport:
+    if url is not None:
+        bench = Bench(url, args, sizes, None)
+        return await (bench.run_scale() if sizes.scale else bench.run())
+    server: EmbeddedServer | None = None
+    with _without_deployment(args) as embedded:
+        store = Path(tempfile.mkdtemp(prefix="natflow-bench-js-"))
+        try:  # as shipped: natflow's own configuration (durable unless --fast)
+            server = shipped_server(store, fast=args.fast).start()
+            bench = Bench(server.url, embedded, sizes, server)
+            return await (bench.run_scale() if sizes.scale else bench.run())
+        finally:
+            if server is not None:
+                server.cleanup()
+            shutil.rmtree(store, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM cancels the bench's task, as asyncio does on SIGINT: its ``finally`` then
+    stops its processes and names the logs it leaves with the event loop and the connection
+    still whole. (``natflow``'s own SIGTERM handler raises SystemExit wherever the loop
+    happens to be, a task of nats-py's included, and the bench's task is only cancelled once
+    the loop is being torn down.) Yields a list that holds the signal once it came."""
+    terminated: list[int] = []
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    before = signal.getsignal(signal.SIGTERM)
+
+    def cancel() -> None:
+        terminated.append(signal.SIGTERM)
+        if task is not None:
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, cancel)
+    except (RuntimeError, ValueError, NotImplementedError):  # off the main thread, or Windows
+        yield terminated
+        return
+    try:
+        yield terminated
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        if before is not None:  # natflow's own, for the report's printing
+            signal.signal(signal.SIGTERM, before)
+        if terminated and task is not None:
+            task.uncancel()
 
 
 # What points natflow at a deployment: its JetStream domain, its streams' replicas, and how
