@@ -55,3 +55,30 @@ async def test_worker_waits_for_a_late_server_then_serves(tmp_path: Path) -> Non
     finally:
         stop(worker)
         server.stop()
+
+
+async def test_a_second_worker_of_a_live_identity_is_refused_naming_it(
+    client: Client, engine: object
+) -> None:
+    """Two processes of one identity took each other's runs for their own, and step bodies
+    ran twice; the second is now refused at its start."""
+    import anyio
+    import pytest
+    from natflow import InvalidInput, Worker
+    from natflow_engine._registry import list_workers
+
+    from tests.helpers import running_worker
+    from tests.workflows_waits import WORKFLOWS
+
+    other = await Client.connect(client.connection.url)
+    async with other, running_worker(client, WORKFLOWS, identity="twin"):
+
+        async def registered() -> bool:
+            return [w.identity for w in await list_workers(client.connection)] == ["twin"]
+
+        await wait_for(registered, what="the first twin serving")
+        with anyio.fail_after(15), pytest.raises(InvalidInput, match="'twin' is taken"):
+            await Worker(other, WORKFLOWS, identity="twin").run()
+    # Once the first is gone, the identity serves again.
+    async with running_worker(client, WORKFLOWS, identity="twin") as again:
+        assert again.identity == "twin"

@@ -35,6 +35,7 @@ from natflow_engine import (
     Leases,
     MissingKey,
     NatflowError,
+    NoResponders,
     StartPuller,
     Task,
     TaskPuller,
@@ -77,6 +78,7 @@ log = logging.getLogger("natflow.worker")
 _ENDING: Final = 1.0  # seconds a wake-up waits for the handling of its run to end, if it is
 
 _MISSING_KEY_DELAY = 2.0
+_IDENTITY_LOOKS: Final = 3  # pings of the own identity before serving (see _check_identity_free)
 MIN_LEASE_TTL = 1.0
 
 
@@ -197,6 +199,7 @@ class Worker:
 
     async def _serve(self) -> None:
         await ensure_streams(self._conn)
+        await self._check_identity_free()
         prepare_worker(self._workflows, self.queues)
         if self._metrics_port:
             serve_metrics(self._metrics_port)
@@ -268,6 +271,29 @@ class Worker:
                 self._pulse.error,
             )
         return await self._conn.nc.subscribe(ping_subject(self.identity), cb=self._pulse.on_ping)
+
+    async def _check_identity_free(self) -> None:
+        """Refuse to serve under an identity another live process answers to. Two processes
+        of one identity each took the other's runs for their own (a claim, a lease, a ping
+        name the identity), so step bodies ran twice, and a dead one's runs waited out their
+        lease because its twin answered the engine's pings. A few looks: the connection of a
+        process that just died (a restarted worker's) may linger a moment."""
+        for attempt in range(_IDENTITY_LOOKS):
+            try:
+                await self._conn.request(ping_subject(self.identity), b"", timeout=1.0)
+            except NoResponders:
+                return
+            except NatflowError as exc:  # slow, or not allowed to ask: no proof of a twin
+                log.debug("worker %s: identity check inconclusive: %s", self.identity, exc)
+                return
+            if attempt + 1 < _IDENTITY_LOOKS:
+                await anyio.sleep(1.0)
+        raise InvalidInput(
+            f"worker identity {self.identity!r} is taken: another live process answers to it "
+            f"(a second worker started with --identity {self.identity}?). Give each worker "
+            f"process its own identity; `natflow worker --processes N` names its processes "
+            f"{self.identity}-0, {self.identity}-1, ... itself"
+        )
 
     def _step_back(self, held: HeldRun, why: str) -> None:
         """On the worker's loop: the heartbeat found the run's lease lost."""
