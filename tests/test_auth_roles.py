@@ -614,6 +614,9 @@ async def test_a_worker_under_another_identity_than_its_credentials_name_is_refu
     anchor = '{ user: worker, password: "worker-secret", permissions: $NATFLOW_WORKER }'
     assert anchor in text
     user = f'{{ user: w1, password: "w1-secret", permissions: {only_w1} }}'
+    # `natflow worker --identity w1 --processes 2` names its processes w1-0 and w1-1
+    two = role_permissions("worker", identity="w1", processes=2).to_conf()
+    user += f'\n    {{ user: w1p, password: "w1p-secret", permissions: {two} }}'
     config.write_text(text.replace(anchor, f"{anchor}\n    {user}"))
     server = EmbeddedServer(config, store_dir=tmp_path / "auth-log")
     server.start()
@@ -623,9 +626,17 @@ async def test_a_worker_under_another_identity_than_its_credentials_name_is_refu
             async with w1:
                 with anyio.fail_after(10), pytest.raises(PermissionDenied, match="--identity"):
                     await Worker(w1, [roles_plain], identity="w2").run()
+                # One process of an identity made for one: the hint names --processes.
+                with anyio.fail_after(10), pytest.raises(PermissionDenied, match="--processes"):
+                    await Worker(w1, [roles_plain], identity="w1-0").run()
                 client = await connect_as(server, "client")
                 async with client, running_worker(w1, [roles_plain], identity="w1"):
                     handle = await client.start(roles_plain, 1)
                     assert await handle.result(timeout=15) == 2
+            w1p = await Client.connect(server.url, user="w1p", password="w1p-secret")
+            client = await connect_as(server, "client")
+            async with w1p, client, running_worker(w1p, [roles_plain], identity="w1-1"):
+                handle = await client.start(roles_plain, 2)
+                assert await handle.result(timeout=15) == 3
     finally:
         server.stop()

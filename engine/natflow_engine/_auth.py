@@ -145,6 +145,7 @@ def role_permissions(
     control: Sequence[str] = (),
     domain: str | None = None,
     identity: str | None = None,
+    processes: int = 0,
 ) -> Permissions:
     """The permissions of ``role`` (one of :data:`ROLES`).
 
@@ -153,7 +154,10 @@ def role_permissions(
     subject token that no wildcard can match by prefix, so a queue-limited worker names the
     workflows it serves. ``identity`` limits it to its own
     registry entry, pings and wake-ups (``Worker(identity=...)``, ``natflow worker
-    --identity``), so it cannot answer for another worker. ``control`` adds any of
+    --identity``), so it cannot answer for another worker; with ``processes`` (``natflow
+    worker --identity NAME --processes N``) also to the names its processes take,
+    ``NAME-0`` to ``NAME-<N-1>`` (a subject wildcard cannot match part of a token, so each is
+    named). ``control`` adds any of
     :data:`CONTROLS` (cancel, terminate, pause, resume) to any role (``client`` has them
     all). ``domain`` names the JetStream domain the streams live in, for a process on a leaf
     node (NATS.md §9).
@@ -173,6 +177,10 @@ def role_permissions(
         raise InvalidInput(
             f"worker identity {identity!r} must use A-Z, a-z, 0-9, '_' and '-' (at most 128)"
         )
+    if processes and identity is None:
+        raise InvalidInput("--processes names the processes of one worker identity: add --identity")
+    if isinstance(processes, bool) or not isinstance(processes, int) or not 0 <= processes <= 256:
+        raise InvalidInput(f"processes must be a whole number from 0 to 256, not {processes!r}")
     for kind in control:
         if kind not in CONTROLS:
             raise InvalidInput(f"unknown control {kind!r}; choose from {', '.join(CONTROLS)}")
@@ -188,12 +196,22 @@ def role_permissions(
         else build(api, kv, scoped)
     )
     if identity is not None:  # the worker's own registry entry and subjects only
+        names = [identity, *(f"{identity}-{n}" for n in range(processes))]
         publish = [
-            f"{kv}.{WORKERS_BUCKET}.{identity}" if s == f"{kv}.{WORKERS_BUCKET}.>" else s
+            own
             for s in publish
+            for own in (
+                [f"{kv}.{WORKERS_BUCKET}.{name}" for name in names]
+                if s == f"{kv}.{WORKERS_BUCKET}.>"
+                else [s]
+            )
         ]
         subscribe = [
-            f"natflow.worker.{identity}.*" if s == "natflow.worker.*.*" else s for s in subscribe
+            own
+            for s in subscribe
+            for own in (
+                [f"natflow.worker.{name}.*" for name in names] if s == "natflow.worker.*.*" else [s]
+            )
         ]
     extra = [_control_subject(kind) for kind in control if kind not in _CONTROL_ROLES.get(role, ())]
     return Permissions(_unique(publish + extra), _unique(subscribe), responses)
@@ -348,6 +366,10 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
         *schedules,
         *(f"{schedules_stream}.{s}" for s in _kv_keys(kv, schedules)),
         *tasks,  # a holder re-enqueues its run when it must look again
+        # Asks another worker whether it holds a run whose task came here (else it takes
+        # the run over, and a step of a run still held ran twice), or is alive at all (the
+        # poison check), and whether its own identity is free at its start.
+        "natflow.worker.*.ping",
         USER_INFO,
         # A parent's worker cancels or terminates its open children as the parent closes
         # (parent_close); it could append their run_terminated anyway (history.*).

@@ -40,6 +40,14 @@ def register(sub: Any) -> None:
         help="worker: only this identity's registry entry, pings and wake-ups",
     )
     p.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="worker with --identity: also its N processes' names, NAME-0 to NAME-<N-1> "
+        "(`natflow worker --identity NAME --processes N`)",
+    )
+    p.add_argument(
         "--control",
         action="append",
         default=[],
@@ -68,6 +76,7 @@ async def _auth(args: argparse.Namespace) -> int:
         control=args.control,
         domain=args.domain,
         identity=args.identity,
+        processes=args.processes,
     )
     if args.json:
         body = {

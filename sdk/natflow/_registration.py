@@ -111,7 +111,10 @@ class Registration:
                 raise PermissionDenied(
                     f"worker {self._identity!r} may not register ({exc}); credentials made "
                     f"for one worker identity (`natflow auth worker --identity NAME`) need "
-                    f"that identity: run the worker with --identity NAME"
+                    f"that identity: run the worker with --identity NAME. With --processes N "
+                    f"(one per core by default) its processes are NAME-0 to NAME-<N-1>: make "
+                    f"the credentials with `natflow auth worker --identity NAME --processes "
+                    f"N`, or run one process (--processes 1)"
                 ) from None
             log.debug("registry heartbeat failed: %s", exc)
         except (NatflowError, nats.errors.Error) as exc:
