@@ -82,3 +82,16 @@ async def test_a_second_worker_of_a_live_identity_is_refused_naming_it(
     # Once the first is gone, the identity serves again.
     async with running_worker(client, WORKFLOWS, identity="twin") as again:
         assert again.identity == "twin"
+
+
+async def test_shutting_down_a_worker_that_never_ran_returns_at_once(client: Client) -> None:
+    """It waited for the end of a run() that never began, for good."""
+    import anyio
+    from natflow import Worker
+
+    from tests.workflows_waits import WORKFLOWS
+
+    worker = Worker(client, WORKFLOWS)
+    with anyio.fail_after(5):
+        await worker.shutdown(grace=1)
+        await worker.run()  # shut down already: returns at once

@@ -137,6 +137,7 @@ class Worker:
         self._ask_at_least = max(1, max_concurrent_runs // 4)
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
+        self._ran = False  # run() was entered: until then nothing is held, nothing to wait for
         self._drained = anyio.Event()
         self._not_pulling = anyio.Event()
         self._pullers: list[TaskPuller | StartPuller] = []
@@ -192,6 +193,7 @@ class Worker:
 
     async def run(self) -> None:
         """Serve until cancelled or :meth:`shutdown` is called."""
+        self._ran = True
         try:
             await self._serve()
         finally:
@@ -344,8 +346,8 @@ class Worker:
         handed back (its task NAKed, its lease dropped) so another worker resumes it at once.
         """
         self._stopping.set()
-        if self._stopped.is_set():  # run() is over (or its start failed): nothing is held
-            return
+        if self._stopped.is_set() or not self._ran:  # over, failed, or never started: it
+            return  # holds nothing (and a run() called later stops at once)
         # Drain first: a step that ends while the pulls are being withdrawn must not be
         # followed by the next one here.
         for held in list(self._held.values()):
