@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -246,3 +247,40 @@ async def test_graceful_stops_during_a_long_step_never_hold_its_run_as_poisoned(
     assert len(released) == 4, released
     assert (await client.describe("deployed")).status == "pending"
     await client.terminate(handle.run_id, "done testing")
+
+
+@pytest.mark.slow
+async def test_a_stopping_worker_exits_though_a_sync_step_outlives_its_grace(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    """A sync step's thread cannot be stopped: it kept the process alive to its end, and a
+    second SIGTERM or Ctrl-C was ignored. The run is handed back, the process exits."""
+    env = {COUNTS_ENV: str(tmp_path / "counts.txt")}
+
+    async def started(n: int) -> bool:
+        return counts(tmp_path / "counts.txt")["stuck:sleeps_in_a_thread"] >= n
+
+    await client.start("thread_sleeper", 120, run_id="stuck")
+    worker = spawn_worker(nats_server.url, TARGET, "--grace", "1", env=env, log=tmp_path / "w1.log")
+    again = None
+    try:
+        await wait_for(lambda: started(1), timeout=30, what="the sync step running")
+        began = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert await anyio.to_thread.run_sync(lambda: worker.wait(timeout=40)) == 0
+        assert time.monotonic() - began < 30  # grace, unwinding, 10 s for threads at most
+        # A second signal ends it at once.
+        log = tmp_path / "w2.log"
+        again = spawn_worker(nats_server.url, TARGET, "--grace", "60", env=env, log=log)
+        await wait_for(lambda: started(2), timeout=30, what="the step running again elsewhere")
+        again.send_signal(signal.SIGINT)
+        await anyio.sleep(0.5)
+        began = time.monotonic()
+        again.send_signal(signal.SIGINT)
+        code = await anyio.to_thread.run_sync(lambda: again.wait(timeout=10))
+        assert code == 128 + signal.SIGINT and time.monotonic() - began < 5
+    finally:
+        for proc in (worker, again):
+            if proc is not None:
+                stop(proc, signal.SIGKILL)
+    await client.terminate("stuck", "done testing")

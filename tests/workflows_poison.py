@@ -183,3 +183,17 @@ async def long_runner(ctx: WorkflowContext, seconds: float) -> str:
 
 
 WORKFLOWS.append(long_runner)
+
+
+def sleeps_in_a_thread(run_id: str, seconds: float) -> str:
+    _count(run_id, "sleeps_in_a_thread")
+    time.sleep(seconds)  # a sync step: its thread cannot be stopped
+    return "slept"
+
+
+@workflow(name="thread_sleeper")
+async def thread_sleeper(ctx: WorkflowContext, seconds: float) -> str:
+    return await ctx.step("sleeps_in_a_thread", sleeps_in_a_thread, ctx.run_id, seconds)
+
+
+WORKFLOWS.append(thread_sleeper)

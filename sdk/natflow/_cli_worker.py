@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -189,20 +190,54 @@ async def run_worker_command(args: argparse.Namespace) -> int:
                 max_concurrent_steps=args.max_concurrent_steps,
                 identity=args.identity,
             )
+        stopped_by: list[int] = []
         with one_error():  # a natflow error as one line, a bug with its traceback
             async with anyio.create_task_group() as tg:
+
+                async def drain() -> None:
+                    with anyio.move_on_after(args.grace + _THREADS_GRACE):
+                        await worker.shutdown(grace=args.grace)
+                        return
+                    # Its runs are handed back; what is left is a sync step's thread, which
+                    # nothing can stop, and which kept the process alive to its end.
+                    log.warning(
+                        "step threads still run %g s past the grace; exiting without them "
+                        "(their runs were handed back)",
+                        _THREADS_GRACE,
+                    )
+                    os._exit(_exit_status(stopped_by[0]))
 
                 async def on_signal() -> None:
                     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                         async for signum in signals:
                             name = signal.Signals(signum).name
-                            log.info("%s: draining (grace %.0f s)", name, args.grace)
-                            await worker.shutdown(grace=args.grace)
-                            return
+                            if stopped_by:  # the second: no more waiting
+                                log.warning(
+                                    "%s again: stopping now; runs not yet handed back go to "
+                                    "another worker once their leases lapse",
+                                    name,
+                                )
+                                os._exit(128 + signum)
+                            stopped_by.append(signum)
+                            log.info(
+                                "%s: draining (grace %g s; send it again to stop at once)",
+                                name,
+                                args.grace,
+                            )
+                            tg.start_soon(drain)
 
                 tg.start_soon(on_signal)
                 await worker.run()
                 tg.cancel_scope.cancel()
-        return 0
+        return _exit_status(stopped_by[0]) if stopped_by else 0
     finally:
         await client.close()
+
+
+_THREADS_GRACE = 10.0  # seconds past the grace a step's thread may keep a stopping worker
+
+
+def _exit_status(signum: int) -> int:
+    """A drain asked for with Ctrl-C ends as Ctrl-C does (130, README); one asked for by
+    SIGTERM, the way a service is stopped, is a clean exit (0)."""
+    return 130 if signum == signal.SIGINT else 0

@@ -78,6 +78,7 @@ log = logging.getLogger("natflow.worker")
 _ENDING: Final = 1.0  # seconds a wake-up waits for the handling of its run to end, if it is
 
 _MISSING_KEY_DELAY = 2.0
+_UNWIND: Final = 5.0  # seconds the held runs' executions get to unwind once cancelled
 _IDENTITY_LOOKS: Final = 3  # pings of the own identity before serving (see _check_identity_free)
 MIN_LEASE_TTL = 1.0
 
@@ -361,12 +362,15 @@ class Worker:
                 await self._drained.wait()
         remaining = list(self._held.values())
         self._runs_scope.cancel()
+        with anyio.move_on_after(_UNWIND):  # their executions unwind: nothing else appends
+            for held in remaining:
+                await held.finished.wait()
         for held in remaining:
-            if held.execution is not None:
-                with anyio.move_on_after(5):  # its execution unwinds: nothing else appends
-                    await held.finished.wait()
-                # A graceful stop that cuts a step short is not a death: recorded, so that a
-                # rolling deploy repeated during a long step never holds its run as poisoned.
+            # A graceful stop that cuts a step short is not a death: recorded, so that a
+            # rolling deploy repeated during a long step never holds its run as poisoned.
+            # Not for a run whose execution still waits on a step's thread (it is in no
+            # state to append; it goes back all the same).
+            if held.execution is not None and held.finished.is_set():
                 await held.execution.release(f"the worker stopped after a grace of {grace:g} s")
             await self._endings.hand_back(held)
         await self._stopped.wait()
