@@ -339,8 +339,9 @@ async def test_a_run_summary_from_a_newer_natflow_is_skipped_by_every_reader(
     """A status this version does not know (as `paused` and `blocked` once were new) in the
     run index: the engine's retention sweep, the list, the CLI and the console skip it; it
     killed the engine at its first sweep, and `natflow runs list` with a traceback."""
+    from natflow_engine._index import summaries_of
     from natflow_engine._retention import RetentionService
-    from natflow_engine.console._reads import entries_for, find_run
+    from natflow_engine.console._reads import find_run
 
     from tests.test_cli import natflow
 
@@ -358,7 +359,7 @@ async def test_a_run_summary_from_a_newer_natflow_is_skipped_by_every_reader(
         sweeper = RetentionService(client.connection, 0.001)
         assert await sweeper.sweep() == 1  # the known run; the newer one skipped
         assert await find_run(client.connection, "newer") is None
-        assert await entries_for(client.connection, ["newer"]) == []
+        assert await summaries_of(client.connection, ["newer"]) == []
         listed = await natflow(nats_server.url, "runs", "list")
         assert listed.returncode == 0 and b"Traceback" not in listed.stderr, listed.stderr
         assert isinstance(engine, Engine)

@@ -129,6 +129,8 @@ class RunExecution:
         rec = self._rec
         if not self._holds or self._claim_missed or rec.claim_pending:
             return
+        if self._steps.inflight == 0:  # it only waited (a timer held in memory): no step cut
+            return
         if isinstance(rec.last_event, TERMINAL_EVENTS):
             return
         try:

@@ -708,9 +708,17 @@ class WorkflowState:
             self._loop.run_until_idle()
         except BaseException:  # user finally-blocks during teardown: nothing left to protect
             log.debug("run %s: error while closing workflow code", self.run_id, exc_info=True)
-        for task in list(self._loop.tasks) + ([self.root] if self.root is not None else []):
-            if task.done() and not task.cancelled():
-                task.exception()  # retrieved: asyncio would log "never retrieved" for each
+        done: list[asyncio.Future[Any]] = [*self._loop.tasks]
+        done += [self.root] if self.root is not None else []
+        done += [command.future for command in self._commands.values()]
+        for future in done:
+            if future.done() and not future.cancelled():
+                # Retrieved (asyncio would log "never retrieved" for each), and its
+                # traceback dropped: its frames hold the workflow's, which hold this state,
+                # a cycle only the collector would free.
+                exc = future.exception()
+                if isinstance(exc, Evicted):
+                    exc.__traceback__ = None
         self._loop.close()
         # The context holds this state, and so do the frames the root task's cancellation
         # keeps: letting go of both frees an ended run at once rather than by the cycle
