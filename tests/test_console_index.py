@@ -151,3 +151,23 @@ async def test_live_counts_read_the_index_again_and_drop_deleted_runs(conn: Conn
         await wait_for(dropped, what="a deleted run to drop out")
         assert counts.by_status["failed"] == 12
         tg.cancel_scope.cancel()
+
+
+async def test_a_list_over_the_scan_limit_says_it_looked_at_the_newest_only(
+    conn: Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the scan limit, a list's filters and count covered the newest summaries only,
+    silently: a waiting run among the older ones was not found, and no one was told."""
+    from natflow_engine import _index
+    from natflow_engine._index import RunIndex
+
+    monkeypatch.setattr(_index, "SCAN_LIMIT", 100)
+    monkeypatch.setattr(_index, "_PAGE", 50)
+    index = RunIndex(conn)
+    _, total, looked = await index.page(status="failed", limit=5)
+    assert looked is not None and looked >= 100 and total < 13  # 13 of the 130 failed
+    assert await index.scan(limit=5)
+    assert "more than 100 summaries" in caplog.text
+    monkeypatch.setattr(_index, "SCAN_LIMIT", 200_000)
+    _, total, looked = await index.page(status="failed", limit=5)
+    assert (total, looked) == (13, None)

@@ -274,9 +274,16 @@ async def cmd_runs(conn: Connection, args: argparse.Namespace) -> int:
 
 
 async def _list(conn: Connection, args: argparse.Namespace) -> int:
-    found, total = await RunIndex(conn).page(
+    found, total, looked = await RunIndex(conn).page(
         workflow=args.workflow, status=args.status, limit=args.limit
     )
+    if looked is not None:
+        print(
+            f"the run index holds more than {looked:,} run summaries; this list looked at the "
+            f"newest {looked:,} (its filters and count cover those): set a retention to keep "
+            f"it smaller, or page through all of them in the console",
+            file=sys.stderr,
+        )
     if args.json:
         print_json(found)
     elif found:
@@ -306,7 +313,8 @@ async def _list(conn: Connection, args: argparse.Namespace) -> int:
             "`natflow engine` running?)"
         )
     if total > len(found):
-        print(f"{len(found)} of {total}; --limit N shows more", file=sys.stderr)
+        more = "+" if looked is not None else ""  # of the summaries it looked at
+        print(f"{len(found)} of {total}{more}; --limit N shows more", file=sys.stderr)
     return 0
 
 

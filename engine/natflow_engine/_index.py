@@ -44,7 +44,8 @@ log = logging.getLogger("natflow.index")
 
 _CACHE_SIZE: Final = 10_000
 _PAGE: Final = 1000
-_SCAN_LIMIT: Final = 200_000
+# Summaries a list reads at most, newest first (a list reads them all to filter and count).
+SCAN_LIMIT: Final = 200_000
 
 
 class IndexEntry(msgspec.Struct, kw_only=True):
@@ -326,13 +327,24 @@ class RunIndex:
     async def scan(
         self, *, workflow: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[RunInfo]:
-        """Runs matching the filters, newest first; an unknown status is :class:`InvalidInput`."""
-        return (await self.page(workflow=workflow, status=status, limit=limit))[0]
+        """Runs matching the filters, newest first; an unknown status is :class:`InvalidInput`.
+        Over :data:`SCAN_LIMIT` summaries, only the newest are looked at (a warning says so)."""
+        found, _, looked = await self.page(workflow=workflow, status=status, limit=limit)
+        if looked is not None:
+            log.warning(
+                "the run index holds more than %d summaries; the list looked at the newest "
+                "%d (set a retention to keep it smaller; the console pages through all)",
+                SCAN_LIMIT,
+                looked,
+            )
+        return found
 
     async def page(
         self, *, workflow: str | None = None, status: str | None = None, limit: int = 100
-    ) -> tuple[list[RunInfo], int]:
-        """The newest ``limit`` runs matching the filters, and how many match in all."""
+    ) -> tuple[list[RunInfo], int, int | None]:
+        """The newest ``limit`` runs matching the filters, how many match in all, and how
+        many summaries were looked at if that was not all of them (over
+        :data:`SCAN_LIMIT`: the count and the filters cover those)."""
         if status is not None and status not in RUN_STATUSES:
             raise InvalidInput(
                 f"unknown run status {status!r}; use one of {', '.join(RUN_STATUSES)}"
@@ -343,7 +355,7 @@ class RunIndex:
             raise InvalidInput(f"workflow must be a workflow's name, not {workflow!r}")
         bounds = await stream_bounds(self._conn, RUNS_STREAM)
         if bounds is None:  # no index yet: no runs yet
-            return [], 0
+            return [], 0, None
         first, last = bounds
         # Newest summary of each run by its stream sequence: a summary rewritten while the
         # scan goes on leaves its place (one message per run) for the stream's end, so the
@@ -359,11 +371,12 @@ class RunIndex:
         end = last
         start = max(first, last - _PAGE + 1)
         scanned = 0
-        while last >= first and scanned < _SCAN_LIMIT:
+        while last >= first and scanned < SCAN_LIMIT:
             keep(await self._page(start, last - start + 1))
             scanned += last - start + 1
             last = start - 1
             start = max(first, last - _PAGE + 1)
+        cut_short = last >= first  # older summaries left unread
         keep(await self._page(end + 1, _PAGE, bounded=False))
         found = [
             run
@@ -379,7 +392,7 @@ class RunIndex:
             and (status is None or run.status == status)
         ]
         found.sort(key=lambda r: r.created_at, reverse=True)
-        return found[:limit], len(found)
+        return found[:limit], len(found), scanned if cut_short else None
 
     async def _page(
         self, start: int, count: int, *, bounded: bool = True
