@@ -222,6 +222,10 @@ async def test_a_large_last_step_result_carried_by_the_runs_end_is_stored_by_ref
     assert msgspec.json.decode(step.result) == "x" * size  # read back in its place
     stored = await stream_messages(nats_server.url, "NATFLOW_HISTORY")
     assert max(len(m) for m in stored) < INLINE_BYTES  # no message holds it inline
+    # Deleted, the run leaves nothing in the store (nats-py's "deleted" meta message stayed,
+    # ~400 bytes a value, for good).
+    await client.delete("big-last")
+    assert await object_count(nats_server.url) == 0
 
 
 async def test_releasing_a_value_that_was_marked_but_never_stored_deletes_nothing_and_fails_not(

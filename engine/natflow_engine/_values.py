@@ -16,6 +16,7 @@ that run's (``_value_refs``) and deleted with the last run that refers to it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 from typing import TYPE_CHECKING, Any, Final
@@ -149,8 +150,17 @@ async def _stored(conn: Connection, what: str, data: bytes, run_id: str | None) 
 async def delete_object(conn: Connection, digest: str) -> None:
     """Delete stored value ``digest`` (nothing if it is gone already)."""
     store = _store(conn)
+    # nats-py marks a deleted object with a meta message of its own ("deleted": true), which
+    # stays: ~400 bytes left behind per value deleted, by every delete and retention sweep.
+    # Purged too, the value leaves nothing.
+    meta = f"$O.{VALUES_BUCKET}.M.{base64.urlsafe_b64encode(digest.encode()).decode()}"
     try:
         await conn.admin(f"deleting value {digest}", lambda: store.delete(digest))
+        await conn.admin(
+            f"deleting value {digest}",
+            lambda: conn.jsm.purge_stream(VALUES_STREAM, subject=meta),
+            subject=f"{conn.api}.STREAM.PURGE.{VALUES_STREAM}",
+        )
     except NatflowError:
         raise
     except Exception as exc:  # a nats-py error: mapped here, at the boundary
