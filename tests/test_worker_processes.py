@@ -182,3 +182,50 @@ def zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.slow
+async def test_a_second_ctrl_c_stops_a_draining_supervisor_and_its_workers_at_once(
+    nats_server: EmbeddedServer,
+    client: Client,
+    engine: object,
+    processes: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """A step outlives the grace; the first Ctrl-C drains, the second stops everything at
+    once (it killed the supervisor outright: children left draining unwatched, its metrics
+    folder left behind), and Ctrl-C exits 130 as the README says."""
+    from tests.test_poison import counts
+    from tests.workflows_poison import COUNTS_ENV
+
+    supervisor = spawn_worker(
+        nats_server.url,
+        "tests.workflows_poison:make_worker",
+        "--processes",
+        "2",
+        "--grace",
+        "60",
+        "--metrics-port",
+        str(free_port()),
+        env={COUNTS_ENV: str(tmp_path / "counts.txt")},
+        log=tmp_path / "workers.log",
+    )
+    processes.append(supervisor)
+    await client.start("thread_sleeper", 120, run_id="long")
+
+    async def running() -> bool:
+        return counts(tmp_path / "counts.txt")["long:sleeps_in_a_thread"] >= 1
+
+    await wait_for(running, timeout=30, what="the long step running")
+    kids = children_of(supervisor.pid)
+    supervisor.send_signal(signal.SIGINT)
+    await anyio.sleep(1)
+    assert supervisor.poll() is None  # draining: the step has a minute
+    supervisor.send_signal(signal.SIGINT)
+    code = await anyio.to_thread.run_sync(lambda: supervisor.wait(timeout=15))
+    assert code == 130
+    for pid in kids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "again: stopping the worker processes now" in (tmp_path / "workers.log").read_text()
+    await client.terminate("long", "done testing")

@@ -121,6 +121,7 @@ class Supervisor:
         self._metrics_folder = ""  # where the children write their metrics, while running
         self.slots = [_Slot(i) for i in range(count)]
         self._stopping = False
+        self._stopped_by: int | None = None  # the signal that began the drain
         self.failed: int | None = None  # the exit status of a child that could not start
 
     def _start(self, slot: _Slot) -> None:
@@ -195,6 +196,7 @@ class Supervisor:
                             self._grace,
                         )
                         self._stopping = True
+                        self._stopped_by = signum
                         tg.cancel_scope.cancel()
                         return
 
@@ -206,15 +208,35 @@ class Supervisor:
                 await anyio.sleep(POLL)
             tg.cancel_scope.cancel()
         await self._drain()
-        return self.failed or 0
+        if self.failed:
+            return self.failed
+        return 130 if self._stopped_by == signal.SIGINT else 0  # Ctrl-C, as the README says
 
     async def _drain(self) -> None:
         alive = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
         for proc in alive:
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self._grace + KILL_AFTER_GRACE
-        while any(p.poll() is None for p in alive) and time.monotonic() < deadline:  # noqa: ASYNC110 (a child process gives no event to wait on)
-            await anyio.sleep(POLL)
+        # Still listening: a second signal passes on to the children, which then stop at once
+        # (it killed this process outright, with its children left to drain unwatched and
+        # its metrics folder left behind).
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as again:
+            async with anyio.create_task_group() as tg:
+
+                async def second() -> None:
+                    async for signum in again:
+                        log.warning(
+                            "%s again: stopping the worker processes now",
+                            signal.Signals(signum).name,
+                        )
+                        for proc in alive:
+                            if proc.poll() is None:
+                                proc.send_signal(signum)
+
+                tg.start_soon(second)
+                while any(p.poll() is None for p in alive) and time.monotonic() < deadline:  # noqa: ASYNC110 (a child process gives no event to wait on)
+                    await anyio.sleep(POLL)
+                tg.cancel_scope.cancel()
         for proc in alive:
             if proc.poll() is None:
                 log.warning("worker process pid %d did not drain in time; killing it", proc.pid)
