@@ -114,6 +114,19 @@ async def test_children_that_cannot_start_end_the_command_with_their_error(
     assert "returned 42, not a Worker" in done.stderr
     assert "could not start" in done.stderr
     assert "starting it again" not in done.stderr
+    # A callable natflow cannot call (it takes two arguments): named, no traceback.
+    two = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [*NATFLOW, "worker", "tests.workflows_proc:make_two", "--processes", "1"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "NATFLOW_URL": nats_server.url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    )
+    assert two.returncode == 1 and "cannot be called so" in two.stderr, two.stderr
+    assert "Traceback" not in two.stderr
 
 
 def _metric_sum(port: int, name: str, label: str) -> float:

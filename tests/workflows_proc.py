@@ -63,3 +63,8 @@ def make_single_worker(client: Client) -> Worker:
 def make_nothing(client: Client) -> int:
     """A factory that makes no Worker: each worker process says so and exits with status 1."""
     return 42
+
+
+def make_two(first: object, second: object) -> object:
+    """Not a factory natflow can call: it takes two arguments."""
+    return first

@@ -177,7 +177,17 @@ async def run_worker_command(args: argparse.Namespace) -> int:
     client = await _connect_with_retry(args)
     try:
         if factory is not None:
-            made = factory(client) if inspect.signature(factory).parameters else factory()
+            takes_client = bool(inspect.signature(factory).parameters)
+            try:  # whether it can be called so: a TypeError from inside it stays its own
+                inspect.signature(factory).bind(*([client] if takes_client else []))
+            except TypeError as exc:
+                raise InvalidInput(
+                    f"{args.target} is a callable, so natflow calls it (with the client, if it "
+                    f"takes an argument) to make the Worker; it cannot be called so ({exc}): "
+                    f"name a module, a workflow, a list of workflows, or a function of the "
+                    f"client that returns a Worker"
+                ) from None
+            made = factory(client) if takes_client else factory()
             worker = await made if inspect.isawaitable(made) else made
             if not isinstance(worker, Worker):
                 raise InvalidInput(f"{args.target} returned {worker!r}, not a Worker")
