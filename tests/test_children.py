@@ -31,6 +31,7 @@ from tests.workflows_children import (
     grandparent,
     kid,
     leaver,
+    napper,
 )
 
 DEFAULT_TARGET = "tests.workflows_children:make_worker"
@@ -307,3 +308,35 @@ async def test_a_parent_with_a_long_run_id_still_gets_children(
     children = [e.child_run_id for e in await client.history(handle.run_id)
                 if isinstance(e, ChildStarted)]  # fmt: skip
     assert len(children) == 2 and all(len(c) == 128 for c in children), children
+
+
+@workflow(name="gives_up_on_its_child")
+async def gives_up_on_its_child(ctx: WorkflowContext, policy: str) -> str:
+    """Stops waiting for a child (cancels the task awaiting it), then goes on waiting for a
+    signal: the child gets its parent_close policy now, not at the parent's end."""
+    import asyncio
+
+    waiting = asyncio.ensure_future(ctx.child(napper, 3600, parent_close=policy))
+    await ctx.sleep("a moment", 0.2)
+    waiting.cancel()
+    return str(await ctx.wait_for_signal("done"))
+
+
+async def test_a_child_let_go_of_gets_its_parent_close_policy_at_once(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, [gives_up_on_its_child, napper]):
+        for rule, ends_as in (("cancel", "cancelled"), ("terminate", "terminated")):
+            parent = await client.start(gives_up_on_its_child, rule, run_id=f"giver-{rule}")
+            child = f"giver-{rule}-c2"  # its command comes after the sleep
+
+            async def child_ended(child: str = child, ends_as: str = ends_as) -> bool:
+                try:
+                    return (await client.describe(child)).status == ends_as
+                except RunNotFound:
+                    return False
+
+            await wait_for(child_ended, timeout=15, what=f"the child {ends_as}, parent waiting")
+            assert (await client.describe(parent.run_id)).status == "waiting"
+            await client.signal(parent.run_id, "done", "ok")
+            assert await parent.result(timeout=15) == "ok"

@@ -75,15 +75,31 @@ async def _start_child(conn: Connection, state: WorkflowState, event: ChildStart
 
 async def close_children(conn: Connection, state: WorkflowState, reason: str) -> None:
     """Apply each open child's ``parent_close`` policy as this run closes."""
-    run_id = state.run_id
     for command in state.open_children():
-        if command.parent_close == "abandon":
-            continue
-        kind = TERMINATE if command.parent_close == "terminate" else CANCEL
-        await send(
+        await _apply_policy(conn, state.run_id, command, f"parent {state.run_id} closed: {reason}")
+
+
+async def stop_let_go_children(conn: Connection, state: WorkflowState) -> None:
+    """Apply the ``parent_close`` policy to each open child the workflow stopped waiting for
+    (the task awaiting it cancelled), as the parent goes on."""
+    for command in state.take_children_to_stop():
+        await _apply_policy(
             conn,
-            command.child_run_id,
-            kind,
-            msgspec.json.encode(f"parent {run_id} closed: {reason}"[:MAX_REASON]),
-            f"parent-{run_id}",
+            state.run_id,
+            command,
+            f"parent {state.run_id} stopped waiting for it (its wait was cancelled)",
         )
+
+
+async def _apply_policy(conn: Connection, run_id: str, command: ChildCommand, why: str) -> None:
+    if command.parent_close == "abandon":
+        return
+    kind = TERMINATE if command.parent_close == "terminate" else CANCEL
+    # One request id per parent: a cancel sent now and at the parent's close is one.
+    await send(
+        conn,
+        command.child_run_id,
+        kind,
+        msgspec.json.encode(why[:MAX_REASON]),
+        f"parent-{run_id}",
+    )

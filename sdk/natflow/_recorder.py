@@ -24,7 +24,7 @@ from natflow_engine.events import (
     utcnow,
 )
 
-from ._children import start_children
+from ._children import start_children, stop_let_go_children
 from ._record_bounds import bounded
 from ._replay import WorkflowState
 from ._tracing import RunTrace
@@ -205,6 +205,7 @@ class RunRecorder:
         # it may need records of its own: flush until nothing is owed.
         while records := self.state.take_records():
             await self._flush(records)
+        await stop_let_go_children(self.conn, self.state)  # started (and recorded) first
 
     async def _flush(self, records: list[Event]) -> None:
         children = [e for e in records if isinstance(e, ChildStarted)]

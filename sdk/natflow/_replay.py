@@ -137,6 +137,7 @@ class WorkflowState:
         self._unasked_patches = set(self._patches)
         self._live = False
         self._to_record: list[Event] = []  # appended before anything else happens live
+        self._to_stop: list[ChildCommand] = []  # children the workflow stopped waiting for
         self._commands: dict[int, Command] = {}
         self._to_launch: list[StepCommand] = []
         self._children: dict[str, ChildCommand] = {}  # by child run id, outcome not delivered
@@ -267,6 +268,21 @@ class WorkflowState:
         """Events the workflow's new commands need in history, oldest first (now owed)."""
         records, self._to_record = self._to_record, []
         return records
+
+    def take_children_to_stop(self) -> list[ChildCommand]:
+        """Open children whose awaiting the workflow cancelled, live (each once)."""
+        stop, self._to_stop = self._to_stop, []
+        return stop
+
+    def _child_let_go(self, command: ChildCommand, future: asyncio.Future[Any]) -> None:
+        # A cancelled wait for a child (its task cancelled in the workflow): the child gets
+        # its parent_close policy now, not when the parent closes (an abandon policy, never).
+        # Only live: a replay meets the same cancellation that was acted on then; a crash in
+        # between leaves it to the parent's close, which applies the policy to open children.
+        if not future.cancelled() or self._evicted or self.replaying:
+            return
+        if command.seq not in self._child_done:
+            self._to_stop.append(command)
 
     def take_launches(self) -> list[StepCommand]:
         """Steps to run for real: issued, with no outcome in history."""
@@ -432,6 +448,7 @@ class WorkflowState:
                 )
             )
         self._children[command.child_run_id] = command
+        command.future.add_done_callback(functools.partial(self._child_let_go, command))
         return command.future
 
     @property
