@@ -109,7 +109,11 @@ def rate_fields(item: StillRunning) -> dict[str, Any]:
 
 
 def return_type(fn: Callable[..., Any]) -> Any:
-    """The annotated return type if it is a Struct or dataclass (results decode into it)."""
+    """The step function's annotated return type, which its recorded result decodes into
+    (``Any``: plain JSON): what mypy says the step returns, a ``datetime``, ``Decimal``,
+    ``list[Item]`` or ``Item | None`` as much as a Struct (only a bare Struct or dataclass
+    was, and the rest came back as strings and dicts). A result that does not fit it reads
+    back as plain JSON."""
     try:
         return _return_type_cached(fn)
     except TypeError:  # an unhashable callable: look it up each time
@@ -122,16 +126,21 @@ def _return_type_cached(fn: Callable[..., Any]) -> Any:
 
 
 def _return_type(fn: Callable[..., Any]) -> Any:
+    while isinstance(fn, functools.partial):  # what it calls is what it returns
+        fn = fn.func
+    target: Any = fn
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)) and callable(fn):
+        target = type(fn).__call__  # a callable object: its __call__'s annotation
     try:
-        hints = inspect.get_annotations(fn, eval_str=True)
+        hints = inspect.get_annotations(target, eval_str=True)
     except Exception:  # unresolvable annotations: results stay plain JSON
         return Any
     hint = hints.get("return", Any)
-    if isinstance(hint, type) and (
-        issubclass(hint, msgspec.Struct) or hasattr(hint, "__dataclass_fields__")
-    ):
-        return hint
-    return Any
+    try:
+        msgspec.json.Decoder(hint)  # one msgspec can decode into (not a TypeVar, say)
+    except TypeError:
+        return Any
+    return hint
 
 
 async def run_step(
