@@ -186,6 +186,10 @@ async def test_emit_checks_the_event_name(client: Client) -> None:
         await client.emit("order.*", {})
     with pytest.raises(InvalidInput, match="event_id must be"):
         await client.emit("order.created", {}, event_id="")
+    from natflow_engine._triggers import emit
+
+    with pytest.raises(InvalidInput, match="event_id must be"):  # what the CLI calls
+        await emit(client.connection, "order.created", b"{}", "x" * 5000)
 
 
 async def test_no_events_yet_lists_nothing(client: Client) -> None:
@@ -203,3 +207,42 @@ def test_a_declared_schema_that_is_not_json_schema_rejects_the_body_not_the_inta
     )
     with pytest.raises(BadEvent, match="not valid JSON Schema"):
         check_body(decl, {"a": 1})
+
+
+async def test_one_event_id_for_two_events_starts_both_and_bad_entries_block_nothing(
+    client: Client, engine: object, plain: Any
+) -> None:
+    """JetStream drops a repeated Nats-Msg-Id across the whole stream: an order's id used
+    for its created and cancelled events lost the second. An unreadable declaration stopped
+    every start of its event (and `events` commands); an event no workflow declares was
+    acknowledged unseen."""
+    async with running_worker(client, WORKFLOWS):
+        await wait_for(lambda: both_declared(client), what="declarations")
+        # A bad entry beside the good ones: skipped, and removable.
+        await client.connection.publish(
+            "$KV.natflow_triggers.order.created.deadbeefdeadbeef", b"not json at all"
+        )
+        created = await client.emit(
+            "order.created", {"order_id": "B-2", "total": 1.0}, event_id="B-2"
+        )
+        cancelled = await client.emit("order.cancelled", {"order_id": "B-2"}, event_id="B-2")
+        assert cancelled != created
+        for name, seq, workflow in (
+            ("order.created", created, "fulfil"),
+            ("order.cancelled", cancelled, "audit"),
+        ):
+            await result_of(client, event_run_id(name, "B-2", seq, workflow))
+        records = await recent_events(client.connection, limit=5)
+        assert {r.name for r in records} >= {"order.created", "order.cancelled"}
+        # An event nobody declares: a dead letter that says so.
+        lonely = await plain.publish("natflow.event.order.lost", b"{}")
+
+        async def said() -> list[Any]:
+            return [
+                d
+                for d in await dead_letters(client.connection)
+                if d.kind == "event" and d.signal_seq == lonely.seq
+            ]
+
+        (letter,) = await wait_for(said, what="the undeclared event's dead letter")
+        assert "no workflow declares event 'order.lost'" in letter.reason

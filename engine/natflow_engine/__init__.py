@@ -203,6 +203,7 @@ from ._timers import Timer, schedule
 from ._triggers import (
     EventRecord,
     TriggerDeclaration,
+    check_event_id,
     check_event_name,
     declarations,
     declare,
@@ -336,6 +337,7 @@ __all__ = [
     "announced_schema",
     "cancel_reason",
     "cell_key",
+    "check_event_id",
     "check_event_name",
     "check_field_path",
     "check_input",

@@ -40,6 +40,7 @@ from ._kv import kv_delete, kv_entries, kv_put
 from ._logs import fields
 from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
+from ._quarantine import quarantined
 from ._reader import reader, stream_bounds
 from ._runs import Runs
 from ._sealing import seal, sealed_key
@@ -51,6 +52,8 @@ from .events import Trigger, utcnow
 if TYPE_CHECKING:  # jsonschema loads in ~0.1 s: only the engine's intake needs it
     import jsonschema
 
+# emit()'s event id, beside the Nats-Msg-Id that carries the name too (see emit).
+EVENT_ID_HEADER: Final = "Natflow-Event-Id"
 log = logging.getLogger("natflow.triggers")
 
 INTAKE: Final = "natflow-engine-events"
@@ -124,23 +127,52 @@ async def declare(conn: Connection, declaration: TriggerDeclaration) -> None:
     await kv_put(conn, TRIGGERS_BUCKET, key, _decl_encoder.encode(declaration))
 
 
+def _key_of(msg: Msg) -> str:
+    """The KV key of an entry read from the bucket's stream (kv_entries)."""
+    subject = (msg.headers or {}).get("Nats-Subject", msg.subject)
+    return subject.removeprefix(f"$KV.{TRIGGERS_BUCKET}.")
+
+
 async def undeclare(conn: Connection, event: str, workflow: str) -> bool:
     """Forget that ``workflow`` starts on ``event``; False if it did not."""
     check_event_name(event)
-    if workflow not in {d.workflow for d in await declarations(conn, event)}:
+    key = _declaration_key(event, workflow)
+    # By its key, whether or not the entry decodes (one that does not is removed so too).
+    entries = await kv_entries(conn, TRIGGERS_BUCKET, f"{event}.*")
+    if key not in {_key_of(msg) for msg in entries}:
         return False
-    await kv_delete(conn, TRIGGERS_BUCKET, _declaration_key(event, workflow))
+    await kv_delete(conn, TRIGGERS_BUCKET, key)
     return True
 
 
 async def declarations(conn: Connection, event: str | None = None) -> list[TriggerDeclaration]:
     """The declarations of ``event`` (of every event when None), by workflow."""
     entries = await kv_entries(conn, TRIGGERS_BUCKET, f"{event}.*" if event else ">")
-    found = [_decl_decoder.decode(msg.data) for msg in entries]
+    found = []
+    for msg in entries:
+        try:
+            found.append(_decl_decoder.decode(msg.data))
+        except UNDECODABLE as exc:  # one bad entry must not stop the event's other starts
+            key = _key_of(msg)
+            quarantined(
+                "kv_triggers",
+                key,
+                f"trigger declaration {key!r} does not decode ({exc}); skipped: "
+                f"`natflow events undeclare` or a worker's next start replaces it",
+                logger=log,
+            )
     return sorted(found, key=lambda d: (d.event, d.workflow))
 
 
 # -- publishing and reading events ------------------------------------------------------------
+
+
+def check_event_id(event_id: object) -> None:
+    """An event id is 1 to 256 printable characters (or None: one is made)."""
+    if event_id is not None and (
+        not isinstance(event_id, str) or not event_id.isprintable() or not 0 < len(event_id) <= 256
+    ):
+        raise InvalidInput(f"event_id must be 1 to 256 printable characters, not {event_id!r}")
 
 
 async def emit(conn: Connection, name: str, payload: bytes, event_id: str | None) -> int:
@@ -151,14 +183,28 @@ async def emit(conn: Connection, name: str, payload: bytes, event_id: str | None
     connection (a client's, or the CLI's NATFLOW_CODEC_KEYS) the payload is sealed.
     """
     check_event_name(name)
+    check_event_id(event_id)  # the command line's too ("" became a random id)
     if conn.codec is not None:
         payload = seal(conn.codec, payload)
-    headers = {"Nats-Msg-Id": event_id or f"natflow-{uuid.uuid4().hex}"}
+    # The name in the id: JetStream drops a repeated Nats-Msg-Id across the whole stream,
+    # whatever the subject, so one event_id for two events (an order's id for created and
+    # paid) lost the second within the 2-minute window.
+    # The event's own id travels beside it, for the run ids (as a plain publisher's id is).
+    headers = {"Nats-Msg-Id": f"natflow-{uuid.uuid4().hex}"}
+    if event_id:
+        headers = {"Nats-Msg-Id": f"{name}:{event_id}", EVENT_ID_HEADER: event_id}
     ack = await retrying(
         f"emitting event {name!r}",
         lambda: conn.publish(event_subject(name), payload, headers),
     )
     return ack.seq
+
+
+def event_id_of(headers: dict[str, str] | None) -> str | None:
+    """An event's id: ``emit``'s own (its ``Nats-Msg-Id`` has the name in front), or the
+    ``Nats-Msg-Id`` a plain publisher gave it."""
+    headers = headers or {}
+    return headers.get(EVENT_ID_HEADER) or headers.get("Nats-Msg-Id")
 
 
 async def recent_events(conn: Connection, limit: int = 20) -> list[EventRecord]:
@@ -179,7 +225,7 @@ async def recent_events(conn: Connection, limit: int = 20) -> list[EventRecord]:
         subject = headers.get("Nats-Subject", msg.subject)
         name = subject[len(EVENT_PREFIX) + 1 :]
         seq = int(headers.get("Nats-Sequence", "0"))
-        event_id = headers.get("Nats-Msg-Id")
+        event_id = event_id_of(headers)
         started: dict[str, str | None] = {}
         for decl in wanted.get(name, []):
             run_id = event_run_id(name, event_id, seq, decl.workflow)
@@ -279,7 +325,7 @@ class EventIntake:
     async def _take(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
         name = msg.subject[len(EVENT_PREFIX) + 1 :]
-        event_id = (msg.headers or {}).get("Nats-Msg-Id")
+        event_id = event_id_of(msg.headers)
         try:
             try:
                 check_event_name(name)
@@ -289,7 +335,10 @@ class EventIntake:
                 await self._dead(msg, seq, name, "", reason)
                 await quietly(msg.ack())
                 return
-            for decl in await declarations(self._conn, name):
+            declared = await declarations(self._conn, name)
+            if not declared:  # acknowledged: nothing would ever take it, but not unseen
+                await self._dead(msg, seq, name, "", f"no workflow declares event {name!r}")
+            for decl in declared:
                 await self._start(msg, seq, name, event_id, decl, body)
         except (NatflowError, OSError) as exc:  # the server could not be reached: again soon
             log.warning("event #%d: could not process (%s); retrying", seq, exc)

@@ -32,6 +32,7 @@ from natflow_engine import (
     ServerUnavailable,
     StepInfo,
     announced_schema,
+    check_event_id,
     check_event_name,
     check_input,
     check_portable,
@@ -425,12 +426,7 @@ class Client:
         run when its worker decodes it (instead of being dead-lettered).
         """
         check_event_name(name)
-        if event_id is not None and (
-            not isinstance(event_id, str)
-            or not event_id.isprintable()
-            or not 0 < len(event_id) <= 256
-        ):
-            raise InvalidInput(f"event_id must be 1 to 256 printable characters, not {event_id!r}")
+        check_event_id(event_id)
         data = encode_value(f"payload of event {name!r}", payload)
         self._conn.check_size(f"payload of event {name!r}", len(data))
         await ensure_streams(self._conn)
