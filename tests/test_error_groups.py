@@ -80,3 +80,27 @@ def test_several_with_a_base_exception_leave_as_the_group() -> None:
             await _in_group(_Suspended(), ServerUnavailable("away"))
 
     anyio.run(main)
+
+
+def test_a_recorded_error_keeps_its_chain_and_its_groups_members() -> None:
+    """Only the last exception's own lines were kept: a `raise ... from` lost its cause, an
+    ExceptionGroup all but "many (2 sub-exceptions)"."""
+    from natflow_engine import error_info
+
+    def wrapped() -> None:
+        try:
+            {}["k"]
+        except KeyError as exc:
+            raise RuntimeError("wrapper") from exc
+
+    try:
+        wrapped()
+    except RuntimeError as exc:
+        chained = error_info(exc).traceback
+    assert "KeyError: 'k'" in chained and "direct cause" in chained, chained
+    assert chained.rstrip().endswith("RuntimeError: wrapper")
+    try:
+        raise ExceptionGroup("many", [ValueError("first"), TypeError("second")])
+    except ExceptionGroup as exc:
+        grouped = error_info(exc).traceback
+    assert "ValueError: first" in grouped and "TypeError: second" in grouped, grouped

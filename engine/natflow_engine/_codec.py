@@ -48,10 +48,11 @@ def error_info(exc: BaseException) -> ErrorInfo:
     user's code. A ``StepError`` that fails a run carries the step's own traceback too.
     """
     cls = type(exc)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _internal(f.filename)]
-    text = "Traceback (most recent call last):\n" if frames else ""
-    text += "".join(traceback.format_list(frames))
-    text += "".join(traceback.format_exception_only(exc))
+    # As Python prints it, chained causes and an exception group's members included (only
+    # the last exception's own lines were kept: "many (2 sub-exceptions)" and not which).
+    shown = traceback.TracebackException.from_exception(exc)
+    _user_frames_only(shown, set())
+    text = "".join(shown.format())
     cause = getattr(exc, "error", None)
     if isinstance(cause, ErrorInfo) and cause.traceback:
         text += f"\nThe step's error:\n{cause.traceback}"
@@ -60,6 +61,19 @@ def error_info(exc: BaseException) -> ErrorInfo:
     except Exception as failed:  # the user's own __str__ raised: the run still fails with it
         message = f"(its message cannot be shown: str() raised {type(failed).__qualname__})"
     return ErrorInfo(type=cls.__qualname__, message=_text(message), traceback=_text(text))
+
+
+def _user_frames_only(shown: traceback.TracebackException, seen: set[int]) -> None:
+    """Leave out natflow's, anyio's and asyncio's frames, down every chained exception."""
+    if id(shown) in seen:
+        return
+    seen.add(id(shown))
+    shown.stack = traceback.StackSummary.from_list(
+        [f for f in shown.stack if not _internal(f.filename)]
+    )
+    for inner in (shown.__cause__, shown.__context__, *(shown.exceptions or ())):
+        if inner is not None:
+            _user_frames_only(inner, seen)
 
 
 def _text(text: str) -> str:
