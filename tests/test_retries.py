@@ -116,3 +116,31 @@ def test_a_retry_policy_is_checked_when_made_not_when_a_step_fails(
 def test_a_steep_backoff_stops_at_its_cap_instead_of_overflowing() -> None:
     policy = RetryPolicy(max_attempts=5000, backoff_coefficient=1e200, max_interval=30, jitter=0)
     assert [policy.delay(n) for n in (1, 2, 3, 4999)] == [1.0, 30.0, 30.0, 30.0]
+
+
+class Error(Exception):
+    pass
+
+
+class Outer:
+    class Inner(Exception):
+        pass
+
+
+def test_non_retryable_matches_classes_as_classes_and_names_as_recorded() -> None:
+    """A class was matched by its bare name (myapp's Error stopped every other Error's
+    retries), and the qualified name an error's type is recorded under never matched."""
+    import shutil
+
+    from natflow import RetryPolicy
+
+    by_class = RetryPolicy(max_attempts=3, non_retryable=(Error,))
+    assert not by_class.retryable(Error())
+    assert by_class.retryable(shutil.Error())  # another class of that name
+    by_name = RetryPolicy(max_attempts=3, non_retryable=("Outer.Inner",))
+    assert not by_name.retryable(Outer.Inner())
+    module = RetryPolicy(max_attempts=3, non_retryable=(f"{__name__}.Outer.Inner",))
+    assert not module.retryable(Outer.Inner())
+    plain = RetryPolicy(max_attempts=3, non_retryable=("Inner", "KeyError"))
+    assert not plain.retryable(Outer.Inner()) and not plain.retryable(KeyError())
+    assert plain.retryable(ValueError())

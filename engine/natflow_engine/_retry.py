@@ -20,8 +20,9 @@ class RetryPolicy:
 
     Attempt ``n`` (n >= 2) starts ``initial_interval * backoff_coefficient ** (n - 2)``
     seconds after the previous one failed, capped at ``max_interval``, then spread by
-    ``±jitter`` (a fraction). Errors whose type, or type name, is in ``non_retryable`` are
-    recorded at once.
+    ``±jitter`` (a fraction). An error of (a subclass of) a class in ``non_retryable``, or
+    of a class named there (``"PaymentDeclined"``, ``"Outer.Inner"`` as an error's type is
+    recorded, or ``"flows.PaymentDeclined"``), is recorded at once.
     """
 
     max_attempts: int = 1
@@ -58,11 +59,18 @@ class RetryPolicy:
             )
 
     def retryable(self, error: BaseException) -> bool:
-        names = {t if isinstance(t, str) else t.__name__ for t in self.non_retryable}
+        """False if ``error`` is (a subclass of) a class listed, or of a class named: by
+        its name, its qualified name (``Outer.Inner``, as an error's type is recorded) or
+        with its module (``flows.PaymentDeclined``). A class is matched as a class only:
+        by its name, ``myapp.Error`` stopped the retries of every other ``Error`` too."""
+        names = {t for t in self.non_retryable if isinstance(t, str)}
         classes = tuple(t for t in self.non_retryable if not isinstance(t, str))
         if classes and isinstance(error, classes):
             return False
-        return not any(cls.__name__ in names for cls in type(error).__mro__)
+        return not any(
+            {cls.__name__, cls.__qualname__, f"{cls.__module__}.{cls.__qualname__}"} & names
+            for cls in type(error).__mro__
+        )
 
     def delay(self, failed_attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after attempt ``failed_attempt`` failed."""
