@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from natflow import Client, InvalidInput, RetryPolicy, RunFailed, WorkflowContext, workflow
+from natflow import (
+    Client,
+    InvalidInput,
+    RetryPolicy,
+    RunFailed,
+    StepError,
+    WorkflowContext,
+    workflow,
+)
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunClaimed, StepFailed, StepRetrying, StepStarted
@@ -144,3 +154,39 @@ def test_non_retryable_matches_classes_as_classes_and_names_as_recorded() -> Non
     plain = RetryPolicy(max_attempts=3, non_retryable=("Inner", "KeyError"))
     assert not plain.retryable(Outer.Inner()) and not plain.retryable(KeyError())
     assert plain.retryable(ValueError())
+
+
+_bodies = {"now": 0, "peak": 0}
+_bodies_lock = threading.Lock()
+
+
+def _hangs(seconds: float) -> str:
+    with _bodies_lock:
+        _bodies["now"] += 1
+        _bodies["peak"] = max(_bodies["peak"], _bodies["now"])
+    try:
+        time.sleep(seconds)
+        return "late"
+    finally:
+        with _bodies_lock:
+            _bodies["now"] -= 1
+
+
+@workflow(name="hangs_past_its_timeout")
+async def hangs_past_its_timeout(ctx: WorkflowContext) -> str:
+    policy = RetryPolicy(max_attempts=3, initial_interval=0.05, jitter=0)
+    try:
+        return await ctx.step("hangs", _hangs, 0.8, timeout=0.2, retry=policy)
+    except StepError as exc:
+        return exc.error.type
+
+
+async def test_a_timed_out_sync_step_keeps_its_slot_until_its_thread_ends(
+    client: Client, engine: Engine
+) -> None:
+    """Nothing stops a thread: a timed-out attempt's ran on while the retry started beside
+    it, outside max_concurrent_steps (five bodies at once under a limit of one)."""
+    async with running_worker(client, [hangs_past_its_timeout], max_concurrent_steps=1):
+        handle = await client.start(hangs_past_its_timeout, run_id="hangs")
+        assert await handle.result(timeout=30) == "StepTimeout"
+    assert _bodies["peak"] == 1

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import inspect
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -237,10 +239,59 @@ async def _run_attempt(
 
 
 async def _invoke(command: StepCommand, runtime: StepRuntime, attempt: int) -> Any:
+    if command.timeout is not None and not inspect.iscoroutinefunction(command.fn):
+        return await _call_with_timeout_in_a_thread(command, runtime, attempt)
     if runtime.limiter is not None:
         async with runtime.limiter:
             return await _call(command, runtime, attempt)
     return await _call(command, runtime, attempt)
+
+
+async def _call_with_timeout_in_a_thread(
+    command: StepCommand, runtime: StepRuntime, attempt: int
+) -> Any:
+    """A sync step with a timeout. Nothing can stop its thread: past the timeout the attempt
+    is recorded as timed out, and the thread runs on to its end (its result dropped). Until
+    then it keeps its slots (``max_concurrent_steps``, the worker's threads): released with
+    the attempt, a step that hangs took one more thread at each retry, past every bound."""
+    held = object()  # the attempt's thread holds the slots, not this task
+    limiters = [lim for lim in (runtime.limiter, runtime.thread_limiter) if lim is not None]
+    for taken, limiter in enumerate(limiters):
+        try:
+            await limiter.acquire_on_behalf_of(held)
+        except BaseException:
+            for earlier in limiters[:taken]:
+                earlier.release_on_behalf_of(held)
+            raise
+    loop = asyncio.get_running_loop()
+    call = functools.partial(command.fn, *command.args, **command.kwargs)
+
+    def release() -> None:
+        for limiter in limiters:
+            limiter.release_on_behalf_of(held)
+
+    def in_thread() -> Any:
+        try:
+            return _carrying(call)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the worker's loop is gone: no bound left
+                loop.call_soon_threadsafe(release)
+
+    timeout = command.timeout
+    assert timeout is not None
+    with step_attempt(command.workflow, command.name, command.issued_at):
+        with anyio.move_on_after(timeout):
+            try:
+                # A limiter of its own, without bound: the slots are the ones taken above.
+                result = await anyio.to_thread.run_sync(
+                    in_thread, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(math.inf)
+                )
+            except _Carried as carried:
+                raise carried.exc from None
+            if inspect.isawaitable(result):
+                return await result
+            return result
+        raise StepTimeout(command.name, attempt, timeout)
 
 
 async def _call(command: StepCommand, runtime: StepRuntime, attempt: int) -> Any:
