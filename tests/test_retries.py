@@ -15,6 +15,7 @@ from natflow import (
     RetryPolicy,
     RunFailed,
     StepError,
+    StepTimeout,
     WorkflowContext,
     workflow,
 )
@@ -22,7 +23,14 @@ from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunClaimed, StepFailed, StepRetrying, StepStarted
 
-from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
+from tests.helpers import (
+    count_lines,
+    replay_recorded,
+    running_worker,
+    spawn_worker,
+    stop,
+    wait_for,
+)
 from tests.workflows_replay import BACKOFF, COUNTS_ENV, GATE_ENV
 
 TARGET = "tests.workflows_replay:make_worker"
@@ -190,3 +198,31 @@ async def test_a_timed_out_sync_step_keeps_its_slot_until_its_thread_ends(
         handle = await client.start(hangs_past_its_timeout, run_id="hangs")
         assert await handle.result(timeout=30) == "StepTimeout"
     assert _bodies["peak"] == 1
+
+
+@workflow(name="minds_its_timeouts")
+async def minds_its_timeouts(ctx: WorkflowContext) -> dict[str, object]:
+    import anyio
+
+    async def slow() -> str:
+        await anyio.sleep(5)
+        return "never"
+
+    try:
+        await ctx.step("slow", slow, timeout=0.2, retry=RetryPolicy(max_attempts=2, jitter=0))
+    except StepTimeout as exc:
+        assert isinstance(exc, StepError) and isinstance(exc, TimeoutError)
+        return {"attempt": exc.attempt, "seconds": exc.seconds, "type": exc.error.type}
+    return {}
+
+
+async def test_a_step_whose_last_attempt_timed_out_raises_step_timeout(
+    client: Client, engine: Engine
+) -> None:
+    """It raised a plain StepError: `except StepTimeout` never matched."""
+    async with running_worker(client, [minds_its_timeouts]):
+        handle = await client.start(minds_its_timeouts, run_id="minds")
+        expected = {"attempt": 2, "seconds": 0.2, "type": "StepTimeout"}
+        assert await handle.result(timeout=30) == expected
+    replayed = await replay_recorded(client, minds_its_timeouts, "minds")
+    assert replayed.divergence is None and replayed.result == expected

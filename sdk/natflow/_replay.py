@@ -25,6 +25,7 @@ import msgspec
 from natflow_engine import (
     NO_RETRY,
     UNDECODABLE,
+    ErrorInfo,
     History,
     InvalidInput,
     NonDeterminismError,
@@ -34,6 +35,7 @@ from natflow_engine import (
     RunFailed,
     SignalTimeout,
     StepError,
+    StepTimeout,
     check_step_name,
     check_token,
     decode_value,
@@ -366,7 +368,7 @@ class WorkflowState:
             self.now = recorded.at
             done = self._loop.create_future()
             if isinstance(recorded, StepFailed):
-                done.set_exception(StepError(name, recorded.error))
+                done.set_exception(step_failure(name, recorded, seconds))
             else:
                 done.set_result(_result(recorded.result, return_type(fn)))
             return done
@@ -644,7 +646,7 @@ class WorkflowState:
         if command.future.done():
             return
         if isinstance(event, StepFailed):
-            command.future.set_exception(StepError(command.name, event.error))
+            command.future.set_exception(step_failure(command.name, event, command.timeout))
             return
         command.future.set_result(_result(event.result, command.result_type))
 
@@ -742,6 +744,29 @@ class WorkflowState:
         # collector (a ctx the workflow kept still raises Evicted).
         self._ctx = None
         self.root = None
+
+
+class StepTimedOut(StepError, StepTimeout):
+    """A step whose last attempt ran past its timeout, as the workflow meets it: a
+    :class:`StepError` (``.error`` is what was recorded) that is also a :class:`StepTimeout`
+    (so a ``TimeoutError``) with its ``attempt`` and ``seconds``. It was a plain StepError,
+    and ``except StepTimeout`` never matched."""
+
+    def __init__(self, step: str, error: ErrorInfo, attempt: int, seconds: float) -> None:
+        # Both bases set attributes only: set here, past their __init__s, which do not
+        # cooperate (each would hand the other its own arguments).
+        Exception.__init__(self, f"step {step!r} failed: {error}")
+        self.error = error
+        self.step = step
+        self.attempt = attempt
+        self.seconds = seconds
+
+
+def step_failure(name: str, event: StepFailed, timeout: float | None) -> StepError:
+    """What a step's recorded failure raises in the workflow."""
+    if event.error.type == StepTimeout.__qualname__:
+        return StepTimedOut(name, event.error, event.attempt, timeout or 0.0)
+    return StepError(name, event.error)
 
 
 def _result(raw: msgspec.Raw | bytes, result_type: Any) -> Any:
