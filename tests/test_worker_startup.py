@@ -95,3 +95,15 @@ async def test_shutting_down_a_worker_that_never_ran_returns_at_once(client: Cli
     with anyio.fail_after(5):
         await worker.shutdown(grace=1)
         await worker.run()  # shut down already: returns at once
+
+
+async def test_an_error_inside_async_with_worker_leaves_as_itself(client: Client) -> None:
+    """anyio's task group wrapped it in an ExceptionGroup: `except RunNotFound` missed."""
+    import pytest
+    from natflow import RunNotFound, Worker
+
+    from tests.workflows_waits import WORKFLOWS
+
+    with pytest.raises(RunNotFound):
+        async with Worker(client, WORKFLOWS):
+            await client.describe("no-such-run")

@@ -44,6 +44,7 @@ from natflow_engine import (
     ensure_consumer,
     ensure_start_consumer,
     ensure_streams,
+    one_error,
     ping_subject,
     prepare_worker,
     queue_consumer,
@@ -391,7 +392,10 @@ class Worker:
         try:
             await self.shutdown(grace=0 if exc is not None else 30.0)
         finally:
-            result = await self._outer.__aexit__(exc_type, exc, tb)
+            # The body's own error leaves as itself (anyio's group made `except RunFailed`
+            # around an `async with Worker(...)` miss it).
+            with one_error():
+                result = await self._outer.__aexit__(exc_type, exc, tb)
         return result
 
     # -- pulling ---------------------------------------------------------------------------
