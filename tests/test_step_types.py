@@ -93,3 +93,21 @@ async def test_step_results_read_back_as_their_annotated_types(
         assert await handle.result(timeout=20) == expected
     replayed = await replay_recorded(client, typed_steps, "typed")
     assert replayed.divergence is None and replayed.result == expected
+
+
+def greet_by(name: str, fn: str) -> str:
+    return f"{fn} {name}"
+
+
+@workflow(name="keyword_names")
+async def keyword_names(ctx: WorkflowContext) -> str:
+    return await ctx.step("hello", greet_by, name="Ada", fn="hi")
+
+
+async def test_a_step_function_may_take_keywords_named_name_and_fn(
+    client: Client, engine: Engine
+) -> None:
+    """They were ctx.step's own: 'got multiple values for argument name'."""
+    async with running_worker(client, [keyword_names]):
+        handle = await client.start(keyword_names, run_id="kw")
+        assert await handle.result(timeout=20) == "hi Ada"

@@ -189,6 +189,7 @@ class WorkflowContext:
         self,
         name: str,
         fn: Callable[..., Awaitable[T]],
+        /,
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
@@ -202,6 +203,7 @@ class WorkflowContext:
         self,
         name: str,
         fn: Callable[..., T],
+        /,
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
@@ -214,6 +216,7 @@ class WorkflowContext:
         self,
         name: str,
         fn: Callable[..., Any],
+        /,
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
@@ -222,6 +225,9 @@ class WorkflowContext:
         **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` on this worker and record its result durably.
+
+        ``name`` and ``fn`` are positional only, so ``fn`` may take keywords of those names
+        (``ctx.step("hello", say_hello, name="Ada")``).
 
         On replay the recorded result comes back without calling ``fn``; a recorded error is
         raised as :class:`StepError`. Sync functions run in a worker thread. ``timeout``
