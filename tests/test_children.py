@@ -244,6 +244,15 @@ async def test_children_under_a_codec(nats_server: EmbeddedServer, engine: Engin
                 "cancelled",
                 90,
             ]
+        # At rest the parent's record of each child's outcome is sealed too (the worker
+        # opens a result to hand it on, and it was recorded in plaintext).
+        keyless = await Client.connect(nats_server.url)
+        async with keyless:
+            events = await keyless.history("fam-sealed")
+        results = [bytes(e.result) for e in events if isinstance(e, ChildCompleted)]
+        errors = [e.error for e in events if isinstance(e, ChildFailed) and e.error]
+        assert results and all(r.startswith(b'{"$natflow_encrypted"') for r in results), results
+        assert errors and all(e.sealed for e in errors), errors
     finally:
         await sealed.close()
 

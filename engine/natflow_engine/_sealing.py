@@ -30,6 +30,8 @@ import msgspec
 from ._errors import ErrorInfo, InvalidInput, NatflowError
 from ._undecodable import UNDECODABLE, UnreadableValue
 from .events import (
+    ChildCompleted,
+    ChildFailed,
     Event,
     RunCompleted,
     RunContinued,
@@ -235,8 +237,12 @@ def seal_event(codec: PayloadCodec | None, event: Event) -> Event:
         last_step = seal_event(codec, event.last_step)
         assert isinstance(last_step, StepCompleted)
         event = msgspec.structs.replace(event, last_step=last_step)
-    if isinstance(event, StepCompleted | RunCompleted):
+    # A child's outcome too: the worker opens it (to hand the result to the workflow), and
+    # it went into the parent's history, and the value store, in plaintext.
+    if isinstance(event, StepCompleted | RunCompleted | ChildCompleted):
         return msgspec.structs.replace(event, result=msgspec.Raw(seal(codec, _raw(event.result))))
+    if isinstance(event, ChildFailed) and event.error is not None:
+        return msgspec.structs.replace(event, error=seal_error(codec, event.error))
     if isinstance(event, SignalReceived):
         return msgspec.structs.replace(event, payload=msgspec.Raw(seal(codec, _raw(event.payload))))
     if isinstance(event, StepFailed | StepRetrying | RunFailed):
@@ -256,9 +262,13 @@ def open_event(codec: PayloadCodec | None, event: Event, run_id: str) -> Event:
     if isinstance(event, RunStarted) and event.on_complete_of is not None:
         opened = _open_outcome(codec, _raw(event.input), f"the input of run {run_id!r}")
         return msgspec.structs.replace(event, input=msgspec.Raw(opened))
-    if isinstance(event, StepCompleted | RunCompleted) and is_sealed(_raw(event.result)):
+    if isinstance(event, StepCompleted | RunCompleted | ChildCompleted) and is_sealed(
+        _raw(event.result)
+    ):
         opened = open_sealed(codec, _raw(event.result), f"a result in {what}")
         return msgspec.structs.replace(event, result=msgspec.Raw(opened))
+    if isinstance(event, ChildFailed) and event.error is not None and event.error.sealed:
+        return msgspec.structs.replace(event, error=open_error(codec, event.error, what))
     if isinstance(event, SignalReceived) and is_sealed(_raw(event.payload)):
         opened = open_sealed(codec, _raw(event.payload), f"signal {event.name!r} of {what}")
         return msgspec.structs.replace(event, payload=msgspec.Raw(opened))
