@@ -211,6 +211,10 @@ async def test_a_worker_without_the_key_hands_the_task_back_naming_it(
         await client.close()
 
 
+def _logged_now(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records)
+
+
 async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in r.getMessage() for r in caplog.records)
 
@@ -346,3 +350,33 @@ async def test_retry_errors_schedule_inputs_and_event_payloads_are_sealed(
     stored = b"\n".join(await stored_messages(nats_server.url))
     for secret_text in ("SCHEDULE-S3CRET", "EVENT-S3CRET", "RETRY-S3CRET"):
         assert secret_text.encode() not in stored, secret_text
+
+
+async def test_a_worker_with_a_wrong_key_under_the_right_id_hands_the_task_back(
+    nats_server: EmbeddedServer, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mistyped key (k1 given another key's bytes): the run was parked for good, and the
+    fixed key did not bring it back; a list through that codec failed for every run."""
+    client = await Client.connect(nats_server.url, codec=AesGcmCodec({"k1": K1}, current="k1"))
+    wrong = await Client.connect(nats_server.url, codec=AesGcmCodec({"k1": K2}, current="k1"))
+    try:
+        await client.start(confidential, {"secret": "INPUT-S3CRET"}, run_id="w-1")
+        with caplog.at_level(logging.ERROR, logger="natflow.worker"):
+            async with running_worker(wrong, [confidential]):
+                await wait_for(
+                    lambda: _logged(caplog, "could not be decrypted with key 'k1'"),
+                    timeout=15,
+                    what="the wrong-key worker's error",
+                )
+        # Handed back as for a missing key, not counted toward parking the run as a bug.
+        assert _logged_now(caplog, "w-1: handing it back: ")
+        assert not _logged_now(caplog, "task failed")
+        assert (await client.describe("w-1")).status == "pending"  # not blocked, not parked
+        assert [r.run_id for r in await wrong.list()] == ["w-1"]  # shown sealed, no error
+        async with running_worker(client, [confidential]):
+            await wait_for(lambda: _status(client, "w-1", "waiting"), timeout=40, what="wait")
+            await client.signal("w-1", "approve", 1)
+            assert (await client.handle("w-1").result(timeout=15))["signal"] == 1
+    finally:
+        await wrong.close()
+        await client.close()

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -558,3 +558,28 @@ async def test_a_signal_or_cancel_looks_at_the_runs_last_event_only(
 @workflow(name="quick")
 async def quick(ctx: WorkflowContext, x: int) -> int:
     return x
+
+
+async def test_a_forged_sealed_signal_holds_its_run_a_while_not_for_ever(
+    client: Client, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body that looks sealed with a key no worker holds (anyone may send one) was handed
+    back for good: the run never took another signal. Past a while (an hour; nothing here)
+    it is rejected and the run goes on."""
+    from natflow import _signal_intake
+    from natflow_engine.events import SignalRejected
+
+    monkeypatch.setattr(_signal_intake, "KEY_PATIENCE", timedelta(0))
+    async with running_worker(client, [wait_once]):
+        handle = await client.start(wait_once, None, run_id="forged")
+        await wait_for(lambda: _waiting_now(client, "forged"), what="the run waiting")
+        forged = b'{"$natflow_encrypted":"x","alg":"AES-GCM","data":"AAAA"}'
+        await client.connection.js.publish("natflow.signal.forged.x", forged)
+        await client.signal("forged", "x", "real")
+        assert await handle.result(timeout=20) == "real"
+    rejected = [e for e in await client.history("forged") if isinstance(e, SignalRejected)]
+    assert rejected and "no worker that could open it" in rejected[0].reason
+
+
+async def _waiting_now(client: Client, run_id: str) -> bool:
+    return (await client.describe(run_id)).status == "waiting"

@@ -179,7 +179,16 @@ def open_sealed(codec: PayloadCodec | None, data: bytes, what: str = "a value") 
     except MissingKey:
         raise MissingKey(envelope.key, what) from None
     except Exception as exc:  # a wrong key under a known id, or tampered data
-        raise UnreadableValue(f"{what} could not be decrypted with key {envelope.key!r}") from exc
+        raise WrongKey(
+            f"{what} could not be decrypted with key {envelope.key!r} (a key of that id that "
+            f"is not the one it was sealed with, or altered data)"
+        ) from exc
+
+
+class WrongKey(UnreadableValue):
+    """A sealed value did not decrypt with the key its id names here: most often a key
+    given under the wrong id, which a fix of the configuration cures, so a run meeting one
+    is handed back as for a missing key (it was parked for good)."""
 
 
 class _SealedError(msgspec.Struct):
@@ -287,6 +296,6 @@ def open_events(
     for event in events:
         try:
             opened.append(open_event(codec, event, run_id))
-        except MissingKey:
+        except (MissingKey, UnreadableValue):  # a wrong key too: shown sealed, not a failure
             opened.append(event)
     return opened

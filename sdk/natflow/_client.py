@@ -31,6 +31,7 @@ from natflow_engine import (
     Runs,
     ServerUnavailable,
     StepInfo,
+    UnreadableValue,
     announced_schema,
     check_event_id,
     check_event_name,
@@ -484,8 +485,9 @@ class Client:
         if sealed_key(info.result) is None or self._conn.codec is None:
             return info
         try:
-            data = open_sealed(self._conn.codec, msgspec.json.encode(info.result))
-        except MissingKey:
+            what = f"the result of run {info.run_id!r}"
+            data = open_sealed(self._conn.codec, msgspec.json.encode(info.result), what)
+        except (MissingKey, UnreadableValue):  # shown sealed: one run's stays its own
             return info
         return msgspec.structs.replace(info, result=msgspec.json.decode(data))
 

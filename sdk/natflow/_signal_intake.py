@@ -9,8 +9,8 @@ large for history) is recorded as rejected, so the cursor moves past it.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Final
 
 import msgspec
 from natflow_engine import (
@@ -23,8 +23,10 @@ from natflow_engine import (
     TERMINATE,
     UNDECODABLE,
     BadSignal,
+    MissingKey,
     PayloadTooLarge,
     UnreadableValue,
+    WrongKey,
     cancel_reason,
     decode_child_outcome,
     load_value,
@@ -51,6 +53,9 @@ from ._record_bounds import MAX_REASON
 from ._recorder import RunRecorder
 
 log = logging.getLogger("natflow.worker")
+
+# How long a signal sealed with a key no worker holds waits for one that does.
+KEY_PATIENCE: Final = timedelta(hours=1)
 
 
 class SignalIntake:
@@ -104,6 +109,20 @@ class SignalIntake:
             try:
                 # opened here (sealed again, with the current key, by the append)
                 payload = await self._open(signal.payload, signal.name)
+            except (MissingKey, WrongKey) as exc:
+                # A worker with the right key takes the run later (the run is handed back),
+                # but not for ever: one forged body, which anyone may send, stalled the run
+                # for good. Past a while, no worker had the key: rejected, the run goes on.
+                waited = utcnow() - stored_at(msg)
+                if waited < KEY_PATIENCE:
+                    raise
+                await self._reject(
+                    seq,
+                    signal.name,
+                    f"{exc}; no worker that could open it took the run within "
+                    f"{KEY_PATIENCE} of it being sent",
+                )
+                continue
             except UnreadableValue as exc:  # looks like natflow's, is not: anyone may send
                 await self._reject(seq, signal.name, str(exc))
                 continue

@@ -39,6 +39,7 @@ from natflow_engine import (
     StartPuller,
     Task,
     TaskPuller,
+    WrongKey,
     connected_user,
     decode_task,
     ensure_consumer,
@@ -468,7 +469,7 @@ class Worker:
             log.warning("run %s: handing it back: %s", run_id, exc)
             if held is not None:
                 await self._endings.back_off(held, exc, park=False)
-        except MissingKey as exc:  # a worker that holds the key will take it, later
+        except (MissingKey, WrongKey) as exc:  # a worker with the right key takes it, later
             log.error("run %s: handing it back: %s", held.run_id if held else "?", exc)
             if held is not None:
                 await self._endings.hand_back(held, delay=_MISSING_KEY_DELAY)
