@@ -17,6 +17,7 @@ import pytest
 from natflow import (
     AesGcmCodec,
     Client,
+    InvalidInput,
     MissingKey,
     RetryPolicy,
     RunFailed,
@@ -380,3 +381,24 @@ async def test_a_worker_with_a_wrong_key_under_the_right_id_hands_the_task_back(
     finally:
         await wrong.close()
         await client.close()
+
+
+def test_codec_keys_from_the_environment_are_checked_and_never_shown() -> None:
+    """A malformed entry printed the whole entry (a bare key, a secret); a repeated id let
+    the later key take over; an id with a space was made silently."""
+    import base64
+
+    key = base64.b64encode(K1).decode()
+    other = base64.b64encode(K2).decode()
+    for text, said in [
+        (key, "entry 1 is not"),
+        (f"k1={key}", "entry 1 is not"),
+        (f"k1:{key},{other}", "entry 2 is not"),
+        (f"k1:{key},k1:{other}", "'k1' is given twice"),
+        (f"k1 :{key}", "no spaces"),
+    ]:
+        with pytest.raises(InvalidInput, match=said) as refused:
+            AesGcmCodec.from_env(text)
+        assert key not in str(refused.value) and other not in str(refused.value)
+    codec = AesGcmCodec.from_env(f"k2:{other},k1:{key}")
+    assert codec is not None and codec.encrypt(b"x")[0] == "k2"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -47,6 +48,7 @@ MARKER: Final = "$natflow_encrypted"
 _PREFIX: Final = b'{"' + MARKER.encode() + b'":'
 _AAD: Final = b"natflow"
 ENV_KEYS: Final = "NATFLOW_CODEC_KEYS"
+_KEY_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class MissingKey(NatflowError):
@@ -119,17 +121,28 @@ class AesGcmCodec:
         if not text.strip():
             return None
         keys: dict[str, bytes] = {}
-        for item in text.split(","):
+        # Entries are named by their place, never shown: a malformed one may be a bare key.
+        for n, item in enumerate(text.split(","), 1):
             key_id, sep, encoded = item.strip().partition(":")
             try:
-                keys[key_id] = base64.b64decode(encoded, validate=True)
+                key = base64.b64decode(encoded, validate=True)
             except ValueError:
-                keys[key_id] = b""
-            if not sep or not key_id or not keys[key_id]:
+                key = b""
+            if not sep or not key:
                 raise InvalidInput(
                     f"{ENV_KEYS} must be a comma-separated list of id:base64key "
-                    f"(the first is current); entry {key_id!r} is not"
+                    f"(the first is current); entry {n} is not"
                 )
+            if not _KEY_ID.fullmatch(key_id):
+                raise InvalidInput(
+                    f"{ENV_KEYS}: entry {n}'s key id must be letters, digits, '_', '-' or "
+                    f"'.' (1 to 64, no spaces)"
+                )
+            if key_id in keys:  # the later one took over the id: what it sealed, the first
+                raise InvalidInput(  # key could not open
+                    f"{ENV_KEYS}: key id {key_id!r} is given twice; give each key its own id"
+                )
+            keys[key_id] = key
         return cls(keys, current=next(iter(keys)))
 
 
