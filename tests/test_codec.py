@@ -402,3 +402,28 @@ def test_codec_keys_from_the_environment_are_checked_and_never_shown() -> None:
         assert key not in str(refused.value) and other not in str(refused.value)
     codec = AesGcmCodec.from_env(f"k2:{other},k1:{key}")
     assert codec is not None and codec.encrypt(b"x")[0] == "k2"
+
+
+def test_an_on_complete_input_sealed_whole_opens_its_outcome_too() -> None:
+    """An engine given NATFLOW_CODEC_KEYS sealed the whole RunOutcome it hands on; opened,
+    its result stayed sealed inside (the outer envelope was opened and that was all)."""
+    import msgspec
+    from natflow_engine._sealing import open_event, seal
+    from natflow_engine.events import RunStarted, utcnow
+
+    codec = AesGcmCodec({"k1": K1}, current="k1")
+    result = msgspec.json.decode(seal(codec, b'{"secret": "hello"}'))
+    outcome = msgspec.json.encode(
+        {"run_id": "r", "workflow": "w", "status": "completed", "result": result}
+    )
+    start = RunStarted(
+        id="hook:1",
+        at=utcnow(),
+        workflow="hook",
+        queue="default",
+        input=msgspec.Raw(seal(codec, outcome)),
+        on_complete_of="r",
+    )
+    opened = open_event(codec, start, "hook")
+    assert isinstance(opened, RunStarted)
+    assert msgspec.json.decode(opened.input)["result"] == {"secret": "hello"}

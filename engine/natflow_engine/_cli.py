@@ -73,7 +73,9 @@ async def cmd_init(args: argparse.Namespace) -> int:
 async def cmd_engine(args: argparse.Namespace) -> int:
     check_site_options(args)
     tune_collector()
-    conn = await open_connection(args, "natflow-engine")
+    # No codec, whatever NATFLOW_CODEC_KEYS says: the engine never opens a value (it
+    # sealed the on_complete outcome it hands on, which its run then could not read).
+    conn = await connect(args.url, name="natflow-engine", **connect_options(args))
     serve_metrics(args.metrics_port, args.metrics_host)
     engine = Engine(
         conn,

@@ -280,7 +280,9 @@ def open_event(codec: PayloadCodec | None, event: Event, run_id: str) -> Event:
         event = msgspec.structs.replace(event, signals=signals)
     if isinstance(event, RunStarted) and is_sealed(_raw(event.input)):
         opened = open_sealed(codec, _raw(event.input), f"the input of run {run_id!r}")
-        return msgspec.structs.replace(event, input=msgspec.Raw(opened))
+        event = msgspec.structs.replace(event, input=msgspec.Raw(opened))
+        if event.on_complete_of is None:
+            return event
     if isinstance(event, RunStarted) and event.on_complete_of is not None:
         opened = _open_outcome(codec, _raw(event.input), f"the input of run {run_id!r}")
         return msgspec.structs.replace(event, input=msgspec.Raw(opened))
