@@ -427,3 +427,16 @@ def test_an_on_complete_input_sealed_whole_opens_its_outcome_too() -> None:
     opened = open_event(codec, start, "hook")
     assert isinstance(opened, RunStarted)
     assert msgspec.json.decode(opened.input)["result"] == {"secret": "hello"}
+
+
+async def test_a_user_value_that_begins_like_an_envelope_is_sealed_as_any_other(
+    nats_server: EmbeddedServer,
+) -> None:
+    """Its first key the marker, it was taken for natflow's envelope: stored in plaintext."""
+    from natflow_engine._sealing import is_sealed, seal
+
+    codec = AesGcmCodec({"k1": K1}, current="k1")
+    lookalike = b'{"$natflow_encrypted":"k1","card":"LOOKALIKE-S3CRET"}'
+    assert not is_sealed(lookalike)
+    sealed = seal(codec, lookalike)
+    assert b"LOOKALIKE" not in sealed and is_sealed(sealed)

@@ -157,7 +157,20 @@ _encoder = msgspec.json.Encoder()
 
 
 def is_sealed(data: bytes) -> bool:
-    return data.startswith(_PREFIX)
+    """Whether ``data`` is (meant as) natflow's envelope: the marker first and no field but
+    the envelope's (one of those malformed is still refused as a malformed sealed value). A
+    user value that merely begins with the marker (``{"$natflow_encrypted": ..., "card":
+    ...}``) was taken for one: stored in plaintext, and never opened."""
+    if not data.startswith(_PREFIX):
+        return False
+    try:
+        fields = msgspec.json.decode(data)
+    except UNDECODABLE:
+        return True  # not even JSON after the marker: refused as malformed
+    return isinstance(fields, dict) and fields.keys() <= _ENVELOPE_FIELDS
+
+
+_ENVELOPE_FIELDS: Final = frozenset({MARKER, "alg", "data"})
 
 
 def sealed_key(value: Any) -> str | None:
