@@ -107,3 +107,28 @@ async def test_an_error_inside_async_with_worker_leaves_as_itself(client: Client
     with pytest.raises(RunNotFound):
         async with Worker(client, WORKFLOWS):
             await client.describe("no-such-run")
+
+
+async def test_durations_take_seconds_or_a_timedelta_everywhere(client: Client) -> None:
+    """API.md: "as seconds or timedelta wherever one is taken"; shutdown(grace=timedelta)
+    was a TypeError, RateLimit(period=timedelta) and connect_timeout=timedelta refused, and
+    grace=-5 accepted."""
+    from datetime import timedelta
+
+    import anyio
+    import pytest
+    from natflow import InvalidInput, RateLimit, Worker
+
+    from tests.workflows_waits import WORKFLOWS
+
+    assert RateLimit("api", 60, period=timedelta(minutes=1)).interval == 1.0
+    other = await Client.connect(client.connection.url, connect_timeout=timedelta(seconds=2))
+    await other.close()
+    worker = Worker(client, WORKFLOWS)
+    with pytest.raises(InvalidInput, match="grace"):
+        await worker.shutdown(grace=-5)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await anyio.sleep(0.3)
+            await worker.shutdown(grace=timedelta(seconds=1))

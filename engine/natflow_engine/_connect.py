@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from datetime import timedelta
 from typing import Any, Final
 
 import nats
@@ -46,7 +47,7 @@ def default_url() -> str:
 async def connect(
     url: str | list[str] | None = None,
     *,
-    connect_timeout: float = 5.0,
+    connect_timeout: float | timedelta = 5.0,
     name: str = "natflow",
     domain: str | None = None,
     **options: Any,
@@ -56,6 +57,8 @@ async def connect(
     ``domain`` (default: ``NATFLOW_DOMAIN``) names the JetStream domain that holds natflow's
     streams, for a process connected to a leaf node whose JetStream, if any, is another.
     """
+    if isinstance(connect_timeout, timedelta):  # as every duration natflow takes (API.md)
+        connect_timeout = connect_timeout.total_seconds()
     if (
         isinstance(connect_timeout, bool)
         or not isinstance(connect_timeout, int | float)

@@ -24,6 +24,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Final
 
 import msgspec
@@ -59,7 +60,7 @@ class RateLimit:
 
     name: str
     limit: int
-    period: float = 1.0
+    period: float | timedelta = 1.0  # held as seconds (a timedelta is turned into them)
     burst: int = 1
     key: object = None  # str (input field) | Callable[[input], str] | None
 
@@ -73,6 +74,8 @@ class RateLimit:
                 f"rate limit {self.name!r}: limit must be a positive int (calls per period), "
                 f"not {self.limit!r}"
             )
+        if isinstance(self.period, timedelta):  # as every duration natflow takes (API.md)
+            object.__setattr__(self, "period", self.period.total_seconds())
         if (
             isinstance(self.period, bool)
             or not isinstance(self.period, int | float)
@@ -96,7 +99,7 @@ class RateLimit:
         if isinstance(self.key, str):
             check_field_path(f"rate limit {self.name!r}: key", self.key)
         try:
-            interval = self.period / self.limit
+            interval = self.seconds / self.limit
         except OverflowError:  # an int past what a float holds
             interval = 0.0
         if not interval > 0:
@@ -106,9 +109,15 @@ class RateLimit:
             )
 
     @property
+    def seconds(self) -> float:
+        """The period in seconds."""
+        period = self.period
+        return period.total_seconds() if isinstance(period, timedelta) else float(period)
+
+    @property
     def interval(self) -> float:
         """Seconds between two calls at the sustained rate."""
-        return self.period / self.limit
+        return self.seconds / self.limit
 
 
 class _Cell(msgspec.Struct, kw_only=True):

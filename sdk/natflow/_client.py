@@ -126,7 +126,7 @@ class Client:
         cls,
         url: str | list[str] | None = None,
         *,
-        connect_timeout: float = 5.0,
+        connect_timeout: float | timedelta = 5.0,
         codec: PayloadCodec | None = None,
         start_via_engine: bool = False,
         max_value_bytes: int | None = None,

@@ -114,7 +114,7 @@ def declaration_of(workflow: Workflow) -> FlowDeclaration:
         rate = RateDeclaration(
             name=limit.name,
             limit=limit.limit,
-            period=float(limit.period),
+            period=limit.seconds,
             burst=limit.burst,
             key=limit.key if isinstance(limit.key, str) and limit.key else None,
         )

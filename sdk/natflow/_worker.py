@@ -15,6 +15,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Final
 
@@ -55,6 +56,7 @@ from natflow_engine import (
     safe_identity,
     serve_metrics,
     start_task,
+    to_seconds,
     wake_subject,
 )
 from nats.aio.msg import Msg
@@ -342,12 +344,13 @@ class Worker:
             await anyio.to_thread.run_sync(self._pulse.stop)
         await self._registration.withdraw()
 
-    async def shutdown(self, grace: float = 30.0) -> None:
+    async def shutdown(self, grace: float | timedelta = 30.0) -> None:
         """Stop taking work and hand back what this worker holds.
 
         Running steps get ``grace`` seconds to finish and be recorded; then every held run is
         handed back (its task NAKed, its lease dropped) so another worker resumes it at once.
         """
+        grace = to_seconds("grace", grace)  # a timedelta too; negative or NaN refused
         self._stopping.set()
         if self._stopped.is_set() or not self._ran:  # over, failed, or never started: it
             return  # holds nothing (and a run() called later stops at once)
