@@ -5,13 +5,17 @@ Each is a frozen ``msgspec.Struct`` tagged on the wire by its ``type`` field (``
 are the *events* of those names; the exceptions :class:`natflow.RunFailed` and
 :class:`natflow.RunCancelled` are what :meth:`RunHandle.result` raises.
 
+Values (``input``, ``result``, ``payload``) are kept as the JSON they were recorded as
+(``msgspec.Raw``): decode them into what you expect.
+
 Example::
 
+    import msgspec
     from natflow import events
 
     for event in await client.history("order-123"):
         if isinstance(event, events.StepCompleted):
-            print(event.name, event.result)
+            print(event.name, msgspec.json.decode(event.result))
 """
 
 from natflow_engine.events import (
