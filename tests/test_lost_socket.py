@@ -205,7 +205,7 @@ async def test_the_run_index_unreadable_is_an_error_not_an_empty_index(
     conn = await connect(nats_server.url)
     index = RunIndex(conn)
     try:
-        assert await index.page() == ([], 0)  # no streams yet: no runs yet
+        assert await index.page() == ([], 0, None)  # no streams yet: no runs yet
         await ensure_streams(conn)
         assert nats_server.proc is not None
         os.kill(nats_server.proc.pid, signal.SIGSTOP)
