@@ -209,6 +209,21 @@ def test_a_declared_schema_that_is_not_json_schema_rejects_the_body_not_the_inta
         check_body(decl, {"a": 1})
 
 
+def test_a_body_is_checked_against_its_schemas_formats() -> None:
+    """A "uuid" field given "not-a-uuid" passed (formats unchecked): a run was started that
+    failed on its input once a worker decoded it, instead of a dead letter."""
+    decl = TriggerDeclaration(
+        event="e",
+        workflow="w",
+        queue="q",
+        input_schema={"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}},
+        declared_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    check_body(decl, {"id": "0b7e1f3c-6a4e-4d6b-9a53-2f1c3d4e5f60"})
+    with pytest.raises(BadEvent, match="uuid"):
+        check_body(decl, {"id": "not-a-uuid"})
+
+
 async def test_one_event_id_for_two_events_starts_both_and_bad_entries_block_nothing(
     client: Client, engine: object, plain: Any
 ) -> None:

@@ -56,7 +56,11 @@ def check_input(
         return
     value = msgspec.json.decode(data)
     try:
-        errors = list(jsonschema.Draft202012Validator(schema).iter_errors(value))
+        # With formats checked (a "uuid" field given "not-a-uuid" passed, and the run failed
+        # on its input once a worker decoded it).
+        checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+        validator = jsonschema.Draft202012Validator(schema, format_checker=checker)
+        errors = list(validator.iter_errors(value))
     except jsonschema.SchemaError as exc:  # a worker's announcement, not the caller's input
         raise InvalidInput(
             f"the schema announced for {workflow!r} is broken: {exc.message}"

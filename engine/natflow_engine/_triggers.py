@@ -266,7 +266,10 @@ def _validator(schema_json: bytes) -> jsonschema.Draft202012Validator:
 
     schema = msgspec.json.decode(schema_json)
     jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+    # Formats checked: a body whose "uuid" field is no UUID is dead-lettered, not a run that
+    # fails on its input once a worker decodes it.
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    return jsonschema.Draft202012Validator(schema, format_checker=checker)
 
 
 def check_body(decl: TriggerDeclaration, body: Any) -> None:
