@@ -100,33 +100,31 @@ async def test_children_that_cannot_start_end_the_command_with_their_error(
     nats_server: EmbeddedServer, tmp_path: Path
 ) -> None:
     """Restarting them would print the same error every 30 s; one process would have exited."""
-    done = await anyio.to_thread.run_sync(
-        lambda: subprocess.run(
-            [*NATFLOW, "worker", "tests.workflows_proc:make_nothing", "--processes", "2"],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "NATFLOW_URL": nats_server.url},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    )
+    done = await _worker_command(nats_server.url, "tests.workflows_proc:make_nothing", "2")
     assert done.returncode == 1, done.stderr
     assert "returned 42, not a Worker" in done.stderr
     assert "could not start" in done.stderr
     assert "starting it again" not in done.stderr
     # A callable natflow cannot call (it takes two arguments): named, no traceback.
-    two = await anyio.to_thread.run_sync(
+    two = await _worker_command(nats_server.url, "tests.workflows_proc:make_two", "1")
+    assert two.returncode == 1 and "cannot be called so" in two.stderr, two.stderr
+    assert "Traceback" not in two.stderr
+
+
+async def _worker_command(
+    url: str, target: str, processes: str
+) -> subprocess.CompletedProcess[str]:
+    """`natflow worker TARGET --processes N` to its end (one that cannot start ends)."""
+    return await anyio.to_thread.run_sync(
         lambda: subprocess.run(
-            [*NATFLOW, "worker", "tests.workflows_proc:make_two", "--processes", "1"],
+            [*NATFLOW, "worker", target, "--processes", processes],
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "NATFLOW_URL": nats_server.url},
+            env={**os.environ, "PYTHONPATH": str(ROOT), "NATFLOW_URL": url},
             capture_output=True,
             text=True,
             timeout=60,
         )
     )
-    assert two.returncode == 1 and "cannot be called so" in two.stderr, two.stderr
-    assert "Traceback" not in two.stderr
 
 
 def _metric_sum(port: int, name: str, label: str) -> float:
