@@ -291,3 +291,6 @@ async def test_a_start_that_fails_for_want_of_the_server_says_to_retry_with_a_ru
         with anyio.fail_after(20), pytest.raises(NatflowError) as again:
             await client.start("anything", 3, run_id="chosen")
         assert "run_id=" not in str(again.value)
+        # A read that times out while the connection is down says so, not only what it was.
+        with anyio.fail_after(20), pytest.raises(TimeoutError, match="connection is down"):
+            await client.describe("warm")

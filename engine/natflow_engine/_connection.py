@@ -350,6 +350,12 @@ class Connection:
         denial = self.denied(subject)
         if denial is not None:
             return self.permission_denied(denial)
+        if self.nc.is_reconnecting:  # the likely why: say it, not only what timed out
+            where = f" to {self.url}" if self.nc.connected_url is not None else ""
+            return RequestTimeout(
+                f"no answer to {subject!r} within {timeout:g} s: the NATS connection is "
+                f"down, reconnecting{where}"
+            )
         return RequestTimeout(f"no answer to {subject!r} within {timeout:g} s")
 
     async def publish(
