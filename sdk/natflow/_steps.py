@@ -239,59 +239,15 @@ async def _run_attempt(
 
 
 async def _invoke(command: StepCommand, runtime: StepRuntime, attempt: int) -> Any:
-    if command.timeout is not None and not inspect.iscoroutinefunction(command.fn):
-        return await _call_with_timeout_in_a_thread(command, runtime, attempt)
-    if runtime.limiter is not None:
+    if runtime.limiter is not None and not _abandonable(command):
         async with runtime.limiter:
             return await _call(command, runtime, attempt)
-    return await _call(command, runtime, attempt)
+    return await _call(command, runtime, attempt)  # (an abandonable one takes it itself)
 
 
-async def _call_with_timeout_in_a_thread(
-    command: StepCommand, runtime: StepRuntime, attempt: int
-) -> Any:
-    """A sync step with a timeout. Nothing can stop its thread: past the timeout the attempt
-    is recorded as timed out, and the thread runs on to its end (its result dropped). Until
-    then it keeps its slots (``max_concurrent_steps``, the worker's threads): released with
-    the attempt, a step that hangs took one more thread at each retry, past every bound."""
-    held = object()  # the attempt's thread holds the slots, not this task
-    limiters = [lim for lim in (runtime.limiter, runtime.thread_limiter) if lim is not None]
-    for taken, limiter in enumerate(limiters):
-        try:
-            await limiter.acquire_on_behalf_of(held)
-        except BaseException:
-            for earlier in limiters[:taken]:
-                earlier.release_on_behalf_of(held)
-            raise
-    loop = asyncio.get_running_loop()
-    call = functools.partial(command.fn, *command.args, **command.kwargs)
-
-    def release() -> None:
-        for limiter in limiters:
-            limiter.release_on_behalf_of(held)
-
-    def in_thread() -> Any:
-        try:
-            return _carrying(call)
-        finally:
-            with contextlib.suppress(RuntimeError):  # the worker's loop is gone: no bound left
-                loop.call_soon_threadsafe(release)
-
-    timeout = command.timeout
-    assert timeout is not None
-    with step_attempt(command.workflow, command.name, command.issued_at):
-        with anyio.move_on_after(timeout):
-            try:
-                # A limiter of its own, without bound: the slots are the ones taken above.
-                result = await anyio.to_thread.run_sync(
-                    in_thread, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(math.inf)
-                )
-            except _Carried as carried:
-                raise carried.exc from None
-            if inspect.isawaitable(result):
-                return await result
-            return result
-        raise StepTimeout(command.name, attempt, timeout)
+def _abandonable(command: StepCommand) -> bool:
+    """A sync step with a timeout: its thread is left to run on past the timeout."""
+    return command.timeout is not None and not inspect.iscoroutinefunction(command.fn)
 
 
 async def _call(command: StepCommand, runtime: StepRuntime, attempt: int) -> Any:
@@ -308,17 +264,52 @@ async def _call_once(command: StepCommand, runtime: StepRuntime) -> Any:
     fn = command.fn
     if inspect.iscoroutinefunction(fn):
         return await fn(*command.args, **command.kwargs)
+    call = functools.partial(_carrying, functools.partial(fn, *command.args, **command.kwargs))
     try:
-        result = await anyio.to_thread.run_sync(
-            functools.partial(_carrying, functools.partial(fn, *command.args, **command.kwargs)),
-            abandon_on_cancel=command.timeout is not None,
-            limiter=runtime.thread_limiter,
-        )
+        if _abandonable(command):
+            result = await _in_a_thread_holding_its_slots(call, runtime)
+        else:
+            result = await anyio.to_thread.run_sync(call, limiter=runtime.thread_limiter)
     except _Carried as carried:  # raised here, as an async step's would be
         raise carried.exc from None
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+async def _in_a_thread_holding_its_slots(call: Callable[[], Any], runtime: StepRuntime) -> Any:
+    """Run ``call`` in a thread that may be abandoned (a sync step past its timeout: nothing
+    can stop a thread, so the attempt is recorded as timed out and the thread runs on, its
+    result dropped). The thread, not the attempt, holds the step's slots
+    (``max_concurrent_steps``, the worker's threads) until it ends: released with the
+    attempt, its retries ran beside it, and a step that hangs took one more thread at each
+    retry, past every bound."""
+    held = object()  # the borrower of the slots: the thread, by proxy
+    limiters = [lim for lim in (runtime.limiter, runtime.thread_limiter) if lim is not None]
+    for taken, limiter in enumerate(limiters):
+        try:
+            await limiter.acquire_on_behalf_of(held)
+        except BaseException:
+            for earlier in limiters[:taken]:
+                earlier.release_on_behalf_of(held)
+            raise
+    loop = asyncio.get_running_loop()
+
+    def release() -> None:
+        for limiter in limiters:
+            limiter.release_on_behalf_of(held)
+
+    def in_thread() -> Any:
+        try:
+            return call()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the worker's loop is gone: no bound left
+                loop.call_soon_threadsafe(release)
+
+    # A limiter of its own, without bound: the slots are the ones taken above.
+    return await anyio.to_thread.run_sync(
+        in_thread, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(math.inf)
+    )
 
 
 class _Carried(Exception):
