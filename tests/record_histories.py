@@ -14,18 +14,18 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import anyio
 import msgspec
 from natflow import Client, Workflow
 from natflow_engine import HistoryStore, load_value, value_ref
 from natflow_engine._reader import reader
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import HISTORY_STREAM, history_subject
-from natflow_engine.events import SignalWaited, StepCompleted, encode_event
+from natflow_engine.events import SignalWaited, encode_event
 
 from examples.greeting import greet
 from tests.helpers import running_engine, running_worker, wait_for
 from tests.workflows_recorded import (
+    SLOW_BEGAN,
     recorded_cancel,
     recorded_children,
     recorded_continue,
@@ -136,13 +136,9 @@ async def released(client: Client, run_id: str) -> None:
         handle = await client.start(recorded_released, 3, run_id=run_id)
 
         async def slow_running() -> bool:
-            return any(
-                isinstance(e, StepCompleted) and e.name == "double"
-                for e in await client.history(run_id)
-            )
+            return bool(SLOW_BEGAN)
 
         await wait_for(slow_running, what=f"{run_id} in its slow step")
-        await anyio.sleep(0.2)  # the slow step's body has begun
     async with running_worker(client, [recorded_released]):
         await handle.result(timeout=20)
 

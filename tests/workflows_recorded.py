@@ -154,11 +154,13 @@ async def recorded_continue(ctx: WorkflowContext, state: dict[str, int]) -> dict
 
 
 LONG_FIRST_TIME: list[bool] = [True]  # the first attempt outlasts its worker's grace
+SLOW_BEGAN: list[bool] = []  # set once that attempt's body runs
 
 
 async def slow_once(x: int) -> int:
     if LONG_FIRST_TIME[0]:
         LONG_FIRST_TIME[0] = False
+        SLOW_BEGAN.append(True)
         await anyio.sleep(60)
     return x + 1
 
