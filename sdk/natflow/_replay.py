@@ -25,7 +25,6 @@ import msgspec
 from natflow_engine import (
     NO_RETRY,
     UNDECODABLE,
-    ErrorInfo,
     History,
     InvalidInput,
     NonDeterminismError,
@@ -34,8 +33,6 @@ from natflow_engine import (
     RunCancelled,
     RunFailed,
     SignalTimeout,
-    StepError,
-    StepTimeout,
     check_step_name,
     check_token,
     decode_value,
@@ -77,6 +74,7 @@ from ._context import WorkflowContext
 from ._continuation import SUGGESTED_AFTER_COMMANDS, ContinueAsNew, new_input
 from ._flow import debounced_input
 from ._loop import WorkflowLoop
+from ._step_failure import step_failure
 from ._steps import return_type
 from ._workflow import Workflow
 
@@ -744,29 +742,6 @@ class WorkflowState:
         # collector (a ctx the workflow kept still raises Evicted).
         self._ctx = None
         self.root = None
-
-
-class StepTimedOut(StepError, StepTimeout):
-    """A step whose last attempt ran past its timeout, as the workflow meets it: a
-    :class:`StepError` (``.error`` is what was recorded) that is also a :class:`StepTimeout`
-    (so a ``TimeoutError``) with its ``attempt`` and ``seconds``. It was a plain StepError,
-    and ``except StepTimeout`` never matched."""
-
-    def __init__(self, step: str, error: ErrorInfo, attempt: int, seconds: float) -> None:
-        # Both bases set attributes only: set here, past their __init__s, which do not
-        # cooperate (each would hand the other its own arguments).
-        Exception.__init__(self, f"step {step!r} failed: {error}")
-        self.error = error
-        self.step = step
-        self.attempt = attempt
-        self.seconds = seconds
-
-
-def step_failure(name: str, event: StepFailed, timeout: float | None) -> StepError:
-    """What a step's recorded failure raises in the workflow."""
-    if event.error.type == StepTimeout.__qualname__:
-        return StepTimedOut(name, event.error, event.attempt, timeout or 0.0)
-    return StepError(name, event.error)
 
 
 def _result(raw: msgspec.Raw | bytes, result_type: Any) -> Any:
