@@ -17,6 +17,7 @@ from natflow import (
     InvalidInput,
     RateLimit,
     RunFailed,
+    RunInfo,
     RunNotFound,
     WorkflowContext,
     workflow,
@@ -24,6 +25,7 @@ from natflow import (
 from natflow_engine import RATES_BUCKET, NoResponders
 from natflow_engine._kv import kv_entries, kv_get
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._triggers import EVENT_ID_HEADER, event_run_id, recent_events
 from natflow_engine.events import RunStarted
 
 from tests import workflows_flow as flows
@@ -69,6 +71,20 @@ async def parent(ctx: WorkflowContext, customer: str) -> str:
 @workflow(name="fe_import_parent")
 async def import_parent(ctx: WorkflowContext) -> list[Any]:
     return list(await ctx.parallel(ctx.child(imports, {"i": 1}), ctx.child(imports, {"i": 2})))
+
+
+@workflow(name="fe_single_ev", on_event="fe.single", singleton=True)
+async def single_on_event(ctx: WorkflowContext, input: dict[str, Any]) -> Any:
+    return input["n"]
+
+
+@workflow(
+    name="fe_rated_ev",
+    on_event="fe.rated",
+    rate_limit=RateLimit("fe-rated-ev", limit=2, period=120.0, burst=2),
+)
+async def rated_on_event(ctx: WorkflowContext, input: dict[str, Any]) -> Any:
+    return input["n"]
 
 
 @workflow(name="fe_digest", debounce=1.5)
@@ -387,3 +403,56 @@ async def test_start_requests_any_client_can_send_are_answered_never_fatal(
         info = await client.describe(reply.run_id)
         assert info.status == "pending" and "rate limited" not in (info.current or ""), info
     assert await kv_entries(client.connection, RATES_BUCKET, "shared-with-others.>") == []
+
+
+async def redeliver(client: Client, name: str, event_id: str, body: bytes) -> None:
+    """The event again, as after the stream's two-minute duplicate window: a new
+    ``Nats-Msg-Id`` (the stream stores it again), the same event id."""
+    headers = {"Nats-Msg-Id": f"again-{event_id}", EVENT_ID_HEADER: event_id}
+    ack = await client.connection.js.publish(f"natflow.event.{name}", body, headers=headers)
+    assert not ack.duplicate
+
+
+async def test_an_event_again_after_the_duplicate_window_starts_no_second_singleton_run(
+    client: Client, engine: object
+) -> None:
+    async with running_worker(client, [single_on_event]):
+        await declared_by_worker(client, "fe_single_ev")
+        await client.emit("fe.single", {"n": 1}, event_id="e-1")
+
+        async def closed(count: int) -> list[RunInfo] | None:
+            runs = await client.list(workflow="fe_single_ev")
+            done = [r for r in runs if r.status == "completed"]
+            return runs if len(done) == count else None
+
+        (first,) = await wait_for(lambda: closed(1), what="the first event's run")
+        await redeliver(client, "fe.single", "e-1", b'{"n": 1}')
+        await client.emit("fe.single", {"n": 2}, event_id="e-2")  # taken after the one above
+        runs = await wait_for(lambda: closed(2), what="the second event's run")
+        assert sorted(r.result for r in runs) == [1, 2]  # not a third run for e-1
+        records = await recent_events(client.connection)
+        assert [r.event_id for r in records] == ["e-2", "e-1", "e-1"]
+        assert records[2].runs == records[1].runs == {"fe_single_ev": first.run_id}
+        assert records[0].runs["fe_single_ev"] not in (None, first.run_id)
+
+
+async def test_an_event_again_takes_no_slot_of_its_workflows_rate_limit(
+    client: Client, engine: object
+) -> None:
+    async with running_worker(client, [rated_on_event]):
+        await declared_by_worker(client, "fe_rated_ev")
+        seq = await client.emit("fe.rated", {"n": 1}, event_id="r-1")
+        first = event_run_id("fe.rated", "r-1", seq, "fe_rated_ev")
+        await wait_for(lambda: closed_run(client, first), what="the first event's run")
+        await redeliver(client, "fe.rated", "r-1", b'{"n": 1}')
+        seq = await client.emit("fe.rated", {"n": 2}, event_id="r-2")
+        second = event_run_id("fe.rated", "r-2", seq, "fe_rated_ev")
+        # Two slots at once (burst 2): the second event's run is not put off by a minute.
+        await wait_for(lambda: closed_run(client, second), timeout=15, what="the second run")
+
+
+async def closed_run(client: Client, run_id: str) -> bool:
+    try:
+        return (await client.describe(run_id)).status == "completed"
+    except RunNotFound:
+        return False

@@ -95,6 +95,7 @@ _READ_BUCKETS: Final = (
     SCHEDULES_BUCKET,
     TRIGGERS_BUCKET,
     LIMITS_BUCKET,
+    RATES_BUCKET,  # which run an event started (natflow events list), flow declarations
 )
 _STREAMS: Final = (
     HISTORY_STREAM,

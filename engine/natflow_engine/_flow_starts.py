@@ -157,6 +157,10 @@ class _Creator:
     ) -> tuple[str, bool]:
         limited = None
         limit = self.plan.rate
+        # A start of a run that exists creates nothing, so it takes no slot: a redelivered
+        # event, a schedule's fire after a crash, a start joining the open singleton run.
+        if limit is not None and run_id is not None and await self.runs.history.exists(run_id):
+            limit = None
         if limit is not None:
             earliest = not_before.timestamp() if not_before is not None else 0.0
             go_at = await reserve(self.conn, limit, self.plan.rate_key, earliest=earliest)

@@ -240,6 +240,10 @@ class HistoryStore:
         except UNDECODABLE as exc:
             raise CorruptHistory(run_id, seq, str(exc), last_seq=seq, count=0, last=None) from None
 
+    async def exists(self, run_id: str) -> bool:
+        """Whether the run has any history (its last event need not decode)."""
+        return await self._last_msg(run_id) is not None
+
     async def _last_msg(self, run_id: str) -> Msg | None:
         # In the body: a wildcard may not appear in a subject one publishes to.
         body = msgspec.json.encode({"last_by_subj": history_subject(run_id)})

@@ -14,7 +14,10 @@ The engine's intake reads each event once (a durable consumer shared by all repl
 for each declaration of its name, starts the run ``ev-<key>-<workflow hash>``, where ``key``
 hashes the event's name and ``Nats-Msg-Id`` (or, without one, its stream sequence): the same message
 delivered twice, or republished with the same ``Nats-Msg-Id`` even after the stream's
-two-minute duplicate window, finds its run there and starts nothing new. A body that is not
+two-minute duplicate window, finds its run there and starts nothing new. A singleton or
+debounced workflow's run takes its id from its key instead: the intake keeps which run such
+an event started in ``natflow_rates`` (``event.<run id above>``), for as long as the events
+stream keeps the event, and a second delivery finds it there. A body that is not
 JSON, or does not fit a workflow's input schema, goes to ``NATFLOW_DEADLETTER`` (kind
 ``event``) with the reason, and starts no run of that workflow.
 """
@@ -35,8 +38,8 @@ from nats.aio.msg import Msg
 
 from ._connection import Connection, quietly, retrying
 from ._errors import InvalidInput, NatflowError
-from ._flow_decls import start_declared
-from ._kv import kv_delete, kv_entries, kv_put
+from ._flow_decls import declared, start_declared
+from ._kv import kv_delete, kv_entries, kv_get, kv_put
 from ._logs import fields
 from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
@@ -45,7 +48,14 @@ from ._reader import reader, stream_bounds
 from ._runs import Runs
 from ._sealing import seal, sealed_key
 from ._signals import DeadLetter
-from ._streams import DEADLETTER_PREFIX, EVENT_PREFIX, EVENTS_STREAM, TRIGGERS_BUCKET
+from ._streams import (
+    DEADLETTER_PREFIX,
+    EVENT_PREFIX,
+    EVENTS_STREAM,
+    RATES_BUCKET,
+    RETENTION_DAYS,
+    TRIGGERS_BUCKET,
+)
 from ._undecodable import UNDECODABLE
 from .events import Trigger, utcnow
 
@@ -111,6 +121,31 @@ def event_run_id(name: str, event_id: str | None, seq: int, workflow: str) -> st
     """The run an event starts for ``workflow`` (see the module docstring)."""
     key = f"id:{name}:{event_id}" if event_id else f"seq:{seq}"
     return f"ev-{_short_hash(key, 20)}-{_short_hash(workflow, 8)}"
+
+
+# -- which run an event started, where its id is not the event's ---------------------------
+# A singleton or debounced workflow's run ids come from its key, so the event's own run id
+# (``event_run_id``) never exists and cannot say "this event was taken": the intake keeps
+# ``event.<event run id>`` -> the run it started in ``natflow_rates``, as long as the events
+# stream keeps the event.
+
+
+def _marker_key(event_run: str) -> str:
+    return f"event.{event_run}"
+
+
+async def run_started_by(conn: Connection, event_run: str) -> str | None:
+    """The run an event started for a workflow: ``event_run`` itself if it exists, else the
+    one its marker names (a singleton or debounced workflow's), else None."""
+    if await Runs(conn).history.exists(event_run):
+        return event_run
+    found = await kv_get(conn, RATES_BUCKET, _marker_key(event_run))
+    return found[0].decode() if found else None
+
+
+async def _remember(conn: Connection, event_run: str, started: str) -> None:
+    ttl = RETENTION_DAYS * 86400.0
+    await kv_put(conn, RATES_BUCKET, _marker_key(event_run), started.encode(), ttl=ttl)
 
 
 # -- declarations ----------------------------------------------------------------------------
@@ -218,7 +253,6 @@ async def recent_events(conn: Connection, limit: int = 20) -> list[EventRecord]:
     wanted: dict[str, list[TriggerDeclaration]] = {}
     for decl in await declarations(conn):
         wanted.setdefault(decl.event, []).append(decl)
-    runs = Runs(conn)
     records: list[EventRecord] = []
     for msg in reversed(page.messages):
         headers = msg.headers or {}
@@ -228,9 +262,8 @@ async def recent_events(conn: Connection, limit: int = 20) -> list[EventRecord]:
         event_id = event_id_of(headers)
         started: dict[str, str | None] = {}
         for decl in wanted.get(name, []):
-            run_id = event_run_id(name, event_id, seq, decl.workflow)
-            exists = await runs.history.last(run_id) is not None
-            started[decl.workflow] = run_id if exists else None
+            event_run = event_run_id(name, event_id, seq, decl.workflow)
+            started[decl.workflow] = await run_started_by(conn, event_run)
         records.append(
             EventRecord(
                 seq=seq,
@@ -368,6 +401,13 @@ class EventIntake:
         except BadEvent as bad:
             await self._dead(msg, seq, name, run_id, str(bad))
             return
+        flow = await declared(self._conn, decl.workflow)
+        keyed = flow is not None and (flow.singleton or flow.debounce is not None)
+        if keyed and (taken := await run_started_by(self._conn, run_id)) is not None:
+            # Redelivered, or republished with its id after the duplicate window: a second
+            # start would make a second run once the first has closed.
+            log.debug("event %s #%d: already started run %s", name, seq, taken)
+            return
         try:
             started, created = await start_declared(  # with the workflow's flow control
                 self._runs,
@@ -375,11 +415,14 @@ class EventIntake:
                 decl.queue,
                 msg.data or b"null",
                 run_id,
+                declaration=flow,
                 trigger=Trigger(kind="event", event=name, event_seq=seq),
             )
         except InvalidInput as exc:  # retrying would not help
             await self._dead(msg, seq, name, run_id, f"workflow {decl.workflow!r}: {exc}")
             return
+        if started != run_id:
+            await _remember(self._conn, run_id, started)
         if created:
             self.started += 1
             EVENT_RUNS.inc()
