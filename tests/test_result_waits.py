@@ -85,3 +85,42 @@ async def test_a_wait_ends_at_once_with_a_natflow_error_when_its_client_closes(
     assert "closed" in str(caught[0])
     with anyio.fail_after(5), pytest.raises(NatflowError, match="closed"):
         await other.describe("forever")
+
+
+async def test_a_watch_goes_on_within_seconds_of_a_server_restart(
+    client: Client, nats_server: EmbeddedServer, engine: Engine
+) -> None:
+    """The watch's ordered consumer noticed the restart by two missed heartbeats at nats-py's
+    default 5 s apart: the run's next events came 10-17 s late."""
+    seen: list[str] = []
+    async with running_worker(client, [waits_for_go]):
+        await client.start(waits_for_go, 1, run_id="watched")
+        await wait_for(lambda: _waiting(client, "watched"), what="the run waiting")
+
+        async def watch() -> None:
+            async for event in client.watch("watched"):
+                seen.append(event.__struct_config__.tag)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+
+            async def caught_up() -> bool:
+                return "signal_waited" in seen
+
+            await wait_for(caught_up, what="the watch catching up")
+            nats_server.restart()
+
+            async def back() -> bool:
+                try:
+                    return await _waiting(client, "watched")
+                except NatflowError:  # still reconnecting
+                    return False
+
+            await wait_for(back, what="the client back")
+            await client.signal("watched", "go", 2)
+
+            async def completed() -> bool:
+                return "run_completed" in seen
+
+            await wait_for(completed, timeout=5, what="the watch hearing the run complete")
+            tg.cancel_scope.cancel()

@@ -498,7 +498,12 @@ class Client:
         if await self._runs.history.last(run_id) is None:
             raise RunNotFound(run_id)
         sub = await self._conn.js.subscribe(
-            history_subject(run_id), stream=HISTORY_STREAM, ordered_consumer=True
+            history_subject(run_id),
+            stream=HISTORY_STREAM,
+            ordered_consumer=True,
+            # It notices a server restart by two missed heartbeats, then carries on from the
+            # last event it saw: at nats-py's default (5 s) a watch stalled ~10-17 s.
+            idle_heartbeat=0.4,
         )
         try:
             async for msg in sub.messages:

@@ -60,7 +60,11 @@ async def _ephemeral(
     policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
     try:
         sub = await conn.js.subscribe(
-            subject, stream=LIFECYCLE_STREAM, ordered_consumer=True, deliver_policy=policy
+            subject,
+            stream=LIFECYCLE_STREAM,
+            ordered_consumer=True,
+            deliver_policy=policy,
+            idle_heartbeat=0.4,  # a server restart is noticed within a second (Client.watch)
         )
     except (nats.errors.Error, nats.js.errors.Error) as exc:
         raise NatflowError(f"cannot follow lifecycle events on {subject!r}: {exc}") from exc
