@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import anyio
 import anyio.lowlevel
-from natflow import Client, WorkflowContext, events, workflow
+from natflow import Client, Worker, WorkflowContext, events, workflow
 from natflow_engine._cli import main as cli_main
 from natflow_engine._engine import Engine
 from natflow_engine._queues import queue_consumers, queue_paused
@@ -71,6 +71,22 @@ async def ticking(ctx: WorkflowContext) -> int:
 @workflow(name="queued", queue="incidents")
 async def queued(ctx: WorkflowContext) -> str:
     return await ctx.step("only", count, "queued")
+
+
+@workflow(name="pause_child")
+async def pause_child(ctx: WorkflowContext, word: str) -> str:
+    return word.upper()
+
+
+@workflow(name="go_then_child")
+async def go_then_child(ctx: WorkflowContext) -> str:
+    word = await ctx.wait_for_signal("go")
+    return str(await ctx.child(pause_child, word))
+
+
+@workflow(name="go_then_return")
+async def go_then_return(ctx: WorkflowContext) -> object:
+    return await ctx.wait_for_signal("go")
 
 
 async def status(client: Client, run_id: str) -> str:
@@ -231,3 +247,38 @@ async def test_pausing_a_queue_stops_the_runs_its_workers_hold(
 
 async def _ran(n: int) -> bool:
     return executions["slow"] >= n
+
+
+async def test_a_signal_taken_in_while_paused_starts_no_child_and_ends_no_run_until_resume(
+    client: Client, engine: Engine
+) -> None:
+    """The signal reached the workflow while paused and it ran on: it started its child,
+    or returned and the run completed, though it was never resumed."""
+    async with running_worker(client, [go_then_child, go_then_return, pause_child]) as worker:
+        handles = {
+            "p-child": await client.start(go_then_child, run_id="p-child"),
+            "p-return": await client.start(go_then_return, run_id="p-return"),
+        }
+        for run_id in handles:
+            await paused_with_a_signal_kept(client, worker, run_id)
+        assert await client.list(workflow="pause_child") == []
+        for run_id, handle in handles.items():
+            await client.resume(run_id)
+            assert await handle.result(timeout=20) == ("KEPT" if run_id == "p-child" else "kept")
+
+
+async def paused_with_a_signal_kept(client: Client, worker: Worker, run_id: str) -> None:
+    """Pause the waiting run, signal it, and see the signal taken in and the run let go."""
+    await wait_for(lambda: _is(client, run_id, "waiting"), what="the wait")
+    await client.pause(run_id)
+    await wait_for(lambda: _is(client, run_id, "paused"), what="the pause")
+    await client.signal(run_id, "go", "kept")
+    await wait_for(lambda: _has(client, run_id, events.SignalReceived), what="the intake")
+
+    async def let_go() -> bool:
+        return run_id not in worker.held_runs
+
+    await wait_for(let_go, what="the paused run let go")
+    kinds = [type(e).__name__ for e in await client.history(run_id)]
+    assert kinds[-1] == "SignalReceived", kinds
+    assert await status(client, run_id) == "paused"

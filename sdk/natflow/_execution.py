@@ -262,12 +262,14 @@ class RunExecution:
         if self._signals_first:  # a cancel sent before this execution must stop it first
             await rec.flush()
             await self._signals.move()
-        while not state.root.done():
+        # A paused run does not end: a signal or a child's outcome taken in meanwhile may
+        # let the workflow return, and it is recorded once the run is resumed.
+        while not state.root.done() or state.paused:
             if state.terminated is not None:
                 return await end(rec, RunTerminated, state.terminated)
             await rec.flush()
-            if state.root.done():  # a child refused at its start ended the workflow
-                break
+            if state.root.done() and not state.paused:  # a child refused at its start
+                break  # ended the workflow
             if not (self._draining or state.paused):  # else the next holder (or the resumed
                 steps.launch(tg)  # run) issues these again
             state.drop_abandoned_timers()
@@ -277,6 +279,7 @@ class RunExecution:
                 if self._draining:
                     return Outcome.HANDED_BACK
                 if state.paused:  # only a resume (or a cancellation) can move it on
+                    await rec.append_held()  # a last step's outcome, held for the run's end
                     if not await self._signals.move():
                         return Outcome.SUSPENDED
                     continue

@@ -200,7 +200,15 @@ class RunRecorder:
         return fields(self.run_id, self.workflow_name, step)
 
     async def flush(self) -> None:
-        """Append what the replay core owes history (children it declares started first)."""
+        """Append what the replay core owes history (children it declares started first).
+
+        Nothing while the run is paused: what the workflow asked for meanwhile (a child, a
+        timer, after a signal or a step's outcome reached it) is owed until it is resumed,
+        so no child starts and no timer is set. An execution that lets the run go first
+        loses nothing: replay asks for the same again.
+        """
+        if self.state.paused:
+            return
         # A child refused at its start is failed at once, and what the workflow does about
         # it may need records of its own: flush until nothing is owed.
         while records := self.state.take_records():
