@@ -44,6 +44,7 @@ from tests.workflows_continue import (
     napping_looper,
     stubborn,
     swallower,
+    take_one,
 )
 
 TARGET = "tests.workflows_continue:make_worker"
@@ -215,6 +216,19 @@ async def test_many_untaken_signals_are_carried_by_reference_in_one_small_event(
     first = (await HistoryStore(client.connection).read("hoard-1")).events[0]
     assert isinstance(first, RunContinued) and len(first.signals) == 40
     assert len(encode_event(first)) < 64 * 1024
+
+
+async def test_signals_carried_over_several_stretches_are_taken_one_per_stretch(
+    client: Client, engine: Engine
+) -> None:
+    """With two or more signals carried, the next stretch took one, continued, and was
+    blocked: replay took the signals left over as history the workflow no longer asked for."""
+    handle = await client.start(take_one, [], run_id="take-1")
+    for i in range(4):
+        await client.signal("take-1", "s", i)  # all moved in by the first stretch
+    async with running_worker(client, WORKFLOWS):
+        assert await handle.result(timeout=30) == [0, 1, 2, 3]
+    assert (await client.describe("take-1")).stretch == 4
 
 
 async def test_a_cancelled_workflow_cannot_continue_as_new_instead(

@@ -93,6 +93,15 @@ async def hoarder(ctx: WorkflowContext, count: int) -> list[int]:
     return [len(await ctx.wait_for_signal("note", timeout=30)) for _ in range(-count)]
 
 
+@workflow(name="take_one")
+async def take_one(ctx: WorkflowContext, taken: list[int]) -> list[int]:
+    """One signal per stretch; the others were moved in already and are carried on."""
+    taken = [*taken, await ctx.wait_for_signal("s", timeout=30)]
+    if len(taken) < 4:
+        ctx.continue_as_new(taken)
+    return taken
+
+
 @workflow(name="swallower")
 async def swallower(ctx: WorkflowContext, n: int) -> int:
     """An ``except Exception`` around continue_as_new must not stop it."""
@@ -126,6 +135,7 @@ WORKFLOWS = [
     bad_continuer,
     grower,
     hoarder,
+    take_one,
     swallower,
     stubborn,
     kid,

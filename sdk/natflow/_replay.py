@@ -90,6 +90,8 @@ Delivered = (
     | ChildCompleted
     | ChildFailed
 )
+# Delivered events that answer no command of the workflow (see WorkflowState._ended_before).
+_UNASKED = (SignalReceived, CancelRequested)
 
 
 class Evicted(BaseException):
@@ -564,17 +566,25 @@ class WorkflowState:
         while self._replay and self.block is None:
             event = self._replay.popleft()
             self.deliver(event)
-            if self.root.done() and self._replay and self.block is None:
-                nxt = recorded_command(self._replay[0])
-                self._diverged(
-                    nxt[0] if nxt else 0,
-                    expected=None,
-                    recorded=nxt[1] if nxt else "more events",
-                )
+            if self.root.done() and self.block is None:
+                self._ended_before(self._replay)
         unreached = [seq for seq in self._records if seq >= self._next_seq]
         if self.root.done() and unreached and self.block is None:
             first = min(unreached)
             self._diverged(first, expected=None, recorded=self._records[first])
+
+    def _ended_before(self, rest: deque[Delivered]) -> None:
+        """The workflow returned (or raised) with ``rest`` still to deliver: a divergence if
+        any of it answers a command. Signals and cancel requests answer none: taken in after
+        the workflow's last wait (a continued run's carried signals, those taken in while it
+        was paused), they are kept in the inbox, as live, and carried on by a continuation."""
+        answering = next((e for e in rest if not isinstance(e, _UNASKED)), None)
+        if answering is None:
+            return
+        nxt = recorded_command(answering)
+        self._diverged(
+            nxt[0] if nxt else 0, expected=None, recorded=nxt[1] if nxt else "more events"
+        )
 
     def _ended_early(self) -> str | None:
         """What the workflow did instead of asking for more: what it raised, if it did
