@@ -188,3 +188,67 @@ async def test_a_restarted_run_keeps_the_values_it_copied_after_the_original_is_
     assert await present(client, sha(text))  # the restarted run's input
     info = await client.describe(restarted.run_id)
     assert info.status == "completed" and info.result == 120_000
+
+
+def fails_large(size: int) -> None:
+    raise ValueError("detail " + blob(size, "copied-error"))
+
+
+def passes_once_allowed(flag: str) -> str:
+    if not ALLOWED.get(flag):
+        raise RuntimeError("not yet")
+    return "b ok"
+
+
+ALLOWED: dict[str, bool] = {}
+
+
+@workflow(name="caught_large_error")
+async def caught_large_error(ctx: WorkflowContext, size: int) -> str:
+    from natflow import StepError
+
+    try:
+        await ctx.step("a", fails_large, size)
+    except StepError:
+        pass
+    return await ctx.step("b", passes_once_allowed, "b")
+
+
+async def test_a_restarted_run_keeps_a_large_error_it_copied_after_the_original_is_deleted(
+    client: Client, engine: Engine
+) -> None:
+    """The copy marked a result's, input's and signal's stored value as the new run's, but
+    not an error's: deleting the original deleted it, and the restarted run never ran."""
+    from natflow import RunFailed
+
+    ALLOWED.clear()
+    async with running_worker(client, [caught_large_error]):
+        original = await client.start(caught_large_error, 100_000, run_id="err-orig")
+        try:
+            await original.result(timeout=10)
+        except RunFailed:
+            pass
+        ALLOWED["b"] = True
+        restarted = await client.restart("err-orig", from_step="b")
+        await client.delete("err-orig")
+        assert await restarted.result(timeout=10) == "b ok"
+    a, _ = await client.steps(restarted.run_id)
+    assert a.error is not None and len(a.error.message) > 100_000
+
+
+async def test_an_error_over_max_value_bytes_is_cut_to_its_ends_not_refused(
+    client: Client, engine: Engine
+) -> None:
+    """Its store was refused (InvalidInput) and the task retried for good: the run never
+    ended."""
+    from natflow import RunFailed
+
+    client.connection.max_value_bytes = 200_000  # the worker shares this connection
+    async with running_worker(client, [long_error]):
+        handle = await client.start(long_error, 300_000, run_id="huge-err")
+        try:
+            await handle.result(timeout=10)
+        except RunFailed as failed:
+            error = failed.error
+    assert len(error.message) < 10_000, len(error.message)
+    assert "e" * 1000 in error.message and "cut to its ends" in error.message

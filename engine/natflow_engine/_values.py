@@ -217,17 +217,27 @@ _error_decoder = msgspec.json.Decoder(ErrorInfo)
 
 
 async def _stored_error(conn: Connection, error: ErrorInfo, what: str, run_id: str) -> ErrorInfo:
-    """A large error stored whole, with its head and tail kept inline (a small one as is)."""
-    data = _error_encoder.encode(error)
-    if len(data) <= INLINE_BYTES or error.stored:
+    """A large error stored whole, with its head and tail kept inline (a small one as is).
+
+    An error is never refused: one over ``max_value_bytes`` keeps only its head and tail.
+    """
+    if error.stored:  # stored by the run a restart copies it from: this run's too
+        await store_value(conn, what, error.stored.encode(), run_id)
         return error
-    ref = await store_value(conn, what, data, run_id)
-    note = f" [... {len(data):,} bytes in all: the whole error is stored by reference]"
+    data = _error_encoder.encode(error)
+    if len(data) <= INLINE_BYTES:
+        return error
+    if len(data) > conn.max_value_bytes:
+        ref = ""
+        note = f" [... {len(data):,} bytes in all, over max_value_bytes: cut to its ends]"
+    else:
+        ref = (await store_value(conn, what, data, run_id)).decode()
+        note = f" [... {len(data):,} bytes in all: the whole error is stored by reference]"
     return ErrorInfo(
         type=error.type,
         message=error.message if error.sealed else error.message[:_ERROR_HEAD] + note,
         traceback="" if error.sealed else error.traceback[-_ERROR_TAIL:],
-        stored=ref.decode(),
+        stored=ref,
     )
 
 
