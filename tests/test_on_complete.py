@@ -10,7 +10,17 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
-from natflow import AesGcmCodec, Client, RunCancelled, RunFailed, RunNotFound, events
+from natflow import (
+    AesGcmCodec,
+    Client,
+    RunCancelled,
+    RunFailed,
+    RunNotFound,
+    RunOutcome,
+    WorkflowContext,
+    events,
+    workflow,
+)
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 
@@ -143,3 +153,50 @@ async def test_on_complete_opens_the_sealed_outcome_of_a_run(
         await client.close()
     assert ok == {"status": "completed", "result": "done", "error": None}
     assert bad == {"status": "failed", "result": None, "error": "failed on purpose"}
+
+
+@workflow(name="big_result")
+async def big_result(ctx: WorkflowContext, size: int) -> str:
+    return "r" * size
+
+
+@workflow(name="outcome_kind")
+async def outcome_kind(ctx: WorkflowContext, outcome: RunOutcome) -> list[object]:
+    error = outcome.error.type if outcome.error is not None else None
+    return [outcome.status, len(outcome.result) if outcome.result else None, error]
+
+
+async def test_a_hook_gets_a_large_result_itself_and_lifecycle_events_leave_it_out(
+    client: Client, engine: Engine
+) -> None:
+    """Stored by reference (over 64 KiB), the result reached the hook as the reference, and
+    lifecycle subscribers got it too, with result_omitted false."""
+    async with running_worker(client, [big_result, outcome_kind]):
+        feed = client.events(workflow="big_result", status="completed", from_start=True)
+        handle = await client.start(big_result, 100_000, run_id="big-1", on_complete=outcome_kind)
+        assert len(await handle.result(timeout=10)) == 100_000
+        with anyio.fail_after(10):
+            event = await anext(aiter(feed))
+        assert event.result is None and event.result_omitted
+        await wait_for(lambda: started(client, "big-1-oncomplete"), what="the hook's run")
+        hook = client.handle("big-1-oncomplete")
+        assert await hook.result(timeout=10) == ["completed", 100_000, None]
+
+
+async def test_a_terminated_runs_outcome_says_terminated_as_describe_does(
+    client: Client, engine: Engine
+) -> None:
+    async with running_worker(client, [closing, outcome_kind]):
+        how = {"way": "terminate", "nap": 0}
+        await client.start(closing, how, run_id="t-kind", on_complete=outcome_kind)
+        await wait_for(lambda: _waiting(client, "t-kind"), what="the run waiting")
+        await client.terminate("t-kind", "enough")
+        await wait_for(lambda: started(client, "t-kind-oncomplete"), what="the hook's run")
+        result = await client.handle("t-kind-oncomplete").result(timeout=10)
+    described = await client.describe("t-kind")
+    assert described.error is not None and described.error.type == "RunTerminated"
+    assert result == ["terminated", None, "RunTerminated"]
+
+
+async def _waiting(client: Client, run_id: str) -> bool:
+    return (await client.describe(run_id)).status == "waiting"

@@ -25,6 +25,7 @@ from ._names import derived_run_id
 from ._runs import Runs
 from ._state import RunInfo
 from ._tasks import Task, enqueue
+from ._values import is_ref, load_value
 from ._wake import run_start
 from .events import (
     Event,
@@ -74,7 +75,8 @@ def outcome_of(run_id: str, workflow: str, event: Event) -> RunOutcome | None:
         return RunOutcome(run_id=run_id, workflow=workflow, status="failed", error=event.error)
     if isinstance(event, RunCancelled | RunTerminated):
         status = "cancelled" if isinstance(event, RunCancelled) else "terminated"
-        error = ErrorInfo(type="RunCancelled", message=event.reason or status)
+        kind = "RunCancelled" if isinstance(event, RunCancelled) else "RunTerminated"
+        error = ErrorInfo(type=kind, message=event.reason or status)  # as describe() says
         return RunOutcome(run_id=run_id, workflow=workflow, status=status, error=error)
     return None
 
@@ -125,11 +127,16 @@ class RunHooks:
         workflow, target, queue = known
         if target is None:
             return
+        if isinstance(event, RunCompleted) and is_ref(bytes(event.result)):
+            # The hook's workflow gets the result itself, as any workflow gets its input
+            # (its start stores the outcome by reference in turn, if it is large).
+            result = await load_value(self._conn, bytes(event.result), f"result of {run_id}")
+            event = msgspec.structs.replace(event, result=msgspec.Raw(result))
         outcome = outcome_of(run_id, workflow, event)
         assert outcome is not None
         child_id = on_complete_run_id(run_id)
         data = _encoder.encode(outcome)
-        if len(data) > self._conn.max_payload - 8192:  # the result alone filled a message
+        if len(data) > self._conn.max_value_bytes:  # the result alone filled a value
             data = _encoder.encode(msgspec.structs.replace(outcome, result=None))
         # With the flow control the target declares (a debounced target collapses the
         # follow-ups of runs that close within its window into one run).

@@ -28,6 +28,7 @@ from ._append_batch import appender
 from ._connection import Connection
 from ._errors import ErrorInfo
 from ._state import RunInfo
+from ._values import value_ref
 
 LIFECYCLE_STREAM: Final = "NATFLOW_LIFECYCLE"
 LIFECYCLE_PREFIX: Final = "natflow.lifecycle"
@@ -101,6 +102,9 @@ def lifecycle_stream_config(replicas: int, max_age: float) -> api.StreamConfig:
 async def publish_status(conn: Connection, previous: str | None, info: RunInfo, hseq: int) -> None:
     """Publish the change of ``info``'s run to ``info.status`` (deduplicated by ``hseq``)."""
     closed = info.is_closed
+    # A result stored by reference is left out as a large one is (a subscriber reads it
+    # with describe()), not handed on as the reference.
+    stored = closed and value_ref(info.result) is not None
     event = LifecycleEvent(
         run_id=info.run_id,
         workflow=info.workflow,
@@ -111,8 +115,9 @@ async def publish_status(conn: Connection, previous: str | None, info: RunInfo, 
         seq=hseq,
         current=info.current,
         parent=info.parent,
-        result=info.result if closed else None,
+        result=info.result if closed and not stored else None,
         error=info.error,
+        result_omitted=stored,
     )
     data = _encoder.encode(event)
     if len(data) > conn.max_payload - 1024:
