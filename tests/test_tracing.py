@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import (
     RunCompleted,
+    RunContinued,
     RunStarted,
     TimerFired,
     TimerScheduled,
@@ -232,3 +233,28 @@ def test_a_run_started_without_a_trace_context_is_still_one_trace(
     other = RunStarted(id="plain-2:1", at=start.at, workflow="w", queue="q")
     RunTrace("plain-2", "w", other, [other]).recorded(RunCompleted(at=datetime.now(UTC)))
     assert span_record(caller_spans.get_finished_spans()[-1])["trace_id"] != run["trace_id"]
+
+
+def test_a_continued_run_is_one_trace_and_its_run_span_covers_every_stretch(
+    caller_spans: InMemorySpanExporter,
+) -> None:
+    """Each stretch's start is a run_continued with a time of its own: the derived parent
+    (and so the trace) changed with every stretch, and the run span began at the last one."""
+    began = datetime.now(UTC) - timedelta(seconds=30)
+    start = RunStarted(id="cont-1:1", at=began, workflow="w", queue="q")
+    sleep = TimerScheduled(at=began, seq=1, name="nap", due_at=began)
+    RunTrace("cont-1", "w", start, [start, sleep]).recorded(
+        TimerFired(at=began + timedelta(seconds=1), seq=1, name="nap")
+    )
+    later = RunContinued(
+        id="cont-1:9",
+        at=began + timedelta(seconds=20),
+        workflow="w",
+        queue="q",
+        stretch=2,
+        run_started_at=began,
+    )
+    RunTrace("cont-1", "w", later, [later]).recorded(RunCompleted(at=datetime.now(UTC)))
+    nap, run = caller_spans.get_finished_spans()
+    assert nap.context.trace_id == run.context.trace_id
+    assert run.start_time == int(began.timestamp() * 1e9)

@@ -34,6 +34,7 @@ from natflow_engine.events import (
     Event,
     RunCancelled,
     RunCompleted,
+    RunContinued,
     RunFailed,
     RunStarted,
     SignalReceived,
@@ -115,9 +116,17 @@ def starting(workflow: str, queue: str) -> Iterator[_Starting]:
         yield _Starting(span, carrier or None)
 
 
+def _run_began(start: RunStarted) -> datetime:
+    """When the run itself began: a continued run's stretches share its first start."""
+    if isinstance(start, RunContinued) and start.run_started_at is not None:
+        return start.run_started_at
+    return start.at
+
+
 def _derived_parent(run_id: str, start: RunStarted) -> Any:
-    """A stable remote parent for a run started without a trace context."""
-    digest = hashlib.sha256(f"{run_id}@{start.at.isoformat()}".encode()).digest()
+    """A stable remote parent for a run started without a trace context (one for all its
+    stretches)."""
+    digest = hashlib.sha256(f"{run_id}@{_run_began(start).isoformat()}".encode()).digest()
     context = SpanContext(
         trace_id=int.from_bytes(digest[:16], "big") or 1,
         span_id=int.from_bytes(digest[16:24], "big") or 1,
@@ -217,7 +226,7 @@ class RunTrace:
             f"natflow run {self.workflow}",
             context=self._parent,
             kind=SpanKind.CONSUMER,
-            start_time=_ns(self._start.at),
+            start_time=_ns(_run_began(self._start)),
             attributes={
                 **self._attributes(),
                 "natflow.queue": self._start.queue,
