@@ -8,7 +8,7 @@ import anyio
 import nats
 import nats.errors
 import pytest
-from natflow import Client, LifecycleEvent, RunFailed, WorkflowContext, workflow
+from natflow import Client, LifecycleEvent, NatflowError, RunFailed, WorkflowContext, workflow
 from natflow_engine._engine import Engine
 from natflow_engine._lifecycle import lifecycle_subject, workflow_token
 from natflow_engine._server import EmbeddedServer
@@ -126,6 +126,9 @@ async def test_client_events_follow_status_changes_in_order(client: Client, engi
         ("followed-2", "running"),
         ("followed-2", "completed"),
     ]
+    # Another filter under the same name: refused, not the old filter's events in silence.
+    with anyio.fail_after(5), pytest.raises(NatflowError, match="durable name 'mine' follows"):
+        await anext(aiter(client.events("flaky", "failed", durable="mine")))
 
 
 async def test_a_redelivered_status_change_is_published_once(client: Client) -> None:

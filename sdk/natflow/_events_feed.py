@@ -89,11 +89,20 @@ async def _durable(
         sub = await conn.js.pull_subscribe(
             subject, durable=durable, stream=LIFECYCLE_STREAM, config=config
         )
+        # nats-py binds to an existing durable whatever its filter: the loop got the events
+        # of the filter the name was first used with, not the ones asked for.
+        kept = (await sub.consumer_info()).config.filter_subject
     except (nats.errors.Error, nats.js.errors.Error) as exc:
         raise NatflowError(
             f"cannot follow lifecycle events as {durable!r} on {subject!r}: {exc} (a durable "
             f"name keeps the filter it was first used with)"
         ) from exc
+    if kept != subject:
+        await quietly(sub.unsubscribe(), "leaving the lifecycle subscription")
+        raise NatflowError(
+            f"the durable name {durable!r} follows {kept!r}, not {subject!r}: a durable name "
+            f"keeps the workflow and status it was first used with; use another name"
+        )
     try:
         while True:
             try:
