@@ -458,12 +458,39 @@ async def test_pause_resume_and_restart_from_the_run_page(console: str, client: 
     await wait_for(lambda: _is(client, run.run_id, "waiting"), what="the resume")
     await client.terminate(run.run_id, "done here")
     await wait_for(lambda: _is(client, run.run_id, "terminated"), what="the termination")
-    status, body, headers = await http(f"{console}/runs/pause-me/action/restart", {})
-    if status == 303:  # restarted: the page of the new run, linked to the old one
-        assert headers["location"].startswith("/runs/pause-me-r1")
-        assert 'href="/runs/pause-me"' in (await http(console + "/runs/pause-me-r1"))[1]
-    else:  # nothing to restart from: a message on the page, never a traceback
-        assert status in (400, 502) and "Traceback" not in body
+    form = {"from_step": "prepare#1"}
+    status, body, headers = await http(f"{console}/runs/pause-me/action/restart", form)
+    assert status == 303  # restarted: the page of the new run
+    assert headers["location"].startswith("/runs/pause-me-r1")
+    assert (await http(console + "/runs/pause-me-r1"))[0] == 200
+
+
+async def test_restart_is_offered_where_it_can_work_and_a_refusal_is_explained(
+    console: str, client: Client
+) -> None:
+    """Restart was offered on every closed run, and on one with no failed step it always
+    failed, as a 502 "natflow could not do that". Now it is offered on runs that recorded
+    a step, with a choice of step (the first failed one, else the first, preselected); a
+    restart the run cannot take comes back as the run page with the reason, a 400."""
+    await (await client.start(greet, {"name": "Ada"}, run_id="greeted")).result(timeout=20)
+    body = (await http(f"{console}/runs/greeted"))[1]
+    assert "/runs/greeted/action/restart" in body
+    assert '<option value="greet#1" selected>greet#1</option>' in body
+    status, body, _ = await http(f"{console}/runs/greeted/action/restart", {})  # no step
+    assert status == 400 and "no failed step to restart from" in _text(body)
+    assert 'id="run-status" data-status="completed"' in body  # the run's own page
+    status, body, _ = await http(f"{console}/runs/greeted/action/restart", {"from_step": "x#1"})
+    assert status == 400 and "recorded no step x#1; its steps: greet#1" in _text(body)
+    status, _, headers = await http(
+        f"{console}/runs/greeted/action/restart", {"from_step": "greet#1"}
+    )
+    assert status == 303 and headers["location"].startswith("/runs/greeted-r1")
+
+    await (await client.start(pipeline, {"stages": 0}, run_id="stepless")).result(timeout=20)
+    body = (await http(f"{console}/runs/stepless"))[1]
+    assert "/action/restart" not in body  # nothing recorded to restart from: no button
+    status, body, _ = await http(f"{console}/runs/stepless/action/restart", {})
+    assert status == 400 and "recorded no step: 'Restart' has none" in _text(body)
 
 
 def test_two_consoles_on_one_host_keep_their_own_login() -> None:

@@ -86,7 +86,7 @@ def cut_point(run_id: str, events: list[Event], from_step: tuple[str, int] | Non
         for event in steps:
             if isinstance(event, StepFailed):
                 return Cut(event.seq, event.name, event.occurrence)
-        raise NatflowError(
+        raise InvalidInput(
             f"run {run_id!r} has no failed step to restart from; name one with from_step "
             f"(`--from-step NAME[#N]`)"
         )
@@ -95,7 +95,7 @@ def cut_point(run_id: str, events: list[Event], from_step: tuple[str, int] | Non
         if event.name == name and event.occurrence == occurrence:
             return Cut(event.seq, event.name, event.occurrence)
     known = sorted({f"{e.name}#{e.occurrence}" for e in steps})
-    raise NatflowError(
+    raise InvalidInput(
         f"run {run_id!r} recorded no step {name}#{occurrence}; its steps: "
         f"{', '.join(known) or 'none'}"
     )

@@ -317,7 +317,9 @@ class Client:
         for the run's first failed step. Steps recorded before that point are not run again
         (the new run's history starts with their recorded outcomes); that step and every
         later one run. The new run is ``<run_id>-r<n>``; ``RunInfo.restarted_from`` and
-        ``restarted_as`` link the two, and the original history stays readable.
+        ``restarted_as`` link the two, and the original history stays readable. A run with
+        no failed step and no ``from_step``, or a step it never recorded, is
+        :class:`InvalidInput`.
         """
         new_id = await restart_run(self._conn, run_id, from_step)
         return RunHandle(self._runs, new_id)

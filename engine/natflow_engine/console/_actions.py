@@ -84,13 +84,17 @@ async def run_action(request: Request) -> Response:
     action = next((a for a in RUN_ACTIONS if a.name == request.path_params["action"]), None)
     if action is None:
         raise InvalidInput(f"there is no action {request.path_params['action']!r}")
-    form = _fields(await request.form(), "reason")
-    reason = form["reason"].strip() or None
+    form = _fields(await request.form(), "reason", "from_step")
     view = await reads.read_run(state.conn, run_id)
-    if view.info.status not in action.statuses:
+    if not action.offered(view.info.status, view.steps):
         message = f"run {run_id} is {view.info.status}: '{action.label}' does not apply to it"
+        if view.info.status in action.statuses:  # it needs a recorded step
+            message = f"run {run_id} recorded no step: '{action.label}' has none to start from"
         return await _again(request, run_id, message, {})
-    shown = await action.perform(state.conn, run_id, reason) or run_id
+    try:
+        shown = await action.perform(state.conn, run_id, form) or run_id
+    except InvalidInput as exc:  # e.g. a restart with no failed step and none chosen
+        return await _again(request, run_id, f"{action.label}: {exc}", form)
     notice = (
         f"{action.label}: requested for {run_id}."
         if shown == run_id

@@ -16,7 +16,7 @@ from .._names import _TOKEN, check_workflow_name
 from .._state import RunInfo
 from . import _reads as reads
 from ._pages import console, page
-from ._run_actions import RUN_ACTIONS
+from ._run_actions import RUN_ACTIONS, step_choices
 from ._timeline import timeline
 
 STATUSES = (
@@ -171,7 +171,10 @@ def run_context(view: reads.RunView, children: list[str]) -> dict[str, Any]:
         "axis_end": finish,
         "children": children,
         # A site's run seen from the hub: commands for it go through client.site(...).
-        "actions": [] if info.site else [a for a in RUN_ACTIONS if info.status in a.statuses],
+        "actions": []
+        if info.site
+        else [a for a in RUN_ACTIONS if a.offered(info.status, view.steps)],
+        "restart_steps": step_choices(view.steps),
         "last_seq": view.last_seq,
     }
 
