@@ -171,3 +171,69 @@ async def test_a_list_over_the_scan_limit_says_it_looked_at_the_newest_only(
     monkeypatch.setattr(_index, "SCAN_LIMIT", 200_000)
     _, total, looked = await index.page(status="failed", limit=5)
     assert (total, looked) == (13, None)
+
+
+async def test_deleted_runs_leave_filtered_pages_and_counts_long_before_a_refresh(
+    conn: Connection,
+) -> None:
+    """A delete purges a run's summary and publishes nothing: deleted runs stayed in the
+    counts and in the "N matching runs" of filtered pages until the 10-minute refresh. A
+    filtered page that finds a summary gone drops the run at once; a check of the index's
+    size reads it again soon after a delete that no page touched."""
+    counts = StatusCounts(check=3600)  # first: the filtered page alone, no size check
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(counts.follow, conn)
+
+        async def loaded() -> bool:
+            return counts.loaded and counts.total == 130
+
+        await wait_for(loaded, what="the index to load")
+        for n in (10, 20):  # the index's part of client.delete (purge_run)
+            await conn.jsm.purge_stream("NATFLOW_RUNS", subject=runs_subject(f"run-{n:03d}"))
+        page = await select_runs(conn, counts, RunFilter(status="failed"), 0)
+        assert page.matching == 11 and len(page.runs) == 11
+        assert {"run-010", "run-020"}.isdisjoint(r.run_id for r in page.runs)
+        assert counts.total == 128 and counts.by_status["failed"] == 11
+        tg.cancel_scope.cancel()
+
+    counts = StatusCounts(check=0.2)  # then: no page at all, the size check finds them
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(counts.follow, conn)
+
+        async def reloaded() -> bool:
+            return counts.loaded and counts.total == 128
+
+        await wait_for(reloaded, what="the index to load")
+        await conn.jsm.purge_stream("NATFLOW_RUNS", subject=runs_subject("run-030"))
+
+        async def dropped() -> bool:
+            return counts.total == 127
+
+        with anyio.fail_after(5):  # not the refresh (600 s)
+            await wait_for(dropped, what="a deleted run to drop out")
+        assert counts.by_status["failed"] == 10
+        tg.cancel_scope.cancel()
+
+
+async def test_runs_page_counts_forget_deleted_runs(
+    nats_server: EmbeddedServer, conn: Connection
+) -> None:
+    """The hunter's scenario over HTTP: after a delete, the runs page's counts and a
+    filtered page's total no longer count the deleted runs (they did for 10 minutes)."""
+    async with served_console(nats_server.url) as base:
+
+        async def counted() -> bool:
+            return "<b>130</b> runs" in (await http(base + "/runs"))[1]
+
+        await wait_for(counted, what="the counts")
+        for n in range(10, 50, 10):
+            await conn.jsm.purge_stream("NATFLOW_RUNS", subject=runs_subject(f"run-{n:03d}"))
+        body = (await http(base + "/runs?status=failed"))[1]
+        assert "9 matching runs" in body and "run-040" not in body
+
+        async def forgotten() -> bool:
+            body = (await http(base + "/runs"))[1]
+            return "<b>126</b> runs" in body and 'data-status="failed"><b>9</b>' in body
+
+        with anyio.fail_after(10):
+            await wait_for(forgotten, what="the runs page to stop counting deleted runs")

@@ -198,6 +198,7 @@ class BatchReader:
 class _StreamState(msgspec.Struct):
     first_seq: int = 0
     last_seq: int = 0
+    messages: int = 0
 
 
 class _InfoReply(msgspec.Struct):
@@ -212,13 +213,24 @@ async def stream_bounds(conn: Connection, stream: str) -> tuple[int, int] | None
     """The stream's first and last sequences (the last below the first: empty); None if
     there is no such stream. A server that does not answer is an error, never an empty
     stream (every reader of a whole stream starts here: ``runs list``, the console)."""
+    state = await _stream_state(conn, stream)
+    return None if state is None else (state.first_seq, state.last_seq)
+
+
+async def stream_size(conn: Connection, stream: str) -> int | None:
+    """How many messages the stream holds (None: no such stream); one request."""
+    state = await _stream_state(conn, stream)
+    return None if state is None else state.messages
+
+
+async def _stream_state(conn: Connection, stream: str) -> _StreamState | None:
     msg = await conn.request(f"{conn.api}.STREAM.INFO.{stream}", b"")
     reply = _info_decoder.decode(msg.data)
     if reply.error is not None and reply.error.err_code == ERR_STREAM_NOT_FOUND:
         return None
     if reply.error is not None or reply.state is None:
         raise (reply.error or ApiError(description="no stream state")).refusal(f"stream {stream}")
-    return reply.state.first_seq, reply.state.last_seq
+    return reply.state
 
 
 def reader(conn: Connection) -> BatchReader:

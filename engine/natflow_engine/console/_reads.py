@@ -37,6 +37,7 @@ log = logging.getLogger("natflow.console")
 
 PAGE_SIZE: Final = 50
 _WINDOW: Final = 500  # index entries read per request while filtering
+_RESELECT: Final = 3  # pages made again at most, each without the deleted runs it found
 SCAN_BUDGET: Final = 20_000  # entries one filtered page may read before it hands back a cursor
 
 
@@ -82,9 +83,16 @@ class RunPage:
 async def select_runs(
     conn: Connection, counts: StatusCounts, where: RunFilter, offset: int, size: int = PAGE_SIZE
 ) -> RunPage:
-    """A filtered page from the console's live index: any page costs the same."""
-    ids, matching = counts.select(where.matches, offset, size)
-    return RunPage(runs=await summaries_of(conn, ids), matching=matching, offset=offset)
+    """A filtered page from the console's live index: any page costs the same. Runs whose
+    summary is gone (deleted) leave the live index, and the page is made again without them."""
+    for _ in range(_RESELECT):
+        ids, matching = counts.select(where.matches, offset, size)
+        runs = await summaries_of(conn, ids)
+        if len(runs) == len(ids):
+            break
+        found = {run.run_id for run in runs}
+        counts.forget([run_id for run_id in ids if run_id not in found])
+    return RunPage(runs=runs, matching=matching, offset=offset)
 
 
 async def _window(conn: Connection, start: int, end: int) -> list[tuple[int, IndexEntry]]:
