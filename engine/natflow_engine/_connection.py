@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, Final, TypeVar
 
 import anyio.lowlevel
@@ -413,7 +414,7 @@ class Connection:
             except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
                 if getattr(e, "err_code", None) in ERR_JETSTREAM_OFF:
                     raise ConnectionRefused(f"{what}: {self._no_jetstream_hint()}") from e
-                raise NoResponders(what, _SILENT_JETSTREAM) from e
+                raise NoResponders(what, SILENT_JETSTREAM) from e
             except (TimeoutError, nats.errors.TimeoutError) as exc:
                 raise self._timeout_error(what, 5.0) from exc
             except nats.js.errors.APIError as exc:
@@ -470,7 +471,7 @@ class NoResponders(NatflowError):
 
 # A server without JetStream is silent where one whose account lacks it says so; so is one
 # still starting, or a leaf node cut off from its hub, which is why this is retried.
-_SILENT_JETSTREAM: Final = (
+SILENT_JETSTREAM: Final = (
     "JetStream does not answer: is it enabled on the server (`jetstream {}` in its "
     "configuration, `-js`) and, at a leaf node, is the link to the hub up?"
 )
@@ -535,9 +536,19 @@ async def quietly(op: Awaitable[object], what: str = "acknowledgement") -> bool:
 T = TypeVar("T")
 
 
+# A time (``time.monotonic``) after which no transient failure is retried, set by a caller
+# that must answer soon whatever it calls (a console page): it then gets the failure itself,
+# which says what is wrong, in seconds rather than after 30 s of retries.
+retry_deadline: ContextVar[float | None] = ContextVar("natflow_retry_deadline", default=None)
+
+
 async def retrying(what: str, op: Callable[[], Awaitable[T]], *, budget: float = 30.0) -> T:
-    """Run ``op``, retrying transient failures with backoff for up to ``budget`` seconds."""
+    """Run ``op``, retrying transient failures with backoff for up to ``budget`` seconds
+    (and not past :data:`retry_deadline`, where one is set)."""
     deadline = time.monotonic() + budget
+    cap = retry_deadline.get()
+    if cap is not None:
+        deadline = min(deadline, cap)
     delay = 0.1
     while True:
         try:

@@ -15,7 +15,13 @@ from typing import Final
 import msgspec
 from nats.aio.msg import Msg
 
-from ._connection import ERR_STREAM_NOT_FOUND, ApiError, Connection, NoResponders
+from ._connection import (
+    ERR_STREAM_NOT_FOUND,
+    SILENT_JETSTREAM,
+    ApiError,
+    Connection,
+    NoResponders,
+)
 from ._errors import NatflowError, ServerUnavailable
 
 # One request reads a history of 10,000 small events whole: the server answers it as one
@@ -224,7 +230,11 @@ async def stream_size(conn: Connection, stream: str) -> int | None:
 
 
 async def _stream_state(conn: Connection, stream: str) -> _StreamState | None:
-    msg = await conn.request(f"{conn.api}.STREAM.INFO.{stream}", b"")
+    subject = f"{conn.api}.STREAM.INFO.{stream}"
+    try:
+        msg = await conn.request(subject, b"")
+    except NoResponders as exc:  # a stream's absence is an answer: this is JetStream's
+        raise NoResponders(subject, SILENT_JETSTREAM) from exc
     reply = _info_decoder.decode(msg.data)
     if reply.error is not None and reply.error.err_code == ERR_STREAM_NOT_FOUND:
         return None

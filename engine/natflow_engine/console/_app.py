@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from http.cookies import SimpleCookie
@@ -28,7 +29,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._connection import Connection
+from .._connection import Connection, NoResponders, RequestTimeout, retry_deadline
 from .._errors import InvalidInput, NatflowError, PermissionDenied, RunNotFound, ServerUnavailable
 from ._counts import StatusCounts
 from ._pages import HERE, Console, templates
@@ -36,6 +37,11 @@ from ._pages import HERE, Console, templates
 log = logging.getLogger("natflow.console")
 
 COOKIE = "natflow_console"  # and a digest of the token: see Guard
+# How long a page may retry what NATS does not answer, and how long it may take in all (a
+# request begun just before the first may still wait its own 5 s): during an outage a page
+# answered after 30 s of retries. Forms that write are not cut short (a half-seeded restart).
+PAGE_RETRIES: float = 4.0
+PAGE_LIMIT: float = PAGE_RETRIES + 6.0
 
 
 class _Static(StaticFiles):
@@ -82,15 +88,23 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 
 async def on_timeout(request: Request, exc: Exception) -> Response:
+    """A request NATS did not answer (RequestTimeout says which and, if so, that the
+    connection is down), or a page past :data:`PAGE_LIMIT`."""
     log.warning(
         "console: %s %s: NATS did not answer in time (%s)", request.method, request.url.path, exc
     )
+    said = f" ({exc})" if isinstance(exc, RequestTimeout) else ""
     return _error_page(
         request,
         504,
         "NATS did not answer in time",
-        "The NATS server or JetStream did not answer; try again in a moment.",
+        f"The NATS server or JetStream did not answer{said}; try again in a moment.",
     )
+
+
+async def on_no_responders(request: Request, exc: Exception) -> Response:
+    """Nothing answers a JetStream request: JetStream is off, starting, or cut off."""
+    return _error_page(request, 503, "JetStream does not answer", str(exc))
 
 
 async def on_crash(request: Request, exc: Exception) -> Response:
@@ -101,6 +115,24 @@ async def on_crash(request: Request, exc: Exception) -> Response:
         "Something went wrong",
         "The console hit an unexpected error; its log has the details.",
     )
+
+
+def bounded(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A page handler that gives up on NATS in seconds: retries stop after
+    :data:`PAGE_RETRIES` (the page shows the failure itself), and all of it after
+    :data:`PAGE_LIMIT` (a 504)."""
+
+    async def page(request: Request) -> Response:
+        token = retry_deadline.set(time.monotonic() + PAGE_RETRIES)
+        try:
+            with anyio.fail_after(PAGE_LIMIT):
+                return await handler(request)
+        finally:
+            retry_deadline.reset(token)
+
+    return page
 
 
 # -- access: an optional token, and no cross-site form posts ------------------------------------
@@ -208,15 +240,15 @@ def routes() -> list[BaseRoute]:
 
     return [
         Route("/", _views.home),
-        Route("/runs", _views.runs_page),
-        Route("/runs/{run_id}", _views.run_page),
+        Route("/runs", bounded(_views.runs_page)),
+        Route("/runs/{run_id}", bounded(_views.run_page)),
         Route("/runs/{run_id}/live", _live.run_stream),
         Route("/runs/{run_id}/signal", _actions.signal, methods=["POST"]),
         Route("/runs/{run_id}/action/{action}", _actions.run_action, methods=["POST"]),
-        Route("/start", _views.start_page),
+        Route("/start", bounded(_views.start_page)),
         Route("/start", _actions.start, methods=["POST"]),
-        Route("/workers", _views.workers_page),
-        Route("/dead-letters", _views.dead_page),
+        Route("/workers", bounded(_views.workers_page)),
+        Route("/dead-letters", bounded(_views.dead_page)),
         Route("/live/counts", _live.counts_stream),
         Route("/live/workers", _live.workers_stream),
         Route("/healthz", _views.healthz),
@@ -256,7 +288,12 @@ def create_app(
     app = Starlette(
         routes=routes(),
         lifespan=lifespan,
+        # Looked up along the exception's classes in order: RequestTimeout is a
+        # NatflowError first, so its own entry must exist or on_timeout never runs.
         exception_handlers={
+            RequestTimeout: on_timeout,
+            NoResponders: on_no_responders,
+            ServerUnavailable: on_natflow_error,
             NatflowError: on_natflow_error,
             HTTPException: on_http_error,
             TimeoutError: on_timeout,
