@@ -14,7 +14,7 @@ import contextvars
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from natflow_engine import NatflowError
 
@@ -24,7 +24,38 @@ T = TypeVar("T")
 
 
 class NotDurable(NatflowError):
-    """Workflow code used a clock-based asyncio feature, which replay cannot reproduce."""
+    """Workflow code used a clock, I/O, a thread or a process, which replay cannot reproduce."""
+
+
+# What asyncio reaches for to do I/O or start threads and processes. Their results are not
+# in history, so a replay could not reproduce them: they belong in a step.
+_IO_CALLS = frozenset(
+    {
+        "run_in_executor",
+        "set_default_executor",
+        "shutdown_default_executor",
+        "getaddrinfo",
+        "getnameinfo",
+        "create_connection",
+        "create_server",
+        "sendfile",
+        "start_tls",
+        "create_unix_connection",
+        "create_unix_server",
+        "connect_accepted_socket",
+        "create_datagram_endpoint",
+        "connect_read_pipe",
+        "connect_write_pipe",
+        "subprocess_shell",
+        "subprocess_exec",
+        "add_reader",
+        "remove_reader",
+        "add_writer",
+        "remove_writer",
+        "add_signal_handler",
+        "remove_signal_handler",
+    }
+)
 
 
 class WorkflowLoop(asyncio.AbstractEventLoop):
@@ -149,3 +180,26 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
 
     def get_exception_handler(self) -> None:
         return None
+
+
+def _refusal(name: str) -> Callable[..., NoReturn]:
+    if name in _IO_CALLS or name.startswith("sock_"):
+        message = (
+            f"workflow code cannot do I/O or start threads or processes (loop.{name}): "
+            "put it in a ctx.step"
+        )
+    else:
+        message = f"workflow code cannot call loop.{name}: it runs on natflow's replay loop"
+
+    def refused(self: WorkflowLoop, *args: object, **kwargs: object) -> NoReturn:
+        raise NotDurable(message)
+
+    refused.__name__ = name
+    return refused
+
+
+# Every AbstractEventLoop method this loop does not define would raise a bare
+# NotImplementedError; computed rather than listed so a newer Python's additions are covered.
+for _name, _value in vars(asyncio.AbstractEventLoop).items():
+    if callable(_value) and not _name.startswith("_") and _name not in vars(WorkflowLoop):
+        setattr(WorkflowLoop, _name, _refusal(_name))
