@@ -65,6 +65,6 @@ def make_nothing(client: Client) -> int:
     return 42
 
 
-def make_two(first: object, second: object) -> object:
-    """Not a factory natflow can call: it takes two arguments."""
-    return first
+def make_two(first: object, second: object) -> Worker:
+    """A factory (it says it makes a Worker) natflow cannot call: it takes two arguments."""
+    raise AssertionError("natflow never calls it")

@@ -29,6 +29,7 @@ from natflow_engine import (
 )
 
 from ._client import Client
+from ._factory import is_worker_factory
 from ._supervisor import Supervisor, process_count
 from ._worker import Worker
 from ._workflow import Workflow
@@ -47,8 +48,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "target",
         metavar="MODULE[:ATTR]",
-        help="module (or .py file); ATTR: a workflow, a list of them, or a "
-        "callable returning a Worker",
+        help="module (or .py file); ATTR: a workflow, a list of them, or a function "
+        "returning a Worker (annotated -> Worker, or taking a parameter annotated Client)",
     )
     p.add_argument(
         "--queue",
@@ -139,9 +140,13 @@ def load_target(target: str) -> tuple[list[Workflow], Any]:
         return [value], None
     if isinstance(value, list | tuple) and all(isinstance(v, Workflow) for v in value):
         return list(value), None
-    if callable(value):
+    if is_worker_factory(value):
         return [], value
-    raise InvalidInput(f"{target} is neither a workflow, a list of them, nor a callable")
+    raise InvalidInput(
+        f"{attr!r} in module {module_name!r} is not a workflow, a list of workflows, nor a "
+        f"function returning a Worker (natflow calls only a factory that says so: "
+        f"def {attr}(client: Client) -> Worker)"
+    )
 
 
 async def _connect_with_retry(args: argparse.Namespace) -> Client:

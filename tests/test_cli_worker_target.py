@@ -1,0 +1,81 @@
+"""What ``natflow worker MODULE:ATTR`` does with ATTR: a workflow, a list of them, or a factory
+that says it makes a Worker; anything else is refused in one line, and nothing is called."""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from natflow import Client, Worker
+from natflow._factory import is_worker_factory
+from natflow_engine._server import EmbeddedServer
+
+from tests.test_cli import assert_one_clear_error, natflow
+
+STEP_MODULE = """
+from pathlib import Path
+from natflow import WorkflowContext, workflow
+
+def charge_card(customer):  # a step function: running it charges a card
+    Path(__file__).with_name("charged").write_text(repr(customer))
+    return "charged"
+
+@workflow
+async def checkout(ctx: WorkflowContext, input: dict) -> str:
+    return await ctx.step("charge", charge_card, input["customer"])
+"""
+
+
+async def test_a_step_function_named_as_attr_is_refused_and_never_called(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(STEP_MODULE)
+    target = f"{app}:charge_card"
+    proc = await natflow(
+        nats_server.url, "worker", target, "--processes", "1", "--metrics-port", "0"
+    )
+    assert_one_clear_error(
+        proc, "'charge_card'", "not a workflow, a list of workflows, nor a function returning a"
+    )
+    assert not (tmp_path / "charged").exists()  # its side effect did not happen
+
+
+def make(client: Client) -> Worker:
+    raise AssertionError
+
+
+async def make_async(client: Any) -> Worker:
+    raise AssertionError
+
+
+def make_awaitable() -> Awaitable[Worker]:
+    raise AssertionError
+
+
+def make_odd(client: Client) -> int:  # a factory by its parameter; it fails when called
+    raise AssertionError
+
+
+def step(customer: str) -> str:
+    return customer
+
+
+def evaluated(fn: Callable[..., object]) -> Callable[..., object]:
+    """A copy of ``fn`` whose annotations are objects, as without the __future__ import."""
+    assert isinstance(fn, types.FunctionType)
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__)
+    copy.__annotations__ = typing.get_type_hints(fn)
+    return copy
+
+
+def test_only_a_callable_whose_annotations_say_worker_is_a_factory() -> None:
+    # This module's annotations are text (the __future__ import); evaluated ones count too.
+    for factory in (make, make_async, make_awaitable, make_odd):
+        assert is_worker_factory(factory), factory
+        assert is_worker_factory(evaluated(factory)), factory
+    for other in (step, evaluated(step), lambda client: client, print, "make", None):
+        assert not is_worker_factory(other), other
