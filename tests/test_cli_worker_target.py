@@ -3,17 +3,22 @@ that says it makes a Worker; anything else is refused in one line, and nothing i
 
 from __future__ import annotations
 
+import os
+import subprocess
 import types
 import typing
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 from natflow import Client, Worker
 from natflow._factory import is_worker_factory
 from natflow_engine._server import EmbeddedServer
 
-from tests.test_cli import assert_one_clear_error, natflow
+from tests.helpers import ROOT
+from tests.links import free_port
+from tests.test_cli import NATFLOW, assert_one_clear_error, natflow
 
 STEP_MODULE = """
 from pathlib import Path
@@ -79,3 +84,69 @@ def test_only_a_callable_whose_annotations_say_worker_is_a_factory() -> None:
         assert is_worker_factory(evaluated(factory)), factory
     for other in (step, evaluated(step), lambda client: client, print, "make", None):
         assert not is_worker_factory(other), other
+
+
+def free_url() -> str:
+    return f"nats://127.0.0.1:{free_port()}"  # none of these gets as far as connecting
+
+
+async def natflow_in(folder: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "NATFLOW_URL": free_url(), "PYTHONPATH": str(ROOT)}
+    with anyio.fail_after(30):
+        return await anyio.run_process([*NATFLOW, *args], env=env, cwd=folder, check=False)
+
+
+def assert_only_their_frames(stderr: str, target: str, *expected: str) -> None:
+    """The header, then exactly the expected lines: their frames and the exception."""
+    lines = stderr.splitlines()
+    assert lines[0] == f"natflow worker: importing {target!r} failed:", stderr
+    assert lines[1:] == list(expected), stderr
+
+
+async def test_a_syntax_error_shows_its_line_and_caret_and_nothing_of_natflow(
+    tmp_path: Path,
+) -> None:
+    app = tmp_path / "app.py"
+    app.write_text("from natflow import workflow\n\n@workflow\nasync def wf(ctx, input)\n")
+    proc = await natflow(free_url(), "worker", str(app), "--processes", "1")
+    assert proc.returncode == 1
+    assert_only_their_frames(
+        proc.stderr.decode(),
+        str(app),
+        f'  File "{app}", line 4',
+        "    async def wf(ctx, input)",
+        "                            ^",
+        "SyntaxError: expected ':'",
+    )
+
+
+async def test_an_error_raised_while_importing_shows_the_users_frames_only(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "helpers.py").write_text("import json\n\nRATE = 1 / 0\n")
+    (tmp_path / "app.py").write_text("import helpers\nimport no_such_dependency\n")
+    (tmp_path / "other.py").write_text("import no_such_dependency\n")
+    for target, expected in (
+        (
+            "app",
+            (
+                f'  File "{tmp_path / "app.py"}", line 1, in <module>',
+                "    import helpers",
+                f'  File "{tmp_path / "helpers.py"}", line 3, in <module>',
+                "    RATE = 1 / 0",
+                "           ~~^~~",
+                "ZeroDivisionError: division by zero",
+            ),
+        ),
+        (
+            "other",  # the module is there; what it imports is not
+            (
+                f'  File "{tmp_path / "other.py"}", line 1, in <module>',
+                "    import no_such_dependency",
+                "ModuleNotFoundError: No module named 'no_such_dependency'",
+            ),
+        ),
+    ):
+        proc = await natflow_in(tmp_path, "worker", target, "--processes", "1")
+        assert proc.returncode == 1
+        assert_only_their_frames(proc.stderr.decode(), target, *expected)

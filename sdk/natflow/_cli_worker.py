@@ -31,6 +31,7 @@ from natflow_engine import (
 from ._client import Client
 from ._factory import is_worker_factory
 from ._supervisor import Supervisor, process_count
+from ._user_frames import import_failure
 from ._worker import Worker
 from ._workflow import Workflow
 
@@ -116,18 +117,24 @@ def load_target(target: str) -> tuple[list[Workflow], Any]:
             raise InvalidInput(f"cannot load {module_name}: not a Python file")
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise import_failure(module_name, exc) from None
     else:
         sys.path.insert(0, str(Path.cwd()))
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
-                raise  # the module exists; something it imports does not: its traceback helps
+                # The module exists; something it imports does not: where, in their code.
+                raise import_failure(module_name, exc) from None
             raise InvalidInput(
                 f"no module named {module_name!r} (from {Path.cwd()}); run from the folder "
                 "that holds it, or pass a path/to/file.py"
             ) from None
+        except Exception as exc:
+            raise import_failure(module_name, exc) from None
     if not attr:
         found = [v for v in vars(module).values() if isinstance(v, Workflow)]
         if not found:
