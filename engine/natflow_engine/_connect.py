@@ -26,6 +26,7 @@ from ._connect_refusals import (
 )
 from ._connection import Connection
 from ._errors import InvalidInput, PermissionDenied, ServerUnavailable
+from ._url_checks import check_schemes, why_unanswered
 
 log = logging.getLogger("natflow.connection")
 
@@ -70,6 +71,7 @@ async def connect(
     servers: str | list[str] = url if url is not None else default_url()
     if isinstance(servers, str) and "," in servers:  # NATFLOW_URL may list a cluster's nodes
         servers = [u.strip() for u in servers.split(",") if u.strip()]
+    check_schemes(servers)
     holder: dict[str, Connection] = {}
     refused: list[bool] = []  # whether the server turned the credentials down while connecting
     connecting_errors: list[Exception] = []
@@ -149,6 +151,9 @@ async def connect(
             raise ServerUnavailable(
                 f"could not connect to NATS at {shown}: {redact_text(str(exc))}"
             ) from None
+        reason = await why_unanswered(servers)
+        if reason is not None:
+            raise ServerUnavailable(f"no NATS server answered at {shown}: {reason}") from None
         raise ServerUnavailable(f"no NATS server answered at {shown}; {START_HINT}") from None
     nc.options["max_reconnect_attempts"] = reconnect_attempts
     conn = Connection(nc, owned=True, domain=domain or os.environ.get("NATFLOW_DOMAIN"))
