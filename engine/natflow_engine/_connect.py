@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Final
 
@@ -161,17 +162,19 @@ async def connect(
     return conn
 
 
-def logged_callbacks(what: str) -> dict[str, Any]:
+def logged_callbacks(what: str, closing: Callable[[], bool] | None = None) -> dict[str, Any]:
     """nats-py callbacks for a connection natflow opens beside its :class:`Connection` (the
     worker's heartbeat connection, ``what``): its errors logged as a warning line, its losses
     and returns at info. Without them nats-py logs every lost connection as an ERROR with the
-    exception, which read as a failure in the logs of a worker that had merely reconnected."""
+    exception, which read as a failure in the logs of a worker that had merely reconnected.
+    ``closing`` says whether the owner asked to close it: that disconnect is no loss."""
 
     async def error_cb(error: Exception) -> None:
         log.warning("NATS (%s): %s", what, redact_text(str(error)))
 
     async def disconnected_cb() -> None:
-        log.info("NATS (%s): connection lost; reconnecting", what)
+        if closing is None or not closing():
+            log.info("NATS (%s): connection lost; reconnecting", what)
 
     async def reconnected_cb() -> None:
         log.info("NATS (%s): connection re-established", what)

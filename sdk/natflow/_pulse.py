@@ -107,6 +107,7 @@ class Pulse:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._closing = False  # our own close: its disconnect is no lost connection
         self._started = threading.Event()
         self.error: BaseException | None = None
 
@@ -139,7 +140,7 @@ class Pulse:
         nc = await nats.connect(
             **self._options,
             name=f"natflow-pulse-{self._identity}",
-            **logged_callbacks("heartbeat connection"),
+            **logged_callbacks("heartbeat connection", closing=lambda: self._closing),
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
         )
@@ -155,6 +156,7 @@ class Pulse:
                     break
                 await self.beat_all(nc, leases)
         finally:
+            self._closing = True
             await nc.close()
 
     async def beat_all(self, nc: Any, leases: Leases) -> None:
