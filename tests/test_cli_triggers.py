@@ -84,3 +84,34 @@ async def test_event_commands_and_runs_show(
 
 async def _closed(client: Client, run_id: str) -> bool:
     return (await client.describe(run_id)).is_closed
+
+
+def assert_columns_align(text: str, *columns: str) -> None:
+    """Every row's cells start where the header's column names do."""
+    header, *rows = text.splitlines()
+    starts = [header.index(column) for column in columns]
+    assert rows, text
+    for row in rows:
+        for start in starts:
+            assert row[start - 2 : start] == "  " and row[start] != " ", (start, text)
+
+
+async def test_schedule_and_event_lists_align_their_columns_whatever_the_widths(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    url = nats_server.url
+    for schedule_id, workflow, zone in (
+        ("a-schedule-id-longer-than-its-column", "a-workflow-name-longer-than-18", "UTC"),
+        ("short", "tick", "America/Argentina/Buenos_Aires"),
+    ):
+        created = await natflow(
+            url, "schedules", "create", schedule_id, workflow, "--cron", "0 3 * * *",
+            "--timezone", zone,
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr.decode()
+    listed = out(await natflow(url, "schedules", "list"))
+    assert_columns_align(listed, "WORKFLOW", "WHEN", "STATE", "NEXT FIRE")
+    for name in ("an.event.name.longer.than.its.column", "short"):
+        assert (await natflow(url, "events", "emit", name, "{}")).returncode == 0
+    events = out(await natflow(url, "events", "list"))
+    assert_columns_align(events, "EVENT", "STORED", "RUNS")

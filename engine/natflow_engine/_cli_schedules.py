@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from ._cli_bind import Command, Handler, Opener, bind
-from ._cli_format import read_json_argument
+from ._cli_format import read_json_argument, table
 from ._cli_types import positive_int, seconds
 from ._connection import Connection
 from ._durations import to_seconds
@@ -187,11 +187,17 @@ async def _list(conn: Connection, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(found)
         return 0
-    print(f"{'SCHEDULE':24} {'WORKFLOW':18} {'WHEN':22} {'STATE':7} NEXT FIRE")
-    for s in found:
-        state = "paused" if s.paused else "active"
-        next_fire = when(s.next_fire_times[0]) if s.next_fire_times else "-"
-        print(f"{s.schedule_id:24} {s.workflow:18} {_when(s):22} {state:7} {next_fire}")
+    rows = [
+        (
+            s.schedule_id,
+            s.workflow,
+            _when(s),
+            "paused" if s.paused else "active",
+            when(s.next_fire_times[0]) if s.next_fire_times else "-",
+        )
+        for s in found
+    ]
+    table(("SCHEDULE", "WORKFLOW", "WHEN", "STATE", "NEXT FIRE"), rows)
     return 0
 
 
@@ -259,10 +265,16 @@ async def _events(conn: Connection, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(records)
         return 0
-    print(f"{'SEQ':>6} {'EVENT':24} {'STORED':19} RUNS")
-    for r in records:
-        runs = ", ".join(f"{wf}: {run_id or 'none'}" for wf, run_id in r.runs.items()) or "-"
-        print(f"{r.seq:>6} {r.name:24} {when(r.at)} {runs}")
+    rows = [
+        (
+            str(r.seq),
+            r.name,
+            when(r.at),
+            ", ".join(f"{wf}: {run_id or 'none'}" for wf, run_id in r.runs.items()) or "-",
+        )
+        for r in records
+    ]
+    table(("SEQ", "EVENT", "STORED", "RUNS"), rows, right=0b1)
     return 0
 
 
