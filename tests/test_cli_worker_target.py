@@ -24,7 +24,7 @@ STEP_MODULE = """
 from pathlib import Path
 from natflow import WorkflowContext, workflow
 
-def charge_card(customer):  # a step function: running it charges a card
+def charge_card(customer: str) -> str:  # a step function: running it charges a card
     Path(__file__).with_name("charged").write_text(repr(customer))
     return "charged"
 
@@ -61,7 +61,7 @@ def make_awaitable() -> Awaitable[Worker]:
     raise AssertionError
 
 
-def make_odd(client: Client) -> int:  # a factory by its parameter; it fails when called
+def make_odd(client: Client) -> int:  # says it returns something else
     raise AssertionError
 
 
@@ -77,12 +77,16 @@ def evaluated(fn: Callable[..., object]) -> Callable[..., object]:
     return copy
 
 
-def test_only_a_callable_whose_annotations_say_worker_is_a_factory() -> None:
+def unannotated(client):  # type: ignore[no-untyped-def]  # API.md: still a factory
+    raise AssertionError
+
+
+def test_only_a_callable_whose_annotations_say_it_makes_no_worker_is_refused() -> None:
     # This module's annotations are text (the __future__ import); evaluated ones count too.
-    for factory in (make, make_async, make_awaitable, make_odd):
+    for factory in (make, make_async, make_awaitable, unannotated, lambda client: client):
         assert is_worker_factory(factory), factory
         assert is_worker_factory(evaluated(factory)), factory
-    for other in (step, evaluated(step), lambda client: client, print, "make", None):
+    for other in (step, evaluated(step), make_odd, evaluated(make_odd), print, "make", None):
         assert not is_worker_factory(other), other
 
 

@@ -60,8 +60,9 @@ def make_single_worker(client: Client) -> Worker:
     return Worker(client, WORKFLOWS, lease_ttl=LEASE_TTL, max_concurrent_runs=1)
 
 
-def make_nothing(client: Client) -> int:
-    """A factory that makes no Worker: each worker process says so and exits with status 1."""
+def make_nothing(client: Client) -> Worker | int:
+    """A factory that makes no Worker after all: each worker process says so and exits with
+    status 1."""
     return 42
 
 

@@ -1,9 +1,10 @@
 """Which callables ``natflow worker MODULE:ATTR`` treats as a Worker factory.
 
-Calling a callable runs its code: a step function named by mistake would run (its side
-effects with it) with the client as its argument. So only a callable that says it makes a
-Worker is called: one annotated to return a Worker (or an awaitable of one), or one taking a
-parameter annotated Client.
+Calling a callable runs its code: a step function named by mistake ran (its side effects with
+it) with the client as its argument. API.md promises that a callable returning a Worker is
+called, annotated or not, so a callable is refused only where its annotations say it is
+something else: a return annotation that names no Worker, or (with no return annotation) a
+first parameter annotated as anything but a Client.
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ from ._worker import Worker
 
 
 def is_worker_factory(value: object) -> bool:
-    """Whether ``value`` is a callable whose annotations say it makes a Worker."""
-    if not callable(value):
+    """Whether ``value`` is a callable whose annotations do not rule out making a Worker."""
+    if not callable(value) or inspect.isbuiltin(value):  # print, len: no factory of ours
         return False
     try:
         signature = inspect.signature(value)
     except (TypeError, ValueError):  # a builtin or extension callable: it says nothing
         return False
-    if _names(signature.return_annotation, Worker):
-        return True
-    return any(_names(p.annotation, Client) for p in signature.parameters.values())
+    returns = signature.return_annotation
+    if returns is not inspect.Signature.empty:
+        return _names(returns, Worker)
+    first = next(iter(signature.parameters.values()), None)
+    return (
+        first is None
+        or first.annotation is inspect.Parameter.empty
+        or (_names(first.annotation, Client))
+    )
 
 
 def _names(annotation: object, cls: type) -> bool:
