@@ -8,7 +8,8 @@ from datetime import timedelta
 
 import anyio
 import anyio.lowlevel
-from natflow import Client, Worker, WorkflowContext, events, workflow
+import pytest
+from natflow import Client, NatflowError, Worker, WorkflowContext, events, workflow
 from natflow_engine._cli import main as cli_main
 from natflow_engine._engine import Engine
 from natflow_engine._queues import queue_consumers, queue_paused
@@ -282,3 +283,21 @@ async def paused_with_a_signal_kept(client: Client, worker: Worker, run_id: str)
     kinds = [type(e).__name__ for e in await client.history(run_id)]
     assert kinds[-1] == "SignalReceived", kinds
     assert await status(client, run_id) == "paused"
+
+
+async def test_an_ended_run_cannot_be_paused_and_a_paused_one_is_deleted_after_resume(
+    client: Client, engine: Engine
+) -> None:
+    """Pausing a completed run returned in silence (the CLI says it ended); deleting a paused
+    run said only "cancel it first", and a cancelled paused run stays paused until resumed."""
+    async with running_worker(client, [steady, go_then_return]):
+        await (await client.start(steady, run_id="ended-1")).result(timeout=10)
+        with pytest.raises(NatflowError, match="already ended \\(completed\\); nothing to pause"):
+            await client.pause("ended-1")
+        await client.resume("ended-1")  # nothing to resume: left as it is
+        await client.start(go_then_return, run_id="held-1")
+        await wait_for(lambda: _is(client, "held-1", "waiting"), what="the wait")
+        await client.pause("held-1")
+        await wait_for(lambda: _is(client, "held-1", "paused"), what="the pause")
+        with pytest.raises(NatflowError, match="cancel it first and resume it"):
+            await client.delete("held-1")

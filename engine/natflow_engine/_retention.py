@@ -142,8 +142,10 @@ async def delete_run(conn: Connection, run_id: str) -> int:
     if info is None:
         raise RunNotFound(run_id)
     if not info.is_closed:
+        # A paused run runs its cleanup only once resumed: cancelling it alone ends nothing.
+        paused = " and resume it" if info.status == "paused" else ""
         raise NatflowError(
-            f"run {run_id!r} is {info.status}, not closed; cancel it first "
+            f"run {run_id!r} is {info.status}, not closed; cancel it first{paused} "
             f"(client.cancel or `natflow cancel {run_id}`), then delete it"
         )
     return await purge_run(conn, run_id, info.workflow, info.queue)

@@ -370,7 +370,8 @@ class Client:
         """Pause a run: while it is ``paused`` no step, child or timer of it starts; a step
         already running finishes and is recorded; signals are accepted and kept; timers that
         fall due meanwhile fire once it is resumed. Terminate still stops it at once; a
-        cancellation runs its cleanup once it is resumed."""
+        cancellation runs its cleanup once it is resumed. A run that has ended cannot be
+        paused (:class:`NatflowError`, as ``natflow runs pause`` says)."""
         await self._control(run_id, PAUSE, reason)
 
     async def resume(self, run_id: str) -> None:
@@ -381,6 +382,8 @@ class Client:
         check_run_id(run_id)
         info = await self._readable(run_id)
         if info is not None and info.is_closed:
+            if kind == PAUSE:  # it said nothing, so a caller took the run as paused
+                raise NatflowError(f"run {run_id!r} already ended ({info.status}); nothing to pause")
             return
         if info is not None and info.site:  # at a hub: a site's run, through the outbox
             await self.site(info.site).control(run_id, kind, reason)
