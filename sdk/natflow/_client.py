@@ -383,7 +383,8 @@ class Client:
         info = await self._readable(run_id)
         if info is not None and info.is_closed:
             if kind == PAUSE:  # it said nothing, so a caller took the run as paused
-                raise NatflowError(f"run {run_id!r} already ended ({info.status}); nothing to pause")
+                ended = f"run {run_id!r} already ended ({info.status}); nothing to pause"
+                raise NatflowError(ended)
             return
         if info is not None and info.site:  # at a hub: a site's run, through the outbox
             await self.site(info.site).control(run_id, kind, reason)
