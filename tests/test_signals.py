@@ -8,6 +8,7 @@ then they are real processes (``natflow engine``, ``natflow worker``).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -583,3 +584,33 @@ async def test_a_forged_sealed_signal_holds_its_run_a_while_not_for_ever(
 
 async def _waiting_now(client: Client, run_id: str) -> bool:
     return (await client.describe(run_id)).status == "waiting"
+
+
+async def test_a_signal_sealed_with_a_missing_key_adds_no_claim_per_hand_back(
+    client: Client,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The run came back every 2 s, and each time the worker claimed it before meeting the
+    same signal: one run_claimed more per hand-back, for the hour it waits for the key."""
+    from natflow import _task_processor, _worker
+    from natflow_engine.events import RunClaimed
+
+    monkeypatch.setattr(_task_processor, "MISSING_KEY_DELAY", 0.05)
+    monkeypatch.setattr(_worker, "MISSING_KEY_DELAY", 0.05)
+    async with running_worker(client, [wait_once]):
+        await client.start(wait_once, None, run_id="keyless")
+        await wait_for(lambda: _waiting_now(client, "keyless"), what="the run waiting")
+        before = await client.history("keyless")
+        forged = b'{"$natflow_encrypted":"x","alg":"AES-GCM","data":"AAAA"}'
+        with caplog.at_level(logging.DEBUG, logger="natflow.worker"):
+            await client.connection.js.publish("natflow.signal.keyless.x", forged)
+
+            async def handed_back(times: int) -> bool:
+                said = [r for r in caplog.records if "handed back" in r.getMessage()]
+                return len(said) >= times
+
+            await wait_for(lambda: handed_back(10), what="ten hand-backs")
+    claims = [e for e in await client.history("keyless") if isinstance(e, RunClaimed)]
+    assert len(claims) <= sum(isinstance(e, RunClaimed) for e in before) + 1, len(claims)

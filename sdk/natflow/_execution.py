@@ -147,6 +147,13 @@ class RunExecution:
         self._notify(SignalsArrived())
 
     @property
+    def key_wait(self) -> tuple[int, datetime] | None:
+        """Handed back for a signal sealed with a key this worker lacks: the run's last
+        sequence then, and when the wait for a worker with the key ends (see KeyWaits)."""
+        ends = self._signals.key_patience_ends
+        return None if ends is None else (self._rec.last_seq, ends)
+
+    @property
     def next_due(self) -> datetime | None:
         """When the run's earliest pending timer comes due (None if there is none)."""
         return self.state.next_due

@@ -116,6 +116,11 @@ class RunRecorder:
         return True
 
     @property
+    def last_seq(self) -> int:
+        """The stream sequence of the run's last event, as this execution knows it."""
+        return self._last_seq
+
+    @property
     def claim_pending(self) -> bool:
         """Whether a claim written beside the first steps is not yet known to be in history."""
         return self._claimed is not None

@@ -61,11 +61,14 @@ KEY_PATIENCE: Final = timedelta(hours=1)
 class SignalIntake:
     """Takes one run's new signals into its history and delivers them to the workflow."""
 
-    __slots__ = ("_created_at", "_rec")
+    __slots__ = ("_created_at", "_rec", "key_patience_ends")
 
     def __init__(self, rec: RunRecorder) -> None:
         self._rec = rec
         self._created_at: datetime | None = None  # when the server stored run_started
+        # A signal sealed with a key this worker lacks: when it stops waiting for a worker
+        # that holds the key (set as the run is handed back for it).
+        self.key_patience_ends: datetime | None = None
 
     async def move(self) -> bool:
         """Move the run's new signals into history, in order; True if any arrived."""
@@ -115,6 +118,7 @@ class SignalIntake:
                 # for good. Past a while, no worker had the key: rejected, the run goes on.
                 waited = utcnow() - stored_at(msg)
                 if waited < KEY_PATIENCE:
+                    self.key_patience_ends = stored_at(msg) + KEY_PATIENCE
                     raise
                 await self._reject(
                     seq,

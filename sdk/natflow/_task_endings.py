@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Final
 
 import anyio
 from natflow_engine import (
@@ -38,6 +39,8 @@ log = logging.getLogger("natflow.worker")
 
 _BACKOFF_FIRST = 0.5  # a failed task comes back after 0.5, 1, 2, 4 ... s
 _BACKOFF_MAX = 60.0
+# Seconds before a run handed back for a key this worker lacks comes back to any worker.
+MISSING_KEY_DELAY: Final = 2.0
 _PARK_AFTER = 8  # deliveries that failed in a row before the run is held as parked
 
 
@@ -138,8 +141,11 @@ class TaskEndings:
             await quietly(held.msg.nak(delay=delay))
         await self._leases.release(held)
 
-    async def hand_back(self, held: Held, delay: float | None = None) -> None:
-        """NAK the task (after ``delay`` seconds, if given) for another worker to take."""
+    async def hand_back(
+        self, held: Held, delay: float | None = None, *, quiet: bool = False
+    ) -> None:
+        """NAK the task (after ``delay`` seconds, if given) for another worker to take
+        (``quiet``: said at debug level, for a hand-back this worker said before)."""
         if self._stopping.is_set():
             # A task NAKed while this worker's own pulls are still out could be delivered
             # right back here; let them be withdrawn first (shutdown waits the same way).
@@ -148,4 +154,5 @@ class TaskEndings:
         held.released = True  # before the NAK: the next taker's ping must hear "free"
         await quietly(held.msg.nak(delay=delay))
         await self._leases.release(held)
-        log.info("run %s: handed back", held.run_id, extra=held.execution_fields)
+        level = logging.DEBUG if quiet else logging.INFO
+        log.log(level, "run %s: handed back", held.run_id, extra=held.execution_fields)

@@ -35,10 +35,11 @@ from ._admission import Admitter
 from ._execution import HOLD_TIMERS_UNDER, Outcome, RunExecution
 from ._guard import RunGuard, check_inline_start
 from ._held import Held
+from ._key_waits import KeyWaits
 from ._preclaim import ClaimAhead, Preclaim, inline_start, read_and_claim
 from ._run_leases import RunLeases
 from ._steps import StepRuntime
-from ._task_endings import TaskEndings
+from ._task_endings import MISSING_KEY_DELAY, TaskEndings
 from ._unseen import read_until_seen, vouches_for_start
 from ._workflow import Workflow
 
@@ -98,6 +99,7 @@ class TaskProcessor:
         self._endings = endings
         self._stopping = stopping
         self._busy = busy
+        self.key_waits = KeyWaits()  # runs handed back for a signal's missing key
 
     async def process(self, held: Held, task: Task) -> None:
         """Drive the run ``task`` names as far as it goes here, then end the task."""
@@ -106,6 +108,9 @@ class TaskProcessor:
         if read is None:
             return
         history, preclaimed = read
+        if preclaimed is None and self.key_waits.still_waiting(run_id, history.last_seq):
+            await self._endings.hand_back(held, delay=MISSING_KEY_DELAY, quiet=True)
+            return
         ready = await self._ready(held, msg, history, task)
         if ready is None:
             return

@@ -71,7 +71,7 @@ from ._registration import Registration
 from ._run_leases import RunLeases
 from ._served import index_workflows, pick_queues, served_pairs
 from ._steps import StepRuntime
-from ._task_endings import TaskEndings
+from ._task_endings import MISSING_KEY_DELAY, TaskEndings
 from ._task_processor import TaskProcessor
 from ._triggers import declare_triggers
 from ._watchdog import LoopWatchdog
@@ -81,7 +81,6 @@ log = logging.getLogger("natflow.worker")
 
 _ENDING: Final = 1.0  # seconds a wake-up waits for the handling of its run to end, if it is
 
-_MISSING_KEY_DELAY = 2.0
 _UNWIND: Final = 5.0  # seconds the held runs' executions get to unwind once cancelled
 _IDENTITY_LOOKS: Final = 3  # pings of the own identity before serving (see _check_identity_free)
 MIN_LEASE_TTL = 1.0
@@ -475,7 +474,10 @@ class Worker:
         except (MissingKey, WrongKey) as exc:  # a worker with the right key takes it, later
             log.error("run %s: handing it back: %s", held.run_id if held else "?", exc)
             if held is not None:
-                await self._endings.hand_back(held, delay=_MISSING_KEY_DELAY)
+                wait = held.execution.key_wait if held.execution is not None else None
+                if wait is not None:  # a signal's key: back at once while nothing changes
+                    self._processor.key_waits.note(held.run_id, *wait)
+                await self._endings.hand_back(held, delay=MISSING_KEY_DELAY)
         except Exception as exc:
             if held is not None:
                 await self._endings.back_off(held, exc, park=True)
