@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -349,3 +350,24 @@ async def test_each_stretch_draws_its_own_random_values_and_old_stretches_keep_t
         f: getattr(last, f) for f in RunStarted.__struct_fields__})]))  # fmt: skip
     assert WorkflowState(key_drawer, History("keys", [older])).seed == fresh.seed
     assert WorkflowState(key_drawer, History("keys", [last])).seed != fresh.seed
+
+
+def test_a_continuation_carries_the_most_recent_signal_ids_not_the_last_in_sort_order() -> None:
+    """The ids carried were the alphabetically largest: a late duplicate of a recent
+    ``order-42`` was delivered again after a continuation that kept ``z...`` ids instead."""
+    from natflow._replay import WorkflowState
+    from natflow_engine import History
+
+    now = datetime.now(UTC)
+    start = RunContinued(
+        id="sig:1", at=now, workflow="take_one", queue="default", signal_ids=["z-1", "z-2"]
+    )
+    received = [
+        SignalReceived(
+            id=f"sig:{n}", at=now, signal_seq=n, name="s", payload=msgspec.Raw(b"1"), signal_id=i
+        )
+        for n, i in enumerate(["order-42", "a-7"], start=2)
+    ]
+    state = WorkflowState(take_one, History("sig", [start, *received]))
+    assert state.recent_signal_ids(2) == ["order-42", "a-7"]
+    assert state.recent_signal_ids(3) == ["z-2", "order-42", "a-7"]

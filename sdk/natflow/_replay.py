@@ -163,7 +163,8 @@ class WorkflowState:
         self._patches: set[str] = set()
         self._patch_after: dict[str, int] = {}  # change id -> last command recorded before it
         self.signal_cursor = 0
-        self._signal_ids: set[str] = set()
+        # In the order they arrived: a continuation carries the most recent ones on.
+        self._signal_ids: dict[str, None] = {}
         self.last_holder: str | None = None  # the worker of the latest claim
         self._retries: dict[int, StepRetrying] = {}  # a step's latest failed attempt
         self._retry_fired: set[int] = set()  # steps whose next attempt came due
@@ -174,7 +175,7 @@ class WorkflowState:
         if isinstance(start, RunContinued):  # what the older stretch handed on
             self.base_seq = start.base_seq
             self.signal_cursor = start.signal_cursor
-            self._signal_ids.update(start.signal_ids)
+            self._signal_ids.update(dict.fromkeys(start.signal_ids))
             self.paused = start.paused
             self._replay.extend(start.signals)  # moved in, not yet taken: delivered first
         for event in events:
@@ -210,7 +211,7 @@ class WorkflowState:
             ):
                 self.signal_cursor = max(self.signal_cursor, event.signal_seq)
             if isinstance(event, SignalReceived) and event.signal_id:
-                self._signal_ids.add(event.signal_id)
+                self._signal_ids[event.signal_id] = None
 
     @property
     def replaying(self) -> bool:
@@ -541,7 +542,7 @@ class WorkflowState:
         return [signal for queue in self._inbox.values() for signal in queue]
 
     def recent_signal_ids(self, limit: int) -> list[str]:
-        return sorted(self._signal_ids)[-limit:]
+        return list(self._signal_ids)[-limit:]
 
     def patched(self, change_id: str) -> bool:
         if self._evicted:
@@ -695,7 +696,7 @@ class WorkflowState:
 
     def _deliver_signal(self, event: SignalReceived) -> None:
         if event.signal_id:
-            self._signal_ids.add(event.signal_id)
+            self._signal_ids[event.signal_id] = None
         waiting = self._waiting[event.name]
         while waiting and waiting[0].future.done():  # a wait abandoned by a cancellation
             waiting.popleft()
