@@ -249,3 +249,42 @@ async def test_an_error_over_max_value_bytes_is_cut_to_its_ends_not_refused(
     error = failed.value.error
     assert len(error.message) < 10_000, len(error.message)
     assert "e" * 1000 in error.message and "cut to its ends" in error.message
+
+
+def bulky(stretch: int) -> str:
+    return blob(100_000, f"stretch-{stretch}")  # over 64 KiB: stored by reference
+
+
+@workflow(name="bulky_loop")
+async def bulky_loop(ctx: WorkflowContext, stretch: int) -> int:
+    await ctx.step("bulky", bulky, stretch)
+    if stretch < 6:
+        ctx.continue_as_new(stretch + 1)
+    return stretch
+
+
+async def test_a_continued_run_frees_the_values_only_its_older_stretches_used(
+    client: Client, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each stretch's large step result stayed stored until the whole run was deleted: a loop
+    that continues as new for good grew the object store for good."""
+    from datetime import timedelta
+
+    from natflow_engine import _value_release
+
+    # Markers of the 5 s before a stretch began stay (servers' clocks); these take a second.
+    monkeypatch.setattr(_value_release, "_CLOCK_SLACK", timedelta(0))
+    async with running_worker(client, [bulky_loop]):
+        assert await (await client.start(bulky_loop, 1, run_id="loop-1")).result(20) == 6
+    latest = hashlib.sha256(msgspec.json.encode(bulky(6))).hexdigest()
+
+    async def freed() -> list[str] | None:
+        held = await run_values(client.connection, "loop-1")
+        return held if len(held) <= 2 else None  # the last stretch's (and one just before)
+
+    held = await wait_for(freed, timeout=15, what="the older stretches' values freed")
+    assert latest in held and await present(client, latest)
+    first = hashlib.sha256(msgspec.json.encode(bulky(1))).hexdigest()
+    assert not await present(client, first)
+    info = await client.describe("loop-1")
+    assert info.status == "completed" and info.stretch == 6

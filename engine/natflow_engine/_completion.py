@@ -25,6 +25,7 @@ from ._names import derived_run_id
 from ._runs import Runs
 from ._state import RunInfo
 from ._tasks import Task, enqueue
+from ._value_release import release_older_stretches
 from ._values import is_ref, load_value
 from ._wake import run_start
 from .events import (
@@ -32,6 +33,7 @@ from .events import (
     RestartSeeded,
     RunCancelled,
     RunCompleted,
+    RunContinued,
     RunFailed,
     RunStarted,
     RunTerminated,
@@ -99,7 +101,12 @@ class RunHooks:
     async def event_folded(self, run_id: str, event: Event, *, hooked: bool = True) -> None:
         """``hooked``: False when the run index says the run's start names no
         ``on_complete`` workflow (so a replica that did not fold the start need not read it)."""
-        if isinstance(event, RunStarted):
+        if isinstance(event, RunContinued):  # the older stretches' values are free now
+            self._remember(run_id, event)
+            released = await release_older_stretches(self._conn, run_id)
+            if released:
+                log.debug("run %s: %d values of older stretches deleted", run_id, released)
+        elif isinstance(event, RunStarted):
             self._remember(run_id, event)
         elif isinstance(event, RestartSeeded):
             await self._start_restarted(run_id)

@@ -114,8 +114,14 @@ async def kv_delete_nowait(
     await conn.send(conn.kv_write_subject(bucket, key), b"", headers)
 
 
-async def kv_delete(conn: Connection, bucket: str, key: str) -> None:
+async def kv_delete(
+    conn: Connection, bucket: str, key: str, *, revision: int | None = None
+) -> None:
+    """Delete an entry; with ``revision``, only if it is still at that revision (else
+    JetStreamError 10071)."""
     headers = {KV_OPERATION: "DEL", "Nats-TTL": _ttl_header(marker_ttl())}
+    if revision is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(revision)
     await conn.publish(conn.kv_write_subject(bucket, key), b"", headers)
 
 

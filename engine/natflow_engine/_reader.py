@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Final
 
 import msgspec
@@ -241,6 +242,12 @@ async def _stream_state(conn: Connection, stream: str) -> _StreamState | None:
     if reply.error is not None or reply.state is None:
         raise (reply.error or ApiError(description="no stream state")).refusal(f"stream {stream}")
     return reply.state
+
+
+def stored_time(headers: dict[str, str]) -> datetime:
+    """When the server stored a message read with its headers (its ``Nats-Time-Stamp``)."""
+    head, _, fraction = headers["Nats-Time-Stamp"].rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00")
 
 
 def reader(conn: Connection) -> BatchReader:

@@ -36,7 +36,7 @@ from ._level_read import first_start
 from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
 from ._names import _TOKEN
 from ._puller import Puller, engine_consumer
-from ._reader import reader, stream_bounds
+from ._reader import reader, stored_time, stream_bounds
 from ._streams import (
     CONTROL_TOKEN,
     DEADLETTER_PREFIX,
@@ -159,9 +159,7 @@ def sequence(msg: Msg) -> int:
 
 def stored_at(msg: Msg) -> datetime:
     """When the server stored a message read by a direct get (its ``Nats-Time-Stamp``)."""
-    stamp = (msg.headers or {})["Nats-Time-Stamp"]
-    head, _, fraction = stamp.rstrip("Z").partition(".")
-    return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00")
+    return stored_time(msg.headers or {})
 
 
 async def run_created_at(conn: Connection, run_id: str) -> datetime | None:

@@ -44,7 +44,7 @@ from ._logs import fields
 from ._metrics import EVENT_RUNS, EVENTS_REJECTED
 from ._puller import Puller, engine_consumer
 from ._quarantine import quarantined
-from ._reader import reader, stream_bounds
+from ._reader import reader, stored_time, stream_bounds
 from ._runs import Runs
 from ._sealing import seal, sealed_key
 from ._signals import DeadLetter
@@ -278,11 +278,7 @@ async def recent_events(conn: Connection, limit: int = 20) -> list[EventRecord]:
 
 
 def _stored_at(headers: dict[str, str]) -> datetime:
-    stamp = headers.get("Nats-Time-Stamp")
-    if not stamp:
-        return utcnow()
-    head, _, fraction = stamp.rstrip("Z").partition(".")
-    return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00")
+    return stored_time(headers) if "Nats-Time-Stamp" in headers else utcnow()
 
 
 # -- the engine's intake ------------------------------------------------------------------------

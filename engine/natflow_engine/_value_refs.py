@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
 import anyio
 
 from ._kv import KV_OPERATION, kv_get, kv_put, kv_stream
-from ._reader import reader
+from ._reader import reader, stored_time
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -76,6 +77,20 @@ async def live_keys(conn: Connection, subject: str) -> list[str]:
     return keys
 
 
+async def run_markers(conn: Connection, run_id: str) -> list[tuple[str, int, datetime]]:
+    """The run's live markers: ``(digest, revision, when the server stored it)``."""
+    subject = f"$KV.{REFS_BUCKET}.*.{run_id}"
+    page = await reader(conn).read_all(kv_stream(REFS_BUCKET), subject, headers=True)
+    found = []
+    for msg in page.messages:
+        headers = msg.headers or {}
+        if headers.get(KV_OPERATION) in ("DEL", "PURGE"):
+            continue
+        digest = headers.get("Nats-Subject", msg.subject).split(".")[2]
+        found.append((digest, int(headers["Nats-Sequence"]), stored_time(headers)))
+    return found
+
+
 async def run_values(conn: Connection, run_id: str) -> list[str]:
     """The digests of the values ``run_id`` stored (or refers to)."""
     keys = await live_keys(conn, f"$KV.{REFS_BUCKET}.*.{run_id}")
@@ -88,5 +103,6 @@ __all__ = [
     "live_keys",
     "mark",
     "ref_key",
+    "run_markers",
     "run_values",
 ]

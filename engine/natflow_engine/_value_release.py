@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from datetime import timedelta
+from typing import TYPE_CHECKING, Final
 
+from ._connection import ERR_WRONG_LAST_SEQUENCE, JetStreamError
 from ._errors import NatflowError
 from ._kv import kv_delete, kv_put
-from ._value_refs import REFS_BUCKET, TOMBSTONE, live_keys, ref_key, run_values
-from ._values import delete_object
+from ._level_read import first_start
+from ._reader import stored_time
+from ._value_refs import REFS_BUCKET, TOMBSTONE, live_keys, ref_key, run_markers, run_values
+from ._values import delete_object, ref_of
+from .events import RunContinued, decode_event, event_kind
 
 if TYPE_CHECKING:
     from ._connection import Connection
 
 log = logging.getLogger("natflow.values")
+
+_CLOCK_SLACK: Final = timedelta(seconds=5)
 
 
 async def release_run_values(conn: Connection, run_id: str) -> int:
@@ -28,6 +35,43 @@ async def release_run_values(conn: Connection, run_id: str) -> int:
         if await delete_if_unreferenced(conn, digest):
             deleted += 1
     return deleted
+
+
+async def release_older_stretches(conn: Connection, run_id: str) -> int:
+    """After ``ctx.continue_as_new``: drop the run's markers written before its current
+    stretch began, and delete each of those values no other run refers to; how many were.
+
+    The stretch keeps what its ``run_continued`` refers to (its input, the signals it
+    carries). A value its workflow stores from then on is marked anew (a later marker: kept,
+    even where an older stretch stored the same value), and a marker is removed only at the
+    revision read here, so one written meanwhile stays. Times are the server's (a worker's
+    clock may be off), less a few seconds for the clocks of a cluster's servers.
+    """
+    msg = await first_start(conn, run_id)
+    if msg is None or event_kind(msg.data) != "run_continued":
+        return 0
+    start = decode_event(msg.data)
+    assert isinstance(start, RunContinued)
+    keep = _refs_in(start)
+    cutoff = stored_time(msg.headers or {}) - _CLOCK_SLACK
+    deleted = 0
+    for digest, revision, stored in await run_markers(conn, run_id):
+        if digest in keep or stored >= cutoff:
+            continue
+        try:
+            await kv_delete(conn, REFS_BUCKET, ref_key(digest, run_id), revision=revision)
+        except JetStreamError as exc:
+            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                raise
+            continue  # marked again meanwhile: the new stretch uses it
+        if await delete_if_unreferenced(conn, digest):
+            deleted += 1
+    return deleted
+
+
+def _refs_in(event: RunContinued) -> set[str]:
+    values = [bytes(event.input), *(bytes(s.payload) for s in event.signals)]
+    return {ref.digest for ref in map(ref_of, values) if ref is not None}
 
 
 async def delete_if_unreferenced(conn: Connection, digest: str) -> bool:

@@ -68,6 +68,16 @@ def is_ref(data: bytes) -> bool:
     return data.startswith(_PREFIX)
 
 
+def ref_of(data: bytes) -> ValueRef | None:
+    """The reference ``data`` is (None: a value itself, or not a reference natflow wrote)."""
+    if not is_ref(data):
+        return None
+    try:
+        return _ref_decoder.decode(data)
+    except UNDECODABLE:
+        return None
+
+
 def value_ref(value: Any) -> ValueRef | None:
     """The reference a decoded JSON value is, else None (for display)."""
     if isinstance(value, dict) and isinstance(value.get(REF_MARKER), str):
