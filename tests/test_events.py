@@ -155,18 +155,20 @@ async def test_a_malformed_body_is_dead_lettered_and_starts_nothing(
         # msgspec raises UnicodeDecodeError for this, not DecodeError: it was retried every
         # 10 s for good, with a traceback each time, and never dead-lettered
         not_utf8 = await plain.publish("natflow.event.order.created", b'"\xff"')
+        too_deep = await plain.publish("natflow.event.order.created", b"[" * 200_000)
         wrong = await plain.publish(
             "natflow.event.order.created", json.dumps({"order_id": 7}).encode()
         )
 
         async def letters() -> list[Any]:
             found = [d for d in await dead_letters(client.connection) if d.kind == "event"]
-            return found if len(found) >= 3 else []
+            return found if len(found) >= 4 else []
 
-        found = await wait_for(letters, what="three dead letters")
+        found = await wait_for(letters, what="four dead letters")
         by_seq = {d.signal_seq: d for d in found}
         assert "body is not JSON" in by_seq[not_json.seq].reason
         assert "body is not JSON" in by_seq[not_utf8.seq].reason
+        assert "body is not JSON" in by_seq[too_deep.seq].reason
         reason = by_seq[wrong.seq].reason
         assert "workflow 'fulfil'" in reason and "total" in reason
         # audit takes any JSON object, so the second event started audit and not fulfil

@@ -357,6 +357,8 @@ async def test_bad_signals_are_dead_lettered_and_the_run_completes_normally(
         # msgspec raises UnicodeDecodeError, not DecodeError, for this: it jammed the
         # engine's intake (the whole batch NAKed, a good signal after it never delivered)
         not_utf8 = await plain.publish("natflow.signal.target-1.x", b'"\xff"')
+        # Nested deeper than msgspec goes: RecursionError jammed the intake the same way
+        too_deep = await plain.publish("natflow.signal.target-1.x", b"[" * 200_000)
         for subject, reason in bad.items():
             letter = await dead_letter(client, acks[subject])
             assert letter.subject == subject and reason in letter.reason, letter
@@ -365,6 +367,8 @@ async def test_bad_signals_are_dead_lettered_and_the_run_completes_normally(
         assert letter.signal_seq == not_json.seq
         letter = await dead_letter(client, not_utf8)
         assert letter.reason.startswith("body is not JSON") and "utf-8" in letter.reason
+        letter = await dead_letter(client, too_deep)
+        assert letter.reason.startswith("body is not JSON") and "recursion" in letter.reason
         with pytest.raises(RunNotFound):
             await client.signal("nobody-1", "x", "hello")
 

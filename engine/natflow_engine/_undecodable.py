@@ -5,7 +5,9 @@ malformed or of the wrong shape, but ``UnicodeDecodeError`` for a JSON string ho
 that are not UTF-8 (msgspec 0.22). Anyone may publish such bytes on a subject natflow reads
 (a signal, an event, a start request, a KV entry), and a process that let the second kind
 through died of one message, or retried it forever. So whatever sets aside what it cannot
-decode catches both, as one: ``except UNDECODABLE``.
+decode catches both, as one: ``except UNDECODABLE``. JSON nested deeper than msgspec
+goes (a body of 200,000 ``[``) raises ``RecursionError``: one such signal jammed the
+signal intake, retried with its batch every second for good, so it is in the set too.
 
 :class:`UnreadableValue` is the same for a value that decodes but cannot be opened, for
 good: a reference to a stored value that is malformed or names none, a sealed envelope that
@@ -21,7 +23,7 @@ import msgspec
 
 from ._errors import NatflowError
 
-UNDECODABLE: Final = (msgspec.DecodeError, UnicodeDecodeError)
+UNDECODABLE: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 class UnreadableValue(NatflowError):
