@@ -294,3 +294,53 @@ async def test_a_start_that_fails_for_want_of_the_server_says_to_retry_with_a_ru
         # A read that times out while the connection is down says so, not only what it was.
         with anyio.fail_after(20), pytest.raises(TimeoutError, match="connection is down"):
             await client.describe("warm")
+
+
+cleanup_gate = anyio.Event()
+cleanups: list[str] = []
+
+
+async def gated_cleanup(tag: str) -> str:
+    cleanups.append(tag)
+    if tag == "first":
+        await cleanup_gate.wait()
+    cleanups.append(f"{tag} done")
+    return tag
+
+
+@workflow(name="cleans_up_twice")
+async def cleans_up_twice(ctx: WorkflowContext) -> str:
+    try:
+        await ctx.sleep("nap", 3600)
+    finally:
+        await ctx.step("cleanup", gated_cleanup, "first")
+        await ctx.step("cleanup", gated_cleanup, "second")
+    return "never"
+
+
+async def test_a_second_cancel_does_not_cut_the_first_ones_cleanup_short(
+    client: Client, engine: Engine
+) -> None:
+    global cleanup_gate
+    cleanup_gate = anyio.Event()
+    cleanups.clear()
+    async with running_worker(client, [cleans_up_twice]):
+        handle = await client.start(cleans_up_twice, run_id="twice")
+        await wait_for(lambda: _status_is(client, "twice", "sleeping"), what="the nap")
+        await client.cancel("twice", "first")
+
+        async def cleaning() -> bool:
+            return cleanups == ["first"]
+
+        await wait_for(cleaning, what="the cleanup running")
+        await client.cancel("twice", "again")
+
+        async def both_taken() -> bool:
+            kinds = [type(e).__name__ for e in await client.history("twice")]
+            return kinds.count("CancelRequested") == 2
+
+        await wait_for(both_taken, what="the second cancel in history")
+        cleanup_gate.set()
+        with pytest.raises(RunCancelled):
+            await handle.result(timeout=10)
+    assert cleanups == ["first", "first done", "second", "second done"]

@@ -691,6 +691,10 @@ class WorkflowState:
             return
         # CancelledError at the workflow's current await: its finally blocks (and any
         # cleanup steps in them) run, and replay cancels at the same point of history.
+        # Once: a second cancel (sent twice, clicked twice) cut the first one's cleanup
+        # short. Terminate is the way to stop a run at once.
+        if self.cancelled is not None:
+            return
         self.cancelled = event.reason or "cancelled"
         self.root.cancel()
 
