@@ -226,3 +226,23 @@ async def test_a_step_whose_last_attempt_timed_out_raises_step_timeout(
         assert await handle.result(timeout=30) == expected
     replayed = await replay_recorded(client, minds_its_timeouts, "minds")
     assert replayed.divergence is None and replayed.result == expected
+
+
+def _naps(seconds: float) -> str:
+    time.sleep(seconds)
+    return "done"
+
+
+@workflow(name="sync_fan_out_with_timeouts")
+async def sync_fan_out_with_timeouts(ctx: WorkflowContext, n: int) -> list[str]:
+    return list(await ctx.parallel(*(ctx.step("nap", _naps, 0.3, timeout=0.6) for _ in range(n))))
+
+
+async def test_a_sync_steps_timeout_starts_when_it_runs_not_while_it_waits_for_a_slot(
+    client: Client, engine: Engine
+) -> None:
+    """The wait for a step slot (or a worker thread) counted toward the timeout: six 0.3 s
+    bodies with a 0.6 s timeout under max_concurrent_steps=2 timed out four."""
+    async with running_worker(client, [sync_fan_out_with_timeouts], max_concurrent_steps=2):
+        handle = await client.start(sync_fan_out_with_timeouts, 6, run_id="fan-timeouts")
+        assert await handle.result(timeout=30) == ["done"] * 6

@@ -254,20 +254,25 @@ async def _call(command: StepCommand, runtime: StepRuntime, attempt: int) -> Any
     with step_attempt(command.workflow, command.name, command.issued_at):
         if command.timeout is None:
             return await _call_once(command, runtime)
+        # A sync step's slots are waited for before its deadline starts: ``timeout=`` bounds
+        # the attempt, not its wait for a thread (100 such steps at once timed out 36).
+        slots = await _Slots.take(runtime) if _abandonable(command) else None
         with anyio.move_on_after(command.timeout):
-            return await _call_once(command, runtime)
+            return await _call_once(command, runtime, slots)
         # The deadline passed: say which step and attempt, not an empty TimeoutError.
         raise StepTimeout(command.name, attempt, command.timeout)
 
 
-async def _call_once(command: StepCommand, runtime: StepRuntime) -> Any:
+async def _call_once(
+    command: StepCommand, runtime: StepRuntime, slots: _Slots | None = None
+) -> Any:
     fn = command.fn
     if inspect.iscoroutinefunction(fn):
         return await fn(*command.args, **command.kwargs)
     call = functools.partial(_carrying, functools.partial(fn, *command.args, **command.kwargs))
     try:
-        if _abandonable(command):
-            result = await _in_a_thread_holding_its_slots(call, runtime)
+        if slots is not None:
+            result = await _in_a_thread_holding_its_slots(call, slots)
         else:
             result = await anyio.to_thread.run_sync(call, limiter=runtime.thread_limiter)
     except _Carried as carried:  # raised here, as an async step's would be
@@ -277,39 +282,59 @@ async def _call_once(command: StepCommand, runtime: StepRuntime) -> Any:
     return result
 
 
-async def _in_a_thread_holding_its_slots(call: Callable[[], Any], runtime: StepRuntime) -> Any:
+class _Slots:
+    """The slots (``max_concurrent_steps``, the worker's threads) of a thread that may be
+    abandoned, taken before it starts and given back when it ends."""
+
+    def __init__(self, limiters: list[anyio.CapacityLimiter]) -> None:
+        self._limiters = limiters
+        self._given_back = False
+
+    @classmethod
+    async def take(cls, runtime: StepRuntime) -> _Slots:
+        slots = cls([lim for lim in (runtime.limiter, runtime.thread_limiter) if lim])
+        for taken, limiter in enumerate(slots._limiters):
+            try:
+                await limiter.acquire_on_behalf_of(slots)
+            except BaseException:
+                for earlier in slots._limiters[:taken]:
+                    earlier.release_on_behalf_of(slots)
+                raise
+        return slots
+
+    def give_back(self) -> None:
+        if not self._given_back:
+            self._given_back = True
+            for limiter in self._limiters:
+                limiter.release_on_behalf_of(self)
+
+
+async def _in_a_thread_holding_its_slots(call: Callable[[], Any], slots: _Slots) -> Any:
     """Run ``call`` in a thread that may be abandoned (a sync step past its timeout: nothing
     can stop a thread, so the attempt is recorded as timed out and the thread runs on, its
-    result dropped). The thread, not the attempt, holds the step's slots
-    (``max_concurrent_steps``, the worker's threads) until it ends: released with the
-    attempt, its retries ran beside it, and a step that hangs took one more thread at each
-    retry, past every bound."""
-    held = object()  # the borrower of the slots: the thread, by proxy
-    limiters = [lim for lim in (runtime.limiter, runtime.thread_limiter) if lim is not None]
-    for taken, limiter in enumerate(limiters):
-        try:
-            await limiter.acquire_on_behalf_of(held)
-        except BaseException:
-            for earlier in limiters[:taken]:
-                earlier.release_on_behalf_of(held)
-            raise
+    result dropped). The thread, not the attempt, holds the step's slots until it ends:
+    released with the attempt, its retries ran beside it, and a step that hangs took one more
+    thread at each retry, past every bound."""
     loop = asyncio.get_running_loop()
-
-    def release() -> None:
-        for limiter in limiters:
-            limiter.release_on_behalf_of(held)
+    began = False
 
     def in_thread() -> Any:
+        nonlocal began
+        began = True
         try:
             return call()
         finally:
             with contextlib.suppress(RuntimeError):  # the worker's loop is gone: no bound left
-                loop.call_soon_threadsafe(release)
+                loop.call_soon_threadsafe(slots.give_back)
 
-    # A limiter of its own, without bound: the slots are the ones taken above.
-    return await anyio.to_thread.run_sync(
-        in_thread, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(math.inf)
-    )
+    try:
+        # A limiter of its own, without bound: the slots are the ones taken before.
+        return await anyio.to_thread.run_sync(
+            in_thread, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(math.inf)
+        )
+    finally:
+        if not began:  # cancelled before its thread ran: nothing else gives them back
+            slots.give_back()
 
 
 class _Carried(Exception):
