@@ -171,3 +171,45 @@ async def test_worker_behind_a_leaf_node_runs_workflows(
     finally:
         await site.close()
         await central.close()
+
+
+@workflow(name="one_at_a_time", singleton=True)
+async def one_at_a_time(ctx: WorkflowContext) -> str:
+    return str(await ctx.wait_for_signal("done"))
+
+
+@pytest.mark.slow
+async def test_racing_starts_on_a_cluster_find_the_run_they_race_for(
+    cluster: list[EmbeddedServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replicated stream answers a write that loses a race with another still in flight
+    with error 10164, not 10071: the losers of a start of one run id (or of a singleton's
+    run) raised JetStreamError instead of getting the run's handle."""
+    monkeypatch.setenv("NATFLOW_REPLICAS", "3")
+    clients = [await Client.connect([s.url for s in cluster], connect_timeout=10) for _ in range(4)]
+    try:
+
+        async def quorum() -> bool:
+            try:
+                return await clients[0].connection.jsm.account_info() is not None
+            except Exception:  # the cluster is still electing its meta leader
+                return False
+
+        await wait_for(quorum, timeout=60, what="the JetStream meta leader")
+        async with Worker(clients[0], [one_at_a_time]):  # declares the singleton
+            for round_ in range(10):
+                ids: list[str] = []
+                singles: list[str] = []
+
+                async def start(client: Client, round_: int = round_) -> None:
+                    ids.append((await client.start("edge_flow", 1, run_id=f"r-{round_}")).run_id)
+                    singles.append((await client.start(one_at_a_time)).run_id)
+
+                async with anyio.create_task_group() as tg:
+                    for client in clients:
+                        tg.start_soon(start, client)
+                assert ids == [f"r-{round_}"] * 4
+                assert len(set(singles)) == 1, singles
+    finally:
+        for client in clients:
+            await client.close()

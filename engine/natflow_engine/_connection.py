@@ -42,6 +42,10 @@ log = logging.getLogger("natflow.connection")
 
 # JetStream error codes natflow branches on (nats-server's errors.json).
 ERR_WRONG_LAST_SEQUENCE: Final = 10071
+# A replicated stream answers a conflicting write that meets another still in flight with
+# 10164 (the code of an atomic batch's failed expectation), not 10071: concurrent starts of
+# one run id on a cluster raised it to the caller instead of finding the run.
+ERR_WRONG_LAST_SEQUENCE_PROPOSED: Final = 10164
 ERR_ROLLUP_NOT_PERMITTED: Final = 10111  # a Nats-Rollup header on a stream without rollups
 ERR_MAX_MSGS_PER_SUBJECT: Final = 10077
 ERR_STREAM_NOT_FOUND: Final = 10059
@@ -85,6 +89,12 @@ class JetStreamError(NatflowError):
         self.code = code
         self.err_code = err_code
         self.description = description
+
+    @property
+    def wrong_last_sequence(self) -> bool:
+        """A conditional write that lost: the subject (or stream) moved past the sequence it
+        expected, on one server or on a cluster."""
+        return self.err_code in (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_SEQUENCE_PROPOSED)
 
 
 class PubAck(msgspec.Struct):

@@ -35,7 +35,7 @@ from typing import Any, Final
 import msgspec
 
 from ._cell_turns import after_conflict, one_at_a_time
-from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
+from ._connection import Connection, JetStreamError
 from ._errors import InvalidInput, NatflowError
 from ._kv import kv_get, kv_put
 from ._rates import RateLimit, ensure_rates_bucket, reserve
@@ -207,7 +207,7 @@ async def _singleton_turn(
                 conn, RATES_BUCKET, cell, _enc.encode(_Singleton(gen=gen + 1)), revision=revision
             )
         except JetStreamError as exc:
-            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+            if not exc.wrong_last_sequence:
                 raise
             await after_conflict(attempt)
     raise NatflowError(f"singleton {cell}: {_TRIES} starts in a row lost to other starters")
@@ -268,7 +268,7 @@ async def _debounce_turn(
         try:
             await kv_put(conn, RATES_BUCKET, cell, _enc.encode(new), revision=revision)
         except JetStreamError as exc:
-            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+            if not exc.wrong_last_sequence:
                 raise
             await after_conflict(attempt)
             continue  # another start (or the run taking its input) came first
@@ -311,7 +311,7 @@ async def _take_turn(conn: Connection, cell: str, gen: int, first_input: bytes) 
                     conn, RATES_BUCKET, cell, _enc.encode(taken), revision=found[1] if found else 0
                 )
             except JetStreamError as exc:
-                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                if not exc.wrong_last_sequence:
                     raise
                 await after_conflict(attempt)
                 continue  # a start replaced the input just now: take the newer one

@@ -22,7 +22,6 @@ from nats.aio.msg import Msg
 from ._append_batch import HISTORY_SENDING, appender
 from ._connection import (
     ERR_ROLLUP_NOT_PERMITTED,
-    ERR_WRONG_LAST_SEQUENCE,
     Connection,
     JetStreamError,
     retrying,
@@ -205,7 +204,7 @@ class HistoryStore:
                         "engine (`natflow engine`) or run `natflow init` as a user with the "
                         "engine role once, which updates it in place"
                     ) from exc
-                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                if not exc.wrong_last_sequence:
                     raise
             # The run moved on, or an earlier attempt of this append landed unacknowledged.
             landed = await self._landed(run_id, msg_id)

@@ -21,7 +21,7 @@ from typing import Final
 import msgspec
 
 from ._append_batch import appender
-from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
+from ._connection import Connection, JetStreamError
 from ._errors import InvalidInput
 from ._level_read import own_start
 from ._quarantine import quarantined
@@ -209,7 +209,7 @@ class RunIndex:
             )
         except JetStreamError as exc:
             self._cache.pop(run_id, None)
-            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+            if not exc.wrong_last_sequence:
                 raise
             return False
         self._remember(run_id, entry, ack.seq)

@@ -15,7 +15,7 @@ from typing import Final
 
 import msgspec
 
-from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
+from ._connection import Connection, JetStreamError
 from ._kv import kv_delete_nowait, kv_get, kv_put, kv_stream
 from ._undecodable import UNDECODABLE
 from .events import utcnow
@@ -112,7 +112,7 @@ class Leases:
                 ttl=lease.ttl + 1,
             )
         except JetStreamError as exc:
-            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+            if not exc.wrong_last_sequence:
                 raise
             return None
 

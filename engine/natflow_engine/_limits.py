@@ -31,7 +31,7 @@ from typing import Final, Literal
 import msgspec
 from nats.aio.msg import Msg
 
-from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError, NoResponders
+from ._connection import Connection, JetStreamError, NoResponders
 from ._errors import PermissionDenied
 from ._kv import KV_OPERATION, kv_delete_nowait, kv_put, kv_stream
 from ._reader import reader
@@ -209,7 +209,7 @@ async def put_slot(conn: Connection, group: Group, n: int, slot: Slot, revision:
             conn, LIMITS_BUCKET, group.slot_key(n), encode_entry(slot), revision=revision
         )
     except JetStreamError as exc:
-        if exc.err_code == ERR_WRONG_LAST_SEQUENCE:
+        if exc.wrong_last_sequence:
             return None
         raise
 

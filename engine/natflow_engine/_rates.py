@@ -30,7 +30,7 @@ from typing import Final
 import msgspec
 
 from ._cell_turns import after_conflict, one_at_a_time
-from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
+from ._connection import Connection, JetStreamError
 from ._durations import MAX_DURATION
 from ._errors import InvalidInput, NatflowError
 from ._kv import kv_get, kv_put
@@ -191,7 +191,7 @@ async def _reserve(conn: Connection, limit: RateLimit, kv_key: str, earliest: fl
                 ttl=new_tat - now + _KEEP_IDLE,
             )
         except JetStreamError as exc:
-            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+            if not exc.wrong_last_sequence:
                 raise
             cache.pop(kv_key, None)
             known = None  # another process took a slot: read and decide again

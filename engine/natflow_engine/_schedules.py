@@ -23,7 +23,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from ._connection import ERR_WRONG_LAST_SEQUENCE, Connection, JetStreamError
+from ._connection import Connection, JetStreamError
 from ._cron import FireTimes, fire_token, jitter_for
 from ._durations import MAX_DURATION
 from ._errors import InvalidInput, NatflowError
@@ -391,7 +391,7 @@ async def put_schedule(conn: Connection, schedule: Schedule, revision: int) -> i
             revision=revision,
         )
     except JetStreamError as exc:
-        if exc.err_code == ERR_WRONG_LAST_SEQUENCE:
+        if exc.wrong_last_sequence:
             raise ScheduleConflict(schedule.schedule_id) from None
         raise
 

@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Final
 
-from ._connection import ERR_WRONG_LAST_SEQUENCE, JetStreamError
+from ._connection import JetStreamError
 from ._errors import NatflowError
 from ._kv import kv_delete, kv_put
 from ._level_read import first_start
@@ -61,7 +61,7 @@ async def release_older_stretches(conn: Connection, run_id: str) -> int:
         try:
             await kv_delete(conn, REFS_BUCKET, ref_key(digest, run_id), revision=revision)
         except JetStreamError as exc:
-            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+            if not exc.wrong_last_sequence:
                 raise
             continue  # marked again meanwhile: the new stretch uses it
         if await delete_if_unreferenced(conn, digest):
