@@ -198,18 +198,24 @@ async def test_racing_starts_on_a_cluster_find_the_run_they_race_for(
         await wait_for(quorum, timeout=60, what="the JetStream meta leader")
         async with Worker(clients[0], [one_at_a_time]):  # declares the singleton
             for round_ in range(10):
-                ids: list[str] = []
-                singles: list[str] = []
-
-                async def start(client: Client, round_: int = round_) -> None:
-                    ids.append((await client.start("edge_flow", 1, run_id=f"r-{round_}")).run_id)
-                    singles.append((await client.start(one_at_a_time)).run_id)
-
-                async with anyio.create_task_group() as tg:
-                    for client in clients:
-                        tg.start_soon(start, client)
+                ids, singles = await _race(clients, f"r-{round_}")
                 assert ids == [f"r-{round_}"] * 4
                 assert len(set(singles)) == 1, singles
     finally:
         for client in clients:
             await client.close()
+
+
+async def _race(clients: list[Client], run_id: str) -> tuple[list[str], list[str]]:
+    """Each client starts ``run_id`` and the singleton at once: the run ids they got."""
+    ids: list[str] = []
+    singles: list[str] = []
+
+    async def start(client: Client) -> None:
+        ids.append((await client.start("edge_flow", 1, run_id=run_id)).run_id)
+        singles.append((await client.start(one_at_a_time)).run_id)
+
+    async with anyio.create_task_group() as tg:
+        for client in clients:
+            tg.start_soon(start, client)
+    return ids, singles
