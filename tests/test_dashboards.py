@@ -66,6 +66,12 @@ def test_every_stat_panel_has_a_unit_and_thresholds_that_mean_something() -> Non
         assert defaults["color"]["mode"] == "thresholds", where
 
 
+def test_what_every_engine_replica_counts_alike_is_never_summed_across_them() -> None:
+    """Each engine wakes every timer: "timers fired / s" summed over two engines doubled."""
+    for where, expr in dashboard_queries():
+        assert not re.search(r"sum\([^)]*natflow_timers_fired_total", expr), where
+
+
 def test_shipped_dashboards_are_what_build_dashboards_writes(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location(
         "build_dashboards", ROOT / "ops" / "grafana" / "build_dashboards.py"

@@ -103,7 +103,10 @@ TIMER_LATENESS = Histogram(
     "How long after its due time the engine woke a timer's run.",
     buckets=(*_FAST, 300.0, 3600.0),
 )
-TIMERS_FIRED = Counter("natflow_timers_fired", "Timers whose run the engine woke.")
+TIMERS_FIRED = Counter(
+    "natflow_timers_fired",
+    "Timers whose run this engine woke (every engine replica wakes every timer).",
+)
 SCHEDULE_LATENESS = Histogram(
     "natflow_schedule_lateness_seconds",
     "From a schedule's fire time (plus its jitter) to the start of the fire's run.",

@@ -502,7 +502,8 @@ def overview() -> dict[str, Any]:
         series(
             "Timers fired and pending",
             [
-                (f"sum(rate(natflow_timers_fired_total[{RATE}]))", "fired / s"),
+                # Every engine replica wakes every timer: max, not sum (two engines doubled it).
+                (f"max(rate(natflow_timers_fired_total[{RATE}]))", "fired / s"),
                 ("max(natflow_timers_pending)", "pending"),
             ],
         ),
@@ -893,7 +894,7 @@ def workers() -> dict[str, Any]:
             "Timers pending and fired",
             [
                 ("max(natflow_timers_pending)", "pending"),
-                (f"sum(rate(natflow_timers_fired_total[{RATE}]))", "fired / s"),
+                (f"max(rate(natflow_timers_fired_total[{RATE}]))", "fired / s"),
             ],
         ),
         12,

@@ -126,7 +126,7 @@ def rules(t: Tuning) -> list[Rule]:
             # where no left-hand one has the same labels, so with both limits set the
             # messages' ratio was dropped.
             "max by (account, stream) (\n"
-            '  label_replace(natflow_jetstream_stream_bytes / natflow_jetstream_stream_max_bytes'
+            "  label_replace(natflow_jetstream_stream_bytes / natflow_jetstream_stream_max_bytes"
             ', "limit", "bytes", "", "")\n  or\n'
             "  label_replace(natflow_jetstream_stream_messages / "
             'natflow_jetstream_stream_max_messages, "limit", "messages", "", "")\n)\n'
