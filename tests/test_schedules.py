@@ -22,7 +22,15 @@ from zoneinfo import ZoneInfo
 import anyio
 import msgspec
 import pytest
-from natflow import Client, InvalidInput, NatflowError, RunInfo, RunNotFound
+from natflow import (
+    Client,
+    InvalidInput,
+    NatflowError,
+    RunInfo,
+    RunNotFound,
+    WorkflowContext,
+    workflow,
+)
 from natflow_engine._cron import fire_token
 from natflow_engine._kv import kv_put
 from natflow_engine._schedules import (
@@ -441,3 +449,34 @@ async def test_a_fire_logs_the_run_it_started_as_a_field(
     record = (await wait_for(logged, timeout=10, what="a fire's log line"))[0]
     assert getattr(record, "run_id", "").startswith("logged-"), record.__dict__
     assert getattr(record, "workflow", None) == "tick"
+
+
+async def _hourly(ctx: WorkflowContext) -> None:
+    return None
+
+
+dotted = workflow(name="reports.daily", every=3600)(_hourly)
+dashed = workflow(name="reports-daily", every=7200)(_hourly)
+
+
+async def test_workflows_whose_names_differ_only_in_odd_characters_keep_two_schedules(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    """Both declared schedule "reports-daily": each worker took the other's schedule over,
+    and a worker allowed one workflow's schedule could write the other's. An older natflow's
+    schedule under that id is replaced, not left to fire beside the new one."""
+    assert dotted.schedule is not None
+    await client.schedules.create("reports-daily", "reports.daily", every=3600)  # as declared
+    async with running_worker(client, [dotted, dashed]):
+
+        async def both() -> list[tuple[str, str, float | None]] | None:
+            found = [
+                (i.schedule_id, i.workflow, i.spec.every) for i in await client.schedules.list()
+            ]
+            return found if len(found) == 2 and found[0][1] != found[1][1] else None
+
+        found = await wait_for(both, what="two schedules")
+    assert sorted(found) == sorted(
+        [(dotted.schedule_id, "reports.daily", 3600), ("reports-daily", "reports-daily", 7200)]
+    )
+    assert dotted.schedule_id.startswith("reports-daily-h")

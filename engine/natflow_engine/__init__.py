@@ -129,7 +129,15 @@ from ._retention import delete_run
 from ._retry import NO_RETRY, RetryPolicy
 from ._runs import Addressee, Runs, new_run_id
 from ._schedule_ops import Schedules
-from ._schedules import OVERLAP_POLICIES, ScheduleFire, ScheduleInfo, ScheduleSpec, check_spec
+from ._schedules import (
+    OVERLAP_POLICIES,
+    ScheduleFire,
+    ScheduleInfo,
+    ScheduleSpec,
+    check_spec,
+    declared_schedule_id,
+    legacy_schedule_id,
+)
 from ._sealing import (
     AesGcmCodec,
     MissingKey,
@@ -363,6 +371,7 @@ __all__ = [
     "declarations",
     "declare",
     "declared",
+    "declared_schedule_id",
     "decode_child_outcome",
     "decode_lifecycle",
     "decode_task",
@@ -391,6 +400,7 @@ __all__ = [
     "kv_put",
     "labelled",
     "last_signal_seq",
+    "legacy_schedule_id",
     "lifecycle_filter",
     "lifecycle_subject",
     "limit_usage",

@@ -49,6 +49,7 @@ from ._lifecycle import LIFECYCLE_PREFIX, LIFECYCLE_STREAM
 from ._limits import LIMITS_BUCKET
 from ._names import check_queue, check_token, check_workflow_name
 from ._registry import WORKERS_BUCKET, safe_identity
+from ._schedules import declared_schedule_id
 from ._site_index import SITE_RUNS_STREAM
 from ._sites import INBOX_STREAM, OUTBOX_PREFIX, OUTBOX_STREAM
 from ._start_service import START_PREFIX
@@ -348,7 +349,7 @@ def _worker(api: str, kv: str, queues: list[str], workflows: Sequence[str] = ())
     # (key: the workflow's name made a token), so a worker naming its workflows gets only
     # theirs; and declares the events its workflows start on (keys begin with the event's
     # dotted name, which no wildcard but ``>`` can skip).
-    schedules = [f"{kv}.{SCHEDULES_BUCKET}.{safe_identity(w)[:100]}" for w in workflows] or [
+    schedules = [f"{kv}.{SCHEDULES_BUCKET}.{declared_schedule_id(w)}" for w in workflows] or [
         f"{kv}.{SCHEDULES_BUCKET}.>"
     ]
     schedules_stream = f"{api}.DIRECT.GET.{kv_stream(SCHEDULES_BUCKET)}"

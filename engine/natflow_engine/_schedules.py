@@ -15,6 +15,7 @@ second replica or after a crash finds the run already there and makes nothing ne
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 from collections import deque
@@ -30,6 +31,7 @@ from ._errors import InvalidInput, NatflowError
 from ._kv import kv_delete, kv_entries, kv_get, kv_put, kv_stream
 from ._names import check_token
 from ._quarantine import quarantined
+from ._registry import safe_identity
 from ._streams import SCHEDULES_BUCKET
 from ._undecodable import UNDECODABLE
 
@@ -137,6 +139,23 @@ class ScheduleInfo(msgspec.Struct, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Schedule)
+
+
+def declared_schedule_id(workflow: str) -> str:
+    """The id of the schedule ``@workflow(cron=/every=)`` declares: the name where it is a
+    token that fits, else its token-safe form and a hash of the name. The safe form alone
+    gave ``reports.daily`` and ``reports-daily`` one schedule, each worker taking it over (and
+    a worker allowed one of them the other's)."""
+    safe = legacy_schedule_id(workflow)
+    if safe == workflow:
+        return safe
+    digest = hashlib.sha256(workflow.encode()).hexdigest()[:12]
+    return f"{safe[: MAX_SCHEDULE_ID - 14]}-h{digest}"
+
+
+def legacy_schedule_id(workflow: str) -> str:
+    """What :func:`declared_schedule_id` was before it hashed names that are not tokens."""
+    return safe_identity(workflow)[:MAX_SCHEDULE_ID]
 
 
 def check_schedule_id(schedule_id: object) -> str:

@@ -10,9 +10,11 @@ import msgspec
 from natflow_engine import (
     Connection,
     NatflowError,
+    PermissionDenied,
     Schedules,
     TriggerDeclaration,
     declare,
+    legacy_schedule_id,
 )
 from natflow_engine.events import utcnow
 
@@ -58,6 +60,7 @@ async def _keep_schedule(schedules: Schedules, wf: Workflow) -> None:
     sid = wf.schedule_id
     if await schedules.create(sid, wf.name, b"null", wf.schedule):
         log.info("created schedule %s for workflow %r", sid, wf.name)
+        await _drop_legacy_schedule(schedules, wf)
         return
     current = await schedules.get(sid)
     if current is None:
@@ -73,3 +76,36 @@ async def _keep_schedule(schedules: Schedules, wf: Workflow) -> None:
     if new != old or current.workflow != wf.name:
         await schedules.update(sid, workflow=wf.name, spec=new)
         log.info("updated schedule %s for workflow %r", sid, wf.name)
+
+
+async def _drop_legacy_schedule(schedules: Schedules, wf: Workflow) -> None:
+    """The schedule an older natflow declared for ``wf`` under its unhashed id (a name that
+    is no token): left in place, it fired beside the new one."""
+    assert wf.schedule is not None
+    legacy = legacy_schedule_id(wf.name)
+    if legacy == wf.schedule_id:
+        return
+    old = await schedules.get(legacy)
+    declared = wf.schedule
+    if old is None or old.workflow != wf.name:
+        return
+    if (old.spec.cron, old.spec.every, old.spec.timezone) != (
+        declared.cron,
+        declared.every,
+        declared.timezone,
+    ):
+        return  # not the one this workflow declared: someone's own schedule of it
+    try:
+        await schedules.delete(legacy)
+    except PermissionDenied as exc:  # a worker limited to its workflows' own schedule ids
+        log.warning(
+            "workflow %r: its schedule is now %s; delete the one an older natflow declared "
+            "under %s (natflow schedules delete %s): %s",
+            wf.name,
+            wf.schedule_id,
+            legacy,
+            legacy,
+            exc,
+        )
+        return
+    log.info("workflow %r: schedule %s replaces %s", wf.name, wf.schedule_id, legacy)

@@ -20,7 +20,7 @@ from natflow_engine import (
     check_queue,
     check_spec,
     check_workflow_name,
-    safe_identity,
+    declared_schedule_id,
     to_seconds,
 )
 
@@ -85,8 +85,8 @@ class Workflow:
 
     @property
     def schedule_id(self) -> str:
-        """The id of the schedule ``cron=``/``every=`` declares: the name, made a token."""
-        return safe_identity(self.name)[:100]
+        """The id of the schedule ``cron=``/``every=`` declares (see declared_schedule_id)."""
+        return declared_schedule_id(self.name)
 
     retention: float | None = None  # seconds its closed runs are kept (None: the engine's)
     # Flow control (README "Flow control"); none of it costs an unlimited workflow anything.
