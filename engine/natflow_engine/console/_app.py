@@ -29,6 +29,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._connect_refusals import redact_url
 from .._connection import Connection, NoResponders, RequestTimeout, retry_deadline
 from .._errors import InvalidInput, NatflowError, PermissionDenied, RunNotFound, ServerUnavailable
 from ._counts import StatusCounts
@@ -58,9 +59,12 @@ class _Static(StaticFiles):
 # -- errors: every failure becomes a page that says what went wrong, never a traceback ---------
 
 
-def _error_page(request: Request, status: int, title: str, message: str) -> Response:
+def _error_page(
+    request: Request, status: int, title: str, message: str, *, show_server: bool = True
+) -> Response:
     context = {"title": title, "message": message, "status": status}
-    context["server"] = getattr(getattr(request.app.state, "console", None), "server", "")
+    shown = getattr(getattr(request.app.state, "console", None), "server", "")
+    context["server"] = shown if show_server else ""
     context["path"] = request.url.path
     context.setdefault("notice", None)
     context.setdefault("live", None)
@@ -79,12 +83,20 @@ async def on_natflow_error(request: Request, exc: Exception) -> Response:
     return _error_page(request, 502, "natflow could not do that", str(exc))
 
 
+_TITLES = {404: "Not found", 405: "Not allowed here", 401: "Access token needed"}
+
+
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    titles = {404: "Not found", 405: "Not allowed here", 401: "Access token needed"}
-    return _error_page(
-        request, exc.status_code, titles.get(exc.status_code, "Request refused"), exc.detail
-    )
+    title = _TITLES.get(exc.status_code, "Request refused")
+    return _error_page(request, exc.status_code, title, exc.detail)
+
+
+def on_refusal(request: Request, exc: HTTPException) -> Response:
+    """A :class:`Guard` refusal: its reader has not shown the token (or came by a name a
+    rebinding site could use), so the page leaves out where NATS is."""
+    title = _TITLES.get(exc.status_code, "Request refused")
+    return _error_page(request, exc.status_code, title, exc.detail, show_server=False)
 
 
 async def on_timeout(request: Request, exc: Exception) -> Response:
@@ -267,8 +279,10 @@ def create_app(
     Args:
         opener: opens the NATS connection the console uses (closed when the app stops).
         token: if given, every request must carry it (see :class:`Guard`).
-        server: the NATS URL, shown in the page header.
+        server: the NATS URL, shown in the page header without its password or token
+            (redacted here, so no caller can put a secret on a page).
     """
+    server = redact_url(server) if server else ""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -317,5 +331,4 @@ class _Errors:
         try:
             await self.guarded(scope, receive, send)
         except HTTPException as exc:
-            response = await on_http_error(Request(scope), exc)
-            await response(scope, receive, send)
+            await on_refusal(Request(scope), exc)(scope, receive, send)
