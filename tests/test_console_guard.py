@@ -1,12 +1,17 @@
 """The console's guard against visitors it should not trust: no NATS password on any page,
-and no server name for a visitor without the token.
+and no server name for a visitor without the token; no empty access token.
 
 Over HTTP against a real nats-server, with the console in this process.
 """
 
 from __future__ import annotations
 
+import pytest
+from natflow_engine._cli import build_parser
+from natflow_engine._connection import Connection
+from natflow_engine._errors import InvalidInput
 from natflow_engine._server import EmbeddedServer
+from natflow_engine.console import create_app
 
 from tests.console_helpers import http, served_console
 
@@ -35,3 +40,41 @@ async def test_pages_show_the_nats_url_without_its_password(nats_server: Embedde
         got, body, _ = await http(base + "/runs", headers={"Host": "evil.example"})
         assert got == 400 and "S3cretPassw0rd" not in body
         assert "127.0.0.1:" + str(nats_server.port) not in body
+
+
+@pytest.mark.parametrize(
+    ("env", "args"),
+    [
+        ("", ["ui"]),
+        (None, ["ui", "--access-token", ""]),
+        (None, ["ui", "--access-token", "  "]),
+        ("", ["dev", "--ui-port", "0"]),
+    ],
+)
+def test_an_empty_access_token_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: str | None,
+    args: list[str],
+) -> None:
+    """``NATFLOW_UI_TOKEN=`` (or ``--access-token ""``) was a token equal to ``?token=``:
+    a console open to anyone, with no warning and no DNS-rebinding check. Now natflow
+    refuses to start, in one line naming the option and the variable."""
+    if env is None:
+        monkeypatch.delenv("NATFLOW_UI_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("NATFLOW_UI_TOKEN", env)
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(args)  # what `natflow` parses before it starts anything
+    said = capsys.readouterr().err
+    assert exited.value.code == 2 and said.count("\n") == 1, said
+    assert "token" in said and "access token is empty" in said and "NATFLOW_UI_TOKEN" in said
+
+
+def test_create_app_refuses_an_empty_token() -> None:
+    async def opener() -> Connection:
+        raise AssertionError("never opened")
+
+    for empty in ("", " \t"):
+        with pytest.raises(InvalidInput, match="access token is empty"):
+            create_app(opener, token=empty)

@@ -278,10 +278,16 @@ def create_app(
 
     Args:
         opener: opens the NATS connection the console uses (closed when the app stops).
-        token: if given, every request must carry it (see :class:`Guard`).
+        token: if given, every request must carry it (see :class:`Guard`); an empty one
+            is refused (:class:`InvalidInput`): it would be a token anyone can send.
         server: the NATS URL, shown in the page header without its password or token
             (redacted here, so no caller can put a secret on a page).
     """
+    if token is not None and not token.strip():
+        raise InvalidInput(
+            "the console's access token is empty; give a real one, or None for a console "
+            "without one"
+        )
     server = redact_url(server) if server else ""
 
     @asynccontextmanager

@@ -19,6 +19,20 @@ log = logging.getLogger("natflow.console")
 TOKEN_ENV = "NATFLOW_UI_TOKEN"
 
 
+def access_token(value: str) -> str:
+    """argparse type: a token that is not empty (argparse checks the env default with it too).
+
+    An empty ``NATFLOW_UI_TOKEN=`` (an unset variable in an env file) made a console that
+    ``?token=`` opened, without the no-token warning or the no-token DNS-rebinding check.
+    """
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            f"the access token is empty; give a real one, or leave the option and {TOKEN_ENV} "
+            "unset for a console without one"
+        )
+    return value
+
+
 def add_ui_options(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
     """``--port``/``--host``/``--access-token`` (``--ui-...`` under ``natflow dev``)."""
     dash = f"--{prefix}" if prefix else "--"
@@ -39,6 +53,7 @@ def add_ui_options(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
         f"{dash}access-token" if not prefix else f"{dash}token",
         dest=f"{prefix.replace('-', '_')}access_token",
         default=os.environ.get(TOKEN_ENV),
+        type=access_token,
         help=f"require this token to open the console (env {TOKEN_ENV})",
     )
 
