@@ -78,3 +78,19 @@ def test_create_app_refuses_an_empty_token() -> None:
     for empty in ("", " \t"):
         with pytest.raises(InvalidInput, match="access token is empty"):
             create_app(opener, token=empty)
+
+
+async def test_the_token_redirect_stays_on_the_console(nats_server: EmbeddedServer) -> None:
+    """``GET //evil.example/x?token=<valid>`` redirected to ``//evil.example/x``, another
+    site; now to this console's ``/evil.example/x``, the query kept without the token."""
+    async with served_console(nats_server.url, token=TOKEN) as base:
+        for path, there in (
+            ("//evil.example/x", "/evil.example/x"),
+            ("///evil.example/x", "/evil.example/x"),
+            ("/%5Cevil.example/x", "/%5Cevil.example/x"),  # escaped: a path, not "/\\"
+        ):
+            got, _, headers = await http(f"{base}{path}?token={TOKEN}&status=failed")
+            assert got == 303, path
+            assert headers["location"] == f"{there}?status=failed", (path, headers)
+        got, _, headers = await http(f"{base}/runs?status=failed&token={TOKEN}")
+        assert got == 303 and headers["location"] == "/runs?status=failed"

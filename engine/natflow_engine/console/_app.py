@@ -207,7 +207,10 @@ class Guard:
 
     def _enter(self, request: Request) -> Response:
         query = {k: v for k, v in parse_qs(request.url.query).items() if k != "token"}
-        target = request.url.path + (f"?{urlencode(query, doseq=True)}" if query else "")
+        # A path of "//evil.example/x" is a URL of another site to a browser (so is "/\\evil",
+        # should a backslash get through unescaped): one leading slash keeps it here.
+        path = "/" + request.url.path.lstrip("/\\")
+        target = path + (f"?{urlencode(query, doseq=True)}" if query else "")
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(self.cookie_name, self.cookie, httponly=True, samesite="lax")
         return response
