@@ -94,3 +94,29 @@ async def test_the_token_redirect_stays_on_the_console(nats_server: EmbeddedServ
             assert headers["location"] == f"{there}?status=failed", (path, headers)
         got, _, headers = await http(f"{base}/runs?status=failed&token={TOKEN}")
         assert got == 303 and headers["location"] == "/runs?status=failed"
+
+
+async def test_no_framing_no_sniffing_and_a_secure_cookie_over_https(
+    nats_server: EmbeddedServer,
+) -> None:
+    """No response said a browser may not frame the console (a click elsewhere could press
+    its cancel button) or sniff a type; the cookie lacked Secure behind an https proxy. Now
+    every response says DENY, frame-ancestors 'none' and nosniff, and the cookie is Secure
+    when the request came over https."""
+    async with served_console(nats_server.url, token=TOKEN) as base:
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        for path, headers in (
+            ("/runs", bearer),
+            ("/runs", {}),  # the 401 page
+            ("/static/console.js", {}),
+            ("/nowhere", bearer),
+        ):
+            _, _, got = await http(base + path, headers=headers)
+            assert got["x-frame-options"] == "DENY", (path, got)
+            assert got["content-security-policy"] == "frame-ancestors 'none'", (path, got)
+            assert got["x-content-type-options"] == "nosniff", (path, got)
+        _, _, got = await http(f"{base}/runs?token={TOKEN}")
+        assert "secure" not in got["set-cookie"].lower(), "plain http: a Secure cookie is lost"
+        proxied = {"X-Forwarded-Proto": "https"}  # from 127.0.0.1, a proxy uvicorn trusts
+        _, _, got = await http(f"{base}/runs?token={TOKEN}", headers=proxied)
+        assert "; secure" in got["set-cookie"].lower(), got

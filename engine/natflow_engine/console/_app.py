@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._connect_refusals import redact_url
 from .._connection import Connection, NoResponders, RequestTimeout, retry_deadline
@@ -212,7 +212,12 @@ class Guard:
         path = "/" + request.url.path.lstrip("/\\")
         target = path + (f"?{urlencode(query, doseq=True)}" if query else "")
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(self.cookie_name, self.cookie, httponly=True, samesite="lax")
+        # Secure when the browser came over https (uvicorn's scheme: it takes X-Forwarded-Proto
+        # only from the proxies it trusts, 127.0.0.1 by default), so it never goes out in clear.
+        secure = request.url.scheme == "https"
+        response.set_cookie(
+            self.cookie_name, self.cookie, httponly=True, samesite="lax", secure=secure
+        )
         return response
 
 
@@ -324,7 +329,7 @@ def create_app(
         },
     )
     guarded = Guard(app, token)
-    return _Errors(guarded, app)
+    return _Hardened(_Errors(guarded, app))
 
 
 class _Errors:
@@ -341,3 +346,34 @@ class _Errors:
             await self.guarded(scope, receive, send)
         except HTTPException as exc:
             await on_refusal(Request(scope), exc)(scope, receive, send)
+
+
+# Another site must not show the console in a frame (a click there would be a click on a
+# cancel button here), nor a browser run a response as another type than it says.
+# frame-ancestors is the policy's only directive: the console's own scripts and styles are
+# files of its own, which a fuller policy would have to list.
+SAFETY_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+]
+
+
+class _Hardened:
+    """Adds :data:`SAFETY_HEADERS` to every response: pages, refusals, streams, files."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_hardened(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), *SAFETY_HEADERS]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_hardened)
