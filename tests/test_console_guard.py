@@ -1,5 +1,6 @@
 """The console's guard against visitors it should not trust: no NATS password on any page,
-and no server name for a visitor without the token; no empty access token.
+and no server name for a visitor without the token; no empty access token; no redirect off
+the console; no framing; and a form's deeply nested JSON refused with a 400, not a 500.
 
 Over HTTP against a real nats-server, with the console in this process.
 """
@@ -7,9 +8,11 @@ Over HTTP against a real nats-server, with the console in this process.
 from __future__ import annotations
 
 import pytest
+from natflow import Client
 from natflow_engine._cli import build_parser
 from natflow_engine._connection import Connection
-from natflow_engine._errors import InvalidInput
+from natflow_engine._errors import InvalidInput, RunNotFound
+from natflow_engine._runs import Runs
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.console import create_app
 
@@ -120,3 +123,24 @@ async def test_no_framing_no_sniffing_and_a_secure_cookie_over_https(
         proxied = {"X-Forwarded-Proto": "https"}  # from 127.0.0.1, a proxy uvicorn trusts
         _, _, got = await http(f"{base}/runs?token={TOKEN}", headers=proxied)
         assert "; secure" in got["set-cookie"].lower(), got
+
+
+async def test_deeply_nested_json_in_a_form_is_a_400_naming_it(
+    nats_server: EmbeddedServer, client: Client
+) -> None:
+    """A signal payload or start input of 100,000 nested arrays (200 KB, under the 1 MiB
+    limit) made Python's JSON parser raise RecursionError: a 500 "Something went wrong".
+    Now it is a 400 that says the value nests too deeply, and nothing is written."""
+    deep = "[" * 100_000 + "]" * 100_000
+    await Runs(client.connection).start("greet", "console", b"{}", "deep")
+    async with served_console(nats_server.url) as base:
+        for path, form, field in (
+            ("/start", {"workflow": "greet", "run_id": "deeper", "input": deep}, "the input"),
+            ("/runs/deep/signal", {"name": "go", "payload": deep}, "the payload"),
+        ):
+            got, body, _ = await http(base + path, form)
+            assert got == 400, (path, got)
+            assert f"{field} nests too deeply" in body, path
+            assert "Something went wrong" not in body
+    with pytest.raises(RunNotFound):
+        await client.describe("deeper")

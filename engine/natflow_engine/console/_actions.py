@@ -43,6 +43,11 @@ def parse_json(field: str, text: str) -> bytes:
             f"{field} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
             'Strings need double quotes, e.g. {"approved": true}.'
         ) from None
+    except RecursionError:  # Python's JSON parser recurses per level: this was a 500
+        raise InvalidInput(
+            f"{field} nests too deeply (arrays or objects inside each other about a thousand "
+            "levels down); flatten it"
+        ) from None
 
 
 def _fields(form: Any, *names: str) -> dict[str, str]:
