@@ -9,7 +9,7 @@ import sys
 import pytest
 from natflow import Client, RunFailed, Workflow, WorkflowContext, workflow
 
-from tests.helpers import running_worker
+from tests.helpers import replay_recorded, running_worker
 
 
 def work() -> int:
@@ -57,3 +57,33 @@ async def test_io_in_workflow_code_fails_the_run_naming_the_fix(client: Client, 
         f"workflow code cannot do I/O or start threads or processes (loop.{call}): "
         "put it in a ctx.step"
     )
+
+
+def double(x: int) -> int:
+    return x * 2
+
+
+@workflow
+async def anyio_branches(ctx: WorkflowContext, input: None) -> dict[str, int]:
+    import anyio
+
+    out: dict[str, int] = {}
+
+    async def branch(name: str, x: int) -> None:
+        out[name] = await ctx.step(name, double, x)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(branch, "x", 1)
+        tg.start_soon(branch, "y", 2)
+    return out
+
+
+@pytest.mark.anyio
+async def test_an_anyio_task_group_in_workflow_code_runs_its_steps(client: Client) -> None:
+    """anyio asks the loop for its task factory: refused, the run failed with an
+    ExceptionGroup that hid why."""
+    async with running_worker(client, [anyio_branches]):
+        handle = await client.start(anyio_branches, None, run_id="anyio-tg")
+        assert await handle.result(timeout=10) == {"x": 2, "y": 4}
+    replayed = await replay_recorded(client, anyio_branches, "anyio-tg")
+    assert replayed.divergence is None and replayed.result == {"x": 2, "y": 4}

@@ -181,6 +181,11 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     def get_exception_handler(self) -> None:
         return None
 
+    def get_task_factory(self) -> None:
+        # anyio asks before each task a task group starts: refused, an anyio task group in
+        # workflow code failed its run with an ExceptionGroup that hid why.
+        return None
+
 
 def _refusal(name: str) -> Callable[..., NoReturn]:
     if name in _IO_CALLS or name.startswith("sock_"):
