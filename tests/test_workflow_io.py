@@ -87,3 +87,19 @@ async def test_an_anyio_task_group_in_workflow_code_runs_its_steps(client: Clien
         assert await handle.result(timeout=10) == {"x": 2, "y": 4}
     replayed = await replay_recorded(client, anyio_branches, "anyio-tg")
     assert replayed.divergence is None and replayed.result == {"x": 2, "y": 4}
+
+
+@workflow
+async def parallel_of_a_list(ctx: WorkflowContext, input: None) -> object:
+    return await ctx.parallel([ctx.step("a", work), ctx.step("b", work)])  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_list_given_to_ctx_parallel_is_named_with_the_fix(client: Client) -> None:
+    """It failed the run with "TypeError: unhashable type: 'list'"."""
+    async with running_worker(client, [parallel_of_a_list]):
+        handle = await client.start(parallel_of_a_list, None, run_id="par-list")
+        with pytest.raises(RunFailed) as failed:
+            await handle.result(timeout=10)
+    assert failed.value.error.type == "InvalidInput"
+    assert "ctx.parallel(*items)" in failed.value.error.message

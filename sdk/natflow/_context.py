@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import uuid
@@ -319,6 +320,22 @@ class WorkflowContext:
 
     async def parallel(self, *awaitables: Awaitable[Any]) -> list[Any]:
         """Run steps (or any workflow awaitables) concurrently; results in argument order."""
+        for position, item in enumerate(awaitables, 1):
+            if inspect.isawaitable(item):
+                continue
+            given = [*awaitables, *(item if isinstance(item, list | tuple) else ())]
+            for other in given:  # never to be awaited: Python warns of each coroutine left
+                if inspect.iscoroutine(other):
+                    other.close()
+            if isinstance(item, list | tuple) and len(awaitables) == 1:
+                raise InvalidInput(
+                    "ctx.parallel takes awaitables as separate arguments, not a "
+                    f"{type(item).__name__}: ctx.parallel(*items)"
+                )
+            raise InvalidInput(
+                f"ctx.parallel: argument {position} is a {type(item).__name__}, not an "
+                f"awaitable (a ctx.step(...), ctx.sleep(...), ctx.child(...) call)"
+            )
         return list(await asyncio.gather(*awaitables))
 
     def now(self) -> datetime:
