@@ -12,6 +12,7 @@ import pty
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import pytest
 from natflow import Client, InvalidInput
 from natflow_engine._cli import build_parser
 from natflow_engine._engine import Engine
+from natflow_engine._input_schema import announced, check_input
+from natflow_engine._registry import WorkerInfo
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import ensure_streams
 from natflow_engine.events import RunStarted
@@ -299,3 +302,32 @@ async def test_a_second_dev_on_the_same_store_is_refused(tmp_path: Path) -> None
     finally:
         first.send_signal(signal.SIGINT)
         first.wait(timeout=30)
+
+
+def _worker_serving(identity: str, schema: object) -> WorkerInfo:
+    now = datetime.now(UTC)
+    return WorkerInfo(
+        identity=identity,
+        host="h",
+        pid=1,
+        queues=["default"],
+        workflows=["shared"],
+        started_at=now,
+        heartbeat_at=now,
+        lease_ttl=15.0,
+        input_schemas={"shared": schema},
+    )
+
+
+def test_input_that_fits_any_live_workers_schema_is_taken_during_a_rolling_deploy() -> None:
+    """The first worker listed decided alone: input the other (older) workers take was
+    refused, and input only the first takes passed and failed on the others."""
+    old = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    new = {"type": "object", "properties": {"b": {"type": "string"}}, "required": ["b"]}
+    workers = [_worker_serving("a-new", new), _worker_serving("z-old", old)]
+    schema = announced(workers, "shared")
+    check_input("shared", b'{"a": 1}', schema)
+    check_input("shared", b'{"b": "x"}', schema)
+    with pytest.raises(InvalidInput, match="its workers announce 2 input types; it fits none"):
+        check_input("shared", b'{"c": 1}', schema)
+    assert announced(workers[:1], "shared") == new  # one schema: itself, as before

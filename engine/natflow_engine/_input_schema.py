@@ -9,6 +9,7 @@ here, so input that does not fit is refused before anything is written, whoever 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any, Final
@@ -20,13 +21,43 @@ from ._connection import Connection
 from ._errors import InvalidInput, PermissionDenied
 from ._registry import WorkerInfo, list_workers
 
+log = logging.getLogger("natflow.client")
+
 SCHEMA_TTL: Final = 5.0  # seconds a read schema (or its absence) is trusted, per connection
 _CACHE: Final = "natflow_input_schemas"
 
 
+# Where live workers announce different schemas for one workflow (a rolling deploy that
+# changes its input type), the input may fit any of them: the first worker's alone refused
+# what the others take, and passed what they fail on.
+ALTERNATIVES: Final = "x-natflow-alternatives"
+
+
 def announced(workers: Iterable[WorkerInfo], workflow: str) -> Any | None:
-    """The input schema some worker announces for ``workflow`` (None: none announces one)."""
-    return next((w.input_schemas[workflow] for w in workers if workflow in w.input_schemas), None)
+    """The input schema the workers announce for ``workflow`` (None: none announces one);
+    where they differ, ``{"anyOf": [...], ALTERNATIVES: [identities per schema]}``, each
+    schema checked on its own by :func:`check_input`."""
+    found: list[Any] = []
+    by: list[list[str]] = []
+    for worker in workers:
+        schema = worker.input_schemas.get(workflow)
+        if schema is None:
+            continue
+        if schema in found:
+            by[found.index(schema)].append(worker.identity)
+        else:
+            found.append(schema)
+            by.append([worker.identity])
+    if len(found) <= 1:
+        return found[0] if found else None
+    log.warning(
+        "workers announce %d input types for workflow %r (%s): a start's input is accepted if "
+        "it fits one of them, and runs where the worker that takes it can decode it",
+        len(found),
+        workflow,
+        "; ".join(", ".join(names) for names in by),
+    )
+    return {"anyOf": found, ALTERNATIVES: by}
 
 
 async def announced_schema(conn: Connection, workflow: str) -> Any | None:
@@ -54,6 +85,19 @@ def check_input(
     schema, nothing to check); ``what`` names the input, ``give`` says how to pass one."""
     if schema is None:
         return
+    if isinstance(schema, dict) and ALTERNATIVES in schema:
+        refusals = []
+        for alternative in schema["anyOf"]:
+            try:
+                check_input(workflow, data, alternative, what=what, give=give)
+            except InvalidInput as refused:
+                refusals.append(str(refused))
+            else:
+                return
+        raise InvalidInput(
+            f"{refusals[0]} (its workers announce {len(refusals)} input types; it fits none: "
+            f"{'; '.join(refusals[1:])})"
+        )
     value = msgspec.json.decode(data)
     try:
         # With formats checked (a "uuid" field given "not-a-uuid" passed, and the run failed

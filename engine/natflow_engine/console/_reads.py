@@ -17,6 +17,7 @@ from .._connection import Connection
 from .._errors import NatflowError, RunNotFound
 from .._history import CorruptHistory, HistoryStore, current_stretch
 from .._index import IndexEntry, read_entry, summaries_of
+from .._input_schema import announced
 from .._kv import kv_entries
 from .._leases import LEASES_BUCKET, Lease, decode_lease
 from .._limits import explain as explain_wait
@@ -256,12 +257,12 @@ async def input_schemas(conn: Connection) -> dict[str, tuple[str, object | None]
     """Each workflow some live worker serves: ``(queue, input JSON Schema or None)``."""
     await ensure_streams(conn)
     known: dict[str, tuple[str, object | None]] = {}
-    for worker in await list_workers(conn):
-        schemas = getattr(worker, "input_schemas", None) or {}
+    workers = await list_workers(conn)
+    for worker in workers:
         for name in worker.workflows:
-            schema = schemas.get(name)
-            if name not in known or (known[name][1] is None and schema is not None):
-                known[name] = (worker.queues[0] if worker.queues else "default", schema)
+            if name not in known:
+                queue = worker.queues[0] if worker.queues else "default"
+                known[name] = (queue, announced(workers, name))
     return known
 
 
