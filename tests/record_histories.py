@@ -20,7 +20,7 @@ from natflow_engine import HistoryStore, load_value, value_ref
 from natflow_engine._reader import reader
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import HISTORY_STREAM, history_subject
-from natflow_engine.events import SignalWaited, encode_event
+from natflow_engine.events import RunSuspended, SignalWaited, encode_event
 
 from examples.greeting import greet
 from tests.helpers import running_engine, running_worker, wait_for
@@ -143,6 +143,22 @@ async def released(client: Client, run_id: str) -> None:
         await handle.result(timeout=20)
 
 
+async def suspended(client: Client, run_id: str) -> None:
+    """A signal of another name reaches the run as it waits for 'go': its worker takes the
+    signal in and records that the run waits again (run_suspended); then 'go' ends it."""
+    async with running_worker(client, [recorded_patch]):
+        handle = await client.start(recorded_patch, 3, run_id=run_id)
+
+        async def has(kind: type) -> bool:
+            return any(isinstance(e, kind) for e in await client.history(run_id))
+
+        await wait_for(lambda: has(SignalWaited), what=f"{run_id} waiting")
+        await client.signal(run_id, "note", "not the one it waits for")
+        await wait_for(lambda: has(RunSuspended), what=f"{run_id} waiting again")
+        await client.signal(run_id, "go", "now")
+        await handle.result(timeout=20)
+
+
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedServer(store_dir=Path(tmp) / "nats")
@@ -189,6 +205,10 @@ async def main() -> None:
                         (
                             "recorded-released-1",
                             lambda: released(client, "recorded-released-1"),
+                        ),
+                        (
+                            "recorded-suspended-1",
+                            lambda: suspended(client, "recorded-suspended-1"),
                         ),
                         (
                             "recorded-values-1",

@@ -301,3 +301,42 @@ async def test_an_ended_run_cannot_be_paused_and_a_paused_one_is_deleted_after_r
         await wait_for(lambda: _is(client, "held-1", "paused"), what="the pause")
         with pytest.raises(NatflowError, match="cancel it first and resume it"):
             await client.delete("held-1")
+
+
+async def listed_as(client: Client, workflow: str, status: str) -> list[str]:
+    return [r.run_id for r in await client.list(workflow=workflow, status=status)]
+
+
+async def test_the_run_index_says_what_a_run_waits_for_after_a_signal_or_resume_changed_nothing(
+    client: Client, engine: Engine
+) -> None:
+    """The index folds run-level events alone: the claim that took a signal of another name,
+    or a resume, made it "running" for good, and list(status="waiting") missed the run."""
+    async with running_worker(client, [go_then_return, long_napper]):
+        await client.start(go_then_return, run_id="idx-wait")
+        await wait_for(lambda: _is(client, "idx-wait", "waiting"), what="the wait")
+        await client.signal("idx-wait", "other", 1)  # taken in; the run waits on
+        await wait_for(lambda: _has(client, "idx-wait", events.RunSuspended), what="the note")
+
+        async def listed_waiting() -> bool:
+            return "idx-wait" in await listed_as(client, "go_then_return", "waiting")
+
+        await wait_for(listed_waiting, what="the index saying waiting")
+
+        await client.start(long_napper, run_id="idx-nap")
+        await wait_for(lambda: _has(client, "idx-nap", events.TimerScheduled), what="the nap")
+        await client.pause("idx-nap")
+        await wait_for(lambda: _is(client, "idx-nap", "paused"), what="the pause")
+        await client.resume("idx-nap")
+
+        async def listed_sleeping() -> bool:
+            return "idx-nap" in await listed_as(client, "long_napper", "sleeping")
+
+        await wait_for(listed_sleeping, what="the index saying sleeping")
+        await client.signal("idx-wait", "go", "done")
+        await client.cancel("idx-nap")
+
+
+@workflow(name="long_napper")
+async def long_napper(ctx: WorkflowContext) -> None:
+    await ctx.sleep("nap", 3600)

@@ -183,7 +183,16 @@ from ._sites import (
 )
 from ._start_consumers import StartPuller, ensure_start_consumer, start_task
 from ._start_service import request_start
-from ._state import CLOSED_STATUSES, RUN_STATUSES, RunInfo, StepInfo, fold_run
+from ._state import (
+    CLOSED_STATUSES,
+    RUN_STATUSES,
+    RunInfo,
+    StepInfo,
+    fold_run,
+    retrying_text,
+    sleeping_text,
+    waiting_text,
+)
 from ._streams import (
     HISTORY_PREFIX,
     HISTORY_STREAM,
@@ -440,6 +449,7 @@ __all__ = [
     "request_start",
     "reserve",
     "restart_run",
+    "retrying_text",
     "run_created_at",
     "run_event_loop",
     "run_id_of",
@@ -458,6 +468,7 @@ __all__ = [
     "shipped_server",
     "site_start_stored",
     "site_views",
+    "sleeping_text",
     "start_consumer",
     "start_declared",
     "start_history",
@@ -477,6 +488,7 @@ __all__ = [
     "unpark",
     "value_ref",
     "waiting_for_slot",
+    "waiting_text",
     "wake_subject",
     "whole_number",
     "withdraw",

@@ -27,6 +27,7 @@ from .events import (
     RunRestarted,
     RunResumed,
     RunStarted,
+    RunSuspended,
     RunTerminated,
     SignalReceived,
     SignalWaited,
@@ -227,11 +228,10 @@ def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str, datetime | 
     waiting: dict[str, list[int]] = {}
     for event in events:
         if isinstance(event, TimerScheduled):
-            text = f"sleeping until {when(event.due_at)}"
+            text = sleeping_text(event.due_at)
             pending[event.seq] = ("sleeping", text, event.due_at, event.name)
         elif isinstance(event, SignalWaited):
-            timeout = f" (timeout at {when(event.timeout_at)})" if event.timeout_at else ""
-            text = f"waiting for signal {event.name!r}{timeout}"
+            text = waiting_text(event.name, event.timeout_at)
             pending[event.seq] = ("waiting", text, event.timeout_at, event.name)
             waiting.setdefault(event.name, []).append(event.seq)
         elif isinstance(event, StepRetrying):
@@ -249,6 +249,17 @@ def pending_waits(events: list[Event]) -> list[tuple[RunStatus, str, datetime | 
         elif isinstance(event, SignalReceived) and waiting.get(event.name):
             pending.pop(waiting[event.name].pop(0), None)
     return [pending[seq] for seq in sorted(pending)]
+
+
+def sleeping_text(due_at: datetime) -> str:
+    """``current`` of a run in a durable sleep."""
+    return f"sleeping until {when(due_at)}"
+
+
+def waiting_text(name: str, timeout_at: datetime | None) -> str:
+    """``current`` of a run waiting for a signal."""
+    timeout = f" (timeout at {when(timeout_at)})" if timeout_at else ""
+    return f"waiting for signal {name!r}{timeout}"
 
 
 def retrying_text(event: StepRetrying) -> str:
@@ -299,8 +310,11 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
         info.status, info.current = "sleeping", retrying_text(event)
         info.due_at = event.retry_at
     elif isinstance(event, TimerScheduled):
-        info.status, info.current = "sleeping", f"sleeping until {when(event.due_at)}"
+        info.status, info.current = "sleeping", sleeping_text(event.due_at)
         info.due_at = event.due_at
+    elif isinstance(event, RunSuspended):
+        info.status = "waiting" if event.status == "waiting" else "sleeping"
+        info.current, info.due_at = event.current, event.due_at
     elif isinstance(event, SignalWaited):
         info.status, info.current = "waiting", f"waiting for signal {event.name!r}"
         info.due_at = event.timeout_at

@@ -102,6 +102,7 @@ RUN_LEVEL_EVENTS: Final = frozenset(
         "run_continued",
         "run_claimed",
         "run_released",
+        "run_suspended",
         "run_blocked",
         "run_completed",
         "run_failed",

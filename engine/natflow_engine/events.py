@@ -138,6 +138,17 @@ class RunReleased(_Event, tag="run_released", kw_only=True, frozen=True):
     reason: str = ""
 
 
+class RunSuspended(_Event, tag="run_suspended", kw_only=True, frozen=True):
+    """The run waits again, and nothing its worker recorded says so: it took the run for
+    something that did not end the wait (a signal of another name, a resume, a child's outcome
+    beside a sleep, a takeover). For the run index, whose last word was "running": what the
+    run waits for (``status`` sleeping or waiting, ``current``, ``due_at``)."""
+
+    status: str
+    current: str
+    due_at: datetime | None = None
+
+
 class StepStarted(_Event, tag="step_started", kw_only=True, frozen=True):
     """A step has been running for a while (written only for slow steps, for visibility)."""
 
@@ -361,6 +372,7 @@ Event = (
     | RunContinued
     | RunClaimed
     | RunReleased
+    | RunSuspended
     | StepStarted
     | StepCompleted
     | StepFailed

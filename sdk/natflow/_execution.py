@@ -41,6 +41,7 @@ from natflow_engine import (
 from natflow_engine.events import (
     TERMINAL_EVENTS,
     RunReleased,
+    RunSuspended,
     RunTerminated,
     events_before,
     utcnow,
@@ -313,10 +314,23 @@ class RunExecution:
                         if item is not None:
                             await self._handle(item)
                             continue
+                    await self._show_the_wait()
                     return Outcome.SUSPENDED
             await self._handle(await receive_soon(receive))
         await rec.flush()
         return await finish(rec)
+
+    async def _show_the_wait(self) -> None:
+        """Tell the run index what the run waits for, where nothing this execution recorded
+        did: it said "running" since the claim (an unrelated signal, a resume, a takeover)."""
+        if not self._rec.shows_running:
+            return
+        shown = self.state.waiting_as()
+        if shown is not None:
+            status, current, due_at = shown
+            await self._rec.append(
+                RunSuspended(id="", at=utcnow(), status=status, current=current, due_at=due_at)
+            )
 
     async def _handle(self, item: Item) -> None:
         if isinstance(item, Finished):

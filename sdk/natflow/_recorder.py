@@ -18,9 +18,17 @@ from natflow_engine.events import (
     ChildFailed,
     ChildStarted,
     Event,
+    RunBlocked,
     RunClaimed,
     RunCompleted,
+    RunPaused,
+    RunReleased,
+    RunResumed,
+    RunSuspended,
+    SignalWaited,
     StepCompleted,
+    StepRetrying,
+    TimerScheduled,
     utcnow,
 )
 
@@ -28,6 +36,18 @@ from ._children import start_children, stop_let_go_children
 from ._record_bounds import bounded
 from ._replay import WorkflowState
 from ._tracing import RunTrace
+
+# Run-level events after which the run index says "running", and those that say it waits.
+_SHOWS_RUNNING = (RunClaimed, RunResumed)
+_SHOWS_A_WAIT = (
+    TimerScheduled,
+    SignalWaited,
+    StepRetrying,
+    RunSuspended,
+    RunPaused,
+    RunBlocked,
+    RunReleased,
+)
 
 
 class Fenced(Exception):
@@ -58,6 +78,7 @@ class RunRecorder:
         "count",
         "last_event",
         "run_id",
+        "shows_running",
         "state",
         "workflow_name",
     )
@@ -88,6 +109,9 @@ class RunRecorder:
         self._claim: RunClaimed | None = None
         self._claimed: anyio.Event | None = None
         self._claim_alone = False  # it went out alone (see claim_sent)
+        # Whether the run index's last word on the run is "running" (a claim, a resume), so
+        # a run that waits again must say so (RunSuspended); an execution always claims.
+        self.shows_running = True
 
     def expect_claim(self, worker: str) -> None:
         """Count ``worker``'s claim as the run's next event now and hold every append until
@@ -196,6 +220,10 @@ class RunRecorder:
         self.last_event = events[-1]
         for event in events:
             self._trace.recorded(event)
+            if isinstance(event, _SHOWS_RUNNING):
+                self.shows_running = True
+            elif isinstance(event, _SHOWS_A_WAIT):
+                self.shows_running = False
 
     def next_id(self) -> str:
         """The id of the next event appended (after a held outcome, if any)."""

@@ -37,7 +37,10 @@ from natflow_engine import (
     check_token,
     decode_value,
     derived_run_id,
+    retrying_text,
+    sleeping_text,
     to_seconds,
+    waiting_text,
 )
 from natflow_engine.events import (
     CancelRequested,
@@ -299,6 +302,26 @@ class WorkflowState:
     @property
     def waits_for_signals(self) -> bool:
         return any(self._waiting.values())
+
+    def waiting_as(self) -> tuple[str, str, datetime | None] | None:
+        """What the run waits for, as ``describe()`` says it (status, current, due time):
+        its earliest pending sleep, signal wait or step retry; None for none of them."""
+        pending: dict[int, tuple[str, str, datetime | None]] = {}
+        for waits in self._waiting.values():
+            for wait in waits:
+                if not wait.future.done():
+                    text = waiting_text(wait.name, wait.timeout_at)
+                    pending[wait.seq] = ("waiting", text, wait.timeout_at)
+        for seq, due in self._timers.items():
+            command = self._commands.get(seq)
+            if seq in pending or command is None or command.future.done():
+                continue
+            retry = self._retries.get(seq)
+            if retry is not None:
+                pending[seq] = ("sleeping", retrying_text(retry), due)
+            elif isinstance(command, SleepCommand):
+                pending[seq] = ("sleeping", sleeping_text(due), due)
+        return pending[min(pending)] if pending else None
 
     def timers_to_index(self) -> list[tuple[int, str, datetime]]:
         """Pending timers this execution recorded, for the worker to put in KV itself as it
