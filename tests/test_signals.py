@@ -35,7 +35,14 @@ from natflow_engine.events import (
     TimerFired,
 )
 
-from tests.helpers import ROOT, replay_recorded, running_worker, spawn_worker, wait_for
+from tests.helpers import (
+    ROOT,
+    replay_recorded,
+    running_engine,
+    running_worker,
+    spawn_worker,
+    wait_for,
+)
 from tests.workflows_waits import (
     TARGET,
     WORKFLOWS,
@@ -618,3 +625,38 @@ async def test_a_signal_sealed_with_a_missing_key_adds_no_claim_per_hand_back(
             await wait_for(lambda: handed_back(10), what="ten hand-backs")
     claims = [e for e in await client.history("keyless") if isinstance(e, RunClaimed)]
     assert len(claims) <= sum(isinstance(e, RunClaimed) for e in before) + 1, len(claims)
+
+
+@workflow(name="naps_then_waits")
+async def naps_then_waits(ctx: WorkflowContext) -> object:
+    await ctx.sleep("short", 0.5)  # held in the worker's memory: it takes the signal after
+    return await ctx.wait_for_signal("go")
+
+
+async def test_a_signal_its_run_took_before_ending_is_not_dead_lettered_when_read_late(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    """A worker takes in every stored signal as it wakes, and may end the run before the
+    engine's intake reads them: the intake then dead-lettered them as "the run already
+    ended", though the run had them (118 in a 20-minute soak, mostly child outcomes)."""
+    from natflow_engine._signals import INTAKE
+    from natflow_engine._streams import SIGNAL_STREAM
+
+    async with running_worker(client, [naps_then_waits]):
+        handle = await client.start(naps_then_waits, run_id="late-intake")
+        await wait_for(lambda: _has_kind(client, "late-intake", "TimerScheduled"), what="nap")
+        sent = await client.connection.js.publish("natflow.signal.late-intake.go", b'"taken"')
+        assert await handle.result(timeout=10) == "taken"  # no engine ran meanwhile
+    async with running_engine(nats_server.url):
+
+        async def read() -> bool:
+            info = await client.connection.jsm.consumer_info(SIGNAL_STREAM, INTAKE)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await wait_for(read, what="the intake reading the signal")
+    letters = await dead_letters(client.connection, limit=1000)
+    assert [d for d in letters if d.signal_seq == sent.seq] == []
+
+
+async def _has_kind(client: Client, run_id: str, kind: str) -> bool:
+    return kind in [type(e).__name__ for e in await client.history(run_id)]

@@ -31,7 +31,7 @@ from nats.js import api
 
 from ._connection import Connection, PubAck, quietly, retrying
 from ._errors import ErrorInfo, NatflowError
-from ._history import CorruptHistory
+from ._history import CorruptHistory, HistoryStore
 from ._level_read import first_start
 from ._metrics import SIGNALS_RECEIVED, SIGNALS_REJECTED
 from ._names import _TOKEN
@@ -52,7 +52,7 @@ from ._streams import (
 from ._unclaimed import close_unclaimed
 from ._undecodable import UNDECODABLE
 from ._wake import run_start, wake
-from .events import TERMINAL_EVENTS, RunRestarted, decode_event, utcnow
+from .events import TERMINAL_EVENTS, Event, RunContinued, RunRestarted, decode_event, utcnow
 
 log = logging.getLogger("natflow.signals")
 
@@ -404,15 +404,36 @@ class SignalIntake:
             log.warning("signal intake: could not look runs up (%s); retrying", exc)
             await self._nak([m for sigs in good.values() for m, _ in sigs])
             good, lasts = {}, {}
+        taken: list[Msg] = []
         for run_id in list(good):
             reason = _undeliverable(lasts.get(run_id))
             if reason is not None:
                 sigs = good.pop(run_id)
-                bad += [(m, BadSignal(sig.seq, m.subject, sig.name, reason)) for m, sig in sigs]
+                # A worker woken by an earlier signal takes in every one stored, and may end
+                # the run before this intake gets to them: those are not undeliverable.
+                cursor = await self._taken_until(run_id)
+                taken += [m for m, sig in sigs if sig.seq <= cursor]
+                bad += [
+                    (m, BadSignal(sig.seq, m.subject, sig.name, reason))
+                    for m, sig in sigs
+                    if sig.seq > cursor
+                ]
+        if taken:
+            await self._ack(taken)
         if bad:
             self._backlog += bad
             self._more_bad.set()
         await asyncio.gather(*(self._wake(run_id, sigs) for run_id, sigs in good.items()))
+
+    async def _taken_until(self, run_id: str) -> int:
+        """The signal stream sequence up to which the run's history took signals in (0 where
+        it cannot be read: the signal is then dead-lettered as before)."""
+        try:
+            history = await HistoryStore(self._conn).read(run_id, lenient=True)
+        except NatflowError as exc:
+            log.debug("run %s: history not read for its signals (%s)", run_id, exc)
+            return 0
+        return taken_until(history.events)
 
     async def _dead_letter_backlog(self, puller: Puller) -> None:
         """Dead-letter bad signals in the background, so that they hold up no good one."""
@@ -529,6 +550,19 @@ async def last_events(conn: Connection, run_ids: list[str]) -> dict[str, bytes]:
         if seq >= newest.get(run_id, (0, b""))[0]:
             newest[run_id] = (seq, msg.data)
     return {run_id: data for run_id, (_, data) in newest.items()}
+
+
+def taken_until(events: list[Event]) -> int:
+    """The signal stream sequence up to which a run's history took its signals in (a worker
+    takes them in order: signals, controls, child outcomes, each recording its sequence)."""
+    cursor = 0
+    for event in events:
+        seq = getattr(event, "signal_seq", 0)
+        if isinstance(event, RunContinued):
+            seq = event.signal_cursor
+        if isinstance(seq, int) and seq > cursor:
+            cursor = seq
+    return cursor
 
 
 def _undeliverable(last: bytes | None) -> str | None:
