@@ -20,6 +20,7 @@ from natflow_engine.events import (
     TimerScheduled,
     utcnow,
 )
+from prometheus_client import REGISTRY
 
 
 async def test_a_start_folded_twice_is_indexed_once(client: Client) -> None:
@@ -82,6 +83,7 @@ async def test_an_event_folded_before_its_runs_start_is_placed_from_history(
     async def on_status(previous: str | None, info: object, hseq: int) -> None:
         changes.append((previous, getattr(info, "status", "?")))
 
+    started = REGISTRY.get_sample_value("natflow_runs_started_total", {"workflow": "w"}) or 0
     index = RunIndex(conn)
     running = await index.apply(run, claimed_again, claim_seq, on_status)
     assert running is not None and running.status == "running" and running.worker == "w2"
@@ -89,8 +91,11 @@ async def test_an_event_folded_before_its_runs_start_is_placed_from_history(
     done = await index.apply(run, end, end_seq, on_status)
     assert done is not None and done.status == "completed"
     assert changes == [(None, "running"), ("running", "completed")]
-    # The start, handed back at last, changes nothing.
+    # The start, handed back at last, changes nothing: the run was counted as started once,
+    # when its summary was placed (counted with the start alone, it never was).
     assert await RunIndex(conn).apply(run, start, 1, on_status) is None
+    counted = REGISTRY.get_sample_value("natflow_runs_started_total", {"workflow": "w"})
+    assert counted == started + 1
     summary = await RunIndex(conn).get(run)
     assert summary is not None and summary.status == "completed"
     assert summary.created_at == start.at

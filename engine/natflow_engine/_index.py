@@ -24,6 +24,7 @@ from ._append_batch import appender
 from ._connection import Connection, JetStreamError
 from ._errors import InvalidInput
 from ._level_read import own_start
+from ._metrics import RUNS_STARTED
 from ._quarantine import quarantined
 from ._reader import reader, stream_bounds
 from ._site_index import site_runs
@@ -140,6 +141,10 @@ class RunIndex:
                 if rebuilt is None:
                     return None  # no start stored before this event: nothing to place it on
                 info, start, had_timers, _ = rebuilt
+                # Its start, folded here, is skipped when it comes (the summary is newer):
+                # counted now, or natflow_runs_started_total fell behind the runs closed.
+                if not isinstance(start, RunContinued):
+                    RUNS_STARTED.labels(info.workflow).inc()
                 retention, hooked = start.retention, start.on_complete is not None
             elif entry is None:
                 assert isinstance(event, RunStarted)
