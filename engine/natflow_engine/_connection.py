@@ -560,12 +560,14 @@ async def retrying(what: str, op: Callable[[], Awaitable[T]], *, budget: float =
     if cap is not None:
         deadline = min(deadline, cap)
     delay = 0.1
+    level = logging.WARNING  # once per operation: an election's few seconds logged ~150 lines
     while True:
         try:
             return await op()
         except TRANSIENT as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+            log.log(level, "%s failed (%s); retrying in %.1f s", what, exc, delay)
+            level = logging.DEBUG
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

@@ -202,11 +202,16 @@ class Puller:
         # 408 expired / 409 refused / 404 none: the request's undelivered rest is void
         left = int(headers.get("Nats-Pending-Messages", "0")) if headers else 0
         if status != "408" and not left:
-            log.warning(
+            description = headers.get("Description", "") if headers else ""
+            # A stream's leader being elected (at start, after a node died) refuses pulls for
+            # a moment, as expected: said without alarm; the pull is asked again.
+            electing = status == "503" or "Leadership Change" in description
+            log.log(
+                logging.INFO if electing else logging.WARNING,
                 "pull request on %s refused: %s %s",
                 self.consumer,
                 status,
-                headers.get("Description", "") if headers else "",
+                description,
             )
             left = self.pending
             self.refused = True
