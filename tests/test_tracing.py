@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from natflow import Client
+from natflow import Client, WorkflowContext, workflow
 from natflow._tracing import RunTrace
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.helpers import count_lines, spawn_worker, stop, wait_for
+from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
 from tests.workflows_tracing import COUNTS_ENV, GATE_ENV, SPANS_ENV, span_record
 
 TARGET = "tests.workflows_tracing:make_worker"
@@ -258,3 +258,44 @@ def test_a_continued_run_is_one_trace_and_its_run_span_covers_every_stretch(
     nap, run = caller_spans.get_finished_spans()
     assert nap.context.trace_id == run.context.trace_id
     assert run.start_time == int(began.timestamp() * 1e9)
+
+
+def test_a_child_run_is_in_its_parents_trace(caller_spans: InMemorySpanExporter) -> None:
+    """A child's start stored no trace context: each child run was a trace of its own."""
+    from natflow._tracing import child_trace_context
+
+    now = datetime.now(UTC)
+    parent = RunStarted(id="p-1:1", at=now, workflow="p", queue="q")
+    context = child_trace_context("p-1", parent)
+    child = RunStarted(id="c-1:1", at=now, workflow="c", queue="q", trace_context=context)
+    RunTrace("c-1", "c", child, [child]).recorded(RunCompleted(at=datetime.now(UTC)))
+    RunTrace("p-1", "p", parent, [parent]).recorded(RunCompleted(at=datetime.now(UTC)))
+    kid, mother = caller_spans.get_finished_spans()
+    assert kid.context.trace_id == mother.context.trace_id
+    traced = RunStarted(id="p-2:1", at=now, workflow="p", queue="q", trace_context={"a": "b"})
+    assert child_trace_context("p-2", traced) == {"a": "b"}  # the parent's caller's, as is
+
+
+@workflow(name="traced_kid")
+async def traced_kid(ctx: WorkflowContext, n: int) -> int:
+    return n + 1
+
+
+@workflow(name="traced_parent")
+async def traced_parent(ctx: WorkflowContext, n: int) -> int:
+    return int(await ctx.child(traced_kid, n)) + int(await ctx.child(traced_kid, n + 1))
+
+
+async def test_a_parent_and_its_children_run_as_one_trace(
+    client: Client, engine: Engine, caller_spans: InMemorySpanExporter
+) -> None:
+    async with running_worker(client, [traced_parent, traced_kid]):
+        handle = await client.start("traced_parent", 1, run_id="traced-family")
+        assert await handle.result(timeout=15) == 5
+    runs = [s for s in caller_spans.get_finished_spans() if s.name.startswith("natflow run")]
+    assert sorted(s.name for s in runs) == [
+        "natflow run traced_kid",
+        "natflow run traced_kid",
+        "natflow run traced_parent",
+    ]
+    assert len({s.context.trace_id for s in runs}) == 1

@@ -27,6 +27,7 @@ from natflow_engine.events import ChildStarted
 from ._commands import ChildCommand
 from ._record_bounds import MAX_REASON
 from ._replay import WorkflowState
+from ._tracing import child_trace_context
 
 _CHILD_STARTS_AT_ONCE = 64
 
@@ -70,6 +71,7 @@ async def _start_child(conn: Connection, state: WorkflowState, event: ChildStart
         command.input_json,
         command.child_run_id,
         child_of=state.run_id,
+        trace_context=child_trace_context(state.run_id, state.start),
     )
 
 

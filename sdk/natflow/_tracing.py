@@ -136,6 +136,19 @@ def _derived_parent(run_id: str, start: RunStarted) -> Any:
     return trace.set_span_in_context(NonRecordingSpan(context))
 
 
+def child_trace_context(run_id: str, start: RunStarted) -> dict[str, str] | None:
+    """What a child run of this run stores as its trace context: the parent's own, or the
+    parent derived from the parent's id, so a parent and its children make one trace (each
+    child was a trace of its own)."""
+    if start.trace_context:
+        return dict(start.trace_context)
+    if not ENABLED or _tracer() is None:
+        return None
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier, context=_derived_parent(run_id, start))
+    return carrier or None
+
+
 class RunTrace:
     """One execution's view of its run's trace: the parent context, and spans for what the
     execution records live (see the module docstring)."""
