@@ -66,28 +66,26 @@ def _stale(value: bytes) -> bool:
 
 async def live_keys(conn: Connection, subject: str) -> list[str]:
     """Keys of live (not deleted) entries on ``subject`` (wildcards allowed)."""
-    page = await reader(conn).read_all(kv_stream(REFS_BUCKET), subject, headers=True)
-    keys = []
-    for msg in page.messages:
-        headers = msg.headers or {}
-        if headers.get(KV_OPERATION) in ("DEL", "PURGE"):
-            continue
-        name = headers.get("Nats-Subject", msg.subject)
-        keys.append(name.split(".", 2)[2])
-    return keys
+    return [name.split(".", 2)[2] for name, _ in await _live_entries(conn, subject)]
 
 
 async def run_markers(conn: Connection, run_id: str) -> list[tuple[str, int, datetime]]:
     """The run's live markers: ``(digest, revision, when the server stored it)``."""
-    subject = f"$KV.{REFS_BUCKET}.*.{run_id}"
+    entries = await _live_entries(conn, f"$KV.{REFS_BUCKET}.*.{run_id}")
+    return [
+        (name.split(".")[2], int(headers["Nats-Sequence"]), stored_time(headers))
+        for name, headers in entries
+    ]
+
+
+async def _live_entries(conn: Connection, subject: str) -> list[tuple[str, dict[str, str]]]:
+    """The subject and headers of each live (not deleted) entry on ``subject``."""
     page = await reader(conn).read_all(kv_stream(REFS_BUCKET), subject, headers=True)
     found = []
     for msg in page.messages:
         headers = msg.headers or {}
-        if headers.get(KV_OPERATION) in ("DEL", "PURGE"):
-            continue
-        digest = headers.get("Nats-Subject", msg.subject).split(".")[2]
-        found.append((digest, int(headers["Nats-Sequence"]), stored_time(headers)))
+        if headers.get(KV_OPERATION) not in ("DEL", "PURGE"):
+            found.append((headers.get("Nats-Subject", msg.subject), headers))
     return found
 
 
