@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from natflow import Client, InvalidInput, Limit, RunCancelled, workflow
+from natflow import Client, InvalidInput, Limit, RunCancelled, WorkflowContext, workflow
 from natflow_engine import LimitGroup, park, read_limit_slots
 from natflow_engine._engine import Engine
 from natflow_engine._limit_service import LimitService
@@ -444,3 +444,43 @@ async def test_a_changed_max_holds_for_runs_that_waited_under_the_old_one(
             await client.handle(run_id).result(timeout=20)
     waited = [s for s in intervals(log)["capped"] if s[2] in waiting]
     assert most_at_once(waited) == new_max, waited
+
+
+@workflow(queue="qa", concurrency=Limit(max=1, name="shared-api"))
+async def on_qa(ctx: WorkflowContext, input: str) -> str:
+    return await ctx.step("held", wl.held, "api", ctx.run_id)
+
+
+@workflow(queue="qb", concurrency=Limit(max=1, name="shared-api"))
+async def on_qb(ctx: WorkflowContext, input: str) -> str:
+    return await ctx.step("held", wl.held, "api", ctx.run_id)
+
+
+async def test_a_slot_granted_to_a_run_no_worker_takes_up_goes_on_to_the_next(
+    client: Client, engine: Engine, limits_env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared limit's slot granted to a run of a paused queue (or one no worker serves)
+    stayed there for good: the runs of the other queues waited for ever."""
+    from natflow_engine import _limit_service
+    from natflow_engine._queues import pause_queue
+
+    monkeypatch.setattr(_limit_service, "GRANT_TAKEBACK", 4.0)
+    _, gates = limits_env
+    async with (
+        running_worker(client, [on_qa], queue="qa"),
+        running_worker(client, [on_qb], queue="qb"),
+    ):
+        await client.start(on_qa, "x", run_id="qa-1")
+        await wait_for(lambda: _slots_held(client, "name:shared-api", 1), what="qa-1's slot")
+        await client.start(on_qa, "x", run_id="qa-2")
+        await wait_for(lambda: _waits(client, "qa-2"), what="qa-2 in line")
+        await client.start(on_qb, "y", run_id="qb-1")
+        await wait_for(lambda: _waits(client, "qb-1"), what="qb-1 in line")
+        await pause_queue(client.connection, "qa")
+        (gates / "qa-1").touch()  # its slot goes to qa-2, whose queue is paused
+        (gates / "qb-1").touch()
+        assert await client.handle("qb-1").result(timeout=20) == "api"
+
+
+async def _waits(client: Client, run_id: str) -> bool:
+    return "waiting for a slot" in ((await client.describe(run_id)).current or "")

@@ -48,6 +48,9 @@ log = logging.getLogger("natflow.limits")
 
 AUDIT_INTERVAL: Final = 1.0
 GRANT_PICKUP: Final = 3.0  # seconds a granted slot may wait for its run before a re-enqueue
+# Seconds after which a granted slot no worker took up goes back to the line: a run of a
+# paused queue, or of one whose workers are gone, kept a shared limit's slot for good.
+GRANT_TAKEBACK: Final = 60.0
 
 
 class _Group:
@@ -212,8 +215,18 @@ class LimitService:
                 if age < GRANT_PICKUP or now - last < GRANT_PICKUP:
                     continue
                 self._nudged[(token, n)] = now
-                if await self._closed(slot.run_id):
+                if await self._closed(slot.run_id) or age >= GRANT_TAKEBACK:
+                    # Taken back: the run, once a worker has it, waits in line again.
                     assert state.group is not None
+                    if age >= GRANT_TAKEBACK:
+                        log.info(
+                            "run %s: no worker took up its slot of limit %s in %.0f s (its "
+                            "queue %s paused, or no worker serves it); the slot goes on",
+                            slot.run_id,
+                            slot.label,
+                            age,
+                            slot.queue,
+                        )
                     await kv_delete_nowait(
                         self._conn, LIMITS_BUCKET, state.group.slot_key(n), revision=revision
                     )
