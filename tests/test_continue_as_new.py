@@ -371,3 +371,23 @@ def test_a_continuation_carries_the_most_recent_signal_ids_not_the_last_in_sort_
     state = WorkflowState(take_one, History("sig", [start, *received]))
     assert state.recent_signal_ids(2) == ["order-42", "a-7"]
     assert state.recent_signal_ids(3) == ["z-2", "order-42", "a-7"]
+
+
+def test_a_continued_run_keeps_its_priority() -> None:
+    """The next stretch's run_continued named no priority: a run started with priority=10
+    waited for a limit's slot behind runs of none once it continued."""
+    from natflow._continuation import next_stretch
+    from natflow._replay import WorkflowState
+    from natflow_engine import History
+
+    start = RunStarted(
+        id="pri:1",
+        at=datetime.now(UTC),
+        workflow="take_one",
+        queue="default",
+        input=msgspec.Raw(b"[]"),
+        priority=10,
+    )
+    state = WorkflowState(take_one, History("pri", [start]))
+    following = next_stretch(state, "pri", b"[1]", "pri:2", 1)
+    assert following.priority == 10 and following.run_started_at == start.at

@@ -37,7 +37,7 @@ from natflow_engine import (
     read_group,
     stopping,
 )
-from natflow_engine.events import RunStarted, utcnow
+from natflow_engine.events import RunContinued, RunStarted, utcnow
 from nats.aio.msg import Msg
 
 from ._limit import BoundLimit
@@ -176,6 +176,8 @@ class Admitter:
             await self._keep(holding)
         fair = "|".join(t.group.key for t in targets if t.bound.key_name is not None)
         priority = start.priority if start.priority is not None else workflow.priority
+        # A continued run keeps its place: it has waited since the run began.
+        began = start.run_started_at if isinstance(start, RunContinued) else None
         waiter = Waiter(
             run_id=run_id,
             workflow=start.workflow,
@@ -185,7 +187,7 @@ class Admitter:
             label=target.label,
             max=target.bound.limit.max,
             priority=priority,
-            since=start.at,
+            since=began or start.at,
             fair=fair,
             at=utcnow(),
         )

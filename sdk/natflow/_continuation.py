@@ -117,6 +117,7 @@ def next_stretch(
         on_complete=start.on_complete,
         on_complete_queue=start.on_complete_queue,
         retention=start.retention,
+        priority=start.priority,  # it lost its priority, and its turn to runs of none
         stretch=stretch_of(start) + 1,
         base_seq=state.last_seq_used,
         events_before=events,
