@@ -484,3 +484,28 @@ async def test_a_slot_granted_to_a_run_no_worker_takes_up_goes_on_to_the_next(
 
 async def _waits(client: Client, run_id: str) -> bool:
     return "waiting for a slot" in ((await client.describe(run_id)).current or "")
+
+
+async def test_a_run_waiting_for_a_slot_is_paused_at_once_and_waits_again_once_resumed(
+    client: Client, engine: Engine, limits_env: tuple[Path, Path]
+) -> None:
+    """The pause reached the run only once it had its slot: it said "waiting for a slot"
+    for as long as the line was long."""
+    _, gates = limits_env
+    async with running_worker(client, wl.WORKFLOWS):
+        holder = await client.start(wl.one_at_a_time, "x", run_id="holder-p")
+        await wait_for(lambda: _slots_held(client, "workflow:one_at_a_time", 1), what="a slot")
+        queued = await client.start(wl.one_at_a_time, "y", run_id="queued-p")
+        await wait_for(lambda: _all_waiting(client, ["queued-p"]), what="the run to wait")
+        await client.pause("queued-p")
+
+        async def paused() -> bool:
+            return (await client.describe("queued-p")).status == "paused"
+
+        await wait_for(paused, what="the waiting run paused")
+        assert (await holder.status()).status == "running"  # its slot was never touched
+        await client.resume("queued-p")
+        await wait_for(lambda: _all_waiting(client, ["queued-p"]), what="in line again")
+        (gates / "all").touch()
+        assert await holder.result(timeout=10) == "one"
+        assert await queued.result(timeout=10) == "one"

@@ -253,14 +253,24 @@ async def usage(conn: Connection, waiter: Waiter) -> str:
 
 
 async def stopping(conn: Connection, run_id: str) -> bool:
-    """Whether the run was asked to cancel or terminate (one batch direct get): such a run
-    goes on without waiting for a slot, so a queued run can be stopped at once."""
-    subjects = [signal_subject(run_id, "$cancel"), signal_subject(run_id, "$terminate")]
+    """Whether the run was asked to cancel or terminate, or (last) to pause (one batch direct
+    get): such a run goes on without waiting for a slot, so a queued run can be stopped at
+    once, and a paused one shows it is paused rather than waiting its turn (it waits in line
+    again once resumed)."""
+    controls = ("$cancel", "$terminate", "$pause", "$resume")
+    subjects = [signal_subject(run_id, control) for control in controls]
     try:
         page = await reader(conn).read_last(SIGNAL_STREAM, subjects)
     except NoResponders:
         return False
-    return bool(page.messages)
+    last: dict[str, int] = {}
+    for msg in page.messages:
+        headers = msg.headers or {}
+        control = headers.get("Nats-Subject", msg.subject).rsplit(".", 1)[-1]
+        last[control] = int(headers.get("Nats-Sequence", "0"))
+    if "cancel" in last or "terminate" in last:  # natflow.signal.<run>.$control.<kind>
+        return True
+    return last.get("pause", 0) > last.get("resume", 0)
 
 
 async def explain(conn: Connection, info: RunInfo) -> None:

@@ -89,7 +89,7 @@ class Admitter:
         for target in targets:
             holding = await self._take(target, start, run_id)
             if holding is None and await stopping(self._conn, run_id):
-                log.info("run %s: cancelled or terminated; goes on without a slot", run_id)
+                log.info("run %s: asked to stop or pause; goes on without a slot", run_id)
                 return admission
             if holding is None:
                 await self._wait(workflow, start, run_id, msg, target, targets, admission)
