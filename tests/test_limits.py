@@ -14,9 +14,18 @@ from pathlib import Path
 
 import anyio
 import pytest
-from natflow import Client, InvalidInput, Limit, RunCancelled, WorkflowContext, workflow
-from natflow_engine import LimitGroup, park, read_limit_slots
+from natflow import (
+    Client,
+    InvalidInput,
+    Limit,
+    RunCancelled,
+    RunNotFound,
+    WorkflowContext,
+    workflow,
+)
+from natflow_engine import RATES_BUCKET, LimitGroup, park, read_limit_slots
 from natflow_engine._engine import Engine
+from natflow_engine._kv import kv_get
 from natflow_engine._limit_service import LimitService
 from natflow_engine._limits import Slot, Waiter, encode_entry
 from natflow_engine._server import EmbeddedServer
@@ -87,6 +96,19 @@ async def test_a_start_without_the_limit_key_fails_before_anything_is_written(
         await client.start(wl.per_key, {"other": 1}, run_id="no-key")
     with pytest.raises(InvalidInput, match="priority"):
         await client.start(wl.per_key, {"key": "a"}, priority=1.5)  # type: ignore[arg-type]
+
+
+async def test_a_start_by_name_without_the_limit_key_fails_as_one_with_the_definition(
+    client: Client, engine: Engine
+) -> None:
+    """By name (client, CLI, console, a schedule or an event) it started, and its worker
+    counted it under the key '' with every other such run."""
+    async with running_worker(client, [wl.per_key]):
+        await wait_for(lambda: _declared(client, "per_key"), what="the worker's declaration")
+        with pytest.raises(InvalidInput, match="no field 'key'"):
+            await client.start("per_key", {"other": 1}, run_id="no-key-by-name")
+    with pytest.raises(RunNotFound):
+        await client.describe("no-key-by-name")
 
 
 def test_waitlist_grants_priority_first_then_round_robin_over_keys_then_oldest() -> None:
@@ -509,3 +531,7 @@ async def test_a_run_waiting_for_a_slot_is_paused_at_once_and_waits_again_once_r
         (gates / "all").touch()
         assert await holder.result(timeout=10) == "one"
         assert await queued.result(timeout=10) == "one"
+
+
+async def _declared(client: Client, workflow: str) -> bool:
+    return await kv_get(client.connection, RATES_BUCKET, f"decl.{workflow}") is not None

@@ -75,6 +75,9 @@ class FlowDeclaration(msgspec.Struct, kw_only=True, omit_defaults=True):
     # @workflow(retention=...): seconds its runs are kept once closed, for starts by name
     # (without the definition) to record as a start with it does.
     retention: float | None = None
+    # The input fields its concurrency limits are keyed by: a start by name whose input
+    # lacks one is refused, as a start with the definition is (it ran keyed "").
+    limit_keys: list[str] = msgspec.field(default_factory=list)
 
     @property
     def controlled(self) -> bool:
@@ -146,6 +149,16 @@ def check_portable(declaration: FlowDeclaration) -> None:
             f"start by name, a child run, a schedule, an event or a start through the engine "
             f"cannot apply it (give the key as an input field name to allow them)"
         )
+
+
+def check_limit_keys(conn: Connection, declaration: FlowDeclaration, input_json: bytes) -> None:
+    """:class:`InvalidInput` if the input lacks a field a concurrency limit is keyed by."""
+    try:
+        value = msgspec.json.decode(open_sealed(conn.codec, input_json, "workflow input"))
+    except MissingKey:
+        return  # its worker checks it, as it opens it
+    for field in declaration.limit_keys:
+        input_field("a limit", value, field)
 
 
 def plan_of(conn: Connection, declaration: FlowDeclaration, input_json: bytes) -> FlowPlan:
@@ -233,6 +246,8 @@ async def start_declared(
         start["parent"] = child_of
     if declaration is not None and declaration.retention is not None:
         start.setdefault("retention", declaration.retention)
+    if declaration is not None and declaration.limit_keys:
+        check_limit_keys(conn, declaration, input_json)
     if declaration is None or not declaration.controlled:
         return await runs.start(workflow, queue, input_json, run_id, not_before=not_before, **start)
     if child_of is not None and (declaration.singleton or declaration.debounce):

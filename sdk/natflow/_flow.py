@@ -139,6 +139,11 @@ def declaration_of(workflow: Workflow) -> FlowDeclaration:
             f"computes its {' and '.join(functions)} key with a function" if functions else ""
         ),
         retention=workflow.retention,
+        limit_keys=[
+            bound.limit.key
+            for bound in workflow.limits
+            if isinstance(bound.limit.key, str) and bound.limit.key
+        ],
     )
 
 
