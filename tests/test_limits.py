@@ -461,6 +461,11 @@ async def test_a_changed_max_holds_for_runs_that_waited_under_the_old_one(
             await client.handle(run_id).result(timeout=10)
     async with running_worker(client, [deployed[new_max]]):
         await wait_for(lambda: _slots_held(client, "workflow:capped", new_max), what="new slots")
+
+        async def bodies_began() -> bool:  # under load a body began after the gate opened
+            return sum((gates / f"began-{r}").exists() for r in waiting) >= new_max
+
+        await wait_for(bodies_began, what="the slot holders' bodies at their gate")
         (gates / "all").touch()
         for run_id in waiting:
             await client.handle(run_id).result(timeout=20)

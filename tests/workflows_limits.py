@@ -40,6 +40,7 @@ async def held(group: str, run_id: str) -> str:
     """Runs until the test opens this run's gate (or the gate ``all``)."""
     started = time.time()
     gates = Path(os.environ[GATE_ENV])
+    (gates / f"began-{run_id}").touch()  # a slot is held before its body begins
     while not (gates / run_id).exists() and not (gates / "all").exists():  # noqa: ASYNC110
         await anyio.sleep(0.02)
     return record(group, run_id, started)
