@@ -87,6 +87,9 @@ def test_client_and_engine_counts_must_be_positive() -> None:
     assert sizes_from(argparse.Namespace(**vars(args), clients=3, engines=2)).clients == 3
     with pytest.raises(InvalidInput, match="--engines must be at least 1"):
         sizes_from(argparse.Namespace(**vars(args), clients=None, engines=0))
+    # A typo of 100,000 engines started engine after engine until the machine choked.
+    with pytest.raises(InvalidInput, match="--engines 100000 is more processes"):
+        sizes_from(argparse.Namespace(**vars(args), clients=None, engines=100_000))
 
 
 def test_the_throughput_phase_runs_as_many_workers_as_natflow_worker_does() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field, replace
 
 from natflow_engine import InvalidInput
@@ -67,9 +68,15 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
         for k in ("steps", "runs", "workers", "concurrency", "clients", "engines")
         if getattr(args, k, None) is not None
     }
+    most = max(16, 4 * (os.cpu_count() or 1))  # processes: a typo started 100,000 engines
     for name, value in chosen.items():
         if value < 1:
             raise InvalidInput(f"--{name} must be at least 1")
+        if name in ("workers", "clients", "engines") and value > most:
+            raise InvalidInput(
+                f"--{name} {value} is more processes than this machine can run side by side "
+                f"(at most {most}, four per core)"
+            )
     sizes = replace(sizes, **chosen)
     scale = getattr(args, "scale", None)
     return sizes if scale is None else replace(sizes, scale=parse_scale(scale))
