@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from natflow import Client, NatflowError
+from natflow import Client, NatflowError, RunFailed, WorkflowContext, workflow
 from natflow_engine import PermissionDenied
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
@@ -290,3 +290,28 @@ def test_an_engine_is_a_hubs_or_a_sites_not_both() -> None:
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert done.returncode != 0 and "exclude each other" in done.stderr, done.stderr
+
+
+def _fails_with_escapes() -> None:
+    raise ValueError("line two\nFAKE-ROW  1  completed\x1b]0;pwned\x07")
+
+
+@workflow(name="escapist")
+async def escapist(ctx: WorkflowContext) -> None:
+    await ctx.step("step\x1b[31mred", _fails_with_escapes)
+
+
+async def test_runs_show_escapes_control_characters_from_errors_and_names(
+    client: Client, engine: Engine
+) -> None:
+    """An error message (or a step name, a cancel reason) reached the terminal as it was: a
+    newline faked a table row, an escape sequence set the terminal's title."""
+    async with running_worker(client, [escapist]):
+        with pytest.raises(RunFailed):
+            await (await client.start(escapist, run_id="escapes")).result(timeout=10)
+    shown = await natflow(client.connection.url, "runs", "show", "escapes")
+    text = out(shown)
+    assert "\x1b" not in text and "\x07" not in text, text
+    assert "\\x1b]0;pwned\\x07" in text and "\\nFAKE-ROW" in text
+    assert "step\\x1b[31mred" in text
+    assert not any(line.startswith("FAKE-ROW") for line in text.splitlines())

@@ -22,9 +22,21 @@ def print_json(value: Any) -> None:
     print(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
 
 
+# C0 and C1 control characters, DEL: shown escaped. Error messages, cancel reasons, step
+# names come from workflow code, run input or whoever cancels: a newline faked a table row,
+# an escape sequence set the terminal's title or cleared it.
+_CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\n``, ``\x1b``), for a terminal."""
+    return text.translate(_CONTROLS)
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, right: int = 0) -> None:
-    """Print aligned columns; the last column is not padded. ``right`` is a bit mask of the
-    columns aligned right (numbers)."""
+    """Print aligned columns, control characters escaped; the last column is not padded.
+    ``right`` is a bit mask of the columns aligned right (numbers)."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in header]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from ._cli_bind import Opener, with_connection
-from ._cli_format import print_json, read_json_argument, table
+from ._cli_format import print_json, printable, read_json_argument, table
 from ._cli_options import until_interrupted
 from ._cli_schedules import describe_trigger
 from ._cli_sites import print_site_run
@@ -231,7 +231,7 @@ async def _wait_and_show(
                         doing = "pending: " + nobody_serves(info.workflow, info.queue, workers)
                 if doing != shown:
                     elapsed = duration(time.monotonic() - began)
-                    print(f"  {elapsed:>8}  {doing}", file=sys.stderr, flush=True)
+                    print(f"  {elapsed:>8}  {printable(doing)}", file=sys.stderr, flush=True)
                     shown = doing
             if refused():
                 continue  # while it looked: change subjects, then look again
@@ -376,7 +376,7 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     current = info.current if info.current != info.status else None  # "paused: paused"
     if current and current.startswith(f"{info.status}: "):  # "blocked: blocked: ..."
         current = current.removeprefix(f"{info.status}: ")
-    print(f"status    {info.status}" + (f": {current}" if current else ""))
+    print(f"status    {info.status}" + (f": {printable(current)}" if current else ""))
     if info.parent:
         print(f"parent    {info.parent}")
     if unserved:
@@ -397,9 +397,9 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     if info.status == "completed":
         print(f"result    {shown(info.result)}")
     elif info.status in ("cancelled", "terminated"):
-        print(f"reason    {info.error.message if info.error else '-'}")
+        print(f"reason    {printable(info.error.message) if info.error else '-'}")
     elif info.error:
-        print(f"error     {info.error.type}: {info.error.message}")
+        print(f"error     {printable(info.error.type)}: {printable(info.error.message)}")
     if holder is not None:
         print(f"held by   {holder.worker} (lease until {when(holder.expires_at)})")
     if steps:
