@@ -114,12 +114,21 @@ async def test_cli_deletes_a_closed_run(
     async with running_worker(client, [kept]):
         await client.start(kept, run_id="by-cli")
         await client.handle("by-cli").result(timeout=20)
+        await client.start(kept, run_id="by-cli-2")
+        await client.handle("by-cli-2").result(timeout=20)
     code = await anyio.to_thread.run_sync(
         cli_main, ["--url", nats_server.url, "runs", "delete", "by-cli"]
     )
     assert code == 0
     with pytest.raises(RunNotFound):
         await client.describe("by-cli")
+    # One it cannot delete is named, and the rest are still deleted (it stopped at the first).
+    code = await anyio.to_thread.run_sync(
+        cli_main, ["--url", nats_server.url, "runs", "delete", "nope", "by-cli-2", "by-cli-2"]
+    )
+    assert code == 1
+    with pytest.raises(RunNotFound):
+        await client.describe("by-cli-2")
 
 
 async def test_retention_deletes_closed_runs_and_leaves_open_ones(

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 import msgspec
 
 from ._cli_bind import Command, Handler, Opener, bind
 from ._cli_types import duration
-from ._connection import Connection
-from ._errors import NatflowError
+from ._connection import Connection, NoResponders, RequestTimeout
+from ._errors import NatflowError, PermissionDenied, ServerUnavailable
 from ._names import check_run_id
 from ._queues import pause_queue, resume_queue
 from ._restart import restart_run
@@ -85,11 +86,25 @@ def register(sub: Any, runs: Any, opener: Opener) -> None:
         q.set_defaults(handler=handler(_queue))
 
 
+# Errors that say nothing of one run: every other delete would fail alike.
+_NOT_THE_RUNS = (PermissionDenied, ServerUnavailable, RequestTimeout, NoResponders)
+
+
 async def _delete(conn: Connection, args: argparse.Namespace) -> int:
-    for run_id in args.run_ids:
-        removed = await delete_run(conn, run_id)
+    """Delete each run given; one that cannot be deleted is named and the others still are
+    (it stopped at the first, saying nothing of the rest)."""
+    failed = 0
+    for run_id in dict.fromkeys(args.run_ids):  # each once, in the order given
+        try:
+            removed = await delete_run(conn, run_id)
+        except NatflowError as exc:
+            if isinstance(exc, _NOT_THE_RUNS):
+                raise  # the server or a permission: every other would fail alike
+            print(f"natflow runs delete: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         print(f"deleted run {run_id} ({removed} messages)")
-    return 0
+    return 1 if failed else 0
 
 
 async def _restart(conn: Connection, args: argparse.Namespace) -> int:
