@@ -25,6 +25,17 @@ async def test_schedule_commands(client: Client, nats_server: EmbeddedServer) ->
     described = json.loads(out(await natflow(url, "schedules", "describe", "berlin", "--json")))
     assert described["spec"]["overlap"] == "buffer_one"
     assert len(described["next_fire_times"]) == 5
+    # Every field, defaults too (a schedule is stored without them: no every, jitter, ...).
+    assert described["spec"]["every"] is None and described["spec"]["jitter"] == 0.0
+    every = await natflow(url, "schedules", "create", "often", "tick", "--every", "60")
+    assert every.returncode == 0, every.stderr.decode()
+    [listed_often] = [
+        s
+        for s in json.loads(out(await natflow(url, "schedules", "list", "--json")))
+        if s["schedule_id"] == "often"
+    ]
+    assert listed_often["spec"]["queue"] == "default" and listed_often["spec"]["cron"] is None
+    assert (await natflow(url, "schedules", "delete", "often")).returncode == 0
     assert (await natflow(url, "schedules", "pause", "berlin")).returncode == 0
     assert (await client.schedules.describe("berlin")).paused
     assert (await natflow(url, "schedules", "resume", "berlin")).returncode == 0

@@ -146,7 +146,19 @@ def register(sub: Any, opener: Opener) -> None:
 
 
 def _print_json(value: Any) -> None:
-    print(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
+    """Every field, defaults included: a schedule is stored without its defaults, and a
+    script reading ``spec.queue`` or ``spec.overlap`` found no such key."""
+    print(msgspec.json.format(msgspec.json.encode(_whole(value)), indent=2).decode())
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, msgspec.Struct):
+        return {name: _whole(getattr(value, name)) for name in value.__struct_fields__}
+    if isinstance(value, list | tuple):
+        return [_whole(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _whole(item) for key, item in value.items()}
+    return value
 
 
 def _time(text: str) -> datetime:
