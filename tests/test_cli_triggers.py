@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 from natflow import Client
 from natflow_engine._server import EmbeddedServer
+from natflow_engine._triggers import TriggerDeclaration, declare
 
 from tests.helpers import running_worker, wait_for
 from tests.test_cli import assert_one_clear_error, natflow, out
@@ -126,3 +128,16 @@ async def test_schedule_and_event_lists_align_their_columns_whatever_the_widths(
         assert (await natflow(url, "events", "emit", name, "{}")).returncode == 0
     events = out(await natflow(url, "events", "list"))
     assert_columns_align(events, "EVENT", "STORED", "RUNS")
+    for event, workflow in (("an.event.name.longer.than.its.column", "w"), ("e", "wf-" * 10)):
+        await declare(
+            client.connection,
+            TriggerDeclaration(
+                event=event,
+                workflow=workflow,
+                queue="a-queue-name-longer-than-12",
+                declared_by="tester",
+                declared_at=datetime.now(UTC),
+            ),
+        )
+    triggers = out(await natflow(url, "events", "triggers"))
+    assert_columns_align(triggers, "WORKFLOW", "QUEUE", "DECLARED BY")

@@ -295,9 +295,8 @@ async def _triggers(conn: Connection, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(found)
         return 0
-    print(f"{'EVENT':24} {'WORKFLOW':24} {'QUEUE':12} DECLARED BY")
-    for d in found:
-        print(f"{d.event:24} {d.workflow:24} {d.queue:12} {d.declared_by}")
+    rows = [(d.event, d.workflow, d.queue, d.declared_by) for d in found]
+    table(("EVENT", "WORKFLOW", "QUEUE", "DECLARED BY"), rows)
     return 0
 
 
