@@ -87,8 +87,7 @@ async def cmd_engine(args: argparse.Namespace) -> int:
         hub_domain=args.hub_domain,
     )
     try:
-        await until_signalled(engine.run)
-        return 0
+        return await until_signalled(engine.run)
     finally:
         await conn.close()
 
@@ -231,10 +230,9 @@ async def cmd_server(args: argparse.Namespace) -> int:
         if jsz is not None and server_config(args.config)[0] == PACKAGED_CONFIG:
             await _record_own_sync_mode(server, jsz.config.sync_always)
         print("Ctrl-C stops it", flush=True)
-        await until_signalled(lambda: anyio.sleep_forever())
+        return await until_signalled(lambda: anyio.sleep_forever())
     finally:
         server.stop()
-    return 0
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:
@@ -252,12 +250,11 @@ async def cmd_dev(args: argparse.Namespace) -> int:
             print(f"  NATS monitoring at {monitor} (JetStream usage read from /jsz)")
         print("  engine running; Ctrl-C stops both", flush=True)
         try:
-            await until_signalled(lambda: _dev_services(conn, args, server.url, monitor))
+            return await until_signalled(lambda: _dev_services(conn, args, server.url, monitor))
         finally:
             await conn.close()
     finally:
         server.stop()
-    return 0
 
 
 async def _dev_services(

@@ -127,8 +127,10 @@ async def until_interrupted(wait: Awaitable[T]) -> T:
     return outcome
 
 
-async def until_signalled(main: Callable[[], Awaitable[None]]) -> None:
-    """Run ``main`` until SIGINT or SIGTERM."""
+async def until_signalled(main: Callable[[], Awaitable[None]]) -> int:
+    """Run ``main`` until SIGINT or SIGTERM; the command's exit status: 130 after Ctrl-C (as
+    the README says, and the worker does), else 0."""
+    stopped_by: list[int] = []
     with one_error():  # a natflow error as one line, a bug with its traceback
         async with anyio.create_task_group() as tg:
 
@@ -136,9 +138,11 @@ async def until_signalled(main: Callable[[], Awaitable[None]]) -> None:
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
                         log.info("received %s; stopping", signal.Signals(signum).name)
+                        stopped_by.append(signum)
                         tg.cancel_scope.cancel()
                         return
 
             tg.start_soon(watch)
             await main()
             tg.cancel_scope.cancel()
+    return 130 if stopped_by == [signal.SIGINT] else 0

@@ -101,12 +101,11 @@ def register(sub: Any, opener: Opener) -> None:
 
         conn = await opener(args, "natflow-console")
         try:
-            await until_signalled(
+            return await until_signalled(
                 lambda: serve_console(conn, args.host, args.port, args.access_token, str(args.url))
             )
         finally:
             await conn.close()
-        return 0
 
     p = sub.add_parser("ui", help="serve the web console (runs, workers, dead letters), live")
     add_ui_options(p)
