@@ -59,3 +59,15 @@ async def test_a_host_that_does_not_exist_is_named() -> None:
 async def test_nothing_listening_still_says_how_to_start_a_server() -> None:
     with pytest.raises(ServerUnavailable, match="start one with `natflow dev`"):
         await Client.connect(f"nats://127.0.0.1:{free_port()}", connect_timeout=1)
+
+
+def test_an_empty_natflow_url_is_the_default_as_any_empty_natflow_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It was taken as the URL: "could not connect to NATS at : nats: invalid hostname"."""
+    from natflow_engine._connect import DEFAULT_URL, default_url
+
+    monkeypatch.setenv("NATFLOW_URL", "")
+    assert default_url() == DEFAULT_URL
+    monkeypatch.setenv("NATFLOW_URL", "nats://example:4222")
+    assert default_url() == "nats://example:4222"

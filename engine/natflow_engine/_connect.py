@@ -43,7 +43,9 @@ START_HINT: Final = "start one with `natflow dev` (or `natflow server`), or set 
 
 
 def default_url() -> str:
-    return os.environ.get("NATFLOW_URL", DEFAULT_URL)
+    """``NATFLOW_URL``, or the default where it is unset or empty (as every other NATFLOW_
+    variable: an empty one said "invalid hostname in connect url")."""
+    return os.environ.get("NATFLOW_URL", "").strip() or DEFAULT_URL
 
 
 async def connect(
