@@ -288,7 +288,12 @@ async def test_a_worker_whose_heartbeat_connection_is_down_still_answers_pings(
             return reply.data
 
         assert await wait_for(answer, what="the worker's first answer") == worker.identity.encode()
-        assert worker._pulse_thread and worker._pulse is not None
+
+        async def pulse_started() -> bool:  # its thread answers before start() has returned
+            return worker._pulse_thread
+
+        await wait_for(pulse_started, what="the heartbeat thread started")
+        assert worker._pulse is not None
         await anyio.to_thread.run_sync(worker._pulse.stop)  # its connection is gone
         assert await wait_for(answer, timeout=5, what="an answer") == worker.identity.encode()
         reply = await client.connection.request(ping_subject(worker.identity), b"no-such-run")
