@@ -410,8 +410,10 @@ class SignalIntake:
             if reason is not None:
                 sigs = good.pop(run_id)
                 # A worker woken by an earlier signal takes in every one stored, and may end
-                # the run before this intake gets to them: those are not undeliverable.
-                cursor = await self._taken_until(run_id)
+                # the run before this intake gets to them: those are not undeliverable. (A
+                # run that does not exist took none: no read for a flood of unknown ids.)
+                ended = lasts.get(run_id) is not None
+                cursor = await self._taken_until(run_id) if ended else 0
                 taken += [m for m, sig in sigs if sig.seq <= cursor]
                 bad += [
                     (m, BadSignal(sig.seq, m.subject, sig.name, reason))
