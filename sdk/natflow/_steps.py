@@ -292,7 +292,7 @@ class _Slots:
 
     @classmethod
     async def take(cls, runtime: StepRuntime) -> _Slots:
-        slots = cls([lim for lim in (runtime.limiter, runtime.thread_limiter) if lim])
+        slots = cls([lim for lim in (runtime.limiter, runtime.thread_limiter) if lim is not None])
         for taken, limiter in enumerate(slots._limiters):
             try:
                 await limiter.acquire_on_behalf_of(slots)
