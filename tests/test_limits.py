@@ -19,13 +19,13 @@ from natflow import (
     InvalidInput,
     Limit,
     RunCancelled,
+    RunHandle,
     RunNotFound,
     WorkflowContext,
     workflow,
 )
-from natflow_engine import RATES_BUCKET, LimitGroup, park, read_limit_slots
+from natflow_engine import LimitGroup, park, read_limit_slots
 from natflow_engine._engine import Engine
-from natflow_engine._kv import kv_get
 from natflow_engine._limit_service import LimitService
 from natflow_engine._limits import Slot, Waiter, encode_entry
 from natflow_engine._server import EmbeddedServer
@@ -34,6 +34,7 @@ from natflow_engine.events import RunClaimed, utcnow
 
 from tests import workflows_limits as wl
 from tests.helpers import running_engine, running_worker, wait_for
+from tests.test_flow_everywhere import declared_by_worker
 
 
 @pytest.fixture
@@ -104,7 +105,7 @@ async def test_a_start_by_name_without_the_limit_key_fails_as_one_with_the_defin
     """By name (client, CLI, console, a schedule or an event) it started, and its worker
     counted it under the key '' with every other such run."""
     async with running_worker(client, [wl.per_key]):
-        await wait_for(lambda: _declared(client, "per_key"), what="the worker's declaration")
+        await declared_by_worker(client, "per_key")
         with pytest.raises(InvalidInput, match="no field 'key'"):
             await client.start("per_key", {"other": 1}, run_id="no-key-by-name")
     with pytest.raises(RunNotFound):
@@ -350,10 +351,7 @@ async def test_a_waiting_run_can_be_cancelled_at_once(
 ) -> None:
     _, gates = limits_env
     async with running_worker(client, wl.WORKFLOWS):
-        holder = await client.start(wl.one_at_a_time, "x", run_id="holder")
-        await wait_for(lambda: _slots_held(client, "workflow:one_at_a_time", 1), what="a slot")
-        queued = await client.start(wl.one_at_a_time, "y", run_id="queued")
-        await wait_for(lambda: _all_waiting(client, ["queued"]), what="the run to wait")
+        holder, queued = await _one_holds_one_waits(client, "holder", "queued")
         await client.cancel("queued", "not needed")
         with pytest.raises(RunCancelled):
             await queued.result(timeout=10)
@@ -500,17 +498,13 @@ async def test_a_slot_granted_to_a_run_no_worker_takes_up_goes_on_to_the_next(
         await client.start(on_qa, "x", run_id="qa-1")
         await wait_for(lambda: _slots_held(client, "name:shared-api", 1), what="qa-1's slot")
         await client.start(on_qa, "x", run_id="qa-2")
-        await wait_for(lambda: _waits(client, "qa-2"), what="qa-2 in line")
+        await wait_for(lambda: _all_waiting(client, ["qa-2"]), what="qa-2 in line")
         await client.start(on_qb, "y", run_id="qb-1")
-        await wait_for(lambda: _waits(client, "qb-1"), what="qb-1 in line")
+        await wait_for(lambda: _all_waiting(client, ["qb-1"]), what="qb-1 in line")
         await pause_queue(client.connection, "qa")
         (gates / "qa-1").touch()  # its slot goes to qa-2, whose queue is paused
         (gates / "qb-1").touch()
         assert await client.handle("qb-1").result(timeout=20) == "api"
-
-
-async def _waits(client: Client, run_id: str) -> bool:
-    return "waiting for a slot" in ((await client.describe(run_id)).current or "")
 
 
 async def test_a_run_waiting_for_a_slot_is_paused_at_once_and_waits_again_once_resumed(
@@ -520,10 +514,7 @@ async def test_a_run_waiting_for_a_slot_is_paused_at_once_and_waits_again_once_r
     for as long as the line was long."""
     _, gates = limits_env
     async with running_worker(client, wl.WORKFLOWS):
-        holder = await client.start(wl.one_at_a_time, "x", run_id="holder-p")
-        await wait_for(lambda: _slots_held(client, "workflow:one_at_a_time", 1), what="a slot")
-        queued = await client.start(wl.one_at_a_time, "y", run_id="queued-p")
-        await wait_for(lambda: _all_waiting(client, ["queued-p"]), what="the run to wait")
+        holder, queued = await _one_holds_one_waits(client, "holder-p", "queued-p")
         await client.pause("queued-p")
 
         async def paused() -> bool:
@@ -538,5 +529,12 @@ async def test_a_run_waiting_for_a_slot_is_paused_at_once_and_waits_again_once_r
         assert await queued.result(timeout=10) == "one"
 
 
-async def _declared(client: Client, workflow: str) -> bool:
-    return await kv_get(client.connection, RATES_BUCKET, f"decl.{workflow}") is not None
+async def _one_holds_one_waits(
+    client: Client, holder_id: str, queued_id: str
+) -> tuple[RunHandle, RunHandle]:
+    """A run of ``one_at_a_time`` holding its one slot, and a second waiting for it."""
+    holder = await client.start(wl.one_at_a_time, "x", run_id=holder_id)
+    await wait_for(lambda: _slots_held(client, "workflow:one_at_a_time", 1), what="a slot")
+    queued = await client.start(wl.one_at_a_time, "y", run_id=queued_id)
+    await wait_for(lambda: _all_waiting(client, [queued_id]), what="the run to wait")
+    return holder, queued
