@@ -6,6 +6,7 @@ outside the worker, so overlap is checked on what really ran.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import defaultdict
@@ -172,6 +173,15 @@ async def test_a_run_waiting_for_a_slot_says_so_and_runs_once_one_is_free(
         assert "pending: waiting for a slot of limit workflow=one_at_a_time 1/1" in (
             shown.stdout.decode()
         )
+        # The lists say so too (the index folds events only: it knew nothing of the line).
+        (listed,) = [run for run in await client.list() if run.run_id == "second"]
+        assert (listed.status, listed.current) == ("pending", current)
+        listing = await anyio.run_process(
+            [sys.executable, "-m", "natflow_engine", "runs", "list", "--json"],
+            env={**os.environ, "NATFLOW_URL": nats_server.url},
+        )
+        (row,) = [run for run in json.loads(listing.stdout) if run["run_id"] == "second"]
+        assert (row["status"], row["current"]) == ("pending", current)
         (gates / "first").touch()
         assert await first.result(timeout=10) == "one"
         (gates / "second").touch()

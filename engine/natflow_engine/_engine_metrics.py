@@ -157,7 +157,7 @@ class EngineMetrics:
         now = utcnow()
         waiting: Tally[str] = Tally()
         oldest: dict[str, float] = {}
-        for run in await RunIndex(self._conn).scan(limit=1 << 30):
+        for run in await RunIndex(self._conn).scan(limit=1 << 30, explain=False):
             if run.site:  # a site's run, copied to this hub: the site's engine counts it
                 continue
             counts[run.workflow, run.status] += 1

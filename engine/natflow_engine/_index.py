@@ -24,6 +24,7 @@ from ._append_batch import appender
 from ._connection import Connection, JetStreamError
 from ._errors import InvalidInput
 from ._level_read import own_start
+from ._limits import explain_all
 from ._metrics import RUNS_STARTED
 from ._quarantine import quarantined
 from ._reader import reader, stream_bounds
@@ -330,11 +331,20 @@ class RunIndex:
         return found
 
     async def scan(
-        self, *, workflow: str | None = None, status: str | None = None, limit: int = 100
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        explain: bool = True,
     ) -> list[RunInfo]:
         """Runs matching the filters, newest first; an unknown status is :class:`InvalidInput`.
-        Over :data:`SCAN_LIMIT` summaries, only the newest are looked at (a warning says so)."""
-        found, _, looked = await self.page(workflow=workflow, status=status, limit=limit)
+        Over :data:`SCAN_LIMIT` summaries, only the newest are looked at (a warning says so).
+        With ``explain``, a run that waits for a concurrency slot says so, as ``describe``
+        does (one more read for the page)."""
+        found, _, looked = await self.page(
+            workflow=workflow, status=status, limit=limit, explain=explain
+        )
         if looked is not None:
             log.warning(
                 "the run index holds more than %d summaries; the list looked at the newest "
@@ -345,7 +355,12 @@ class RunIndex:
         return found
 
     async def page(
-        self, *, workflow: str | None = None, status: str | None = None, limit: int = 100
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        explain: bool = True,
     ) -> tuple[list[RunInfo], int, int | None]:
         """The newest ``limit`` runs matching the filters, how many match in all, and how
         many summaries were looked at if that was not all of them (over
@@ -397,6 +412,8 @@ class RunIndex:
             and (status is None or run.status == status)
         ]
         found.sort(key=lambda r: r.created_at, reverse=True)
+        if explain:
+            await explain_all(self._conn, found[:limit])
         return found[:limit], len(found), scanned if cut_short else None
 
     async def _page(

@@ -24,6 +24,7 @@ says whether (and for what) it waits: :func:`waiting_for` is one direct get.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, Literal
@@ -244,6 +245,44 @@ async def waiting_for(conn: Connection, run_id: str) -> Waiter | None:
         return decode_waiter(msg.data)
     except UNDECODABLE:
         return None
+
+
+async def explain_all(conn: Connection, infos: Sequence[RunInfo]) -> None:
+    """:func:`explain` for a list of runs: one read of the wait list entries of the open
+    ones (the index, which folds events, does not know a run waits for a slot), and one
+    read of each limit's slots."""
+    ids = {info.run_id for info in infos if not info.is_closed}
+    if not ids:
+        return
+    subjects = [f"{_PREFIX}w.*.*.{run_id}" for run_id in sorted(ids)]
+    try:
+        # A run that waited for several limits in turn has an entry (or its delete
+        # marker) for each; the newest of them says whether it waits now.
+        found = await reader(conn).read_last_each(kv_stream(LIMITS_BUCKET), subjects, 4)
+    except (NoResponders, PermissionDenied):  # no limits yet, or a role that may not read
+        return
+    newest: dict[str, tuple[int, Msg]] = {}
+    for msg in found:
+        headers = msg.headers or {}
+        run_id = headers.get("Nats-Subject", msg.subject).rsplit(".", 1)[-1]
+        seq = int(headers.get("Nats-Sequence", "0"))
+        if run_id in ids and seq > newest.get(run_id, (0, msg))[0]:
+            newest[run_id] = (seq, msg)
+    usages: dict[tuple[str, str], str] = {}
+    for info in infos:
+        entry = newest.get(info.run_id)
+        if entry is None or info.is_closed or _is_deleted(entry[1]):
+            continue
+        try:
+            waiter = decode_waiter(entry[1].data)
+        except UNDECODABLE:
+            continue
+        group = (waiter.limit, waiter.key)
+        if group not in usages:
+            usages[group] = await usage(conn, waiter)
+        info.current = usages[group]
+        if info.status in ("running", "sleeping", "waiting"):
+            info.status = "pending"
 
 
 async def usage(conn: Connection, waiter: Waiter) -> str:

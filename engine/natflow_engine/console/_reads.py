@@ -21,6 +21,7 @@ from .._input_schema import announced
 from .._kv import kv_entries
 from .._leases import LEASES_BUCKET, Lease, decode_lease
 from .._limits import explain as explain_wait
+from .._limits import explain_all
 from .._names import check_run_id
 from .._reader import reader, stream_bounds
 from .._registry import WorkerInfo, list_workers
@@ -121,6 +122,7 @@ async def list_runs(
         if there:
             merged = sorted([*result.runs, *there], key=lambda r: r.updated_at, reverse=True)
             result.runs = merged[:size]
+    await explain_all(conn, result.runs)  # waiting for a concurrency slot, as a run's page says
     return result
 
 
