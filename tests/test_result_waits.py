@@ -124,3 +124,23 @@ async def test_a_watch_goes_on_within_seconds_of_a_server_restart(
 
             await wait_for(completed, timeout=5, what="the watch hearing the run complete")
             tg.cancel_scope.cancel()
+
+
+async def test_a_list_goes_on_through_a_short_outage(
+    client: Client, nats_server: EmbeddedServer, engine: Engine
+) -> None:
+    """As a run's own reads do (a cluster's election is a few seconds of this): the list
+    raised ServerUnavailable at once."""
+    async with running_worker(client, [waits_for_go]):
+        await client.start(waits_for_go, 1, run_id="listed")
+        await wait_for(lambda: _waiting(client, "listed"), what="the run waiting")
+    nats_server.stop()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, _start_soon, nats_server)
+        runs = await client.list()
+    assert [run.run_id for run in runs] == ["listed"]
+
+
+def _start_soon(server: EmbeddedServer) -> None:
+    time.sleep(1)
+    server.start()

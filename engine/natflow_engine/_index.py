@@ -21,7 +21,7 @@ from typing import Final
 import msgspec
 
 from ._append_batch import appender
-from ._connection import Connection, JetStreamError
+from ._connection import Connection, JetStreamError, retrying
 from ._errors import InvalidInput
 from ._level_read import own_start
 from ._limits import explain_all
@@ -373,6 +373,14 @@ class RunIndex:
             raise InvalidInput(f"limit must be an int of at least 1, not {limit!r}")
         if workflow is not None and not isinstance(workflow, str):
             raise InvalidInput(f"workflow must be a workflow's name, not {workflow!r}")
+        # Through a cluster's election (a few seconds), as a run's own reads are.
+        return await retrying(
+            "listing runs", lambda: self._page_once(workflow, status, limit, explain)
+        )
+
+    async def _page_once(
+        self, workflow: str | None, status: str | None, limit: int, explain: bool
+    ) -> tuple[list[RunInfo], int, int | None]:
         bounds = await stream_bounds(self._conn, RUNS_STREAM)
         if bounds is None:  # no index yet: no runs yet
             return [], 0, None
