@@ -10,7 +10,7 @@ import asyncio
 
 import msgspec
 import pytest
-from natflow import Client, WorkflowContext, workflow
+from natflow import Client, NatflowError, WorkflowContext, workflow
 from natflow_engine import HISTORY_STREAM, TASK_PREFIX, _start_consumers, decode_task, queue_paused
 from natflow_engine._engine import Engine
 from natflow_engine._history import HistoryStore
@@ -175,6 +175,9 @@ async def test_a_paused_queue_holds_its_new_runs(client: Client) -> None:
         finally:
             await resume_queue(conn, "default")
         assert await handle.result(timeout=10) == 6
+    # A queue no worker serves (a typo) has nothing to resume: it says so, not "resumed".
+    with pytest.raises(NatflowError, match="queue 'defualt' has no task consumer"):
+        await resume_queue(conn, "defualt")
 
 
 async def test_a_start_sent_to_a_consumer_deleted_since_is_enqueued_by_the_engine(

@@ -73,6 +73,11 @@ async def resume_queue(conn: Connection, queue: str) -> list[str]:
     """Resume every task and start consumer of the queue; returns the task consumers' names."""
     await ensure_streams(conn)
     names = await queue_consumers(conn, queue)
+    if not names:  # a mistyped name "resumed" nothing and said so with exit 0
+        raise NatflowError(
+            f"queue {queue!r} has no task consumer: no worker has served it yet, so nothing "
+            "of it is paused. Check the queue's name (`natflow workers` lists the queues served)"
+        )
     await _set_paused(conn, queue, names, False)
     return names
 
