@@ -26,7 +26,8 @@ from natflow import (
     workflow,
 )
 from natflow._steps import RunSlots
-from natflow_engine import RATES_BUCKET, reserve
+from natflow_engine import RATES_BUCKET, cell_key, reserve
+from natflow_engine._flow_starts import _base_id
 from natflow_engine._kv import kv_entries
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.events import RunStarted, StepStarted
@@ -362,3 +363,28 @@ def test_rate_limits_and_key_fields_are_checked_when_made() -> None:
             RateLimit("keyed", limit=1, key=key)
         with pytest.raises(InvalidInput, match="not an input field's name"):
             Debounce(1.0, key=key)
+
+
+def test_no_two_workflows_or_keys_share_a_singleton_or_debounce_cell() -> None:
+    """The parts were joined by "-", which names and keys may hold: "rep" with key "x-s-y"
+    and "rep-s-x" with key "y" were one cell and one run (the second start was refused as a
+    start of the first's run id); and a key that looked like a hash named that key's cell."""
+    long = "w" * 60
+    pairs = [
+        (("s", "rep", "x-s-y"), ("s", "rep-s-x", "y")),
+        (("d", "rep", "x-d-y"), ("d", "rep-d-x", "y")),
+        (("s", "a", "s-b"), ("s", "a-s", "b")),
+        (("s", long, "k"), ("s", long + "x", "k")),
+    ]
+    for one, other in pairs:
+        assert _base_id(*one) != _base_id(*other), (one, other)
+    hashed = _base_id("s", "wf", "acme corp").rsplit("-", 1)[-1]
+    assert hashed.startswith("h") and _base_id("s", "wf", hashed) != _base_id(
+        "s", "wf", "acme corp"
+    )
+    # Names and keys that were already plain read as before (open singletons keep their cell).
+    assert _base_id("s", "order-flow", "acme-1") == "order-flow-s-acme-1"
+    assert _base_id("d", "sync", None) == "sync-d-_"
+    rate_hashed = cell_key("imports", "acme corp").split(".k", 1)[1]
+    assert cell_key("imports", rate_hashed) != cell_key("imports", "acme corp")
+    assert cell_key("imports", "acme") == "imports.kacme"

@@ -78,16 +78,29 @@ def input_field(what: str, value: Any, path: str) -> Any:
     return value
 
 
-def _token(key: str | None) -> str:
-    if key is None:
+_HASHED = re.compile(r"h[0-9a-f]{24}")
+# A workflow's part of a base id must not hold what ends it ("-s-", "-d-"): "rep" with key
+# "x-s-y" and "rep-s-x" with key "y" were both "rep-s-x-s-y", one cell and one run.
+_SEPARATOR_LIKE = re.compile(r"-[sd](-|$)")
+
+
+def _token(text: str | None, *, workflow: bool = False) -> str:
+    """``text`` as it reads where it is a plain token that cannot be taken for anything
+    else, else ``h`` and a hash of it (so a key that looks like another's hash has a hash of
+    its own: no caller can name another key's cell)."""
+    if text is None:
         return "_"
-    if _TOKEN.fullmatch(key):
-        return key
-    return "h" + hashlib.sha256(key.encode()).hexdigest()[:24]
+    plain = _TOKEN.fullmatch(text) and not _HASHED.fullmatch(text)
+    if plain and not (workflow and _SEPARATOR_LIKE.search(text)):
+        return text
+    return "h" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _base_id(prefix: str, workflow: str, key: str | None) -> str:
-    return f"{_token(workflow)[:48]}-{prefix}-{_token(key)}"
+    """``<workflow>-<prefix>-<key>``: the workflow's part holds no ``-s-``/``-d-`` and no
+    separator ends it, so the first such one is the separator and each base has one
+    reading (the generation after the key is an int, last)."""
+    return f"{_token(workflow, workflow=True)}-{prefix}-{_token(key)}"
 
 
 class _Singleton(msgspec.Struct, kw_only=True):

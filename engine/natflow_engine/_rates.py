@@ -38,6 +38,7 @@ from ._names import check_field_path
 from ._streams import RATES_BUCKET, ensure_streams
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_HASHED = re.compile(r"h[0-9a-f]{32}")
 _MAX_TRIES: Final = 50
 _KEEP_IDLE: Final = 60.0  # seconds an idle cell outlives its TAT (then it expires: a fresh one)
 
@@ -135,7 +136,8 @@ def cell_key(name: str, key: str | None) -> str:
     """The KV key of a limit's cell for one key value (hashed unless it is a plain token)."""
     if key is None:
         return f"{name}._"
-    if not _TOKEN.fullmatch(key):
+    # A plain key that looks like a hash is hashed too: no caller can name another key's cell.
+    if not _TOKEN.fullmatch(key) or _HASHED.fullmatch(key):
         key = "h" + hashlib.sha256(key.encode()).hexdigest()[:32]
     return f"{name}.k{key}"
 
