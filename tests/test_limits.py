@@ -91,6 +91,15 @@ def test_keyed_limits_come_first_so_a_waiting_run_holds_only_its_own_keys_slot()
     assert order == ["key", None]
 
 
+def test_long_keys_that_share_their_head_are_distinct_keys() -> None:
+    """Keys were cut to 256 characters: two URLs with one long head shared their slots."""
+    (bound,) = [b for b in wl.per_key.limits if b.key_name == "key"]
+    head = "https://example.com/" + "a" * 300
+    one, two = bound.key_value({"key": head + "/tenant-1"}), bound.key_value({"key": head + "/2"})
+    assert one != two and len(one) == len(two) == 256
+    assert bound.key_value({"key": "acme"}) == "acme"  # a short key is itself, as before
+
+
 async def test_a_start_without_the_limit_key_fails_before_anything_is_written(
     client: Client,
 ) -> None:

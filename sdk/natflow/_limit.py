@@ -7,6 +7,7 @@ and bound there to the workflow's name: :func:`bind_limits` turns the declaratio
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -127,7 +128,12 @@ class BoundLimit:
                 f"be computed from the input: {type(exc).__name__}: {exc}"
             ) from exc
         text = found if isinstance(found, str) else str(found)
-        return text[:_MAX_KEY]
+        if len(text) <= _MAX_KEY:
+            return text
+        # Kept short (it is stored with each slot and waiter), but never cut to a prefix: two
+        # URLs with one long head were one key and queued behind each other's runs.
+        digest = hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()[:16]
+        return f"{text[: _MAX_KEY - 17]}~{digest}"
 
     def group(self, queue: str, value: Any) -> tuple[LimitGroup, str]:
         """The run's group and its label (``customer=acme``, ``workflow=order``)."""
