@@ -213,7 +213,10 @@ async def test_bad_input_is_rejected_and_nothing_is_written(client: Client) -> N
         await client.start(echo, {"x": "y" * 2_000_000}, run_id="big-1")
     with pytest.raises(InvalidInput, match="cannot be encoded"):
         await client.start(echo, {"x": object()}, run_id="weird-1")
-    for run_id in ["typed-1", "typed-2", "big-1", "weird-1"]:
+    # JSON has no NaN: msgspec wrote it as null, and the workflow got None.
+    with pytest.raises(InvalidInput, match=r"holds inf at \['x'\]\[1\]"):
+        await client.start(echo, {"x": [1.0, float("inf")]}, run_id="nan-1")
+    for run_id in ["typed-1", "typed-2", "big-1", "weird-1", "nan-1"]:
         with pytest.raises(RunNotFound):
             await client.describe(run_id)
 
@@ -238,10 +241,15 @@ def make_huge() -> str:
     return "z" * 2_000_000
 
 
+def make_nan() -> dict[str, float]:
+    return {"mean": float("nan")}
+
+
 @workflow
 async def bad_results(ctx: WorkflowContext) -> list[str]:
     out = []
-    for name, fn in (("weird", make_unencodable), ("huge", make_huge)):
+    steps = (("weird", make_unencodable), ("huge", make_huge), ("mean", make_nan))
+    for name, fn in steps:
         try:
             await ctx.step(name, fn)
         except StepError as error:
@@ -255,6 +263,7 @@ async def test_bad_step_results_fail_the_step_with_a_clear_error(client: Client)
         messages = await (await client.start(bad_results)).result(timeout=10)
     assert "step 'weird'" in messages[0] and "Unencodable" in messages[0]
     assert "step 'huge'" in messages[1] and "max_value_bytes" in messages[1]
+    assert "step 'mean'" in messages[2] and "holds nan at ['mean']" in messages[2]
 
 
 async def test_unknown_run_and_describe(client: Client) -> None:

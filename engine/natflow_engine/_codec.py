@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib.util
+import math
 import os
 import traceback
 from pathlib import Path
@@ -22,12 +23,39 @@ _encoder = msgspec.json.Encoder()
 def encode_value(what: str, value: Any) -> bytes:
     """JSON for ``value`` (JSON types, msgspec Structs, dataclasses, datetimes, ...)."""
     try:
-        return _encoder.encode(value)
+        data = _encoder.encode(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidInput(
             f"{what} of type {type(value).__name__} cannot be encoded as JSON ({exc}); "
             f"use JSON values, msgspec Structs or dataclasses"
         ) from exc
+    # msgspec writes NaN and infinities as null: a mean of nothing came back as None. Only
+    # a value whose JSON holds a null can hold one, so others are not walked.
+    if b"null" in data:
+        where = _non_finite(msgspec.to_builtins(value), "")
+        if where is not None:
+            raise InvalidInput(
+                f"{what} holds {where[1]} at {where[0] or 'its top'}, which JSON cannot "
+                "carry (it would come back as None); use None or a string instead"
+            )
+    return data
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, str] | None:
+    """Where in ``value`` (builtins only) the first NaN or infinity is, and which."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, repr(value))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _non_finite(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _non_finite(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def decode_value(what: str, data: bytes, type_: Any = Any) -> Any:
