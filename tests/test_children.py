@@ -275,6 +275,36 @@ async def test_a_child_id_taken_by_another_workflow_fails_the_child_not_the_pare
     assert "exists as a run of workflow 'napper'" in message, message
 
 
+@workflow
+async def adoptee(ctx: WorkflowContext, x: int) -> int:
+    return x + 1
+
+
+@workflow(name="claims_a_kid")
+async def claims_a_kid(ctx: WorkflowContext, child_id: str) -> str:
+    try:
+        return str(await ctx.child(adoptee, 1, run_id=child_id))
+    except RunFailed as failed:
+        return failed.error.message
+
+
+async def test_a_child_id_taken_by_a_run_of_the_same_workflow_fails_the_child_not_the_parent(
+    client: Client, engine: Engine
+) -> None:
+    """The start found the run and took it for its child, but its outcome goes to its own
+    parent (or nobody): the parent waited for good, "waiting for child run ..."."""
+    async with running_worker(client, [adoptee, claims_a_kid]):
+        assert await (await client.start(adoptee, 5, run_id="top-kid")).result(timeout=10) == 6
+        first = await client.start(claims_a_kid, "shared-kid", run_id="claims-1")
+        assert await first.result(timeout=10) == "2"  # the first to name it has it
+        again = await client.start(claims_a_kid, "shared-kid", run_id="claims-2")
+        top = await client.start(claims_a_kid, "top-kid", run_id="claims-3")
+        message = await again.result(timeout=10)
+        assert "exists as a child of run 'claims-1'" in message, message
+        message = await top.result(timeout=10)
+        assert "exists as a top-level run" in message, message
+
+
 async def test_a_forged_child_outcome_is_rejected_and_the_parent_carries_on(
     client: Client, engine: Engine
 ) -> None:

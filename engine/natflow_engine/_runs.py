@@ -108,7 +108,8 @@ class Runs:
     ) -> tuple[str, bool]:
         """Create the run unless ``run_id`` exists; returns ``(run_id, created)``.
 
-        An existing run of another workflow is :class:`NatflowError` naming both.
+        An existing run of another workflow is :class:`NatflowError` naming both, as is one
+        that is not a child of ``parent`` (when given).
 
         The run is created by a conditional append that expects the run to have no history,
         so two starts of one id make one run. Then its task is written, without waiting for
@@ -167,6 +168,14 @@ class Runs:
                 raise NatflowError(
                     f"run {run_id!r} exists as a run of workflow {info.workflow!r}; it cannot "
                     f"be started as {workflow!r}: use another run id"
+                ) from None
+            if parent is not None and info.parent != parent:
+                # Its outcome goes to its own parent (or nobody): this one would wait for good.
+                owner = f"a child of run {info.parent!r}" if info.parent else "a top-level run"
+                raise NatflowError(
+                    f"run {run_id!r} exists as {owner}, so it cannot be a child of run "
+                    f"{parent!r}: give ctx.child a run_id no run has, or none (one is derived "
+                    "from the parent's)"
                 ) from None
             if (
                 info.status == "pending"
