@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from pathlib import Path
 
 import anyio
-from natflow import Client
+from natflow import AesGcmCodec, Client
 from natflow.testing import Replayer
 from natflow_engine._engine import Engine
 from natflow_engine._server import EmbeddedServer
@@ -17,11 +18,16 @@ from tests.helpers import ROOT, running_worker, wait_for
 from tests.workflows_versions import incompatible, patched, v1
 
 
-def replay_check(url: str, target: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def replay_check(
+    url: str, target: str, *extra: str, keys: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    if keys is not None:
+        env["NATFLOW_CODEC_KEYS"] = keys
     return subprocess.run(
         [sys.executable, "-m", "natflow_engine", "replay-check", target, "--server", url, *extra],
         cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -88,3 +94,27 @@ async def test_replay_check_reports_an_incompatible_change_and_passes_a_patched_
     assert newer.returncode == 1, newer.stdout + newer.stderr
     assert "run ship-2 (shipment): INCOMPATIBLE: history event at stream sequence" in newer.stdout
     assert "2 runs of shipment replayed, 1 incompatible" in newer.stdout
+
+
+async def test_replay_check_opens_sealed_runs_with_the_workers_keys(
+    nats_server: EmbeddedServer, engine: Engine
+) -> None:
+    """It connected without NATFLOW_CODEC_KEYS: a sealed run's input reached the code as its
+    envelope (a false INCOMPATIBLE), and a Replayer without the key called such a run ok."""
+    key = bytes(range(32))
+    sealed = await Client.connect(nats_server.url, codec=AesGcmCodec({"k1": key}, current="k1"))
+    async with sealed, running_worker(sealed, [v1]):
+        await sealed.start(v1, "parcel", run_id="sealed-ship")
+
+        async def parked() -> bool:
+            return any(isinstance(e, SignalWaited) for e in await sealed.history("sealed-ship"))
+
+        await wait_for(parked, what="the run at its signal")
+    keys = f"k1:{base64.b64encode(key).decode()}"
+    checked = replay_check(nats_server.url, "tests.workflows_versions:patched", keys=keys)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "1 runs of shipment replayed, 0 incompatible" in checked.stdout
+    keyless = replay_check(nats_server.url, "tests.workflows_versions:patched")
+    assert keyless.returncode == 1, keyless.stdout + keyless.stderr
+    assert "run sealed-ship (shipment): INCOMPATIBLE: " in keyless.stdout
+    assert "'k1'" in keyless.stdout and "NATFLOW_CODEC_KEYS" in keyless.stdout

@@ -13,7 +13,7 @@ import argparse
 from datetime import timedelta
 from typing import Any
 
-from natflow_engine import InvalidInput, connect_options, seconds
+from natflow_engine import AesGcmCodec, InvalidInput, connect_options, seconds
 
 from ._cli_worker import load_target
 from ._client import Client
@@ -72,7 +72,11 @@ async def run_replay_check(args: argparse.Namespace) -> int:
         )
     replayer = Replayer(workflows)
     results = [_replay_file(replayer, path) for path in args.history]
-    client = await Client.connect(args.server or args.url, **connect_options(args))
+    client = await Client.connect(
+        args.server or args.url,
+        codec=AesGcmCodec.from_env(),  # NATFLOW_CODEC_KEYS, as the workers have them
+        **connect_options(args),
+    )
     since = None if args.since is None else timedelta(seconds=args.since)
     try:
         results += await replayer.replay_runs(client, since=since)

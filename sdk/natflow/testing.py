@@ -30,9 +30,12 @@ from natflow_engine import (
     ErrorInfo,
     History,
     InvalidInput,
+    MissingKey,
     NonDeterminismError,
     Runs,
+    UnreadableValue,
     error_info,
+    open_events,
 )
 from natflow_engine.events import Event, RunStarted, decode_event, unpacked, utcnow
 
@@ -135,6 +138,17 @@ class Replayer:
     async def replay_run(self, client: Client, run_id: str) -> ReplayResult:
         """Fetch a run's history from the server and replay it."""
         history = await Runs(client.connection).opened_history(run_id)
+        try:  # strictly now: a value left sealed would reach the code as an envelope
+            open_events(client.connection.codec, history.events, run_id)
+        except (MissingKey, UnreadableValue) as exc:
+            start = history.events[0]
+            workflow = start.workflow if isinstance(start, RunStarted) else ""
+            return ReplayResult(
+                run_id=run_id,
+                workflow=workflow,
+                events=len(history.events),
+                unreadable=f"{exc} (connect with the workers' keys: NATFLOW_CODEC_KEYS)",
+            )
         result = self.replay(history)
         if history.corrupt:
             seq, reason = history.corrupt[0]
