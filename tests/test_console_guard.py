@@ -1,6 +1,7 @@
 """The console's guard against visitors it should not trust: no NATS password on any page,
 and no server name for a visitor without the token; no empty access token; no redirect off
-the console; no framing; and a form's deeply nested JSON refused with a 400, not a 500.
+the console; no framing; a form's JSON that cannot be stored (nested too deeply, NaN, a lone
+surrogate) refused with a 400 naming it, not a 500 or a null.
 
 Over HTTP against a real nats-server, with the console in this process.
 """
@@ -15,6 +16,7 @@ from natflow_engine._errors import InvalidInput, RunNotFound
 from natflow_engine._runs import Runs
 from natflow_engine._server import EmbeddedServer
 from natflow_engine.console import create_app
+from nats.js.errors import NotFoundError
 
 from tests.console_helpers import http, served_console
 
@@ -140,7 +142,35 @@ async def test_deeply_nested_json_in_a_form_is_a_400_naming_it(
         ):
             got, body, _ = await http(base + path, form)
             assert got == 400, (path, got)
-            assert f"{field} nests too deeply" in body, path
+            assert f"{field} nests arrays or objects too deeply" in body, path
             assert "Something went wrong" not in body
     with pytest.raises(RunNotFound):
         await client.describe("deeper")
+
+
+async def test_json_a_form_cannot_store_is_a_400_naming_it(
+    nats_server: EmbeddedServer, client: Client
+) -> None:
+    """An escaped lone surrogate made the encoder raise: a 500. NaN and Infinity, which JSON
+    has not, were taken and stored as null. Now each is a 400 that names it, as the CLI says,
+    and nothing is written."""
+    await Runs(client.connection).start("greet", "console", b"{}", "unstorable")
+    cases = (
+        ('"\\ud800"', "holds text that is not UTF-8: \\ud800 is half of a surrogate pair"),
+        ('{"x": "a\\udc00"}', "holds text that is not UTF-8: \\udc00 is half"),
+        ("NaN", "NaN is not a JSON value"),
+        ('{"x": -Infinity}', "-Infinity is not a JSON value"),
+    )
+    async with served_console(nats_server.url) as base:
+        for typed, problem in cases:
+            for path, form, field in (
+                ("/start", {"workflow": "greet", "run_id": "never", "input": typed}, "the input"),
+                ("/runs/unstorable/signal", {"name": "go", "payload": typed}, "the payload"),
+            ):
+                got, body, _ = await http(base + path, form)
+                assert got == 400, (path, typed, got)
+                assert field in body and problem in body, (path, typed)
+    with pytest.raises(RunNotFound):
+        await client.describe("never")
+    with pytest.raises(NotFoundError):
+        await client.connection.js.get_last_msg("NATFLOW_SIGNALS", "natflow.signal.unstorable.>")

@@ -6,7 +6,6 @@ library would be one more dependency of every worker image for what 20 lines do.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from ._codec import parse_json_text
 from ._errors import InvalidInput
 
 
@@ -71,21 +71,8 @@ def read_json_argument(what: str, value: str | None) -> bytes:
             raise InvalidInput(f"{source} is not UTF-8 text ({exc.reason})") from None
     else:
         text, source = value, what
-    try:
-        return msgspec.json.encode(json.loads(text, parse_constant=_not_json))
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(
-            f'{source} is not valid JSON: {exc} (quote it for the shell: \'{{"name": "Ada"}}\', '
-            "or pass @file.json or - for stdin)"
-        ) from None
-    except RecursionError:
-        raise InvalidInput(f"{source} nests arrays or objects too deeply") from None
-    except UnicodeEncodeError as exc:  # "\ud800": JSON may escape it, UTF-8 cannot hold it
-        raise InvalidInput(f"{source} holds text that is not UTF-8 ({exc.reason})") from None
-    except InvalidInput as exc:
-        raise InvalidInput(f"{source}: {exc}") from None
-
-
-def _not_json(constant: str) -> None:
-    """Python's json reads NaN and Infinity, which JSON has not (they would be stored as null)."""
-    raise InvalidInput(f"{constant} is not a JSON value (JSON has no NaN or infinities)")
+    return parse_json_text(
+        source,
+        text,
+        'Quote it for the shell (\'{"name": "Ada"}\'), or pass @file.json or - for stdin.',
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib.util
+import json
 import math
 import os
 import traceback
@@ -67,6 +68,38 @@ def decode_value(what: str, data: bytes, type_: Any = Any) -> Any:
         raise InvalidInput(f"{what} does not fit {name}: {exc}") from exc
     except UNDECODABLE as exc:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from exc
+
+
+def parse_json_text(what: str, text: str, hint: str = "") -> bytes:
+    """JSON someone typed (a CLI argument, a console form) as compact JSON; otherwise
+    :class:`InvalidInput` naming ``what`` and the problem, ``hint`` after a syntax error.
+
+    Python's parser takes more than JSON: NaN and Infinity (stored as null, so "checked as
+    JSON" and yet changed), and escaped lone surrogates (``"\\ud800"``), which UTF-8 cannot
+    hold (the encoder raised, the console answered 500).
+    """
+    try:
+        return _encoder.encode(json.loads(text, parse_constant=_not_json))
+    except json.JSONDecodeError as exc:
+        where = f"{exc.msg} at line {exc.lineno}, column {exc.colno}"
+        raise InvalidInput(f"{what} is not valid JSON: {where}. {hint}".rstrip()) from None
+    except RecursionError:  # Python's parser recurses once per level
+        raise InvalidInput(
+            f"{what} nests arrays or objects too deeply (about a thousand levels inside each "
+            "other); flatten it"
+        ) from None
+    except UnicodeEncodeError as exc:
+        half = ascii(exc.object[exc.start : exc.end])[1:-1]
+        raise InvalidInput(
+            f"{what} holds text that is not UTF-8: {half} is half of a surrogate pair, "
+            "without its other half"
+        ) from None
+    except InvalidInput as exc:
+        raise InvalidInput(f"{what}: {exc}") from None
+
+
+def _not_json(constant: str) -> None:
+    raise InvalidInput(f"{constant} is not a JSON value (JSON has no NaN or infinities)")
 
 
 def error_info(exc: BaseException) -> ErrorInfo:

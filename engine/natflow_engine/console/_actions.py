@@ -6,14 +6,13 @@ a message naming the problem, with what was typed kept in the form.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import quote
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from .._codec import parse_json_text
 from .._errors import InvalidInput, NatflowError
 from .._flow_decls import start_declared
 from .._input_schema import check_input
@@ -36,18 +35,7 @@ def parse_json(field: str, text: str) -> bytes:
         raise InvalidInput(f"{field} is larger than 1 MiB; send large values another way")
     if not text.strip():
         return b"null"
-    try:
-        return msgspec.json.encode(json.loads(text))
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(
-            f"{field} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
-            'Strings need double quotes, e.g. {"approved": true}.'
-        ) from None
-    except RecursionError:  # Python's JSON parser recurses per level: this was a 500
-        raise InvalidInput(
-            f"{field} nests too deeply (arrays or objects inside each other about a thousand "
-            "levels down); flatten it"
-        ) from None
+    return parse_json_text(field, text, 'Strings need double quotes, e.g. {"approved": true}.')
 
 
 def _fields(form: Any, *names: str) -> dict[str, str]:
