@@ -1,7 +1,7 @@
 """The console's guard against visitors it should not trust: no NATS password on any page,
 and no server name for a visitor without the token; no empty access token; no redirect off
 the console; no framing; a form's JSON that cannot be stored (nested too deeply, NaN, a lone
-surrogate) refused with a 400 naming it, not a 500 or a null.
+surrogate) refused with a 400 naming it, not a 500 or a null; a workflow name taken as typed.
 
 Over HTTP against a real nats-server, with the console in this process.
 """
@@ -174,3 +174,15 @@ async def test_json_a_form_cannot_store_is_a_400_naming_it(
         await client.describe("never")
     with pytest.raises(NotFoundError):
         await client.connection.js.get_last_msg("NATFLOW_SIGNALS", "natflow.signal.unstorable.>")
+
+
+async def test_the_start_form_starts_the_workflow_name_as_typed(
+    nats_server: EmbeddedServer, client: Client
+) -> None:
+    """``@workflow(name="trail ")`` is a valid name; the form stripped it and started 'trail',
+    which no worker serves, so the run waited for ever."""
+    async with served_console(nats_server.url) as base:
+        form = {"workflow": "trail ", "run_id": "trailing", "input": "{}"}
+        got, _, _ = await http(base + "/start", form)
+        assert got == 303
+    assert (await client.describe("trailing")).workflow == "trail "

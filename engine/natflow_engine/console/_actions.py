@@ -109,7 +109,8 @@ async def start(request: Request) -> Response:
     form = _fields(await request.form(), "workflow", "queue", "run_id", "input")
     known = await reads.input_schemas(state.conn)
     try:
-        workflow = check_workflow_name(form["workflow"].strip())
+        # Not stripped: "trail " is a name a worker may serve, and stripping started 'trail'.
+        workflow = check_workflow_name(form["workflow"])
         default_queue = known[workflow][0] if workflow in known else "default"
         queue = check_queue(form["queue"].strip() or default_queue)
         run_id = form["run_id"].strip() or None
