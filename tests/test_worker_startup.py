@@ -132,3 +132,39 @@ async def test_durations_take_seconds_or_a_timedelta_everywhere(client: Client) 
             tg.start_soon(worker.run)
             await anyio.sleep(0.3)
             await worker.shutdown(grace=timedelta(seconds=1))
+
+
+async def test_identities_that_are_not_tokens_stay_apart_and_are_named_as_given(
+    client: Client, engine: object
+) -> None:
+    """Each character outside ``[A-Za-z0-9_-]`` became '-': "host.a" and "host-a", or "東京"
+    and "大阪" (both "--"), were one identity, and the second worker was refused as the twin
+    of one nobody gave. Each now answers to a token of its own (a token stays as it is), and
+    a real twin is refused naming the identity as given."""
+    import anyio
+    import pytest
+    from natflow import InvalidInput, Worker
+    from natflow_engine._registry import list_workers
+
+    from tests.helpers import running_worker
+    from tests.workflows_waits import WORKFLOWS
+
+    given = ["host.a", "host-a", "host a", "東京", "大阪", "x" * 200, "x" * 201]
+    tokens = [Worker(client, WORKFLOWS, identity=name).identity for name in given]
+    assert len(set(tokens)) == len(given), tokens
+    assert tokens[1] == "host-a", "an identity that is a token is kept (leases name it)"
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,128}", token) for token in tokens), tokens
+    other = await Client.connect(client.connection.url)
+    async with (
+        other,
+        running_worker(client, WORKFLOWS, identity="東京") as tokyo,
+        running_worker(other, WORKFLOWS, identity="大阪") as osaka,
+    ):
+
+        async def both() -> bool:
+            listed = {w.identity for w in await list_workers(client.connection)}
+            return listed == {tokyo.identity, osaka.identity}
+
+        await wait_for(both, what="both workers serving")
+        with anyio.fail_after(15), pytest.raises(InvalidInput, match="'東京' is taken"):
+            await Worker(other, WORKFLOWS, identity="東京").run()

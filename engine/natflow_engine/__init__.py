@@ -123,6 +123,7 @@ from ._registry import (
     ping_subject,
     safe_identity,
     withdraw,
+    worker_identity,
 )
 from ._restart import restart_run
 from ._retention import delete_run
@@ -492,6 +493,7 @@ __all__ = [
     "wake_subject",
     "whole_number",
     "withdraw",
+    "worker_identity",
     "workflow_token",
     "wrap",
 ]

@@ -9,6 +9,7 @@ worker from a slow one within a fraction of a second.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from datetime import datetime
@@ -28,9 +29,25 @@ WORKERS_BUCKET = "natflow_workers"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
+_MAX_IDENTITY = 128
+
+
 def safe_identity(identity: str) -> str:
     """Identities name a subject token: anything outside ``[A-Za-z0-9_-]`` becomes '-'."""
-    return _UNSAFE.sub("-", identity)[:128] or "worker"
+    return _UNSAFE.sub("-", identity)[:_MAX_IDENTITY] or "worker"
+
+
+def worker_identity(identity: str) -> str:
+    """The subject token a worker given ``identity`` answers to: the identity where it is one,
+    else its token-safe form and a hash of it. The safe form alone gave ``host.a`` and
+    ``host-a`` (or ``東京`` and ``大阪``: ``--``) one identity, so the second worker was
+    refused as the first's twin. Tokens stay as they were: leases and claims name them."""
+    safe = safe_identity(identity)
+    if safe == identity:
+        return safe
+    # surrogatepass: an identity from a file name or an environment variable may hold one
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{safe[: _MAX_IDENTITY - 14]}-h{digest}"
 
 
 def ping_subject(identity: str) -> str:

@@ -53,11 +53,11 @@ from natflow_engine import (
     queue_paused,
     quietly,
     running_loop_name,
-    safe_identity,
     serve_metrics,
     start_task,
     to_seconds,
     wake_subject,
+    worker_identity,
 )
 from nats.aio.msg import Msg
 
@@ -126,9 +126,9 @@ class Worker:
             raise InvalidInput(f"lease_ttl must be at least {MIN_LEASE_TTL} s, not {lease_ttl}")
         self.queues = pick_queues(self._workflows, queue)
         self._served = served_pairs(self._workflows, queue)
-        self.identity = safe_identity(
-            identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        )
+        # As given, for messages: self.identity may carry a hash where this is not a token.
+        self._named = identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.identity = worker_identity(self._named)
         self._metrics_port = metrics_port
         self._conn = client.connection
         self._store = HistoryStore(self._conn)
@@ -294,11 +294,13 @@ class Worker:
                 return
             if attempt + 1 < _IDENTITY_LOOKS:
                 await anyio.sleep(1.0)
+        named = self._named
+        token = f" (as {self.identity})" if self.identity != named else ""
         raise InvalidInput(
-            f"worker identity {self.identity!r} is taken: another live process answers to it "
-            f"(a second worker started with --identity {self.identity}?). Give each worker "
+            f"worker identity {named!r} is taken: another live process answers to it{token} "
+            f"(a second worker started with --identity {named}?). Give each worker "
             f"process its own identity; `natflow worker --processes N` names its processes "
-            f"{self.identity}-0, {self.identity}-1, ... itself"
+            f"{named}-0, {named}-1, ... itself"
         )
 
     def _step_back(self, held: HeldRun, why: str) -> None:
