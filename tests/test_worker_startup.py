@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 from pathlib import Path
 
-from natflow import Client
+from natflow import Client, WorkflowContext, workflow
 from natflow_engine._server import EmbeddedServer
 
-from tests.helpers import count_lines, spawn_worker, stop, wait_for
+from tests.helpers import count_lines, running_worker, spawn_worker, stop, wait_for
 from tests.links import free_port
 from tests.workflows_proc import COUNTS_ENV, GATE_ENV
 
@@ -168,3 +169,49 @@ async def test_identities_that_are_not_tokens_stay_apart_and_are_named_as_given(
         await wait_for(both, what="both workers serving")
         with anyio.fail_after(15), pytest.raises(InvalidInput, match="'東京' is taken"):
             await Worker(other, WORKFLOWS, identity="東京").run()
+
+
+_STEP_GATE = threading.Event()
+
+
+def _blocks_until_released() -> str:
+    _STEP_GATE.wait(60)
+    return "done"
+
+
+@workflow(name="long_sync_step")
+async def long_sync_step(ctx: WorkflowContext) -> str:
+    return str(await ctx.step("block", _blocks_until_released))
+
+
+async def test_a_shutdown_returns_within_its_grace_while_a_sync_step_runs_on(
+    client: Client, engine: object
+) -> None:
+    """It waited for the step's thread however long it ran: shutdown(grace=1) with a 20 s
+    step returned after 20 s. The thread runs on (nothing stops a thread); the run goes back
+    and another worker takes it up."""
+    import time
+
+    import anyio
+    from natflow import Worker
+    from natflow_engine.events import StepStarted
+
+    _STEP_GATE.clear()
+    worker = Worker(client, [long_sync_step])
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            handle = await client.start(long_sync_step, run_id="long-sync")
+
+            async def step_began() -> bool:
+                return any(isinstance(e, StepStarted) for e in await client.history("long-sync"))
+
+            await wait_for(step_began, what="the step's thread running")
+            began = time.monotonic()
+            await worker.shutdown(grace=0.5)
+            assert time.monotonic() - began < 8  # the grace, and the executions' unwind
+        _STEP_GATE.set()  # the abandoned thread ends; another worker runs the step again
+        async with running_worker(client, [long_sync_step]):
+            assert await handle.result(timeout=20) == "done"
+    finally:
+        _STEP_GATE.set()

@@ -246,17 +246,19 @@ async def _invoke(command: StepCommand, runtime: StepRuntime, attempt: int) -> A
 
 
 def _abandonable(command: StepCommand) -> bool:
-    """A sync step with a timeout: its thread is left to run on past the timeout."""
-    return command.timeout is not None and not inspect.iscoroutinefunction(command.fn)
+    """A sync step: its thread is left to run on past its timeout, or past a cancel (a
+    worker's shutdown after its grace, a terminate): nothing can stop a thread, and waiting
+    for it held ``Worker.shutdown(grace=1)`` as long as the step ran."""
+    return not inspect.iscoroutinefunction(command.fn)
 
 
 async def _call(command: StepCommand, runtime: StepRuntime, attempt: int) -> Any:
     with step_attempt(command.workflow, command.name, command.issued_at):
-        if command.timeout is None:
-            return await _call_once(command, runtime)
         # A sync step's slots are waited for before its deadline starts: ``timeout=`` bounds
         # the attempt, not its wait for a thread (100 such steps at once timed out 36).
         slots = await _Slots.take(runtime) if _abandonable(command) else None
+        if command.timeout is None:
+            return await _call_once(command, runtime, slots)
         with anyio.move_on_after(command.timeout):
             return await _call_once(command, runtime, slots)
         # The deadline passed: say which step and attempt, not an empty TimeoutError.
