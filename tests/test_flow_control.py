@@ -135,7 +135,14 @@ async def test_a_run_rate_limit_delays_starts_instead_of_refusing_them(
     stamps = [d.timestamp() for d in due]
     assert stamps[0] >= now + 30
     assert all(b - a >= 0.5 - 1e-3 for a, b in itertools.pairwise(stamps)), stamps
-    for handle in [*handles, other, *later]:
+    # The run id is the start's idempotency key here too: it was dropped, and a retried start
+    # made a second run and took a second slot.
+    keyed = [
+        await client.start(flows.rated_start, {"tenant": "hooli", "i": 1}, run_id="rated-123")
+        for _ in range(2)
+    ]
+    assert [h.run_id for h in keyed] == ["rated-123", "rated-123"]
+    for handle in [*handles, other, *later, keyed[0]]:
         await client.terminate(handle.run_id, "test over")
 
 

@@ -275,6 +275,7 @@ class Client:
                     data,
                     queue or default_queue,
                     not_before,
+                    run_id=run_id,  # a rate-limited start keeps its idempotency key
                     trace_context=traced.carrier,
                     on_complete=target,
                     retention=definition.retention,
