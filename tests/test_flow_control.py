@@ -22,6 +22,7 @@ from natflow import (
     Debounce,
     InvalidInput,
     RateLimit,
+    RunCancelled,
     WorkflowContext,
     workflow,
 )
@@ -269,6 +270,21 @@ def test_flow_options_are_checked_when_the_decorator_runs() -> None:
         Debounce(0)
     with pytest.raises(InvalidInput, match="rate limit name"):
         RateLimit("has space", limit=1)
+
+
+async def test_a_debounced_run_cancelled_in_its_window_leaves_its_key_to_the_next_start(
+    client: Client, engine: object
+) -> None:
+    """It never took its window's input, so every later start of the key joined it: the
+    input was dropped and the caller got RunCancelled, for good."""
+    async with running_worker(client, [flows.debounced_save]):
+        first = await client.start(flows.debounced_save, {"doc": "c1", "v": 1})
+        await client.cancel(first.run_id, "not this one")
+        with pytest.raises(RunCancelled):
+            await first.result(timeout=15)
+        again = await client.start(flows.debounced_save, {"doc": "c1", "v": 2})
+        assert again.run_id != first.run_id
+        assert await again.result(timeout=15) == {"doc": "c1", "v": 2}
 
 
 async def test_flow_control_refuses_bad_keys_and_oversized_debounced_inputs(

@@ -36,7 +36,7 @@ import msgspec
 
 from ._cell_turns import after_conflict, one_at_a_time
 from ._connection import Connection, JetStreamError
-from ._errors import InvalidInput, NatflowError
+from ._errors import InvalidInput, NatflowError, RunNotFound
 from ._kv import kv_get, kv_put
 from ._rates import RateLimit, ensure_rates_bucket, reserve
 from ._runs import Runs
@@ -262,6 +262,10 @@ async def _debounce_turn(
         found = await kv_get(conn, RATES_BUCKET, cell)
         window = _window_dec.decode(found[0]) if found else None
         revision = found[1] if found else 0
+        if window is not None and not window.taken and await _ended(creator.runs, base, window):
+            # Its run was cancelled (or terminated) before it took its input: joined, every
+            # later start of the key was that closed run, for good.
+            window = msgspec.structs.replace(window, taken=True)
         if window is not None and not window.taken:  # join the pending run: last input wins
             new = msgspec.structs.replace(window, input=msgspec.Raw(stored))
             opened = False
@@ -294,6 +298,16 @@ async def _debounce_turn(
             return started, created and opened
         return run_id, False
     raise NatflowError(f"debounce {cell}: {_TRIES} starts in a row lost to other starters")
+
+
+async def _ended(runs: Runs, base: str, window: _Window) -> bool:
+    """Whether the window's run closed (one read of its last event); a run not created yet
+    (its opener died) is open: the start creates it, as a repair."""
+    try:
+        addressee = await runs.readable(f"{base}-{window.gen}")
+    except RunNotFound:
+        return False
+    return addressee is not None and addressee.is_closed
 
 
 async def take_debounced_input(conn: Connection, debounce: str, first_input: bytes) -> bytes:
