@@ -266,8 +266,14 @@ async def test_a_sleeping_run_holds_no_slot(
 
 
 async def test_a_limit_that_holds_while_waiting_keeps_the_slot_through_a_sleep(
-    client: Client, engine: Engine, limits_env: tuple[Path, Path]
+    client: Client, engine: Engine, limits_env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """However long the sleep: the engine took a kept slot back as a granted one no worker
+    took up, at a minute (here a fraction of the sleep), and the next run went in."""
+    from natflow_engine import _limit_service
+
+    monkeypatch.setattr(_limit_service, "GRANT_PICKUP", 0.2)
+    monkeypatch.setattr(_limit_service, "GRANT_TAKEBACK", 0.5)
     log, _ = limits_env
     async with running_worker(client, wl.WORKFLOWS):
         napping = await client.start(wl.keeper, "a", run_id="napping")
@@ -524,6 +530,31 @@ async def test_a_slot_granted_to_a_run_no_worker_takes_up_goes_on_to_the_next(
         (gates / "qa-1").touch()  # its slot goes to qa-2, whose queue is paused
         (gates / "qb-1").touch()
         assert await client.handle("qb-1").result(timeout=20) == "api"
+
+
+_FAMILY = Limit(max=1, name="family", hold_while_waiting=True)
+
+
+@workflow(concurrency=_FAMILY)
+async def family_child(ctx: WorkflowContext, input: str) -> str:
+    return await ctx.step("kid", str.upper, input)
+
+
+@workflow(concurrency=_FAMILY)
+async def family_parent(ctx: WorkflowContext, input: str) -> str:
+    await ctx.step("first", str.lower, input)
+    return str(await ctx.child(family_child, input))
+
+
+async def test_a_parent_that_keeps_its_slot_while_waiting_lets_it_go_for_its_child(
+    client: Client, engine: Engine
+) -> None:
+    """The parent kept the only slot while it waited for its child, which waited for that
+    slot: both stalled until the engine took the slot back (and for good once it no longer
+    takes back a kept slot)."""
+    async with running_worker(client, [family_parent, family_child]):
+        handle = await client.start(family_parent, "x", run_id="family-1")
+        assert await handle.result(timeout=20) == "X"
 
 
 async def test_a_run_waiting_for_a_slot_is_paused_at_once_and_waits_again_once_resumed(

@@ -215,10 +215,13 @@ class LimitService:
                 if age < GRANT_PICKUP or now - last < GRANT_PICKUP:
                     continue
                 self._nudged[(token, n)] = now
-                if await self._closed(slot.run_id) or age >= GRANT_TAKEBACK:
+                # A kept slot is the run's while it sleeps or waits, however long (taken
+                # back at a minute, a 90 s sleep lost its slot to the next run in line).
+                overdue = slot.state == "granted" and age >= GRANT_TAKEBACK
+                if overdue or await self._closed(slot.run_id):
                     # Taken back: the run, once a worker has it, waits in line again.
                     assert state.group is not None
-                    if age >= GRANT_TAKEBACK:
+                    if overdue:
                         log.info(
                             "run %s: no worker took up its slot of limit %s in %.0f s (its "
                             "queue %s paused, or no worker serves it); the slot goes on",

@@ -148,7 +148,9 @@ class TaskProcessor:
                     outcome = await held.execution.execute()
         if admission is not None and outcome is not Outcome.STALE:  # STALE: admitted anew
             lost = outcome is Outcome.LOST or held.lost
-            waiting = outcome is Outcome.SUSPENDED
+            # A run that waits for a child lets its slots go, kept or not: the child may need
+            # one of them (a parent keeping the only slot its child waited for stalled both).
+            waiting = outcome is Outcome.SUSPENDED and not held.execution.state.open_children()
             await self._admitter.settle(admission, waiting=waiting, lost=lost)
         labelled(EXECUTIONS, workflow.name, outcome.value).inc()
         await self._conclude(held, msg, task, held.execution, outcome, delivered)
