@@ -104,38 +104,49 @@ async def run_examples(url: str) -> int:
     return failures
 
 
+# A stop asked for from outside (`timeout`, a CI runner, a closed terminal) ends the demo through
+# main's cleanup: the children run in sessions of their own, so no signal reaches them but ours,
+# and the default action would end this process without stopping them or removing the store.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # a shell's status for a process a signal ended
+
+
+def stop(procs: list[subprocess.Popen[bytes]], store: str) -> None:
+    # Bounded (30 s a process), so a second SIGTERM need not cut it short and leave
+    # a child running.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    started_last_first = procs[::-1]  # the worker before the server it is connected to
+    for proc in started_last_first:
+        proc.send_signal(signal.SIGTERM)
+    for proc in started_last_first:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    shutil.rmtree(store, ignore_errors=True)
+
+
 def main() -> int:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, exit_on_signal)
     LOGS.mkdir(exist_ok=True)
     store = tempfile.mkdtemp(prefix="natflow-demo-")
-    dev = spawn(
-        "dev",
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--ui-port",
-        "0",
-        "--store-dir",
-        store,
-    )
-    worker = None
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        url = server_url(dev)
+        dev_args = ("--port", "0", "--http-port", "0", "--metrics-port", "0", "--ui-port", "0")
+        procs.append(spawn("dev", *dev_args, "--store-dir", store))
+        url = server_url(procs[0])
         print(f"make demo: a fresh natflow dev at {url} (store {store}, removed at the end)")
-        worker = spawn("worker", "examples.workflows:WORKFLOWS", "--metrics-port", "0", url=url)
+        procs.append(
+            spawn("worker", "examples.workflows:WORKFLOWS", "--metrics-port", "0", url=url)
+        )
         failures = asyncio.run(run_examples(url))
     finally:
-        procs = [p for p in (worker, dev) if p is not None]
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(store, ignore_errors=True)
+        stop(procs, store)
     print(
         f"\n{'all example runs completed' if not failures else f'{failures} runs did not complete'}"
     )

@@ -6,7 +6,11 @@ import importlib
 import os
 import pkgutil
 import re
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from types import ModuleType
 
@@ -20,6 +24,7 @@ import examples
 from examples.order import Receipt
 from examples.workflows import WORKFLOWS
 from tests.helpers import ROOT, running_worker
+from tests.procs import OWNER_VARIABLE, command_line, gone, kill_all, owned_by
 
 
 def example_modules() -> list[ModuleType]:
@@ -187,3 +192,57 @@ async def test_make_demo_uses_a_fresh_server_of_its_own_and_says_so(
     assert "all example runs completed" in text
     with pytest.raises(RunNotFound):  # nothing was written to the server that was running
         await client.describe("demo-greet-ada")
+
+
+def _demo_worker_started(mark: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any("examples.workflows:WORKFLOWS" in command_line(p) for p in owned_by(mark)):
+        assert time.monotonic() < deadline, "the demo started no worker"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+    ids=["SIGTERM", "SIGHUP"],
+)
+def test_make_demo_stopped_by_a_signal_stops_all_it_started(
+    signum: signal.Signals, status: int
+) -> None:
+    """SIGTERM or SIGHUP (`timeout`, a CI runner, a closed terminal) ended demo.py at once and
+    left natflow dev, its nats-server, the worker and the store behind."""
+    mark = f"demo-{os.getpid()}-{signum.name}"  # this demo's processes, whichever session
+    with subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "demo.py")],
+        env={**os.environ, OWNER_VARIABLE: mark, "PYTHONUNBUFFERED": "1"},  # lines at once
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    ) as demo:
+        try:
+            _stop_the_demo_when_examples_run(demo, mark, signum, status)
+        finally:
+            demo.kill()
+            kill_all(owned_by(mark))
+
+
+def _stop_the_demo_when_examples_run(
+    demo: subprocess.Popen[bytes], mark: str, signum: signal.Signals, status: int
+) -> None:
+    assert demo.stdout is not None and demo.stderr is not None
+    first = demo.stdout.readline().decode()
+    found = re.search(r"\(store (\S+),", first)
+    assert found, first + demo.stderr.read().decode()[-2000:]
+    store = found.group(1)
+    try:
+        _demo_worker_started(mark)
+        time.sleep(0.5)  # examples under way
+        os.killpg(demo.pid, signum)  # as a terminal or `timeout` sends it: to the group
+        assert demo.wait(timeout=60) == status
+        errors = demo.stderr.read().decode()
+        assert "Traceback" not in errors, errors
+        assert [command_line(p) for p in gone(owned_by(mark), timeout=5)] == []
+        assert not os.path.exists(store)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
