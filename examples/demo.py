@@ -107,15 +107,15 @@ async def run_examples(url: str) -> int:
 # A stop asked for from outside (`timeout`, a CI runner, a closed terminal) ends the demo through
 # main's cleanup: the children run in sessions of their own, so no signal reaches them but ours,
 # and the default action would end this process without stopping them or removing the store.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # a shell's status for a process a signal ended
+    raise SystemExit(128 + signum)  # a shell's status for a signal: 130 after Ctrl-C
 
 
 def stop(procs: list[subprocess.Popen[bytes]], store: str) -> None:
-    # Bounded (30 s a process), so a second SIGTERM need not cut it short and leave
+    # Bounded (30 s a process), so a second Ctrl-C or SIGTERM need not cut it short and leave
     # a child running.
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)

@@ -204,14 +204,15 @@ def _demo_worker_started(mark: str, timeout: float = 60.0) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("signum", "status"),
-    [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
-    ids=["SIGTERM", "SIGHUP"],
+    [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)],
+    ids=["SIGTERM", "SIGHUP", "Ctrl-C"],
 )
 def test_make_demo_stopped_by_a_signal_stops_all_it_started(
     signum: signal.Signals, status: int
 ) -> None:
     """SIGTERM or SIGHUP (`timeout`, a CI runner, a closed terminal) ended demo.py at once and
-    left natflow dev, its nats-server, the worker and the store behind."""
+    left natflow dev, its nats-server, the worker and the store behind; Ctrl-C stopped them but
+    printed a KeyboardInterrupt traceback and exited -2 (natflow's commands: 130, quietly)."""
     mark = f"demo-{os.getpid()}-{signum.name}"  # this demo's processes, whichever session
     with subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "demo.py")],
