@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from natflow import Client, RunFailed, WorkflowContext, workflow
+from natflow import Client, RunCancelled, RunFailed, WorkflowContext, workflow
 from natflow._execution import HOLD_TIMERS_UNDER
 from natflow_engine._engine import Engine
 from natflow_engine._human import when
@@ -427,6 +427,34 @@ async def test_run_view_shows_what_a_waiting_run_waits_for(client: Client, engin
         assert await waiting.result(timeout=10) == "go"
         await napping.result(timeout=10)
     assert (await client.describe("view-wait")).current is None
+
+
+async def test_a_closed_run_waits_for_no_timer_in_describe_or_the_list(
+    client: Client, engine: Engine
+) -> None:
+    """A run that slept or waited with a timeout kept that due time once closed (``runs show
+    --json``: a due_at beside no current), in its history's summary and in the index."""
+    async with running_worker(client, WORKFLOWS):
+        napped = await client.start(nap, 0.2, run_id="closed-nap")
+        waiting = await client.start(wait_once, 3600.0, run_id="closed-wait")
+        await napped.result(timeout=10)
+
+        async def waits() -> bool:
+            return (await waiting.status()).status == "waiting"
+
+        await wait_for(waits, what="the wait")
+        await client.cancel("closed-wait", reason="no more waiting")
+        with pytest.raises(RunCancelled):
+            await waiting.result(timeout=10)
+
+    async def listed() -> list[Any]:
+        runs = [r for r in await client.list() if r.run_id.startswith("closed-")]
+        return runs if len(runs) == 2 and all(r.is_closed for r in runs) else []
+
+    for info in [*await wait_for(listed, what="both runs closed in the list")]:
+        described = await client.describe(info.run_id)
+        assert (described.status, described.due_at) == (info.status, info.due_at)
+        assert info.due_at is None, info
 
 
 @workflow(name="short_and_past")

@@ -325,21 +325,26 @@ def apply_event(info: RunInfo, event: Event, running: dict[int, str] | None = No
     elif isinstance(event, RunCompleted):
         info.status = "completed"
         info.result = _value(event.result)
-        info.closed_at = event.at
-        info.current = None
+        _closed(info, event)
     elif isinstance(event, CancelRequested):
         info.current = "terminating" if event.terminate else "cancelling"
     elif isinstance(event, RunCancelled | RunTerminated):
         info.status = "cancelled" if isinstance(event, RunCancelled) else "terminated"
         kind = "RunCancelled" if isinstance(event, RunCancelled) else "RunTerminated"
         info.error = ErrorInfo(type=kind, message=event.reason or info.status)
-        info.closed_at = event.at
-        info.current = None
+        _closed(info, event)
     elif isinstance(event, RunFailed):
         info.status = "failed"
         info.error = event.error
-        info.closed_at = event.at
-        info.current = None
+        _closed(info, event)
+
+
+def _closed(info: RunInfo, event: Event) -> None:
+    info.closed_at = event.at
+    # A closed run waits for nothing. A sleep's or a wait's due time folded before the end
+    # stayed otherwise: no claim (which clears it) need come between, as when a worker held
+    # the run through a short sleep or a cancel ended a wait.
+    info.current, info.due_at = None, None
 
 
 def _continued(info: RunInfo, event: RunContinued) -> None:
