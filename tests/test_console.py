@@ -8,15 +8,18 @@ Against a real nats-server, with the engine, a worker and the console in this pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from natflow import Client
 from natflow_engine._registry import WorkerInfo, announce, ping_subject
@@ -441,6 +444,63 @@ async def test_natflow_dev_serves_the_console(tmp_path: Path) -> None:
     finally:
         stop(proc, 2)  # SIGINT, as Ctrl-C
     assert proc.returncode == 130, log.read_text()  # README: 130 after Ctrl-C
+
+
+@contextlib.contextmanager
+def taken_port() -> Iterator[int]:
+    """A port something else listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+async def test_natflow_dev_with_the_console_port_taken_says_to_pick_another_ui_port(
+    tmp_path: Path,
+) -> None:
+    """The warning said "pick another with --port", which under dev is the NATS port, and
+    uvicorn's own "ERROR: [Errno 98] ..." line came beside it."""
+    config = tmp_path / "nats.conf"
+    config.write_text(
+        f'listen: 127.0.0.1:{free_port()}\njetstream {{ store_dir: "{tmp_path}/js" }}\n'
+    )
+    log = tmp_path / "dev.log"
+    with taken_port() as ui_port, log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 (a real process, started once)
+            [sys.executable, "-m", "natflow_engine", "dev", "--config", str(config),
+             "--metrics-port", "0", "--ui-port", str(ui_port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+
+            async def warned() -> bool:
+                return "no console" in log.read_text()
+
+            await wait_for(warned, timeout=30, what="natflow dev to report the console")
+        finally:
+            stop(proc, 2)
+    text = log.read_text()
+    assert (
+        f"natflow dev: no console: the console could not listen on 127.0.0.1:{ui_port} "
+        "(Address already in use); pick another with --ui-port\n"
+    ) in text
+    assert "Errno" not in text and "ERROR" not in text, text
+
+
+async def test_natflow_ui_with_its_port_taken_says_to_pick_another_port(
+    nats_server: EmbeddedServer,
+) -> None:
+    with taken_port() as port:
+        done = await anyio.run_process(
+            [sys.executable, "-m", "natflow_engine", "--url", nats_server.url, "ui",
+             "--port", str(port)],
+            cwd=ROOT, check=False,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.decode() == (
+        f"natflow ui: the console could not listen on 127.0.0.1:{port} "
+        "(Address already in use); pick another with --port\n"
+    )
 
 
 async def test_pause_resume_and_restart_from_the_run_page(console: str, client: Client) -> None:

@@ -59,9 +59,15 @@ def add_ui_options(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
 
 
 async def serve_console(
-    conn: Connection, host: str, port: int, token: str | None, server: str
+    conn: Connection,
+    host: str,
+    port: int,
+    token: str | None,
+    server: str,
+    port_option: str = "--port",
 ) -> None:
-    """Serve the console on an open connection until cancelled."""
+    """Serve the console on an open connection until cancelled; ``port_option`` is the
+    command's option for ``port``, named should the port be taken."""
 
     async def opener() -> Connection:
         return conn
@@ -79,7 +85,7 @@ async def serve_console(
             TOKEN_ENV,
         )
     app = create_app(opener, token=token, server=server)
-    await serve(app, host, port, ready=ready)
+    await serve(app, host, port, ready=ready, port_option=port_option)
 
 
 async def serve_console_if_possible(
@@ -88,7 +94,7 @@ async def serve_console_if_possible(
     """:func:`serve_console` for ``natflow dev``: a console that cannot listen (its port is
     taken) is reported and left out, and the server and engine carry on."""
     try:
-        await serve_console(conn, host, port, token, server)
+        await serve_console(conn, host, port, token, server, port_option="--ui-port")
     except NatflowError as exc:
         log.warning("natflow dev: no console: %s", exc)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Callable, Generator
 from typing import Final
@@ -41,12 +42,39 @@ class _Server(uvicorn.Server):
         return
 
 
+class _BindError(logging.Filter):
+    """Keeps uvicorn's own line for a port it cannot bind (``ERROR: [Errno 98] ...``) out
+    of the log, and the error for natflow's message, which names the option to change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: OSError | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, OSError):  # uvicorn logs the bind's error object itself
+            self.error = record.msg
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _bind_errors() -> Generator[_BindError, None, None]:
+    caught = _BindError()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(caught)
+    try:
+        yield caught
+    finally:
+        uvicorn_log.removeFilter(caught)
+
+
 async def serve(
     app: ASGIApp,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     *,
     ready: Callable[[int], None] | None = None,
+    port_option: str | None = None,
 ) -> None:
     """Serve ``app`` until cancelled, then shut down cleanly (open live streams get 1 s).
 
@@ -55,6 +83,8 @@ async def serve(
         host: address to bind; 127.0.0.1 unless the console should be reachable from others.
         port: TCP port (0 picks a free one).
         ready: called with the bound port once the server accepts connections.
+        port_option: the command-line option that sets ``port``, named by the error if the
+            port cannot be bound.
     """
     config = uvicorn.Config(
         app,
@@ -75,15 +105,21 @@ async def serve(
                 server.should_exit = True
 
         tg.start_soon(stop_when_cancelled)
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind
-                await server.serve()
+        with (
+            anyio.CancelScope(shield=True),
+            _bind_errors() as bind,
+            contextlib.suppress(SystemExit),  # uvicorn exits when it cannot bind
+        ):
+            await server.serve()
         tg.cancel_scope.cancel()
     if not server.started:
-        raise NatflowError(
-            f"the console could not listen on {host}:{port}; is the port in use? "
-            "Pick another with --port (or --ui-port under `natflow dev`)"
-        )
+        raise NatflowError(_not_listening(host, port, bind.error, port_option))
+
+
+def _not_listening(host: str, port: int, error: OSError | None, option: str | None) -> str:
+    why = os.strerror(error.errno) if error is not None and error.errno else "is the port in use?"
+    fix = f"pick another with {option}" if option else "pick another port"
+    return f"the console could not listen on {host}:{port} ({why}); {fix}"
 
 
 def bound_port(server: uvicorn.Server) -> int:
