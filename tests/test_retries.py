@@ -102,6 +102,9 @@ async def test_a_step_timeout_says_which_step_and_attempt(client: Client) -> Non
             await handle.result(timeout=10)
     error = failed.value.error
     assert "step 'charge' attempt 2 timed out after 0.2 s" in error.message, error
+    assert (
+        error.type == "StepTimeout"
+    )  # what the docs name and `except` takes (not a private class)
     history = await client.history("slow-1")
     (retry,) = [e for e in history if isinstance(e, StepRetrying)]
     assert retry.error.type == "StepTimeout"

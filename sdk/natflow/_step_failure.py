@@ -12,6 +12,10 @@ class StepTimedOut(StepError, StepTimeout):
     (so a ``TimeoutError``) with its ``attempt`` and ``seconds``. It was a plain StepError,
     and ``except StepTimeout`` never matched."""
 
+    # Its name where it is shown (a run it fails records its type, a traceback prints it):
+    # the class users know and catch, not this private one.
+    __qualname__ = "StepTimeout"
+
     def __init__(self, step: str, error: ErrorInfo, attempt: int, seconds: float) -> None:
         # Both bases set attributes only: set here, past their __init__s, which do not
         # cooperate (each would hand the other its own arguments).
