@@ -18,7 +18,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from natflow import Client, InvalidInput
+from natflow import Client, InvalidInput, WorkflowContext, workflow
 from natflow_engine._cli import build_parser
 from natflow_engine._engine import Engine
 from natflow_engine._input_schema import announced, check_input
@@ -180,6 +180,31 @@ async def test_start_warns_when_nobody_serves_and_checks_input_against_the_worke
         with pytest.raises(InvalidInput, match="workflow 'order' takes an input"):
             await client.start("order", run_id="bad-order")
     assert "bad-order" not in {r.run_id for r in await client.list(limit=100)}
+
+
+@workflow(name="on_q1", queue="q1")
+async def on_q1(ctx: WorkflowContext) -> str:
+    return "q1"
+
+
+@workflow(name="on_q2", queue="q2")
+async def on_q2(ctx: WorkflowContext) -> str:
+    return "q2"
+
+
+async def test_start_on_a_queue_that_serves_other_workflows_warns_with_the_right_queue(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    """The registry listed a worker's queues and workflows apart, so each workflow counted as
+    served on each queue: on_q1 on q2 started without a word and waited for good, and the
+    hint named q1 and q2."""
+    async with running_worker(client, [on_q1, on_q2]):
+        wrong = await natflow(nats_server.url, "start", "on_q1", "--queue", "q2")
+        warning = wrong.stderr.decode()
+        assert "no live worker serves workflow 'on_q1' on queue 'q2'" in warning, warning
+        assert "serve it on queue q1 (pass --queue)" in warning, warning
+        right = await natflow(nats_server.url, "start", "on_q2", "--queue", "q2")
+        assert right.returncode == 0 and err_lines(right) == [], right.stderr.decode()
 
 
 async def test_dev_on_a_port_in_use_names_it_and_how_to_pick_another(

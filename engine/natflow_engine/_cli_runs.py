@@ -162,14 +162,12 @@ async def cmd_start(conn: Connection, args: argparse.Namespace) -> int:
 
 
 def _serving(workers: list[WorkerInfo], workflow: str, queue: str) -> list[WorkerInfo]:
-    return [w for w in workers if workflow in w.workflows and queue in w.queues and not w.draining]
+    return [w for w in workers if queue in w.queues_of(workflow) and not w.draining]
 
 
 def nobody_serves(workflow: str, queue: str, workers: list[WorkerInfo] | None = None) -> str:
     """The sentence for a run no live worker will take, with the queues that do serve it."""
-    elsewhere = sorted(
-        {q for w in workers or [] if workflow in w.workflows for q in w.queues} - {queue}
-    )
+    elsewhere = sorted({q for w in workers or [] for q in w.queues_of(workflow)} - {queue})
     hint = (
         f"live workers serve it on queue {', '.join(elsewhere)} (pass --queue)"
         if elsewhere

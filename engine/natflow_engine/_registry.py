@@ -78,6 +78,16 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     server: str = ""
     cluster: str = ""
     domain: str = ""
+    # Which workflows it serves on which queue: one serving "a" on q1 and "b" on q2 does not
+    # serve "a" on q2 (`natflow start a --queue q2` said nothing, and its run waited for good).
+    serves: dict[str, list[str]] = {}
+
+    def queues_of(self, workflow: str) -> list[str]:
+        """The queues this worker serves ``workflow`` on."""
+        if self.serves:
+            return sorted(q for q, names in self.serves.items() if workflow in names)
+        # A worker from before ``serves``: each of its workflows on each of its queues.
+        return list(self.queues) if workflow in self.workflows else []
 
 
 _encoder = msgspec.json.Encoder()

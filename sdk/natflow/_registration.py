@@ -55,6 +55,7 @@ class Registration:
         identity: The worker's identity (the entry's key).
         queues: The queues the worker serves.
         workflows: The workflows it serves, by name.
+        served: What it pulls, as (queue, workflow) pairs.
         held: The runs it holds (counted at each announcement).
         leases: The leases of those runs (their period is announced).
         stopping: Set once the worker stops taking work (announced as draining).
@@ -66,6 +67,7 @@ class Registration:
         identity: str,
         queues: list[str],
         workflows: dict[str, Workflow],
+        served: list[tuple[str, str]],
         held: dict[str, Held],
         leases: RunLeases,
         stopping: anyio.Event,
@@ -74,6 +76,9 @@ class Registration:
         self._identity = identity
         self._queues = queues
         self._workflows = workflows
+        self._serves: dict[str, list[str]] = {}
+        for queue, workflow in served:
+            self._serves.setdefault(queue, []).append(workflow)
         self._held = held
         self._leases = leases
         self._stopping = stopping
@@ -101,6 +106,7 @@ class Registration:
             held=len(self._held),
             draining=self._stopping.is_set(),
             input_schemas=self._input_schemas,
+            serves=self._serves,
             user=self.user[0],
             account=self.user[1],
         )

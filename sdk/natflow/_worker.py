@@ -171,6 +171,7 @@ class Worker:
             self.identity,
             self.queues,
             self._workflows,
+            self._served,
             self._held,
             self._run_leases,
             self._stopping,

@@ -263,8 +263,10 @@ async def input_schemas(conn: Connection) -> dict[str, tuple[str, object | None]
     for worker in workers:
         for name in worker.workflows:
             if name not in known:
-                queue = worker.queues[0] if worker.queues else "default"
-                known[name] = (queue, announced(workers, name))
+                # The queue it serves this workflow on (its first queue started runs of a
+                # workflow served on its second where nobody takes them).
+                queues = worker.queues_of(name) or worker.queues or ["default"]
+                known[name] = (queues[0], announced(workers, name))
     return known
 
 
