@@ -45,6 +45,7 @@ from natflow_engine.events import RunCompleted, utcnow
 from tests.console_helpers import http, served_console
 from tests.helpers import running_engine, running_worker, wait_for
 from tests.opsconf import OPS, render_ops
+from tests.test_cli import assert_one_clear_error
 
 OPS_AUTH = OPS / "auth"
 
@@ -218,6 +219,14 @@ async def test_signaller_may_signal_and_nothing_else(
         check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()
+    # Its refused look at the run is natflow's to handle: it printed a WARNING of the denial.
+    assert b"permissions violation" not in done.stderr, done.stderr.decode()
+    shown = await anyio.run_process(
+        [sys.executable, "-m", "natflow_engine", "--url", auth_server.url, "--user",
+         "signaller", "--password", creds("signaller")["password"], "runs", "show", "sig-1"],
+        check=False,
+    )  # fmt: skip
+    assert_one_clear_error(shown, "direct.get.natflow_history")  # one line (README), no warning
     await wait_for(lambda: _status_is(client, "sig-1", "completed"), timeout=15, what="done")
     await client.start(guarded, 2, run_id="sig-0")
     await wait_for(lambda: _status_is(client, "sig-0", "waiting"), timeout=15, what="waiting")

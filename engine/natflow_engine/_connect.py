@@ -86,8 +86,11 @@ async def connect(
             connecting_errors.append(error)
             log.debug("NATS: %s", redact_text(str(error)))
             return
-        conn.note_error(error)
-        log.warning("NATS: %s", redact_text(str(error)))
+        # A denial a waiting call raises as PermissionDenied is that call's to report (a
+        # command printed this warning beside its own one-line error); one nobody waits on
+        # (a publish sent without waiting) is only ever seen here.
+        level = logging.DEBUG if conn.note_error(error) else logging.WARNING
+        log.log(level, "NATS: %s", redact_text(str(error)))
 
     async def disconnected_cb() -> None:
         conn = holder.get("conn")

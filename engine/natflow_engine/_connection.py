@@ -139,6 +139,7 @@ class Connection:
         self.jsm = nc.jsm(prefix=self.api)
         self._owned = owned
         self._denied: list[str] = []
+        self._reported: list[str] = []  # denials a waiting call raised (echoes are quiet)
         self._waiters: set[_Waiter] = set()
         self.streams_ready = False
         self.streams_lock = asyncio.Lock()
@@ -212,7 +213,8 @@ class Connection:
 
     def note_error(self, error: Exception) -> bool:
         """Called from nats-py's error_cb: a permission violation fails the calls waiting on
-        its subject at once (and is remembered). True if it was one."""
+        its subject at once (and is remembered). True if a call was waiting on it (it raises
+        :class:`PermissionDenied`, which says all there is to say)."""
         found = _DENIAL.search(str(error))
         if found is None:
             return False
@@ -226,7 +228,11 @@ class Connection:
         for waiter in exact or matching:
             waiter.denial = subject
             waiter.task.cancel()
-        return True
+        if matching:
+            self._reported.append(subject)
+            del self._reported[:-20]
+        # Calls sent at once get one denial each: the first fails them all, the rest echo it.
+        return subject in self._reported
 
     def denied(self, subject: str) -> str | None:
         """The denied subject as the server reported it, if it denied ``subject`` lately."""
