@@ -161,3 +161,39 @@ def test_a_server_signalled_while_it_starts_leaves_no_nats_server(tmp_path: Path
         proc.kill()
         proc.wait()
         kill_all(with_argument(str(store)))
+
+
+def test_a_configurations_relative_store_is_shown_where_it_is_and_no_folder_is_left(
+    tmp_path: Path,
+) -> None:
+    """nats-server runs in the configuration's folder, so "data" there is conf/data: the
+    banner printed "data/jetstream" (read from where the user stood, another folder), and
+    the folder natflow made in /tmp for the server's log stayed after every stop."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "tmp").mkdir()
+    conf = tmp_path / "conf" / "mine.conf"
+    conf.write_text('listen: 127.0.0.1:-1\njetstream { store_dir: "data" }\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")}
+    env.pop("NATFLOW_STORE_DIR", None)
+    proc = subprocess.Popen(
+        [*NATFLOW, "server", "--config", "conf/mine.conf"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: dict[str, str] = {}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            key, _, value = line.strip().partition(" ")
+            lines[key] = value.strip()
+            if line.startswith("Ctrl-C"):
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert lines["data"].startswith(f"{tmp_path / 'conf' / 'data' / 'jetstream'} "), lines
+    assert (tmp_path / "conf" / "data" / "jetstream").is_dir()
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -232,7 +232,7 @@ async def cmd_server(args: argparse.Namespace) -> int:
         print("Ctrl-C stops it", flush=True)
         return await until_signalled(lambda: anyio.sleep_forever())
     finally:
-        server.stop()
+        server.cleanup()  # a folder of ours (its log, beside a configuration's own store) too
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:
@@ -254,7 +254,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         finally:
             await conn.close()
     finally:
-        server.stop()
+        server.cleanup()
 
 
 async def _dev_services(

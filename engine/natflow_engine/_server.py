@@ -128,6 +128,9 @@ class EmbeddedServer:
         self.config = Path(config).resolve() if config is not None else None
         self._own_store = store_dir is None and config is None
         self.store_given = store_dir is not None
+        # Without a store, a folder of ours: the store, or (a configuration that names its
+        # own store) only the server's log, left behind in /tmp at every stop.
+        self._own_folder = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="natflow-js-"))
         self.port = port
         self.http_port = http_port
@@ -193,7 +196,9 @@ class EmbeddedServer:
                     self.http_port = int(http.group(1))
                 store = _STORE.search(text)
                 if store:
-                    self.jetstream_dir = Path(store.group(1))
+                    # As the server reports it: a relative store_dir of a configuration is
+                    # relative to the folder the server runs in (the configuration's).
+                    self.jetstream_dir = (self._cwd or Path.cwd()) / store.group(1)
                 return
             if self.proc.poll() is not None:
                 in_use = _IN_USE.search(text)
@@ -251,7 +256,7 @@ class EmbeddedServer:
 
     def cleanup(self) -> None:
         self.stop()
-        if self._own_store:
+        if self._own_folder:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedServer:
