@@ -7,6 +7,7 @@ raised as ``PermissionDenied`` naming the subject.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import subprocess
 import sys
@@ -372,6 +373,30 @@ async def test_a_frontend_starts_through_the_engine_and_cannot_write_history(
             await direct.close()
     finally:
         await frontend.close()
+
+
+async def test_natflow_start_as_a_frontend_goes_through_the_engine_with_via_engine(
+    deployment: dict[str, Client], auth_server: EmbeddedServer
+) -> None:
+    """The CLI wrote history only: a frontend was refused and told to grant history writes,
+    what its role exists to forbid."""
+    password = creds("frontend")["password"]
+    base = [sys.executable, "-m", "natflow_engine", "--url", auth_server.url, "--user",
+            "frontend", "--password", password, "start", "guarded", "--input", "5"]  # fmt: skip
+    refused = await anyio.run_process([*base, "--run-id", "front-cli-0"], check=False)
+    assert_one_clear_error(refused, "natflow.history.front-cli-0.run", "--via-engine")
+    done = await anyio.run_process(
+        [*base, "--run-id", "front-cli-1", "--via-engine", "--json"], check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout) == {"run_id": "front-cli-1", "created": True}
+    client = deployment["client"]
+    await wait_for(lambda: _status_is(client, "front-cli-1", "waiting"), timeout=15, what="w")
+    await client.signal("front-cli-1", "approve", "ok")
+    assert await client.handle("front-cli-1").result(timeout=15) == {
+        "doubled": 10,
+        "approval": "ok",
+    }
 
 
 async def test_a_frontend_without_an_engine_is_told_to_start_one(

@@ -18,6 +18,7 @@ from ._cli_schedules import describe_trigger
 from ._cli_sites import print_site_run
 from ._cli_types import positive_int
 from ._connection import Connection
+from ._errors import PermissionDenied
 from ._flow_decls import start_declared
 from ._human import duration, when
 from ._index import RunIndex, summaries_of
@@ -25,8 +26,9 @@ from ._input_schema import announced, check_input
 from ._leases import Leases
 from ._names import check_queue, check_run_id, check_workflow_name
 from ._registry import WorkerInfo, list_workers
-from ._runs import Runs
+from ._runs import Runs, new_run_id
 from ._sealing import sealed_key
+from ._start_service import request_start
 from ._state import RUN_STATUSES, RunInfo, StepInfo, fold_steps
 from ._streams import (
     history_subject,
@@ -84,6 +86,12 @@ def register(sub: Any, opener: Opener) -> Any:
     )
     p.add_argument("--run-id", metavar="ID", default=None, help="the run's id (default: a new one)")
     p.add_argument("--queue", metavar="QUEUE", default="default", help="the task queue")
+    p.add_argument(
+        "--via-engine",
+        action="store_true",
+        help="ask the engine to create the run (for a user that may not write history: the "
+        "frontend role); the engine applies the flow control the workflow's workers declare",
+    )
     p.add_argument(
         "--wait",
         action="store_true",
@@ -143,9 +151,24 @@ async def cmd_start(conn: Connection, args: argparse.Namespace) -> int:
         warning = nobody_serves(args.workflow, args.queue, workers)
         print(f"natflow start: warning: {warning}", file=sys.stderr)
     runs = Runs(conn)
-    run_id, created = await start_declared(  # with the flow control its workers declare
-        runs, args.workflow, args.queue, data, args.run_id, chosen_run_id=args.run_id is not None
-    )
+    chosen = args.run_id is not None
+    if args.via_engine:
+        run_id, created = await request_start(
+            conn, args.workflow, args.queue, data, args.run_id or new_run_id(), chosen_run_id=chosen
+        )
+    else:
+        try:
+            run_id, created = await start_declared(  # with the flow control its workers declare
+                runs, args.workflow, args.queue, data, args.run_id, chosen_run_id=chosen
+            )
+        except PermissionDenied as exc:
+            if "natflow.history." not in str(exc):
+                raise
+            # Granting it is what the frontend role exists to avoid.
+            raise PermissionDenied(
+                f"{exc}; or, for a user that may not write history (the frontend role), "
+                "pass --via-engine to have the engine start the run"
+            ) from None
     if not args.json:
         if created:
             print(f"started: {run_id}")

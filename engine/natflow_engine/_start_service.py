@@ -26,7 +26,10 @@ from ._errors import InvalidInput, NatflowError, ServerUnavailable
 from ._flow_decls import FlowDeclaration, start_declared
 from ._names import check_run_id
 from ._runs import Runs
+from ._sealing import seal
+from ._streams import ensure_streams
 from ._undecodable import UNDECODABLE
+from ._values import INLINE_BYTES, check_value_size, store_value
 
 log = logging.getLogger("natflow.starts")
 
@@ -79,8 +82,16 @@ async def request_start(
     """Ask the engine to create the run; ``(run_id, created)`` as ``Runs.start`` returns.
 
     The engine applies the workflow's flow control: ``flow`` (the caller's declaration), else
-    the one its workers published (README "Flow control").
+    the one its workers published (README "Flow control"). ``input_json`` is sealed here
+    where ``conn`` has a codec (the engine never sees the plaintext), and a large one is
+    stored here: the request carries its reference.
     """
+    if conn.codec is not None:
+        input_json = seal(conn.codec, input_json)
+    check_value_size(conn, "workflow input", len(input_json))
+    if len(input_json) > INLINE_BYTES:  # only then does the value store get involved
+        await ensure_streams(conn)
+        input_json = await store_value(conn, "workflow input", input_json, run_id)
     body = _request_encoder.encode(
         StartRequest(
             workflow=workflow,

@@ -13,7 +13,6 @@ import msgspec
 from natflow_engine import (
     CANCEL,
     HISTORY_STREAM,
-    INLINE_BYTES,
     PAUSE,
     RESUME,
     TERMINATE,
@@ -247,14 +246,7 @@ class Client:
                         "on_complete is not available to a client that starts runs through "
                         "the engine (start_via_engine=True): start the follow-up run yourself"
                     )
-                if self._conn.codec is not None:  # the engine never sees the plaintext
-                    data = seal(self._conn.codec, data)
-                # A large input is stored here, the request carries its reference.
-                check_value_size(self._conn, "workflow input", len(data))
                 chosen, run_id = run_id is not None, run_id or new_run_id()
-                if len(data) > INLINE_BYTES:  # only then does the value store get involved
-                    await ensure_streams(self._conn)
-                    data = await store_value(self._conn, "workflow input", data, run_id)
                 started_id, created = await request_start(
                     self._conn,
                     name,
