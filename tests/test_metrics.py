@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -490,3 +491,17 @@ def test_a_pending_run_waits_since_it_became_pending_not_since_it_was_created() 
     assert pending_since(msgspec.structs.replace(fresh, status="running")) is None
     delayed = msgspec.structs.replace(fresh, current="starts at 2026-11-27 05:00:00 UTC")
     assert pending_since(delayed) == created + timedelta(hours=1)  # as _state writes it
+
+
+def test_a_taken_metrics_port_is_a_warning_that_names_the_option(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It said only "cannot listen": nothing on how to pick another."""
+    from natflow_engine._metrics import serve_metrics
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        with caplog.at_level(logging.WARNING, logger="natflow"):
+            assert serve_metrics(held.getsockname()[1]) is None
+    assert "--metrics-port" in caplog.text, caplog.text

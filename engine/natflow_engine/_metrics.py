@@ -423,7 +423,13 @@ def _serve(port: int, host: str, registry: CollectorRegistry) -> int | None:
         try:
             server, _ = start_http_server(port, addr=host, registry=registry)
         except OSError as exc:
-            log.warning("metrics not served: cannot listen on %s:%d (%s)", host, port, exc)
+            log.warning(
+                "metrics not served: cannot listen on %s:%d (%s); pick another port with "
+                "--metrics-port (or 0 for none)",
+                host,
+                port,
+                exc,
+            )
             return None
         _servers[port] = server
     log.info("metrics at http://%s:%d/metrics", host or "0.0.0.0", port)
