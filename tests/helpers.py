@@ -18,8 +18,7 @@ import nats.js.errors
 from natflow import Client, Worker, Workflow
 from natflow.testing import Replayer, ReplayResult
 from natflow_engine import _reader
-from natflow_engine._engine import DISPATCHERS
-from natflow_engine._streams import HISTORY_STREAM, start_consumer, stream_configs
+from natflow_engine._streams import DISPATCHERS, HISTORY_STREAM, start_consumer, stream_configs
 from nats.aio.msg import Msg
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,12 +13,12 @@ from typing import Any
 import anyio
 import pytest
 from natflow import Client, RunCancelled, WorkflowContext, workflow
-from natflow_engine._engine import DISPATCHERS, Engine
+from natflow_engine._engine import Engine
 from natflow_engine._index import RunIndex
 from natflow_engine._lanes import LANES, lane_of
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._signals import dead_letters
-from natflow_engine._streams import HISTORY_STREAM
+from natflow_engine._streams import DISPATCHERS, HISTORY_STREAM
 from natflow_engine.events import Event
 from natflow_engine.events import RunCancelled as RunCancelledEvent
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import anyio
 from natflow import Client
-from natflow_engine._engine import _DISPATCH_WINDOW, DISPATCHER
+from natflow_engine._engine import _DISPATCH_WINDOW
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._start_watch import MAX_WATCHED
-from natflow_engine._streams import HISTORY_STREAM
+from natflow_engine._streams import DISPATCHER, HISTORY_STREAM
 
 from tests.helpers import running_engine
 

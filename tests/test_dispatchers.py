@@ -13,14 +13,16 @@ from functools import partial
 import anyio
 import pytest
 from natflow import Client, WorkflowContext, workflow
-from natflow_engine._engine import DISPATCHER, DISPATCHERS, START_DISPATCHER
 from natflow_engine._lanes import Lanes
 from natflow_engine._puller import engine_consumer
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._start_order import IDLE_AFTER, WAIT_AT_MOST, StartOrder
 from natflow_engine._streams import (
+    DISPATCHER,
+    DISPATCHERS,
     HISTORY_STREAM,
     RUN_LEVEL_FILTER,
+    START_DISPATCHER,
     START_FILTER,
     ensure_streams,
     is_start_subject,

@@ -323,3 +323,69 @@ async def test_a_workflows_own_retention_applies_within_seconds_of_its_first_run
 
         await wait_for(deleted, timeout=15, what="the runs deleted by their own retention")
         assert engine.retention.deleted == 2
+
+
+async def test_a_sweep_leaves_a_run_started_under_the_id_of_one_it_listed_as_expired(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    """Two engines sweep the same index: one deleted the run, its id was reused (an
+    idempotency key), and the other's list, read before, still held the old summary: it
+    purged by id and the new open run vanished (its summary stayed, pending for good)."""
+    async with (
+        engine_with(nats_server.url, retention=None) as engine,
+        running_worker(client, [chatty]),
+    ):
+        assert await (await client.start(chatty, 1, run_id="reused")).result(timeout=20) == 1
+        await wait_for(lambda: dispatcher_caught_up(client), what="the end folded")
+        sweeper = RetentionService(client.connection, retention=0.001)
+        listed = await sweeper._expired()
+        assert [e.info.run_id for e in listed] == ["reused"]
+        await client.delete("reused")  # the other replica's sweep, in between
+        await client.start(chatty, -1, run_id="reused")  # waits for a signal: open
+        await wait_for(lambda: _waiting(client, "reused"), what="the new run waiting")
+
+        async def stale() -> list[IndexEntry]:
+            return listed
+
+        sweeper._expired = stale  # type: ignore[method-assign]
+        assert await sweeper.sweep() == 0
+        assert (await client.describe("reused")).status == "waiting"
+        await client.cancel("reused")
+    assert engine is not None
+
+
+async def _waiting(client: Client, run_id: str) -> bool:
+    try:
+        return (await client.describe(run_id)).status == "waiting"
+    except RunNotFound:
+        return False
+
+
+async def test_a_run_deleted_as_it_closes_is_not_written_back_by_the_engine(
+    client: Client, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine was still folding the run's end when the delete purged it: its summary
+    came back, "running" for good, and its lifecycle events kept its result."""
+    from natflow_engine import _index
+
+    release = anyio.Event()
+    apply = _index.RunIndex.apply
+
+    async def slow_apply(self: RunIndex, run_id: str, event: object, *args: object) -> object:
+        if run_id == "closing" and type(event).__name__ == "RunCompleted":
+            await release.wait()
+        return await apply(self, run_id, event, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_index.RunIndex, "apply", slow_apply)
+    async with engine_with(nats_server.url, retention=None), running_worker(client, [chatty]):
+        assert await (await client.start(chatty, 2, run_id="closing")).result(timeout=20) == 2
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.delete, "closing")
+            await anyio.sleep(0.5)  # the delete waits for the fold
+            release.set()
+        await wait_for(lambda: dispatcher_caught_up(client), what="the engine caught up")
+        assert "closing" not in {r.run_id for r in await client.list()}
+        lifecycle = await client.connection.jsm.stream_info(
+            "NATFLOW_LIFECYCLE", subjects_filter=">"
+        )
+        assert not [s for s in (lifecycle.state.subjects or {}) if s.endswith(".closing")]

@@ -8,11 +8,12 @@ from typing import Any
 import anyio
 import msgspec
 from natflow import Client
-from natflow_engine._engine import DISPATCHER, Engine
+from natflow_engine._engine import Engine
 from natflow_engine._index import RunIndex
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._start_watch import StartWatch
 from natflow_engine._streams import (
+    DISPATCHER,
     HISTORY_STREAM,
     TASK_PREFIX,
     TASK_STREAM,

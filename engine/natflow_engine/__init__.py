@@ -26,7 +26,6 @@ from ._connection import (
     quietly,
 )
 from ._durations import parse_duration, to_seconds
-from ._engine import DISPATCHER, DISPATCHERS
 from ._error_groups import one_error
 from ._errors import (
     ConnectionRefused,
@@ -195,6 +194,8 @@ from ._state import (
     waiting_text,
 )
 from ._streams import (
+    DISPATCHER,
+    DISPATCHERS,
     HISTORY_PREFIX,
     HISTORY_STREAM,
     RATES_BUCKET,

@@ -70,9 +70,11 @@ from ._start_service import StartService
 from ._start_watch import StartWatch, WatchedStart
 from ._state import RunInfo
 from ._streams import (
+    DISPATCHER,
     HISTORY_STREAM,
     RUN_LEVEL_EVENTS,
     RUN_LEVEL_FILTER,
+    START_DISPATCHER,
     START_FILTER,
     ensure_streams,
     is_start_subject,
@@ -102,9 +104,6 @@ from .events import (
 
 log = logging.getLogger("natflow.engine")
 
-DISPATCHER: Final = "natflow-engine-dispatcher"  # run-level events
-START_DISPATCHER: Final = "natflow-engine-starts"  # starts stored where their workers take them
-DISPATCHERS: Final = (DISPATCHER, START_DISPATCHER)
 _DISPATCH_WINDOW: Final = 256  # events asked for at a time, by each consumer
 _CHECKS_AT_ONCE: Final = 32  # starts past their grace checked concurrently
 

@@ -13,7 +13,9 @@ in its index entry). Each engine replica sweeps the run index now and then (a qu
 shortest retention it knows, between 0.5 s and 60 s; every 5 minutes while it knows none; the
 dispatcher tells it each run's own as it folds the run's start) and
 deletes what has outlived its retention; replicas deleting the same run at once do no harm
-(a purge of nothing is fine).
+(a purge of nothing is fine). A sweep purges a run only while its history still ends where
+the summary it listed does, and its history only up to there: a run started since under the
+same id (another replica deleted the old one meanwhile) stays whole.
 
 A sweep does not read the whole index, which grows with every run kept (at 1,000 runs/s, 3.6
 million summaries an hour). The index keeps one summary per run, so a summary that changes
@@ -37,18 +39,20 @@ import msgspec
 
 from ._connection import ApiError, Connection
 from ._errors import NatflowError, RunNotFound
-from ._history import HistoryStore
+from ._history import CorruptHistory, HistoryStore
 from ._index import IndexEntry, read_entry
 from ._kv import kv_stream
 from ._leases import LEASES_BUCKET
 from ._lifecycle import LIFECYCLE_PREFIX, LIFECYCLE_STREAM, workflow_token
 from ._names import check_run_id
+from ._puller import durable_info
 from ._reader import reader, stream_bounds
 from ._signals import sequence, stored_at
 from ._state import fold_run
 from ._streams import (
     DEADLETTER_PREFIX,
     DEADLETTER_STREAM,
+    DISPATCHER,
     HISTORY_PREFIX,
     HISTORY_STREAM,
     RUNS_STREAM,
@@ -97,8 +101,14 @@ async def purge(conn: Connection, stream: str, subject: str, *, below: int | Non
     return reply.purged
 
 
-async def purge_run(conn: Connection, run_id: str, workflow: str, queue: str) -> int:
-    """Purge everything natflow keeps of a run (history last); messages removed."""
+async def purge_run(
+    conn: Connection, run_id: str, workflow: str, queue: str, *, last_seq: int | None = None
+) -> int:
+    """Purge everything natflow keeps of a run (history last); messages removed.
+
+    ``last_seq``: the run's history as it was judged closed ends there, and only that much
+    of it goes: a run started since under the same id (its events are later) stays.
+    """
     places = [
         (LIFECYCLE_STREAM, f"{LIFECYCLE_PREFIX}.{workflow_token(workflow)}.*.{run_id}"),
         (SIGNAL_STREAM, signal_filter(run_id)),
@@ -107,7 +117,6 @@ async def purge_run(conn: Connection, run_id: str, workflow: str, queue: str) ->
         (kv_stream(LEASES_BUCKET), f"$KV.{LEASES_BUCKET}.{run_id}"),
         (TASK_STREAM, task_subject(queue, workflow, run_id)),
         (RUNS_STREAM, runs_subject(run_id)),
-        (HISTORY_STREAM, history_subject(run_id)),
     ]
     # Stored values first: their markers name the run, and while history is still there a
     # delete cut short is simply run again. But not before this connection is known to be
@@ -118,7 +127,8 @@ async def purge_run(conn: Connection, run_id: str, workflow: str, queue: str) ->
     removed = 0
     for stream, subject in places:
         removed += await purge(conn, stream, subject)
-    return removed
+    below = last_seq + 1 if last_seq is not None else None
+    return removed + await purge(conn, HISTORY_STREAM, history_subject(run_id), below=below)
 
 
 _MAY_PURGE: Final = "natflow_may_purge"
@@ -148,7 +158,32 @@ async def delete_run(conn: Connection, run_id: str) -> int:
             f"run {run_id!r} is {info.status}, not closed; cancel it first{paused} "
             f"(client.cancel or `natflow cancel {run_id}`), then delete it"
         )
-    return await purge_run(conn, run_id, info.workflow, info.queue)
+    await _folded(conn, history.last_seq)
+    return await purge_run(conn, run_id, info.workflow, info.queue, last_seq=history.last_seq)
+
+
+_FOLD_PATIENCE: Final = 5.0
+
+
+async def _folded(conn: Connection, last_seq: int) -> None:
+    """Wait (a while) until the engine has processed a run's history up to ``last_seq``: a
+    run deleted as it closed was written back by the engine still folding its end, as a
+    summary stuck "pending" and lifecycle events that kept its result. The engine
+    acknowledges an event once its summary and lifecycle event are written."""
+    deadline = anyio.current_time() + _FOLD_PATIENCE
+    while anyio.current_time() < deadline:
+        try:
+            info = await durable_info(conn, HISTORY_STREAM, DISPATCHER, "reading", budget=1.0)
+        except NatflowError:  # it may not be read: as before, at once
+            return
+        if info is None:  # no engine has run yet: nobody folds the run's end
+            return
+        if info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= last_seq:
+            return
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return  # nothing left to process (the floor lags filtered-out messages)
+        await anyio.sleep(0.1)
+    log.info("run history past #%d is not processed by an engine yet; deleting anyway", last_seq)
 
 
 class RetentionService:
@@ -202,7 +237,11 @@ class RetentionService:
             async with limiter:
                 info = entry.info
                 try:
-                    await purge_run(self._conn, info.run_id, info.workflow, info.queue)
+                    if not await self._unchanged(entry):
+                        return
+                    await purge_run(
+                        self._conn, info.run_id, info.workflow, info.queue, last_seq=entry.hseq
+                    )
                 except NatflowError as exc:
                     log.warning("run %s: retention could not delete it (%s)", info.run_id, exc)
                     return
@@ -215,6 +254,17 @@ class RetentionService:
             log.info("retention deleted %d closed runs", deleted)
         self.deleted += deleted
         return deleted
+
+    async def _unchanged(self, entry: IndexEntry) -> bool:
+        """Whether the run's history still ends where its summary does (or is gone: what is
+        left of it goes too). Another replica may have deleted it since this sweep read the
+        index, and a new run been started under the same id (an idempotency key), which
+        the purge by id took with it."""
+        try:
+            last = await HistoryStore(self._conn).last(entry.info.run_id)
+        except CorruptHistory:
+            return False  # held as blocked by its workers: not this sweep's to judge
+        return last is None or last[1] <= entry.hseq
 
     async def _expired(self) -> list[IndexEntry]:
         """The closed runs past their retention, reading only what can hold them: the

@@ -119,6 +119,11 @@ RUN_LEVEL_EVENTS: Final = frozenset(
     }
 )
 RUN_LEVEL_FILTER: Final = f"{HISTORY_PREFIX}.*.run"  # every run's run-level events
+# The engine's durable consumers of history: run-level events, and the starts stored where
+# their workers take them.
+DISPATCHER: Final = "natflow-engine-dispatcher"
+START_DISPATCHER: Final = "natflow-engine-starts"
+DISPATCHERS: Final = (DISPATCHER, START_DISPATCHER)
 START_TOKEN: Final = "start"  # natflow.history.<run_id>.start.<queue>.<workflow>
 START_FILTER: Final = f"{HISTORY_PREFIX}.*.{START_TOKEN}.>"  # every run's immediate start
 
