@@ -288,3 +288,32 @@ async def test_a_continued_run_frees_the_values_only_its_older_stretches_used(
     assert not await present(client, first)
     info = await client.describe("loop-1")
     assert info.status == "completed" and info.stretch == 6
+
+
+async def test_chunks_of_one_value_stored_at_once_by_many_writers_are_purged_but_its_own(
+    client: Client,
+) -> None:
+    """Each writer wrote chunks under a nuid of its own and the last meta won: the others'
+    chunks were named by nothing, and no delete ever found them."""
+    from datetime import timedelta
+
+    from natflow_engine._value_chunks import purge_orphan_chunks
+    from natflow_engine._values import VALUES_STREAM
+
+    conn = client.connection
+    await ensure_streams(conn)
+    data = b'"' + b"x" * 200_000 + b'"'
+
+    async def chunk_subjects() -> set[str]:
+        info = await conn.jsm.stream_info(VALUES_STREAM, subjects_filter=f"$O.{VALUES_BUCKET}.C.>")
+        return set(info.state.subjects or {})
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(store_value, conn, "an input", data, f"writer-{i}")
+    assert len(await chunk_subjects()) > 1  # the race this guards against did happen
+    assert await purge_orphan_chunks(conn) == 0  # too recent: a put may still be writing
+    assert await purge_orphan_chunks(conn, older_than=timedelta(0)) >= 1
+    assert len(await chunk_subjects()) == 1
+    ref = await store_value(conn, "an input", data, "writer-0")  # present: nothing written
+    assert await load_value(conn, ref) == data

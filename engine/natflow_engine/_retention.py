@@ -30,6 +30,7 @@ longer than the shortest retention are read again at each sweep once they are th
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Final
@@ -65,6 +66,7 @@ from ._streams import (
     task_subject,
 )
 from ._timers import TIMERS_BUCKET
+from ._value_chunks import ORPHAN_AGE, purge_orphan_chunks
 from ._value_release import release_run_values
 from .events import utcnow
 
@@ -199,6 +201,7 @@ class RetentionService:
         self._first = 0  # the index's first sequence at the last sweep (it only grows)
         self._shorter = anyio.Event()  # set when a shorter retention is learned between sweeps
         self.read = 0  # summaries read by sweeps
+        self._next_chunk_look = 0.0  # monotonic time of the next look for unnamed chunks
 
     def sweep_interval(self) -> float:
         if self._shortest is None:
@@ -225,6 +228,12 @@ class RetentionService:
                 await self.sweep()
             except NatflowError as exc:
                 log.warning("retention sweep failed (%s); trying again later", exc)
+            if time.monotonic() >= self._next_chunk_look:
+                self._next_chunk_look = time.monotonic() + ORPHAN_AGE.total_seconds()
+                try:
+                    await purge_orphan_chunks(self._conn)
+                except NatflowError as exc:
+                    log.warning("looking for unnamed value chunks failed (%s)", exc)
 
     async def sweep(self) -> int:
         """Delete every closed run past its retention; how many were deleted."""
