@@ -411,3 +411,23 @@ def test_no_two_workflows_or_keys_share_a_singleton_or_debounce_cell() -> None:
     rate_hashed = cell_key("imports", "acme corp").split(".k", 1)[1]
     assert cell_key("imports", rate_hashed) != cell_key("imports", "acme corp")
     assert cell_key("imports", "acme") == "imports.kacme"
+
+
+async def test_deleting_a_debounced_or_singleton_run_drops_its_cell_and_the_input_in_it(
+    client: Client, engine: object
+) -> None:
+    """One cell per key stayed for good in natflow_rates, each with the latest input of a run
+    deleted long ago (readable by anyone who may read the bucket)."""
+    async with running_worker(client, [flows.debounced_save, flows.one_per_customer]):
+        saved = await client.start(flows.debounced_save, {"doc": "gone", "v": "secret"})
+        assert await saved.result(timeout=15) == {"doc": "gone", "v": "secret"}
+        single = await client.start(flows.one_per_customer, {"customer": "gone"})
+        await client.signal(single.run_id, "go", "done")
+        assert await single.result(timeout=15) == "done"
+        for handle in (saved, single):
+            await client.delete(handle.run_id)
+    cells = [
+        (m.headers or {}).get("Nats-Subject", m.subject)
+        for m in await kv_entries(client.connection, RATES_BUCKET)
+    ]
+    assert not [key for key in cells if "gone" in key], cells

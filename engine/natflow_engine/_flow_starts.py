@@ -37,11 +37,12 @@ import msgspec
 from ._cell_turns import after_conflict, one_at_a_time
 from ._connection import Connection, JetStreamError
 from ._errors import InvalidInput, NatflowError, RunNotFound
-from ._kv import kv_get, kv_put
+from ._kv import kv_delete, kv_get, kv_put
 from ._rates import RateLimit, ensure_rates_bucket, reserve
 from ._runs import Runs
 from ._sealing import open_sealed, seal
 from ._streams import RATES_BUCKET
+from ._undecodable import UNDECODABLE
 
 log = logging.getLogger("natflow.flow")
 
@@ -308,6 +309,38 @@ async def _ended(runs: Runs, base: str, window: _Window) -> bool:
     except RunNotFound:
         return False
     return addressee is not None and addressee.is_closed
+
+
+async def forget_cells(conn: Connection, run_id: str) -> None:
+    """A deleted run's singleton or debounce cell goes where the run is its current
+    generation; a debounce cell that moved on drops the run's input it kept as the previous
+    window's. The cells were never removed: one per key for good, each holding the latest
+    input of a run long deleted."""
+    kind = re.search(r"-([sd])-", run_id)  # the first is the separator (see _base_id)
+    base, _, gen_text = run_id.rpartition("-")
+    if kind is None or not gen_text.isdigit() or not base:
+        return
+    gen = int(gen_text)
+    cell = f"{'singleton' if kind.group(1) == 's' else 'debounce'}.{base}"
+    found = await kv_get(conn, RATES_BUCKET, cell)
+    if found is None:
+        return
+    try:
+        if kind.group(1) == "s":
+            if _singleton_dec.decode(found[0]).gen == gen:
+                await kv_delete(conn, RATES_BUCKET, cell, revision=found[1])
+            return
+        window = _window_dec.decode(found[0])
+        if window.gen == gen:
+            await kv_delete(conn, RATES_BUCKET, cell, revision=found[1])
+        elif window.prev_gen == gen:  # kept for that run to take: it is gone
+            kept = msgspec.structs.replace(window, prev_input=msgspec.Raw(b"null"))
+            await kv_put(conn, RATES_BUCKET, cell, _enc.encode(kept), revision=found[1])
+    except UNDECODABLE:
+        return  # not a cell natflow wrote
+    except JetStreamError as exc:
+        if not exc.wrong_last_sequence:
+            raise  # else a start moved the cell on meanwhile: it is the new run's now
 
 
 async def take_debounced_input(conn: Connection, debounce: str, first_input: bytes) -> bytes:

@@ -40,6 +40,7 @@ import msgspec
 
 from ._connection import ApiError, Connection
 from ._errors import NatflowError, RunNotFound
+from ._flow_starts import forget_cells
 from ._history import CorruptHistory, HistoryStore
 from ._index import IndexEntry, read_entry
 from ._kv import kv_stream
@@ -126,6 +127,7 @@ async def purge_run(
     # stayed, its result unreadable).
     await _may_purge(conn, run_id)
     await release_run_values(conn, run_id)
+    await forget_cells(conn, run_id)
     removed = 0
     for stream, subject in places:
         removed += await purge(conn, stream, subject)
