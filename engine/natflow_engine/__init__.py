@@ -85,6 +85,7 @@ from ._limits import read_slots as read_limit_slots
 from ._limits import usage as limit_usage
 from ._limits import waiting_for as waiting_for_slot
 from ._logs import fields
+from ._lost_cancel import check_cancelled
 from ._metrics import (
     DEFAULT_WORKER_PORT,
     EXECUTIONS,
@@ -358,6 +359,7 @@ __all__ = [
     "announced_schema",
     "cancel_reason",
     "cell_key",
+    "check_cancelled",
     "check_event_id",
     "check_event_name",
     "check_field_path",

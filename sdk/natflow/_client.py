@@ -32,6 +32,7 @@ from natflow_engine import (
     StepInfo,
     UnreadableValue,
     announced_schema,
+    check_cancelled,
     check_event_id,
     check_event_name,
     check_input,
@@ -505,6 +506,7 @@ class Client:
             idle_heartbeat=0.4,
         )
         try:
+            check_cancelled()  # one lost in the subscribe (3.11): the watch waited for good
             async for msg in sub.messages:
                 for event in unpacked([decode_event(msg.data)]):
                     yield event

@@ -14,6 +14,7 @@ from natflow_engine import (
     InvalidInput,
     LifecycleEvent,
     NatflowError,
+    check_cancelled,
     check_token,
     check_workflow_name,
     decode_lifecycle,
@@ -69,6 +70,7 @@ async def _ephemeral(
     except (nats.errors.Error, nats.js.errors.Error) as exc:
         raise NatflowError(f"cannot follow lifecycle events on {subject!r}: {exc}") from exc
     try:
+        check_cancelled()  # one lost in the subscribe (3.11): the feed waited for good
         async for msg in sub.messages:
             yield decode_lifecycle(msg.data)
     finally:
@@ -105,6 +107,7 @@ async def _durable(
         )
     try:
         while True:
+            check_cancelled()  # one lost in a fetch (3.11): it fetched on for good
             try:
                 msgs = await sub.fetch(batch=_FETCH, timeout=5)
             except (TimeoutError, nats.errors.TimeoutError):

@@ -32,6 +32,7 @@ from natflow_engine import (
     RunInfo,
     RunNotFound,
     Runs,
+    check_cancelled,
     decode_value,
     ensure_streams,
     load_events,
@@ -176,6 +177,7 @@ class RunHandle:
                         woken = anyio.Event()  # set by the refusal: nothing was heard there
                         subject = run_level_subject(self.run_id)
                         subs.append(await nc.subscribe(subject, cb=on_event))
+                    check_cancelled()  # one lost in the subscribe or a look (3.11)
                     try:
                         looked = await self._look(heard_final)
                     except TRANSIENT as exc:  # the server away: wait on, look once it is back
@@ -199,6 +201,7 @@ class RunHandle:
                         # A safety net for an event lost in a reconnect; each second for a
                         # site's run at a hub (its history is at the site).
                         recheck, settling = (1.0 if site else _SAFETY_NET), False
+                    check_cancelled()
                     with anyio.move_on_after(recheck):
                         await self._woken(woken, subject if stored else None)
             assert deadline.cancelled_caught
