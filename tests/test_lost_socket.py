@@ -21,7 +21,7 @@ import anyio
 import pytest
 from natflow_engine._append_batch import Batcher, _Append
 from natflow_engine._connect import connect
-from natflow_engine._connection import Connection, RequestTimeout, quietly
+from natflow_engine._connection import Connection, JetStreamError, RequestTimeout, quietly
 from natflow_engine._errors import ServerUnavailable
 from natflow_engine._index import RunIndex
 from natflow_engine._kv import kv_delete_nowait
@@ -280,9 +280,32 @@ def test_a_write_refused_for_lack_of_storage_is_retried_not_failed(tmp_path: Pat
             with pytest.raises(ServerUnavailable, match="lack of storage") as refused:
                 for n in range(100):  # 20 MB at most: refused well before
                     await conn.publish(f"{HISTORY_PREFIX}.full{n}.step", chunk, None)
-            assert "natflow retries it" in str(refused.value)
+            assert "then try again" in str(refused.value)  # what a caller it reaches can do
         finally:
             await conn.nc.close()
 
     with EmbeddedServer(conf, store_dir=tmp_path / "log") as server:
         anyio.run(main, server.url)
+
+
+def test_an_account_limit_on_streams_is_named_not_a_nats_traceback(tmp_path: Path) -> None:
+    """An account allowed fewer streams than natflow makes: the engine, workers and the CLI
+    died of nats.js.errors.BadRequestError (10027, "maximum number of streams reached")."""
+    conf = tmp_path / "account.conf"
+    conf.write_text(
+        "listen: 127.0.0.1:-1\n"
+        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        "accounts { APP: { jetstream: { max_streams: 3, max_consumers: 50 }, "
+        "users: [ { user: app, password: apppw } ] } }\n"
+    )
+
+    async def main(port: int) -> None:
+        conn = await connect(f"nats://app:apppw@127.0.0.1:{port}")
+        try:
+            with pytest.raises(JetStreamError, match="max_streams"):
+                await ensure_streams(conn)
+        finally:
+            await conn.nc.close()
+
+    with EmbeddedServer(conf, store_dir=tmp_path / "log") as server:
+        anyio.run(main, server.port)

@@ -58,6 +58,15 @@ ERR_JETSTREAM_OFF: Final = (10039, 10076)
 # Freed space (natflow's retention deletes closed runs) or a raised limit ends it, so a
 # write refused so is retried as the server away is, not failed (a worker parked its runs).
 ERR_OUT_OF_STORAGE: Final = (10023, 10002)
+# What the server's or account's JetStream limits refuse to create, and what to raise.
+_LIMIT_HINTS: Final = {
+    10026: "the account's JetStream consumer limit (max_consumers) is reached; natflow "
+    "needs one task and one start consumer per queue and workflow, and the engine's own",
+    10027: "the account's JetStream stream limit (max_streams) is reached; natflow needs "
+    "about 20 streams (its streams, KV buckets and object store)",
+    10047: "the server has too little JetStream storage left to create it (insufficient "
+    "storage); free space or raise max_file_store",
+}
 
 
 # nats-py hands the server's -ERR to error_cb lower-cased, e.g.
@@ -397,7 +406,7 @@ class Connection:
                 raise ServerUnavailable(
                     f"the server refused {subject!r} for lack of storage "
                     f"({reply.error.description}, {reply.error.err_code}): free space or raise "
-                    f"its JetStream limits; natflow retries it until then"
+                    f"its JetStream limits, then try again"
                 )
             raise reply.error.refusal(subject)
         return PubAck(
@@ -436,6 +445,9 @@ class Connection:
             except nats.js.errors.APIError as exc:
                 if exc.code in (500, 503) or exc.err_code == ERR_JS_UNAVAILABLE:
                     raise NoResponders(what) from exc
+                hint = _LIMIT_HINTS.get(exc.err_code or 0)
+                if hint is not None:  # a deployment's limit: one line saying which, no trace
+                    raise JetStreamError(what, exc.code or 0, exc.err_code or 0, hint) from exc
                 raise
             except _CONNECTION_LOST as exc:  # its answer will not come: again once back
                 if not connection_lost(exc):
