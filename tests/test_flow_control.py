@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 from natflow import (
     AesGcmCodec,
@@ -431,3 +432,33 @@ async def test_deleting_a_debounced_or_singleton_run_drops_its_cell_and_the_inpu
         for m in await kv_entries(client.connection, RATES_BUCKET)
     ]
     assert not [key for key in cells if "gone" in key], cells
+
+
+async def test_a_declaration_already_stored_is_not_written_again(client: Client) -> None:
+    """Each worker rewrote its workflows' declarations (flow control, event triggers) at its
+    start: one started while the server's store was full exited on the write."""
+    from datetime import timedelta
+
+    from natflow._flow import declaration_of
+    from natflow_engine._flow_decls import declaration_key, publish_declarations
+    from natflow_engine._kv import kv_get
+    from natflow_engine._triggers import TRIGGERS_BUCKET, TriggerDeclaration, declare
+    from natflow_engine.events import utcnow
+
+    conn = client.connection
+    decl = declaration_of(flows.debounced_save)
+    await publish_declarations(conn, [decl])
+    first = await kv_get(conn, RATES_BUCKET, declaration_key(decl.workflow))
+    await publish_declarations(conn, [decl])
+    assert await kv_get(conn, RATES_BUCKET, declaration_key(decl.workflow)) == first
+    now = utcnow()
+    trigger = TriggerDeclaration(event="e1", workflow="w", queue="q", declared_at=now)
+    await declare(conn, trigger)
+    stored = [m.data for m in await kv_entries(conn, TRIGGERS_BUCKET)]
+    later = msgspec.structs.replace(
+        trigger, declared_at=now + timedelta(seconds=5), declared_by="another"
+    )
+    await declare(conn, later)  # the same wish, from another worker: kept as it was
+    assert [m.data for m in await kv_entries(conn, TRIGGERS_BUCKET)] == stored
+    await declare(conn, msgspec.structs.replace(later, queue="q2"))  # changed: written
+    assert [m.data for m in await kv_entries(conn, TRIGGERS_BUCKET)] != stored

@@ -111,13 +111,19 @@ async def publish_declarations(conn: Connection, declarations: Iterable[FlowDecl
     await ensure_rates_bucket(conn)
     for declaration in declarations:
         key, value = declaration_key(declaration.workflow), _enc.encode(declaration)
+        cache[declaration.workflow] = (declaration, math.inf)
+        found = await retrying(
+            f"reading workflow {declaration.workflow}'s flow control",
+            functools.partial(kv_get, conn, RATES_BUCKET, key),
+        )
+        if found is not None and found[0] == value:
+            continue  # declared so already (a write would fail while the store is full)
         # A worker starting while its cluster elects the bucket's leader (a node just died)
         # gets "no responders" for a moment: wait it out, do not die of it.
         await retrying(
             f"declaring workflow {declaration.workflow}'s flow control",
             functools.partial(kv_put, conn, RATES_BUCKET, key, value),
         )
-        cache[declaration.workflow] = (declaration, math.inf)
 
 
 async def declared(conn: Connection, workflow: str) -> FlowDeclaration | None:

@@ -159,7 +159,22 @@ async def declare(conn: Connection, declaration: TriggerDeclaration) -> None:
     """Store (or refresh) one workflow's wish to start on an event."""
     check_event_name(declaration.event)
     key = _declaration_key(declaration.event, declaration.workflow)
+    found = await kv_get(conn, TRIGGERS_BUCKET, key)
+    if found is not None and _same(found[0], declaration):
+        # Already so: nothing written (a worker started while the store was full exited on
+        # a rewrite of what another worker had declared already).
+        return
     await kv_put(conn, TRIGGERS_BUCKET, key, _decl_encoder.encode(declaration))
+
+
+def _same(stored: bytes, declaration: TriggerDeclaration) -> bool:
+    """Whether ``stored`` declares the same (whoever declared it, and when)."""
+    try:
+        held = _decl_decoder.decode(stored)
+    except UNDECODABLE:
+        return False
+    who = {"declared_by": declaration.declared_by, "declared_at": declaration.declared_at}
+    return msgspec.structs.replace(held, **who) == declaration
 
 
 def _key_of(msg: Msg) -> str:
