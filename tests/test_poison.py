@@ -250,6 +250,36 @@ async def test_graceful_stops_during_a_long_step_never_hold_its_run_as_poisoned(
 
 
 @pytest.mark.slow
+async def test_a_stopped_worker_releases_and_hands_back_every_run_it_holds(
+    client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
+) -> None:
+    """`natflow worker` cancelled its own shutdown as the grace ended: one or two of its runs
+    were released and handed back, the others waited for their leases and counted as
+    deaths (blocked as poisoned after three rolling restarts)."""
+    env = {COUNTS_ENV: str(tmp_path / "counts.txt")}
+    ids = [f"held-{i}" for i in range(20)]
+    for run_id in ids:
+        await client.start("long_runner", 120, run_id=run_id)
+    worker = spawn_worker(
+        nats_server.url, TARGET, "--grace", "0.2", env=env, log=tmp_path / "w.log"
+    )
+
+    async def all_started() -> bool:
+        found = counts(tmp_path / "counts.txt")
+        return all(found[f"{run_id}:long_step"] >= 1 for run_id in ids)
+
+    try:
+        await wait_for(all_started, timeout=30, what="the long steps running")
+    finally:
+        stop(worker, signal.SIGTERM)
+        worker.wait(timeout=20)
+    for run_id in ids:
+        events = await client.history(run_id)
+        assert [e for e in events if isinstance(e, RunReleased)], run_id
+        await client.terminate(run_id, "done testing")
+
+
+@pytest.mark.slow
 async def test_a_stopping_worker_exits_though_a_sync_step_outlives_its_grace(
     client: Client, nats_server: EmbeddedServer, engine: object, tmp_path: Path
 ) -> None:

@@ -213,12 +213,14 @@ async def run_worker_command(args: argparse.Namespace) -> int:
                 identity=args.identity,
             )
         stopped_by: list[int] = []
+        drained = anyio.Event()
         with one_error():  # a natflow error as one line, a bug with its traceback
             async with anyio.create_task_group() as tg:
 
                 async def drain() -> None:
                     with anyio.move_on_after(args.grace + _THREADS_GRACE):
                         await worker.shutdown(grace=args.grace)
+                        drained.set()
                         return
                     # Its runs are handed back; what is left is a sync step's thread, which
                     # nothing can stop, and which kept the process alive to its end.
@@ -250,6 +252,12 @@ async def run_worker_command(args: argparse.Namespace) -> int:
 
                 tg.start_soon(on_signal)
                 await worker.run()
+                if stopped_by:
+                    # run() ends as the grace does, before the shutdown has handed the held
+                    # runs back: cancelled there, it handed back one or two, and the rest,
+                    # left to their leases, were counted as deaths (blocked after three
+                    # rolling restarts).
+                    await drained.wait()
                 tg.cancel_scope.cancel()
         return _exit_status(stopped_by[0]) if stopped_by else 0
     finally:
