@@ -52,7 +52,9 @@ def announced(workers: Iterable[WorkerInfo], workflow: str) -> Any | None:
         return found[0] if found else None
     log.warning(
         "workers announce %d input types for workflow %r (%s): a start's input is accepted if "
-        "it fits one of them, and runs where the worker that takes it can decode it",
+        "it fits one of them, and a worker that takes a run whose input does not fit its own "
+        "type fails the run (InvalidInput): finish the rolling deploy, or start with input "
+        "both versions take",
         len(found),
         workflow,
         "; ".join(", ".join(names) for names in by),
