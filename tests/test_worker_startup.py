@@ -215,3 +215,47 @@ async def test_a_shutdown_returns_within_its_grace_while_a_sync_step_runs_on(
             assert await handle.result(timeout=20) == "done"
     finally:
         _STEP_GATE.set()
+
+
+async def test_a_worker_that_cannot_renew_its_registry_entry_says_so_once(
+    client: Client, monkeypatch: object, caplog: object
+) -> None:
+    """Only at debug: with the store full, `natflow workers` said "no live workers" of two
+    live ones, and their logs said nothing."""
+    import logging
+    import types
+
+    import anyio
+    import pytest
+    from natflow import _registration
+    from natflow_engine import ServerUnavailable
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    assert isinstance(caplog, pytest.LogCaptureFixture)
+    from natflow_engine._streams import ensure_streams
+
+    await ensure_streams(client.connection)
+    leases = types.SimpleNamespace(ttl=15.0)
+    registration = _registration.Registration(
+        client.connection,
+        "reg-w",
+        [],
+        {},
+        [],
+        {},
+        leases,
+        anyio.Event(),  # type: ignore[arg-type]
+    )
+
+    async def full(*_: object) -> None:
+        raise ServerUnavailable("the server refused it for lack of storage")
+
+    with caplog.at_level(logging.DEBUG, logger="natflow.worker"):
+        monkeypatch.setattr(_registration, "announce", full)
+        for _ in range(3):
+            await registration.announce()
+        monkeypatch.undo()
+        await registration.announce()
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "lack of storage" in warned[0].getMessage()
+    assert "reg-w is in the registry again" in caplog.text

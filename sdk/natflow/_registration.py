@@ -83,6 +83,7 @@ class Registration:
         self._leases = leases
         self._stopping = stopping
         self._started_at = utcnow()
+        self._failing = False  # the last heartbeat was not written
         self.user = ("", "")  # (user, account) as the server names them, once running
 
     @functools.cached_property
@@ -122,9 +123,27 @@ class Registration:
                     f"the credentials with `natflow auth worker --identity NAME --processes "
                     f"N`, or run one process (--processes 1)"
                 ) from None
-            log.debug("registry heartbeat failed: %s", exc)
+            self._failed(exc)
         except (NatflowError, nats.errors.Error) as exc:
-            log.debug("registry heartbeat failed: %s", exc)
+            self._failed(exc)
+        else:
+            if self._failing:
+                log.info("worker %s is in the registry again", self._identity)
+            self._failing = False
+
+    def _failed(self, exc: Exception) -> None:
+        """A heartbeat not written: once in a row at warning (the worker runs on, but
+        `natflow workers` no longer lists it, and starts warn that nobody serves its
+        workflows: the store full, a denial), the others at debug."""
+        level = logging.DEBUG if self._failing else logging.WARNING
+        self._failing = True
+        log.log(
+            level,
+            "worker %s could not renew its registry entry (%s); it keeps working, but "
+            "`natflow workers` will not list it until a heartbeat is written",
+            self._identity,
+            exc,
+        )
 
     async def withdraw(self) -> None:
         """Remove the entry (a failure is logged: the entry lapses by itself)."""
