@@ -309,3 +309,30 @@ def test_an_account_limit_on_streams_is_named_not_a_nats_traceback(tmp_path: Pat
 
     with EmbeddedServer(conf, store_dir=tmp_path / "log") as server:
         anyio.run(main, server.port)
+
+
+def test_large_values_move_on_a_server_whose_max_payload_is_small(tmp_path: Path) -> None:
+    """nats-py writes 128 KiB chunks, and values up to 64 KiB stayed inline: with a max
+    payload of 64 KiB, every value over it was refused (maximum payload exceeded)."""
+    from natflow_engine._values import inline_limit, load_value, store_value
+
+    conf = tmp_path / "small-payload.conf"
+    conf.write_text(
+        "listen: 127.0.0.1:-1\nmax_payload: 65536\n"
+        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+    )
+
+    async def main(url: str) -> None:
+        conn = await connect(url)
+        try:
+            await ensure_streams(conn)
+            assert inline_limit(conn) == 16 * 1024
+            for size in (40_000, 300_000):
+                data = b'"' + b"v" * size + b'"'
+                ref = await store_value(conn, "a value", data, "small-payload")
+                assert ref != data and await load_value(conn, ref) == data
+        finally:
+            await conn.nc.close()
+
+    with EmbeddedServer(conf, store_dir=tmp_path / "log") as server:
+        anyio.run(main, server.url)

@@ -29,7 +29,7 @@ from ._runs import Runs
 from ._sealing import seal
 from ._streams import ensure_streams
 from ._undecodable import UNDECODABLE
-from ._values import INLINE_BYTES, check_value_size, store_value
+from ._values import check_value_size, inline_limit, store_value
 
 log = logging.getLogger("natflow.starts")
 
@@ -89,7 +89,7 @@ async def request_start(
     if conn.codec is not None:
         input_json = seal(conn.codec, input_json)
     check_value_size(conn, "workflow input", len(input_json))
-    if len(input_json) > INLINE_BYTES:  # only then does the value store get involved
+    if len(input_json) > inline_limit(conn):  # only then does the value store get involved
         await ensure_streams(conn)
         input_json = await store_value(conn, "workflow input", input_json, run_id)
     body = _request_encoder.encode(

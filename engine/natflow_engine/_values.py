@@ -22,6 +22,7 @@ import io
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
+from nats.js.api import ObjectMeta, ObjectMetaOptions
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -100,6 +101,21 @@ def check_value_size(conn: Connection, what: str, size: int, *, to_seal: bool = 
         )
 
 
+def inline_limit(conn: Connection) -> int:
+    """The most bytes a value keeps inline on this server: :data:`INLINE_BYTES`, less where
+    the server's max payload is small (an event may carry more than one value)."""
+    return min(INLINE_BYTES, max(1024, conn.max_payload // 4))
+
+
+def _chunk_size(conn: Connection) -> int:
+    """Object store chunks within the server's max payload (nats-py's are 128 KiB: a server
+    whose max payload was 64 KiB refused every large value)."""
+    return max(1024, min(_CHUNK_BYTES, conn.max_payload - 4096))
+
+
+_CHUNK_BYTES: Final = 128 * 1024
+
+
 def _store(conn: Connection) -> ObjectStore:
     return ObjectStore(name=VALUES_BUCKET, stream=VALUES_STREAM, js=conn.js)
 
@@ -121,7 +137,7 @@ async def store_value(
         if run_id is not None:
             await mark(conn, _ref_decoder.decode(data).digest, run_id)
         return data
-    if len(data) <= inline:
+    if len(data) <= min(inline, inline_limit(conn)):
         return data
     check_value_size(conn, what, len(data))
     try:
@@ -146,7 +162,12 @@ async def _stored(conn: Connection, what: str, data: bytes, run_id: str | None) 
         present = False
     if not present:
         try:
-            await conn.admin(f"storing {what} ({len(data)} bytes)", lambda: store.put(digest, data))
+            meta = ObjectMeta(
+                name=digest, options=ObjectMetaOptions(max_chunk_size=_chunk_size(conn))
+            )
+            await conn.admin(
+                f"storing {what} ({len(data)} bytes)", lambda: store.put(digest, data, meta=meta)
+            )
         except NatflowError:
             raise
         except Exception as exc:  # a nats-py error: mapped here, at the boundary
