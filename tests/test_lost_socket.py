@@ -346,3 +346,16 @@ def test_large_values_move_on_a_server_whose_max_payload_is_small(tmp_path: Path
 
     with EmbeddedServer(conf, store_dir=tmp_path / "log") as server:
         anyio.run(main, server.url)
+
+
+def test_failures_of_one_kind_are_warned_of_once_in_a_while() -> None:
+    """With the store full, the engine logged a warning per run it could not enqueue and per
+    timer it could not fire: 30 to 72 lines a second."""
+    import logging
+
+    from natflow_engine._log_repeats import level_for
+
+    levels = [level_for("test kind", window=60.0) for _ in range(50)]
+    assert levels == [logging.WARNING] + [logging.DEBUG] * 49
+    assert level_for("another kind") == logging.WARNING
+    assert level_for("test kind", window=0.0) == logging.WARNING  # the window passed

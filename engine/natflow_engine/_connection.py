@@ -35,6 +35,7 @@ from ._errors import (
     PermissionDenied,
     ServerUnavailable,
 )
+from ._log_repeats import level_for
 from ._sealing import PayloadCodec
 
 log = logging.getLogger("natflow.connection")
@@ -570,22 +571,31 @@ T = TypeVar("T")
 retry_deadline: ContextVar[float | None] = ContextVar("natflow_retry_deadline", default=None)
 
 
-async def retrying(what: str, op: Callable[[], Awaitable[T]], *, budget: float = 30.0) -> T:
+async def retrying(
+    what: str, op: Callable[[], Awaitable[T]], *, budget: float = 30.0, kind: str | None = None
+) -> T:
     """Run ``op``, retrying transient failures with backoff for up to ``budget`` seconds
-    (and not past :data:`retry_deadline`, where one is set)."""
+    (and not past :data:`retry_deadline`, where one is set). ``kind``: what many operations
+    of one sort share (enqueueing runs), whose first failures are warned of once in a while
+    (:mod:`_log_repeats`), not once per operation."""
     deadline = time.monotonic() + budget
     cap = retry_deadline.get()
     if cap is not None:
         deadline = min(deadline, cap)
     delay = 0.1
-    level = logging.WARNING  # once per operation: an election's few seconds logged ~150 lines
+    # Once per operation (an election's few seconds logged ~150 lines), and once in a while
+    # for a kind of operation (each run to enqueue, while the store is full).
+    first = True
     while True:
         try:
             return await op()
         except TRANSIENT as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            log.log(level, "%s failed (%s); retrying in %.1f s", what, exc, delay)
             level = logging.DEBUG
+            if first:
+                level = level_for(kind) if kind is not None else logging.WARNING
+            first = False
+            log.log(level, "%s failed (%s); retrying in %.1f s", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

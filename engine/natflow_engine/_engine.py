@@ -53,6 +53,7 @@ from ._jsz import JetStreamUsage
 from ._lanes import Lanes
 from ._limit_service import LimitService
 from ._limits import waiting_for
+from ._log_repeats import level_for
 from ._logs import fields
 from ._metrics import observe_run
 from ._names import check_token
@@ -375,14 +376,19 @@ class Engine:
             if isinstance(event, RunStarted):
                 self.retention.learn(event.retention)
         except Exception as exc:
-            log.warning(
-                "run %s: engine could not process %s (%s); will retry",
+            log.log(
+                level_for("dispatch"),
+                "run %s: engine could not process %s (%s); will retry (more such failures "
+                "within 30 s are logged at debug)",
                 run_id,
                 msg.subject,
                 exc,
                 extra=fields(run_id),
             )
-            await quietly(msg.nak(delay=1.0))
+            # 1 s, doubling with each redelivery up to 30 s: what fails for every event (the
+            # store full) is not retried thousands of times a minute meanwhile.
+            tries = max(1, msg.metadata.num_delivered or 1)
+            await quietly(msg.nak(delay=min(30.0, 2.0 ** min(tries - 1, 5))))
             return
         # An immediate start (a restart enqueues once its seed is written): acknowledged when
         # the run moves on (its next event, in this lane), or checked once its grace has

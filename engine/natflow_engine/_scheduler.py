@@ -32,6 +32,7 @@ from ._errors import NatflowError
 from ._flow_decls import start_declared
 from ._history import HistoryStore
 from ._kv import kv_watch
+from ._log_repeats import level_for
 from ._logs import fields
 from ._metrics import SCHEDULE_FIRES, SCHEDULE_LATENESS
 from ._quarantine import quarantined
@@ -138,7 +139,13 @@ class Scheduler:
             if schedule is not None and schedule.pending and (decided or _stale(schedule)):
                 await self._start_pending(schedule)
         except (NatflowError, OSError, *UNDECODABLE) as exc:
-            log.warning("schedule %s: pass failed (%s); retrying", schedule_id, exc)
+            log.log(
+                level_for("schedule pass"),
+                "schedule %s: pass failed (%s); retrying (more such failures within 30 s are "
+                "logged at debug)",
+                schedule_id,
+                exc,
+            )
             self._retry_at[schedule_id] = time.time() + RETRY_AFTER
         except Exception:  # never let one schedule stop the others
             log.exception("schedule %s: pass failed; retrying", schedule_id)

@@ -71,7 +71,7 @@ async def enqueue(conn: Connection, queue: str, task: Task) -> bool:
                 return False
             raise
 
-    return await retrying(f"enqueueing run {task.run_id}", attempt)
+    return await retrying(f"enqueueing run {task.run_id}", attempt, kind="enqueueing runs")
 
 
 async def send_start_task(conn: Connection, queue: str, task: Task) -> None:

@@ -29,6 +29,7 @@ from ._connection import Connection
 from ._errors import NatflowError
 from ._index import RunIndex
 from ._kv import kv_delete_nowait, kv_put, kv_watch
+from ._log_repeats import level_for
 from ._logs import fields
 from ._metrics import TIMER_LATENESS, TIMERS_FIRED
 from ._names import _TOKEN
@@ -244,8 +245,10 @@ class TimerService:
             TIMERS_FIRED.inc()
             await self._mark_if_unfired(timer)
         except NatflowError as exc:
-            log.warning(
-                "timer %s of run %s: wake-up failed (%s); retrying later",
+            log.log(
+                level_for("timer wake-up"),
+                "timer %s of run %s: wake-up failed (%s); retrying later (more such failures "
+                "within 30 s are logged at debug)",
                 timer.name,
                 timer.run_id,
                 exc,
