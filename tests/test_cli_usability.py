@@ -21,11 +21,12 @@ import pytest
 from natflow import Client, InvalidInput, WorkflowContext, workflow
 from natflow_engine._cli import build_parser
 from natflow_engine._engine import Engine
+from natflow_engine._history import HistoryStore
 from natflow_engine._input_schema import announced, check_input
 from natflow_engine._registry import WorkerInfo
 from natflow_engine._server import EmbeddedServer
 from natflow_engine._streams import ensure_streams
-from natflow_engine.events import RunStarted
+from natflow_engine.events import RunClaimed, RunStarted, utcnow
 
 from examples.workflows import WORKFLOWS
 from tests.helpers import ROOT, running_worker, wait_for
@@ -157,6 +158,16 @@ async def test_start_warns_when_nobody_serves_and_checks_input_against_the_worke
     assert "waiting   no live worker serves workflow 'nosuchflow' on queue 'default'" in out(show)
     shown = json.loads(out(await natflow(url, "runs", "show", "lonely-cli", "--json")))
     assert "nosuchflow" in shown["unserved"]
+    # Claimed by a worker that is gone since (its lease lapsed), which nobody replaced (a
+    # rolling deploy that dropped the workflow): "running" with no word of why it stays so.
+    history = HistoryStore(client.connection)
+    last = await history.last("lonely-cli")
+    assert last is not None
+    claim = RunClaimed(id="lonely-cli:2", at=utcnow(), worker="gone-worker")
+    await history.append("lonely-cli", claim, last[1])
+    show = await natflow(url, "runs", "show", "lonely-cli")
+    assert "status    running" in out(show), out(show)
+    assert "waiting   no live worker serves workflow 'nosuchflow' on queue 'default'" in out(show)
 
     async with running_worker(client, WORKFLOWS):
         served = await natflow(url, "start", "greet", "--input", '{"name": "Ada"}')

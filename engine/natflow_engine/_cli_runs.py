@@ -377,7 +377,10 @@ async def _show(conn: Connection, runs: Runs, info: RunInfo, as_json: bool) -> N
     lease = await Leases(conn).get(info.run_id)
     holder = lease[0] if lease is not None else None
     unserved = None
-    if info.status == "pending":
+    # Pending, or shown running by a worker that is gone (its lease lapsed) and no worker
+    # left to take it (a rolling deploy that dropped the workflow): it said "running" for good.
+    orphaned = not info.is_closed and info.status not in ("blocked", "paused") and holder is None
+    if info.status == "pending" or orphaned:
         workers = await list_workers(conn)
         if not _serving(workers, info.workflow, info.queue):
             unserved = nobody_serves(info.workflow, info.queue, workers)
