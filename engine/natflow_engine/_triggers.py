@@ -37,7 +37,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from ._connection import Connection, quietly, retrying
-from ._errors import InvalidInput, NatflowError
+from ._errors import InvalidInput, NatflowError, PermissionDenied
 from ._flow_decls import declared, start_declared
 from ._kv import kv_delete, kv_entries, kv_get, kv_put
 from ._logs import fields
@@ -159,7 +159,10 @@ async def declare(conn: Connection, declaration: TriggerDeclaration) -> None:
     """Store (or refresh) one workflow's wish to start on an event."""
     check_event_name(declaration.event)
     key = _declaration_key(declaration.event, declaration.workflow)
-    found = await kv_get(conn, TRIGGERS_BUCKET, key)
+    try:
+        found = await kv_get(conn, TRIGGERS_BUCKET, key)
+    except PermissionDenied:  # a worker role from before it might read the bucket: write
+        found = None
     if found is not None and _same(found[0], declaration):
         # Already so: nothing written (a worker started while the store was full exited on
         # a rewrite of what another worker had declared already).

@@ -220,6 +220,10 @@ async def run_worker_command(args: argparse.Namespace) -> int:
                 async def drain() -> None:
                     with anyio.move_on_after(args.grace + _THREADS_GRACE):
                         await worker.shutdown(grace=args.grace)
+                        # The process would wait for them at its exit. A count the threads'
+                        # ends keep, looked at 10 times a second while a worker stops only.
+                        while worker.step_threads:  # noqa: ASYNC110
+                            await anyio.sleep(0.1)
                         drained.set()
                         return
                     # Its runs are handed back; what is left is a sync step's thread, which

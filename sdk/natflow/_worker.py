@@ -153,12 +153,13 @@ class Worker:
             self._conn, self._guard, self._run_leases, self._stopping, self._not_pulling
         )
         limiter = anyio.CapacityLimiter(max_concurrent_steps) if max_concurrent_steps else None
+        self._steps = StepRuntime(limiter=limiter)
         self._processor = TaskProcessor(
             workflows=self._workflows,
             conn=self._conn,
             store=self._store,
             identity=self.identity,
-            runtime=StepRuntime(limiter=limiter),
+            runtime=self._steps,
             guard=self._guard,
             admitter=self._admitter,
             leases=self._run_leases,
@@ -345,6 +346,12 @@ class Worker:
         if self._pulse is not None and self._pulse_thread:
             await anyio.to_thread.run_sync(self._pulse.stop)
         await self._registration.withdraw()
+
+    @property
+    def step_threads(self) -> int:
+        """Sync steps whose threads run now: after :meth:`shutdown`, those it left running
+        (nothing can stop a thread; a process that exits waits for them)."""
+        return int(self._steps.thread_limiter.borrowed_tokens)
 
     async def shutdown(self, grace: float | timedelta = 30.0) -> None:
         """Stop taking work and hand back what this worker holds.
