@@ -9,11 +9,13 @@ nats-server's default sync: tests exercise crashes of processes, which that surv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,9 +44,22 @@ def _serve(tmp_path: Path, *args: str) -> tuple[dict[str, str], dict[str, object
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("NATFLOW_CONFIG", None)
     env.pop("NATFLOW_FAST", None)
+    args = ("--port", "0", "--http-port", "0", "--store-dir", "store", *args)
+    with _serving(args, tmp_path, env) as lines:
+        assert "monitoring" in lines, lines
+        with urllib.request.urlopen(lines["monitoring"] + "/varz", timeout=10) as response:
+            varz = json.load(response)
+        url = lines["natflow"].rsplit(" ", 1)[-1]  # "server: nats-server at URL"
+        return lines, varz["jetstream"]["config"], asyncio.run(_recorded_sync_mode(url))
+
+
+@contextlib.contextmanager
+def _serving(args: tuple[str, ...], cwd: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """`natflow server ARGS` in ``cwd``, its startup lines by their first word; stopped at the
+    end (SIGTERM)."""
     proc = subprocess.Popen(
-        [*NATFLOW, "server", "--port", "0", "--http-port", "0", "--store-dir", "store", *args],
-        cwd=tmp_path,
+        [*NATFLOW, "server", *args],
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -58,11 +73,7 @@ def _serve(tmp_path: Path, *args: str) -> tuple[dict[str, str], dict[str, object
             lines[key] = value.strip()
             if line.startswith("Ctrl-C"):
                 break
-        assert "monitoring" in lines, lines
-        with urllib.request.urlopen(lines["monitoring"] + "/varz", timeout=10) as response:
-            varz = json.load(response)
-        url = lines["natflow"].rsplit(" ", 1)[-1]  # "server: nats-server at URL"
-        return lines, varz["jetstream"]["config"], asyncio.run(_recorded_sync_mode(url))
+        yield lines
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
@@ -175,25 +186,8 @@ def test_a_configurations_relative_store_is_shown_where_it_is_and_no_folder_is_l
     conf.write_text('listen: 127.0.0.1:-1\njetstream { store_dir: "data" }\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")}
     env.pop("NATFLOW_STORE_DIR", None)
-    proc = subprocess.Popen(
-        [*NATFLOW, "server", "--config", "conf/mine.conf"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: dict[str, str] = {}
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            key, _, value = line.strip().partition(" ")
-            lines[key] = value.strip()
-            if line.startswith("Ctrl-C"):
-                break
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+    with _serving(("--config", "conf/mine.conf"), tmp_path, env) as lines:
+        pass
     assert lines["data"].startswith(f"{tmp_path / 'conf' / 'data' / 'jetstream'} "), lines
     assert (tmp_path / "conf" / "data" / "jetstream").is_dir()
     assert list((tmp_path / "tmp").iterdir()) == []

@@ -276,49 +276,32 @@ def test_a_write_refused_for_lack_of_storage_is_retried_not_failed(tmp_path: Pat
     """A server out of JetStream storage refuses writes ("insufficient resources") until
     space is freed (retention deletes closed runs) or its limit raised: the server away for
     now, retried, not a refusal that a worker counted toward parking the run."""
-    conf = tmp_path / "small.conf"
-    conf.write_text(
-        "listen: 127.0.0.1:-1\n"
-        f'jetstream {{ store_dir: "{tmp_path / "js"}", max_file_store: 4MB }}\n'
-    )
 
-    async def main(url: str) -> None:
-        conn = await connect(url)
-        try:
-            await ensure_streams(conn)
-            chunk = b"x" * 200 * 1024
-            with pytest.raises(ServerUnavailable, match="lack of storage") as refused:
-                for n in range(100):  # 20 MB at most: refused well before
-                    await conn.publish(f"{HISTORY_PREFIX}.full{n}.step", chunk, None)
-            assert "then try again" in str(refused.value)  # what a caller it reaches can do
-        finally:
-            await conn.nc.close()
+    async def main(conn: Connection) -> None:
+        await ensure_streams(conn)
+        chunk = b"x" * 200 * 1024
+        with pytest.raises(ServerUnavailable, match="lack of storage") as refused:
+            for n in range(100):  # 20 MB at most: refused well before
+                await conn.publish(f"{HISTORY_PREFIX}.full{n}.step", chunk, None)
+        assert "then try again" in str(refused.value)  # what a caller it reaches can do
 
-    with EmbeddedServer(conf, store_dir=tmp_path / "log") as server:
-        anyio.run(main, server.url)
+    _on_server(tmp_path, 'jetstream { store_dir: "{store}", max_file_store: 4MB }', main)
 
 
 def test_an_account_limit_on_streams_is_named_not_a_nats_traceback(tmp_path: Path) -> None:
     """An account allowed fewer streams than natflow makes: the engine, workers and the CLI
     died of nats.js.errors.BadRequestError (10027, "maximum number of streams reached")."""
-    conf = tmp_path / "account.conf"
-    conf.write_text(
-        "listen: 127.0.0.1:-1\n"
-        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+
+    async def main(conn: Connection) -> None:
+        with pytest.raises(JetStreamError, match="max_streams"):
+            await ensure_streams(conn)
+
+    config = (
+        'jetstream { store_dir: "{store}" }\n'
         "accounts { APP: { jetstream: { max_streams: 3, max_consumers: 50 }, "
         "users: [ { user: app, password: apppw } ] } }\n"
     )
-
-    async def main(port: int) -> None:
-        conn = await connect(f"nats://app:apppw@127.0.0.1:{port}")
-        try:
-            with pytest.raises(JetStreamError, match="max_streams"):
-                await ensure_streams(conn)
-        finally:
-            await conn.nc.close()
-
-    with EmbeddedServer(conf, store_dir=tmp_path / "log") as server:
-        anyio.run(main, server.port)
+    _on_server(tmp_path, config, main)
 
 
 def test_large_values_move_on_a_server_whose_max_payload_is_small(tmp_path: Path) -> None:
@@ -326,26 +309,15 @@ def test_large_values_move_on_a_server_whose_max_payload_is_small(tmp_path: Path
     payload of 64 KiB, every value over it was refused (maximum payload exceeded)."""
     from natflow_engine._values import inline_limit, load_value, store_value
 
-    conf = tmp_path / "small-payload.conf"
-    conf.write_text(
-        "listen: 127.0.0.1:-1\nmax_payload: 65536\n"
-        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
-    )
+    async def main(conn: Connection) -> None:
+        await ensure_streams(conn)
+        assert inline_limit(conn) == 16 * 1024
+        for size in (40_000, 300_000):
+            data = b'"' + b"v" * size + b'"'
+            ref = await store_value(conn, "a value", data, "small-payload")
+            assert ref != data and await load_value(conn, ref) == data
 
-    async def main(url: str) -> None:
-        conn = await connect(url)
-        try:
-            await ensure_streams(conn)
-            assert inline_limit(conn) == 16 * 1024
-            for size in (40_000, 300_000):
-                data = b'"' + b"v" * size + b'"'
-                ref = await store_value(conn, "a value", data, "small-payload")
-                assert ref != data and await load_value(conn, ref) == data
-        finally:
-            await conn.nc.close()
-
-    with EmbeddedServer(conf, store_dir=tmp_path / "log") as server:
-        anyio.run(main, server.url)
+    _on_server(tmp_path, 'max_payload: 65536\njetstream { store_dir: "{store}" }', main)
 
 
 def test_failures_of_one_kind_are_warned_of_once_in_a_while() -> None:
@@ -359,3 +331,22 @@ def test_failures_of_one_kind_are_warned_of_once_in_a_while() -> None:
     assert levels == [logging.WARNING] + [logging.DEBUG] * 49
     assert level_for("another kind") == logging.WARNING
     assert level_for("test kind", window=0.0) == logging.WARNING  # the window passed
+
+
+def _on_server(tmp_path: Path, config: str, main: Callable[[Connection], Awaitable[None]]) -> None:
+    """Run ``main`` on a connection to a server of this configuration (``{store}``: a store
+    folder of the test's); the URL's user and password are ``app``/``apppw`` where the
+    configuration has accounts."""
+    conf = tmp_path / "server.conf"
+    conf.write_text("listen: 127.0.0.1:-1\n" + config.replace("{store}", str(tmp_path / "js")))
+
+    async def connected(port: int) -> None:
+        auth = "app:apppw@" if "accounts" in config else ""
+        conn = await connect(f"nats://{auth}127.0.0.1:{port}")
+        try:
+            await main(conn)
+        finally:
+            await conn.nc.close()
+
+    with EmbeddedServer(conf, store_dir=tmp_path / "log") as server:
+        anyio.run(connected, server.port)
