@@ -15,6 +15,7 @@ from natflow import Client, NatflowError, RunNotFound, WorkflowContext, workflow
 from natflow_engine._cli import main as cli_main
 from natflow_engine._connection import Connection
 from natflow_engine._engine import Engine
+from natflow_engine._history import HistoryStore
 from natflow_engine._index import IndexEntry, RunIndex
 from natflow_engine._retention import RetentionService, purge
 from natflow_engine._server import EmbeddedServer
@@ -389,3 +390,28 @@ async def test_a_run_deleted_as_it_closes_is_not_written_back_by_the_engine(
             "NATFLOW_LIFECYCLE", subjects_filter=">"
         )
         assert not [s for s in (lifecycle.state.subjects or {}) if s.endswith(".closing")]
+
+
+async def test_retention_counts_from_when_the_server_stored_the_end_not_the_workers_clock(
+    client: Client, nats_server: EmbeddedServer
+) -> None:
+    """``closed_at`` is the clock of the worker that closed the run: one an hour behind had
+    a run kept for 10 minutes deleted within a minute."""
+    async with (
+        engine_with(nats_server.url, retention=None),
+        running_worker(client, [chatty]),
+    ):
+        assert await (await client.start(chatty, 3, run_id="skewed")).result(timeout=20) == 3
+        await wait_for(lambda: dispatcher_caught_up(client), what="the end folded")
+    conn = client.connection
+    entry = await RunIndex(conn).get("skewed")
+    assert entry is not None
+    last = await HistoryStore(conn).last_stored("skewed")
+    assert last is not None
+    hour_ago = utcnow() - timedelta(hours=1)
+    behind = msgspec.structs.replace(entry, closed_at=hour_ago, updated_at=hour_ago)
+    indexed = IndexEntry(hseq=last[0], info=behind)
+    await conn.publish(runs_subject("skewed"), msgspec.json.encode(indexed))  # as it wrote it
+    sweeper = RetentionService(conn, retention=600.0)
+    assert await sweeper.sweep() == 0
+    assert (await client.describe("skewed")).status == "completed"

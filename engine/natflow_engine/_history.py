@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import msgspec
 from nats.aio.msg import Msg
@@ -28,7 +29,7 @@ from ._connection import (
 )
 from ._errors import NatflowError
 from ._level_read import read_by_level
-from ._reader import reader
+from ._reader import reader, stored_time
 from ._sealing import seal_event
 from ._streams import (
     HISTORY_STREAM,
@@ -238,6 +239,15 @@ class HistoryStore:
             return decode_event(msg.data), seq
         except UNDECODABLE as exc:
             raise CorruptHistory(run_id, seq, str(exc), last_seq=seq, count=0, last=None) from None
+
+    async def last_stored(self, run_id: str) -> tuple[int, datetime] | None:
+        """The sequence of the run's last event and when the server stored it (its clock,
+        not the writer's), or None if the run does not exist."""
+        msg = await self._last_msg(run_id)
+        if msg is None:
+            return None
+        headers = msg.headers or {}
+        return int(headers["Nats-Sequence"]), stored_time(headers)
 
     async def exists(self, run_id: str) -> bool:
         """Whether the run has any history (its last event need not decode)."""

@@ -41,7 +41,7 @@ import msgspec
 from ._connection import ApiError, Connection
 from ._errors import NatflowError, RunNotFound
 from ._flow_starts import forget_cells
-from ._history import CorruptHistory, HistoryStore
+from ._history import HistoryStore
 from ._index import IndexEntry, read_entry
 from ._kv import kv_stream
 from ._leases import LEASES_BUCKET
@@ -248,7 +248,7 @@ class RetentionService:
             async with limiter:
                 info = entry.info
                 try:
-                    if not await self._unchanged(entry):
+                    if not await self._still_due(entry):
                         return
                     await purge_run(
                         self._conn, info.run_id, info.workflow, info.queue, last_seq=entry.hseq
@@ -266,16 +266,22 @@ class RetentionService:
         self.deleted += deleted
         return deleted
 
-    async def _unchanged(self, entry: IndexEntry) -> bool:
+    async def _still_due(self, entry: IndexEntry) -> bool:
         """Whether the run's history still ends where its summary does (or is gone: what is
-        left of it goes too). Another replica may have deleted it since this sweep read the
-        index, and a new run been started under the same id (an idempotency key), which
-        the purge by id took with it."""
-        try:
-            last = await HistoryStore(self._conn).last(entry.info.run_id)
-        except CorruptHistory:
-            return False  # held as blocked by its workers: not this sweep's to judge
-        return last is None or last[1] <= entry.hseq
+        left of it goes too), and has by the server's clock outlived its retention.
+
+        Another replica may have deleted it since this sweep read the index, and a new run
+        been started under the same id (an idempotency key), which the purge by id took with
+        it. And ``closed_at`` is the clock of the worker that closed the run: one an hour
+        behind had a run kept for 10 minutes deleted within a minute.
+        """
+        last = await HistoryStore(self._conn).last_stored(entry.info.run_id)
+        if last is None:
+            return True
+        seq, stored = last
+        keep = entry.retention if entry.retention is not None else self.retention
+        due = keep is not None and stored + timedelta(seconds=keep) <= utcnow()
+        return seq <= entry.hseq and due
 
     async def _expired(self) -> list[IndexEntry]:
         """The closed runs past their retention, reading only what can hold them: the
