@@ -317,3 +317,33 @@ async def test_chunks_of_one_value_stored_at_once_by_many_writers_are_purged_but
     assert len(await chunk_subjects()) == 1
     ref = await store_value(conn, "an input", data, "writer-0")  # present: nothing written
     assert await load_value(conn, ref) == data
+
+
+@workflow(name="large_result")
+async def large_result(ctx: WorkflowContext, size: int) -> str:
+    return "r" * size
+
+
+async def test_a_list_holding_a_run_whose_large_result_went_meanwhile_still_lists(
+    client: Client, engine: Engine
+) -> None:
+    """A run deleted between the index's read and its result's (retention beside a list)
+    failed the whole list with UnreadableValue."""
+    from natflow_engine._history import HistoryStore
+    from natflow_engine._values import value_ref
+
+    async with running_worker(client, [large_result]):
+        handle = await client.start(large_result, 100_000, run_id="gone-result")
+        assert len(await handle.result(timeout=20)) == 100_000
+
+    async def indexed() -> bool:
+        return any(r.run_id == "gone-result" for r in await client.list())
+
+    await wait_for(indexed, what="the run in the index")
+    stored = await HistoryStore(client.connection).read("gone-result")  # as written: refs
+    (ref,) = [value_ref(msgspec.json.decode(bytes(e.result))) for e in stored.events
+              if type(e).__name__ == "RunCompleted"]  # fmt: skip
+    assert ref is not None
+    await delete_object(client.connection, ref.digest)  # as a delete would, meanwhile
+    (listed,) = [r for r in await client.list() if r.run_id == "gone-result"]
+    assert value_ref(listed.result) is not None  # its reference, shown

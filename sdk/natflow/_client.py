@@ -476,7 +476,12 @@ class Client:
         if info.site:  # a site's run at its hub: a large value stayed in the site's store
             return info
         data = msgspec.json.encode(info.result)
-        stored = await load_value(self._conn, data, f"the result of run {info.run_id!r}")
+        try:
+            stored = await load_value(self._conn, data, f"the result of run {info.run_id!r}")
+        except UnreadableValue:
+            # Deleted since the index was read (retention, a delete): one run's result is
+            # gone, the list is not (it failed whole). Shown as its reference, as a site's.
+            return info
         return msgspec.structs.replace(info, result=msgspec.json.decode(stored))
 
     def _opened(self, info: RunInfo) -> RunInfo:
