@@ -422,17 +422,8 @@ async def test_natflow_dev_serves_the_console(tmp_path: Path) -> None:
     """`natflow dev` starts the server, the engine and the console (--ui-port); Ctrl-C stops
     all three."""
     nats_port, ui_port = free_port(), free_port()
-    config = tmp_path / "nats.conf"
-    config.write_text(
-        f'listen: 127.0.0.1:{nats_port}\njetstream {{ store_dir: "{tmp_path}/js" }}\n'
-    )
     log = tmp_path / "dev.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(  # noqa: ASYNC220 (a real process, started once)
-            [sys.executable, "-m", "natflow_engine", "dev", "--config", str(config),
-             "--metrics-port", "0", "--ui-port", str(ui_port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    proc = _dev(tmp_path, nats_port, ui_port, log)
     try:
 
         async def serving() -> bool:
@@ -444,6 +435,21 @@ async def test_natflow_dev_serves_the_console(tmp_path: Path) -> None:
     finally:
         stop(proc, 2)  # SIGINT, as Ctrl-C
     assert proc.returncode == 130, log.read_text()  # README: 130 after Ctrl-C
+
+
+def _dev(tmp_path: Path, nats_port: int, ui_port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`natflow dev` on its own configuration (NATS on ``nats_port``), the console on
+    ``ui_port``, its output to ``log``."""
+    config = tmp_path / "nats.conf"
+    config.write_text(
+        f'listen: 127.0.0.1:{nats_port}\njetstream {{ store_dir: "{tmp_path}/js" }}\n'
+    )
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "natflow_engine", "dev", "--config", str(config),
+             "--metrics-port", "0", "--ui-port", str(ui_port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -460,17 +466,9 @@ async def test_natflow_dev_with_the_console_port_taken_says_to_pick_another_ui_p
 ) -> None:
     """The warning said "pick another with --port", which under dev is the NATS port, and
     uvicorn's own "ERROR: [Errno 98] ..." line came beside it."""
-    config = tmp_path / "nats.conf"
-    config.write_text(
-        f'listen: 127.0.0.1:{free_port()}\njetstream {{ store_dir: "{tmp_path}/js" }}\n'
-    )
     log = tmp_path / "dev.log"
-    with taken_port() as ui_port, log.open("wb") as out:
-        proc = subprocess.Popen(  # noqa: ASYNC220 (a real process, started once)
-            [sys.executable, "-m", "natflow_engine", "dev", "--config", str(config),
-             "--metrics-port", "0", "--ui-port", str(ui_port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    with taken_port() as ui_port:
+        proc = _dev(tmp_path, free_port(), ui_port, log)
         try:
 
             async def warned() -> bool:
