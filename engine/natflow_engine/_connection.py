@@ -583,19 +583,19 @@ async def retrying(
     if cap is not None:
         deadline = min(deadline, cap)
     delay = 0.1
-    # Once per operation (an election's few seconds logged ~150 lines), and once in a while
-    # for a kind of operation (each run to enqueue, while the store is full).
-    first = True
+    # Warned of once per operation (an election's few seconds logged ~150 lines), and once
+    # in a while for a kind of operation (each run to enqueue, while the store is full).
+    warned = False
     while True:
         try:
             return await op()
         except TRANSIENT as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            level = logging.DEBUG
-            if first:
-                level = level_for(kind) if kind is not None else logging.WARNING
-            first = False
+            level = logging.DEBUG if warned else logging.WARNING
+            if not warned and kind is not None:
+                level = level_for(kind)
+            warned = True
             log.log(level, "%s failed (%s); retrying in %.1f s", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

@@ -248,17 +248,20 @@ async def waiting_for(conn: Connection, run_id: str) -> Waiter | None:
 
 
 async def explain_all(conn: Connection, infos: Sequence[RunInfo]) -> None:
-    """:func:`explain` for a list of runs: one read of the wait list entries of the open
-    ones (the index, which folds events, does not know a run waits for a slot), and one
-    read of each limit's slots."""
+    """Each open run on a limit's wait list: ``current`` names the limit and its usage and
+    ``status`` is ``pending`` (it runs again once it gets its slot). One read of the open
+    runs' wait list entries (the index, which folds events, does not know a run waits for a
+    slot), and one of each limit's slots. Says nothing to a connection that may not read the
+    bucket (a role from before limits existed)."""
     ids = {info.run_id for info in infos if not info.is_closed}
     if not ids:
         return
     subjects = [f"{_PREFIX}w.*.*.{run_id}" for run_id in sorted(ids)]
     try:
         # A run that waited for several limits in turn has an entry (or its delete
-        # marker) for each; the newest of them says whether it waits now.
-        found = await reader(conn).read_last_each(kv_stream(LIMITS_BUCKET), subjects, 4)
+        # marker) for each (its workflow's limits, at most one key each); the newest of
+        # them says whether it waits now.
+        found = await reader(conn).read_last_each(kv_stream(LIMITS_BUCKET), subjects, 16)
     except (NoResponders, PermissionDenied):  # no limits yet, or a role that may not read
         return
     newest: dict[str, tuple[int, Msg]] = {}
@@ -313,16 +316,5 @@ async def stopping(conn: Connection, run_id: str) -> bool:
 
 
 async def explain(conn: Connection, info: RunInfo) -> None:
-    """An open run on a limit's wait list: ``current`` names the limit and its usage and
-    ``status`` is ``pending`` (it runs again once it gets its slot). Says nothing to a
-    connection that may not read the bucket (a role from before limits existed)."""
-    if info.is_closed:
-        return
-    try:
-        waiter = await waiting_for(conn, info.run_id)
-        if waiter is not None:
-            info.current = await usage(conn, waiter)
-            if info.status in ("running", "sleeping", "waiting"):
-                info.status = "pending"
-    except PermissionDenied:
-        return
+    """:func:`explain_all` for one run."""
+    await explain_all(conn, [info])

@@ -37,17 +37,23 @@ def safe_identity(identity: str) -> str:
     return _UNSAFE.sub("-", identity)[:_MAX_IDENTITY] or "worker"
 
 
-def worker_identity(identity: str) -> str:
-    """The subject token a worker given ``identity`` answers to: the identity where it is one,
-    else its token-safe form and a hash of it. The safe form alone gave ``host.a`` and
-    ``host-a`` (or ``東京`` and ``大阪``: ``--``) one identity, so the second worker was
-    refused as the first's twin. Tokens stay as they were: leases and claims name them."""
-    safe = safe_identity(identity)
-    if safe == identity:
+def hashed_token(text: str, longest: int) -> str:
+    """``text`` where it is a subject token of at most ``longest`` characters, else its
+    token-safe form, cut to fit, and a hash of it: two texts are never one token (the safe
+    form alone made ``host.a`` and ``host-a``, or ``東京`` and ``大阪``, one)."""
+    safe = safe_identity(text)[:longest]
+    if safe == text:
         return safe
     # surrogatepass: an identity from a file name or an environment variable may hold one
-    digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{safe[: _MAX_IDENTITY - 14]}-h{digest}"
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{safe[: longest - 14]}-h{digest}"
+
+
+def worker_identity(identity: str) -> str:
+    """The subject token a worker given ``identity`` answers to (:func:`hashed_token`): a
+    second worker was refused as the first's twin. Tokens stay as they were: leases and
+    claims name them."""
+    return hashed_token(identity, _MAX_IDENTITY)
 
 
 def ping_subject(identity: str) -> str:

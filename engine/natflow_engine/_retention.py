@@ -279,9 +279,12 @@ class RetentionService:
         if last is None:
             return True
         seq, stored = last
+        return seq <= entry.hseq and self._past(entry, stored, utcnow())
+
+    def _past(self, entry: IndexEntry, closed: datetime, now: datetime) -> bool:
+        """Whether a run closed at ``closed`` has outlived its retention at ``now``."""
         keep = entry.retention if entry.retention is not None else self.retention
-        due = keep is not None and stored + timedelta(seconds=keep) <= utcnow()
-        return seq <= entry.hseq and due
+        return keep is not None and closed + timedelta(seconds=keep) <= now
 
     async def _expired(self) -> list[IndexEntry]:
         """The closed runs past their retention, reading only what can hold them: the
@@ -322,13 +325,8 @@ class RetentionService:
                 if entry is None:
                     continue
                 self.learn(entry.retention)
-                keep = entry.retention if entry.retention is not None else self.retention
                 closed = entry.info.closed_at
-                if (
-                    keep is not None
-                    and closed is not None
-                    and closed + timedelta(seconds=keep) <= now
-                ):
+                if closed is not None and self._past(entry, closed, now):
                     yield entry
             if not page.messages:
                 return

@@ -15,7 +15,6 @@ second replica or after a crash finds the run already there and makes nothing ne
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from collections import deque
@@ -31,7 +30,7 @@ from ._errors import InvalidInput, NatflowError
 from ._kv import kv_delete, kv_entries, kv_get, kv_put, kv_stream
 from ._names import check_token
 from ._quarantine import quarantined
-from ._registry import safe_identity
+from ._registry import hashed_token, safe_identity
 from ._streams import SCHEDULES_BUCKET
 from ._undecodable import UNDECODABLE
 
@@ -146,11 +145,7 @@ def declared_schedule_id(workflow: str) -> str:
     token that fits, else its token-safe form and a hash of the name. The safe form alone
     gave ``reports.daily`` and ``reports-daily`` one schedule, each worker taking it over (and
     a worker allowed one of them the other's)."""
-    safe = legacy_schedule_id(workflow)
-    if safe == workflow:
-        return safe
-    digest = hashlib.sha256(workflow.encode()).hexdigest()[:12]
-    return f"{safe[: MAX_SCHEDULE_ID - 14]}-h{digest}"
+    return hashed_token(workflow, MAX_SCHEDULE_ID)
 
 
 def legacy_schedule_id(workflow: str) -> str:
