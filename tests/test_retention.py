@@ -369,20 +369,28 @@ async def test_a_run_deleted_as_it_closes_is_not_written_back_by_the_engine(
     came back, "running" for good, and its lifecycle events kept its result."""
     from natflow_engine import _index
 
-    release = anyio.Event()
+    folding, release, deleted = anyio.Event(), anyio.Event(), anyio.Event()
     apply = _index.RunIndex.apply
 
     async def slow_apply(self: RunIndex, run_id: str, event: object, *args: object) -> object:
         if run_id == "closing" and type(event).__name__ == "RunCompleted":
+            folding.set()
             await release.wait()
         return await apply(self, run_id, event, *args)  # type: ignore[arg-type]
+
+    async def delete() -> None:
+        await client.delete("closing")
+        deleted.set()
 
     monkeypatch.setattr(_index.RunIndex, "apply", slow_apply)
     async with engine_with(nats_server.url, retention=None), running_worker(client, [chatty]):
         assert await (await client.start(chatty, 2, run_id="closing")).result(timeout=20) == 2
+        await folding.wait()  # the engine holds the run's end, half folded
         async with anyio.create_task_group() as tg:
-            tg.start_soon(client.delete, "closing")
-            await anyio.sleep(0.5)  # the delete waits for the fold
+            tg.start_soon(delete)
+            with anyio.move_on_after(1):
+                await deleted.wait()
+            assert not deleted.is_set()  # it waits for the fold (it purged at once)
             release.set()
         await wait_for(lambda: dispatcher_caught_up(client), what="the engine caught up")
         assert "closing" not in {r.run_id for r in await client.list()}
