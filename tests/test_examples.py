@@ -238,7 +238,8 @@ def _stop_the_demo_when_examples_run(
     store = found.group(1)
     try:
         _demo_worker_started(mark)
-        time.sleep(0.5)  # examples under way
+        while not (line := demo.stdout.readline()).startswith(b"-- examples/"):
+            assert line, "the demo ended before its first example"  # EOF
         os.killpg(demo.pid, signum)  # as a terminal or `timeout` sends it: to the group
         assert demo.wait(timeout=60) == status
         errors = demo.stderr.read().decode()
